@@ -1,0 +1,210 @@
+"""Model configuration: :class:`MythosConfig` and its validation.
+
+Field names and defaults match the upstream OpenMythos ``MythosConfig`` so that existing
+scripts keep working; the fields added here come last and default to the recommended
+behaviour. Every field is documented on the class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class AttnType(str, Enum):
+    """Attention flavour of every block. A ``str`` enum, so ``cfg.attn_type == "mla"`` works."""
+
+    GQA = "gqa"
+    MLA = "mla"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class MythosConfig:
+    """Hyper-parameters of an OpenMythos model.
+
+    Core:
+        vocab_size: size of the token vocabulary (embedding rows; must include special tokens).
+        dim: width of the residual stream.
+        n_heads: number of query heads.
+        n_kv_heads: number of key/value heads for GQA; must divide ``n_heads``. Ignored by MLA.
+        max_seq_len: longest sequence (prompt + generated tokens) the model accepts.
+        max_loop_iters: default number of recurrent loops, and the number of per-loop LoRA
+            scales that are trained. More loops may be requested at inference.
+        prelude_layers: dense blocks run once before the recurrent block.
+        coda_layers: dense blocks run once after the recurrent block.
+
+    Attention:
+        attn_type: ``"gqa"`` (grouped-query, RoPE on the whole head) or ``"mla"`` (multi-latent,
+            DeepSeek-V2 style, decoupled RoPE on ``qk_rope_head_dim`` channels).
+        kv_lora_rank: [MLA] width of the compressed key/value latent, which is what is cached.
+        q_lora_rank: [MLA] width of the compressed query latent.
+        qk_rope_head_dim: [MLA] per-head query/key channels that carry RoPE (even).
+        qk_nope_head_dim: [MLA] per-head query/key channels without position encoding.
+        v_head_dim: [MLA] per-head value width.
+
+    Mixture of experts (recurrent block only):
+        n_experts: routed SwiGLU experts.
+        n_shared_experts: always-on experts (each ``expert_dim * n_experts_per_tok`` wide).
+        n_experts_per_tok: routed experts chosen per token (top-k).
+        expert_dim: hidden width of one routed expert.
+
+    Recurrence:
+        act_threshold: cumulative halting mass at which a position stops looping. Any positive
+            number; a value the mass cannot reach (above 1, or ``inf``) makes every position
+            run all requested loops.
+        lora_rank: rank of the depth-wise LoRA applied to the block output (0 disables it).
+
+    Other:
+        rope_theta: RoPE base frequency.
+        max_output_tokens: default cap on generated tokens (kept for upstream compatibility).
+        dropout: dropout on attention probabilities and residual branches.
+
+    Added by this implementation:
+        use_act: if False, ACT is off: every position runs every loop and the output is the
+            last hidden state (the recipe that extrapolates in depth, see
+            ``docs/depth_extrapolation.md``).
+        act_halt_bias_init: initial bias of the halting head. The default -3 gives a halting
+            probability of about 0.05 per loop, so at initialisation no position halts before
+            loop 16 and every loop contributes to the output.
+        dense_ffn_dim: hidden width of the Prelude/Coda SwiGLU; ``None`` means ``4 * dim // 3``
+            as upstream.
+        router_bias_update_rate: step of the aux-loss-free balancing update of the router
+            bias (``MoEFFN.update_router_bias``).
+        norm_eps: epsilon of every RMSNorm.
+    """
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_heads: int = 16
+    n_kv_heads: int = 4
+    max_seq_len: int = 4096
+    max_loop_iters: int = 16
+    prelude_layers: int = 2
+    coda_layers: int = 2
+    attn_type: str = "mla"
+    kv_lora_rank: int = 512
+    q_lora_rank: int = 1536
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    n_experts: int = 64
+    n_shared_experts: int = 2
+    n_experts_per_tok: int = 4
+    expert_dim: int = 512
+    act_threshold: float = 0.99
+    rope_theta: float = 500000.0
+    lora_rank: int = 16
+    max_output_tokens: int = 4096
+    dropout: float = 0.0
+    # Added fields (not in upstream).
+    use_act: bool = True
+    act_halt_bias_init: float = -3.0
+    dense_ffn_dim: int | None = None
+    router_bias_update_rate: float = 1e-3
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        try:
+            self.attn_type = AttnType(str(self.attn_type).lower())
+        except ValueError:
+            allowed = ", ".join(repr(a.value) for a in AttnType)
+            raise ValueError(
+                f"MythosConfig.attn_type={self.attn_type!r} is not supported; use one of {allowed}"
+            ) from None
+        for name in ("vocab_size", "dim", "n_heads", "max_seq_len", "max_loop_iters",
+                     "max_output_tokens", "n_experts", "n_experts_per_tok", "expert_dim"):
+            _require(name, getattr(self, name), _is_positive_int(getattr(self, name)),
+                     "a positive integer")
+        for name in ("prelude_layers", "coda_layers", "n_shared_experts", "lora_rank"):
+            _require(name, getattr(self, name), _is_int(getattr(self, name))
+                     and getattr(self, name) >= 0, "a non-negative integer")
+        _require("n_experts_per_tok", self.n_experts_per_tok,
+                 self.n_experts_per_tok <= self.n_experts,
+                 f"at most n_experts={self.n_experts}")
+        if self.attn_type is AttnType.GQA:
+            _require("dim", self.dim, self.dim % self.n_heads == 0,
+                     f"divisible by n_heads={self.n_heads}")
+            _require("n_kv_heads", self.n_kv_heads, _is_positive_int(self.n_kv_heads)
+                     and self.n_heads % self.n_kv_heads == 0,
+                     f"a positive divisor of n_heads={self.n_heads}")
+            _require("dim", self.dim, (self.dim // self.n_heads) % 2 == 0,
+                     "such that the head dim dim // n_heads is even (RoPE rotates pairs)")
+        else:
+            for name in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                _require(name, getattr(self, name), _is_positive_int(getattr(self, name)),
+                         "a positive integer")
+            _require("qk_nope_head_dim", self.qk_nope_head_dim,
+                     _is_int(self.qk_nope_head_dim) and self.qk_nope_head_dim >= 0,
+                     "a non-negative integer")
+            _require("qk_rope_head_dim", self.qk_rope_head_dim, self.qk_rope_head_dim % 2 == 0,
+                     "even (RoPE rotates pairs of channels)")
+        _require("act_threshold", self.act_threshold,
+                 isinstance(self.act_threshold, (int, float)) and self.act_threshold > 0
+                 and not math.isnan(self.act_threshold),
+                 "a positive number (inf means: never halt early)")
+        _require("rope_theta", self.rope_theta,
+                 isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1, "> 1")
+        _require("dropout", self.dropout, 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        _require("norm_eps", self.norm_eps, self.norm_eps > 0, "> 0")
+        _require("router_bias_update_rate", self.router_bias_update_rate,
+                 self.router_bias_update_rate >= 0, ">= 0")
+        if self.dense_ffn_dim is not None:
+            _require("dense_ffn_dim", self.dense_ffn_dim, _is_positive_int(self.dense_ffn_dim),
+                     "a positive integer or None")
+
+    # Derived sizes -------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of GQA attention."""
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """Hidden width of the dense SwiGLU in Prelude and Coda blocks."""
+        return self.dense_ffn_dim if self.dense_ffn_dim is not None else 4 * self.dim // 3
+
+    @property
+    def loop_dim(self) -> int:
+        """Leading residual channels that receive the loop-index embedding."""
+        return max(2, (self.dim // 8) // 2 * 2)
+
+    # Serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary of every field (``attn_type`` as its string value)."""
+        d = dataclasses.asdict(self)
+        d["attn_type"] = str(self.attn_type)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MythosConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown MythosConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "MythosConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"MythosConfig.{name}={value!r} is invalid: must be {allowed}")

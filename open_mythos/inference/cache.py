@@ -1,0 +1,178 @@
+"""Key/value caches, one entry per layer-and-depth key.
+
+Two stores with one interface (:class:`CacheStore`):
+
+* :class:`KVCache` preallocates each entry for ``max_len`` positions on first use and writes
+  new positions in place. ``generate`` uses it. Its storage dtype may differ from the
+  weights' (for example a bf16 cache beside fp32 weights).
+* :class:`DictCache` adapts the plain ``dict`` of the upstream API (``kv_cache={}``): each key
+  maps to a dict of tensors holding exactly the cached positions, so summing
+  ``numel() * element_size()`` over it gives the real cache size.
+
+Every cached tensor keeps the sequence on dimension -2: GQA stores ``k`` and ``v`` as
+(B, n_kv_heads, S, head_dim); MLA stores one ``kv_latent`` (B, S, kv_lora_rank +
+qk_rope_head_dim) holding the normalised latent and the single rotated RoPE key per token.
+
+Keys are ``prelude_{i}``, ``recurrent_loop_{t}`` and ``coda_{i}``. A recurrent depth that a
+position never reached (it halted, or an earlier call ran fewer loops) is filled from the
+deepest depth it did compute: see :meth:`CacheStore.fill_missing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+Entries = dict[str, torch.Tensor]
+
+
+class CacheStore(Protocol):
+    """What attention layers need from a cache."""
+
+    def length(self, key: str) -> int:
+        """Number of positions cached under ``key`` (0 if absent)."""
+        ...
+
+    def write(self, key: str, start: int, new: Entries) -> Entries:
+        """Store ``new`` (sequence on dim -2) at positions ``start...``; return all positions.
+
+        ``start`` may be below the cached length (the tail is overwritten) but not above it.
+        """
+        ...
+
+    def fill_missing(self, key: str, src_key: str, upto: int) -> None:
+        """Copy positions ``[length(key), upto)`` from ``src_key`` into ``key``."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Forget every position at or beyond ``length`` in every entry."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached positions."""
+        ...
+
+
+def _check_start(key: str, start: int, cached: int) -> None:
+    if start > cached:
+        raise ValueError(
+            f"cache entry {key!r} holds {cached} positions; cannot write at start_pos={start} "
+            "(positions must be contiguous)"
+        )
+
+
+class DictCache:
+    """:class:`CacheStore` over a user's plain ``dict`` (grows by concatenation)."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def length(self, key: str) -> int:
+        entry = self.store.get(key)
+        return 0 if not entry else next(iter(entry.values())).shape[-2]
+
+    def write(self, key: str, start: int, new: Entries) -> Entries:
+        _check_start(key, start, self.length(key))
+        old = self.store.get(key)
+        if old and start > 0:
+            new = {n: torch.cat((old[n][..., :start, :], t.detach()), dim=-2) for n, t in new.items()}
+        else:
+            new = {n: t.detach() for n, t in new.items()}
+        self.store[key] = new
+        return new
+
+    def fill_missing(self, key: str, src_key: str, upto: int) -> None:
+        have = self.length(key)
+        if have < upto:
+            src = self.store[src_key]
+            self.write(key, have, {n: t[..., have:upto, :] for n, t in src.items()})
+
+    def truncate(self, length: int) -> None:
+        for key, entry in self.store.items():
+            self.store[key] = {n: t[..., :length, :] for n, t in entry.items()}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for e in self.store.values() for t in e.values())
+
+
+class KVCache:
+    """Preallocated cache: each entry is allocated once for ``max_len`` positions.
+
+    Args:
+        max_len: positions each entry can hold (prompt plus generated tokens).
+        dtype: storage dtype; ``None`` keeps the dtype of the first tensors written.
+    """
+
+    def __init__(self, max_len: int, dtype: torch.dtype | None = None):
+        if max_len <= 0:
+            raise ValueError(f"KVCache max_len must be positive, got {max_len}")
+        self.max_len = max_len
+        self.dtype = dtype
+        self._buffers: dict[str, Entries] = {}
+        self._lengths: dict[str, int] = {}
+
+    def length(self, key: str) -> int:
+        return self._lengths.get(key, 0)
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._buffers)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._buffers
+
+    def __getitem__(self, key: str) -> Entries:
+        """Views of the cached positions of ``key``."""
+        n = self._lengths[key]
+        return {name: buf[..., :n, :] for name, buf in self._buffers[key].items()}
+
+    def write(self, key: str, start: int, new: Entries) -> Entries:
+        _check_start(key, start, self.length(key))
+        end = start + next(iter(new.values())).shape[-2]
+        if end > self.max_len:
+            raise ValueError(
+                f"KVCache holds at most max_len={self.max_len} positions; writing up to {end}"
+            )
+        bufs = self._buffers.get(key)
+        if bufs is None:
+            bufs = {
+                n: t.new_empty(*t.shape[:-2], self.max_len, t.shape[-1], dtype=self.dtype or t.dtype)
+                for n, t in new.items()
+            }
+            self._buffers[key] = bufs
+        for n, t in new.items():
+            bufs[n][..., start:end, :].copy_(t)
+        self._lengths[key] = end
+        return {n: b[..., :end, :] for n, b in bufs.items()}
+
+    def fill_missing(self, key: str, src_key: str, upto: int) -> None:
+        have = self.length(key)
+        if have < upto:
+            src = self._buffers[src_key]
+            self.write(key, have, {n: t[..., have:upto, :] for n, t in src.items()})
+
+    def truncate(self, length: int) -> None:
+        for key in self._lengths:
+            self._lengths[key] = min(self._lengths[key], length)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in ``index`` (for example unfinished sequences)."""
+        for key, bufs in self._buffers.items():
+            self._buffers[key] = {n: b.index_select(0, index) for n, b in bufs.items()}
+
+    def nbytes(self) -> int:
+        total = 0
+        for key, bufs in self._buffers.items():
+            n = self._lengths[key]
+            total += sum(b[..., :n, :].numel() * b.element_size() for b in bufs.values())
+        return total
+
+
+def as_cache_store(kv_cache: "dict | CacheStore | None") -> CacheStore | None:
+    """Accept the upstream plain ``dict`` or any :class:`CacheStore`."""
+    if kv_cache is None or isinstance(kv_cache, (KVCache, DictCache)):
+        return kv_cache
+    if isinstance(kv_cache, dict):
+        return DictCache(kv_cache)
+    raise TypeError(f"kv_cache must be a dict or a KVCache, got {type(kv_cache).__name__}")

@@ -1,0 +1,126 @@
+"""Batched autoregressive generation over a preallocated :class:`KVCache`.
+
+:func:`stream` yields one token per sequence per step; :func:`generate` collects them.
+Prompts of different lengths are left-padded and described by ``attention_mask``. A
+sequence that emits a stop token is finished: it receives ``pad_token_id`` afterwards, and
+generation ends when every sequence is finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache import KVCache
+from .sampling import SamplingParams, select_next
+
+if TYPE_CHECKING:
+    from ..model import OpenMythos
+
+
+def _stop_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+def stream(
+    model: "OpenMythos",
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 64,
+    n_loops: int = 8,
+    *,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    cache_dtype: torch.dtype | None = None,
+    act_early_exit: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
+
+    Args:
+        model: the model; it runs in eval mode without gradients and its mode is restored.
+        input_ids: (B, T) prompts, left-padded when their lengths differ.
+        max_new_tokens: most tokens to generate (>= 0).
+        n_loops: recurrent loops per forward (>= 1).
+        do_sample, temperature, top_k, top_p: see :class:`SamplingParams`.
+        eos_token_id: stop token id(s); each sequence stops on its own.
+        pad_token_id: emitted for finished sequences (default: the first stop id, else 0).
+        attention_mask: (B, T) 1 for prompt tokens, 0 for padding.
+        generator: a ``torch.Generator`` for reproducible sampling.
+        cache_dtype: storage dtype of the KV cache (for example ``torch.bfloat16``).
+        act_early_exit: skip loops once every position has halted.
+    """
+    params = SamplingParams(do_sample, temperature, top_k, top_p)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, seq) tensor")
+    B, T0 = input_ids.shape
+    total = T0 + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"max_seq_len={model.cfg.max_seq_len}"
+        )
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    if max_new_tokens == 0:
+        return
+    device = input_ids.device
+    stop = _stop_ids(eos_token_id, device)
+    if pad_token_id is None:
+        pad_token_id = int(stop[0]) if stop is not None else 0
+
+    mask = None
+    if attention_mask is not None:
+        mask = torch.ones(B, total, dtype=torch.long, device=device)
+        mask[:, :T0] = attention_mask
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            cache = KVCache(total, dtype=cache_dtype)
+            logits = model(input_ids, n_loops, cache, 0,
+                           attention_mask=None if mask is None else mask[:, :T0],
+                           act_early_exit=act_early_exit)[:, -1]
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                tok = select_next(logits, params, generator)
+                if stop is not None:
+                    tok = tok.masked_fill(finished, pad_token_id)
+                    finished = finished | torch.isin(tok, stop)
+                yield tok
+                if step == max_new_tokens - 1 or (stop is not None and bool(finished.all())):
+                    return
+                pos = T0 + step
+                logits = model(tok.unsqueeze(1), n_loops, cache, pos,
+                               attention_mask=None if mask is None else mask[:, : pos + 1],
+                               act_early_exit=act_early_exit)[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(model: "OpenMythos", input_ids: torch.Tensor, max_new_tokens: int = 64,
+             n_loops: int = 8, **kwargs) -> torch.Tensor:
+    """Prompts followed by their generated tokens, (B, T + new) long.
+
+    Stops early once every sequence has produced a stop token. Keyword arguments are those
+    of :func:`stream`.
+    """
+    new = list(stream(model, input_ids, max_new_tokens, n_loops, **kwargs))
+    if not new:
+        return input_ids.clone()
+    return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)

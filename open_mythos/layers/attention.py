@@ -1,0 +1,224 @@
+"""Causal self-attention: grouped-query (GQA) and multi-latent (MLA), both on SDPA.
+
+Both modules take an :class:`AttnContext` built once per model forward (RoPE tables, mask,
+cache) and an optional :class:`DepthCarry` used by the recurrent block: a position that has
+halted keeps, at deeper loop depths, the keys and values of the last depth it computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AttnType, MythosConfig
+from ..inference.cache import CacheStore, Entries
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+@dataclass
+class AttnContext:
+    """Per-forward attention inputs shared by every layer.
+
+    Attributes:
+        cos, sin: float32 RoPE tables for the chunk's positions, (T, r/2) or (B, T, r/2).
+        start_pos: position of the chunk's first token in the sequence.
+        mask: boolean (B or 1, 1, T, S) mask, True where a query may attend, or None.
+        is_causal: with ``mask`` None, whether to apply SDPA's causal mask (T == S).
+        cache: cache store, or None.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    start_pos: int = 0
+    mask: torch.Tensor | None = None
+    is_causal: bool = True
+    cache: CacheStore | None = None
+
+
+class DepthCarry:
+    """Keys/values of the current chunk at the previous loop depth.
+
+    ``fresh`` is a (B, T) bool tensor of positions recomputed at this depth; the others reuse
+    the entries of the previous depth (depth-wise KV sharing for halted positions).
+    """
+
+    def __init__(self) -> None:
+        self.fresh: torch.Tensor | None = None
+        self.prev: Entries | None = None
+
+    def merge(self, new: Entries) -> Entries:
+        if self.prev is not None and self.fresh is not None:
+            new = {n: torch.where(_seq_mask(self.fresh, t), t, self.prev[n]) for n, t in new.items()}
+        self.prev = new
+        return new
+
+
+def _seq_mask(fresh: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask broadcast to a (B, ..., T, d) tensor with the sequence on dim -2."""
+    b, t = fresh.shape
+    return fresh.view(b, *([1] * (like.dim() - 3)), t, 1)
+
+
+def _remember(
+    new: Entries, ctx: AttnContext, cache_key: str, carry: DepthCarry | None
+) -> Entries:
+    if carry is not None:
+        new = carry.merge(new)
+    if ctx.cache is not None:
+        new = ctx.cache.write(cache_key, ctx.start_pos, new)
+    return new
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention (Ainslie et al., 2023) with RoPE on the full head dim.
+
+    ``n_kv_heads`` key/value heads are shared by groups of ``n_heads // n_kv_heads`` query
+    heads. The cache stores rotated keys and values: 2 * n_kv_heads * head_dim per token.
+    """
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    @staticmethod
+    def rope_dim(cfg: MythosConfig) -> int:
+        return cfg.head_dim
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: AttnContext,
+        cache_key: str = "default",
+        carry: DepthCarry | None = None,
+    ) -> torch.Tensor:
+        """``x``: (B, T, dim) -> (B, T, dim)."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        kv = _remember({"k": k, "v": v}, ctx, cache_key, carry)
+        out = F.scaled_dot_product_attention(
+            q,
+            kv["k"].to(q.dtype),
+            kv["v"].to(q.dtype),
+            attn_mask=ctx.mask,
+            is_causal=ctx.is_causal and ctx.mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-latent attention (DeepSeek-V2) with decoupled RoPE.
+
+    Queries go through a rank-``q_lora_rank`` bottleneck. Keys and values are rebuilt from a
+    normalised latent ``c_kv`` of width ``kv_lora_rank``; position enters through one rotated
+    key of width ``qk_rope_head_dim`` shared by all heads. The cache holds only
+    ``[c_kv | k_rope]`` per token.
+
+    Two equivalent evaluation orders:
+      * plain: expand the latent through ``kv_up`` into per-head keys and values;
+      * absorbed: fold ``kv_up`` into the query and the output, attending over the latent
+        directly, so a decode step costs O(S * kv_lora_rank) per head instead of re-expanding
+        the cache. :meth:`use_absorbed` picks the cheaper one from the shapes.
+    """
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim_, self.v_dim = (
+            cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+        self.scale = 1.0 / math.sqrt(self.nope_dim + self.rope_dim_)
+        self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+        self.q_up_nope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * self.nope_dim, bias=False)
+        self.q_up_rope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * self.rope_dim_, bias=False)
+        self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.rope_dim_, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope_dim + self.v_dim),
+                               bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+        # None: choose by cost; True/False: force the absorbed/plain order (tests, benchmarks).
+        self.absorb: bool | None = None
+
+    @staticmethod
+    def rope_dim(cfg: MythosConfig) -> int:
+        return cfg.qk_rope_head_dim
+
+    def use_absorbed(self, n_queries: int) -> bool:
+        """True when attending over the latent is cheaper than expanding it.
+
+        Per key, the absorbed order costs ~ T * (2r + rope) multiply-adds per head; the plain
+        one costs r * (nope + v) to expand the key plus T * (nope + rope + v).
+        """
+        if self.absorb is not None:
+            return self.absorb
+        r, extra = self.kv_lora_rank, self.nope_dim + self.v_dim
+        return n_queries * (2 * r - extra) < r * extra
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: AttnContext,
+        cache_key: str = "default",
+        carry: DepthCarry | None = None,
+    ) -> torch.Tensor:
+        """``x``: (B, T, dim) -> (B, T, dim)."""
+        B, T, _ = x.shape
+        H, r = self.n_heads, self.kv_lora_rank
+        c_q = self.q_norm(self.q_down(x))
+        q_nope = self.q_up_nope(c_q).view(B, T, H, self.nope_dim).transpose(1, 2)  # (B, H, T, n)
+        q_rope = self.q_up_rope(c_q).view(B, T, H, self.rope_dim_).transpose(1, 2)
+        q_rope = apply_rope(q_rope, ctx.cos, ctx.sin)  # (B, H, T, rope)
+
+        c_kv, k_rope = self.kv_down(x).split([r, self.rope_dim_], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(1), ctx.cos, ctx.sin).squeeze(1)  # (B, T, rope)
+        new = {"kv_latent": torch.cat((self.kv_norm(c_kv), k_rope), dim=-1)}  # (B, T, r+rope)
+        latent = _remember(new, ctx, cache_key, carry)["kv_latent"].to(x.dtype)  # (B, S, r+rope)
+        S = latent.shape[1]
+        dropout_p = self.dropout if self.training else 0.0
+        is_causal = ctx.is_causal and ctx.mask is None and T > 1
+
+        w_kv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r)
+        if self.use_absorbed(T):
+            w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # (H, n, r), (H, v, r)
+            q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+            q_cat = torch.cat((q_lat, q_rope), dim=-1)  # (B, H, T, r+rope)
+            k = latent.unsqueeze(1).expand(B, H, S, r + self.rope_dim_)
+            v = latent[..., :r].unsqueeze(1).expand(B, H, S, r)
+            o_lat = F.scaled_dot_product_attention(
+                q_cat, k, v, attn_mask=ctx.mask, is_causal=is_causal, dropout_p=dropout_p,
+                scale=self.scale)  # (B, H, T, r)
+            out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
+        else:
+            kv = self.kv_up(latent[..., :r]).view(B, S, H, -1).transpose(1, 2)
+            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, n), (B, H, S, v)
+            k_pos = latent[..., r:].unsqueeze(1).expand(B, H, S, self.rope_dim_)
+            q = torch.cat((q_nope, q_rope), dim=-1)
+            k = torch.cat((k_nope, k_pos), dim=-1)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.mask, is_causal=is_causal, dropout_p=dropout_p,
+                scale=self.scale)  # (B, H, T, v)
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+
+ATTENTION: dict[AttnType, type[nn.Module]] = {AttnType.GQA: GQAttention, AttnType.MLA: MLAttention}
+
+
+def build_attention(cfg: MythosConfig) -> nn.Module:
+    """The attention module selected by ``cfg.attn_type``."""
+    return ATTENTION[AttnType(cfg.attn_type)](cfg)

@@ -1,0 +1,242 @@
+"""The looped core: loop-index embedding, depth-wise LoRA, LTI injection, ACT halting, and
+the :class:`RecurrentBlock` that runs one shared block ``n_loops`` times.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MythosConfig
+from .attention import AttnContext, DepthCarry
+from .block import TransformerBlock
+from .norm import RMSNorm
+
+
+def loop_index_embedding(
+    h: torch.Tensor, loop_t: int, loop_dim: int, theta: float = 10000.0
+) -> torch.Tensor:
+    """Add a sinusoidal signal of the loop index to the first ``loop_dim`` channels of ``h``.
+
+    The angles are computed in float32 (exact for any loop count) and the sum is cast back
+    to ``h.dtype``. Shape of ``h``: (..., dim) -> same.
+    """
+    half = (loop_dim + 1) // 2
+    freqs = theta ** (-torch.arange(half, device=h.device, dtype=torch.float32) * 2 / loop_dim)
+    angles = loop_t * freqs
+    emb = torch.cat((angles.sin(), angles.cos()))[:loop_dim]  # (loop_dim,)
+    emb = F.pad(emb, (0, h.shape[-1] - loop_dim))
+    return (h.float() + emb).to(h.dtype)
+
+
+class LoRAAdapter(nn.Module):
+    """Depth-wise LoRA: ``delta(x, t) = (down(x) * scale[t]) @ B``.
+
+    ``down`` and ``B`` are shared by all loops; each trained loop index has its own scale
+    vector. Initialisation follows LoRA practice (``B = 0``, scales 1), so the adapter starts
+    as the identity on the block output and learns at a normal rate. Loop indices beyond the
+    ``max_loops`` trained scales reuse the last one (depth extrapolation).
+    """
+
+    def __init__(self, dim: int, rank: int, max_loops: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.B = nn.Parameter(torch.empty(rank, dim))
+        self.scale = nn.Embedding(max_loops, rank)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.down.weight, std=self.down.in_features ** -0.5)
+        nn.init.zeros_(self.B)
+        nn.init.ones_(self.scale.weight)
+
+    def forward(self, x: torch.Tensor, loop_t: int) -> torch.Tensor:
+        """``x``: (B, T, dim) -> delta (B, T, dim)."""
+        t = min(loop_t, self.scale.num_embeddings - 1)
+        return (self.down(x) * self.scale.weight[t]) @ self.B
+
+
+class LTIInjection(nn.Module):
+    """Stable input injection ``h <- A * h + B * e + block_out`` with diagonal ``A`` in (0, 1).
+
+    ``A = exp(-rate)``, ``rate = exp(log_dt + log_A)`` (zero-order-hold discretisation of a
+    negative diagonal system). The rate is bounded smoothly to ``[1e-6, 80]`` so that, in
+    float32, ``A`` never rounds to 1 or underflows to 0 and the gradient never vanishes at a
+    clamp, whatever the optimiser does to ``log_dt`` and ``log_A``.
+    """
+
+    MIN_RATE = 1e-6
+    LOG_MAX_RATE = math.log(80.0)
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.zeros(dim))
+        self.log_dt = nn.Parameter(torch.zeros(1))
+        self.B = nn.Parameter(torch.full((dim,), 0.1))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.log_A)
+        nn.init.zeros_(self.log_dt)
+        nn.init.constant_(self.B, 0.1)
+
+    def get_A(self) -> torch.Tensor:
+        """Diagonal of the state matrix, float32 (dim,), every entry in (0, 1)."""
+        s = (self.log_dt + self.log_A).float()
+        s = self.LOG_MAX_RATE - F.softplus(self.LOG_MAX_RATE - s)
+        return torch.exp(-(self.MIN_RATE + torch.exp(s)))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        """All inputs (B, T, dim) -> next state (B, T, dim) in ``h``'s dtype."""
+        return self.get_A().to(h.dtype) * h + self.B.to(h.dtype) * e + transformer_out
+
+
+class ACTHalting(nn.Module):
+    """Per-position halting probability ``sigmoid(halt(h))``, (B, T, dim) -> (B, T) float32."""
+
+    def __init__(self, dim: int, bias_init: float = -3.0):
+        super().__init__()
+        self.bias_init = bias_init
+        self.halt = nn.Linear(dim, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.halt.weight, std=0.02)
+        nn.init.constant_(self.halt.bias, self.bias_init)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.halt(h).float()).squeeze(-1)
+
+
+def _all_ranks_any(flag: torch.Tensor) -> bool:
+    """``flag.any()`` agreed across ranks, so every rank runs the same number of loops."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = flag.any().to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+    return bool(flag.any())
+
+
+class RecurrentBlock(nn.Module):
+    """One :class:`TransformerBlock` with MoE FFN, looped.
+
+    Each loop ``t``::
+
+        x    = RMSNorm(loop_index_embedding(h, t) + e)
+        out  = block(x);  out = out + lora(out, t)
+        h'   = A * h + B * e + out
+        p    = act(h')                                    # halting probability (B, T)
+
+    ACT (``cfg.use_act``) mixes the states of all loops with per-position weights that form
+    a convex combination. The halting mass is stick-breaking: loop ``t`` takes
+    ``p_t * (1 - c)`` where ``c`` is the mass already assigned; once ``c`` would reach
+    ``act_threshold``, or at the last allowed loop, the position takes the whole remainder
+    ``1 - c`` and halts. A halted position stops changing: its state is frozen and, at
+    deeper loops, other positions attend to the keys and values of the last loop it
+    computed (the same rule the KV cache applies, so cached and full forwards agree).
+    A threshold above 1 never halts early; the weights still sum to 1.
+
+    With ACT off, every position runs every loop and the output is the last state.
+
+    After a forward:
+        last_ponder_cost: (B, T) float32 expected number of loops per position
+            (``sum_t (t + 1) * w_t``), differentiable, for a ponder penalty.
+        last_act_weights: (loops_run, B, T) detached halting weights.
+        last_loops_run: loops actually executed (fewer than requested after an early exit).
+        last_aux_loss: mean MoE balance loss over the loops.
+        last_expert_load: (loops_run, n_experts) expert load per loop depth.
+    """
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.block = TransformerBlock(cfg, use_moe=True)
+        self.injection = LTIInjection(cfg.dim)
+        self.act = ACTHalting(cfg.dim, cfg.act_halt_bias_init)
+        self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters) if cfg.lora_rank else None
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.loop_dim = cfg.loop_dim
+        self.last_ponder_cost: torch.Tensor | None = None
+        self.last_act_weights: torch.Tensor | None = None
+        self.last_loops_run: int = 0
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_expert_load: torch.Tensor | None = None
+
+    @staticmethod
+    def cache_key(t: int) -> str:
+        return f"recurrent_loop_{t}"
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        e: torch.Tensor,
+        ctx: AttnContext,
+        n_loops: int,
+        early_exit: bool = False,
+    ) -> torch.Tensor:
+        """Run up to ``n_loops`` loops.
+
+        Args:
+            h: initial state (B, T, dim), the Prelude output.
+            e: encoded input re-injected every loop (B, T, dim).
+            ctx: attention context (RoPE, mask, cache).
+            n_loops: loops to run (>= 1); may exceed ``cfg.max_loop_iters``.
+            early_exit: stop looping once every position has halted (inference). The
+                decision is agreed across ranks under ``torch.distributed``.
+
+        Returns:
+            (B, T, dim) in ``h``'s dtype: the ACT mixture of the loop states, or the last
+            state with ACT off.
+        """
+        use_act = self.cfg.use_act
+        B, T, _ = h.shape
+        carry = DepthCarry()
+        running = torch.ones(B, T, dtype=torch.bool, device=h.device)
+        mass = torch.zeros(B, T, dtype=torch.float32, device=h.device)
+        ponder = torch.zeros(B, T, dtype=torch.float32, device=h.device)
+        h_out = torch.zeros(B, T, h.shape[-1], dtype=torch.float32, device=h.device) if use_act else None
+        weights, aux, loads = [], [], []
+        threshold = float(self.cfg.act_threshold)
+
+        t = 0
+        for t in range(n_loops):
+            if ctx.cache is not None and t > 0:
+                ctx.cache.fill_missing(self.cache_key(t), self.cache_key(t - 1), ctx.start_pos)
+            x = self.norm(loop_index_embedding(h, t, self.loop_dim) + e)
+            out = self.block(x, ctx, self.cache_key(t), carry)
+            if self.lora is not None:
+                out = out + self.lora(out, t)
+            h_new = self.injection(h, e, out)
+            aux.append(self.block.ffn.last_aux_loss)
+            loads.append(self.block.ffn.last_expert_load)
+
+            if use_act:
+                p = self.act(h_new)  # (B, T) float32
+                step = p * (1.0 - mass)
+                halt_now = (mass + step >= threshold) | (t == n_loops - 1)
+                w = torch.where(halt_now, 1.0 - mass, step) * running
+                h_out = h_out + w.unsqueeze(-1) * h_new.float()
+                mass = mass + w
+                ponder = ponder + (t + 1) * w
+                weights.append(w.detach())
+                h = torch.where(running.unsqueeze(-1), h_new, h)
+                running = running & ~halt_now
+                carry.fresh = running
+                if early_exit and not _all_ranks_any(running):
+                    break
+            else:
+                h = h_new
+
+        self.last_loops_run = t + 1
+        self.last_aux_loss = torch.stack(aux).mean()
+        self.last_expert_load = torch.stack(loads)
+        if use_act:
+            self.last_ponder_cost = ponder
+            self.last_act_weights = torch.stack(weights)
+            return h_out.to(h.dtype)
+        self.last_ponder_cost = torch.full((B, T), float(n_loops), device=h.device)
+        self.last_act_weights = None
+        return h

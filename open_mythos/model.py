@@ -1,0 +1,223 @@
+"""The OpenMythos language model: Prelude -> looped recurrent block -> Coda -> LM head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MythosConfig
+from .inference.cache import CacheStore, KVCache, as_cache_store
+from .layers.attention import AttnContext
+from .layers.block import TransformerBlock
+from .layers.moe import MoEFFN
+from .layers.norm import RMSNorm
+from .layers.recurrence import RecurrentBlock
+from .layers.rope import rope_cos_sin
+
+
+class OpenMythos(nn.Module):
+    """Recurrent-Depth Transformer language model.
+
+    ::
+
+        ids -> embed -> Prelude (prelude_layers dense blocks)        -> e
+            -> RecurrentBlock (one MoE block, n_loops times, LTI injection of e, ACT)
+            -> Coda (coda_layers dense blocks) -> RMSNorm -> head (tied to embed) -> logits
+
+    Build on the meta device for sizing (``with torch.device("meta"): OpenMythos(cfg)``).
+    """
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
+        self.recurrent = RecurrentBlock(cfg)
+        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+        self.rope_dim = type(self.recurrent.block.attn).rope_dim(cfg)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) for linear and embedding weights, then the recurrence's own inits."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, MoEFFN):
+                m.reset_parameters()
+                m.router_bias.zero_()
+        rec = self.recurrent
+        rec.injection.reset_parameters()
+        rec.act.reset_parameters()
+        if rec.lora is not None:
+            rec.lora.reset_parameters()
+
+    # ------------------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoEFFN]:
+        """Every mixture-of-experts FFN (one, in the recurrent block)."""
+        return [m for m in self.modules() if isinstance(m, MoEFFN)]
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """MoE balance loss of the latest forward (mean over loops)."""
+        return self.recurrent.last_aux_loss
+
+    def update_router_bias(self) -> None:
+        """One aux-loss-free balancing step on every MoE layer (call once per optimiser step)."""
+        for moe in self.moe_layers():
+            moe.update_router_bias()
+
+    def _validate(self, input_ids: torch.Tensor, n_loops: int, start_pos: int) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty along the sequence dimension")
+        if not isinstance(n_loops, int) or isinstance(n_loops, bool) or n_loops < 1:
+            raise ValueError(f"n_loops must be a positive integer, got {n_loops!r}")
+        end = start_pos + input_ids.shape[1]
+        if start_pos < 0 or end > self.cfg.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{end - 1} exceed max_seq_len={self.cfg.max_seq_len} "
+                "(shorten the input or build the model with a larger max_seq_len)"
+            )
+        if not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, {self.cfg.vocab_size}); got min {lo}, max {hi}"
+                )
+
+    def _context(
+        self,
+        input_ids: torch.Tensor,
+        start_pos: int,
+        cache: CacheStore | None,
+        attention_mask: torch.Tensor | None,
+    ) -> AttnContext:
+        B, T = input_ids.shape
+        device = input_ids.device
+        S = start_pos + T if cache is not None else T
+        if attention_mask is None:
+            positions = torch.arange(start_pos, start_pos + T, device=device)
+            cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
+            if cache is None or start_pos == 0 or T == 1:
+                return AttnContext(cos, sin, start_pos, None, cache is None or start_pos == 0, cache)
+            q_pos = positions.view(T, 1)
+            mask = (torch.arange(S, device=device).view(1, S) <= q_pos).view(1, 1, T, S)
+            return AttnContext(cos, sin, start_pos, mask, False, cache)
+
+        # Padding: attention_mask (B, start_pos + T) marks real tokens (1) and padding (0).
+        if attention_mask.shape != (B, start_pos + T):
+            raise ValueError(
+                f"attention_mask must have shape (batch, start_pos + seq) = {(B, start_pos + T)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        valid = attention_mask.to(torch.bool)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]  # (B, T)
+        cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
+        keys = valid[:, -S:]  # keys visible in this call: cached + new, or just new
+        key_idx = torch.arange(S, device=device).view(1, 1, S)
+        q_idx = torch.arange(S - T, S, device=device).view(1, T, 1)
+        mask = (key_idx <= q_idx) & keys.view(B, 1, S)
+        # A padding query would see no key at all (NaN softmax): let it see itself.
+        mask = mask | (key_idx == q_idx)
+        return AttnContext(cos, sin, start_pos, mask.unsqueeze(1), False, cache)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        n_loops: int | None = None,
+        kv_cache: dict | KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        act_early_exit: bool | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
+        n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
+        self._validate(input_ids, n_loops, start_pos)
+        cache = as_cache_store(kv_cache)
+        if cache is not None:
+            first = "prelude_0" if self.cfg.prelude_layers else RecurrentBlock.cache_key(0)
+            cached = cache.length(first)
+            if start_pos > cached:
+                raise ValueError(
+                    f"kv_cache holds {cached} positions; start_pos={start_pos} would leave a gap"
+                )
+            if start_pos < cached:
+                cache.truncate(start_pos)
+        if act_early_exit is None:
+            act_early_exit = not self.training
+        ctx = self._context(input_ids, start_pos, cache, attention_mask)
+
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, ctx, f"prelude_{i}")
+        x = self.recurrent(x, x, ctx, n_loops, early_exit=act_early_exit)
+        for i, layer in enumerate(self.coda):
+            x = layer(x, ctx, f"coda_{i}")
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        n_loops: int | None = None,
+        kv_cache: dict | KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        act_early_exit: bool | None = None,
+    ) -> torch.Tensor:
+        """Logits for every position.
+
+        Args:
+            input_ids: (B, T) token ids in ``[0, vocab_size)``.
+            n_loops: recurrent loops (>= 1); default ``cfg.max_loop_iters``. More loops than
+                were trained extrapolate in depth.
+            kv_cache: ``None``, a plain ``dict`` (upstream API: pass ``{}`` first and reuse it)
+                or a :class:`~open_mythos.inference.cache.KVCache`.
+            start_pos: position of ``input_ids[:, 0]``; must equal the number of cached
+                positions (a smaller value rewinds the cache).
+            attention_mask: optional (B, start_pos + T) 1/0 mask of real tokens vs padding
+                (left padding for batched prompts); positions count real tokens only.
+            act_early_exit: stop looping when every position has halted; default: in eval
+                mode only.
+
+        Returns:
+            (B, T, vocab_size) logits in the activation dtype.
+        """
+        return self.head(
+            self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
+                               attention_mask=attention_mask, act_early_exit=act_early_exit)
+        )
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 64,
+        n_loops: int = 8,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Autoregressive generation with a preallocated KV cache.
+
+        Same positional arguments as upstream; see
+        :func:`open_mythos.inference.generation.generate` for the keyword options
+        (``do_sample``, ``top_p``, ``eos_token_id``, ``attention_mask``, ``generator``...).
+
+        Returns:
+            (B, T + new) token ids.
+        """
+        from .inference.generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, n_loops=n_loops,
+                        temperature=temperature, top_k=top_k, **kwargs)
