@@ -2,5 +2,22 @@
 
 from .config import AttnType, MythosConfig
 from .model import OpenMythos
+from .tokenizers import ByteTokenizer, MythosTokenizer, load_tokenizer
+from .variants import (
+    VARIANTS,
+    ParamCount,
+    count_parameters,
+    mythos_1b,
+    mythos_1t,
+    mythos_3b,
+    mythos_10b,
+    mythos_50b,
+    mythos_100b,
+    mythos_500b,
+)
 
-__all__ = ["AttnType", "MythosConfig", "OpenMythos"]
+__all__ = [
+    "VARIANTS", "AttnType", "ByteTokenizer", "MythosConfig", "MythosTokenizer", "OpenMythos",
+    "ParamCount", "count_parameters", "load_tokenizer", "mythos_1b", "mythos_1t", "mythos_3b",
+    "mythos_10b", "mythos_50b", "mythos_100b", "mythos_500b",
+]

@@ -36,12 +36,20 @@ class OpenMythos(nn.Module):
         self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.head.weight = self.embed.weight
         self.rope_dim = type(self.recurrent.block.attn).rope_dim(cfg)
         self.reset_parameters()
 
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head (``to_empty`` unties them)."""
+        self.head.weight = self.embed.weight
+
     def reset_parameters(self) -> None:
-        """N(0, 0.02) for linear and embedding weights, then the recurrence's own inits."""
+        """N(0, 0.02) for linear and embedding weights, then the recurrence's own inits.
+
+        Also re-ties the head, so ``model.to_empty(device=...); model.reset_parameters()``
+        materialises a model built on the meta device.
+        """
+        self.tie_weights()
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -140,6 +148,7 @@ class OpenMythos(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         act_early_exit: bool | None = None,
+        backprop_loops: int | None = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
         n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
@@ -161,7 +170,8 @@ class OpenMythos(nn.Module):
         x = self.embed(input_ids)
         for i, layer in enumerate(self.prelude):
             x = layer(x, ctx, f"prelude_{i}")
-        x = self.recurrent(x, x, ctx, n_loops, early_exit=act_early_exit)
+        x = self.recurrent(x, x, ctx, n_loops, early_exit=act_early_exit,
+                           backprop_loops=backprop_loops)
         for i, layer in enumerate(self.coda):
             x = layer(x, ctx, f"coda_{i}")
         return self.norm(x)
@@ -175,6 +185,7 @@ class OpenMythos(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         act_early_exit: bool | None = None,
+        backprop_loops: int | None = None,
     ) -> torch.Tensor:
         """Logits for every position.
 
@@ -190,13 +201,15 @@ class OpenMythos(nn.Module):
                 (left padding for batched prompts); positions count real tokens only.
             act_early_exit: stop looping when every position has halted; default: in eval
                 mode only.
+            backprop_loops: truncated backpropagation through the last ``k`` loops only.
 
         Returns:
             (B, T, vocab_size) logits in the activation dtype.
         """
         return self.head(
             self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
-                               attention_mask=attention_mask, act_early_exit=act_early_exit)
+                               attention_mask=attention_mask, act_early_exit=act_early_exit,
+                               backprop_loops=backprop_loops)
         )
 
     def generate(

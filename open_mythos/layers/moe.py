@@ -35,9 +35,12 @@ class Expert(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` runs for this device and dtype."""
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs for this device, dtype and shape."""
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    # The kernel needs row strides that are multiples of 16 bytes.
+    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * x.element_size()) % 16:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -57,7 +60,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     Returns:
         (N, d_out) where rows of group e are ``x_e @ w[e]``.
     """
-    if grouped_mm_supported(x):
+    if grouped_mm_supported(x, w):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w.to(x.dtype), offs=offs)
     # Segment-wise fallback (float64 references, older GPUs): one host sync for the sizes.
@@ -95,6 +98,8 @@ class MoEFFN(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(cfg.n_experts), persistent=False)
         self.last_expert_load: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+        # False while activation checkpointing recomputes a forward (load already counted).
+        self.record_load = True
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -107,9 +112,10 @@ class MoEFFN(nn.Module):
         Returns:
             ``(topk_idx (N, k) long, gates (N, k) float32 summing to 1, probs (N, E) float32)``.
         """
-        logits = self.router(flat).float()  # (N, E)
+        logits = self.router(flat)  # (N, E), at least float32 for the softmax
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = logits.softmax(dim=-1)
-        topk_idx = (logits + self.router_bias.float()).topk(self.topk, dim=-1).indices
+        topk_idx = (logits + self.router_bias.to(logits.dtype)).topk(self.topk, dim=-1).indices
         gates = probs.gather(-1, topk_idx)
         return topk_idx, gates / gates.sum(dim=-1, keepdim=True), probs
 
@@ -138,7 +144,7 @@ class MoEFFN(nn.Module):
         self.last_expert_load = load.detach()
         frac = load / max(n_tokens * self.topk, 1)
         self.last_aux_loss = self.n_experts * (frac * probs.mean(dim=0)).sum()
-        if self.training:
+        if self.training and self.record_load:
             with torch.no_grad():
                 self.load_since_update.add_(load)
         return out.to(x.dtype).reshape(shape)

@@ -4,12 +4,15 @@ the :class:`RecurrentBlock` that runs one shared block ``n_loops`` times.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import MythosConfig
 from .attention import AttnContext, DepthCarry
@@ -63,13 +66,14 @@ class LoRAAdapter(nn.Module):
 class LTIInjection(nn.Module):
     """Stable input injection ``h <- A * h + B * e + block_out`` with diagonal ``A`` in (0, 1).
 
-    ``A = exp(-rate)``, ``rate = exp(log_dt + log_A)`` (zero-order-hold discretisation of a
-    negative diagonal system). The rate is bounded smoothly to ``[1e-6, 80]`` so that, in
-    float32, ``A`` never rounds to 1 or underflows to 0 and the gradient never vanishes at a
-    clamp, whatever the optimiser does to ``log_dt`` and ``log_A``.
+    ``A = exp(-exp(log_dt + log_A))`` (zero-order-hold discretisation of a negative diagonal
+    system). The exponent is held in ``[log 1e-6, log 80]`` by a straight-through clamp: the
+    value is clamped, so in float32 ``A`` can neither round to 1 nor underflow to 0, but the
+    gradient passes as if unclamped, so no optimiser step can strand the parameters where
+    the gradient is zero.
     """
 
-    MIN_RATE = 1e-6
+    LOG_MIN_RATE = math.log(1e-6)
     LOG_MAX_RATE = math.log(80.0)
 
     def __init__(self, dim: int):
@@ -86,8 +90,8 @@ class LTIInjection(nn.Module):
     def get_A(self) -> torch.Tensor:
         """Diagonal of the state matrix, float32 (dim,), every entry in (0, 1)."""
         s = (self.log_dt + self.log_A).float()
-        s = self.LOG_MAX_RATE - F.softplus(self.LOG_MAX_RATE - s)
-        return torch.exp(-(self.MIN_RATE + torch.exp(s)))
+        s = s + (s.clamp(self.LOG_MIN_RATE, self.LOG_MAX_RATE) - s).detach()
+        return torch.exp(-torch.exp(s))
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
         """All inputs (B, T, dim) -> next state (B, T, dim) in ``h``'s dtype."""
@@ -148,6 +152,12 @@ class RecurrentBlock(nn.Module):
         last_loops_run: loops actually executed (fewer than requested after an early exit).
         last_aux_loss: mean MoE balance loss over the loops.
         last_expert_load: (loops_run, n_experts) expert load per loop depth.
+
+    Memory options for training with many loops:
+        gradient_checkpointing: recompute each loop in the backward pass instead of
+            storing its activations.
+        ``forward(..., backprop_loops=k)``: truncated backpropagation, only the last ``k``
+            loops are differentiated (the earlier ones run without autograd).
     """
 
     def __init__(self, cfg: MythosConfig):
@@ -164,10 +174,48 @@ class RecurrentBlock(nn.Module):
         self.last_loops_run: int = 0
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
+        self.gradient_checkpointing = False
 
     @staticmethod
     def cache_key(t: int) -> str:
         return f"recurrent_loop_{t}"
+
+    def _block_step(
+        self, h: torch.Tensor, e: torch.Tensor, t: int, ctx: AttnContext, carry: DepthCarry
+    ) -> torch.Tensor:
+        """One loop without halting: the next state h' (B, T, dim)."""
+        x = self.norm(loop_index_embedding(h, t, self.loop_dim) + e)
+        out = self.block(x, ctx, self.cache_key(t), carry)
+        if self.lora is not None:
+            out = out + self.lora(out, t)
+        return self.injection(h, e, out)
+
+    def _step(
+        self, h: torch.Tensor, e: torch.Tensor, t: int, ctx: AttnContext, carry: DepthCarry
+    ) -> torch.Tensor:
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return self._block_step(h, e, t, ctx, carry)
+        prev, fresh = carry.prev, carry.fresh
+
+        def run(h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            # The recomputation in backward must see the carry as the forward saw it.
+            carry.prev, carry.fresh = prev, fresh
+            return self._block_step(h, e, t, ctx, carry)
+
+        return checkpoint(run, h, e, use_reentrant=False, context_fn=self._checkpoint_contexts)
+
+    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
+        return contextlib.nullcontext(), self._recomputing()
+
+    @contextlib.contextmanager
+    def _recomputing(self) -> Iterator[None]:
+        """During recomputation the MoE must not count its load a second time."""
+        moe = self.block.ffn
+        moe.record_load = False
+        try:
+            yield
+        finally:
+            moe.record_load = True
 
     def forward(
         self,
@@ -176,6 +224,7 @@ class RecurrentBlock(nn.Module):
         ctx: AttnContext,
         n_loops: int,
         early_exit: bool = False,
+        backprop_loops: int | None = None,
     ) -> torch.Tensor:
         """Run up to ``n_loops`` loops.
 
@@ -186,6 +235,8 @@ class RecurrentBlock(nn.Module):
             n_loops: loops to run (>= 1); may exceed ``cfg.max_loop_iters``.
             early_exit: stop looping once every position has halted (inference). The
                 decision is agreed across ranks under ``torch.distributed``.
+            backprop_loops: differentiate only the last ``backprop_loops`` loops
+                (``None``: all).
 
         Returns:
             (B, T, dim) in ``h``'s dtype: the ACT mixture of the loop states, or the last
@@ -201,19 +252,19 @@ class RecurrentBlock(nn.Module):
         weights, aux, loads = [], [], []
         threshold = float(self.cfg.act_threshold)
 
+        grad_enabled = torch.is_grad_enabled()
+        first_tracked = 0 if backprop_loops is None else n_loops - backprop_loops
         t = 0
         for t in range(n_loops):
             if ctx.cache is not None and t > 0:
                 ctx.cache.fill_missing(self.cache_key(t), self.cache_key(t - 1), ctx.start_pos)
-            x = self.norm(loop_index_embedding(h, t, self.loop_dim) + e)
-            out = self.block(x, ctx, self.cache_key(t), carry)
-            if self.lora is not None:
-                out = out + self.lora(out, t)
-            h_new = self.injection(h, e, out)
-            aux.append(self.block.ffn.last_aux_loss)
-            loads.append(self.block.ffn.last_expert_load)
-
-            if use_act:
+            with torch.set_grad_enabled(grad_enabled and t >= first_tracked):
+                h_new = self._step(h, e, t, ctx, carry)
+                aux.append(self.block.ffn.last_aux_loss)
+                loads.append(self.block.ffn.last_expert_load)
+                if not use_act:
+                    h = h_new
+                    continue
                 p = self.act(h_new)  # (B, T) float32
                 step = p * (1.0 - mass)
                 halt_now = (mass + step >= threshold) | (t == n_loops - 1)
@@ -225,10 +276,8 @@ class RecurrentBlock(nn.Module):
                 h = torch.where(running.unsqueeze(-1), h_new, h)
                 running = running & ~halt_now
                 carry.fresh = running
-                if early_exit and not _all_ranks_any(running):
-                    break
-            else:
-                h = h_new
+            if early_exit and not _all_ranks_any(running):
+                break
 
         self.last_loops_run = t + 1
         self.last_aux_loss = torch.stack(aux).mean()

@@ -1,0 +1,113 @@
+"""Turning task examples into training batches, and scoring predictions.
+
+Sequence layout of one example (byte vocabulary of :mod:`open_mythos.tasks.base`)::
+
+    ids   = BOS  p_0 ... p_{n-1}  a_0 ... a_{m-1}  EOS
+    mask  =  0    0  ...    0      1  ...    1      1      (loss on answer + EOS only)
+
+A batch right-pads the sequences with PAD and shifts targets by one for next-token
+prediction: ``targets[b, t] = ids[b, t + 1]`` where position ``t + 1`` is an answer or EOS
+token, else ``IGNORE_INDEX`` (-100). So the first supervised position is the last prompt
+character, whose target is the first answer character.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from .base import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, Example, Task
+
+
+def encode_text(text: str) -> list[int]:
+    """Byte ids of an ASCII string; ValueError on any non-ASCII character."""
+    try:
+        return list(text.encode("ascii"))
+    except UnicodeEncodeError:
+        raise ValueError(f"task text must be ASCII, got {text!r}") from None
+
+
+def _encode_lists(ex: Example) -> tuple[list[int], int]:
+    """``(BOS + prompt + answer + EOS, index of the first answer token)``."""
+    prompt = encode_text(ex.prompt)
+    return [BOS_ID, *prompt, *encode_text(ex.answer), EOS_ID], 1 + len(prompt)
+
+
+def encode_example(ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, loss_mask)``: ids (N,) long = BOS + prompt + answer + EOS; loss_mask (N,) bool,
+    True exactly on the answer and EOS tokens."""
+    ids, start = _encode_lists(ex)
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[start:] = True
+    return torch.tensor(ids, dtype=torch.long), mask
+
+
+def encode_prompt(prompt: str) -> torch.Tensor:
+    """(n + 1,) long: BOS + prompt, the input to generate an answer from."""
+    return torch.tensor([BOS_ID, *encode_text(prompt)], dtype=torch.long)
+
+
+def decode_answer(ids: Sequence[int] | torch.Tensor) -> str:
+    """Text of generated ids up to (not including) the first EOS, PAD or other special id."""
+    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    chars = []
+    for i in values:
+        if not 0 <= i < 256:
+            break
+        chars.append(chr(i))
+    return "".join(chars)
+
+
+def collate(examples: Sequence[Example], seq_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded next-token batch of ``examples``.
+
+    Returns a dict of tensors (B = len(examples), L = ``seq_len`` or the longest sequence):
+
+    - ``input_ids`` (B, L) long: BOS + prompt + answer + EOS, then PAD;
+    - ``targets`` (B, L) long: ``input_ids[:, t + 1]`` where that token is an answer or EOS
+      token, else -100;
+    - ``answer_start`` (B,) long: index in ``input_ids`` of the first answer token
+      (= number of BOS + prompt tokens, the prompt length to generate from);
+    - ``lengths`` (B,) long: number of non-PAD tokens.
+
+    ValueError if an example does not fit in ``seq_len`` (never truncates silently).
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    encoded = [_encode_lists(ex) for ex in examples]
+    longest = max(len(ids) for ids, _ in encoded)
+    length = longest if seq_len is None else seq_len
+    if longest > length:
+        raise ValueError(f"an example has {longest} tokens, more than seq_len={seq_len}")
+    input_ids, targets = [], []
+    for ids, start in encoded:
+        pad = length - len(ids)
+        input_ids.append(ids + [PAD_ID] * pad)
+        # Position t predicts ids[t + 1]; supervised for t + 1 in [start, len(ids)).
+        targets.append([IGNORE_INDEX] * (start - 1) + ids[start:] + [IGNORE_INDEX] * (pad + 1))
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "answer_start": torch.tensor([start for _, start in encoded], dtype=torch.long),
+        "lengths": torch.tensor([len(ids) for ids, _ in encoded], dtype=torch.long),
+    }
+
+
+def make_batch(
+    task: Task, rng: random.Random, split: str, batch_size: int, seq_len: int | None = None
+) -> dict[str, torch.Tensor]:
+    """``batch_size`` fresh examples of ``task``'s ``split``, collated by :func:`collate`.
+
+    ``seq_len`` defaults to ``task.max_len(split)``, so every batch of a split has one shape.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    examples = [task.generate(rng, split) for _ in range(batch_size)]
+    return collate(examples, task.max_len(split) if seq_len is None else seq_len)
+
+
+def score(predicted_answer: str, example: Example) -> bool:
+    """Exact match of a predicted answer (text before EOS) against ``example.answer``."""
+    return predicted_answer == example.answer

@@ -1,0 +1,132 @@
+"""Dyck language over two bracket types: nesting depth and balance."""
+
+from __future__ import annotations
+
+import random
+from enum import Enum
+
+from .base import Example, Task, check_range
+
+OPEN_TO_CLOSE = {"(": ")", "[": "]"}
+CLOSE_TO_OPEN = {")": "(", "]": "["}
+SWAP_TYPE = {"(": "[", "[": "(", ")": "]", "]": ")"}
+
+
+class DyckTarget(str, Enum):
+    """What a :class:`Dyck` answer reports."""
+
+    DEPTH = "depth"
+    BALANCED = "balanced"
+
+
+class Dyck(Task):
+    """Bracket strings over ``()[]``.
+
+    Prompt: brackets then ``=``, e.g. ``"([])[]="``. The bracket *directions* always form a
+    Dyck word of exactly ``level`` maximum nesting depth (a random walk of ``pairs`` pairs
+    capped at the level, with one nest inserted that reaches it), so the level is also
+    readable from the prompt as the maximum over prefixes of ``#open - #close``.
+
+    - ``target="depth"`` (default): the string is balanced; the answer is its maximum
+      nesting depth in decimal (``"2"``).
+    - ``target="balanced"``: with probability 1/2 the bracket *type* of one character is
+      swapped (``(``<->``[``, ``)``<->``]``), which always unbalances the word while keeping
+      bracket counts per direction; the answer is ``"1"`` if balanced else ``"0"``. Counting
+      cannot solve it: the model has to match brackets with a stack.
+
+    Level: maximum nesting depth. Splits: ``train``/``id`` from ``depths`` (default 1..4),
+    ``ood_depth`` from ``ood_depths`` (default 5..8). The walk length ``pairs`` (default
+    2..10) is the same for every split; the inserted nest adds at most ``level`` pairs.
+    """
+
+    name = "dyck"
+    level_name = "depth"
+
+    def __init__(
+        self,
+        depths: tuple[int, int] = (1, 4),
+        ood_depths: tuple[int, int] = (5, 8),
+        pairs: tuple[int, int] = (2, 10),
+        target: DyckTarget | str = DyckTarget.DEPTH,
+    ) -> None:
+        depths = check_range("depths", depths)
+        ood = check_range("ood_depths", ood_depths)
+        super().__init__({"train": depths, "id": depths, "ood_depth": ood})
+        self.pairs = check_range("pairs", pairs)
+        try:
+            self.target = DyckTarget(target)
+        except ValueError:
+            allowed = [t.value for t in DyckTarget]
+            raise ValueError(f"target must be one of {allowed}, got {target!r}") from None
+
+    def _directions(self, rng: random.Random, depth: int) -> list[bool]:
+        """A Dyck word (True = open) of maximum depth exactly ``depth``."""
+        steps = 2 * rng.randint(*self.pairs)
+        word, height = [], 0
+        for i in range(steps):
+            remaining = steps - i - 1
+            moves = []
+            if height < depth and height + 1 <= remaining:
+                moves.append(True)
+            if height > 0:
+                moves.append(False)
+            up = rng.choice(moves)
+            word.append(up)
+            height += 1 if up else -1
+        cut = rng.randint(0, steps)
+        base = sum(1 if up else -1 for up in word[:cut])
+        nest = depth - base
+        return word[:cut] + [True] * nest + [False] * nest + word[cut:]
+
+    def _generate(self, rng: random.Random, level: int) -> Example:
+        chars, stack = [], []
+        for up in self._directions(rng, level):
+            if up:
+                opener = rng.choice("([")
+                stack.append(opener)
+                chars.append(opener)
+            else:
+                chars.append(OPEN_TO_CLOSE[stack.pop()])
+        if self.target is DyckTarget.DEPTH:
+            return Example("".join(chars) + "=", str(level))
+        balanced = rng.random() < 0.5
+        if not balanced:
+            i = rng.randrange(len(chars))
+            chars[i] = SWAP_TYPE[chars[i]]
+        return Example("".join(chars) + "=", "1" if balanced else "0")
+
+    def _brackets(self, prompt: str) -> str:
+        body, eq, rest = prompt.partition("=")
+        if not eq or rest or not body or set(body) - set(SWAP_TYPE):
+            raise ValueError(f"dyck prompt must be brackets '()[]' then '=', got {prompt!r}")
+        return body
+
+    def solve(self, prompt: str) -> str:
+        stack: list[str] = []
+        deepest, ok = 0, True
+        for ch in self._brackets(prompt):
+            if ch in OPEN_TO_CLOSE:
+                stack.append(ch)
+                deepest = max(deepest, len(stack))
+            elif stack and stack[-1] == CLOSE_TO_OPEN[ch]:
+                stack.pop()
+            else:
+                ok = False
+                break
+        ok = ok and not stack
+        if self.target is DyckTarget.DEPTH:
+            if not ok:
+                raise ValueError(f"depth target needs a balanced prompt, got {prompt!r}")
+            return str(deepest)
+        return "1" if ok else "0"
+
+    def level_of(self, prompt: str) -> int:
+        height = deepest = 0
+        for ch in self._brackets(prompt):
+            height += 1 if ch in OPEN_TO_CLOSE else -1
+            deepest = max(deepest, height)
+        return deepest
+
+    def max_len_at(self, level: int) -> int:
+        answer = len(str(level)) if self.target is DyckTarget.DEPTH else 1
+        return 2 + 2 * (self.pairs[1] + level) + 1 + answer

@@ -1,0 +1,105 @@
+"""Variable chains (p-hop pointer following) with distractor assignments."""
+
+from __future__ import annotations
+
+import random
+import string
+
+from .base import Example, Task, check_range
+
+VARIABLES = string.ascii_lowercase
+VALUES = string.digits
+
+
+class MultiHop(Task):
+    """Follow a chain of variable assignments to a digit.
+
+    Prompt: assignments ``x=y`` (``x`` a lowercase letter, ``y`` a lowercase letter or a
+    digit) joined by ``;``, then ``?`` and the queried variable, e.g. ``"c=7;a=b;d=c;b=c?a"``
+    (``a -> b -> c -> 7``). Answer: the digit reached, ``"7"``.
+
+    Every variable is assigned exactly once, and each assignment points only to a digit or
+    to a variable created before it, so the assignments form an acyclic forest. The query
+    chain has exactly ``level`` assignments (``"a=7?a"`` is 1 hop); each of the
+    ``distractors`` extra variables points, with equal probability, to a random digit or to
+    a random earlier variable (possibly inside the query chain, never the reverse). The
+    assignments are shuffled.
+
+    Level: hops. Splits: ``train``/``id`` from ``hops`` (default 1..3), ``ood_hops`` from
+    ``ood_hops`` (default 4..8). ``distractors`` (default 1..4) is the same for every split.
+    """
+
+    name = "multihop"
+    level_name = "hops"
+
+    def __init__(
+        self,
+        hops: tuple[int, int] = (1, 3),
+        ood_hops: tuple[int, int] = (4, 8),
+        distractors: tuple[int, int] = (1, 4),
+    ) -> None:
+        hops = check_range("hops", hops)
+        ood = check_range("ood_hops", ood_hops)
+        super().__init__({"train": hops, "id": hops, "ood_hops": ood})
+        self.distractors = check_range("distractors", distractors, minimum=0)
+        if ood[1] + self.distractors[1] > len(VARIABLES):
+            raise ValueError(
+                f"ood_hops[1] + distractors[1] must be <= {len(VARIABLES)} variables, "
+                f"got {ood[1]} + {self.distractors[1]}"
+            )
+
+    def _generate(self, rng: random.Random, level: int) -> Example:
+        n_extra = rng.randint(*self.distractors)
+        if level + n_extra > len(VARIABLES):
+            raise ValueError(f"level {level} needs more than {len(VARIABLES)} variables")
+        names = rng.sample(VARIABLES, level + n_extra)
+        chain, extra = names[:level], names[level:]
+        answer = rng.choice(VALUES)
+        statements = [f"{chain[-1]}={answer}"]
+        statements += [f"{chain[i]}={chain[i + 1]}" for i in range(level - 1)]
+        created = list(chain)
+        for var in extra:
+            target = rng.choice(created) if rng.random() < 0.5 else rng.choice(VALUES)
+            statements.append(f"{var}={target}")
+            created.append(var)
+        rng.shuffle(statements)
+        return Example(";".join(statements) + "?" + chain[0], answer)
+
+    def _trace(self, prompt: str) -> list[str]:
+        """The values visited from the query to a digit, e.g. ``["b", "c", "7"]``."""
+        body, mark, query = prompt.partition("?")
+        if not mark or len(query) != 1 or query not in VARIABLES:
+            raise ValueError(f"multihop prompt must end with '?<variable>', got {prompt!r}")
+        table: dict[str, str] = {}
+        for stmt in body.split(";"):
+            lhs, eq, rhs = stmt.partition("=")
+            if (
+                not eq
+                or len(lhs) != 1
+                or lhs not in VARIABLES
+                or len(rhs) != 1
+                or rhs not in VARIABLES + VALUES
+            ):
+                raise ValueError(f"bad assignment {stmt!r} in {prompt!r}")
+            if lhs in table:
+                raise ValueError(f"variable {lhs!r} assigned twice in {prompt!r}")
+            table[lhs] = rhs
+        path, current = [], query
+        while current not in VALUES:
+            if current not in table:
+                raise ValueError(f"variable {current!r} is never assigned in {prompt!r}")
+            if len(path) > len(table):
+                raise ValueError(f"cyclic assignments in {prompt!r}")
+            current = table[current]
+            path.append(current)
+        return path
+
+    def solve(self, prompt: str) -> str:
+        return self._trace(prompt)[-1]
+
+    def level_of(self, prompt: str) -> int:
+        return len(self._trace(prompt))
+
+    def max_len_at(self, level: int) -> int:
+        statements = level + self.distractors[1]
+        return 2 + (4 * statements - 1 + 2) + 1

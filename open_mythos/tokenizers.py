@@ -1,0 +1,322 @@
+"""Tokenizers: :class:`ByteTokenizer` (no download, the default) and :class:`MythosTokenizer`
+over any Hugging Face tokenizer.
+
+Both expose the same interface (:class:`Tokenizer`): ``encode``/``decode`` on single texts,
+``batch_encode`` (or calling the tokenizer) for left-padded batches, and the ids of the
+special tokens. ``vocab_size`` always counts the special tokens, so it is the number of
+embedding rows a model needs (``MythosConfig(vocab_size=tok.vocab_size)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL_ID = "openai/gpt-oss-20b"
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+class Tokenizer(ABC):
+    """Common interface of the OpenMythos tokenizers.
+
+    Subclasses implement :meth:`encode`, :meth:`decode` and the special-token properties;
+    batching and padding live here.
+    """
+
+    @abstractmethod
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text``, optionally framed by BOS / EOS."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of a 1-D sequence of ids."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of distinct ids, special tokens included."""
+
+    @property
+    @abstractmethod
+    def pad_token_id(self) -> int | None:
+        """Id used to pad batches."""
+
+    @property
+    @abstractmethod
+    def bos_token_id(self) -> int | None:
+        """Beginning-of-sequence id, or None if the tokenizer has none."""
+
+    @property
+    @abstractmethod
+    def eos_token_id(self) -> int | None:
+        """End-of-sequence id, or None if the tokenizer has none."""
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def batch_encode(
+        self,
+        texts: str | Iterable[str],
+        add_bos: bool = False,
+        add_eos: bool = False,
+        padding_side: str = "left",
+    ) -> dict[str, torch.Tensor]:
+        """Encode and pad a batch of texts.
+
+        Args:
+            texts: one text or several.
+            add_bos, add_eos: frame every text with BOS / EOS.
+            padding_side: ``"left"`` (default; what batched generation needs: the last column
+                holds every row's last real token) or ``"right"``.
+
+        Returns:
+            ``{"input_ids": (B, L) int64, "attention_mask": (B, L) int64}`` where ``L`` is the
+            longest encoding, padding ids are :attr:`pad_token_id` and the mask is 1 on real
+            tokens, 0 on padding.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r} is invalid: use 'left' or 'right'")
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+        width = max((len(r) for r in rows), default=0)
+        pad = self.pad_token_id
+        if pad is None and any(len(r) < width for r in rows):
+            raise ValueError("the tokenizer has no pad token (nor EOS) to pad the batch with")
+        input_ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            cols = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+            input_ids[i, cols] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, cols] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def __call__(self, texts: str | Iterable[str], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Same as :meth:`batch_encode`."""
+        return self.batch_encode(texts, **kwargs)
+
+
+def _as_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"decode expects a 1-D sequence of ids, got shape {tuple(ids.shape)}")
+        return ids.tolist()
+    return [int(i) for i in ids]
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as tokens: ids 0..255 are the bytes, then ``<pad>`` 256, ``<bos>`` 257,
+    ``<eos>`` 258; ``vocab_size`` is 259.
+
+    Needs no files and no download. Any text round-trips exactly. Special tokens are only
+    produced by ``add_bos``/``add_eos`` (the text ``"<eos>"`` encodes as its five bytes).
+    """
+
+    SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")
+    N_BYTES = 256
+
+    @property
+    def vocab_size(self) -> int:
+        return self.N_BYTES + len(self.SPECIAL_TOKENS)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.N_BYTES
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.N_BYTES + 1
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.N_BYTES + 2
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """UTF-8 bytes of ``text``; ``add_bos``/``add_eos`` frame them with 257 / 258."""
+        ids = list(text.encode("utf-8"))
+        if add_bos:
+            ids.insert(0, self.bos_token_id)
+        if add_eos:
+            ids.append(self.eos_token_id)
+        return ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; invalid UTF-8 becomes U+FFFD.
+
+        Special tokens are dropped, or written as ``<pad>``/``<bos>``/``<eos>`` when
+        ``skip_special_tokens`` is False. Ids outside ``[0, vocab_size)`` raise ``ValueError``.
+        """
+        parts: list[str] = []
+        buf = bytearray()
+        for i in _as_id_list(ids):
+            if 0 <= i < self.N_BYTES:
+                buf.append(i)
+            elif self.N_BYTES <= i < self.vocab_size:
+                if not skip_special_tokens:
+                    parts.append(buf.decode("utf-8", errors="replace"))
+                    parts.append(self.SPECIAL_TOKENS[i - self.N_BYTES])
+                    buf.clear()
+            else:
+                raise ValueError(f"token id {i} is outside [0, {self.vocab_size})")
+        parts.append(buf.decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``byte_tokenizer.json`` into ``directory`` (created if needed), return its path."""
+        path = Path(directory) / BYTE_TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        special = {t: self.N_BYTES + i for i, t in enumerate(self.SPECIAL_TOKENS)}
+        path.write_text(json.dumps({"tokenizer_class": type(self).__name__,
+                                    "vocab_size": self.vocab_size,
+                                    "special_tokens": special}, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ByteTokenizer:
+        """Load what :meth:`save_pretrained` wrote; a mismatching file raises ``ValueError``."""
+        path = Path(directory) / BYTE_TOKENIZER_FILE
+        data = json.loads(path.read_text())
+        tok = cls()
+        expected = {t: tok.N_BYTES + i for i, t in enumerate(tok.SPECIAL_TOKENS)}
+        if data.get("vocab_size") != tok.vocab_size or data.get("special_tokens") != expected:
+            raise ValueError(f"{path} does not describe this ByteTokenizer "
+                             f"(vocab_size {tok.vocab_size}, special tokens {expected})")
+        return tok
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={self.vocab_size})"
+
+
+def _require_special(token_id: int | None, name: str) -> int:
+    if token_id is None:
+        raise ValueError(f"the tokenizer defines no {name} token")
+    return token_id
+
+
+def _offline_env() -> bool:
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set to a true value now."""
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def _looks_like_local_path(spec: str) -> bool:
+    """Whether ``spec`` names a filesystem path rather than a hub repo id ("org/name")."""
+    return (os.path.isabs(spec) or spec.startswith(("./", "../", "~", ".\\", "..\\"))
+            or os.path.exists(spec))
+
+
+class MythosTokenizer(Tokenizer):
+    """Wrapper over a Hugging Face tokenizer with the :class:`Tokenizer` interface.
+
+    ``vocab_size`` is ``len(tokenizer)``, which counts added special tokens (the upstream
+    wrapper used ``tokenizer.vocab_size``, which does not, leaving EOS outside the embedding).
+    When the tokenizer has no pad token, EOS pads.
+
+    Args:
+        model_id: hub repo id or local directory of tokenizer files (upstream name and default).
+        **kwargs: passed to ``transformers.AutoTokenizer.from_pretrained`` (e.g.
+            ``local_files_only=True``, ``revision``, ``trust_remote_code``).
+
+    Raises:
+        ImportError: ``transformers`` is not installed (``pip install 'open-mythos[hf]'``).
+        FileNotFoundError: ``model_id`` is a local path that is not an existing directory.
+        OSError: the tokenizer could not be loaded (offline, unknown repo, missing files).
+    """
+
+    def __init__(self, model_id: str | os.PathLike = DEFAULT_MODEL_ID, **kwargs: Any):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:
+            raise ImportError(
+                "MythosTokenizer needs Hugging Face transformers: pip install 'open-mythos[hf]' "
+                "(or use ByteTokenizer, which needs nothing)"
+            ) from e
+        spec = os.fspath(model_id)
+        if _looks_like_local_path(spec):
+            spec = os.path.expanduser(spec)
+            if not os.path.isdir(spec):
+                what = "is not a directory" if os.path.exists(spec) else "does not exist"
+                raise FileNotFoundError(
+                    f"tokenizer path {spec!r} {what}: pass a directory of tokenizer files "
+                    "(tokenizer.json, tokenizer_config.json) or a Hugging Face repo id")
+        if _offline_env():
+            # NOTE: huggingface_hub reads HF_HUB_OFFLINE once, at import; honour a later
+            # setting too, instead of retrying the network for most of a minute.
+            kwargs.setdefault("local_files_only", True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(spec, **kwargs)
+        except (OSError, ValueError) as e:
+            raise OSError(
+                f"could not load tokenizer {spec!r}: {e}\nFor offline use pass a local directory "
+                "holding tokenizer files (e.g. written by save_pretrained) or a repo already in "
+                "the Hugging Face cache, and set HF_HUB_OFFLINE=1 so nothing is fetched."
+            ) from e
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> MythosTokenizer:
+        """Wrap an already-built ``transformers.PreTrainedTokenizerBase``."""
+        obj = cls.__new__(cls)
+        obj.tokenizer = tokenizer
+        return obj
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Ids of ``text`` without the tokenizer's automatic special tokens (as upstream);
+        ``add_bos``/``add_eos`` add BOS / EOS explicitly and raise ``ValueError`` if the
+        tokenizer has none."""
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if add_bos:
+            ids.insert(0, _require_special(self.bos_token_id, "BOS"))
+        if add_eos:
+            ids.append(_require_special(self.eos_token_id, "EOS"))
+        return ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` (special tokens dropped by default, as upstream)."""
+        return self.tokenizer.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the wrapped tokenizer's files so ``MythosTokenizer(directory)`` loads them."""
+        self.tokenizer.save_pretrained(os.fspath(directory))
+
+    def __repr__(self) -> str:
+        name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
+        return f"MythosTokenizer({name!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(spec: str | os.PathLike | Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer a name refers to.
+
+    ``None`` or ``"byte"``: :class:`ByteTokenizer`; a :class:`Tokenizer`: itself; a directory
+    holding ``byte_tokenizer.json``: that ByteTokenizer; anything else: ``MythosTokenizer(spec)``
+    (a local directory or a Hugging Face repo id).
+    """
+    if spec is None or (isinstance(spec, str) and spec.lower() == "byte"):
+        return ByteTokenizer()
+    if isinstance(spec, Tokenizer):
+        return spec
+    if (Path(spec).expanduser() / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer.from_pretrained(Path(spec).expanduser())
+    return MythosTokenizer(spec)

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny configurations that run in milliseconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from open_mythos import MythosConfig, OpenMythos
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(attn_type: str = "gqa", **overrides) -> MythosConfig:
+    """A small model of every kind of layer: 1 prelude, 1 coda, 4 experts top-2."""
+    base = dict(
+        vocab_size=97, dim=64, n_heads=4, n_kv_heads=2, max_seq_len=64, max_loop_iters=4,
+        prelude_layers=1, coda_layers=1, attn_type=attn_type, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_experts=4,
+        n_shared_experts=1, n_experts_per_tok=2, expert_dim=16, lora_rank=4,
+    )
+    base.update(overrides)
+    return MythosConfig(**base)
+
+
+def halting_model(attn_type: str, seed: int = 0, **overrides) -> OpenMythos:
+    """A tiny model whose ACT really halts positions at different loops."""
+    torch.manual_seed(seed)
+    # Biases chosen so that positions halt anywhere between loop 1 and 8 for both kinds.
+    bias = {"gqa": 0.0, "mla": -1.0}[attn_type]
+    cfg = tiny_config(attn_type, **{"act_threshold": 0.7, "act_halt_bias_init": bias, **overrides})
+    model = OpenMythos(cfg)
+    torch.nn.init.normal_(model.recurrent.act.halt.weight, std=0.3)
+    # A non-zero LoRA so that every loop index matters.
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.05)
+    return model.eval()
+
+
+@pytest.fixture(params=["gqa", "mla"])
+def attn_type(request) -> str:
+    return request.param

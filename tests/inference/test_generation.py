@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from open_mythos.inference import generate, stream
+from tests.conftest import halting_model
+
+
+def test_greedy_and_top_k_1_equal_argmax_of_full_forwards(attn_type):
+    model = halting_model(attn_type)
+    ids = torch.randint(0, 97, (2, 7))
+    seq = ids
+    for _ in range(6):
+        nxt = model(seq, n_loops=5, act_early_exit=False)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, n_loops=5, top_k=1), seq)
+    assert torch.equal(generate(model, ids, 6, 5, do_sample=False), seq)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (3, 4))
+    a = generate(model, ids, 8, 3, generator=torch.Generator().manual_seed(5), top_p=0.9)
+    b = generate(model, ids, 8, 3, generator=torch.Generator().manual_seed(5), top_p=0.9)
+    assert torch.equal(a, b) and a.shape == (3, 12)
+
+
+def test_stop_tokens_end_each_sequence_alone():
+    model = halting_model("mla")
+    ids = torch.randint(0, 97, (2, 5))
+    greedy = generate(model, ids, 10, 3, do_sample=False)
+    stop_tok = int(greedy[0, 7])  # the third generated token of row 0
+    out = generate(model, ids, 10, 3, do_sample=False, eos_token_id=stop_tok, pad_token_id=0)
+    row0 = out[0, 5:].tolist()
+    first = row0.index(stop_tok)
+    assert all(t == 0 for t in row0[first + 1:])
+    assert torch.equal(out[0, : 5 + first + 1], greedy[0, : 5 + first + 1])
+
+
+def test_left_padded_batch_matches_individual_prompts(attn_type):
+    model = halting_model(attn_type)
+    a, b = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 3))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    out = generate(model, batch, 5, 4, do_sample=False, attention_mask=mask)
+    ra, rb = (generate(model, p, 5, 4, do_sample=False) for p in (a, b))
+    assert torch.equal(out[0, 6:], ra[0, 6:]) and torch.equal(out[1, 6:], rb[0, 3:])
+
+
+def test_streaming_yields_tokens_as_produced():
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (1, 4))
+    toks = [t.clone() for t in stream(model, ids, 5, 2, do_sample=False)]
+    assert len(toks) == 5 and all(t.shape == (1,) for t in toks)
+    assert torch.equal(torch.stack(toks, 1), generate(model, ids, 5, 2, do_sample=False)[:, 4:])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=0.0), "temperature must be > 0 when sampling"),
+    (dict(temperature=-1.0), "temperature must be > 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be"),
+    (dict(max_new_tokens=100), "exceeds max_seq_len=64"),
+])
+def test_bad_arguments(kwargs, match):
+    model = halting_model("gqa")
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_top_k_larger_than_vocab_and_restores_training_mode():
+    model = halting_model("gqa").train()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=3, top_k=10_000)
+    assert out.shape == (1, 6) and model.training

@@ -1,0 +1,67 @@
+import torch
+
+from open_mythos.layers import RMSNorm, apply_rope, loop_index_embedding, rope_cos_sin
+
+
+def test_rmsnorm_matches_float64_and_keeps_dtype():
+    torch.manual_seed(0)
+    norm = RMSNorm(32)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 32) * 100
+    ref = x.double() / x.double().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * norm.weight.double()
+    torch.testing.assert_close(norm(x).double(), ref, rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16()
+    out = norm(xb)
+    assert out.dtype == torch.bfloat16
+    # Only the final cast is lossy: error of one bf16 rounding of the exact result.
+    refb = xb.double() / xb.double().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * norm.weight.double()
+    torch.testing.assert_close(out.double(), refb, rtol=8e-3, atol=1e-2)
+
+
+def test_rope_matches_complex_rotation():
+    """Rotating channel pairs (i, i + d/2) equals multiplying by e^{i m theta_k}."""
+    d, T = 16, 37
+    x = torch.randn(2, 3, T, d, dtype=torch.float64)
+    pos = torch.arange(100, 100 + T)
+    cos, sin = rope_cos_sin(pos, d, 10000.0)
+    out = apply_rope(x.float(), cos, sin).double()
+    k = torch.arange(d // 2, dtype=torch.float64)
+    angle = pos.double()[:, None] * 10000.0 ** (-2 * k / d)
+    z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * torch.polar(torch.ones_like(angle), angle)
+    ref = torch.cat((z.real, z.imag), dim=-1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # Relative position property: <R(m) q, R(n) k> depends only on m - n.
+    q, kk = torch.randn(d), torch.randn(d)
+
+    def dot(m, n):
+        cm, sm = rope_cos_sin(torch.tensor([m]), d, 10000.0)
+        cn, sn = rope_cos_sin(torch.tensor([n]), d, 10000.0)
+        return (apply_rope(q.view(1, 1, 1, d), cm, sm) * apply_rope(kk.view(1, 1, 1, d), cn, sn)).sum()
+
+    torch.testing.assert_close(dot(7, 3), dot(1007, 1003), rtol=1e-4, atol=1e-4)
+
+
+def test_rope_per_sequence_positions():
+    x = torch.randn(2, 3, 5, 8)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [2, 3, 4, 5, 6]])
+    cos, sin = rope_cos_sin(pos, 8, 500000.0)
+    out = apply_rope(x, cos, sin)
+    for b in range(2):
+        c, s = rope_cos_sin(pos[b], 8, 500000.0)
+        torch.testing.assert_close(out[b : b + 1], apply_rope(x[b : b + 1], c, s))
+
+
+def test_loop_index_embedding_matches_naive_and_low_precision():
+    h = torch.zeros(1, 2, 64)
+    for t in (0, 1, 7, 100):
+        out = loop_index_embedding(h, t, 8)
+        freqs = [10000.0 ** (-(2 * i) / 8) for i in range(4)]
+        ref = torch.tensor([torch.sin(torch.tensor(t * f, dtype=torch.float64)).item() for f in freqs]
+                           + [torch.cos(torch.tensor(t * f, dtype=torch.float64)).item() for f in freqs],
+                           dtype=torch.float64)
+        torch.testing.assert_close(out[0, 0, :8].double(), ref, rtol=1e-5, atol=1e-6)
+        assert torch.all(out[..., 8:] == 0)
+    # In bf16 the angle is still computed in fp32: loop 100 and 101 stay distinct.
+    hb = torch.zeros(1, 1, 64, dtype=torch.bfloat16)
+    a, b = loop_index_embedding(hb, 100, 8), loop_index_embedding(hb, 101, 8)
+    assert a.dtype == torch.bfloat16 and not torch.equal(a, b)

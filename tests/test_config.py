@@ -1,0 +1,58 @@
+import math
+
+import pytest
+
+from open_mythos import AttnType, MythosConfig
+from tests.conftest import tiny_config
+
+UPSTREAM_DEFAULTS = dict(
+    vocab_size=32000, dim=2048, n_heads=16, n_kv_heads=4, max_seq_len=4096, max_loop_iters=16,
+    prelude_layers=2, coda_layers=2, attn_type="mla", kv_lora_rank=512, q_lora_rank=1536,
+    qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, n_experts=64,
+    n_shared_experts=2, n_experts_per_tok=4, expert_dim=512, act_threshold=0.99,
+    rope_theta=500000.0, lora_rank=16, max_output_tokens=4096, dropout=0.0,
+)
+
+
+def test_upstream_fields_and_defaults():
+    cfg = MythosConfig()
+    for name, value in UPSTREAM_DEFAULTS.items():
+        assert getattr(cfg, name) == value, name
+    assert cfg.attn_type == "mla" and cfg.attn_type is AttnType.MLA
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(attn_type="flash"), "attn_type"),
+        (dict(dim=65), "dim"),
+        (dict(n_kv_heads=3), "n_kv_heads"),
+        (dict(dim=72, n_heads=8), "dim"),  # head dim 9 is odd
+        (dict(n_experts_per_tok=5), "n_experts_per_tok"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(max_loop_iters=-1), "max_loop_iters"),
+        (dict(expert_dim=0), "expert_dim"),
+        (dict(act_threshold=0.0), "act_threshold"),
+        (dict(act_threshold=math.nan), "act_threshold"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(prelude_layers=-1), "prelude_layers"),
+        (dict(attn_type="mla", qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(attn_type="mla", kv_lora_rank=0), "kv_lora_rank"),
+        (dict(dim=True), "dim"),
+    ],
+)
+def test_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"MythosConfig\.{field}="):
+        tiny_config(**overrides)
+
+
+def test_unreachable_threshold_is_valid():
+    assert tiny_config(act_threshold=math.inf).act_threshold == math.inf
+    assert tiny_config(act_threshold=1.5).act_threshold == 1.5
+
+
+def test_dict_round_trip():
+    cfg = tiny_config("mla")
+    assert MythosConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown MythosConfig field"):
+        MythosConfig.from_dict({**cfg.to_dict(), "n_layers": 3})

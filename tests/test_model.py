@@ -1,0 +1,112 @@
+import pytest
+import torch
+from safetensors.torch import load_model, save_model
+
+from open_mythos import OpenMythos
+from tests.conftest import halting_model, tiny_config
+
+
+def test_causality(attn_type):
+    model = halting_model(attn_type)
+    ids = torch.randint(0, 97, (2, 16))
+    ref = model(ids, n_loops=6, act_early_exit=False)
+    changed = ids.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 97
+    out = model(changed, n_loops=6, act_early_exit=False)
+    torch.testing.assert_close(out[:, :10], ref[:, :10], rtol=0, atol=1e-6)
+    assert (out[:, 10] - ref[:, 10]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([[1, 97]]), r"token ids must be in \[0, 97\)"),
+    (torch.tensor([[-1, 3]]), r"token ids must be in"),
+    (torch.zeros(1, 65, dtype=torch.long), r"exceed max_seq_len=64"),
+    (torch.zeros(1, 4), r"integer token ids"),
+    (torch.zeros(4, dtype=torch.long), r"\(batch, seq\)"),
+])
+def test_input_validation(bad, match):
+    model = OpenMythos(tiny_config())
+    with pytest.raises(ValueError, match=match):
+        model(bad)
+
+
+def test_n_loops_validation():
+    model = OpenMythos(tiny_config())
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="n_loops must be a positive integer"):
+            model(ids, n_loops=bad)
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        model(ids, kv_cache={}, start_pos=62)
+
+
+def test_bf16_forward_finite_and_close_to_fp32(attn_type):
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(attn_type)).eval()
+    ids = torch.randint(0, 97, (2, 24))
+    ref = model(ids, n_loops=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = model(ids, n_loops=4)
+    half = model.to(torch.bfloat16)(ids, n_loops=4)
+    assert half.dtype == torch.bfloat16
+    for out in (auto, half):
+        assert torch.isfinite(out).all()
+        err = (out.float() - ref).abs().max() / ref.abs().max()
+        assert err < 0.05, err.item()
+    # Cached decoding in bf16 too (cache stores bf16).
+    cache = {}
+    model(ids[:, :20], n_loops=4, kv_cache=cache)
+    step = model(ids[:, 20:21], n_loops=4, kv_cache=cache, start_pos=20)
+    torch.testing.assert_close(step[:, 0].float(), half[:, 20].float(), rtol=0.05, atol=0.05)
+
+
+def test_safetensors_round_trip_keeps_tied_head(tmp_path, attn_type):
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(attn_type))
+    model.recurrent.block.ffn.router_bias.fill_(0.25)
+    save_model(model, tmp_path / "model.safetensors")
+    torch.manual_seed(1)
+    loaded = OpenMythos(tiny_config(attn_type))
+    load_model(loaded, tmp_path / "model.safetensors")
+    assert loaded.head.weight is loaded.embed.weight
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+    ids = torch.randint(0, 97, (1, 9))
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_state_dict_round_trip(attn_type):
+    a = OpenMythos(tiny_config(attn_type))
+    b = OpenMythos(tiny_config(attn_type))
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 97, (2, 5))
+    torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)
+
+
+def test_meta_device_construction_and_materialisation():
+    with torch.device("meta"):
+        model = OpenMythos(tiny_config("mla"))
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    out = model(torch.randint(0, 97, (1, 4)))
+    assert torch.isfinite(out).all()
+    assert model.head.weight is model.embed.weight
+
+
+def test_training_step_reduces_loss(attn_type):
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(attn_type)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 97, (4, 16))
+    losses = []
+    for _ in range(15):
+        logits = model(ids[:, :-1], n_loops=3)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1))
+        loss = loss + 0.01 * model.aux_loss + 1e-3 * model.recurrent.last_ponder_cost.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_router_bias()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

@@ -1,0 +1,83 @@
+"""Old user code from SPEC §2 runs unchanged."""
+
+import math
+
+import torch
+
+
+def test_upstream_script_runs_unchanged():
+    from open_mythos import (  # noqa: F401
+        MythosConfig,
+        MythosTokenizer,
+        OpenMythos,
+        mythos_1b,
+        mythos_1t,
+        mythos_3b,
+        mythos_10b,
+        mythos_50b,
+        mythos_100b,
+        mythos_500b,
+    )
+    from open_mythos.main import ACTHalting, MoEFFN
+    from open_mythos.main import MythosConfig as MainConfig
+    from open_mythos.main import OpenMythos as MainModel
+
+    assert MainConfig is MythosConfig and MainModel is OpenMythos
+    cfg = MythosConfig(vocab_size=1000, dim=256, n_heads=8, n_kv_heads=2, max_seq_len=128,
+                       max_loop_iters=4, prelude_layers=1, coda_layers=1, attn_type="gqa",
+                       kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=16,
+                       qk_nope_head_dim=16, v_head_dim=32, n_experts=8, n_shared_experts=1,
+                       n_experts_per_tok=2, expert_dim=64, act_threshold=0.99,
+                       rope_theta=500000.0, lora_rank=8, max_output_tokens=4096, dropout=0.0)
+    model = OpenMythos(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    logits = model(ids, n_loops=4)
+    assert logits.shape == (2, 16, 1000)
+
+    cache = {}
+    model(ids, n_loops=4, kv_cache=cache)
+    step = model(ids[:, :1], n_loops=4, kv_cache=cache, start_pos=16)
+    assert step.shape == (2, 1, 1000)
+
+    out = model.generate(ids, max_new_tokens=8, n_loops=8, temperature=1.0, top_k=50)
+    assert out.shape == (2, 24)
+
+    A = model.recurrent.injection.get_A()
+    assert A.shape == (256,) and (A > 0).all() and (A <= 1).all()
+    h = torch.randn(2, 16, 256)
+    p = model.recurrent.act(h)
+    assert p.shape == (2, 16) and ((p > 0) & (p < 1)).all()
+    ffn = model.recurrent.block.ffn
+    assert isinstance(ffn, MoEFFN) and isinstance(model.recurrent.act, ACTHalting)
+    assert isinstance(ffn.router, torch.nn.Linear) and ffn.router.out_features == ffn.n_experts
+    assert ffn.router_bias.shape == (8,) and ffn.topk == 2
+    assert model.recurrent.last_ponder_cost.shape == (2, 1)  # after the latest forward
+    for mod in model.modules():
+        if isinstance(mod, MoEFFN):
+            assert mod.last_aux_loss.ndim == 0 and mod.last_expert_load.shape == (8,)
+            mod.update_router_bias()
+
+
+def test_instrumentation_by_replacing_forward():
+    """Tutorials swap ``act.forward`` to force halting; the block must call it every loop."""
+    from open_mythos.main import MythosConfig, OpenMythos
+
+    cfg = MythosConfig(vocab_size=50, dim=64, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                       max_loop_iters=4, prelude_layers=1, coda_layers=1, attn_type="mla",
+                       kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                       v_head_dim=8, n_experts=4, n_shared_experts=1, n_experts_per_tok=2,
+                       expert_dim=16, lora_rank=4, act_threshold=math.inf)
+    model = OpenMythos(cfg).eval()
+    calls = []
+    act = model.recurrent.act
+
+    def always_halt(h):
+        calls.append(h.shape)
+        return torch.ones(h.shape[:2])
+
+    act.forward = always_halt
+    model.cfg.act_threshold = 0.5
+    model(torch.randint(0, 50, (1, 6)), n_loops=8)
+    assert calls == [torch.Size([1, 6, 64])] and model.recurrent.last_loops_run == 1
+    model(torch.randint(0, 50, (1, 6)), n_loops=8, act_early_exit=False)
+    assert len(calls) == 9

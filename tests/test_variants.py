@@ -1,0 +1,118 @@
+import itertools
+import re
+
+import pytest
+import torch
+
+from open_mythos import MythosConfig, OpenMythos
+from open_mythos.variants import (
+    NOMINAL_SIZES,
+    VARIANTS,
+    ParamCount,
+    count_parameters,
+    format_count,
+    get_variant,
+    mythos_1b,
+)
+
+
+def _mla_attention(c: MythosConfig) -> int:
+    H, nope, rope, v = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    q = c.dim * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * (nope + rope)
+    kv = c.dim * (c.kv_lora_rank + rope) + c.kv_lora_rank + c.kv_lora_rank * H * (nope + v)
+    return q + kv + H * v * c.dim
+
+
+def _gqa_attention(c: MythosConfig) -> int:
+    hd = c.dim // c.n_heads
+    return 2 * c.dim * c.n_heads * hd + 2 * c.dim * c.n_kv_heads * hd
+
+
+def _routed_expert(c: MythosConfig) -> int:
+    return 3 * c.dim * c.expert_dim
+
+
+def analytic_params(c: MythosConfig) -> int:
+    """Independent count from the architecture: tied embedding, norms, attention, FFNs,
+    MoE and the recurrence's own parameters."""
+    attn = _mla_attention(c) if str(c.attn_type) == "mla" else _gqa_attention(c)
+    ffn_dim = c.dense_ffn_dim or 4 * c.dim // 3
+    dense_block = 2 * c.dim + attn + 3 * c.dim * ffn_dim
+    moe = (c.dim * c.n_experts  # router
+           + c.n_experts * _routed_expert(c)
+           + 3 * c.dim * c.n_shared_experts * c.n_experts_per_tok * c.expert_dim)
+    injection = c.dim + 1 + c.dim  # log_A, log_dt, B
+    halt = c.dim + 1
+    lora = 2 * c.lora_rank * c.dim + c.max_loop_iters * c.lora_rank
+    recurrent = 2 * c.dim + attn + moe + injection + halt + lora + c.dim  # + loop input norm
+    return (c.vocab_size * c.dim + (c.prelude_layers + c.coda_layers) * dense_block
+            + recurrent + c.dim)
+
+
+def small_gqa() -> MythosConfig:
+    return MythosConfig(
+        vocab_size=101, dim=48, n_heads=4, n_kv_heads=2, max_seq_len=32, max_loop_iters=3,
+        prelude_layers=1, coda_layers=2, attn_type="gqa", n_experts=6, n_shared_experts=1,
+        n_experts_per_tok=2, expert_dim=20, lora_rank=5,
+    )
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_size_near_nominal(name):
+    count = count_parameters(VARIANTS[name]())
+    assert abs(count.total / NOMINAL_SIZES[name] - 1) <= 0.15
+    assert 0 < count.active < count.total
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_docstring_states_exact_counts(name):
+    fn = VARIANTS[name]
+    m = re.search(r"Exact: ([\d,]+) total, ([\d,]+) active", fn.__doc__)
+    assert m, f"{name} docstring lacks the exact counts"
+    stated = ParamCount(*(int(g.replace(",", "")) for g in m.groups()))
+    assert count_parameters(fn()) == stated
+
+
+@pytest.mark.parametrize("cfg_fn", [small_gqa, mythos_1b, VARIANTS["mythos_1t"]])
+def test_count_matches_analytic_formula(cfg_fn):
+    cfg = cfg_fn()
+    count = count_parameters(cfg)
+    assert count.total == analytic_params(cfg)
+    unused = (cfg.n_experts - cfg.n_experts_per_tok) * _routed_expert(cfg)
+    assert count.active == count.total - unused
+
+
+def test_edge_cases_without_lora_and_shared_experts():
+    cfg = small_gqa().replace(lora_rank=0, n_shared_experts=0, n_experts_per_tok=6)
+    count = count_parameters(cfg)
+    assert count.total == analytic_params(cfg)
+    assert count.active == count.total  # every expert chosen
+
+
+def test_count_of_real_model_matches_config():
+    torch.manual_seed(0)
+    cfg = small_gqa()
+    model = OpenMythos(cfg)
+    assert model.head.weight is model.embed.weight  # tied: counted once
+    assert count_parameters(model) == count_parameters(cfg)
+
+
+def test_variant_configs_follow_the_scaling_recipe():
+    cfgs = [fn() for fn in VARIANTS.values()]
+    assert all(str(c.attn_type) == "mla" for c in cfgs)
+    for small, big in itertools.pairwise(cfgs):
+        assert big.dim >= small.dim and big.lora_rank >= small.lora_rank
+        assert big.n_shared_experts >= small.n_shared_experts
+        assert big.n_experts_per_tok >= small.n_experts_per_tok
+    for c in (VARIANTS[n]() for n in ("mythos_100b", "mythos_500b", "mythos_1t")):
+        assert c.max_output_tokens == 131072 and c.rope_theta >= 1e6
+
+
+def test_get_variant_and_format_count():
+    assert get_variant("1B") == mythos_1b() == get_variant("mythos_1b")
+    with pytest.raises(ValueError, match="mythos_1t"):
+        get_variant("7b")
+    assert format_count(1_030_000_000) == "1.03B"
+    assert format_count(2_500_000) == "2.50M"
+    assert format_count(1.2e12) == "1.20T"
+    assert format_count(512) == "512"
