@@ -184,7 +184,7 @@ class MythosConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MythosConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MythosConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -192,7 +192,7 @@ class MythosConfig:
             raise ValueError(f"unknown MythosConfig field(s): {', '.join(unknown)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "MythosConfig":
+    def replace(self, **changes: Any) -> MythosConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -169,7 +169,7 @@ class KVCache:
         return total
 
 
-def as_cache_store(kv_cache: "dict | CacheStore | None") -> CacheStore | None:
+def as_cache_store(kv_cache: dict | CacheStore | None) -> CacheStore | None:
     """Accept the upstream plain ``dict`` or any :class:`CacheStore`."""
     if kv_cache is None or isinstance(kv_cache, (KVCache, DictCache)):
         return kv_cache

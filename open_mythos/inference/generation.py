@@ -28,7 +28,7 @@ def _stop_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) ->
 
 
 def stream(
-    model: "OpenMythos",
+    model: OpenMythos,
     input_ids: torch.Tensor,
     max_new_tokens: int = 64,
     n_loops: int = 8,
@@ -113,7 +113,7 @@ def stream(
         model.train(was_training)
 
 
-def generate(model: "OpenMythos", input_ids: torch.Tensor, max_new_tokens: int = 64,
+def generate(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int = 64,
              n_loops: int = 8, **kwargs) -> torch.Tensor:
     """Prompts followed by their generated tokens, (B, T + new) long.
 
