@@ -7,6 +7,7 @@ halted keeps, at deeper loop depths, the keys and values of the last depth it co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ class AttnContext:
         mask: boolean (B or 1, 1, T, S) mask, True where a query may attend, or None.
         is_causal: with ``mask`` None, whether to apply SDPA's causal mask (T == S).
         cache: cache store, or None.
+        rows: when set, the layer input holds only these batch rows (sequences still
+            looping after ACT early exit); caches and carries keep the whole batch.
     """
 
     cos: torch.Tensor
@@ -38,6 +41,23 @@ class AttnContext:
     mask: torch.Tensor | None = None
     is_causal: bool = True
     cache: CacheStore | None = None
+    rows: torch.Tensor | None = None
+
+    def select_rows(self, rows: torch.Tensor | None) -> AttnContext:
+        """The context for a sub-batch ``rows`` (a 1-D index into the full batch)."""
+        if rows is None:
+            return dataclasses.replace(self, rows=None)
+        per_row = self.cos.dim() == 3
+        mask = self.mask
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask.index_select(0, rows)
+        return dataclasses.replace(
+            self,
+            cos=self.cos.index_select(0, rows) if per_row else self.cos,
+            sin=self.sin.index_select(0, rows) if per_row else self.sin,
+            mask=mask,
+            rows=rows,
+        )
 
 
 class DepthCarry:
@@ -51,9 +71,21 @@ class DepthCarry:
         self.fresh: torch.Tensor | None = None
         self.prev: Entries | None = None
 
-    def merge(self, new: Entries) -> Entries:
-        if self.prev is not None and self.fresh is not None:
-            new = {n: torch.where(_seq_mask(self.fresh, t), t, self.prev[n]) for n, t in new.items()}
+    def merge(self, new: Entries, rows: torch.Tensor | None = None) -> Entries:
+        """Combine this depth's ``new`` entries with the previous depth's; full batch out.
+
+        ``new`` covers the batch rows ``rows`` only (all rows when None).
+        """
+        if self.prev is None or self.fresh is None:
+            if rows is not None:
+                raise ValueError("a row subset needs the previous depth's entries")
+            self.prev = new
+            return new
+        fresh = self.fresh if rows is None else self.fresh.index_select(0, rows)
+        prev = self.prev if rows is None else {n: t.index_select(0, rows) for n, t in self.prev.items()}
+        new = {n: torch.where(_seq_mask(fresh, t), t, prev[n]) for n, t in new.items()}
+        if rows is not None:
+            new = {n: self.prev[n].index_copy(0, rows, t) for n, t in new.items()}
         self.prev = new
         return new
 
@@ -67,10 +99,15 @@ def _seq_mask(fresh: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _remember(
     new: Entries, ctx: AttnContext, cache_key: str, carry: DepthCarry | None
 ) -> Entries:
+    """Merge with the depth carry, write the cache; return the entries to attend over."""
     if carry is not None:
-        new = carry.merge(new)
+        new = carry.merge(new, ctx.rows)
+    elif ctx.rows is not None:
+        raise ValueError("a row subset is only supported inside the recurrent block")
     if ctx.cache is not None:
         new = ctx.cache.write(cache_key, ctx.start_pos, new)
+    if ctx.rows is not None:
+        new = {n: t.index_select(0, ctx.rows) for n, t in new.items()}
     return new
 
 

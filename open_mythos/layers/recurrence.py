@@ -115,6 +115,15 @@ class ACTHalting(nn.Module):
         return torch.sigmoid(self.halt(h).float()).squeeze(-1)
 
 
+def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x.index_select(0, rows)
+
+
+def _put(full: torch.Tensor, rows: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``full`` with batch rows ``rows`` replaced by ``part`` (``part`` itself if rows is None)."""
+    return part if rows is None else full.index_copy(0, rows, part.to(full.dtype))
+
+
 def _all_ranks_any(flag: torch.Tensor) -> bool:
     """``flag.any()`` agreed across ranks, so every rank runs the same number of loops."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -150,6 +159,8 @@ class RecurrentBlock(nn.Module):
             (``sum_t (t + 1) * w_t``), differentiable, for a ponder penalty.
         last_act_weights: (loops_run, B, T) detached halting weights.
         last_loops_run: loops actually executed (fewer than requested after an early exit).
+        last_work_fraction: sequence-loops computed / sequence-loops requested; below 1 when
+            ACT early exit stopped some sequences (or all) before ``n_loops``.
         last_aux_loss: mean MoE balance loss over the loops.
         last_expert_load: (loops_run, n_experts) expert load per loop depth.
 
@@ -172,6 +183,7 @@ class RecurrentBlock(nn.Module):
         self.last_ponder_cost: torch.Tensor | None = None
         self.last_act_weights: torch.Tensor | None = None
         self.last_loops_run: int = 0
+        self.last_work_fraction: float = 1.0
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
         self.gradient_checkpointing = False
@@ -233,8 +245,9 @@ class RecurrentBlock(nn.Module):
             e: encoded input re-injected every loop (B, T, dim).
             ctx: attention context (RoPE, mask, cache).
             n_loops: loops to run (>= 1); may exceed ``cfg.max_loop_iters``.
-            early_exit: stop looping once every position has halted (inference). The
-                decision is agreed across ranks under ``torch.distributed``.
+            early_exit: inference only: a sequence whose positions have all halted stops
+                computing, and the loop ends once every sequence has halted. The decision to
+                end is agreed across ranks under ``torch.distributed``.
             backprop_loops: differentiate only the last ``backprop_loops`` loops
                 (``None``: all).
 
@@ -254,31 +267,44 @@ class RecurrentBlock(nn.Module):
 
         grad_enabled = torch.is_grad_enabled()
         first_tracked = 0 if backprop_loops is None else n_loops - backprop_loops
+        rows: torch.Tensor | None = None  # batch rows still looping (None: all)
+        sub_ctx = ctx
+        work = 0
         t = 0
         for t in range(n_loops):
             if ctx.cache is not None and t > 0:
                 ctx.cache.fill_missing(self.cache_key(t), self.cache_key(t - 1), ctx.start_pos)
             with torch.set_grad_enabled(grad_enabled and t >= first_tracked):
-                h_new = self._step(h, e, t, ctx, carry)
+                h_in, e_in = _take(h, rows), _take(e, rows)
+                h_new = self._step(h_in, e_in, t, sub_ctx, carry)
+                work += h_new.shape[0]
                 aux.append(self.block.ffn.last_aux_loss)
                 loads.append(self.block.ffn.last_expert_load)
                 if not use_act:
                     h = h_new
                     continue
-                p = self.act(h_new)  # (B, T) float32
-                step = p * (1.0 - mass)
-                halt_now = (mass + step >= threshold) | (t == n_loops - 1)
-                w = torch.where(halt_now, 1.0 - mass, step) * running
-                h_out = h_out + w.unsqueeze(-1) * h_new.float()
-                mass = mass + w
-                ponder = ponder + (t + 1) * w
-                weights.append(w.detach())
-                h = torch.where(running.unsqueeze(-1), h_new, h)
-                running = running & ~halt_now
+                mass_in, run_in = _take(mass, rows), _take(running, rows)
+                p = self.act(h_new)  # (b, T) float32
+                step = p * (1.0 - mass_in)
+                halt_now = (mass_in + step >= threshold) | (t == n_loops - 1)
+                w = torch.where(halt_now, 1.0 - mass_in, step) * run_in
+                h_out = _put(h_out, rows, _take(h_out, rows) + w.unsqueeze(-1) * h_new.float())
+                mass = _put(mass, rows, mass_in + w)
+                ponder = _put(ponder, rows, _take(ponder, rows) + (t + 1) * w)
+                weights.append(_put(torch.zeros_like(mass), rows, w.detach()))
+                h = _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
+                running = _put(running, rows, run_in & ~halt_now)
                 carry.fresh = running
-            if early_exit and not _all_ranks_any(running):
-                break
+            if early_exit:
+                alive = running.any(dim=1)  # (B,)
+                if not _all_ranks_any(alive):
+                    break
+                # Sequences that have fully halted stop computing.
+                if not bool(alive.all()):
+                    rows = alive.nonzero().squeeze(1)
+                    sub_ctx = ctx.select_rows(rows)
 
+        self.last_work_fraction = work / (B * n_loops)
         self.last_loops_run = t + 1
         self.last_aux_loss = torch.stack(aux).mean()
         self.last_expert_load = torch.stack(loads)
