@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS := dev,hf,plot,tensorboard,serve
+EXTRAS := dev,hf,plot,tensorboard,serve,eval
 
 .PHONY: demo test bench install clean
 

@@ -1,6 +1,7 @@
 """OpenMythos: a Recurrent-Depth Transformer (looped language model) in PyTorch."""
 
 from .config import AttnType, MythosConfig
+from .integrations.autoregister import install as _install_hf_registration
 from .model import OpenMythos
 from .tokenizers import ByteTokenizer, MythosTokenizer, load_tokenizer
 from .variants import (
@@ -21,3 +22,5 @@ __all__ = [
     "ParamCount", "count_parameters", "load_tokenizer", "mythos_1b", "mythos_1t", "mythos_3b",
     "mythos_10b", "mythos_50b", "mythos_100b", "mythos_500b",
 ]
+
+_install_hf_registration()  # AutoModelForCausalLM knows "openmythos" once transformers loads

@@ -7,7 +7,8 @@ import torch
 
 from open_mythos import MythosConfig, OpenMythos
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from a second thread, and OpenMP spin-waits hurt on a busy machine.
+torch.set_num_threads(1)
 
 
 def tiny_config(attn_type: str = "gqa", **overrides) -> MythosConfig:

@@ -21,19 +21,26 @@ from .norm import RMSNorm
 
 
 def loop_index_embedding(
-    h: torch.Tensor, loop_t: int, loop_dim: int, theta: float = 10000.0
+    h: torch.Tensor,
+    loop_t: int,
+    loop_dim: int,
+    theta: float = 10000.0,
+    scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Add a sinusoidal signal of the loop index to the first ``loop_dim`` channels of ``h``.
 
     The angles are computed in float32 (exact for any loop count) and the sum is cast back
-    to ``h.dtype``. Shape of ``h``: (..., dim) -> same.
+    to ``h.dtype``. ``scale`` multiplies the signal: a float, or a tensor broadcastable to
+    ``h`` such as the per-position RMS of ``h`` (what :class:`RecurrentBlock` uses, so that
+    the signal neither swamps a small residual stream nor vanishes in a large one).
+    Shape of ``h``: (..., dim) -> same.
     """
     half = (loop_dim + 1) // 2
     freqs = theta ** (-torch.arange(half, device=h.device, dtype=torch.float32) * 2 / loop_dim)
     angles = loop_t * freqs
     emb = torch.cat((angles.sin(), angles.cos()))[:loop_dim]  # (loop_dim,)
     emb = F.pad(emb, (0, h.shape[-1] - loop_dim))
-    return (h.float() + emb).to(h.dtype)
+    return (h.float() + emb * scale).to(h.dtype)
 
 
 class LoRAAdapter(nn.Module):
@@ -138,7 +145,7 @@ class RecurrentBlock(nn.Module):
 
     Each loop ``t``::
 
-        x    = RMSNorm(loop_index_embedding(h, t) + e)
+        x    = RMSNorm(loop_index_embedding(h, t, scale=rms(h)) + e)
         out  = block(x);  out = out + lora(out, t)
         h'   = A * h + B * e + out
         p    = act(h')                                    # halting probability (B, T)
@@ -196,7 +203,11 @@ class RecurrentBlock(nn.Module):
         self, h: torch.Tensor, e: torch.Tensor, t: int, ctx: AttnContext, carry: DepthCarry
     ) -> torch.Tensor:
         """One loop without halting: the next state h' (B, T, dim)."""
-        x = self.norm(loop_index_embedding(h, t, self.loop_dim) + e)
+        # NOTE: an unscaled sinusoid (upstream) dwarfs a freshly initialised residual stream
+        # (embeddings ~0.02), so after the norm every token looks alike and the router sends
+        # all of them to the same experts. Scaling by the state's RMS keeps it proportionate.
+        rms = h.float().pow(2).mean(-1, keepdim=True).sqrt()
+        x = self.norm(loop_index_embedding(h, t, self.loop_dim, scale=rms) + e)
         out = self.block(x, ctx, self.cache_key(t), carry)
         if self.lora is not None:
             out = out + self.lora(out, t)

@@ -85,8 +85,9 @@ def test_early_exit_skips_loops_with_identical_output(attn_type):
     ids = torch.randint(0, 97, (2, 6))
     full = model(ids, n_loops=30, act_early_exit=False)
     fast = model(ids, n_loops=30, act_early_exit=True)
-    assert model.recurrent.last_loops_run < 30
-    torch.testing.assert_close(fast, full, rtol=0, atol=0)
+    assert model.recurrent.last_loops_run < 30 and model.recurrent.last_work_fraction < 0.9
+    # Sub-batches change matmul blocking only: equal up to float rounding.
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
 
 
 def test_depth_matters_at_initialisation(attn_type):

@@ -1,0 +1,75 @@
+"""Timing helpers shared by the benchmark scripts: a median-of-N timer, a matmul-peak probe
+and a plain-text table printer.
+
+Timings on shared CPU machines drift by tens of percent between runs, so every script
+measures its baselines in the same run and prints ratios against them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued device work (CUDA only; CPU work is synchronous)."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
+                device: torch.device | str | None = None) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5,
+                device: torch.device | str = "cpu") -> float:
+    """Achieved FLOP/s of one large square matmul ``(n, n) @ (n, n)`` in ``dtype``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = median_time(lambda: a @ b, repeats=repeats, warmup=1, device=device)
+    return 2 * n**3 / seconds
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as counted by :class:`torch.utils.flop_counter.FlopCounterMode`
+    (matmuls, convolutions and attention; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print ``rows`` under ``headers`` as an aligned plain-text table."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    print("  ".join(c.ljust(w) for c, w in zip(cells[0], widths)))
+    print(line)
+    for r in cells[1:]:
+        print("  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _numeric(cell: str) -> bool:
+    return cell.replace(".", "", 1).replace(",", "").replace("x", "").replace("%", "").lstrip("-").isdigit()

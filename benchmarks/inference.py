@@ -1,0 +1,214 @@
+"""Inference benchmark: prefill and decode throughput, KV bytes per token, ACT early exit.
+
+    python benchmarks/inference.py            # full table (a few minutes on 2 cores)
+    python benchmarks/inference.py --quick    # prompt lengths 64 and 512 only
+
+Every row is measured against a naive baseline in the same run, using the same weights:
+the upstream-style plain-dict cache that grows by ``torch.cat``, MLA without absorption
+(the latent cache re-expanded through ``kv_up`` at every step) and no ACT early exit.
+The "ACT-trained" rows first train the small GQA model for a few hundred steps with a ponder
+penalty, so that its halting head really halts, then decode with up to ``--loops`` loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_time, print_table  # noqa: E402
+
+from open_mythos import MythosConfig, OpenMythos  # noqa: E402
+from open_mythos.inference import KVCache, generate  # noqa: E402
+from open_mythos.layers import MLAttention  # noqa: E402
+from open_mythos.tasks import get_task, make_batch  # noqa: E402
+
+
+def small_config(attn_type: str, **overrides) -> MythosConfig:
+    """The small configs of SPEC §5 (reference: MLA 4608 B/token, GQA 3072, fp32, 4 loops)."""
+    base = dict(vocab_size=1000, dim=256, n_heads=8, n_kv_heads=2, max_seq_len=2048 + 64,
+                max_loop_iters=4, prelude_layers=1, coda_layers=1, attn_type=attn_type,
+                kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                v_head_dim=32, n_experts=8, n_shared_experts=1, n_experts_per_tok=2,
+                expert_dim=64, lora_rank=8)
+    base.update(overrides)
+    return MythosConfig(**base)
+
+
+def reference_kv_bytes_per_token(cfg: MythosConfig, n_loops: int) -> int:
+    """Bytes per token of the reference's fp32 cache: MLA kept the RoPE key once per head."""
+    layers = cfg.prelude_layers + n_loops + cfg.coda_layers
+    if cfg.attn_type == "mla":
+        per_layer = cfg.kv_lora_rank + cfg.n_heads * cfg.qk_rope_head_dim
+    else:
+        per_layer = 2 * cfg.n_kv_heads * cfg.head_dim
+    return 4 * per_layer * layers
+
+
+def set_absorb(model: OpenMythos, value: bool | None) -> None:
+    for m in model.modules():
+        if isinstance(m, MLAttention):
+            m.absorb = value
+
+
+@torch.no_grad()
+def naive_decode(model: OpenMythos, ids: torch.Tensor, new: int, n_loops: int) -> torch.Tensor:
+    """Upstream-style greedy decode: dict cache grown by cat, no absorption, no early exit."""
+    set_absorb(model, False)
+    try:
+        cache: dict = {}
+        logits = model(ids, n_loops, cache, 0, act_early_exit=False)[:, -1]
+        out = []
+        for step in range(new):
+            tok = logits.argmax(-1, keepdim=True)
+            out.append(tok)
+            if step < new - 1:
+                logits = model(tok, n_loops, cache, ids.shape[1] + step, act_early_exit=False)[:, -1]
+        return torch.cat(out, 1)
+    finally:
+        set_absorb(model, None)
+
+
+def prefill_time(model: OpenMythos, ids: torch.Tensor, n_loops: int, naive: bool) -> float:
+    def run():
+        with torch.no_grad():
+            if naive:
+                set_absorb(model, False)
+                model(ids, n_loops, {}, 0, act_early_exit=False)
+                set_absorb(model, None)
+            else:
+                model(ids, n_loops, KVCache(ids.shape[1]), 0)
+    return median_time(run, repeats=3, warmup=1)
+
+
+def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: int, label: str,
+                repeats: int) -> list[list[object]]:
+    rows = []
+    cfg = model.cfg
+    for plen in prompt_lens:
+        ids = torch.randint(0, cfg.vocab_size - 3, (1, plen), generator=torch.Generator().manual_seed(plen))
+        fast = median_time(lambda: generate(model, ids, new, n_loops, do_sample=False),
+                           repeats=repeats, warmup=1)
+        slow = median_time(lambda: naive_decode(model, ids, new, n_loops), repeats=repeats, warmup=1)
+        pf_fast = prefill_time(model, ids, n_loops, naive=False)
+        pf_slow = prefill_time(model, ids, n_loops, naive=True)
+        # Decode time = generate time minus its prefill.
+        dec_fast, dec_slow = max(fast - pf_fast, 1e-9), max(slow - pf_slow, 1e-9)
+        same = torch.equal(generate(model, ids, 8, n_loops, do_sample=False)[:, plen:],
+                           naive_decode(model, ids, 8, n_loops))
+        rows.append([label, plen, f"{plen / pf_fast:,.0f}", f"{plen / pf_slow:,.0f}",
+                     f"{new / dec_fast:.1f}", f"{new / dec_slow:.1f}",
+                     f"{dec_slow / dec_fast:.2f}x", "yes" if same else "NO"])
+    return rows
+
+
+def kv_rows(n_loops: int) -> list[list[object]]:
+    rows = []
+    for attn in ("gqa", "mla"):
+        cfg = small_config(attn)
+        model = OpenMythos(cfg).eval()
+        ids = torch.randint(0, 1000, (1, 32))
+        sizes = {}
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            cache = KVCache(32, dtype=dtype)
+            with torch.no_grad():
+                model(ids, n_loops, cache, 0)
+            sizes[name] = cache.nbytes() // 32
+        ref = reference_kv_bytes_per_token(cfg, n_loops)
+        rows.append([attn, ref, sizes["fp32"], sizes["bf16"], f"{ref / sizes['fp32']:.2f}x",
+                     f"{ref / sizes['bf16']:.2f}x"])
+    return rows
+
+
+def train_halting(model: OpenMythos, steps: int, ponder_weight: float, seed: int = 0) -> list[float]:
+    """Short parity training with a ponder penalty: the halting head learns to halt early."""
+    task = get_task("parity")
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = make_batch(task, rng, "train", 16)
+        logits = model(batch["input_ids"], n_loops=4)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
+        loss = ce + ponder_weight * model.recurrent.last_ponder_cost.mean() + 0.01 * model.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_router_bias()
+        losses.append(ce.item())
+    return losses
+
+
+def act_rows(n_loops: int, steps: int, repeats: int) -> tuple[list[list[object]], str]:
+    torch.manual_seed(0)
+    model = OpenMythos(small_config("gqa", vocab_size=259, max_loop_iters=4))
+    losses = train_halting(model, steps, ponder_weight=0.02)
+    model.eval()
+    task = get_task("parity")
+    rng = random.Random(1)
+    prompts = [task.generate(rng, "id").prompt for _ in range(4)]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[257] + [ord(c) for c in p.rjust(width, "0")] for p in prompts])
+    new = 32
+    runs = {}
+    for early in (False, True):
+        t = median_time(lambda: generate(model, ids, new, n_loops, do_sample=False, act_early_exit=early),
+                        repeats=repeats, warmup=1)
+        out = generate(model, ids, new, n_loops, do_sample=False, act_early_exit=early)
+        runs[early] = (t, out, model.recurrent.last_work_fraction, model.recurrent.last_loops_run)
+    t_naive = median_time(lambda: naive_decode(model, ids, new, n_loops), repeats=repeats, warmup=1)
+    with torch.no_grad():
+        model(ids, n_loops, act_early_exit=False)
+    ponder = model.recurrent.last_ponder_cost.mean().item()
+    rows = [
+        ["naive (cat cache, no early exit)", f"{t_naive:.3f}", "1.00x", f"{n_loops}/{n_loops}", "-"],
+        ["ours, early exit off", f"{runs[False][0]:.3f}", f"{t_naive / runs[False][0]:.2f}x",
+         f"{n_loops}/{n_loops}", "-"],
+        ["ours, early exit on", f"{runs[True][0]:.3f}", f"{t_naive / runs[True][0]:.2f}x",
+         f"{runs[True][3]}/{n_loops} (work {runs[True][2]:.0%})",
+         "yes" if torch.equal(runs[True][1], runs[False][1]) else "NO"],
+    ]
+    note = (f"trained {steps} steps (CE {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.2f}), "
+            f"mean ACT ponder cost at n_loops={n_loops}: {ponder:.2f} loops")
+    return rows, note
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="prompt lengths 64 and 512 only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loops", type=int, default=8, help="loops allowed in the ACT rows")
+    parser.add_argument("--train-steps", type=int, default=300)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    prompt_lens = [64, 512] if args.quick else [64, 512, 2048]
+    repeats = 3
+
+    print(f"# OpenMythos inference benchmark (torch {torch.__version__}, {args.threads} threads, fp32)\n")
+    print("## KV cache bytes per token (small configs, 4 loops: 1 prelude + 4 loops + 1 coda layers)\n")
+    print_table(["attn", "reference fp32", "ours fp32", "ours bf16", "ratio fp32", "ratio bf16"],
+                kv_rows(4))
+
+    headers = ["model", "prompt", "prefill tok/s", "naive prefill tok/s", "decode tok/s",
+               "naive decode tok/s", "decode speed-up", "same tokens"]
+    for attn in ("gqa", "mla"):
+        torch.manual_seed(0)
+        model = OpenMythos(small_config(attn)).eval()
+        print(f"\n## Greedy decode of 32 tokens, small {attn.upper()} (untrained, 4 loops)\n")
+        print_table(headers, decode_rows(model, prompt_lens, 32, 4, attn, repeats))
+
+    rows, note = act_rows(args.loops, args.train_steps, repeats)
+    print(f"\n## ACT early exit on an ACT-trained small GQA model: 4 prompts, 32 new tokens, "
+          f"up to {args.loops} loops\n")
+    print(note + "\n")
+    print_table(["decode path", "seconds", "speed-up vs naive", "loops run", "same tokens"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""A plain (non-looped) transformer matched in per-token compute to a looped model.
+
+Depth-extrapolation experiments ask whether a looped model trained with ``T`` loops beats a
+transformer of the same per-token compute that does not share weights across depth. The
+baseline is built from the same layers (:class:`~open_mythos.layers.TransformerBlock`,
+RMSNorm, RoPE, GQA or MLA attention, tied head)::
+
+    ids -> embed -> prelude_layers dense blocks      (exactly the looped model's)
+        -> core_layers = T dense blocks             (one per looped iteration, unshared)
+        -> coda_layers dense blocks -> RMSNorm -> head (tied to embed) -> logits
+
+FLOPs-matching rule. Each core block stands for one loop of the recurrent block. Both
+run the same attention, so the core block's dense SwiGLU width ``core_ffn_dim`` is chosen
+so that its FFN FLOPs, ``6 * dim * core_ffn_dim`` (three ``dim x width`` matmuls, 2 FLOPs
+per multiply-add), equal everything else one loop computes per token: the ``top-k``
+routed experts and the shared experts a token actually visits, the router, the depth-wise
+LoRA and the ACT halting head (:func:`loop_extra_flops`). Rounding to the nearest integer
+leaves a difference below ``3 * dim`` FLOPs per core layer, so
+``flops_per_token(baseline_cfg) == flops_per_token(cfg, n_loops=T)`` up to that rounding.
+Elementwise work (norms, RoPE, the LTI update, the loop-index signal) is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AttnType, MythosConfig
+from .inference.cache import KVCache, as_cache_store
+from .layers.block import TransformerBlock
+from .layers.norm import RMSNorm
+from .model import OpenMythos
+
+
+def swiglu_flops(dim: int, hidden: int) -> int:
+    """Matmul FLOPs per token of a SwiGLU ``down(silu(gate(x)) * up(x))``."""
+    return 6 * dim * hidden
+
+
+def attention_flops(cfg: MythosConfig, context_len: int = 0) -> int:
+    """Matmul FLOPs per token of one attention layer.
+
+    Projections, plus ``context_len`` keys of scores and value mixing (0 leaves the
+    context-dependent part out, which is what ``torch.utils.flop_counter`` measures on CPU).
+    MLA is counted in its plain order (latent expanded through ``kv_up`` once per token).
+    """
+    d, h = cfg.dim, cfg.n_heads
+    if AttnType(cfg.attn_type) is AttnType.GQA:
+        hd, hkv = cfg.head_dim, cfg.n_kv_heads
+        proj = 2 * d * (2 * h * hd + 2 * hkv * hd)
+        qk_dim, v_dim = hd, hd
+    else:
+        r, rope, nope, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+        proj = 2 * (d * cfg.q_lora_rank + cfg.q_lora_rank * h * (nope + rope)
+                    + d * (r + rope) + r * h * (nope + v) + h * v * d)
+        qk_dim, v_dim = nope + rope, v
+    return proj + 2 * context_len * h * (qk_dim + v_dim)
+
+
+def loop_extra_flops(cfg: MythosConfig) -> int:
+    """Per-token matmul FLOPs of one recurrent loop besides attention.
+
+    Routed experts (``n_experts_per_tok`` of width ``expert_dim``), shared experts (one
+    SwiGLU ``n_shared_experts * expert_dim * n_experts_per_tok`` wide), router
+    (``dim x n_experts``), depth-wise LoRA (``dim x rank`` twice) and the ACT halting head.
+    """
+    d, k = cfg.dim, cfg.n_experts_per_tok
+    experts = swiglu_flops(d, cfg.expert_dim * k * (1 + cfg.n_shared_experts))
+    router = 2 * d * cfg.n_experts
+    lora = 4 * d * cfg.lora_rank
+    act = 2 * d if cfg.use_act else 0
+    return experts + router + lora + act
+
+
+def matched_ffn_dim(cfg: MythosConfig) -> int:
+    """Dense SwiGLU width whose FLOPs equal :func:`loop_extra_flops` (rounded, >= 1)."""
+    return max(1, round(loop_extra_flops(cfg) / swiglu_flops(cfg.dim, 1)))
+
+
+@dataclass
+class BaselineConfig(MythosConfig):
+    """A :class:`MythosConfig` plus the depth and width of the unrolled core.
+
+    Every inherited field keeps its meaning for the embedding, attention, Prelude and Coda;
+    the MoE and recurrence fields describe the looped model this baseline is matched to.
+
+    Added fields:
+        core_layers: dense blocks between Prelude and Coda, one per loop of the looped
+            model's training depth; ``None`` means ``max_loop_iters``.
+        core_ffn_dim: SwiGLU width of those blocks; ``None`` means :func:`matched_ffn_dim`.
+    """
+
+    core_layers: int | None = None
+    core_ffn_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.core_layers is None:
+            self.core_layers = self.max_loop_iters
+        if self.core_ffn_dim is None:
+            self.core_ffn_dim = matched_ffn_dim(self)
+        for name in ("core_layers", "core_ffn_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"BaselineConfig.{name}={value!r} is invalid: must be a positive integer or None"
+                )
+
+    @property
+    def n_layers(self) -> int:
+        """Total transformer blocks: prelude + core + coda."""
+        return self.prelude_layers + self.core_layers + self.coda_layers
+
+
+def matched_baseline_config(cfg: MythosConfig, train_loops: int) -> BaselineConfig:
+    """The baseline of ``cfg`` trained at ``train_loops`` loops: same fields, ``train_loops``
+    core blocks of width :func:`matched_ffn_dim`."""
+    if not isinstance(train_loops, int) or isinstance(train_loops, bool) or train_loops < 1:
+        raise ValueError(f"train_loops must be a positive integer, got {train_loops!r}")
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("core_layers", "core_ffn_dim")}
+    return BaselineConfig(**fields, core_layers=train_loops, core_ffn_dim=matched_ffn_dim(cfg))
+
+
+def flops_per_token(cfg: MythosConfig, n_loops: int | None = None, context_len: int = 0) -> int:
+    """Forward matmul FLOPs per token, embedding lookup excluded, LM head included.
+
+    Args:
+        cfg: a looped model's :class:`MythosConfig` or a :class:`BaselineConfig`.
+        n_loops: loops every position runs (looped model only; default ``max_loop_iters``).
+            Ignored for a baseline, whose depth is fixed.
+        context_len: keys each query attends to (see :func:`attention_flops`).
+    """
+    attn = attention_flops(cfg, context_len)
+    total = 2 * cfg.dim * cfg.vocab_size
+    total += (cfg.prelude_layers + cfg.coda_layers) * (attn + swiglu_flops(cfg.dim, cfg.ffn_dim))
+    if isinstance(cfg, BaselineConfig):
+        return total + cfg.core_layers * (attn + swiglu_flops(cfg.dim, cfg.core_ffn_dim))
+    loops = cfg.max_loop_iters if n_loops is None else n_loops
+    return total + loops * (attn + loop_extra_flops(cfg))
+
+
+class DenseBaseline(nn.Module):
+    """Fixed-depth transformer with the interface of :class:`~open_mythos.OpenMythos`.
+
+    ``forward``/``generate`` take the same arguments (so
+    :func:`open_mythos.inference.generate` and the evaluation code accept it), with the
+    recurrence options ``n_loops``, ``act_early_exit`` and ``backprop_loops`` validated and
+    ignored: the depth is always ``cfg.n_layers``. The KV cache holds one entry per block,
+    under ``prelude_{i}``, ``core_{i}`` and ``coda_{i}``.
+    """
+
+    # NOTE: input validation, the attention context (RoPE tables, causal and padding masks)
+    # and the generation entry point only read ``self.cfg`` and ``self.rope_dim``; they are
+    # shared with OpenMythos rather than copied.
+    _validate = OpenMythos._validate
+    _context = OpenMythos._context
+    generate = OpenMythos.generate
+
+    def __init__(self, cfg: BaselineConfig):
+        super().__init__()
+        if not isinstance(cfg, BaselineConfig):
+            raise TypeError(
+                "DenseBaseline needs a BaselineConfig (see matched_baseline_config), "
+                f"got {type(cfg).__name__}"
+            )
+        self.cfg = cfg
+        core_cfg = cfg.replace(dense_ffn_dim=cfg.core_ffn_dim)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
+        self.core = nn.ModuleList(TransformerBlock(core_cfg) for _ in range(cfg.core_layers))
+        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope_dim = type(self.core[0].attn).rope_dim(cfg)
+        self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head."""
+        self.head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) for linear and embedding weights, ones for norms; re-ties the head."""
+        self.tie_weights()
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def moe_layers(self) -> list[nn.Module]:
+        """No mixture-of-experts layers (an empty list, for code written for both models)."""
+        return []
+
+    @property
+    def aux_loss(self) -> None:
+        """No MoE balance loss."""
+        return None
+
+    def update_router_bias(self) -> None:
+        """Nothing to balance."""
+
+    def _layers(self) -> list[tuple[str, TransformerBlock]]:
+        return ([(f"prelude_{i}", b) for i, b in enumerate(self.prelude)]
+                + [(f"core_{i}", b) for i, b in enumerate(self.core)]
+                + [(f"coda_{i}", b) for i, b in enumerate(self.coda)])
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        n_loops: int | None = None,
+        kv_cache: dict | KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        act_early_exit: bool | None = None,
+        backprop_loops: int | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
+        self._validate(input_ids, 1 if n_loops is None else n_loops, start_pos)
+        cache = as_cache_store(kv_cache)
+        layers = self._layers()
+        if cache is not None:
+            cached = cache.length(layers[0][0])
+            if start_pos > cached:
+                raise ValueError(
+                    f"kv_cache holds {cached} positions; start_pos={start_pos} would leave a gap"
+                )
+            if start_pos < cached:
+                cache.truncate(start_pos)
+        ctx = self._context(input_ids, start_pos, cache, attention_mask)
+        x = self.embed(input_ids)
+        for key, layer in layers:
+            x = layer(x, ctx, key)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        n_loops: int | None = None,
+        kv_cache: dict | KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        act_early_exit: bool | None = None,
+        backprop_loops: int | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for every position.
+
+        Arguments as :meth:`OpenMythos.forward`. ``n_loops`` must be ``None`` or a positive
+        integer (ValueError otherwise) and is ignored, as are ``act_early_exit`` and
+        ``backprop_loops``: the baseline always runs all ``cfg.n_layers`` blocks.
+        """
+        return self.head(
+            self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
+                               attention_mask=attention_mask, act_early_exit=act_early_exit,
+                               backprop_loops=backprop_loops)
+        )
+
+
+def config_from_dict(data: dict[str, Any]) -> MythosConfig:
+    """A :class:`BaselineConfig` if ``data`` has the baseline's fields, else a
+    :class:`MythosConfig` (inverse of ``cfg.to_dict()`` for both kinds)."""
+    if "core_layers" in data or "core_ffn_dim" in data:
+        return BaselineConfig.from_dict(data)
+    return MythosConfig.from_dict(data)
+
+
+def build_model(cfg: MythosConfig) -> nn.Module:
+    """:class:`DenseBaseline` for a :class:`BaselineConfig`, else :class:`OpenMythos`."""
+    return DenseBaseline(cfg) if isinstance(cfg, BaselineConfig) else OpenMythos(cfg)
+
+
+def is_looped(model: nn.Module) -> bool:
+    """Whether ``model`` has a recurrent block whose loop count can vary."""
+    return isinstance(getattr(model, "recurrent", None), nn.Module)

@@ -1,0 +1,43 @@
+"""The ``openmythos`` command (also ``python -m open_mythos``).
+
+Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``: it
+registers its parser and sets ``func`` (``args -> exit status``) as a default. Adding a
+command is one line in :data:`COMMANDS`. Command modules import their optional extras
+(``datasets``, ``transformers``, ``fastapi``...) inside ``func``, so that a missing extra
+breaks only the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+COMMANDS: tuple[str, ...] = (
+    "open_mythos.training.command",
+    "open_mythos.commands.generate",
+    "open_mythos.commands.info",
+    "open_mythos.commands.sweep",
+    "open_mythos.commands.report",
+    "open_mythos.commands.serve",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every command of :data:`COMMANDS` registered."""
+    parser = argparse.ArgumentParser(
+        prog="openmythos", description="OpenMythos: train and use Recurrent-Depth Transformers.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

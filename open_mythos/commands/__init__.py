@@ -1,0 +1,1 @@
+"""Command modules of the ``openmythos`` CLI; each exposes ``add_parser(subparsers)``."""

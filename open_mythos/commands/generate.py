@@ -1,0 +1,122 @@
+"""``openmythos generate``: stream a completion of a prompt to the terminal.
+
+::
+
+    openmythos generate --checkpoint runs/tinystories --prompt "Once upon a time" \\
+        --n-loops 8 --max-new-tokens 200 --temperature 0.8 --top-k 50
+    openmythos generate --checkpoint hf_dir/ --prompt "2 + 2 =" --greedy
+
+``--checkpoint`` is a training checkpoint, a run directory (its latest checkpoint) or a
+Hugging Face directory written by ``OpenMythosForCausalLM.save_pretrained``. The prompt is
+printed, then the generated text as tokens arrive; a summary goes to stderr.
+
+Exit status: 0 on success, 2 for invalid arguments or an unreadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, TextIO
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``generate`` and ``serve``: checkpoint, tokenizer, depth, device."""
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="training checkpoint, run directory or Hugging Face directory")
+    p.add_argument("--tokenizer", metavar="SPEC",
+                   help="'byte' or a tokenizer directory (default: the one stored with the "
+                        "checkpoint, else the byte tokenizer if the vocabulary matches)")
+    p.add_argument("--n-loops", type=_positive_int, metavar="N",
+                   help="recurrent loops per token (default: the checkpoint's n_loops, else "
+                        "max_loop_iters); more than trained extrapolates in depth")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast the weights (default: as stored)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``generate`` on the ``openmythos`` command."""
+    p = subparsers.add_parser(
+        "generate", help="generate text from a checkpoint, streamed to the terminal",
+        description="Complete a prompt with a trained model, printing tokens as they come.")
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="text to complete")
+    p.add_argument("--max-new-tokens", type=_non_negative_int, default=128, metavar="N",
+                   help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=_non_negative_int, default=50, metavar="K",
+                   help="sample among the K most likely tokens; 0: no limit (default 50)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text is generated (repeatable; not printed)")
+    p.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Load the model, stream the completion to ``out`` (default stdout)."""
+    from ..integrations.textgen import GenerationOptions, encode_prompts, stream_text
+
+    out = out or sys.stdout
+    try:
+        loaded, tokenizer = load_for_inference(args)
+        options = GenerationOptions(
+            max_new_tokens=args.max_new_tokens,
+            n_loops=args.n_loops or loaded.n_loops,
+            do_sample=not args.greedy, temperature=args.temperature,
+            top_k=args.top_k or None, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed)
+        prompts = encode_prompts(tokenizer, [args.prompt])
+        deltas = stream_text(loaded.model, tokenizer, prompts, options)
+        start = time.perf_counter()
+        if not args.no_echo:
+            out.write(args.prompt)
+            out.flush()
+        n_tokens, reason = 0, ""
+        for delta in deltas:
+            out.write(delta.text)
+            out.flush()
+            if delta.finish_reason is not None:
+                n_tokens, reason = delta.n_tokens, delta.finish_reason
+        out.write("\n")
+        out.flush()
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
+        print(f"openmythos generate: error: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    loops = options.n_loops or loaded.cfg.max_loop_iters
+    print(f"[{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tok/s), "
+          f"{loops} loops, finish: {reason}]", file=sys.stderr)
+    return 0
+
+
+def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(LoadedModel, tokenizer)`` from the options of :func:`add_model_arguments`."""
+    import torch
+
+    from ..integrations.convert import load_model, resolve_tokenizer
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    loaded = load_model(args.checkpoint, device=device, dtype=dtype)
+    return loaded, resolve_tokenizer(loaded, args.tokenizer)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value

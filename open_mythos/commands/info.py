@@ -1,0 +1,204 @@
+"""``openmythos info``: size, KV cache and compute per token of a variant or checkpoint.
+
+::
+
+    openmythos info --variant mythos_1b --n-loops 16
+    openmythos info --checkpoint runs/parity --n-loops 32 --context 512 --json
+
+Formulas (``L = prelude_layers + n_loops + coda_layers`` attention layers per token, since
+each loop depth of the recurrent block is a layer of its own in the cache):
+
+* parameters: exact counts of :func:`open_mythos.variants.count_parameters`; *active* leaves
+  out the routed experts a token does not choose.
+* KV cache bytes per token: ``L * e * bytes(dtype)`` with ``e = 2 * n_kv_heads * head_dim``
+  for GQA (rotated keys and values) and ``e = kv_lora_rank + qk_rope_head_dim`` for MLA
+  (the normalised latent plus one shared RoPE key).
+* FLOPs per token: ``2 * M + A * S``. ``M`` is the number of matrix-multiply weights a
+  token uses: every ``nn.Linear`` of the Prelude and Coda and the LM head once, and per loop
+  the recurrent block's (attention projections, router, shared experts, ACT head, LoRA
+  ``down`` and ``B``) plus its ``n_experts_per_tok`` routed experts. ``A * S`` is attention
+  over ``S`` context positions: per layer, ``QK^T`` and ``PV`` cost ``2 * n_heads *
+  (d_qk + d_v)`` per position, with ``d_qk = d_v = head_dim`` for GQA and ``d_qk =
+  qk_nope_head_dim + qk_rope_head_dim``, ``d_v = v_head_dim`` for MLA (expanded form).
+  Norms, RoPE, softmax, the embedding lookup and the LTI injection are not counted. With
+  ACT early exit a token may run fewer loops, so this is the cost at ``n_loops`` loops.
+  A training step costs about 3x the forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``openmythos info`` reports (see the module docstring for the formulas)."""
+
+    name: str
+    attn_type: str
+    n_loops: int
+    total_params: int
+    active_params: int
+    cache_layers: int
+    kv_values_per_layer: int
+    kv_bytes_per_token: dict[str, int]
+    matmul_params_once: int
+    matmul_params_per_loop: int
+    matmul_flops_per_token: int
+    attention_flops_per_position: int
+    context: int
+    flops_per_token: int
+
+
+def kv_values_per_layer(cfg: Any) -> int:
+    """Cached values per token per attention layer (one loop depth counts as one layer)."""
+    if str(cfg.attn_type) == "gqa":
+        return 2 * cfg.n_kv_heads * cfg.head_dim
+    return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+
+def cache_layers(cfg: Any, n_loops: int) -> int:
+    return cfg.prelude_layers + n_loops + cfg.coda_layers
+
+
+def kv_cache_bytes_per_token(cfg: Any, n_loops: int, bytes_per_value: int) -> int:
+    """Bytes the KV cache grows by per token with every position running ``n_loops``."""
+    return cache_layers(cfg, n_loops) * kv_values_per_layer(cfg) * bytes_per_value
+
+
+def matmul_params(cfg: Any) -> tuple[int, int]:
+    """``(once, per_loop)``: matrix-multiply weights a token uses outside the recurrent
+    block (Prelude, Coda, LM head) and in one loop of it (routed experts: only the chosen)."""
+    import torch
+    from torch import nn
+
+    from ..model import OpenMythos
+
+    with torch.device("meta"):
+        model = OpenMythos(cfg)
+
+    def linear_weights(module: nn.Module) -> int:
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+    once = sum(linear_weights(b) for b in [*model.prelude, *model.coda]) + model.head.weight.numel()
+    rec = model.recurrent
+    moe = rec.block.ffn
+    per_expert = (moe.w_gate_up.numel() + moe.w_down.numel()) // moe.n_experts
+    per_loop = linear_weights(rec) + moe.topk * per_expert
+    if rec.lora is not None:
+        per_loop += rec.lora.B.numel()
+    return once, per_loop
+
+
+def attention_flops_per_position(cfg: Any, n_loops: int) -> int:
+    """FLOPs of ``QK^T`` and ``PV`` per token per attended position, over all layers."""
+    if str(cfg.attn_type) == "gqa":
+        qk, v = cfg.head_dim, cfg.head_dim
+    else:
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    return cache_layers(cfg, n_loops) * 2 * cfg.n_heads * (qk + v)
+
+
+def model_info(cfg: Any, name: str, n_loops: int | None = None,
+               context: int | None = None) -> ModelInfo:
+    """Everything ``info`` prints, for ``cfg`` run at ``n_loops`` (default
+    ``max_loop_iters``) with ``context`` attended positions (default ``max_seq_len``)."""
+    from ..variants import count_parameters
+
+    n_loops = cfg.max_loop_iters if n_loops is None else n_loops
+    context = cfg.max_seq_len if context is None else context
+    counts = count_parameters(cfg)
+    once, per_loop = matmul_params(cfg)
+    matmul_flops = 2 * (once + n_loops * per_loop)
+    attn = attention_flops_per_position(cfg, n_loops)
+    return ModelInfo(
+        name=name, attn_type=str(cfg.attn_type), n_loops=n_loops,
+        total_params=counts.total, active_params=counts.active,
+        cache_layers=cache_layers(cfg, n_loops), kv_values_per_layer=kv_values_per_layer(cfg),
+        kv_bytes_per_token={k: kv_cache_bytes_per_token(cfg, n_loops, b)
+                            for k, b in DTYPE_BYTES.items()},
+        matmul_params_once=once, matmul_params_per_loop=per_loop,
+        matmul_flops_per_token=matmul_flops, attention_flops_per_position=attn,
+        context=context, flops_per_token=matmul_flops + attn * context)
+
+
+def format_info(info: ModelInfo, cfg: Any) -> str:
+    """The human-readable report."""
+    from ..variants import format_count
+
+    kv = info.kv_bytes_per_token
+    moe = f"{cfg.n_experts} experts top-{cfg.n_experts_per_tok}, {cfg.n_shared_experts} shared"
+    lines = [
+        f"{info.name}: {info.attn_type.upper()} attention, dim {cfg.dim}, {cfg.prelude_layers} "
+        f"prelude + recurrent block x {info.n_loops} loops + {cfg.coda_layers} coda, {moe}",
+        f"  parameters        total {info.total_params:,} ({format_count(info.total_params)}), "
+        f"active {info.active_params:,} ({format_count(info.active_params)})",
+        f"  kv cache / token  {info.cache_layers} layers x {info.kv_values_per_layer} values: "
+        f"{kv['fp32']:,} B fp32, {kv['bf16']:,} B bf16 "
+        f"({_format_bytes(kv['bf16'] * info.context)} bf16 at {info.context:,} tokens)",
+        f"  flops / token     {format_count(info.flops_per_token)} at context {info.context:,} = "
+        f"2 x {format_count(info.matmul_flops_per_token // 2)} matmul weights "
+        f"({format_count(info.matmul_params_once)} once + {info.n_loops} x "
+        f"{format_count(info.matmul_params_per_loop)} per loop) + "
+        f"{format_count(info.attention_flops_per_position)} attention per context position",
+    ]
+    return "\n".join(lines)
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``info`` on the ``openmythos`` command."""
+    p = subparsers.add_parser(
+        "info", help="parameters, KV cache and FLOPs per token of a variant or checkpoint",
+        description="Exact parameter counts, KV cache bytes per token (fp32 and bf16) and "
+                    "forward FLOPs per token at a loop count.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--variant", help="preset name, e.g. mythos_1b (or 1b)")
+    src.add_argument("--checkpoint", metavar="DIR",
+                     help="training checkpoint, run directory or Hugging Face directory")
+    p.add_argument("--n-loops", type=int, metavar="N",
+                   help="loops per token (default: the checkpoint's n_loops, else max_loop_iters)")
+    p.add_argument("--context", type=int, metavar="S",
+                   help="attended positions for the attention FLOPs (default max_seq_len)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report of ``--variant`` or ``--checkpoint``."""
+    try:
+        if args.variant:
+            from ..variants import get_variant
+
+            cfg, stored_loops = get_variant(args.variant), None
+            name = args.variant if args.variant.startswith("mythos_") else f"mythos_{args.variant}"
+        else:
+            from ..integrations.convert import read_config
+
+            cfg, stored_loops = read_config(args.checkpoint)
+            name = args.checkpoint
+        n_loops = args.n_loops or stored_loops
+        if n_loops is not None and n_loops < 1:
+            raise ValueError(f"--n-loops must be a positive integer, got {n_loops}")
+        if args.context is not None and args.context < 0:
+            raise ValueError(f"--context must be >= 0, got {args.context}")
+        info = model_info(cfg, name, n_loops, args.context)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"openmythos info: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(info), indent=2) if args.json else format_info(info, cfg))
+    return 0

@@ -1,0 +1,70 @@
+"""``openmythos report``: figures and a markdown report of a training run's depth behaviour.
+
+::
+
+    openmythos report --run runs/parity --baseline runs/parity-dense --out report/
+
+Sweeps the run's latest checkpoint (or reads ``--sweep FILE`` written by ``openmythos
+sweep``), probes its ACT halting and expert load, and writes PNGs and ``report.md`` into
+``--out`` (plus ``sweep.json`` when it ran the sweep itself).
+
+Exit status: 0 on success, 2 for invalid arguments or a missing checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .sweep import add_eval_arguments, resolve_device, resolve_task, sweep_models
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``report`` on the ``openmythos`` command."""
+    p = subparsers.add_parser(
+        "report",
+        help="write a depth-extrapolation report (PNG figures + report.md)",
+        description="Training curves, accuracy against loops per split (training depth and "
+                    "dense baseline marked), ACT halting heatmap, ponder-cost histogram and "
+                    "expert load per loop depth for a training run.",
+    )
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="run directory (metrics.jsonl and checkpoints)")
+    p.add_argument("--baseline", metavar="DIR", help="run or checkpoint of the dense baseline")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--sweep", metavar="FILE",
+                   help="reuse results of `openmythos sweep` instead of sweeping again")
+    p.add_argument("--train-loops", type=int, metavar="N",
+                   help="training depth to mark (default: from the run's schedule)")
+    add_eval_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the run, sweep (or read the sweep), and write the report."""
+    from ..evaluation.report import write_report
+    from ..evaluation.runs import load_model, run_train_loops
+    from ..evaluation.sweep import load_rows, save_rows
+
+    try:
+        device = resolve_device(args.device)
+        task = resolve_task(args, args.run)
+        model, cfg = load_model(args.run, device)
+        baseline = load_model(args.baseline, device)[0] if args.baseline else None
+        if args.sweep:
+            loaded = load_rows(args.sweep)
+            rows = [r for r in loaded if r.model == "looped"]
+            base_rows = [r for r in loaded if r.model == "baseline"]
+        else:
+            rows, base_rows = sweep_models(args, model, baseline, task)
+            save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")
+        train_loops = args.train_loops or run_train_loops(args.run) or cfg.max_loop_iters
+        path = write_report(args.run, args.out, rows, base_rows, model=model, baseline=baseline,
+                            task=task, train_loops=train_loops, seed=args.seed)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"openmythos report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,68 @@
+"""``openmythos serve``: an OpenAI-compatible completions server for one checkpoint.
+
+::
+
+    openmythos serve --checkpoint runs/tinystories --port 8000 --n-loops 8
+    curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0.8}'
+
+Endpoints and request fields: :mod:`open_mythos.integrations.server`. Needs the ``serve``
+extra (``pip install 'open-mythos[serve]'``: FastAPI and uvicorn).
+
+Exit status: 0 when stopped, 2 for invalid arguments or an unreadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .generate import add_model_arguments
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``serve`` on the ``openmythos`` command."""
+    p = subparsers.add_parser(
+        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
+        description="Serve /v1/models and /v1/completions (streaming included) for one model.")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and serve it until interrupted."""
+    try:
+        from ..integrations.server import CompletionService, serve
+    except ImportError as err:
+        print(f"openmythos serve: error: {err}; install the server extra: "
+              "pip install 'open-mythos[serve]'", file=sys.stderr)
+        return 2
+    from .generate import load_for_inference
+
+    try:
+        loaded, tokenizer = load_for_inference(args)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
+        print(f"openmythos serve: error: {err}", file=sys.stderr)
+        return 2
+    name = args.model_name or _default_name(args.checkpoint)
+    service = CompletionService(loaded.model, tokenizer, model_name=name,
+                                n_loops=args.n_loops or loaded.n_loops)
+    print(f"serving {name!r} ({loaded.format.value} checkpoint {loaded.path}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(service, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _default_name(checkpoint: str) -> str:
+    path = Path(checkpoint).expanduser().resolve()
+    if path.parent.name == "checkpoints":  # RUN/checkpoints/step_N -> RUN
+        path = path.parent.parent
+    return path.name or "openmythos"

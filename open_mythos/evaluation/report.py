@@ -1,0 +1,421 @@
+"""The depth-extrapolation report: PNG figures and a ``report.md`` that embeds them.
+
+:func:`write_report` writes into ``out_dir``:
+
+- ``training_curves.png``: loss, validation, loop count, ponder cost and expert balance from
+  the run's ``metrics.jsonl`` (whichever are logged);
+- ``depth_sweep.png``: accuracy and answer loss against loops, one colour per split, the
+  training depth as a vertical line and the dense baseline as horizontal lines;
+- ``act_halting.png``: ACT halting weights over loop x position for one example;
+- ``ponder_hist.png``: expected loops per token, one histogram per split;
+- ``expert_load.png``: share of routed token slots per expert at each loop depth;
+- ``report.md``: the figures and the sweep tables.
+
+Figures that need data the run does not have (no metrics, ACT off, no model to probe) are
+left out and ``report.md`` says why. Figures are drawn on ``matplotlib.figure.Figure``
+objects with the Agg canvas, so no global pyplot state or display is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..baseline import BaselineConfig, flops_per_token, is_looped
+from ..tasks import BOS_ID, EOS_ID, Task, encode_example
+from .sweep import SweepRow, eval_mode, eval_splits, sample_examples
+
+METRICS_FILE = "metrics.jsonl"
+_STYLE = {False: "-", True: "--"}  # early exit off / on
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def read_metrics(run_dir: str | Path | None) -> list[dict[str, Any]]:
+    """Rows of ``run_dir/metrics.jsonl`` (empty if there is none); a torn last line is
+    skipped."""
+    if run_dir is None or not (Path(run_dir) / METRICS_FILE).is_file():
+        return []
+    rows = []
+    for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records
+             if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+             and isinstance(r.get("step"), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+_PANELS = (
+    ("loss", ("loss", "ce", "val_loss")),
+    ("loops", ("loops", "ponder", "val_loops")),
+    ("validation next-token accuracy", ("val_acc",)),
+    ("expert load max/mean", ("expert_load_max_over_mean",)),
+)
+
+
+def plot_training_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per logged quantity group (see ``_PANELS``); None if nothing is logged."""
+    panels = [(title, [(k, *_series(records, k)) for k in keys]) for title, keys in _PANELS]
+    panels = [(t, [s for s in series if s[1]]) for t, series in panels]
+    panels = [(t, series) for t, series in panels if series]
+    if not panels:
+        return None
+    fig, axes = _figure(4.2 * len(panels), 3.4, len(panels))
+    for ax, (title, series) in zip(axes, panels):
+        for key, steps, values in series:
+            marker = "o" if key.startswith("val_") else None
+            ax.plot(steps, values, label=key, marker=marker, markersize=3,
+                    linewidth=1.0 if marker is None else 0.8)
+        if title == "loss" and all(v > 0 for _, _, vals in series for v in vals):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_depth_sweep(
+    rows: Sequence[SweepRow],
+    baseline_rows: Sequence[SweepRow],
+    train_loops: int | None,
+    path: Path,
+) -> Path:
+    """Accuracy and loss against loops per split (solid: early exit off, dashed: on)."""
+    splits = list(dict.fromkeys([r.split for r in rows] + [r.split for r in baseline_rows]))
+    colors = dict(zip(splits, _colors(len(splits))))
+    fig, axes = _figure(11, 4, 2)
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        for split in splits:
+            for exit_early in (False, True):
+                pts = sorted((r.n_loops, getattr(r, metric)) for r in rows
+                             if r.split == split and r.early_exit == exit_early)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLE[exit_early],
+                            marker="o", markersize=3, color=colors[split],
+                            label=f"{split}{' (early exit)' if exit_early else ''}")
+            for r in baseline_rows:
+                if r.split == split:
+                    ax.axhline(getattr(r, metric), color=colors[split], linestyle=":",
+                               label=f"{split} baseline ({r.n_loops} layers)")
+        if train_loops is not None:
+            ax.axvline(train_loops, color="black", linewidth=1.0, alpha=0.6,
+                       label=f"training depth ({train_loops})")
+        ax.set_xlabel("loops at inference")
+        ax.set_ylabel("exact-match accuracy" if metric == "accuracy" else "answer loss (nats)")
+        if metric == "accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+@dataclass
+class Probe:
+    """What one looped model does on a few examples, run without early exit.
+
+    Attributes:
+        n_loops: loops run.
+        tokens: display labels of the heatmap example's tokens.
+        act_weights: (n_loops, T) float ACT weights of that example, or None (ACT off).
+        ponder: split -> (N,) expected loops of every real token of its examples.
+        expert_load: (n_loops, n_experts) routed token slots summed over the examples.
+    """
+
+    n_loops: int
+    tokens: list[str]
+    act_weights: torch.Tensor | None
+    ponder: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_load: torch.Tensor | None = None
+
+
+def _token_label(i: int) -> str:
+    return {BOS_ID: "<s>", EOS_ID: "</s>"}.get(i, chr(i) if 32 <= i < 127 else f"<{i}>")
+
+
+def probe_model(
+    model: nn.Module,
+    task: Task,
+    n_loops: int,
+    splits: Sequence[str] | None = None,
+    n_examples: int = 16,
+    seed: int = 0,
+) -> Probe:
+    """Run ``model`` on ``n_examples`` teacher-forced examples of each split that fits its
+    ``max_seq_len`` (one forward per example, so padding never counts) and collect ACT
+    weights, ponder costs and expert loads. The heatmap example is the first of the first
+    split."""
+    if not is_looped(model):
+        raise ValueError("probe_model needs a looped model (one with a recurrent block)")
+    splits = eval_splits(task) if splits is None else list(splits)
+    device = next(model.parameters()).device
+    probe = Probe(n_loops=n_loops, tokens=[], act_weights=None)
+    load = None
+    with eval_mode(model):
+        for split in splits:
+            if task.max_len(split) > model.cfg.max_seq_len:
+                continue
+            ponders = []
+            for ex in sample_examples(task, split, n_examples, seed):
+                ids, _ = encode_example(ex)
+                model(ids.unsqueeze(0).to(device), n_loops, act_early_exit=False)
+                rec = model.recurrent
+                ponders.append(rec.last_ponder_cost[0].float().cpu())
+                step_load = rec.last_expert_load.float().cpu()
+                load = step_load if load is None else load + step_load
+                if not probe.tokens:
+                    probe.tokens = [_token_label(int(i)) for i in ids]
+                    if rec.last_act_weights is not None:
+                        probe.act_weights = rec.last_act_weights[:, 0].float().cpu()
+            probe.ponder[split] = torch.cat(ponders)
+    probe.expert_load = load
+    return probe
+
+
+def plot_act_heatmap(probe: Probe, train_loops: int | None, path: Path) -> Path:
+    """Loop x position image of the example's ACT weights."""
+    weights = probe.act_weights.numpy()
+    fig, (ax,) = _figure(max(5.0, 0.28 * weights.shape[1] + 2), 0.25 * weights.shape[0] + 2)
+    im = ax.imshow(weights, aspect="auto", cmap="viridis", origin="lower",
+                   extent=(-0.5, weights.shape[1] - 0.5, 0.5, weights.shape[0] + 0.5))
+    ax.set_xticks(range(len(probe.tokens)), probe.tokens, fontsize=7)
+    ax.set_xlabel("position")
+    ax.set_ylabel("loop")
+    if train_loops is not None and train_loops < weights.shape[0]:
+        ax.axhline(train_loops + 0.5, color="white", linestyle="--", linewidth=1.0)
+    ax.set_title("ACT halting weight per loop and position")
+    fig.colorbar(im, ax=ax, label="weight")
+    return _save(fig, path)
+
+
+def plot_ponder_hist(probe: Probe, path: Path) -> Path:
+    """Histogram of expected loops per token, one per split."""
+    fig, (ax,) = _figure(6, 3.6)
+    bins = torch.linspace(0.5, probe.n_loops + 0.5, min(4 * probe.n_loops, 80) + 1).tolist()
+    for (split, values), color in zip(probe.ponder.items(), _colors(len(probe.ponder))):
+        ax.hist(values.numpy(), bins=bins, alpha=0.55, color=color,
+                label=f"{split} (mean {values.mean():.2f})")
+    ax.set_xlabel(f"expected loops per token (of {probe.n_loops})")
+    ax.set_ylabel("tokens")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_expert_load(probe: Probe, train_loops: int | None, path: Path) -> Path:
+    """Loop x expert image of each loop's share of routed token slots."""
+    load = probe.expert_load
+    share = (load / load.sum(-1, keepdim=True).clamp(min=1)).numpy()
+    fig, (ax,) = _figure(max(4.5, 0.35 * share.shape[1] + 2), 0.22 * share.shape[0] + 2.2)
+    im = ax.imshow(share, aspect="auto", cmap="magma", origin="lower",
+                   extent=(-0.5, share.shape[1] - 0.5, 0.5, share.shape[0] + 0.5))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("loop")
+    if train_loops is not None and train_loops < share.shape[0]:
+        ax.axhline(train_loops + 0.5, color="cyan", linestyle="--", linewidth=1.0)
+    ax.set_title(f"expert load per loop depth (uniform = {1 / share.shape[1]:.3f})")
+    fig.colorbar(im, ax=ax, label="share of token slots")
+    return _save(fig, path)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table; floats with 3 decimals."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def sweep_table(rows: Sequence[SweepRow]) -> str:
+    """Every row: split, loops, early exit, accuracy, loss and the loop statistics."""
+    headers = ["model", "split", "loops", "early exit", "accuracy", "answer loss",
+               "expected loops", "halt loop", "loops run", "loops computed", "n"]
+    return markdown_table(headers, [
+        [r.model, r.split, r.n_loops, "on" if r.early_exit else "off", r.accuracy, r.loss,
+         r.expected_loops, r.halt_loop, r.loops_run, r.loops_computed, r.n_examples]
+        for r in rows])
+
+
+def accuracy_pivot(rows: Sequence[SweepRow], baseline_rows: Sequence[SweepRow] = ()) -> str:
+    """Accuracy with loops down and splits across (early exit off, or on where only that
+    was swept), and the baseline as a last row."""
+    exit_setting = False if any(not r.early_exit for r in rows) else True
+    chosen = [r for r in rows if r.early_exit == exit_setting]
+    splits = list(dict.fromkeys(r.split for r in chosen))
+    acc = {(r.split, r.n_loops): r.accuracy for r in chosen}
+    body: list[list[Any]] = [
+        [n, *(acc.get((s, n), float("nan")) for s in splits)]
+        for n in sorted({r.n_loops for r in chosen})
+    ]
+    base = {r.split: r for r in baseline_rows}
+    if base:
+        depth = next(iter(base.values())).n_loops
+        body.append([f"baseline ({depth} layers)",
+                     *(base[s].accuracy if s in base else float("nan") for s in splits)])
+    return markdown_table(["loops", *splits], body)
+
+
+def _model_summary(model: nn.Module | None, baseline: nn.Module | None,
+                   train_loops: int | None) -> list[str]:
+    lines = []
+    if model is not None:
+        cfg = model.cfg
+        n_params = sum(p.numel() for p in model.parameters())
+        depth = train_loops or cfg.max_loop_iters
+        lines.append(
+            f"- looped model: {n_params:,} parameters, dim {cfg.dim}, {cfg.prelude_layers} prelude "
+            f"+ recurrent MoE block ({cfg.n_experts} experts, top-{cfg.n_experts_per_tok}) + "
+            f"{cfg.coda_layers} coda, {cfg.attn_type} attention, ACT "
+            f"{'on' if cfg.use_act else 'off'}; {flops_per_token(cfg, depth):,} FLOPs/token "
+            f"at {depth} loops")
+    if baseline is not None and isinstance(baseline.cfg, BaselineConfig):
+        bcfg = baseline.cfg
+        n_params = sum(p.numel() for p in baseline.parameters())
+        lines.append(
+            f"- dense baseline: {n_params:,} parameters, {bcfg.n_layers} layers "
+            f"({bcfg.core_layers} core blocks of FFN width {bcfg.core_ffn_dim}); "
+            f"{flops_per_token(bcfg):,} FLOPs/token")
+    if train_loops is not None:
+        lines.append(f"- training depth: {train_loops} loops")
+    return lines
+
+
+def write_report(
+    run_dir: str | Path | None,
+    out_dir: str | Path,
+    sweep_rows: Sequence[SweepRow],
+    baseline_rows: Sequence[SweepRow] = (),
+    *,
+    model: nn.Module | None = None,
+    baseline: nn.Module | None = None,
+    task: Task | None = None,
+    train_loops: int | None = None,
+    probe_loops: int | None = None,
+    probe_examples: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Write the figures and ``report.md`` into ``out_dir`` (created if needed).
+
+    Args:
+        run_dir: training run directory holding ``metrics.jsonl``, or None.
+        out_dir: where the PNGs and ``report.md`` go.
+        sweep_rows: the looped model's :func:`~open_mythos.evaluation.sweep` rows.
+        baseline_rows: the dense baseline's rows (one per split), drawn as horizontal lines.
+        model: the looped model, probed for the ACT and expert-load figures (skipped if None).
+        baseline: the baseline model, for the summary only.
+        task: the task to probe with (needed with ``model``).
+        train_loops: the training depth, marked on the figures.
+        probe_loops: loops of the probe (default: the deepest swept loop count, else the
+            training depth, else ``max_loop_iters``).
+        probe_examples: examples per split in the probe.
+        seed: probe example seed.
+
+    Returns:
+        Path of ``report.md``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# Depth-extrapolation report", ""]
+    md += _model_summary(model, baseline, train_loops) + [""]
+
+    md += ["## Training", ""]
+    records = read_metrics(run_dir)
+    curves = plot_training_curves(records, out / "training_curves.png") if records else None
+    if curves is not None:
+        md += [f"![training curves]({curves.name})", "",
+               f"{len(records)} logged steps from `{Path(run_dir) / METRICS_FILE}`.", ""]
+    else:
+        md += ["No training metrics (`metrics.jsonl`) were found for this run.", ""]
+
+    md += ["## Accuracy against inference depth", ""]
+    if sweep_rows or baseline_rows:
+        fig = plot_depth_sweep(sweep_rows, baseline_rows, train_loops, out / "depth_sweep.png")
+        md += [f"![accuracy and loss against loops]({fig.name})", "",
+               "Solid lines: early exit off; dashed: ACT early exit on; dotted: the dense "
+               "baseline of equal per-token FLOPs; vertical line: training depth.", ""]
+        if sweep_rows:
+            md += ["Exact-match accuracy:", "", accuracy_pivot(sweep_rows, baseline_rows), ""]
+        md += ["All rows:", "", sweep_table([*sweep_rows, *baseline_rows]), ""]
+    else:
+        md += ["No sweep results were given.", ""]
+
+    md += _probe_sections(out, model, task, train_loops, probe_loops, sweep_rows,
+                          probe_examples, seed)
+    path = out / "report.md"
+    path.write_text("\n".join(md).rstrip() + "\n")
+    return path
+
+
+def _probe_sections(
+    out: Path,
+    model: nn.Module | None,
+    task: Task | None,
+    train_loops: int | None,
+    probe_loops: int | None,
+    sweep_rows: Sequence[SweepRow],
+    probe_examples: int,
+    seed: int,
+) -> list[str]:
+    md = ["## ACT halting", ""]
+    if model is None or task is None or not is_looped(model):
+        return md + ["No looped model and task were given to probe: ACT and expert-load "
+                     "figures are skipped.", ""]
+    if probe_loops is None:
+        deepest = max((r.n_loops for r in sweep_rows), default=None)
+        probe_loops = deepest or train_loops or model.cfg.max_loop_iters
+    probe = probe_model(model, task, probe_loops, n_examples=probe_examples, seed=seed)
+    if probe.expert_load is None:
+        return md + ["No split of the task fits the model's max_seq_len: nothing was probed.", ""]
+    if probe.act_weights is None:
+        md += ["ACT is off for this model (`use_act=False`): every position runs every loop "
+               "and there are no halting weights, so the halting heatmap and the ponder "
+               "histogram are skipped.", ""]
+    else:
+        heat = plot_act_heatmap(probe, train_loops, out / "act_halting.png")
+        hist = plot_ponder_hist(probe, out / "ponder_hist.png")
+        means = ", ".join(f"{s} {v.mean():.2f}" for s, v in probe.ponder.items())
+        md += [f"Probe at {probe_loops} loops without early exit (dashed line: training depth).",
+               "", f"![ACT halting weights]({heat.name})", "",
+               f"![ponder cost histogram]({hist.name})", "",
+               f"Mean expected loops per token: {means}.", ""]
+    md += ["## Expert load per loop depth", ""]
+    fig = plot_expert_load(probe, train_loops, out / "expert_load.png")
+    load = probe.expert_load
+    ratio = (load.max(-1).values / load.mean(-1).clamp(min=1e-9)).tolist()
+    md += [f"![expert load]({fig.name})", "",
+           markdown_table(["loop", "max/mean load"], [[t + 1, r] for t, r in enumerate(ratio)]),
+           ""]
+    return md

@@ -1,0 +1,95 @@
+"""What a training run left on disk, read back for evaluation: the model (looped or dense
+baseline), the task it was trained on and its training depth.
+
+Paths may be a checkpoint directory or a run directory (its latest checkpoint is used), as
+laid out by :mod:`open_mythos.training.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..baseline import BaselineConfig, DenseBaseline, config_from_dict
+from ..config import MythosConfig
+from ..tasks import Task, get_task
+
+RUN_CONFIG_FILE = "config.toml"
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, MythosConfig]:
+    """``(model, cfg)`` from a checkpoint: an :class:`~open_mythos.OpenMythos` or, when the
+    stored config has the baseline's fields, a :class:`~open_mythos.baseline.DenseBaseline`.
+    The model is in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        KeyError: the weights do not match the stored architecture.
+    """
+    from ..training.checkpoint import (
+        MODEL_CONFIG_FILE,
+        load_checkpoint,
+        read_model_state,
+        resolve_checkpoint_dir,
+    )
+
+    ckpt_dir = resolve_checkpoint_dir(path)
+    cfg = config_from_dict(json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text()))
+    if not isinstance(cfg, BaselineConfig):
+        return load_checkpoint(ckpt_dir, device=device)
+    state, tied = read_model_state(ckpt_dir)
+    model = DenseBaseline(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise KeyError(f"checkpoint {str(ckpt_dir)!r} does not match DenseBaseline: missing "
+                       f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+    return model.to(device).eval(), cfg
+
+
+def read_train_config(path: str | Path) -> Any | None:
+    """The :class:`~open_mythos.training.config.TrainConfig` of a checkpoint or run
+    directory, or None when neither holds one."""
+    from ..training.checkpoint import TRAIN_CONFIG_FILE, latest_checkpoint
+    from ..training.config import load_config
+
+    path = Path(path)
+    ckpt = path if (path / TRAIN_CONFIG_FILE).is_file() else latest_checkpoint(path)
+    for candidate in (ckpt / TRAIN_CONFIG_FILE if ckpt else None, path / RUN_CONFIG_FILE):
+        if candidate is not None and candidate.is_file():
+            return load_config(candidate)
+    return None
+
+
+def run_task(path: str | Path) -> Task | None:
+    """The task a run trained on (name and difficulty knobs), or None for text runs or
+    runs without a stored configuration."""
+    cfg = read_train_config(path)
+    if cfg is None or cfg.data.task is None:
+        return None
+    return get_task(cfg.data.task, **cfg.data.task_args)
+
+
+def run_train_loops(path: str | Path) -> int | None:
+    """The depth a run trained at: ``schedule.max_loops`` for a curriculum, else
+    ``schedule.n_loops`` (the fixed count, or the mean of sampled counts); None without a
+    stored configuration."""
+    cfg = read_train_config(path)
+    if cfg is None:
+        return None
+    schedule = cfg.schedule
+    return schedule.max_loops if str(schedule.loops.value) == "curriculum" else schedule.n_loops
+
+
+def parse_task_args(text: str | None) -> dict[str, Any]:
+    """Task keyword arguments from a JSON object string (``'{"lengths": [4, 12]}'``)."""
+    if not text:
+        return {}
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"task arguments must be a JSON object, got {text!r}")
+    return value

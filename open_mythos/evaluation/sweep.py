@@ -1,0 +1,425 @@
+"""Depth sweeps and perplexity: what a looped model computes at each loop count.
+
+:func:`sweep` evaluates one model on fixed sets of task examples (the same examples at every
+loop count, drawn once per split from ``seed``) and returns one :class:`SweepRow` per
+``(split, n_loops, early_exit)``:
+
+- ``loss``: cross-entropy of the answer and EOS tokens, teacher-forced, one forward per batch;
+- ``accuracy``: exact match of the greedy answer (the text before the first EOS), decoded in
+  batches over a preallocated KV cache with left-padded prompts, stopping at EOS;
+- ``expected_loops``, ``halt_loop``: mean ACT ponder cost and mean halting loop per real
+  token of the teacher-forced forward;
+- ``loops_run``, ``loops_computed``: loops the model actually executed per forward while
+  decoding, for the batch and per sequence (below ``n_loops`` only with ACT early exit).
+
+A fixed-depth model (:class:`~open_mythos.baseline.DenseBaseline`) gets one row per split,
+with its core depth in every loop column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..baseline import is_looped
+from ..inference.generation import stream
+from ..tasks import (
+    EOS_ID,
+    IGNORE_INDEX,
+    PAD_ID,
+    Example,
+    Task,
+    collate,
+    decode_answer,
+    encode_prompt,
+    score,
+)
+
+
+@dataclass
+class SweepRow:
+    """Metrics of one model on one split at one loop count.
+
+    Attributes:
+        model: ``"looped"`` or ``"baseline"``.
+        task: task name.
+        split: task split.
+        n_loops: loops requested (a baseline: its fixed core depth).
+        early_exit: whether ACT early exit was allowed.
+        n_examples: examples evaluated.
+        accuracy: fraction of exactly matching greedy answers, in [0, 1].
+        loss: mean cross-entropy (nats) per answer token, EOS included, teacher-forced.
+        expected_loops: mean ACT expected loops ``sum_t (t + 1) w_t`` per real token
+            (``n_loops`` with ACT off).
+        halt_loop: mean loop at which real tokens halted (the number of loops with a
+            positive ACT weight; ``n_loops`` with ACT off).
+        loops_run: mean loops the recurrent block executed per forward during greedy
+            decoding (the deepest sequence of the batch sets it).
+        loops_computed: mean loops computed per sequence per decoding forward (below
+            ``loops_run`` when ACT early exit stopped some sequences before others).
+        seconds: wall time of this row's evaluation.
+    """
+
+    model: str
+    task: str
+    split: str
+    n_loops: int
+    early_exit: bool
+    n_examples: int
+    accuracy: float
+    loss: float
+    expected_loops: float
+    halt_loop: float
+    loops_run: float
+    loops_computed: float
+    seconds: float
+
+
+@dataclass
+class Perplexity:
+    """Next-token loss over a token stream: ``loss`` (mean nats per predicted token),
+    ``perplexity = exp(loss)`` and ``tokens`` (predicted tokens counted)."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+
+
+def default_loops(model: nn.Module) -> list[int]:
+    """``1 .. 4 * max_loop_iters``: the training depth and well beyond it."""
+    return list(range(1, 4 * model.cfg.max_loop_iters + 1))
+
+
+def eval_splits(task: Task, max_seq_len: int | None = None) -> list[str]:
+    """Held-out splits worth sweeping: ``id`` and every ``ood_*`` split (``train`` draws
+    from the same distribution as ``id``), without those whose longest example exceeds
+    ``max_seq_len`` when it is given."""
+    splits = [s for s in task.splits if s != "train"]
+    if max_seq_len is None:
+        return splits
+    return [s for s in splits if task.max_len(s) <= max_seq_len]
+
+
+def sample_examples(task: Task, split: str, n_examples: int, seed: int = 0) -> list[Example]:
+    """``n_examples`` examples of ``split``, a fixed function of ``(seed, split)`` and
+    distinct from the training stream's seeds."""
+    rng = random.Random(f"eval/{seed}/{split}")
+    return [task.generate(rng, split) for _ in range(n_examples)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients; the previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_fits(model: nn.Module, length: int, what: str) -> None:
+    limit = model.cfg.max_seq_len
+    if length > limit:
+        raise ValueError(
+            f"{what} needs {length} positions but the model's max_seq_len is {limit}; "
+            "leave the split out or use a model with a larger max_seq_len"
+        )
+
+
+def left_pad(seqs: Sequence[torch.Tensor], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors to ``(ids (B, L), attention_mask (B, L))``, mask 1 on real
+    tokens: the layout :func:`~open_mythos.inference.generate` expects for batched prompts."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s):] = s
+        mask[i, length - len(s):] = 1
+    return ids, mask
+
+
+def greedy_answers(
+    model: nn.Module,
+    prompts: Sequence[str],
+    n_loops: int,
+    max_new_tokens: int,
+    early_exit: bool = True,
+) -> tuple[list[str], list[int], list[float]]:
+    """Greedy answers to ``prompts`` decoded in one batch.
+
+    Each prompt is encoded as BOS + prompt, the batch is left-padded, and tokens are chosen by
+    argmax over a KV cache until every sequence has produced EOS or ``max_new_tokens`` tokens.
+
+    Returns:
+        ``(answers, loops_run, loops_computed)``: the decoded text of each prompt (up to its
+        first EOS); for a looped model, the loops executed by each forward (prefill first)
+        and the mean loops each sequence computed in it. Both lists are empty for a
+        fixed-depth model.
+    """
+    ids, mask = left_pad([encode_prompt(p) for p in prompts])
+    _check_fits(model, ids.shape[1] + max_new_tokens, "greedy decoding")
+    device = _device(model)
+    rec = model.recurrent if is_looped(model) else None
+    tokens, loops_run, loops_computed = [], [], []
+    for tok in stream(model, ids.to(device), max_new_tokens, n_loops, do_sample=False,
+                      eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                      attention_mask=mask.to(device), act_early_exit=early_exit):
+        tokens.append(tok)
+        if rec is not None:
+            loops_run.append(rec.last_loops_run)
+            loops_computed.append(rec.last_work_fraction * n_loops)
+    if not tokens:
+        return [""] * len(prompts), loops_run, loops_computed
+    generated = torch.stack(tokens, dim=1).cpu()  # (B, steps)
+    return [decode_answer(row) for row in generated], loops_run, loops_computed
+
+
+@dataclass
+class _TeacherForced:
+    """Sums over a batch: CE and count of answer tokens; ponder, halting loop and count of
+    real tokens."""
+
+    ce: float
+    answer_tokens: int
+    expected_loops: float
+    halt_loop: float
+    real_tokens: int
+
+
+def _teacher_forced(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], n_loops: int, early_exit: bool
+) -> _TeacherForced:
+    device = _device(model)
+    ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+    logits = model(ids, n_loops, act_early_exit=early_exit)  # (B, L, V)
+    ce = F.cross_entropy(_wide(logits).flatten(0, 1), targets.flatten(),
+                         ignore_index=IGNORE_INDEX, reduction="sum")
+    real = ids != PAD_ID  # (B, L)
+    ponder = halt = torch.full(ids.shape, float(n_loops), device=device)
+    if is_looped(model):
+        rec = model.recurrent
+        ponder = rec.last_ponder_cost.float()
+        if rec.last_act_weights is not None:
+            halt = (rec.last_act_weights > 0).sum(0).float()  # (B, L)
+    return _TeacherForced(
+        ce=float(ce),
+        answer_tokens=int((targets != IGNORE_INDEX).sum()),
+        expected_loops=float(ponder[real].sum()),
+        halt_loop=float(halt[real].sum()),
+        real_tokens=int(real.sum()),
+    )
+
+
+def _greedy_examples(
+    model: nn.Module, examples: Sequence[Example], n_loops: int, early_exit: bool
+) -> tuple[list[str], list[int], list[float]]:
+    """:func:`greedy_answers` with room for the longest answer and EOS; a batch whose
+    longest prompt plus longest answer would not fit ``max_seq_len`` is halved."""
+    budget = max(len(ex.answer) for ex in examples) + 1
+    prompt_len = 1 + max(len(ex.prompt) for ex in examples)
+    if len(examples) > 1 and prompt_len + budget > model.cfg.max_seq_len:
+        half = len(examples) // 2
+        first = _greedy_examples(model, examples[:half], n_loops, early_exit)
+        second = _greedy_examples(model, examples[half:], n_loops, early_exit)
+        return first[0] + second[0], first[1] + second[1], first[2] + second[2]
+    return greedy_answers(model, [ex.prompt for ex in examples], n_loops, budget, early_exit)
+
+
+def evaluate_examples(
+    model: nn.Module,
+    examples: Sequence[Example],
+    n_loops: int,
+    early_exit: bool = True,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Loss, accuracy and loop statistics of ``model`` on ``examples`` at ``n_loops``.
+
+    Returns:
+        ``accuracy``, ``loss``, ``expected_loops``, ``halt_loop``, ``loops_run`` and
+        ``loops_computed`` as described on :class:`SweepRow` (for a fixed-depth model the
+        loop entries equal ``n_loops``).
+    """
+    if not examples:
+        raise ValueError("evaluate_examples needs at least one example")
+    correct, tf_sums, loops_run, loops_computed = 0, [], [], []
+    with eval_mode(model):
+        for lo in range(0, len(examples), batch_size):
+            chunk = examples[lo:lo + batch_size]
+            batch = collate(chunk)
+            _check_fits(model, batch["input_ids"].shape[1], "a teacher-forced batch")
+            tf_sums.append(_teacher_forced(model, batch, n_loops, early_exit))
+            answers, runs, computed = _greedy_examples(model, chunk, n_loops, early_exit)
+            correct += sum(score(a, ex) for a, ex in zip(answers, chunk))
+            loops_run.extend(runs)
+            loops_computed.extend(computed)
+    real = sum(s.real_tokens for s in tf_sums)
+    return {
+        "accuracy": correct / len(examples),
+        "loss": sum(s.ce for s in tf_sums) / max(1, sum(s.answer_tokens for s in tf_sums)),
+        "expected_loops": sum(s.expected_loops for s in tf_sums) / real,
+        "halt_loop": sum(s.halt_loop for s in tf_sums) / real,
+        "loops_run": _mean(loops_run, default=n_loops),
+        "loops_computed": _mean(loops_computed, default=n_loops),
+    }
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the loss (float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _mean(values: Sequence[float], default: float) -> float:
+    return sum(values) / len(values) if values else float(default)
+
+
+def sweep(
+    model: nn.Module,
+    task: Task,
+    splits: Sequence[str] | None = None,
+    loops: Sequence[int] | None = None,
+    n_examples: int = 128,
+    early_exit: Sequence[bool] = (False, True),
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[SweepRow]:
+    """Evaluate ``model`` on ``task`` at every loop count in ``loops``.
+
+    Args:
+        model: an :class:`~open_mythos.OpenMythos` or a fixed-depth
+            :class:`~open_mythos.baseline.DenseBaseline`.
+        task: the task to draw examples from.
+        splits: task splits (default: :func:`eval_splits` that fit the model's
+            ``max_seq_len``; a warning names any left out).
+        loops: loop counts (default :func:`default_loops`); ignored for a fixed-depth model.
+        n_examples: examples per split, the same at every loop count.
+        early_exit: ACT early-exit settings to evaluate. With ACT off the model never exits
+            early, so each loop count is evaluated once and reported under every setting.
+        seed: example seed.
+        batch_size: examples per forward.
+
+    Returns:
+        Rows ordered by split, then loop count, then early exit; a fixed-depth model gives
+        one row per split (``n_loops`` = its core depth, ``early_exit`` False).
+    """
+    if splits is None:
+        splits = eval_splits(task, model.cfg.max_seq_len)
+        skipped = sorted(set(eval_splits(task)) - set(splits))
+        if skipped:
+            warnings.warn(f"sweep: split(s) {', '.join(skipped)} of {task.name!r} exceed "
+                          f"max_seq_len={model.cfg.max_seq_len} and are left out", stacklevel=2)
+    looped = is_looped(model)
+    if looped:
+        loops = default_loops(model) if loops is None else list(loops)
+        settings = list(dict.fromkeys(bool(e) for e in early_exit))
+    else:
+        loops, settings = [model.cfg.core_layers], [False]
+    if not loops or not settings:
+        raise ValueError("sweep needs at least one loop count and one early-exit setting")
+    act_on = looped and model.cfg.use_act
+    rows = []
+    for split in splits:
+        examples = sample_examples(task, split, n_examples, seed)
+        for n in loops:
+            computed: dict[str, float] | None = None
+            for exit_early in settings:
+                start = time.perf_counter()
+                if computed is None or act_on:
+                    computed = evaluate_examples(model, examples, n, exit_early, batch_size)
+                rows.append(SweepRow(
+                    model="looped" if looped else "baseline", task=task.name, split=split,
+                    n_loops=n, early_exit=exit_early, n_examples=len(examples),
+                    seconds=time.perf_counter() - start, **computed,
+                ))
+    return rows
+
+
+def perplexity(
+    model: nn.Module,
+    token_batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+    n_loops: int | None = None,
+    *,
+    ignore_id: int | None = None,
+    early_exit: bool = False,
+) -> Perplexity:
+    """Teacher-forced next-token loss over ``token_batches``.
+
+    Args:
+        model: looped or fixed-depth model (``n_loops`` is ignored by the latter).
+        token_batches: (B, L) id tensors, each predicting ``ids[:, 1:]`` from ``ids[:, :-1]``;
+            or mappings with ``input_ids`` and already shifted ``targets`` (-100 ignored), as
+            made by the task batching and the training data sources.
+        n_loops: loops per forward (default: the model's ``max_loop_iters``).
+        ignore_id: a token id (for example padding) never counted as a target.
+        early_exit: allow ACT early exit.
+    """
+    n_loops = model.cfg.max_loop_iters if n_loops is None else n_loops
+    device = _device(model)
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for batch in token_batches:
+            if isinstance(batch, Mapping):
+                ids, targets = batch["input_ids"], batch["targets"]
+            else:
+                ids, targets = batch[:, :-1], batch[:, 1:]
+            ids, targets = ids.to(device), targets.to(device)
+            if ignore_id is not None:
+                targets = targets.masked_fill(targets == ignore_id, IGNORE_INDEX)
+            logits = model(ids, n_loops, act_early_exit=early_exit)
+            total += float(F.cross_entropy(_wide(logits).flatten(0, 1), targets.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
+    if count == 0:
+        raise ValueError("perplexity: no target tokens in token_batches")
+    loss = total / count
+    return Perplexity(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count)
+
+
+_FIELDS = [f.name for f in dataclasses.fields(SweepRow)]
+
+
+def save_rows(rows: Sequence[SweepRow], path: str | Path) -> Path:
+    """Write rows as JSON (a list of objects) or CSV, chosen by the ``.json``/``.csv`` suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=_FIELDS)
+            writer.writeheader()
+            writer.writerows(dataclasses.asdict(r) for r in rows)
+    else:
+        raise ValueError(f"sweep results go to a .json or .csv file, got {str(path)!r}")
+    return path
+
+
+def load_rows(path: str | Path) -> list[SweepRow]:
+    """Inverse of :func:`save_rows`."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return [SweepRow(**r) for r in json.loads(path.read_text())]
+    if path.suffix != ".csv":
+        raise ValueError(f"sweep results are read from a .json or .csv file, got {str(path)!r}")
+    types = {f.name: f.type for f in dataclasses.fields(SweepRow)}
+    parse = {"int": int, "float": float, "str": str, "bool": lambda s: s == "True"}
+    with open(path, newline="") as fh:
+        return [SweepRow(**{k: parse[types[k]](v) for k, v in r.items()}) for r in csv.DictReader(fh)]

@@ -1,0 +1,427 @@
+"""Hugging Face ``transformers`` integration: config, causal-LM wrapper, Auto* registration.
+
+Importing this module registers the ``"openmythos"`` model type, so that, offline::
+
+    import open_mythos.integrations.hf  # noqa: F401  (or any module that imports it)
+    from transformers import AutoModelForCausalLM
+
+    hf = OpenMythosForCausalLM.from_mythos(model)          # wrap a trained OpenMythos
+    hf.save_pretrained("out/")                             # config.json + model.safetensors
+    hf = AutoModelForCausalLM.from_pretrained("out/", n_loops=8, act_early_exit=False)
+    logits = hf(input_ids, n_loops=16).logits              # per-call depth
+    ids = hf.generate(input_ids, max_new_tokens=32, do_sample=False, n_loops=16)
+
+Design:
+    * :class:`OpenMythosHFConfig` holds every :class:`~open_mythos.config.MythosConfig` field
+      under its own name, plus ``n_loops`` (default loop count, ``None``: ``max_loop_iters``)
+      and ``act_early_exit`` (``None``: on in eval mode). Both can be given to
+      ``from_pretrained`` and overridden per call in ``forward`` and ``generate``.
+    * :class:`OpenMythosForCausalLM` holds the plain :class:`~open_mythos.model.OpenMythos`
+      as ``self.model`` (parameter names ``model.<name>``); the LM head stays tied to the
+      embedding and is stored once in ``model.safetensors``.
+    * Generation uses the model's own key/value cache (:class:`MythosCache`, one entry per
+      layer *and loop depth*), not a ``transformers`` cache class: ``generate`` creates it
+      on the first forward and passes it back, so each decode step runs one token. Greedy
+      ``generate`` gives the same tokens as :func:`open_mythos.inference.generate`. The
+      cache grows by concatenation (``DictCache``), which costs a copy per step; for long
+      generations prefer :func:`open_mythos.inference.generate`, whose cache is preallocated.
+
+Tested with ``transformers`` 5.23; the code
+follows the APIs shared by 4.56+ and 5.x (dict ``_tied_weights_keys``, classic config
+``__init__``, ``_supports_default_dynamic_cache``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..config import MythosConfig
+from ..inference.cache import DictCache
+from ..layers.moe import MoEFFN
+from ..layers.norm import RMSNorm
+from ..layers.recurrence import ACTHalting, LoRAAdapter, LTIInjection
+from ..model import OpenMythos
+
+MODEL_TYPE = "openmythos"
+
+# Every MythosConfig field and its default (all defaults are plain values).
+_MYTHOS_FIELDS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(MythosConfig)}
+
+
+class OpenMythosHFConfig(PretrainedConfig):
+    """``transformers`` configuration of an OpenMythos model.
+
+    Keys: every :class:`~open_mythos.config.MythosConfig` field (same names and defaults),
+    plus:
+
+    Args:
+        n_loops: default recurrent loops of ``forward``/``generate``; ``None`` means
+            ``max_loop_iters``.
+        act_early_exit: default ACT early exit; ``None`` means on in eval mode, off in
+            training mode (the model's own rule).
+        tie_word_embeddings: must stay True: the LM head is the embedding matrix.
+        **kwargs: MythosConfig fields and the usual ``PretrainedConfig`` keys
+            (``bos_token_id``, ``eos_token_id``, ``pad_token_id``...).
+    """
+
+    model_type = MODEL_TYPE
+    attribute_map = {
+        "hidden_size": "dim",
+        "num_attention_heads": "n_heads",
+        "max_position_embeddings": "max_seq_len",
+    }
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        n_loops: int | None = None,
+        act_early_exit: bool | None = None,
+        tie_word_embeddings: bool = True,
+        **kwargs: Any,
+    ):
+        for name, default in _MYTHOS_FIELDS.items():
+            value = kwargs.pop(name, default)
+            setattr(self, name, str(value) if name == "attn_type" else value)
+        _check_n_loops(n_loops)
+        if not tie_word_embeddings:
+            raise ValueError("OpenMythos ties the LM head to the embedding; "
+                             "tie_word_embeddings=False is not supported")
+        self.n_loops = n_loops
+        self.act_early_exit = act_early_exit
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def to_mythos_config(self) -> MythosConfig:
+        """The :class:`MythosConfig` these keys describe (validated)."""
+        return MythosConfig.from_dict({name: getattr(self, name) for name in _MYTHOS_FIELDS})
+
+    @classmethod
+    def from_mythos_config(cls, cfg: MythosConfig, **kwargs: Any) -> OpenMythosHFConfig:
+        """Config for ``cfg``; ``kwargs`` adds ``n_loops``, token ids and other HF keys."""
+        return cls(**cfg.to_dict(), **kwargs)
+
+
+def _check_n_loops(n_loops: Any) -> None:
+    if n_loops is not None and (not isinstance(n_loops, int) or isinstance(n_loops, bool)
+                                or n_loops < 1):
+        raise ValueError(f"n_loops must be a positive integer or None, got {n_loops!r}")
+
+
+class MythosCache:
+    """OpenMythos key/value cache carried through ``transformers.generate``.
+
+    Wraps a :class:`~open_mythos.inference.cache.DictCache` (entries per layer and loop
+    depth, grown by concatenation) and the number of cached positions. Implements the
+    small part of the ``transformers`` cache interface that generation strategies use:
+    ``get_seq_length``, ``crop`` and ``reorder_cache`` (beam search).
+    """
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self) -> None:
+        self.store = DictCache({})
+        self.seq_len = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_len
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions (negative: drop that many from the end)."""
+        if max_length < 0:
+            max_length = self.seq_len + max_length
+        self.seq_len = max(0, min(self.seq_len, max_length))
+        self.store.truncate(self.seq_len)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows ``beam_idx`` (beam search)."""
+        for key, entry in self.store.store.items():
+            self.store.store[key] = {
+                n: t.index_select(0, beam_idx.to(t.device)) for n, t in entry.items()
+            }
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+    def __repr__(self) -> str:
+        return f"MythosCache(seq_len={self.seq_len}, nbytes={self.nbytes()})"
+
+
+class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
+    """:class:`~open_mythos.model.OpenMythos` as a ``transformers`` causal language model.
+
+    ``forward`` returns a ``CausalLMOutputWithPast``; with ``labels`` its ``loss`` is the
+    mean next-token cross entropy (labels equal to -100 ignored; MoE and ponder losses are
+    not included). Positions come from ``attention_mask`` (left padding), so
+    ``position_ids`` and ``inputs_embeds`` are not accepted.
+    """
+
+    config_class = OpenMythosHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["TransformerBlock", "RecurrentBlock"]
+    _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: OpenMythosHFConfig):
+        super().__init__(config)
+        # from_pretrained sets keyword overrides (n_loops=...) after the config's __init__.
+        _check_n_loops(config.n_loops)
+        self.model = OpenMythos(config.to_mythos_config())
+        self.post_init()
+
+    @classmethod
+    def from_mythos(cls, model: OpenMythos, **config_kwargs: Any) -> OpenMythosForCausalLM:
+        """Wrap an existing model (shared, not copied); ``config_kwargs`` as for the config.
+
+        The wrapper is built on the meta device, so no weights are allocated twice.
+        """
+        config = OpenMythosHFConfig.from_mythos_config(model.cfg, **config_kwargs)
+        with torch.device("meta"):
+            hf = cls(config)
+        hf.model = model
+        hf.train(model.training)
+        return hf
+
+    # Weights -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The initialisation of :meth:`OpenMythos.reset_parameters`, one module at a time.
+
+        ``transformers`` calls it children first, on modules whose tensors were not loaded
+        from a checkpoint; it uses ``nn.init`` functions only, which ``transformers``
+        guards so that loaded tensors are never overwritten.
+        """
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            act = self.model.recurrent.act
+            if module is act.halt:
+                # NOTE: transformers skips modules without parameters of their own, such as
+                # ACTHalting, so its halting-bias init is applied from its Linear.
+                act.reset_parameters()
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, MoEFFN):
+            module.reset_parameters()
+            nn.init.zeros_(module.router_bias)
+            nn.init.zeros_(module.load_since_update)
+        elif isinstance(module, (LoRAAdapter, LTIInjection, ACTHalting)):
+            module.reset_parameters()  # after its child Linear/Embedding, as in the model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.model.head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.model.head = value
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        raise NotImplementedError(
+            "OpenMythos cannot resize its vocabulary in place; build a model with a larger "
+            "MythosConfig.vocab_size and copy the weights")
+
+    @property
+    def mythos_config(self) -> MythosConfig:
+        return self.model.cfg
+
+    # Forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: MythosCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        n_loops: int | None = None,
+        act_early_exit: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits for ``input_ids`` (B, T).
+
+        Args:
+            input_ids: (B, T) token ids; with a cache, only the positions not yet cached.
+            attention_mask: (B, cached + T) 1 for tokens, 0 for (left) padding.
+            past_key_values: a :class:`MythosCache` from an earlier call, or None.
+            labels: (B, T) targets for the loss (shifted inside); -100 is ignored.
+            use_cache: return a :class:`MythosCache` (default False outside ``generate``).
+            n_loops: recurrent loops for this call (default ``config.n_loops``).
+            act_early_exit: ACT early exit for this call (default ``config.act_early_exit``).
+            logits_to_keep: compute logits for the last ``k`` positions only (0: all), or
+                for the positions in an index tensor.
+            output_hidden_states: also return the final normalised hidden states, as a
+                one-element tuple.
+        """
+        if inputs_embeds is not None:
+            raise ValueError("OpenMythosForCausalLM takes input_ids, not inputs_embeds")
+        if position_ids is not None:
+            raise ValueError("OpenMythosForCausalLM derives positions from attention_mask; "
+                             "position_ids is not supported")
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        n_loops = self.config.n_loops if n_loops is None else n_loops
+        if act_early_exit is None:
+            act_early_exit = self.config.act_early_exit
+
+        cache = _as_mythos_cache(past_key_values)
+        if cache is None and use_cache:
+            cache = MythosCache()
+        start = cache.seq_len if cache is not None else 0
+        T = input_ids.shape[1]
+        mask = attention_mask
+        if mask is not None:
+            if mask.shape != (input_ids.shape[0], start + T):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, cached + new) = "
+                    f"{(input_ids.shape[0], start + T)}, got {tuple(mask.shape)}")
+            if bool(mask.all()):
+                mask = None  # no padding: the plain causal path (same as inference.generate)
+
+        hidden = self.model.hidden_states(
+            input_ids, n_loops, cache.store if cache is not None else None, start,
+            attention_mask=mask, act_early_exit=act_early_exit)  # (B, T, dim)
+        if cache is not None:
+            cache.seq_len = start + T
+
+        loss = None
+        if labels is not None:
+            logits = self.model.head(hidden)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.model.head(hidden[:, keep])
+
+        out = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache if use_cache else None,
+            hidden_states=(hidden,) if output_hidden_states else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+    # Generation ----------------------------------------------------------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # NOTE: our cache has one entry per layer *and loop depth*; transformers must not
+        # create its own cache, the first forward returns a MythosCache instead.
+        return False
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: MythosCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The uncached tail of ``input_ids`` plus the cache, mask and OpenMythos options."""
+        if inputs_embeds is not None:
+            raise ValueError("OpenMythosForCausalLM.generate takes input_ids, not inputs_embeds")
+        cache = _as_mythos_cache(past_key_values)
+        start = cache.seq_len if cache is not None else 0
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids[:, start:].contiguous(),
+            "past_key_values": cache,
+            "attention_mask": attention_mask,
+        }
+        # Generation bookkeeping that forward does not take (positions come from the mask).
+        skip = {"next_sequence_length", "is_first_iteration", "cache_position", "position_ids"}
+        inputs.update({k: v for k, v in kwargs.items() if k not in skip})
+        return inputs
+
+
+def _as_mythos_cache(past_key_values: Any) -> MythosCache | None:
+    """Our cache, or None for an absent or empty foreign cache (some transformers versions
+    pass an empty ``DynamicCache``); a non-empty foreign cache is an error."""
+    if past_key_values is None or isinstance(past_key_values, MythosCache):
+        return past_key_values
+    length = getattr(past_key_values, "get_seq_length", lambda: None)()
+    if length == 0:
+        return None
+    raise TypeError(
+        f"past_key_values must be a MythosCache from an earlier OpenMythos call, got "
+        f"{type(past_key_values).__name__}")
+
+
+# Byte-level tokenizer for transformers --------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def byte_tokenizer_for_transformers() -> Any:
+    """A ``transformers`` fast tokenizer with exactly the ids of
+    :class:`~open_mythos.tokenizers.ByteTokenizer` (bytes 0..255, ``<pad>`` 256,
+    ``<bos>`` 257, ``<eos>`` 258), built locally, for ``AutoTokenizer`` users.
+
+    It adds no special tokens when encoding (like ``ByteTokenizer``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..tokenizers import ByteTokenizer
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    special = list(ByteTokenizer.SPECIAL_TOKENS)  # ids 256, 257, 258 in this order
+    tok.add_special_tokens(special)
+    # split_special_tokens: the text "<eos>" is five bytes, as with ByteTokenizer.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", clean_up_tokenization_spaces=False,
+                                   split_special_tokens=True)
+
+
+def register() -> None:
+    """Register the ``"openmythos"`` type with ``AutoConfig`` and ``AutoModelForCausalLM``
+    (idempotent; done when this module is imported)."""
+    AutoConfig.register(MODEL_TYPE, OpenMythosHFConfig, exist_ok=True)
+    AutoModelForCausalLM.register(OpenMythosHFConfig, OpenMythosForCausalLM, exist_ok=True)
+
+
+register()
+
+__all__ = [
+    "MODEL_TYPE", "MythosCache", "OpenMythosForCausalLM", "OpenMythosHFConfig",
+    "byte_tokenizer_for_transformers", "register",
+]

@@ -1,0 +1,240 @@
+"""lm-evaluation-harness model ``"openmythos"``: log-likelihoods and generation of our model.
+
+Importing this module registers :class:`OpenMythosLM` with the harness::
+
+    import lm_eval
+    import open_mythos.integrations.lm_eval  # noqa: F401  registers "openmythos"
+
+    results = lm_eval.simple_evaluate(
+        model="openmythos", model_args="pretrained=runs/my_run,n_loops=8,batch_size=8",
+        tasks=["lambada_openai"])
+
+or with a model in memory: ``OpenMythosLM(pretrained=model, tokenizer=tok, n_loops=8)``.
+
+It runs our model directly (no ``transformers`` and no ``accelerate`` needed); ``pretrained``
+may be a training checkpoint or run directory, a Hugging Face directory written by
+:mod:`open_mythos.integrations.hf`, an :class:`~open_mythos.model.OpenMythos` or an
+``OpenMythosForCausalLM``. ``n_loops`` sets the recurrent depth of every request, so a
+depth sweep is one model per loop count over the same weights.
+
+Scoring follows the harness's ``HFLM``: a request's tokens are ``context + continuation``
+truncated on the left to ``max_length + 1``, the continuation is scored by the log-softmax
+(float32) of the logits that predict it, and ``is_greedy`` says whether each of its tokens is
+the argmax. Batches are right-padded, which cannot change a causal model's scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from ..model import OpenMythos
+from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
+from .textgen import GenerationOptions, complete
+
+DEFAULT_BATCH_SIZE = 8
+
+
+@register_model("openmythos")
+class OpenMythosLM(TemplateLM):
+    """The harness's view of an OpenMythos model.
+
+    Args:
+        pretrained: checkpoint/run/Hugging Face directory, or a model object
+            (``OpenMythos`` or ``OpenMythosForCausalLM``).
+        tokenizer: tokenizer object or name for :func:`~open_mythos.tokenizers.load_tokenizer`;
+            default: the one stored with the checkpoint, else the byte tokenizer when the
+            vocabulary matches it.
+        n_loops: recurrent loops of every forward (default: the checkpoint's ``n_loops``,
+            else ``cfg.max_loop_iters``).
+        act_early_exit: ACT early exit (default: on, as in eval mode).
+        batch_size: sequences per forward (``"auto"`` means :data:`DEFAULT_BATCH_SIZE`).
+        max_length: context length (default ``cfg.max_seq_len``).
+        max_gen_toks: default cap on generated tokens for ``generate_until``.
+        device, dtype: where and in which dtype to load a checkpoint (``"bfloat16"``...).
+        add_bos_token: prefix every encoded text with BOS.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | Path | Any,
+        tokenizer: str | Tokenizer | None = None,
+        n_loops: int | None = None,
+        act_early_exit: bool | None = None,
+        batch_size: int | str = 1,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        add_bos_token: bool = False,
+    ):
+        super().__init__()
+        self.model, self.tokenizer, stored_loops = _load(pretrained, tokenizer, device, dtype)
+        self.model.eval()
+        self.n_loops = n_loops if n_loops is not None else (stored_loops or self.model.cfg.max_loop_iters)
+        if not isinstance(self.n_loops, int) or self.n_loops < 1:
+            raise ValueError(f"n_loops must be a positive integer, got {self.n_loops!r}")
+        self.act_early_exit = True if act_early_exit is None else bool(act_early_exit)
+        self.batch_size_per_call = (DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto")
+                                    else int(batch_size))
+        self._max_length = max_length or self.model.cfg.max_seq_len
+        self.max_gen_toks = max_gen_toks
+        self.add_bos_token = add_bos_token
+        self._device = next(self.model.parameters()).device
+
+    # Tokens ------------------------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+        add_bos = self.add_bos_token and add_special_tokens is not False
+        ids = self.tokenizer.encode(string, add_bos=add_bos)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    # Scoring -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
+        """float32 log-softmax over the vocabulary, (B, width, V), of right-padded ``rows``."""
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        logits = self.model(ids.to(self.device), n_loops=self.n_loops,
+                            act_early_exit=self.act_early_exit)
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        """``(sum of log p(continuation tokens), all greedy)`` for each ``(key, ctx, cont)``."""
+        for _, ctx, cont in requests:
+            if len(cont) > self.max_length:
+                raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={self.max_length}")
+            if not ctx and not cont:
+                raise ValueError("a request has neither context nor continuation tokens")
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        # Longest first, so padding is small and a too-long batch fails early.
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        bs = override_bs or self.batch_size_per_call
+        for start in tqdm(range(0, len(order), bs), disable=disable_tqdm or len(order) <= bs,
+                          desc="openmythos loglikelihood"):
+            chunk = order[start: start + bs]
+            inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chunk]
+            logprobs = self._logprobs(inputs)
+            for row, (i, inp) in enumerate(zip(chunk, inputs)):
+                key, _, cont = requests[i]
+                if not cont:
+                    results[i] = (0.0, True)
+                    continue
+                target = torch.tensor(cont, dtype=torch.long)
+                lp = logprobs[row, len(inp) - len(cont): len(inp)]  # (len(cont), V)
+                score = float(lp.gather(-1, target[:, None]).sum())
+                greedy = bool((lp.argmax(-1) == target).all())
+                results[i] = (score, greedy)
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, results[i])
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list[Instance],
+                              disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts, in disjoint windows of ``max_length`` tokens with
+        as much context as fits (the harness's rolling scheme)."""
+        out = []
+        for (text,) in tqdm([r.args for r in requests], disable=disable_tqdm,
+                            desc="openmythos rolling"):
+            windows = [
+                (None, *lm_utils.make_disjoint_window(w))
+                for w in lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)
+            ]
+            total = sum(s for s, _ in self._loglikelihood_tokens(windows, disable_tqdm=True))
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    # Generation --------------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Greedy (unless ``do_sample``) continuations, cut at the first ``until`` string."""
+        out = []
+        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm,
+                                        desc="openmythos generate"):
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            do_sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+            do_sample = do_sample and temperature > 0
+            ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]
+            if not ids:
+                ids = [self.prefix_token_id]
+            max_new = min(max_new, self.max_length - len(ids))
+            options = GenerationOptions(
+                max_new_tokens=max_new, n_loops=self.n_loops, do_sample=do_sample,
+                temperature=temperature if do_sample else 1.0, top_k=kwargs.pop("top_k", None),
+                top_p=kwargs.pop("top_p", None), stop=tuple(until),
+                seed=kwargs.pop("seed", None), act_early_exit=self.act_early_exit)
+            text = complete(self.model, self.tokenizer, [ids], options)[0].text
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            out.append(text)
+        return out
+
+
+def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: str,
+          dtype: str | torch.dtype | None) -> tuple[OpenMythos, Tokenizer, int | None]:
+    """``(model, tokenizer, stored default n_loops)`` from any accepted ``pretrained``."""
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else getattr(torch, dtype)
+    if isinstance(pretrained, (str, Path)):
+        from .convert import load_model, resolve_tokenizer
+
+        loaded = load_model(pretrained, device=device, dtype=dtype)
+        return loaded.model, resolve_tokenizer(loaded, tokenizer), loaded.n_loops
+    stored = None
+    if not isinstance(pretrained, OpenMythos):
+        hf_model = getattr(pretrained, "model", None)  # an OpenMythosForCausalLM
+        if not isinstance(hf_model, OpenMythos):
+            raise TypeError(f"pretrained must be a path, an OpenMythos or an "
+                            f"OpenMythosForCausalLM, got {type(pretrained).__name__}")
+        stored = getattr(pretrained.config, "n_loops", None)
+        pretrained = hf_model
+    if tokenizer is None:
+        if pretrained.cfg.vocab_size != ByteTokenizer().vocab_size:
+            raise ValueError("pass tokenizer= for a model whose vocabulary is not the byte tokenizer's")
+        tokenizer = "byte"
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    return pretrained, tok, stored

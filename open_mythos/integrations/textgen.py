@@ -1,0 +1,259 @@
+"""Text in, text out: batched streaming generation with stop strings.
+
+Shared by ``openmythos generate`` and the completions server. Tokens come from
+:func:`open_mythos.inference.stream`; this module turns them into text deltas that are
+safe to show as they arrive:
+
+* an incomplete UTF-8 sequence (a byte-level tokenizer emits characters byte by byte) is
+  held back until its character is complete;
+* text that could be the start of a stop string is held back until it is known not to be
+  one; a completed stop string ends that sequence and is not emitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..inference.generation import stream
+from ..inference.sampling import SamplingParams
+from ..model import OpenMythos
+from ..tokenizers import Tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+# A UTF-8 character has at most 4 bytes, so at most 3 trailing tokens can be incomplete.
+MAX_PENDING_TOKENS = 3
+
+
+class FinishReason:
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of sequence ``index``.
+
+    On its last delta, ``finish_reason`` is set and ``n_tokens`` counts the tokens it
+    generated (an end-of-sequence token included).
+    """
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    n_tokens: int = 0
+
+
+class _Sequence:
+    """Decoding state of one generated sequence."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (cut at a stop string once one is found)
+        self.emitted = 0  # characters of ``text`` already returned
+        self.n_tokens = 0
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        """Add one generated token; return the text that may be shown now."""
+        self.ids.append(token)
+        self.n_tokens += 1
+        if self._set_text(self._stable_text()):
+            return self._take(len(self.text))
+        return self._take(len(self.text) - _stop_prefix_len(self.text, self.stops))
+
+    def _stable_text(self) -> str:
+        """The decoded text without a trailing incomplete character.
+
+        A decode ending in U+FFFD may be a character whose remaining bytes are still to
+        come: drop up to :data:`MAX_PENDING_TOKENS` trailing tokens until it does not. If it
+        still does, the replacement character is final (invalid bytes), keep it.
+        """
+        full = self.tokenizer.decode(self.ids)
+        text = full
+        for held in range(1, min(MAX_PENDING_TOKENS, len(self.ids)) + 1):
+            if not text.endswith(REPLACEMENT_CHAR):
+                return text
+            text = self.tokenizer.decode(self.ids[:-held])
+        return full if text.endswith(REPLACEMENT_CHAR) else text
+
+    def finish(self, reason: str) -> str:
+        """End the sequence (EOS or length); return everything not yet shown."""
+        if self.finish_reason is None:
+            self._set_text(self.tokenizer.decode(self.ids))
+            self.finish_reason = self.finish_reason or reason
+        return self._take(len(self.text))
+
+    def _set_text(self, decoded: str) -> bool:
+        """Update the text; True (and finished) if it now contains a stop string."""
+        # Text that could start a stop string is never emitted, so a match starts at or
+        # after ``emitted``.
+        hits = [p for p in (decoded.find(s, self.emitted) for s in self.stops) if p >= 0]
+        self.text = decoded[: min(hits)] if hits else decoded
+        if hits:
+            self.finish_reason = FinishReason.STOP
+        return bool(hits)
+
+    def _take(self, end: int) -> str:
+        delta = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return delta
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    longest = min(len(text), max((len(s) for s in stops), default=1) - 1)
+    for k in range(longest, 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling and stopping options of one request.
+
+    ``do_sample``, ``temperature``, ``top_k`` and ``top_p`` are those of
+    :class:`~open_mythos.inference.sampling.SamplingParams`; ``n_loops`` None means
+    ``cfg.max_loop_iters``; ``stop`` strings end a sequence and are not part of its text;
+    ``seed`` makes sampling reproducible.
+    """
+
+    max_new_tokens: int = 64
+    n_loops: int | None = None
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    act_early_exit: bool = True
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Token ids of each prompt (strings are encoded; id lists pass through). An empty
+    prompt becomes BOS (or EOS), since the model needs at least one token."""
+    out = []
+    for p in prompts:
+        ids = tokenizer.encode(p) if isinstance(p, str) else [int(i) for i in p]
+        if not ids:
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            if start is None:
+                raise ValueError("empty prompt and the tokenizer has no BOS/EOS token to start from")
+            ids = [start]
+        out.append(ids)
+    return out
+
+
+def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: GenerationOptions) -> None:
+    """Raise ``ValueError`` now for a request that :func:`stream_text` would reject later
+    (so a server can answer 400 before it starts streaming)."""
+    SamplingParams(options.do_sample, options.temperature, options.top_k, options.top_p)
+    if not prompts:
+        raise ValueError("no prompt given")
+    if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {options.max_new_tokens!r}")
+    if options.n_loops is not None and (not isinstance(options.n_loops, int) or options.n_loops < 1):
+        raise ValueError(f"n_loops must be a positive integer, got {options.n_loops!r}")
+    vocab, limit = model.cfg.vocab_size, model.cfg.max_seq_len
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+    longest = max(len(p) for p in prompts)
+    if longest + options.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
+            f"model's context of {limit} tokens")
+
+
+def stream_text(
+    model: OpenMythos,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    options: GenerationOptions,
+) -> Iterator[TextDelta]:
+    """Generate for a batch of tokenized prompts, yielding text as it becomes final.
+
+    Every sequence ends with exactly one delta whose ``finish_reason`` is set (its text may
+    be empty). Sequences stop on the tokenizer's EOS, on a stop string, or after
+    ``options.max_new_tokens`` tokens. Prompts of different lengths are left-padded.
+
+    Raises:
+        ValueError: see :func:`validate`.
+    """
+    validate(model, prompts, options)
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    padded = bool((mask == 0).any())
+    generator = None
+    if options.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+    seqs = [_Sequence(tokenizer, options.stop) for _ in prompts]
+    eos = tokenizer.eos_token_id
+    n_loops = options.n_loops if options.n_loops is not None else model.cfg.max_loop_iters
+
+    tokens = stream(
+        model, input_ids.to(device), options.max_new_tokens, n_loops,
+        do_sample=options.do_sample, temperature=options.temperature, top_k=options.top_k,
+        top_p=options.top_p, eos_token_id=eos, pad_token_id=pad,
+        attention_mask=mask.to(device) if padded else None, generator=generator,
+        act_early_exit=options.act_early_exit)
+    try:
+        for step in tokens:
+            for i, tok in enumerate(step.tolist()):
+                seq = seqs[i]
+                if seq.finish_reason is not None:
+                    continue
+                if eos is not None and tok == eos:
+                    seq.n_tokens += 1
+                    delta = seq.finish(FinishReason.STOP)
+                else:
+                    delta = seq.push(tok)
+                if seq.finish_reason is not None:
+                    yield TextDelta(i, delta, seq.finish_reason, seq.n_tokens)
+                elif delta:
+                    yield TextDelta(i, delta)
+            if all(s.finish_reason is not None for s in seqs):
+                break
+    finally:
+        tokens.close()  # restores the model's train/eval mode even if the caller stops early
+    for i, seq in enumerate(seqs):
+        if seq.finish_reason is None:
+            delta = seq.finish(FinishReason.LENGTH)
+            yield TextDelta(i, delta, seq.finish_reason, seq.n_tokens)
+
+
+@dataclass
+class TextCompletion:
+    """Result of :func:`complete` for one prompt."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def complete(model: OpenMythos, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+             options: GenerationOptions) -> list[TextCompletion]:
+    """Non-streaming :func:`stream_text`: the whole completion of each prompt."""
+    texts = [""] * len(prompts)
+    done: dict[int, TextDelta] = {}
+    for delta in stream_text(model, tokenizer, prompts, options):
+        texts[delta.index] += delta.text
+        if delta.finish_reason is not None:
+            done[delta.index] = delta
+    return [TextCompletion(texts[i], done[i].finish_reason, len(p), done[i].n_tokens)
+            for i, p in enumerate(prompts)]

@@ -1,0 +1,50 @@
+"""Training: configuration, data, schedules, losses, checkpoints, distributed, the loop.
+
+    from open_mythos.training import load_config, Trainer, load_checkpoint
+    cfg = load_config("configs/tiny.toml", [("run.steps", 200)])
+    Trainer(cfg).train()
+    model, model_cfg = load_checkpoint(cfg.run.out)
+"""
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import (
+    ConfigError,
+    DataConfig,
+    LoopMode,
+    ModelConfig,
+    OptimConfig,
+    Parallel,
+    Precision,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+    load_config,
+    parse_override,
+    to_toml,
+)
+from .schedule import LoopSchedule, LRSchedule
+from .trainer import Trainer, TrainingDiverged, TrainState, train
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LRSchedule",
+    "LoopMode",
+    "LoopSchedule",
+    "ModelConfig",
+    "OptimConfig",
+    "Parallel",
+    "Precision",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "TrainState",
+    "Trainer",
+    "TrainingDiverged",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_config",
+    "parse_override",
+    "to_toml",
+    "train",
+]

@@ -1,0 +1,325 @@
+"""Checkpoints: atomic on disk, independent of the parallelism that wrote them.
+
+Layout of a run directory::
+
+    DIR/config.toml                    resolved training configuration
+    DIR/metrics.jsonl                  one JSON object per step
+    DIR/latest                         text: relative path of the newest checkpoint
+    DIR/checkpoints/step_00000100/
+        model.safetensors              full (unsharded) weights; tied weights stored once
+        config.json                    MythosConfig.to_dict()
+        train_config.toml              the run's resolved TrainConfig
+        optimizer.pt                   full optimizer state keyed by parameter name
+        trainer_state.pt               step, data position, bad-step counters, RNG states
+
+Atomicity: a checkpoint is written into a hidden temporary directory, flushed to disk, and
+renamed to its final name; then ``latest`` is replaced by ``os.replace``. A process killed
+at any moment leaves either the previous checkpoint as ``latest`` or the new one, complete;
+stale temporaries are removed by the next save.
+
+Model and optimizer states are gathered to full tensors with
+``torch.distributed.checkpoint.state_dict`` (works for plain, DDP and FSDP2 modules), so a
+checkpoint of a 2-process FSDP run loads in a single process and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..config import MythosConfig
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "config.json"
+TRAIN_CONFIG_FILE = "train_config.toml"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_STATE_FILE = "trainer_state.pt"
+_TMP_PREFIX = ".tmp-"
+
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclass
+class TrainingCheckpoint:
+    """Everything :func:`save_checkpoint` writes (full, unsharded, on CPU).
+
+    Attributes:
+        step: optimizer steps completed.
+        model_state: parameter and buffer tensors by name, tied duplicates removed.
+        model_config: architecture of the weights.
+        train_config_toml: resolved training configuration (text).
+        optimizer_state: ``get_optimizer_state_dict`` output (keyed by parameter name).
+        trainer_state: step, data position, counters, RNG states (plain Python and tensors).
+    """
+
+    step: int
+    model_state: dict[str, torch.Tensor]
+    model_config: MythosConfig
+    train_config_toml: str
+    optimizer_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """``{alias: owner}`` for parameters registered under several names (the LM head tied
+    to the embedding: ``{"head.weight": "embed.weight"}``)."""
+    owner: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in owner:
+            aliases[name] = owner[id(p)]
+        else:
+            owner[id(p)] = name
+    return aliases
+
+
+def gather_model_state(model: nn.Module, tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Full CPU state dict of a plain, DDP or FSDP2 model (collective: call on every rank;
+    only rank 0 receives the tensors under FSDP2), without the tied aliases."""
+    state = get_model_state_dict(model, options=_GATHER)
+    return {k: v.contiguous() for k, v in state.items() if k not in tied}
+
+
+def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Full CPU optimizer state keyed by parameter name (collective, like the model state)."""
+    return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+
+
+def restore_model_state(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str],
+                        from_rank0: bool = False) -> None:
+    """Load full weights into a plain, DDP or FSDP2 model (collective).
+
+    With ``from_rank0`` only rank 0 needs ``state`` (others pass ``{}``) and it is broadcast.
+    Tied aliases may be missing from ``state``: the tie itself is part of the module and is
+    preserved. Any other missing or unexpected key raises ``KeyError``.
+    """
+    if not from_rank0 or torch.distributed.get_rank() == 0:
+        _check_keys(model, state, tied)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0, strict=False)
+    set_model_state_dict(model, state, options=options)
+
+
+def restore_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict[str, Any], from_rank0: bool = False) -> None:
+    """Load a full optimizer state (collective; see :func:`restore_model_state`)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+    expected = set(_unwrapped(model).state_dict()) - set(tied)
+    missing, unexpected = expected - set(state), set(state) - expected - set(tied)
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model: missing {sorted(missing)}, "
+                       f"unexpected {sorted(unexpected)}")
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    for alias, owner in tied.items():
+        module_name, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+# Writing ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: str | Path, ckpt: TrainingCheckpoint, tied: dict[str, str],
+                    keep: int = 0) -> Path:
+    """Write ``ckpt`` atomically as ``run_dir/checkpoints/step_XXXXXXXX`` and point
+    ``run_dir/latest`` at it; keep the ``keep`` newest checkpoints (0: all).
+
+    Returns:
+        The final checkpoint directory.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{ckpt.step:08d}"
+    tmp = root / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    metadata = {"format": "pt", "step": str(ckpt.step), "tied": json.dumps(tied)}
+    save_file(ckpt.model_state, str(tmp / MODEL_FILE), metadata=metadata)
+    _write_text(tmp / MODEL_CONFIG_FILE, json.dumps(ckpt.model_config.to_dict(), indent=2) + "\n")
+    _write_text(tmp / TRAIN_CONFIG_FILE, ckpt.train_config_toml)
+    torch.save(ckpt.optimizer_state, tmp / OPTIMIZER_FILE)
+    torch.save({"step": ckpt.step, **ckpt.trainer_state}, tmp / TRAINER_STATE_FILE)
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+
+    final = root / name
+    if final.exists():  # re-saving a step (a resumed run that replays it): swap atomically
+        old = root / f"{_TMP_PREFIX}old-{name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(root)
+    _write_text_atomic(run_dir / LATEST, f"{CHECKPOINT_DIR}/{name}\n")
+    _prune(root, keep, final)
+    return final
+
+
+def _prune(root: Path, keep: int, current: Path) -> None:
+    for stale in root.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep <= 0:
+        return
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[:-keep]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers see the old or the new file, whole."""
+    _write_text_atomic(Path(path), text)
+
+
+def _fsync(path: Path) -> None:
+    # Directories are fsynced too, so that the renames themselves survive a power loss.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Reading ------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None.
+
+    Follows ``latest``; if it is missing or dangling, falls back to the highest
+    ``checkpoints/step_*`` directory (which exist only complete, by construction).
+    """
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        target = run_dir / pointer.read_text(encoding="utf-8").strip()
+        if (target / TRAINER_STATE_FILE).is_file():
+            return target
+    done = sorted(p for p in (run_dir / CHECKPOINT_DIR).glob("step_*") if p.is_dir())
+    return done[-1] if done else None
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory from either itself or a run directory (its latest one).
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+    """
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {str(path)!r} (expected {MODEL_FILE} or a run "
+                                f"directory with {CHECKPOINT_DIR}/step_*)")
+    return found
+
+
+def read_model_config(ckpt_dir: str | Path) -> MythosConfig:
+    """The architecture stored in a checkpoint directory."""
+    text = (Path(ckpt_dir) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")
+    return MythosConfig.from_dict(json.loads(text))
+
+
+def read_model_state(ckpt_dir: str | Path, device: str | torch.device = "cpu"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, tied aliases)`` of a checkpoint's ``model.safetensors``."""
+    path = str(Path(ckpt_dir) / MODEL_FILE)
+    with safe_open(path, framework="pt", device=str(device)) as fh:
+        tied = json.loads((fh.metadata() or {}).get("tied", "{}"))
+        state = {k: fh.get_tensor(k) for k in fh.keys()}
+    return state, tied
+
+
+def read_training_checkpoint(ckpt_dir: str | Path) -> TrainingCheckpoint:
+    """Everything a resumed run needs, from a checkpoint directory."""
+    ckpt_dir = Path(ckpt_dir)
+    state, _ = read_model_state(ckpt_dir)
+    trainer_state = torch.load(ckpt_dir / TRAINER_STATE_FILE, weights_only=True)
+    return TrainingCheckpoint(
+        step=int(trainer_state["step"]),
+        model_state=state,
+        model_config=read_model_config(ckpt_dir),
+        train_config_toml=(ckpt_dir / TRAIN_CONFIG_FILE).read_text(encoding="utf-8"),
+        optimizer_state=torch.load(ckpt_dir / OPTIMIZER_FILE, weights_only=True),
+        trainer_state=trainer_state,
+    )
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[nn.Module, MythosConfig]:
+    """An :class:`~open_mythos.OpenMythos` with a checkpoint's weights, for other tools.
+
+    Args:
+        path: a checkpoint directory (holding ``model.safetensors`` and ``config.json``) or
+            a run directory (its latest checkpoint is used).
+        device: where to put the model.
+        dtype: optional floating dtype to cast the weights to.
+
+    Returns:
+        ``(model, cfg)``; the model is in eval mode, with the head/embedding tie intact.
+    """
+    from ..model import OpenMythos
+
+    ckpt_dir = resolve_checkpoint_dir(path)
+    cfg = read_model_config(ckpt_dir)
+    state, tied = read_model_state(ckpt_dir)
+    with torch.device("meta"):
+        model = OpenMythos(cfg)
+    model_tied = tied_parameters(model)
+    model.to_empty(device="cpu")
+    _retie(model, model_tied)  # to_empty gives each alias its own new tensor
+    _check_keys(model, state, model_tied)
+    model.load_state_dict(state, strict=False)
+    # Built on the meta device, so buffers that are not saved hold garbage; in this model
+    # they are accumulators (MoE load since the last bias update) that start at zero.
+    saved = set(model.state_dict())
+    for name, buf in model.named_buffers():
+        if name not in saved:
+            buf.zero_()
+    model.to(device=device, dtype=dtype)
+    return model.eval(), cfg

@@ -1,0 +1,126 @@
+"""``openmythos train``: the command-line front end of :class:`~.trainer.Trainer`.
+
+Configuration precedence: dataclass defaults < ``--config FILE`` < the flags below <
+``--set SECTION.KEY=VALUE`` (repeatable). Every flag is a shortcut for one dotted key.
+
+Exit status: 0 on success, 2 for an invalid configuration, 1 when training diverged
+(too many consecutive non-finite steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+# (flag, dotted key, argparse keyword arguments)
+_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--variant", "model.variant", dict(help="model preset, e.g. mythos_1b")),
+    ("--task", "data.task", dict(help="algorithmic task (parity, dyck, modsum, addition, multihop)")),
+    ("--text", "data.text", dict(nargs="+", metavar="PATH", help="local text files or directories")),
+    ("--hf-dataset", "data.hf_dataset", dict(metavar="NAME",
+                                             help="stream a Hugging Face dataset (needs 'datasets')")),
+    ("--tokenizer", "data.tokenizer", dict(metavar="DIR",
+                                           help="'byte' (default) or a local tokenizer directory")),
+    ("--batch-size", "data.batch_size", dict(type=int, help="sequences per process per micro-step")),
+    ("--seq-len", "data.seq_len", dict(type=int, help="tokens per sequence")),
+    ("--lr", "optim.lr", dict(type=float, help="peak learning rate")),
+    ("--grad-accum", "optim.grad_accum", dict(type=int, help="micro-steps per optimizer step")),
+    ("--warmup-steps", "schedule.warmup_steps", dict(type=int)),
+    ("--loops", "schedule.loops", dict(choices=["fixed", "curriculum", "sampled"],
+                                       help="loop-count schedule")),
+    ("--n-loops", "schedule.n_loops", dict(type=int, help="fixed loop count, or the sampled mean")),
+    ("--min-loops", "schedule.min_loops", dict(type=int)),
+    ("--max-loops", "schedule.max_loops", dict(type=int)),
+    ("--backprop-loops", "schedule.backprop_loops", dict(
+        type=int, metavar="K", help="truncated backprop through the last K loops")),
+    ("--steps", "run.steps", dict(type=int, help="total optimizer steps")),
+    ("--out", "run.out", dict(metavar="DIR", help="run directory")),
+    ("--seed", "run.seed", dict(type=int)),
+    ("--device", "run.device", dict(help="auto (default), cpu, cuda or cuda:N")),
+    ("--precision", "run.precision", dict(choices=["fp32", "bf16"])),
+    ("--parallel", "run.parallel", dict(choices=["none", "ddp", "fsdp"],
+                                        help="data parallelism under torchrun")),
+    ("--eval-every", "run.eval_every", dict(type=int, metavar="N")),
+    ("--save-every", "run.save_every", dict(type=int, metavar="N")),
+    ("--log-every", "run.log_every", dict(type=int, metavar="N")),
+    ("--max-bad-steps", "run.max_bad_steps", dict(type=int, metavar="N")),
+    ("--compile", "run.compile", dict(action="store_const", const=True,
+                                      help="torch.compile the transformer blocks")),
+    ("--gradient-checkpointing", "run.gradient_checkpointing", dict(
+        action="store_const", const=True, help="recompute loops in backward to save memory")),
+    ("--tensorboard", "run.tensorboard", dict(action="store_const", const=True,
+                                              help="also log to DIR/tensorboard")),
+    ("--no-progress", "run.progress", dict(action="store_const", const=False,
+                                           help="no progress bar")),
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``train`` on the ``openmythos`` command."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a model on a task or on text",
+        description="Train an OpenMythos model. Single process: openmythos train --task parity "
+                    "--steps 500 --out runs/parity. Data parallel: torchrun --nproc_per_node 2 "
+                    "-m open_mythos train ... --parallel ddp (or fsdp).",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML file with [model] [data] [optim] "
+                   "[schedule] [run] sections (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override any config key (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint")
+    for flag, key, kwargs in _FLAGS:
+        kwargs = dict(kwargs)
+        kwargs["help"] = f"{kwargs.get('help', '')} [{key}]".strip()
+        if "action" not in kwargs and "choices" not in kwargs:
+            kwargs.setdefault("metavar", key.rpartition(".")[2].upper())
+        p.add_argument(flag, dest=_dest(key), default=None, **kwargs)
+    p.set_defaults(func=run)
+    return p
+
+
+def _dest(key: str) -> str:
+    return "flag__" + key.replace(".", "__")
+
+
+_SOURCES = ("data.task", "data.text", "data.hf_dataset")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~.config.TrainConfig` that ``args`` describe."""
+    from .config import UNSET, load_config, parse_override
+
+    pairs = []
+    if any(getattr(args, _dest(key)) is not None for key in _SOURCES):
+        # A data source on the command line replaces the file's, whichever it was.
+        pairs += [(key, UNSET) for key in _SOURCES]
+    pairs += [(key, getattr(args, _dest(key))) for _, key, _ in _FLAGS]
+    pairs += [parse_override(text) for text in args.overrides]
+    return load_config(args.config, pairs)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .trainer import Trainer, TrainingDiverged
+
+    try:
+        cfg = config_from_args(args)
+        state = Trainer(cfg, resume=args.resume).train()
+    except ConfigError as err:
+        _error(f"openmythos train: error: {err}")
+        return 2
+    except TrainingDiverged as err:
+        _error(f"openmythos train: training diverged: {err}")
+        return 1
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {state.step} steps ({state.bad_steps} skipped), run directory "
+              f"{cfg.run.out}", file=sys.stderr)
+    return 0
+
+
+def _error(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
+        print(msg, file=sys.stderr)

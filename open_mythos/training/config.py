@@ -1,0 +1,581 @@
+"""Training configuration: one validated dataclass per TOML section.
+
+A run is described by a TOML file with the sections ``[model]``, ``[data]``, ``[optim]``,
+``[schedule]`` and ``[run]``; every key is optional and falls back to the dataclass default.
+Command-line overrides are dotted keys (``optim.lr=1e-3``) applied on top of the file.
+Unknown sections or keys and ill-typed values raise :class:`ConfigError` naming the key.
+
+``[model]`` holds ``variant`` (a preset of :mod:`open_mythos.variants`, optional) and any
+:class:`~open_mythos.config.MythosConfig` field, which overrides the preset. Without a
+variant the fields override :data:`DEFAULT_MODEL`, a small model that trains on a CPU. A
+``vocab_size`` that is not given is taken from the data (tokenizer or task vocabulary).
+
+The resolved configuration is written beside the run (``DIR/config.toml``) by
+:func:`to_toml`, which :func:`load_config` reads back to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ..config import MythosConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, packaged as tomli
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, ill-typed or out of range; the message names it."""
+
+
+class LoopMode(str, Enum):
+    """How the number of recurrent loops is chosen for each training step."""
+
+    FIXED = "fixed"  # always schedule.n_loops
+    CURRICULUM = "curriculum"  # linear ramp from min_loops to max_loops
+    SAMPLED = "sampled"  # Poisson-lognormal around n_loops, clipped to [min_loops, max_loops]
+
+
+class LRDecay(str, Enum):
+    """Learning-rate shape after warmup."""
+
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
+class Precision(str, Enum):
+    """Compute precision. Master weights and optimizer state stay float32 in both."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Parallel(str, Enum):
+    """Data parallelism across ``torchrun`` processes."""
+
+    NONE = "none"
+    DDP = "ddp"
+    FSDP = "fsdp"  # FSDP2 ``fully_shard`` per transformer block, then the root
+
+
+# A model that trains at a few hundred steps per minute on two CPU cores. ``vocab_size`` is
+# deliberately absent: it comes from the data.
+DEFAULT_MODEL: dict[str, Any] = dict(
+    dim=128, n_heads=4, n_kv_heads=2, max_seq_len=256, max_loop_iters=8, prelude_layers=1,
+    coda_layers=1, attn_type="gqa", n_experts=8, n_shared_experts=1, n_experts_per_tok=2,
+    expert_dim=64, lora_rank=8,
+)
+
+
+@dataclass
+class ModelConfig:
+    """``[model]``: the architecture.
+
+    Attributes:
+        variant: name of a preset in ``open_mythos.variants.VARIANTS`` (``"mythos_1b"``),
+            or None for :data:`DEFAULT_MODEL`.
+        overrides: ``MythosConfig`` fields set in the file or on the command line; they
+            win over the preset. Written flat in TOML (``[model] dim = 64``).
+    """
+
+    variant: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, data_vocab_size: int) -> MythosConfig:
+        """The model configuration for data whose ids are below ``data_vocab_size``.
+
+        Raises:
+            ConfigError: unknown variant, invalid field, or a vocabulary too small for the data.
+        """
+        if self.variant is not None:
+            base = _variant_config(self.variant).to_dict()
+        else:
+            base = {**DEFAULT_MODEL, "vocab_size": data_vocab_size}
+        merged = {**base, **self.overrides}
+        try:
+            cfg = MythosConfig.from_dict(merged)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"[model] {err}") from None
+        if cfg.vocab_size < data_vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.vocab_size} is smaller than the data vocabulary "
+                f"({data_vocab_size} ids); raise it or leave it unset"
+            )
+        return cfg
+
+
+@dataclass
+class DataConfig:
+    """``[data]``: where batches come from. At most one of ``task``, ``text``, ``hf_dataset``;
+    none means the built-in corpus (the Python documentation topics, no download).
+
+    Attributes:
+        task: name of an algorithmic task (``open_mythos.tasks.list_tasks()``).
+        task_args: keyword arguments of the task's constructor (difficulty knobs).
+        val_split: task split used for validation.
+        text: local text files or directories of them.
+        hf_dataset: Hugging Face dataset name, streamed (needs the ``datasets`` package).
+        hf_config: dataset configuration name.
+        hf_split: dataset split to stream.
+        hf_text_field: column holding the text.
+        tokenizer: ``"byte"`` or a local Hugging Face tokenizer directory (text data only).
+        batch_size: sequences per process per micro-step; the global batch is
+            ``batch_size * world_size * optim.grad_accum``.
+        seq_len: tokens per sequence; None means the task's longest example, or 128 for text.
+        val_fraction: share of the text corpus (its tail) held out for validation.
+        eval_batches: global batches in each validation pass.
+    """
+
+    task: str | None = None
+    task_args: dict[str, Any] = field(default_factory=dict)
+    val_split: str = "id"
+    text: list[str] = field(default_factory=list)
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    tokenizer: str = "byte"
+    batch_size: int = 8
+    seq_len: int | None = None
+    val_fraction: float = 0.05
+    eval_batches: int = 4
+
+    def __post_init__(self) -> None:
+        sources = [n for n in ("task", "text", "hf_dataset") if getattr(self, n)]
+        if len(sources) > 1:
+            raise ConfigError(f"data: choose one source, got {' and '.join(sources)}")
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.eval_batches", self.eval_batches)
+        if self.seq_len is not None:
+            _positive("data.seq_len", self.seq_len)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """``[optim]``: objective and AdamW.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: decoupled decay, applied to matrices only (not to norms, biases,
+            embeddings or any 1-D parameter).
+        beta1, beta2, eps: AdamW moments.
+        grad_clip: maximum global gradient norm; 0 disables clipping.
+        grad_accum: micro-steps accumulated per optimizer step.
+        ponder_weight: weight of the mean ACT ponder cost (expected loops) in the loss.
+        aux_weight: weight of the MoE auxiliary balance loss. It is computed per process,
+            so it is the one term that data parallelism does not reproduce exactly (a
+            product of batch means); the router-bias balancing runs on global loads.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ponder_weight: float = 0.0
+    aux_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        for name in ("weight_decay", "eps", "grad_clip", "ponder_weight", "aux_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        _positive("optim.grad_accum", self.grad_accum)
+
+
+@dataclass
+class ScheduleConfig:
+    """``[schedule]``: learning-rate and loop-count schedules.
+
+    Attributes:
+        warmup_steps: linear warmup from ``lr / warmup_steps`` to ``lr``.
+        lr_decay: shape after warmup.
+        min_lr_ratio: cosine floor as a fraction of ``lr``.
+        decay_steps: step at which the cosine reaches its floor; None means ``run.steps``.
+        loops: how each step's loop count is chosen (:class:`LoopMode`).
+        n_loops: the fixed count, or the mean of the sampled counts.
+        min_loops, max_loops: range of the curriculum and clip range of sampled counts.
+        loop_sigma: standard deviation of the log-normal rate of sampled counts.
+        curriculum_steps: length of the curriculum ramp; None means ``run.steps``.
+        eval_loops: loops used for validation; None means ``max_loops`` for a curriculum,
+            else ``n_loops``.
+        backprop_loops: truncated backpropagation through the last ``k`` loops only
+            (the earlier ones run without autograd); None differentiates every loop.
+    """
+
+    warmup_steps: int = 100
+    lr_decay: LRDecay = LRDecay.COSINE
+    min_lr_ratio: float = 0.1
+    decay_steps: int | None = None
+    loops: LoopMode = LoopMode.FIXED
+    n_loops: int = 4
+    min_loops: int = 1
+    max_loops: int = 8
+    loop_sigma: float = 0.5
+    curriculum_steps: int | None = None
+    eval_loops: int | None = None
+    backprop_loops: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        for name in ("n_loops", "min_loops", "max_loops", "decay_steps", "curriculum_steps",
+                     "eval_loops", "backprop_loops"):
+            if getattr(self, name) is not None:
+                _positive(f"schedule.{name}", getattr(self, name))
+        if self.min_loops > self.max_loops:
+            raise ConfigError(
+                f"schedule.min_loops={self.min_loops} must be <= max_loops={self.max_loops}")
+        if self.loops is LoopMode.SAMPLED and not self.min_loops <= self.n_loops <= self.max_loops:
+            raise ConfigError(
+                f"schedule.n_loops={self.n_loops} (the mean of sampled loops) must lie in "
+                f"[min_loops, max_loops] = [{self.min_loops}, {self.max_loops}]")
+        if not (self.loop_sigma >= 0 and math.isfinite(self.loop_sigma)):
+            raise ConfigError(f"schedule.loop_sigma={self.loop_sigma} must be finite and >= 0")
+
+    @property
+    def resolved_eval_loops(self) -> int:
+        if self.eval_loops is not None:
+            return self.eval_loops
+        return self.max_loops if self.loops is LoopMode.CURRICULUM else self.n_loops
+
+
+@dataclass
+class RunConfig:
+    """``[run]``: length, hardware and bookkeeping.
+
+    Attributes:
+        out: run directory (metrics, checkpoints, resolved config).
+        steps: optimizer steps in total (a resumed run continues up to this number).
+        seed: seeds model init, data order, loop sampling and dropout.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        precision: :class:`Precision` (bf16 autocast, or FSDP2 bf16 parameters).
+        compile: ``torch.compile`` each transformer block.
+        parallel: :class:`Parallel` mode under ``torchrun``.
+        gradient_checkpointing: recompute each loop in the backward pass (less memory).
+        log_every: steps between progress-bar and TensorBoard updates (metrics.jsonl gets
+            every step).
+        eval_every: steps between validation passes; 0 disables them.
+        save_every: steps between checkpoints; 0 saves only at the end.
+        keep_checkpoints: most recent checkpoints kept; 0 keeps all.
+        tensorboard: also log to ``DIR/tensorboard`` (needs the ``tensorboard`` package).
+        progress: show a tqdm progress bar.
+        max_bad_steps: consecutive non-finite steps (skipped) after which the run stops.
+    """
+
+    out: str = "runs/openmythos"
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    precision: Precision = Precision.FP32
+    compile: bool = False
+    parallel: Parallel = Parallel.NONE
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    tensorboard: bool = False
+    progress: bool = True
+    max_bad_steps: int = 10
+
+    def __post_init__(self) -> None:
+        _positive("run.steps", self.steps)
+        _positive("run.log_every", self.log_every)
+        _positive("run.max_bad_steps", self.max_bad_steps)
+        for name in ("eval_every", "save_every", "keep_checkpoints", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name}={getattr(self, name)} must be >= 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"run.device={self.device!r} is invalid: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: one attribute per TOML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
+        """Build from nested plain data (a parsed TOML document).
+
+        Raises:
+            ConfigError: unknown section or key, ill-typed or out-of-range value.
+        """
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        _reject_unknown("section", raw, sections, prefix="")
+        built: dict[str, Any] = {}
+        for name, value in raw.items():
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"[{name}] must be a table of keys, got {value!r}")
+            if name == "model":
+                built[name] = _build_model_section(value)
+            else:
+                section_cls = typing.get_type_hints(cls)[name]
+                built[name] = _build_section(section_cls, name, value)
+        return cls(**built)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain data (enums as strings, None values dropped): the inverse of
+        :meth:`from_dict`."""
+        out: dict[str, dict[str, Any]] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if isinstance(section, ModelConfig):
+                flat = {"variant": section.variant, **section.overrides}
+            else:
+                flat = {sf.name: getattr(section, sf.name) for sf in dataclasses.fields(section)}
+            out[f.name] = {k: _plain(v) for k, v in flat.items() if v is not None}
+        return out
+
+
+UNSET: Any = object()
+"""Override value that removes a key, restoring its default (``("data.task", UNSET)``)."""
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[tuple[str, Any]] = ()
+) -> TrainConfig:
+    """Read a TOML file (or start from defaults) and apply dotted-key overrides.
+
+    Args:
+        path: TOML file, or None for the defaults.
+        overrides: ``("optim.lr", 1e-3)`` pairs applied in order after the file; a value of
+            None is ignored (a command-line flag that was not given), :data:`UNSET` removes
+            the key.
+
+    Raises:
+        ConfigError: a missing or malformed file, or any error of :meth:`TrainConfig.from_dict`.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    for key, value in overrides:
+        if value is not None:
+            _set_dotted(raw, key, value)
+    return TrainConfig.from_dict(raw)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``.
+
+    The value is read as a TOML value (numbers, booleans, ``[lists]``, ``"strings"``); if
+    that fails it is taken as a bare string, so ``model.attn_type=mla`` works unquoted.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"override {text!r} must look like SECTION.KEY=VALUE (e.g. optim.lr=1e-3)")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key, parsed
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The configuration as a TOML document that :func:`load_config` reads back equal."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+# Building and type checking ----------------------------------------------------------------
+
+
+def _build_model_section(raw: Mapping[str, Any]) -> ModelConfig:
+    hints = typing.get_type_hints(MythosConfig)
+    allowed = {"variant": None, **{f.name: None for f in dataclasses.fields(MythosConfig)}}
+    _reject_unknown("key", raw, allowed, prefix="model.")
+    overrides = {}
+    variant = None
+    for key, value in raw.items():
+        if key == "variant":
+            variant = _coerce("model.variant", value, str | None)
+        else:
+            overrides[key] = _coerce(f"model.{key}", value, hints[key])
+    return ModelConfig(variant=variant, overrides=overrides)
+
+
+def _build_section(cls: type, name: str, raw: Mapping[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown("key", raw, fields, prefix=f"{name}.")
+    hints = typing.get_type_hints(cls)
+    values = {key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in raw.items()}
+    return cls(**values)
+
+
+def _reject_unknown(kind: str, raw: Mapping[str, Any], known: Mapping[str, Any], prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            choices = ", ".join(sorted(known))
+            raise ConfigError(f"unknown config {kind} '{prefix}{key}'{hint} (known: {choices})")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the type annotation ``hint``; ints widen to floats, strings
+    become enum members, ``"none"`` becomes None for optional non-string fields."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (
+            isinstance(value, str) and value.lower() == "none" and str not in args
+        ):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}={value!r} has the wrong type")
+    if hint is Any:
+        return value
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in hint)
+            raise ConfigError(f"{key}={value!r} is invalid: use one of {allowed}") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a boolean (true or false)")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):  # a single path given where a list is expected
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r} must be a table")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported annotation {hint!r}")
+
+
+def _positive(key: str, value: int) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value} must be > 0")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must look like SECTION.KEY")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a table")
+        node = child
+    if value is UNSET:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
+
+
+# TOML writing (the stdlib reads TOML but does not write it) -----------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # inf, nan and 1e-05 are valid TOML floats
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are a subset of TOML's
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        body = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()
+                         if v is not None)
+        return "{ " + body + " }" if body else "{}"
+    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
+
+
+def _variant_config(name: str) -> MythosConfig:
+    # Imported here: the variants module is optional for training a custom model.
+    try:
+        from ..variants import get_variant
+    except ImportError as err:
+        raise ConfigError(f"model.variant={name!r} needs open_mythos.variants: {err}") from None
+    try:
+        return get_variant(name)
+    except ValueError as err:
+        raise ConfigError(f"model.variant: {err}") from None

@@ -1,0 +1,202 @@
+"""Process groups and model wrapping for data-parallel training with PyTorch's own stack.
+
+Launch with ``torchrun --nproc_per_node N -m open_mythos train ... --parallel ddp|fsdp``.
+The backend is NCCL on CUDA and Gloo on CPU. Without ``torchrun``, ``ddp``/``fsdp`` start a
+one-process group, so the same code paths run (and are testable) on one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError, Parallel, Precision
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits.
+
+    Attributes:
+        parallel: the data-parallel mode.
+        rank, world_size, local_rank: from ``torchrun`` (0, 1, 0 without it).
+        device: this process's device.
+        owns_group: whether :func:`setup` created the process group (and must destroy it).
+    """
+
+    parallel: Parallel
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether collectives run (any parallel mode, even on one process)."""
+        return self.parallel is not Parallel.NONE
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:local_rank`` when CUDA is available, else CPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        spec = f"cuda:{local_rank}"
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={spec!r} but CUDA is not available; use --device cpu")
+    return device
+
+
+def setup(parallel: Parallel, device_spec: str) -> DistContext:
+    """Join (or create) the process group that ``parallel`` needs and pick the device.
+
+    Raises:
+        ConfigError: ``torchrun`` started several processes but ``parallel`` is ``none``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if parallel is Parallel.NONE:
+        if world > 1:
+            raise ConfigError(
+                f"torchrun started {world} processes but run.parallel is 'none'; "
+                "pass --parallel ddp or --parallel fsdp")
+        return DistContext(parallel, 0, 1, 0, resolve_device(device_spec), False)
+
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():  # a caller (e.g. a test harness) already made the group
+        return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, False)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                rank=0, world_size=1)
+    return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, True)
+
+
+def teardown(ctx: DistContext) -> None:
+    """Destroy the process group if :func:`setup` created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port that is free on localhost right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP2 shards separately: each Prelude and Coda block, and the whole
+    recurrent block (its parameters are gathered once and reused by every loop)."""
+    return [*model.prelude, model.recurrent, *model.coda]
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, precision: Precision) -> nn.Module:
+    """Apply the data-parallel wrapper of ``ctx.parallel`` to a model already on
+    ``ctx.device`` (identical on every rank).
+
+    - ``none``: the model itself.
+    - ``ddp``: ``DistributedDataParallel``. Buffers are not re-broadcast at every forward:
+      the only persistent one, the MoE router bias, is updated from all-reduced loads and so
+      stays identical on every rank by construction.
+    - ``fsdp``: ``fully_shard`` on every block of :func:`transformer_blocks`, then on the root
+      (embedding, final norm and the tied head share the root's parameter group). With bf16,
+      a ``MixedPrecisionPolicy`` gathers parameters in bf16 and reduces gradients in fp32.
+    """
+    if ctx.parallel is Parallel.NONE:
+        return model
+    if ctx.parallel is Parallel.DDP:
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Newer PyTorch renames broadcast_buffers (and warns on the old name).
+        sync = ("forward_sync_buffers"
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else "broadcast_buffers")
+        return DistributedDataParallel(
+            model,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            # The halting head receives no gradient when ACT is off.
+            find_unused_parameters=not model.cfg.use_act,
+            **{sync: False},
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if precision is Precision.BF16 else MixedPrecisionPolicy())
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, ctx: DistContext, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-steps (``enabled=False``)."""
+    if enabled or ctx.parallel is Parallel.NONE:
+        yield
+    elif ctx.parallel is Parallel.DDP:
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def all_reduce(tensor: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``"sum"`` or ``"max"``) across ranks; identity on one process."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def gather_objects(obj: object, ctx: DistContext) -> list[object] | None:
+    """Every rank's ``obj`` on rank 0 (None elsewhere); ``[obj]`` on one process."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[object] | None = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj: object, ctx: DistContext) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()

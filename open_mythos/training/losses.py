@@ -1,0 +1,92 @@
+"""The training objective: next-token cross-entropy + ponder cost + MoE balance loss.
+
+The cross-entropy is normalised by the number of supervised tokens of the *global* batch
+(all micro-steps of all ranks), not per micro-batch, so that gradient accumulation and data
+parallelism give the gradient of one big batch even when batches hold different numbers of
+supervised tokens (task batches mask the prompt with -100).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossParts:
+    """One micro-batch's contribution.
+
+    Attributes:
+        objective: differentiable scalar to call ``backward`` on (already scaled so that the
+            sum over micro-steps, averaged over data-parallel ranks, is the step's loss).
+        ce_sum: detached float32 sum of the token cross-entropies.
+        ponder: detached mean ponder cost (expected loops per position).
+        aux: detached MoE balance loss (0 when the model reports none).
+    """
+
+    objective: torch.Tensor
+    ce_sum: torch.Tensor
+    ponder: torch.Tensor
+    aux: torch.Tensor
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over supervised positions, in float32.
+
+    Args:
+        logits: (B, T, V) in any float dtype.
+        targets: (B, T) long, ``IGNORE_INDEX`` where there is no loss.
+
+    Returns:
+        float32 scalar (0 when no position is supervised).
+    """
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def count_targets(targets: torch.Tensor) -> int:
+    """Number of supervised positions of a (B, T) target tensor."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def compute_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ponder_cost: torch.Tensor | None,
+    aux_loss: torch.Tensor | None,
+    *,
+    ponder_weight: float,
+    aux_weight: float,
+    ce_scale: float,
+    reg_scale: float,
+) -> LossParts:
+    """Objective of one micro-batch.
+
+    ``objective = ce_sum * ce_scale + reg_scale * (ponder_weight * mean(ponder_cost)
+    + aux_weight * aux_loss)``. With ``W`` data-parallel ranks (which average gradients) and
+    ``A`` accumulation micro-steps, pass ``ce_scale = W / n_supervised_global`` and
+    ``reg_scale = 1 / A``: the averaged gradient is then that of
+    ``ce_mean_global + ponder_weight * ponder_mean + aux_weight * aux_mean``.
+
+    Args:
+        logits: (B, T, V).
+        targets: (B, T) long with ``IGNORE_INDEX`` holes.
+        ponder_cost: (B, T) differentiable expected loops, or None.
+        aux_loss: scalar MoE balance loss, or None.
+    """
+    ce_sum = cross_entropy_sum(logits, targets)
+    zero = ce_sum.new_zeros(())
+    ponder = ponder_cost.float().mean() if ponder_cost is not None else zero
+    aux = aux_loss.float() if aux_loss is not None else zero
+    objective = ce_sum * ce_scale
+    if ponder_weight:
+        objective = objective + reg_scale * ponder_weight * ponder
+    if aux_weight:
+        objective = objective + reg_scale * aux_weight * aux
+    return LossParts(objective, ce_sum.detach(), ponder.detach(), aux.detach())

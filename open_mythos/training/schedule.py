@@ -1,0 +1,91 @@
+"""Per-step schedules: the learning rate and the number of recurrent loops.
+
+Both are pure functions of the step index (and the seed), so they need no state of their
+own in a checkpoint, every ``torchrun`` rank computes the same value without
+communication, and a resumed run continues them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import LoopMode, LRDecay, ScheduleConfig
+
+# Mixed into the seed of the loop sampler so that its stream is independent of the data
+# order and model init drawn from the same run seed.
+_LOOP_STREAM = 0x100B5
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warmup then cosine (or constant) decay.
+
+    ``lr(step)`` is the rate of the optimizer update of step ``step`` (0-based)::
+
+        step < warmup:  base * (step + 1) / warmup
+        otherwise:      floor + (base - floor) * (1 + cos(pi * p)) / 2,
+                        p = min(1, (step - warmup) / max(1, decay_steps - warmup)),
+                        floor = base * min_lr_ratio          (cosine)
+                        base                                 (constant)
+    """
+
+    base_lr: float
+    warmup_steps: int
+    decay_steps: int
+    min_lr_ratio: float = 0.1
+    decay: LRDecay = LRDecay.COSINE
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig, base_lr: float, total_steps: int) -> LRSchedule:
+        decay_steps = cfg.decay_steps if cfg.decay_steps is not None else total_steps
+        return cls(base_lr, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio, cfg.lr_decay)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.decay is LRDecay.CONSTANT:
+            return self.base_lr
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps))
+        floor = self.base_lr * self.min_lr_ratio
+        return floor + (self.base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LoopSchedule:
+    """The number of recurrent loops of each training step.
+
+    - ``fixed``: always ``n_loops``.
+    - ``curriculum``: ``round`` of a linear ramp from ``min_loops`` (step 0) to ``max_loops``
+      (step ``curriculum_steps - 1`` and after).
+    - ``sampled``: Poisson-lognormal (as in Geiping et al. 2025, "Scaling up test-time
+      compute with latent reasoning"): ``rate = exp(tau)``, ``tau ~ N(log(n_loops) -
+      sigma^2 / 2, sigma)``, so ``E[rate] = n_loops``; ``loops ~ Poisson(rate)``, clipped to
+      ``[min_loops, max_loops]``. Drawn from a generator seeded by ``(seed, step)``.
+    """
+
+    mode: LoopMode
+    n_loops: int
+    min_loops: int
+    max_loops: int
+    sigma: float
+    curriculum_steps: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig, total_steps: int, seed: int) -> LoopSchedule:
+        ramp = cfg.curriculum_steps if cfg.curriculum_steps is not None else total_steps
+        return cls(cfg.loops, cfg.n_loops, cfg.min_loops, cfg.max_loops, cfg.loop_sigma, ramp, seed)
+
+    def __call__(self, step: int) -> int:
+        if self.mode is LoopMode.FIXED:
+            return self.n_loops
+        if self.mode is LoopMode.CURRICULUM:
+            frac = min(1.0, step / max(1, self.curriculum_steps - 1))
+            return int(round(self.min_loops + (self.max_loops - self.min_loops) * frac))
+        rng = np.random.default_rng([self.seed, step, _LOOP_STREAM])
+        tau = rng.normal(math.log(self.n_loops) - 0.5 * self.sigma**2, self.sigma)
+        loops = int(rng.poisson(math.exp(tau)))
+        return min(self.max_loops, max(self.min_loops, loops))

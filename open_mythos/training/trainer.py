@@ -1,0 +1,508 @@
+"""The training loop: recurrence-aware steps, skipping of non-finite steps, exact resume.
+
+One process::
+
+    openmythos train --task parity --steps 300 --out runs/parity --seed 0
+    openmythos train --task parity --steps 600 --out runs/parity --seed 0 --resume
+
+Data parallel (per-rank batch x world = global batch)::
+
+    torchrun --nproc_per_node 2 -m open_mythos train --task parity --parallel ddp --out runs/ddp
+    torchrun --nproc_per_node 8 -m open_mythos train --config configs/small.toml --parallel fsdp
+
+A step: pick the loop count (same on every rank, checked), run ``grad_accum`` micro-batches
+(forward, loss, backward; gradients synchronised on the last one), clip, and either apply
+the update (AdamW, then the MoE router-bias balancing step) or, if the loss or the gradient
+norm is not finite, skip it and count it. ``run.max_bad_steps`` skipped steps in a row stop
+the run with :class:`TrainingDiverged`.
+
+Reproducibility: model init, data, loop counts and learning rate are functions of the seed
+and the step, and the checkpoint holds weights, optimizer, data position, counters and the
+RNG states of every rank, so a run killed and resumed from a checkpoint produces the same
+per-step losses as one that never stopped (bit-exact on CPU in fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import MythosConfig
+from ..layers.norm import RMSNorm
+from ..model import OpenMythos
+from .checkpoint import (
+    TRAINER_STATE_FILE,
+    TrainingCheckpoint,
+    gather_model_state,
+    gather_optimizer_state,
+    latest_checkpoint,
+    read_model_config,
+    read_training_checkpoint,
+    restore_model_state,
+    restore_optimizer_state,
+    save_checkpoint,
+    tied_parameters,
+    write_text_atomic,
+)
+from .config import ConfigError, ModelConfig, Parallel, Precision, TrainConfig, to_toml
+from .data import TRAIN, VAL, DataSource, build_data_source
+from .distributed import (
+    all_reduce,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    gradient_sync,
+    setup,
+    teardown,
+    unwrap,
+    wrap_model,
+)
+from .losses import IGNORE_INDEX, compute_loss, count_targets, cross_entropy_sum
+from .schedule import LoopSchedule, LRSchedule
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.toml"
+
+LossHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint.
+
+    Attributes:
+        step: optimizer steps completed (skipped steps included).
+        position: global training batches consumed (one per step).
+        bad_steps: steps skipped because of a non-finite loss or gradient norm, in total.
+        consecutive_bad: such steps since the last good one.
+    """
+
+    step: int = 0
+    position: int = 0
+    bad_steps: int = 0
+    consecutive_bad: int = 0
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay on matrices only; none on embeddings (the tied
+    head included), norm gains, biases or any other parameter with fewer than 2 dims.
+
+    Build it after FSDP2 sharding: ``fully_shard`` replaces the parameters.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            exempt = isinstance(module, (nn.Embedding, RMSNorm, nn.LayerNorm)) or p.ndim < 2
+            (no_decay if exempt or name == "bias" else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's Python and torch RNG states (CUDA included when in use)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(_as_random_state(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _as_random_state(s: Any) -> tuple:
+    # A state that went through torch.save/load or broadcast_object may have lists for tuples.
+    version, internal, gauss = s
+    return (version, tuple(internal), gauss)
+
+
+class Trainer:
+    """Runs one training job described by a :class:`TrainConfig`.
+
+    Args:
+        cfg: the configuration.
+        resume: continue from the latest checkpoint in ``cfg.run.out`` (start fresh if there
+            is none). Without it, a directory that already holds a run is an error.
+        loss_hook: ``(step, objective) -> objective`` applied to every micro-batch's loss
+            before ``backward``; for fault-injection tests and debugging.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, loss_hook: LossHook | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.loss_hook = loss_hook
+        self.out = Path(cfg.run.out)
+        self.state = TrainState()
+        self.last_checkpoint: Path | None = None
+
+    # Setup ------------------------------------------------------------------------------------
+
+    def train(self) -> TrainState:
+        """Train up to ``cfg.run.steps`` and return the final counters.
+
+        Raises:
+            ConfigError: an invalid configuration or run directory.
+            TrainingDiverged: ``run.max_bad_steps`` non-finite steps in a row.
+        """
+        self.ctx = setup(self.cfg.run.parallel, self.cfg.run.device)
+        try:
+            self._setup()
+            try:
+                self._loop()
+            finally:
+                self._close()
+        finally:
+            teardown(self.ctx)
+        return self.state
+
+    def _setup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        random.seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)
+        self.data: DataSource = build_data_source(cfg.data, cfg.run.seed, ctx.world_size)
+        self.model_cfg: MythosConfig = cfg.model.build(self.data.vocab_size)
+        if self.data.seq_len > self.model_cfg.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                              f"{self.model_cfg.max_seq_len}")
+        self.resolved = dataclasses.replace(
+            cfg,
+            model=ModelConfig(cfg.model.variant, self.model_cfg.to_dict()),
+            data=dataclasses.replace(cfg.data, seq_len=self.data.seq_len),
+        )
+        ckpt_dir = self._prepare_run_dir()
+
+        # Same seed on every rank: FSDP2 shards each rank's own copy of the initial weights.
+        torch.manual_seed(cfg.run.seed)
+        core = OpenMythos(self.model_cfg)
+        core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
+        core.to(ctx.device)
+        self.tied = tied_parameters(core)
+        if cfg.run.compile:
+            _compile_blocks(core, cfg.schedule.max_loops)
+        self.model = wrap_model(core, ctx, cfg.run.precision)
+        self.core: OpenMythos = unwrap(self.model)
+        self.optimizer = build_optimizer(self.core, cfg.optim.lr, cfg.optim.weight_decay,
+                                         (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
+        self.lr_at = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, cfg.run.steps)
+        self.loops_at = LoopSchedule.from_config(cfg.schedule, cfg.run.steps, cfg.run.seed)
+        # Dropout and any other sampling differ per rank, reproducibly.
+        torch.manual_seed(cfg.run.seed * 1009 + ctx.rank + 1)
+        random.seed(cfg.run.seed * 1009 + ctx.rank + 1)
+        if ckpt_dir is not None:
+            self._restore(ckpt_dir)
+
+        self.metrics = open(self.out / METRICS_FILE, "a", buffering=1) if ctx.is_main else None
+        self.tb = self._tensorboard() if cfg.run.tensorboard and ctx.is_main else None
+        self.bar = tqdm(total=cfg.run.steps, initial=self.state.step, unit="step", desc="train",
+                        dynamic_ncols=True, file=sys.stderr,
+                        disable=not (ctx.is_main and cfg.run.progress))
+        n_params = sum(p.numel() for p in self.core.parameters())
+        self._log(f"model: {n_params:,} parameters ({self.model_cfg.attn_type}, dim "
+                  f"{self.model_cfg.dim}, {self.model_cfg.n_experts} experts)  data: "
+                  f"{self.data.describe()}  device: {ctx.device} x{ctx.world_size} "
+                  f"({cfg.run.parallel.value}, {cfg.run.precision.value})  out: {self.out}")
+
+    def _prepare_run_dir(self) -> Path | None:
+        """Check the run directory (and, to resume, that the model is unchanged), then write
+        the resolved config; returns the checkpoint to resume from. Nothing is written when
+        a check fails."""
+        error, ckpt = None, None
+        if self.ctx.is_main:
+            metrics = self.out / METRICS_FILE
+            ckpt = latest_checkpoint(self.out) if self.out.exists() else None
+            if not self.resume and (ckpt is not None or metrics.exists()):
+                error = (f"{self.out} already holds a run; pass --resume to continue it or "
+                         "choose another --out")
+            elif ckpt is not None and read_model_config(ckpt) != self.model_cfg:
+                saved, now = read_model_config(ckpt).to_dict(), self.model_cfg.to_dict()
+                diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}"
+                                 for k in saved if saved[k] != now[k])
+                error = f"cannot resume {ckpt}: the model configuration changed ({diff})"
+            else:
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.out / CONFIG_FILE, to_toml(self.resolved))
+                if self.resume:
+                    _truncate_metrics(metrics, ckpt)
+        error, ckpt = broadcast_object((error, ckpt), self.ctx)
+        if error:
+            raise ConfigError(error)
+        return ckpt
+
+    def _restore(self, ckpt_dir: Path) -> None:
+        ctx = self.ctx
+        # Rank 0 reads the files; the states are broadcast (no shared filesystem needed).
+        ckpt = read_training_checkpoint(ckpt_dir) if ctx.is_main else None
+        from_rank0 = ctx.distributed
+        restore_model_state(self.model, ckpt.model_state if ctx.is_main else {}, self.tied, from_rank0)
+        restore_optimizer_state(self.model, self.optimizer,
+                                ckpt.optimizer_state if ctx.is_main else {}, from_rank0)
+        trainer_state = broadcast_object(ckpt.trainer_state if ctx.is_main else None, ctx)
+        self.state = TrainState(
+            step=int(trainer_state["step"]), position=int(trainer_state["position"]),
+            bad_steps=int(trainer_state["bad_steps"]),
+            consecutive_bad=int(trainer_state["consecutive_bad"]))
+        rngs = trainer_state["rng"]
+        if len(rngs) == ctx.world_size:
+            set_rng_state(rngs[ctx.rank], ctx.device)
+        else:  # resumed on another number of processes: reseed deterministically
+            torch.manual_seed(self.cfg.run.seed * 1009 + self.state.step * 7919 + ctx.rank)
+        self.last_checkpoint = ckpt_dir
+        self._log(f"resumed from {ckpt_dir} at step {self.state.step}")
+
+    def _tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("run.tensorboard needs the 'tensorboard' package "
+                              "(pip install 'open-mythos[tensorboard]')") from None
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.state.step + 1)
+
+    def _close(self) -> None:
+        for name in ("bar", "metrics", "tb"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+
+    def _log(self, msg: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(msg, file=sys.stderr)
+
+    # The loop ---------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # Under FSDP2 the MixedPrecisionPolicy casts parameters instead of autocast.
+        enabled = (self.cfg.run.precision is Precision.BF16
+                   and self.cfg.run.parallel is not Parallel.FSDP)
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        while self.state.step < cfg.run.steps:
+            row = self._train_step()
+            step = self.state.step
+            if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
+                row.update(self.evaluate())
+            self._record(row)
+            if self.state.consecutive_bad >= cfg.run.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.state.consecutive_bad} consecutive steps (up to step {step}) had a "
+                    f"non-finite loss or gradient norm and were skipped; stopping. The last good "
+                    f"checkpoint is {self.last_checkpoint}. Try a lower optim.lr, a smaller "
+                    "optim.grad_clip, or fp32.")
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:
+                self.save()
+
+    def _train_step(self) -> dict[str, Any]:
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        t0 = time.perf_counter()
+        step = state.step
+        n_loops = self.loops_at(step)
+        accum = cfg.optim.grad_accum
+        # One shard of the step's global batch per (micro-step, rank).
+        shards = accum * ctx.world_size
+        micro = [self.data.batch(TRAIN, state.position, i * ctx.world_size + ctx.rank, shards)
+                 for i in range(accum)]
+        state.position += 1
+        n_sup = torch.tensor(float(sum(count_targets(b["targets"]) for b in micro)),
+                             device=ctx.device)
+        n_sup = all_reduce(n_sup, ctx).item()
+        ce_scale, reg_scale = ctx.world_size / max(1.0, n_sup), 1.0 / accum
+
+        self.model.train()
+        # objective, ce_sum, ponder, aux; then loops and loops^2 to check rank agreement.
+        sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
+        for i, batch in enumerate(micro):
+            x = batch["input_ids"].to(ctx.device, non_blocking=True)
+            y = batch["targets"].to(ctx.device, non_blocking=True)
+            with gradient_sync(self.model, ctx, enabled=i == accum - 1):
+                with self._autocast():
+                    logits = self.model(x, n_loops=n_loops,
+                                        backprop_loops=cfg.schedule.backprop_loops)
+                    parts = compute_loss(
+                        logits, y, self.core.recurrent.last_ponder_cost, self.core.aux_loss,
+                        ponder_weight=cfg.optim.ponder_weight, aux_weight=cfg.optim.aux_weight,
+                        ce_scale=ce_scale, reg_scale=reg_scale)
+                objective = parts.objective
+                if self.loss_hook is not None:
+                    objective = self.loss_hook(step, objective)
+                objective.backward()
+            sums[:4] += torch.stack([objective.detach(), parts.ce_sum, parts.ponder * reg_scale,
+                                     parts.aux * reg_scale]).double()
+        sums[4:] = torch.tensor([n_loops, n_loops**2], dtype=torch.float64)
+
+        all_reduce(sums, ctx)
+        objective_sum, ce_sum, ponder_sum, aux_sum, loops_sum, loops_sq = sums.tolist()
+        # Equal counts on all ranks <=> W * sum(x^2) == sum(x)^2 (Cauchy-Schwarz); the sums
+        # are global, so every rank reaches the same verdict.
+        if ctx.world_size * loops_sq != loops_sum**2:
+            raise RuntimeError(f"ranks disagree on the loop count at step {step}")
+        loss = objective_sum / ctx.world_size
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.core.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+
+        lr = self.lr_at(step)
+        good = math.isfinite(loss) and math.isfinite(grad_norm)
+        balance = None
+        if good:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            # Per layer (what model.update_router_bias() does) to get the all-reduced loads.
+            loads = [moe.update_router_bias() for moe in self.core.moe_layers()]
+            balance = max((float(load.max() / load.mean()) for load in loads if load.sum() > 0),
+                          default=None)
+            state.consecutive_bad = 0
+        else:
+            # The step never happened: drop the loads its forwards accumulated.
+            for moe in self.core.moe_layers():
+                moe.load_since_update.zero_()
+            state.bad_steps += 1
+            state.consecutive_bad += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        tokens = self.data.batch_size * self.data.seq_len * ctx.world_size * accum
+        elapsed = time.perf_counter() - t0
+        return {
+            "step": state.step,
+            "loss": _finite_or_none(loss),
+            "ce": _finite_or_none(ce_sum / max(1.0, n_sup)),
+            "ponder": _finite_or_none(ponder_sum / ctx.world_size),
+            "aux": _finite_or_none(aux_sum / ctx.world_size),
+            "lr": lr,
+            "grad_norm": _finite_or_none(grad_norm),
+            "loops": n_loops,
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed,
+            "expert_load_max_over_mean": balance,
+            "skipped": not good,
+            "bad_steps": state.bad_steps,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and next-token accuracy on ``data.eval_batches`` validation batches at
+        ``schedule.eval_loops`` loops (all ranks take part; the result is global)."""
+        cfg, ctx = self.cfg, self.ctx
+        # FSDP2 needs its hooks to gather parameters; DDP's wrapper adds nothing to a forward.
+        model = self.model if cfg.run.parallel is Parallel.FSDP else self.core
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # ce, tokens, correct
+        for i in range(cfg.data.eval_batches):
+            batch = self.data.batch(VAL, i, ctx.rank, ctx.world_size)
+            x, y = batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device)
+            with self._autocast():
+                logits = model(x, n_loops=cfg.schedule.resolved_eval_loops)
+            mask = y != IGNORE_INDEX
+            sums += torch.stack([cross_entropy_sum(logits, y).double(), mask.sum().double(),
+                                 ((logits.argmax(-1) == y) & mask).sum().double()])
+        all_reduce(sums, ctx)
+        model.train()
+        ce, n, correct = sums.tolist()
+        return {"val_loss": ce / max(1.0, n), "val_acc": correct / max(1.0, n),
+                "val_loops": cfg.schedule.resolved_eval_loops}
+
+    def _record(self, row: dict[str, Any]) -> None:
+        if not self.ctx.is_main:
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        step = row["step"]
+        self.bar.update(1)
+        if step % self.cfg.run.log_every == 0 or "val_loss" in row or row["skipped"]:
+            loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
+            self.bar.set_postfix_str(f"loss {loss}  tok/s {row['tokens_per_s']:,.0f}  "
+                                     f"loops {row['loops']}  lr {row['lr']:.2e}", refresh=False)
+            if self.tb is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                        self.tb.add_scalar(f"train/{key}" if not key.startswith("val_")
+                                           else f"val/{key[4:]}", value, step)
+        if "val_loss" in row:
+            self._log(f"step {step}: val_loss {row['val_loss']:.4f}  val_acc "
+                      f"{row['val_acc']:.3f}  ({row['val_loops']} loops)")
+
+    def save(self) -> None:
+        """Write a checkpoint of the current state (collective: every rank calls it)."""
+        ctx = self.ctx
+        model_state = gather_model_state(self.model, self.tied)
+        optimizer_state = gather_optimizer_state(self.model, self.optimizer)
+        rngs = gather_objects(rng_state(ctx.device), ctx)
+        if ctx.is_main:
+            trainer_state = {**dataclasses.asdict(self.state), "rng": rngs,
+                             "world_size": ctx.world_size}
+            trainer_state.pop("step")
+            ckpt = TrainingCheckpoint(self.state.step, model_state, self.model_cfg,
+                                      to_toml(self.resolved), optimizer_state, trainer_state)
+            self.last_checkpoint = save_checkpoint(self.out, ckpt, self.tied,
+                                                   self.cfg.run.keep_checkpoints)
+        barrier(ctx)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainState:
+    """Run :class:`Trainer` on ``cfg``."""
+    return Trainer(cfg, resume=resume).train()
+
+
+def _finite_or_none(x: float) -> float | None:
+    # metrics.jsonl stays strict JSON: a non-finite value is written as null.
+    return x if math.isfinite(x) else None
+
+
+def _truncate_metrics(path: Path, ckpt: Path | None) -> None:
+    """Drop the rows of steps after the checkpoint a resumed run restarts from (a killed
+    run may have logged steps it never saved), and any torn last line."""
+    if not path.exists():
+        return
+    last = 0
+    if ckpt is not None:
+        last = int(torch.load(ckpt / TRAINER_STATE_FILE, weights_only=True)["step"])
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+def _compile_blocks(model: OpenMythos, max_loops: int) -> None:
+    """``torch.compile`` each transformer block in place (the loop itself stays in Python,
+    so any loop count reuses the same compiled blocks)."""
+    import torch._dynamo
+
+    # One specialisation per loop depth can occur (the loop index is a Python int).
+    limit = max(torch._dynamo.config.recompile_limit, 2 * max_loops + 8)
+    torch._dynamo.config.recompile_limit = limit
+    for block in [*model.prelude, model.recurrent.block, *model.coda]:
+        block.compile()

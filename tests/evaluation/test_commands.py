@@ -1,0 +1,115 @@
+"""``openmythos sweep`` and ``openmythos report`` on checkpoints laid out as the trainer
+writes them."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from open_mythos.baseline import DenseBaseline, matched_baseline_config
+from open_mythos.commands import report as report_command
+from open_mythos.commands import sweep as sweep_command
+from open_mythos.evaluation import load_rows
+from open_mythos.evaluation.runs import load_model, run_task, run_train_loops
+from open_mythos.training import TrainConfig, to_toml
+from open_mythos.training.checkpoint import TrainingCheckpoint, save_checkpoint, tied_parameters
+
+from .conftest import act_model
+from .test_report import assert_pngs, embedded_images, write_metrics
+
+TASK_ARGS = {"lengths": [1, 3], "ood_lengths": [4, 5], "running": False}
+
+
+def save_run(run_dir, model) -> None:
+    """A run directory with one checkpoint of ``model`` trained on parity at 2 loops."""
+    train_cfg = TrainConfig.from_dict({"data": {"task": "parity", "task_args": TASK_ARGS},
+                                       "schedule": {"n_loops": 2}})
+    tied = tied_parameters(model)
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    save_checkpoint(run_dir, TrainingCheckpoint(3, state, model.cfg, to_toml(train_cfg), {}, {}),
+                    tied)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    model = act_model()
+    torch.manual_seed(0)
+    baseline = DenseBaseline(matched_baseline_config(model.cfg, 2)).eval()
+    save_run(root / "looped", model)
+    save_run(root / "dense", baseline)
+    write_metrics(root / "looped")
+    return root, model, baseline
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="openmythos")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sweep_command.add_parser(sub)
+    report_command.add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_load_model_restores_both_kinds(runs):
+    root, model, baseline = runs
+    for name, original in (("looped", model), ("dense", baseline)):
+        loaded, cfg = load_model(root / name)
+        assert type(loaded) is type(original) and cfg == original.cfg
+        ids = torch.randint(0, 256, (1, 6))
+        torch.testing.assert_close(loaded(ids, 2), original(ids, 2))
+    assert run_task(root / "looped").levels["ood_length"] == (4, 5)
+    assert run_train_loops(root / "looped") == 2
+
+
+def test_sweep_command(runs, tmp_path, capsys):
+    root, _, _ = runs
+    out = tmp_path / "sweep.csv"
+    status = cli("sweep", "--checkpoint", str(root / "looped"), "--baseline", str(root / "dense"),
+                 "--loops", "1,3", "--n-examples", "4", "--device", "cpu", "--out", str(out))
+    assert status == 0
+    rows = load_rows(out)
+    assert [(r.model, r.split, r.n_loops, r.early_exit) for r in rows] == [
+        ("looped", "id", 1, False), ("looped", "id", 1, True),
+        ("looped", "id", 3, False), ("looped", "id", 3, True),
+        ("looped", "ood_length", 1, False), ("looped", "ood_length", 1, True),
+        ("looped", "ood_length", 3, False), ("looped", "ood_length", 3, True),
+        ("baseline", "id", 2, False), ("baseline", "ood_length", 2, False)]
+    assert "| looped | id | 1 | off |" in capsys.readouterr().out
+
+
+def test_sweep_command_errors(runs, tmp_path, capsys):
+    root, _, _ = runs
+    assert cli("sweep", "--checkpoint", str(tmp_path / "nothing"), "--task", "parity",
+               "--out", str(tmp_path / "s.json")) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert cli("sweep", "--checkpoint", str(root / "looped"), "--task", "nope",
+               "--out", str(tmp_path / "s.json")) == 2
+    assert "unknown task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli("sweep", "--checkpoint", "x", "--loops", "0,2", "--out", "s.json")
+
+
+def test_report_command(runs, tmp_path):
+    root, _, _ = runs
+    out = tmp_path / "report"
+    status = cli("report", "--run", str(root / "looped"), "--baseline", str(root / "dense"),
+                 "--loops", "1-3", "--n-examples", "3", "--early-exit", "on", "--device", "cpu",
+                 "--out", str(out))
+    assert status == 0
+    text = (out / "report.md").read_text()
+    assert_pngs(out, embedded_images(text))
+    assert len(embedded_images(text)) == 5
+    assert "training depth: 2 loops" in text
+    rows = load_rows(out / "sweep.json")
+    assert {r.model for r in rows} == {"looped", "baseline"}
+    assert all(r.early_exit for r in rows if r.model == "looped")
+
+
+def test_parse_loops():
+    assert sweep_command.parse_loops("1,2,4-6,4") == [1, 2, 4, 5, 6]
+    for bad in ("", "a", "0", "3-x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            sweep_command.parse_loops(bad)

@@ -1,0 +1,97 @@
+"""The report: figures written, ``report.md`` embedding them, ACT-off models handled."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from open_mythos import OpenMythos
+from open_mythos.baseline import DenseBaseline, matched_baseline_config
+from open_mythos.evaluation import probe_model, sweep, write_report
+
+from .conftest import act_model, small_parity, task_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_metrics(run_dir, steps: int = 20) -> None:
+    """A ``metrics.jsonl`` as the trainer writes it, with a validation row and a null loss."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "w") as fh:
+        for step in range(1, steps + 1):
+            row = {"step": step, "loss": 3.0 / step if step != 7 else None, "ce": 2.9 / step,
+                   "ponder": 2.0, "lr": 1e-3, "loops": 1 + step % 4, "tokens_per_s": 1e4,
+                   "expert_load_max_over_mean": 1.5, "skipped": step == 7}
+            if step % 10 == 0:
+                row.update(val_loss=2.5 / step, val_acc=0.1 * step / 10, val_loops=4)
+            fh.write(json.dumps(row) + "\n")
+        fh.write('{"step": 21, "loss": ')  # torn last line of a killed run
+
+
+def embedded_images(report: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+
+
+def assert_pngs(out, names) -> None:
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
+
+
+def test_full_report(tmp_path):
+    task = small_parity()
+    model = act_model()
+    torch.manual_seed(0)
+    baseline = DenseBaseline(matched_baseline_config(model.cfg, 2)).eval()
+    rows = sweep(model, task, loops=[1, 2, 3], n_examples=4)
+    base_rows = sweep(baseline, task, n_examples=4)
+    run = tmp_path / "run"
+    write_metrics(run)
+    path = write_report(run, tmp_path / "out", rows, base_rows, model=model, baseline=baseline,
+                        task=task, train_loops=2, probe_examples=3)
+    out = path.parent
+    images = embedded_images(path.read_text())
+    assert images == ["training_curves.png", "depth_sweep.png", "act_halting.png",
+                      "ponder_hist.png", "expert_load.png"]
+    assert_pngs(out, images)
+    text = path.read_text()
+    assert "| loops | id | ood_length |" in text
+    assert "| baseline (2 layers) |" in text
+    assert "20 logged steps" in text and "FLOPs/token" in text
+
+
+def test_probe_collects_halting_ponder_and_expert_load():
+    model = act_model()
+    probe = probe_model(model, small_parity(), n_loops=5, n_examples=3)
+    n_tokens = len(probe.tokens)
+    assert probe.tokens[0] == "<s>" and probe.tokens[-1] == "</s>"
+    assert probe.act_weights.shape == (5, n_tokens)
+    torch.testing.assert_close(probe.act_weights.sum(0), torch.ones(n_tokens))
+    assert set(probe.ponder) == {"id", "ood_length"}
+    assert all(((v >= 1) & (v <= 5)).all() for v in probe.ponder.values())
+    assert probe.expert_load.shape == (5, model.cfg.n_experts)
+    tokens = sum(len(v) for v in probe.ponder.values())
+    torch.testing.assert_close(probe.expert_load.sum(-1),
+                               torch.full((5,), float(tokens * model.cfg.n_experts_per_tok)))
+
+
+def test_act_off_model_and_missing_metrics(tmp_path):
+    torch.manual_seed(0)
+    model = OpenMythos(task_config(use_act=False)).eval()
+    task = small_parity()
+    rows = sweep(model, task, splits=["id"], loops=[1, 2], n_examples=3, early_exit=[False])
+    path = write_report(tmp_path / "no-run", tmp_path / "out", rows, model=model, task=task,
+                        train_loops=2, probe_examples=2)
+    text = path.read_text()
+    assert "ACT is off" in text and "No training metrics" in text
+    assert embedded_images(text) == ["depth_sweep.png", "expert_load.png"]
+    assert not (path.parent / "act_halting.png").exists()
+    assert_pngs(path.parent, embedded_images(text))
+
+
+def test_report_without_a_model(tmp_path):
+    path = write_report(None, tmp_path, [], [])
+    assert "No sweep results" in path.read_text()
+    assert embedded_images(path.read_text()) == []

@@ -1,0 +1,139 @@
+"""Depth sweeps and perplexity against independent per-example computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from open_mythos import OpenMythos
+from open_mythos.baseline import DenseBaseline, matched_baseline_config
+from open_mythos.evaluation import (
+    SweepRow,
+    greedy_answers,
+    load_rows,
+    perplexity,
+    sample_examples,
+    save_rows,
+    sweep,
+)
+from open_mythos.tasks import IGNORE_INDEX, PAD_ID, collate, get_task
+
+from .conftest import act_model, slow_greedy, small_parity, task_config
+
+
+@pytest.mark.parametrize("early_exit", [False, True])
+def test_batched_greedy_answers_match_slow_per_example_decoding(attn_type, early_exit):
+    model = act_model(attn_type)
+    examples = sample_examples(small_parity(), "ood_length", 6, seed=1)
+    prompts = [ex.prompt for ex in examples]  # 4 or 5 bits: the batch is left-padded
+    answers, loops_run, computed = greedy_answers(model, prompts, 5, 6, early_exit)
+    assert answers == [slow_greedy(model, p, 5, early_exit, 6) for p in prompts]
+    assert len(loops_run) == len(computed) >= 1
+    assert all(1 <= c <= r <= 5 for r, c in zip(loops_run, computed))
+    if not early_exit:
+        assert set(loops_run) == {5}
+
+
+def test_sweep_rows_and_accuracy_match_an_independent_check(parity_model):
+    task = small_parity()
+    rows = sweep(parity_model, task, loops=[1, 4], n_examples=20, seed=3, batch_size=8)
+    assert [(r.split, r.n_loops, r.early_exit) for r in rows] == [
+        (s, n, e) for s in ("id", "ood_length") for n in (1, 4) for e in (False, True)]
+    for r in rows:
+        examples = sample_examples(task, r.split, 20, seed=3)
+        budget = max(len(ex.answer) for ex in examples) + 1
+        correct = [slow_greedy(parity_model, ex.prompt, r.n_loops, r.early_exit, budget)
+                   == task.solve(ex.prompt) for ex in examples]
+        assert r.accuracy == pytest.approx(sum(correct) / len(correct))
+        assert r.model == "looped" and r.task == "parity" and r.n_examples == 20
+        assert 1.0 <= r.expected_loops <= r.n_loops and 1.0 <= r.halt_loop <= r.n_loops
+        assert 1.0 <= r.loops_computed <= r.loops_run <= r.n_loops
+        if not r.early_exit:
+            assert r.loops_run == r.n_loops
+    # 50 training steps learn the answer format: the check above is not comparing zeros.
+    assert max(r.accuracy for r in rows) > 0.25
+
+
+def test_sweep_loss_is_answer_token_cross_entropy(parity_model):
+    task = small_parity()
+    (row,) = sweep(parity_model, task, splits=["id"], loops=[3], n_examples=12,
+                   early_exit=[False])
+    examples = sample_examples(task, "id", 12)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            batch = collate([ex])
+            logits = parity_model(batch["input_ids"], 3, act_early_exit=False)
+            total += float(F.cross_entropy(logits[0], batch["targets"][0], reduction="sum"))
+            count += int((batch["targets"] != IGNORE_INDEX).sum())
+    assert row.loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_act_off_model_runs_every_loop():
+    torch.manual_seed(0)
+    model = OpenMythos(task_config(use_act=False)).eval()
+    rows = sweep(model, small_parity(), splits=["id"], loops=[1, 3], n_examples=6)
+    assert len(rows) == 4
+    for r in rows:
+        assert r.expected_loops == r.halt_loop == r.loops_run == r.loops_computed == r.n_loops
+    off, on = rows[2], rows[3]
+    assert (off.accuracy, off.loss) == (on.accuracy, on.loss)
+
+
+def test_baseline_gets_one_row_per_split():
+    torch.manual_seed(0)
+    model = DenseBaseline(matched_baseline_config(task_config(), 3)).eval()
+    rows = sweep(model, small_parity(), loops=[1, 2, 8], n_examples=6)
+    assert [(r.model, r.split, r.n_loops, r.early_exit) for r in rows] == [
+        ("baseline", "id", 3, False), ("baseline", "ood_length", 3, False)]
+    assert all(r.loops_run == r.expected_loops == 3 for r in rows)
+
+
+def test_splits_longer_than_max_seq_len():
+    model = act_model(max_seq_len=12)
+    task = get_task("parity", lengths=(2, 3), ood_lengths=(6, 8))  # ood needs up to 19 tokens
+    with pytest.warns(UserWarning, match="ood_length"):
+        rows = sweep(model, task, loops=[1], n_examples=2, early_exit=[True])
+    assert [r.split for r in rows] == ["id"]
+    with pytest.raises(ValueError, match="max_seq_len"):
+        sweep(model, task, splits=["ood_length"], loops=[1], n_examples=2)
+
+
+def test_perplexity_matches_manual_cross_entropy():
+    model = act_model()
+    torch.manual_seed(1)
+    batches = [torch.randint(0, 256, (2, 9)) for _ in range(3)]
+    batches[1][0, 5:] = PAD_ID
+    result = perplexity(model, batches, n_loops=3, ignore_id=PAD_ID)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            for row in ids:
+                logits = model(row[None, :-1], 3, act_early_exit=False)[0]
+                keep = row[1:] != PAD_ID
+                total += float(F.cross_entropy(logits[keep], row[1:][keep], reduction="sum"))
+                count += int(keep.sum())
+    assert result.tokens == count
+    assert result.loss == pytest.approx(total / count, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_perplexity_accepts_task_batches():
+    model = act_model()
+    batch = collate(sample_examples(small_parity(), "id", 4))
+    result = perplexity(model, [batch], n_loops=2)
+    assert result.tokens == int((batch["targets"] != IGNORE_INDEX).sum())
+    with pytest.raises(ValueError, match="no target"):
+        perplexity(model, [torch.full((1, 4), PAD_ID)], ignore_id=PAD_ID)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_rows_round_trip(tmp_path, suffix):
+    rows = [SweepRow("looped", "parity", "id", 2, True, 8, 0.5, 1.25, 1.5, 1.75, 2.0, 1.5, 0.1),
+            SweepRow("baseline", "parity", "ood", 4, False, 8, 0.0, 2.0, 4.0, 4.0, 4.0, 4.0, 0.2)]
+    assert load_rows(save_rows(rows, tmp_path / f"sweep{suffix}")) == rows
+    with pytest.raises(ValueError, match=".json or .csv"):
+        save_rows(rows, tmp_path / "sweep.txt")

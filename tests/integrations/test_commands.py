@@ -1,0 +1,163 @@
+"""``openmythos generate`` and ``openmythos info``: argument parsing, output, formulas."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from open_mythos import ByteTokenizer, OpenMythos
+from open_mythos.commands import generate as generate_cmd
+from open_mythos.commands import info as info_cmd
+from open_mythos.commands import serve as serve_cmd
+from open_mythos.inference import KVCache
+from open_mythos.inference import generate as our_generate
+from tests.conftest import tiny_config
+from tests.integrations.conftest import byte_model, write_training_checkpoint
+
+TOK = ByteTokenizer()
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="openmythos")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (generate_cmd, info_cmd, serve_cmd):
+        module.add_parser(sub)
+    return parser.parse_args(argv)
+
+
+def run_generate(*argv: str) -> tuple[int, str]:
+    args = parse("generate", *argv)
+    out = io.StringIO()
+    status = args.func(args, out=out)
+    return status, out.getvalue()
+
+
+def test_generate_streams_our_greedy_tokens_from_training_and_hf_checkpoints(tmp_path, capsys):
+    model = byte_model("mla")
+    run = tmp_path / "run"
+    write_training_checkpoint(run, model)
+    prompt = "Hello"
+    ids = torch.tensor([TOK.encode(prompt)])
+    expected = TOK.decode(our_generate(model, ids, 10, 3, do_sample=False)[0, len(prompt):])
+
+    status, text = run_generate("--checkpoint", str(run), "--prompt", prompt, "--greedy",
+                                "--n-loops", "3", "--max-new-tokens", "10", "--device", "cpu")
+    assert status == 0 and text == prompt + expected + "\n"
+    assert "10 tokens" in capsys.readouterr().err
+
+    pytest.importorskip("transformers")
+    from open_mythos.integrations.convert import training_to_hf
+
+    hf_dir = training_to_hf(run, tmp_path / "hf", n_loops=3)  # n_loops stored with the model
+    status, text = run_generate("--checkpoint", str(hf_dir), "--prompt", prompt, "--greedy",
+                                "--max-new-tokens", "10", "--no-echo")
+    assert status == 0 and text == expected + "\n"
+
+
+def test_generate_sampling_is_reproducible_with_a_seed(tmp_path):
+    write_training_checkpoint(tmp_path / "run", byte_model("gqa"))
+    argv = ("--checkpoint", str(tmp_path / "run"), "--prompt", "ab", "--seed", "7",
+            "--temperature", "0.9", "--top-p", "0.9", "--max-new-tokens", "12")
+    first, second = run_generate(*argv), run_generate(*argv)
+    assert first == second and first[0] == 0
+
+
+def test_generate_reports_errors_with_status_2(tmp_path, capsys):
+    status, _ = run_generate("--checkpoint", str(tmp_path / "missing"), "--prompt", "x")
+    assert status == 2 and "no checkpoint" in capsys.readouterr().err
+    write_training_checkpoint(tmp_path / "run", byte_model("gqa"))
+    status, _ = run_generate("--checkpoint", str(tmp_path / "run"), "--prompt", "x",
+                             "--max-new-tokens", "500")
+    assert status == 2 and "context" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("generate", "--checkpoint", "x", "--prompt", "y", "--n-loops", "0")
+
+
+def test_info_prints_exact_counts_and_cache_sizes_of_a_variant(capsys):
+    args = parse("info", "--variant", "mythos_1b", "--n-loops", "16", "--json")
+    assert args.func(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    # Counts from the mythos_1b docstring; MLA caches 256 + 32 values per layer and depth.
+    assert (info["total_params"], info["active_params"]) == (1_007_404_930, 299_616_130)
+    assert info["cache_layers"] == 2 + 16 + 2
+    assert info["kv_bytes_per_token"] == {"fp32": 20 * 288 * 4, "bf16": 20 * 288 * 2}
+    assert info["flops_per_token"] == info["matmul_flops_per_token"] + 4096 * info[
+        "attention_flops_per_position"]
+    args = parse("info", "--variant", "1b", "--n-loops", "4")
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "1,007,404,930" in text and "8 layers x 288 values" in text
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_kv_cache_formula_matches_a_real_cache(attn_type):
+    cfg = tiny_config(attn_type, act_threshold=float("inf"))
+    model = OpenMythos(cfg).eval()
+    T, n_loops = 12, 5
+    cache = KVCache(T)
+    model(torch.randint(0, cfg.vocab_size, (1, T)), n_loops, cache, 0)
+    assert cache.nbytes() == T * info_cmd.kv_cache_bytes_per_token(cfg, n_loops, 4)
+
+
+def test_flops_formula_matches_counted_matmuls():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = tiny_config("gqa", act_threshold=float("inf"))
+    model = OpenMythos(cfg).eval()
+    T, n_loops = 16, 3
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, cfg.vocab_size, (1, T)), n_loops)
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    dense = counts.get("aten.mm", 0) + counts.get("aten.addmm", 0)
+    # The counter sees ordinary matmuls only (not grouped expert matmuls or SDPA): compare
+    # them with the formula minus the routed experts' share.
+    once, per_loop = info_cmd.matmul_params(cfg)
+    per_expert = 3 * cfg.dim * cfg.expert_dim
+    assert dense == 2 * T * (once + n_loops * (per_loop - cfg.n_experts_per_tok * per_expert))
+    # Attention, by hand: QK^T and PV over head_dim per head, in every layer and depth.
+    assert info_cmd.attention_flops_per_position(cfg, n_loops) == \
+        (1 + n_loops + 1) * 2 * 2 * cfg.n_heads * cfg.head_dim
+
+
+def test_info_reads_a_checkpoint(tmp_path, capsys):
+    model = byte_model("gqa")
+    write_training_checkpoint(tmp_path / "run", model)
+    args = parse("info", "--checkpoint", str(tmp_path / "run"), "--json", "--context", "10")
+    assert args.func(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    from open_mythos.variants import count_parameters
+
+    assert info["total_params"] == count_parameters(model).total
+    assert info["n_loops"] == model.cfg.max_loop_iters and info["context"] == 10
+
+
+def test_serve_parser_defaults():
+    args = parse("serve", "--checkpoint", "runs/x/checkpoints/step_00000010")
+    assert (args.host, args.port, args.func) == ("127.0.0.1", 8000, serve_cmd.run)
+    assert serve_cmd._default_name(args.checkpoint) == "x"
+
+
+def test_python_dash_m_entry_point_runs_info_and_generate(tmp_path):
+    from open_mythos import cli
+
+    wired = {f"open_mythos.commands.{c}" for c in ("generate", "info")}
+    if not wired <= set(cli.COMMANDS):
+        pytest.skip("generate/info are not wired into open_mythos.cli yet")
+    done = subprocess.run([sys.executable, "-m", "open_mythos", "info", "--variant", "mythos_1b"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "1,007,404,930" in done.stdout
+    model = byte_model("gqa")
+    write_training_checkpoint(tmp_path / "run", model)
+    done = subprocess.run(
+        [sys.executable, "-m", "open_mythos", "generate", "--checkpoint", str(tmp_path / "run"),
+         "--prompt", "Hi", "--greedy", "--n-loops", "2", "--max-new-tokens", "6", "--no-echo"],
+        capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = our_generate(model, torch.tensor([TOK.encode("Hi")]), 6, 2, do_sample=False)[0, 2:]
+    assert done.stdout.decode() == TOK.decode(expected) + "\n"

@@ -1,0 +1,116 @@
+"""Training checkpoints <-> Hugging Face directories, and loading either."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from open_mythos import ByteTokenizer
+from open_mythos.integrations.convert import (
+    CheckpointFormat,
+    detect_format,
+    hf_to_training,
+    load_model,
+    read_config,
+    resolve_tokenizer,
+    training_to_hf,
+)
+from open_mythos.training.checkpoint import load_checkpoint
+from tests.integrations.conftest import BYTE_VOCAB, byte_model, write_training_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(params=["gqa", "mla"])
+def run_dir(request, tmp_path):
+    model = byte_model(request.param)
+    write_training_checkpoint(tmp_path / "run", model)
+    return model, tmp_path / "run"
+
+
+def test_training_to_hf_loads_with_auto_classes(run_dir, tmp_path):
+    import open_mythos.integrations.hf  # noqa: F401  (registers the Auto classes)
+
+    model, run = run_dir
+    out = training_to_hf(run, tmp_path / "hf", n_loops=3)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json",
+            "byte_tokenizer.json", "tokenizer.json"} <= files
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_loops"], config["eos_token_id"], config["pad_token_id"]) == (3, 258, 256)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert same_weights(hf.model, model) and hf.config.n_loops == 3
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.encode("hé", add_special_tokens=False) == ByteTokenizer().encode("hé")
+    ids = torch.randint(0, BYTE_VOCAB, (1, 8))
+    torch.testing.assert_close(hf(ids).logits, model(ids, n_loops=3), rtol=1e-5, atol=1e-6)
+
+
+def test_hf_to_training_and_back_is_lossless(run_dir, tmp_path):
+    model, run = run_dir
+    hf_dir = training_to_hf(run, tmp_path / "hf")
+    back = hf_to_training(hf_dir, tmp_path / "ckpt")
+    assert (back / "byte_tokenizer.json").is_file()
+    with safe_open(str(back / "model.safetensors"), "pt") as fh:
+        assert "head.weight" not in fh.keys()
+        assert json.loads(fh.metadata()["tied"]) == {"head.weight": "embed.weight"}
+    reloaded, cfg = load_checkpoint(back)  # the trainer's own loader
+    assert cfg == model.cfg and same_weights(reloaded, model)
+    assert reloaded.head.weight is reloaded.embed.weight
+    again = training_to_hf(back, tmp_path / "hf2")
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as a, \
+            safe_open(str(again / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_load_model_reads_every_layout_to_the_same_weights(run_dir, tmp_path):
+    model, run = run_dir
+    hf_dir = training_to_hf(run, tmp_path / "hf", n_loops=2)
+    ckpt = next((run / "checkpoints").iterdir())
+    assert detect_format(run) == (CheckpointFormat.TRAINING, ckpt)
+    assert detect_format(ckpt) == (CheckpointFormat.TRAINING, ckpt)
+    assert detect_format(hf_dir) == (CheckpointFormat.HF, hf_dir)
+    for path, loops in ((run, None), (ckpt, None), (hf_dir, 2)):
+        loaded = load_model(path)
+        assert same_weights(loaded.model, model) and not loaded.model.training
+        assert loaded.model.head.weight is loaded.model.embed.weight
+        assert loaded.n_loops == loops and read_config(path) == (model.cfg, loops)
+        assert isinstance(resolve_tokenizer(loaded), ByteTokenizer)
+
+
+def test_sharded_hf_directory_loads(tmp_path):
+    from open_mythos.integrations.hf import OpenMythosForCausalLM
+
+    model = byte_model("mla")
+    OpenMythosForCausalLM.from_mythos(model).save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert same_weights(load_model(tmp_path).model, model)
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="'llama' model, not OpenMythos"):
+        load_model(tmp_path)
+    model = byte_model("gqa", vocab_size=300)
+    write_training_checkpoint(tmp_path / "task_run", model)
+    (next((tmp_path / "task_run" / "checkpoints").iterdir()) / "train_config.toml").write_text(
+        '[data]\ntask = "parity"\n')
+    loaded = load_model(tmp_path / "task_run")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        resolve_tokenizer(loaded)
+    assert isinstance(resolve_tokenizer(loaded, "byte"), ByteTokenizer)
+    with pytest.raises(ValueError, match="already a Hugging Face"):
+        training_to_hf(training_to_hf(tmp_path / "task_run", tmp_path / "hf", tokenizer="byte"),
+                       tmp_path / "x")

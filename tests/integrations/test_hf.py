@@ -1,0 +1,161 @@
+"""transformers integration: save/load round trip, generate parity, loop-count control."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from open_mythos import ByteTokenizer  # noqa: E402
+from open_mythos.inference import generate  # noqa: E402
+from open_mythos.integrations.hf import (  # noqa: E402
+    MythosCache,
+    OpenMythosForCausalLM,
+    OpenMythosHFConfig,
+    byte_tokenizer_for_transformers,
+)
+from tests.integrations.conftest import BYTE_VOCAB, byte_model  # noqa: E402
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(params=["gqa", "mla"])
+def saved(request, tmp_path):
+    """(our model, directory written by save_pretrained)."""
+    model = byte_model(request.param)
+    OpenMythosForCausalLM.from_mythos(model, eos_token_id=258).save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def test_round_trip_gives_identical_logits_and_stores_the_tied_head_once(saved):
+    model, path = saved
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "openmythos" and config["dim"] == model.cfg.dim
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    assert "model.embed.weight" in keys and "model.head.weight" not in keys
+
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert isinstance(hf, OpenMythosForCausalLM) and not hf.training
+    assert hf.model.head.weight is hf.model.embed.weight
+    assert hf.model.cfg == model.cfg
+    for (name, a), (_, b) in zip(model.state_dict().items(), hf.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not hf.model.recurrent.block.ffn.load_since_update.any()  # unsaved buffer zeroed
+    ids = torch.randint(0, BYTE_VOCAB, (2, 11))
+    # NOTE: equal weights, but loaded tensors may sit at other memory alignments, which can
+    # change the summation order of vectorised kernels in the last bits.
+    close(hf(ids, n_loops=5).logits, model(ids, n_loops=5))
+
+
+def test_greedy_generate_matches_our_generate(saved):
+    model, path = saved
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.randint(0, 256, (2, 6))
+    ours = generate(model, ids, 12, 5, do_sample=False)
+    theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, n_loops=5)
+    assert torch.equal(theirs, ours)
+
+
+def test_greedy_generate_matches_with_left_padding():
+    model = byte_model("mla", seed=3)
+    hf = OpenMythosForCausalLM.from_mythos(model, pad_token_id=256)
+    a, b = torch.randint(0, 256, (1, 7)), torch.randint(0, 256, (1, 4))
+    ids = torch.cat([a, torch.cat([torch.full((1, 3), 256), b], 1)])
+    mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
+    ours = generate(model, ids, 8, 4, do_sample=False, attention_mask=mask)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, n_loops=4)
+    assert torch.equal(theirs, ours)
+    alone = generate(model, b, 8, 4, do_sample=False)
+    assert torch.equal(theirs[1, 7:], alone[0, 4:])
+
+
+def test_n_loops_at_load_time_and_per_call(saved):
+    model, path = saved
+    ids = torch.randint(0, BYTE_VOCAB, (1, 9))
+    default = AutoModelForCausalLM.from_pretrained(path)
+    assert default.config.n_loops is None  # max_loop_iters
+    close(default(ids).logits, model(ids))
+    deep = AutoModelForCausalLM.from_pretrained(path, n_loops=7, act_early_exit=False)
+    assert deep.config.n_loops == 7 and deep.config.act_early_exit is False
+    close(deep(ids).logits, model(ids, n_loops=7, act_early_exit=False))
+    close(deep(ids, n_loops=2).logits, model(ids, n_loops=2, act_early_exit=False))
+    no_halt = OpenMythosForCausalLM.from_mythos(byte_model("gqa", act_threshold=float("inf")))
+    assert not torch.allclose(no_halt(ids, n_loops=1).logits, no_halt(ids, n_loops=4).logits)
+    out = deep.generate(ids, max_new_tokens=5, do_sample=False, n_loops=3)
+    assert torch.equal(out, generate(model, ids, 5, 3, do_sample=False, act_early_exit=False))
+    with pytest.raises(ValueError, match="n_loops"):
+        deep(ids, n_loops=0)
+    with pytest.raises(ValueError, match="n_loops"):
+        AutoModelForCausalLM.from_pretrained(path, n_loops=0)
+
+
+def test_cache_forward_matches_full_forward_and_returns_our_cache():
+    model = byte_model("gqa")
+    hf = OpenMythosForCausalLM.from_mythos(model)
+    ids = torch.randint(0, BYTE_VOCAB, (2, 10))
+    full = hf(ids, n_loops=4).logits
+    first = hf(ids[:, :6], n_loops=4, use_cache=True)
+    assert isinstance(first.past_key_values, MythosCache)
+    assert first.past_key_values.get_seq_length() == 6
+    rest = hf(ids[:, 6:], past_key_values=first.past_key_values, use_cache=True, n_loops=4)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full)
+    rest.past_key_values.crop(8)
+    assert rest.past_key_values.get_seq_length() == 8
+    assert hf(ids, n_loops=4, logits_to_keep=1).logits.shape == (2, 1, BYTE_VOCAB)
+
+
+def test_labels_give_the_shifted_cross_entropy():
+    model = byte_model("gqa").train()
+    hf = OpenMythosForCausalLM.from_mythos(model)
+    assert hf.training
+    ids = torch.randint(0, BYTE_VOCAB, (2, 8))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = hf(ids, labels=labels, n_loops=2)
+    logits = model(ids, n_loops=2)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, BYTE_VOCAB),
+                                            labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+    out.loss.backward()
+    assert model.embed.weight.grad is not None
+
+
+def test_fresh_model_from_config_has_our_initialisation():
+    cfg = OpenMythosHFConfig.from_mythos_config(byte_model("mla").cfg)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    rec = hf.model.recurrent
+    assert torch.all(rec.lora.B == 0) and torch.all(rec.lora.scale.weight == 1)
+    assert torch.all(rec.act.halt.bias == cfg.act_halt_bias_init)
+    assert torch.all(rec.injection.B == 0.1) and torch.all(rec.injection.log_A == 0)
+    assert torch.all(rec.block.ffn.router_bias == 0)
+    assert 0.015 < float(rec.block.ffn.w_gate_up.detach().std()) < 0.025
+    assert hf.model.head.weight is hf.model.embed.weight
+    assert isinstance(AutoConfig.for_model("openmythos"), OpenMythosHFConfig)
+
+
+def test_config_rejects_untied_embeddings():
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        OpenMythosHFConfig(tie_word_embeddings=False)
+
+
+def test_byte_tokenizer_for_transformers_matches_byte_tokenizer(tmp_path):
+    ours = ByteTokenizer()
+    byte_tokenizer_for_transformers().save_pretrained(str(tmp_path))
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(theirs) == ours.vocab_size
+    assert (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id) == (256, 257, 258)
+    text = "Héllo wörld 🌍\n\t  tabs <eos> 你好"
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+    ids = ours.encode(text, add_bos=True, add_eos=True)
+    assert theirs.decode(ids, skip_special_tokens=True) == text
+    assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)

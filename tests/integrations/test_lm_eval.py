@@ -1,0 +1,105 @@
+"""lm-evaluation-harness model: log-likelihoods equal a direct log-softmax of our model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.registry import get_model  # noqa: E402
+
+from open_mythos import ByteTokenizer  # noqa: E402
+from open_mythos.integrations.lm_eval import OpenMythosLM  # noqa: E402
+from tests.integrations.conftest import (  # noqa: E402
+    ScriptedModel,
+    byte_model,
+    scripted_text,
+    write_training_checkpoint,
+)
+
+TOK = ByteTokenizer()
+
+
+def direct_logprob(model, context: list[int], continuation: list[int], n_loops: int) -> tuple[float, bool]:
+    """Independent reference: one unbatched forward, float64 log-softmax."""
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids, n_loops=n_loops).double(), -1)[0]
+    rows = logp[len(context) - 1: len(context) + len(continuation) - 1]
+    target = torch.tensor(continuation)
+    return float(rows.gather(-1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+
+
+def instances(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_loglikelihood_matches_direct_computation_at_each_depth():
+    model = byte_model("mla")
+    pairs = [("The cat sat on", " the mat"), ("2+2=", "4"), ("a", "bcdefgh"),
+             ("", "hello"), ("Hello wörld", " 🌍!")]
+    for n_loops in (1, 3):
+        lm = OpenMythosLM(pretrained=model, tokenizer=TOK, n_loops=n_loops, batch_size=3)
+        got = lm.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True)
+        for (ctx, cont), (score, greedy) in zip(pairs, got):
+            ctx_ids = TOK.encode(ctx) if ctx else [TOK.bos_token_id]
+            ref, ref_greedy = direct_logprob(model, ctx_ids, TOK.encode(cont), n_loops)
+            assert math.isclose(score, ref, rel_tol=1e-5, abs_tol=1e-4), (ctx, cont, n_loops)
+            assert greedy == ref_greedy
+
+
+def test_greedy_flag_is_true_exactly_for_the_models_own_greedy_continuation():
+    model = byte_model("gqa")
+    lm = OpenMythosLM(pretrained=model, tokenizer=TOK, n_loops=2)
+    ctx = TOK.encode("Once")
+    out = model.generate(torch.tensor([ctx]), max_new_tokens=4, n_loops=2, do_sample=False)
+    cont = out[0, len(ctx):].tolist()
+    wrong = cont[:-1] + [(cont[-1] + 1) % 256]
+    got = lm._loglikelihood_tokens([(None, ctx, cont), (None, ctx, wrong)], disable_tqdm=True)
+    assert got[0][1] and not got[1][1]
+    assert got[0][0] > got[1][0]
+
+
+def test_loglikelihood_rolling_sums_every_token_once_with_windows():
+    model = byte_model("gqa")
+    text = "The quick brown fox jumps over the lazy dog. " * 2  # 90 bytes > max_length
+    lm = OpenMythosLM(pretrained=model, tokenizer=TOK, n_loops=2, max_length=32, batch_size=2)
+    [score] = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(text,)]), True)
+    ids = TOK.encode(text)
+    # Reference, written out: windows of up to 32 predicted tokens; the model input of a
+    # window is the 32 tokens before its last prediction (BOS stands before the text).
+    seq = [TOK.bos_token_id] + ids
+    ref, done = 0.0, 0
+    while done < len(ids):
+        n = min(32, len(ids) - done)
+        full = seq[max(0, done + n - 32): done + n + 1]
+        ref += direct_logprob(model, full[:-n], full[-n:], 2)[0]
+        done += n
+    assert math.isclose(score, ref, rel_tol=1e-5, abs_tol=1e-3)
+    assert score < 0
+
+
+def test_registered_and_loads_a_training_checkpoint(tmp_path):
+    model = byte_model("gqa")
+    write_training_checkpoint(tmp_path / "run", model)
+    cls = get_model("openmythos")
+    assert cls is OpenMythosLM
+    lm = cls.create_from_arg_string(f"pretrained={tmp_path / 'run'},n_loops=3,batch_size=2")
+    assert lm.n_loops == 3 and isinstance(lm.tokenizer, ByteTokenizer)
+    [(score, _)] = lm.loglikelihood(instances("loglikelihood", [("abc", "def")]), True)
+    ref, _ = direct_logprob(model, TOK.encode("abc"), TOK.encode("def"), 3)
+    assert math.isclose(score, ref, rel_tol=1e-5, abs_tol=1e-4)
+
+
+def test_generate_until_stops_at_the_until_string():
+    script = b"abc. def. ghi. "
+    lm = OpenMythosLM(pretrained=ScriptedModel(script), tokenizer=TOK, n_loops=2)
+    ctx = "Q"  # one token: generation starts with script[0]
+    [free] = lm.generate_until(instances("generate_until", [(ctx, {"max_gen_toks": 12})]), True)
+    assert free == scripted_text(script, 1, 12) == "abc. def. gh"
+    reqs = [(ctx, {"until": [". g"], "max_gen_toks": 12}), (ctx, {"until": ["."]})]
+    assert lm.generate_until(instances("generate_until", reqs), True) == ["abc. def", "abc"]

@@ -1,0 +1,150 @@
+"""The OpenAI-compatible server, run by a real uvicorn on a free local port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from open_mythos import ByteTokenizer  # noqa: E402
+from open_mythos.integrations.server import CompletionService, create_app  # noqa: E402
+from tests.integrations.conftest import ScriptedModel, scripted_text  # noqa: E402
+
+SCRIPT = b"abc. def. ghi. "
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = ScriptedModel(SCRIPT)
+    service = CompletionService(model, ByteTokenizer(), model_name="tiny", n_loops=2)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as client:
+        yield client, model
+    srv.should_exit = True
+    thread.join(timeout=TIMEOUT)
+    sock.close()
+    assert not thread.is_alive()
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    return [line[len("data: "):] for line in lines]
+
+
+def test_models_lists_the_served_model(server):
+    client, _ = server
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["tiny"]
+    assert client.get("/v1/models/tiny").json()["id"] == "tiny"
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_completion(server):
+    client, model = server
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Q", "max_tokens": 12,
+                                             "temperature": 0})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    assert body["id"].startswith("cmpl-")
+    [choice] = body["choices"]
+    assert choice == {"text": scripted_text(SCRIPT, 1, 12), "index": 0, "logprobs": None,
+                      "finish_reason": "length"}
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 12, "total_tokens": 13}
+    assert model.calls[-1] == 2  # the server's default n_loops
+
+
+def test_stop_n_echo_and_n_loops(server):
+    client, model = server
+    r = client.post("/v1/completions", json={
+        "prompt": ["Q", "RR"], "n": 2, "max_tokens": 12, "stop": [". g", "zz"], "seed": 1,
+        "n_loops": 3, "echo": True})
+    body = r.json()
+    assert r.status_code == 200, body
+    # Prompts are left-padded to 2 tokens, so every row continues the script at position 2.
+    text = scripted_text(SCRIPT, 2, 12)
+    cut = text[: text.index(". g")]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in body["choices"]] == ["Q" + cut, "Q" + cut, "RR" + cut, "RR" + cut]
+    assert {c["finish_reason"] for c in body["choices"]} == {"stop"}
+    assert body["usage"]["prompt_tokens"] == 3
+    assert model.calls[-1] == 3
+
+
+def test_streaming_sends_deltas_then_done(server):
+    client, _ = server
+    request = {"prompt": "Q", "max_tokens": 20, "temperature": 0, "stop": "ghi",
+               "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=request) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    assert len(deltas) > 3  # streamed piece by piece
+    assert "".join(d["text"] for d in deltas) == "abc. def. "
+    assert [d["finish_reason"] for d in deltas][-1] == "stop"
+    assert all(d["finish_reason"] is None for d in deltas[:-1])
+    assert chunks[-1]["usage"]["completion_tokens"] == len("abc. def. ghi")
+    plain = client.post("/v1/completions", json={**request, "stream": False}).json()
+    assert plain["choices"][0]["text"] == "abc. def. "
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"max_tokens": 5}, 400, "prompt"),
+    ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "a", "n_loops": 0}, 400, "n_loops"),
+    ({"prompt": "a", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, None),
+    ({"prompt": "a", "unknown_field": 1}, 400, "unknown_field"),
+    ({"prompt": "a", "max_tokens": 10_000}, 400, None),
+    ({"prompt": "a", "logprobs": 2}, 400, None),
+    ({"prompt": [], "max_tokens": 1}, 400, None),
+    ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
+])
+def test_bad_requests_get_openai_error_bodies(server, body, status, param):
+    client, _ = server
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_unknown_routes(server):
+    client, _ = server
+    r = client.post("/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = client.get("/v1/chat/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_concurrent_requests_are_serialised_and_all_answered(server):
+    client, _ = server
+    body = {"prompt": "Q", "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: client.post("/v1/completions", json=body), range(4)))
+    assert {r.status_code for r in results} == {200}
+    assert {r.json()["choices"][0]["text"] for r in results} == {scripted_text(SCRIPT, 1, 8)}

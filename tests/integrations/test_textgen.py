@@ -1,0 +1,101 @@
+"""Text streaming: UTF-8 hold-back, stop strings, EOS, batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from open_mythos import ByteTokenizer
+from open_mythos.integrations.textgen import (
+    GenerationOptions,
+    _Sequence,
+    complete,
+    encode_prompts,
+    stream_text,
+    validate,
+)
+from tests.integrations.conftest import ScriptedModel, scripted_text
+
+TOK = ByteTokenizer()
+
+
+def feed(seq: _Sequence, data: bytes) -> list[str]:
+    out = []
+    for b in data:
+        out.append(seq.push(b))
+        if seq.finish_reason is not None:
+            break
+    return out
+
+
+def test_multibyte_characters_are_emitted_whole():
+    seq = _Sequence(TOK, ())
+    deltas = feed(seq, "é🌍a".encode())
+    assert deltas == ["", "é", "", "", "", "🌍", "a"]
+    assert seq.finish("length") == ""
+
+
+def test_invalid_bytes_are_not_held_forever():
+    seq = _Sequence(TOK, ())
+    deltas = feed(seq, b"A\x80\x80\x80\x80\x80")
+    assert deltas[0] == "A" and "".join(deltas).startswith("A\ufffd")
+    assert "".join(deltas) + seq.finish("length") == b"A\x80\x80\x80\x80\x80".decode(errors="replace")
+
+
+def test_stop_string_is_cut_and_never_streamed():
+    seq = _Sequence(TOK, ("o w", "zzz"))
+    deltas = feed(seq, b"hello world")
+    assert seq.finish_reason == "stop"
+    assert "".join(deltas) == "hell"
+    assert all("o" not in d for d in deltas)  # "o" was held back as a possible stop start
+    assert seq.n_tokens == len("hello w")
+
+
+def test_held_back_prefix_is_released_when_no_stop_follows():
+    seq = _Sequence(TOK, ("ab!",))
+    deltas = feed(seq, b"xabyab")
+    assert "".join(deltas) == "xaby"  # the final "ab" may still become "ab!"
+    assert seq.finish("length") == "ab"
+
+
+def test_stream_text_batches_left_padded_prompts_with_stop_strings():
+    script = b"one two three four "
+    model = ScriptedModel(script)
+    prompts = encode_prompts(TOK, ["Q", "a longer prompt", ""])
+    assert prompts[2] == [TOK.bos_token_id]
+    width = max(map(len, prompts))  # left padding: every row continues at position 15
+    options = GenerationOptions(max_new_tokens=30, n_loops=2, do_sample=False, stop=("thr",))
+    got = complete(model, TOK, prompts, options)
+    expected = scripted_text(script, width, 30)
+    assert expected.startswith("four one two three")
+    assert [c.text for c in got] == ["four one two "] * 3
+    assert [(c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in got] == [
+        ("stop", 1, 16), ("stop", 15, 16), ("stop", 1, 16)]
+    assert set(model.calls) == {2}
+
+
+def test_eos_and_max_new_tokens_end_a_sequence():
+    script = list(b"one two") + [TOK.eos_token_id]
+    model = ScriptedModel(script)
+    done = complete(model, TOK, [[65]], GenerationOptions(max_new_tokens=40, seed=0))
+    assert (done[0].text, done[0].finish_reason) == ("one two", "stop")  # sampled, p ~ 1
+    assert done[0].completion_tokens == len(script)  # the EOS counts
+    short = complete(model, TOK, [[65]], GenerationOptions(max_new_tokens=3))
+    assert (short[0].text, short[0].finish_reason, short[0].completion_tokens) == ("one", "length", 3)
+
+
+def test_every_sequence_gets_exactly_one_final_delta():
+    model = ScriptedModel(b"abcdef")
+    deltas = list(stream_text(model, TOK, [[65], [66, 67]], GenerationOptions(max_new_tokens=0)))
+    assert [(d.index, d.text, d.finish_reason) for d in deltas] == [(0, "", "length"), (1, "", "length")]
+
+
+@pytest.mark.parametrize("options, prompts, match", [
+    (GenerationOptions(max_new_tokens=100), [[1, 2]], "exceeds the model's context"),
+    (GenerationOptions(temperature=0.0), [[1]], "temperature"),
+    (GenerationOptions(n_loops=0), [[1]], "n_loops"),
+    (GenerationOptions(), [[300]], "outside"),
+    (GenerationOptions(), [], "no prompt"),
+])
+def test_validate_rejects_bad_requests_before_generating(options, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        validate(ScriptedModel(b"a"), prompts, options)

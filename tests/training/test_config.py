@@ -1,0 +1,153 @@
+"""TOML configuration: validation errors name the key, overrides, round trip, presets."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from open_mythos.cli import build_parser, main
+from open_mythos.training import (
+    ConfigError,
+    LoopMode,
+    Parallel,
+    TrainConfig,
+    load_config,
+    parse_override,
+    to_toml,
+)
+from open_mythos.training.command import config_from_args
+
+from .conftest import REPO, TINY
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid():
+    cfg = TrainConfig()
+    assert cfg.run.parallel is Parallel.NONE
+    assert cfg.model.build(259).vocab_size == 259
+
+
+@pytest.mark.parametrize("text, names", [
+    ("[optim]\nlr = 1e-3\nbogus = 1\n", ["'optim.bogus'"]),
+    ("[optim]\nlearning_rate = 1e-3\n", ["'optim.learning_rate'"]),
+    ("[trainer]\nsteps = 3\n", ["section 'trainer'"]),
+    ("[model]\ndimension = 64\n", ["'model.dimension'", "did you mean 'model.dim'"]),
+    ("[run]\nstep = 3\n", ["'run.step'", "did you mean 'run.steps'"]),
+])
+def test_unknown_keys_are_named(tmp_path, text, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    for name in names:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("text, key, kind", [
+    ('[optim]\nlr = "fast"\n', "optim.lr", "number"),
+    ("[run]\nsteps = 1.5\n", "run.steps", "integer"),
+    ('[run]\ncompile = "yes"\n', "run.compile", "boolean"),
+    ("[data]\nbatch_size = true\n", "data.batch_size", "integer"),
+    ('[model]\ndim = "wide"\n', "model.dim", "integer"),
+    ('[schedule]\nloops = "random"\n', "schedule.loops", "'fixed', 'curriculum', 'sampled'"),
+    ('[run]\nprecision = "fp8"\n', "run.precision", "'fp32', 'bf16'"),
+])
+def test_bad_types_are_named(tmp_path, text, key, kind):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert key in str(err.value) and kind in str(err.value)
+
+
+@pytest.mark.parametrize("pairs, key", [
+    ([("optim.lr", -1.0)], "optim.lr"),
+    ([("run.steps", 0)], "run.steps"),
+    ([("schedule.min_loops", 5), ("schedule.max_loops", 2)], "schedule.min_loops"),
+    ([("schedule.loops", "sampled"), ("schedule.n_loops", 9)], "schedule.n_loops"),
+    ([("data.task", "parity"), ("data.text", ["a.txt"])], "data"),
+    ([("run.device", "tpu")], "run.device"),
+])
+def test_out_of_range_values_are_named(pairs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, pairs)
+
+
+def test_model_fields_are_validated_by_mythos_config():
+    cfg = load_config(None, [("model.n_experts_per_tok", 9), ("model.n_experts", 4)])
+    with pytest.raises(ConfigError, match="n_experts_per_tok"):
+        cfg.model.build(259)
+    small_vocab = load_config(None, [("model.vocab_size", 100)])
+    with pytest.raises(ConfigError, match="model.vocab_size=100"):
+        small_vocab.model.build(259)
+
+
+def test_variant_by_name_and_override():
+    cfg = load_config(None, [("model.variant", "mythos_1b"), ("model.max_loop_iters", 4)])
+    mcfg = cfg.model.build(259)
+    assert (mcfg.dim, mcfg.max_loop_iters, mcfg.vocab_size) == (2048, 4, 32000)
+    with pytest.raises(ConfigError, match="unknown variant"):
+        load_config(None, [("model.variant", "mythos_2b")]).model.build(259)
+
+
+def test_overrides_parse_toml_values():
+    assert parse_override("optim.lr=1e-3") == ("optim.lr", 1e-3)
+    assert parse_override("model.attn_type=mla") == ("model.attn_type", "mla")
+    assert parse_override('data.text=["a", "b"]') == ("data.text", ["a", "b"])
+    assert parse_override("run.compile=true") == ("run.compile", True)
+    assert parse_override("data.task_args.lengths=[2, 6]") == ("data.task_args.lengths", [2, 6])
+    with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+        parse_override("lr=1e-3")
+    cfg = load_config(None, [parse_override("data.task_args.lengths=[2, 6]"),
+                             parse_override("schedule.decay_steps=none")])
+    assert cfg.data.task_args == {"lengths": [2, 6]}
+    assert cfg.schedule.decay_steps is None
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = load_config(TINY, [("schedule.loops", "sampled"), ("model.act_threshold", float("inf")),
+                             ("data.task_args", {"lengths": [2, 6]}), ("optim.lr", 3)])
+    assert cfg.optim.lr == 3.0 and isinstance(cfg.optim.lr, float)
+    again = load_config(write(tmp_path, to_toml(cfg)))
+    assert again == cfg
+    assert again.schedule.loops is LoopMode.SAMPLED
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_presets_are_valid(preset):
+    cfg = load_config(preset)
+    cfg.model.build(259)
+
+
+def parse_train(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_cli_precedence_file_then_flags_then_set(tmp_path):
+    args = parse_train(["--config", str(TINY), "--lr", "0.5", "--steps", "7", "--task", "dyck",
+                        "--set", "optim.lr=0.25", "--parallel", "fsdp", "--compile"])
+    cfg = config_from_args(args)
+    assert cfg.optim.lr == 0.25  # --set wins over --lr
+    assert cfg.run.steps == 7 and cfg.data.task == "dyck" and cfg.run.compile
+    assert cfg.run.parallel is Parallel.FSDP
+    assert cfg.model.overrides["dim"] == 32  # from the file
+    assert config_from_args(parse_train([])) == TrainConfig()
+    # A source flag replaces the file's source (tiny.toml trains on a task).
+    text = config_from_args(parse_train(["--config", str(TINY), "--text", "a.txt", "b.txt"]))
+    assert text.data.task is None and text.data.text == ["a.txt", "b.txt"]
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    code = main(["train", "--config", str(TINY), "--out", str(tmp_path / "r"),
+                 "--set", "optim.bogus=1"])
+    assert code == 2
+    assert "'optim.bogus'" in capsys.readouterr().err
+
+
+def test_cli_lists_train(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "train" in capsys.readouterr().out

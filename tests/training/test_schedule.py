@@ -1,0 +1,76 @@
+"""Learning-rate and loop-count schedules against hand formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from open_mythos.training import LoopMode, LoopSchedule, LRSchedule, load_config
+from open_mythos.training.config import LRDecay
+
+
+def hand_lr(step, base, warmup, total, ratio):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / (total - warmup))
+    floor = base * ratio
+    return floor + (base - floor) * (1 + math.cos(math.pi * t)) / 2
+
+
+def test_warmup_cosine_matches_hand_formula():
+    sched = LRSchedule(base_lr=3e-4, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
+    for step in range(0, 140):
+        assert sched(step) == pytest.approx(hand_lr(step, 3e-4, 10, 110, 0.1), rel=1e-12)
+    assert sched(0) == pytest.approx(3e-5)
+    assert sched(9) == pytest.approx(3e-4)  # warmup ends at the peak
+    assert sched(60) == pytest.approx(3e-4 * (0.1 + 0.9 * 0.5))  # halfway: mid-point
+    assert sched(110) == pytest.approx(3e-5) and sched(500) == pytest.approx(3e-5)
+
+
+def test_constant_and_no_warmup():
+    sched = LRSchedule(1e-3, 0, 100, decay=LRDecay.CONSTANT)
+    assert {sched(s) for s in range(200)} == {1e-3}
+    assert LRSchedule(1e-3, 0, 100)(0) == pytest.approx(1e-3)
+
+
+def test_schedule_config_defaults_decay_to_run_steps():
+    cfg = load_config(None, [("schedule.warmup_steps", 5), ("run.steps", 50)])
+    sched = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, cfg.run.steps)
+    assert sched(50) == pytest.approx(cfg.optim.lr * cfg.schedule.min_lr_ratio)
+
+
+def make_loops(mode, **kw):
+    base = dict(mode=mode, n_loops=4, min_loops=1, max_loops=8, sigma=0.5,
+                curriculum_steps=11, seed=0)
+    return LoopSchedule(**{**base, **kw})
+
+
+def test_fixed_and_curriculum():
+    assert {make_loops(LoopMode.FIXED)(s) for s in range(50)} == {4}
+    ramp = make_loops(LoopMode.CURRICULUM, min_loops=2, max_loops=7)
+    values = [ramp(s) for s in range(20)]
+    assert values[0] == 2 and values[10:] == [7] * 10
+    assert values == sorted(values)
+    assert values[5] == round(2 + 5 * 0.5)
+
+
+def test_sampled_loops_are_deterministic_in_range_and_centered():
+    sampler = make_loops(LoopMode.SAMPLED)
+    draws = np.array([sampler(s) for s in range(4000)])
+    again = np.array([make_loops(LoopMode.SAMPLED)(s) for s in range(4000)])
+    assert (draws == again).all()  # same seed, same step -> same count (all ranks agree)
+    assert draws.min() >= 1 and draws.max() <= 8
+    assert set(draws.tolist()) == set(range(1, 9))
+    # Clipping at 8 lowers the mean a little below n_loops = 4.
+    assert 3.3 < draws.mean() < 4.1
+    other = np.array([make_loops(LoopMode.SAMPLED, seed=1)(s) for s in range(4000)])
+    assert (other != draws).mean() > 0.5
+    # Order of evaluation does not matter: the count is a function of the step alone.
+    assert [sampler(s) for s in (7, 3, 7)] == [draws[7], draws[3], draws[7]]
+
+
+def test_sampled_clip_range():
+    sampler = make_loops(LoopMode.SAMPLED, n_loops=3, min_loops=3, max_loops=3)
+    assert {sampler(s) for s in range(100)} == {3}
