@@ -32,7 +32,7 @@ from .config import AttnType, MythosConfig
 from .inference.cache import KVCache, as_cache_store
 from .layers.block import TransformerBlock
 from .layers.norm import RMSNorm
-from .model import OpenMythos
+from .model import CausalLM, OpenMythos
 
 
 def swiglu_flops(dim: int, hidden: int) -> int:
@@ -142,22 +142,16 @@ def flops_per_token(cfg: MythosConfig, n_loops: int | None = None, context_len: 
     return total + loops * (attn + loop_extra_flops(cfg))
 
 
-class DenseBaseline(nn.Module):
+class DenseBaseline(CausalLM):
     """Fixed-depth transformer with the interface of :class:`~open_mythos.OpenMythos`.
 
-    ``forward``/``generate`` take the same arguments (so
+    ``forward``/``generate`` (inherited from :class:`~open_mythos.model.CausalLM`) take
+    the same arguments (so
     :func:`open_mythos.inference.generate` and the evaluation code accept it), with the
     recurrence options ``n_loops``, ``act_early_exit`` and ``backprop_loops`` validated and
     ignored: the depth is always ``cfg.n_layers``. The KV cache holds one entry per block,
     under ``prelude_{i}``, ``core_{i}`` and ``coda_{i}``.
     """
-
-    # NOTE: input validation, the attention context (RoPE tables, causal and padding masks)
-    # and the generation entry point only read ``self.cfg`` and ``self.rope_dim``; they are
-    # shared with OpenMythos rather than copied.
-    _validate = OpenMythos._validate
-    _context = OpenMythos._context
-    generate = OpenMythos.generate
 
     def __init__(self, cfg: BaselineConfig):
         super().__init__()
@@ -176,10 +170,6 @@ class DenseBaseline(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_dim = type(self.core[0].attn).rope_dim(cfg)
         self.reset_parameters()
-
-    def tie_weights(self) -> None:
-        """Share the embedding matrix with the LM head."""
-        self.head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
         """N(0, 0.02) for linear and embedding weights, ones for norms; re-ties the head."""
@@ -222,42 +212,12 @@ class DenseBaseline(nn.Module):
         self._validate(input_ids, 1 if n_loops is None else n_loops, start_pos)
         cache = as_cache_store(kv_cache)
         layers = self._layers()
-        if cache is not None:
-            cached = cache.length(layers[0][0])
-            if start_pos > cached:
-                raise ValueError(
-                    f"kv_cache holds {cached} positions; start_pos={start_pos} would leave a gap"
-                )
-            if start_pos < cached:
-                cache.truncate(start_pos)
+        self._prepare_cache(cache, layers[0][0], start_pos)
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
         x = self.embed(input_ids)
         for key, layer in layers:
             x = layer(x, ctx, key)
         return self.norm(x)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        n_loops: int | None = None,
-        kv_cache: dict | KVCache | None = None,
-        start_pos: int = 0,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        act_early_exit: bool | None = None,
-        backprop_loops: int | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for every position.
-
-        Arguments as :meth:`OpenMythos.forward`. ``n_loops`` must be ``None`` or a positive
-        integer (ValueError otherwise) and is ignored, as are ``act_early_exit`` and
-        ``backprop_loops``: the baseline always runs all ``cfg.n_layers`` blocks.
-        """
-        return self.head(
-            self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
-                               attention_mask=attention_mask, act_early_exit=act_early_exit,
-                               backprop_loops=backprop_loops)
-        )
 
 
 def config_from_dict(data: dict[str, Any]) -> MythosConfig:

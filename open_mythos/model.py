@@ -15,71 +15,19 @@ from .layers.recurrence import RecurrentBlock
 from .layers.rope import rope_cos_sin
 
 
-class OpenMythos(nn.Module):
-    """Recurrent-Depth Transformer language model.
-
-    ::
-
-        ids -> embed -> Prelude (prelude_layers dense blocks)        -> e
-            -> RecurrentBlock (one MoE block, n_loops times, LTI injection of e, ACT)
-            -> Coda (coda_layers dense blocks) -> RMSNorm -> head (tied to embed) -> logits
-
-    Build on the meta device for sizing (``with torch.device("meta"): OpenMythos(cfg)``).
+class CausalLM(nn.Module):
+    """What every OpenMythos language model shares: input validation, the attention
+    context (RoPE tables, causal and padding masks), cache bookkeeping, the logits head and
+    generation. Subclasses set ``cfg``, ``embed``, ``head`` and ``rope_dim`` and implement
+    :meth:`hidden_states`.
     """
 
-    def __init__(self, cfg: MythosConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
-        self.recurrent = RecurrentBlock(cfg)
-        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.rope_dim = type(self.recurrent.block.attn).rope_dim(cfg)
-        self.reset_parameters()
+    cfg: MythosConfig
+    rope_dim: int
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``to_empty`` unties them)."""
         self.head.weight = self.embed.weight
-
-    def reset_parameters(self) -> None:
-        """N(0, 0.02) for linear and embedding weights, then the recurrence's own inits.
-
-        Also re-ties the head, so ``model.to_empty(device=...); model.reset_parameters()``
-        materialises a model built on the meta device.
-        """
-        self.tie_weights()
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if isinstance(m, nn.Linear) and m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, MoEFFN):
-                m.reset_parameters()
-                m.router_bias.zero_()
-        rec = self.recurrent
-        rec.injection.reset_parameters()
-        rec.act.reset_parameters()
-        if rec.lora is not None:
-            rec.lora.reset_parameters()
-
-    # ------------------------------------------------------------------------------------
-    def moe_layers(self) -> list[MoEFFN]:
-        """Every mixture-of-experts FFN (one, in the recurrent block)."""
-        return [m for m in self.modules() if isinstance(m, MoEFFN)]
-
-    @property
-    def aux_loss(self) -> torch.Tensor | None:
-        """MoE balance loss of the latest forward (mean over loops)."""
-        return self.recurrent.last_aux_loss
-
-    def update_router_bias(self) -> None:
-        """One aux-loss-free balancing step on every MoE layer (call once per optimiser step)."""
-        for moe in self.moe_layers():
-            moe.update_router_bias()
 
     def _validate(self, input_ids: torch.Tensor, n_loops: int, start_pos: int) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -139,42 +87,21 @@ class OpenMythos(nn.Module):
         mask = mask | (key_idx == q_idx)
         return AttnContext(cos, sin, start_pos, mask.unsqueeze(1), False, cache)
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        n_loops: int | None = None,
-        kv_cache: dict | KVCache | None = None,
-        start_pos: int = 0,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        act_early_exit: bool | None = None,
-        backprop_loops: int | None = None,
-    ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
-        n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
-        self._validate(input_ids, n_loops, start_pos)
-        cache = as_cache_store(kv_cache)
-        if cache is not None:
-            first = "prelude_0" if self.cfg.prelude_layers else RecurrentBlock.cache_key(0)
-            cached = cache.length(first)
-            if start_pos > cached:
-                raise ValueError(
-                    f"kv_cache holds {cached} positions; start_pos={start_pos} would leave a gap"
-                )
-            if start_pos < cached:
-                cache.truncate(start_pos)
-        if act_early_exit is None:
-            act_early_exit = not self.training
-        ctx = self._context(input_ids, start_pos, cache, attention_mask)
+    def _prepare_cache(self, cache: CacheStore | None, first_key: str, start_pos: int) -> None:
+        """Check ``start_pos`` against the cached length; a smaller value rewinds the cache."""
+        if cache is None:
+            return
+        cached = cache.length(first_key)
+        if start_pos > cached:
+            raise ValueError(
+                f"kv_cache holds {cached} positions; start_pos={start_pos} would leave a gap"
+            )
+        if start_pos < cached:
+            cache.truncate(start_pos)
 
-        x = self.embed(input_ids)
-        for i, layer in enumerate(self.prelude):
-            x = layer(x, ctx, f"prelude_{i}")
-        x = self.recurrent(x, x, ctx, n_loops, early_exit=act_early_exit,
-                           backprop_loops=backprop_loops)
-        for i, layer in enumerate(self.coda):
-            x = layer(x, ctx, f"coda_{i}")
-        return self.norm(x)
+    def hidden_states(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Final normalised hidden states (B, T, dim); arguments as :meth:`forward`."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -234,3 +161,96 @@ class OpenMythos(nn.Module):
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, n_loops=n_loops,
                         temperature=temperature, top_k=top_k, **kwargs)
+
+
+class OpenMythos(CausalLM):
+    """Recurrent-Depth Transformer language model.
+
+    ::
+
+        ids -> embed -> Prelude (prelude_layers dense blocks)        -> e
+            -> RecurrentBlock (one MoE block, n_loops times, LTI injection of e, ACT)
+            -> Coda (coda_layers dense blocks) -> RMSNorm -> head (tied to embed) -> logits
+
+    Build on the meta device for sizing (``with torch.device("meta"): OpenMythos(cfg)``).
+    """
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
+        self.recurrent = RecurrentBlock(cfg)
+        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope_dim = type(self.recurrent.block.attn).rope_dim(cfg)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) for linear and embedding weights, then the recurrence's own inits.
+
+        Also re-ties the head, so ``model.to_empty(device=...); model.reset_parameters()``
+        materialises a model built on the meta device.
+        """
+        self.tie_weights()
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, MoEFFN):
+                m.reset_parameters()
+                m.router_bias.zero_()
+        rec = self.recurrent
+        rec.injection.reset_parameters()
+        rec.act.reset_parameters()
+        if rec.lora is not None:
+            rec.lora.reset_parameters()
+
+    # ------------------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoEFFN]:
+        """Every mixture-of-experts FFN (one, in the recurrent block)."""
+        return [m for m in self.modules() if isinstance(m, MoEFFN)]
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """MoE balance loss of the latest forward (mean over loops)."""
+        return self.recurrent.last_aux_loss
+
+    def update_router_bias(self) -> None:
+        """One aux-loss-free balancing step on every MoE layer (call once per optimiser step)."""
+        for moe in self.moe_layers():
+            moe.update_router_bias()
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        n_loops: int | None = None,
+        kv_cache: dict | KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        act_early_exit: bool | None = None,
+        backprop_loops: int | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
+        n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
+        self._validate(input_ids, n_loops, start_pos)
+        cache = as_cache_store(kv_cache)
+        first = "prelude_0" if self.cfg.prelude_layers else RecurrentBlock.cache_key(0)
+        self._prepare_cache(cache, first, start_pos)
+        if act_early_exit is None:
+            act_early_exit = not self.training
+        ctx = self._context(input_ids, start_pos, cache, attention_mask)
+
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, ctx, f"prelude_{i}")
+        x = self.recurrent(x, x, ctx, n_loops, early_exit=act_early_exit,
+                           backprop_loops=backprop_loops)
+        for i, layer in enumerate(self.coda):
+            x = layer(x, ctx, f"coda_{i}")
+        return self.norm(x)
