@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
             cfg, stored_loops = read_config(args.checkpoint)
             name = args.checkpoint
-        n_loops = args.n_loops or stored_loops
+        n_loops = stored_loops if args.n_loops is None else args.n_loops
         if n_loops is not None and n_loops < 1:
             raise ValueError(f"--n-loops must be a positive integer, got {n_loops}")
         if args.context is not None and args.context < 0:

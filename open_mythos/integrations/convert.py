@@ -272,7 +272,8 @@ def _default_tokenizer_source(loaded: LoadedModel) -> str | Path | None:
     found = find_tokenizer_dir(loaded.path)
     if found is not None:
         return found
-    if (_train_config_tokenizer(loaded.path) or "").lower() == "byte":
+    if (_train_config_tokenizer(loaded.path) or "").lower() == "byte" \
+            or loaded.cfg.vocab_size == ByteTokenizer().vocab_size:
         return "byte"
     return None
 

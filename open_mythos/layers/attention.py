@@ -154,7 +154,7 @@ class GQAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, hd)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLAttention(nn.Module):

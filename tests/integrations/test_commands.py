@@ -93,6 +93,9 @@ def test_info_prints_exact_counts_and_cache_sizes_of_a_variant(capsys):
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "1,007,404,930" in text and "8 layers x 288 values" in text
+    # n_loops=0 is an error, not the default depth (SPEC §3.10).
+    args = parse("info", "--variant", "1b", "--n-loops", "0")
+    assert args.func(args) == 2 and "--n-loops" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])

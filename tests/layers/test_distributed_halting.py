@@ -1,0 +1,45 @@
+"""Every rank runs the same number of loops when ACT early exit is on (SPEC §3.7)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.conftest import halting_model
+from tests.inference.test_early_exit import force_halting
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, halt_at: list[int], results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = halting_model("gqa", act_threshold=0.99)
+        k = halt_at[rank]
+        force_halting(model, [k, k])
+        ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(rank))
+        out = model(ids, n_loops=12)
+        # A local all-reduce after the loop proves the ranks are still in step.
+        total = torch.tensor([float(model.recurrent.last_loops_run)])
+        dist.all_reduce(total)
+        results[rank] = (model.recurrent.last_loops_run, float(total), bool(torch.isfinite(out).all()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ranks_agree_on_the_number_of_loops():
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), [2, 5], results), nprocs=2, join=True)
+    # Rank 0 halted after 2 loops but keeps stepping (on an empty sub-batch) until rank 1
+    # has halted too, so collectives inside the loop (FSDP all-gathers) stay matched.
+    assert results[0] == (5, 10.0, True) and results[1] == (5, 10.0, True)
