@@ -261,8 +261,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 def read_model_config(ckpt_dir: str | Path) -> MythosConfig:
     """The architecture stored in a checkpoint directory."""
+    from ..baseline import config_from_dict
+
     text = (Path(ckpt_dir) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")
-    return MythosConfig.from_dict(json.loads(text))
+    return config_from_dict(json.loads(text))
 
 
 def read_model_state(ckpt_dir: str | Path, device: str | torch.device = "cpu"
@@ -292,7 +294,7 @@ def read_training_checkpoint(ckpt_dir: str | Path) -> TrainingCheckpoint:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[nn.Module, MythosConfig]:
-    """An :class:`~open_mythos.OpenMythos` with a checkpoint's weights, for other tools.
+    """The model (:class:`~open_mythos.OpenMythos`, or the dense baseline) of a checkpoint.
 
     Args:
         path: a checkpoint directory (holding ``model.safetensors`` and ``config.json``) or
@@ -303,13 +305,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     Returns:
         ``(model, cfg)``; the model is in eval mode, with the head/embedding tie intact.
     """
-    from ..model import OpenMythos
+    from ..baseline import build_model
 
     ckpt_dir = resolve_checkpoint_dir(path)
     cfg = read_model_config(ckpt_dir)
     state, tied = read_model_state(ckpt_dir)
     with torch.device("meta"):
-        model = OpenMythos(cfg)
+        model = build_model(cfg)
     model_tied = tied_parameters(model)
     model.to_empty(device="cpu")
     _retie(model, model_tied)  # to_empty gives each alias its own new tensor

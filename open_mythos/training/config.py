@@ -106,8 +106,10 @@ class ModelConfig:
         else:
             base = {**DEFAULT_MODEL, "vocab_size": data_vocab_size}
         merged = {**base, **self.overrides}
+        from ..baseline import config_from_dict  # core_layers / core_ffn_dim: the dense baseline
+
         try:
-            cfg = MythosConfig.from_dict(merged)
+            cfg = config_from_dict(merged)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"[model] {err}") from None
         if cfg.vocab_size < data_vocab_size:
@@ -423,8 +425,10 @@ def to_toml(cfg: TrainConfig) -> str:
 
 
 def _build_model_section(raw: Mapping[str, Any]) -> ModelConfig:
-    hints = typing.get_type_hints(MythosConfig)
-    allowed = {"variant": None, **{f.name: None for f in dataclasses.fields(MythosConfig)}}
+    from ..baseline import BaselineConfig  # its extra keys (core_layers...) build the baseline
+
+    hints = typing.get_type_hints(BaselineConfig)
+    allowed = {"variant": None, **{f.name: None for f in dataclasses.fields(BaselineConfig)}}
     _reject_unknown("key", raw, allowed, prefix="model.")
     overrides = {}
     variant = None

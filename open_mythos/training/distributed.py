@@ -106,7 +106,8 @@ def free_port() -> int:
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The units FSDP2 shards separately: each Prelude and Coda block, and the whole
     recurrent block (its parameters are gathered once and reused by every loop)."""
-    return [*model.prelude, model.recurrent, *model.coda]
+    middle = [model.recurrent] if hasattr(model, "recurrent") else list(model.core)
+    return [*model.prelude, *middle, *model.coda]
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, precision: Precision) -> nn.Module:

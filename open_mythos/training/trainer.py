@@ -40,9 +40,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..baseline import build_model, is_looped
 from ..config import MythosConfig
 from ..layers.norm import RMSNorm
-from ..model import OpenMythos
 from .checkpoint import (
     TRAINER_STATE_FILE,
     TrainingCheckpoint,
@@ -198,14 +198,15 @@ class Trainer:
 
         # Same seed on every rank: FSDP2 shards each rank's own copy of the initial weights.
         torch.manual_seed(cfg.run.seed)
-        core = OpenMythos(self.model_cfg)
-        core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
+        core = build_model(self.model_cfg)
+        if is_looped(core):
+            core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
         core.to(ctx.device)
         self.tied = tied_parameters(core)
         if cfg.run.compile:
             _compile_blocks(core, cfg.schedule.max_loops)
         self.model = wrap_model(core, ctx, cfg.run.precision)
-        self.core: OpenMythos = unwrap(self.model)
+        self.core: nn.Module = unwrap(self.model)
         self.optimizer = build_optimizer(self.core, cfg.optim.lr, cfg.optim.weight_decay,
                                          (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
         self.lr_at = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, cfg.run.steps)
@@ -344,7 +345,7 @@ class Trainer:
                     logits = self.model(x, n_loops=n_loops,
                                         backprop_loops=cfg.schedule.backprop_loops)
                     parts = compute_loss(
-                        logits, y, self.core.recurrent.last_ponder_cost, self.core.aux_loss,
+                        logits, y, self._ponder_cost(), self.core.aux_loss,
                         ponder_weight=cfg.optim.ponder_weight, aux_weight=cfg.optim.aux_weight,
                         ce_scale=ce_scale, reg_scale=reg_scale)
                 objective = parts.objective
@@ -409,6 +410,9 @@ class Trainer:
         }
 
     @torch.no_grad()
+    def _ponder_cost(self) -> torch.Tensor | None:
+        return self.core.recurrent.last_ponder_cost if is_looped(self.core) else None
+
     def evaluate(self) -> dict[str, float]:
         """Loss and next-token accuracy on ``data.eval_batches`` validation batches at
         ``schedule.eval_loops`` loops (all ranks take part; the result is global)."""
@@ -496,7 +500,7 @@ def _truncate_metrics(path: Path, ckpt: Path | None) -> None:
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
-def _compile_blocks(model: OpenMythos, max_loops: int) -> None:
+def _compile_blocks(model: nn.Module, max_loops: int) -> None:
     """``torch.compile`` each transformer block in place (the loop itself stays in Python,
     so any loop count reuses the same compiled blocks)."""
     import torch._dynamo
@@ -504,5 +508,6 @@ def _compile_blocks(model: OpenMythos, max_loops: int) -> None:
     # One specialisation per loop depth can occur (the loop index is a Python int).
     limit = max(torch._dynamo.config.recompile_limit, 2 * max_loops + 8)
     torch._dynamo.config.recompile_limit = limit
-    for block in [*model.prelude, model.recurrent.block, *model.coda]:
+    core = [model.recurrent.block] if is_looped(model) else list(model.core)
+    for block in [*model.prelude, *core, *model.coda]:
         block.compile()

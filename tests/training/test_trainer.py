@@ -169,3 +169,17 @@ def test_weight_decay_groups():
     assert {"recurrent.block.ffn.w_gate_up", "prelude.0.attn.wq.weight"} <= decayed
     assert all(p.ndim >= 2 for p in decay["params"])
     assert len(decayed) + len(exempt) == len(list(model.parameters()))
+
+
+def test_dense_baseline_trains_from_the_same_config(tmp_path):
+    """``model.core_layers`` selects the FLOPs-matched non-looped baseline."""
+    from open_mythos.baseline import DenseBaseline
+    from open_mythos.training import load_checkpoint
+
+    cfg = tiny_config(tmp_path / "base", run__steps=6, model__core_layers=3)
+    Trainer(cfg).train()
+    rows = read_metrics(tmp_path / "base")
+    assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
+    model, model_cfg = load_checkpoint(tmp_path / "base")
+    assert isinstance(model, DenseBaseline) and model_cfg.core_layers == 3
+    assert model.head.weight is model.embed.weight
