@@ -14,6 +14,7 @@ import importlib
 from collections.abc import Sequence
 
 COMMANDS: tuple[str, ...] = (
+    "open_mythos.commands.demo",
     "open_mythos.training.command",
     "open_mythos.commands.generate",
     "open_mythos.commands.info",

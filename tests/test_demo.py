@@ -1,0 +1,19 @@
+"""``make demo`` runs end to end (quick mode: seconds, checks the pipeline, not the science)."""
+
+import pytest
+
+from open_mythos.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "| split |" in out and "baseline" in out and "| ood_hops |" in out
+    report = tmp_path / "demo" / "report"
+    text = (report / "report.md").read_text()
+    for png in ("depth_sweep.png", "training_curves.png"):
+        assert (report / png).stat().st_size > 1000 and png in text
+    assert (tmp_path / "demo" / "sweep.json").exists()
+    assert (tmp_path / "demo" / "looped" / "metrics.jsonl").exists()
+    assert (tmp_path / "demo" / "baseline" / "metrics.jsonl").exists()
