@@ -6,10 +6,19 @@ experts, so the balancing bias never enters the gradient. ``update_router_bias``
 bias towards uniform load (aux-loss-free balancing); ``last_aux_loss`` is the optional
 Switch-style balance loss.
 
-Dispatch is sort-based: token->expert assignments are sorted by expert, the experts run on
-contiguous groups with one grouped matmul per projection, and results are scattered back
-weighted by the gates. No Python loop over experts or top-k slots where the grouped matmul
-kernel exists for the device and dtype.
+Dispatch is sort-based and has no Python loop over experts or top-k slots:
+
+1. the ``N * k`` token->expert assignments ("slots") are sorted by expert;
+2. the token rows are gathered into that order and each expert multiplies its contiguous
+   group with one grouped matmul per projection (:func:`grouped_matmul`);
+3. the gate weights scale the expert hidden activations (``expert_dim`` wide, cheaper than
+   scaling the ``dim``-wide outputs; the down projection is linear), and each token's ``k``
+   results are gathered back and summed.
+
+Steps 2 and 3 are the same row permutation in opposite directions, so each one's backward
+is the other one's forward (:class:`_PermuteRows`): gathers both ways, no scatter-add.
+Nothing on this path reads a tensor on the host, so on CUDA it never synchronises, and the
+whole layer traces with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 from ..config import MythosConfig
 
@@ -35,8 +45,11 @@ class Expert(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+# Grouped matmul ---------------------------------------------------------------------------
+
+
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` runs for this device, dtype and shape."""
+    """Whether the native ``torch._grouped_mm`` kernel runs for this device, dtype and shape."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     # The kernel needs row strides that are multiples of 16 bytes.
@@ -49,23 +62,139 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Row groups of ``x`` times their expert's matrix.
+def _segments(offs: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(start, end)]`` row ranges of the groups ending at ``offs`` (reads ``offs`` on the host)."""
+    ends = offs.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+@torch.library.custom_op("open_mythos::grouped_mm", mutates_args=())
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(N, d_in) rows grouped by ``offs`` (E,) int32 group ends, times w (E, d_in, d_out)."""
+    if grouped_mm_supported(x, w) and x.dtype == w.dtype:
+        return torch._grouped_mm(x, w, offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    for e, (a, b) in enumerate(_segments(offs)):
+        torch.mm(x[a:b], w[e], out=out[a:b])
+    return out
+
+
+@_grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("open_mythos::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """Per-group ``x_e^T @ grad_e``: (N, d_in), (N, d_out) -> (E, d_in, d_out)."""
+    if grouped_mm_supported(x, grad) and x.dtype == grad.dtype:
+        return torch._grouped_mm(x.t(), grad, offs=offs)
+    out = x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+    for e, (a, b) in enumerate(_segments(offs)):
+        torch.mm(x[a:b].t(), grad[a:b], out=out[e])
+    return out
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx = _grouped_mm(grad, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    dw = _grouped_mm_weight_grad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+# FLOP counting (torch.utils.flop_counter does not see inside custom ops): every row meets
+# exactly one expert matrix, so a grouped matmul costs what one dense (N, d_in, d_out) does.
+@register_flop_formula(torch.ops.open_mythos.grouped_mm)
+def _grouped_mm_flops(x_shape, w_shape, offs_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
+
+
+@register_flop_formula(torch.ops.open_mythos.grouped_mm_weight_grad)
+def _grouped_mm_weight_grad_flops(x_shape, grad_shape, offs_shape, *args, out_shape=None,
+                                  **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * grad_shape[-1]
+
+
+def grouped_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    counts: torch.Tensor | None = None,
+    *,
+    offs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Row groups of ``x`` times their expert's matrix; differentiable in ``x`` and ``w``.
 
     Args:
         x: (N, d_in) rows sorted by expert.
-        w: (E, d_in, d_out) one matrix per expert.
-        counts: (E,) rows per expert, summing to N.
+        w: (E, d_in, d_out) one matrix per expert, in ``x``'s dtype.
+        counts: (E,) rows per expert, summing to N; or
+        offs: (E,) int32 cumulative ``counts`` (group ends), if already at hand.
 
     Returns:
         (N, d_out) where rows of group e are ``x_e @ w[e]``.
+
+    On CUDA with a native grouped kernel (bf16, Hopper or newer) this is
+    ``torch._grouped_mm``, so ``torch.compile`` can pick its own kernel. Elsewhere it is the
+    ``open_mythos::grouped_mm`` custom op: the native CPU kernel where it applies, a loop
+    over groups otherwise (float64 references, older GPUs; that loop reads the group sizes
+    on the host).
     """
-    if grouped_mm_supported(x, w):
+    if offs is None:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return torch._grouped_mm(x, w.to(x.dtype), offs=offs)
-    # Segment-wise fallback (float64 references, older GPUs): one host sync for the sizes.
-    parts = x.split(counts.tolist())
-    return torch.cat([p @ w[e] for e, p in enumerate(parts)], dim=0)
+    if x.device.type == "cuda" and grouped_mm_supported(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    return _grouped_mm(x, w, offs)
+
+
+# Row permutation for dispatch and combine -------------------------------------------------
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``src.index_select(0, index)`` then sum of each run of ``group`` consecutive rows.
+
+    Dispatch and combine are this operation with the roles of the two index tensors
+    swapped, and each one's gradient is the other one, so forward and backward are both
+    gathers (no scatter-add, deterministic).
+    """
+
+    @staticmethod
+    def forward(ctx, src, index, group, back_index, back_group):
+        ctx.save_for_backward(back_index, index)
+        ctx.group, ctx.back_group = group, back_group
+        return _gather_sum(src, index, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back_index, index = ctx.saved_tensors
+        return (_PermuteRows.apply(grad, back_index, ctx.back_group, index, ctx.group),
+                None, None, None, None)
+
+
+def _gather_sum(src: torch.Tensor, index: torch.Tensor, group: int) -> torch.Tensor:
+    if group == 1:
+        return src.index_select(0, index)
+    # NOTE: embedding_bag is a fused gather-and-sum, several times faster than
+    # index_select + sum (one pass, no (N*k, D) temporary) on CPU and GPU.
+    return F.embedding_bag(index.view(-1, group), src, mode="sum")
+
+
+# The layer --------------------------------------------------------------------------------
 
 
 class MoEFFN(nn.Module):
@@ -75,10 +204,16 @@ class MoEFFN(nn.Module):
         router: ``Linear(dim, n_experts)`` producing routing logits.
         router_bias: (n_experts,) buffer added to the logits for selection only.
         topk, n_experts, n_shared: routing sizes.
-        last_expert_load: (n_experts,) float tensor, token-slot assignments per expert in the
-            latest call.
+        last_expert_load: (n_experts,) float32 tensor, token-slot assignments per expert in
+            the latest call (detached; never read on the host by the layer itself).
         last_aux_loss: scalar Switch balance loss of the latest call,
-            ``n_experts * sum_e f_e * P_e`` (1.0 when perfectly balanced).
+            ``n_experts * sum_e f_e * P_e`` (1.0 when perfectly balanced), differentiable
+            through the router.
+
+    Balancing without an auxiliary loss: training-mode forwards add their load to
+    ``load_since_update`` (the recurrent block calls the layer once per loop, so all loop
+    depths count; recomputation under activation checkpointing does not count twice);
+    :meth:`update_router_bias`, once per optimiser step, turns it into a bias step.
     """
 
     def __init__(self, cfg: MythosConfig):
@@ -116,37 +251,46 @@ class MoEFFN(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = logits.softmax(dim=-1)
         topk_idx = (logits + self.router_bias.to(logits.dtype)).topk(self.topk, dim=-1).indices
-        gates = probs.gather(-1, topk_idx)
-        return topk_idx, gates / gates.sum(dim=-1, keepdim=True), probs
+        # Renormalised softmax over the chosen experts == softmax of their logits; its
+        # gradient touches only the k chosen entries.
+        gates = logits.gather(-1, topk_idx).softmax(dim=-1)
+        return topk_idx, gates, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (B, T, dim) (or (N, dim)) -> same shape."""
+        """``x``: (B, T, dim) (or (N, dim)) -> same shape and dtype."""
         shape = x.shape
         flat = x.reshape(-1, self.dim)  # (N, D)
-        n_tokens = flat.shape[0]
+        n_tokens, k = flat.shape[0], self.topk
         topk_idx, gates, probs = self.route(flat)
 
+        # Sort the N*k slots by expert; slot s = n * k + j is token n's j-th choice.
         expert_of_slot = topk_idx.reshape(-1)  # (N*k,)
-        order = expert_of_slot.argsort(stable=True)
-        token_of_sorted = order // self.topk
-        counts = torch.bincount(expert_of_slot, minlength=self.n_experts)  # (E,)
+        sorted_experts, order = expert_of_slot.sort(stable=True)
+        rank = torch.empty_like(order).scatter_(  # inverse permutation: slot -> sorted row
+            0, order, torch.arange(order.shape[0], device=order.device))
+        token_of_sorted = order // k
+        # Group ends (E,): slots whose expert is <= e.
+        ends = torch.searchsorted(
+            sorted_experts, torch.arange(self.n_experts, device=x.device), right=True)
+        offs = ends.to(torch.int32)
 
-        xs = flat.index_select(0, token_of_sorted)  # (N*k, D) grouped by expert
-        gate_up = grouped_matmul(xs, self.w_gate_up, counts)
+        dtype = _compute_dtype(flat)
+        xs = _PermuteRows.apply(flat.to(dtype), token_of_sorted, 1, rank, k)  # (N*k, D)
+        gate_up = grouped_matmul(xs, self.w_gate_up.to(dtype), offs=offs)  # (N*k, 2H)
         g, u = gate_up.chunk(2, dim=-1)
-        ys = grouped_matmul(F.silu(g) * u, self.w_down, counts)  # (N*k, D)
-        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        out = torch.zeros_like(flat, dtype=ys.dtype).index_add_(0, token_of_sorted, ys)
+        gate_sorted = gates.reshape(-1).index_select(0, order).to(dtype).unsqueeze(-1)
+        h = F.silu(g) * u * gate_sorted  # (N*k, H), already weighted by the gate
+        ys = grouped_matmul(h, self.w_down.to(dtype), offs=offs)  # (N*k, D)
+        out = _PermuteRows.apply(ys, rank, k, token_of_sorted, 1)  # (N, D)
         if self.shared is not None:
             out = out + self.shared(flat)
 
-        load = counts.to(torch.float32)
-        self.last_expert_load = load.detach()
-        frac = load / max(n_tokens * self.topk, 1)
+        load = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float32)  # (E,)
+        self.last_expert_load = load
+        frac = load / max(n_tokens * k, 1)
         self.last_aux_loss = self.n_experts * (frac * probs.mean(dim=0)).sum()
         if self.training and self.record_load:
-            with torch.no_grad():
-                self.load_since_update.add_(load)
+            self.load_since_update.add_(load)
         return out.to(x.dtype).reshape(shape)
 
     @torch.no_grad()
@@ -156,7 +300,16 @@ class MoEFFN(nn.Module):
         Uses the load accumulated by training-mode forwards since the previous call (summed
         over all ranks when ``torch.distributed`` is initialised, so every rank keeps the same
         bias), moves each bias by ``rate`` (default ``cfg.router_bias_update_rate``) towards
-        the mean load, and resets the accumulator.
+        the mean load, ``b_e += rate * sign(mean_load - load_e)``, and resets the
+        accumulator. No host synchronisation: an empty accumulator leaves the bias unchanged.
+
+        ``rate`` is in logit units per step. The bias only changes which experts are
+        selected, so an expert preferred by a margin of ``d`` logits is rebalanced after about
+        ``d / rate`` steps, after which the biases jitter by about ``rate`` around balance.
+        1e-2 undoes a one-logit preference in ~100 steps, the right scale for runs of
+        hundreds to tens of thousands of steps (``tests/layers/test_moe_balance.py``: a
+        collapsed router balanced within 300 steps); DeepSeek-V3's 1e-3 (on sigmoid scores,
+        ~4e-3 in logits) suits pre-training runs of 100k+ steps.
 
         Returns:
             The load (n_experts,) that the update used.
@@ -165,8 +318,17 @@ class MoEFFN(nn.Module):
         load = self.load_since_update.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)
-        if load.sum() > 0:
-            self.router_bias.add_(rate * torch.sign(load.mean() - load))
-            self.router_bias.sub_(self.router_bias.mean())  # only differences matter
+        # sign(0) = 0: an empty accumulator (mean 0, all loads 0) moves nothing.
+        self.router_bias.add_(rate * torch.sign(load.mean() - load))
+        self.router_bias.sub_(self.router_bias.mean())  # only differences matter
         self.load_since_update.zero_()
         return load
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' matmuls run in: the autocast dtype inside an autocast region
+    (as ``nn.Linear`` would), else ``x``'s own."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype

@@ -1,0 +1,122 @@
+"""``torch.compile`` of the recurrent block's inner TransformerBlock (the loop stays in
+Python) and of the MoE alone, and the absence of host synchronisation in training.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from open_mythos import OpenMythos
+from open_mythos.layers import moe as moe_module
+from open_mythos.layers.moe import MoEFFN
+from tests.conftest import tiny_config
+
+# Ops that read a device tensor on the host (a CUDA synchronisation).
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "equal",
+              "is_nonzero", "_unique2", "unique_consecutive", "unique_dim"}
+
+
+class HostReadRecorder(TorchDispatchMode):
+    """Records every dispatched op that would synchronise with the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_segment_fallback(monkeypatch):
+    """Fail if the grouped matmul takes the loop fallback (the one path that reads sizes)."""
+
+    def forbidden(offs):
+        raise AssertionError("grouped matmul fell back to the host-synchronising loop")
+
+    monkeypatch.setattr(moe_module, "_segments", forbidden)
+
+
+def _train_step(model: OpenMythos, ids: torch.Tensor, n_loops: int):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, n_loops=n_loops)
+    loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+    loss = loss + 0.01 * model.aux_loss + 0.01 * model.recurrent.last_ponder_cost.mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return logits, grads
+
+
+def test_moe_fullgraph_compile_matches_eager(no_segment_fallback):
+    torch.manual_seed(0)
+    moe = MoEFFN(tiny_config(n_experts=8, n_experts_per_tok=2, expert_dim=16)).train()
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    compiled = torch.compile(copy.deepcopy(moe), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 24, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out, out_c = moe(x), compiled(x2)
+    torch.testing.assert_close(out_c, out)
+    out.square().sum().backward()
+    out_c.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad)
+    for (name, p), p_c in zip(moe.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p_c.grad, p.grad, msg=name)
+    compiled_moe = compiled._orig_mod
+    torch.testing.assert_close(compiled_moe.load_since_update, moe.load_since_update)
+    torch.testing.assert_close(compiled_moe.last_expert_load, moe.last_expert_load)
+
+
+@pytest.mark.parametrize("backend, use_act", [
+    ("aot_eager", True),
+    ("aot_eager", False),
+    # Inductor generates and builds C++ kernels: ~5 s with a warm cache, ~40 s cold.
+    pytest.param("inductor", True, marks=pytest.mark.slow),
+])
+def test_compiled_recurrent_block_matches_eager(backend, use_act):
+    torch.manual_seed(0)
+    cfg = tiny_config(use_act=use_act, act_threshold=0.7, act_halt_bias_init=0.0)
+    eager = OpenMythos(cfg).train()
+    torch.nn.init.normal_(eager.recurrent.act.halt.weight, std=0.3)  # positions halt at
+    compiled = copy.deepcopy(eager)                                    # different loops
+    # The loop stays in Python; the block compiles to one graph for loop 0 and one for the
+    # later loops (the depth carry holds the previous keys/values from loop 1 on).
+    compiled.recurrent.block.compile(fullgraph=True, backend=backend)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    for _ in range(2):
+        logits, grads = _train_step(eager, ids, n_loops=3)
+        logits_c, grads_c = _train_step(compiled, ids, n_loops=3)
+        torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-5)
+        assert grads_c.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(compiled.recurrent.last_expert_load,
+                                   eager.recurrent.last_expert_load)
+
+
+def test_training_loop_never_reads_device_values_on_the_host(no_segment_fallback):
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(act_threshold=0.7, act_halt_bias_init=0.0)).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    recorder = HostReadRecorder()
+    # Armed for the recurrent loop's forward and for the whole backward pass.
+    def arm(*_):
+        recorder.__enter__()
+
+    def disarm(*_):
+        recorder.__exit__(None, None, None)
+
+    pre = model.recurrent.register_forward_pre_hook(arm)
+    post = model.recurrent.register_forward_hook(disarm)
+    logits = model(ids, n_loops=4)
+    pre.remove()
+    post.remove()
+    loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + model.aux_loss
+    with recorder:
+        loss.backward()
+        model.update_router_bias()
+    assert recorder.calls == []
