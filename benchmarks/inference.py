@@ -6,6 +6,9 @@
 Every row is measured against a naive baseline in the same run, using the same weights:
 the upstream-style plain-dict cache that grows by ``torch.cat``, MLA without absorption
 (the latent cache re-expanded through ``kv_up`` at every step) and no ACT early exit.
+"Eager" is ``generate`` as is; "compiled" is ``generate(..., compile=True)``, one
+``torch.compile``d fixed-shape graph per decode step (compilation time is printed apart and
+not in the tok/s).
 The "ACT-trained" rows first train the small GQA model for a few hundred steps with a ponder
 penalty, so that its halting head really halts, then decode with up to ``--loops`` loops.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -87,24 +91,38 @@ def prefill_time(model: OpenMythos, ids: torch.Tensor, n_loops: int, naive: bool
 
 
 def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: int, label: str,
-                repeats: int) -> list[list[object]]:
-    rows = []
+                repeats: int) -> tuple[list[list[object]], list[str]]:
+    """Rows of the decode table, and one note per prompt length on compilation time."""
+    rows, notes = [], []
     cfg = model.cfg
     for plen in prompt_lens:
         ids = torch.randint(0, cfg.vocab_size - 3, (1, plen), generator=torch.Generator().manual_seed(plen))
-        fast = median_time(lambda: generate(model, ids, new, n_loops, do_sample=False),
-                           repeats=repeats, warmup=1)
-        slow = median_time(lambda: naive_decode(model, ids, new, n_loops), repeats=repeats, warmup=1)
+
+        def ours(compile: bool, n: int = new, ids: torch.Tensor = ids) -> torch.Tensor:
+            return generate(model, ids, n, n_loops, do_sample=False, compile=compile,
+                            act_early_exit=False)
+
+        t0 = time.perf_counter()
+        ours(True)  # compiles (once per model structure, batch, cache bucket, n_loops)
+        first_call = time.perf_counter() - t0
+        eager = median_time(lambda: ours(False), repeats=repeats, warmup=1)
+        compiled = median_time(lambda: ours(True), repeats=repeats, warmup=0)
+        slow = median_time(lambda ids=ids: naive_decode(model, ids, new, n_loops), repeats=repeats,
+                           warmup=1)
         pf_fast = prefill_time(model, ids, n_loops, naive=False)
         pf_slow = prefill_time(model, ids, n_loops, naive=True)
         # Decode time = generate time minus its prefill.
-        dec_fast, dec_slow = max(fast - pf_fast, 1e-9), max(slow - pf_slow, 1e-9)
-        same = torch.equal(generate(model, ids, 8, n_loops, do_sample=False)[:, plen:],
-                           naive_decode(model, ids, 8, n_loops))
+        dec_eager, dec_comp = max(eager - pf_fast, 1e-9), max(compiled - pf_fast, 1e-9)
+        dec_slow = max(slow - pf_slow, 1e-9)
+        ref = naive_decode(model, ids, 8, n_loops)
+        same = all(torch.equal(ours(c, 8)[:, plen:], ref) for c in (False, True))
         rows.append([label, plen, f"{plen / pf_fast:,.0f}", f"{plen / pf_slow:,.0f}",
-                     f"{new / dec_fast:.1f}", f"{new / dec_slow:.1f}",
-                     f"{dec_slow / dec_fast:.2f}x", "yes" if same else "NO"])
-    return rows
+                     f"{new / dec_slow:.1f}", f"{new / dec_eager:.1f}", f"{new / dec_comp:.1f}",
+                     f"{dec_slow / dec_eager:.2f}x", f"{dec_slow / dec_comp:.2f}x",
+                     "yes" if same else "NO"])
+        notes.append(f"{label} prompt {plen}: first compiled call (compilation included) "
+                     f"{first_call:.1f} s")
+    return rows, notes
 
 
 def kv_rows(n_loops: int) -> list[list[object]]:
@@ -158,7 +176,8 @@ def act_rows(n_loops: int, steps: int, repeats: int) -> tuple[list[list[object]]
     new = 32
     runs = {}
     for early in (False, True):
-        t = median_time(lambda: generate(model, ids, new, n_loops, do_sample=False, act_early_exit=early),
+        t = median_time(lambda early=early: generate(model, ids, new, n_loops, do_sample=False,
+                                                        act_early_exit=early),
                         repeats=repeats, warmup=1)
         out = generate(model, ids, new, n_loops, do_sample=False, act_early_exit=early)
         runs[early] = (t, out, model.recurrent.last_work_fraction, model.recurrent.last_loops_run)
@@ -188,20 +207,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt_lens = [64, 512] if args.quick else [64, 512, 2048]
-    repeats = 3
+    repeats = 5
 
     print(f"# OpenMythos inference benchmark (torch {torch.__version__}, {args.threads} threads, fp32)\n")
     print("## KV cache bytes per token (small configs, 4 loops: 1 prelude + 4 loops + 1 coda layers)\n")
     print_table(["attn", "reference fp32", "ours fp32", "ours bf16", "ratio fp32", "ratio bf16"],
                 kv_rows(4))
 
-    headers = ["model", "prompt", "prefill tok/s", "naive prefill tok/s", "decode tok/s",
-               "naive decode tok/s", "decode speed-up", "same tokens"]
+    headers = ["model", "prompt", "prefill tok/s", "naive prefill tok/s", "naive decode tok/s",
+               "eager decode tok/s", "compiled decode tok/s", "eager speed-up",
+               "compiled speed-up", "same tokens"]
     for attn in ("gqa", "mla"):
         torch.manual_seed(0)
         model = OpenMythos(small_config(attn)).eval()
-        print(f"\n## Greedy decode of 32 tokens, small {attn.upper()} (untrained, 4 loops)\n")
-        print_table(headers, decode_rows(model, prompt_lens, 32, 4, attn, repeats))
+        print(f"\n## Greedy decode of 32 tokens, small {attn.upper()} (untrained, 4 loops, batch 1)\n")
+        rows, notes = decode_rows(model, prompt_lens, 32, 4, attn, repeats)
+        print_table(headers, rows)
+        print("\n" + "; ".join(notes))
 
     rows, note = act_rows(args.loops, args.train_steps, repeats)
     print(f"\n## ACT early exit on an ACT-trained small GQA model: 4 prompts, 32 new tokens, "

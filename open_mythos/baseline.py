@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import AttnType, MythosConfig
 from .inference.cache import KVCache, as_cache_store
+from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
 from .layers.norm import RMSNorm
 from .model import CausalLM, OpenMythos
@@ -214,8 +215,19 @@ class DenseBaseline(CausalLM):
         layers = self._layers()
         self._prepare_cache(cache, layers[0][0], start_pos)
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
+        return self.trunk(input_ids, ctx, 1)
+
+    def trunk(
+        self,
+        input_ids: torch.Tensor,
+        ctx: AttnContext,
+        n_loops: int = 1,
+        early_exit: bool = False,
+        backprop_loops: int | None = None,
+    ) -> torch.Tensor:
+        """Embedding to final norm for a prepared context (the loop arguments are ignored)."""
         x = self.embed(input_ids)
-        for key, layer in layers:
+        for key, layer in self._layers():
             x = layer(x, ctx, key)
         return self.norm(x)
 

@@ -103,6 +103,21 @@ class CausalLM(nn.Module):
         """Final normalised hidden states (B, T, dim); arguments as :meth:`forward`."""
         raise NotImplementedError
 
+    def trunk(
+        self,
+        input_ids: torch.Tensor,
+        ctx: AttnContext,
+        n_loops: int,
+        early_exit: bool = False,
+        backprop_loops: int | None = None,
+    ) -> torch.Tensor:
+        """Embedding to final norm for a prepared attention context, without validation.
+
+        :meth:`hidden_states` validates its arguments and builds ``ctx``; the compiled decode
+        step (:mod:`open_mythos.inference.static`) builds a fixed-shape ``ctx`` itself.
+        """
+        raise NotImplementedError
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -245,11 +260,20 @@ class OpenMythos(CausalLM):
         if act_early_exit is None:
             act_early_exit = not self.training
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
+        return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops)
 
+    def trunk(
+        self,
+        input_ids: torch.Tensor,
+        ctx: AttnContext,
+        n_loops: int,
+        early_exit: bool = False,
+        backprop_loops: int | None = None,
+    ) -> torch.Tensor:
         x = self.embed(input_ids)
         for i, layer in enumerate(self.prelude):
             x = layer(x, ctx, f"prelude_{i}")
-        x = self.recurrent(x, x, ctx, n_loops, early_exit=act_early_exit,
+        x = self.recurrent(x, x, ctx, n_loops, early_exit=early_exit,
                            backprop_loops=backprop_loops)
         for i, layer in enumerate(self.coda):
             x = layer(x, ctx, f"coda_{i}")

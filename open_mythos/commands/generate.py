@@ -54,6 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text is generated (repeatable; not printed)")
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through one torch.compile'd graph per step: much faster per "
+                        "token after a one-off compilation (tens of seconds); runs every loop "
+                        "(no ACT early exit)")
     p.set_defaults(func=run)
     return p
 
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             n_loops=args.n_loops or loaded.n_loops,
             do_sample=not args.greedy, temperature=args.temperature,
-            top_k=args.top_k or None, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed)
+            top_k=args.top_k or None, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
+            compile=args.compile)
         prompts = encode_prompts(tokenizer, [args.prompt])
         deltas = stream_text(loaded.model, tokenizer, prompts, options)
         start = time.perf_counter()

@@ -137,7 +137,7 @@ class KVCache:
         bufs = self._buffers.get(key)
         if bufs is None:
             bufs = {
-                n: t.new_empty(*t.shape[:-2], self.max_len, t.shape[-1], dtype=self.dtype or t.dtype)
+                n: t.new_zeros(*t.shape[:-2], self.max_len, t.shape[-1], dtype=self.dtype or t.dtype)
                 for n, t in new.items()
             }
             self._buffers[key] = bufs
@@ -145,6 +145,17 @@ class KVCache:
             bufs[n][..., start:end, :].copy_(t)
         self._lengths[key] = end
         return {n: b[..., :end, :] for n, b in bufs.items()}
+
+    def buffers(self) -> dict[str, Entries]:
+        """The full preallocated buffers, ``max_len`` positions each (for compiled steps)."""
+        return self._buffers
+
+    def mark_filled(self, keys: list[str], length: int) -> None:
+        """Record that ``keys`` now hold ``length`` positions (written in place elsewhere)."""
+        if length > self.max_len:
+            raise ValueError(f"KVCache holds at most max_len={self.max_len} positions")
+        for key in keys:
+            self._lengths[key] = length
 
     def fill_missing(self, key: str, src_key: str, upto: int) -> None:
         have = self.length(key)

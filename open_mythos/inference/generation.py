@@ -15,6 +15,7 @@ import torch
 
 from .cache import KVCache
 from .sampling import SamplingParams, select_next
+from .static import CompiledDecoder, cache_length
 
 if TYPE_CHECKING:
     from ..model import OpenMythos
@@ -42,7 +43,8 @@ def stream(
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     cache_dtype: torch.dtype | None = None,
-    act_early_exit: bool = True,
+    act_early_exit: bool | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
 
@@ -57,7 +59,13 @@ def stream(
         attention_mask: (B, T) 1 for prompt tokens, 0 for padding.
         generator: a ``torch.Generator`` for reproducible sampling.
         cache_dtype: storage dtype of the KV cache (for example ``torch.bfloat16``).
-        act_early_exit: skip loops once every position has halted.
+        act_early_exit: skip loops once every position has halted (default: on, except
+            with ``compile``).
+        compile: decode through one ``torch.compile``d fixed-shape graph per step
+            (:mod:`open_mythos.inference.static`): several times faster once compiled, at
+            a one-off compilation cost per model, batch size, cache bucket and ``n_loops``.
+            Every loop runs (ACT still weights them), so it cannot be combined with
+            ``act_early_exit=True``. The prompt is prefilled eagerly.
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -76,6 +84,13 @@ def stream(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
             f"{tuple(input_ids.shape)}"
         )
+    if act_early_exit is None:
+        act_early_exit = not compile
+    elif act_early_exit and compile:
+        raise ValueError(
+            "compile=True runs every loop in one fixed graph; it cannot skip loops, so pass "
+            "act_early_exit=False (or compile=False to keep ACT early exit)"
+        )
     if max_new_tokens == 0:
         return
     device = input_ids.device
@@ -92,10 +107,13 @@ def stream(
     model.eval()
     try:
         with torch.no_grad():
-            cache = KVCache(total, dtype=cache_dtype)
+            cache_len = cache_length(total, model.cfg.max_seq_len) if compile else total
+            cache = KVCache(cache_len, dtype=cache_dtype)
             logits = model(input_ids, n_loops, cache, 0,
                            attention_mask=None if mask is None else mask[:, :T0],
                            act_early_exit=act_early_exit)[:, -1]
+            decoder = (CompiledDecoder(model, cache, n_loops, T0, attention_mask)
+                       if compile else None)
             finished = torch.zeros(B, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
                 tok = select_next(logits, params, generator)
@@ -105,6 +123,9 @@ def stream(
                 yield tok
                 if step == max_new_tokens - 1 or (stop is not None and bool(finished.all())):
                     return
+                if decoder is not None:
+                    logits = decoder.step(tok)
+                    continue
                 pos = T0 + step
                 logits = model(tok.unsqueeze(1), n_loops, cache, pos,
                                attention_mask=None if mask is None else mask[:, : pos + 1],

@@ -121,7 +121,9 @@ class GenerationOptions:
     ``do_sample``, ``temperature``, ``top_k`` and ``top_p`` are those of
     :class:`~open_mythos.inference.sampling.SamplingParams`; ``n_loops`` None means
     ``cfg.max_loop_iters``; ``stop`` strings end a sequence and are not part of its text;
-    ``seed`` makes sampling reproducible.
+    ``seed`` makes sampling reproducible; ``act_early_exit`` None means on unless
+    ``compile`` (a compiled decode step runs every loop, see
+    :mod:`open_mythos.inference.static`).
     """
 
     max_new_tokens: int = 64
@@ -132,7 +134,8 @@ class GenerationOptions:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    act_early_exit: bool = True
+    act_early_exit: bool | None = None
+    compile: bool = False
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -210,7 +213,7 @@ def stream_text(
         do_sample=options.do_sample, temperature=options.temperature, top_k=options.top_k,
         top_p=options.top_p, eos_token_id=eos, pad_token_id=pad,
         attention_mask=mask.to(device) if padded else None, generator=generator,
-        act_early_exit=options.act_early_exit)
+        act_early_exit=options.act_early_exit, compile=options.compile)
     try:
         for step in tokens:
             for i, tok in enumerate(step.tolist()):

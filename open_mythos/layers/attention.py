@@ -145,15 +145,23 @@ class GQAttention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         kv = _remember({"k": k, "v": v}, ctx, cache_key, carry)
-        out = F.scaled_dot_product_attention(
-            q,
-            kv["k"].to(q.dtype),
-            kv["v"].to(q.dtype),
-            attn_mask=ctx.mask,
-            is_causal=ctx.is_causal and ctx.mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, hd)
+        keys, values = kv["k"].to(q.dtype), kv["v"].to(q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        if T == 1 and self.n_kv_heads != self.n_heads:
+            # Decode: the query heads of a group share one key head, so attend with the
+            # group as the query axis ((B, Hkv, G, hd) against (B, Hkv, S, hd)) instead of
+            # letting SDPA repeat the cached keys G times.
+            out = F.scaled_dot_product_attention(
+                q.reshape(B, self.n_kv_heads, -1, self.head_dim), keys, values,
+                attn_mask=ctx.mask, dropout_p=dropout_p).view(B, self.n_heads, 1, self.head_dim)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, keys, values,
+                attn_mask=ctx.mask,
+                is_causal=ctx.is_causal and ctx.mask is None and T > 1,
+                dropout_p=dropout_p,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -235,11 +243,16 @@ class MLAttention(nn.Module):
             w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # (H, n, r), (H, v, r)
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
             q_cat = torch.cat((q_lat, q_rope), dim=-1)  # (B, H, T, r+rope)
-            k = latent.unsqueeze(1).expand(B, H, S, r + self.rope_dim_)
-            v = latent[..., :r].unsqueeze(1).expand(B, H, S, r)
+            # Every head attends over the same latent keys, so fold the heads into the query
+            # axis: one (H*T) x S attention, no per-head copy of the cache. The values are the
+            # whole cached row (latent and RoPE key) and the RoPE part of the output is
+            # dropped: equal key and value widths keep SDPA on its fused CPU kernel, which
+            # is faster than the generic path for the narrower latent alone.
+            latent = latent.unsqueeze(1)  # (B, 1, S, r+rope)
             o_lat = F.scaled_dot_product_attention(
-                q_cat, k, v, attn_mask=ctx.mask, is_causal=is_causal, dropout_p=dropout_p,
-                scale=self.scale)  # (B, H, T, r)
+                q_cat.reshape(B, 1, H * T, r + self.rope_dim_), latent, latent,
+                attn_mask=_fold_heads_mask(ctx, is_causal, H, T, S),
+                dropout_p=dropout_p, scale=self.scale)[..., :r].reshape(B, H, T, r)
             out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
         else:
             kv = self.kv_up(latent[..., :r]).view(B, S, H, -1).transpose(1, 2)
@@ -251,6 +264,22 @@ class MLAttention(nn.Module):
                 q, k, v, attn_mask=ctx.mask, is_causal=is_causal, dropout_p=dropout_p,
                 scale=self.scale)  # (B, H, T, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+
+def _fold_heads_mask(
+    ctx: AttnContext, is_causal: bool, n_heads: int, T: int, S: int
+) -> torch.Tensor | None:
+    """The (B or 1, 1, H*T, S) mask for queries folded as (head, position), or None."""
+    mask = ctx.mask
+    if mask is None:
+        if not is_causal:
+            return None
+        q_idx = torch.arange(S - T, S, device=ctx.cos.device).view(T, 1)
+        mask = (torch.arange(S, device=ctx.cos.device).view(1, S) <= q_idx).view(1, 1, T, S)
+    if T == 1:
+        return mask  # broadcasts over the folded heads
+    b = mask.shape[0]
+    return mask.unsqueeze(2).expand(b, 1, n_heads, T, S).reshape(b, 1, n_heads * T, S)
 
 
 ATTENTION: dict[AttnType, type[nn.Module]] = {AttnType.GQA: GQAttention, AttnType.MLA: MLAttention}

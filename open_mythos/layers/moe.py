@@ -19,6 +19,10 @@ Steps 2 and 3 are the same row permutation in opposite directions, so each one's
 is the other one's forward (:class:`_PermuteRows`): gathers both ways, no scatter-add.
 Nothing on this path reads a tensor on the host, so on CUDA it never synchronises, and the
 whole layer traces with ``torch.compile(fullgraph=True)``.
+
+With at most ``n_experts`` slots (decoding a few sequences) the layer instead gathers each
+slot's expert weights and batch-multiplies (:meth:`MoEFFN._dispatch_gather`): no sort and
+no per-group kernels, which would dominate a one-token step.
 """
 
 from __future__ import annotations
@@ -263,7 +267,27 @@ class MoEFFN(nn.Module):
         n_tokens, k = flat.shape[0], self.topk
         topk_idx, gates, probs = self.route(flat)
 
-        # Sort the N*k slots by expert; slot s = n * k + j is token n's j-th choice.
+        dtype = _compute_dtype(flat)
+        if n_tokens * k <= self.n_experts:
+            out, load = self._dispatch_gather(flat.to(dtype), topk_idx, gates, dtype)
+        else:
+            out, load = self._dispatch_sorted(flat.to(dtype), topk_idx, gates, dtype)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+
+        self.last_expert_load = load
+        frac = load / max(n_tokens * k, 1)
+        self.last_aux_loss = self.n_experts * (frac * probs.mean(dim=0)).sum()
+        if self.training and self.record_load:
+            self.load_since_update.add_(load)
+        return out.to(x.dtype).reshape(shape)
+
+    def _dispatch_sorted(self, flat: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sort the slots by expert, one grouped matmul per projection. Returns the routed
+        output (N, D) and the load (E,) float32."""
+        k = self.topk
+        # Slot s = n * k + j is token n's j-th choice.
         expert_of_slot = topk_idx.reshape(-1)  # (N*k,)
         sorted_experts, order = expert_of_slot.sort(stable=True)
         rank = torch.empty_like(order).scatter_(  # inverse permutation: slot -> sorted row
@@ -271,27 +295,39 @@ class MoEFFN(nn.Module):
         token_of_sorted = order // k
         # Group ends (E,): slots whose expert is <= e.
         ends = torch.searchsorted(
-            sorted_experts, torch.arange(self.n_experts, device=x.device), right=True)
+            sorted_experts, torch.arange(self.n_experts, device=flat.device), right=True)
         offs = ends.to(torch.int32)
 
-        dtype = _compute_dtype(flat)
-        xs = _PermuteRows.apply(flat.to(dtype), token_of_sorted, 1, rank, k)  # (N*k, D)
+        xs = _PermuteRows.apply(flat, token_of_sorted, 1, rank, k)  # (N*k, D)
         gate_up = grouped_matmul(xs, self.w_gate_up.to(dtype), offs=offs)  # (N*k, 2H)
         g, u = gate_up.chunk(2, dim=-1)
         gate_sorted = gates.reshape(-1).index_select(0, order).to(dtype).unsqueeze(-1)
         h = F.silu(g) * u * gate_sorted  # (N*k, H), already weighted by the gate
         ys = grouped_matmul(h, self.w_down.to(dtype), offs=offs)  # (N*k, D)
         out = _PermuteRows.apply(ys, rank, k, token_of_sorted, 1)  # (N, D)
-        if self.shared is not None:
-            out = out + self.shared(flat)
-
         load = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float32)  # (E,)
-        self.last_expert_load = load
-        frac = load / max(n_tokens * k, 1)
-        self.last_aux_loss = self.n_experts * (frac * probs.mean(dim=0)).sum()
-        if self.training and self.record_load:
-            self.load_since_update.add_(load)
-        return out.to(x.dtype).reshape(shape)
+        return out, load
+
+    def _dispatch_gather(self, flat: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Few slots (decode): gather each slot's expert weights and batch-multiply.
+
+        With at most ``n_experts`` slots this copies no more weight than a grouped matmul
+        reads, and it skips the sort, the group offsets and the per-group kernel launches
+        (which dominate a decode step); every shape is static, so it compiles into the
+        decode graph. Same results as :meth:`_dispatch_sorted`.
+        """
+        n, k = topk_idx.shape
+        idx = topk_idx.reshape(-1)  # (S,) with S = N * k
+        xs = flat.unsqueeze(1).expand(n, k, self.dim).reshape(n * k, 1, self.dim)
+        gate_up = torch.bmm(xs, self.w_gate_up.to(dtype).index_select(0, idx))  # (S, 1, 2H)
+        g, u = gate_up.chunk(2, dim=-1)
+        h = F.silu(g) * u * gates.reshape(-1, 1, 1).to(dtype)
+        ys = torch.bmm(h, self.w_down.to(dtype).index_select(0, idx))  # (S, 1, D)
+        out = ys.view(n, k, self.dim).sum(dim=1)
+        load = torch.zeros(self.n_experts, dtype=torch.float32, device=flat.device)
+        load = load.index_add(0, idx, torch.ones(idx.shape[0], dtype=torch.float32, device=flat.device))
+        return out, load
 
     @torch.no_grad()
     def update_router_bias(self, rate: float | None = None) -> torch.Tensor:

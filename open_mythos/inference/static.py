@@ -1,0 +1,187 @@
+"""Compiled decode: one token per sequence as a single fixed-shape graph.
+
+At the sizes people run on a laptop, an eager decode step is bound by operator dispatch
+(a few thousand small kernels per token across prelude, loops and coda), not by arithmetic,
+so a faster cache alone does not show up on the clock. This module makes a decode step a
+function of fixed-shape tensors only, which ``torch.compile`` turns into one graph:
+
+* the cache buffers are the preallocated :class:`~open_mythos.inference.cache.KVCache`
+  entries, each ``max_len`` long; a step writes its keys and values at ``slot`` (a tensor,
+  so the position is data, not a constant baked into the graph) and attends over the whole
+  buffer through a key mask that hides unwritten positions and left padding;
+* RoPE positions are a (B, 1) tensor, per sequence;
+* every loop runs: ACT still weights and freezes positions exactly as in the eager model,
+  but a data-dependent early exit cannot live inside a fixed graph (the eager path keeps it).
+
+The graph is specialised on the model's structure, the batch size, ``max_len``, ``n_loops``
+and the dtypes; :func:`cache_length` rounds ``max_len`` up so that calls with similar lengths
+share one compilation. Prefill stays eager (one call per generation).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..layers.attention import AttnContext
+from ..layers.rope import rope_cos_sin
+from .cache import Entries, KVCache
+
+if TYPE_CHECKING:
+    from ..model import CausalLM
+
+__all__ = ["CompiledDecoder", "cache_length"]
+
+
+def cache_length(needed: int, max_seq_len: int, minimum: int = 64, step: int = 256) -> int:
+    """Cache buffer length for ``needed`` positions, rounded up so that compiled graphs are
+    reused across calls: the next power of two from ``minimum`` up to ``step``, then the
+    next multiple of ``step`` (at most ``step - 1`` masked positions), capped at
+    ``max_seq_len``."""
+    length = minimum
+    while length < min(needed, step):
+        length *= 2
+    if needed > length:
+        length = -(-needed // step) * step
+    return max(needed, min(length, max_seq_len))
+
+
+class SlotCache:
+    """Cache store for one compiled step: writes go to position ``slot``, reads return the
+    whole buffer (the attention mask hides what is not valid)."""
+
+    def __init__(self, buffers: dict[str, Entries], slot: torch.Tensor):
+        self.buffers = buffers
+        self.slot = slot
+
+    def length(self, key: str) -> int:
+        return next(iter(self.buffers[key].values())).shape[-2]
+
+    def write(self, key: str, start: int, new: Entries) -> Entries:
+        bufs = self.buffers[key]
+        for name, t in new.items():
+            buf = bufs[name]
+            buf.index_copy_(buf.dim() - 2, self.slot, t.to(buf.dtype))
+        return bufs
+
+    def fill_missing(self, key: str, src_key: str, upto: int) -> None:
+        """Nothing to do: :meth:`CompiledDecoder.prepare` filled every depth beforehand."""
+
+    def truncate(self, length: int) -> None:
+        raise NotImplementedError("a compiled decode step never rewinds the cache")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for e in self.buffers.values() for t in e.values())
+
+
+def decode_step(
+    model: CausalLM,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    slot: torch.Tensor,
+    key_mask: torch.Tensor,
+    buffers: dict[str, Entries],
+    n_loops: int,
+) -> torch.Tensor:
+    """Logits (B, vocab) of one new token per sequence.
+
+    Args:
+        input_ids: (B, 1) the new tokens.
+        positions: (B,) their RoPE positions (real tokens before them).
+        slot: (1,) long, the cache position they are written to.
+        key_mask: (B, max_len) bool, cache positions each sequence may attend to
+            (including ``slot``).
+        buffers: the cache buffers, ``{key: {name: (B, ..., max_len, d)}}``.
+        n_loops: loops of the recurrent block (all run).
+    """
+    B = input_ids.shape[0]
+    cos, sin = rope_cos_sin(positions.view(B, 1), model.rope_dim, model.cfg.rope_theta)
+    ctx = AttnContext(cos, sin, 0, key_mask.view(B, 1, 1, -1), False, SlotCache(buffers, slot))
+    return model.head(model.trunk(input_ids, ctx, n_loops)[:, -1])
+
+
+_compiled_step = None
+
+
+def _compiled():
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _compiled_step
+
+
+class CompiledDecoder:
+    """Drives compiled decode steps over a prefilled :class:`KVCache`.
+
+    Args:
+        model: the model (eval mode, no gradients: the caller's job, as in ``stream``).
+        cache: the cache the prompt was prefilled into; its ``max_len`` fixes the graph.
+        n_loops: loops per step.
+        prompt_len: positions already cached (the prompt, padding included).
+        attention_mask: optional (B, prompt_len) 1/0 mask of real prompt tokens.
+        compile: ``False`` runs the same fixed-shape step eagerly (for tests and debugging).
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: KVCache,
+        n_loops: int,
+        prompt_len: int,
+        attention_mask: torch.Tensor | None = None,
+        compile: bool = True,
+    ):
+        self.model, self.cache, self.n_loops = model, cache, n_loops
+        self.pos = prompt_len
+        self._step = _compiled() if compile else decode_step
+        self.prepare()
+        buffers = cache.buffers()
+        first = next(iter(next(iter(buffers.values())).values()))
+        B, device = first.shape[0], first.device
+        self.key_mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)
+        if attention_mask is None:
+            self.key_mask[:, :prompt_len] = True
+            self.positions = torch.full((B,), prompt_len, dtype=torch.long, device=device)
+        else:
+            real = attention_mask.to(device=device, dtype=torch.bool)
+            self.key_mask[:, :prompt_len] = real
+            self.positions = real.long().sum(-1)
+
+    def prepare(self) -> None:
+        """Make every cache entry the step writes exist and hold ``pos`` positions.
+
+        A recurrent depth the prefill did not reach (ACT early exit, fewer loops) is filled
+        from the deepest one computed, the rule the eager forward applies.
+        """
+        self.keys = keys = _cache_keys(self.model, self.n_loops)
+        for prev, key in zip(keys, keys[1:]):
+            if key.startswith("recurrent_loop_") and prev.startswith("recurrent_loop_"):
+                self.cache.fill_missing(key, prev, self.pos)
+        missing = [k for k in keys if self.cache.length(k) != self.pos]
+        if missing:
+            raise ValueError(f"cache entries {missing} do not hold the {self.pos} prompt positions")
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed (B,) tokens at the next position; return next-token logits (B, vocab)."""
+        if self.pos >= self.cache.max_len:
+            raise ValueError(f"the cache holds at most {self.cache.max_len} positions")
+        slot = torch.tensor([self.pos], dtype=torch.long, device=tokens.device)
+        self.key_mask[:, self.pos] = True
+        logits = self._step(self.model, tokens.view(-1, 1), self.positions, slot, self.key_mask,
+                            self.cache.buffers(), self.n_loops)
+        self.pos += 1
+        self.positions = self.positions + 1
+        self.cache.mark_filled(self.keys, self.pos)
+        return logits
+
+
+def _cache_keys(model: CausalLM, n_loops: int) -> list[str]:
+    """The cache keys a forward with ``n_loops`` loops writes, in layer order."""
+    from ..model import OpenMythos
+
+    if isinstance(model, OpenMythos):
+        return ([f"prelude_{i}" for i in range(len(model.prelude))]
+                + [model.recurrent.cache_key(t) for t in range(n_loops)]
+                + [f"coda_{i}" for i in range(len(model.coda))])
+    return [key for key, _ in model._layers()]

@@ -1,0 +1,98 @@
+"""The fixed-shape (compilable) decode step against the eager model."""
+
+import pytest
+import torch
+
+from open_mythos.baseline import DenseBaseline, matched_baseline_config
+from open_mythos.inference import KVCache, generate
+from open_mythos.inference.static import CompiledDecoder, cache_length
+from tests.conftest import halting_model, tiny_config
+
+
+def _eager_logits(model, ids, tokens, n_loops, mask=None):
+    """Next-token logits after the prompt and after each of ``tokens`` (eager, no early exit)."""
+    B, T0 = ids.shape
+    cache = KVCache(T0 + len(tokens))
+    full = None if mask is None else torch.cat([mask, torch.ones(B, len(tokens), dtype=mask.dtype)], 1)
+    out = [model(ids, n_loops, cache, 0, attention_mask=None if mask is None else mask,
+                 act_early_exit=False)[:, -1]]
+    for i, tok in enumerate(tokens[:-1]):
+        pos = T0 + i
+        out.append(model(tok.view(B, 1), n_loops, cache, pos,
+                         attention_mask=None if full is None else full[:, : pos + 1],
+                         act_early_exit=False)[:, -1])
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16])
+def test_fixed_shape_step_equals_eager_decode(attn_type, cache_dtype):
+    """ACT halting positions at different loops, left padding, a longer (bucketed) buffer."""
+    model = halting_model(attn_type)
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.tensor([[1] * 9, [0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    tokens = [torch.randint(0, 97, (2,)) for _ in range(6)]
+    ref = _eager_logits(model, ids, tokens, 6, mask)
+
+    cache = KVCache(40, dtype=cache_dtype)  # longer than needed: the tail must stay masked
+    first = model(ids, 6, cache, 0, attention_mask=mask, act_early_exit=True)[:, -1]
+    dec = CompiledDecoder(model, cache, 6, 9, mask, compile=False)
+    got = [first] + [dec.step(t) for t in tokens[:-1]]
+    tol = 1e-5 if cache_dtype is None else 5e-2
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert all(cache.length(k) == 9 + 5 for k in dec.keys)
+
+
+@torch.no_grad()
+def test_prepare_fills_depths_the_prefill_did_not_reach():
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (1, 5))
+    cache = KVCache(16)
+    model(ids, 2, cache, 0)  # only two recurrent depths cached
+    dec = CompiledDecoder(model, cache, 5, 5, compile=False)
+    assert all(cache.length(f"recurrent_loop_{t}") == 5 for t in range(5))
+    torch.testing.assert_close(cache["recurrent_loop_4"]["k"], cache["recurrent_loop_1"]["k"])
+    assert dec.step(torch.tensor([3])).shape == (1, 97)
+
+
+@torch.no_grad()
+def test_fixed_shape_step_for_the_dense_baseline():
+    torch.manual_seed(0)
+    model = DenseBaseline(matched_baseline_config(tiny_config(), 3)).eval()
+    ids = torch.randint(0, 97, (2, 4))
+    tokens = [torch.randint(0, 97, (2,)) for _ in range(3)]
+    ref = _eager_logits(model, ids, tokens, 1)
+    cache = KVCache(8)
+    first = model(ids, kv_cache=cache)[:, -1]
+    dec = CompiledDecoder(model, cache, 1, 4, compile=False)
+    for a, b in zip([first] + [dec.step(t) for t in tokens[:-1]], ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_length_buckets():
+    assert cache_length(10, 2048) == 64
+    assert cache_length(96, 2048) == 128
+    assert cache_length(300, 2048) == 512
+    assert cache_length(544, 2048) == 768
+    assert cache_length(600, 700) == 700
+    assert cache_length(1000, 1000) == 1000
+
+
+def test_compile_refuses_act_early_exit():
+    model = halting_model("gqa")
+    with pytest.raises(ValueError, match="act_early_exit=False"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 2, 2, compile=True,
+                 act_early_exit=True)
+
+
+@pytest.mark.slow
+def test_compiled_generate_equals_eager(attn_type):
+    """torch.compile of the whole step (fullgraph): same greedy tokens as the eager path."""
+    model = halting_model(attn_type)
+    ids = torch.randint(0, 97, (2, 7))
+    mask = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])
+    kw = dict(do_sample=False, attention_mask=mask, act_early_exit=False)
+    eager = generate(model, ids, 8, 4, **kw)
+    compiled = generate(model, ids, 8, 4, compile=True, **kw)
+    assert torch.equal(eager, compiled)
