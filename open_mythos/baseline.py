@@ -173,11 +173,14 @@ class DenseBaseline(CausalLM):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) for linear and embedding weights, ones for norms; re-ties the head."""
+        """N(0, ``cfg.init_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
+        embedding, ones for norms; re-ties the head."""
         self.tie_weights()
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=self.cfg.embed_std)
+            elif isinstance(m, nn.Linear) and m is not self.head:
+                nn.init.normal_(m.weight, std=self.cfg.init_std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 

@@ -77,6 +77,13 @@ class MythosConfig:
         router_bias_update_rate: step of the aux-loss-free balancing update of the router
             bias (``MoEFFN.update_router_bias``).
         norm_eps: epsilon of every RMSNorm.
+        init_std: standard deviation of every weight matrix at initialisation (attention,
+            router, experts, dense FFNs); 0.02 as upstream. Small models on algorithmic tasks
+            learn far faster from ``dim ** -0.5`` (unit-variance activations), see
+            ``docs/depth_extrapolation.md``.
+        embed_init_std: standard deviation of the (tied) embedding; ``None`` means
+            ``init_std``. The norms, LTI injection, halting head and LoRA keep their own
+            initialisations.
     """
 
     vocab_size: int = 32000
@@ -108,6 +115,8 @@ class MythosConfig:
     dense_ffn_dim: int | None = None
     router_bias_update_rate: float = 1e-3
     norm_eps: float = 1e-6
+    init_std: float = 0.02
+    embed_init_std: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -154,6 +163,12 @@ class MythosConfig:
         _require("norm_eps", self.norm_eps, self.norm_eps > 0, "> 0")
         _require("router_bias_update_rate", self.router_bias_update_rate,
                  self.router_bias_update_rate >= 0, ">= 0")
+        _require("init_std", self.init_std,
+                 isinstance(self.init_std, (int, float)) and self.init_std > 0, "> 0")
+        if self.embed_init_std is not None:
+            _require("embed_init_std", self.embed_init_std,
+                     isinstance(self.embed_init_std, (int, float)) and self.embed_init_std > 0,
+                     "> 0 or None")
         if self.dense_ffn_dim is not None:
             _require("dense_ffn_dim", self.dense_ffn_dim, _is_positive_int(self.dense_ffn_dim),
                      "a positive integer or None")
@@ -169,6 +184,11 @@ class MythosConfig:
     def ffn_dim(self) -> int:
         """Hidden width of the dense SwiGLU in Prelude and Coda blocks."""
         return self.dense_ffn_dim if self.dense_ffn_dim is not None else 4 * self.dim // 3
+
+    @property
+    def embed_std(self) -> float:
+        """Initial standard deviation of the embedding."""
+        return self.init_std if self.embed_init_std is None else self.embed_init_std
 
     @property
     def loop_dim(self) -> int:

@@ -203,21 +203,26 @@ class OpenMythos(CausalLM):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) for linear and embedding weights, then the recurrence's own inits.
+        """N(0, ``cfg.init_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
+        embedding, ones for norms, then the recurrence's own inits.
 
         Also re-ties the head, so ``model.to_empty(device=...); model.reset_parameters()``
         materialises a model built on the meta device.
         """
         self.tie_weights()
+        std = self.cfg.init_std
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if isinstance(m, nn.Linear) and m.bias is not None:
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=self.cfg.embed_std)
+            elif isinstance(m, nn.Linear):
+                if m is not self.head:  # tied to the embedding
+                    nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
             elif isinstance(m, MoEFFN):
-                m.reset_parameters()
+                m.reset_parameters(std)
                 m.router_bias.zero_()
         rec = self.recurrent
         rec.injection.reset_parameters()

@@ -39,6 +39,8 @@ def test_upstream_fields_and_defaults():
         (dict(attn_type="mla", qk_rope_head_dim=7), "qk_rope_head_dim"),
         (dict(attn_type="mla", kv_lora_rank=0), "kv_lora_rank"),
         (dict(dim=True), "dim"),
+        (dict(init_std=0.0), "init_std"),
+        (dict(embed_init_std=-1.0), "embed_init_std"),
     ],
 )
 def test_validation_names_the_field(overrides, field):

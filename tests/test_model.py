@@ -110,3 +110,22 @@ def test_training_step_reduces_loss(attn_type):
         model.update_router_bias()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["looped", "baseline"])
+def test_init_std_and_embed_init_std(kind):
+    from open_mythos.baseline import build_model, matched_baseline_config
+
+    cfg = tiny_config(dim=128, n_heads=8, init_std=0.125, embed_init_std=1.0, vocab_size=400)
+    torch.manual_seed(0)
+    model = build_model(cfg if kind == "looped" else matched_baseline_config(cfg, 2))
+    assert model.head.weight is model.embed.weight
+    assert abs(model.embed.weight.std().item() - 1.0) < 0.03
+    assert abs(model.prelude[0].attn.wq.weight.std().item() - 0.125) < 0.005
+    assert abs(model.coda[0].ffn.down.weight.std().item() - 0.125) < 0.005
+    if kind == "looped":
+        assert abs(model.recurrent.block.ffn.w_gate_up.std().item() - 0.125) < 0.005
+        # The recurrence's own inits are kept: LoRA B = 0, halting bias from the config.
+        assert model.recurrent.lora.B.abs().max() == 0
+    default = build_model(tiny_config(dim=128, n_heads=8, vocab_size=400))
+    assert abs(default.embed.weight.std().item() - 0.02) < 0.002

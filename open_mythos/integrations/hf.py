@@ -206,7 +206,10 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         guards so that loaded tensors are never overwritten.
         """
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            cfg = self.model.cfg
+            tied = isinstance(module, nn.Embedding) or module is self.model.head
+            std = cfg.embed_std if tied else cfg.init_std
+            nn.init.normal_(module.weight, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             act = self.model.recurrent.act
@@ -217,7 +220,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, MoEFFN):
-            module.reset_parameters()
+            module.reset_parameters(self.model.cfg.init_std)
             nn.init.zeros_(module.router_bias)
             nn.init.zeros_(module.load_since_update)
         elif isinstance(module, (LoRAAdapter, LTIInjection, ACTHalting)):
