@@ -9,7 +9,8 @@ from open_mythos.cli import main
 def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "| split |" in out and "baseline" in out and "| ood_hops |" in out
+    assert "| loops | id | ood_hops |" in out and "| baseline (2 core blocks) |" in out
+    assert "Targets:" in out and "in-distribution accuracy at T_train=2" in out
     report = tmp_path / "demo" / "report"
     text = (report / "report.md").read_text()
     for png in ("depth_sweep.png", "training_curves.png"):

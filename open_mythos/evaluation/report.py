@@ -283,7 +283,7 @@ def accuracy_pivot(rows: Sequence[SweepRow], baseline_rows: Sequence[SweepRow] =
     base = {r.split: r for r in baseline_rows}
     if base:
         depth = next(iter(base.values())).n_loops
-        body.append([f"baseline ({depth} layers)",
+        body.append([f"baseline ({depth} core blocks)",
                      *(base[s].accuracy if s in base else float("nan") for s in splits)])
     return markdown_table(["loops", *splits], body)
 

@@ -58,7 +58,7 @@ def test_full_report(tmp_path):
     assert_pngs(out, images)
     text = path.read_text()
     assert "| loops | id | ood_length |" in text
-    assert "| baseline (2 layers) |" in text
+    assert "| baseline (2 core blocks) |" in text
     assert "20 logged steps" in text and "FLOPs/token" in text
 
 
