@@ -18,3 +18,15 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     assert (tmp_path / "demo" / "sweep.json").exists()
     assert (tmp_path / "demo" / "looped" / "metrics.jsonl").exists()
     assert (tmp_path / "demo" / "baseline" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "model.init_std=-1"], "MythosConfig.init_std=-1.0 is invalid"),
+    (["--set", "optim.bogus=1"], "unknown config key 'optim.bogus'"),
+    (["--task-args", "[1]"], "--task-args must be a JSON object"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_arguments_fail_before_training(tmp_path, capsys, argv, message):
+    assert main(["demo", "--out", str(tmp_path / "d"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d" / "looped").exists()

@@ -68,6 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--jobs", type=int, choices=(1, 2),
                    help="train the two models in parallel processes (2) or one after the other "
                         "(1); default 2 when the machine has at least 2 cores")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="override any training-config key of both models, e.g. "
+                        "model.init_std=0.02 or schedule.max_loops=6 (repeatable; see "
+                        "openmythos train --help)")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds) to check the pipeline")
     p.set_defaults(func=run)
     return p
@@ -79,6 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def train_config(args: argparse.Namespace, out: Path, kind: str):
     """The :class:`~open_mythos.training.TrainConfig` of one demo model."""
     from ..training import load_config
+    from ..training.config import parse_override
 
     T = args.train_loops
     looped = kind == "looped"
@@ -96,6 +102,7 @@ def train_config(args: argparse.Namespace, out: Path, kind: str):
         ("run.device", "cpu"), ("run.eval_every", 0), ("run.save_every", args.steps),
         ("run.log_every", max(1, min(10, args.steps // 20))), ("run.progress", False),
     ]
+    pairs += [parse_override(text) for text in args.overrides]
     if not looped:
         pairs.append(("model.core_layers", T))
     return load_config(None, pairs)
@@ -245,6 +252,14 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--task-args is not valid JSON: {err}"
     if not isinstance(task_args, dict):
         return "--task-args must be a JSON object"
+    from ..tasks import VOCAB_SIZE
+    from ..training import ConfigError
+
+    try:
+        for kind in KINDS:  # every override must be valid for both models
+            train_config(args, Path(args.out) / kind, kind).model.build(VOCAB_SIZE)
+    except (ConfigError, ValueError) as err:
+        return str(err)
     return None
 
 
