@@ -56,10 +56,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"task knobs (default '{json.dumps(DEFAULT_TASK_ARGS)}')")
     p.add_argument("--train-loops", type=int, default=2, metavar="T",
                    help="training depth T_train (default 2)")
-    p.add_argument("--loops", choices=("fixed", "sampled"), default="fixed",
-                   help="loop counts in training: always T_train, or sampled around it "
-                        "(default fixed)")
-    p.add_argument("--steps", type=int, default=1100, help="optimizer steps per model (default 1100)")
+    p.add_argument("--loops", choices=("fixed", "sampled"), default="sampled",
+                   help="loop counts in training: always T_train, or sampled around it within "
+                        "[T_train, 3 x T_train] (default sampled)")
+    p.add_argument("--steps", type=int, default=1400, help="optimizer steps per model (default 1400)")
     p.add_argument("--batch-size", type=int, default=128, help="examples per step (default 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and loops (default 0)")
@@ -97,7 +97,7 @@ def train_config(args: argparse.Namespace, out: Path, kind: str):
         ("optim.aux_weight", 0.01),
         ("schedule.warmup_steps", max(1, min(10, args.steps // 10))),
         ("schedule.loops", args.loops if looped else "fixed"), ("schedule.n_loops", T),
-        ("schedule.min_loops", 1), ("schedule.max_loops", 2 * T),
+        ("schedule.min_loops", T), ("schedule.max_loops", 3 * T),
         ("run.out", str(out)), ("run.steps", args.steps), ("run.seed", args.seed),
         ("run.device", "cpu"), ("run.eval_every", 0), ("run.save_every", args.steps),
         ("run.log_every", max(1, min(10, args.steps // 20))), ("run.progress", False),
