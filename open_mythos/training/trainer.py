@@ -223,8 +223,10 @@ class Trainer:
                         dynamic_ncols=True, file=sys.stderr,
                         disable=not (ctx.is_main and cfg.run.progress))
         n_params = sum(p.numel() for p in self.core.parameters())
-        self._log(f"model: {n_params:,} parameters ({self.model_cfg.attn_type}, dim "
-                  f"{self.model_cfg.dim}, {self.model_cfg.n_experts} experts)  data: "
+        mc = self.model_cfg
+        kind = (f"dense baseline, {mc.n_layers} blocks" if not is_looped(self.core)
+                else f"looped, {mc.n_experts} experts top-{mc.n_experts_per_tok}")
+        self._log(f"model: {n_params:,} parameters ({mc.attn_type}, dim {mc.dim}, {kind})  data: "
                   f"{self.data.describe()}  device: {ctx.device} x{ctx.world_size} "
                   f"({cfg.run.parallel.value}, {cfg.run.precision.value})  out: {self.out}")
 
