@@ -220,6 +220,10 @@ class DenseBaseline(CausalLM):
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
         return self.trunk(input_ids, ctx, 1)
 
+    def cache_keys(self, n_loops: int = 1) -> list[str]:
+        """The cache keys of every block, in order (``n_loops`` is ignored)."""
+        return [key for key, _ in self._layers()]
+
     def trunk(
         self,
         input_ids: torch.Tensor,

@@ -103,6 +103,10 @@ class CausalLM(nn.Module):
         """Final normalised hidden states (B, T, dim); arguments as :meth:`forward`."""
         raise NotImplementedError
 
+    def cache_keys(self, n_loops: int) -> list[str]:
+        """The cache keys a forward with ``n_loops`` loops writes, in layer order."""
+        raise NotImplementedError
+
     def trunk(
         self,
         input_ids: torch.Tensor,
@@ -260,8 +264,7 @@ class OpenMythos(CausalLM):
         n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
         self._validate(input_ids, n_loops, start_pos)
         cache = as_cache_store(kv_cache)
-        first = "prelude_0" if self.cfg.prelude_layers else RecurrentBlock.cache_key(0)
-        self._prepare_cache(cache, first, start_pos)
+        self._prepare_cache(cache, self.cache_keys(1)[0], start_pos)
         if act_early_exit is None:
             act_early_exit = not self.training
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
@@ -283,3 +286,8 @@ class OpenMythos(CausalLM):
         for i, layer in enumerate(self.coda):
             x = layer(x, ctx, f"coda_{i}")
         return self.norm(x)
+
+    def cache_keys(self, n_loops: int) -> list[str]:
+        return ([f"prelude_{i}" for i in range(len(self.prelude))]
+                + [self.recurrent.cache_key(t) for t in range(n_loops)]
+                + [f"coda_{i}" for i in range(len(self.coda))])

@@ -154,10 +154,13 @@ class CompiledDecoder:
         A recurrent depth the prefill did not reach (ACT early exit, fewer loops) is filled
         from the deepest one computed, the rule the eager forward applies.
         """
-        self.keys = keys = _cache_keys(self.model, self.n_loops)
-        for prev, key in zip(keys, keys[1:]):
-            if key.startswith("recurrent_loop_") and prev.startswith("recurrent_loop_"):
-                self.cache.fill_missing(key, prev, self.pos)
+        from ..baseline import is_looped  # imports the model, which imports this package
+
+        self.keys = keys = self.model.cache_keys(self.n_loops)
+        if is_looped(self.model):
+            key = self.model.recurrent.cache_key
+            for t in range(1, self.n_loops):
+                self.cache.fill_missing(key(t), key(t - 1), self.pos)
         missing = [k for k in keys if self.cache.length(k) != self.pos]
         if missing:
             raise ValueError(f"cache entries {missing} do not hold the {self.pos} prompt positions")
@@ -175,13 +178,3 @@ class CompiledDecoder:
         self.cache.mark_filled(self.keys, self.pos)
         return logits
 
-
-def _cache_keys(model: CausalLM, n_loops: int) -> list[str]:
-    """The cache keys a forward with ``n_loops`` loops writes, in layer order."""
-    from ..model import OpenMythos
-
-    if isinstance(model, OpenMythos):
-        return ([f"prelude_{i}" for i in range(len(model.prelude))]
-                + [model.recurrent.cache_key(t) for t in range(n_loops)]
-                + [f"coda_{i}" for i in range(len(model.coda))])
-    return [key for key, _ in model._layers()]
