@@ -320,10 +320,11 @@ class MoEFFN(nn.Module):
         n, k = topk_idx.shape
         idx = topk_idx.reshape(-1)  # (S,) with S = N * k
         xs = flat.unsqueeze(1).expand(n, k, self.dim).reshape(n * k, 1, self.dim)
-        gate_up = torch.bmm(xs, self.w_gate_up.to(dtype).index_select(0, idx))  # (S, 1, 2H)
+        # Select first, then cast: only the chosen experts' weights are converted.
+        gate_up = torch.bmm(xs, self.w_gate_up.index_select(0, idx).to(dtype))  # (S, 1, 2H)
         g, u = gate_up.chunk(2, dim=-1)
         h = F.silu(g) * u * gates.reshape(-1, 1, 1).to(dtype)
-        ys = torch.bmm(h, self.w_down.to(dtype).index_select(0, idx))  # (S, 1, D)
+        ys = torch.bmm(h, self.w_down.index_select(0, idx).to(dtype))  # (S, 1, D)
         out = ys.view(n, k, self.dim).sum(dim=1)
         load = torch.zeros(self.n_experts, dtype=torch.float32, device=flat.device)
         load = load.index_add(0, idx, torch.ones(idx.shape[0], dtype=torch.float32, device=flat.device))
