@@ -8,7 +8,9 @@ the upstream-style plain-dict cache that grows by ``torch.cat``, MLA without abs
 (the latent cache re-expanded through ``kv_up`` at every step) and no ACT early exit.
 "Eager" is ``generate`` as is; "compiled" is ``generate(..., compile=True)``, one
 ``torch.compile``d fixed-shape graph per decode step (compilation time is printed apart and
-not in the tok/s).
+not in the tok/s). Prefill and decode are timed inside the same generation: prefill tok/s is
+the prompt length over the time to the first token, decode tok/s the decode steps over the
+time from the first token to the last (greedy selection included, for every path alike).
 The "ACT-trained" rows first train the small GQA model for a few hundred steps with a ponder
 penalty, so that its halting head really halts, then decode with up to ``--loops`` loops.
 """
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time, print_table  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
-from open_mythos.inference import KVCache, generate  # noqa: E402
+from open_mythos.inference import KVCache, generate, stream  # noqa: E402
 from open_mythos.layers import MLAttention  # noqa: E402
 from open_mythos.tasks import get_task, make_batch  # noqa: E402
 
@@ -60,66 +64,93 @@ def set_absorb(model: OpenMythos, value: bool | None) -> None:
             m.absorb = value
 
 
-@torch.no_grad()
-def naive_decode(model: OpenMythos, ids: torch.Tensor, new: int, n_loops: int) -> torch.Tensor:
-    """Upstream-style greedy decode: dict cache grown by cat, no absorption, no early exit."""
+def naive_stream(model: OpenMythos, ids: torch.Tensor, new: int, n_loops: int) -> Iterator[torch.Tensor]:
+    """Upstream-style greedy decode, one (B, 1) token at a time: dict cache grown by cat, no
+    absorption, no early exit."""
     set_absorb(model, False)
     try:
-        cache: dict = {}
-        logits = model(ids, n_loops, cache, 0, act_early_exit=False)[:, -1]
-        out = []
-        for step in range(new):
-            tok = logits.argmax(-1, keepdim=True)
-            out.append(tok)
-            if step < new - 1:
-                logits = model(tok, n_loops, cache, ids.shape[1] + step, act_early_exit=False)[:, -1]
-        return torch.cat(out, 1)
+        with torch.no_grad():
+            cache: dict = {}
+            logits = model(ids, n_loops, cache, 0, act_early_exit=False)[:, -1]
+            for step in range(new):
+                tok = logits.argmax(-1, keepdim=True)
+                yield tok
+                if step < new - 1:
+                    logits = model(tok, n_loops, cache, ids.shape[1] + step,
+                                   act_early_exit=False)[:, -1]
     finally:
         set_absorb(model, None)
 
 
-def prefill_time(model: OpenMythos, ids: torch.Tensor, n_loops: int, naive: bool) -> float:
-    def run():
-        with torch.no_grad():
-            if naive:
-                set_absorb(model, False)
-                model(ids, n_loops, {}, 0, act_early_exit=False)
-                set_absorb(model, None)
-            else:
-                model(ids, n_loops, KVCache(ids.shape[1]), 0)
-    return median_time(run, repeats=3, warmup=1)
+def naive_decode(model: OpenMythos, ids: torch.Tensor, new: int, n_loops: int) -> torch.Tensor:
+    """The tokens of :func:`naive_stream`, (B, new)."""
+    return torch.cat(list(naive_stream(model, ids, new, n_loops)), 1)
+
+
+def timed_stream(tokens: Iterable[torch.Tensor]) -> tuple[float, float, int]:
+    """``(prefill s, decode s, decode steps)`` of one generation: the time to the first token
+    (the prompt's forward), then from the first token to the last (one forward per step)."""
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    for _ in tokens:
+        last = time.perf_counter()
+        first = first or last
+        n += 1
+    return first - t0, last - first, n - 1
+
+
+def interleaved_streams(makers: dict[str, Callable[[], Iterable[torch.Tensor]]], repeats: int,
+                        warmup: int = 1) -> dict[str, tuple[float, float, int]]:
+    """Median ``(prefill s, decode s, decode steps)`` of each generation in ``makers``.
+
+    The generations take turns, one of each per round, so that a machine whose speed
+    drifts during the run (shared CPUs do, by tens of percent) slows them all alike and
+    the ratios between them stay fair."""
+    for _ in range(warmup):
+        for make in makers.values():
+            timed_stream(make())
+    runs: dict[str, list] = {name: [] for name in makers}
+    for _ in range(repeats):
+        for name, make in makers.items():
+            runs[name].append(timed_stream(make()))
+    return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs),
+                   rs[0][2]) for name, rs in runs.items()}
 
 
 def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: int, label: str,
                 repeats: int) -> tuple[list[list[object]], list[str]]:
-    """Rows of the decode table, and one note per prompt length on compilation time."""
+    """Rows of the decode table, and one note per prompt length on compilation time.
+
+    Prefill and decode are timed inside the same generation (time to the first token, then
+    the ``new - 1`` decode steps), so neither is estimated by subtraction; the three paths
+    take turns (:func:`interleaved_streams`)."""
     rows, notes = [], []
     cfg = model.cfg
     for plen in prompt_lens:
         ids = torch.randint(0, cfg.vocab_size - 3, (1, plen), generator=torch.Generator().manual_seed(plen))
 
-        def ours(compile: bool, n: int = new, ids: torch.Tensor = ids) -> torch.Tensor:
-            return generate(model, ids, n, n_loops, do_sample=False, compile=compile,
-                            act_early_exit=False)
+        def ours(compile: bool, n: int = new, ids: torch.Tensor = ids):
+            return stream(model, ids, n, n_loops, do_sample=False, compile=compile,
+                          act_early_exit=False)
 
         t0 = time.perf_counter()
-        ours(True)  # compiles (once per model structure, batch, cache bucket, n_loops)
+        list(ours(True))  # compiles (once per model structure, batch, cache bucket, n_loops)
         first_call = time.perf_counter() - t0
-        eager = median_time(lambda: ours(False), repeats=repeats, warmup=1)
-        compiled = median_time(lambda: ours(True), repeats=repeats, warmup=0)
-        slow = median_time(lambda ids=ids: naive_decode(model, ids, new, n_loops), repeats=repeats,
-                           warmup=1)
-        pf_fast = prefill_time(model, ids, n_loops, naive=False)
-        pf_slow = prefill_time(model, ids, n_loops, naive=True)
-        # Decode time = generate time minus its prefill.
-        dec_eager, dec_comp = max(eager - pf_fast, 1e-9), max(compiled - pf_fast, 1e-9)
-        dec_slow = max(slow - pf_slow, 1e-9)
+        times = interleaved_streams({
+            "naive": lambda ids=ids: naive_stream(model, ids, new, n_loops),
+            "eager": lambda: ours(False),
+            "compiled": lambda: ours(True),
+        }, repeats)
+        (pf_slow, dec_slow, steps), (pf_eager, dec_eager, _), (_, dec_comp, _) = times.values()
         ref = naive_decode(model, ids, 8, n_loops)
-        same = all(torch.equal(ours(c, 8)[:, plen:], ref) for c in (False, True))
-        rows.append([label, plen, f"{plen / pf_fast:,.0f}", f"{plen / pf_slow:,.0f}",
-                     f"{new / dec_slow:.1f}", f"{new / dec_eager:.1f}", f"{new / dec_comp:.1f}",
-                     f"{dec_slow / dec_eager:.2f}x", f"{dec_slow / dec_comp:.2f}x",
-                     "yes" if same else "NO"])
+        same = all(torch.equal(generate(model, ids, 8, n_loops, do_sample=False, compile=c,
+                                        act_early_exit=False)[:, plen:], ref)
+                   for c in (False, True))
+        rows.append([label, plen, f"{plen / pf_eager:,.0f}", f"{plen / pf_slow:,.0f}",
+                     f"{steps / dec_slow:.1f}", f"{steps / dec_eager:.1f}",
+                     f"{steps / dec_comp:.1f}", f"{dec_slow / dec_eager:.2f}x",
+                     f"{dec_slow / dec_comp:.2f}x", "yes" if same else "NO"])
         notes.append(f"{label} prompt {plen}: first compiled call (compilation included) "
                      f"{first_call:.1f} s")
     return rows, notes
@@ -204,10 +235,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--loops", type=int, default=8, help="loops allowed in the ACT rows")
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed generations per path and prompt length (median)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt_lens = [64, 512] if args.quick else [64, 512, 2048]
-    repeats = 5
+    repeats = args.repeats
 
     print(f"# OpenMythos inference benchmark (torch {torch.__version__}, {args.threads} threads, fp32)\n")
     print("## KV cache bytes per token (small configs, 4 loops: 1 prelude + 4 loops + 1 coda layers)\n")

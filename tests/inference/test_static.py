@@ -96,3 +96,9 @@ def test_compiled_generate_equals_eager(attn_type):
     eager = generate(model, ids, 8, 4, **kw)
     compiled = generate(model, ids, 8, 4, compile=True, **kw)
     assert torch.equal(eager, compiled)
+    # Only the first step of a generation evaluates every guard: new weights (updated in
+    # place, as training does) and another loop count must still get the right graph.
+    model.load_state_dict(halting_model(attn_type, seed=1).state_dict())
+    for n_loops in (4, 2):
+        eager = generate(model, ids, 8, n_loops, **kw)
+        assert torch.equal(generate(model, ids, 8, n_loops, compile=True, **kw), eager)
