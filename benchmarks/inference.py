@@ -8,9 +8,11 @@ the upstream-style plain-dict cache that grows by ``torch.cat``, MLA without abs
 (the latent cache re-expanded through ``kv_up`` at every step) and no ACT early exit.
 "Eager" is ``generate`` as is; "compiled" is ``generate(..., compile=True)``, one
 ``torch.compile``d fixed-shape graph per decode step (compilation time is printed apart and
-not in the tok/s). Prefill and decode are timed inside the same generation: prefill tok/s is
-the prompt length over the time to the first token, decode tok/s the decode steps over the
-time from the first token to the last (greedy selection included, for every path alike).
+not in the tok/s); ``--ablate`` adds the compiled step without its CPU tuning (inductor's
+Python wrapper, every guard evaluated on every step). Prefill and decode are timed inside
+the same generation: prefill tok/s is the prompt length over the time to the first token,
+decode tok/s the decode steps over the time from the first token to the last (greedy
+selection included, for every path alike). The paths take turns, in a rotating order.
 The "ACT-trained" rows first train the small GQA model for a few hundred steps with a ponder
 penalty, so that its halting head really halts, then decode with up to ``--loops`` loops.
 """
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time, print_table  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
-from open_mythos.inference import KVCache, generate, stream  # noqa: E402
+from open_mythos.inference import KVCache, generate, static, stream  # noqa: E402
 from open_mythos.layers import MLAttention  # noqa: E402
 from open_mythos.tasks import get_task, make_batch  # noqa: E402
 
@@ -106,20 +108,33 @@ def interleaved_streams(makers: dict[str, Callable[[], Iterable[torch.Tensor]]],
 
     The generations take turns, one of each per round, so that a machine whose speed
     drifts during the run (shared CPUs do, by tens of percent) slows them all alike and
-    the ratios between them stay fair."""
+    the ratios between them stay fair; the order rotates every round, so no path always
+    runs right after the same other one."""
     for _ in range(warmup):
         for make in makers.values():
             timed_stream(make())
     runs: dict[str, list] = {name: [] for name in makers}
-    for _ in range(repeats):
-        for name, make in makers.items():
-            runs[name].append(timed_stream(make()))
+    names = list(makers)
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            runs[name].append(timed_stream(makers[name]()))
     return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs),
                    rs[0][2]) for name, rs in runs.items()}
 
 
+def without_decode_tuning(make: Callable[[], Iterable[torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """The generation of ``make`` with the compiled step as it was before its CPU tuning:
+    inductor's Python wrapper and every guard evaluated on every step."""
+    saved = static.CPP_WRAPPER_ON_CPU, static.SKIP_REPEATED_GUARDS
+    static.CPP_WRAPPER_ON_CPU = static.SKIP_REPEATED_GUARDS = False
+    try:
+        yield from make()
+    finally:
+        static.CPP_WRAPPER_ON_CPU, static.SKIP_REPEATED_GUARDS = saved
+
+
 def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: int, label: str,
-                repeats: int) -> tuple[list[list[object]], list[str]]:
+                repeats: int, ablate: bool = False) -> tuple[list[list[object]], list[str]]:
     """Rows of the decode table, and one note per prompt length on compilation time.
 
     Prefill and decode are timed inside the same generation (time to the first token, then
@@ -137,20 +152,29 @@ def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: in
         t0 = time.perf_counter()
         list(ours(True))  # compiles (once per model structure, batch, cache bucket, n_loops)
         first_call = time.perf_counter() - t0
-        times = interleaved_streams({
+        makers = {
             "naive": lambda ids=ids: naive_stream(model, ids, new, n_loops),
             "eager": lambda: ours(False),
             "compiled": lambda: ours(True),
-        }, repeats)
-        (pf_slow, dec_slow, steps), (pf_eager, dec_eager, _), (_, dec_comp, _) = times.values()
+        }
+        if ablate:
+            makers["untuned"] = lambda: without_decode_tuning(lambda: ours(True))
+        times = interleaved_streams(makers, repeats)
+        pf_slow, dec_slow, steps = times["naive"]
+        pf_eager, dec_eager, _ = times["eager"]
+        dec_comp = times["compiled"][1]
         ref = naive_decode(model, ids, 8, n_loops)
         same = all(torch.equal(generate(model, ids, 8, n_loops, do_sample=False, compile=c,
                                         act_early_exit=False)[:, plen:], ref)
                    for c in (False, True))
-        rows.append([label, plen, f"{plen / pf_eager:,.0f}", f"{plen / pf_slow:,.0f}",
-                     f"{steps / dec_slow:.1f}", f"{steps / dec_eager:.1f}",
-                     f"{steps / dec_comp:.1f}", f"{dec_slow / dec_eager:.2f}x",
-                     f"{dec_slow / dec_comp:.2f}x", "yes" if same else "NO"])
+        row = [label, plen, f"{plen / pf_eager:,.0f}", f"{plen / pf_slow:,.0f}",
+               f"{steps / dec_slow:.1f}", f"{steps / dec_eager:.1f}",
+               f"{steps / dec_comp:.1f}", f"{dec_slow / dec_eager:.2f}x",
+               f"{dec_slow / dec_comp:.2f}x", "yes" if same else "NO"]
+        if ablate:
+            dec_untuned = times["untuned"][1]
+            row += [f"{steps / dec_untuned:.1f}", f"{dec_untuned / dec_comp:.2f}x"]
+        rows.append(row)
         notes.append(f"{label} prompt {plen}: first compiled call (compilation included) "
                      f"{first_call:.1f} s")
     return rows, notes
@@ -237,12 +261,16 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed generations per path and prompt length (median)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also time the compiled step without its CPU tuning (inductor's "
+                             "Python wrapper, every guard on every step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt_lens = [64, 512] if args.quick else [64, 512, 2048]
     repeats = args.repeats
 
-    print(f"# OpenMythos inference benchmark (torch {torch.__version__}, {args.threads} threads, fp32)\n")
+    print(f"# OpenMythos inference benchmark (torch {torch.__version__}, {args.threads} threads, "
+          f"fp32, median of {repeats} interleaved generations per path)\n")
     print("## KV cache bytes per token (small configs, 4 loops: 1 prelude + 4 loops + 1 coda layers)\n")
     print_table(["attn", "reference fp32", "ours fp32", "ours bf16", "ratio fp32", "ratio bf16"],
                 kv_rows(4))
@@ -250,11 +278,13 @@ def main() -> None:
     headers = ["model", "prompt", "prefill tok/s", "naive prefill tok/s", "naive decode tok/s",
                "eager decode tok/s", "compiled decode tok/s", "eager speed-up",
                "compiled speed-up", "same tokens"]
+    if args.ablate:
+        headers += ["untuned compiled tok/s", "tuning gain"]
     for attn in ("gqa", "mla"):
         torch.manual_seed(0)
         model = OpenMythos(small_config(attn)).eval()
         print(f"\n## Greedy decode of 32 tokens, small {attn.upper()} (untrained, 4 loops, batch 1)\n")
-        rows, notes = decode_rows(model, prompt_lens, 32, 4, attn, repeats)
+        rows, notes = decode_rows(model, prompt_lens, 32, 4, attn, repeats, args.ablate)
         print_table(headers, rows)
         print("\n" + "; ".join(notes))
 

@@ -65,7 +65,9 @@ def stream(
             (:mod:`open_mythos.inference.static`): several times faster once compiled, at
             a one-off compilation cost per model, batch size, cache bucket and ``n_loops``.
             Every loop runs (ACT still weights them), so it cannot be combined with
-            ``act_early_exit=True``. The prompt is prefilled eagerly.
+            ``act_early_exit=True``. The prompt is prefilled eagerly. Do not change the
+            model (dtype, device, weights' storage, train mode) while a compiled stream is
+            being consumed: after its first step, the graph's guards are not checked again.
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -23,6 +23,7 @@ runs through inductor's C++ wrapper, and only a generation's first step evaluate
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -105,7 +106,14 @@ def decode_step(
     return model.head(model.trunk(input_ids, ctx, n_loops)[:, -1])
 
 
-_compiled_steps: dict[str, Callable[..., torch.Tensor]] = {}
+#: Run the CPU graph through inductor's C++ wrapper (``benchmarks/inference.py --ablate``
+#: measures the step without it).
+CPP_WRAPPER_ON_CPU = True
+#: Evaluate the compiled step's guards in full on a generation's first step only (see
+#: :meth:`CompiledDecoder.step`; ``--ablate`` measures the step without it).
+SKIP_REPEATED_GUARDS = True
+
+_compiled_steps: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
 
 # torch >= 2.6 can skip the guards that do not tell cached graphs apart.
 _CAN_SKIP_GUARDS = "skip_guard_eval_unsafe" in inspect.signature(
@@ -116,16 +124,35 @@ def _compiled(device_type: str) -> Callable[..., torch.Tensor]:
     """:func:`decode_step` compiled for one device type (graphs are cached per shape).
 
     On the CPU the graph is called through a generated C++ wrapper (inductor's
-    ``cpp_wrapper``): a decode step runs a few hundred small kernels, and launching each from
-    generated Python code costs about as much as running it (``benchmarks/inference.py``:
-    the C++ wrapper decodes 1.3-1.5x faster on 2 cores; a cold compilation takes 15-30 s
-    instead of 2-20 s).
+    ``cpp_wrapper``, :data:`CPP_WRAPPER_ON_CPU`): a decode step runs a few hundred small
+    kernels, and launching each from generated Python code costs about as much as running
+    it. The price is a longer first compilation (it also compiles the wrapper).
     """
-    if device_type not in _compiled_steps:
-        options = {"cpp_wrapper": True} if device_type == "cpu" else None
-        _compiled_steps[device_type] = torch.compile(
+    cpp_wrapper = device_type == "cpu" and CPP_WRAPPER_ON_CPU
+    key = (device_type, cpp_wrapper)
+    if key not in _compiled_steps:
+        options = {"cpp_wrapper": True} if cpp_wrapper else None
+        _compiled_steps[key] = torch.compile(
             decode_step, fullgraph=True, dynamic=False, options=options)
-    return _compiled_steps[device_type]
+    return _compiled_steps[key]
+
+
+def _may_skip_guards() -> bool:
+    """Whether a repeated step may run with only the differentiating guards.
+
+    Only under the default compiler stance (a stance the user set, such as ``force_eager``
+    or ``fail_on_recompile``, is kept), and only on the main thread: the stance is
+    process-wide, so setting it from a worker thread (a server) would also skip guards of
+    compiled code running in other threads.
+    """
+    if not (_CAN_SKIP_GUARDS and SKIP_REPEATED_GUARDS):
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    from torch._dynamo import eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)
+    return stance is not None and stance.stance == "default" and stance.backend is None
 
 
 class CompiledDecoder:
@@ -155,9 +182,9 @@ class CompiledDecoder:
         buffers = cache.buffers()
         first = next(iter(next(iter(buffers.values())).values()))
         B, device = first.shape[0], first.device
-        self.compiled = compile
+        self._compile = compile
         self._step = _compiled(device.type) if compile else decode_step
-        self.steps_done = 0
+        self._steps = 0
         self.key_mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)
         if attention_mask is None:
             self.key_mask[:, :prompt_len] = True
@@ -192,16 +219,18 @@ class CompiledDecoder:
         self.key_mask[:, self.pos] = True
         args = (self.model, tokens.view(-1, 1), self.positions, slot, self.key_mask,
                 self.cache.buffers(), self.n_loops)
-        if self.steps_done == 0 or not self.compiled or not _CAN_SKIP_GUARDS:
-            logits = self._step(*args)
-        else:
-            # The first step of this decoder ran every guard and chose (or built) the
+        if self._compile and self._steps > 0 and _may_skip_guards():
+            # The first step of this decoder ran every guard and chose (or built) its
             # graph; later steps pass the same model, the same buffer tensors and inputs of
             # the same shapes and dtypes, so only the guards that tell cached graphs apart
-            # are needed.
+            # (another decoder's batch size, cache bucket or n_loops) are evaluated. A model
+            # changed between two steps of one generation (dtype, device, train mode) would
+            # go unnoticed: see the ``stream`` docstring.
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 logits = self._step(*args)
-        self.steps_done += 1
+        else:
+            logits = self._step(*args)
+        self._steps += 1
         self.pos += 1
         self.positions = self.positions + 1
         self.cache.mark_filled(self.keys, self.pos)

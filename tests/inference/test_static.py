@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
-from open_mythos.inference import KVCache, generate
+from open_mythos.inference import KVCache, generate, stream
 from open_mythos.inference.static import CompiledDecoder, cache_length
 from tests.conftest import halting_model, tiny_config
 
@@ -96,9 +96,49 @@ def test_compiled_generate_equals_eager(attn_type):
     eager = generate(model, ids, 8, 4, **kw)
     compiled = generate(model, ids, 8, 4, compile=True, **kw)
     assert torch.equal(eager, compiled)
-    # Only the first step of a generation evaluates every guard: new weights (updated in
-    # place, as training does) and another loop count must still get the right graph.
+    # New weights, updated in place as training does, reach the compiled graph.
     model.load_state_dict(halting_model(attn_type, seed=1).state_dict())
-    for n_loops in (4, 2):
-        eager = generate(model, ids, 8, n_loops, **kw)
-        assert torch.equal(generate(model, ids, 8, n_loops, compile=True, **kw), eager)
+    assert torch.equal(generate(model, ids, 8, 4, compile=True, **kw),
+                       generate(model, ids, 8, 4, **kw))
+
+
+@pytest.mark.slow
+def test_interleaved_compiled_streams_pick_their_own_graphs(monkeypatch):
+    """After its first step a generation evaluates only the guards that tell cached graphs
+    apart; two generations of different depth and batch size consumed step by step in turn
+    must each keep running their own graph."""
+    skipped = []
+    set_stance = torch.compiler.set_stance
+
+    def counting(*args, **kwargs):
+        skipped.append(kwargs.get("skip_guard_eval_unsafe", False))
+        return set_stance(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", counting)
+    model = halting_model("gqa")
+    kw = dict(do_sample=False, act_early_exit=False)
+    runs = [(torch.randint(0, 97, (2, 7)), 4), (torch.randint(0, 97, (1, 5)), 2)]
+    expected = [generate(model, ids, 6, n, **kw)[:, ids.shape[1]:] for ids, n in runs]
+    streams = [stream(model, ids, 6, n, compile=True, **kw) for ids, n in runs]
+    got = [[], []]
+    for _ in range(6):
+        for i, s in enumerate(streams):
+            got[i].append(next(s))
+    for tokens, want in zip(got, expected):
+        assert torch.equal(torch.stack(tokens, 1), want)
+    assert sum(skipped) == 2 * 4  # 5 decode steps per stream, the first with every guard
+
+
+def test_user_compiler_stance_is_kept(monkeypatch):
+    """Under a stance the user set (here force_eager) no step switches to another stance."""
+    calls = []
+    set_stance = torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance",
+                        lambda *a, **k: calls.append((a, k)) or set_stance(*a, **k))
+    model = halting_model("mla")
+    ids = torch.randint(0, 97, (1, 6))
+    kw = dict(do_sample=False, act_early_exit=False)
+    with set_stance("force_eager"):
+        out = generate(model, ids, 5, 3, compile=True, **kw)
+    assert calls == []
+    assert torch.equal(out, generate(model, ids, 5, 3, **kw))
