@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -113,15 +114,21 @@ CPP_WRAPPER_ON_CPU = True
 #: :meth:`CompiledDecoder.step`; ``--ablate`` measures the step without it).
 SKIP_REPEATED_GUARDS = True
 
-_compiled_steps: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
+_compiled_steps: dict[tuple, Callable[..., torch.Tensor]] = {}
 
 # torch >= 2.6 can skip the guards that do not tell cached graphs apart.
 _CAN_SKIP_GUARDS = "skip_guard_eval_unsafe" in inspect.signature(
     getattr(torch.compiler, "set_stance", lambda: None)).parameters
 
 
-def _compiled(device_type: str) -> Callable[..., torch.Tensor]:
-    """:func:`decode_step` compiled for one device type (graphs are cached per shape).
+def _compiled(device_type: str, shape: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+    """:func:`decode_step` compiled for one device type and one ``shape`` (batch size, cache
+    length, loops).
+
+    Each shape gets its own copy of the function's code object: Dynamo keeps at most
+    ``torch._dynamo.config.recompile_limit`` (8) graphs per code object and, with
+    ``fullgraph=True``, fails past that, while a long-running process (a server) meets many
+    batch sizes, cache buckets and loop counts. Models that share a shape share the copy.
 
     On the CPU the graph is called through a generated C++ wrapper (inductor's
     ``cpp_wrapper``, :data:`CPP_WRAPPER_ON_CPU`): a decode step runs a few hundred small
@@ -129,11 +136,13 @@ def _compiled(device_type: str) -> Callable[..., torch.Tensor]:
     it. The price is a longer first compilation (it also compiles the wrapper).
     """
     cpp_wrapper = device_type == "cpu" and CPP_WRAPPER_ON_CPU
-    key = (device_type, cpp_wrapper)
+    key = (device_type, cpp_wrapper, *shape)
     if key not in _compiled_steps:
+        code = decode_step.__code__.replace()  # a distinct code object: its own graph cache
+        fn = types.FunctionType(code, decode_step.__globals__, decode_step.__name__,
+                                decode_step.__defaults__, decode_step.__closure__)
         options = {"cpp_wrapper": True} if cpp_wrapper else None
-        _compiled_steps[key] = torch.compile(
-            decode_step, fullgraph=True, dynamic=False, options=options)
+        _compiled_steps[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
     return _compiled_steps[key]
 
 
@@ -183,7 +192,8 @@ class CompiledDecoder:
         first = next(iter(next(iter(buffers.values())).values()))
         B, device = first.shape[0], first.device
         self._compile = compile
-        self._step = _compiled(device.type) if compile else decode_step
+        shape = (B, cache.max_len, n_loops)
+        self._step = _compiled(device.type, shape) if compile else decode_step
         self._steps = 0
         self.key_mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)
         if attention_mask is None:
