@@ -10,7 +10,8 @@ prompt tokens (``--prompt-loss``) and per-loop supervision with the chain's inte
 values (``--deep``: the state after loop t, read out through the final norm and the LM head,
 is trained to name the variable or digit reached after t hops; the baseline gets the same
 signal after each core block). ``docs/depth_extrapolation.md`` lists the runs and their
-results. One thread by default, so two runs fit side by side on 2 cores.
+results. One thread by default, so two runs fit side by side on 2 cores. ``--init`` starts
+from a trained checkpoint (for example the demo's 1-hop model) instead of a fresh model.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--curriculum", type=int, default=0,
                    help="steps over which the largest training hop count rises to --hops[1]")
     p.add_argument("--baseline", action="store_true", help="train the dense baseline instead")
+    p.add_argument("--init", metavar="RUN",
+                   help="start from this checkpoint or run directory (e.g. a demo's looped/ or "
+                        "baseline/ run) instead of a fresh model")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +85,14 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     task = get_task("multihop", hops=a.hops, ood_hops=a.ood, distractors=a.dis)
-    model = build(a, task.max_len())
+    if a.init:
+        from open_mythos.training import load_checkpoint
+
+        model = load_checkpoint(a.init)[0].train()
+        if isinstance(model, DenseBaseline) != a.baseline:
+            raise SystemExit("--init must hold a dense baseline exactly when --baseline is given")
+    else:
+        model = build(a, task.max_len())
     states: list[torch.Tensor] = []  # per-loop (per-core-block) states of the current step
     if a.baseline:
         for block in model.core:
