@@ -8,6 +8,7 @@ generation ends when every sequence is finished.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,8 @@ def stream(
     """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
 
     Args:
-        model: the model; it runs in eval mode without gradients and its mode is restored.
+        model: the model; each forward runs in eval mode without gradients, and between
+            tokens the model's mode and the caller's grad mode are as the caller left them.
         input_ids: (B, T) prompts, left-padded when their lengths differ.
         max_new_tokens: most tokens to generate (>= 0).
         n_loops: recurrent loops per forward (>= 1).
@@ -105,35 +107,49 @@ def stream(
         mask = torch.ones(B, total, dtype=torch.long, device=device)
         mask[:, :T0] = attention_mask
 
+    with _inference(model):
+        cache_len = cache_length(total, model.cfg.max_seq_len) if compile else total
+        cache = KVCache(cache_len, dtype=cache_dtype)
+        logits = model(input_ids, n_loops, cache, 0,
+                       attention_mask=None if mask is None else mask[:, :T0],
+                       act_early_exit=act_early_exit)[:, -1]
+        decoder = CompiledDecoder(model, cache, n_loops, T0, attention_mask) if compile else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        tok = select_next(logits, params, generator)
+        if stop is not None:
+            tok = tok.masked_fill(finished, pad_token_id)
+            finished = finished | torch.isin(tok, stop)
+        yield tok
+        if step == max_new_tokens - 1 or (stop is not None and bool(finished.all())):
+            return
+        with _inference(model):
+            if decoder is not None:
+                logits = decoder.step(tok)
+                continue
+            pos = T0 + step
+            logits = model(tok.unsqueeze(1), n_loops, cache, pos,
+                           attention_mask=None if mask is None else mask[:, : pos + 1],
+                           act_early_exit=act_early_exit)[:, -1]
+
+
+@contextlib.contextmanager
+def _inference(model: OpenMythos) -> Iterator[None]:
+    """Eval mode and no autograd for one forward, both restored afterwards.
+
+    Scoped to each forward rather than held across ``yield``: a suspended generator must
+    not leave the caller's code (or another stream consumed in turn) without gradients or
+    with the model in the wrong mode.
+    """
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         with torch.no_grad():
-            cache_len = cache_length(total, model.cfg.max_seq_len) if compile else total
-            cache = KVCache(cache_len, dtype=cache_dtype)
-            logits = model(input_ids, n_loops, cache, 0,
-                           attention_mask=None if mask is None else mask[:, :T0],
-                           act_early_exit=act_early_exit)[:, -1]
-            decoder = (CompiledDecoder(model, cache, n_loops, T0, attention_mask)
-                       if compile else None)
-            finished = torch.zeros(B, dtype=torch.bool, device=device)
-            for step in range(max_new_tokens):
-                tok = select_next(logits, params, generator)
-                if stop is not None:
-                    tok = tok.masked_fill(finished, pad_token_id)
-                    finished = finished | torch.isin(tok, stop)
-                yield tok
-                if step == max_new_tokens - 1 or (stop is not None and bool(finished.all())):
-                    return
-                if decoder is not None:
-                    logits = decoder.step(tok)
-                    continue
-                pos = T0 + step
-                logits = model(tok.unsqueeze(1), n_loops, cache, pos,
-                               attention_mask=None if mask is None else mask[:, : pos + 1],
-                               act_early_exit=act_early_exit)[:, -1]
+            yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def generate(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int = 64,

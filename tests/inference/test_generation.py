@@ -73,3 +73,18 @@ def test_top_k_larger_than_vocab_and_restores_training_mode():
     model = halting_model("gqa").train()
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=3, top_k=10_000)
     assert out.shape == (1, 6) and model.training
+
+
+def test_suspended_streams_leave_grad_mode_and_model_mode_alone():
+    """Between tokens (a generator suspended at ``yield``) the caller keeps gradients and
+    the model its training mode, also with two streams consumed in turn."""
+    model = halting_model("gqa").train()
+    ids = torch.randint(0, 97, (1, 5))
+    first = stream(model, ids, 3, 2, do_sample=False)
+    second = stream(model, ids, 3, 2, do_sample=False)
+    for s in (first, second, first, second):
+        next(s)
+        assert torch.is_grad_enabled() and model.training
+    first.close()
+    second.close()
+    assert torch.is_grad_enabled() and model.training
