@@ -130,18 +130,18 @@ def test_interleaved_compiled_streams_pick_their_own_graphs(monkeypatch):
 
 
 @pytest.mark.slow
-def test_more_decode_shapes_than_dynamo_keeps_per_function(monkeypatch):
+def test_more_decode_shapes_than_dynamo_keeps_per_function():
     """Every (batch, cache bucket, loops) shape compiles its own graph; Dynamo's limit of
     graphs per code object (8 by default, 1 here) must not turn the next shape into an error."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     model = halting_model("gqa")
     ids = torch.randint(0, 97, (1, 5))
     kw = dict(do_sample=False, act_early_exit=False)
-    for n_loops in (1, 2):
-        assert torch.equal(generate(model, ids, 3, n_loops, compile=True, **kw),
-                           generate(model, ids, 3, n_loops, **kw))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n_loops in (1, 2):
+            assert torch.equal(generate(model, ids, 3, n_loops, compile=True, **kw),
+                               generate(model, ids, 3, n_loops, **kw))
 
 
 def test_user_compiler_stance_is_kept(monkeypatch):
