@@ -1,0 +1,27 @@
+"""The lab script behind docs/depth_extrapolation.md keeps running (a few steps, both models)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LAB = Path(__file__).resolve().parents[1] / "experiments" / "multihop_lab.py"
+
+
+@pytest.mark.parametrize("extra", [["--deep", "1", "--curriculum", "2", "--prompt-loss", "0.5"],
+                                   ["--deep", "1", "--baseline"]])
+def test_multihop_lab_runs_and_writes_its_results(tmp_path, extra):
+    out = tmp_path / "run.json"
+    done = subprocess.run(
+        [sys.executable, str(LAB), "--steps", "3", "--bs", "8", "--eval-loops", "1,3",
+         "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"id", "ood_hops"}
+    loops = ["1"] if "--baseline" in extra else ["1", "3"]
+    for split in results.values():
+        assert list(split) == loops and all(0.0 <= v <= 1.0 for v in split.values())
+    assert "hops=6" in done.stdout
