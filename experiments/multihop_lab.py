@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 
@@ -30,6 +29,7 @@ from open_mythos.baseline import DenseBaseline, matched_baseline_config
 from open_mythos.tasks import get_task, make_batch
 from open_mythos.tasks.base import IGNORE_INDEX, PAD_ID, VOCAB_SIZE
 from open_mythos.tasks.batching import collate, decode_answer
+from open_mythos.training.schedule import LRSchedule
 
 
 def parse_args() -> argparse.Namespace:
@@ -103,11 +103,7 @@ def main() -> None:
     rng, loop_rng = random.Random(a.seed), random.Random(a.seed + 1)
     lmin, lmax = a.lmin or a.T, a.lmax or a.T
 
-    def lr_at(step: int) -> float:
-        warmup = 20
-        if step < warmup:
-            return a.lr * (step + 1) / warmup
-        return a.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (a.steps - warmup))))
+    lr_at = LRSchedule(a.lr, warmup_steps=20, decay_steps=a.steps)  # cosine to 0.1 x lr
 
     t0 = time.time()
     for step in range(a.steps):

@@ -232,8 +232,8 @@ class CompiledDecoder:
         if self._compile and self._steps > 0 and _may_skip_guards():
             # The first step of this decoder ran every guard and chose (or built) its
             # graph; later steps pass the same model, the same buffer tensors and inputs of
-            # the same shapes and dtypes, so only the guards that tell cached graphs apart
-            # (another decoder's batch size, cache bucket or n_loops) are evaluated. A model
+            # the same shapes and dtypes, so only the guards that tell this shape's cached
+            # graphs apart (another model of the same shape) are evaluated. A model
             # changed between two steps of one generation (dtype, device, train mode) would
             # go unnoticed: see the ``stream`` docstring.
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
