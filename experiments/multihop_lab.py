@@ -129,7 +129,7 @@ def main() -> None:
                                                           ignore_index=IGNORE_INDEX)
         if a.deep > 0:
             rows, pos = torch.arange(ids.shape[0]), batch["answer_start"] - 1
-            traces = [task._trace(decode_answer(ids[r, 1:pos[r] + 1])) for r in rows.tolist()]
+            traces = [task.trace(decode_answer(ids[r, 1:pos[r] + 1])) for r in rows.tolist()]
             deep = 0.0
             for t, h in enumerate(states):
                 want = torch.tensor([ord(tr[min(t, len(tr) - 1)]) for tr in traces])

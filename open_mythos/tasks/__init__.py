@@ -15,6 +15,7 @@ Every task (see :class:`~open_mythos.tasks.base.Task`) has ``train``/``id`` spli
 | modsum     | ``3141=`` -> ``3489``             | digits     | 2-8   | ood_length 12-16 |
 | addition   | ``123+4567=`` -> ``4690``         | digits     | 1-5   | ood_digits 6-8   |
 | multihop   | ``c=7;a=b;b=c?a`` -> ``7``        | hops       | 1-3   | ood_hops 4-8     |
+| phop       | ``a=c;b=a;c=b?a2`` -> ``b``       | hops       | 1-4   | ood_hops 5-8     |
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from .batching import collate, decode_answer, encode_example, encode_prompt, mak
 from .dyck import Dyck, DyckTarget
 from .multihop import MultiHop
 from .parity import Parity
+from .phop import PHop
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Parity, Dyck, ModSum, Addition, MultiHop)}
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls for cls in (Parity, Dyck, ModSum, Addition, MultiHop, PHop)
+}
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -66,6 +70,7 @@ __all__ = [
     "Example",
     "ModSum",
     "MultiHop",
+    "PHop",
     "Parity",
     "Task",
     "collate",

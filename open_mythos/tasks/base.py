@@ -11,7 +11,8 @@ digits, number of hops). Each split is a range of levels:
 
 Every task also carries an independent solver (:meth:`Task.solve`) that parses the prompt
 string and computes the answer by a different code path from the generator, and
-:meth:`Task.level_of`, which measures the level of a prompt from its text.
+:meth:`Task.level_of`, which measures the level of a prompt from its text. Tasks solved by
+repeating one step also give the value after each step (:meth:`Task.trace`).
 
 The vocabulary is the byte tokenizer's: token id = byte value of an ASCII character, then
 ``PAD_ID = 256``, ``BOS_ID = 257``, ``EOS_ID = 258`` (``VOCAB_SIZE = 259``). It is defined
@@ -145,6 +146,15 @@ class Task(ABC):
     def max_len_at(self, level: int) -> int:
         """Upper bound on ``len(BOS + prompt + answer + EOS)`` for examples at ``level``;
         non-decreasing in ``level``."""
+
+    def trace(self, prompt: str) -> list[str] | None:
+        """The intermediate answers of a task solved by repeating one step: the value
+        reached after step 1, 2, ..., ``level``, so the last element is :meth:`solve`'s
+        answer and the length is the level. None (the default) for tasks without such
+        steps. Used for per-loop supervision of looped models: loop ``t`` (0-based) is
+        trained to predict ``trace[min(t, len(trace) - 1)]`` at the position that predicts
+        the first answer token. ValueError on a malformed prompt where implemented."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(levels={self.levels})"

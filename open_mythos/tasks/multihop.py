@@ -65,8 +65,9 @@ class MultiHop(Task):
         rng.shuffle(statements)
         return Example(";".join(statements) + "?" + chain[0], answer)
 
-    def _trace(self, prompt: str) -> list[str]:
-        """The values visited from the query to a digit, e.g. ``["b", "c", "7"]``."""
+    def trace(self, prompt: str) -> list[str]:
+        """The values visited from the query to a digit, one per hop, e.g. ``["b", "c",
+        "7"]`` for ``a -> b -> c -> 7``: the last is the answer, the length is the level."""
         body, mark, query = prompt.partition("?")
         if not mark or len(query) != 1 or query not in VARIABLES:
             raise ValueError(f"multihop prompt must end with '?<variable>', got {prompt!r}")
@@ -95,10 +96,10 @@ class MultiHop(Task):
         return path
 
     def solve(self, prompt: str) -> str:
-        return self._trace(prompt)[-1]
+        return self.trace(prompt)[-1]
 
     def level_of(self, prompt: str) -> int:
-        return len(self._trace(prompt))
+        return len(self.trace(prompt))
 
     def max_len_at(self, level: int) -> int:
         statements = level + self.distractors[1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+import re
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from open_mythos.tasks import (
     ModSum,
     MultiHop,
     Parity,
+    PHop,
     Task,
     collate,
     decode_answer,
@@ -45,7 +48,13 @@ VARIANTS: dict[str, Task] = {
     "addition_reverse": Addition(reverse=True),
     "multihop": MultiHop(),
     "multihop_no_distractors": MultiHop(distractors=(0, 0)),
+    "phop": PHop(),
+    "phop_2": PHop(nodes=2),
 }
+
+# Tasks whose prompt length does not grow with the level: a p-hop prompt lists the whole
+# permutation at every level, only the digits of the hop count grow.
+FIXED_LENGTH_TASKS = {"phop"}
 
 
 def _samples(task: Task, split: str, seed: int = 0, n: int = N_SAMPLES) -> list[Example]:
@@ -94,8 +103,13 @@ def test_ood_splits_are_strictly_harder(task: Task) -> None:
     for split in task.ood_splits:
         ood_examples = _samples(task, split)
         assert min(task.level_of(ex.prompt) for ex in ood_examples) > max(id_levels)
-        assert sum(len(ex.prompt) for ex in ood_examples) / len(ood_examples) > id_prompt_len
-        assert task.max_len(split) > task.max_len("id")
+        ood_prompt_len = sum(len(ex.prompt) for ex in ood_examples) / len(ood_examples)
+        if task.name in FIXED_LENGTH_TASKS:
+            assert ood_prompt_len >= id_prompt_len
+            assert task.max_len(split) >= task.max_len("id")
+        else:
+            assert ood_prompt_len > id_prompt_len
+            assert task.max_len(split) > task.max_len("id")
 
 
 def test_in_distribution_prompts_are_short(task: Task) -> None:
@@ -150,6 +164,12 @@ def test_generation_leaves_global_random_state_alone(task: Task) -> None:
         (MultiHop(), "c=7;a=b;d=c;b=c?a", "7", 3),
         (MultiHop(), "a=7?a", "7", 1),
         (MultiHop(), "x=1;a=x;y=a;z=3?y", "1", 3),
+        (PHop(nodes=3), "a=c;b=a;c=b?a2", "b", 2),
+        (PHop(nodes=3), "a=c;b=a;c=b?a3", "a", 3),
+        (PHop(nodes=3), "c=b;a=c;b=a?b10", "a", 10),
+        (PHop(nodes=2), "b=b;a=a?a12", "a", 12),
+        (PHop(nodes=2), "a=b;b=a?a1", "b", 1),
+        (PHop(), "h=a;g=h;f=g;e=f;d=e;c=d;b=c;a=b?a7", "h", 7),
     ],
 )
 def test_hand_written_examples(task: Task, prompt: str, answer: str, level: int) -> None:
@@ -173,11 +193,53 @@ def test_hand_written_examples(task: Task, prompt: str, answer: str, level: int)
         (MultiHop(), "a=b;b=a?a"),
         (MultiHop(), "a=b?a"),
         (MultiHop(), "a=%?a"),
+        (PHop(nodes=3), "a=c;b=a;c=b"),  # no query
+        (PHop(nodes=3), "a=c;b=a;c=b?a"),  # no hop count
+        (PHop(nodes=3), "a=c;b=a;c=b?2"),  # no start node
+        (PHop(nodes=3), "a=c;b=a;c=b?a0"),  # hop count < 1
+        (PHop(nodes=3), "a=c;b=a;c=b?a02"),  # leading zero
+        (PHop(nodes=3), "a=c;b=a;c=b?a-1"),
+        (PHop(nodes=3), "a=c;b=a;c=b?a2x"),
+        (PHop(nodes=3), "a=c;b=a;c=b?a\u00b2"),  # a non-ASCII digit
+        (PHop(nodes=3), "a=c;b=a;c=b?d2"),  # start is not a node
+        (PHop(nodes=3), "a=c;b=a?a2"),  # c never assigned
+        (PHop(nodes=3), "a=c;b=a;c=b;d=a?a2"),  # d is not a node
+        (PHop(nodes=3), "a=c;a=b;b=a;c=b?a1"),  # a assigned twice
+        (PHop(nodes=3), "a=c;b=a;c=d?a1"),  # rhs not a node
+        (PHop(nodes=3), "a=c;b=c;c=b?a1"),  # not a permutation
+        (PHop(nodes=3), "a=c;b=a;c=b;?a1"),
+        (PHop(nodes=3), "ac;b=a;c=b?a1"),
+        (PHop(nodes=3), "a=cb;b=a;c=b?a1"),
+        (PHop(nodes=3), "?a1"),
     ],
 )
 def test_solvers_reject_malformed_prompts(task: Task, prompt: str) -> None:
     with pytest.raises(ValueError):
         task.solve(prompt)
+    if isinstance(task, (MultiHop, PHop)):  # trace and level_of parse the prompt too
+        with pytest.raises(ValueError):
+            task.trace(prompt)
+        with pytest.raises(ValueError):
+            task.level_of(prompt)
+
+
+def test_trace_is_the_value_after_each_step(task: Task) -> None:
+    """``trace`` is None, or one value per level whose last is the answer."""
+    for split in task.splits:
+        for ex in _samples(task, split, n=100):
+            trace = task.trace(ex.prompt)
+            if trace is None:
+                continue
+            assert len(trace) == task.level_of(ex.prompt), ex
+            assert trace[-1] == task.solve(ex.prompt) == ex.answer, ex
+            assert all(isinstance(v, str) and len(v) == 1 for v in trace), ex
+
+
+def test_only_step_tasks_have_a_trace() -> None:
+    with_trace = {t.name for t in VARIANTS.values() if t.trace(_samples(t, "id", n=1)[0].prompt)}
+    assert with_trace == {"multihop", "phop"}
+    assert MultiHop().trace("c=7;a=b;d=c;b=c?a") == ["b", "c", "7"]
+    assert PHop(nodes=3).trace("a=c;b=a;c=b?a4") == ["c", "b", "a", "c"]
 
 
 def test_dyck_balanced_is_a_fair_coin_that_counting_cannot_solve() -> None:
@@ -200,6 +262,67 @@ def test_multihop_assigns_each_variable_once_and_is_acyclic() -> None:
             assert query in lhs
             for var in lhs:  # every variable, not just the query, resolves to a digit
                 task.solve(f"{body}?{var}")
+
+
+PHOP_PROMPT = re.compile(r"((?:[a-z]=[a-z];)*[a-z]=[a-z])\?([a-z])([1-9][0-9]*)")
+
+
+def _phop_parts(prompt: str) -> tuple[list[str], dict[str, str], str, int]:
+    """``(statements, f, start, k)`` parsed by a regex, independently of ``PHop``."""
+    match = PHOP_PROMPT.fullmatch(prompt)
+    assert match, prompt
+    statements = match[1].split(";")
+    return statements, dict(stmt.split("=") for stmt in statements), match[2], int(match[3])
+
+
+@pytest.mark.parametrize("nodes", [2, 3, 8, 26])
+def test_phop_answer_is_the_permutation_applied_k_times(nodes: int) -> None:
+    task, letters = PHop(nodes=nodes), [chr(ord("a") + i) for i in range(nodes)]
+    for seed in range(30):
+        rng = random.Random(seed)
+        for level in range(1, 20):
+            ex = task.generate_at(rng, level)
+            statements, f, start, k = _phop_parts(ex.prompt)
+            assert k == level == task.level_of(ex.prompt)
+            assert len(statements) == nodes and sorted(f) == sorted(f.values()) == letters
+            node, visited = start, []
+            for _ in range(k):
+                node = f[node]
+                visited.append(node)
+            assert ex.answer == node == task.solve(ex.prompt)
+            assert task.trace(ex.prompt) == visited
+            assert visited[0] == f[start]
+            assert all(b == f[a] for a, b in itertools.pairwise(visited))
+            assert len(ex.prompt) == 4 * nodes + 1 + len(str(k))
+            assert len(encode_example(ex)[0]) == task.max_len_at(level)
+
+
+def test_phop_permutation_start_and_order_are_uniform() -> None:
+    task, n = PHop(nodes=3), 1800
+    perms, starts, firsts = {}, {}, {}
+    for ex in _samples(task, "train", n=n):
+        statements, f, start, _ = _phop_parts(ex.prompt)
+        key = (f["a"], f["b"], f["c"])
+        perms[key] = perms.get(key, 0) + 1
+        starts[start] = starts.get(start, 0) + 1
+        firsts[statements[0][0]] = firsts.get(statements[0][0], 0) + 1
+    assert len(perms) == 6 and all(220 < c < 380 for c in perms.values()), perms
+    assert len(starts) == 3 and all(500 < c < 700 for c in starts.values()), starts
+    assert len(firsts) == 3 and all(500 < c < 700 for c in firsts.values()), firsts
+
+
+def test_phop_hop_counts_above_nine() -> None:
+    task = PHop()
+    assert task.max_len_at(9) < task.max_len_at(10) < task.max_len_at(100)
+    rng = random.Random(0)
+    for level in (10, 99, 100, 1234):
+        ex = task.generate_at(rng, level)
+        assert ex.prompt.endswith(str(level)) and task.level_of(ex.prompt) == level
+        assert len(task.trace(ex.prompt)) == level
+        assert len(encode_example(ex)[0]) <= task.max_len_at(level)
+    wide = PHop(hops=(2, 12), ood_hops=(13, 20))
+    assert wide.max_len("ood_hops") == wide.max_len_at(20)
+    assert {wide.level_of(ex.prompt) for ex in _samples(wide, "id")} == set(range(2, 13))
 
 
 def test_encode_example_masks_answer_and_eos() -> None:
@@ -269,12 +392,14 @@ def test_score_is_exact_match() -> None:
 
 
 def test_registry() -> None:
-    assert list_tasks() == sorted(["parity", "dyck", "modsum", "addition", "multihop"])
+    assert list_tasks() == sorted(["parity", "dyck", "modsum", "addition", "multihop", "phop"])
     for name in list_tasks():
         assert isinstance(get_task(name), TASKS[name]) and get_task(name).name == name
     task = get_task("multihop", hops=(2, 2), ood_hops=(5, 6))
     assert task.level_range("train") == (2, 2) and task.level_range("ood_hops") == (5, 6)
-    with pytest.raises(ValueError, match="available: addition, dyck, modsum, multihop, parity"):
+    with pytest.raises(
+        ValueError, match="available: addition, dyck, modsum, multihop, parity, phop"
+    ):
         get_task("sorting")
     with pytest.raises(ValueError, match="already registered"):
         register_task(type("Other", (Parity,), {"name": "parity"}))
@@ -302,6 +427,12 @@ def test_register_task_adds_a_new_task() -> None:
         (lambda: Addition(ood_digits=(3, 9)), "ood_digits"),
         (lambda: MultiHop(ood_hops=(4, 30)), "ood_hops"),
         (lambda: MultiHop(distractors=(-1, 2)), "distractors"),
+        (lambda: PHop(hops=(0, 2)), "hops"),
+        (lambda: PHop(ood_hops=(3, 9)), "ood_hops"),
+        (lambda: PHop(ood_hops=(8, 5)), "ood_hops"),
+        (lambda: PHop(nodes=1), "nodes"),
+        (lambda: PHop(nodes=27), "nodes"),
+        (lambda: PHop(nodes="8"), "nodes"),
         (lambda: get_task("parity", width=3), "width"),
     ],
 )
