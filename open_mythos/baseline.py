@@ -22,6 +22,7 @@ Elementwise work (norms, RoPE, the LTI update, the loop-index signal) is not cou
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,19 +225,26 @@ class DenseBaseline(CausalLM):
         """The cache keys of every block, in order (``n_loops`` is ignored)."""
         return [key for key, _ in self._layers()]
 
-    def trunk(
+    def core_states(
         self,
-        input_ids: torch.Tensor,
+        x: torch.Tensor,
         ctx: AttnContext,
         n_loops: int = 1,
         early_exit: bool = False,
         backprop_loops: int | None = None,
-    ) -> torch.Tensor:
-        """Embedding to final norm for a prepared context (the loop arguments are ignored)."""
-        x = self.embed(input_ids)
-        for key, layer in self._layers():
-            x = layer(x, ctx, key)
-        return self.norm(x)
+        keep: Collection[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The core blocks (the loop arguments are ignored); depth ``d`` is the output of
+        core block ``d``."""
+        states = {}
+        for i, layer in enumerate(self.core):
+            x = layer(x, ctx, f"core_{i}")
+            if i + 1 in keep:
+                states[i + 1] = x
+        return x, states
+
+    def max_readout_depth(self, n_loops: int) -> int:
+        return self.cfg.core_layers
 
 
 def config_from_dict(data: dict[str, Any]) -> MythosConfig:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -13,6 +16,27 @@ from .layers.moe import MoEFFN
 from .layers.norm import RMSNorm
 from .layers.recurrence import RecurrentBlock
 from .layers.rope import rope_cos_sin
+
+
+@dataclass
+class DepthReadout:
+    """What ``forward(..., readout_depths=...)`` returns: the output and a logit lens per depth.
+
+    Depth ``d`` is the state after ``d`` loops of :class:`OpenMythos` (after ``d`` core blocks
+    of the dense baseline). Its readout takes that state through the rest of the network
+    (Coda, final norm, head), exactly as if the model had stopped there; nothing before the
+    Coda is run twice, and a depth whose state is the output's (the last loop with ACT off)
+    reuses the output's logits.
+
+    Attributes:
+        logits: (B, T, vocab) the model's output, as a plain forward returns it.
+        depth_logits: ``{d: (B, T, vocab)}`` the readout of each requested depth.
+        states: ``{d: (B, T, dim)}`` the states those readouts start from.
+    """
+
+    logits: torch.Tensor
+    depth_logits: dict[int, torch.Tensor]
+    states: dict[int, torch.Tensor]
 
 
 class CausalLM(nn.Module):
@@ -120,7 +144,69 @@ class CausalLM(nn.Module):
         :meth:`hidden_states` validates its arguments and builds ``ctx``; the compiled decode
         step (:mod:`open_mythos.inference.static`) builds a fixed-shape ``ctx`` itself.
         """
+        x = self.encode(input_ids, ctx)
+        x, _ = self.core_states(x, ctx, n_loops, early_exit, backprop_loops)
+        return self.decode(x, ctx)
+
+    def encode(self, input_ids: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Embedding and Prelude: (B, T) ids -> (B, T, dim)."""
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, ctx, f"prelude_{i}")
+        return x
+
+    def core_states(
+        self,
+        x: torch.Tensor,
+        ctx: AttnContext,
+        n_loops: int,
+        early_exit: bool = False,
+        backprop_loops: int | None = None,
+        keep: Collection[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The deep part between Prelude and Coda: ``(output, {d: state after depth d})``
+        for the depths in ``keep``."""
         raise NotImplementedError
+
+    def max_readout_depth(self, n_loops: int) -> int:
+        """The deepest depth a forward with ``n_loops`` loops can read out."""
+        return n_loops
+
+    def decode(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Coda and final norm: (B, T, dim) -> normalised (B, T, dim)."""
+        for i, layer in enumerate(self.coda):
+            x = layer(x, ctx, f"coda_{i}")
+        return self.norm(x)
+
+    def readout(
+        self,
+        input_ids: torch.Tensor,
+        n_loops: int | None = None,
+        depths: Collection[int] | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        backprop_loops: int | None = None,
+    ) -> DepthReadout:
+        """The output and the readout of every depth in ``depths`` (default: all) in one
+        forward without a cache; see :class:`DepthReadout`. Every loop runs (no early exit).
+
+        Raises:
+            ValueError: a depth outside ``1..n_loops`` (``1..core_layers`` for the baseline).
+        """
+        n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
+        self._validate(input_ids, n_loops, 0)
+        deepest = self.max_readout_depth(n_loops)
+        depths = range(1, deepest + 1) if depths is None else depths
+        bad = [d for d in depths if not (isinstance(d, int) and 1 <= d <= deepest)]
+        if bad:
+            raise ValueError(f"readout depths must be integers in [1, {deepest}], got {bad}")
+        ctx = self._context(input_ids, 0, None, attention_mask)
+        x = self.encode(input_ids, ctx)
+        out, states = self.core_states(x, ctx, n_loops, False, backprop_loops, keep=set(depths))
+        logits = self.head(self.decode(out, ctx))
+        depth_logits = {d: logits if states[d] is out else self.head(self.decode(states[d], ctx))
+                        for d in sorted(states)}
+        return DepthReadout(logits, depth_logits, states)
 
     def forward(
         self,
@@ -132,7 +218,8 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         act_early_exit: bool | None = None,
         backprop_loops: int | None = None,
-    ) -> torch.Tensor:
+        readout_depths: Collection[int] | None = None,
+    ) -> torch.Tensor | DepthReadout:
         """Logits for every position.
 
         Args:
@@ -148,10 +235,18 @@ class CausalLM(nn.Module):
             act_early_exit: stop looping when every position has halted; default: in eval
                 mode only.
             backprop_loops: truncated backpropagation through the last ``k`` loops only.
+            readout_depths: also read out the state after each of these depths (loops):
+                returns a :class:`DepthReadout` (see :meth:`readout`; no cache, no early
+                exit). Through ``forward``, so DDP and FSDP wrappers see the call.
 
         Returns:
-            (B, T, vocab_size) logits in the activation dtype.
+            (B, T, vocab_size) logits in the activation dtype, or a :class:`DepthReadout`.
         """
+        if readout_depths is not None:
+            if kv_cache is not None or start_pos:
+                raise ValueError("readout_depths works on a full forward without kv_cache")
+            return self.readout(input_ids, n_loops, readout_depths,
+                                attention_mask=attention_mask, backprop_loops=backprop_loops)
         return self.head(
             self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
                                attention_mask=attention_mask, act_early_exit=act_early_exit,
@@ -270,22 +365,18 @@ class OpenMythos(CausalLM):
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
         return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops)
 
-    def trunk(
+    def core_states(
         self,
-        input_ids: torch.Tensor,
+        x: torch.Tensor,
         ctx: AttnContext,
         n_loops: int,
         early_exit: bool = False,
         backprop_loops: int | None = None,
-    ) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for i, layer in enumerate(self.prelude):
-            x = layer(x, ctx, f"prelude_{i}")
-        x = self.recurrent(x, x, ctx, n_loops, early_exit=early_exit,
-                           backprop_loops=backprop_loops)
-        for i, layer in enumerate(self.coda):
-            x = layer(x, ctx, f"coda_{i}")
-        return self.norm(x)
+        keep: Collection[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        out = self.recurrent(x, x, ctx, n_loops, early_exit=early_exit,
+                             backprop_loops=backprop_loops, keep_states=keep)
+        return out, self.recurrent.last_states
 
     def cache_keys(self, n_loops: int) -> list[str]:
         return ([f"prelude_{i}" for i in range(len(self.prelude))]

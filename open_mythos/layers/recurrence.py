@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -193,6 +193,7 @@ class RecurrentBlock(nn.Module):
         self.last_work_fraction: float = 1.0
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
+        self.last_states: dict[int, torch.Tensor] = {}
         self.gradient_checkpointing = False
 
     @staticmethod
@@ -248,6 +249,7 @@ class RecurrentBlock(nn.Module):
         n_loops: int,
         early_exit: bool = False,
         backprop_loops: int | None = None,
+        keep_states: Collection[int] = (),
     ) -> torch.Tensor:
         """Run up to ``n_loops`` loops.
 
@@ -261,13 +263,19 @@ class RecurrentBlock(nn.Module):
                 end is agreed across ranks under ``torch.distributed``.
             backprop_loops: differentiate only the last ``backprop_loops`` loops
                 (``None``: all).
+            keep_states: loop counts ``d`` (1-based: the state after ``d`` loops) whose
+                states to keep in :attr:`last_states` (``{d: (B, T, dim)}``, still in the
+                autograd graph) for a per-loop readout; not with ``early_exit``.
 
         Returns:
             (B, T, dim) in ``h``'s dtype: the ACT mixture of the loop states, or the last
             state with ACT off.
         """
+        if keep_states and early_exit:
+            raise ValueError("keep_states needs every loop of every row: not with early_exit")
         use_act = self.cfg.use_act
         B, T, _ = h.shape
+        self.last_states = {}
         carry = DepthCarry()
         running = torch.ones(B, T, dtype=torch.bool, device=h.device)
         mass = torch.zeros(B, T, dtype=torch.float32, device=h.device)
@@ -293,6 +301,8 @@ class RecurrentBlock(nn.Module):
                 loads.append(self.block.ffn.last_expert_load)
                 if not use_act:
                     h = h_new
+                    if t + 1 in keep_states:
+                        self.last_states[t + 1] = h
                     continue
                 mass_in, run_in = _take(mass, rows), _take(running, rows)
                 p = self.act(h_new)  # (b, T) float32
@@ -306,6 +316,8 @@ class RecurrentBlock(nn.Module):
                 h = _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
                 running = _put(running, rows, run_in & ~halt_now)
                 carry.fresh = running
+                if t + 1 in keep_states:
+                    self.last_states[t + 1] = h
             if early_exit:
                 alive = running.any(dim=1)  # (B,)
                 if not _all_ranks_any(alive):

@@ -95,17 +95,41 @@ def collate(examples: Sequence[Example], seq_len: int | None = None) -> dict[str
     }
 
 
+def trace_targets(task: Task, examples: Sequence[Example]) -> torch.Tensor:
+    """(B, K) long: token ``[i, t]`` is the first token of step ``t + 1`` of example ``i``'s
+    :meth:`Task.trace` (K = the longest trace; a shorter trace repeats its last step, the
+    answer, so column ``min(t, K) - 1`` is what loop ``t`` should name).
+
+    ValueError if the task defines no trace.
+    """
+    traces = [task.trace(ex.prompt) for ex in examples]
+    if any(t is None for t in traces):
+        raise ValueError(f"task {task.name!r} defines no per-step trace (Task.trace)")
+    longest = max(len(t) for t in traces)
+    rows = [[encode_text(step)[0] for step in t] for t in traces]
+    return torch.tensor([r + r[-1:] * (longest - len(r)) for r in rows], dtype=torch.long)
+
+
 def make_batch(
-    task: Task, rng: random.Random, split: str, batch_size: int, seq_len: int | None = None
+    task: Task,
+    rng: random.Random,
+    split: str,
+    batch_size: int,
+    seq_len: int | None = None,
+    with_trace: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """``batch_size`` fresh examples of ``task``'s ``split``, collated by :func:`collate`.
+    """``batch_size`` fresh examples of ``task``'s ``split``, collated by :func:`collate`;
+    with ``with_trace`` also ``"trace"``, the per-step targets of :func:`trace_targets`.
 
     ``seq_len`` defaults to ``task.max_len(split)``, so every batch of a split has one shape.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     examples = [task.generate(rng, split) for _ in range(batch_size)]
-    return collate(examples, task.max_len(split) if seq_len is None else seq_len)
+    batch = collate(examples, task.max_len(split) if seq_len is None else seq_len)
+    if with_trace:
+        batch["trace"] = trace_targets(task, examples)
+    return batch
 
 
 def score(predicted_answer: str, example: Example) -> bool:

@@ -48,6 +48,7 @@ class LoopMode(str, Enum):
     FIXED = "fixed"  # always schedule.n_loops
     CURRICULUM = "curriculum"  # linear ramp from min_loops to max_loops
     SAMPLED = "sampled"  # Poisson-lognormal around n_loops, clipped to [min_loops, max_loops]
+    UNIFORM = "uniform"  # uniform on [min_loops, max_loops]
 
 
 class LRDecay(str, Enum):
@@ -183,6 +184,27 @@ class OptimConfig:
         aux_weight: weight of the MoE auxiliary balance loss. It is computed per process,
             so it is the one term that data parallelism does not reproduce exactly (a
             product of batch means); the router-bias balancing runs on global loads.
+
+    Loop-supervised training (``docs/training.md``, "Training the loops"):
+        loop_loss_weight: weight of the per-loop readout loss: the state after loop ``t``,
+            taken through the Coda and the head, is trained on the targets too (the dense
+            baseline: after each core block). Teaches every depth to hold a usable answer,
+            which is what lets inference run more loops than training (or stop early).
+            0 disables it.
+        loop_loss_last: read out only the last ``k`` loops of each step (None: every loop).
+        loop_loss_gamma: loop ``t`` of ``n`` weighs ``gamma ** (n - t)``, normalised to sum
+            1 (1: every read-out loop equally; below 1: later loops more).
+        loop_targets: for tasks that define per-step answers (``Task.trace``: ``multihop``,
+            ``phop``), the readout of loop ``t`` predicts the value reached after ``t``
+            steps (then the answer, once the chain ends) at the first answer position,
+            instead of the final answer: one step per loop. Needs ``loop_loss_weight > 0``.
+        progressive_weight: DeepThinking's progressive loss (Bansal et al. 2022) with this
+            weight ``alpha``: each micro-batch also runs ``n`` loops without gradient and
+            ``k`` more with it (``n`` uniform in ``[0, m - 1]``, ``k`` in ``[1, m - n]``,
+            ``m`` the step's loop count), and the objective is ``(1 - alpha)`` times the
+            usual one plus ``alpha`` times the cross-entropy of that forward. Trains the
+            block to improve on any state it is handed, against "overthinking" at depths
+            beyond training. 0 disables it.
     """
 
     lr: float = 1e-3
@@ -194,13 +216,29 @@ class OptimConfig:
     grad_accum: int = 1
     ponder_weight: float = 0.0
     aux_weight: float = 0.01
+    loop_loss_weight: float = 0.0
+    loop_loss_last: int | None = None
+    loop_loss_gamma: float = 1.0
+    loop_targets: bool = False
+    progressive_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
-        for name in ("weight_decay", "eps", "grad_clip", "ponder_weight", "aux_weight"):
+        for name in ("weight_decay", "eps", "grad_clip", "ponder_weight", "aux_weight",
+                     "loop_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        if self.loop_loss_last is not None:
+            _positive("optim.loop_loss_last", self.loop_loss_last)
+        if not (0.0 < self.loop_loss_gamma and math.isfinite(self.loop_loss_gamma)):
+            raise ConfigError(f"optim.loop_loss_gamma={self.loop_loss_gamma} must be finite and > 0")
+        if self.loop_targets and not self.loop_loss_weight > 0:
+            raise ConfigError("optim.loop_targets supervises the per-loop readouts: it needs "
+                              "optim.loop_loss_weight > 0")
+        if not 0.0 <= self.progressive_weight < 1.0:
+            raise ConfigError(
+                f"optim.progressive_weight={self.progressive_weight} must be in [0, 1)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
@@ -218,13 +256,16 @@ class ScheduleConfig:
         decay_steps: step at which the cosine reaches its floor; None means ``run.steps``.
         loops: how each step's loop count is chosen (:class:`LoopMode`).
         n_loops: the fixed count, or the mean of the sampled counts.
-        min_loops, max_loops: range of the curriculum and clip range of sampled counts.
+        min_loops, max_loops: range of the curriculum and of uniform counts, clip range of
+            sampled counts.
         loop_sigma: standard deviation of the log-normal rate of sampled counts.
         curriculum_steps: length of the curriculum ramp; None means ``run.steps``.
         eval_loops: loops used for validation; None means ``max_loops`` for a curriculum,
             else ``n_loops``.
         backprop_loops: truncated backpropagation through the last ``k`` loops only
             (the earlier ones run without autograd); None differentiates every loop.
+            Huginn trains with ``k = 8`` of a mean depth of 32: memory and time stay bounded
+            however deep a sampled step is.
     """
 
     warmup_steps: int = 100
@@ -287,6 +328,9 @@ class RunConfig:
         tensorboard: also log to ``DIR/tensorboard`` (needs the ``tensorboard`` package).
         progress: show a tqdm progress bar.
         max_bad_steps: consecutive non-finite steps (skipped) after which the run stops.
+        init_from: start from the model weights of this checkpoint or run directory (same
+            architecture; optimizer, counters and data start fresh): the second stage of a
+            two-stage recipe. A resumed run restores its own checkpoint instead.
     """
 
     out: str = "runs/openmythos"
@@ -304,6 +348,7 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     max_bad_steps: int = 10
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _positive("run.steps", self.steps)

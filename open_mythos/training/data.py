@@ -12,7 +12,8 @@ micro-step, rank) pair: ``S = grad_accum * world_size``. Hence:
   comparable with a single process.
 
 Every batch is ``{"input_ids": (B, L) long, "targets": (B, L) long}`` where ``targets`` is
-``-100`` at positions without loss.
+``-100`` at positions without loss. Task batches also carry ``answer_start`` (B,), and with
+per-loop targets ``trace`` (B, K) (:func:`open_mythos.tasks.batching.trace_targets`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class DataSource(ABC):
 
 def _rows(batch: dict[str, torch.Tensor], shard: int, rows: int) -> dict[str, torch.Tensor]:
     lo = shard * rows
-    return {k: batch[k][lo:lo + rows] for k in ("input_ids", "targets")}
+    keys = ("input_ids", "targets", "answer_start", "trace")
+    return {k: batch[k][lo:lo + rows] for k in keys if k in batch}
 
 
 class TaskSource(DataSource):
@@ -68,7 +70,7 @@ class TaskSource(DataSource):
     """
 
     def __init__(self, name: str, task_args: dict[str, Any], val_split: str, batch_size: int,
-                 seq_len: int | None, seed: int):
+                 seq_len: int | None, seed: int, with_trace: bool = False):
         from ..tasks import VOCAB_SIZE, get_task, list_tasks, make_batch
 
         if name not in list_tasks():
@@ -87,7 +89,11 @@ class TaskSource(DataSource):
             raise ConfigError(
                 f"data.seq_len={seq_len} is shorter than the longest {name!r} example "
                 f"({longest} tokens); raise it or leave it unset")
+        if with_trace and self.task.trace(self.task.generate(random.Random(0), "train").prompt) is None:
+            raise ConfigError(f"optim.loop_targets: task {name!r} defines no per-step targets "
+                              "(Task.trace); multihop and phop do")
         self._make_batch = make_batch
+        self.with_trace = with_trace
         self.name, self.seed = name, seed
         self.vocab_size = VOCAB_SIZE
         self.seq_len = seq_len if seq_len is not None else longest
@@ -96,7 +102,7 @@ class TaskSource(DataSource):
     def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1) -> dict[str, torch.Tensor]:
         rng = random.Random(f"{self.seed}/{split}/{index}")
         full = self._make_batch(self.task, rng, self._splits[split],
-                                self.batch_size * n_shards, self.seq_len)
+                                self.batch_size * n_shards, self.seq_len, self.with_trace)
         return _rows(full, shard, self.batch_size)
 
     def describe(self) -> str:
@@ -221,15 +227,22 @@ class StreamingTextSource(DataSource):
         return f"hf dataset {self._cfg.hf_dataset!r} (streamed), seq_len {self.seq_len}"
 
 
-def build_data_source(cfg: DataConfig, seed: int, world_size: int = 1) -> DataSource:
+def build_data_source(cfg: DataConfig, seed: int, world_size: int = 1,
+                      with_trace: bool = False) -> DataSource:
     """The source ``cfg`` describes: a task, local text, a streamed dataset, or (none set)
-    the built-in corpus of Python documentation topics.
+    the built-in corpus of Python documentation topics. ``with_trace`` adds the per-step
+    targets of a task (``optim.loop_targets``).
 
     Raises:
-        ConfigError: unknown task, unreadable files, missing optional packages, too little text.
+        ConfigError: unknown task, unreadable files, missing optional packages, too little
+            text, or per-step targets asked of data that has none.
     """
     if cfg.task:
-        return TaskSource(cfg.task, cfg.task_args, cfg.val_split, cfg.batch_size, cfg.seq_len, seed)
+        return TaskSource(cfg.task, cfg.task_args, cfg.val_split, cfg.batch_size, cfg.seq_len,
+                          seed, with_trace)
+    if with_trace:
+        raise ConfigError("optim.loop_targets needs a task with per-step targets "
+                          "(data.task = 'multihop' or 'phop'), not text")
     tokenizer = _load_tokenizer(cfg.tokenizer)
     seq_len = cfg.seq_len or DEFAULT_TEXT_SEQ_LEN
     if cfg.hf_dataset:

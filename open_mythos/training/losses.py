@@ -1,4 +1,5 @@
-"""The training objective: next-token cross-entropy + ponder cost + MoE balance loss.
+"""The training objective: next-token cross-entropy + ponder cost + MoE balance loss, and
+the loop-supervision terms (per-loop readout loss, per-loop intermediate targets).
 
 The cross-entropy is normalised by the number of supervised tokens of the *global* batch
 (all micro-steps of all ranks), not per micro-batch, so that gradient accumulation and data
@@ -8,6 +9,7 @@ supervised tokens (task batches mask the prompt with -100).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,3 +92,54 @@ def compute_loss(
     if aux_weight:
         objective = objective + reg_scale * aux_weight * aux
     return LossParts(objective, ce_sum.detach(), ponder.detach(), aux.detach())
+
+
+def readout_depths(n_loops: int, last: int | None = None) -> list[int]:
+    """The loop counts read out for the per-loop loss: ``1..n_loops``, or the last ``last``."""
+    first = 1 if last is None else max(1, n_loops - last + 1)
+    return list(range(first, n_loops + 1))
+
+
+def loop_weights(depths: Sequence[int], n_loops: int, gamma: float = 1.0) -> dict[int, float]:
+    """Weight of each read-out depth ``d``: ``gamma ** (n_loops - d)``, normalised to sum 1."""
+    raw = {d: gamma ** (n_loops - d) for d in depths}
+    total = sum(raw.values())
+    return {d: w / total for d, w in raw.items()}
+
+
+def targets_at_depth(targets: torch.Tensor, answer_start: torch.Tensor, trace: torch.Tensor,
+                     depth: int) -> torch.Tensor:
+    """``targets`` with the position that predicts the first answer token set to what the
+    state after ``depth`` steps should name: ``trace[:, min(depth, K) - 1]``.
+
+    Args:
+        targets: (B, T) long.
+        answer_start: (B,) index of the first answer token (the prediction is one earlier).
+        trace: (B, K) per-step targets (:func:`open_mythos.tasks.batching.trace_targets`).
+    """
+    out = targets.clone()
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    out[rows, answer_start - 1] = trace[:, min(depth, trace.shape[1]) - 1]
+    return out
+
+
+def loop_readout_ce_sum(
+    depth_logits: dict[int, torch.Tensor],
+    targets: torch.Tensor,
+    weights: dict[int, float],
+    trace: torch.Tensor | None = None,
+    answer_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum_d weights[d] * cross_entropy_sum(depth_logits[d], targets_d)``, float32.
+
+    ``targets_d`` is ``targets``, or with ``trace`` the per-step targets of
+    :func:`targets_at_depth`. Scale it like the main cross-entropy sum (``ce_scale``).
+    """
+    total = None
+    for d, logits in depth_logits.items():
+        y = targets if trace is None else targets_at_depth(targets, answer_start, trace, d)
+        term = weights[d] * cross_entropy_sum(logits, y)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("loop_readout_ce_sum needs at least one read-out depth")
+    return total

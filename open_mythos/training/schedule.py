@@ -17,6 +17,7 @@ from .config import LoopMode, LRDecay, ScheduleConfig
 # Mixed into the seed of the loop sampler so that its stream is independent of the data
 # order and model init drawn from the same run seed.
 _LOOP_STREAM = 0x100B5
+_PROGRESSIVE_STREAM = 0xD71
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class LoopSchedule:
       compute with latent reasoning"): ``rate = exp(tau)``, ``tau ~ N(log(n_loops) -
       sigma^2 / 2, sigma)``, so ``E[rate] = n_loops``; ``loops ~ Poisson(rate)``, clipped to
       ``[min_loops, max_loops]``. Drawn from a generator seeded by ``(seed, step)``.
+    - ``uniform``: uniform on ``[min_loops, max_loops]``, from the same generator.
     """
 
     mode: LoopMode
@@ -86,6 +88,19 @@ class LoopSchedule:
             frac = min(1.0, step / max(1, self.curriculum_steps - 1))
             return int(round(self.min_loops + (self.max_loops - self.min_loops) * frac))
         rng = np.random.default_rng([self.seed, step, _LOOP_STREAM])
+        if self.mode is LoopMode.UNIFORM:
+            return int(rng.integers(self.min_loops, self.max_loops + 1))
         tau = rng.normal(math.log(self.n_loops) - 0.5 * self.sigma**2, self.sigma)
         loops = int(rng.poisson(math.exp(tau)))
         return min(self.max_loops, max(self.min_loops, loops))
+
+
+def progressive_split(seed: int, step: int, micro: int, n_loops: int) -> tuple[int, int]:
+    """DeepThinking's progressive-loss split of ``n_loops`` for one micro-batch:
+    ``(n, k)`` with ``n`` uniform in ``[0, n_loops - 1]`` (loops run without gradient) and
+    ``k`` uniform in ``[1, n_loops - n]`` (loops trained). A function of
+    ``(seed, step, micro)``, so every rank draws the same split and a resumed run repeats it.
+    """
+    rng = np.random.default_rng([seed, step, micro, _PROGRESSIVE_STREAM])
+    n = int(rng.integers(0, n_loops))
+    return n, int(rng.integers(1, n_loops - n + 1))

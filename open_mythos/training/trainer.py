@@ -50,7 +50,9 @@ from .checkpoint import (
     gather_optimizer_state,
     latest_checkpoint,
     read_model_config,
+    read_model_state,
     read_training_checkpoint,
+    resolve_checkpoint_dir,
     restore_model_state,
     restore_optimizer_state,
     save_checkpoint,
@@ -70,8 +72,16 @@ from .distributed import (
     unwrap,
     wrap_model,
 )
-from .losses import IGNORE_INDEX, compute_loss, count_targets, cross_entropy_sum
-from .schedule import LoopSchedule, LRSchedule
+from .losses import (
+    IGNORE_INDEX,
+    compute_loss,
+    count_targets,
+    cross_entropy_sum,
+    loop_readout_ce_sum,
+    loop_weights,
+    readout_depths,
+)
+from .schedule import LoopSchedule, LRSchedule, progressive_split
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
@@ -184,7 +194,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
-        self.data: DataSource = build_data_source(cfg.data, cfg.run.seed, ctx.world_size)
+        self.data: DataSource = build_data_source(cfg.data, cfg.run.seed, ctx.world_size,
+                                                  with_trace=cfg.optim.loop_targets)
         self.model_cfg: MythosConfig = cfg.model.build(self.data.vocab_size)
         if self.data.seq_len > self.model_cfg.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
@@ -199,6 +210,11 @@ class Trainer:
         # Same seed on every rank: FSDP2 shards each rank's own copy of the initial weights.
         torch.manual_seed(cfg.run.seed)
         core = build_model(self.model_cfg)
+        if cfg.optim.progressive_weight and not is_looped(core):
+            raise ConfigError("optim.progressive_weight needs a looped model: the dense "
+                              "baseline has no loops to split")
+        if cfg.run.init_from and ckpt_dir is None:
+            self._init_from(core, cfg.run.init_from)
         if is_looped(core):
             core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
         core.to(ctx.device)
@@ -255,6 +271,26 @@ class Trainer:
         if error:
             raise ConfigError(error)
         return ckpt
+
+    def _init_from(self, core: nn.Module, path: str) -> None:
+        """Load the model weights of another run (``run.init_from``) into ``core``."""
+        try:
+            ckpt = resolve_checkpoint_dir(path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"run.init_from: {err}") from None
+        if type(read_model_config(ckpt)) is not type(self.model_cfg):
+            raise ConfigError(f"run.init_from={path!r} holds another kind of model "
+                              f"({type(read_model_config(ckpt)).__name__})")
+        state, _ = read_model_state(ckpt)
+        own = {k: v for k, v in core.state_dict().items() if k not in tied_parameters(core)}
+        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+                 for k, v in own.items() if k in state and state[k].shape != v.shape]
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if wrong or missing or unexpected:
+            raise ConfigError(f"run.init_from={path!r} does not fit this model: shapes "
+                              f"{wrong}, missing {missing}, unexpected {unexpected}")
+        core.load_state_dict(state, strict=False)
+        self._log(f"initialised the model from {ckpt}")
 
     def _restore(self, ckpt_dir: Path) -> None:
         ctx = self.ctx
@@ -337,29 +373,16 @@ class Trainer:
         ce_scale, reg_scale = ctx.world_size / max(1.0, n_sup), 1.0 / accum
 
         self.model.train()
-        # objective, ce_sum, ponder, aux; then loops and loops^2 to check rank agreement.
-        sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
+        # objective, ce_sum, ponder, aux, loop_ce_sum; then loops and loops^2 to check that
+        # the ranks agree.
+        sums = torch.zeros(7, dtype=torch.float64, device=ctx.device)
         for i, batch in enumerate(micro):
-            x = batch["input_ids"].to(ctx.device, non_blocking=True)
-            y = batch["targets"].to(ctx.device, non_blocking=True)
-            with gradient_sync(self.model, ctx, enabled=i == accum - 1):
-                with self._autocast():
-                    logits = self.model(x, n_loops=n_loops,
-                                        backprop_loops=cfg.schedule.backprop_loops)
-                    parts = compute_loss(
-                        logits, y, self._ponder_cost(), self.core.aux_loss,
-                        ponder_weight=cfg.optim.ponder_weight, aux_weight=cfg.optim.aux_weight,
-                        ce_scale=ce_scale, reg_scale=reg_scale)
-                objective = parts.objective
-                if self.loss_hook is not None:
-                    objective = self.loss_hook(step, objective)
-                objective.backward()
-            sums[:4] += torch.stack([objective.detach(), parts.ce_sum, parts.ponder * reg_scale,
-                                     parts.aux * reg_scale]).double()
-        sums[4:] = torch.tensor([n_loops, n_loops**2], dtype=torch.float64)
+            sums[:5] += self._micro_step(batch, step, i, n_loops, ce_scale, reg_scale,
+                                         sync=i == accum - 1)
+        sums[5:] = torch.tensor([n_loops, n_loops**2], dtype=torch.float64)
 
         all_reduce(sums, ctx)
-        objective_sum, ce_sum, ponder_sum, aux_sum, loops_sum, loops_sq = sums.tolist()
+        objective_sum, ce_sum, ponder_sum, aux_sum, loop_ce_sum, loops_sum, loops_sq = sums.tolist()
         # Equal counts on all ranks <=> W * sum(x^2) == sum(x)^2 (Cauchy-Schwarz); the sums
         # are global, so every rank reaches the same verdict.
         if ctx.world_size * loops_sq != loops_sum**2:
@@ -401,6 +424,8 @@ class Trainer:
             "ce": _finite_or_none(ce_sum / max(1.0, n_sup)),
             "ponder": _finite_or_none(ponder_sum / ctx.world_size),
             "aux": _finite_or_none(aux_sum / ctx.world_size),
+            **({"loop_ce": _finite_or_none(loop_ce_sum / max(1.0, n_sup))}
+               if cfg.optim.loop_loss_weight else {}),
             "lr": lr,
             "grad_norm": _finite_or_none(grad_norm),
             "loops": n_loops,
@@ -410,6 +435,62 @@ class Trainer:
             "skipped": not good,
             "bad_steps": state.bad_steps,
         }
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], step: int, micro: int, n_loops: int,
+                    ce_scale: float, reg_scale: float, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its float64 sums
+        ``(objective, ce_sum, ponder, aux, loop_ce_sum)`` (``ponder`` and ``aux`` scaled).
+
+        The objective is the cross-entropy of the output plus the regularisers, plus
+        ``optim.loop_loss_weight`` times the per-loop readout loss; with
+        ``optim.progressive_weight = alpha`` it is ``(1 - alpha)`` times that, and a second
+        forward (``n`` loops without gradient, ``k`` with) adds ``alpha`` times its
+        cross-entropy, backpropagated separately (each forward has its own backward, which
+        DDP requires); gradients are synchronised on the last backward of the last micro-step.
+        """
+        cfg, ctx, opt = self.cfg, self.ctx, self.cfg.optim
+        x = batch["input_ids"].to(ctx.device, non_blocking=True)
+        y = batch["targets"].to(ctx.device, non_blocking=True)
+        alpha = opt.progressive_weight
+        loop_ce = torch.zeros((), dtype=torch.float64)
+        with gradient_sync(self.model, ctx, enabled=sync and not alpha):
+            with self._autocast():
+                if opt.loop_loss_weight:
+                    depths = readout_depths(self.core.max_readout_depth(n_loops),
+                                            opt.loop_loss_last)
+                    out = self.model(x, n_loops=n_loops, backprop_loops=cfg.schedule.backprop_loops,
+                                     readout_depths=depths)
+                    logits = out.logits
+                    trace = batch["trace"].to(ctx.device) if opt.loop_targets else None
+                    start = batch["answer_start"].to(ctx.device) if opt.loop_targets else None
+                    loop_sum = loop_readout_ce_sum(
+                        out.depth_logits, y, loop_weights(depths, depths[-1], opt.loop_loss_gamma),
+                        trace, start)
+                    loop_ce = loop_sum.detach().double()
+                else:
+                    logits = self.model(x, n_loops=n_loops,
+                                        backprop_loops=cfg.schedule.backprop_loops)
+                parts = compute_loss(
+                    logits, y, self._ponder_cost(), self.core.aux_loss,
+                    ponder_weight=opt.ponder_weight, aux_weight=opt.aux_weight,
+                    ce_scale=ce_scale, reg_scale=reg_scale)
+                objective = parts.objective
+                if opt.loop_loss_weight:
+                    objective = objective + opt.loop_loss_weight * ce_scale * loop_sum
+                objective = (1.0 - alpha) * objective
+            if self.loss_hook is not None:
+                objective = self.loss_hook(step, objective)
+            objective.backward()
+        total = objective.detach().double()
+        if alpha:
+            n_free, k = progressive_split(cfg.run.seed, step, micro, n_loops)
+            with gradient_sync(self.model, ctx, enabled=sync), self._autocast():
+                logits = self.model(x, n_loops=n_free + k, backprop_loops=k)
+                progressive = alpha * ce_scale * cross_entropy_sum(logits, y)
+                progressive.backward()
+            total = total + progressive.detach().double()
+        return torch.stack([total, parts.ce_sum.double(), (parts.ponder * reg_scale).double(),
+                            (parts.aux * reg_scale).double(), loop_ce]).to(ctx.device)
 
     @torch.no_grad()
     def _ponder_cost(self) -> torch.Tensor | None:

@@ -1,0 +1,88 @@
+"""Per-depth readout (``forward(..., readout_depths=...)``) against separate forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from open_mythos import OpenMythos
+from open_mythos.baseline import DenseBaseline, matched_baseline_config
+
+from .conftest import tiny_config
+
+
+def _ids(cfg, B=2, T=10, seed=0):
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _with_lora(model):
+    # A non-zero LoRA, so that every loop index computes something different.
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_readout_equals_a_forward_stopped_at_each_depth(attn):
+    torch.manual_seed(0)
+    model = _with_lora(OpenMythos(tiny_config(attn, use_act=False))).eval()
+    ids = _ids(model.cfg)
+    with torch.no_grad():
+        out = model(ids, n_loops=5, readout_depths=range(1, 6))
+        assert torch.allclose(out.logits, model(ids, n_loops=5), atol=1e-5)
+        for d in range(1, 6):
+            assert torch.allclose(out.depth_logits[d], model(ids, n_loops=d), atol=1e-5), d
+    # The last loop's state is the output's: its logits are not computed twice.
+    assert out.depth_logits[5] is out.logits
+    assert set(out.states) == set(range(1, 6)) and out.states[2].shape == (2, 10, 64)
+
+
+def test_readout_with_act_reads_the_loop_state_not_the_mixture():
+    """With ACT on and a threshold never reached, the state after d loops is the state of an
+    ACT-off model with the same weights after d loops; the output stays the ACT mixture."""
+    torch.manual_seed(1)
+    act = _with_lora(OpenMythos(tiny_config(act_threshold=float("inf")))).eval()
+    plain = OpenMythos(tiny_config(use_act=False)).eval()
+    plain.load_state_dict(act.state_dict())
+    ids = _ids(act.cfg)
+    with torch.no_grad():
+        out = act(ids, n_loops=4, readout_depths=[1, 3])
+        assert torch.allclose(out.logits, act(ids, n_loops=4, act_early_exit=False), atol=1e-5)
+        for d in (1, 3):
+            assert torch.allclose(out.depth_logits[d], plain(ids, n_loops=d), atol=1e-5)
+    assert set(out.depth_logits) == {1, 3}
+
+
+def test_baseline_readout_after_each_core_block():
+    torch.manual_seed(2)
+    model = DenseBaseline(matched_baseline_config(tiny_config(), 3)).eval()
+    ids = _ids(model.cfg)
+    with torch.no_grad():
+        out = model(ids, readout_depths=[1, 2, 3])
+        ctx = model._context(ids, 0, None, None)
+        x = model.encode(ids, ctx)
+        for d, block in enumerate(model.core, start=1):
+            x = block(x, ctx, f"core_{d - 1}")
+            by_hand = model.head(model.decode(x, ctx))
+            assert torch.allclose(out.depth_logits[d], by_hand, atol=1e-6)
+        assert torch.allclose(out.logits, model(ids), atol=1e-6)
+
+
+def test_readout_gradients_reach_the_embedding_through_an_early_depth():
+    torch.manual_seed(3)
+    model = OpenMythos(tiny_config(use_act=False))
+    out = model(_ids(model.cfg), n_loops=3, readout_depths=[1])
+    out.depth_logits[1].square().mean().backward()
+    assert model.embed.weight.grad.abs().sum() > 0
+
+
+def test_readout_rejects_bad_depths_and_caches():
+    model = OpenMythos(tiny_config(use_act=False)).eval()
+    ids = _ids(model.cfg)
+    for bad in ([0], [4], [1.5]):
+        with pytest.raises(ValueError, match="readout depths"):
+            model(ids, n_loops=3, readout_depths=bad)
+    with pytest.raises(ValueError, match="without kv_cache"):
+        model(ids, n_loops=3, kv_cache={}, readout_depths=[1])
+    baseline = DenseBaseline(matched_baseline_config(tiny_config(), 2))
+    with pytest.raises(ValueError, match=r"\[1, 2\]"):
+        baseline(ids, readout_depths=[3])

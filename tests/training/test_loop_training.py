@@ -1,0 +1,197 @@
+"""Loop-supervised training options: per-loop readout loss, per-loop intermediate targets,
+uniform depth sampling, truncated and progressive backpropagation, init from another run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from open_mythos import OpenMythos
+from open_mythos.baseline import build_model
+from open_mythos.tasks import IGNORE_INDEX, get_task, make_batch
+from open_mythos.training import ConfigError, LoopSchedule, Trainer, load_checkpoint
+from open_mythos.training.losses import loop_weights, readout_depths, targets_at_depth
+from open_mythos.training.schedule import progressive_split
+
+from ..conftest import tiny_config as tiny_model_config
+from .conftest import read_metrics, tiny_config
+
+MULTIHOP = dict(data__task="multihop", data__task_args={"hops": [1, 3], "ood_hops": [4, 5]},
+                data__seq_len=None, data__batch_size=6)
+
+
+def _first_batch_and_model(trainer_cfg):
+    """The model and the first training batch a fresh run of ``trainer_cfg`` starts from."""
+    from open_mythos.training.data import TRAIN, build_data_source
+
+    data = build_data_source(trainer_cfg.data, trainer_cfg.run.seed,
+                             with_trace=trainer_cfg.optim.loop_targets)
+    torch.manual_seed(trainer_cfg.run.seed)
+    model = build_model(trainer_cfg.model.build(data.vocab_size))
+    return model, data.batch(TRAIN, 0)
+
+
+def _mean_ce(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1).double(), targets.flatten(),
+                           ignore_index=IGNORE_INDEX).item()
+
+
+def test_loop_loss_is_the_weighted_mean_of_separate_forwards(tmp_path):
+    """loss = ce + w * sum_d weight_d * ce(forward with d loops), recomputed independently."""
+    w, gamma = 0.7, 0.5
+    cfg = tiny_config(tmp_path / "run", run__steps=1, optim__aux_weight=0.0,
+                      optim__loop_loss_weight=w, optim__loop_loss_gamma=gamma,
+                      schedule__n_loops=3, model__use_act=False)
+    model, batch = _first_batch_and_model(cfg)
+    Trainer(cfg).train()
+    row = read_metrics(tmp_path / "run")[0]
+    x, y = batch["input_ids"], batch["targets"]
+    with torch.no_grad():
+        per_depth = {d: _mean_ce(model(x, n_loops=d), y) for d in (1, 2, 3)}
+    weights = {d: gamma ** (3 - d) for d in (1, 2, 3)}
+    expected = sum(weights[d] * per_depth[d] for d in weights) / sum(weights.values())
+    assert row["ce"] == pytest.approx(per_depth[3], rel=1e-5)
+    assert row["loop_ce"] == pytest.approx(expected, rel=1e-5)
+    assert row["loss"] == pytest.approx(row["ce"] + w * expected, rel=1e-5)
+
+
+def test_loop_loss_last_k_and_weights():
+    assert readout_depths(6) == [1, 2, 3, 4, 5, 6]
+    assert readout_depths(6, last=2) == [5, 6] and readout_depths(2, last=5) == [1, 2]
+    assert loop_weights([1, 2], 2) == {1: 0.5, 2: 0.5}
+    assert loop_weights([1, 2, 3], 3, gamma=0.5) == pytest.approx({1: 1 / 7, 2: 2 / 7, 3: 4 / 7})
+
+
+def test_per_loop_targets_follow_the_chain():
+    task = get_task("multihop", hops=(1, 4), ood_hops=(5, 6))
+    batch = make_batch(task, __import__("random").Random(0), "train", 16, with_trace=True)
+    pos = batch["answer_start"] - 1
+    for i in range(16):
+        prompt = "".join(chr(t) for t in batch["input_ids"][i, 1:batch["answer_start"][i]].tolist())
+        chain = task.trace(prompt)
+        for d in range(1, 7):
+            y = targets_at_depth(batch["targets"], batch["answer_start"], batch["trace"], d)
+            assert chr(y[i, pos[i]]) == chain[min(d, len(chain)) - 1]
+            # Every other position keeps its target.
+            keep = torch.ones_like(y[i], dtype=torch.bool)
+            keep[pos[i]] = False
+            assert torch.equal(y[i][keep], batch["targets"][i][keep])
+
+
+def test_loop_targets_replace_the_answer_target_of_each_loop(tmp_path):
+    common = dict(run__steps=1, optim__loop_loss_weight=1.0, optim__aux_weight=0.0,
+                  schedule__n_loops=3, model__use_act=False, **MULTIHOP)
+    cfg = tiny_config(tmp_path / "trace", optim__loop_targets=True, **common)
+    model, batch = _first_batch_and_model(cfg)
+    Trainer(tiny_config(tmp_path / "final", **common)).train()
+    Trainer(cfg).train()
+    final, trace = read_metrics(tmp_path / "final")[0], read_metrics(tmp_path / "trace")[0]
+    # Independently: decode each prompt, follow its chain, put hop d's value as the target.
+    x, y = batch["input_ids"], batch["targets"]
+    task = get_task("multihop", hops=(1, 3), ood_hops=(4, 5))
+    chains = [task.trace("".join(map(chr, x[i, 1:batch["answer_start"][i]].tolist())))
+              for i in range(x.shape[0])]
+    with torch.no_grad():
+        logits = {d: model(x, n_loops=d) for d in (1, 2, 3)}
+    hop_ce = []
+    for d in (1, 2, 3):
+        y_d = y.clone()
+        for i, chain in enumerate(chains):
+            y_d[i, batch["answer_start"][i] - 1] = ord(chain[min(d, len(chain)) - 1])
+        hop_ce.append(_mean_ce(logits[d], y_d))
+    assert trace["loop_ce"] == pytest.approx(sum(hop_ce) / 3, rel=1e-5)
+    assert final["loop_ce"] == pytest.approx(sum(_mean_ce(logits[d], y) for d in (1, 2, 3)) / 3,
+                                             rel=1e-5)
+    assert final["ce"] == pytest.approx(trace["ce"], rel=1e-6)
+    with pytest.raises(ConfigError, match="loop_targets"):
+        Trainer(tiny_config(tmp_path / "parity", optim__loop_targets=True,
+                            optim__loop_loss_weight=1.0, run__steps=1)).train()
+    with pytest.raises(ConfigError, match="loop_loss_weight"):
+        tiny_config(tmp_path / "x", optim__loop_targets=True)
+
+
+def test_truncated_backprop_differentiates_exactly_the_last_loops():
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_model_config(use_act=False, max_loop_iters=6))
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.1)
+    tracked = []
+    model.recurrent.block.register_forward_hook(lambda m, i, o: tracked.append(o.requires_grad))
+    ids = torch.randint(0, 97, (2, 8))
+    model(ids, n_loops=5, backprop_loops=2).sum().backward()
+    assert tracked == [False, False, False, True, True]
+    # Each loop index has its own LoRA scale row: only the last two loops' rows get gradient.
+    grad = model.recurrent.lora.scale.weight.grad
+    assert [bool(grad[t].abs().sum() > 0) for t in range(6)] == [False] * 3 + [True] * 2 + [False]
+
+
+def test_progressive_split_is_deterministic_and_covers_its_range():
+    splits = [progressive_split(0, step, 0, 4) for step in range(400)]
+    assert splits == [progressive_split(0, step, 0, 4) for step in range(400)]
+    assert all(0 <= n <= 3 and 1 <= k <= 4 - n for n, k in splits)
+    assert {n for n, _ in splits} == {0, 1, 2, 3}
+    assert {n + k for n, k in splits} == {1, 2, 3, 4}
+    assert progressive_split(0, 5, 0, 4) != progressive_split(0, 5, 1, 4) or \
+        progressive_split(0, 6, 0, 4) != progressive_split(0, 6, 1, 4)
+
+
+def test_progressive_loss_runs_the_drawn_split(tmp_path, monkeypatch):
+    alpha = 0.4
+    calls = []
+    forward = OpenMythos.forward
+
+    def spy(self, ids, n_loops=None, *args, **kwargs):
+        calls.append((n_loops, kwargs.get("backprop_loops")))
+        return forward(self, ids, n_loops, *args, **kwargs)
+
+    monkeypatch.setattr(OpenMythos, "forward", spy)
+    cfg = tiny_config(tmp_path / "run", run__steps=3, optim__progressive_weight=alpha,
+                      optim__aux_weight=0.0, schedule__n_loops=4, model__use_act=False)
+    model, batch = _first_batch_and_model(cfg)
+    Trainer(cfg).train()
+    # Each step: the usual forward at 4 loops, then n + k loops with the last k trained.
+    expected = []
+    for step in range(3):
+        n, k = progressive_split(0, step, 0, 4)
+        expected += [(4, None), (n + k, k)]
+    assert calls == expected
+    row = read_metrics(tmp_path / "run")[0]
+    n, k = progressive_split(0, 0, 0, 4)
+    with torch.no_grad():
+        progressive = _mean_ce(forward(model, batch["input_ids"], n + k), batch["targets"])
+    assert row["loss"] == pytest.approx((1 - alpha) * row["ce"] + alpha * progressive, rel=1e-5)
+    with pytest.raises(ConfigError, match="progressive_weight"):
+        tiny_config(tmp_path / "bad", optim__progressive_weight=1.0)
+
+
+def test_uniform_loop_sampling():
+    cfg = tiny_config("unused", schedule__loops="uniform", schedule__min_loops=2,
+                      schedule__max_loops=5).schedule
+    sampler = LoopSchedule.from_config(cfg, 100, seed=3)
+    draws = [sampler(s) for s in range(400)]
+    assert draws == [sampler(s) for s in range(400)]
+    counts = np.bincount(draws, minlength=6)[2:]
+    assert counts.min() > 60 and set(draws) == {2, 3, 4, 5}  # each about 100 of 400
+
+
+def test_init_from_starts_at_the_other_runs_weights(tmp_path):
+    Trainer(tiny_config(tmp_path / "stage1", run__steps=3)).train()
+    stage1, _ = load_checkpoint(tmp_path / "stage1")
+    stage2 = Trainer(tiny_config(tmp_path / "stage2", run__steps=1, optim__lr=1e-9,
+                                 run__init_from=str(tmp_path / "stage1")))
+    stage2.train()
+    # One step at lr 1e-9 moves no weight; the router bias takes its own balancing step.
+    after = stage2.core.state_dict()
+    for name, a in stage1.state_dict().items():
+        if "load_since_update" not in name and "router_bias" not in name:
+            assert torch.allclose(a, after[name], atol=1e-6), name
+    fresh = Trainer(tiny_config(tmp_path / "fresh", run__steps=1, run__seed=5))
+    fresh.train()
+    assert not torch.allclose(fresh.core.embed.weight, after["embed.weight"])
+    with pytest.raises(ConfigError, match="does not fit"):
+        Trainer(tiny_config(tmp_path / "wider", run__steps=1, model__dim=48,
+                            run__init_from=str(tmp_path / "stage1"))).train()
+    with pytest.raises(ConfigError, match="init_from"):
+        Trainer(tiny_config(tmp_path / "none", run__steps=1,
+                            run__init_from=str(tmp_path / "missing"))).train()
