@@ -39,6 +39,9 @@ class DepthReadout:
     states: dict[int, torch.Tensor]
 
 
+READOUT_LENSES = ("coda", "head", "none")
+
+
 class CausalLM(nn.Module):
     """What every OpenMythos language model shares: input validation, the attention
     context (RoPE tables, causal and padding masks), cache bookkeeping, the logits head and
@@ -186,9 +189,15 @@ class CausalLM(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         backprop_loops: int | None = None,
+        lens: str = "coda",
     ) -> DepthReadout:
         """The output and the readout of every depth in ``depths`` (default: all) in one
         forward without a cache; see :class:`DepthReadout`. Every loop runs (no early exit).
+
+        ``lens`` chooses the readout: ``"coda"`` (the rest of the network, as an exit at that
+        depth would compute), ``"head"`` (final norm and head only: the classic logit lens,
+        cheaper, and what trains the state itself to name the answer) or ``"none"`` (states
+        only, ``depth_logits`` empty: for callers that read out a few positions themselves).
 
         Raises:
             ValueError: a depth outside ``1..n_loops`` (``1..core_layers`` for the baseline).
@@ -200,12 +209,19 @@ class CausalLM(nn.Module):
         bad = [d for d in depths if not (isinstance(d, int) and 1 <= d <= deepest)]
         if bad:
             raise ValueError(f"readout depths must be integers in [1, {deepest}], got {bad}")
+        if lens not in READOUT_LENSES:
+            raise ValueError(f"lens={lens!r} is not one of {', '.join(READOUT_LENSES)}")
         ctx = self._context(input_ids, 0, None, attention_mask)
         x = self.encode(input_ids, ctx)
         out, states = self.core_states(x, ctx, n_loops, False, backprop_loops, keep=set(depths))
         logits = self.head(self.decode(out, ctx))
-        depth_logits = {d: logits if states[d] is out else self.head(self.decode(states[d], ctx))
-                        for d in sorted(states)}
+        if lens == "coda":
+            depth_logits = {d: logits if states[d] is out else self.head(self.decode(states[d], ctx))
+                            for d in sorted(states)}
+        elif lens == "head":
+            depth_logits = {d: self.head(self.norm(states[d])) for d in sorted(states)}
+        else:
+            depth_logits = {}
         return DepthReadout(logits, depth_logits, states)
 
     def forward(
@@ -219,6 +235,7 @@ class CausalLM(nn.Module):
         act_early_exit: bool | None = None,
         backprop_loops: int | None = None,
         readout_depths: Collection[int] | None = None,
+        readout_lens: str = "coda",
     ) -> torch.Tensor | DepthReadout:
         """Logits for every position.
 
@@ -238,6 +255,7 @@ class CausalLM(nn.Module):
             readout_depths: also read out the state after each of these depths (loops):
                 returns a :class:`DepthReadout` (see :meth:`readout`; no cache, no early
                 exit). Through ``forward``, so DDP and FSDP wrappers see the call.
+            readout_lens: ``"coda"``, ``"head"`` or ``"none"`` (see :meth:`readout`).
 
         Returns:
             (B, T, vocab_size) logits in the activation dtype, or a :class:`DepthReadout`.
@@ -245,8 +263,8 @@ class CausalLM(nn.Module):
         if readout_depths is not None:
             if kv_cache is not None or start_pos:
                 raise ValueError("readout_depths works on a full forward without kv_cache")
-            return self.readout(input_ids, n_loops, readout_depths,
-                                attention_mask=attention_mask, backprop_loops=backprop_loops)
+            return self.readout(input_ids, n_loops, readout_depths, attention_mask=attention_mask,
+                                backprop_loops=backprop_loops, lens=readout_lens)
         return self.head(
             self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
                                attention_mask=attention_mask, act_early_exit=act_early_exit,

@@ -9,15 +9,16 @@ from open_mythos.cli import main
 def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "| loops | id | ood_hops |" in out and "| baseline (2 core blocks) |" in out
-    assert "Targets:" in out and "in-distribution accuracy at T_train=2" in out
+    assert "| loops | id | ood_hops |" in out and "| baseline (3 core blocks) |" in out
+    assert "Targets:" in out and "in-distribution accuracy at T_train=3" in out
     report = tmp_path / "demo" / "report"
     text = (report / "report.md").read_text()
     for png in ("depth_sweep.png", "training_curves.png"):
         assert (report / png).stat().st_size > 1000 and png in text
     assert (tmp_path / "demo" / "sweep.json").exists()
-    assert (tmp_path / "demo" / "looped" / "metrics.jsonl").exists()
-    assert (tmp_path / "demo" / "baseline" / "metrics.jsonl").exists()
+    for kind in ("looped", "baseline"):
+        for stage in ("lookup", "chain"):
+            assert (tmp_path / "demo" / kind / stage / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -30,3 +31,27 @@ def test_bad_arguments_fail_before_training(tmp_path, capsys, argv, message):
     assert main(["demo", "--out", str(tmp_path / "d"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d" / "looped").exists()
+
+
+@pytest.mark.parametrize("stage", ["lookup", "chain"])
+def test_demo_stages_are_the_documented_configs(stage):
+    """``configs/multihop_{stage}.toml`` is what ``make demo`` trains (model, data, objective,
+    schedule and steps), so the two ``openmythos train`` commands reproduce it."""
+    import argparse
+    from pathlib import Path
+
+    from open_mythos.cli import build_parser
+    from open_mythos.commands.demo import train_config
+    from open_mythos.training import load_config
+
+    args = build_parser().parse_args(["demo"])
+    assert isinstance(args, argparse.Namespace)
+    repo = Path(__file__).resolve().parents[1]
+    demo = train_config(args, Path("runs"), "looped", stage)
+    documented = load_config(repo / "configs" / f"multihop_{stage}.toml")
+    for section in ("model", "data", "optim", "schedule"):
+        assert getattr(demo, section) == getattr(documented, section), section
+    assert demo.run.steps == documented.run.steps and demo.run.seed == documented.run.seed
+    if stage == "chain":
+        assert demo.run.init_from == str(Path("runs") / "lookup")
+        assert documented.run.init_from == "runs/multihop_lookup"

@@ -25,3 +25,23 @@ def test_multihop_lab_runs_and_writes_its_results(tmp_path, extra):
     for split in results.values():
         assert list(split) == loops and all(0.0 <= v <= 1.0 for v in split.values())
     assert "hops=6" in done.stdout
+
+
+PLAIN = Path(__file__).resolve().parents[1] / "experiments" / "plain_loop.py"
+
+
+def test_plain_loop_benchmark_quick(tmp_path):
+    """``--quick``: every task trains both models a few steps and the table has every row."""
+    out = tmp_path / "plain.json"
+    done = subprocess.run([sys.executable, str(PLAIN), "--quick", "--threads", "1",
+                           "--max-loops", "5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"parity", "multihop", "phop"}
+    assert set(results["phop"]["splits"]) == {"id", "ood_hops"}
+    for task in results.values():
+        for row in task["splits"].values():
+            assert 0.0 <= row["plain"] <= 1.0 and list(row["ours"]) == ["1", "2", "3", "4", "5"]
+    for line in ("| parity | id |", "| multihop | ood_hops |", "| phop | id |", "Targets:"):
+        assert line in done.stdout

@@ -86,3 +86,16 @@ def test_readout_rejects_bad_depths_and_caches():
     baseline = DenseBaseline(matched_baseline_config(tiny_config(), 2))
     with pytest.raises(ValueError, match=r"\[1, 2\]"):
         baseline(ids, readout_depths=[3])
+
+
+def test_head_lens_and_states_only():
+    torch.manual_seed(4)
+    model = OpenMythos(tiny_config(use_act=False)).eval()
+    ids = _ids(model.cfg)
+    with torch.no_grad():
+        head = model(ids, n_loops=3, readout_depths=[2], readout_lens="head")
+        assert torch.allclose(head.depth_logits[2], model.head(model.norm(head.states[2])))
+        none = model(ids, n_loops=3, readout_depths=[2], readout_lens="none")
+    assert none.depth_logits == {} and torch.allclose(none.states[2], head.states[2])
+    with pytest.raises(ValueError, match="lens"):
+        model(ids, n_loops=3, readout_depths=[2], readout_lens="coda2")

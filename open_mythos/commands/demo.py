@@ -1,25 +1,34 @@
-"""``openmythos demo`` (what ``make demo`` runs): the depth-extrapolation lab in one command.
+"""``openmythos demo`` (what ``make demo`` runs): depth extrapolation in one command.
 
 ::
 
-    python -m open_mythos demo                        # about 5 minutes on 2 CPU cores
+    python -m open_mythos demo                        # about 7 minutes on 2 CPU cores
     python -m open_mythos demo --quick --out /tmp/d   # checks the pipeline in seconds
 
 On the ``multihop`` task (follow variable assignments to a digit; one answer token, so every
 extra hop is extra sequential computation for that token) it
 
-1. trains a small looped model at ``T_train`` loops and the dense baseline of equal per-token
-   FLOPs (``T_train`` unshared blocks, :mod:`open_mythos.baseline`) with
-   :class:`~open_mythos.training.Trainer`, on the same batches for the same number of steps,
-   one process per model when two cores are free;
-2. sweeps the looped model from 1 to ``4 x T_train`` loops on the in-distribution split and on
-   longer chains (``ood_hops``); the baseline has one depth;
+1. trains a small looped model and the dense baseline of equal per-token FLOPs
+   (``T_train`` unshared blocks, :mod:`open_mythos.baseline`) with
+   :class:`~open_mythos.training.Trainer`, on the same batches, with the same losses and
+   for the same number of steps, one process per model when two cores are free. Two
+   stages, each an ``openmythos train`` configuration (``configs/multihop_lookup.toml``,
+   ``configs/multihop_chain.toml``):
+
+   - *lookup*: one-hop chains, with the per-loop readout loss (every loop must name the
+     answer): the model learns to look a variable up;
+   - *chain*: from the lookup weights (``run.init_from``), 1 to ``T_train``-hop chains
+     with per-loop targets (``optim.loop_targets``: loop ``t`` names the value reached
+     after ``t`` hops): one hop per loop. The baseline gets the same targets after each of
+     its core blocks.
+
+2. sweeps the looped model from 1 to ``4 x T_train`` loops on the in-distribution split
+   and on longer chains than any trained (``ood_hops``); the baseline has one depth;
 3. writes ``report/`` (plots and ``report.md``), ``sweep.json``, ``demo.md`` and both runs;
-4. prints the accuracy table, the issue's depth-extrapolation targets as measured, and a few
+4. prints the accuracy table, the depth-extrapolation targets as measured, and a few
    greedy answers at low and high depth.
 
-The default recipe and what is known about it are in ``docs/depth_extrapolation.md``; every
-knob is a flag.
+What is known about the recipe is in ``docs/depth_extrapolation.md``; every knob is a flag.
 """
 
 from __future__ import annotations
@@ -34,15 +43,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: The looped model (ACT off). ``init_std=dim**-0.5`` and a unit-variance tied embedding:
-#: with upstream's N(0, 0.02) the model sits on a guess-a-digit plateau for thousands of steps.
+#: The looped model (ACT off: a fixed amount of work per loop count, for a clean sweep).
+#: ``init_std=dim**-0.5`` and a unit-variance tied embedding: with upstream's N(0, 0.02) the
+#: lookup is learned much later (docs/depth_extrapolation.md).
 DEMO_MODEL: dict[str, Any] = dict(
     dim=64, n_heads=4, n_kv_heads=4, max_seq_len=64, prelude_layers=1, coda_layers=1,
     attn_type="gqa", n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=32,
     lora_rank=4, use_act=False, init_std=0.125, embed_init_std=1.0,
 )
-DEFAULT_TASK_ARGS = {"hops": [1, 1], "ood_hops": [2, 4]}
+DEFAULT_TASK_ARGS = {"hops": [1, 3], "ood_hops": [4, 6]}
 KINDS = ("looped", "baseline")
+#: The two stages: name -> settings besides the shared ones.
+STAGES: dict[str, dict[str, Any]] = {
+    "lookup": {"optim.lr": 1e-3},
+    "chain": {"optim.lr": 2e-3},
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,17 +66,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "demo", help="train a looped model and its baseline, sweep depth, write a report",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default demo_out)")
-    p.add_argument("--task", default="multihop", help="task name (default multihop)")
     p.add_argument("--task-args", default=json.dumps(DEFAULT_TASK_ARGS), metavar="JSON",
-                   help=f"task knobs (default '{json.dumps(DEFAULT_TASK_ARGS)}')")
-    p.add_argument("--train-loops", type=int, default=2, metavar="T",
-                   help="training depth T_train (default 2)")
-    p.add_argument("--loops", choices=("fixed", "sampled"), default="sampled",
-                   help="loop counts in training: always T_train, or sampled around it within "
-                        "[T_train, 3 x T_train] (default sampled)")
-    p.add_argument("--steps", type=int, default=1400, help="optimizer steps per model (default 1400)")
+                   help="multihop knobs of the chain stage and the sweep (default "
+                        f"'{json.dumps(DEFAULT_TASK_ARGS)}'); the lookup stage trains 1 hop")
+    p.add_argument("--train-loops", type=int, default=3, metavar="T",
+                   help="training depth T_train (default 3)")
+    p.add_argument("--loops", choices=("fixed", "uniform"), default="uniform",
+                   help="loop counts in training: always T_train, or uniform in "
+                        "[T_train, 2 x T_train] (default uniform)")
+    p.add_argument("--lookup-steps", type=int, default=1400,
+                   help="optimizer steps of the lookup stage (default 1400; 0 skips it)")
+    p.add_argument("--steps", type=int, default=800,
+                   help="optimizer steps of the chain stage (default 800)")
     p.add_argument("--batch-size", type=int, default=128, help="examples per step (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--loop-loss", type=float, default=3.0,
+                   help="weight of the per-loop readout loss (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and loops (default 0)")
     p.add_argument("--n-examples", type=int, default=256,
                    help="examples per split in the sweep (default 256)")
@@ -70,8 +89,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(1); default 2 when the machine has at least 2 cores")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE",
-                   help="override any training-config key of both models, e.g. "
-                        "model.init_std=0.02 or schedule.max_loops=6 (repeatable; see "
+                   help="override any training-config key of both models and stages, e.g. "
+                        "model.init_std=0.02 or optim.loop_loss_weight=0 (repeatable; see "
                         "openmythos train --help)")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds) to check the pipeline")
     p.set_defaults(func=run)
@@ -81,35 +100,55 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 # Training ---------------------------------------------------------------------------------
 
 
-def train_config(args: argparse.Namespace, out: Path, kind: str):
-    """The :class:`~open_mythos.training.TrainConfig` of one demo model."""
+def stage_task_args(args: argparse.Namespace, stage: str) -> dict[str, Any]:
+    """The multihop knobs of one stage: the lookup stage trains one hop."""
+    task_args = json.loads(args.task_args)
+    if stage == "lookup":
+        return {**task_args, "hops": [1, 1], "ood_hops": [2, task_args.get("ood_hops", [4, 6])[1]]}
+    return task_args
+
+
+def train_config(args: argparse.Namespace, out: Path, kind: str, stage: str = "chain"):
+    """The :class:`~open_mythos.training.TrainConfig` of one demo model in one stage."""
     from ..training import load_config
     from ..training.config import parse_override
 
     T = args.train_loops
     looped = kind == "looped"
+    steps = args.lookup_steps if stage == "lookup" else args.steps
     pairs: list[tuple[str, Any]] = [(f"model.{k}", v) for k, v in DEMO_MODEL.items()]
     pairs += [
         ("model.max_loop_iters", T),
-        ("data.task", args.task), ("data.task_args", json.loads(args.task_args)),
+        ("data.task", "multihop"), ("data.task_args", stage_task_args(args, stage)),
         ("data.batch_size", args.batch_size), ("data.eval_batches", 2),
-        ("optim.lr", args.lr), ("optim.weight_decay", 0.01), ("optim.grad_clip", 0.0),
-        ("optim.aux_weight", 0.01),
-        ("schedule.warmup_steps", max(1, min(10, args.steps // 10))),
+        ("optim.weight_decay", 0.01), ("optim.grad_clip", 0.0), ("optim.aux_weight", 0.01),
+        ("optim.loop_loss_weight", args.loop_loss), ("optim.loop_targets", args.loop_loss > 0),
+        ("schedule.warmup_steps", max(1, min(10, steps // 10))),
         ("schedule.loops", args.loops if looped else "fixed"), ("schedule.n_loops", T),
-        ("schedule.min_loops", T), ("schedule.max_loops", 3 * T),
-        ("run.out", str(out)), ("run.steps", args.steps), ("run.seed", args.seed),
-        ("run.device", "cpu"), ("run.eval_every", 0), ("run.save_every", args.steps),
-        ("run.log_every", max(1, min(10, args.steps // 20))), ("run.progress", False),
+        # One hop needs one loop: the lookup stage samples cheap shallow depths.
+        ("schedule.min_loops", 1 if stage == "lookup" else T),
+        ("schedule.max_loops", max(1, T - 1) if stage == "lookup" else 2 * T),
+        ("run.out", str(out / stage)), ("run.steps", steps), ("run.seed", args.seed),
+        ("run.device", "cpu"), ("run.eval_every", 0), ("run.save_every", steps),
+        ("run.log_every", max(1, min(10, steps // 20))), ("run.progress", False),
+        *STAGES[stage].items(),
     ]
+    if stage == "chain" and args.lookup_steps:
+        pairs.append(("run.init_from", str(out / "lookup")))
     pairs += [parse_override(text) for text in args.overrides]
     if not looped:
         pairs.append(("model.core_layers", T))
     return load_config(None, pairs)
 
 
+def stages(args: argparse.Namespace) -> list[str]:
+    """The stages this run trains (``--lookup-steps 0`` skips the lookup stage)."""
+    return ["lookup", "chain"] if args.lookup_steps else ["chain"]
+
+
 def _train_worker(args: argparse.Namespace, out: str, kind: str, threads: int) -> float:
-    """Train one model in this process (its log goes to ``out/train.log``); return seconds."""
+    """Train one model through every stage in this process (logs in each stage's
+    ``train.log``); return seconds."""
     import shutil
 
     import torch
@@ -120,15 +159,26 @@ def _train_worker(args: argparse.Namespace, out: str, kind: str, threads: int) -
     path = Path(out)
     if path.exists():
         shutil.rmtree(path)  # a demo always starts fresh
-    path.mkdir(parents=True)
     start = time.perf_counter()
-    with open(path / "train.log", "w") as log:
-        stderr, sys.stderr = sys.stderr, log
-        try:
-            Trainer(train_config(args, path, kind)).train()
-        finally:
-            sys.stderr = stderr
+    for stage in stages(args):
+        (path / stage).mkdir(parents=True)
+        with open(path / stage / "train.log", "w") as log:
+            stderr, sys.stderr = sys.stderr, log
+            try:
+                Trainer(train_config(args, path, kind, stage)).train()
+            finally:
+                sys.stderr = stderr
     return time.perf_counter() - start
+
+
+def _progress(run: Path, args: argparse.Namespace) -> tuple[int, float | None]:
+    """Steps done over all stages of one model's run, and the latest loss."""
+    done, loss = 0, None
+    for stage in stages(args):
+        step, stage_loss = _last_step(run / stage / "metrics.jsonl")
+        done += step
+        loss = stage_loss if stage_loss is not None else loss
+    return done, loss
 
 
 def _last_step(metrics: Path) -> tuple[int, float | None]:
@@ -165,20 +215,21 @@ def train_both(args: argparse.Namespace, out: Path, jobs: int) -> dict[str, floa
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    bars = {k: tqdm(total=args.steps, desc=f"train {k:<8}", unit="step", position=i,
+    total = args.steps + (args.lookup_steps or 0)
+    bars = {k: tqdm(total=total, desc=f"train {k:<8}", unit="step", position=i,
                     dynamic_ncols=True, file=sys.stderr) for i, k in enumerate(KINDS)}
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {k: pool.submit(_train_worker, args, str(out / k), k, 1) for k in KINDS}
         while not all(f.done() for f in futures.values()):
             time.sleep(0.5)
             for kind, bar in bars.items():
-                step, loss = _last_step(out / kind / "metrics.jsonl")
+                step, loss = _progress(out / kind, args)
                 bar.update(step - bar.n)
                 if loss is not None:
                     bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
         seconds = {k: f.result() for k, f in futures.items()}  # re-raises a worker's error
     for bar in bars.values():
-        bar.update(args.steps - bar.n)
+        bar.update(total - bar.n)
         bar.close()
     return seconds
 
@@ -244,8 +295,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
     for name in ("steps", "batch_size", "train_loops", "n_examples"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
-    if not args.lr > 0:
-        return "--lr must be > 0"
+    if args.lookup_steps < 0:
+        return "--lookup-steps must be >= 0"
+    if not args.loop_loss >= 0:
+        return "--loop-loss must be >= 0"
     try:
         task_args = json.loads(args.task_args)
     except json.JSONDecodeError as err:
@@ -256,8 +309,9 @@ def _check_args(args: argparse.Namespace) -> str | None:
     from ..training import ConfigError
 
     try:
-        for kind in KINDS:  # every override must be valid for both models
-            train_config(args, Path(args.out) / kind, kind).model.build(VOCAB_SIZE)
+        for kind in KINDS:  # every override must be valid for both models and stages
+            for stage in stages(args):
+                train_config(args, Path(args.out) / kind, kind, stage).model.build(VOCAB_SIZE)
     except (ConfigError, ValueError) as err:
         return str(err)
     return None
@@ -266,7 +320,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     """Train, sweep, report, print. Exit status 0, or 2 for invalid arguments."""
     if args.quick:
-        args.steps, args.n_examples, args.batch_size = 12, 16, 16
+        args.steps, args.lookup_steps, args.n_examples, args.batch_size = 12, 6, 16, 16
     problem = _check_args(args)
     if problem:
         print(f"openmythos demo: error: {problem}", file=sys.stderr)
@@ -279,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import load_checkpoint
 
     try:
-        task = get_task(args.task, **json.loads(args.task_args))
+        task = get_task("multihop", **json.loads(args.task_args))
     except (KeyError, TypeError, ValueError) as err:
         print(f"openmythos demo: error: {err}", file=sys.stderr)
         return 2
@@ -291,11 +345,14 @@ def run(args: argparse.Namespace) -> int:
     jobs = args.jobs or (2 if (os.cpu_count() or 1) >= 2 else 1)
     ranges = ", ".join(f"{s} {task.level_range(s)[0]}-{task.level_range(s)[1]}"
                        for s in task.splits if s != "train")
-    print(f"== OpenMythos demo: {args.task} ({task.level_name}: {ranges}), T_train={T}, "
-          f"{args.steps} steps x {args.batch_size} examples per model, {jobs} process(es) ==",
+    steps = " + ".join(f"{getattr(args, 'lookup_steps' if s == 'lookup' else 'steps')} {s}"
+                       for s in stages(args))
+    print(f"== OpenMythos demo: multihop ({task.level_name}: {ranges}), T_train={T}, "
+          f"{steps} steps x {args.batch_size} examples per model, {jobs} process(es) ==",
           flush=True)
     seconds = train_both(args, out, jobs)
-    models = {kind: load_checkpoint(out / kind)[0].eval() for kind in KINDS}
+    final = stages(args)[-1]
+    models = {kind: load_checkpoint(out / kind / final)[0].eval() for kind in KINDS}
     train_s = time.perf_counter() - start
 
     loops = list(range(1, 4 * T + 1))
@@ -304,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     base_rows = sweep(models["baseline"], task, n_examples=args.n_examples, early_exit=(False,),
                       seed=args.seed)
     save_rows([*rows, *base_rows], out / "sweep.json")
-    report = write_report(out / "looped", out / "report", rows, base_rows, model=models["looped"],
+    report = write_report(out / "looped" / final, out / "report", rows, base_rows, model=models["looped"],
                           baseline=models["baseline"], task=task, train_loops=T, seed=args.seed)
     table = accuracy_pivot(rows, base_rows)
     targets = check_targets(rows, base_rows, T)

@@ -192,6 +192,10 @@ class OptimConfig:
             which is what lets inference run more loops than training (or stop early).
             0 disables it.
         loop_loss_last: read out only the last ``k`` loops of each step (None: every loop).
+        loop_readout: how a loop's state is read out: ``"coda"`` (through the Coda, final
+            norm and head: exactly what stopping there would output) or ``"head"`` (final
+            norm and head only, at the supervised positions: cheaper, and it trains the
+            state itself to name the answer, which is what the loop after it reads).
         loop_loss_gamma: loop ``t`` of ``n`` weighs ``gamma ** (n - t)``, normalised to sum
             1 (1: every read-out loop equally; below 1: later loops more).
         loop_targets: for tasks that define per-step answers (``Task.trace``: ``multihop``,
@@ -218,6 +222,7 @@ class OptimConfig:
     aux_weight: float = 0.01
     loop_loss_weight: float = 0.0
     loop_loss_last: int | None = None
+    loop_readout: str = "coda"
     loop_loss_gamma: float = 1.0
     loop_targets: bool = False
     progressive_weight: float = 0.0
@@ -231,6 +236,9 @@ class OptimConfig:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
         if self.loop_loss_last is not None:
             _positive("optim.loop_loss_last", self.loop_loss_last)
+        if self.loop_readout not in ("coda", "head"):
+            raise ConfigError(f"optim.loop_readout={self.loop_readout!r} is invalid: use 'coda' "
+                              "or 'head'")
         if not (0.0 < self.loop_loss_gamma and math.isfinite(self.loop_loss_gamma)):
             raise ConfigError(f"optim.loop_loss_gamma={self.loop_loss_gamma} must be finite and > 0")
         if self.loop_targets and not self.loop_loss_weight > 0:

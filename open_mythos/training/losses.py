@@ -9,7 +9,7 @@ supervised tokens (task batches mask the prompt with -100).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,21 +124,29 @@ def targets_at_depth(targets: torch.Tensor, answer_start: torch.Tensor, trace: t
 
 
 def loop_readout_ce_sum(
-    depth_logits: dict[int, torch.Tensor],
+    readouts: dict[int, torch.Tensor],
     targets: torch.Tensor,
     weights: dict[int, float],
     trace: torch.Tensor | None = None,
     answer_start: torch.Tensor | None = None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``sum_d weights[d] * cross_entropy_sum(depth_logits[d], targets_d)``, float32.
+    """``sum_d weights[d] * cross_entropy_sum(logits_d, targets_d)``, float32.
 
     ``targets_d`` is ``targets``, or with ``trace`` the per-step targets of
-    :func:`targets_at_depth`. Scale it like the main cross-entropy sum (``ce_scale``).
+    :func:`targets_at_depth`. ``readouts[d]`` are (B, T, V) logits, or with ``head`` (B, T,
+    dim) states that ``head`` maps to logits, applied to the supervised positions only.
+    Scale the sum like the main cross-entropy sum (``ce_scale``).
     """
+    mask = targets != IGNORE_INDEX  # the same positions at every depth
     total = None
-    for d, logits in depth_logits.items():
+    for d, readout in readouts.items():
         y = targets if trace is None else targets_at_depth(targets, answer_start, trace, d)
-        term = weights[d] * cross_entropy_sum(logits, y)
+        if head is None:
+            term = cross_entropy_sum(readout, y)
+        else:
+            term = cross_entropy_sum(head(readout[mask]).unsqueeze(0), y[mask].unsqueeze(0))
+        term = weights[d] * term
         total = term if total is None else total + term
     if total is None:
         raise ValueError("loop_readout_ce_sum needs at least one read-out depth")

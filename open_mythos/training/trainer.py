@@ -458,14 +458,18 @@ class Trainer:
                 if opt.loop_loss_weight:
                     depths = readout_depths(self.core.max_readout_depth(n_loops),
                                             opt.loop_loss_last)
+                    # The head lens reads out the supervised positions only (cheap).
+                    head_lens = opt.loop_readout == "head"
                     out = self.model(x, n_loops=n_loops, backprop_loops=cfg.schedule.backprop_loops,
-                                     readout_depths=depths)
+                                     readout_depths=depths,
+                                     readout_lens="none" if head_lens else "coda")
                     logits = out.logits
                     trace = batch["trace"].to(ctx.device) if opt.loop_targets else None
                     start = batch["answer_start"].to(ctx.device) if opt.loop_targets else None
                     loop_sum = loop_readout_ce_sum(
-                        out.depth_logits, y, loop_weights(depths, depths[-1], opt.loop_loss_gamma),
-                        trace, start)
+                        out.states if head_lens else out.depth_logits, y,
+                        loop_weights(depths, depths[-1], opt.loop_loss_gamma), trace, start,
+                        head=(lambda h: self.core.head(self.core.norm(h))) if head_lens else None)
                     loop_ce = loop_sum.detach().double()
                 else:
                     logits = self.model(x, n_loops=n_loops,

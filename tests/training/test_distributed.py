@@ -8,7 +8,7 @@ import torch
 
 from open_mythos.training import LoopSchedule, Trainer, load_checkpoint
 
-from .conftest import read_metrics, run_checked, tiny_config, torchrun_command
+from .conftest import cli_command, read_metrics, run_checked, tiny_config, torchrun_command
 
 STEPS = 6
 # Sampled loop counts: the ranks must agree on every step (the trainer checks it).
@@ -102,3 +102,21 @@ def test_fsdp_bf16_mixed_precision(tmp_path):
     assert {t.dtype for t in model.state_dict().values()} == {torch.float32}
     Trainer(tiny_config(tmp_path, **{**cfg, "run__steps": 5}), resume=True).train()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_loop_supervision_under_data_parallelism_matches_one_process(tmp_path, parallel):
+    """Per-loop readout loss with per-loop targets, and the progressive loss (a second forward
+    and backward per micro-batch), give the single-process run under DDP and FSDP2."""
+    loop_args = ("--set", "optim.loop_loss_weight=0.5", "--set", "optim.loop_targets=true",
+                 "--set", "optim.progressive_weight=0.3", "--set", "model.use_act=false")
+    common = ("--task", "multihop", "--steps", "3", "--seed", "1", "--eval-every", "0",
+              "--set", "schedule.loops=uniform", "--set", "schedule.min_loops=2",
+              "--set", "schedule.max_loops=3", "--set", "optim.aux_weight=0",
+              "--set", 'data.task_args={hops=[1,2],ood_hops=[3,4]}', *loop_args)
+    run_checked(cli_command(*common, "--batch-size", "4", "--out", str(tmp_path / "one")))
+    run_checked(torchrun_command(2, *common, "--batch-size", "2", "--parallel", parallel,
+                                 "--out", str(tmp_path / "two")))
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for key in ("loss", "ce", "loop_ce"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-4), key

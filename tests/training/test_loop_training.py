@@ -195,3 +195,19 @@ def test_init_from_starts_at_the_other_runs_weights(tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         Trainer(tiny_config(tmp_path / "none", run__steps=1,
                             run__init_from=str(tmp_path / "missing"))).train()
+
+
+def test_head_lens_reads_the_state_at_the_supervised_positions(tmp_path):
+    """Without a Coda, the head lens is a forward stopped after d loops: the loss matches."""
+    cfg = tiny_config(tmp_path / "run", run__steps=1, optim__aux_weight=0.0,
+                      optim__loop_loss_weight=1.0, optim__loop_readout="head",
+                      schedule__n_loops=3, model__use_act=False, model__coda_layers=0)
+    model, batch = _first_batch_and_model(cfg)
+    Trainer(cfg).train()
+    row = read_metrics(tmp_path / "run")[0]
+    with torch.no_grad():
+        expected = sum(_mean_ce(model(batch["input_ids"], n_loops=d), batch["targets"])
+                       for d in (1, 2, 3)) / 3
+    assert row["loop_ce"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="loop_readout"):
+        tiny_config(tmp_path / "bad", optim__loop_readout="lens")
