@@ -174,16 +174,18 @@ class DenseBaseline(CausalLM):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, ``cfg.init_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
-        embedding, ones for norms; re-ties the head."""
+        """N(0, ``cfg.weight_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
+        embedding, ones for norms but the final one (``cfg.final_norm_gain``); re-ties the
+        head."""
         self.tie_weights()
         for m in self.modules():
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=self.cfg.embed_std)
             elif isinstance(m, nn.Linear) and m is not self.head:
-                nn.init.normal_(m.weight, std=self.cfg.init_std)
+                nn.init.normal_(m.weight, std=self.cfg.weight_std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+        nn.init.constant_(self.norm.weight, self.cfg.final_norm_gain)
 
     def moe_layers(self) -> list[nn.Module]:
         """No mixture-of-experts layers (an empty list, for code written for both models)."""

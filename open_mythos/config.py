@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+#: Largest standard deviation of the tied head's logits at initialisation: that of the
+#: default dim-64 model (unit embedding, sqrt(64)), which learns fastest in the measurements
+#: of docs/initialization.md; wider models get a smaller final-norm gain instead of larger logits.
+MAX_INIT_LOGIT_STD = 8.0
+
 
 class AttnType(str, Enum):
     """Attention flavour of every block. A ``str`` enum, so ``cfg.attn_type == "mla"`` works."""
@@ -78,12 +83,17 @@ class MythosConfig:
             bias (``MoEFFN.update_router_bias``).
         norm_eps: epsilon of every RMSNorm.
         init_std: standard deviation of every weight matrix at initialisation (attention,
-            router, experts, dense FFNs); 0.02 as upstream. Small models on algorithmic tasks
-            learn far faster from ``dim ** -0.5`` (unit-variance activations), see
-            ``docs/depth_extrapolation.md``.
-        embed_init_std: standard deviation of the (tied) embedding; ``None`` means
-            ``init_std``. The norms, LTI injection, halting head and LoRA keep their own
-            initialisations.
+            router, experts, dense FFNs); ``None`` (the default) means ``dim ** -0.5``, which
+            keeps activations at unit scale at every width: 0.125 at dim 64, 0.0221 at dim
+            2048 (where upstream's fixed 0.02 comes from). Set 0.02 for upstream's init.
+        embed_init_std: standard deviation of the (tied) embedding; ``None`` (the default)
+            means 1.0, the unit variance of ``nn.Embedding``, on a par with the block outputs
+            in the residual stream. Set 0.02 for upstream's. The tied head's initial logits
+            then have std ``embed_std * sqrt(dim)``; the final norm's gain starts at
+            ``min(1, 8 / (embed_std * sqrt(dim)))``, which caps that at 8, the value of the
+            measured dim-64 model, at any width (and is 1 with upstream's values).
+            The norms, LTI injection, halting head and LoRA keep their own initialisations.
+            Measurements behind these defaults: ``docs/initialization.md``.
     """
 
     vocab_size: int = 32000
@@ -115,7 +125,7 @@ class MythosConfig:
     dense_ffn_dim: int | None = None
     router_bias_update_rate: float = 1e-3
     norm_eps: float = 1e-6
-    init_std: float = 0.02
+    init_std: float | None = None
     embed_init_std: float | None = None
 
     def __post_init__(self) -> None:
@@ -163,8 +173,9 @@ class MythosConfig:
         _require("norm_eps", self.norm_eps, self.norm_eps > 0, "> 0")
         _require("router_bias_update_rate", self.router_bias_update_rate,
                  self.router_bias_update_rate >= 0, ">= 0")
-        _require("init_std", self.init_std,
-                 isinstance(self.init_std, (int, float)) and self.init_std > 0, "> 0")
+        if self.init_std is not None:
+            _require("init_std", self.init_std,
+                     isinstance(self.init_std, (int, float)) and self.init_std > 0, "> 0 or None")
         if self.embed_init_std is not None:
             _require("embed_init_std", self.embed_init_std,
                      isinstance(self.embed_init_std, (int, float)) and self.embed_init_std > 0,
@@ -186,9 +197,20 @@ class MythosConfig:
         return self.dense_ffn_dim if self.dense_ffn_dim is not None else 4 * self.dim // 3
 
     @property
+    def weight_std(self) -> float:
+        """Initial standard deviation of the weight matrices (``init_std`` resolved)."""
+        return self.dim ** -0.5 if self.init_std is None else float(self.init_std)
+
+    @property
     def embed_std(self) -> float:
-        """Initial standard deviation of the embedding."""
-        return self.init_std if self.embed_init_std is None else self.embed_init_std
+        """Initial standard deviation of the tied embedding (``embed_init_std`` resolved)."""
+        return 1.0 if self.embed_init_std is None else float(self.embed_init_std)
+
+    @property
+    def final_norm_gain(self) -> float:
+        """Initial gain of the final RMSNorm: the tied head's initial logits have std
+        ``embed_std * sqrt(dim) * gain``, capped at :data:`MAX_INIT_LOGIT_STD`."""
+        return min(1.0, MAX_INIT_LOGIT_STD / (self.embed_std * self.dim ** 0.5))
 
     @property
     def loop_dim(self) -> int:

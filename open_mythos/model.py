@@ -320,14 +320,15 @@ class OpenMythos(CausalLM):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, ``cfg.init_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
-        embedding, ones for norms, then the recurrence's own inits.
+        """N(0, ``cfg.weight_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
+        embedding, ones for norms but the final one (``cfg.final_norm_gain``), then the
+        recurrence's own inits.
 
         Also re-ties the head, so ``model.to_empty(device=...); model.reset_parameters()``
         materialises a model built on the meta device.
         """
         self.tie_weights()
-        std = self.cfg.init_std
+        std = self.cfg.weight_std
         for m in self.modules():
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=self.cfg.embed_std)
@@ -341,6 +342,7 @@ class OpenMythos(CausalLM):
             elif isinstance(m, MoEFFN):
                 m.reset_parameters(std)
                 m.router_bias.zero_()
+        nn.init.constant_(self.norm.weight, self.cfg.final_norm_gain)
         rec = self.recurrent
         rec.injection.reset_parameters()
         rec.act.reset_parameters()

@@ -12,8 +12,12 @@ torch.set_num_threads(1)
 
 
 def tiny_config(attn_type: str = "gqa", **overrides) -> MythosConfig:
-    """A small model of every kind of layer: 1 prelude, 1 coda, 4 experts top-2."""
-    base = dict(
+    """A small model of every kind of layer: 1 prelude, 1 coda, 4 experts top-2.
+
+    Upstream's N(0, 0.02) init: the mechanism tests compare paths (cached vs full, bf16 vs
+    fp32) with tolerances sized for its small logits; the default init has its own tests.
+    """
+    base = dict(init_std=0.02, embed_init_std=0.02,
         vocab_size=97, dim=64, n_heads=4, n_kv_heads=2, max_seq_len=64, max_loop_iters=4,
         prelude_layers=1, coda_layers=1, attn_type=attn_type, kv_lora_rank=16, q_lora_rank=24,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_experts=4,

@@ -127,5 +127,25 @@ def test_init_std_and_embed_init_std(kind):
         assert abs(model.recurrent.block.ffn.w_gate_up.std().item() - 0.125) < 0.005
         # The recurrence's own inits are kept: LoRA B = 0, halting bias from the config.
         assert model.recurrent.lora.B.abs().max() == 0
-    default = build_model(tiny_config(dim=128, n_heads=8, vocab_size=400))
-    assert abs(default.embed.weight.std().item() - 0.02) < 0.002
+    upstream = build_model(tiny_config(dim=128, n_heads=8, vocab_size=400, init_std=0.02,
+                                       embed_init_std=0.02))
+    assert abs(upstream.embed.weight.std().item() - 0.02) < 0.002
+    assert abs(upstream.prelude[0].attn.wq.weight.std().item() - 0.02) < 0.002
+    assert torch.equal(upstream.norm.weight, torch.ones(128))  # upstream's final norm
+
+
+@pytest.mark.parametrize("dim", [64, 256])
+def test_default_init_scales_with_width(dim):
+    """Matrices N(0, 1/dim), a unit-variance embedding, and a final-norm gain that caps the
+    tied head's initial logit std at 8 (measured on a forward, not read off the config)."""
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(dim=dim, n_heads=4, vocab_size=1000, init_std=None,
+                                   embed_init_std=None)).eval()
+    assert abs(model.prelude[0].attn.wq.weight.std().item() - dim ** -0.5) < 0.1 * dim ** -0.5
+    assert abs(model.recurrent.block.ffn.w_gate_up.std().item() - dim ** -0.5) < 0.1 * dim ** -0.5
+    assert abs(model.embed.weight.std().item() - 1.0) < 0.05
+    assert torch.allclose(model.norm.weight, torch.full((dim,), min(1.0, 8 / dim ** 0.5)))
+    ids = torch.randint(0, 1000, (4, 32))
+    with torch.no_grad():
+        logits = model(ids, n_loops=4)
+    assert 7.0 < logits.std().item() < 9.0

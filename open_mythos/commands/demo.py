@@ -43,13 +43,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: The looped model (ACT off: a fixed amount of work per loop count, for a clean sweep).
-#: ``init_std=dim**-0.5`` and a unit-variance tied embedding: with upstream's N(0, 0.02) the
-#: lookup is learned much later (docs/depth_extrapolation.md).
+#: The looped model (ACT off: loop counts are sampled and every loop is supervised). The
+#: default init; with upstream's N(0, 0.02) the lookup is never learned
+#: (docs/initialization.md).
 DEMO_MODEL: dict[str, Any] = dict(
     dim=64, n_heads=4, n_kv_heads=4, max_seq_len=64, prelude_layers=1, coda_layers=1,
     attn_type="gqa", n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=32,
-    lora_rank=4, use_act=False, init_std=0.125, embed_init_std=1.0,
+    lora_rank=4, use_act=False,
 )
 DEFAULT_TASK_ARGS = {"hops": [1, 3], "ood_hops": [4, 6]}
 KINDS = ("looped", "baseline")

@@ -208,7 +208,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             cfg = self.model.cfg
             tied = isinstance(module, nn.Embedding) or module is self.model.head
-            std = cfg.embed_std if tied else cfg.init_std
+            std = cfg.embed_std if tied else cfg.weight_std
             nn.init.normal_(module.weight, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -218,9 +218,10 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                 # ACTHalting, so its halting-bias init is applied from its Linear.
                 act.reset_parameters()
         elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+            gain = self.model.cfg.final_norm_gain if module is self.model.norm else 1.0
+            nn.init.constant_(module.weight, gain)
         elif isinstance(module, MoEFFN):
-            module.reset_parameters(self.model.cfg.init_std)
+            module.reset_parameters(self.model.cfg.weight_std)
             nn.init.zeros_(module.router_bias)
             nn.init.zeros_(module.load_since_update)
         elif isinstance(module, (LoRAAdapter, LTIInjection, ACTHalting)):
