@@ -2,7 +2,7 @@
 
 ::
 
-    python -m open_mythos demo                        # about 7 minutes on 2 CPU cores
+    python -m open_mythos demo                        # about 7.5 minutes on 2 CPU cores
     python -m open_mythos demo --quick --out /tmp/d   # checks the pipeline in seconds
 
 On the ``multihop`` task (follow variable assignments to a digit; one answer token, so every
@@ -76,8 +76,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "[T_train, 2 x T_train] (default uniform)")
     p.add_argument("--lookup-steps", type=int, default=1400,
                    help="optimizer steps of the lookup stage (default 1400; 0 skips it)")
-    p.add_argument("--steps", type=int, default=800,
-                   help="optimizer steps of the chain stage (default 800)")
+    p.add_argument("--steps", type=int, default=1500,
+                   help="optimizer steps of the chain stage (default 1500)")
     p.add_argument("--batch-size", type=int, default=128, help="examples per step (default 128)")
     p.add_argument("--loop-loss", type=float, default=3.0,
                    help="weight of the per-loop readout loss (default 3)")
@@ -123,6 +123,7 @@ def train_config(args: argparse.Namespace, out: Path, kind: str, stage: str = "c
         ("data.batch_size", args.batch_size), ("data.eval_batches", 2),
         ("optim.weight_decay", 0.01), ("optim.grad_clip", 0.0), ("optim.aux_weight", 0.01),
         ("optim.loop_loss_weight", args.loop_loss), ("optim.loop_targets", args.loop_loss > 0),
+        ("optim.loop_readout", "head"),
         ("schedule.warmup_steps", max(1, min(10, steps // 10))),
         ("schedule.loops", args.loops if looped else "fixed"), ("schedule.n_loops", T),
         # One hop needs one loop: the lookup stage samples cheap shallow depths.
