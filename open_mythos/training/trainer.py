@@ -452,7 +452,7 @@ class Trainer:
         x = batch["input_ids"].to(ctx.device, non_blocking=True)
         y = batch["targets"].to(ctx.device, non_blocking=True)
         alpha = opt.progressive_weight
-        loop_ce = torch.zeros((), dtype=torch.float64)
+        loop_ce = torch.zeros((), dtype=torch.float64, device=ctx.device)
         with gradient_sync(self.model, ctx, enabled=sync and not alpha):
             with self._autocast():
                 if opt.loop_loss_weight:

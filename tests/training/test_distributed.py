@@ -104,11 +104,12 @@ def test_fsdp_bf16_mixed_precision(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_loop_supervision_under_data_parallelism_matches_one_process(tmp_path, parallel):
+@pytest.mark.parametrize("parallel, lens", [("ddp", "coda"), ("fsdp", "coda"), ("fsdp", "head")])
+def test_loop_supervision_under_data_parallelism_matches_one_process(tmp_path, parallel, lens):
     """Per-loop readout loss with per-loop targets, and the progressive loss (a second forward
     and backward per micro-batch), give the single-process run under DDP and FSDP2."""
     loop_args = ("--set", "optim.loop_loss_weight=0.5", "--set", "optim.loop_targets=true",
+                 "--set", f"optim.loop_readout={lens}",
                  "--set", "optim.progressive_weight=0.3", "--set", "model.use_act=false")
     common = ("--task", "multihop", "--steps", "3", "--seed", "1", "--eval-every", "0",
               "--set", "schedule.loops=uniform", "--set", "schedule.min_loops=2",
