@@ -1,6 +1,6 @@
 """Plain-loop benchmark: does a looped model use its loops when trained the way users train?
 
-    python experiments/plain_loop.py                   # all tasks, about 10 minutes on 2 cores
+    python experiments/plain_loop.py                   # all tasks, about 15 minutes on 1 thread
     python experiments/plain_loop.py --quick           # seconds: checks the pipeline
     python experiments/plain_loop.py --tasks phop --model init_std=0.02   # upstream init
 
