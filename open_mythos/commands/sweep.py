@@ -4,6 +4,11 @@
 
     openmythos sweep --checkpoint runs/parity --baseline runs/parity-dense --task parity \\
         --loops 1,2,4,8,16 --n-examples 256 --out sweep.csv
+    openmythos sweep --checkpoint runs/text --loops 1-16 --out depth.json   # a text run
+
+A run trained on text (no task) gets its validation loss at each loop count instead, on the
+run's own validation batches, with the language-depth checks (non-increasing up to the
+training depth, within 1% of the best at 4x).
 
 Exit status: 0 on success, 2 for invalid arguments or a missing checkpoint.
 """
@@ -101,13 +106,51 @@ def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any)
     return rows, base_rows
 
 
+def run_text(args: argparse.Namespace) -> int:
+    """A text run: validation loss against loops, written to ``--out`` (.json or .csv)."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from ..evaluation.runs import load_model, run_train_loops, run_val_batches
+    from ..evaluation.sweep import default_loops, depth_checks, loss_vs_loops
+
+    device = resolve_device(args.device)
+    model, _ = load_model(args.checkpoint, device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in run_val_batches(args.checkpoint)]
+    loops = args.loops or default_loops(model)
+    results = loss_vs_loops(model, batches, loops)
+    rows = [{"n_loops": n, "val_loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
+            for n, r in results.items()]
+    out = Path(args.out)
+    if out.suffix == ".csv":
+        with open(out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        out.write_text(json.dumps(rows, indent=1))
+    print("| loops | val_loss | ppl |\n|---|---|---|")
+    print("\n".join(f"| {r['n_loops']} | {r['val_loss']:.4f} | {r['perplexity']:.3f} |"
+                    for r in rows))
+    train_loops = run_train_loops(args.checkpoint)
+    if train_loops is not None:
+        print("\n".join(depth_checks({r["n_loops"]: r["val_loss"] for r in rows}, train_loops)))
+    print(f"wrote {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint(s), sweep, write ``--out`` and print the table."""
     from ..evaluation.report import sweep_table
-    from ..evaluation.runs import load_model
+    from ..evaluation.runs import load_model, read_train_config
     from ..evaluation.sweep import save_rows
 
     try:
+        if args.task is None:
+            cfg = read_train_config(args.checkpoint)
+            if cfg is not None and cfg.data.task is None:
+                return run_text(args)
         device = resolve_device(args.device)
         task = resolve_task(args, args.checkpoint)
         model, _ = load_model(args.checkpoint, device)

@@ -85,6 +85,23 @@ def run_train_loops(path: str | Path) -> int | None:
     return schedule.max_loops if str(schedule.loops.value) == "curriculum" else schedule.n_loops
 
 
+def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The validation batches of a run: its data source rebuilt from its stored
+    configuration (same data, tokenizer, ``seq_len`` and seed), ``n_batches`` batches
+    (default ``data.eval_batches``) of the validation split, as the trainer evaluates.
+
+    Raises:
+        ValueError: ``path`` holds no training configuration.
+    """
+    from ..training.data import VAL, build_data_source
+
+    cfg = read_train_config(path)
+    if cfg is None:
+        raise ValueError(f"{path} holds no training configuration ({RUN_CONFIG_FILE})")
+    data = build_data_source(cfg.data, cfg.run.seed)
+    return [data.batch(VAL, i) for i in range(n_batches or cfg.data.eval_batches)]
+
+
 def parse_task_args(text: str | None) -> dict[str, Any]:
     """Task keyword arguments from a JSON object string (``'{"lengths": [4, 12]}'``)."""
     if not text:

@@ -98,6 +98,29 @@ class Perplexity:
     tokens: int
 
 
+def loss_vs_loops(
+    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], loops: Sequence[int]
+) -> dict[int, Perplexity]:
+    """Validation loss of a language model at each loop count, on the same ``batches``
+    (mappings with ``input_ids`` and shifted ``targets``) every time; no early exit."""
+    return {n: perplexity(model, batches, n) for n in loops}
+
+
+def depth_checks(losses: Mapping[int, float], train_loops: int) -> list[str]:
+    """The language-depth checks, one line each: loss non-increasing up to ``train_loops``,
+    and the loss at ``4 x train_loops`` against the best."""
+    upto = [losses[n] for n in sorted(losses) if n <= train_loops]
+    monotone = all(b <= a for a, b in zip(upto, upto[1:]))
+    lines = [f"non-increasing up to T_train={train_loops}: {'yes' if monotone else 'no'}"]
+    deep = 4 * train_loops
+    if deep in losses:
+        best = min(losses.values())
+        gap = 100 * (losses[deep] - best) / best
+        lines.append(f"at 4x T_train ({deep} loops): {gap:.2f}% above the best loss "
+                     f"(target within 1%: {'yes' if gap <= 1.0 else 'no'})")
+    return lines
+
+
 def default_loops(model: nn.Module) -> list[int]:
     """``1 .. 4 * max_loop_iters``: the training depth and well beyond it."""
     return list(range(1, 4 * model.cfg.max_loop_iters + 1))

@@ -1,0 +1,61 @@
+"""``openmythos sweep`` on a run trained on text: validation loss against loops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from open_mythos.cli import main
+from open_mythos.evaluation.runs import run_val_batches
+from open_mythos.evaluation.sweep import depth_checks
+from open_mythos.training import Trainer, load_checkpoint, load_config
+from open_mythos.training.config import UNSET
+
+from ..training.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    corpus = root / "corpus.txt"
+    corpus.write_text("the loop reads its own state and writes the next one. " * 200)
+    torch.set_num_threads(1)
+    cfg = load_config(TINY, [("data.task", UNSET), ("data.text", [str(corpus)]),
+                             ("data.seq_len", 24), ("run.out", str(root / "run")),
+                             ("run.steps", 4), ("run.progress", False), ("run.eval_every", 0),
+                             ("schedule.n_loops", 2), ("model.use_act", False)])
+    Trainer(cfg).train()
+    return root / "run"
+
+
+def test_text_sweep_equals_an_independent_recomputation(text_run, tmp_path, capsys):
+    out = tmp_path / "depth.json"
+    assert main(["sweep", "--checkpoint", str(text_run), "--loops", "1-3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["n_loops"] for r in rows] == [1, 2, 3]
+    model, _ = load_checkpoint(text_run)
+    batches = run_val_batches(text_run)
+    assert len(batches) == 2  # tiny.toml: eval_batches = 2
+    for row in rows:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for b in batches:
+                logits = model(b["input_ids"], n_loops=row["n_loops"]).double()
+                total += F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(),
+                                         ignore_index=-100, reduction="sum").item()
+                count += int((b["targets"] != -100).sum())
+        assert row["val_loss"] == pytest.approx(total / count, rel=1e-5)
+        assert row["tokens"] == count
+    printed = capsys.readouterr().out
+    assert "| loops | val_loss | ppl |" in printed and "non-increasing up to T_train=2" in printed
+
+
+def test_depth_checks():
+    assert depth_checks({1: 3.0, 2: 2.5, 3: 2.4, 8: 2.41}, 2) == [
+        "non-increasing up to T_train=2: yes",
+        "at 4x T_train (8 loops): 0.42% above the best loss (target within 1%: yes)"]
+    assert depth_checks({1: 2.0, 2: 2.5}, 2)[0].endswith("no")
+    assert depth_checks({1: 3.0, 2: 2.0, 8: 2.5}, 2)[1].endswith("no)")
