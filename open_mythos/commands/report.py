@@ -6,7 +6,9 @@
 
 Sweeps the run's latest checkpoint (or reads ``--sweep FILE`` written by ``openmythos
 sweep``), probes its ACT halting and expert load, and writes PNGs and ``report.md`` into
-``--out`` (plus ``sweep.json`` when it ran the sweep itself).
+``--out`` (plus ``sweep.json`` when it ran the sweep itself). A run trained on text gets its
+validation loss against loops instead (``loss_vs_loops.png``, ``loss_vs_loops.json``), with
+the language-depth checks.
 
 Exit status: 0 on success, 2 for invalid arguments or a missing checkpoint.
 """
@@ -42,13 +44,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def run_text(args: argparse.Namespace) -> Path:
+    """The report of a text run; returns the path of ``report.md``."""
+    import json
+
+    from ..evaluation.report import write_text_report
+    from ..evaluation.runs import run_loss_vs_loops, run_train_loops
+    from ..evaluation.sweep import loss_rows
+
+    model, losses = run_loss_vs_loops(args.run, resolve_device(args.device), args.loops)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loss_vs_loops.json").write_text(json.dumps(loss_rows(losses), indent=1))
+    train_loops = args.train_loops or run_train_loops(args.run)
+    return write_text_report(args.run, out, losses, model=model, train_loops=train_loops)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the run, sweep (or read the sweep), and write the report."""
     from ..evaluation.report import write_report
-    from ..evaluation.runs import load_model, run_train_loops
+    from ..evaluation.runs import is_text_run, load_model, run_train_loops
     from ..evaluation.sweep import load_rows, save_rows
 
     try:
+        if args.task is None and not args.sweep and is_text_run(args.run):
+            print(f"wrote {run_text(args)}")
+            return 0
         device = resolve_device(args.device)
         task = resolve_task(args, args.run)
         model, cfg = load_model(args.run, device)

@@ -112,16 +112,12 @@ def run_text(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..evaluation.runs import load_model, run_train_loops, run_val_batches
-    from ..evaluation.sweep import default_loops, depth_checks, loss_vs_loops
+    from ..evaluation.report import loss_table
+    from ..evaluation.runs import run_loss_vs_loops, run_train_loops
+    from ..evaluation.sweep import depth_checks, loss_rows
 
-    device = resolve_device(args.device)
-    model, _ = load_model(args.checkpoint, device)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in run_val_batches(args.checkpoint)]
-    loops = args.loops or default_loops(model)
-    results = loss_vs_loops(model, batches, loops)
-    rows = [{"n_loops": n, "val_loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
-            for n, r in results.items()]
+    _, losses = run_loss_vs_loops(args.checkpoint, resolve_device(args.device), args.loops)
+    rows = loss_rows(losses)
     out = Path(args.out)
     if out.suffix == ".csv":
         with open(out, "w", newline="") as fh:
@@ -130,12 +126,10 @@ def run_text(args: argparse.Namespace) -> int:
             writer.writerows(rows)
     else:
         out.write_text(json.dumps(rows, indent=1))
-    print("| loops | val_loss | ppl |\n|---|---|---|")
-    print("\n".join(f"| {r['n_loops']} | {r['val_loss']:.4f} | {r['perplexity']:.3f} |"
-                    for r in rows))
+    print(loss_table(losses))
     train_loops = run_train_loops(args.checkpoint)
     if train_loops is not None:
-        print("\n".join(depth_checks({r["n_loops"]: r["val_loss"] for r in rows}, train_loops)))
+        print("\n".join(depth_checks({n: r.loss for n, r in losses.items()}, train_loops)))
     print(f"wrote {out}")
     return 0
 
@@ -143,14 +137,12 @@ def run_text(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint(s), sweep, write ``--out`` and print the table."""
     from ..evaluation.report import sweep_table
-    from ..evaluation.runs import load_model, read_train_config
+    from ..evaluation.runs import is_text_run, load_model
     from ..evaluation.sweep import save_rows
 
     try:
-        if args.task is None:
-            cfg = read_train_config(args.checkpoint)
-            if cfg is not None and cfg.data.task is None:
-                return run_text(args)
+        if args.task is None and is_text_run(args.checkpoint):
+            return run_text(args)
         device = resolve_device(args.device)
         task = resolve_task(args, args.checkpoint)
         model, _ = load_model(args.checkpoint, device)

@@ -11,6 +11,10 @@
 - ``expert_load.png``: share of routed token slots per expert at each loop depth;
 - ``report.md``: the figures and the sweep tables.
 
+:func:`write_text_report` does the same for a language run: training curves, and
+``loss_vs_loops.png`` (validation loss against loops, training depth marked) with its table
+and the language-depth checks.
+
 Figures that need data the run does not have (no metrics, ACT off, no model to probe) are
 left out and ``report.md`` says why. Figures are drawn on ``matplotlib.figure.Figure``
 objects with the Agg canvas, so no global pyplot state or display is involved.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from torch import nn
 
 from ..baseline import BaselineConfig, flops_per_token, is_looped
 from ..tasks import BOS_ID, EOS_ID, Task, encode_example
-from .sweep import SweepRow, eval_mode, eval_splits, sample_examples
+from .sweep import Perplexity, SweepRow, depth_checks, eval_mode, eval_splits, sample_examples
 
 METRICS_FILE = "metrics.jsonl"
 _STYLE = {False: "-", True: "--"}  # early exit off / on
@@ -138,6 +142,91 @@ def plot_depth_sweep(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_loss_vs_loops(losses: Mapping[int, Perplexity], train_loops: int | None,
+                       path: Path) -> Path:
+    """Validation loss against loops at inference, the training depth as a vertical line
+    and the best loss as a dotted horizontal one."""
+    loops = sorted(losses)
+    values = [losses[n].loss for n in loops]
+    fig, (ax,) = _figure(6, 4)
+    ax.plot(loops, values, marker="o", markersize=3, label="validation loss")
+    ax.axhline(min(values), color="gray", linestyle=":", label=f"best ({min(values):.4f})")
+    if train_loops is not None:
+        ax.axvline(train_loops, color="black", linewidth=1.0, alpha=0.6,
+                   label=f"training depth ({train_loops})")
+    ax.set_xlabel("loops at inference")
+    ax.set_ylabel("validation loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def loss_table(losses: Mapping[int, Perplexity]) -> str:
+    """A Markdown table of validation loss and perplexity per loop count, with the gap to
+    the best loss."""
+    best = min(r.loss for r in losses.values())
+    return markdown_table(
+        ["loops", "val loss", "perplexity", "above best"],
+        [[n, f"{r.loss:.4f}", f"{r.perplexity:.3f}", f"{100 * (r.loss - best) / best:.2f}%"]
+         for n, r in sorted(losses.items())])
+
+
+def _training_section(run_dir: str | Path | None, out: Path) -> list[str]:
+    """The report's "Training" section: the curves of the run's ``metrics.jsonl``."""
+    md = ["## Training", ""]
+    records = read_metrics(run_dir)
+    curves = plot_training_curves(records, out / "training_curves.png") if records else None
+    if curves is None:
+        return md + ["No training metrics (`metrics.jsonl`) were found for this run.", ""]
+    return md + [f"![training curves]({curves.name})", "",
+                 f"{len(records)} logged steps from `{Path(run_dir) / METRICS_FILE}`.", ""]
+
+
+def write_text_report(
+    run_dir: str | Path | None,
+    out_dir: str | Path,
+    losses: Mapping[int, Perplexity],
+    *,
+    model: nn.Module | None = None,
+    train_loops: int | None = None,
+) -> Path:
+    """Write the report of a language run into ``out_dir``: training curves,
+    ``loss_vs_loops.png``, and ``report.md`` with the loss table and the language-depth
+    checks (:func:`~open_mythos.evaluation.sweep.depth_checks`).
+
+    Args:
+        run_dir: training run directory holding ``metrics.jsonl``, or None.
+        out_dir: where the PNGs and ``report.md`` go (created if needed).
+        losses: loop count -> validation :class:`~open_mythos.evaluation.Perplexity`
+            (:func:`~open_mythos.evaluation.sweep.loss_vs_loops`); not empty.
+        model: the model, for the summary only.
+        train_loops: the training depth, marked on the figure and used by the checks.
+
+    Returns:
+        Path of ``report.md``.
+    """
+    if not losses:
+        raise ValueError("write_text_report needs the loss at one loop count at least")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# Depth report of a language run", ""]
+    md += _model_summary(model, None, train_loops) + [""]
+    md += _training_section(run_dir, out)
+    fig = plot_loss_vs_loops(losses, train_loops, out / "loss_vs_loops.png")
+    n_tokens = next(iter(losses.values())).tokens
+    md += ["## Validation loss against inference depth", "",
+           f"![validation loss against loops]({fig.name})", "",
+           f"Teacher-forced loss over the run's validation batches ({n_tokens:,} predicted "
+           "tokens), the same tokens at every loop count; no early exit.", "",
+           loss_table(losses), ""]
+    if train_loops is not None:
+        md += [f"- {line}" for line in depth_checks(
+            {n: r.loss for n, r in losses.items()}, train_loops)] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md).rstrip() + "\n")
+    return path
 
 
 @dataclass
@@ -351,14 +440,7 @@ def write_report(
     md = ["# Depth-extrapolation report", ""]
     md += _model_summary(model, baseline, train_loops) + [""]
 
-    md += ["## Training", ""]
-    records = read_metrics(run_dir)
-    curves = plot_training_curves(records, out / "training_curves.png") if records else None
-    if curves is not None:
-        md += [f"![training curves]({curves.name})", "",
-               f"{len(records)} logged steps from `{Path(run_dir) / METRICS_FILE}`.", ""]
-    else:
-        md += ["No training metrics (`metrics.jsonl`) were found for this run.", ""]
+    md += _training_section(run_dir, out)
 
     md += ["## Accuracy against inference depth", ""]
     if sweep_rows or baseline_rows:

@@ -102,6 +102,25 @@ def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict
     return [data.batch(VAL, i) for i in range(n_batches or cfg.data.eval_batches)]
 
 
+def is_text_run(path: str | Path) -> bool:
+    """Whether ``path`` holds a run trained on text (a stored configuration without a task)."""
+    cfg = read_train_config(path)
+    return cfg is not None and cfg.data.task is None
+
+
+def run_loss_vs_loops(
+    path: str | Path, device: str | torch.device = "cpu", loops: list[int] | None = None
+) -> tuple[nn.Module, dict[int, Any]]:
+    """``(model, losses)``: the run's latest model on ``device`` and its validation
+    :class:`~open_mythos.evaluation.Perplexity` at each of ``loops`` (default 1 to 4x
+    ``max_loop_iters``) on the run's own validation batches (:func:`run_val_batches`)."""
+    from .sweep import default_loops, loss_vs_loops
+
+    model, _ = load_model(path, device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in run_val_batches(path)]
+    return model, loss_vs_loops(model, batches, loops or default_loops(model))
+
+
 def parse_task_args(text: str | None) -> dict[str, Any]:
     """Task keyword arguments from a JSON object string (``'{"lengths": [4, 12]}'``)."""
     if not text:

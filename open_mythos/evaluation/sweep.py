@@ -106,6 +106,13 @@ def loss_vs_loops(
     return {n: perplexity(model, batches, n) for n in loops}
 
 
+def loss_rows(losses: Mapping[int, Perplexity]) -> list[dict[str, float]]:
+    """:func:`loss_vs_loops` results as rows (``n_loops``, ``val_loss``, ``perplexity``,
+    ``tokens``) for a JSON or CSV file."""
+    return [{"n_loops": n, "val_loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
+            for n, r in sorted(losses.items())]
+
+
 def depth_checks(losses: Mapping[int, float], train_loops: int) -> list[str]:
     """The language-depth checks, one line each: loss non-increasing up to ``train_loops``,
     and the loss at ``4 x train_loops`` against the best."""

@@ -50,7 +50,26 @@ def test_text_sweep_equals_an_independent_recomputation(text_run, tmp_path, caps
         assert row["val_loss"] == pytest.approx(total / count, rel=1e-5)
         assert row["tokens"] == count
     printed = capsys.readouterr().out
-    assert "| loops | val_loss | ppl |" in printed and "non-increasing up to T_train=2" in printed
+    assert "| loops | val loss | perplexity | above best |" in printed
+    assert "non-increasing up to T_train=2" in printed
+
+
+def test_text_report_plots_the_curve_of_the_sweep(text_run, tmp_path):
+    sweep_out = tmp_path / "depth.json"
+    assert main(["sweep", "--checkpoint", str(text_run), "--loops", "1-4", "--out", str(sweep_out)]) == 0
+    out = tmp_path / "report"
+    assert main(["report", "--run", str(text_run), "--loops", "1-4", "--out", str(out)]) == 0
+    assert json.loads((out / "loss_vs_loops.json").read_text()) == json.loads(sweep_out.read_text())
+    assert (out / "loss_vs_loops.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "training_curves.png").is_file()
+    md = (out / "report.md").read_text()
+    rows = json.loads(sweep_out.read_text())
+    best = min(r["val_loss"] for r in rows)
+    for r in rows:  # the table carries every loop count and its gap to the best
+        gap = 100 * (r["val_loss"] - best) / best
+        assert f"| {r['n_loops']} | {r['val_loss']:.4f} | {r['perplexity']:.3f} | {gap:.2f}% |" in md
+    assert "![validation loss against loops](loss_vs_loops.png)" in md
+    assert "non-increasing up to T_train=2" in md and "at 4x T_train (8 loops)" not in md
 
 
 def test_depth_checks():
