@@ -21,39 +21,12 @@ deepest depth it did compute: see :meth:`CacheStore.fill_missing`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
 
 import torch
 
-Entries = dict[str, torch.Tensor]
+from ..layers.kv import CacheStore, Entries
 
-
-class CacheStore(Protocol):
-    """What attention layers need from a cache."""
-
-    def length(self, key: str) -> int:
-        """Number of positions cached under ``key`` (0 if absent)."""
-        ...
-
-    def write(self, key: str, start: int, new: Entries) -> Entries:
-        """Store ``new`` (sequence on dim -2) at positions ``start...``; return all positions.
-
-        ``start`` may be below the cached length (the tail is overwritten) but not above it.
-        """
-        ...
-
-    def fill_missing(self, key: str, src_key: str, upto: int) -> None:
-        """Copy positions ``[length(key), upto)`` from ``src_key`` into ``key``."""
-        ...
-
-    def truncate(self, length: int) -> None:
-        """Forget every position at or beyond ``length`` in every entry."""
-        ...
-
-    def nbytes(self) -> int:
-        """Bytes held by the cached positions."""
-        ...
-
+__all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store"]
 
 def _check_start(key: str, start: int, cached: int) -> None:
     if start > cached:

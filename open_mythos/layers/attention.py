@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttnType, MythosConfig
-from ..inference.cache import CacheStore, Entries
+from .kv import CacheStore, Entries
 from .norm import RMSNorm
 from .rope import apply_rope
 
