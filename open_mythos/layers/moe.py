@@ -28,7 +28,6 @@ no per-group kernels, which would dominate a one-token step.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
@@ -241,9 +240,17 @@ class MoEFFN(nn.Module):
         self.record_load = True
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
+        """The routed experts' weights N(0, ``std``); the router bias and the load
+        accumulator zero (so a model materialised from the meta device starts balanced).
+        The router and the shared expert are ``nn.Linear`` submodules, initialised by
+        their owner (:func:`open_mythos.layers.init.init_tree`)."""
         nn.init.normal_(self.w_gate_up, std=std)
         nn.init.normal_(self.w_down, std=std)
+        # nn.init (not .zero_()): transformers guards nn.init calls on loaded tensors.
+        nn.init.zeros_(self.router_bias)
+        nn.init.zeros_(self.load_since_update)
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose experts for each row of ``flat`` (N, dim).
@@ -331,14 +338,17 @@ class MoEFFN(nn.Module):
         return out, load
 
     @torch.no_grad()
-    def update_router_bias(self, rate: float | None = None) -> torch.Tensor:
+    def update_router_bias(self, rate: float | None = None, load: torch.Tensor | None = None) -> torch.Tensor:
         """Aux-loss-free balancing step (DeepSeek-V3): raise the bias of under-loaded experts.
 
-        Uses the load accumulated by training-mode forwards since the previous call (summed
-        over all ranks when ``torch.distributed`` is initialised, so every rank keeps the same
-        bias), moves each bias by ``rate`` (default ``cfg.router_bias_update_rate``) towards
-        the mean load, ``b_e += rate * sign(mean_load - load_e)``, and resets the
-        accumulator. No host synchronisation: an empty accumulator leaves the bias unchanged.
+        Moves each bias by ``rate`` (default ``cfg.router_bias_update_rate``) towards the
+        mean load, ``b_e += rate * sign(mean_load - load_e)``, and resets the accumulator.
+        ``load`` (n_experts,) defaults to the load accumulated by training-mode forwards
+        since the previous call (``load_since_update``). This layer runs no collective: in a
+        data-parallel run the caller passes the load summed over ranks, so that every rank
+        keeps the same bias (the trainer does, with one all-reduce for every MoE layer; see
+        :func:`open_mythos.training.distributed.reduced_expert_loads`). No host
+        synchronisation: an all-zero load leaves the bias unchanged.
 
         ``rate`` is in logit units per step. The bias only changes which experts are
         selected, so an expert preferred by a margin of ``d`` logits is rebalanced after about
@@ -352,9 +362,9 @@ class MoEFFN(nn.Module):
             The load (n_experts,) that the update used.
         """
         rate = self.bias_update_rate if rate is None else rate
-        load = self.load_since_update.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
+        load = self.load_since_update.clone() if load is None else load.to(self.router_bias.device)
+        if load.shape != self.router_bias.shape:
+            raise ValueError(f"load must have shape {tuple(self.router_bias.shape)}, got {tuple(load.shape)}")
         # sign(0) = 0: an empty accumulator (mean 0, all loads 0) moves nothing.
         self.router_bias.add_(rate * torch.sign(load.mean() - load))
         self.router_bias.sub_(self.router_bias.mean())  # only differences matter

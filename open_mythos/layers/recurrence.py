@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -131,12 +130,8 @@ def _put(full: torch.Tensor, rows: torch.Tensor | None, part: torch.Tensor) -> t
     return part if rows is None else full.index_copy(0, rows, part.to(full.dtype))
 
 
-def _all_ranks_any(flag: torch.Tensor) -> bool:
-    """``flag.any()`` agreed across ranks, so every rank runs the same number of loops."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.any().to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+def local_any(flag: torch.Tensor) -> bool:
+    """``flag.any()`` on this process alone: the early-exit test of a single process."""
     return bool(flag.any())
 
 
@@ -171,6 +166,13 @@ class RecurrentBlock(nn.Module):
         last_aux_loss: mean MoE balance loss over the loops.
         last_expert_load: (loops_run, n_experts) expert load per loop depth.
 
+    Early exit stops the loop when no position of the batch is still running, as decided
+    by ``any_alive`` (a callable: (B,) bool tensor -> bool; default :func:`local_any`). In
+    a data-parallel run every rank must run the same number of loops (FSDP gathers each
+    loop's weights collectively), so the distributed code sets ``any_alive`` to a test
+    agreed across ranks (:func:`open_mythos.training.distributed.agree_on_exit`); this
+    layer runs no collective itself.
+
     Memory options for training with many loops:
         gradient_checkpointing: recompute each loop in the backward pass instead of
             storing its activations.
@@ -195,6 +197,7 @@ class RecurrentBlock(nn.Module):
         self.last_expert_load: torch.Tensor | None = None
         self.last_states: dict[int, torch.Tensor] = {}
         self.gradient_checkpointing = False
+        self.any_alive: Callable[[torch.Tensor], bool] = local_any
 
     @staticmethod
     def cache_key(t: int) -> str:
@@ -320,7 +323,7 @@ class RecurrentBlock(nn.Module):
                     self.last_states[t + 1] = h
             if early_exit:
                 alive = running.any(dim=1)  # (B,)
-                if not _all_ranks_any(alive):
+                if not self.any_alive(alive):
                     break
                 # Sequences that have fully halted stop computing.
                 if not bool(alive.all()):

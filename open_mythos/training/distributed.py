@@ -115,6 +115,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, precision: Precision) -> nn.M
     ``ctx.device`` (identical on every rank).
 
     - ``none``: the model itself.
+    - otherwise the early-exit test is first made collective (:func:`agree_across_ranks`);
     - ``ddp``: ``DistributedDataParallel``. Buffers are not re-broadcast at every forward:
       the only persistent one, the MoE router bias, is updated from all-reduced loads and so
       stays identical on every rank by construction.
@@ -124,6 +125,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, precision: Precision) -> nn.M
     """
     if ctx.parallel is Parallel.NONE:
         return model
+    agree_across_ranks(model)
     if ctx.parallel is Parallel.DDP:
         import inspect
 
@@ -150,6 +152,37 @@ def wrap_model(model: nn.Module, ctx: DistContext, precision: Precision) -> nn.M
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def agree_on_exit(alive: torch.Tensor) -> bool:
+    """Whether any sequence on any rank is still running (``alive``: this rank's (B,) bool
+    tensor): the early-exit test of a data-parallel run, one all-reduce per loop, so every
+    rank runs the same number of loops and the collectives inside them stay matched."""
+    flag = alive.any().to(torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def agree_across_ranks(model: nn.Module) -> nn.Module:
+    """Make the rank-dependent decisions of ``model`` collective: its recurrent block's
+    early-exit test becomes :func:`agree_on_exit`. A dense baseline has none. Returns
+    ``model``."""
+    recurrent = getattr(model, "recurrent", None)
+    if recurrent is not None:
+        recurrent.any_alive = agree_on_exit
+    return model
+
+
+def reduced_expert_loads(model: nn.Module, ctx: DistContext) -> list[torch.Tensor]:
+    """The expert load each MoE layer of ``model`` accumulated since its last router-bias
+    update, summed over ranks with one all-reduce for all layers (what
+    ``MoEFFN.update_router_bias(load=...)`` needs to keep the bias identical everywhere)."""
+    layers = model.moe_layers()
+    if not layers:
+        return []
+    loads = torch.stack([moe.load_since_update for moe in layers])
+    return list(all_reduce(loads.clone(), ctx).unbind(0))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -67,6 +67,7 @@ from .distributed import (
     broadcast_object,
     gather_objects,
     gradient_sync,
+    reduced_expert_loads,
     setup,
     teardown,
     unwrap,
@@ -402,8 +403,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            # Per layer (what model.update_router_bias() does) to get the all-reduced loads.
-            loads = [moe.update_router_bias() for moe in self.core.moe_layers()]
+            loads = [moe.update_router_bias(load=load) for moe, load in
+                     zip(self.core.moe_layers(), reduced_expert_loads(self.core, self.ctx))]
             balance = max((float(load.max() / load.mean()) for load in loads if load.sum() > 0),
                           default=None)
             state.consecutive_bad = 0

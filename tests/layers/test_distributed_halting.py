@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from open_mythos.training.distributed import agree_across_ranks
 from tests.conftest import halting_model
 from tests.inference.test_early_exit import force_halting
 
@@ -18,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, halt_at: list[int], results) -> None:
+def _worker(rank: int, port: int, halt_at: list[int], results, agree: bool = True) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -26,6 +27,8 @@ def _worker(rank: int, port: int, halt_at: list[int], results) -> None:
         model = halting_model("gqa", act_threshold=0.99)
         k = halt_at[rank]
         force_halting(model, [k, k])
+        if agree:
+            agree_across_ranks(model)
         ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(rank))
         out = model(ids, n_loops=12)
         # A local all-reduce after the loop proves the ranks are still in step.
@@ -43,3 +46,11 @@ def test_ranks_agree_on_the_number_of_loops():
     # Rank 0 halted after 2 loops but keeps stepping (on an empty sub-batch) until rank 1
     # has halted too, so collectives inside the loop (FSDP all-gathers) stay matched.
     assert results[0] == (5, 10.0, True) and results[1] == (5, 10.0, True)
+
+
+@pytest.mark.distributed
+def test_the_layer_itself_runs_no_collective():
+    # Without agree_across_ranks each rank stops at its own depth: the decision is local.
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), [2, 5], results, False), nprocs=2, join=True)
+    assert results[0] == (2, 7.0, True) and results[1] == (5, 7.0, True)

@@ -103,3 +103,16 @@ def test_router_bias_update_moves_towards_balance():
     b = moe.router_bias
     assert b[0] < b[2] == b[3] < b[1]  # over-loaded expert down, idle expert up
     assert abs(b.sum().item()) < 1e-6 and moe.load_since_update.sum() == 0
+
+
+def test_router_bias_update_uses_the_load_it_is_given():
+    # A caller's (e.g. all-reduced) load replaces the local accumulator, which is reset.
+    moe = MoEFFN(tiny_config(router_bias_update_rate=0.1))
+    moe.load_since_update.copy_(torch.tensor([10.0, 0.0, 5.0, 5.0]))
+    given = torch.tensor([0.0, 10.0, 5.0, 5.0])
+    assert moe.update_router_bias(load=given).tolist() == given.tolist()
+    b = moe.router_bias
+    assert b[1] < b[2] == b[3] < b[0]  # follows the given load, not the local one
+    assert moe.load_since_update.sum() == 0
+    with pytest.raises(ValueError, match="shape"):
+        moe.update_router_bias(load=torch.ones(3))
