@@ -33,6 +33,7 @@ from .config import AttnType, MythosConfig
 from .inference.cache import KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
+from .layers.init import init_tree
 from .layers.norm import RMSNorm
 from .model import CausalLM, OpenMythos
 
@@ -174,18 +175,10 @@ class DenseBaseline(CausalLM):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, ``cfg.weight_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
-        embedding, ones for norms but the final one (``cfg.final_norm_gain``); re-ties the
-        head."""
+        """Initialise every tensor as the looped model does (:mod:`open_mythos.layers.init`);
+        re-ties the head, so a model built on the meta device can be materialised."""
         self.tie_weights()
-        for m in self.modules():
-            if isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=self.cfg.embed_std)
-            elif isinstance(m, nn.Linear) and m is not self.head:
-                nn.init.normal_(m.weight, std=self.cfg.weight_std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-        nn.init.constant_(self.norm.weight, self.cfg.final_norm_gain)
+        init_tree(self, self.cfg)
 
     def moe_layers(self) -> list[nn.Module]:
         """No mixture-of-experts layers (an empty list, for code written for both models)."""

@@ -12,6 +12,7 @@ from .config import MythosConfig
 from .inference.cache import CacheStore, KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
+from .layers.init import init_tree
 from .layers.moe import MoEFFN
 from .layers.norm import RMSNorm
 from .layers.recurrence import RecurrentBlock
@@ -320,34 +321,16 @@ class OpenMythos(CausalLM):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, ``cfg.weight_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
-        embedding, ones for norms but the final one (``cfg.final_norm_gain``), then the
-        recurrence's own inits.
+        """Initialise every tensor by the one rule set of :mod:`open_mythos.layers.init`:
+        N(0, ``cfg.weight_std``) for weight matrices, N(0, ``cfg.embed_std``) for the tied
+        embedding, ones for norms but the final one (``cfg.final_norm_gain``), the
+        recurrence's own inits, zero router bias and load.
 
         Also re-ties the head, so ``model.to_empty(device=...); model.reset_parameters()``
         materialises a model built on the meta device.
         """
         self.tie_weights()
-        std = self.cfg.weight_std
-        for m in self.modules():
-            if isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=self.cfg.embed_std)
-            elif isinstance(m, nn.Linear):
-                if m is not self.head:  # tied to the embedding
-                    nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, MoEFFN):
-                m.reset_parameters(std)
-                m.router_bias.zero_()
-        nn.init.constant_(self.norm.weight, self.cfg.final_norm_gain)
-        rec = self.recurrent
-        rec.injection.reset_parameters()
-        rec.act.reset_parameters()
-        if rec.lora is not None:
-            rec.lora.reset_parameters()
+        init_tree(self, self.cfg)
 
     # ------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoEFFN]:

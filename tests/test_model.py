@@ -83,15 +83,34 @@ def test_state_dict_round_trip(attn_type):
     torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)
 
 
-def test_meta_device_construction_and_materialisation():
+@pytest.mark.parametrize("kind", ["looped", "baseline"])
+def test_meta_device_materialisation_equals_a_normal_build(kind):
+    from open_mythos.baseline import BaselineConfig, DenseBaseline
+
+    cfg = tiny_config("mla", init_std=None, embed_init_std=None)
+    cls = OpenMythos
+    if kind == "baseline":
+        cfg, cls = BaselineConfig(**{**cfg.to_dict(), "core_layers": 2}), DenseBaseline
+    ref = cls(cfg)
     with torch.device("meta"):
-        model = OpenMythos(tiny_config("mla"))
+        model = cls(cfg)
     assert all(p.is_meta for p in model.parameters())
     model.to_empty(device="cpu")
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data.fill_(float("nan"))  # what uninitialised memory may hold
+    torch.manual_seed(3)
     model.reset_parameters()
-    out = model(torch.randint(0, 97, (1, 4)))
-    assert torch.isfinite(out).all()
+    torch.manual_seed(3)
+    ref.reset_parameters()
+    # Every tensor, non-persistent buffers included (the MoE load accumulator).
+    named = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}  # noqa: E731
+    got, want = named(model), named(ref)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
     assert model.head.weight is model.embed.weight
+    ids = torch.randint(0, 97, (1, 4))
+    torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
 
 
 def test_training_step_reduces_loss(attn_type):

@@ -50,9 +50,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import MythosConfig
 from ..inference.cache import DictCache
-from ..layers.moe import MoEFFN
-from ..layers.norm import RMSNorm
-from ..layers.recurrence import ACTHalting, LoRAAdapter, LTIInjection
+from ..layers.init import init_module
 from ..model import OpenMythos
 
 MODEL_TYPE = "openmythos"
@@ -199,33 +197,20 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The initialisation of :meth:`OpenMythos.reset_parameters`, one module at a time.
+        """The initialisation of the native model (:func:`open_mythos.layers.init.init_module`),
+        one module at a time.
 
         ``transformers`` calls it children first, on modules whose tensors were not loaded
         from a checkpoint; it uses ``nn.init`` functions only, which ``transformers``
         guards so that loaded tensors are never overwritten.
         """
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            cfg = self.model.cfg
-            tied = isinstance(module, nn.Embedding) or module is self.model.head
-            std = cfg.embed_std if tied else cfg.weight_std
-            nn.init.normal_(module.weight, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            act = self.model.recurrent.act
-            if module is act.halt:
-                # NOTE: transformers skips modules without parameters of their own, such as
-                # ACTHalting, so its halting-bias init is applied from its Linear.
-                act.reset_parameters()
-        elif isinstance(module, RMSNorm):
-            gain = self.model.cfg.final_norm_gain if module is self.model.norm else 1.0
-            nn.init.constant_(module.weight, gain)
-        elif isinstance(module, MoEFFN):
-            module.reset_parameters(self.model.cfg.weight_std)
-            nn.init.zeros_(module.router_bias)
-            nn.init.zeros_(module.load_since_update)
-        elif isinstance(module, (LoRAAdapter, LTIInjection, ACTHalting)):
-            module.reset_parameters()  # after its child Linear/Embedding, as in the model
+        model = self.model
+        init_module(module, model.cfg, final_norm=model.norm, tied_head=model.head)
+        act = getattr(getattr(model, "recurrent", None), "act", None)
+        if act is not None and module is act.halt:
+            # NOTE: transformers skips modules without parameters of their own, such as
+            # ACTHalting, so its halting-bias init is applied from its Linear.
+            act.reset_parameters()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed
