@@ -27,6 +27,11 @@ class MultiHop(Task):
 
     Level: hops. Splits: ``train``/``id`` from ``hops`` (default 1..3), ``ood_hops`` from
     ``ood_hops`` (default 4..8). ``distractors`` (default 1..4) is the same for every split.
+
+    ``statements``: when set, every prompt holds exactly this many assignments (the
+    distractors fill the chain up to it, and ``distractors`` is ignored), so every split has
+    the same prompt length: a longer chain is then harder only because it needs more hops,
+    not because its prompt is longer than any seen in training.
     """
 
     name = "multihop"
@@ -37,19 +42,31 @@ class MultiHop(Task):
         hops: tuple[int, int] = (1, 3),
         ood_hops: tuple[int, int] = (4, 8),
         distractors: tuple[int, int] = (1, 4),
+        statements: int | None = None,
     ) -> None:
         hops = check_range("hops", hops)
         ood = check_range("ood_hops", ood_hops)
         super().__init__({"train": hops, "id": hops, "ood_hops": ood})
         self.distractors = check_range("distractors", distractors, minimum=0)
-        if ood[1] + self.distractors[1] > len(VARIABLES):
+        self.statements = statements
+        if statements is not None:
+            if isinstance(statements, bool) or not isinstance(statements, int):
+                raise ValueError(f"statements must be an integer, got {statements!r}")
+            deepest = max(hops[1], ood[1])
+            if not deepest <= statements <= len(VARIABLES):
+                raise ValueError(f"statements must be in [{deepest}, {len(VARIABLES)}] (the "
+                                 f"longest chain to the number of variables), got {statements}")
+        elif ood[1] + self.distractors[1] > len(VARIABLES):
             raise ValueError(
                 f"ood_hops[1] + distractors[1] must be <= {len(VARIABLES)} variables, "
                 f"got {ood[1]} + {self.distractors[1]}"
             )
 
     def _generate(self, rng: random.Random, level: int) -> Example:
-        n_extra = rng.randint(*self.distractors)
+        if self.statements is not None and level > self.statements:
+            raise ValueError(f"level {level} needs more than statements={self.statements} assignments")
+        n_extra = (rng.randint(*self.distractors) if self.statements is None
+                   else self.statements - level)
         if level + n_extra > len(VARIABLES):
             raise ValueError(f"level {level} needs more than {len(VARIABLES)} variables")
         names = rng.sample(VARIABLES, level + n_extra)
@@ -102,5 +119,5 @@ class MultiHop(Task):
         return len(self.trace(prompt))
 
     def max_len_at(self, level: int) -> int:
-        statements = level + self.distractors[1]
+        statements = level + self.distractors[1] if self.statements is None else self.statements
         return 2 + (4 * statements - 1 + 2) + 1

@@ -48,13 +48,18 @@ VARIANTS: dict[str, Task] = {
     "addition_reverse": Addition(reverse=True),
     "multihop": MultiHop(),
     "multihop_no_distractors": MultiHop(distractors=(0, 0)),
+    "multihop_fixed_length": MultiHop(ood_hops=(4, 6), statements=8),
     "phop": PHop(),
     "phop_2": PHop(nodes=2),
 }
 
-# Tasks whose prompt length does not grow with the level: a p-hop prompt lists the whole
-# permutation at every level, only the digits of the hop count grow.
-FIXED_LENGTH_TASKS = {"phop"}
+
+
+def fixed_length(task: Task) -> bool:
+    """Whether the prompt length does not grow with the level: a p-hop prompt lists the
+    whole permutation at every level (only the digits of the hop count grow); a multihop
+    task with ``statements`` set pads every chain with distractors to that count."""
+    return task.name == "phop" or getattr(task, "statements", None) is not None
 
 
 def _samples(task: Task, split: str, seed: int = 0, n: int = N_SAMPLES) -> list[Example]:
@@ -104,7 +109,7 @@ def test_ood_splits_are_strictly_harder(task: Task) -> None:
         ood_examples = _samples(task, split)
         assert min(task.level_of(ex.prompt) for ex in ood_examples) > max(id_levels)
         ood_prompt_len = sum(len(ex.prompt) for ex in ood_examples) / len(ood_examples)
-        if task.name in FIXED_LENGTH_TASKS:
+        if fixed_length(task):
             assert ood_prompt_len >= id_prompt_len
             assert task.max_len(split) >= task.max_len("id")
         else:
@@ -252,8 +257,8 @@ def test_dyck_balanced_is_a_fair_coin_that_counting_cannot_solve() -> None:
         assert body.count("(") + body.count("[") == body.count(")") + body.count("]")
 
 
-def test_multihop_assigns_each_variable_once_and_is_acyclic() -> None:
-    task = MultiHop()
+@pytest.mark.parametrize("task", [MultiHop(), MultiHop(ood_hops=(4, 6), statements=8)])
+def test_multihop_assigns_each_variable_once_and_is_acyclic(task: MultiHop) -> None:
     for split in task.splits:
         for ex in _samples(task, split):
             body, query = ex.prompt.split("?")
@@ -262,6 +267,25 @@ def test_multihop_assigns_each_variable_once_and_is_acyclic() -> None:
             assert query in lhs
             for var in lhs:  # every variable, not just the query, resolves to a digit
                 task.solve(f"{body}?{var}")
+
+
+def test_multihop_statements_fixes_the_prompt_length() -> None:
+    task = MultiHop(hops=(1, 3), ood_hops=(4, 6), statements=8)
+    rng = random.Random(0)
+    for level in range(1, 9):
+        for _ in range(20):
+            ex = task.generate_at(rng, level)
+            assert len(ex.prompt.split("?")[0].split(";")) == 8 and len(ex.prompt) == 33
+            assert task.level_of(ex.prompt) == level
+    assert task.max_len("id") == task.max_len("ood_hops")
+    with pytest.raises(ValueError, match="level 9"):
+        task.generate_at(rng, 9)
+    with pytest.raises(ValueError, match="statements"):
+        MultiHop(ood_hops=(4, 9), statements=8)  # a 9-hop chain needs 9 assignments
+    with pytest.raises(ValueError, match="statements"):
+        MultiHop(statements=27)
+    with pytest.raises(ValueError, match="integer"):
+        MultiHop(statements=8.0)
 
 
 PHOP_PROMPT = re.compile(r"((?:[a-z]=[a-z];)*[a-z]=[a-z])\?([a-z])([1-9][0-9]*)")
