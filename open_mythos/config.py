@@ -74,6 +74,12 @@ class MythosConfig:
         use_act: if False, ACT is off: every position runs every loop and the output is the
             last hidden state (the recipe that extrapolates in depth, see
             ``docs/depth_extrapolation.md``).
+        clamp_loop_index: if True, every loop from ``max_loop_iters`` on gets the
+            loop-index embedding of loop ``max_loop_iters`` (as the per-loop LoRA scales do),
+            so the block is one and the same map at every deeper loop: a state that has
+            reached a fixed point stays there when more loops are run. False (upstream's
+            behaviour) gives every loop a new signal. Measured in
+            ``docs/depth_extrapolation.md``.
         act_halt_bias_init: initial bias of the halting head. The default -3 gives a halting
             probability of about 0.05 per loop, so at initialisation no position halts before
             loop 16 and every loop contributes to the output.
@@ -121,6 +127,7 @@ class MythosConfig:
     dropout: float = 0.0
     # Added fields (not in upstream).
     use_act: bool = True
+    clamp_loop_index: bool = False
     act_halt_bias_init: float = -3.0
     dense_ffn_dim: int | None = None
     router_bias_update_rate: float = 1e-3
@@ -170,6 +177,8 @@ class MythosConfig:
         _require("rope_theta", self.rope_theta,
                  isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1, "> 1")
         _require("dropout", self.dropout, 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        for name in ("use_act", "clamp_loop_index"):
+            _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "a boolean")
         _require("norm_eps", self.norm_eps, self.norm_eps > 0, "> 0")
         _require("router_bias_update_rate", self.router_bias_update_rate,
                  self.router_bias_update_rate >= 0, ">= 0")

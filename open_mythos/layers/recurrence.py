@@ -189,6 +189,8 @@ class RecurrentBlock(nn.Module):
         self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters) if cfg.lora_rank else None
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.loop_dim = cfg.loop_dim
+        # The last loop index with a signal of its own (None: every loop has one).
+        self.last_loop_index = cfg.max_loop_iters - 1 if cfg.clamp_loop_index else None
         self.last_ponder_cost: torch.Tensor | None = None
         self.last_act_weights: torch.Tensor | None = None
         self.last_loops_run: int = 0
@@ -211,7 +213,8 @@ class RecurrentBlock(nn.Module):
         # (embeddings ~0.02), so after the norm every token looks alike and the router sends
         # all of them to the same experts. Scaling by the state's RMS keeps it proportionate.
         rms = h.float().pow(2).mean(-1, keepdim=True).sqrt()
-        x = self.norm(loop_index_embedding(h, t, self.loop_dim, scale=rms) + e)
+        t_signal = t if self.last_loop_index is None else min(t, self.last_loop_index)
+        x = self.norm(loop_index_embedding(h, t_signal, self.loop_dim, scale=rms) + e)
         out = self.block(x, ctx, self.cache_key(t), carry)
         if self.lora is not None:
             out = out + self.lora(out, t)

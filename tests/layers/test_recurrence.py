@@ -150,3 +150,31 @@ def test_hooks_see_every_loop():
     assert act_calls == [torch.Size([2, 7])] * 5
     assert ffn_shapes == [torch.Size([2, 7, 64])] * 5
     assert model.recurrent.last_expert_load.shape == (5, 4)
+
+
+def test_clamp_loop_index_repeats_the_last_signal(monkeypatch):
+    import open_mythos.layers.recurrence as recurrence
+
+    seen = []
+    original = recurrence.loop_index_embedding
+
+    def spy(h, t, *args, **kwargs):
+        seen.append(t)
+        return original(h, t, *args, **kwargs)
+
+    monkeypatch.setattr(recurrence, "loop_index_embedding", spy)
+    ids = torch.randint(0, 97, (1, 5))
+    for clamp, want in ((False, [0, 1, 2, 3, 4, 5]), (True, [0, 1, 2, 2, 2, 2])):
+        seen.clear()
+        model = OpenMythos(tiny_config(max_loop_iters=3, use_act=False, clamp_loop_index=clamp))
+        model(ids, n_loops=6)
+        assert seen == want
+    # Same weights: the clamp changes nothing up to max_loop_iters loops, and beyond it the
+    # deeper loops see the old signal, so the outputs differ.
+    torch.manual_seed(0)
+    a = OpenMythos(tiny_config(max_loop_iters=3, use_act=False, clamp_loop_index=True)).eval()
+    b = OpenMythos(tiny_config(max_loop_iters=3, use_act=False)).eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids, n_loops=3), b(ids, n_loops=3), rtol=0, atol=0)
+        assert not torch.allclose(a(ids, n_loops=5), b(ids, n_loops=5))
