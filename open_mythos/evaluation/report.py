@@ -146,13 +146,15 @@ def plot_depth_sweep(
 
 def plot_loss_vs_loops(losses: Mapping[int, Perplexity], train_loops: int | None,
                        path: Path) -> Path:
-    """Validation loss against loops at inference, the training depth as a vertical line
-    and the best loss as a dotted horizontal one."""
+    """Validation loss against loops at inference: the training depth as a vertical line,
+    the best loss dotted and 1% above it dashed (the no-overthinking band)."""
     loops = sorted(losses)
     values = [losses[n].loss for n in loops]
     fig, (ax,) = _figure(6, 4)
     ax.plot(loops, values, marker="o", markersize=3, label="validation loss")
-    ax.axhline(min(values), color="gray", linestyle=":", label=f"best ({min(values):.4f})")
+    best = min(values)
+    ax.axhline(best, color="gray", linestyle=":", label=f"best ({best:.4f})")
+    ax.axhline(1.01 * best, color="gray", linestyle="--", linewidth=0.8, label="best + 1%")
     if train_loops is not None:
         ax.axvline(train_loops, color="black", linewidth=1.0, alpha=0.6,
                    label=f"training depth ({train_loops})")
