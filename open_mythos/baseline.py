@@ -16,8 +16,10 @@ per multiply-add), equal everything else one loop computes per token: the ``top-
 routed experts and the shared experts a token actually visits, the router, the depth-wise
 LoRA and the ACT halting head (:func:`loop_extra_flops`). Rounding to the nearest integer
 leaves a difference below ``3 * dim`` FLOPs per core layer, so
-``flops_per_token(baseline_cfg) == flops_per_token(cfg, n_loops=T)`` up to that rounding.
-Elementwise work (norms, RoPE, the LTI update, the loop-index signal) is not counted.
+``flops_per_token(baseline_cfg) == flops_per_token(cfg, n_loops=T)`` up to that rounding
+(:func:`open_mythos.registry.flops_per_token` picks :func:`dense_flops_per_token` or
+:func:`looped_flops_per_token` by the config's kind). Elementwise work (norms, RoPE, the LTI
+update, the loop-index signal) is not counted.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
 from .layers.init import init_tree
 from .layers.norm import RMSNorm
-from .model import CausalLM, OpenMythos
+from .model import CausalLM
 
 
 def swiglu_flops(dim: int, hidden: int) -> int:
@@ -127,22 +129,27 @@ def matched_baseline_config(cfg: MythosConfig, train_loops: int) -> BaselineConf
     return BaselineConfig(**fields, core_layers=train_loops, core_ffn_dim=matched_ffn_dim(cfg))
 
 
-def flops_per_token(cfg: MythosConfig, n_loops: int | None = None, context_len: int = 0) -> int:
-    """Forward matmul FLOPs per token, embedding lookup excluded, LM head included.
+def _trunk_flops(cfg: MythosConfig, attn: int) -> int:
+    """LM head plus the Prelude and Coda blocks, which both kinds share."""
+    return 2 * cfg.dim * cfg.vocab_size + (cfg.prelude_layers + cfg.coda_layers) * (
+        attn + swiglu_flops(cfg.dim, cfg.ffn_dim))
 
-    Args:
-        cfg: a looped model's :class:`MythosConfig` or a :class:`BaselineConfig`.
-        n_loops: loops every position runs (looped model only; default ``max_loop_iters``).
-            Ignored for a baseline, whose depth is fixed.
-        context_len: keys each query attends to (see :func:`attention_flops`).
-    """
+
+def looped_flops_per_token(cfg: MythosConfig, n_loops: int | None = None,
+                           context_len: int = 0) -> int:
+    """Forward matmul FLOPs per token of :class:`~open_mythos.OpenMythos` at ``n_loops``
+    loops (default ``max_loop_iters``); see :func:`open_mythos.registry.flops_per_token`."""
     attn = attention_flops(cfg, context_len)
-    total = 2 * cfg.dim * cfg.vocab_size
-    total += (cfg.prelude_layers + cfg.coda_layers) * (attn + swiglu_flops(cfg.dim, cfg.ffn_dim))
-    if isinstance(cfg, BaselineConfig):
-        return total + cfg.core_layers * (attn + swiglu_flops(cfg.dim, cfg.core_ffn_dim))
     loops = cfg.max_loop_iters if n_loops is None else n_loops
-    return total + loops * (attn + loop_extra_flops(cfg))
+    return _trunk_flops(cfg, attn) + loops * (attn + loop_extra_flops(cfg))
+
+
+def dense_flops_per_token(cfg: BaselineConfig, n_loops: int | None = None,
+                          context_len: int = 0) -> int:
+    """Forward matmul FLOPs per token of :class:`DenseBaseline` (``n_loops`` is ignored:
+    the depth is fixed); see :func:`open_mythos.registry.flops_per_token`."""
+    attn = attention_flops(cfg, context_len)
+    return _trunk_flops(cfg, attn) + cfg.core_layers * (attn + swiglu_flops(cfg.dim, cfg.core_ffn_dim))
 
 
 class DenseBaseline(CausalLM):
@@ -242,19 +249,16 @@ class DenseBaseline(CausalLM):
         return self.cfg.core_layers
 
 
-def config_from_dict(data: dict[str, Any]) -> MythosConfig:
-    """A :class:`BaselineConfig` if ``data`` has the baseline's fields, else a
-    :class:`MythosConfig` (inverse of ``cfg.to_dict()`` for both kinds)."""
-    if "core_layers" in data or "core_ffn_dim" in data:
-        return BaselineConfig.from_dict(data)
-    return MythosConfig.from_dict(data)
+# NOTE: these lived here before the registry of model kinds; the registry imports this
+# module, so they are looked up lazily (PEP 562) rather than imported at the top.
+_MOVED_TO_REGISTRY = ("build_model", "config_from_dict", "flops_per_token", "is_looped")
 
 
-def build_model(cfg: MythosConfig) -> nn.Module:
-    """:class:`DenseBaseline` for a :class:`BaselineConfig`, else :class:`OpenMythos`."""
-    return DenseBaseline(cfg) if isinstance(cfg, BaselineConfig) else OpenMythos(cfg)
+def __getattr__(name: str) -> Any:
+    """``flops_per_token``, ``config_from_dict``, ``build_model`` and ``is_looped`` from
+    :mod:`open_mythos.registry`, under their old import path."""
+    if name in _MOVED_TO_REGISTRY:
+        from . import registry
 
-
-def is_looped(model: nn.Module) -> bool:
-    """Whether ``model`` has a recurrent block whose loop count can vary."""
-    return isinstance(getattr(model, "recurrent", None), nn.Module)
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

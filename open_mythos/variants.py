@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .config import MythosConfig
 from .layers.moe import MoEFFN
-from .model import OpenMythos
+from .registry import build_model
 
 
 @dataclass(frozen=True)
@@ -48,13 +47,14 @@ def format_count(n: float) -> str:
 def count_parameters(cfg_or_model: MythosConfig | nn.Module) -> ParamCount:
     """Exact total and per-token active parameter counts.
 
-    A config is built as ``OpenMythos`` on the meta device (no memory, fast at any size). A
-    module is counted as is; each :class:`MoEFFN` in it removes its unchosen routed experts
-    from the active count.
+    A config is built as the model of its kind (:func:`open_mythos.registry.build_model`:
+    ``OpenMythos``, or ``DenseBaseline`` for a ``BaselineConfig``) on the meta device (no
+    memory, fast at any size). A module is counted as is; each :class:`MoEFFN` in it removes
+    its unchosen routed experts from the active count (the dense baseline has none, so its
+    active count is its total).
     """
     if isinstance(cfg_or_model, MythosConfig):
-        with torch.device("meta"):
-            model: nn.Module = OpenMythos(cfg_or_model)
+        model: nn.Module = build_model(cfg_or_model, device="meta")
     else:
         model = cfg_or_model
     total = sum(p.numel() for p in model.parameters())

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from open_mythos import MythosConfig, OpenMythos
+from open_mythos.baseline import BaselineConfig, DenseBaseline, matched_baseline_config
 from open_mythos.variants import (
     NOMINAL_SIZES,
     VARIANTS,
@@ -95,6 +96,32 @@ def test_count_of_real_model_matches_config():
     model = OpenMythos(cfg)
     assert model.head.weight is model.embed.weight  # tied: counted once
     assert count_parameters(model) == count_parameters(cfg)
+
+
+def analytic_baseline_params(c: BaselineConfig) -> int:
+    """Independent count of the dense baseline: tied embedding, every block (the core ones
+    with SwiGLU width ``core_ffn_dim``), final norm."""
+    attn = _mla_attention(c) if str(c.attn_type) == "mla" else _gqa_attention(c)
+    block = lambda width: 2 * c.dim + attn + 3 * c.dim * width  # noqa: E731
+    return (c.vocab_size * c.dim + (c.prelude_layers + c.coda_layers) * block(c.ffn_dim)
+            + c.core_layers * block(c.core_ffn_dim) + c.dim)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+@pytest.mark.parametrize("kind", ["looped", "dense"])
+def test_count_of_a_config_is_the_model_of_its_kind(kind, attn_type):
+    cfg = small_gqa().replace(attn_type=attn_type, kv_lora_rank=16, q_lora_rank=24,
+                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    if kind == "dense":
+        cfg = matched_baseline_config(cfg, 4)
+    # The real count, from a module built by hand (not through count_parameters).
+    real = DenseBaseline(cfg) if kind == "dense" else OpenMythos(cfg)
+    total = sum(p.numel() for p in real.parameters())  # the tied head once
+    count = count_parameters(cfg)
+    assert count.total == total
+    assert count.total == (analytic_baseline_params(cfg) if kind == "dense" else analytic_params(cfg))
+    unchosen = (cfg.n_experts - cfg.n_experts_per_tok) * _routed_expert(cfg)
+    assert count.active == (total if kind == "dense" else total - unchosen)
 
 
 def test_variant_configs_follow_the_scaling_recipe():

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..baseline import BaselineConfig, flops_per_token, is_looped
+from ..registry import flops_per_token, is_looped
 from ..tasks import BOS_ID, EOS_ID, Task, encode_example
 from .sweep import Perplexity, SweepRow, depth_checks, eval_mode, eval_splits, sample_examples
 
@@ -381,27 +381,27 @@ def accuracy_pivot(rows: Sequence[SweepRow], baseline_rows: Sequence[SweepRow] =
 
 def _model_summary(model: nn.Module | None, baseline: nn.Module | None,
                    train_loops: int | None) -> list[str]:
-    lines = []
-    if model is not None:
-        cfg = model.cfg
-        n_params = sum(p.numel() for p in model.parameters())
-        depth = train_loops or cfg.max_loop_iters
-        lines.append(
-            f"- looped model: {n_params:,} parameters, dim {cfg.dim}, {cfg.prelude_layers} prelude "
+    lines = [_describe(m, train_loops) for m in (model, baseline) if m is not None]
+    if train_loops is not None:
+        lines.append(f"- training depth: {train_loops} loops")
+    return lines
+
+
+def _describe(model: nn.Module, train_loops: int | None) -> str:
+    """One line on ``model``'s size, architecture and FLOPs per token (at the training depth
+    for a looped model)."""
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    if not is_looped(model):
+        return (f"- dense baseline: {n_params:,} parameters, {cfg.n_layers} layers "
+                f"({cfg.core_layers} core blocks of FFN width {cfg.core_ffn_dim}); "
+                f"{flops_per_token(cfg):,} FLOPs/token")
+    depth = train_loops or cfg.max_loop_iters
+    return (f"- looped model: {n_params:,} parameters, dim {cfg.dim}, {cfg.prelude_layers} prelude "
             f"+ recurrent MoE block ({cfg.n_experts} experts, top-{cfg.n_experts_per_tok}) + "
             f"{cfg.coda_layers} coda, {cfg.attn_type} attention, ACT "
             f"{'on' if cfg.use_act else 'off'}; {flops_per_token(cfg, depth):,} FLOPs/token "
             f"at {depth} loops")
-    if baseline is not None and isinstance(baseline.cfg, BaselineConfig):
-        bcfg = baseline.cfg
-        n_params = sum(p.numel() for p in baseline.parameters())
-        lines.append(
-            f"- dense baseline: {n_params:,} parameters, {bcfg.n_layers} layers "
-            f"({bcfg.core_layers} core blocks of FFN width {bcfg.core_ffn_dim}); "
-            f"{flops_per_token(bcfg):,} FLOPs/token")
-    if train_loops is not None:
-        lines.append(f"- training depth: {train_loops} loops")
-    return lines
 
 
 def write_report(

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..baseline import is_looped
 from ..inference.generation import stream
+from ..registry import is_looped
 from ..tasks import (
     EOS_ID,
     IGNORE_INDEX,

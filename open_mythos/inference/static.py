@@ -210,7 +210,7 @@ class CompiledDecoder:
         A recurrent depth the prefill did not reach (ACT early exit, fewer loops) is filled
         from the deepest one computed, the rule the eager forward applies.
         """
-        from ..baseline import is_looped  # imports the model, which imports this package
+        from ..registry import is_looped  # imports the model, which imports this package
 
         self.keys = keys = self.model.cache_keys(self.n_loops)
         if is_looped(self.model):

@@ -107,7 +107,7 @@ class ModelConfig:
         else:
             base = {**DEFAULT_MODEL, "vocab_size": data_vocab_size}
         merged = {**base, **self.overrides}
-        from ..baseline import config_from_dict  # core_layers / core_ffn_dim: the dense baseline
+        from ..registry import config_from_dict  # core_layers / core_ffn_dim: the dense baseline
 
         try:
             cfg = config_from_dict(merged)
@@ -478,10 +478,13 @@ def to_toml(cfg: TrainConfig) -> str:
 
 
 def _build_model_section(raw: Mapping[str, Any]) -> ModelConfig:
-    from ..baseline import BaselineConfig  # its extra keys (core_layers...) build the baseline
+    from ..registry import KINDS  # a kind's extra keys (core_layers...) select that kind
 
-    hints = typing.get_type_hints(BaselineConfig)
-    allowed = {"variant": None, **{f.name: None for f in dataclasses.fields(BaselineConfig)}}
+    hints: dict[str, Any] = {}
+    for kind in KINDS.values():
+        hints.update(typing.get_type_hints(kind.config_class))
+    allowed = {"variant": None, **{f.name: None for k in KINDS.values()
+                                   for f in dataclasses.fields(k.config_class)}}
     _reject_unknown("key", raw, allowed, prefix="model.")
     overrides = {}
     variant = None

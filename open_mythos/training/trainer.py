@@ -40,9 +40,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..baseline import build_model, is_looped
 from ..config import MythosConfig
 from ..layers.norm import RMSNorm
+from ..registry import build_model, is_looped, kind_of
 from .checkpoint import (
     TRAINER_STATE_FILE,
     TrainingCheckpoint,
@@ -279,9 +279,10 @@ class Trainer:
             ckpt = resolve_checkpoint_dir(path)
         except FileNotFoundError as err:
             raise ConfigError(f"run.init_from: {err}") from None
-        if type(read_model_config(ckpt)) is not type(self.model_cfg):
-            raise ConfigError(f"run.init_from={path!r} holds another kind of model "
-                              f"({type(read_model_config(ckpt)).__name__})")
+        theirs, ours = kind_of(read_model_config(ckpt)), kind_of(self.model_cfg)
+        if theirs is not ours:
+            raise ConfigError(f"run.init_from={path!r} holds a {theirs.name} model, this run "
+                              f"trains a {ours.name} one")
         state, _ = read_model_state(ckpt)
         own = {k: v for k, v in core.state_dict().items() if k not in tied_parameters(core)}
         wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"

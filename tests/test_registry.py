@@ -1,0 +1,128 @@
+"""The registry of model kinds: one decision of "looped or dense baseline" for everything."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from open_mythos import MythosConfig, OpenMythos
+from open_mythos.baseline import (
+    BaselineConfig,
+    DenseBaseline,
+    attention_flops,
+    matched_baseline_config,
+    swiglu_flops,
+)
+from open_mythos.registry import (
+    DENSE,
+    KINDS,
+    LOOPED,
+    ModelKind,
+    build_model,
+    config_fields,
+    config_from_dict,
+    flops_per_token,
+    is_looped,
+    kind_of,
+    register,
+)
+from tests.conftest import tiny_config
+
+KIND_NAMES = ["looped", "dense"]
+
+
+def config_of(kind: str, attn_type: str) -> MythosConfig:
+    cfg = tiny_config(attn_type)
+    return cfg if kind == "looped" else matched_baseline_config(cfg, 3)
+
+
+def test_each_kind_maps_config_model_and_dict_to_itself(attn_type):
+    for kind, cls in ((LOOPED, OpenMythos), (DENSE, DenseBaseline)):
+        cfg = config_of(kind.name, attn_type)
+        model = cls(cfg)
+        assert kind_of(cfg) is kind_of(model) is kind_of(cfg.to_dict()) is kind
+        assert is_looped(model) is is_looped(cfg) is (kind is LOOPED)
+    assert list(KINDS) == KIND_NAMES
+
+
+def test_subclasses_and_wrappers_have_their_parents_kind():
+    class Sub(DenseBaseline):
+        pass
+
+    cfg = matched_baseline_config(tiny_config("gqa"), 2)
+    assert kind_of(Sub(cfg)) is DENSE
+    wrapped = torch.nn.Module()
+    wrapped.module = OpenMythos(tiny_config("gqa"))  # as DDP holds its model
+    assert kind_of(wrapped) is LOOPED
+    with pytest.raises(TypeError, match="not a registered model kind"):
+        kind_of(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expected a MythosConfig"):
+        kind_of(3)
+
+
+def test_config_dict_kind_is_chosen_by_a_set_baseline_field():
+    cfg = tiny_config("mla")
+    data = cfg.to_dict()
+    # A Hugging Face config carries the baseline's fields for every model, None if unused.
+    assert type(config_from_dict({**data, "core_layers": None, "core_ffn_dim": None})) is MythosConfig
+    base = config_from_dict({**data, "core_layers": 2})
+    assert type(base) is BaselineConfig and base.core_layers == 2
+    assert base == BaselineConfig(**data, core_layers=2)
+    for cfg in (tiny_config("gqa"), matched_baseline_config(tiny_config("gqa"), 5)):
+        assert config_from_dict(cfg.to_dict()) == cfg and type(config_from_dict(cfg.to_dict())) is type(cfg)
+    with pytest.raises(ValueError, match="unknown MythosConfig field"):
+        config_from_dict({**data, "depth": 3})
+
+
+def test_config_fields_cover_every_kind_with_plain_defaults():
+    fields = config_fields()
+    want = {f.name for f in dataclasses.fields(BaselineConfig)}  # a superset of MythosConfig's
+    assert set(fields) == want
+    assert fields["core_layers"] is None and fields["dim"] == MythosConfig().dim
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_build_model_on_every_device_option(kind):
+    cfg = config_of(kind, "gqa")
+    cls = OpenMythos if kind == "looped" else DenseBaseline
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    torch.manual_seed(0)
+    assert type(plain) is cls and _same(plain, cls(cfg))  # device=None: the constructor
+    meta = build_model(cfg, device="meta")
+    assert type(meta) is cls and all(p.is_meta for p in meta.parameters())
+    real = build_model(cfg, device="cpu")
+    assert not any(t.is_meta for t in [*real.parameters(), *real.buffers()])
+    assert all(torch.isfinite(t).all() for t in real.state_dict().values())
+    assert real.head.weight is real.embed.weight
+
+
+def test_flops_dispatch_by_kind():
+    cfg = tiny_config("gqa")
+    base = matched_baseline_config(cfg, 3)
+    attn = attention_flops(cfg, 5)
+    trunk = 2 * cfg.dim * cfg.vocab_size + 2 * (attn + swiglu_flops(cfg.dim, cfg.ffn_dim))
+    assert flops_per_token(base, context_len=5) == trunk + 3 * (
+        attn + swiglu_flops(cfg.dim, base.core_ffn_dim))
+    assert flops_per_token(base, n_loops=7) == flops_per_token(base)  # fixed depth
+    assert flops_per_token(cfg, n_loops=7) > flops_per_token(cfg, n_loops=3)
+
+
+def test_register_rejects_a_clash_and_old_import_paths_still_work():
+    import open_mythos.baseline as baseline
+    import open_mythos.registry as registry
+
+    with pytest.raises(ValueError, match="clashes"):
+        register(ModelKind("other", BaselineConfig, DenseBaseline, False, flops_per_token))
+    assert list(KINDS) == KIND_NAMES
+    for name in ("build_model", "config_from_dict", "flops_per_token", "is_looped"):
+        assert getattr(baseline, name) is getattr(registry, name)
+    with pytest.raises(AttributeError):
+        baseline.no_such_name  # noqa: B018
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
