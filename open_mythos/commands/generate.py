@@ -103,7 +103,8 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(LoadedModel, tokenizer)`` from the options of :func:`add_model_arguments`."""
     import torch
 
-    from ..integrations.convert import load_model, resolve_tokenizer
+    from ..checkpoints import load_model
+    from ..integrations.convert import resolve_tokenizer
 
     device = args.device
     if device == "auto":

@@ -62,8 +62,9 @@ def run_text(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Load the run, sweep (or read the sweep), and write the report."""
+    from ..checkpoints import load_checkpoint
     from ..evaluation.report import write_report
-    from ..evaluation.runs import is_text_run, load_model, run_train_loops
+    from ..evaluation.runs import is_text_run, run_train_loops
     from ..evaluation.sweep import load_rows, save_rows
 
     try:
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         device = resolve_device(args.device)
         task = resolve_task(args, args.run)
-        model, cfg = load_model(args.run, device)
-        baseline = load_model(args.baseline, device)[0] if args.baseline else None
+        model, cfg = load_checkpoint(args.run, device)
+        baseline = load_checkpoint(args.baseline, device)[0] if args.baseline else None
         if args.sweep:
             loaded = load_rows(args.sweep)
             rows = [r for r in loaded if r.model == "looped"]

@@ -136,8 +136,9 @@ def run_text(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint(s), sweep, write ``--out`` and print the table."""
+    from ..checkpoints import load_checkpoint
     from ..evaluation.report import sweep_table
-    from ..evaluation.runs import is_text_run, load_model
+    from ..evaluation.runs import is_text_run
     from ..evaluation.sweep import save_rows
 
     try:
@@ -145,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
             return run_text(args)
         device = resolve_device(args.device)
         task = resolve_task(args, args.checkpoint)
-        model, _ = load_model(args.checkpoint, device)
-        baseline = load_model(args.baseline, device)[0] if args.baseline else None
+        model, _ = load_checkpoint(args.checkpoint, device)
+        baseline = load_checkpoint(args.baseline, device)[0] if args.baseline else None
         rows, base_rows = sweep_models(args, model, baseline, task)
         path = save_rows([*rows, *base_rows], args.out)
     except (FileNotFoundError, ValueError, KeyError) as err:

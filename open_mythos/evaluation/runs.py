@@ -2,7 +2,8 @@
 baseline), the task it was trained on and its training depth.
 
 Paths may be a checkpoint directory or a run directory (its latest checkpoint is used), as
-laid out by :mod:`open_mythos.training.checkpoint`.
+laid out by :mod:`open_mythos.training.checkpoint`. :func:`load_model` is
+:func:`open_mythos.checkpoints.load_checkpoint`: ``(model, cfg)`` of any layout and kind.
 """
 
 from __future__ import annotations
@@ -14,41 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..baseline import BaselineConfig, DenseBaseline, config_from_dict
-from ..config import MythosConfig
+from ..checkpoints import load_checkpoint as load_model  # (model, cfg) of any layout and kind
 from ..tasks import Task, get_task
 
 RUN_CONFIG_FILE = "config.toml"
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, MythosConfig]:
-    """``(model, cfg)`` from a checkpoint: an :class:`~open_mythos.OpenMythos` or, when the
-    stored config has the baseline's fields, a :class:`~open_mythos.baseline.DenseBaseline`.
-    The model is in eval mode on ``device``.
-
-    Raises:
-        FileNotFoundError: no checkpoint at ``path``.
-        KeyError: the weights do not match the stored architecture.
-    """
-    from ..training.checkpoint import (
-        MODEL_CONFIG_FILE,
-        load_checkpoint,
-        read_model_state,
-        resolve_checkpoint_dir,
-    )
-
-    ckpt_dir = resolve_checkpoint_dir(path)
-    cfg = config_from_dict(json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text()))
-    if not isinstance(cfg, BaselineConfig):
-        return load_checkpoint(ckpt_dir, device=device)
-    state, tied = read_model_state(ckpt_dir)
-    model = DenseBaseline(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise KeyError(f"checkpoint {str(ckpt_dir)!r} does not match DenseBaseline: missing "
-                       f"{sorted(missing)}, unexpected {sorted(unexpected)}")
-    return model.to(device).eval(), cfg
 
 
 def read_train_config(path: str | Path) -> Any | None:

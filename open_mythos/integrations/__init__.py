@@ -4,8 +4,9 @@
   import (``pip install 'open-mythos[hf]'``).
 * :mod:`.lm_eval` -- an ``lm-evaluation-harness`` model named ``"openmythos"``
   (``pip install 'open-mythos[eval]'``).
-* :mod:`.convert` -- training checkpoints <-> Hugging Face directories, and loading either
-  (needs ``transformers`` only to write the Hugging Face layout).
+* :mod:`.convert` -- training checkpoints <-> Hugging Face directories, for every model kind
+  (needs ``transformers`` only to write the Hugging Face layout; loading either is
+  :mod:`open_mythos.checkpoints`, re-exported there).
 * :mod:`.textgen` -- text streaming with stop strings, shared by the CLI and the server.
 * :mod:`.server` -- an OpenAI-compatible completions server (``pip install 'open-mythos[serve]'``).
 """

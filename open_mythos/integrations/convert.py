@@ -1,44 +1,40 @@
-"""Checkpoint formats: load either, convert both ways.
+"""Checkpoint formats: convert both ways; the tokenizer stored with a model.
 
-Two on-disk layouts hold an OpenMythos model:
-
-* **training** (:mod:`open_mythos.training.checkpoint`): a checkpoint directory with
-  ``model.safetensors`` (parameter names of :class:`~open_mythos.model.OpenMythos`, the
-  tied head stored once) and ``config.json`` (``MythosConfig.to_dict()``), plus optimizer
-  and trainer state; or a run directory, meaning its latest checkpoint.
-* **hf** (``OpenMythosForCausalLM.save_pretrained``): ``config.json`` with
-  ``"model_type": "openmythos"`` and ``model.safetensors`` (or shards with an index) whose
-  names carry the ``model.`` prefix.
-
-:func:`load_model` reads both without ``transformers``. :func:`training_to_hf` writes the
-Hugging Face layout (needs ``transformers``); :func:`hf_to_training` writes a weights-only
-training checkpoint directory (``model.safetensors`` + ``config.json``), which
-:func:`open_mythos.training.checkpoint.load_checkpoint` reads. Tokenizer files are copied
-when found (see :func:`find_tokenizer_dir`).
+The two layouts (training checkpoint or run directory; Hugging Face directory) are
+described in :mod:`open_mythos.checkpoints`, whose one loader reads both for every model
+kind without ``transformers``; :func:`load_model`, :func:`read_config`,
+:func:`detect_format`, :class:`LoadedModel` and :class:`CheckpointFormat` are re-exported
+here. :func:`training_to_hf` writes the Hugging Face layout (needs ``transformers``);
+:func:`hf_to_training` writes a weights-only training checkpoint directory
+(``model.safetensors`` + ``config.json``). Both keep the model's kind: a dense baseline's
+Hugging Face ``config.json`` carries ``core_layers`` and ``core_ffn_dim``. Tokenizer files
+are copied when found (see :func:`find_tokenizer_dir`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import MythosConfig
-from ..model import OpenMythos
+from ..checkpoints import (
+    CHECKPOINT_DIR,
+    HF_MODEL_TYPE,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    CheckpointFormat,
+    LoadedModel,
+    detect_format,
+    load_model,
+    read_config,
+    tied_parameters,
+)
 from ..tokenizers import BYTE_TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
-from ..training import checkpoint as tckpt
-
-HF_MODEL_TYPE = "openmythos"
-HF_PREFIX = "model."
-HF_WEIGHTS = "model.safetensors"
-HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+from ..training.checkpoint import TRAIN_CONFIG_FILE
 
 # Files that make up a tokenizer (ours or a Hugging Face one); copied as a group.
 TOKENIZER_FILES = (
@@ -46,120 +42,6 @@ TOKENIZER_FILES = (
     "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
     "chat_template.jinja",
 )
-
-
-class CheckpointFormat(str, Enum):
-    TRAINING = "training"
-    HF = "hf"
-
-
-@dataclass
-class LoadedModel:
-    """A model read from disk.
-
-    Attributes:
-        model: the model, in eval mode.
-        cfg: its configuration.
-        path: the directory the weights came from (a run directory resolves to a checkpoint).
-        format: the layout that was read.
-        n_loops: default loop count stored with the weights (``n_loops`` of an HF config),
-            or None (use ``cfg.max_loop_iters``).
-    """
-
-    model: OpenMythos
-    cfg: MythosConfig
-    path: Path
-    format: CheckpointFormat
-    n_loops: int | None = None
-
-
-def detect_format(path: str | Path) -> tuple[CheckpointFormat, Path]:
-    """``(format, directory holding the weights)`` of a checkpoint, HF or run directory.
-
-    Raises:
-        FileNotFoundError: nothing loadable there.
-    """
-    path = Path(path).expanduser()
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config} is not valid JSON: {err}") from None
-        if data.get("model_type") == HF_MODEL_TYPE:
-            return CheckpointFormat.HF, path
-        if "model_type" in data:
-            raise ValueError(f"{config} describes a {data['model_type']!r} model, not OpenMythos")
-    return CheckpointFormat.TRAINING, tckpt.resolve_checkpoint_dir(path)
-
-
-def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
-    """``(MythosConfig, default n_loops or None)`` of a checkpoint, without the weights."""
-    fmt, ckpt_dir = detect_format(path)
-    if fmt is CheckpointFormat.TRAINING:
-        return tckpt.read_model_config(ckpt_dir), None
-    data = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
-    fields = MythosConfig.__dataclass_fields__
-    return MythosConfig.from_dict({k: v for k, v in data.items() if k in fields}), data.get("n_loops")
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a training checkpoint (or run directory) or a Hugging Face directory.
-
-    Does not need ``transformers``.
-    """
-    fmt, ckpt_dir = detect_format(path)
-    if fmt is CheckpointFormat.TRAINING:
-        model, cfg = tckpt.load_checkpoint(ckpt_dir, device=device, dtype=dtype)
-        return LoadedModel(model, cfg, ckpt_dir, fmt)
-    cfg, n_loops = read_config(ckpt_dir)
-    state = _read_hf_state(ckpt_dir)
-    with torch.device("meta"):
-        model = OpenMythos(cfg)
-    model.to_empty(device="cpu")
-    model.tie_weights()  # to_empty leaves the head and the embedding as separate tensors
-    _load_state(model, state, tckpt.tied_parameters(model), ckpt_dir)
-    model.to(device=device, dtype=dtype)
-    return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops)
-
-
-def _read_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
-    index = hf_dir / HF_WEIGHTS_INDEX
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (hf_dir / HF_WEIGHTS).is_file():
-        shards = [HF_WEIGHTS]
-    else:
-        raise FileNotFoundError(f"no {HF_WEIGHTS} (or {HF_WEIGHTS_INDEX}) in {str(hf_dir)!r}; "
-                                "only safetensors weights are supported")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        with safe_open(str(hf_dir / shard), framework="pt") as fh:
-            for key in fh.keys():
-                if not key.startswith(HF_PREFIX):
-                    raise KeyError(f"unexpected tensor {key!r} in {hf_dir / shard}")
-                state[key[len(HF_PREFIX):]] = fh.get_tensor(key)
-    return state
-
-
-def _load_state(model: OpenMythos, state: dict[str, torch.Tensor], tied: dict[str, str],
-                source: Path) -> None:
-    expected = set(model.state_dict())
-    missing = expected - set(state) - set(tied)
-    unexpected = set(state) - expected
-    if missing or unexpected:
-        raise KeyError(f"weights in {str(source)!r} do not match the config: missing "
-                       f"{sorted(missing)}, unexpected {sorted(unexpected)}")
-    for alias, owner in tied.items():  # a file that stored both copies: they must agree
-        if alias in state and not torch.equal(state[alias], state[owner]):
-            raise ValueError(f"{alias} differs from {owner} in {str(source)!r}, but they are tied")
-    model.load_state_dict({k: v for k, v in state.items() if k not in tied}, strict=False)
-    # Buffers that are not saved (MoE load accumulators) start at zero.
-    saved = set(model.state_dict())
-    for name, buf in model.named_buffers():
-        if name not in saved:
-            buf.zero_()
 
 
 # Tokenizers ----------------------------------------------------------------------------------
@@ -171,7 +53,7 @@ def find_tokenizer_dir(ckpt_dir: str | Path) -> Path | None:
     by ``[data] tokenizer`` in its ``train_config.toml``. None if there is none of these."""
     ckpt_dir = Path(ckpt_dir)
     candidates = [ckpt_dir]
-    if ckpt_dir.parent.name == tckpt.CHECKPOINT_DIR:
+    if ckpt_dir.parent.name == CHECKPOINT_DIR:
         candidates.append(ckpt_dir.parent.parent)
     spec = _train_config_tokenizer(ckpt_dir)
     if spec is not None and spec.lower() != "byte":
@@ -185,7 +67,7 @@ def find_tokenizer_dir(ckpt_dir: str | Path) -> Path | None:
 def _train_config_tokenizer(ckpt_dir: Path) -> str | None:
     """``[data] tokenizer`` of the run that wrote a checkpoint, for text runs only (a task
     run's vocabulary is the task's, whatever that key says)."""
-    toml_path = ckpt_dir / tckpt.TRAIN_CONFIG_FILE
+    toml_path = ckpt_dir / TRAIN_CONFIG_FILE
     try:
         import tomllib  # Python 3.11+
     except ModuleNotFoundError:
@@ -337,11 +219,11 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     loaded = load_model(src)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tied = tckpt.tied_parameters(loaded.model)
+    tied = tied_parameters(loaded.model)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items() if k not in tied}
-    save_file(state, str(out_dir / tckpt.MODEL_FILE),
+    save_file(state, str(out_dir / MODEL_FILE),
               metadata={"format": "pt", "step": "0", "tied": json.dumps(tied)})
-    (out_dir / tckpt.MODEL_CONFIG_FILE).write_text(
+    (out_dir / MODEL_CONFIG_FILE).write_text(
         json.dumps(loaded.cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     source = tokenizer if tokenizer is not None else find_tokenizer_dir(src)
     save_tokenizer(source, out_dir, hf_files=False)
@@ -354,3 +236,10 @@ def _tokenizer_or_none(source: str | Path | Tokenizer | None) -> Tokenizer | Non
     if isinstance(source, Tokenizer):
         return source
     return load_tokenizer(str(source))
+
+
+__all__ = [
+    "HF_MODEL_TYPE", "TOKENIZER_FILES", "CheckpointFormat", "LoadedModel", "detect_format",
+    "find_tokenizer_dir", "hf_to_training", "load_model", "read_config", "resolve_tokenizer",
+    "save_tokenizer", "training_to_hf",
+]

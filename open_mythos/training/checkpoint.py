@@ -7,7 +7,7 @@ Layout of a run directory::
     DIR/latest                         text: relative path of the newest checkpoint
     DIR/checkpoints/step_00000100/
         model.safetensors              full (unsharded) weights; tied weights stored once
-        config.json                    MythosConfig.to_dict()
+        config.json                    cfg.to_dict() (any model kind of open_mythos.registry)
         train_config.toml              the run's resolved TrainConfig
         optimizer.pt                   full optimizer state keyed by parameter name
         trainer_state.pt               step, data position, bad-step counters, RNG states
@@ -20,6 +20,11 @@ stale temporaries are removed by the next save.
 Model and optimizer states are gathered to full tensors with
 ``torch.distributed.checkpoint.state_dict`` (works for plain, DDP and FSDP2 modules), so a
 checkpoint of a 2-process FSDP run loads in a single process and vice versa.
+
+Reading the model back (:func:`load_checkpoint`, :func:`latest_checkpoint`,
+:func:`resolve_checkpoint_dir`...) is :mod:`open_mythos.checkpoints`, the one loader of every
+layout; those names are re-exported here. This module adds writing and the optimizer and
+trainer state a resumed run needs.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -44,15 +48,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..checkpoints import (  # the reading side, shared with every other loader
+    CHECKPOINT_DIR,
+    LATEST,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    TRAINER_STATE_FILE,
+    check_state_keys,
+    latest_checkpoint,
+    load_checkpoint,
+    read_model_config,
+    read_model_state,
+    resolve_checkpoint_dir,
+    tied_parameters,
+)
 from ..config import MythosConfig
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"
-MODEL_FILE = "model.safetensors"
-MODEL_CONFIG_FILE = "config.json"
 TRAIN_CONFIG_FILE = "train_config.toml"
 OPTIMIZER_FILE = "optimizer.pt"
-TRAINER_STATE_FILE = "trainer_state.pt"
 _TMP_PREFIX = ".tmp-"
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -79,19 +92,6 @@ class TrainingCheckpoint:
     trainer_state: dict[str, Any]
 
 
-def tied_parameters(model: nn.Module) -> dict[str, str]:
-    """``{alias: owner}`` for parameters registered under several names (the LM head tied
-    to the embedding: ``{"head.weight": "embed.weight"}``)."""
-    owner: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in owner:
-            aliases[name] = owner[id(p)]
-        else:
-            owner[id(p)] = name
-    return aliases
-
-
 def gather_model_state(model: nn.Module, tied: dict[str, str]) -> dict[str, torch.Tensor]:
     """Full CPU state dict of a plain, DDP or FSDP2 model (collective: call on every rank;
     only rank 0 receives the tensors under FSDP2), without the tied aliases."""
@@ -113,7 +113,7 @@ def restore_model_state(model: nn.Module, state: dict[str, torch.Tensor], tied: 
     preserved. Any other missing or unexpected key raises ``KeyError``.
     """
     if not from_rank0 or torch.distributed.get_rank() == 0:
-        _check_keys(model, state, tied)
+        check_state_keys(_unwrapped(model), state, tied)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0, strict=False)
     set_model_state_dict(model, state, options=options)
 
@@ -123,20 +123,6 @@ def restore_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     """Load a full optimizer state (collective; see :func:`restore_model_state`)."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
     set_optimizer_state_dict(model, optimizer, state, options=options)
-
-
-def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
-    expected = set(_unwrapped(model).state_dict()) - set(tied)
-    missing, unexpected = expected - set(state), set(state) - expected - set(tied)
-    if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the model: missing {sorted(missing)}, "
-                       f"unexpected {sorted(unexpected)}")
-
-
-def _retie(model: nn.Module, tied: dict[str, str]) -> None:
-    for alias, owner in tied.items():
-        module_name, _, attr = alias.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -227,56 +213,6 @@ def _fsync(path: Path) -> None:
 # Reading ------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None.
-
-    Follows ``latest``; if it is missing or dangling, falls back to the highest
-    ``checkpoints/step_*`` directory (which exist only complete, by construction).
-    """
-    run_dir = Path(run_dir)
-    pointer = run_dir / LATEST
-    if pointer.is_file():
-        target = run_dir / pointer.read_text(encoding="utf-8").strip()
-        if (target / TRAINER_STATE_FILE).is_file():
-            return target
-    done = sorted(p for p in (run_dir / CHECKPOINT_DIR).glob("step_*") if p.is_dir())
-    return done[-1] if done else None
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory from either itself or a run directory (its latest one).
-
-    Raises:
-        FileNotFoundError: no checkpoint there.
-    """
-    path = Path(path)
-    if (path / MODEL_FILE).is_file():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint in {str(path)!r} (expected {MODEL_FILE} or a run "
-                                f"directory with {CHECKPOINT_DIR}/step_*)")
-    return found
-
-
-def read_model_config(ckpt_dir: str | Path) -> MythosConfig:
-    """The architecture stored in a checkpoint directory."""
-    from ..baseline import config_from_dict
-
-    text = (Path(ckpt_dir) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")
-    return config_from_dict(json.loads(text))
-
-
-def read_model_state(ckpt_dir: str | Path, device: str | torch.device = "cpu"
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, tied aliases)`` of a checkpoint's ``model.safetensors``."""
-    path = str(Path(ckpt_dir) / MODEL_FILE)
-    with safe_open(path, framework="pt", device=str(device)) as fh:
-        tied = json.loads((fh.metadata() or {}).get("tied", "{}"))
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
-    return state, tied
-
-
 def read_training_checkpoint(ckpt_dir: str | Path) -> TrainingCheckpoint:
     """Everything a resumed run needs, from a checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
@@ -292,36 +228,11 @@ def read_training_checkpoint(ckpt_dir: str | Path) -> TrainingCheckpoint:
     )
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[nn.Module, MythosConfig]:
-    """The model (:class:`~open_mythos.OpenMythos`, or the dense baseline) of a checkpoint.
-
-    Args:
-        path: a checkpoint directory (holding ``model.safetensors`` and ``config.json``) or
-            a run directory (its latest checkpoint is used).
-        device: where to put the model.
-        dtype: optional floating dtype to cast the weights to.
-
-    Returns:
-        ``(model, cfg)``; the model is in eval mode, with the head/embedding tie intact.
-    """
-    from ..baseline import build_model
-
-    ckpt_dir = resolve_checkpoint_dir(path)
-    cfg = read_model_config(ckpt_dir)
-    state, tied = read_model_state(ckpt_dir)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model_tied = tied_parameters(model)
-    model.to_empty(device="cpu")
-    _retie(model, model_tied)  # to_empty gives each alias its own new tensor
-    _check_keys(model, state, model_tied)
-    model.load_state_dict(state, strict=False)
-    # Built on the meta device, so buffers that are not saved hold garbage; in this model
-    # they are accumulators (MoE load since the last bias update) that start at zero.
-    saved = set(model.state_dict())
-    for name, buf in model.named_buffers():
-        if name not in saved:
-            buf.zero_()
-    model.to(device=device, dtype=dtype)
-    return model.eval(), cfg
+__all__ = [
+    "CHECKPOINT_DIR", "LATEST", "MODEL_CONFIG_FILE", "MODEL_FILE", "OPTIMIZER_FILE",
+    "TRAINER_STATE_FILE", "TRAIN_CONFIG_FILE", "TrainingCheckpoint", "gather_model_state",
+    "gather_optimizer_state", "latest_checkpoint", "load_checkpoint", "read_model_config",
+    "read_model_state", "read_training_checkpoint", "resolve_checkpoint_dir",
+    "restore_model_state", "restore_optimizer_state", "save_checkpoint", "tied_parameters",
+    "write_text_atomic",
+]

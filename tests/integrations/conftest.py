@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from open_mythos import ByteTokenizer, OpenMythos
-from tests.conftest import halting_model
+from open_mythos.baseline import DenseBaseline, matched_baseline_config
+from open_mythos.model import CausalLM
+from tests.conftest import halting_model, tiny_config
 
 BYTE_VOCAB = ByteTokenizer().vocab_size  # 259
 
@@ -29,6 +31,27 @@ def byte_model(attn_type: str = "gqa", seed: int = 0, **overrides) -> OpenMythos
     so a conversion that re-initialised any of them would be caught.
     """
     model = halting_model(attn_type, seed=seed, **{"vocab_size": BYTE_VOCAB, **overrides})
+    return _perturbed(model)
+
+
+def byte_baseline(attn_type: str = "gqa", seed: int = 0, core_layers: int = 3) -> DenseBaseline:
+    """A tiny eval-mode dense baseline over the byte vocabulary (norms perturbed, as in
+    :func:`byte_model`), FLOPs-matched to the looped model of the same attention."""
+    torch.manual_seed(seed)
+    cfg = matched_baseline_config(tiny_config(attn_type, vocab_size=BYTE_VOCAB), core_layers)
+    return _perturbed(DenseBaseline(cfg).eval())
+
+
+#: Every model kind with both attention types: ``(kind, attn_type)``.
+KIND_PARAMS = [("looped", "gqa"), ("looped", "mla"), ("dense", "gqa"), ("dense", "mla")]
+
+
+def byte_model_of(kind: str, attn_type: str) -> CausalLM:
+    """:func:`byte_model` (``"looped"``) or :func:`byte_baseline` (``"dense"``)."""
+    return byte_model(attn_type) if kind == "looped" else byte_baseline(attn_type)
+
+
+def _perturbed(model: CausalLM) -> CausalLM:
     perturbed = ("router_bias", "injection.log_A", "injection.log_dt", "injection.B",
                  "lora.scale.weight", "norm.weight")
     with torch.no_grad():
@@ -38,7 +61,7 @@ def byte_model(attn_type: str = "gqa", seed: int = 0, **overrides) -> OpenMythos
     return model
 
 
-def write_training_checkpoint(run_dir: Path, model: OpenMythos, tokenizer: str = "byte",
+def write_training_checkpoint(run_dir: Path, model: CausalLM, tokenizer: str = "byte",
                               step: int = 3) -> Path:
     """A checkpoint in the trainer's own format (written by its own save function)."""
     from open_mythos.training.checkpoint import (

@@ -1,0 +1,133 @@
+"""The one checkpoint loader: every layout (training checkpoint, run, Hugging Face) of every
+model kind, without ``transformers``; the old entry points are the same loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from open_mythos.checkpoints import (
+    CheckpointFormat,
+    detect_format,
+    load_checkpoint,
+    load_model,
+    read_config,
+)
+from tests.integrations.conftest import KIND_PARAMS, byte_model_of, write_training_checkpoint
+
+KIND_IDS = ["-".join(p) for p in KIND_PARAMS]
+
+
+def write_hf_by_hand(out: Path, model: torch.nn.Module, n_loops: int | None = None) -> Path:
+    """The Hugging Face layout, written without ``transformers`` or our HF wrapper: every
+    configuration field (the baseline's None for a looped model), ``model.``-prefixed
+    tensors, the tied head left out."""
+    out.mkdir(parents=True)
+    config = {"model_type": "openmythos", "core_layers": None, "core_ffn_dim": None,
+              **model.cfg.to_dict(), "n_loops": n_loops, "architectures": ["X"],
+              "tie_word_embeddings": True, "transformers_version": "5.0"}
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()
+               if k != "head.weight"}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("kind,attn_type", KIND_PARAMS, ids=KIND_IDS)
+def test_every_layout_of_every_kind_loads_to_the_same_model(kind, attn_type, tmp_path):
+    model = byte_model_of(kind, attn_type)
+    ckpt = write_training_checkpoint(tmp_path / "run", model)
+    hf = write_hf_by_hand(tmp_path / "hf", model, n_loops=2)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 6))
+    with torch.no_grad():
+        want = model(ids, n_loops=3)
+    for path, fmt, loops in ((tmp_path / "run", CheckpointFormat.TRAINING, None),
+                             (ckpt, CheckpointFormat.TRAINING, None),
+                             (hf, CheckpointFormat.HF, 2)):
+        assert detect_format(path) == (fmt, ckpt if fmt is CheckpointFormat.TRAINING else hf)
+        assert read_config(path) == (model.cfg, loops)
+        loaded = load_model(path)
+        assert type(loaded.model) is type(model) and type(loaded.cfg) is type(model.cfg)
+        assert loaded.cfg == model.cfg and loaded.n_loops == loops and loaded.format is fmt
+        assert same_weights(loaded.model, model) and not loaded.model.training
+        assert loaded.model.head.weight is loaded.model.embed.weight
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(ids, n_loops=3), want, rtol=0, atol=0)
+
+
+def test_buffers_a_checkpoint_does_not_hold_start_at_their_initial_value(tmp_path):
+    model = byte_model_of("looped", "gqa")
+    with torch.no_grad():
+        model.recurrent.block.ffn.load_since_update.fill_(5.0)  # not persistent: not saved
+    write_training_checkpoint(tmp_path / "run", model)
+    loaded = load_model(tmp_path / "run").model
+    assert torch.equal(loaded.recurrent.block.ffn.load_since_update,
+                       torch.zeros(model.cfg.n_experts))
+
+
+@pytest.mark.parametrize("kind", ["looped", "dense"])
+def test_device_and_dtype_and_the_pair_form(kind, tmp_path):
+    model = byte_model_of(kind, "mla")
+    write_training_checkpoint(tmp_path / "run", model)
+    got, cfg = load_checkpoint(tmp_path / "run", device="cpu", dtype=torch.float64)
+    assert cfg == model.cfg and type(got) is type(model)
+    assert {p.dtype for p in got.parameters()} == {torch.float64}
+    assert torch.equal(got.embed.weight, model.embed.weight.double())
+
+
+def test_the_old_entry_points_are_the_one_loader(tmp_path):
+    import open_mythos.evaluation.runs as runs
+    import open_mythos.integrations.convert as convert
+    import open_mythos.training as training
+    import open_mythos.training.checkpoint as tckpt
+
+    assert convert.load_model is load_model and convert.read_config is read_config
+    assert runs.load_model is training.load_checkpoint is tckpt.load_checkpoint is load_checkpoint
+    base = byte_model_of("dense", "gqa")  # the kind the old evaluation loader special-cased
+    write_training_checkpoint(tmp_path / "run", base)
+    model, cfg = runs.load_model(tmp_path / "run")
+    assert type(model) is type(base) and same_weights(model, base)
+
+
+def test_mismatched_weights_name_the_tensors(tmp_path):
+    model = byte_model_of("dense", "gqa")
+    hf = write_hf_by_hand(tmp_path / "hf", model)
+    state = {f"model.{k}": v for k, v in model.state_dict().items() if k != "head.weight"}
+    state.pop("model.core.0.ffn.down.weight")
+    state["model.recurrent.act.halt.bias"] = torch.zeros(1)
+    save_file(state, str(hf / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"missing \['core.0.ffn.down.weight'\], "
+                                       r"unexpected \['recurrent.act.halt.bias'\]"):
+        load_model(hf)
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    state["model.head.weight"] += 1  # stored twice, and not tied any more
+    save_file(state, str(hf / "model.safetensors"))
+    with pytest.raises(ValueError, match="head.weight differs from embed.weight"):
+        load_model(hf)
+
+
+def test_loading_never_imports_transformers(tmp_path):
+    model = byte_model_of("dense", "mla")
+    write_training_checkpoint(tmp_path / "run", model)
+    write_hf_by_hand(tmp_path / "hf", model)
+    code = (
+        "import sys; sys.modules['transformers'] = None  # any import of it fails\n"
+        "from open_mythos.checkpoints import load_model\n"
+        f"for p in ({str(tmp_path / 'run')!r}, {str(tmp_path / 'hf')!r}):\n"
+        "    print(type(load_model(p).model).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["DenseBaseline", "DenseBaseline"]
