@@ -5,20 +5,26 @@ Importing this module registers the ``"openmythos"`` model type, so that, offlin
     import open_mythos.integrations.hf  # noqa: F401  (or any module that imports it)
     from transformers import AutoModelForCausalLM
 
-    hf = OpenMythosForCausalLM.from_mythos(model)          # wrap a trained OpenMythos
+    hf = OpenMythosForCausalLM.from_mythos(model)          # wrap a trained model (any kind)
     hf.save_pretrained("out/")                             # config.json + model.safetensors
     hf = AutoModelForCausalLM.from_pretrained("out/", n_loops=8, act_early_exit=False)
     logits = hf(input_ids, n_loops=16).logits              # per-call depth
     ids = hf.generate(input_ids, max_new_tokens=32, do_sample=False, n_loops=16)
 
 Design:
-    * :class:`OpenMythosHFConfig` holds every :class:`~open_mythos.config.MythosConfig` field
-      under its own name, plus ``n_loops`` (default loop count, ``None``: ``max_loop_iters``)
-      and ``act_early_exit`` (``None``: on in eval mode). Both can be given to
+    * :class:`OpenMythosHFConfig` holds every configuration field of every model kind
+      (:mod:`open_mythos.registry`) under its own name: the
+      :class:`~open_mythos.config.MythosConfig` fields, and the dense baseline's
+      ``core_layers`` and ``core_ffn_dim`` (None for the looped model; set, they make the
+      config a :class:`~open_mythos.baseline.BaselineConfig`). Plus ``n_loops`` (default
+      loop count, ``None``: ``max_loop_iters``; ignored by the fixed-depth baseline) and
+      ``act_early_exit`` (``None``: on in eval mode). Both can be given to
       ``from_pretrained`` and overridden per call in ``forward`` and ``generate``.
-    * :class:`OpenMythosForCausalLM` holds the plain :class:`~open_mythos.model.OpenMythos`
-      as ``self.model`` (parameter names ``model.<name>``); the LM head stays tied to the
-      embedding and is stored once in ``model.safetensors``.
+    * :class:`OpenMythosForCausalLM` holds the plain model of the config's kind
+      (:class:`~open_mythos.model.OpenMythos` or
+      :class:`~open_mythos.baseline.DenseBaseline`) as ``self.model`` (parameter names
+      ``model.<name>``); the LM head stays tied to the embedding and is stored once in
+      ``model.safetensors``.
     * Generation uses the model's own key/value cache (:class:`MythosCache`, one entry per
       layer *and loop depth*), not a ``transformers`` cache class: ``generate`` creates it
       on the first forward and passes it back, so each decode step runs one token. Greedy
@@ -33,7 +39,6 @@ follows the APIs shared by 4.56+ and 5.x (dict ``_tied_weights_keys``, classic c
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -48,30 +53,33 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..checkpoints import HF_MODEL_TYPE
 from ..config import MythosConfig
 from ..inference.cache import DictCache
 from ..layers.init import init_module
-from ..model import OpenMythos
+from ..model import CausalLM
+from ..registry import build_model, config_fields, config_from_dict
 
-MODEL_TYPE = "openmythos"
+MODEL_TYPE = HF_MODEL_TYPE
 
-# Every MythosConfig field and its default (all defaults are plain values).
-_MYTHOS_FIELDS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(MythosConfig)}
+# Every configuration field of every model kind and its default (all plain values).
+_MYTHOS_FIELDS: dict[str, Any] = config_fields()
 
 
 class OpenMythosHFConfig(PretrainedConfig):
-    """``transformers`` configuration of an OpenMythos model.
+    """``transformers`` configuration of an OpenMythos model of any kind.
 
-    Keys: every :class:`~open_mythos.config.MythosConfig` field (same names and defaults),
-    plus:
+    Keys: every configuration field of every model kind (same names and defaults: the
+    :class:`~open_mythos.config.MythosConfig` fields, and ``core_layers``/``core_ffn_dim``,
+    None unless the model is the dense baseline), plus:
 
     Args:
         n_loops: default recurrent loops of ``forward``/``generate``; ``None`` means
-            ``max_loop_iters``.
+            ``max_loop_iters``. Ignored by the dense baseline.
         act_early_exit: default ACT early exit; ``None`` means on in eval mode, off in
             training mode (the model's own rule).
         tie_word_embeddings: must stay True: the LM head is the embedding matrix.
-        **kwargs: MythosConfig fields and the usual ``PretrainedConfig`` keys
+        **kwargs: configuration fields and the usual ``PretrainedConfig`` keys
             (``bos_token_id``, ``eos_token_id``, ``pad_token_id``...).
     """
 
@@ -102,12 +110,15 @@ class OpenMythosHFConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def to_mythos_config(self) -> MythosConfig:
-        """The :class:`MythosConfig` these keys describe (validated)."""
-        return MythosConfig.from_dict({name: getattr(self, name) for name in _MYTHOS_FIELDS})
+        """The configuration these keys describe, of its kind (a
+        :class:`~open_mythos.baseline.BaselineConfig` when ``core_layers`` or
+        ``core_ffn_dim`` is set; validated)."""
+        return config_from_dict({name: getattr(self, name) for name in _MYTHOS_FIELDS})
 
     @classmethod
     def from_mythos_config(cls, cfg: MythosConfig, **kwargs: Any) -> OpenMythosHFConfig:
-        """Config for ``cfg``; ``kwargs`` adds ``n_loops``, token ids and other HF keys."""
+        """Config for ``cfg`` (any kind); ``kwargs`` adds ``n_loops``, token ids and other
+        HF keys."""
         return cls(**cfg.to_dict(), **kwargs)
 
 
@@ -158,7 +169,9 @@ class MythosCache:
 
 
 class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
-    """:class:`~open_mythos.model.OpenMythos` as a ``transformers`` causal language model.
+    """An OpenMythos model (the looped :class:`~open_mythos.model.OpenMythos` or the
+    :class:`~open_mythos.baseline.DenseBaseline`, as the config says) as a
+    ``transformers`` causal language model.
 
     ``forward`` returns a ``CausalLMOutputWithPast``; with ``labels`` its ``loss`` is the
     mean next-token cross entropy (labels equal to -100 ignored; MoE and ponder losses are
@@ -177,11 +190,11 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         # from_pretrained sets keyword overrides (n_loops=...) after the config's __init__.
         _check_n_loops(config.n_loops)
-        self.model = OpenMythos(config.to_mythos_config())
+        self.model = build_model(config.to_mythos_config())
         self.post_init()
 
     @classmethod
-    def from_mythos(cls, model: OpenMythos, **config_kwargs: Any) -> OpenMythosForCausalLM:
+    def from_mythos(cls, model: CausalLM, **config_kwargs: Any) -> OpenMythosForCausalLM:
         """Wrap an existing model (shared, not copied); ``config_kwargs`` as for the config.
 
         The wrapper is built on the meta device, so no weights are allocated twice.

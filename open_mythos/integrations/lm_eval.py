@@ -13,9 +13,11 @@ or with a model in memory: ``OpenMythosLM(pretrained=model, tokenizer=tok, n_loo
 
 It runs our model directly (no ``transformers`` and no ``accelerate`` needed); ``pretrained``
 may be a training checkpoint or run directory, a Hugging Face directory written by
-:mod:`open_mythos.integrations.hf`, an :class:`~open_mythos.model.OpenMythos` or an
-``OpenMythosForCausalLM``. ``n_loops`` sets the recurrent depth of every request, so a
-depth sweep is one model per loop count over the same weights.
+:mod:`open_mythos.integrations.hf` (read by :func:`open_mythos.checkpoints.load_model`), a
+model of any kind (:class:`~open_mythos.model.OpenMythos`,
+:class:`~open_mythos.baseline.DenseBaseline`) or an ``OpenMythosForCausalLM``. ``n_loops``
+sets the recurrent depth of every request, so a depth sweep is one model per loop count over
+the same weights; the dense baseline's depth is fixed and it ignores ``n_loops``.
 
 Scoring follows the harness's ``HFLM``: a request's tokens are ``context + continuation``
 truncated on the left to ``max_length + 1``, the continuation is scored by the log-softmax
@@ -36,7 +38,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from ..model import OpenMythos
+from ..model import CausalLM
 from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 from .textgen import GenerationOptions, complete
 
@@ -49,12 +51,12 @@ class OpenMythosLM(TemplateLM):
 
     Args:
         pretrained: checkpoint/run/Hugging Face directory, or a model object
-            (``OpenMythos`` or ``OpenMythosForCausalLM``).
+            (``OpenMythos``, ``DenseBaseline`` or ``OpenMythosForCausalLM``).
         tokenizer: tokenizer object or name for :func:`~open_mythos.tokenizers.load_tokenizer`;
             default: the one stored with the checkpoint, else the byte tokenizer when the
             vocabulary matches it.
         n_loops: recurrent loops of every forward (default: the checkpoint's ``n_loops``,
-            else ``cfg.max_loop_iters``).
+            else ``cfg.max_loop_iters``); validated and ignored by the dense baseline.
         act_early_exit: ACT early exit (default: on, as in eval mode).
         batch_size: sequences per forward (``"auto"`` means :data:`DEFAULT_BATCH_SIZE`).
         max_length: context length (default ``cfg.max_seq_len``).
@@ -215,21 +217,23 @@ class OpenMythosLM(TemplateLM):
 
 
 def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: str,
-          dtype: str | torch.dtype | None) -> tuple[OpenMythos, Tokenizer, int | None]:
+          dtype: str | torch.dtype | None) -> tuple[CausalLM, Tokenizer, int | None]:
     """``(model, tokenizer, stored default n_loops)`` from any accepted ``pretrained``."""
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     if isinstance(pretrained, (str, Path)):
-        from .convert import load_model, resolve_tokenizer
+        from ..checkpoints import load_model
+        from .convert import resolve_tokenizer
 
         loaded = load_model(pretrained, device=device, dtype=dtype)
         return loaded.model, resolve_tokenizer(loaded, tokenizer), loaded.n_loops
     stored = None
-    if not isinstance(pretrained, OpenMythos):
+    if not isinstance(pretrained, CausalLM):  # every model kind is a CausalLM
         hf_model = getattr(pretrained, "model", None)  # an OpenMythosForCausalLM
-        if not isinstance(hf_model, OpenMythos):
-            raise TypeError(f"pretrained must be a path, an OpenMythos or an "
-                            f"OpenMythosForCausalLM, got {type(pretrained).__name__}")
+        if not isinstance(hf_model, CausalLM):
+            raise TypeError(f"pretrained must be a path, an OpenMythos model (looped or dense "
+                            f"baseline) or an OpenMythosForCausalLM, got "
+                            f"{type(pretrained).__name__}")
         stored = getattr(pretrained.config, "n_loops", None)
         pretrained = hf_model
     if tokenizer is None:

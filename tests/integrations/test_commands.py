@@ -18,7 +18,7 @@ from open_mythos.commands import serve as serve_cmd
 from open_mythos.inference import KVCache
 from open_mythos.inference import generate as our_generate
 from tests.conftest import tiny_config
-from tests.integrations.conftest import byte_model, write_training_checkpoint
+from tests.integrations.conftest import byte_baseline, byte_model, write_training_checkpoint
 
 TOK = ByteTokenizer()
 
@@ -138,6 +138,40 @@ def test_info_reads_a_checkpoint(tmp_path, capsys):
 
     assert info["total_params"] == count_parameters(model).total
     assert info["n_loops"] == model.cfg.max_loop_iters and info["context"] == 10
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_info_reports_a_dense_baseline_as_itself(attn_type, tmp_path, capsys):
+    from open_mythos.registry import flops_per_token
+
+    base = byte_baseline(attn_type, core_layers=3)
+    cfg = base.cfg
+    write_training_checkpoint(tmp_path / "run", base)
+    args = parse("info", "--checkpoint", str(tmp_path / "run"), "--json", "--context", "10")
+    assert args.func(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    # The real count, from the module itself: no experts, so active == total.
+    total = sum(p.numel() for p in base.parameters())
+    assert (info["kind"], info["n_loops"]) == ("dense", None)
+    assert (info["total_params"], info["active_params"]) == (total, total)
+    # One cache entry per block, as a real forward writes them.
+    cache = KVCache(8)
+    with torch.no_grad():
+        base(torch.randint(0, cfg.vocab_size, (1, 8)), kv_cache=cache)
+    assert info["cache_layers"] == cfg.n_layers == 5
+    assert info["kv_bytes_per_token"]["fp32"] * 8 == cache.nbytes()
+    assert info["flops_per_token"] == flops_per_token(cfg, context_len=10)
+    assert info["matmul_flops_per_token"] == flops_per_token(cfg)
+    assert (info["matmul_params_once"], info["matmul_params_per_loop"]) == (
+        flops_per_token(cfg) // 2, 0)
+
+    args = parse("info", "--checkpoint", str(tmp_path / "run"))
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "dense baseline" in text and "3 core blocks" in text and f"{total:,}" in text
+    assert "recurrent" not in text and "experts" not in text
+    args = parse("info", "--checkpoint", str(tmp_path / "run"), "--n-loops", "4")
+    assert args.func(args) == 2 and "fixed depth" in capsys.readouterr().err
 
 
 def test_serve_parser_defaults():

@@ -1,4 +1,5 @@
-"""Training checkpoints <-> Hugging Face directories, and loading either."""
+"""Training checkpoints <-> Hugging Face directories, and loading either, for every model
+kind (looped and dense baseline) and both attention types."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ from open_mythos.integrations.convert import (
     training_to_hf,
 )
 from open_mythos.training.checkpoint import load_checkpoint
-from tests.integrations.conftest import BYTE_VOCAB, byte_model, write_training_checkpoint
+from tests.integrations.conftest import (
+    BYTE_VOCAB,
+    KIND_PARAMS,
+    byte_model,
+    byte_model_of,
+    write_training_checkpoint,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,9 +36,9 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.fixture(params=["gqa", "mla"])
+@pytest.fixture(params=KIND_PARAMS, ids=["-".join(p) for p in KIND_PARAMS])
 def run_dir(request, tmp_path):
-    model = byte_model(request.param)
+    model = byte_model_of(*request.param)
     write_training_checkpoint(tmp_path / "run", model)
     return model, tmp_path / "run"
 
@@ -47,7 +54,12 @@ def test_training_to_hf_loads_with_auto_classes(run_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert (config["n_loops"], config["eos_token_id"], config["pad_token_id"]) == (3, 258, 256)
 
+    # The kind travels with the config: the baseline's depth and width, None for the looped.
+    assert (config["core_layers"], config["core_ffn_dim"]) == (
+        getattr(model.cfg, "core_layers", None), getattr(model.cfg, "core_ffn_dim", None))
+
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(hf.model) is type(model) and hf.config.to_mythos_config() == model.cfg
     assert same_weights(hf.model, model) and hf.config.n_loops == 3
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.encode("hé", add_special_tokens=False) == ByteTokenizer().encode("hé")
@@ -64,7 +76,7 @@ def test_hf_to_training_and_back_is_lossless(run_dir, tmp_path):
         assert "head.weight" not in fh.keys()
         assert json.loads(fh.metadata()["tied"]) == {"head.weight": "embed.weight"}
     reloaded, cfg = load_checkpoint(back)  # the trainer's own loader
-    assert cfg == model.cfg and same_weights(reloaded, model)
+    assert type(reloaded) is type(model) and cfg == model.cfg and same_weights(reloaded, model)
     assert reloaded.head.weight is reloaded.embed.weight
     again = training_to_hf(back, tmp_path / "hf2")
     with safe_open(str(hf_dir / "model.safetensors"), "pt") as a, \
@@ -82,16 +94,18 @@ def test_load_model_reads_every_layout_to_the_same_weights(run_dir, tmp_path):
     assert detect_format(hf_dir) == (CheckpointFormat.HF, hf_dir)
     for path, loops in ((run, None), (ckpt, None), (hf_dir, 2)):
         loaded = load_model(path)
+        assert type(loaded.model) is type(model) and type(loaded.cfg) is type(model.cfg)
         assert same_weights(loaded.model, model) and not loaded.model.training
         assert loaded.model.head.weight is loaded.model.embed.weight
         assert loaded.n_loops == loops and read_config(path) == (model.cfg, loops)
         assert isinstance(resolve_tokenizer(loaded), ByteTokenizer)
 
 
-def test_sharded_hf_directory_loads(tmp_path):
+@pytest.mark.parametrize("kind", ["looped", "dense"])
+def test_sharded_hf_directory_loads(kind, tmp_path):
     from open_mythos.integrations.hf import OpenMythosForCausalLM
 
-    model = byte_model("mla")
+    model = byte_model_of(kind, "mla")
     OpenMythosForCausalLM.from_mythos(model).save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert same_weights(load_model(tmp_path).model, model)

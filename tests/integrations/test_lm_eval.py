@@ -16,6 +16,7 @@ from open_mythos import ByteTokenizer  # noqa: E402
 from open_mythos.integrations.lm_eval import OpenMythosLM  # noqa: E402
 from tests.integrations.conftest import (  # noqa: E402
     ScriptedModel,
+    byte_baseline,
     byte_model,
     scripted_text,
     write_training_checkpoint,
@@ -93,6 +94,30 @@ def test_registered_and_loads_a_training_checkpoint(tmp_path):
     [(score, _)] = lm.loglikelihood(instances("loglikelihood", [("abc", "def")]), True)
     ref, _ = direct_logprob(model, TOK.encode("abc"), TOK.encode("def"), 3)
     assert math.isclose(score, ref, rel_tol=1e-5, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_a_dense_baseline_scores_and_generates_from_an_object_a_wrapper_and_a_checkpoint(
+        attn_type, tmp_path):
+    from open_mythos.integrations.hf import OpenMythosForCausalLM
+
+    base = byte_baseline(attn_type)
+    write_training_checkpoint(tmp_path / "run", base)
+    pairs = [("The cat", " sat"), ("", "hello")]
+    for pretrained in (base, OpenMythosForCausalLM.from_mythos(base), str(tmp_path / "run")):
+        lm = OpenMythosLM(pretrained=pretrained, tokenizer=TOK, batch_size=2)
+        got = lm.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True)
+        for (ctx, cont), (score, greedy) in zip(pairs, got):
+            ctx_ids = TOK.encode(ctx) if ctx else [TOK.bos_token_id]
+            # n_loops is ignored by the fixed-depth baseline: any value is the reference.
+            ref, ref_greedy = direct_logprob(base, ctx_ids, TOK.encode(cont), n_loops=1)
+            assert math.isclose(score, ref, rel_tol=1e-5, abs_tol=1e-4), (pretrained, ctx)
+            assert greedy == ref_greedy
+        ctx = TOK.encode("Once")
+        want = base.generate(torch.tensor([ctx]), max_new_tokens=5, do_sample=False)[0, len(ctx):]
+        [text] = lm.generate_until(instances("generate_until", [("Once", {"max_gen_toks": 5})]),
+                                   True)
+        assert text == TOK.decode(want.tolist())
 
 
 def test_generate_until_stops_at_the_until_string():
