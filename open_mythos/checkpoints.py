@@ -251,8 +251,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         state = read_hf_state(ckpt_dir)
     # NOTE: materialised on ``device`` and initialised before loading, so that tensors a
     # checkpoint does not hold (non-persistent buffers such as the MoE load accumulator)
-    # start from their defined initial values, as in a freshly built model.
-    model = materialize(build_model(cfg, device="meta"), device)
+    # start from their defined initial values, as in a freshly built model. The random
+    # draws of that initialisation must not move the caller's RNG (a seeded sampling run
+    # would change with the loading code).
+    device = torch.device(device)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        model = materialize(build_model(cfg, device="meta"), device)
     load_state(model, state, tied_parameters(model), ckpt_dir)
     model.to(dtype=dtype)
     return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops)

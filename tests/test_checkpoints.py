@@ -76,6 +76,15 @@ def test_buffers_a_checkpoint_does_not_hold_start_at_their_initial_value(tmp_pat
                        torch.zeros(model.cfg.n_experts))
 
 
+def test_loading_leaves_the_global_rng_alone(tmp_path):
+    write_training_checkpoint(tmp_path / "run", byte_model_of("looped", "gqa"))
+    torch.manual_seed(7)
+    want = torch.rand(4)
+    torch.manual_seed(7)
+    load_model(tmp_path / "run")
+    assert torch.equal(torch.rand(4), want)  # a seeded run samples the same after loading
+
+
 @pytest.mark.parametrize("kind", ["looped", "dense"])
 def test_device_and_dtype_and_the_pair_form(kind, tmp_path):
     model = byte_model_of(kind, "mla")
