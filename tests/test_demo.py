@@ -55,3 +55,32 @@ def test_demo_stages_are_the_documented_configs(stage):
     if stage == "chain":
         assert demo.run.init_from == str(Path("runs") / "lookup")
         assert documented.run.init_from == "runs/multihop_lookup"
+
+
+def _rows(model, split_acc):
+    from open_mythos.evaluation.sweep import SweepRow
+
+    return [SweepRow(model=model, task="multihop", split=split, n_loops=n, early_exit=False,
+                     n_examples=256, accuracy=acc, loss=0.0, expected_loops=n, halt_loop=n,
+                     loops_run=n, loops_computed=n, seconds=0.0)
+            for (split, n), acc in split_acc.items()]
+
+
+@pytest.mark.parametrize("ood_at_5, baseline, met", [
+    (0.60, 0.49, True),    # +30 over T_train, +11 over the baseline
+    (0.60, 0.51, False),   # only +9 over the baseline
+    (0.39, 0.20, False),   # only +9 over T_train
+])
+def test_demo_target_needs_ten_points_over_both(ood_at_5, baseline, met):
+    from open_mythos.commands.demo import check_targets
+
+    looped = _rows("looped", {("id", 3): 1.0, ("id", 6): 1.0, ("id", 12): 0.5,
+                              ("ood_hops", 3): 0.30, ("ood_hops", 4): 0.35,
+                              ("ood_hops", 5): ood_at_5, ("ood_hops", 12): 0.1})
+    base = _rows("baseline", {("id", 3): 0.9, ("ood_hops", 3): baseline})
+    got, lines = check_targets(looped, base, 3)
+    assert got is met
+    assert lines[0].startswith("ood_hops: best depth above T_train is 5 loops")
+    assert lines[0].endswith("NOT MET" if not met else " MET")
+    assert lines[1].startswith("also measured: in-distribution accuracy at T_train=3: 100.0%")
+    assert lines[-1].endswith("50.0 points below T_train (target <= 1 point) NOT MET")
