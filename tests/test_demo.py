@@ -84,3 +84,43 @@ def test_demo_target_needs_ten_points_over_both(ood_at_5, baseline, met):
     assert lines[0].endswith("NOT MET" if not met else " MET")
     assert lines[1].startswith("also measured: in-distribution accuracy at T_train=3: 100.0%")
     assert lines[-1].endswith("50.0 points below T_train (target <= 1 point) NOT MET")
+
+
+def test_a_worker_exits_when_its_parent_dies(tmp_path):
+    """A killed demo leaves no training running: the worker watches its parent."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    # The parent starts a child that runs the watchdog and then sleeps; the parent is
+    # killed, and the child must be gone shortly after.
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, time, pathlib; from open_mythos.commands.demo import _exit_with_parent; "
+             f"_exit_with_parent(os.getppid(), 0.05); pathlib.Path({str(pid_file)!r})"
+             ".write_text(str(os.getpid())); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                               f"'-c', {child!r}]); time.sleep(60)"])
+    try:
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        child_pid = int(pid_file.read_text())
+        os.kill(child_pid, 0)  # alive while the parent lives
+    finally:
+        parent.kill()
+        parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        status = Path(f"/proc/{child_pid}/status")
+        if status.exists() and "State:\tZ" in status.read_text():
+            return  # exited; not yet reaped by the init process
+        time.sleep(0.05)
+    os.kill(child_pid, 9)
+    raise AssertionError("the worker outlived its parent")

@@ -147,15 +147,31 @@ def stages(args: argparse.Namespace) -> list[str]:
     return ["lookup", "chain"] if args.lookup_steps else ["chain"]
 
 
-def _train_worker(args: argparse.Namespace, out: str, kind: str, threads: int) -> float:
+def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
+    """Stop this worker process when the process that started it is gone (killed
+    demo: no orphaned training left running)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _train_worker(args: argparse.Namespace, out: str, kind: str, threads: int,
+                  parent: int | None = None) -> float:
     """Train one model through every stage in this process (logs in each stage's
-    ``train.log``); return seconds."""
+    ``train.log``); return seconds. With ``parent`` (a pid), exit when that process dies."""
     import shutil
 
     import torch
 
     from ..training import Trainer
 
+    if parent is not None:
+        _exit_with_parent(parent)
     torch.set_num_threads(threads)
     path = Path(out)
     if path.exists():
@@ -220,7 +236,8 @@ def train_both(args: argparse.Namespace, out: Path, jobs: int) -> dict[str, floa
     bars = {k: tqdm(total=total, desc=f"train {k:<8}", unit="step", position=i,
                     dynamic_ncols=True, file=sys.stderr) for i, k in enumerate(KINDS)}
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {k: pool.submit(_train_worker, args, str(out / k), k, 1) for k in KINDS}
+        futures = {k: pool.submit(_train_worker, args, str(out / k), k, 1, os.getpid())
+                   for k in KINDS}
         while not all(f.done() for f in futures.values()):
             time.sleep(0.5)
             for kind, bar in bars.items():
