@@ -4,6 +4,8 @@ depth and stays within 1% of its best at 4x that depth (no overthinking)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,20 +13,10 @@ from open_mythos.cli import main
 from open_mythos.evaluation.runs import run_loss_vs_loops
 from open_mythos.evaluation.sweep import depth_checks
 from open_mythos.training import Trainer, load_config
-from open_mythos.training.config import parse_override
 
 T_TRAIN = 3
-#: The documented recipe (docs/depth_extrapolation.md, "Depth on language") at tiny size.
-RECIPE = {
-    "model.dim": 64, "model.n_heads": 4, "model.n_kv_heads": 2, "model.max_seq_len": 64,
-    "model.max_loop_iters": T_TRAIN, "model.n_experts": 4, "model.n_shared_experts": 1,
-    "model.n_experts_per_tok": 2, "model.expert_dim": 32, "model.lora_rank": 4,
-    "data.batch_size": 16, "data.seq_len": 64, "data.eval_batches": 4,
-    "optim.lr": 3e-3, "optim.weight_decay": 0.1, "optim.grad_clip": 1.0,
-    "schedule.warmup_steps": 30, "schedule.lr_decay": "cosine", "schedule.loops": "sampled",
-    "schedule.n_loops": T_TRAIN, "schedule.min_loops": 1, "schedule.max_loops": 2 * T_TRAIN,
-    "run.steps": 300, "run.eval_every": 0, "run.save_every": 300, "run.progress": "false",
-}
+#: The documented recipe (docs/depth_extrapolation.md, "Depth on language"), shortened.
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "text_depth.toml"
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +24,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("language") / "run"
-    pairs = [parse_override(f"{k}={v}") for k, v in {**RECIPE, "run.out": str(out)}.items()]
+    cfg = load_config(CONFIG, [("run.out", str(out)), ("run.steps", 300),
+                               ("run.save_every", 300), ("run.progress", False)])
+    assert cfg.schedule.n_loops == T_TRAIN and cfg.data.task is None
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        Trainer(load_config(None, pairs)).train()
+        Trainer(cfg).train()
     finally:
         torch.set_num_threads(threads)
     return out
