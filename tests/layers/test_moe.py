@@ -72,9 +72,45 @@ def test_moe_telemetry_and_gradients():
     x = torch.randn(3, 7, 64, requires_grad=True)
     moe(x).square().sum().backward()
     assert moe.last_expert_load.sum().item() == 3 * 7 * moe.topk
-    assert moe.last_aux_loss.item() > 0
     # Gates come from the router's softmax, so the router learns through the output.
     assert moe.w_gate_up.grad.abs().sum() > 0 and moe.router.weight.grad.abs().sum() > 0
+
+
+def switch_balance_loss_float64(moe: MoEFFN, x: torch.Tensor, router_weight: torch.Tensor):
+    """``E * sum_e f_e * P_e`` from the definition, in float64: ``f_e`` the fraction of the
+    ``N * k`` slots whose top-k (on the biased logits) chose expert e, ``P_e`` the mean
+    router probability of e. Differentiable in ``router_weight`` (through ``P`` only)."""
+    flat = x.reshape(-1, moe.dim).double()
+    logits = flat @ router_weight.T
+    chosen = (logits.detach() + moe.router_bias.double()).topk(moe.topk, dim=-1).indices
+    f = torch.bincount(chosen.flatten(), minlength=moe.n_experts).double() / chosen.numel()
+    return moe.n_experts * (f * logits.softmax(-1).mean(0)).sum()
+
+
+@pytest.mark.parametrize("n_tokens", [2, 21])  # gather and sorted dispatch
+def test_balance_loss_matches_the_switch_formula(n_tokens):
+    torch.manual_seed(4)
+    moe = MoEFFN(tiny_config(n_experts=8, n_experts_per_tok=3, dim=32, expert_dim=24))
+    torch.nn.init.normal_(moe.router.weight, std=0.5)  # an uneven router
+    moe.router_bias.copy_(torch.randn(8) * 0.3)  # selection (f) sees the bias, P does not
+    x = torch.randn(n_tokens, 1, 32) + 0.5  # a common direction: some experts preferred
+    moe(x)
+    wr = moe.router.weight.detach().double().requires_grad_()
+    ref = switch_balance_loss_float64(moe, x, wr)
+    assert abs(ref.item() - 1.0) > 0.05  # unbalanced: a wrong formula shows
+    torch.testing.assert_close(moe.last_aux_loss.double(), ref.detach(), rtol=1e-6, atol=0)
+    # Differentiable through the router probabilities, as the reference.
+    (grad,) = torch.autograd.grad(moe.last_aux_loss, moe.router.weight)
+    (ref_grad,) = torch.autograd.grad(ref, wr)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_balance_loss_is_one_with_a_uniform_router():
+    # P_e = 1 / E whatever is chosen, so E * sum_e f_e / E = 1.
+    moe = MoEFFN(tiny_config(n_experts=8, n_experts_per_tok=3, dim=32, expert_dim=24))
+    torch.nn.init.zeros_(moe.router.weight)
+    moe(torch.randn(2, 5, 32))
+    assert moe.last_aux_loss.item() == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("d_in", [8, 6])  # 6 floats: rows not 16-byte aligned -> fallback
