@@ -248,6 +248,16 @@ class MythosConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_loops(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``n_loops`` is a positive integer (``bool`` is not one),
+    or None when ``allow_none``: the one check of a loop count, wherever one is passed."""
+    if n_loops is None and allow_none:
+        return
+    if not _is_positive_int(n_loops):
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
+                         f"got {n_loops!r}")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import MythosConfig
+from .config import MythosConfig, check_loops
 from .inference.cache import CacheStore, KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
@@ -64,8 +64,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty along the sequence dimension")
-        if not isinstance(n_loops, int) or isinstance(n_loops, bool) or n_loops < 1:
-            raise ValueError(f"n_loops must be a positive integer, got {n_loops!r}")
+        check_loops(n_loops)
         end = start_pos + input_ids.shape[1]
         if start_pos < 0 or end > self.cfg.max_seq_len:
             raise ValueError(

@@ -104,11 +104,10 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
     from ..checkpoints import load_model
+    from ..devices import resolve_device
     from ..integrations.convert import resolve_tokenizer
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     loaded = load_model(args.checkpoint, device=device, dtype=dtype)
     return loaded, resolve_tokenizer(loaded, args.tokenizer)

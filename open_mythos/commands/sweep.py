@@ -19,6 +19,8 @@ import argparse
 import sys
 from typing import Any
 
+from ..devices import resolve_device
+
 
 def parse_loops(text: str) -> list[int]:
     """``"1,2,4,8"`` or a range ``"1-16"`` (or a mix) -> sorted distinct positive ints."""
@@ -69,14 +71,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, metavar="FILE", help="results file, .json or .csv")
     p.set_defaults(func=run)
     return p
-
-
-def resolve_device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_task(args: argparse.Namespace, run_path: str) -> Any:

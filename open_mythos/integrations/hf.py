@@ -54,7 +54,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..checkpoints import HF_MODEL_TYPE
-from ..config import MythosConfig
+from ..config import MythosConfig, check_loops
 from ..inference.cache import DictCache
 from ..layers.init import init_module
 from ..model import CausalLM
@@ -123,9 +123,7 @@ class OpenMythosHFConfig(PretrainedConfig):
 
 
 def _check_n_loops(n_loops: Any) -> None:
-    if n_loops is not None and (not isinstance(n_loops, int) or isinstance(n_loops, bool)
-                                or n_loops < 1):
-        raise ValueError(f"n_loops must be a positive integer or None, got {n_loops!r}")
+    check_loops(n_loops, allow_none=True)
 
 
 class MythosCache:

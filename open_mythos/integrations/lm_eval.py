@@ -38,6 +38,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from ..config import check_loops
 from ..model import CausalLM
 from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 from .textgen import GenerationOptions, complete
@@ -82,8 +83,7 @@ class OpenMythosLM(TemplateLM):
         self.model, self.tokenizer, stored_loops = _load(pretrained, tokenizer, device, dtype)
         self.model.eval()
         self.n_loops = n_loops if n_loops is not None else (stored_loops or self.model.cfg.max_loop_iters)
-        if not isinstance(self.n_loops, int) or self.n_loops < 1:
-            raise ValueError(f"n_loops must be a positive integer, got {self.n_loops!r}")
+        check_loops(self.n_loops)
         self.act_early_exit = True if act_early_exit is None else bool(act_early_exit)
         self.batch_size_per_call = (DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto")
                                     else int(batch_size))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import check_loops
 from ..inference.generation import stream
 from ..inference.sampling import SamplingParams
 from ..model import OpenMythos
@@ -161,8 +162,7 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
         raise ValueError("no prompt given")
     if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {options.max_new_tokens!r}")
-    if options.n_loops is not None and (not isinstance(options.n_loops, int) or options.n_loops < 1):
-        raise ValueError(f"n_loops must be a positive integer, got {options.n_loops!r}")
+    check_loops(options.n_loops, allow_none=True)
     vocab, limit = model.cfg.vocab_size, model.cfg.max_seq_len
     for i, p in enumerate(prompts):
         if not p:

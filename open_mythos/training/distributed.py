@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import devices
 from .config import ConfigError, Parallel, Precision
 
 
@@ -50,15 +51,12 @@ class DistContext:
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:local_rank`` when CUDA is available, else CPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        spec = f"cuda:{local_rank}"
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={spec!r} but CUDA is not available; use --device cpu")
-    return device
+    """:func:`open_mythos.devices.resolve_device` for ``run.device`` (errors as
+    :class:`ConfigError`)."""
+    try:
+        return devices.resolve_device(spec, local_rank)
+    except ValueError as err:
+        raise ConfigError(f"run.device: {err}") from None
 
 
 def setup(parallel: Parallel, device_spec: str) -> DistContext:

@@ -1,0 +1,51 @@
+"""The one device resolver and the one loop-count check, used by every entry point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from open_mythos.config import check_loops
+from open_mythos.devices import resolve_device
+
+
+def test_resolve_device():
+    auto = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == torch.device(auto)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    else:
+        assert resolve_device("cuda", local_rank=0) == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.0, True, "3", None])
+def test_check_loops_rejects(value):
+    with pytest.raises(ValueError, match="n_loops must be a positive integer"):
+        check_loops(value)
+
+
+def test_check_loops_accepts():
+    check_loops(1)
+    check_loops(None, allow_none=True)
+    with pytest.raises(ValueError, match="max_loops must be a positive integer or None"):
+        check_loops(False, name="max_loops", allow_none=True)
+
+
+@pytest.mark.parametrize("bad", [0, True, 1.5])
+def test_every_entry_point_shares_the_check(bad):
+    """The model, text generation and the HF config reject the same loop counts."""
+    from open_mythos import OpenMythos
+    from open_mythos.integrations.textgen import GenerationOptions, complete
+    from open_mythos.tokenizers import ByteTokenizer
+    from tests.conftest import tiny_config
+
+    model = OpenMythos(tiny_config(vocab_size=259)).eval()
+    with pytest.raises(ValueError, match="n_loops must be a positive integer"):
+        model(torch.zeros(1, 3, dtype=torch.long), n_loops=bad)
+    with pytest.raises(ValueError, match="n_loops must be a positive integer"):
+        complete(model, ByteTokenizer(), ["ab"], GenerationOptions(max_new_tokens=1, n_loops=bad))
