@@ -27,8 +27,15 @@ def _eager_logits(model, ids, tokens, n_loops, mask=None):
 @torch.no_grad()
 @pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16])
 def test_fixed_shape_step_equals_eager_decode(attn_type, cache_dtype):
-    """ACT halting positions at different loops, left padding, a longer (bucketed) buffer."""
-    model = halting_model(attn_type)
+    """ACT halting positions at different loops, left padding, a longer (bucketed) buffer.
+
+    With a bf16 cache ACT does not halt early: a rounded key can tip a position over the
+    halting threshold a loop earlier, a discrete change that no band separates from a bug.
+    """
+    if cache_dtype is None:
+        model = halting_model(attn_type)
+    else:
+        model = halting_model(attn_type, act_threshold=float("inf"))
     ids = torch.randint(0, 97, (2, 9))
     mask = torch.tensor([[1] * 9, [0, 0, 0, 0, 1, 1, 1, 1, 1]])
     tokens = [torch.randint(0, 97, (2,)) for _ in range(6)]
@@ -38,9 +45,12 @@ def test_fixed_shape_step_equals_eager_decode(attn_type, cache_dtype):
     first = model(ids, 6, cache, 0, attention_mask=mask, act_early_exit=True)[:, -1]
     dec = CompiledDecoder(model, cache, 6, 9, mask, compile=False)
     got = [first] + [dec.step(t) for t in tokens[:-1]]
-    tol = 1e-5 if cache_dtype is None else 5e-2
+    # bf16: each cached key and value rounded once (2^-9 relative) against the fp32 cache of
+    # the eager reference: measured at most 5e-4 over 16 random models; one loop more or
+    # fewer moves these logits by 0.04 or more (the old band of 0.05 accepted it for most).
+    tol = 1e-5 if cache_dtype is None else 3e-3
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+        torch.testing.assert_close(a, b, atol=tol, rtol=0)
     assert all(cache.length(k) == 9 + 5 for k in dec.keys)
 
 
