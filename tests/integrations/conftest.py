@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from open_mythos import ByteTokenizer, OpenMythos
+from open_mythos import ByteTokenizer, MythosConfig, OpenMythos
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
 from open_mythos.model import CausalLM
 from tests.conftest import halting_model, tiny_config
@@ -22,6 +23,81 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+#: What :func:`trained_model` learns: a few words in a few orders, so that its next-token
+#: distributions are spread over several letters (sampling has choices to make).
+CORPUS = "the cat sat on the mat. the dog sat on the log. a cat and a dog sat on a mat. " * 8
+#: Loops of :func:`trained_model` (trained and served).
+TRAINED_LOOPS = 2
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> OpenMythos:
+    """A real tiny byte-level model trained for 40 steps on :data:`CORPUS` (about 2 s, fixed
+    seed, the global RNG left alone): loss about 1 nat, so every position has a few
+    likely bytes, all of them ASCII, for the sampling tests of textgen and the server."""
+    tok = ByteTokenizer()
+    cfg = MythosConfig(
+        vocab_size=tok.vocab_size, dim=64, n_heads=4, n_kv_heads=2, max_seq_len=64,
+        max_loop_iters=TRAINED_LOOPS, prelude_layers=1, coda_layers=1, attn_type="gqa",
+        n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=32, lora_rank=4)
+    data = torch.tensor(tok.encode(CORPUS))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = OpenMythos(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(40):
+            starts = torch.randint(0, len(data) - 33, (8,)).tolist()
+            window = torch.stack([data[s:s + 33] for s in starts])  # (8, 33)
+            logits = model(window[:, :-1], TRAINED_LOOPS)
+            loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            model.update_router_bias()
+    return model.eval()
+
+
+def sampled_ids(tokenizer: ByteTokenizer, text: str, finish_reason: str) -> list[int]:
+    """The token ids a completion sampled: its bytes, and the EOS that ended it if any."""
+    assert text.isascii(), f"not plain ASCII, cannot recover the bytes: {text!r}"
+    return tokenizer.encode(text) + ([tokenizer.eos_token_id] if finish_reason == "stop" else [])
+
+
+@torch.no_grad()
+def next_token_probs(model: OpenMythos, prompt: list[int], generated: list[int], n_loops: int,
+                     temperature: float) -> torch.Tensor:
+    """(len(generated), V) float64: the distribution each generated token was drawn from,
+    recomputed by one full forward (no cache, no early exit) of prompt + generated."""
+    ids = torch.tensor([prompt + generated])
+    logits = model(ids, n_loops)[0, len(prompt) - 1: -1].double()
+    return (logits / temperature).softmax(-1)
+
+
+def mass_above(probs: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """(N,) probability of the tokens strictly more likely than each chosen token: top-p
+    keeps a token if and only if this is below ``top_p``."""
+    chosen = probs.gather(1, torch.tensor(tokens)[:, None])
+    return (probs * (probs > chosen)).sum(1)
+
+
+def rank_of(probs: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """(N,) number of tokens strictly more likely than each chosen token (0: the argmax):
+    top-k keeps a token if and only if this is below ``k``."""
+    chosen = probs.gather(1, torch.tensor(tokens)[:, None])
+    return (probs > chosen).sum(1)
+
+
+def last_of_support(probs: torch.Tensor, tokens: list[int], option: str, value: float
+                    ) -> torch.Tensor:
+    """(N,) whether each chosen token is the least likely one that ``top_k = value`` or
+    ``top_p = value`` keeps (rank ``k - 1``; the token whose mass reaches ``top_p``)."""
+    if option == "top_k":
+        return rank_of(probs, tokens) == value - 1
+    chosen = probs.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+    above = mass_above(probs, tokens)
+    return (above > 0) & (above + chosen >= value)
 
 
 def byte_model(attn_type: str = "gqa", seed: int = 0, **overrides) -> OpenMythos:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -16,16 +19,24 @@ httpx = pytest.importorskip("httpx")
 
 from open_mythos import ByteTokenizer  # noqa: E402
 from open_mythos.integrations.server import CompletionService, create_app  # noqa: E402
-from tests.integrations.conftest import ScriptedModel, scripted_text  # noqa: E402
+from tests.integrations.conftest import (  # noqa: E402
+    TRAINED_LOOPS,
+    ScriptedModel,
+    last_of_support,
+    mass_above,
+    next_token_probs,
+    rank_of,
+    sampled_ids,
+    scripted_text,
+)
 
 SCRIPT = b"abc. def. ghi. "
 TIMEOUT = 30.0
 
 
-@pytest.fixture(scope="module")
-def server():
-    model = ScriptedModel(SCRIPT)
-    service = CompletionService(model, ByteTokenizer(), model_name="tiny", n_loops=2)
+@contextlib.contextmanager
+def running_server(service: CompletionService) -> Iterator[httpx.Client]:
+    """``service`` served by uvicorn on a free local port; a client of it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -38,11 +49,29 @@ def server():
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as client:
-        yield client, model
+        yield client
     srv.should_exit = True
     thread.join(timeout=TIMEOUT)
     sock.close()
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The scripted stand-in, for the tests whose point is an exact expected text."""
+    model = ScriptedModel(SCRIPT)
+    with running_server(CompletionService(model, ByteTokenizer(), model_name="tiny",
+                                          n_loops=2)) as client:
+        yield client, model
+
+
+@pytest.fixture(scope="module")
+def real_server(trained_model):
+    """A real trained model behind the server, for sampling."""
+    service = CompletionService(trained_model, ByteTokenizer(), model_name="tiny",
+                                n_loops=TRAINED_LOOPS)
+    with running_server(service) as client:
+        yield client
 
 
 def sse_events(response: httpx.Response) -> list[str]:
@@ -148,3 +177,55 @@ def test_concurrent_requests_are_serialised_and_all_answered(server):
         results = list(pool.map(lambda _: client.post("/v1/completions", json=body), range(4)))
     assert {r.status_code for r in results} == {200}
     assert {r.json()["choices"][0]["text"] for r in results} == {scripted_text(SCRIPT, 1, 8)}
+
+
+# Sampling through the server, on a real trained model ------------------------------------
+PROMPT = "the cat sat on the "
+
+
+def completions(client, **body) -> list[dict]:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 16, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"]
+
+
+def test_seed_reproduces_the_choices_and_n_choices_differ(real_server):
+    first = completions(real_server, n=4, seed=11)
+    assert [c["index"] for c in first] == [0, 1, 2, 3]
+    assert completions(real_server, n=4, seed=11) == first
+    texts = [c["text"] for c in first]
+    assert [c["text"] for c in completions(real_server, n=4, seed=12)] != texts
+    assert len(set(texts)) > 1  # n choices are n draws, not one draw repeated
+    # Without a seed, two requests draw differently.
+    assert completions(real_server, n=4) != completions(real_server, n=4)
+
+
+@pytest.mark.parametrize("option, value, kept", [
+    ("top_k", 3, lambda probs, ids: rank_of(probs, ids) < 3),
+    ("top_p", 0.6, lambda probs, ids: mass_above(probs, ids) < 0.6 + 1e-4),
+], ids=["top_k", "top_p"])
+def test_top_k_and_top_p_restrict_the_sampled_tokens(real_server, trained_model, option, value,
+                                                     kept):
+    """Every token of every choice lies in the top-k set / the nucleus of the distribution
+    it was drawn from (a full forward of the model recomputes it); the same request
+    without the option samples outside of it."""
+    temperature = 1.5
+    prompt = ByteTokenizer().encode(PROMPT)
+
+    def inside(choices) -> tuple[torch.Tensor, torch.Tensor]:
+        flags, last = [], []
+        for c in choices:
+            ids = sampled_ids(ByteTokenizer(), c["text"], c["finish_reason"])
+            probs = next_token_probs(trained_model, prompt, ids, TRAINED_LOOPS, temperature)
+            flags.append(kept(probs, ids))
+            last.append(last_of_support(probs, ids, option, value))
+        return torch.cat(flags), torch.cat(last)
+
+    flags, last = inside(completions(real_server, n=8, seed=3, temperature=temperature,
+                                     **{option: value}))
+    assert flags.all()
+    # Sampled (not greedy) up to the edge of the support, not from a narrower one (k - 1
+    # tokens, or a nucleus without the token whose mass reaches top_p).
+    assert last.any()
+    flags, _ = inside(completions(real_server, n=8, seed=3, temperature=temperature))
+    assert not flags.all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from open_mythos import ByteTokenizer
 from open_mythos.integrations.textgen import (
@@ -13,7 +14,16 @@ from open_mythos.integrations.textgen import (
     stream_text,
     validate,
 )
-from tests.integrations.conftest import ScriptedModel, scripted_text
+from tests.integrations.conftest import (
+    TRAINED_LOOPS,
+    ScriptedModel,
+    last_of_support,
+    mass_above,
+    next_token_probs,
+    rank_of,
+    sampled_ids,
+    scripted_text,
+)
 
 TOK = ByteTokenizer()
 
@@ -99,3 +109,48 @@ def test_every_sequence_gets_exactly_one_final_delta():
 def test_validate_rejects_bad_requests_before_generating(options, prompts, match):
     with pytest.raises(ValueError, match=match):
         validate(ScriptedModel(b"a"), prompts, options)
+
+
+# Sampling on a real trained model -------------------------------------------------------
+PROMPT = "the cat sat on the "
+
+
+def sample(model, n: int = 4, **options) -> list:
+    opts = GenerationOptions(**{"max_new_tokens": 16, "n_loops": TRAINED_LOOPS, **options})
+    return complete(model, TOK, [TOK.encode(PROMPT)] * n, opts)
+
+
+def test_seed_reproduces_a_sampled_batch_and_rows_differ(trained_model):
+    first = [c.text for c in sample(trained_model, seed=5)]
+    assert [c.text for c in sample(trained_model, seed=5)] == first
+    assert [c.text for c in sample(trained_model, seed=6)] != first
+    assert len(set(first)) > 1  # each row of a batch draws its own tokens
+
+
+@pytest.mark.parametrize("option, value, kept", [
+    ("top_k", 2, lambda probs, ids: rank_of(probs, ids) < 2),
+    ("top_p", 0.5, lambda probs, ids: mass_above(probs, ids) < 0.5 + 1e-4),
+], ids=["top_k", "top_p"])
+def test_top_k_and_top_p_sample_only_inside_their_support(trained_model, option, value, kept):
+    """Every sampled token is inside the top-k set / the nucleus of the distribution it was
+    drawn from, recomputed by a full forward; without the option some token is not."""
+    temperature = 1.5  # flattens the distributions: more tokens outside the support
+    prompt = TOK.encode(PROMPT)
+
+    def inside(completions) -> tuple[torch.Tensor, torch.Tensor]:
+        flags, last = [], []
+        for c in completions:
+            ids = sampled_ids(TOK, c.text, c.finish_reason)
+            probs = next_token_probs(trained_model, prompt, ids, TRAINED_LOOPS, temperature)
+            flags.append(kept(probs, ids))
+            last.append(last_of_support(probs, ids, option, value))
+        return torch.cat(flags), torch.cat(last)
+
+    flags, last = inside(sample(trained_model, n=8, seed=0, temperature=temperature,
+                                **{option: value}))
+    assert flags.all()
+    # Sampled (not greedy) up to the edge of the support, not from a narrower one (k - 1
+    # tokens, or a nucleus without the token whose mass reaches top_p).
+    assert last.any()
+    flags, _ = inside(sample(trained_model, n=8, seed=0, temperature=temperature))
+    assert not flags.all()  # the check can tell: unrestricted sampling leaves the support
