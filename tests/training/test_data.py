@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -94,21 +94,56 @@ def test_hf_dataset_needs_datasets(monkeypatch):
         build_data_source(DataConfig(hf_dataset="some/corpus"), seed=0)
 
 
-def test_hf_dataset_streams_and_resumes(monkeypatch):
-    rows = [{"text": f"document number {i} " * 5} for i in range(200)]
-    calls = []
-
-    def load_dataset(name, config, split, streaming):
-        calls.append((name, config, split, streaming))
-        return iter(rows)
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    cfg = DataConfig(hf_dataset="fake/corpus", seq_len=16, batch_size=2, eval_batches=1)
+def test_hf_dataset_streams_local_json_lines_and_resumes(tmp_path, monkeypatch):
+    """The real ``datasets`` library streaming a local JSON-lines directory (no network):
+    the batches are the packed windows of the documents, computed here independently."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    docs = [f"document {i}: " + "ab" * (i % 7) for i in range(60)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with open(corpus / "train.jsonl", "w") as fh:
+        for i, doc in enumerate(docs):
+            fh.write(json.dumps({"id": i, "body": doc}) + "\n")
+    cfg = DataConfig(hf_dataset=str(corpus), hf_text_field="body", seq_len=16, batch_size=2,
+                     eval_batches=1)
     src = build_data_source(cfg, seed=0)
-    assert calls[0] == ("fake/corpus", None, "train", True)
-    first = [src.batch(TRAIN, i) for i in range(3)]
-    assert torch.equal(first[0]["input_ids"][:, 1:], first[0]["targets"][:, :-1])
+    assert src.vocab_size == 259 and "streamed" in src.describe()
+
+    # The packed stream: every document's bytes then EOS; window g is tokens
+    # [16 g, 16 g + 17); the first eval_batches * batch_size = 2 windows are validation.
+    tok = ByteTokenizer()
+    stream = torch.tensor([t for doc in docs for t in tok.encode(doc) + [tok.eos_token_id]])
+
+    def windows(first: int, count: int) -> torch.Tensor:
+        return torch.stack([stream[16 * g: 16 * g + 17] for g in range(first, first + count)])
+
+    val = src.batch(VAL, 0)
+    assert torch.equal(val["input_ids"], windows(0, 2)[:, :-1])
+    assert torch.equal(val["targets"], windows(0, 2)[:, 1:])
+    for i in range(3):
+        batch = src.batch(TRAIN, i)
+        assert torch.equal(batch["input_ids"], windows(2 + 2 * i, 2)[:, :-1])
+        assert torch.equal(batch["targets"], windows(2 + 2 * i, 2)[:, 1:])
+    # Shard 1 of 2 of global batch 1 (4 rows): rows 2-3, windows 2 + 4 + 2.
+    shard = src.batch(TRAIN, 1, shard=1, n_shards=2)
+    assert torch.equal(shard["input_ids"], windows(8, 2)[:, :-1])
     # A fresh source (a resumed run) jumps straight to index 2 and sees the same batch.
     again = build_data_source(cfg, seed=0).batch(TRAIN, 2)
-    assert torch.equal(again["input_ids"], first[2]["input_ids"])
-    assert not torch.equal(src.batch(VAL, 0)["input_ids"], first[0]["input_ids"])
+    assert torch.equal(again["input_ids"], windows(6, 2)[:, :-1])
+
+
+def test_hf_dataset_errors_of_the_real_library_are_config_errors(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(json.dumps({"text": "a short document"}) + "\n")
+    with pytest.raises(ConfigError, match="data.hf_dataset=.* could not be opened"):
+        build_data_source(DataConfig(hf_dataset=str(corpus), hf_split="test"), seed=0)
+    with pytest.raises(ConfigError, match="ran out after 0 sequences"):
+        build_data_source(DataConfig(hf_dataset=str(corpus), seq_len=64), seed=0)
