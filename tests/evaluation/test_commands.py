@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
-from open_mythos.commands import report as report_command
+from open_mythos.cli import main
 from open_mythos.commands import sweep as sweep_command
 from open_mythos.evaluation import load_rows
 from open_mythos.evaluation.runs import load_model, run_task, run_train_loops
@@ -45,12 +45,8 @@ def runs(tmp_path_factory):
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="openmythos")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sweep_command.add_parser(sub)
-    report_command.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """``openmythos ARGV`` through the real command line (every command registered)."""
+    return main(list(argv))
 
 
 def test_load_model_restores_both_kinds(runs):

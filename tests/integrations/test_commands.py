@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from open_mythos import ByteTokenizer, OpenMythos
-from open_mythos.commands import generate as generate_cmd
+from open_mythos.cli import build_parser, main
 from open_mythos.commands import info as info_cmd
 from open_mythos.commands import serve as serve_cmd
 from open_mythos.inference import KVCache
@@ -24,18 +23,15 @@ TOK = ByteTokenizer()
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="openmythos")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate_cmd, info_cmd, serve_cmd):
-        module.add_parser(sub)
-    return parser.parse_args(argv)
+    """The real ``openmythos`` parser (every command registered), as the console script."""
+    return build_parser().parse_args(argv)
 
 
-def run_generate(*argv: str) -> tuple[int, str]:
-    args = parse("generate", *argv)
-    out = io.StringIO()
-    status = args.func(args, out=out)
-    return status, out.getvalue()
+def openmythos(capsys, *argv: str) -> tuple[int, str, str]:
+    """``openmythos ARGV`` in process: exit status, stdout, stderr."""
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def test_generate_streams_our_greedy_tokens_from_training_and_hf_checkpoints(tmp_path, capsys):
@@ -46,42 +42,44 @@ def test_generate_streams_our_greedy_tokens_from_training_and_hf_checkpoints(tmp
     ids = torch.tensor([TOK.encode(prompt)])
     expected = TOK.decode(our_generate(model, ids, 10, 3, do_sample=False)[0, len(prompt):])
 
-    status, text = run_generate("--checkpoint", str(run), "--prompt", prompt, "--greedy",
-                                "--n-loops", "3", "--max-new-tokens", "10", "--device", "cpu")
+    status, text, err = openmythos(capsys, "generate", "--checkpoint", str(run), "--prompt",
+                                   prompt, "--greedy", "--n-loops", "3", "--max-new-tokens", "10",
+                                   "--device", "cpu")
     assert status == 0 and text == prompt + expected + "\n"
-    assert "10 tokens" in capsys.readouterr().err
+    assert "10 tokens" in err
 
     pytest.importorskip("transformers")
     from open_mythos.integrations.convert import training_to_hf
 
     hf_dir = training_to_hf(run, tmp_path / "hf", n_loops=3)  # n_loops stored with the model
-    status, text = run_generate("--checkpoint", str(hf_dir), "--prompt", prompt, "--greedy",
-                                "--max-new-tokens", "10", "--no-echo")
+    status, text, _ = openmythos(capsys, "generate", "--checkpoint", str(hf_dir), "--prompt",
+                                 prompt, "--greedy", "--max-new-tokens", "10", "--no-echo")
     assert status == 0 and text == expected + "\n"
 
 
-def test_generate_sampling_is_reproducible_with_a_seed(tmp_path):
+def test_generate_sampling_is_reproducible_with_a_seed(tmp_path, capsys):
     write_training_checkpoint(tmp_path / "run", byte_model("gqa"))
-    argv = ("--checkpoint", str(tmp_path / "run"), "--prompt", "ab", "--seed", "7",
+    argv = ("generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "ab",
             "--temperature", "0.9", "--top-p", "0.9", "--max-new-tokens", "12")
-    first, second = run_generate(*argv), run_generate(*argv)
-    assert first == second and first[0] == 0
+    status, first, _ = openmythos(capsys, *argv, "--seed", "7")
+    assert status == 0 and openmythos(capsys, *argv, "--seed", "7")[1] == first
+    assert openmythos(capsys, *argv, "--seed", "8")[1] != first
 
 
 def test_generate_reports_errors_with_status_2(tmp_path, capsys):
-    status, _ = run_generate("--checkpoint", str(tmp_path / "missing"), "--prompt", "x")
-    assert status == 2 and "no checkpoint" in capsys.readouterr().err
+    status, _, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "missing"),
+                                "--prompt", "x")
+    assert status == 2 and "no checkpoint" in err
     write_training_checkpoint(tmp_path / "run", byte_model("gqa"))
-    status, _ = run_generate("--checkpoint", str(tmp_path / "run"), "--prompt", "x",
-                             "--max-new-tokens", "500")
-    assert status == 2 and "context" in capsys.readouterr().err
+    status, _, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "run"),
+                                "--prompt", "x", "--max-new-tokens", "500")
+    assert status == 2 and "context" in err
     with pytest.raises(SystemExit):
         parse("generate", "--checkpoint", "x", "--prompt", "y", "--n-loops", "0")
 
 
 def test_info_prints_exact_counts_and_cache_sizes_of_a_variant(capsys):
-    args = parse("info", "--variant", "mythos_1b", "--n-loops", "16", "--json")
-    assert args.func(args) == 0
+    assert main(["info", "--variant", "mythos_1b", "--n-loops", "16", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     # Counts from the mythos_1b docstring; MLA caches 256 + 32 values per layer and depth.
     assert (info["total_params"], info["active_params"]) == (1_007_404_930, 299_616_130)
@@ -89,13 +87,12 @@ def test_info_prints_exact_counts_and_cache_sizes_of_a_variant(capsys):
     assert info["kv_bytes_per_token"] == {"fp32": 20 * 288 * 4, "bf16": 20 * 288 * 2}
     assert info["flops_per_token"] == info["matmul_flops_per_token"] + 4096 * info[
         "attention_flops_per_position"]
-    args = parse("info", "--variant", "1b", "--n-loops", "4")
-    assert args.func(args) == 0
+    assert main(["info", "--variant", "1b", "--n-loops", "4"]) == 0
     text = capsys.readouterr().out
     assert "1,007,404,930" in text and "8 layers x 288 values" in text
     # n_loops=0 is an error, not the default depth (SPEC §3.10).
-    args = parse("info", "--variant", "1b", "--n-loops", "0")
-    assert args.func(args) == 2 and "--n-loops" in capsys.readouterr().err
+    assert main(["info", "--variant", "1b", "--n-loops", "0"]) == 2
+    assert "--n-loops" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
@@ -131,8 +128,7 @@ def test_flops_formula_matches_counted_matmuls():
 def test_info_reads_a_checkpoint(tmp_path, capsys):
     model = byte_model("gqa")
     write_training_checkpoint(tmp_path / "run", model)
-    args = parse("info", "--checkpoint", str(tmp_path / "run"), "--json", "--context", "10")
-    assert args.func(args) == 0
+    assert main(["info", "--checkpoint", str(tmp_path / "run"), "--json", "--context", "10"]) == 0
     info = json.loads(capsys.readouterr().out)
     from open_mythos.variants import count_parameters
 
@@ -147,8 +143,7 @@ def test_info_reports_a_dense_baseline_as_itself(attn_type, tmp_path, capsys):
     base = byte_baseline(attn_type, core_layers=3)
     cfg = base.cfg
     write_training_checkpoint(tmp_path / "run", base)
-    args = parse("info", "--checkpoint", str(tmp_path / "run"), "--json", "--context", "10")
-    assert args.func(args) == 0
+    assert main(["info", "--checkpoint", str(tmp_path / "run"), "--json", "--context", "10"]) == 0
     info = json.loads(capsys.readouterr().out)
     # The real count, from the module itself: no experts, so active == total.
     total = sum(p.numel() for p in base.parameters())
@@ -165,13 +160,12 @@ def test_info_reports_a_dense_baseline_as_itself(attn_type, tmp_path, capsys):
     assert (info["matmul_params_once"], info["matmul_params_per_loop"]) == (
         flops_per_token(cfg) // 2, 0)
 
-    args = parse("info", "--checkpoint", str(tmp_path / "run"))
-    assert args.func(args) == 0
+    assert main(["info", "--checkpoint", str(tmp_path / "run")]) == 0
     text = capsys.readouterr().out
     assert "dense baseline" in text and "3 core blocks" in text and f"{total:,}" in text
     assert "recurrent" not in text and "experts" not in text
-    args = parse("info", "--checkpoint", str(tmp_path / "run"), "--n-loops", "4")
-    assert args.func(args) == 2 and "fixed depth" in capsys.readouterr().err
+    assert main(["info", "--checkpoint", str(tmp_path / "run"), "--n-loops", "4"]) == 2
+    assert "fixed depth" in capsys.readouterr().err
 
 
 def test_serve_parser_defaults():
