@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from tests.conftest import tiny_config
 from tests.integrations.conftest import byte_baseline, byte_model, write_training_checkpoint
 
 TOK = ByteTokenizer()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -174,21 +177,25 @@ def test_serve_parser_defaults():
     assert serve_cmd._default_name(args.checkpoint) == "x"
 
 
-def test_python_dash_m_entry_point_runs_info_and_generate(tmp_path):
-    from open_mythos import cli
-
-    wired = {f"open_mythos.commands.{c}" for c in ("generate", "info")}
-    if not wired <= set(cli.COMMANDS):
-        pytest.skip("generate/info are not wired into open_mythos.cli yet")
-    done = subprocess.run([sys.executable, "-m", "open_mythos", "info", "--variant", "mythos_1b"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "1,007,404,930" in done.stdout
+@pytest.mark.slow  # two fresh interpreters importing torch: about 10 s on 2 busy cores
+def test_console_script_and_python_dash_m_run_info_and_generate(tmp_path):
+    """The installed ``openmythos`` console script (``[project.scripts]``) and
+    ``python -m open_mythos``, in fresh processes, on this checkout's code."""
+    script = Path(sys.executable).with_name("openmythos")
+    assert script.is_file(), (f"{script} is missing: install the package (pip install -e "
+                              "'.[dev]', as `make test` does)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([str(script), "info", "--variant", "mythos_1b"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "1,007,404,930" in done.stdout
     model = byte_model("gqa")
     write_training_checkpoint(tmp_path / "run", model)
     done = subprocess.run(
         [sys.executable, "-m", "open_mythos", "generate", "--checkpoint", str(tmp_path / "run"),
          "--prompt", "Hi", "--greedy", "--n-loops", "2", "--max-new-tokens", "6", "--no-echo"],
-        capture_output=True, timeout=120)
+        capture_output=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     expected = our_generate(model, torch.tensor([TOK.encode("Hi")]), 6, 2, do_sample=False)[0, 2:]
     assert done.stdout.decode() == TOK.decode(expected) + "\n"
