@@ -43,7 +43,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help='task difficulty knobs as a JSON object, e.g. \'{"lengths": [4, 12]}\' '
                         "(default: the run's)")
     p.add_argument("--splits", type=lambda s: [x for x in s.split(",") if x],
-                   help="comma-separated splits (default: id and every ood split that fits)")
+                   help="comma-separated splits (default: id and every ood split that fits); "
+                        "a split may be one difficulty level, e.g. hops=4 for multihop")
     p.add_argument("--loops", type=parse_loops,
                    help="loop counts, e.g. 1,2,4,8 or 1-16 (default: 1 to 4x max_loop_iters)")
     p.add_argument("--n-examples", type=int, default=128, metavar="N",

@@ -143,10 +143,33 @@ def eval_splits(task: Task, max_seq_len: int | None = None) -> list[str]:
     return [s for s in splits if task.max_len(s) <= max_seq_len]
 
 
+def split_level(task: Task, split: str) -> int | None:
+    """The level of a one-level split ``"<level_name>=<k>"`` (e.g. ``"hops=4"`` for
+    ``multihop``), None for a named split such as ``"id"``.
+
+    Raises:
+        ValueError: the split names another task's level, or its level is not an integer.
+    """
+    name, eq, value = split.partition("=")
+    if not eq:
+        return None
+    if name != task.level_name:
+        raise ValueError(f"split {split!r}: {task.name!r} levels are {task.level_name!r}, "
+                         f"e.g. {task.level_name}={task.min_level}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"split {split!r}: the level must be an integer") from None
+
+
 def sample_examples(task: Task, split: str, n_examples: int, seed: int = 0) -> list[Example]:
     """``n_examples`` examples of ``split``, a fixed function of ``(seed, split)`` and
-    distinct from the training stream's seeds."""
+    distinct from the training stream's seeds. ``split`` is a task split (``"id"``,
+    ``"ood_hops"``...) or one level, ``"<level_name>=<k>"`` (:func:`split_level`)."""
     rng = random.Random(f"eval/{seed}/{split}")
+    level = split_level(task, split)
+    if level is not None:
+        return [task.generate_at(rng, level) for _ in range(n_examples)]
     return [task.generate(rng, split) for _ in range(n_examples)]
 
 
@@ -338,7 +361,8 @@ def sweep(
             :class:`~open_mythos.baseline.DenseBaseline`.
         task: the task to draw examples from.
         splits: task splits (default: :func:`eval_splits` that fit the model's
-            ``max_seq_len``; a warning names any left out).
+            ``max_seq_len``; a warning names any left out), or single levels such as
+            ``"hops=4"`` (accuracy by difficulty, :func:`split_level`).
         loops: loop counts (default :func:`default_loops`); ignored for a fixed-depth model.
         n_examples: examples per split, the same at every loop count.
         early_exit: ACT early-exit settings to evaluate. With ACT off the model never exits

@@ -137,3 +137,23 @@ def test_rows_round_trip(tmp_path, suffix):
     assert load_rows(save_rows(rows, tmp_path / f"sweep{suffix}")) == rows
     with pytest.raises(ValueError, match=".json or .csv"):
         save_rows(rows, tmp_path / "sweep.txt")
+
+
+def test_a_split_may_be_one_level(parity_model):
+    task = small_parity()
+    lo, hi = task.level_range("ood_length")
+    examples = sample_examples(task, f"{task.level_name}={hi}", 12, seed=2)
+    assert {task.level_of(ex.prompt) for ex in examples} == {hi}
+    assert examples == sample_examples(task, f"{task.level_name}={hi}", 12, seed=2)
+    rows = sweep(parity_model, task, splits=[f"{task.level_name}={lo}"], loops=[2], n_examples=8,
+                 early_exit=(False,), seed=2, batch_size=8)
+    assert [(r.split, r.n_loops) for r in rows] == [(f"{task.level_name}={lo}", 2)]
+    budget = max(len(ex.answer) for ex in examples) + 1
+    level_examples = sample_examples(task, f"{task.level_name}={lo}", 8, seed=2)
+    correct = [slow_greedy(parity_model, ex.prompt, 2, False, budget) == ex.answer
+               for ex in level_examples]
+    assert rows[0].accuracy == pytest.approx(sum(correct) / len(correct))
+    with pytest.raises(ValueError, match="levels are"):
+        sample_examples(task, "hops=3", 2)
+    with pytest.raises(ValueError, match="integer"):
+        sample_examples(task, f"{task.level_name}=x", 2)
