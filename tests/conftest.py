@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -43,3 +45,37 @@ def halting_model(attn_type: str, seed: int = 0, **overrides) -> OpenMythos:
 @pytest.fixture(params=["gqa", "mla"])
 def attn_type(request) -> str:
     return request.param
+
+
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+
+@pytest.fixture(params=[
+    pytest.param(("cpu", torch.float32), id="cpu-fp32"),
+    pytest.param(("cpu", torch.bfloat16), id="cpu-bf16"),
+    pytest.param(("cuda", torch.float32), id="cuda-fp32", marks=_NO_CUDA),
+    pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=_NO_CUDA),
+])
+def device_dtype(request) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a model-equality test: CPU and CUDA (skipped without a GPU), each
+    in float32 and bfloat16 (the weights cast; the tests compare two paths in that dtype)."""
+    device, dtype = request.param
+    return torch.device(device), dtype
+
+
+def equality_tolerance(dtype: torch.dtype, ref: torch.Tensor) -> dict[str, float]:
+    """``assert_close`` tolerances for two computations of the same logits ``ref`` in
+    ``dtype`` that differ only in how the work is split (cache vs full, readout vs a
+    shorter forward).
+
+    float32: 1e-5, rounding-order noise. bfloat16: both paths round the same values to 8
+    bits, but kernels may round a row differently by shape: two bf16 ulps at the largest
+    logit (measured on CPU: at most one, while one loop more or fewer moves the logits by
+    four or more). The CUDA cases use the same bands; this session had no GPU to measure
+    them.
+    """
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 1e-5}
+    largest = ref.detach().abs().max().float().item()
+    ulp = 2.0 ** (math.floor(math.log2(max(largest, 2.0**-126))) - 7)  # bf16: 8-bit mantissa
+    return {"rtol": 0.0, "atol": 2 * ulp}

@@ -8,7 +8,7 @@ import torch
 from open_mythos import OpenMythos
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
 
-from .conftest import tiny_config
+from .conftest import equality_tolerance, tiny_config
 
 
 def _ids(cfg, B=2, T=10, seed=0):
@@ -22,15 +22,22 @@ def _with_lora(model):
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
-def test_readout_equals_a_forward_stopped_at_each_depth(attn):
+def test_readout_equals_a_forward_stopped_at_each_depth(attn, device_dtype):
+    device, dtype = device_dtype
     torch.manual_seed(0)
     model = _with_lora(OpenMythos(tiny_config(attn, use_act=False))).eval()
-    ids = _ids(model.cfg)
+    model = model.to(device=device, dtype=dtype)
+    ids = _ids(model.cfg).to(device)
     with torch.no_grad():
         out = model(ids, n_loops=5, readout_depths=range(1, 6))
-        assert torch.allclose(out.logits, model(ids, n_loops=5), atol=1e-5)
-        for d in range(1, 6):
-            assert torch.allclose(out.depth_logits[d], model(ids, n_loops=d), atol=1e-5), d
+        separate = {d: model(ids, n_loops=d) for d in range(1, 6)}
+    assert out.logits.device == device and out.logits.dtype == dtype
+    torch.testing.assert_close(out.logits, separate[5], **equality_tolerance(dtype, separate[5]))
+    for d in range(1, 6):
+        tol = equality_tolerance(dtype, separate[d])
+        torch.testing.assert_close(out.depth_logits[d], separate[d], **tol, msg=f"depth {d}")
+        if d > 1:  # the band tells neighbouring depths apart
+            assert (separate[d] - separate[d - 1]).float().abs().max() > 2 * tol["atol"]
     # The last loop's state is the output's: its logits are not computed twice.
     assert out.depth_logits[5] is out.logits
     assert set(out.states) == set(range(1, 6)) and out.states[2].shape == (2, 10, 64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from open_mythos.inference import KVCache
-from tests.conftest import halting_model, tiny_config
+from tests.conftest import equality_tolerance, halting_model, tiny_config
 
 
 def run_chunks(model, ids, chunks, n_loops, cache):
@@ -17,14 +17,23 @@ def run_chunks(model, ids, chunks, n_loops, cache):
 
 @pytest.mark.parametrize("n_loops", [1, 3, 7])
 @pytest.mark.parametrize("store", ["dict", "kvcache"])
-def test_chunked_cached_forward_equals_full_forward(attn_type, n_loops, store):
-    """Chunked prefill then token-by-token decode, ACT halting on, early exit on."""
-    model = halting_model(attn_type)
-    ids = torch.randint(0, 97, (2, 23))
-    full = model(ids, n_loops=n_loops, act_early_exit=False)
-    cache = {} if store == "dict" else KVCache(max_len=32)
-    inc = run_chunks(model, ids, [9, 5, 1, 1, 4, 1, 1, 1], n_loops, cache)
-    torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
+def test_chunked_cached_forward_equals_full_forward(attn_type, n_loops, store, device_dtype):
+    """Chunked prefill then token-by-token decode, ACT halting on, early exit on; on every
+    (device, dtype)."""
+    device, dtype = device_dtype
+    model = halting_model(attn_type).to(device=device, dtype=dtype)
+    ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(n_loops))
+    ids = ids.to(device)
+    with torch.no_grad():
+        full = model(ids, n_loops=n_loops, act_early_exit=False)
+        cache = {} if store == "dict" else KVCache(max_len=32)
+        inc = run_chunks(model, ids, [9, 5, 1, 1, 4, 1, 1, 1], n_loops, cache)
+        deeper = model(ids, n_loops=n_loops + 1, act_early_exit=False)
+    assert inc.device == full.device == device and inc.dtype == full.dtype == dtype
+    tol = equality_tolerance(dtype, full)
+    torch.testing.assert_close(inc, full, **tol)
+    # The band is narrower than a loop more.
+    assert (deeper.float() - full.float()).abs().max() > 2 * tol["atol"]
 
 
 def test_later_call_with_more_loops_reads_filled_depths(attn_type):
