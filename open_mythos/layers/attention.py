@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -285,6 +286,9 @@ def _fold_heads_mask(
 ATTENTION: dict[AttnType, type[nn.Module]] = {AttnType.GQA: GQAttention, AttnType.MLA: MLAttention}
 
 
-def build_attention(cfg: MythosConfig) -> nn.Module:
-    """The attention module selected by ``cfg.attn_type``."""
-    return ATTENTION[AttnType(cfg.attn_type)](cfg)
+def build_attention(
+    cfg: MythosConfig, classes: Mapping[AttnType, type[nn.Module]] = ATTENTION
+) -> nn.Module:
+    """The attention module selected by ``cfg.attn_type``, from ``classes`` (default
+    :data:`ATTENTION`; the upstream-signature adapters pass their own subclasses)."""
+    return classes[AttnType(cfg.attn_type)](cfg)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from ..config import MythosConfig
-from .attention import AttnContext, DepthCarry, build_attention
+from ..config import AttnType, MythosConfig
+from .attention import ATTENTION, AttnContext, DepthCarry, build_attention
 from .moe import Expert, MoEFFN
 from .norm import RMSNorm
 
@@ -16,12 +19,15 @@ class TransformerBlock(nn.Module):
 
     The FFN is a dense SwiGLU (``cfg.ffn_dim`` wide) in Prelude and Coda, and the
     mixture of experts (:class:`MoEFFN`) in the recurrent block (``use_moe=True``).
+    The attention class comes from :attr:`attention_classes` (by ``cfg.attn_type``).
     """
+
+    attention_classes: ClassVar[Mapping[AttnType, type[nn.Module]]] = ATTENTION
 
     def __init__(self, cfg: MythosConfig, use_moe: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = build_attention(cfg)
+        self.attn = build_attention(cfg, self.attention_classes)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoEFFN(cfg) if use_moe else Expert(cfg.dim, cfg.ffn_dim)
         self.resid_drop = nn.Dropout(cfg.dropout)

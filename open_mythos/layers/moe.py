@@ -36,13 +36,16 @@ from ..config import MythosConfig
 
 
 class Expert(nn.Module):
-    """Dense SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``; (..., dim) -> (..., dim)."""
+    """Dense SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``; (..., dim) -> (..., dim).
 
-    def __init__(self, dim: int, hidden_dim: int):
+    ``expert_dim`` is the hidden width (upstream's argument name).
+    """
+
+    def __init__(self, dim: int, expert_dim: int):
         super().__init__()
-        self.gate = nn.Linear(dim, hidden_dim, bias=False)
-        self.up = nn.Linear(dim, hidden_dim, bias=False)
-        self.down = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate = nn.Linear(dim, expert_dim, bias=False)
+        self.up = nn.Linear(dim, expert_dim, bias=False)
+        self.down = nn.Linear(expert_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -252,6 +255,47 @@ class MoEFFN(nn.Module):
         nn.init.zeros_(self.router_bias)
         nn.init.zeros_(self.load_since_update)
 
+    @property
+    def routed_experts(self) -> nn.ModuleList:
+        """The routed experts one by one, as upstream's ``ModuleList`` of :class:`Expert`.
+
+        Views built on each access (not submodules: the state dict and ``parameters()`` are
+        unchanged). Expert ``e``'s ``gate.weight`` and ``up.weight`` (expert_dim, dim) and
+        ``down.weight`` (dim, expert_dim) share storage with ``w_gate_up[e]`` and
+        ``w_down[e]``, so reading them, or editing them in place (``p.data.zero_()``,
+        ``p.copy_(...)`` under ``no_grad``), reads or edits this layer. Calling a view computes
+        that expert alone; gradients of such a call land on the view's tensors, not on this
+        layer's parameters. ``module.to(...)`` moves the parameters to new storage: take
+        fresh views after it.
+        """
+        H = self.expert_dim
+        gate_up, down = self.w_gate_up.detach(), self.w_down.detach()
+        grad = self.w_gate_up.requires_grad
+        return nn.ModuleList(
+            _expert_view(gate_up[e, :, :H].t(), gate_up[e, :, H:].t(), down[e].t(), grad)
+            for e in range(self.n_experts))
+
+    @property
+    def shared_experts(self) -> nn.ModuleList:
+        """The ``n_shared`` always-on experts as upstream's ``ModuleList`` of :class:`Expert`.
+
+        This layer keeps them as one SwiGLU (``self.shared``) whose hidden units are the
+        experts' units side by side (a sum of SwiGLUs is one SwiGLU of the summed width);
+        view ``i`` holds units ``[i * W, (i + 1) * W)`` with ``W = expert_dim * topk``
+        (upstream's shared width), sharing storage as in :attr:`routed_experts`. The views'
+        outputs sum to ``self.shared(x)``. Empty when ``n_shared == 0``.
+        """
+        if self.shared is None:
+            return nn.ModuleList()
+        W = self.expert_dim * self.topk
+        gate, up = self.shared.gate.weight.detach(), self.shared.up.weight.detach()
+        down = self.shared.down.weight.detach()
+        grad = self.shared.gate.weight.requires_grad
+        return nn.ModuleList(
+            _expert_view(gate[i * W:(i + 1) * W], up[i * W:(i + 1) * W],
+                         down[:, i * W:(i + 1) * W], grad)
+            for i in range(self.n_shared))
+
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose experts for each row of ``flat`` (N, dim).
 
@@ -370,6 +414,19 @@ class MoEFFN(nn.Module):
         self.router_bias.sub_(self.router_bias.mean())  # only differences matter
         self.load_since_update.zero_()
         return load
+
+
+def _expert_view(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 requires_grad: bool) -> Expert:
+    """An :class:`Expert` whose weights are the given tensors (aliases, not copies).
+
+    ``gate``, ``up``: (hidden, dim); ``down``: (dim, hidden), as ``nn.Linear`` stores them.
+    """
+    with torch.device("meta"):  # the Linear layers' own weights are replaced below
+        expert = Expert(gate.shape[1], gate.shape[0])
+    for linear, weight in ((expert.gate, gate), (expert.up, up), (expert.down, down)):
+        linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    return expert
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

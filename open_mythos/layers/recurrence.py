@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Collection, Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -180,10 +181,13 @@ class RecurrentBlock(nn.Module):
             loops are differentiated (the earlier ones run without autograd).
     """
 
+    #: The class of the looped block (the upstream-signature adapter substitutes its own).
+    block_class: ClassVar[type[TransformerBlock]] = TransformerBlock
+
     def __init__(self, cfg: MythosConfig):
         super().__init__()
         self.cfg = cfg
-        self.block = TransformerBlock(cfg, use_moe=True)
+        self.block = self.block_class(cfg, use_moe=True)
         self.injection = LTIInjection(cfg.dim)
         self.act = ACTHalting(cfg.dim, cfg.act_halt_bias_init)
         self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters) if cfg.lora_rank else None
