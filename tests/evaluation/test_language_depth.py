@@ -18,7 +18,9 @@ T_TRAIN = 3
 #: The documented recipe (docs/depth_extrapolation.md, "Depth on language"), shortened.
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "text_depth.toml"
 
-pytestmark = pytest.mark.slow
+# Training the text run (the module fixture, counted in the first test's timeout) took
+# 594 s on 2 cores shared with other jobs.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
