@@ -152,11 +152,14 @@ def _activation_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _UpstreamAttention:
-    """``forward`` for attention classes: our signature or upstream's, told apart by type."""
+class _UpstreamCall:
+    """``forward`` for attention and block classes: our signature or upstream's, told apart
+    by the type of the second argument. ``rope_width`` is the RoPE width of the attention."""
+
+    rope_width: int
 
     def forward(self, x: torch.Tensor, freqs_cis, *args, **kwargs) -> torch.Tensor:
-        if isinstance(freqs_cis, AttnContext):  # our blocks: forward(x, ctx, cache_key, carry)
+        if isinstance(freqs_cis, AttnContext):  # ours: forward(x, ctx, cache_key, carry)
             return super().forward(x, freqs_cis, *args, **kwargs)
         return self.upstream_forward(x, freqs_cis, *args, **kwargs)
 
@@ -173,7 +176,7 @@ class _UpstreamAttention:
         return super().forward(x, ctx, cache_key)
 
 
-class GQAttention(_UpstreamAttention, _attention.GQAttention):
+class GQAttention(_UpstreamCall, _attention.GQAttention):
     """:class:`open_mythos.layers.GQAttention`; ``forward`` also takes upstream's
     ``(x, freqs_cis, mask=None, kv_cache=None, cache_key="default")`` with a
     (T, head_dim // 2) table. The cache entry holds ``k`` and ``v`` as
@@ -184,7 +187,7 @@ class GQAttention(_UpstreamAttention, _attention.GQAttention):
         return self.head_dim
 
 
-class MLAttention(_UpstreamAttention, _attention.MLAttention):
+class MLAttention(_UpstreamCall, _attention.MLAttention):
     """:class:`open_mythos.layers.MLAttention`; ``forward`` also takes upstream's
     ``(x, freqs_cis, mask=None, kv_cache=None, cache_key="default")`` with a
     (T, qk_rope_head_dim // 2) table. The cache entry holds one ``kv_latent``
@@ -195,29 +198,16 @@ class MLAttention(_UpstreamAttention, _attention.MLAttention):
         return self.rope_dim_
 
 
-class TransformerBlock(_block.TransformerBlock):
+class TransformerBlock(_UpstreamCall, _block.TransformerBlock):
     """:class:`open_mythos.layers.TransformerBlock` built with the attention classes above;
     ``forward`` also takes upstream's ``(x, freqs_cis, mask=None, kv_cache=None,
     cache_key="default")``."""
 
     attention_classes = {AttnType.GQA: GQAttention, AttnType.MLA: MLAttention}
 
-    def forward(self, x: torch.Tensor, freqs_cis, *args, **kwargs) -> torch.Tensor:
-        if isinstance(freqs_cis, AttnContext):  # the recurrent block: (x, ctx, cache_key, carry)
-            return super().forward(x, freqs_cis, *args, **kwargs)
-        return self.upstream_forward(x, freqs_cis, *args, **kwargs)
-
-    def upstream_forward(
-        self,
-        x: torch.Tensor,
-        freqs_cis: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        kv_cache: dict | None = None,
-        cache_key: str = "default",
-    ) -> torch.Tensor:
-        """Upstream's call: (B, T, dim) -> (B, T, dim); see :func:`upstream_context`."""
-        ctx = upstream_context(x, freqs_cis, mask, kv_cache, cache_key, self.attn.rope_width)
-        return super().forward(x, ctx, cache_key)
+    @property
+    def rope_width(self) -> int:
+        return self.attn.rope_width
 
 
 class RecurrentBlock(_recurrence.RecurrentBlock):
