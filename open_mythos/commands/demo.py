@@ -2,7 +2,7 @@
 
 ::
 
-    python -m open_mythos demo                        # about 8 minutes on 2 CPU cores
+    python -m open_mythos demo                        # about 10 minutes on 2 CPU cores
     python -m open_mythos demo --quick --out /tmp/d   # checks the pipeline in seconds
 
 On the ``multihop`` task (follow variable assignments to a digit; one answer token, so every
