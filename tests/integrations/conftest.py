@@ -100,6 +100,24 @@ def last_of_support(probs: torch.Tensor, tokens: list[int], option: str, value: 
     return (above > 0) & (above + chosen >= value)
 
 
+def in_support(model: OpenMythos, prompt: list[int], choices: list[tuple[str, str]], option: str,
+               value: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every token of every ``(text, finish_reason)`` choice sampled after ``prompt``:
+    whether it lies in the ``top_k = value`` set or the ``top_p = value`` nucleus of the
+    distribution it was drawn from (recomputed by :func:`next_token_probs`), and whether it
+    is the last token of that support (:func:`last_of_support`). Two (N,) bool tensors."""
+    flags, last = [], []
+    for text, reason in choices:
+        ids = sampled_ids(ByteTokenizer(), text, reason)
+        probs = next_token_probs(model, prompt, ids, TRAINED_LOOPS, temperature)
+        if option == "top_k":
+            flags.append(rank_of(probs, ids) < value)
+        else:
+            flags.append(mass_above(probs, ids) < value + 1e-4)
+        last.append(last_of_support(probs, ids, option, value))
+    return torch.cat(flags), torch.cat(last)
+
+
 def byte_model(attn_type: str = "gqa", seed: int = 0, **overrides) -> OpenMythos:
     """A tiny eval-mode model over the byte vocabulary whose ACT halts at various loops.
 
