@@ -127,13 +127,13 @@ class MythosConfig:
     dropout: float = 0.0
     # Added fields (not in upstream).
     use_act: bool = True
-    clamp_loop_index: bool = False
     act_halt_bias_init: float = -3.0
     dense_ffn_dim: int | None = None
     router_bias_update_rate: float = 1e-3
     norm_eps: float = 1e-6
     init_std: float | None = None
     embed_init_std: float | None = None
+    clamp_loop_index: bool = False
 
     def __post_init__(self) -> None:
         try:
