@@ -75,6 +75,7 @@ from .distributed import (
 )
 from .losses import (
     IGNORE_INDEX,
+    LossParts,
     compute_loss,
     count_targets,
     cross_entropy_sum,
@@ -109,6 +110,18 @@ class TrainState:
     position: int = 0
     bad_steps: int = 0
     consecutive_bad: int = 0
+
+
+@dataclass(frozen=True)
+class StepSums:
+    """One step's loss sums over all ranks and micro-batches: the objective, ponder and aux
+    are means over ranks; the cross-entropies are sums over supervised targets."""
+
+    objective: float
+    ce_sum: float
+    ponder: float
+    aux: float
+    loop_ce_sum: float
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -359,21 +372,42 @@ class Trainer:
                 self.save()
 
     def _train_step(self) -> dict[str, Any]:
-        cfg, ctx, state = self.cfg, self.ctx, self.state
+        """One optimiser step: fetch, forward/backward every micro-batch, clip, update or skip."""
         t0 = time.perf_counter()
-        step = state.step
+        step = self.state.step
         n_loops = self.loops_at(step)
-        accum = cfg.optim.grad_accum
-        # One shard of the step's global batch per (micro-step, rank).
+        micro, n_sup = self._fetch_micro_batches()
+        sums = self._accumulate_gradients(micro, step, n_loops, n_sup)
+        grad_norm = self._clip_gradients()
+        lr = self.lr_at(step)
+        good = math.isfinite(sums.objective) and math.isfinite(grad_norm)
+        balance = self._apply_update(lr) if good else self._skip_update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return self._step_row(sums, n_sup, lr, grad_norm, n_loops, balance, good,
+                              time.perf_counter() - t0)
+
+    def _fetch_micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
+        """This rank's micro-batches of the step (one shard of the global batch per
+        (micro-step, rank)) and the number of supervised targets over all ranks."""
+        ctx, accum = self.ctx, self.cfg.optim.grad_accum
         shards = accum * ctx.world_size
-        micro = [self.data.batch(TRAIN, state.position, i * ctx.world_size + ctx.rank, shards)
+        micro = [self.data.batch(TRAIN, self.state.position, i * ctx.world_size + ctx.rank, shards)
                  for i in range(accum)]
-        state.position += 1
+        self.state.position += 1
         n_sup = torch.tensor(float(sum(count_targets(b["targets"]) for b in micro)),
                              device=ctx.device)
-        n_sup = all_reduce(n_sup, ctx).item()
-        ce_scale, reg_scale = ctx.world_size / max(1.0, n_sup), 1.0 / accum
+        return micro, all_reduce(n_sup, ctx).item()
 
+    def _accumulate_gradients(self, micro: list[dict[str, torch.Tensor]], step: int,
+                              n_loops: int, n_sup: float) -> StepSums:
+        """Forward and backward of every micro-batch; the loss sums reduced over ranks.
+
+        Raises:
+            RuntimeError: the ranks ran different loop counts.
+        """
+        ctx, accum = self.ctx, self.cfg.optim.grad_accum
+        ce_scale, reg_scale = ctx.world_size / max(1.0, n_sup), 1.0 / accum
         self.model.train()
         # objective, ce_sum, ponder, aux, loop_ce_sum; then loops and loops^2 to check that
         # the ranks agree.
@@ -382,52 +416,58 @@ class Trainer:
             sums[:5] += self._micro_step(batch, step, i, n_loops, ce_scale, reg_scale,
                                          sync=i == accum - 1)
         sums[5:] = torch.tensor([n_loops, n_loops**2], dtype=torch.float64)
-
         all_reduce(sums, ctx)
-        objective_sum, ce_sum, ponder_sum, aux_sum, loop_ce_sum, loops_sum, loops_sq = sums.tolist()
+        objective, ce, ponder, aux, loop_ce, loops_sum, loops_sq = sums.tolist()
         # Equal counts on all ranks <=> W * sum(x^2) == sum(x)^2 (Cauchy-Schwarz); the sums
         # are global, so every rank reaches the same verdict.
         if ctx.world_size * loops_sq != loops_sum**2:
             raise RuntimeError(f"ranks disagree on the loop count at step {step}")
-        loss = objective_sum / ctx.world_size
+        w = ctx.world_size
+        return StepSums(objective / w, ce, ponder / w, aux / w, loop_ce)
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.core.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+    def _clip_gradients(self) -> float:
+        """Clip to ``optim.grad_clip`` (0: no clipping) and return the global gradient norm."""
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.core.parameters(),
+                                                   clip if clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        return float(grad_norm)
 
-        lr = self.lr_at(step)
-        good = math.isfinite(loss) and math.isfinite(grad_norm)
-        balance = None
-        if good:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            loads = [moe.update_router_bias(load=load) for moe, load in
-                     zip(self.core.moe_layers(), reduced_expert_loads(self.core, self.ctx))]
-            balance = max((float(load.max() / load.mean()) for load in loads if load.sum() > 0),
-                          default=None)
-            state.consecutive_bad = 0
-        else:
-            # The step never happened: drop the loads its forwards accumulated.
-            for moe in self.core.moe_layers():
-                moe.load_since_update.zero_()
-            state.bad_steps += 1
-            state.consecutive_bad += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
+    def _apply_update(self, lr: float) -> float | None:
+        """The optimiser step, then one router-bias balancing step per MoE layer from the
+        loads reduced over ranks; returns the worst layer's max/mean expert load."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        loads = [moe.update_router_bias(load=load) for moe, load in
+                 zip(self.core.moe_layers(), reduced_expert_loads(self.core, self.ctx))]
+        self.state.consecutive_bad = 0
+        return max((float(load.max() / load.mean()) for load in loads if load.sum() > 0),
+                   default=None)
 
-        tokens = self.data.batch_size * self.data.seq_len * ctx.world_size * accum
-        elapsed = time.perf_counter() - t0
+    def _skip_update(self) -> None:
+        """Count a non-finite step; it never happened, so drop the loads its forwards
+        accumulated."""
+        for moe in self.core.moe_layers():
+            moe.load_since_update.zero_()
+        self.state.bad_steps += 1
+        self.state.consecutive_bad += 1
+
+    def _step_row(self, sums: StepSums, n_sup: float, lr: float, grad_norm: float,
+                  n_loops: int, balance: float | None, good: bool,
+                  elapsed: float) -> dict[str, Any]:
+        """The metrics row of the step just taken."""
+        opt = self.cfg.optim
+        tokens = self.data.batch_size * self.data.seq_len * self.ctx.world_size * opt.grad_accum
         return {
-            "step": state.step,
-            "loss": _finite_or_none(loss),
-            "ce": _finite_or_none(ce_sum / max(1.0, n_sup)),
-            "ponder": _finite_or_none(ponder_sum / ctx.world_size),
-            "aux": _finite_or_none(aux_sum / ctx.world_size),
-            **({"loop_ce": _finite_or_none(loop_ce_sum / max(1.0, n_sup))}
-               if cfg.optim.loop_loss_weight else {}),
+            "step": self.state.step,
+            "loss": _finite_or_none(sums.objective),
+            "ce": _finite_or_none(sums.ce_sum / max(1.0, n_sup)),
+            "ponder": _finite_or_none(sums.ponder),
+            "aux": _finite_or_none(sums.aux),
+            **({"loop_ce": _finite_or_none(sums.loop_ce_sum / max(1.0, n_sup))}
+               if opt.loop_loss_weight else {}),
             "lr": lr,
             "grad_norm": _finite_or_none(grad_norm),
             "loops": n_loops,
@@ -435,7 +475,7 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
             "expert_load_max_over_mean": balance,
             "skipped": not good,
-            "bad_steps": state.bad_steps,
+            "bad_steps": self.state.bad_steps,
         }
 
     def _micro_step(self, batch: dict[str, torch.Tensor], step: int, micro: int, n_loops: int,
@@ -450,53 +490,66 @@ class Trainer:
         cross-entropy, backpropagated separately (each forward has its own backward, which
         DDP requires); gradients are synchronised on the last backward of the last micro-step.
         """
-        cfg, ctx, opt = self.cfg, self.ctx, self.cfg.optim
+        ctx, alpha = self.ctx, self.cfg.optim.progressive_weight
         x = batch["input_ids"].to(ctx.device, non_blocking=True)
         y = batch["targets"].to(ctx.device, non_blocking=True)
-        alpha = opt.progressive_weight
-        loop_ce = torch.zeros((), dtype=torch.float64, device=ctx.device)
         with gradient_sync(self.model, ctx, enabled=sync and not alpha):
             with self._autocast():
-                if opt.loop_loss_weight:
-                    depths = readout_depths(self.core.max_readout_depth(n_loops),
-                                            opt.loop_loss_last)
-                    # The head lens reads out the supervised positions only (cheap).
-                    head_lens = opt.loop_readout == "head"
-                    out = self.model(x, n_loops=n_loops, backprop_loops=cfg.schedule.backprop_loops,
-                                     readout_depths=depths,
-                                     readout_lens="none" if head_lens else "coda")
-                    logits = out.logits
-                    trace = batch["trace"].to(ctx.device) if opt.loop_targets else None
-                    start = batch["answer_start"].to(ctx.device) if opt.loop_targets else None
-                    loop_sum = loop_readout_ce_sum(
-                        out.states if head_lens else out.depth_logits, y,
-                        loop_weights(depths, depths[-1], opt.loop_loss_gamma), trace, start,
-                        head=(lambda h: self.core.head(self.core.norm(h))) if head_lens else None)
-                    loop_ce = loop_sum.detach().double()
-                else:
-                    logits = self.model(x, n_loops=n_loops,
-                                        backprop_loops=cfg.schedule.backprop_loops)
-                parts = compute_loss(
-                    logits, y, self._ponder_cost(), self.core.aux_loss,
-                    ponder_weight=opt.ponder_weight, aux_weight=opt.aux_weight,
-                    ce_scale=ce_scale, reg_scale=reg_scale)
-                objective = parts.objective
-                if opt.loop_loss_weight:
-                    objective = objective + opt.loop_loss_weight * ce_scale * loop_sum
+                objective, parts, loop_ce = self._objective(batch, x, y, n_loops, ce_scale,
+                                                            reg_scale)
                 objective = (1.0 - alpha) * objective
             if self.loss_hook is not None:
                 objective = self.loss_hook(step, objective)
             objective.backward()
         total = objective.detach().double()
         if alpha:
-            n_free, k = progressive_split(cfg.run.seed, step, micro, n_loops)
-            with gradient_sync(self.model, ctx, enabled=sync), self._autocast():
-                logits = self.model(x, n_loops=n_free + k, backprop_loops=k)
-                progressive = alpha * ce_scale * cross_entropy_sum(logits, y)
-                progressive.backward()
-            total = total + progressive.detach().double()
+            total = total + self._progressive_backward(x, y, step, micro, n_loops, ce_scale,
+                                                       sync)
         return torch.stack([total, parts.ce_sum.double(), (parts.ponder * reg_scale).double(),
                             (parts.aux * reg_scale).double(), loop_ce]).to(ctx.device)
+
+    def _objective(self, batch: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                   n_loops: int, ce_scale: float,
+                   reg_scale: float) -> tuple[torch.Tensor, LossParts, torch.Tensor]:
+        """The forward of one micro-batch: (objective, its parts, the detached per-loop
+        readout cross-entropy sum, zero without ``optim.loop_loss_weight``)."""
+        opt, backprop = self.cfg.optim, self.cfg.schedule.backprop_loops
+        loop_ce = torch.zeros((), dtype=torch.float64, device=x.device)
+        if opt.loop_loss_weight:
+            depths = readout_depths(self.core.max_readout_depth(n_loops), opt.loop_loss_last)
+            # The head lens reads out the supervised positions only (cheap).
+            head_lens = opt.loop_readout == "head"
+            out = self.model(x, n_loops=n_loops, backprop_loops=backprop, readout_depths=depths,
+                             readout_lens="none" if head_lens else "coda")
+            logits = out.logits
+            trace = batch["trace"].to(x.device) if opt.loop_targets else None
+            start = batch["answer_start"].to(x.device) if opt.loop_targets else None
+            loop_sum = loop_readout_ce_sum(
+                out.states if head_lens else out.depth_logits, y,
+                loop_weights(depths, depths[-1], opt.loop_loss_gamma), trace, start,
+                head=(lambda h: self.core.head(self.core.norm(h))) if head_lens else None)
+            loop_ce = loop_sum.detach().double()
+        else:
+            logits = self.model(x, n_loops=n_loops, backprop_loops=backprop)
+        parts = compute_loss(logits, y, self._ponder_cost(), self.core.aux_loss,
+                             ponder_weight=opt.ponder_weight, aux_weight=opt.aux_weight,
+                             ce_scale=ce_scale, reg_scale=reg_scale)
+        objective = parts.objective
+        if opt.loop_loss_weight:
+            objective = objective + opt.loop_loss_weight * ce_scale * loop_sum
+        return objective, parts, loop_ce
+
+    def _progressive_backward(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int,
+                              n_loops: int, ce_scale: float, sync: bool) -> torch.Tensor:
+        """The progressive term (``n`` loops without gradient, ``k`` with), weighted by
+        ``optim.progressive_weight`` and backpropagated; returns its detached value."""
+        n_free, k = progressive_split(self.cfg.run.seed, step, micro, n_loops)
+        with gradient_sync(self.model, self.ctx, enabled=sync), self._autocast():
+            logits = self.model(x, n_loops=n_free + k, backprop_loops=k)
+            progressive = (self.cfg.optim.progressive_weight * ce_scale
+                           * cross_entropy_sum(logits, y))
+            progressive.backward()
+        return progressive.detach().double()
 
     @torch.no_grad()
     def _ponder_cost(self) -> torch.Tensor | None:
