@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -72,11 +72,38 @@ def stream(
             being consumed: after its first step, the graph's guards are not checked again.
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
+    act_early_exit = _check_stream_args(model, input_ids, max_new_tokens, attention_mask,
+                                        act_early_exit, compile)
+    if max_new_tokens == 0:
+        return
+    stop = _stop_ids(eos_token_id, input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = int(stop[0]) if stop is not None else 0
+    with _inference(model):
+        logits, decoder = _prefill(model, input_ids, max_new_tokens, n_loops, attention_mask,
+                                   cache_dtype, act_early_exit, compile)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        tok = select_next(logits, params, generator)
+        if stop is not None:
+            tok = tok.masked_fill(finished, pad_token_id)
+            finished = finished | torch.isin(tok, stop)
+        yield tok
+        if step == max_new_tokens - 1 or (stop is not None and bool(finished.all())):
+            return
+        with _inference(model):
+            logits = decoder.step(tok)
+
+
+def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,
+                       attention_mask: torch.Tensor | None, act_early_exit: bool | None,
+                       compile: bool) -> bool:
+    """Validate :func:`stream`'s arguments; returns the effective ``act_early_exit``."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq) tensor")
-    B, T0 = input_ids.shape
+    T0 = input_ids.shape[1]
     total = T0 + max_new_tokens
     if total > model.cfg.max_seq_len:
         raise ValueError(
@@ -89,48 +116,70 @@ def stream(
             f"{tuple(input_ids.shape)}"
         )
     if act_early_exit is None:
-        act_early_exit = not compile
-    elif act_early_exit and compile:
+        return not compile
+    if act_early_exit and compile:
         raise ValueError(
             "compile=True runs every loop in one fixed graph; it cannot skip loops, so pass "
             "act_early_exit=False (or compile=False to keep ACT early exit)"
         )
-    if max_new_tokens == 0:
-        return
-    device = input_ids.device
-    stop = _stop_ids(eos_token_id, device)
-    if pad_token_id is None:
-        pad_token_id = int(stop[0]) if stop is not None else 0
+    return act_early_exit
 
-    mask = None
-    if attention_mask is not None:
-        mask = torch.ones(B, total, dtype=torch.long, device=device)
-        mask[:, :T0] = attention_mask
 
-    with _inference(model):
-        cache_len = cache_length(total, model.cfg.max_seq_len) if compile else total
-        cache = KVCache(cache_len, dtype=cache_dtype)
-        logits = model(input_ids, n_loops, cache, 0,
-                       attention_mask=None if mask is None else mask[:, :T0],
-                       act_early_exit=act_early_exit)[:, -1]
-        decoder = CompiledDecoder(model, cache, n_loops, T0, attention_mask) if compile else None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        tok = select_next(logits, params, generator)
-        if stop is not None:
-            tok = tok.masked_fill(finished, pad_token_id)
-            finished = finished | torch.isin(tok, stop)
-        yield tok
-        if step == max_new_tokens - 1 or (stop is not None and bool(finished.all())):
-            return
-        with _inference(model):
-            if decoder is not None:
-                logits = decoder.step(tok)
-                continue
-            pos = T0 + step
-            logits = model(tok.unsqueeze(1), n_loops, cache, pos,
-                           attention_mask=None if mask is None else mask[:, : pos + 1],
-                           act_early_exit=act_early_exit)[:, -1]
+def _prefill(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int, n_loops: int,
+             attention_mask: torch.Tensor | None, cache_dtype: torch.dtype | None,
+             act_early_exit: bool, compile: bool) -> tuple[torch.Tensor, Decoder]:
+    """Run the prompt into a new cache sized for the whole generation; returns the last
+    position's logits and the decoder of the following steps."""
+    T0 = input_ids.shape[1]
+    total = T0 + max_new_tokens
+    cache_len = cache_length(total, model.cfg.max_seq_len) if compile else total
+    cache = KVCache(cache_len, dtype=cache_dtype)
+    mask = None if attention_mask is None else attention_mask.long()
+    logits = model(input_ids, n_loops, cache, 0, attention_mask=mask,
+                   act_early_exit=act_early_exit)[:, -1]
+    decoder: Decoder = (
+        CompiledDecoder(model, cache, n_loops, T0, attention_mask) if compile
+        else EagerDecoder(model, cache, n_loops, T0, total, mask, act_early_exit))
+    return logits, decoder
+
+
+class Decoder(Protocol):
+    """One decode step over a prefilled cache: the last tokens (B,) -> next logits (B, V)."""
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor: ...
+
+
+class EagerDecoder:
+    """Decode steps through the model's ordinary forward, one position at a time.
+
+    Args:
+        model: the model (eval mode, no gradients: the caller's job).
+        cache: the cache the prompt was prefilled into.
+        n_loops: loops per step.
+        prompt_len: positions already cached (the prompt, padding included).
+        total: the most positions the cache will hold.
+        attention_mask: optional (B, prompt_len) 1/0 mask of real prompt tokens.
+        act_early_exit: skip loops once every position has halted.
+    """
+
+    def __init__(self, model: OpenMythos, cache: KVCache, n_loops: int, prompt_len: int,
+                 total: int, attention_mask: torch.Tensor | None, act_early_exit: bool):
+        self.model, self.cache, self.n_loops = model, cache, n_loops
+        self.pos, self.act_early_exit = prompt_len, act_early_exit
+        self.mask = None
+        if attention_mask is not None:
+            B = attention_mask.shape[0]
+            # Generated tokens are always attended to.
+            self.mask = torch.ones(B, total, dtype=torch.long, device=attention_mask.device)
+            self.mask[:, :prompt_len] = attention_mask
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        pos = self.pos
+        mask = None if self.mask is None else self.mask[:, : pos + 1]
+        logits = self.model(tok.unsqueeze(1), self.n_loops, self.cache, pos,
+                            attention_mask=mask, act_early_exit=self.act_early_exit)[:, -1]
+        self.pos += 1
+        return logits
 
 
 @contextlib.contextmanager
