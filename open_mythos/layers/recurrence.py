@@ -136,6 +136,42 @@ def local_any(flag: torch.Tensor) -> bool:
     return bool(flag.any())
 
 
+class _Halting:
+    """ACT's running sums over one forward, all (B, T) float32 unless noted.
+
+    Attributes:
+        running: (B, T) bool, positions that have not halted yet.
+        mass: halting probability spent so far.
+        ponder: expected loop count so far (``sum_t (t + 1) * w_t``).
+        h_out: (B, T, dim) the weighted mixture of the states so far.
+        weights: each loop's detached (B, T) weights.
+    """
+
+    def __init__(self, h: torch.Tensor):
+        B, T, dim = h.shape
+        self.running = torch.ones(B, T, dtype=torch.bool, device=h.device)
+        self.mass = torch.zeros(B, T, dtype=torch.float32, device=h.device)
+        self.ponder = torch.zeros(B, T, dtype=torch.float32, device=h.device)
+        self.h_out = torch.zeros(B, T, dim, dtype=torch.float32, device=h.device)
+        self.weights: list[torch.Tensor] = []
+
+    def update(self, h: torch.Tensor, h_in: torch.Tensor, h_new: torch.Tensor,
+               p: torch.Tensor, rows: torch.Tensor | None, t: int, last: bool,
+               threshold: float) -> torch.Tensor:
+        """Fold loop ``t``'s state ``h_new`` (rows ``rows`` of the batch, halting probability
+        ``p``) into the sums; returns the next full state, frozen where already halted."""
+        mass_in, run_in = _take(self.mass, rows), _take(self.running, rows)
+        step = p * (1.0 - mass_in)
+        halt_now = (mass_in + step >= threshold) | last
+        w = torch.where(halt_now, 1.0 - mass_in, step) * run_in
+        self.h_out = _put(self.h_out, rows, _take(self.h_out, rows) + w.unsqueeze(-1) * h_new.float())
+        self.mass = _put(self.mass, rows, mass_in + w)
+        self.ponder = _put(self.ponder, rows, _take(self.ponder, rows) + (t + 1) * w)
+        self.weights.append(_put(torch.zeros_like(self.mass), rows, w.detach()))
+        self.running = _put(self.running, rows, run_in & ~halt_now)
+        return _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
+
+
 class RecurrentBlock(nn.Module):
     """One :class:`TransformerBlock` with MoE FFN, looped.
 
@@ -283,17 +319,11 @@ class RecurrentBlock(nn.Module):
         """
         if keep_states and early_exit:
             raise ValueError("keep_states needs every loop of every row: not with early_exit")
-        use_act = self.cfg.use_act
         B, T, _ = h.shape
         self.last_states = {}
         carry = DepthCarry()
-        running = torch.ones(B, T, dtype=torch.bool, device=h.device)
-        mass = torch.zeros(B, T, dtype=torch.float32, device=h.device)
-        ponder = torch.zeros(B, T, dtype=torch.float32, device=h.device)
-        h_out = torch.zeros(B, T, h.shape[-1], dtype=torch.float32, device=h.device) if use_act else None
-        weights, aux, loads = [], [], []
-        threshold = float(self.cfg.act_threshold)
-
+        halting = _Halting(h) if self.cfg.use_act else None
+        aux, loads = [], []
         grad_enabled = torch.is_grad_enabled()
         first_tracked = 0 if backprop_loops is None else n_loops - backprop_loops
         rows: torch.Tensor | None = None  # batch rows still looping (None: all)
@@ -309,42 +339,38 @@ class RecurrentBlock(nn.Module):
                 work += h_new.shape[0]
                 aux.append(self.block.ffn.last_aux_loss)
                 loads.append(self.block.ffn.last_expert_load)
-                if not use_act:
+                if halting is None:
                     h = h_new
-                    if t + 1 in keep_states:
-                        self.last_states[t + 1] = h
-                    continue
-                mass_in, run_in = _take(mass, rows), _take(running, rows)
-                p = self.act(h_new)  # (b, T) float32
-                step = p * (1.0 - mass_in)
-                halt_now = (mass_in + step >= threshold) | (t == n_loops - 1)
-                w = torch.where(halt_now, 1.0 - mass_in, step) * run_in
-                h_out = _put(h_out, rows, _take(h_out, rows) + w.unsqueeze(-1) * h_new.float())
-                mass = _put(mass, rows, mass_in + w)
-                ponder = _put(ponder, rows, _take(ponder, rows) + (t + 1) * w)
-                weights.append(_put(torch.zeros_like(mass), rows, w.detach()))
-                h = _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
-                running = _put(running, rows, run_in & ~halt_now)
-                carry.fresh = running
+                else:
+                    h = halting.update(h, h_in, h_new, self.act(h_new), rows, t,
+                                       t == n_loops - 1, float(self.cfg.act_threshold))
+                    carry.fresh = halting.running
                 if t + 1 in keep_states:
                     self.last_states[t + 1] = h
-            if early_exit:
-                alive = running.any(dim=1)  # (B,)
+            if early_exit and halting is not None:
+                alive = halting.running.any(dim=1)  # (B,)
                 if not self.any_alive(alive):
                     break
                 # Sequences that have fully halted stop computing.
                 if not bool(alive.all()):
                     rows = alive.nonzero().squeeze(1)
                     sub_ctx = ctx.select_rows(rows)
+        return self._finish(h, halting, aux, loads, loops_run=t + 1, n_loops=n_loops,
+                            work=work)
 
+    def _finish(self, h: torch.Tensor, halting: _Halting | None, aux: list[torch.Tensor],
+                loads: list[torch.Tensor], loops_run: int, n_loops: int,
+                work: int) -> torch.Tensor:
+        """Record the forward's ``last_*`` attributes and return its output."""
+        B, T, _ = h.shape
         self.last_work_fraction = work / (B * n_loops)
-        self.last_loops_run = t + 1
+        self.last_loops_run = loops_run
         self.last_aux_loss = torch.stack(aux).mean()
         self.last_expert_load = torch.stack(loads)
-        if use_act:
-            self.last_ponder_cost = ponder
-            self.last_act_weights = torch.stack(weights)
-            return h_out.to(h.dtype)
+        if halting is not None:
+            self.last_ponder_cost = halting.ponder
+            self.last_act_weights = torch.stack(halting.weights)
+            return halting.h_out.to(h.dtype)
         self.last_ponder_cost = torch.full((B, T), float(n_loops), device=h.device)
         self.last_act_weights = None
         return h
