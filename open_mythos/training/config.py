@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import re
 import sys
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from ..config import MythosConfig
 
@@ -466,12 +467,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def to_toml(cfg: TrainConfig) -> str:
     """The configuration as a TOML document that :func:`load_config` reads back equal."""
-    lines: list[str] = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items())
-        lines.append("")
-    return "\n".join(lines)
+    return tomli_w.dumps(cfg.to_dict())
 
 
 # Building and type checking ----------------------------------------------------------------
@@ -592,41 +588,16 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         node[parts[-1]] = value
 
 
-# TOML writing (the stdlib reads TOML but does not write it) -----------------------------------
-
-
 def _plain(value: Any) -> Any:
+    """Plain TOML data: enums as their values, tuples as lists, None dropped from tables
+    (TOML has no null; a missing key reads back as None)."""
     if isinstance(value, Enum):
         return value.value
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v) for k, v in value.items() if v is not None}
     return value
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # inf, nan and 1e-05 are valid TOML floats
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are a subset of TOML's
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        body = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()
-                         if v is not None)
-        return "{ " + body + " }" if body else "{}"
-    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
 
 
 def _variant_config(name: str) -> MythosConfig:
