@@ -20,6 +20,7 @@ deepest depth it did compute: see :meth:`CacheStore.fill_missing`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,7 @@ import torch
 from ..layers.kv import CacheStore, Entries
 
 __all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store"]
+
 
 def _check_start(key: str, start: int, cached: int) -> None:
     if start > cached:
@@ -36,7 +38,27 @@ def _check_start(key: str, start: int, cached: int) -> None:
         )
 
 
-class DictCache:
+class _FillMissing(ABC):
+    """:meth:`CacheStore.fill_missing` for a store that can read an entry's tensors."""
+
+    @abstractmethod
+    def length(self, key: str) -> int: ...
+
+    @abstractmethod
+    def write(self, key: str, start: int, new: Entries) -> Entries: ...
+
+    @abstractmethod
+    def _stored(self, key: str) -> Entries:
+        """The tensors of ``key``, holding at least its cached positions."""
+
+    def fill_missing(self, key: str, src_key: str, upto: int) -> None:
+        have = self.length(key)
+        if have < upto:
+            src = self._stored(src_key)
+            self.write(key, have, {n: t[..., have:upto, :] for n, t in src.items()})
+
+
+class DictCache(_FillMissing):
     """:class:`CacheStore` over a user's plain ``dict`` (grows by concatenation)."""
 
     def __init__(self, store: dict):
@@ -56,11 +78,8 @@ class DictCache:
         self.store[key] = new
         return new
 
-    def fill_missing(self, key: str, src_key: str, upto: int) -> None:
-        have = self.length(key)
-        if have < upto:
-            src = self.store[src_key]
-            self.write(key, have, {n: t[..., have:upto, :] for n, t in src.items()})
+    def _stored(self, key: str) -> Entries:
+        return self.store[key]
 
     def truncate(self, length: int) -> None:
         for key, entry in self.store.items():
@@ -70,7 +89,7 @@ class DictCache:
         return sum(t.numel() * t.element_size() for e in self.store.values() for t in e.values())
 
 
-class KVCache:
+class KVCache(_FillMissing):
     """Preallocated cache: each entry is allocated once for ``max_len`` positions.
 
     Args:
@@ -130,11 +149,8 @@ class KVCache:
         for key in keys:
             self._lengths[key] = length
 
-    def fill_missing(self, key: str, src_key: str, upto: int) -> None:
-        have = self.length(key)
-        if have < upto:
-            src = self._buffers[src_key]
-            self.write(key, have, {n: t[..., have:upto, :] for n, t in src.items()})
+    def _stored(self, key: str) -> Entries:
+        return self._buffers[key]
 
     def truncate(self, length: int) -> None:
         for key in self._lengths:
