@@ -13,6 +13,14 @@ from open_mythos import MythosConfig, OpenMythos
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one thread, and one that changes it (the demo) does not leak."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 def tiny_config(attn_type: str = "gqa", **overrides) -> MythosConfig:
     """A small model of every kind of layer: 1 prelude, 1 coda, 4 experts top-2.
 

@@ -16,15 +16,6 @@ from tests.conftest import halting_model, tiny_config
 BYTE_VOCAB = ByteTokenizer().vocab_size  # 259
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run fastest on one thread, and do not suffer from busy neighbours.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 #: What :func:`trained_model` learns: a few words in a few orders, so that its next-token
 #: distributions are spread over several letters (sampling has choices to make).
 CORPUS = "the cat sat on the mat. the dog sat on the log. a cat and a dog sat on a mat. " * 8

@@ -13,21 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 from open_mythos.training import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.toml"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(out: Path, **overrides) -> TrainConfig:

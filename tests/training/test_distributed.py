@@ -43,11 +43,16 @@ def assert_same_weights(model, ref, tol):
         torch.testing.assert_close(a, b, rtol=0, atol=tol, msg=name)
 
 
+def run_two_ranks(out, parallel: str) -> list[dict]:
+    """The metrics of a 2-rank x batch 2 run of ``ARGS`` under ``--parallel parallel``."""
+    run_checked(torchrun_command(2, *ARGS, "--batch-size", "2", "--parallel", parallel,
+                                 "--out", str(out)))
+    return read_metrics(out)
+
+
 def test_ddp_matches_single_process(tmp_path, single):
     trainer, ref_rows = single
-    run_checked(torchrun_command(2, *ARGS, "--batch-size", "2", "--parallel", "ddp",
-                                 "--out", str(tmp_path)))
-    rows = read_metrics(tmp_path)
+    rows = run_two_ranks(tmp_path, "ddp")
     assert_same_run(rows, ref_rows, 1e-5)
     sampler = LoopSchedule.from_config(trainer.cfg.schedule, STEPS, 1)
     assert [r["loops"] for r in rows] == [sampler(s) for s in range(STEPS)]
@@ -57,9 +62,7 @@ def test_ddp_matches_single_process(tmp_path, single):
 
 def test_fsdp_trains_and_loads_in_one_process(tmp_path, single):
     trainer, ref_rows = single
-    run_checked(torchrun_command(2, *ARGS, "--batch-size", "2", "--parallel", "fsdp",
-                                 "--out", str(tmp_path)))
-    rows = read_metrics(tmp_path)
+    rows = run_two_ranks(tmp_path, "fsdp")
     assert_same_run(rows, ref_rows, 1e-4)
     assert rows[-1]["loss"] < rows[0]["loss"]
     model, cfg = load_checkpoint(tmp_path)  # gathered from the shards, tie intact
