@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from .config import AttnType, MythosConfig
-from .inference.cache import KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
 from .layers.init import init_tree
@@ -204,24 +203,10 @@ class DenseBaseline(CausalLM):
                 + [(f"core_{i}", b) for i, b in enumerate(self.core)]
                 + [(f"coda_{i}", b) for i, b in enumerate(self.coda)])
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        n_loops: int | None = None,
-        kv_cache: dict | KVCache | None = None,
-        start_pos: int = 0,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        act_early_exit: bool | None = None,
-        backprop_loops: int | None = None,
-    ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
-        self._validate(input_ids, 1 if n_loops is None else n_loops, start_pos)
-        cache = as_cache_store(kv_cache)
-        layers = self._layers()
-        self._prepare_cache(cache, layers[0][0], start_pos)
-        ctx = self._context(input_ids, start_pos, cache, attention_mask)
-        return self.trunk(input_ids, ctx, 1)
+    @property
+    def default_n_loops(self) -> int:
+        """One pass through the core blocks (``n_loops`` is validated, then ignored)."""
+        return 1
 
     def cache_keys(self, n_loops: int = 1) -> list[str]:
         """The cache keys of every block, in order (``n_loops`` is ignored)."""

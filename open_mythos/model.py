@@ -47,7 +47,7 @@ class CausalLM(nn.Module):
     """What every OpenMythos language model shares: input validation, the attention
     context (RoPE tables, causal and padding masks), cache bookkeeping, the logits head and
     generation. Subclasses set ``cfg``, ``embed``, ``head`` and ``rope_dim`` and implement
-    :meth:`hidden_states`.
+    :meth:`core_states`, :meth:`cache_keys` and :attr:`default_n_loops`.
     """
 
     cfg: MythosConfig
@@ -126,13 +126,35 @@ class CausalLM(nn.Module):
         if start_pos < cached:
             cache.truncate(start_pos)
 
-    def hidden_states(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Final normalised hidden states (B, T, dim); arguments as :meth:`forward`."""
-        raise NotImplementedError
-
     def cache_keys(self, n_loops: int) -> list[str]:
         """The cache keys a forward with ``n_loops`` loops writes, in layer order."""
         raise NotImplementedError
+
+    @property
+    def default_n_loops(self) -> int:
+        """Loops when a call passes ``n_loops=None``."""
+        raise NotImplementedError
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        n_loops: int | None = None,
+        kv_cache: dict | KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        act_early_exit: bool | None = None,
+        backprop_loops: int | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
+        n_loops = self.default_n_loops if n_loops is None else n_loops
+        self._validate(input_ids, n_loops, start_pos)
+        cache = as_cache_store(kv_cache)
+        self._prepare_cache(cache, self.cache_keys(1)[0], start_pos)
+        if act_early_exit is None:
+            act_early_exit = not self.training
+        ctx = self._context(input_ids, start_pos, cache, attention_mask)
+        return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops)
 
     def trunk(
         self,
@@ -346,26 +368,10 @@ class OpenMythos(CausalLM):
         for moe in self.moe_layers():
             moe.update_router_bias()
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        n_loops: int | None = None,
-        kv_cache: dict | KVCache | None = None,
-        start_pos: int = 0,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        act_early_exit: bool | None = None,
-        backprop_loops: int | None = None,
-    ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
-        n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
-        self._validate(input_ids, n_loops, start_pos)
-        cache = as_cache_store(kv_cache)
-        self._prepare_cache(cache, self.cache_keys(1)[0], start_pos)
-        if act_early_exit is None:
-            act_early_exit = not self.training
-        ctx = self._context(input_ids, start_pos, cache, attention_mask)
-        return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops)
+    @property
+    def default_n_loops(self) -> int:
+        """Loops when a call passes ``n_loops=None``: ``cfg.max_loop_iters``."""
+        return self.cfg.max_loop_iters
 
     def core_states(
         self,
