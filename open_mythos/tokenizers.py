@@ -22,6 +22,26 @@ DEFAULT_MODEL_ID = "openai/gpt-oss-20b"
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
 
+def pad_rows(rows: Sequence[Sequence[int] | torch.Tensor], pad_id: int,
+             side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id sequences to one width: ``(input_ids (B, L), attention_mask (B, L))``, both
+    int64, the mask 1 on real tokens, ``L`` the longest row.
+
+    ``side="left"`` is the layout batched generation needs (the last column holds every
+    row's last real token); ``"right"`` keeps each row at its own positions (scoring).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r} is invalid: use 'left' or 'right'")
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        input_ids[i, cols] = torch.as_tensor(r, dtype=torch.long)
+        attention_mask[i, cols] = 1
+    return input_ids, attention_mask
+
+
 class Tokenizer(ABC):
     """Common interface of the OpenMythos tokenizers.
 
@@ -89,12 +109,7 @@ class Tokenizer(ABC):
         pad = self.pad_token_id
         if pad is None and any(len(r) < width for r in rows):
             raise ValueError("the tokenizer has no pad token (nor EOS) to pad the batch with")
-        input_ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            cols = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-            input_ids[i, cols] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, cols] = 1
+        input_ids, attention_mask = pad_rows(rows, pad if pad is not None else 0, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def __call__(self, texts: str | Iterable[str], **kwargs: Any) -> dict[str, torch.Tensor]:

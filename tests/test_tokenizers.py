@@ -120,3 +120,17 @@ def test_mythos_tokenizer_without_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"open-mythos\[hf\]"):
         MythosTokenizer("anything")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pad_rows_places_each_row_on_its_side(side):
+    from open_mythos.tokenizers import pad_rows
+
+    rows = [[5, 6, 7], torch.tensor([8]), []]
+    ids, mask = pad_rows(rows, pad_id=0, side=side)
+    expected = {"left": [[5, 6, 7], [0, 0, 8], [0, 0, 0]],
+                "right": [[5, 6, 7], [8, 0, 0], [0, 0, 0]]}[side]
+    assert ids.tolist() == expected
+    assert mask.tolist() == [[int(t != 0) for t in row] for row in expected]
+    with pytest.raises(ValueError, match="side"):
+        pad_rows(rows, 0, side="middle")

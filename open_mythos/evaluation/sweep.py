@@ -47,6 +47,7 @@ from ..tasks import (
     encode_prompt,
     score,
 )
+from ..tokenizers import pad_rows
 
 
 @dataclass
@@ -201,13 +202,7 @@ def _check_fits(model: nn.Module, length: int, what: str) -> None:
 def left_pad(seqs: Sequence[torch.Tensor], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad 1-D id tensors to ``(ids (B, L), attention_mask (B, L))``, mask 1 on real
     tokens: the layout :func:`~open_mythos.inference.generate` expects for batched prompts."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), length, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, length - len(s):] = s
-        mask[i, length - len(s):] = 1
-    return ids, mask
+    return pad_rows(seqs, pad_id, side="left")
 
 
 def greedy_answers(

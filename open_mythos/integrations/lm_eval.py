@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..config import check_loops
 from ..model import CausalLM
-from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
+from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, pad_rows
 from .textgen import GenerationOptions, complete
 
 DEFAULT_BATCH_SIZE = 8
@@ -125,11 +125,8 @@ class OpenMythosLM(TemplateLM):
     @torch.no_grad()
     def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
         """float32 log-softmax over the vocabulary, (B, width, V), of right-padded ``rows``."""
-        width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ids, _ = pad_rows(rows, pad, side="right")
         logits = self.model(ids.to(self.device), n_loops=self.n_loops,
                             act_early_exit=self.act_early_exit)
         return torch.log_softmax(logits.float(), dim=-1).cpu()
