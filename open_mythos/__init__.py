@@ -2,6 +2,7 @@
 
 from .config import AttnType, MythosConfig
 from .integrations.autoregister import install as _install_hf_registration
+from .layers.recurrence import ExitRule
 from .model import OpenMythos
 from .tokenizers import ByteTokenizer, MythosTokenizer, load_tokenizer
 from .variants import (
@@ -18,7 +19,7 @@ from .variants import (
 )
 
 __all__ = [
-    "VARIANTS", "AttnType", "ByteTokenizer", "MythosConfig", "MythosTokenizer", "OpenMythos",
+    "VARIANTS", "AttnType", "ByteTokenizer", "ExitRule", "MythosConfig", "MythosTokenizer", "OpenMythos",
     "ParamCount", "count_parameters", "load_tokenizer", "mythos_1b", "mythos_1t", "mythos_3b",
     "mythos_10b", "mythos_50b", "mythos_100b", "mythos_500b",
 ]

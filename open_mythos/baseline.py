@@ -36,6 +36,7 @@ from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
 from .layers.init import init_tree
 from .layers.norm import RMSNorm
+from .layers.recurrence import ExitRule
 from .model import CausalLM
 
 
@@ -220,9 +221,16 @@ class DenseBaseline(CausalLM):
         early_exit: bool = False,
         backprop_loops: int | None = None,
         keep: Collection[int] = (),
+        exit_rule: ExitRule | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The core blocks (the loop arguments are ignored); depth ``d`` is the output of
-        core block ``d``."""
+        core block ``d``.
+
+        Raises:
+            ValueError: an ``exit_rule`` (a fixed stack of blocks has no loops to exit).
+        """
+        if exit_rule is not None:
+            raise ValueError("exit rules stop loops; the dense baseline has none")
         states = {}
         for i, layer in enumerate(self.core):
             x = layer(x, ctx, f"core_{i}")

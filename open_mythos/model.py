@@ -15,7 +15,7 @@ from .layers.block import TransformerBlock
 from .layers.init import init_tree
 from .layers.moe import MoEFFN
 from .layers.norm import RMSNorm
-from .layers.recurrence import RecurrentBlock
+from .layers.recurrence import ExitRule, RecurrentBlock
 from .layers.rope import rope_cos_sin
 
 
@@ -145,6 +145,7 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         act_early_exit: bool | None = None,
         backprop_loops: int | None = None,
+        exit_rule: ExitRule | None = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
         n_loops = self.default_n_loops if n_loops is None else n_loops
@@ -154,7 +155,7 @@ class CausalLM(nn.Module):
         if act_early_exit is None:
             act_early_exit = not self.training
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
-        return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops)
+        return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops, exit_rule)
 
     def trunk(
         self,
@@ -163,6 +164,7 @@ class CausalLM(nn.Module):
         n_loops: int,
         early_exit: bool = False,
         backprop_loops: int | None = None,
+        exit_rule: ExitRule | None = None,
     ) -> torch.Tensor:
         """Embedding to final norm for a prepared attention context, without validation.
 
@@ -170,7 +172,8 @@ class CausalLM(nn.Module):
         step (:mod:`open_mythos.inference.static`) builds a fixed-shape ``ctx`` itself.
         """
         x = self.encode(input_ids, ctx)
-        x, _ = self.core_states(x, ctx, n_loops, early_exit, backprop_loops)
+        x, _ = self.core_states(x, ctx, n_loops, early_exit, backprop_loops,
+                                exit_rule=exit_rule)
         return self.decode(x, ctx)
 
     def encode(self, input_ids: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
@@ -188,9 +191,10 @@ class CausalLM(nn.Module):
         early_exit: bool = False,
         backprop_loops: int | None = None,
         keep: Collection[int] = (),
+        exit_rule: ExitRule | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The deep part between Prelude and Coda: ``(output, {d: state after depth d})``
-        for the depths in ``keep``."""
+        for the depths in ``keep``; ``exit_rule`` freezes each position once it fires."""
         raise NotImplementedError
 
     def max_readout_depth(self, n_loops: int) -> int:
@@ -258,6 +262,7 @@ class CausalLM(nn.Module):
         backprop_loops: int | None = None,
         readout_depths: Collection[int] | None = None,
         readout_lens: str = "coda",
+        exit_rule: ExitRule | None = None,
     ) -> torch.Tensor | DepthReadout:
         """Logits for every position.
 
@@ -278,11 +283,15 @@ class CausalLM(nn.Module):
                 returns a :class:`DepthReadout` (see :meth:`readout`; no cache, no early
                 exit). Through ``forward``, so DDP and FSDP wrappers see the call.
             readout_lens: ``"coda"``, ``"head"`` or ``"none"`` (see :meth:`readout`).
+            exit_rule: an :class:`~open_mythos.layers.recurrence.ExitRule`: each position
+                stops looping once it fires (training-free early exit; looped models only).
 
         Returns:
             (B, T, vocab_size) logits in the activation dtype, or a :class:`DepthReadout`.
         """
         if readout_depths is not None:
+            if exit_rule is not None:
+                raise ValueError("readout_depths reads out every loop: not with exit_rule")
             if kv_cache is not None or start_pos:
                 raise ValueError("readout_depths works on a full forward without kv_cache")
             return self.readout(input_ids, n_loops, readout_depths, attention_mask=attention_mask,
@@ -290,7 +299,7 @@ class CausalLM(nn.Module):
         return self.head(
             self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
                                attention_mask=attention_mask, act_early_exit=act_early_exit,
-                               backprop_loops=backprop_loops)
+                               backprop_loops=backprop_loops, exit_rule=exit_rule)
         )
 
     def generate(
@@ -373,6 +382,10 @@ class OpenMythos(CausalLM):
         """Loops when a call passes ``n_loops=None``: ``cfg.max_loop_iters``."""
         return self.cfg.max_loop_iters
 
+    def logit_lens(self, h: torch.Tensor) -> torch.Tensor:
+        """The logit lens of a loop state: ``head(norm(h))``, (..., dim) -> (..., V)."""
+        return self.head(self.norm(h))
+
     def core_states(
         self,
         x: torch.Tensor,
@@ -381,9 +394,11 @@ class OpenMythos(CausalLM):
         early_exit: bool = False,
         backprop_loops: int | None = None,
         keep: Collection[int] = (),
+        exit_rule: ExitRule | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         out = self.recurrent(x, x, ctx, n_loops, early_exit=early_exit,
-                             backprop_loops=backprop_loops, keep_states=keep)
+                             backprop_loops=backprop_loops, keep_states=keep,
+                             exit_rule=exit_rule, lens=self.logit_lens)
         return out, self.recurrent.last_states
 
     def cache_keys(self, n_loops: int) -> list[str]:

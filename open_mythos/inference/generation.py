@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..layers.recurrence import ExitRule
 from .cache import KVCache
 from .sampling import SamplingParams, select_next
 from .static import CompiledDecoder, cache_length
@@ -46,6 +47,7 @@ def stream(
     cache_dtype: torch.dtype | None = None,
     act_early_exit: bool | None = None,
     compile: bool = False,
+    exit_rule: ExitRule | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
 
@@ -70,10 +72,13 @@ def stream(
             ``act_early_exit=True``. The prompt is prefilled eagerly. Do not change the
             model (dtype, device, weights' storage, train mode) while a compiled stream is
             being consumed: after its first step, the graph's guards are not checked again.
+        exit_rule: a training-free :class:`~open_mythos.layers.recurrence.ExitRule`: each
+            position (each sequence, in decoding) stops looping once it fires; a sequence
+            that has exited skips the remaining loops of its step (not with ``compile``).
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     act_early_exit = _check_stream_args(model, input_ids, max_new_tokens, attention_mask,
-                                        act_early_exit, compile)
+                                        act_early_exit, compile, exit_rule)
     if max_new_tokens == 0:
         return
     stop = _stop_ids(eos_token_id, input_ids.device)
@@ -81,7 +86,8 @@ def stream(
         pad_token_id = int(stop[0]) if stop is not None else 0
     with _inference(model):
         logits, decoder = _prefill(model, input_ids, max_new_tokens, n_loops, attention_mask,
-                                   cache_dtype, act_early_exit, compile)
+                                   cache_dtype, compile, act_early_exit=act_early_exit,
+                                   exit_rule=exit_rule)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         tok = select_next(logits, params, generator)
@@ -97,7 +103,7 @@ def stream(
 
 def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,
                        attention_mask: torch.Tensor | None, act_early_exit: bool | None,
-                       compile: bool) -> bool:
+                       compile: bool, exit_rule: ExitRule | None = None) -> bool:
     """Validate :func:`stream`'s arguments; returns the effective ``act_early_exit``."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -115,6 +121,9 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
             f"{tuple(input_ids.shape)}"
         )
+    if exit_rule is not None and compile:
+        raise ValueError("compile=True runs every loop in one fixed graph; exit rules need "
+                         "compile=False")
     if act_early_exit is None:
         return not compile
     if act_early_exit and compile:
@@ -127,19 +136,19 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
 
 def _prefill(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int, n_loops: int,
              attention_mask: torch.Tensor | None, cache_dtype: torch.dtype | None,
-             act_early_exit: bool, compile: bool) -> tuple[torch.Tensor, Decoder]:
+             compile: bool, **options: Any) -> tuple[torch.Tensor, Decoder]:
     """Run the prompt into a new cache sized for the whole generation; returns the last
-    position's logits and the decoder of the following steps."""
+    position's logits and the decoder of the following steps. ``options``: the model's
+    keyword options (``act_early_exit``, ``exit_rule``)."""
     T0 = input_ids.shape[1]
     total = T0 + max_new_tokens
     cache_len = cache_length(total, model.cfg.max_seq_len) if compile else total
     cache = KVCache(cache_len, dtype=cache_dtype)
     mask = None if attention_mask is None else attention_mask.long()
-    logits = model(input_ids, n_loops, cache, 0, attention_mask=mask,
-                   act_early_exit=act_early_exit)[:, -1]
+    logits = model(input_ids, n_loops, cache, 0, attention_mask=mask, **options)[:, -1]
     decoder: Decoder = (
         CompiledDecoder(model, cache, n_loops, T0, attention_mask) if compile
-        else EagerDecoder(model, cache, n_loops, T0, total, mask, act_early_exit))
+        else EagerDecoder(model, cache, n_loops, T0, total, mask, **options))
     return logits, decoder
 
 
@@ -159,13 +168,14 @@ class EagerDecoder:
         prompt_len: positions already cached (the prompt, padding included).
         total: the most positions the cache will hold.
         attention_mask: optional (B, prompt_len) 1/0 mask of real prompt tokens.
-        act_early_exit: skip loops once every position has halted.
+        options: the model's keyword options for every step (``act_early_exit``,
+            ``exit_rule``).
     """
 
     def __init__(self, model: OpenMythos, cache: KVCache, n_loops: int, prompt_len: int,
-                 total: int, attention_mask: torch.Tensor | None, act_early_exit: bool):
+                 total: int, attention_mask: torch.Tensor | None, **options: Any):
         self.model, self.cache, self.n_loops = model, cache, n_loops
-        self.pos, self.act_early_exit = prompt_len, act_early_exit
+        self.pos, self.options = prompt_len, options
         self.mask = None
         if attention_mask is not None:
             B = attention_mask.shape[0]
@@ -177,7 +187,7 @@ class EagerDecoder:
         pos = self.pos
         mask = None if self.mask is None else self.mask[:, : pos + 1]
         logits = self.model(tok.unsqueeze(1), self.n_loops, self.cache, pos,
-                            attention_mask=mask, act_early_exit=self.act_early_exit)[:, -1]
+                            attention_mask=mask, **self.options)[:, -1]
         self.pos += 1
         return logits
 

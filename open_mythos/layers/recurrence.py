@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -136,6 +137,101 @@ def local_any(flag: torch.Tensor) -> bool:
     return bool(flag.any())
 
 
+@dataclass(frozen=True)
+class ExitRule:
+    """Training-free exit test, applied per position after every loop at inference.
+
+    A position exits after loop ``t`` (1-based) once ``t >= min_loops`` and any criterion
+    that is set holds; its state is frozen from then on (its keys and values at the deeper
+    depths are those of its last loop, as for an ACT-halted position). With ACT on, an exit
+    halts the position with its remaining halting mass on the current state.
+
+    Criteria (``None``: not used); the readout is the logit lens ``head(norm(h))`` of the
+    state, a function of the position alone, so that a full forward and cached decoding
+    take the same decisions:
+
+    Attributes:
+        kl: exit when ``KL(p_t || p_{t-1}) < kl`` (nats) between successive loops' readouts.
+        entropy: exit when the readout's entropy is below ``entropy`` (nats).
+        rel_change: exit when ``||h_t - h_{t-1}|| / ||h_t|| < rel_change``.
+        argmax_streak: exit when the readout's argmax has stayed the same for this many
+            successive loops (1: the same as the previous loop's).
+        min_loops: never exit before this many loops.
+    """
+
+    kl: float | None = None
+    entropy: float | None = None
+    rel_change: float | None = None
+    argmax_streak: int | None = None
+    min_loops: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("kl", "entropy", "rel_change"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float))
+                                          and not isinstance(value, bool)
+                                          and math.isfinite(value) and value >= 0):
+                raise ValueError(f"ExitRule.{name} must be a finite number >= 0, got {value!r}")
+        for name, low in (("argmax_streak", 1), ("min_loops", 1)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                          and value >= low):
+                raise ValueError(f"ExitRule.{name} must be an integer >= {low}, got {value!r}")
+        if self.kl is None and self.entropy is None and self.rel_change is None \
+                and self.argmax_streak is None:
+            raise ValueError("an ExitRule needs at least one of kl, entropy, rel_change, "
+                             "argmax_streak")
+
+    @property
+    def needs_readout(self) -> bool:
+        return self.kl is not None or self.entropy is not None or self.argmax_streak is not None
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _Exits:
+    """An :class:`ExitRule`'s memory over one forward: the previous loop's log-probabilities
+    and argmax, and the argmax streak, each (B, T, ...) for the whole batch."""
+
+    def __init__(self, rule: ExitRule, lens: Callable[[torch.Tensor], torch.Tensor] | None,
+                 h: torch.Tensor):
+        if rule.needs_readout and lens is None:
+            raise ValueError("this exit rule reads out the state; pass lens")
+        self.rule, self.lens = rule, lens
+        B, T, _ = h.shape
+        self.logp: torch.Tensor | None = None
+        self.argmax = torch.zeros(B, T, dtype=torch.long, device=h.device)
+        self.streak = torch.zeros(B, T, dtype=torch.long, device=h.device)
+
+    def update(self, h_in: torch.Tensor, h_new: torch.Tensor, rows: torch.Tensor | None,
+               t: int) -> torch.Tensor:
+        """Loop ``t`` (0-based) took rows ``rows`` from ``h_in`` to ``h_new``; returns the
+        (b, T) positions of those rows whose rule fires."""
+        rule = self.rule
+        fire = torch.zeros(h_new.shape[:2], dtype=torch.bool, device=h_new.device)
+        if rule.rel_change is not None and t > 0:
+            new, old = _at_least_fp32(h_new), _at_least_fp32(h_in)
+            fire |= (new - old).norm(dim=-1) < rule.rel_change * new.norm(dim=-1)
+        if rule.needs_readout:
+            logp = torch.log_softmax(_at_least_fp32(self.lens(h_new)), dim=-1)
+            if rule.entropy is not None:
+                fire |= -(logp.exp() * logp).sum(-1) < rule.entropy
+            if rule.kl is not None and t > 0:
+                prev = _take(self.logp, rows)
+                fire |= (logp.exp() * (logp - prev)).sum(-1) < rule.kl
+            if rule.argmax_streak is not None:
+                arg = logp.argmax(-1)
+                same = (arg == _take(self.argmax, rows)) if t > 0 else torch.zeros_like(fire)
+                streak = torch.where(same, _take(self.streak, rows) + 1, 0)
+                fire |= streak >= rule.argmax_streak
+                self.argmax = _put(self.argmax, rows, arg)
+                self.streak = _put(self.streak, rows, streak)
+            self.logp = logp if self.logp is None else _put(self.logp, rows, logp)
+        return fire & (t + 1 >= rule.min_loops)
+
+
 class _Halting:
     """ACT's running sums over one forward, all (B, T) float32 unless noted.
 
@@ -157,12 +253,15 @@ class _Halting:
 
     def update(self, h: torch.Tensor, h_in: torch.Tensor, h_new: torch.Tensor,
                p: torch.Tensor, rows: torch.Tensor | None, t: int, last: bool,
-               threshold: float) -> torch.Tensor:
+               threshold: float, stop: torch.Tensor | None = None) -> torch.Tensor:
         """Fold loop ``t``'s state ``h_new`` (rows ``rows`` of the batch, halting probability
-        ``p``) into the sums; returns the next full state, frozen where already halted."""
+        ``p``) into the sums; returns the next full state, frozen where already halted.
+        ``stop``: (b, T) positions that halt now whatever their mass (an exit rule fired)."""
         mass_in, run_in = _take(self.mass, rows), _take(self.running, rows)
         step = p * (1.0 - mass_in)
         halt_now = (mass_in + step >= threshold) | last
+        if stop is not None:
+            halt_now = halt_now | stop
         w = torch.where(halt_now, 1.0 - mass_in, step) * run_in
         self.h_out = _put(self.h_out, rows, _take(self.h_out, rows) + w.unsqueeze(-1) * h_new.float())
         self.mass = _put(self.mass, rows, mass_in + w)
@@ -202,6 +301,8 @@ class RecurrentBlock(nn.Module):
             ACT early exit stopped some sequences (or all) before ``n_loops``.
         last_aux_loss: mean MoE balance loss over the loops.
         last_expert_load: (loops_run, n_experts) expert load per loop depth.
+        last_position_loops: (B, T) long, the loops each position ran before it halted or
+            exited (the loops run for those that never did).
 
     Early exit stops the loop when no position of the batch is still running, as decided
     by ``any_alive`` (a callable: (B,) bool tensor -> bool; default :func:`local_any`). In
@@ -238,6 +339,7 @@ class RecurrentBlock(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
         self.last_states: dict[int, torch.Tensor] = {}
+        self.last_position_loops: torch.Tensor | None = None
         self.gradient_checkpointing = False
         self.any_alive: Callable[[torch.Tensor], bool] = local_any
 
@@ -296,6 +398,8 @@ class RecurrentBlock(nn.Module):
         early_exit: bool = False,
         backprop_loops: int | None = None,
         keep_states: Collection[int] = (),
+        exit_rule: ExitRule | None = None,
+        lens: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run up to ``n_loops`` loops.
 
@@ -312,6 +416,9 @@ class RecurrentBlock(nn.Module):
             keep_states: loop counts ``d`` (1-based: the state after ``d`` loops) whose
                 states to keep in :attr:`last_states` (``{d: (B, T, dim)}``, still in the
                 autograd graph) for a per-loop readout; not with ``early_exit``.
+            exit_rule: freeze each position once this :class:`ExitRule` fires (with
+                ``early_exit``, a sequence whose positions have all exited stops computing).
+            lens: ``(b, T, dim) state -> (b, T, V) logits``, the readout of ``exit_rule``.
 
         Returns:
             (B, T, dim) in ``h``'s dtype: the ACT mixture of the loop states, or the last
@@ -323,6 +430,9 @@ class RecurrentBlock(nn.Module):
         self.last_states = {}
         carry = DepthCarry()
         halting = _Halting(h) if self.cfg.use_act else None
+        exits = None if exit_rule is None else _Exits(exit_rule, lens, h)
+        running = torch.ones(B, T, dtype=torch.bool, device=h.device)
+        depth = torch.full((B, T), n_loops, dtype=torch.long, device=h.device)
         aux, loads = [], []
         grad_enabled = torch.is_grad_enabled()
         first_tracked = 0 if backprop_loops is None else n_loops - backprop_loops
@@ -339,22 +449,32 @@ class RecurrentBlock(nn.Module):
                 work += h_new.shape[0]
                 aux.append(self.block.ffn.last_aux_loss)
                 loads.append(self.block.ffn.last_expert_load)
-                if halting is None:
-                    h = h_new
-                else:
+                stop = None if exits is None else exits.update(h_in, h_new, rows, t)
+                if halting is not None:
                     h = halting.update(h, h_in, h_new, self.act(h_new), rows, t,
-                                       t == n_loops - 1, float(self.cfg.act_threshold))
-                    carry.fresh = halting.running
+                                       t == n_loops - 1, float(self.cfg.act_threshold), stop)
+                    now_running = halting.running
+                elif stop is not None:
+                    run_in = _take(running, rows)
+                    h = _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
+                    now_running = _put(running, rows, run_in & ~stop)
+                else:
+                    h = h_new
+                    now_running = running
+                if now_running is not running:
+                    depth = torch.where(running & ~now_running, t + 1, depth)
+                    running = carry.fresh = now_running
                 if t + 1 in keep_states:
                     self.last_states[t + 1] = h
-            if early_exit and halting is not None:
-                alive = halting.running.any(dim=1)  # (B,)
+            if early_exit and (halting is not None or exits is not None):
+                alive = running.any(dim=1)  # (B,)
                 if not self.any_alive(alive):
                     break
                 # Sequences that have fully halted stop computing.
                 if not bool(alive.all()):
                     rows = alive.nonzero().squeeze(1)
                     sub_ctx = ctx.select_rows(rows)
+        self.last_position_loops = torch.where(running, t + 1, depth)
         return self._finish(h, halting, aux, loads, loops_run=t + 1, n_loops=n_loops,
                             work=work)
 
