@@ -39,6 +39,7 @@ follows the APIs shared by 4.56+ and 5.x (dict ``_tied_weights_keys``, classic c
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ from ..checkpoints import HF_MODEL_TYPE
 from ..config import MythosConfig, check_loops
 from ..inference.cache import DictCache
 from ..layers.init import init_module
+from ..layers.recurrence import ExitRule
 from ..model import CausalLM
 from ..registry import build_model, config_fields, config_from_dict
 
@@ -78,6 +80,9 @@ class OpenMythosHFConfig(PretrainedConfig):
             ``max_loop_iters``. Ignored by the dense baseline.
         act_early_exit: default ACT early exit; ``None`` means on in eval mode, off in
             training mode (the model's own rule).
+        exit_rule: default training-free exit rule, the fields of an
+            :class:`~open_mythos.layers.recurrence.ExitRule` as a dict (``{"kl": 0.01}``);
+            ``None``: none.
         tie_word_embeddings: must stay True: the LM head is the embedding matrix.
         **kwargs: configuration fields and the usual ``PretrainedConfig`` keys
             (``bos_token_id``, ``eos_token_id``, ``pad_token_id``...).
@@ -95,6 +100,7 @@ class OpenMythosHFConfig(PretrainedConfig):
         self,
         n_loops: int | None = None,
         act_early_exit: bool | None = None,
+        exit_rule: dict[str, Any] | ExitRule | None = None,
         tie_word_embeddings: bool = True,
         **kwargs: Any,
     ):
@@ -107,6 +113,7 @@ class OpenMythosHFConfig(PretrainedConfig):
                              "tie_word_embeddings=False is not supported")
         self.n_loops = n_loops
         self.act_early_exit = act_early_exit
+        self.exit_rule = None if exit_rule is None else dataclasses.asdict(_as_exit_rule(exit_rule))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def to_mythos_config(self) -> MythosConfig:
@@ -120,6 +127,15 @@ class OpenMythosHFConfig(PretrainedConfig):
         """Config for ``cfg`` (any kind); ``kwargs`` adds ``n_loops``, token ids and other
         HF keys."""
         return cls(**cfg.to_dict(), **kwargs)
+
+
+def _as_exit_rule(rule: dict[str, Any] | ExitRule | None) -> ExitRule | None:
+    """An :class:`ExitRule` from itself or its fields as a dict (validated)."""
+    if rule is None or isinstance(rule, ExitRule):
+        return rule
+    if not isinstance(rule, dict):
+        raise TypeError(f"exit_rule must be an ExitRule or a dict of its fields, got {rule!r}")
+    return ExitRule(**rule)
 
 
 def _check_n_loops(n_loops: Any) -> None:
@@ -255,6 +271,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         n_loops: int | None = None,
         act_early_exit: bool | None = None,
+        exit_rule: ExitRule | dict[str, Any] | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -272,6 +289,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache: return a :class:`MythosCache` (default False outside ``generate``).
             n_loops: recurrent loops for this call (default ``config.n_loops``).
             act_early_exit: ACT early exit for this call (default ``config.act_early_exit``).
+            exit_rule: training-free exit rule for this call (an ``ExitRule`` or a dict of
+                its fields; default ``config.exit_rule``).
             logits_to_keep: compute logits for the last ``k`` positions only (0: all), or
                 for the positions in an index tensor.
             output_hidden_states: also return the final normalised hidden states, as a
@@ -288,6 +307,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         n_loops = self.config.n_loops if n_loops is None else n_loops
         if act_early_exit is None:
             act_early_exit = self.config.act_early_exit
+        exit_rule = _as_exit_rule(self.config.exit_rule if exit_rule is None else exit_rule)
 
         cache = _as_mythos_cache(past_key_values)
         if cache is None and use_cache:
@@ -305,7 +325,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
 
         hidden = self.model.hidden_states(
             input_ids, n_loops, cache.store if cache is not None else None, start,
-            attention_mask=mask, act_early_exit=act_early_exit)  # (B, T, dim)
+            attention_mask=mask, act_early_exit=act_early_exit,
+            exit_rule=exit_rule)  # (B, T, dim)
         if cache is not None:
             cache.seq_len = start + T
 

@@ -159,3 +159,31 @@ def test_byte_tokenizer_for_transformers_matches_byte_tokenizer(tmp_path):
     ids = ours.encode(text, add_bos=True, add_eos=True)
     assert theirs.decode(ids, skip_special_tokens=True) == text
     assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)
+
+
+def test_exit_rule_at_load_time_and_per_call(saved):
+    """An exit rule set in the config (saved as a dict) or per call gives the same logits
+    and greedy tokens as our model with that rule."""
+    from open_mythos import ExitRule
+
+    model, path = saved
+    model.eval()
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.5)  # loops that change the state
+    rule = ExitRule(rel_change=0.2, min_loops=2)
+    ids = torch.randint(0, BYTE_VOCAB, (2, 9))
+    want = model(ids, n_loops=6, exit_rule=rule)
+    assert not torch.allclose(want, model(ids, n_loops=6)), "the rule should stop some loops"
+    OpenMythosForCausalLM.from_mythos(model).save_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, n_loops=6, exit_rule={"rel_change": 0.2,
+                                                                         "min_loops": 2})
+    hf.save_pretrained(path / "again")
+    again = AutoModelForCausalLM.from_pretrained(path / "again")
+    assert again.config.exit_rule == {"kl": None, "entropy": None, "rel_change": 0.2,
+                                      "argmax_streak": None, "min_loops": 2}
+    close(again(ids).logits, want)
+    plain = AutoModelForCausalLM.from_pretrained(path, n_loops=6)
+    close(plain(ids, exit_rule=rule).logits, want)
+    out = plain.generate(ids, max_new_tokens=5, do_sample=False, exit_rule=rule)
+    assert torch.equal(out, generate(model, ids, 5, 6, do_sample=False, exit_rule=rule))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        plain(ids, exit_rule={"kl_div": 0.1})
