@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..inference.generation import stream
+from ..layers.recurrence import ExitRule
 from ..registry import is_looped
 from ..tasks import (
     EOS_ID,
@@ -211,8 +212,10 @@ def greedy_answers(
     n_loops: int,
     max_new_tokens: int,
     early_exit: bool = True,
+    exit_rule: ExitRule | None = None,
 ) -> tuple[list[str], list[int], list[float]]:
-    """Greedy answers to ``prompts`` decoded in one batch.
+    """Greedy answers to ``prompts`` decoded in one batch (with ``exit_rule`` in every
+    forward, if given).
 
     Each prompt is encoded as BOS + prompt, the batch is left-padded, and tokens are chosen by
     argmax over a KV cache until every sequence has produced EOS or ``max_new_tokens`` tokens.
@@ -230,7 +233,8 @@ def greedy_answers(
     tokens, loops_run, loops_computed = [], [], []
     for tok in stream(model, ids.to(device), max_new_tokens, n_loops, do_sample=False,
                       eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                      attention_mask=mask.to(device), act_early_exit=early_exit):
+                      attention_mask=mask.to(device), act_early_exit=early_exit,
+                      **({} if exit_rule is None else {"exit_rule": exit_rule})):
         tokens.append(tok)
         if rec is not None:
             loops_run.append(rec.last_loops_run)
@@ -278,7 +282,8 @@ def _teacher_forced(
 
 
 def _greedy_examples(
-    model: nn.Module, examples: Sequence[Example], n_loops: int, early_exit: bool
+    model: nn.Module, examples: Sequence[Example], n_loops: int, early_exit: bool,
+    exit_rule: ExitRule | None = None,
 ) -> tuple[list[str], list[int], list[float]]:
     """:func:`greedy_answers` with room for the longest answer and EOS; a batch whose
     longest prompt plus longest answer would not fit ``max_seq_len`` is halved."""
@@ -286,10 +291,11 @@ def _greedy_examples(
     prompt_len = 1 + max(len(ex.prompt) for ex in examples)
     if len(examples) > 1 and prompt_len + budget > model.cfg.max_seq_len:
         half = len(examples) // 2
-        first = _greedy_examples(model, examples[:half], n_loops, early_exit)
-        second = _greedy_examples(model, examples[half:], n_loops, early_exit)
+        first = _greedy_examples(model, examples[:half], n_loops, early_exit, exit_rule)
+        second = _greedy_examples(model, examples[half:], n_loops, early_exit, exit_rule)
         return first[0] + second[0], first[1] + second[1], first[2] + second[2]
-    return greedy_answers(model, [ex.prompt for ex in examples], n_loops, budget, early_exit)
+    return greedy_answers(model, [ex.prompt for ex in examples], n_loops, budget, early_exit,
+                          exit_rule)
 
 
 def evaluate_examples(
@@ -408,6 +414,7 @@ def perplexity(
     *,
     ignore_id: int | None = None,
     early_exit: bool = False,
+    exit_rule: ExitRule | None = None,
 ) -> Perplexity:
     """Teacher-forced next-token loss over ``token_batches``.
 
@@ -419,6 +426,7 @@ def perplexity(
         n_loops: loops per forward (default: the model's ``max_loop_iters``).
         ignore_id: a token id (for example padding) never counted as a target.
         early_exit: allow ACT early exit.
+        exit_rule: a training-free exit rule applied in every forward.
     """
     n_loops = model.cfg.max_loop_iters if n_loops is None else n_loops
     device = _device(model)
@@ -432,7 +440,8 @@ def perplexity(
             ids, targets = ids.to(device), targets.to(device)
             if ignore_id is not None:
                 targets = targets.masked_fill(targets == ignore_id, IGNORE_INDEX)
-            logits = model(ids, n_loops, act_early_exit=early_exit)
+            logits = model(ids, n_loops, act_early_exit=early_exit,
+                           **({} if exit_rule is None else {"exit_rule": exit_rule}))
             total += float(F.cross_entropy(_wide(logits).flatten(0, 1), targets.flatten(),
                                            ignore_index=IGNORE_INDEX, reduction="sum"))
             count += int((targets != IGNORE_INDEX).sum())

@@ -90,12 +90,6 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    with threads(1):
-        yield
-
-
 @pytest.fixture(scope="package")
 def parity_model() -> OpenMythos:
     """A looped model trained for 50 steps on :func:`small_parity` (ACT on, 2 loops)."""

@@ -1,0 +1,216 @@
+"""Training-free exit rules on trained models: loops saved against accuracy and loss.
+
+For a task run (the demo's looped model) it decodes greedy answers to held-out examples at
+``--loops`` loops under each rule; for a text run, it measures the validation loss of full
+forwards and the speed of cached greedy decoding. Every rule is compared with no rule and
+with fixed smaller depths, in the same run::
+
+    python benchmarks/exits.py --task-run demo_out/looped/chain --text-run runs/text_depth \\
+        --loops 8 --plot docs/figures/exits.png
+
+Columns:
+    loops/pos: mean loops per position (the depth each position stopped at).
+    saved: share of (position, loop) steps the rule skipped: the work a token-sparse kernel
+        saves. In cached decoding a step has one position per sequence, so there it is also
+        the work actually skipped.
+    computed: share of the requested (sequence, loop) work that ran: a sequence stops
+        computing once all its positions have exited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table  # noqa: E402
+
+from open_mythos import ExitRule  # noqa: E402
+from open_mythos.checkpoints import load_model  # noqa: E402
+from open_mythos.evaluation.runs import run_task, run_val_batches  # noqa: E402
+from open_mythos.evaluation.sweep import (  # noqa: E402
+    _greedy_examples,
+    perplexity,
+    sample_examples,
+)
+from open_mythos.inference import generate  # noqa: E402
+from open_mythos.tasks import score  # noqa: E402
+
+RULES: list[tuple[str, ExitRule | None]] = [
+    ("none", None),
+    *[(f"kl<{v:g}", ExitRule(kl=v, min_loops=2)) for v in (1e-3, 1e-2, 3e-2, 1e-1, 3e-1)],
+    *[(f"entropy<{v:g}", ExitRule(entropy=v)) for v in (0.01, 0.05, 0.2, 0.5)],
+    *[(f"rel_change<{v:g}", ExitRule(rel_change=v, min_loops=2))
+      for v in (0.02, 0.05, 0.1, 0.2, 0.4)],
+    *[(f"argmax x{m}", ExitRule(argmax_streak=m, min_loops=2)) for m in (1, 2, 3)],
+]
+
+
+@dataclasses.dataclass
+class LoopStats:
+    """Loop counts summed over the recurrent forwards since the last reset."""
+
+    position_loops: float = 0.0
+    positions: int = 0
+    computed: float = 0.0
+    requested: float = 0.0
+
+    def add(self, rec: torch.nn.Module, n_loops: int) -> None:
+        loops = rec.last_position_loops
+        self.position_loops += float(loops.sum())
+        self.positions += loops.numel()
+        self.computed += rec.last_work_fraction * loops.shape[0] * n_loops
+        self.requested += loops.shape[0] * n_loops
+
+
+def track(model: torch.nn.Module, n_loops: int) -> LoopStats:
+    """A :class:`LoopStats` that every forward of ``model.recurrent`` adds to."""
+    stats = LoopStats()
+    model.recurrent.register_forward_hook(lambda rec, args, out: stats.add(rec, n_loops))
+    return stats
+
+
+def measured(model, n_loops, fn, *args, **kwargs):
+    """``(result, seconds, loops/position, saved, computed)`` of ``fn(*args, **kwargs)``."""
+    stats = track(model, n_loops)
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    model.recurrent._forward_hooks.clear()
+    per_pos = stats.position_loops / max(1, stats.positions)
+    return (result, seconds, per_pos, 1 - per_pos / n_loops,
+            stats.computed / max(1.0, stats.requested))
+
+
+def task_table(run: str, n_loops: int, n_examples: int, split: str, seed: int) -> list[dict]:
+    model = load_model(run).model.eval()
+    task = run_task(run)
+    if task is None:
+        raise SystemExit(f"{run} is not a task run")
+    examples = sample_examples(task, split, n_examples, seed)
+    with torch.no_grad():  # warm-up: the first forwards of a process are slower
+        _greedy_examples(model, examples[:16], n_loops, True)
+    rows = []
+    configs = [(name, rule, n_loops) for name, rule in RULES]
+    configs += [(f"fixed {k} loops", None, k) for k in range(1, n_loops)]
+    for name, rule, loops in configs:
+        with torch.no_grad():
+            (answers, _, _), sec, per_pos, saved, computed = measured(
+                model, loops, _greedy_examples, model, examples, loops, True, rule)
+        acc = sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples)
+        # Fixed depths count against --loops, the depth the rules start from.
+        rows.append(dict(rule=name, accuracy=acc, loops=per_pos, saved=1 - per_pos / n_loops,
+                         computed=computed * loops / n_loops, seconds=sec))
+    return rows
+
+
+def text_table(run: str, n_loops: int, n_prompts: int, prompt_len: int,
+               new_tokens: int) -> list[dict]:
+    model = load_model(run).model.eval()
+    batches = run_val_batches(run)
+    prompts = torch.cat([b["input_ids"] for b in batches])[:n_prompts, :prompt_len]
+    with torch.no_grad():  # also the warm-up
+        reference = generate(model, prompts, new_tokens, n_loops, do_sample=False)[:, prompt_len:]
+    rows = []
+    configs = [(name, rule, n_loops) for name, rule in RULES]
+    configs += [(f"fixed {k} loops", None, k) for k in range(1, n_loops)]
+    for name, rule, loops in configs:
+        with torch.no_grad():
+            ppl, _, per_pos, _, _ = measured(
+                model, loops, perplexity, model, batches, loops, early_exit=True, exit_rule=rule)
+            out, sec, dec_pos, _, computed = measured(
+                model, loops, generate, model, prompts, new_tokens, loops, do_sample=False,
+                exit_rule=rule)
+        same = float((out[:, prompt_len:] == reference).float().mean())
+        rows.append(dict(rule=name, loss=ppl.loss, loops=per_pos, saved=1 - per_pos / n_loops,
+                         decode_loops=dec_pos, computed=computed * loops / n_loops,
+                         same_tokens=same, seconds=sec))
+    return rows
+
+
+def plot(task_rows, text_rows, path: str, n_loops: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(rows, key, label) for rows, key, label in
+              ((task_rows, "accuracy", "exact-match accuracy"),
+               (text_rows, "loss", "validation loss (nats/token)")) if rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (rows, key, label) in zip(axes[0], panels):
+        families: dict[str, list[dict]] = {}
+        for r in rows:
+            family = ("fixed depth" if r["rule"].startswith("fixed") or r["rule"] == "none"
+                      else r["rule"].split("<")[0].split(" ")[0])
+            families.setdefault(family, []).append(r)
+        for family, fam_rows in families.items():
+            fam_rows = sorted(fam_rows, key=lambda r: r["loops"])
+            style = "k--o" if family == "fixed depth" else "-o"
+            ax.plot([r["loops"] for r in fam_rows], [r[key] for r in fam_rows], style,
+                    label=family, markersize=4)
+        ax.set_xlabel(f"mean loops per position (of {n_loops})")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"\nplot: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task-run", metavar="DIR", help="a task run (the demo's looped model)")
+    p.add_argument("--text-run", metavar="DIR", help="a text run")
+    p.add_argument("--loops", type=int, default=8, help="loops the rules start from")
+    p.add_argument("--n-examples", type=int, default=256, help="task examples (default 256)")
+    p.add_argument("--split", default="id", help="task split (default id)")
+    p.add_argument("--prompts", type=int, default=16, help="text decoding prompts")
+    p.add_argument("--prompt-len", type=int, default=32, help="text prompt length")
+    p.add_argument("--new-tokens", type=int, default=32, help="text tokens to decode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="PNG", help="write the Pareto plot here")
+    args = p.parse_args(argv)
+    if not (args.task_run or args.text_run):
+        p.error("give --task-run, --text-run or both")
+    torch.manual_seed(args.seed)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"rules start from {args.loops} loops")
+    task_rows = text_rows = []
+    if args.task_run:
+        task_rows = task_table(args.task_run, args.loops, args.n_examples, args.split, args.seed)
+        base = task_rows[0]
+        print(f"\n## Task run {args.task_run}: greedy answers, {args.n_examples} "
+              f"{args.split} examples\n")
+        print_table(["rule", "accuracy", "Δ vs none (pts)", "loops/pos", "saved", "computed",
+                     "wall s", "wall / none"],
+                    [[r["rule"], f"{r['accuracy']:.3f}",
+                      f"{100 * (r['accuracy'] - base['accuracy']):+.1f}", f"{r['loops']:.2f}",
+                      f"{r['saved']:.0%}", f"{r['computed']:.0%}", f"{r['seconds']:.2f}",
+                      f"{r['seconds'] / base['seconds']:.2f}"] for r in task_rows])
+    if args.text_run:
+        text_rows = text_table(args.text_run, args.loops, args.prompts, args.prompt_len,
+                               args.new_tokens)
+        base = text_rows[0]
+        print(f"\n## Text run {args.text_run}: validation loss of full forwards; greedy "
+              f"decoding of {args.new_tokens} tokens from {args.prompts} prompts\n")
+        print_table(["rule", "val loss", "Δ loss", "loops/pos", "saved", "decode loops",
+                     "decode computed", "same tokens", "decode s", "decode / none"],
+                    [[r["rule"], f"{r['loss']:.4f}", f"{r['loss'] - base['loss']:+.4f}",
+                      f"{r['loops']:.2f}", f"{r['saved']:.0%}", f"{r['decode_loops']:.2f}",
+                      f"{r['computed']:.0%}", f"{r['same_tokens']:.0%}",
+                      f"{r['seconds']:.2f}", f"{r['seconds'] / base['seconds']:.2f}"]
+                     for r in text_rows])
+    if args.plot:
+        plot(task_rows, text_rows, args.plot, args.loops)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
