@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: tuple[str, ...] = (
     "open_mythos.commands.demo",
     "open_mythos.training.command",
+    "open_mythos.commands.prepare",
     "open_mythos.commands.generate",
     "open_mythos.commands.info",
     "open_mythos.commands.sweep",

@@ -122,10 +122,14 @@ class ModelConfig:
         return cfg
 
 
+ENCODING_ERRORS = ("strict", "replace", "ignore")
+"""Values of ``data.encoding_errors``: Python's codec error handlers that keep text text."""
+
+
 @dataclass
 class DataConfig:
-    """``[data]``: where batches come from. At most one of ``task``, ``text``, ``hf_dataset``;
-    none means the built-in corpus (the Python documentation topics, no download).
+    """``[data]``: where batches come from. At most one of ``task``, ``text``, ``hf_dataset``,
+    ``prepared``; none means the built-in corpus (the Python documentation topics, no download).
 
     Attributes:
         task: name of an algorithmic task (``open_mythos.tasks.list_tasks()``).
@@ -136,6 +140,11 @@ class DataConfig:
         hf_config: dataset configuration name.
         hf_split: dataset split to stream.
         hf_text_field: column holding the text.
+        prepared: directory written by ``openmythos prepare`` (memory-mapped token shards
+            and their manifest); its tokenizer must be ``tokenizer``.
+        encoding_errors: what a byte sequence that is not UTF-8 in a ``text`` file does:
+            ``"strict"`` (an error naming the file and byte offset), ``"replace"`` (U+FFFD)
+            or ``"ignore"`` (dropped).
         tokenizer: ``"byte"`` or a local Hugging Face tokenizer directory (text data only).
         batch_size: sequences per process per micro-step; the global batch is
             ``batch_size * world_size * optim.grad_accum``.
@@ -152,6 +161,8 @@ class DataConfig:
     hf_config: str | None = None
     hf_split: str = "train"
     hf_text_field: str = "text"
+    prepared: str | None = None
+    encoding_errors: str = "strict"
     tokenizer: str = "byte"
     batch_size: int = 8
     seq_len: int | None = None
@@ -159,9 +170,12 @@ class DataConfig:
     eval_batches: int = 4
 
     def __post_init__(self) -> None:
-        sources = [n for n in ("task", "text", "hf_dataset") if getattr(self, n)]
+        sources = [n for n in ("task", "text", "hf_dataset", "prepared") if getattr(self, n)]
         if len(sources) > 1:
             raise ConfigError(f"data: choose one source, got {' and '.join(sources)}")
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise ConfigError(f"data.encoding_errors={self.encoding_errors!r} is invalid: use "
+                              f"{', '.join(map(repr, ENCODING_ERRORS))}")
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batches", self.eval_batches)
         if self.seq_len is not None:

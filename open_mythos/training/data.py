@@ -18,15 +18,24 @@ per-loop targets ``trace`` (B, K) (:func:`open_mythos.tasks.batching.trace_targe
 
 from __future__ import annotations
 
+import copy
 import random
 from abc import ABC, abstractmethod
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
+from .documents import InputFormat, import_datasets, read_text_file, resolve_inputs
+from .prepare import (
+    ShardedTokens,
+    encode_document,
+    load_data_tokenizer,
+    open_prepared,
+    token_dtype,
+)
 
 TRAIN, VAL = "train", "val"
 DEFAULT_TEXT_SEQ_LEN = 128
@@ -53,6 +62,16 @@ class DataSource(ABC):
     def describe(self) -> str:
         """One line for the run log."""
         return type(self).__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold, besides the batch index, to resume this source
+        without replaying it (empty: the batch index is enough)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (before asking for the batch it was taken at)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state besides the batch index")
 
 
 def _rows(batch: dict[str, torch.Tensor], shard: int, rows: int) -> dict[str, torch.Tensor]:
@@ -116,24 +135,27 @@ class PackedTextSource(DataSource):
     The tail ``val_fraction`` of the stream is the validation split. Training windows are
     visited in a fresh random order each epoch (permutation seeded by ``(seed, epoch)``);
     validation windows in order. A window has ``seq_len + 1`` tokens: inputs are the first
-    ``seq_len`` and targets the last ``seq_len``.
+    ``seq_len`` and targets the last ``seq_len``. ``tokens`` may be memory-mapped shards
+    (:class:`~.prepare.ShardedTokens`): a batch reads only its windows.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
-                 val_fraction: float, vocab_size: int, label: str):
-        n_val = int(len(tokens) * val_fraction)
-        self._streams = {TRAIN: tokens[: len(tokens) - n_val], VAL: tokens[len(tokens) - n_val:]}
-        for split, stream in self._streams.items():
-            if (len(stream) - 1) // seq_len < 1:
+    def __init__(self, tokens: np.ndarray | ShardedTokens, batch_size: int, seq_len: int,
+                 seed: int, val_fraction: float, vocab_size: int, label: str):
+        self._tokens = tokens if isinstance(tokens, ShardedTokens) else ShardedTokens([tokens])
+        total = len(self._tokens)
+        n_val = int(total * val_fraction)
+        self._spans = {TRAIN: (0, total - n_val), VAL: (total - n_val, n_val)}  # (start, length)
+        for split, (_, length) in self._spans.items():
+            if (length - 1) // seq_len < 1:
                 raise ConfigError(
-                    f"the {split} part of {label} has {len(stream)} tokens, fewer than one "
+                    f"the {split} part of {label} has {length} tokens, fewer than one "
                     f"sequence of data.seq_len={seq_len} + 1; use more text or a shorter seq_len")
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.seed, self.label = seed, label
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def n_windows(self, split: str) -> int:
-        return (len(self._streams[split]) - 1) // self.seq_len
+        return (self._spans[split][1] - 1) // self.seq_len
 
     def _window_ids(self, split: str, first: int, count: int) -> np.ndarray:
         n = self.n_windows(split)
@@ -153,13 +175,13 @@ class PackedTextSource(DataSource):
     def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1) -> dict[str, torch.Tensor]:
         first = (index * n_shards + shard) * self.batch_size
         windows = self._window_ids(split, first, self.batch_size)
-        stream = self._streams[split]
-        offsets = windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
-        chunk = torch.from_numpy(stream[offsets].astype(np.int64))
+        start = self._spans[split][0]
+        offsets = start + windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        chunk = torch.from_numpy(self._tokens.take(offsets).astype(np.int64))
         return {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}
 
     def describe(self) -> str:
-        return (f"{self.label}: {len(self._streams[TRAIN]):,} train / {len(self._streams[VAL]):,} "
+        return (f"{self.label}: {self._spans[TRAIN][1]:,} train / {self._spans[VAL][1]:,} "
                 f"val tokens, seq_len {self.seq_len}")
 
 
@@ -168,7 +190,10 @@ class StreamingTextSource(DataSource):
 
     The stream is consumed in order: window ``g`` of the packed stream is global sequence
     ``g``. The first ``n_val_windows`` windows are the validation split and training starts
-    after them. Resuming re-reads the stream up to the stored position (no random access).
+    after them. A fresh source replays the stream up to the batch it is asked for;
+    :meth:`load_state_dict` instead continues from where :meth:`state_dict` was taken (the
+    dataset's own position, via ``IterableDataset.state_dict``, and the tokens left over),
+    which is the same stream without re-reading it.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, seq_len: int, n_val_windows: int):
@@ -176,28 +201,18 @@ class StreamingTextSource(DataSource):
         self.vocab_size, self.seq_len, self.batch_size = tokenizer.vocab_size, seq_len, cfg.batch_size
         self._n_val = n_val_windows
         self._val = self._take(self._windows(), n_val_windows)
-        self._iter, self._next = self._windows(), 0
+        self._iter = self._windows()
         self._take(self._iter, n_val_windows)
 
-    def _windows(self):
-        datasets = _import_datasets()
-        try:
-            ds = datasets.load_dataset(self._cfg.hf_dataset, self._cfg.hf_config,
-                                       split=self._cfg.hf_split, streaming=True)
-        except Exception as err:  # network, missing config or split: all user-fixable
-            raise ConfigError(f"data.hf_dataset={self._cfg.hf_dataset!r} could not be opened: "
-                              f"{type(err).__name__}: {err}") from None
-        eos = self._tok.eos_token_id
-        buf: list[int] = []
-        for row in ds:
-            buf.extend(self._tok.encode(row[self._cfg.hf_text_field]))
-            if eos is not None:
-                buf.append(eos)
-            while len(buf) >= self.seq_len + 1:
-                yield np.asarray(buf[: self.seq_len + 1], dtype=np.int64)
-                del buf[: self.seq_len]  # the last target is the next window's first input
+    @property
+    def _next(self) -> int:
+        """Training windows consumed by ``_iter``."""
+        return self._iter.count - self._n_val
 
-    def _take(self, it, n: int) -> list[np.ndarray]:
+    def _windows(self, state: dict[str, Any] | None = None) -> _PackedWindows:
+        return _PackedWindows(self._cfg, self._tok, self.seq_len, state)
+
+    def _take(self, it: _PackedWindows, n: int) -> list[np.ndarray]:
         out = []
         for _ in range(n):
             try:
@@ -205,7 +220,7 @@ class StreamingTextSource(DataSource):
             except StopIteration:
                 raise ConfigError(
                     f"data.hf_dataset={self._cfg.hf_dataset!r} ran out after "
-                    f"{len(out)} sequences of data.seq_len={self.seq_len}") from None
+                    f"{it.count} sequences of data.seq_len={self.seq_len}") from None
         return out
 
     def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1) -> dict[str, torch.Tensor]:
@@ -214,28 +229,100 @@ class StreamingTextSource(DataSource):
             rows = [self._val[(index * per_batch + j) % self._n_val] for j in range(per_batch)]
         else:
             if index * per_batch < self._next:  # an earlier position: restart the stream
-                self._iter, self._next = self._windows(), 0
+                self._iter = self._windows()
                 self._take(self._iter, self._n_val)
             self._take(self._iter, index * per_batch - self._next)
             rows = self._take(self._iter, per_batch)
-            self._next = (index + 1) * per_batch
         chunk = torch.from_numpy(np.stack(rows))
         full = {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}
         return _rows(full, shard, self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_val": self._n_val, **self._iter.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the training stream from ``state``. A state taken with another number of
+        validation windows (another world size or ``eval_batches``) is ignored: the stream
+        is replayed instead, as for a source without state."""
+        if state and state.get("n_val") == self._n_val:
+            self._iter = self._windows(state)
 
     def describe(self) -> str:
         return f"hf dataset {self._cfg.hf_dataset!r} (streamed), seq_len {self.seq_len}"
 
 
+class _PackedWindows:
+    """Windows of ``seq_len + 1`` tokens of a streamed dataset's packed documents, in order.
+
+    ``count`` windows have been yielded; :meth:`state_dict` is where the stream stands:
+    the dataset's position after the last row read and the tokens not yet yielded.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, seq_len: int,
+                 state: dict[str, Any] | None = None):
+        datasets = import_datasets()
+        try:
+            self._ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split,
+                                             streaming=True)
+        except Exception as err:  # network, missing config or split: all user-fixable
+            raise ConfigError(f"data.hf_dataset={cfg.hf_dataset!r} could not be opened: "
+                              f"{type(err).__name__}: {err}") from None
+        self._name, self._field = cfg.hf_dataset, cfg.hf_text_field
+        self._tok, self._len = tokenizer, seq_len + 1
+        self._dataset_state = None  # the loaded state, until a row is read
+        self._buf: list[int] = []
+        self.count = 0
+        if state is not None:
+            self._ds.load_state_dict(copy.deepcopy(state["dataset"]))
+            self._dataset_state = state["dataset"]
+            self._buf, self.count = list(state["buffer"]), int(state["windows"])
+        self._rows: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> _PackedWindows:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = iter(self._ds)
+        while len(self._buf) < self._len:
+            row = next(self._rows)  # StopIteration: the dataset ran out
+            self._dataset_state = None
+            self._buf.extend(self._tok.encode(_text_of(row, self._field, self._name)))
+            if self._tok.eos_token_id is not None:
+                self._buf.append(self._tok.eos_token_id)
+        window = np.asarray(self._buf[: self._len], dtype=np.int64)
+        del self._buf[: self._len - 1]  # the last target is the next window's first input
+        self.count += 1
+        return window
+
+    def state_dict(self) -> dict[str, Any]:
+        dataset = self._dataset_state if self._dataset_state is not None else self._ds.state_dict()
+        return {"windows": self.count, "dataset": copy.deepcopy(dataset),
+                "buffer": list(self._buf)}
+
+
+def _text_of(row: dict[str, Any], field: str, name: str) -> str:
+    if field not in row:
+        raise ConfigError(f"data.hf_text_field={field!r}: dataset {name!r} has no such column "
+                          f"(columns: {', '.join(map(str, row))})")
+    text = row[field]
+    if not isinstance(text, str):
+        raise ConfigError(f"data.hf_text_field={field!r}: dataset {name!r} holds "
+                          f"{type(text).__name__} values there, not text")
+    return text
+
+
 def build_data_source(cfg: DataConfig, seed: int, world_size: int = 1,
                       with_trace: bool = False) -> DataSource:
-    """The source ``cfg`` describes: a task, local text, a streamed dataset, or (none set)
-    the built-in corpus of Python documentation topics. ``with_trace`` adds the per-step
-    targets of a task (``optim.loop_targets``).
+    """The source ``cfg`` describes: a task, local text, a streamed dataset, a prepared
+    directory, or (none set) the built-in corpus of Python documentation topics.
+    ``with_trace`` adds the per-step targets of a task (``optim.loop_targets``).
 
     Raises:
-        ConfigError: unknown task, unreadable files, missing optional packages, too little
-            text, or per-step targets asked of data that has none.
+        ConfigError: unknown task, unreadable files, text that is not UTF-8 (unless
+            ``data.encoding_errors`` allows it), missing optional packages, too little
+            text, a prepared directory of another tokenizer, or per-step targets asked of
+            data that has none.
     """
     if cfg.task:
         return TaskSource(cfg.task, cfg.task_args, cfg.val_split, cfg.batch_size, cfg.seq_len,
@@ -243,13 +330,18 @@ def build_data_source(cfg: DataConfig, seed: int, world_size: int = 1,
     if with_trace:
         raise ConfigError("optim.loop_targets needs a task with per-step targets "
                           "(data.task = 'multihop' or 'phop'), not text")
-    tokenizer = _load_tokenizer(cfg.tokenizer)
+    tokenizer = load_data_tokenizer(cfg.tokenizer)
     seq_len = cfg.seq_len or DEFAULT_TEXT_SEQ_LEN
     if cfg.hf_dataset:
         n_val = cfg.eval_batches * cfg.batch_size * world_size
         return StreamingTextSource(cfg, tokenizer, seq_len, n_val)
+    if cfg.prepared:
+        prepared = open_prepared(cfg.prepared)
+        prepared.check_tokenizer(tokenizer, cfg.tokenizer)
+        return PackedTextSource(prepared.tokens, cfg.batch_size, seq_len, seed, cfg.val_fraction,
+                                tokenizer.vocab_size, f"prepared {cfg.prepared}")
     if cfg.text:
-        docs, label = _read_text_files(cfg.text), f"text ({len(cfg.text)} path(s))"
+        docs, label = _read_text_files(cfg.text, cfg.encoding_errors), f"text ({len(cfg.text)} path(s))"
     else:
         docs, label = builtin_corpus(), "built-in corpus (pydoc topics)"
     tokens = tokenize_documents(docs, tokenizer)
@@ -265,50 +357,20 @@ def builtin_corpus() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def tokenize_documents(docs: list[str], tokenizer: Any) -> np.ndarray:
-    """All documents' ids, each followed by EOS (when the tokenizer has one), as int32."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer.encode(doc))
-        if eos is not None:
-            ids.append(eos)
-    dtype = np.int32 if tokenizer.vocab_size > np.iinfo(np.uint16).max else np.uint16
-    return np.asarray(ids, dtype=dtype)
+def tokenize_documents(docs: Iterable[str | Iterable[str]], tokenizer: Any) -> np.ndarray:
+    """All documents' ids, each followed by EOS (when the tokenizer has one), as uint16
+    (uint32 for vocabularies over 65536 ids). A document is a string or an iterable of
+    pieces of one (:func:`~.prepare.encode_document`: what ``openmythos prepare`` writes)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    parts = [ids for doc in docs
+             for ids in encode_document((doc,) if isinstance(doc, str) else doc, tokenizer, dtype)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
-def _read_text_files(paths: list[str]) -> list[str]:
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ConfigError(f"data.text: {str(p)!r} is neither a file nor a directory")
-    if not files:
-        raise ConfigError(f"data.text: no files found in {paths}")
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-
-
-def _load_tokenizer(spec: str) -> Any:
-    from ..tokenizers import load_tokenizer
-
-    if spec.lower() != "byte" and not Path(spec).expanduser().is_dir():
-        raise ConfigError(
-            f"data.tokenizer={spec!r} must be 'byte' or a local tokenizer directory "
-            "(training never downloads)")
+def _read_text_files(paths: list[str], errors: str = "strict") -> list[Iterable[str]]:
+    """One document per file (directories read recursively), each read when iterated."""
     try:
-        return load_tokenizer(spec)
-    except (ImportError, OSError, ValueError) as err:
-        raise ConfigError(f"data.tokenizer={spec!r} could not be loaded: {err}") from None
-
-
-def _import_datasets() -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            "data.hf_dataset needs the Hugging Face 'datasets' package, which is not installed "
-            "(pip install datasets); or train on --task NAME or --text PATH instead") from None
-    return datasets
+        inputs = resolve_inputs(paths, InputFormat.TEXT)
+    except ConfigError as err:
+        raise ConfigError(f"data.text: {err}") from None
+    return [read_text_file(inp.path, errors) for inp in inputs]

@@ -1,0 +1,268 @@
+"""Documents read from local text, JSON lines, Parquet or a Hugging Face dataset, streamed.
+
+A document is an iterator of text *pieces* (a large text file is never read whole); its
+token ids are the concatenation of the pieces' ids. :func:`split_pieces` cuts a document
+into pieces at line ends, as a function of the text alone (never of how the file was
+read), so every path that tokenises a document (in-memory ``data.text``, ``openmythos
+prepare``) gets the same ids.
+
+Bytes that are not UTF-8 follow ``errors`` (``data.encoding_errors``): ``"strict"`` raises
+:class:`~.config.ConfigError` naming the file and the byte offset; ``"replace"`` and
+``"ignore"`` are Python's codec handlers.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+PIECE_CHARS = 1 << 20
+"""A piece ends at the first line end after this many characters (see :func:`split_pieces`)."""
+READ_BYTES = 1 << 22
+"""Bytes read from a text file at a time."""
+
+
+class InputFormat(str, Enum):
+    """How ``openmythos prepare`` reads an input path."""
+
+    AUTO = "auto"  # by suffix: .jsonl/.json, .parquet, a save_to_disk directory; else text
+    TEXT = "text"  # each file one document
+    JSONL = "jsonl"  # one JSON object per line, text in a field
+    PARQUET = "parquet"  # text in a column
+    HF = "hf"  # a save_to_disk directory, or a dataset for datasets.load_dataset
+
+
+@dataclass(frozen=True)
+class Input:
+    """One resolved input: a file (text, JSONL, Parquet) or a dataset (``HF``)."""
+
+    path: str
+    format: InputFormat
+
+
+def resolve_inputs(paths: Iterable[str], fmt: InputFormat = InputFormat.AUTO) -> list[Input]:
+    """Directories expanded to their files (recursively, sorted), each file's format decided.
+
+    A directory written by ``Dataset.save_to_disk`` is one ``HF`` input; with ``fmt=HF`` a
+    path that does not exist is a dataset name for ``datasets.load_dataset``.
+
+    Raises:
+        ConfigError: a path that does not exist, or no input file at all.
+    """
+    out: list[Input] = []
+    for path in map(Path, paths):
+        if fmt in (InputFormat.AUTO, InputFormat.HF) and _is_saved_dataset(path):
+            out.append(Input(str(path), InputFormat.HF))
+        elif fmt is InputFormat.HF:
+            out.append(Input(str(path), InputFormat.HF))
+        elif path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+            out += [Input(str(f), _format_of(f) if fmt is InputFormat.AUTO else fmt) for f in files]
+        elif path.is_file():
+            out.append(Input(str(path), _format_of(path) if fmt is InputFormat.AUTO else fmt))
+        else:
+            raise ConfigError(f"{str(path)!r} is neither a file nor a directory")
+    if not out:
+        raise ConfigError(f"no input files found in {[str(p) for p in paths]}")
+    return out
+
+
+def iter_documents(inp: Input, errors: str = "strict", text_field: str = "text",
+                   hf_config: str | None = None, hf_split: str = "train") -> Iterator[Iterator[str]]:
+    """The documents of ``inp``, each an iterator of text pieces.
+
+    Raises:
+        ConfigError: bytes that are not UTF-8 (``errors="strict"``), a malformed JSON line, a
+            missing or non-text ``text_field``, a dataset that cannot be opened.
+    """
+    if inp.format is InputFormat.TEXT:
+        yield read_text_file(inp.path, errors)
+    elif inp.format is InputFormat.JSONL:
+        yield from (iter((t,)) for t in _jsonl_texts(inp.path, errors, text_field))
+    elif inp.format is InputFormat.PARQUET:
+        yield from (iter((t,)) for t in _parquet_texts(inp.path, errors, text_field))
+    elif inp.format is InputFormat.HF:
+        yield from (iter((t,)) for t in _dataset_texts(inp.path, text_field, hf_config, hf_split))
+    else:
+        raise ValueError(f"unresolved input format {inp.format!r}")
+
+
+def read_text_file(path: str | Path, errors: str = "strict") -> Iterator[str]:
+    """The decoded text of a file, :data:`READ_BYTES` at a time (never the whole file)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    offset = 0  # bytes of the file handed to the decoder so far
+    with _open(path) as fh:
+        while True:
+            chunk = fh.read(READ_BYTES)
+            pending = len(decoder.getstate()[0])  # bytes of a split character held back
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, offset - pending + err.start, err) from None
+            offset += len(chunk)
+            if text:
+                yield text
+            if not chunk:
+                return
+
+
+def split_pieces(chunks: Iterable[str], size: int = PIECE_CHARS) -> Iterator[str]:
+    """Re-cut a document's text into pieces: each ends after the first ``"\\n"`` at or past
+    ``size`` characters from its start, or at ``4 * size`` characters if there is none.
+
+    The cuts depend on the text only, not on the chunks it arrives in. A subword tokenizer
+    sees each piece separately: cutting at line ends keeps that equal to encoding the whole
+    text for the usual pre-tokenizers (a hard cut happens only inside a line of ``4 * size``
+    characters). Byte-level encodings are unaffected by any cut.
+    """
+    limit = 4 * size
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) > size:
+            end = buf.find("\n", size, limit)
+            if end >= 0:
+                cut = end + 1
+            elif len(buf) >= limit:
+                cut = limit
+            else:
+                break
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def _jsonl_texts(path: str, errors: str, field: str) -> Iterator[str]:
+    offset = 0
+    with _open(path) as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, offset + err.start, err, f"line {number}") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}: line {number} is not JSON: {err}") from None
+            yield _field(row, field, path, f"line {number}")
+
+
+def _parquet_texts(path: str, errors: str, field: str) -> Iterator[str]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("Parquet input needs the 'pyarrow' package (pip install pyarrow, or "
+                          "pip install datasets, which brings it)") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"{path}: not a readable Parquet file: {err}") from None
+    names = parquet.schema_arrow.names
+    if field not in names:
+        raise ConfigError(f"{path}: no column {field!r} (columns: {', '.join(names)}); "
+                          "choose the text column with --text-field")
+    kind = parquet.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise ConfigError(f"{path}: column {field!r} holds {kind}, not text")
+    row = 0
+    for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+        # As bytes: Parquet does not guarantee that a string column is valid UTF-8.
+        for value in batch.column(0).cast(pa.large_binary()).to_pylist():
+            row += 1
+            if value is None:
+                raise ConfigError(f"{path}: row {row} has no text in column {field!r}")
+            try:
+                yield value.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, err.start, err, f"row {row} of column {field!r}") from None
+
+
+def _dataset_texts(name: str, field: str, config: str | None, split: str) -> Iterator[str]:
+    datasets = import_datasets()
+    try:
+        if _is_saved_dataset(Path(name)):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise KeyError(f"no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as err:  # a missing split or config, no network: all user-fixable
+        raise ConfigError(f"dataset {name!r} could not be opened: {type(err).__name__}: {err}"
+                          ) from None
+    columns = ds.column_names
+    if columns is not None and field not in columns:
+        raise ConfigError(f"dataset {name!r} has no column {field!r} (columns: "
+                          f"{', '.join(columns)}); choose the text column with --text-field")
+    for row, example in enumerate(ds, 1):
+        yield _field(example, field, name, f"row {row}")
+
+
+def _field(row: Any, field: str, where: str, position: str) -> str:
+    """``row[field]``, or an error that says which record and which fields there are."""
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: {position} is a JSON {type(row).__name__}, not an object")
+    if field not in row:
+        raise ConfigError(f"{where}: {position} has no field {field!r} (fields: "
+                          f"{', '.join(map(str, row))}); choose the text field with "
+                          "--text-field (data.hf_text_field)")
+    text = row[field]
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: {position}: field {field!r} is a "
+                          f"{type(text).__name__}, not text")
+    return text
+
+
+def _not_utf8(path: str | Path, offset: int, err: UnicodeDecodeError,
+              where: str = "") -> ConfigError:
+    bad = err.object[err.start:err.end][:4].hex(" ")
+    at = f"{where}, byte {offset}" if where else f"byte offset {offset}"
+    return ConfigError(f"{path}: not UTF-8 at {at} (bytes {bad}: {err.reason}); set "
+                       "data.encoding_errors='replace' or 'ignore' (--encoding-errors) to "
+                       "read it anyway")
+
+
+def _open(path: str | Path):
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read: {err.strerror or err}") from None
+
+
+def _format_of(path: Path) -> InputFormat:
+    suffixes = path.suffixes
+    if suffixes[-1:] in ([".jsonl"], [".json"]):
+        return InputFormat.JSONL
+    if suffixes[-1:] == [".parquet"]:
+        return InputFormat.PARQUET
+    return InputFormat.TEXT
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``Dataset(Dict).save_to_disk``."""
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def import_datasets() -> Any:
+    """The ``datasets`` module, or a :class:`ConfigError` that says how to get it."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            "data.hf_dataset needs the Hugging Face 'datasets' package, which is not installed "
+            "(pip install datasets); or train on --task NAME or --text PATH instead") from None
+    return datasets

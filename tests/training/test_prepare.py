@@ -1,0 +1,347 @@
+"""``openmythos prepare`` and training on prepared token shards; UTF-8 error policy;
+streamed datasets resumed from their saved state.
+
+The references are computed here from the raw bytes (the byte tokenizer's ids are the UTF-8
+bytes, then EOS 258), not by the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from open_mythos.cli import main
+from open_mythos.tokenizers import ByteTokenizer
+from open_mythos.training import ConfigError, DataConfig, Trainer, documents
+from open_mythos.training.config import UNSET
+from open_mythos.training.data import TRAIN, VAL, StreamingTextSource, build_data_source
+from open_mythos.training.documents import InputFormat, split_pieces
+from open_mythos.training.prepare import (
+    ShardedTokens,
+    open_prepared,
+    prepare,
+    token_dtype,
+    verify_prepared,
+)
+
+from .conftest import TINY, read_metrics, tiny_config
+
+EOS = ByteTokenizer().eos_token_id
+DOCS = [f"document {i}: " + "café ✓ " * (i % 5) + "x" * (7 * i % 23) + "\nend" for i in range(40)]
+
+
+def byte_stream(texts: list[bytes]) -> np.ndarray:
+    """The packed stream of the byte tokenizer: each document's bytes then EOS."""
+    return np.concatenate([np.append(np.frombuffer(t, np.uint8).astype(np.int64), EOS)
+                           for t in texts])
+
+
+def shards_of(path) -> np.ndarray:
+    manifest = json.loads((path / "manifest.json").read_text())
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    return np.concatenate([np.fromfile(path / s["file"], dtype=dtype)
+                           for s in manifest["shards"]]).astype(np.int64)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Three text files (one in a subdirectory) and the packed stream they make."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    texts = ["\n".join(DOCS[:15]).encode(), "\n".join(DOCS[15:30]).encode(),
+             "\n".join(DOCS[30:]).encode()]
+    for name, text in zip(["a.txt", "b.md", "sub/c.txt"], texts):
+        (root / name).write_bytes(text)
+    return root, byte_stream(texts)
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.utils.logging, "get_verbosity", lambda: 40, raising=False)
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def test_prepared_tokens_are_the_packed_stream(corpus, tmp_path):
+    root, reference = corpus
+    stats = prepare([str(root)], tmp_path / "prep", shard_tokens=1000)
+    manifest = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint16" and manifest["documents"] == 3 == stats.documents
+    assert [s["tokens"] for s in manifest["shards"]] == [1000] * (len(reference) // 1000) + (
+        [len(reference) % 1000] if len(reference) % 1000 else [])
+    assert manifest["tokens"] == len(reference)
+    assert manifest["tokenizer"]["vocab_size"] == 259 and manifest["tokenizer"]["spec"] == "byte"
+    np.testing.assert_array_equal(shards_of(tmp_path / "prep"), reference)
+    # What training maps equals the files, and the checksums verify.
+    opened = open_prepared(tmp_path / "prep").tokens
+    np.testing.assert_array_equal(opened.take(np.arange(len(reference))), reference)
+    assert verify_prepared(tmp_path / "prep") == []
+
+
+def test_token_dtype_and_gather_across_shards():
+    assert token_dtype(259) == np.uint16 and token_dtype(1 << 16) == np.uint16
+    assert token_dtype((1 << 16) + 1) == np.uint32
+    parts = [np.arange(0, 5, dtype=np.uint32) + 70_000, np.arange(5, 12, dtype=np.uint32) + 70_000,
+             np.arange(12, 13, dtype=np.uint32) + 70_000]
+    stream = ShardedTokens(parts)
+    idx = np.array([[0, 4, 5, 11], [12, 3, 6, 12]])
+    np.testing.assert_array_equal(stream.take(idx), idx + 70_000)
+    assert len(stream) == 13
+
+
+def test_split_pieces_cuts_at_line_ends_whatever_the_chunks():
+    text = "".join(f"line {i} " + "w" * (i % 13) + "\n" for i in range(300)) + "z" * 50
+    pieces = list(split_pieces([text], size=64))
+    assert "".join(pieces) == text and len(pieces) > 10
+    for piece in pieces[:-1]:
+        assert piece.endswith("\n") and "\n" not in piece[64:-1] and len(piece) > 64
+    for step in (1, 7, 100, 5000):
+        chunks = [text[i:i + step] for i in range(0, len(text), step)]
+        assert list(split_pieces(chunks, size=64)) == pieces
+    # A line longer than 4 * size is cut hard, at 4 * size.
+    assert [len(p) for p in split_pieces(["q" * 600], size=64)] == [256, 256, 88]
+
+
+def test_batches_equal_the_in_memory_path_at_any_world_size(corpus, tmp_path):
+    root, _ = corpus
+    prepare([str(root)], tmp_path / "prep", shard_tokens=700)  # windows cross shard files
+    common = dict(seq_len=16, batch_size=2, val_fraction=0.1)
+    memory = build_data_source(DataConfig(text=[str(root)], **common), seed=5)
+    mapped = build_data_source(DataConfig(prepared=str(tmp_path / "prep"), **common), seed=5)
+    big = build_data_source(DataConfig(text=[str(root)], **{**common, "batch_size": 4}), seed=5)
+    assert mapped.vocab_size == 259 and "prepared" in mapped.describe()
+    n = memory.n_windows(TRAIN)
+    for index in (0, 3, n // 2 - 1, n // 2 + 1, 3 * n):  # into later epochs too
+        for split in (TRAIN, VAL):
+            a, b = memory.batch(split, index), mapped.batch(split, index)
+            assert torch.equal(a["input_ids"], b["input_ids"])
+            assert torch.equal(a["targets"], b["targets"])
+        # World size 2: the two ranks' shards are one process's batch of 4 rows.
+        halves = [mapped.batch(TRAIN, index, shard=s, n_shards=2) for s in range(2)]
+        assert torch.equal(torch.cat([h["input_ids"] for h in halves]),
+                           big.batch(TRAIN, index)["input_ids"])
+
+
+def _text_run(tmp_path, name, source: dict, **overrides):
+    return tiny_config(tmp_path / name, data__task=UNSET, data__seq_len=16, model__vocab_size=259,
+                       run__save_every=4, **{f"data__{k}": v for k, v in source.items()},
+                       **overrides)
+
+
+def test_training_on_prepared_data_matches_in_memory_and_resumes(corpus, tmp_path):
+    root, _ = corpus
+    prepare([str(root)], tmp_path / "prep", shard_tokens=500)
+    text, prepared = {"text": [str(root)]}, {"prepared": str(tmp_path / "prep")}
+    Trainer(_text_run(tmp_path, "memory", text, run__steps=8)).train()
+    Trainer(_text_run(tmp_path, "mapped", prepared, run__steps=8)).train()
+    expected = [r["loss"] for r in read_metrics(tmp_path / "memory")]
+    assert len(expected) == 8 and all(np.isfinite(expected))
+    assert [r["loss"] for r in read_metrics(tmp_path / "mapped")] == expected
+    # Stopped at step 4 and resumed from its checkpoint: the same batches, the same losses.
+    Trainer(_text_run(tmp_path, "part", prepared, run__steps=4)).train()
+    Trainer(_text_run(tmp_path, "part", prepared, run__steps=8), resume=True).train()
+    assert [r["loss"] for r in read_metrics(tmp_path / "part")] == expected
+
+
+def _with_bad_byte(tmp_path, monkeypatch):
+    """A file whose byte 21 is 0xFF, after a two-byte character cut by the read size."""
+    monkeypatch.setattr(documents, "READ_BYTES", 6)
+    data = b"abcde" + "é".encode() + b"0123456789abcd" + b"\xff" + b"tail\n"
+    assert data.index(b"\xff") == 21
+    path = tmp_path / "bad.txt"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_text_that_is_not_utf8_is_an_error_naming_file_and_offset(tmp_path, monkeypatch, capsys):
+    path, _ = _with_bad_byte(tmp_path, monkeypatch)
+    with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 at byte offset 21 \(bytes ff"):
+        build_data_source(DataConfig(text=[str(path)], seq_len=4), seed=0)
+    assert main(["prepare", str(path), "--out", str(tmp_path / "prep"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.txt: not UTF-8 at byte offset 21" in err and "Traceback" not in err
+    assert not any((tmp_path / "prep").glob("tokens-*"))  # nothing half-written left behind
+    # A sequence cut off by the end of the file: its first byte.
+    (tmp_path / "cut.txt").write_bytes(b"abc\xc3")
+    with pytest.raises(ConfigError, match="cut.txt: not UTF-8 at byte offset 3"):
+        build_data_source(DataConfig(text=[str(tmp_path / "cut.txt")], seq_len=4), seed=0)
+    with pytest.raises(ConfigError, match="data.encoding_errors='bogus' is invalid"):
+        DataConfig(encoding_errors="bogus")
+
+
+@pytest.mark.parametrize("policy", ["replace", "ignore"])
+def test_encoding_errors_policy_reads_bad_bytes(tmp_path, monkeypatch, policy):
+    path, data = _with_bad_byte(tmp_path, monkeypatch)
+    reference = byte_stream([data.decode("utf-8", errors=policy).encode()])
+    cfg = DataConfig(text=[str(path)], seq_len=4, batch_size=1, encoding_errors=policy,
+                     val_fraction=0.2)
+    src = build_data_source(cfg, seed=0)
+    n_train = len(reference) - int(len(reference) * 0.2)
+    np.testing.assert_array_equal(src.batch(VAL, 0)["input_ids"][0].numpy(),
+                                  reference[n_train:n_train + 4])
+    prepare([str(path)], tmp_path / "prep", encoding_errors=policy)
+    np.testing.assert_array_equal(shards_of(tmp_path / "prep"), reference)
+
+
+def _write_inputs(tmp_path, datasets, field="body"):
+    """DOCS as JSON lines, Parquet and a save_to_disk dataset, with an extra id column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": i, field: d} for i, d in enumerate(DOCS)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet", row_group_size=7)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    return {"jsonl": tmp_path / "docs.jsonl", "parquet": tmp_path / "docs.parquet",
+            "saved": tmp_path / "saved"}
+
+
+def test_jsonl_parquet_and_saved_dataset_inputs(tmp_path, offline_datasets):
+    inputs = _write_inputs(tmp_path, offline_datasets)
+    reference = byte_stream([d.encode() for d in DOCS])
+    for kind, path in inputs.items():
+        stats = prepare([str(path)], tmp_path / f"prep-{kind}", text_field="body")
+        assert stats.documents == len(DOCS), kind
+        np.testing.assert_array_equal(shards_of(tmp_path / f"prep-{kind}"), reference)
+    # A dataset for datasets.load_dataset (a local directory of JSON lines), streamed.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_bytes(inputs["jsonl"].read_bytes())
+    prepare([str(hub)], tmp_path / "prep-hf", fmt=InputFormat.HF, text_field="body")
+    np.testing.assert_array_equal(shards_of(tmp_path / "prep-hf"), reference)
+
+
+def test_wrong_text_field_is_a_clear_error(tmp_path, offline_datasets):
+    inputs = _write_inputs(tmp_path, offline_datasets)
+    expected = {"jsonl": r"line 1 has no field 'text' \(fields: id, body\)",
+                "parquet": r"no column 'text' \(columns: id, body\)",
+                "saved": r"no column 'text' \(columns: id, body\)"}
+    for kind, path in inputs.items():
+        with pytest.raises(ConfigError, match=expected[kind]):
+            prepare([str(path)], tmp_path / f"prep-{kind}")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_bytes(inputs["jsonl"].read_bytes())
+    with pytest.raises(ConfigError, match=r"data.hf_text_field='text'.*columns: id, body"):
+        build_data_source(DataConfig(hf_dataset=str(hub), seq_len=8), seed=0)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl: not UTF-8 at line 2, byte 25"):
+        prepare([str(tmp_path / "bad.jsonl")], tmp_path / "prep-bad")
+
+
+def _bpe_tokenizer_dir(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    bpe = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"],
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(DOCS, trainer)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>",
+                                              pad_token="<pad>", eos_token="<eos>")
+    hf.save_pretrained(tmp_path / "bpe")
+    return tmp_path / "bpe", hf
+
+
+def test_a_prepared_dir_of_another_tokenizer_is_refused(corpus, tmp_path):
+    root, _ = corpus
+    bpe_dir, hf = _bpe_tokenizer_dir(tmp_path)
+    prepare([str(root)], tmp_path / "prep-byte")
+    prepare([str(root)], tmp_path / "prep-bpe", str(bpe_dir))
+    ids = shards_of(tmp_path / "prep-bpe")
+    first = (root / "a.txt").read_text()
+    expected = hf.encode(first, add_special_tokens=False) + [hf.eos_token_id]
+    assert ids[:len(expected)].tolist() == expected
+    with pytest.raises(ConfigError, match=r"tokenised with 'byte'.*data.tokenizer=.*bpe"):
+        build_data_source(DataConfig(prepared=str(tmp_path / "prep-byte"),
+                                     tokenizer=str(bpe_dir)), seed=0)
+    with pytest.raises(ConfigError, match=r"tokenised with .*bpe.*data.tokenizer='byte'"):
+        build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe")), seed=0)
+    src = build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe"),
+                                       tokenizer=str(bpe_dir), seq_len=8), seed=0)
+    assert src.vocab_size == len(hf)
+
+
+def test_damaged_or_missing_prepared_data_is_refused(corpus, tmp_path):
+    root, _ = corpus
+    prepare([str(root)], tmp_path / "prep", shard_tokens=1000)
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        build_data_source(DataConfig(prepared=str(root)), seed=0)
+    shard = tmp_path / "prep" / "tokens-00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert verify_prepared(tmp_path / "prep") == ["tokens-00000.bin: sha256 differs from the "
+                                                  "manifest's"]
+    assert main(["prepare", "--verify", str(tmp_path / "prep")]) == 1
+    shard.write_bytes(bytes(raw[:-2]))
+    with pytest.raises(ConfigError, match="tokens-00000.bin' has 1998 bytes, the manifest says 2000"):
+        build_data_source(DataConfig(prepared=str(tmp_path / "prep")), seed=0)
+    with pytest.raises(ConfigError, match="already exists and is not an empty directory"):
+        prepare([str(root)], tmp_path / "prep")
+
+
+def test_cli_prepare_then_train(corpus, tmp_path, capsys):
+    root, reference = corpus
+    out = tmp_path / "prep"
+    assert main(["prepare", str(root), "--out", str(out), "--no-progress"]) == 0
+    assert f"{len(reference):,} tokens in 1 shard(s) from 3 documents" in capsys.readouterr().err
+    np.testing.assert_array_equal(shards_of(out), reference)
+    config = tmp_path / "run.toml"
+    config.write_text(TINY.read_text().replace('task = "parity"', f'prepared = "{out}"')
+                      .replace("seq_len = 32", "seq_len = 16"))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"),
+                 "--steps", "3", "--no-progress", "--eval-every", "3"]) == 0
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and np.isfinite(rows[-1]["val_loss"])
+
+
+class CountingTokenizer(ByteTokenizer):
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, text, add_bos=False, add_eos=False):
+        self.calls += 1
+        return super().encode(text, add_bos, add_eos)
+
+
+def test_streamed_dataset_resumes_from_its_saved_state(tmp_path, offline_datasets):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    cfg = DataConfig(hf_dataset=str(hub), seq_len=16, batch_size=2)
+    reference = torch.from_numpy(byte_stream([d.encode() for d in DOCS]))
+    n_val = 4
+
+    def windows(first, count):
+        return torch.stack([reference[16 * g: 16 * g + 17] for g in range(first, first + count)])
+
+    first = StreamingTextSource(cfg, CountingTokenizer(), 16, n_val)
+    for index in range(5):
+        first.batch(TRAIN, index)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint can hold
+    tok = CountingTokenizer()
+    resumed = StreamingTextSource(cfg, tok, 16, n_val)
+    calls_at_start = tok.calls
+    resumed.load_state_dict(state)
+    batch = resumed.batch(TRAIN, 5)
+    assert torch.equal(batch["input_ids"], windows(n_val + 10, 2)[:, :-1])
+    assert torch.equal(batch["targets"], windows(n_val + 10, 2)[:, 1:])
+    assert torch.equal(first.batch(TRAIN, 5)["input_ids"], batch["input_ids"])
+    # The stream continued where it stood: only the documents of batch 5 were tokenised,
+    # not the ~12 that precede it.
+    assert tok.calls - calls_at_start <= 2
+    # A state from another validation size is ignored (replayed instead), still exact.
+    other = StreamingTextSource(cfg, ByteTokenizer(), 16, n_val)
+    other.load_state_dict({**state, "n_val": 2})
+    assert torch.equal(other.batch(TRAIN, 5)["input_ids"], batch["input_ids"])
