@@ -174,21 +174,24 @@ class MythosConfig:
                  isinstance(self.act_threshold, (int, float)) and self.act_threshold > 0
                  and not math.isnan(self.act_threshold),
                  "a positive number (inf means: never halt early)")
-        _require("rope_theta", self.rope_theta,
-                 isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1, "> 1")
+        _require("rope_theta", self.rope_theta, _is_finite(self.rope_theta)
+                 and self.rope_theta > 1, "finite and > 1")
         _require("dropout", self.dropout, 0.0 <= self.dropout < 1.0, "in [0, 1)")
         for name in ("use_act", "clamp_loop_index"):
             _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "a boolean")
-        _require("norm_eps", self.norm_eps, self.norm_eps > 0, "> 0")
+        # Initialisation scales and numerical constants: a NaN or an infinity here makes
+        # every weight or activation non-finite from the first step.
+        _require("norm_eps", self.norm_eps, _is_finite(self.norm_eps) and self.norm_eps > 0,
+                 "finite and > 0")
         _require("router_bias_update_rate", self.router_bias_update_rate,
-                 self.router_bias_update_rate >= 0, ">= 0")
-        if self.init_std is not None:
-            _require("init_std", self.init_std,
-                     isinstance(self.init_std, (int, float)) and self.init_std > 0, "> 0 or None")
-        if self.embed_init_std is not None:
-            _require("embed_init_std", self.embed_init_std,
-                     isinstance(self.embed_init_std, (int, float)) and self.embed_init_std > 0,
-                     "> 0 or None")
+                 _is_finite(self.router_bias_update_rate) and self.router_bias_update_rate >= 0,
+                 "finite and >= 0")
+        _require("act_halt_bias_init", self.act_halt_bias_init,
+                 _is_finite(self.act_halt_bias_init), "a finite number")
+        for name in ("init_std", "embed_init_std"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(name, value, _is_finite(value) and value > 0, "finite and > 0, or None")
         if self.dense_ffn_dim is not None:
             _require("dense_ffn_dim", self.dense_ffn_dim, _is_positive_int(self.dense_ffn_dim),
                      "a positive integer or None")
@@ -260,6 +263,10 @@ def check_loops(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_positive_int(v: Any) -> bool:

@@ -43,6 +43,9 @@ class ConfigError(ValueError):
     """A configuration key is unknown, ill-typed or out of range; the message names it."""
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 class LoopMode(str, Enum):
     """How the number of recurrent loops is chosen for each training step."""
 
@@ -243,12 +246,20 @@ class OptimConfig:
     progressive_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0")
-        for name in ("weight_decay", "eps", "grad_clip", "ponder_weight", "aux_weight",
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        for name in ("lr", "eps"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be finite and > 0")
+        # AdamW's first update moves a weight by up to lr / (1 - beta1), in float32.
+        if self.lr / (1.0 - self.beta1) >= _FLOAT32_MAX:
+            raise ConfigError(f"optim.lr={self.lr} is too large: AdamW's first step "
+                              f"lr / (1 - beta1) overflows float32 ({_FLOAT32_MAX:.3g})")
+        for name in ("weight_decay", "grad_clip", "ponder_weight", "aux_weight",
                      "loop_loss_weight"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be finite and >= 0")
         if self.loop_loss_last is not None:
             _positive("optim.loop_loss_last", self.loop_loss_last)
         if self.loop_readout not in ("coda", "head"):
@@ -262,9 +273,6 @@ class OptimConfig:
         if not 0.0 <= self.progressive_weight < 1.0:
             raise ConfigError(
                 f"optim.progressive_weight={self.progressive_weight} must be in [0, 1)")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
         _positive("optim.grad_accum", self.grad_accum)
 
 
@@ -454,7 +462,13 @@ def load_config(
                 raw = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
+        except IsADirectoryError:
+            raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file"
+                              ) from None
+        except OSError as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: "
+                              f"{err.strerror or err}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
     for key, value in overrides:
         if value is not None:
