@@ -13,17 +13,30 @@ Two on-disk layouts hold a model (:class:`~open_mythos.OpenMythos` or the dense 
 
 :func:`load_model` reads both, for every kind of :mod:`open_mythos.registry`, without
 ``transformers``; :func:`load_checkpoint` is the same as a ``(model, cfg)`` pair.
+
+Verification: every training checkpoint holds ``manifest.json``, the size and SHA-256 of each
+of its files, written last (before the checkpoint directory is renamed into place). Reading
+checks the files it needs against it (:func:`verify_checkpoint`): a truncated or altered file
+is :class:`CheckpointCorrupt`. A run directory resolves to its newest *intact* checkpoint:
+``latest`` is followed only if it names a ``checkpoints/step_*`` directory of that run, and a
+damaged checkpoint is passed over with a warning (logger ``open_mythos.checkpoints``) naming
+the file, for the next older one. Checkpoints written before manifests existed are read
+without the checksums.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import MythosConfig
@@ -36,12 +49,22 @@ LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILES = (MODEL_FILE, MODEL_CONFIG_FILE)  # what loading the model alone reads
+_STEP_DIR = re.compile(r"step_\d+")
 
 # Hugging Face layout.
 HF_MODEL_TYPE = "openmythos"
 HF_PREFIX = "model."
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCorrupt(ValueError):
+    """A checkpoint file is missing, truncated, altered or unreadable; the message names it."""
 
 
 class CheckpointFormat(str, Enum):
@@ -72,44 +95,135 @@ class LoadedModel:
 # Locating -----------------------------------------------------------------------------------
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None.
-
-    Follows ``latest``; if it is missing or dangling, falls back to the highest
-    ``checkpoints/step_*`` directory (which exist only complete, by construction).
-    """
-    run_dir = Path(run_dir)
-    pointer = run_dir / LATEST
-    if pointer.is_file():
-        target = run_dir / pointer.read_text(encoding="utf-8").strip()
-        if (target / TRAINER_STATE_FILE).is_file():
-            return target
-    done = sorted(p for p in (run_dir / CHECKPOINT_DIR).glob("step_*") if p.is_dir())
-    return done[-1] if done else None
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A training checkpoint directory from either itself or a run directory (its latest one).
+def verify_checkpoint(ckpt_dir: str | Path, files: Iterable[str] | None = None) -> None:
+    """Check a training checkpoint's files against its manifest.
+
+    Args:
+        ckpt_dir: the checkpoint directory.
+        files: the files to check (they must be listed and match); None: every listed file.
+            A checkpoint without a manifest (older than manifests) only needs the files.
 
     Raises:
-        FileNotFoundError: no checkpoint there.
+        CheckpointCorrupt: naming the first file that is missing, of the wrong size or
+            checksum, or an unreadable manifest.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    manifest_path = ckpt_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        for name in files or (TRAINER_STATE_FILE, *MODEL_FILES):
+            if not (ckpt_dir / name).is_file():
+                raise CheckpointCorrupt(f"{ckpt_dir / name} is missing")
+        return
+    try:
+        listed = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointCorrupt(f"{manifest_path} is unreadable: {err}") from None
+    for name in listed if files is None else files:
+        path = ckpt_dir / name
+        if name not in listed:
+            raise CheckpointCorrupt(f"{path} is not listed in {manifest_path}")
+        if not path.is_file():
+            raise CheckpointCorrupt(f"{path} is missing")
+        size, want = path.stat().st_size, listed[name]
+        if size != want["size"]:
+            raise CheckpointCorrupt(f"{path} has {size} bytes, the manifest says {want['size']}")
+        if file_sha256(path) != want["sha256"]:
+            raise CheckpointCorrupt(f"{path} does not match its SHA-256 in the manifest "
+                                    "(the file was altered or damaged)")
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    """The checkpoint directories of a run, ``latest``'s target first, then newest first;
+    a ``latest`` that leads outside ``run_dir/checkpoints`` is ignored with a warning."""
+    root = run_dir / CHECKPOINT_DIR
+    found = sorted((p for p in root.glob("step_*") if p.is_dir() and _STEP_DIR.fullmatch(p.name)
+                    and p.resolve().parent == root.resolve()), reverse=True)
+    pointer = run_dir / LATEST
+    if not pointer.is_file():
+        return found
+    text = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    target = run_dir / text
+    if target.resolve().parent != root.resolve() or not _STEP_DIR.fullmatch(target.name):
+        log.warning("%s points to %r, outside %s; ignoring it", pointer, text, root)
+        return found
+    target = root / target.name
+    return [target] + [p for p in found if p != target] if target.is_dir() else found
+
+
+def newest_intact_checkpoint(run_dir: str | Path, files: Iterable[str] | None = None
+                             ) -> tuple[Path | None, list[str]]:
+    """``(checkpoint, problems)``: the first of ``latest``'s target and the
+    ``checkpoints/step_*`` directories (newest first) whose ``files`` pass
+    :func:`verify_checkpoint` (None if none does), and why each one before it failed."""
+    files = None if files is None else tuple(files)
+    problems: list[str] = []
+    for ckpt in _candidates(Path(run_dir)):
+        try:
+            verify_checkpoint(ckpt, files)
+        except CheckpointCorrupt as err:
+            problems.append(str(err))
+            continue
+        return ckpt, problems
+    return None, problems
+
+
+def latest_checkpoint(run_dir: str | Path, files: Iterable[str] | None = None) -> Path | None:
+    """The newest intact checkpoint of a run directory, or None.
+
+    Follows ``latest`` if it names a checkpoint of this run; a damaged checkpoint (see
+    :func:`verify_checkpoint`; ``files`` as there) is passed over with a warning that names
+    the file, for the next older one.
+    """
+    return _newest_with_warnings(Path(run_dir), files)[0]
+
+
+def _newest_with_warnings(run_dir: Path, files: Iterable[str] | None
+                          ) -> tuple[Path | None, list[str]]:
+    found, problems = newest_intact_checkpoint(run_dir, files)
+    for problem in problems:
+        log.warning("damaged checkpoint: %s; %s", problem,
+                    f"falling back to {found}" if found else "no intact checkpoint left")
+    return found, problems
+
+
+def resolve_checkpoint_dir(path: str | Path, files: Iterable[str] = MODEL_FILES) -> Path:
+    """A training checkpoint directory from either itself or a run directory (its newest
+    intact one), with ``files`` verified.
+
+    Raises:
+        FileNotFoundError: no checkpoint there, or none intact (the message says why).
+        CheckpointCorrupt: ``path`` is a checkpoint directory and one of ``files`` is damaged.
     """
     path = Path(path)
     if (path / MODEL_FILE).is_file():
+        verify_checkpoint(path, files)
         return path
-    found = latest_checkpoint(path)
+    found, problems = _newest_with_warnings(path, files)
     if found is None:
-        raise FileNotFoundError(f"no checkpoint in {str(path)!r} (expected {MODEL_FILE} or a run "
-                                f"directory with {CHECKPOINT_DIR}/step_*)")
+        why = f": every checkpoint is damaged ({'; '.join(problems)})" if problems else (
+            f" (expected {MODEL_FILE} or a run directory with {CHECKPOINT_DIR}/step_*)")
+        raise FileNotFoundError(f"no checkpoint in {str(path)!r}{why}")
     return found
 
 
-def detect_format(path: str | Path) -> tuple[CheckpointFormat, Path]:
-    """``(format, directory holding the weights)`` of a checkpoint, HF or run directory.
+def detect_format(path: str | Path, files: Iterable[str] = MODEL_FILES
+                  ) -> tuple[CheckpointFormat, Path]:
+    """``(format, directory holding the weights)`` of a checkpoint, HF or run directory;
+    a training checkpoint's ``files`` are verified (:func:`resolve_checkpoint_dir`).
 
     Raises:
         FileNotFoundError: nothing loadable there.
-        ValueError: ``config.json`` is not JSON, or describes another model type.
+        ValueError: ``config.json`` is not JSON, or describes another model type;
+            :class:`CheckpointCorrupt`: a damaged checkpoint directory.
     """
     path = Path(path).expanduser()
     config = path / MODEL_CONFIG_FILE
@@ -122,22 +236,29 @@ def detect_format(path: str | Path) -> tuple[CheckpointFormat, Path]:
             return CheckpointFormat.HF, path
         if "model_type" in data:
             raise ValueError(f"{config} describes a {data['model_type']!r} model, not OpenMythos")
-    return CheckpointFormat.TRAINING, resolve_checkpoint_dir(path)
+    return CheckpointFormat.TRAINING, resolve_checkpoint_dir(path, files)
 
 
 # Configuration ------------------------------------------------------------------------------
 
 
 def read_model_config(ckpt_dir: str | Path) -> MythosConfig:
-    """The configuration (of its kind) stored in a training checkpoint directory."""
-    text = (Path(ckpt_dir) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")
-    return config_from_dict(json.loads(text))
+    """The configuration (of its kind) stored in a training checkpoint directory.
+
+    Raises:
+        CheckpointCorrupt: ``config.json`` is not JSON or not a configuration.
+    """
+    path = Path(ckpt_dir) / MODEL_CONFIG_FILE
+    try:
+        return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
 
 
 def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
     """``(configuration, default n_loops or None)`` of a checkpoint, run or HF directory,
     without reading the weights."""
-    fmt, ckpt_dir = detect_format(path)
+    fmt, ckpt_dir = detect_format(path, files=(MODEL_CONFIG_FILE,))
     if fmt is CheckpointFormat.TRAINING:
         return read_model_config(ckpt_dir), None
     data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
@@ -163,11 +284,18 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
 
 def read_model_state(ckpt_dir: str | Path, device: str | torch.device = "cpu"
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, tied aliases)`` of a training checkpoint's ``model.safetensors``."""
+    """``(tensors, tied aliases)`` of a training checkpoint's ``model.safetensors``.
+
+    Raises:
+        CheckpointCorrupt: the file is not a readable safetensors file.
+    """
     path = str(Path(ckpt_dir) / MODEL_FILE)
-    with safe_open(path, framework="pt", device=str(device)) as fh:
-        tied = json.loads((fh.metadata() or {}).get("tied", "{}"))
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as fh:
+            tied = json.loads((fh.metadata() or {}).get("tied", "{}"))
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, json.JSONDecodeError) as err:
+        raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
     return state, tied
 
 
@@ -238,8 +366,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         dtype: optional floating dtype to cast the weights to.
 
     Raises:
-        FileNotFoundError: no checkpoint at ``path``.
-        ValueError: ``config.json`` describes another model type.
+        FileNotFoundError: no (intact) checkpoint at ``path``.
+        ValueError: ``config.json`` describes another model type;
+            :class:`CheckpointCorrupt`: the checkpoint named by ``path`` is damaged.
         KeyError: the weights do not match the stored configuration.
     """
     fmt, ckpt_dir = detect_format(path)
@@ -271,8 +400,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 
 
 __all__ = [
-    "CHECKPOINT_DIR", "HF_MODEL_TYPE", "LATEST", "MODEL_CONFIG_FILE", "MODEL_FILE",
-    "CheckpointFormat", "LoadedModel", "check_state_keys", "detect_format", "latest_checkpoint",
-    "load_checkpoint", "load_model", "load_state", "read_config", "read_hf_state",
+    "CHECKPOINT_DIR", "HF_MODEL_TYPE", "LATEST", "MANIFEST_FILE", "MODEL_CONFIG_FILE",
+    "MODEL_FILE", "MODEL_FILES", "CheckpointCorrupt", "CheckpointFormat", "LoadedModel",
+    "check_state_keys", "detect_format", "file_sha256", "latest_checkpoint", "load_checkpoint",
+    "load_model", "load_state", "newest_intact_checkpoint", "read_config", "read_hf_state",
     "read_model_config", "read_model_state", "resolve_checkpoint_dir", "tied_parameters",
+    "verify_checkpoint",
 ]

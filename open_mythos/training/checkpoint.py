@@ -11,11 +11,14 @@ Layout of a run directory::
         train_config.toml              the run's resolved TrainConfig
         optimizer.pt                   full optimizer state keyed by parameter name
         trainer_state.pt               step, data position, bad-step counters, RNG states
+        manifest.json                  size and SHA-256 of each file above
 
-Atomicity: a checkpoint is written into a hidden temporary directory, flushed to disk, and
-renamed to its final name; then ``latest`` is replaced by ``os.replace``. A process killed
-at any moment leaves either the previous checkpoint as ``latest`` or the new one, complete;
-stale temporaries are removed by the next save.
+Atomicity: a checkpoint is written into a hidden temporary directory, its manifest last,
+flushed to disk, and renamed to its final name; then ``latest`` is replaced by
+``os.replace``. A process killed at any moment leaves either the previous checkpoint as
+``latest`` or the new one, complete; stale temporaries are removed by the next save. Only
+finite weights are written (:class:`NonFiniteWeights` otherwise), so every checkpoint on
+disk holds numbers; the manifest lets readers detect a file damaged afterwards.
 
 Model and optimizer states are gathered to full tensors with
 ``torch.distributed.checkpoint.state_dict`` (works for plain, DDP and FSDP2 modules), so a
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -51,16 +55,21 @@ from torch.distributed.checkpoint.state_dict import (
 from ..checkpoints import (  # the reading side, shared with every other loader
     CHECKPOINT_DIR,
     LATEST,
+    MANIFEST_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
     TRAINER_STATE_FILE,
+    CheckpointCorrupt,
     check_state_keys,
+    file_sha256,
     latest_checkpoint,
     load_checkpoint,
+    newest_intact_checkpoint,
     read_model_config,
     read_model_state,
     resolve_checkpoint_dir,
     tied_parameters,
+    verify_checkpoint,
 )
 from ..config import MythosConfig
 
@@ -69,6 +78,10 @@ OPTIMIZER_FILE = "optimizer.pt"
 _TMP_PREFIX = ".tmp-"
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class NonFiniteWeights(ValueError):
+    """A checkpoint was asked to store NaN or infinite weights; the message names a tensor."""
 
 
 @dataclass
@@ -139,7 +152,16 @@ def save_checkpoint(run_dir: str | Path, ckpt: TrainingCheckpoint, tied: dict[st
 
     Returns:
         The final checkpoint directory.
+
+    Raises:
+        NonFiniteWeights: a floating tensor of ``ckpt.model_state`` holds NaN or inf
+            (nothing is written).
     """
+    bad = non_finite_tensors(ckpt.model_state)
+    if bad:
+        raise NonFiniteWeights(f"refusing to write a checkpoint of step {ckpt.step}: "
+                               f"{len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}"
+                               f"{', ...' if len(bad) > 3 else ''})")
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -154,6 +176,11 @@ def save_checkpoint(run_dir: str | Path, ckpt: TrainingCheckpoint, tied: dict[st
     torch.save({"step": ckpt.step, **ckpt.trainer_state}, tmp / TRAINER_STATE_FILE)
     for f in tmp.iterdir():
         _fsync(f)
+    files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in sorted(tmp.iterdir())}
+    _write_text(tmp / MANIFEST_FILE, json.dumps({"step": ckpt.step, "files": files}, indent=1)
+                + "\n")
+    _fsync(tmp / MANIFEST_FILE)
     _fsync(tmp)
 
     final = root / name
@@ -165,9 +192,20 @@ def save_checkpoint(run_dir: str | Path, ckpt: TrainingCheckpoint, tied: dict[st
     else:
         os.replace(tmp, final)
     _fsync(root)
-    _write_text_atomic(run_dir / LATEST, f"{CHECKPOINT_DIR}/{name}\n")
+    point_latest(run_dir, final)
     _prune(root, keep, final)
     return final
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors of ``state`` that hold a NaN or an infinity."""
+    return [name for name, t in state.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def point_latest(run_dir: str | Path, ckpt_dir: str | Path) -> None:
+    """Make ``run_dir/latest`` name ``ckpt_dir`` (a checkpoint of that run), atomically."""
+    _write_text_atomic(Path(run_dir) / LATEST, f"{CHECKPOINT_DIR}/{Path(ckpt_dir).name}\n")
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
@@ -213,26 +251,58 @@ def _fsync(path: Path) -> None:
 # Reading ------------------------------------------------------------------------------------
 
 
-def read_training_checkpoint(ckpt_dir: str | Path) -> TrainingCheckpoint:
-    """Everything a resumed run needs, from a checkpoint directory."""
+def read_training_checkpoint(ckpt_dir: str | Path, verify: bool = True) -> TrainingCheckpoint:
+    """Everything a resumed run needs, from a checkpoint directory.
+
+    Args:
+        ckpt_dir: the checkpoint directory.
+        verify: check every file against the manifest first (skip it only for a checkpoint
+            that :func:`latest_checkpoint` has just verified).
+
+    Raises:
+        CheckpointCorrupt: a file is damaged or unreadable (the message names it).
+    """
     ckpt_dir = Path(ckpt_dir)
+    if verify:
+        verify_checkpoint(ckpt_dir)
     state, _ = read_model_state(ckpt_dir)
-    trainer_state = torch.load(ckpt_dir / TRAINER_STATE_FILE, weights_only=True)
+    trainer_state = read_trainer_state(ckpt_dir)
+    try:
+        optimizer_state = torch.load(ckpt_dir / OPTIMIZER_FILE, weights_only=True)
+        train_config_toml = (ckpt_dir / TRAIN_CONFIG_FILE).read_text(encoding="utf-8")
+    except (RuntimeError, EOFError, UnicodeDecodeError, ValueError,
+            pickle.UnpicklingError) as err:
+        raise CheckpointCorrupt(f"{ckpt_dir}: {err}") from None
     return TrainingCheckpoint(
         step=int(trainer_state["step"]),
         model_state=state,
         model_config=read_model_config(ckpt_dir),
-        train_config_toml=(ckpt_dir / TRAIN_CONFIG_FILE).read_text(encoding="utf-8"),
-        optimizer_state=torch.load(ckpt_dir / OPTIMIZER_FILE, weights_only=True),
+        train_config_toml=train_config_toml,
+        optimizer_state=optimizer_state,
         trainer_state=trainer_state,
     )
 
 
+def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """``trainer_state.pt`` of a checkpoint: step, data position, counters, RNG states.
+
+    Raises:
+        CheckpointCorrupt: the file is unreadable.
+    """
+    path = Path(ckpt_dir) / TRAINER_STATE_FILE
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
+
+
 __all__ = [
-    "CHECKPOINT_DIR", "LATEST", "MODEL_CONFIG_FILE", "MODEL_FILE", "OPTIMIZER_FILE",
-    "TRAINER_STATE_FILE", "TRAIN_CONFIG_FILE", "TrainingCheckpoint", "gather_model_state",
-    "gather_optimizer_state", "latest_checkpoint", "load_checkpoint", "read_model_config",
-    "read_model_state", "read_training_checkpoint", "resolve_checkpoint_dir",
-    "restore_model_state", "restore_optimizer_state", "save_checkpoint", "tied_parameters",
-    "write_text_atomic",
+    "CHECKPOINT_DIR", "LATEST", "MANIFEST_FILE", "MODEL_CONFIG_FILE", "MODEL_FILE",
+    "OPTIMIZER_FILE", "TRAINER_STATE_FILE", "TRAIN_CONFIG_FILE", "CheckpointCorrupt",
+    "NonFiniteWeights", "TrainingCheckpoint", "gather_model_state", "gather_optimizer_state",
+    "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "non_finite_tensors",
+    "point_latest",
+    "read_model_config", "read_model_state", "read_trainer_state", "read_training_checkpoint",
+    "resolve_checkpoint_dir", "restore_model_state", "restore_optimizer_state",
+    "save_checkpoint", "tied_parameters", "verify_checkpoint", "write_text_atomic",
 ]
