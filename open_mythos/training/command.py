@@ -3,8 +3,16 @@
 Configuration precedence: dataclass defaults < ``--config FILE`` < the flags below <
 ``--set SECTION.KEY=VALUE`` (repeatable). Every flag is a shortcut for one dotted key.
 
-Exit status: 0 on success, 2 for an invalid configuration, 1 when training diverged
-(too many consecutive non-finite steps).
+Resume: without ``--resume`` the run is new, and an ``--out`` that already holds a run is an
+error; ``--resume`` continues from the newest intact checkpoint and is an error where there
+is none; ``--resume auto`` continues if there is a checkpoint, else starts from step 1 (for
+jobs that a scheduler restarts).
+
+Exit status: 0 on success; 1 when training diverged (see :mod:`.trainer`); 2 for an invalid
+configuration (a missing or unreadable ``--config`` included) or a run directory that does not
+fit (in use by another process, nothing to resume, already holding a run, model changed);
+3 for an OS-level failure writing the run directory (permission, a file in the way, disk
+full). Errors are one line on stderr, naming the key or the path.
 """
 
 from __future__ import annotations
@@ -70,8 +78,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "[schedule] [run] sections (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override any config key (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", nargs="?", const="require", default="never",
+                   choices=["require", "auto"], metavar="auto",
+                   help="continue the run in --out from its newest intact checkpoint (an error "
+                        "if it has none); '--resume auto': or start it from step 1 if it has none")
     for flag, key, kwargs in _FLAGS:
         kwargs = dict(kwargs)
         kwargs["help"] = f"{kwargs.get('help', '')} [{key}]".strip()
@@ -115,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         _error(f"openmythos train: training diverged: {err}")
         return 1
+    except OSError as err:  # RunDirError names the path; a bare OSError its filename
+        _error(f"openmythos train: error: {err}")
+        return 3
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {state.step} steps ({state.bad_steps} skipped), run directory "
               f"{cfg.run.out}", file=sys.stderr)

@@ -13,8 +13,16 @@ Data parallel (per-rank batch x world = global batch)::
 A step: pick the loop count (same on every rank, checked), run ``grad_accum`` micro-batches
 (forward, loss, backward; gradients synchronised on the last one), clip, and either apply
 the update (AdamW, then the MoE router-bias balancing step) or, if the loss or the gradient
-norm is not finite, skip it and count it. ``run.max_bad_steps`` skipped steps in a row stop
-the run with :class:`TrainingDiverged`.
+norm is not finite, skip it and count it.
+
+Honest failure: the run stops with :class:`TrainingDiverged` after ``run.max_bad_steps``
+skipped steps in a row, on a non-finite validation loss, on weights that are no longer
+finite (a checkpoint is never written from them), or when its last step was skipped (its
+final state is then not saved). No checkpoint is written while steps are being skipped, and
+the error names the newest checkpoint whose weights then gave a finite loss.
+
+The run directory is locked, checked against the resume mode and kept append-only by
+:mod:`.rundir`.
 
 Reproducibility: model init, data, loop counts and learning rate are functions of the seed
 and the step, and the checkpoint holds weights, optimizer, data position, counters and the
@@ -44,13 +52,17 @@ from ..config import MythosConfig
 from ..layers.norm import RMSNorm
 from ..registry import build_model, is_looped, kind_of
 from .checkpoint import (
-    TRAINER_STATE_FILE,
+    CHECKPOINT_DIR,
+    CheckpointCorrupt,
+    NonFiniteWeights,
     TrainingCheckpoint,
     gather_model_state,
     gather_optimizer_state,
-    latest_checkpoint,
+    newest_intact_checkpoint,
+    point_latest,
     read_model_config,
     read_model_state,
+    read_trainer_state,
     read_training_checkpoint,
     resolve_checkpoint_dir,
     restore_model_state,
@@ -63,7 +75,6 @@ from .config import ConfigError, ModelConfig, Parallel, Precision, TrainConfig, 
 from .data import TRAIN, VAL, DataSource, build_data_source
 from .distributed import (
     all_reduce,
-    barrier,
     broadcast_object,
     gather_objects,
     gradient_sync,
@@ -83,16 +94,25 @@ from .losses import (
     loop_weights,
     readout_depths,
 )
+from .rundir import (
+    METRICS_FILE,
+    REPLACED_METRICS_FILE,
+    Resume,
+    RunDirError,
+    RunLock,
+    os_errors,
+    replace_metrics_after,
+)
 from .schedule import LoopSchedule, LRSchedule, progressive_split
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
 
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient norm."""
+    """The run cannot go on honestly: too many consecutive non-finite steps, a non-finite
+    validation loss, non-finite weights, or a last step that was skipped."""
 
 
 @dataclass
@@ -170,19 +190,29 @@ class Trainer:
 
     Args:
         cfg: the configuration.
-        resume: continue from the latest checkpoint in ``cfg.run.out`` (start fresh if there
-            is none). Without it, a directory that already holds a run is an error.
+        resume: a :class:`~.rundir.Resume` mode (or its value): ``"never"`` (False) starts a
+            new run, and a ``cfg.run.out`` that already holds one is an error; ``"require"``
+            (True) continues from the newest intact checkpoint, and a directory without one
+            is an error; ``"auto"`` continues if there is a checkpoint, else starts the run
+            from step 1.
         loss_hook: ``(step, objective) -> objective`` applied to every micro-batch's loss
             before ``backward``; for fault-injection tests and debugging.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, loss_hook: LossHook | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool | str | Resume = False,
+                 loss_hook: LossHook | None = None):
         self.cfg = cfg
-        self.resume = resume
+        self.resume = Resume.of(resume)
         self.loss_hook = loss_hook
         self.out = Path(cfg.run.out)
         self.state = TrainState()
+        self.lock: RunLock | None = None
+        # The newest checkpoint written or restored; of those, the newest whose weights then
+        # gave a finite loss ("good"), and one whose weights gave a non-finite loss at once.
         self.last_checkpoint: Path | None = None
+        self.good_checkpoint: Path | None = None
+        self._unproven: Path | None = None
+        self._bad_checkpoint: Path | None = None
 
     # Setup ------------------------------------------------------------------------------------
 
@@ -190,8 +220,10 @@ class Trainer:
         """Train up to ``cfg.run.steps`` and return the final counters.
 
         Raises:
-            ConfigError: an invalid configuration or run directory.
-            TrainingDiverged: ``run.max_bad_steps`` non-finite steps in a row.
+            ConfigError: an invalid configuration or run directory (:class:`~.rundir.RunLocked`:
+                another process writes it).
+            RunDirError: an OS-level failure writing the run directory (names the path).
+            TrainingDiverged: see the module docstring.
         """
         self.ctx = setup(self.cfg.run.parallel, self.cfg.run.device)
         try:
@@ -201,6 +233,8 @@ class Trainer:
             finally:
                 self._close()
         finally:
+            if self.lock is not None:
+                self.lock.release()
             teardown(self.ctx)
         return self.state
 
@@ -247,7 +281,10 @@ class Trainer:
         if ckpt_dir is not None:
             self._restore(ckpt_dir)
 
-        self.metrics = open(self.out / METRICS_FILE, "a", buffering=1) if ctx.is_main else None
+        self.metrics = None
+        if ctx.is_main:
+            with os_errors("write", self.out / METRICS_FILE):
+                self.metrics = open(self.out / METRICS_FILE, "a", buffering=1)
         self.tb = self._tensorboard() if cfg.run.tensorboard and ctx.is_main else None
         self.bar = tqdm(total=cfg.run.steps, initial=self.state.step, unit="step", desc="train",
                         dynamic_ncols=True, file=sys.stderr,
@@ -261,36 +298,73 @@ class Trainer:
                   f"({cfg.run.parallel.value}, {cfg.run.precision.value})  out: {self.out}")
 
     def _prepare_run_dir(self) -> Path | None:
-        """Check the run directory (and, to resume, that the model is unchanged), then write
-        the resolved config; returns the checkpoint to resume from. Nothing is written when
-        a check fails."""
+        """Claim the run directory on rank 0 (:meth:`_claim_run_dir`); returns the checkpoint
+        to resume from on every rank, or raises rank 0's error on every rank."""
         error, ckpt = None, None
         if self.ctx.is_main:
-            metrics = self.out / METRICS_FILE
-            ckpt = latest_checkpoint(self.out) if self.out.exists() else None
-            if not self.resume and (ckpt is not None or metrics.exists()):
-                error = (f"{self.out} already holds a run; pass --resume to continue it or "
-                         "choose another --out")
-            elif ckpt is not None and read_model_config(ckpt) != self.model_cfg:
-                saved, now = read_model_config(ckpt).to_dict(), self.model_cfg.to_dict()
-                diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}"
-                                 for k in saved if saved[k] != now[k])
-                error = f"cannot resume {ckpt}: the model configuration changed ({diff})"
-            else:
-                self.out.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(self.out / CONFIG_FILE, to_toml(self.resolved))
-                if self.resume:
-                    _truncate_metrics(metrics, ckpt)
+            try:
+                ckpt = self._claim_run_dir()
+            except (ConfigError, RunDirError) as err:
+                error = err
         error, ckpt = broadcast_object((error, ckpt), self.ctx)
-        if error:
-            raise ConfigError(error)
+        if error is not None:
+            raise error
+        return ckpt
+
+    def _claim_run_dir(self) -> Path | None:
+        """Lock the run directory, check it against the resume mode (and, to resume, that the
+        model is unchanged), write the resolved config, and move any metrics rows after the
+        step the run continues from to ``metrics.replaced.jsonl``. Only the directory and its
+        lock file are created when a check fails."""
+        out = self.out
+        if self.resume is Resume.REQUIRE and not out.exists():
+            raise ConfigError(f"nothing to resume: {out} does not exist")
+        with os_errors("create the run directory", out):
+            out.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock.acquire(out)
+        if self.lock.fd is None:
+            self._log(f"warning: the filesystem of {out} does not support file locks; nothing "
+                      "stops a second run from writing to it")
+        elif self.lock.taken_over:
+            self._log(f"took over the run lock of {self.lock.taken_over}: that process is gone")
+        ckpt, problems = newest_intact_checkpoint(out)
+        for problem in problems:
+            self._log(f"warning: damaged checkpoint: {problem}; "
+                      + (f"falling back to {ckpt}" if ckpt else "no intact checkpoint left"))
+        metrics = out / METRICS_FILE
+        holds_run = ckpt is not None or problems or (metrics.is_file()
+                                                     and metrics.stat().st_size > 0)
+        if self.resume is Resume.NEVER and holds_run:
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it (or "
+                              "--resume auto) or choose another --out")
+        if problems and ckpt is None:
+            raise ConfigError(f"cannot resume {out}: every checkpoint is damaged "
+                              f"({'; '.join(problems)}); move {out / CHECKPOINT_DIR} away to "
+                              "start the run again")
+        if self.resume is Resume.REQUIRE and ckpt is None:
+            raise ConfigError(f"nothing to resume in {out}: it has no checkpoint yet; pass "
+                              "--resume auto to start it from step 1 (rows already in "
+                              f"{METRICS_FILE} move to {REPLACED_METRICS_FILE}) or choose "
+                              "another --out")
+        if ckpt is not None and read_model_config(ckpt) != self.model_cfg:
+            saved, now = read_model_config(ckpt).to_dict(), self.model_cfg.to_dict()
+            diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}"
+                             for k in saved if saved[k] != now[k])
+            raise ConfigError(f"cannot resume {ckpt}: the model configuration changed ({diff})")
+        step = 0 if ckpt is None else int(read_trainer_state(ckpt)["step"])
+        with os_errors("write to", out):
+            write_text_atomic(out / CONFIG_FILE, to_toml(self.resolved))
+            moved = replace_metrics_after(out, step)
+        if moved:
+            self._log(f"moved {moved} rows of {METRICS_FILE} logged after step {step} "
+                      f"(by a run that did not save them) to {REPLACED_METRICS_FILE}")
         return ckpt
 
     def _init_from(self, core: nn.Module, path: str) -> None:
         """Load the model weights of another run (``run.init_from``) into ``core``."""
         try:
             ckpt = resolve_checkpoint_dir(path)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, CheckpointCorrupt) as err:
             raise ConfigError(f"run.init_from: {err}") from None
         theirs, ours = kind_of(read_model_config(ckpt)), kind_of(self.model_cfg)
         if theirs is not ours:
@@ -310,7 +384,8 @@ class Trainer:
     def _restore(self, ckpt_dir: Path) -> None:
         ctx = self.ctx
         # Rank 0 reads the files; the states are broadcast (no shared filesystem needed).
-        ckpt = read_training_checkpoint(ckpt_dir) if ctx.is_main else None
+        # (_claim_run_dir has just verified every file against the manifest.)
+        ckpt = read_training_checkpoint(ckpt_dir, verify=False) if ctx.is_main else None
         from_rank0 = ctx.distributed
         restore_model_state(self.model, ckpt.model_state if ctx.is_main else {}, self.tied, from_rank0)
         restore_optimizer_state(self.model, self.optimizer,
@@ -325,7 +400,7 @@ class Trainer:
             set_rng_state(rngs[ctx.rank], ctx.device)
         else:  # resumed on another number of processes: reseed deterministically
             torch.manual_seed(self.cfg.run.seed * 1009 + self.state.step * 7919 + ctx.rank)
-        self.last_checkpoint = ckpt_dir
+        self.last_checkpoint = self._unproven = ckpt_dir
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}")
 
     def _tensorboard(self) -> Any:
@@ -334,13 +409,17 @@ class Trainer:
         except ImportError:
             raise ConfigError("run.tensorboard needs the 'tensorboard' package "
                               "(pip install 'open-mythos[tensorboard]')") from None
-        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.state.step + 1)
+        with os_errors("write", self.out / "tensorboard"):
+            return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.state.step + 1)
 
     def _close(self) -> None:
         for name in ("bar", "metrics", "tb"):
             obj = getattr(self, name, None)
             if obj is not None:
-                obj.close()
+                # Every metrics line is flushed as written: a close error (a full disk) has
+                # already been raised, and must not replace that message.
+                with contextlib.suppress(OSError):
+                    obj.close()
 
     def _log(self, msg: str) -> None:
         if self.ctx.is_main:
@@ -359,17 +438,57 @@ class Trainer:
         while self.state.step < cfg.run.steps:
             row = self._train_step()
             step = self.state.step
+            self._judge_checkpoint(row["skipped"])
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 row.update(self.evaluate())
             self._record(row)
-            if self.state.consecutive_bad >= cfg.run.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{self.state.consecutive_bad} consecutive steps (up to step {step}) had a "
-                    f"non-finite loss or gradient norm and were skipped; stopping. The last good "
-                    f"checkpoint is {self.last_checkpoint}. Try a lower optim.lr, a smaller "
-                    "optim.grad_clip, or fp32.")
+            self._check_health(row)
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:
-                self.save()
+                if not self.state.consecutive_bad:
+                    self.save()
+                elif step == cfg.run.steps:
+                    raise TrainingDiverged(self._diverged(
+                        f"the run ended on {self.state.consecutive_bad} skipped steps (non-finite "
+                        f"loss or gradient norm); its final state at step {step} was not saved"))
+                else:
+                    self._log(f"step {step}: no checkpoint: the last "
+                              f"{self.state.consecutive_bad} steps were skipped")
+
+    def _check_health(self, row: dict[str, Any]) -> None:
+        """Raise :class:`TrainingDiverged` after ``run.max_bad_steps`` skipped steps in a row
+        or on a non-finite validation loss."""
+        step, bad = row["step"], self.state.consecutive_bad
+        if bad >= self.cfg.run.max_bad_steps:
+            raise TrainingDiverged(self._diverged(
+                f"{bad} consecutive steps (up to step {step}) had a non-finite loss or "
+                "gradient norm and were skipped; stopping"))
+        if "val_loss" in row and not math.isfinite(row["val_loss"]):
+            raise TrainingDiverged(self._diverged(
+                f"the validation loss at step {step} is {row['val_loss']}"))
+
+    def _judge_checkpoint(self, skipped: bool) -> None:
+        """The step after a checkpoint tells whether its weights are good (a finite loss)."""
+        if self._unproven is not None:
+            if skipped:
+                self._bad_checkpoint = self._unproven
+            else:
+                self.good_checkpoint = self._unproven
+            self._unproven = None
+
+    def _diverged(self, what: str) -> str:
+        """``what``, the last good checkpoint, and advice; on rank 0, ``latest`` is pointed
+        back at that checkpoint if a newer one holds weights that gave a non-finite loss."""
+        good, bad = self.good_checkpoint, self._bad_checkpoint
+        if good is not None and not good.is_dir():
+            good = None  # pruned since (run.keep_checkpoints)
+        note = (f"The last good checkpoint is {good}" if good is not None else
+                "No checkpoint of this session is known to be good")
+        if bad is not None and (good is None or bad.name > good.name):
+            note += f"; {bad} holds the weights that first gave a non-finite loss"
+            if good is not None and self.ctx.is_main:
+                point_latest(self.out, good)
+                note += f" (`latest` now names {good.name})"
+        return (f"{what}. {note}. Try a lower optim.lr, a smaller optim.grad_clip, or fp32.")
 
     def _train_step(self) -> dict[str, Any]:
         """One optimiser step: fetch, forward/backward every micro-batch, clip, update or skip."""
@@ -580,7 +699,10 @@ class Trainer:
     def _record(self, row: dict[str, Any]) -> None:
         if not self.ctx.is_main:
             return
-        self.metrics.write(json.dumps(row) + "\n")
+        line = json.dumps({k: _finite_or_none(v) if isinstance(v, float) else v
+                           for k, v in row.items()})
+        with os_errors("write", self.out / METRICS_FILE):
+            self.metrics.write(line + "\n")
         step = row["step"]
         self.bar.update(1)
         if step % self.cfg.run.log_every == 0 or "val_loss" in row or row["skipped"]:
@@ -597,23 +719,39 @@ class Trainer:
                       f"{row['val_acc']:.3f}  ({row['val_loops']} loops)")
 
     def save(self) -> None:
-        """Write a checkpoint of the current state (collective: every rank calls it)."""
+        """Write a checkpoint of the current state (collective: every rank calls it).
+
+        Raises:
+            TrainingDiverged: the weights are not finite (nothing is written).
+            RunDirError: the checkpoint could not be written (a full disk...).
+        """
         ctx = self.ctx
         model_state = gather_model_state(self.model, self.tied)
         optimizer_state = gather_optimizer_state(self.model, self.optimizer)
         rngs = gather_objects(rng_state(ctx.device), ctx)
+        error: Exception | None = None
         if ctx.is_main:
             trainer_state = {**dataclasses.asdict(self.state), "rng": rngs,
                              "world_size": ctx.world_size}
             trainer_state.pop("step")
             ckpt = TrainingCheckpoint(self.state.step, model_state, self.model_cfg,
                                       to_toml(self.resolved), optimizer_state, trainer_state)
-            self.last_checkpoint = save_checkpoint(self.out, ckpt, self.tied,
-                                                   self.cfg.run.keep_checkpoints)
-        barrier(ctx)
+            try:
+                with os_errors("write a checkpoint to", self.out / CHECKPOINT_DIR):
+                    self.last_checkpoint = save_checkpoint(self.out, ckpt, self.tied,
+                                                           self.cfg.run.keep_checkpoints)
+            except NonFiniteWeights as err:
+                error = TrainingDiverged(self._diverged(f"the weights are no longer finite: {err}"))
+            except RunDirError as err:
+                error = err
+        # Rank 0's outcome on every rank (the others must not wait for a save that failed).
+        error = broadcast_object(error, ctx)
+        if error is not None:
+            raise error
+        self._unproven = self.last_checkpoint
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainState:
+def train(cfg: TrainConfig, resume: bool | str | Resume = False) -> TrainState:
     """Run :class:`Trainer` on ``cfg``."""
     return Trainer(cfg, resume=resume).train()
 
@@ -621,25 +759,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainState:
 def _finite_or_none(x: float) -> float | None:
     # metrics.jsonl stays strict JSON: a non-finite value is written as null.
     return x if math.isfinite(x) else None
-
-
-def _truncate_metrics(path: Path, ckpt: Path | None) -> None:
-    """Drop the rows of steps after the checkpoint a resumed run restarts from (a killed
-    run may have logged steps it never saved), and any torn last line."""
-    if not path.exists():
-        return
-    last = 0
-    if ckpt is not None:
-        last = int(torch.load(ckpt / TRAINER_STATE_FILE, weights_only=True)["step"])
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= last:
-            kept.append(line)
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def _compile_blocks(model: nn.Module, max_loops: int) -> None:

@@ -1,0 +1,401 @@
+"""Runs that never lose or misreport work (#14 items 1-3): a locked, append-only run
+directory; verified checkpoints with a fallback; honest exit statuses and one-line errors.
+
+Most cases go through the real command line (``open_mythos.cli.main``) on
+``configs/tiny.toml``; the concurrent-writer and dead-holder cases use a second process.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from open_mythos.checkpoints import (
+    CheckpointCorrupt,
+    file_sha256,
+    latest_checkpoint,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from open_mythos.cli import main
+from open_mythos.config import MythosConfig
+from open_mythos.training import ConfigError, OptimConfig, Trainer, TrainingDiverged
+from open_mythos.training import checkpoint as ckpt_mod
+from open_mythos.training import trainer as trainer_mod
+from open_mythos.training.data import TRAIN, build_data_source
+from open_mythos.training.rundir import RunLock
+
+from .conftest import REPO, TINY, cli_command, read_metrics, subprocess_env, tiny_config
+
+
+def train_cli(out, *args: str) -> int:
+    return main(["train", "--config", str(TINY), "--out", str(out), "--no-progress",
+                 "--eval-every", "0", *args])
+
+
+def one_line_error(capsys, code: int, *needles: str) -> str:
+    """The command's stderr: exactly one line, naming every needle, no traceback."""
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("openmythos train:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def ckpt_dir(run, step: int):
+    return run / "checkpoints" / f"step_{step:08d}"
+
+
+def flip_bytes(path, n: int = 64) -> None:
+    """Invert ``n`` bytes in the middle of a file (past a safetensors header: tensor data)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+# 1. The run directory protects itself ---------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = RunLock.acquire(run)  # another writer (flock is per open file)
+    try:
+        assert train_cli(run, "--steps", "2") == 2
+        one_line_error(capsys, 2, f"PID {os.getpid()}", socket.gethostname(), str(run))
+        assert not (run / "metrics.jsonl").exists() and not (run / "config.toml").exists()
+    finally:
+        holder.release()
+    assert train_cli(run, "--steps", "2") == 0  # released: the run goes ahead
+
+
+@pytest.mark.slow
+def test_concurrent_runs_on_one_out_and_a_dead_holders_lock(tmp_path, capsys):
+    """Two runs on one --out: the second is refused naming the first's PID and host, and
+    the first's metrics are untouched; after the first is killed with SIGKILL, its lock is
+    taken over."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(cli_command("--out", str(run), "--steps", "100000", "--eval-every",
+                                         "0", "--save-every", "0"),
+                             env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() or len(read_metrics(run)) < 3:
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert train_cli(run, "--steps", "5", "--resume") == 2
+        one_line_error(capsys, 2, f"PID {first.pid}", socket.gethostname(), "in use")
+        rows = read_metrics(run)
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # not truncated
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert json.loads((run / "run.lock").read_text())["pid"] == first.pid  # left behind
+    assert train_cli(run, "--steps", "3", "--resume", "auto") == 0
+    assert f"took over the run lock of PID {first.pid}" in capsys.readouterr().err
+    assert (run / "run.lock").read_text() == ""  # released cleanly
+
+
+def test_a_stale_lock_record_is_taken_over(tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "2026-01-01"}
+    (run / "run.lock").write_text(json.dumps(record))  # left by a process that died
+    Trainer(tiny_config(run, run__steps=2)).train()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_resume_with_nothing_to_resume_is_an_error_and_keeps_the_metrics(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "6", "--save-every", "0") == 0
+    shutil.rmtree(run / "checkpoints")  # or killed before its first save
+    (run / "latest").unlink()
+    before = (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert train_cli(run, "--steps", "8", "--resume") == 2
+    one_line_error(capsys, 2, "nothing to resume", str(run), "--resume auto")
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert not (run / "checkpoints").exists()
+    assert train_cli(tmp_path / "typo", "--steps", "8", "--resume") == 2
+    one_line_error(capsys, 2, "nothing to resume", "does not exist")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_resume_auto_starts_again_and_keeps_the_old_rows_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "5", "--save-every", "0") == 0
+    shutil.rmtree(run / "checkpoints")
+    before = (run / "metrics.jsonl").read_bytes()
+    assert train_cli(run, "--steps", "3", "--resume", "auto") == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert (run / "metrics.replaced.jsonl").read_bytes() == before  # nothing lost
+    # With a checkpoint, auto resumes it.
+    assert train_cli(run, "--steps", "4", "--resume", "auto") == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert "resumed from" in capsys.readouterr().err
+
+
+def test_resume_appends_after_the_checkpoint_and_moves_only_later_rows(tmp_path):
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "6", "--save-every", "4") == 0
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    # As if killed after logging step 6 but before saving it; and a torn last line.
+    shutil.rmtree(ckpt_dir(run, 6))
+    with open(run / "metrics.jsonl", "ab") as fh:
+        fh.write(b'{"step": 7, "lo')
+    assert train_cli(run, "--steps", "7", "--resume") == 0
+    now = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    assert now[:4] == lines[:4]  # rows up to the checkpoint, byte for byte
+    assert [json.loads(x)["step"] for x in now] == list(range(1, 8))
+    assert (run / "metrics.replaced.jsonl").read_bytes() == b"".join(lines[4:]) + b'{"step": 7, "lo\n'
+
+
+# 2. Verified checkpoints ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, run__steps=4, run__save_every=2, run__keep_checkpoints=0)).train()
+    return run
+
+
+def test_every_checkpoint_has_a_manifest_of_sizes_and_checksums(two_checkpoints):
+    ckpt = ckpt_dir(two_checkpoints, 4)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    names = {p.name for p in ckpt.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == names and manifest["step"] == 4
+    for name, entry in manifest["files"].items():
+        assert entry == {"size": (ckpt / name).stat().st_size,
+                         "sha256": file_sha256(ckpt / name)}
+    verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_loads(two_checkpoints, damage,
+                                                                         caplog):
+    run = two_checkpoints
+    weights = ckpt_dir(run, 4) / "model.safetensors"
+    if damage == "truncate":
+        with open(weights, "r+b") as fh:
+            fh.truncate(weights.stat().st_size // 2)
+    else:
+        flip_bytes(weights)
+    with pytest.raises(CheckpointCorrupt, match="model.safetensors"):
+        load_checkpoint(ckpt_dir(run, 4))  # named explicitly: no fallback
+    with caplog.at_level(logging.WARNING, logger="open_mythos.checkpoints"):
+        model, _ = load_checkpoint(run)
+    assert str(weights) in caplog.text and "step_00000002" in caplog.text
+    older, _ = load_checkpoint(ckpt_dir(run, 2))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  older.state_dict().values()))
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(two_checkpoints, capsys):
+    run = two_checkpoints
+    flip_bytes(ckpt_dir(run, 4) / "optimizer.pt")
+    assert train_cli(run, "--steps", "5", "--resume") == 0
+    err = capsys.readouterr().err
+    assert "optimizer.pt" in err and "resumed from" in err and "step_00000002 at step 2" in err
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_when_every_checkpoint_is_damaged_is_an_error(two_checkpoints, capsys):
+    run = two_checkpoints
+    for step in (2, 4):
+        flip_bytes(ckpt_dir(run, step) / "model.safetensors")
+    assert train_cli(run, "--steps", "6", "--resume", "auto") == 2
+    one_line_error(capsys, 2, "every checkpoint is damaged", "step_00000002")
+
+
+def test_latest_must_point_inside_the_run(tmp_path, caplog):
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(tiny_config(a, run__steps=2)).train()
+    Trainer(tiny_config(b, run__steps=3, run__seed=1)).train()
+    for pointer in ("../b/checkpoints/step_00000003", str(ckpt_dir(b, 3))):
+        (a / "latest").write_text(pointer + "\n")
+        with caplog.at_level(logging.WARNING, logger="open_mythos.checkpoints"):
+            assert latest_checkpoint(a) == ckpt_dir(a, 2)
+        assert "outside" in caplog.text and pointer in caplog.text
+        caplog.clear()
+
+
+def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", run__steps=2))
+    trainer.train()
+    with torch.no_grad():
+        trainer.core.embed.weight[3, 5] = float("nan")
+    trainer.state.step = 3
+    with pytest.raises(TrainingDiverged, match="embed.weight"):
+        trainer.save()
+    assert not ckpt_dir(tmp_path / "run", 3).exists()
+    assert latest_checkpoint(tmp_path / "run") == ckpt_dir(tmp_path / "run", 2)
+
+
+def test_the_last_good_checkpoint_named_after_divergence_gives_finite_logits(tmp_path, capsys):
+    """lr 1000: two finite steps, then every loss is NaN. The error names the checkpoint
+    whose weights then gave a finite loss (the next step's batch gives finite logits), and
+    ``latest`` points back at it; no checkpoint is written while steps are skipped."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "30", "--save-every", "1", "--lr", "1000") == 1
+    line = one_line_error(capsys, 1, "last good checkpoint is")
+    named = Path(re.search(r"last good checkpoint is (\S*step_\d{8})", line).group(1))
+    assert latest_checkpoint(run) == named
+    step = int(named.name.removeprefix("step_"))
+    rows = read_metrics(run)
+    assert rows[step]["step"] == step + 1 and not rows[step]["skipped"]
+    cfg = tiny_config(run)
+    batch = build_data_source(cfg.data, cfg.run.seed, 1).batch(TRAIN, step)  # step + 1's
+    model, _ = load_checkpoint(run)
+    with torch.no_grad():
+        assert torch.isfinite(model(batch["input_ids"], n_loops=cfg.schedule.n_loops)).all()
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    skipped = [r["step"] for r in rows if r["skipped"]]
+    assert saved and not {f"step_{s:08d}" for s in skipped} & set(saved)
+    for name in saved:
+        state = load_checkpoint(run / "checkpoints" / name)[0].state_dict()
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+# 3. Honest failure ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--lr", "inf"], "optim.lr"),
+    (["--lr", "1e308"], "optim.lr"),
+    (["--set", "optim.eps=0"], "optim.eps"),
+    (["--set", "optim.weight_decay=inf"], "optim.weight_decay"),
+    (["--set", "optim.grad_clip=inf"], "optim.grad_clip"),
+    (["--set", "model.init_std=inf"], "init_std"),
+    (["--set", "model.embed_init_std=inf"], "embed_init_std"),
+    (["--set", "model.norm_eps=inf"], "norm_eps"),
+])
+def test_non_finite_or_non_positive_hyperparameters_are_rejected(tmp_path, capsys, args, field):
+    assert train_cli(tmp_path / "run", "--steps", "8", *args) == 2
+    one_line_error(capsys, 2, field)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_config_classes_name_the_bad_field():
+    for kwargs, field in [(dict(lr=float("inf")), "optim.lr"), (dict(eps=0.0), "optim.eps"),
+                          (dict(grad_clip=float("nan")), "optim.grad_clip")]:
+        with pytest.raises(ConfigError, match=field):
+            OptimConfig(**kwargs)
+    for name in ("init_std", "embed_init_std", "norm_eps", "rope_theta"):
+        with pytest.raises(ValueError, match=f"MythosConfig.{name}=inf"):
+            MythosConfig(**{name: float("inf")})
+
+
+def test_a_run_that_ends_on_skipped_steps_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """Fewer than max_bad_steps skipped steps, but the last one among them: no final
+    checkpoint, exit status 1 (it used to print "done" and save)."""
+    real = trainer_mod.compute_loss
+    calls = {"n": 0}
+
+    def nan_after_two(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 2:
+            parts.objective = parts.objective * float("nan")
+        return parts
+
+    monkeypatch.setattr(trainer_mod, "compute_loss", nan_after_two)
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "6", "--save-every", "2") == 1
+    one_line_error(capsys, 1, "ended on 4 skipped steps", "not saved", "step_00000002")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+    assert [r["skipped"] for r in read_metrics(run)] == [False, False, True, True, True, True]
+
+
+def test_weights_that_are_no_longer_finite_fail_the_run(tmp_path):
+    cfg = tiny_config(tmp_path / "run", run__steps=1)
+    cfg.optim.lr = float("inf")  # past validation: a finite loss, then NaN weights
+    with pytest.raises(TrainingDiverged, match="no longer finite"):
+        Trainer(cfg).train()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_non_finite_validation_loss_fails_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer_mod, "cross_entropy_sum",  # used by evaluate() only here
+                        lambda logits, y: logits.sum() * float("inf"))
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "4", "--eval-every", "2") == 1
+    one_line_error(capsys, 1, "validation loss at step 2")
+    row = read_metrics(run)[1]
+    assert row["step"] == 2 and row["val_loss"] is None  # strict JSON
+    assert not (run / "checkpoints").exists()
+
+
+def _raise_on(path_part: str, err: int, real):
+    def fake(path, *args, **kwargs):
+        if path_part in str(path):
+            raise OSError(err, os.strerror(err), str(path))
+        return real(path, *args, **kwargs)
+    return fake
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file", "read_only"])
+def test_an_unusable_out_is_one_line_naming_it(tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "afile").write_text("x")
+    out = {"file": tmp_path / "afile", "under_a_file": tmp_path / "afile" / "run",
+           "read_only": tmp_path / "ro" / "run"}[case]
+    if case == "read_only":  # (root ignores chmod, so the filesystem's answer is simulated)
+        monkeypatch.setattr(os, "mkdir", _raise_on(str(tmp_path / "ro"), errno.EROFS, os.mkdir))
+    assert train_cli(out, "--steps", "2") == 3
+    one_line_error(capsys, 3, str(out.parent if case == "read_only" else out))
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
+        tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real = ckpt_mod.save_file
+
+    def full_disk(state, path, *args, **kwargs):
+        if "step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no filename, like write()
+        return real(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full_disk)
+    assert train_cli(run, "--steps", "4", "--save-every", "2") == 3
+    one_line_error(capsys, 3, "No space left on device", str(run / "checkpoints"))
+    assert latest_checkpoint(run) == ckpt_dir(run, 2)
+
+
+def test_a_full_disk_writing_the_config_names_the_run_directory(tmp_path, capsys, monkeypatch):
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(trainer_mod, "write_text_atomic", full_disk)
+    assert train_cli(tmp_path / "run", "--steps", "2") == 3
+    one_line_error(capsys, 3, "No space left on device", str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("case", ["directory", "missing", "unreadable", "binary"])
+def test_an_unusable_config_is_one_line_naming_it(tmp_path, capsys, monkeypatch, case):
+    from open_mythos.training import config as config_mod
+
+    path = {"directory": tmp_path, "missing": tmp_path / "nope.toml",
+            "unreadable": TINY, "binary": tmp_path / "bin.toml"}[case]
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\x00[model]\x00")
+    if case == "unreadable":
+        monkeypatch.setattr(config_mod, "open", _raise_on(str(TINY), errno.EACCES, open),
+                            raising=False)
+    code = main(["train", "--config", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    one_line_error(capsys, 2, str(path))
