@@ -8,6 +8,7 @@ bytes, then EOS 258), not by the code under test.
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from open_mythos.tokenizers import ByteTokenizer
 from open_mythos.training import ConfigError, DataConfig, Trainer, documents
 from open_mythos.training.config import UNSET
 from open_mythos.training.data import TRAIN, VAL, StreamingTextSource, build_data_source
+from open_mythos.training.distributed import free_port
 from open_mythos.training.documents import InputFormat, split_pieces
 from open_mythos.training.prepare import (
     ShardedTokens,
@@ -27,7 +29,7 @@ from open_mythos.training.prepare import (
     verify_prepared,
 )
 
-from .conftest import TINY, read_metrics, tiny_config
+from .conftest import TINY, read_metrics, run_checked, tiny_config
 
 EOS = ByteTokenizer().eos_token_id
 DOCS = [f"document {i}: " + "café ✓ " * (i % 5) + "x" * (7 * i % 23) + "\nend" for i in range(40)]
@@ -345,3 +347,25 @@ def test_streamed_dataset_resumes_from_its_saved_state(tmp_path, offline_dataset
     other = StreamingTextSource(cfg, ByteTokenizer(), 16, n_val)
     other.load_state_dict({**state, "n_val": 2})
     assert torch.equal(other.batch(TRAIN, 5)["input_ids"], batch["input_ids"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_on_prepared_data_match_one_process(corpus, tmp_path):
+    """torchrun, 2 gloo ranks x batch 2 on the shards == one process x batch 4."""
+    root, _ = corpus
+    prepare([str(root)], tmp_path / "prep", shard_tokens=500)
+    config = tmp_path / "run.toml"
+    config.write_text(TINY.read_text().replace('task = "parity"', f'prepared = "{tmp_path}/prep"')
+                      .replace("seq_len = 32", "seq_len = 16"))
+    args = ["--config", str(config), "--no-progress", "--steps", "4", "--eval-every", "4",
+            "--set", "optim.aux_weight=0"]  # the balance loss is per process
+    run_checked([sys.executable, "-m", "open_mythos", "train", *args, "--batch-size", "4",
+                 "--out", str(tmp_path / "one")])
+    run_checked([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                 "-m", "open_mythos", "train", *args, "--batch-size", "2", "--parallel", "ddp",
+                 "--out", str(tmp_path / "two")], timeout=300)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-5)
