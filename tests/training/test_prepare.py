@@ -7,6 +7,7 @@ bytes, then EOS 258), not by the code under test.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -331,7 +332,10 @@ def test_streamed_dataset_resumes_from_its_saved_state(tmp_path, offline_dataset
     first = StreamingTextSource(cfg, CountingTokenizer(), 16, n_val)
     for index in range(5):
         first.batch(TRAIN, index)
-    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint can hold
+    # Through torch.save / torch.load(weights_only=True), as trainer_state.pt holds it.
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     tok = CountingTokenizer()
     resumed = StreamingTextSource(cfg, tok, 16, n_val)
     calls_at_start = tok.calls
