@@ -486,8 +486,11 @@ class Trainer:
         if bad is not None and (good is None or bad.name > good.name):
             note += f"; {bad} holds the weights that first gave a non-finite loss"
             if good is not None and self.ctx.is_main:
-                point_latest(self.out, good)
-                note += f" (`latest` now names {good.name})"
+                try:
+                    point_latest(self.out, good)
+                    note += f" (`latest` now names {good.name})"
+                except OSError as err:
+                    note += f" (`latest` still names it: {err.strerror or err})"
         return (f"{what}. {note}. Try a lower optim.lr, a smaller optim.grad_clip, or fp32.")
 
     def _train_step(self) -> dict[str, Any]:
