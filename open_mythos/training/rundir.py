@@ -1,5 +1,6 @@
-"""The run directory's own safety: one writer at a time, an append-only metrics log, and
-OS errors reported as one line that names the path.
+"""The run directory's own safety: one writer at a time, explicit resume modes
+(:class:`Resume`), an append-only metrics log, and OS errors reported as one line that
+names the path (:class:`RunDirError`).
 
 Lock: ``DIR/run.lock`` is held with ``flock(2)`` (exclusive, non-blocking) by the process
 that writes the run (rank 0), from before its first check of the directory until it exits.
