@@ -15,7 +15,8 @@ or (``--format hf``) a dataset name for ``datasets.load_dataset``, streamed. The
 the output directory: :mod:`open_mythos.training.prepare` and ``docs/training.md``.
 
 Exit status: 0 on success; 1 when ``--verify`` finds a damaged shard; 2 for invalid
-arguments or input (text that is not UTF-8 names the file and byte offset).
+arguments or input (text that is not UTF-8 names the file and byte offset); 3 when writing
+``--out`` fails (permission, a full disk).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"openmythos prepare: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing --out: permission, a full disk (the message names the file)
+        print(f"openmythos prepare: error: {err}", file=sys.stderr)
+        return 3
     seconds = time.perf_counter() - t0
     print(f"wrote {args.out}: {stats.tokens:,} tokens in {stats.shards} shard(s) from "
           f"{stats.documents:,} documents ({stats.chars / 1e6:.1f}M characters, "

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
+from .config import ENCODING_ERRORS, ConfigError
 from .documents import InputFormat, iter_documents, resolve_inputs, split_pieces
 
 MANIFEST = "manifest.json"
@@ -124,13 +124,17 @@ def prepare(inputs: Iterable[str], out: str | Path, tokenizer_spec: str = "byte"
         encoding_errors: ``"strict"``, ``"replace"`` or ``"ignore"`` for bytes that are not UTF-8.
         hf_config, hf_split: for datasets (``load_dataset`` or a saved ``DatasetDict``).
         shard_tokens: tokens per shard file.
-        progress: called with the bytes (or characters, for datasets) read so far.
+        progress: called with the number of characters of text read so far.
 
     Raises:
         ConfigError: unreadable or malformed input, an unknown tokenizer, a non-empty ``out``.
+        OSError: writing ``out`` failed (a full disk...); the shards written are removed.
     """
     if shard_tokens <= 0:
         raise ConfigError(f"shard_tokens={shard_tokens} must be > 0")
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ConfigError(f"encoding_errors={encoding_errors!r} is invalid: use "
+                          f"{', '.join(map(repr, ENCODING_ERRORS))}")
     resolved = resolve_inputs(inputs, fmt)
     tokenizer = load_data_tokenizer(tokenizer_spec)
     out = Path(out)

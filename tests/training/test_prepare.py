@@ -373,3 +373,36 @@ def test_two_ranks_on_prepared_data_match_one_process(corpus, tmp_path):
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-5)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_shards(corpus, tmp_path, monkeypatch, capsys):
+    from open_mythos.training import prepare as prepare_mod
+
+    root, _ = corpus
+    monkeypatch.setattr(prepare_mod, "_WRITE_TOKENS", 100)
+    real_open, opened = open, []
+
+    class FullDisk:
+        def __init__(self, path):
+            self.path = path
+
+        def write(self, raw):
+            raise OSError(28, "No space left on device", str(self.path))
+
+        def close(self):
+            pass
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if mode == "wb" and str(path).endswith(".bin"):
+            opened.append(path)
+            if len(opened) == 2:  # the first shard is written, the second fails
+                return FullDisk(path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    code = main(["prepare", str(root), "--out", str(tmp_path / "prep"), "--shard-tokens", "500",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 3 and "No space left on device" in err and "tokens-00001.bin" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert len(opened) == 2 and not any((tmp_path / "prep").iterdir())
