@@ -406,3 +406,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_shards(corpus, tmp_path, monkeypa
     assert code == 3 and "No space left on device" in err and "tokens-00001.bin" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert len(opened) == 2 and not any((tmp_path / "prep").iterdir())
+
+
+def test_start_up_maps_the_shards_without_reading_them(corpus, tmp_path):
+    """A 16 GB shard (sparse: it costs no disk) opens and serves batches in well under the
+    time a read of it would take: nothing is read but the batches' windows."""
+    import time
+
+    root, _ = corpus
+    prepare([str(root)], tmp_path / "prep")
+    manifest_path = tmp_path / "prep" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    n = 8 << 30  # uint16 tokens: 16 GB
+    with open(tmp_path / "prep" / "huge.bin", "wb") as fh:
+        fh.truncate(2 * n)
+    manifest["shards"].append({"file": "huge.bin", "tokens": n, "sha256": "not checked"})
+    manifest["tokens"] += n
+    manifest_path.write_text(json.dumps(manifest))
+    t0 = time.perf_counter()
+    src = build_data_source(DataConfig(prepared=str(tmp_path / "prep"), seq_len=4096,
+                                       batch_size=2), seed=0)
+    batch = src.batch(TRAIN, 123)
+    val = src.batch(VAL, 0)
+    assert time.perf_counter() - t0 < 2.0
+    assert src.n_windows(TRAIN) == (manifest["tokens"] - int(manifest["tokens"] * 0.05) - 1) // 4096
+    assert batch["input_ids"].shape == (2, 4096) and not val["input_ids"].any()  # sparse: zeros
