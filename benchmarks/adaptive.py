@@ -1,11 +1,15 @@
-"""Training-free exit rules on trained models: loops saved against accuracy and loss.
+"""Adaptive inference on trained models: exit rules and self-speculative decoding.
 
-For a task run (the demo's looped model) it decodes greedy answers to held-out examples at
-``--loops`` loops under each rule; for a text run, it measures the validation loss of full
-forwards and the speed of cached greedy decoding. Every rule is compared with no rule and
-with fixed smaller depths, in the same run::
+Exit rules: for a task run (the demo's looped model) greedy answers to held-out examples
+at ``--loops`` loops under each rule; for a text run, the validation loss of full forwards
+and the speed of cached greedy decoding. Every rule is compared with no rule and with fixed
+smaller depths, in the same run.
 
-    python benchmarks/exits.py --task-run demo_out/looped/chain --text-run runs/text_depth \\
+Self-speculative decoding (text run): greedy decoding at ``--loops`` loops, plain against
+drafts of 1 or 2 loops verified at full depth, tokens/s in the same run, the acceptance
+rate, and whether the tokens are identical::
+
+    python benchmarks/adaptive.py --task-run demo_out/looped/chain --text-run runs/text_depth \\
         --loops 8 --plot docs/figures/exits.png
 
 Columns:
@@ -38,7 +42,7 @@ from open_mythos.evaluation.sweep import (  # noqa: E402
     perplexity,
     sample_examples,
 )
-from open_mythos.inference import generate  # noqa: E402
+from open_mythos.inference import SpeculativeStats, generate, speculative_generate  # noqa: E402
 from open_mythos.tasks import score  # noqa: E402
 
 RULES: list[tuple[str, ExitRule | None]] = [
@@ -133,6 +137,52 @@ def text_table(run: str, n_loops: int, n_prompts: int, prompt_len: int,
     return rows
 
 
+def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len: int,
+                      new_tokens: int, repeats: int = 3) -> list[dict]:
+    """Plain greedy decoding against self-speculative greedy decoding, best of
+    ``repeats`` wall times each, on prompts from the run's validation text."""
+    model = load_model(run).model.eval()
+    prompts_all = torch.cat([b["input_ids"] for b in run_val_batches(run)])[:, :prompt_len]
+    if prompt_len + new_tokens > model.cfg.max_seq_len:
+        raise SystemExit(f"--prompt-len {prompt_len} + --speculative-tokens {new_tokens} "
+                         f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    rows = []
+    for batch in batch_sizes:
+        prompts = prompts_all[:batch]
+        with torch.no_grad():
+            reference = generate(model, prompts, new_tokens, n_loops, do_sample=False)
+        plain = min(_timed(generate, model, prompts, new_tokens, n_loops, do_sample=False)
+                    for _ in range(repeats))
+        rows.append(dict(batch=batch, method="plain greedy", seconds=plain, ratio=1.0,
+                         acceptance=None, per_cycle=1.0, same=1.0))
+        for draft_loops in (1, 2):
+            for draft_tokens in (2, 4, 6):
+                stats = SpeculativeStats()
+                seconds = []
+                for _ in range(repeats):
+                    stats = SpeculativeStats()
+                    seconds.append(_timed(speculative_generate, model, prompts, new_tokens,
+                                          n_loops, draft_loops=draft_loops,
+                                          draft_tokens=draft_tokens, stats=stats))
+                with torch.no_grad():
+                    out = speculative_generate(model, prompts, new_tokens, n_loops,
+                                               draft_loops=draft_loops,
+                                               draft_tokens=draft_tokens)
+                rows.append(dict(batch=batch, method=f"draft {draft_loops} loop(s) x {draft_tokens}",
+                                 seconds=min(seconds), ratio=plain / min(seconds),
+                                 acceptance=stats.acceptance_rate,
+                                 per_cycle=stats.tokens_per_cycle,
+                                 same=float((out == reference).float().mean())))
+    return rows
+
+
+def _timed(fn, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
 def plot(task_rows, text_rows, path: str, n_loops: int) -> None:
     import matplotlib
 
@@ -174,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=16, help="text decoding prompts")
     p.add_argument("--prompt-len", type=int, default=32, help="text prompt length")
     p.add_argument("--new-tokens", type=int, default=32, help="text tokens to decode")
+    p.add_argument("--speculative-batch", type=int, nargs="+", default=[1, 8],
+                   help="batch sizes of the speculative decoding table (default 1 8)")
+    p.add_argument("--speculative-tokens", type=int, default=64,
+                   help="tokens decoded in the speculative table (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PNG", help="write the Pareto plot here")
     args = p.parse_args(argv)
@@ -207,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['computed']:.0%}", f"{r['same_tokens']:.0%}",
                       f"{r['seconds']:.2f}", f"{r['seconds'] / base['seconds']:.2f}"]
                      for r in text_rows])
+        spec = speculative_table(args.text_run, args.loops, args.speculative_batch,
+                                 args.prompt_len, args.speculative_tokens)
+        print(f"\n## Text run {args.text_run}: self-speculative greedy decoding of "
+              f"{args.speculative_tokens} tokens at {args.loops} loops (best of 3)\n")
+        print_table(["batch", "method", "s", "speedup", "acceptance", "tokens/verify",
+                     "same tokens"],
+                    [[r["batch"], r["method"], f"{r['seconds']:.2f}", f"{r['ratio']:.2f}x",
+                      "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}",
+                      f"{r['per_cycle']:.2f}", f"{r['same']:.0%}"] for r in spec])
     if args.plot:
         plot(task_rows, text_rows, args.plot, args.loops)
     return 0

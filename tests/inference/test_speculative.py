@@ -1,0 +1,116 @@
+"""Self-speculative decoding: greedy output equals plain greedy decoding (GQA, MLA, batched,
+left-padded, with stop tokens); sampled tokens follow the full-depth model's distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from open_mythos import ExitRule, OpenMythos
+from open_mythos.inference import generate
+from open_mythos.inference.speculative import (
+    SpeculativeStats,
+    speculative_generate,
+    speculative_stream,
+)
+from tests.conftest import tiny_config
+
+N_LOOPS = 6
+
+
+def deep_model(attn_type: str, lora_std: float = 1.0, **overrides) -> OpenMythos:
+    """A float64 tiny model whose loops change its predictions (non-zero LoRA)."""
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(attn_type, max_loop_iters=N_LOOPS, use_act=False,
+                                   **overrides))
+    torch.nn.init.normal_(model.recurrent.lora.B, std=lora_std)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("draft_loops,draft_tokens", [(1, 3), (3, 5), (N_LOOPS, 2)])
+def test_greedy_equals_plain_greedy(attn_type, draft_loops, draft_tokens):
+    model = deep_model(attn_type)
+    ids = torch.randint(0, 97, (1, 7))
+    want = generate(model, ids, 20, N_LOOPS, do_sample=False)
+    stats = SpeculativeStats()
+    got = speculative_generate(model, ids, 20, N_LOOPS, draft_loops=draft_loops,
+                               draft_tokens=draft_tokens, stats=stats)
+    assert torch.equal(got, want)
+    assert stats.tokens == 20 and stats.cycles < 20
+    if draft_loops == N_LOOPS:  # the draft is the verifier: every draft is accepted
+        assert stats.acceptance_rate == 1.0
+    else:
+        assert 0.0 < stats.acceptance_rate < 1.0
+
+
+def test_greedy_equals_plain_greedy_batched_padded_with_stop_tokens(attn_type):
+    model = deep_model(attn_type)
+    ids = torch.randint(0, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :2] = 0
+    plain = generate(model, ids, 16, N_LOOPS, do_sample=False, attention_mask=mask)
+    # A stop token that some rows emit early: the one row 0 emits third.
+    eos = int(plain[0, 9 + 2])
+    want = generate(model, ids, 16, N_LOOPS, do_sample=False, attention_mask=mask,
+                    eos_token_id=eos, pad_token_id=0)
+    got = speculative_generate(model, ids, 16, N_LOOPS, draft_loops=2, draft_tokens=4,
+                               attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_draft_with_an_exit_rule(attn_type):
+    model = deep_model(attn_type)
+    ids = torch.randint(0, 97, (2, 5))
+    want = generate(model, ids, 12, N_LOOPS, do_sample=False)
+    stats = SpeculativeStats()
+    got = speculative_generate(model, ids, 12, N_LOOPS, draft_loops=None,
+                               draft_exit_rule=ExitRule(rel_change=0.3, min_loops=2),
+                               stats=stats)
+    assert torch.equal(got, want)
+    assert stats.drafted > 0
+
+
+def exact_two_token_marginal(model: OpenMythos, prompt: torch.Tensor, temperature: float):
+    """P(second generated token), float64, from full-depth forwards: sum over the first."""
+    with torch.no_grad():
+        p1 = torch.softmax(model(prompt, N_LOOPS)[0, -1] / temperature, -1)  # (V,)
+        V = p1.shape[0]
+        seqs = torch.cat([prompt.expand(V, -1), torch.arange(V).unsqueeze(1)], dim=1)
+        p2 = torch.softmax(model(seqs, N_LOOPS)[:, -1] / temperature, -1)  # (V, V)
+    return p1, p1 @ p2
+
+
+def test_sampling_follows_the_full_depth_distribution():
+    model = deep_model("gqa", vocab_size=11)
+    with torch.no_grad():
+        model.norm.weight.mul_(10)  # sharper distributions, different at 1 and 6 loops
+    prompt = torch.randint(0, 11, (1, 5))
+    temperature = 1.0
+    p1, p2 = exact_two_token_marginal(model, prompt, temperature)
+    with torch.no_grad():
+        q1 = torch.softmax(model(prompt, 1)[0, -1] / temperature, -1)
+    n = 4000
+    gen = torch.Generator().manual_seed(0)
+    stats = SpeculativeStats()
+    out = speculative_generate(model, prompt.expand(n, -1), 2, N_LOOPS, draft_loops=1,
+                               draft_tokens=2, do_sample=True, temperature=temperature,
+                               top_k=None, generator=gen, stats=stats)
+    emp1 = torch.bincount(out[:, 5], minlength=11).double() / n
+    emp2 = torch.bincount(out[:, 6], minlength=11).double() / n
+    tv = lambda a, b: float((a - b).abs().sum() / 2)  # noqa: E731
+    # The draft's own distribution is far from the target's; the output is not.
+    assert tv(q1, p1) > 0.2
+    assert tv(emp1, p1) < 0.04 and tv(emp2, p2) < 0.05
+    assert 0.0 < stats.acceptance_rate < 1.0
+
+
+def test_arguments_are_checked():
+    model = deep_model("gqa")
+    ids = torch.randint(0, 97, (1, 4))
+    for bad in (dict(draft_tokens=0), dict(draft_loops=0), dict(draft_loops=None)):
+        with pytest.raises(ValueError, match="draft"):
+            list(speculative_stream(model, ids, 4, N_LOOPS, **bad))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        list(speculative_stream(model, ids, 100, N_LOOPS))
+    assert torch.equal(speculative_generate(model, ids, 0, N_LOOPS), ids)
