@@ -431,3 +431,27 @@ def test_start_up_maps_the_shards_without_reading_them(corpus, tmp_path):
     assert time.perf_counter() - t0 < 2.0
     assert src.n_windows(TRAIN) == (manifest["tokens"] - int(manifest["tokens"] * 0.05) - 1) // 4096
     assert batch["input_ids"].shape == (2, 4096) and not val["input_ids"].any()  # sparse: zeros
+
+
+@pytest.mark.xfail(strict=True, reason="needs the trainer hook: save() stores "
+                   "self.data.state_dict() in trainer_state['data'] and _restore() calls "
+                   "self.data.load_state_dict(trainer_state.get('data') or {})")
+def test_a_resumed_run_continues_the_stream_from_the_checkpoint(tmp_path, offline_datasets,
+                                                                monkeypatch):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 10))
+
+    def config(name, steps):
+        return _text_run(tmp_path, name, {"hf_dataset": str(hub)}, run__steps=steps)
+
+    Trainer(config("full", 8)).train()
+    Trainer(config("part", 4)).train()
+    loaded = []
+    restore = StreamingTextSource.load_state_dict
+    monkeypatch.setattr(StreamingTextSource, "load_state_dict",
+                        lambda self, state: (loaded.append(state), restore(self, state)))
+    Trainer(config("part", 8), resume=True).train()
+    assert loaded and loaded[0]["windows"] > 0  # the stream's own position, not a replay
+    assert ([r["loss"] for r in read_metrics(tmp_path / "part")]
+            == [r["loss"] for r in read_metrics(tmp_path / "full")])
