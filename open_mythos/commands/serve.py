@@ -1,4 +1,5 @@
-"""``openmythos serve``: an OpenAI-compatible completions server for one checkpoint.
+"""``openmythos serve``: an OpenAI-compatible completions and chat server for one
+checkpoint, continuously batched.
 
 ::
 
@@ -6,8 +7,9 @@
     curl localhost:8000/v1/completions -H 'content-type: application/json' \\
         -d '{"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0.8}'
 
-Endpoints and request fields: :mod:`open_mythos.integrations.server`. Needs the ``serve``
-extra (``pip install 'open-mythos[serve]'``: FastAPI and uvicorn).
+Endpoints and request fields: :mod:`open_mythos.integrations.server`; the caps
+(``--max-*``, ``--request-timeout``) default to :class:`open_mythos.serving.ServeLimits`'s
+values. Needs the ``serve`` extra (``pip install 'open-mythos[serve]'``: FastAPI and uvicorn).
 
 Exit status: 0 when stopped, 2 for invalid arguments or an unreadable checkpoint.
 """
@@ -15,10 +17,23 @@ Exit status: 0 when stopped, 2 for invalid arguments or an unreadable checkpoint
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
+from ..serving.scheduler import ServeLimits
 from .generate import add_model_arguments
+
+_LIMIT_HELP = {
+    "max_n_loops": "most recurrent loops per request",
+    "max_tokens": "most tokens generated per sequence",
+    "max_choices": "most choices (n) per request",
+    "max_batch": "most sequences decoding at once (and per request)",
+    "max_queue": "most requests waiting to start",
+    "prefill_chunk": "most prompt tokens prefilled between two decode steps",
+    "request_timeout": "seconds before a request is ended with 504",
+    "max_logprobs": "most logprobs alternatives per token",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,6 +48,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    limits = p.add_argument_group("limits (requests beyond a cap get 400; a full queue 429)")
+    for f in dataclasses.fields(ServeLimits):
+        flag = "--" + f.name.replace("_", "-")
+        limits.add_argument(flag, type=float if f.type == "float" else int, default=f.default,
+                            metavar="S" if f.type == "float" else "N",
+                            help=f"{_LIMIT_HELP[f.name]} (default {f.default})")
     p.set_defaults(func=run)
     return p
 
@@ -53,8 +74,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"openmythos serve: error: {err}", file=sys.stderr)
         return 2
     name = args.model_name or _default_name(args.checkpoint)
+    try:
+        limits = ServeLimits(**{f.name: getattr(args, f.name)
+                                for f in dataclasses.fields(ServeLimits)})
+    except ValueError as err:
+        print(f"openmythos serve: error: {err}", file=sys.stderr)
+        return 2
     service = CompletionService(loaded.model, tokenizer, model_name=name,
-                                n_loops=args.n_loops or loaded.n_loops)
+                                n_loops=args.n_loops or loaded.n_loops, limits=limits)
     print(f"serving {name!r} ({loaded.format.value} checkpoint {loaded.path}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(service, host=args.host, port=args.port, log_level=args.log_level)

@@ -1,22 +1,34 @@
-"""An OpenAI-compatible completions server for one OpenMythos model (FastAPI + uvicorn).
+"""An OpenAI-compatible server for one OpenMythos model (FastAPI + uvicorn), continuously
+batched.
 
 Endpoints:
     ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served.
-    ``POST /v1/completions``: the OpenAI completions API. ``prompt`` is a string, a list of
-        strings, a list of token ids or a list of such lists; ``max_tokens`` (default 16),
-        ``temperature`` (0 means greedy), ``top_p``, ``n``, ``stop`` (up to 4 strings),
-        ``seed``, ``echo``, ``stream`` (server-sent events ``data: {...}`` ending with
-        ``data: [DONE]``; ``stream_options.include_usage`` adds a usage chunk).
-        Extensions: ``n_loops`` (recurrent depth of this request) and ``top_k``.
-        ``logprobs``, ``best_of``, ``suffix``, ``logit_bias`` and the penalties are accepted
-        only at their neutral values.
-    ``GET /health``.
+    ``POST /v1/completions``: ``prompt`` is a string, a list of strings, a list of token ids
+        or a list of such lists; ``max_tokens`` (default 16), ``temperature`` (0 means
+        greedy), ``top_p``, ``n``, ``stop`` (up to 4 strings), ``seed`` (any integer),
+        ``echo``, ``logprobs`` (alternatives per token; with ``echo`` the prompt's tokens
+        too), ``stream`` (server-sent events ``data: {...}`` ending with ``data: [DONE]``;
+        ``stream_options.include_usage`` adds a usage chunk).
+    ``POST /v1/chat/completions``: ``messages`` rendered by the tokenizer's chat template,
+        or the plain one of :mod:`.openai_api`; ``max_tokens`` / ``max_completion_tokens``
+        (default: the rest of the context, up to the cap), ``logprobs`` and
+        ``top_logprobs``, and the sampling fields above.
+    Both take the extensions ``n_loops`` (recurrent depth of this request) and ``top_k``;
+    ``best_of``, ``suffix``, ``logit_bias`` and the penalties only at their neutral values.
+    Every non-streaming response has ``usage``.
+    ``GET /health``: ``{"status": "ok"}`` and the scheduler's counts.
+
+All requests run on one :class:`~open_mythos.serving.Scheduler` thread, which batches the
+sequences of concurrent requests step by step. Limits (:class:`ServeLimits`, the
+``openmythos serve`` flags) bound ``n_loops``, ``max_tokens``, ``n``, the batch, the queue
+and each request's time.
 
 Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for an
-invalid request (validated by pydantic), 404 for an unknown model or route, 500 otherwise.
-
-The model runs one request at a time (a lock around every generation); a request's
-prompts and its ``n`` choices run as one batch.
+invalid request or one beyond a cap, 404 for an unknown model or route, 429 (with
+``Retry-After``) when the queue is full, 503 while shutting down, 504 past the time limit,
+500 otherwise. Once a stream has started, an error arrives as an ``error`` event before
+``[DONE]``. A client that disconnects, or closes a stream early, ends its sequences at the
+scheduler's next step.
 
 Usage::
 
@@ -27,38 +39,63 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..model import OpenMythos
+from ..model import CausalLM
+from ..serving.scheduler import (
+    Event,
+    Job,
+    JobDone,
+    JobFailed,
+    PromptLogprobs,
+    QueueFull,
+    Scheduler,
+    SchedulerStopped,
+    SeqDelta,
+    ServeLimits,
+    TokenLogprob,
+)
 from ..tokenizers import Tokenizer
-from .textgen import GenerationOptions, TextDelta, encode_prompts, stream_text, validate
+from .openai_api import (
+    ChatCompletionRequest,
+    CompletionLogprobs,
+    CompletionRequest,
+    _Sampling,
+    chat_logprobs,
+    render_chat,
+    usage,
+)
+from .textgen import GenerationOptions, encode_prompts, validate
 
-MAX_STOP_STRINGS = 4
-MAX_CHOICES = 16
+#: How often a waiting non-streaming request checks that its client is still there (s).
+DISCONNECT_POLL = 0.25
+#: Seconds a client told 429 should wait.
+RETRY_AFTER = 1
 
 
 class APIError(Exception):
     """An error answered with OpenAI's error body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=error_body(
+        return JSONResponse(status_code=self.status, headers=self.headers, content=error_body(
             self.message, self.type, self.param, self.code))
 
 
@@ -67,182 +104,285 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class CompletionRequest(BaseModel):
-    """Body of ``POST /v1/completions`` (unknown fields are rejected)."""
+@dataclass
+class _Call:
+    """A validated request, ready for the scheduler."""
 
-    model_config = ConfigDict(extra="forbid")
+    chat: bool
+    prompts: list[list[int]]
+    n: int
+    options: GenerationOptions
+    echo_texts: list[str]  # per prompt ("" without echo)
+    logprobs: int | None
+    echo_logprobs: bool
+    include_usage: bool
+    id: str
+    created: int = field(default_factory=lambda: int(time.time()))
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    model: str | None = None
-    max_tokens: int | None = Field(default=16, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    echo: bool = False
-    user: str | None = None
-    # OpenMythos extensions.
-    n_loops: int | None = Field(default=None, ge=1, strict=True)
-    top_k: int | None = Field(default=None, ge=0)
-    # Accepted only at their neutral values.
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
 
-    @model_validator(mode="after")
-    def _check(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and (
-                not self.prompt or any(isinstance(p, list) and not p for p in self.prompt)):
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop accepts at most {MAX_STOP_STRINGS} strings")
-        unsupported = {
-            "logprobs": self.logprobs is not None, "best_of": self.best_of not in (None, 1),
-            "suffix": bool(self.suffix), "logit_bias": bool(self.logit_bias),
-            "presence_penalty": self.presence_penalty != 0.0,
-            "frequency_penalty": self.frequency_penalty != 0.0,
-        }
-        bad = [k for k, v in unsupported.items() if v]
-        if bad:
-            raise ValueError(f"not supported by this server: {', '.join(bad)}")
-        return self
-
-    def prompt_list(self) -> list[str] | list[list[int]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and isinstance(p[0], int):
-            return [p]  # one prompt given as token ids
-        return list(p)
-
-    def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
 
 @dataclass
-class _Job:
-    request: CompletionRequest
-    prompts: list[list[int]]  # one per choice (each prompt repeated n times)
-    n_prompts: int
-    options: GenerationOptions
-    echo_texts: list[str]
-    id: str
-    created: int
+class _Choice:
+    """What one sequence has produced so far."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    n_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class CompletionService:
-    """Runs completions on one model, one request at a time.
+    """The completions and chat endpoints' logic over one :class:`Scheduler`.
 
     Args:
-        model: the model (put in eval mode by generation).
+        model: the model (the scheduler puts it in eval mode and owns it).
         tokenizer: its tokenizer.
         model_name: the id clients use (``model`` field); requests naming another model get 404.
-        n_loops: default recurrent loops (None: ``cfg.max_loop_iters``).
+        n_loops: default recurrent loops (None: the model's default).
+        limits: caps on requests (default :class:`ServeLimits`).
     """
 
-    def __init__(self, model: OpenMythos, tokenizer: Tokenizer, model_name: str = "openmythos",
-                 n_loops: int | None = None):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, model_name: str = "openmythos",
+                 n_loops: int | None = None, limits: ServeLimits | None = None):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.n_loops = n_loops
+        self.limits = limits or ServeLimits()
+        self.scheduler = Scheduler(model, tokenizer, self.limits)
         self.created = int(time.time())
-        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler: running requests end with 503."""
+        self.scheduler.stop(timeout)
 
     def model_card(self) -> dict[str, Any]:
         cfg = self.model.cfg
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "openmythos", "max_seq_len": cfg.max_seq_len,
-                "max_loop_iters": cfg.max_loop_iters, "default_n_loops": self.n_loops}
+                "max_loop_iters": cfg.max_loop_iters, "default_n_loops": self.n_loops,
+                "max_n_loops": self.limits.max_n_loops, "max_tokens": self.limits.max_tokens}
 
-    def prepare(self, req: CompletionRequest) -> _Job:
+    # --- validation ----------------------------------------------------------------------
+    def prepare_completion(self, req: CompletionRequest) -> _Call:
         """Validate and tokenize; raises :class:`APIError` (400/404)."""
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist; this server serves "
-                           f"`{self.model_name}`", param="model", code="model_not_found")
+        self._check_model(req.model)
         try:
             prompts = encode_prompts(self.tokenizer, req.prompt_list())
         except ValueError as err:
             raise APIError(400, str(err), param="prompt") from None
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        options = self._options(req, prompts, max_tokens, req.stop_list())
+        self._check_logprobs(req.logprobs)
+        echo = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
+        return _Call(False, prompts, req.n, options, echo, req.logprobs,
+                     req.echo and req.logprobs is not None, req.include_usage(),
+                     f"cmpl-{uuid.uuid4().hex}")
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> _Call:
+        self._check_model(req.model)
+        text, stops = render_chat(self.tokenizer, req.messages)
+        prompts = encode_prompts(self.tokenizer, [text])
+        max_tokens = req.token_limit()
+        if max_tokens is None:
+            room = self.model.cfg.max_seq_len - len(prompts[0])
+            max_tokens = max(0, min(self.limits.max_tokens, room))
+        options = self._options(req, prompts, max_tokens, req.stop_list() + stops)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        self._check_logprobs(logprobs, "top_logprobs")
+        return _Call(True, prompts, req.n, options, [""], logprobs, False, req.include_usage(),
+                     f"chatcmpl-{uuid.uuid4().hex}")
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                           f"`{self.model_name}`", param="model", code="model_not_found")
+
+    def _options(self, req: _Sampling, prompts: list[list[int]], max_tokens: int,
+                 stop: tuple[str, ...]) -> GenerationOptions:
+        lim = self.limits
+        caps = [("n_loops", req.n_loops or 0, lim.max_n_loops, "--max-n-loops"),
+                ("max_tokens", max_tokens, lim.max_tokens, "--max-tokens"),
+                ("n", req.n, lim.max_choices, "--max-choices")]
+        for param, value, cap, flag in caps:
+            if value > cap:
+                raise APIError(400, f"{param}={value} is above this server's cap of {cap} ({flag})",
+                               param=param)
+        if len(prompts) * req.n > lim.max_batch:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} sequences is above this "
+                           f"server's batch cap of {lim.max_batch} (--max-batch)", param="n")
         greedy = req.temperature == 0.0
         options = GenerationOptions(
-            max_new_tokens=16 if req.max_tokens is None else req.max_tokens,
+            max_new_tokens=max_tokens,
             n_loops=req.n_loops if req.n_loops is not None else self.n_loops,
             do_sample=not greedy, temperature=1.0 if greedy else req.temperature,
             top_k=req.top_k or None, top_p=None if req.top_p >= 1.0 else req.top_p,
-            stop=req.stop_list(), seed=req.seed)
+            stop=stop, seed=req.seed)
         try:
             validate(self.model, prompts, options)
         except ValueError as err:
             raise APIError(400, str(err)) from None
-        echo = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
-        return _Job(
-            request=req, prompts=[p for p in prompts for _ in range(req.n)],
-            n_prompts=len(prompts), options=options,
-            echo_texts=[e for e in echo for _ in range(req.n)],
-            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()))
+        return options
 
-    def _deltas(self, job: _Job) -> Iterator[TextDelta]:
-        with self.lock:
-            yield from stream_text(self.model, self.tokenizer, job.prompts, job.options)
+    def _check_logprobs(self, logprobs: int | None, param: str = "logprobs") -> None:
+        if logprobs is not None and logprobs > self.limits.max_logprobs:
+            raise APIError(400, f"{param}={logprobs} is above this server's cap of "
+                           f"{self.limits.max_logprobs}", param=param)
 
-    def _usage(self, job: _Job, completion_tokens: int) -> dict[str, int]:
-        prompt_tokens = sum(len(p) for p in job.prompts[:: job.request.n])
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+    # --- running -------------------------------------------------------------------------
+    def submit(self, call: _Call) -> tuple[Job, asyncio.Queue[Event]]:
+        """Queue ``call`` on the scheduler; raises :class:`APIError` 429 / 503. Call from
+        the event loop: events arrive on the returned queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    def complete(self, job: _Job) -> dict[str, Any]:
+        def emit(event: Event) -> None:  # on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                job.cancel()
+
+        job = Job(call.prompts, call.options, emit, n=call.n, logprobs=call.logprobs,
+                  echo_logprobs=call.echo_logprobs, timeout=self.limits.request_timeout)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as err:
+            raise APIError(429, f"the server is busy ({err}); retry shortly", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER)}) from None
+        except SchedulerStopped as err:
+            raise APIError(503, str(err), "service_unavailable") from None
+        return job, queue
+
+    async def _events(self, job: Job, queue: asyncio.Queue[Event],
+                      request: Request | None) -> AsyncIterator[Event]:
+        """The job's events up to the last; the job is cancelled if the consumer stops
+        early (a closed stream) or ``request``'s client disconnects."""
+        checked = time.monotonic()
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL)
+                except asyncio.TimeoutError:
+                    event = None
+                if request is not None and time.monotonic() - checked >= DISCONNECT_POLL:
+                    if await request.is_disconnected():
+                        return
+                    checked = time.monotonic()
+                if event is None:
+                    continue
+                yield event
+                if isinstance(event, (JobDone, JobFailed)):
+                    return
+        finally:
+            job.cancel()  # a no-op once the job is done
+
+    async def complete(self, call: _Call, request: Request | None = None) -> dict[str, Any]:
         """The whole response body of a non-streaming request."""
-        texts = list(job.echo_texts)
-        finish: list[str | None] = [None] * len(job.prompts)
-        used = 0
-        for d in self._deltas(job):
-            texts[d.index] += d.text
-            if d.finish_reason is not None:
-                finish[d.index], used = d.finish_reason, used + d.n_tokens
-        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finish))]
-        return {"id": job.id, "object": "text_completion", "created": job.created,
-                "model": self.model_name, "choices": choices, "usage": self._usage(job, used)}
+        job, queue = self.submit(call)
+        choices = [_Choice() for _ in range(len(call.prompts) * call.n)]
+        async for event in self._events(job, queue, request):
+            if isinstance(event, JobFailed):
+                raise APIError(event.status, event.message, event.type)
+            if isinstance(event, PromptLogprobs):
+                choices[event.index].prompt_logprobs = event.tokens
+            elif isinstance(event, SeqDelta):
+                c = choices[event.index]
+                c.text += event.text
+                c.logprobs.extend(event.logprobs)
+                if event.finish_reason is not None:
+                    c.finish_reason, c.n_tokens = event.finish_reason, event.n_tokens
+        used = sum(c.n_tokens for c in choices)
+        body = {"id": call.id, "object": call.object, "created": call.created,
+                "model": self.model_name, "choices": [self._choice_body(call, i, c)
+                                                      for i, c in enumerate(choices)],
+                "usage": usage(call.prompt_tokens(), used)}
+        return body
 
-    def stream(self, job: _Job) -> Iterator[str]:
-        """Server-sent events of a streaming request, ending with ``data: [DONE]``."""
+    def _choice_body(self, call: _Call, i: int, c: _Choice) -> dict[str, Any]:
+        if call.chat:
+            logprobs = None if call.logprobs is None else {"content": chat_logprobs(c.logprobs)}
+            return {"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs, "finish_reason": c.finish_reason}
+        echo = call.echo_texts[i // call.n]
+        logprobs = None
+        if call.logprobs is not None:
+            lp = CompletionLogprobs()
+            lp.add(c.prompt_logprobs)
+            if not call.echo_logprobs:
+                lp.offset = len(echo)
+            logprobs = lp.add(c.logprobs).body()
+        return {"text": echo + c.text, "index": i, "logprobs": logprobs,
+                "finish_reason": c.finish_reason}
+
+    async def stream(self, call: _Call, job: Job, queue: asyncio.Queue[Event]
+                     ) -> AsyncIterator[str]:
+        """Server-sent events of a streaming request (already submitted), ending with
+        ``data: [DONE]``."""
+        chunk_object = "chat.completion.chunk" if call.chat else "text_completion"
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {"id": job.id, "object": "text_completion", "created": job.created,
+            body = {"id": call.id, "object": chunk_object, "created": call.created,
                     "model": self.model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body)}\n\n"
 
+        rows = len(call.prompts) * call.n
+        offsets = [len(call.echo_texts[i // call.n]) for i in range(rows)]
         used = 0
-        try:
-            for i, text in enumerate(job.echo_texts):
-                if text:
-                    yield event([_choice(i, text, None)])
-            for d in self._deltas(job):
-                used += d.n_tokens
-                if d.text or d.finish_reason is not None:
-                    yield event([_choice(d.index, d.text, d.finish_reason)])
-            options = job.request.stream_options or {}
-            if options.get("include_usage"):
-                yield event([], usage=self._usage(job, used))
-        except Exception as err:  # the status line is already sent: report in the stream
-            yield f"data: {json.dumps(error_body(str(err), 'server_error'))}\n\n"
+        if call.chat:
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None} for i in range(rows)])
+        else:
+            for i in range(rows):
+                if call.echo_texts[i // call.n] and not call.echo_logprobs:
+                    yield event([_text_choice(i, call.echo_texts[i // call.n], None, None)])
+        async for ev in self._events(job, queue, None):
+            if isinstance(ev, JobFailed):
+                yield f"data: {json.dumps(error_body(ev.message, ev.type))}\n\n"
+                break
+            if isinstance(ev, PromptLogprobs):
+                lp = CompletionLogprobs().add(ev.tokens)
+                offsets[ev.index] = lp.offset
+                yield event([_text_choice(ev.index, call.echo_texts[ev.index // call.n],
+                                          None, lp.body())])
+            elif isinstance(ev, SeqDelta):
+                used += ev.n_tokens
+                if not (ev.text or ev.finish_reason or ev.logprobs):
+                    continue
+                if call.chat:
+                    logprobs = None if call.logprobs is None else {
+                        "content": chat_logprobs(ev.logprobs)}
+                    delta = {"content": ev.text} if ev.text else {}
+                    yield event([{"index": ev.index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": ev.finish_reason}])
+                else:
+                    logprobs = None
+                    if call.logprobs is not None:
+                        lp = CompletionLogprobs(offsets[ev.index]).add(ev.logprobs)
+                        offsets[ev.index] = lp.offset
+                        logprobs = lp.body()
+                    yield event([_text_choice(ev.index, ev.text, ev.finish_reason, logprobs)])
+            elif isinstance(ev, JobDone) and call.include_usage:
+                yield event([], usage=usage(call.prompt_tokens(), used))
         yield "data: [DONE]\n\n"
 
 
-def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+def _text_choice(index: int, text: str, finish_reason: str | None,
+                 logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def create_app(service: CompletionService) -> FastAPI:
-    """The FastAPI application serving ``service``."""
-    app = FastAPI(title="OpenMythos completions", version="1")
+    """The FastAPI application serving ``service`` (its scheduler is started here)."""
+    service.start()
+    app = FastAPI(title="OpenMythos completions", version="2")
     app.state.service = service
 
     @app.exception_handler(APIError)
@@ -275,8 +415,8 @@ def create_app(service: CompletionService) -> FastAPI:
         return APIError(500, f"{type(err).__name__}: {err}", type="server_error").response()
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> dict[str, Any]:
+        return {"status": "ok", **service.scheduler.stats()}
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
@@ -289,22 +429,46 @@ def create_app(service: CompletionService) -> FastAPI:
                            code="model_not_found")
         return service.model_card()
 
-    # Sync endpoints: FastAPI runs them in its thread pool, so a generation never blocks
-    # the event loop; the service lock serialises the model.
+    async def run(call: _Call, stream: bool, request: Request
+                  ) -> dict[str, Any] | StreamingResponse:
+        if not stream:
+            return await service.complete(call, request)
+        job, queue = service.submit(call)
+        return StreamingResponse(service.stream(call, job, queue), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # Async endpoints: the work happens on the scheduler thread; the event loop only waits.
     @app.post("/v1/completions", response_model=None)
-    def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
-        job = service.prepare(req)
-        if req.stream:
-            return StreamingResponse(service.stream(job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return service.complete(job)
+    async def completions(req: CompletionRequest, request: Request
+                          ) -> dict[str, Any] | StreamingResponse:
+        return await run(service.prepare_completion(req), req.stream, request)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(req: ChatCompletionRequest, request: Request
+                               ) -> dict[str, Any] | StreamingResponse:
+        return await run(service.prepare_chat(req), req.stream, request)
 
     return app
+
+
+def make_server(service: CompletionService, host: str = "127.0.0.1", port: int = 8000,
+                log_level: str = "info", graceful_shutdown: float = 5.0, **config: Any):
+    """A ``uvicorn.Server`` for ``service`` whose exit signal (SIGINT, SIGTERM) also stops
+    the scheduler, so shutdown ends running requests (503) instead of waiting for them;
+    ``graceful_shutdown`` bounds the wait for open connections."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service.scheduler.stop(timeout=0)
+            super().handle_exit(sig, frame)
+
+    return _Server(uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
+                                  timeout_graceful_shutdown=graceful_shutdown, **config))
 
 
 def serve(service: CompletionService, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:
     """Run the server until interrupted."""
-    import uvicorn
-
-    uvicorn.run(create_app(service), host=host, port=port, log_level=log_level)
+    make_server(service, host, port, log_level).run()
+    service.close()

@@ -47,8 +47,9 @@ class TextDelta:
     n_tokens: int = 0
 
 
-class _Sequence:
-    """Decoding state of one generated sequence."""
+class TextSequence:
+    """Decoding state of one generated sequence: its tokens, its text so far, how much of
+    that text was shown, and why it ended (``finish_reason``, None while it runs)."""
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
         self.tokenizer = tokenizer
@@ -58,6 +59,14 @@ class _Sequence:
         self.emitted = 0  # characters of ``text`` already returned
         self.n_tokens = 0
         self.finish_reason: str | None = None
+
+    def add(self, token: int, eos_token_id: int | None) -> str:
+        """Add one generated token (the end-of-sequence token finishes the sequence);
+        return the text that may be shown now."""
+        if eos_token_id is not None and token == eos_token_id:
+            self.n_tokens += 1
+            return self.finish(FinishReason.STOP)
+        return self.push(token)
 
     def push(self, token: int) -> str:
         """Add one generated token; return the text that may be shown now."""
@@ -204,7 +213,7 @@ def stream_text(
     generator = None
     if options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
-    seqs = [_Sequence(tokenizer, options.stop) for _ in prompts]
+    seqs = [TextSequence(tokenizer, options.stop) for _ in prompts]
     eos = tokenizer.eos_token_id
     n_loops = options.n_loops if options.n_loops is not None else model.cfg.max_loop_iters
 
@@ -220,11 +229,7 @@ def stream_text(
                 seq = seqs[i]
                 if seq.finish_reason is not None:
                     continue
-                if eos is not None and tok == eos:
-                    seq.n_tokens += 1
-                    delta = seq.finish(FinishReason.STOP)
-                else:
-                    delta = seq.push(tok)
+                delta = seq.add(tok, eos)
                 if seq.finish_reason is not None:
                     yield TextDelta(i, delta, seq.finish_reason, seq.n_tokens)
                 elif delta:

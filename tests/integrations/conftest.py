@@ -168,20 +168,27 @@ class ScriptedModel(OpenMythos):
     """A tiny model whose next token is scripted: position ``p`` predicts
     ``script[p % len(script)]`` by a margin of 100 logits, whatever the input; the real
     network (cache, loops, masks) still runs underneath. ``calls`` records the ``n_loops``
-    of every forward."""
+    of every forward. With ``real_positions``, ``p`` counts a row's real tokens (its
+    ``attention_mask``) rather than cache columns, so each row of a batch follows the
+    script from its own length (how a continuously batched server sees it)."""
 
-    def __init__(self, script: bytes | list[int], **overrides):
+    def __init__(self, script: bytes | list[int], real_positions: bool = False, **overrides):
         super().__init__(byte_model("gqa", **overrides).cfg)
         self.script = torch.tensor(list(script))
+        self.real_positions = real_positions
         self.calls: list[int | None] = []
 
     def forward(self, input_ids, n_loops=None, kv_cache=None, start_pos=0, **kwargs):
         self.calls.append(n_loops)
         logits = super().forward(input_ids, n_loops, kv_cache, start_pos, **kwargs)
-        T = input_ids.shape[1]
-        nxt = self.script[torch.arange(start_pos, start_pos + T) % len(self.script)]
+        B, T = input_ids.shape
+        positions = torch.arange(start_pos, start_pos + T).expand(B, T)
+        mask = kwargs.get("attention_mask")
+        if self.real_positions and mask is not None:
+            positions = (mask.long().cumsum(-1) - 1)[:, -T:].cpu()
+        nxt = self.script[positions % len(self.script)]  # (B, T)
         bonus = torch.zeros_like(logits)
-        bonus[:, torch.arange(T), nxt] = 100.0
+        bonus.scatter_(-1, nxt.unsqueeze(-1).to(logits.device), 100.0)
         return logits + bonus
 
 

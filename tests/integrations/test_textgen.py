@@ -8,7 +8,7 @@ import torch
 from open_mythos import ByteTokenizer
 from open_mythos.integrations.textgen import (
     GenerationOptions,
-    _Sequence,
+    TextSequence,
     complete,
     encode_prompts,
     stream_text,
@@ -24,7 +24,7 @@ from tests.integrations.conftest import (
 TOK = ByteTokenizer()
 
 
-def feed(seq: _Sequence, data: bytes) -> list[str]:
+def feed(seq: TextSequence, data: bytes) -> list[str]:
     out = []
     for b in data:
         out.append(seq.push(b))
@@ -34,21 +34,21 @@ def feed(seq: _Sequence, data: bytes) -> list[str]:
 
 
 def test_multibyte_characters_are_emitted_whole():
-    seq = _Sequence(TOK, ())
+    seq = TextSequence(TOK, ())
     deltas = feed(seq, "é🌍a".encode())
     assert deltas == ["", "é", "", "", "", "🌍", "a"]
     assert seq.finish("length") == ""
 
 
 def test_invalid_bytes_are_not_held_forever():
-    seq = _Sequence(TOK, ())
+    seq = TextSequence(TOK, ())
     deltas = feed(seq, b"A\x80\x80\x80\x80\x80")
     assert deltas[0] == "A" and "".join(deltas).startswith("A\ufffd")
     assert "".join(deltas) + seq.finish("length") == b"A\x80\x80\x80\x80\x80".decode(errors="replace")
 
 
 def test_stop_string_is_cut_and_never_streamed():
-    seq = _Sequence(TOK, ("o w", "zzz"))
+    seq = TextSequence(TOK, ("o w", "zzz"))
     deltas = feed(seq, b"hello world")
     assert seq.finish_reason == "stop"
     assert "".join(deltas) == "hell"
@@ -57,7 +57,7 @@ def test_stop_string_is_cut_and_never_streamed():
 
 
 def test_held_back_prefix_is_released_when_no_stop_follows():
-    seq = _Sequence(TOK, ("ab!",))
+    seq = TextSequence(TOK, ("ab!",))
     deltas = feed(seq, b"xabyab")
     assert "".join(deltas) == "xaby"  # the final "ab" may still become "ab!"
     assert seq.finish("length") == "ab"

@@ -1,0 +1,184 @@
+"""The OpenAI wire format: request bodies (validated strictly), the chat template, and the
+response bodies and stream chunks built from the scheduler's events.
+
+Numbers are strict: ``"max_tokens": "5"`` and ``true`` are rejected (400), not coerced.
+Caps that depend on the server (``n_loops``, ``max_tokens``, ``n``, ``logprobs``) are
+checked by :mod:`open_mythos.integrations.server` against its :class:`ServeLimits`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..serving.scheduler import TokenLogprob
+from ..tokenizers import Tokenizer
+
+MAX_STOP_STRINGS = 4
+
+#: The chat template of a tokenizer without one: one ``Role: content`` line per message,
+#: then ``Assistant:`` for the reply; generation also stops at :data:`PLAIN_CHAT_STOP`.
+PLAIN_CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant",
+                    "developer": "System", "tool": "Tool"}
+PLAIN_CHAT_STOP = "\nUser:"
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints (unknown fields are rejected, numbers are strict)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # OpenMythos extensions.
+    n_loops: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=0)
+    # Accepted only at their neutral values.
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def _check_common(self) -> list[str]:
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop accepts at most {MAX_STOP_STRINGS} strings")
+        return [k for k, bad in {"logit_bias": bool(self.logit_bias),
+                                 "presence_penalty": self.presence_penalty != 0.0,
+                                 "frequency_penalty": self.frequency_penalty != 0.0}.items() if bad]
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Sampling):
+    """Body of ``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0)
+    # Accepted only at their neutral values.
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and (
+                not self.prompt or any(isinstance(p, list) and not p for p in self.prompt)):
+            raise ValueError("prompt must not be an empty list")
+        bad = self._check_common() + [k for k, b in {
+            "best_of": self.best_of not in (None, 1), "suffix": bool(self.suffix)}.items() if b]
+        if bad:
+            raise ValueError(f"not supported by this server: {', '.join(bad)}")
+        return self
+
+    def prompt_list(self) -> list[str] | list[list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # one prompt given as token ids
+        return list(p)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        bad = self._check_common()
+        if bad:
+            raise ValueError(f"not supported by this server: {', '.join(bad)}")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
+    """The prompt text of a conversation and the stop strings its template implies: the
+    tokenizer's own chat template (Hugging Face tokenizers that have one), else the plain
+    template (:data:`PLAIN_CHAT_ROLES`)."""
+    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    hf = getattr(tokenizer, "tokenizer", None)
+    if getattr(hf, "chat_template", None):
+        return hf.apply_chat_template(plain, tokenize=False, add_generation_prompt=True), ()
+    lines = [f"{PLAIN_CHAT_ROLES[m['role']]}: {m['content']}" for m in plain]
+    return "\n".join([*lines, "Assistant:"]), (PLAIN_CHAT_STOP,)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class CompletionLogprobs:
+    """The ``logprobs`` object of one completions choice, built token by token."""
+
+    def __init__(self, offset: int = 0):
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+        self.offset = offset
+
+    def add(self, entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> CompletionLogprobs:
+        for e in entries:
+            self.tokens.append(e.token)
+            self.token_logprobs.append(e.logprob)
+            self.top_logprobs.append(None if e.logprob is None else
+                                     {tok: lp for _, tok, lp in e.top})
+            self.text_offset.append(self.offset)
+            self.offset += len(e.token)
+        return self
+
+    def body(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> list[dict[str, Any]]:
+    """The ``logprobs.content`` entries of a chat choice."""
+
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for _, t, lp in e.top]}
+            for e in entries]

@@ -1,0 +1,439 @@
+"""Continuous batching: one thread owns the model and runs every request's sequences.
+
+Each turn of the scheduler thread:
+
+1. drops the sequences of cancelled requests (a client that went away) and of requests past
+   their time limit;
+2. admits waiting requests while the running rows leave room (``max_batch``);
+3. prefills waiting prompts, at most ``prefill_chunk`` tokens in all, so a long prompt
+   delays the running sequences by one chunk per turn, not by its whole length; a prompt
+   whose prefill completes picks its first token and joins the decode batch of its
+   ``n_loops``;
+4. runs one decode step of every batch (one per distinct ``n_loops``), picks each row's
+   next token with that row's own sampling settings and generator, and lets finished rows
+   leave.
+
+Rows of one batch share ``n_loops``: requests with different depths decode in separate
+batches, stepped in turn (see :mod:`open_mythos.serving.batch` for the cache layout).
+Requests reach the thread through a bounded queue (:class:`QueueFull` when full) and hear
+back through the ``emit`` callback of their :class:`Job`, called on the scheduler thread
+with :class:`SeqDelta`, :class:`PromptLogprobs`, :class:`JobFailed` and a last
+:class:`JobDone` (or :class:`JobFailed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..inference.sampling import SamplingParams, select_next
+from ..integrations.textgen import FinishReason, GenerationOptions, TextSequence
+from ..model import CausalLM
+from ..tokenizers import ByteTokenizer, Tokenizer
+from .batch import DecodeBatch, Prefill
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one server accepts; requests beyond a limit are refused (HTTP 400/429).
+
+    Attributes:
+        max_n_loops: most recurrent loops a request may ask for.
+        max_tokens: most tokens one sequence may generate (the context bounds it too).
+        max_choices: most choices (``n``) per request.
+        max_batch: most sequences decoding at once; also the most one request may start
+            (prompts times ``n``).
+        max_queue: most requests waiting to start; one more is answered 429.
+        prefill_chunk: most prompt tokens prefilled between two decode steps.
+        request_timeout: seconds from arrival after which a request is ended (504).
+        max_logprobs: most ``logprobs`` / ``top_logprobs`` alternatives per token.
+    """
+
+    max_n_loops: int = 32
+    max_tokens: int = 1024
+    max_choices: int = 16
+    max_batch: int = 32
+    max_queue: int = 64
+    prefill_chunk: int = 128
+    request_timeout: float = 300.0
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_n_loops", "max_tokens", "max_choices", "max_batch", "max_queue",
+                     "prefill_chunk", "max_logprobs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
+
+
+class QueueFull(Exception):
+    """The scheduler's queue is full; try again later."""
+
+
+class SchedulerStopped(Exception):
+    """The scheduler is shutting down and takes no more requests."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability (None for a prompt's first token) and the
+    ``top`` most likely alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class SeqDelta:
+    """New text of sequence ``index`` (prompt-major: prompt ``index // n``, choice
+    ``index % n``); ``logprobs`` covers the tokens generated since the previous delta.
+    The last delta of a sequence has ``finish_reason`` and ``n_tokens`` set."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    n_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens of sequence ``index`` with their logprobs (the first has none)."""
+
+    index: int
+    tokens: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    status: int
+    message: str
+    type: str = "server_error"
+
+
+@dataclass(frozen=True)
+class JobDone:
+    pass
+
+
+Event = SeqDelta | PromptLogprobs | JobFailed | JobDone
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its prompts (token ids), ``n`` choices each, and options.
+
+    Attributes:
+        logprobs: alternatives per generated token to report (None: no logprobs; 0: the
+            chosen token's only).
+        echo_logprobs: also report the prompt's logprobs (:class:`PromptLogprobs`).
+        emit: called on the scheduler thread with each event; must not block.
+    """
+
+    prompts: list[list[int]]
+    options: GenerationOptions
+    emit: Callable[[Event], None]
+    n: int = 1
+    logprobs: int | None = None
+    echo_logprobs: bool = False
+    timeout: float = 300.0
+    arrived: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    finished_rows: int = 0
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.prompts) * self.n
+
+    def cancel(self) -> None:
+        """Stop this job at the scheduler's next turn (safe from any thread)."""
+        self.cancelled = True
+
+
+class _Row:
+    """One generated sequence: its text, sampling, generator and next input token."""
+
+    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, device: torch.device):
+        o = job.options
+        self.job, self.index = job, index
+        self.text = TextSequence(tokenizer, o.stop)
+        self.params = SamplingParams(o.do_sample, o.temperature, o.top_k, o.top_p)
+        self.generator: torch.Generator | None = None
+        if o.do_sample:
+            self.generator = torch.Generator(device=device)
+            if o.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(derive_seed(o.seed, index))
+        self.token = 0  # the last token picked, fed at the next decode step
+        self.logprobs: list[TokenLogprob] = []  # picked since the last delta
+
+    @property
+    def finished(self) -> bool:
+        return self.text.finish_reason is not None
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed for choice ``index`` of a request's ``seed`` (any integer,
+    however large or negative): the same pair always gives the same seed."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+@dataclass
+class _PrefillTask:
+    prefill: Prefill
+    job: Job
+    rows: list[_Row]
+
+
+class Scheduler:
+    """The thread that owns ``model`` and runs every submitted :class:`Job`.
+
+    Args:
+        model: the model; put in eval mode here and used only by the scheduler thread
+            from :meth:`start` on.
+        tokenizer: its tokenizer (EOS ends a sequence).
+        limits: caps on requests and batches.
+    """
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, limits: ServeLimits | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.limits = limits or ServeLimits()
+        self.device = next(model.parameters()).device
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._prefills: deque[_PrefillTask] = deque()
+        self._batches: dict[int, DecodeBatch] = {}
+        self._rows: dict[int, list[_Row]] = {}  # n_loops -> the rows of that batch, in order
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (all batches)
+        self.peak_batch = 0  # most rows in one decode step so far
+        self.failures = 0  # turns that raised
+
+    # --- the caller's side ---------------------------------------------------------------
+    def start(self) -> Scheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="openmythos-scheduler",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises :class:`QueueFull` or :class:`SchedulerStopped`."""
+        with self._cv:
+            if self._stopping:
+                raise SchedulerStopped("the server is shutting down")
+            if len(self._waiting) >= self.limits.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+            self._waiting.append(job)
+            self._cv.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End every job (503) and the thread, at its next turn."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        return {"running": sum(len(r) for r in self._rows.values()),
+                "prefilling": len(self._prefills), "waiting": len(self._waiting),
+                "decode_steps": self.steps, "peak_batch": self.peak_batch}
+
+    # --- the scheduler thread ------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._waiting or self._prefills or self._rows):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._turn()
+            except Exception as err:  # fail what was running; keep serving
+                self.failures += 1
+                self._fail_all(JobFailed(500, f"{type(err).__name__}: {err}"))
+        self._fail_all(JobFailed(503, "the server is shutting down", "service_unavailable"))
+
+    def _turn(self) -> None:
+        self._drop_gone()
+        self._admit()
+        self._prefill()
+        for n_loops in list(self._batches):
+            self._decode(n_loops)
+
+    def _drop_gone(self) -> None:
+        """Forget cancelled jobs; fail those past their time limit."""
+        now = time.monotonic()
+        with self._cv:
+            jobs = {*self._waiting, *(t.job for t in self._prefills),
+                    *(r.job for rows in self._rows.values() for r in rows)}
+        late = [j for j in jobs if not j.cancelled and now - j.arrived > j.timeout]
+        gone = {id(j) for j in jobs if j.cancelled} | {id(j) for j in late}
+        if not gone:
+            return
+        with self._cv:
+            self._waiting = deque(j for j in self._waiting if id(j) not in gone)
+        self._prefills = deque(t for t in self._prefills if id(t.job) not in gone)
+        for n_loops, rows in list(self._rows.items()):
+            self._keep(n_loops, [i for i, r in enumerate(rows) if id(r.job) not in gone])
+        for job in late:
+            job.emit(JobFailed(504, f"the request ran past the server's time limit of "
+                                    f"{job.timeout:g} s", "timeout"))
+
+    def _running_rows(self) -> int:
+        return (sum(len(r) for r in self._rows.values())
+                + sum(len(t.rows) for t in self._prefills))
+
+    def _admit(self) -> None:
+        while True:
+            with self._cv:
+                if not self._waiting:
+                    return
+                job = self._waiting[0]
+                if self._running_rows() + job.n_rows > self.limits.max_batch:
+                    return
+                self._waiting.popleft()
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
+        o = job.options
+        n_loops = o.n_loops if o.n_loops is not None else self.model.default_n_loops
+        rows = [_Row(job, i, self.tokenizer, self.device) for i in range(job.n_rows)]
+        if o.max_new_tokens == 0 and not job.echo_logprobs:
+            for row in rows:
+                self._finish(row, row.text.finish(FinishReason.LENGTH))
+            return
+        for p, ids in enumerate(job.prompts):
+            self._prefills.append(_PrefillTask(
+                Prefill(self.model, ids, n_loops, keep_logits=job.echo_logprobs), job,
+                rows[p * job.n:(p + 1) * job.n]))
+
+    def _prefill(self) -> None:
+        budget = self.limits.prefill_chunk
+        while budget > 0 and self._prefills:
+            task = self._prefills[0]
+            budget -= task.prefill.run(budget)
+            if task.prefill.finished:
+                self._prefills.popleft()
+                self._join(task)
+
+    def _join(self, task: _PrefillTask) -> None:
+        """A prompt is prefilled: report its logprobs, pick each choice's first token and
+        add the choices still running to the decode batch of their ``n_loops``."""
+        pf, job = task.prefill, task.job
+        if job.echo_logprobs:
+            prompt = self._prompt_logprobs(pf, job.logprobs or 0)
+            for row in task.rows:
+                job.emit(PromptLogprobs(row.index, prompt))
+        if job.options.max_new_tokens == 0:
+            for row in task.rows:
+                self._finish(row, row.text.finish(FinishReason.LENGTH))
+            return
+        logits = pf.last.unsqueeze(0)
+        for row in task.rows:
+            self._advance(row, logits, 0)
+        running = [r for r in task.rows if not r.finished]
+        if running:
+            batch = self._batches.get(pf.n_loops)
+            if batch is None:
+                batch = self._batches[pf.n_loops] = DecodeBatch(self.model, pf.n_loops)
+                self._rows[pf.n_loops] = []
+            for row in running:
+                batch.add(pf)
+                self._rows[pf.n_loops].append(row)
+
+    def _decode(self, n_loops: int) -> None:
+        batch, rows = self._batches[n_loops], self._rows[n_loops]
+        tokens = torch.tensor([r.token for r in rows], dtype=torch.long, device=self.device)
+        logits = batch.step(tokens)  # (B, V)
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
+        greedy = logits.argmax(-1).tolist() if any(r.generator is None for r in rows) else None
+        for i, row in enumerate(rows):
+            self._advance(row, logits, i, None if greedy is None else greedy[i])
+        self._keep(n_loops, [i for i, r in enumerate(rows) if not r.finished])
+
+    def _keep(self, n_loops: int, keep: list[int]) -> None:
+        self._batches[n_loops].keep(keep)
+        self._rows[n_loops] = [self._rows[n_loops][i] for i in keep]
+        if not keep:
+            del self._batches[n_loops], self._rows[n_loops]
+
+    def _advance(self, row: _Row, logits: torch.Tensor, i: int, greedy: int | None = None) -> None:
+        """Pick row ``row``'s next token from ``logits[i]`` and report its text."""
+        if row.generator is None:
+            tok = greedy if greedy is not None else int(logits[i].argmax())
+        else:
+            tok = int(select_next(logits[i:i + 1], row.params, row.generator))
+        if row.job.logprobs is not None:
+            row.logprobs.append(self._token_logprob(logits[i], tok, row.job.logprobs))
+        row.token = tok
+        text = row.text.add(tok, self.tokenizer.eos_token_id)
+        if not row.finished and row.text.n_tokens >= row.job.options.max_new_tokens:
+            text += row.text.finish(FinishReason.LENGTH)
+        if row.finished:
+            self._finish(row, text)
+        elif text:
+            row.job.emit(SeqDelta(row.index, text, logprobs=tuple(row.logprobs)))
+            row.logprobs.clear()
+
+    def _finish(self, row: _Row, text: str) -> None:
+        job = row.job
+        job.emit(SeqDelta(row.index, text, row.text.finish_reason, row.text.n_tokens,
+                          tuple(row.logprobs)))
+        row.logprobs.clear()
+        job.finished_rows += 1
+        if job.finished_rows == job.n_rows:
+            job.emit(JobDone())
+
+    # --- logprobs ------------------------------------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        """How a single token is shown in logprobs (a lone byte of a multi-byte character
+        of the byte tokenizer as ``bytes:\\xNN``)."""
+        if isinstance(self.tokenizer, ByteTokenizer) and token_id < ByteTokenizer.N_BYTES \
+                and token_id >= 0x80:
+            return f"bytes:\\x{token_id:02x}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _token_logprob(self, logits: torch.Tensor, tok: int, top: int) -> TokenLogprob:
+        lp = logits.float().log_softmax(-1)
+        alts: tuple[tuple[int, str, float], ...] = ()
+        if top:
+            values, ids = lp.topk(top)
+            alts = tuple((int(t), self.token_text(int(t)), float(v))
+                         for v, t in zip(values.tolist(), ids.tolist()))
+        return TokenLogprob(tok, self.token_text(tok), float(lp[tok]), alts)
+
+    def _prompt_logprobs(self, pf: Prefill, top: int) -> tuple[TokenLogprob, ...]:
+        ids = pf.ids[0].tolist()
+        logits = pf.all_logits()
+        first = TokenLogprob(ids[0], self.token_text(ids[0]), None)
+        rest = [self._token_logprob(logits[p - 1], ids[p], top) for p in range(1, len(ids))]
+        return (first, *rest)
+
+    def _fail_all(self, failure: JobFailed) -> None:
+        with self._cv:
+            jobs = {*self._waiting, *(t.job for t in self._prefills),
+                    *(r.job for rows in self._rows.values() for r in rows)}
+            self._waiting.clear()
+        self._prefills.clear()
+        self._batches.clear()
+        self._rows.clear()
+        for job in jobs:
+            if not job.cancelled:
+                job.emit(failure)

@@ -1,0 +1,204 @@
+"""The server tried as a hostile client would (issue #16): early-closed streams,
+disconnects, caps, huge seeds, strict numbers, time limits, a full queue, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from open_mythos import ByteTokenizer  # noqa: E402
+from open_mythos.integrations.server import CompletionService, make_server  # noqa: E402
+from open_mythos.serving import ServeLimits  # noqa: E402
+from tests.integrations.conftest import TRAINED_LOOPS, ScriptedModel, scripted_text  # noqa: E402
+from tests.integrations.test_server import SCRIPT, TIMEOUT, running_server  # noqa: E402
+
+LIMITS = ServeLimits(max_n_loops=6, max_tokens=40, max_choices=4, max_batch=8, max_logprobs=5)
+
+
+class SlowModel(ScriptedModel):
+    """:class:`ScriptedModel` taking ``delay`` seconds more per forward: long requests
+    without long tests."""
+
+    def __init__(self, delay: float):
+        super().__init__(SCRIPT, real_positions=True)
+        self.delay = delay
+        self.gate: threading.Event | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT)
+        time.sleep(self.delay)
+        return super().forward(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def real(trained_model):
+    service = CompletionService(trained_model, ByteTokenizer(), model_name="tiny",
+                                n_loops=TRAINED_LOOPS, limits=LIMITS)
+    with running_server(service) as client:
+        yield client, service
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def test_an_early_closed_stream_does_not_wedge_the_server(real):
+    """The issue's report: max_tokens 59, n 4, closed after 3 events; every later request
+    timed out. Now the stream's sequences leave the batch and the next request answers."""
+    client, service = real
+    body = {"prompt": "the ", "max_tokens": 40, "n": 4, "stream": True, "temperature": 0}
+    for _ in range(3):
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+        # The scheduler drops the closed stream's rows instead of generating on.
+        wait_until(lambda: service.scheduler.stats()["running"] == 0, "the rows to leave")
+    r = client.post("/v1/completions", json={"prompt": "the ", "max_tokens": 8}, timeout=5.0)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("field, cap", [("n_loops", LIMITS.max_n_loops),
+                                        ("max_tokens", LIMITS.max_tokens),
+                                        ("n", LIMITS.max_choices),
+                                        ("logprobs", LIMITS.max_logprobs)])
+def test_caps_answer_400_just_above_the_documented_value(real, field, cap):
+    client, _ = real
+    base = {"prompt": "a", "max_tokens": 2, field: cap}
+    ok = client.post("/v1/completions", json=base)
+    assert ok.status_code == 200, ok.text
+    for value in (cap + 1, 30_000):
+        r = client.post("/v1/completions", json={**base, field: value})
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["param"] == field and str(cap) in error["message"]
+
+
+def test_the_batch_cap_bounds_prompts_times_n(real):
+    client, _ = real
+    r = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 3, "max_tokens": 1})
+    assert r.status_code == 400 and "batch" in r.json()["error"]["message"]
+    models = client.get("/v1/models/tiny").json()
+    assert (models["max_n_loops"], models["max_tokens"]) == (LIMITS.max_n_loops, LIMITS.max_tokens)
+
+
+def test_any_integer_seed_is_accepted_and_reproducible(real):
+    """Seeds >= 2**63 answered 500 and reset the keep-alive connection."""
+    client, _ = real
+    for seed in (2**63, 2**64, 2**64 + 1, 10**40, -1):
+        body = {"prompt": "the ", "max_tokens": 12, "n": 2, "seed": seed}
+        first = client.post("/v1/completions", json=body)
+        assert first.status_code == 200, (seed, first.text)
+        # The same keep-alive connection answers the next request, identically.
+        again = client.post("/v1/completions", json=body)
+        assert [c["text"] for c in again.json()["choices"]] == [
+            c["text"] for c in first.json()["choices"]]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 5.0), ("n", "2"), ("n", True),
+    ("n_loops", True), ("n_loops", "2"), ("temperature", "0.5"), ("temperature", False),
+    ("seed", "1"), ("seed", 1.5), ("top_k", "3"), ("echo", "yes"), ("logprobs", True),
+])
+def test_numbers_are_not_coerced(real, field, value):
+    client, _ = real
+    r = client.post("/v1/completions", json={"prompt": "a", field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_a_client_disconnect_cancels_its_work():
+    """A non-streaming request whose client goes away stops generating (the issue: work
+    went on after the client left, blocking the others)."""
+    model = SlowModel(delay=0.02)
+    service = CompletionService(model, ByteTokenizer(), model_name="tiny", n_loops=1)
+    with running_server(service) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", json={"prompt": "Q", "max_tokens": 60, "n": 4},
+                        timeout=0.3)
+        wait_until(lambda: service.scheduler.stats()["running"] == 0, "the rows to leave", 3.0)
+        steps = service.scheduler.steps
+        assert steps < 40  # 60 were asked for; about 0.3 s + one poll of steps were run
+        time.sleep(0.2)
+        assert service.scheduler.steps == steps
+
+
+def test_time_limit_answers_504_and_ends_streams_with_an_error():
+    model = SlowModel(delay=0.02)
+    service = CompletionService(model, ByteTokenizer(), model_name="tiny", n_loops=1,
+                                limits=ServeLimits(request_timeout=0.3))
+    with running_server(service) as client:
+        start = time.monotonic()
+        r = client.post("/v1/completions", json={"prompt": "Q", "max_tokens": 60})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        assert time.monotonic() - start < 2.0
+        with client.stream("POST", "/v1/completions",
+                           json={"prompt": "Q", "max_tokens": 60, "stream": True}) as r:
+            events = [line[6:] for line in r.iter_lines() if line]
+        assert events[-1] == "[DONE]" and "time limit" in json.loads(events[-2])["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "Q", "max_tokens": 3}).status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after():
+    model = SlowModel(delay=0.0)
+    model.gate = threading.Event()  # forwards wait here: nothing finishes meanwhile
+    service = CompletionService(model, ByteTokenizer(), model_name="tiny", n_loops=1,
+                                limits=ServeLimits(max_batch=1, max_queue=1))
+    stats = service.scheduler.stats
+    with running_server(service) as client:
+        body = {"prompt": "Q", "max_tokens": 5, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as running:
+            assert running.status_code == 200
+            wait_until(lambda: stats()["prefilling"] == 1, "the first request to start")
+            with client.stream("POST", "/v1/completions", json=body) as waiting:
+                assert waiting.status_code == 200
+                assert stats()["waiting"] == 1  # the batch (1 row) is full: it waits
+                with httpx.Client(base_url=client.base_url, timeout=TIMEOUT) as other:
+                    r = other.post("/v1/completions", json={"prompt": "Q", "max_tokens": 1})
+                assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                assert r.json()["error"]["type"] == "rate_limit_error"
+                model.gate.set()
+                texts = [[json.loads(line[6:])["choices"][0]["text"]
+                          for line in resp.iter_lines() if line.startswith('data: {"id"')]
+                         for resp in (running, waiting)]
+    assert ["".join(t) for t in texts] == [scripted_text(SCRIPT, 1, 5)] * 2  # both in full
+
+
+def test_sigterm_ends_running_requests_instead_of_waiting_for_them():
+    """The exit signal stops the scheduler: a 60 x 0.1 s request ends with 503 at its
+    next step and the server exits in well under the request's own time."""
+    model = SlowModel(delay=0.1)
+    service = CompletionService(model, ByteTokenizer(), model_name="tiny", n_loops=1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    srv = make_server(service, log_level="warning", lifespan="off")
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.started, "uvicorn to start")
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        body = {"prompt": "Q", "max_tokens": 60, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            start = time.monotonic()
+            srv.handle_exit(signal.SIGTERM, None)
+            rest = [line for line in lines if line]
+        thread.join(timeout=TIMEOUT)
+    assert not thread.is_alive() and time.monotonic() - start < 3.0
+    assert "shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
+    sock.close()

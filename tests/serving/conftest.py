@@ -1,0 +1,3 @@
+"""The trained tiny model of the integration tests, for the scheduler's tests."""
+
+from tests.integrations.conftest import trained_model  # noqa: F401  (a fixture)

@@ -1,0 +1,157 @@
+"""The scheduler thread: batched greedy output equals unbatched output, seeded sampling
+does not depend on the batch, cancellation, time limits and the bounded queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from open_mythos import ByteTokenizer
+from open_mythos.integrations.textgen import GenerationOptions, complete
+from open_mythos.serving import Job, QueueFull, Scheduler, ServeLimits
+from open_mythos.serving.scheduler import JobDone, JobFailed, SeqDelta, derive_seed
+from tests.integrations.conftest import CORPUS, TRAINED_LOOPS
+
+TOK = ByteTokenizer()
+TIMEOUT = 60.0
+
+
+class Collector:
+    """A job's events, and a way to wait for its last one."""
+
+    def __init__(self):
+        self.events: list = []
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, (JobDone, JobFailed)):
+            self.done.set()
+
+    def wait(self) -> list:
+        assert self.done.wait(TIMEOUT), "the job did not finish"
+        return self.events
+
+    def texts(self, n_rows: int) -> list[tuple[str, str | None, int]]:
+        out = [["", None, 0] for _ in range(n_rows)]
+        for e in self.wait():
+            if isinstance(e, SeqDelta):
+                out[e.index][0] += e.text
+                if e.finish_reason is not None:
+                    out[e.index][1:] = [e.finish_reason, e.n_tokens]
+        return [tuple(o) for o in out]
+
+
+def submit(scheduler, prompt: str, options: GenerationOptions, n: int = 1) -> tuple[Job, Collector]:
+    sink = Collector()
+    job = Job([TOK.encode(prompt)], options, sink, n=n)
+    scheduler.submit(job)
+    return job, sink
+
+
+@pytest.fixture
+def scheduler(trained_model):
+    # A small prefill chunk: long prompts are prefilled over several turns, between steps.
+    s = Scheduler(trained_model, TOK, ServeLimits(prefill_chunk=8)).start()
+    yield s
+    s.stop()
+
+
+#: (prompt, n_loops, max_new_tokens, stop): different lengths, depths, lengths and stops.
+GREEDY_CASES = [
+    ("the cat sat on the ", TRAINED_LOOPS, 30, ()),
+    ("a", TRAINED_LOOPS, 20, ()),
+    ("a dog sat on a mat. the dog ", 1, 25, ()),
+    ("the dog sat on the log. a cat and a dog", TRAINED_LOOPS, 16, ("log",)),
+    ("on ", 3, 12, ()),
+    ("the mat", TRAINED_LOOPS, 40, (". a",)),
+]
+
+
+def test_batched_greedy_output_equals_unbatched(scheduler, trained_model):
+    """Jobs submitted together (joining the running batch at different steps, with their
+    own n_loops and stop strings) produce what each produces alone through the unbatched
+    generation path (textgen over inference.stream)."""
+    options = [GenerationOptions(max_new_tokens=m, n_loops=k, do_sample=False, stop=stop)
+               for _, k, m, stop in GREEDY_CASES]
+    expected = [complete(trained_model, TOK, [TOK.encode(p)], o)[0]
+                for (p, *_), o in zip(GREEDY_CASES, options)]
+    sinks = []
+    for (prompt, *_), o in zip(GREEDY_CASES, options):
+        sinks.append(submit(scheduler, prompt, o)[1])
+    got = [s.texts(1)[0] for s in sinks]
+    assert got == [(e.text, e.finish_reason, e.completion_tokens) for e in expected]
+    assert len({e.text for e in expected}) == len(expected)  # the cases really differ
+    # They were decoded together (the prefill budget of 8 tokens a turn makes them join at
+    # different steps): the jobs of TRAINED_LOOPS loops shared steps.
+    assert scheduler.peak_batch >= 3
+
+
+def test_seeded_choices_do_not_depend_on_the_rest_of_the_batch(scheduler):
+    options = GenerationOptions(max_new_tokens=24, n_loops=TRAINED_LOOPS, temperature=1.2,
+                                seed=2**70 + 3)
+    alone = submit(scheduler, "the cat ", options, n=3)[1].texts(3)
+    # The same job again, now beside others that join and leave around it.
+    crowd = [submit(scheduler, p, GenerationOptions(max_new_tokens=m, n_loops=TRAINED_LOOPS))[1]
+             for p, m in [("a dog", 30), ("the log", 5)]]
+    again = submit(scheduler, "the cat ", options, n=3)[1].texts(3)
+    for c in crowd:
+        c.wait()
+    assert again == alone
+    assert len({t for t, _, _ in alone}) > 1  # the n choices are different draws
+    assert derive_seed(-1, 0) != derive_seed(-1, 1) and 0 <= derive_seed(2**200, 0) < 2**63
+
+
+def test_a_cancelled_job_leaves_the_batch_at_the_next_step(scheduler):
+    long = GenerationOptions(max_new_tokens=50, n_loops=TRAINED_LOOPS, do_sample=False)
+    job, sink = submit(scheduler, "t", long, n=4)
+    deadline = time.monotonic() + TIMEOUT
+    while not any(isinstance(e, SeqDelta) for e in sink.events):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    job.cancel()
+    while scheduler.stats()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    events = len(sink.events)
+    time.sleep(0.1)
+    assert len(sink.events) == events  # nothing more was generated
+    assert not any(isinstance(e, (JobDone, JobFailed)) for e in sink.events)
+    generated = sum(1 for e in sink.events if isinstance(e, SeqDelta))
+    assert generated < 4 * 50 / 2
+
+
+def test_time_limit_fails_the_job_with_504(trained_model):
+    s = Scheduler(trained_model, TOK).start()
+    try:
+        sink = Collector()
+        s.submit(Job([TOK.encode("the")], GenerationOptions(max_new_tokens=60, n_loops=64),
+                     sink, timeout=0.05))
+        last = sink.wait()[-1]
+        assert isinstance(last, JobFailed) and last.status == 504
+        assert s.stats() == {**s.stats(), "running": 0, "prefilling": 0, "waiting": 0}
+    finally:
+        s.stop()
+
+
+def test_a_full_queue_refuses_and_a_stopped_scheduler_fails_waiting_jobs(trained_model):
+    s = Scheduler(trained_model, TOK, ServeLimits(max_queue=2))  # not started: jobs wait
+    sinks = [Collector(), Collector()]
+    for sink in sinks:
+        s.submit(Job([[1, 2]], GenerationOptions(), sink))
+    with pytest.raises(QueueFull):
+        s.submit(Job([[1, 2]], GenerationOptions(), Collector()))
+    s.start().stop()
+    for sink in sinks:
+        failed = sink.wait()[-1]
+        assert isinstance(failed, JobFailed) and failed.status == 503
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="max_batch"):
+        ServeLimits(max_batch=0)
+    with pytest.raises(ValueError, match="request_timeout"):
+        ServeLimits(request_timeout=0)
+    assert CORPUS  # the model these tests use was trained on it
