@@ -18,6 +18,7 @@ COMMANDS: tuple[str, ...] = (
     "open_mythos.training.command",
     "open_mythos.commands.prepare",
     "open_mythos.commands.generate",
+    "open_mythos.commands.inspect",
     "open_mythos.commands.info",
     "open_mythos.commands.sweep",
     "open_mythos.commands.report",

@@ -1,0 +1,206 @@
+"""``openmythos inspect``: what each loop of a looped model predicts, for one prompt.
+
+::
+
+    openmythos inspect --checkpoint runs/text --prompt "The cat sat on the" --out inspect/
+    openmythos inspect --checkpoint demo_out/looped/chain --prompt "a=1;b=a?b" \\
+        --n-loops 8 --exit-kl 0.01 --exit-min-loops 2 --out inspect/
+
+Writes to ``--out``:
+    ``lens.png``: the logit lens per loop: for every position (the token read so far) and
+        every loop, the most likely next token and its probability.
+    ``kl.png``: KL divergence between successive loops' next-token distributions.
+    ``depth.png``: the loops each position ran: ACT halting (models trained with ACT) and
+        the exit rule given by the ``--exit-*`` options.
+    ``inspect.json``: the numbers behind the figures.
+and prints the top token of every position at every loop.
+
+Exit status: 0, or 2 for invalid arguments or an unreadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .exit_options import add_exit_arguments, exit_rule_from_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``inspect`` on the ``openmythos`` command."""
+    from .generate import add_model_arguments
+
+    p = subparsers.add_parser(
+        "inspect", help="per-loop logit lens, KL between loops and exit depths for a prompt",
+        description="Read out every loop of a looped model on one prompt: the top next "
+                    "token per position and loop, KL between successive loops, and where "
+                    "ACT or an exit rule stops each position. Figures and JSON go to --out.")
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="the text to read")
+    p.add_argument("--lens", choices=["coda", "head"], default="coda",
+                   help="coda: the rest of the network, as an exit there would compute "
+                        "(default); head: final norm and head only (the exit rules' lens)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    add_exit_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def inspect_prompt(model: Any, ids: Any, n_loops: int, lens: str = "coda",
+                   exit_rule: Any = None) -> dict[str, Any]:
+    """The per-loop readout of ``ids`` (1, T): ``top`` and ``prob`` ((loops, T) top token
+    and its probability), ``kl`` ((loops - 1, T) nats, loop d against d - 1), ``act_loops``
+    (T,) or None, and ``exit_loops`` (T,) or None."""
+    import torch
+
+    with torch.no_grad():
+        out = model.readout(ids, n_loops, lens=lens)
+        logp = torch.stack([torch.log_softmax(out.depth_logits[d][0].double(), -1)
+                            for d in range(1, n_loops + 1)])  # (loops, T, V)
+        prob, top = logp.exp().max(-1)
+        kl = (logp[1:].exp() * (logp[1:] - logp[:-1])).sum(-1)
+        act_loops = None
+        if model.cfg.use_act:
+            model(ids, n_loops, act_early_exit=False)
+            act_loops = model.recurrent.last_position_loops[0].tolist()
+        exit_loops = None
+        if exit_rule is not None:
+            model(ids, n_loops, exit_rule=exit_rule, act_early_exit=False)
+            exit_loops = model.recurrent.last_position_loops[0].tolist()
+    return dict(top=top.tolist(), prob=prob.tolist(), kl=kl.tolist(), act_loops=act_loops,
+                exit_loops=exit_loops)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, read out every loop, write the figures; exit status 0 or 2."""
+    import torch
+
+    from ..registry import is_looped
+    from .generate import load_for_inference
+
+    try:
+        exit_rule = exit_rule_from_args(args)
+        loaded, tokenizer = load_for_inference(args)
+        model = loaded.model.eval()
+        if not is_looped(model):
+            raise ValueError("inspect reads out loops: the checkpoint holds a dense baseline")
+        n_loops = args.n_loops or loaded.n_loops or model.cfg.max_loop_iters
+        ids = tokenizer.encode(args.prompt, add_bos=tokenizer.bos_token_id is not None)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        if len(ids) > model.cfg.max_seq_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model reads at most "
+                             f"{model.cfg.max_seq_len}")
+        device = next(model.parameters()).device
+        data = inspect_prompt(model, torch.tensor([ids], device=device), n_loops, args.lens,
+                              exit_rule)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
+        print(f"openmythos inspect: error: {err}", file=sys.stderr)
+        return 2
+    labels = [_show(tokenizer.decode([i], skip_special_tokens=False)) for i in ids]
+    data.update(tokens=labels, n_loops=n_loops, lens=args.lens, checkpoint=str(loaded.path),
+                exit_rule=None if exit_rule is None else dataclasses.asdict(exit_rule))
+    top_text = [[_show(tokenizer.decode([t], skip_special_tokens=False)) for t in row]
+                for row in data["top"]]
+    (out / "inspect.json").write_text(json.dumps({**data, "top_text": top_text}, indent=1))
+    _print_lens(labels, top_text, data)
+    name = (f"{loaded.path.parent.parent.name}/{loaded.path.name}"
+            if loaded.path.parent.name == "checkpoints" else loaded.path.name)
+    figures = _plot(out, labels, top_text, data, title=f"{name}: {args.prompt!r}")
+    print("\nwrote " + ", ".join(str(f) for f in [*figures, out / "inspect.json"]))
+    return 0
+
+
+def _show(text: str) -> str:
+    """A token's text, visible: a space as ␣, other whitespace and control characters
+    escaped, the empty string as ∅."""
+    if not text:
+        return "∅"
+    return "".join("␣" if c == " " else c if c.isprintable()
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _print_lens(labels: list[str], top_text: list[list[str]], data: dict[str, Any]) -> None:
+    width = max(3, *(len(t) for t in labels), *(len(t) for row in top_text for t in row))
+    print("loop  " + " ".join(t.rjust(width) for t in labels))
+    for d, row in enumerate(top_text, start=1):
+        print(f"{d:>4}  " + " ".join(t.rjust(width) for t in row))
+    for name in ("act_loops", "exit_loops"):
+        if data[name] is not None:
+            print(f"{name}: {data[name]}")
+
+
+def _plot(out: Path, labels: list[str], top_text: list[list[str]], data: dict[str, Any],
+          title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    loops, T = len(data["prob"]), len(labels)
+    size = (max(6.0, 0.55 * T + 2), max(3.0, 0.4 * loops + 1.5))
+    paths = []
+
+    fig, ax = plt.subplots(figsize=size)
+    im = ax.imshow(np.array(data["prob"]), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                   origin="lower", extent=(-0.5, T - 0.5, 0.5, loops + 0.5))
+    for d in range(loops):
+        for j in range(T):
+            ax.text(j, d + 1, top_text[d][j][:5], ha="center", va="center", fontsize=7,
+                    color="white" if data["prob"][d][j] < 0.6 else "black")
+    _axes(ax, labels, loops, "loop (state read out after it)")
+    fig.colorbar(im, ax=ax, label="probability of the top next token")
+    ax.set_title(f"logit lens ({data['lens']}) per loop: top next token\n{title}", fontsize=9)
+    paths.append(_save(fig, out / "lens.png"))
+
+    if loops > 1:
+        fig, ax = plt.subplots(figsize=size)
+        kl = np.maximum(np.array(data["kl"]), 1e-12)
+        im = ax.imshow(np.log10(kl), aspect="auto", cmap="magma", origin="lower",
+                       extent=(-0.5, T - 0.5, 1.5, loops + 0.5))
+        _axes(ax, labels, loops, "loop d (against d - 1)", first=2)
+        fig.colorbar(im, ax=ax, label="log10 KL(p_d || p_(d-1)) (nats)")
+        ax.set_title(f"how much each loop changes the prediction\n{title}", fontsize=9)
+        paths.append(_save(fig, out / "kl.png"))
+
+    series = [(name, data[key]) for name, key in (("ACT halting", "act_loops"),
+                                                    ("exit rule", "exit_loops"))
+              if data[key] is not None]
+    if series:
+        fig, ax = plt.subplots(figsize=(size[0], 3.5))
+        width = 0.8 / len(series)
+        for k, (name, depths) in enumerate(series):
+            ax.bar(np.arange(T) + (k - (len(series) - 1) / 2) * width, depths, width,
+                   label=name, hatch="//" if k else None, alpha=0.85)
+        ax.set_xticks(range(T), labels, fontsize=7)
+        ax.set_xlabel("position (token read)")
+        ax.set_ylabel("loops run")
+        ax.set_ylim(0, loops + 0.5)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
+        ax.set_title(f"loops each position ran (of {loops})\n{title}", fontsize=9)
+        paths.append(_save(fig, out / "depth.png"))
+    return paths
+
+
+def _axes(ax: Any, labels: list[str], loops: int, ylabel: str, first: int = 1) -> None:
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_yticks(range(first, loops + 1))
+    ax.set_xlabel("position (token read; the readout predicts the next one)")
+    ax.set_ylabel(ylabel)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

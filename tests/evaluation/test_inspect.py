@@ -1,0 +1,54 @@
+"""``openmythos inspect``: the per-loop readout equals separate forwards at each depth, and
+the figures and JSON are written."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from open_mythos.checkpoints import load_model
+from open_mythos.cli import main
+from open_mythos.tokenizers import ByteTokenizer
+from open_mythos.training import Trainer
+from tests.training.conftest import tiny_config
+
+
+def test_inspect_reads_out_every_loop(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, run__steps=3, model__use_act=False)).train()
+    prompt = "0110"
+    out = tmp_path / "inspect"
+    assert main(["inspect", "--checkpoint", str(run), "--prompt", prompt, "--n-loops", "5",
+                 "--exit-kl", "0.001", "--exit-min-loops", "2", "--out", str(out)]) == 0
+    data = json.loads((out / "inspect.json").read_text())
+    model = load_model(run).model.eval()
+    ids = torch.tensor([ByteTokenizer().encode(prompt, add_bos=True)])
+    assert len(data["top"]) == 5 and len(data["top"][0]) == ids.shape[1]
+    # ACT off: the coda readout after d loops is the output of a d-loop forward.
+    with torch.no_grad():
+        logp = [torch.log_softmax(model(ids, n_loops=d)[0].double(), -1) for d in range(1, 6)]
+    for d in range(5):
+        assert data["top"][d] == logp[d].argmax(-1).tolist()
+        torch.testing.assert_close(torch.tensor(data["prob"][d], dtype=torch.float64),
+                                   logp[d].exp().max(-1).values, rtol=1e-4, atol=1e-6)
+    for d in range(1, 5):
+        kl = (logp[d].exp() * (logp[d] - logp[d - 1])).sum(-1)
+        torch.testing.assert_close(torch.tensor(data["kl"][d - 1], dtype=torch.float64), kl,
+                                   rtol=1e-3, atol=1e-6)
+    assert data["act_loops"] is None
+    assert all(2 <= k <= 5 for k in data["exit_loops"])
+    for name in ("lens.png", "kl.png", "depth.png"):
+        assert (out / name).stat().st_size > 5_000
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split()[:2] == ["loop", "<bos>"]
+
+
+def test_inspect_errors_are_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, run__steps=1)).train()
+    assert main(["inspect", "--checkpoint", str(run), "--prompt", "01", "--exit-kl", "-1",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "ExitRule.kl" in capsys.readouterr().err
+    assert main(["inspect", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "01",
+                 "--out", str(tmp_path / "x")]) == 2
