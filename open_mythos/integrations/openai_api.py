@@ -132,6 +132,23 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class TokenizeRequest(BaseModel):
+    """Body of ``POST /tokenize`` (vLLM's)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    prompt: str
+    add_special_tokens: bool = False
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """Body of ``POST /detokenize`` (vLLM's)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    tokens: list[int]
+    model: str | None = None
+
+
 def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
     """The prompt text of a conversation and the stop strings its template implies: the
     tokenizer's own chat template (Hugging Face tokenizers that have one), else the plain

@@ -17,6 +17,8 @@ Endpoints:
     ``best_of``, ``suffix``, ``logit_bias`` and the penalties only at their neutral values.
     Every non-streaming response has ``usage``.
     ``GET /health``: ``{"status": "ok"}`` and the scheduler's counts.
+    ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize``: vLLM's tokenizer
+        endpoints, so lm-eval's ``local-completions`` model can count tokens remotely.
 
 All requests run on one :class:`~open_mythos.serving.Scheduler` thread, which batches the
 sequences of concurrent requests step by step. Limits (:class:`ServeLimits`, the
@@ -71,6 +73,8 @@ from .openai_api import (
     ChatCompletionRequest,
     CompletionLogprobs,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     _Sampling,
     chat_logprobs,
     render_chat,
@@ -200,6 +204,15 @@ class CompletionService:
         self._check_logprobs(logprobs, "top_logprobs")
         return _Call(True, prompts, req.n, options, [""], logprobs, False, req.include_usage(),
                      f"chatcmpl-{uuid.uuid4().hex}")
+
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; the exact name of a special token (``<eos>``) is that
+        token, as Hugging Face tokenizers parse special tokens inside text."""
+        tok = self.tokenizer
+        for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
+            if i is not None and text == tok.decode([i], skip_special_tokens=False):
+                return [i]
+        return tok.encode(text, add_bos=add_special_tokens)
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -436,6 +449,27 @@ def create_app(service: CompletionService) -> FastAPI:
         job, queue = service.submit(call)
         return StreamingResponse(service.stream(call, job, queue), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    # vLLM's tokenizer endpoints, which lm-eval's "remote" tokenizer backend uses.
+    @app.get("/tokenizer_info")
+    def tokenizer_info() -> dict[str, Any]:
+        tok = service.tokenizer
+        name = lambda i: None if i is None else tok.decode([i], skip_special_tokens=False)  # noqa: E731
+        return {"eos_token": name(tok.eos_token_id), "bos_token": name(tok.bos_token_id),
+                "pad_token": name(tok.pad_token_id), "chat_template": None,
+                "model_max_length": service.model.cfg.max_seq_len}
+
+    @app.post("/tokenize")
+    def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        ids = service.encode_text(req.prompt, req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": service.model.cfg.max_seq_len}
+
+    @app.post("/detokenize")
+    def detokenize(req: DetokenizeRequest) -> dict[str, str]:
+        try:
+            return {"prompt": service.tokenizer.decode(req.tokens)}
+        except ValueError as err:
+            raise APIError(400, str(err), param="tokens") from None
 
     # Async endpoints: the work happens on the scheduler thread; the event loop only waits.
     @app.post("/v1/completions", response_model=None)

@@ -1,0 +1,154 @@
+"""Real clients against a real server on the trained tiny model: the official ``openai``
+package (completions and chat, streaming and not), and logprobs checked against a full
+forward of the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+from open_mythos import ByteTokenizer  # noqa: E402
+from open_mythos.integrations.openai_api import PLAIN_CHAT_STOP, ChatMessage, render_chat  # noqa: E402
+from open_mythos.integrations.server import CompletionService  # noqa: E402
+from open_mythos.integrations.textgen import GenerationOptions, complete  # noqa: E402
+from tests.integrations.conftest import TRAINED_LOOPS  # noqa: E402
+from tests.integrations.test_server import running_server  # noqa: E402
+
+TOK = ByteTokenizer()
+PROMPT = "the dog sat on "
+MESSAGES = [{"role": "system", "content": "a cat"}, {"role": "user", "content": "the dog"}]
+
+
+@pytest.fixture(scope="module")
+def client(trained_model):
+    service = CompletionService(trained_model, TOK, model_name="tiny", n_loops=TRAINED_LOOPS)
+    with running_server(service) as http:
+        yield openai.OpenAI(base_url=f"{http.base_url}/v1", api_key="unused", max_retries=0,
+                            timeout=30.0)
+
+
+def greedy(model, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()):
+    """The unbatched library path's greedy completion of ``prompt``."""
+    options = GenerationOptions(max_new_tokens=max_tokens, n_loops=TRAINED_LOOPS,
+                                do_sample=False, stop=stop)
+    return complete(model, TOK, [TOK.encode(prompt)], options)[0]
+
+
+def test_completions_with_the_openai_client(client, trained_model):
+    expected = greedy(trained_model, PROMPT, 20)
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
+    [choice] = r.choices
+    assert (choice.text, choice.finish_reason) == (expected.text, expected.finish_reason)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(PROMPT), 20)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20,
+                                            temperature=0, stream=True))
+    assert len(chunks) > 3
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_with_the_openai_client(client, trained_model):
+    prompt, stops = render_chat(TOK, [ChatMessage(**m) for m in MESSAGES])
+    assert prompt == "System: a cat\nUser: the dog\nAssistant:" and stops == (PLAIN_CHAT_STOP,)
+    expected = greedy(trained_model, prompt, 12, stops)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12,
+                                       temperature=0)
+    [choice] = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), 12)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    # Without max_tokens a chat reply may run to the end of the context.
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= trained_model.cfg.max_seq_len
+
+
+def shown(token_id: int) -> str:
+    """How logprobs name a byte-tokenizer token: ASCII as itself, any other byte as
+    ``bytes:\\xNN`` (one byte is not a character), special tokens by name."""
+    if token_id < 128:
+        return chr(token_id)
+    return f"bytes:\\x{token_id:02x}" if token_id < 256 else TOK.decode([token_id], False)
+
+
+@torch.no_grad()
+def reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, V) log-probabilities of each next token, from one full forward."""
+    return model(torch.tensor([ids]), TRAINED_LOOPS)[0, :-1].float().log_softmax(-1)
+
+
+def test_echo_logprobs_match_a_full_forward(client, trained_model):
+    """What lm-eval's local-completions asks for: the prompt's tokens with their
+    logprobs (echo), then the generated ones, each with its top alternatives."""
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                  echo=True, logprobs=3)
+    [choice] = r.choices
+    lp = choice.logprobs
+    ids = TOK.encode(choice.text)
+    assert choice.text.startswith(PROMPT) and lp.tokens == [chr(i) for i in ids]
+    assert len(ids) == len(PROMPT) + 6 and lp.token_logprobs[0] is None
+    ref = reference_logprobs(trained_model, ids)
+    expected = ref.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-4, rtol=0)
+    for p, top in enumerate(lp.top_logprobs[1:]):
+        values, best = ref[p].topk(3)
+        assert list(top) == [shown(i) for i in best.tolist()]
+        torch.testing.assert_close(torch.tensor(list(top.values())), values, atol=1e-4, rtol=0)
+    # Greedy: every generated token is its position's most likely one.
+    generated = lp.top_logprobs[len(PROMPT):]
+    assert all(max(top.values()) == lp.token_logprobs[len(PROMPT) + k]
+               for k, top in enumerate(generated))
+    assert lp.text_offset == list(range(len(ids)))
+    # max_tokens 0 with echo: the prompt's logprobs alone (the scoring request).
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    assert r.choices[0].text == PROMPT and r.usage.completion_tokens == 0
+    assert r.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(PROMPT)]
+
+
+def test_chat_logprobs_match_a_full_forward(client, trained_model):
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    prompt, _ = render_chat(TOK, [ChatMessage(**m) for m in MESSAGES])
+    ids = TOK.encode(prompt + r.choices[0].message.content)
+    ref = reference_logprobs(trained_model, ids)[len(prompt) - 1:]
+    assert [c.token for c in content] == list(r.choices[0].message.content)
+    torch.testing.assert_close(torch.tensor([c.logprob for c in content]),
+                               ref.max(-1).values, atol=1e-4, rtol=0)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)
+    assert content[0].bytes == list(content[0].token.encode())
+
+
+def test_lm_eval_local_completions_scores_like_the_in_process_model(client, trained_model):
+    """lm-eval's ``local-completions`` model (its remote tokenizer, loglikelihood through
+    echo + logprobs, generate_until) against the server, compared with lm-eval's
+    in-process ``openmythos`` model on the same requests."""
+    pytest.importorskip("tenacity")  # lm-eval's "api" extra
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from open_mythos.integrations.lm_eval import OpenMythosLM
+
+    remote = LocalCompletionsAPI(base_url=f"{client.base_url}completions", model="tiny",
+                                 tokenizer_backend="auto", num_concurrent=2, max_retries=1,
+                                 max_length=64)
+    assert remote.tokenizer_backend == "remote"
+    local = OpenMythosLM(pretrained=trained_model, tokenizer=TOK, n_loops=TRAINED_LOOPS)
+    pairs = [("the cat sat on the", " mat"), ("the cat sat on the", " dog"), ("a dog", " sat")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    got, expected = remote.loglikelihood(requests), local.loglikelihood(requests)
+    assert [g for _, g in got] == [g for _, g in expected]
+    torch.testing.assert_close(torch.tensor([s for s, _ in got], dtype=torch.float64),
+                               torch.tensor([s for s, _ in expected], dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+    assert got[0][0] > got[1][0]  # the corpus has "on the mat", not "on the dog"
+    until = [Instance("generate_until", {}, ("the dog", {"until": ["."], "max_gen_toks": 12}), 0)]
+    assert remote.generate_until(until) == [greedy(trained_model, "the dog", 12, (".",)).text]
