@@ -29,6 +29,29 @@ from ..layers.kv import CacheStore, Entries
 
 __all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store"]
 
+#: The cache keys of the recurrent block's loop depths: ``recurrent_loop_{t}``.
+RECURRENT_PREFIX = "recurrent_loop_"
+
+
+def _parse_sharing(mode: str) -> int:
+    """``depth_sharing`` as the stride of kept depths: 1 per depth, 0 last, M every:M; first
+    is every depth past the first reading depth 0 (a stride no loop count reaches)."""
+    if mode == "per_depth":
+        return 1
+    if mode == "last":
+        return 0
+    if mode == "first":
+        return 1 << 62
+    if isinstance(mode, str) and mode.startswith("every:"):
+        try:
+            every = int(mode[len("every:"):])
+        except ValueError:
+            every = 0
+        if every >= 1:
+            return every
+    raise ValueError(f"depth_sharing={mode!r} is invalid: use 'per_depth', 'last', 'first' "
+                     "or 'every:M' with M >= 1")
+
 
 def _check_start(key: str, start: int, cached: int) -> None:
     if start > cached:
@@ -95,27 +118,47 @@ class KVCache(_FillMissing):
     Args:
         max_len: positions each entry can hold (prompt plus generated tokens).
         dtype: storage dtype; ``None`` keeps the dtype of the first tensors written.
+        depth_sharing: which loop depths of the recurrent block keep cache entries of
+            their own (see :func:`depth_slot`): ``"per_depth"`` (default: every depth; a
+            cached forward equals a full one), ``"last"`` (one entry for all depths, holding
+            each position's deepest loop), ``"first"`` (one entry, holding each position's
+            first loop) or ``"every:M"`` (depths 0, M, 2M... keep entries; a depth between
+            reads the kept depth below it). The shared modes trade exactness for memory:
+            a later token attends to an earlier one's keys of another depth.
     """
 
-    def __init__(self, max_len: int, dtype: torch.dtype | None = None):
+    def __init__(self, max_len: int, dtype: torch.dtype | None = None,
+                 depth_sharing: str = "per_depth"):
         if max_len <= 0:
             raise ValueError(f"KVCache max_len must be positive, got {max_len}")
         self.max_len = max_len
         self.dtype = dtype
+        self.depth_sharing = depth_sharing
+        self._every = _parse_sharing(depth_sharing)
         self._buffers: dict[str, Entries] = {}
         self._lengths: dict[str, int] = {}
 
+    def _slot(self, key: str) -> tuple[str, bool]:
+        """The stored entry behind ``key`` and whether ``key``'s writes are kept."""
+        if self._every == 1 or not key.startswith(RECURRENT_PREFIX):
+            return key, True
+        t = int(key[len(RECURRENT_PREFIX):])
+        if self._every == 0:  # last: every depth writes the one entry
+            return RECURRENT_PREFIX + "0", True
+        return RECURRENT_PREFIX + str(t - t % self._every), t % self._every == 0
+
     def length(self, key: str) -> int:
-        return self._lengths.get(key, 0)
+        return self._lengths.get(self._slot(key)[0], 0)
 
     def keys(self) -> Iterator[str]:
         return iter(self._buffers)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._buffers
+        return self._slot(key)[0] in self._buffers
 
     def __getitem__(self, key: str) -> Entries:
-        """Views of the cached positions of ``key``."""
+        """Views of the cached positions of ``key`` (of the entry it shares, if any)."""
+        key = self._slot(key)[0]
         n = self._lengths[key]
         return {name: buf[..., :n, :] for name, buf in self._buffers[key].items()}
 
@@ -126,6 +169,11 @@ class KVCache(_FillMissing):
             raise ValueError(
                 f"KVCache holds at most max_len={self.max_len} positions; writing up to {end}"
             )
+        key, kept = self._slot(key)
+        if not kept:  # a depth that reads a kept depth's entry: attend, store nothing
+            bufs = self._buffers[key]
+            return {n: torch.cat((b[..., :start, :], new[n].to(b.dtype)), dim=-2)
+                    for n, b in bufs.items()}
         bufs = self._buffers.get(key)
         if bufs is None:
             bufs = {
@@ -150,7 +198,7 @@ class KVCache(_FillMissing):
             self._lengths[key] = length
 
     def _stored(self, key: str) -> Entries:
-        return self._buffers[key]
+        return self._buffers[self._slot(key)[0]]
 
     def truncate(self, length: int) -> None:
         for key in self._lengths:

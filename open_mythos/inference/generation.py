@@ -48,6 +48,7 @@ def stream(
     act_early_exit: bool | None = None,
     compile: bool = False,
     exit_rule: ExitRule | None = None,
+    depth_sharing: str = "per_depth",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
 
@@ -75,6 +76,9 @@ def stream(
         exit_rule: a training-free :class:`~open_mythos.layers.recurrence.ExitRule`: each
             position (each sequence, in decoding) stops looping once it fires; a sequence
             that has exited skips the remaining loops of its step (not with ``compile``).
+        depth_sharing: which loop depths keep KV cache entries of their own (see
+            :class:`~open_mythos.inference.cache.KVCache`); the shared modes save memory
+            at some cost in quality (not with ``compile``).
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     act_early_exit = _check_stream_args(model, input_ids, max_new_tokens, attention_mask,
@@ -85,9 +89,10 @@ def stream(
     if pad_token_id is None:
         pad_token_id = int(stop[0]) if stop is not None else 0
     with _inference(model):
-        logits, decoder = _prefill(model, input_ids, max_new_tokens, n_loops, attention_mask,
-                                   cache_dtype, compile, act_early_exit=act_early_exit,
-                                   exit_rule=exit_rule)
+        cache = KVCache(_cache_len(model, input_ids, max_new_tokens, compile), dtype=cache_dtype,
+                        depth_sharing=depth_sharing)
+        logits, decoder = _prefill(model, input_ids, cache, n_loops, attention_mask, compile,
+                                   act_early_exit=act_early_exit, exit_rule=exit_rule)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         tok = select_next(logits, params, generator)
@@ -134,21 +139,25 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
     return act_early_exit
 
 
-def _prefill(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int, n_loops: int,
-             attention_mask: torch.Tensor | None, cache_dtype: torch.dtype | None,
-             compile: bool, **options: Any) -> tuple[torch.Tensor, Decoder]:
-    """Run the prompt into a new cache sized for the whole generation; returns the last
+def _cache_len(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,
+               compile: bool) -> int:
+    """Positions the generation's cache holds (a compiled step wants a fixed bucket)."""
+    total = input_ids.shape[1] + max_new_tokens
+    return cache_length(total, model.cfg.max_seq_len) if compile else total
+
+
+def _prefill(model: OpenMythos, input_ids: torch.Tensor, cache: KVCache, n_loops: int,
+             attention_mask: torch.Tensor | None, compile: bool,
+             **options: Any) -> tuple[torch.Tensor, Decoder]:
+    """Run the prompt into ``cache`` (sized for the whole generation); returns the last
     position's logits and the decoder of the following steps. ``options``: the model's
     keyword options (``act_early_exit``, ``exit_rule``)."""
     T0 = input_ids.shape[1]
-    total = T0 + max_new_tokens
-    cache_len = cache_length(total, model.cfg.max_seq_len) if compile else total
-    cache = KVCache(cache_len, dtype=cache_dtype)
     mask = None if attention_mask is None else attention_mask.long()
     logits = model(input_ids, n_loops, cache, 0, attention_mask=mask, **options)[:, -1]
     decoder: Decoder = (
         CompiledDecoder(model, cache, n_loops, T0, attention_mask) if compile
-        else EagerDecoder(model, cache, n_loops, T0, total, mask, **options))
+        else EagerDecoder(model, cache, n_loops, T0, cache.max_len, mask, **options))
     return logits, decoder
 
 

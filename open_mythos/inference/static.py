@@ -185,6 +185,9 @@ class CompiledDecoder:
         attention_mask: torch.Tensor | None = None,
         compile: bool = True,
     ):
+        if cache.depth_sharing != "per_depth":
+            raise ValueError("the compiled decode step needs a per-depth cache "
+                             f"(depth_sharing={cache.depth_sharing!r})")
         self.model, self.cache, self.n_loops = model, cache, n_loops
         self.pos = prompt_len
         self.prepare()

@@ -1,0 +1,93 @@
+"""Shared-depth KV caches: each mode's cached decoding equals a per-depth cache whose entries
+are overwritten with the shared depth's keys (an independent reference), and holds the bytes
+it promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from open_mythos import OpenMythos
+from open_mythos.inference import generate
+from open_mythos.inference.cache import KVCache
+from open_mythos.inference.static import CompiledDecoder
+from tests.conftest import tiny_config
+
+N_LOOPS = 4
+MODES = {"last": lambda t: N_LOOPS - 1, "first": lambda t: 0, "every:2": lambda t: t - t % 2,
+         "every:3": lambda t: t - t % 3}
+
+
+def model_of(attn_type: str) -> OpenMythos:
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(attn_type, use_act=False, max_loop_iters=N_LOOPS))
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.3)  # depths with different keys
+    return model.double().eval()
+
+
+def share_like(ref: KVCache, source, length: int) -> None:
+    """Overwrite every recurrent depth's first ``length`` positions with those of the depth
+    ``source(t)``: what a shared cache holds for the tokens before the next one."""
+    bufs = ref.buffers()
+    kept = {t: {n: b[..., :length, :].clone() for n, b in bufs[f"recurrent_loop_{t}"].items()}
+            for t in range(N_LOOPS)}
+    for t in range(N_LOOPS):
+        for n, b in bufs[f"recurrent_loop_{t}"].items():
+            b[..., :length, :] = kept[source(t)][n]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_shared_cache_decoding_equals_overwritten_per_depth_cache(attn_type, mode):
+    model = model_of(attn_type)
+    ids = torch.randint(0, 97, (2, 12))
+    prefill = 5
+    shared, ref = KVCache(12, depth_sharing=mode), KVCache(12)
+    with torch.no_grad():
+        got = [model(ids[:, :prefill], N_LOOPS, shared, 0)[:, -1]]
+        want = [model(ids[:, :prefill], N_LOOPS, ref, 0)[:, -1]]
+        for pos in range(prefill, ids.shape[1]):
+            share_like(ref, MODES[mode], pos)
+            got.append(model(ids[:, pos:pos + 1], N_LOOPS, shared, pos)[:, -1])
+            want.append(model(ids[:, pos:pos + 1], N_LOOPS, ref, pos)[:, -1])
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-10, atol=1e-10)
+    # The modes do change the output: a later token reads another depth's keys.
+    with torch.no_grad():
+        exact = model(ids, N_LOOPS)[:, prefill - 1:]
+    assert not torch.allclose(torch.stack(got, 1), exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,slots", [("per_depth", N_LOOPS), ("last", 1), ("first", 1),
+                                        ("every:2", 2), ("every:3", 2)])
+def test_bytes_per_token(attn_type, mode, slots):
+    model = model_of(attn_type).float()
+    cache = KVCache(16, dtype=torch.bfloat16, depth_sharing=mode)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 10)), N_LOOPS, cache, 0)
+    cfg = model.cfg
+    values = (2 * cfg.n_kv_heads * cfg.head_dim if attn_type == "gqa"
+              else cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    layers = cfg.prelude_layers + slots + cfg.coda_layers
+    assert cache.nbytes() == 10 * layers * values * 2  # bf16: 2 bytes a value
+    assert len(list(cache.keys())) == layers
+
+
+def test_generate_takes_a_sharing_mode_and_per_depth_is_exact(attn_type):
+    model = model_of(attn_type)
+    ids = torch.randint(0, 97, (2, 6))
+    plain = generate(model, ids, 6, N_LOOPS, do_sample=False)
+    assert torch.equal(generate(model, ids, 6, N_LOOPS, do_sample=False,
+                                depth_sharing="per_depth"), plain)
+    shared = generate(model, ids, 6, N_LOOPS, do_sample=False, depth_sharing="last")
+    assert shared.shape == plain.shape
+
+
+def test_invalid_modes_and_compiled_decoding_are_refused():
+    for bad in ("every", "every:0", "every:x", "shared", 3):
+        with pytest.raises(ValueError, match="depth_sharing"):
+            KVCache(8, depth_sharing=bad)
+    model = model_of("gqa")
+    cache = KVCache(8, depth_sharing="last")
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 3)), N_LOOPS, cache, 0)
+    with pytest.raises(ValueError, match="per-depth"):
+        CompiledDecoder(model, cache, N_LOOPS, 3, compile=False)
