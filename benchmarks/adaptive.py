@@ -176,6 +176,51 @@ def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len
     return rows
 
 
+SHARING_MODES = ("per_depth", "every:2", "first", "last")
+
+
+def cache_table(runs: list[str], loops: tuple[int, ...], prefill: int = 16) -> list[dict]:
+    """Each depth-sharing mode on each text run: bytes per token against the reference's
+    fp32 cache, and the validation loss of cached decoding (a ``prefill``-token prompt, then
+    one token at a time, teacher-forced) in fp32 and in a bf16 cache."""
+    from inference import reference_kv_bytes_per_token
+
+    from open_mythos.inference import KVCache
+
+    rows = []
+    for run in runs:
+        model = load_model(run).model.eval()
+        batches = run_val_batches(run)
+        for n_loops in loops:
+            reference = reference_kv_bytes_per_token(model.cfg, n_loops)
+            for dtype in (torch.float32, torch.bfloat16):
+                for mode in SHARING_MODES:
+                    total, count, nbytes, positions = 0.0, 0, 0, 0
+                    for batch in batches:
+                        ids, targets = batch["input_ids"], batch["targets"]
+                        B, L = ids.shape
+                        cache = KVCache(L, dtype=dtype, depth_sharing=mode)
+                        with torch.no_grad():
+                            logits = [model(ids[:, :prefill], n_loops, cache, 0)[:, -1]]
+                            for pos in range(prefill, L - 1):
+                                logits.append(model(ids[:, pos:pos + 1], n_loops, cache,
+                                                    pos)[:, -1])
+                        logits = torch.stack(logits, 1).float()  # predicts prefill-1..L-2
+                        tgt = targets[:, prefill - 1:L - 1]
+                        total += float(torch.nn.functional.cross_entropy(
+                            logits.flatten(0, 1), tgt.flatten(), ignore_index=-100,
+                            reduction="sum"))
+                        count += int((tgt != -100).sum())
+                        nbytes += cache.nbytes()
+                        positions += B * (L - 1)
+                    per_token = nbytes / positions
+                    rows.append(dict(run=Path(run).name, attn=str(model.cfg.attn_type),
+                                     loops=n_loops, dtype=str(dtype).removeprefix("torch."),
+                                     mode=mode, bytes=per_token, reference=reference,
+                                     ratio=reference / per_token, loss=total / count))
+    return rows
+
+
 def _timed(fn, *args, **kwargs) -> float:
     start = time.perf_counter()
     with torch.no_grad():
@@ -228,11 +273,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch sizes of the speculative decoding table (default 1 8)")
     p.add_argument("--speculative-tokens", type=int, default=64,
                    help="tokens decoded in the speculative table (default 64)")
+    p.add_argument("--cache-runs", nargs="+", metavar="DIR", default=[],
+                   help="text runs whose cache modes to measure (GQA and MLA)")
+    p.add_argument("--cache-loops", type=int, nargs="+", default=[4, 8],
+                   help="loop counts of the cache table (default 4 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PNG", help="write the Pareto plot here")
     args = p.parse_args(argv)
-    if not (args.task_run or args.text_run):
-        p.error("give --task-run, --text-run or both")
+    if not (args.task_run or args.text_run or args.cache_runs):
+        p.error("give --task-run, --text-run or --cache-runs")
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"rules start from {args.loops} loops")
@@ -270,6 +319,20 @@ def main(argv: list[str] | None = None) -> int:
                     [[r["batch"], r["method"], f"{r['seconds']:.2f}", f"{r['ratio']:.2f}x",
                       "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}",
                       f"{r['per_cycle']:.2f}", f"{r['same']:.0%}"] for r in spec])
+    if args.cache_runs:
+        rows = cache_table(args.cache_runs, tuple(args.cache_loops))
+        print("\n## Depth-sharing KV caches: bytes per token against the reference's fp32 "
+              "cache, and the loss of cached decoding (teacher-forced, after a 16-token "
+              "prompt) on validation text\n")
+        base = {(r["run"], r["loops"], r["dtype"]): r["loss"] for r in rows
+                if r["mode"] == "per_depth"}
+        print_table(["run", "attn", "loops", "cache", "mode", "bytes/token", "reference",
+                     "smaller", "loss", "Δ loss"],
+                    [[r["run"], r["attn"], r["loops"], r["dtype"], r["mode"],
+                      f"{r['bytes']:.0f}", r["reference"], f"{r['ratio']:.1f}x",
+                      f"{r['loss']:.4f}",
+                      f"{r['loss'] - base[(r['run'], r['loops'], r['dtype'])]:+.4f}"]
+                     for r in rows])
     if args.plot:
         plot(task_rows, text_rows, args.plot, args.loops)
     return 0

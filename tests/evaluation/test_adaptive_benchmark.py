@@ -24,7 +24,8 @@ def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     assert bench.main(["--task-run", str(tmp_path / "task"), "--text-run", str(tmp_path / "text"),
                        "--loops", "3", "--n-examples", "8", "--prompts", "2", "--prompt-len", "8",
                        "--new-tokens", "4", "--speculative-batch", "2",
-                       "--speculative-tokens", "6", "--plot", str(plot)]) == 0
+                       "--speculative-tokens", "6", "--cache-runs", str(tmp_path / "text"),
+                       "--cache-loops", "2", "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     rows = len(bench.RULES) + 2  # and fixed depths 1 and 2
     for table in ("## Task run", "## Text run"):
@@ -39,3 +40,10 @@ def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     spec = out.split("self-speculative")[1].splitlines()
     rows = [line for line in spec if line.strip().startswith("2 ")]
     assert len(rows) == 7 and all(line.rstrip().endswith("100%") for line in rows)
+    # Cache modes: per-depth at 2 loops holds 1 prelude + 2 loops + 1 coda entries, "last"
+    # 1 + 1 + 1; the fp32 per-depth GQA cache is the reference's size.
+    cache = {tuple(line.split()[3:5]): line.split() for line in out.split("Depth-sharing")[1]
+             .splitlines() if line.startswith("text ")}
+    per_depth, last = cache[("float32", "per_depth")], cache[("float32", "last")]
+    assert per_depth[7] == "1.0x" and float(per_depth[5]) == 4 / 3 * float(last[5])
+    assert float(cache[("bfloat16", "per_depth")][5]) == float(per_depth[5]) / 2
