@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..layers.recurrence import ExitRule
 from ..serving.scheduler import TokenLogprob
 from ..tokenizers import Tokenizer
 
@@ -22,6 +23,23 @@ MAX_STOP_STRINGS = 4
 PLAIN_CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant",
                     "developer": "System", "tool": "Tool"}
 PLAIN_CHAT_STOP = "\nUser:"
+
+
+class ExitRuleBody(BaseModel):
+    """The ``exit_rule`` extension: a training-free per-position exit test
+    (:class:`~open_mythos.layers.recurrence.ExitRule`; at least one criterion)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kl: float | None = None
+    entropy: float | None = None
+    rel_change: float | None = None
+    argmax_streak: int | None = None
+    min_loops: int = 1
+
+    def rule(self) -> ExitRule:
+        """The rule; raises ``ValueError`` naming the bad field."""
+        return ExitRule(**self.model_dump())
 
 
 class _Sampling(BaseModel):
@@ -41,6 +59,7 @@ class _Sampling(BaseModel):
     # OpenMythos extensions.
     n_loops: int | None = Field(default=None, ge=1)
     top_k: int | None = Field(default=None, ge=0)
+    exit_rule: ExitRuleBody | None = None
     # Accepted only at their neutral values.
     logit_bias: dict[str, float] | None = None
     presence_penalty: float = 0.0

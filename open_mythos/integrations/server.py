@@ -13,7 +13,10 @@ Endpoints:
         or the plain one of :mod:`.openai_api`; ``max_tokens`` / ``max_completion_tokens``
         (default: the rest of the context, up to the cap), ``logprobs`` and
         ``top_logprobs``, and the sampling fields above.
-    Both take the extensions ``n_loops`` (recurrent depth of this request) and ``top_k``;
+    Both take the extensions ``n_loops`` (recurrent depth of this request), ``top_k`` and
+    ``exit_rule`` (``{"kl", "entropy", "rel_change", "argmax_streak", "min_loops"}``: each
+    position stops looping once the rule fires, see
+    :class:`~open_mythos.layers.recurrence.ExitRule`);
     ``best_of``, ``suffix``, ``logit_bias`` and the penalties only at their neutral values.
     Every non-streaming response has ``usage``.
     ``GET /health``: ``{"status": "ok"}`` and the scheduler's counts.
@@ -54,7 +57,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..model import CausalLM
+from ..model import CausalLM, OpenMythos
 from ..serving.scheduler import (
     Event,
     Job,
@@ -232,13 +235,21 @@ class CompletionService:
         if len(prompts) * req.n > lim.max_batch:
             raise APIError(400, f"{len(prompts)} prompts x n={req.n} sequences is above this "
                            f"server's batch cap of {lim.max_batch} (--max-batch)", param="n")
+        exit_rule = None
+        if req.exit_rule is not None:
+            if not isinstance(self.model, OpenMythos):
+                raise APIError(400, "exit_rule needs a looped model", param="exit_rule")
+            try:
+                exit_rule = req.exit_rule.rule()
+            except ValueError as err:
+                raise APIError(400, str(err), param="exit_rule") from None
         greedy = req.temperature == 0.0
         options = GenerationOptions(
             max_new_tokens=max_tokens,
             n_loops=req.n_loops if req.n_loops is not None else self.n_loops,
             do_sample=not greedy, temperature=1.0 if greedy else req.temperature,
             top_k=req.top_k or None, top_p=None if req.top_p >= 1.0 else req.top_p,
-            stop=stop, seed=req.seed)
+            stop=stop, seed=req.seed, exit_rule=exit_rule)
         try:
             validate(self.model, prompts, options)
         except ValueError as err:

@@ -20,6 +20,7 @@ import torch
 from ..config import check_loops
 from ..inference.generation import stream
 from ..inference.sampling import SamplingParams
+from ..layers.recurrence import ExitRule
 from ..model import OpenMythos
 from ..tokenizers import Tokenizer
 
@@ -133,7 +134,8 @@ class GenerationOptions:
     ``cfg.max_loop_iters``; ``stop`` strings end a sequence and are not part of its text;
     ``seed`` makes sampling reproducible; ``act_early_exit`` None means on unless
     ``compile`` (a compiled decode step runs every loop, see
-    :mod:`open_mythos.inference.static`).
+    :mod:`open_mythos.inference.static`); ``exit_rule`` stops each position's loops once
+    it fires (:class:`~open_mythos.layers.recurrence.ExitRule`).
     """
 
     max_new_tokens: int = 64
@@ -146,6 +148,7 @@ class GenerationOptions:
     seed: int | None = None
     act_early_exit: bool | None = None
     compile: bool = False
+    exit_rule: ExitRule | None = None
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -222,7 +225,8 @@ def stream_text(
         do_sample=options.do_sample, temperature=options.temperature, top_k=options.top_k,
         top_p=options.top_p, eos_token_id=eos, pad_token_id=pad,
         attention_mask=mask.to(device) if padded else None, generator=generator,
-        act_early_exit=options.act_early_exit, compile=options.compile)
+        act_early_exit=options.act_early_exit, compile=options.compile,
+        exit_rule=options.exit_rule)
     try:
         for step in tokens:
             for i, tok in enumerate(step.tolist()):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..inference.cache import KVCache
+from ..layers.recurrence import ExitRule
 from ..model import CausalLM
 
 
@@ -48,10 +49,12 @@ class Prefill:
         ids: the prompt's token ids.
         n_loops: loops per forward.
         keep_logits: also keep every position's logits (for prompt logprobs).
+        exit_rule: a training-free exit rule of every forward, or None.
     """
 
-    def __init__(self, model: CausalLM, ids: list[int], n_loops: int, keep_logits: bool = False):
-        self.model, self.n_loops = model, n_loops
+    def __init__(self, model: CausalLM, ids: list[int], n_loops: int, keep_logits: bool = False,
+                 exit_rule: ExitRule | None = None):
+        self.model, self.n_loops, self.exit_rule = model, n_loops, exit_rule
         self.ids = torch.tensor([ids], dtype=torch.long, device=_device(model))  # (1, L)
         self.cache = KVCache(len(ids))
         self.done = 0
@@ -71,7 +74,7 @@ class Prefill:
         """Prefill up to ``chunk`` more prompt tokens; returns how many."""
         end = min(self.length, self.done + chunk)
         logits = self.model(self.ids[:, self.done:end], self.n_loops, self.cache, self.done,
-                            act_early_exit=True)[0]  # (c, V)
+                            act_early_exit=True, exit_rule=self.exit_rule)[0]  # (c, V)
         if self.keep_logits:
             self.logits.append(logits.float())
         self.last = logits[-1]
@@ -84,15 +87,17 @@ class Prefill:
 
 
 class DecodeBatch:
-    """Rows decoding together with one ``n_loops`` (see the module docstring).
+    """Rows decoding together with one ``n_loops`` and exit rule (see the module docstring).
 
     Args:
         model: the model (eval mode, no gradients: the caller's job).
         n_loops: loops per decode step of every row.
+        exit_rule: a training-free exit rule of every step (each row exits on its own), or
+            None.
     """
 
-    def __init__(self, model: CausalLM, n_loops: int):
-        self.model, self.n_loops = model, n_loops
+    def __init__(self, model: CausalLM, n_loops: int, exit_rule: ExitRule | None = None):
+        self.model, self.n_loops, self.exit_rule = model, n_loops, exit_rule
         self.capacity = model.cfg.max_seq_len
         self.keys = model.cache_keys(n_loops)
         self.cache: KVCache | None = None
@@ -153,7 +158,8 @@ class DecodeBatch:
         cols = torch.arange(self.width + 1, device=tokens.device)
         mask = (cols.view(1, -1) >= (self.width - lengths).view(-1, 1)).long()  # (B, width + 1)
         logits = self.model(tokens.view(-1, 1), self.n_loops, self.cache, self.width,
-                            attention_mask=mask, act_early_exit=True)[:, -1]
+                            attention_mask=mask, act_early_exit=True,
+                            exit_rule=self.exit_rule)[:, -1]
         self.width += 1
         self.lengths = [n + 1 for n in self.lengths]
         return logits

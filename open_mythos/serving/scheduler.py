@@ -9,12 +9,13 @@ Each turn of the scheduler thread:
    delays the running sequences by one chunk per turn, not by its whole length; a prompt
    whose prefill completes picks its first token and joins the decode batch of its
    ``n_loops``;
-4. runs one decode step of every batch (one per distinct ``n_loops``), picks each row's
-   next token with that row's own sampling settings and generator, and lets finished rows
-   leave.
+4. runs one decode step of every batch (one per distinct ``n_loops`` and exit rule), picks
+   each row's next token with that row's own sampling settings and generator, and lets
+   finished rows leave.
 
-Rows of one batch share ``n_loops``: requests with different depths decode in separate
-batches, stepped in turn (see :mod:`open_mythos.serving.batch` for the cache layout).
+Rows of one batch share ``n_loops`` and exit rule: requests with different ones decode in
+separate batches, stepped in turn (see :mod:`open_mythos.serving.batch` for the cache
+layout). Within a batch each row still exits on its own under the rule.
 Requests reach the thread through a bounded queue (:class:`QueueFull` when full) and hear
 back through the ``emit`` callback of their :class:`Job`, called on the scheduler thread
 with :class:`SeqDelta`, :class:`PromptLogprobs`, :class:`JobFailed` and a last
@@ -34,6 +35,7 @@ import torch
 
 from ..inference.sampling import SamplingParams, select_next
 from ..integrations.textgen import FinishReason, GenerationOptions, TextSequence
+from ..layers.recurrence import ExitRule
 from ..model import CausalLM
 from ..tokenizers import ByteTokenizer, Tokenizer
 from .batch import DecodeBatch, Prefill
@@ -190,6 +192,10 @@ def derive_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+#: Rows decode together when they share ``n_loops`` and exit rule.
+_BatchKey = tuple[int, ExitRule | None]
+
+
 @dataclass
 class _PrefillTask:
     prefill: Prefill
@@ -214,8 +220,9 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._prefills: deque[_PrefillTask] = deque()
-        self._batches: dict[int, DecodeBatch] = {}
-        self._rows: dict[int, list[_Row]] = {}  # n_loops -> the rows of that batch, in order
+        # One batch per (n_loops, exit rule); the rows of each, in batch order.
+        self._batches: dict[_BatchKey, DecodeBatch] = {}
+        self._rows: dict[_BatchKey, list[_Row]] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (all batches)
@@ -273,8 +280,8 @@ class Scheduler:
         self._drop_gone()
         self._admit()
         self._prefill()
-        for n_loops in list(self._batches):
-            self._decode(n_loops)
+        for key in list(self._batches):
+            self._decode(key)
 
     def _drop_gone(self) -> None:
         """Forget cancelled jobs; fail those past their time limit."""
@@ -289,8 +296,8 @@ class Scheduler:
         with self._cv:
             self._waiting = deque(j for j in self._waiting if id(j) not in gone)
         self._prefills = deque(t for t in self._prefills if id(t.job) not in gone)
-        for n_loops, rows in list(self._rows.items()):
-            self._keep(n_loops, [i for i, r in enumerate(rows) if id(r.job) not in gone])
+        for key, rows in list(self._rows.items()):
+            self._keep(key, [i for i, r in enumerate(rows) if id(r.job) not in gone])
         for job in late:
             job.emit(JobFailed(504, f"the request ran past the server's time limit of "
                                     f"{job.timeout:g} s", "timeout"))
@@ -320,7 +327,7 @@ class Scheduler:
             return
         for p, ids in enumerate(job.prompts):
             self._prefills.append(_PrefillTask(
-                Prefill(self.model, ids, n_loops, keep_logits=job.echo_logprobs), job,
+                Prefill(self.model, ids, n_loops, job.echo_logprobs, o.exit_rule), job,
                 rows[p * job.n:(p + 1) * job.n]))
 
     def _prefill(self) -> None:
@@ -349,16 +356,17 @@ class Scheduler:
             self._advance(row, logits, 0)
         running = [r for r in task.rows if not r.finished]
         if running:
-            batch = self._batches.get(pf.n_loops)
+            key = (pf.n_loops, pf.exit_rule)
+            batch = self._batches.get(key)
             if batch is None:
-                batch = self._batches[pf.n_loops] = DecodeBatch(self.model, pf.n_loops)
-                self._rows[pf.n_loops] = []
+                batch = self._batches[key] = DecodeBatch(self.model, *key)
+                self._rows[key] = []
             for row in running:
                 batch.add(pf)
-                self._rows[pf.n_loops].append(row)
+                self._rows[key].append(row)
 
-    def _decode(self, n_loops: int) -> None:
-        batch, rows = self._batches[n_loops], self._rows[n_loops]
+    def _decode(self, key: _BatchKey) -> None:
+        batch, rows = self._batches[key], self._rows[key]
         tokens = torch.tensor([r.token for r in rows], dtype=torch.long, device=self.device)
         logits = batch.step(tokens)  # (B, V)
         self.steps += 1
@@ -366,13 +374,13 @@ class Scheduler:
         greedy = logits.argmax(-1).tolist() if any(r.generator is None for r in rows) else None
         for i, row in enumerate(rows):
             self._advance(row, logits, i, None if greedy is None else greedy[i])
-        self._keep(n_loops, [i for i, r in enumerate(rows) if not r.finished])
+        self._keep(key, [i for i, r in enumerate(rows) if not r.finished])
 
-    def _keep(self, n_loops: int, keep: list[int]) -> None:
-        self._batches[n_loops].keep(keep)
-        self._rows[n_loops] = [self._rows[n_loops][i] for i in keep]
+    def _keep(self, key: _BatchKey, keep: list[int]) -> None:
+        self._batches[key].keep(keep)
+        self._rows[key] = [self._rows[key][i] for i in keep]
         if not keep:
-            del self._batches[n_loops], self._rows[n_loops]
+            del self._batches[key], self._rows[key]
 
     def _advance(self, row: _Row, logits: torch.Tensor, i: int, greedy: int | None = None) -> None:
         """Pick row ``row``'s next token from ``logits[i]`` and report its text."""

@@ -113,6 +113,7 @@ def test_any_integer_seed_is_accepted_and_reproducible(real):
     ("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 5.0), ("n", "2"), ("n", True),
     ("n_loops", True), ("n_loops", "2"), ("temperature", "0.5"), ("temperature", False),
     ("seed", "1"), ("seed", 1.5), ("top_k", "3"), ("echo", "yes"), ("logprobs", True),
+    ("exit_rule", {"kl": "0.1"}), ("exit_rule", {"kl": -1.0}), ("exit_rule", {"min_loops": 2}),
 ])
 def test_numbers_are_not_coerced(real, field, value):
     client, _ = real

@@ -10,6 +10,7 @@ import pytest
 
 from open_mythos import ByteTokenizer
 from open_mythos.integrations.textgen import GenerationOptions, complete
+from open_mythos.layers.recurrence import ExitRule
 from open_mythos.serving import Job, QueueFull, Scheduler, ServeLimits
 from open_mythos.serving.scheduler import JobDone, JobFailed, SeqDelta, derive_seed
 from tests.integrations.conftest import CORPUS, TRAINED_LOOPS
@@ -59,23 +60,28 @@ def scheduler(trained_model):
     s.stop()
 
 
-#: (prompt, n_loops, max_new_tokens, stop): different lengths, depths, lengths and stops.
+EXIT = ExitRule(argmax_streak=1, min_loops=2)
+#: (prompt, n_loops, max_new_tokens, stop, exit rule): different lengths, depths, stops
+#: and exit rules.
 GREEDY_CASES = [
-    ("the cat sat on the ", TRAINED_LOOPS, 30, ()),
-    ("a", TRAINED_LOOPS, 20, ()),
-    ("a dog sat on a mat. the dog ", 1, 25, ()),
-    ("the dog sat on the log. a cat and a dog", TRAINED_LOOPS, 16, ("log",)),
-    ("on ", 3, 12, ()),
-    ("the mat", TRAINED_LOOPS, 40, (". a",)),
+    ("the cat sat on the ", TRAINED_LOOPS, 30, (), None),
+    ("a", TRAINED_LOOPS, 20, (), None),
+    ("a dog sat on a mat. the dog ", 1, 25, (), None),
+    ("the dog sat on the log. a cat and a dog", TRAINED_LOOPS, 16, ("log",), None),
+    ("on ", 3, 12, (), None),
+    ("the mat", TRAINED_LOOPS, 40, (". a",), None),
+    ("the cat and", 6, 20, (), EXIT),
+    ("a cat sat", 6, 20, (), None),
 ]
 
 
 def test_batched_greedy_output_equals_unbatched(scheduler, trained_model):
     """Jobs submitted together (joining the running batch at different steps, with their
-    own n_loops and stop strings) produce what each produces alone through the unbatched
-    generation path (textgen over inference.stream)."""
-    options = [GenerationOptions(max_new_tokens=m, n_loops=k, do_sample=False, stop=stop)
-               for _, k, m, stop in GREEDY_CASES]
+    own n_loops, stop strings and exit rule) produce what each produces alone through the
+    unbatched generation path (textgen over inference.stream)."""
+    options = [GenerationOptions(max_new_tokens=m, n_loops=k, do_sample=False, stop=stop,
+                                 exit_rule=rule)
+               for _, k, m, stop, rule in GREEDY_CASES]
     expected = [complete(trained_model, TOK, [TOK.encode(p)], o)[0]
                 for (p, *_), o in zip(GREEDY_CASES, options)]
     sinks = []
@@ -84,6 +90,9 @@ def test_batched_greedy_output_equals_unbatched(scheduler, trained_model):
     got = [s.texts(1)[0] for s in sinks]
     assert got == [(e.text, e.finish_reason, e.completion_tokens) for e in expected]
     assert len({e.text for e in expected}) == len(expected)  # the cases really differ
+    without_rule = complete(trained_model, TOK, [TOK.encode(GREEDY_CASES[6][0])],
+                            GenerationOptions(max_new_tokens=20, n_loops=6, do_sample=False))
+    assert without_rule[0].text != expected[6].text  # the exit rule was applied
     # They were decoded together (the prefill budget of 8 tokens a turn makes them join at
     # different steps): the jobs of TRAINED_LOOPS loops shared steps.
     assert scheduler.peak_batch >= 3
