@@ -228,17 +228,18 @@ def _timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def plot(task_rows, text_rows, path: str, n_loops: int) -> None:
+def plot(task_rows, text_rows, path: str, n_loops: int, names: tuple[str, str] = ("", "")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(rows, key, label) for rows, key, label in
-              ((task_rows, "accuracy", "exact-match accuracy"),
-               (text_rows, "loss", "validation loss (nats/token)")) if rows]
+    panels = [(rows, key, label, name) for rows, key, label, name in
+              ((task_rows, "accuracy", "exact-match accuracy", names[0]),
+               (text_rows, "loss", "validation loss (nats/token)", names[1])) if rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (rows, key, label) in zip(axes[0], panels):
+    for ax, (rows, key, label, name) in zip(axes[0], panels):
+        ax.set_title(f"exit rules against fixed depth: {name}", fontsize=9)
         families: dict[str, list[dict]] = {}
         for r in rows:
             family = ("fixed depth" if r["rule"].startswith("fixed") or r["rule"] == "none"
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['loss'] - base[(r['run'], r['loops'], r['dtype'])]:+.4f}"]
                      for r in rows])
     if args.plot:
-        plot(task_rows, text_rows, args.plot, args.loops)
+        plot(task_rows, text_rows, args.plot, args.loops,
+             (str(args.task_run or ""), str(args.text_run or "")))
     return 0
 
 
