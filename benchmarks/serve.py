@@ -3,6 +3,7 @@ soak of aborted streams and disconnects.
 
     python benchmarks/serve.py                 # 16 clients x 32 tokens, soak 50 + 20
     python benchmarks/serve.py --clients 8 --tokens 16 --soak-streams 10 --soak-disconnects 5
+    python benchmarks/serve.py --loop-mix 4,2   # also: requests of two depths at once
 
 The server runs in a process of its own (uvicorn on 127.0.0.1, a free port) over a small
 random byte-level model (``--dim``, ``--loops``); the clients are threads of this process,
@@ -73,10 +74,14 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def one_request(client: httpx.Client, i: int, tokens: int) -> tuple[float, int, bool]:
-    """(latency s, completion tokens, ok) of one greedy completion."""
+def one_request(client: httpx.Client, i: int, tokens: int,
+                loop_mix: list[int] | None = None) -> tuple[float, int, bool]:
+    """(latency s, completion tokens, ok) of one greedy completion (request ``i`` asks
+    for ``n_loops = loop_mix[i % len(loop_mix)]`` when given)."""
     body = {"prompt": PROMPTS[i % len(PROMPTS)] + f" {i}", "max_tokens": tokens,
             "temperature": 0}
+    if loop_mix:
+        body["n_loops"] = loop_mix[i % len(loop_mix)]
     start = time.perf_counter()
     try:
         r = client.post("/v1/completions", json=body)
@@ -87,7 +92,8 @@ def one_request(client: httpx.Client, i: int, tokens: int) -> tuple[float, int, 
     return time.perf_counter() - start, used, ok
 
 
-def run_load(clients: list[httpx.Client], tokens: int, concurrent: bool) -> dict[str, float]:
+def run_load(clients: list[httpx.Client], tokens: int, concurrent: bool,
+             loop_mix: list[int] | None = None) -> dict[str, float]:
     """Request ``i`` from ``clients[i]`` (connections opened beforehand, as a real client
     keeps them): all at once, released together by a barrier, or one after the other."""
     n = len(clients)
@@ -95,14 +101,14 @@ def run_load(clients: list[httpx.Client], tokens: int, concurrent: bool) -> dict
 
     def client_run(i: int) -> tuple[float, int, bool]:
         barrier.wait()
-        return one_request(clients[i], i, tokens)
+        return one_request(clients[i], i, tokens, loop_mix)
 
     start = time.perf_counter()
     if concurrent:
         with ThreadPoolExecutor(n) as pool:
             results = list(pool.map(client_run, range(n)))
     else:
-        results = [one_request(clients[i], i, tokens) for i in range(n)]
+        results = [one_request(clients[i], i, tokens, loop_mix) for i in range(n)]
     wall = time.perf_counter() - start
     latencies = sorted(t for t, _, _ in results)
     return {"tok_s": sum(k for _, k, _ in results) / wall, "wall": wall,
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-streams", type=int, default=50)
     p.add_argument("--soak-disconnects", type=int, default=20)
     p.add_argument("--disconnect-after", type=float, default=0.3)
+    p.add_argument("--loop-mix", type=lambda v: [int(x) for x in v.split(",")], metavar="N,M",
+                   help="also run the load with requests cycling over these n_loops (each "
+                        "depth decodes in a batch of its own), e.g. 4,2")
     args = p.parse_args(argv)
 
     ctx = mp.get_context("spawn")
@@ -203,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                 for name, r in [("one at a time", sequential), ("concurrent", concurrent)]]
         rows.append(["ratio", f"{concurrent['tok_s'] / sequential['tok_s']:.2f}x", "",
                      "", f"p99/p50 {concurrent['p99'] / concurrent['p50']:.2f}", ""])
+        if args.loop_mix:
+            mix = ",".join(map(str, args.loop_mix))
+            for name, concurrently in [("one at a time", False), ("concurrent", True)]:
+                r = run_load(clients, args.tokens, concurrently, args.loop_mix)
+                rows.append([f"{name}, n_loops {mix}", f"{r['tok_s']:.1f}", f"{r['wall']:.2f}",
+                             f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{int(r['errors'])}"])
         print(f"{args.clients} clients x {args.tokens} tokens, dim {args.dim}, "
               f"{args.loops} loops, server torch threads {args.threads}")
         print_table(["mode", "tok/s", "wall s", "p50 s", "p99 s", "errors"], rows)
