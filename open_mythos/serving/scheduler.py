@@ -238,7 +238,11 @@ class Scheduler:
         return self
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raises :class:`QueueFull` or :class:`SchedulerStopped`."""
+        """Queue ``job``; raises :class:`QueueFull` or :class:`SchedulerStopped`, and
+        ``ValueError`` for a job that could never start (more rows than ``max_batch``)."""
+        if job.n_rows > self.limits.max_batch:
+            raise ValueError(f"the job has {job.n_rows} sequences; max_batch is "
+                             f"{self.limits.max_batch}")
         with self._cv:
             if self._stopping:
                 raise SchedulerStopped("the server is shutting down")

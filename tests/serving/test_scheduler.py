@@ -152,6 +152,8 @@ def test_a_full_queue_refuses_and_a_stopped_scheduler_fails_waiting_jobs(trained
         s.submit(Job([[1, 2]], GenerationOptions(), sink))
     with pytest.raises(QueueFull):
         s.submit(Job([[1, 2]], GenerationOptions(), Collector()))
+    with pytest.raises(ValueError, match="max_batch"):  # it could never start
+        s.submit(Job([[1, 2]], GenerationOptions(), Collector(), n=s.limits.max_batch + 1))
     s.start().stop()
     for sink in sinks:
         failed = sink.wait()[-1]
