@@ -450,17 +450,8 @@ class RecurrentBlock(nn.Module):
                 aux.append(self.block.ffn.last_aux_loss)
                 loads.append(self.block.ffn.last_expert_load)
                 stop = None if exits is None else exits.update(h_in, h_new, rows, t)
-                if halting is not None:
-                    h = halting.update(h, h_in, h_new, self.act(h_new), rows, t,
-                                       t == n_loops - 1, float(self.cfg.act_threshold), stop)
-                    now_running = halting.running
-                elif stop is not None:
-                    run_in = _take(running, rows)
-                    h = _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
-                    now_running = _put(running, rows, run_in & ~stop)
-                else:
-                    h = h_new
-                    now_running = running
+                h, now_running = self._advance(h, h_in, h_new, rows, t, n_loops, halting,
+                                               running, stop)
                 if now_running is not running:
                     depth = torch.where(running & ~now_running, t + 1, depth)
                     running = carry.fresh = now_running
@@ -477,6 +468,22 @@ class RecurrentBlock(nn.Module):
         self.last_position_loops = torch.where(running, t + 1, depth)
         return self._finish(h, halting, aux, loads, loops_run=t + 1, n_loops=n_loops,
                             work=work)
+
+    def _advance(self, h: torch.Tensor, h_in: torch.Tensor, h_new: torch.Tensor,
+                 rows: torch.Tensor | None, t: int, n_loops: int, halting: _Halting | None,
+                 running: torch.Tensor,
+                 stop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full state after loop ``t`` took rows ``rows`` from ``h_in`` to ``h_new``, and
+        the positions still running: halted or exited (``stop``) positions keep their state."""
+        if halting is not None:
+            h = halting.update(h, h_in, h_new, self.act(h_new), rows, t, t == n_loops - 1,
+                               float(self.cfg.act_threshold), stop)
+            return h, halting.running
+        if stop is None:
+            return h_new, running
+        run_in = _take(running, rows)
+        h = _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
+        return h, _put(running, rows, run_in & ~stop)
 
     def _finish(self, h: torch.Tensor, halting: _Halting | None, aux: list[torch.Tensor],
                 loads: list[torch.Tensor], loops_run: int, n_loops: int,
