@@ -141,13 +141,25 @@ def _plot(out: Path, labels: list[str], top_text: list[list[str]], data: dict[st
     import matplotlib
 
     matplotlib.use("Agg")
+    loops, T = len(data["prob"]), len(labels)
+    size = (max(6.0, 0.55 * T + 2), max(3.0, 0.4 * loops + 1.5))
+    paths = [_plot_lens(out, labels, top_text, data, title, size)]
+    if loops > 1:
+        paths.append(_plot_kl(out, labels, data, title, size))
+    series = [(name, data[key]) for name, key in (("ACT halting", "act_loops"),
+                                                    ("exit rule", "exit_loops"))
+              if data[key] is not None]
+    if series:
+        paths.append(_plot_depth(out, labels, series, loops, title, size[0]))
+    return paths
+
+
+def _plot_lens(out: Path, labels: list[str], top_text: list[list[str]], data: dict[str, Any],
+               title: str, size: tuple[float, float]) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
     loops, T = len(data["prob"]), len(labels)
-    size = (max(6.0, 0.55 * T + 2), max(3.0, 0.4 * loops + 1.5))
-    paths = []
-
     fig, ax = plt.subplots(figsize=size)
     im = ax.imshow(np.array(data["prob"]), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                    origin="lower", extent=(-0.5, T - 0.5, 0.5, loops + 0.5))
@@ -158,36 +170,44 @@ def _plot(out: Path, labels: list[str], top_text: list[list[str]], data: dict[st
     _axes(ax, labels, loops, "loop (state read out after it)")
     fig.colorbar(im, ax=ax, label="probability of the top next token")
     ax.set_title(f"logit lens ({data['lens']}) per loop: top next token\n{title}", fontsize=9)
-    paths.append(_save(fig, out / "lens.png"))
+    return _save(fig, out / "lens.png")
 
-    if loops > 1:
-        fig, ax = plt.subplots(figsize=size)
-        kl = np.maximum(np.array(data["kl"]), 1e-12)
-        im = ax.imshow(np.log10(kl), aspect="auto", cmap="magma", origin="lower",
-                       extent=(-0.5, T - 0.5, 1.5, loops + 0.5))
-        _axes(ax, labels, loops, "loop d (against d - 1)", first=2)
-        fig.colorbar(im, ax=ax, label="log10 KL(p_d || p_(d-1)) (nats)")
-        ax.set_title(f"how much each loop changes the prediction\n{title}", fontsize=9)
-        paths.append(_save(fig, out / "kl.png"))
 
-    series = [(name, data[key]) for name, key in (("ACT halting", "act_loops"),
-                                                    ("exit rule", "exit_loops"))
-              if data[key] is not None]
-    if series:
-        fig, ax = plt.subplots(figsize=(size[0], 3.5))
-        width = 0.8 / len(series)
-        for k, (name, depths) in enumerate(series):
-            ax.bar(np.arange(T) + (k - (len(series) - 1) / 2) * width, depths, width,
-                   label=name, hatch="//" if k else None, alpha=0.85)
-        ax.set_xticks(range(T), labels, fontsize=7)
-        ax.set_xlabel("position (token read)")
-        ax.set_ylabel("loops run")
-        ax.set_ylim(0, loops + 0.5)
-        ax.yaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=8)
-        ax.set_title(f"loops each position ran (of {loops})\n{title}", fontsize=9)
-        paths.append(_save(fig, out / "depth.png"))
-    return paths
+def _plot_kl(out: Path, labels: list[str], data: dict[str, Any], title: str,
+             size: tuple[float, float]) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    loops, T = len(data["prob"]), len(labels)
+    fig, ax = plt.subplots(figsize=size)
+    kl = np.maximum(np.array(data["kl"]), 1e-12)
+    im = ax.imshow(np.log10(kl), aspect="auto", cmap="magma", origin="lower",
+                   extent=(-0.5, T - 0.5, 1.5, loops + 0.5))
+    _axes(ax, labels, loops, "loop d (against d - 1)", first=2)
+    fig.colorbar(im, ax=ax, label="log10 KL(p_d || p_(d-1)) (nats)")
+    ax.set_title(f"how much each loop changes the prediction\n{title}", fontsize=9)
+    return _save(fig, out / "kl.png")
+
+
+def _plot_depth(out: Path, labels: list[str], series: list[tuple[str, list[int]]], loops: int,
+                title: str, width: float) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    T = len(labels)
+    fig, ax = plt.subplots(figsize=(width, 3.5))
+    bar = 0.8 / len(series)
+    for k, (name, depths) in enumerate(series):
+        ax.bar(np.arange(T) + (k - (len(series) - 1) / 2) * bar, depths, bar, label=name,
+               hatch="//" if k else None, alpha=0.85)
+    ax.set_xticks(range(T), labels, fontsize=7)
+    ax.set_xlabel("position (token read)")
+    ax.set_ylabel("loops run")
+    ax.set_ylim(0, loops + 0.5)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax.set_title(f"loops each position ran (of {loops})\n{title}", fontsize=9)
+    return _save(fig, out / "depth.png")
 
 
 def _axes(ax: Any, labels: list[str], loops: int, ylabel: str, first: int = 1) -> None:
