@@ -11,6 +11,11 @@ Two on-disk layouts hold a model (:class:`~open_mythos.OpenMythos` or the dense 
   ``n_loops`` and the ``transformers`` keys) and ``model.safetensors`` (or shards with an
   index) whose names carry the ``model.`` prefix.
 
+The trained depth: a training checkpoint's ``train_config.toml`` holds the run's loop
+schedule, and :attr:`LoadedModel.n_loops` is the depth it trained for
+(:func:`read_trained_depth`); an HF directory stores it as ``n_loops``. Every command that runs
+a checkpoint (generate, serve, info, sweep, report, lm-eval, export) defaults to it.
+
 :func:`load_model` reads both, for every kind of :mod:`open_mythos.registry`, without
 ``transformers``; :func:`load_checkpoint` is the same as a ``(model, cfg)`` pair.
 
@@ -41,7 +46,7 @@ from torch import nn
 
 from .config import MythosConfig
 from .model import CausalLM
-from .registry import build_model, config_fields, config_from_dict, materialize
+from .registry import build_model, config_fields, config_from_dict, kind_of, materialize
 
 # Training layout (see open_mythos.training.checkpoint for the files a run adds).
 CHECKPOINT_DIR = "checkpoints"
@@ -49,6 +54,7 @@ LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+TRAIN_CONFIG_FILE = "train_config.toml"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = (MODEL_FILE, MODEL_CONFIG_FILE)  # what loading the model alone reads
 _STEP_DIR = re.compile(r"step_\d+")
@@ -81,8 +87,9 @@ class LoadedModel:
         cfg: its configuration (the kind's configuration class).
         path: the directory the weights came from (a run directory resolves to a checkpoint).
         format: the layout that was read.
-        n_loops: default loop count stored with the weights (``n_loops`` of an HF config),
-            or None (use ``cfg.max_loop_iters``).
+        n_loops: the depth to run by default: the depth a training checkpoint was trained
+            at (:func:`read_trained_depth`), or ``n_loops`` of an HF config; None when
+            neither records one, or for a fixed-depth kind (use ``model.default_n_loops``).
     """
 
     model: CausalLM
@@ -255,12 +262,36 @@ def read_model_config(ckpt_dir: str | Path) -> MythosConfig:
         raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
 
 
+def read_trained_depth(ckpt_dir: str | Path, cfg: MythosConfig | None = None) -> int | None:
+    """The loop count a training checkpoint was trained for
+    (:attr:`~open_mythos.training.config.ScheduleConfig.trained_depth` of the ``[schedule]``
+    in its ``train_config.toml``); None without that section, or when ``cfg`` is of a
+    fixed-depth kind."""
+    if cfg is not None and not kind_of(cfg).looped:
+        return None
+    path = Path(ckpt_dir) / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    # NOTE: imported here: reading a checkpoint must not need the training package unless
+    # the checkpoint was written by it (the config module itself imports nothing heavy).
+    from .training.config import ConfigError, TrainConfig, tomllib
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        if "schedule" not in raw:  # not written by the trainer, which writes every section
+            return None
+        return TrainConfig.from_dict({"schedule": raw["schedule"]}).schedule.trained_depth
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, ConfigError) as err:
+        raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
+
+
 def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
     """``(configuration, default n_loops or None)`` of a checkpoint, run or HF directory,
-    without reading the weights."""
+    without reading the weights (the default depth as :attr:`LoadedModel.n_loops`)."""
     fmt, ckpt_dir = detect_format(path, files=(MODEL_CONFIG_FILE,))
     if fmt is CheckpointFormat.TRAINING:
-        return read_model_config(ckpt_dir), None
+        cfg = read_model_config(ckpt_dir)
+        return cfg, read_trained_depth(ckpt_dir, cfg)
     data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
     fields = config_fields()
     return config_from_dict({k: v for k, v in data.items() if k in fields}), data.get("n_loops")
@@ -373,7 +404,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """
     fmt, ckpt_dir = detect_format(path)
     if fmt is CheckpointFormat.TRAINING:
-        cfg, n_loops = read_model_config(ckpt_dir), None
+        cfg = read_model_config(ckpt_dir)
+        n_loops = read_trained_depth(ckpt_dir, cfg)
         state, _ = read_model_state(ckpt_dir)
     else:
         cfg, n_loops = read_config(ckpt_dir)
@@ -401,9 +433,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 
 __all__ = [
     "CHECKPOINT_DIR", "HF_MODEL_TYPE", "LATEST", "MANIFEST_FILE", "MODEL_CONFIG_FILE",
-    "MODEL_FILE", "MODEL_FILES", "CheckpointCorrupt", "CheckpointFormat", "LoadedModel",
+    "MODEL_FILE", "MODEL_FILES", "TRAIN_CONFIG_FILE", "CheckpointCorrupt", "CheckpointFormat", "LoadedModel",
     "check_state_keys", "detect_format", "file_sha256", "latest_checkpoint", "load_checkpoint",
     "load_model", "load_state", "newest_intact_checkpoint", "read_config", "read_hf_state",
-    "read_model_config", "read_model_state", "resolve_checkpoint_dir", "tied_parameters",
-    "verify_checkpoint",
+    "read_model_config", "read_model_state", "read_trained_depth", "resolve_checkpoint_dir",
+    "tied_parameters", "verify_checkpoint",
 ]

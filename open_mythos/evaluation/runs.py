@@ -45,14 +45,11 @@ def run_task(path: str | Path) -> Task | None:
 
 
 def run_train_loops(path: str | Path) -> int | None:
-    """The depth a run trained at: ``schedule.max_loops`` for a curriculum, else
-    ``schedule.n_loops`` (the fixed count, or the mean of sampled counts); None without a
-    stored configuration."""
+    """The depth a run trained at
+    (:attr:`~open_mythos.training.config.ScheduleConfig.trained_depth`: ``max_loops`` for a
+    curriculum or uniform counts, else ``n_loops``); None without a stored configuration."""
     cfg = read_train_config(path)
-    if cfg is None:
-        return None
-    schedule = cfg.schedule
-    return schedule.max_loops if str(schedule.loops.value) == "curriculum" else schedule.n_loops
+    return None if cfg is None else cfg.schedule.trained_depth
 
 
 def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict[str, torch.Tensor]]:

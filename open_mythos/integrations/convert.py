@@ -35,6 +35,7 @@ from ..checkpoints import (
 )
 from ..tokenizers import BYTE_TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
 from ..training.checkpoint import TRAIN_CONFIG_FILE
+from ..training.runfiles import RUN_TOKENIZER_DIR
 
 # Files that make up a tokenizer (ours or a Hugging Face one); copied as a group.
 TOKENIZER_FILES = (
@@ -49,12 +50,14 @@ TOKENIZER_FILES = (
 
 def find_tokenizer_dir(ckpt_dir: str | Path) -> Path | None:
     """Where the tokenizer of a checkpoint lives: the checkpoint directory itself, else its
-    run directory (``RUN/checkpoints/step_N`` -> ``RUN``), else the local directory named
-    by ``[data] tokenizer`` in its ``train_config.toml``. None if there is none of these."""
+    run directory's copy (``RUN/checkpoints/step_N`` -> ``RUN/tokenizer``, written by the
+    trainer) or the run directory itself, else the local directory named by ``[data]
+    tokenizer`` in its ``train_config.toml``. None if there is none of these."""
     ckpt_dir = Path(ckpt_dir)
     candidates = [ckpt_dir]
     if ckpt_dir.parent.name == CHECKPOINT_DIR:
-        candidates.append(ckpt_dir.parent.parent)
+        run_dir = ckpt_dir.parent.parent
+        candidates += [run_dir / RUN_TOKENIZER_DIR, run_dir]
     spec = _train_config_tokenizer(ckpt_dir)
     if spec is not None and spec.lower() != "byte":
         candidates.append(Path(spec).expanduser())

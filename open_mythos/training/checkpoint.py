@@ -58,6 +58,7 @@ from ..checkpoints import (  # the reading side, shared with every other loader
     MANIFEST_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
+    TRAIN_CONFIG_FILE,
     TRAINER_STATE_FILE,
     CheckpointCorrupt,
     check_state_keys,
@@ -73,7 +74,6 @@ from ..checkpoints import (  # the reading side, shared with every other loader
 )
 from ..config import MythosConfig
 
-TRAIN_CONFIG_FILE = "train_config.toml"
 OPTIMIZER_FILE = "optimizer.pt"
 _TMP_PREFIX = ".tmp-"
 

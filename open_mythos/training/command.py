@@ -6,7 +6,9 @@ Configuration precedence: dataclass defaults < ``--config FILE`` < the flags bel
 Resume: without ``--resume`` the run is new, and an ``--out`` that already holds a run is an
 error; ``--resume`` continues from the newest intact checkpoint and is an error where there
 is none; ``--resume auto`` continues if there is a checkpoint, else starts from step 1 (for
-jobs that a scheduler restarts).
+jobs that a scheduler restarts). Resuming without ``--config`` starts from the run's own
+``OUT/config.toml``, so ``openmythos train --out OUT --resume`` is enough; flags given with it
+override its keys, and the keys they change are printed.
 
 Exit status: 0 on success; 1 when training diverged (see :mod:`.trainer`); 2 for an invalid
 configuration (a missing or unreadable ``--config`` included) or a run directory that does not
@@ -99,9 +101,15 @@ def _dest(key: str) -> str:
 _SOURCES = ("data.task", "data.text", "data.hf_dataset")
 
 
-def config_from_args(args: argparse.Namespace):
-    """The :class:`~.config.TrainConfig` that ``args`` describe."""
-    from .config import UNSET, load_config, parse_override
+def config_from_args(args: argparse.Namespace, report: bool = False):
+    """The :class:`~.config.TrainConfig` that ``args`` describe.
+
+    To resume (``--resume``) without ``--config``, the base is the run's own
+    ``config.toml`` (:func:`~.runfiles.resume_config`) rather than the defaults; with
+    ``report``, the keys that the flags change in it are printed (stderr, rank 0).
+    """
+    from .config import UNSET, RunConfig, load_config, parse_override
+    from .runfiles import changed_keys, resume_config
 
     pairs = []
     if any(getattr(args, _dest(key)) is not None for key in _SOURCES):
@@ -109,6 +117,16 @@ def config_from_args(args: argparse.Namespace):
         pairs += [(key, UNSET) for key in _SOURCES]
     pairs += [(key, getattr(args, _dest(key))) for _, key, _ in _FLAGS]
     pairs += [parse_override(text) for text in args.overrides]
+    if args.resume != "never" and args.config is None:
+        out = getattr(args, _dest("run.out")) or RunConfig.out
+        own = resume_config(out)
+        if own is not None:
+            cfg = resume_config(out, pairs)
+            if report:
+                changed = changed_keys(own, cfg)
+                _error(f"openmythos train: resuming with {out}/config.toml"
+                       + (f", overridden: {'; '.join(changed)}" if changed else ""))
+            return cfg
     return load_config(args.config, pairs)
 
 
@@ -117,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import Trainer, TrainingDiverged
 
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, report=True)
         state = Trainer(cfg, resume=args.resume).train()
     except ConfigError as err:
         _error(f"openmythos train: error: {err}")

@@ -332,6 +332,16 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.loop_sigma={self.loop_sigma} must be finite and >= 0")
 
     @property
+    def trained_depth(self) -> int:
+        """The loop count the run is trained for, the default depth of everything that later
+        runs its checkpoints: ``n_loops`` (the fixed count, or the mean of sampled counts);
+        ``max_loops`` for a curriculum (where it ends) and for uniform counts (the deepest
+        trained)."""
+        if self.loops in (LoopMode.CURRICULUM, LoopMode.UNIFORM):
+            return self.max_loops
+        return self.n_loops
+
+    @property
     def resolved_eval_loops(self) -> int:
         if self.eval_loops is not None:
             return self.eval_loops

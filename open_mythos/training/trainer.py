@@ -103,6 +103,7 @@ from .rundir import (
     os_errors,
     replace_metrics_after,
 )
+from .runfiles import absolute_paths, copy_tokenizer
 from .schedule import LoopSchedule, LRSchedule, progressive_split
 
 CONFIG_FILE = "config.toml"
@@ -248,11 +249,13 @@ class Trainer:
         if self.data.seq_len > self.model_cfg.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model_cfg.max_seq_len}")
-        self.resolved = dataclasses.replace(
+        # Written to DIR/config.toml: what --resume, generate and export read back from
+        # anywhere, so local paths are absolute (the tokenizer is also copied in).
+        self.resolved = absolute_paths(dataclasses.replace(
             cfg,
             model=ModelConfig(cfg.model.variant, self.model_cfg.to_dict()),
             data=dataclasses.replace(cfg.data, seq_len=self.data.seq_len),
-        )
+        ))
         ckpt_dir = self._prepare_run_dir()
 
         # Same seed on every rank: FSDP2 shards each rank's own copy of the initial weights.
@@ -354,6 +357,7 @@ class Trainer:
         step = 0 if ckpt is None else int(read_trainer_state(ckpt)["step"])
         with os_errors("write to", out):
             write_text_atomic(out / CONFIG_FILE, to_toml(self.resolved))
+            copy_tokenizer(self.resolved, out)
             moved = replace_metrics_after(out, step)
         if moved:
             self._log(f"moved {moved} rows of {METRICS_FILE} logged after step {step} "
