@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +19,12 @@ httpx = pytest.importorskip("httpx")
 from open_mythos import ByteTokenizer  # noqa: E402
 from open_mythos.integrations.server import CompletionService, make_server  # noqa: E402
 from open_mythos.serving import ServeLimits  # noqa: E402
-from tests.integrations.conftest import TRAINED_LOOPS, ScriptedModel, scripted_text  # noqa: E402
+from tests.integrations.conftest import (  # noqa: E402
+    TRAINED_LOOPS,
+    ScriptedModel,
+    scripted_text,
+    write_training_checkpoint,
+)
 from tests.integrations.test_server import SCRIPT, TIMEOUT, running_server  # noqa: E402
 
 LIMITS = ServeLimits(max_n_loops=6, max_tokens=40, max_choices=4, max_batch=8, max_logprobs=5)
@@ -203,3 +210,46 @@ def test_sigterm_ends_running_requests_instead_of_waiting_for_them():
     assert not thread.is_alive() and time.monotonic() - start < 3.0
     assert "shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
     sock.close()
+
+
+@pytest.mark.slow
+def test_sigterm_to_openmythos_serve_does_not_wait_for_a_long_request(tmp_path, trained_model):
+    """The real command and a real signal: a request of 60 tokens at 200 loops each (many
+    of seconds here) is decoding when SIGTERM arrives; it ends with a 503 event at the next
+    step and the process exits within seconds instead of finishing the request."""
+    ckpt = write_training_checkpoint(tmp_path / "run", trained_model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "open_mythos", "serve", "--checkpoint", str(ckpt), "--port",
+         str(port), "--max-n-loops", "200", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _answers(url), "the server to start", timeout=120.0)
+        body = {"prompt": "the", "max_tokens": 60, "n_loops": 200, "stream": True,
+                "temperature": 0}
+        with httpx.Client(base_url=url, timeout=120.0) as client:
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                next(lines)  # the first token: the request is decoding
+                start = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line]
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - start < 10.0
+        assert "shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
+        assert len(rest) < 40  # far from the 60 tokens asked for
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
