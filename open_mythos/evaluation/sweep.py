@@ -73,6 +73,8 @@ class SweepRow:
         loops_computed: mean loops computed per sequence per decoding forward (below
             ``loops_run`` when ACT early exit stopped some sequences before others).
         seconds: wall time of this row's evaluation.
+        exit_rule: the training-free exit rule every forward ran with, as
+            ``ExitRule(...)`` text; empty for none.
     """
 
     model: str
@@ -88,6 +90,7 @@ class SweepRow:
     loops_run: float
     loops_computed: float
     seconds: float
+    exit_rule: str = ""
 
 
 @dataclass
@@ -258,11 +261,13 @@ class _TeacherForced:
 
 
 def _teacher_forced(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], n_loops: int, early_exit: bool
+    model: nn.Module, batch: Mapping[str, torch.Tensor], n_loops: int, early_exit: bool,
+    exit_rule: ExitRule | None = None,
 ) -> _TeacherForced:
     device = _device(model)
     ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
-    logits = model(ids, n_loops, act_early_exit=early_exit)  # (B, L, V)
+    logits = model(ids, n_loops, act_early_exit=early_exit,
+                   **({} if exit_rule is None else {"exit_rule": exit_rule}))  # (B, L, V)
     ce = F.cross_entropy(_wide(logits).flatten(0, 1), targets.flatten(),
                          ignore_index=IGNORE_INDEX, reduction="sum")
     real = ids != PAD_ID  # (B, L)
@@ -304,8 +309,10 @@ def evaluate_examples(
     n_loops: int,
     early_exit: bool = True,
     batch_size: int = 64,
+    exit_rule: ExitRule | None = None,
 ) -> dict[str, float]:
-    """Loss, accuracy and loop statistics of ``model`` on ``examples`` at ``n_loops``.
+    """Loss, accuracy and loop statistics of ``model`` on ``examples`` at ``n_loops`` (every
+    forward with ``exit_rule``, if given).
 
     Returns:
         ``accuracy``, ``loss``, ``expected_loops``, ``halt_loop``, ``loops_run`` and
@@ -320,8 +327,9 @@ def evaluate_examples(
             chunk = examples[lo:lo + batch_size]
             batch = collate(chunk)
             _check_fits(model, batch["input_ids"].shape[1], "a teacher-forced batch")
-            tf_sums.append(_teacher_forced(model, batch, n_loops, early_exit))
-            answers, runs, computed = _greedy_examples(model, chunk, n_loops, early_exit)
+            tf_sums.append(_teacher_forced(model, batch, n_loops, early_exit, exit_rule))
+            answers, runs, computed = _greedy_examples(model, chunk, n_loops, early_exit,
+                                                       exit_rule)
             correct += sum(score(a, ex) for a, ex in zip(answers, chunk))
             loops_run.extend(runs)
             loops_computed.extend(computed)
@@ -354,6 +362,7 @@ def sweep(
     early_exit: Sequence[bool] = (False, True),
     seed: int = 0,
     batch_size: int = 64,
+    exit_rule: ExitRule | None = None,
 ) -> list[SweepRow]:
     """Evaluate ``model`` on ``task`` at every loop count in ``loops``.
 
@@ -370,6 +379,9 @@ def sweep(
             early, so each loop count is evaluated once and reported under every setting.
         seed: example seed.
         batch_size: examples per forward.
+        exit_rule: a training-free exit rule for every forward of a looped model (each
+            position stops once it fires, so loops past the point it fires cost nothing and
+            change nothing); recorded in the rows.
 
     Returns:
         Rows ordered by split, then loop count, then early exit; a fixed-depth model gives
@@ -398,11 +410,13 @@ def sweep(
             for exit_early in settings:
                 start = time.perf_counter()
                 if computed is None or act_on:
-                    computed = evaluate_examples(model, examples, n, exit_early, batch_size)
+                    computed = evaluate_examples(model, examples, n, exit_early, batch_size,
+                                                 exit_rule if looped else None)
                 rows.append(SweepRow(
                     model="looped" if looped else "baseline", task=task.name, split=split,
                     n_loops=n, early_exit=exit_early, n_examples=len(examples),
                     seconds=time.perf_counter() - start, **computed,
+                    exit_rule=repr(exit_rule) if looped and exit_rule is not None else "",
                 ))
     return rows
 
