@@ -18,6 +18,10 @@ longer than ``width``. A row that leaves is dropped; leading columns that became
 for every remaining row are cut, so ``width`` is always the longest row and never exceeds
 ``max_seq_len``.
 
+The cache holds ``capacity`` columns, a power of two (at least :data:`MIN_CAPACITY`, at
+most ``max_seq_len``) that doubles when the batch widens past it and is set afresh when the
+batch empties, so memory follows the rows decoding now rather than the longest context.
+
 ACT early exit leaves the deeper recurrent entries of halted positions unwritten (the next
 forward fills them from the depth above, :meth:`CacheStore.fill_missing`); before moving
 rows the batch does that filling itself, so every entry holds all ``width`` columns.
@@ -30,6 +34,9 @@ import torch
 from ..inference.cache import KVCache
 from ..layers.recurrence import ExitRule
 from ..model import CausalLM
+
+#: The fewest columns a batch's cache is allocated with.
+MIN_CAPACITY = 64
 
 
 def fill_depths(cache: KVCache, keys: list[str], upto: int) -> None:
@@ -98,7 +105,8 @@ class DecodeBatch:
 
     def __init__(self, model: CausalLM, n_loops: int, exit_rule: ExitRule | None = None):
         self.model, self.n_loops, self.exit_rule = model, n_loops, exit_rule
-        self.capacity = model.cfg.max_seq_len
+        self.max_len = model.cfg.max_seq_len
+        self.capacity = 0  # columns allocated (0: no cache)
         self.keys = model.cache_keys(n_loops)
         self.cache: KVCache | None = None
         self.width = 0
@@ -113,6 +121,7 @@ class DecodeBatch:
         row, length = prefill.cache, prefill.length
         fill_depths(row, self.keys, length)
         if self.cache is None:
+            self.capacity = self._bucket(length + 1)
             self.cache, self.width = KVCache(self.capacity), length
         else:
             fill_depths(self.cache, self.keys, self.width)
@@ -138,7 +147,7 @@ class DecodeBatch:
             return
         self.lengths = [self.lengths[r] for r in rows]
         if not rows:
-            self.cache, self.width = None, 0
+            self.cache, self.width, self.capacity = None, 0, 0
             return
         assert self.cache is not None
         fill_depths(self.cache, self.keys, self.width)
@@ -154,6 +163,8 @@ class DecodeBatch:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, (B,) long; returns the next logits, (B, V)."""
         assert self.cache is not None and tokens.shape == (len(self.lengths),)
+        if self.width + 1 > self.capacity:
+            self._grow(self.width + 1)
         lengths = torch.tensor(self.lengths, device=tokens.device)
         cols = torch.arange(self.width + 1, device=tokens.device)
         mask = (cols.view(1, -1) >= (self.width - lengths).view(-1, 1)).long()  # (B, width + 1)
@@ -164,9 +175,30 @@ class DecodeBatch:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
+    def _bucket(self, columns: int) -> int:
+        """The capacity for ``columns`` columns: a power of two within the limits."""
+        return min(self.max_len, max(MIN_CAPACITY, 1 << (columns - 1).bit_length()))
+
+    def _grow(self, columns: int) -> None:
+        """Reallocate the cache with room for ``columns`` columns (the cached ones kept)."""
+        assert self.cache is not None
+        fill_depths(self.cache, self.keys, self.width)
+        self.capacity = self._bucket(columns)
+        grown = KVCache(self.capacity)
+        for key, entry in self.cache.buffers().items():
+            new = {}
+            for name, buf in entry.items():
+                new[name] = buf.new_zeros(*buf.shape[:-2], self.capacity, buf.shape[-1])
+                new[name][..., : self.width, :] = buf[..., : self.width, :]
+            grown.buffers()[key] = new
+        grown.mark_filled(self.keys, self.width)
+        self.cache = grown
+
     def _widen(self, extra: int) -> None:
         """Add ``extra`` padding columns on the left of every row."""
         assert self.cache is not None
+        if self.width + extra + 1 > self.capacity:
+            self._grow(self.width + extra + 1)
         for entry in self.cache.buffers().values():
             for buf in entry.values():
                 buf[..., extra:self.width + extra, :] = buf[..., : self.width, :].clone()

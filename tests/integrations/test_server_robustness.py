@@ -27,7 +27,7 @@ from tests.integrations.conftest import (  # noqa: E402
 )
 from tests.integrations.test_server import SCRIPT, TIMEOUT, running_server  # noqa: E402
 
-LIMITS = ServeLimits(max_n_loops=6, max_tokens=40, max_choices=4, max_batch=8, max_logprobs=5)
+LIMITS = ServeLimits(max_n_loops=6, max_tokens=59, max_choices=16, max_batch=32, max_logprobs=5)
 
 
 class SlowModel(ScriptedModel):
@@ -63,10 +63,10 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> float:
 
 
 def test_an_early_closed_stream_does_not_wedge_the_server(real):
-    """The issue's report: max_tokens 59, n 4, closed after 3 events; every later request
+    """The issue's report: max_tokens 59, n 16, closed after 3 events; every later request
     timed out. Now the stream's sequences leave the batch and the next request answers."""
     client, service = real
-    body = {"prompt": "the ", "max_tokens": 40, "n": 4, "stream": True, "temperature": 0}
+    body = {"prompt": "the ", "max_tokens": 59, "n": 16, "stream": True, "temperature": 0}
     for _ in range(3):
         with client.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -97,7 +97,7 @@ def test_caps_answer_400_just_above_the_documented_value(real, field, cap):
 
 def test_the_batch_cap_bounds_prompts_times_n(real):
     client, _ = real
-    r = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 3, "max_tokens": 1})
+    r = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 11, "max_tokens": 1})
     assert r.status_code == 400 and "batch" in r.json()["error"]["message"]
     models = client.get("/v1/models/tiny").json()
     assert (models["max_n_loops"], models["max_tokens"]) == (LIMITS.max_n_loops, LIMITS.max_tokens)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
+from open_mythos.serving import batch as batch_module
 from open_mythos.serving.batch import DecodeBatch, Prefill
 from tests.conftest import halting_model, tiny_config
 
@@ -20,6 +21,7 @@ def schedule_logits(model, seqs, prompt_lens, joins, ends, chunk):
     predicted at positions ``prompt_len - 1 .. ends - 1`` (the last prefill position,
     then each decode step)."""
     batch = DecodeBatch(model, N_LOOPS)
+    capacities = []
     rows: list[int] = []  # sequence of each batch row
     pos: dict[int, int] = {}
     out: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(seqs))}
@@ -43,15 +45,19 @@ def schedule_logits(model, seqs, prompt_lens, joins, ends, chunk):
             continue
         logits = batch.step(torch.tensor([seqs[i][pos[i]] for i in rows]))
         widths.append(batch.width)
+        capacities.append(batch.capacity)
         for r, i in enumerate(rows):
             out[i].append(logits[r])
             pos[i] += 1
     assert len(batch) == 0 and batch.cache is None  # everything left, nothing held
-    return {i: torch.stack(v) for i, v in out.items()}, widths
+    return {i: torch.stack(v) for i, v in out.items()}, widths, capacities
 
 
-@pytest.mark.parametrize("kind", ["gqa", "mla", "dense"])
-def test_rows_joining_and_leaving_match_full_forwards(kind):
+@pytest.mark.parametrize("kind, min_capacity", [("gqa", 64), ("mla", 64), ("dense", 64),
+                                                ("gqa", 8)])
+def test_rows_joining_and_leaving_match_full_forwards(kind, min_capacity, monkeypatch):
+    """With ``min_capacity`` 8 the cache also grows (to 16, then 32) while rows decode."""
+    monkeypatch.setattr(batch_module, "MIN_CAPACITY", min_capacity)
     if kind == "dense":
         torch.manual_seed(0)
         model = DenseBaseline(matched_baseline_config(tiny_config("gqa"), 3)).eval()
@@ -63,12 +69,16 @@ def test_rows_joining_and_leaving_match_full_forwards(kind):
     # Row 1 is longer than the batch when it joins and leaves first; row 3 is done at once.
     prompt_lens, joins, ends = [7, 14, 2, 9], [0, 2, 4, 5], [20, 16, 10, 9]
     with torch.no_grad():
-        got, widths = schedule_logits(model, seqs, prompt_lens, joins, ends, chunk=5)
+        got, widths, capacities = schedule_logits(model, seqs, prompt_lens, joins, ends, chunk=5)
         for i, seq in enumerate(seqs):
             ref = model(torch.tensor([seq]), N_LOOPS)[0, prompt_lens[i] - 1: ends[i]]
             torch.testing.assert_close(got[i], ref, atol=2e-5, rtol=1e-4)
     # The batch widened for the longer prompt and narrowed when that row left.
     assert widths == [8, 9, 15, 16, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    if min_capacity == 8:
+        assert capacities == [8, 16, 16, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32]
+    else:
+        assert set(capacities) == {64}
 
 
 def test_a_long_prompt_is_prefilled_in_chunks():
