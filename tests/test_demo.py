@@ -16,6 +16,9 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     for png in ("depth_sweep.png", "training_curves.png"):
         assert (report / png).stat().st_size > 1000 and png in text
     assert (tmp_path / "demo" / "sweep.json").exists()
+    assert "The same sweep with a training-free exit rule" in out
+    assert "also measured: with the exit rule, in-distribution at 4x T_train" in out
+    assert (tmp_path / "demo" / "sweep_exit_rule.json").exists()
     for kind in ("looped", "baseline"):
         for stage in ("lookup", "chain"):
             assert (tmp_path / "demo" / kind / stage / "metrics.jsonl").exists()
@@ -84,6 +87,20 @@ def test_demo_target_needs_ten_points_over_both(ood_at_5, baseline, met):
     assert lines[0].endswith("NOT MET" if not met else " MET")
     assert lines[1].startswith("also measured: in-distribution accuracy at T_train=3: 100.0%")
     assert lines[-1].endswith("50.0 points below T_train (target <= 1 point) NOT MET")
+
+
+@pytest.mark.parametrize("ood_at_10, met", [(0.86, True), (0.83, False)])
+def test_exit_rule_checks_hold_depth_past_the_best(ood_at_10, met):
+    from open_mythos.commands.demo import exit_rule_checks
+
+    plain = _rows("looped", {("id", 3): 0.98})
+    with_rule = _rows("looped", {("id", 3): 0.98, ("id", 12): 0.975, ("ood_hops", 4): 0.80,
+                                 ("ood_hops", 5): 0.88, ("ood_hops", 10): ood_at_10})
+    lines = exit_rule_checks(with_rule, plain, 3)
+    assert lines[0] == ("with the exit rule, in-distribution at 4x T_train (12 loops): 97.5%, "
+                        "0.5 points below T_train without it (target <= 1 point) MET")
+    assert lines[1].startswith("with the exit rule, ood_hops at 2x its best depth (10 loops)")
+    assert lines[1].endswith(" MET") and ("NOT MET" not in lines[1]) is met
 
 
 def test_a_worker_exits_when_its_parent_dies(tmp_path):

@@ -23,7 +23,9 @@ extra hop is extra sequential computation for that token) it
      its core blocks.
 
 2. sweeps the looped model from 1 to ``4 x T_train`` loops on the in-distribution split
-   and on longer chains than any trained (``ood_hops``); the baseline has one depth;
+   and on longer chains than any trained (``ood_hops``), once as it is and once with the
+   training-free exit rule :data:`DEMO_EXIT_RULE` (each position stops looping once its
+   answer has settled); the baseline has one depth;
 3. writes ``report/`` (plots and ``report.md``), ``sweep.json``, ``demo.md`` and both runs;
 4. prints the accuracy table, the depth-extrapolation targets as measured, and a few
    greedy answers at low and high depth.
@@ -55,6 +57,9 @@ DEMO_MODEL: dict[str, Any] = dict(
 #: hops alone, not by a prompt longer than any trained (docs/depth_extrapolation.md).
 DEFAULT_TASK_ARGS = {"hops": [1, 3], "ood_hops": [4, 6], "statements": 8}
 KINDS = ("looped", "baseline")
+#: The exit rule of the second sweep: stop a position once its most likely next token has
+#: stayed the same for two loops (docs/adaptive_inference.md).
+DEMO_EXIT_RULE_ARGS: dict[str, int] = {"argmax_streak": 2, "min_loops": 2}
 #: The two stages: name -> settings besides the shared ones.
 STAGES: dict[str, dict[str, Any]] = {
     "lookup": {"optim.lr": 1e-3},
@@ -300,6 +305,30 @@ def check_targets(rows: Sequence[Any], base_rows: Sequence[Any], train_loops: in
     return bool(target) and met, target + [f"also measured: {line}" for line in also]
 
 
+def exit_rule_checks(exit_rows: Sequence[Any], rows: Sequence[Any], train_loops: int
+                     ) -> list[str]:
+    """With the exit rule: does accuracy hold at depths past the best (in distribution at
+    4x ``T_train`` within 1 point of ``T_train`` without the rule; out of distribution at
+    twice the rule's best depth within 5 points of that best)?"""
+    plain = {(r.split, r.n_loops): r.accuracy for r in rows if not r.early_exit}
+    acc = {(r.split, r.n_loops): r.accuracy for r in exit_rows}
+    T, lines = train_loops, []
+    at_t, deep = plain.get(("id", T), float("nan")), acc.get(("id", 4 * T), float("nan"))
+    lines.append(f"with the exit rule, in-distribution at 4x T_train ({4 * T} loops): "
+                 f"{deep:.1%}, {100 * (at_t - deep):.1f} points below T_train without it "
+                 f"(target <= 1 point) {_mark(at_t - deep <= 0.01)}")
+    for split in sorted({s for s, _ in acc if s.startswith("ood")}):
+        depths = sorted(n for s, n in acc if s == split)
+        best = max(depths, key=lambda n: (acc[(split, n)], -n))
+        if (split, 2 * best) in acc:
+            drop = acc[(split, best)] - acc[(split, 2 * best)]
+            lines.append(f"with the exit rule, {split} at 2x its best depth ({2 * best} loops): "
+                         f"{acc[(split, 2 * best)]:.1%}, {100 * drop:.1f} points below the best "
+                         f"({best} loops, {acc[(split, best)]:.1%}; target <= 5 points) "
+                         f"{_mark(drop <= 0.05)}")
+    return lines
+
+
 def sample_answers(models: dict[str, Any], task: Any, depths: Sequence[int], seed: int) -> str:
     """A Markdown table: one prompt per difficulty level, greedy answers at several depths."""
     from ..evaluation import greedy_answers
@@ -405,6 +434,7 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
     and sample answers; returns whether the demo's target is met."""
     from ..evaluation import save_rows, sweep, write_report
     from ..evaluation.report import accuracy_pivot
+    from ..layers.recurrence import ExitRule
 
     T = args.train_loops
     rows = sweep(models["looped"], task, loops=list(range(1, 4 * T + 1)),
@@ -416,15 +446,26 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
                           model=models["looped"], baseline=models["baseline"], task=task,
                           train_loops=T, seed=args.seed)
     table = accuracy_pivot(rows, base_rows)
+    rule = ExitRule(**DEMO_EXIT_RULE_ARGS)
+    exit_rows = sweep(models["looped"], task, loops=list(range(1, 4 * T + 1)),
+                      n_examples=args.n_examples, early_exit=(False,), seed=args.seed,
+                      exit_rule=rule)
+    save_rows(exit_rows, out / "sweep_exit_rule.json")
+    exit_table = accuracy_pivot(exit_rows)
     met, targets = check_targets(rows, base_rows, T)
+    targets += [f"also measured: {line}" for line in exit_rule_checks(exit_rows, rows, T)]
     samples = sample_answers(models, task, sorted({1, T, 2 * T, 4 * T}), args.seed)
     (out / "demo.md").write_text(
         f"# openmythos demo\n\nExact-match accuracy ({args.n_examples} examples per split) "
-        f"against loops at inference; T_train = {T}.\n\n{table}\n\n## Targets\n\n"
+        f"against loops at inference; T_train = {T}.\n\n{table}\n\n"
+        f"With the exit rule {rule}:\n\n{exit_table}\n\n## Targets\n\n"
         + "\n".join(f"- {line}" for line in targets) + f"\n\n## Sample answers\n\n{samples}\n")
     print(f"\nExact-match accuracy against loops at inference ({args.n_examples} examples per "
           f"split; T_train = {T}; last row: the dense baseline of {T} core blocks):\n")
     print(table)
+    print(f"\nThe same sweep with a training-free exit rule ({rule}: a position stops "
+          "looping once its answer has settled):\n")
+    print(exit_table)
     print("\nTargets:")
     print("\n".join(f"  - {line}" for line in targets))
     print("\nGreedy answers:\n")
