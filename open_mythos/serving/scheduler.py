@@ -260,7 +260,9 @@ class Scheduler:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, int]:
-        return {"running": sum(len(r) for r in self._rows.values()),
+        """Counts for ``/health``; safe from any thread (``list`` snapshots the batches in
+        one step under the GIL while the scheduler thread may be changing them)."""
+        return {"running": sum(len(r) for r in list(self._rows.values())),
                 "prefilling": len(self._prefills), "waiting": len(self._waiting),
                 "decode_steps": self.steps, "peak_batch": self.peak_batch}
 

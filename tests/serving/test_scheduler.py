@@ -166,3 +166,30 @@ def test_limits_are_validated():
     with pytest.raises(ValueError, match="request_timeout"):
         ServeLimits(request_timeout=0)
     assert CORPUS  # the model these tests use was trained on it
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(trained_model):
+    """Chunked prefill: while a 53-token prompt is prefilled 8 tokens a turn, the request
+    already decoding gets a step after every chunk (its tokens keep coming)."""
+    shapes: list[tuple[int, int]] = []  # (batch, tokens) of every forward, in order
+    hook = trained_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(args[0].shape)), with_kwargs=True)
+    s = Scheduler(trained_model, TOK, ServeLimits(prefill_chunk=8)).start()
+    try:
+        greedy = dict(n_loops=TRAINED_LOOPS, do_sample=False)
+        _, running = submit(s, "the", GenerationOptions(max_new_tokens=40, **greedy))
+        wait = time.monotonic() + TIMEOUT
+        while not any(isinstance(e, SeqDelta) for e in running.events):
+            assert time.monotonic() < wait
+            time.sleep(0.001)
+        long_prompt = "the cat sat on the mat. the dog sat on the log. a cat"
+        _, long = submit(s, long_prompt, GenerationOptions(max_new_tokens=4, **greedy))
+        long.wait()
+        running.wait()
+    finally:
+        hook.remove()
+        s.stop()
+    chunks = [i for i, (_, t) in enumerate(shapes) if t > 1][1:]  # after "the"'s prefill
+    assert [shapes[i][1] for i in chunks] == [8] * 6 + [5]
+    for a, b in zip(chunks, chunks[1:]):
+        assert (1, 1) in shapes[a + 1:b]  # the running request decoded in between
