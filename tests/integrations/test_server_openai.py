@@ -152,3 +152,53 @@ def test_lm_eval_local_completions_scores_like_the_in_process_model(client, trai
     assert got[0][0] > got[1][0]  # the corpus has "on the mat", not "on the dog"
     until = [Instance("generate_until", {}, ("the dog", {"until": ["."], "max_gen_toks": 12}), 0)]
     assert remote.generate_until(until) == [greedy(trained_model, "the dog", 12, (".",)).text]
+
+
+TINY_TASK = """task: tiny_cats
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+TINY_DOCS = [
+    {"context": "the cat sat on the", "choices": [" mat", " dog", " xyz"], "label": 0},
+    {"context": "the dog sat on the", "choices": [" log", " cat", " qqq"], "label": 0},
+    {"context": "a cat and a", "choices": [" dog", " zzz"], "label": 0},
+    {"context": "the dog sat", "choices": [" on", " in"], "label": 1},
+]
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_a_local_task_through_the_server(client, trained_model, tmp_path):
+    """A whole lm-eval task (multiple choice, from local files) with local-completions
+    against the server gives the per-document results of the in-process model."""
+    pytest.importorskip("tenacity")
+    import json
+
+    import lm_eval
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.tasks import TaskManager
+
+    from open_mythos.integrations.lm_eval import OpenMythosLM
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in TINY_DOCS))
+    (tmp_path / "tiny_cats.yaml").write_text(TINY_TASK.format(data=data))
+    tasks = TaskManager(include_path=str(tmp_path))
+    remote = LocalCompletionsAPI(base_url=f"{client.base_url}completions", model="tiny",
+                                 tokenizer_backend="remote", num_concurrent=4, max_retries=1,
+                                 max_length=64)
+    local = OpenMythosLM(pretrained=trained_model, tokenizer=TOK, n_loops=TRAINED_LOOPS)
+    results = [lm_eval.simple_evaluate(model=lm, tasks=["tiny_cats"], task_manager=tasks,
+                                       num_fewshot=0, log_samples=True)
+               for lm in (remote, local)]
+    served, in_process = ([s["acc"] for s in r["samples"]["tiny_cats"]] for r in results)
+    assert served == in_process and len(served) == len(TINY_DOCS)
+    assert 0 < sum(served) < len(TINY_DOCS)  # neither all right nor all wrong
