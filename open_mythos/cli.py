@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "open_mythos.commands.info",
     "open_mythos.commands.sweep",
     "open_mythos.commands.report",
+    "open_mythos.commands.export",
     "open_mythos.commands.serve",
 )
 

@@ -168,38 +168,95 @@ def _default_tokenizer_source(loaded: LoadedModel) -> str | Path | None:
 
 def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
                    tokenizer: str | Path | Tokenizer | None = None,
-                   dtype: torch.dtype | None = None, **config_kwargs: Any) -> Path:
+                   dtype: torch.dtype | None = None, remote_code: bool = True,
+                   **config_kwargs: Any) -> Path:
     """Write a training checkpoint (or run directory) as a Hugging Face directory.
 
     Args:
         checkpoint: checkpoint or run directory.
         out_dir: created if needed; receives ``config.json``, ``generation_config.json``,
-            ``model.safetensors`` and the tokenizer.
+            ``model.safetensors``, the tokenizer and (with ``remote_code``) the modeling code.
         tokenizer: tokenizer to store (default: the one found with the checkpoint, see
-            :func:`find_tokenizer_dir`, or ``byte`` if the training config names it).
+            :func:`find_tokenizer_dir`, or ``byte`` if the training config names it). Its
+            ``tokenizer_config.json`` pads on the left (batched generation) and has
+            ``model_max_length = max_seq_len``.
         dtype: optional dtype for the saved weights.
-        **config_kwargs: extra ``OpenMythosHFConfig`` keys (``n_loops=8``...). Special token
-            ids default to the tokenizer's.
+        remote_code: ship the modeling code and an ``auto_map``
+            (:mod:`.remote_code`), so the directory loads with ``trust_remote_code=True``
+            where this package is not installed.
+        **config_kwargs: extra ``OpenMythosHFConfig`` keys. ``n_loops`` defaults to the
+            depth the run trained at (:attr:`LoadedModel.n_loops`); special token ids to the
+            tokenizer's.
 
     Returns:
         ``out_dir``.
+
+    Raises:
+        ValueError: ``checkpoint`` is not a training checkpoint, or no tokenizer is known
+            for it (pass ``tokenizer``).
     """
     from .hf import OpenMythosForCausalLM
+    from .remote_code import AUTO_MAP, write_modeling_code
 
     fmt, ckpt_dir = detect_format(checkpoint)
     if fmt is not CheckpointFormat.TRAINING:
         raise ValueError(f"{str(checkpoint)!r} is already a Hugging Face directory")
     loaded = load_model(ckpt_dir, dtype=dtype)
+    source = tokenizer if tokenizer is not None else _default_tokenizer_source(loaded)
+    if source is None:
+        raise ValueError(f"no tokenizer is stored with {str(ckpt_dir)!r} and its vocabulary "
+                         f"({loaded.cfg.vocab_size}) is not the byte tokenizer's; pass a "
+                         "tokenizer directory")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = tokenizer if tokenizer is not None else _default_tokenizer_source(loaded)
     tok = _tokenizer_or_none(source)
-    if tok is not None:
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            config_kwargs.setdefault(key, getattr(tok, key))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config_kwargs.setdefault(key, getattr(tok, key))
+    config_kwargs.setdefault("n_loops", loaded.n_loops)
     hf = OpenMythosForCausalLM.from_mythos(loaded.model, **config_kwargs)
+    if remote_code:
+        hf.config.auto_map = dict(AUTO_MAP)
+        write_modeling_code(out_dir)
     hf.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(source, out_dir, hf_files=True)
+    set_tokenizer_defaults(out_dir, model_max_length=loaded.cfg.max_seq_len)
+    return out_dir
+
+
+def set_tokenizer_defaults(hf_dir: str | Path, model_max_length: int,
+                           padding_side: str = "left") -> None:
+    """Set ``padding_side`` and ``model_max_length`` in ``hf_dir/tokenizer_config.json``
+    (what ``AutoTokenizer`` reads), keeping its other keys."""
+    path = Path(hf_dir) / "tokenizer_config.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data.update(padding_side=padding_side, model_max_length=model_max_length)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
+                            tokenizer: str | Path | Tokenizer | None = None) -> Path:
+    """Write the model of a training checkpoint (or run directory) as a weights-only training
+    checkpoint directory: ``model.safetensors`` and ``config.json`` as the trainer wrote them,
+    ``train_config.toml`` (so the trained depth stays the default) and the tokenizer, without
+    the optimizer and trainer state. :func:`~open_mythos.checkpoints.load_model` and every
+    command read it.
+
+    Returns:
+        ``out_dir``.
+    """
+    fmt, ckpt_dir = detect_format(checkpoint)
+    if fmt is not CheckpointFormat.TRAINING:
+        raise ValueError(f"{str(checkpoint)!r} is a Hugging Face directory, not a training "
+                         "checkpoint")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE):
+        if (ckpt_dir / name).is_file():
+            shutil.copy2(ckpt_dir / name, out_dir / name)
+    loaded = LoadedModel(None, read_config(ckpt_dir)[0], ckpt_dir,  # type: ignore[arg-type]
+                         CheckpointFormat.TRAINING)
+    source = tokenizer if tokenizer is not None else _default_tokenizer_source(loaded)
+    save_tokenizer(source, out_dir, hf_files=False)
     return out_dir
 
 
@@ -244,5 +301,5 @@ def _tokenizer_or_none(source: str | Path | Tokenizer | None) -> Tokenizer | Non
 __all__ = [
     "HF_MODEL_TYPE", "TOKENIZER_FILES", "CheckpointFormat", "LoadedModel", "detect_format",
     "find_tokenizer_dir", "hf_to_training", "load_model", "read_config", "resolve_tokenizer",
-    "save_tokenizer", "training_to_hf",
+    "save_tokenizer", "set_tokenizer_defaults", "training_to_hf", "training_to_safetensors",
 ]

@@ -54,7 +54,6 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..checkpoints import HF_MODEL_TYPE
 from ..config import MythosConfig, check_loops
 from ..inference.cache import DictCache
 from ..layers.init import init_module
@@ -62,7 +61,15 @@ from ..layers.recurrence import ExitRule
 from ..model import CausalLM
 from ..registry import build_model, config_fields, config_from_dict
 
-MODEL_TYPE = HF_MODEL_TYPE
+# The same as open_mythos.checkpoints.HF_MODEL_TYPE (tested); not imported from there, so that
+# the modeling code an export ships (:mod:`.remote_code`) stays free of the checkpoint reader.
+MODEL_TYPE = "openmythos"
+
+# NOTE: transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
+# ``cache``, and the old name logs a deprecation warning on use. Both names are accepted
+# here; generation and outputs use the installed version's.
+CACHE_NAME = ("cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+              else "past_key_values")
 
 # Every configuration field of every model kind and its default (all plain values).
 _MYTHOS_FIELDS: dict[str, Any] = config_fields()
@@ -269,6 +276,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: MythosCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        cache: MythosCache | None = None,
         n_loops: int | None = None,
         act_early_exit: bool | None = None,
         exit_rule: ExitRule | dict[str, Any] | None = None,
@@ -284,7 +292,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             input_ids: (B, T) token ids; with a cache, only the positions not yet cached.
             attention_mask: (B, cached + T) 1 for tokens, 0 for (left) padding.
-            past_key_values: a :class:`MythosCache` from an earlier call, or None.
+            past_key_values: a :class:`MythosCache` from an earlier call, or None (``cache``
+                is the same argument under transformers 5.24's name).
             labels: (B, T) targets for the loss (shifted inside); -100 is ignored.
             use_cache: return a :class:`MythosCache` (default False outside ``generate``).
             n_loops: recurrent loops for this call (default ``config.n_loops``).
@@ -309,7 +318,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             act_early_exit = self.config.act_early_exit
         exit_rule = _as_exit_rule(self.config.exit_rule if exit_rule is None else exit_rule)
 
-        cache = _as_mythos_cache(past_key_values)
+        cache = _as_mythos_cache(cache if cache is not None else past_key_values)
         if cache is None and use_cache:
             cache = MythosCache()
         start = cache.seq_len if cache is not None else 0
@@ -342,8 +351,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=cache if use_cache else None,
             hidden_states=(hidden,) if output_hidden_states else None,
+            **{CACHE_NAME: cache if use_cache else None},
         )
         return out if return_dict else out.to_tuple()
 
@@ -361,16 +370,17 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: MythosCache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: MythosCache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """The uncached tail of ``input_ids`` plus the cache, mask and OpenMythos options."""
         if inputs_embeds is not None:
             raise ValueError("OpenMythosForCausalLM.generate takes input_ids, not inputs_embeds")
-        cache = _as_mythos_cache(past_key_values)
+        cache = _as_mythos_cache(cache if cache is not None else past_key_values)
         start = cache.seq_len if cache is not None else 0
         inputs: dict[str, Any] = {
             "input_ids": input_ids[:, start:].contiguous(),
-            "past_key_values": cache,
+            CACHE_NAME: cache,
             "attention_mask": attention_mask,
         }
         # Generation bookkeeping that forward does not take (positions come from the mask).
@@ -409,12 +419,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def byte_tokenizer_for_transformers() -> Any:
+def byte_tokenizer_for_transformers(**kwargs: Any) -> Any:
     """A ``transformers`` fast tokenizer with exactly the ids of
     :class:`~open_mythos.tokenizers.ByteTokenizer` (bytes 0..255, ``<pad>`` 256,
     ``<bos>`` 257, ``<eos>`` 258), built locally, for ``AutoTokenizer`` users.
 
-    It adds no special tokens when encoding (like ``ByteTokenizer``).
+    It adds no special tokens when encoding (like ``ByteTokenizer``); ``kwargs`` are
+    further tokenizer settings (``padding_side``, ``model_max_length``).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -430,7 +441,7 @@ def byte_tokenizer_for_transformers() -> Any:
     # split_special_tokens: the text "<eos>" is five bytes, as with ByteTokenizer.
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", clean_up_tokenization_spaces=False,
-                                   split_special_tokens=True)
+                                   split_special_tokens=True, **kwargs)
 
 
 def register() -> None:
@@ -440,9 +451,12 @@ def register() -> None:
     AutoModelForCausalLM.register(OpenMythosHFConfig, OpenMythosForCausalLM, exist_ok=True)
 
 
-register()
+# NOTE: only as this package's own module: the copy an exported directory ships for
+# trust_remote_code (:mod:`.remote_code`) must not take over the "openmythos" type.
+if __name__ == "open_mythos.integrations.hf":
+    register()
 
 __all__ = [
-    "MODEL_TYPE", "MythosCache", "OpenMythosForCausalLM", "OpenMythosHFConfig",
+    "CACHE_NAME", "MODEL_TYPE", "MythosCache", "OpenMythosForCausalLM", "OpenMythosHFConfig",
     "byte_tokenizer_for_transformers", "register",
 ]

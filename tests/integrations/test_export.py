@@ -1,0 +1,195 @@
+"""``openmythos export`` (#15 item 2): an HF directory that ships its modeling code, loads
+where this package is not installed, pads left, knows its length and its trained depth."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ast
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from open_mythos import ByteTokenizer  # noqa: E402
+from open_mythos.checkpoints import HF_MODEL_TYPE, load_model  # noqa: E402
+from open_mythos.cli import main  # noqa: E402
+from open_mythos.integrations import hf as hf_mod  # noqa: E402
+from open_mythos.integrations.remote_code import modeling_sources  # noqa: E402
+from open_mythos.training.checkpoint import (  # noqa: E402
+    TrainingCheckpoint,
+    gather_model_state,
+    save_checkpoint,
+    tied_parameters,
+)
+from tests.integrations.conftest import byte_model  # noqa: E402
+
+TRAINED = 3  # the depth the test run "trained" at; its model has max_loop_iters 4
+
+
+def write_run(run_dir: Path, model, n_loops: int = TRAINED) -> Path:
+    """A run directory holding ``model`` as its checkpoint, trained (per its schedule) at
+    ``n_loops``, with the byte tokenizer copied in as the trainer does."""
+    tied = tied_parameters(model)
+    toml = f'[data]\ntokenizer = "byte"\n\n[schedule]\nloops = "fixed"\nn_loops = {n_loops}\n'
+    save_checkpoint(run_dir, TrainingCheckpoint(
+        step=7, model_state=gather_model_state(model, tied), model_config=model.cfg,
+        train_config_toml=toml, optimizer_state={}, trainer_state={}), tied)
+    ByteTokenizer().save_pretrained(run_dir / "tokenizer")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
+    root = tmp_path_factory.mktemp("export")
+    model = byte_model("gqa")
+    assert model.cfg.max_loop_iters != TRAINED
+    run = write_run(root / "run", model)
+    assert main(["export", str(run), "--format", "hf", "--out", str(root / "hf")]) == 0
+    return run, root / "hf", model
+
+
+def test_config_has_auto_map_trained_depth_and_the_code_is_shipped(exported):
+    _, out, _ = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_loops"] == TRAINED
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling_openmythos.OpenMythosHFConfig",
+        "AutoModelForCausalLM": "modeling_openmythos.OpenMythosForCausalLM"}
+    shipped = {p.name for p in out.glob("*.py")}
+    assert shipped == set(modeling_sources())
+    for name in shipped:  # every import of this package became a flat relative one
+        for node in ast.walk(ast.parse((out / name).read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.module or "").startswith("open_mythos")
+                if node.level == 1:
+                    assert all(f"{m}.py" in shipped for m in
+                               ([node.module] if node.module else [a.name for a in node.names]))
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("open_mythos") for a in node.names)
+
+
+def test_tokenizer_pads_left_and_knows_max_seq_len(exported):
+    from transformers import AutoTokenizer
+
+    _, out, model = exported
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    assert tok.padding_side == "left" and tok.model_max_length == model.cfg.max_seq_len
+    batch = tok(["a", "abc"], padding=True)
+    assert batch["input_ids"][0] == [256, 256, 97] and batch["attention_mask"][0] == [0, 0, 1]
+
+
+def test_native_load_defaults_to_the_trained_depth(exported):
+    from transformers import AutoModelForCausalLM
+
+    _, out, model = exported
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(hf) is hf_mod.OpenMythosForCausalLM  # the registered class, not the shipped one
+    ids = torch.tensor([ByteTokenizer().encode("the cat")])
+    with torch.no_grad():
+        ref = model(ids, n_loops=TRAINED)
+        other = model(ids, n_loops=model.cfg.max_loop_iters)
+        got = hf(ids).logits
+    torch.testing.assert_close(got, ref)
+    assert not torch.allclose(got, other)  # the default depth is visible in the output
+    assert load_model(out).n_loops == TRAINED
+
+
+def test_hf_generate_logs_no_deprecation_warning(exported, caplog):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    _, out, _ = exported
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            hf.generate(torch.tensor([[97, 98]]), max_new_tokens=3, do_sample=False)
+            hf.generate(torch.tensor([[97, 98]]), max_new_tokens=3, do_sample=False)
+    finally:
+        hf_logging.disable_propagation()
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()], caplog.text
+
+
+def test_model_type_matches_the_checkpoint_reader():
+    assert hf_mod.MODEL_TYPE == HF_MODEL_TYPE
+
+
+def test_safetensors_export_loads_with_its_depth_and_tokenizer(exported, tmp_path):
+    run, _, model = exported
+    out = tmp_path / "st"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    assert not (out / "optimizer.pt").exists()
+    loaded = load_model(out)
+    assert loaded.n_loops == TRAINED and (out / "byte_tokenizer.json").is_file()
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], t, rtol=0, atol=0)
+
+
+def test_export_errors_are_one_line_with_status_2(exported, tmp_path, capsys):
+    run, out, _ = exported
+    assert main(["export", str(run), "--out", str(out)]) == 2  # not empty
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+CLEAN_SCRIPT = r"""
+import json, sys
+try:
+    import open_mythos
+except ImportError:
+    pass
+else:
+    sys.exit("open_mythos is importable: the environment is not clean")
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+ids = tok(["the cat", "a"], padding=True, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**ids).logits
+gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+print(json.dumps({"module": type(model).__module__, "n_loops": model.config.n_loops,
+                  "logits": logits[0].tolist(), "generated": gen.tolist(),
+                  "input_ids": ids["input_ids"].tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_loads_with_trust_remote_code_where_open_mythos_is_not_installed(exported, tmp_path):
+    """``python -I -S``: no site processing, so the editable install's .pth is not read;
+    only the venv's site-packages directories (torch, transformers) are on the path."""
+    from open_mythos.inference import generate
+
+    _, out, model = exported
+    paths = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    script = tmp_path / "clean.py"
+    script.write_text(CLEAN_SCRIPT)
+    boot = (f"import sys; sys.path[:0] = {paths!r}; sys.argv = ['clean', {str(out)!r}]; "
+            f"exec(compile(open({str(script)!r}).read(), 'clean.py', 'exec'))")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    probe = subprocess.run([sys.executable, "-I", "-S", "-c",
+                            f"import sys; sys.path[:0] = {paths!r}; import open_mythos"],
+                           env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert probe.returncode != 0 and "No module named 'open_mythos'" in probe.stderr
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", boot], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["module"].startswith("transformers_modules.") and res["n_loops"] == TRAINED
+    # Same numbers as this package's model at the trained depth (row 0 is unpadded).
+    ids = torch.tensor([ByteTokenizer().encode("the cat")])
+    with torch.no_grad():
+        ref = model(ids, n_loops=TRAINED)[0]
+    torch.testing.assert_close(torch.tensor(res["logits"]), ref, rtol=1e-4, atol=1e-4)
+    greedy = generate(model, ids, max_new_tokens=4, n_loops=TRAINED, do_sample=False)
+    assert res["generated"][0] == greedy[0].tolist()
