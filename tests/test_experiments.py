@@ -43,5 +43,10 @@ def test_plain_loop_benchmark_quick(tmp_path):
     for task in results.values():
         for row in task["splits"].values():
             assert 0.0 <= row["plain"] <= 1.0 and list(row["ours"]) == ["1", "2", "3", "4", "5"]
-    for line in ("| parity | id |", "| multihop | ood_hops |", "| phop | id |", "Targets:"):
+    for line in ("| parity | id |", "| multihop | ood_hops |", "| phop | id |", "Targets:",
+                 "| phop | id, exit rule |", "with the exit rule (min"):
         assert line in done.stdout
+    for task in results.values():
+        for row in task["splits"].values():
+            # One loop: the rule cannot fire before its min_loops, so nothing changes.
+            assert row["ours_exit"]["1"] == row["ours"]["1"]
