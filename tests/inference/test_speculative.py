@@ -114,3 +114,14 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="max_seq_len"):
         list(speculative_stream(model, ids, 100, N_LOOPS))
     assert torch.equal(speculative_generate(model, ids, 0, N_LOOPS), ids)
+
+
+def test_greedy_equals_plain_greedy_with_act_halting(attn_type):
+    """ACT early exit in the drafts and in the verification forward changes nothing."""
+    from tests.conftest import halting_model
+
+    model = halting_model(attn_type, max_loop_iters=N_LOOPS).double()
+    ids = torch.randint(0, 97, (2, 6))
+    want = generate(model, ids, 12, N_LOOPS, do_sample=False)
+    got = speculative_generate(model, ids, 12, N_LOOPS, draft_loops=2, draft_tokens=3)
+    assert torch.equal(got, want)
