@@ -93,6 +93,37 @@ class Prefill:
         return torch.cat(self.logits)
 
 
+def prefill_together(model: CausalLM, prefills: list[Prefill]) -> None:
+    """Run several prefills that have not started (one ``n_loops`` and exit rule) as one
+    left-padded forward; each ends finished, with its own cache and logits, as if it had
+    run alone (positions count each row's real tokens; padding is masked out)."""
+    first = prefills[0]
+    width = max(p.length for p in prefills)
+    device = first.ids.device
+    ids = torch.zeros(len(prefills), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prefills):
+        if p.done or (p.n_loops, p.exit_rule) != (first.n_loops, first.exit_rule):
+            raise ValueError("prefill_together takes unstarted prefills of one depth and rule")
+        ids[r, width - p.length:] = p.ids[0]
+        mask[r, width - p.length:] = 1
+    cache = KVCache(width)
+    logits = model(ids, first.n_loops, cache, 0, attention_mask=mask, act_early_exit=True,
+                   exit_rule=first.exit_rule)  # (B, width, V)
+    keys = model.cache_keys(first.n_loops)
+    fill_depths(cache, keys, width)
+    for r, p in enumerate(prefills):
+        start = width - p.length
+        for key in keys:
+            p.cache.buffers()[key] = {n: b[r:r + 1][..., start:, :].clone()
+                                      for n, b in cache.buffers()[key].items()}
+        p.cache.mark_filled(keys, p.length)
+        row = logits[r, start:]  # (length, V)
+        if p.keep_logits:
+            p.logits = [row.float()]
+        p.last, p.done = row[-1], p.length
+
+
 class DecodeBatch:
     """Rows decoding together with one ``n_loops`` and exit rule (see the module docstring).
 

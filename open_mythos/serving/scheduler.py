@@ -6,7 +6,8 @@ Each turn of the scheduler thread:
    their time limit;
 2. admits waiting requests while the running rows leave room (``max_batch``);
 3. prefills waiting prompts, at most ``prefill_chunk`` tokens in all, so a long prompt
-   delays the running sequences by one chunk per turn, not by its whole length; a prompt
+   delays the running sequences by one chunk per turn, not by its whole length (prompts
+   that arrived together and fit in the budget once padded run as one forward); a prompt
    whose prefill completes picks its first token and joins the decode batch of its
    ``n_loops``;
 4. runs one decode step of every batch (one per distinct ``n_loops`` and exit rule), picks
@@ -38,7 +39,7 @@ from ..integrations.textgen import FinishReason, GenerationOptions, TextSequence
 from ..layers.recurrence import ExitRule
 from ..model import CausalLM
 from ..tokenizers import ByteTokenizer, Tokenizer
-from .batch import DecodeBatch, Prefill
+from .batch import DecodeBatch, Prefill, prefill_together
 
 
 @dataclass(frozen=True)
@@ -338,12 +339,33 @@ class Scheduler:
 
     def _prefill(self) -> None:
         budget = self.limits.prefill_chunk
+        group = self._prefill_group(budget)
+        if len(group) > 1:  # prompts that arrived together: one padded forward
+            prefill_together(self.model, [t.prefill for t in group])
+            budget -= len(group) * max(t.prefill.length for t in group)
+            for task in group:
+                self._prefills.popleft()
+                self._join(task)
         while budget > 0 and self._prefills:
             task = self._prefills[0]
             budget -= task.prefill.run(budget)
             if task.prefill.finished:
                 self._prefills.popleft()
                 self._join(task)
+
+    def _prefill_group(self, budget: int) -> list[_PrefillTask]:
+        """The waiting prompts at the front that have not started, share a depth and exit
+        rule and fit in ``budget`` tokens once padded to the longest."""
+        group: list[_PrefillTask] = []
+        for task in self._prefills:
+            pf = task.prefill
+            longest = max([pf.length, *(t.prefill.length for t in group)])
+            if pf.done or (len(group) + 1) * longest > budget or (group and (
+                    (pf.n_loops, pf.exit_rule) != (group[0].prefill.n_loops,
+                                                   group[0].prefill.exit_rule))):
+                break
+            group.append(task)
+        return group
 
     def _join(self, task: _PrefillTask) -> None:
         """A prompt is prefilled: report its logprobs, pick each choice's first token and

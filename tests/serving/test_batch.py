@@ -8,7 +8,7 @@ import torch
 
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
 from open_mythos.serving import batch as batch_module
-from open_mythos.serving.batch import DecodeBatch, Prefill
+from open_mythos.serving.batch import DecodeBatch, Prefill, fill_depths, prefill_together
 from tests.conftest import halting_model, tiny_config
 
 N_LOOPS = 3
@@ -89,3 +89,28 @@ def test_a_long_prompt_is_prefilled_in_chunks():
         ref = model(pf.ids, N_LOOPS)[0]
     assert ran == [16, 16, 5] and pf.finished
     torch.testing.assert_close(pf.all_logits(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_prompts_prefilled_together_match_prefilled_alone(kind):
+    """One left-padded forward for several prompts leaves each with the cache and logits
+    it gets alone (ACT halts positions at different loops, so deeper entries are filled)."""
+    model = halting_model(kind)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist()
+               for n in (3, 9, 6)]
+    with torch.no_grad():
+        together = [Prefill(model, p, N_LOOPS, keep_logits=True) for p in prompts]
+        prefill_together(model, together)
+        for p, pf in zip(prompts, together):
+            alone = Prefill(model, p, N_LOOPS, keep_logits=True)
+            alone.run(len(p))
+            assert pf.finished
+            torch.testing.assert_close(pf.all_logits(), alone.all_logits(), atol=2e-5, rtol=1e-4)
+            fill_depths(alone.cache, model.cache_keys(N_LOOPS), len(p))
+            for key in model.cache_keys(N_LOOPS):
+                assert pf.cache.length(key) == len(p)
+                for name, t in alone.cache[key].items():
+                    torch.testing.assert_close(pf.cache[key][name], t, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unstarted"):
+        prefill_together(model, together)

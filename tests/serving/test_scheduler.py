@@ -75,10 +75,34 @@ GREEDY_CASES = [
 ]
 
 
-def test_batched_greedy_output_equals_unbatched(scheduler, trained_model):
+@pytest.mark.parametrize("prefill_chunk", [8, 128])
+def test_batched_greedy_output_equals_unbatched(trained_model, prefill_chunk):
     """Jobs submitted together (joining the running batch at different steps, with their
     own n_loops, stop strings and exit rule) produce what each produces alone through the
-    unbatched generation path (textgen over inference.stream)."""
+    unbatched generation path (textgen over inference.stream). With a budget of 8 tokens
+    the prompts are prefilled in chunks, one at a time; with 128, the first ones together
+    in one padded forward."""
+    shapes: list[tuple[int, int]] = []  # (batch, tokens) of the scheduler's forwards
+
+    def record(module, args, kwargs):
+        if threading.current_thread().name == "openmythos-scheduler":
+            shapes.append(tuple(args[0].shape))
+
+    hook = trained_model.register_forward_pre_hook(record, with_kwargs=True)
+    scheduler = Scheduler(trained_model, TOK, ServeLimits(prefill_chunk=prefill_chunk)).start()
+    try:
+        _check_greedy_cases(scheduler, trained_model)
+    finally:
+        hook.remove()
+        scheduler.stop()
+    prefills = [(b, t) for b, t in shapes if t > 1]
+    if prefill_chunk == 8:
+        assert max(t for _, t in prefills) == 8 and {b for b, _ in prefills} == {1}
+    else:
+        assert max(b for b, _ in prefills) > 1
+
+
+def _check_greedy_cases(scheduler, trained_model):
     options = [GenerationOptions(max_new_tokens=m, n_loops=k, do_sample=False, stop=stop,
                                  exit_rule=rule)
                for _, k, m, stop, rule in GREEDY_CASES]
