@@ -1,6 +1,7 @@
 """lm-evaluation-harness model ``"openmythos"``: log-likelihoods and generation of our model.
 
-Importing this module registers :class:`OpenMythosLM` with the harness::
+Importing this module registers :class:`OpenMythosLM` with the harness, beside (not instead
+of) the harness's own models (``get_model("hf")`` keeps working)::
 
     import lm_eval
     import open_mythos.integrations.lm_eval  # noqa: F401  registers "openmythos"
@@ -10,6 +11,15 @@ Importing this module registers :class:`OpenMythosLM` with the harness::
         tasks=["lambada_openai"])
 
 or with a model in memory: ``OpenMythosLM(pretrained=model, tokenizer=tok, n_loops=8)``.
+From the shell, ``python -m open_mythos.integrations.lm_eval`` is the ``lm_eval`` command with
+this model registered (lm-eval 0.4 discovers no plugins, so plain ``lm_eval`` cannot know it)::
+
+    python -m open_mythos.integrations.lm_eval run --model openmythos \
+        --model_args pretrained=runs/my_run --tasks lambada_openai
+
+A run's default depth is the one it trained at (:attr:`~open_mythos.checkpoints.LoadedModel.
+n_loops`). The same run exported with ``openmythos export --format hf`` scores the same with
+the harness's stock ``--model hf`` (``trust_remote_code=True``; needs ``accelerate``).
 
 It runs our model directly (no ``transformers`` and no ``accelerate`` needed); ``pretrained``
 may be a training checkpoint or run directory, a Hugging Face directory written by
@@ -27,10 +37,12 @@ the argmax. Batches are right-padded, which cannot change a causal model's score
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (registers the harness's own models first: see below)
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
@@ -45,6 +57,12 @@ from .textgen import GenerationOptions, complete
 
 DEFAULT_BATCH_SIZE = 8
 
+log = logging.getLogger(__name__)
+
+# NOTE: lm-eval fills its model registry with its own models only when the registry is empty
+# on the first lookup; registering ours into an empty registry would hide them all
+# ("no model for this name found! Supported model names: openmythos"). Importing
+# ``lm_eval.models`` above fills it first.
 
 @register_model("openmythos")
 class OpenMythosLM(TemplateLM):
@@ -62,7 +80,10 @@ class OpenMythosLM(TemplateLM):
         batch_size: sequences per forward (``"auto"`` means :data:`DEFAULT_BATCH_SIZE`).
         max_length: context length (default ``cfg.max_seq_len``).
         max_gen_toks: default cap on generated tokens for ``generate_until``.
-        device, dtype: where and in which dtype to load a checkpoint (``"bfloat16"``...).
+        device, dtype: where and in which dtype to load a checkpoint (``"bfloat16"``...);
+            ``"auto"`` (default) is CUDA when available; CUDA asked for where there is none
+            falls back to the CPU with a warning, as the harness's ``hf`` model does (its
+            command line passes ``cuda`` by default).
         add_bos_token: prefix every encoded text with BOS.
     """
 
@@ -75,12 +96,13 @@ class OpenMythosLM(TemplateLM):
         batch_size: int | str = 1,
         max_length: int | None = None,
         max_gen_toks: int = 256,
-        device: str = "cpu",
+        device: str | None = "auto",
         dtype: str | torch.dtype | None = None,
         add_bos_token: bool = False,
     ):
         super().__init__()
-        self.model, self.tokenizer, stored_loops = _load(pretrained, tokenizer, device, dtype)
+        self.model, self.tokenizer, stored_loops = _load(pretrained, tokenizer,
+                                                         _pick_device(device), dtype)
         self.model.eval()
         self.n_loops = n_loops if n_loops is not None else (stored_loops or self.model.cfg.max_loop_iters)
         check_loops(self.n_loops)
@@ -213,7 +235,18 @@ class OpenMythosLM(TemplateLM):
         return out
 
 
-def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: str,
+def _pick_device(spec: str | torch.device | None) -> torch.device:
+    from ..devices import resolve_device
+
+    if spec is None:
+        spec = "auto"
+    if str(spec).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("CUDA is not available: the openmythos model runs on the CPU")
+        return torch.device("cpu")
+    return resolve_device(spec)
+
+
+def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.device,
           dtype: str | torch.dtype | None) -> tuple[CausalLM, Tokenizer, int | None]:
     """``(model, tokenizer, stored default n_loops)`` from any accepted ``pretrained``."""
     if isinstance(dtype, str):
@@ -239,3 +272,18 @@ def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: str,
         tokenizer = "byte"
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     return pretrained, tok, stored
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``lm_eval`` command line, with ``--model openmythos`` available."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
