@@ -22,7 +22,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ..serving.scheduler import ServeLimits
+from ..serving.jobs import ServeLimits
 from .generate import add_model_arguments
 
 _LIMIT_HELP = {

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..layers.recurrence import ExitRule
-from ..serving.scheduler import TokenLogprob
+from ..serving.jobs import TokenLogprob
 from ..tokenizers import Tokenizer
 
 MAX_STOP_STRINGS = 4
@@ -42,7 +42,7 @@ class ExitRuleBody(BaseModel):
         return ExitRule(**self.model_dump())
 
 
-class _Sampling(BaseModel):
+class SamplingFields(BaseModel):
     """Fields shared by both endpoints (unknown fields are rejected, numbers are strict)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -81,7 +81,7 @@ class _Sampling(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     """Body of ``POST /v1/completions``."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -129,7 +129,7 @@ class ChatMessage(BaseModel):
             p.text for p in self.content)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     """Body of ``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)

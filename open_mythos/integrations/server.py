@@ -58,27 +58,27 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model import CausalLM, OpenMythos
-from ..serving.scheduler import (
+from ..serving.jobs import (
     Event,
     Job,
     JobDone,
     JobFailed,
     PromptLogprobs,
     QueueFull,
-    Scheduler,
     SchedulerStopped,
     SeqDelta,
     ServeLimits,
     TokenLogprob,
 )
+from ..serving.scheduler import Scheduler
 from ..tokenizers import Tokenizer
 from .openai_api import (
     ChatCompletionRequest,
     CompletionLogprobs,
     CompletionRequest,
     DetokenizeRequest,
+    SamplingFields,
     TokenizeRequest,
-    _Sampling,
     chat_logprobs,
     render_chat,
     usage,
@@ -222,7 +222,7 @@ class CompletionService:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
                            f"`{self.model_name}`", param="model", code="model_not_found")
 
-    def _options(self, req: _Sampling, prompts: list[list[int]], max_tokens: int,
+    def _options(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int,
                  stop: tuple[str, ...]) -> GenerationOptions:
         lim = self.limits
         caps = [("n_loops", req.n_loops or 0, lim.max_n_loops, "--max-n-loops"),

@@ -29,138 +29,29 @@ import hashlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..inference.sampling import SamplingParams, select_next
-from ..integrations.textgen import FinishReason, GenerationOptions, TextSequence
+from ..integrations.textgen import FinishReason, TextSequence
 from ..layers.recurrence import ExitRule
 from ..model import CausalLM
 from ..tokenizers import ByteTokenizer, Tokenizer
 from .batch import DecodeBatch, Prefill, prefill_together
+from .jobs import (
+    Job,
+    JobDone,
+    JobFailed,
+    PromptLogprobs,
+    QueueFull,
+    SchedulerStopped,
+    SeqDelta,
+    ServeLimits,
+    TokenLogprob,
+)
 
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one server accepts; requests beyond a limit are refused (HTTP 400/429).
-
-    Attributes:
-        max_n_loops: most recurrent loops a request may ask for.
-        max_tokens: most tokens one sequence may generate (the context bounds it too).
-        max_choices: most choices (``n``) per request.
-        max_batch: most sequences decoding at once; also the most one request may start
-            (prompts times ``n``).
-        max_queue: most requests waiting to start; one more is answered 429.
-        prefill_chunk: most prompt tokens prefilled between two decode steps.
-        request_timeout: seconds from arrival after which a request is ended (504).
-        max_logprobs: most ``logprobs`` / ``top_logprobs`` alternatives per token.
-    """
-
-    max_n_loops: int = 32
-    max_tokens: int = 1024
-    max_choices: int = 16
-    max_batch: int = 32
-    max_queue: int = 64
-    prefill_chunk: int = 128
-    request_timeout: float = 300.0
-    max_logprobs: int = 20
-
-    def __post_init__(self) -> None:
-        for name in ("max_n_loops", "max_tokens", "max_choices", "max_batch", "max_queue",
-                     "prefill_chunk", "max_logprobs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
-
-
-class QueueFull(Exception):
-    """The scheduler's queue is full; try again later."""
-
-
-class SchedulerStopped(Exception):
-    """The scheduler is shutting down and takes no more requests."""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One token with its log-probability (None for a prompt's first token) and the
-    ``top`` most likely alternatives."""
-
-    token_id: int
-    token: str
-    logprob: float | None
-    top: tuple[tuple[int, str, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class SeqDelta:
-    """New text of sequence ``index`` (prompt-major: prompt ``index // n``, choice
-    ``index % n``); ``logprobs`` covers the tokens generated since the previous delta.
-    The last delta of a sequence has ``finish_reason`` and ``n_tokens`` set."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None
-    n_tokens: int = 0
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class PromptLogprobs:
-    """The prompt's tokens of sequence ``index`` with their logprobs (the first has none)."""
-
-    index: int
-    tokens: tuple[TokenLogprob, ...]
-
-
-@dataclass(frozen=True)
-class JobFailed:
-    status: int
-    message: str
-    type: str = "server_error"
-
-
-@dataclass(frozen=True)
-class JobDone:
-    pass
-
-
-Event = SeqDelta | PromptLogprobs | JobFailed | JobDone
-
-
-@dataclass(eq=False)
-class Job:
-    """One request: its prompts (token ids), ``n`` choices each, and options.
-
-    Attributes:
-        logprobs: alternatives per generated token to report (None: no logprobs; 0: the
-            chosen token's only).
-        echo_logprobs: also report the prompt's logprobs (:class:`PromptLogprobs`).
-        emit: called on the scheduler thread with each event; must not block.
-    """
-
-    prompts: list[list[int]]
-    options: GenerationOptions
-    emit: Callable[[Event], None]
-    n: int = 1
-    logprobs: int | None = None
-    echo_logprobs: bool = False
-    timeout: float = 300.0
-    arrived: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    finished_rows: int = 0
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.prompts) * self.n
-
-    def cancel(self) -> None:
-        """Stop this job at the scheduler's next turn (safe from any thread)."""
-        self.cancelled = True
+__all__ = ["Scheduler", "derive_seed"]
 
 
 class _Row:

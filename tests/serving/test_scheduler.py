@@ -12,7 +12,8 @@ from open_mythos import ByteTokenizer
 from open_mythos.integrations.textgen import GenerationOptions, complete
 from open_mythos.layers.recurrence import ExitRule
 from open_mythos.serving import Job, QueueFull, Scheduler, ServeLimits
-from open_mythos.serving.scheduler import JobDone, JobFailed, SeqDelta, derive_seed
+from open_mythos.serving.jobs import JobDone, JobFailed, SeqDelta
+from open_mythos.serving.scheduler import derive_seed
 from tests.integrations.conftest import CORPUS, TRAINED_LOOPS
 
 TOK = ByteTokenizer()
