@@ -225,3 +225,49 @@ def test_top_k_and_top_p_restrict_the_sampled_tokens(real_server, trained_model,
     assert len(plain) >= 4
     flags, _ = inside(plain)
     assert not flags.all()
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": "3"},
+     "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
+])
+def test_bad_chat_requests_get_400(server, body, param):
+    client, _ = server
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_chat_choices_stream_with_stop_strings(server):
+    """n choices of a chat stream each end at the request's stop string; the content is
+    the script continued after the plain template's prompt."""
+    client, _ = server
+    messages = [{"role": "user", "content": "Q"}]
+    prompt_len = len("User: Q\nAssistant:")
+    request = {"messages": messages, "max_tokens": 20, "n": 2, "stop": [". g"], "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=request) as r:
+        chunks = [json.loads(e) for e in sse_events(r)[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    texts, finish = ["", ""], [None, None]
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content", "")
+            finish[choice["index"]] = choice["finish_reason"] or finish[choice["index"]]
+    text = scripted_text(SCRIPT, prompt_len, 20)
+    assert texts == [text[: text.index(". g")]] * 2 and finish == ["stop", "stop"]
+
+
+def test_tokenizer_endpoints(server):
+    client, _ = server
+    info = client.get("/tokenizer_info").json()
+    assert (info["eos_token"], info["bos_token"], info["model_max_length"]) == ("<eos>", "<bos>", 64)
+    assert client.post("/tokenize", json={"prompt": "hé"}).json()["tokens"] == [104, 195, 169]
+    assert client.post("/tokenize", json={"prompt": "<eos>"}).json()["tokens"] == [258]
+    assert client.post("/detokenize", json={"tokens": [104, 195, 169]}).json() == {"prompt": "hé"}
+    r = client.post("/detokenize", json={"tokens": [5000]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
