@@ -29,8 +29,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="'byte' or a tokenizer directory (default: the one stored with the "
                         "checkpoint, else the byte tokenizer if the vocabulary matches)")
     p.add_argument("--n-loops", type=_positive_int, metavar="N",
-                   help="recurrent loops per token (default: the checkpoint's n_loops, else "
-                        "max_loop_iters); more than trained extrapolates in depth")
+                   help="recurrent loops per token (default: the depth the run trained at, "
+                        "else max_loop_iters); more than trained extrapolates in depth")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
@@ -56,8 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
     p.add_argument("--compile", action="store_true",
                    help="decode through one torch.compile'd graph per step: much faster per "
-                        "token after a one-off compilation (tens of seconds); runs every loop "
-                        "(no ACT early exit)")
+                        "token after a one-off compilation on the first call (measured: 19 s "
+                        "on one CPU thread for the 128-dim default training model; more for "
+                        "larger models, up to minutes); runs every loop (no ACT early exit)")
     p.set_defaults(func=run)
     return p
 

@@ -3,7 +3,14 @@
 ::
 
     openmythos info --variant mythos_1b --n-loops 16
+    openmythos info runs/parity                      # a run: also step, loss, tokenizer
     openmythos info --checkpoint runs/parity --n-loops 32 --context 512 --json
+
+For a run, checkpoint or Hugging Face directory it also reports (:class:`RunInfo`) the step of
+the checkpoint read, the run's last validation loss up to that step (``metrics.jsonl``), the
+tokenizer stored with it and its vocabulary, the trained depth (the default ``n_loops``, used
+for every figure below unless ``--n-loops`` is given) and the parameter memory (as stored,
+and in fp32 and bf16).
 
 Works for every model kind of :mod:`open_mythos.registry`: the looped model at ``n_loops``
 loops, or the dense baseline, whose depth is fixed (``--n-loops`` does not apply). Formulas
@@ -35,10 +42,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What ``info`` reads about a checkpoint beyond its architecture.
+
+    ``step`` is None for a Hugging Face directory, ``val_loss`` (and ``val_step``, the step it
+    was measured at) without a logged validation, ``tokenizer`` (``"byte"`` or a directory)
+    when none is stored, ``trained_depth`` when the run records none (or a fixed-depth kind);
+    ``param_bytes`` maps ``"stored"`` (the weight files' tensors, tied ones once, in their
+    ``stored_dtype``), ``"fp32"`` and ``"bf16"`` to bytes.
+    """
+
+    path: str
+    format: str
+    step: int | None
+    val_loss: float | None
+    val_step: int | None
+    tokenizer: str | None
+    tokenizer_vocab_size: int | None
+    vocab_size: int
+    trained_depth: int | None
+    stored_dtype: str | None
+    param_bytes: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -64,6 +95,7 @@ class ModelInfo:
     attention_flops_per_position: int
     context: int
     flops_per_token: int
+    run: RunInfo | None = None
 
 
 def kv_values_per_layer(cfg: Any) -> int:
@@ -136,6 +168,82 @@ def model_info(cfg: Any, name: str, n_loops: int | None = None,
         context=context, flops_per_token=flops_per_token(cfg, n_loops, context))
 
 
+def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) -> RunInfo:
+    """The :class:`RunInfo` of a run, checkpoint or Hugging Face directory whose
+    configuration ``cfg`` and default depth are already read."""
+    from ..checkpoints import CHECKPOINT_DIR, CheckpointFormat, LoadedModel, detect_format
+
+    fmt, ckpt_dir = detect_format(path, files=())
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    stored, dtypes, meta_step = _stored_bytes(files)
+    step = None
+    if fmt is CheckpointFormat.TRAINING:
+        step = meta_step if meta_step is not None else _step_of(ckpt_dir.name)
+    val_loss = val_step = None
+    if ckpt_dir.parent.name == CHECKPOINT_DIR:
+        val_step, val_loss = _last_val_loss(ckpt_dir.parent.parent / "metrics.jsonl", step)
+    tokenizer, tok_vocab = _tokenizer(LoadedModel(None, cfg, ckpt_dir, fmt))  # type: ignore[arg-type]
+    return RunInfo(
+        path=str(ckpt_dir), format=fmt.value, step=step, val_loss=val_loss, val_step=val_step,
+        tokenizer=tokenizer, tokenizer_vocab_size=tok_vocab, vocab_size=cfg.vocab_size,
+        trained_depth=trained_depth, stored_dtype="/".join(sorted(dtypes)) or None,
+        param_bytes={"stored": stored, **{k: total_params * b for k, b in DTYPE_BYTES.items()}})
+
+
+def _stored_bytes(files: list[Any]) -> tuple[int, set[str], int | None]:
+    """``(bytes of the tensors, their dtypes, the "step" metadata)`` of safetensors files."""
+    from safetensors import safe_open
+
+    total, dtypes, step = 0, set(), None
+    sizes = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "BOOL": 1,
+             "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if "step" in meta and str(meta["step"]).isdigit():
+                step = int(meta["step"])
+            for key in fh.keys():
+                sl = fh.get_slice(key)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= d
+                dtypes.add(sl.get_dtype())
+                total += numel * sizes.get(sl.get_dtype(), 4)
+    return total, dtypes, step
+
+
+def _step_of(name: str) -> int | None:
+    digits = name.rpartition("_")[2]
+    return int(digits) if name.startswith("step_") and digits.isdigit() else None
+
+
+def _last_val_loss(metrics: Any, step: int | None) -> tuple[int | None, float | None]:
+    """``(step, val_loss)`` of the last logged validation at or before ``step``."""
+    found: tuple[int | None, float | None] = (None, None)
+    if not metrics.is_file():
+        return found
+    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        loss = row.get("val_loss") if isinstance(row, dict) else None
+        if isinstance(loss, (int, float)) and (step is None or row.get("step", 0) <= step):
+            found = (int(row["step"]), float(loss))
+    return found
+
+
+def _tokenizer(loaded: Any) -> tuple[str | None, int | None]:
+    """``(the tokenizer stored with a checkpoint, its vocabulary size)``, (None, None) if none."""
+    from ..integrations.convert import _default_tokenizer_source
+    from ..tokenizers import load_tokenizer
+
+    source = _default_tokenizer_source(loaded)
+    if source is None:
+        return None, None
+    return str(source), load_tokenizer(str(source)).vocab_size
+
+
 def format_info(info: ModelInfo, cfg: Any) -> str:
     """The human-readable report."""
     from ..variants import format_count
@@ -163,6 +271,24 @@ def format_info(info: ModelInfo, cfg: Any) -> str:
         f"2 x {format_count(info.matmul_flops_per_token // 2)} matmul weights ({matmul}) + "
         f"{format_count(info.attention_flops_per_position)} attention per context position",
     ]
+    if info.run is not None:
+        r = info.run
+        where = f"step {r.step:,}" if r.step is not None else f"{r.format} directory"
+        loss = (f"validation loss {r.val_loss:.4f} (step {r.val_step:,})"
+                if r.val_loss is not None else "no validation loss logged")
+        tok = (f"{r.tokenizer} ({r.tokenizer_vocab_size:,} ids; model vocabulary "
+               f"{r.vocab_size:,})" if r.tokenizer else
+               f"none stored (model vocabulary {r.vocab_size:,}; pass --tokenizer)")
+        depth = (f"trained at {r.trained_depth} loops (the default n_loops)"
+                 if r.trained_depth is not None else "no trained depth recorded")
+        mem = r.param_bytes
+        lines[1:1] = [
+            f"  checkpoint        {r.path}: {where}, {loss}",
+            f"  tokenizer         {tok}",
+            f"  depth             {depth}",
+            f"  parameter memory  {_format_bytes(mem['stored'])} as stored ({r.stored_dtype}), "
+            f"{_format_bytes(mem['fp32'])} fp32, {_format_bytes(mem['bf16'])} bf16",
+        ]
     return "\n".join(lines)
 
 
@@ -181,11 +307,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Exact parameter counts, KV cache bytes per token (fp32 and bf16) and "
                     "forward FLOPs per token at a loop count.")
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("run", nargs="?", metavar="RUN",
+                     help="run directory, training checkpoint or Hugging Face directory")
     src.add_argument("--variant", help="preset name, e.g. mythos_1b (or 1b)")
-    src.add_argument("--checkpoint", metavar="DIR",
-                     help="training checkpoint, run directory or Hugging Face directory")
+    src.add_argument("--checkpoint", metavar="DIR", help="the same as RUN")
     p.add_argument("--n-loops", type=int, metavar="N",
-                   help="loops per token (default: the checkpoint's n_loops, else max_loop_iters)")
+                   help="loops per token (default: the trained depth, else max_loop_iters)")
     p.add_argument("--context", type=int, metavar="S",
                    help="attended positions for the attention FLOPs (default max_seq_len)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
@@ -206,8 +333,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             from ..checkpoints import read_config
 
-            cfg, stored_loops = read_config(args.checkpoint)
-            name = args.checkpoint
+            name = args.run or args.checkpoint
+            cfg, stored_loops = read_config(name)
         n_loops = stored_loops if args.n_loops is None else args.n_loops
         if n_loops is not None and n_loops < 1:
             raise ValueError(f"--n-loops must be a positive integer, got {n_loops}")
@@ -217,7 +344,9 @@ def run(args: argparse.Namespace) -> int:
         if args.context is not None and args.context < 0:
             raise ValueError(f"--context must be >= 0, got {args.context}")
         info = model_info(cfg, name, n_loops, args.context)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+        if not args.variant:
+            info = replace(info, run=run_info(name, cfg, stored_loops, info.total_params))
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         print(f"openmythos info: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(info), indent=2) if args.json else format_info(info, cfg))

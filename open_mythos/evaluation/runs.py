@@ -23,15 +23,18 @@ RUN_CONFIG_FILE = "config.toml"
 
 def read_train_config(path: str | Path) -> Any | None:
     """The :class:`~open_mythos.training.config.TrainConfig` of a checkpoint or run
-    directory, or None when neither holds one."""
-    from ..training.checkpoint import TRAIN_CONFIG_FILE, latest_checkpoint
+    directory, or None when neither holds one; a tokenizer directory that has gone is
+    replaced by the run's own copy (:func:`~open_mythos.training.runfiles.with_own_tokenizer`)."""
+    from ..training.checkpoint import CHECKPOINT_DIR, TRAIN_CONFIG_FILE, latest_checkpoint
     from ..training.config import load_config
+    from ..training.runfiles import with_own_tokenizer
 
     path = Path(path)
     ckpt = path if (path / TRAIN_CONFIG_FILE).is_file() else latest_checkpoint(path)
+    run_dir = ckpt.parent.parent if ckpt and ckpt.parent.name == CHECKPOINT_DIR else path
     for candidate in (ckpt / TRAIN_CONFIG_FILE if ckpt else None, path / RUN_CONFIG_FILE):
         if candidate is not None and candidate.is_file():
-            return load_config(candidate)
+            return with_own_tokenizer(load_config(candidate), run_dir)
     return None
 
 

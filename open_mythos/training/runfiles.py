@@ -79,7 +79,12 @@ def resume_config(run_dir: str | Path, overrides: Iterable[tuple[str, Any]] = ()
     path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         return None
-    cfg = load_config(path, overrides)
+    return with_own_tokenizer(load_config(path, overrides), run_dir)
+
+
+def with_own_tokenizer(cfg: TrainConfig, run_dir: str | Path) -> TrainConfig:
+    """``cfg`` reading the run's copy of its tokenizer (``run_dir/tokenizer``) when the
+    tokenizer directory it names no longer exists and the copy does."""
     own = Path(run_dir) / RUN_TOKENIZER_DIR
     spec = cfg.data.tokenizer
     if spec.lower() != "byte" and not Path(spec).expanduser().exists() and own.is_dir():

@@ -3,6 +3,7 @@ absolute, the trained depth recorded, and ``--resume`` with only ``--out``."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tomllib
 from pathlib import Path
@@ -121,3 +122,15 @@ def test_resume_uses_the_runs_tokenizer_copy_when_the_original_moved(text_run, c
     assert main(["train", "--out", str(text_run), "--resume", "--steps", "5",
                  "--no-progress"]) == 0
     assert read_metrics(text_run)[-1]["step"] == 5
+
+
+def test_sweep_and_report_of_a_text_run_from_elsewhere_after_its_tokenizer_moved(
+        text_run, tmp_path, capsys):
+    shutil.rmtree(text_run.parent / "tok")
+    out = tmp_path / "depth.json"
+    assert main(["sweep", "--checkpoint", str(text_run), "--loops", "1-2", "--out", str(out)]) == 0
+    assert [r["n_loops"] for r in json.loads(out.read_text())] == [1, 2]
+    assert "non-increasing up to T_train=2" in capsys.readouterr().out  # the trained depth
+    assert main(["report", "--run", str(text_run), "--loops", "1-2",
+                 "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "loss_vs_loops.png").is_file()
