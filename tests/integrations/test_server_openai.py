@@ -4,11 +4,14 @@ forward of the model."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 from open_mythos import ByteTokenizer  # noqa: E402
 from open_mythos.integrations.openai_api import PLAIN_CHAT_STOP, ChatMessage, render_chat  # noqa: E402
@@ -48,6 +51,24 @@ def test_completions_with_the_openai_client(client, trained_model):
     assert len(chunks) > 3
     assert "".join(c.choices[0].text for c in chunks) == expected.text
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_concurrent_clients_get_their_unbatched_greedy_text(client, trained_model):
+    """Eight clients at once (decoded in one batch) each get the text the unbatched path
+    gives their prompt alone."""
+    prompts = ["the cat", "a dog sat on", "the log. a", "on the m", "a", "the dog sat on the",
+               "cat and a dog", "sat"]
+    expected = [greedy(trained_model, p, 24).text for p in prompts]
+    assert len(set(expected)) == len(expected)
+
+    def ask(prompt: str) -> str:
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(ask, prompts)) == expected
+    health = httpx.get(str(client.base_url).removesuffix("v1/") + "health").json()
+    assert health["peak_batch"] >= 4  # they were decoded together
 
 
 def test_chat_with_the_openai_client(client, trained_model):
