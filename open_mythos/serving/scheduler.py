@@ -93,6 +93,7 @@ class _PrefillTask:
     prefill: Prefill
     job: Job
     rows: list[_Row]
+    solo: bool = False  # prefill alone (a group it was in raised)
 
 
 class Scheduler:
@@ -232,14 +233,26 @@ class Scheduler:
         budget = self.limits.prefill_chunk
         group = self._prefill_group(budget)
         if len(group) > 1:  # prompts that arrived together: one padded forward
-            prefill_together(self.model, [t.prefill for t in group])
-            budget -= len(group) * max(t.prefill.length for t in group)
-            for task in group:
+            for _ in group:
                 self._prefills.popleft()
+            budget -= len(group) * max(t.prefill.length for t in group)
+            try:
+                prefill_together(self.model, [t.prefill for t in group])
+            except Exception:  # retry one by one, so only the culprit fails
+                for task in reversed(group):
+                    task.solo = True
+                    self._prefills.appendleft(task)
+                group = []
+            for task in group:
                 self._join(task)
         while budget > 0 and self._prefills:
             task = self._prefills[0]
-            budget -= task.prefill.run(budget)
+            try:
+                budget -= task.prefill.run(budget)
+            except Exception as err:
+                self._prefills.popleft()
+                self._fail_job(task.job, err)
+                continue
             if task.prefill.finished:
                 self._prefills.popleft()
                 self._join(task)
@@ -251,14 +264,28 @@ class Scheduler:
         for task in self._prefills:
             pf = task.prefill
             longest = max([pf.length, *(t.prefill.length for t in group)])
-            if pf.done or (len(group) + 1) * longest > budget or (group and (
+            if pf.done or task.solo or (len(group) + 1) * longest > budget or (group and (
                     (pf.n_loops, pf.exit_rule) != (group[0].prefill.n_loops,
                                                    group[0].prefill.exit_rule))):
                 break
             group.append(task)
         return group
 
+    def _fail_job(self, job: Job, err: Exception) -> None:
+        """A step of ``job`` alone raised (its prefill): fail it, keep serving the others;
+        its other sequences leave at the next turn."""
+        self.failures += 1
+        if not job.cancelled:
+            _emit(job, JobFailed(500, f"{type(err).__name__}: {err}"))
+        job.cancel()
+
     def _join(self, task: _PrefillTask) -> None:
+        try:
+            self._join_unguarded(task)
+        except Exception as err:
+            self._fail_job(task.job, err)
+
+    def _join_unguarded(self, task: _PrefillTask) -> None:
         """A prompt is prefilled: report its logprobs, pick each choice's first token and
         add the choices still running to the decode batch of their ``n_loops``."""
         pf, job = task.prefill, task.job
@@ -363,4 +390,12 @@ class Scheduler:
         self._rows.clear()
         for job in jobs:
             if not job.cancelled:
-                job.emit(failure)
+                _emit(job, failure)
+
+
+def _emit(job: Job, event: JobFailed) -> None:
+    """Report a failure; an ``emit`` that raises must not end the scheduler thread."""
+    try:
+        job.emit(event)
+    except Exception:  # noqa: BLE001 - nobody is left to tell
+        job.cancel()

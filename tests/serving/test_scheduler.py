@@ -218,3 +218,36 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(trained_model):
     assert [shapes[i][1] for i in chunks] == [8] * 6 + [5]
     for a, b in zip(chunks, chunks[1:]):
         assert (1, 1) in shapes[a + 1:b]  # the running request decoded in between
+
+
+def test_a_request_whose_prefill_raises_fails_alone(trained_model):
+    """A forward that raises on one request's prompt fails that request (500); the request
+    submitted with it (first tried in the same padded prefill, then alone) finishes
+    normally, and the scheduler keeps serving."""
+    poison = TOK.encode("~")[0]
+    shapes = []
+
+    def refuse(module, args, kwargs):
+        shapes.append(tuple(args[0].shape))
+        if bool((args[0] == poison).any()):
+            raise RuntimeError("poisoned prompt")
+
+    hook = trained_model.register_forward_pre_hook(refuse, with_kwargs=True)
+    s = Scheduler(trained_model, TOK)
+    try:
+        options = GenerationOptions(max_new_tokens=20, n_loops=TRAINED_LOOPS, do_sample=False)
+        _, good = submit(s, "the cat", options)
+        _, bad = submit(s, "the ~ cat", options, n=2)
+        s.start()  # both wait: the first turn prefills them together
+        failed = bad.wait()[-1]
+        assert shapes[0] == (2, 9)
+        assert isinstance(failed, JobFailed) and failed.status == 500
+        assert "poisoned" in failed.message
+        [(text, reason, n_tokens)] = good.texts(1)
+        assert (reason, n_tokens) == ("length", 20)
+        _, after = submit(s, "a dog", options)
+        assert after.texts(1)[0][2] == 20
+        assert s.failures == 1
+    finally:
+        hook.remove()
+        s.stop()
