@@ -223,3 +223,18 @@ def test_lm_eval_runs_a_local_task_through_the_server(client, trained_model, tmp
     served, in_process = ([s["acc"] for s in r["samples"]["tiny_cats"]] for r in results)
     assert served == in_process and len(served) == len(TINY_DOCS)
     assert 0 < sum(served) < len(TINY_DOCS)  # neither all right nor all wrong
+
+
+def test_a_tokenizer_with_a_chat_template_renders_the_conversation():
+    """A Hugging Face tokenizer's own chat template is used (no implicit stop string);
+    the plain template is only for tokenizers without one."""
+    pytest.importorskip("transformers")
+    from open_mythos.integrations.hf import byte_tokenizer_for_transformers
+    from open_mythos.tokenizers import MythosTokenizer
+
+    hf = byte_tokenizer_for_transformers()
+    hf.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
+                        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    messages = [ChatMessage(**m) for m in MESSAGES]
+    assert render_chat(MythosTokenizer.from_tokenizer(hf), messages) == (
+        "<system>a cat\n<user>the dog\n<assistant>", ())
