@@ -37,7 +37,6 @@ from ..tasks import BOS_ID, EOS_ID, Task, encode_example
 from .sweep import Perplexity, SweepRow, depth_checks, eval_mode, eval_splits, sample_examples
 
 METRICS_FILE = "metrics.jsonl"
-_STYLE = {False: "-", True: "--"}  # early exit off / on
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
@@ -57,6 +56,41 @@ def _colors(n: int) -> list[Any]:
 
     cmap = colormaps["tab10"]
     return [cmap(i % 10) for i in range(n)]
+
+
+def _integer_ticks(axis: Any) -> None:
+    """Ticks at whole numbers only (loop counts, experts)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def _name(fig: Any, what: str, run_name: str | None) -> None:
+    fig.suptitle(f"{what}: {run_name}" if run_name else what, fontsize=11)
+
+
+def run_name(run_dir: str | Path | None) -> str | None:
+    """How figures name a run: its directory's name."""
+    return None if run_dir is None else Path(run_dir).resolve().name
+
+
+def smoothing_span(n_points: int) -> int:
+    """The EMA span the training curves use for a series of ``n_points``: a tenth of it,
+    between 1 (no smoothing) and 100 (sampled loop counts need that much to show a trend)."""
+    return max(1, min(100, n_points // 10))
+
+
+def ema(values: Sequence[float], span: int) -> list[float]:
+    """Debiased exponential moving average: point ``t`` is the mean of ``values[:t + 1]``
+    weighted ``(1 - a) ** (t - k)``, ``a = 2 / (span + 1)`` (so the first points are not
+    pulled towards zero, as TensorBoard's smoothing); ``span`` 1 returns the values."""
+    a = 2.0 / (span + 1)
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        acc = (1 - a) * acc + v
+        norm = (1 - a) * norm + 1
+        out.append(acc / norm)
+    return out
 
 
 def read_metrics(run_dir: str | Path | None) -> list[dict[str, Any]]:
@@ -80,54 +114,91 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+# (title, y-axis label, keys): one panel per group, the keys that are logged.
 _PANELS = (
-    ("loss", ("loss", "ce", "val_loss")),
-    ("loops", ("loops", "ponder", "val_loops")),
-    ("validation next-token accuracy", ("val_acc",)),
-    ("expert load max/mean", ("expert_load_max_over_mean",)),
+    ("loss", "nats per token", ("loss", "ce", "val_loss")),
+    ("loops", "loops", ("loops", "ponder", "val_loops")),
+    ("validation next-token accuracy", "accuracy", ("val_acc",)),
+    ("expert load", "max / mean routed tokens per expert", ("expert_load_max_over_mean",)),
 )
+_DASHES = ("-", "--", "-.", ":")
 
 
-def plot_training_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """One panel per logged quantity group (see ``_PANELS``); None if nothing is logged."""
-    panels = [(title, [(k, *_series(records, k)) for k in keys]) for title, keys in _PANELS]
-    panels = [(t, [s for s in series if s[1]]) for t, series in panels]
-    panels = [(t, series) for t, series in panels if series]
+def training_curves_figure(records: Sequence[dict[str, Any]], name: str | None = None
+                           ) -> Any | None:
+    """The figure of :func:`plot_training_curves`, or None if nothing is logged.
+
+    Per-step series are drawn faint as logged and bold as their :func:`ema` (span
+    :func:`smoothing_span`); validation series (``val_*``) as points joined by a dotted
+    line. Series of one panel differ in colour and dash; the loops panel has whole-number
+    ticks.
+    """
+    panels = [(title, ylabel, [(k, *_series(records, k)) for k in keys])
+              for title, ylabel, keys in _PANELS]
+    panels = [(t, y, [s for s in series if s[1]]) for t, y, series in panels]
+    panels = [(t, y, series) for t, y, series in panels if series]
     if not panels:
         return None
-    fig, axes = _figure(4.2 * len(panels), 3.4, len(panels))
-    for ax, (title, series) in zip(axes, panels):
-        for key, steps, values in series:
-            marker = "o" if key.startswith("val_") else None
-            ax.plot(steps, values, label=key, marker=marker, markersize=3,
-                    linewidth=1.0 if marker is None else 0.8)
+    fig, axes = _figure(4.4 * len(panels), 3.6, len(panels))
+    for ax, (title, ylabel, series) in zip(axes, panels):
+        for i, ((key, steps, values), color) in enumerate(zip(series, _colors(len(series)))):
+            if key.startswith("val_"):
+                ax.plot(steps, values, ":", marker="o", markersize=4, color=color,
+                        linewidth=1.0, label=key, zorder=3)
+                continue
+            span = smoothing_span(len(values))
+            if span > 1:
+                ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.6)
+            ax.plot(steps, ema(values, span), _DASHES[i % len(_DASHES)], color=color,
+                    linewidth=1.6, label=f"{key} (EMA over {span} steps)" if span > 1 else key)
         if title == "loss" and all(v > 0 for _, _, vals in series for v in vals):
             ax.set_yscale("log")
+        if title == "loops":  # whole loop counts, at least two of them in view
+            lo = math.floor(min(v for _, _, vals in series for v in vals))
+            hi = math.ceil(max(v for _, _, vals in series for v in vals))
+            ax.set_ylim(lo - 0.25, max(hi, lo + 1) + 0.25)
+            _integer_ticks(ax.yaxis)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _name(fig, "training curves", name)
+    return fig
 
 
-def plot_depth_sweep(
-    rows: Sequence[SweepRow],
-    baseline_rows: Sequence[SweepRow],
-    train_loops: int | None,
-    path: Path,
-) -> Path:
-    """Accuracy and loss against loops per split (solid: early exit off, dashed: on)."""
+def plot_training_curves(records: Sequence[dict[str, Any]], path: Path,
+                         name: str | None = None) -> Path | None:
+    """One panel per logged quantity group (see ``_PANELS``, :func:`training_curves_figure`),
+    titled with the run's ``name``; None if nothing is logged."""
+    fig = training_curves_figure(records, name)
+    return None if fig is None else _save(fig, path)
+
+
+# Early exit off / on: the "on" line is drawn over the "off" one (they often coincide), with
+# hollow squares and dashes, so that both stay visible.
+_EXIT_STYLE = {
+    False: dict(linestyle="-", marker="o", markersize=4, linewidth=2.0, zorder=2),
+    True: dict(linestyle="--", marker="s", markersize=6, markerfacecolor="none",
+               linewidth=1.2, zorder=3),
+}
+
+
+def depth_sweep_figure(rows: Sequence[SweepRow], baseline_rows: Sequence[SweepRow],
+                       train_loops: int | None, name: str | None = None) -> Any:
+    """The figure of :func:`plot_depth_sweep`."""
     splits = list(dict.fromkeys([r.split for r in rows] + [r.split for r in baseline_rows]))
     colors = dict(zip(splits, _colors(len(splits))))
-    fig, axes = _figure(11, 4, 2)
+    fig, axes = _figure(11, 4.2, 2)
     for ax, metric in zip(axes, ("accuracy", "loss")):
         for split in splits:
             for exit_early in (False, True):
                 pts = sorted((r.n_loops, getattr(r, metric)) for r in rows
                              if r.split == split and r.early_exit == exit_early)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLE[exit_early],
-                            marker="o", markersize=3, color=colors[split],
-                            label=f"{split}{' (early exit)' if exit_early else ''}")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[split],
+                            label=f"{split}{' (early exit)' if exit_early else ''}",
+                            **_EXIT_STYLE[exit_early])
             for r in baseline_rows:
                 if r.split == split:
                     ax.axhline(getattr(r, metric), color=colors[split], linestyle=":",
@@ -137,17 +208,34 @@ def plot_depth_sweep(
                        label=f"training depth ({train_loops})")
         ax.set_xlabel("loops at inference")
         ax.set_ylabel("exact-match accuracy" if metric == "accuracy" else "answer loss (nats)")
+        ax.set_title("accuracy" if metric == "accuracy" else "answer loss")
+        _integer_ticks(ax.xaxis)
         if metric == "accuracy":
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    _name(fig, "accuracy and loss against loops", name)
+    return fig
+
+
+def plot_depth_sweep(
+    rows: Sequence[SweepRow],
+    baseline_rows: Sequence[SweepRow],
+    train_loops: int | None,
+    path: Path,
+    name: str | None = None,
+) -> Path:
+    """Accuracy and loss against loops per split (one colour per split; early exit off:
+    solid with dots, on: dashed with hollow squares drawn on top; the dense baseline dotted;
+    the training depth a vertical line), titled with the run's ``name``."""
+    return _save(depth_sweep_figure(rows, baseline_rows, train_loops, name), path)
 
 
 def plot_loss_vs_loops(losses: Mapping[int, Perplexity], train_loops: int | None,
-                       path: Path) -> Path:
+                       path: Path, name: str | None = None) -> Path:
     """Validation loss against loops at inference: the training depth as a vertical line,
-    the best loss dotted and 1% above it dashed (the no-overthinking band)."""
+    the best loss dotted and 1% above it dashed (the no-overthinking band); titled with the
+    run's ``name``."""
     loops = sorted(losses)
     values = [losses[n].loss for n in loops]
     fig, (ax,) = _figure(6, 4)
@@ -160,8 +248,10 @@ def plot_loss_vs_loops(losses: Mapping[int, Perplexity], train_loops: int | None
                    label=f"training depth ({train_loops})")
     ax.set_xlabel("loops at inference")
     ax.set_ylabel("validation loss (nats per token)")
+    _integer_ticks(ax.xaxis)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _name(fig, "validation loss against loops", name)
     return _save(fig, path)
 
 
@@ -179,7 +269,8 @@ def _training_section(run_dir: str | Path | None, out: Path) -> list[str]:
     """The report's "Training" section: the curves of the run's ``metrics.jsonl``."""
     md = ["## Training", ""]
     records = read_metrics(run_dir)
-    curves = plot_training_curves(records, out / "training_curves.png") if records else None
+    curves = (plot_training_curves(records, out / "training_curves.png", run_name(run_dir))
+              if records else None)
     if curves is None:
         return md + ["No training metrics (`metrics.jsonl`) were found for this run.", ""]
     return md + [f"![training curves]({curves.name})", "",
@@ -216,7 +307,7 @@ def write_text_report(
     md = ["# Depth report of a language run", ""]
     md += _model_summary(model, None, train_loops) + [""]
     md += _training_section(run_dir, out)
-    fig = plot_loss_vs_loops(losses, train_loops, out / "loss_vs_loops.png")
+    fig = plot_loss_vs_loops(losses, train_loops, out / "loss_vs_loops.png", run_name(run_dir))
     n_tokens = next(iter(losses.values())).tokens
     md += ["## Validation loss against inference depth", "",
            f"![validation loss against loops]({fig.name})", "",
@@ -293,37 +384,45 @@ def probe_model(
     return probe
 
 
-def plot_act_heatmap(probe: Probe, train_loops: int | None, path: Path) -> Path:
-    """Loop x position image of the example's ACT weights."""
+def plot_act_heatmap(probe: Probe, train_loops: int | None, path: Path,
+                     name: str | None = None) -> Path:
+    """Loop x position image of the example's ACT weights (whole-number loop ticks)."""
     weights = probe.act_weights.numpy()
     fig, (ax,) = _figure(max(5.0, 0.28 * weights.shape[1] + 2), 0.25 * weights.shape[0] + 2)
     im = ax.imshow(weights, aspect="auto", cmap="viridis", origin="lower",
                    extent=(-0.5, weights.shape[1] - 0.5, 0.5, weights.shape[0] + 0.5))
     ax.set_xticks(range(len(probe.tokens)), probe.tokens, fontsize=7)
-    ax.set_xlabel("position")
+    ax.set_xlabel("position (token)")
     ax.set_ylabel("loop")
+    _integer_ticks(ax.yaxis)
     if train_loops is not None and train_loops < weights.shape[0]:
         ax.axhline(train_loops + 0.5, color="white", linestyle="--", linewidth=1.0)
-    ax.set_title("ACT halting weight per loop and position")
-    fig.colorbar(im, ax=ax, label="weight")
+    ax.set_title("per loop and position, one example", fontsize=9)
+    fig.colorbar(im, ax=ax, label="halting weight")
+    _name(fig, "ACT halting weights", name)
     return _save(fig, path)
 
 
-def plot_ponder_hist(probe: Probe, path: Path) -> Path:
-    """Histogram of expected loops per token, one per split."""
+def plot_ponder_hist(probe: Probe, path: Path, name: str | None = None) -> Path:
+    """Histogram of expected loops per token, one per split (step outlines over faint fills,
+    so overlapping splits stay visible)."""
     fig, (ax,) = _figure(6, 3.6)
     bins = torch.linspace(0.5, probe.n_loops + 0.5, min(4 * probe.n_loops, 80) + 1).tolist()
     for (split, values), color in zip(probe.ponder.items(), _colors(len(probe.ponder))):
-        ax.hist(values.numpy(), bins=bins, alpha=0.55, color=color,
+        ax.hist(values.numpy(), bins=bins, alpha=0.3, color=color)
+        ax.hist(values.numpy(), bins=bins, histtype="step", linewidth=1.5, color=color,
                 label=f"{split} (mean {values.mean():.2f})")
     ax.set_xlabel(f"expected loops per token (of {probe.n_loops})")
     ax.set_ylabel("tokens")
+    _integer_ticks(ax.xaxis)
     ax.legend(fontsize=8)
+    _name(fig, "ponder cost", name)
     return _save(fig, path)
 
 
-def plot_expert_load(probe: Probe, train_loops: int | None, path: Path) -> Path:
-    """Loop x expert image of each loop's share of routed token slots."""
+def plot_expert_load(probe: Probe, train_loops: int | None, path: Path,
+                     name: str | None = None) -> Path:
+    """Loop x expert image of each loop's share of routed token slots (whole-number ticks)."""
     load = probe.expert_load
     share = (load / load.sum(-1, keepdim=True).clamp(min=1)).numpy()
     fig, (ax,) = _figure(max(4.5, 0.35 * share.shape[1] + 2), 0.22 * share.shape[0] + 2.2)
@@ -331,10 +430,14 @@ def plot_expert_load(probe: Probe, train_loops: int | None, path: Path) -> Path:
                    extent=(-0.5, share.shape[1] - 0.5, 0.5, share.shape[0] + 0.5))
     ax.set_xlabel("expert")
     ax.set_ylabel("loop")
+    _integer_ticks(ax.xaxis)
+    _integer_ticks(ax.yaxis)
     if train_loops is not None and train_loops < share.shape[0]:
         ax.axhline(train_loops + 0.5, color="cyan", linestyle="--", linewidth=1.0)
-    ax.set_title(f"expert load per loop depth (uniform = {1 / share.shape[1]:.3f})")
+    ax.set_title(f"share of routed token slots (uniform = {1 / share.shape[1]:.3f})",
+                 fontsize=9)
     fig.colorbar(im, ax=ax, label="share of token slots")
+    _name(fig, "expert load per loop depth", name)
     return _save(fig, path)
 
 
@@ -446,17 +549,19 @@ def write_report(
 
     md += ["## Accuracy against inference depth", ""]
     if sweep_rows or baseline_rows:
-        fig = plot_depth_sweep(sweep_rows, baseline_rows, train_loops, out / "depth_sweep.png")
+        fig = plot_depth_sweep(sweep_rows, baseline_rows, train_loops, out / "depth_sweep.png",
+                               run_name(run_dir))
         md += [f"![accuracy and loss against loops]({fig.name})", "",
-               "Solid lines: early exit off; dashed: ACT early exit on; dotted: the dense "
-               "baseline of equal per-token FLOPs; vertical line: training depth.", ""]
+               "Solid lines with dots: early exit off; dashed with hollow squares (drawn on "
+               "top): ACT early exit on; dotted: the dense baseline of equal per-token FLOPs; "
+               "vertical line: training depth.", ""]
         if sweep_rows:
             md += ["Exact-match accuracy:", "", accuracy_pivot(sweep_rows, baseline_rows), ""]
         md += ["All rows:", "", sweep_table([*sweep_rows, *baseline_rows]), ""]
     else:
         md += ["No sweep results were given.", ""]
 
-    md += _probe_sections(out, model, task, train_loops, probe_loops, sweep_rows,
+    md += _probe_sections(run_dir, out, model, task, train_loops, probe_loops, sweep_rows,
                           probe_examples, seed)
     path = out / "report.md"
     path.write_text("\n".join(md).rstrip() + "\n")
@@ -464,6 +569,7 @@ def write_report(
 
 
 def _probe_sections(
+    run_dir: str | Path | None,
     out: Path,
     model: nn.Module | None,
     task: Task | None,
@@ -488,15 +594,15 @@ def _probe_sections(
                "and there are no halting weights, so the halting heatmap and the ponder "
                "histogram are skipped.", ""]
     else:
-        heat = plot_act_heatmap(probe, train_loops, out / "act_halting.png")
-        hist = plot_ponder_hist(probe, out / "ponder_hist.png")
+        heat = plot_act_heatmap(probe, train_loops, out / "act_halting.png", run_name(run_dir))
+        hist = plot_ponder_hist(probe, out / "ponder_hist.png", run_name(run_dir))
         means = ", ".join(f"{s} {v.mean():.2f}" for s, v in probe.ponder.items())
         md += [f"Probe at {probe_loops} loops without early exit (dashed line: training depth).",
                "", f"![ACT halting weights]({heat.name})", "",
                f"![ponder cost histogram]({hist.name})", "",
                f"Mean expected loops per token: {means}.", ""]
     md += ["## Expert load per loop depth", ""]
-    fig = plot_expert_load(probe, train_loops, out / "expert_load.png")
+    fig = plot_expert_load(probe, train_loops, out / "expert_load.png", run_name(run_dir))
     load = probe.expert_load
     ratio = (load.max(-1).values / load.mean(-1).clamp(min=1e-9)).tolist()
     md += [f"![expert load]({fig.name})", "",

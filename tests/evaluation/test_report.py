@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 
 from open_mythos import OpenMythos
@@ -95,3 +96,92 @@ def test_report_without_a_model(tmp_path):
     path = write_report(None, tmp_path, [], [])
     assert "No sweep results" in path.read_text()
     assert embedded_images(path.read_text()) == []
+
+
+# Figures a reader understands at a glance (#15 item 6) ------------------------------------
+
+
+def test_ema_is_the_debiased_weighted_mean():
+    from open_mythos.evaluation.report import ema
+
+    values = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0]
+    span = 3
+    a = 2 / (span + 1)
+    for t, got in enumerate(ema(values, span)):  # reference: the weights written out
+        w = [(1 - a) ** (t - k) for k in range(t + 1)]
+        assert got == pytest.approx(sum(wk * v for wk, v in zip(w, values)) / sum(w))
+    assert ema(values, 1) == values
+    assert ema([2.5] * 10, 5) == pytest.approx([2.5] * 10)
+
+
+def _lines_by_label(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_training_curves_smooth_per_step_series_and_label_every_axis(tmp_path):
+    from open_mythos.evaluation.report import (
+        ema,
+        read_metrics,
+        smoothing_span,
+        training_curves_figure,
+    )
+
+    run = tmp_path / "my-run"
+    write_metrics(run, steps=60)
+    records = read_metrics(run)
+    fig = training_curves_figure(records, "my-run")
+    assert fig._suptitle.get_text() == "training curves: my-run"
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert set(axes) == {"loss", "loops", "validation next-token accuracy", "expert load"}
+    for ax in axes.values():
+        assert ax.get_xlabel() == "step" and ax.get_ylabel()
+    loops_ax = axes["loops"]
+    steps = [r["step"] for r in records if "loops" in r]
+    raw = [r["loops"] for r in records if "loops" in r]
+    span = smoothing_span(len(raw))
+    assert span > 1
+    smooth = _lines_by_label(loops_ax)[f"loops (EMA over {span} steps)"]
+    assert list(smooth.get_xdata()) == steps
+    assert list(smooth.get_ydata()) == pytest.approx(ema(raw, span))
+    faint = [line for line in loops_ax.get_lines() if list(line.get_ydata()) == raw]
+    assert len(faint) == 1 and faint[0].get_alpha() < 0.5  # the raw series, faint
+    ticks = [t for t in loops_ax.get_yticks() if loops_ax.get_ylim()[0] <= t <= loops_ax.get_ylim()[1]]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+    # Two per-step series in one panel differ in dash as well as colour.
+    loss, ce = [line for line in axes["loss"].get_lines() if "EMA" in line.get_label()]
+    assert (loss.get_label(), ce.get_label()) == ("loss (EMA over 5 steps)",
+                                                  "ce (EMA over 6 steps)")  # 59 and 60 points
+    assert loss.get_linestyle() != ce.get_linestyle()
+
+
+def test_depth_sweep_keeps_early_exit_lines_visible_over_identical_ones():
+    from open_mythos.evaluation.report import depth_sweep_figure
+
+    task = small_parity()
+    model = act_model()
+    rows = sweep(model, task, splits=["id"], loops=[1, 2, 3], n_examples=4)
+    fig = depth_sweep_figure(rows, [], train_loops=2, name="parity-run")
+    assert fig._suptitle.get_text() == "accuracy and loss against loops: parity-run"
+    for ax in fig.axes:
+        lines = _lines_by_label(ax)
+        off, on = lines["id"], lines["id (early exit)"]
+        assert off.get_linestyle() != on.get_linestyle() and off.get_marker() != on.get_marker()
+        assert on.get_zorder() > off.get_zorder() and on.get_markerfacecolor() == "none"
+        assert ax.get_xlabel() == "loops at inference" and ax.get_ylabel()
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_report_figures_name_the_run(tmp_path, monkeypatch):
+    from open_mythos.evaluation import report as report_mod
+
+    titles = []
+    monkeypatch.setattr(report_mod, "_save",
+                        lambda fig, path: titles.append(fig._suptitle.get_text()) or path)
+    task = small_parity()
+    model = act_model()
+    rows = sweep(model, task, splits=["id"], loops=[1, 2], n_examples=3)
+    run = tmp_path / "parity-7"
+    write_metrics(run)
+    write_report(run, tmp_path / "out", rows, model=model, task=task, train_loops=2,
+                 probe_examples=2)
+    assert len(titles) == 5 and all(t.endswith(": parity-7") for t in titles), titles

@@ -3,9 +3,9 @@ where this package is not installed, pads left, knows its length and its trained
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
-import ast
 import os
 import site
 import subprocess

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from open_mythos.checkpoints import load_model, read_config
 from open_mythos.cli import main
 from open_mythos.integrations.convert import find_tokenizer_dir, resolve_tokenizer
 from open_mythos.training import ScheduleConfig
+from open_mythos.training.config import tomllib
 
 from .conftest import TINY, read_metrics
 
