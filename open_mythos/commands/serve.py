@@ -26,7 +26,8 @@ from ..serving.jobs import ServeLimits
 from .generate import add_model_arguments
 
 _LIMIT_HELP = {
-    "max_n_loops": "most recurrent loops per request",
+    "max_n_loops": "most recurrent loops per request (default: twice the model's "
+                   "max_loop_iters)",
     "max_tokens": "most tokens generated per sequence",
     "max_choices": "most choices (n) per request",
     "max_batch": "most sequences decoding at once (and per request)",
@@ -54,7 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         flag = "--" + f.name.replace("_", "-")
         limits.add_argument(flag, type=float if f.type == "float" else int, default=f.default,
                             metavar="S" if f.type == "float" else "N",
-                            help=f"{_LIMIT_HELP[f.name]} (default {f.default})")
+                            help=_LIMIT_HELP[f.name] + (
+                                "" if f.default is None else f" (default {f.default})"))
     p.set_defaults(func=run)
     return p
 

@@ -161,6 +161,7 @@ class CompletionService:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.n_loops = n_loops
         self.limits = limits or ServeLimits()
+        self.max_n_loops = self.limits.n_loops_cap(model.cfg.max_loop_iters)
         self.scheduler = Scheduler(model, tokenizer, self.limits)
         self.created = int(time.time())
 
@@ -176,7 +177,7 @@ class CompletionService:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "openmythos", "max_seq_len": cfg.max_seq_len,
                 "max_loop_iters": cfg.max_loop_iters, "default_n_loops": self.n_loops,
-                "max_n_loops": self.limits.max_n_loops, "max_tokens": self.limits.max_tokens}
+                "max_n_loops": self.max_n_loops, "max_tokens": self.limits.max_tokens}
 
     # --- validation ----------------------------------------------------------------------
     def prepare_completion(self, req: CompletionRequest) -> _Call:
@@ -225,7 +226,7 @@ class CompletionService:
     def _options(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int,
                  stop: tuple[str, ...]) -> GenerationOptions:
         lim = self.limits
-        caps = [("n_loops", req.n_loops or 0, lim.max_n_loops, "--max-n-loops"),
+        caps = [("n_loops", req.n_loops or 0, self.max_n_loops, "--max-n-loops"),
                 ("max_tokens", max_tokens, lim.max_tokens, "--max-tokens"),
                 ("n", req.n, lim.max_choices, "--max-choices")]
         for param, value, cap, flag in caps:

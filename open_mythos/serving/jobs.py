@@ -15,7 +15,8 @@ class ServeLimits:
     """What one server accepts; requests beyond a limit are refused (HTTP 400/429).
 
     Attributes:
-        max_n_loops: most recurrent loops a request may ask for.
+        max_n_loops: most recurrent loops a request may ask for (None: twice the model's
+            ``max_loop_iters``, room for depth extrapolation; see :meth:`n_loops_cap`).
         max_tokens: most tokens one sequence may generate (the context bounds it too).
         max_choices: most choices (``n``) per request.
         max_batch: most sequences decoding at once; also the most one request may start
@@ -26,7 +27,7 @@ class ServeLimits:
         max_logprobs: most ``logprobs`` / ``top_logprobs`` alternatives per token.
     """
 
-    max_n_loops: int = 32
+    max_n_loops: int | None = None
     max_tokens: int = 1024
     max_choices: int = 16
     max_batch: int = 32
@@ -39,10 +40,16 @@ class ServeLimits:
         for name in ("max_n_loops", "max_tokens", "max_choices", "max_batch", "max_queue",
                      "prefill_chunk", "max_logprobs"):
             value = getattr(self, name)
+            if value is None and name == "max_n_loops":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.request_timeout > 0:
             raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
+
+    def n_loops_cap(self, max_loop_iters: int) -> int:
+        """The most loops a request may ask of a model trained with ``max_loop_iters``."""
+        return self.max_n_loops if self.max_n_loops is not None else 2 * max_loop_iters
 
 
 class QueueFull(Exception):

@@ -253,3 +253,14 @@ def _answers(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_default_n_loops_cap_is_twice_the_trained_depth(trained_model):
+    service = CompletionService(trained_model, ByteTokenizer(), model_name="tiny")
+    try:
+        assert service.max_n_loops == 2 * trained_model.cfg.max_loop_iters
+        assert service.model_card()["max_n_loops"] == service.max_n_loops
+    finally:
+        service.close()
+    with pytest.raises(ValueError, match="max_n_loops"):
+        ServeLimits(max_n_loops=0)
