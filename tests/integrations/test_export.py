@@ -163,19 +163,16 @@ print(json.dumps({"module": type(model).__module__, "n_loops": model.config.n_lo
 """
 
 
-@pytest.mark.slow
-def test_loads_with_trust_remote_code_where_open_mythos_is_not_installed(exported, tmp_path):
-    """``python -I -S``: no site processing, so the editable install's .pth is not read;
-    only the venv's site-packages directories (torch, transformers) are on the path."""
-    from open_mythos.inference import generate
-
-    _, out, model = exported
+def run_clean(out: Path, tmp_path: Path) -> dict:
+    """:data:`CLEAN_SCRIPT` on ``out`` under ``python -I -S``: no site processing, so the
+    editable install's .pth is not read; only the venv's site-packages directories (torch,
+    transformers) are on the path. Checks first that ``open_mythos`` does not import there."""
     paths = [p for p in site.getsitepackages() if Path(p).is_dir()]
     script = tmp_path / "clean.py"
     script.write_text(CLEAN_SCRIPT)
     boot = (f"import sys; sys.path[:0] = {paths!r}; sys.argv = ['clean', {str(out)!r}]; "
             f"exec(compile(open({str(script)!r}).read(), 'clean.py', 'exec'))")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
     probe = subprocess.run([sys.executable, "-I", "-S", "-c",
                             f"import sys; sys.path[:0] = {paths!r}; import open_mythos"],
@@ -184,7 +181,15 @@ def test_loads_with_trust_remote_code_where_open_mythos_is_not_installed(exporte
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", boot], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_loads_with_trust_remote_code_where_open_mythos_is_not_installed(exported, tmp_path):
+    from open_mythos.inference import generate
+
+    _, out, model = exported
+    res = run_clean(out, tmp_path)
     assert res["module"].startswith("transformers_modules.") and res["n_loops"] == TRAINED
     # Same numbers as this package's model at the trained depth (row 0 is unpadded).
     ids = torch.tensor([ByteTokenizer().encode("the cat")])
@@ -193,3 +198,18 @@ def test_loads_with_trust_remote_code_where_open_mythos_is_not_installed(exporte
     torch.testing.assert_close(torch.tensor(res["logits"]), ref, rtol=1e-4, atol=1e-4)
     greedy = generate(model, ids, max_new_tokens=4, n_loops=TRAINED, do_sample=False)
     assert res["generated"][0] == greedy[0].tolist()
+
+
+@pytest.mark.slow
+def test_a_dense_mla_baseline_loads_where_open_mythos_is_not_installed(tmp_path):
+    from tests.integrations.conftest import byte_baseline
+
+    base = byte_baseline("mla")
+    run = write_run(tmp_path / "run", base)
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    res = run_clean(tmp_path / "hf", tmp_path)
+    assert res["n_loops"] is None  # a fixed-depth kind has no trained depth
+    ids = torch.tensor([ByteTokenizer().encode("the cat")])
+    with torch.no_grad():
+        ref = base(ids)[0]
+    torch.testing.assert_close(torch.tensor(res["logits"]), ref, rtol=1e-4, atol=1e-4)
