@@ -134,3 +134,23 @@ def test_sweep_and_report_of_a_text_run_from_elsewhere_after_its_tokenizer_moved
     assert main(["report", "--run", str(text_run), "--loops", "1-2",
                  "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "loss_vs_loops.png").is_file()
+
+
+def test_absolute_paths_touches_local_paths_only(tmp_path, monkeypatch):
+    from open_mythos.training import load_config
+    from open_mythos.training.runfiles import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local.jsonl").write_text("{}\n")
+    (tmp_path / "tok").mkdir()
+    cfg = absolute_paths(load_config(None, [("data.hf_dataset", "local.jsonl"),
+                                            ("data.tokenizer", "tok"),
+                                            ("run.init_from", "runs/stage1")]))
+    assert cfg.data.hf_dataset == str(tmp_path / "local.jsonl")
+    assert cfg.data.tokenizer == str(tmp_path / "tok")
+    assert cfg.run.init_from == str(tmp_path / "runs" / "stage1")  # need not exist yet
+    hub = absolute_paths(load_config(None, [("data.hf_dataset", "roneneldan/TinyStories"),
+                                            ("data.prepared", None)]))
+    assert hub.data.hf_dataset == "roneneldan/TinyStories" and hub.data.tokenizer == "byte"
+    prepared = absolute_paths(load_config(None, [("data.prepared", "shards")]))
+    assert prepared.data.prepared == str(tmp_path / "shards")
