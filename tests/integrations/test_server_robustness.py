@@ -4,6 +4,7 @@ disconnects, caps, huge seeds, strict numbers, time limits, a full queue, SIGTER
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -221,10 +222,13 @@ def test_sigterm_to_openmythos_serve_does_not_wait_for_a_long_request(tmp_path, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    # One torch thread, as the test process has (tests/conftest.py): on a loaded 2-core
+    # machine two OpenMP threads spin-waiting on each other made one step take seconds.
     proc = subprocess.Popen(
         [sys.executable, "-m", "open_mythos", "serve", "--checkpoint", str(ckpt), "--port",
-         str(port), "--max-n-loops", "200", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         str(port), "--max-n-loops", "200", "--log-level", "info"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _answers(url), "the server to start", timeout=120.0)
@@ -246,6 +250,8 @@ def test_sigterm_to_openmythos_serve_does_not_wait_for_a_long_request(tmp_path, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.close()
+        print((tmp_path / "serve.log").read_text())  # shown when the test fails
 
 
 def _answers(url: str) -> bool:
