@@ -5,7 +5,10 @@ Two on-disk layouts hold a model (:class:`~open_mythos.OpenMythos` or the dense 
 * **training** (written by :mod:`open_mythos.training.checkpoint`): a checkpoint directory
   ``RUN/checkpoints/step_XXXXXXXX`` with ``model.safetensors`` (parameter names of the
   model, the tied head stored once, a ``tied`` metadata entry) and ``config.json``
-  (``cfg.to_dict()``); or a run directory ``RUN``, meaning its latest checkpoint.
+  (``cfg.to_dict()``); or a run directory ``RUN``, meaning its latest checkpoint. A
+  checkpoint of an FSDP2 run is *sharded*: ``model.safetensors`` is replaced by
+  ``model.dcp/``, a ``torch.distributed.checkpoint`` directory (one file per rank that wrote
+  it), which :func:`read_model_state` reads whole in one process, without a process group.
 * **hf** (``OpenMythosForCausalLM.save_pretrained``, :mod:`open_mythos.integrations.hf`):
   ``config.json`` with ``"model_type": "openmythos"`` (every configuration field, plus
   ``n_loops`` and the ``transformers`` keys) and ``model.safetensors`` (or shards with an
@@ -57,6 +60,10 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 TRAIN_CONFIG_FILE = "train_config.toml"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = (MODEL_FILE, MODEL_CONFIG_FILE)  # what loading the model alone reads
+# A sharded checkpoint's weights: a torch.distributed.checkpoint directory (its ``.metadata``
+# and one ``__RANK_N.distcp`` file per writing rank); MODEL_FILE in ``files`` arguments
+# stands for it in such a checkpoint.
+SHARDED_MODEL_DIR = "model.dcp"
 _STEP_DIR = re.compile(r"step_\d+")
 
 # Hugging Face layout.
@@ -111,29 +118,43 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def is_sharded(ckpt_dir: str | Path) -> bool:
+    """Whether a training checkpoint directory holds sharded weights (``model.dcp/``)."""
+    return (Path(ckpt_dir) / SHARDED_MODEL_DIR).is_dir()
+
+
 def verify_checkpoint(ckpt_dir: str | Path, files: Iterable[str] | None = None) -> None:
     """Check a training checkpoint's files against its manifest.
 
     Args:
         ckpt_dir: the checkpoint directory.
         files: the files to check (they must be listed and match); None: every listed file.
-            A checkpoint without a manifest (older than manifests) only needs the files.
+            A name may be a folder (every listed file under it); ``model.safetensors``
+            stands for ``model.dcp/`` in a sharded checkpoint. A checkpoint without a
+            manifest (older than manifests) only needs the files.
 
     Raises:
         CheckpointCorrupt: naming the first file that is missing, of the wrong size or
             checksum, or an unreadable manifest.
     """
     ckpt_dir = Path(ckpt_dir)
+    weights = SHARDED_MODEL_DIR if is_sharded(ckpt_dir) else MODEL_FILE
+    if files is not None:
+        files = [weights if name == MODEL_FILE else name for name in files]
     manifest_path = ckpt_dir / MANIFEST_FILE
     if not manifest_path.is_file():
-        for name in files or (TRAINER_STATE_FILE, *MODEL_FILES):
-            if not (ckpt_dir / name).is_file():
+        for name in files or (TRAINER_STATE_FILE, MODEL_CONFIG_FILE, weights):
+            if not (ckpt_dir / name).exists():
                 raise CheckpointCorrupt(f"{ckpt_dir / name} is missing")
         return
     try:
         listed = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointCorrupt(f"{manifest_path} is unreadable: {err}") from None
+    if files is not None:  # a folder stands for the listed files under it
+        files = [n for name in files
+                 for n in ([name] if name in listed else
+                           [f for f in listed if f.startswith(f"{name}/")] or [name])]
     for name in listed if files is None else files:
         path = ckpt_dir / name
         if name not in listed:
@@ -211,13 +232,14 @@ def resolve_checkpoint_dir(path: str | Path, files: Iterable[str] = MODEL_FILES)
         CheckpointCorrupt: ``path`` is a checkpoint directory and one of ``files`` is damaged.
     """
     path = Path(path)
-    if (path / MODEL_FILE).is_file():
+    if (path / MODEL_FILE).is_file() or is_sharded(path):
         verify_checkpoint(path, files)
         return path
     found, problems = _newest_with_warnings(path, files)
     if found is None:
         why = f": every checkpoint is damaged ({'; '.join(problems)})" if problems else (
-            f" (expected {MODEL_FILE} or a run directory with {CHECKPOINT_DIR}/step_*)")
+            f" (expected {MODEL_FILE}, {SHARDED_MODEL_DIR}/ or a run directory with "
+            f"{CHECKPOINT_DIR}/step_*)")
         raise FileNotFoundError(f"no checkpoint in {str(path)!r}{why}")
     return found
 
@@ -315,11 +337,17 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
 
 def read_model_state(ckpt_dir: str | Path, device: str | torch.device = "cpu"
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, tied aliases)`` of a training checkpoint's ``model.safetensors``.
+    """``(tensors, tied aliases)`` of a training checkpoint's ``model.safetensors``, or of
+    its ``model.dcp/`` (:func:`read_sharded_model_state`).
 
     Raises:
-        CheckpointCorrupt: the file is not a readable safetensors file.
+        CheckpointCorrupt: the file is not a readable safetensors file, or a shard is
+            unreadable.
     """
+    if is_sharded(ckpt_dir):
+        state = read_sharded_model_state(Path(ckpt_dir) / SHARDED_MODEL_DIR)
+        model = build_model(read_model_config(ckpt_dir), device="meta")
+        return {k: v.to(device) for k, v in state.items()}, tied_parameters(model)
     path = str(Path(ckpt_dir) / MODEL_FILE)
     try:
         with safe_open(path, framework="pt", device=str(device)) as fh:
@@ -328,6 +356,42 @@ def read_model_state(ckpt_dir: str | Path, device: str | torch.device = "cpu"
     except (SafetensorError, json.JSONDecodeError) as err:
         raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
     return state, tied
+
+
+def read_sharded_model_state(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``torch.distributed.checkpoint`` directory, whole, on the CPU.
+
+    Read in this process alone (no process group, whatever the number of ranks that wrote
+    it): the tensors are allocated from the directory's metadata and DCP copies each saved
+    shard into its slice.
+
+    Raises:
+        CheckpointCorrupt: the metadata or a shard file is unreadable.
+    """
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        reader = dcp.FileSystemReader(str(dcp_dir))
+        entries = reader.read_metadata().state_dict_metadata
+        state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+                 if isinstance(m, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except (dcp.CheckpointException, OSError, RuntimeError, EOFError, ValueError,
+            pickle.UnpicklingError) as err:
+        raise CheckpointCorrupt(f"{dcp_dir} is unreadable: {_first_line(err)}") from None
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    # A CheckpointException's text is a traceback per rank: keep the exception's own line.
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
 
 
 def read_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -434,8 +498,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 __all__ = [
     "CHECKPOINT_DIR", "HF_MODEL_TYPE", "LATEST", "MANIFEST_FILE", "MODEL_CONFIG_FILE",
     "MODEL_FILE", "MODEL_FILES", "TRAIN_CONFIG_FILE", "CheckpointCorrupt", "CheckpointFormat", "LoadedModel",
-    "check_state_keys", "detect_format", "file_sha256", "latest_checkpoint", "load_checkpoint",
-    "load_model", "load_state", "newest_intact_checkpoint", "read_config", "read_hf_state",
-    "read_model_config", "read_model_state", "read_trained_depth", "resolve_checkpoint_dir",
-    "tied_parameters", "verify_checkpoint",
+    "SHARDED_MODEL_DIR", "check_state_keys", "detect_format", "file_sha256", "is_sharded",
+    "latest_checkpoint", "load_checkpoint", "load_model", "load_state",
+    "newest_intact_checkpoint", "read_config", "read_hf_state", "read_model_config",
+    "read_model_state", "read_sharded_model_state", "read_trained_depth",
+    "resolve_checkpoint_dir", "tied_parameters", "verify_checkpoint",
 ]
