@@ -13,6 +13,11 @@ Layout of a run directory::
         trainer_state.pt               step, data position, bad-step counters, RNG states
         manifest.json                  size and SHA-256 of each file above
 
+An FSDP2 run writes a *sharded* checkpoint instead (:mod:`.sharded`): ``model.dcp/`` and
+``optimizer.dcp/`` (``torch.distributed.checkpoint`` directories, one file per rank) replace
+``model.safetensors`` and ``optimizer.pt``; the other files, the manifest (which lists the
+shard files too), the atomic rename and ``latest`` are the same.
+
 Atomicity: a checkpoint is written into a hidden temporary directory, its manifest last,
 flushed to disk, and renamed to its final name; then ``latest`` is replaced by
 ``os.replace``. A process killed at any moment leaves either the previous checkpoint as
@@ -22,7 +27,8 @@ disk holds numbers; the manifest lets readers detect a file damaged afterwards.
 
 Model and optimizer states are gathered to full tensors with
 ``torch.distributed.checkpoint.state_dict`` (works for plain, DDP and FSDP2 modules), so a
-checkpoint of a 2-process FSDP run loads in a single process and vice versa.
+checkpoint loads at any world size; older FSDP2 runs wrote this layout too, and it still
+resumes under FSDP2 (rank 0 reads it and broadcasts).
 
 Reading the model back (:func:`load_checkpoint`, :func:`latest_checkpoint`,
 :func:`resolve_checkpoint_dir`...) is :mod:`open_mythos.checkpoints`, the one loader of every
@@ -63,6 +69,7 @@ from ..checkpoints import (  # the reading side, shared with every other loader
     CheckpointCorrupt,
     check_state_keys,
     file_sha256,
+    is_sharded,
     latest_checkpoint,
     load_checkpoint,
     newest_intact_checkpoint,
@@ -159,30 +166,63 @@ def save_checkpoint(run_dir: str | Path, ckpt: TrainingCheckpoint, tied: dict[st
     """
     bad = non_finite_tensors(ckpt.model_state)
     if bad:
-        raise NonFiniteWeights(f"refusing to write a checkpoint of step {ckpt.step}: "
-                               f"{len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}"
-                               f"{', ...' if len(bad) > 3 else ''})")
-    run_dir = Path(run_dir)
-    root = run_dir / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{ckpt.step:08d}"
-    tmp = root / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+        raise NonFiniteWeights(non_finite_message(ckpt.step, bad))
+    tmp = staging_dir(run_dir, ckpt.step)
     metadata = {"format": "pt", "step": str(ckpt.step), "tied": json.dumps(tied)}
     save_file(ckpt.model_state, str(tmp / MODEL_FILE), metadata=metadata)
-    _write_text(tmp / MODEL_CONFIG_FILE, json.dumps(ckpt.model_config.to_dict(), indent=2) + "\n")
-    _write_text(tmp / TRAIN_CONFIG_FILE, ckpt.train_config_toml)
     torch.save(ckpt.optimizer_state, tmp / OPTIMIZER_FILE)
-    torch.save({"step": ckpt.step, **ckpt.trainer_state}, tmp / TRAINER_STATE_FILE)
-    for f in tmp.iterdir():
-        _fsync(f)
-    files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
-             for f in sorted(tmp.iterdir())}
-    _write_text(tmp / MANIFEST_FILE, json.dumps({"step": ckpt.step, "files": files}, indent=1)
-                + "\n")
+    write_run_files(tmp, ckpt.step, ckpt.model_config, ckpt.train_config_toml,
+                    ckpt.trainer_state)
+    return publish(run_dir, tmp, ckpt.step, keep)
+
+
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """A new hidden directory in ``run_dir/checkpoints`` to write the checkpoint of ``step``
+    into (:func:`publish` renames it into place)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{_TMP_PREFIX}step_{step:08d}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def write_run_files(tmp: Path, step: int, model_config: MythosConfig, train_config_toml: str,
+                    trainer_state: dict[str, Any]) -> None:
+    """The files of every checkpoint layout besides the weights and optimizer state."""
+    _write_text(tmp / MODEL_CONFIG_FILE, json.dumps(model_config.to_dict(), indent=2) + "\n")
+    _write_text(tmp / TRAIN_CONFIG_FILE, train_config_toml)
+    torch.save({"step": step, **trainer_state}, tmp / TRAINER_STATE_FILE)
+
+
+def publish(run_dir: str | Path, tmp: Path, step: int, keep: int,
+            hashed: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Seal the staging directory ``tmp`` (every file flushed, then the manifest) and rename
+    it to ``run_dir/checkpoints/step_XXXXXXXX``; point ``latest`` at it and prune.
+
+    Args:
+        hashed: manifest entries (``{"size", "sha256"}`` by path relative to ``tmp``) of
+            files already flushed and hashed elsewhere (the shards other ranks wrote); every
+            other file under ``tmp`` is flushed and hashed here.
+
+    Returns:
+        The final checkpoint directory.
+    """
+    files = dict(hashed or {})
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        name = f.relative_to(tmp).as_posix()
+        if name not in files:
+            _fsync(f)
+            files[name] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    manifest = {"step": step, "files": dict(sorted(files.items()))}
+    _write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     _fsync(tmp / MANIFEST_FILE)
+    for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+        _fsync(d)
     _fsync(tmp)
 
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINT_DIR
+    name = f"step_{step:08d}"
     final = root / name
     if final.exists():  # re-saving a step (a resumed run that replays it): swap atomically
         old = root / f"{_TMP_PREFIX}old-{name}-{uuid.uuid4().hex[:8]}"
@@ -195,6 +235,12 @@ def save_checkpoint(run_dir: str | Path, ckpt: TrainingCheckpoint, tied: dict[st
     point_latest(run_dir, final)
     _prune(root, keep, final)
     return final
+
+
+def non_finite_message(step: int, bad: list[str]) -> str:
+    """The :class:`NonFiniteWeights` message for the tensors ``bad`` at ``step``."""
+    return (f"refusing to write a checkpoint of step {step}: {len(bad)} tensors hold NaN or "
+            f"inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 
 
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
@@ -252,7 +298,7 @@ def _fsync(path: Path) -> None:
 
 
 def read_training_checkpoint(ckpt_dir: str | Path, verify: bool = True) -> TrainingCheckpoint:
-    """Everything a resumed run needs, from a checkpoint directory.
+    """Everything a resumed run needs, from a gathered (not sharded) checkpoint directory.
 
     Args:
         ckpt_dir: the checkpoint directory.
@@ -261,8 +307,13 @@ def read_training_checkpoint(ckpt_dir: str | Path, verify: bool = True) -> Train
 
     Raises:
         CheckpointCorrupt: a file is damaged or unreadable (the message names it).
+        ValueError: the checkpoint is sharded (:func:`.sharded.load_sharded_checkpoint`
+            loads it into a model and optimizer).
     """
     ckpt_dir = Path(ckpt_dir)
+    if is_sharded(ckpt_dir):
+        raise ValueError(f"{ckpt_dir} is a sharded checkpoint: load it with "
+                         "open_mythos.training.sharded.load_sharded_checkpoint")
     if verify:
         verify_checkpoint(ckpt_dir)
     state, _ = read_model_state(ckpt_dir)
@@ -300,9 +351,10 @@ __all__ = [
     "CHECKPOINT_DIR", "LATEST", "MANIFEST_FILE", "MODEL_CONFIG_FILE", "MODEL_FILE",
     "OPTIMIZER_FILE", "TRAINER_STATE_FILE", "TRAIN_CONFIG_FILE", "CheckpointCorrupt",
     "NonFiniteWeights", "TrainingCheckpoint", "gather_model_state", "gather_optimizer_state",
-    "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "non_finite_tensors",
-    "point_latest",
+    "is_sharded", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint",
+    "non_finite_message", "non_finite_tensors", "point_latest", "publish",
     "read_model_config", "read_model_state", "read_trainer_state", "read_training_checkpoint",
     "resolve_checkpoint_dir", "restore_model_state", "restore_optimizer_state",
-    "save_checkpoint", "tied_parameters", "verify_checkpoint", "write_text_atomic",
+    "save_checkpoint", "staging_dir", "tied_parameters", "verify_checkpoint",
+    "write_run_files", "write_text_atomic",
 ]

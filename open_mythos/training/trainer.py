@@ -58,6 +58,7 @@ from .checkpoint import (
     TrainingCheckpoint,
     gather_model_state,
     gather_optimizer_state,
+    is_sharded,
     newest_intact_checkpoint,
     point_latest,
     read_model_config,
@@ -105,6 +106,7 @@ from .rundir import (
 )
 from .runfiles import absolute_paths, copy_tokenizer
 from .schedule import LoopSchedule, LRSchedule, progressive_split
+from .sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
 CONFIG_FILE = "config.toml"
 
@@ -386,15 +388,24 @@ class Trainer:
         self._log(f"initialised the model from {ckpt}")
 
     def _restore(self, ckpt_dir: Path) -> None:
+        """Load a checkpoint of either layout (written at any world size) into the model,
+        the optimizer, the counters and this rank's RNG. (_claim_run_dir has just verified
+        every file against the manifest.)"""
         ctx = self.ctx
-        # Rank 0 reads the files; the states are broadcast (no shared filesystem needed).
-        # (_claim_run_dir has just verified every file against the manifest.)
-        ckpt = read_training_checkpoint(ckpt_dir, verify=False) if ctx.is_main else None
-        from_rank0 = ctx.distributed
-        restore_model_state(self.model, ckpt.model_state if ctx.is_main else {}, self.tied, from_rank0)
-        restore_optimizer_state(self.model, self.optimizer,
-                                ckpt.optimizer_state if ctx.is_main else {}, from_rank0)
-        trainer_state = broadcast_object(ckpt.trainer_state if ctx.is_main else None, ctx)
+        if is_sharded(ckpt_dir):
+            # Every rank reads the chunks of its own shards (DCP reshards to this world size).
+            load_sharded_checkpoint(self.model, self.optimizer, ckpt_dir, self.tied)
+            trainer_state = broadcast_object(
+                read_trainer_state(ckpt_dir) if ctx.is_main else None, ctx)
+        else:
+            # Rank 0 reads the files; the states are broadcast (no shared filesystem needed).
+            ckpt = read_training_checkpoint(ckpt_dir, verify=False) if ctx.is_main else None
+            from_rank0 = ctx.distributed
+            restore_model_state(self.model, ckpt.model_state if ctx.is_main else {}, self.tied,
+                                from_rank0)
+            restore_optimizer_state(self.model, self.optimizer,
+                                    ckpt.optimizer_state if ctx.is_main else {}, from_rank0)
+            trainer_state = broadcast_object(ckpt.trainer_state if ctx.is_main else None, ctx)
         self.state = TrainState(
             step=int(trainer_state["step"]), position=int(trainer_state["position"]),
             bad_steps=int(trainer_state["bad_steps"]),
@@ -726,21 +737,45 @@ class Trainer:
                       f"{row['val_acc']:.3f}  ({row['val_loops']} loops)")
 
     def save(self) -> None:
-        """Write a checkpoint of the current state (collective: every rank calls it).
+        """Write a checkpoint of the current state (collective: every rank calls it): sharded
+        under FSDP2 (:mod:`.sharded`), else gathered to rank 0.
 
         Raises:
             TrainingDiverged: the weights are not finite (nothing is written).
             RunDirError: the checkpoint could not be written (a full disk...).
         """
         ctx = self.ctx
-        model_state = gather_model_state(self.model, self.tied)
-        optimizer_state = gather_optimizer_state(self.model, self.optimizer)
         rngs = gather_objects(rng_state(ctx.device), ctx)
-        error: Exception | None = None
+        trainer_state = None
         if ctx.is_main:
             trainer_state = {**dataclasses.asdict(self.state), "rng": rngs,
                              "world_size": ctx.world_size}
             trainer_state.pop("step")
+        if ctx.parallel is Parallel.FSDP:
+            self._save_sharded(trainer_state)
+        else:
+            self._save_gathered(trainer_state)
+        self._unproven = self.last_checkpoint
+
+    def _save_sharded(self, trainer_state: dict[str, Any] | None) -> None:
+        """Every rank writes its shards; errors are raised on every rank."""
+        try:
+            with os_errors("write a checkpoint to", self.out / CHECKPOINT_DIR):
+                self.last_checkpoint = save_sharded_checkpoint(
+                    self.out, self.state.step, self.model, self.optimizer, self.tied,
+                    self.model_cfg, to_toml(self.resolved), trainer_state,
+                    self.cfg.run.keep_checkpoints)
+        except NonFiniteWeights as err:
+            what = f"the weights are no longer finite: {err}"
+            raise TrainingDiverged(self._diverged(what)) from None
+
+    def _save_gathered(self, trainer_state: dict[str, Any] | None) -> None:
+        """Full states gathered to rank 0, which writes them; its outcome is broadcast."""
+        ctx = self.ctx
+        model_state = gather_model_state(self.model, self.tied)
+        optimizer_state = gather_optimizer_state(self.model, self.optimizer)
+        error: Exception | None = None
+        if ctx.is_main:
             ckpt = TrainingCheckpoint(self.state.step, model_state, self.model_cfg,
                                       to_toml(self.resolved), optimizer_state, trainer_state)
             try:
@@ -755,7 +790,6 @@ class Trainer:
         error = broadcast_object(error, ctx)
         if error is not None:
             raise error
-        self._unproven = self.last_checkpoint
 
 
 def train(cfg: TrainConfig, resume: bool | str | Resume = False) -> TrainState:

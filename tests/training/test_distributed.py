@@ -1,5 +1,6 @@
 """torchrun with the gloo backend on 2 CPU processes: DDP equals one process on the same
-global batch; FSDP2 trains, agrees, and its checkpoint loads (and resumes) in one process."""
+global batch; FSDP2 trains, agrees, and its sharded checkpoint loads (and resumes) in one
+process (resharding and the shard layout: test_sharded_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_fsdp_trains_and_loads_in_one_process(tmp_path, single):
     rows = run_two_ranks(tmp_path, "fsdp")
     assert_same_run(rows, ref_rows, 1e-4)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    model, cfg = load_checkpoint(tmp_path)  # gathered from the shards, tie intact
+    model, cfg = load_checkpoint(tmp_path)  # read whole from the ranks' shards, tie intact
     assert model.head.weight is model.embed.weight
     assert_same_weights(model, trainer.core, 1e-4)
     # The sharded run's optimizer state resumes in a single process.
@@ -77,8 +78,8 @@ def test_fsdp_trains_and_loads_in_one_process(tmp_path, single):
 
 
 def test_fsdp_bf16_mixed_precision(tmp_path):
-    """MixedPrecisionPolicy: bf16 compute, fp32 master weights and checkpoint; resume of an
-    FSDP checkpoint through the rank-0 broadcast path (one-process group)."""
+    """MixedPrecisionPolicy: bf16 compute, fp32 master weights and checkpoint; resume of a
+    sharded FSDP checkpoint on a one-process group."""
     cfg = dict(run__steps=3, run__precision="bf16", run__parallel="fsdp")
     trainer = Trainer(tiny_config(tmp_path, **cfg))
     seen = {}
