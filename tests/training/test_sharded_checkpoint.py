@@ -155,9 +155,10 @@ def test_a_damaged_shard_is_named_and_the_previous_checkpoint_loads(two_ranks, t
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("parallel", ["fsdp", "none"])
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp", "none"])
 def test_resume_two_ranks_on_one(two_ranks, tmp_path, parallel):
-    """2 -> 1: under FSDP2 on a one-process group, and in a plain process (no group)."""
+    """2 -> 1: under FSDP2 and DDP on a one-process group, and in a plain process (no
+    group)."""
     run = back_to_step_3(two_ranks, tmp_path / "run")
     Trainer(one_process_config(run, parallel), resume=True).train()
     diff = max_loss_difference(run, two_ranks)
