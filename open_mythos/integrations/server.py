@@ -409,6 +409,15 @@ def create_app(service: CompletionService) -> FastAPI:
     service.start()
     app = FastAPI(title="OpenMythos completions", version="2")
     app.state.service = service
+    _add_error_handlers(app)
+    _add_model_routes(app, service)
+    _add_tokenizer_routes(app, service)
+    _add_completion_routes(app, service)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered with OpenAI's error body."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -416,19 +425,7 @@ def create_app(service: CompletionService) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems, param = [], None
-        for e in err.errors():
-            loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-            param = param or (loc[0] if loc else None)
-            msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
-            if e.get("type") == "json_invalid":
-                problems.append("the request body is not valid JSON")
-                param = None
-                continue
-            if e.get("type") == "extra_forbidden":
-                msg = "unrecognized request argument"
-            problems.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
-        return APIError(400, "; ".join(problems) or "invalid request", param=param).response()
+        return _validation_error(err).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -438,6 +435,27 @@ def create_app(service: CompletionService) -> FastAPI:
     @app.exception_handler(Exception)
     async def _crash(request: Request, err: Exception) -> JSONResponse:
         return APIError(500, f"{type(err).__name__}: {err}", type="server_error").response()
+
+
+def _validation_error(err: RequestValidationError) -> APIError:
+    """A 400 naming every invalid field of a request pydantic refused."""
+    problems, param = [], None
+    for e in err.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        param = param or (loc[0] if loc else None)
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        if e.get("type") == "json_invalid":
+            problems.append("the request body is not valid JSON")
+            param = None
+            continue
+        if e.get("type") == "extra_forbidden":
+            msg = "unrecognized request argument"
+        problems.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return APIError(400, "; ".join(problems) or "invalid request", param=param)
+
+
+def _add_model_routes(app: FastAPI, service: CompletionService) -> None:
+    """``/health``, ``/v1/models`` and ``/v1/models/{id}``."""
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -454,15 +472,10 @@ def create_app(service: CompletionService) -> FastAPI:
                            code="model_not_found")
         return service.model_card()
 
-    async def run(call: _Call, stream: bool, request: Request
-                  ) -> dict[str, Any] | StreamingResponse:
-        if not stream:
-            return await service.complete(call, request)
-        job, queue = service.submit(call)
-        return StreamingResponse(service.stream(call, job, queue), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
 
-    # vLLM's tokenizer endpoints, which lm-eval's "remote" tokenizer backend uses.
+def _add_tokenizer_routes(app: FastAPI, service: CompletionService) -> None:
+    """vLLM's tokenizer endpoints, which lm-eval's "remote" tokenizer backend uses."""
+
     @app.get("/tokenizer_info")
     def tokenizer_info() -> dict[str, Any]:
         tok = service.tokenizer
@@ -483,7 +496,19 @@ def create_app(service: CompletionService) -> FastAPI:
         except ValueError as err:
             raise APIError(400, str(err), param="tokens") from None
 
-    # Async endpoints: the work happens on the scheduler thread; the event loop only waits.
+
+def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
+    """``/v1/completions`` and ``/v1/chat/completions``. Async: the work happens on the
+    scheduler thread; the event loop only waits."""
+
+    async def run(call: _Call, stream: bool, request: Request
+                  ) -> dict[str, Any] | StreamingResponse:
+        if not stream:
+            return await service.complete(call, request)
+        job, queue = service.submit(call)
+        return StreamingResponse(service.stream(call, job, queue), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request
                           ) -> dict[str, Any] | StreamingResponse:
@@ -493,8 +518,6 @@ def create_app(service: CompletionService) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request
                                ) -> dict[str, Any] | StreamingResponse:
         return await run(service.prepare_chat(req), req.stream, request)
-
-    return app
 
 
 def make_server(service: CompletionService, host: str = "127.0.0.1", port: int = 8000,
