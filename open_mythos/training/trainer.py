@@ -415,6 +415,10 @@ class Trainer:
             set_rng_state(rngs[ctx.rank], ctx.device)
         else:  # resumed on another number of processes: reseed deterministically
             torch.manual_seed(self.cfg.run.seed * 1009 + self.state.step * 7919 + ctx.rank)
+        # A streamed source's own position (one per rank; on another number of processes,
+        # or from an older checkpoint, it replays the stream up to the batch index instead).
+        data = trainer_state.get("data") or []
+        self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size else {})
         self.last_checkpoint = self._unproven = ckpt_dir
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}")
 
@@ -746,9 +750,10 @@ class Trainer:
         """
         ctx = self.ctx
         rngs = gather_objects(rng_state(ctx.device), ctx)
+        data = gather_objects(self.data.state_dict(), ctx)
         trainer_state = None
         if ctx.is_main:
-            trainer_state = {**dataclasses.asdict(self.state), "rng": rngs,
+            trainer_state = {**dataclasses.asdict(self.state), "rng": rngs, "data": data,
                              "world_size": ctx.world_size}
             trainer_state.pop("step")
         if ctx.parallel is Parallel.FSDP:

@@ -433,9 +433,6 @@ def test_start_up_maps_the_shards_without_reading_them(corpus, tmp_path):
     assert batch["input_ids"].shape == (2, 4096) and not val["input_ids"].any()  # sparse: zeros
 
 
-@pytest.mark.xfail(strict=True, reason="needs the trainer hook: save() stores "
-                   "self.data.state_dict() in trainer_state['data'] and _restore() calls "
-                   "self.data.load_state_dict(trainer_state.get('data') or {})")
 def test_a_resumed_run_continues_the_stream_from_the_checkpoint(tmp_path, offline_datasets,
                                                                 monkeypatch):
     hub = tmp_path / "hub"
