@@ -55,8 +55,9 @@ class RunInfo:
     ``step`` is None for a Hugging Face directory, ``val_loss`` (and ``val_step``, the step it
     was measured at) without a logged validation, ``tokenizer`` (``"byte"`` or a directory)
     when none is stored, ``trained_depth`` when the run records none (or a fixed-depth kind);
-    ``param_bytes`` maps ``"stored"`` (the weight files' tensors, tied ones once, in their
-    ``stored_dtype``), ``"fp32"`` and ``"bf16"`` to bytes.
+    ``param_bytes`` maps ``"stored"`` (the safetensors files' tensors, tied ones once, in
+    their ``stored_dtype``; absent for sharded ``model.dcp/`` weights), ``"fp32"`` and
+    ``"bf16"`` to bytes.
     """
 
     path: str
@@ -187,7 +188,8 @@ def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) 
         path=str(ckpt_dir), format=fmt.value, step=step, val_loss=val_loss, val_step=val_step,
         tokenizer=tokenizer, tokenizer_vocab_size=tok_vocab, vocab_size=cfg.vocab_size,
         trained_depth=trained_depth, stored_dtype="/".join(sorted(dtypes)) or None,
-        param_bytes={"stored": stored, **{k: total_params * b for k, b in DTYPE_BYTES.items()}})
+        param_bytes={**({"stored": stored} if files else {}),
+                     **{k: total_params * b for k, b in DTYPE_BYTES.items()}})
 
 
 def _stored_bytes(files: list[Any]) -> tuple[int, set[str], int | None]:
@@ -286,8 +288,10 @@ def format_info(info: ModelInfo, cfg: Any) -> str:
             f"  checkpoint        {r.path}: {where}, {loss}",
             f"  tokenizer         {tok}",
             f"  depth             {depth}",
-            f"  parameter memory  {_format_bytes(mem['stored'])} as stored ({r.stored_dtype}), "
-            f"{_format_bytes(mem['fp32'])} fp32, {_format_bytes(mem['bf16'])} bf16",
+            "  parameter memory  "
+            + (f"{_format_bytes(mem['stored'])} as stored ({r.stored_dtype}), "
+               if "stored" in mem else "")
+            + f"{_format_bytes(mem['fp32'])} fp32, {_format_bytes(mem['bf16'])} bf16",
         ]
     return "\n".join(lines)
 

@@ -253,6 +253,11 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
     for name in (MODEL_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE):
         if (ckpt_dir / name).is_file():
             shutil.copy2(ckpt_dir / name, out_dir / name)
+    if not (ckpt_dir / MODEL_FILE).is_file():  # sharded weights (model.dcp/): gathered here
+        model = load_model(ckpt_dir).model
+        tied = tied_parameters(model)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied},
+                  str(out_dir / MODEL_FILE), metadata={"format": "pt", "tied": json.dumps(tied)})
     loaded = LoadedModel(None, read_config(ckpt_dir)[0], ckpt_dir,  # type: ignore[arg-type]
                          CheckpointFormat.TRAINING)
     source = tokenizer if tokenizer is not None else _default_tokenizer_source(loaded)

@@ -213,3 +213,29 @@ def test_a_dense_mla_baseline_loads_where_open_mythos_is_not_installed(tmp_path)
     with torch.no_grad():
         ref = base(ids)[0]
     torch.testing.assert_close(torch.tensor(res["logits"]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_checkpoint_exports_whole_weights_and_info_reads_it(tmp_path, capsys):
+    """A checkpoint whose weights are a ``model.dcp/`` directory (FSDP2's layout; written
+    here by DCP in one process, without a manifest, as older checkpoints are read)."""
+    import torch.distributed.checkpoint as dcp
+
+    from open_mythos.checkpoints import MANIFEST_FILE, MODEL_FILE, latest_checkpoint
+
+    model = byte_model("gqa")
+    run = write_run(tmp_path / "run", model)
+    ckpt = latest_checkpoint(run)
+    tied = tied_parameters(model)
+    state = {k: v.clone() for k, v in model.state_dict().items() if k not in tied}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(ckpt / "model.dcp")), no_dist=True)
+    (ckpt / MODEL_FILE).unlink()
+    (ckpt / MANIFEST_FILE).unlink()
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    loaded = load_model(tmp_path / "st")
+    assert loaded.n_loops == TRAINED
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], t, rtol=0, atol=0)
+    capsys.readouterr()
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["run"]
+    assert "stored" not in info["param_bytes"] and info["trained_depth"] == TRAINED
