@@ -84,6 +84,10 @@ def _rewrite(module: str) -> tuple[str, list[str]]:
             if node.end_lineno != node.lineno:
                 raise ValueError(f"{path}:{node.lineno}: keep 'from . import' on one line")
             names = [a.name for a in node.names]
+            for n in names:
+                if importlib.util.find_spec(f"{target}.{n}") is None:
+                    raise ValueError(f"{path}:{node.lineno}: import {n!r} from its module, "
+                                     f"not from the package {target}")
             deps += [f"{target}.{n}" for n in names]
             new = ", ".join(f"{flat_name(f'{target}.{a.name}')} as {a.asname or a.name}"
                             for a in node.names)
