@@ -51,10 +51,12 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def copy_tokenizer(cfg: TrainConfig, run_dir: str | Path) -> Path | None:
     """Copy the tokenizer of a text run into ``run_dir/tokenizer`` (replacing what is there);
-    returns that directory, or None for a task run (whose vocabulary is the task's)."""
+    returns that directory, or None for a task run (whose vocabulary is the task's) and for a
+    tokenizer that is not a local directory (a Hub name: nothing local to copy)."""
     from ..integrations.convert import save_tokenizer
 
-    if cfg.data.task is not None:
+    spec = cfg.data.tokenizer
+    if cfg.data.task is not None or (spec.lower() != "byte" and not Path(spec).expanduser().is_dir()):
         return None
     dest = Path(run_dir) / RUN_TOKENIZER_DIR
     if dest.resolve() == Path(cfg.data.tokenizer).expanduser().resolve():

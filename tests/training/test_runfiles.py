@@ -154,3 +154,13 @@ def test_absolute_paths_touches_local_paths_only(tmp_path, monkeypatch):
     assert hub.data.hf_dataset == "roneneldan/TinyStories" and hub.data.tokenizer == "byte"
     prepared = absolute_paths(load_config(None, [("data.prepared", "shards")]))
     assert prepared.data.prepared == str(tmp_path / "shards")
+
+
+def test_copy_tokenizer_skips_task_runs_and_non_local_tokenizers(tmp_path):
+    from open_mythos.training import load_config
+    from open_mythos.training.runfiles import copy_tokenizer
+
+    task = load_config(TINY)
+    hub = load_config(None, [("data.tokenizer", "gpt2")])
+    assert copy_tokenizer(task, tmp_path) is None and copy_tokenizer(hub, tmp_path) is None
+    assert not (tmp_path / "tokenizer").exists()
