@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
-from .documents import InputFormat, import_datasets, read_text_file, resolve_inputs
+from .documents import InputFormat, iter_documents, open_dataset, resolve_inputs
 from .prepare import (
     ShardedTokens,
     encode_document,
@@ -260,13 +261,12 @@ class _PackedWindows:
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, seq_len: int,
                  state: dict[str, Any] | None = None):
-        datasets = import_datasets()
         try:
-            self._ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split,
-                                             streaming=True)
-        except Exception as err:  # network, missing config or split: all user-fixable
-            raise ConfigError(f"data.hf_dataset={cfg.hf_dataset!r} could not be opened: "
-                              f"{type(err).__name__}: {err}") from None
+            ds = open_dataset(cfg.hf_dataset, cfg.hf_config, cfg.hf_split)
+        except ConfigError as err:  # "dataset 'x' could not be opened: ..."
+            raise ConfigError(f"data.hf_dataset={str(err).removeprefix('dataset ')}") from None
+        # A saved (map-style) dataset streams too, with a resumable position.
+        self._ds = ds.to_iterable_dataset() if hasattr(ds, "to_iterable_dataset") else ds
         self._name, self._field = cfg.hf_dataset, cfg.hf_text_field
         self._tok, self._len = tokenizer, seq_len + 1
         self._dataset_state = None  # the loaded state, until a row is read
@@ -331,6 +331,12 @@ def build_data_source(cfg: DataConfig, seed: int, world_size: int = 1,
         raise ConfigError("optim.loop_targets needs a task with per-step targets "
                           "(data.task = 'multihop' or 'phop'), not text")
     tokenizer = load_data_tokenizer(cfg.tokenizer)
+    if tokenizer.eos_token_id is None:
+        warnings.warn(
+            f"data.tokenizer={cfg.tokenizer!r} has no EOS token, so packed documents run "
+            "together with nothing between them; add one (for a Hugging Face tokenizer: "
+            "tok.add_special_tokens({'eos_token': '</s>'}); tok.save_pretrained(DIR)) or "
+            "use the byte tokenizer", stacklevel=2)
     seq_len = cfg.seq_len or DEFAULT_TEXT_SEQ_LEN
     if cfg.hf_dataset:
         n_val = cfg.eval_batches * cfg.batch_size * world_size
@@ -341,7 +347,8 @@ def build_data_source(cfg: DataConfig, seed: int, world_size: int = 1,
         return PackedTextSource(prepared.tokens, cfg.batch_size, seq_len, seed, cfg.val_fraction,
                                 tokenizer.vocab_size, f"prepared {cfg.prepared}")
     if cfg.text:
-        docs, label = _read_text_files(cfg.text, cfg.encoding_errors), f"text ({len(cfg.text)} path(s))"
+        docs = _read_text_files(cfg.text, cfg.encoding_errors, cfg.hf_text_field)
+        label = f"text ({len(cfg.text)} path(s))"
     else:
         docs, label = builtin_corpus(), "built-in corpus (pydoc topics)"
     tokens = tokenize_documents(docs, tokenizer)
@@ -367,10 +374,15 @@ def tokenize_documents(docs: Iterable[str | Iterable[str]], tokenizer: Any) -> n
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
-def _read_text_files(paths: list[str], errors: str = "strict") -> list[Iterable[str]]:
-    """One document per file (directories read recursively), each read when iterated."""
+def _read_text_files(paths: list[str], errors: str = "strict",
+                     text_field: str = "text") -> Iterator[Iterable[str]]:
+    """The documents of local files, as ``openmythos prepare`` reads them: a text file is
+    one document, a ``.jsonl``/``.json`` or ``.parquet`` file or a ``save_to_disk``
+    directory one per row (``text_field``); directories are read recursively. Each document
+    is read when iterated."""
     try:
-        inputs = resolve_inputs(paths, InputFormat.TEXT)
+        inputs = resolve_inputs(paths, InputFormat.AUTO)
     except ConfigError as err:
         raise ConfigError(f"data.text: {err}") from None
-    return [read_text_file(inp.path, errors) for inp in inputs]
+    for inp in inputs:
+        yield from iter_documents(inp, errors, text_field)

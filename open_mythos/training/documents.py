@@ -190,20 +190,44 @@ def _parquet_texts(path: str, errors: str, field: str) -> Iterator[str]:
                 raise _not_utf8(path, err.start, err, f"row {row} of column {field!r}") from None
 
 
-def _dataset_texts(name: str, field: str, config: str | None, split: str) -> Iterator[str]:
+def open_dataset(name: str, config: str | None = None, split: str = "train") -> Any:
+    """A dataset to iterate over: a ``save_to_disk`` directory (its ``split`` if it holds
+    several), a local ``.jsonl``/``.json``, ``.parquet``, ``.csv`` or ``.txt`` file (read by the
+    ``datasets`` builder of that format, streamed), or else a name or local directory for
+    ``datasets.load_dataset`` (streamed).
+
+    Raises:
+        ConfigError: the dataset cannot be opened (a missing split or config, no network...).
+    """
     datasets = import_datasets()
+    path = Path(name).expanduser()
+    builder = _LOCAL_BUILDERS.get(path.suffix.lower()) if path.is_file() else None
     try:
-        if _is_saved_dataset(Path(name)):
-            ds = datasets.load_from_disk(name)
+        if _is_saved_dataset(path):
+            ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise KeyError(f"no split {split!r} (splits: {', '.join(ds)})")
                 ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+            return ds
+        if builder is not None:
+            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
+                                         streaming=True)
+        if path.is_file():
+            raise ValueError(f"a local file must end in {', '.join(sorted(_LOCAL_BUILDERS))}")
+        return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as err:  # a missing split or config, no network: all user-fixable
         raise ConfigError(f"dataset {name!r} could not be opened: {type(err).__name__}: {err}"
                           ) from None
+
+
+#: The ``datasets`` builders that read a local file, by suffix.
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+                   ".txt": "text"}
+
+
+def _dataset_texts(name: str, field: str, config: str | None, split: str) -> Iterator[str]:
+    ds = open_dataset(name, config, split)
     columns = ds.column_names
     if columns is not None and field not in columns:
         raise ConfigError(f"dataset {name!r} has no column {field!r} (columns: "

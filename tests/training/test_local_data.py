@@ -1,0 +1,103 @@
+"""Local data as users have it: ``data.text`` and ``data.hf_dataset`` read ``.jsonl``,
+``.parquet``, ``.txt`` files and ``save_to_disk`` directories (the real ``datasets`` library,
+offline); a missing text field is a clear error; a tokenizer without EOS is warned about."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from open_mythos.tokenizers import ByteTokenizer
+from open_mythos.training.config import ConfigError, DataConfig
+from open_mythos.training.data import _read_text_files, build_data_source
+
+from .test_prepare import _bpe_tokenizer_dir, offline_datasets  # noqa: F401
+
+DOCS = ["the first document.", "a second, longer document about loops.", "third!"] * 6
+
+
+def packed(docs: list[str]) -> list[int]:
+    """The reference stream: every document's bytes, then EOS."""
+    tok = ByteTokenizer()
+    return [i for d in docs for i in (*tok.encode(d), tok.eos_token_id)]
+
+
+def write_formats(tmp_path, datasets) -> dict[str, str]:
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
+    ds = datasets.Dataset.from_dict({"body": DOCS})
+    ds.to_parquet(str(tmp_path / "docs.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    return {"jsonl": str(tmp_path / "docs.jsonl"), "parquet": str(tmp_path / "docs.parquet"),
+            "saved": str(tmp_path / "saved")}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_text_reads_rows_of_local_datasets(tmp_path, offline_datasets, fmt):  # noqa: F811
+    path = write_formats(tmp_path, offline_datasets)[fmt]
+    assert ["".join(doc) for doc in _read_text_files([path], "strict", "body")] == DOCS
+    source = build_data_source(DataConfig(text=[path], hf_text_field="body", seq_len=16,
+                                          batch_size=2), seed=0)
+    ids = source.batch("train", 0)["input_ids"]
+    stream = packed(DOCS)
+    # Every training window is a run of the packed stream.
+    for row in ids.tolist():
+        assert any(stream[i:i + 16] == row for i in range(len(stream) - 15))
+
+
+def test_text_mixes_plain_files_and_datasets(tmp_path, offline_datasets):  # noqa: F811
+    paths = write_formats(tmp_path, offline_datasets)
+    (tmp_path / "note.txt").write_text("plain text file")
+    docs = _read_text_files([str(tmp_path / "note.txt"), paths["jsonl"]], "strict", "body")
+    assert ["".join(doc) for doc in docs] == ["plain text file", *DOCS]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_hf_dataset_streams_local_files_and_saved_datasets(tmp_path, offline_datasets, fmt):  # noqa: F811
+    path = write_formats(tmp_path, offline_datasets)[fmt]
+    cfg = DataConfig(hf_dataset=path, hf_text_field="body", seq_len=16, batch_size=2,
+                     eval_batches=1)
+    source = build_data_source(cfg, seed=0)
+    stream = packed(DOCS)
+    # The first windows go to validation; the training stream follows them.
+    val = source.batch("val", 0)["input_ids"]
+    assert val[0].tolist() == stream[:16]
+    assert val[1].tolist() == stream[16:32]
+    train = source.batch("train", 0)["input_ids"]
+    assert train[0].tolist() == stream[32:48]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_a_missing_text_field_names_the_field_and_the_columns(tmp_path, offline_datasets,  # noqa: F811
+                                                               fmt):
+    path = write_formats(tmp_path, offline_datasets)[fmt]
+    with pytest.raises(ConfigError, match=r"text.*body"):
+        build_data_source(DataConfig(text=[path], seq_len=16, batch_size=2), seed=0)
+    with pytest.raises(ConfigError, match=r"'text'.*body"):
+        source = build_data_source(DataConfig(hf_dataset=path, seq_len=16, batch_size=2,
+                                              eval_batches=1), seed=0)
+        source.batch("val", 0)
+
+
+def test_a_local_file_of_another_kind_is_refused(tmp_path, offline_datasets):  # noqa: F811
+    (tmp_path / "docs.xml").write_text("<doc/>")
+    with pytest.raises(ConfigError, match=r"data.hf_dataset=.*docs.xml.*must end in"):
+        build_data_source(DataConfig(hf_dataset=str(tmp_path / "docs.xml"), seq_len=16,
+                                     batch_size=2), seed=0)
+
+
+def test_a_tokenizer_without_eos_is_warned_about_with_the_fix(tmp_path):
+    bpe_dir, hf = _bpe_tokenizer_dir(tmp_path)
+    hf.eos_token = None
+    hf.save_pretrained(tmp_path / "no_eos")
+    (tmp_path / "a.txt").write_text("the first document. " * 20)
+    cfg = DataConfig(text=[str(tmp_path / "a.txt")], tokenizer=str(tmp_path / "no_eos"),
+                     seq_len=8, batch_size=2)
+    with pytest.warns(UserWarning, match=r"no EOS token.*add_special_tokens"):
+        build_data_source(cfg, seed=0)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        build_data_source(DataConfig(text=[str(tmp_path / "a.txt")], tokenizer=str(bpe_dir),
+                                     seq_len=8, batch_size=2), seed=0)
+    assert not [r for r in records if "EOS" in str(r.message)]
