@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from .exit_options import add_exit_arguments, exit_rule_from_args
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``generate`` and ``serve``: checkpoint, tokenizer, depth, device."""
@@ -59,6 +61,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "token after a one-off compilation on the first call (measured: 19 s "
                         "on one CPU thread for the 128-dim default training model; more for "
                         "larger models, up to minutes); runs every loop (no ACT early exit)")
+    p.add_argument("--depth-sharing", default="per_depth", metavar="MODE",
+                   help="KV cache entries per loop depth: per_depth (default, exact), last, "
+                        "first or every:M (smaller caches; see docs/adaptive_inference.md)")
+    p.add_argument("--draft-tokens", type=_non_negative_int, default=0, metavar="K",
+                   help="decode self-speculatively: draft K tokens per cycle with "
+                        "--draft-loops loops, verified at full depth (greedy output is "
+                        "unchanged); 0: off (default)")
+    p.add_argument("--draft-loops", type=_positive_int, default=1, metavar="N",
+                   help="loops of a draft forward (default 1)")
+    add_exit_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -75,7 +87,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             n_loops=args.n_loops or loaded.n_loops,
             do_sample=not args.greedy, temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
-            compile=args.compile)
+            compile=args.compile, exit_rule=exit_rule_from_args(args),
+            depth_sharing=args.depth_sharing, draft_tokens=args.draft_tokens,
+            draft_loops=args.draft_loops)
         prompts = encode_prompts(tokenizer, [args.prompt])
         deltas = stream_text(loaded.model, tokenizer, prompts, options)
         start = time.perf_counter()

@@ -20,9 +20,10 @@ import torch
 from ..config import check_loops
 from ..inference.generation import stream
 from ..inference.sampling import SamplingParams
+from ..inference.speculative import speculative_stream
 from ..layers.recurrence import ExitRule
 from ..model import OpenMythos
-from ..tokenizers import Tokenizer
+from ..tokenizers import Tokenizer, pad_rows
 
 REPLACEMENT_CHAR = "\ufffd"
 # A UTF-8 character has at most 4 bytes, so at most 3 trailing tokens can be incomplete.
@@ -135,7 +136,10 @@ class GenerationOptions:
     ``seed`` makes sampling reproducible; ``act_early_exit`` None means on unless
     ``compile`` (a compiled decode step runs every loop, see
     :mod:`open_mythos.inference.static`); ``exit_rule`` stops each position's loops once
-    it fires (:class:`~open_mythos.layers.recurrence.ExitRule`).
+    it fires (:class:`~open_mythos.layers.recurrence.ExitRule`); ``depth_sharing`` is the
+    KV cache's (:class:`~open_mythos.inference.cache.KVCache`); ``draft_tokens`` > 0
+    decodes self-speculatively, drafting that many tokens per cycle with ``draft_loops``
+    loops (:mod:`open_mythos.inference.speculative`).
     """
 
     max_new_tokens: int = 64
@@ -149,6 +153,9 @@ class GenerationOptions:
     act_early_exit: bool | None = None
     compile: bool = False
     exit_rule: ExitRule | None = None
+    depth_sharing: str = "per_depth"
+    draft_tokens: int = 0
+    draft_loops: int = 1
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -181,6 +188,17 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
             raise ValueError(f"prompt {i} is empty")
         if min(p) < 0 or max(p) >= vocab:
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+    if options.draft_tokens:
+        if not isinstance(options.draft_tokens, int) or options.draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be a non-negative integer, got "
+                             f"{options.draft_tokens!r}")
+        check_loops(options.draft_loops, name="draft_loops")
+        extras = [name for name, on in (("compile", options.compile),
+                                        ("exit_rule", options.exit_rule is not None),
+                                        ("depth_sharing", options.depth_sharing != "per_depth"))
+                  if on]
+        if extras:
+            raise ValueError(f"self-speculative decoding does not take {', '.join(extras)}")
     longest = max(len(p) for p in prompts)
     if longest + options.max_new_tokens > limit:
         raise ValueError(
@@ -205,13 +223,8 @@ def stream_text(
     """
     validate(model, prompts, options)
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+    input_ids, mask = pad_rows(prompts, pad, side="left")
     padded = bool((mask == 0).any())
     generator = None
     if options.seed is not None:
@@ -220,13 +233,18 @@ def stream_text(
     eos = tokenizer.eos_token_id
     n_loops = options.n_loops if options.n_loops is not None else model.cfg.max_loop_iters
 
-    tokens = stream(
-        model, input_ids.to(device), options.max_new_tokens, n_loops,
-        do_sample=options.do_sample, temperature=options.temperature, top_k=options.top_k,
-        top_p=options.top_p, eos_token_id=eos, pad_token_id=pad,
-        attention_mask=mask.to(device) if padded else None, generator=generator,
-        act_early_exit=options.act_early_exit, compile=options.compile,
-        exit_rule=options.exit_rule)
+    common = dict(do_sample=options.do_sample, temperature=options.temperature,
+                  top_k=options.top_k, top_p=options.top_p, eos_token_id=eos, pad_token_id=pad,
+                  attention_mask=mask.to(device) if padded else None, generator=generator)
+    if options.draft_tokens:
+        tokens = speculative_stream(model, input_ids.to(device), options.max_new_tokens,
+                                    n_loops, draft_loops=options.draft_loops,
+                                    draft_tokens=options.draft_tokens, **common)
+    else:
+        tokens = stream(model, input_ids.to(device), options.max_new_tokens, n_loops,
+                        act_early_exit=options.act_early_exit, compile=options.compile,
+                        exit_rule=options.exit_rule, depth_sharing=options.depth_sharing,
+                        **common)
     try:
         for step in tokens:
             for i, tok in enumerate(step.tolist()):

@@ -69,6 +69,36 @@ def test_generate_sampling_is_reproducible_with_a_seed(tmp_path, capsys):
     assert openmythos(capsys, *argv, "--seed", "8")[1] != first
 
 
+def test_generate_adaptive_options(tmp_path, capsys):
+    """Speculative greedy decoding prints the plain greedy text; an exit rule that stops
+    every position after one loop prints the one-loop text; a shared cache runs."""
+    from open_mythos import ExitRule
+
+    model = byte_model("gqa")
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.5)  # loops that change the output
+    write_training_checkpoint(tmp_path / "run", model)
+    argv = ("generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "Hello", "--greedy",
+            "--n-loops", "4", "--max-new-tokens", "12", "--no-echo")
+    ids = torch.tensor([TOK.encode("Hello")])
+
+    def text(n_loops, **kw):
+        return TOK.decode(our_generate(model, ids, 12, n_loops, do_sample=False, **kw)[0, 5:])
+
+    status, plain, _ = openmythos(capsys, *argv)
+    assert status == 0 and plain == text(4) + "\n"
+    assert openmythos(capsys, *argv, "--draft-tokens", "3", "--draft-loops", "1")[1] == plain
+    rule = ExitRule(entropy=1e9)
+    status, early, _ = openmythos(capsys, *argv, "--exit-entropy", "1e9")
+    assert status == 0 and early == text(4, exit_rule=rule) + "\n" == text(1) + "\n"
+    status, shared, _ = openmythos(capsys, *argv, "--depth-sharing", "last")
+    assert status == 0 and shared == text(4, depth_sharing="last") + "\n"
+    for bad, message in ((("--depth-sharing", "some"), "depth_sharing"),
+                         (("--draft-tokens", "2", "--compile"), "does not take compile"),
+                         (("--exit-kl", "-1"), "ExitRule.kl")):
+        status, _, err = openmythos(capsys, *argv, *bad)
+        assert status == 2 and message in err
+
+
 def test_generate_reports_errors_with_status_2(tmp_path, capsys):
     status, _, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "missing"),
                                 "--prompt", "x")
