@@ -789,7 +789,7 @@ class Trainer:
                                                            self.cfg.run.keep_checkpoints)
             except NonFiniteWeights as err:
                 error = TrainingDiverged(self._diverged(f"the weights are no longer finite: {err}"))
-            except RunDirError as err:
+            except Exception as err:  # noqa: BLE001 - any failure: the other ranks must hear of it
                 error = err
         # Rank 0's outcome on every rank (the others must not wait for a save that failed).
         error = broadcast_object(error, ctx)
