@@ -88,9 +88,16 @@ def setup(parallel: Parallel, device_spec: str) -> DistContext:
     return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, True)
 
 
-def teardown(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`setup` created it."""
+def teardown(ctx: DistContext, clean: bool = True) -> None:
+    """Destroy the process group if :func:`setup` created it.
+
+    ``clean``: every rank got here the normal way, so a barrier first lets each rank's
+    pending collectives finish before any rank tears its group down (without it a gloo rank
+    could exit while another still joins its communication threads, and hang there).
+    """
     if ctx.owns_group and dist.is_initialized():
+        if clean and ctx.world_size > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import random
@@ -229,16 +230,23 @@ class Trainer:
             TrainingDiverged: see the module docstring.
         """
         self.ctx = setup(self.cfg.run.parallel, self.cfg.run.device)
+        clean = False
         try:
             self._setup()
             try:
                 self._loop()
             finally:
                 self._close()
+            clean = True
         finally:
             if self.lock is not None:
                 self.lock.release()
-            teardown(self.ctx)
+            # A DDP wrapper (its reducer holds the process group) goes first, while the
+            # group is alive, so the garbage collector does not destroy it later.
+            if getattr(self, "model", None) is not getattr(self, "core", None):
+                self.model = None
+                gc.collect()
+            teardown(self.ctx, clean)
         return self.state
 
     def _setup(self) -> None:
