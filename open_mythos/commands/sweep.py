@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from ..devices import resolve_device
+from .exit_options import add_exit_arguments, exit_rule_from_args
 
 
 def parse_loops(text: str) -> list[int]:
@@ -70,6 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--baseline", metavar="DIR", help="checkpoint of the dense baseline")
     add_eval_arguments(p)
     p.add_argument("--out", required=True, metavar="FILE", help="results file, .json or .csv")
+    add_exit_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -96,7 +98,10 @@ def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any)
     settings = {"off": (False,), "on": (True,), "both": (False, True)}[args.early_exit]
     common = dict(splits=args.splits, n_examples=args.n_examples, seed=args.seed,
                   batch_size=args.batch_size)
-    rows = sweep(model, task, loops=args.loops, early_exit=settings, **common)
+    # Only ``sweep`` has the --exit-* options (``report`` shares the rest).
+    exit_rule = exit_rule_from_args(args) if hasattr(args, "exit_kl") else None
+    rows = sweep(model, task, loops=args.loops, early_exit=settings, exit_rule=exit_rule,
+                 **common)
     base_rows = sweep(baseline, task, **common) if baseline is not None else []
     return rows, base_rows
 

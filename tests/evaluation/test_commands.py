@@ -76,6 +76,20 @@ def test_sweep_command(runs, tmp_path, capsys):
     assert "| looped | id | 1 | off |" in capsys.readouterr().out
 
 
+def test_sweep_command_with_an_exit_rule(runs, tmp_path, capsys):
+    """A rule that fires after two loops makes the 4-loop rows equal the 2-loop rows."""
+    root, _, _ = runs
+    argv = ("sweep", "--checkpoint", str(root / "looped"), "--n-examples", "6",
+            "--early-exit", "off", "--device", "cpu")
+    assert cli(*argv, "--loops", "2", "--out", str(tmp_path / "two.json")) == 0
+    assert cli(*argv, "--loops", "4", "--exit-entropy", "1e9", "--exit-min-loops", "2",
+               "--out", str(tmp_path / "rule.json")) == 0
+    two, rule = load_rows(tmp_path / "two.json"), load_rows(tmp_path / "rule.json")
+    assert [r.accuracy for r in rule] == [r.accuracy for r in two]
+    assert all("argmax_streak" in r.exit_rule and "entropy=1000000000.0" in r.exit_rule
+               for r in rule)
+
+
 def test_sweep_command_errors(runs, tmp_path, capsys):
     root, _, _ = runs
     assert cli("sweep", "--checkpoint", str(tmp_path / "nothing"), "--task", "parity",
