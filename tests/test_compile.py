@@ -77,15 +77,20 @@ def test_moe_fullgraph_compile_matches_eager(no_segment_fallback):
     # Inductor generates and builds C++ kernels: ~5 s with a warm cache, ~40 s cold.
     pytest.param("inductor", True, marks=pytest.mark.slow),
 ])
-def test_compiled_recurrent_block_matches_eager(backend, use_act):
+@pytest.mark.parametrize("target", ["block", "loop"])
+def test_compiled_recurrent_block_matches_eager(backend, use_act, target):
     torch.manual_seed(0)
     cfg = tiny_config(use_act=use_act, act_threshold=0.7, act_halt_bias_init=0.0)
     eager = OpenMythos(cfg).train()
     torch.nn.init.normal_(eager.recurrent.act.halt.weight, std=0.3)  # positions halt at
     compiled = copy.deepcopy(eager)                                    # different loops
-    # The loop stays in Python; the block compiles to one graph for loop 0 and one for the
-    # later loops (the depth carry holds the previous keys/values from loop 1 on).
-    compiled.recurrent.block.compile(fullgraph=True, backend=backend)
+    # The loop stays in Python; the block (or the whole loop body) compiles to one graph for
+    # loop 0 and one for the later loops (the depth carry holds the previous keys/values
+    # from loop 1 on).
+    if target == "block":
+        compiled.recurrent.block.compile(fullgraph=True, backend=backend)
+    else:
+        compiled.recurrent.compile_loop(fullgraph=True, backend=backend)
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     for _ in range(2):
         logits, grads = _train_step(eager, ids, n_loops=3)
@@ -96,6 +101,21 @@ def test_compiled_recurrent_block_matches_eager(backend, use_act):
             torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(compiled.recurrent.last_expert_load,
                                    eager.recurrent.last_expert_load)
+
+
+def test_compiled_loop_body_serves_every_loop_index_and_count():
+    """Two graphs (first loop, later loops) whatever the loop index or the number of loops:
+    the loop index reaches the compiled body only as tensors."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = OpenMythos(tiny_config(max_loop_iters=3)).train()
+    model.recurrent.compile_loop(fullgraph=True, backend=counter)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    for n_loops in (3, 6, 2):
+        model(ids, n_loops=n_loops).sum().backward()
+    assert counter.frame_count == 2
 
 
 def test_training_loop_never_reads_device_values_on_the_host(no_segment_fallback):

@@ -205,16 +205,23 @@ class MLAttention(nn.Module):
     def rope_dim(cfg: MythosConfig) -> int:
         return cfg.qk_rope_head_dim
 
-    def use_absorbed(self, n_queries: int) -> bool:
-        """True when attending over the latent is cheaper than expanding it.
+    def use_absorbed(self, n_queries: int, n_keys: int) -> bool:
+        """True when attending over the latent costs fewer multiply-adds than expanding it.
 
-        Per key, the absorbed order costs ~ T * (2r + rope) multiply-adds per head; the plain
-        one costs r * (nope + v) to expand the key plus T * (nope + rope + v).
+        Per head, with latent rank r: the absorbed order maps each query into the latent
+        (``T r n``), attends over the whole cached row of width ``r + rope`` for scores and
+        values (``2 T S (r + rope)``) and maps the output back (``T r v``); the plain order
+        expands every key (``S r (n + v)``) and attends at the head widths
+        (``T S (n + rope + v)``). Decoding (few queries, many keys) takes the absorbed order;
+        a training step or a prefill (``T == S``) the plain one.
         """
         if self.absorb is not None:
             return self.absorb
-        r, extra = self.kv_lora_rank, self.nope_dim + self.v_dim
-        return n_queries * (2 * r - extra) < r * extra
+        r, n, v, rope = self.kv_lora_rank, self.nope_dim, self.v_dim, self.rope_dim_
+        T, S = n_queries, n_keys
+        absorbed = T * r * (n + v) + 2 * T * S * (r + rope)
+        plain = S * r * (n + v) + T * S * (n + rope + v)
+        return absorbed < plain
 
     def forward(
         self,
@@ -240,7 +247,7 @@ class MLAttention(nn.Module):
         is_causal = ctx.is_causal and ctx.mask is None and T > 1
 
         w_kv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r)
-        if self.use_absorbed(T):
+        if self.use_absorbed(T, S):
             w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # (H, n, r), (H, v, r)
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
             q_cat = torch.cat((q_lat, q_rope), dim=-1)  # (B, H, T, r+rope)

@@ -21,6 +21,19 @@ from .block import TransformerBlock
 from .norm import RMSNorm
 
 
+def loop_signal(
+    loop_t: int, loop_dim: int, dim: int, theta: float = 10000.0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The loop index's sinusoid on the first ``loop_dim`` of ``dim`` channels, zeros on the
+    rest: a float32 (dim,) vector (angles in float32, exact for any loop count)."""
+    half = (loop_dim + 1) // 2
+    freqs = theta ** (-torch.arange(half, device=device, dtype=torch.float32) * 2 / loop_dim)
+    angles = loop_t * freqs
+    emb = torch.cat((angles.sin(), angles.cos()))[:loop_dim]  # (loop_dim,)
+    return F.pad(emb, (0, dim - loop_dim))
+
+
 def loop_index_embedding(
     h: torch.Tensor,
     loop_t: int,
@@ -30,18 +43,14 @@ def loop_index_embedding(
 ) -> torch.Tensor:
     """Add a sinusoidal signal of the loop index to the first ``loop_dim`` channels of ``h``.
 
-    The angles are computed in float32 (exact for any loop count) and the sum is cast back
-    to ``h.dtype``. ``scale`` multiplies the signal: a float, or a tensor broadcastable to
+    The signal is :func:`loop_signal`; the sum is taken in float32 and cast back to
+    ``h.dtype``. ``scale`` multiplies the signal: a float, or a tensor broadcastable to
     ``h`` such as the per-position RMS of ``h`` (what :class:`RecurrentBlock` uses, so that
     the signal neither swamps a small residual stream nor vanishes in a large one).
     Shape of ``h``: (..., dim) -> same.
     """
-    half = (loop_dim + 1) // 2
-    freqs = theta ** (-torch.arange(half, device=h.device, dtype=torch.float32) * 2 / loop_dim)
-    angles = loop_t * freqs
-    emb = torch.cat((angles.sin(), angles.cos()))[:loop_dim]  # (loop_dim,)
-    emb = F.pad(emb, (0, h.shape[-1] - loop_dim))
-    return (h.float() + emb * scale).to(h.dtype)
+    signal = loop_signal(loop_t, loop_dim, h.shape[-1], theta, h.device)
+    return (h.float() + signal * scale).to(h.dtype)
 
 
 class LoRAAdapter(nn.Module):
@@ -65,10 +74,17 @@ class LoRAAdapter(nn.Module):
         nn.init.zeros_(self.B)
         nn.init.ones_(self.scale.weight)
 
+    def loop_scale(self, loop_t: int) -> torch.Tensor:
+        """The (rank,) scale of loop ``loop_t`` (the last trained one beyond ``max_loops``)."""
+        return self.scale.weight[min(loop_t, self.scale.num_embeddings - 1)]
+
+    def delta(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, dim) and a loop's ``scale`` (rank,) -> delta (B, T, dim)."""
+        return (self.down(x) * scale) @ self.B
+
     def forward(self, x: torch.Tensor, loop_t: int) -> torch.Tensor:
         """``x``: (B, T, dim) -> delta (B, T, dim)."""
-        t = min(loop_t, self.scale.num_embeddings - 1)
-        return (self.down(x) * self.scale.weight[t]) @ self.B
+        return self.delta(x, self.loop_scale(loop_t))
 
 
 class LTIInjection(nn.Module):
@@ -350,16 +366,45 @@ class RecurrentBlock(nn.Module):
     def _block_step(
         self, h: torch.Tensor, e: torch.Tensor, t: int, ctx: AttnContext, carry: DepthCarry
     ) -> torch.Tensor:
-        """One loop without halting: the next state h' (B, T, dim)."""
+        """One loop without halting: the next state h' (B, T, dim).
+
+        The loop index enters only through tensors made here (its signal and LoRA scale),
+        and the cache key only when there is a cache, so :meth:`loop_body` is the same
+        function at every loop: compiled once (:meth:`compile_loop`), it serves them all.
+        """
+        t_signal = t if self.last_loop_index is None else min(t, self.last_loop_index)
+        signal = loop_signal(t_signal, self.loop_dim, h.shape[-1], device=h.device)
+        lora_scale = None if self.lora is None else self.lora.loop_scale(t)
+        key = self.cache_key(t) if ctx.cache is not None else None
+        if h is e:
+            # NOTE: at loop 0 the state is the encoded input itself. Passing one tensor as
+            # two arguments makes a compiled loop_body guard on the aliasing, and PyTorch
+            # 2.13 then fails (TypeError) explaining a recompilation for a second model.
+            h = h.view_as(h)
+        return self.loop_body(h, e, signal, lora_scale, ctx, key, carry)
+
+    def compile_loop(self, **compile_kwargs) -> None:
+        """``torch.compile`` :meth:`loop_body` in place: one graph for every loop index and
+        loop count (two specialisations: the first loop, which has no depth carry yet, and
+        the rest). The halting bookkeeping and the loop itself stay in Python."""
+        self.loop_body = torch.compile(self.loop_body, **compile_kwargs)
+
+    def loop_body(
+        self, h: torch.Tensor, e: torch.Tensor, signal: torch.Tensor,
+        lora_scale: torch.Tensor | None, ctx: AttnContext, cache_key: str | None,
+        carry: DepthCarry,
+    ) -> torch.Tensor:
+        """``h' = A * h + B * e + out`` with ``out = block(norm(h + rms(h) * signal + e))``
+        plus its LoRA delta; ``signal`` (dim,) and ``lora_scale`` (rank,) are the loop's."""
         # NOTE: an unscaled sinusoid (upstream) dwarfs a freshly initialised residual stream
         # (embeddings ~0.02), so after the norm every token looks alike and the router sends
         # all of them to the same experts. Scaling by the state's RMS keeps it proportionate.
-        rms = h.float().pow(2).mean(-1, keepdim=True).sqrt()
-        t_signal = t if self.last_loop_index is None else min(t, self.last_loop_index)
-        x = self.norm(loop_index_embedding(h, t_signal, self.loop_dim, scale=rms) + e)
-        out = self.block(x, ctx, self.cache_key(t), carry)
-        if self.lora is not None:
-            out = out + self.lora(out, t)
+        hf = h.float()
+        rms = hf.pow(2).mean(-1, keepdim=True).sqrt()
+        x = self.norm((hf + signal * rms).to(h.dtype) + e)
+        out = self.block(x, ctx, cache_key, carry)
+        if lora_scale is not None:
+            out = out + self.lora.delta(out, lora_scale)
         return self.injection(h, e, out)
 
     def _step(

@@ -281,7 +281,7 @@ class Trainer:
         core.to(ctx.device)
         self.tied = tied_parameters(core)
         if cfg.run.compile:
-            _compile_blocks(core, cfg.schedule.max_loops)
+            _compile_blocks(core)
         self.model = wrap_model(core, ctx, cfg.run.precision)
         self.core: nn.Module = unwrap(self.model)
         self.optimizer = build_optimizer(self.core, cfg.optim.lr, cfg.optim.weight_decay,
@@ -815,14 +815,14 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _compile_blocks(model: nn.Module, max_loops: int) -> None:
-    """``torch.compile`` each transformer block in place (the loop itself stays in Python,
-    so any loop count reuses the same compiled blocks)."""
-    import torch._dynamo
-
-    # One specialisation per loop depth can occur (the loop index is a Python int).
-    limit = max(torch._dynamo.config.recompile_limit, 2 * max_loops + 8)
-    torch._dynamo.config.recompile_limit = limit
-    core = [model.recurrent.block] if is_looped(model) else list(model.core)
+def _compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` the model's blocks in place: every Prelude and Coda block, and the
+    looped model's whole loop body (norms, loop signal, block, LoRA, injection) as one graph
+    for every loop index and count (:meth:`RecurrentBlock.compile_loop`). The loop and the
+    halting bookkeeping stay in Python."""
+    looped = is_looped(model)
+    core = [] if looped else list(model.core)
     for block in [*model.prelude, *core, *model.coda]:
         block.compile()
+    if looped:
+        model.recurrent.compile_loop()

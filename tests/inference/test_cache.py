@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from open_mythos import MythosConfig, OpenMythos
 from open_mythos.inference import KVCache
 from tests.conftest import equality_tolerance, halting_model, tiny_config
 
@@ -117,4 +118,38 @@ def test_mla_absorbed_equals_plain():
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=1e-5)
     for a in attn:
         a.absorb = None
-        assert a.use_absorbed(1)  # decode takes the absorbed order by default
+        assert a.use_absorbed(1, 64)  # decoding takes the absorbed order by default
+        assert not a.use_absorbed(14, 14)  # a training step or prefill the plain one
+
+
+@pytest.mark.parametrize("T,S", [(1, 2), (1, 40), (4, 40), (16, 16), (40, 40), (8, 48)])
+def test_mla_order_choice_is_the_cheaper_one(T, S):
+    """``use_absorbed`` picks the order with fewer FLOPs, as PyTorch's FLOP counter counts
+    a cached forward of T new tokens after S - T cached ones (both orders run the same
+    layers around the attention). Upstream's MLA widths, where the orders differ a lot."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def cpu_flash_flops(q, k, v, *args, **kwargs):  # the counter does not know this kernel
+        return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
+
+    counted = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flops}
+
+    model = OpenMythos(MythosConfig(
+        vocab_size=97, dim=64, n_heads=4, n_kv_heads=4, max_seq_len=64, prelude_layers=1,
+        coda_layers=1, attn_type="mla", n_experts=4, n_experts_per_tok=2, expert_dim=16,
+        lora_rank=4, max_loop_iters=2)).eval()
+    attn = [m for m in model.modules() if type(m).__name__ == "MLAttention"]
+    ids = torch.randint(0, 97, (1, S))
+    flops = {}
+    with torch.no_grad():
+        for mode in (False, True):
+            for a in attn:
+                a.absorb = mode
+            cache = KVCache(max_len=64)
+            if S > T:
+                model(ids[:, :S - T], n_loops=1, kv_cache=cache)
+            with FlopCounterMode(display=False, custom_mapping=counted) as counter:
+                model(ids[:, S - T:], n_loops=1, kv_cache=cache, start_pos=S - T)
+            flops[mode] = counter.get_total_flops()
+    attn[0].absorb = None
+    assert attn[0].use_absorbed(T, S) == (flops[True] < flops[False]), flops

@@ -156,13 +156,13 @@ def test_clamp_loop_index_repeats_the_last_signal(monkeypatch):
     import open_mythos.layers.recurrence as recurrence
 
     seen = []
-    original = recurrence.loop_index_embedding
+    original = recurrence.loop_signal
 
-    def spy(h, t, *args, **kwargs):
+    def spy(t, *args, **kwargs):
         seen.append(t)
-        return original(h, t, *args, **kwargs)
+        return original(t, *args, **kwargs)
 
-    monkeypatch.setattr(recurrence, "loop_index_embedding", spy)
+    monkeypatch.setattr(recurrence, "loop_signal", spy)
     ids = torch.randint(0, 97, (1, 5))
     for clamp, want in ((False, [0, 1, 2, 3, 4, 5]), (True, [0, 1, 2, 2, 2, 2])):
         seen.clear()

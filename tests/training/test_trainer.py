@@ -181,6 +181,26 @@ def test_gradient_checkpointing_matches_plain_training(tmp_path):
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-6)
 
 
+def test_compiled_run_matches_plain_training(tmp_path, monkeypatch):
+    """``run.compile`` compiles the Prelude/Coda blocks and the loop body (here with the
+    ``aot_eager`` backend: the same graphs without the C++ build) and trains the same."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    torch._dynamo.reset()
+    Trainer(tiny_config(tmp_path / "a", run__steps=3)).train()
+    assert not compiled
+    Trainer(tiny_config(tmp_path / "b", run__steps=3, run__compile=True)).train()
+    names = [getattr(fn, "__name__", type(fn).__name__) for fn in compiled]
+    assert "loop_body" in names, names
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-5)
+
+
 @pytest.mark.parametrize("backprop_loops", [None, 1, 2])
 def test_truncated_backprop_differentiates_exactly_the_last_loops(tmp_path, monkeypatch,
                                                                    backprop_loops):
