@@ -1,9 +1,9 @@
 """Training-step benchmark: step time, achieved FLOP/s against the machine's matmul peak,
 and ratios against baselines measured in the same run.
 
-    python benchmarks/train.py                 # everything (~10 minutes on 2 cores)
+    python benchmarks/train.py                 # everything (~15 minutes on 2 cores)
     python benchmarks/train.py --quick         # fewer repeats, no bf16/compiled 63M rows
-    python benchmarks/train.py --only moe      # one section: moe | small | 63m | dense
+    python benchmarks/train.py --only moe      # one section: moe | small | small-mla | 63m | dense
 
 A train step is forward + cross-entropy + backward + fused AdamW step (+ the router-bias
 update for OpenMythos). FLOPs are counted once per configuration by
@@ -12,25 +12,38 @@ the grouped expert matmuls and the CPU attention kernels are added to its regist
 The peaks are one large fp32 and one bf16 matmul measured at the start of the run.
 
 Sections:
-    moe    the MoE layer alone (64 experts top-4, 1024 tokens, dim 512, expert dim 128, no
-           shared expert), forward and forward+backward, against a faithful re-implementation
-           of the reference's dispatch (a Python loop over top-k slots x experts with a boolean
-           mask per expert);
-    small  the small GQA config (dim 256, 8 heads / 2 kv heads, 8 experts top-2, expert dim
-           64, 1 prelude + 1 coda, vocab 1000) at B=4, T=128, 4 loops;
-    63m    the 63M-parameter GQA config (dim 768, 12 heads / 4 kv heads, 2 + 2 dense layers,
-           16 experts top-2 + 1 shared, expert dim 512, vocab 32000) at B=2, T=256, 4 loops;
-    dense  PyTorch's own ``nn.TransformerEncoder`` (8 layers, dim 768, tied 32000-token LM
-           head) with its FFN width chosen so that a step has the 63M config's FLOPs.
+    moe        the MoE layer alone (64 experts top-4, 1024 tokens, dim 512, expert dim 128,
+               one shared expert of width 512), forward and forward+backward, against the
+               reference's dispatch (a Python loop over top-k slots x experts with a boolean
+               mask per expert);
+    small      the small GQA config (dim 256, 8 heads / 2 kv heads, 8 experts top-2, expert
+               dim 64, 1 prelude + 1 coda, vocab 1000) at B=4, T=128, 4 loops;
+    small-mla  the same with MLA attention (upstream's MLA widths);
+    63m        the 63M-parameter GQA config (dim 768, 12 heads / 4 kv heads, 2 + 2 dense
+               layers, 16 experts top-2 + 1 shared, expert dim 512, vocab 32000) at B=2,
+               T=256, 4 loops;
+    dense      PyTorch's own ``nn.TransformerEncoder`` (8 layers, dim 768, tied 32000-token
+               LM head) with its FFN width chosen so that a step has the 63M config's FLOPs.
 
-"Compiled" compiles every TransformerBlock (the recurrent loop stays in Python); bf16 rows
-run under ``torch.autocast``. Rows whose matmul peak is far below fp32's (bf16 on CPUs
-without native bf16 instructions) are skipped unless ``--force-bf16``.
+Each model section times the reference-style model (``reference_style.py``: the reference's
+computation, done the reference's way) in the same run, alternating its steps with ours, and
+reports ours against it. "Compiled" is what ``openmythos train --compile`` does: every
+Prelude/Coda block and the loop body compiled (the loop and ACT stay in Python); its cold
+cost (first step minus a warm step) is printed. bf16 rows run under ``torch.autocast``. Rows
+whose matmul peak is far below fp32's (bf16 on CPUs without native bf16 instructions) are
+skipped, and the output says so, unless ``--force-bf16``.
 
-By default glibc's allocator is told to keep freed memory (``--malloc default`` to opt
-out): large tensors are otherwise returned to the OS on every free and page-faulted back on
-every step, which on virtual machines costs ~0.6 ms per MB (20 ms for one 33 MB gradient).
-Every row, baselines included, runs under the same setting.
+All models start from upstream's N(0, 0.02) embedding. Our default unit embedding makes the
+tied head's softmax saturate at initialisation (``docs/initialization.md``): for the first
+tens of steps a quarter of the logits' gradient is denormal and the head's backward matmuls
+run ~40x slower; timing that would measure the first steps of a run, not its steady state.
+
+By default glibc's allocator is told to keep freed memory, as ``openmythos train`` does
+(``open_mythos.devices.keep_freed_memory``; ``--malloc default`` to opt out): large tensors
+are otherwise returned to the OS on every free and page-faulted back on every step, which on
+virtual machines costs ~0.6 ms per MB. Every row, baselines included, runs under the same
+setting. Compilation starts from an empty inductor cache (a temporary directory) unless
+``--warm-cache``, so "cold s" is what a first run on a machine pays.
 
 Run it on an otherwise idle machine: with other busy processes, OpenMP's spinning barriers
 make multi-threaded steps many times slower (``OMP_WAIT_POLICY=PASSIVE`` limits the damage).
@@ -40,9 +53,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
+import dataclasses
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -55,29 +70,30 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import count_flops, matmul_peak, median_time, print_table  # noqa: E402
+from reference_style import ReferenceStyleLM  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
-from open_mythos.layers.block import TransformerBlock  # noqa: E402
+from open_mythos.devices import keep_freed_memory  # noqa: E402
 from open_mythos.layers.moe import Expert, MoEFFN  # noqa: E402
+from open_mythos.training.trainer import compile_blocks  # noqa: E402
 from open_mythos.variants import count_parameters  # noqa: E402
 
-SECTIONS = ("moe", "small", "63m", "dense")
-# SPEC section 5: the reference implementation on the project's benchmark machine.
-REFERENCE_S = {"moe fwd": 0.097, "moe fwd+bwd": 0.402, "small": 0.168, "63m": 2.15, "dense": 1.79}
+SECTIONS = ("moe", "small", "small-mla", "63m", "dense")
 
 SMALL = MythosConfig(
     vocab_size=1000, dim=256, n_heads=8, n_kv_heads=2, max_seq_len=128, max_loop_iters=4,
     prelude_layers=1, coda_layers=1, attn_type="gqa", n_experts=8, n_shared_experts=1,
-    n_experts_per_tok=2, expert_dim=64, lora_rank=8,
+    n_experts_per_tok=2, expert_dim=64, lora_rank=8, embed_init_std=0.02,
 )
+SMALL_MLA = dataclasses.replace(SMALL, attn_type="mla")
 M63 = MythosConfig(
     vocab_size=32000, dim=768, n_heads=12, n_kv_heads=4, max_seq_len=256, max_loop_iters=4,
     prelude_layers=2, coda_layers=2, attn_type="gqa", n_experts=16, n_shared_experts=1,
-    n_experts_per_tok=2, expert_dim=512, lora_rank=16,
+    n_experts_per_tok=2, expert_dim=512, lora_rank=16, embed_init_std=0.02,
 )
 MOE = MythosConfig(
     vocab_size=1000, dim=512, n_heads=8, n_kv_heads=8, attn_type="gqa", n_experts=64,
-    n_shared_experts=0, n_experts_per_tok=4, expert_dim=128,
+    n_shared_experts=1, n_experts_per_tok=4, expert_dim=128,
 )
 
 
@@ -135,6 +151,7 @@ class NaiveMoE(nn.Module):
                 ex.gate.weight.copy_(moe.w_gate_up[e, :, :H].t())
                 ex.up.weight.copy_(moe.w_gate_up[e, :, H:].t())
                 ex.down.weight.copy_(moe.w_down[e].t())
+        self.shared = copy.deepcopy(moe.shared)
 
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
         logits = self.router(flat)
@@ -151,6 +168,8 @@ class NaiveMoE(nn.Module):
                 if not mask.any():
                     continue
                 out[mask] += token_scores[mask] * self.routed_experts[eid](flat[mask])
+        if self.shared is not None:
+            out = out + self.shared(flat)
         return out
 
 
@@ -177,11 +196,16 @@ def make_step(model: nn.Module, ids: torch.Tensor, bf16: bool, **forward_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     vocab = model.head.weight.shape[0]
     is_mythos = isinstance(model, OpenMythos)
+    # Next-token targets. Targets equal to the inputs would be learnt at initialisation by a
+    # model with a tied embedding (the residual stream carries the input's embedding): the
+    # softmax saturates, a quarter of the logits' gradient is denormal, and the head's
+    # backward matmuls run ~40x slower than on normal numbers.
+    targets = ids.roll(-1, dims=1)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(ids, **forward_kwargs)
-            loss = F.cross_entropy(logits.float().view(-1, vocab), ids.view(-1))
+            loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -191,14 +215,35 @@ def make_step(model: nn.Module, ids: torch.Tensor, bf16: bool, **forward_kwargs)
     return step
 
 
-def compile_blocks(model: OpenMythos) -> OpenMythos:
-    # Fresh caches: blocks of another config compiled earlier in this run would otherwise
+def compiled(model: nn.Module) -> nn.Module:
+    """``model`` compiled as ``openmythos train --compile`` compiles it."""
+    # Fresh caches: graphs of another config compiled earlier in this run would otherwise
     # turn on dynamic shapes for this one.
     torch._dynamo.reset()
-    for module in model.modules():
-        if isinstance(module, TransformerBlock):
-            module.compile(fullgraph=True)
+    compile_blocks(model)
     return model
+
+
+def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, their calls interleaved so that drift in the
+    machine's speed falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def first_call_seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 @dataclass
@@ -221,7 +266,19 @@ def measure_peaks(quick: bool) -> Peaks:
 
 # Sections --------------------------------------------------------------------------------
 
-def bench_moe(args, rows: list) -> None:
+@dataclass
+class Row:
+    workload: str
+    dtype: str
+    seconds: float | None = None
+    flops: int | None = None
+    peak: float | None = None
+    baseline: str = ""
+    cold_s: float | None = None
+    note: str = ""
+
+
+def bench_moe(args, peaks: Peaks, rows: list[Row]) -> None:
     torch.manual_seed(0)
     moe = MoEFFN(MOE)
     nn.init.normal_(moe.router.weight, std=0.02)
@@ -231,7 +288,6 @@ def bench_moe(args, rows: list) -> None:
     with torch.no_grad():
         torch.testing.assert_close(moe(x), naive(x), rtol=1e-4, atol=1e-5)
     repeats = 3 if args.quick else 10
-
     x_in = x.detach()
 
     def fwd(m):
@@ -244,48 +300,60 @@ def bench_moe(args, rows: list) -> None:
         for p in m.parameters():
             p.grad = None
 
-    flops = {"fwd": step_flops(lambda: fwd(moe)), "fwd+bwd": step_flops(lambda: fwd_bwd(moe))}
     for kind, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        t_naive = median_time(partial(fn, naive), repeats=max(3, repeats // 2), warmup=1)
-        t_fast = median_time(partial(fn, moe), repeats=repeats, warmup=2)
-        ref = REFERENCE_S[f"moe {kind}"]
-        rows.append([f"MoE {kind}: naive loop (baseline)", "fp32", t_naive, flops[kind],
-                     "", "", "1.00x", ref])
-        rows.append([f"MoE {kind}: sorted grouped", "fp32", t_fast, flops[kind], "", "",
-                     f"{t_naive / t_fast:.2f}x", ref])
+        flops = step_flops(partial(fn, moe))
+        t = alternating_medians({"naive": partial(fn, naive), "ours": partial(fn, moe)},
+                                repeats=repeats, warmup=2)
+        rows.append(Row(f"MoE {kind}: reference dispatch (baseline)", "fp32", t["naive"], flops,
+                        peaks.fp32, "1.00x"))
+        rows.append(Row(f"MoE {kind}: sorted grouped", "fp32", t["ours"], flops, peaks.fp32,
+                        f"{t['naive'] / t['ours']:.2f}x"))
 
 
 def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks: Peaks,
-                 rows: list, totals: dict) -> None:
+                 rows: list[Row], totals: dict) -> None:
+    """Reference-style model, then ours eager and compiled, fp32 and bf16."""
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-    base = OpenMythos(cfg).train()
-    flops = step_flops(make_step(copy.deepcopy(base), ids, bf16=False, n_loops=4))
+    ours = OpenMythos(cfg).train()
+    ref = ReferenceStyleLM(cfg).train()
+    flops = step_flops(make_step(copy.deepcopy(ours), ids, bf16=False, n_loops=4))
+    ref_flops = step_flops(make_step(copy.deepcopy(ref), ids, bf16=False, n_loops=4))
     totals[name] = flops
-    label = f"{name} ({count_parameters(cfg).total:,} params, B={batch} T={seq} 4 loops)"
+    label = f"{name} ({count_parameters(cfg).total / 1e6:.2f}M params, B={batch} T={seq} 4 loops)"
     repeats = (3 if args.quick else 5) if name == "63m" else (5 if args.quick else 10)
-    eager_fp32 = None
-    for compiled in (False, True):
-        for bf16 in (False, True):
-            kind = ("compiled" if compiled else "eager") + (" bf16" if bf16 else " fp32")
-            if bf16 and not bf16_usable(args, peaks):
-                rows.append([f"{label}: {kind}", "skipped", "", "", "", "", "", ""])
-                continue
-            if args.quick and name == "63m" and (compiled or bf16):
-                continue
-            model = copy.deepcopy(base)
-            if compiled:
-                compile_blocks(model)
-            step = make_step(model, ids, bf16=bf16, n_loops=4)
-            slow = bf16 and peaks.bf16 < peaks.fp32 / 4
-            t = median_time(step, repeats=2 if slow else repeats, warmup=3 if compiled else 1)
-            peak = peaks.bf16 if bf16 else peaks.fp32
-            eager_fp32 = eager_fp32 or t
-            rows.append([f"{label}: {kind}", "bf16" if bf16 else "fp32", t, flops, flops / t,
-                         f"{100 * flops / t / peak:.0f}%", f"{eager_fp32 / t:.2f}x",
-                         REFERENCE_S[name]])
-            totals[f"{name} {kind}"] = t
-            del model, step
+    ref_s: dict[str, float] = {}
+    for bf16 in (False, True):
+        dtype = "bf16" if bf16 else "fp32"
+        peak = peaks.bf16 if bf16 else peaks.fp32
+        if bf16 and not bf16_usable(args, peaks):
+            rows.append(Row(f"{label}: bf16", "bf16", note=BF16_SKIPPED))
+            continue
+        if bf16 and args.quick and name == "63m":
+            continue
+        # The baseline and our eager step, alternating.
+        t = alternating_medians({
+            "ref": make_step(copy.deepcopy(ref), ids, bf16=bf16, n_loops=4),
+            "ours": make_step(copy.deepcopy(ours), ids, bf16=bf16, n_loops=4),
+        }, repeats=repeats)
+        ref_s[dtype] = t["ref"]
+        rows.append(Row(f"{label}: reference-style (baseline)", dtype, t["ref"], ref_flops, peak,
+                        "1.00x"))
+        rows.append(Row(f"{label}: eager", dtype, t["ours"], flops, peak,
+                        f"{t['ref'] / t['ours']:.2f}x"))
+        totals[f"{name} eager {dtype}"] = t["ours"]
+        if args.quick and name == "63m":
+            continue
+        step = make_step(compiled(copy.deepcopy(ours)), ids, bf16=bf16, n_loops=4)
+        cold = first_call_seconds(step) + first_call_seconds(step)  # both loop graphs
+        warm = median_time(step, repeats=repeats, warmup=1)
+        rows.append(Row(f"{label}: compiled", dtype, warm, flops, peak,
+                        f"{t['ref'] / warm:.2f}x", cold_s=cold - 2 * warm))
+        totals[f"{name} compiled {dtype}"] = warm
+        del step
+
+
+BF16_SKIPPED = "skipped: no native bf16 matmul on this CPU (emulated kernels; --force-bf16)"
 
 
 def dense_ffn_for(target_flops: int, batch: int, seq: int) -> tuple[int, int]:
@@ -303,7 +371,7 @@ def dense_ffn_for(target_flops: int, batch: int, seq: int) -> tuple[int, int]:
     return ffn, flops(ffn)
 
 
-def bench_dense(args, peaks: Peaks, rows: list, totals: dict) -> None:
+def bench_dense(args, peaks: Peaks, rows: list[Row], totals: dict) -> None:
     batch, seq = 2, 256
     target = totals.get("63m")
     if target is None:
@@ -318,35 +386,42 @@ def bench_dense(args, peaks: Peaks, rows: list, totals: dict) -> None:
     ids = torch.randint(0, M63.vocab_size, (batch, seq))
     model = DenseLM(M63.vocab_size, M63.dim, 8, M63.n_heads, ffn).train()
     n_params = sum(p.numel() for p in model.parameters())
-    label = f"dense nn.TransformerEncoder 8x768 ffn {ffn} ({n_params:,} params)"
+    label = f"dense nn.TransformerEncoder 8x768 ffn {ffn} ({n_params / 1e6:.1f}M params)"
     for bf16 in (False, True):
-        if bf16 and (args.quick or not bf16_usable(args, peaks)):
+        kind = "bf16" if bf16 else "fp32"
+        if bf16 and not bf16_usable(args, peaks):
+            rows.append(Row(f"{label}: eager", kind, note=BF16_SKIPPED))
+            continue
+        if bf16 and args.quick:
             continue
         step = make_step(model, ids, bf16=bf16)
         t = median_time(step, repeats=3 if args.quick else 5, warmup=1)
-        kind = "bf16" if bf16 else "fp32"
-        looped = totals.get(f"63m eager {kind}")
-        rows.append([f"{label}: eager {kind} (baseline)", kind, t, flops, flops / t,
-                     f"{100 * flops / t / (peaks.bf16 if bf16 else peaks.fp32):.0f}%",
-                     f"63m {t / looped:.2f}x" if looped else "", REFERENCE_S["dense"]])
+        ours = [f"{how} {t / totals[f'63m {how} {kind}']:.2f}x"
+                for how in ("eager", "compiled") if f"63m {how} {kind}" in totals]
+        rows.append(Row(f"{label}: eager (63m's FLOPs)", kind, t, flops,
+                        peaks.bf16 if bf16 else peaks.fp32,
+                        note=("63m vs this: " + ", ".join(ours)) if ours else ""))
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its native bf16 instruction sets, from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU unknown (no /proc/cpuinfo)"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, native bf16: {', '.join(native) if native else 'none'}"
 
 
 def bf16_usable(args, peaks: Peaks) -> bool:
     return args.force_bf16 or peaks.bf16 >= peaks.fp32 / 4
 
 
-def tune_malloc() -> bool:
-    """Keep freed memory in the process (no mmap for large blocks, no trimming)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**30)))
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rows")
     parser.add_argument("--only", action="append", choices=SECTIONS,
@@ -355,13 +430,18 @@ def main() -> None:
     parser.add_argument("--force-bf16", action="store_true",
                         help="run bf16 rows even where the bf16 matmul peak is low")
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
-    args = parser.parse_args()
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="reuse inductor's on-disk cache (cold s then measures a warm start)")
+    args = parser.parse_args(argv)
+    if not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="om_bench_inductor_")
     sections = args.only or list(SECTIONS)
     torch.set_num_threads(args.threads)
-    malloc = tune_malloc() if args.malloc == "tuned" else False
+    malloc = keep_freed_memory() if args.malloc == "tuned" else False
 
     peaks = measure_peaks(args.quick)
     load = os.getloadavg()[0]
+    print(cpu_description())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, glibc malloc {'tuned' if malloc else 'default'}, "
           f"load average {load:.1f} at start")
@@ -373,33 +453,37 @@ def main() -> None:
     print(f"matmul peak: fp32 {peaks.fp32 / 1e9:.0f} GFLOP/s (2048^3), "
           f"bf16 {peaks.bf16 / 1e9:.1f} GFLOP/s ({peaks.bf16_n}^3)\n")
 
-    rows: list = []
+    rows: list[Row] = []
     totals: dict = {}
     if "moe" in sections:
-        bench_moe(args, rows)
-    if "small" in sections:
-        bench_mythos("small", SMALL, 4, 128, args, peaks, rows, totals)
-    if "63m" in sections:
-        bench_mythos("63m", M63, 2, 256, args, peaks, rows, totals)
+        bench_moe(args, peaks, rows)
+    for name, cfg, batch, seq in (("small", SMALL, 4, 128), ("small-mla", SMALL_MLA, 4, 128),
+                                  ("63m", M63, 2, 256)):
+        if name in sections:
+            bench_mythos(name, cfg, batch, seq, args, peaks, rows, totals)
     if "dense" in sections:
         bench_dense(args, peaks, rows, totals)
 
     table = []
-    for label, dtype, t, flops, rate, pct, ratio, ref in rows:
+    for r in rows:
+        rate = r.flops / r.seconds if r.seconds and r.flops else None
         table.append([
-            label, dtype,
-            f"{t:.4f}" if t != "" else "",
-            f"{flops / 1e9:.2f}" if flops != "" else "",
-            f"{rate / 1e9:.0f}" if rate != "" else "",
-            pct, ratio,
-            f"{ref:.3f}" if ref != "" else "",
+            r.workload, r.dtype,
+            f"{r.seconds:.4f}" if r.seconds else "",
+            f"{r.flops / 1e9:.2f}" if r.flops else "",
+            f"{rate / 1e9:.0f}" if rate else "",
+            f"{100 * rate / r.peak:.0f}%" if rate and r.peak else "",
+            r.baseline,
+            f"{r.cold_s:.1f}" if r.cold_s is not None else "",
+            r.note,
         ])
     print_table(["workload", "dtype", "median s", "GFLOP", "GFLOP/s", "% peak",
-                 "speed-up", "SPEC ref s"], table)
+                 "vs baseline", "cold s", "note"], table)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
-    print("\nspeed-up: against the first row of the same group (naive loop; eager fp32). Dense"
-          "\nrows: dense time / 63M eager time of the same dtype (>= 1: looped no slower)."
-          "\nSPEC ref s: the reference implementation on the SPEC machine, not this run.")
+    print("\nvs baseline: the baseline's median time / this row's, same dtype, same run (>1:"
+          "\nfaster). % peak: against the matmul peak of that dtype measured at the start."
+          "\ncold s: extra seconds of the first two compiled steps (tracing and code"
+          "\ngeneration for the two loop-body graphs) over two warm steps.")
 
 
 if __name__ == "__main__":

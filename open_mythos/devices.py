@@ -29,3 +29,30 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> to
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for but CUDA is not available; use cpu")
     return device
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's allocator keep freed memory in the process; True if it took effect.
+
+    By default glibc serves large blocks with ``mmap`` and unmaps them on ``free``, and
+    returns free memory at the top of the heap to the OS: a training step's large tensors
+    (activations, gradients, the LM head's logits) are then page-faulted back in on every
+    step, at ~0.6 ms per MB on the virtual machines measured. With ``mmap`` off and the trim
+    threshold at its maximum, the process holds on to its peak memory and reuses it.
+    Measured on the 63M step (``benchmarks/train.py``, 2 threads): 1.24 -> 1.09 s in fp32,
+    1.41 -> 1.01 s in bf16. Process-wide and not undoable; a no-op (False) off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    no_mmap = libc.mallopt(M_MMAP_MAX, 0)
+    no_trim = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+    return bool(no_mmap) and bool(no_trim)

@@ -358,7 +358,10 @@ class RunConfig:
         seed: seeds model init, data order, loop sampling and dropout.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         precision: :class:`Precision` (bf16 autocast, or FSDP2 bf16 parameters).
-        compile: ``torch.compile`` each transformer block.
+        compile: ``torch.compile`` the Prelude/Coda blocks and the loop body.
+        keep_freed_memory: on the CPU (glibc), keep freed memory in the process rather
+            than returning it to the OS and page-faulting it back every step
+            (:func:`open_mythos.devices.keep_freed_memory`; 12-30% faster steps measured).
         parallel: :class:`Parallel` mode under ``torchrun``.
         gradient_checkpointing: recompute each loop in the backward pass (less memory).
         log_every: steps between progress-bar and TensorBoard updates (metrics.jsonl gets
@@ -380,6 +383,7 @@ class RunConfig:
     device: str = "auto"
     precision: Precision = Precision.FP32
     compile: bool = False
+    keep_freed_memory: bool = True
     parallel: Parallel = Parallel.NONE
     gradient_checkpointing: bool = False
     log_every: int = 10

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import MythosConfig
+from ..devices import keep_freed_memory
 from ..layers.norm import RMSNorm
 from ..registry import build_model, is_looped, kind_of
 from .checkpoint import (
@@ -279,9 +280,11 @@ class Trainer:
         if is_looped(core):
             core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
         core.to(ctx.device)
+        if cfg.run.keep_freed_memory and ctx.device.type == "cpu":
+            keep_freed_memory()
         self.tied = tied_parameters(core)
         if cfg.run.compile:
-            _compile_blocks(core)
+            compile_blocks(core)
         self.model = wrap_model(core, ctx, cfg.run.precision)
         self.core: nn.Module = unwrap(self.model)
         self.optimizer = build_optimizer(self.core, cfg.optim.lr, cfg.optim.weight_decay,
@@ -815,7 +818,7 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module) -> None:
     """``torch.compile`` the model's blocks in place: every Prelude and Coda block, and the
     looped model's whole loop body (norms, loop signal, block, LoRA, injection) as one graph
     for every loop index and count (:meth:`RecurrentBlock.compile_loop`). The loop and the

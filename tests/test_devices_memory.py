@@ -1,0 +1,53 @@
+"""``keep_freed_memory``: after it, a freed large tensor's pages stay in the process (and are
+reused), where glibc's default returns them to the OS. Each case runs in a fresh interpreter:
+the setting is process-wide and cannot be undone."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import sys, torch
+from open_mythos.devices import keep_freed_memory
+
+def rss_mb():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096 / 2**20
+
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+held = rss_mb()
+del x
+print(applied, held - rss_mb())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's allocator")
+def test_freed_memory_stays_in_the_process_only_when_asked():
+    released = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        released[mode] = float(out[1])
+        if mode == "keep":
+            assert out[0] == "True"
+    assert released["default"] > 48  # the 64 MB went back to the OS
+    assert released["keep"] < 8       # ... or stayed
+
+
+def test_trainer_keeps_freed_memory_on_the_cpu_unless_told_not_to(tmp_path, monkeypatch):
+    from open_mythos.training import Trainer
+    from open_mythos.training import trainer as trainer_mod
+    from tests.training.conftest import tiny_config
+
+    calls = []
+    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    Trainer(tiny_config(tmp_path / "a", run__steps=1)).train()
+    assert calls == [1]
+    Trainer(tiny_config(tmp_path / "b", run__steps=1, run__keep_freed_memory=False)).train()
+    assert calls == [1]
