@@ -24,7 +24,6 @@ Columns:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from common import print_table  # noqa: E402
 
 from open_mythos import ExitRule  # noqa: E402
 from open_mythos.checkpoints import load_model  # noqa: E402
+from open_mythos.evaluation.exits import ExitPoint, count_loops, plot_exit_pareto  # noqa: E402
 from open_mythos.evaluation.runs import run_task, run_val_batches  # noqa: E402
 from open_mythos.evaluation.sweep import (  # noqa: E402
     _greedy_examples,
@@ -55,40 +55,14 @@ RULES: list[tuple[str, ExitRule | None]] = [
 ]
 
 
-@dataclasses.dataclass
-class LoopStats:
-    """Loop counts summed over the recurrent forwards since the last reset."""
-
-    position_loops: float = 0.0
-    positions: int = 0
-    computed: float = 0.0
-    requested: float = 0.0
-
-    def add(self, rec: torch.nn.Module, n_loops: int) -> None:
-        loops = rec.last_position_loops
-        self.position_loops += float(loops.sum())
-        self.positions += loops.numel()
-        self.computed += rec.last_work_fraction * loops.shape[0] * n_loops
-        self.requested += loops.shape[0] * n_loops
-
-
-def track(model: torch.nn.Module, n_loops: int) -> LoopStats:
-    """A :class:`LoopStats` that every forward of ``model.recurrent`` adds to."""
-    stats = LoopStats()
-    model.recurrent.register_forward_hook(lambda rec, args, out: stats.add(rec, n_loops))
-    return stats
-
-
 def measured(model, n_loops, fn, *args, **kwargs):
     """``(result, seconds, loops/position, saved, computed)`` of ``fn(*args, **kwargs)``."""
-    stats = track(model, n_loops)
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    seconds = time.perf_counter() - start
-    model.recurrent._forward_hooks.clear()
-    per_pos = stats.position_loops / max(1, stats.positions)
-    return (result, seconds, per_pos, 1 - per_pos / n_loops,
-            stats.computed / max(1.0, stats.requested))
+    with count_loops(model, n_loops) as counter:
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+    per_pos = counter.per_position
+    return result, seconds, per_pos, 1 - per_pos / n_loops, counter.computed_fraction
 
 
 def task_table(run: str, n_loops: int, n_examples: int, split: str, seed: int) -> list[dict]:
@@ -228,36 +202,24 @@ def _timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
+def points(rows: list[dict], key: str, n_loops: int) -> list[ExitPoint]:
+    """The rows as :class:`ExitPoint` s ("none" is the fixed depth ``n_loops``)."""
+    out = []
+    for r in rows:
+        name, loops = r["rule"], n_loops
+        if name == "none" or name.startswith("fixed"):
+            loops = n_loops if name == "none" else int(name.split()[1])
+            name = f"fixed {loops}"
+        out.append(ExitPoint(name, loops, r["loops"], r[key]))
+    return out
+
+
 def plot(task_rows, text_rows, path: str, n_loops: int, names: tuple[str, str] = ("", "")) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(rows, key, label, name) for rows, key, label, name in
+    panels = [(points(rows, key, n_loops), label, f"exit rules against fixed depth: {name}")
+              for rows, key, label, name in
               ((task_rows, "accuracy", "exact-match accuracy", names[0]),
                (text_rows, "loss", "validation loss (nats/token)", names[1])) if rows]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (rows, key, label, name) in zip(axes[0], panels):
-        ax.set_title(f"exit rules against fixed depth: {name}", fontsize=9)
-        families: dict[str, list[dict]] = {}
-        for r in rows:
-            family = ("fixed depth" if r["rule"].startswith("fixed") or r["rule"] == "none"
-                      else r["rule"].split("<")[0].split(" ")[0])
-            families.setdefault(family, []).append(r)
-        for family, fam_rows in families.items():
-            fam_rows = sorted(fam_rows, key=lambda r: r["loops"])
-            style = "k--o" if family == "fixed depth" else "-o"
-            ax.plot([r["loops"] for r in fam_rows], [r[key] for r in fam_rows], style,
-                    label=family, markersize=4)
-        ax.set_xlabel(f"mean loops per position (of {n_loops})")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"\nplot: {path}")
+    print(f"\nplot: {plot_exit_pareto(panels, path)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="reuse results of `openmythos sweep` instead of sweeping again")
     p.add_argument("--train-loops", type=int, metavar="N",
                    help="training depth to mark (default: from the run's schedule)")
+    p.add_argument("--exit-loops", type=int, metavar="N",
+                   help="depth the exit rules' Pareto plot starts from (default: twice the "
+                        "training depth; 0 skips it)")
     add_eval_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -48,24 +51,41 @@ def run_text(args: argparse.Namespace) -> Path:
     """The report of a text run; returns the path of ``report.md``."""
     import json
 
+    from ..evaluation.exits import text_exit_points
     from ..evaluation.report import write_text_report
-    from ..evaluation.runs import run_loss_vs_loops, run_train_loops
+    from ..evaluation.runs import run_loss_vs_loops, run_train_loops, run_val_batches
     from ..evaluation.sweep import loss_rows
+    from ..registry import is_looped
 
     model, losses = run_loss_vs_loops(args.run, resolve_device(args.device), args.loops)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loss_vs_loops.json").write_text(json.dumps(loss_rows(losses), indent=1))
     train_loops = args.train_loops or run_train_loops(args.run)
-    return write_text_report(args.run, out, losses, model=model, train_loops=train_loops)
+    points = []
+    exit_loops = _exit_loops(args, train_loops or model.cfg.max_loop_iters)
+    if exit_loops and is_looped(model):
+        print(f"exit rules from {exit_loops} loops ...", file=sys.stderr)
+        model.eval()
+        points = text_exit_points(model, run_val_batches(args.run), exit_loops)
+    return write_text_report(args.run, out, losses, model=model, train_loops=train_loops,
+                             exit_points=points)
+
+
+def _exit_loops(args: argparse.Namespace, train_loops: int) -> int:
+    if args.exit_loops is not None and args.exit_loops < 0:
+        raise ValueError(f"--exit-loops must be >= 0, got {args.exit_loops}")
+    return 2 * train_loops if args.exit_loops is None else args.exit_loops
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the run, sweep (or read the sweep), and write the report."""
     from ..checkpoints import load_checkpoint
+    from ..evaluation.exits import task_exit_points
     from ..evaluation.report import write_report
     from ..evaluation.runs import is_text_run, run_train_loops
-    from ..evaluation.sweep import load_rows, save_rows
+    from ..evaluation.sweep import eval_mode, load_rows, sample_examples, save_rows
+    from ..registry import is_looped
 
     try:
         if args.task is None and not args.sweep and is_text_run(args.run):
@@ -83,8 +103,16 @@ def run(args: argparse.Namespace) -> int:
             rows, base_rows = sweep_models(args, model, baseline, task)
             save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")
         train_loops = args.train_loops or run_train_loops(args.run) or cfg.max_loop_iters
+        points = []
+        exit_loops = _exit_loops(args, train_loops)
+        if exit_loops and is_looped(model):
+            print(f"exit rules from {exit_loops} loops ...", file=sys.stderr)
+            examples = sample_examples(task, "id", args.n_examples, args.seed)
+            with eval_mode(model):
+                points = task_exit_points(model, examples, exit_loops)
         path = write_report(args.run, args.out, rows, base_rows, model=model, baseline=baseline,
-                            task=task, train_loops=train_loops, seed=args.seed)
+                            task=task, train_loops=train_loops, seed=args.seed,
+                            exit_points=points)
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"openmythos report: error: {err}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..registry import flops_per_token, is_looped
 from ..tasks import BOS_ID, EOS_ID, Task, encode_example
+from .exits import ExitPoint, exit_table, plot_exit_pareto
 from .sweep import Perplexity, SweepRow, depth_checks, eval_mode, eval_splits, sample_examples
 
 METRICS_FILE = "metrics.jsonl"
@@ -284,10 +285,12 @@ def write_text_report(
     *,
     model: nn.Module | None = None,
     train_loops: int | None = None,
+    exit_points: Sequence[ExitPoint] = (),
 ) -> Path:
     """Write the report of a language run into ``out_dir``: training curves,
     ``loss_vs_loops.png``, and ``report.md`` with the loss table and the language-depth
-    checks (:func:`~open_mythos.evaluation.sweep.depth_checks`).
+    checks (:func:`~open_mythos.evaluation.sweep.depth_checks`), and with ``exit_points``
+    the exit rules' Pareto plot ``exit_pareto.png`` and table.
 
     Args:
         run_dir: training run directory holding ``metrics.jsonl``, or None.
@@ -296,6 +299,8 @@ def write_text_report(
             (:func:`~open_mythos.evaluation.sweep.loss_vs_loops`); not empty.
         model: the model, for the summary only.
         train_loops: the training depth, marked on the figure and used by the checks.
+        exit_points: validation loss under exit rules and at fixed depths
+            (:func:`~open_mythos.evaluation.exits.text_exit_points`).
 
     Returns:
         Path of ``report.md``.
@@ -317,6 +322,8 @@ def write_text_report(
     if train_loops is not None:
         md += [f"- {line}" for line in depth_checks(
             {n: r.loss for n, r in losses.items()}, train_loops)] + [""]
+    md += _exit_section(out, exit_points, "validation loss (nats/token)", "loss",
+                        run_name(run_dir), "Teacher-forced validation loss, ACT early exit on")
     path = out / "report.md"
     path.write_text("\n".join(md).rstrip() + "\n")
     return path
@@ -520,6 +527,7 @@ def write_report(
     probe_loops: int | None = None,
     probe_examples: int = 16,
     seed: int = 0,
+    exit_points: Sequence[ExitPoint] = (),
 ) -> Path:
     """Write the figures and ``report.md`` into ``out_dir`` (created if needed).
 
@@ -536,6 +544,9 @@ def write_report(
             training depth, else ``max_loop_iters``).
         probe_examples: examples per split in the probe.
         seed: probe example seed.
+        exit_points: in-distribution accuracy under exit rules and at fixed depths
+            (:func:`~open_mythos.evaluation.exits.task_exit_points`): ``exit_pareto.png``
+            and a table.
 
     Returns:
         Path of ``report.md``.
@@ -561,11 +572,29 @@ def write_report(
     else:
         md += ["No sweep results were given.", ""]
 
+    md += _exit_section(out, exit_points, "exact-match accuracy (id)", "accuracy",
+                        run_name(run_dir), "Greedy answers to in-distribution examples, ACT "
+                        "early exit on")
     md += _probe_sections(run_dir, out, model, task, train_loops, probe_loops, sweep_rows,
                           probe_examples, seed)
     path = out / "report.md"
     path.write_text("\n".join(md).rstrip() + "\n")
     return path
+
+
+def _exit_section(out: Path, points: Sequence[ExitPoint], ylabel: str, value_name: str,
+                  name: str | None, what: str) -> list[str]:
+    if not points:
+        return []
+    deepest = max(p.n_loops for p in points)
+    title = f"exit rules against fixed depth{': ' + name if name else ''}"
+    fig = plot_exit_pareto([(points, ylabel, title)], out / "exit_pareto.png")
+    return ["## Exit rules against fixed depth", "",
+            f"![exit rules against fixed depth]({fig.name})", "",
+            f"{what}: every fixed depth from 1 to {deepest} loops (dashed), and each "
+            f"training-free exit rule starting from {deepest} loops. A rule pays where its "
+            "point lies above the dashed line: the same quality for fewer loops per "
+            "position.", "", exit_table(points, value_name), ""]
 
 
 def _probe_sections(

@@ -111,11 +111,24 @@ def test_report_command(runs, tmp_path):
     assert status == 0
     text = (out / "report.md").read_text()
     assert_pngs(out, embedded_images(text))
-    assert len(embedded_images(text)) == 5
+    assert len(embedded_images(text)) == 6
     assert "training depth: 2 loops" in text
     rows = load_rows(out / "sweep.json")
     assert {r.model for r in rows} == {"looped", "baseline"}
     assert all(r.early_exit for r in rows if r.model == "looped")
+    # The exit-rule section: fixed depths 1..4 (twice the training depth) and the rules;
+    # its fixed-depth accuracies are the sweep's (same examples, early exit on).
+    table = {cells[0]: cells for cells in (
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.split("## Exit rules against fixed depth")[1].splitlines()
+        if line.startswith("| fixed") or line.startswith("| kl") or line.startswith("| argmax"))}
+    assert [k for k in table if k.startswith("fixed")] == [f"fixed {k}" for k in range(1, 5)]
+    assert {"kl<0.01", "argmax x2"} <= set(table)
+    for r in rows:
+        if r.model == "looped" and r.split == "id":
+            assert float(table[f"fixed {r.n_loops}"][-1]) == pytest.approx(r.accuracy, abs=1e-4)
+    for cells in table.values():
+        assert 1 <= float(cells[2]) <= int(cells[1])  # loops/position within the loops run
 
 
 def test_parse_loops():

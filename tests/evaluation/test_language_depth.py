@@ -54,3 +54,10 @@ def test_report_plots_the_same_curve(text_run, tmp_path):
     assert (out / "loss_vs_loops.png").stat().st_size > 0
     assert f"non-increasing up to T_train={T_TRAIN}: yes" in md
     assert f"at 4x T_train ({4 * T_TRAIN} loops)" in md and "(target within 1%: yes)" in md
+    # The exit rules against every fixed depth up to twice the training depth.
+    assert (out / "exit_pareto.png").stat().st_size > 0
+    section = md.split("## Exit rules against fixed depth")[1]
+    rules = [line.split("|")[1].strip() for line in section.splitlines()
+             if line.startswith("| ") and not line.startswith("| rule")]
+    assert rules[:2 * T_TRAIN] == [f"fixed {k}" for k in range(1, 2 * T_TRAIN + 1)]
+    assert len(rules) == 2 * T_TRAIN + 6
