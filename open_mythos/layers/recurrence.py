@@ -469,6 +469,14 @@ class RecurrentBlock(nn.Module):
             (B, T, dim) in ``h``'s dtype: the ACT mixture of the loop states, or the last
             state with ACT off.
         """
+        with self.block.ffn.shared_casts():  # expert weights cast once for all loops
+            return self._loops(h, e, ctx, n_loops, early_exit, backprop_loops, keep_states,
+                               exit_rule, lens)
+
+    def _loops(self, h: torch.Tensor, e: torch.Tensor, ctx: AttnContext, n_loops: int,
+               early_exit: bool, backprop_loops: int | None, keep_states: Collection[int],
+               exit_rule: ExitRule | None,
+               lens: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         if keep_states and early_exit:
             raise ValueError("keep_states needs every loop of every row: not with early_exit")
         B, T, _ = h.shape

@@ -152,3 +152,45 @@ def test_router_bias_update_uses_the_load_it_is_given():
     assert moe.load_since_update.sum() == 0
     with pytest.raises(ValueError, match="shape"):
         moe.update_router_bias(load=torch.ones(3))
+
+
+def test_looped_bf16_forward_casts_the_expert_weights_once(monkeypatch):
+    """Under autocast the recurrent block casts the expert weights to bf16 once per forward,
+    not once per loop, and the gradients are those of casting every loop (to bf16
+    accumulation precision)."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from open_mythos import OpenMythos
+
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(use_act=False))
+    ids = torch.randint(0, 97, (2, 16))
+    shape = model.recurrent.block.ffn.w_gate_up.shape
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == shape:
+                CountCasts.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, n_loops=4).float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "experts" in n
+                or "w_" in n}
+
+    with CountCasts():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, n_loops=4)
+    assert CountCasts.casts == 1
+    shared = grads()
+    monkeypatch.setattr(MoEFFN, "shared_casts", lambda self: contextlib.nullcontext())
+    per_loop = grads()
+    assert shared.keys() == per_loop.keys() and shared
+    for name in shared:
+        torch.testing.assert_close(shared[name], per_loop[name], rtol=2e-2, atol=1e-4, msg=name)
