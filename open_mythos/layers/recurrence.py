@@ -117,9 +117,12 @@ class LTIInjection(nn.Module):
         s = s + (s.clamp(self.LOG_MIN_RATE, self.LOG_MAX_RATE) - s).detach()
         return torch.exp(-torch.exp(s))
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
-        """All inputs (B, T, dim) -> next state (B, T, dim) in ``h``'s dtype."""
-        return self.get_A().to(h.dtype) * h + self.B.to(h.dtype) * e + transformer_out
+    def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor,
+                A: torch.Tensor | None = None) -> torch.Tensor:
+        """All inputs (B, T, dim) -> next state (B, T, dim) in ``h``'s dtype. ``A``: the
+        diagonal from :meth:`get_A`, when the caller computed it once for several steps."""
+        A = self.get_A() if A is None else A
+        return A.to(h.dtype) * h + self.B.to(h.dtype) * e + transformer_out
 
 
 class ACTHalting(nn.Module):
@@ -358,22 +361,34 @@ class RecurrentBlock(nn.Module):
         self.last_position_loops: torch.Tensor | None = None
         self.gradient_checkpointing = False
         self.any_alive: Callable[[torch.Tensor], bool] = local_any
+        # (loop index, device, dim) -> the loop signal: a constant, made once.
+        self._signals: dict[tuple[int, torch.device, int], torch.Tensor] = {}
 
     @staticmethod
     def cache_key(t: int) -> str:
         return f"recurrent_loop_{t}"
 
+    def _loop_signal(self, t: int, h: torch.Tensor) -> torch.Tensor:
+        t = t if self.last_loop_index is None else min(t, self.last_loop_index)
+        key = (t, h.device, h.shape[-1])
+        signal = self._signals.get(key)
+        if signal is None:
+            signal = self._signals[key] = loop_signal(t, self.loop_dim, h.shape[-1],
+                                                      device=h.device)
+        return signal
+
     def _block_step(
-        self, h: torch.Tensor, e: torch.Tensor, t: int, ctx: AttnContext, carry: DepthCarry
+        self, h: torch.Tensor, e: torch.Tensor, t: int, ctx: AttnContext, carry: DepthCarry,
+        A: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One loop without halting: the next state h' (B, T, dim).
 
         The loop index enters only through tensors made here (its signal and LoRA scale),
         and the cache key only when there is a cache, so :meth:`loop_body` is the same
         function at every loop: compiled once (:meth:`compile_loop`), it serves them all.
+        ``A``: the injection's diagonal, computed once per forward.
         """
-        t_signal = t if self.last_loop_index is None else min(t, self.last_loop_index)
-        signal = loop_signal(t_signal, self.loop_dim, h.shape[-1], device=h.device)
+        signal = self._loop_signal(t, h)
         lora_scale = None if self.lora is None else self.lora.loop_scale(t)
         key = self.cache_key(t) if ctx.cache is not None else None
         if h is e:
@@ -381,7 +396,7 @@ class RecurrentBlock(nn.Module):
             # two arguments makes a compiled loop_body guard on the aliasing, and PyTorch
             # 2.13 then fails (TypeError) explaining a recompilation for a second model.
             h = h.view_as(h)
-        return self.loop_body(h, e, signal, lora_scale, ctx, key, carry)
+        return self.loop_body(h, e, signal, lora_scale, ctx, key, carry, A)
 
     def compile_loop(self, **compile_kwargs) -> None:
         """``torch.compile`` :meth:`loop_body` in place: one graph for every loop index and
@@ -392,10 +407,11 @@ class RecurrentBlock(nn.Module):
     def loop_body(
         self, h: torch.Tensor, e: torch.Tensor, signal: torch.Tensor,
         lora_scale: torch.Tensor | None, ctx: AttnContext, cache_key: str | None,
-        carry: DepthCarry,
+        carry: DepthCarry, A: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``h' = A * h + B * e + out`` with ``out = block(norm(h + rms(h) * signal + e))``
-        plus its LoRA delta; ``signal`` (dim,) and ``lora_scale`` (rank,) are the loop's."""
+        plus its LoRA delta; ``signal`` (dim,) and ``lora_scale`` (rank,) are the loop's,
+        ``A`` (dim,) the injection's diagonal (computed here when None)."""
         # NOTE: an unscaled sinusoid (upstream) dwarfs a freshly initialised residual stream
         # (embeddings ~0.02), so after the norm every token looks alike and the router sends
         # all of them to the same experts. Scaling by the state's RMS keeps it proportionate.
@@ -405,19 +421,20 @@ class RecurrentBlock(nn.Module):
         out = self.block(x, ctx, cache_key, carry)
         if lora_scale is not None:
             out = out + self.lora.delta(out, lora_scale)
-        return self.injection(h, e, out)
+        return self.injection(h, e, out, A)
 
     def _step(
-        self, h: torch.Tensor, e: torch.Tensor, t: int, ctx: AttnContext, carry: DepthCarry
+        self, h: torch.Tensor, e: torch.Tensor, t: int, ctx: AttnContext, carry: DepthCarry,
+        A: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
-            return self._block_step(h, e, t, ctx, carry)
+            return self._block_step(h, e, t, ctx, carry, A)
         prev, fresh = carry.prev, carry.fresh
 
         def run(h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
             # The recomputation in backward must see the carry as the forward saw it.
             carry.prev, carry.fresh = prev, fresh
-            return self._block_step(h, e, t, ctx, carry)
+            return self._block_step(h, e, t, ctx, carry, A)
 
         return checkpoint(run, h, e, use_reentrant=False, context_fn=self._checkpoint_contexts)
 
@@ -489,6 +506,7 @@ class RecurrentBlock(nn.Module):
         aux, loads = [], []
         grad_enabled = torch.is_grad_enabled()
         first_tracked = 0 if backprop_loops is None else n_loops - backprop_loops
+        A = self.injection.get_A()  # a constant of the forward: computed once, not per loop
         rows: torch.Tensor | None = None  # batch rows still looping (None: all)
         sub_ctx = ctx
         work = 0
@@ -498,7 +516,7 @@ class RecurrentBlock(nn.Module):
                 ctx.cache.fill_missing(self.cache_key(t), self.cache_key(t - 1), ctx.start_pos)
             with torch.set_grad_enabled(grad_enabled and t >= first_tracked):
                 h_in, e_in = _take(h, rows), _take(e, rows)
-                h_new = self._step(h_in, e_in, t, sub_ctx, carry)
+                h_new = self._step(h_in, e_in, t, sub_ctx, carry, A)
                 work += h_new.shape[0]
                 aux.append(self.block.ffn.last_aux_loss)
                 loads.append(self.block.ffn.last_expert_load)

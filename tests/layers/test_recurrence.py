@@ -153,22 +153,27 @@ def test_hooks_see_every_loop():
 
 
 def test_clamp_loop_index_repeats_the_last_signal(monkeypatch):
-    import open_mythos.layers.recurrence as recurrence
+    from open_mythos.layers import RecurrentBlock, loop_index_embedding
 
     seen = []
-    original = recurrence.loop_signal
+    original = RecurrentBlock.loop_body
 
-    def spy(t, *args, **kwargs):
-        seen.append(t)
-        return original(t, *args, **kwargs)
+    def spy(self, h, e, signal, *args, **kwargs):
+        seen.append(signal)
+        return original(self, h, e, signal, *args, **kwargs)
 
-    monkeypatch.setattr(recurrence, "loop_signal", spy)
+    monkeypatch.setattr(RecurrentBlock, "loop_body", spy)
     ids = torch.randint(0, 97, (1, 5))
+    zeros = torch.zeros(1, 64)
     for clamp, want in ((False, [0, 1, 2, 3, 4, 5]), (True, [0, 1, 2, 2, 2, 2])):
         seen.clear()
         model = OpenMythos(tiny_config(max_loop_iters=3, use_act=False, clamp_loop_index=clamp))
         model(ids, n_loops=6)
-        assert seen == want
+        # Each loop's signal is the sinusoid of its (clamped) index.
+        assert len(seen) == 6
+        for signal, t in zip(seen, want):
+            torch.testing.assert_close(signal.expand(1, 64),
+                                       loop_index_embedding(zeros, t, model.cfg.loop_dim))
     # Same weights: the clamp changes nothing up to max_loop_iters loops, and beyond it the
     # deeper loops see the old signal, so the outputs differ.
     torch.manual_seed(0)
