@@ -11,6 +11,7 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| loops | id | ood_hops |" in out and "| baseline (3 core blocks) |" in out
     assert "Targets:" in out and "in-distribution accuracy at T_train=3" in out
+    assert "compile off (--quick" in out
     report = tmp_path / "demo" / "report"
     text = (report / "report.md").read_text()
     for png in ("depth_sweep.png", "training_curves.png"):
@@ -34,6 +35,22 @@ def test_bad_arguments_fail_before_training(tmp_path, capsys, argv, message):
     assert main(["demo", "--out", str(tmp_path / "d"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d" / "looped").exists()
+
+
+def test_demo_compiles_when_a_compiler_is_there(monkeypatch):
+    import shutil
+
+    from open_mythos.commands.demo import compile_choice
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "g++" else None)
+    assert compile_choice("auto", quick=False) == (True, "on (inductor with /usr/bin/g++)")
+    assert compile_choice("auto", quick=True)[0] is False
+    assert compile_choice("off", quick=False) == (False, "off")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert compile_choice("auto", quick=False) == (
+        False, "off (no C++ compiler on the PATH for inductor)")
+    assert compile_choice("on", quick=True) == (True, "on")
 
 
 @pytest.mark.parametrize("stage", ["lookup", "chain"])
