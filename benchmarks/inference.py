@@ -5,7 +5,10 @@
 
 Every row is measured against a naive baseline in the same run, using the same weights:
 the upstream-style plain-dict cache that grows by ``torch.cat``, MLA without absorption
-(the latent cache re-expanded through ``kv_up`` at every step) and no ACT early exit.
+(the latent cache re-expanded through ``kv_up`` at every step) and no ACT early exit. The
+decode tables also time the reference-style model (``reference_style.py``: the reference's
+computation and cached decoding, same config, its own untrained weights, so its tokens are
+not compared) in the same rotation.
 "Eager" is ``generate`` as is; "compiled" is ``generate(..., compile=True)``, one
 ``torch.compile``d fixed-shape graph per decode step (compilation time is printed apart and
 not in the tok/s); ``--ablate`` adds the compiled step without its CPU tuning (inductor's
@@ -32,6 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time, print_table  # noqa: E402
+from reference_style import ReferenceStyleLM  # noqa: E402
+from reference_style import greedy_stream as reference_stream  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
 from open_mythos.inference import KVCache, generate, static, stream  # noqa: E402
@@ -133,8 +138,9 @@ def without_decode_tuning(make: Callable[[], Iterable[torch.Tensor]]) -> Iterato
         static.CPP_WRAPPER_ON_CPU, static.SKIP_REPEATED_GUARDS = saved
 
 
-def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: int, label: str,
-                repeats: int, ablate: bool = False) -> tuple[list[list[object]], list[str]]:
+def decode_rows(model: OpenMythos, reference: ReferenceStyleLM, prompt_lens: list[int], new: int,
+                n_loops: int, label: str, repeats: int,
+                ablate: bool = False) -> tuple[list[list[object]], list[str]]:
     """Rows of the decode table, and one note per prompt length on compilation time.
 
     Prefill and decode are timed inside the same generation (time to the first token, then
@@ -153,6 +159,7 @@ def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: in
         list(ours(True))  # compiles (once per model structure, batch, cache bucket, n_loops)
         first_call = time.perf_counter() - t0
         makers = {
+            "reference": lambda ids=ids: reference_stream(reference, ids, new, n_loops),
             "naive": lambda ids=ids: naive_stream(model, ids, new, n_loops),
             "eager": lambda: ours(False),
             "compiled": lambda: ours(True),
@@ -163,6 +170,7 @@ def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: in
         pf_slow, dec_slow, steps = times["naive"]
         pf_eager, dec_eager, _ = times["eager"]
         dec_comp = times["compiled"][1]
+        dec_ref = times["reference"][1]
         ref = naive_decode(model, ids, 8, n_loops)
         same = all(torch.equal(generate(model, ids, 8, n_loops, do_sample=False, compile=c,
                                         act_early_exit=False)[:, plen:], ref)
@@ -170,7 +178,9 @@ def decode_rows(model: OpenMythos, prompt_lens: list[int], new: int, n_loops: in
         row = [label, plen, f"{plen / pf_eager:,.0f}", f"{plen / pf_slow:,.0f}",
                f"{steps / dec_slow:.1f}", f"{steps / dec_eager:.1f}",
                f"{steps / dec_comp:.1f}", f"{dec_slow / dec_eager:.2f}x",
-               f"{dec_slow / dec_comp:.2f}x", "yes" if same else "NO"]
+               f"{dec_slow / dec_comp:.2f}x", "yes" if same else "NO",
+               f"{steps / dec_ref:.1f}", f"{dec_ref / dec_eager:.2f}x",
+               f"{dec_ref / dec_comp:.2f}x"]
         if ablate:
             dec_untuned = times["untuned"][1]
             row += [f"{steps / dec_untuned:.1f}", f"{dec_untuned / dec_comp:.2f}x"]
@@ -220,8 +230,13 @@ def train_halting(model: OpenMythos, steps: int, ponder_weight: float, seed: int
 
 def act_rows(n_loops: int, steps: int, repeats: int) -> tuple[list[list[object]], str]:
     torch.manual_seed(0)
-    model = OpenMythos(small_config("gqa", vocab_size=259, max_loop_iters=4))
-    losses = train_halting(model, steps, ponder_weight=0.02)
+    # Halting bias 0 (p = 0.5 per loop at init, upstream's) rather than the default -3 (an
+    # untrained head runs every loop), and a ponder weight of 0.1: with the default init the
+    # head then learns to halt within a few hundred steps (with -3 and 0.02 the ponder cost
+    # stayed at n_loops in 300 steps, 2026-12-03, and there was nothing to skip).
+    model = OpenMythos(small_config("gqa", vocab_size=259, max_loop_iters=4,
+                                    act_halt_bias_init=0.0))
+    losses = train_halting(model, steps, ponder_weight=0.1)
     model.eval()
     task = get_task("parity")
     rng = random.Random(1)
@@ -277,14 +292,17 @@ def main() -> None:
 
     headers = ["model", "prompt", "prefill tok/s", "naive prefill tok/s", "naive decode tok/s",
                "eager decode tok/s", "compiled decode tok/s", "eager speed-up",
-               "compiled speed-up", "same tokens"]
+               "compiled speed-up", "same tokens", "reference-style decode tok/s",
+               "eager vs reference", "compiled vs reference"]
     if args.ablate:
         headers += ["untuned compiled tok/s", "tuning gain"]
     for attn in ("gqa", "mla"):
         torch.manual_seed(0)
         model = OpenMythos(small_config(attn)).eval()
+        reference = ReferenceStyleLM(small_config(attn)).eval()
         print(f"\n## Greedy decode of 32 tokens, small {attn.upper()} (untrained, 4 loops, batch 1)\n")
-        rows, notes = decode_rows(model, prompt_lens, 32, 4, attn, repeats, args.ablate)
+        rows, notes = decode_rows(model, reference, prompt_lens, 32, 4, attn, repeats,
+                                  args.ablate)
         print_table(headers, rows)
         print("\n" + "; ".join(notes))
 

@@ -13,6 +13,9 @@ machine says how much faster our code is than the reference's approach:
 - the loop-index sinusoid rebuilt every loop, depth-wise LoRA with an embedding lookup of
   the loop index, LTI injection and ACT's running sums, one module call each.
 
+``forward`` also takes the reference's cache (a dict grown by ``torch.cat``, one entry per
+layer and loop) and :func:`greedy_stream` decodes with it, for ``benchmarks/inference.py``.
+
 One deliberate difference: the loop always runs ``n_loops`` loops. The reference stops once
 every position has halted, which with its ACT initialisation happens after two loops of
 four (SPEC section 3.1); timing that would compare a different amount of work.
@@ -71,11 +74,15 @@ class GQA(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.kv * self.d, bias=False)
         self.wo = nn.Linear(self.h * self.d, cfg.dim, bias=False)
 
-    def forward(self, x, table, mask):
+    def forward(self, x, table, mask, cache=None, key=""):
         B, T, _ = x.shape
         q = rotate(self.wq(x).view(B, T, self.h, self.d), table)
         k = rotate(self.wk(x).view(B, T, self.kv, self.d), table)
         v = self.wv(x).view(B, T, self.kv, self.d)
+        if cache is not None:  # a dict grown by concatenation, one entry per layer and loop
+            if key in cache:
+                k, v = torch.cat([cache[key][0], k], 1), torch.cat([cache[key][1], v], 1)
+            cache[key] = (k, v)
         groups = self.h // self.kv
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         return self.wo(attend(q, k, v, mask, self.d ** -0.5))
@@ -95,7 +102,7 @@ class MLA(nn.Module):
         self.kv_up = nn.Linear(self.rank, self.h * (self.nope + self.v), bias=False)
         self.wo = nn.Linear(self.h * self.v, cfg.dim, bias=False)
 
-    def forward(self, x, table, mask):
+    def forward(self, x, table, mask, cache=None, key=""):
         B, T, _ = x.shape
         c_q = self.q_norm(self.q_down(x))
         q_rope = rotate(self.q_up_rope(c_q).view(B, T, self.h, self.rope), table)
@@ -103,7 +110,13 @@ class MLA(nn.Module):
         latent = self.kv_down(x)
         c_kv, k_rope = latent[..., :self.rank], latent[..., self.rank:]
         k_rope = rotate(k_rope.unsqueeze(2).expand(B, T, self.h, self.rope).contiguous(), table)
-        kv = self.kv_up(self.kv_norm(c_kv)).view(B, T, self.h, self.nope + self.v)
+        if cache is not None:  # the latent and the per-head RoPE keys
+            if key in cache:
+                c_kv = torch.cat([cache[key][0], c_kv], 1)
+                k_rope = torch.cat([cache[key][1], k_rope], 1)
+            cache[key] = (c_kv, k_rope)
+        S = c_kv.shape[1]
+        kv = self.kv_up(self.kv_norm(c_kv)).view(B, S, self.h, self.nope + self.v)
         k = torch.cat([kv[..., :self.nope], k_rope], dim=-1)
         return self.wo(attend(q, k, kv[..., self.nope:], mask, (self.nope + self.rope) ** -0.5))
 
@@ -154,8 +167,8 @@ class Block(nn.Module):
         self.attn = MLA(cfg) if cfg.attn_type == "mla" else GQA(cfg)
         self.ffn = LoopMoE(cfg) if moe else FFN(cfg.dim, cfg.dim * 4 // 3)
 
-    def forward(self, x, table, mask):
-        x = x + self.attn(self.attn_norm(x), table, mask)
+    def forward(self, x, table, mask, cache=None, key=""):
+        x = x + self.attn(self.attn_norm(x), table, mask, cache, key)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -180,14 +193,14 @@ class Recurrent(nn.Module):
         self.lora_B = nn.Parameter(torch.randn(cfg.lora_rank, cfg.dim) * 0.02)
         self.lora_scale = nn.Embedding(cfg.max_loop_iters, cfg.lora_rank)
 
-    def forward(self, h, e, table, mask, n_loops: int):
+    def forward(self, h, e, table, mask, n_loops: int, cache=None):
         B, T, _ = h.shape
         halted = torch.zeros(B, T, dtype=torch.bool, device=h.device)
         mass = torch.zeros(B, T, device=h.device)
         out = torch.zeros_like(h)
         for t in range(n_loops):
             x = self.norm(loop_signal(h, t, self.cfg.dim // 8) + e)
-            y = self.block(x, table, mask)
+            y = self.block(x, table, mask, cache, f"loop_{t}")
             s = self.lora_scale(torch.tensor(min(t, self.lora_scale.num_embeddings - 1),
                                              device=h.device))
             y = y + (self.lora_down(y) * s) @ self.lora_B
@@ -221,14 +234,30 @@ class ReferenceStyleLM(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, ids: torch.Tensor, n_loops: int) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, n_loops: int, cache: dict | None = None,
+                start_pos: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab); with ``cache`` (a dict), the keys of ``ids`` at positions
+        ``start_pos...`` are appended to it, as the reference's decoding does."""
         T = ids.shape[1]
-        table = self.table[:T]
-        mask = torch.full((1, 1, T, T), float("-inf"), device=ids.device).triu(1)
+        table = self.table[start_pos:start_pos + T]
+        mask = (torch.full((1, 1, T, T), float("-inf"), device=ids.device).triu(1)
+                if T > 1 else None)
         x = self.embed(ids)
-        for block in self.prelude:
-            x = block(x, table, mask)
-        x = self.recurrent(x, x, table, mask, n_loops)
-        for block in self.coda:
-            x = block(x, table, mask)
+        for i, block in enumerate(self.prelude):
+            x = block(x, table, mask, cache, f"prelude_{i}")
+        x = self.recurrent(x, x, table, mask, n_loops, cache)
+        for i, block in enumerate(self.coda):
+            x = block(x, table, mask, cache, f"coda_{i}")
         return self.head(self.norm(x))
+
+
+@torch.no_grad()
+def greedy_stream(model: ReferenceStyleLM, ids: torch.Tensor, new: int, n_loops: int):
+    """The reference's cached greedy decoding, one (B, 1) token at a time."""
+    cache: dict = {}
+    logits = model(ids, n_loops, cache)[:, -1]
+    for step in range(new):
+        token = logits.argmax(-1, keepdim=True)
+        yield token
+        if step < new - 1:
+            logits = model(token, n_loops, cache, ids.shape[1] + step)[:, -1]

@@ -83,3 +83,17 @@ def test_moe_section_prints_its_rows(monkeypatch, capsys):
         line = next(row for row in out.splitlines()
                     if row.startswith(f"MoE {kind}: sorted grouped"))
         assert line.split()[-1].endswith("x") and "%" in line
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_reference_style_cached_decoding_equals_full_forwards(attn_type, monkeypatch):
+    ref_style = load("reference_style", monkeypatch)
+    torch.manual_seed(0)
+    model = ref_style.ReferenceStyleLM(config(attn_type)).eval()
+    ids = torch.randint(0, 101, (2, 8))
+    cached = torch.cat(list(ref_style.greedy_stream(model, ids, 5, 3)), 1)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq, 3)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq[:, 8:])
