@@ -373,8 +373,11 @@ class RecurrentBlock(nn.Module):
         key = (t, h.device, h.shape[-1])
         signal = self._signals.get(key)
         if signal is None:
-            signal = self._signals[key] = loop_signal(t, self.loop_dim, h.shape[-1],
-                                                      device=h.device)
+            # A normal tensor even when first made under inference_mode (the server's), so
+            # that a later training forward can save it for backward.
+            with torch.inference_mode(False):
+                signal = self._signals[key] = loop_signal(t, self.loop_dim, h.shape[-1],
+                                                          device=h.device)
         return signal
 
     def _block_step(

@@ -183,3 +183,15 @@ def test_clamp_loop_index_repeats_the_last_signal(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(a(ids, n_loops=3), b(ids, n_loops=3), rtol=0, atol=0)
         assert not torch.allclose(a(ids, n_loops=5), b(ids, n_loops=5))
+
+
+def test_training_after_an_inference_mode_forward():
+    """Per-loop constants cached by a forward under ``torch.inference_mode`` (as the server
+    runs) must not break a later training forward and backward."""
+    model = OpenMythos(tiny_config())
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.inference_mode():
+        model(ids, n_loops=2)
+    model.train()
+    model(ids, n_loops=3).sum().backward()
+    assert model.recurrent.injection.log_A.grad is not None
