@@ -163,16 +163,3 @@ def plot_exit_pareto(panels: Sequence[tuple[Sequence[ExitPoint], str, str]], pat
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def exit_table(points: Sequence[ExitPoint], value_name: str) -> str:
-    """Markdown table of ``points``: rule, loops requested, loops per position, saved share
-    of the deepest depth's loop-steps, and the value."""
-    deepest = max(p.n_loops for p in points)
-    lines = [f"| rule | loops | loops/position | saved vs {deepest} | {value_name} |",
-             "|---|---|---|---|---|"]
-    for p in points:
-        saved = 1 - p.loops_per_position / deepest
-        lines.append(f"| {p.rule} | {p.n_loops} | {p.loops_per_position:.2f} | "
-                     f"{100 * saved:.0f}% | {p.value:.4f} |")
-    return "\n".join(lines)

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..registry import flops_per_token, is_looped
 from ..tasks import BOS_ID, EOS_ID, Task, encode_example
-from .exits import ExitPoint, exit_table, plot_exit_pareto
+from .exits import ExitPoint, plot_exit_pareto
 from .sweep import Perplexity, SweepRow, depth_checks, eval_mode, eval_splits, sample_examples
 
 METRICS_FILE = "metrics.jsonl"
@@ -458,6 +458,17 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def exit_table(points: Sequence[ExitPoint], value_name: str) -> str:
+    """Rule, loops requested, loops per position, the share of the deepest depth's
+    loop-steps saved, and the value of each point."""
+    deepest = max(p.n_loops for p in points)
+    return markdown_table(
+        ["rule", "loops", "loops/position", f"saved vs {deepest}", value_name],
+        [[p.rule, p.n_loops, f"{p.loops_per_position:.2f}",
+          f"{100 * (1 - p.loops_per_position / deepest):.0f}%", f"{p.value:.4f}"]
+         for p in points])
 
 
 def sweep_table(rows: Sequence[SweepRow]) -> str:

@@ -49,7 +49,12 @@ def loop_index_embedding(
     the signal neither swamps a small residual stream nor vanishes in a large one).
     Shape of ``h``: (..., dim) -> same.
     """
-    signal = loop_signal(loop_t, loop_dim, h.shape[-1], theta, h.device)
+    return add_loop_signal(h, loop_signal(loop_t, loop_dim, h.shape[-1], theta, h.device), scale)
+
+
+def add_loop_signal(h: torch.Tensor, signal: torch.Tensor,
+                    scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``h + signal * scale`` taken in float32, cast back to ``h.dtype``."""
     return (h.float() + signal * scale).to(h.dtype)
 
 
@@ -420,7 +425,7 @@ class RecurrentBlock(nn.Module):
         # all of them to the same experts. Scaling by the state's RMS keeps it proportionate.
         hf = h.float()
         rms = hf.pow(2).mean(-1, keepdim=True).sqrt()
-        x = self.norm((hf + signal * rms).to(h.dtype) + e)
+        x = self.norm(add_loop_signal(hf, signal, rms).to(h.dtype) + e)
         out = self.block(x, ctx, cache_key, carry)
         if lora_scale is not None:
             out = out + self.lora.delta(out, lora_scale)
