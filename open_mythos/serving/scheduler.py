@@ -301,7 +301,7 @@ class Scheduler:
         for row in task.rows:
             self._advance(row, logits, 0)
         running = [r for r in task.rows if not r.finished]
-        if running:
+        if running and not job.cancelled:
             key = (pf.n_loops, pf.exit_rule)
             batch = self._batches.get(key)
             if batch is None:
@@ -340,6 +340,8 @@ class Scheduler:
         text = row.text.add(tok, self.tokenizer.eos_token_id)
         if not row.finished and row.text.n_tokens >= row.job.options.max_new_tokens:
             text += row.text.finish(FinishReason.LENGTH)
+        if row.job.cancelled:  # the client went away during this turn: say nothing more
+            return
         if row.finished:
             self._finish(row, text)
         elif text:

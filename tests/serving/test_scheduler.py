@@ -157,6 +157,24 @@ def test_a_cancelled_job_leaves_the_batch_at_the_next_step(scheduler):
     assert generated < 4 * 50 / 2
 
 
+def test_a_job_cancelled_during_a_turn_says_nothing_more(scheduler):
+    # The client goes away while its first token is being reported, in the middle of the turn
+    # that joins its choices to the decode batch: the rest of that turn says nothing for it.
+    long = GenerationOptions(max_new_tokens=50, n_loops=TRAINED_LOOPS, do_sample=False)
+    sink = Collector()
+    job = Job([TOK.encode("t")], long, lambda e: (sink(e), job.cancel()), n=4)
+    scheduler.submit(job)
+    deadline = time.monotonic() + TIMEOUT
+    while not sink.events or any(scheduler.stats()[k] for k in ("running", "prefilling")):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.1)
+    assert len(sink.events) == 1 and isinstance(sink.events[0], SeqDelta)
+    # ... and the scheduler serves the next job as usual.
+    after = submit(scheduler, "a", GenerationOptions(max_new_tokens=3, n_loops=1))[1]
+    assert isinstance(after.wait()[-1], JobDone)
+
+
 def test_time_limit_fails_the_job_with_504(trained_model):
     s = Scheduler(trained_model, TOK).start()
     try:
