@@ -3,7 +3,7 @@ and ratios against baselines measured in the same run.
 
     python benchmarks/train.py                 # everything (~15 minutes on 2 cores)
     python benchmarks/train.py --quick         # fewer repeats, no bf16/compiled 63M rows
-    python benchmarks/train.py --only moe      # one section: moe | small | small-mla | 63m | dense
+    python benchmarks/train.py --only moe      # one section: moe | small | small-mla | 63m | dense | task
 
 A train step is forward + cross-entropy + backward + fused AdamW step (+ the router-bias
 update for OpenMythos). FLOPs are counted once per configuration by
@@ -24,6 +24,11 @@ Sections:
                T=256, 4 loops;
     dense      PyTorch's own ``nn.TransformerEncoder`` (8 layers, dim 768, tied 32000-token
                LM head) with its FFN width chosen so that a step has the 63M config's FLOPs.
+    task       the demo's model (``openmythos demo``: dim 64, 4 experts top-2, byte vocabulary)
+               on a batch of 128 ``multihop`` prompts (3 loops, the loss on the answer tokens
+               only), with logits for every position (the baseline) against logits only at
+               the supervised positions (``forward(..., logits_at=...)``, what the trainer
+               does for such batches).
 
 Each model section times the reference-style model (``reference_style.py``: the reference's
 computation, done the reference's way) in the same run, alternating its steps with ours, and
@@ -78,7 +83,7 @@ from open_mythos.layers.moe import Expert, MoEFFN  # noqa: E402
 from open_mythos.training.trainer import compile_blocks  # noqa: E402
 from open_mythos.variants import count_parameters  # noqa: E402
 
-SECTIONS = ("moe", "small", "small-mla", "63m", "dense")
+SECTIONS = ("moe", "small", "small-mla", "63m", "dense", "task")
 
 SMALL = MythosConfig(
     vocab_size=1000, dim=256, n_heads=8, n_kv_heads=2, max_seq_len=128, max_loop_iters=4,
@@ -356,6 +361,48 @@ def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks
 BF16_SKIPPED = "skipped: no native bf16 matmul on this CPU (emulated kernels; --force-bf16)"
 
 
+def bench_task(args, peaks: Peaks, rows: list[Row]) -> None:
+    """The demo's model on a task batch: every position's logits against the supervised
+    positions' only, alternating, eager fp32."""
+    import random
+
+    from open_mythos.commands.demo import DEFAULT_TASK_ARGS, DEMO_MODEL
+    from open_mythos.tasks import get_task, make_batch
+    from open_mythos.training.losses import cross_entropy_sum, supervised_rows
+
+    task = get_task("multihop", **{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in DEFAULT_TASK_ARGS.items()})
+    batch = make_batch(task, random.Random(0), "train", 128)
+    ids, targets = batch["input_ids"], batch["targets"]
+    torch.manual_seed(0)
+    cfg = MythosConfig(**{**DEMO_MODEL, "vocab_size": 259, "max_loop_iters": 3})
+    model = OpenMythos(cfg).train()
+    sel = supervised_rows(targets)
+
+    def make(rows: torch.Tensor | None) -> Callable[[], None]:
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+        y = targets if rows is None else targets.flatten()[rows]
+
+        def step() -> None:
+            loss = cross_entropy_sum(m(ids, n_loops=3, logits_at=rows), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            m.update_router_bias()
+        return step
+
+    full, rows_only = make(None), make(sel)
+    flops_full, flops_rows = step_flops(full), step_flops(rows_only)
+    t = alternating_medians({"full": full, "rows": rows_only}, repeats=5 if args.quick else 15)
+    label = (f"task (demo model, multihop B=128 T={ids.shape[1]}, 3 loops, "
+             f"{len(sel)} of {targets.numel()} positions supervised)")
+    rows.append(Row(f"{label}: all logits (baseline)", "fp32", t["full"], flops_full,
+                    peaks.fp32, "1.00x"))
+    rows.append(Row(f"{label}: supervised logits only", "fp32", t["rows"], flops_rows,
+                    peaks.fp32, f"{t['full'] / t['rows']:.2f}x"))
+
+
 def dense_ffn_for(target_flops: int, batch: int, seq: int) -> tuple[int, int]:
     """FFN width of the 8-layer dense model whose train step has ``target_flops``."""
     ids = torch.randint(0, M63.vocab_size, (batch, seq), device="meta")
@@ -463,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_mythos(name, cfg, batch, seq, args, peaks, rows, totals)
     if "dense" in sections:
         bench_dense(args, peaks, rows, totals)
+    if "task" in sections:
+        bench_task(args, peaks, rows)
 
     table = []
     for r in rows:

@@ -30,9 +30,11 @@ class DepthReadout:
     reuses the output's logits.
 
     Attributes:
-        logits: (B, T, vocab) the model's output, as a plain forward returns it.
-        depth_logits: ``{d: (B, T, vocab)}`` the readout of each requested depth.
-        states: ``{d: (B, T, dim)}`` the states those readouts start from.
+        logits: (B, T, vocab) the model's output, as a plain forward returns it ((N, vocab)
+            at the ``logits_at`` positions when given).
+        depth_logits: ``{d: (B, T, vocab)}`` the readout of each requested depth (also
+            (N, vocab) with ``logits_at``).
+        states: ``{d: (B, T, dim)}`` the states those readouts start from (every position).
     """
 
     logits: torch.Tensor
@@ -56,6 +58,27 @@ class CausalLM(nn.Module):
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``to_empty`` unties them)."""
         self.head.weight = self.embed.weight
+
+    @staticmethod
+    def _at(x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (B, T, dim) at the ``logits_at`` positions, (N, dim); all of it for None.
+
+        ``logits_at``: a (B, T) bool mask, or (N,) long indices into the B * T positions in
+        row-major order (indices made on the host cost a GPU no synchronisation; a mask
+        does, to count its positions).
+        """
+        if logits_at is None:
+            return x
+        if logits_at.dtype == torch.bool:
+            if logits_at.shape != x.shape[:2]:
+                raise ValueError(f"a logits_at mask must have the input's shape "
+                                 f"{tuple(x.shape[:2])}, got {tuple(logits_at.shape)}")
+            return x[logits_at.to(x.device)]
+        if logits_at.dim() != 1 or logits_at.dtype.is_floating_point:
+            raise ValueError("logits_at must be a (batch, seq) bool mask or a 1-D tensor of "
+                             f"integer position indices, got {logits_at.dtype} "
+                             f"{tuple(logits_at.shape)}")
+        return x.flatten(0, 1).index_select(0, logits_at.to(x.device))
 
     def _validate(self, input_ids: torch.Tensor, n_loops: int, start_pos: int) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -216,6 +239,7 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         backprop_loops: int | None = None,
         lens: str = "coda",
+        logits_at: torch.Tensor | None = None,
     ) -> DepthReadout:
         """The output and the readout of every depth in ``depths`` (default: all) in one
         forward without a cache; see :class:`DepthReadout`. Every loop runs (no early exit).
@@ -224,6 +248,8 @@ class CausalLM(nn.Module):
         depth would compute), ``"head"`` (final norm and head only: the classic logit lens,
         cheaper, and what trains the state itself to name the answer) or ``"none"`` (states
         only, ``depth_logits`` empty: for callers that read out a few positions themselves).
+        ``logits_at`` (see :meth:`forward`) limits the output's and the readouts' logits to
+        those positions; ``states`` keep every position.
 
         Raises:
             ValueError: a depth outside ``1..n_loops`` (``1..core_layers`` for the baseline).
@@ -240,12 +266,14 @@ class CausalLM(nn.Module):
         ctx = self._context(input_ids, 0, None, attention_mask)
         x = self.encode(input_ids, ctx)
         out, states = self.core_states(x, ctx, n_loops, False, backprop_loops, keep=set(depths))
-        logits = self.head(self.decode(out, ctx))
+        logits = self.head(self._at(self.decode(out, ctx), logits_at))
         if lens == "coda":
-            depth_logits = {d: logits if states[d] is out else self.head(self.decode(states[d], ctx))
+            depth_logits = {d: logits if states[d] is out
+                            else self.head(self._at(self.decode(states[d], ctx), logits_at))
                             for d in sorted(states)}
         elif lens == "head":
-            depth_logits = {d: self.head(self.norm(states[d])) for d in sorted(states)}
+            depth_logits = {d: self.head(self.norm(self._at(states[d], logits_at)))
+                            for d in sorted(states)}
         else:
             depth_logits = {}
         return DepthReadout(logits, depth_logits, states)
@@ -263,6 +291,7 @@ class CausalLM(nn.Module):
         readout_depths: Collection[int] | None = None,
         readout_lens: str = "coda",
         exit_rule: ExitRule | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor | DepthReadout:
         """Logits for every position.
 
@@ -285,9 +314,14 @@ class CausalLM(nn.Module):
             readout_lens: ``"coda"``, ``"head"`` or ``"none"`` (see :meth:`readout`).
             exit_rule: an :class:`~open_mythos.layers.recurrence.ExitRule`: each position
                 stops looping once it fires (training-free early exit; looped models only).
+            logits_at: compute logits only at these positions: a (B, T) bool mask, or (N,)
+                long indices into the ``B * T`` positions in row-major order. The head is
+                the largest matmul of a small model, and task batches supervise a few
+                positions of each sequence; the trainer passes the supervised ones.
 
         Returns:
-            (B, T, vocab_size) logits in the activation dtype, or a :class:`DepthReadout`.
+            (B, T, vocab_size) logits in the activation dtype ((N, vocab_size) with
+            ``logits_at``), or a :class:`DepthReadout`.
         """
         if readout_depths is not None:
             if exit_rule is not None:
@@ -295,12 +329,12 @@ class CausalLM(nn.Module):
             if kv_cache is not None or start_pos:
                 raise ValueError("readout_depths works on a full forward without kv_cache")
             return self.readout(input_ids, n_loops, readout_depths, attention_mask=attention_mask,
-                                backprop_loops=backprop_loops, lens=readout_lens)
-        return self.head(
-            self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
+                                backprop_loops=backprop_loops, lens=readout_lens,
+                                logits_at=logits_at)
+        h = self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
                                attention_mask=attention_mask, act_early_exit=act_early_exit,
                                backprop_loops=backprop_loops, exit_rule=exit_rule)
-        )
+        return self.head(self._at(h, logits_at))
 
     def generate(
         self,

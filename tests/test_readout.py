@@ -106,3 +106,43 @@ def test_head_lens_and_states_only():
     assert none.depth_logits == {} and torch.allclose(none.states[2], head.states[2])
     with pytest.raises(ValueError, match="lens"):
         model(ids, n_loops=3, readout_depths=[2], readout_lens="coda2")
+
+
+@pytest.mark.parametrize("kind", ["looped", "baseline"])
+def test_logits_at_selects_the_positions_of_the_full_logits(kind):
+    """``logits_at`` (a mask or flat indices) gives the full forward's logits at those
+    positions, for a plain forward and for every readout lens."""
+    torch.manual_seed(5)
+    if kind == "looped":
+        model = _with_lora(OpenMythos(tiny_config(use_act=False))).eval()
+    else:
+        model = DenseBaseline(matched_baseline_config(tiny_config(use_act=False), 3)).eval()
+    ids = _ids(model.cfg, B=3, T=9)
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[0, 2], mask[1, 5:], mask[2, 8] = True, True, True
+    index = mask.flatten().nonzero().squeeze(1)
+    with torch.no_grad():
+        full = model(ids, n_loops=3)
+        for at in (mask, index):
+            torch.testing.assert_close(model(ids, n_loops=3, logits_at=at), full[mask],
+                                       rtol=1e-6, atol=1e-6)
+        for lens in ("coda", "head"):
+            whole = model(ids, n_loops=3, readout_depths=[1, 2, 3], readout_lens=lens)
+            part = model(ids, n_loops=3, readout_depths=[1, 2, 3], readout_lens=lens,
+                         logits_at=index)
+            torch.testing.assert_close(part.logits, whole.logits[mask], rtol=1e-6, atol=1e-6)
+            for d in (1, 2, 3):
+                torch.testing.assert_close(part.depth_logits[d], whole.depth_logits[d][mask],
+                                           rtol=1e-6, atol=1e-6)
+                assert part.states[d].shape == whole.states[d].shape  # states stay whole
+
+
+def test_logits_at_rejects_a_wrong_mask_or_float_indices():
+    model = OpenMythos(tiny_config(use_act=False)).eval()
+    ids = _ids(model.cfg, B=2, T=6)
+    with pytest.raises(ValueError, match="shape"):
+        model(ids, n_loops=2, logits_at=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="integer position indices"):
+        model(ids, n_loops=2, logits_at=torch.tensor([0.0, 3.0]))
+    with pytest.raises(ValueError, match="integer position indices"):
+        model(ids, n_loops=2, logits_at=torch.zeros(2, 6, dtype=torch.long))

@@ -40,16 +40,30 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     """Sum of next-token cross-entropies over supervised positions, in float32.
 
     Args:
-        logits: (B, T, V) in any float dtype.
-        targets: (B, T) long, ``IGNORE_INDEX`` where there is no loss.
+        logits: (B, T, V) in any float dtype, or (N, V) (logits at selected positions).
+        targets: (B, T) long, or (N,), ``IGNORE_INDEX`` where there is no loss.
 
     Returns:
         float32 scalar (0 when no position is supervised).
     """
     return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-        reduction="sum",
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
     )
+
+
+def supervised_rows(targets: torch.Tensor, max_fraction: float = 0.5) -> torch.Tensor | None:
+    """Flat indices (N,) of the supervised positions of ``targets`` (B, T), for
+    ``forward(..., logits_at=...)``, or None when more than ``max_fraction`` of the
+    positions are supervised (language modelling: selecting would save nothing).
+
+    Call it on the batch's host copy: the indices are then known without a GPU sync.
+    """
+    flat = (targets != IGNORE_INDEX).flatten()
+    n = int(flat.sum())
+    if n > max_fraction * flat.numel():
+        return None
+    return flat.nonzero().squeeze(1)
 
 
 def count_targets(targets: torch.Tensor) -> int:
@@ -130,20 +144,23 @@ def loop_readout_ce_sum(
     trace: torch.Tensor | None = None,
     answer_start: torch.Tensor | None = None,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_d weights[d] * cross_entropy_sum(logits_d, targets_d)``, float32.
 
     ``targets_d`` is ``targets``, or with ``trace`` the per-step targets of
     :func:`targets_at_depth`. ``readouts[d]`` are (B, T, V) logits, or with ``head`` (B, T,
     dim) states that ``head`` maps to logits, applied to the supervised positions only.
-    Scale the sum like the main cross-entropy sum (``ce_scale``).
+    ``rows``: the readouts are logits (N, V) at these flat positions of ``targets``
+    (``forward(..., logits_at=rows)``). Scale the sum like the main cross-entropy sum
+    (``ce_scale``).
     """
     mask = targets != IGNORE_INDEX  # the same positions at every depth
     total = None
     for d, readout in readouts.items():
         y = targets if trace is None else targets_at_depth(targets, answer_start, trace, d)
         if head is None:
-            term = cross_entropy_sum(readout, y)
+            term = cross_entropy_sum(readout, y if rows is None else y.flatten()[rows])
         else:
             term = cross_entropy_sum(head(readout[mask]).unsqueeze(0), y[mask].unsqueeze(0))
         term = weights[d] * term

@@ -96,6 +96,7 @@ from .losses import (
     loop_readout_ce_sum,
     loop_weights,
     readout_depths,
+    supervised_rows,
 )
 from .rundir import (
     METRICS_FILE,
@@ -645,10 +646,15 @@ class Trainer:
         ctx, alpha = self.ctx, self.cfg.optim.progressive_weight
         x = batch["input_ids"].to(ctx.device, non_blocking=True)
         y = batch["targets"].to(ctx.device, non_blocking=True)
+        # Logits only where there is a loss (task batches: a few positions per sequence),
+        # indexed from the host copy of the targets, so a GPU does not synchronise.
+        rows = supervised_rows(batch["targets"])
+        if rows is not None:
+            rows = rows.to(ctx.device, non_blocking=True)
         with gradient_sync(self.model, ctx, enabled=sync and not alpha):
             with self._autocast():
                 objective, parts, loop_ce = self._objective(batch, x, y, n_loops, ce_scale,
-                                                            reg_scale)
+                                                            reg_scale, rows)
                 objective = (1.0 - alpha) * objective
             if self.loss_hook is not None:
                 objective = self.loss_hook(step, objective)
@@ -656,15 +662,18 @@ class Trainer:
         total = objective.detach().double()
         if alpha:
             total = total + self._progressive_backward(x, y, step, micro, n_loops, ce_scale,
-                                                       sync)
+                                                       sync, rows)
         return torch.stack([total, parts.ce_sum.double(), (parts.ponder * reg_scale).double(),
                             (parts.aux * reg_scale).double(), loop_ce]).to(ctx.device)
 
     def _objective(self, batch: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                   n_loops: int, ce_scale: float,
-                   reg_scale: float) -> tuple[torch.Tensor, LossParts, torch.Tensor]:
+                   n_loops: int, ce_scale: float, reg_scale: float,
+                   rows: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, LossParts, torch.Tensor]:
         """The forward of one micro-batch: (objective, its parts, the detached per-loop
-        readout cross-entropy sum, zero without ``optim.loop_loss_weight``)."""
+        readout cross-entropy sum, zero without ``optim.loop_loss_weight``). ``rows``: the
+        flat supervised positions (:func:`~.losses.supervised_rows`), the only ones whose
+        logits are computed; None computes them all."""
         opt, backprop = self.cfg.optim, self.cfg.schedule.backprop_loops
         loop_ce = torch.zeros((), dtype=torch.float64, device=x.device)
         if opt.loop_loss_weight:
@@ -672,17 +681,20 @@ class Trainer:
             # The head lens reads out the supervised positions only (cheap).
             head_lens = opt.loop_readout == "head"
             out = self.model(x, n_loops=n_loops, backprop_loops=backprop, readout_depths=depths,
-                             readout_lens="none" if head_lens else "coda")
+                             readout_lens="none" if head_lens else "coda", logits_at=rows)
             logits = out.logits
             trace = batch["trace"].to(x.device) if opt.loop_targets else None
             start = batch["answer_start"].to(x.device) if opt.loop_targets else None
             loop_sum = loop_readout_ce_sum(
                 out.states if head_lens else out.depth_logits, y,
                 loop_weights(depths, depths[-1], opt.loop_loss_gamma), trace, start,
-                head=(lambda h: self.core.head(self.core.norm(h))) if head_lens else None)
+                head=(lambda h: self.core.head(self.core.norm(h))) if head_lens else None,
+                rows=rows)
             loop_ce = loop_sum.detach().double()
         else:
-            logits = self.model(x, n_loops=n_loops, backprop_loops=backprop)
+            logits = self.model(x, n_loops=n_loops, backprop_loops=backprop, logits_at=rows)
+        if rows is not None:
+            y = y.flatten()[rows]
         parts = compute_loss(logits, y, self._ponder_cost(), self.core.aux_loss,
                              ponder_weight=opt.ponder_weight, aux_weight=opt.aux_weight,
                              ce_scale=ce_scale, reg_scale=reg_scale)
@@ -692,14 +704,16 @@ class Trainer:
         return objective, parts, loop_ce
 
     def _progressive_backward(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int,
-                              n_loops: int, ce_scale: float, sync: bool) -> torch.Tensor:
+                              n_loops: int, ce_scale: float, sync: bool,
+                              rows: torch.Tensor | None = None) -> torch.Tensor:
         """The progressive term (``n`` loops without gradient, ``k`` with), weighted by
-        ``optim.progressive_weight`` and backpropagated; returns its detached value."""
+        ``optim.progressive_weight`` and backpropagated; returns its detached value.
+        ``rows`` as for :meth:`_objective`."""
         n_free, k = progressive_split(self.cfg.run.seed, step, micro, n_loops)
         with gradient_sync(self.model, self.ctx, enabled=sync), self._autocast():
-            logits = self.model(x, n_loops=n_free + k, backprop_loops=k)
+            logits = self.model(x, n_loops=n_free + k, backprop_loops=k, logits_at=rows)
             progressive = (self.cfg.optim.progressive_weight * ce_scale
-                           * cross_entropy_sum(logits, y))
+                           * cross_entropy_sum(logits, y if rows is None else y.flatten()[rows]))
             progressive.backward()
         return progressive.detach().double()
 

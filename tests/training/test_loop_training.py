@@ -211,3 +211,42 @@ def test_head_lens_reads_the_state_at_the_supervised_positions(tmp_path):
     assert row["loop_ce"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ConfigError, match="loop_readout"):
         tiny_config(tmp_path / "bad", optim__loop_readout="lens")
+
+
+def test_logits_only_at_supervised_positions_train_the_same_weights(tmp_path, monkeypatch):
+    """On task batches (the answer supervised, not the prompt) the trainer computes logits
+    at the supervised positions only: the same losses and weights as every position's
+    logits, through the per-loop readout (Coda lens) and the progressive term."""
+    import open_mythos.training.trainer as trainer_mod
+
+    settings = dict(MULTIHOP, run__steps=2, optim__loop_loss_weight=0.5,
+                    optim__loop_readout="coda", optim__progressive_weight=0.3,
+                    schedule__n_loops=3, model__use_act=False)
+    selected = []
+    real = trainer_mod.supervised_rows
+    monkeypatch.setattr(trainer_mod, "supervised_rows",
+                        lambda targets: selected.append(real(targets)) or selected[-1])
+    rows = Trainer(tiny_config(tmp_path / "rows", **settings))
+    rows.train()
+    assert len(selected) == 2 and all(s is not None for s in selected)
+    assert all(len(s) < 0.5 * 6 * rows.data.seq_len for s in selected)  # 6 = batch size
+    monkeypatch.setattr(trainer_mod, "supervised_rows", lambda targets: None)
+    full = Trainer(tiny_config(tmp_path / "full", **settings))
+    full.train()
+    for a, b in zip(read_metrics(tmp_path / "rows"), read_metrics(tmp_path / "full")):
+        for key in ("loss", "ce", "loop_ce", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    after = full.core.state_dict()
+    for name, value in rows.core.state_dict().items():
+        torch.testing.assert_close(value, after[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_supervised_rows_only_when_few_positions_have_a_loss():
+    from open_mythos.training.losses import supervised_rows
+
+    targets = torch.full((2, 5), IGNORE_INDEX)
+    targets[0, 3], targets[1, 0] = 7, 9
+    assert supervised_rows(targets).tolist() == [3, 5]
+    assert supervised_rows(torch.arange(10).view(2, 5)) is None  # language modelling
+    targets[:, :3] = 1  # 7 of 10 supervised
+    assert supervised_rows(targets) is None and supervised_rows(targets, 0.8) is not None
