@@ -158,3 +158,33 @@ def test_a_worker_exits_when_its_parent_dies(tmp_path):
         time.sleep(0.05)
     os.kill(child_pid, 9)
     raise AssertionError("the worker outlived its parent")
+
+
+def test_training_summary_says_which_stage_was_learned(tmp_path):
+    """The demo says, from each stage's metrics, whether the answer was learned, and what
+    to try when the looped model's lookup was not (the chain stage builds on it)."""
+    import json
+
+    from open_mythos.cli import build_parser
+    from open_mythos.commands.demo import LEARNED_CE, training_summary
+
+    def write(kind, stage, ces):
+        run = tmp_path / kind / stage
+        run.mkdir(parents=True)
+        rows = [{"step": i + 1, "ce": ce} for i, ce in enumerate(ces)]
+        rows.insert(1, {"step": 2, "ce": None})  # a non-finite step logs null
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    write("looped", "lookup", [5.0] * 60 + [0.64] * 50)
+    write("looped", "chain", [0.05] * 50)
+    write("baseline", "lookup", [0.02] * 50)
+    write("baseline", "chain", [0.3] * 10 + [0.5] * 50)
+    lines = training_summary(tmp_path, build_parser().parse_args(["demo"]))
+    assert len(lines) == 4
+    looped_lookup, looped_chain, base_lookup, base_chain = lines
+    assert "0.640" in looped_lookup and "not learned" in looped_lookup
+    assert "--lookup-steps" in looped_lookup and "--seed" in looped_lookup
+    assert "0.050" in looped_chain and "(learned" in looped_chain
+    assert "0.020" in base_lookup and "(learned" in base_lookup and "--seed" not in base_lookup
+    assert "0.500" in base_chain and "not learned" in base_chain  # the last 50 steps only
+    assert LEARNED_CE == 0.1

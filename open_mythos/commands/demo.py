@@ -292,6 +292,40 @@ def train_both(args: argparse.Namespace, out: Path, jobs: int) -> dict[str, floa
 TIME_BUDGET_S = 300
 
 
+#: Answer cross-entropy below which a stage's task counts as learned (the lookup stage's
+#: "guess a digit from the prompt" plateau is about 0.65; docs/depth_extrapolation.md).
+LEARNED_CE = 0.1
+
+
+def training_summary(out: Path, args: argparse.Namespace, last: int = 50) -> list[str]:
+    """One line per model and stage: the answer cross-entropy at the end of the stage (mean
+    of the last ``last`` logged steps of its ``metrics.jsonl``), and whether it is below
+    :data:`LEARNED_CE`; for a lookup stage that is not, what to try."""
+    lines = []
+    for kind in KINDS:
+        for stage in stages(args):
+            rows = []
+            try:
+                for line in (out / kind / stage / "metrics.jsonl").read_text().splitlines():
+                    row = json.loads(line)
+                    if row.get("ce") is not None:
+                        rows.append(row["ce"])
+            except (OSError, ValueError):
+                continue
+            if not rows:
+                continue
+            ce = sum(rows[-last:]) / len(rows[-last:])
+            verdict = "learned" if ce < LEARNED_CE else "not learned"
+            line = (f"{kind}, {stage} stage: answer cross-entropy {ce:.3f} at the end "
+                    f"({verdict}; the threshold is {LEARNED_CE})")
+            if stage == "lookup" and ce >= LEARNED_CE and kind == "looped":
+                line += ("; the chain stage builds on the lookup, so expect little depth "
+                         "extrapolation: try more --lookup-steps or another --seed "
+                         "(docs/depth_extrapolation.md)")
+            lines.append(line)
+    return lines
+
+
 def _mark(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -435,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
     final = stages(args)[-1]
     models = {kind: load_checkpoint(out / kind / final)[0].eval() for kind in KINDS}
     train_s = time.perf_counter() - start
-    met = _evaluate(args, task, models, out, final)
+    met = _evaluate(args, task, models, out, final, training_summary(out, args))
     wall = time.perf_counter() - start
     print(f"wall clock {wall:.0f} s (training {train_s:.0f} s: looped {seconds['looped']:.0f} s, "
           f"baseline {seconds['baseline']:.0f} s)")
@@ -455,9 +489,10 @@ def _print_banner(args: argparse.Namespace, task: Any, jobs: int) -> None:
 
 
 def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: Path,
-              final: str) -> bool:
-    """Sweep both models, write the sweep, report and summary, print the table, the targets
-    and sample answers; returns whether the demo's target is met."""
+              final: str, training: Sequence[str] = ()) -> bool:
+    """Sweep both models, write the sweep, report and summary, print the training summary
+    (``training``: :func:`training_summary`), the table, the targets and sample answers;
+    returns whether the demo's target is met."""
     from ..evaluation import save_rows, sweep, write_report
     from ..evaluation.report import accuracy_pivot
     from ..layers.recurrence import ExitRule
@@ -485,7 +520,12 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
         f"# openmythos demo\n\nExact-match accuracy ({args.n_examples} examples per split) "
         f"against loops at inference; T_train = {T}.\n\n{table}\n\n"
         f"With the exit rule {rule}:\n\n{exit_table}\n\n## Targets\n\n"
-        + "\n".join(f"- {line}" for line in targets) + f"\n\n## Sample answers\n\n{samples}\n")
+        + "\n".join(f"- {line}" for line in targets) + f"\n\n## Sample answers\n\n{samples}\n"
+        + ("\n## Training\n\n" + "\n".join(f"- {line}" for line in training) + "\n"
+           if training else ""))
+    if training:
+        print("\nTraining:")
+        print("\n".join(f"  - {line}" for line in training))
     print(f"\nExact-match accuracy against loops at inference ({args.n_examples} examples per "
           f"split; T_train = {T}; last row: the dense baseline of {T} core blocks):\n")
     print(table)
