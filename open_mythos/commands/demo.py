@@ -319,9 +319,9 @@ def training_summary(out: Path, args: argparse.Namespace, last: int = 50) -> lis
             line = (f"{kind}, {stage} stage: answer cross-entropy {ce:.3f} at the end "
                     f"({verdict}; the threshold is {LEARNED_CE})")
             if stage == "lookup" and ce >= LEARNED_CE and kind == "looped":
-                line += ("; the chain stage builds on the lookup, so expect little depth "
-                         "extrapolation: try more --lookup-steps or another --seed "
-                         "(docs/depth_extrapolation.md)")
+                line += ("; the chain stage then has to learn the lookup too, which has cost "
+                         "depth extrapolation in earlier runs: try more --lookup-steps or "
+                         "another --seed (docs/depth_extrapolation.md)")
             lines.append(line)
     return lines
 
