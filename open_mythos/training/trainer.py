@@ -732,8 +732,12 @@ class Trainer:
         for i in range(cfg.data.eval_batches):
             batch = self.data.batch(VAL, i, ctx.rank, ctx.world_size)
             x, y = batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device)
+            rows = supervised_rows(batch["targets"])  # as in training: logits where scored
+            if rows is not None:
+                rows = rows.to(ctx.device, non_blocking=True)
+                y = y.flatten()[rows]
             with self._autocast():
-                logits = model(x, n_loops=cfg.schedule.resolved_eval_loops)
+                logits = model(x, n_loops=cfg.schedule.resolved_eval_loops, logits_at=rows)
             mask = y != IGNORE_INDEX
             sums += torch.stack([cross_entropy_sum(logits, y).double(), mask.sum().double(),
                                  ((logits.argmax(-1) == y) & mask).sum().double()])

@@ -216,19 +216,20 @@ def test_head_lens_reads_the_state_at_the_supervised_positions(tmp_path):
 def test_logits_only_at_supervised_positions_train_the_same_weights(tmp_path, monkeypatch):
     """On task batches (the answer supervised, not the prompt) the trainer computes logits
     at the supervised positions only: the same losses and weights as every position's
-    logits, through the per-loop readout (Coda lens) and the progressive term."""
+    logits, through the per-loop readout (Coda lens) and the progressive term, and the same
+    validation loss and accuracy."""
     import open_mythos.training.trainer as trainer_mod
 
     settings = dict(MULTIHOP, run__steps=2, optim__loop_loss_weight=0.5,
                     optim__loop_readout="coda", optim__progressive_weight=0.3,
-                    schedule__n_loops=3, model__use_act=False)
+                    schedule__n_loops=3, model__use_act=False, run__eval_every=2)
     selected = []
     real = trainer_mod.supervised_rows
     monkeypatch.setattr(trainer_mod, "supervised_rows",
                         lambda targets: selected.append(real(targets)) or selected[-1])
     rows = Trainer(tiny_config(tmp_path / "rows", **settings))
     rows.train()
-    assert len(selected) == 2 and all(s is not None for s in selected)
+    assert len(selected) >= 3 and all(s is not None for s in selected)  # 2 steps + validation
     assert all(len(s) < 0.5 * 6 * rows.data.seq_len for s in selected)  # 6 = batch size
     monkeypatch.setattr(trainer_mod, "supervised_rows", lambda targets: None)
     full = Trainer(tiny_config(tmp_path / "full", **settings))
@@ -236,6 +237,9 @@ def test_logits_only_at_supervised_positions_train_the_same_weights(tmp_path, mo
     for a, b in zip(read_metrics(tmp_path / "rows"), read_metrics(tmp_path / "full")):
         for key in ("loss", "ce", "loop_ce", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    a, b = read_metrics(tmp_path / "rows")[-1], read_metrics(tmp_path / "full")[-1]
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert a["val_acc"] == b["val_acc"]
     after = full.core.state_dict()
     for name, value in rows.core.state_dict().items():
         torch.testing.assert_close(value, after[name], rtol=1e-5, atol=1e-6, msg=name)
