@@ -646,34 +646,42 @@ class Trainer:
         ctx, alpha = self.ctx, self.cfg.optim.progressive_weight
         x = batch["input_ids"].to(ctx.device, non_blocking=True)
         y = batch["targets"].to(ctx.device, non_blocking=True)
-        # Logits only where there is a loss (task batches: a few positions per sequence),
-        # indexed from the host copy of the targets, so a GPU does not synchronise.
-        rows = supervised_rows(batch["targets"])
-        if rows is not None:
-            rows = rows.to(ctx.device, non_blocking=True)
+        rows, y_at = self._scored(batch, y)
         with gradient_sync(self.model, ctx, enabled=sync and not alpha):
             with self._autocast():
                 objective, parts, loop_ce = self._objective(batch, x, y, n_loops, ce_scale,
-                                                            reg_scale, rows)
+                                                            reg_scale, rows, y_at)
                 objective = (1.0 - alpha) * objective
             if self.loss_hook is not None:
                 objective = self.loss_hook(step, objective)
             objective.backward()
         total = objective.detach().double()
         if alpha:
-            total = total + self._progressive_backward(x, y, step, micro, n_loops, ce_scale,
-                                                       sync, rows)
+            total = total + self._progressive_backward(x, y_at, step, micro, n_loops,
+                                                       ce_scale, sync, rows)
         return torch.stack([total, parts.ce_sum.double(), (parts.ponder * reg_scale).double(),
                             (parts.aux * reg_scale).double(), loop_ce]).to(ctx.device)
 
+    def _scored(self, batch: dict[str, torch.Tensor], y: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(rows, y_at)``: the flat positions whose logits are computed (task batches, a
+        few positions per sequence: :func:`~.losses.supervised_rows`, indexed from the host
+        copy of the targets, so a GPU does not synchronise; None: every position) and the
+        targets ``y`` (on the device) at them."""
+        rows = supervised_rows(batch["targets"])
+        if rows is None:
+            return None, y
+        rows = rows.to(y.device, non_blocking=True)
+        return rows, y.flatten()[rows]
+
     def _objective(self, batch: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                    n_loops: int, ce_scale: float, reg_scale: float,
-                   rows: torch.Tensor | None = None
+                   rows: torch.Tensor | None, y_at: torch.Tensor
                    ) -> tuple[torch.Tensor, LossParts, torch.Tensor]:
         """The forward of one micro-batch: (objective, its parts, the detached per-loop
-        readout cross-entropy sum, zero without ``optim.loop_loss_weight``). ``rows``: the
-        flat supervised positions (:func:`~.losses.supervised_rows`), the only ones whose
-        logits are computed; None computes them all."""
+        readout cross-entropy sum, zero without ``optim.loop_loss_weight``). ``rows`` and
+        ``y_at``: the positions whose logits are computed and their targets
+        (:meth:`_scored`); ``y``: every position's targets, for the per-loop readouts."""
         opt, backprop = self.cfg.optim, self.cfg.schedule.backprop_loops
         loop_ce = torch.zeros((), dtype=torch.float64, device=x.device)
         if opt.loop_loss_weight:
@@ -693,9 +701,7 @@ class Trainer:
             loop_ce = loop_sum.detach().double()
         else:
             logits = self.model(x, n_loops=n_loops, backprop_loops=backprop, logits_at=rows)
-        if rows is not None:
-            y = y.flatten()[rows]
-        parts = compute_loss(logits, y, self._ponder_cost(), self.core.aux_loss,
+        parts = compute_loss(logits, y_at, self._ponder_cost(), self.core.aux_loss,
                              ponder_weight=opt.ponder_weight, aux_weight=opt.aux_weight,
                              ce_scale=ce_scale, reg_scale=reg_scale)
         objective = parts.objective
@@ -703,17 +709,17 @@ class Trainer:
             objective = objective + opt.loop_loss_weight * ce_scale * loop_sum
         return objective, parts, loop_ce
 
-    def _progressive_backward(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int,
-                              n_loops: int, ce_scale: float, sync: bool,
-                              rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _progressive_backward(self, x: torch.Tensor, y_at: torch.Tensor, step: int,
+                              micro: int, n_loops: int, ce_scale: float, sync: bool,
+                              rows: torch.Tensor | None) -> torch.Tensor:
         """The progressive term (``n`` loops without gradient, ``k`` with), weighted by
         ``optim.progressive_weight`` and backpropagated; returns its detached value.
-        ``rows`` as for :meth:`_objective`."""
+        ``rows``, ``y_at`` as for :meth:`_objective`."""
         n_free, k = progressive_split(self.cfg.run.seed, step, micro, n_loops)
         with gradient_sync(self.model, self.ctx, enabled=sync), self._autocast():
             logits = self.model(x, n_loops=n_free + k, backprop_loops=k, logits_at=rows)
             progressive = (self.cfg.optim.progressive_weight * ce_scale
-                           * cross_entropy_sum(logits, y if rows is None else y.flatten()[rows]))
+                           * cross_entropy_sum(logits, y_at))
             progressive.backward()
         return progressive.detach().double()
 
@@ -731,11 +737,8 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # ce, tokens, correct
         for i in range(cfg.data.eval_batches):
             batch = self.data.batch(VAL, i, ctx.rank, ctx.world_size)
-            x, y = batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device)
-            rows = supervised_rows(batch["targets"])  # as in training: logits where scored
-            if rows is not None:
-                rows = rows.to(ctx.device, non_blocking=True)
-                y = y.flatten()[rows]
+            x = batch["input_ids"].to(ctx.device)
+            rows, y = self._scored(batch, batch["targets"].to(ctx.device))
             with self._autocast():
                 logits = model(x, n_loops=cfg.schedule.resolved_eval_loops, logits_at=rows)
             mask = y != IGNORE_INDEX

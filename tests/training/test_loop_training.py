@@ -223,14 +223,19 @@ def test_logits_only_at_supervised_positions_train_the_same_weights(tmp_path, mo
     settings = dict(MULTIHOP, run__steps=2, optim__loop_loss_weight=0.5,
                     optim__loop_readout="coda", optim__progressive_weight=0.3,
                     schedule__n_loops=3, model__use_act=False, run__eval_every=2)
-    selected = []
-    real = trainer_mod.supervised_rows
-    monkeypatch.setattr(trainer_mod, "supervised_rows",
-                        lambda targets: selected.append(real(targets)) or selected[-1])
+    passed = []  # what each forward got as logits_at
+    forward = OpenMythos.forward
+
+    def spy(self, ids, *args, **kwargs):
+        passed.append(kwargs.get("logits_at"))
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(OpenMythos, "forward", spy)
     rows = Trainer(tiny_config(tmp_path / "rows", **settings))
     rows.train()
-    assert len(selected) >= 3 and all(s is not None for s in selected)  # 2 steps + validation
-    assert all(len(s) < 0.5 * 6 * rows.data.seq_len for s in selected)  # 6 = batch size
+    # 2 steps x (main + progressive forward) + validation, each on the answer positions only
+    assert len(passed) >= 5 and all(p is not None for p in passed)
+    assert all(0 < len(p) < 0.5 * 6 * rows.data.seq_len for p in passed)  # 6 = batch size
     monkeypatch.setattr(trainer_mod, "supervised_rows", lambda targets: None)
     full = Trainer(tiny_config(tmp_path / "full", **settings))
     full.train()
