@@ -34,6 +34,7 @@ from torch import nn
 from .config import AttnType, MythosConfig
 from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
+from .layers.conv import TokenConv
 from .layers.init import init_tree
 from .layers.norm import RMSNorm
 from .layers.recurrence import ExitRule
@@ -173,6 +174,7 @@ class DenseBaseline(CausalLM):
         self.cfg = cfg
         core_cfg = cfg.replace(dense_ffn_dim=cfg.core_ffn_dim)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_conv = TokenConv(cfg.dim, cfg.token_conv) if cfg.token_conv else None
         self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
         self.core = nn.ModuleList(TransformerBlock(core_cfg) for _ in range(cfg.core_layers))
         self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
@@ -211,7 +213,7 @@ class DenseBaseline(CausalLM):
 
     def cache_keys(self, n_loops: int = 1) -> list[str]:
         """The cache keys of every block, in order (``n_loops`` is ignored)."""
-        return [key for key, _ in self._layers()]
+        return self._input_cache_keys() + [key for key, _ in self._layers()]
 
     def core_states(
         self,

@@ -100,6 +100,14 @@ class MythosConfig:
             measured dim-64 model, at any width (and is 1 with upstream's values).
             The norms, LTI injection, halting head and LoRA keep their own initialisations.
             Measurements behind these defaults: ``docs/initialization.md``.
+        token_conv: width ``K`` of a causal depthwise convolution over the token embeddings,
+            added to them before the Prelude: each channel of position ``t`` gains a learned
+            mix of the same channel at positions ``t-K+1 .. t``, so the first attention layer
+            already sees which tokens precede each token (a "previous-token head" for free).
+            0 (the default) turns it off, as upstream. On in-context lookups it shortens the
+            plateau before the model learns to retrieve, and with it the demo's training
+            (``docs/depth_extrapolation.md``). Cached decoding keeps the convolution's input
+            under the cache key ``token_conv`` (``dim`` values per token).
     """
 
     vocab_size: int = 32000
@@ -134,6 +142,7 @@ class MythosConfig:
     init_std: float | None = None
     embed_init_std: float | None = None
     clamp_loop_index: bool = False
+    token_conv: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -147,7 +156,8 @@ class MythosConfig:
                      "max_output_tokens", "n_experts", "n_experts_per_tok", "expert_dim"):
             _require(name, getattr(self, name), _is_positive_int(getattr(self, name)),
                      "a positive integer")
-        for name in ("prelude_layers", "coda_layers", "n_shared_experts", "lora_rank"):
+        for name in ("prelude_layers", "coda_layers", "n_shared_experts", "lora_rank",
+                     "token_conv"):
             _require(name, getattr(self, name), _is_int(getattr(self, name))
                      and getattr(self, name) >= 0, "a non-negative integer")
         _require("n_experts_per_tok", self.n_experts_per_tok,

@@ -12,6 +12,7 @@ from .config import MythosConfig, check_loops
 from .inference.cache import CacheStore, KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
+from .layers.conv import TokenConv
 from .layers.init import init_tree
 from .layers.moe import MoEFFN
 from .layers.norm import RMSNorm
@@ -48,12 +49,14 @@ READOUT_LENSES = ("coda", "head", "none")
 class CausalLM(nn.Module):
     """What every OpenMythos language model shares: input validation, the attention
     context (RoPE tables, causal and padding masks), cache bookkeeping, the logits head and
-    generation. Subclasses set ``cfg``, ``embed``, ``head`` and ``rope_dim`` and implement
-    :meth:`core_states`, :meth:`cache_keys` and :attr:`default_n_loops`.
+    generation. Subclasses set ``cfg``, ``embed``, ``token_conv``, ``head`` and ``rope_dim``
+    and implement :meth:`core_states`, :meth:`cache_keys` and :attr:`default_n_loops`.
     """
 
     cfg: MythosConfig
     rope_dim: int
+    #: The causal convolution over the embeddings (``cfg.token_conv``), or None.
+    token_conv: TokenConv | None
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``to_empty`` unties them)."""
@@ -135,7 +138,8 @@ class CausalLM(nn.Module):
         mask = (key_idx <= q_idx) & keys.view(B, 1, S)
         # A padding query would see no key at all (NaN softmax): let it see itself.
         mask = mask | (key_idx == q_idx)
-        return AttnContext(cos, sin, start_pos, mask.unsqueeze(1), False, cache)
+        return AttnContext(cos, sin, start_pos, mask.unsqueeze(1), False, cache,
+                           token_mask=valid[:, start_pos:])
 
     def _prepare_cache(self, cache: CacheStore | None, first_key: str, start_pos: int) -> None:
         """Check ``start_pos`` against the cached length; a smaller value rewinds the cache."""
@@ -152,6 +156,10 @@ class CausalLM(nn.Module):
     def cache_keys(self, n_loops: int) -> list[str]:
         """The cache keys a forward with ``n_loops`` loops writes, in layer order."""
         raise NotImplementedError
+
+    def _input_cache_keys(self) -> list[str]:
+        """The cache keys written before the first block: the token convolution's input."""
+        return [] if self.token_conv is None else [TokenConv.cache_key]
 
     @property
     def default_n_loops(self) -> int:
@@ -200,8 +208,10 @@ class CausalLM(nn.Module):
         return self.decode(x, ctx)
 
     def encode(self, input_ids: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        """Embedding and Prelude: (B, T) ids -> (B, T, dim)."""
+        """Embedding, token convolution and Prelude: (B, T) ids -> (B, T, dim)."""
         x = self.embed(input_ids)
+        if self.token_conv is not None:
+            x = self.token_conv(x, ctx)
         for i, layer in enumerate(self.prelude):
             x = layer(x, ctx, f"prelude_{i}")
         return x
@@ -376,6 +386,7 @@ class OpenMythos(CausalLM):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_conv = TokenConv(cfg.dim, cfg.token_conv) if cfg.token_conv else None
         self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
         self.recurrent = RecurrentBlock(cfg)
         self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
@@ -436,6 +447,6 @@ class OpenMythos(CausalLM):
         return out, self.recurrent.last_states
 
     def cache_keys(self, n_loops: int) -> list[str]:
-        return ([f"prelude_{i}" for i in range(len(self.prelude))]
+        return (self._input_cache_keys() + [f"prelude_{i}" for i in range(len(self.prelude))]
                 + [self.recurrent.cache_key(t) for t in range(n_loops)]
                 + [f"coda_{i}" for i in range(len(self.coda))])

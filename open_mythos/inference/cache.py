@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..layers.kv import CacheStore, Entries
+from ..layers.kv import CacheStore, Entries, window_of
 
 __all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store"]
 
@@ -73,6 +73,10 @@ class _FillMissing(ABC):
     @abstractmethod
     def _stored(self, key: str) -> Entries:
         """The tensors of ``key``, holding at least its cached positions."""
+
+    def window(self, key: str, start: int, new: Entries, before: int) -> Entries:
+        written = self.write(key, start, new)  # positions [0, start + T)
+        return window_of(written, start, before, next(iter(new.values())).shape[-2])
 
     def fill_missing(self, key: str, src_key: str, upto: int) -> None:
         have = self.length(key)

@@ -71,6 +71,16 @@ class SlotCache:
             buf.index_copy_(buf.dim() - 2, self.slot, t.to(buf.dtype))
         return bufs
 
+    def window(self, key: str, start: int, new: Entries, before: int) -> Entries:
+        """Write the one new position at ``slot``; gather ``slot - before ... slot`` (zeros
+        before position 0; left padding was written as zeros by the prefill)."""
+        bufs = self.write(key, start, new)
+        idx = self.slot + torch.arange(-before, 1, device=self.slot.device)
+        keep = idx >= 0
+        idx = idx.clamp(min=0)
+        return {n: b.index_select(b.dim() - 2, idx) * keep.view(-1, 1).to(b.dtype)
+                for n, b in bufs.items()}
+
     def fill_missing(self, key: str, src_key: str, upto: int) -> None:
         """Nothing to do: :meth:`CompiledDecoder.prepare` filled every depth beforehand."""
 

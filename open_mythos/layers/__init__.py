@@ -2,6 +2,7 @@
 
 from .attention import AttnContext, DepthCarry, GQAttention, MLAttention, build_attention
 from .block import TransformerBlock
+from .conv import TokenConv
 from .moe import Expert, MoEFFN
 from .norm import RMSNorm
 from .recurrence import ACTHalting, LoRAAdapter, LTIInjection, RecurrentBlock, loop_index_embedding
@@ -9,6 +10,7 @@ from .rope import apply_rope, rope_cos_sin
 
 __all__ = [
     "ACTHalting", "AttnContext", "DepthCarry", "Expert", "GQAttention", "LTIInjection",
-    "LoRAAdapter", "MLAttention", "MoEFFN", "RMSNorm", "RecurrentBlock", "TransformerBlock",
+    "LoRAAdapter", "MLAttention", "MoEFFN", "RMSNorm", "RecurrentBlock", "TokenConv",
+    "TransformerBlock",
     "apply_rope", "build_attention", "loop_index_embedding", "rope_cos_sin",
 ]

@@ -34,6 +34,9 @@ class AttnContext:
         cache: cache store, or None.
         rows: when set, the layer input holds only these batch rows (sequences still
             looping after ACT early exit); caches and carries keep the whole batch.
+        token_mask: (B, T) bool, False at the chunk's (left) padding tokens, or None when
+            every token is real. Only token-mixing layers outside attention need it
+            (:class:`~open_mythos.layers.conv.TokenConv`); attention reads ``mask``.
     """
 
     cos: torch.Tensor
@@ -43,6 +46,7 @@ class AttnContext:
     is_causal: bool = True
     cache: CacheStore | None = None
     rows: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
 
     def select_rows(self, rows: torch.Tensor | None) -> AttnContext:
         """The context for a sub-batch ``rows`` (a 1-D index into the full batch)."""

@@ -14,7 +14,8 @@ The rules, with the reasons in ``docs/initialization.md``:
   to the embedding;
 - ``RMSNorm``: gain 1, the final norm ``cfg.final_norm_gain``;
 - ``MoEFFN``: experts N(0, ``cfg.weight_std``), router bias and load accumulator zero;
-- ``LoRAAdapter``, ``LTIInjection``, ``ACTHalting``: their own ``reset_parameters``.
+- ``LoRAAdapter``, ``LTIInjection``, ``ACTHalting``, ``TokenConv``: their own
+  ``reset_parameters``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import torch
 from torch import nn
 
 from ..config import MythosConfig
+from .conv import TokenConv
 from .moe import MoEFFN
 from .norm import RMSNorm
 from .recurrence import ACTHalting, LoRAAdapter, LTIInjection
 
 #: Modules that initialise their own tensors (after their children).
-SELF_INITIALISED = (LoRAAdapter, LTIInjection, ACTHalting)
+SELF_INITIALISED = (LoRAAdapter, LTIInjection, ACTHalting, TokenConv)
 
 
 @torch.no_grad()

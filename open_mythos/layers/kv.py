@@ -39,3 +39,22 @@ class CacheStore(Protocol):
     def nbytes(self) -> int:
         """Bytes held by the cached positions."""
         ...
+
+    def window(self, key: str, start: int, new: Entries, before: int) -> Entries:
+        """:meth:`write` ``new``, then return positions ``start - before ... start + T - 1``
+        (``before + T`` of them; zeros stand in for positions before the first).
+
+        For layers that mix a few neighbouring positions (``TokenConv``) rather than attend.
+        """
+        ...
+
+
+def window_of(written: Entries, start: int, before: int, length: int) -> Entries:
+    """The ``window`` of a store whose :meth:`CacheStore.write` returned ``written``, every
+    position up to the new ones (``length`` of them, written at ``start``)."""
+    lo = start - before
+    out = {}
+    for name, t in written.items():
+        part = t[..., max(lo, 0):start + length, :]
+        out[name] = torch.nn.functional.pad(part, (0, 0, -lo, 0)) if lo < 0 else part
+    return out
