@@ -188,3 +188,16 @@ def test_transformers_round_trip_and_generate_with_left_padding(tmp_path):
     want = generate(model, ids, 6, 3, do_sample=False, attention_mask=mask)
     got = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, n_loops=3)
     assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_generate_equals_eager():
+    """The compiled step (one fullgraph per step) gathers the convolution's past at a slot
+    that is data, not a constant: same greedy tokens as the eager path."""
+    model = model_of("gqa")
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.tensor([[1] * 7, [0, 0, 0, 0, 0, 1, 1]])
+    kw = dict(do_sample=False, attention_mask=mask, act_early_exit=False)
+    assert torch.equal(generate(model, ids, 8, 3, compile=True, **kw),
+                       generate(model, ids, 8, 3, **kw))
