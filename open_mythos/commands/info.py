@@ -115,12 +115,23 @@ def cache_layers(cfg: Any, n_loops: int | None = None) -> int:
 
 
 def _cache_layers(model: Any, n_loops: int | None) -> int:
-    return len(model.cache_keys(model.cfg.max_loop_iters if n_loops is None else n_loops))
+    from ..layers.conv import TokenConv
+
+    keys = model.cache_keys(model.cfg.max_loop_iters if n_loops is None else n_loops)
+    return sum(key != TokenConv.cache_key for key in keys)
+
+
+def conv_values(cfg: Any) -> int:
+    """Cached values per token of the token convolution (``cfg.token_conv``): its input,
+    ``dim`` of them, or 0 without one."""
+    return cfg.dim if getattr(cfg, "token_conv", 0) else 0
 
 
 def kv_cache_bytes_per_token(cfg: Any, n_loops: int | None, bytes_per_value: int) -> int:
-    """Bytes the KV cache grows by per token with every position running ``n_loops``."""
-    return cache_layers(cfg, n_loops) * kv_values_per_layer(cfg) * bytes_per_value
+    """Bytes the KV cache grows by per token with every position running ``n_loops``
+    (attention layers and loop depths, plus the token convolution's input)."""
+    values = cache_layers(cfg, n_loops) * kv_values_per_layer(cfg) + conv_values(cfg)
+    return values * bytes_per_value
 
 
 def matmul_params(cfg: Any) -> tuple[int, int]:
@@ -161,7 +172,7 @@ def model_info(cfg: Any, name: str, n_loops: int | None = None,
         name=name, kind=kind.name, attn_type=str(cfg.attn_type), n_loops=n_loops,
         total_params=counts.total, active_params=counts.active,
         cache_layers=layers, kv_values_per_layer=kv_values_per_layer(cfg),
-        kv_bytes_per_token={k: layers * kv_values_per_layer(cfg) * b
+        kv_bytes_per_token={k: (layers * kv_values_per_layer(cfg) + conv_values(cfg)) * b
                             for k, b in DTYPE_BYTES.items()},
         matmul_params_once=once, matmul_params_per_loop=per_loop,
         matmul_flops_per_token=flops_per_token(cfg, n_loops, 0),
@@ -266,7 +277,8 @@ def format_info(info: ModelInfo, cfg: Any) -> str:
         f"{info.name}: {info.attn_type.upper()} attention, dim {cfg.dim}, {arch}",
         f"  parameters        total {info.total_params:,} ({format_count(info.total_params)}), "
         f"active {info.active_params:,} ({format_count(info.active_params)})",
-        f"  kv cache / token  {info.cache_layers} layers x {info.kv_values_per_layer} values: "
+        f"  kv cache / token  {info.cache_layers} layers x {info.kv_values_per_layer} values"
+        f"{f' + {conv_values(cfg)} (token convolution)' if conv_values(cfg) else ''}: "
         f"{kv['fp32']:,} B fp32, {kv['bf16']:,} B bf16 "
         f"({_format_bytes(kv['bf16'] * info.context)} bf16 at {info.context:,} tokens)",
         f"  flops / token     {format_count(info.flops_per_token)} at context {info.context:,} = "

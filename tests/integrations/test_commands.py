@@ -129,13 +129,17 @@ def test_info_prints_exact_counts_and_cache_sizes_of_a_variant(capsys):
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
-def test_kv_cache_formula_matches_a_real_cache(attn_type):
-    cfg = tiny_config(attn_type, act_threshold=float("inf"))
+@pytest.mark.parametrize("token_conv", [0, 4])
+def test_kv_cache_formula_matches_a_real_cache(attn_type, token_conv):
+    cfg = tiny_config(attn_type, act_threshold=float("inf"), token_conv=token_conv)
     model = OpenMythos(cfg).eval()
     T, n_loops = 12, 5
     cache = KVCache(T)
     model(torch.randint(0, cfg.vocab_size, (1, T)), n_loops, cache, 0)
     assert cache.nbytes() == T * info_cmd.kv_cache_bytes_per_token(cfg, n_loops, 4)
+    info = info_cmd.model_info(cfg, "tiny", n_loops)
+    assert info.kv_bytes_per_token["fp32"] * T == cache.nbytes()
+    assert info.cache_layers == 1 + n_loops + 1
 
 
 def test_flops_formula_matches_counted_matmuls():
