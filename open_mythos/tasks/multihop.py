@@ -32,6 +32,13 @@ class MultiHop(Task):
     distractors fill the chain up to it, and ``distractors`` is ignored), so every split has
     the same prompt length: a longer chain is then harder only because it needs more hops,
     not because its prompt is longer than any seen in training.
+
+    ``digits`` (with ``statements``): every prompt holds exactly this many digit-valued
+    assignments, with distinct digits (the answer and ``digits - 1`` distractors; the other
+    distractors point to earlier variables). Without it, a fixed-length prompt holds fewer
+    digits the longer its chain (about ``1 + (statements - hops) / 2``), so a long chain
+    can be answered by elimination, without following it; with it, guessing a digit from
+    the prompt is right ``1 / digits`` of the time at every chain length.
     """
 
     name = "multihop"
@@ -43,6 +50,7 @@ class MultiHop(Task):
         ood_hops: tuple[int, int] = (4, 8),
         distractors: tuple[int, int] = (1, 4),
         statements: int | None = None,
+        digits: int | None = None,
     ) -> None:
         hops = check_range("hops", hops)
         ood = check_range("ood_hops", ood_hops)
@@ -61,6 +69,16 @@ class MultiHop(Task):
                 f"ood_hops[1] + distractors[1] must be <= {len(VARIABLES)} variables, "
                 f"got {ood[1]} + {self.distractors[1]}"
             )
+        self.digits = digits
+        if digits is not None:
+            if statements is None:
+                raise ValueError("digits needs statements (a fixed number of assignments)")
+            if isinstance(digits, bool) or not isinstance(digits, int):
+                raise ValueError(f"digits must be an integer, got {digits!r}")
+            most = min(len(VALUES), statements - max(hops[1], ood[1]) + 1)
+            if not 1 <= digits <= most:
+                raise ValueError(f"digits must be in [1, {most}] (distinct digits, one per "
+                                 f"distractor of the longest chain plus the answer), got {digits}")
 
     def _generate(self, rng: random.Random, level: int) -> Example:
         if self.statements is not None and level > self.statements:
@@ -69,14 +87,24 @@ class MultiHop(Task):
                    else self.statements - level)
         if level + n_extra > len(VARIABLES):
             raise ValueError(f"level {level} needs more than {len(VARIABLES)} variables")
+        if self.digits is not None and n_extra < self.digits - 1:
+            raise ValueError(f"level {level} leaves {n_extra} distractors for the "
+                             f"{self.digits - 1} digit-valued ones of digits={self.digits}")
         names = rng.sample(VARIABLES, level + n_extra)
         chain, extra = names[:level], names[level:]
-        answer = rng.choice(VALUES)
+        if self.digits is None:
+            answer, others, digit_vars = rng.choice(VALUES), [], None
+        else:
+            answer, *others = rng.sample(VALUES, self.digits)
+            digit_vars = set(rng.sample(extra, self.digits - 1))
         statements = [f"{chain[-1]}={answer}"]
         statements += [f"{chain[i]}={chain[i + 1]}" for i in range(level - 1)]
         created = list(chain)
         for var in extra:
-            target = rng.choice(created) if rng.random() < 0.5 else rng.choice(VALUES)
+            if digit_vars is None:
+                target = rng.choice(created) if rng.random() < 0.5 else rng.choice(VALUES)
+            else:
+                target = others.pop() if var in digit_vars else rng.choice(created)
             statements.append(f"{var}={target}")
             created.append(var)
         rng.shuffle(statements)

@@ -49,6 +49,7 @@ VARIANTS: dict[str, Task] = {
     "multihop": MultiHop(),
     "multihop_no_distractors": MultiHop(distractors=(0, 0)),
     "multihop_fixed_length": MultiHop(ood_hops=(4, 6), statements=8),
+    "multihop_fixed_digits": MultiHop(ood_hops=(4, 6), statements=10, digits=3),
     "phop": PHop(),
     "phop_2": PHop(nodes=2),
 }
@@ -257,7 +258,8 @@ def test_dyck_balanced_is_a_fair_coin_that_counting_cannot_solve() -> None:
         assert body.count("(") + body.count("[") == body.count(")") + body.count("]")
 
 
-@pytest.mark.parametrize("task", [MultiHop(), MultiHop(ood_hops=(4, 6), statements=8)])
+@pytest.mark.parametrize("task", [MultiHop(), MultiHop(ood_hops=(4, 6), statements=8),
+                                  MultiHop(ood_hops=(4, 6), statements=8, digits=3)])
 def test_multihop_assigns_each_variable_once_and_is_acyclic(task: MultiHop) -> None:
     for split in task.splits:
         for ex in _samples(task, split):
@@ -468,3 +470,27 @@ def test_bad_knobs_name_the_field(factory, match: str) -> None:
 def test_unknown_split_lists_the_available_ones() -> None:
     with pytest.raises(ValueError, match="ood_hops"):
         MultiHop().generate(random.Random(0), "test")
+
+
+def test_multihop_digits_fixes_the_digits_in_every_prompt() -> None:
+    """Without ``digits`` a longer chain in a fixed-length prompt leaves fewer digits (one
+    at 8 hops of 8: answerable by elimination); with it every prompt holds ``digits``
+    distinct digits, the answer among them, at every chain length."""
+    rng = random.Random(0)
+    plain = MultiHop(hops=(1, 3), ood_hops=(4, 8), statements=8)
+    assert all(sum(c.isdigit() for c in plain.generate_at(rng, 8).prompt) == 1 for _ in range(20))
+    task = MultiHop(hops=(1, 3), ood_hops=(4, 6), statements=8, digits=3)
+    for level in range(1, 7):
+        for _ in range(30):
+            ex = task.generate_at(rng, level)
+            digits = [c for c in ex.prompt if c.isdigit()]
+            assert len(digits) == len(set(digits)) == 3 and ex.answer in digits
+            assert task.level_of(ex.prompt) == level and task.solve(ex.prompt) == ex.answer
+    with pytest.raises(ValueError, match="distractors"):
+        task.generate_at(rng, 7)  # one distractor cannot hold the two other digits
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        MultiHop(hops=(1, 3), ood_hops=(4, 6), statements=8, digits=4)
+    with pytest.raises(ValueError, match="needs statements"):
+        MultiHop(digits=2)
+    with pytest.raises(ValueError, match="integer"):
+        MultiHop(ood_hops=(4, 6), statements=8, digits=True)
