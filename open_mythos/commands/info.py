@@ -167,13 +167,13 @@ def model_info(cfg: Any, name: str, n_loops: int | None = None,
     model = build_model(cfg, device="meta")
     counts = count_parameters(model)
     layers = _cache_layers(model, n_loops)
+    cached_values = layers * kv_values_per_layer(cfg) + conv_values(cfg)
     once, per_loop = matmul_params(cfg)
     return ModelInfo(
         name=name, kind=kind.name, attn_type=str(cfg.attn_type), n_loops=n_loops,
         total_params=counts.total, active_params=counts.active,
         cache_layers=layers, kv_values_per_layer=kv_values_per_layer(cfg),
-        kv_bytes_per_token={k: (layers * kv_values_per_layer(cfg) + conv_values(cfg)) * b
-                            for k, b in DTYPE_BYTES.items()},
+        kv_bytes_per_token={k: cached_values * b for k, b in DTYPE_BYTES.items()},
         matmul_params_once=once, matmul_params_per_loop=per_loop,
         matmul_flops_per_token=flops_per_token(cfg, n_loops, 0),
         attention_flops_per_position=attention_flops_per_position(cfg, n_loops),

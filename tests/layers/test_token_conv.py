@@ -158,16 +158,16 @@ def test_speculative_greedy_equals_plain_greedy_batched_padded():
     assert torch.equal(got, want)
 
 
-def test_a_training_step_trains_the_convolution():
+def test_the_loss_reaches_the_convolution():
+    """The convolution is in the training graph: the loss has a gradient for every one of
+    its weights (a convolution left out of the forward would get none)."""
     torch.manual_seed(0)
     model = OpenMythos(tiny_config(token_conv=WIDTH))
-    before = model.token_conv.weight.detach().clone()
     ids = torch.randint(0, 97, (2, 10))
     logits = model(ids, 2)
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-    assert model.token_conv.weight.grad.abs().sum() > 0
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert not torch.equal(model.token_conv.weight, before)
+    grad = model.token_conv.weight.grad
+    assert grad is not None and bool((grad != 0).all())
 
 
 @torch.no_grad()
