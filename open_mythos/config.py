@@ -13,11 +13,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-#: Largest standard deviation of the tied head's logits at initialisation: that of the
-#: default dim-64 model (unit embedding, sqrt(64)), which learns fastest in the measurements
-#: of docs/initialization.md; wider models get a smaller final-norm gain instead of larger logits.
-MAX_INIT_LOGIT_STD = 8.0
-
 
 class AttnType(str, Enum):
     """Attention flavour of every block. A ``str`` enum, so ``cfg.attn_type == "mla"`` works."""
@@ -95,11 +90,17 @@ class MythosConfig:
         embed_init_std: standard deviation of the (tied) embedding; ``None`` (the default)
             means 1.0, the unit variance of ``nn.Embedding``, on a par with the block outputs
             in the residual stream. Set 0.02 for upstream's. The tied head's initial logits
-            then have std ``embed_std * sqrt(dim)``; the final norm's gain starts at
-            ``min(1, 8 / (embed_std * sqrt(dim)))``, which caps that at 8, the value of the
-            measured dim-64 model, at any width (and is 1 with upstream's values).
+            would then have std ``embed_std * sqrt(dim)``; the final norm's gain keeps them
+            at ``init_logit_std`` at most.
             The norms, LTI injection, halting head and LoRA keep their own initialisations.
             Measurements behind these defaults: ``docs/initialization.md``.
+        init_logit_std: largest standard deviation of the tied head's logits at
+            initialisation: the final norm's gain starts at
+            ``min(1, init_logit_std / (embed_std * sqrt(dim)))``, 0.125 at dim 64 and 0.022
+            at dim 2048 by default (1, upstream's gain, with upstream's 0.02 embedding). At 1
+            the first loss starts within a few nats of ``log(vocab)``; with 8 (the default
+            until 2026-12-04) it starts 5-10x above, which cost the short parity recipe 13
+            points (docs/initialization.md).
         token_conv: width ``K`` of a causal depthwise convolution over the token embeddings,
             added to them before the Prelude: each channel of position ``t`` gains a learned
             mix of the same channel at positions ``t-K+1 .. t``, so the first attention layer
@@ -141,6 +142,7 @@ class MythosConfig:
     norm_eps: float = 1e-6
     init_std: float | None = None
     embed_init_std: float | None = None
+    init_logit_std: float = 1.0
     clamp_loop_index: bool = False
     token_conv: int = 0
 
@@ -198,6 +200,8 @@ class MythosConfig:
                  "finite and >= 0")
         _require("act_halt_bias_init", self.act_halt_bias_init,
                  _is_finite(self.act_halt_bias_init), "a finite number")
+        _require("init_logit_std", self.init_logit_std,
+                 _is_finite(self.init_logit_std) and self.init_logit_std > 0, "finite and > 0")
         for name in ("init_std", "embed_init_std"):
             value = getattr(self, name)
             if value is not None:
@@ -231,8 +235,8 @@ class MythosConfig:
     @property
     def final_norm_gain(self) -> float:
         """Initial gain of the final RMSNorm: the tied head's initial logits have std
-        ``embed_std * sqrt(dim) * gain``, capped at :data:`MAX_INIT_LOGIT_STD`."""
-        return min(1.0, MAX_INIT_LOGIT_STD / (self.embed_std * self.dim ** 0.5))
+        ``embed_std * sqrt(dim) * gain``, capped at ``init_logit_std``."""
+        return min(1.0, self.init_logit_std / (self.embed_std * self.dim ** 0.5))
 
     @property
     def loop_dim(self) -> int:

@@ -41,6 +41,8 @@ def test_upstream_fields_and_defaults():
         (dict(dim=True), "dim"),
         (dict(init_std=0.0), "init_std"),
         (dict(embed_init_std=-1.0), "embed_init_std"),
+        (dict(init_logit_std=0.0), "init_logit_std"),
+        (dict(init_logit_std=math.nan), "init_logit_std"),
     ],
 )
 def test_validation_names_the_field(overrides, field):

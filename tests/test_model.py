@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 from open_mythos import OpenMythos
@@ -173,17 +176,25 @@ def test_init_std_and_embed_init_std(kind):
 
 
 @pytest.mark.parametrize("dim", [64, 256])
-def test_default_init_scales_with_width(dim):
+@pytest.mark.parametrize("logit_std", [None, 8.0])
+def test_default_init_scales_with_width(dim, logit_std):
     """Matrices N(0, 1/dim), a unit-variance embedding, and a final-norm gain that caps the
-    tied head's initial logit std at 8 (measured on a forward, not read off the config)."""
+    tied head's initial logit std at ``init_logit_std`` (1 by default; measured on a
+    forward, not read off the config)."""
     torch.manual_seed(0)
+    extra = {} if logit_std is None else {"init_logit_std": logit_std}
     model = OpenMythos(tiny_config(dim=dim, n_heads=4, vocab_size=1000, init_std=None,
-                                   embed_init_std=None)).eval()
+                                   embed_init_std=None, **extra)).eval()
+    cap = logit_std or 1.0
     assert abs(model.prelude[0].attn.wq.weight.std().item() - dim ** -0.5) < 0.1 * dim ** -0.5
     assert abs(model.recurrent.block.ffn.w_gate_up.std().item() - dim ** -0.5) < 0.1 * dim ** -0.5
     assert abs(model.embed.weight.std().item() - 1.0) < 0.05
-    assert torch.allclose(model.norm.weight, torch.full((dim,), min(1.0, 8 / dim ** 0.5)))
+    assert torch.allclose(model.norm.weight, torch.full((dim,), min(1.0, cap / dim ** 0.5)))
     ids = torch.randint(0, 1000, (4, 32))
     with torch.no_grad():
         logits = model(ids, n_loops=4)
-    assert 7.0 < logits.std().item() < 9.0
+    assert 0.85 * cap < logits.std().item() < 1.15 * cap
+    # The first loss: within a few nats of uniform logits' log(vocab) at std 1 (the tied
+    # head still favours the input token), far above it at 8.
+    loss = F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 1000, (4 * 32,))).item()
+    assert loss < math.log(1000) + 3 if logit_std is None else loss > 4 * math.log(1000)

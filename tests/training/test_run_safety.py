@@ -317,7 +317,7 @@ def test_config_classes_name_the_bad_field():
                           (dict(grad_clip=float("nan")), "optim.grad_clip")]:
         with pytest.raises(ConfigError, match=field):
             OptimConfig(**kwargs)
-    for name in ("init_std", "embed_init_std", "norm_eps", "rope_theta"):
+    for name in ("init_std", "embed_init_std", "init_logit_std", "norm_eps", "rope_theta"):
         with pytest.raises(ValueError, match=f"MythosConfig.{name}=inf"):
             MythosConfig(**{name: float("inf")})
 
