@@ -131,6 +131,39 @@ def test_grouped_matmul_forward_backward_with_empty_groups(d_in):
     torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode", "frozen"])
+def test_inference_dispatch_skips_autograd_wrappers_with_identical_output(grad_mode, monkeypatch):
+    """Without autograd the sorted dispatch calls the gather and the native grouped kernel
+    directly (the custom op and the autograd.Function only add dispatch cost); the output
+    is bit-identical to the recorded path, and the float64 reference agrees."""
+    import open_mythos.layers.moe as moe_module
+
+    torch.manual_seed(3)
+    moe = MoEFFN(tiny_config(n_experts=8, n_experts_per_tok=2, dim=32, expert_dim=24))
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    x = torch.randn(3, 7, 32)  # 42 slots > 8 experts: the sorted path
+    recorded = moe(x.clone().requires_grad_())
+    wrapped = []
+    real_op, real_fn = moe_module._grouped_mm, moe_module._PermuteRows.apply
+    monkeypatch.setattr(moe_module, "_grouped_mm", lambda *a: wrapped.append("op") or real_op(*a))
+    monkeypatch.setattr(moe_module._PermuteRows, "apply",
+                        lambda *a: wrapped.append("fn") or real_fn(*a))
+    if grad_mode == "frozen":  # grad enabled, but nothing requires it
+        moe.requires_grad_(False)
+        out = moe(x)
+    else:
+        with getattr(torch, grad_mode)():
+            out = moe(x)
+    assert wrapped == []
+    assert torch.equal(out, recorded.detach())
+    ref = naive_moe_float64(moe, x.view(-1, 32)).view_as(out)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    # With autograd recording, the wrappers are used (gradients need them).
+    moe.requires_grad_(True)
+    moe(x.clone().requires_grad_())
+    assert "op" in wrapped and "fn" in wrapped
+
+
 def test_router_bias_update_moves_towards_balance():
     moe = MoEFFN(tiny_config(router_bias_update_rate=0.1))
     moe.load_since_update.copy_(torch.tensor([10.0, 0.0, 5.0, 5.0]))
