@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from reference_style import greedy_stream as reference_stream  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
 from open_mythos.inference import KVCache, generate, static, stream  # noqa: E402
-from open_mythos.layers import MLAttention  # noqa: E402
+from open_mythos.layers import MLAttention, MoEFFN  # noqa: E402
 from open_mythos.tasks import get_task, make_batch  # noqa: E402
 
 
@@ -268,6 +269,38 @@ def act_rows(n_loops: int, steps: int, repeats: int) -> tuple[list[list[object]]
     return rows, note
 
 
+SECTIONS = ("kv", "moe", "decode", "act")
+
+#: MoE layers of the dispatch table: (dim, expert_dim, n_experts, top-k). The small
+#: configs' layers, then upstream-like widths.
+MOE_SHAPES = ((64, 32, 4, 2), (256, 64, 8, 2), (512, 128, 64, 4), (1024, 512, 64, 4),
+              (2048, 1408, 64, 4))
+
+
+def moe_dispatch_rows(tokens: Iterable[int], repeats: int) -> list[list[object]]:
+    """The MoE layer's two dispatches timed on a few tokens (no autograd, the same routing
+    for both), and the one :meth:`MoEFFN.gathers` picks."""
+    rows = []
+    for dim, width, experts, k in MOE_SHAPES:
+        cfg = MythosConfig(vocab_size=256, dim=dim, n_heads=8, n_kv_heads=8, expert_dim=width,
+                           n_experts=experts, n_experts_per_tok=k, max_seq_len=64)
+        moe = MoEFFN(cfg).eval()
+        for n in tokens:
+            x = torch.randn(n, dim)
+            with torch.no_grad():
+                idx, gates, _ = moe.route(x)
+                gather, sort = (
+                    median_time(partial(dispatch, x, idx, gates, x.dtype), repeats=repeats,
+                                warmup=2)
+                    for dispatch in (moe._dispatch_gather, moe._dispatch_sorted))
+            slots = n * k
+            copied = slots * (moe.w_gate_up[0].numel() + moe.w_down[0].numel())
+            rows.append([f"{dim}/{width}, {experts} top-{k}", n, slots, f"{copied / 1e6:.2f}M",
+                         f"{1e3 * gather:.3f}", f"{1e3 * sort:.3f}", f"{sort / gather:.2f}x",
+                         "gather" if moe.gathers(slots) else "sorted"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="prompt lengths 64 and 512 only")
@@ -279,16 +312,28 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="also time the compiled step without its CPU tuning (inductor's "
                              "Python wrapper, every guard on every step)")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this section (repeatable): " + ", ".join(SECTIONS))
     args = parser.parse_args()
+    sections = args.only or list(SECTIONS)
     torch.set_num_threads(args.threads)
     prompt_lens = [64, 512] if args.quick else [64, 512, 2048]
     repeats = args.repeats
 
     print(f"# OpenMythos inference benchmark (torch {torch.__version__}, {args.threads} threads, "
           f"fp32, median of {repeats} interleaved generations per path)\n")
-    print("## KV cache bytes per token (small configs, 4 loops: 1 prelude + 4 loops + 1 coda layers)\n")
-    print_table(["attn", "reference fp32", "ours fp32", "ours bf16", "ratio fp32", "ratio bf16"],
-                kv_rows(4))
+    if "kv" in sections:
+        print("## KV cache bytes per token (small configs, 4 loops: 1 prelude + 4 loops + 1 "
+              "coda layers)\n")
+        print_table(["attn", "reference fp32", "ours fp32", "ours bf16", "ratio fp32",
+                     "ratio bf16"], kv_rows(4))
+    if "moe" in sections:
+        print("\n## MoE dispatch of a few tokens (no autograd): gathering each slot's expert "
+              "weights against sorting by expert, median ms\n")
+        print_table(["layer (dim/expert dim)", "tokens", "slots", "weights copied", "gather ms",
+                     "sorted ms", "gather speed-up", "taken"],
+                    moe_dispatch_rows((1, 4, 16) if args.quick else (1, 2, 4, 8, 16, 32),
+                                      repeats))
 
     headers = ["model", "prompt", "prefill tok/s", "naive prefill tok/s", "naive decode tok/s",
                "eager decode tok/s", "compiled decode tok/s", "eager speed-up",
@@ -296,7 +341,7 @@ def main() -> None:
                "eager vs reference", "compiled vs reference"]
     if args.ablate:
         headers += ["untuned compiled tok/s", "tuning gain"]
-    for attn in ("gqa", "mla"):
+    for attn in ("gqa", "mla") if "decode" in sections else ():
         torch.manual_seed(0)
         model = OpenMythos(small_config(attn)).eval()
         reference = ReferenceStyleLM(small_config(attn)).eval()
@@ -306,6 +351,8 @@ def main() -> None:
         print_table(headers, rows)
         print("\n" + "; ".join(notes))
 
+    if "act" not in sections:
+        return
     rows, note = act_rows(args.loops, args.train_steps, repeats)
     print(f"\n## ACT early exit on an ACT-trained small GQA model: 4 prompts, 32 new tokens, "
           f"up to {args.loops} loops\n")

@@ -20,9 +20,11 @@ is the other one's forward (:class:`_PermuteRows`): gathers both ways, no scatte
 Nothing on this path reads a tensor on the host, so on CUDA it never synchronises, and the
 whole layer traces with ``torch.compile(fullgraph=True)``.
 
-With at most ``n_experts`` slots (decoding a few sequences) the layer instead gathers each
-slot's expert weights and batch-multiplies (:meth:`MoEFFN._dispatch_gather`): no sort and
-no per-group kernels, which would dominate a one-token step.
+With few slots of small experts (decoding a few sequences of a small model, a short
+prefill or a speculative verification) the layer instead gathers each slot's expert
+weights and batch-multiplies (:meth:`MoEFFN._dispatch_gather`): no sort and no per-group
+kernels, which would dominate such a step. The copy grows with the slots and the expert
+size, so it is taken only while it stays under :data:`GATHER_MAX_ELEMENTS`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+#: The most weight elements the gather dispatch may copy (its slots times one expert's
+#: ``gate_up`` and ``down`` elements; 4 MiB in fp32); above it the layer sorts. The copy
+#: is cheap for small experts and ruinous for large ones: at one decoded token with top-4,
+#: dim 1024 and expert width 512 (6.3M elements) gathering took 4.1 ms against 1.6 ms
+#: sorted, and at dim 2048 with 16 tokens 2.0 s against 0.14 s; for dim 64 or 256 it is
+#: the faster path up to about 1M elements (``benchmarks/inference.py --only moe``).
+GATHER_MAX_ELEMENTS = 1 << 20
 
 
 # Grouped matmul ---------------------------------------------------------------------------
@@ -342,7 +353,7 @@ class MoEFFN(nn.Module):
         topk_idx, gates, probs = self.route(flat)
 
         dtype = _compute_dtype(flat)
-        if n_tokens * k <= self.n_experts:
+        if self.gathers(n_tokens * k, training=_tracks_grad(flat, self.w_gate_up)):
             out, load = self._dispatch_gather(flat.to(dtype), topk_idx, gates, dtype)
         else:
             out, load = self._dispatch_sorted(flat.to(dtype), topk_idx, gates, dtype)
@@ -406,14 +417,28 @@ class MoEFFN(nn.Module):
             cache[dtype] = (self.w_gate_up.to(dtype), self.w_down.to(dtype))
         return cache[dtype]
 
+    def gathers(self, slots: int, training: bool = False) -> bool:
+        """Whether ``slots`` token-expert pairs take the gather dispatch; the sorted
+        dispatch otherwise.
+
+        The copied weights must stay within :data:`GATHER_MAX_ELEMENTS`. Where autograd
+        records (``training``) the slots are also at most ``n_experts``: the gather's
+        backward adds one weight gradient per slot, and a training step has the sorted
+        path's single cast of the expert weights per forward (:meth:`shared_casts`).
+        """
+        per_expert = self.w_gate_up[0].numel() + self.w_down[0].numel()
+        if slots * per_expert > GATHER_MAX_ELEMENTS:
+            return False
+        return slots <= self.n_experts or not training
+
     def _dispatch_gather(self, flat: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Few slots (decode): gather each slot's expert weights and batch-multiply.
+        """Few slots of small experts: gather each slot's expert weights and batch-multiply.
 
-        With at most ``n_experts`` slots this copies no more weight than a grouped matmul
-        reads, and it skips the sort, the group offsets and the per-group kernel launches
-        (which dominate a decode step); every shape is static, so it compiles into the
-        decode graph. Same results as :meth:`_dispatch_sorted`.
+        It skips the sort, the group offsets and the per-group kernel launches, which
+        dominate a decode step of a small model, at the price of copying every slot's
+        expert weights (:meth:`gathers` bounds the copy); every shape is static, so it
+        compiles into the decode graph. Same results as :meth:`_dispatch_sorted`.
         """
         n, k = topk_idx.shape
         idx = topk_idx.reshape(-1)  # (S,) with S = N * k

@@ -66,6 +66,49 @@ def test_few_tokens_gather_dispatch_matches_reference_and_sorted_path(n_tokens):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("budget_slots, n_tokens, path", [
+    (None, 10, "gather"),  # 30 slots > 8 experts, but small experts: still gathered
+    (5, 2, "sorted"),      # 6 slots would copy more than the budget allows
+    (6, 2, "gather"),      # exactly at the budget
+])
+def test_dispatch_choice_bounds_the_copied_expert_weights(budget_slots, n_tokens, path,
+                                                          monkeypatch):
+    """The gather dispatch copies each slot's expert weights, so it is taken only while
+    that copy stays within GATHER_MAX_ELEMENTS (large experts sort even for one token);
+    either path equals the float64 reference."""
+    import open_mythos.layers.moe as moe_module
+
+    torch.manual_seed(4)
+    moe = MoEFFN(tiny_config(n_experts=8, n_experts_per_tok=3, dim=32, expert_dim=24))
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    per_expert = 32 * 2 * 24 + 24 * 32
+    if budget_slots is not None:
+        monkeypatch.setattr(moe_module, "GATHER_MAX_ELEMENTS", budget_slots * per_expert)
+    assert moe.gathers(3 * n_tokens) == (path == "gather")
+    taken = []
+    for name in ("_dispatch_gather", "_dispatch_sorted"):
+        real = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, real=real, name=name:
+                            taken.append(name) or real(*a))
+    x = torch.randn(n_tokens, 1, 32)
+    with torch.no_grad():
+        out = moe(x)
+    assert taken == [f"_dispatch_{path}"]
+    ref = naive_moe_float64(moe, x.view(-1, 32)).view_as(out)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_large_experts_sort_even_for_one_token():
+    # dim 1024, expert width 512: one token's 4 slots would copy 6.3M weight elements.
+    moe = MoEFFN(tiny_config(n_experts=64, n_experts_per_tok=4, dim=1024, expert_dim=512,
+                             n_heads=8, n_kv_heads=8))
+    assert not moe.gathers(4)
+    small = MoEFFN(tiny_config(n_experts=4, n_experts_per_tok=2, dim=64, expert_dim=32))
+    assert small.gathers(2) and small.gathers(64) and not small.gathers(200)
+    # Where autograd records, at most one slot per expert is gathered.
+    assert small.gathers(4, training=True) and not small.gathers(5, training=True)
+
+
 def test_moe_telemetry_and_gradients():
     torch.manual_seed(1)
     moe = MoEFFN(tiny_config())
@@ -141,7 +184,8 @@ def test_inference_dispatch_skips_autograd_wrappers_with_identical_output(grad_m
     torch.manual_seed(3)
     moe = MoEFFN(tiny_config(n_experts=8, n_experts_per_tok=2, dim=32, expert_dim=24))
     torch.nn.init.normal_(moe.router.weight, std=0.5)
-    x = torch.randn(3, 7, 32)  # 42 slots > 8 experts: the sorted path
+    monkeypatch.setattr(moe_module, "GATHER_MAX_ELEMENTS", 0)  # the sorted path
+    x = torch.randn(3, 7, 32)
     recorded = moe(x.clone().requires_grad_())
     wrapped = []
     real_op, real_fn = moe_module._grouped_mm, moe_module._PermuteRows.apply
