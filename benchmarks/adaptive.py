@@ -24,8 +24,10 @@ Columns:
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,7 +44,12 @@ from open_mythos.evaluation.sweep import (  # noqa: E402
     perplexity,
     sample_examples,
 )
-from open_mythos.inference import SpeculativeStats, generate, speculative_generate  # noqa: E402
+from open_mythos.inference import (  # noqa: E402
+    KVCache,
+    SpeculativeStats,
+    generate,
+    speculative_generate,
+)
 from open_mythos.tasks import score  # noqa: E402
 
 RULES: list[tuple[str, ExitRule | None]] = [
@@ -112,42 +119,82 @@ def text_table(run: str, n_loops: int, n_prompts: int, prompt_len: int,
 
 
 def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len: int,
-                      new_tokens: int, repeats: int = 3) -> list[dict]:
-    """Plain greedy decoding against self-speculative greedy decoding, best of
-    ``repeats`` wall times each, on prompts from the run's validation text."""
+                      new_tokens: int, repeats: int = 7) -> list[dict]:
+    """Plain greedy decoding against self-speculative greedy decoding on prompts from the
+    run's validation text: median wall time of ``repeats`` rounds, each round running every
+    method once in turn (so that drift in the machine's speed falls on all of them alike)."""
     model = load_model(run).model.eval()
     prompts_all = torch.cat([b["input_ids"] for b in run_val_batches(run)])[:, :prompt_len]
     if prompt_len + new_tokens > model.cfg.max_seq_len:
         raise SystemExit(f"--prompt-len {prompt_len} + --speculative-tokens {new_tokens} "
                          f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    drafts = [(loops, tokens) for loops in (1, 2) for tokens in (2, 4, 6)]
     rows = []
     for batch in batch_sizes:
         prompts = prompts_all[:batch]
         with torch.no_grad():
             reference = generate(model, prompts, new_tokens, n_loops, do_sample=False)
-        plain = min(_timed(generate, model, prompts, new_tokens, n_loops, do_sample=False)
-                    for _ in range(repeats))
+        methods = {"plain greedy": partial(generate, model, prompts, new_tokens, n_loops,
+                                           do_sample=False)}
+        stats = {d: SpeculativeStats() for d in drafts}
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        for d in drafts:
+            methods[f"draft {d[0]} loop(s) x {d[1]}"] = partial(
+                _speculative_round, model, prompts, new_tokens, n_loops, d, stats, outputs)
+        seconds: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(1 + repeats):  # the first round warms up and is not counted
+            for name, fn in methods.items():
+                seconds[name].append(_timed(fn))
+        median = {name: statistics.median(ts[1:]) for name, ts in seconds.items()}
+        plain = median["plain greedy"]
         rows.append(dict(batch=batch, method="plain greedy", seconds=plain, ratio=1.0,
                          acceptance=None, per_cycle=1.0, same=1.0))
-        for draft_loops in (1, 2):
-            for draft_tokens in (2, 4, 6):
-                stats = SpeculativeStats()
-                seconds = []
-                for _ in range(repeats):
-                    stats = SpeculativeStats()
-                    seconds.append(_timed(speculative_generate, model, prompts, new_tokens,
-                                          n_loops, draft_loops=draft_loops,
-                                          draft_tokens=draft_tokens, stats=stats))
-                with torch.no_grad():
-                    out = speculative_generate(model, prompts, new_tokens, n_loops,
-                                               draft_loops=draft_loops,
-                                               draft_tokens=draft_tokens)
-                rows.append(dict(batch=batch, method=f"draft {draft_loops} loop(s) x {draft_tokens}",
-                                 seconds=min(seconds), ratio=plain / min(seconds),
-                                 acceptance=stats.acceptance_rate,
-                                 per_cycle=stats.tokens_per_cycle,
-                                 same=float((out == reference).float().mean())))
+        for d in drafts:
+            name = f"draft {d[0]} loop(s) x {d[1]}"
+            rows.append(dict(batch=batch, method=name, seconds=median[name],
+                             ratio=plain / median[name], acceptance=stats[d].acceptance_rate,
+                             per_cycle=stats[d].tokens_per_cycle,
+                             same=float((outputs[d] == reference).float().mean())))
     return rows
+
+
+def forward_costs(run: str, n_loops: int, batch: int, prompt_len: int,
+                  repeats: int = 21) -> list[dict]:
+    """What a speculative cycle is made of: the wall time of one cached forward of a draft
+    (one token, 1 or 2 loops) and of a verification (``1 + drafts`` tokens at ``n_loops``),
+    each against one plain decode step (one token at ``n_loops``); medians of ``repeats``
+    rounds, the forwards taking turns, every forward after the same prefilled prompt."""
+    model = load_model(run).model.eval()
+    prompts = torch.cat([b["input_ids"] for b in run_val_batches(run)])[:batch, :prompt_len]
+    if prompt_len + 7 > model.cfg.max_seq_len:
+        raise SystemExit(f"--prompt-len {prompt_len} leaves no room for a 7-token verification "
+                         f"within max_seq_len={model.cfg.max_seq_len}")
+    cache = KVCache(prompt_len + 7)
+    with torch.no_grad():
+        model(prompts, n_loops, cache, 0)
+    shapes = {"plain step (1 token)": (1, n_loops), "draft, 1 loop": (1, 1),
+              "draft, 2 loops": (1, 2)}
+    shapes.update({f"verify {n} drafts": (n + 1, n_loops) for n in (2, 4, 6)})
+    seconds: dict[str, list[float]] = {name: [] for name in shapes}
+    for _ in range(1 + repeats):
+        for name, (tokens, loops) in shapes.items():
+            ids = prompts[:, -1:].repeat(1, tokens)
+            seconds[name].append(_timed(model, ids, loops, cache, prompt_len))
+            cache.truncate(prompt_len)
+    plain = statistics.median(seconds["plain step (1 token)"][1:])
+    return [dict(forward=name, tokens=shapes[name][0], loops=shapes[name][1],
+                 ms=1e3 * statistics.median(ts[1:]),
+                 ratio=statistics.median(ts[1:]) / plain) for name, ts in seconds.items()]
+
+
+def _speculative_round(model, prompts: torch.Tensor, new_tokens: int, n_loops: int,
+                       draft: tuple[int, int], stats: dict, outputs: dict) -> None:
+    """One speculative generation with ``draft = (loops, tokens)``; its counts and tokens
+    replace the previous round's in ``stats`` and ``outputs``."""
+    stats[draft] = SpeculativeStats()
+    outputs[draft] = speculative_generate(model, prompts, new_tokens, n_loops,
+                                          draft_loops=draft[0], draft_tokens=draft[1],
+                                          stats=stats[draft])
 
 
 SHARING_MODES = ("per_depth", "every:2", "first", "last")
@@ -276,12 +323,20 @@ def main(argv: list[str] | None = None) -> int:
         spec = speculative_table(args.text_run, args.loops, args.speculative_batch,
                                  args.prompt_len, args.speculative_tokens)
         print(f"\n## Text run {args.text_run}: self-speculative greedy decoding of "
-              f"{args.speculative_tokens} tokens at {args.loops} loops (best of 3)\n")
+              f"{args.speculative_tokens} tokens at {args.loops} loops (median of 7 "
+              "rounds, the methods taking turns)\n")
         print_table(["batch", "method", "s", "speedup", "acceptance", "tokens/verify",
                      "same tokens"],
                     [[r["batch"], r["method"], f"{r['seconds']:.2f}", f"{r['ratio']:.2f}x",
                       "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}",
                       f"{r['per_cycle']:.2f}", f"{r['same']:.0%}"] for r in spec])
+        for batch in args.speculative_batch:
+            costs = forward_costs(args.text_run, args.loops, batch, args.prompt_len)
+            print(f"\nCost of one cached forward at batch {batch} (median of 21 rounds), "
+                  "against one plain decode step:\n")
+            print_table(["forward", "tokens", "loops", "ms", "vs plain step"],
+                        [[c["forward"], c["tokens"], c["loops"], f"{c['ms']:.2f}",
+                          f"{c['ratio']:.2f}"] for c in costs])
     if args.cache_runs:
         rows = cache_table(args.cache_runs, tuple(args.cache_loops))
         print("\n## Depth-sharing KV caches: bytes per token against the reference's fp32 "

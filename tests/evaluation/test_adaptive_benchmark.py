@@ -40,6 +40,11 @@ def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     spec = out.split("self-speculative")[1].splitlines()
     rows = [line for line in spec if line.strip().startswith("2 ")]
     assert len(rows) == 7 and all(line.rstrip().endswith("100%") for line in rows)
+    # Its cost model: each forward against one plain decode step (which is 1.00 by itself).
+    costs = out.split("Cost of one cached forward at batch 2")[1].splitlines()
+    cells = {line[:20].strip(): line.split()[-4:] for line in costs[4:10]}
+    assert cells["plain step (1 token)"] == ["1", "3", cells["plain step (1 token)"][2], "1.00"]
+    assert cells["draft, 2 loops"][:2] == ["1", "2"] and cells["verify 6 drafts"][:2] == ["7", "3"]
     # Cache modes: per-depth at 2 loops holds 1 prelude + 2 loops + 1 coda entries, "last"
     # 1 + 1 + 1; the fp32 per-depth GQA cache is the reference's size.
     cache = {tuple(line.split()[3:5]): line.split() for line in out.split("Depth-sharing")[1]
