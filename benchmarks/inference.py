@@ -301,7 +301,7 @@ def moe_dispatch_rows(tokens: Iterable[int], repeats: int) -> list[list[object]]
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="prompt lengths 64 and 512 only")
     parser.add_argument("--threads", type=int, default=2)
@@ -314,7 +314,7 @@ def main() -> None:
                              "Python wrapper, every guard on every step)")
     parser.add_argument("--only", action="append", choices=SECTIONS,
                         help="run only this section (repeatable): " + ", ".join(SECTIONS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sections = args.only or list(SECTIONS)
     torch.set_num_threads(args.threads)
     prompt_lens = [64, 512] if args.quick else [64, 512, 2048]
