@@ -55,6 +55,24 @@ def test_fixed_shape_step_equals_eager_decode(attn_type, cache_dtype):
 
 
 @torch.no_grad()
+def test_fixed_shape_step_with_the_sorted_moe_dispatch(monkeypatch):
+    """Large experts sort even for a decode step (GATHER_MAX_ELEMENTS): the fixed-shape
+    step through the sorted dispatch equals eager decoding through it."""
+    import open_mythos.layers.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "GATHER_MAX_ELEMENTS", 0)
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (2, 6))
+    tokens = [torch.randint(0, 97, (2,)) for _ in range(4)]
+    ref = _eager_logits(model, ids, tokens, 4)
+    cache = KVCache(16)
+    first = model(ids, 4, cache, 0, act_early_exit=True)[:, -1]
+    dec = CompiledDecoder(model, cache, 4, 6, compile=False)
+    for a, b in zip([first] + [dec.step(t) for t in tokens[:-1]], ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_prepare_fills_depths_the_prefill_did_not_reach():
     model = halting_model("gqa")
     ids = torch.randint(0, 97, (1, 5))
