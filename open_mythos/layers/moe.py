@@ -56,12 +56,12 @@ class Expert(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-#: The most weight elements the gather dispatch may copy (its slots times one expert's
-#: ``gate_up`` and ``down`` elements; 4 MiB in fp32); above it the layer sorts. The copy
-#: is cheap for small experts and ruinous for large ones: at one decoded token with top-4,
-#: dim 1024 and expert width 512 (6.3M elements) gathering took 4.1 ms against 1.6 ms
-#: sorted, and at dim 2048 with 16 tokens 2.0 s against 0.14 s; for dim 64 or 256 it is
-#: the faster path up to about 1M elements (``benchmarks/inference.py --only moe``).
+#: On the CPU, the most weight elements the gather dispatch may copy (its slots times one
+#: expert's ``gate_up`` and ``down`` elements; 4 MiB in fp32); above it the layer sorts.
+#: The copy is cheap for small experts and ruinous for large ones: at one decoded token
+#: with top-4, dim 1024 and expert width 512 (6.3M elements) gathering took 2.6 ms against
+#: 1.7 ms sorted, and at dim 2048 with 16 tokens 2.0 s against 0.19 s; for dim 64 or 256
+#: it is the faster path up to about 1M elements (``benchmarks/inference.py --only moe``).
 GATHER_MAX_ELEMENTS = 1 << 20
 
 
@@ -421,15 +421,18 @@ class MoEFFN(nn.Module):
         """Whether ``slots`` token-expert pairs take the gather dispatch; the sorted
         dispatch otherwise.
 
-        The copied weights must stay within :data:`GATHER_MAX_ELEMENTS`. Where autograd
-        records (``training``) the slots are also at most ``n_experts``: the gather's
-        backward adds one weight gradient per slot, and a training step has the sorted
-        path's single cast of the expert weights per forward (:meth:`shared_casts`).
+        On the CPU the copied weights must stay within :data:`GATHER_MAX_ELEMENTS`.
+        Where autograd records (``training``), and on other devices (where the budget was
+        not measured, and the sorted path may read its group sizes on the host), the
+        slots are also at most ``n_experts``: the gather's backward adds one weight
+        gradient per slot, and a training step keeps the sorted path's single cast of the
+        expert weights per forward (:meth:`shared_casts`).
         """
-        per_expert = self.w_gate_up[0].numel() + self.w_down[0].numel()
-        if slots * per_expert > GATHER_MAX_ELEMENTS:
+        on_cpu = self.w_gate_up.device.type == "cpu"
+        if slots > self.n_experts and (training or not on_cpu):
             return False
-        return slots <= self.n_experts or not training
+        per_expert = self.w_gate_up[0].numel() + self.w_down[0].numel()
+        return not on_cpu or slots * per_expert <= GATHER_MAX_ELEMENTS
 
     def _dispatch_gather(self, flat: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,6 +107,10 @@ def test_large_experts_sort_even_for_one_token():
     assert small.gathers(2) and small.gathers(64) and not small.gathers(200)
     # Where autograd records, at most one slot per expert is gathered.
     assert small.gathers(4, training=True) and not small.gathers(5, training=True)
+    # Off the CPU (the budget was measured there only): at most one slot per expert.
+    meta = MoEFFN(tiny_config(n_experts=64, n_experts_per_tok=4, dim=1024, expert_dim=512,
+                              n_heads=8, n_kv_heads=8)).to("meta")
+    assert meta.gathers(64) and not meta.gathers(65)
 
 
 def test_moe_telemetry_and_gradients():
