@@ -158,17 +158,24 @@ def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len
     return rows
 
 
-def forward_costs(run: str, n_loops: int, batch: int, prompt_len: int,
-                  repeats: int = 21) -> list[dict]:
-    """What a speculative cycle is made of: the wall time of one cached forward of a draft
-    (one token, 1 or 2 loops) and of a verification (``1 + drafts`` tokens at ``n_loops``),
-    each against one plain decode step (one token at ``n_loops``); medians of ``repeats``
-    rounds, the forwards taking turns, every forward after the same prefilled prompt."""
+def forward_costs(run: str, n_loops: int, batch_sizes: list[int], prompt_len: int,
+                  repeats: int = 21) -> dict[int, list[dict]]:
+    """What a speculative cycle is made of, per batch size: the wall time of one cached
+    forward of a draft (one token, 1 or 2 loops) and of a verification (``1 + drafts``
+    tokens at ``n_loops``), each against one plain decode step (one token at ``n_loops``);
+    medians of ``repeats`` rounds, the forwards taking turns, every forward after the same
+    prefilled prompt."""
     model = load_model(run).model.eval()
-    prompts = torch.cat([b["input_ids"] for b in run_val_batches(run)])[:batch, :prompt_len]
+    prompts_all = torch.cat([b["input_ids"] for b in run_val_batches(run)])[:, :prompt_len]
     if prompt_len + 7 > model.cfg.max_seq_len:
         raise SystemExit(f"--prompt-len {prompt_len} leaves no room for a 7-token verification "
                          f"within max_seq_len={model.cfg.max_seq_len}")
+    return {batch: _forward_costs(model, prompts_all[:batch], n_loops, repeats)
+            for batch in batch_sizes}
+
+
+def _forward_costs(model, prompts: torch.Tensor, n_loops: int, repeats: int) -> list[dict]:
+    prompt_len = prompts.shape[1]
     cache = KVCache(prompt_len + 7)
     with torch.no_grad():
         model(prompts, n_loops, cache, 0)
@@ -330,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                     [[r["batch"], r["method"], f"{r['seconds']:.2f}", f"{r['ratio']:.2f}x",
                       "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}",
                       f"{r['per_cycle']:.2f}", f"{r['same']:.0%}"] for r in spec])
-        for batch in args.speculative_batch:
-            costs = forward_costs(args.text_run, args.loops, batch, args.prompt_len)
+        all_costs = forward_costs(args.text_run, args.loops, args.speculative_batch,
+                                  args.prompt_len)
+        for batch, costs in all_costs.items():
             print(f"\nCost of one cached forward at batch {batch} (median of 21 rounds), "
                   "against one plain decode step:\n")
             print_table(["forward", "tokens", "loops", "ms", "vs plain step"],

@@ -294,7 +294,7 @@ def moe_dispatch_rows(tokens: Iterable[int], repeats: int) -> list[list[object]]
                                 warmup=2)
                     for dispatch in (moe._dispatch_gather, moe._dispatch_sorted))
             slots = n * k
-            copied = slots * (moe.w_gate_up[0].numel() + moe.w_down[0].numel())
+            copied = slots * moe.expert_elements
             rows.append([f"{dim}/{width}, {experts} top-{k}", n, slots, f"{copied / 1e6:.2f}M",
                          f"{1e3 * gather:.3f}", f"{1e3 * sort:.3f}", f"{sort / gather:.2f}x",
                          "gather" if moe.gathers(slots) else "sorted"])

@@ -431,8 +431,13 @@ class MoEFFN(nn.Module):
         on_cpu = self.w_gate_up.device.type == "cpu"
         if slots > self.n_experts and (training or not on_cpu):
             return False
-        per_expert = self.w_gate_up[0].numel() + self.w_down[0].numel()
-        return not on_cpu or slots * per_expert <= GATHER_MAX_ELEMENTS
+        return not on_cpu or slots * self.expert_elements <= GATHER_MAX_ELEMENTS
+
+    @property
+    def expert_elements(self) -> int:
+        """Weight elements of one routed expert (``gate_up`` and ``down``): what the gather
+        dispatch copies per slot."""
+        return self.w_gate_up[0].numel() + self.w_down[0].numel()
 
     def _dispatch_gather(self, flat: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

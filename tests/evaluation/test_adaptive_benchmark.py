@@ -40,11 +40,15 @@ def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     spec = out.split("self-speculative")[1].splitlines()
     rows = [line for line in spec if line.strip().startswith("2 ")]
     assert len(rows) == 7 and all(line.rstrip().endswith("100%") for line in rows)
-    # Its cost model: each forward against one plain decode step (which is 1.00 by itself).
+    # Its cost model: every forward's time over the plain decode step's (3 loops, 1 token).
     costs = out.split("Cost of one cached forward at batch 2")[1].splitlines()
     cells = {line[:20].strip(): line.split()[-4:] for line in costs[4:10]}
-    assert cells["plain step (1 token)"] == ["1", "3", cells["plain step (1 token)"][2], "1.00"]
-    assert cells["draft, 2 loops"][:2] == ["1", "2"] and cells["verify 6 drafts"][:2] == ["7", "3"]
+    assert len(cells) == 6 and cells["verify 6 drafts"][:2] == ["7", "3"]
+    plain_ms = float(cells["plain step (1 token)"][2])
+    for *_, ms, ratio in cells.values():
+        # Printed to 2 decimals each: allow their rounding.
+        slack = 0.005 + float(ratio) * (0.005 / float(ms) + 0.005 / plain_ms) + 1e-6
+        assert abs(float(ratio) - float(ms) / plain_ms) <= slack
     # Cache modes: per-depth at 2 loops holds 1 prelude + 2 loops + 1 coda entries, "last"
     # 1 + 1 + 1; the fp32 per-depth GQA cache is the reference's size.
     cache = {tuple(line.split()[3:5]): line.split() for line in out.split("Depth-sharing")[1]
