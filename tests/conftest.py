@@ -61,8 +61,8 @@ _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not
 @pytest.fixture(params=[
     pytest.param(("cpu", torch.float32), id="cpu-fp32"),
     pytest.param(("cpu", torch.bfloat16), id="cpu-bf16"),
-    pytest.param(("cuda", torch.float32), id="cuda-fp32", marks=_NO_CUDA),
-    pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=_NO_CUDA),
+    pytest.param(("cuda:0", torch.float32), id="cuda-fp32", marks=_NO_CUDA),
+    pytest.param(("cuda:0", torch.bfloat16), id="cuda-bf16", marks=_NO_CUDA),
 ])
 def device_dtype(request) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of a model-equality test: CPU and CUDA (skipped without a GPU), each

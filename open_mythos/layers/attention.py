@@ -155,10 +155,11 @@ class GQAttention(nn.Module):
         if T == 1 and self.n_kv_heads != self.n_heads:
             # Decode: the query heads of a group share one key head, so attend with the
             # group as the query axis ((B, Hkv, G, hd) against (B, Hkv, S, hd)) instead of
-            # letting SDPA repeat the cached keys G times.
+            # letting SDPA repeat the cached keys G times. NOTE: reshape, not view: CUDA's
+            # kernels return the output in (B, G, Hkv, hd) memory order.
             out = F.scaled_dot_product_attention(
                 q.reshape(B, self.n_kv_heads, -1, self.head_dim), keys, values,
-                attn_mask=ctx.mask, dropout_p=dropout_p).view(B, self.n_heads, 1, self.head_dim)
+                attn_mask=ctx.mask, dropout_p=dropout_p).reshape(B, self.n_heads, 1, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(
                 q, keys, values,

@@ -37,6 +37,25 @@ def test_chunked_cached_forward_equals_full_forward(attn_type, n_loops, store, d
     assert (deeper.float() - full.float()).abs().max() > 2 * tol["atol"]
 
 
+def test_decoding_takes_attention_outputs_in_any_memory_order(attn_type, monkeypatch):
+    """CUDA's attention kernels return their (B, H, T, d) output laid out as (B, T, H, d).
+    Decoding must not assume a contiguous output: GQA's one-token path used ``view`` and
+    raised on every CUDA decode step. Here the CPU kernel's output is given that layout."""
+    model = halting_model(attn_type)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids, n_loops=3, act_early_exit=False)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def strided_sdpa(*args, **kwargs):
+            out = sdpa(*args, **kwargs)
+            return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", strided_sdpa)
+        inc = run_chunks(model, ids, [6, 1, 1, 3], 3, KVCache(max_len=16))
+    torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
+
+
 def test_later_call_with_more_loops_reads_filled_depths(attn_type):
     """Prefill with 2 loops, decode with 5: deeper depths reuse each position's last one."""
     model = halting_model(attn_type, act_threshold=math.inf)
