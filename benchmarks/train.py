@@ -4,6 +4,7 @@ and ratios against baselines measured in the same run.
     python benchmarks/train.py                 # everything (~15 minutes on 2 cores)
     python benchmarks/train.py --quick         # fewer repeats, no bf16/compiled 63M rows
     python benchmarks/train.py --only moe      # one section: moe | small | small-mla | 63m | dense | task
+    python benchmarks/train.py --device cuda --dtype bf16   # on a GPU: MFU against its bf16 peak
 
 A train step is forward + cross-entropy + backward + fused AdamW step (+ the router-bias
 update for OpenMythos). FLOPs are counted once per configuration by
@@ -50,6 +51,13 @@ virtual machines costs ~0.6 ms per MB. Every row, baselines included, runs under
 setting. Compilation starts from an empty inductor cache (a temporary directory) unless
 ``--warm-cache``, so "cold s" is what a first run on a machine pays.
 
+On CUDA (``--device cuda``) the same rows run on the GPU, timed with a device
+synchronisation around each step; "% peak" is then the model FLOPs utilisation (MFU) against
+a large bf16 (or fp32, TF32 off as PyTorch's default) matmul measured on that GPU in the same
+run, and the MoE section adds bf16 rows (the native grouped matmul on Hopper and newer).
+``--batch-scale N`` multiplies the model sections' batches (a GPU needs more work per step
+than these CPU-sized batches give it).
+
 Run it on an otherwise idle machine: with other busy processes, OpenMP's spinning barriers
 make multi-threaded steps many times slower (``OMP_WAIT_POLICY=PASSIVE`` limits the damage).
 """
@@ -74,7 +82,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import count_flops, matmul_peak, median_time, print_table  # noqa: E402
+from common import count_flops, matmul_peak, median_time, print_table, sync  # noqa: E402
 from reference_style import ReferenceStyleLM  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
@@ -208,7 +216,7 @@ def make_step(model: nn.Module, ids: torch.Tensor, bf16: bool, **forward_kwargs)
     targets = ids.roll(-1, dims=1)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(ids, **forward_kwargs)
             loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
         loss.backward()
@@ -232,22 +240,26 @@ def compiled(model: nn.Module) -> nn.Module:
 def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int,
                         warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function, their calls interleaved so that drift in the
-    machine's speed falls on all of them alike."""
+    machine's speed falls on all of them alike (queued GPU work is waited for)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def first_call_seconds(fn: Callable[[], object]) -> float:
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -258,7 +270,11 @@ class Peaks:
     bf16_n: int
 
 
-def measure_peaks(quick: bool) -> Peaks:
+def measure_peaks(quick: bool, device: torch.device) -> Peaks:
+    if device.type == "cuda":
+        # A GPU needs a large product to reach its rate; bf16 is native on every GPU we time.
+        return Peaks(matmul_peak(torch.float32, n=8192, repeats=10, device=device),
+                     matmul_peak(torch.bfloat16, n=8192, repeats=10, device=device), 8192)
     fp32 = matmul_peak(torch.float32, n=2048, repeats=3 if quick else 5)
     # Probe bf16 small first: without native bf16 instructions it can be 100x slower.
     n = 256
@@ -284,44 +300,56 @@ class Row:
 
 
 def bench_moe(args, peaks: Peaks, rows: list[Row]) -> None:
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    moe = MoEFFN(MOE)
+    moe = MoEFFN(MOE).to(device)
     nn.init.normal_(moe.router.weight, std=0.02)
-    naive = NaiveMoE(moe)
-    x = torch.randn(1024, MOE.dim, requires_grad=True)
-    g = torch.randn(1024, MOE.dim)
+    naive = NaiveMoE(moe).to(device)
+    x = torch.randn(1024, MOE.dim, device=device, requires_grad=True)
+    g = torch.randn(1024, MOE.dim, device=device)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), naive(x), rtol=1e-4, atol=1e-5)
     repeats = 3 if args.quick else 10
     x_in = x.detach()
 
-    def fwd(m):
-        with torch.no_grad():
+    def fwd(m, bf16: bool):
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             m(x_in)
 
-    def fwd_bwd(m):
-        (m(x) * g).sum().backward()
+    def fwd_bwd(m, bf16: bool):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            out = m(x)
+        (out.float() * g).sum().backward()
         x.grad = None
         for p in m.parameters():
             p.grad = None
 
-    for kind, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        flops = step_flops(partial(fn, moe))
-        t = alternating_medians({"naive": partial(fn, naive), "ours": partial(fn, moe)},
-                                repeats=repeats, warmup=2)
-        rows.append(Row(f"MoE {kind}: reference dispatch (baseline)", "fp32", t["naive"], flops,
-                        peaks.fp32, "1.00x"))
-        rows.append(Row(f"MoE {kind}: sorted grouped", "fp32", t["ours"], flops, peaks.fp32,
-                        f"{t['naive'] / t['ours']:.2f}x"))
+    # bf16 rows where they mean something: on a GPU (the native grouped kernel on Hopper).
+    dtypes = [d for d in ("fp32", "bf16") if d in args.dtype
+              and (d == "fp32" or device.type == "cuda")]
+    for dtype in dtypes:
+        bf16 = dtype == "bf16"
+        peak = peaks.bf16 if bf16 else peaks.fp32
+        for kind, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            flops = step_flops(partial(fn, moe, bf16))
+            t = alternating_medians({"naive": partial(fn, naive, bf16),
+                                     "ours": partial(fn, moe, bf16)},
+                                    repeats=repeats, warmup=2)
+            rows.append(Row(f"MoE {kind}: reference dispatch (baseline)", dtype, t["naive"],
+                            flops, peak, "1.00x"))
+            rows.append(Row(f"MoE {kind}: sorted grouped", dtype, t["ours"], flops, peak,
+                            f"{t['naive'] / t['ours']:.2f}x"))
 
 
 def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks: Peaks,
                  rows: list[Row], totals: dict) -> None:
     """Reference-style model, then ours eager and compiled, fp32 and bf16."""
+    device = torch.device(args.device)
+    batch *= args.batch_scale
     torch.manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-    ours = OpenMythos(cfg).train()
-    ref = ReferenceStyleLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    ours = OpenMythos(cfg).train().to(device)
+    ref = ReferenceStyleLM(cfg).train().to(device)
     flops = step_flops(make_step(copy.deepcopy(ours), ids, bf16=False, n_loops=4))
     ref_flops = step_flops(make_step(copy.deepcopy(ref), ids, bf16=False, n_loops=4))
     totals[name] = flops
@@ -331,6 +359,8 @@ def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks
     for bf16 in (False, True):
         dtype = "bf16" if bf16 else "fp32"
         peak = peaks.bf16 if bf16 else peaks.fp32
+        if dtype not in args.dtype:
+            continue
         if bf16 and not bf16_usable(args, peaks):
             rows.append(Row(f"{label}: bf16", "bf16", note=BF16_SKIPPED))
             continue
@@ -351,7 +381,7 @@ def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks
             continue
         step = make_step(compiled(copy.deepcopy(ours)), ids, bf16=bf16, n_loops=4)
         cold = first_call_seconds(step) + first_call_seconds(step)  # both loop graphs
-        warm = median_time(step, repeats=repeats, warmup=1)
+        warm = median_time(step, repeats=repeats, warmup=1, device=device)
         rows.append(Row(f"{label}: compiled", dtype, warm, flops, peak,
                         f"{t['ref'] / warm:.2f}x", cold_s=cold - 2 * warm))
         totals[f"{name} compiled {dtype}"] = warm
@@ -372,11 +402,12 @@ def bench_task(args, peaks: Peaks, rows: list[Row]) -> None:
 
     task = get_task("multihop", **{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in DEFAULT_TASK_ARGS.items()})
+    device = torch.device(args.device)
     batch = make_batch(task, random.Random(0), "train", 128)
-    ids, targets = batch["input_ids"], batch["targets"]
+    ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
     torch.manual_seed(0)
     cfg = MythosConfig(**{**DEMO_MODEL, "vocab_size": 259, "max_loop_iters": 3})
-    model = OpenMythos(cfg).train()
+    model = OpenMythos(cfg).train().to(device)
     sel = supervised_rows(targets)
 
     def make(rows: torch.Tensor | None) -> Callable[[], None]:
@@ -392,7 +423,7 @@ def bench_task(args, peaks: Peaks, rows: list[Row]) -> None:
             m.update_router_bias()
         return step
 
-    full, rows_only = make(None), make(sel)
+    full, rows_only = make(None), make(sel.to(device))
     flops_full, flops_rows = step_flops(full), step_flops(rows_only)
     t = alternating_medians({"full": full, "rows": rows_only}, repeats=5 if args.quick else 15)
     label = (f"task (demo model, multihop B=128 T={ids.shape[1]}, 3 loops, "
@@ -419,7 +450,8 @@ def dense_ffn_for(target_flops: int, batch: int, seq: int) -> tuple[int, int]:
 
 
 def bench_dense(args, peaks: Peaks, rows: list[Row], totals: dict) -> None:
-    batch, seq = 2, 256
+    device = torch.device(args.device)
+    batch, seq = 2 * args.batch_scale, 256
     target = totals.get("63m")
     if target is None:
         torch.manual_seed(0)
@@ -430,19 +462,21 @@ def bench_dense(args, peaks: Peaks, rows: list[Row], totals: dict) -> None:
         del model
     ffn, flops = dense_ffn_for(target, batch, seq)
     torch.manual_seed(0)
-    ids = torch.randint(0, M63.vocab_size, (batch, seq))
-    model = DenseLM(M63.vocab_size, M63.dim, 8, M63.n_heads, ffn).train()
+    ids = torch.randint(0, M63.vocab_size, (batch, seq), device=device)
+    model = DenseLM(M63.vocab_size, M63.dim, 8, M63.n_heads, ffn).train().to(device)
     n_params = sum(p.numel() for p in model.parameters())
     label = f"dense nn.TransformerEncoder 8x768 ffn {ffn} ({n_params / 1e6:.1f}M params)"
     for bf16 in (False, True):
         kind = "bf16" if bf16 else "fp32"
+        if kind not in args.dtype:
+            continue
         if bf16 and not bf16_usable(args, peaks):
             rows.append(Row(f"{label}: eager", kind, note=BF16_SKIPPED))
             continue
         if bf16 and args.quick:
             continue
         step = make_step(model, ids, bf16=bf16)
-        t = median_time(step, repeats=3 if args.quick else 5, warmup=1)
+        t = median_time(step, repeats=3 if args.quick else 5, warmup=1, device=device)
         ours = [f"{how} {t / totals[f'63m {how} {kind}']:.2f}x"
                 for how in ("eager", "compiled") if f"63m {how} {kind}" in totals]
         rows.append(Row(f"{label}: eager (63m's FLOPs)", kind, t, flops,
@@ -464,6 +498,11 @@ def cpu_description() -> str:
     return f"{model}, native bf16: {', '.join(native) if native else 'none'}"
 
 
+def _percent(fraction: float) -> str:
+    """A share of the peak: whole percents, one decimal below 10% (small GPU steps)."""
+    return f"{100 * fraction:.0f}%" if fraction >= 0.1 else f"{100 * fraction:.1f}%"
+
+
 def bf16_usable(args, peaks: Peaks) -> bool:
     return args.force_bf16 or peaks.bf16 >= peaks.fp32 / 4
 
@@ -479,16 +518,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
     parser.add_argument("--warm-cache", action="store_true",
                         help="reuse inductor's on-disk cache (cold s then measures a warm start)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--dtype", action="append", choices=("fp32", "bf16"),
+                        help="only rows of this dtype (repeatable; default both)")
+    parser.add_argument("--batch-scale", type=int, default=1,
+                        help="multiply the model sections' batch sizes (for a GPU)")
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ["fp32", "bf16"]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: use cpu or cuda[:N]")
+    if args.batch_scale < 1:
+        parser.error("--batch-scale must be >= 1")
+    if device.index is not None:
+        torch.cuda.set_device(device)
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="om_bench_inductor_")
     sections = args.only or list(SECTIONS)
     torch.set_num_threads(args.threads)
     malloc = keep_freed_memory() if args.malloc == "tuned" else False
 
-    peaks = measure_peaks(args.quick)
+    peaks = measure_peaks(args.quick, device)
     load = os.getloadavg()[0]
     print(cpu_description())
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, glibc malloc {'tuned' if malloc else 'default'}, "
           f"load average {load:.1f} at start")
@@ -497,8 +553,9 @@ def main(argv: list[str] | None = None) -> None:
               "OpenMP's spinning barriers stall\n(10x slower steps were seen); "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
               "PASSIVE limits the damage.")
-    print(f"matmul peak: fp32 {peaks.fp32 / 1e9:.0f} GFLOP/s (2048^3), "
-          f"bf16 {peaks.bf16 / 1e9:.1f} GFLOP/s ({peaks.bf16_n}^3)\n")
+    fp32_n = 8192 if device.type == "cuda" else 2048
+    print(f"matmul peak on {device.type}: fp32 {peaks.fp32 / 1e9:,.0f} GFLOP/s ({fp32_n}^3), "
+          f"bf16 {peaks.bf16 / 1e9:,.1f} GFLOP/s ({peaks.bf16_n}^3)\n")
 
     rows: list[Row] = []
     totals: dict = {}
@@ -521,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r.seconds:.4f}" if r.seconds else "",
             f"{r.flops / 1e9:.2f}" if r.flops else "",
             f"{rate / 1e9:.0f}" if rate else "",
-            f"{100 * rate / r.peak:.0f}%" if rate and r.peak else "",
+            _percent(rate / r.peak) if rate and r.peak else "",
             r.baseline,
             f"{r.cold_s:.1f}" if r.cold_s is not None else "",
             r.note,
@@ -530,7 +587,8 @@ def main(argv: list[str] | None = None) -> None:
                  "vs baseline", "cold s", "note"], table)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     print("\nvs baseline: the baseline's median time / this row's, same dtype, same run (>1:"
-          "\nfaster). % peak: against the matmul peak of that dtype measured at the start."
+          "\nfaster). % peak: against the matmul peak of that dtype measured at the start"
+          "\n(on a GPU: the model FLOPs utilisation, MFU)."
           "\ncold s: extra seconds of the first two compiled steps (tracing and code"
           "\ngeneration for the two loop-body graphs) over two warm steps.")
 
