@@ -37,8 +37,17 @@ class SamplingParams:
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to (B, V) logits; filtered entries become -inf."""
-    logits = logits.float() / params.temperature
+    """Temperature, top-k and top-p applied to (B, V) logits; filtered entries become -inf.
+
+    Every row keeps at least its most likely token, and any temperature > 0 is safe: the
+    logits are shifted by their row maximum before the division (the same softmax), so a
+    tiny temperature sends the others to -inf instead of overflowing float32 to inf and
+    NaN probabilities (1e-37 did); one below float32's range counts as its smallest.
+    """
+    logits = logits.float()
+    # A temperature below float32's smallest normal number would round to 0 (0/0 = NaN).
+    temperature = max(params.temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     vocab = logits.shape[-1]
     if params.top_k and params.top_k < vocab:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
@@ -46,8 +55,10 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the mass strictly before it already reaches top_p.
+        # Drop a token when the mass strictly before it already reaches top_p; never the
+        # first (a top_p that float32 rounds to 0, such as 1e-46, would drop every token).
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

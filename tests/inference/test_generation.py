@@ -24,6 +24,31 @@ def test_sampling_is_reproducible_with_a_generator():
     assert torch.equal(a, b) and a.shape == (3, 12)
 
 
+def test_sampling_filters_against_a_float64_softmax_and_survive_extreme_values():
+    """Temperature and top-p against a float64 computation; a temperature of 1e-37 (which
+    overflowed float32 to NaN probabilities, a 500 for every request in the server's
+    batch) samples the argmax, and a top_p that float32 rounds to 0 keeps the top token."""
+    from open_mythos.inference.sampling import SamplingParams, filter_logits, select_next
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    probs = filter_logits(logits, SamplingParams(temperature=0.7)).softmax(-1)
+    torch.testing.assert_close(probs.double(), (logits.double() / 0.7).softmax(-1),
+                               rtol=1e-5, atol=1e-7)
+    # top_p: the smallest set of most likely tokens whose float64 mass reaches 0.8.
+    p64 = logits.double().softmax(-1)
+    kept = filter_logits(logits, SamplingParams(top_p=0.8)).isfinite()
+    for row, keep in zip(p64, kept):
+        order = row.argsort(descending=True)
+        n = int((row[order].cumsum(0) < 0.8).sum()) + 1
+        assert keep.sum() == n and keep[order[:n]].all()
+    for params in (SamplingParams(temperature=1e-37), SamplingParams(top_p=1e-46),
+                   SamplingParams(temperature=1e-300, top_p=1e-46, top_k=2**70)):
+        filtered = filter_logits(logits, params)
+        assert not filtered.isnan().any()
+        tokens = select_next(logits, params, torch.Generator().manual_seed(1))
+        assert torch.equal(tokens, logits.argmax(-1))
+
+
 def test_stop_tokens_end_each_sequence_alone():
     model = halting_model("mla")
     ids = torch.randint(0, 97, (2, 5))
