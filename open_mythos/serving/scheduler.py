@@ -272,8 +272,8 @@ class Scheduler:
         return group
 
     def _fail_job(self, job: Job, err: Exception) -> None:
-        """A step of ``job`` alone raised (its prefill): fail it, keep serving the others;
-        its other sequences leave at the next turn."""
+        """A step of ``job`` alone raised (its prefill, or the choice of its next token):
+        fail it, keep serving the others; its other sequences leave at the next turn."""
         self.failures += 1
         if not job.cancelled:
             _emit(job, JobFailed(500, f"{type(err).__name__}: {err}"))
@@ -319,7 +319,10 @@ class Scheduler:
         self.peak_batch = max(self.peak_batch, len(rows))
         greedy = logits.argmax(-1).tolist() if any(r.generator is None for r in rows) else None
         for i, row in enumerate(rows):
-            self._advance(row, logits, i, None if greedy is None else greedy[i])
+            try:
+                self._advance(row, logits, i, None if greedy is None else greedy[i])
+            except Exception as err:  # one request's own choice (its sampling) failed
+                self._fail_job(row.job, err)
         self._keep(key, [i for i, r in enumerate(rows) if not r.finished])
 
     def _keep(self, key: _BatchKey, keep: list[int]) -> None:

@@ -269,3 +269,38 @@ def test_a_request_whose_prefill_raises_fails_alone(trained_model):
     finally:
         hook.remove()
         s.stop()
+
+
+def test_a_request_whose_sampling_raises_mid_decode_fails_alone(trained_model, monkeypatch):
+    """Choosing one request's token raised while another decoded in the same batch (a
+    temperature of 1e-37 once gave NaN probabilities): that request fails (500), the other
+    finishes, and the scheduler keeps serving. Before, every request in the batch got 500."""
+    from open_mythos.serving import scheduler as scheduler_module
+
+    real = scheduler_module.select_next
+    calls = []
+
+    def flaky(logits, params, generator=None):
+        if params.temperature == 0.5:
+            calls.append(1)
+            if len(calls) > 3:  # after its first tokens: mid-decode, beside the other
+                raise RuntimeError("bad probabilities")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(scheduler_module, "select_next", flaky)
+    s = Scheduler(trained_model, TOK)
+    try:
+        greedy = GenerationOptions(max_new_tokens=20, n_loops=TRAINED_LOOPS, do_sample=False)
+        sampled = GenerationOptions(max_new_tokens=20, n_loops=TRAINED_LOOPS, temperature=0.5,
+                                    seed=1)
+        _, good = submit(s, "the cat", greedy)
+        _, bad = submit(s, "a dog", sampled)
+        s.start()  # both wait: they are prefilled and decoded together
+        failed = bad.wait()[-1]
+        assert isinstance(failed, JobFailed) and failed.status == 500
+        assert "bad probabilities" in failed.message
+        assert good.texts(1)[0][1:] == ("length", 20)
+        assert s.peak_batch == 2 and s.failures == 1
+        assert submit(s, "a dog", greedy)[1].texts(1)[0][1:] == ("length", 20)
+    finally:
+        s.stop()
