@@ -13,21 +13,31 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> to
     to ``torch.device`` (``"cpu"``, ``"cuda:1"``, ``"mps"``...).
 
     Raises:
-        ValueError: the name is not a device, or CUDA is asked for and not available.
+        ValueError: the name is not a device, CUDA is asked for and not available, or the
+            GPU it names does not exist (more ``torchrun`` processes than GPUs, say).
     """
+    by_rank = False
     if isinstance(spec, torch.device):
         device = spec
     else:
         if spec == "auto":
             spec = "cuda" if torch.cuda.is_available() else "cpu"
         if spec == "cuda":
-            spec = f"cuda:{local_rank}"
+            spec, by_rank = f"cuda:{local_rank}", True
         try:
             device = torch.device(spec)
         except RuntimeError as err:
             raise ValueError(f"device {spec!r} is not a device name ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for but CUDA is not available; use cpu")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            hint = (f"local rank {local_rank} takes GPU {local_rank}: start at most {count} "
+                    "processes per node (torchrun --nproc_per_node), or train on the CPU "
+                    "(run.device=cpu)") if by_rank else f"GPUs are numbered 0..{count - 1}"
+            raise ValueError(f"device {str(device)!r} asked for but this machine has {count} "
+                             f"CUDA device(s); {hint}")
     return device
 
 

@@ -179,3 +179,32 @@ def test_compiled_training_on_cuda_matches_eager():
     compiled = copy.deepcopy(model)
     compile_blocks(compiled)
     assert _train(compiled, ids, 3) == pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_on_cuda_trains_saves_and_resumes(tmp_path, precision):
+    """``openmythos train`` on the GPU: the loss falls, the checkpoint loads on the CPU with
+    the trained model's outputs, and a resumed run continues from the saved step."""
+    from open_mythos.checkpoints import load_checkpoint
+    from open_mythos.training import Trainer
+    from tests.training.conftest import read_metrics
+    from tests.training.conftest import tiny_config as run_config
+
+    def config(steps: int, **extra):
+        return run_config(tmp_path / "run", run__device="cuda", run__precision=precision,
+                          run__steps=steps, run__save_every=10, optim__lr=3e-3, **extra)
+
+    trainer = Trainer(config(20))
+    trainer.train()
+    assert next(trainer.core.parameters()).device.type == "cuda"
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    assert len(losses) == 20 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-5:]) < sum(losses[:5])
+    model, cfg = load_checkpoint(tmp_path / "run")
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    trainer.core.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, n_loops=2), trainer.core(x.to(CUDA), n_loops=2).cpu(),
+                                   rtol=1e-4, atol=1e-4)
+    Trainer(config(25), resume=True).train()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 26))

@@ -23,6 +23,19 @@ def test_resolve_device():
         assert resolve_device("cuda", local_rank=0) == torch.device("cuda:0")
 
 
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun with two processes on a one-GPU machine: rank 1 would take cuda:1 and fail
+    with "invalid device ordinal" at its first allocation (seen on an H200 machine)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto", local_rank=0) == torch.device("cuda:0")
+    for spec in ("auto", "cuda"):
+        with pytest.raises(ValueError, match="1 CUDA device.*--nproc_per_node.*run.device=cpu"):
+            resolve_device(spec, local_rank=1)
+    with pytest.raises(ValueError, match="numbered 0..0"):
+        resolve_device("cuda:3")
+
+
 @pytest.mark.parametrize("value", [0, -1, 2.0, True, "3", None])
 def test_check_loops_rejects(value):
     with pytest.raises(ValueError, match="n_loops must be a positive integer"):

@@ -3,6 +3,9 @@
 Every run uses ``configs/tiny.toml`` (dim 32, 1 prelude, 1 coda, 4 experts top-2), so a
 step takes milliseconds. Tests run with one intra-op thread: on a shared 2-core machine
 several OpenMP threads per process oversubscribe the cores and make tiny ops 100x slower.
+They train on the CPU on every machine (``run.device=cpu``; subprocesses see no GPU): their
+references are CPU tensors, and torchrun starts two ranks where a machine may have one GPU.
+Training on CUDA is checked by ``tests/test_cuda.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ TINY = REPO / "configs" / "tiny.toml"
 def tiny_config(out: Path, **overrides) -> TrainConfig:
     """``configs/tiny.toml`` writing to ``out``, quiet, with dotted-key overrides given as
     keyword arguments with ``__`` for the dot (``optim__lr=1e-3``)."""
-    pairs = [("run.out", str(out)), ("run.progress", False), ("run.eval_every", 0)]
+    pairs = [("run.out", str(out)), ("run.progress", False), ("run.eval_every", 0),
+             ("run.device", "cpu")]
     pairs += [(k.replace("__", "."), v) for k, v in overrides.items()]
     return load_config(TINY, pairs)
 
@@ -35,6 +39,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
