@@ -52,7 +52,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -409,6 +409,7 @@ def create_app(service: CompletionService) -> FastAPI:
     service.start()
     app = FastAPI(title="OpenMythos completions", version="2")
     app.state.service = service
+    app.add_middleware(BodyLimit, limit=service.limits.max_request_bytes)
     _add_error_handlers(app)
     _add_model_routes(app, service)
     _add_tokenizer_routes(app, service)
@@ -520,11 +521,95 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
         return await run(service.prepare_chat(req), req.stream, request)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413, by its
+    ``Content-Length`` before anything is read, or as soon as the bytes received pass the
+    limit (a chunked body), so that no handler parses or tokenizes it."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse().response()(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # Raised inside FastAPI's body read, which passes HTTPException on (and
+                # turns anything else into a 400): answered by the error handlers.
+                raise HTTPException(413, self._refuse().message)
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _refuse(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of "
+                             f"{self.limit} bytes (openmythos serve --max-request-bytes)",
+                        type="invalid_request_error")
+
+
+def read_timeout_protocol(timeout: float) -> type:
+    """uvicorn's h11 protocol, disconnecting a client that takes more than ``timeout``
+    seconds to send a whole request (headers and body), counted from the connection, or
+    from the first byte of the next request on a kept-alive connection. uvicorn itself
+    bounds only the idle time between requests, so a client trickling a request a byte at
+    a time holds a connection for ever, and a few hundred of them exhaust the process's
+    file descriptors (slowloris)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ReadTimeoutH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and self._receiving():
+                self._arm()
+            super().data_received(data)
+            if not self._receiving():
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _receiving(self) -> bool:
+            """Whether a request is still on its way in (or none has started)."""
+            return self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+
+        def _arm(self) -> None:
+            self._deadline = self.loop.call_later(timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self._receiving() and not self.transport.is_closing():
+                self.transport.close()
+
+    return ReadTimeoutH11Protocol
+
+
 def make_server(service: CompletionService, host: str = "127.0.0.1", port: int = 8000,
                 log_level: str = "info", graceful_shutdown: float = 5.0, **config: Any):
     """A ``uvicorn.Server`` for ``service`` whose exit signal (SIGINT, SIGTERM) also stops
     the scheduler, so shutdown ends running requests (503) instead of waiting for them;
-    ``graceful_shutdown`` bounds the wait for open connections."""
+    ``graceful_shutdown`` bounds the wait for open connections. Connections use h11 with
+    the read timeout of ``service.limits`` (:func:`read_timeout_protocol`) unless
+    ``config`` names another ``http`` implementation."""
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -532,6 +617,7 @@ def make_server(service: CompletionService, host: str = "127.0.0.1", port: int =
             service.scheduler.stop(timeout=0)
             super().handle_exit(sig, frame)
 
+    config.setdefault("http", read_timeout_protocol(service.limits.read_timeout))
     return _Server(uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=graceful_shutdown, **config))
 

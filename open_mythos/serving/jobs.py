@@ -25,6 +25,12 @@ class ServeLimits:
         prefill_chunk: most prompt tokens prefilled between two decode steps.
         request_timeout: seconds from arrival after which a request is ended (504).
         max_logprobs: most ``logprobs`` / ``top_logprobs`` alternatives per token.
+        max_request_bytes: largest request body; a larger one is answered 413, by its
+            ``Content-Length`` before anything is read, or once that many bytes arrived.
+        read_timeout: seconds a client may take to send a whole request (headers and body)
+            once it connects or starts the next one on a kept-alive connection; a slower
+            one is disconnected (a client trickling bytes would otherwise hold its
+            connection, and file descriptor, for ever).
     """
 
     max_n_loops: int | None = None
@@ -35,17 +41,22 @@ class ServeLimits:
     prefill_chunk: int = 128
     request_timeout: float = 300.0
     max_logprobs: int = 20
+    max_request_bytes: int = 8 * 2**20
+    read_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_n_loops", "max_tokens", "max_choices", "max_batch", "max_queue",
-                     "prefill_chunk", "max_logprobs"):
+                     "prefill_chunk", "max_logprobs", "max_request_bytes"):
             value = getattr(self, name)
             if value is None and name == "max_n_loops":
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
+        for name in ("request_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and value > 0):
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
 
     def n_loops_cap(self, max_loop_iters: int) -> int:
         """The most loops a request may ask of a model trained with ``max_loop_iters``."""

@@ -270,3 +270,64 @@ def test_the_default_n_loops_cap_is_twice_the_trained_depth(trained_model):
         service.close()
     with pytest.raises(ValueError, match="max_n_loops"):
         ServeLimits(max_n_loops=0)
+
+
+def serve_with(limits: ServeLimits):
+    model = ScriptedModel(SCRIPT, real_positions=True)
+    return running_server(CompletionService(model, ByteTokenizer(), model_name="tiny",
+                                            n_loops=2, limits=limits))
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_parsed():
+    """A 40 MB prompt was tokenized in full (2.4 s, RSS to 3.1 GB, the event loop blocked)
+    before the context check answered 400. Now 413, by Content-Length or while the bytes
+    of a chunked body arrive."""
+    with serve_with(ServeLimits(max_request_bytes=2000)) as client:
+        big = {"prompt": "a" * 5000, "max_tokens": 1}
+        r = client.post("/v1/completions", json=big)
+        assert r.status_code == 413
+        assert "--max-request-bytes" in r.json()["error"]["message"]
+
+        def chunks():
+            body = json.dumps(big).encode()
+            for i in range(0, len(body), 1000):
+                yield body[i:i + 1000]
+
+        r = client.post("/v1/completions", content=chunks(),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        ok = client.post("/v1/completions", json={"prompt": "the ", "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_client_too_slow_to_send_its_request_is_disconnected():
+    """Slowloris: half a request line, or headers trickled byte by byte, held a connection
+    (and a file descriptor) for ever; ~250 of them made the server refuse everyone."""
+    with serve_with(ServeLimits(read_timeout=1.0)) as client:
+        port = client.base_url.port
+
+        def closed_after(payload: bytes, trickle: bool) -> float:
+            """Seconds until the server closes a connection sending ``payload`` at once or
+            one byte every 0.2 s (the server may answer a broken request first)."""
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                start = time.monotonic()
+                try:
+                    pieces = [payload[i:i + 1] for i in range(len(payload))] if trickle \
+                        else [payload]
+                    for piece in pieces:
+                        s.sendall(piece)
+                        if trickle:
+                            time.sleep(0.2)
+                    while s.recv(1024):
+                        pass
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                return time.monotonic() - start
+
+        assert closed_after(b"", trickle=False) < 5  # connected, says nothing
+        assert closed_after(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", trickle=False) < 5
+        slow = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n{}"
+        assert closed_after(slow, trickle=True) < 5  # one byte every 0.2 s
+        # A request that arrives in time is served, also when it takes a while to answer.
+        r = client.post("/v1/completions", json={"prompt": "the ", "max_tokens": 3})
+        assert r.status_code == 200
