@@ -186,7 +186,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class CompletionLogprobs:
-    """The ``logprobs`` object of one completions choice, built token by token."""
+    """The ``logprobs`` object of one completions choice, built token by token.
+
+    ``text_offset`` is each token's :attr:`TokenLogprob.offset` plus ``offset``: the
+    characters of the choice's text before the text the tokens come from (the echoed
+    prompt's length, for generated tokens after an echo).
+    """
 
     def __init__(self, offset: int = 0):
         self.tokens: list[str] = []
@@ -201,8 +206,7 @@ class CompletionLogprobs:
             self.token_logprobs.append(e.logprob)
             self.top_logprobs.append(None if e.logprob is None else
                                      {tok: lp for _, tok, lp in e.top})
-            self.text_offset.append(self.offset)
-            self.offset += len(e.token)
+            self.text_offset.append(self.offset + e.offset)
         return self
 
     def body(self) -> dict[str, Any]:

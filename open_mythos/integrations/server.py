@@ -339,10 +339,8 @@ class CompletionService:
         echo = call.echo_texts[i // call.n]
         logprobs = None
         if call.logprobs is not None:
-            lp = CompletionLogprobs()
-            lp.add(c.prompt_logprobs)
-            if not call.echo_logprobs:
-                lp.offset = len(echo)
+            lp = CompletionLogprobs().add(c.prompt_logprobs)
+            lp.offset = len(echo)  # generated tokens count from the end of the echo
             logprobs = lp.add(c.logprobs).body()
         return {"text": echo + c.text, "index": i, "logprobs": logprobs,
                 "finish_reason": c.finish_reason}
@@ -374,7 +372,6 @@ class CompletionService:
                 break
             if isinstance(ev, PromptLogprobs):
                 lp = CompletionLogprobs().add(ev.tokens)
-                offsets[ev.index] = lp.offset
                 yield event([_text_choice(ev.index, call.echo_texts[ev.index // call.n],
                                           None, lp.body())])
             elif isinstance(ev, SeqDelta):
@@ -390,9 +387,7 @@ class CompletionService:
                 else:
                     logprobs = None
                     if call.logprobs is not None:
-                        lp = CompletionLogprobs(offsets[ev.index]).add(ev.logprobs)
-                        offsets[ev.index] = lp.offset
-                        logprobs = lp.body()
+                        logprobs = CompletionLogprobs(offsets[ev.index]).add(ev.logprobs).body()
                     yield event([_text_choice(ev.index, ev.text, ev.finish_reason, logprobs)])
             elif isinstance(ev, JobDone) and call.include_usage:
                 yield event([], usage=usage(call.prompt_tokens(), used))

@@ -74,12 +74,19 @@ class SchedulerStopped(Exception):
 @dataclass(frozen=True)
 class TokenLogprob:
     """One token with its log-probability (None for a prompt's first token) and the
-    ``top`` most likely alternatives."""
+    ``top`` most likely alternatives.
+
+    ``offset`` counts the characters of text before the token: in the prompt's text for a
+    prompt token, in the completion's for a generated one. A token that ends inside a
+    multi-byte character (a byte of the byte tokenizer) adds no character; the next one
+    starts where that character does.
+    """
 
     token_id: int
     token: str
     logprob: float | None
     top: tuple[tuple[int, str, float], ...] = ()
+    offset: int = 0
 
 
 @dataclass(frozen=True)

@@ -338,7 +338,8 @@ class Scheduler:
         else:
             tok = int(select_next(logits[i:i + 1], row.params, row.generator))
         if row.job.logprobs is not None:
-            row.logprobs.append(self._token_logprob(logits[i], tok, row.job.logprobs))
+            row.logprobs.append(self._token_logprob(logits[i], tok, row.job.logprobs,
+                                                    offset=len(row.text.text)))
         row.token = tok
         text = row.text.add(tok, self.tokenizer.eos_token_id)
         if not row.finished and row.text.n_tokens >= row.job.options.max_new_tokens:
@@ -369,20 +370,29 @@ class Scheduler:
             return f"bytes:\\x{token_id:02x}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _token_logprob(self, logits: torch.Tensor, tok: int, top: int) -> TokenLogprob:
+    def _token_logprob(self, logits: torch.Tensor, tok: int, top: int,
+                       offset: int) -> TokenLogprob:
         lp = logits.float().log_softmax(-1)
         alts: tuple[tuple[int, str, float], ...] = ()
         if top:
             values, ids = lp.topk(top)
             alts = tuple((int(t), self.token_text(int(t)), float(v))
                          for v, t in zip(values.tolist(), ids.tolist()))
-        return TokenLogprob(tok, self.token_text(tok), float(lp[tok]), alts)
+        return TokenLogprob(tok, self.token_text(tok), float(lp[tok]), alts, offset)
 
     def _prompt_logprobs(self, pf: Prefill, top: int) -> tuple[TokenLogprob, ...]:
         ids = pf.ids[0].tolist()
         logits = pf.all_logits()
+        # Each token's offset: the length of the prompt's text before it, decoded as the
+        # generated text is (an incomplete trailing character not yet counted).
+        text = TextSequence(self.tokenizer, ())
+        offsets = []
+        for tok in ids:
+            offsets.append(len(text.text))
+            text.push(tok)
         first = TokenLogprob(ids[0], self.token_text(ids[0]), None)
-        rest = [self._token_logprob(logits[p - 1], ids[p], top) for p in range(1, len(ids))]
+        rest = [self._token_logprob(logits[p - 1], ids[p], top, offsets[p])
+                for p in range(1, len(ids))]
         return (first, *rest)
 
     def _fail_all(self, failure: JobFailed) -> None:

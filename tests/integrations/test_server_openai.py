@@ -134,6 +134,28 @@ def test_echo_logprobs_match_a_full_forward(client, trained_model):
     assert r.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(PROMPT)]
 
 
+def test_text_offsets_count_characters_across_multi_byte_tokens(client):
+    """``text_offset`` is a character offset into the returned text. A byte token used to
+    advance it by the length of its display string (``bytes:\\xc3``: 10), so every
+    offset after a non-ASCII character pointed past the end of the text."""
+    prompt = "é!€a"  # bytes c3 a9 21 e2 82 ac 61
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
+                                  logprobs=0)
+    assert r.choices[0].logprobs.text_offset == [0, 0, 1, 2, 2, 2, 3]
+    # With generated tokens after the echo, streamed or not: offsets never decrease, stay
+    # inside the text, and the generated ones count from the end of the prompt.
+    kw = dict(model="tiny", prompt=prompt, max_tokens=6, echo=True, logprobs=0, temperature=0)
+    lp = client.completions.create(**kw).choices[0].logprobs
+    text = client.completions.create(**kw).choices[0].text
+    offsets = lp.text_offset
+    assert offsets[:7] == [0, 0, 1, 2, 2, 2, 3] and offsets[7] == len(prompt)
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+    streamed = [o for chunk in client.completions.create(**kw, stream=True)
+                for o in (chunk.choices[0].logprobs.text_offset
+                          if chunk.choices[0].logprobs else [])]
+    assert streamed == offsets
+
+
 def test_chat_logprobs_match_a_full_forward(client, trained_model):
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5,
                                        temperature=0, logprobs=True, top_logprobs=2)
