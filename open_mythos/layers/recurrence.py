@@ -189,6 +189,9 @@ class ExitRule:
     argmax_streak: int | None = None
     min_loops: int = 1
 
+    #: The largest ``argmax_streak`` or ``min_loops``.
+    MAX_COUNT: ClassVar[int] = 2**31 - 1
+
     def __post_init__(self) -> None:
         for name in ("kl", "entropy", "rel_change"):
             value = getattr(self, name)
@@ -196,11 +199,13 @@ class ExitRule:
                                           and not isinstance(value, bool)
                                           and math.isfinite(value) and value >= 0):
                 raise ValueError(f"ExitRule.{name} must be a finite number >= 0, got {value!r}")
-        for name, low in (("argmax_streak", 1), ("min_loops", 1)):
+        for name in ("argmax_streak", "min_loops"):
             value = getattr(self, name)
+            # The bound keeps the counts inside a tensor's int64 (2**80 overflowed there).
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                          and value >= low):
-                raise ValueError(f"ExitRule.{name} must be an integer >= {low}, got {value!r}")
+                                          and 1 <= value <= self.MAX_COUNT):
+                raise ValueError(f"ExitRule.{name} must be an integer in [1, {self.MAX_COUNT}], "
+                                 f"got {value!r}")
         if self.kl is None and self.entropy is None and self.rel_change is None \
                 and self.argmax_streak is None:
             raise ValueError("an ExitRule needs at least one of kl, entropy, rel_change, "

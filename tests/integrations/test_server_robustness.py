@@ -122,6 +122,7 @@ def test_any_integer_seed_is_accepted_and_reproducible(real):
     ("n_loops", True), ("n_loops", "2"), ("temperature", "0.5"), ("temperature", False),
     ("seed", "1"), ("seed", 1.5), ("top_k", "3"), ("echo", "yes"), ("logprobs", True),
     ("exit_rule", {"kl": "0.1"}), ("exit_rule", {"kl": -1.0}), ("exit_rule", {"min_loops": 2}),
+    ("exit_rule", {"argmax_streak": 2**80}),  # once a 500: int64 overflow in the rule's test
 ])
 def test_numbers_are_not_coerced(real, field, value):
     client, _ = real
