@@ -284,16 +284,22 @@ def read_model_config(ckpt_dir: str | Path) -> MythosConfig:
         raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
 
 
+#: ``model.safetensors`` metadata key of the default depth, for checkpoints written without
+#: a training configuration (:func:`open_mythos.integrations.convert.hf_to_training`).
+DEPTH_METADATA = "n_loops"
+
+
 def read_trained_depth(ckpt_dir: str | Path, cfg: MythosConfig | None = None) -> int | None:
     """The loop count a training checkpoint was trained for
     (:attr:`~open_mythos.training.config.ScheduleConfig.trained_depth` of the ``[schedule]``
-    in its ``train_config.toml``); None without that section, or when ``cfg`` is of a
+    in its ``train_config.toml``; without that file, the ``n_loops`` metadata of its
+    ``model.safetensors``); None when neither records one, or when ``cfg`` is of a
     fixed-depth kind."""
     if cfg is not None and not kind_of(cfg).looped:
         return None
     path = Path(ckpt_dir) / TRAIN_CONFIG_FILE
     if not path.is_file():
-        return None
+        return _depth_metadata(Path(ckpt_dir) / MODEL_FILE)
     # NOTE: imported here: reading a checkpoint must not need the training package unless
     # the checkpoint was written by it (the config module itself imports nothing heavy).
     from .training.config import ConfigError, TrainConfig, tomllib
@@ -305,6 +311,22 @@ def read_trained_depth(ckpt_dir: str | Path, cfg: MythosConfig | None = None) ->
         return TrainConfig.from_dict({"schedule": raw["schedule"]}).schedule.trained_depth
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, ConfigError) as err:
         raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
+
+
+def _depth_metadata(weights: Path) -> int | None:
+    if not weights.is_file():
+        return None
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            value = (fh.metadata() or {}).get(DEPTH_METADATA)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointCorrupt(f"{weights} is unreadable: {err}") from None
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise CheckpointCorrupt(f"{weights}: metadata {DEPTH_METADATA}={value!r} is not a "
+                                "positive loop count")
+    return int(value)
 
 
 def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
@@ -496,7 +518,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 
 
 __all__ = [
-    "CHECKPOINT_DIR", "HF_MODEL_TYPE", "LATEST", "MANIFEST_FILE", "MODEL_CONFIG_FILE",
+    "CHECKPOINT_DIR", "DEPTH_METADATA", "HF_MODEL_TYPE", "LATEST", "MANIFEST_FILE", "MODEL_CONFIG_FILE",
     "MODEL_FILE", "MODEL_FILES", "TRAIN_CONFIG_FILE", "CheckpointCorrupt", "CheckpointFormat", "LoadedModel",
     "SHARDED_MODEL_DIR", "check_state_keys", "detect_format", "file_sha256", "is_sharded",
     "latest_checkpoint", "load_checkpoint", "load_model", "load_state",

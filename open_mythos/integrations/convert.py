@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from ..checkpoints import (
     CHECKPOINT_DIR,
+    DEPTH_METADATA,
     HF_MODEL_TYPE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
@@ -270,9 +271,11 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     """Write a Hugging Face directory as a weights-only training checkpoint directory.
 
     ``out_dir`` receives ``model.safetensors`` (tied head stored once, with the ``tied``
-    metadata the trainer writes) and ``config.json``; ``load_checkpoint(out_dir)`` and the
-    ``generate``/``serve`` commands read it. It has no optimizer or trainer state, so it
-    starts a run rather than resuming one. The tokenizer files of ``hf_dir`` (or
+    metadata the trainer writes, and the HF config's default depth as ``n_loops``
+    metadata, which :func:`~open_mythos.checkpoints.read_trained_depth` reads where no
+    training configuration records one) and ``config.json``; ``load_checkpoint(out_dir)``
+    and the ``generate``/``serve`` commands read it. It has no optimizer or trainer state,
+    so it starts a run rather than resuming one. The tokenizer files of ``hf_dir`` (or
     ``tokenizer``) are copied.
 
     Returns:
@@ -286,8 +289,10 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     tied = tied_parameters(loaded.model)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items() if k not in tied}
-    save_file(state, str(out_dir / MODEL_FILE),
-              metadata={"format": "pt", "step": "0", "tied": json.dumps(tied)})
+    metadata = {"format": "pt", "step": "0", "tied": json.dumps(tied)}
+    if loaded.n_loops is not None:
+        metadata[DEPTH_METADATA] = str(loaded.n_loops)
+    save_file(state, str(out_dir / MODEL_FILE), metadata=metadata)
     (out_dir / MODEL_CONFIG_FILE).write_text(
         json.dumps(loaded.cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     source = tokenizer if tokenizer is not None else find_tokenizer_dir(src)

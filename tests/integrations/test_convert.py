@@ -78,6 +78,12 @@ def test_hf_to_training_and_back_is_lossless(run_dir, tmp_path):
     reloaded, cfg = load_checkpoint(back)  # the trainer's own loader
     assert type(reloaded) is type(model) and cfg == model.cfg and same_weights(reloaded, model)
     assert reloaded.head.weight is reloaded.embed.weight
+    # The default depth survives both ways (it was dropped: commands then ran
+    # max_loop_iters); a fixed-depth kind has none.
+    looped = not hasattr(model.cfg, "core_layers")
+    deep = hf_to_training(training_to_hf(run, tmp_path / "hf3", n_loops=3), tmp_path / "c3")
+    assert load_model(deep).n_loops == read_config(deep)[1] == (3 if looped else None)
+    assert load_model(training_to_hf(deep, tmp_path / "hf4")).n_loops == (3 if looped else None)
     again = training_to_hf(back, tmp_path / "hf2")
     with safe_open(str(hf_dir / "model.safetensors"), "pt") as a, \
             safe_open(str(again / "model.safetensors"), "pt") as b:
