@@ -473,14 +473,15 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str,
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> LoadedModel:
+               dtype: torch.dtype | str | None = None) -> LoadedModel:
     """The model stored at ``path``, whatever its layout and kind.
 
     Args:
         path: a training checkpoint directory, a run directory (its latest checkpoint) or
             a Hugging Face directory.
         device: where to put the model.
-        dtype: optional floating dtype to cast the weights to.
+        dtype: optional floating dtype to cast the weights to: a ``torch.dtype`` or its
+            name (``"bfloat16"``, ``"float16"``, ``"float32"``...).
 
     Raises:
         FileNotFoundError: no (intact) checkpoint at ``path``.
@@ -488,6 +489,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             :class:`CheckpointCorrupt`: the checkpoint named by ``path`` is damaged.
         KeyError: the weights do not match the stored configuration.
     """
+    dtype = _floating_dtype(dtype)
     fmt, ckpt_dir = detect_format(path)
     if fmt is CheckpointFormat.TRAINING:
         cfg = read_model_config(ckpt_dir)
@@ -508,6 +510,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     load_state(model, state, tied_parameters(model), ckpt_dir)
     model.to(dtype=dtype)
     return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops)
+
+
+def _floating_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype``, or the floating ``torch.dtype`` its name (``"bfloat16"``) names."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype or its name (such as "
+                         f"'bfloat16'), got {dtype!r}")
+    return dtype
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",

@@ -188,7 +188,8 @@ class MythosConfig:
                  "a positive number (inf means: never halt early)")
         _require("rope_theta", self.rope_theta, _is_finite(self.rope_theta)
                  and self.rope_theta > 1, "finite and > 1")
-        _require("dropout", self.dropout, 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        _require("dropout", self.dropout, _is_finite(self.dropout) and 0.0 <= self.dropout < 1.0,
+                 "a number in [0, 1)")
         for name in ("use_act", "clamp_loop_index"):
             _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "a boolean")
         # Initialisation scales and numerical constants: a NaN or an infinity here makes

@@ -72,6 +72,9 @@ class CausalLM(nn.Module):
         """
         if logits_at is None:
             return x
+        if not isinstance(logits_at, torch.Tensor):
+            raise ValueError(f"logits_at must be a tensor (a bool mask or position indices), "
+                             f"got {type(logits_at).__name__}")
         if logits_at.dtype == torch.bool:
             if logits_at.shape != x.shape[:2]:
                 raise ValueError(f"a logits_at mask must have the input's shape "
@@ -81,13 +84,26 @@ class CausalLM(nn.Module):
             raise ValueError("logits_at must be a (batch, seq) bool mask or a 1-D tensor of "
                              f"integer position indices, got {logits_at.dtype} "
                              f"{tuple(logits_at.shape)}")
+        n = x.shape[0] * x.shape[1]
+        # Indices on the host are checked (free); on a GPU that would cost a synchronisation.
+        if logits_at.numel() and logits_at.device.type == "cpu" \
+                and not torch.compiler.is_compiling():
+            lo, hi = int(logits_at.min()), int(logits_at.max())
+            if lo < 0 or hi >= n:
+                raise ValueError(f"logits_at indices must be in [0, {n}) (batch * seq "
+                                 f"positions, row-major), got min {lo}, max {hi}")
         return x.flatten(0, 1).index_select(0, logits_at.to(x.device))
 
     def _validate(self, input_ids: torch.Tensor, n_loops: int, start_pos: int) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must hold integer token ids, int64 (or int32), got "
+                             f"{input_ids.dtype}" + ("" if input_ids.dtype.is_floating_point
+                                                     or input_ids.dtype == torch.bool
+                                                     else "; convert with input_ids.long()"))
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has an empty batch (shape[0] == 0)")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty along the sequence dimension")
         check_loops(n_loops)
@@ -124,11 +140,18 @@ class CausalLM(nn.Module):
             return AttnContext(cos, sin, start_pos, mask, False, cache)
 
         # Padding: attention_mask (B, start_pos + T) marks real tokens (1) and padding (0).
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"attention_mask must be a tensor of 1s and 0s, got "
+                             f"{type(attention_mask).__name__}")
         if attention_mask.shape != (B, start_pos + T):
             raise ValueError(
                 f"attention_mask must have shape (batch, start_pos + seq) = {(B, start_pos + T)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling() and \
+                bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding); "
+                             "got other values (NaN, fractions or counts are not a mask)")
         valid = attention_mask.to(torch.bool)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]  # (B, T)
         cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
@@ -181,6 +204,7 @@ class CausalLM(nn.Module):
         """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
         n_loops = self.default_n_loops if n_loops is None else n_loops
         self._validate(input_ids, n_loops, start_pos)
+        check_loops(backprop_loops, name="backprop_loops", allow_none=True)
         cache = as_cache_store(kv_cache)
         self._prepare_cache(cache, self.cache_keys(1)[0], start_pos)
         if act_early_exit is None:
@@ -266,6 +290,7 @@ class CausalLM(nn.Module):
         """
         n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
         self._validate(input_ids, n_loops, 0)
+        check_loops(backprop_loops, name="backprop_loops", allow_none=True)
         deepest = self.max_readout_depth(n_loops)
         depths = range(1, deepest + 1) if depths is None else depths
         bad = [d for d in depths if not (isinstance(d, int) and 1 <= d <= deepest)]

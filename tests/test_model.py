@@ -198,3 +198,100 @@ def test_default_init_scales_with_width(dim, logit_std):
     # head still favours the input token), far above it at 8.
     loss = F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 1000, (4 * 32,))).item()
     assert loss < math.log(1000) + 3 if logit_std is None else loss > 4 * math.log(1000)
+
+
+# Input validation: a clear ValueError where a user's mistake used to reach a deep
+# traceback, or was silently accepted.
+
+def test_token_ids_must_be_int64_or_int32_and_the_batch_non_empty():
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (2, 5))
+    torch.testing.assert_close(model(ids.int()), model(ids))
+    for dtype in (torch.uint8, torch.int16):
+        with pytest.raises(ValueError, match=r"int64 .*input_ids.long\(\)"):
+            model(ids.to(dtype))
+    with pytest.raises(ValueError, match="int64"):
+        model(ids.float())
+    with pytest.raises(ValueError, match="empty batch"):
+        model(ids[:0])
+    with pytest.raises(ValueError, match="empty batch"):
+        model.generate(ids[:0], max_new_tokens=2)
+
+
+def test_attention_mask_must_be_a_tensor_of_ones_and_zeros():
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    want = model(ids, attention_mask=mask)
+    for same in (mask.bool(), mask.float(), mask.int()):
+        torch.testing.assert_close(model(ids, attention_mask=same), want)
+    for bad in (0.5, 2.0, -1.0, float("nan")):
+        # These were all read as "a real token": the output of no mask at all.
+        with pytest.raises(ValueError, match="only 1 .* and 0"):
+            model(ids, attention_mask=torch.where(mask.bool(), 1.0, bad))
+    with pytest.raises(ValueError, match="must be a tensor"):
+        model(ids, attention_mask=mask.tolist())
+
+
+def test_logits_at_indices_are_checked():
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (2, 5))
+    torch.testing.assert_close(model(ids, logits_at=torch.tensor([0, 9])),
+                               model(ids).flatten(0, 1)[[0, 9]])
+    for bad in ([10], [-1]):
+        with pytest.raises(ValueError, match=r"in \[0, 10\)"):
+            model(ids, logits_at=torch.tensor(bad))
+    with pytest.raises(ValueError, match="must be a tensor"):
+        model(ids, logits_at=[0, 1])
+
+
+@pytest.mark.parametrize("bad", [0, -3, "a", 1.5])
+def test_backprop_loops_must_be_a_positive_integer(bad):
+    """0 and negative counts silently cut every gradient to the looped block."""
+    model = halting_model("gqa").train()
+    ids = torch.randint(0, 97, (2, 5))
+    with pytest.raises(ValueError, match="backprop_loops must be a positive integer"):
+        model(ids, n_loops=3, backprop_loops=bad)
+    with pytest.raises(ValueError, match="backprop_loops must be a positive integer"):
+        model(ids, n_loops=3, readout_depths=[1], backprop_loops=bad)
+
+
+def test_a_cache_serves_one_batch_of_one_model():
+    """A batch of 1 written into a batch-2 KVCache at position 0 was broadcast over both
+    rows (silently); other misuses failed deep in attention with a shape error."""
+    from open_mythos.inference import KVCache
+
+    gqa, mla = halting_model("gqa"), halting_model("mla")
+    two, one = torch.randint(0, 97, (2, 6)), torch.randint(0, 97, (1, 6))
+    for cache in (KVCache(16), {}):
+        gqa(two, kv_cache=cache)
+        with pytest.raises(ValueError, match="a cache serves one batch of one model"):
+            gqa(one[:, :1], kv_cache=cache, start_pos=6)
+    cache = KVCache(16)
+    gqa(two, kv_cache=cache)
+    with pytest.raises(ValueError, match="a cache serves one batch of one model"):
+        gqa(one, kv_cache=cache)
+    cache = {}
+    gqa(two, kv_cache=cache)
+    with pytest.raises(ValueError, match="a cache serves one batch of one model"):
+        mla(two[:, :1], kv_cache=cache, start_pos=6)
+
+
+def test_generation_arguments_of_other_integer_types():
+    import numpy as np
+
+    from open_mythos import MythosConfig
+    from open_mythos.inference import SamplingParams, generate
+
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (2, 4))
+    want = generate(model, ids, 6, 3, do_sample=False, eos_token_id=5, pad_token_id=0)
+    for eos in (torch.tensor(5), np.int64(5), [np.int64(5)]):
+        assert torch.equal(generate(model, ids, 6, 3, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=0), want)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(model, ids, 6, 3, do_sample=False, eos_token_id=5.0)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=True)
+    with pytest.raises(ValueError, match="dropout"):
+        MythosConfig(dropout="0.1")

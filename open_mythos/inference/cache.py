@@ -61,6 +61,18 @@ def _check_start(key: str, start: int, cached: int) -> None:
         )
 
 
+def _check_entries(key: str, stored: Entries, new: Entries) -> None:
+    """``new`` must continue ``stored``: the same tensors with the same batch and widths."""
+    def layout(entries: Entries) -> dict[str, tuple[int, ...]]:
+        return {n: (*t.shape[:-2], t.shape[-1]) for n, t in entries.items()}
+
+    if layout(stored) != layout(new):
+        raise ValueError(
+            f"kv_cache entry {key!r} holds {layout(stored)} (batch, heads..., width per "
+            f"position) but this call writes {layout(new)}: a cache serves one batch of one "
+            "model; pass a new cache for another batch size or model")
+
+
 class _FillMissing(ABC):
     """:meth:`CacheStore.fill_missing` for a store that can read an entry's tensors."""
 
@@ -99,6 +111,7 @@ class DictCache(_FillMissing):
         _check_start(key, start, self.length(key))
         old = self.store.get(key)
         if old and start > 0:
+            _check_entries(key, old, new)
             new = {n: torch.cat((old[n][..., :start, :], t.detach()), dim=-2) for n, t in new.items()}
         else:
             new = {n: t.detach() for n, t in new.items()}
@@ -174,6 +187,8 @@ class KVCache(_FillMissing):
                 f"KVCache holds at most max_len={self.max_len} positions; writing up to {end}"
             )
         key, kept = self._slot(key)
+        if key in self._buffers:  # copy_ would broadcast a batch of 1 over the stored rows
+            _check_entries(key, self._buffers[key], new)
         if not kept:  # a depth that reads a kept depth's entry: attend, store nothing
             bufs = self._buffers[key]
             return {n: torch.cat((b[..., :start, :], new[n].to(b.dtype)), dim=-2)

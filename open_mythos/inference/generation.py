@@ -9,6 +9,7 @@ generation ends when every sequence is finished.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,9 +25,17 @@ if TYPE_CHECKING:
 
 
 def _stop_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> torch.Tensor | None:
+    """The stop tokens as a tensor: one id or several (Python, NumPy or 0-d tensor integers)."""
     if eos_token_id is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    try:
+        try:
+            ids = [operator.index(eos_token_id)]
+        except TypeError:
+            ids = [operator.index(i) for i in eos_token_id]
+    except TypeError:
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got "
+                         f"{eos_token_id!r}") from None
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 

@@ -30,7 +30,8 @@ class SamplingParams:
                 f"temperature must be > 0 when sampling, got {self.temperature}; "
                 "use do_sample=False for greedy decoding"
             )
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        if self.top_k is not None and (not isinstance(self.top_k, int)
+                                       or isinstance(self.top_k, bool) or self.top_k < 0):
             raise ValueError(f"top_k must be a non-negative integer or None, got {self.top_k!r}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

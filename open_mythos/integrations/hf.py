@@ -424,8 +424,10 @@ def byte_tokenizer_for_transformers(**kwargs: Any) -> Any:
     :class:`~open_mythos.tokenizers.ByteTokenizer` (bytes 0..255, ``<pad>`` 256,
     ``<bos>`` 257, ``<eos>`` 258), built locally, for ``AutoTokenizer`` users.
 
-    It adds no special tokens when encoding (like ``ByteTokenizer``); ``kwargs`` are
-    further tokenizer settings (``padding_side``, ``model_max_length``).
+    It adds no special tokens when encoding (like ``ByteTokenizer``) and pads on the left,
+    as batched generation with a decoder-only model needs (``ByteTokenizer`` and exported
+    tokenizers do too); ``kwargs`` are further tokenizer settings (``padding_side``,
+    ``model_max_length``).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -441,7 +443,8 @@ def byte_tokenizer_for_transformers(**kwargs: Any) -> Any:
     # split_special_tokens: the text "<eos>" is five bytes, as with ByteTokenizer.
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", clean_up_tokenization_spaces=False,
-                                   split_special_tokens=True, **kwargs)
+                                   split_special_tokens=True,
+                                   **{"padding_side": "left", **kwargs})
 
 
 def register() -> None:

@@ -179,6 +179,11 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
     SamplingParams(options.do_sample, options.temperature, options.top_k, options.top_p)
     if not prompts:
         raise ValueError("no prompt given")
+    if isinstance(prompts, str) or any(
+            isinstance(p, str) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                          for t in p) for p in prompts):
+        raise ValueError("prompts must be lists of token ids (encode text with the "
+                         "tokenizer first: [tokenizer.encode(text)])")
     if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {options.max_new_tokens!r}")
     check_loops(options.n_loops, allow_none=True)

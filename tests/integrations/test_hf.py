@@ -159,6 +159,10 @@ def test_byte_tokenizer_for_transformers_matches_byte_tokenizer(tmp_path):
     ids = ours.encode(text, add_bos=True, add_eos=True)
     assert theirs.decode(ids, skip_special_tokens=True) == text
     assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)
+    # Left padding, as batched generation with a decoder-only model needs (it was right).
+    assert theirs.padding_side == "left" == byte_tokenizer_for_transformers().padding_side
+    batch = theirs(["ab", "abcd"], padding=True)["input_ids"]
+    assert batch[0][:2] == [256, 256] and batch[0][2:] == ours.encode("ab")
 
 
 def test_exit_rule_at_load_time_and_per_call(saved):
