@@ -143,7 +143,8 @@ def verify_checkpoint(ckpt_dir: str | Path, files: Iterable[str] | None = None) 
         files = [weights if name == MODEL_FILE else name for name in files]
     manifest_path = ckpt_dir / MANIFEST_FILE
     if not manifest_path.is_file():
-        for name in files or (TRAINER_STATE_FILE, MODEL_CONFIG_FILE, weights):
+        for name in files if files is not None else (TRAINER_STATE_FILE, MODEL_CONFIG_FILE,
+                                                      weights):
             if not (ckpt_dir / name).exists():
                 raise CheckpointCorrupt(f"{ckpt_dir / name} is missing")
         return

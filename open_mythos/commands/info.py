@@ -185,7 +185,9 @@ def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) 
     configuration ``cfg`` and default depth are already read."""
     from ..checkpoints import CHECKPOINT_DIR, CheckpointFormat, LoadedModel, detect_format
 
-    fmt, ckpt_dir = detect_format(path, files=())
+    # The files loading reads are verified, as by generate: a damaged newest checkpoint of
+    # a run is skipped with a warning.
+    fmt, ckpt_dir = detect_format(path)
     files = sorted(ckpt_dir.glob("*.safetensors"))
     stored, dtypes, meta_step = _stored_bytes(files)
     step = None

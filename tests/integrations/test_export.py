@@ -121,7 +121,7 @@ def test_model_type_matches_the_checkpoint_reader():
     assert hf_mod.MODEL_TYPE == HF_MODEL_TYPE
 
 
-def test_safetensors_export_loads_with_its_depth_and_tokenizer(exported, tmp_path):
+def test_safetensors_export_loads_with_its_depth_and_tokenizer(exported, tmp_path, capsys):
     run, _, model = exported
     out = tmp_path / "st"
     assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
@@ -130,6 +130,11 @@ def test_safetensors_export_loads_with_its_depth_and_tokenizer(exported, tmp_pat
     assert loaded.n_loops == TRAINED and (out / "byte_tokenizer.json").is_file()
     for name, t in model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], t, rtol=0, atol=0)
+    # info reads it too (it asked for trainer_state.pt, which an export does not ship).
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == sum(
+        p.numel() for p in model.parameters())
 
 
 def test_export_errors_are_one_line_with_status_2(exported, tmp_path, capsys):
