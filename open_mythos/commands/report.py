@@ -88,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import is_looped
 
     try:
-        if args.task is None and not args.sweep and is_text_run(args.run):
+        if args.task is None and is_text_run(args.run):
+            if args.sweep:
+                raise ValueError(f"{args.run} is a text run: --sweep takes a task sweep "
+                                 "(openmythos sweep of a task run); a text run's report "
+                                 "sweeps its loss against loops itself")
             print(f"wrote {run_text(args)}")
             return 0
         device = resolve_device(args.device)

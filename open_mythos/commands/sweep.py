@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..devices import resolve_device
@@ -77,12 +78,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def resolve_task(args: argparse.Namespace, run_path: str) -> Any:
-    """The task named on the command line, else the run's; ValueError if neither."""
+    """The task named on the command line, else the run's; ValueError if neither
+    (FileNotFoundError if ``run_path`` holds no checkpoint at all)."""
+    from ..checkpoints import detect_format
     from ..evaluation.runs import parse_task_args, run_task
     from ..tasks import get_task
 
     if args.task is not None:
         return get_task(args.task, **parse_task_args(args.task_args))
+    detect_format(run_path)  # "no checkpoint in ...", rather than "records no task"
     task = run_task(run_path)
     if task is None:
         raise ValueError(f"{run_path} records no task: pass --task")
@@ -119,6 +123,7 @@ def run_text(args: argparse.Namespace) -> int:
     _, losses = run_loss_vs_loops(args.checkpoint, resolve_device(args.device), args.loops)
     rows = loss_rows(losses)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         with open(out, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -142,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.sweep import save_rows
 
     try:
+        # Before any work: a sweep can take minutes.
+        if Path(args.out).suffix not in (".json", ".csv"):
+            raise ValueError(f"sweep results go to a .json or .csv file, got {args.out!r}")
         if args.task is None and is_text_run(args.checkpoint):
             return run_text(args)
         device = resolve_device(args.device)

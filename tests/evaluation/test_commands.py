@@ -90,7 +90,9 @@ def test_sweep_command_with_an_exit_rule(runs, tmp_path, capsys):
                for r in rule)
 
 
-def test_sweep_command_errors(runs, tmp_path, capsys):
+def test_sweep_command_errors(runs, tmp_path, capsys, monkeypatch):
+    from open_mythos.commands import sweep as sweep_cmd
+
     root, _, _ = runs
     assert cli("sweep", "--checkpoint", str(tmp_path / "nothing"), "--task", "parity",
                "--out", str(tmp_path / "s.json")) == 2
@@ -100,6 +102,17 @@ def test_sweep_command_errors(runs, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli("sweep", "--checkpoint", "x", "--loops", "0,2", "--out", "s.json")
+    # Without --task: a missing checkpoint is named as such (it read "records no task").
+    assert cli("sweep", "--checkpoint", str(tmp_path / "nothing"), "--out",
+               str(tmp_path / "s.json")) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    # A results file of another kind is refused before the sweep (it came after minutes of
+    # evaluation, and the results were lost).
+    evaluated = []
+    monkeypatch.setattr(sweep_cmd, "sweep_models", lambda *a: evaluated.append(a))
+    assert cli("sweep", "--checkpoint", str(root / "looped"), "--out",
+               str(tmp_path / "s.txt")) == 2
+    assert ".json or .csv" in capsys.readouterr().err and not evaluated
 
 
 def test_report_command(runs, tmp_path):
