@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
 COMMANDS: tuple[str, ...] = (
@@ -38,9 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status
+    (130 after Ctrl-C, with one line instead of a traceback)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"openmythos {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from .config import (
     to_toml,
 )
 from .schedule import LoopSchedule, LRSchedule
-from .trainer import Trainer, TrainingDiverged, TrainState, train
+from .trainer import Trainer, TrainingDiverged, TrainingInterrupted, TrainState, train
 
 __all__ = [
     "ConfigError",
@@ -41,6 +41,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "latest_checkpoint",
     "load_checkpoint",
     "load_config",

@@ -31,6 +31,10 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--text", "data.text", dict(nargs="+", metavar="PATH", help="local text files or directories")),
     ("--hf-dataset", "data.hf_dataset", dict(metavar="NAME",
                                              help="stream a Hugging Face dataset (needs 'datasets')")),
+    ("--text-field", "data.hf_text_field", dict(
+        metavar="NAME", help="the text field of .jsonl/.parquet files and datasets (default text)")),
+    ("--encoding-errors", "data.encoding_errors", dict(
+        choices=["strict", "replace", "ignore"], help="what to do with bytes that are not UTF-8")),
     ("--tokenizer", "data.tokenizer", dict(metavar="DIR",
                                            help="'byte' (default) or a local tokenizer directory")),
     ("--batch-size", "data.batch_size", dict(type=int, help="sequences per process per micro-step")),
@@ -132,7 +136,7 @@ def config_from_args(args: argparse.Namespace, report: bool = False):
 
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .trainer import Trainer, TrainingDiverged
+    from .trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
     try:
         cfg = config_from_args(args, report=True)
@@ -143,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         _error(f"openmythos train: training diverged: {err}")
         return 1
+    except TrainingInterrupted as stop:
+        saved = (f"saved in {stop.checkpoint}; continue with --resume" if stop.checkpoint
+                 else "not saved (its last steps were skipped as non-finite)")
+        _error(f"openmythos train: interrupted after step {stop.step}, {saved}")
+        return 130
     except OSError as err:  # RunDirError names the path; a bare OSError its filename
         _error(f"openmythos train: error: {err}")
         return 3

@@ -173,6 +173,12 @@ class DataConfig:
     eval_batches: int = 4
 
     def __post_init__(self) -> None:
+        # An empty name clears a source (the way to leave a config's task from the command
+        # line: --set data.task=): stored as None, which every reader of a run takes as "no
+        # task" (an empty string trained on text and then named an unknown task '').
+        for name in ("task", "hf_dataset", "prepared"):
+            if getattr(self, name) == "":
+                setattr(self, name, None)
         sources = [n for n in ("task", "text", "hf_dataset", "prepared") if getattr(self, n)]
         if len(sources) > 1:
             raise ConfigError(f"data: choose one source, got {' and '.join(sources)}")

@@ -38,9 +38,11 @@ import gc
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,20 @@ LossHook = Callable[[int, torch.Tensor], torch.Tensor]
 class TrainingDiverged(RuntimeError):
     """The run cannot go on honestly: too many consecutive non-finite steps, a non-finite
     validation loss, non-finite weights, or a last step that was skipped."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a single-process run after a whole step, which was saved.
+
+    Attributes:
+        step: the last step completed.
+        checkpoint: the checkpoint holding it (None when it could not be saved: the last
+            steps were skipped as non-finite).
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -369,6 +385,11 @@ class Trainer:
                              for k in saved if saved[k] != now[k])
             raise ConfigError(f"cannot resume {ckpt}: the model configuration changed ({diff})")
         step = 0 if ckpt is None else int(read_trainer_state(ckpt)["step"])
+        if step > self.cfg.run.steps:
+            # Resuming would do nothing and rewrite config.toml with the smaller count, so a
+            # later plain --resume would stop there too.
+            raise ConfigError(f"cannot resume {ckpt} at step {step} with run.steps="
+                              f"{self.cfg.run.steps}: pass a total of at least {step} steps")
         with os_errors("write to", out):
             write_text_atomic(out / CONFIG_FILE, to_toml(self.resolved))
             copy_tokenizer(self.resolved, out)
@@ -464,7 +485,36 @@ class Trainer:
                    and self.cfg.run.parallel is not Parallel.FSDP)
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    @contextlib.contextmanager
+    def _stop_on_interrupt(self) -> Iterator[list[bool]]:
+        """In a single process on the main thread, the first Ctrl-C (SIGINT) asks the loop
+        to stop after the step in progress and save it; a second one stops at once. Under
+        torchrun every rank gets the signal and would have to agree on the step: there, and
+        off the main thread, Ctrl-C interrupts as usual."""
+        asked = [False]
+        if self.ctx.distributed or threading.current_thread() is not threading.main_thread():
+            yield asked
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def ask(signum: int, frame: Any) -> None:
+            asked[0] = True
+            signal.signal(signal.SIGINT, previous)
+            self._log("interrupted: saving the step in progress once it ends "
+                      "(Ctrl-C again to stop at once, unsaved)")
+
+        signal.signal(signal.SIGINT, ask)
+        try:
+            yield asked
+        finally:
+            if signal.getsignal(signal.SIGINT) is ask:
+                signal.signal(signal.SIGINT, previous)
+
     def _loop(self) -> None:
+        with self._stop_on_interrupt() as interrupted:
+            self._steps(interrupted)
+
+    def _steps(self, interrupted: list[bool]) -> None:
         cfg = self.cfg
         while self.state.step < cfg.run.steps:
             row = self._train_step()
@@ -484,6 +534,12 @@ class Trainer:
                 else:
                     self._log(f"step {step}: no checkpoint: the last "
                               f"{self.state.consecutive_bad} steps were skipped")
+            elif interrupted[0] and not self.state.consecutive_bad:
+                self.save()
+            if interrupted[0]:
+                saved = self.last_checkpoint is not None and \
+                    self.last_checkpoint.name == f"step_{step:08d}"
+                raise TrainingInterrupted(step, self.last_checkpoint if saved else None)
 
     def _check_health(self, row: dict[str, Any]) -> None:
         """Raise :class:`TrainingDiverged` after ``run.max_bad_steps`` skipped steps in a row

@@ -101,3 +101,27 @@ def test_a_tokenizer_without_eos_is_warned_about_with_the_fix(tmp_path):
         build_data_source(DataConfig(text=[str(tmp_path / "a.txt")], tokenizer=str(bpe_dir),
                                      seq_len=8, batch_size=2), seed=0)
     assert not [r for r in records if "EOS" in str(r.message)]
+
+
+def test_train_has_the_flags_its_data_errors_name(tmp_path, capsys):
+    """The errors for a missing text field or bytes that are not UTF-8 name --text-field
+    and --encoding-errors, which only `prepare` had: `train` refused them."""
+    from open_mythos.cli import main
+
+    from .conftest import TINY
+
+    rows = tmp_path / "d.jsonl"
+    rows.write_text("\n".join(json.dumps({"body": "the cat sat on the mat " * 8})
+                              for _ in range(40)) + "\n")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"the cat sat on the mat \xff\xfe " * 200)
+    common = ["train", "--config", str(TINY), "--no-progress", "--steps", "1", "--eval-every",
+              "0", "--set", "data.task=", "--set", "data.seq_len=16", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--text", str(rows)]) == 2
+    assert "--text-field" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "b"), "--text", str(rows),
+                 "--text-field", "body"]) == 0
+    assert main([*common, "--out", str(tmp_path / "c"), "--text", str(bad)]) == 2
+    assert "--encoding-errors" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "d"), "--text", str(bad),
+                 "--encoding-errors", "replace"]) == 0

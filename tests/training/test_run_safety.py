@@ -409,3 +409,52 @@ def test_an_unusable_config_is_one_line_naming_it(tmp_path, capsys, monkeypatch,
     code = main(["train", "--config", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 2
     one_line_error(capsys, 2, str(path))
+
+
+def test_ctrl_c_saves_the_step_in_progress_and_resume_loses_nothing(tmp_path, monkeypatch,
+                                                                    capsys):
+    """The first Ctrl-C used to print a traceback and lose every step since the last
+    checkpoint. Now the step in progress ends, is saved, and the command says so (130); the
+    resumed run matches one never interrupted."""
+    real = trainer_mod.compute_loss
+    calls = {"n": 0}
+
+    def interrupt_in_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # SIGINT arrives in the middle of step 5
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "compute_loss", interrupt_in_step_5)
+    steps = ["--steps", "8", "--save-every", "0"]
+    assert train_cli(tmp_path / "cut", *steps) == 130
+    err = capsys.readouterr().err
+    assert re.search(r"interrupted after step 5, saved in .*step_00000005; continue with "
+                     r"--resume", err), err
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(trainer_mod, "compute_loss", real)
+    assert train_cli(tmp_path / "cut", *steps, "--resume") == 0
+    assert train_cli(tmp_path / "whole", *steps) == 0
+    cut, whole = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "whole")
+    assert [r["loss"] for r in cut] == [r["loss"] for r in whole]
+
+
+def test_resuming_with_fewer_total_steps_than_done_is_an_error(tmp_path, capsys):
+    """It printed 'done' and rewrote config.toml with the smaller count."""
+    assert train_cli(tmp_path / "r", "--steps", "4", "--save-every", "2") == 0
+    config = (tmp_path / "r" / "config.toml").read_text()
+    assert train_cli(tmp_path / "r", "--steps", "2", "--resume") == 2
+    assert "at step 4 with run.steps=2" in capsys.readouterr().err
+    assert (tmp_path / "r" / "config.toml").read_text() == config
+
+
+def test_an_empty_source_name_clears_it(tmp_path):
+    """--set data.task= trained on the built-in corpus but stored task = '', which later
+    commands read as an unknown task."""
+    cfg = tiny_config(tmp_path / "r", data__task="")
+    assert cfg.data.task is None
+    from open_mythos.evaluation.runs import is_text_run
+
+    Trainer(tiny_config(tmp_path / "r", data__task="", run__steps=1)).train()
+    assert is_text_run(tmp_path / "r")
