@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from open_mythos import OpenMythos
 from open_mythos.layers import moe as moe_module
 from open_mythos.layers.moe import MoEFFN
-from tests.conftest import tiny_config
+from tests.conftest import halting_model, tiny_config
 
 # Ops that read a device tensor on the host (a CUDA synchronisation).
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "equal",
@@ -140,3 +140,17 @@ def test_training_loop_never_reads_device_values_on_the_host(no_segment_fallback
         loss.backward()
         model.update_router_bias()
     assert recorder.calls == []
+
+
+def test_whole_model_compiles_to_one_graph_for_inference(attn_type):
+    """``torch.compile(model)`` in eval mode, where the ACT early exit is on by default: the
+    exit test reads a device value on the host, so under compile it is off, the forward is
+    one graph, and the logits equal eager's (which exits early)."""
+    torch._dynamo.reset()
+    model = halting_model(attn_type)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        for n_loops in (2, 8):
+            torch.testing.assert_close(compiled(ids, n_loops=n_loops),
+                                       model(ids, n_loops=n_loops), rtol=1e-5, atol=1e-5)

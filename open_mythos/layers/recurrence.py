@@ -499,6 +499,11 @@ class RecurrentBlock(nn.Module):
             (B, T, dim) in ``h``'s dtype: the ACT mixture of the loop states, or the last
             state with ACT off.
         """
+        # NOTE: under torch.compile the early exit is off. Its test reads a device value on
+        # the host after every loop, which splits the graph; and recompiling those pieces
+        # for a second model crashed PyTorch 2.13 while it explained the recompilation (a
+        # TypeError from its tensor-aliasing guard). The output is the same either way.
+        early_exit = early_exit and not torch.compiler.is_compiling()
         with self.block.ffn.shared_casts():  # expert weights cast once for all loops
             return self._loops(h, e, ctx, n_loops, early_exit, backprop_loops, keep_states,
                                exit_rule, lens)
