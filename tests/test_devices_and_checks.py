@@ -60,5 +60,7 @@ def test_every_entry_point_shares_the_check(bad):
     model = OpenMythos(tiny_config(vocab_size=259)).eval()
     with pytest.raises(ValueError, match="n_loops must be a positive integer"):
         model(torch.zeros(1, 3, dtype=torch.long), n_loops=bad)
+    tokenizer = ByteTokenizer()
     with pytest.raises(ValueError, match="n_loops must be a positive integer"):
-        complete(model, ByteTokenizer(), ["ab"], GenerationOptions(max_new_tokens=1, n_loops=bad))
+        complete(model, tokenizer, [tokenizer.encode("ab")],
+                 GenerationOptions(max_new_tokens=1, n_loops=bad))
