@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..layers.recurrence import ExitRule
-from ..serving.jobs import TokenLogprob
+from ..serving.jobs import TokenLogprob, token_bytes
 from ..tokenizers import Tokenizer
 
 MAX_STOP_STRINGS = 4
@@ -218,7 +218,7 @@ def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> lis
     """The ``logprobs.content`` entries of a chat choice."""
 
     def one(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        return {"token": token, "logprob": logprob, "bytes": token_bytes(token)}
 
     return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for _, t, lp in e.top]}
             for e in entries]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,24 @@ class QueueFull(Exception):
 
 class SchedulerStopped(Exception):
     """The scheduler is shutting down and takes no more requests."""
+
+
+_BYTES_TOKEN = re.compile(r"bytes:((?:\\x[0-9a-f]{2})+)")
+
+
+def byte_token_text(byte: int) -> str:
+    """How logprobs show a token that is one byte of a multi-byte character (OpenAI's
+    form): ``bytes:\\xNN``."""
+    return f"bytes:\\x{byte:02x}"
+
+
+def token_bytes(token: str) -> list[int]:
+    """The bytes of a token as logprobs show it: the raw bytes of a ``bytes:\\xNN`` token,
+    the UTF-8 encoding of any other."""
+    match = _BYTES_TOKEN.fullmatch(token)
+    if match is None:
+        return list(token.encode())
+    return list(bytes.fromhex(match.group(1).replace("\\x", "")))
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from .jobs import (
     SeqDelta,
     ServeLimits,
     TokenLogprob,
+    byte_token_text,
 )
 
 __all__ = ["Scheduler", "derive_seed"]
@@ -367,7 +368,7 @@ class Scheduler:
         of the byte tokenizer as ``bytes:\\xNN``)."""
         if isinstance(self.tokenizer, ByteTokenizer) and token_id < ByteTokenizer.N_BYTES \
                 and token_id >= 0x80:
-            return f"bytes:\\x{token_id:02x}"
+            return byte_token_text(token_id)
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _token_logprob(self, logits: torch.Tensor, tok: int, top: int,

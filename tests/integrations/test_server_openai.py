@@ -167,7 +167,27 @@ def test_chat_logprobs_match_a_full_forward(client, trained_model):
     torch.testing.assert_close(torch.tensor([c.logprob for c in content]),
                                ref.max(-1).values, atol=1e-4, rtol=0)
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)
-    assert content[0].bytes == list(content[0].token.encode())
+    # ``bytes`` holds the token's raw bytes: one byte for a byte token that is not a
+    # character (shown as ``bytes:\\xNN``), not the UTF-8 of that display string.
+    for c, row in zip(content, ref):
+        best = row.topk(2).indices.tolist()
+        assert [t.token for t in c.top_logprobs] == [shown(i) for i in best]
+        assert [t.bytes for t in c.top_logprobs] == [raw_bytes(i) for i in best]
+    assert content[0].bytes == raw_bytes(ids[len(prompt)])
+
+
+def raw_bytes(token_id: int) -> list[int]:
+    return [token_id] if token_id < 256 else list(TOK.decode([token_id], False).encode())
+
+
+def test_chat_logprobs_give_a_byte_token_its_raw_byte():
+    from open_mythos.integrations.openai_api import chat_logprobs
+    from open_mythos.serving.jobs import TokenLogprob
+
+    [entry] = chat_logprobs([TokenLogprob(0xc3, shown(0xc3), -0.5, ((0xc3, shown(0xc3), -0.5),
+                                                                     (0x61, "a", -1.0)))])
+    assert entry["token"] == "bytes:\\xc3" and entry["bytes"] == [0xc3]
+    assert [t["bytes"] for t in entry["top_logprobs"]] == [[0xc3], [0x61]]
 
 
 def test_lm_eval_local_completions_scores_like_the_in_process_model(client, trained_model):
