@@ -42,7 +42,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--lr", "optim.lr", dict(type=float, help="peak learning rate")),
     ("--grad-accum", "optim.grad_accum", dict(type=int, help="micro-steps per optimizer step")),
     ("--warmup-steps", "schedule.warmup_steps", dict(type=int)),
-    ("--loops", "schedule.loops", dict(choices=["fixed", "curriculum", "sampled"],
+    ("--loops", "schedule.loops", dict(choices=["fixed", "curriculum", "sampled", "uniform"],
                                        help="loop-count schedule")),
     ("--n-loops", "schedule.n_loops", dict(type=int, help="fixed loop count, or the sampled mean")),
     ("--min-loops", "schedule.min_loops", dict(type=int)),

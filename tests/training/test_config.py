@@ -139,6 +139,11 @@ def test_cli_precedence_file_then_flags_then_set(tmp_path):
     assert text.data.task is None and text.data.text == ["a.txt", "b.txt"]
 
 
+def test_cli_loops_flag_offers_every_loop_mode():
+    for mode in LoopMode:
+        assert config_from_args(parse_train(["--loops", mode.value])).schedule.loops is mode
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     code = main(["train", "--config", str(TINY), "--out", str(tmp_path / "r"),
                  "--set", "optim.bogus=1"])
