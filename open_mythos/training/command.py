@@ -27,7 +27,8 @@ from typing import Any
 # (flag, dotted key, argparse keyword arguments)
 _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--variant", "model.variant", dict(help="model preset, e.g. mythos_1b")),
-    ("--task", "data.task", dict(help="algorithmic task (parity, dyck, modsum, addition, multihop)")),
+    ("--task", "data.task", dict(
+        help="algorithmic task (parity, dyck, modsum, addition, multihop, phop)")),
     ("--text", "data.text", dict(nargs="+", metavar="PATH", help="local text files or directories")),
     ("--hf-dataset", "data.hf_dataset", dict(metavar="NAME",
                                              help="stream a Hugging Face dataset (needs 'datasets')")),

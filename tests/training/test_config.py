@@ -139,7 +139,14 @@ def test_cli_precedence_file_then_flags_then_set(tmp_path):
     assert text.data.task is None and text.data.text == ["a.txt", "b.txt"]
 
 
-def test_cli_loops_flag_offers_every_loop_mode():
+def test_cli_loops_flag_offers_every_loop_mode_and_task_help_names_every_task(capsys):
+    from open_mythos.tasks import list_tasks
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    task_help = " ".join(capsys.readouterr().out.split())
+    assert all(name in task_help.split("algorithmic task (")[1].split(")")[0]
+               for name in list_tasks())
     for mode in LoopMode:
         assert config_from_args(parse_train(["--loops", mode.value])).schedule.loops is mode
 
