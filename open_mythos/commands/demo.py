@@ -2,7 +2,7 @@
 
 ::
 
-    python -m open_mythos demo                        # about 10 minutes on 2 CPU cores
+    python -m open_mythos demo                        # about 8-10 minutes on 2 CPU cores
     python -m open_mythos demo --quick --out /tmp/d   # checks the pipeline in seconds
 
 On the ``multihop`` task (follow variable assignments to a digit; one answer token, so every
@@ -24,7 +24,7 @@ extra hop is extra sequential computation for that token) it
 
 2. sweeps the looped model from 1 to ``4 x T_train`` loops on the in-distribution split
    and on longer chains than any trained (``ood_hops``), once as it is and once with the
-   training-free exit rule :data:`DEMO_EXIT_RULE` (each position stops looping once its
+   training-free exit rule :data:`DEMO_EXIT_RULE_ARGS` (each position stops looping once its
    answer has settled); the baseline has one depth;
 3. writes ``report/`` (plots and ``report.md``), ``sweep.json``, ``demo.md`` and both runs;
 4. prints the accuracy table, the depth-extrapolation targets as measured, and a few

@@ -45,7 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``serve`` on the ``openmythos`` command."""
     p = subparsers.add_parser(
         "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
-        description="Serve /v1/models and /v1/completions (streaming included) for one model.")
+        description="Serve one model: /v1/completions and /v1/chat/completions (streaming "
+                    "included), /v1/models, /health, and the tokenizer endpoints /tokenize, "
+                    "/detokenize and /tokenizer_info.")
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
