@@ -11,13 +11,14 @@ from torch import nn
 from .config import MythosConfig, check_loops
 from .inference.cache import CacheStore, KVCache, as_cache_store
 from .layers.attention import AttnContext
-from .layers.block import TransformerBlock
 from .layers.conv import TokenConv
 from .layers.init import init_tree
 from .layers.moe import MoEFFN
 from .layers.norm import RMSNorm
-from .layers.recurrence import ExitRule, RecurrentBlock
+from .layers.recurrence import ExitRule
 from .layers.rope import rope_cos_sin
+from .upstream import RecurrentBlock as UpstreamRecurrentBlock
+from .upstream import TransformerBlock as UpstreamBlock
 
 
 @dataclass
@@ -412,9 +413,12 @@ class OpenMythos(CausalLM):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.token_conv = TokenConv(cfg.dim, cfg.token_conv) if cfg.token_conv else None
-        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
-        self.recurrent = RecurrentBlock(cfg)
-        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
+        # The layer classes that also take upstream's calls (open_mythos.upstream): code
+        # written for upstream finds open_mythos.main's classes inside the model (an FSDP
+        # wrap policy by class, hooks, a hand-written forward through the layers).
+        self.prelude = nn.ModuleList(UpstreamBlock(cfg) for _ in range(cfg.prelude_layers))
+        self.recurrent = UpstreamRecurrentBlock(cfg)
+        self.coda = nn.ModuleList(UpstreamBlock(cfg) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_dim = type(self.recurrent.block.attn).rope_dim(cfg)

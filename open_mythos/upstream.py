@@ -17,11 +17,13 @@ import torch
 
 from .config import AttnType
 from .inference.cache import as_cache_store
-from .layers import attention as _attention
-from .layers import block as _block
-from .layers import recurrence as _recurrence
-from .layers import rope as _rope
 from .layers.attention import AttnContext
+from .layers.attention import GQAttention as _GQAttention
+from .layers.attention import MLAttention as _MLAttention
+from .layers.block import TransformerBlock as _TransformerBlock
+from .layers.recurrence import RecurrentBlock as _RecurrentBlock
+from .layers.rope import apply_rope as _apply_rope
+from .layers.rope import rope_cos_sin as _rope_cos_sin
 
 __all__ = [
     "GQAttention", "MLAttention", "RecurrentBlock", "TransformerBlock", "apply_rope",
@@ -44,7 +46,7 @@ def precompute_rope_freqs(dim: int, max_len: int, theta: float = 500000.0) -> to
     """
     if dim <= 0 or dim % 2:
         raise ValueError(f"precompute_rope_freqs: dim must be a positive even number, got {dim}")
-    cos, sin = _rope.rope_cos_sin(torch.arange(max_len), dim, theta)
+    cos, sin = _rope_cos_sin(torch.arange(max_len), dim, theta)
     return torch.complex(cos, sin)
 
 
@@ -70,7 +72,7 @@ def apply_rope(
         RuntimeError: the table's rows do not match the positions of ``x`` (as upstream).
     """
     if sin is not None:
-        return _rope.apply_rope(x, freqs_cis, sin)
+        return _apply_rope(x, freqs_cis, sin)
     if not freqs_cis.is_complex():
         raise TypeError(
             "apply_rope(x, freqs_cis) needs the complex table of precompute_rope_freqs; "
@@ -176,7 +178,7 @@ class _UpstreamCall:
         return super().forward(x, ctx, cache_key)
 
 
-class GQAttention(_UpstreamCall, _attention.GQAttention):
+class GQAttention(_UpstreamCall, _GQAttention):
     """:class:`open_mythos.layers.GQAttention`; ``forward`` also takes upstream's
     ``(x, freqs_cis, mask=None, kv_cache=None, cache_key="default")`` with a
     (T, head_dim // 2) table. The cache entry holds ``k`` and ``v`` as
@@ -187,7 +189,7 @@ class GQAttention(_UpstreamCall, _attention.GQAttention):
         return self.head_dim
 
 
-class MLAttention(_UpstreamCall, _attention.MLAttention):
+class MLAttention(_UpstreamCall, _MLAttention):
     """:class:`open_mythos.layers.MLAttention`; ``forward`` also takes upstream's
     ``(x, freqs_cis, mask=None, kv_cache=None, cache_key="default")`` with a
     (T, qk_rope_head_dim // 2) table. The cache entry holds one ``kv_latent``
@@ -198,7 +200,7 @@ class MLAttention(_UpstreamCall, _attention.MLAttention):
         return self.rope_dim_
 
 
-class TransformerBlock(_UpstreamCall, _block.TransformerBlock):
+class TransformerBlock(_UpstreamCall, _TransformerBlock):
     """:class:`open_mythos.layers.TransformerBlock` built with the attention classes above;
     ``forward`` also takes upstream's ``(x, freqs_cis, mask=None, kv_cache=None,
     cache_key="default")``."""
@@ -210,7 +212,7 @@ class TransformerBlock(_UpstreamCall, _block.TransformerBlock):
         return self.attn.rope_width
 
 
-class RecurrentBlock(_recurrence.RecurrentBlock):
+class RecurrentBlock(_RecurrentBlock):
     """:class:`open_mythos.layers.RecurrentBlock` looping the :class:`TransformerBlock`
     above; ``forward`` also takes upstream's ``(h, e, freqs_cis, mask=None, n_loops=None,
     kv_cache=None)``."""

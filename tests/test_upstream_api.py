@@ -92,3 +92,32 @@ def test_every_exported_name_exists():
         mod = importlib.import_module(module)
         missing = [name for name in mod.__all__ if not hasattr(mod, name)]
         assert not missing, (module, missing)
+
+
+def test_upstream_module_paths_and_classes_reach_the_model():
+    """Upstream scripts import ``open_mythos.tokenizer`` and the layer classes from the
+    package, and select the model's layers by class (an FSDP wrap policy)."""
+    import open_mythos
+    import open_mythos.main as M
+    from open_mythos.tokenizer import MythosTokenizer
+    from open_mythos.tokenizers import MythosTokenizer as ours
+    from tests.conftest import tiny_config
+
+    assert MythosTokenizer is ours
+    for name in ("MoEFFN", "RMSNorm", "GQAttention", "RecurrentBlock", "apply_rope",
+                 "precompute_rope_freqs", "loop_index_embedding"):
+        assert getattr(open_mythos, name) is getattr(M, name)
+    for attn_type in ("gqa", "mla"):
+        model = M.OpenMythos(tiny_config(attn_type))
+        wrapped = [n for n, mod in model.named_modules()
+                   if isinstance(mod, (M.TransformerBlock, M.RecurrentBlock))]
+        assert wrapped == ["prelude.0", "recurrent", "recurrent.block", "coda.0"]
+        assert isinstance(model.prelude[0].attn, (M.GQAttention, M.MLAttention))
+        # Upstream's call works on the model's own block (it used to fail deep inside).
+        torch.manual_seed(0)
+        x = torch.randn(2, 6, model.cfg.dim)
+        rope = model.prelude[0].rope_width
+        freqs = M.precompute_rope_freqs(rope, 6, model.cfg.rope_theta)
+        mask = torch.full((6, 6), float("-inf")).triu(1)
+        ours_out = model.prelude[0](x, freqs, mask)
+        assert ours_out.shape == x.shape and torch.isfinite(ours_out).all()
