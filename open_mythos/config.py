@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -147,8 +148,15 @@ class MythosConfig:
     token_conv: int = 0
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NumPy integers (a sweep over np.arange) -> int
+            value = getattr(self, f.name)
+            if f.type in ("int", "int | None") and _is_int(value) and type(value) is not int:
+                setattr(self, f.name, int(value))
         try:
-            self.attn_type = AttnType(str(self.attn_type).lower())
+            # Stored as the plain string, as upstream's field: a config's asdict() then
+            # saves with torch.save and loads with weights_only, dumps to YAML, and reprs
+            # as upstream's. Compare with == ("mla" == AttnType.MLA holds).
+            self.attn_type = AttnType(str(self.attn_type).lower()).value
         except ValueError:
             allowed = ", ".join(repr(a.value) for a in AttnType)
             raise ValueError(
@@ -165,7 +173,7 @@ class MythosConfig:
         _require("n_experts_per_tok", self.n_experts_per_tok,
                  self.n_experts_per_tok <= self.n_experts,
                  f"at most n_experts={self.n_experts}")
-        if self.attn_type is AttnType.GQA:
+        if self.attn_type == AttnType.GQA:
             _require("dim", self.dim, self.dim % self.n_heads == 0,
                      f"divisible by n_heads={self.n_heads}")
             _require("n_kv_heads", self.n_kv_heads, _is_positive_int(self.n_kv_heads)
@@ -271,13 +279,15 @@ def check_loops(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -
     or None when ``allow_none``: the one check of a loop count, wherever one is passed."""
     if n_loops is None and allow_none:
         return
-    if not _is_positive_int(n_loops):
+    # A Python int (NumPy's would turn the loop's comparisons into NumPy bools).
+    if not isinstance(n_loops, int) or isinstance(n_loops, bool) or n_loops < 1:
         raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
                          f"got {n_loops!r}")
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer, ``bool`` excluded; NumPy's integers count (``numbers.Integral``)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_finite(v: Any) -> bool:

@@ -1,6 +1,8 @@
+import dataclasses
 import math
 
 import pytest
+import torch
 
 from open_mythos import AttnType, MythosConfig
 from tests.conftest import tiny_config
@@ -18,7 +20,27 @@ def test_upstream_fields_and_defaults():
     cfg = MythosConfig()
     for name, value in UPSTREAM_DEFAULTS.items():
         assert getattr(cfg, name) == value, name
-    assert cfg.attn_type == "mla" and cfg.attn_type is AttnType.MLA
+    assert cfg.attn_type == "mla" == AttnType.MLA and type(cfg.attn_type) is str
+    assert MythosConfig(attn_type=AttnType.GQA).attn_type == "gqa"
+
+
+def test_numpy_integers_become_ints():
+    np = pytest.importorskip("numpy")
+    cfg = tiny_config(dim=np.int64(64), max_loop_iters=np.int32(3), dense_ffn_dim=np.int64(8))
+    assert all(type(getattr(cfg, k)) is int for k in ("dim", "max_loop_iters", "dense_ffn_dim"))
+    assert cfg == tiny_config(max_loop_iters=3, dense_ffn_dim=8)
+    with pytest.raises(ValueError, match="dim"):
+        tiny_config(dim=np.float64(64.0))
+
+
+def test_config_dict_saves_like_upstreams(tmp_path):
+    """A plain-str attn_type: asdict() round-trips through torch.save and a weights-only
+    load (the default of torch.load), as upstream's config did."""
+    cfg = MythosConfig(attn_type="GQA")
+    torch.save({"cfg": dataclasses.asdict(cfg)}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt")["cfg"]
+    assert MythosConfig(**loaded) == cfg and loaded["attn_type"] == "gqa"
+    assert "attn_type='gqa'" in repr(cfg)
 
 
 @pytest.mark.parametrize(
