@@ -135,6 +135,11 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
             f"{tuple(input_ids.shape)}"
         )
+    if attention_mask is not None and T0 and not bool((attention_mask[:, -1] == 1).all()):
+        raise ValueError(
+            "attention_mask must be 1 at the last prompt position of every row: pad prompts "
+            "on the left (with right padding the first new token would follow a pad)"
+        )
     if exit_rule is not None and compile:
         raise ValueError("compile=True runs every loop in one fixed graph; exit rules need "
                          "compile=False")

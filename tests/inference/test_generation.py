@@ -86,6 +86,7 @@ def test_streaming_yields_tokens_as_produced():
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-1), "top_k must be"),
     (dict(max_new_tokens=100), "exceeds max_seq_len=64"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0]])), "pad prompts on the left"),
 ])
 def test_bad_arguments(kwargs, match):
     model = halting_model("gqa")
