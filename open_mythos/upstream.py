@@ -120,6 +120,14 @@ def upstream_context(
     start = cache.length(cache_key) if cache is not None else 0
     cos, sin = _chunk_tables(freqs_cis, start, T, rope_dim, x.device)
     if mask is not None:
+        S = start + T
+        try:  # before anything is written to the cache
+            torch.broadcast_shapes(mask.shape, (x.shape[0], 1, T, S))
+        except RuntimeError:
+            cached = (f": with {start} positions cached under {cache_key!r}, a chunk's mask "
+                      "covers the cached keys too") if start else ""
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to (batch, 1, "
+                             f"queries, keys) = {(x.shape[0], 1, T, S)}{cached}") from None
         dtype = torch.bool if mask.dtype == torch.bool else _activation_dtype(x)
         mask = mask.to(x.device, dtype)
     return AttnContext(cos, sin, start, mask, False, cache)

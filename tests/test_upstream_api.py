@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 
@@ -121,3 +122,24 @@ def test_upstream_module_paths_and_classes_reach_the_model():
         mask = torch.full((6, 6), float("-inf")).triu(1)
         ours_out = model.prelude[0](x, freqs, mask)
         assert ours_out.shape == x.shape and torch.isfinite(ours_out).all()
+
+
+def test_a_mask_that_misses_the_cached_keys_is_refused_before_the_cache_changes():
+    import open_mythos.main as M
+    from tests.conftest import tiny_config
+
+    for attn_type in ("gqa", "mla"):
+        cfg = tiny_config(attn_type)
+        layer = M.TransformerBlock(cfg)
+        x = torch.randn(1, 8, cfg.dim)
+        freqs = M.precompute_rope_freqs(layer.rope_width, 16, cfg.rope_theta)
+        causal = torch.full((8, 8), float("-inf")).triu(1)
+        cache = {}
+        layer(x, freqs[:8], causal, cache, "L0")
+        before = {k: v.clone() for k, v in cache["L0"].items()}
+        with pytest.raises(ValueError, match=r"8 positions cached under 'L0'"):
+            layer(x[:, :3], freqs[8:11], causal[:3, :3], cache, "L0")  # (T, T), not (T, S)
+        assert cache["L0"].keys() == before.keys()
+        assert all(torch.equal(cache["L0"][k], v) for k, v in before.items())
+        with pytest.raises(ValueError, match=r"does not broadcast"):
+            layer(x, freqs[:8], torch.zeros(1, 1, 8, 9))
