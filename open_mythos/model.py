@@ -436,6 +436,30 @@ class OpenMythos(CausalLM):
         self.tie_weights()
         init_tree(self, self.cfg)
 
+    # Upstream's attributes, for code that runs the layers by hand ----------------------
+    @property
+    def freqs_cis(self) -> torch.Tensor:
+        """Upstream's complex RoPE table for GQA, (max_seq_len, dim // n_heads // 2),
+        computed on each access (not a buffer: ``model.to(dtype)`` cannot damage it)."""
+        return self._upstream_freqs(self.cfg.dim // self.cfg.n_heads)
+
+    @property
+    def freqs_cis_mla(self) -> torch.Tensor:
+        """Upstream's complex RoPE table for MLA, (max_seq_len, qk_rope_head_dim // 2)."""
+        return self._upstream_freqs(self.cfg.qk_rope_head_dim)
+
+    def _upstream_freqs(self, width: int) -> torch.Tensor:
+        from .upstream import precompute_rope_freqs
+
+        table = precompute_rope_freqs(width, self.cfg.max_seq_len, self.cfg.rope_theta)
+        return table.to(self.embed.weight.device)
+
+    @staticmethod
+    def _causal_mask(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Upstream's additive causal mask, (1, 1, seq_len, seq_len): 0 on and below the
+        diagonal, ``-inf`` above."""
+        return torch.full((1, 1, seq_len, seq_len), float("-inf"), device=device).triu(1)
+
     # ------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoEFFN]:
         """Every mixture-of-experts FFN (one, in the recurrent block)."""

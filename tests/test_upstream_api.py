@@ -143,3 +143,29 @@ def test_a_mask_that_misses_the_cached_keys_is_refused_before_the_cache_changes(
         assert all(torch.equal(cache["L0"][k], v) for k, v in before.items())
         with pytest.raises(ValueError, match=r"does not broadcast"):
             layer(x, freqs[:8], torch.zeros(1, 1, 8, 9))
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_upstreams_forward_written_by_hand_through_the_model_equals_the_model(attn_type):
+    """Upstream's ``OpenMythos.forward``, written out with its attributes (``freqs_cis``,
+    ``freqs_cis_mla``, ``_causal_mask``) and its layer calls, against the model's own."""
+    import open_mythos.main as M
+    from tests.conftest import halting_model
+
+    model = halting_model(attn_type)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 10))
+    T = ids.shape[1]
+    with torch.no_grad():
+        freqs = (model.freqs_cis_mla if model.cfg.attn_type == "mla" else model.freqs_cis)[:T]
+        mask = M.OpenMythos._causal_mask(T, ids.device)
+        x = model.embed(ids)
+        for i, layer in enumerate(model.prelude):
+            x = layer(x, freqs, mask, None, f"prelude_{i}")
+        x = model.recurrent(x, x, freqs, mask, 5, None)
+        for i, layer in enumerate(model.coda):
+            x = layer(x, freqs, mask, None, f"coda_{i}")
+        by_hand = model.head(model.norm(x))
+        torch.testing.assert_close(by_hand, model(ids, n_loops=5), rtol=1e-5, atol=1e-5)
+    assert model.freqs_cis.shape == (model.cfg.max_seq_len, model.cfg.dim // model.cfg.n_heads // 2)
+    assert model.freqs_cis_mla.dtype == torch.complex64
+    assert "freqs_cis" not in model.state_dict()
