@@ -24,18 +24,12 @@ __all__ = [
     "mythos_10b", "mythos_50b", "mythos_100b", "mythos_500b",
 ]
 
-#: Upstream's package re-exported every name of ``open_mythos.main``; they load on first use.
-_UPSTREAM_NAMES = frozenset({
-    "ACTHalting", "Expert", "GQAttention", "LTIInjection", "LoRAAdapter", "MLAttention", "MoEFFN",
-    "RMSNorm", "RecurrentBlock", "TransformerBlock", "apply_rope", "loop_index_embedding",
-    "precompute_rope_freqs",
-})
-
-
 def __getattr__(name: str):
-    if name in _UPSTREAM_NAMES:
-        from . import main
+    """The names of ``open_mythos.main``, as upstream's package re-exported them."""
+    import importlib
 
+    main = importlib.import_module(f"{__name__}.main")  # not "from . import": it asks us
+    if name in main.__all__:
         return getattr(main, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
