@@ -490,7 +490,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             :class:`CheckpointCorrupt`: the checkpoint named by ``path`` is damaged.
         KeyError: the weights do not match the stored configuration.
     """
-    dtype = _floating_dtype(dtype)
+    dtype = floating_dtype(dtype)
     fmt, ckpt_dir = detect_format(path)
     if fmt is CheckpointFormat.TRAINING:
         cfg = read_model_config(ckpt_dir)
@@ -513,7 +513,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops)
 
 
-def _floating_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def floating_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``dtype``, or the floating ``torch.dtype`` its name (``"bfloat16"``) names."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
@@ -534,7 +534,7 @@ __all__ = [
     "CHECKPOINT_DIR", "DEPTH_METADATA", "HF_MODEL_TYPE", "LATEST", "MANIFEST_FILE", "MODEL_CONFIG_FILE",
     "MODEL_FILE", "MODEL_FILES", "TRAIN_CONFIG_FILE", "CheckpointCorrupt", "CheckpointFormat", "LoadedModel",
     "SHARDED_MODEL_DIR", "check_state_keys", "detect_format", "file_sha256", "is_sharded",
-    "latest_checkpoint", "load_checkpoint", "load_model", "load_state",
+    "floating_dtype", "latest_checkpoint", "load_checkpoint", "load_model", "load_state",
     "newest_intact_checkpoint", "read_config", "read_hf_state", "read_model_config",
     "read_model_state", "read_sharded_model_state", "read_trained_depth",
     "resolve_checkpoint_dir", "tied_parameters", "verify_checkpoint",

@@ -51,9 +51,7 @@ def run(args: argparse.Namespace) -> int:
     """Export ``args.run`` to ``args.out``."""
     from pathlib import Path
 
-    import torch
-
-    from ..checkpoints import CheckpointCorrupt
+    from ..checkpoints import CheckpointCorrupt, floating_dtype
     from ..integrations.convert import training_to_hf, training_to_safetensors
 
     out = Path(args.out)
@@ -62,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{out} already exists and is not an empty directory")
         if args.format == "hf":
             extra = {} if args.n_loops is None else {"n_loops": args.n_loops}
-            dtype = getattr(torch, args.dtype) if args.dtype else None
-            training_to_hf(args.run, out, tokenizer=args.tokenizer, dtype=dtype, **extra)
+            training_to_hf(args.run, out, tokenizer=args.tokenizer,
+                           dtype=floating_dtype(args.dtype), **extra)
         else:
             if args.n_loops is not None or args.dtype is not None:
                 raise ValueError("--n-loops and --dtype apply to --format hf only")

@@ -116,15 +116,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(LoadedModel, tokenizer)`` from the options of :func:`add_model_arguments`."""
-    import torch
 
     from ..checkpoints import load_model
     from ..devices import resolve_device
     from ..integrations.convert import resolve_tokenizer
 
     device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    loaded = load_model(args.checkpoint, device=device, dtype=dtype)
+    loaded = load_model(args.checkpoint, device=device, dtype=args.dtype)
     return loaded, resolve_tokenizer(loaded, args.tokenizer)
 
 

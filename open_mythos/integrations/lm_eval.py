@@ -249,8 +249,9 @@ def _pick_device(spec: str | torch.device | None) -> torch.device:
 def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.device,
           dtype: str | torch.dtype | None) -> tuple[CausalLM, Tokenizer, int | None]:
     """``(model, tokenizer, stored default n_loops)`` from any accepted ``pretrained``."""
-    if isinstance(dtype, str):
-        dtype = None if dtype == "auto" else getattr(torch, dtype)
+    from ..checkpoints import floating_dtype
+
+    dtype = None if dtype == "auto" else floating_dtype(dtype)
     if isinstance(pretrained, (str, Path)):
         from ..checkpoints import load_model
         from .convert import resolve_tokenizer
