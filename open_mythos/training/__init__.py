@@ -8,6 +8,7 @@
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import (
+    Compile,
     ConfigError,
     DataConfig,
     LoopMode,
@@ -26,6 +27,7 @@ from .schedule import LoopSchedule, LRSchedule
 from .trainer import Trainer, TrainingDiverged, TrainingInterrupted, TrainState, train
 
 __all__ = [
+    "Compile",
     "ConfigError",
     "DataConfig",
     "LRSchedule",

@@ -61,8 +61,11 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--save-every", "run.save_every", dict(type=int, metavar="N")),
     ("--log-every", "run.log_every", dict(type=int, metavar="N")),
     ("--max-bad-steps", "run.max_bad_steps", dict(type=int, metavar="N")),
-    ("--compile", "run.compile", dict(action="store_const", const=True,
-                                      help="torch.compile the transformer blocks")),
+    ("--compile", "run.compile", dict(
+        nargs="?", const="blocks", choices=["off", "blocks", "model"],
+        help="torch.compile for training: 'blocks' (the default of a bare --compile: the "
+             "blocks and the loop body) or 'model' (the whole forward, one graph per loop "
+             "count: fastest, single process)")),
     ("--gradient-checkpointing", "run.gradient_checkpointing", dict(
         action="store_const", const=True, help="recompute loops in backward to save memory")),
     ("--tensorboard", "run.tensorboard", dict(action="store_const", const=True,

@@ -69,6 +69,19 @@ class Precision(str, Enum):
     BF16 = "bf16"
 
 
+class Compile(str, Enum):
+    """What ``torch.compile`` compiles for training (``run.compile``)."""
+
+    OFF = "off"
+    #: Every Prelude/Coda block and the loop body, one graph for every loop index and
+    #: count; the loop and the halting bookkeeping stay in Python. Works with DDP and FSDP2.
+    BLOCKS = "blocks"
+    #: The model's whole forward (and so its backward) as one graph per loop count and
+    #: input shape: the fastest step (no Python between loops; on a GPU, far fewer
+    #: kernel launches), a compilation for every loop count a schedule samples.
+    MODEL = "model"
+
+
 class Parallel(str, Enum):
     """Data parallelism across ``torchrun`` processes."""
 
@@ -364,7 +377,9 @@ class RunConfig:
         seed: seeds model init, data order, loop sampling and dropout.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         precision: :class:`Precision` (bf16 autocast, or FSDP2 bf16 parameters).
-        compile: ``torch.compile`` the Prelude/Coda blocks and the loop body.
+        compile: :class:`Compile`: ``"off"``, ``"blocks"`` (the Prelude/Coda blocks and
+            the loop body; ``true`` means this) or ``"model"`` (the whole forward, one graph
+            per loop count; single process only).
         keep_freed_memory: on the CPU (glibc), keep freed memory in the process rather
             than returning it to the OS and page-faulting it back every step
             (:func:`open_mythos.devices.keep_freed_memory`; 12-30% faster steps measured).
@@ -388,7 +403,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     precision: Precision = Precision.FP32
-    compile: bool = False
+    compile: bool | Compile = Compile.OFF
     keep_freed_memory: bool = True
     parallel: Parallel = Parallel.NONE
     gradient_checkpointing: bool = False
@@ -408,6 +423,11 @@ class RunConfig:
         for name in ("eval_every", "save_every", "keep_checkpoints", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)} must be >= 0")
+        if isinstance(self.compile, bool):
+            self.compile = Compile.BLOCKS if self.compile else Compile.OFF
+        if self.compile is Compile.MODEL and self.parallel is not Parallel.NONE:
+            raise ConfigError(f"run.compile='model' is for a single process; with "
+                              f"run.parallel={self.parallel.value!r} use 'blocks'")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(
                 f"run.device={self.device!r} is invalid: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -576,7 +596,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}={value!r} has the wrong type")
+        if not errors:
+            raise ConfigError(f"{key}={value!r} has the wrong type")
+        raise ConfigError(errors[0] + "".join(
+            f"; or {err.removeprefix(f'{key}={value!r} ')}" for err in errors[1:]))
     if hint is Any:
         return value
     if isinstance(hint, type) and issubclass(hint, Enum):

@@ -76,7 +76,7 @@ from .checkpoint import (
     tied_parameters,
     write_text_atomic,
 )
-from .config import ConfigError, ModelConfig, Parallel, Precision, TrainConfig, to_toml
+from .config import Compile, ConfigError, ModelConfig, Parallel, Precision, TrainConfig, to_toml
 from .data import TRAIN, VAL, DataSource, build_data_source
 from .distributed import (
     all_reduce,
@@ -300,8 +300,10 @@ class Trainer:
         if cfg.run.keep_freed_memory and ctx.device.type == "cpu":
             keep_freed_memory()
         self.tied = tied_parameters(core)
-        if cfg.run.compile:
+        if cfg.run.compile is Compile.BLOCKS:
             compile_blocks(core)
+        elif cfg.run.compile is Compile.MODEL:
+            core.compile()  # in place: parameter names and checkpoints unchanged
         self.model = wrap_model(core, ctx, cfg.run.precision)
         self.core: nn.Module = unwrap(self.model)
         self.optimizer = build_optimizer(self.core, cfg.optim.lr, cfg.optim.weight_decay,

@@ -8,6 +8,7 @@ import pytest
 
 from open_mythos.cli import build_parser, main
 from open_mythos.training import (
+    Compile,
     ConfigError,
     LoopMode,
     Parallel,
@@ -130,7 +131,7 @@ def test_cli_precedence_file_then_flags_then_set(tmp_path):
                         "--set", "optim.lr=0.25", "--parallel", "fsdp", "--compile"])
     cfg = config_from_args(args)
     assert cfg.optim.lr == 0.25  # --set wins over --lr
-    assert cfg.run.steps == 7 and cfg.data.task == "dyck" and cfg.run.compile
+    assert cfg.run.steps == 7 and cfg.data.task == "dyck" and cfg.run.compile is Compile.BLOCKS
     assert cfg.run.parallel is Parallel.FSDP
     assert cfg.model.overrides["dim"] == 32  # from the file
     assert config_from_args(parse_train([])) == TrainConfig()
@@ -163,3 +164,22 @@ def test_cli_lists_train(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     assert "train" in capsys.readouterr().out
+
+
+def test_compile_modes(tmp_path):
+    """``run.compile``: ``true``/``false`` (older configs) name "blocks"/"off"; "model" is
+    for one process; the CLI's bare ``--compile`` is "blocks"."""
+    for text, want in [("true", Compile.BLOCKS), ("false", Compile.OFF),
+                       ('"model"', Compile.MODEL), ('"off"', Compile.OFF)]:
+        cfg = load_config(write(tmp_path, f"[run]\ncompile = {text}\n"))
+        assert cfg.run.compile is want
+        assert load_config(write(tmp_path, to_toml(cfg))).run.compile is want
+    with pytest.raises(ConfigError, match="'off', 'blocks', 'model'"):
+        load_config(write(tmp_path, '[run]\ncompile = "yes"\n'))
+    with pytest.raises(ConfigError, match="single process.*'blocks'"):
+        load_config(None, [("run.compile", "model"), ("run.parallel", "ddp")])
+    assert config_from_args(parse_train([])).run.compile is Compile.OFF
+    assert config_from_args(parse_train(["--compile"])).run.compile is Compile.BLOCKS
+    assert config_from_args(parse_train(["--compile", "model"])).run.compile is Compile.MODEL
+    with pytest.raises(SystemExit):
+        parse_train(["--compile", "graph"])

@@ -201,6 +201,26 @@ def test_compiled_run_matches_plain_training(tmp_path, monkeypatch):
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-5)
 
 
+def test_whole_model_compiled_run_matches_plain_training(tmp_path, monkeypatch):
+    """``run.compile = "model"`` compiles the model's forward as a whole, in place (its
+    ``_call_impl``: checkpoints keep their parameter names), and trains the same."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    torch._dynamo.reset()
+    Trainer(tiny_config(tmp_path / "a", run__steps=3)).train()
+    trainer = Trainer(tiny_config(tmp_path / "b", run__steps=3, run__compile="model"))
+    trainer.train()
+    assert [getattr(fn, "__name__", "") for fn in compiled] == ["_call_impl"]
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-5)
+    assert not any("_orig_mod" in k for k in trainer.core.state_dict())
+
+
 @pytest.mark.parametrize("backprop_loops", [None, 1, 2])
 def test_truncated_backprop_differentiates_exactly_the_last_loops(tmp_path, monkeypatch,
                                                                    backprop_loops):
