@@ -114,12 +114,20 @@ class CausalLM(nn.Module):
                 f"positions {start_pos}..{end - 1} exceed max_seq_len={self.cfg.max_seq_len} "
                 "(shorten the input or build the model with a larger max_seq_len)"
             )
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return
+        if input_ids.device.type != "cuda":
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise ValueError(
                     f"token ids must be in [0, {self.cfg.vocab_size}); got min {lo}, max {hi}"
                 )
+        else:
+            # Reading the range on the host would synchronise with the device on every
+            # forward (a training step could not queue its kernels ahead of the GPU); the
+            # check runs on the device and fails the next synchronising call instead.
+            torch._assert_async(((input_ids >= 0) & (input_ids < self.cfg.vocab_size)).all(),
+                                f"token ids must be in [0, {self.cfg.vocab_size})")
 
     def _context(
         self,

@@ -10,6 +10,10 @@ against a float64 computation or against the same work done on the CPU. Run them
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +138,101 @@ def test_training_steps_on_cuda_match_the_cpu(attn_type):
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_bf16_training_step_never_waits_for_the_gpu(attn_type):
+    """Forward, loss, backward, fused AdamW and the router-bias update queue their kernels
+    without one host synchronisation (which would stall the CPU behind the GPU each step)."""
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(attn_type)).train().to(CUDA)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ids = torch.randint(0, 97, (4, 33), device=CUDA)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1], n_loops=3)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        (loss + 0.01 * model.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_bias()
+
+    step()  # first-call set-up (allocator, cuBLAS handles) may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_token_ids_out_of_range_fail_on_the_device():
+    """CUDA ids are range-checked on the device (no host read): the process fails with
+    the check's message. A device-side assert poisons its CUDA context: a subprocess."""
+    code = ("import torch\n"
+            "from open_mythos import OpenMythos\n"
+            "from tests.conftest import tiny_config\n"
+            "model = OpenMythos(tiny_config('gqa')).cuda()\n"
+            "ids = torch.full((1, 4), 97, device='cuda')\n"
+            "model(ids)\n"
+            "torch.cuda.synchronize()\n")
+    root = Path(__file__).resolve().parents[1]
+    # Launches made synchronous, so that the error is raised by the check's own call (the
+    # embedding's index assert would fail the process too, from another frame).
+    env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    assert "token ids must be in [0, 97)" in done.stderr or \
+        "in _validate" in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_whole_step_cuda_graphs_match_eager():
+    """Forward and loss compiled as one graph and replayed as CUDA graphs (``mode=
+    "reduce-overhead"``, ``benchmarks/train.py --compile cudagraphs``): the same losses and
+    router biases as eager steps."""
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config("gqa")).train().to(CUDA)
+    ids = torch.randint(0, 97, (4, 33), device=CUDA)
+
+    def run(m, compile_mode):
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+
+        def loss_of(ids):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = m(ids[:, :-1], n_loops=3)
+            return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+
+        if compile_mode:
+            torch._dynamo.reset()
+            # A graph that CUDA graphs cannot replay is an error here, not a quiet fallback.
+            torch._inductor.config.triton.cudagraph_or_error = True
+            loss_of = torch.compile(loss_of, fullgraph=True, mode=compile_mode)
+        losses = []
+        for _ in range(5):
+            torch.compiler.cudagraph_mark_step_begin()
+            loss = loss_of(ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            m.update_router_bias()
+            losses.append(loss.item())
+        return losses, m.recurrent.block.ffn.router_bias.clone()
+
+    eager, bias = run(copy.deepcopy(model), None)
+    try:
+        graphs, graph_bias = run(copy.deepcopy(model), "reduce-overhead")
+    finally:
+        torch._inductor.config.triton.cudagraph_or_error = False
+    assert graphs == pytest.approx(eager, rel=2e-2)
+    # Five bias steps of +-rate: the graphs accumulated the expert loads (a lost update
+    # would leave the bias at zero); a near-tie routed differently moves it by 2 * rate.
+    rate = model.recurrent.block.ffn.bias_update_rate
+    assert bias.abs().max() >= 3 * rate - 1e-6
+    assert (graph_bias - bias).abs().max() <= 2 * rate + 1e-6
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
 def test_batched_generation_on_cuda_equals_the_cpu(attn_type):
     """Left-padded batch, ACT halting with early exit: the same greedy tokens."""
     model = halting_model(attn_type)
@@ -208,3 +307,24 @@ def test_trainer_on_cuda_trains_saves_and_resumes(tmp_path, precision):
                                    rtol=1e-4, atol=1e-4)
     Trainer(config(25), resume=True).train()
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 26))
+
+
+@pytest.mark.slow
+def test_trainer_compiled_model_on_cuda_matches_eager(tmp_path):
+    """``openmythos train --compile model`` on the GPU in bf16 (inductor, Triton kernels):
+    the losses of the eager run, and a checkpoint with the model's own parameter names."""
+    from open_mythos.checkpoints import load_checkpoint
+    from open_mythos.training import Trainer
+    from tests.training.conftest import read_metrics
+    from tests.training.conftest import tiny_config as run_config
+
+    def run(name: str, compile: str) -> list[float]:
+        torch._dynamo.reset()
+        Trainer(run_config(tmp_path / name, run__device="cuda", run__precision="bf16",
+                           run__steps=6, optim__lr=3e-3, run__compile=compile)).train()
+        return [r["loss"] for r in read_metrics(tmp_path / name)]
+
+    eager = run("eager", "off")
+    assert run("model", "model") == pytest.approx(eager, rel=2e-2)
+    model, _ = load_checkpoint(tmp_path / "model")
+    assert isinstance(model, OpenMythos)

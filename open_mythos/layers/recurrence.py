@@ -380,6 +380,11 @@ class RecurrentBlock(nn.Module):
 
     def _loop_signal(self, t: int, h: torch.Tensor) -> torch.Tensor:
         t = t if self.last_loop_index is None else min(t, self.last_loop_index)
+        if torch.compiler.is_compiling():
+            # A compiled graph folds the signal into a constant; kept here, a tensor made
+            # inside the graph would be one of its outputs, which CUDA graphs overwrite on
+            # the next replay.
+            return loop_signal(t, self.loop_dim, h.shape[-1], device=h.device)
         key = (t, h.device, h.shape[-1])
         signal = self._signals.get(key)
         if signal is None:
