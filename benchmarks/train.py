@@ -71,6 +71,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -204,8 +205,14 @@ class DenseLM(nn.Module):
         return self.head(self.norm(self.encoder(self.embed(ids), mask=mask, is_causal=True)))
 
 
-def make_step(model: nn.Module, ids: torch.Tensor, bf16: bool, **forward_kwargs):
-    """One training step closure: forward, CE loss, backward, fused AdamW, zero_grad."""
+def make_step(model: nn.Module, ids: torch.Tensor, bf16: bool, compile_mode: str | None = None,
+              **forward_kwargs):
+    """One training step closure: forward, CE loss, backward, fused AdamW, zero_grad.
+
+    ``compile_mode`` "model": forward and loss ``torch.compile``d as one graph
+    (``fullgraph=True``; the backward is compiled with it); "cudagraphs": the same graph
+    replayed as CUDA graphs (``mode="reduce-overhead"``, CUDA only).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     vocab = model.head.weight.shape[0]
     is_mythos = isinstance(model, OpenMythos)
@@ -215,11 +222,24 @@ def make_step(model: nn.Module, ids: torch.Tensor, bf16: bool, **forward_kwargs)
     # backward matmuls run ~40x slower than on normal numbers.
     targets = ids.roll(-1, dims=1)
 
-    def step() -> None:
+    def loss_of(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(ids, **forward_kwargs)
-            loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
-        loss.backward()
+            return F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
+
+    if compile_mode is not None:
+        if compile_mode not in ("model", "cudagraphs"):
+            raise ValueError(f"compile_mode must be 'model' or 'cudagraphs', got {compile_mode!r}")
+        if compile_mode == "cudagraphs" and ids.device.type != "cuda":
+            raise ValueError("compile_mode 'cudagraphs' needs CUDA tensors")
+        torch._dynamo.reset()
+        loss_of = torch.compile(loss_of, fullgraph=True,
+                                mode="reduce-overhead" if compile_mode == "cudagraphs" else None)
+
+    def step() -> None:
+        if compile_mode == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        loss_of(ids, targets).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if is_mythos:
@@ -297,6 +317,17 @@ class Row:
     baseline: str = ""
     cold_s: float | None = None
     note: str = ""
+
+
+class Rows(list):
+    """The table's rows; each is also printed when it is measured (a run that dies late
+    keeps what it measured)."""
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        timing = f"{row.seconds:.4f} s" if row.seconds else ""
+        print(f"  measured: {row.workload} [{row.dtype}] {timing} {row.note}".rstrip(),
+              file=sys.stderr, flush=True)
 
 
 def bench_moe(args, peaks: Peaks, rows: list[Row]) -> None:
@@ -379,15 +410,47 @@ def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks
         totals[f"{name} eager {dtype}"] = t["ours"]
         if args.quick and name == "63m":
             continue
-        step = make_step(compiled(copy.deepcopy(ours)), ids, bf16=bf16, n_loops=4)
-        cold = first_call_seconds(step) + first_call_seconds(step)  # both loop graphs
-        warm = median_time(step, repeats=repeats, warmup=1, device=device)
-        rows.append(Row(f"{label}: compiled", dtype, warm, flops, peak,
-                        f"{t['ref'] / warm:.2f}x", cold_s=cold - 2 * warm))
-        totals[f"{name} compiled {dtype}"] = warm
-        del step
+        for mode in args.compile:
+            how = COMPILE_LABELS[mode]
+            try:
+                if mode == "blocks":
+                    step = make_step(compiled(copy.deepcopy(ours)), ids, bf16=bf16, n_loops=4)
+                else:
+                    step = make_step(copy.deepcopy(ours), ids, bf16=bf16, compile_mode=mode,
+                                     n_loops=4)
+                # The first two steps: both loop-body graphs (blocks); CUDA graphs record
+                # on the second call.
+                cold = first_call_seconds(step) + first_call_seconds(step)
+                warm = median_time(step, repeats=repeats, warmup=1, device=device)
+            except Exception as err:  # a mode that fails is a row, not the end of the run
+                rows.append(Row(f"{label}: {how}", dtype, note=failure(err)))
+                continue
+            rows.append(Row(f"{label}: {how}", dtype, warm, flops, peak,
+                            f"{t['ref'] / warm:.2f}x", cold_s=cold - 2 * warm,
+                            note=cudagraph_skips(mode)))
+            totals[f"{name} {how} {dtype}"] = warm
+            del step
 
 
+def failure(err: Exception) -> str:
+    """A failed row's note: the error's type and first line (the traceback on stderr)."""
+    traceback.print_exception(err, file=sys.stderr)
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"FAILED: {type(err).__name__}: {first[:160]}"
+
+
+def cudagraph_skips(mode: str | None) -> str:
+    """A note when inductor fell back from CUDA graphs since the last call (then the row
+    timed plain compiled kernels), else ""."""
+    if mode != "cudagraphs":
+        return ""
+    from torch._dynamo.utils import counters
+    skips = counters["inductor"].pop("cudagraph_skips", 0)
+    return f"CUDA GRAPHS SKIPPED for {skips} graph(s): compiled kernels only" if skips else ""
+
+
+COMPILE_LABELS = {"blocks": "compiled", "model": "compiled whole step",
+                  "cudagraphs": "compiled whole step + CUDA graphs"}
 BF16_SKIPPED = "skipped: no native bf16 matmul on this CPU (emulated kernels; --force-bf16)"
 
 
@@ -475,13 +538,28 @@ def bench_dense(args, peaks: Peaks, rows: list[Row], totals: dict) -> None:
             continue
         if bf16 and args.quick:
             continue
-        step = make_step(model, ids, bf16=bf16)
-        t = median_time(step, repeats=3 if args.quick else 5, warmup=1, device=device)
-        ours = [f"{how} {t / totals[f'63m {how} {kind}']:.2f}x"
-                for how in ("eager", "compiled") if f"63m {how} {kind}" in totals]
-        rows.append(Row(f"{label}: eager (63m's FLOPs)", kind, t, flops,
-                        peaks.bf16 if bf16 else peaks.fp32,
-                        note=("63m vs this: " + ", ".join(ours)) if ours else ""))
+        # The encoder eager, and compiled as one whole-step graph under each compile mode
+        # asked for ("blocks" compiles it whole too: it has no loop to keep in Python).
+        modes = [None] + sorted({"model" if m == "blocks" else m for m in args.compile},
+                                key=["model", "cudagraphs"].index)
+        for mode in modes:
+            how = "eager" if mode is None else COMPILE_LABELS[mode]
+            try:
+                step = make_step(copy.deepcopy(model), ids, bf16=bf16, compile_mode=mode)
+                cold = first_call_seconds(step) + first_call_seconds(step)
+                t = median_time(step, repeats=3 if args.quick else 5, warmup=1, device=device)
+            except Exception as err:
+                rows.append(Row(f"{label}: {how}", kind, note=failure(err)))
+                continue
+            ours = [f"{h} {t / totals[f'63m {h} {kind}']:.2f}x"
+                    for h in ("eager", *COMPILE_LABELS.values()) if f"63m {h} {kind}" in totals]
+            rows.append(Row(f"{label}: {how} (63m's FLOPs)", kind, t, flops,
+                            peaks.bf16 if bf16 else peaks.fp32,
+                            cold_s=None if mode is None else cold - 2 * t,
+                            note=" ".join(filter(None, [
+                                cudagraph_skips(mode),
+                                ("63m vs this: " + ", ".join(ours)) if ours else ""]))))
+            del step
 
 
 def cpu_description() -> str:
@@ -521,15 +599,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--dtype", action="append", choices=("fp32", "bf16"),
                         help="only rows of this dtype (repeatable; default both)")
+    parser.add_argument("--compile", action="append", choices=tuple(COMPILE_LABELS),
+                        help="compiled rows: 'blocks' (default; what `openmythos train "
+                             "--compile` does), 'model' (forward+loss as one fullgraph), "
+                             "'cudagraphs' (that graph as CUDA graphs; CUDA only); repeatable")
     parser.add_argument("--batch-scale", type=int, default=1,
                         help="multiply the model sections' batch sizes (for a GPU)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ["fp32", "bf16"]
+    args.compile = args.compile or ["blocks"]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: use cpu or cuda[:N]")
+    if "cudagraphs" in args.compile and device.type != "cuda":
+        parser.error("--compile cudagraphs needs --device cuda")
     if args.batch_scale < 1:
         parser.error("--batch-scale must be >= 1")
     if device.index is not None:
@@ -557,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"matmul peak on {device.type}: fp32 {peaks.fp32 / 1e9:,.0f} GFLOP/s ({fp32_n}^3), "
           f"bf16 {peaks.bf16 / 1e9:,.1f} GFLOP/s ({peaks.bf16_n}^3)\n")
 
-    rows: list[Row] = []
+    rows: list[Row] = Rows()
     totals: dict = {}
     if "moe" in sections:
         bench_moe(args, peaks, rows)
