@@ -274,15 +274,40 @@ class MythosConfig:
         return dataclasses.replace(self, **changes)
 
 
+def whole_number(value: Any, name: str, minimum: int = 0, allow_none: bool = False
+                 ) -> int | None:
+    """``value`` as a Python ``int`` after checking that it is an integer ``>= minimum``:
+    Python's or NumPy's (``numbers.Integral``; ``bool`` is not one), or None when
+    ``allow_none``. A NumPy integer is converted: kept, it would turn the comparisons and
+    arithmetic it reaches into NumPy scalars.
+
+    Raises:
+        ValueError: naming ``name`` and the value given.
+    """
+    if value is None and allow_none:
+        return None
+    if not _is_int(value) or value < minimum:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {kind}{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def loop_count(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -> int | None:
+    """A loop count as a Python ``int`` (NumPy's integers accepted), or None when
+    ``allow_none``: the one check of a loop count, wherever one is passed.
+
+    Raises:
+        ValueError: unless a positive integer (or None when allowed).
+    """
+    return whole_number(n_loops, name, 1, allow_none)
+
+
 def check_loops(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``n_loops`` is a positive integer (``bool`` is not one),
-    or None when ``allow_none``: the one check of a loop count, wherever one is passed."""
-    if n_loops is None and allow_none:
-        return
-    # A Python int (NumPy's would turn the loop's comparisons into NumPy bools).
-    if not isinstance(n_loops, int) or isinstance(n_loops, bool) or n_loops < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
-                         f"got {n_loops!r}")
+    """Raise ``ValueError`` unless ``n_loops`` is a positive integer (see :func:`loop_count`,
+    which also returns it as a Python ``int``)."""
+    loop_count(n_loops, name, allow_none)
 
 
 def _is_int(v: Any) -> bool:

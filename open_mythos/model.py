@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import MythosConfig, check_loops
+from .config import MythosConfig, check_loops, loop_count
 from .inference.cache import CacheStore, KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.conv import TokenConv
@@ -211,9 +211,9 @@ class CausalLM(nn.Module):
         exit_rule: ExitRule | None = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
-        n_loops = self.default_n_loops if n_loops is None else n_loops
+        n_loops = self.default_n_loops if n_loops is None else loop_count(n_loops)
         self._validate(input_ids, n_loops, start_pos)
-        check_loops(backprop_loops, name="backprop_loops", allow_none=True)
+        backprop_loops = loop_count(backprop_loops, name="backprop_loops", allow_none=True)
         cache = as_cache_store(kv_cache)
         self._prepare_cache(cache, self.cache_keys(1)[0], start_pos)
         if act_early_exit is None:
@@ -297,9 +297,9 @@ class CausalLM(nn.Module):
         Raises:
             ValueError: a depth outside ``1..n_loops`` (``1..core_layers`` for the baseline).
         """
-        n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
+        n_loops = self.cfg.max_loop_iters if n_loops is None else loop_count(n_loops)
         self._validate(input_ids, n_loops, 0)
-        check_loops(backprop_loops, name="backprop_loops", allow_none=True)
+        backprop_loops = loop_count(backprop_loops, name="backprop_loops", allow_none=True)
         deepest = self.max_readout_depth(n_loops)
         depths = range(1, deepest + 1) if depths is None else depths
         bad = [d for d in depths if not (isinstance(d, int) and 1 <= d <= deepest)]

@@ -43,6 +43,31 @@ def test_n_loops_validation():
         model(ids, kv_cache={}, start_pos=62)
 
 
+def test_numpy_integers_are_counts_like_python_ints():
+    """Loop counts and generation lengths from NumPy (a sweep over ``np.arange``) work as
+    Python ints, and reach the model as Python ints (no NumPy scalars in its arithmetic)."""
+    np = pytest.importorskip("numpy")
+    from open_mythos.inference import generate, speculative_generate
+
+    model = halting_model("gqa").eval()
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids, n_loops=np.int64(3)), model(ids, n_loops=3))
+        assert type(model.recurrent.last_loops_run) is int
+    kw = dict(do_sample=True, generator=torch.Generator().manual_seed(1))
+    want = generate(model, ids, 6, 3, top_k=5, **kw)
+    kw["generator"] = torch.Generator().manual_seed(1)
+    assert torch.equal(generate(model, ids, np.int64(6), np.int32(3), top_k=np.int64(5), **kw),
+                       want)
+    greedy = generate(model, ids, 6, 3, do_sample=False)
+    assert torch.equal(speculative_generate(model, ids, np.int64(6), np.int64(3),
+                                            draft_loops=np.int64(1), draft_tokens=np.int64(2)),
+                       greedy)
+    for bad in (np.float64(2.0), np.bool_(True), np.int64(0)):
+        with pytest.raises(ValueError, match="n_loops must be a positive integer"):
+            model(ids, n_loops=bad)
+
+
 def test_bf16_forward_finite_and_close_to_fp32(attn_type):
     """bf16 (autocast, or the weights cast) against fp32, and bf16 cached decoding against
     the bf16 full forward, at bands that a loop more or fewer falls outside of.

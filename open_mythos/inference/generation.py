@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..config import loop_count, whole_number
 from ..layers.recurrence import ExitRule
 from .cache import KVCache
 from .sampling import SamplingParams, select_next
@@ -90,6 +91,8 @@ def stream(
             at some cost in quality (not with ``compile``).
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
+    max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
+    n_loops = loop_count(n_loops)
     act_early_exit = _check_stream_args(model, input_ids, max_new_tokens, attention_mask,
                                         act_early_exit, compile, exit_rule)
     if max_new_tokens == 0:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import whole_number
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,9 +32,8 @@ class SamplingParams:
                 f"temperature must be > 0 when sampling, got {self.temperature}; "
                 "use do_sample=False for greedy decoding"
             )
-        if self.top_k is not None and (not isinstance(self.top_k, int)
-                                       or isinstance(self.top_k, bool) or self.top_k < 0):
-            raise ValueError(f"top_k must be a non-negative integer or None, got {self.top_k!r}")
+        # A NumPy integer is stored as a Python int (frozen: through object.__setattr__).
+        object.__setattr__(self, "top_k", whole_number(self.top_k, "top_k", allow_none=True))
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

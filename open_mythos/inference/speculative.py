@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import loop_count, whole_number
 from ..layers.recurrence import ExitRule
 from .cache import KVCache
 from .generation import _check_stream_args, _inference, _stop_ids
@@ -102,16 +103,16 @@ def speculative_stream(
         ValueError: invalid arguments, or a model without loops.
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
+    max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
+    n_loops = loop_count(n_loops)
     _check_stream_args(model, input_ids, max_new_tokens, attention_mask, None, False)
     if not hasattr(model, "recurrent"):
         raise ValueError("self-speculative decoding drafts with fewer loops: it needs a "
                          "looped model")
-    if not (isinstance(draft_tokens, int) and draft_tokens >= 1):
-        raise ValueError(f"draft_tokens must be a positive integer, got {draft_tokens!r}")
+    draft_tokens = whole_number(draft_tokens, "draft_tokens", minimum=1)
     if draft_loops is None and draft_exit_rule is None:
         raise ValueError("give draft_loops, draft_exit_rule or both")
-    if draft_loops is not None and not (isinstance(draft_loops, int) and 1 <= draft_loops):
-        raise ValueError(f"draft_loops must be a positive integer, got {draft_loops!r}")
+    draft_loops = loop_count(draft_loops, "draft_loops", allow_none=True)
     stats = SpeculativeStats() if stats is None else stats
     if max_new_tokens == 0:
         return

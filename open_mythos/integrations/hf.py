@@ -54,7 +54,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import MythosConfig, check_loops
+from ..config import MythosConfig, loop_count
 from ..inference.cache import DictCache
 from ..layers.init import init_module
 from ..layers.recurrence import ExitRule
@@ -114,7 +114,6 @@ class OpenMythosHFConfig(PretrainedConfig):
         for name, default in _MYTHOS_FIELDS.items():
             value = kwargs.pop(name, default)
             setattr(self, name, str(value) if name == "attn_type" else value)
-        _check_n_loops(n_loops)
         if not tie_word_embeddings:
             raise ValueError("OpenMythos ties the LM head to the embedding; "
                              "tie_word_embeddings=False is not supported")
@@ -122,6 +121,13 @@ class OpenMythosHFConfig(PretrainedConfig):
         self.act_early_exit = act_early_exit
         self.exit_rule = None if exit_rule is None else dataclasses.asdict(_as_exit_rule(exit_rule))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Checked on every assignment: ``from_pretrained(..., n_loops=N)`` sets it after
+        # __init__ (and prints the config, which a NumPy integer would not serialise).
+        if name == "n_loops":
+            value = _check_n_loops(value)
+        super().__setattr__(name, value)
 
     def to_mythos_config(self) -> MythosConfig:
         """The configuration these keys describe, of its kind (a
@@ -145,8 +151,10 @@ def _as_exit_rule(rule: dict[str, Any] | ExitRule | None) -> ExitRule | None:
     return ExitRule(**rule)
 
 
-def _check_n_loops(n_loops: Any) -> None:
-    check_loops(n_loops, allow_none=True)
+def _check_n_loops(n_loops: Any) -> int | None:
+    """The configured loop count as a Python int (a NumPy integer would not serialise to
+    config.json), or None."""
+    return loop_count(n_loops, allow_none=True)
 
 
 class MythosCache:
@@ -210,7 +218,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: OpenMythosHFConfig):
         super().__init__(config)
         # from_pretrained sets keyword overrides (n_loops=...) after the config's __init__.
-        _check_n_loops(config.n_loops)
+        config.n_loops = _check_n_loops(config.n_loops)
         self.model = build_model(config.to_mythos_config())
         self.post_init()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import check_loops
+from ..config import check_loops, whole_number
 from ..inference.generation import stream
 from ..inference.sampling import SamplingParams
 from ..inference.speculative import speculative_stream
@@ -184,8 +184,7 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
                                           for t in p) for p in prompts):
         raise ValueError("prompts must be lists of token ids (encode text with the "
                          "tokenizer first: [tokenizer.encode(text)])")
-    if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {options.max_new_tokens!r}")
+    whole_number(options.max_new_tokens, "max_new_tokens")
     check_loops(options.n_loops, allow_none=True)
     vocab, limit = model.cfg.vocab_size, model.cfg.max_seq_len
     for i, p in enumerate(prompts):
@@ -194,9 +193,7 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
         if min(p) < 0 or max(p) >= vocab:
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
     if options.draft_tokens:
-        if not isinstance(options.draft_tokens, int) or options.draft_tokens < 0:
-            raise ValueError(f"draft_tokens must be a non-negative integer, got "
-                             f"{options.draft_tokens!r}")
+        whole_number(options.draft_tokens, "draft_tokens")
         check_loops(options.draft_loops, name="draft_loops")
         extras = [name for name, on in (("compile", options.compile),
                                         ("exit_rule", options.exit_rule is not None),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +98,9 @@ def test_n_loops_at_load_time_and_per_call(saved):
         deep(ids, n_loops=0)
     with pytest.raises(ValueError, match="n_loops"):
         AutoModelForCausalLM.from_pretrained(path, n_loops=0)
+    # A NumPy count is stored as an int: the config still serialises.
+    np_loops = AutoModelForCausalLM.from_pretrained(path, n_loops=np.int64(3))
+    assert type(np_loops.config.n_loops) is int and '"n_loops": 3' in np_loops.config.to_json_string()
 
 
 def test_cache_forward_matches_full_forward_and_returns_our_cache():
