@@ -81,6 +81,12 @@ class LoopSchedule:
         ramp = cfg.curriculum_steps if cfg.curriculum_steps is not None else total_steps
         return cls(cfg.loops, cfg.n_loops, cfg.min_loops, cfg.max_loops, cfg.loop_sigma, ramp, seed)
 
+    def loop_counts(self) -> range:
+        """Every loop count this schedule can give a step."""
+        if self.mode is LoopMode.FIXED:
+            return range(self.n_loops, self.n_loops + 1)
+        return range(self.min_loops, self.max_loops + 1)
+
     def __call__(self, step: int) -> int:
         if self.mode is LoopMode.FIXED:
             return self.n_loops

@@ -310,6 +310,8 @@ class Trainer:
                                          (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
         self.lr_at = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, cfg.run.steps)
         self.loops_at = LoopSchedule.from_config(cfg.schedule, cfg.run.steps, cfg.run.seed)
+        if cfg.run.compile is Compile.MODEL:
+            self._allow_model_graphs()
         # Dropout and any other sampling differ per rank, reproducibly.
         torch.manual_seed(cfg.run.seed * 1009 + ctx.rank + 1)
         random.seed(cfg.run.seed * 1009 + ctx.rank + 1)
@@ -474,6 +476,22 @@ class Trainer:
                 # already been raised, and must not replace that message.
                 with contextlib.suppress(OSError):
                     obj.close()
+
+    def _allow_model_graphs(self) -> None:
+        """``run.compile = "model"`` compiles a graph per loop count (and per progressive
+        split; evaluation adds one): raise dynamo's recompilation limit to that many, so
+        that no loop count silently falls back to eager, and say what it costs when the
+        schedule samples several counts."""
+        counts = len(self.loops_at.loop_counts()) if is_looped(self.core) else 1
+        graphs = counts * (2 if self.cfg.optim.progressive_weight else 1) + 1
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        if graphs + 2 > getattr(config, name):  # + 2: shape changes (a last short batch)
+            setattr(config, name, graphs + 2)
+        if counts > 2:
+            self._log(f"run.compile='model': this schedule trains at {counts} loop counts, "
+                      f"each compiled as its own graph when first drawn (tens of seconds "
+                      f"each); 'blocks' compiles one loop body for every count")
 
     def _log(self, msg: str) -> None:
         if self.ctx.is_main:

@@ -221,6 +221,21 @@ def test_whole_model_compiled_run_matches_plain_training(tmp_path, monkeypatch):
     assert not any("_orig_mod" in k for k in trainer.core.state_dict())
 
 
+def test_whole_model_compile_allows_a_graph_per_loop_count(tmp_path, monkeypatch, capsys):
+    """A schedule drawing 1..12 loops compiles up to 12 graphs plus evaluation's: the
+    recompilation limit is raised so that none falls back to eager, and the cost is said."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(
+        fn, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    Trainer(tiny_config(tmp_path / "a", run__compile="model", schedule__loops="uniform",
+                        schedule__min_loops=1, schedule__max_loops=12,
+                        model__max_loop_iters=12, run__steps=1)).train()
+    assert torch._dynamo.config.recompile_limit >= 13
+    assert "trains at 12 loop counts" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backprop_loops", [None, 1, 2])
 def test_truncated_backprop_differentiates_exactly_the_last_loops(tmp_path, monkeypatch,
                                                                    backprop_loops):
