@@ -181,9 +181,10 @@ def test_gradient_checkpointing_matches_plain_training(tmp_path):
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-6)
 
 
-def test_compiled_run_matches_plain_training(tmp_path, monkeypatch):
-    """``run.compile`` compiles the Prelude/Coda blocks and the loop body (here with the
-    ``aot_eager`` backend: the same graphs without the C++ build) and trains the same."""
+@pytest.fixture
+def aot_eager_compiles(monkeypatch) -> list:
+    """``torch.compile`` with the ``aot_eager`` backend (the same graphs without the C++
+    build), from fresh dynamo caches; the list collects what was compiled."""
     compiled = []
     real_compile = torch.compile
 
@@ -193,42 +194,36 @@ def test_compiled_run_matches_plain_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_aot_eager)
     torch._dynamo.reset()
+    return compiled
+
+
+def test_compiled_run_matches_plain_training(tmp_path, aot_eager_compiles):
+    """``run.compile`` compiles the Prelude/Coda blocks and the loop body and trains the
+    same."""
     Trainer(tiny_config(tmp_path / "a", run__steps=3)).train()
-    assert not compiled
+    assert not aot_eager_compiles
     Trainer(tiny_config(tmp_path / "b", run__steps=3, run__compile=True)).train()
-    names = [getattr(fn, "__name__", type(fn).__name__) for fn in compiled]
+    names = [getattr(fn, "__name__", type(fn).__name__) for fn in aot_eager_compiles]
     assert "loop_body" in names, names
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-5)
 
 
-def test_whole_model_compiled_run_matches_plain_training(tmp_path, monkeypatch):
+def test_whole_model_compiled_run_matches_plain_training(tmp_path, aot_eager_compiles):
     """``run.compile = "model"`` compiles the model's forward as a whole, in place (its
     ``_call_impl``: checkpoints keep their parameter names), and trains the same."""
-    compiled = []
-    real_compile = torch.compile
-
-    def compile_aot_eager(fn, **kwargs):
-        compiled.append(fn)
-        return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
-
-    monkeypatch.setattr(torch, "compile", compile_aot_eager)
-    torch._dynamo.reset()
     Trainer(tiny_config(tmp_path / "a", run__steps=3)).train()
     trainer = Trainer(tiny_config(tmp_path / "b", run__steps=3, run__compile="model"))
     trainer.train()
-    assert [getattr(fn, "__name__", "") for fn in compiled] == ["_call_impl"]
+    assert [getattr(fn, "__name__", "") for fn in aot_eager_compiles] == ["_call_impl"]
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-5)
     assert not any("_orig_mod" in k for k in trainer.core.state_dict())
 
 
-def test_whole_model_compile_allows_a_graph_per_loop_count(tmp_path, monkeypatch, capsys):
+def test_whole_model_compile_allows_a_graph_per_loop_count(tmp_path, monkeypatch, capsys,
+                                                           aot_eager_compiles):
     """A schedule drawing 1..12 loops compiles up to 12 graphs plus evaluation's: the
     recompilation limit is raised so that none falls back to eager, and the cost is said."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(
-        fn, **{**kw, "backend": "aot_eager"}))
-    torch._dynamo.reset()
     Trainer(tiny_config(tmp_path / "a", run__compile="model", schedule__loops="uniform",
                         schedule__min_loops=1, schedule__max_loops=12,
                         model__max_loop_iters=12, run__steps=1)).train()
