@@ -311,7 +311,7 @@ class Trainer:
         self.lr_at = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, cfg.run.steps)
         self.loops_at = LoopSchedule.from_config(cfg.schedule, cfg.run.steps, cfg.run.seed)
         if cfg.run.compile is Compile.MODEL:
-            self._allow_model_graphs()
+            self._configure_model_compile()
         # Dropout and any other sampling differ per rank, reproducibly.
         torch.manual_seed(cfg.run.seed * 1009 + ctx.rank + 1)
         random.seed(cfg.run.seed * 1009 + ctx.rank + 1)
@@ -477,11 +477,15 @@ class Trainer:
                 with contextlib.suppress(OSError):
                     obj.close()
 
-    def _allow_model_graphs(self) -> None:
+    def _configure_model_compile(self) -> None:
         """``run.compile = "model"`` compiles a graph per loop count (and per progressive
-        split; evaluation adds one): raise dynamo's recompilation limit to that many, so
-        that no loop count silently falls back to eager, and say what it costs when the
-        schedule samples several counts."""
+        split; evaluation adds one). Loop counts are the graph's structure: integer inputs
+        are specialised (dynamo would otherwise make a count that changed between calls
+        symbolic, and the loop cannot be unrolled over a symbolic count). The recompilation
+        limit is raised to the number of graphs, so that no loop count silently falls back
+        to eager, and the cost is said when the schedule samples several counts. Both are
+        settings of the process's dynamo."""
+        torch._dynamo.config.specialize_int = True
         counts = len(self.loops_at.loop_counts()) if is_looped(self.core) else 1
         graphs = counts * (2 if self.cfg.optim.progressive_weight else 1) + 1
         config = torch._dynamo.config

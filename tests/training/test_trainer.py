@@ -219,15 +219,30 @@ def test_whole_model_compiled_run_matches_plain_training(tmp_path, aot_eager_com
     assert not any("_orig_mod" in k for k in trainer.core.state_dict())
 
 
-def test_whole_model_compile_allows_a_graph_per_loop_count(tmp_path, monkeypatch, capsys,
+def test_whole_model_compile_with_changing_loop_counts_matches_eager(tmp_path,
+                                                                     aot_eager_compiles):
+    """Loop counts drawn per step and progressive splits (``n`` loops without gradient,
+    ``k`` with) change the graph's integer inputs every step: each is its own graph, and
+    the run trains as the eager one does."""
+    kw = dict(run__steps=4, schedule__loops="uniform", schedule__min_loops=1,
+              schedule__max_loops=3, optim__progressive_weight=0.5)
+    Trainer(tiny_config(tmp_path / "a", **kw)).train()
+    with torch._dynamo.config.patch(specialize_int=False):  # dynamo's default
+        Trainer(tiny_config(tmp_path / "b", run__compile="model", **kw)).train()
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-5)
+    assert len({r["loops"] for r in read_metrics(tmp_path / "b")}) > 1
+
+
+def test_whole_model_compile_allows_a_graph_per_loop_count(tmp_path, capsys,
                                                            aot_eager_compiles):
     """A schedule drawing 1..12 loops compiles up to 12 graphs plus evaluation's: the
     recompilation limit is raised so that none falls back to eager, and the cost is said."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    Trainer(tiny_config(tmp_path / "a", run__compile="model", schedule__loops="uniform",
-                        schedule__min_loops=1, schedule__max_loops=12,
-                        model__max_loop_iters=12, run__steps=1)).train()
-    assert torch._dynamo.config.recompile_limit >= 13
+    with torch._dynamo.config.patch(recompile_limit=8, specialize_int=False):
+        Trainer(tiny_config(tmp_path / "a", run__compile="model", schedule__loops="uniform",
+                            schedule__min_loops=1, schedule__max_loops=12,
+                            model__max_loop_iters=12, run__steps=1)).train()
+        assert torch._dynamo.config.recompile_limit >= 13
+        assert torch._dynamo.config.specialize_int
     assert "trains at 12 loop counts" in capsys.readouterr().err
 
 
