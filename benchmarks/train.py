@@ -5,6 +5,8 @@ and ratios against baselines measured in the same run.
     python benchmarks/train.py --quick         # fewer repeats, no bf16/compiled 63M rows
     python benchmarks/train.py --only moe      # one section: moe | small | small-mla | 63m | dense | task
     python benchmarks/train.py --device cuda --dtype bf16   # on a GPU: MFU against its bf16 peak
+    python benchmarks/train.py --only 63m --only dense --compile blocks --compile model
+                                               # compile modes (+ cudagraphs on CUDA)
 
 A train step is forward + cross-entropy + backward + fused AdamW step (+ the router-bias
 update for OpenMythos). FLOPs are counted once per configuration by
@@ -35,7 +37,10 @@ Each model section times the reference-style model (``reference_style.py``: the 
 computation, done the reference's way) in the same run, alternating its steps with ours, and
 reports ours against it. "Compiled" is what ``openmythos train --compile`` does: every
 Prelude/Coda block and the loop body compiled (the loop and ACT stay in Python); its cold
-cost (first step minus a warm step) is printed. bf16 rows run under ``torch.autocast``. Rows
+cost (first step minus a warm step) is printed. ``--compile model`` adds "compiled whole
+step" rows (forward and loss as one graph, what ``openmythos train --compile model``
+compiles), and on CUDA ``--compile cudagraphs`` that graph replayed as CUDA graphs; the
+dense encoder is then compiled the same ways, for like-for-like ratios. bf16 rows run under ``torch.autocast``. Rows
 whose matmul peak is far below fp32's (bf16 on CPUs without native bf16 instructions) are
 skipped, and the output says so, unless ``--force-bf16``.
 
