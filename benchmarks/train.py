@@ -40,8 +40,8 @@ Prelude/Coda block and the loop body compiled (the loop and ACT stay in Python);
 cost (first step minus a warm step) is printed. ``--compile model`` adds "compiled whole
 step" rows (forward and loss as one graph, what ``openmythos train --compile model``
 compiles), and on CUDA ``--compile cudagraphs`` that graph replayed as CUDA graphs; the
-dense encoder is then compiled the same ways, for like-for-like ratios. bf16 rows run under ``torch.autocast``. Rows
-whose matmul peak is far below fp32's (bf16 on CPUs without native bf16 instructions) are
+dense encoder is then compiled the same ways, for like-for-like ratios. bf16 rows run under
+``torch.autocast``. Rows whose matmul peak is far below fp32's (bf16 on CPUs without native bf16 instructions) are
 skipped, and the output says so, unless ``--force-bf16``.
 
 All models start from upstream's N(0, 0.02) embedding. Our default unit embedding makes the

@@ -294,20 +294,15 @@ def whole_number(value: Any, name: str, minimum: int = 0, allow_none: bool = Fal
     return int(value)
 
 
-def loop_count(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -> int | None:
-    """A loop count as a Python ``int`` (NumPy's integers accepted), or None when
-    ``allow_none``: the one check of a loop count, wherever one is passed.
+def check_loops(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -> int | None:
+    """A loop count checked and returned as a Python ``int`` (NumPy's integers accepted;
+    ``bool`` is not one), or None when ``allow_none``: the one check of a loop count,
+    wherever one is passed.
 
     Raises:
         ValueError: unless a positive integer (or None when allowed).
     """
     return whole_number(n_loops, name, 1, allow_none)
-
-
-def check_loops(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``n_loops`` is a positive integer (see :func:`loop_count`,
-    which also returns it as a Python ``int``)."""
-    loop_count(n_loops, name, allow_none)
 
 
 def _is_int(v: Any) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import MythosConfig, check_loops, loop_count
+from .config import MythosConfig, check_loops
 from .inference.cache import CacheStore, KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.conv import TokenConv
@@ -95,7 +95,8 @@ class CausalLM(nn.Module):
                                  f"positions, row-major), got min {lo}, max {hi}")
         return x.flatten(0, 1).index_select(0, logits_at.to(x.device))
 
-    def _validate(self, input_ids: torch.Tensor, n_loops: int, start_pos: int) -> None:
+    def _validate(self, input_ids: torch.Tensor, start_pos: int) -> None:
+        """Check the input ids and positions (the loop count is checked by the caller)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -107,7 +108,6 @@ class CausalLM(nn.Module):
             raise ValueError("input_ids has an empty batch (shape[0] == 0)")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty along the sequence dimension")
-        check_loops(n_loops)
         end = start_pos + input_ids.shape[1]
         if start_pos < 0 or end > self.cfg.max_seq_len:
             raise ValueError(
@@ -211,9 +211,9 @@ class CausalLM(nn.Module):
         exit_rule: ExitRule | None = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
-        n_loops = self.default_n_loops if n_loops is None else loop_count(n_loops)
-        self._validate(input_ids, n_loops, start_pos)
-        backprop_loops = loop_count(backprop_loops, name="backprop_loops", allow_none=True)
+        n_loops = self.default_n_loops if n_loops is None else check_loops(n_loops)
+        self._validate(input_ids, start_pos)
+        backprop_loops = check_loops(backprop_loops, name="backprop_loops", allow_none=True)
         cache = as_cache_store(kv_cache)
         self._prepare_cache(cache, self.cache_keys(1)[0], start_pos)
         if act_early_exit is None:
@@ -297,9 +297,9 @@ class CausalLM(nn.Module):
         Raises:
             ValueError: a depth outside ``1..n_loops`` (``1..core_layers`` for the baseline).
         """
-        n_loops = self.cfg.max_loop_iters if n_loops is None else loop_count(n_loops)
-        self._validate(input_ids, n_loops, 0)
-        backprop_loops = loop_count(backprop_loops, name="backprop_loops", allow_none=True)
+        n_loops = self.cfg.max_loop_iters if n_loops is None else check_loops(n_loops)
+        self._validate(input_ids, 0)
+        backprop_loops = check_loops(backprop_loops, name="backprop_loops", allow_none=True)
         deepest = self.max_readout_depth(n_loops)
         depths = range(1, deepest + 1) if depths is None else depths
         bad = [d for d in depths if not (isinstance(d, int) and 1 <= d <= deepest)]

@@ -47,13 +47,16 @@ def test_numpy_integers_are_counts_like_python_ints():
     """Loop counts and generation lengths from NumPy (a sweep over ``np.arange``) work as
     Python ints, and reach the model as Python ints (no NumPy scalars in its arithmetic)."""
     np = pytest.importorskip("numpy")
+    from open_mythos.config import check_loops
     from open_mythos.inference import generate, speculative_generate
+    from open_mythos.inference.sampling import SamplingParams
 
     model = halting_model("gqa").eval()
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids, n_loops=np.int64(3)), model(ids, n_loops=3))
-        assert type(model.recurrent.last_loops_run) is int
+    assert type(check_loops(np.int64(3))) is int
+    assert type(SamplingParams(True, 1.0, np.int64(5)).top_k) is int
     kw = dict(do_sample=True, generator=torch.Generator().manual_seed(1))
     want = generate(model, ids, 6, 3, top_k=5, **kw)
     kw["generator"] = torch.Generator().manual_seed(1)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..config import loop_count, whole_number
+from ..config import check_loops, whole_number
 from ..layers.recurrence import ExitRule
 from .cache import KVCache
 from .sampling import SamplingParams, select_next
@@ -92,7 +92,7 @@ def stream(
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
-    n_loops = loop_count(n_loops)
+    n_loops = check_loops(n_loops)
     act_early_exit = _check_stream_args(model, input_ids, max_new_tokens, attention_mask,
                                         act_early_exit, compile, exit_rule)
     if max_new_tokens == 0:
@@ -121,9 +121,8 @@ def stream(
 def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,
                        attention_mask: torch.Tensor | None, act_early_exit: bool | None,
                        compile: bool, exit_rule: ExitRule | None = None) -> bool:
-    """Validate :func:`stream`'s arguments; returns the effective ``act_early_exit``."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    """Validate :func:`stream`'s arguments (``max_new_tokens`` already checked by
+    :func:`~open_mythos.config.whole_number`); returns the effective ``act_early_exit``."""
     if input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq) tensor")
     T0 = input_ids.shape[1]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import loop_count, whole_number
+from ..config import check_loops, whole_number
 from ..layers.recurrence import ExitRule
 from .cache import KVCache
 from .generation import _check_stream_args, _inference, _stop_ids
@@ -104,7 +104,7 @@ def speculative_stream(
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
-    n_loops = loop_count(n_loops)
+    n_loops = check_loops(n_loops)
     _check_stream_args(model, input_ids, max_new_tokens, attention_mask, None, False)
     if not hasattr(model, "recurrent"):
         raise ValueError("self-speculative decoding drafts with fewer loops: it needs a "
@@ -112,7 +112,7 @@ def speculative_stream(
     draft_tokens = whole_number(draft_tokens, "draft_tokens", minimum=1)
     if draft_loops is None and draft_exit_rule is None:
         raise ValueError("give draft_loops, draft_exit_rule or both")
-    draft_loops = loop_count(draft_loops, "draft_loops", allow_none=True)
+    draft_loops = check_loops(draft_loops, "draft_loops", allow_none=True)
     stats = SpeculativeStats() if stats is None else stats
     if max_new_tokens == 0:
         return

@@ -54,7 +54,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import MythosConfig, loop_count
+from ..config import MythosConfig, check_loops
 from ..inference.cache import DictCache
 from ..layers.init import init_module
 from ..layers.recurrence import ExitRule
@@ -123,10 +123,11 @@ class OpenMythosHFConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Checked on every assignment: ``from_pretrained(..., n_loops=N)`` sets it after
-        # __init__ (and prints the config, which a NumPy integer would not serialise).
+        # n_loops is checked on every assignment, as a Python int: ``from_pretrained(...,
+        # n_loops=N)`` sets it after __init__ (and prints the config, which a NumPy integer
+        # would not serialise).
         if name == "n_loops":
-            value = _check_n_loops(value)
+            value = check_loops(value, allow_none=True)
         super().__setattr__(name, value)
 
     def to_mythos_config(self) -> MythosConfig:
@@ -149,12 +150,6 @@ def _as_exit_rule(rule: dict[str, Any] | ExitRule | None) -> ExitRule | None:
     if not isinstance(rule, dict):
         raise TypeError(f"exit_rule must be an ExitRule or a dict of its fields, got {rule!r}")
     return ExitRule(**rule)
-
-
-def _check_n_loops(n_loops: Any) -> int | None:
-    """The configured loop count as a Python int (a NumPy integer would not serialise to
-    config.json), or None."""
-    return loop_count(n_loops, allow_none=True)
 
 
 class MythosCache:
@@ -216,9 +211,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
     supports_gradient_checkpointing = False
 
     def __init__(self, config: OpenMythosHFConfig):
-        super().__init__(config)
-        # from_pretrained sets keyword overrides (n_loops=...) after the config's __init__.
-        config.n_loops = _check_n_loops(config.n_loops)
+        super().__init__(config)  # config.n_loops was checked when set (__setattr__)
         self.model = build_model(config.to_mythos_config())
         self.post_init()
 

@@ -50,7 +50,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from ..config import loop_count
+from ..config import check_loops
 from ..model import CausalLM
 from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, pad_rows
 from .textgen import GenerationOptions, complete
@@ -105,7 +105,7 @@ class OpenMythosLM(TemplateLM):
                                                          _pick_device(device), dtype)
         self.model.eval()
         self.n_loops = n_loops if n_loops is not None else (stored_loops or self.model.cfg.max_loop_iters)
-        self.n_loops = loop_count(self.n_loops)
+        self.n_loops = check_loops(self.n_loops)
         self.act_early_exit = True if act_early_exit is None else bool(act_early_exit)
         self.batch_size_per_call = (DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto")
                                     else int(batch_size))
