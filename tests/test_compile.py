@@ -154,3 +154,33 @@ def test_whole_model_compiles_to_one_graph_for_inference(attn_type):
         for n_loops in (2, 8):
             torch.testing.assert_close(compiled(ids, n_loops=n_loops),
                                        model(ids, n_loops=n_loops), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_compiled_by_a_user_trains_with_changing_loop_counts():
+    """``torch.compile(model)`` with dynamo's defaults and a loop count (and truncated
+    backpropagation) that change between steps, as depth-sampled training does: a count seen
+    a second time becomes a symbolic int, and the forward and gradients still equal eager's,
+    with and without per-loop readouts."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = OpenMythos(tiny_config(max_loop_iters=3)).train()
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager")
+    ids = torch.randint(0, eager.cfg.vocab_size, (2, 12))
+    with torch._dynamo.config.patch(specialize_int=False):  # dynamo's default
+        for n_loops, backprop_loops, depths in [(2, None, None), (3, None, None), (4, 2, None),
+                                                (5, 3, [4, 5]), (3, 1, range(1, 4))]:
+            losses = []
+            for model in (eager, compiled):
+                model.zero_grad(set_to_none=True)
+                out = model(ids, n_loops=n_loops, backprop_loops=backprop_loops,
+                            readout_depths=depths, readout_lens="head")
+                if depths is not None:
+                    out = torch.stack([out.depth_logits[d] for d in depths])
+                loss = out.float().pow(2).mean()
+                loss.backward()
+                losses.append(loss)
+            torch.testing.assert_close(losses[1], losses[0])
+            for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+                # (a compiled backward gives zeros where eager leaves no gradient)
+                grads = [torch.zeros_like(p) if x.grad is None else x.grad for x in (p, q)]
+                torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6, msg=name)

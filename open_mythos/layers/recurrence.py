@@ -537,7 +537,13 @@ class RecurrentBlock(nn.Module):
         for t in range(n_loops):
             if ctx.cache is not None and t > 0:
                 ctx.cache.fill_missing(self.cache_key(t), self.cache_key(t - 1), ctx.start_pos)
-            with torch.set_grad_enabled(grad_enabled and t >= first_tracked):
+            # Under torch.compile, loop counts that changed between calls arrive as symbolic
+            # ints: dynamo branches on their comparison (it guards on it), but cannot hand
+            # the comparison to set_grad_enabled.
+            tracked = grad_enabled
+            if t < first_tracked:
+                tracked = False
+            with torch.set_grad_enabled(tracked):
                 h_in, e_in = _take(h, rows), _take(e, rows)
                 h_new = self._step(h_in, e_in, t, sub_ctx, carry, A)
                 work += h_new.shape[0]

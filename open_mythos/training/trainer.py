@@ -481,7 +481,7 @@ class Trainer:
         """``run.compile = "model"`` compiles a graph per loop count (and per progressive
         split; evaluation adds one). Loop counts are the graph's structure: integer inputs
         are specialised (dynamo would otherwise make a count that changed between calls
-        symbolic, and the loop cannot be unrolled over a symbolic count). The recompilation
+        symbolic, and guard on every comparison made with it). The recompilation
         limit is raised to the number of graphs, so that no loop count silently falls back
         to eager, and the cost is said when the schedule samples several counts. Both are
         settings of the process's dynamo."""
