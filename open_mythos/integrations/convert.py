@@ -220,17 +220,30 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
         write_modeling_code(out_dir)
     hf.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(source, out_dir, hf_files=True)
-    set_tokenizer_defaults(out_dir, model_max_length=loaded.cfg.max_seq_len)
+    set_tokenizer_defaults(out_dir, model_max_length=loaded.cfg.max_seq_len,
+                           pad_token=_eos_as_pad(tok))
     return out_dir
 
 
+def _eos_as_pad(tok: Tokenizer | None) -> str | None:
+    """The EOS token's text when a Hugging Face tokenizer has no pad token (GPT-2 style):
+    the pad our tokenizer wrapper and the exported config use, which ``AutoTokenizer``
+    would otherwise not know, so that ``tok(..., padding=True)`` fails."""
+    inner = getattr(tok, "tokenizer", None)
+    if inner is None or getattr(inner, "pad_token", None) is not None:
+        return None
+    return getattr(inner, "eos_token", None)
+
+
 def set_tokenizer_defaults(hf_dir: str | Path, model_max_length: int,
-                           padding_side: str = "left") -> None:
-    """Set ``padding_side`` and ``model_max_length`` in ``hf_dir/tokenizer_config.json``
-    (what ``AutoTokenizer`` reads), keeping its other keys."""
+                           padding_side: str = "left", pad_token: str | None = None) -> None:
+    """Set ``padding_side`` and ``model_max_length`` (and ``pad_token`` when given) in
+    ``hf_dir/tokenizer_config.json`` (what ``AutoTokenizer`` reads), keeping its other keys."""
     path = Path(hf_dir) / "tokenizer_config.json"
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     data.update(padding_side=padding_side, model_max_length=model_max_length)
+    if pad_token is not None:
+        data["pad_token"] = pad_token
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

@@ -51,6 +51,7 @@ from transformers import (
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
+    TrainerCallback,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -119,15 +120,20 @@ class OpenMythosHFConfig(PretrainedConfig):
                              "tie_word_embeddings=False is not supported")
         self.n_loops = n_loops
         self.act_early_exit = act_early_exit
-        self.exit_rule = None if exit_rule is None else dataclasses.asdict(_as_exit_rule(exit_rule))
+        self.exit_rule = exit_rule
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # n_loops is checked on every assignment, as a Python int: ``from_pretrained(...,
-        # n_loops=N)`` sets it after __init__ (and prints the config, which a NumPy integer
-        # would not serialise).
+        # The inference options are checked on every assignment: ``from_pretrained(...,
+        # n_loops=N)`` sets them after __init__. n_loops becomes a Python int (the config is
+        # printed, which a NumPy integer would not serialise) and exit_rule the dict of a
+        # valid ExitRule (JSON).
         if name == "n_loops":
             value = check_loops(value, allow_none=True)
+        elif name == "act_early_exit" and not (value is None or isinstance(value, bool)):
+            raise TypeError(f"act_early_exit must be True, False or None, got {value!r}")
+        elif name == "exit_rule" and value is not None:
+            value = dataclasses.asdict(_as_exit_rule(value))
         super().__setattr__(name, value)
 
     def to_mythos_config(self) -> MythosConfig:
@@ -199,7 +205,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
 
     ``forward`` returns a ``CausalLMOutputWithPast``; with ``labels`` its ``loss`` is the
     mean next-token cross entropy (labels equal to -100 ignored; MoE and ponder losses are
-    not included). Positions come from ``attention_mask`` (left padding), so
+    not included; under ``transformers.Trainer`` add :class:`RouterBiasCallback` so that
+    the experts stay balanced). Positions come from ``attention_mask`` (left padding), so
     ``position_ids`` and ``inputs_embeds`` are not accepted.
     """
 
@@ -208,7 +215,9 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["TransformerBlock", "RecurrentBlock"]
     _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
-    supports_gradient_checkpointing = False
+    # gradient_checkpointing_enable() sets RecurrentBlock.gradient_checkpointing: each loop
+    # is recomputed in the backward pass (the model's own checkpointing, not transformers').
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: OpenMythosHFConfig):
         super().__init__(config)  # config.n_loops was checked when set (__setattr__)
@@ -343,8 +352,15 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             logits = self.model.head(hidden)
+            # With num_items_in_batch (transformers' Trainer passes it under gradient
+            # accumulation, because forward takes **kwargs) the loss is the sum over this
+            # micro-batch divided by the labelled tokens of the whole accumulated batch.
+            items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100,
+                                   reduction="mean" if items is None else "sum")
+            if items is not None:
+                loss = loss / (items.to(loss.device) if torch.is_tensor(items) else items)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.model.head(hidden[:, keep])
@@ -358,6 +374,19 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         return out if return_dict else out.to_tuple()
 
     # Generation ----------------------------------------------------------------------------
+
+    def _validate_generated_length(self, generation_config: Any, input_ids_length: int,
+                                   *args: Any, **kwargs: Any) -> None:
+        """transformers' checks, and the model's: a generation longer than ``max_seq_len``
+        is refused before the first token (as :func:`open_mythos.inference.generate` does),
+        not after decoding up to the limit."""
+        super()._validate_generated_length(generation_config, input_ids_length, *args, **kwargs)
+        limit = self.model.cfg.max_seq_len
+        if generation_config.max_length is not None and generation_config.max_length > limit:
+            raise ValueError(
+                f"prompt ({input_ids_length} tokens) + new tokens = "
+                f"{generation_config.max_length} exceeds max_seq_len={limit}; ask for at most "
+                f"{limit - input_ids_length} new tokens")
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -460,7 +489,30 @@ def register() -> None:
 if __name__ == "open_mythos.integrations.hf":
     register()
 
+class RouterBiasCallback(TrainerCallback):
+    """The MoE layers' aux-loss-free balancing under ``transformers.Trainer``: one
+    router-bias step per optimiser step (what ``openmythos train`` does), from the expert
+    load of every forward since the previous step, summed over ranks when
+    ``torch.distributed`` is initialised so that every rank keeps the same bias. Without it
+    nothing calls ``update_router_bias()`` and the router bias never moves::
+
+        Trainer(model=hf, args=args, train_dataset=data, callbacks=[RouterBiasCallback()])
+    """
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                    **kwargs: Any) -> None:
+        core = getattr(model, "model", model)
+        layers = core.moe_layers() if hasattr(core, "moe_layers") else []
+        if not layers:
+            return
+        loads = torch.stack([moe.load_since_update for moe in layers])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loads)
+        for moe, load in zip(layers, loads.unbind(0)):
+            moe.update_router_bias(load=load)
+
+
 __all__ = [
     "CACHE_NAME", "MODEL_TYPE", "MythosCache", "OpenMythosForCausalLM", "OpenMythosHFConfig",
-    "byte_tokenizer_for_transformers", "register",
+    "RouterBiasCallback", "byte_tokenizer_for_transformers", "register",
 ]

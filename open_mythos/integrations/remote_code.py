@@ -16,8 +16,9 @@ into the directory as flat modules, with their imports rewritten:
 
 Then ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` needs only
 ``torch``, ``transformers`` and ``safetensors``. Where this package is installed and imported,
-the same directory loads natively (the registered ``"openmythos"`` type wins over
-``auto_map`` unless ``trust_remote_code=True`` is passed).
+the same directory loads natively: the registered ``"openmythos"`` type wins over
+``auto_map`` (with transformers 5.25 even when ``trust_remote_code=True`` is passed; either
+way the weights and logits are the same).
 """
 
 from __future__ import annotations

@@ -134,3 +134,29 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="already a Hugging Face"):
         training_to_hf(training_to_hf(tmp_path / "task_run", tmp_path / "hf", tokenizer="byte"),
                        tmp_path / "x")
+
+
+def test_export_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
+    """A GPT-2-style tokenizer (EOS only): the export's config pads with EOS, as our
+    tokenizer wrapper does, and so does the exported tokenizer, so a batched
+    ``tok(texts, padding=True)`` works."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["the cat sat on the mat", "a dog"] * 10, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    assert tok.pad_token is None
+    tok.save_pretrained(tmp_path / "tok")
+    model = byte_model("gqa", vocab_size=len(tok))
+    write_training_checkpoint(tmp_path / "run", model, tokenizer=str(tmp_path / "tok"))
+    out = training_to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=tmp_path / "tok")
+
+    config = json.loads((out / "config.json").read_text())
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    assert exported.pad_token_id == config["pad_token_id"] == tok.eos_token_id
+    batch = exported(["the cat", "a dog sat on"], padding=True, return_tensors="pt")
+    assert batch.input_ids[0, 0] == tok.eos_token_id and batch.attention_mask[0, 0] == 0

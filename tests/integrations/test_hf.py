@@ -195,3 +195,130 @@ def test_exit_rule_at_load_time_and_per_call(saved):
     assert torch.equal(out, generate(model, ids, 5, 6, do_sample=False, exit_rule=rule))
     with pytest.raises(TypeError, match="unexpected keyword"):
         plain(ids, exit_rule={"kl_div": 0.1})
+
+
+def test_loss_over_the_items_of_an_accumulated_batch():
+    """``num_items_in_batch`` (what transformers' Trainer passes under gradient
+    accumulation): the summed cross-entropy of this micro-batch over that count."""
+    model = byte_model("gqa").train()
+    hf = OpenMythosForCausalLM.from_mythos(model)
+    ids = torch.randint(0, BYTE_VOCAB, (2, 8))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    logits = model(ids, n_loops=2)
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, BYTE_VOCAB),
+                                              labels[:, 1:].reshape(-1), reduction="sum")
+    for items in (40, torch.tensor(40)):
+        out = hf(ids, labels=labels, n_loops=2, num_items_in_batch=items)
+        torch.testing.assert_close(out.loss, total / 40)
+
+
+def _hf_trainer(hf, tmp_path, batch_size: int, accumulation: int, steps: int, data,
+                callbacks=()):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=0.1,
+        optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    dataset = [{"input_ids": row, "labels": row.clone()} for row in data]
+    return transformers.Trainer(model=hf, args=args, train_dataset=dataset,
+                                callbacks=list(callbacks))
+
+
+def test_trainer_with_gradient_accumulation_takes_the_same_step(tmp_path):
+    """One optimizer step over 4 sequences: batch 4, or 4 accumulated batches of 1."""
+    data = torch.randint(0, BYTE_VOCAB, (4, 12))
+    deltas = []
+    for batch_size, accumulation in ((4, 1), (1, 4)):
+        model = byte_model("gqa", use_act=False).train()
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        hf = OpenMythosForCausalLM.from_mythos(model, n_loops=2)
+        _hf_trainer(hf, tmp_path / f"{batch_size}", batch_size, accumulation, 1, data).train()
+        deltas.append({k: v.detach() - before[k] for k, v in model.named_parameters()})
+    for name, delta in deltas[0].items():
+        torch.testing.assert_close(deltas[1][name], delta, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(d.abs().max() > 0 for d in deltas[0].values())
+
+
+def test_router_bias_callback_balances_experts_under_the_trainer(tmp_path):
+    """With :class:`RouterBiasCallback` every optimizer step moves each MoE layer's router
+    bias by ``rate * sign(mean load - load)`` (centred) from the load its forwards routed;
+    without it the bias stays at zero."""
+    from transformers import TrainerCallback
+
+    from open_mythos.integrations.hf import RouterBiasCallback
+
+    class RecordLoads(TrainerCallback):
+        def __init__(self):
+            self.loads = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.loads.append(model.model.recurrent.block.ffn.load_since_update.clone())
+
+    data = torch.randint(0, BYTE_VOCAB, (8, 12))
+    for with_callback in (False, True):
+        model = byte_model("gqa", use_act=False).train()
+        moe = model.recurrent.block.ffn
+        moe.router_bias.zero_()
+        record = RecordLoads()
+        callbacks = [record, RouterBiasCallback()] if with_callback else [record]
+        hf = OpenMythosForCausalLM.from_mythos(model, n_loops=2)
+        _hf_trainer(hf, tmp_path / str(with_callback), 2, 2, 2, data, callbacks).train()
+        expected = torch.zeros_like(moe.router_bias)
+        for load in record.loads if with_callback else []:
+            assert load.sum() > 0
+            expected += moe.bias_update_rate * torch.sign(load.mean() - load)
+            expected -= expected.mean()
+        torch.testing.assert_close(moe.router_bias, expected)
+        assert bool(moe.router_bias.abs().sum() > 0) == with_callback
+
+
+def test_gradient_checkpointing_enable_recomputes_loops_with_equal_gradients():
+    """transformers' switch (``activation_checkpointing_enable`` since 5.x, formerly
+    ``gradient_checkpointing_enable``) turns on the model's own per-loop checkpointing."""
+    model = byte_model("gqa").train()
+    hf = OpenMythosForCausalLM.from_mythos(model, n_loops=3)
+    ids = torch.randint(0, BYTE_VOCAB, (2, 10))
+    grads = []
+    for enabled in (False, True):
+        if enabled:
+            (getattr(hf, "activation_checkpointing_enable", None)
+             or hf.gradient_checkpointing_enable)()
+        assert model.recurrent.gradient_checkpointing is enabled
+        hf.zero_grad(set_to_none=True)
+        hf(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+    (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
+    assert not model.recurrent.gradient_checkpointing
+
+
+def test_generate_longer_than_max_seq_len_is_refused_before_decoding():
+    model = byte_model("gqa")
+    hf = OpenMythosForCausalLM.from_mythos(model, n_loops=2)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, BYTE_VOCAB, (1, 10))
+    limit = model.cfg.max_seq_len
+    with pytest.raises(ValueError, match=f"exceeds max_seq_len={limit}"):
+        hf.generate(ids, max_new_tokens=limit, do_sample=False)
+    with pytest.raises(ValueError, match=f"exceeds max_seq_len={limit}"):
+        hf.generate(ids, max_length=limit + 1, do_sample=False)
+    assert calls == []
+    assert hf.generate(ids, max_new_tokens=limit - 10, do_sample=False).shape == (1, limit)
+
+
+def test_load_time_inference_options_are_checked(saved):
+    _, path = saved
+    with pytest.raises(ValueError, match="kl"):
+        AutoModelForCausalLM.from_pretrained(path, exit_rule={"kl": -1})
+    with pytest.raises(TypeError, match="bogus"):
+        AutoModelForCausalLM.from_pretrained(path, exit_rule={"bogus": 1})
+    with pytest.raises(TypeError, match="act_early_exit"):
+        AutoModelForCausalLM.from_pretrained(path, act_early_exit="no")
+    hf = AutoModelForCausalLM.from_pretrained(path, act_early_exit=False, exit_rule={"kl": 0.1})
+    assert hf.config.act_early_exit is False and hf.config.exit_rule["kl"] == 0.1
