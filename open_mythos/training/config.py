@@ -166,7 +166,8 @@ class DataConfig:
             ``batch_size * world_size * optim.grad_accum``.
         seq_len: tokens per sequence; None means the task's longest example, or 128 for text.
         val_fraction: share of the text corpus (its tail) held out for validation.
-        eval_batches: global batches in each validation pass.
+        eval_batches: batches of ``batch_size * world_size`` rows in each validation pass
+            (``grad_accum`` does not change the validation rows).
     """
 
     task: str | None = None

@@ -5,8 +5,10 @@ of a split is a fixed function of ``(seed, split, i)`` with ``S * B`` rows, and 
 of ``S`` is rows ``[s * B, (s + 1) * B)``. The trainer uses one shard per (accumulation
 micro-step, rank) pair: ``S = grad_accum * world_size``. Hence:
 
-- the data position of a run is a single integer (global batches consumed), stored in the
-  checkpoint, and a resumed run continues the exact stream;
+- the data position of a run is global batches consumed and, for text, the sequences
+  consumed (``start``), stored in the checkpoint: a resumed run continues the exact stream,
+  and a text run resumed with another global batch (another number of processes or
+  accumulation steps) continues at the next unread sequence;
 - ``W`` ranks x ``A`` micro-steps of ``B`` rows see exactly the batch that one process
   with batch ``W * A * B`` sees, which is what makes DDP/FSDP and gradient accumulation
   comparable with a single process.
@@ -56,9 +58,16 @@ class DataSource(ABC):
     batch_size: int
 
     @abstractmethod
-    def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1) -> dict[str, torch.Tensor]:
+    def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1, *,
+              start: int | None = None) -> dict[str, torch.Tensor]:
         """Shard ``shard`` of ``n_shards`` (``batch_size`` rows) of global batch ``index`` of
-        ``split`` (``"train"`` or ``"val"``)."""
+        ``split`` (``"train"`` or ``"val"``).
+
+        ``start``: for sources that read a fixed sequence of examples (text), the global
+        sequence this batch starts at (default ``index * n_shards * batch_size``). The
+        trainer passes the sequences consumed so far, so that a run resumed with another
+        global batch (another number of processes) continues where it stopped; sources that
+        make their examples from ``index`` (tasks) ignore it."""
 
     def describe(self) -> str:
         """One line for the run log."""
@@ -119,7 +128,8 @@ class TaskSource(DataSource):
         self.seq_len = seq_len if seq_len is not None else longest
         self.batch_size = batch_size
 
-    def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1) -> dict[str, torch.Tensor]:
+    def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1, *,
+              start: int | None = None) -> dict[str, torch.Tensor]:
         rng = random.Random(f"{self.seed}/{split}/{index}")
         full = self._make_batch(self.task, rng, self._splits[split],
                                 self.batch_size * n_shards, self.seq_len, self.with_trace)
@@ -173,8 +183,11 @@ class PackedTextSource(DataSource):
             out[sel] = self._perm[seq[sel] % n]
         return out
 
-    def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1) -> dict[str, torch.Tensor]:
-        first = (index * n_shards + shard) * self.batch_size
+    def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1, *,
+              start: int | None = None) -> dict[str, torch.Tensor]:
+        if start is None:
+            start = index * n_shards * self.batch_size
+        first = start + shard * self.batch_size
         windows = self._window_ids(split, first, self.batch_size)
         start = self._spans[split][0]
         offsets = start + windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
@@ -224,15 +237,17 @@ class StreamingTextSource(DataSource):
                     f"{it.count} sequences of data.seq_len={self.seq_len}") from None
         return out
 
-    def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1) -> dict[str, torch.Tensor]:
+    def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1, *,
+              start: int | None = None) -> dict[str, torch.Tensor]:
         per_batch = self.batch_size * n_shards
         if split == VAL:
             rows = [self._val[(index * per_batch + j) % self._n_val] for j in range(per_batch)]
         else:
-            if index * per_batch < self._next:  # an earlier position: restart the stream
+            first = index * per_batch if start is None else start
+            if first < self._next:  # an earlier position: restart the stream
                 self._iter = self._windows()
                 self._take(self._iter, self._n_val)
-            self._take(self._iter, index * per_batch - self._next)
+            self._take(self._iter, first - self._next)
             rows = self._take(self._iter, per_batch)
         chunk = torch.from_numpy(np.stack(rows))
         full = {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}

@@ -144,12 +144,15 @@ class TrainState:
     Attributes:
         step: optimizer steps completed (skipped steps included).
         position: global training batches consumed (one per step).
+        sequences: training sequences consumed over all ranks and micro-steps: where a
+            text source continues, whatever the global batch of the resumed run.
         bad_steps: steps skipped because of a non-finite loss or gradient norm, in total.
         consecutive_bad: such steps since the last good one.
     """
 
     step: int = 0
     position: int = 0
+    sequences: int = 0
     bad_steps: int = 0
     consecutive_bad: int = 0
 
@@ -445,6 +448,9 @@ class Trainer:
             trainer_state = broadcast_object(ckpt.trainer_state if ctx.is_main else None, ctx)
         self.state = TrainState(
             step=int(trainer_state["step"]), position=int(trainer_state["position"]),
+            # (checkpoints before 2026-12-04 hold no count: their global batch is assumed)
+            sequences=int(trainer_state.get("sequences",
+                                            int(trainer_state["position"]) * self._global_batch)),
             bad_steps=int(trainer_state["bad_steps"]),
             consecutive_bad=int(trainer_state["consecutive_bad"]))
         rngs = trainer_state["rng"]
@@ -620,14 +626,21 @@ class Trainer:
         return self._step_row(sums, n_sup, lr, grad_norm, n_loops, balance, good,
                               time.perf_counter() - t0)
 
+    @property
+    def _global_batch(self) -> int:
+        """Training sequences per optimizer step over all ranks and micro-steps."""
+        return self.data.batch_size * self.ctx.world_size * self.cfg.optim.grad_accum
+
     def _fetch_micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
         """This rank's micro-batches of the step (one shard of the global batch per
         (micro-step, rank)) and the number of supervised targets over all ranks."""
         ctx, accum = self.ctx, self.cfg.optim.grad_accum
         shards = accum * ctx.world_size
-        micro = [self.data.batch(TRAIN, self.state.position, i * ctx.world_size + ctx.rank, shards)
+        micro = [self.data.batch(TRAIN, self.state.position, i * ctx.world_size + ctx.rank, shards,
+                                 start=self.state.sequences)
                  for i in range(accum)]
         self.state.position += 1
+        self.state.sequences += self._global_batch
         n_sup = torch.tensor(float(sum(count_targets(b["targets"]) for b in micro)),
                              device=ctx.device)
         return micro, all_reduce(n_sup, ctx).item()

@@ -337,3 +337,31 @@ def test_dense_baseline_trains_from_the_same_config(tmp_path):
     model, model_cfg = load_checkpoint(tmp_path / "base")
     assert isinstance(model, DenseBaseline) and model_cfg.core_layers == 3
     assert model.head.weight is model.embed.weight
+
+
+def test_text_run_resumed_with_another_global_batch_reads_on(tmp_path, monkeypatch):
+    """Text data is a fixed sequence of windows: a run resumed with another global batch
+    (here fewer accumulation steps; likewise another number of processes) reads on from the
+    first unread window, neither skipping nor repeating any. Reference: the windows one
+    uninterrupted run reads with the new global batch."""
+    from open_mythos.training.data import PackedTextSource
+
+    (tmp_path / "a.txt").write_text(" ".join(f"word{i} of the text" for i in range(400)))
+    read: list[list[int]] = []
+    real = PackedTextSource.batch
+
+    def record(self, split, *args, **kwargs):
+        out = real(self, split, *args, **kwargs)
+        if split == "train":
+            read.extend(out["input_ids"].tolist())
+        return out
+
+    monkeypatch.setattr(PackedTextSource, "batch", record)
+    common = dict(data__task="", data__text=[str(tmp_path / "a.txt")], data__seq_len=16,
+                  data__batch_size=2, run__save_every=4)
+    Trainer(tiny_config(tmp_path / "ref", run__steps=12, **common)).train()
+    want, read[:] = read[:], []
+    Trainer(tiny_config(tmp_path / "run", run__steps=4, optim__grad_accum=2, **common)).train()
+    assert read == want[:16]
+    Trainer(tiny_config(tmp_path / "run", run__steps=8, **common), resume=True).train()
+    assert read == want
