@@ -255,11 +255,18 @@ def point_latest(run_dir: str | Path, ckpt_dir: str | Path) -> None:
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
+    """Remove staging leftovers, checkpoints of later steps than ``current`` (a resumed run
+    that saves step ``s`` has replaced the history after ``s``: such a checkpoint, e.g. the
+    one that held diverged weights, must not become the fallback of a damaged ``latest``),
+    and all but the ``keep`` newest of the rest (0: keep them all)."""
     for stale in root.glob(f"{_TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for later in (p for p in done if p.name > current.name):
+        shutil.rmtree(later, ignore_errors=True)
+    done = [p for p in done if p.name <= current.name]
     if keep <= 0:
         return
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in done[:-keep]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)

@@ -81,6 +81,12 @@ def setup(parallel: Parallel, device_spec: str) -> DistContext:
     if dist.is_initialized():  # a caller (e.g. a test harness) already made the group
         return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, False)
     if "RANK" in os.environ:
+        # torchrun sets all of these; another launcher may not, and init_process_group's
+        # own error is a traceback deep inside torch.
+        missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise ConfigError(f"RANK is set but {', '.join(missing)} not: launch with torchrun, "
+                              "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",

@@ -458,3 +458,36 @@ def test_an_empty_source_name_clears_it(tmp_path):
 
     Trainer(tiny_config(tmp_path / "r", data__task="", run__steps=1)).train()
     assert is_text_run(tmp_path / "r")
+
+
+def test_resuming_after_divergence_drops_the_abandoned_checkpoints(tmp_path):
+    """After a divergence ``latest`` names the last good checkpoint, and a newer one holds
+    the weights that first gave a non-finite loss. The resumed run's first checkpoint
+    removes it: ``keep_checkpoints`` then keeps the good lineage, and a damaged newest
+    checkpoint falls back to a good one, never to the diverged weights."""
+    run = tmp_path / "run"
+    kw = dict(run__save_every=5, run__keep_checkpoints=2, run__max_bad_steps=3)
+
+    def nan_from_16(step, loss):
+        return loss * float("nan") if step >= 15 else loss
+
+    with pytest.raises(TrainingDiverged):
+        Trainer(tiny_config(run, run__steps=40, **kw), loss_hook=nan_from_16).train()
+    names = lambda: sorted(p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    assert latest_checkpoint(run) == ckpt_dir(run, 10)
+    assert names() == ["step_00000010", "step_00000015"]
+    Trainer(tiny_config(run, run__steps=12, **kw), resume=True).train()
+    assert names() == ["step_00000010", "step_00000012"]
+    (ckpt_dir(run, 12) / "model.safetensors").write_bytes(b"damaged")
+    assert latest_checkpoint(run) == ckpt_dir(run, 10)
+
+
+def test_a_launcher_that_sets_rank_without_the_rendezvous_is_a_config_error(tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert train_cli(tmp_path / "run", "--steps", "2", "--parallel", "ddp") == 2
+    one_line_error(capsys, 2, "MASTER_ADDR, MASTER_PORT", "torchrun")
