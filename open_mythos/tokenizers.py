@@ -282,7 +282,14 @@ class MythosTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return len(self.tokenizer)
+        """One past the largest id (``len(tokenizer)``, unless an id lies beyond it: a
+        tokenizer whose added tokens leave a gap), so that every id it gives is in range."""
+        n = len(self.tokenizer)
+        cached = getattr(self, "_vocab_size", None)  # get_vocab() builds a dict: once per size
+        if cached is None or cached[0] != n:
+            cached = self._vocab_size = (
+                n, max(n, max(self.tokenizer.get_vocab().values(), default=-1) + 1))
+        return cached[1]
 
     @property
     def pad_token_id(self) -> int | None:
@@ -307,6 +314,14 @@ class MythosTokenizer(Tokenizer):
         if add_eos:
             ids.append(_require_special(self.eos_token_id, "EOS"))
         return ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Ids of ``text`` as plain text: a special token's string in it (``</s>`` in a web
+        page) is encoded as characters, not as that token, as the byte tokenizer does with
+        ``"<eos>"``. Training data is encoded this way, so a document never holds an EOS
+        (a document boundary) that its text only spelled out."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False,
+                                          split_special_tokens=True))
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (special tokens dropped by default, as upstream)."""

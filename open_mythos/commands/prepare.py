@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             stats = prepare(args.inputs, args.out, args.tokenizer, fmt=InputFormat(args.format),
                             text_field=args.text_field, encoding_errors=args.encoding_errors,
                             hf_config=args.hf_config, hf_split=args.hf_split,
-                            shard_tokens=args.shard_tokens or SHARD_TOKENS, progress=report)
+                            shard_tokens=SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
+                            progress=report)
     except ConfigError as err:
         print(f"openmythos prepare: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -63,7 +64,9 @@ def resolve_inputs(paths: Iterable[str], fmt: InputFormat = InputFormat.AUTO) ->
         elif fmt is InputFormat.HF:
             out.append(Input(str(path), InputFormat.HF))
         elif path.is_dir():
-            files = sorted(f for f in path.rglob("*") if f.is_file())
+            # Hidden files and directories (.git, .cache, ...) are not the corpus.
+            files = sorted(f for f in path.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
             out += [Input(str(f), _format_of(f) if fmt is InputFormat.AUTO else fmt) for f in files]
         elif path.is_file():
             out.append(Input(str(path), _format_of(path) if fmt is InputFormat.AUTO else fmt))
@@ -155,7 +158,7 @@ def _jsonl_texts(path: str, errors: str, field: str) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path}: line {number} is not JSON: {err}") from None
-            yield _field(row, field, path, f"line {number}")
+            yield _field(row, field, path, f"line {number}", errors)
 
 
 def _parquet_texts(path: str, errors: str, field: str) -> Iterator[str]:
@@ -236,8 +239,15 @@ def _dataset_texts(name: str, field: str, config: str | None, split: str) -> Ite
         yield _field(example, field, name, f"row {row}")
 
 
-def _field(row: Any, field: str, where: str, position: str) -> str:
-    """``row[field]``, or an error that says which record and which fields there are."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _field(row: Any, field: str, where: str, position: str, errors: str = "strict") -> str:
+    """``row[field]``, or an error that says which record and which fields there are.
+
+    JSON may escape a lone UTF-16 surrogate (``"\\ud800"``), which is not text any
+    tokenizer can encode: an error under ``errors="strict"``; replaced by U+FFFD or dropped
+    under ``"replace"`` / ``"ignore"``."""
     if not isinstance(row, dict):
         raise ConfigError(f"{where}: {position} is a JSON {type(row).__name__}, not an object")
     if field not in row:
@@ -248,6 +258,15 @@ def _field(row: Any, field: str, where: str, position: str) -> str:
     if not isinstance(text, str):
         raise ConfigError(f"{where}: {position}: field {field!r} is a "
                           f"{type(text).__name__}, not text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        if errors == "strict":
+            raise ConfigError(
+                f"{where}: {position}: field {field!r} holds a lone surrogate "
+                f"(\\u{ord(text[err.start]):04x}), not text; set data.encoding_errors="
+                "'replace' or 'ignore' (--encoding-errors) to read it anyway") from None
+        text = _SURROGATE.sub("\ufffd" if errors == "replace" else "", text)
     return text
 
 

@@ -56,8 +56,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def encode_document(pieces: Iterable[str], tokenizer: Any, dtype: np.dtype) -> Iterator[np.ndarray]:
     """The ids of one document, piece by piece (:func:`.documents.split_pieces`), then EOS
     when the tokenizer has one: the unit both in-memory packing and :func:`prepare` use."""
+    encode = getattr(tokenizer, "encode_literal", tokenizer.encode)  # special strings as text
     for piece in split_pieces(pieces):
-        yield np.asarray(tokenizer.encode(piece), dtype=dtype)
+        yield np.asarray(encode(piece), dtype=dtype)
     if tokenizer.eos_token_id is not None:
         yield np.asarray([tokenizer.eos_token_id], dtype=dtype)
 

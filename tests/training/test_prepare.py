@@ -452,3 +452,64 @@ def test_a_resumed_run_continues_the_stream_from_the_checkpoint(tmp_path, offlin
     assert loaded and loaded[0]["windows"] > 0  # the stream's own position, not a replay
     assert ([r["loss"] for r in read_metrics(tmp_path / "part")]
             == [r["loss"] for r in read_metrics(tmp_path / "full")])
+
+
+def test_hidden_files_are_not_the_corpus_and_shard_tokens_must_be_positive(corpus, tmp_path,
+                                                                         capsys):
+    """A corpus directory that is a git checkout: ``.git`` is skipped (it held binary
+    objects read as documents)."""
+    root, reference = corpus
+    (root / ".git" / "objects").mkdir(parents=True)
+    (root / ".git" / "objects" / "ab").write_bytes(b"\x78\x9c\xff\xfe binary")
+    (root / ".hidden.txt").write_text("not a document")
+    out = tmp_path / "prep"
+    assert main(["prepare", str(root), "--out", str(out), "--no-progress"]) == 0
+    np.testing.assert_array_equal(shards_of(out), reference)
+    capsys.readouterr()
+    assert main(["prepare", str(root), "--out", str(tmp_path / "zero"), "--no-progress",
+                 "--shard-tokens", "0"]) == 2
+    assert "shard_tokens=0 must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["strict", "replace", "ignore"])
+def test_jsonl_with_a_lone_surrogate_escape(tmp_path, policy):
+    """``"\\ud800"`` is valid JSON but not text: an error naming the line, or replaced by
+    one U+FFFD / dropped as the policy says."""
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "bad \\ud800 x"}\n')
+    args = ([str(path)], tmp_path / "prep")
+    if policy == "strict":
+        with pytest.raises(ConfigError, match=r"line 2: field 'text' holds a lone surrogate"):
+            prepare(*args)
+        return
+    prepare(*args, encoding_errors=policy)
+    text = "bad \ufffd x" if policy == "replace" else "bad  x"
+    np.testing.assert_array_equal(shards_of(tmp_path / "prep"),
+                                  byte_stream([b"ok", text.encode()]))
+
+
+def test_special_token_strings_in_text_are_text(tmp_path):
+    """A document that spells out ``<eos>`` gets EOS only at its end (the byte tokenizer
+    already encodes the string as bytes)."""
+    bpe_dir, hf = _bpe_tokenizer_dir(tmp_path)
+    (tmp_path / "doc.txt").write_text("the end is marked by <eos> in this text")
+    prepare([str(tmp_path / "doc.txt")], tmp_path / "prep", str(bpe_dir))
+    ids = shards_of(tmp_path / "prep")
+    assert list(ids).count(hf.eos_token_id) == 1 and ids[-1] == hf.eos_token_id
+
+
+def test_a_tokenizer_with_an_id_past_its_length_sizes_the_vocabulary(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import models, pre_tokenizers
+
+    from open_mythos.tokenizers import MythosTokenizer
+
+    word = tokenizers.Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2, "<eos>": 40},
+                                                 unk_token="<unk>"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=word, unk_token="<unk>",
+                                              eos_token="<eos>")
+    assert len(hf) < 41
+    tok = MythosTokenizer.from_tokenizer(hf)
+    assert tok.vocab_size == 41 > max(tok.encode("a b <eos>", add_eos=True))
