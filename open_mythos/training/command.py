@@ -30,6 +30,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--task", "data.task", dict(
         help="algorithmic task (parity, dyck, modsum, addition, multihop, phop)")),
     ("--text", "data.text", dict(nargs="+", metavar="PATH", help="local text files or directories")),
+    ("--prepared", "data.prepared", dict(
+        metavar="DIR", help="token shards written by 'openmythos prepare'")),
     ("--hf-dataset", "data.hf_dataset", dict(metavar="NAME",
                                              help="stream a Hugging Face dataset (needs 'datasets')")),
     ("--text-field", "data.hf_text_field", dict(
@@ -106,7 +108,7 @@ def _dest(key: str) -> str:
     return "flag__" + key.replace(".", "__")
 
 
-_SOURCES = ("data.task", "data.text", "data.hf_dataset")
+_SOURCES = ("data.task", "data.text", "data.prepared", "data.hf_dataset")
 
 
 def config_from_args(args: argparse.Namespace, report: bool = False):

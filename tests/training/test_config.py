@@ -138,6 +138,8 @@ def test_cli_precedence_file_then_flags_then_set(tmp_path):
     # A source flag replaces the file's source (tiny.toml trains on a task).
     text = config_from_args(parse_train(["--config", str(TINY), "--text", "a.txt", "b.txt"]))
     assert text.data.task is None and text.data.text == ["a.txt", "b.txt"]
+    prepared = config_from_args(parse_train(["--config", str(TINY), "--prepared", "shards"]))
+    assert prepared.data.task is None and prepared.data.prepared == "shards"
 
 
 def test_cli_loops_flag_offers_every_loop_mode_and_task_help_names_every_task(capsys):
