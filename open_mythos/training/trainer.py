@@ -705,7 +705,7 @@ class Trainer:
                   elapsed: float) -> dict[str, Any]:
         """The metrics row of the step just taken."""
         opt = self.cfg.optim
-        tokens = self.data.batch_size * self.data.seq_len * self.ctx.world_size * opt.grad_accum
+        tokens = self._global_batch * self.data.seq_len
         return {
             "step": self.state.step,
             "loss": _finite_or_none(sums.objective),
