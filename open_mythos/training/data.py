@@ -122,6 +122,7 @@ class TaskSource(DataSource):
             raise ConfigError(f"optim.loop_targets: task {name!r} defines no per-step targets "
                               "(Task.trace); multihop and phop do")
         self._make_batch = make_batch
+        self._last: tuple[tuple[str, int, int], dict[str, torch.Tensor]] | None = None
         self.with_trace = with_trace
         self.name, self.seed = name, seed
         self.vocab_size = VOCAB_SIZE
@@ -130,10 +131,13 @@ class TaskSource(DataSource):
 
     def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1, *,
               start: int | None = None) -> dict[str, torch.Tensor]:
-        rng = random.Random(f"{self.seed}/{split}/{index}")
-        full = self._make_batch(self.task, rng, self._splits[split],
-                                self.batch_size * n_shards, self.seq_len, self.with_trace)
-        return _rows(full, shard, self.batch_size)
+        key = (split, index, n_shards)
+        if self._last is None or self._last[0] != key:  # the other shards reuse it
+            rng = random.Random(f"{self.seed}/{split}/{index}")
+            self._last = (key, self._make_batch(self.task, rng, self._splits[split],
+                                                self.batch_size * n_shards, self.seq_len,
+                                                self.with_trace))
+        return _rows(self._last[1], shard, self.batch_size)
 
     def describe(self) -> str:
         return f"task {self.name!r} ({self.task!r}), seq_len {self.seq_len}"
@@ -214,6 +218,7 @@ class StreamingTextSource(DataSource):
         self._cfg, self._tok = cfg, tokenizer
         self.vocab_size, self.seq_len, self.batch_size = tokenizer.vocab_size, seq_len, cfg.batch_size
         self._n_val = n_val_windows
+        self._last: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
         self._val = self._take(self._windows(), n_val_windows)
         self._iter = self._windows()
         self._take(self._iter, n_val_windows)
@@ -244,6 +249,10 @@ class StreamingTextSource(DataSource):
             rows = [self._val[(index * per_batch + j) % self._n_val] for j in range(per_batch)]
         else:
             first = index * per_batch if start is None else start
+            if self._last is not None and self._last[0] == (first, per_batch):
+                # Another shard of the global batch just read (the next accumulation
+                # micro-step): the stream has moved past it, so serve it from memory.
+                return _rows(self._last[1], shard, self.batch_size)
             if first < self._next:  # an earlier position: restart the stream
                 self._iter = self._windows()
                 self._take(self._iter, self._n_val)
@@ -251,6 +260,8 @@ class StreamingTextSource(DataSource):
             rows = self._take(self._iter, per_batch)
         chunk = torch.from_numpy(np.stack(rows))
         full = {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}
+        if split != VAL:
+            self._last = ((first, per_batch), full)
         return _rows(full, shard, self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
@@ -262,6 +273,7 @@ class StreamingTextSource(DataSource):
         is replayed instead, as for a source without state."""
         if state and state.get("n_val") == self._n_val:
             self._iter = self._windows(state)
+            self._last = None
 
     def describe(self) -> str:
         return f"hf dataset {self._cfg.hf_dataset!r} (streamed), seq_len {self.seq_len}"

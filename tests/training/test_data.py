@@ -134,6 +134,19 @@ def test_hf_dataset_streams_local_json_lines_and_resumes(tmp_path, monkeypatch):
     again = build_data_source(cfg, seed=0).batch(TRAIN, 2)
     assert torch.equal(again["input_ids"], windows(6, 2)[:, :-1])
 
+    # Gradient accumulation asks for shard 0 then shard 1 of each global batch: the
+    # stream is read once, in order, not replayed from the start for every shard.
+    accum = build_data_source(cfg, seed=0)
+    opened = []
+    real_windows = type(accum)._windows
+    monkeypatch.setattr(type(accum), "_windows",
+                        lambda self, state=None: opened.append(1) or real_windows(self, state))
+    for step in range(4):
+        for s in range(2):
+            got = accum.batch(TRAIN, step, shard=s, n_shards=2, start=4 * step)
+            assert torch.equal(got["targets"], windows(2 + 4 * step + 2 * s, 2)[:, 1:])
+    assert opened == []
+
 
 def test_hf_dataset_errors_of_the_real_library_are_config_errors(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
