@@ -177,13 +177,14 @@ def _parquet_texts(path: str, errors: str, field: str) -> Iterator[str]:
         raise ConfigError(f"{path}: no column {field!r} (columns: {', '.join(names)}); "
                           "choose the text column with --text-field")
     kind = parquet.schema_arrow.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-            or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+    dictionary = pa.types.is_dictionary(kind)  # e.g. a pandas categorical column
+    if not _is_text_type(pa, kind.value_type if dictionary else kind):
         raise ConfigError(f"{path}: column {field!r} holds {kind}, not text")
     row = 0
     for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+        column = batch.column(0).dictionary_decode() if dictionary else batch.column(0)
         # As bytes: Parquet does not guarantee that a string column is valid UTF-8.
-        for value in batch.column(0).cast(pa.large_binary()).to_pylist():
+        for value in column.cast(pa.large_binary()).to_pylist():
             row += 1
             if value is None:
                 raise ConfigError(f"{path}: row {row} has no text in column {field!r}")
@@ -191,6 +192,13 @@ def _parquet_texts(path: str, errors: str, field: str) -> Iterator[str]:
                 yield value.decode("utf-8", errors=errors)
             except UnicodeDecodeError as err:
                 raise _not_utf8(path, err.start, err, f"row {row} of column {field!r}") from None
+
+
+def _is_text_type(pa: Any, kind: Any) -> bool:
+    """String or binary Arrow types, plain, large or view (views: pyarrow >= 16)."""
+    names = ("is_string", "is_large_string", "is_string_view",
+             "is_binary", "is_large_binary", "is_binary_view")
+    return any(getattr(pa.types, name, lambda _: False)(kind) for name in names)
 
 
 def open_dataset(name: str, config: str | None = None, split: str = "train") -> Any:

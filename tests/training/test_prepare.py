@@ -221,6 +221,24 @@ def test_jsonl_parquet_and_saved_dataset_inputs(tmp_path, offline_datasets):
     np.testing.assert_array_equal(shards_of(tmp_path / "prep-hf"), reference)
 
 
+def test_parquet_dictionary_and_view_text_columns(tmp_path):
+    """Text columns as pandas writes categoricals (dictionary) and as string/binary views."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    columns = {"cat": pa.array(DOCS).dictionary_encode(), "num": pa.array(range(len(DOCS)))}
+    if hasattr(pa, "string_view"):
+        columns["view"] = pa.array(DOCS, type=pa.string_view())
+        columns["bytes"] = pa.array([d.encode() for d in DOCS], type=pa.binary_view())
+    pq.write_table(pa.table(columns), tmp_path / "docs.parquet")
+    reference = byte_stream([d.encode() for d in DOCS])
+    for field in set(columns) - {"num"}:
+        prepare([str(tmp_path / "docs.parquet")], tmp_path / f"prep-{field}", text_field=field)
+        np.testing.assert_array_equal(shards_of(tmp_path / f"prep-{field}"), reference)
+    with pytest.raises(ConfigError, match="column 'num' holds int64, not text"):
+        prepare([str(tmp_path / "docs.parquet")], tmp_path / "prep-num", text_field="num")
+
+
 def test_wrong_text_field_is_a_clear_error(tmp_path, offline_datasets):
     inputs = _write_inputs(tmp_path, offline_datasets)
     expected = {"jsonl": r"line 1 has no field 'text' \(fields: id, body\)",
