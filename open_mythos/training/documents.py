@@ -121,9 +121,12 @@ def split_pieces(chunks: Iterable[str], size: int = PIECE_CHARS) -> Iterator[str
     ``size`` characters from its start, or at ``4 * size`` characters if there is none.
 
     The cuts depend on the text only, not on the chunks it arrives in. A subword tokenizer
-    sees each piece separately: cutting at line ends keeps that equal to encoding the whole
-    text for the usual pre-tokenizers (a hard cut happens only inside a line of ``4 * size``
-    characters). Byte-level encodings are unaffected by any cut.
+    sees each piece separately, so its ids may differ from encoding the whole text by a
+    token or two at each cut (one cut per ``size`` characters or more): a pre-tokenizer
+    may group the whitespace around a line end differently (GPT-2's splits
+    ``"  \n"`` in two inside a text, not at its end), a Metaspace (SentencePiece style)
+    one prepends ``"▁"`` to every string it encodes, and a hard cut (inside a line of
+    ``4 * size`` characters) may split a word. Byte encodings are unaffected by any cut.
     """
     limit = 4 * size
     buf = ""
