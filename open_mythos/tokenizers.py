@@ -220,6 +220,12 @@ def _offline_env() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+# Files AutoTokenizer builds a tokenizer from; a directory with none of them is not one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+                    "tiktoken.model")
+
+
 def _looks_like_local_path(spec: str) -> bool:
     """Whether ``spec`` names a filesystem path rather than a hub repo id ("org/name")."""
     return (os.path.isabs(spec) or spec.startswith(("./", "../", "~", ".\\", "..\\"))
@@ -260,6 +266,10 @@ class MythosTokenizer(Tokenizer):
                 raise FileNotFoundError(
                     f"tokenizer path {spec!r} {what}: pass a directory of tokenizer files "
                     "(tokenizer.json, tokenizer_config.json) or a Hugging Face repo id")
+            if not any(os.path.isfile(os.path.join(spec, name)) for name in _TOKENIZER_FILES):
+                raise FileNotFoundError(
+                    f"tokenizer directory {spec!r} holds none of the files a tokenizer is "
+                    f"loaded from ({', '.join(_TOKENIZER_FILES)})")
         if _offline_env():
             # NOTE: huggingface_hub reads HF_HUB_OFFLINE once, at import; honour a later
             # setting too, instead of retrying the network for most of a minute.

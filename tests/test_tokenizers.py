@@ -110,6 +110,9 @@ def test_mythos_tokenizer_missing_path_is_clear_and_offline(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MythosTokenizer(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds none of the files.*tokenizer.json"):
+        MythosTokenizer(str(tmp_path / "empty"))
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         MythosTokenizer("no-such-org/no-such-tokenizer")
 

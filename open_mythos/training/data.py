@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import random
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -357,13 +356,7 @@ def build_data_source(cfg: DataConfig, seed: int, world_size: int = 1,
     if with_trace:
         raise ConfigError("optim.loop_targets needs a task with per-step targets "
                           "(data.task = 'multihop' or 'phop'), not text")
-    tokenizer = load_data_tokenizer(cfg.tokenizer)
-    if tokenizer.eos_token_id is None:
-        warnings.warn(
-            f"data.tokenizer={cfg.tokenizer!r} has no EOS token, so packed documents run "
-            "together with nothing between them; add one (for a Hugging Face tokenizer: "
-            "tok.add_special_tokens({'eos_token': '</s>'}); tok.save_pretrained(DIR)) or "
-            "use the byte tokenizer", stacklevel=2)
+    tokenizer = load_data_tokenizer(cfg.tokenizer)  # warns when it has no EOS
     seq_len = cfg.seq_len or DEFAULT_TEXT_SEQ_LEN
     if cfg.hf_dataset:
         n_val = cfg.eval_batches * cfg.batch_size * world_size

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +77,25 @@ def load_data_tokenizer(spec: str) -> Any:
             f"data.tokenizer={spec!r} must be 'byte' or a local tokenizer directory "
             "(training never downloads)")
     try:
-        return load_tokenizer(spec)
+        tokenizer = load_tokenizer(spec)
     except (ImportError, OSError, ValueError) as err:
-        raise ConfigError(f"data.tokenizer={spec!r} could not be loaded: {err}") from None
+        raise ConfigError(f"data.tokenizer={spec!r} could not be loaded: "
+                          f"{_one_line(err)}") from None
+    if tokenizer.eos_token_id is None:
+        warnings.warn(
+            f"data.tokenizer={spec!r} has no EOS token, so packed documents run together "
+            "with nothing between them; add one (for a Hugging Face tokenizer: "
+            "tok.add_special_tokens({'eos_token': '</s>'}); tok.save_pretrained(DIR)) or "
+            "use the byte tokenizer", stacklevel=3)
+    return tokenizer
+
+
+def _one_line(err: Exception, limit: int = 300) -> str:
+    """The loader's own error (not the wrapper's advice on downloading, which training never
+    does) on one line, cut at ``limit`` characters."""
+    cause = err.__cause__ if isinstance(err.__cause__, Exception) else err
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def tokenizer_identity(tokenizer: Any, spec: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 from open_mythos.tokenizers import ByteTokenizer
 from open_mythos.training.config import ConfigError, DataConfig
 from open_mythos.training.data import _read_text_files, build_data_source
+from open_mythos.training.prepare import prepare
 
 from .test_prepare import _bpe_tokenizer_dir, offline_datasets  # noqa: F401
 
@@ -96,6 +97,8 @@ def test_a_tokenizer_without_eos_is_warned_about_with_the_fix(tmp_path):
                      seq_len=8, batch_size=2)
     with pytest.warns(UserWarning, match=r"no EOS token.*add_special_tokens"):
         build_data_source(cfg, seed=0)
+    with pytest.warns(UserWarning, match=r"no EOS token.*add_special_tokens"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "prep", str(tmp_path / "no_eos"))
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         build_data_source(DataConfig(text=[str(tmp_path / "a.txt")], tokenizer=str(bpe_dir),
