@@ -273,6 +273,15 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             "OpenMythos cannot resize its vocabulary in place; build a model with a larger "
             "MythosConfig.vocab_size and copy the weights")
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters of the model (the tied head counted once); ``exclude_embeddings``
+        leaves out the token embedding only. (``transformers`` would leave out every
+        ``nn.Embedding``, including the per-loop LoRA scales, which are weights of the
+        recurrent block.)"""
+        skip = {id(self.get_input_embeddings().weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+
     @property
     def mythos_config(self) -> MythosConfig:
         return self.model.cfg

@@ -147,6 +147,19 @@ def test_fresh_model_from_config_has_our_initialisation():
     assert isinstance(AutoConfig.for_model("openmythos"), OpenMythosHFConfig)
 
 
+def test_num_parameters_counts_the_tied_head_once_and_excludes_only_the_embedding():
+    model = byte_model("gqa")
+    hf = OpenMythosForCausalLM.from_mythos(model)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert hf.num_parameters() == sum(unique.values())
+    embed = model.embed.weight.numel()
+    assert model.recurrent.lora.scale.weight.numel() > 0
+    assert hf.num_parameters(exclude_embeddings=True) == sum(unique.values()) - embed
+    model.recurrent.requires_grad_(False)
+    frozen = sum(p.numel() for p in model.recurrent.parameters())
+    assert hf.num_parameters(only_trainable=True) == sum(unique.values()) - frozen
+
+
 def test_config_rejects_untied_embeddings():
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         OpenMythosHFConfig(tie_word_embeddings=False)
