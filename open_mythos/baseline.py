@@ -127,7 +127,8 @@ def matched_baseline_config(cfg: MythosConfig, train_loops: int) -> BaselineConf
     if not isinstance(train_loops, int) or isinstance(train_loops, bool) or train_loops < 1:
         raise ValueError(f"train_loops must be a positive integer, got {train_loops!r}")
     fields = {k: v for k, v in cfg.to_dict().items() if k not in ("core_layers", "core_ffn_dim")}
-    return BaselineConfig(**fields, core_layers=train_loops, core_ffn_dim=matched_ffn_dim(cfg))
+    return BaselineConfig.from_dict(
+        {**fields, "core_layers": train_loops, "core_ffn_dim": matched_ffn_dim(cfg)})
 
 
 def _trunk_flops(cfg: MythosConfig, attn: int) -> int:

@@ -152,6 +152,9 @@ class MythosConfig:
             value = getattr(self, f.name)
             if f.type in ("int", "int | None") and _is_int(value) and type(value) is not int:
                 setattr(self, f.name, int(value))
+            elif (f.type in ("float", "float | None") and isinstance(value, str)
+                  and value.lower() in _NON_FINITE):  # how to_dict writes inf (JSON has none)
+                setattr(self, f.name, float(value))
         try:
             # Stored as the plain string, as upstream's field: a config's asdict() then
             # saves with torch.save and loads with weights_only, dumps to YAML, and reprs
@@ -255,10 +258,12 @@ class MythosConfig:
     # Serialisation -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dictionary of every field (``attn_type`` as its string value)."""
+        """Plain-JSON dictionary of every field (``attn_type`` as its string value, and a
+        float that JSON cannot hold, such as ``act_threshold=inf``, as ``"inf"``)."""
         d = dataclasses.asdict(self)
         d["attn_type"] = str(self.attn_type)
-        return d
+        return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MythosConfig:
@@ -272,6 +277,10 @@ class MythosConfig:
     def replace(self, **changes: Any) -> MythosConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# How to_dict writes the floats JSON has no literal for (str(float("inf")) and so on).
+_NON_FINITE = ("inf", "-inf", "nan", "infinity", "-infinity")
 
 
 def whole_number(value: Any, name: str, minimum: int = 0, allow_none: bool = False

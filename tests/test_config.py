@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 
 import pytest
@@ -80,5 +81,9 @@ def test_unreachable_threshold_is_valid():
 def test_dict_round_trip():
     cfg = tiny_config("mla")
     assert MythosConfig.from_dict(cfg.to_dict()) == cfg
+    # An unreachable threshold survives strict JSON (json.dumps would write Infinity).
+    inf = tiny_config(act_threshold=math.inf)
+    text = json.dumps(inf.to_dict(), allow_nan=False)
+    assert MythosConfig.from_dict(json.loads(text)) == inf
     with pytest.raises(ValueError, match="unknown MythosConfig field"):
         MythosConfig.from_dict({**cfg.to_dict(), "n_layers": 3})

@@ -40,6 +40,7 @@ follows the APIs shared by 4.56+ and 5.x (dict ``_tied_weights_keys``, classic c
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -135,6 +136,12 @@ class OpenMythosHFConfig(PretrainedConfig):
         elif name == "exit_rule" and value is not None:
             value = dataclasses.asdict(_as_exit_rule(value))
         super().__setattr__(name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        # config.json stays strict JSON: act_threshold=inf is written "inf", as
+        # MythosConfig.to_dict writes it (json.dumps would write the non-JSON Infinity).
+        return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in super().to_dict().items()}
 
     def to_mythos_config(self) -> MythosConfig:
         """The configuration these keys describe, of its kind (a

@@ -284,7 +284,8 @@ class Trainer:
         # anywhere, so local paths are absolute (the tokenizer is also copied in).
         self.resolved = absolute_paths(dataclasses.replace(
             cfg,
-            model=ModelConfig(cfg.model.variant, self.model_cfg.to_dict()),
+            # asdict, not to_dict: TOML has inf, which to_dict writes as "inf" for JSON.
+            model=ModelConfig(cfg.model.variant, dataclasses.asdict(self.model_cfg)),
             data=dataclasses.replace(cfg.data, seq_len=self.data.seq_len),
         ))
         ckpt_dir = self._prepare_run_dir()

@@ -160,6 +160,20 @@ def test_num_parameters_counts_the_tied_head_once_and_excludes_only_the_embeddin
     assert hf.num_parameters(only_trainable=True) == sum(unique.values()) - frozen
 
 
+def test_config_json_is_strict_json_with_an_unreachable_threshold(tmp_path):
+    model = byte_model("gqa")
+    model.cfg.act_threshold = float("inf")
+    OpenMythosForCausalLM.from_mythos(model).save_pretrained(tmp_path)
+
+    def refuse(constant):
+        raise AssertionError(f"config.json holds {constant}, which is not JSON")
+
+    config = json.loads((tmp_path / "config.json").read_text(), parse_constant=refuse)
+    assert config["act_threshold"] == "inf"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert hf.model.cfg.act_threshold == float("inf") and hf.model.cfg == model.cfg
+
+
 def test_config_rejects_untied_embeddings():
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         OpenMythosHFConfig(tie_word_embeddings=False)

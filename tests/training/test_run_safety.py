@@ -153,6 +153,20 @@ def test_resume_with_nothing_to_resume_is_an_error_and_keeps_the_metrics(tmp_pat
     assert not (tmp_path / "typo").exists()
 
 
+def test_a_run_with_an_unreachable_act_threshold_resumes_and_saves_strict_json(tmp_path):
+    """act_threshold = inf (TOML has inf, JSON does not): config.toml keeps the float, the
+    checkpoint's config.json writes "inf", and both read back for --resume."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "2", "--save-every", "2",
+                     "--set", "model.act_threshold=inf") == 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--save-every", "3",
+                 "--no-progress"]) == 0  # the run's own config.toml
+    saved = json.loads((ckpt_dir(run, 3) / "config.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"config.json holds {c}"))
+    assert saved["act_threshold"] == "inf"
+    assert load_checkpoint(run)[1].act_threshold == float("inf")
+
+
 def test_resume_auto_starts_again_and_keeps_the_old_rows_aside(tmp_path, capsys):
     run = tmp_path / "run"
     assert train_cli(run, "--steps", "5", "--save-every", "0") == 0
