@@ -262,8 +262,7 @@ class MythosConfig:
         float that JSON cannot hold, such as ``act_threshold=inf``, as ``"inf"``)."""
         d = dataclasses.asdict(self)
         d["attn_type"] = str(self.attn_type)
-        return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
-                for k, v in d.items()}
+        return json_floats(d)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MythosConfig:
@@ -281,6 +280,14 @@ class MythosConfig:
 
 # How to_dict writes the floats JSON has no literal for (str(float("inf")) and so on).
 _NON_FINITE = ("inf", "-inf", "nan", "infinity", "-infinity")
+
+
+def json_floats(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with each non-finite float value as its string (``"inf"``): ``json.dumps``
+    would write ``Infinity``, which strict JSON parsers refuse. A float field of
+    :class:`MythosConfig` reads the string back."""
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in d.items()}
 
 
 def whole_number(value: Any, name: str, minimum: int = 0, allow_none: bool = False

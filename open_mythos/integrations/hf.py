@@ -40,7 +40,6 @@ follows the APIs shared by 4.56+ and 5.x (dict ``_tied_weights_keys``, classic c
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -56,7 +55,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import MythosConfig, check_loops
+from ..config import MythosConfig, check_loops, json_floats
 from ..inference.cache import DictCache
 from ..layers.init import init_module
 from ..layers.recurrence import ExitRule
@@ -139,9 +138,8 @@ class OpenMythosHFConfig(PretrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         # config.json stays strict JSON: act_threshold=inf is written "inf", as
-        # MythosConfig.to_dict writes it (json.dumps would write the non-JSON Infinity).
-        return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
-                for k, v in super().to_dict().items()}
+        # MythosConfig.to_dict writes it.
+        return json_floats(super().to_dict())
 
     def to_mythos_config(self) -> MythosConfig:
         """The configuration these keys describe, of its kind (a
