@@ -6,8 +6,8 @@ and the speed of cached greedy decoding. Every rule is compared with no rule and
 smaller depths, in the same run.
 
 Self-speculative decoding (text run): greedy decoding at ``--loops`` loops, plain against
-drafts of 1 or 2 loops verified at full depth, tokens/s in the same run, the acceptance
-rate, and whether the tokens are identical::
+drafts of 1 or 2 loops read out through the Coda or the head lens, verified at full depth,
+tokens/s in the same run, the acceptance rate, and whether the tokens are identical::
 
     python benchmarks/adaptive.py --task-run demo_out/looped/chain --text-run runs/text_depth \\
         --loops 8 --plot docs/figures/exits.png
@@ -118,43 +118,65 @@ def text_table(run: str, n_loops: int, n_prompts: int, prompt_len: int,
     return rows
 
 
+#: The speculative table's drafts: (loops, tokens per cycle, lens).
+DRAFTS = [(loops, tokens, lens) for lens in ("coda", "head")
+          for loops, tokens in ((1, 2), (1, 4), (1, 6), (2, 4))]
+
+
+def draft_name(draft: tuple[int, int, str]) -> str:
+    return f"draft {draft[0]} loop(s) x {draft[1]}, {draft[2]} lens"
+
+
 def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len: int,
-                      new_tokens: int, repeats: int = 7) -> list[dict]:
+                      new_tokens: int, n_prompts: int = 8, repeats: int = 7) -> list[dict]:
     """Plain greedy decoding against self-speculative greedy decoding on prompts from the
     run's validation text: median wall time of ``repeats`` rounds, each round running every
-    method once in turn (so that drift in the machine's speed falls on all of them alike)."""
+    method once in turn (so that drift in the machine's speed falls on all of them alike).
+
+    At batch size ``b`` a method decodes ``max(b, n_prompts)`` prompts in batches of ``b``
+    (at batch 1 the acceptance of a single prompt says little about a model), and its
+    time is the sum over those batches; acceptance and tokens per verification are pooled.
+    """
     model = load_model(run).model.eval()
     prompts_all = torch.cat([b["input_ids"] for b in run_val_batches(run)])[:, :prompt_len]
     if prompt_len + new_tokens > model.cfg.max_seq_len:
         raise SystemExit(f"--prompt-len {prompt_len} + --speculative-tokens {new_tokens} "
                          f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
-    drafts = [(loops, tokens) for loops in (1, 2) for tokens in (2, 4, 6)]
     rows = []
     for batch in batch_sizes:
-        prompts = prompts_all[:batch]
+        n_groups = max(1, n_prompts // batch)
+        if n_groups * batch > len(prompts_all):
+            raise SystemExit(f"the run's validation text gives {len(prompts_all)} prompts; "
+                             f"batch {batch} x {n_groups} needs more")
+        groups = [prompts_all[i * batch:(i + 1) * batch] for i in range(n_groups)]
         with torch.no_grad():
-            reference = generate(model, prompts, new_tokens, n_loops, do_sample=False)
-        methods = {"plain greedy": partial(generate, model, prompts, new_tokens, n_loops,
-                                           do_sample=False)}
-        stats = {d: SpeculativeStats() for d in drafts}
-        outputs: dict[tuple[int, int], torch.Tensor] = {}
-        for d in drafts:
-            methods[f"draft {d[0]} loop(s) x {d[1]}"] = partial(
-                _speculative_round, model, prompts, new_tokens, n_loops, d, stats, outputs)
+            reference = [generate(model, g, new_tokens, n_loops, do_sample=False)
+                         for g in groups]
+        methods = {"plain greedy": partial(_plain_round, model, groups, new_tokens, n_loops)}
+        stats: dict[tuple, list[SpeculativeStats]] = {}
+        outputs: dict[tuple, list[torch.Tensor]] = {}
+        for d in DRAFTS:
+            methods[draft_name(d)] = partial(_speculative_round, model, groups, new_tokens,
+                                             n_loops, d, stats, outputs)
         seconds: dict[str, list[float]] = {name: [] for name in methods}
         for _ in range(1 + repeats):  # the first round warms up and is not counted
             for name, fn in methods.items():
                 seconds[name].append(_timed(fn))
         median = {name: statistics.median(ts[1:]) for name, ts in seconds.items()}
         plain = median["plain greedy"]
-        rows.append(dict(batch=batch, method="plain greedy", seconds=plain, ratio=1.0,
-                         acceptance=None, per_cycle=1.0, same=1.0))
-        for d in drafts:
-            name = f"draft {d[0]} loop(s) x {d[1]}"
-            rows.append(dict(batch=batch, method=name, seconds=median[name],
-                             ratio=plain / median[name], acceptance=stats[d].acceptance_rate,
-                             per_cycle=stats[d].tokens_per_cycle,
-                             same=float((outputs[d] == reference).float().mean())))
+        rows.append(dict(batch=batch, prompts=n_groups * batch, method="plain greedy",
+                         seconds=plain, ratio=1.0, acceptance=None, per_cycle=1.0, same=1.0))
+        for d in DRAFTS:
+            name = draft_name(d)
+            pooled = stats[d]
+            same = torch.cat([(o == r).flatten() for o, r in zip(outputs[d], reference)])
+            rows.append(dict(batch=batch, prompts=n_groups * batch, method=name,
+                             seconds=median[name], ratio=plain / median[name],
+                             acceptance=sum(s.accepted for s in pooled)
+                             / max(1, sum(s.drafted for s in pooled)),
+                             per_cycle=sum(s.tokens for s in pooled)
+                             / max(1, sum(s.cycles for s in pooled)),
+                             same=float(same.float().mean())))
     return rows
 
 
@@ -179,14 +201,17 @@ def _forward_costs(model, prompts: torch.Tensor, n_loops: int, repeats: int) -> 
     cache = KVCache(prompt_len + 7)
     with torch.no_grad():
         model(prompts, n_loops, cache, 0)
-    shapes = {"plain step (1 token)": (1, n_loops), "draft, 1 loop": (1, 1),
-              "draft, 2 loops": (1, 2)}
-    shapes.update({f"verify {n} drafts": (n + 1, n_loops) for n in (2, 4, 6)})
+    # name -> (tokens, loops, lens)
+    shapes = {"plain step (1 token)": (1, n_loops, "coda"), "draft, 1 loop": (1, 1, "coda"),
+              "draft, 2 loops": (1, 2, "coda"), "draft, 1 loop, head lens": (1, 1, "head"),
+              "draft, 2 loops, head lens": (1, 2, "head")}
+    shapes.update({f"verify {n} drafts": (n + 1, n_loops, "coda") for n in (2, 4, 6)})
     seconds: dict[str, list[float]] = {name: [] for name in shapes}
     for _ in range(1 + repeats):
-        for name, (tokens, loops) in shapes.items():
+        for name, (tokens, loops, lens) in shapes.items():
             ids = prompts[:, -1:].repeat(1, tokens)
-            seconds[name].append(_timed(model, ids, loops, cache, prompt_len))
+            seconds[name].append(_timed(model, ids, loops, cache, prompt_len,
+                                        readout_lens=lens))
             cache.truncate(prompt_len)
     plain = statistics.median(seconds["plain step (1 token)"][1:])
     return [dict(forward=name, tokens=shapes[name][0], loops=shapes[name][1],
@@ -194,14 +219,21 @@ def _forward_costs(model, prompts: torch.Tensor, n_loops: int, repeats: int) -> 
                  ratio=statistics.median(ts[1:]) / plain) for name, ts in seconds.items()]
 
 
-def _speculative_round(model, prompts: torch.Tensor, new_tokens: int, n_loops: int,
-                       draft: tuple[int, int], stats: dict, outputs: dict) -> None:
-    """One speculative generation with ``draft = (loops, tokens)``; its counts and tokens
-    replace the previous round's in ``stats`` and ``outputs``."""
-    stats[draft] = SpeculativeStats()
-    outputs[draft] = speculative_generate(model, prompts, new_tokens, n_loops,
-                                          draft_loops=draft[0], draft_tokens=draft[1],
-                                          stats=stats[draft])
+def _plain_round(model, groups: list[torch.Tensor], new_tokens: int, n_loops: int) -> None:
+    for prompts in groups:
+        generate(model, prompts, new_tokens, n_loops, do_sample=False)
+
+
+def _speculative_round(model, groups: list[torch.Tensor], new_tokens: int, n_loops: int,
+                       draft: tuple[int, int, str], stats: dict, outputs: dict) -> None:
+    """Speculative generations of every prompt batch with ``draft = (loops, tokens,
+    lens)``; their counts and tokens replace the previous round's in ``stats`` and
+    ``outputs``."""
+    stats[draft] = [SpeculativeStats() for _ in groups]
+    outputs[draft] = [speculative_generate(model, prompts, new_tokens, n_loops,
+                                           draft_loops=draft[0], draft_tokens=draft[1],
+                                           draft_lens=draft[2], stats=st)
+                      for prompts, st in zip(groups, stats[draft])]
 
 
 SHARING_MODES = ("per_depth", "every:2", "first", "last")
@@ -290,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch sizes of the speculative decoding table (default 1 8)")
     p.add_argument("--speculative-tokens", type=int, default=64,
                    help="tokens decoded in the speculative table (default 64)")
+    p.add_argument("--speculative-prompts", type=int, default=8,
+                   help="prompts each speculative row decodes, in batches of its batch size "
+                        "(default 8)")
     p.add_argument("--cache-runs", nargs="+", metavar="DIR", default=[],
                    help="text runs whose cache modes to measure (GQA and MLA)")
     p.add_argument("--cache-loops", type=int, nargs="+", default=[4, 8],
@@ -328,13 +363,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['seconds']:.2f}", f"{r['seconds'] / base['seconds']:.2f}"]
                      for r in text_rows])
         spec = speculative_table(args.text_run, args.loops, args.speculative_batch,
-                                 args.prompt_len, args.speculative_tokens)
+                                 args.prompt_len, args.speculative_tokens,
+                                 args.speculative_prompts)
         print(f"\n## Text run {args.text_run}: self-speculative greedy decoding of "
               f"{args.speculative_tokens} tokens at {args.loops} loops (median of 7 "
-              "rounds, the methods taking turns)\n")
-        print_table(["batch", "method", "s", "speedup", "acceptance", "tokens/verify",
-                     "same tokens"],
-                    [[r["batch"], r["method"], f"{r['seconds']:.2f}", f"{r['ratio']:.2f}x",
+              "rounds, the methods taking turns; each row decodes the same prompts)\n")
+        print_table(["batch", "prompts", "method", "s", "speedup", "acceptance",
+                     "tokens/verify", "same tokens"],
+                    [[r["batch"], r["prompts"], r["method"], f"{r['seconds']:.2f}",
+                      f"{r['ratio']:.2f}x",
                       "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}",
                       f"{r['per_cycle']:.2f}", f"{r['same']:.0%}"] for r in spec])
         all_costs = forward_costs(args.text_run, args.loops, args.speculative_batch,

@@ -209,8 +209,15 @@ class CausalLM(nn.Module):
         act_early_exit: bool | None = None,
         backprop_loops: int | None = None,
         exit_rule: ExitRule | None = None,
+        lens: str = "coda",
     ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments."""
+        """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments.
+
+        ``lens="head"`` skips the Coda: the normalised state after the last loop, what the
+        head lens reads (``forward(..., readout_lens="head")``).
+        """
+        if lens not in ("coda", "head"):
+            raise ValueError(f"lens must be 'coda' or 'head', got {lens!r}")
         n_loops = self.default_n_loops if n_loops is None else check_loops(n_loops)
         self._validate(input_ids, start_pos)
         backprop_loops = check_loops(backprop_loops, name="backprop_loops", allow_none=True)
@@ -219,6 +226,10 @@ class CausalLM(nn.Module):
         if act_early_exit is None:
             act_early_exit = not self.training
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
+        if lens == "head":
+            x, _ = self.core_states(self.encode(input_ids, ctx), ctx, n_loops, act_early_exit,
+                                    backprop_loops, exit_rule=exit_rule)
+            return self.norm(x)
         return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops, exit_rule)
 
     def trunk(
@@ -356,6 +367,11 @@ class CausalLM(nn.Module):
                 returns a :class:`DepthReadout` (see :meth:`readout`; no cache, no early
                 exit). Through ``forward``, so DDP and FSDP wrappers see the call.
             readout_lens: ``"coda"``, ``"head"`` or ``"none"`` (see :meth:`readout`).
+                Without ``readout_depths``, ``"head"`` reads the output itself through the
+                head lens: the Coda is skipped (and its cache entries are not written). It
+                is cheaper and approximate, meant for models trained to name the next token
+                at every loop (``optim.loop_readout = "head"``), e.g. as the drafts of
+                self-speculative decoding.
             exit_rule: an :class:`~open_mythos.layers.recurrence.ExitRule`: each position
                 stops looping once it fires (training-free early exit; looped models only).
             logits_at: compute logits only at these positions: a (B, T) bool mask, or (N,)
@@ -375,9 +391,12 @@ class CausalLM(nn.Module):
             return self.readout(input_ids, n_loops, readout_depths, attention_mask=attention_mask,
                                 backprop_loops=backprop_loops, lens=readout_lens,
                                 logits_at=logits_at)
+        if readout_lens == "none":
+            raise ValueError("readout_lens='none' returns states only: it needs readout_depths")
         h = self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
                                attention_mask=attention_mask, act_early_exit=act_early_exit,
-                               backprop_loops=backprop_loops, exit_rule=exit_rule)
+                               backprop_loops=backprop_loops, exit_rule=exit_rule,
+                               lens=readout_lens)
         return self.head(self._at(h, logits_at))
 
     def generate(

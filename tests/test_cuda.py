@@ -254,8 +254,10 @@ def test_speculative_greedy_on_cuda_equals_plain_greedy():
     model = model.to(CUDA).eval()
     ids = torch.randint(0, 97, (2, 7), device=CUDA)
     want = generate(model, ids, 16, 6, do_sample=False)
-    got = speculative_generate(model, ids, 16, 6, draft_loops=1, draft_tokens=3)
-    assert torch.equal(got, want)
+    for lens in ("coda", "head"):
+        got = speculative_generate(model, ids, 16, 6, draft_loops=1, draft_tokens=3,
+                                   draft_lens=lens)
+        assert torch.equal(got, want)
 
 
 @pytest.mark.slow

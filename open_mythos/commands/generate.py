@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from ..inference.speculative import DRAFT_LENSES
 from .exit_options import add_exit_arguments, exit_rule_from_args
 
 
@@ -70,6 +71,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "unchanged); 0: off (default)")
     p.add_argument("--draft-loops", type=_positive_int, default=1, metavar="N",
                    help="loops of a draft forward (default 1)")
+    p.add_argument("--draft-lens", choices=DRAFT_LENSES, default="coda",
+                   help="how a draft reads its state out: coda (default: the rest of the "
+                        "network) or head (norm and head only: cheaper; for models trained "
+                        "with optim.loop_readout = \"head\")")
     add_exit_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             top_k=args.top_k or None, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
             compile=args.compile, exit_rule=exit_rule_from_args(args),
             depth_sharing=args.depth_sharing, draft_tokens=args.draft_tokens,
-            draft_loops=args.draft_loops)
+            draft_loops=args.draft_loops, draft_lens=args.draft_lens)
         prompts = encode_prompts(tokenizer, [args.prompt])
         deltas = stream_text(loaded.model, tokenizer, prompts, options)
         start = time.perf_counter()

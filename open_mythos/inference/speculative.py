@@ -1,7 +1,8 @@
 """Self-speculative decoding: a looped model drafts with few loops and verifies at full depth.
 
 Each cycle drafts ``draft_tokens`` tokens one at a time with ``draft_loops`` loops (or with
-a training-free :class:`~open_mythos.layers.recurrence.ExitRule`), then runs the pending
+a training-free :class:`~open_mythos.layers.recurrence.ExitRule`), read out through the Coda
+or, cheaper, through the head lens (``draft_lens="head"``), then runs the pending
 token and the drafts through all ``n_loops`` loops in one cached forward. The longest prefix
 of drafts the full-depth model agrees with is kept, plus one token of its own; the cache is
 rolled back past the rest. The draft and the verifier are the same weights, so no second
@@ -34,6 +35,10 @@ from .sampling import SamplingParams, filter_logits
 
 if TYPE_CHECKING:
     from ..model import OpenMythos
+
+
+#: How a draft reads its state out (``draft_lens``).
+DRAFT_LENSES = ("coda", "head")
 
 
 @dataclass
@@ -74,6 +79,7 @@ def speculative_stream(
     draft_loops: int | None = 1,
     draft_exit_rule: ExitRule | None = None,
     draft_tokens: int = 4,
+    draft_lens: str = "coda",
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -95,6 +101,11 @@ def speculative_stream(
             ``draft_exit_rule`` deciding where each draft stops).
         draft_exit_rule: a training-free exit rule for the draft forwards.
         draft_tokens: drafts per cycle (>= 1).
+        draft_lens: how a draft reads its state: ``"coda"`` (the rest of the network, as
+            a forward with ``draft_loops`` loops) or ``"head"`` (final norm and head only,
+            skipping the Coda: cheaper, and as good where training supervised every loop
+            through the head, ``optim.loop_readout = "head"``). The output is the same
+            either way; only the acceptance rate and the cost of a draft change.
         do_sample, temperature, top_k, top_p: see :class:`SamplingParams` (greedy by
             default, the setting in which the output equals plain decoding token for token).
         stats: filled with the cycle, draft and acceptance counts.
@@ -110,6 +121,9 @@ def speculative_stream(
         raise ValueError("self-speculative decoding drafts with fewer loops: it needs a "
                          "looped model")
     draft_tokens = whole_number(draft_tokens, "draft_tokens", minimum=1)
+    if draft_lens not in DRAFT_LENSES:
+        raise ValueError(f"draft_lens must be one of {', '.join(map(repr, DRAFT_LENSES))}, "
+                         f"got {draft_lens!r}")
     if draft_loops is None and draft_exit_rule is None:
         raise ValueError("give draft_loops, draft_exit_rule or both")
     draft_loops = check_loops(draft_loops, "draft_loops", allow_none=True)
@@ -117,7 +131,8 @@ def speculative_stream(
     if max_new_tokens == 0:
         return
     decoder = _Speculator(model, input_ids, max_new_tokens, n_loops, params, attention_mask,
-                          generator, cache_dtype, draft_loops or n_loops, draft_exit_rule)
+                          generator, cache_dtype, draft_loops or n_loops, draft_exit_rule,
+                          draft_lens)
     stop = _stop_ids(eos_token_id, input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(stop[0]) if stop is not None else 0
@@ -147,10 +162,11 @@ class _Speculator:
     def __init__(self, model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,
                  n_loops: int, params: SamplingParams, attention_mask: torch.Tensor | None,
                  generator: torch.Generator | None, cache_dtype: torch.dtype | None,
-                 draft_loops: int, draft_exit_rule: ExitRule | None):
+                 draft_loops: int, draft_exit_rule: ExitRule | None, draft_lens: str):
         self.model, self.input_ids, self.n_loops = model, input_ids, n_loops
         self.params, self.generator = params, generator
         self.draft_loops, self.draft_exit_rule = draft_loops, draft_exit_rule
+        self.draft_lens = draft_lens
         B, T0 = input_ids.shape
         self.total = T0 + max_new_tokens
         # Room for one cycle's drafts beyond the last token kept.
@@ -162,9 +178,13 @@ class _Speculator:
         self.pos = T0  # positions cached at full depth
 
     def _forward(self, ids: torch.Tensor, start: int, n_loops: int,
-                 exit_rule: ExitRule | None = None) -> torch.Tensor:
+                 exit_rule: ExitRule | None = None, lens: str = "coda") -> torch.Tensor:
         mask = None if self.mask is None else self.mask[:, : start + ids.shape[1]]
         options: dict[str, Any] = {} if exit_rule is None else {"exit_rule": exit_rule}
+        if lens != "coda":
+            # The Coda's cache entries of the drafts stay unwritten; the verification
+            # (at ``start`` = the first draft's position - 1) writes them.
+            options["readout_lens"] = lens
         return self.model(ids, n_loops, self.cache, start, attention_mask=mask, **options)
 
     def _dist(self, logits: torch.Tensor) -> torch.Tensor:
@@ -193,7 +213,7 @@ class _Speculator:
         drafts, draft_logits, tok = [], [], self.next
         for i in range(n_draft):
             logits = self._forward(tok.unsqueeze(1), p + i, self.draft_loops,
-                                   self.draft_exit_rule)[:, -1]
+                                   self.draft_exit_rule, self.draft_lens)[:, -1]
             tok = self._pick(logits)
             drafts.append(tok)
             draft_logits.append(logits)

@@ -20,7 +20,7 @@ import torch
 from ..config import check_loops, whole_number
 from ..inference.generation import stream
 from ..inference.sampling import SamplingParams
-from ..inference.speculative import speculative_stream
+from ..inference.speculative import DRAFT_LENSES, speculative_stream
 from ..layers.recurrence import ExitRule
 from ..model import OpenMythos
 from ..tokenizers import Tokenizer, pad_rows
@@ -139,7 +139,7 @@ class GenerationOptions:
     it fires (:class:`~open_mythos.layers.recurrence.ExitRule`); ``depth_sharing`` is the
     KV cache's (:class:`~open_mythos.inference.cache.KVCache`); ``draft_tokens`` > 0
     decodes self-speculatively, drafting that many tokens per cycle with ``draft_loops``
-    loops (:mod:`open_mythos.inference.speculative`).
+    loops read out through ``draft_lens`` (:mod:`open_mythos.inference.speculative`).
     """
 
     max_new_tokens: int = 64
@@ -156,6 +156,7 @@ class GenerationOptions:
     depth_sharing: str = "per_depth"
     draft_tokens: int = 0
     draft_loops: int = 1
+    draft_lens: str = "coda"
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -195,6 +196,9 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
     if options.draft_tokens:
         whole_number(options.draft_tokens, "draft_tokens")
         check_loops(options.draft_loops, name="draft_loops")
+        if options.draft_lens not in DRAFT_LENSES:
+            raise ValueError(f"draft_lens must be one of {', '.join(map(repr, DRAFT_LENSES))}, "
+                             f"got {options.draft_lens!r}")
         extras = [name for name, on in (("compile", options.compile),
                                         ("exit_rule", options.exit_rule is not None),
                                         ("depth_sharing", options.depth_sharing != "per_depth"))
@@ -241,7 +245,8 @@ def stream_text(
     if options.draft_tokens:
         tokens = speculative_stream(model, input_ids.to(device), options.max_new_tokens,
                                     n_loops, draft_loops=options.draft_loops,
-                                    draft_tokens=options.draft_tokens, **common)
+                                    draft_tokens=options.draft_tokens,
+                                    draft_lens=options.draft_lens, **common)
     else:
         tokens = stream(model, input_ids.to(device), options.max_new_tokens, n_loops,
                         act_early_exit=options.act_early_exit, compile=options.compile,

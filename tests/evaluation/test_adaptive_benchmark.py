@@ -24,7 +24,8 @@ def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     assert bench.main(["--task-run", str(tmp_path / "task"), "--text-run", str(tmp_path / "text"),
                        "--loops", "3", "--n-examples", "8", "--prompts", "2", "--prompt-len", "8",
                        "--new-tokens", "4", "--speculative-batch", "2",
-                       "--speculative-tokens", "6", "--cache-runs", str(tmp_path / "text"),
+                       "--speculative-tokens", "6", "--speculative-prompts", "4",
+                       "--cache-runs", str(tmp_path / "text"),
                        "--cache-loops", "2", "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     rows = len(bench.RULES) + 2  # and fixed depths 1 and 2
@@ -36,14 +37,19 @@ def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     # The rule "none" at --loops runs every loop; "fixed 1 loops" runs one.
     assert "  3.00     0%" in out and "  1.00    67%" in out
     assert plot.stat().st_size > 10_000
-    # Speculative decoding: one plain row and six draft settings, all with the same tokens.
+    # Speculative decoding: one plain row and eight draft settings (four through the Coda,
+    # four through the head lens), each decoding 4 prompts in 2 batches of 2, all with the
+    # same tokens.
     spec = out.split("self-speculative")[1].splitlines()
     rows = [line for line in spec if line.strip().startswith("2 ")]
-    assert len(rows) == 7 and all(line.rstrip().endswith("100%") for line in rows)
+    assert len(rows) == 9 and all(line.rstrip().endswith("100%") for line in rows)
+    assert all(line.split()[1] == "4" for line in rows)
+    assert sum("head lens" in line for line in rows) == 4
     # Its cost model: every forward's time over the plain decode step's (3 loops, 1 token).
     costs = out.split("Cost of one cached forward at batch 2")[1].splitlines()
-    cells = {line[:20].strip(): line.split()[-4:] for line in costs[4:10]}
-    assert len(cells) == 6 and cells["verify 6 drafts"][:2] == ["7", "3"]
+    cells = {line[:26].strip(): line.split()[-4:] for line in costs[4:12]}
+    assert len(cells) == 8 and cells["verify 6 drafts"][:2] == ["7", "3"]
+    assert cells["draft, 1 loop, head lens"][:2] == ["1", "1"]
     plain_ms = float(cells["plain step (1 token)"][2])
     for *_, ms, ratio in cells.values():
         # Printed to 2 decimals each: allow their rounding.

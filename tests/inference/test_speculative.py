@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from open_mythos import ExitRule, OpenMythos
-from open_mythos.inference import generate
+from open_mythos.inference import KVCache, generate
 from open_mythos.inference.speculative import (
     SpeculativeStats,
     speculative_generate,
@@ -105,10 +105,74 @@ def test_sampling_follows_the_full_depth_distribution():
     assert 0.0 < stats.acceptance_rate < 1.0
 
 
+def test_head_lens_forward_is_the_last_depths_head_readout(attn_type):
+    """``readout_lens="head"`` without readout depths: the head lens of the last loop's
+    state, with a cache as without one, and not the Coda's output."""
+    model = deep_model(attn_type)
+    ids = torch.randint(0, 97, (2, 9))
+    want = model.readout(ids, 3, depths=[3], lens="head").depth_logits[3]
+    got = model(ids, 3, readout_lens="head")
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, model(ids, 3))
+    cache = KVCache(16)
+    model(ids[:, :5], 3, cache, 0, readout_lens="head")
+    torch.testing.assert_close(model(ids[:, 5:], 3, cache, 5, readout_lens="head"), want[:, 5:])
+    with pytest.raises(ValueError, match="readout_depths"):
+        model(ids, 3, readout_lens="none")
+    with pytest.raises(ValueError, match="lens"):
+        model.hidden_states(ids, 3, lens="coda2")
+
+
+@pytest.mark.parametrize("draft_loops", [1, 3])
+def test_head_lens_drafts_keep_greedy_output(attn_type, draft_loops):
+    """Drafts read through the head lens (the Coda skipped and its cache left unwritten
+    until the verification) change the acceptance, not the tokens: batched, left-padded."""
+    model = deep_model(attn_type)
+    ids = torch.randint(0, 97, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want = generate(model, ids, 16, N_LOOPS, do_sample=False, attention_mask=mask)
+    calls = []  # (loops, lens) of every forward
+    forward = model.forward
+
+    def spy(ids, n_loops=None, *args, **kwargs):
+        calls.append((n_loops, kwargs.get("readout_lens", "coda")))
+        return forward(ids, n_loops, *args, **kwargs)
+
+    model.forward = spy
+    for lens in ("coda", "head"):
+        calls.clear()
+        stats = SpeculativeStats()
+        got = speculative_generate(model, ids, 16, N_LOOPS, draft_loops=draft_loops,
+                                   draft_tokens=4, draft_lens=lens, attention_mask=mask,
+                                   stats=stats)
+        assert torch.equal(got, want)
+        assert stats.cycles < 16 and stats.acceptance_rate > 0.0
+        # Drafts through the chosen lens, prefill and verifications through the Coda.
+        assert {c for c in calls if c[0] == draft_loops} == {(draft_loops, lens)}
+        assert {c for c in calls if c[0] == N_LOOPS} == {(N_LOOPS, "coda")}
+
+
+def test_head_lens_drafts_sample_from_the_verifier():
+    """Sampling with head-lens drafts: the same seed gives the same tokens twice, and every
+    sampled token is one the full-depth model gives probability above zero under top-k."""
+    model = deep_model("gqa")
+    ids = torch.randint(0, 97, (2, 5))
+    kw = dict(draft_loops=1, draft_tokens=3, draft_lens="head", do_sample=True, top_k=5)
+    first = speculative_generate(model, ids, 8, N_LOOPS, generator=torch.Generator().manual_seed(3), **kw)
+    again = speculative_generate(model, ids, 8, N_LOOPS, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        logits = model(first[:, :-1], N_LOOPS)[:, ids.shape[1] - 1:]
+    top5 = logits.topk(5, dim=-1).indices
+    assert bool((top5 == first[:, ids.shape[1]:, None]).any(-1).all())
+
+
 def test_arguments_are_checked():
     model = deep_model("gqa")
     ids = torch.randint(0, 97, (1, 4))
-    for bad in (dict(draft_tokens=0), dict(draft_loops=0), dict(draft_loops=None)):
+    for bad in (dict(draft_tokens=0), dict(draft_loops=0), dict(draft_loops=None),
+                dict(draft_lens="none")):
         with pytest.raises(ValueError, match="draft"):
             list(speculative_stream(model, ids, 4, N_LOOPS, **bad))
     with pytest.raises(ValueError, match="max_seq_len"):

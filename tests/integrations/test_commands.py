@@ -87,6 +87,7 @@ def test_generate_adaptive_options(tmp_path, capsys):
     status, plain, _ = openmythos(capsys, *argv)
     assert status == 0 and plain == text(4) + "\n"
     assert openmythos(capsys, *argv, "--draft-tokens", "3", "--draft-loops", "1")[1] == plain
+    assert openmythos(capsys, *argv, "--draft-tokens", "3", "--draft-lens", "head")[1] == plain
     rule = ExitRule(entropy=1e9)
     status, early, _ = openmythos(capsys, *argv, "--exit-entropy", "1e9")
     assert status == 0 and early == text(4, exit_rule=rule) + "\n" == text(1) + "\n"
