@@ -183,9 +183,18 @@ class CompletionService:
     def prepare_completion(self, req: CompletionRequest) -> _Call:
         """Validate and tokenize; raises :class:`APIError` (400/404)."""
         self._check_model(req.model)
+        given = req.prompt_list()
+        # Cheap checks first: tokenizing a million prompts only to refuse them stalls
+        # every client of the event loop.
+        self._check_batch(len(given), req.n)
+        limit = self.model.cfg.max_seq_len
+        for i, p in enumerate(given):
+            if not isinstance(p, str) and len(p) > limit:
+                raise APIError(400, f"prompt {i} has {len(p)} tokens, more than the model's "
+                               f"context of {limit}", param="prompt")
         try:
-            prompts = encode_prompts(self.tokenizer, req.prompt_list())
-        except ValueError as err:
+            prompts = encode_prompts(self.tokenizer, given)
+        except ValueError as err:  # e.g. a lone surrogate: not encodable text
             raise APIError(400, str(err), param="prompt") from None
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         options = self._options(req, prompts, max_tokens, req.stop_list())
@@ -197,8 +206,12 @@ class CompletionService:
 
     def prepare_chat(self, req: ChatCompletionRequest) -> _Call:
         self._check_model(req.model)
+        self._check_batch(1, req.n)
         text, stops = render_chat(self.tokenizer, req.messages)
-        prompts = encode_prompts(self.tokenizer, [text])
+        try:
+            prompts = encode_prompts(self.tokenizer, [text])
+        except ValueError as err:  # e.g. a lone surrogate: not encodable text
+            raise APIError(400, str(err), param="messages") from None
         max_tokens = req.token_limit()
         if max_tokens is None:
             room = self.model.cfg.max_seq_len - len(prompts[0])
@@ -216,7 +229,19 @@ class CompletionService:
         for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
             if i is not None and text == tok.decode([i], skip_special_tokens=False):
                 return [i]
-        return tok.encode(text, add_bos=add_special_tokens)
+        try:
+            return tok.encode(text, add_bos=add_special_tokens)
+        except ValueError as err:  # e.g. a lone surrogate: not encodable text
+            raise APIError(400, str(err), param="prompt") from None
+
+    def _check_batch(self, n_prompts: int, n: int) -> None:
+        if n > self.limits.max_choices:
+            raise APIError(400, f"n={n} is above this server's cap of "
+                           f"{self.limits.max_choices} (--max-choices)", param="n")
+        cap = self.limits.max_batch
+        if n_prompts * n > cap:
+            raise APIError(400, f"{n_prompts} prompts x n={n} sequences is above this "
+                           f"server's batch cap of {cap} (--max-batch)", param="n")
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -233,9 +258,7 @@ class CompletionService:
             if value > cap:
                 raise APIError(400, f"{param}={value} is above this server's cap of {cap} ({flag})",
                                param=param)
-        if len(prompts) * req.n > lim.max_batch:
-            raise APIError(400, f"{len(prompts)} prompts x n={req.n} sequences is above this "
-                           f"server's batch cap of {lim.max_batch} (--max-batch)", param="n")
+        self._check_batch(len(prompts), req.n)
         exit_rule = None
         if req.exit_rule is not None:
             if not isinstance(self.model, OpenMythos):
@@ -433,10 +456,17 @@ def _add_error_handlers(app: FastAPI) -> None:
         return APIError(500, f"{type(err).__name__}: {err}", type="server_error").response()
 
 
+#: Problems a validation error names; the rest are counted (a list of a million bad
+#: items would otherwise make an answer many times the size of the request).
+MAX_PROBLEMS = 10
+
+
 def _validation_error(err: RequestValidationError) -> APIError:
-    """A 400 naming every invalid field of a request pydantic refused."""
+    """A 400 naming the invalid fields of a request pydantic refused (the first
+    :data:`MAX_PROBLEMS`, then how many more)."""
     problems, param = [], None
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_PROBLEMS]:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
         param = param or (loc[0] if loc else None)
         msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -447,6 +477,8 @@ def _validation_error(err: RequestValidationError) -> APIError:
         if e.get("type") == "extra_forbidden":
             msg = "unrecognized request argument"
         problems.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"... and {len(errors) - MAX_PROBLEMS} more")
     return APIError(400, "; ".join(problems) or "invalid request", param=param)
 
 

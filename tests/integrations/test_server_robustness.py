@@ -104,6 +104,52 @@ def test_the_batch_cap_bounds_prompts_times_n(real):
     assert (models["max_n_loops"], models["max_tokens"]) == (LIMITS.max_n_loops, LIMITS.max_tokens)
 
 
+def test_huge_prompt_lists_are_refused_before_tokenizing(real, monkeypatch):
+    """A million prompts (or one prompt of a million ids) is refused by its count, without
+    tokenizing or checking every token first (that stalled every client for seconds)."""
+    client, service = real
+    encoded = []
+    monkeypatch.setattr(service.tokenizer.__class__, "encode",
+                        lambda self, *a, **k: encoded.append(a) or [1])
+    r = client.post("/v1/completions", json={"prompt": ["a"] * 200_000, "max_tokens": 1})
+    assert r.status_code == 400 and "200000 prompts x n=1" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "a"}], "n": 33, "max_tokens": 1})
+    assert r.status_code == 400 and "n=33" in r.json()["error"]["message"]
+    assert encoded == []
+    r = client.post("/v1/completions", json={"prompt": [1] * 100_000, "max_tokens": 1})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and "100000 tokens" in error["message"]
+
+
+def test_a_validation_error_names_ten_problems_and_counts_the_rest(real):
+    """Each bad item of a long list was one line of the 400: 100,000 nulls made a 17 MB
+    answer built on the event loop."""
+    client, _ = real
+    r = client.post("/v1/completions", json={"prompt": [None] * 50_000})
+    assert r.status_code == 400 and len(r.content) < 4_000
+    message = r.json()["error"]["message"]
+    assert message.count("prompt") >= 1 and message.endswith("more")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}],
+                              "max_tokens": 2}, "messages"),
+    ("/v1/completions", {"prompt": "\ud800", "max_tokens": 2}, "prompt"),
+    ("/tokenize", {"prompt": "a\ud800"}, "prompt"),
+])
+def test_a_lone_surrogate_is_a_400_everywhere(real, path, body, param):
+    """Text that is not encodable (a lone UTF-16 surrogate) got a 500 from chat and
+    /tokenize."""
+    client, _ = real
+    raw = json.dumps(body)  # ASCII: the surrogate travels as the escape \\ud800
+    r = client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "surrogate" in r.json()["error"]["message"]
+    assert client.get("/health").status_code == 200
+
+
 def test_any_integer_seed_is_accepted_and_reproducible(real):
     """Seeds >= 2**63 answered 500 and reset the keep-alive connection."""
     client, _ = real
