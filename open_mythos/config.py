@@ -152,9 +152,8 @@ class MythosConfig:
             value = getattr(self, f.name)
             if f.type in ("int", "int | None") and _is_int(value) and type(value) is not int:
                 setattr(self, f.name, int(value))
-            elif (f.type in ("float", "float | None") and isinstance(value, str)
-                  and value.lower() in _NON_FINITE):  # how to_dict writes inf (JSON has none)
-                setattr(self, f.name, float(value))
+            elif f.name in FLOAT_FIELDS:  # to_dict writes inf as "inf" (JSON has none)
+                setattr(self, f.name, parse_json_float(value))
         try:
             # Stored as the plain string, as upstream's field: a config's asdict() then
             # saves with torch.save and loads with weights_only, dumps to YAML, and reprs
@@ -282,6 +281,14 @@ class MythosConfig:
 _NON_FINITE = ("inf", "-inf", "nan", "infinity", "-infinity")
 
 
+def parse_json_float(value: Any) -> Any:
+    """The float a non-finite string of :func:`json_floats` stands for (``"inf"`` ->
+    ``inf``); any other value unchanged."""
+    if isinstance(value, str) and value.lower() in _NON_FINITE:
+        return float(value)
+    return value
+
+
 def json_floats(d: dict[str, Any]) -> dict[str, Any]:
     """``d`` with each non-finite float value as its string (``"inf"``): ``json.dumps``
     would write ``Infinity``, which strict JSON parsers refuse. A float field of
@@ -337,3 +344,8 @@ def _is_positive_int(v: Any) -> bool:
 def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"MythosConfig.{name}={value!r} is invalid: must be {allowed}")
+
+
+#: The float fields of :class:`MythosConfig` (written as strings when not finite).
+FLOAT_FIELDS = frozenset(f.name for f in dataclasses.fields(MythosConfig)
+                         if f.type in ("float", "float | None"))

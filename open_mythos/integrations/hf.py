@@ -55,7 +55,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import MythosConfig, check_loops, json_floats
+from ..config import FLOAT_FIELDS, MythosConfig, check_loops, json_floats, parse_json_float
 from ..inference.cache import DictCache
 from ..layers.init import init_module
 from ..layers.recurrence import ExitRule
@@ -114,6 +114,8 @@ class OpenMythosHFConfig(PretrainedConfig):
     ):
         for name, default in _MYTHOS_FIELDS.items():
             value = kwargs.pop(name, default)
+            if name in FLOAT_FIELDS:  # to_dict writes a non-finite float as "inf"
+                value = parse_json_float(value)
             setattr(self, name, str(value) if name == "attn_type" else value)
         if not tie_word_embeddings:
             raise ValueError("OpenMythos ties the LM head to the embedding; "

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from ..config import MythosConfig
+from .telemetry import CopiesDetached
 
 
 class Expert(nn.Module):
@@ -235,7 +236,7 @@ def _gather_sum(src: torch.Tensor, index: torch.Tensor, group: int) -> torch.Ten
 # The layer --------------------------------------------------------------------------------
 
 
-class MoEFFN(nn.Module):
+class MoEFFN(CopiesDetached, nn.Module):
     """Routed + shared SwiGLU experts (DeepSeekMoE).
 
     Attributes kept for instrumentation:

@@ -19,6 +19,7 @@ from ..config import MythosConfig
 from .attention import AttnContext, DepthCarry
 from .block import TransformerBlock
 from .norm import RMSNorm
+from .telemetry import CopiesDetached
 
 
 def loop_signal(
@@ -300,7 +301,7 @@ class _Halting:
         return _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
 
 
-class RecurrentBlock(nn.Module):
+class RecurrentBlock(CopiesDetached, nn.Module):
     """One :class:`TransformerBlock` with MoE FFN, looped.
 
     Each loop ``t``::

@@ -535,8 +535,22 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def to_toml(cfg: TrainConfig) -> str:
-    """The configuration as a TOML document that :func:`load_config` reads back equal."""
-    return tomli_w.dumps(cfg.to_dict())
+    """The configuration as a TOML document that :func:`load_config` reads back equal.
+
+    Raises:
+        ConfigError: a value is not valid Unicode (a file name with bytes that are not
+            UTF-8 arrives in Python as lone surrogates), so no UTF-8 file can hold it.
+    """
+    text = tomli_w.dumps(cfg.to_dict())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        around = text[max(0, err.start - 40):err.end + 40].encode("utf-8", "backslashreplace")
+        raise ConfigError("the configuration holds text that is not valid UTF-8 (a file name "
+                          "with undecodable bytes?), near: "
+                          f"{' '.join(around.decode('ascii', 'backslashreplace').split())}; "
+                          "rename it") from None
+    return text
 
 
 # Building and type checking ----------------------------------------------------------------

@@ -57,7 +57,6 @@ from ..layers.norm import RMSNorm
 from ..registry import build_model, is_looped, kind_of
 from .checkpoint import (
     CHECKPOINT_DIR,
-    CheckpointCorrupt,
     NonFiniteWeights,
     TrainingCheckpoint,
     gather_model_state,
@@ -69,7 +68,6 @@ from .checkpoint import (
     read_model_state,
     read_trainer_state,
     read_training_checkpoint,
-    resolve_checkpoint_dir,
     restore_model_state,
     restore_optimizer_state,
     save_checkpoint,
@@ -360,6 +358,7 @@ class Trainer:
         out = self.out
         if self.resume is Resume.REQUIRE and not out.exists():
             raise ConfigError(f"nothing to resume: {out} does not exist")
+        config_text = to_toml(self.resolved)  # raises ConfigError before anything is made
         with os_errors("create the run directory", out):
             out.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock.acquire(out)
@@ -399,7 +398,7 @@ class Trainer:
             raise ConfigError(f"cannot resume {ckpt} at step {step} with run.steps="
                               f"{self.cfg.run.steps}: pass a total of at least {step} steps")
         with os_errors("write to", out):
-            write_text_atomic(out / CONFIG_FILE, to_toml(self.resolved))
+            write_text_atomic(out / CONFIG_FILE, config_text)
             copy_tokenizer(self.resolved, out)
             moved = replace_metrics_after(out, step)
         if moved:
@@ -408,16 +407,25 @@ class Trainer:
         return ckpt
 
     def _init_from(self, core: nn.Module, path: str) -> None:
-        """Load the model weights of another run (``run.init_from``) into ``core``."""
+        """Load the model weights of another run or of a Hugging Face directory
+        (``run.init_from``) into ``core``."""
+        from ..checkpoints import CheckpointFormat, detect_format, read_config, read_hf_state
+
         try:
-            ckpt = resolve_checkpoint_dir(path)
-        except (FileNotFoundError, CheckpointCorrupt) as err:
+            fmt, ckpt = detect_format(path)
+            theirs_cfg = (read_model_config(ckpt) if fmt is CheckpointFormat.TRAINING
+                          else read_config(ckpt)[0])
+        except (FileNotFoundError, ValueError) as err:  # CheckpointCorrupt is a ValueError
             raise ConfigError(f"run.init_from: {err}") from None
-        theirs, ours = kind_of(read_model_config(ckpt)), kind_of(self.model_cfg)
+        theirs, ours = kind_of(theirs_cfg), kind_of(self.model_cfg)
         if theirs is not ours:
             raise ConfigError(f"run.init_from={path!r} holds a {theirs.name} model, this run "
                               f"trains a {ours.name} one")
-        state, _ = read_model_state(ckpt)
+        try:
+            state = (read_model_state(ckpt)[0] if fmt is CheckpointFormat.TRAINING
+                     else read_hf_state(ckpt))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"run.init_from: {err}") from None
         own = {k: v for k, v in core.state_dict().items() if k not in tied_parameters(core)}
         wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
                  for k, v in own.items() if k in state and state[k].shape != v.shape]
@@ -821,25 +829,31 @@ class Trainer:
     def _ponder_cost(self) -> torch.Tensor | None:
         return self.core.recurrent.last_ponder_cost if is_looped(self.core) else None
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and next-token accuracy on ``data.eval_batches`` validation batches at
-        ``schedule.eval_loops`` loops (all ranks take part; the result is global)."""
+        ``schedule.eval_loops`` loops (all ranks take part; the result is global).
+
+        Without autograd: with it, every batch's graph stayed alive until the pass ended
+        (validation memory grew by a forward's activations per batch)."""
         cfg, ctx = self.cfg, self.ctx
         # FSDP2 needs its hooks to gather parameters; DDP's wrapper adds nothing to a forward.
         model = self.model if cfg.run.parallel is Parallel.FSDP else self.core
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # ce, tokens, correct
-        for i in range(cfg.data.eval_batches):
-            batch = self.data.batch(VAL, i, ctx.rank, ctx.world_size)
-            x = batch["input_ids"].to(ctx.device)
-            rows, y = self._scored(batch, batch["targets"].to(ctx.device))
-            with self._autocast():
-                logits = model(x, n_loops=cfg.schedule.resolved_eval_loops, logits_at=rows)
-            mask = y != IGNORE_INDEX
-            sums += torch.stack([cross_entropy_sum(logits, y).double(), mask.sum().double(),
-                                 ((logits.argmax(-1) == y) & mask).sum().double()])
-        all_reduce(sums, ctx)
-        model.train()
+        try:
+            for i in range(cfg.data.eval_batches):
+                batch = self.data.batch(VAL, i, ctx.rank, ctx.world_size)
+                x = batch["input_ids"].to(ctx.device)
+                rows, y = self._scored(batch, batch["targets"].to(ctx.device))
+                with self._autocast():
+                    logits = model(x, n_loops=cfg.schedule.resolved_eval_loops, logits_at=rows)
+                mask = y != IGNORE_INDEX
+                sums += torch.stack([cross_entropy_sum(logits, y).double(), mask.sum().double(),
+                                     ((logits.argmax(-1) == y) & mask).sum().double()])
+            all_reduce(sums, ctx)
+        finally:
+            model.train()
         ce, n, correct = sums.tolist()
         return {"val_loss": ce / max(1.0, n), "val_acc": correct / max(1.0, n),
                 "val_loops": cfg.schedule.resolved_eval_loops}

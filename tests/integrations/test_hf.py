@@ -172,6 +172,9 @@ def test_config_json_is_strict_json_with_an_unreachable_threshold(tmp_path):
     assert config["act_threshold"] == "inf"
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert hf.model.cfg.act_threshold == float("inf") and hf.model.cfg == model.cfg
+    # The HF config itself holds the float again, not the string ("inf" > 1 raised).
+    assert hf.config.act_threshold == float("inf") and hf.config.act_threshold > 1
+    assert AutoConfig.from_pretrained(tmp_path).to_dict() == hf.config.to_dict()
 
 
 def test_config_rejects_untied_embeddings():

@@ -197,6 +197,27 @@ def test_init_from_starts_at_the_other_runs_weights(tmp_path):
                             run__init_from=str(tmp_path / "missing"))).train()
 
 
+def test_init_from_a_hugging_face_directory(tmp_path):
+    """An exported model starts a run as its training checkpoint does (it crashed with a
+    traceback on the HF config's extra keys)."""
+    pytest.importorskip("transformers")
+    from open_mythos.integrations.convert import training_to_hf
+
+    Trainer(tiny_config(tmp_path / "stage1", run__steps=3)).train()
+    training_to_hf(tmp_path / "stage1", tmp_path / "hf")
+    stage1, _ = load_checkpoint(tmp_path / "stage1")
+    stage2 = Trainer(tiny_config(tmp_path / "stage2", run__steps=1, optim__lr=1e-9,
+                                 run__init_from=str(tmp_path / "hf")))
+    stage2.train()
+    after = stage2.core.state_dict()
+    for name, a in stage1.state_dict().items():
+        if "load_since_update" not in name and "router_bias" not in name:
+            assert torch.allclose(a, after[name], atol=1e-6), name
+    with pytest.raises(ConfigError, match="does not fit"):
+        Trainer(tiny_config(tmp_path / "wider", run__steps=1, model__dim=48,
+                            run__init_from=str(tmp_path / "hf"))).train()
+
+
 def test_head_lens_reads_the_state_at_the_supervised_positions(tmp_path):
     """Without a Coda, the head lens is a forward stopped after d loops: the loss matches."""
     cfg = tiny_config(tmp_path / "run", run__steps=1, optim__aux_weight=0.0,

@@ -153,6 +153,25 @@ def test_resume_with_nothing_to_resume_is_an_error_and_keeps_the_metrics(tmp_pat
     assert not (tmp_path / "typo").exists()
 
 
+def test_a_file_name_that_is_not_utf8_is_a_one_line_error_leaving_nothing(tmp_path, capsys):
+    """Such a name reaches Python as lone surrogates, which no UTF-8 config.toml can hold:
+    the run was a traceback (exit 1) that left config.toml.<hex>.tmp behind."""
+    odd = os.fsdecode(b"\xff\xfename.txt")
+    (tmp_path / odd).write_text("hello world " * 300)
+    run = tmp_path / "run"
+    assert train_cli(run, "--text", str(tmp_path / odd), "--seq-len", "16", "--steps", "1") == 2
+    one_line_error(capsys, 2, "not valid UTF-8", "rename")
+    assert not run.exists()
+
+
+def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "config.toml"
+    target.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        ckpt_mod.write_text_atomic(target, "a \udcff b")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.toml"]
+
+
 def test_a_run_with_an_unreachable_act_threshold_resumes_and_saves_strict_json(tmp_path):
     """act_threshold = inf (TOML has inf, JSON does not): config.toml keeps the float, the
     checkpoint's config.json writes "inf", and both read back for --resume."""

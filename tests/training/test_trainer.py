@@ -53,6 +53,32 @@ def test_short_run_writes_metrics_config_and_checkpoint(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
 
 
+def test_validation_runs_without_autograd_and_a_trained_model_deepcopies(tmp_path, monkeypatch):
+    """Validation kept every batch's graph alive (memory grew with eval_batches), and
+    its telemetry left the model un-deepcopyable (EMA/SWA helpers deepcopy models)."""
+    import copy
+
+    grad_modes = []
+    watch_model(monkeypatch, lambda model: model.register_forward_hook(
+        lambda *_: grad_modes.append((model.training, torch.is_grad_enabled()))))
+    trainer = Trainer(tiny_config(tmp_path / "run", run__steps=2, run__eval_every=2,
+                                  data__eval_batches=3))
+    trainer.train()
+    assert [g for training, g in grad_modes if not training] == [False] * 3
+    assert [g for training, g in grad_modes if training] == [True] * 2
+    assert trainer.core.training  # back to training mode after validation
+    core = trainer.core
+    ids = torch.randint(0, core.cfg.vocab_size, (2, 8))
+    core(ids, n_loops=2).sum().backward()  # telemetry from a forward with autograd
+    assert core.recurrent.last_aux_loss.grad_fn is not None
+    copied = copy.deepcopy(core)
+    assert copied.recurrent.last_aux_loss.grad_fn is None
+    assert core.recurrent.last_aux_loss.grad_fn is not None  # the original keeps its graph
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids, n_loops=2), core(ids, n_loops=2))
+    torch.optim.swa_utils.AveragedModel(core)
+
+
 def test_throughput_and_expert_balance_metrics_are_the_measured_values(tmp_path, monkeypatch):
     """``tokens`` is what the step's micro-batches hold, ``tokens_per_s`` that over the
     step's time on the trainer's clock, and ``expert_load_max_over_mean`` the max/mean of
