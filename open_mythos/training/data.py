@@ -267,12 +267,23 @@ class StreamingTextSource(DataSource):
         return {"n_val": self._n_val, **self._iter.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the training stream from ``state``. A state taken with another number of
-        validation windows (another world size or ``eval_batches``) is ignored: the stream
-        is replayed instead, as for a source without state."""
-        if state and state.get("n_val") == self._n_val:
-            self._iter = self._windows(state)
-            self._last = None
+        """Continue the training stream from ``state``.
+
+        The split stays the one the state was taken with: its first ``n_val`` windows
+        validate, also when this run asks for another number (another batch size, world
+        size or ``data.eval_batches``; its validation batches then use part of those
+        windows, or go round them again), and training continues at the first unread
+        window. Rebuilding the split at the new size would move the start of training,
+        skipping windows or training on former validation windows.
+        """
+        if not state:
+            return
+        n_val = int(state.get("n_val", self._n_val))
+        if n_val != self._n_val:
+            self._n_val = n_val
+            self._val = self._take(self._windows(), n_val)
+        self._iter = self._windows(state)
+        self._last = None
 
     def describe(self) -> str:
         return f"hf dataset {self._cfg.hf_dataset!r} (streamed), seq_len {self.seq_len}"

@@ -365,10 +365,14 @@ def test_streamed_dataset_resumes_from_its_saved_state(tmp_path, offline_dataset
     # The stream continued where it stood: only the documents of batch 5 were tokenised,
     # not the ~12 that precede it.
     assert tok.calls - calls_at_start <= 2
-    # A state from another validation size is ignored (replayed instead), still exact.
-    other = StreamingTextSource(cfg, ByteTokenizer(), 16, n_val)
-    other.load_state_dict({**state, "n_val": 2})
+    # A run that asks for another validation size (another batch size or world size)
+    # keeps the saved split: the same first unread window, validation on the same 4
+    # windows (it trained on former validation windows, or skipped some, before).
+    other = StreamingTextSource(cfg, ByteTokenizer(), 16, 2 * n_val)
+    other.load_state_dict(state)
     assert torch.equal(other.batch(TRAIN, 5)["input_ids"], batch["input_ids"])
+    val = torch.cat([other.batch(VAL, 0, shard, 3)["input_ids"] for shard in range(3)])
+    assert torch.equal(val, windows(0, 4)[[0, 1, 2, 3, 0, 1], :-1])
 
 
 @pytest.mark.slow
