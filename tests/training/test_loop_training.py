@@ -175,17 +175,24 @@ def test_uniform_loop_sampling():
     assert counts.min() > 60 and set(draws) == {2, 3, 4, 5}  # each about 100 of 400
 
 
-def test_init_from_starts_at_the_other_runs_weights(tmp_path):
-    Trainer(tiny_config(tmp_path / "stage1", run__steps=3)).train()
+def started_from(tmp_path, source: str) -> dict[str, torch.Tensor]:
+    """Train ``stage2`` one step at lr 1e-9 from ``run.init_from = tmp_path / source``,
+    check that it starts at ``stage1``'s weights, and return its state dict."""
     stage1, _ = load_checkpoint(tmp_path / "stage1")
     stage2 = Trainer(tiny_config(tmp_path / "stage2", run__steps=1, optim__lr=1e-9,
-                                 run__init_from=str(tmp_path / "stage1")))
+                                 run__init_from=str(tmp_path / source)))
     stage2.train()
     # One step at lr 1e-9 moves no weight; the router bias takes its own balancing step.
     after = stage2.core.state_dict()
     for name, a in stage1.state_dict().items():
         if "load_since_update" not in name and "router_bias" not in name:
             assert torch.allclose(a, after[name], atol=1e-6), name
+    return after
+
+
+def test_init_from_starts_at_the_other_runs_weights(tmp_path):
+    Trainer(tiny_config(tmp_path / "stage1", run__steps=3)).train()
+    after = started_from(tmp_path, "stage1")
     fresh = Trainer(tiny_config(tmp_path / "fresh", run__steps=1, run__seed=5))
     fresh.train()
     assert not torch.allclose(fresh.core.embed.weight, after["embed.weight"])
@@ -205,14 +212,7 @@ def test_init_from_a_hugging_face_directory(tmp_path):
 
     Trainer(tiny_config(tmp_path / "stage1", run__steps=3)).train()
     training_to_hf(tmp_path / "stage1", tmp_path / "hf")
-    stage1, _ = load_checkpoint(tmp_path / "stage1")
-    stage2 = Trainer(tiny_config(tmp_path / "stage2", run__steps=1, optim__lr=1e-9,
-                                 run__init_from=str(tmp_path / "hf")))
-    stage2.train()
-    after = stage2.core.state_dict()
-    for name, a in stage1.state_dict().items():
-        if "load_since_update" not in name and "router_bias" not in name:
-            assert torch.allclose(a, after[name], atol=1e-6), name
+    started_from(tmp_path, "hf")
     with pytest.raises(ConfigError, match="does not fit"):
         Trainer(tiny_config(tmp_path / "wider", run__steps=1, model__dim=48,
                             run__init_from=str(tmp_path / "hf"))).train()
