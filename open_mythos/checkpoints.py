@@ -443,6 +443,13 @@ def read_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_weights(fmt: CheckpointFormat, ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict of a directory :func:`detect_format` found, of either layout."""
+    if fmt is CheckpointFormat.TRAINING:
+        return read_model_state(ckpt_dir)[0]
+    return read_hf_state(ckpt_dir)
+
+
 def check_state_keys(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str],
                      source: str | Path = "the checkpoint") -> None:
     """Raise ``KeyError`` naming the missing and unexpected tensors unless ``state`` holds
@@ -492,13 +499,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """
     dtype = floating_dtype(dtype)
     fmt, ckpt_dir = detect_format(path)
-    if fmt is CheckpointFormat.TRAINING:
-        cfg = read_model_config(ckpt_dir)
-        n_loops = read_trained_depth(ckpt_dir, cfg)
-        state, _ = read_model_state(ckpt_dir)
-    else:
-        cfg, n_loops = read_config(ckpt_dir)
-        state = read_hf_state(ckpt_dir)
+    cfg, n_loops = read_config(ckpt_dir)
+    state = read_weights(fmt, ckpt_dir)
     # NOTE: materialised on ``device`` and initialised before loading, so that tensors a
     # checkpoint does not hold (non-persistent buffers such as the MoE load accumulator)
     # start from their defined initial values, as in a freshly built model. The random

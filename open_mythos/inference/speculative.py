@@ -41,6 +41,13 @@ if TYPE_CHECKING:
 DRAFT_LENSES = ("coda", "head")
 
 
+def check_draft_lens(draft_lens: str) -> None:
+    """Raise ``ValueError`` unless ``draft_lens`` is one of :data:`DRAFT_LENSES`."""
+    if draft_lens not in DRAFT_LENSES:
+        raise ValueError(f"draft_lens must be one of {', '.join(map(repr, DRAFT_LENSES))}, "
+                         f"got {draft_lens!r}")
+
+
 @dataclass
 class SpeculativeStats:
     """Counters of one speculative generation.
@@ -121,9 +128,7 @@ def speculative_stream(
         raise ValueError("self-speculative decoding drafts with fewer loops: it needs a "
                          "looped model")
     draft_tokens = whole_number(draft_tokens, "draft_tokens", minimum=1)
-    if draft_lens not in DRAFT_LENSES:
-        raise ValueError(f"draft_lens must be one of {', '.join(map(repr, DRAFT_LENSES))}, "
-                         f"got {draft_lens!r}")
+    check_draft_lens(draft_lens)
     if draft_loops is None and draft_exit_rule is None:
         raise ValueError("give draft_loops, draft_exit_rule or both")
     draft_loops = check_loops(draft_loops, "draft_loops", allow_none=True)

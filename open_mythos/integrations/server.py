@@ -235,6 +235,7 @@ class CompletionService:
             raise APIError(400, str(err), param="prompt") from None
 
     def _check_batch(self, n_prompts: int, n: int) -> None:
+        """``n`` and ``n_prompts x n`` against their caps: before tokenizing (cheap)."""
         if n > self.limits.max_choices:
             raise APIError(400, f"n={n} is above this server's cap of "
                            f"{self.limits.max_choices} (--max-choices)", param="n")
@@ -252,13 +253,11 @@ class CompletionService:
                  stop: tuple[str, ...]) -> GenerationOptions:
         lim = self.limits
         caps = [("n_loops", req.n_loops or 0, self.max_n_loops, "--max-n-loops"),
-                ("max_tokens", max_tokens, lim.max_tokens, "--max-tokens"),
-                ("n", req.n, lim.max_choices, "--max-choices")]
+                ("max_tokens", max_tokens, lim.max_tokens, "--max-tokens")]
         for param, value, cap, flag in caps:
             if value > cap:
                 raise APIError(400, f"{param}={value} is above this server's cap of {cap} ({flag})",
                                param=param)
-        self._check_batch(len(prompts), req.n)
         exit_rule = None
         if req.exit_rule is not None:
             if not isinstance(self.model, OpenMythos):

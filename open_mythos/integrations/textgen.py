@@ -20,7 +20,7 @@ import torch
 from ..config import check_loops, whole_number
 from ..inference.generation import stream
 from ..inference.sampling import SamplingParams
-from ..inference.speculative import DRAFT_LENSES, speculative_stream
+from ..inference.speculative import check_draft_lens, speculative_stream
 from ..layers.recurrence import ExitRule
 from ..model import OpenMythos
 from ..tokenizers import Tokenizer, pad_rows
@@ -196,9 +196,7 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
     if options.draft_tokens:
         whole_number(options.draft_tokens, "draft_tokens")
         check_loops(options.draft_loops, name="draft_loops")
-        if options.draft_lens not in DRAFT_LENSES:
-            raise ValueError(f"draft_lens must be one of {', '.join(map(repr, DRAFT_LENSES))}, "
-                             f"got {options.draft_lens!r}")
+        check_draft_lens(options.draft_lens)
         extras = [name for name, on in (("compile", options.compile),
                                         ("exit_rule", options.exit_rule is not None),
                                         ("depth_sharing", options.depth_sharing != "per_depth"))

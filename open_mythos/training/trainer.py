@@ -65,7 +65,6 @@ from .checkpoint import (
     newest_intact_checkpoint,
     point_latest,
     read_model_config,
-    read_model_state,
     read_trainer_state,
     read_training_checkpoint,
     restore_model_state,
@@ -409,22 +408,20 @@ class Trainer:
     def _init_from(self, core: nn.Module, path: str) -> None:
         """Load the model weights of another run or of a Hugging Face directory
         (``run.init_from``) into ``core``."""
-        from ..checkpoints import CheckpointFormat, detect_format, read_config, read_hf_state
+        from ..checkpoints import detect_format, read_config, read_weights
 
         try:
             fmt, ckpt = detect_format(path)
-            theirs_cfg = (read_model_config(ckpt) if fmt is CheckpointFormat.TRAINING
-                          else read_config(ckpt)[0])
+            theirs = kind_of(read_config(ckpt)[0])
         except (FileNotFoundError, ValueError) as err:  # CheckpointCorrupt is a ValueError
             raise ConfigError(f"run.init_from: {err}") from None
-        theirs, ours = kind_of(theirs_cfg), kind_of(self.model_cfg)
+        ours = kind_of(self.model_cfg)
         if theirs is not ours:
             raise ConfigError(f"run.init_from={path!r} holds a {theirs.name} model, this run "
                               f"trains a {ours.name} one")
         try:
-            state = (read_model_state(ckpt)[0] if fmt is CheckpointFormat.TRAINING
-                     else read_hf_state(ckpt))
-        except (FileNotFoundError, ValueError) as err:
+            state = read_weights(fmt, ckpt)
+        except (FileNotFoundError, ValueError) as err:  # e.g. an HF directory without weights
             raise ConfigError(f"run.init_from: {err}") from None
         own = {k: v for k, v in core.state_dict().items() if k not in tied_parameters(core)}
         wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"

@@ -101,10 +101,30 @@ def test_every_sequence_gets_exactly_one_final_delta():
     (GenerationOptions(n_loops=0), [[1]], "n_loops"),
     (GenerationOptions(), [[300]], "outside"),
     (GenerationOptions(), [], "no prompt"),
+    (GenerationOptions(draft_tokens=2, draft_lens="none"), [[1]], "draft_lens"),
 ])
 def test_validate_rejects_bad_requests_before_generating(options, prompts, match):
     with pytest.raises(ValueError, match=match):
         validate(ScriptedModel(b"a"), prompts, options)
+
+
+def test_the_draft_lens_reaches_speculative_decoding(trained_model, monkeypatch):
+    """Output is the same through either lens, so follow the option to the drafts."""
+    from open_mythos.integrations import textgen
+
+    seen = []
+    real = textgen.speculative_stream
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["draft_lens"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(textgen, "speculative_stream", spy)
+    prompts = [TOK.encode("the cat ")]
+    outs = [complete(trained_model, TOK, prompts, GenerationOptions(
+        max_new_tokens=8, do_sample=False, draft_tokens=3, draft_lens=lens))
+        for lens in ("coda", "head")]
+    assert seen == ["coda", "head"] and outs[0] == outs[1]
 
 
 # Sampling on a real trained model -------------------------------------------------------
