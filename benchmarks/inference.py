@@ -9,13 +9,17 @@ the upstream-style plain-dict cache that grows by ``torch.cat``, MLA without abs
 decode tables also time the reference-style model (``reference_style.py``: the reference's
 computation and cached decoding, same config, its own untrained weights, so its tokens are
 not compared) in the same rotation.
-"Eager" is ``generate`` as is; "compiled" is ``generate(..., compile=True)``, one
+"Eager" is ``generate(..., compile=False)``; "compiled" is ``generate(..., compile=True)``, one
 ``torch.compile``d fixed-shape graph per decode step (compilation time is printed apart and
 not in the tok/s); ``--ablate`` adds the compiled step without its CPU tuning (inductor's
 Python wrapper, every guard evaluated on every step). Prefill and decode are timed inside
 the same generation: prefill tok/s is the prompt length over the time to the first token,
 decode tok/s the decode steps over the time from the first token to the last (greedy
 selection included, for every path alike). The paths take turns, in a rotating order.
+The "session" section calls the default ``generate`` (``compile=None``) repeatedly on a fresh
+model, each call followed by the reference-style model's: eager calls until the automatic
+policy compiles (:mod:`open_mythos.inference.autocompile`), the compiling call, then the
+compiled calls, each phase's decode rate against the reference's.
 The "ACT-trained" rows first train the small GQA model for a few hundred steps with a ponder
 penalty, so that its halting head really halts, then decode with up to ``--loops`` loops.
 """
@@ -269,7 +273,80 @@ def act_rows(n_loops: int, steps: int, repeats: int) -> tuple[list[list[object]]
     return rows, note
 
 
-SECTIONS = ("kv", "moe", "decode", "act")
+SECTIONS = ("kv", "moe", "decode", "session", "act")
+
+
+def session_rows(attn: str, prompt_len: int, new: int, n_loops: int, after_s: float,
+                 max_calls: int, cost_s: float | None = None
+                 ) -> tuple[list[list[object]], list[str]]:
+    """The default ``generate`` (``compile=None``) over a session of repeated calls, each
+    followed by the reference-style model's call on the same prompt.
+
+    A fresh model and a fresh automatic-compile policy (nothing compiled or counted yet in
+    this process for them): the calls decode eagerly until their eager steps add up to the
+    expected compilation time, one call compiles, the rest run compiled. The session ends
+    ``after_s`` seconds of decoding after the compilation (or after ``max_calls``). Rows:
+    the eager calls, the compiling call and the compiled calls, each phase's median
+    decode tok/s against the reference's over the same calls; notes: the session's totals
+    against never compiling and compiling at once (both estimated from the phases' rates).
+    ``cost_s``: the policy's compilation-time estimate (default: the library's).
+    """
+    import open_mythos.inference.generation as generation
+    from open_mythos.inference.autocompile import AutoCompile
+
+    torch.manual_seed(1)
+    model = OpenMythos(small_config(attn)).eval()
+    reference = ReferenceStyleLM(small_config(attn)).eval()
+    ids = torch.randint(0, model.cfg.vocab_size - 3, (1, prompt_len),
+                        generator=torch.Generator().manual_seed(prompt_len))
+    policy = AutoCompile() if cost_s is None else AutoCompile(cost_s=cost_s)
+    saved = generation.auto_compile
+    generation.auto_compile = policy
+    calls = []  # (phase, decode s, steps, call wall s, reference decode s)
+    try:
+        after = None
+        key = ("cpu", 1, static.cache_length(prompt_len + new, model.cfg.max_seq_len), n_loops,
+               torch.float32, torch.float32)
+        for _ in range(max_calls):
+            was = policy.has_compiled(model, key)
+            t0 = time.perf_counter()
+            _, dec, steps = timed_stream(stream(model, ids, new, n_loops, do_sample=False))
+            wall = time.perf_counter() - t0
+            now = policy.has_compiled(model, key)
+            phase = "compiled" if was else ("compiling" if now else "eager")
+            ref = timed_stream(reference_stream(reference, ids, new, n_loops))[1]
+            calls.append((phase, dec, steps, wall, ref))
+            if phase == "compiling":
+                after = 0.0
+            elif phase == "compiled":
+                after += dec
+                if after >= after_s:
+                    break
+    finally:
+        generation.auto_compile = saved
+    rows, rates = [], {}
+    for phase in ("eager", "compiling", "compiled"):
+        part = [c for c in calls if c[0] == phase]
+        if not part:
+            continue
+        steps = part[0][2]
+        ours = statistics.median(steps / c[1] for c in part)
+        ref = statistics.median(steps / c[4] for c in part)
+        rates[phase] = ours
+        rows.append([attn, prompt_len, phase, len(part), f"{sum(c[3] for c in part):.1f}",
+                     f"{ours:.1f}", f"{ref:.1f}", f"{ours / ref:.2f}x"])
+    notes = []
+    if "compiling" in rates:
+        compile_s = next(c[3] for c in calls if c[0] == "compiling")
+        tokens = sum(c[2] for c in calls)
+        total = sum(c[3] for c in calls)
+        never = tokens / rates["eager"]
+        at_once = compile_s + tokens / rates.get("compiled", rates["compiling"])
+        notes.append(f"{attn} prompt {prompt_len}: {len(calls)} calls, {tokens} decode steps in "
+                     f"{total:.1f} s (prefills included); never compiling ~{never:.1f} s, "
+                     f"compiling at the first call ~{at_once:.1f} s; the compiling call took "
+                     f"{compile_s:.1f} s")
+    return rows, notes
 
 #: MoE layers of the dispatch table: (dim, expert_dim, n_experts, top-k). The small
 #: configs' layers, then upstream-like widths.
@@ -312,6 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="also time the compiled step without its CPU tuning (inductor's "
                              "Python wrapper, every guard on every step)")
+    parser.add_argument("--session-s", type=float, default=10.0,
+                        help="session section: seconds of compiled decoding after the "
+                             "compilation (default 10)")
+    parser.add_argument("--session-calls", type=int, default=2000,
+                        help="session section: most calls per model (default 2000)")
     parser.add_argument("--only", action="append", choices=SECTIONS,
                         help="run only this section (repeatable): " + ", ".join(SECTIONS))
     args = parser.parse_args(argv)
@@ -350,6 +432,19 @@ def main(argv: list[str] | None = None) -> None:
                                   args.ablate)
         print_table(headers, rows)
         print("\n" + "; ".join(notes))
+
+    if "session" in sections:
+        print("\n## The default generate over a session: repeated greedy calls of 32 tokens, "
+              "small configs (untrained, 4 loops, batch 1), each followed by the "
+              "reference-style model's\n")
+        rows, notes = [], []
+        for attn, plen in (("gqa", 64), ("mla", 512)):
+            r, n = session_rows(attn, plen, 32, 4, args.session_s, args.session_calls)
+            rows += r
+            notes += n
+        print_table(["model", "prompt", "phase", "calls", "wall s", "decode tok/s",
+                     "reference-style tok/s", "vs reference"], rows)
+        print("\n" + "\n".join(notes))
 
     if "act" not in sections:
         return

@@ -66,3 +66,26 @@ def keep_freed_memory() -> bool:
     no_mmap = libc.mallopt(M_MMAP_MAX, 0)
     no_trim = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
     return bool(no_mmap) and bool(no_trim)
+
+
+def cpp_compiler() -> str | None:
+    """Path of the C++ compiler that inductor would build CPU kernels with (``$CXX``, else
+    ``c++``, ``g++`` or ``clang++`` on the PATH), or None."""
+    import os
+    import shutil
+
+    return next((path for name in (os.environ.get("CXX"), "c++", "g++", "clang++")
+                 if name and (path := shutil.which(name))), None)
+
+
+def compile_unavailable(device_type: str) -> str | None:
+    """Why ``torch.compile`` (inductor) cannot build kernels for ``device_type``, or None
+    when it can: the CPU needs a C++ compiler, CUDA needs Triton, other devices are not
+    supported here."""
+    if device_type == "cpu":
+        return None if cpp_compiler() else "no C++ compiler on the PATH for inductor"
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed"
+    return f"inductor is not used on {device_type!r} here"

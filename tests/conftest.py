@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from open_mythos import MythosConfig, OpenMythos
+from open_mythos.inference.autocompile import auto_compile
 
 # Tiny models gain nothing from a second thread, and OpenMP spin-waits hurt on a busy machine.
 torch.set_num_threads(1)
+
+# Whether a test's generation compiles must not depend on how long earlier tests decoded:
+# the automatic compile policy is off here (and in the commands tests start), except in
+# the tests of that policy (tests/inference/test_autocompile.py).
+os.environ["OPENMYTHOS_AUTO_COMPILE"] = "0"
+auto_compile.enabled = False
 
 
 @pytest.fixture(autouse=True)

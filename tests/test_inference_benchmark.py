@@ -33,3 +33,31 @@ def test_moe_dispatch_section(capsys, monkeypatch):
         slack = 0.005 + speedup * (0.0005 / gather + 0.0005 / sort) + 1e-6  # 3-decimal ms
         assert abs(speedup - sort / gather) <= slack
     assert "## Greedy decode" not in out and "KV cache bytes" not in out
+
+
+def test_session_section_goes_eager_compiling_compiled(monkeypatch):
+    """The default generate over a session: eager calls until their steps add up to the
+    policy's compilation estimate, one compiling call, then compiled calls (the fixed-shape
+    step run uncompiled here), each phase against the reference-style model."""
+    import open_mythos.inference.autocompile as autocompile
+    import open_mythos.inference.static as static
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("inference_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    small = bench.small_config
+    monkeypatch.setattr(bench, "small_config", lambda attn: small(
+        attn, dim=32, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=96, expert_dim=16,
+        n_experts=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8))
+    monkeypatch.setattr(static, "_compiled", lambda device_type, shape: static.decode_step)
+    monkeypatch.setattr(autocompile, "compile_unavailable", lambda device_type: None)
+    rows, notes = bench.session_rows("gqa", 8, 6, 2, after_s=0.02, max_calls=200, cost_s=0.02)
+    assert [(r[2], r[3] if r[2] == "compiling" else "n") for r in rows] == [
+        ("eager", "n"), ("compiling", 1), ("compiled", "n")]
+    for r in rows:
+        ours, ref, ratio = float(r[5]), float(r[6]), float(r[7].rstrip("x"))
+        assert abs(ratio - ours / ref) <= 0.01 * ratio + 0.005
+    assert len(notes) == 1 and "the compiling call took" in notes[0]

@@ -166,10 +166,9 @@ def compile_choice(choice: str, quick: bool) -> tuple[bool, str]:
         return choice == "on", choice
     if quick:
         return False, "off (--quick: compiling would take longer than the run)"
-    import shutil
+    from ..devices import cpp_compiler
 
-    compiler = next((path for name in (os.environ.get("CXX"), "c++", "g++", "clang++")
-                     if name and (path := shutil.which(name))), None)
+    compiler = cpp_compiler()
     if compiler is None:
         return False, "off (no C++ compiler on the PATH for inductor)"
     return True, f"on (inductor with {compiler})"

@@ -57,11 +57,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text is generated (repeatable; not printed)")
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through one torch.compile'd graph per step: much faster per "
-                        "token after a one-off compilation on the first call (measured: 19 s "
-                        "on one CPU thread for the 128-dim default training model; more for "
-                        "larger models, up to minutes); runs every loop (no ACT early exit)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="--compile: decode through one torch.compile'd graph per step, much "
+                        "faster per token after a one-off compilation on the first call "
+                        "(measured: 19 s on one CPU thread for the 128-dim default training "
+                        "model; more for larger models, up to minutes); runs every loop (no "
+                        "ACT early exit). --no-compile: eager steps. Default: eager until this "
+                        "run has spent as long in eager steps as compiling costs (only long "
+                        "generations get there), then compiled")
     p.add_argument("--depth-sharing", default="per_depth", metavar="MODE",
                    help="KV cache entries per loop depth: per_depth (default, exact), last, "
                         "first or every:M (smaller caches; see docs/adaptive_inference.md)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,6 +18,7 @@ import torch
 
 from ..config import check_loops, whole_number
 from ..layers.recurrence import ExitRule
+from .autocompile import ShapeKey, auto_compile
 from .cache import KVCache
 from .sampling import SamplingParams, select_next
 from .static import CompiledDecoder, cache_length
@@ -56,7 +58,7 @@ def stream(
     generator: torch.Generator | None = None,
     cache_dtype: torch.dtype | None = None,
     act_early_exit: bool | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     exit_rule: ExitRule | None = None,
     depth_sharing: str = "per_depth",
 ) -> Iterator[torch.Tensor]:
@@ -74,15 +76,20 @@ def stream(
         attention_mask: (B, T) 1 for prompt tokens, 0 for padding.
         generator: a ``torch.Generator`` for reproducible sampling.
         cache_dtype: storage dtype of the KV cache (for example ``torch.bfloat16``).
-        act_early_exit: skip loops once every position has halted (default: on, except
-            with ``compile``).
-        compile: decode through one ``torch.compile``d fixed-shape graph per step
+        act_early_exit: skip loops once every position has halted (default: on when the
+            steps are eager, off when they are compiled).
+        compile: ``True`` decodes through one ``torch.compile``d fixed-shape graph per step
             (:mod:`open_mythos.inference.static`): several times faster once compiled, at
             a one-off compilation cost per model, batch size, cache bucket and ``n_loops``.
             Every loop runs (ACT still weights them), so it cannot be combined with
             ``act_early_exit=True``. The prompt is prefilled eagerly. Do not change the
             model (dtype, device, weights' storage, train mode) while a compiled stream is
             being consumed: after its first step, the graph's guards are not checked again.
+            ``False`` decodes eagerly. ``None`` (the default) decodes eagerly until this
+            process has spent about as long in eager steps of this model at this shape as
+            compiling costs, then compiled (:mod:`open_mythos.inference.autocompile`; not
+            with an exit rule, ``act_early_exit=True`` or a shared-depth cache). The tokens
+            are the same either way.
         exit_rule: a training-free :class:`~open_mythos.layers.recurrence.ExitRule`: each
             position (each sequence, in decoding) stops looping once it fires; a sequence
             that has exited skips the remaining loops of its step (not with ``compile``).
@@ -93,10 +100,24 @@ def stream(
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
     n_loops = check_loops(n_loops)
+    if compile is not None and not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or None (automatic), got {compile!r}")
+    asked_exit = act_early_exit
     act_early_exit = _check_stream_args(model, input_ids, max_new_tokens, attention_mask,
                                         act_early_exit, compile, exit_rule)
     if max_new_tokens == 0:
         return
+    # The shape key of the automatic policy; None when the steps are not its to count.
+    key: ShapeKey | None = None
+    auto = compile is None
+    if auto:
+        if exit_rule is None and asked_exit is not True and depth_sharing == "per_depth":
+            key = _shape_key(model, input_ids, max_new_tokens, n_loops, cache_dtype)
+        compile = key is not None and auto_compile.should_compile(model, key)
+        if compile:
+            act_early_exit = False
+    elif compile:
+        key = _shape_key(model, input_ids, max_new_tokens, n_loops, cache_dtype)
     stop = _stop_ids(eos_token_id, input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(stop[0]) if stop is not None else 0
@@ -105,6 +126,8 @@ def stream(
                         depth_sharing=depth_sharing)
         logits, decoder = _prefill(model, input_ids, cache, n_loops, attention_mask, compile,
                                    act_early_exit=act_early_exit, exit_rule=exit_rule)
+    if key is not None:
+        decoder = _Tracked(decoder, model, key, auto=auto)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         tok = select_next(logits, params, generator)
@@ -153,6 +176,59 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
             "act_early_exit=False (or compile=False to keep ACT early exit)"
         )
     return act_early_exit
+
+
+def _shape_key(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int, n_loops: int,
+               cache_dtype: torch.dtype | None) -> ShapeKey:
+    """What a compiled decode graph of ``model`` is specialised on for this call."""
+    param = next(model.parameters())
+    bucket = cache_length(input_ids.shape[1] + max_new_tokens, model.cfg.max_seq_len)
+    return (param.device.type, input_ids.shape[0], bucket, n_loops,
+            cache_dtype or param.dtype, param.dtype)
+
+
+class _Tracked:
+    """A decoder whose steps feed the automatic compile policy: an eager decoder's steps
+    count towards compiling; a compiled decoder's first step reports its compilation time,
+    and, when compiling was the policy's choice (``auto``), is announced in the log, and
+    if it fails, warns and continues eagerly on the same cache."""
+
+    def __init__(self, decoder: Decoder, model: OpenMythos, key: ShapeKey, auto: bool):
+        self.decoder, self.model, self.key, self.auto = decoder, model, key, auto
+        self.compiled = isinstance(decoder, CompiledDecoder)
+        self.first = True
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            start = time.perf_counter()
+            logits = self.decoder.step(tok)
+            auto_compile.add_eager(self.model, self.key, time.perf_counter() - start)
+            return logits
+        if not self.first:
+            return self.decoder.step(tok)
+        self.first = False
+        new = not auto_compile.has_compiled(self.model, self.key)
+        if new and self.auto:
+            auto_compile.compiling(self.model, self.key)
+        start = time.perf_counter()
+        try:
+            logits = self.decoder.step(tok)
+        except Exception as err:
+            if not self.auto:
+                raise
+            auto_compile.failed(self.model, self.key, err)
+            self.decoder, self.compiled = _eager_continuation(self.decoder), False
+            return self.decoder.step(tok)
+        auto_compile.compiled(self.model, self.key, time.perf_counter() - start if new else None)
+        return logits
+
+
+def _eager_continuation(decoder: CompiledDecoder) -> EagerDecoder:
+    """Eager steps that continue ``decoder``'s generation on its cache."""
+    pos, cache = decoder.pos, decoder.cache
+    mask = decoder.key_mask[:, :pos].long() if decoder.padded else None
+    return EagerDecoder(decoder.model, cache, decoder.n_loops, pos, cache.max_len, mask,
+                        act_early_exit=False)
 
 
 def _cache_len(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,

@@ -209,6 +209,7 @@ class CompiledDecoder:
         self._step = _compiled(device.type, shape) if compile else decode_step
         self._steps = 0
         self.key_mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)
+        self.padded = attention_mask is not None
         if attention_mask is None:
             self.key_mask[:, :prompt_len] = True
             self.positions = torch.full((B,), prompt_len, dtype=torch.long, device=device)

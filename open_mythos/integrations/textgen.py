@@ -133,9 +133,10 @@ class GenerationOptions:
     ``do_sample``, ``temperature``, ``top_k`` and ``top_p`` are those of
     :class:`~open_mythos.inference.sampling.SamplingParams`; ``n_loops`` None means
     ``cfg.max_loop_iters``; ``stop`` strings end a sequence and are not part of its text;
-    ``seed`` makes sampling reproducible; ``act_early_exit`` None means on unless
-    ``compile`` (a compiled decode step runs every loop, see
-    :mod:`open_mythos.inference.static`); ``exit_rule`` stops each position's loops once
+    ``seed`` makes sampling reproducible; ``compile`` is :func:`~open_mythos.inference.stream`'s
+    (None: compiled once this process has decoded long enough at the shape to repay it);
+    ``act_early_exit`` None means on unless the steps are compiled (a compiled decode step
+    runs every loop, see :mod:`open_mythos.inference.static`); ``exit_rule`` stops each position's loops once
     it fires (:class:`~open_mythos.layers.recurrence.ExitRule`); ``depth_sharing`` is the
     KV cache's (:class:`~open_mythos.inference.cache.KVCache`); ``draft_tokens`` > 0
     decodes self-speculatively, drafting that many tokens per cycle with ``draft_loops``
@@ -151,7 +152,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     act_early_exit: bool | None = None
-    compile: bool = False
+    compile: bool | None = None
     exit_rule: ExitRule | None = None
     depth_sharing: str = "per_depth"
     draft_tokens: int = 0

@@ -115,19 +115,29 @@ def test_compile_refuses_act_early_exit():
 
 
 @pytest.mark.slow
-def test_compiled_generate_equals_eager(attn_type):
-    """torch.compile of the whole step (fullgraph): same greedy tokens as the eager path."""
+def test_compiled_generate_equals_eager(attn_type, monkeypatch):
+    """torch.compile of the whole step (fullgraph): same greedy tokens as the eager path;
+    the default (``compile=None``) then reuses the graph, with the same tokens."""
+    from open_mythos.inference.autocompile import AutoCompile
+
+    policy = AutoCompile(cost_s=3600.0)  # never repaid here: reuse alone compiles
+    monkeypatch.setattr("open_mythos.inference.generation.auto_compile", policy)
     model = halting_model(attn_type)
     ids = torch.randint(0, 97, (2, 7))
     mask = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])
     kw = dict(do_sample=False, attention_mask=mask, act_early_exit=False)
-    eager = generate(model, ids, 8, 4, **kw)
+    eager = generate(model, ids, 8, 4, compile=False, **kw)
     compiled = generate(model, ids, 8, 4, compile=True, **kw)
     assert torch.equal(eager, compiled)
+    key = ("cpu", 2, cache_length(15, model.cfg.max_seq_len), 4, torch.float32, torch.float32)
+    assert policy.has_compiled(model, key) and policy.cost_s["cpu"] > 0
+    kw.pop("act_early_exit")  # the default's own choice: off, since it compiles
+    assert torch.equal(generate(model, ids, 8, 4, **kw), eager)
+    assert policy.eager_seconds(model, key) == 0.0
     # New weights, updated in place as training does, reach the compiled graph.
     model.load_state_dict(halting_model(attn_type, seed=1).state_dict())
     assert torch.equal(generate(model, ids, 8, 4, compile=True, **kw),
-                       generate(model, ids, 8, 4, **kw))
+                       generate(model, ids, 8, 4, compile=False, **kw))
 
 
 @pytest.mark.slow
@@ -169,7 +179,7 @@ def test_more_decode_shapes_than_dynamo_keeps_per_function():
     with torch._dynamo.config.patch(recompile_limit=1):
         for n_loops in (1, 2):
             assert torch.equal(generate(model, ids, 3, n_loops, compile=True, **kw),
-                               generate(model, ids, 3, n_loops, **kw))
+                               generate(model, ids, 3, n_loops, compile=False, **kw))
 
 
 def test_user_compiler_stance_is_kept(monkeypatch):
@@ -184,4 +194,4 @@ def test_user_compiler_stance_is_kept(monkeypatch):
     with set_stance("force_eager"):
         out = generate(model, ids, 5, 3, compile=True, **kw)
     assert calls == []
-    assert torch.equal(out, generate(model, ids, 5, 3, **kw))
+    assert torch.equal(out, generate(model, ids, 5, 3, compile=False, **kw))

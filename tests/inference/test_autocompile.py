@@ -1,0 +1,127 @@
+"""The automatic compile policy of ``generate(..., compile=None)`` (the default).
+
+The decisions are tested with the fixed-shape step run as plain Python (``_compiled``
+replaced by the uncompiled :func:`~open_mythos.inference.static.decode_step`), so these
+tests do not pay a compilation; ``tests/inference/test_static.py`` compiles it for real.
+"""
+
+import pytest
+import torch
+
+import open_mythos.inference.autocompile as autocompile
+import open_mythos.inference.static as static
+from open_mythos.inference import generate
+from open_mythos.inference.autocompile import AutoCompile
+from open_mythos.layers.recurrence import ExitRule
+from tests.conftest import halting_model
+
+
+@pytest.fixture
+def policy(monkeypatch):
+    """A fresh, enabled policy; compiled steps run the uncompiled fixed-shape function and
+    are counted in ``policy.graph_calls``."""
+    policy = AutoCompile(enabled=True, cost_s=0.0)
+    policy.graph_calls = 0
+
+    def fake_compiled(device_type, shape):
+        def step(*args):
+            policy.graph_calls += 1
+            return static.decode_step(*args)
+        return step
+
+    monkeypatch.setattr(autocompile, "compile_unavailable", lambda device_type: None)
+    monkeypatch.setattr("open_mythos.inference.generation.auto_compile", policy)
+    monkeypatch.setattr(static, "_compiled", fake_compiled)
+    return policy
+
+
+def _key(model, ids, new, n_loops):
+    return ("cpu", ids.shape[0], static.cache_length(ids.shape[1] + new, model.cfg.max_seq_len),
+            n_loops, torch.float32, torch.float32)
+
+
+def test_eager_until_the_compile_cost_is_spent_then_compiled(policy):
+    """Ski rental: eager steps are counted per model and shape; once they add up to the
+    expected compilation time the next call compiles, and later calls reuse the graph.
+    The tokens never change."""
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (2, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    kw = dict(do_sample=False, attention_mask=mask)
+    want = generate(model, ids, 6, 4, compile=False, **kw)
+    key = _key(model, ids, 6, 4)
+
+    policy.default_cost_s = 3600.0
+    assert torch.equal(generate(model, ids, 6, 4, **kw), want)
+    spent = policy.eager_seconds(model, key)
+    assert spent > 0 and policy.graph_calls == 0  # 5 eager decode steps counted
+    # Another shape (batch 1) and another model have counts of their own.
+    generate(model, ids[:1], 6, 4, do_sample=False)
+    assert policy.eager_seconds(model, key) == spent
+    assert policy.eager_seconds(halting_model("gqa", seed=1), key) == 0.0
+
+    policy.default_cost_s = spent  # now repaid: the next call compiles
+    assert torch.equal(generate(model, ids, 6, 4, **kw), want)
+    assert policy.graph_calls == 5 and policy.has_compiled(model, key)
+    assert policy.cost_s["cpu"] > 0  # the first compiled step's time, measured
+    policy.default_cost_s = policy.cost_s["cpu"] = 3600.0
+    assert torch.equal(generate(model, ids, 6, 4, **kw), want)  # compiled: reused at once
+    assert policy.graph_calls == 10 and policy.eager_seconds(model, key) == spent
+
+
+@pytest.mark.parametrize("options", [
+    dict(compile=False),
+    dict(act_early_exit=True),
+    dict(exit_rule=ExitRule(argmax_streak=1)),
+    dict(depth_sharing="last"),
+])
+def test_calls_a_compiled_step_cannot_serve_stay_eager_and_uncounted(policy, options):
+    model = halting_model("mla")
+    ids = torch.randint(0, 97, (1, 5))
+    generate(model, ids, 4, 3, do_sample=False, **options)
+    assert policy.graph_calls == 0
+    assert policy.eager_seconds(model, _key(model, ids, 4, 3)) == 0.0
+
+
+def test_disabled_or_without_a_compiler_the_policy_stays_eager(policy, monkeypatch):
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (1, 5))
+    key = _key(model, ids, 4, 2)
+    policy.enabled = False
+    generate(model, ids, 4, 2, do_sample=False)
+    assert policy.graph_calls == 0 and not policy.should_compile(model, key)
+    policy.enabled = True
+    monkeypatch.setattr(autocompile, "compile_unavailable", lambda device_type: "no compiler")
+    generate(model, ids, 4, 2, do_sample=False)
+    assert policy.graph_calls == 0 and not policy.should_compile(model, key)
+
+
+def test_a_failed_compilation_warns_and_the_generation_continues_eagerly(policy, monkeypatch):
+    """The policy's own compilation failing is not the caller's error: a warning, the same
+    tokens from eager steps on the same cache (left padding included), and that shape
+    stays eager. ``compile=True`` raises the error instead."""
+    def broken(device_type, shape):
+        def step(*args):
+            raise RuntimeError("inductor says no")
+        return step
+
+    monkeypatch.setattr(static, "_compiled", broken)
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (2, 6))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    kw = dict(do_sample=False, attention_mask=mask)
+    want = generate(model, ids, 7, 4, compile=False, **kw)
+    with pytest.warns(RuntimeWarning, match="inductor says no"):
+        got = generate(model, ids, 7, 4, **kw)
+    assert torch.equal(got, want)
+    key = _key(model, ids, 7, 4)
+    assert not policy.should_compile(model, key) and not policy.has_compiled(model, key)
+    assert torch.equal(generate(model, ids, 7, 4, **kw), want)  # eager, no second warning
+    with pytest.raises(RuntimeError, match="inductor says no"):
+        generate(model, ids, 7, 4, compile=True, act_early_exit=False, **kw)
+
+
+def test_compile_must_be_a_bool_or_none():
+    model = halting_model("gqa")
+    with pytest.raises(ValueError, match="compile must be True, False or None"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 2, 2, compile="yes")
