@@ -321,7 +321,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             past_key_values: a :class:`MythosCache` from an earlier call, or None (``cache``
                 is the same argument under transformers 5.24's name).
             labels: (B, T) targets for the loss (shifted inside); -100 is ignored.
-            use_cache: return a :class:`MythosCache` (default False outside ``generate``).
+            use_cache: start and return a :class:`MythosCache` when none is passed
+                (default False outside ``generate``); a cache passed in is always returned.
             n_loops: recurrent loops for this call (default ``config.n_loops``).
             act_early_exit: ACT early exit for this call (default ``config.act_early_exit``).
             exit_rule: training-free exit rule for this call (an ``ExitRule`` or a dict of
@@ -344,8 +345,13 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             act_early_exit = self.config.act_early_exit
         exit_rule = _as_exit_rule(self.config.exit_rule if exit_rule is None else exit_rule)
 
-        cache = _as_mythos_cache(cache if cache is not None else past_key_values)
-        if cache is None and use_cache:
+        passed = cache if cache is not None else past_key_values
+        cache = _as_mythos_cache(passed)
+        # A cache passed in is returned, updated, whatever use_cache says (as transformers'
+        # own models do): code that keeps the returned cache must not lose its context. An
+        # empty foreign cache (``past_key_values=DynamicCache()``) becomes ours.
+        returned = passed is not None or bool(use_cache)
+        if cache is None and returned:
             cache = MythosCache()
         start = cache.seq_len if cache is not None else 0
         T = input_ids.shape[1]
@@ -385,7 +391,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=(hidden,) if output_hidden_states else None,
-            **{CACHE_NAME: cache if use_cache else None},
+            **{CACHE_NAME: cache if returned else None},
         )
         return out if return_dict else out.to_tuple()
 

@@ -78,6 +78,7 @@ class OpenMythosLM(TemplateLM):
             else ``cfg.max_loop_iters``); validated and ignored by the dense baseline.
         act_early_exit: ACT early exit (default: on, as in eval mode).
         batch_size: sequences per forward (``"auto"`` means :data:`DEFAULT_BATCH_SIZE`).
+        max_batch_size: the cap on ``"auto"`` (the harness passes it with every model).
         max_length: context length (default ``cfg.max_seq_len``).
         max_gen_toks: default cap on generated tokens for ``generate_until``.
         device, dtype: where and in which dtype to load a checkpoint (``"bfloat16"``...);
@@ -94,6 +95,7 @@ class OpenMythosLM(TemplateLM):
         n_loops: int | None = None,
         act_early_exit: bool | None = None,
         batch_size: int | str = 1,
+        max_batch_size: int | None = None,
         max_length: int | None = None,
         max_gen_toks: int = 256,
         device: str | None = "auto",
@@ -107,8 +109,15 @@ class OpenMythosLM(TemplateLM):
         self.n_loops = n_loops if n_loops is not None else (stored_loops or self.model.cfg.max_loop_iters)
         self.n_loops = check_loops(self.n_loops)
         self.act_early_exit = True if act_early_exit is None else bool(act_early_exit)
-        self.batch_size_per_call = (DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto")
-                                    else int(batch_size))
+        if str(batch_size).startswith("auto"):
+            self.batch_size_per_call = DEFAULT_BATCH_SIZE
+            if max_batch_size is not None:
+                self.batch_size_per_call = min(self.batch_size_per_call, int(max_batch_size))
+        else:
+            self.batch_size_per_call = int(batch_size)
+        if self.batch_size_per_call < 1:
+            raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size!r} "
+                             f"(max_batch_size {max_batch_size!r})")
         self._max_length = max_length or self.model.cfg.max_seq_len
         self.max_gen_toks = max_gen_toks
         self.add_bos_token = add_bos_token
@@ -145,13 +154,12 @@ class OpenMythosLM(TemplateLM):
     # Scoring -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        """float32 log-softmax over the vocabulary, (B, width, V), of right-padded ``rows``."""
+    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """Logits (B, width, V) of right-padded ``rows``, on the model's device."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids, _ = pad_rows(rows, pad, side="right")
-        logits = self.model(ids.to(self.device), n_loops=self.n_loops,
-                            act_early_exit=self.act_early_exit)
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+        return self.model(ids.to(self.device), n_loops=self.n_loops,
+                          act_early_exit=self.act_early_exit)
 
     def _loglikelihood_tokens(
         self,
@@ -173,14 +181,15 @@ class OpenMythosLM(TemplateLM):
                           desc="openmythos loglikelihood"):
             chunk = order[start: start + bs]
             inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chunk]
-            logprobs = self._logprobs(inputs)
+            logits = self._logits(inputs)
             for row, (i, inp) in enumerate(zip(chunk, inputs)):
                 key, _, cont = requests[i]
                 if not cont:
                     results[i] = (0.0, True)
                     continue
-                target = torch.tensor(cont, dtype=torch.long)
-                lp = logprobs[row, len(inp) - len(cont): len(inp)]  # (len(cont), V)
+                target = torch.tensor(cont, dtype=torch.long, device=logits.device)
+                # Only the continuation's rows, in float32: (len(cont), V).
+                lp = torch.log_softmax(logits[row, len(inp) - len(cont): len(inp)].float(), -1)
                 score = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool((lp.argmax(-1) == target).all())
                 results[i] = (score, greedy)
@@ -213,26 +222,62 @@ class OpenMythosLM(TemplateLM):
         out = []
         for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm,
                                         desc="openmythos generate"):
-            kwargs = dict(gen_kwargs or {})
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            do_sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-            do_sample = do_sample and temperature > 0
-            ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]
-            if not ids:
-                ids = [self.prefix_token_id]
-            max_new = min(max_new, self.max_length - len(ids))
+            kwargs = generation_settings(gen_kwargs, self.max_gen_toks)
+            max_new = kwargs["max_gen_toks"]
+            room = self.max_length - max_new
+            if room < 1:
+                raise ValueError(
+                    f"max_gen_toks={max_new} leaves no room for the context in max_length="
+                    f"{self.max_length}: pass a smaller max_gen_toks (model_args or the "
+                    "task's generation_kwargs)")
+            ids = self.tok_encode(context)[-room:] or [self.prefix_token_id]
+            do_sample, temperature = kwargs["do_sample"], kwargs["temperature"]
             options = GenerationOptions(
                 max_new_tokens=max_new, n_loops=self.n_loops, do_sample=do_sample,
-                temperature=temperature if do_sample else 1.0, top_k=kwargs.pop("top_k", None),
-                top_p=kwargs.pop("top_p", None), stop=tuple(until),
-                seed=kwargs.pop("seed", None), act_early_exit=self.act_early_exit)
+                temperature=temperature if do_sample else 1.0, top_k=kwargs["top_k"],
+                top_p=kwargs["top_p"], stop=tuple(kwargs["until"]), seed=kwargs["seed"],
+                act_early_exit=self.act_early_exit)
             text = complete(self.model, self.tokenizer, [ids], options)[0].text
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
+
+
+#: Aliases of ``max_gen_toks`` in a task's ``generation_kwargs``, by priority (the harness's
+#: own order: HF's name, then the API backends').
+MAX_TOKEN_ALIASES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+#: Settings ``generate_until`` reads; others are ignored with a warning.
+GENERATION_KEYS = {"until", "do_sample", "temperature", "top_k", "top_p", "seed",
+                   *MAX_TOKEN_ALIASES}
+
+
+def generation_settings(gen_kwargs: dict[str, Any] | None, default_max_gen_toks: int
+                        ) -> dict[str, Any]:
+    """A task's ``generation_kwargs`` read as the harness reads them for its ``hf`` model
+    (``lm_eval.models.utils.normalize_gen_kwargs``): ``until`` as a list; ``max_gen_toks``
+    from the first of :data:`MAX_TOKEN_ALIASES` given, else the default; ``do_sample``
+    unset means sampling exactly when ``temperature`` > 0, and ``do_sample=False`` means
+    greedy whatever the temperature. Returns ``until``, ``max_gen_toks``, ``do_sample``,
+    ``temperature``, ``top_k``, ``top_p``, ``seed``. Settings this model does not
+    implement are logged as ignored."""
+    kwargs = dict(gen_kwargs or {})
+    ignored = sorted(set(kwargs) - GENERATION_KEYS)
+    if ignored:
+        log.warning("openmythos generate_until ignores the generation settings %s", ignored)
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    given = [kwargs[k] for k in MAX_TOKEN_ALIASES if kwargs.get(k) is not None]
+    max_gen_toks = int(given[0]) if given else int(default_max_gen_toks)
+    temperature = float(kwargs.get("temperature") or 0.0)
+    do_sample = kwargs.get("do_sample")
+    do_sample = temperature > 0 if do_sample is None else bool(do_sample)
+    if not do_sample:
+        temperature = 0.0
+    elif temperature <= 0:
+        temperature = 1.0  # do_sample=True without a temperature: plain sampling
+    return {"until": until, "max_gen_toks": max_gen_toks, "do_sample": do_sample,
+            "temperature": temperature, "top_k": kwargs.get("top_k"),
+            "top_p": kwargs.get("top_p"), "seed": kwargs.get("seed")}
 
 
 def _pick_device(spec: str | torch.device | None) -> torch.device:

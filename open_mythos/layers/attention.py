@@ -62,6 +62,7 @@ class AttnContext:
             sin=self.sin.index_select(0, rows) if per_row else self.sin,
             mask=mask,
             rows=rows,
+            token_mask=None if self.token_mask is None else self.token_mask.index_select(0, rows),
         )
 
 

@@ -41,4 +41,6 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         """``x``: (B, T, dim) -> (B, T, dim); writes this layer's keys under ``cache_key``."""
         x = x + self.resid_drop(self.attn(self.attn_norm(x), ctx, cache_key, carry))
+        if isinstance(self.ffn, MoEFFN):
+            return x + self.resid_drop(self.ffn(self.ffn_norm(x), ctx.token_mask))
         return x + self.resid_drop(self.ffn(self.ffn_norm(x)))

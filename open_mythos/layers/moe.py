@@ -346,8 +346,13 @@ class MoEFFN(CopiesDetached, nn.Module):
         gates = logits.gather(-1, topk_idx).softmax(dim=-1)
         return topk_idx, gates, probs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (B, T, dim) (or (N, dim)) -> same shape and dtype."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: (B, T, dim) (or (N, dim)) -> same shape and dtype.
+
+        ``token_mask``: (B, T) bool, False at padding. Padding is routed like any token (its
+        output is ignored downstream) but left out of the expert load and the balance loss:
+        every pad position has the same state, so counting them would make their experts
+        look overloaded and push real tokens away from them."""
         shape = x.shape
         flat = x.reshape(-1, self.dim)  # (N, D)
         n_tokens, k = flat.shape[0], self.topk
@@ -361,9 +366,18 @@ class MoEFFN(CopiesDetached, nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)
 
+        if token_mask is None:
+            frac = load / max(n_tokens * k, 1)
+            mean_probs = probs.mean(dim=0)
+        else:
+            real = token_mask.reshape(-1).to(torch.float32)  # (N,)
+            load = torch.zeros_like(load).index_add(0, topk_idx.reshape(-1),
+                                                    real.repeat_interleave(k))
+            n_real = real.sum().clamp(min=1)
+            frac = load / (n_real * k)
+            mean_probs = (probs * real.unsqueeze(-1)).sum(dim=0) / n_real
         self.last_expert_load = load
-        frac = load / max(n_tokens * k, 1)
-        self.last_aux_loss = self.n_experts * (frac * probs.mean(dim=0)).sum()
+        self.last_aux_loss = self.n_experts * (frac * mean_probs).sum()
         if self.training and self.record_load:
             self.load_since_update.add_(load)
         return out.to(x.dtype).reshape(shape)

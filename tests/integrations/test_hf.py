@@ -118,6 +118,25 @@ def test_cache_forward_matches_full_forward_and_returns_our_cache():
     assert hf(ids, n_loops=4, logits_to_keep=1).logits.shape == (2, 1, BYTE_VOCAB)
 
 
+def test_a_cache_passed_in_is_returned_updated_without_use_cache():
+    """Step-by-step decoding that keeps each call's returned cache (no use_cache flag, as
+    transformers' own models allow), starting from an empty DynamicCache, gives the logits
+    of full forwards."""
+    from transformers import DynamicCache
+
+    model = byte_model("mla")
+    hf = OpenMythosForCausalLM.from_mythos(model)
+    ids = torch.randint(0, BYTE_VOCAB, (1, 9))
+    out = hf(ids[:, :5], past_key_values=DynamicCache(), n_loops=3)
+    past = out.past_key_values
+    assert isinstance(past, MythosCache) and past.get_seq_length() == 5
+    for t in range(5, 9):
+        out = hf(ids[:, t:t + 1], past_key_values=past, n_loops=3)
+        assert out.past_key_values is past and past.get_seq_length() == t + 1
+        torch.testing.assert_close(out.logits[:, -1], hf(ids[:, :t + 1], n_loops=3).logits[:, -1])
+    assert hf(ids, n_loops=3).past_key_values is None  # no cache asked for, none made
+
+
 def test_labels_give_the_shifted_cross_entropy():
     model = byte_model("gqa").train()
     hf = OpenMythosForCausalLM.from_mythos(model)

@@ -126,5 +126,62 @@ def test_generate_until_stops_at_the_until_string():
     ctx = "Q"  # one token: generation starts with script[0]
     [free] = lm.generate_until(instances("generate_until", [(ctx, {"max_gen_toks": 12})]), True)
     assert free == scripted_text(script, 1, 12) == "abc. def. gh"
-    reqs = [(ctx, {"until": [". g"], "max_gen_toks": 12}), (ctx, {"until": ["."]})]
+    reqs = [(ctx, {"until": [". g"], "max_gen_toks": 12}), (ctx, {"until": ["."], "max_gen_toks": 12})]
     assert lm.generate_until(instances("generate_until", reqs), True) == ["abc. def", "abc"]
+
+
+def test_generate_until_reads_the_harness_names_for_the_token_budget():
+    """max_new_tokens, max_tokens and max_completion_tokens cap the continuation as
+    max_gen_toks does (the harness's own order when several are given)."""
+    script = b"abcdefghijklmnop"
+    lm = OpenMythosLM(pretrained=ScriptedModel(script), tokenizer=TOK, n_loops=2)
+    reqs = [("Q", {"max_new_tokens": 4}), ("Q", {"max_tokens": 3}),
+            ("Q", {"max_completion_tokens": 2}), ("Q", {"max_gen_toks": 5, "max_new_tokens": 2})]
+    assert lm.generate_until(instances("generate_until", reqs), True) == [
+        "abcd", "abc", "ab", "abcde"]
+
+
+def test_a_token_budget_that_leaves_no_context_is_an_error():
+    """The default max_gen_toks (256) is longer than this model's 64-token context: an
+    error that says what to change, not a context cut to nothing."""
+    lm = OpenMythosLM(pretrained=ScriptedModel(b"abc"), tokenizer=TOK, n_loops=2)
+    with pytest.raises(ValueError, match="max_gen_toks=256 leaves no room"):
+        lm.generate_until(instances("generate_until", [("Q", {"until": ["."]})]), True)
+
+
+def test_generation_settings_read_as_the_harness_reads_them(caplog):
+    """Against lm-eval's own reader where this version has it; the contract otherwise."""
+    from open_mythos.integrations.lm_eval import generation_settings
+
+    cases = [{}, {"temperature": 0.7}, {"do_sample": False, "temperature": 0.7},
+             {"do_sample": True, "temperature": 0.5, "until": "\n"},
+             {"max_new_tokens": 9, "max_tokens": 3}, {"until": ["a", "b"], "max_tokens": 4}]
+    expected = [(False, 0.0, 256, []), (True, 0.7, 256, []), (False, 0.0, 256, []),
+                (True, 0.5, 256, ["\n"]), (False, 0.0, 9, []), (False, 0.0, 4, ["a", "b"])]
+    for case, (sample, temp, budget, until) in zip(cases, expected):
+        got = generation_settings(case, 256)
+        assert (got["do_sample"], got["temperature"], got["max_gen_toks"], got["until"]) == (
+            sample, temp, budget, until), case
+    try:
+        from lm_eval.models.utils import normalize_gen_kwargs
+    except ImportError:
+        normalize_gen_kwargs = None
+    if normalize_gen_kwargs is not None:
+        for case in cases:
+            theirs, ours = normalize_gen_kwargs(dict(case), 256), generation_settings(case, 256)
+            for key in ("do_sample", "max_gen_toks", "until"):
+                assert ours[key] == theirs[key], (case, key)
+            # Theirs leaves an unset temperature out (greedy, or the sampler's default).
+            assert ours["temperature"] == theirs.get("temperature", 0.0), case
+    with caplog.at_level("WARNING"):
+        generation_settings({"repetition_penalty": 1.2}, 8)
+    assert "repetition_penalty" in caplog.text
+
+
+def test_max_batch_size_caps_auto():
+    """simple_evaluate passes max_batch_size to every model."""
+    model = byte_model("gqa")
+    assert OpenMythosLM(pretrained=model, tokenizer=TOK, batch_size="auto",
+                        max_batch_size=3).batch_size_per_call == 3
+    assert OpenMythosLM(pretrained=model, tokenizer=TOK, batch_size=5,
+                        max_batch_size=3).batch_size_per_call == 5

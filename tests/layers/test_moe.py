@@ -275,3 +275,54 @@ def test_looped_bf16_forward_casts_the_expert_weights_once(monkeypatch):
     assert shared.keys() == per_loop.keys() and shared
     for name in shared:
         torch.testing.assert_close(shared[name], per_loop[name], rtol=2e-2, atol=1e-4, msg=name)
+
+
+def test_padding_is_left_out_of_the_load_and_the_balance_loss():
+    """With a token mask the load and the aux loss are those of the real tokens alone (the
+    same layer run on them only); the outputs do not change."""
+    torch.manual_seed(3)
+    moe = MoEFFN(tiny_config(n_experts=8, n_experts_per_tok=2, dim=32, expert_dim=16)).train()
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    x = torch.randn(2, 6, 32)
+    x[0, :4] = x[0, 0]  # four pads with one state, as left padding gives them
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :4] = False
+    out = moe(x, mask)
+    load, aux = moe.last_expert_load.clone(), moe.last_aux_loss.clone()
+    assert torch.equal(moe.load_since_update, load) and load.sum().item() == 8 * 2
+    real = x[mask].unsqueeze(0)  # (1, 8, 32)
+    torch.testing.assert_close(moe(real)[0], out[mask])
+    torch.testing.assert_close(load, moe.last_expert_load)
+    torch.testing.assert_close(aux, moe.last_aux_loss)
+    moe(x)  # unmasked, the pads count: a different load
+    assert moe.last_expert_load.sum().item() == 12 * 2
+
+
+def test_a_padded_batch_counts_only_its_real_tokens_in_every_loop():
+    """The model passes the attention mask's padding to the looped MoE (each loop's load,
+    and the training accumulator, count the real tokens only), also when ACT early exit
+    runs a subset of the rows."""
+    from open_mythos import OpenMythos
+
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config())
+    ids = torch.randint(0, 97, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :5] = 0
+    mask[2, :2] = 0
+    real, k = int(mask.sum()), model.cfg.n_experts_per_tok
+    model.train()
+    model(ids, n_loops=3, attention_mask=mask)
+    loads = model.recurrent.last_expert_load
+    assert loads.shape[0] == 3 and loads.sum(dim=1).tolist() == [real * k] * 3
+    moe = model.recurrent.block.ffn
+    assert moe.load_since_update.sum().item() == 3 * real * k
+    # Eval with ACT early exit: loops past the first run only the rows still halting, and
+    # the mask follows them (a whole-batch mask on a sub-batch would fail to broadcast).
+    from tests.conftest import halting_model
+
+    model = halting_model("gqa")
+    model(ids, n_loops=8, attention_mask=mask, act_early_exit=True)
+    assert model.recurrent.last_work_fraction < 1.0
+    loads = model.recurrent.last_expert_load.sum(dim=1)
+    assert loads[0].item() == real * k and bool((loads <= real * k).all())
