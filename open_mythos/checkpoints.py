@@ -468,9 +468,16 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str,
 
     Raises:
         KeyError: missing or unexpected tensors.
-        ValueError: a stored alias differs from its owner.
+        ValueError: a tensor's shape differs from the model's, or a stored alias differs
+            from its owner.
     """
     check_state_keys(model, state, tied, source)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"weights in {str(source)!r} do not match the model's configuration: "
+                         f"{'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
     for alias, owner in tied.items():
         if alias in state and not torch.equal(state[alias], state[owner]):
             raise ValueError(f"{alias} differs from {owner} in {str(source)!r}, but they are tied")
@@ -488,14 +495,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         path: a training checkpoint directory, a run directory (its latest checkpoint) or
             a Hugging Face directory.
         device: where to put the model.
-        dtype: optional floating dtype to cast the weights to: a ``torch.dtype`` or its
-            name (``"bfloat16"``, ``"float16"``, ``"float32"``...).
+        dtype: floating dtype to cast the weights to: a ``torch.dtype`` or its name
+            (``"bfloat16"``, ``"float16"``, ``"float32"``...). Default: the dtype the
+            weights are stored in (a bfloat16 export loads as bfloat16, as
+            ``transformers`` 5 loads it), float32 where they mix dtypes.
 
     Raises:
         FileNotFoundError: no (intact) checkpoint at ``path``.
         ValueError: ``config.json`` describes another model type;
             :class:`CheckpointCorrupt`: the checkpoint named by ``path`` is damaged.
-        KeyError: the weights do not match the stored configuration.
+        KeyError: the weights do not match the stored configuration (missing or unexpected
+            tensors; ValueError for a tensor of another shape).
     """
     dtype = floating_dtype(dtype)
     fmt, ckpt_dir = detect_format(path)
@@ -511,8 +521,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     with torch.random.fork_rng(devices=rng_devices):
         model = materialize(build_model(cfg, device="meta"), device)
     load_state(model, state, tied_parameters(model), ckpt_dir)
-    model.to(dtype=dtype)
+    model.to(dtype=dtype if dtype is not None else stored_dtype(state))
     return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops)
+
+
+def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype every floating tensor of ``state`` has; None when they differ
+    (or there are none)."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def floating_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -539,5 +556,5 @@ __all__ = [
     "floating_dtype", "latest_checkpoint", "load_checkpoint", "load_model", "load_state",
     "newest_intact_checkpoint", "read_config", "read_hf_state", "read_model_config",
     "read_model_state", "read_sharded_model_state", "read_trained_depth",
-    "resolve_checkpoint_dir", "tied_parameters", "verify_checkpoint",
+    "resolve_checkpoint_dir", "stored_dtype", "tied_parameters", "verify_checkpoint",
 ]

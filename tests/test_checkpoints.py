@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from open_mythos.checkpoints import (
     CheckpointFormat,
@@ -95,6 +95,28 @@ def test_device_and_dtype_and_the_pair_form(kind, tmp_path):
     assert torch.equal(got.embed.weight, model.embed.weight.double())
 
 
+def test_weights_load_in_the_dtype_they_are_stored_in(tmp_path):
+    """Without ``dtype``, a bfloat16 file loads as bfloat16 (as transformers 5 loads it),
+    float32 stays float32, and a file of mixed dtypes loads as float32."""
+    from open_mythos.integrations.convert import training_to_hf
+
+    model = byte_model_of("looped", "gqa")
+    write_training_checkpoint(tmp_path / "run", model)
+    assert {p.dtype for p in load_model(tmp_path / "run").model.parameters()} == {torch.float32}
+    training_to_hf(tmp_path / "run", tmp_path / "bf16", dtype=torch.bfloat16)
+    got = load_model(tmp_path / "bf16").model
+    assert {p.dtype for p in got.parameters()} == {torch.bfloat16}
+    assert torch.equal(got.embed.weight, model.embed.weight.bfloat16())
+    assert {p.dtype for p in load_model(tmp_path / "bf16", dtype="float32").model.parameters()} \
+        == {torch.float32}
+    weights = tmp_path / "bf16" / "model.safetensors"
+    state = load_file(str(weights))
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first].float()
+    save_file(state, str(weights))
+    assert {p.dtype for p in load_model(tmp_path / "bf16").model.parameters()} == {torch.float32}
+
+
 def test_the_old_entry_points_are_the_one_loader(tmp_path):
     import open_mythos.evaluation.runs as runs
     import open_mythos.integrations.convert as convert
@@ -123,6 +145,14 @@ def test_mismatched_weights_name_the_tensors(tmp_path):
     state["model.head.weight"] += 1  # stored twice, and not tied any more
     save_file(state, str(hf / "model.safetensors"))
     with pytest.raises(ValueError, match="head.weight differs from embed.weight"):
+        load_model(hf)
+    state = {f"model.{k}": v for k, v in model.state_dict().items() if k != "head.weight"}
+    down = state["model.core.0.ffn.down.weight"]
+    state["model.core.0.ffn.down.weight"] = down[:, :-1].contiguous()
+    save_file(state, str(hf / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"core.0.ffn.down.weight \({down.shape[0]}, "
+                                         rf"{down.shape[1] - 1}\) \(model: \({down.shape[0]}, "
+                                         rf"{down.shape[1]}\)\)"):
         load_model(hf)
 
 

@@ -23,7 +23,10 @@ Exit status: 0 on success, 2 for a missing or unreadable checkpoint, no known to
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+
+from .argtypes import check_output_dir, loop_count
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     p.add_argument("--tokenizer", metavar="SPEC",
                    help="'byte' or a tokenizer directory (default: the run's own)")
-    p.add_argument("--n-loops", type=int, metavar="N",
+    p.add_argument("--n-loops", type=loop_count, metavar="N",
                    help="default loops of the hf export (default: the trained depth)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the weights of the hf export (default: as stored)")
@@ -51,13 +54,20 @@ def run(args: argparse.Namespace) -> int:
     """Export ``args.run`` to ``args.out``."""
     from pathlib import Path
 
-    from ..checkpoints import CheckpointCorrupt, floating_dtype
+    from ..checkpoints import CheckpointCorrupt, detect_format, floating_dtype, read_config
     from ..integrations.convert import training_to_hf, training_to_safetensors
+    from ..registry import is_looped
 
     out = Path(args.out)
+    created, empty = not out.exists(), False
     try:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        check_output_dir(out)
+        empty = created or not any(out.iterdir())
+        if not empty:
             raise ValueError(f"{out} already exists and is not an empty directory")
+        if args.n_loops is not None and not is_looped(read_config(detect_format(args.run)[1])[0]):
+            raise ValueError(f"{args.run} holds a fixed-depth model: --n-loops applies to "
+                             "looped models only")
         if args.format == "hf":
             extra = {} if args.n_loops is None else {"n_loops": args.n_loops}
             training_to_hf(args.run, out, tokenizer=args.tokenizer,
@@ -66,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
             if args.n_loops is not None or args.dtype is not None:
                 raise ValueError("--n-loops and --dtype apply to --format hf only")
             training_to_safetensors(args.run, out, tokenizer=args.tokenizer)
-    except (FileNotFoundError, CheckpointCorrupt, ValueError, KeyError, TypeError) as err:
+    except (OSError, CheckpointCorrupt, ValueError, KeyError, TypeError) as err:
+        if empty and out.is_dir():  # no half-written export left behind
+            if created:
+                shutil.rmtree(out)
+            else:
+                for child in out.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         print(f"openmythos export: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format})")

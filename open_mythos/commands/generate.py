@@ -21,6 +21,7 @@ import time
 from typing import Any, TextIO
 
 from ..inference.speculative import DRAFT_LENSES
+from .argtypes import loop_count, non_negative_int, positive_int
 from .exit_options import add_exit_arguments, exit_rule_from_args
 
 
@@ -31,7 +32,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="SPEC",
                    help="'byte' or a tokenizer directory (default: the one stored with the "
                         "checkpoint, else the byte tokenizer if the vocabulary matches)")
-    p.add_argument("--n-loops", type=_positive_int, metavar="N",
+    p.add_argument("--n-loops", type=loop_count, metavar="N",
                    help="recurrent loops per token (default: the depth the run trained at, "
                         "else max_loop_iters); more than trained extrapolates in depth")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -46,10 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Complete a prompt with a trained model, printing tokens as they come.")
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="text to complete")
-    p.add_argument("--max-new-tokens", type=_non_negative_int, default=128, metavar="N",
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=128, metavar="N",
                    help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-k", type=_non_negative_int, default=50, metavar="K",
+    p.add_argument("--top-k", type=non_negative_int, default=50, metavar="K",
                    help="sample among the K most likely tokens; 0: no limit (default 50)")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -68,11 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--depth-sharing", default="per_depth", metavar="MODE",
                    help="KV cache entries per loop depth: per_depth (default, exact), last, "
                         "first or every:M (smaller caches; see docs/adaptive_inference.md)")
-    p.add_argument("--draft-tokens", type=_non_negative_int, default=0, metavar="K",
+    p.add_argument("--draft-tokens", type=non_negative_int, default=0, metavar="K",
                    help="decode self-speculatively: draft K tokens per cycle with "
                         "--draft-loops loops, verified at full depth (greedy output is "
                         "unchanged); 0: off (default)")
-    p.add_argument("--draft-loops", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--draft-loops", type=positive_int, default=1, metavar="N",
                    help="loops of a draft forward (default 1)")
     p.add_argument("--draft-lens", choices=DRAFT_LENSES, default="coda",
                    help="how a draft reads its state out: coda (default: the rest of the "
@@ -85,10 +86,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Load the model, stream the completion to ``out`` (default stdout)."""
-    from ..integrations.textgen import GenerationOptions, encode_prompts, stream_text
+    from ..integrations.textgen import GenerationOptions, encode_prompts, stream_text, validate
 
     out = out or sys.stdout
     try:
+        if args.temperature <= 0 and not args.greedy:
+            raise ValueError(f"--temperature must be > 0 to sample, got {args.temperature}; "
+                             "pass --greedy for greedy decoding")
         loaded, tokenizer = load_for_inference(args)
         options = GenerationOptions(
             max_new_tokens=args.max_new_tokens,
@@ -99,6 +103,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             depth_sharing=args.depth_sharing, draft_tokens=args.draft_tokens,
             draft_loops=args.draft_loops, draft_lens=args.draft_lens)
         prompts = encode_prompts(tokenizer, [args.prompt])
+        validate(loaded.model, prompts, options)  # before the prompt is echoed
         deltas = stream_text(loaded.model, tokenizer, prompts, options)
         start = time.perf_counter()
         if not args.no_echo:
@@ -128,21 +133,12 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..checkpoints import load_model
     from ..devices import resolve_device
     from ..integrations.convert import resolve_tokenizer
+    from ..registry import is_looped
 
     device = resolve_device(args.device)
     loaded = load_model(args.checkpoint, device=device, dtype=args.dtype)
+    if args.n_loops is not None and not is_looped(loaded.model):
+        raise ValueError(f"{loaded.path} holds a fixed-depth model ({type(loaded.model).__name__}): "
+                         "--n-loops applies to looped models only")
     return loaded, resolve_tokenizer(loaded, args.tokenizer)
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value

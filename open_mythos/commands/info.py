@@ -206,14 +206,24 @@ def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) 
 
 
 def _stored_bytes(files: list[Any]) -> tuple[int, set[str], int | None]:
-    """``(bytes of the tensors, their dtypes, the "step" metadata)`` of safetensors files."""
-    from safetensors import safe_open
+    """``(bytes of the tensors, their dtypes, the "step" metadata)`` of safetensors files.
+
+    Raises:
+        CheckpointCorrupt: a file is not a readable safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from ..checkpoints import CheckpointCorrupt
 
     total, dtypes, step = 0, set(), None
     sizes = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "BOOL": 1,
              "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
+        try:
+            fh = safe_open(str(f), framework="pt")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointCorrupt(f"{f} is unreadable: {err}") from None
+        with fh:
             meta = fh.metadata() or {}
             if "step" in meta and str(meta["step"]).isdigit():
                 step = int(meta["step"])

@@ -27,7 +27,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .argtypes import check_output_dir
 from .exit_options import add_exit_arguments, exit_rule_from_args
+
+#: The figures ``inspect`` may write; those a run does not write are removed from ``--out``,
+#: so that a figure of an earlier prompt is never taken for this one's.
+FIGURES = ("lens.png", "kl.png", "depth.png")
+
+#: The most (loops x positions x vocabulary) entries of the per-loop distributions (float64).
+MAX_READOUT_ENTRIES = 2**27
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -83,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from .generate import load_for_inference
 
     try:
+        out = check_output_dir(args.out)
         exit_rule = exit_rule_from_args(args)
         loaded, tokenizer = load_for_inference(args)
         model = loaded.model.eval()
@@ -95,10 +104,13 @@ def run(args: argparse.Namespace) -> int:
         if len(ids) > model.cfg.max_seq_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model reads at most "
                              f"{model.cfg.max_seq_len}")
+        if n_loops * len(ids) * model.cfg.vocab_size > MAX_READOUT_ENTRIES:
+            raise ValueError(f"{n_loops} loops x {len(ids)} tokens x {model.cfg.vocab_size} "
+                             "vocabulary entries is too large a readout; use fewer loops or "
+                             "a shorter prompt")
         device = next(model.parameters()).device
         data = inspect_prompt(model, torch.tensor([ids], device=device), n_loops, args.lens,
                               exit_rule)
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
         print(f"openmythos inspect: error: {err}", file=sys.stderr)
@@ -113,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     name = (f"{loaded.path.parent.parent.name}/{loaded.path.name}"
             if loaded.path.parent.name == "checkpoints" else loaded.path.name)
     figures = _plot(out, labels, top_text, data, title=f"{name}: {args.prompt!r}")
+    for stale in set(FIGURES) - {f.name for f in figures}:
+        (out / stale).unlink(missing_ok=True)
     print("\nwrote " + ", ".join(str(f) for f in [*figures, out / "inspect.json"]))
     return 0
 

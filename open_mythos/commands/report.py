@@ -18,8 +18,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from .sweep import add_eval_arguments, resolve_device, resolve_task, sweep_models
+from .argtypes import check_output_dir, non_negative_int, positive_int
+from .sweep import (
+    add_eval_arguments,
+    load_models,
+    resolve_device,
+    resolve_task,
+    sweep_models,
+    text_run_conflicts,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,9 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--sweep", metavar="FILE",
                    help="reuse results of `openmythos sweep` instead of sweeping again")
-    p.add_argument("--train-loops", type=int, metavar="N",
+    p.add_argument("--train-loops", type=positive_int, metavar="N",
                    help="training depth to mark (default: from the run's schedule)")
-    p.add_argument("--exit-loops", type=int, metavar="N",
+    p.add_argument("--exit-loops", type=non_negative_int, metavar="N",
                    help="depth the exit rules' Pareto plot starts from (default: twice the "
                         "training depth; 0 skips it)")
     add_eval_arguments(p)
@@ -73,36 +82,53 @@ def run_text(args: argparse.Namespace) -> Path:
 
 
 def _exit_loops(args: argparse.Namespace, train_loops: int) -> int:
-    if args.exit_loops is not None and args.exit_loops < 0:
-        raise ValueError(f"--exit-loops must be >= 0, got {args.exit_loops}")
     return 2 * train_loops if args.exit_loops is None else args.exit_loops
+
+
+def read_sweep(path: str, task: Any) -> tuple[list, list]:
+    """``(looped rows, baseline rows)`` of a file written by ``openmythos sweep``, checked to
+    be a sweep of ``task`` with looped rows."""
+    from ..evaluation.sweep import load_rows
+
+    loaded = load_rows(path)
+    rows = [r for r in loaded if r.model == "looped"]
+    base_rows = [r for r in loaded if r.model == "baseline"]
+    if not rows:
+        raise ValueError(f"--sweep {path} holds no rows of a looped model")
+    tasks = sorted({r.task for r in loaded})
+    if tasks != [task.name]:
+        raise ValueError(f"--sweep {path} is a sweep of {', '.join(tasks)}, and the run "
+                         f"was trained on {task.name}")
+    others = sorted({r.model for r in loaded} - {"looped", "baseline"})
+    if others:
+        raise ValueError(f"--sweep {path} has rows of unknown model kind(s) {others}")
+    return rows, base_rows
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the run, sweep (or read the sweep), and write the report."""
-    from ..checkpoints import load_checkpoint
     from ..evaluation.exits import task_exit_points
     from ..evaluation.report import write_report
     from ..evaluation.runs import is_text_run, run_train_loops
-    from ..evaluation.sweep import eval_mode, load_rows, sample_examples, save_rows
+    from ..evaluation.sweep import eval_mode, sample_examples, save_rows
     from ..registry import is_looped
 
     try:
+        check_output_dir(args.out)  # before any work: a sweep can take minutes
         if args.task is None and is_text_run(args.run):
             if args.sweep:
                 raise ValueError(f"{args.run} is a text run: --sweep takes a task sweep "
                                  "(openmythos sweep of a task run); a text run's report "
                                  "sweeps its loss against loops itself")
+            text_run_conflicts(args, args.run,
+                               "--loops, --train-loops, --exit-loops and --device")
             print(f"wrote {run_text(args)}")
             return 0
         device = resolve_device(args.device)
         task = resolve_task(args, args.run)
-        model, cfg = load_checkpoint(args.run, device)
-        baseline = load_checkpoint(args.baseline, device)[0] if args.baseline else None
+        model, cfg, baseline = load_models(args, args.run, device)
         if args.sweep:
-            loaded = load_rows(args.sweep)
-            rows = [r for r in loaded if r.model == "looped"]
-            base_rows = [r for r in loaded if r.model == "baseline"]
+            rows, base_rows = read_sweep(args.sweep, task)
         else:
             rows, base_rows = sweep_models(args, model, baseline, task)
             save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")

@@ -21,21 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..devices import resolve_device
+from .argtypes import check_output_file, loop_counts, name_list, positive_int
 from .exit_options import add_exit_arguments, exit_rule_from_args
 
-
-def parse_loops(text: str) -> list[int]:
-    """``"1,2,4,8"`` or a range ``"1-16"`` (or a mix) -> sorted distinct positive ints."""
-    loops: set[int] = set()
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            lo, _, hi = part.partition("-")
-            loops.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"loops must look like 1,2,4,8 or 1-16, got {text!r}") from None
-    if not loops or min(loops) < 1:
-        raise argparse.ArgumentTypeError(f"loops must be positive integers, got {text!r}")
-    return sorted(loops)
+#: Defaults of the evaluation options (a text run refuses any other value: they do not apply).
+EVAL_DEFAULTS: dict[str, Any] = dict(n_examples=128, early_exit="both", batch_size=64, seed=0)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,17 +34,20 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-args", metavar="JSON",
                    help='task difficulty knobs as a JSON object, e.g. \'{"lengths": [4, 12]}\' '
                         "(default: the run's)")
-    p.add_argument("--splits", type=lambda s: [x for x in s.split(",") if x],
+    p.add_argument("--splits", type=name_list,
                    help="comma-separated splits (default: id and every ood split that fits); "
                         "a split may be one difficulty level, e.g. hops=4 for multihop")
-    p.add_argument("--loops", type=parse_loops,
+    p.add_argument("--loops", type=loop_counts,
                    help="loop counts, e.g. 1,2,4,8 or 1-16 (default: 1 to 4x max_loop_iters)")
-    p.add_argument("--n-examples", type=int, default=128, metavar="N",
-                   help="examples per split (default 128)")
-    p.add_argument("--early-exit", choices=["off", "on", "both"], default="both",
-                   help="ACT early exit setting(s) to evaluate (default both)")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per forward (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="example seed (default 0)")
+    p.add_argument("--n-examples", type=positive_int, default=EVAL_DEFAULTS["n_examples"],
+                   metavar="N", help="examples per split (default %(default)s)")
+    p.add_argument("--early-exit", choices=["off", "on", "both"],
+                   default=EVAL_DEFAULTS["early_exit"],
+                   help="ACT early exit setting(s) to evaluate (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=EVAL_DEFAULTS["batch_size"],
+                   help="examples per forward (default %(default)s)")
+    p.add_argument("--seed", type=int, default=EVAL_DEFAULTS["seed"],
+                   help="example seed (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
 
 
@@ -78,21 +71,72 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def resolve_task(args: argparse.Namespace, run_path: str) -> Any:
-    """The task named on the command line, else the run's; ValueError if neither
-    (FileNotFoundError if ``run_path`` holds no checkpoint at all)."""
+    """The task named on the command line, else the run's; ValueError if neither, or for
+    task arguments the task does not take (FileNotFoundError if ``run_path`` holds no
+    checkpoint at all)."""
     from ..checkpoints import detect_format
     from ..evaluation.runs import parse_task_args, run_task
     from ..tasks import get_task
 
-    if args.task is not None:
-        return get_task(args.task, **parse_task_args(args.task_args))
-    detect_format(run_path)  # "no checkpoint in ...", rather than "records no task"
-    task = run_task(run_path)
-    if task is None:
-        raise ValueError(f"{run_path} records no task: pass --task")
-    if args.task_args:
-        task = get_task(task.name, **parse_task_args(args.task_args))
-    return task
+    if args.task is None:
+        detect_format(run_path)  # "no checkpoint in ...", rather than "records no task"
+        task = run_task(run_path)
+        if task is None:
+            raise ValueError(f"{run_path} records no task: pass --task")
+        if not args.task_args:
+            return task
+        name = task.name
+    else:
+        name = args.task
+    try:
+        return get_task(name, **parse_task_args(args.task_args))
+    except (TypeError, ValueError) as err:
+        if not args.task_args:
+            raise
+        raise ValueError(f"--task-args {args.task_args}: {err}") from None
+
+
+def load_models(args: argparse.Namespace, path: str, device: Any) -> tuple[Any, Any, Any]:
+    """``(model, its config, dense baseline or None)``: ``path`` and ``--baseline`` loaded
+    and checked against the options (a baseline must be dense; loop counts and exit rules
+    need a looped model)."""
+    from ..checkpoints import load_checkpoint
+    from ..registry import is_looped
+
+    model, cfg = load_checkpoint(path, device)
+    if not is_looped(model):
+        given = [name for name, value in (("--loops", args.loops),
+                                          ("--exit-*", _exit_rule_given(args))) if value]
+        if given:
+            raise ValueError(f"{path} holds a fixed-depth model; options for looped models "
+                             f"only: {', '.join(given)}")
+    baseline = None
+    if args.baseline:
+        baseline = load_checkpoint(args.baseline, device)[0]
+        if is_looped(baseline):
+            raise ValueError(f"--baseline {args.baseline} holds a looped model; it takes the "
+                             "fixed-depth baseline (a run trained with model.core_layers set)")
+    return model, cfg, baseline
+
+
+def text_run_conflicts(args: argparse.Namespace, path: str, text_options: str) -> None:
+    """ValueError naming the options given for the text run at ``path`` that it does not
+    use: a text run is evaluated by its validation loss at each loop count."""
+    given = [f"--{name.replace('_', '-')}" for name, default in EVAL_DEFAULTS.items()
+             if getattr(args, name) != default]
+    given += [f"--{name.replace('_', '-')}" for name in ("baseline", "task_args", "splits")
+              if getattr(args, name)]
+    if _exit_rule_given(args):
+        given.append("--exit-*")
+    if given:
+        raise ValueError(f"{path} is a text run, evaluated by its validation loss at each "
+                         f"loop count; options that do not apply to it: {', '.join(given)} "
+                         f"(it takes {text_options})")
+
+
+def _exit_rule_given(args: argparse.Namespace) -> bool:
+    """Whether the ``--exit-*`` options (``sweep`` only) describe a rule."""
+    return hasattr(args, "exit_kl") and exit_rule_from_args(args) is not None
 
 
 def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any) -> tuple[list, list]:
@@ -114,7 +158,6 @@ def run_text(args: argparse.Namespace) -> int:
     """A text run: validation loss against loops, written to ``--out`` (.json or .csv)."""
     import csv
     import json
-    from pathlib import Path
 
     from ..evaluation.report import loss_table
     from ..evaluation.runs import run_loss_vs_loops, run_train_loops
@@ -141,21 +184,20 @@ def run_text(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint(s), sweep, write ``--out`` and print the table."""
-    from ..checkpoints import load_checkpoint
     from ..evaluation.report import sweep_table
     from ..evaluation.runs import is_text_run
     from ..evaluation.sweep import save_rows
 
     try:
         # Before any work: a sweep can take minutes.
-        if Path(args.out).suffix not in (".json", ".csv"):
-            raise ValueError(f"sweep results go to a .json or .csv file, got {args.out!r}")
+        check_output_file(args.out, (".json", ".csv"))
+        exit_rule_from_args(args)
         if args.task is None and is_text_run(args.checkpoint):
+            text_run_conflicts(args, args.checkpoint, "--loops and --device")
             return run_text(args)
         device = resolve_device(args.device)
         task = resolve_task(args, args.checkpoint)
-        model, _ = load_checkpoint(args.checkpoint, device)
-        baseline = load_checkpoint(args.baseline, device)[0] if args.baseline else None
+        model, _, baseline = load_models(args, args.checkpoint, device)
         rows, base_rows = sweep_models(args, model, baseline, task)
         path = save_rows([*rows, *base_rows], args.out)
     except (FileNotFoundError, ValueError, KeyError) as err:

@@ -389,10 +389,15 @@ def sweep(
     """
     if splits is None:
         splits = eval_splits(task, model.cfg.max_seq_len)
+        if not splits:
+            raise ValueError(f"no split of {task.name!r} fits max_seq_len="
+                             f"{model.cfg.max_seq_len}: nothing to evaluate")
         skipped = sorted(set(eval_splits(task)) - set(splits))
         if skipped:
             warnings.warn(f"sweep: split(s) {', '.join(skipped)} of {task.name!r} exceed "
                           f"max_seq_len={model.cfg.max_seq_len} and are left out", stacklevel=2)
+    elif not splits:
+        raise ValueError("sweep needs at least one split")
     looped = is_looped(model)
     if looped:
         loops = default_loops(model) if loops is None else list(loops)
@@ -485,13 +490,36 @@ def save_rows(rows: Sequence[SweepRow], path: str | Path) -> Path:
 
 
 def load_rows(path: str | Path) -> list[SweepRow]:
-    """Inverse of :func:`save_rows`."""
+    """Inverse of :func:`save_rows`.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: another suffix, or a file that does not hold sweep rows (the message
+            names the first bad row).
+    """
     path = Path(path)
-    if path.suffix == ".json":
-        return [SweepRow(**r) for r in json.loads(path.read_text())]
-    if path.suffix != ".csv":
+    if path.suffix not in (".json", ".csv"):
         raise ValueError(f"sweep results are read from a .json or .csv file, got {str(path)!r}")
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a JSON file of sweep rows: {err}") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path} holds a JSON {type(records).__name__}, not a list of "
+                             "sweep rows")
+    else:
+        with open(path, newline="") as fh:
+            records = list(csv.DictReader(fh))
     types = {f.name: f.type for f in dataclasses.fields(SweepRow)}
     parse = {"int": int, "float": float, "str": str, "bool": lambda s: s == "True"}
-    with open(path, newline="") as fh:
-        return [SweepRow(**{k: parse[types[k]](v) for k, v in r.items()}) for r in csv.DictReader(fh)]
+    rows = []
+    for i, record in enumerate(records):
+        try:
+            if path.suffix == ".csv":
+                record = {k: parse[types[k]](v) for k, v in record.items()}
+            rows.append(SweepRow(**record))
+        except (TypeError, KeyError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path}: row {i} is not a sweep row ({type(err).__name__}: "
+                             f"{err})") from None
+    return rows

@@ -110,9 +110,7 @@ def resolve_tokenizer(loaded: LoadedModel, spec: str | Tokenizer | None = None) 
                 f"({loaded.cfg.vocab_size}) is not the byte tokenizer's; pass --tokenizer "
                 "(a tokenizer directory, or 'byte')")
     tok = load_tokenizer(spec)
-    if tok.vocab_size > loaded.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only "
-                         f"{loaded.cfg.vocab_size} embedding rows")
+    _check_tokenizer_fits(tok, loaded.cfg.vocab_size)
     return tok
 
 
@@ -208,9 +206,10 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
         raise ValueError(f"no tokenizer is stored with {str(ckpt_dir)!r} and its vocabulary "
                          f"({loaded.cfg.vocab_size}) is not the byte tokenizer's; pass a "
                          "tokenizer directory")
+    tok = _tokenizer_or_none(source)
+    _check_tokenizer_fits(tok, loaded.cfg.vocab_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer_or_none(source)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config_kwargs.setdefault(key, getattr(tok, key))
     config_kwargs.setdefault("n_loops", loaded.n_loops)
@@ -262,21 +261,29 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
     if fmt is not CheckpointFormat.TRAINING:
         raise ValueError(f"{str(checkpoint)!r} is a Hugging Face directory, not a training "
                          "checkpoint")
+    loaded = load_model(ckpt_dir)  # the weights are checked before anything is written
+    source = tokenizer if tokenizer is not None else _default_tokenizer_source(loaded)
+    if source is not None:
+        _check_tokenizer_fits(_tokenizer_or_none(source), loaded.cfg.vocab_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE):
         if (ckpt_dir / name).is_file():
             shutil.copy2(ckpt_dir / name, out_dir / name)
     if not (ckpt_dir / MODEL_FILE).is_file():  # sharded weights (model.dcp/): gathered here
-        model = load_model(ckpt_dir).model
-        tied = tied_parameters(model)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied},
+        tied = tied_parameters(loaded.model)
+        save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()
+                   if k not in tied},
                   str(out_dir / MODEL_FILE), metadata={"format": "pt", "tied": json.dumps(tied)})
-    loaded = LoadedModel(None, read_config(ckpt_dir)[0], ckpt_dir,  # type: ignore[arg-type]
-                         CheckpointFormat.TRAINING)
-    source = tokenizer if tokenizer is not None else _default_tokenizer_source(loaded)
     save_tokenizer(source, out_dir, hf_files=False)
     return out_dir
+
+
+def _check_tokenizer_fits(tok: Tokenizer | None, vocab_size: int) -> None:
+    """ValueError when ``tok`` has ids the model has no embedding row for."""
+    if tok is not None and tok.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only "
+                         f"{vocab_size} embedding rows")
 
 
 def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,

@@ -20,6 +20,7 @@ Every task (see :class:`~open_mythos.tasks.base.Task`) has ``train``/``id`` spli
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .arithmetic import Addition, ModSum
@@ -54,6 +55,11 @@ def get_task(name: str, **kwargs: Any) -> Task:
     """Construct the task registered as ``name`` with its difficulty knobs ``kwargs``."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(list_tasks())}")
+    known = inspect.signature(TASKS[name]).parameters
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in known.values()):
+        raise ValueError(f"task {name!r} takes no argument {', '.join(unknown)}; its "
+                         f"arguments: {', '.join(known)}")
     return TASKS[name](**kwargs)
 
 

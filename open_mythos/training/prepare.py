@@ -28,6 +28,7 @@ fingerprint differs from the manifest's is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -158,6 +159,7 @@ def prepare(inputs: Iterable[str], out: str | Path, tokenizer_spec: str = "byte"
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} already exists and is not an empty directory")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -175,6 +177,9 @@ def prepare(inputs: Iterable[str], out: str | Path, tokenizer_spec: str = "byte"
         shards = writer.close()
     except BaseException:
         writer.discard()  # no half-written corpus is left behind to be mistaken for one
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
     manifest = {
         "format": FORMAT, "version": VERSION, "dtype": dtype.name,
@@ -374,4 +379,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ConfigError(f"data.prepared: {str(file)!r} is not a {FORMAT} manifest of "
                           f"version {VERSION}")
+    for shard in manifest.get("shards", []):
+        name = shard.get("file") if isinstance(shard, dict) else None
+        # Shards live in the directory itself: a path elsewhere is a damaged or forged manifest.
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ConfigError(f"data.prepared: {str(file)!r} names a shard outside its "
+                              f"directory: {name!r}")
     return manifest

@@ -4,6 +4,7 @@ writes them."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
 from open_mythos.cli import main
 from open_mythos.commands import sweep as sweep_command
+from open_mythos.commands.argtypes import MAX_LOOPS, loop_counts
 from open_mythos.evaluation import load_rows
 from open_mythos.evaluation.runs import load_model, run_task, run_train_loops
 from open_mythos.training import TrainConfig, to_toml
@@ -144,8 +146,91 @@ def test_report_command(runs, tmp_path):
         assert 1 <= float(cells[2]) <= int(cells[1])  # loops/position within the loops run
 
 
-def test_parse_loops():
-    assert sweep_command.parse_loops("1,2,4-6,4") == [1, 2, 4, 5, 6]
-    for bad in ("", "a", "0", "3-x"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            sweep_command.parse_loops(bad)
+def test_loop_counts():
+    assert loop_counts("1,2,4-6,4") == [1, 2, 4, 5, 6]
+    assert loop_counts(f"1,{MAX_LOOPS}") == [1, MAX_LOOPS]
+    for bad, says in (("", "no loop count"), (",", "no loop count"), ("a", "look like"),
+                      ("0", "positive"), ("3-x", "look like"), ("3-1", "write 1-3"),
+                      (f"1-{MAX_LOOPS + 1}", f"at most {MAX_LOOPS}")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            loop_counts(bad)
+
+
+@pytest.fixture
+def no_sweep(monkeypatch):
+    """Records calls of the sweep instead of running it: the checks must come first."""
+    calls = []
+    monkeypatch.setattr(sweep_command, "sweep_models", lambda *a: calls.append(a) or ([], []))
+    return calls
+
+
+def test_sweep_refuses_bad_arguments_before_any_evaluation(runs, tmp_path, capsys, no_sweep):
+    root, _, _ = runs
+    looped, dense = str(root / "looped"), str(root / "dense")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    (tmp_path / "a_dir.json").mkdir()
+    cases = [
+        (["--baseline", looped], "--baseline"),                      # a looped "baseline"
+        (["--task-args", '{"bogus": 1}'], "takes no argument bogus"),
+        (["--task-args", "{bogus"], "--task-args"),                  # not JSON
+        (["--out", str(a_file / "s.json")], "is a file"),
+        (["--out", str(tmp_path / "a_dir.json")], "is a directory"),
+    ]
+    for extra, says in cases:
+        argv = ["sweep", "--checkpoint", looped, "--out", str(tmp_path / "s.json"), *extra]
+        assert cli(*argv) == 2, extra
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (extra, err)
+    # A fixed-depth checkpoint has no loops to sweep or exit from.
+    for extra in (["--loops", "1-3"], ["--exit-kl", "0.1"]):
+        assert cli("sweep", "--checkpoint", dense, "--out", str(tmp_path / "s.json"), *extra) == 2
+        assert "fixed-depth" in capsys.readouterr().err
+    assert not no_sweep and not (tmp_path / "s.json").exists()
+    for extra in (["--n-examples", "0"], ["--batch-size", "0"], ["--splits", ","]):
+        with pytest.raises(SystemExit):
+            cli("sweep", "--checkpoint", looped, "--out", str(tmp_path / "s.json"), *extra)
+
+
+def test_sweep_with_no_split_that_fits_fails(runs, tmp_path, capsys):
+    root, model, _ = runs
+    # Parity at 400-1000 bits does not fit the fixture's context.
+    args = '{"lengths": [400, 400], "ood_lengths": [1000, 1000]}'
+    assert cli("sweep", "--checkpoint", str(root / "looped"), "--task-args", args,
+               "--out", str(tmp_path / "s.json")) == 2
+    assert "no split of 'parity' fits" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_report_checks_its_sweep_file_and_out_first(runs, tmp_path, capsys, no_sweep):
+    root, _, _ = runs
+    looped = str(root / "looped")
+    rows = [{"model": "looped", "task": "parity", "split": "id", "n_loops": 1,
+             "early_exit": False, "n_examples": 1, "accuracy": 1.0, "loss": 0.0,
+             "expected_loops": 1.0, "halt_loop": 1.0, "loops_run": 1.0, "loops_computed": 1.0,
+             "seconds": 0.0}]
+    files = {"empty.json": [], "dict.json": {"rows": rows}, "junk.json": [{"a": 1}],
+             "other_task.json": [{**rows[0], "task": "multihop"}],
+             "dense_only.json": [{**rows[0], "model": "baseline"}]}
+    says = {"empty.json": "no rows of a looped model", "dict.json": "not a list",
+            "junk.json": "row 0 is not a sweep row", "other_task.json": "sweep of multihop",
+            "dense_only.json": "no rows of a looped model"}
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        assert cli("report", "--run", looped, "--sweep", str(tmp_path / name),
+                   "--out", str(tmp_path / "r")) == 2
+        err = capsys.readouterr().err
+        assert says[name] in err and "Traceback" not in err, (name, err)
+    (tmp_path / "not_json.json").write_text("{")
+    assert cli("report", "--run", looped, "--sweep", str(tmp_path / "not_json.json"),
+               "--out", str(tmp_path / "r")) == 2
+    assert "not a JSON file of sweep rows" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert cli("report", "--run", looped, "--out", str(tmp_path / "a_file")) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli("report", "--run", looped, "--baseline", looped, "--out", str(tmp_path / "r")) == 2
+    assert "--baseline" in capsys.readouterr().err
+    assert not no_sweep
+    for extra in (["--exit-loops", "-1"], ["--train-loops", "0"]):
+        with pytest.raises(SystemExit):
+            cli("report", "--run", looped, "--out", str(tmp_path / "r"), *extra)

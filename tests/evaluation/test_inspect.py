@@ -9,6 +9,7 @@ import torch
 
 from open_mythos.checkpoints import load_model
 from open_mythos.cli import main
+from open_mythos.commands import inspect as inspect_command
 from open_mythos.tokenizers import ByteTokenizer
 from open_mythos.training import Trainer
 from tests.training.conftest import tiny_config
@@ -42,9 +43,13 @@ def test_inspect_reads_out_every_loop(tmp_path, capsys):
         assert (out / name).stat().st_size > 5_000
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split()[:2] == ["loop", "<bos>"]
+    # Again without an exit rule, at one loop: no KL or depth figure, and none left over.
+    assert main(["inspect", "--checkpoint", str(run), "--prompt", prompt, "--n-loops", "1",
+                 "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["lens.png"]
 
 
-def test_inspect_errors_are_one_line(tmp_path, capsys):
+def test_inspect_errors_are_one_line(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     Trainer(tiny_config(run, run__steps=1)).train()
     assert main(["inspect", "--checkpoint", str(run), "--prompt", "01", "--exit-kl", "-1",
@@ -52,3 +57,14 @@ def test_inspect_errors_are_one_line(tmp_path, capsys):
     assert "ExitRule.kl" in capsys.readouterr().err
     assert main(["inspect", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "01",
                  "--out", str(tmp_path / "x")]) == 2
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["inspect", "--checkpoint", str(run), "--prompt", "01",
+                 "--out", str(a_file)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    # A readout too large to hold fails at once, before the forward (the bound lowered to
+    # what this tiny model reaches).
+    monkeypatch.setattr(inspect_command, "MAX_READOUT_ENTRIES", 8 * 3 * 259)
+    assert main(["inspect", "--checkpoint", str(run), "--prompt", "01", "--n-loops", "9",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "too large a readout" in capsys.readouterr().err

@@ -100,6 +100,12 @@ def test_splits_longer_than_max_seq_len():
     assert [r.split for r in rows] == ["id"]
     with pytest.raises(ValueError, match="max_seq_len"):
         sweep(model, task, splits=["ood_length"], loops=[1], n_examples=2)
+    # Nothing to evaluate is an error, not an empty result.
+    too_long = get_task("parity", lengths=(20, 20), ood_lengths=(30, 30))
+    with pytest.raises(ValueError, match="no split of 'parity' fits max_seq_len=12"):
+        sweep(model, too_long, loops=[1], n_examples=2)
+    with pytest.raises(ValueError, match="at least one split"):
+        sweep(model, task, splits=[], loops=[1], n_examples=2)
 
 
 def test_perplexity_matches_manual_cross_entropy():

@@ -78,3 +78,18 @@ def test_depth_checks():
         "at 4x T_train (8 loops): 0.42% above the best loss (target within 1%: yes)"]
     assert depth_checks({1: 2.0, 2: 2.5}, 2)[0].endswith("no")
     assert depth_checks({1: 3.0, 2: 2.0, 8: 2.5}, 2)[1].endswith("no)")
+
+
+def test_text_runs_refuse_the_options_of_task_sweeps(text_run, tmp_path, capsys):
+    """A text run is evaluated by its validation loss: task options are refused, not ignored."""
+    for extra, named in ((["--baseline", str(text_run)], "--baseline"),
+                         (["--splits", "id"], "--splits"), (["--exit-kl", "0.1"], "--exit-*"),
+                         (["--n-examples", "5", "--seed", "3"], "--n-examples, --seed")):
+        assert main(["sweep", "--checkpoint", str(text_run), "--out", str(tmp_path / "s.json"),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is a text run" in err and named in err, err
+    assert main(["report", "--run", str(text_run), "--early-exit", "on",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "--early-exit" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "r").exists()

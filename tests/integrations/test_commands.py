@@ -110,6 +110,27 @@ def test_generate_reports_errors_with_status_2(tmp_path, capsys):
     assert status == 2 and "context" in err
     with pytest.raises(SystemExit):
         parse("generate", "--checkpoint", "x", "--prompt", "y", "--n-loops", "0")
+    # Refused requests print no prompt first, and name the command-line option.
+    for extra, says in ((["--temperature", "0"], "pass --greedy"),
+                        (["--top-p", "2"], "top_p must be in (0, 1]")):
+        status, out, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "run"),
+                                      "--prompt", "an echo", *extra)
+        assert status == 2 and says in err and out == "", (extra, out, err)
+    write_training_checkpoint(tmp_path / "dense", byte_baseline("gqa"))
+    status, out, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "dense"),
+                                  "--prompt", "x", "--n-loops", "3")
+    assert status == 2 and "fixed-depth" in err and out == ""
+
+
+def test_info_names_an_unreadable_weights_file(tmp_path, capsys):
+    from open_mythos.integrations.convert import training_to_safetensors
+
+    write_training_checkpoint(tmp_path / "run", byte_model("gqa"))
+    # A weights-only directory: no manifest whose sizes would catch the damage first.
+    weights = training_to_safetensors(tmp_path / "run", tmp_path / "st") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3])  # truncated in its header
+    status, _, err = openmythos(capsys, "info", str(weights.parent))
+    assert status == 2 and f"{weights} is unreadable" in err and "Traceback" not in err
 
 
 def test_info_prints_exact_counts_and_cache_sizes_of_a_variant(capsys):

@@ -145,6 +145,47 @@ def test_export_errors_are_one_line_with_status_2(exported, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_export_checks_what_it_writes_and_leaves_nothing_behind(exported, tmp_path, capsys):
+    """Each refused export names the problem and leaves no (half-written) --out behind."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.integrations.conftest import byte_baseline
+
+    run, _, model = exported
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1000)} | {"<unk>": 1000},
+                                       unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(
+        tmp_path / "big_tok")
+    # A weights-only export whose config says dim is twice what its weights hold.
+    wide = tmp_path / "wide"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(wide)]) == 0
+    config_file = wide / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "dim": 2 * config["dim"]}))
+    dense = write_run(tmp_path / "dense", byte_baseline("gqa"))
+    cases = [
+        ([str(run), "--tokenizer", str(tmp_path / "big_tok")], "1001 ids but the model only 259"),
+        ([str(run), "--format", "safetensors", "--tokenizer", str(tmp_path / "big_tok")],
+         "1001 ids"),
+        ([str(wide), "--format", "safetensors"], "do not match the model's configuration"),
+        ([str(wide)], "do not match the model's configuration"),
+        ([str(dense), "--n-loops", "4"], "fixed-depth"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for argv, says in cases:
+        for out in (tmp_path / "new", tmp_path / "empty"):
+            assert main(["export", *argv, "--out", str(out)]) == 2, argv
+            err = capsys.readouterr().err
+            assert says in err and "Traceback" not in err, (argv, err)
+            assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["export", str(run), "--out", str(a_file / "x")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 CLEAN_SCRIPT = r"""
 import json, sys
 try:

@@ -494,3 +494,12 @@ def test_multihop_digits_fixes_the_digits_in_every_prompt() -> None:
         MultiHop(digits=2)
     with pytest.raises(ValueError, match="integer"):
         MultiHop(ood_hops=(4, 6), statements=8, digits=True)
+
+
+def test_get_task_names_an_unknown_task_or_argument():
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="task 'parity' takes no argument hops, x; its "
+                                         "arguments: lengths, ood_lengths, running"):
+        get_task("parity", hops=[1, 2], x=1, lengths=[2, 3])
+    assert get_task("parity", lengths=[2, 3]).levels["id"] == (2, 3)

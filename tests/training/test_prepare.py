@@ -310,6 +310,17 @@ def test_damaged_or_missing_prepared_data_is_refused(corpus, tmp_path):
         build_data_source(DataConfig(prepared=str(tmp_path / "prep")), seed=0)
     with pytest.raises(ConfigError, match="already exists and is not an empty directory"):
         prepare([str(root)], tmp_path / "prep")
+    # A manifest naming a shard outside its directory is refused, never read or hashed.
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 2000)
+    manifest_file = tmp_path / "prep" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for name in ("../outside.bin", str(tmp_path / "outside.bin"), ".."):
+        manifest["shards"][0]["file"] = name
+        manifest_file.write_text(json.dumps(manifest))
+        with pytest.raises(ConfigError, match="names a shard outside its directory"):
+            verify_prepared(tmp_path / "prep")
+        with pytest.raises(ConfigError, match="names a shard outside its directory"):
+            build_data_source(DataConfig(prepared=str(tmp_path / "prep")), seed=0)
 
 
 def test_cli_prepare_then_train(corpus, tmp_path, capsys):
@@ -427,7 +438,13 @@ def test_a_full_disk_is_one_line_and_leaves_no_shards(corpus, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert code == 3 and "No space left on device" in err and "tokens-00001.bin" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert len(opened) == 2 and not any((tmp_path / "prep").iterdir())
+    # The directory it created is gone; one that existed (empty) is kept, empty.
+    assert len(opened) == 2 and not (tmp_path / "prep").exists()
+    (tmp_path / "mine").mkdir()
+    opened.clear()
+    assert main(["prepare", str(root), "--out", str(tmp_path / "mine"), "--shard-tokens", "500",
+                 "--no-progress"]) == 3
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
 
 
 def test_start_up_maps_the_shards_without_reading_them(corpus, tmp_path):
