@@ -38,6 +38,7 @@ the argmax. Batches are right-padded, which cannot change a causal model's score
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from tqdm import tqdm
 from ..config import check_loops
 from ..model import CausalLM
 from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, pad_rows
-from .textgen import GenerationOptions, complete
+from .textgen import PLAIN_CHAT_ROLES, GenerationOptions, chat_prompt, chat_template_of, complete
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -84,7 +85,9 @@ class OpenMythosLM(TemplateLM):
         device, dtype: where and in which dtype to load a checkpoint (``"bfloat16"``...);
             ``"auto"`` (default) is CUDA when available; CUDA asked for where there is none
             falls back to the CPU with a warning, as the harness's ``hf`` model does (its
-            command line passes ``cuda`` by default).
+            command line passes ``cuda`` by default). A model object stays where it is, in
+            its dtype (as the harness's ``hf`` model keeps one), with a warning when these
+            ask for another place or dtype: move it with ``.to()`` first.
         add_bos_token: prefix every encoded text with BOS.
     """
 
@@ -105,6 +108,8 @@ class OpenMythosLM(TemplateLM):
         super().__init__()
         self.model, self.tokenizer, stored_loops = _load(pretrained, tokenizer,
                                                          _pick_device(device), dtype)
+        if not isinstance(pretrained, (str, Path)):
+            _warn_if_moved(self.model, device, dtype)
         self.model.eval()
         self.n_loops = n_loops if n_loops is not None else (stored_loops or self.model.cfg.max_loop_iters)
         self.n_loops = check_loops(self.n_loops)
@@ -150,6 +155,31 @@ class OpenMythosLM(TemplateLM):
 
     def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    # Chat (--apply_chat_template) -------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer's name, for the harness's request-cache keys."""
+        inner = getattr(self.tokenizer, "tokenizer", None)
+        name = getattr(inner, "name_or_path", None) or type(self.tokenizer).__name__
+        return str(name).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template ``apply_chat_template`` uses (None when ``chat_template`` is off):
+        the tokenizer's own, else a description of the plain ``Role: content`` template."""
+        if not chat_template:
+            return None
+        own = chat_template_of(self.tokenizer)
+        if own is not None:
+            return own
+        return "plain: " + "; ".join(f"{k} -> {v}:" for k, v in PLAIN_CHAT_ROLES.items())
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """The prompt of a few-shot conversation: the tokenizer's chat template, else one
+        ``Role: content`` line per message and ``Assistant:`` (as the server renders chats)."""
+        return chat_prompt(self.tokenizer, chat_history, add_generation_prompt)[0]
 
     # Scoring -----------------------------------------------------------------------------------
 
@@ -318,6 +348,23 @@ def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.devi
         tokenizer = "byte"
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     return pretrained, tok, stored
+
+
+def _warn_if_moved(model: CausalLM, device: str | torch.device | None,
+                   dtype: str | torch.dtype | None) -> None:
+    """Warn when ``device``/``dtype`` ask an in-memory model to be elsewhere or another dtype."""
+    from ..checkpoints import floating_dtype
+
+    param = next(model.parameters())
+    ignored = []
+    if device not in (None, "auto") and _pick_device(device) != param.device:
+        ignored.append(f"device={device}")
+    if dtype not in (None, "auto") and floating_dtype(dtype) != param.dtype:
+        ignored.append(f"dtype={dtype}")
+    if ignored:
+        warnings.warn(f"pretrained is a model in memory: it stays on {param.device} in "
+                      f"{param.dtype}; {' and '.join(ignored)} ignored (move it with .to() "
+                      "first)", stacklevel=3)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

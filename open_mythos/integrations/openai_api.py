@@ -15,14 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..layers.recurrence import ExitRule
 from ..serving.jobs import TokenLogprob, token_bytes
 from ..tokenizers import Tokenizer
+from .textgen import chat_prompt
 
 MAX_STOP_STRINGS = 4
 
-#: The chat template of a tokenizer without one: one ``Role: content`` line per message,
-#: then ``Assistant:`` for the reply; generation also stops at :data:`PLAIN_CHAT_STOP`.
-PLAIN_CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant",
-                    "developer": "System", "tool": "Tool"}
-PLAIN_CHAT_STOP = "\nUser:"
 
 
 class ExitRuleBody(BaseModel):
@@ -171,13 +167,8 @@ class DetokenizeRequest(BaseModel):
 def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
     """The prompt text of a conversation and the stop strings its template implies: the
     tokenizer's own chat template (Hugging Face tokenizers that have one), else the plain
-    template (:data:`PLAIN_CHAT_ROLES`)."""
-    plain = [{"role": m.role, "content": m.text()} for m in messages]
-    hf = getattr(tokenizer, "tokenizer", None)
-    if getattr(hf, "chat_template", None):
-        return hf.apply_chat_template(plain, tokenize=False, add_generation_prompt=True), ()
-    lines = [f"{PLAIN_CHAT_ROLES[m['role']]}: {m['content']}" for m in plain]
-    return "\n".join([*lines, "Assistant:"]), (PLAIN_CHAT_STOP,)
+    template (:data:`~open_mythos.integrations.textgen.PLAIN_CHAT_ROLES`)."""
+    return chat_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in messages])
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -25,6 +25,12 @@ from ..layers.recurrence import ExitRule
 from ..model import OpenMythos
 from ..tokenizers import Tokenizer, pad_rows
 
+#: The chat template of a tokenizer without one: one ``Role: content`` line per message,
+#: then ``Assistant:`` for the reply; generation also stops at :data:`PLAIN_CHAT_STOP`.
+PLAIN_CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant",
+                    "developer": "System", "tool": "Tool"}
+PLAIN_CHAT_STOP = "\nUser:"
+
 REPLACEMENT_CHAR = "\ufffd"
 # A UTF-8 character has at most 4 bytes, so at most 3 trailing tokens can be incomplete.
 MAX_PENDING_TOKENS = 3
@@ -33,6 +39,36 @@ MAX_PENDING_TOKENS = 3
 class FinishReason:
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_new_tokens reached
+
+
+def chat_template_of(tokenizer: Tokenizer) -> str | None:
+    """The chat template of a Hugging Face tokenizer that has one, else None (the plain
+    template of :func:`chat_prompt` applies)."""
+    template = getattr(getattr(tokenizer, "tokenizer", None), "chat_template", None)
+    return template or None
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
+                add_generation_prompt: bool = True) -> tuple[str, tuple[str, ...]]:
+    """The prompt text of a conversation (``[{"role": ..., "content": ...}, ...]``) and the
+    stop strings its template implies: the tokenizer's own chat template (Hugging Face
+    tokenizers that have one), else one ``Role: content`` line per message
+    (:data:`PLAIN_CHAT_ROLES`), then ``Assistant:`` when ``add_generation_prompt``.
+
+    Raises:
+        ValueError: a role the plain template does not know.
+    """
+    if chat_template_of(tokenizer) is not None:
+        text = tokenizer.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return text, ()
+    unknown = sorted({m["role"] for m in messages} - set(PLAIN_CHAT_ROLES))
+    if unknown:
+        raise ValueError(f"chat role(s) {unknown} are not among {sorted(PLAIN_CHAT_ROLES)}")
+    lines = [f"{PLAIN_CHAT_ROLES[m['role']]}: {m['content']}" for m in messages]
+    if add_generation_prompt:
+        lines.append("Assistant:")
+    return "\n".join(lines), (PLAIN_CHAT_STOP,)
 
 
 @dataclass(frozen=True)

@@ -185,3 +185,39 @@ def test_max_batch_size_caps_auto():
                         max_batch_size=3).batch_size_per_call == 3
     assert OpenMythosLM(pretrained=model, tokenizer=TOK, batch_size=5,
                         max_batch_size=3).batch_size_per_call == 5
+
+
+def test_a_model_in_memory_stays_put_and_says_so(recwarn):
+    """device/dtype load a checkpoint; a model object keeps its place and dtype, and a
+    request for another one is a warning rather than silently dropped."""
+    model = byte_model("gqa")
+    with pytest.warns(UserWarning, match=r"stays on cpu in torch.float32; dtype=bfloat16 ignored"):
+        lm = OpenMythosLM(pretrained=model, tokenizer=TOK, dtype="bfloat16")
+    assert lm.model is model and next(model.parameters()).dtype == torch.float32
+    OpenMythosLM(pretrained=model, tokenizer=TOK, device="cpu", dtype="float32")
+    OpenMythosLM(pretrained=model, tokenizer=TOK)
+    assert not [w for w in recwarn if "in memory" in str(w.message)]
+
+
+def test_chat_templates_as_the_harness_applies_them():
+    """``--apply_chat_template``: the tokenizer's own template where it has one, else the
+    server's plain one; the template string fingerprints the harness's cache."""
+    pytest.importorskip("transformers")
+    from open_mythos.integrations.hf import byte_tokenizer_for_transformers
+    from open_mythos.tokenizers import MythosTokenizer
+
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    plain = OpenMythosLM(pretrained=byte_model("gqa"), tokenizer=TOK)
+    assert plain.apply_chat_template(history) == "System: be brief\nUser: 2+2?\nAssistant:"
+    assert plain.apply_chat_template(
+        [*history, {"role": "assistant", "content": "4"}], add_generation_prompt=False
+    ) == "System: be brief\nUser: 2+2?\nAssistant: 4"
+    assert plain.chat_template(False) is None and plain.chat_template(True).startswith("plain")
+    assert plain.tokenizer_name == "ByteTokenizer"
+
+    hf = byte_tokenizer_for_transformers()
+    hf.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
+                        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    own = OpenMythosLM(pretrained=byte_model("gqa"), tokenizer=MythosTokenizer.from_tokenizer(hf))
+    assert own.apply_chat_template(history) == "<system>be brief\n<user>2+2?\n<assistant>"
+    assert own.chat_template(True) == hf.chat_template

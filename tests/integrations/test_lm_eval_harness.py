@@ -170,3 +170,34 @@ def test_lm_eval_command_line_runs_our_model_type(run_and_export, tmp_path, offl
     import lm_eval  # noqa: F401
 
     assert math.isclose(acc, evaluate("openmythos", f"pretrained={run}", tasks)["om_mc"]["acc,none"])
+
+
+@pytest.mark.slow
+def test_apply_chat_template_scores_the_rendered_conversation(run_and_export, offline):
+    """``apply_chat_template=True``: every request's context is the conversation rendered by
+    the plain template (no chat template in the byte tokenizer), and its score is our
+    model's log-likelihood of the choice after that context."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import open_mythos.integrations.lm_eval  # noqa: F401  (registers --model openmythos)
+    from open_mythos.checkpoints import load_model
+
+    run, _, tasks = run_and_export
+    out = lm_eval.simple_evaluate(model="openmythos", model_args=f"pretrained={run}",
+                                  tasks=["om_mc"], batch_size=2, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tasks)),
+                                  apply_chat_template=True)
+    model = load_model(run).model
+    samples = out["samples"]["om_mc"]
+    assert len(samples) == len(MC_DOCS)
+    for sample in samples:
+        for (context, continuation), [(score, _)] in zip(sample["arguments"], sample["resps"]):
+            assert context.startswith("User: ") and context.endswith("\nAssistant:")
+            ids = TOK.encode(context + continuation)
+            n_ctx = len(TOK.encode(context))
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids]), n_loops=TRAINED_LOOPS)
+                                         .double(), -1)[0]
+            want = sum(float(logp[i - 1, ids[i]]) for i in range(n_ctx, len(ids)))
+            assert math.isclose(score, want, rel_tol=1e-4, abs_tol=1e-4)

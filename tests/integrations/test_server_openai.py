@@ -14,9 +14,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from open_mythos import ByteTokenizer  # noqa: E402
-from open_mythos.integrations.openai_api import PLAIN_CHAT_STOP, ChatMessage, render_chat  # noqa: E402
+from open_mythos.integrations.openai_api import ChatMessage, render_chat  # noqa: E402
 from open_mythos.integrations.server import CompletionService  # noqa: E402
-from open_mythos.integrations.textgen import GenerationOptions, complete  # noqa: E402
+from open_mythos.integrations.textgen import PLAIN_CHAT_STOP, GenerationOptions, complete  # noqa: E402
 from tests.integrations.conftest import TRAINED_LOOPS  # noqa: E402
 from tests.integrations.test_server import running_server  # noqa: E402
 
