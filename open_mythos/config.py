@@ -328,6 +328,18 @@ def check_loops(n_loops: Any, name: str = "n_loops", allow_none: bool = False) -
     return whole_number(n_loops, name, 1, allow_none)
 
 
+def check_flag(value: Any, name: str) -> bool | None:
+    """``value`` when it is True, False or None (a string such as ``"no"`` is truthy, so it
+    is refused rather than read as True).
+
+    Raises:
+        TypeError: anything else.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be True, False or None, got {value!r}")
+    return value
+
+
 def _is_int(v: Any) -> bool:
     """An integer, ``bool`` excluded; NumPy's integers count (``numbers.Integral``)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)

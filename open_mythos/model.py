@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import MythosConfig, check_loops
+from .config import MythosConfig, check_flag, check_loops
 from .inference.cache import CacheStore, KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.conv import TokenConv
 from .layers.init import init_tree
 from .layers.moe import MoEFFN
 from .layers.norm import RMSNorm
-from .layers.recurrence import ExitRule
+from .layers.recurrence import ExitRule, as_exit_rule
 from .layers.rope import rope_cos_sin
 from .upstream import RecurrentBlock as UpstreamRecurrentBlock
 from .upstream import TransformerBlock as UpstreamBlock
@@ -109,7 +109,10 @@ class CausalLM(nn.Module):
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty along the sequence dimension")
         end = start_pos + input_ids.shape[1]
-        if start_pos < 0 or end > self.cfg.max_seq_len:
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0 (the number of cached positions), got "
+                             f"{start_pos}")
+        if end > self.cfg.max_seq_len:
             raise ValueError(
                 f"positions {start_pos}..{end - 1} exceed max_seq_len={self.cfg.max_seq_len} "
                 "(shorten the input or build the model with a larger max_seq_len)"
@@ -221,6 +224,8 @@ class CausalLM(nn.Module):
         n_loops = self.default_n_loops if n_loops is None else check_loops(n_loops)
         self._validate(input_ids, start_pos)
         backprop_loops = check_loops(backprop_loops, name="backprop_loops", allow_none=True)
+        act_early_exit = check_flag(act_early_exit, "act_early_exit")
+        exit_rule = as_exit_rule(exit_rule)
         cache = as_cache_store(kv_cache)
         self._prepare_cache(cache, self.cache_keys(1)[0], start_pos)
         if act_early_exit is None:
@@ -313,6 +318,9 @@ class CausalLM(nn.Module):
         backprop_loops = check_loops(backprop_loops, name="backprop_loops", allow_none=True)
         deepest = self.max_readout_depth(n_loops)
         depths = range(1, deepest + 1) if depths is None else depths
+        if isinstance(depths, (int, str)) or not isinstance(depths, Collection):
+            raise TypeError(f"readout depths must be a collection of loop counts (such as "
+                            f"[2, 4]), got {depths!r}")
         bad = [d for d in depths if not (isinstance(d, int) and 1 <= d <= deepest)]
         if bad:
             raise ValueError(f"readout depths must be integers in [1, {deepest}], got {bad}")

@@ -154,7 +154,7 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """UTF-8 bytes of ``text``; ``add_bos``/``add_eos`` frame them with 257 / 258."""
-        ids = list(text.encode("utf-8"))
+        ids = list(_text(text).encode("utf-8"))
         if add_bos:
             ids.insert(0, self.bos_token_id)
         if add_eos:
@@ -206,6 +206,15 @@ class ByteTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(vocab_size={self.vocab_size})"
+
+
+def _text(text: Any) -> str:
+    """``text`` when it is a ``str``; TypeError otherwise (bytes are decoded by the caller)."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes a str, got {type(text).__name__}"
+                        + (" (decode bytes first: data.decode('utf-8'))"
+                           if isinstance(text, (bytes, bytearray)) else ""))
+    return text
 
 
 def _require_special(token_id: int | None, name: str) -> int:
@@ -318,7 +327,7 @@ class MythosTokenizer(Tokenizer):
         """Ids of ``text`` without the tokenizer's automatic special tokens (as upstream);
         ``add_bos``/``add_eos`` add BOS / EOS explicitly and raise ``ValueError`` if the
         tokenizer has none."""
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = list(self.tokenizer.encode(_text(text), add_special_tokens=False))
         if add_bos:
             ids.insert(0, _require_special(self.bos_token_id, "BOS"))
         if add_eos:

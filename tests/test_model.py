@@ -43,6 +43,23 @@ def test_n_loops_validation():
         model(ids, kv_cache={}, start_pos=62)
 
 
+def test_forward_options_of_the_wrong_kind_are_named():
+    from open_mythos.inference import KVCache
+
+    model = OpenMythos(tiny_config()).eval()
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="start_pos must be >= 0"):
+        model(ids, kv_cache={}, start_pos=-1)
+    with pytest.raises(TypeError, match="act_early_exit must be True, False or None"):
+        model(ids, act_early_exit="no")  # a truthy string is not read as True
+    with pytest.raises(TypeError, match="readout depths must be a collection"):
+        model(ids, n_loops=3, readout_depths=2)
+    with pytest.raises(ValueError, match="cache dtype must be a floating dtype"):
+        KVCache(8, dtype=torch.int8)  # integer keys and values were silently rounded
+    with pytest.raises(TypeError, match="cache dtype must be a torch.dtype"):
+        KVCache(8, dtype="float16")
+
+
 def test_numpy_integers_are_counts_like_python_ints():
     """Loop counts and generation lengths from NumPy (a sweep over ``np.arange``) work as
     Python ints, and reach the model as Python ints (no NumPy scalars in its arithmetic)."""

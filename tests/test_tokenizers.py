@@ -22,6 +22,10 @@ def test_byte_specials_inside_vocab():
     assert tok.vocab_size == len(tok) == 259
     assert max(tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) < tok.vocab_size
     assert tok.encode("<eos>") == list(b"<eos>")  # specials only come from add_bos/add_eos
+    with pytest.raises(TypeError, match=r"encode takes a str, got bytes \(decode bytes first"):
+        tok.encode(b"hi")
+    with pytest.raises(TypeError, match="encode takes a str, got int"):
+        tok.encode(123)
 
 
 def test_byte_decode_specials_and_invalid_utf8():

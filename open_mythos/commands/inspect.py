@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the text to read")
     p.add_argument("--lens", choices=["coda", "head"], default="coda",
-                   help="coda: the rest of the network, as an exit there would compute "
+                   help="coda: the rest of the network (with ACT off, what an exit there outputs) "
                         "(default); head: final norm and head only (the exit rules' lens)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_exit_arguments(p)

@@ -129,6 +129,24 @@ class DictCache(_FillMissing):
         return sum(t.numel() * t.element_size() for e in self.store.values() for t in e.values())
 
 
+def check_cache_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` when it is a floating ``torch.dtype`` or None (keys and values rounded to
+    an integer dtype would be silently wrong).
+
+    Raises:
+        TypeError: not a ``torch.dtype``.
+        ValueError: not a floating one.
+    """
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"cache dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"cache dtype must be a floating dtype (keys and values are not "
+                         f"integers), got {dtype}")
+    return dtype
+
+
 class KVCache(_FillMissing):
     """Preallocated cache: each entry is allocated once for ``max_len`` positions.
 
@@ -149,7 +167,7 @@ class KVCache(_FillMissing):
         if max_len <= 0:
             raise ValueError(f"KVCache max_len must be positive, got {max_len}")
         self.max_len = max_len
-        self.dtype = dtype
+        self.dtype = check_cache_dtype(dtype)
         self.depth_sharing = depth_sharing
         self._every = _parse_sharing(depth_sharing)
         self._buffers: dict[str, Entries] = {}

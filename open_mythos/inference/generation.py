@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..config import check_loops, whole_number
-from ..layers.recurrence import ExitRule
+from ..config import check_flag, check_loops, whole_number
+from ..layers.recurrence import ExitRule, as_exit_rule
 from .autocompile import ShapeKey, auto_compile
-from .cache import KVCache
+from .cache import KVCache, check_cache_dtype
 from .sampling import SamplingParams, select_next
 from .static import CompiledDecoder, cache_length
 
@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     from ..model import OpenMythos
 
 
-def _stop_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> torch.Tensor | None:
-    """The stop tokens as a tensor: one id or several (Python, NumPy or 0-d tensor integers)."""
+def _stop_ids(eos_token_id: int | Iterable[int] | None, device: torch.device,
+              vocab_size: int | None = None) -> torch.Tensor | None:
+    """The stop tokens as a tensor: one id or several (Python, NumPy or 0-d tensor integers),
+    each checked to be in ``[0, vocab_size)`` when that is given (an id outside could never
+    be generated, so the stop would never fire)."""
     if eos_token_id is None:
         return None
     try:
@@ -39,7 +42,36 @@ def _stop_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) ->
     except TypeError:
         raise ValueError(f"eos_token_id must be a token id or a list of them, got "
                          f"{eos_token_id!r}") from None
+    if vocab_size is not None:
+        for i in ids:
+            _check_token_id(i, "eos_token_id", vocab_size)
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+def _check_decode_args(model: OpenMythos, input_ids: torch.Tensor,
+                       eos_token_id: int | Iterable[int] | None, pad_token_id: int | None,
+                       generator: torch.Generator | None, cache_dtype: torch.dtype | None,
+                       ) -> tuple[torch.Tensor | None, int]:
+    """Check the decoding arguments shared by :func:`stream` and self-speculative decoding;
+    returns ``(stop ids or None, pad id)`` (the pad defaults to the first stop id, else 0)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
+    check_cache_dtype(cache_dtype)
+    stop = _stop_ids(eos_token_id, input_ids.device, model.cfg.vocab_size)
+    if pad_token_id is None:
+        pad_token_id = int(stop[0]) if stop is not None else 0
+    _check_token_id(pad_token_id, "pad_token_id", model.cfg.vocab_size)
+    return stop, int(pad_token_id)
+
+
+def _check_token_id(token_id: Any, name: str, vocab_size: int) -> None:
+    """ValueError unless ``token_id`` is an integer id in ``[0, vocab_size)``."""
+    try:
+        value = operator.index(token_id)
+    except TypeError:
+        raise ValueError(f"{name} must be a token id, got {token_id!r}") from None
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab_size})")
 
 
 def stream(
@@ -102,9 +134,12 @@ def stream(
     n_loops = check_loops(n_loops)
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None (automatic), got {compile!r}")
-    asked_exit = act_early_exit
+    exit_rule = as_exit_rule(exit_rule)
+    asked_exit = act_early_exit = check_flag(act_early_exit, "act_early_exit")
     act_early_exit = _check_stream_args(model, input_ids, max_new_tokens, attention_mask,
                                         act_early_exit, compile, exit_rule)
+    stop, pad_token_id = _check_decode_args(model, input_ids, eos_token_id, pad_token_id,
+                                            generator, cache_dtype)
     if max_new_tokens == 0:
         return
     # The shape key of the automatic policy; None when the steps are not its to count.
@@ -118,9 +153,6 @@ def stream(
             act_early_exit = False
     elif compile:
         key = _shape_key(model, input_ids, max_new_tokens, n_loops, cache_dtype)
-    stop = _stop_ids(eos_token_id, input_ids.device)
-    if pad_token_id is None:
-        pad_token_id = int(stop[0]) if stop is not None else 0
     with _inference(model):
         cache = KVCache(_cache_len(model, input_ids, max_new_tokens, compile), dtype=cache_dtype,
                         depth_sharing=depth_sharing)
@@ -155,11 +187,18 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
             f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"max_seq_len={model.cfg.max_seq_len}"
         )
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
             f"{tuple(input_ids.shape)}"
         )
+    if attention_mask is not None and T0:
+        empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"prompt(s) {empty} are all padding: every prompt needs at least "
+                             "one token (encode with add_bos=True, or start from BOS)")
     if attention_mask is not None and T0 and not bool((attention_mask[:, -1] == 1).all()):
         raise ValueError(
             "attention_mask must be 1 at the last prompt position of every row: pad prompts "

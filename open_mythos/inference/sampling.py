@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,13 @@ class SamplingParams:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not (value is None and name == "top_p") and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0 when sampling, got {self.temperature}; "

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import check_loops, whole_number
-from ..layers.recurrence import ExitRule
+from ..layers.recurrence import ExitRule, as_exit_rule
 from .cache import KVCache
-from .generation import _check_stream_args, _inference, _stop_ids
+from .generation import _check_decode_args, _check_stream_args, _inference
 from .sampling import SamplingParams, filter_logits
 
 if TYPE_CHECKING:
@@ -132,15 +132,15 @@ def speculative_stream(
     if draft_loops is None and draft_exit_rule is None:
         raise ValueError("give draft_loops, draft_exit_rule or both")
     draft_loops = check_loops(draft_loops, "draft_loops", allow_none=True)
+    draft_exit_rule = as_exit_rule(draft_exit_rule)
+    stop, pad_token_id = _check_decode_args(model, input_ids, eos_token_id, pad_token_id,
+                                            generator, cache_dtype)
     stats = SpeculativeStats() if stats is None else stats
     if max_new_tokens == 0:
         return
     decoder = _Speculator(model, input_ids, max_new_tokens, n_loops, params, attention_mask,
                           generator, cache_dtype, draft_loops or n_loops, draft_exit_rule,
                           draft_lens)
-    stop = _stop_ids(eos_token_id, input_ids.device)
-    if pad_token_id is None:
-        pad_token_id = int(stop[0]) if stop is not None else 0
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     emitted = 0
     with _inference(model):

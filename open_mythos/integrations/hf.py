@@ -55,10 +55,17 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import FLOAT_FIELDS, MythosConfig, check_loops, json_floats, parse_json_float
+from ..config import (
+    FLOAT_FIELDS,
+    MythosConfig,
+    check_flag,
+    check_loops,
+    json_floats,
+    parse_json_float,
+)
 from ..inference.cache import DictCache
 from ..layers.init import init_module
-from ..layers.recurrence import ExitRule
+from ..layers.recurrence import ExitRule, as_exit_rule
 from ..model import CausalLM
 from ..registry import build_model, config_fields, config_from_dict
 
@@ -132,10 +139,10 @@ class OpenMythosHFConfig(PretrainedConfig):
         # valid ExitRule (JSON).
         if name == "n_loops":
             value = check_loops(value, allow_none=True)
-        elif name == "act_early_exit" and not (value is None or isinstance(value, bool)):
-            raise TypeError(f"act_early_exit must be True, False or None, got {value!r}")
+        elif name == "act_early_exit":
+            value = check_flag(value, "act_early_exit")
         elif name == "exit_rule" and value is not None:
-            value = dataclasses.asdict(_as_exit_rule(value))
+            value = dataclasses.asdict(as_exit_rule(value))
         super().__setattr__(name, value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,13 +163,12 @@ class OpenMythosHFConfig(PretrainedConfig):
         return cls(**cfg.to_dict(), **kwargs)
 
 
-def _as_exit_rule(rule: dict[str, Any] | ExitRule | None) -> ExitRule | None:
-    """An :class:`ExitRule` from itself or its fields as a dict (validated)."""
-    if rule is None or isinstance(rule, ExitRule):
-        return rule
-    if not isinstance(rule, dict):
-        raise TypeError(f"exit_rule must be an ExitRule or a dict of its fields, got {rule!r}")
-    return ExitRule(**rule)
+#: Keyword arguments transformers' Trainer, pipelines and tokenizers pass to a model's
+#: ``forward`` that it may take without using: ``num_items_in_batch`` (read for the loss),
+#: ``cache_position`` (positions come from the cache), ``token_type_ids`` (``model(**tok(...))``
+#: with a tokenizer that returns them), ``output_attentions`` (refused when true).
+_PASSED_BY_TRANSFORMERS = frozenset({"num_items_in_batch", "cache_position", "token_type_ids",
+                                     "output_attentions"})
 
 
 class MythosCache:
@@ -332,6 +338,13 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             output_hidden_states: also return the final normalised hidden states, as a
                 one-element tuple.
         """
+        unknown = sorted(set(kwargs) - _PASSED_BY_TRANSFORMERS)
+        if unknown:  # a misspelled option (n_loop=) would otherwise run at the default
+            raise TypeError(f"OpenMythosForCausalLM.forward() got unexpected keyword "
+                            f"argument(s) {', '.join(unknown)}")
+        if kwargs.get("output_attentions"):
+            raise ValueError("OpenMythosForCausalLM does not return attention weights "
+                             "(output_attentions)")
         if inputs_embeds is not None:
             raise ValueError("OpenMythosForCausalLM takes input_ids, not inputs_embeds")
         if position_ids is not None:
@@ -343,7 +356,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         n_loops = self.config.n_loops if n_loops is None else n_loops
         if act_early_exit is None:
             act_early_exit = self.config.act_early_exit
-        exit_rule = _as_exit_rule(self.config.exit_rule if exit_rule is None else exit_rule)
+        exit_rule = as_exit_rule(self.config.exit_rule if exit_rule is None else exit_rule)
 
         passed = cache if cache is not None else past_key_values
         cache = _as_mythos_cache(passed)

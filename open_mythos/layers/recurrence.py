@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +215,20 @@ class ExitRule:
     @property
     def needs_readout(self) -> bool:
         return self.kl is not None or self.entropy is not None or self.argmax_streak is not None
+
+
+def as_exit_rule(rule: ExitRule | Mapping[str, Any] | None) -> ExitRule | None:
+    """An :class:`ExitRule` from itself or a mapping of its fields (validated), or None.
+
+    Raises:
+        TypeError: anything else, or a mapping with fields an ExitRule does not have.
+        ValueError: an invalid threshold (the message names the field).
+    """
+    if rule is None or isinstance(rule, ExitRule):
+        return rule
+    if not isinstance(rule, Mapping):
+        raise TypeError(f"exit_rule must be an ExitRule or a dict of its fields, got {rule!r}")
+    return ExitRule(**rule)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -87,12 +87,48 @@ def test_streaming_yields_tokens_as_produced():
     (dict(top_k=-1), "top_k must be"),
     (dict(max_new_tokens=100), "exceeds max_seq_len=64"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), "pad prompts on the left"),
+    (dict(attention_mask=torch.tensor([[0, 0, 0]])), r"prompt\(s\) \[0\] are all padding"),
+    (dict(pad_token_id=-1, eos_token_id=2), r"pad_token_id=-1 is outside the vocabulary"),
+    (dict(eos_token_id=[2, 97]), r"eos_token_id=97 is outside the vocabulary \[0, 97\)"),
+    (dict(cache_dtype=torch.int8), "cache dtype must be a floating dtype"),
 ])
 def test_bad_arguments(kwargs, match):
     model = halting_model("gqa")
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         model.generate(torch.zeros(1, 3, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature="0.7"), "temperature must be a number"),
+    (dict(top_p="0.9"), "top_p must be a number"),
+    (dict(do_sample="no"), "do_sample must be True or False"),
+    (dict(act_early_exit="no"), "act_early_exit must be True, False or None"),
+    (dict(attention_mask=[[1, 1, 1]]), "attention_mask must be a tensor"),
+    (dict(generator=123), "generator must be a torch.Generator"),
+    (dict(cache_dtype="float16"), "cache dtype must be a torch.dtype"),
+    (dict(exit_rule=[0.1]), "exit_rule must be an ExitRule or a dict"),
+])
+def test_arguments_of_the_wrong_type_are_named(kwargs, match):
+    """A mistyped argument is a TypeError naming it, before any work (not an error from
+    deep inside, or a truthy string read as True)."""
+    model = halting_model("gqa")
+    with pytest.raises(TypeError, match=match):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4, **kwargs)
+
+
+def test_an_exit_rule_may_be_a_dict_of_its_fields():
+    from open_mythos import ExitRule
+
+    model = halting_model("gqa").eval()
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    rule = dict(kl=0.05, min_loops=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, n_loops=4, exit_rule=rule),
+                                   model(ids, n_loops=4, exit_rule=ExitRule(**rule)), rtol=0, atol=0)
+    assert torch.equal(generate(model, ids, 4, n_loops=4, do_sample=False, exit_rule=rule),
+                       generate(model, ids, 4, n_loops=4, do_sample=False,
+                                exit_rule=ExitRule(**rule)))
 
 
 def test_top_k_larger_than_vocab_and_restores_training_mode():

@@ -103,6 +103,23 @@ def test_n_loops_at_load_time_and_per_call(saved):
     assert type(np_loops.config.n_loops) is int and '"n_loops": 3' in np_loops.config.to_json_string()
 
 
+def test_forward_refuses_a_misspelled_option():
+    """``**kwargs`` is there for what transformers passes; a typo is not silently run at the
+    default depth."""
+    hf = OpenMythosForCausalLM.from_mythos(byte_model("gqa")).eval()
+    ids = torch.randint(0, BYTE_VOCAB, (1, 5))
+    with pytest.raises(TypeError, match="unexpected keyword argument.*n_loop"):
+        hf(ids, n_loop=1)
+    with pytest.raises(ValueError, match="output_attentions"):
+        hf(ids, output_attentions=True)
+    with pytest.raises(TypeError, match="act_early_exit must be True, False or None"):
+        hf(ids, act_early_exit="no")
+    # What a Trainer or a tokenizer's output passes along is taken.
+    torch.testing.assert_close(hf(ids, token_type_ids=torch.zeros_like(ids),
+                                  output_attentions=False, num_items_in_batch=5).logits,
+                               hf(ids).logits, rtol=0, atol=0)
+
+
 def test_cache_forward_matches_full_forward_and_returns_our_cache():
     model = byte_model("gqa")
     hf = OpenMythosForCausalLM.from_mythos(model)
