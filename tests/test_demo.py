@@ -30,11 +30,30 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     (["--set", "optim.bogus=1"], "unknown config key 'optim.bogus'"),
     (["--task-args", "[1]"], "--task-args must be a JSON object"),
     (["--steps", "0"], "--steps must be >= 1"),
+    # What only training used to see (a traceback from a worker, exit 1):
+    (["--task-args", '{"ood_hops": 5}'], "ood_hops must be a (lo, hi) pair"),
+    (["--task-args", '{"hops": [1, 3], "ood_hops": [4, 6], "statements": 20}'],
+     "data.seq_len=84 exceeds model.max_seq_len=64"),
+    (["--set", "data.task=parity"], "task 'parity' takes no argument hops"),
+    (["--set", "run.out=elsewhere"], "the demo sets run.out, run.init_from itself"),
 ])
 def test_bad_arguments_fail_before_training(tmp_path, capsys, argv, message):
     assert main(["demo", "--out", str(tmp_path / "d"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d" / "looped").exists()
+
+
+def test_out_that_is_a_file_and_quick_sizes_given_explicitly(tmp_path, capsys, monkeypatch):
+    from open_mythos.commands import demo
+
+    (tmp_path / "a_file").write_text("")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "a_file")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    # --quick sizes what is not given; a size given explicitly wins.
+    seen = {}
+    monkeypatch.setattr(demo, "_check_args", lambda args: seen.update(vars(args)) or "stop")
+    main(["demo", "--quick", "--steps", "20", "--out", str(tmp_path / "d")])
+    assert (seen["steps"], seen["lookup_steps"], seen["batch_size"]) == (20, 6, 16)
 
 
 def test_demo_compiles_when_a_compiler_is_there(monkeypatch):

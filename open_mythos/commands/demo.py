@@ -60,6 +60,11 @@ KINDS = ("looped", "baseline")
 #: The exit rule of the second sweep: stop a position once its most likely next token has
 #: stayed the same for two loops (docs/adaptive_inference.md).
 DEMO_EXIT_RULE_ARGS: dict[str, int] = {"argmax_streak": 2, "min_loops": 2}
+#: Defaults of the sizes ``--quick`` replaces.
+DEFAULTS: dict[str, int] = {"steps": 1500, "lookup_steps": 1400, "n_examples": 256,
+                            "batch_size": 128}
+#: Training keys the demo sets itself per model and stage (``--set`` cannot move them).
+MANAGED_KEYS = ("run.out", "run.init_from")
 #: The two stages: name -> settings besides the shared ones.
 STAGES: dict[str, dict[str, Any]] = {
     "lookup": {"optim.lr": 1e-3},
@@ -81,16 +86,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--loops", choices=("fixed", "uniform"), default="uniform",
                    help="loop counts in training: always T_train, or uniform in "
                         "[T_train, 2 x T_train] (default uniform)")
-    p.add_argument("--lookup-steps", type=int, default=1400,
-                   help="optimizer steps of the lookup stage (default 1400; 0 skips it)")
-    p.add_argument("--steps", type=int, default=1500,
-                   help="optimizer steps of the chain stage (default 1500)")
-    p.add_argument("--batch-size", type=int, default=128, help="examples per step (default 128)")
+    p.add_argument("--lookup-steps", type=int, default=DEFAULTS["lookup_steps"],
+                   help="optimizer steps of the lookup stage (default %(default)s; 0 skips it)")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
+                   help="optimizer steps of the chain stage (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="examples per step (default %(default)s)")
     p.add_argument("--loop-loss", type=float, default=3.0,
                    help="weight of the per-loop readout loss (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and loops (default 0)")
-    p.add_argument("--n-examples", type=int, default=256,
-                   help="examples per split in the sweep (default 256)")
+    p.add_argument("--n-examples", type=int, default=DEFAULTS["n_examples"],
+                   help="examples per split in the sweep (default %(default)s)")
     p.add_argument("--jobs", type=int, choices=(1, 2),
                    help="train the two models in parallel processes (2) or one after the other "
                         "(1); default 2 when the machine has at least 2 cores")
@@ -103,7 +109,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="torch.compile the training step's blocks and loop body; auto (the "
                         "default): on when a C++ compiler for inductor is found, off with "
                         "--quick")
-    p.add_argument("--quick", action="store_true", help="a tiny run (seconds) to check the pipeline")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run (seconds) to check the pipeline: 6 lookup + 12 chain steps "
+                        "of 16 examples, 16 per split in the sweep (sizes given explicitly win)")
     p.set_defaults(func=run)
     return p
 
@@ -430,22 +438,40 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--task-args is not valid JSON: {err}"
     if not isinstance(task_args, dict):
         return "--task-args must be a JSON object"
-    from ..tasks import VOCAB_SIZE
+    from ..devices import resolve_device
+    from ..tasks import get_task
     from ..training import ConfigError
+    from ..training.config import parse_override
+    from ..training.trainer import open_data
+    from .argtypes import check_output_dir
 
     try:
+        check_output_dir(args.out)
+        get_task("multihop", **task_args)  # before the lookup stage's knobs are derived
+        for text in args.overrides:
+            if parse_override(text)[0] in MANAGED_KEYS:
+                return (f"--set {text}: the demo sets {', '.join(MANAGED_KEYS)} itself "
+                        "(use --out)")
         for kind in KINDS:  # every override must be valid for both models and stages
             for stage in stages(args):
-                train_config(args, Path(args.out) / kind, kind, stage).model.build(VOCAB_SIZE)
-    except (ConfigError, ValueError) as err:
+                cfg = train_config(args, Path(args.out) / kind, kind, stage)
+                open_data(cfg)  # what training opens first: task, context length
+                resolve_device(cfg.run.device)
+    except (ConfigError, ValueError, TypeError) as err:
         return str(err)
     return None
+
+
+#: The sizes of a ``--quick`` run; an option given with another value than its default wins.
+QUICK: dict[str, int] = {"steps": 12, "lookup_steps": 6, "n_examples": 16, "batch_size": 16}
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, sweep, report, print. Exit status 0, or 2 for invalid arguments."""
     if args.quick:
-        args.steps, args.lookup_steps, args.n_examples, args.batch_size = 12, 6, 16, 16
+        for name, value in QUICK.items():
+            if getattr(args, name) == DEFAULTS[name]:
+                setattr(args, name, value)
     problem = _check_args(args)
     if problem:
         print(f"openmythos demo: error: {problem}", file=sys.stderr)
@@ -453,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..tasks import get_task
-    from ..training import load_checkpoint
+    from ..training import ConfigError, load_checkpoint
 
     try:
         task = get_task("multihop", **json.loads(args.task_args))
@@ -466,7 +492,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     jobs = args.jobs or (2 if (os.cpu_count() or 1) >= 2 else 1)
     _print_banner(args, task, jobs)
-    seconds = train_both(args, out, jobs)
+    try:
+        seconds = train_both(args, out, jobs)
+    except ConfigError as err:  # what the checks above could not see (a worker's data...)
+        print(f"openmythos demo: error: {err}", file=sys.stderr)
+        return 2
     final = stages(args)[-1]
     models = {kind: load_checkpoint(out / kind / final)[0].eval() for kind in KINDS}
     train_s = time.perf_counter() - start

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from .base import Example, Task, check_range
+from .base import Example, Task, check_flag, check_range
 
 DIGITS = "0123456789"
 
@@ -39,7 +39,7 @@ class ModSum(Task):
         lengths = check_range("lengths", lengths)
         ood = check_range("ood_lengths", ood_lengths)
         super().__init__({"train": lengths, "id": lengths, "ood_length": ood})
-        if not 2 <= modulus <= 10:
+        if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= 10:
             raise ValueError(f"modulus must be in 2..10 (one answer digit each), got {modulus}")
         self.modulus = int(modulus)
 
@@ -87,7 +87,7 @@ class Addition(Task):
         digits = check_range("digits", digits)
         ood = check_range("ood_digits", ood_digits)
         super().__init__({"train": digits, "id": digits, "ood_digits": ood})
-        self.reverse = bool(reverse)
+        self.reverse = check_flag("reverse", reverse)
 
     def _number(self, rng: random.Random, n_digits: int) -> int:
         low = 0 if n_digits == 1 else 10 ** (n_digits - 1)

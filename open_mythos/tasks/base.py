@@ -21,11 +21,12 @@ here so that tasks never depend on a tokenizer implementation.
 
 from __future__ import annotations
 
+import numbers
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 PAD_ID = 256
 BOS_ID = 257
@@ -49,14 +50,26 @@ class Example:
 
 
 def check_range(field: str, value: tuple[int, int], minimum: int = 1) -> tuple[int, int]:
-    """Validate an inclusive ``(lo, hi)`` range of ints with ``minimum <= lo <= hi``."""
+    """Validate an inclusive ``(lo, hi)`` range of ints with ``minimum <= lo <= hi`` (4.7 is
+    not truncated to 4, nor "4" parsed: a range of another type is an error)."""
     try:
-        lo, hi = (int(v) for v in value)
+        lo, hi = value
     except (TypeError, ValueError):
         raise ValueError(f"{field} must be a (lo, hi) pair of ints, got {value!r}") from None
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (lo, hi)):
+        raise ValueError(f"{field} must be a (lo, hi) pair of ints, got {value!r}")
+    lo, hi = int(lo), int(hi)
     if not minimum <= lo <= hi:
         raise ValueError(f"{field} must satisfy {minimum} <= lo <= hi, got {value!r}")
     return lo, hi
+
+
+def check_flag(field: str, value: Any) -> bool:
+    """A task's on/off knob: ``True`` or ``False`` only (the string ``"false"`` is truthy, so
+    it is refused rather than read as True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} must be true or false, got {value!r}")
+    return value
 
 
 class Task(ABC):

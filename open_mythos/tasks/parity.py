@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from .base import Example, Task, check_range
+from .base import Example, Task, check_flag, check_range
 
 
 class Parity(Task):
@@ -30,7 +30,7 @@ class Parity(Task):
         lengths = check_range("lengths", lengths)
         ood = check_range("ood_lengths", ood_lengths)
         super().__init__({"train": lengths, "id": lengths, "ood_length": ood})
-        self.running = bool(running)
+        self.running = check_flag("running", running)
 
     def _generate(self, rng: random.Random, level: int) -> Example:
         bits = [rng.randint(0, 1) for _ in range(level)]

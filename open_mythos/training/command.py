@@ -123,8 +123,9 @@ def config_from_args(args: argparse.Namespace, report: bool = False):
 
     pairs = []
     if any(getattr(args, _dest(key)) is not None for key in _SOURCES):
-        # A data source on the command line replaces the file's, whichever it was.
-        pairs += [(key, UNSET) for key in _SOURCES]
+        # A data source on the command line replaces the file's, whichever it was, with the
+        # file's task knobs (another task's arguments; --set data.task_args=... after it).
+        pairs += [(key, UNSET) for key in (*_SOURCES, "data.task_args", "data.val_split")]
     pairs += [(key, getattr(args, _dest(key))) for _, key, _ in _FLAGS]
     pairs += [parse_override(text) for text in args.overrides]
     if args.resume != "never" and args.config is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import sys
 import types
@@ -193,6 +194,12 @@ class DataConfig:
         for name in ("task", "hf_dataset", "prepared"):
             if getattr(self, name) == "":
                 setattr(self, name, None)
+        # Local paths: "~/corpus" is the home directory's, as in a shell (not "./~/corpus").
+        self.text = [os.path.expanduser(p) for p in self.text]
+        if self.prepared is not None:
+            self.prepared = os.path.expanduser(self.prepared)
+        if self.tokenizer.startswith("~"):
+            self.tokenizer = os.path.expanduser(self.tokenizer)
         sources = [n for n in ("task", "text", "hf_dataset", "prepared") if getattr(self, n)]
         if len(sources) > 1:
             raise ConfigError(f"data: choose one source, got {' and '.join(sources)}")
@@ -418,6 +425,11 @@ class RunConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ConfigError(f"run.out={self.out!r} is invalid: name the run directory")
+        self.out = os.path.expanduser(self.out)  # "~/runs/x" as in a shell
+        if self.init_from is not None:
+            self.init_from = os.path.expanduser(self.init_from)
         _positive("run.steps", self.steps)
         _positive("run.log_every", self.log_every)
         _positive("run.max_bad_steps", self.max_bad_steps)

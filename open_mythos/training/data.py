@@ -202,6 +202,10 @@ class PackedTextSource(DataSource):
                 f"val tokens, seq_len {self.seq_len}")
 
 
+class DataExhausted(ConfigError):
+    """A streamed dataset (read once, in order) has no more sequences."""
+
+
 class StreamingTextSource(DataSource):
     """Packed windows of a Hugging Face dataset read with ``streaming=True``.
 
@@ -236,9 +240,10 @@ class StreamingTextSource(DataSource):
             try:
                 out.append(next(it))
             except StopIteration:
-                raise ConfigError(
+                raise DataExhausted(
                     f"data.hf_dataset={self._cfg.hf_dataset!r} ran out after "
-                    f"{it.count} sequences of data.seq_len={self.seq_len}") from None
+                    f"{it.count} sequences of data.seq_len={self.seq_len} (a streamed "
+                    "dataset is read once)") from None
         return out
 
     def batch(self, split: str, index: int, shard: int = 0, n_shards: int = 1, *,

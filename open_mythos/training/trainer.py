@@ -74,7 +74,7 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .config import Compile, ConfigError, ModelConfig, Parallel, Precision, TrainConfig, to_toml
-from .data import TRAIN, VAL, DataSource, build_data_source
+from .data import TRAIN, VAL, DataExhausted, DataSource, build_data_source
 from .distributed import (
     all_reduce,
     broadcast_object,
@@ -132,6 +132,23 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, checkpoint: Path | None):
         super().__init__(step, checkpoint)
         self.step, self.checkpoint = step, checkpoint
+
+
+def open_data(cfg: TrainConfig, world_size: int = 1) -> tuple[DataSource, MythosConfig]:
+    """The data source of ``cfg`` and the model configuration built for its vocabulary: what
+    :meth:`Trainer.train` checks first, before it touches the run directory.
+
+    Raises:
+        ConfigError: the data source cannot be opened (see :func:`build_data_source`), the
+            model configuration is invalid, or the data's sequences do not fit its context.
+    """
+    data = build_data_source(cfg.data, cfg.run.seed, world_size,
+                             with_trace=cfg.optim.loop_targets)
+    model_cfg = cfg.model.build(data.vocab_size)
+    if data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
+                          f"{model_cfg.max_seq_len}")
+    return data, model_cfg
 
 
 @dataclass
@@ -271,12 +288,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
-        self.data: DataSource = build_data_source(cfg.data, cfg.run.seed, ctx.world_size,
-                                                  with_trace=cfg.optim.loop_targets)
-        self.model_cfg: MythosConfig = cfg.model.build(self.data.vocab_size)
-        if self.data.seq_len > self.model_cfg.max_seq_len:
-            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
-                              f"{self.model_cfg.max_seq_len}")
+        self.data, self.model_cfg = open_data(cfg, ctx.world_size)
         # Written to DIR/config.toml: what --resume, generate and export read back from
         # anywhere, so local paths are absolute (the tokenizer is also copied in).
         self.resolved = absolute_paths(dataclasses.replace(
@@ -553,7 +565,11 @@ class Trainer:
     def _steps(self, interrupted: list[bool]) -> None:
         cfg = self.cfg
         while self.state.step < cfg.run.steps:
-            row = self._train_step()
+            try:
+                row = self._train_step()
+            except DataExhausted as err:
+                raise DataExhausted(f"{err}, in step {self.state.step + 1} of {cfg.run.steps}; "
+                                    f"{self._save_before_stopping()}") from None
             step = self.state.step
             self._judge_checkpoint(row["skipped"])
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
@@ -576,6 +592,18 @@ class Trainer:
                 saved = self.last_checkpoint is not None and \
                     self.last_checkpoint.name == f"step_{step:08d}"
                 raise TrainingInterrupted(step, self.last_checkpoint if saved else None)
+
+    def _save_before_stopping(self) -> str:
+        """Save the last completed step unless it is saved (or was skipped); say where it is."""
+        step = self.state.step
+        done = self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{step:08d}"
+        if step and not done and not self.state.consecutive_bad:
+            self.save()
+            done = True
+        if done:
+            return f"the {step} steps done are saved in {self.last_checkpoint}"
+        return (f"nothing saved since {self.last_checkpoint}" if self.last_checkpoint
+                else "no step was completed")
 
     def _check_health(self, row: dict[str, Any]) -> None:
         """Raise :class:`TrainingDiverged` after ``run.max_bad_steps`` skipped steps in a row

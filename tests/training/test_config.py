@@ -140,6 +140,38 @@ def test_cli_precedence_file_then_flags_then_set(tmp_path):
     assert text.data.task is None and text.data.text == ["a.txt", "b.txt"]
     prepared = config_from_args(parse_train(["--config", str(TINY), "--prepared", "shards"]))
     assert prepared.data.task is None and prepared.data.prepared == "shards"
+    # ... with the file's task knobs, which belong to its task; --set gives the new one's.
+    chain = REPO / "configs" / "multihop_chain.toml"
+    phop = config_from_args(parse_train(["--config", str(chain), "--task", "phop"]))
+    assert phop.data.task == "phop" and phop.data.task_args == {}
+    knobs = config_from_args(parse_train(["--config", str(chain), "--task", "phop",
+                                          "--set", "data.task_args={hops=[1,2]}"]))
+    assert knobs.data.task_args == {"hops": [1, 2]}
+
+
+def test_paths_and_values_a_shell_user_writes(tmp_path, monkeypatch):
+    """``~`` is the home directory (not ./~), an empty run directory is refused (it trained
+    into the current directory), and task knobs are not coerced: "false" is not True, 4.7
+    is not 4."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config_from_args(parse_train(["--config", str(TINY), "--out", "~/runs/x",
+                                        "--set", "run.init_from=~/runs/y"]))
+    assert (cfg.run.out, cfg.run.init_from) == (f"{tmp_path}/runs/x", f"{tmp_path}/runs/y")
+    text = config_from_args(parse_train(["--config", str(TINY), "--text", "~/a.txt"]))
+    assert text.data.text == [f"{tmp_path}/a.txt"]
+    for out in ("", " "):
+        with pytest.raises(ConfigError, match="run.out=.* is invalid: name the run directory"):
+            config_from_args(parse_train(["--config", str(TINY), "--out", out]))
+    from open_mythos.tasks import get_task
+
+    with pytest.raises(ValueError, match="running must be true or false, got 'false'"):
+        get_task("parity", running="false")
+    with pytest.raises(ValueError, match="reverse must be true or false"):
+        get_task("addition", reverse=1)
+    with pytest.raises(ValueError, match=r"lengths must be a \(lo, hi\) pair of ints"):
+        get_task("parity", lengths=[4.7, 12])
+    with pytest.raises(ValueError, match="modulus must be in 2..10"):
+        get_task("modsum", modulus=3.5)
 
 
 def test_cli_loops_flag_offers_every_loop_mode_and_task_help_names_every_task(capsys):

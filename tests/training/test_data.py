@@ -160,3 +160,33 @@ def test_hf_dataset_errors_of_the_real_library_are_config_errors(tmp_path, monke
         build_data_source(DataConfig(hf_dataset=str(corpus), hf_split="test"), seed=0)
     with pytest.raises(ConfigError, match="ran out after 0 sequences"):
         build_data_source(DataConfig(hf_dataset=str(corpus), seq_len=64), seed=0)
+
+
+def test_a_streamed_dataset_that_runs_out_saves_the_steps_done(tmp_path, monkeypatch):
+    """Mid-run exhaustion of a stream names the step and saves the last completed one
+    (it was a bare configuration error, losing the steps since the last checkpoint)."""
+    datasets = pytest.importorskip("datasets")
+    from open_mythos.training import Trainer, load_checkpoint
+    from open_mythos.training.config import UNSET
+    from open_mythos.training.data import DataExhausted
+
+    from .conftest import read_metrics, tiny_config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text("\n".join(
+        json.dumps({"text": f"document {i} of a short corpus"}) for i in range(40)) + "\n")
+    cfg = tiny_config(tmp_path / "run", data__task=UNSET, data__task_args=UNSET,
+                      data__hf_dataset=str(corpus),
+                      data__seq_len=16, data__batch_size=4, data__eval_batches=1,
+                      run__steps=100, run__save_every=5)
+    with pytest.raises(DataExhausted, match=r"ran out after .* in step (\d+) of 100; the \d+ "
+                                            r"steps done are saved in .*step_000000") as caught:
+        Trainer(cfg).train()
+    failed_step = int(caught.value.args[0].split("in step ")[1].split()[0])
+    assert read_metrics(tmp_path / "run")[-1]["step"] == failed_step - 1
+    assert load_checkpoint(tmp_path / "run")[1] is not None
+    assert (tmp_path / "run" / "checkpoints" / f"step_{failed_step - 1:08d}").is_dir()
