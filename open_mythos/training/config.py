@@ -581,7 +581,9 @@ def _build_model_section(raw: Mapping[str, Any]) -> ModelConfig:
     variant = None
     for key, value in raw.items():
         if key == "variant":
-            variant = _coerce("model.variant", value, str | None)
+            # An empty name clears a config file's preset (--set model.variant=), as an empty
+            # data.task clears its task.
+            variant = _coerce("model.variant", value, str | None) or None
         else:
             overrides[key] = _coerce(f"model.{key}", value, hints[key])
     return ModelConfig(variant=variant, overrides=overrides)

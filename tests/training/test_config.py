@@ -159,6 +159,8 @@ def test_paths_and_values_a_shell_user_writes(tmp_path, monkeypatch):
     assert (cfg.run.out, cfg.run.init_from) == (f"{tmp_path}/runs/x", f"{tmp_path}/runs/y")
     text = config_from_args(parse_train(["--config", str(TINY), "--text", "~/a.txt"]))
     assert text.data.text == [f"{tmp_path}/a.txt"]
+    cleared = config_from_args(parse_train(["--variant", "mythos_1b", "--set", "model.variant="]))
+    assert cleared.model.variant is None  # an empty name clears a preset, as for data.task
     for out in ("", " "):
         with pytest.raises(ConfigError, match="run.out=.* is invalid: name the run directory"):
             config_from_args(parse_train(["--config", str(TINY), "--out", out]))
