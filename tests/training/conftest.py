@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from open_mythos.training import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,3 +65,15 @@ def run_checked(cmd: list[str], timeout: float = 120) -> subprocess.CompletedPro
                           timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """The ``datasets`` package, offline, with its cache in ``tmp_path`` (skips without it)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.utils.logging, "get_verbosity", lambda: 40, raising=False)
+    datasets.disable_progress_bars()
+    return datasets

@@ -148,11 +148,7 @@ def test_hf_dataset_streams_local_json_lines_and_resumes(tmp_path, monkeypatch):
     assert opened == []
 
 
-def test_hf_dataset_errors_of_the_real_library_are_config_errors(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+def test_hf_dataset_errors_of_the_real_library_are_config_errors(tmp_path, offline_datasets):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "train.jsonl").write_text(json.dumps({"text": "a short document"}) + "\n")
@@ -162,19 +158,15 @@ def test_hf_dataset_errors_of_the_real_library_are_config_errors(tmp_path, monke
         build_data_source(DataConfig(hf_dataset=str(corpus), seq_len=64), seed=0)
 
 
-def test_a_streamed_dataset_that_runs_out_saves_the_steps_done(tmp_path, monkeypatch):
+def test_a_streamed_dataset_that_runs_out_saves_the_steps_done(tmp_path, offline_datasets):
     """Mid-run exhaustion of a stream names the step and saves the last completed one
     (it was a bare configuration error, losing the steps since the last checkpoint)."""
-    datasets = pytest.importorskip("datasets")
     from open_mythos.training import Trainer, load_checkpoint
     from open_mythos.training.config import UNSET
     from open_mythos.training.data import DataExhausted
 
     from .conftest import read_metrics, tiny_config
 
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "train.jsonl").write_text("\n".join(

@@ -14,7 +14,7 @@ from open_mythos.training.config import ConfigError, DataConfig
 from open_mythos.training.data import _read_text_files, build_data_source
 from open_mythos.training.prepare import prepare
 
-from .test_prepare import _bpe_tokenizer_dir, offline_datasets  # noqa: F401
+from .test_prepare import _bpe_tokenizer_dir
 
 DOCS = ["the first document.", "a second, longer document about loops.", "third!"] * 6
 
@@ -35,7 +35,7 @@ def write_formats(tmp_path, datasets) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
-def test_text_reads_rows_of_local_datasets(tmp_path, offline_datasets, fmt):  # noqa: F811
+def test_text_reads_rows_of_local_datasets(tmp_path, offline_datasets, fmt):
     path = write_formats(tmp_path, offline_datasets)[fmt]
     assert ["".join(doc) for doc in _read_text_files([path], "strict", "body")] == DOCS
     source = build_data_source(DataConfig(text=[path], hf_text_field="body", seq_len=16,
@@ -47,7 +47,7 @@ def test_text_reads_rows_of_local_datasets(tmp_path, offline_datasets, fmt):  # 
         assert any(stream[i:i + 16] == row for i in range(len(stream) - 15))
 
 
-def test_text_mixes_plain_files_and_datasets(tmp_path, offline_datasets):  # noqa: F811
+def test_text_mixes_plain_files_and_datasets(tmp_path, offline_datasets):
     paths = write_formats(tmp_path, offline_datasets)
     (tmp_path / "note.txt").write_text("plain text file")
     docs = _read_text_files([str(tmp_path / "note.txt"), paths["jsonl"]], "strict", "body")
@@ -55,7 +55,7 @@ def test_text_mixes_plain_files_and_datasets(tmp_path, offline_datasets):  # noq
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
-def test_hf_dataset_streams_local_files_and_saved_datasets(tmp_path, offline_datasets, fmt):  # noqa: F811
+def test_hf_dataset_streams_local_files_and_saved_datasets(tmp_path, offline_datasets, fmt):
     path = write_formats(tmp_path, offline_datasets)[fmt]
     cfg = DataConfig(hf_dataset=path, hf_text_field="body", seq_len=16, batch_size=2,
                      eval_batches=1)
@@ -70,7 +70,7 @@ def test_hf_dataset_streams_local_files_and_saved_datasets(tmp_path, offline_dat
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
-def test_a_missing_text_field_names_the_field_and_the_columns(tmp_path, offline_datasets,  # noqa: F811
+def test_a_missing_text_field_names_the_field_and_the_columns(tmp_path, offline_datasets,
                                                                fmt):
     path = write_formats(tmp_path, offline_datasets)[fmt]
     with pytest.raises(ConfigError, match=r"text.*body"):
@@ -81,7 +81,7 @@ def test_a_missing_text_field_names_the_field_and_the_columns(tmp_path, offline_
         source.batch("val", 0)
 
 
-def test_a_local_file_of_another_kind_is_refused(tmp_path, offline_datasets):  # noqa: F811
+def test_a_local_file_of_another_kind_is_refused(tmp_path, offline_datasets):
     (tmp_path / "docs.xml").write_text("<doc/>")
     with pytest.raises(ConfigError, match=r"data.hf_dataset=.*docs.xml.*must end in"):
         build_data_source(DataConfig(hf_dataset=str(tmp_path / "docs.xml"), seq_len=16,

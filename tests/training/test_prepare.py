@@ -61,17 +61,6 @@ def corpus(tmp_path):
     return root, byte_stream(texts)
 
 
-@pytest.fixture
-def offline_datasets(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setattr(datasets.utils.logging, "get_verbosity", lambda: 40, raising=False)
-    datasets.disable_progress_bars()
-    return datasets
-
-
 def test_prepared_tokens_are_the_packed_stream(corpus, tmp_path):
     root, reference = corpus
     stats = prepare([str(root)], tmp_path / "prep", shard_tokens=1000)
