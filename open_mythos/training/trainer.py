@@ -424,7 +424,8 @@ class Trainer:
 
         try:
             fmt, ckpt = detect_format(path)
-            theirs = kind_of(read_config(ckpt)[0])
+            their_cfg = read_config(ckpt)[0]
+            theirs = kind_of(their_cfg)
         except (FileNotFoundError, ValueError) as err:  # CheckpointCorrupt is a ValueError
             raise ConfigError(f"run.init_from: {err}") from None
         ours = kind_of(self.model_cfg)
@@ -440,8 +441,18 @@ class Trainer:
                  for k, v in own.items() if k in state and state[k].shape != v.shape]
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if wrong or missing or unexpected:
-            raise ConfigError(f"run.init_from={path!r} does not fit this model: shapes "
-                              f"{wrong}, missing {missing}, unexpected {unexpected}")
+            # The configuration fields that differ say why (a dim change alone mis-sizes
+            # dozens of tensors); the first tensors are named as well.
+            mine, other = self.model_cfg.to_dict(), their_cfg.to_dict()
+            fields = [f"{k}: {other.get(k)!r} there, {mine[k]!r} here" for k in mine
+                      if other.get(k) != mine[k]]
+            tensors = [*wrong[:3], *(f"missing {k}" for k in missing[:3]),
+                       *(f"unexpected {k}" for k in unexpected[:3])]
+            raise ConfigError(f"run.init_from={path!r} does not fit this model"
+                              + (f" ({'; '.join(fields)})" if fields else "")
+                              + f": {', '.join(tensors)}"
+                              + (" ..." if len(wrong) + len(missing) + len(unexpected) > 9
+                                 else ""))
         core.load_state_dict(state, strict=False)
         self._log(f"initialised the model from {ckpt}")
 

@@ -196,7 +196,7 @@ def test_init_from_starts_at_the_other_runs_weights(tmp_path):
     fresh = Trainer(tiny_config(tmp_path / "fresh", run__steps=1, run__seed=5))
     fresh.train()
     assert not torch.allclose(fresh.core.embed.weight, after["embed.weight"])
-    with pytest.raises(ConfigError, match="does not fit"):
+    with pytest.raises(ConfigError, match=r"does not fit this model \(dim: 32 there, 48 here\)"):
         Trainer(tiny_config(tmp_path / "wider", run__steps=1, model__dim=48,
                             run__init_from=str(tmp_path / "stage1"))).train()
     with pytest.raises(ConfigError, match="init_from"):
@@ -213,7 +213,7 @@ def test_init_from_a_hugging_face_directory(tmp_path):
     Trainer(tiny_config(tmp_path / "stage1", run__steps=3)).train()
     training_to_hf(tmp_path / "stage1", tmp_path / "hf")
     started_from(tmp_path, "hf")
-    with pytest.raises(ConfigError, match="does not fit"):
+    with pytest.raises(ConfigError, match=r"does not fit this model \(dim: 32 there, 48 here\)"):
         Trainer(tiny_config(tmp_path / "wider", run__steps=1, model__dim=48,
                             run__init_from=str(tmp_path / "hf"))).train()
 
