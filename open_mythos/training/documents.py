@@ -216,6 +216,10 @@ def open_dataset(name: str, config: str | None = None, split: str = "train") -> 
     datasets = import_datasets()
     path = Path(name).expanduser()
     builder = _LOCAL_BUILDERS.get(path.suffix.lower()) if path.is_file() else None
+    if config is not None and (builder is not None or _is_saved_dataset(path)):
+        raise ConfigError(f"a dataset configuration ({config!r}) names a part of a dataset "
+                          f"loaded by name; {name!r} is a local file or saved dataset, which "
+                          "has none")
     try:
         if _is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))

@@ -67,6 +67,10 @@ def test_hf_dataset_streams_local_files_and_saved_datasets(tmp_path, offline_dat
     assert val[1].tolist() == stream[16:32]
     train = source.batch("train", 0)["input_ids"]
     assert train[0].tolist() == stream[32:48]
+    # A hub configuration name has no meaning for a local file: refused, not ignored.
+    with pytest.raises(ConfigError, match="is a local file or saved dataset"):
+        build_data_source(DataConfig(hf_dataset=path, hf_config="en", hf_text_field="body",
+                                     seq_len=16), seed=0)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
