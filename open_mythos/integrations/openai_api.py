@@ -8,7 +8,7 @@ checked by :mod:`open_mythos.integrations.server` against its :class:`ServeLimit
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -38,17 +38,31 @@ class ExitRuleBody(BaseModel):
         return ExitRule(**self.model_dump())
 
 
+class StreamOptions(BaseModel):
+    """``stream_options``: strict like every other field (``"include_usage": "false"`` was
+    read as true)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool | None = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints (unknown fields are rejected, numbers are strict)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    #: Fields OpenAI documents as nullable whose null means "the default" (clients and
+    #: proxies send ``"temperature": null``).
+    NULL_MEANS_DEFAULT: ClassVar[frozenset[str]] = frozenset({
+        "temperature", "top_p", "n", "stream", "echo", "logprobs", "presence_penalty",
+        "frequency_penalty"})
 
     model: str | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
@@ -60,6 +74,14 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in cls.NULL_MEANS_DEFAULT)}
+        return data
 
     def _check_common(self) -> list[str]:
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
@@ -74,7 +96,7 @@ class SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
 class CompletionRequest(SamplingFields):

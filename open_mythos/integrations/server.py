@@ -448,7 +448,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return APIError(err.status_code, str(err.detail), type=kind).response()
+        # Starlette's headers kept: a 405 names the allowed methods (Allow).
+        return APIError(err.status_code, str(err.detail), type=kind,
+                        headers=getattr(err, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, err: Exception) -> JSONResponse:
@@ -484,15 +486,17 @@ def _validation_error(err: RequestValidationError) -> APIError:
 def _add_model_routes(app: FastAPI, service: CompletionService) -> None:
     """``/health``, ``/v1/models`` and ``/v1/models/{id}``."""
 
-    @app.get("/health")
+    # HEAD as well as GET: load balancers and uptime checks probe with HEAD.
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict[str, Any]:
         return {"status": "ok", **service.scheduler.stats()}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [service.model_card()]}
 
-    @app.get("/v1/models/{model_id}")
+    # ":path": a served name may have a slash (--model-name org/model).
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     def get_model(model_id: str) -> dict[str, Any]:
         if model_id != service.model_name:
             raise APIError(404, f"The model `{model_id}` does not exist", param="model",

@@ -177,6 +177,39 @@ def test_numbers_are_not_coerced(real, field, value):
     assert r.json()["error"]["param"] == field
 
 
+def test_nulls_stream_options_and_http_methods_as_clients_send_them(real):
+    """An explicit null where OpenAI marks a field nullable is the default; stream_options is
+    as strict as every other field; HEAD works where GET does; a 405 names what is allowed."""
+    client, _ = real
+    body = {"prompt": "0110=", "max_tokens": 3, "temperature": 0.0, "top_k": 1}
+    want = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    nulls = {k: None for k in ("top_p", "n", "stream", "echo", "presence_penalty",
+                               "frequency_penalty")}
+    r = client.post("/v1/completions", json={**body, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
+    r = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "a"}], "max_tokens": 1, "temperature": None,
+        "logprobs": None})
+    assert r.status_code == 200, r.text
+    for options in ({"include_usage": "false"}, {"include_usage": True, "bogus": 1}):
+        r = client.post("/v1/completions", json={**body, "stream": True,
+                                                  "stream_options": options})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+    for path in ("/health", "/v1/models", "/v1/models/tiny"):
+        assert client.head(path).status_code == 200, path
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+def test_a_served_name_with_a_slash_is_found():
+    service = CompletionService(ScriptedModel(SCRIPT), ByteTokenizer(), model_name="org/tiny")
+    with running_server(service) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["org/tiny"]
+        assert client.get("/v1/models/org/tiny").json()["id"] == "org/tiny"
+        assert client.get("/v1/models/org/other").status_code == 404
+
+
 def test_a_client_disconnect_cancels_its_work():
     """A non-streaming request whose client goes away stops generating (the issue: work
     went on after the client left, blocking the others)."""
