@@ -215,7 +215,11 @@ class CompletionService:
         max_tokens = req.token_limit()
         if max_tokens is None:
             room = self.model.cfg.max_seq_len - len(prompts[0])
-            max_tokens = max(0, min(self.limits.max_tokens, room))
+            if room <= 0:  # a 200 with an empty reply would not say why
+                raise APIError(400, f"the conversation is {len(prompts[0])} tokens and fills "
+                               f"the context of {self.model.cfg.max_seq_len}: no room for a "
+                               "reply", param="messages")
+            max_tokens = min(self.limits.max_tokens, room)
         options = self._options(req, prompts, max_tokens, req.stop_list() + stops)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         self._check_logprobs(logprobs, "top_logprobs")

@@ -90,6 +90,13 @@ def test_chat_with_the_openai_client(client, trained_model):
     # Without max_tokens a chat reply may run to the end of the context.
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0)
     assert r.usage.prompt_tokens + r.usage.completion_tokens <= trained_model.cfg.max_seq_len
+    # A conversation that fills the context is a 400 saying so (it was a 200 with "").
+    frame = len(render_chat(TOK, [ChatMessage(role="user", content="")])[0])
+    full = [{"role": "user", "content": "a" * (trained_model.cfg.max_seq_len - frame)}]
+    assert len(render_chat(TOK, [ChatMessage(**m) for m in full])[0]) == \
+        trained_model.cfg.max_seq_len
+    with pytest.raises(openai.BadRequestError, match="fills the context"):
+        client.chat.completions.create(model="tiny", messages=full, temperature=0)
 
 
 def shown(token_id: int) -> str:
