@@ -41,6 +41,31 @@ if TYPE_CHECKING:
 DRAFT_LENSES = ("coda", "head")
 
 
+#: Options of :func:`~.generation.stream` that speculative decoding does not take, and why.
+STREAM_ONLY: dict[str, str] = {
+    "exit_rule": "the verification runs all n_loops loops, so its tokens are plain "
+                 "decoding's; an exit rule for the drafts is draft_exit_rule= (for "
+                 "adaptive depth in every token use generate(exit_rule=...))",
+    "act_early_exit": "the verification runs all n_loops loops (use generate for ACT "
+                      "early exit)",
+    "compile": "drafting and verifying are eager (a compiled decode is "
+               "generate(compile=True))",
+    "depth_sharing": "drafts and verification keep cache entries per depth (a "
+                     "shared-depth cache is generate(depth_sharing=...))",
+}
+
+
+def refuse_stream_only(options: dict[str, Any]) -> None:
+    """Raise ``TypeError`` naming why, for options of :func:`~.generation.stream` that
+    speculative decoding does not take (and the plain error for any other unknown name)."""
+    for name in options:
+        if name in STREAM_ONLY:
+            raise TypeError(f"speculative decoding does not take {name}=: {STREAM_ONLY[name]}")
+    if options:
+        raise TypeError("speculative decoding got unexpected keyword argument(s) "
+                        + ", ".join(map(repr, options)))
+
+
 def check_draft_lens(draft_lens: str) -> None:
     """Raise ``ValueError`` unless ``draft_lens`` is one of :data:`DRAFT_LENSES`."""
     if draft_lens not in DRAFT_LENSES:
@@ -97,6 +122,7 @@ def speculative_stream(
     generator: torch.Generator | None = None,
     cache_dtype: torch.dtype | None = None,
     stats: SpeculativeStats | None = None,
+    **stream_only: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) long, as :func:`~.generation.stream`.
 
@@ -116,10 +142,14 @@ def speculative_stream(
         do_sample, temperature, top_k, top_p: see :class:`SamplingParams` (greedy by
             default, the setting in which the output equals plain decoding token for token).
         stats: filled with the cycle, draft and acceptance counts.
+        stream_only: refused with the reason: ``exit_rule``, ``act_early_exit``,
+            ``compile`` and ``depth_sharing`` are :func:`~.generation.stream`'s only.
 
     Raises:
         ValueError: invalid arguments, or a model without loops.
+        TypeError: an option this decoder does not take.
     """
+    refuse_stream_only(stream_only)
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
     n_loops = check_loops(n_loops)

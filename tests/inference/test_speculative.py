@@ -164,6 +164,15 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="max_seq_len"):
         list(speculative_stream(model, ids, 100, N_LOOPS))
     assert torch.equal(speculative_generate(model, ids, 0, N_LOOPS), ids)
+    # generate's options that this decoder does not take are refused with the reason.
+    for name, value, why in (("exit_rule", ExitRule(argmax_streak=2), "draft_exit_rule="),
+                             ("act_early_exit", True, "all n_loops"),
+                             ("compile", True, "eager"),
+                             ("depth_sharing", "shared", "per depth")):
+        with pytest.raises(TypeError, match=f"{name}=: .*{why}"):
+            speculative_generate(model, ids, 4, N_LOOPS, **{name: value})
+    with pytest.raises(TypeError, match="'draft_loop'"):
+        speculative_generate(model, ids, 4, N_LOOPS, draft_loop=1)
 
 
 def test_greedy_equals_plain_greedy_with_act_halting(attn_type):
