@@ -97,12 +97,17 @@ class TextSequence:
         self.emitted = 0  # characters of ``text`` already returned
         self.n_tokens = 0
         self.finish_reason: str | None = None
+        self.decoded = ""  # the decode of ``ids``, an incomplete trailing character included
+        #: Characters of text before the last token added: where its text starts (a token
+        #: ending inside a multi-byte character starts where that character does).
+        self.last_offset = 0
 
     def add(self, token: int, eos_token_id: int | None) -> str:
         """Add one generated token (the end-of-sequence token finishes the sequence);
         return the text that may be shown now."""
         if eos_token_id is not None and token == eos_token_id:
             self.n_tokens += 1
+            self.last_offset = len(self.decoded)
             return self.finish(FinishReason.STOP)
         return self.push(token)
 
@@ -110,18 +115,26 @@ class TextSequence:
         """Add one generated token; return the text that may be shown now."""
         self.ids.append(token)
         self.n_tokens += 1
-        if self._set_text(self._stable_text()):
+        full = self.tokenizer.decode(self.ids)
+        # The text before this token is what the decodes with and without it share: a
+        # trailing U+FFFD that the token completes is not counted, one it leaves (an
+        # invalid byte) is; a token that adds nothing to a trailing U+FFFD is inside it.
+        shared = _common_prefix_len(self.decoded, full)
+        if shared == len(full) and full.endswith(REPLACEMENT_CHAR):
+            shared -= 1
+        self.last_offset = shared
+        self.decoded = full
+        if self._set_text(self._stable_text(full)):
             return self._take(len(self.text))
         return self._take(len(self.text) - _stop_prefix_len(self.text, self.stops))
 
-    def _stable_text(self) -> str:
-        """The decoded text without a trailing incomplete character.
+    def _stable_text(self, full: str) -> str:
+        """``full`` (the decode of ``ids``) without a trailing incomplete character.
 
         A decode ending in U+FFFD may be a character whose remaining bytes are still to
         come: drop up to :data:`MAX_PENDING_TOKENS` trailing tokens until it does not. If it
         still does, the replacement character is final (invalid bytes), keep it.
         """
-        full = self.tokenizer.decode(self.ids)
         text = full
         for held in range(1, min(MAX_PENDING_TOKENS, len(self.ids)) + 1):
             if not text.endswith(REPLACEMENT_CHAR):
@@ -150,6 +163,16 @@ class TextSequence:
         delta = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)
         return delta
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    if b.startswith(a):  # the usual case, at C speed
+        return len(a)
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

@@ -338,11 +338,11 @@ class Scheduler:
             tok = greedy if greedy is not None else int(logits[i].argmax())
         else:
             tok = int(select_next(logits[i:i + 1], row.params, row.generator))
-        if row.job.logprobs is not None:
-            row.logprobs.append(self._token_logprob(logits[i], tok, row.job.logprobs,
-                                                    offset=len(row.text.text)))
         row.token = tok
         text = row.text.add(tok, self.tokenizer.eos_token_id)
+        if row.job.logprobs is not None:
+            row.logprobs.append(self._token_logprob(logits[i], tok, row.job.logprobs,
+                                                    offset=row.text.last_offset))
         if not row.finished and row.text.n_tokens >= row.job.options.max_new_tokens:
             text += row.text.finish(FinishReason.LENGTH)
         if row.job.cancelled:  # the client went away during this turn: say nothing more
@@ -384,13 +384,13 @@ class Scheduler:
     def _prompt_logprobs(self, pf: Prefill, top: int) -> tuple[TokenLogprob, ...]:
         ids = pf.ids[0].tolist()
         logits = pf.all_logits()
-        # Each token's offset: the length of the prompt's text before it, decoded as the
-        # generated text is (an incomplete trailing character not yet counted).
+        # Each token's offset: the characters of the prompt's text before it, counted as
+        # for generated text (TextSequence.last_offset).
         text = TextSequence(self.tokenizer, ())
         offsets = []
         for tok in ids:
-            offsets.append(len(text.text))
             text.push(tok)
+            offsets.append(text.last_offset)
         first = TokenLogprob(ids[0], self.token_text(ids[0]), None)
         rest = [self._token_logprob(logits[p - 1], ids[p], top, offsets[p])
                 for p in range(1, len(ids))]

@@ -161,6 +161,11 @@ def test_text_offsets_count_characters_across_multi_byte_tokens(client):
                 for o in (chunk.choices[0].logprobs.text_offset
                           if chunk.choices[0].logprobs else [])]
     assert streamed == offsets
+    # An invalid byte is one character: the token after it starts one further on.
+    r = client.completions.create(model="tiny", prompt=[0x80, 0x61, 0xE2, 0x82, 0x62],
+                                  max_tokens=0, echo=True, logprobs=0)
+    assert r.choices[0].text == "\ufffda\ufffdb"
+    assert r.choices[0].logprobs.text_offset == [0, 1, 2, 2, 3]
 
 
 def test_chat_logprobs_match_a_full_forward(client, trained_model):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
+import random
+
 import pytest
 import torch
 
@@ -45,6 +48,49 @@ def test_invalid_bytes_are_not_held_forever():
     deltas = feed(seq, b"A\x80\x80\x80\x80\x80")
     assert deltas[0] == "A" and "".join(deltas).startswith("A\ufffd")
     assert "".join(deltas) + seq.finish("length") == b"A\x80\x80\x80\x80\x80".decode(errors="replace")
+
+
+def char_starts(data: bytes) -> list[int]:
+    """For each byte, the index of the character it belongs to in ``data`` decoded with
+    replacement: from the decoder's own segmentation (each error span is one U+FFFD)."""
+    spans: list[tuple[int, int]] = []
+
+    def record(err: UnicodeDecodeError) -> tuple[str, int]:
+        spans.append((err.start, err.end))
+        return "\ufffd", err.end
+
+    codecs.register_error("test_char_starts", record)
+    data.decode("utf-8", errors="test_char_starts")
+    starts, i, char = [], 0, 0
+    while i < len(data):
+        span = next((e for s, e in spans if s == i), None)
+        if span is None:  # a valid character: its length from its lead byte
+            lead = data[i]
+            span = i + (1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4)
+        starts += [char] * (span - i)
+        i, char = span, char + 1
+    return starts
+
+
+def test_offsets_are_where_each_tokens_character_starts():
+    """``last_offset`` of every byte token is the index of its character in the final
+    text, invalid and truncated sequences included (a token after an invalid byte was
+    placed one character early)."""
+    rng = random.Random(0)
+    pieces = [b"a", b"Z", "é".encode(), "€".encode(), "🌍".encode(), b"\x80", b"\xc3",
+              b"\xe2\x82", b"\xf0\x9f\x8c", b"\xff"]
+    for _ in range(200):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        seq = TextSequence(TOK, ())
+        offsets = []
+        for b in data:
+            seq.push(b)
+            offsets.append(seq.last_offset)
+        assert offsets == char_starts(data), data
+    seq = TextSequence(TOK, ())
+    feed(seq, b"\x80a")
+    seq.add(TOK.eos_token_id, TOK.eos_token_id)
+    assert seq.last_offset == 2  # EOS: after all the text
 
 
 def test_stop_string_is_cut_and_never_streamed():
