@@ -192,9 +192,12 @@ class CompletionService:
             if not isinstance(p, str) and len(p) > limit:
                 raise APIError(400, f"prompt {i} has {len(p)} tokens, more than the model's "
                                f"context of {limit}", param="prompt")
+        # Text as /tokenize encodes it, so that the ids a client counted there are the
+        # ones this request uses.
+        given = [self.encode_text(p) if isinstance(p, str) else p for p in given]
         try:
             prompts = encode_prompts(self.tokenizer, given)
-        except ValueError as err:  # e.g. a lone surrogate: not encodable text
+        except ValueError as err:  # an empty prompt and no BOS/EOS to start from
             raise APIError(400, str(err), param="prompt") from None
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         options = self._options(req, prompts, max_tokens, req.stop_list())
@@ -227,8 +230,9 @@ class CompletionService:
                      f"chatcmpl-{uuid.uuid4().hex}")
 
     def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; the exact name of a special token (``<eos>``) is that
-        token, as Hugging Face tokenizers parse special tokens inside text."""
+        """Token ids of a text prompt (``/tokenize`` and ``/v1/completions``); the exact
+        name of a special token (``<eos>``) is that token, as Hugging Face tokenizers parse
+        special tokens inside text."""
         tok = self.tokenizer
         for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
             if i is not None and text == tok.decode([i], skip_special_tokens=False):

@@ -268,6 +268,11 @@ def test_tokenizer_endpoints(server):
     assert (info["eos_token"], info["bos_token"], info["model_max_length"]) == ("<eos>", "<bos>", 64)
     assert client.post("/tokenize", json={"prompt": "hé"}).json()["tokens"] == [104, 195, 169]
     assert client.post("/tokenize", json={"prompt": "<eos>"}).json()["tokens"] == [258]
+    # A completion's text prompt is encoded as /tokenize encodes it.
+    for text in ("hé", "<eos>", "<bos>"):
+        count = client.post("/tokenize", json={"prompt": text}).json()["count"]
+        r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
+        assert r.json()["usage"]["prompt_tokens"] == count
     assert client.post("/detokenize", json={"tokens": [104, 195, 169]}).json() == {"prompt": "hé"}
     r = client.post("/detokenize", json={"tokens": [5000]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
