@@ -141,10 +141,26 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart]
     name: str | None = None
+    #: The call a tool message answers (OpenAI's conversations carry it on every tool
+    #: message); a chat template may show it, the plain template does not.
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check_tool_call_id(self) -> ChatMessage:
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"tool_call_id belongs to a tool message, not a {self.role} one")
+        return self
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(
             p.text for p in self.content)
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as a chat template takes it (``name`` and ``tool_call_id`` when set)."""
+        out = {"role": self.role, "content": self.text()}
+        out.update({k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id))
+                    if v is not None})
+        return out
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -190,7 +206,7 @@ def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> tuple[str,
     """The prompt text of a conversation and the stop strings its template implies: the
     tokenizer's own chat template (Hugging Face tokenizers that have one), else the plain
     template (:data:`~open_mythos.integrations.textgen.PLAIN_CHAT_ROLES`)."""
-    return chat_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in messages])
+    return chat_prompt(tokenizer, [m.as_dict() for m in messages])
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -99,6 +99,35 @@ def test_chat_with_the_openai_client(client, trained_model):
         client.chat.completions.create(model="tiny", messages=full, temperature=0)
 
 
+def test_tool_messages_with_their_call_ids(client):
+    """A conversation replayed from a tool-using client: the tool message carries its
+    ``tool_call_id`` (it was refused as an unknown field); only a tool message may."""
+    tool = [*MESSAGES, {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    prompt, _ = render_chat(TOK, [ChatMessage(**m) for m in tool])
+    assert prompt == "System: a cat\nUser: the dog\nTool: 42\nAssistant:"
+    r = client.chat.completions.create(model="tiny", messages=tool, max_tokens=2)
+    assert r.usage.prompt_tokens == len(prompt)
+    with pytest.raises(openai.BadRequestError, match="tool_call_id belongs to a tool message"):
+        client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+            {"role": "user", "tool_call_id": "call_1", "content": "hi"}])
+
+
+def test_a_chat_template_sees_name_and_tool_call_id():
+    pytest.importorskip("transformers")
+    from open_mythos.integrations.hf import byte_tokenizer_for_transformers
+    from open_mythos.tokenizers import MythosTokenizer
+
+    hf = byte_tokenizer_for_transformers()
+    hf.chat_template = ("{% for m in messages %}<{{ m['role'] }}"
+                        "{% if m.tool_call_id %} {{ m.tool_call_id }}{% endif %}"
+                        "{% if m.name %} {{ m.name }}{% endif %}>{{ m['content'] }}\n"
+                        "{% endfor %}")
+    tok = MythosTokenizer.from_tokenizer(hf)
+    messages = [ChatMessage(role="user", name="ann", content="2+2?"),
+                ChatMessage(role="tool", tool_call_id="c7", content="4")]
+    assert render_chat(tok, messages) == ("<user ann>2+2?\n<tool c7>4\n", ())
+
+
 def shown(token_id: int) -> str:
     """How logprobs name a byte-tokenizer token: ASCII as itself, any other byte as
     ``bytes:\\xNN`` (one byte is not a character), special tokens by name."""
