@@ -55,6 +55,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model import CausalLM, OpenMythos
@@ -71,7 +72,7 @@ from ..serving.jobs import (
     TokenLogprob,
 )
 from ..serving.scheduler import Scheduler
-from ..tokenizers import Tokenizer
+from ..tokenizers import ByteTokenizer, Tokenizer
 from .openai_api import (
     ChatCompletionRequest,
     CompletionLogprobs,
@@ -188,9 +189,14 @@ class CompletionService:
         # every client of the event loop.
         self._check_batch(len(given), req.n)
         limit = self.model.cfg.max_seq_len
+        # The byte tokenizer gives at least a token per character (a special token's name
+        # is shorter than any context), so a longer text is refused unread.
+        bytewise = isinstance(self.tokenizer, ByteTokenizer)
         for i, p in enumerate(given):
-            if not isinstance(p, str) and len(p) > limit:
-                raise APIError(400, f"prompt {i} has {len(p)} tokens, more than the model's "
+            if (not isinstance(p, str) or bytewise) and len(p) > limit:
+                count = f"{len(p)} tokens" if not isinstance(p, str) else \
+                    f"at least {len(p)} tokens ({len(p)} characters)"
+                raise APIError(400, f"prompt {i} has {count}, more than the model's "
                                f"context of {limit}", param="prompt")
         # Text as /tokenize encodes it, so that the ids a client counted there are the
         # ones this request uses.
@@ -548,15 +554,19 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
         return StreamingResponse(service.stream(call, job, queue), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    # Tokenizing (a prompt may be megabytes of text) runs on a worker thread, not on the
+    # event loop that every other client's stream goes through.
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request
                           ) -> dict[str, Any] | StreamingResponse:
-        return await run(service.prepare_completion(req), req.stream, request)
+        return await run(await run_in_threadpool(service.prepare_completion, req), req.stream,
+                         request)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request
                                ) -> dict[str, Any] | StreamingResponse:
-        return await run(service.prepare_chat(req), req.stream, request)
+        return await run(await run_in_threadpool(service.prepare_chat, req), req.stream,
+                         request)
 
 
 class BodyLimit:

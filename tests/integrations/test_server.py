@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -160,6 +161,34 @@ def test_bad_requests_get_openai_error_bodies(server, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
+
+
+def test_prompts_are_tokenized_off_the_event_loop(monkeypatch):
+    """A request's tokenizing runs on a worker thread (megabytes of text held every other
+    client's stream), and a byte-tokenized text longer than the context is refused unread."""
+    service = CompletionService(ScriptedModel(SCRIPT, real_positions=True), ByteTokenizer(),
+                                model_name="tiny", n_loops=2)
+    seen: list[bool] = []
+    for name in ("prepare_completion", "prepare_chat", "encode_text"):
+        original = getattr(service, name)
+
+        def spy(*args, _original=original, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                seen.append(True)
+            except RuntimeError:
+                seen.append(False)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(service, name, spy)
+    with running_server(service) as client:
+        assert client.post("/v1/completions", json={"prompt": "Q", "max_tokens": 2}).status_code == 200
+        assert client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Q"}], "max_tokens": 2}).status_code == 200
+        assert client.post("/tokenize", json={"prompt": "Q"}).status_code == 200
+        r = client.post("/v1/completions", json={"prompt": "x" * 2_000_000, "max_tokens": 1})
+        assert r.status_code == 400 and "at least 2000000 tokens" in r.json()["error"]["message"]
+    assert seen and not any(seen)  # no call ran on the event loop's thread
 
 
 def test_malformed_json_and_unknown_routes(server):
