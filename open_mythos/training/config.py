@@ -25,7 +25,7 @@ import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,33 @@ class DataConfig:
             _positive("data.seq_len", self.seq_len)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+
+    @property
+    def source(self) -> str:
+        """``"task"``, ``"text"``, ``"hf_dataset"``, ``"prepared"`` or ``"builtin"``."""
+        return next((n for n in ("task", "text", "hf_dataset", "prepared") if getattr(self, n)),
+                    "builtin")
+
+    def unread_keys(self) -> list[str]:
+        """The keys set away from their defaults that this source does not read (a
+        ``task_args`` with text data, an ``hf_split`` without ``hf_dataset``)."""
+        defaults = {f.name: (f.default_factory() if f.default is MISSING else f.default)
+                    for f in fields(self) if f.name in SOURCE_ONLY_KEYS}
+        read = SOURCE_KEYS[self.source]
+        return [k for k in SOURCE_ONLY_KEYS if k not in read and getattr(self, k) != defaults[k]]
+
+
+#: The ``[data]`` keys that only some sources read (batch_size, seq_len and eval_batches
+#: are everyone's), and which source reads which.
+SOURCE_ONLY_KEYS = ("task_args", "val_split", "tokenizer", "val_fraction", "encoding_errors",
+                    "hf_config", "hf_split", "hf_text_field")
+SOURCE_KEYS: dict[str, frozenset[str]] = {
+    "task": frozenset({"task_args", "val_split"}),
+    "text": frozenset({"tokenizer", "val_fraction", "encoding_errors", "hf_text_field"}),
+    "hf_dataset": frozenset({"tokenizer", "hf_config", "hf_split", "hf_text_field"}),
+    "prepared": frozenset({"tokenizer", "val_fraction"}),
+    "builtin": frozenset({"tokenizer", "val_fraction"}),
+}
 
 
 @dataclass

@@ -73,7 +73,17 @@ from .checkpoint import (
     tied_parameters,
     write_text_atomic,
 )
-from .config import Compile, ConfigError, ModelConfig, Parallel, Precision, TrainConfig, to_toml
+from .config import (
+    SOURCE_KEYS,
+    Compile,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    Parallel,
+    Precision,
+    TrainConfig,
+    to_toml,
+)
 from .data import TRAIN, VAL, DataExhausted, DataSource, build_data_source
 from .distributed import (
     all_reduce,
@@ -139,9 +149,20 @@ def open_data(cfg: TrainConfig, world_size: int = 1) -> tuple[DataSource, Mythos
     :meth:`Trainer.train` checks first, before it touches the run directory.
 
     Raises:
-        ConfigError: the data source cannot be opened (see :func:`build_data_source`), the
-            model configuration is invalid, or the data's sequences do not fit its context.
+        ConfigError: a ``[data]`` key its source does not read is set, the data source
+            cannot be opened (see :func:`build_data_source`), the model configuration is
+            invalid, or the data's sequences do not fit its context.
     """
+    unread = cfg.data.unread_keys()
+    if unread:
+        where = {"builtin": "the built-in corpus", "task": f"task {cfg.data.task!r}"}.get(
+            cfg.data.source, f"data.{cfg.data.source}")
+        default = DataConfig()
+        readers = {k: [s for s, keys in SOURCE_KEYS.items() if k in keys] for k in unread}
+        raise ConfigError("; ".join(
+            f"data.{k}={getattr(cfg.data, k)!r} is not read by {where} (only by "
+            f"{' and '.join(readers[k])} data): remove it, or set it to its default "
+            f"{getattr(default, k)!r}" for k in unread))
     data = build_data_source(cfg.data, cfg.run.seed, world_size,
                              with_trace=cfg.optim.loop_targets)
     model_cfg = cfg.model.build(data.vocab_size)

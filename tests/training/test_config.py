@@ -219,3 +219,27 @@ def test_compile_modes(tmp_path):
     assert config_from_args(parse_train(["--compile", "model"])).run.compile is Compile.MODEL
     with pytest.raises(SystemExit):
         parse_train(["--compile", "graph"])
+
+
+@pytest.mark.parametrize("data, unread", [
+    ({"text": ["c.txt"], "task_args": {"hops": [1, 2]}}, ["task_args"]),
+    ({"task": "parity", "tokenizer": "tok_dir", "val_fraction": 0.2}, ["tokenizer", "val_fraction"]),
+    ({"hf_split": "validation"}, ["hf_split"]),
+    ({"prepared": "shards", "encoding_errors": "replace"}, ["encoding_errors"]),
+    ({"hf_dataset": "wikitext", "val_fraction": 0.1}, ["val_fraction"]),
+    ({"text": ["c.txt"], "encoding_errors": "replace", "hf_text_field": "body"}, []),
+    ({"hf_dataset": "wikitext", "hf_config": "raw", "hf_split": "test"}, []),
+    ({"task": "multihop", "task_args": {"hops": [1, 2]}, "val_split": "ood_hops"}, []),
+])
+def test_keys_their_source_does_not_read_are_refused(tmp_path, data, unread):
+    """A [data] key away from its default that the chosen source never reads was stored
+    and ignored (task_args with text data, hf_split without a dataset)."""
+    from open_mythos.training.trainer import open_data
+
+    cfg = TrainConfig.from_dict({"data": data})
+    assert cfg.data.unread_keys() == unread
+    if unread:
+        with pytest.raises(ConfigError) as err:
+            open_data(cfg)
+        assert all(f"data.{k}=" in str(err.value) for k in unread)
+        assert "set it to its default" in str(err.value)
