@@ -162,6 +162,19 @@ def train_config(args: argparse.Namespace, out: Path, kind: str, stage: str = "c
     return load_config(None, pairs)
 
 
+def training_loops(args: argparse.Namespace) -> str:
+    """The looped model's loop counts in the final stage, in words for the outputs: with
+    ``--loops uniform`` it also trains deeper than ``T_train`` (the baseline's depth)."""
+    final = stages(args)[-1]
+    sched = train_config(args, Path(args.out) / "looped", "looped", final).schedule
+    if sched.loops.value == "fixed":
+        return f"trained at {sched.n_loops} loops"
+    how = {"uniform": "sampled uniformly", "sampled": "Poisson-lognormal",
+           "curriculum": "a curriculum"}.get(sched.loops.value, sched.loops.value)
+    return (f"trained with {sched.min_loops}-{sched.max_loops} loops per step, {how}, in its "
+            f"{final} stage")
+
+
 def compile_choice(choice: str, quick: bool) -> tuple[bool, str]:
     """Whether the demo compiles its training (``run.compile``), and why, for the header.
 
@@ -514,8 +527,9 @@ def _print_banner(args: argparse.Namespace, task: Any, jobs: int) -> None:
                        for s in task.splits if s != "train")
     steps = " + ".join(f"{getattr(args, 'lookup_steps' if s == 'lookup' else 'steps')} {s}"
                        for s in stages(args))
-    print(f"== OpenMythos demo: multihop ({task.level_name}: {ranges}), T_train={args.train_loops}, "
-          f"{steps} steps x {args.batch_size} examples per model, {jobs} process(es), "
+    print(f"== OpenMythos demo: multihop ({task.level_name}: {ranges}), T_train={args.train_loops} "
+          f"(the looped model {training_loops(args)}; the baseline has {args.train_loops} "
+          f"blocks), {steps} steps x {args.batch_size} examples per model, {jobs} process(es), "
           f"compile {compile_choice(args.compile, args.quick)[1]} ==", flush=True)
 
 
@@ -549,7 +563,8 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
     samples = sample_answers(models, task, sorted({1, T, 2 * T, 4 * T}), args.seed)
     (out / "demo.md").write_text(
         f"# openmythos demo\n\nExact-match accuracy ({args.n_examples} examples per split) "
-        f"against loops at inference; T_train = {T}.\n\n{table}\n\n"
+        f"against loops at inference; T_train = {T} (the looped model {training_loops(args)}; "
+        f"the baseline has {T} core blocks).\n\n{table}\n\n"
         f"With the exit rule {rule}:\n\n{exit_table}\n\n## Targets\n\n"
         + "\n".join(f"- {line}" for line in targets) + f"\n\n## Sample answers\n\n{samples}\n"
         + ("\n## Training\n\n" + "\n".join(f"- {line}" for line in training) + "\n"
@@ -558,7 +573,8 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
         print("\nTraining:")
         print("\n".join(f"  - {line}" for line in training))
     print(f"\nExact-match accuracy against loops at inference ({args.n_examples} examples per "
-          f"split; T_train = {T}; last row: the dense baseline of {T} core blocks):\n")
+          f"split; T_train = {T}, the looped model {training_loops(args)}; last row: the "
+          f"dense baseline of {T} core blocks):\n")
     print(table)
     print(f"\nThe same sweep with a training-free exit rule ({rule}: a position stops "
           "looping once its answer has settled):\n")
