@@ -345,8 +345,8 @@ class ScheduleConfig:
             sampled counts.
         loop_sigma: standard deviation of the log-normal rate of sampled counts.
         curriculum_steps: length of the curriculum ramp; None means ``run.steps``.
-        eval_loops: loops used for validation; None means ``max_loops`` for a curriculum,
-            else ``n_loops``.
+        eval_loops: loops used for validation; None means :attr:`trained_depth` (``max_loops``
+            for a curriculum and for uniform counts, else ``n_loops``).
         backprop_loops: truncated backpropagation through the last ``k`` loops only
             (the earlier ones run without autograd); None differentiates every loop.
             Huginn trains with ``k = 8`` of a mean depth of 32: memory and time stay bounded
@@ -397,9 +397,10 @@ class ScheduleConfig:
 
     @property
     def resolved_eval_loops(self) -> int:
-        if self.eval_loops is not None:
-            return self.eval_loops
-        return self.max_loops if self.loops is LoopMode.CURRICULUM else self.n_loops
+        """``eval_loops``, else :attr:`trained_depth`: validation runs at the depth the
+        checkpoints are later run at by default (for uniform counts ``n_loops`` plays no
+        part in training, and could lie outside the range trained)."""
+        return self.eval_loops if self.eval_loops is not None else self.trained_depth
 
 
 @dataclass

@@ -53,6 +53,24 @@ def test_short_run_writes_metrics_config_and_checkpoint(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("schedule, val_loops", [
+    (dict(schedule__loops="uniform", schedule__n_loops=3, schedule__min_loops=1,
+          schedule__max_loops=2), 2),
+    (dict(schedule__loops="fixed", schedule__n_loops=3), 3),
+    (dict(schedule__loops="uniform", schedule__max_loops=2, schedule__eval_loops=4), 4),
+])
+def test_validation_runs_at_the_trained_depth(tmp_path, schedule, val_loops):
+    """Uniform counts in [1, 2] were validated at n_loops = 3, a depth never trained,
+    unlike the depth every command later runs the checkpoint at."""
+    from open_mythos.evaluation.runs import run_train_loops
+
+    cfg = tiny_config(tmp_path / "run", run__steps=2, run__eval_every=2, **schedule)
+    Trainer(cfg).train()
+    assert read_metrics(tmp_path / "run")[-1]["val_loops"] == val_loops
+    if "schedule__eval_loops" not in schedule:
+        assert run_train_loops(tmp_path / "run") == val_loops
+
+
 def test_validation_runs_without_autograd_and_a_trained_model_deepcopies(tmp_path, monkeypatch):
     """Validation kept every batch's graph alive (memory grew with eval_batches), and
     its telemetry left the model un-deepcopyable (EMA/SWA helpers deepcopy models)."""
