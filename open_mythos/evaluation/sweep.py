@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import whole_number
 from ..inference.generation import stream
 from ..layers.recurrence import ExitRule
 from ..registry import is_looped
@@ -321,6 +322,7 @@ def evaluate_examples(
     """
     if not examples:
         raise ValueError("evaluate_examples needs at least one example")
+    batch_size = whole_number(batch_size, "batch_size", minimum=1)
     correct, tf_sums, loops_run, loops_computed = 0, [], [], []
     with eval_mode(model):
         for lo in range(0, len(examples), batch_size):
@@ -375,8 +377,9 @@ def sweep(
             ``"hops=4"`` (accuracy by difficulty, :func:`split_level`).
         loops: loop counts (default :func:`default_loops`); ignored for a fixed-depth model.
         n_examples: examples per split, the same at every loop count.
-        early_exit: ACT early-exit settings to evaluate. With ACT off the model never exits
-            early, so each loop count is evaluated once and reported under every setting.
+        early_exit: early-exit settings to evaluate. With ACT off and no exit rule nothing
+            stops a sequence early, so each loop count is evaluated once and reported under
+            every setting.
         seed: example seed.
         batch_size: examples per forward.
         exit_rule: a training-free exit rule for every forward of a looped model (each
@@ -398,29 +401,36 @@ def sweep(
                           f"max_seq_len={model.cfg.max_seq_len} and are left out", stacklevel=2)
     elif not splits:
         raise ValueError("sweep needs at least one split")
+    splits = list(dict.fromkeys(splits))  # a split named twice is evaluated once
+    n_examples = whole_number(n_examples, "n_examples", minimum=1)
+    batch_size = whole_number(batch_size, "batch_size", minimum=1)
     looped = is_looped(model)
     if looped:
-        loops = default_loops(model) if loops is None else list(loops)
+        loops = default_loops(model) if loops is None else list(dict.fromkeys(loops))
         settings = list(dict.fromkeys(bool(e) for e in early_exit))
     else:
         loops, settings = [model.cfg.core_layers], [False]
     if not loops or not settings:
         raise ValueError("sweep needs at least one loop count and one early-exit setting")
-    act_on = looped and model.cfg.use_act
+    # Early exit changes the result where something can stop a sequence: ACT or an exit
+    # rule. Otherwise one evaluation serves every setting (its time copied with it).
+    stops = looped and (model.cfg.use_act or exit_rule is not None)
     rows = []
     for split in splits:
         examples = sample_examples(task, split, n_examples, seed)
         for n in loops:
             computed: dict[str, float] | None = None
+            took = 0.0
             for exit_early in settings:
-                start = time.perf_counter()
-                if computed is None or act_on:
+                if computed is None or stops:
+                    start = time.perf_counter()
                     computed = evaluate_examples(model, examples, n, exit_early, batch_size,
                                                  exit_rule if looped else None)
+                    took = time.perf_counter() - start
                 rows.append(SweepRow(
                     model="looped" if looped else "baseline", task=task.name, split=split,
                     n_loops=n, early_exit=exit_early, n_examples=len(examples),
-                    seconds=time.perf_counter() - start, **computed,
+                    seconds=took, **computed,
                     exit_rule=repr(exit_rule) if looped and exit_rule is not None else "",
                 ))
     return rows

@@ -83,6 +83,33 @@ def test_act_off_model_runs_every_loop():
     assert (off.accuracy, off.loss) == (on.accuracy, on.loss)
 
 
+def test_an_exit_rule_on_an_act_off_model_is_evaluated_per_setting():
+    """With an exit rule the early-exit "on" row reused the "off" row's loop counts (all
+    loops computed), hiding what the rule saves; it must equal a sweep of "on" alone."""
+    from open_mythos import ExitRule
+
+    torch.manual_seed(0)
+    model = OpenMythos(task_config(use_act=False)).eval()
+    rule = ExitRule(rel_change=10.0, min_loops=1)  # fires at once: one loop per position
+    kw = dict(splits=["id"], loops=[4], n_examples=6, exit_rule=rule)
+    off, on = sweep(model, small_parity(), **kw)
+    [alone] = sweep(model, small_parity(), early_exit=(True,), **kw)
+    assert (off.early_exit, on.early_exit) == (False, True)
+    assert off.loops_computed == 4 and on.loops_computed == alone.loops_computed < 4
+    assert on.seconds > 0 and off.seconds > 0
+
+
+def test_sweep_arguments_are_checked_and_repeats_collapse():
+    torch.manual_seed(0)
+    model = OpenMythos(task_config(use_act=False)).eval()
+    rows = sweep(model, small_parity(), splits=["id", "id"], loops=[2, 2], n_examples=4,
+                 early_exit=(False,))
+    assert [(r.split, r.n_loops) for r in rows] == [("id", 2)]
+    for bad in (dict(batch_size=0), dict(batch_size=-1), dict(n_examples=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sweep(model, small_parity(), splits=["id"], loops=[1], **bad)
+
+
 def test_baseline_gets_one_row_per_split():
     torch.manual_seed(0)
     model = DenseBaseline(matched_baseline_config(task_config(), 3)).eval()
