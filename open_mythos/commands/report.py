@@ -22,6 +22,7 @@ from typing import Any
 
 from .argtypes import check_output_dir, non_negative_int, positive_int
 from .sweep import (
+    EVAL_DEFAULTS,
     add_eval_arguments,
     load_models,
     resolve_device,
@@ -88,7 +89,7 @@ def _exit_loops(args: argparse.Namespace, train_loops: int) -> int:
 def read_sweep(path: str, task: Any) -> tuple[list, list]:
     """``(looped rows, baseline rows)`` of a file written by ``openmythos sweep``, checked to
     be a sweep of ``task`` with looped rows."""
-    from ..evaluation.sweep import load_rows
+    from ..evaluation.sweep import load_rows, task_fingerprint
 
     loaded = load_rows(path)
     rows = [r for r in loaded if r.model == "looped"]
@@ -102,6 +103,11 @@ def read_sweep(path: str, task: Any) -> tuple[list, list]:
     others = sorted({r.model for r in loaded} - {"looped", "baseline"})
     if others:
         raise ValueError(f"--sweep {path} has rows of unknown model kind(s) {others}")
+    ids = {r.task_id for r in loaded} - {""}
+    if ids and ids != {task_fingerprint(task)}:
+        raise ValueError(f"--sweep {path} is a sweep of {task.name} with other knobs than "
+                         "the run was trained with (or given by --task-args): sweep this "
+                         "run, or pass the knobs of that sweep")
     return rows, base_rows
 
 
@@ -128,7 +134,18 @@ def run(args: argparse.Namespace) -> int:
         task = resolve_task(args, args.run)
         model, cfg, baseline = load_models(args, args.run, device)
         if args.sweep:
+            # The file's rows are the report's: options that choose rows would be ignored.
+            unused = [f"--{n.replace('_', '-')}" for n in ("loops", "splits") if getattr(args, n)]
+            unused += [f"--{n.replace('_', '-')}" for n in ("early_exit", "batch_size")
+                       if getattr(args, n) != EVAL_DEFAULTS[n]]
+            if unused:
+                raise ValueError(f"--sweep {args.sweep} gives the rows; {', '.join(unused)} "
+                                 "would choose rows of a new sweep (run openmythos sweep with "
+                                 "them, or leave --sweep out)")
             rows, base_rows = read_sweep(args.sweep, task)
+            if baseline is not None and not base_rows:
+                raise ValueError(f"--sweep {args.sweep} holds no baseline rows for --baseline "
+                                 f"{args.baseline} (sweep with --baseline, or leave it out)")
         else:
             rows, base_rows = sweep_models(args, model, baseline, task)
             save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")

@@ -32,8 +32,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``sweep`` and ``report``: task, splits, loops, examples, device."""
     p.add_argument("--task", help="task name (default: the task the run was trained on)")
     p.add_argument("--task-args", metavar="JSON",
-                   help='task difficulty knobs as a JSON object, e.g. \'{"lengths": [4, 12]}\' '
-                        "(default: the run's)")
+                   help='task difficulty knobs as a JSON object, e.g. \'{"lengths": [4, 12]}\': '
+                        "they replace the run's knobs of those names, the others stay (with "
+                        "--task, only these knobs over the task's defaults)")
     p.add_argument("--splits", type=name_list,
                    help="comma-separated splits (default: id and every ood split that fits); "
                         "a split may be one difficulty level, e.g. hops=4 for multihop")
@@ -75,9 +76,10 @@ def resolve_task(args: argparse.Namespace, run_path: str) -> Any:
     task arguments the task does not take (FileNotFoundError if ``run_path`` holds no
     checkpoint at all)."""
     from ..checkpoints import detect_format
-    from ..evaluation.runs import parse_task_args, run_task
+    from ..evaluation.runs import parse_task_args, read_train_config, run_task
     from ..tasks import get_task
 
+    knobs: dict[str, Any] = {}
     if args.task is None:
         detect_format(run_path)  # "no checkpoint in ...", rather than "records no task"
         task = run_task(run_path)
@@ -85,11 +87,13 @@ def resolve_task(args: argparse.Namespace, run_path: str) -> Any:
             raise ValueError(f"{run_path} records no task: pass --task")
         if not args.task_args:
             return task
-        name = task.name
+        # The knobs given replace the run's; the others stay (a run trained with
+        # statements=8 keeps them when only ood_hops is given).
+        name, knobs = task.name, dict(read_train_config(run_path).data.task_args)
     else:
         name = args.task
     try:
-        return get_task(name, **parse_task_args(args.task_args))
+        return get_task(name, **{**knobs, **parse_task_args(args.task_args)})
     except (TypeError, ValueError) as err:
         if not args.task_args:
             raise
@@ -116,7 +120,27 @@ def load_models(args: argparse.Namespace, path: str, device: Any) -> tuple[Any, 
         if is_looped(baseline):
             raise ValueError(f"--baseline {args.baseline} holds a looped model; it takes the "
                              "fixed-depth baseline (a run trained with model.core_layers set)")
+        check_baseline_data(path, args.baseline)
     return model, cfg, baseline
+
+
+def check_baseline_data(path: str, baseline_path: str) -> None:
+    """ValueError unless the baseline at ``baseline_path`` was trained on the data of the
+    run at ``path`` (the same task and knobs): both are evaluated on one task, so a
+    baseline of another task or difficulty compares nothing. Runs that do not record
+    their data (exported models) are not checked."""
+    from ..evaluation.runs import read_train_config
+
+    ours, theirs = read_train_config(path), read_train_config(baseline_path)
+    if ours is None or theirs is None:
+        return
+    mine = (ours.data.task, ours.data.task_args)
+    other = (theirs.data.task, theirs.data.task_args)
+    if mine != other:
+        def say(task: Any, knobs: Any) -> str:
+            return "text data" if task is None else f"task {task!r} with {knobs}"
+        raise ValueError(f"--baseline {baseline_path} was trained on {say(*other)}, the run "
+                         f"{path} on {say(*mine)}: a baseline compares only on its run's data")
 
 
 def text_run_conflicts(args: argparse.Namespace, path: str, text_options: str) -> None:

@@ -76,6 +76,8 @@ class SweepRow:
         seconds: wall time of this row's evaluation.
         exit_rule: the training-free exit rule every forward ran with, as
             ``ExitRule(...)`` text; empty for none.
+        task_id: :func:`task_fingerprint` of the task evaluated (its knobs, not only its
+            name); empty in files written before it was recorded.
     """
 
     model: str
@@ -92,6 +94,7 @@ class SweepRow:
     loops_computed: float
     seconds: float
     exit_rule: str = ""
+    task_id: str = ""
 
 
 @dataclass
@@ -166,6 +169,22 @@ def split_level(task: Task, split: str) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"split {split!r}: the level must be an integer") from None
+
+
+def task_fingerprint(task: Task) -> str:
+    """A short hash of what ``task`` asks: its name, its splits' level ranges and a few
+    examples of each split from a fixed seed. Two tasks of one name with other knobs
+    (``statements``, ``hops``...) differ, so a sweep file can be matched to the task of the
+    run it describes."""
+    import hashlib
+
+    parts = [task.name]
+    for split in task.splits:
+        rng = random.Random(f"fingerprint/{split}")
+        parts += [split, repr(task.level_range(split))]
+        parts += [f"{ex.prompt}->{ex.answer}" for ex in (task.generate(rng, split)
+                                                          for _ in range(4))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def sample_examples(task: Task, split: str, n_examples: int, seed: int = 0) -> list[Example]:
@@ -415,6 +434,7 @@ def sweep(
     # Early exit changes the result where something can stop a sequence: ACT or an exit
     # rule. Otherwise one evaluation serves every setting (its time copied with it).
     stops = looped and (model.cfg.use_act or exit_rule is not None)
+    task_id = task_fingerprint(task)
     rows = []
     for split in splits:
         examples = sample_examples(task, split, n_examples, seed)
@@ -432,6 +452,7 @@ def sweep(
                     n_loops=n, early_exit=exit_early, n_examples=len(examples),
                     seconds=took, **computed,
                     exit_rule=repr(exit_rule) if looped and exit_rule is not None else "",
+                    task_id=task_id,
                 ))
     return rows
 

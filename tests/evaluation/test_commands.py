@@ -234,3 +234,59 @@ def test_report_checks_its_sweep_file_and_out_first(runs, tmp_path, capsys, no_s
     for extra in (["--exit-loops", "-1"], ["--train-loops", "0"]):
         with pytest.raises(SystemExit):
             cli("report", "--run", looped, "--out", str(tmp_path / "r"), *extra)
+
+
+def test_task_args_override_the_runs_knobs_and_a_baseline_must_share_its_data(
+        runs, tmp_path, capsys, monkeypatch):
+    """--task-args replaced all of the run's knobs (a run trained with running=False was
+    swept on running parity when only lengths were given); a baseline of another task or
+    other knobs was accepted and its rows reported as the run's baseline."""
+    root, _, baseline = runs
+    looped = str(root / "looped")
+    seen = []
+    monkeypatch.setattr(sweep_command, "sweep_models",
+                        lambda args, model, base, task: seen.append(task) or ([], []))
+    assert cli("sweep", "--checkpoint", looped, "--task-args", '{"ood_lengths": [6, 7]}',
+               "--out", str(tmp_path / "s.json")) == 0
+    task = seen[-1]
+    assert task.level_range("ood_length") == (6, 7) and task.level_range("id") == (1, 3)
+    assert task.running is False  # kept from the run
+    assert cli("sweep", "--checkpoint", looped, "--task", "parity", "--task-args",
+               '{"ood_lengths": [13, 14]}', "--out", str(tmp_path / "s.json")) == 0
+    assert seen[-1].running is True and seen[-1].level_range("id") == (4, 12)  # defaults
+    capsys.readouterr()
+    other = TrainConfig.from_dict({"data": {"task": "parity", "task_args": {
+        **TASK_ARGS, "running": True}}})
+    tied = tied_parameters(baseline)
+    state = {k: v for k, v in baseline.state_dict().items() if k not in tied}
+    save_checkpoint(tmp_path / "other_dense", TrainingCheckpoint(
+        3, state, baseline.cfg, to_toml(other), {}, {}), tied)
+    for command in (["sweep", "--checkpoint", looped, "--out", str(tmp_path / "s2.json")],
+                    ["report", "--run", looped, "--out", str(tmp_path / "r")]):
+        assert cli(*command, "--baseline", str(tmp_path / "other_dense")) == 2
+        err = capsys.readouterr().err
+        assert "a baseline compares only on its run's data" in err and "running" in err
+
+
+def test_report_refuses_a_sweep_of_other_knobs_and_options_it_would_ignore(
+        runs, tmp_path, capsys):
+    root, _, _ = runs
+    looped = str(root / "looped")
+    sweep_file = tmp_path / "s.json"
+    assert cli("sweep", "--checkpoint", looped, "--loops", "1,2", "--n-examples", "2",
+               "--early-exit", "off", "--out", str(sweep_file)) == 0
+    other = tmp_path / "other.json"
+    assert cli("sweep", "--checkpoint", looped, "--loops", "1", "--n-examples", "2",
+               "--early-exit", "off", "--task-args", '{"ood_lengths": [6, 7]}',
+               "--out", str(other)) == 0
+    capsys.readouterr()
+    base = ["report", "--run", looped, "--out", str(tmp_path / "r"), "--exit-loops", "0"]
+    assert cli(*base, "--sweep", str(other)) == 2
+    assert "other knobs" in capsys.readouterr().err
+    for extra, says in ((["--loops", "7,8"], "--loops"), (["--splits", "id"], "--splits"),
+                        (["--early-exit", "on"], "--early-exit"),
+                        (["--baseline", str(root / "dense")], "no baseline rows")):
+        assert cli(*base, "--sweep", str(sweep_file), *extra) == 2, extra
+        assert says in capsys.readouterr().err
+    # The same knobs given to the report: the file is accepted.
+    assert cli(*base, "--sweep", str(other), "--task-args", '{"ood_lengths": [6, 7]}') == 0
