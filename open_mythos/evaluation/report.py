@@ -203,7 +203,7 @@ def depth_sweep_figure(rows: Sequence[SweepRow], baseline_rows: Sequence[SweepRo
             for r in baseline_rows:
                 if r.split == split:
                     ax.axhline(getattr(r, metric), color=colors[split], linestyle=":",
-                               label=f"{split} baseline ({r.n_loops} layers)")
+                               label=f"{split} baseline ({r.n_loops} core blocks)")
         if train_loops is not None:
             ax.axvline(train_loops, color="black", linewidth=1.0, alpha=0.6,
                        label=f"training depth ({train_loops})")
@@ -575,8 +575,10 @@ def write_report(
                                run_name(run_dir))
         md += [f"![accuracy and loss against loops]({fig.name})", "",
                "Solid lines with dots: early exit off; dashed with hollow squares (drawn on "
-               "top): ACT early exit on; dotted: the dense baseline of equal per-token FLOPs; "
-               "vertical line: training depth.", ""]
+               "top): ACT early exit on; "
+               + ("dotted: the dense baseline given (its core blocks in the legend); "
+                  if baseline_rows else "")
+               + "vertical line: training depth.", ""]
         if sweep_rows:
             md += ["Exact-match accuracy:", "", accuracy_pivot(sweep_rows, baseline_rows), ""]
         md += ["All rows:", "", sweep_table([*sweep_rows, *baseline_rows]), ""]
@@ -604,8 +606,10 @@ def _exit_section(out: Path, points: Sequence[ExitPoint], ylabel: str, value_nam
             f"![exit rules against fixed depth]({fig.name})", "",
             f"{what}: every fixed depth from 1 to {deepest} loops (dashed), and each "
             f"training-free exit rule starting from {deepest} loops. A rule pays where its "
-            "point lies above the dashed line: the same quality for fewer loops per "
-            "position.", "", exit_table(points, value_name), ""]
+            f"point lies {'below' if value_name == 'loss' else 'above'} the dashed line "
+            f"({'lower loss' if value_name == 'loss' else 'higher accuracy'} for as many "
+            "loops per position), or left of it: the same quality for fewer loops.", "",
+            exit_table(points, value_name), ""]
 
 
 def _probe_sections(

@@ -83,10 +83,19 @@ def run_loss_vs_loops(
 ) -> tuple[nn.Module, dict[int, Any]]:
     """``(model, losses)``: the run's latest model on ``device`` and its validation
     :class:`~open_mythos.evaluation.Perplexity` at each of ``loops`` (default 1 to 4x
-    ``max_loop_iters``) on the run's own validation batches (:func:`run_val_batches`)."""
+    ``max_loop_iters``) on the run's own validation batches (:func:`run_val_batches`).
+
+    Raises:
+        ValueError: the run holds a fixed-depth model (one depth: nothing to sweep).
+    """
+    from ..registry import is_looped
     from .sweep import default_loops, loss_vs_loops
 
     model, _ = load_model(path, device)
+    if not is_looped(model):
+        raise ValueError(f"{path} holds a fixed-depth model ({model.cfg.core_layers} core "
+                         "blocks): its validation loss has one depth, with no loops to sweep "
+                         "(the training log has it: val_loss in metrics.jsonl)")
     batches = [{k: v.to(device) for k, v in b.items()} for b in run_val_batches(path)]
     return model, loss_vs_loops(model, batches, loops or default_loops(model))
 

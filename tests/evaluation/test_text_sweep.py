@@ -93,3 +93,21 @@ def test_text_runs_refuse_the_options_of_task_sweeps(text_run, tmp_path, capsys)
                  "--out", str(tmp_path / "r")]) == 2
     assert "--early-exit" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_dense_text_run_has_no_loops_to_sweep(text_run, tmp_path, capsys):
+    """A fixed-depth text run was "swept" over 8 loop counts (8 equal losses) and passed the
+    depth checks; sweep and report now say it has one depth."""
+    from open_mythos.training import TrainConfig
+
+    src = load_config(text_run / "config.toml")
+    cfg = load_config(text_run / "config.toml", [("model.core_layers", 2),
+                                                 ("run.out", str(tmp_path / "dense"))])
+    assert isinstance(cfg, TrainConfig) and src.data.text == cfg.data.text
+    Trainer(cfg).train()
+    for argv in (["sweep", "--checkpoint", str(tmp_path / "dense"), "--out",
+                  str(tmp_path / "d.json")],
+                 ["report", "--run", str(tmp_path / "dense"), "--out", str(tmp_path / "r")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "fixed-depth model" in err and "Traceback" not in err
