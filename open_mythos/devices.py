@@ -38,6 +38,18 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0) -> to
                     "(run.device=cpu)") if by_rank else f"GPUs are numbered 0..{count - 1}"
             raise ValueError(f"device {str(device)!r} asked for but this machine has {count} "
                              f"CUDA device(s); {hint}")
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no data, so nothing can run there: use cpu or cuda")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for but MPS is not available here (Apple GPUs "
+                         "only); use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        try:  # xpu and others: usable only where this build and machine have one
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError, AttributeError) as err:
+            why = (str(err).splitlines() or [type(err).__name__])[0][:160]
+            raise ValueError(f"device {str(device)!r} is not available here ({why}); use "
+                             "cpu or cuda") from None
     return device
 
 

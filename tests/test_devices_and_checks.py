@@ -21,6 +21,16 @@ def test_resolve_device():
             resolve_device("cuda")
     else:
         assert resolve_device("cuda", local_rank=0) == torch.device("cuda:0")
+    # A device this machine lacks, or one that holds no data: one line, not a traceback
+    # from the first tensor put there.
+    with pytest.raises(ValueError, match="holds no data"):
+        resolve_device("meta")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="MPS is not available"):
+            resolve_device("mps")
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        with pytest.raises(ValueError, match="'xpu' is not available"):
+            resolve_device("xpu")
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
