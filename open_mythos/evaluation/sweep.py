@@ -543,14 +543,32 @@ def load_rows(path: str | Path) -> list[SweepRow]:
         with open(path, newline="") as fh:
             records = list(csv.DictReader(fh))
     types = {f.name: f.type for f in dataclasses.fields(SweepRow)}
-    parse = {"int": int, "float": float, "str": str, "bool": lambda s: s == "True"}
+    parse = {"int": int, "float": float, "str": str, "bool": {"True": True, "False": False}.__getitem__}
     rows = []
     for i, record in enumerate(records):
         try:
             if path.suffix == ".csv":
                 record = {k: parse[types[k]](v) for k, v in record.items()}
-            rows.append(SweepRow(**record))
+            row = SweepRow(**record)
+            _check_row(row, types)
+            rows.append(row)
         except (TypeError, KeyError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: row {i} is not a sweep row ({type(err).__name__}: "
                              f"{err})") from None
     return rows
+
+
+def _check_row(row: SweepRow, types: Mapping[str, str]) -> None:
+    """TypeError/ValueError unless every field of ``row`` has its type (an int where a
+    float is due is fine) and the counts and the accuracy their range."""
+    for name, kind in types.items():
+        value = getattr(row, name)
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "str": isinstance(value, str), "bool": isinstance(value, bool)}[kind]
+        if not ok:
+            raise TypeError(f"{name}={value!r} is not a {kind}")
+    if row.n_loops < 1 or row.n_examples < 1:
+        raise ValueError(f"n_loops={row.n_loops} and n_examples={row.n_examples} must be >= 1")
+    if not 0.0 <= row.accuracy <= 1.0:
+        raise ValueError(f"accuracy={row.accuracy} is not in [0, 1]")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -170,6 +172,21 @@ def test_rows_round_trip(tmp_path, suffix):
     assert load_rows(save_rows(rows, tmp_path / f"sweep{suffix}")) == rows
     with pytest.raises(ValueError, match=".json or .csv"):
         save_rows(rows, tmp_path / "sweep.txt")
+    # Rows of the wrong types or out of range are refused, naming the field (a string
+    # accuracy was reported as is; early_exit "False" in JSON dropped the row from plots).
+    good = dataclasses.asdict(rows[0])
+    for bad, says in (({"accuracy": "0.9"}, "accuracy"), ({"accuracy": 7.5}, "accuracy"),
+                      ({"n_examples": -3}, "n_examples"), ({"early_exit": "False"}, "early_exit"),
+                      ({"n_loops": 2.5}, "n_loops")):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps([{**good, **bad}]))
+        with pytest.raises(ValueError, match=f"row 0 is not a sweep row.*{says}"):
+            load_rows(path)
+    path = tmp_path / "bad.csv"
+    save_rows(rows, path)
+    path.write_text(path.read_text().replace(",True,", ",yes,"))
+    with pytest.raises(ValueError, match="row 0"):
+        load_rows(path)
 
 
 def test_a_split_may_be_one_level(parity_model):
