@@ -227,6 +227,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"openmythos sweep: error: {err}", file=sys.stderr)
         return 2
+    rules = sorted({r.exit_rule for r in rows} - {""})
+    if rules:
+        print(f"looped rows with the exit rule {', '.join(rules)}")
     print(sweep_table([*rows, *base_rows]))
     print(f"wrote {path}")
     return 0

@@ -579,6 +579,9 @@ def write_report(
                + ("dotted: the dense baseline given (its core blocks in the legend); "
                   if baseline_rows else "")
                + "vertical line: training depth.", ""]
+        rules = sorted({r.exit_rule for r in sweep_rows} - {""})
+        if rules:
+            md += [f"The looped model ran with the exit rule {', '.join(rules)}.", ""]
         if sweep_rows:
             md += ["Exact-match accuracy:", "", accuracy_pivot(sweep_rows, baseline_rows), ""]
         md += ["All rows:", "", sweep_table([*sweep_rows, *baseline_rows]), ""]

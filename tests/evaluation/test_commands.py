@@ -90,6 +90,10 @@ def test_sweep_command_with_an_exit_rule(runs, tmp_path, capsys):
     assert [r.accuracy for r in rule] == [r.accuracy for r in two]
     assert all("argmax_streak" in r.exit_rule and "entropy=1000000000.0" in r.exit_rule
                for r in rule)
+    assert f"with the exit rule {rule[0].exit_rule}" in capsys.readouterr().out
+    assert cli("report", "--run", str(root / "looped"), "--sweep", str(tmp_path / "rule.json"),
+               "--exit-loops", "0", "--out", str(tmp_path / "r")) == 0
+    assert f"ran with the exit rule {rule[0].exit_rule}" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_sweep_command_errors(runs, tmp_path, capsys, monkeypatch):
