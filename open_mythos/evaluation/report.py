@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,15 +97,25 @@ def ema(values: Sequence[float], span: int) -> list[float]:
 
 def read_metrics(run_dir: str | Path | None) -> list[dict[str, Any]]:
     """Rows of ``run_dir/metrics.jsonl`` (empty if there is none); a torn last line is
-    skipped."""
-    if run_dir is None or not (Path(run_dir) / METRICS_FILE).is_file():
+    skipped. A checkpoint directory of a run (``RUN/checkpoints/step_N``) reads the run's
+    rows up to step ``N``."""
+    if run_dir is None:
+        return []
+    path, last = Path(run_dir), None
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    if not (path / METRICS_FILE).is_file() and match and path.parent.name == "checkpoints":
+        path, last = path.parent.parent, int(match.group(1))
+    if not (path / METRICS_FILE).is_file():
         return []
     rows = []
-    for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines():
+    for line in (path / METRICS_FILE).read_text().splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    if last is not None:
+        rows = [r for r in rows if not isinstance(r.get("step"), (int, float))
+                or r["step"] <= last]
     return rows
 
 

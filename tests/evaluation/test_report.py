@@ -129,6 +129,12 @@ def test_training_curves_smooth_per_step_series_and_label_every_axis(tmp_path):
     run = tmp_path / "my-run"
     write_metrics(run, steps=60)
     records = read_metrics(run)
+    # A checkpoint of the run (report --run RUN/checkpoints/step_N) reads the run's rows up
+    # to its step (it found no metrics at all).
+    ckpt = run / "checkpoints" / "step_00000030"
+    ckpt.mkdir(parents=True)
+    assert read_metrics(ckpt) == [r for r in records if r["step"] <= 30]
+    assert read_metrics(tmp_path / "elsewhere" / "step_00000030") == []
     fig = training_curves_figure(records, "my-run")
     assert fig._suptitle.get_text() == "training curves: my-run"
     axes = {ax.get_title(): ax for ax in fig.axes}
