@@ -70,6 +70,7 @@ def run_text(args: argparse.Namespace) -> Path:
     model, losses = run_loss_vs_loops(args.run, resolve_device(args.device), args.loops)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _clear_old_report(out, None)
     (out / "loss_vs_loops.json").write_text(json.dumps(loss_rows(losses), indent=1))
     train_loops = args.train_loops or run_train_loops(args.run)
     points = []
@@ -80,6 +81,16 @@ def run_text(args: argparse.Namespace) -> Path:
         points = text_exit_points(model, run_val_batches(args.run), exit_loops)
     return write_text_report(args.run, out, losses, model=model, train_loops=train_loops,
                              exit_points=points)
+
+
+def _clear_old_report(out: Path, sweep_file: str | None) -> None:
+    """Remove the files an earlier report wrote into ``out`` (not ``--sweep`` itself)."""
+    from ..evaluation.report import REPORT_FILES
+
+    keep = Path(sweep_file).resolve() if sweep_file else None
+    for name in REPORT_FILES:
+        if (out / name).is_file() and (out / name).resolve() != keep:
+            (out / name).unlink()
 
 
 def _exit_loops(args: argparse.Namespace, train_loops: int) -> int:
@@ -148,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
                                  f"{args.baseline} (sweep with --baseline, or leave it out)")
         else:
             rows, base_rows = sweep_models(args, model, baseline, task)
+        _clear_old_report(Path(args.out), args.sweep)
+        if not args.sweep:
             save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")
         train_loops = args.train_loops or run_train_loops(args.run) or cfg.max_loop_iters
         points = []

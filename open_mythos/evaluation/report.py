@@ -39,6 +39,11 @@ from .exits import ExitPoint, plot_exit_pareto
 from .sweep import Perplexity, SweepRow, depth_checks, eval_mode, eval_splits, sample_examples
 
 METRICS_FILE = "metrics.jsonl"
+#: Every file a report may write into its directory (a rerun removes the old ones first,
+#: so that no figure of an earlier report is left beside the new ``report.md``).
+REPORT_FILES = ("report.md", "sweep.json", "training_curves.png", "depth_sweep.png",
+                "act_halting.png", "ponder_hist.png", "expert_load.png", "exit_pareto.png",
+                "loss_vs_loops.png", "loss_vs_loops.json")
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:

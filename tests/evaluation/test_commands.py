@@ -148,6 +148,16 @@ def test_report_command(runs, tmp_path):
             assert float(table[f"fixed {r.n_loops}"][-1]) == pytest.approx(r.accuracy, abs=1e-4)
     for cells in table.values():
         assert 1 <= float(cells[2]) <= int(cells[1])  # loops/position within the loops run
+    # A rerun into the same directory without the exit-rule section and from a sweep
+    # file: the old exit_pareto.png and sweep.json do not stay beside the new report.
+    keep = tmp_path / "kept.json"
+    keep.write_text((out / "sweep.json").read_text())
+    (out / "notes.txt").write_text("mine")
+    assert cli("report", "--run", str(root / "looped"), "--sweep", str(keep), "--exit-loops",
+               "0", "--n-examples", "3", "--out", str(out)) == 0
+    assert not (out / "exit_pareto.png").exists() and not (out / "sweep.json").exists()
+    assert (out / "notes.txt").read_text() == "mine" and keep.is_file()
+    assert_pngs(out, embedded_images((out / "report.md").read_text()))
 
 
 def test_loop_counts():
