@@ -36,7 +36,15 @@ from torch import nn
 from ..registry import flops_per_token, is_looped
 from ..tasks import BOS_ID, EOS_ID, Task, encode_example
 from .exits import ExitPoint, plot_exit_pareto
-from .sweep import Perplexity, SweepRow, depth_checks, eval_mode, eval_splits, sample_examples
+from .sweep import (
+    Perplexity,
+    SweepRow,
+    depth_checks,
+    eval_mode,
+    eval_splits,
+    sample_examples,
+    split_level,
+)
 
 METRICS_FILE = "metrics.jsonl"
 #: Every file a report may write into its directory (a rerun removes the old ones first,
@@ -388,7 +396,9 @@ def probe_model(
     load = None
     with eval_mode(model):
         for split in splits:
-            if task.max_len(split) > model.cfg.max_seq_len:
+            level = split_level(task, split)
+            longest = task.max_len(split) if level is None else task.max_len_at(level)
+            if longest > model.cfg.max_seq_len:
                 continue
             ponders = []
             for ex in sample_examples(task, split, n_examples, seed):
@@ -649,7 +659,10 @@ def _probe_sections(
     if probe_loops is None:
         deepest = max((r.n_loops for r in sweep_rows), default=None)
         probe_loops = deepest or train_loops or model.cfg.max_loop_iters
-    probe = probe_model(model, task, probe_loops, n_examples=probe_examples, seed=seed)
+    # The splits the sweep evaluated (a report of --splits hops=4 probes hops=4).
+    swept = list(dict.fromkeys(r.split for r in sweep_rows)) or None
+    probe = probe_model(model, task, probe_loops, splits=swept, n_examples=probe_examples,
+                        seed=seed)
     if probe.expert_load is None:
         return md + ["No split of the task fits the model's max_seq_len: nothing was probed.", ""]
     if probe.act_weights is None:

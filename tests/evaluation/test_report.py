@@ -10,7 +10,7 @@ import torch
 
 from open_mythos import OpenMythos
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
-from open_mythos.evaluation import probe_model, sweep, write_report
+from open_mythos.evaluation import probe_model, sample_examples, sweep, write_report
 
 from .conftest import act_model, small_parity, task_config
 
@@ -76,6 +76,13 @@ def test_probe_collects_halting_ponder_and_expert_load():
     tokens = sum(len(v) for v in probe.ponder.values())
     torch.testing.assert_close(probe.expert_load.sum(-1),
                                torch.full((5,), float(tokens * model.cfg.n_experts_per_tok)))
+    # A one-level split is probed as the sweep evaluates it (it was refused).
+    task = small_parity()
+    level = f"{task.level_name}={task.level_range('ood_length')[0]}"
+    probe = probe_model(model, task, n_loops=3, splits=[level], n_examples=2)
+    assert set(probe.ponder) == {level}
+    assert all(task.level_of(ex.prompt) == task.level_range("ood_length")[0]
+               for ex in sample_examples(task, level, 2))
 
 
 def test_act_off_model_and_missing_metrics(tmp_path):
