@@ -22,9 +22,11 @@ from .sweep import (
     sample_examples,
     save_rows,
     sweep,
+    task_fingerprint,
 )
 
 __all__ = [
     "Perplexity", "Probe", "SweepRow", "evaluate_examples", "greedy_answers", "load_rows",
-    "perplexity", "probe_model", "sample_examples", "save_rows", "sweep", "write_report",
+    "perplexity", "probe_model", "sample_examples", "save_rows", "sweep", "task_fingerprint",
+    "write_report",
 ]

@@ -207,3 +207,16 @@ def test_a_split_may_be_one_level(parity_model):
         sample_examples(task, "hops=3", 2)
     with pytest.raises(ValueError, match="integer"):
         sample_examples(task, f"{task.level_name}=x", 2)
+
+
+def test_task_fingerprint_tells_knobs_apart():
+    from open_mythos.evaluation import task_fingerprint
+
+    base = task_fingerprint(get_task("multihop", hops=(1, 3), ood_hops=(4, 6), statements=8))
+    assert base == task_fingerprint(get_task("multihop", hops=(1, 3), ood_hops=(4, 6),
+                                             statements=8))
+    others = [get_task("multihop", hops=(1, 3), ood_hops=(4, 6)),
+              get_task("multihop", hops=(1, 1), ood_hops=(4, 6), statements=8),
+              get_task("parity")]
+    assert len({base, *map(task_fingerprint, others)}) == 4
+    assert len(base) == 16 and int(base, 16) >= 0
