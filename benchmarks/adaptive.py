@@ -37,6 +37,7 @@ from common import print_table  # noqa: E402
 
 from open_mythos import ExitRule  # noqa: E402
 from open_mythos.checkpoints import load_model  # noqa: E402
+from open_mythos.commands.argtypes import positive_int  # noqa: E402
 from open_mythos.evaluation.exits import ExitPoint, count_loops, plot_exit_pareto  # noqa: E402
 from open_mythos.evaluation.runs import run_task, run_val_batches  # noqa: E402
 from open_mythos.evaluation.sweep import (  # noqa: E402
@@ -312,22 +313,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task-run", metavar="DIR", help="a task run (the demo's looped model)")
     p.add_argument("--text-run", metavar="DIR", help="a text run")
-    p.add_argument("--loops", type=int, default=8, help="loops the rules start from")
-    p.add_argument("--n-examples", type=int, default=256, help="task examples (default 256)")
+    p.add_argument("--loops", type=positive_int, default=8, help="loops the rules start from")
+    p.add_argument("--n-examples", type=positive_int, default=256, help="task examples (default 256)")
     p.add_argument("--split", default="id", help="task split (default id)")
-    p.add_argument("--prompts", type=int, default=16, help="text decoding prompts")
-    p.add_argument("--prompt-len", type=int, default=32, help="text prompt length")
-    p.add_argument("--new-tokens", type=int, default=32, help="text tokens to decode")
-    p.add_argument("--speculative-batch", type=int, nargs="+", default=[1, 8],
+    p.add_argument("--prompts", type=positive_int, default=16, help="text decoding prompts")
+    p.add_argument("--prompt-len", type=positive_int, default=32, help="text prompt length")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="text tokens to decode")
+    p.add_argument("--speculative-batch", type=positive_int, nargs="+", default=[1, 8],
                    help="batch sizes of the speculative decoding table (default 1 8)")
-    p.add_argument("--speculative-tokens", type=int, default=64,
+    p.add_argument("--speculative-tokens", type=positive_int, default=64,
                    help="tokens decoded in the speculative table (default 64)")
-    p.add_argument("--speculative-prompts", type=int, default=8,
+    p.add_argument("--speculative-prompts", type=positive_int, default=8,
                    help="prompts each speculative row decodes, in batches of its batch size "
                         "(default 8)")
     p.add_argument("--cache-runs", nargs="+", metavar="DIR", default=[],
                    help="text runs whose cache modes to measure (GQA and MLA)")
-    p.add_argument("--cache-loops", type=int, nargs="+", default=[4, 8],
+    p.add_argument("--cache-loops", type=positive_int, nargs="+", default=[4, 8],
                    help="loop counts of the cache table (default 4 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PNG", help="write the Pareto plot here")

@@ -44,6 +44,7 @@ from reference_style import ReferenceStyleLM  # noqa: E402
 from reference_style import greedy_stream as reference_stream  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
+from open_mythos.commands.argtypes import non_negative_int, positive_float, positive_int  # noqa: E402
 from open_mythos.inference import KVCache, generate, static, stream  # noqa: E402
 from open_mythos.layers import MLAttention, MoEFFN  # noqa: E402
 from open_mythos.tasks import get_task, make_batch  # noqa: E402
@@ -381,18 +382,18 @@ def moe_dispatch_rows(tokens: Iterable[int], repeats: int) -> list[list[object]]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="prompt lengths 64 and 512 only")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--loops", type=int, default=8, help="loops allowed in the ACT rows")
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=7,
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--loops", type=positive_int, default=8, help="loops allowed in the ACT rows")
+    parser.add_argument("--train-steps", type=non_negative_int, default=300)
+    parser.add_argument("--repeats", type=positive_int, default=7,
                         help="timed generations per path and prompt length (median)")
     parser.add_argument("--ablate", action="store_true",
                         help="also time the compiled step without its CPU tuning (inductor's "
                              "Python wrapper, every guard on every step)")
-    parser.add_argument("--session-s", type=float, default=10.0,
+    parser.add_argument("--session-s", type=positive_float, default=10.0,
                         help="session section: seconds of compiled decoding after the "
                              "compilation (default 10)")
-    parser.add_argument("--session-calls", type=int, default=2000,
+    parser.add_argument("--session-calls", type=positive_int, default=2000,
                         help="session section: most calls per model (default 2000)")
     parser.add_argument("--only", action="append", choices=SECTIONS,
                         help="run only this section (repeatable): " + ", ".join(SECTIONS))

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from open_mythos.commands.argtypes import positive_float
+
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which "
          "this be or has had not but one their all also new first can after two its more most "
@@ -96,7 +98,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", type=float, default=200.0, help="corpus size in MB (default 200)")
+    parser.add_argument("--mb", type=positive_float, default=200.0, help="corpus size in MB (default 200)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the in-memory start-up baseline")
     parser.add_argument("--dir", help="work directory (default: a temporary one, removed)")

@@ -38,6 +38,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
+from open_mythos.commands.argtypes import non_negative_int, positive_float, positive_int  # noqa: E402
+
 REQUEST_TIMEOUT = 120.0
 PROMPTS = ["the cat sat on the", "once upon a time", "a dog and a log", "it was a dark",
            "in the beginning", "we hold these", "to be or not", "the quick brown fox"]
@@ -170,14 +172,14 @@ def wait_idle(url: str, timeout: float = 30.0) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--loops", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
-    p.add_argument("--soak-streams", type=int, default=50)
-    p.add_argument("--soak-disconnects", type=int, default=20)
-    p.add_argument("--disconnect-after", type=float, default=0.3)
+    p.add_argument("--clients", type=positive_int, default=16)
+    p.add_argument("--tokens", type=positive_int, default=32)
+    p.add_argument("--dim", type=positive_int, default=256)
+    p.add_argument("--loops", type=positive_int, default=4)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads of the server")
+    p.add_argument("--soak-streams", type=non_negative_int, default=50)
+    p.add_argument("--soak-disconnects", type=non_negative_int, default=20)
+    p.add_argument("--disconnect-after", type=positive_float, default=0.3)
     p.add_argument("--loop-mix", type=lambda v: [int(x) for x in v.split(",")], metavar="N,M",
                    help="also run the load with requests cycling over these n_loops (each "
                         "depth decodes in a batch of its own), e.g. 4,2")

@@ -92,6 +92,7 @@ from common import count_flops, matmul_peak, median_time, print_table, sync  # n
 from reference_style import ReferenceStyleLM  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
+from open_mythos.commands.argtypes import positive_int  # noqa: E402
 from open_mythos.devices import keep_freed_memory  # noqa: E402
 from open_mythos.layers.moe import Expert, MoEFFN  # noqa: E402
 from open_mythos.training.trainer import compile_blocks  # noqa: E402
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rows")
     parser.add_argument("--only", action="append", choices=SECTIONS,
                         help="run only this section (repeatable)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--force-bf16", action="store_true",
                         help="run bf16 rows even where the bf16 matmul peak is low")
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
@@ -608,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="compiled rows: 'blocks' (default; what `openmythos train "
                              "--compile` does), 'model' (forward+loss as one fullgraph), "
                              "'cudagraphs' (that graph as CUDA graphs; CUDA only); repeatable")
-    parser.add_argument("--batch-scale", type=int, default=1,
+    parser.add_argument("--batch-scale", type=positive_int, default=1,
                         help="multiply the model sections' batch sizes (for a GPU)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ["fp32", "bf16"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from open_mythos import MythosConfig, OpenMythos
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
+from open_mythos.commands.argtypes import non_negative_int, positive_int  # noqa: E402
 from open_mythos.tasks import get_task, make_batch
 from open_mythos.tasks.base import IGNORE_INDEX, PAD_ID, VOCAB_SIZE
 from open_mythos.tasks.batching import collate, decode_answer
@@ -37,26 +38,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hops", type=int, nargs=2, default=[1, 3], help="training hop range")
     p.add_argument("--ood", type=int, nargs=2, default=[4, 6], help="out-of-distribution hops")
     p.add_argument("--dis", type=int, nargs=2, default=[1, 4], help="distractor range")
-    p.add_argument("--T", type=int, default=3, help="T_train (and the baseline's core depth)")
-    p.add_argument("--lmin", type=int, help="fewest loops sampled in training (default T)")
-    p.add_argument("--lmax", type=int, help="most loops sampled in training (default T)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--bs", type=int, default=128)
+    p.add_argument("--T", type=positive_int, default=3, help="T_train (and the baseline's core depth)")
+    p.add_argument("--lmin", type=positive_int, help="fewest loops sampled in training (default T)")
+    p.add_argument("--lmax", type=positive_int, help="most loops sampled in training (default T)")
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--bs", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prompt-loss", type=float, default=0.0,
                    help="weight of next-token loss on the prompt tokens")
     p.add_argument("--deep", type=float, default=0.0,
                    help="weight of the per-loop (per-core-block) intermediate-hop loss")
-    p.add_argument("--curriculum", type=int, default=0,
+    p.add_argument("--curriculum", type=non_negative_int, default=0,
                    help="steps over which the largest training hop count rises to --hops[1]")
     p.add_argument("--baseline", action="store_true", help="train the dense baseline instead")
     p.add_argument("--init", metavar="RUN",
                    help="start from this checkpoint or run directory (e.g. a demo's looped/ or "
                         "baseline/ run) instead of a fresh model")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dim", type=positive_int, default=64)
+    p.add_argument("--heads", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--eval-loops", default="1,2,3,4,6,8,10,12,16")
     p.add_argument("--out", help="write the arguments and accuracies here (JSON)")
     return p.parse_args()

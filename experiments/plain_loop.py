@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from open_mythos import ExitRule, MythosConfig, OpenMythos
+from open_mythos.commands.argtypes import positive_int  # noqa: E402
 from open_mythos.tasks import IGNORE_INDEX, VOCAB_SIZE, get_task, make_batch
 from open_mythos.training.config import parse_override
 
@@ -248,11 +249,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(RECIPES), help="comma-separated subset of "
                    f"{', '.join(RECIPES)}")
     p.add_argument("--quick", action="store_true", help="a few steps each (pipeline check)")
-    p.add_argument("--steps", type=int, help="override every task's step count")
-    p.add_argument("--max-loops", type=int, default=16, help="sweep ours over 1..N loops")
-    p.add_argument("--eval-examples", type=int, default=512)
+    p.add_argument("--steps", type=positive_int, help="override every task's step count")
+    p.add_argument("--max-loops", type=positive_int, default=16, help="sweep ours over 1..N loops")
+    p.add_argument("--eval-examples", type=positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a MythosConfig field of ours (repeatable), e.g. init_std=0.02")
     p.add_argument("--skip-plain", action="store_true",
