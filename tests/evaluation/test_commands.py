@@ -304,3 +304,14 @@ def test_report_refuses_a_sweep_of_other_knobs_and_options_it_would_ignore(
         assert says in capsys.readouterr().err
     # The same knobs given to the report: the file is accepted.
     assert cli(*base, "--sweep", str(other), "--task-args", '{"ood_lengths": [6, 7]}') == 0
+
+
+def test_numeric_argument_types():
+    from open_mythos.commands.argtypes import non_negative_int, positive_float, positive_int
+
+    assert (positive_int("3"), non_negative_int("0"), positive_float("0.5")) == (3, 0, 0.5)
+    for parse, bad in ((positive_int, "0"), (positive_int, "2.5"), (non_negative_int, "-1"),
+                       (positive_float, "0"), (positive_float, "-1"), (positive_float, "inf"),
+                       (positive_float, "nan"), (positive_float, "x")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
