@@ -421,8 +421,7 @@ def sweep(
     elif not splits:
         raise ValueError("sweep needs at least one split")
     splits = list(dict.fromkeys(splits))  # a split named twice is evaluated once
-    n_examples = whole_number(n_examples, "n_examples", minimum=1)
-    batch_size = whole_number(batch_size, "batch_size", minimum=1)
+    n_examples = whole_number(n_examples, "n_examples", minimum=1)  # batch_size: per call
     looped = is_looped(model)
     if looped:
         loops = default_loops(model) if loops is None else list(dict.fromkeys(loops))

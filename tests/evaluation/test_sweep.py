@@ -83,6 +83,8 @@ def test_act_off_model_runs_every_loop():
         assert r.expected_loops == r.halt_loop == r.loops_run == r.loops_computed == r.n_loops
     off, on = rows[2], rows[3]
     assert (off.accuracy, off.loss) == (on.accuracy, on.loss)
+    # One evaluation served both settings: the copied row keeps its time (it had ~1e-7 s).
+    assert on.seconds == off.seconds
 
 
 def test_an_exit_rule_on_an_act_off_model_is_evaluated_per_setting():
@@ -98,7 +100,6 @@ def test_an_exit_rule_on_an_act_off_model_is_evaluated_per_setting():
     [alone] = sweep(model, small_parity(), early_exit=(True,), **kw)
     assert (off.early_exit, on.early_exit) == (False, True)
     assert off.loops_computed == 4 and on.loops_computed == alone.loops_computed < 4
-    assert on.seconds > 0 and off.seconds > 0
 
 
 def test_sweep_arguments_are_checked_and_repeats_collapse():
