@@ -12,6 +12,7 @@ safe to show as they arrive:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -166,13 +167,8 @@ class TextSequence:
 
 
 def _common_prefix_len(a: str, b: str) -> int:
-    if b.startswith(a):  # the usual case, at C speed
-        return len(a)
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    # ``startswith`` answers the usual case (b extends a) at C speed.
+    return len(a) if b.startswith(a) else len(os.path.commonprefix([a, b]))
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
