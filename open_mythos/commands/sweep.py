@@ -76,22 +76,19 @@ def resolve_task(args: argparse.Namespace, run_path: str) -> Any:
     task arguments the task does not take (FileNotFoundError if ``run_path`` holds no
     checkpoint at all)."""
     from ..checkpoints import detect_format
-    from ..evaluation.runs import parse_task_args, read_train_config, run_task
+    from ..evaluation.runs import parse_task_args, read_train_config
     from ..tasks import get_task
 
-    knobs: dict[str, Any] = {}
     if args.task is None:
         detect_format(run_path)  # "no checkpoint in ...", rather than "records no task"
-        task = run_task(run_path)
-        if task is None:
+        cfg = read_train_config(run_path)
+        if cfg is None or cfg.data.task is None:
             raise ValueError(f"{run_path} records no task: pass --task")
-        if not args.task_args:
-            return task
         # The knobs given replace the run's; the others stay (a run trained with
         # statements=8 keeps them when only ood_hops is given).
-        name, knobs = task.name, dict(read_train_config(run_path).data.task_args)
+        name, knobs = cfg.data.task, dict(cfg.data.task_args)
     else:
-        name = args.task
+        name, knobs = args.task, {}
     try:
         return get_task(name, **{**knobs, **parse_task_args(args.task_args)})
     except (TypeError, ValueError) as err:
