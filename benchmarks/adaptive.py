@@ -78,7 +78,10 @@ def task_table(run: str, n_loops: int, n_examples: int, split: str, seed: int) -
     task = run_task(run)
     if task is None:
         raise SystemExit(f"{run} is not a task run")
-    examples = sample_examples(task, split, n_examples, seed)
+    try:
+        examples = sample_examples(task, split, n_examples, seed)
+    except ValueError as err:  # an unknown split, named with the task's own
+        raise SystemExit(f"--split: {err}") from None
     with torch.no_grad():  # warm-up: the first forwards of a process are slower
         _greedy_examples(model, examples[:16], n_loops, True)
     rows = []
@@ -95,11 +98,26 @@ def task_table(run: str, n_loops: int, n_examples: int, split: str, seed: int) -
     return rows
 
 
+def validation_prompts(batches: list[dict], prompt_len: int,
+                       n_prompts: int | None = None) -> torch.Tensor:
+    """The first ``n_prompts`` validation sequences (all with ``None``), cut to
+    ``prompt_len`` tokens; a run whose validation text is too short or too small for that
+    is an error, not fewer or shorter prompts."""
+    ids = torch.cat([b["input_ids"] for b in batches])
+    if ids.shape[1] < prompt_len:
+        raise SystemExit(f"--prompt-len {prompt_len}: the run's validation sequences hold "
+                         f"{ids.shape[1]} tokens")
+    if n_prompts is not None and len(ids) < n_prompts:
+        raise SystemExit(f"--prompts {n_prompts}: the run's validation text gives "
+                         f"{len(ids)} sequences")
+    return ids[:n_prompts, :prompt_len]
+
+
 def text_table(run: str, n_loops: int, n_prompts: int, prompt_len: int,
                new_tokens: int) -> list[dict]:
     model = load_model(run).model.eval()
     batches = run_val_batches(run)
-    prompts = torch.cat([b["input_ids"] for b in batches])[:n_prompts, :prompt_len]
+    prompts = validation_prompts(batches, prompt_len, n_prompts)
     with torch.no_grad():  # also the warm-up
         reference = generate(model, prompts, new_tokens, n_loops, do_sample=False)[:, prompt_len:]
     rows = []
@@ -139,10 +157,12 @@ def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len
     time is the sum over those batches; acceptance and tokens per verification are pooled.
     """
     model = load_model(run).model.eval()
-    prompts_all = torch.cat([b["input_ids"] for b in run_val_batches(run)])[:, :prompt_len]
+    prompts_all = validation_prompts(run_val_batches(run), prompt_len)
     if prompt_len + new_tokens > model.cfg.max_seq_len:
         raise SystemExit(f"--prompt-len {prompt_len} + --speculative-tokens {new_tokens} "
                          f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    # A draft as deep as the verifier saves nothing: those rows are left out.
+    drafts = [d for d in DRAFTS if d[0] < n_loops]
     rows = []
     for batch in batch_sizes:
         n_groups = max(1, n_prompts // batch)
@@ -156,7 +176,7 @@ def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len
         methods = {"plain greedy": partial(_plain_round, model, groups, new_tokens, n_loops)}
         stats: dict[tuple, list[SpeculativeStats]] = {}
         outputs: dict[tuple, list[torch.Tensor]] = {}
-        for d in DRAFTS:
+        for d in drafts:
             methods[draft_name(d)] = partial(_speculative_round, model, groups, new_tokens,
                                              n_loops, d, stats, outputs)
         seconds: dict[str, list[float]] = {name: [] for name in methods}
@@ -167,7 +187,7 @@ def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len
         plain = median["plain greedy"]
         rows.append(dict(batch=batch, prompts=n_groups * batch, method="plain greedy",
                          seconds=plain, ratio=1.0, acceptance=None, per_cycle=1.0, same=1.0))
-        for d in DRAFTS:
+        for d in drafts:
             name = draft_name(d)
             pooled = stats[d]
             same = torch.cat([(o == r).flatten() for o, r in zip(outputs[d], reference)])
@@ -175,7 +195,8 @@ def speculative_table(run: str, n_loops: int, batch_sizes: list[int], prompt_len
                              seconds=median[name], ratio=plain / median[name],
                              acceptance=sum(s.accepted for s in pooled)
                              / max(1, sum(s.drafted for s in pooled)),
-                             per_cycle=sum(s.tokens for s in pooled)
+                             # The prompt's forward emits each generation's first token.
+                             per_cycle=sum(s.tokens - 1 for s in pooled)
                              / max(1, sum(s.cycles for s in pooled)),
                              same=float(same.float().mean())))
     return rows
@@ -189,7 +210,7 @@ def forward_costs(run: str, n_loops: int, batch_sizes: list[int], prompt_len: in
     medians of ``repeats`` rounds, the forwards taking turns, every forward after the same
     prefilled prompt."""
     model = load_model(run).model.eval()
-    prompts_all = torch.cat([b["input_ids"] for b in run_val_batches(run)])[:, :prompt_len]
+    prompts_all = validation_prompts(run_val_batches(run), prompt_len)
     if prompt_len + 7 > model.cfg.max_seq_len:
         raise SystemExit(f"--prompt-len {prompt_len} leaves no room for a 7-token verification "
                          f"within max_seq_len={model.cfg.max_seq_len}")
@@ -275,7 +296,7 @@ def cache_table(runs: list[str], loops: tuple[int, ...], prefill: int = 16) -> l
                         nbytes += cache.nbytes()
                         positions += B * (L - 1)
                     per_token = nbytes / positions
-                    rows.append(dict(run=Path(run).name, attn=str(model.cfg.attn_type),
+                    rows.append(dict(run=str(run), attn=str(model.cfg.attn_type),
                                      loops=n_loops, dtype=str(dtype).removeprefix("torch."),
                                      mode=mode, bytes=per_token, reference=reference,
                                      ratio=reference / per_token, loss=total / count))
@@ -369,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## Text run {args.text_run}: self-speculative greedy decoding of "
               f"{args.speculative_tokens} tokens at {args.loops} loops (median of 7 "
               "rounds, the methods taking turns; each row decodes the same prompts)\n")
+        if any(d[0] >= args.loops for d in DRAFTS):
+            print(f"(drafts of {args.loops} or more loops left out: as deep as the verifier, "
+                  "they save nothing)\n")
         print_table(["batch", "prompts", "method", "s", "speedup", "acceptance",
                      "tokens/verify", "same tokens"],
                     [[r["batch"], r["prompts"], r["method"], f"{r['seconds']:.2f}",

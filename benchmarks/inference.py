@@ -269,8 +269,13 @@ def act_rows(n_loops: int, steps: int, repeats: int) -> tuple[list[list[object]]
          f"{runs[True][3]}/{n_loops} (work {runs[True][2]:.0%})",
          "yes" if torch.equal(runs[True][1], runs[False][1]) else "NO"],
     ]
-    note = (f"trained {steps} steps (CE {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.2f}), "
-            f"mean ACT ponder cost at n_loops={n_loops}: {ponder:.2f} loops")
+    if losses:
+        last = losses[-20:]
+        trained = (f"trained {steps} steps (CE {losses[0]:.2f} -> mean of the last "
+                   f"{len(last)} {sum(last) / len(last):.2f})")
+    else:
+        trained = "untrained (--train-steps 0)"
+    note = f"{trained}, mean ACT ponder cost at n_loops={n_loops}: {ponder:.2f} loops"
     return rows, note
 
 

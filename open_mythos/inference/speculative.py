@@ -98,8 +98,9 @@ class SpeculativeStats:
 
     @property
     def tokens_per_cycle(self) -> float:
-        """Tokens emitted per full-depth forward."""
-        return self.tokens / self.cycles if self.cycles else 0.0
+        """Tokens emitted per draft-and-verify cycle (per full-depth verification); the
+        first token, which the prompt's forward emits, is not a cycle's and not counted."""
+        return (self.tokens - 1) / self.cycles if self.cycles else 0.0
 
 
 def speculative_stream(

@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 from open_mythos.training import Trainer
 from open_mythos.training.config import UNSET
 from tests.training.conftest import tiny_config
@@ -58,7 +60,12 @@ def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     # Cache modes: per-depth at 2 loops holds 1 prelude + 2 loops + 1 coda entries, "last"
     # 1 + 1 + 1; the fp32 per-depth GQA cache is the reference's size.
     cache = {tuple(line.split()[3:5]): line.split() for line in out.split("Depth-sharing")[1]
-             .splitlines() if line.startswith("text ")}
+             .splitlines() if line.startswith(f"{tmp_path / 'text'} ")}
     per_depth, last = cache[("float32", "per_depth")], cache[("float32", "last")]
     assert per_depth[7] == "1.0x" and float(per_depth[5]) == 4 / 3 * float(last[5])
     assert float(cache[("bfloat16", "per_depth")][5]) == float(per_depth[5]) / 2
+    # Options the runs cannot serve are errors, not shorter prompts or a traceback.
+    with pytest.raises(SystemExit, match="--prompt-len 999: the run's validation sequences"):
+        bench.main(["--text-run", str(tmp_path / "text"), "--prompt-len", "999"])
+    with pytest.raises(SystemExit, match="--split: .*unknown split 'nope'"):
+        bench.main(["--task-run", str(tmp_path / "task"), "--split", "nope"])

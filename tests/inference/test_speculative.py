@@ -43,6 +43,17 @@ def test_greedy_equals_plain_greedy(attn_type, draft_loops, draft_tokens):
         assert 0.0 < stats.acceptance_rate < 1.0
 
 
+def test_tokens_per_cycle_counts_only_the_cycles_tokens():
+    """Drafts as deep as the verifier are all accepted: each cycle emits its 2 drafts and
+    the verifier's token, after the one token the prompt's forward emits (1 + 6 x 3)."""
+    model = deep_model("gqa")
+    stats = SpeculativeStats()
+    speculative_generate(model, torch.randint(0, 97, (1, 7)), 19, N_LOOPS,
+                         draft_loops=N_LOOPS, draft_tokens=2, stats=stats)
+    assert (stats.tokens, stats.cycles) == (19, 6)
+    assert stats.tokens_per_cycle == 3.0
+
+
 def test_greedy_equals_plain_greedy_batched_padded_with_stop_tokens(attn_type):
     model = deep_model(attn_type)
     ids = torch.randint(0, 97, (3, 9))
