@@ -20,20 +20,34 @@ import argparse
 import json
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from open_mythos import MythosConfig, OpenMythos
-from open_mythos.baseline import DenseBaseline, matched_baseline_config
-from open_mythos.commands.argtypes import non_negative_int, positive_int  # noqa: E402
+from open_mythos.baseline import BaselineConfig, DenseBaseline, matched_baseline_config
+from open_mythos.commands.argtypes import (  # noqa: E402
+    check_output_file,
+    loop_counts,
+    non_negative_int,
+    positive_int,
+)
 from open_mythos.tasks import get_task, make_batch
 from open_mythos.tasks.base import IGNORE_INDEX, PAD_ID, VOCAB_SIZE
 from open_mythos.tasks.batching import collate, decode_answer
 from open_mythos.training.schedule import LRSchedule
 
+#: ``--dim`` and ``--heads`` of a fresh model.
+DIM, HEADS = 64, 4
+
 
 def parse_args() -> argparse.Namespace:
+    """The arguments, every one checked here: a bad one fails before the training starts.
+
+    Fills in ``lmin``/``lmax`` (default ``--T``) and ``dim``/``heads`` (the ``--init``
+    checkpoint's, else :data:`DIM` and :data:`HEADS`).
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hops", type=int, nargs=2, default=[1, 3], help="training hop range")
     p.add_argument("--ood", type=int, nargs=2, default=[4, 6], help="out-of-distribution hops")
@@ -54,22 +68,74 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--init", metavar="RUN",
                    help="start from this checkpoint or run directory (e.g. a demo's looped/ or "
                         "baseline/ run) instead of a fresh model")
-    p.add_argument("--dim", type=positive_int, default=64)
-    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--dim", type=positive_int,
+                   help=f"model width (default {DIM}; with --init, the checkpoint's)")
+    p.add_argument("--heads", type=positive_int,
+                   help=f"attention heads (default {HEADS}; with --init, the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1)
-    p.add_argument("--eval-loops", default="1,2,3,4,6,8,10,12,16")
-    p.add_argument("--out", help="write the arguments and accuracies here (JSON)")
-    return p.parse_args()
+    p.add_argument("--eval-loops", type=loop_counts, default="1,2,3,4,6,8,10,12,16",
+                   help="loop counts to evaluate, e.g. 1,2,4,8 or 1-16 (the baseline: 1)")
+    p.add_argument("--out", help="write the arguments and accuracies here (JSON; missing "
+                                 "folders are made)")
+    a = p.parse_args()
+    try:
+        task = get_task("multihop", hops=a.hops, ood_hops=a.ood, distractors=a.dis)
+    except ValueError as err:
+        p.error(f"--hops/--ood/--dis: {err}")
+    a.lmin, a.lmax = a.lmin or a.T, a.lmax or a.T
+    if a.lmin > a.lmax:
+        p.error(f"--lmin ({a.lmin}) must not exceed --lmax ({a.lmax}); either defaults to "
+                f"--T ({a.T})")
+    if a.init:
+        check_init(p, a)
+    else:
+        a.dim, a.heads = a.dim or DIM, a.heads or HEADS
+        try:
+            config(a, task.max_len())
+        except ValueError as err:
+            p.error(f"--dim/--heads/--T: {err}")
+    if a.out is not None:
+        try:
+            check_output_file(a.out)
+        except ValueError as err:
+            p.error(f"--out: {err}")
+    return a
 
 
-def build(a: argparse.Namespace, seq_len: int) -> torch.nn.Module:
+def check_init(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """``--init`` holds a model of the kind ``--baseline`` asks for, whose width and heads
+    (set on ``a``) agree with ``--dim``/``--heads`` where given; reads only its config."""
+    from open_mythos.checkpoints import read_config
+
+    try:
+        cfg, _ = read_config(a.init)
+    except (FileNotFoundError, ValueError) as err:
+        p.error(f"--init: {err}")
+    dense = isinstance(cfg, BaselineConfig)
+    if dense != a.baseline:
+        p.error(f"--init {a.init} holds a {'dense baseline' if dense else 'looped model'}: it "
+                "must hold a dense baseline exactly when --baseline is given")
+    for option, given, stored in (("--dim", a.dim, cfg.dim), ("--heads", a.heads, cfg.n_heads)):
+        if given is not None and given != stored:
+            p.error(f"{option} {given} differs from the --init checkpoint's {stored}; leave "
+                    f"{option} out (it is taken from the checkpoint)")
+    a.dim, a.heads = cfg.dim, cfg.n_heads
+
+
+def config(a: argparse.Namespace, seq_len: int) -> MythosConfig:
+    """The configuration of a fresh model (the baseline's when ``--baseline``)."""
     cfg = MythosConfig(
         vocab_size=VOCAB_SIZE, dim=a.dim, n_heads=a.heads, n_kv_heads=a.heads,
         max_seq_len=max(64, seq_len), max_loop_iters=a.T, prelude_layers=1, coda_layers=1,
         attn_type="gqa", n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=32,
         lora_rank=4, use_act=False, init_std=a.dim**-0.5, embed_init_std=1.0)
-    return DenseBaseline(matched_baseline_config(cfg, a.T)) if a.baseline else OpenMythos(cfg)
+    return matched_baseline_config(cfg, a.T) if a.baseline else cfg
+
+
+def build(a: argparse.Namespace, seq_len: int) -> torch.nn.Module:
+    cfg = config(a, seq_len)
+    return DenseBaseline(cfg) if a.baseline else OpenMythos(cfg)
 
 
 def first_token_accuracy(model, batch, n_loops: int, baseline: bool) -> float:
@@ -89,9 +155,7 @@ def main() -> None:
     if a.init:
         from open_mythos.training import load_checkpoint
 
-        model = load_checkpoint(a.init)[0].train()
-        if isinstance(model, DenseBaseline) != a.baseline:
-            raise SystemExit("--init must hold a dense baseline exactly when --baseline is given")
+        model = load_checkpoint(a.init)[0].train()  # kind, dim and heads: checked by check_init
     else:
         model = build(a, task.max_len())
     states: list[torch.Tensor] = []  # per-loop (per-core-block) states of the current step
@@ -102,7 +166,7 @@ def main() -> None:
         model.recurrent.injection.register_forward_hook(lambda m, i, o: states.append(o))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
     rng, loop_rng = random.Random(a.seed), random.Random(a.seed + 1)
-    lmin, lmax = a.lmin or a.T, a.lmax or a.T
+    lmin, lmax = a.lmin, a.lmax
 
     lr_at = LRSchedule(a.lr, warmup_steps=20, decay_steps=a.steps)  # cosine to 0.1 x lr
 
@@ -146,7 +210,7 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.4f} t {time.time() - t0:.0f}s", flush=True)
 
     model.eval()
-    loops = [1] if a.baseline else [int(x) for x in a.eval_loops.split(",")]
+    loops = [1] if a.baseline else a.eval_loops
     results = {}
     for split in ("id", "ood_hops"):
         batch = make_batch(task, random.Random(1234), split, 512)
@@ -159,6 +223,7 @@ def main() -> None:
         print(f"hops={hops}", " ".join(f"{n}:{v:.2f}" for n, v in zip(loops, accs)), flush=True)
     print(f"time {time.time() - t0:.0f}s")
     if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         with open(a.out, "w") as f:
             json.dump({"args": vars(a), "results": results}, f)
 

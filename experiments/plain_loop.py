@@ -50,7 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from open_mythos import ExitRule, MythosConfig, OpenMythos
-from open_mythos.commands.argtypes import positive_int  # noqa: E402
+from open_mythos.commands.argtypes import (  # noqa: E402
+    check_output_file,
+    loop_count,
+    name_list,
+    positive_int,
+)
 from open_mythos.tasks import IGNORE_INDEX, VOCAB_SIZE, get_task, make_batch
 from open_mythos.training.config import parse_override
 
@@ -126,14 +131,20 @@ def make_rng(recipe: Recipe, seed: int) -> Any:
 # Models ------------------------------------------------------------------------------------
 
 
-def ours(recipe: Recipe, vocab_size: int, max_len: int, fields: dict[str, Any]) -> OpenMythos:
-    """Our model from sizes only (plus the ``--model`` fields)."""
+def ours_config(recipe: Recipe, vocab_size: int, max_len: int,
+                fields: dict[str, Any]) -> MythosConfig:
+    """The configuration of ours: sizes only (plus the ``--model`` fields)."""
     sizes = dict(vocab_size=vocab_size, dim=recipe.dim, n_heads=recipe.n_heads,
                  n_kv_heads=recipe.n_heads, max_seq_len=max_len,
                  max_loop_iters=recipe.train_loops, prelude_layers=1, coda_layers=1,
                  attn_type="gqa", n_experts=4, n_shared_experts=1, n_experts_per_tok=2,
                  expert_dim=recipe.dim, lora_rank=8)
-    return OpenMythos(MythosConfig(**{**sizes, **fields}))
+    return MythosConfig(**{**sizes, **fields})
+
+
+def ours(recipe: Recipe, vocab_size: int, max_len: int, fields: dict[str, Any]) -> OpenMythos:
+    """Our model from sizes only (plus the ``--model`` fields)."""
+    return OpenMythos(ours_config(recipe, vocab_size, max_len, fields))
 
 
 def plain(recipe: Recipe, vocab_size: int, max_len: int) -> PlainTransformer:
@@ -244,43 +255,85 @@ def check_targets(all_results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: Evaluation examples per split, without and with ``--quick``.
+EVAL_EXAMPLES, QUICK_EVAL_EXAMPLES = 512, 32
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked here: a bad one fails before minutes of training.
+
+    Adds ``fields`` (the ``--model`` fields as a dict) and fills in ``eval_examples`` when
+    not given; ``steps`` stays None then (each task's own count).
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", default=",".join(RECIPES), help="comma-separated subset of "
-                   f"{', '.join(RECIPES)}")
-    p.add_argument("--quick", action="store_true", help="a few steps each (pipeline check)")
-    p.add_argument("--steps", type=positive_int, help="override every task's step count")
-    p.add_argument("--max-loops", type=positive_int, default=16, help="sweep ours over 1..N loops")
-    p.add_argument("--eval-examples", type=positive_int, default=512)
+    p.add_argument("--tasks", type=name_list, default=",".join(RECIPES),
+                   help=f"comma-separated subset of {', '.join(RECIPES)} (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a few steps each and {QUICK_EVAL_EXAMPLES} evaluation examples "
+                        "(pipeline check); --steps and --eval-examples, when given, still win")
+    p.add_argument("--steps", type=positive_int,
+                   help="every task's step count (default: the task's own: "
+                        f"{', '.join(f'{r.name} {r.steps}' for r in RECIPES.values())}; "
+                        f"{'/'.join(sorted({str(r.quick_steps) for r in RECIPES.values()}))}"
+                        " with --quick)")
+    p.add_argument("--max-loops", type=loop_count, default=16,
+                   help="sweep ours over 1..N loops (default 16); at least the largest T_train "
+                        "of the tasks, which the targets compare against the plain transformer "
+                        "(the no-collapse targets check those of 4, 6 and 8 loops swept)")
+    p.add_argument("--eval-examples", type=positive_int,
+                   help=f"evaluation examples per split (default {EVAL_EXAMPLES}, "
+                        f"{QUICK_EVAL_EXAMPLES} with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a MythosConfig field of ours (repeatable), e.g. init_std=0.02")
     p.add_argument("--skip-plain", action="store_true",
                    help="train only ours (for comparing settings of ours)")
-    p.add_argument("--out", type=Path, help="write the results as JSON")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, help="write the results as JSON (missing folders are made)")
+    args = p.parse_args(argv)
+    unknown = [t for t in args.tasks if t not in RECIPES]
+    if unknown:
+        p.error(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    args.tasks = list(dict.fromkeys(args.tasks))  # each task once, in the order given
+    deepest = max((RECIPES[t] for t in args.tasks), key=lambda r: r.train_loops)
+    if args.max_loops < deepest.train_loops:
+        p.error(f"--max-loops must be at least {deepest.train_loops}, got {args.max_loops}: the "
+                f"targets compare ours at T_train={deepest.train_loops} loops ({deepest.name}) "
+                "with the plain transformer")
+    bad = [kv for kv in args.model if "=" not in kv]
+    if bad:
+        p.error(f"--model {bad[0]!r}: must look like FIELD=VALUE (e.g. init_std=0.02)")
+    try:
+        fields = dict(parse_override(f"model.{kv}") for kv in args.model)
+        args.fields = {k.split(".", 1)[1]: v for k, v in fields.items()}
+        for name in args.tasks:  # ours of every task, built as run_recipe builds it
+            _, _, vocab, max_len = task_sampler(RECIPES[name])
+            ours_config(RECIPES[name], vocab, max_len, args.fields)
+    except (TypeError, ValueError) as err:
+        p.error(f"--model: {err}")
+    if args.out is not None:
+        try:
+            check_output_file(args.out)
+        except ValueError as err:
+            p.error(f"--out: {err}")
+    if args.eval_examples is None:
+        args.eval_examples = QUICK_EVAL_EXAMPLES if args.quick else EVAL_EXAMPLES
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t not in RECIPES]
-    if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; choose from {', '.join(RECIPES)}")
-    fields = dict(parse_override(f"model.{kv}") for kv in args.model)
-    fields = {k.split(".", 1)[1]: v for k, v in fields.items()}
-    MythosConfig(**{**dict(vocab_size=2, dim=64, n_heads=4), **fields})  # fail early
+    fields = args.fields
     torch.set_num_threads(args.threads)
     loops = list(range(1, args.max_loops + 1))
-    n_eval = 32 if args.quick else args.eval_examples
     all_results = {}
     start = time.perf_counter()
-    for name in names:
+    for name in args.tasks:
         recipe = RECIPES[name]
-        steps = recipe.quick_steps if args.quick else (args.steps or recipe.steps)
+        steps = args.steps or (recipe.quick_steps if args.quick else recipe.steps)
         kinds = ("ours",) if args.skip_plain else ("plain", "ours")
-        all_results[name] = run_recipe(recipe, steps, loops, n_eval, args.seed, fields, kinds)
+        all_results[name] = run_recipe(recipe, steps, loops, args.eval_examples, args.seed,
+                                       fields, kinds)
     print(f"\nAccuracy after the plain training loop (ours against loops at inference, "
           f"T_train in bold; model fields: {fields or 'defaults'}; seed {args.seed}):\n")
     print(format_table(all_results, loops))
@@ -288,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(f"  - {line}" for line in check_targets(all_results)))
     print(f"\nwall clock {time.perf_counter() - start:.0f} s")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"fields": fields, "seed": args.seed,
                                         "results": all_results}, indent=1, default=str))
     return 0 if all(math.isfinite(r["ours_final_loss"]) for r in all_results.values()) else 1
