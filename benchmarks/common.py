@@ -7,6 +7,7 @@ measures its baselines in the same run and prints ratios against them.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -75,5 +76,13 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+#: A number as the scripts print one: an optional sign, digits (with thousands commas), a
+#: fraction, an exponent, then an optional "x" (a ratio) or "%"; or an infinity or a NaN.
+_NUMBER = re.compile(r"[+-]?(?:(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?|inf|nan)[x%]?",
+                     re.IGNORECASE)
+
+
 def _numeric(cell: str) -> bool:
-    return cell.replace(".", "", 1).replace(",", "").replace("x", "").replace("%", "").lstrip("-").isdigit()
+    """Whether ``cell`` is a number (right-aligned): "12", "-0.5", "+0.0", "1,234", "1e-05",
+    "1.23x", "34%"."""
+    return _NUMBER.fullmatch(cell) is not None

@@ -101,10 +101,19 @@ def main() -> None:
     parser.add_argument("--mb", type=positive_float, default=200.0, help="corpus size in MB (default 200)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the in-memory start-up baseline")
-    parser.add_argument("--dir", help="work directory (default: a temporary one, removed)")
+    parser.add_argument("--dir", help="an existing directory to make the temporary work "
+                        "directory in (default: the system's temporary directory); the work "
+                        "directory is removed at the end")
     args = parser.parse_args()
+    if args.dir is not None and not Path(args.dir).is_dir():
+        parser.error(f"--dir {args.dir}: "
+                     f"{'not a directory' if Path(args.dir).exists() else 'no such directory'}")
+    try:
+        work = tempfile.TemporaryDirectory(dir=args.dir)
+    except OSError as err:
+        parser.error(f"--dir {args.dir}: cannot make a directory in it ({err.strerror})")
 
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with work as tmp:
         corpus, shards = Path(tmp) / "corpus", Path(tmp) / "shards"
         t0 = time.perf_counter()
         size = write_corpus(corpus, int(args.mb * 1e6))

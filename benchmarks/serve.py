@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import threading
@@ -38,11 +39,33 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
-from open_mythos.commands.argtypes import non_negative_int, positive_float, positive_int  # noqa: E402
+from open_mythos.commands.argtypes import (  # noqa: E402
+    loop_count,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 REQUEST_TIMEOUT = 120.0
+#: Seconds the server process may take to load the model and bind its port.
+START_TIMEOUT = 120.0
 PROMPTS = ["the cat sat on the", "once upon a time", "a dog and a log", "it was a dark",
            "in the beginning", "we hold these", "to be or not", "the quick brown fox"]
+
+
+def server_config(dim: int, loops: int):
+    """The served model's :class:`MythosConfig` (byte vocabulary, 8 heads / 2 kv heads).
+
+    Raises:
+        ValueError: ``dim`` or ``loops`` the config refuses (``dim`` must be divisible by 8
+            with an even head dim).
+    """
+    from open_mythos import ByteTokenizer, MythosConfig
+
+    return MythosConfig(vocab_size=ByteTokenizer().vocab_size, dim=dim, n_heads=8,
+                        n_kv_heads=2, max_seq_len=256, max_loop_iters=loops, prelude_layers=1,
+                        coda_layers=1, attn_type="gqa", n_experts=8, n_shared_experts=1,
+                        n_experts_per_tok=2, expert_dim=max(1, dim // 4), lora_rank=8)
 
 
 def _serve(port_queue: mp.Queue, dim: int, loops: int, threads: int) -> None:
@@ -51,21 +74,43 @@ def _serve(port_queue: mp.Queue, dim: int, loops: int, threads: int) -> None:
 
     import torch
 
-    from open_mythos import ByteTokenizer, MythosConfig, OpenMythos
+    from open_mythos import ByteTokenizer, OpenMythos
     from open_mythos.integrations.server import CompletionService, make_server
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tok = ByteTokenizer()
-    cfg = MythosConfig(vocab_size=tok.vocab_size, dim=dim, n_heads=8, n_kv_heads=2,
-                       max_seq_len=256, max_loop_iters=loops, prelude_layers=1, coda_layers=1,
-                       attn_type="gqa", n_experts=8, n_shared_experts=1, n_experts_per_tok=2,
-                       expert_dim=dim // 4, lora_rank=8)
+    cfg = server_config(dim, loops)
     service = CompletionService(OpenMythos(cfg).eval(), tok, model_name="bench", n_loops=loops)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port_queue.put((sock.getsockname()[1], os.getpid()))
     make_server(service, log_level="error").run(sockets=[sock])
+
+
+def wait_for_port(server: mp.Process, ports: mp.Queue,
+                  timeout: float = START_TIMEOUT) -> tuple[int, int]:
+    """(port, pid) the server process reports once it listens; ``SystemExit`` at once if the
+    process dies first (its traceback is on stderr), or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ports.get(timeout=0.5)
+        except queue.Empty:
+            pass
+        if not server.is_alive():
+            raise SystemExit(f"the server process exited with code {server.exitcode} before "
+                             "it listened (its error is above)")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the server process did not listen within {timeout:.0f} s")
+
+
+def loop_mix(text: str) -> list[int]:
+    """``"4,2"`` -> ``[4, 2]``: loop counts in request order, repeats kept (argparse type)."""
+    parts = [x.strip() for x in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"loop counts must look like 4,2, got {text!r}")
+    return [loop_count(x) for x in parts]
 
 
 def rss_mib(pid: int) -> float:
@@ -174,16 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=positive_int, default=16)
     p.add_argument("--tokens", type=positive_int, default=32)
-    p.add_argument("--dim", type=positive_int, default=256)
+    p.add_argument("--dim", type=positive_int, default=256,
+                   help="model width: a multiple of 16 (8 heads of an even width)")
     p.add_argument("--loops", type=positive_int, default=4)
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads of the server")
     p.add_argument("--soak-streams", type=non_negative_int, default=50)
     p.add_argument("--soak-disconnects", type=non_negative_int, default=20)
     p.add_argument("--disconnect-after", type=positive_float, default=0.3)
-    p.add_argument("--loop-mix", type=lambda v: [int(x) for x in v.split(",")], metavar="N,M",
+    p.add_argument("--loop-mix", type=loop_mix, metavar="N,M",
                    help="also run the load with requests cycling over these n_loops (each "
-                        "depth decodes in a batch of its own), e.g. 4,2")
+                        "depth decodes in a batch of its own), e.g. 4,2; at most 2 x --loops")
     args = p.parse_args(argv)
+    try:
+        server_config(args.dim, args.loops)
+    except ValueError as err:
+        p.error(f"--dim {args.dim}: {err}")
+    if args.loop_mix and max(args.loop_mix) > 2 * args.loops:
+        p.error(f"--loop-mix {max(args.loop_mix)}: above the server's cap of 2 x --loops = "
+                f"{2 * args.loops} loops")
 
     ctx = mp.get_context("spawn")
     ports: mp.Queue = ctx.Queue()
@@ -191,14 +244,17 @@ def main(argv: list[str] | None = None) -> int:
                          daemon=True)
     server.start()
     try:
-        port, pid = ports.get(timeout=120)
+        port, pid = wait_for_port(server, ports)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
                 httpx.get(f"{url}/health", timeout=5).raise_for_status()
                 break
             except httpx.HTTPError:
+                if not server.is_alive():
+                    raise SystemExit(f"the server process exited with code {server.exitcode} "
+                                     "before it answered (its error is above)") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

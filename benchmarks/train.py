@@ -37,7 +37,8 @@ Each model section times the reference-style model (``reference_style.py``: the 
 computation, done the reference's way) in the same run, alternating its steps with ours, and
 reports ours against it. "Compiled" is what ``openmythos train --compile`` does: every
 Prelude/Coda block and the loop body compiled (the loop and ACT stay in Python); its cold
-cost (first step minus a warm step) is printed. ``--compile model`` adds "compiled whole
+cost is printed as "cold s": the first two steps (they compile both loop-body graphs, and
+CUDA graphs record on the second) minus two warm steps. ``--compile model`` adds "compiled whole
 step" rows (forward and loss as one graph, what ``openmythos train --compile model``
 compiles), and on CUDA ``--compile cudagraphs`` that graph replayed as CUDA graphs; the
 dense encoder is then compiled the same ways, for like-for-like ratios. bf16 rows run under
@@ -53,13 +54,16 @@ By default glibc's allocator is told to keep freed memory, as ``openmythos train
 (``open_mythos.devices.keep_freed_memory``; ``--malloc default`` to opt out): large tensors
 are otherwise returned to the OS on every free and page-faulted back on every step, which on
 virtual machines costs ~0.6 ms per MB. Every row, baselines included, runs under the same
-setting. Compilation starts from an empty inductor cache (a temporary directory) unless
-``--warm-cache``, so "cold s" is what a first run on a machine pays.
+setting. Compilation starts from an empty inductor cache (a temporary directory, removed at
+the end of the run) unless ``--warm-cache``, so "cold s" is what a first run on a machine
+pays.
 
 On CUDA (``--device cuda``) the same rows run on the GPU, timed with a device
 synchronisation around each step; "% peak" is then the model FLOPs utilisation (MFU) against
 a large bf16 (or fp32, TF32 off as PyTorch's default) matmul measured on that GPU in the same
-run, and the MoE section adds bf16 rows (the native grouped matmul on Hopper and newer).
+run, and the MoE section adds bf16 rows (the native grouped matmul on Hopper and newer; on
+a CPU the MoE section is fp32 only). The task section is eager fp32 only: ``--compile`` does
+not apply to it, and ``--dtype bf16`` alone skips it.
 ``--batch-scale N`` multiplies the model sections' batches (a GPU needs more work per step
 than these CPU-sized batches give it).
 
@@ -70,6 +74,7 @@ make multi-threaded steps many times slower (``OMP_WAIT_POLICY=PASSIVE`` limits 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import os
@@ -77,7 +82,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -364,6 +369,8 @@ def bench_moe(args, peaks: Peaks, rows: list[Row]) -> None:
     # bf16 rows where they mean something: on a GPU (the native grouped kernel on Hopper).
     dtypes = [d for d in ("fp32", "bf16") if d in args.dtype
               and (d == "fp32" or device.type == "cuda")]
+    if "bf16" in args.dtype and "bf16" not in dtypes:
+        rows.append(Row("MoE: all rows", "bf16", note=MOE_BF16_SKIPPED))
     for dtype in dtypes:
         bf16 = dtype == "bf16"
         peak = peaks.bf16 if bf16 else peaks.fp32
@@ -458,12 +465,21 @@ def cudagraph_skips(mode: str | None) -> str:
 COMPILE_LABELS = {"blocks": "compiled", "model": "compiled whole step",
                   "cudagraphs": "compiled whole step + CUDA graphs"}
 BF16_SKIPPED = "skipped: no native bf16 matmul on this CPU (emulated kernels; --force-bf16)"
+MOE_BF16_SKIPPED = "skipped: the MoE section's bf16 rows run on CUDA only (--device cuda)"
+TASK_LABEL = "task (demo model, multihop"
+TASK_BF16_SKIPPED = "skipped: the task section is timed in eager fp32 only (add --dtype fp32)"
+TASK_EAGER_NOTE = "eager: --compile does not apply to the task section"
 
 
 def bench_task(args, peaks: Peaks, rows: list[Row]) -> None:
     """The demo's model on a task batch: every position's logits against the supervised
-    positions' only, alternating, eager fp32."""
+    positions' only, alternating, eager fp32 (a row saying so when ``--dtype`` leaves fp32
+    out; the rows' note says so when ``--compile`` was given)."""
     import random
+
+    if "fp32" not in args.dtype:
+        rows.append(Row(f"{TASK_LABEL})", "/".join(args.dtype), note=TASK_BF16_SKIPPED))
+        return
 
     from open_mythos.commands.demo import DEFAULT_TASK_ARGS, DEMO_MODEL
     from open_mythos.tasks import get_task, make_batch
@@ -495,12 +511,13 @@ def bench_task(args, peaks: Peaks, rows: list[Row]) -> None:
     full, rows_only = make(None), make(sel.to(device))
     flops_full, flops_rows = step_flops(full), step_flops(rows_only)
     t = alternating_medians({"full": full, "rows": rows_only}, repeats=5 if args.quick else 15)
-    label = (f"task (demo model, multihop B=128 T={ids.shape[1]}, 3 loops, "
+    label = (f"{TASK_LABEL} B=128 T={ids.shape[1]}, 3 loops, "
              f"{len(sel)} of {targets.numel()} positions supervised)")
+    note = TASK_EAGER_NOTE if args.compile_given else ""
     rows.append(Row(f"{label}: all logits (baseline)", "fp32", t["full"], flops_full,
-                    peaks.fp32, "1.00x"))
+                    peaks.fp32, "1.00x", note=note))
     rows.append(Row(f"{label}: supervised logits only", "fp32", t["rows"], flops_rows,
-                    peaks.fp32, f"{t['full'] / t['rows']:.2f}x"))
+                    peaks.fp32, f"{t['full'] / t['rows']:.2f}x", note=note))
 
 
 def dense_ffn_for(target_flops: int, batch: int, seq: int) -> tuple[int, int]:
@@ -591,8 +608,53 @@ def bf16_usable(args, peaks: Peaks) -> bool:
     return args.force_bf16 or peaks.bf16 >= peaks.fp32 / 4
 
 
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+@contextlib.contextmanager
+def fresh_inductor_cache(enabled: bool = True) -> Iterator[None]:
+    """Inductor's on-disk cache in a new temporary directory for the block, removed after it
+    (an exception included) with ``TORCHINDUCTOR_CACHE_DIR`` set back as it was; a no-op
+    when not ``enabled``."""
+    if not enabled:
+        yield
+        return
+    previous = os.environ.get(INDUCTOR_CACHE_ENV)
+    with tempfile.TemporaryDirectory(prefix="om_bench_inductor_",
+                                     ignore_cleanup_errors=True) as cache:
+        os.environ[INDUCTOR_CACHE_ENV] = cache
+        try:
+            yield
+        finally:
+            if "torch._inductor.utils" in sys.modules:  # in-memory entries of removed files
+                sys.modules["torch._inductor.utils"].clear_caches()
+            if previous is None:
+                os.environ.pop(INDUCTOR_CACHE_ENV, None)
+            else:
+                os.environ[INDUCTOR_CACHE_ENV] = previous
+
+
+def parse_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    """``--device``: cpu or cuda[:N] (an available GPU), else ``parser.error``."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device {text}: not a device; use cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {text}: use cpu or cuda[:N]")
+    if device.type == "cpu" and device.index not in (None, 0):
+        parser.error(f"--device {text}: the CPU has no index {device.index}; use cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {text}: CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {text}: there are {torch.cuda.device_count()} CUDA "
+                         f"device(s), numbered from 0")
+    return device
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rows")
     parser.add_argument("--only", action="append", choices=SECTIONS,
                         help="run only this section (repeatable)")
@@ -613,20 +675,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="multiply the model sections' batch sizes (for a GPU)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ["fp32", "bf16"]
+    args.compile_given = args.compile is not None  # the task section notes that it ignores it
     args.compile = args.compile or ["blocks"]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: use cpu or cuda[:N]")
+    device = parse_device(parser, args.device)
     if "cudagraphs" in args.compile and device.type != "cuda":
         parser.error("--compile cudagraphs needs --device cuda")
-    if args.batch_scale < 1:
-        parser.error("--batch-scale must be >= 1")
-    if device.index is not None:
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    if not args.warm_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="om_bench_inductor_")
+    with fresh_inductor_cache(not args.warm_cache):
+        run(args, device)
+
+
+def run(args, device: torch.device) -> None:
+    """Measure the sections ``args`` asks for and print the table."""
     sections = args.only or list(SECTIONS)
     torch.set_num_threads(args.threads)
     malloc = keep_freed_memory() if args.malloc == "tuned" else False
