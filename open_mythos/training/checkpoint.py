@@ -38,16 +38,21 @@ trainer state a resumed run needs.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -163,17 +168,60 @@ def save_checkpoint(run_dir: str | Path, ckpt: TrainingCheckpoint, tied: dict[st
     Raises:
         NonFiniteWeights: a floating tensor of ``ckpt.model_state`` holds NaN or inf
             (nothing is written).
+        OSError: a file could not be written (a full disk included, which the safetensors
+            and torch writers report as their own errors); the staging directory is removed
+            and ``latest`` still names the previous checkpoint.
     """
     bad = non_finite_tensors(ckpt.model_state)
     if bad:
         raise NonFiniteWeights(non_finite_message(ckpt.step, bad))
     tmp = staging_dir(run_dir, ckpt.step)
     metadata = {"format": "pt", "step": str(ckpt.step), "tied": json.dumps(tied)}
-    save_file(ckpt.model_state, str(tmp / MODEL_FILE), metadata=metadata)
-    torch.save(ckpt.optimizer_state, tmp / OPTIMIZER_FILE)
-    write_run_files(tmp, ckpt.step, ckpt.model_config, ckpt.train_config_toml,
-                    ckpt.trainer_state)
-    return publish(run_dir, tmp, ckpt.step, keep)
+    with removed_on_error(tmp):
+        with write_errors(tmp / MODEL_FILE):
+            save_file(ckpt.model_state, str(tmp / MODEL_FILE), metadata=metadata)
+        with write_errors(tmp / OPTIMIZER_FILE):
+            torch.save(ckpt.optimizer_state, tmp / OPTIMIZER_FILE)
+        write_run_files(tmp, ckpt.step, ckpt.model_config, ckpt.train_config_toml,
+                        ckpt.trainer_state)
+        return publish(run_dir, tmp, ckpt.step, keep)
+
+
+@contextlib.contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """Report the safetensors and torch writers' failures to write ``path`` (a full disk:
+    ``SafetensorError`` "... (os error 28)", torch's ``RuntimeError`` from its zip writer) as
+    the ``OSError`` they are, naming ``path``; other errors pass unchanged."""
+    try:
+        yield
+    except SafetensorError as err:
+        if "os error" not in str(err):
+            raise
+        code = _os_errno(str(err))
+        raise OSError(code, os.strerror(code) if code != errno.EIO else str(err),
+                      str(path)) from err
+    except RuntimeError as err:
+        text = str(err)
+        if "inline_container" not in text and "file write failed" not in text:
+            raise
+        raise OSError(errno.EIO, f"the write failed ({text.splitlines()[0]})", str(path)) from err
+
+
+def _os_errno(text: str) -> int:
+    """The errno in a Rust I/O error's text ("... (os error 28)"), else EIO."""
+    tail = text.rsplit("os error", 1)[-1].strip(" )")
+    return int(tail) if tail.isdigit() else errno.EIO
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: Path) -> Iterator[None]:
+    """Remove the staging directory ``tmp`` when the block fails (a partial checkpoint must
+    not hold the space a retry needs); the error propagates."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def staging_dir(run_dir: str | Path, step: int) -> Path:
@@ -191,7 +239,8 @@ def write_run_files(tmp: Path, step: int, model_config: MythosConfig, train_conf
     """The files of every checkpoint layout besides the weights and optimizer state."""
     _write_text(tmp / MODEL_CONFIG_FILE, json.dumps(model_config.to_dict(), indent=2) + "\n")
     _write_text(tmp / TRAIN_CONFIG_FILE, train_config_toml)
-    torch.save({"step": step, **trainer_state}, tmp / TRAINER_STATE_FILE)
+    with write_errors(tmp / TRAINER_STATE_FILE):
+        torch.save({"step": step, **trainer_state}, tmp / TRAINER_STATE_FILE)
 
 
 def publish(run_dir: str | Path, tmp: Path, step: int, keep: int,
@@ -270,6 +319,29 @@ def _prune(root: Path, keep: int, current: Path) -> None:
     for old in done[:-keep]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
+
+
+_ATOMIC_TMP = re.compile(r".+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_interrupted_writes(run_dir: str | Path) -> list[str]:
+    """Remove what writes killed midway left in ``run_dir`` (call it holding the run's
+    lock): the temporary files of :func:`write_text_atomic` (``latest``, ``config.toml``)
+    and the checkpoints' staging directories. Returns their paths relative to ``run_dir``.
+
+    A staging directory was never published, so no ``latest`` names it; a checkpoint being
+    swapped for a re-save of its step (``.tmp-old-...``) is left for the next save's prune.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    for f in run_dir.glob("*.tmp"):
+        if _ATOMIC_TMP.fullmatch(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
+            removed.append(f.name)
+    for d in (run_dir / CHECKPOINT_DIR).glob(f"{_TMP_PREFIX}step_*"):
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(f"{CHECKPOINT_DIR}/{d.name}")
+    return sorted(removed)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any
 
@@ -157,8 +158,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:
         saved = (f"saved in {stop.checkpoint}; continue with --resume" if stop.checkpoint
                  else "not saved (its last steps were skipped as non-finite)")
-        _error(f"openmythos train: interrupted after step {stop.step}, {saved}")
-        return 130
+        by = "" if stop.signum == signal.SIGINT else f" by {signal.Signals(stop.signum).name}"
+        _error(f"openmythos train: interrupted{by} after step {stop.step}, {saved}")
+        return 128 + stop.signum  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
     except OSError as err:  # RunDirError names the path; a bare OSError its filename
         _error(f"openmythos train: error: {err}")
         return 3

@@ -27,6 +27,7 @@ itself, this needs a filesystem that every rank sees.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,7 @@ from .checkpoint import (
     NonFiniteWeights,
     non_finite_message,
     publish,
+    removed_on_error,
     staging_dir,
     write_run_files,
 )
@@ -95,6 +97,18 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
     if bad:
         raise NonFiniteWeights(non_finite_message(step, bad))
     tmp = _on_rank0(lambda: staging_dir(run_dir, step))
+    # Every failure below is raised on every rank after the collective that met it, so rank
+    # 0 may then remove the partial checkpoint (it must not hold the space a retry needs).
+    with removed_on_error(tmp) if dist.get_rank() == 0 else contextlib.nullcontext():
+        return _write_sharded(run_dir, tmp, step, model_state, optim_state, model_config,
+                              train_config_toml, trainer_state, keep)
+
+
+def _write_sharded(run_dir: str | Path, tmp: Path, step: int, model_state: dict[str, Any],
+                   optim_state: dict[str, Any], model_config: MythosConfig,
+                   train_config_toml: str, trainer_state: dict[str, Any] | None,
+                   keep: int) -> Path:
+    """The collective writes of :func:`save_sharded_checkpoint` into the staging ``tmp``."""
     for state, folder in ((model_state, SHARDED_MODEL_DIR), (optim_state, SHARDED_OPTIMIZER_DIR)):
         try:
             dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / folder))

@@ -67,6 +67,7 @@ from .checkpoint import (
     read_model_config,
     read_trainer_state,
     read_training_checkpoint,
+    remove_interrupted_writes,
     restore_model_state,
     restore_optimizer_state,
     save_checkpoint,
@@ -131,17 +132,24 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped a single-process run after a whole step, which was saved.
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run after a whole step, which was saved (under
+    ``torchrun`` every rank stopped after the same step).
 
     Attributes:
         step: the last step completed.
         checkpoint: the checkpoint holding it (None when it could not be saved: the last
             steps were skipped as non-finite).
+        signum: the signal that asked for the stop (on the rank that reports it; another
+            rank may have been the one signalled).
     """
 
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(step, checkpoint)
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT):
+        super().__init__(step, checkpoint, signum)
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+#: The signals that ask a run to stop after the step in progress, saving it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def open_data(cfg: TrainConfig, world_size: int = 1) -> tuple[DataSource, MythosConfig]:
@@ -291,6 +299,9 @@ class Trainer:
             self._setup()
             try:
                 self._loop()
+            except TrainingInterrupted:
+                clean = True  # every rank stopped after the same step
+                raise
             finally:
                 self._close()
             clean = True
@@ -393,12 +404,17 @@ class Trainer:
         config_text = to_toml(self.resolved)  # raises ConfigError before anything is made
         with os_errors("create the run directory", out):
             out.mkdir(parents=True, exist_ok=True)
+        with os_errors("lock the run directory", out):
             self.lock = RunLock.acquire(out)
         if self.lock.fd is None:
             self._log(f"warning: the filesystem of {out} does not support file locks; nothing "
                       "stops a second run from writing to it")
         elif self.lock.taken_over:
             self._log(f"took over the run lock of {self.lock.taken_over}: that process is gone")
+        with os_errors("clean up", out):
+            leftovers = remove_interrupted_writes(out)
+        if leftovers:
+            self._log(f"removed what interrupted writes left: {', '.join(leftovers)}")
         ckpt, problems = newest_intact_checkpoint(out)
         for problem in problems:
             self._log(f"warning: damaged checkpoint: {problem}; "
@@ -514,6 +530,21 @@ class Trainer:
         self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size else {})
         self.last_checkpoint = self._unproven = ckpt_dir
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}")
+        saved_batch = trainer_state.get("global_batch")  # (none before 2026-12-05)
+        if saved_batch is not None and int(saved_batch) != self._global_batch:
+            self._log(self._global_batch_changed(int(saved_batch)))
+
+    def _global_batch_changed(self, saved: int) -> str:
+        """The warning for a run resumed with another global batch than it saved with."""
+        per_rank = self.ctx.world_size * self.cfg.optim.grad_accum
+        keep = (f"--batch-size {saved // per_rank} keeps it" if saved % per_rank == 0 else
+                f"no --batch-size keeps it on {self.ctx.world_size} process(es) x "
+                f"{self.cfg.optim.grad_accum} accumulation step(s)")
+        return (f"warning: the global batch changes from {saved} to {self._global_batch} "
+                f"sequences per step (data.batch_size {self.data.batch_size} x "
+                f"{self.ctx.world_size} process(es) x optim.grad_accum "
+                f"{self.cfg.optim.grad_accum}); the run is no longer the one it would have "
+                f"been ({keep})")
 
     def _tensorboard(self) -> Any:
         try:
@@ -566,35 +597,50 @@ class Trainer:
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     @contextlib.contextmanager
-    def _stop_on_interrupt(self) -> Iterator[list[bool]]:
-        """In a single process on the main thread, the first Ctrl-C (SIGINT) asks the loop
-        to stop after the step in progress and save it; a second one stops at once. Under
-        torchrun every rank gets the signal and would have to agree on the step: there, and
-        off the main thread, Ctrl-C interrupts as usual."""
-        asked = [False]
-        if self.ctx.distributed or threading.current_thread() is not threading.main_thread():
-            yield asked
+    def _stop_on_signal(self) -> Iterator[None]:
+        """On the main thread, the first SIGINT (Ctrl-C) or SIGTERM (what a scheduler or
+        ``torchrun`` sends before a kill) asks the loop to stop after a whole step and save
+        it; the same signal again acts as it did before (stops at once, unsaved). Under
+        ``torchrun`` the ranks agree on the step through the step's all-reduce
+        (:meth:`_accumulate_gradients`): a rank that was not signalled stops with the others.
+        Off the main thread signals cannot be handled and interrupt as usual."""
+        self._stop_signal = 0  # the signal that asked this rank to stop, once one did
+        self._agreed_signal = 0  # the one the ranks agreed on in the last step's all-reduce
+        if threading.current_thread() is not threading.main_thread():
+            yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
         def ask(signum: int, frame: Any) -> None:
-            asked[0] = True
-            signal.signal(signal.SIGINT, previous)
-            self._log("interrupted: saving the step in progress once it ends "
-                      "(Ctrl-C again to stop at once, unsaved)")
+            signal.signal(signum, previous[signum])
+            if not self._stop_signal:
+                self._stop_signal = signum
+                again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                self._log(f"{signal.Signals(signum).name}: saving the step in progress once it "
+                          f"ends ({again} again to stop at once, unsaved)")
 
-        signal.signal(signal.SIGINT, ask)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, ask)
         try:
-            yield asked
+            yield
         finally:
-            if signal.getsignal(signal.SIGINT) is ask:
-                signal.signal(signal.SIGINT, previous)
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is ask:
+                    signal.signal(sig, previous[sig])
 
     def _loop(self) -> None:
-        with self._stop_on_interrupt() as interrupted:
-            self._steps(interrupted)
+        with self._stop_on_signal():
+            self._steps()
 
-    def _steps(self, interrupted: list[bool]) -> None:
+    def _stop_agreed(self) -> int:
+        """The signal that stops the run after this step (0: none). In a single process
+        the handler's; under ``torchrun`` the one this step's all-reduce agreed on, so that
+        every rank stops (and saves) after the same step."""
+        if self.ctx.distributed:
+            return self._agreed_signal
+        return self._stop_signal
+
+    def _steps(self) -> None:
         cfg = self.cfg
         while self.state.step < cfg.run.steps:
             try:
@@ -618,12 +664,13 @@ class Trainer:
                 else:
                     self._log(f"step {step}: no checkpoint: the last "
                               f"{self.state.consecutive_bad} steps were skipped")
-            elif interrupted[0] and not self.state.consecutive_bad:
+            elif self._stop_agreed() and not self.state.consecutive_bad:
                 self.save()
-            if interrupted[0]:
+            if self._stop_agreed():
                 saved = self.last_checkpoint is not None and \
                     self.last_checkpoint.name == f"step_{step:08d}"
-                raise TrainingInterrupted(step, self.last_checkpoint if saved else None)
+                raise TrainingInterrupted(step, self.last_checkpoint if saved else None,
+                                          self._stop_agreed())
 
     def _save_before_stopping(self) -> str:
         """Save the last completed step unless it is saved (or was skipped); say where it is."""
@@ -722,14 +769,17 @@ class Trainer:
         ce_scale, reg_scale = ctx.world_size / max(1.0, n_sup), 1.0 / accum
         self.model.train()
         # objective, ce_sum, ponder, aux, loop_ce_sum; then loops and loops^2 to check that
-        # the ranks agree.
-        sums = torch.zeros(7, dtype=torch.float64, device=ctx.device)
+        # the ranks agree; then the ranks that were asked to stop by SIGINT, by SIGTERM.
+        sums = torch.zeros(9, dtype=torch.float64, device=ctx.device)
         for i, batch in enumerate(micro):
             sums[:5] += self._micro_step(batch, step, i, n_loops, ce_scale, reg_scale,
                                          sync=i == accum - 1)
-        sums[5:] = torch.tensor([n_loops, n_loops**2], dtype=torch.float64)
+        asked = getattr(self, "_stop_signal", 0)
+        sums[5:] = torch.tensor([n_loops, n_loops**2, asked == signal.SIGINT,
+                                 asked == signal.SIGTERM], dtype=torch.float64)
         all_reduce(sums, ctx)
-        objective, ce, ponder, aux, loop_ce, loops_sum, loops_sq = sums.tolist()
+        objective, ce, ponder, aux, loop_ce, loops_sum, loops_sq, by_int, by_term = sums.tolist()
+        self._agreed_signal = (signal.SIGTERM if by_term else signal.SIGINT if by_int else 0)
         # Equal counts on all ranks <=> W * sum(x^2) == sum(x)^2 (Cauchy-Schwarz); the sums
         # are global, so every rank reaches the same verdict.
         if ctx.world_size * loops_sq != loops_sum**2:
@@ -951,7 +1001,7 @@ class Trainer:
         trainer_state = None
         if ctx.is_main:
             trainer_state = {**dataclasses.asdict(self.state), "rng": rngs, "data": data,
-                             "world_size": ctx.world_size}
+                             "world_size": ctx.world_size, "global_batch": self._global_batch}
             trainer_state.pop("step")
         if ctx.parallel is Parallel.FSDP:
             self._save_sharded(trainer_state)

@@ -4,12 +4,28 @@ process (resharding and the shard layout: test_sharded_checkpoint.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
+from open_mythos.checkpoints import latest_checkpoint
 from open_mythos.training import LoopSchedule, Trainer, load_checkpoint
 
-from .conftest import cli_command, read_metrics, run_checked, tiny_config, torchrun_command
+from .conftest import (
+    REPO,
+    cli_command,
+    read_metrics,
+    run_checked,
+    subprocess_env,
+    tiny_config,
+    torchrun_command,
+)
 
 STEPS = 6
 # Sampled loop counts: the ranks must agree on every step (the trainer checks it).
@@ -125,3 +141,48 @@ def test_loop_supervision_under_data_parallelism_matches_one_process(tmp_path, p
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     for key in ("loss", "ce", "loop_ce"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-4), key
+
+
+def _worker_of_rank(agent: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the ``agent`` process)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone, or not ours to read
+        if ppid == agent and f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under process {agent}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(tmp_path):
+    """SIGTERM (a scheduler's stop) to rank 1 only: the ranks agree in the step's
+    all-reduce, every rank finishes the same step, the step is saved (a collective), and
+    the run resumes from it. It used to kill the run unsaved."""
+    out = tmp_path / "run"
+    cmd = torchrun_command(2, "--task", "parity", "--steps", "100000", "--batch-size", "2",
+                           "--parallel", "ddp", "--save-every", "0", "--eval-every", "0",
+                           "--out", str(out))
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    steps = [r["step"] for r in read_metrics(out)]
+    last = steps[-1]
+    assert steps == list(range(1, last + 1)) and last < 100000
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step_{last:08d}"
+    assert f"interrupted by SIGTERM after step {last}, saved in" in err, err[-3000:]
+    run_checked(torchrun_command(2, "--task", "parity", "--steps", str(last + 2),
+                                 "--batch-size", "2", "--parallel", "ddp", "--eval-every", "0",
+                                 "--out", str(out), "--resume"))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, last + 3))

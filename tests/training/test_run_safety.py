@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from open_mythos.checkpoints import (
     CheckpointCorrupt,
@@ -404,20 +405,73 @@ def test_an_unusable_out_is_one_line_naming_it(tmp_path, capsys, monkeypatch, ca
     one_line_error(capsys, 3, str(out.parent if case == "read_only" else out))
 
 
+# What each writer raises on a full disk: ``write()``'s OSError (no file name), the
+# safetensors writer's own error (a Rust I/O error's text) and torch's zip writer's.
+FULL_DISK = {
+    "oserror": ("save_file", lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    "safetensors": ("save_file", lambda: SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)")),
+    "torch.save": ("torch.save", lambda: RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 113344 vs 113232")),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(FULL_DISK))
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
-        tmp_path, capsys, monkeypatch):
+        tmp_path, capsys, monkeypatch, writer):
     run = tmp_path / "run"
-    real = ckpt_mod.save_file
+    name, error = FULL_DISK[writer]
+    real = ckpt_mod.save_file if name == "save_file" else torch.save
 
     def full_disk(state, path, *args, **kwargs):
         if "step_00000004" in str(path):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no filename, like write()
+            Path(path).write_bytes(b"partial")  # what a writer leaves before the disk fills
+            raise error()
         return real(state, path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", full_disk)
+    if name == "save_file":
+        monkeypatch.setattr(ckpt_mod, "save_file", full_disk)
+    else:
+        monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
     assert train_cli(run, "--steps", "4", "--save-every", "2") == 3
-    one_line_error(capsys, 3, "No space left on device", str(run / "checkpoints"))
+    reason = "the write failed" if writer == "torch.save" else "No space left on device"
+    one_line_error(capsys, 3, reason, str(run / "checkpoints"))
     assert latest_checkpoint(run) == ckpt_dir(run, 2)
+    # The partial checkpoint is gone (it would hold the space a retry needs).
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_a_resume_removes_what_killed_writes_left(tmp_path, capsys):
+    """SIGKILL during a save leaves a staging directory, during ``latest``'s update its
+    temporary file: the next run on the directory (holding its lock) removes them, and
+    nothing else."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "2", "--save-every", "2") == 0
+    left = [run / "latest.0123abcd.tmp", run / "config.toml.89abcdef.tmp",
+            run / "checkpoints" / ".tmp-step_00000004-deadbeef"]
+    left[2].mkdir()
+    (left[2] / "model.safetensors").write_bytes(b"partial")
+    for f in left[:2]:
+        f.write_text("partial")
+    mine = run / "notes.tmp"  # not a name our writes use
+    mine.write_text("keep")
+    capsys.readouterr()
+    assert train_cli(run, "--steps", "4", "--save-every", "4", "--resume") == 0
+    assert not any(p.exists() for p in left) and mine.read_text() == "keep"
+    assert ("removed what interrupted writes left: checkpoints/.tmp-step_00000004-deadbeef, "
+            "config.toml.89abcdef.tmp, latest.0123abcd.tmp") in capsys.readouterr().err
+    assert latest_checkpoint(run) == ckpt_dir(run, 4)
+
+
+def test_other_writer_errors_are_not_called_a_full_disk(tmp_path):
+    """A writer's error that is not an I/O error (safetensors refusing tensors that share
+    memory) is raised as it is, and the staging directory is removed."""
+    shared = torch.zeros(4)
+    ckpt = ckpt_mod.TrainingCheckpoint(1, {"a": shared, "b": shared}, MythosConfig(),
+                                       "", {}, {})
+    with pytest.raises(RuntimeError, match="share memory"):
+        ckpt_mod.save_checkpoint(tmp_path, ckpt, {})
+    assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 def test_a_full_disk_writing_the_config_names_the_run_directory(tmp_path, capsys, monkeypatch):
@@ -444,28 +498,32 @@ def test_an_unusable_config_is_one_line_naming_it(tmp_path, capsys, monkeypatch,
     one_line_error(capsys, 2, str(path))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 def test_ctrl_c_saves_the_step_in_progress_and_resume_loses_nothing(tmp_path, monkeypatch,
-                                                                    capsys):
+                                                                    capsys, sig):
     """The first Ctrl-C used to print a traceback and lose every step since the last
-    checkpoint. Now the step in progress ends, is saved, and the command says so (130); the
-    resumed run matches one never interrupted."""
+    checkpoint, SIGTERM (a scheduler's stop) to kill the run silently, losing them too. Now
+    the step in progress ends, is saved, and the command says so (130, 143); the resumed run
+    matches one never interrupted."""
     real = trainer_mod.compute_loss
     calls = {"n": 0}
+    handler = signal.getsignal(sig)
 
     def interrupt_in_step_5(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:  # SIGINT arrives in the middle of step 5
-            os.kill(os.getpid(), signal.SIGINT)
+        if calls["n"] == 5:  # the signal arrives in the middle of step 5
+            os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_mod, "compute_loss", interrupt_in_step_5)
     steps = ["--steps", "8", "--save-every", "0"]
-    assert train_cli(tmp_path / "cut", *steps) == 130
+    assert train_cli(tmp_path / "cut", *steps) == 128 + sig
     err = capsys.readouterr().err
-    assert re.search(r"interrupted after step 5, saved in .*step_00000005; continue with "
+    by = "" if sig == signal.SIGINT else " by SIGTERM"
+    assert re.search(rf"interrupted{by} after step 5, saved in .*step_00000005; continue with "
                      r"--resume", err), err
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(sig) is handler
     monkeypatch.setattr(trainer_mod, "compute_loss", real)
     assert train_cli(tmp_path / "cut", *steps, "--resume") == 0
     assert train_cli(tmp_path / "whole", *steps) == 0
@@ -524,3 +582,20 @@ def test_a_launcher_that_sets_rank_without_the_rendezvous_is_a_config_error(tmp_
         monkeypatch.delenv(name, raising=False)
     assert train_cli(tmp_path / "run", "--steps", "2", "--parallel", "ddp") == 2
     one_line_error(capsys, 2, "MASTER_ADDR, MASTER_PORT", "torchrun")
+
+
+def test_resuming_with_another_global_batch_says_so(tmp_path, capsys):
+    """A run resumed with another global batch (another --batch-size here; likewise another
+    number of processes) trained on silently; now the change and the flag that keeps the
+    saved batch are named, and resuming with the saved batch says nothing."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "2", "--save-every", "2", "--batch-size", "4") == 0
+    capsys.readouterr()
+    assert train_cli(run, "--steps", "3", "--save-every", "3", "--batch-size", "2",
+                     "--resume") == 0
+    assert ("warning: the global batch changes from 4 to 2 sequences per step "
+            "(data.batch_size 2 x 1 process(es) x optim.grad_accum 1); the run is no longer "
+            "the one it would have been (--batch-size 4 keeps it)") in capsys.readouterr().err
+    assert train_cli(run, "--steps", "4", "--save-every", "4", "--batch-size", "2",
+                     "--resume") == 0
+    assert "global batch" not in capsys.readouterr().err
