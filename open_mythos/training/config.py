@@ -420,6 +420,9 @@ class RunConfig:
             than returning it to the OS and page-faulting it back every step
             (:func:`open_mythos.devices.keep_freed_memory`; 12-30% faster steps measured).
         parallel: :class:`Parallel` mode under ``torchrun``.
+        dist_timeout: seconds a collective may wait for the other ranks before it fails
+            (a rank that hangs rather than dies); 0: torch's default (30 minutes on gloo,
+            10 on NCCL). Leave room for the longest save and first compilation.
         gradient_checkpointing: recompute each loop in the backward pass (less memory).
         log_every: steps between progress-bar and TensorBoard updates (metrics.jsonl gets
             every step).
@@ -442,6 +445,7 @@ class RunConfig:
     compile: bool | Compile = Compile.OFF
     keep_freed_memory: bool = True
     parallel: Parallel = Parallel.NONE
+    dist_timeout: float = 0.0
     gradient_checkpointing: bool = False
     log_every: int = 10
     eval_every: int = 100
@@ -464,6 +468,11 @@ class RunConfig:
         for name in ("eval_every", "save_every", "keep_checkpoints", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)} must be >= 0")
+        if not (isinstance(self.dist_timeout, (int, float))
+                and not isinstance(self.dist_timeout, bool)
+                and 0 <= self.dist_timeout < math.inf):
+            raise ConfigError(f"run.dist_timeout={self.dist_timeout!r} must be a number of "
+                              "seconds >= 0 (0: torch's default)")
         if isinstance(self.compile, bool):
             self.compile = Compile.BLOCKS if self.compile else Compile.OFF
         if self.compile is Compile.MODEL and self.parallel is not Parallel.NONE:

@@ -8,6 +8,7 @@ one-process group, so the same code paths run (and are testable) on one process.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 from collections.abc import Iterator
@@ -59,8 +60,10 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"run.device: {err}") from None
 
 
-def setup(parallel: Parallel, device_spec: str) -> DistContext:
+def setup(parallel: Parallel, device_spec: str, timeout_s: float = 0.0) -> DistContext:
     """Join (or create) the process group that ``parallel`` needs and pick the device.
+
+    ``timeout_s``: how long its collectives wait for the other ranks (0: torch's default).
 
     Raises:
         ConfigError: ``torchrun`` started several processes but ``parallel`` is ``none``.
@@ -78,6 +81,7 @@ def setup(parallel: Parallel, device_spec: str) -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
     if dist.is_initialized():  # a caller (e.g. a test harness) already made the group
         return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, False)
     if "RANK" in os.environ:
@@ -87,10 +91,11 @@ def setup(parallel: Parallel, device_spec: str) -> DistContext:
         if missing:
             raise ConfigError(f"RANK is set but {', '.join(missing)} not: launch with torchrun, "
                               "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                **timeout)
     else:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                rank=0, world_size=1)
+                                rank=0, world_size=1, **timeout)
     return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, True)
 
 

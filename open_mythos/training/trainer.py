@@ -293,7 +293,7 @@ class Trainer:
             RunDirError: an OS-level failure writing the run directory (names the path).
             TrainingDiverged: see the module docstring.
         """
-        self.ctx = setup(self.cfg.run.parallel, self.cfg.run.device)
+        self.ctx = setup(self.cfg.run.parallel, self.cfg.run.device, self.cfg.run.dist_timeout)
         clean = False
         try:
             self._setup()

@@ -70,6 +70,8 @@ def test_bad_types_are_named(tmp_path, text, key, kind):
     ([("schedule.loops", "sampled"), ("schedule.n_loops", 9)], "schedule.n_loops"),
     ([("data.task", "parity"), ("data.text", ["a.txt"])], "data"),
     ([("run.device", "tpu")], "run.device"),
+    ([("run.dist_timeout", -1.0)], "run.dist_timeout"),
+    ([("run.dist_timeout", float("inf"))], "run.dist_timeout"),
 ])
 def test_out_of_range_values_are_named(pairs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -4,6 +4,7 @@ process (resharding and the shard layout: test_sharded_checkpoint.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -186,3 +187,34 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(tmp_path
                                  "--batch-size", "2", "--parallel", "ddp", "--eval-every", "0",
                                  "--out", str(out), "--resume"))
     assert [r["step"] for r in read_metrics(out)] == list(range(1, last + 3))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank through /proc")
+def test_a_hung_rank_fails_the_run_after_dist_timeout(tmp_path):
+    """A rank that hangs (SIGSTOP) rather than dies held the others for torch's default 30
+    minutes; ``run.dist_timeout`` bounds the wait: rank 0 fails within seconds."""
+    out = tmp_path / "run"
+    cmd = torchrun_command(2, "--task", "parity", "--steps", "100000", "--batch-size", "2",
+                           "--parallel", "ddp", "--save-every", "0", "--eval-every", "0",
+                           "--set", "run.dist_timeout=3", "--out", str(out))
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    hung = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        rank0, hung = _worker_of_rank(proc.pid, 0), _worker_of_rank(proc.pid, 1)
+        os.kill(hung, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while Path(f"/proc/{rank0}").exists() and time.monotonic() - stopped < 60:
+            time.sleep(0.2)
+        waited = time.monotonic() - stopped
+    finally:
+        if hung is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert waited < 60, "rank 0 still waits for the hung rank after 60 s"
