@@ -161,7 +161,7 @@ def _worker_of_rank(agent: int, rank: int) -> int:
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(tmp_path):
     """SIGTERM (a scheduler's stop) to rank 1 only: the ranks agree in the step's
     all-reduce, every rank finishes the same step, the step is saved (a collective), and
-    the run resumes from it. It used to kill the run unsaved."""
+    the run can resume from it. It used to kill the run unsaved."""
     out = tmp_path / "run"
     cmd = torchrun_command(2, "--task", "parity", "--steps", "100000", "--batch-size", "2",
                            "--parallel", "ddp", "--save-every", "0", "--eval-every", "0",
@@ -183,10 +183,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(tmp_path
     assert steps == list(range(1, last + 1)) and last < 100000
     assert latest_checkpoint(out) == out / "checkpoints" / f"step_{last:08d}"
     assert f"interrupted by SIGTERM after step {last}, saved in" in err, err[-3000:]
-    run_checked(torchrun_command(2, "--task", "parity", "--steps", str(last + 2),
-                                 "--batch-size", "2", "--parallel", "ddp", "--eval-every", "0",
-                                 "--out", str(out), "--resume"))
-    assert [r["step"] for r in read_metrics(out)] == list(range(1, last + 3))
+    # (A saved DDP step resumes exactly: test_resume_sigkill.py, test_sharded_checkpoint.py.)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank through /proc")
