@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoints import TRAIN_CONFIG_FILE
 from ..config import MythosConfig
 from ..devices import keep_freed_memory
 from ..layers.norm import RMSNorm
@@ -83,6 +84,7 @@ from .config import (
     Parallel,
     Precision,
     TrainConfig,
+    load_config,
     to_toml,
 )
 from .data import TRAIN, VAL, DataExhausted, DataSource, build_data_source
@@ -117,7 +119,7 @@ from .rundir import (
     os_errors,
     replace_metrics_after,
 )
-from .runfiles import absolute_paths, copy_tokenizer
+from .runfiles import absolute_paths, changed_keys, copy_tokenizer
 from .schedule import LoopSchedule, LRSchedule, progressive_split
 from .sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
@@ -439,6 +441,8 @@ class Trainer:
             diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}"
                              for k in saved if saved[k] != now[k])
             raise ConfigError(f"cannot resume {ckpt}: the model configuration changed ({diff})")
+        if ckpt is not None:
+            self._config_changes = self._changes_since(ckpt)
         step = 0 if ckpt is None else int(read_trainer_state(ckpt)["step"])
         if step > self.cfg.run.steps:
             # Resuming would do nothing and rewrite config.toml with the smaller count, so a
@@ -529,10 +533,23 @@ class Trainer:
         data = trainer_state.get("data") or []
         self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size else {})
         self.last_checkpoint = self._unproven = ckpt_dir
-        self._log(f"resumed from {ckpt_dir} at step {self.state.step}")
+        changes = broadcast_object(getattr(self, "_config_changes", []), ctx)
+        self._log(f"resumed from {ckpt_dir} at step {self.state.step}"
+                  + (f"; configuration changed since it was saved: {'; '.join(changes)}"
+                     if changes else ""))
         saved_batch = trainer_state.get("global_batch")  # (none before 2026-12-05)
         if saved_batch is not None and int(saved_batch) != self._global_batch:
             self._log(self._global_batch_changed(int(saved_batch)))
+
+    def _changes_since(self, ckpt: Path) -> list[str]:
+        """The keys of this run's resolved configuration whose values differ from the one
+        ``ckpt`` was trained with (``["optim.lr: 0.001 -> 0.01", ...]``; the run is then no
+        longer the uninterrupted one); [] when the checkpoint's cannot be read."""
+        try:
+            saved = load_config(ckpt / TRAIN_CONFIG_FILE)
+        except (ConfigError, OSError):
+            return []
+        return changed_keys(saved, self.resolved, ignore=("run.out", "run.progress"))
 
     def _global_batch_changed(self, saved: int) -> str:
         """The warning for a run resumed with another global batch than it saved with."""

@@ -599,3 +599,24 @@ def test_resuming_with_another_global_batch_says_so(tmp_path, capsys):
     assert train_cli(run, "--steps", "4", "--save-every", "4", "--batch-size", "2",
                      "--resume") == 0
     assert "global batch" not in capsys.readouterr().err
+
+
+def test_resuming_with_config_names_what_it_changes(tmp_path, capsys):
+    """With --config, a resume that changed the data or the optimiser trained on silently
+    (the keys were listed only without --config). Both configurations compared are
+    resolved, so the model, data.seq_len and paths are not reported as changes."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "2", "--save-every", "2") == 0
+    capsys.readouterr()
+    assert train_cli(run, "--steps", "4", "--save-every", "2", "--resume") == 0
+    err = capsys.readouterr().err
+    assert ("at step 2; configuration changed since it was saved: run.steps: 2 -> 4\n"
+            in err), err
+    assert train_cli(run, "--steps", "6", "--save-every", "2", "--lr", "0.01",
+                     "--task", "dyck", "--resume") == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if "changed since" in x)
+    assert "data.task: 'parity' -> 'dyck'" in line and "optim.lr: " in line
+    assert "run.steps: 4 -> 6" in line and "model." not in line
+    assert train_cli(run, "--steps", "6", "--save-every", "2", "--lr", "0.01",
+                     "--task", "dyck", "--resume") == 0
+    assert "changed since" not in capsys.readouterr().err  # the same again: nothing
