@@ -533,7 +533,7 @@ class Trainer:
         data = trainer_state.get("data") or []
         self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size else {})
         self.last_checkpoint = self._unproven = ckpt_dir
-        changes = broadcast_object(getattr(self, "_config_changes", []), ctx)
+        changes = getattr(self, "_config_changes", [])  # (found by rank 0, which logs)
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}"
                   + (f"; configuration changed since it was saved: {'; '.join(changes)}"
                      if changes else ""))
