@@ -329,16 +329,24 @@ def remove_interrupted_writes(run_dir: str | Path) -> list[str]:
     lock): the temporary files of :func:`write_text_atomic` (``latest``, ``config.toml``)
     and the checkpoints' staging directories. Returns their paths relative to ``run_dir``.
 
-    A staging directory was never published, so no ``latest`` names it; a checkpoint being
-    swapped for a re-save of its step (``.tmp-old-...``) is left for the next save's prune.
+    A staging directory was never published, so no ``latest`` names it. A checkpoint that
+    was being swapped for a re-save of its step (moved to ``.tmp-old-step_X-...``, the new
+    copy not yet renamed into place) is moved back to ``step_X`` first: it is sealed and
+    ``latest`` may name it.
     """
     run_dir = Path(run_dir)
     removed = []
+    root = run_dir / CHECKPOINT_DIR
+    for old in sorted(root.glob(f"{_TMP_PREFIX}old-step_*")):
+        final = root / old.name.removeprefix(f"{_TMP_PREFIX}old-").rsplit("-", 1)[0]
+        if old.is_dir() and not final.exists():
+            os.replace(old, final)
+            removed.append(f"{CHECKPOINT_DIR}/{old.name} (moved back to {final.name})")
     for f in run_dir.glob("*.tmp"):
         if _ATOMIC_TMP.fullmatch(f.name) and f.is_file():
             f.unlink(missing_ok=True)
             removed.append(f.name)
-    for d in (run_dir / CHECKPOINT_DIR).glob(f"{_TMP_PREFIX}step_*"):
+    for d in root.glob(f"{_TMP_PREFIX}step_*"):
         shutil.rmtree(d, ignore_errors=True)
         removed.append(f"{CHECKPOINT_DIR}/{d.name}")
     return sorted(removed)

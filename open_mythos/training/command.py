@@ -20,6 +20,7 @@ full). Errors are one line on stderr, naming the key or the path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -172,4 +173,5 @@ def run(args: argparse.Namespace) -> int:
 
 def _error(msg: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
-        print(msg, file=sys.stderr)
+        with contextlib.suppress(OSError):  # stderr gone (| tee killed by the same Ctrl-C)
+            print(msg, file=sys.stderr)

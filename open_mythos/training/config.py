@@ -422,7 +422,9 @@ class RunConfig:
         parallel: :class:`Parallel` mode under ``torchrun``.
         dist_timeout: seconds a collective may wait for the other ranks before it fails
             (a rank that hangs rather than dies); 0: torch's default (30 minutes on gloo,
-            10 on NCCL). Leave room for the longest save and first compilation.
+            10 on NCCL). Leave room for the longest thing one rank does while the others
+            wait: a checkpoint save, verifying the checkpoint's hashes on resume, the
+            first compilation.
         gradient_checkpointing: recompute each loop in the backward pass (less memory).
         log_every: steps between progress-bar and TensorBoard updates (metrics.jsonl gets
             every step).

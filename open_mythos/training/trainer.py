@@ -413,8 +413,10 @@ class Trainer:
                       "stops a second run from writing to it")
         elif self.lock.taken_over:
             self._log(f"took over the run lock of {self.lock.taken_over}: that process is gone")
-        with os_errors("clean up", out):
-            leftovers = remove_interrupted_writes(out)
+        leftovers = []
+        if self.lock.fd is not None:  # (without a lock a second run's writes may be live)
+            with os_errors("clean up", out):
+                leftovers = remove_interrupted_writes(out)
         if leftovers:
             self._log(f"removed what interrupted writes left: {', '.join(leftovers)}")
         ckpt, problems = newest_intact_checkpoint(out)
@@ -603,7 +605,9 @@ class Trainer:
 
     def _log(self, msg: str) -> None:
         if self.ctx.is_main:
-            tqdm.write(msg, file=sys.stderr)
+            # A broken stderr (``| tee`` killed by the same Ctrl-C) must not end the run.
+            with contextlib.suppress(OSError):
+                tqdm.write(msg, file=sys.stderr)
 
     # The loop ---------------------------------------------------------------------------------
 
@@ -617,33 +621,39 @@ class Trainer:
     def _stop_on_signal(self) -> Iterator[None]:
         """On the main thread, the first SIGINT (Ctrl-C) or SIGTERM (what a scheduler or
         ``torchrun`` sends before a kill) asks the loop to stop after a whole step and save
-        it; the same signal again acts as it did before (stops at once, unsaved). Under
-        ``torchrun`` the ranks agree on the step through the step's all-reduce
-        (:meth:`_accumulate_gradients`): a rank that was not signalled stops with the others.
-        Off the main thread signals cannot be handled and interrupt as usual."""
+        it. A second Ctrl-C acts as before (stops at once, unsaved); a repeated SIGTERM is
+        ignored (a scheduler and ``torchrun`` may each send one; their SIGKILL follows
+        anyway). A signal the process ignores (``SIG_IGN``: a job started with ``&``) stays
+        ignored. Under ``torchrun`` the ranks agree on the step through the step's
+        all-reduce (:meth:`_accumulate_gradients`): a rank that was not signalled stops with
+        the others. Off the main thread signals cannot be handled and interrupt as usual.
+
+        The handler only records the signal: it runs in the middle of whatever the step is
+        doing, and a write there (to a pipe whose reader the same Ctrl-C killed) would fail
+        the step."""
         self._stop_signal = 0  # the signal that asked this rank to stop, once one did
         self._agreed_signal = 0  # the one the ranks agreed on in the last step's all-reduce
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        handled = [sig for sig in STOP_SIGNALS if previous[sig] is not signal.SIG_IGN]
 
         def ask(signum: int, frame: Any) -> None:
-            signal.signal(signum, previous[signum])
+            if signum == signal.SIGINT:  # a second Ctrl-C: what it did before
+                signal.signal(signum, previous[signum] or signal.default_int_handler)
             if not self._stop_signal:
                 self._stop_signal = signum
-                again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-                self._log(f"{signal.Signals(signum).name}: saving the step in progress once it "
-                          f"ends ({again} again to stop at once, unsaved)")
 
-        for sig in STOP_SIGNALS:
+        for sig in handled:
             signal.signal(sig, ask)
         try:
             yield
         finally:
-            for sig in STOP_SIGNALS:
+            for sig in handled:
                 if signal.getsignal(sig) is ask:
-                    signal.signal(sig, previous[sig])
+                    signal.signal(sig, previous[sig] if previous[sig] is not None
+                                  else signal.SIG_DFL)
 
     def _loop(self) -> None:
         with self._stop_on_signal():
@@ -671,6 +681,7 @@ class Trainer:
                 row.update(self.evaluate())
             self._record(row)
             self._check_health(row)
+            stop = self._stop_agreed()  # read once: a signal may arrive at any bytecode
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:
                 if not self.state.consecutive_bad:
                     self.save()
@@ -681,13 +692,18 @@ class Trainer:
                 else:
                     self._log(f"step {step}: no checkpoint: the last "
                               f"{self.state.consecutive_bad} steps were skipped")
-            elif self._stop_agreed() and not self.state.consecutive_bad:
-                self.save()
-            if self._stop_agreed():
+            if stop and step < cfg.run.steps:  # (after the last step the run is complete)
+                name = signal.Signals(stop).name
+                again = " (Ctrl-C again to stop at once, unsaved)" if stop == signal.SIGINT else ""
                 saved = self.last_checkpoint is not None and \
                     self.last_checkpoint.name == f"step_{step:08d}"
-                raise TrainingInterrupted(step, self.last_checkpoint if saved else None,
-                                          self._stop_agreed())
+                if not saved and not self.state.consecutive_bad:
+                    self._log(f"{name}: saving step {step} and stopping{again}")
+                    self.save()
+                    saved = True
+                else:
+                    self._log(f"{name}: stopping after step {step}{again}")
+                raise TrainingInterrupted(step, self.last_checkpoint if saved else None, stop)
 
     def _save_before_stopping(self) -> str:
         """Save the last completed step unless it is saved (or was skipped); say where it is."""
@@ -990,11 +1006,14 @@ class Trainer:
         with os_errors("write", self.out / METRICS_FILE):
             self.metrics.write(line + "\n")
         step = row["step"]
-        self.bar.update(1)
+        with contextlib.suppress(OSError):  # the bar writes to stderr: see _log
+            self.bar.update(1)
         if step % self.cfg.run.log_every == 0 or "val_loss" in row or row["skipped"]:
             loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
-            self.bar.set_postfix_str(f"loss {loss}  tok/s {row['tokens_per_s']:,.0f}  "
-                                     f"loops {row['loops']}  lr {row['lr']:.2e}", refresh=False)
+            with contextlib.suppress(OSError):
+                self.bar.set_postfix_str(f"loss {loss}  tok/s {row['tokens_per_s']:,.0f}  "
+                                         f"loops {row['loops']}  lr {row['lr']:.2e}",
+                                         refresh=False)
             if self.tb is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":

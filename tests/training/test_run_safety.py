@@ -620,3 +620,77 @@ def test_resuming_with_config_names_what_it_changes(tmp_path, capsys):
     assert train_cli(run, "--steps", "6", "--save-every", "2", "--lr", "0.01",
                      "--task", "dyck", "--resume") == 0
     assert "changed since" not in capsys.readouterr().err  # the same again: nothing
+
+
+def _signal_in_step(monkeypatch, step: int, *signals: int) -> None:
+    """Send ``signals`` to this process in the middle of training step ``step``."""
+    real = trainer_mod.compute_loss
+    calls = {"n": 0}
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "compute_loss", signalled)
+
+
+def test_a_repeated_sigterm_still_saves(tmp_path, monkeypatch, capsys):
+    """A scheduler and torchrun may each send SIGTERM: the second must not kill the step."""
+    _signal_in_step(monkeypatch, 3, signal.SIGTERM, signal.SIGTERM)
+    assert train_cli(tmp_path / "run", "--steps", "8", "--save-every", "0") == 143
+    assert "interrupted by SIGTERM after step 3, saved in" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "run") == ckpt_dir(tmp_path / "run", 3)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_signal_in_the_last_step_lets_the_run_complete(tmp_path, monkeypatch, capsys):
+    _signal_in_step(monkeypatch, 4, signal.SIGTERM)
+    assert train_cli(tmp_path / "run", "--steps", "4", "--save-every", "0") == 0
+    assert "interrupted" not in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "run") == ckpt_dir(tmp_path / "run", 4)
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch):
+    """A job started with ``&`` ignores SIGINT; the trainer must not start acting on it."""
+    _signal_in_step(monkeypatch, 2, signal.SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert train_cli(tmp_path / "run", "--steps", "4", "--save-every", "0") == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_with_a_broken_stderr_still_saves(tmp_path, monkeypatch):
+    """``openmythos train ... 2>&1 | tee log``: Ctrl-C kills tee too, and a message written
+    from the signal handler (then: in the middle of a forward) failed the step unsaved."""
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(trainer_mod.tqdm, "write", broken)
+    monkeypatch.setattr(trainer_mod.tqdm, "update", broken)
+    monkeypatch.setattr("builtins.print", broken)
+    _signal_in_step(monkeypatch, 3, signal.SIGINT)
+    assert train_cli(tmp_path / "run", "--steps", "8", "--save-every", "0") == 130
+    assert latest_checkpoint(tmp_path / "run") == ckpt_dir(tmp_path / "run", 3)
+
+
+def test_a_kill_between_the_swap_renames_keeps_the_checkpoint(tmp_path, capsys):
+    """Re-saving a step moves the old copy aside, then renames the new one into place; a
+    kill in between left ``latest`` naming a missing directory, and the start-up cleanup
+    removed the new copy: nothing to resume. The old copy is now moved back."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "2", "--save-every", "2") == 0
+    root = run / "checkpoints"
+    shutil.copytree(root / "step_00000002", root / ".tmp-step_00000002-0badf00d")
+    os.replace(root / "step_00000002", root / ".tmp-old-step_00000002-abcd1234")
+    capsys.readouterr()
+    assert train_cli(run, "--steps", "3", "--save-every", "3", "--resume") == 0
+    err = capsys.readouterr().err
+    assert "checkpoints/.tmp-old-step_00000002-abcd1234 (moved back to step_00000002)" in err
+    assert "at step 2" in err
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
