@@ -204,7 +204,12 @@ def write_errors(path: Path) -> Iterator[None]:
         text = str(err)
         if "inline_container" not in text and "file write failed" not in text:
             raise
-        raise OSError(errno.EIO, f"the write failed ({text.splitlines()[0]})", str(path)) from err
+        try:  # torch's message never says why; a full disk is the usual reason
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free there"
+        except OSError:
+            free = ""
+        raise OSError(errno.EIO, f"the write failed ({text.splitlines()[0]}{free})",
+                      str(path)) from err
 
 
 def _os_errno(text: str) -> int:
