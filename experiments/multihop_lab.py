@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from open_mythos import MythosConfig, OpenMythos
 from open_mythos.baseline import BaselineConfig, DenseBaseline, matched_baseline_config
 from open_mythos.commands.argtypes import (  # noqa: E402
-    check_output_file,
     loop_counts,
     non_negative_int,
+    output_file,
     positive_int,
 )
 from open_mythos.tasks import get_task, make_batch
@@ -76,8 +76,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--eval-loops", type=loop_counts, default="1,2,3,4,6,8,10,12,16",
                    help="loop counts to evaluate, e.g. 1,2,4,8 or 1-16 (the baseline: 1)")
-    p.add_argument("--out", help="write the arguments and accuracies here (JSON; missing "
-                                 "folders are made)")
+    p.add_argument("--out", type=output_file,
+                   help="write the arguments and accuracies here (JSON; missing folders are made)")
     a = p.parse_args()
     try:
         task = get_task("multihop", hops=a.hops, ood_hops=a.ood, distractors=a.dis)
@@ -95,11 +95,6 @@ def parse_args() -> argparse.Namespace:
             config(a, task.max_len())
         except ValueError as err:
             p.error(f"--dim/--heads/--T: {err}")
-    if a.out is not None:
-        try:
-            check_output_file(a.out)
-        except ValueError as err:
-            p.error(f"--out: {err}")
     return a
 
 
@@ -225,7 +220,7 @@ def main() -> None:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "results": results}, f)
+            json.dump({"args": vars(a), "results": results}, f, default=str)
 
 
 if __name__ == "__main__":

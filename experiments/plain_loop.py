@@ -42,7 +42,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +50,9 @@ from torch import nn
 
 from open_mythos import ExitRule, MythosConfig, OpenMythos
 from open_mythos.commands.argtypes import (  # noqa: E402
-    check_output_file,
     loop_count,
     name_list,
+    output_file,
     positive_int,
 )
 from open_mythos.tasks import IGNORE_INDEX, VOCAB_SIZE, get_task, make_batch
@@ -289,7 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="set a MythosConfig field of ours (repeatable), e.g. init_std=0.02")
     p.add_argument("--skip-plain", action="store_true",
                    help="train only ours (for comparing settings of ours)")
-    p.add_argument("--out", type=Path, help="write the results as JSON (missing folders are made)")
+    p.add_argument("--out", type=output_file, help="write the results as JSON (missing folders are made)")
     args = p.parse_args(argv)
     unknown = [t for t in args.tasks if t not in RECIPES]
     if unknown:
@@ -311,11 +310,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ours_config(RECIPES[name], vocab, max_len, args.fields)
     except (TypeError, ValueError) as err:
         p.error(f"--model: {err}")
-    if args.out is not None:
-        try:
-            check_output_file(args.out)
-        except ValueError as err:
-            p.error(f"--out: {err}")
     if args.eval_examples is None:
         args.eval_examples = QUICK_EVAL_EXAMPLES if args.quick else EVAL_EXAMPLES
     return args

@@ -100,6 +100,14 @@ def check_output_file(path: str | Path, suffixes: Iterable[str] = ()) -> Path:
     return path
 
 
+def output_file(text: str) -> Path:
+    """An argparse type: :func:`check_output_file` of ``text`` (its error as a usage error)."""
+    try:
+        return check_output_file(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def check_output_dir(path: str | Path) -> Path:
     """``path`` as a directory this process can create or write into.
 

@@ -315,3 +315,13 @@ def test_numeric_argument_types():
                        (positive_float, "nan"), (positive_float, "x")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(bad)
+
+
+def test_output_file_argument_type(tmp_path):
+    from open_mythos.commands.argtypes import output_file
+
+    assert output_file(str(tmp_path / "new" / "x.json")) == tmp_path / "new" / "x.json"
+    (tmp_path / "afile").write_text("")
+    for bad in (tmp_path, tmp_path / "afile" / "x.json"):  # a directory; under a file
+        with pytest.raises(argparse.ArgumentTypeError):
+            output_file(str(bad))
