@@ -636,20 +636,14 @@ def fresh_inductor_cache(enabled: bool = True) -> Iterator[None]:
 
 def parse_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
     """``--device``: cpu or cuda[:N] (an available GPU), else ``parser.error``."""
+    from open_mythos.devices import resolve_device
+
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        parser.error(f"--device {text}: not a device; use cpu or cuda[:N]")
+        device = resolve_device(text)
+    except ValueError as err:
+        parser.error(f"--device: {err}")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {text}: use cpu or cuda[:N]")
-    if device.type == "cpu" and device.index not in (None, 0):
-        parser.error(f"--device {text}: the CPU has no index {device.index}; use cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error(f"--device {text}: CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            parser.error(f"--device {text}: there are {torch.cuda.device_count()} CUDA "
-                         f"device(s), numbered from 0")
     return device
 
 

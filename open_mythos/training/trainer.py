@@ -283,6 +283,10 @@ class Trainer:
         self.good_checkpoint: Path | None = None
         self._unproven: Path | None = None
         self._bad_checkpoint: Path | None = None
+        # The signal that asked this rank to stop, and the one the ranks agreed on in the
+        # last step's all-reduce (0: none; see _stop_on_signal).
+        self._stop_signal = self._agreed_signal = 0
+        self._config_changes: list[str] = []  # since the checkpoint resumed from
 
     # Setup ------------------------------------------------------------------------------------
 
@@ -535,7 +539,7 @@ class Trainer:
         data = trainer_state.get("data") or []
         self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size else {})
         self.last_checkpoint = self._unproven = ckpt_dir
-        changes = getattr(self, "_config_changes", [])  # (found by rank 0, which logs)
+        changes = self._config_changes  # (found by rank 0, which logs)
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}"
                   + (f"; configuration changed since it was saved: {'; '.join(changes)}"
                      if changes else ""))
@@ -631,8 +635,7 @@ class Trainer:
         The handler only records the signal: it runs in the middle of whatever the step is
         doing, and a write there (to a pipe whose reader the same Ctrl-C killed) would fail
         the step."""
-        self._stop_signal = 0  # the signal that asked this rank to stop, once one did
-        self._agreed_signal = 0  # the one the ranks agreed on in the last step's all-reduce
+        self._stop_signal = self._agreed_signal = 0
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -695,8 +698,7 @@ class Trainer:
             if stop and step < cfg.run.steps:  # (after the last step the run is complete)
                 name = signal.Signals(stop).name
                 again = " (Ctrl-C again to stop at once, unsaved)" if stop == signal.SIGINT else ""
-                saved = self.last_checkpoint is not None and \
-                    self.last_checkpoint.name == f"step_{step:08d}"
+                saved = self._step_saved()
                 if not saved and not self.state.consecutive_bad:
                     self._log(f"{name}: saving step {step} and stopping{again}")
                     self.save()
@@ -705,10 +707,15 @@ class Trainer:
                     self._log(f"{name}: stopping after step {step}{again}")
                 raise TrainingInterrupted(step, self.last_checkpoint if saved else None, stop)
 
+    def _step_saved(self) -> bool:
+        """Whether the newest checkpoint holds the last completed step."""
+        return (self.last_checkpoint is not None
+                and self.last_checkpoint.name == f"step_{self.state.step:08d}")
+
     def _save_before_stopping(self) -> str:
         """Save the last completed step unless it is saved (or was skipped); say where it is."""
         step = self.state.step
-        done = self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{step:08d}"
+        done = self._step_saved()
         if step and not done and not self.state.consecutive_bad:
             self.save()
             done = True
@@ -807,7 +814,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             sums[:5] += self._micro_step(batch, step, i, n_loops, ce_scale, reg_scale,
                                          sync=i == accum - 1)
-        asked = getattr(self, "_stop_signal", 0)
+        asked = self._stop_signal
         sums[5:] = torch.tensor([n_loops, n_loops**2, asked == signal.SIGINT,
                                  asked == signal.SIGTERM], dtype=torch.float64)
         all_reduce(sums, ctx)
