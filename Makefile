@@ -21,8 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m open_mythos demo
 
+# The suite runs on one worker per logical CPU (pytest-xdist; at most 8): every test runs
+# on one thread (tests/conftest.py), so 2 cores take about two thirds of the serial time.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= logical
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8
 
 bench: $(STAMP)
 	$(PY) benchmarks/inference.py
