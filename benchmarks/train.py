@@ -516,7 +516,7 @@ def bench_task(args, peaks: Peaks, rows: list[Row]) -> None:
     note = TASK_EAGER_NOTE if args.compile_given else ""
     rows.append(Row(f"{label}: all logits (baseline)", "fp32", t["full"], flops_full,
                     peaks.fp32, "1.00x", note=note))
-    rows.append(Row(f"{label}: supervised logits only", "fp32", t["rows"], flops_rows,
+    rows.append(Row(f"{label}: supervised positions only", "fp32", t["rows"], flops_rows,
                     peaks.fp32, f"{t['full'] / t['rows']:.2f}x", note=note))
 
 

@@ -64,28 +64,30 @@ class CausalLM(nn.Module):
         self.head.weight = self.embed.weight
 
     @staticmethod
-    def _at(x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (B, T, dim) at the ``logits_at`` positions, (N, dim); all of it for None.
+    def _positions(logits_at: torch.Tensor | None, shape: torch.Size,
+                   device: torch.device) -> torch.Tensor | None:
+        """``logits_at`` as (N,) long flat indices into the ``B * T`` positions of an input
+        of ``shape`` (B, T), on ``device``; None for None.
 
         ``logits_at``: a (B, T) bool mask, or (N,) long indices into the B * T positions in
         row-major order (indices made on the host cost a GPU no synchronisation; a mask
         does, to count its positions).
         """
         if logits_at is None:
-            return x
+            return None
         if not isinstance(logits_at, torch.Tensor):
             raise ValueError(f"logits_at must be a tensor (a bool mask or position indices), "
                              f"got {type(logits_at).__name__}")
         if logits_at.dtype == torch.bool:
-            if logits_at.shape != x.shape[:2]:
+            if logits_at.shape != shape:
                 raise ValueError(f"a logits_at mask must have the input's shape "
-                                 f"{tuple(x.shape[:2])}, got {tuple(logits_at.shape)}")
-            return x[logits_at.to(x.device)]
+                                 f"{tuple(shape)}, got {tuple(logits_at.shape)}")
+            return logits_at.to(device).flatten().nonzero().squeeze(1)
         if logits_at.dim() != 1 or logits_at.dtype.is_floating_point:
             raise ValueError("logits_at must be a (batch, seq) bool mask or a 1-D tensor of "
                              f"integer position indices, got {logits_at.dtype} "
                              f"{tuple(logits_at.shape)}")
-        n = x.shape[0] * x.shape[1]
+        n = shape[0] * shape[1]
         # Indices on the host are checked (free); on a GPU that would cost a synchronisation.
         if logits_at.numel() and logits_at.device.type == "cpu" \
                 and not torch.compiler.is_compiling():
@@ -93,7 +95,13 @@ class CausalLM(nn.Module):
             if lo < 0 or hi >= n:
                 raise ValueError(f"logits_at indices must be in [0, {n}) (batch * seq "
                                  f"positions, row-major), got min {lo}, max {hi}")
-        return x.flatten(0, 1).index_select(0, logits_at.to(x.device))
+        return logits_at.to(device=device, dtype=torch.long)
+
+    @staticmethod
+    def _at(x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (B, T, dim) at the flat positions ``at`` (:meth:`_positions`), (N, dim);
+        all of it for None."""
+        return x if at is None else x.flatten(0, 1).index_select(0, at)
 
     def _validate(self, input_ids: torch.Tensor, start_pos: int) -> None:
         """Check the input ids and positions (the loop count is checked by the caller)."""
@@ -213,11 +221,13 @@ class CausalLM(nn.Module):
         backprop_loops: int | None = None,
         exit_rule: ExitRule | None = None,
         lens: str = "coda",
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments.
 
         ``lens="head"`` skips the Coda: the normalised state after the last loop, what the
-        head lens reads (``forward(..., readout_lens="head")``).
+        head lens reads (``forward(..., readout_lens="head")``). ``logits_at``: the states
+        at those positions only, (N, dim); the last Coda block runs only there.
         """
         if lens not in ("coda", "head"):
             raise ValueError(f"lens must be 'coda' or 'head', got {lens!r}")
@@ -231,11 +241,12 @@ class CausalLM(nn.Module):
         if act_early_exit is None:
             act_early_exit = not self.training
         ctx = self._context(input_ids, start_pos, cache, attention_mask)
+        at = self._positions(logits_at, input_ids.shape, ctx.cos.device)
         if lens == "head":
             x, _ = self.core_states(self.encode(input_ids, ctx), ctx, n_loops, act_early_exit,
                                     backprop_loops, exit_rule=exit_rule)
-            return self.norm(x)
-        return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops, exit_rule)
+            return self.norm(self._at(x, at))
+        return self.trunk(input_ids, ctx, n_loops, act_early_exit, backprop_loops, exit_rule, at)
 
     def trunk(
         self,
@@ -245,8 +256,10 @@ class CausalLM(nn.Module):
         early_exit: bool = False,
         backprop_loops: int | None = None,
         exit_rule: ExitRule | None = None,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Embedding to final norm for a prepared attention context, without validation.
+        """Embedding to final norm for a prepared attention context, without validation
+        (``at``: see :meth:`decode`).
 
         :meth:`hidden_states` validates its arguments and builds ``ctx``; the compiled decode
         step (:mod:`open_mythos.inference.static`) builds a fixed-shape ``ctx`` itself.
@@ -254,7 +267,7 @@ class CausalLM(nn.Module):
         x = self.encode(input_ids, ctx)
         x, _ = self.core_states(x, ctx, n_loops, early_exit, backprop_loops,
                                 exit_rule=exit_rule)
-        return self.decode(x, ctx)
+        return self.decode(x, ctx, at)
 
     def encode(self, input_ids: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """Embedding, token convolution and Prelude: (B, T) ids -> (B, T, dim)."""
@@ -283,10 +296,17 @@ class CausalLM(nn.Module):
         """The deepest depth a forward with ``n_loops`` loops can read out."""
         return n_loops
 
-    def decode(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        """Coda and final norm: (B, T, dim) -> normalised (B, T, dim)."""
+    def decode(self, x: torch.Tensor, ctx: AttnContext, at: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Coda and final norm: (B, T, dim) -> normalised (B, T, dim); with ``at`` (N,) flat
+        positions (:meth:`_positions`), (N, dim) at those positions only: the last Coda block
+        then runs its queries and FFN there alone (its keys and values, and every other
+        block, still cover every position)."""
+        last = len(self.coda) - 1
         for i, layer in enumerate(self.coda):
-            x = layer(x, ctx, f"coda_{i}")
+            x = layer(x, ctx, f"coda_{i}", query_at=at if i == last else None)
+        if at is not None:
+            x = x.squeeze(1) if self.coda else self._at(x, at)
         return self.norm(x)
 
     def readout(
@@ -329,13 +349,14 @@ class CausalLM(nn.Module):
         ctx = self._context(input_ids, 0, None, attention_mask)
         x = self.encode(input_ids, ctx)
         out, states = self.core_states(x, ctx, n_loops, False, backprop_loops, keep=set(depths))
-        logits = self.head(self._at(self.decode(out, ctx), logits_at))
+        at = self._positions(logits_at, input_ids.shape, x.device)
+        logits = self.head(self.decode(out, ctx, at))
         if lens == "coda":
             depth_logits = {d: logits if states[d] is out
-                            else self.head(self._at(self.decode(states[d], ctx), logits_at))
+                            else self.head(self.decode(states[d], ctx, at))
                             for d in sorted(states)}
         elif lens == "head":
-            depth_logits = {d: self.head(self.norm(self._at(states[d], logits_at)))
+            depth_logits = {d: self.head(self.norm(self._at(states[d], at)))
                             for d in sorted(states)}
         else:
             depth_logits = {}
@@ -404,8 +425,8 @@ class CausalLM(nn.Module):
         h = self.hidden_states(input_ids, n_loops, kv_cache, start_pos,
                                attention_mask=attention_mask, act_early_exit=act_early_exit,
                                backprop_loops=backprop_loops, exit_rule=exit_rule,
-                               lens=readout_lens)
-        return self.head(self._at(h, logits_at))
+                               lens=readout_lens, logits_at=logits_at)
+        return self.head(h)
 
     def generate(
         self,

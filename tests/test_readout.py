@@ -146,3 +146,55 @@ def test_logits_at_rejects_a_wrong_mask_or_float_indices():
         model(ids, n_loops=2, logits_at=torch.tensor([0.0, 3.0]))
     with pytest.raises(ValueError, match="integer position indices"):
         model(ids, n_loops=2, logits_at=torch.zeros(2, 6, dtype=torch.long))
+
+
+def _float64(model):
+    return model.double()
+
+
+@pytest.mark.parametrize("attn, absorb", [("gqa", None), ("mla", True), ("mla", False)])
+@pytest.mark.parametrize("coda_layers", [0, 1, 2])
+def test_the_last_coda_block_runs_only_at_the_logits_at_positions(attn, absorb, coda_layers):
+    """With ``logits_at`` the last Coda block computes queries and FFN at those positions
+    only: logits and gradients equal the full forward's at those positions (float64; the
+    norms compute in float32, so the gradients' sums over positions agree to ~1e-7), with
+    left padding and for a prompt chunk after a cached one (keys of both chunks), and its FFN
+    sees N positions, not B * T."""
+    from open_mythos.inference import KVCache
+
+    torch.manual_seed(3)
+    cfg = tiny_config(attn, use_act=False, coda_layers=coda_layers, n_kv_heads=2)
+    model = _float64(_with_lora(OpenMythos(cfg)))
+    for module in model.modules():
+        if hasattr(module, "absorb"):
+            module.absorb = absorb
+    ids = _ids(cfg, B=3, T=9)
+    pad = torch.ones(3, 9, dtype=torch.long)
+    pad[1, :3] = 0  # left padding of the second sequence
+    index = torch.tensor([2, 13, 14, 17, 26])  # rows 0, 1, 1, 1, 2
+    seen = []
+    if coda_layers:
+        model.coda[-1].ffn.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    for mask in (None, pad):
+        model.zero_grad()
+        full = model(ids, n_loops=3, attention_mask=mask).flatten(0, 1)[index]
+        full.square().sum().backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        part = model(ids, n_loops=3, attention_mask=mask, logits_at=index)
+        part.square().sum().backward()
+        torch.testing.assert_close(part, full, rtol=1e-10, atol=1e-10)
+        for name, grad in want.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad,
+                                       rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    if coda_layers:
+        assert seen[-1][:2] == (len(index), 1) and seen[0][:2] == (3, 9)
+    model.eval()
+    with torch.no_grad():  # a second prompt chunk attends over the cached first one too
+        whole = model(ids, n_loops=2)[:, 5:].flatten(0, 1)
+        cache = KVCache(9)
+        model(ids[:, :5], n_loops=2, kv_cache=cache)
+        at = torch.tensor([0, 3, 6, 11])  # of the (3, 4) second chunk
+        torch.testing.assert_close(
+            model(ids[:, 5:], n_loops=2, kv_cache=cache, start_pos=5, logits_at=at),
+            whole[at], rtol=1e-10, atol=1e-10)

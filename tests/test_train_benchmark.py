@@ -85,12 +85,12 @@ def test_moe_section_prints_its_rows(monkeypatch, capsys):
         assert line.split()[-1].endswith("x") and "%" in line
 
 
-def test_task_section_counts_fewer_flops_with_supervised_logits_only(monkeypatch, capsys):
+def test_task_section_counts_fewer_flops_at_the_supervised_positions_only(monkeypatch, capsys):
     bench = load("train", monkeypatch)
     bench.main(["--quick", "--only", "task", "--threads", "1"])
     out = capsys.readouterr().out.splitlines()
     full = next(row for row in out if row.startswith("task (") and "all logits" in row)
-    rows = next(row for row in out if row.startswith("task (") and "supervised logits" in row)
+    rows = next(row for row in out if row.startswith("task (") and "supervised positions" in row)
     gflop = [float(row.split("fp32")[1].split()[1]) for row in (full, rows)]
     assert gflop[1] < gflop[0] and rows.split()[-1].endswith("x")
 

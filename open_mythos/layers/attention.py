@@ -117,6 +117,55 @@ def _remember(
     return new
 
 
+@dataclass(frozen=True)
+class QueryRows:
+    """Queries at a few positions only (the last layer of a model whose logits are needed
+    there): every selected position becomes a one-token query sequence of its own, attending
+    over the whole keys of its batch row.
+
+    Built by :func:`query_rows` from flat indices into the ``B * T`` positions of a chunk.
+
+    Attributes:
+        index: (N,) long, the flat positions (for gathering the layer input).
+        batch: (N,) long, each query's batch row (for gathering keys and values).
+        cos, sin: (N, 1, r/2) RoPE tables at the queries' positions (per-sequence form).
+        mask: (N, 1, 1, S) bool, the keys each query may attend to.
+    """
+
+    index: torch.Tensor
+    batch: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+
+
+def query_rows(ctx: AttnContext, index: torch.Tensor, T: int, S: int) -> QueryRows:
+    """The :class:`QueryRows` of flat positions ``index`` (N,) of a (B, T) chunk attending
+    over ``S`` keys per row (the chunk's and the cache's), causal as ``ctx`` says."""
+    if ctx.rows is not None:
+        raise ValueError("queries at selected positions do not combine with a row subset")
+    batch, pos = index.div(T, rounding_mode="floor"), index.remainder(T)
+    if ctx.cos.dim() == 3:  # per-sequence positions
+        cos, sin = ctx.cos[batch, pos], ctx.sin[batch, pos]
+    else:
+        cos, sin = ctx.cos.index_select(0, pos), ctx.sin.index_select(0, pos)
+    if ctx.mask is not None:
+        mask = ctx.mask.expand(-1, -1, T, -1)
+        mask = mask[batch if mask.shape[0] > 1 else torch.zeros_like(batch), 0, pos]
+    elif ctx.is_causal and T > 1:
+        # The chunk's last position sees every key: position t sees S - T + t of them.
+        mask = torch.arange(S, device=index.device).view(1, S) <= (pos + (S - T)).view(-1, 1)
+    else:
+        mask = torch.ones(index.numel(), S, dtype=torch.bool, device=index.device)
+    return QueryRows(index, batch, cos.unsqueeze(1), sin.unsqueeze(1), mask.view(-1, 1, 1, S))
+
+
+def at_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T, ...) at the flat positions ``index`` (N,) of its ``B * T``, as a batch of
+    one-position sequences (N, 1, ...)."""
+    return x.flatten(0, 1).index_select(0, index).unsqueeze(1)
+
+
 class GQAttention(nn.Module):
     """Grouped-query attention (Ainslie et al., 2023) with RoPE on the full head dim.
 
@@ -143,15 +192,28 @@ class GQAttention(nn.Module):
         ctx: AttnContext,
         cache_key: str = "default",
         carry: DepthCarry | None = None,
+        query_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x``: (B, T, dim) -> (B, T, dim)."""
+        """``x``: (B, T, dim) -> (B, T, dim); with ``query_at`` (N,) flat positions, the
+        output at those positions only, (N, 1, dim) (keys and values, and the cache, still
+        cover every position)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
         kv = _remember({"k": k, "v": v}, ctx, cache_key, carry)
-        keys, values = kv["k"].to(q.dtype), kv["v"].to(q.dtype)
+        keys, values = kv["k"], kv["v"]
+        mask, is_causal = ctx.mask, ctx.is_causal and ctx.mask is None and T > 1
+        cos, sin = ctx.cos, ctx.sin
+        if query_at is not None:
+            queries = query_rows(ctx, query_at, T, keys.shape[2])
+            x, cos, sin, mask, is_causal = at_positions(x, query_at), queries.cos, queries.sin, \
+                queries.mask, False
+            keys, values = keys.index_select(0, queries.batch), values.index_select(0, queries.batch)
+            B, T = x.shape[:2]
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        q = apply_rope(q, cos, sin)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if T == 1 and self.n_kv_heads != self.n_heads:
             # Decode: the query heads of a group share one key head, so attend with the
@@ -160,12 +222,12 @@ class GQAttention(nn.Module):
             # kernels return the output in (B, G, Hkv, hd) memory order.
             out = F.scaled_dot_product_attention(
                 q.reshape(B, self.n_kv_heads, -1, self.head_dim), keys, values,
-                attn_mask=ctx.mask, dropout_p=dropout_p).reshape(B, self.n_heads, 1, self.head_dim)
+                attn_mask=mask, dropout_p=dropout_p).reshape(B, self.n_heads, 1, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(
                 q, keys, values,
-                attn_mask=ctx.mask,
-                is_causal=ctx.is_causal and ctx.mask is None and T > 1,
+                attn_mask=mask,
+                is_causal=is_causal,
                 dropout_p=dropout_p,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (B, H, T, hd)
@@ -235,22 +297,31 @@ class MLAttention(nn.Module):
         ctx: AttnContext,
         cache_key: str = "default",
         carry: DepthCarry | None = None,
+        query_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x``: (B, T, dim) -> (B, T, dim)."""
+        """``x``: (B, T, dim) -> (B, T, dim); with ``query_at`` (N,) flat positions, the
+        output at those positions only, (N, 1, dim) (the latent, and the cache, still cover
+        every position)."""
         B, T, _ = x.shape
         H, r = self.n_heads, self.kv_lora_rank
-        c_q = self.q_norm(self.q_down(x))
-        q_nope = self.q_up_nope(c_q).view(B, T, H, self.nope_dim).transpose(1, 2)  # (B, H, T, n)
-        q_rope = self.q_up_rope(c_q).view(B, T, H, self.rope_dim_).transpose(1, 2)
-        q_rope = apply_rope(q_rope, ctx.cos, ctx.sin)  # (B, H, T, rope)
-
         c_kv, k_rope = self.kv_down(x).split([r, self.rope_dim_], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(1), ctx.cos, ctx.sin).squeeze(1)  # (B, T, rope)
         new = {"kv_latent": torch.cat((self.kv_norm(c_kv), k_rope), dim=-1)}  # (B, T, r+rope)
         latent = _remember(new, ctx, cache_key, carry)["kv_latent"].to(x.dtype)  # (B, S, r+rope)
         S = latent.shape[1]
+        mask, is_causal = ctx.mask, ctx.is_causal and ctx.mask is None and T > 1
+        cos, sin = ctx.cos, ctx.sin
+        if query_at is not None:
+            queries = query_rows(ctx, query_at, T, S)
+            x, cos, sin, mask, is_causal = at_positions(x, query_at), queries.cos, queries.sin, \
+                queries.mask, False
+            latent = latent.index_select(0, queries.batch)
+            B, T = x.shape[:2]
+        c_q = self.q_norm(self.q_down(x))
+        q_nope = self.q_up_nope(c_q).view(B, T, H, self.nope_dim).transpose(1, 2)  # (B, H, T, n)
+        q_rope = self.q_up_rope(c_q).view(B, T, H, self.rope_dim_).transpose(1, 2)
+        q_rope = apply_rope(q_rope, cos, sin)  # (B, H, T, rope)
         dropout_p = self.dropout if self.training else 0.0
-        is_causal = ctx.is_causal and ctx.mask is None and T > 1
 
         w_kv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r)
         if self.use_absorbed(T, S):
@@ -265,7 +336,7 @@ class MLAttention(nn.Module):
             latent = latent.unsqueeze(1)  # (B, 1, S, r+rope)
             o_lat = F.scaled_dot_product_attention(
                 q_cat.reshape(B, 1, H * T, r + self.rope_dim_), latent, latent,
-                attn_mask=_fold_heads_mask(ctx, is_causal, H, T, S),
+                attn_mask=_fold_heads_mask(mask, is_causal, H, T, S, cos.device),
                 dropout_p=dropout_p, scale=self.scale)[..., :r].reshape(B, H, T, r)
             out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
         else:
@@ -275,21 +346,22 @@ class MLAttention(nn.Module):
             q = torch.cat((q_nope, q_rope), dim=-1)
             k = torch.cat((k_nope, k_pos), dim=-1)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=ctx.mask, is_causal=is_causal, dropout_p=dropout_p,
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                 scale=self.scale)  # (B, H, T, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
 def _fold_heads_mask(
-    ctx: AttnContext, is_causal: bool, n_heads: int, T: int, S: int
+    mask: torch.Tensor | None, is_causal: bool, n_heads: int, T: int, S: int,
+    device: torch.device,
 ) -> torch.Tensor | None:
-    """The (B or 1, 1, H*T, S) mask for queries folded as (head, position), or None."""
-    mask = ctx.mask
+    """The (B or 1, 1, H*T, S) mask for queries folded as (head, position), or None;
+    ``mask`` (B or 1, 1, T, S) or None (then causal or no mask, as ``is_causal`` says)."""
     if mask is None:
         if not is_causal:
             return None
-        q_idx = torch.arange(S - T, S, device=ctx.cos.device).view(T, 1)
-        mask = (torch.arange(S, device=ctx.cos.device).view(1, S) <= q_idx).view(1, 1, T, S)
+        q_idx = torch.arange(S - T, S, device=device).view(T, 1)
+        mask = (torch.arange(S, device=device).view(1, S) <= q_idx).view(1, 1, T, S)
     if T == 1:
         return mask  # broadcasts over the folded heads
     b = mask.shape[0]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import AttnType, MythosConfig
-from .attention import ATTENTION, AttnContext, DepthCarry, build_attention
+from .attention import ATTENTION, AttnContext, DepthCarry, at_positions, build_attention
 from .moe import Expert, MoEFFN
 from .norm import RMSNorm
 
@@ -38,9 +38,21 @@ class TransformerBlock(nn.Module):
         ctx: AttnContext,
         cache_key: str = "default",
         carry: DepthCarry | None = None,
+        query_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x``: (B, T, dim) -> (B, T, dim); writes this layer's keys under ``cache_key``."""
-        x = x + self.resid_drop(self.attn(self.attn_norm(x), ctx, cache_key, carry))
+        """``x``: (B, T, dim) -> (B, T, dim); writes this layer's keys under ``cache_key``.
+
+        ``query_at`` (N,) flat indices into the ``B * T`` positions: the output at those
+        positions only, (N, 1, dim), for a last layer whose other outputs nobody reads. Keys
+        and values (and the cache) still cover every position; attention queries and the FFN
+        run at the N positions only.
+        """
+        h = self.attn(self.attn_norm(x), ctx, cache_key, carry, query_at)
+        token_mask = ctx.token_mask
+        if query_at is not None:
+            x = at_positions(x, query_at)
+            token_mask = None if token_mask is None else at_positions(token_mask, query_at)
+        x = x + self.resid_drop(h)
         if isinstance(self.ffn, MoEFFN):
-            return x + self.resid_drop(self.ffn(self.ffn_norm(x), ctx.token_mask))
+            return x + self.resid_drop(self.ffn(self.ffn_norm(x), token_mask))
         return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
