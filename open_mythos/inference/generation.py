@@ -277,6 +277,14 @@ def _cache_len(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,
     return cache_length(total, model.cfg.max_seq_len) if compile else total
 
 
+def last_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """The flat index of each row's last position in a (B, T) batch, (B,) long: the
+    ``logits_at`` of a prefill, which needs the next token's logits only (left-padded
+    batches end every row at ``T - 1``)."""
+    B, T = input_ids.shape
+    return torch.arange(B, device=input_ids.device) * T + (T - 1)
+
+
 def _prefill(model: OpenMythos, input_ids: torch.Tensor, cache: KVCache, n_loops: int,
              attention_mask: torch.Tensor | None, compile: bool,
              **options: Any) -> tuple[torch.Tensor, Decoder]:
@@ -285,7 +293,9 @@ def _prefill(model: OpenMythos, input_ids: torch.Tensor, cache: KVCache, n_loops
     keyword options (``act_early_exit``, ``exit_rule``)."""
     T0 = input_ids.shape[1]
     mask = None if attention_mask is None else attention_mask.long()
-    logits = model(input_ids, n_loops, cache, 0, attention_mask=mask, **options)[:, -1]
+    # The last position's logits only: the head and the last Coda block skip the rest.
+    logits = model(input_ids, n_loops, cache, 0, attention_mask=mask,
+                   logits_at=last_positions(input_ids), **options)
     decoder: Decoder = (
         CompiledDecoder(model, cache, n_loops, T0, attention_mask) if compile
         else EagerDecoder(model, cache, n_loops, T0, cache.max_len, mask, **options))

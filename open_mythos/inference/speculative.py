@@ -30,7 +30,7 @@ import torch
 from ..config import check_loops, whole_number
 from ..layers.recurrence import ExitRule, as_exit_rule
 from .cache import KVCache
-from .generation import _check_decode_args, _check_stream_args, _inference
+from .generation import _check_decode_args, _check_stream_args, _inference, last_positions
 from .sampling import SamplingParams, filter_logits
 
 if TYPE_CHECKING:
@@ -214,9 +214,13 @@ class _Speculator:
         self.pos = T0  # positions cached at full depth
 
     def _forward(self, ids: torch.Tensor, start: int, n_loops: int,
-                 exit_rule: ExitRule | None = None, lens: str = "coda") -> torch.Tensor:
+                 exit_rule: ExitRule | None = None, lens: str = "coda",
+                 last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, V) at the last position with ``last_only``."""
         mask = None if self.mask is None else self.mask[:, : start + ids.shape[1]]
         options: dict[str, Any] = {} if exit_rule is None else {"exit_rule": exit_rule}
+        if last_only:
+            options["logits_at"] = last_positions(ids)
         if lens != "coda":
             # The Coda's cache entries of the drafts stay unwritten; the verification
             # (at ``start`` = the first draft's position - 1) writes them.
@@ -235,7 +239,7 @@ class _Speculator:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
     def prefill(self) -> list[torch.Tensor]:
-        logits = self._forward(self.input_ids, 0, self.n_loops)[:, -1]
+        logits = self._forward(self.input_ids, 0, self.n_loops, last_only=True)
         self.next = self._pick(logits)  # the token at position self.pos, not yet cached
         return [self.next]
 

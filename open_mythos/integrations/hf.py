@@ -377,10 +377,21 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             if bool(mask.all()):
                 mask = None  # no padding: the plain causal path (same as inference.generate)
 
+        # The last k positions' logits only (generate's prefill asks for 1): the last Coda
+        # block then runs there alone. Hidden states and the loss need every position.
+        B = input_ids.shape[0]
+        last_k = (isinstance(logits_to_keep, int) and 0 < logits_to_keep < T
+                  and labels is None and not output_hidden_states)
+        at = None
+        if last_k:
+            cols = torch.arange(T - logits_to_keep, T, device=input_ids.device)
+            at = (torch.arange(B, device=input_ids.device).view(B, 1) * T + cols).flatten()
         hidden = self.model.hidden_states(
             input_ids, n_loops, cache.store if cache is not None else None, start,
             attention_mask=mask, act_early_exit=act_early_exit,
-            exit_rule=exit_rule)  # (B, T, dim)
+            exit_rule=exit_rule, logits_at=at)  # (B, T, dim), or (B * k, dim) with at
+        if last_k:
+            hidden = hidden.view(B, logits_to_keep, -1)
         if cache is not None:
             cache.seq_len = start + T
 
@@ -396,6 +407,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                                    reduction="mean" if items is None else "sum")
             if items is not None:
                 loss = loss / (items.to(loss.device) if torch.is_tensor(items) else items)
+        elif last_k:
+            logits = self.model.head(hidden)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.model.head(hidden[:, keep])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..inference.cache import KVCache
+from ..inference.generation import last_positions
 from ..layers.recurrence import ExitRule
 from ..model import CausalLM
 
@@ -80,11 +81,15 @@ class Prefill:
     def run(self, chunk: int) -> int:
         """Prefill up to ``chunk`` more prompt tokens; returns how many."""
         end = min(self.length, self.done + chunk)
-        logits = self.model(self.ids[:, self.done:end], self.n_loops, self.cache, self.done,
-                            act_early_exit=True, exit_rule=self.exit_rule)[0]  # (c, V)
+        ids = self.ids[:, self.done:end]
+        # Without prompt logprobs only the last position's logits are read: the head and
+        # the last Coda block then run there alone.
+        at = None if self.keep_logits else last_positions(ids)
+        logits = self.model(ids, self.n_loops, self.cache, self.done, act_early_exit=True,
+                            exit_rule=self.exit_rule, logits_at=at)  # (1, c, V) or (1, V)
         if self.keep_logits:
-            self.logits.append(logits.float())
-        self.last = logits[-1]
+            self.logits.append(logits[0].float())
+        self.last = logits[0, -1] if self.keep_logits else logits[0]
         ran, self.done = end - self.done, end
         return ran
 
@@ -108,8 +113,10 @@ def prefill_together(model: CausalLM, prefills: list[Prefill]) -> None:
         ids[r, width - p.length:] = p.ids[0]
         mask[r, width - p.length:] = 1
     cache = KVCache(width)
+    keep = any(p.keep_logits for p in prefills)
     logits = model(ids, first.n_loops, cache, 0, attention_mask=mask, act_early_exit=True,
-                   exit_rule=first.exit_rule)  # (B, width, V)
+                   exit_rule=first.exit_rule,
+                   logits_at=None if keep else last_positions(ids))  # (B, width, V) or (B, V)
     keys = model.cache_keys(first.n_loops)
     fill_depths(cache, keys, width)
     for r, p in enumerate(prefills):
@@ -118,10 +125,14 @@ def prefill_together(model: CausalLM, prefills: list[Prefill]) -> None:
             p.cache.buffers()[key] = {n: b[r:r + 1][..., start:, :].clone()
                                       for n, b in cache.buffers()[key].items()}
         p.cache.mark_filled(keys, p.length)
-        row = logits[r, start:]  # (length, V)
-        if p.keep_logits:
-            p.logits = [row.float()]
-        p.last, p.done = row[-1], p.length
+        if keep:
+            row = logits[r, start:]  # (length, V)
+            if p.keep_logits:
+                p.logits = [row.float()]
+            p.last = row[-1]
+        else:
+            p.last = logits[r]
+        p.done = p.length
 
 
 class DecodeBatch:

@@ -13,7 +13,10 @@ def test_greedy_and_top_k_1_equal_argmax_of_full_forwards(attn_type):
         nxt = model(seq, n_loops=5, act_early_exit=False)[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
     assert torch.equal(model.generate(ids, max_new_tokens=6, n_loops=5, top_k=1), seq)
+    seen = []  # the prefill reads the last position only: the Coda's last FFN runs there
+    model.coda[-1].ffn.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
     assert torch.equal(generate(model, ids, 6, 5, do_sample=False), seq)
+    assert seen[0] == (2, 1) and len(seen) == 6
 
 
 def test_sampling_is_reproducible_with_a_generator():

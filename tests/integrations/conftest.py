@@ -182,9 +182,18 @@ class ScriptedModel(OpenMythos):
         self.real_positions = real_positions
         self.calls: list[int | None] = []
 
-    def forward(self, input_ids, n_loops=None, kv_cache=None, start_pos=0, **kwargs):
+    def forward(self, input_ids, n_loops=None, kv_cache=None, start_pos=0, logits_at=None,
+                **kwargs):
         self.calls.append(n_loops)
         logits = super().forward(input_ids, n_loops, kv_cache, start_pos, **kwargs)
+        scripted = self._scripted(logits, input_ids, start_pos, kwargs)
+        if logits_at is None:
+            return scripted
+        # The script's logits at every position (computed above), then the selected ones.
+        return self._at(scripted, self._positions(logits_at, input_ids.shape, scripted.device))
+
+    def _scripted(self, logits, input_ids, start_pos, kwargs):
+        """``logits`` (B, T, V) with the script's next token at each position raised."""
         B, T = input_ids.shape
         positions = torch.arange(start_pos, start_pos + T).expand(B, T)
         mask = kwargs.get("attention_mask")

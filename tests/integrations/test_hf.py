@@ -133,6 +133,17 @@ def test_cache_forward_matches_full_forward_and_returns_our_cache():
     rest.past_key_values.crop(8)
     assert rest.past_key_values.get_seq_length() == 8
     assert hf(ids, n_loops=4, logits_to_keep=1).logits.shape == (2, 1, BYTE_VOCAB)
+    # The last k positions (the Coda's last block runs there only), with a cache and
+    # left padding too: the full forward's logits at those positions.
+    for k in (1, 3):
+        torch.testing.assert_close(hf(ids, n_loops=4, logits_to_keep=k).logits, full[:, -k:])
+    cached = hf(ids[:, :6], n_loops=4, use_cache=True).past_key_values
+    torch.testing.assert_close(hf(ids[:, 6:], past_key_values=cached, n_loops=4,
+                                  logits_to_keep=2).logits, full[:, -2:])
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    torch.testing.assert_close(hf(ids, attention_mask=mask, n_loops=4, logits_to_keep=2).logits,
+                               hf(ids, attention_mask=mask, n_loops=4).logits[:, -2:])
 
 
 def test_a_cache_passed_in_is_returned_updated_without_use_cache():
