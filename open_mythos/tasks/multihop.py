@@ -39,6 +39,10 @@ class MultiHop(Task):
     digits the longer its chain (about ``1 + (statements - hops) / 2``), so a long chain
     can be answered by elimination, without following it; with it, guessing a digit from
     the prompt is right ``1 / digits`` of the time at every chain length.
+
+    ``separator`` (default ``";"``): the string between assignments. ``""`` writes them
+    back to back (``"c=7a=bd=cb=c?a"``): every assignment is still exactly ``x=y``, so the
+    ``=`` marks both sides, and a prompt of ``N`` assignments is ``N - 1`` tokens shorter.
     """
 
     name = "multihop"
@@ -51,6 +55,7 @@ class MultiHop(Task):
         distractors: tuple[int, int] = (1, 4),
         statements: int | None = None,
         digits: int | None = None,
+        separator: str = ";",
     ) -> None:
         hops = check_range("hops", hops)
         ood = check_range("ood_hops", ood_hops)
@@ -69,6 +74,9 @@ class MultiHop(Task):
                 f"ood_hops[1] + distractors[1] must be <= {len(VARIABLES)} variables, "
                 f"got {ood[1]} + {self.distractors[1]}"
             )
+        if not isinstance(separator, str) or separator not in ("", ";"):
+            raise ValueError(f"separator must be ';' or '' (no separator), got {separator!r}")
+        self.separator = separator
         self.digits = digits
         if digits is not None:
             if statements is None:
@@ -108,7 +116,7 @@ class MultiHop(Task):
             statements.append(f"{var}={target}")
             created.append(var)
         rng.shuffle(statements)
-        return Example(";".join(statements) + "?" + chain[0], answer)
+        return Example(self.separator.join(statements) + "?" + chain[0], answer)
 
     def trace(self, prompt: str) -> list[str]:
         """The values visited from the query to a digit, one per hop, e.g. ``["b", "c",
@@ -117,7 +125,14 @@ class MultiHop(Task):
         if not mark or len(query) != 1 or query not in VARIABLES:
             raise ValueError(f"multihop prompt must end with '?<variable>', got {prompt!r}")
         table: dict[str, str] = {}
-        for stmt in body.split(";"):
+        if self.separator:
+            stmts = body.split(self.separator)
+        else:  # back to back: every assignment is 3 characters
+            if len(body) % 3:
+                raise ValueError(f"assignments without a separator must be 3 characters each, "
+                                 f"got {prompt!r}")
+            stmts = [body[i:i + 3] for i in range(0, len(body), 3)]
+        for stmt in stmts:
             lhs, eq, rhs = stmt.partition("=")
             if (
                 not eq
@@ -148,4 +163,4 @@ class MultiHop(Task):
 
     def max_len_at(self, level: int) -> int:
         statements = level + self.distractors[1] if self.statements is None else self.statements
-        return 2 + (4 * statements - 1 + 2) + 1
+        return 2 + ((3 + len(self.separator)) * statements - len(self.separator) + 2) + 1

@@ -50,6 +50,7 @@ VARIANTS: dict[str, Task] = {
     "multihop_no_distractors": MultiHop(distractors=(0, 0)),
     "multihop_fixed_length": MultiHop(ood_hops=(4, 6), statements=8),
     "multihop_fixed_digits": MultiHop(ood_hops=(4, 6), statements=10, digits=3),
+    "multihop_no_separator": MultiHop(ood_hops=(4, 6), statements=8, separator=""),
     "phop": PHop(),
     "phop_2": PHop(nodes=2),
 }
@@ -170,6 +171,8 @@ def test_generation_leaves_global_random_state_alone(task: Task) -> None:
         (MultiHop(), "c=7;a=b;d=c;b=c?a", "7", 3),
         (MultiHop(), "a=7?a", "7", 1),
         (MultiHop(), "x=1;a=x;y=a;z=3?y", "1", 3),
+        (MultiHop(separator=""), "c=7a=bd=cb=c?a", "7", 3),
+        (MultiHop(separator=""), "a=7?a", "7", 1),
         (PHop(nodes=3), "a=c;b=a;c=b?a2", "b", 2),
         (PHop(nodes=3), "a=c;b=a;c=b?a3", "a", 3),
         (PHop(nodes=3), "c=b;a=c;b=a?b10", "a", 10),
@@ -199,6 +202,10 @@ def test_hand_written_examples(task: Task, prompt: str, answer: str, level: int)
         (MultiHop(), "a=b;b=a?a"),
         (MultiHop(), "a=b?a"),
         (MultiHop(), "a=%?a"),
+        (MultiHop(separator=""), "c=7a=b;d=c?a"),  # a separator where there is none
+        (MultiHop(separator=""), "c=7a=bd=c?"),
+        (MultiHop(separator=""), "c=7a=bd=?a"),  # not 3 characters each
+        (MultiHop(), "c=7a=b?a"),  # no separator where there is one
         (PHop(nodes=3), "a=c;b=a;c=b"),  # no query
         (PHop(nodes=3), "a=c;b=a;c=b?a"),  # no hop count
         (PHop(nodes=3), "a=c;b=a;c=b?2"),  # no start node
@@ -269,6 +276,22 @@ def test_multihop_assigns_each_variable_once_and_is_acyclic(task: MultiHop) -> N
             assert query in lhs
             for var in lhs:  # every variable, not just the query, resolves to a digit
                 task.solve(f"{body}?{var}")
+
+
+def test_multihop_without_a_separator_writes_the_same_chains_shorter() -> None:
+    """``separator=""`` makes the same examples (same seed) with the ``;`` removed: every
+    prompt of 8 assignments is 7 characters shorter, and the levels and answers agree."""
+    plain = MultiHop(hops=(1, 3), ood_hops=(4, 6), statements=8)
+    packed = MultiHop(hops=(1, 3), ood_hops=(4, 6), statements=8, separator="")
+    for split in plain.splits:
+        for a, b in zip(_samples(plain, split), _samples(packed, split), strict=True):
+            assert b.prompt == a.prompt.replace(";", "") and b.answer == a.answer
+            assert packed.trace(b.prompt) == plain.trace(a.prompt)
+            assert len(b.prompt) == 26 and packed.level_of(b.prompt) == plain.level_of(a.prompt)
+    assert packed.max_len("ood_hops") == plain.max_len("ood_hops") - 7 == 29
+    for bad in (",", None, 1):
+        with pytest.raises(ValueError, match="separator"):
+            MultiHop(separator=bad)
 
 
 def test_multihop_statements_fixes_the_prompt_length() -> None:
