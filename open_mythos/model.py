@@ -299,14 +299,21 @@ class CausalLM(nn.Module):
     def decode(self, x: torch.Tensor, ctx: AttnContext, at: torch.Tensor | None = None
                ) -> torch.Tensor:
         """Coda and final norm: (B, T, dim) -> normalised (B, T, dim); with ``at`` (N,) flat
-        positions (:meth:`_positions`), (N, dim) at those positions only: the last Coda block
-        then runs its queries and FFN there alone (its keys and values, and every other
-        block, still cover every position)."""
+        positions (:meth:`_positions`), (N, dim) at those positions only: for a few positions
+        per row (on average at most 8, and a quarter of the row) the last Coda block runs its
+        queries and FFN there alone (its keys and values, and every other block, still cover every
+        position)."""
+        B, T = x.shape[:2]
+        # Each selected position attends over a copy of its row's keys (N * S of them), so
+        # the trimmed block pays only for a few positions per row (measured on CPU, the
+        # block alone: 2.5x faster at 2 of 32 positions per row, even at 8 of 32, 1.6x
+        # slower at 16 of 32; 2.7x faster at 8 of 256, 4x slower at 64 of 256).
+        trim = at is not None and at.numel() <= B * min(8, max(1, T // 4))
         last = len(self.coda) - 1
         for i, layer in enumerate(self.coda):
-            x = layer(x, ctx, f"coda_{i}", query_at=at if i == last else None)
+            x = layer(x, ctx, f"coda_{i}", query_at=at if trim and i == last else None)
         if at is not None:
-            x = x.squeeze(1) if self.coda else self._at(x, at)
+            x = x.squeeze(1) if trim and self.coda else self._at(x, at)
         return self.norm(x)
 
     def readout(
@@ -347,9 +354,9 @@ class CausalLM(nn.Module):
         if lens not in READOUT_LENSES:
             raise ValueError(f"lens={lens!r} is not one of {', '.join(READOUT_LENSES)}")
         ctx = self._context(input_ids, 0, None, attention_mask)
+        at = self._positions(logits_at, input_ids.shape, ctx.cos.device)
         x = self.encode(input_ids, ctx)
         out, states = self.core_states(x, ctx, n_loops, False, backprop_loops, keep=set(depths))
-        at = self._positions(logits_at, input_ids.shape, x.device)
         logits = self.head(self.decode(out, ctx, at))
         if lens == "coda":
             depth_logits = {d: logits if states[d] is out

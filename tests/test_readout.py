@@ -198,3 +198,21 @@ def test_the_last_coda_block_runs_only_at_the_logits_at_positions(attn, absorb, 
         torch.testing.assert_close(
             model(ids[:, 5:], n_loops=2, kv_cache=cache, start_pos=5, logits_at=at),
             whole[at], rtol=1e-10, atol=1e-10)
+
+
+def test_logits_at_with_no_or_many_positions():
+    """No position selected gives (0, vocab) (GQA's grouped one-query path included); more
+    than a few positions per row run the last Coda block whole (cheaper then: each query
+    would copy its row's keys), with the same logits."""
+    torch.manual_seed(4)
+    model = OpenMythos(tiny_config("gqa", use_act=False, n_kv_heads=2)).eval()
+    ids = _ids(model.cfg, B=2, T=16)
+    seen = []
+    model.coda[-1].ffn.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
+    with torch.no_grad():
+        full = model(ids, n_loops=2)
+        assert model(ids, n_loops=2, logits_at=torch.zeros(0, dtype=torch.long)).shape == (0, 97)
+        many = torch.arange(0, 32, 2)  # 8 of 16 positions per row: more than a quarter
+        torch.testing.assert_close(model(ids, n_loops=2, logits_at=many),
+                                   full.flatten(0, 1)[many], rtol=1e-6, atol=1e-6)
+    assert seen[-1] == (2, 16) and seen[-2] == (0, 1)

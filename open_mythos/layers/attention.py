@@ -126,13 +126,11 @@ class QueryRows:
     Built by :func:`query_rows` from flat indices into the ``B * T`` positions of a chunk.
 
     Attributes:
-        index: (N,) long, the flat positions (for gathering the layer input).
         batch: (N,) long, each query's batch row (for gathering keys and values).
         cos, sin: (N, 1, r/2) RoPE tables at the queries' positions (per-sequence form).
         mask: (N, 1, 1, S) bool, the keys each query may attend to.
     """
 
-    index: torch.Tensor
     batch: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
@@ -157,7 +155,7 @@ def query_rows(ctx: AttnContext, index: torch.Tensor, T: int, S: int) -> QueryRo
         mask = torch.arange(S, device=index.device).view(1, S) <= (pos + (S - T)).view(-1, 1)
     else:
         mask = torch.ones(index.numel(), S, dtype=torch.bool, device=index.device)
-    return QueryRows(index, batch, cos.unsqueeze(1), sin.unsqueeze(1), mask.view(-1, 1, 1, S))
+    return QueryRows(batch, cos.unsqueeze(1), sin.unsqueeze(1), mask.view(-1, 1, 1, S))
 
 
 def at_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -220,8 +218,9 @@ class GQAttention(nn.Module):
             # group as the query axis ((B, Hkv, G, hd) against (B, Hkv, S, hd)) instead of
             # letting SDPA repeat the cached keys G times. NOTE: reshape, not view: CUDA's
             # kernels return the output in (B, G, Hkv, hd) memory order.
+            group = self.n_heads // self.n_kv_heads  # not -1: B may be 0 (no query selected)
             out = F.scaled_dot_product_attention(
-                q.reshape(B, self.n_kv_heads, -1, self.head_dim), keys, values,
+                q.reshape(B, self.n_kv_heads, group, self.head_dim), keys, values,
                 attn_mask=mask, dropout_p=dropout_p).reshape(B, self.n_heads, 1, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(

@@ -135,8 +135,13 @@ def test_cache_forward_matches_full_forward_and_returns_our_cache():
     assert hf(ids, n_loops=4, logits_to_keep=1).logits.shape == (2, 1, BYTE_VOCAB)
     # The last k positions (the Coda's last block runs there only), with a cache and
     # left padding too: the full forward's logits at those positions.
+    seen = []
+    hook = model.coda[-1].ffn.register_forward_hook(
+        lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
     for k in (1, 3):
         torch.testing.assert_close(hf(ids, n_loops=4, logits_to_keep=k).logits, full[:, -k:])
+    hook.remove()
+    assert seen == [(2, 1), (2, 10)]  # k = 1: the last Coda block at one position per row
     cached = hf(ids[:, :6], n_loops=4, use_cache=True).past_key_values
     torch.testing.assert_close(hf(ids[:, 6:], past_key_values=cached, n_loops=4,
                                   logits_to_keep=2).logits, full[:, -2:])
