@@ -147,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
+    trainer = None
     try:
         cfg = config_from_args(args, report=True)
-        state = Trainer(cfg, resume=args.resume).train()
+        trainer = Trainer(cfg, resume=args.resume)
+        state = trainer.train()
     except ConfigError as err:
         _error(f"openmythos train: error: {err}")
         return 2
@@ -162,6 +164,15 @@ def run(args: argparse.Namespace) -> int:
         by = "" if stop.signum == signal.SIGINT else f" by {signal.Signals(stop.signum).name}"
         _error(f"openmythos train: interrupted{by} after step {stop.step}, {saved}")
         return 128 + stop.signum  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
+    except KeyboardInterrupt:  # a second Ctrl-C: the step in progress stopped at once
+        if trainer is None or not trainer.state.step and trainer.last_checkpoint is None:
+            raise  # before training started: the command's one "interrupted" line
+        last = trainer.last_checkpoint
+        saved = (f"the newest checkpoint is {last}; continue from it with --resume" if last
+                 else "nothing was saved")
+        _error(f"openmythos train: stopped at once by a second Ctrl-C after step "
+               f"{trainer.state.step}; {saved}")
+        return 130
     except OSError as err:  # RunDirError names the path; a bare OSError its filename
         _error(f"openmythos train: error: {err}")
         return 3

@@ -531,6 +531,31 @@ def test_ctrl_c_saves_the_step_in_progress_and_resume_loses_nothing(tmp_path, mo
     assert [r["loss"] for r in cut] == [r["loss"] for r in whole]
 
 
+@pytest.mark.parametrize("save_every", [0, 2])
+def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path, monkeypatch, capsys,
+                                                               save_every):
+    """The second Ctrl-C (while the first waits for the step to end) stops at once, as
+    before; the command now says after which step and which checkpoint is left, not only
+    'interrupted'."""
+    real = trainer_mod.compute_loss
+    calls = {"n": 0}
+
+    def two_in_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "compute_loss", two_in_step_5)
+    assert train_cli(tmp_path / "r", "--steps", "8", "--save-every", str(save_every)) == 130
+    err = capsys.readouterr().err
+    saved = (r"the newest checkpoint is .*step_00000004; continue from it with --resume"
+             if save_every else "nothing was saved")
+    assert re.search(rf"stopped at once by a second Ctrl-C after step 4; {saved}", err), err
+    assert "Traceback" not in err and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_resuming_with_fewer_total_steps_than_done_is_an_error(tmp_path, capsys):
     """It printed 'done' and rewrote config.toml with the smaller count."""
     assert train_cli(tmp_path / "r", "--steps", "4", "--save-every", "2") == 0
