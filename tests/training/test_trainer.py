@@ -263,6 +263,18 @@ def test_whole_model_compiled_run_matches_plain_training(tmp_path, aot_eager_com
     assert not any("_orig_mod" in k for k in trainer.core.state_dict())
 
 
+def test_whole_model_compiled_task_run_matches_plain_training(tmp_path, aot_eager_compiles):
+    """A task batch supervises 2 of 36 positions: the compiled whole-model step selects
+    them (the head and the last Coda block run there only) and trains as eager does."""
+    kw = dict(run__steps=3, data__task="multihop", data__seq_len=36,
+              data__task_args={"statements": 8, "ood_hops": [4, 6]},
+              optim__loop_loss_weight=1.0, optim__loop_targets=True, optim__loop_readout="head")
+    Trainer(tiny_config(tmp_path / "a", **kw)).train()
+    Trainer(tiny_config(tmp_path / "b", run__compile="model", **kw)).train()
+    assert [getattr(fn, "__name__", "") for fn in aot_eager_compiles] == ["_call_impl"]
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-5)
+
+
 def test_whole_model_compile_with_changing_loop_counts_matches_eager(tmp_path,
                                                                      aot_eager_compiles):
     """Loop counts drawn per step and progressive splits (``n`` loops without gradient,
