@@ -36,6 +36,24 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
     return statistics.median(times)
 
 
+def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, their calls interleaved so that drift in the
+    machine's speed falls on all of them alike (queued GPU work is waited for)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5,
                 device: torch.device | str = "cpu") -> float:
     """Achieved FLOP/s of one large square matmul in ``dtype``, computed the way ``nn.Linear``

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, print_table  # noqa: E402
+from common import alternating_medians, median_time, print_table  # noqa: E402
 from reference_style import ReferenceStyleLM  # noqa: E402
 from reference_style import greedy_stream as reference_stream  # noqa: E402
 
@@ -279,7 +279,39 @@ def act_rows(n_loops: int, steps: int, repeats: int) -> tuple[list[list[object]]
     return rows, note
 
 
-SECTIONS = ("kv", "moe", "decode", "session", "act")
+SECTIONS = ("kv", "moe", "prefill", "decode", "session", "act")
+
+
+def _prefill(model: OpenMythos, ids: torch.Tensor, n_loops: int, last_only: bool) -> torch.Tensor:
+    """One prompt's forward into a fresh cache; the last position's logits, (B, V), computed
+    at every position or (``last_only``) at the last alone."""
+    from open_mythos.inference.generation import last_positions
+
+    at = last_positions(ids) if last_only else None
+    out = model(ids, n_loops, KVCache(ids.shape[1]), 0, logits_at=at)
+    return out if last_only else out[:, -1]
+
+
+def prefill_rows(prompt_lens: list[int], vocabs: tuple[int, ...], n_loops: int,
+                 repeats: int) -> list[list[object]]:
+    """A prompt's forward into a fresh cache with the logits of every position (what a
+    prefill computed before 2026-12-05) against the last position's only (``logits_at``:
+    the head and the last Coda block run there alone, what ``generate`` and the server do
+    now), same model and prompt, their calls interleaved; and whether the last logits agree."""
+    rows = []
+    for vocab in vocabs:
+        torch.manual_seed(0)
+        model = OpenMythos(small_config("gqa", vocab_size=vocab)).eval()
+        for T in prompt_lens:
+            ids = torch.randint(0, vocab, (1, T))
+            run = {name: partial(_prefill, model, ids, n_loops, name == "last")
+                   for name in ("every", "last")}
+            with torch.no_grad():
+                same = torch.allclose(run["last"](), run["every"](), rtol=1e-4, atol=1e-4)
+                times = alternating_medians(run, repeats=repeats)
+            rows.append([vocab, T, f"{1e3 * times['every']:.1f}", f"{1e3 * times['last']:.1f}",
+                         f"{times['every'] / times['last']:.2f}x", "yes" if same else "NO"])
+    return rows
 
 
 def session_rows(attn: str, prompt_len: int, new: int, n_loops: int, after_s: float,
@@ -422,6 +454,14 @@ def main(argv: list[str] | None = None) -> None:
                      "sorted ms", "gather speed-up", "taken"],
                     moe_dispatch_rows((1, 4, 16) if args.quick else (1, 2, 4, 8, 16, 32),
                                       repeats))
+
+    if "prefill" in sections:
+        print("\n## Prefill of one prompt (small GQA, untrained, 4 loops, batch 1): the logits "
+              "of every position against the last position's only, median ms\n")
+        print_table(["vocab", "prompt", "every position ms", "last position ms", "speed-up",
+                     "same last logits"],
+                    prefill_rows(prompt_lens, (1000,) if args.quick else (1000, 32000), 4,
+                                 repeats))
 
     headers = ["model", "prompt", "prefill tok/s", "naive prefill tok/s", "naive decode tok/s",
                "eager decode tok/s", "compiled decode tok/s", "eager speed-up",

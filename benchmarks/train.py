@@ -93,7 +93,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import count_flops, matmul_peak, median_time, print_table, sync  # noqa: E402
+from common import (  # noqa: E402
+    alternating_medians,
+    count_flops,
+    matmul_peak,
+    median_time,
+    print_table,
+    sync,
+)
 from reference_style import ReferenceStyleLM  # noqa: E402
 
 from open_mythos import MythosConfig, OpenMythos  # noqa: E402
@@ -266,24 +273,6 @@ def compiled(model: nn.Module) -> nn.Module:
     torch._dynamo.reset()
     compile_blocks(model)
     return model
-
-
-def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, their calls interleaved so that drift in the
-    machine's speed falls on all of them alike (queued GPU work is waited for)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def first_call_seconds(fn: Callable[[], object]) -> float:

@@ -1,4 +1,6 @@
-"""``benchmarks/inference.py --only moe``: both MoE dispatches timed, the one taken named."""
+"""``benchmarks/inference.py``: the MoE dispatch section (both dispatches timed, the one
+taken named), the prefill section (logits of every position against the last one's) and
+the session section."""
 
 from __future__ import annotations
 
@@ -9,12 +11,30 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
 
 
-def test_moe_dispatch_section(capsys, monkeypatch):
+def load_bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("inference_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_prefill_section_times_both_prefills_and_checks_the_logits(capsys, monkeypatch):
+    bench = load_bench(monkeypatch)
+    bench.main(["--only", "prefill", "--quick", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.split("## Prefill")[1].splitlines()
+            if line.strip().startswith("1000 ")]
+    assert [r[1] for r in rows] == ["64", "512"] and all(r[-1] == "yes" for r in rows)
+    for r in rows:  # the speed-up column is its row's ratio
+        every, last, speedup = float(r[2]), float(r[3]), float(r[4].rstrip("x"))
+        assert abs(speedup - every / last) <= 0.005 + speedup * (0.05 / every + 0.05 / last)
+    assert "## Greedy decode" not in out
+
+
+def test_moe_dispatch_section(capsys, monkeypatch):
+    bench = load_bench(monkeypatch)
     # A small layer (gathered for a few tokens) and a large one (sorted from one token).
     monkeypatch.setattr(bench, "MOE_SHAPES", ((64, 32, 4, 2), (1024, 512, 64, 4)))
     bench.main(["--only", "moe", "--quick", "--repeats", "2", "--threads", "1"])
@@ -42,11 +62,7 @@ def test_session_section_goes_eager_compiling_compiled(monkeypatch):
     import open_mythos.inference.autocompile as autocompile
     import open_mythos.inference.static as static
 
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("inference_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
+    bench = load_bench(monkeypatch)
     small = bench.small_config
     monkeypatch.setattr(bench, "small_config", lambda attn: small(
         attn, dim=32, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=96, expert_dim=16,
