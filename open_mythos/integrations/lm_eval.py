@@ -184,12 +184,14 @@ class OpenMythosLM(TemplateLM):
     # Scoring -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
-        """Logits (B, width, V) of right-padded ``rows``, on the model's device."""
+    def _logits(self, rows: list[list[int]], at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, width, V) of right-padded ``rows``, on the model's device; with ``at``
+        (flat positions into B * width) only there, (N, V): the head (and, for a few
+        positions per row, the last Coda block) then skips the rest."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids, _ = pad_rows(rows, pad, side="right")
         return self.model(ids.to(self.device), n_loops=self.n_loops,
-                          act_early_exit=self.act_early_exit)
+                          act_early_exit=self.act_early_exit, logits_at=at)
 
     def _loglikelihood_tokens(
         self,
@@ -211,15 +213,25 @@ class OpenMythosLM(TemplateLM):
                           desc="openmythos loglikelihood"):
             chunk = order[start: start + bs]
             inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chunk]
-            logits = self._logits(inputs)
+            # Logits only where a continuation token is predicted: (sum of len(cont), V).
+            width, index = max(len(inp) for inp in inputs), []
             for row, (i, inp) in enumerate(zip(chunk, inputs)):
+                first = len(inp) - len(requests[i][2])
+                if first < 0:
+                    raise ValueError("a continuation needs at least one context token before it "
+                                     "(the harness gives an empty context the prefix token)")
+                index.extend(range(row * width + first, row * width + len(inp)))
+            logits = self._logits(inputs, torch.tensor(index, dtype=torch.long))
+            offset = 0
+            for i in chunk:
                 key, _, cont = requests[i]
                 if not cont:
                     results[i] = (0.0, True)
                     continue
                 target = torch.tensor(cont, dtype=torch.long, device=logits.device)
-                # Only the continuation's rows, in float32: (len(cont), V).
-                lp = torch.log_softmax(logits[row, len(inp) - len(cont): len(inp)].float(), -1)
+                # The continuation's rows, in float32: (len(cont), V).
+                lp = torch.log_softmax(logits[offset: offset + len(cont)].float(), -1)
+                offset += len(cont)
                 score = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool((lp.argmax(-1) == target).all())
                 results[i] = (score, greedy)
