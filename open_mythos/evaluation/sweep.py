@@ -284,11 +284,16 @@ def _teacher_forced(
     model: nn.Module, batch: Mapping[str, torch.Tensor], n_loops: int, early_exit: bool,
     exit_rule: ExitRule | None = None,
 ) -> _TeacherForced:
+    from ..training.losses import supervised_rows  # the package imports training lazily
+
     device = _device(model)
+    # Logits at the answer tokens only (the head and the last Coda block skip the prompt).
+    rows = supervised_rows(batch["targets"])
     ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
-    logits = model(ids, n_loops, act_early_exit=early_exit,
-                   **({} if exit_rule is None else {"exit_rule": exit_rule}))  # (B, L, V)
-    ce = F.cross_entropy(_wide(logits).flatten(0, 1), targets.flatten(),
+    logits = model(ids, n_loops, act_early_exit=early_exit, logits_at=rows,
+                   **({} if exit_rule is None else {"exit_rule": exit_rule}))  # (B, L, V) or (N, V)
+    scored = targets.flatten() if rows is None else targets.flatten()[rows.to(device)]
+    ce = F.cross_entropy(_wide(logits).reshape(-1, logits.shape[-1]), scored,
                          ignore_index=IGNORE_INDEX, reduction="sum")
     real = ids != PAD_ID  # (B, L)
     ponder = halt = torch.full(ids.shape, float(n_loops), device=device)
