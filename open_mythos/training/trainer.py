@@ -696,15 +696,9 @@ class Trainer:
                     self._log(f"step {step}: no checkpoint: the last "
                               f"{self.state.consecutive_bad} steps were skipped")
             if stop and step < cfg.run.steps:  # (after the last step the run is complete)
-                name = signal.Signals(stop).name
                 again = " (Ctrl-C again to stop at once, unsaved)" if stop == signal.SIGINT else ""
-                saved = self._step_saved()
-                if not saved and not self.state.consecutive_bad:
-                    self._log(f"{name}: saving step {step} and stopping{again}")
-                    self.save()
-                    saved = True
-                else:
-                    self._log(f"{name}: stopping after step {step}{again}")
+                self._log(f"{signal.Signals(stop).name}: stopping after step {step}{again}")
+                saved = self._save_unless_saved()
                 raise TrainingInterrupted(step, self.last_checkpoint if saved else None, stop)
 
     def _step_saved(self) -> bool:
@@ -712,14 +706,20 @@ class Trainer:
         return (self.last_checkpoint is not None
                 and self.last_checkpoint.name == f"step_{self.state.step:08d}")
 
+    def _save_unless_saved(self) -> bool:
+        """Save the last completed step unless it is saved or was skipped; whether it is
+        saved now."""
+        if self._step_saved():
+            return True
+        if not self.state.step or self.state.consecutive_bad:
+            return False
+        self.save()
+        return True
+
     def _save_before_stopping(self) -> str:
         """Save the last completed step unless it is saved (or was skipped); say where it is."""
         step = self.state.step
-        done = self._step_saved()
-        if step and not done and not self.state.consecutive_bad:
-            self.save()
-            done = True
-        if done:
+        if self._save_unless_saved():
             return f"the {step} steps done are saved in {self.last_checkpoint}"
         return (f"nothing saved since {self.last_checkpoint}" if self.last_checkpoint
                 else "no step was completed")
