@@ -277,12 +277,13 @@ def _cache_len(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,
     return cache_length(total, model.cfg.max_seq_len) if compile else total
 
 
-def last_positions(input_ids: torch.Tensor) -> torch.Tensor:
-    """The flat index of each row's last position in a (B, T) batch, (B,) long: the
-    ``logits_at`` of a prefill, which needs the next token's logits only (left-padded
-    batches end every row at ``T - 1``)."""
+def last_positions(input_ids: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """The flat indices of each row's last ``k`` positions in a (B, T) batch, (B * k,) long
+    in row-major order: the ``logits_at`` of a prefill, which needs the next token's logits
+    only (left-padded batches end every row at ``T - 1``)."""
     B, T = input_ids.shape
-    return torch.arange(B, device=input_ids.device) * T + (T - 1)
+    cols = torch.arange(T - k, T, device=input_ids.device)
+    return (torch.arange(B, device=input_ids.device).view(B, 1) * T + cols).flatten()
 
 
 def _prefill(model: OpenMythos, input_ids: torch.Tensor, cache: KVCache, n_loops: int,

@@ -64,6 +64,7 @@ from ..config import (
     parse_json_float,
 )
 from ..inference.cache import DictCache
+from ..inference.generation import last_positions
 from ..layers.init import init_module
 from ..layers.recurrence import ExitRule, as_exit_rule
 from ..model import CausalLM
@@ -382,10 +383,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         B = input_ids.shape[0]
         last_k = (isinstance(logits_to_keep, int) and 0 < logits_to_keep < T
                   and labels is None and not output_hidden_states)
-        at = None
-        if last_k:
-            cols = torch.arange(T - logits_to_keep, T, device=input_ids.device)
-            at = (torch.arange(B, device=input_ids.device).view(B, 1) * T + cols).flatten()
+        at = last_positions(input_ids, logits_to_keep) if last_k else None
         hidden = self.model.hidden_states(
             input_ids, n_loops, cache.store if cache is not None else None, start,
             attention_mask=mask, act_early_exit=act_early_exit,
@@ -407,9 +405,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                                    reduction="mean" if items is None else "sum")
             if items is not None:
                 loss = loss / (items.to(loss.device) if torch.is_tensor(items) else items)
-        elif last_k:
-            logits = self.model.head(hidden)
-        else:
+        else:  # (with last_k, hidden holds the last k positions already)
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.model.head(hidden[:, keep])
 
