@@ -59,6 +59,27 @@ def test_sweep_rows_and_accuracy_match_an_independent_check(parity_model):
     assert max(r.accuracy for r in rows) > 0.25
 
 
+def test_sweep_loss_reads_the_answer_positions_only():
+    """On a task whose prompts are long and answers short (multihop: 2 of 36 positions), the
+    teacher-forced loss computes logits (and the last Coda block) at the answer tokens
+    alone, and equals per-example full forwards."""
+    torch.manual_seed(0)
+    model = OpenMythos(task_config(max_seq_len=40)).eval()
+    task = get_task("multihop", hops=(1, 3), ood_hops=(4, 6), statements=8)
+    seen = []
+    model.coda[-1].ffn.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
+    (row,) = sweep(model, task, splits=["id"], loops=[2], n_examples=12, early_exit=[False])
+    assert (24, 1) in seen  # the teacher-forced forward: 12 answers + 12 EOS
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in sample_examples(task, "id", 12):
+            batch = collate([ex])
+            logits = model(batch["input_ids"], 2, act_early_exit=False)
+            total += float(F.cross_entropy(logits[0], batch["targets"][0], reduction="sum"))
+            count += int((batch["targets"] != IGNORE_INDEX).sum())
+    assert row.loss == pytest.approx(total / count, rel=1e-5)
+
+
 def test_sweep_loss_is_answer_token_cross_entropy(parity_model):
     task = small_parity()
     (row,) = sweep(parity_model, task, splits=["id"], loops=[3], n_examples=12,

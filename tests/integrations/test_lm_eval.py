@@ -56,13 +56,16 @@ def test_loglikelihood_matches_direct_computation_at_each_depth():
 def test_greedy_flag_is_true_exactly_for_the_models_own_greedy_continuation():
     model = byte_model("gqa")
     lm = OpenMythosLM(pretrained=model, tokenizer=TOK, n_loops=2)
-    ctx = TOK.encode("Once")
+    ctx = TOK.encode("Once upon a time")
     out = model.generate(torch.tensor([ctx]), max_new_tokens=4, n_loops=2, do_sample=False)
     cont = out[0, len(ctx):].tolist()
     wrong = cont[:-1] + [(cont[-1] + 1) % 256]
+    seen = []  # the last Coda block runs at the 4 continuation positions of each row (of 19)
+    model.coda[-1].ffn.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
     got = lm._loglikelihood_tokens([(None, ctx, cont), (None, ctx, wrong)], disable_tqdm=True)
     assert got[0][1] and not got[1][1]
     assert got[0][0] > got[1][0]
+    assert seen == [(4, 1), (4, 1)]  # one request per forward (batch_size 1)
 
 
 def test_loglikelihood_rolling_sums_every_token_once_with_windows():
