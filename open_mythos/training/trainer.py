@@ -126,6 +126,7 @@ from .sharded import load_sharded_checkpoint, save_sharded_checkpoint
 CONFIG_FILE = "config.toml"
 
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]
+StepHook = Callable[[int, dict[str, Any]], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -267,13 +268,18 @@ class Trainer:
             from step 1.
         loss_hook: ``(step, objective) -> objective`` applied to every micro-batch's loss
             before ``backward``; for fault-injection tests and debugging.
+        on_step: ``(step, metrics) -> None`` called on every rank after every optimizer
+            step, with the step's row of ``metrics.jsonl``, in the training thread: per-step
+            work of the caller that must run there, such as ``torch.set_num_threads``
+            (which applies to the calling thread only).
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool | str | Resume = False,
-                 loss_hook: LossHook | None = None):
+                 loss_hook: LossHook | None = None, on_step: StepHook | None = None):
         self.cfg = cfg
         self.resume = Resume.of(resume)
         self.loss_hook = loss_hook
+        self.on_step = on_step
         self.out = Path(cfg.run.out)
         self.state = TrainState()
         self.lock: RunLock | None = None
@@ -683,6 +689,8 @@ class Trainer:
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 row.update(self.evaluate())
             self._record(row)
+            if self.on_step is not None:
+                self.on_step(step, row)
             self._check_health(row)
             stop = self._stop_agreed()  # read once: a signal may arrive at any bytecode
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:

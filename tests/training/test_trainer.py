@@ -191,6 +191,31 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.core.parameters())
 
 
+def test_on_step_sees_every_step_in_the_training_thread(tmp_path):
+    """``on_step`` gets each step's metrics row after it is written, in the thread that
+    trains: a hook that sets the thread count there changes the next step's."""
+    import threading
+
+    seen = []
+
+    def on_step(step, row):
+        seen.append((step, dict(row), threading.get_ident(), torch.get_num_threads()))
+        if step == 2:
+            torch.set_num_threads(1)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Trainer(tiny_config(tmp_path / "run", run__steps=4), on_step=on_step).train()
+    finally:
+        torch.set_num_threads(before)
+    rows = read_metrics(tmp_path / "run")
+    assert [s for s, *_ in seen] == [1, 2, 3, 4]
+    assert [r for _, r, *_ in seen] == rows
+    assert {t for _, _, t, _ in seen} == {threading.get_ident()}
+    assert [n for *_, n in seen] == [2, 2, 1, 1]
+
+
 def test_too_many_bad_steps_stop_the_run(tmp_path):
     def hook(step, loss):
         return loss + float("inf") if step >= 1 else loss
