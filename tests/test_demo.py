@@ -179,6 +179,75 @@ def test_a_worker_exits_when_its_parent_dies(tmp_path):
     raise AssertionError("the worker outlived its parent")
 
 
+def test_the_model_that_finishes_first_hands_its_core_to_the_other(tmp_path, monkeypatch):
+    """train_both writes the still-training worker's thread file (2) once the other model
+    is done, and removes the files afterwards; the worker's hook takes the count once the
+    file holds one, in the thread it is called from."""
+    import argparse
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import torch
+
+    from open_mythos.commands import demo
+
+    seen = {}
+
+    def fake_worker(args, out, kind, threads, parent=None, more_threads=None):
+        assert threads == 1 and Path(more_threads).parent == tmp_path
+        if kind == "baseline":
+            return 1.0
+        for _ in range(200):  # the looped model trains until its core count grows
+            if Path(more_threads).exists():
+                seen["looped"] = Path(more_threads).read_text()
+                return 2.0
+            time.sleep(0.05)
+        raise AssertionError("the looped model never got the baseline's core")
+
+    monkeypatch.setattr(demo, "_train_worker", fake_worker)
+    args = argparse.Namespace(steps=3, lookup_steps=2)
+    with ThreadPoolExecutor(2) as pool:
+        assert demo.train_both(args, tmp_path, pool) == {"looped": 2.0, "baseline": 1.0}
+    assert seen == {"looped": "2"}
+    assert not list(tmp_path.glob(".*.threads"))
+
+    flag = tmp_path / ".looped.threads"
+    hook = demo._MoreThreads(flag)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        hook(1, {})
+        assert torch.get_num_threads() == 1
+        flag.write_text("")  # created, not yet written: looked at again at the next step
+        hook(2, {})
+        assert torch.get_num_threads() == 1
+        flag.write_text("2")
+        hook(3, {})
+        assert torch.get_num_threads() == 2
+        flag.write_text("1")  # taken once
+        hook(4, {})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_progress_reads_the_last_row_of_a_long_metrics_file(tmp_path):
+    import json
+
+    from open_mythos.commands.demo import _last_step
+
+    metrics = tmp_path / "metrics.jsonl"
+    assert _last_step(metrics) == (0, None)
+    metrics.write_text("".join(json.dumps({"step": i, "loss": i / 10, "pad": "x" * 300}) + "\n"
+                               for i in range(1, 3001)))
+    assert _last_step(metrics) == (3000, 300.0)
+    assert _last_step(metrics, tail=500) == (3000, 300.0)  # the cut first line is skipped
+    with open(metrics, "a") as fh:
+        fh.write('{"step": 3001, "lo')  # a row being written
+    assert _last_step(metrics) == (3000, 300.0)
+
+
 def test_training_summary_says_which_stage_was_learned(tmp_path):
     """The demo says, from each stage's metrics, whether the answer was learned, and what
     to try when the looped model's lookup was not (the chain stage builds on it)."""
