@@ -1,5 +1,7 @@
 """``make demo`` runs end to end (quick mode: seconds, checks the pipeline, not the science)."""
 
+import os
+
 import pytest
 
 from open_mythos.cli import main
@@ -7,7 +9,17 @@ from open_mythos.cli import main
 
 @pytest.mark.slow
 def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    import json
+
+    import torch
+
+    from open_mythos.evaluation import sweep
+    from open_mythos.tasks import get_task
+    from open_mythos.training import load_checkpoint
+
+    threads = torch.get_num_threads()
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--jobs", "2"]) == 0
+    assert torch.get_num_threads() == threads  # the demo's thread settings do not leak
     out = capsys.readouterr().out
     assert "| loops | id | ood_hops |" in out and "| baseline (3 core blocks) |" in out
     assert "Targets:" in out and "in-distribution accuracy at T_train=3" in out
@@ -23,6 +35,14 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     for kind in ("looped", "baseline"):
         for stage in ("lookup", "chain"):
             assert (tmp_path / "demo" / kind / stage / "metrics.jsonl").exists()
+    # The looped model's sweep ran in a worker process: the same rows as one run here.
+    model = load_checkpoint(tmp_path / "demo" / "looped" / "chain")[0].eval()
+    task = get_task("multihop", hops=[1, 3], ood_hops=[4, 6], statements=8)
+    here = sweep(model, task, loops=list(range(1, 13)), n_examples=16, early_exit=(False,))
+    saved = json.loads((tmp_path / "demo" / "sweep.json").read_text())
+    saved = saved["rows"] if isinstance(saved, dict) else saved
+    pooled = {(r["split"], r["n_loops"]): r["accuracy"] for r in saved if r["model"] == "looped"}
+    assert pooled == {(r.split, r.n_loops): r.accuracy for r in here}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -180,10 +200,12 @@ def test_a_worker_exits_when_its_parent_dies(tmp_path):
 
 
 def test_the_model_that_finishes_first_hands_its_core_to_the_other(tmp_path, monkeypatch):
-    """train_both writes the still-training worker's thread file (2) once the other model
-    is done, and removes the files afterwards; the worker's hook takes the count once the
-    file holds one, in the thread it is called from."""
+    """train_both writes the still-training worker's thread file once the other model is
+    done (not before, and not for the one that is done), unless fewer than
+    HANDOVER_MIN_STEPS steps are left, and removes the files afterwards; the worker's hook
+    takes the count once the file holds one."""
     import argparse
+    import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
@@ -192,25 +214,39 @@ def test_the_model_that_finishes_first_hands_its_core_to_the_other(tmp_path, mon
 
     from open_mythos.commands import demo
 
-    seen = {}
+    def run_both(steps):
+        baseline_done = threading.Event()
+        seen = {}
 
-    def fake_worker(args, out, kind, threads, parent=None, more_threads=None):
-        assert threads == 1 and Path(more_threads).parent == tmp_path
-        if kind == "baseline":
-            return 1.0
-        for _ in range(200):  # the looped model trains until its core count grows
-            if Path(more_threads).exists():
-                seen["looped"] = Path(more_threads).read_text()
-                return 2.0
-            time.sleep(0.05)
-        raise AssertionError("the looped model never got the baseline's core")
+        def fake_worker(args, out, kind, threads, parent=None, more_threads=None):
+            flag = Path(more_threads)
+            assert threads == 1 and flag.parent == tmp_path
+            if kind == "baseline":
+                time.sleep(1.0)  # two of the parent's polls with both models training
+                assert not flag.exists() and not (tmp_path / ".looped.threads").exists()
+                baseline_done.set()
+                return 1.0
+            assert baseline_done.wait(10)
+            for _ in range(40):  # the looped model trains on until its core count grows
+                if flag.exists():
+                    break
+                time.sleep(0.05)
+            seen["flag"] = flag.read_text() if flag.exists() else None
+            seen["baseline flag"] = (tmp_path / ".baseline.threads").exists()
+            return 2.0
 
-    monkeypatch.setattr(demo, "_train_worker", fake_worker)
-    args = argparse.Namespace(steps=3, lookup_steps=2)
-    with ThreadPoolExecutor(2) as pool:
-        assert demo.train_both(args, tmp_path, pool) == {"looped": 2.0, "baseline": 1.0}
-    assert seen == {"looped": "2"}
-    assert not list(tmp_path.glob(".*.threads"))
+        monkeypatch.setattr(demo, "_train_worker", fake_worker)
+        with ThreadPoolExecutor(2) as pool:
+            seconds = demo.train_both(argparse.Namespace(steps=steps, lookup_steps=0),
+                                      tmp_path, pool)
+        assert seconds == {"looped": 2.0, "baseline": 1.0}
+        assert not list(tmp_path.glob(".*.threads"))
+        return seen
+
+    threads = str(min(2, os.cpu_count() or 1))
+    assert run_both(demo.HANDOVER_MIN_STEPS) == {"flag": threads, "baseline flag": False}
+    # Too few steps left for the switch (a recompilation) to pay.
+    assert run_both(demo.HANDOVER_MIN_STEPS - 1) == {"flag": None, "baseline flag": False}
 
     flag = tmp_path / ".looped.threads"
     hook = demo._MoreThreads(flag)
@@ -242,7 +278,8 @@ def test_progress_reads_the_last_row_of_a_long_metrics_file(tmp_path):
     metrics.write_text("".join(json.dumps({"step": i, "loss": i / 10, "pad": "x" * 300}) + "\n"
                                for i in range(1, 3001)))
     assert _last_step(metrics) == (3000, 300.0)
-    assert _last_step(metrics, tail=500) == (3000, 300.0)  # the cut first line is skipped
+    assert _last_step(metrics, tail=500) == (3000, 300.0)  # the last row whole, one cut
+    assert _last_step(metrics, tail=300) == (0, None)  # no whole row in the tail
     with open(metrics, "a") as fh:
         fh.write('{"step": 3001, "lo')  # a row being written
     assert _last_step(metrics) == (3000, 300.0)

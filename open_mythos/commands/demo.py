@@ -286,10 +286,13 @@ def _last_step(metrics: Path, tail: int = 8192) -> tuple[int, float | None]:
     twice a second while both cores train."""
     try:
         with open(metrics, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - tail))
+            offset = max(0, fh.seek(0, os.SEEK_END) - tail)
+            fh.seek(offset)
             lines = fh.read().decode("utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return 0, None
+    if offset:
+        lines = lines[1:]  # the tail starts inside a row
     for line in reversed(lines):
         try:
             row = json.loads(line)
@@ -297,6 +300,10 @@ def _last_step(metrics: Path, tail: int = 8192) -> tuple[int, float | None]:
         except (ValueError, KeyError):
             continue
     return 0, None
+
+
+#: Steps the other model must have left for the first to finish to hand it its core.
+HANDOVER_MIN_STEPS = 100
 
 
 @contextlib.contextmanager
@@ -321,7 +328,9 @@ def train_both(args: argparse.Namespace, out: Path, pool: Any = None) -> dict[st
     worker, and this process draws one progress bar per model from their
     ``metrics.jsonl``. The model that finishes first hands its core to the other: the
     other's worker then runs on two threads (1.5x faster steps for the looped model
-    measured on 2 cores).
+    measured on 2 cores), unless fewer than :data:`HANDOVER_MIN_STEPS` steps are left
+    (with compiled training the switch recompiles the blocks once: inductor builds its
+    kernels for a thread count).
     """
     from tqdm.auto import tqdm
 
@@ -332,6 +341,7 @@ def train_both(args: argparse.Namespace, out: Path, pool: Any = None) -> dict[st
             seconds[kind] = _train_worker(args, str(out / kind), kind, 2)
         return seconds
 
+    threads = min(2, os.cpu_count() or 1)  # the demo's budget: both models' threads
     flags = {kind: out / f".{kind}.threads" for kind in KINDS}
     for flag in flags.values():
         flag.unlink(missing_ok=True)
@@ -345,12 +355,15 @@ def train_both(args: argparse.Namespace, out: Path, pool: Any = None) -> dict[st
             time.sleep(0.5)
             for kind, bar in bars.items():
                 step, loss = _progress(out / kind, args)
-                bar.update(step - bar.n)
+                if step > bar.n:  # a poll between a row's bytes finds none: never go back
+                    bar.update(step - bar.n)
                 if loss is not None:
                     bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
             for kind, other in zip(KINDS, reversed(KINDS)):
-                if futures[kind].done() and not futures[other].done() and not flags[other].exists():
-                    flags[other].write_text("2")
+                left = total - bars[other].n
+                if (futures[kind].done() and not futures[other].done()
+                        and left >= HANDOVER_MIN_STEPS and not flags[other].exists()):
+                    flags[other].write_text(str(threads))
         seconds = {k: f.result() for k, f in futures.items()}  # re-raises a worker's error
     finally:
         for flag in flags.values():
@@ -548,7 +561,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..tasks import get_task
-    from ..training import ConfigError, load_checkpoint
 
     try:
         task = get_task("multihop", **json.loads(args.task_args))
@@ -556,7 +568,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"openmythos demo: error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    try:
+        return _run(args, task, start)
+    finally:
+        torch.set_num_threads(threads)  # as the caller had it (run in-process by tests)
+
+
+def _run(args: argparse.Namespace, task: Any, start: float) -> int:
+    """:func:`run` after its checks: train, sweep, report, print."""
+    from ..training import ConfigError, load_checkpoint
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = args.jobs or (2 if (os.cpu_count() or 1) >= 2 else 1)
@@ -627,24 +650,28 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
     loops = list(range(1, 4 * T + 1))
     looped_args = (str(out / "looped" / final), args.task_args, loops, args.n_examples,
                    args.seed)
-    if pool is not None:
-        plain = pool.submit(_sweep_worker, *looped_args)
-        with_rule = pool.submit(_sweep_worker, *looped_args, DEMO_EXIT_RULE_ARGS)
-        torch.set_num_threads(1)  # the workers have a core each
-    base_rows = sweep(models["baseline"], task, n_examples=args.n_examples, early_exit=(False,),
-                      seed=args.seed)
-    rows = (plain.result() if pool is not None
-            else sweep(models["looped"], task, loops=loops, n_examples=args.n_examples,
-                       early_exit=(False,), seed=args.seed))
-    save_rows([*rows, *base_rows], out / "sweep.json")
-    report = write_report(out / "looped" / final, out / "report", rows, base_rows,
-                          model=models["looped"], baseline=models["baseline"], task=task,
-                          train_loops=T, seed=args.seed)
-    table = accuracy_pivot(rows, base_rows)
     rule = ExitRule(**DEMO_EXIT_RULE_ARGS)
-    exit_rows = (with_rule.result() if pool is not None
-                 else sweep(models["looped"], task, loops=loops, n_examples=args.n_examples,
-                            early_exit=(False,), seed=args.seed, exit_rule=rule))
+    threads = torch.get_num_threads()
+    try:
+        if pool is not None:  # the pool's sweeps read the trained looped model's checkpoint
+            plain = pool.submit(_sweep_worker, *looped_args)
+            with_rule = pool.submit(_sweep_worker, *looped_args, DEMO_EXIT_RULE_ARGS)
+            torch.set_num_threads(1)  # the workers have a core each, until their sweeps end
+        base_rows = sweep(models["baseline"], task, n_examples=args.n_examples,
+                          early_exit=(False,), seed=args.seed)
+        rows = (plain.result() if pool is not None
+                else sweep(models["looped"], task, loops=loops, n_examples=args.n_examples,
+                           early_exit=(False,), seed=args.seed))
+        save_rows([*rows, *base_rows], out / "sweep.json")
+        report = write_report(out / "looped" / final, out / "report", rows, base_rows,
+                              model=models["looped"], baseline=models["baseline"], task=task,
+                              train_loops=T, seed=args.seed)
+        exit_rows = (with_rule.result() if pool is not None
+                     else sweep(models["looped"], task, loops=loops, n_examples=args.n_examples,
+                                early_exit=(False,), seed=args.seed, exit_rule=rule))
+    finally:
+        torch.set_num_threads(threads)
+    table = accuracy_pivot(rows, base_rows)
     save_rows(exit_rows, out / "sweep_exit_rule.json")
     exit_table = accuracy_pivot(exit_rows)
     met, targets = check_targets(rows, base_rows, T)

@@ -268,10 +268,11 @@ class Trainer:
             from step 1.
         loss_hook: ``(step, objective) -> objective`` applied to every micro-batch's loss
             before ``backward``; for fault-injection tests and debugging.
-        on_step: ``(step, metrics) -> None`` called on every rank after every optimizer
-            step, with the step's row of ``metrics.jsonl``, in the training thread: per-step
-            work of the caller that must run there, such as ``torch.set_num_threads``
-            (which applies to the calling thread only).
+        on_step: ``(step, metrics) -> None`` called on every rank after every step
+            (skipped ones included) once its row of ``metrics.jsonl`` is written, in the
+            training thread: per-step work of the caller that must run there, such as
+            ``torch.set_num_threads`` (OpenMP thread counts are per thread). An exception
+            from it ends the run like one from training, that step unsaved.
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool | str | Resume = False,

@@ -196,21 +196,24 @@ def test_on_step_sees_every_step_in_the_training_thread(tmp_path):
     trains: a hook that sets the thread count there changes the next step's."""
     import threading
 
-    seen = []
+    seen, written = [], []
 
     def on_step(step, row):
         seen.append((step, dict(row), threading.get_ident(), torch.get_num_threads()))
+        written.append(len(read_metrics(tmp_path / "run")))
         if step == 2:
             torch.set_num_threads(1)
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        Trainer(tiny_config(tmp_path / "run", run__steps=4), on_step=on_step).train()
+        Trainer(tiny_config(tmp_path / "run", run__steps=4, run__eval_every=2),
+                on_step=on_step).train()
     finally:
         torch.set_num_threads(before)
     rows = read_metrics(tmp_path / "run")
-    assert [s for s, *_ in seen] == [1, 2, 3, 4]
+    assert [s for s, *_ in seen] == [1, 2, 3, 4] and written == [1, 2, 3, 4]
+    assert ["val_loss" in r for _, r, *_ in seen] == [False, True, False, True]
     assert [r for _, r, *_ in seen] == rows
     assert {t for _, _, t, _ in seen} == {threading.get_ident()}
     assert [n for *_, n in seen] == [2, 2, 1, 1]
