@@ -202,9 +202,11 @@ def test_a_worker_exits_when_its_parent_dies(tmp_path):
 def test_the_model_that_finishes_first_hands_its_core_to_the_other(tmp_path, monkeypatch):
     """train_both writes the still-training worker's thread file once the other model is
     done (not before, and not for the one that is done), unless fewer than
-    HANDOVER_MIN_STEPS steps are left, and removes the files afterwards; the worker's hook
-    takes the count once the file holds one."""
+    HANDOVER_MIN_STEPS steps are left, and removes the files afterwards (an earlier run's
+    metrics in the same directory do not count as progress); the worker's hook takes the
+    count once the file holds one."""
     import argparse
+    import json
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -236,6 +238,10 @@ def test_the_model_that_finishes_first_hands_its_core_to_the_other(tmp_path, mon
             return 2.0
 
         monkeypatch.setattr(demo, "_train_worker", fake_worker)
+        for kind in demo.KINDS:  # an earlier demo in the same --out, as far as it got
+            (tmp_path / kind / "chain").mkdir(parents=True, exist_ok=True)
+            (tmp_path / kind / "chain" / "metrics.jsonl").write_text(
+                json.dumps({"step": steps, "loss": 1.0}) + "\n")
         with ThreadPoolExecutor(2) as pool:
             seconds = demo.train_both(argparse.Namespace(steps=steps, lookup_steps=0),
                                       tmp_path, pool)

@@ -341,10 +341,14 @@ def train_both(args: argparse.Namespace, out: Path, pool: Any = None) -> dict[st
             seconds[kind] = _train_worker(args, str(out / kind), kind, 2)
         return seconds
 
+    import shutil
+
     threads = min(2, os.cpu_count() or 1)  # the demo's budget: both models' threads
     flags = {kind: out / f".{kind}.threads" for kind in KINDS}
-    for flag in flags.values():
+    for kind, flag in flags.items():
         flag.unlink(missing_ok=True)
+        if (out / kind).exists():  # an earlier demo's metrics would pass for progress
+            shutil.rmtree(out / kind)
     total = args.steps + (args.lookup_steps or 0)
     bars = {k: tqdm(total=total, desc=f"train {k:<8}", unit="step", position=i,
                     dynamic_ncols=True, file=sys.stderr) for i, k in enumerate(KINDS)}
