@@ -1,4 +1,5 @@
-"""Causal self-attention: grouped-query (GQA) and multi-latent (MLA), both on SDPA.
+"""Causal self-attention: grouped-query (GQA) and multi-latent (MLA), both on :func:`attend`
+(SDPA, or explicit matmuls for short sequences on the CPU).
 
 Both modules take an :class:`AttnContext` built once per model forward (RoPE tables, mask,
 cache) and an optional :class:`DepthCarry` used by the recurrent block: a position that has
@@ -117,6 +118,93 @@ def _remember(
     return new
 
 
+#: On the CPU, attention over at most this many keys per query runs as explicit matmuls
+#: and a softmax (:func:`attend`) instead of SDPA's fused flash kernel, whose blocking is
+#: made for long sequences; where autograd records a bfloat16/float16 attention, up to
+#: :data:`SMALL_ATTENTION_KEYS_LOW_PRECISION` (the fused kernel's backward is slow in those
+#: dtypes on the CPU). Measured with ``python benchmarks/attention.py``: docs/benchmarks.md.
+SMALL_ATTENTION_KEYS = 64
+SMALL_ATTENTION_KEYS_LOW_PRECISION = 256
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, ...)`` by the cheaper route for the shape.
+
+    ``q`` (B, H, T, d), ``k`` (B, Hkv, S, d), ``v`` (B, Hkv, S, dv); ``mask`` broadcastable
+    to (B, H, T, S), bool (True where a query may attend) or float (added to the scores); a
+    query that may attend nowhere gets zeros, as from SDPA; ``is_causal`` (without ``mask``) is SDPA's causal mask
+    (query ``i`` sees keys ``0..i``). On the CPU, with more than one query, few keys (see
+    :data:`SMALL_ATTENTION_KEYS`) and no dropout, the attention is computed explicitly in
+    float32 (``baddbmm`` for the scores, softmax, ``bmm``) and returned in ``q``'s dtype;
+    everything else goes to SDPA.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    limit = SMALL_ATTENTION_KEYS
+    if q.dtype in _LOW_PRECISION and q.requires_grad and torch.is_grad_enabled():
+        limit = max(limit, SMALL_ATTENTION_KEYS_LOW_PRECISION)
+    if q.device.type != "cpu" or dropout_p > 0 or T == 1 or S > limit:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=enable_gqa)
+    with torch.autocast("cpu", enabled=False):
+        return _explicit_attention(q, k, v, mask, is_causal, scale)
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None, is_causal: bool, scale: float | None
+                        ) -> torch.Tensor:
+    """:func:`attend`'s explicit route: ``baddbmm`` for the scores (scale and mask folded
+    in), softmax, ``bmm`` for the output, all in float32 at least (bfloat16 inputs are
+    upcast: more accurate than SDPA's fused kernel in bfloat16, and as fast at these
+    sizes); grouped key heads repeated."""
+    B, H, T, d = q.shape
+    S = k.shape[-2]
+    dtype = q.dtype
+    if dtype in _LOW_PRECISION:
+        q, k, v = q.float(), k.float(), v.float()
+    if k.shape[1] != H:  # grouped-query: every query head of a group reads its key head
+        group = H // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = d ** -0.5 if scale is None else scale
+    keep = None  # the queries that may attend somewhere, when a given mask may leave none
+    if mask is None and is_causal:  # SDPA's causal mask: top-left aligned
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    elif mask is not None:
+        keep = (mask if mask.dtype == torch.bool else mask != float("-inf")).any(-1, keepdim=True)
+    if mask is None:
+        bias = q.new_zeros(1, 1)
+    else:
+        if mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~mask, float("-inf"))
+        else:  # an additive float mask, as SDPA takes one
+            bias = mask.to(q.dtype)
+        if keep is not None:  # finite scores on rows with no key: no NaN, in or out of autograd
+            bias = bias.masked_fill(~keep, 0.0)
+        # One (T, S) bias for every row and head where the mask allows, else (B * H, T, S).
+        if math.prod(mask.shape[:-2]) == 1:
+            bias = bias.reshape(bias.shape[-2:]).broadcast_to(T, S)
+        else:
+            bias = bias.broadcast_to(B, H, T, S).reshape(B * H, T, S)
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, d), k.reshape(B * H, S, d).transpose(1, 2),
+                           alpha=scale)
+    out = torch.bmm(scores.softmax(-1), v.reshape(B * H, S, v.shape[-1]))
+    out = out.view(B, H, T, v.shape[-1])
+    out = out if keep is None else out.masked_fill(~keep, 0.0)
+    return out.to(dtype)
+
+
 @dataclass(frozen=True)
 class QueryRows:
     """Queries at a few positions only (the last layer of a model whose logits are needed
@@ -219,17 +307,12 @@ class GQAttention(nn.Module):
             # letting SDPA repeat the cached keys G times. NOTE: reshape, not view: CUDA's
             # kernels return the output in (B, G, Hkv, hd) memory order.
             group = self.n_heads // self.n_kv_heads  # not -1: B may be 0 (no query selected)
-            out = F.scaled_dot_product_attention(
+            out = attend(
                 q.reshape(B, self.n_kv_heads, group, self.head_dim), keys, values,
-                attn_mask=mask, dropout_p=dropout_p).reshape(B, self.n_heads, 1, self.head_dim)
+                mask=mask, dropout_p=dropout_p).reshape(B, self.n_heads, 1, self.head_dim)
         else:
-            out = F.scaled_dot_product_attention(
-                q, keys, values,
-                attn_mask=mask,
-                is_causal=is_causal,
-                dropout_p=dropout_p,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )  # (B, H, T, hd)
+            out = attend(q, keys, values, mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                         enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -333,9 +416,9 @@ class MLAttention(nn.Module):
             # dropped: equal key and value widths keep SDPA on its fused CPU kernel, which
             # is faster than the generic path for the narrower latent alone.
             latent = latent.unsqueeze(1)  # (B, 1, S, r+rope)
-            o_lat = F.scaled_dot_product_attention(
+            o_lat = attend(
                 q_cat.reshape(B, 1, H * T, r + self.rope_dim_), latent, latent,
-                attn_mask=_fold_heads_mask(mask, is_causal, H, T, S, cos.device),
+                mask=_fold_heads_mask(mask, is_causal, H, T, S, cos.device),
                 dropout_p=dropout_p, scale=self.scale)[..., :r].reshape(B, H, T, r)
             out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
         else:
@@ -344,9 +427,8 @@ class MLAttention(nn.Module):
             k_pos = latent[..., r:].unsqueeze(1).expand(B, H, S, self.rope_dim_)
             q = torch.cat((q_nope, q_rope), dim=-1)
             k = torch.cat((k_nope, k_pos), dim=-1)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
-                scale=self.scale)  # (B, H, T, v)
+            out = attend(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                         scale=self.scale)  # (B, H, T, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
