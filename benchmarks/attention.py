@@ -2,19 +2,17 @@
 
 ::
 
-    python benchmarks/attention.py            # kernels and training steps, fp32 (and bf16 where native)
+    python benchmarks/attention.py            # fp32, and bf16 where the CPU has native bf16
     python benchmarks/attention.py --quick    # fewer shapes and repeats
 
 ``open_mythos.layers.attention.attend`` sends short CPU attention (at most
-``SMALL_ATTENTION_KEYS`` keys; ``SMALL_ATTENTION_KEYS_LOW_PRECISION`` for bf16/fp16 under
-autograd) to explicit ``baddbmm``/softmax/``bmm`` in float32 and the rest to
-``F.scaled_dot_product_attention``. The first table times both routes on causal self-attention
-(4 heads, 4,096 tokens per batch) for a training call (forward and backward) and an
-inference call (no autograd), the two interleaved; "taken" is the route ``attend`` picks.
-The second table times whole eager training steps of two models with either route: the
-demo's looped model (dim 64, head dim 16, 36 tokens) and the training benchmark's small
-config (dim 256, head dim 32, 128 tokens). bf16 rows run only on CPUs with native bf16
-matmuls (a bf16 matmul at least as fast as fp32); elsewhere the output says so.
+``SMALL_ATTENTION_KEYS`` keys; bf16/fp16 only under autograd, up to
+``SMALL_ATTENTION_KEYS_LOW_PRECISION``) to explicit ``baddbmm``/softmax/``bmm`` in float32
+and the rest to ``F.scaled_dot_product_attention``. The table times both routes on causal
+self-attention (4 heads, 4,096 tokens per call) for a training call (forward and backward)
+and an inference call (no autograd), the two interleaved; "taken" is the route ``attend``
+picks. bf16 rows run only on CPUs with native bf16 matmuls (a bf16 matmul at least as fast
+as fp32); elsewhere the output says so.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternating_medians, matmul_peak, print_table  # noqa: E402
 
-from open_mythos import MythosConfig, OpenMythos  # noqa: E402
 from open_mythos.devices import keep_freed_memory  # noqa: E402
 from open_mythos.layers import attention  # noqa: E402
 
@@ -37,20 +34,6 @@ SHAPES = [(16, 16), (36, 16), (64, 16), (128, 16), (256, 16), (512, 16),
           (36, 64), (64, 64), (128, 64), (256, 64), (512, 64)]
 QUICK_SHAPES = [(36, 16), (128, 16), (128, 64), (512, 64)]
 TOKENS, HEADS = 4096, 4
-LIMITS = ("SMALL_ATTENTION_KEYS", "SMALL_ATTENTION_KEYS_LOW_PRECISION")
-
-
-class sdpa_only:
-    """Within this context ``attend`` always takes SDPA (both key limits 0)."""
-
-    def __enter__(self):
-        self.saved = {name: getattr(attention, name) for name in LIMITS}
-        for name in LIMITS:
-            setattr(attention, name, 0)
-
-    def __exit__(self, *exc):
-        for name, value in self.saved.items():
-            setattr(attention, name, value)
 
 
 def native_bf16() -> bool:
@@ -111,56 +94,12 @@ def _route(q: torch.Tensor, k: torch.Tensor) -> str:
     return "sdpa" if called else "explicit"
 
 
-STEP_MODELS = {
-    "demo looped (dim 64, hd 16, B=128 T=36)": (dict(
-        vocab_size=40, dim=64, n_heads=4, n_kv_heads=4, max_seq_len=64, max_loop_iters=4,
-        n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=32, lora_rank=4,
-        use_act=False), 128, 36),
-    "small (dim 256, hd 32, B=4 T=128)": (dict(
-        vocab_size=1000, dim=256, n_heads=8, n_kv_heads=2, max_seq_len=128, max_loop_iters=4,
-        n_experts=8, n_shared_experts=1, n_experts_per_tok=2, expert_dim=128), 4, 128),
-}
-
-
-def step_rows(dtype: torch.dtype, repeats: int) -> list[list[object]]:
-    rows = []
-    for name, (kwargs, B, T) in STEP_MODELS.items():
-        t = step_times(kwargs, B, T, dtype == torch.bfloat16, repeats)
-        rows.append([name, str(dtype).removeprefix("torch."), 1e3 * t["sdpa"],
-                     1e3 * t["attend"], f"{t['sdpa'] / t['attend']:.2f}x"])
-        print(f"  measured: {name} [{rows[-1][1]}]", file=sys.stderr, flush=True)
-    return rows
-
-
-def step_times(kwargs: dict, B: int, T: int, bf16: bool, repeats: int) -> dict[str, float]:
-    """Median seconds of an eager training step with SDPA only and with ``attend``."""
-    torch.manual_seed(0)
-    model = OpenMythos(MythosConfig(**kwargs)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, kwargs["vocab_size"], (B, T + 1))
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids[:, :-1], n_loops=4)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def fused():
-        with sdpa_only():
-            step()
-
-    return alternating_medians({"sdpa": fused, "attend": step}, repeats, warmup=2)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's own choice)")
-    p.add_argument("--no-steps", action="store_true", help="the kernel table only")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,10 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     print("\nCausal self-attention, 4 heads, 4,096 tokens per call (median ms, routes interleaved):")
     print_table(["dtype", "keys", "head dim", "batch", "call", "sdpa ms", "explicit ms",
                  "explicit speed-up", "taken", "taken is faster", "max |diff|"], rows)
-    if not args.no_steps:
-        steps = [row for dtype in dtypes for row in step_rows(dtype, 3 if args.quick else 7)]
-        print("\nEager training step (forward, backward, AdamW; 4 loops), median ms:")
-        print_table(["model", "dtype", "sdpa only ms", "attend ms", "speed-up"], steps)
 
 
 if __name__ == "__main__":

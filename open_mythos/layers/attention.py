@@ -120,11 +120,12 @@ def _remember(
 
 #: On the CPU, attention over at most this many keys per query runs as explicit matmuls
 #: and a softmax (:func:`attend`) instead of SDPA's fused flash kernel, whose blocking is
-#: made for long sequences; where autograd records a bfloat16/float16 attention, up to
-#: :data:`SMALL_ATTENTION_KEYS_LOW_PRECISION` (the fused kernel's backward is slow in those
-#: dtypes on the CPU). Measured with ``python benchmarks/attention.py``: docs/benchmarks.md.
+#: made for long sequences. bfloat16/float16 attention takes the explicit route (in float32)
+#: only where autograd records it, up to :data:`SMALL_ATTENTION_KEYS_LOW_PRECISION` keys:
+#: the fused kernel's backward is slow in those dtypes on the CPU, its forward is not.
+#: Measured with ``python benchmarks/attention.py``: docs/benchmarks.md.
 SMALL_ATTENTION_KEYS = 64
-SMALL_ATTENTION_KEYS_LOW_PRECISION = 256
+SMALL_ATTENTION_KEYS_LOW_PRECISION = 128
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -151,8 +152,9 @@ def attend(
     """
     T, S = q.shape[-2], k.shape[-2]
     limit = SMALL_ATTENTION_KEYS
-    if q.dtype in _LOW_PRECISION and q.requires_grad and torch.is_grad_enabled():
-        limit = max(limit, SMALL_ATTENTION_KEYS_LOW_PRECISION)
+    if q.dtype in _LOW_PRECISION:  # the explicit route's float32 pays in the backward only
+        grad = q.requires_grad and torch.is_grad_enabled()
+        limit = SMALL_ATTENTION_KEYS_LOW_PRECISION if grad else 0
     if q.device.type != "cpu" or dropout_p > 0 or T == 1 or S > limit:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               dropout_p=dropout_p, scale=scale,

@@ -119,13 +119,15 @@ def test_gradients_match_and_a_query_with_no_key_gets_zeros(route):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_explicit_route_computes_in_float32(autocast):
-    """bf16 inputs: the explicit route computes in float32 (autocast or not) and rounds the
-    output once, so its error is bf16 rounding of the exact result, within SDPA's own."""
-    q, k, v = inputs(B=4, T=40, S=40, d=16, dv=16, dtype=torch.bfloat16)
-    ref = naive(q, k, v, is_causal=True)
+    """bf16 inputs under autograd (where bf16 takes the explicit route): it computes in
+    float32 (autocast or not) and rounds the output once, so its error is bf16 rounding of
+    the exact result, within SDPA's own."""
+    q, k, v = (t.requires_grad_() for t in inputs(B=4, T=40, S=40, d=16, dv=16,
+                                                    dtype=torch.bfloat16))
+    ref = naive(q.detach(), k.detach(), v.detach(), is_causal=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = attend(q, k, v, is_causal=True)
-        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = attend(q, k, v, is_causal=True).detach()
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True).detach()
     assert out.dtype == torch.bfloat16
     # One rounding to bf16 (unit roundoff 2**-8) of a float32 result, no more.
     assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all()
@@ -134,7 +136,7 @@ def test_bf16_explicit_route_computes_in_float32(autocast):
 
 def test_route_by_shape(monkeypatch):
     """The explicit route takes short multi-query CPU attention without dropout; one query,
-    many keys and dropout go to SDPA."""
+    many keys, dropout and bf16 outside autograd go to SDPA."""
     calls = []
     sdpa = F.scaled_dot_product_attention
 
@@ -149,6 +151,12 @@ def test_route_by_shape(monkeypatch):
     for T, S, p in ((1, 9, 0.0), (keys + 1, keys + 1, 0.0), (8, 8, 0.1)):
         attend(*inputs(T=T, S=S), is_causal=T > 1, dropout_p=p)
     assert len(calls) == 3
+    # bf16: SDPA without autograd, the explicit route with it.
+    bf16 = inputs(T=8, S=8, dtype=torch.bfloat16)
+    attend(*bf16, is_causal=True)
+    assert len(calls) == 4
+    attend(*(t.requires_grad_() for t in bf16), is_causal=True)
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
