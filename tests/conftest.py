@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,20 @@ torch.set_num_threads(1)
 # the tests of that policy (tests/inference/test_autocompile.py).
 os.environ["OPENMYTHOS_AUTO_COMPILE"] = "0"
 auto_compile.enabled = False
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str, monkeypatch) -> object:
+    """Import ``benchmarks/<name>.py`` as a module (with ``benchmarks/`` on the path for its
+    ``common`` import, and in ``sys.modules``, where its dataclasses look their module up)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -3,24 +3,11 @@ takes named, both outputs compared."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
-
-
-def load_bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("attention_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
-    return bench
+from tests.conftest import load_benchmark
 
 
 def test_attention_benchmark_tables(capsys, monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_benchmark("attention", monkeypatch)
     monkeypatch.setattr(bench, "QUICK_SHAPES", [(36, 16), (128, 16)])
     monkeypatch.setattr(bench, "TOKENS", 512)
     monkeypatch.setattr(bench, "native_bf16", lambda: False)

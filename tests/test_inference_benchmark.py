@@ -4,20 +4,11 @@ the session section."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
+from tests.conftest import load_benchmark
 
 
 def load_bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("inference_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("inference", monkeypatch)
 
 
 def test_prefill_section_times_both_prefills_and_checks_the_logits(capsys, monkeypatch):
