@@ -17,6 +17,6 @@ def test_attention_benchmark_tables(capsys, monkeypatch):
     assert "bf16: skipped (no native bf16" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("float32 ")]
     assert [(r[1], r[4], r[8]) for r in rows] == [
-        ("36", "train", "explicit"), ("36", "infer", "explicit"),
+        ("36", "train", "explicit"), ("36", "infer", "sdpa"),
         ("128", "train", "sdpa"), ("128", "infer", "sdpa")]
     assert all(float(r[-1]) < 1e-5 for r in rows)  # both routes give the same output

@@ -118,12 +118,13 @@ def _remember(
     return new
 
 
-#: On the CPU, attention over at most this many keys per query runs as explicit matmuls
-#: and a softmax (:func:`attend`) instead of SDPA's fused flash kernel, whose blocking is
-#: made for long sequences. bfloat16/float16 attention takes the explicit route (in float32)
-#: only where autograd records it, up to :data:`SMALL_ATTENTION_KEYS_LOW_PRECISION` keys:
-#: the fused kernel's backward is slow in those dtypes on the CPU, its forward is not.
-#: Measured with ``python benchmarks/attention.py``: docs/benchmarks.md.
+#: On the CPU, attention that autograd records over at most this many keys per query runs
+#: as explicit matmuls and a softmax (:func:`attend`) instead of SDPA's fused flash kernel,
+#: whose blocking is made for long sequences and whose bfloat16/float16 backward is slow
+#: (those dtypes: up to :data:`SMALL_ATTENTION_KEYS_LOW_PRECISION` keys). Without autograd
+#: (prefill, decode: MLA's absorbed decode folds heads into several queries) SDPA's one call
+#: costs less than the explicit route's several. Measured with
+#: ``python benchmarks/attention.py``: docs/benchmarks.md.
 SMALL_ATTENTION_KEYS = 64
 SMALL_ATTENTION_KEYS_LOW_PRECISION = 128
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -144,18 +145,18 @@ def attend(
 
     ``q`` (B, H, T, d), ``k`` (B, Hkv, S, d), ``v`` (B, Hkv, S, dv); ``mask`` broadcastable
     to (B, H, T, S), bool (True where a query may attend) or float (added to the scores); a
-    query that may attend nowhere gets zeros, as from SDPA; ``is_causal`` (without ``mask``) is SDPA's causal mask
-    (query ``i`` sees keys ``0..i``). On the CPU, with more than one query, few keys (see
+    query that may attend nowhere gets zeros, as from SDPA; ``is_causal`` (without
+    ``mask``) is SDPA's causal mask (query ``i`` sees keys ``0..i``). On the CPU, where
+    autograd records ``q``, with more than one query, few keys (see
     :data:`SMALL_ATTENTION_KEYS`) and no dropout, the attention is computed explicitly in
     float32 (``baddbmm`` for the scores, softmax, ``bmm``) and returned in ``q``'s dtype;
     everything else goes to SDPA.
     """
     T, S = q.shape[-2], k.shape[-2]
-    limit = SMALL_ATTENTION_KEYS
-    if q.dtype in _LOW_PRECISION:  # the explicit route's float32 pays in the backward only
-        grad = q.requires_grad and torch.is_grad_enabled()
-        limit = SMALL_ATTENTION_KEYS_LOW_PRECISION if grad else 0
-    if q.device.type != "cpu" or dropout_p > 0 or T == 1 or S > limit:
+    limit = SMALL_ATTENTION_KEYS_LOW_PRECISION if q.dtype in _LOW_PRECISION \
+        else SMALL_ATTENTION_KEYS
+    recorded = q.requires_grad and torch.is_grad_enabled()
+    if q.device.type != "cpu" or not recorded or dropout_p > 0 or T == 1 or S > limit:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               dropout_p=dropout_p, scale=scale,
                                               enable_gqa=enable_gqa)

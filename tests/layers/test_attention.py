@@ -34,7 +34,8 @@ def naive(q, k, v, mask=None, is_causal=False, scale=None):
 
 def inputs(B=2, H=4, Hkv=4, T=7, S=7, d=8, dv=8, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g, dtype=dtype) for shape in
+    # Requiring gradients, as in training: the explicit route is for attention autograd records.
+    return [torch.randn(*shape, generator=g, dtype=dtype).requires_grad_() for shape in
             ((B, H, T, d), (B, Hkv, S, d), (B, Hkv, S, dv))]
 
 
@@ -135,8 +136,8 @@ def test_bf16_explicit_route_computes_in_float32(autocast):
 
 
 def test_route_by_shape(monkeypatch):
-    """The explicit route takes short multi-query CPU attention without dropout; one query,
-    many keys, dropout and bf16 outside autograd go to SDPA."""
+    """The explicit route takes short multi-query CPU attention under autograd without
+    dropout; one query, many keys, dropout and attention outside autograd go to SDPA."""
     calls = []
     sdpa = F.scaled_dot_product_attention
 
@@ -151,12 +152,15 @@ def test_route_by_shape(monkeypatch):
     for T, S, p in ((1, 9, 0.0), (keys + 1, keys + 1, 0.0), (8, 8, 0.1)):
         attend(*inputs(T=T, S=S), is_causal=T > 1, dropout_p=p)
     assert len(calls) == 3
-    # bf16: SDPA without autograd, the explicit route with it.
-    bf16 = inputs(T=8, S=8, dtype=torch.bfloat16)
-    attend(*bf16, is_causal=True)
-    assert len(calls) == 4
-    attend(*(t.requires_grad_() for t in bf16), is_causal=True)
-    assert len(calls) == 4
+    # Without autograd (prefill, decode) SDPA, in fp32 and bf16; bf16 under autograd up to
+    # the low-precision limit.
+    with torch.no_grad():
+        attend(*inputs(T=8, S=8), is_causal=True)
+        attend(*inputs(T=8, S=8, dtype=torch.bfloat16), is_causal=True)
+    assert len(calls) == 5
+    low = attention.SMALL_ATTENTION_KEYS_LOW_PRECISION
+    attend(*inputs(T=low, S=low, dtype=torch.bfloat16), is_causal=True)
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
