@@ -1,7 +1,5 @@
 """``make demo`` runs end to end (quick mode: seconds, checks the pipeline, not the science)."""
 
-import os
-
 import pytest
 
 from open_mythos.cli import main
@@ -199,79 +197,83 @@ def test_a_worker_exits_when_its_parent_dies(tmp_path):
     raise AssertionError("the worker outlived its parent")
 
 
-def test_the_model_that_finishes_first_hands_its_core_to_the_other(tmp_path, monkeypatch):
-    """train_both writes the still-training worker's thread file once the other model is
-    done (not before, and not for the one that is done), unless fewer than
-    HANDOVER_MIN_STEPS steps are left, and removes the files afterwards (an earlier run's
-    metrics in the same directory do not count as progress); the worker's hook takes the
-    count once the file holds one."""
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_each_model_trains_every_stage_on_one_thread_count(tmp_path, monkeypatch, jobs):
+    """A model's thread count never changes during its run (it changes the arithmetic: a
+    count set by timing made runs differ): one thread each in two workers, two in turn
+    without them. An earlier demo's runs in the same --out are gone before the workers
+    start (their metrics would pass for progress)."""
     import argparse
-    import json
     import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
-    from pathlib import Path
 
     import torch
 
+    import open_mythos.training as training
     from open_mythos.commands import demo
 
-    def run_both(steps):
-        baseline_done = threading.Event()
-        seen = {}
+    seen, lock = [], threading.Lock()
 
-        def fake_worker(args, out, kind, threads, parent=None, more_threads=None):
-            flag = Path(more_threads)
-            assert threads == 1 and flag.parent == tmp_path
-            if kind == "baseline":
-                time.sleep(1.0)  # two of the parent's polls with both models training
-                assert not flag.exists() and not (tmp_path / ".looped.threads").exists()
-                baseline_done.set()
-                return 1.0
-            assert baseline_done.wait(10)
-            for _ in range(40):  # the looped model trains on until its core count grows
-                if flag.exists():
-                    break
-                time.sleep(0.05)
-            seen["flag"] = flag.read_text() if flag.exists() else None
-            seen["baseline flag"] = (tmp_path / ".baseline.threads").exists()
-            return 2.0
+    class FakeTrainer:
+        def __init__(self, cfg):
+            self.cfg = cfg
 
-        monkeypatch.setattr(demo, "_train_worker", fake_worker)
-        for kind in demo.KINDS:  # an earlier demo in the same --out, as far as it got
-            (tmp_path / kind / "chain").mkdir(parents=True, exist_ok=True)
-            (tmp_path / kind / "chain" / "metrics.jsonl").write_text(
-                json.dumps({"step": steps, "loss": 1.0}) + "\n")
-        with ThreadPoolExecutor(2) as pool:
-            seconds = demo.train_both(argparse.Namespace(steps=steps, lookup_steps=0),
-                                      tmp_path, pool)
-        assert seconds == {"looped": 2.0, "baseline": 1.0}
-        assert not list(tmp_path.glob(".*.threads"))
-        return seen
+        def train(self):
+            kind, stage = self.cfg.run.out.split("/")[-2:]
+            with lock:  # torch's thread count is per process: read it as it was set
+                seen.append((kind, stage, torch.get_num_threads()))
 
-    threads = str(min(2, os.cpu_count() or 1))
-    assert run_both(demo.HANDOVER_MIN_STEPS) == {"flag": threads, "baseline flag": False}
-    # Too few steps left for the switch (a recompilation) to pay.
-    assert run_both(demo.HANDOVER_MIN_STEPS - 1) == {"flag": None, "baseline flag": False}
+    # The worker sets the thread count then builds its Trainer: in threads of one process,
+    # the two must not interleave.
+    real_worker = demo._train_worker
 
-    flag = tmp_path / ".looped.threads"
-    hook = demo._MoreThreads(flag)
+    def serial_worker(*args, **kwargs):
+        with worker_lock:
+            return real_worker(*args, **kwargs)
+
+    worker_lock = threading.Lock()
+    monkeypatch.setattr(training, "Trainer", FakeTrainer)
+    monkeypatch.setattr(demo, "_train_worker", serial_worker)
+    monkeypatch.setattr(demo, "_exit_with_parent", lambda parent: None)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    stale = tmp_path / "looped" / "chain" / "metrics.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"step": 9, "loss": 1.0}\n')
+    args = demo.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
+        ["--out", str(tmp_path), "--lookup-steps", "3", "--steps", "4", "--compile", "off"])
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        hook(1, {})
-        assert torch.get_num_threads() == 1
-        flag.write_text("")  # created, not yet written: looked at again at the next step
-        hook(2, {})
-        assert torch.get_num_threads() == 1
-        flag.write_text("2")
-        hook(3, {})
-        assert torch.get_num_threads() == 2
-        flag.write_text("1")  # taken once
-        hook(4, {})
-        assert torch.get_num_threads() == 2
+        if jobs == 2:
+            with ThreadPoolExecutor(2) as pool:
+                seconds = demo.train_both(args, tmp_path, pool)
+        else:
+            seconds = demo.train_both(args, tmp_path)
     finally:
         torch.set_num_threads(before)
+    assert set(seconds) == {"looped", "baseline"}
+    threads = 1 if jobs == 2 else 2
+    assert sorted(seen) == [("baseline", "chain", threads), ("baseline", "lookup", threads),
+                            ("looped", "chain", threads), ("looped", "lookup", threads)]
+    assert not stale.exists()
+
+
+def test_a_demo_removes_an_earlier_demos_results_before_training(tmp_path, monkeypatch, capsys):
+    """A demo that fails leaves no earlier demo's summary behind to pass for its own."""
+    from open_mythos.commands import demo
+    from open_mythos.training import ConfigError
+
+    for name in ("demo.md", "sweep.json", "sweep_exit_rule.json", "report/report.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("an earlier demo's")
+    (tmp_path / "notes.txt").write_text("the user's")
+
+    def failing(args, out, pool=None):
+        raise ConfigError("the worker's data")
+
+    monkeypatch.setattr(demo, "train_both", failing)
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--jobs", "1"]) == 2
+    assert "the worker's data" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_progress_reads_the_last_row_of_a_long_metrics_file(tmp_path):

@@ -11,8 +11,8 @@ extra hop is extra sequential computation for that token) it
 1. trains a small looped model and the dense baseline of equal per-token FLOPs
    (``T_train`` unshared blocks, :mod:`open_mythos.baseline`) with
    :class:`~open_mythos.training.Trainer`, on the same batches, with the same losses and
-   for the same number of steps, one process per model when two cores are free (the
-   model that finishes first hands its core to the other). Two
+   for the same number of steps, one process per model when two cores are free (one
+   thread each, for the whole run, so that runs repeat exactly). Two
    stages, each an ``openmythos train`` configuration (``configs/multihop_lookup.toml``,
    ``configs/multihop_chain.toml``):
 
@@ -42,6 +42,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -216,37 +217,11 @@ def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-class _MoreThreads:
-    """``Trainer.on_step`` hook of a demo worker: once the file ``flag`` exists, take the
-    number of threads it holds (the parent writes it when the other model's training has
-    ended, so that this one uses both cores for the rest of its run)."""
-
-    def __init__(self, flag: Path):
-        self.flag = flag
-        self.taken = False
-
-    def __call__(self, step: int, row: dict[str, Any]) -> None:
-        if self.taken or not self.flag.exists():
-            return
-        import torch
-
-        self.taken = True
-        try:
-            threads = int(self.flag.read_text())
-        except (OSError, ValueError):  # written but not yet complete: look again next step
-            self.taken = False
-            return
-        torch.set_num_threads(threads)
-
-
 def _train_worker(args: argparse.Namespace, out: str, kind: str, threads: int,
-                  parent: int | None = None, more_threads: str | None = None) -> float:
-    """Train one model through every stage in this process (logs in each stage's
-    ``train.log``); return seconds. With ``parent`` (a pid), exit when that process dies;
-    with ``more_threads`` (a path), switch to the thread count written there once it
-    appears (:class:`_MoreThreads`)."""
-    import shutil
-
+                  parent: int | None = None) -> float:
+    """Train one model through every stage in this process on ``threads`` threads (logs in
+    each stage's ``train.log``); return seconds. With ``parent`` (a pid), exit when that
+    process dies."""
     import torch
 
     from ..training import Trainer
@@ -254,7 +229,6 @@ def _train_worker(args: argparse.Namespace, out: str, kind: str, threads: int,
     if parent is not None:
         _exit_with_parent(parent)
     torch.set_num_threads(threads)
-    on_step = None if more_threads is None else _MoreThreads(Path(more_threads))
     path = Path(out)
     if path.exists():
         shutil.rmtree(path)  # a demo always starts fresh
@@ -264,7 +238,7 @@ def _train_worker(args: argparse.Namespace, out: str, kind: str, threads: int,
         with open(path / stage / "train.log", "w") as log:
             stderr, sys.stderr = sys.stderr, log
             try:
-                Trainer(train_config(args, path, kind, stage), on_step=on_step).train()
+                Trainer(train_config(args, path, kind, stage)).train()
             finally:
                 sys.stderr = stderr
     return time.perf_counter() - start
@@ -302,10 +276,6 @@ def _last_step(metrics: Path, tail: int = 8192) -> tuple[int, float | None]:
     return 0, None
 
 
-#: Steps the other model must have left for the first to finish to hand it its core.
-HANDOVER_MIN_STEPS = 100
-
-
 @contextlib.contextmanager
 def worker_pool(jobs: int) -> Iterator[Any]:
     """Two spawned worker processes (a forked child can inherit a held OpenMP lock) for
@@ -324,13 +294,18 @@ def worker_pool(jobs: int) -> Iterator[Any]:
 def train_both(args: argparse.Namespace, out: Path, pool: Any = None) -> dict[str, float]:
     """Train the looped model and the baseline; return training seconds per model.
 
-    With a ``pool`` (:func:`worker_pool`) each model trains in its own single-threaded
-    worker, and this process draws one progress bar per model from their
-    ``metrics.jsonl``. The model that finishes first hands its core to the other: the
-    other's worker then runs on two threads (1.5x faster steps for the looped model
-    measured on 2 cores), unless fewer than :data:`HANDOVER_MIN_STEPS` steps are left
-    (with compiled training the switch recompiles the blocks once: inductor builds its
-    kernels for a thread count).
+    With a ``pool`` (:func:`worker_pool`) each model trains in its own worker on one
+    thread, and this process draws one progress bar per model from their
+    ``metrics.jsonl``; without one, each model trains in turn in this process on two.
+
+    A model's thread count is fixed for its whole run: its arithmetic depends on it
+    (parallel reductions split their sums differently; weights trained 30 steps differ in
+    their last bits when the count changed at step 10 or 20), so a count that changed with
+    the clock would make the tables depend on the machine's speed. Until 2026-12-06 the
+    model that finished first handed its core to the other at a step set by the clock
+    (about 6% of the wall clock faster); running the looped model on two threads beside
+    the baseline's one instead made its steps 2.3x slower in the demo's workers
+    (``docs/depth_extrapolation.md``, "One thread per model").
     """
     from tqdm.auto import tqdm
 
@@ -338,40 +313,26 @@ def train_both(args: argparse.Namespace, out: Path, pool: Any = None) -> dict[st
         seconds = {}
         for kind in KINDS:
             print(f"-- training the {kind} model", flush=True)
-            seconds[kind] = _train_worker(args, str(out / kind), kind, 2)
+            seconds[kind] = _train_worker(args, str(out / kind), kind, min(2, os.cpu_count() or 1))
         return seconds
 
-    import shutil
-
-    threads = min(2, os.cpu_count() or 1)  # the demo's budget: both models' threads
-    flags = {kind: out / f".{kind}.threads" for kind in KINDS}
-    for kind, flag in flags.items():
-        flag.unlink(missing_ok=True)
+    for kind in KINDS:
         if (out / kind).exists():  # an earlier demo's metrics would pass for progress
             shutil.rmtree(out / kind)
     total = args.steps + (args.lookup_steps or 0)
     bars = {k: tqdm(total=total, desc=f"train {k:<8}", unit="step", position=i,
                     dynamic_ncols=True, file=sys.stderr) for i, k in enumerate(KINDS)}
-    try:
-        futures = {k: pool.submit(_train_worker, args, str(out / k), k, 1, os.getpid(),
-                                  str(flags[k])) for k in KINDS}
-        while not all(f.done() for f in futures.values()):
-            time.sleep(0.5)
-            for kind, bar in bars.items():
-                step, loss = _progress(out / kind, args)
-                if step > bar.n:  # a poll between a row's bytes finds none: never go back
-                    bar.update(step - bar.n)
-                if loss is not None:
-                    bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
-            for kind, other in zip(KINDS, reversed(KINDS)):
-                left = total - bars[other].n
-                if (futures[kind].done() and not futures[other].done()
-                        and left >= HANDOVER_MIN_STEPS and not flags[other].exists()):
-                    flags[other].write_text(str(threads))
-        seconds = {k: f.result() for k, f in futures.items()}  # re-raises a worker's error
-    finally:
-        for flag in flags.values():
-            flag.unlink(missing_ok=True)
+    futures = {k: pool.submit(_train_worker, args, str(out / k), k, 1, os.getpid())
+               for k in KINDS}
+    while not all(f.done() for f in futures.values()):
+        time.sleep(0.5)
+        for kind, bar in bars.items():
+            step, loss = _progress(out / kind, args)
+            if step > bar.n:  # a poll between a row's bytes finds none: never go back
+                bar.update(step - bar.n)
+            if loss is not None:
+                bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+    seconds = {k: f.result() for k, f in futures.items()}  # re-raises a worker's error
     for bar in bars.values():
         bar.update(total - bar.n)
         bar.close()
@@ -380,6 +341,9 @@ def train_both(args: argparse.Namespace, out: Path, pool: Any = None) -> dict[st
 
 # Reporting --------------------------------------------------------------------------------
 
+
+#: What a demo writes in ``--out`` besides the runs (removed when a demo starts).
+OUTPUTS = ("demo.md", "sweep.json", "sweep_exit_rule.json", "report")
 
 #: The demo's budget on 2 CPU cores (the depth issue's target), in seconds.
 TIME_BUDGET_S = 300
@@ -586,6 +550,12 @@ def _run(args: argparse.Namespace, task: Any, start: float) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # an earlier demo's results must not pass for this one's
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     jobs = args.jobs or (2 if (os.cpu_count() or 1) >= 2 else 1)
     _print_banner(args, task, jobs)
     with worker_pool(jobs) as pool:
