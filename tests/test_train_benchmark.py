@@ -4,26 +4,12 @@ and prints its rows."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from open_mythos import MythosConfig, OpenMythos
 from open_mythos.layers.moe import MoEFFN
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def config(attn_type: str) -> MythosConfig:
@@ -38,8 +24,8 @@ def config(attn_type: str) -> MythosConfig:
 def test_reference_style_model_has_our_parameters_and_flops(attn_type, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
-    ref_style = load("reference_style", monkeypatch)
-    bench = load("train", monkeypatch)
+    ref_style = load_benchmark("reference_style", monkeypatch)
+    bench = load_benchmark("train", monkeypatch)
     cfg = config(attn_type)
     ours, ref = OpenMythos(cfg), ref_style.ReferenceStyleLM(cfg)
     assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in ours.parameters())
@@ -55,7 +41,7 @@ def test_reference_style_model_has_our_parameters_and_flops(attn_type, monkeypat
 
 
 def test_reference_style_moe_equals_ours_in_float64(monkeypatch):
-    ref_style = load("reference_style", monkeypatch)
+    ref_style = load_benchmark("reference_style", monkeypatch)
     cfg = config("gqa")
     torch.manual_seed(0)
     ours = MoEFFN(cfg).double()
@@ -75,7 +61,7 @@ def test_reference_style_moe_equals_ours_in_float64(monkeypatch):
 
 
 def test_moe_section_prints_its_rows(monkeypatch, capsys):
-    bench = load("train", monkeypatch)
+    bench = load_benchmark("train", monkeypatch)
     bench.main(["--quick", "--only", "moe", "--threads", "1"])
     out = capsys.readouterr().out
     assert "native bf16:" in out
@@ -86,7 +72,7 @@ def test_moe_section_prints_its_rows(monkeypatch, capsys):
 
 
 def test_task_section_counts_fewer_flops_at_the_supervised_positions_only(monkeypatch, capsys):
-    bench = load("train", monkeypatch)
+    bench = load_benchmark("train", monkeypatch)
     bench.main(["--quick", "--only", "task", "--threads", "1"])
     out = capsys.readouterr().out.splitlines()
     full = next(row for row in out if row.startswith("task (") and "all logits" in row)
@@ -97,7 +83,7 @@ def test_task_section_counts_fewer_flops_at_the_supervised_positions_only(monkey
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
 def test_reference_style_cached_decoding_equals_full_forwards(attn_type, monkeypatch):
-    ref_style = load("reference_style", monkeypatch)
+    ref_style = load_benchmark("reference_style", monkeypatch)
     torch.manual_seed(0)
     model = ref_style.ReferenceStyleLM(config(attn_type)).eval()
     ids = torch.randint(0, 101, (2, 8))

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from open_mythos.training import Trainer
 from open_mythos.training.config import UNSET
+from tests.conftest import load_benchmark
 from tests.training.conftest import tiny_config
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "adaptive.py"
 
 
 def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     Trainer(tiny_config(tmp_path / "task", run__steps=3)).train()
     Trainer(tiny_config(tmp_path / "text", run__steps=3, data__task=UNSET)).train()
-    spec = importlib.util.spec_from_file_location("adaptive_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks itself up
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("adaptive", monkeypatch)
     plot = tmp_path / "exits.png"
     assert bench.main(["--task-run", str(tmp_path / "task"), "--text-run", str(tmp_path / "text"),
                        "--loops", "3", "--n-examples", "8", "--prompts", "2", "--prompt-len", "8",
