@@ -182,8 +182,9 @@ def training_loops(args: argparse.Namespace) -> str:
 def compile_choice(choice: str, quick: bool) -> tuple[bool, str]:
     """Whether the demo compiles its training (``run.compile``), and why, for the header.
 
-    Compiled, the demo's two models train ~1.3x faster after ~20 s of compilation per
-    process (docs/depth_extrapolation.md has the wall times). Inductor builds C++ kernels
+    Compiled, the demo's two models train ~1.3x faster after ~5 s of compilation per
+    process with inductor's kernels cached from an earlier run, ~40 s on a fresh machine
+    (docs/depth_extrapolation.md has the wall times). Inductor builds C++ kernels
     on the CPU, so ``auto`` compiles only when a C++ compiler is on the PATH, and not for a
     ``--quick`` run, whose few steps would not repay the compilation.
     """
