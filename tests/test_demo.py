@@ -229,9 +229,10 @@ def test_each_model_trains_every_stage_on_one_thread_count(tmp_path, monkeypatch
 
     def serial_worker(*args, **kwargs):
         with worker_lock:
+            stale_at_start.append(stale.exists())
             return real_worker(*args, **kwargs)
 
-    worker_lock = threading.Lock()
+    worker_lock, stale_at_start = threading.Lock(), []
     monkeypatch.setattr(training, "Trainer", FakeTrainer)
     monkeypatch.setattr(demo, "_train_worker", serial_worker)
     monkeypatch.setattr(demo, "_exit_with_parent", lambda parent: None)
@@ -255,6 +256,8 @@ def test_each_model_trains_every_stage_on_one_thread_count(tmp_path, monkeypatch
     assert sorted(seen) == [("baseline", "chain", threads), ("baseline", "lookup", threads),
                             ("looped", "chain", threads), ("looped", "lookup", threads)]
     assert not stale.exists()
+    if jobs == 2:  # gone before either worker started, not only once the looped one did
+        assert stale_at_start == [False, False]
 
 
 def test_a_demo_removes_an_earlier_demos_results_before_training(tmp_path, monkeypatch, capsys):

@@ -7,12 +7,8 @@ from __future__ import annotations
 from tests.conftest import load_benchmark
 
 
-def load_bench(monkeypatch):
-    return load_benchmark("inference", monkeypatch)
-
-
 def test_prefill_section_times_both_prefills_and_checks_the_logits(capsys, monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_benchmark("inference", monkeypatch)
     bench.main(["--only", "prefill", "--quick", "--repeats", "1", "--threads", "1"])
     out = capsys.readouterr().out
     rows = [line.split() for line in out.split("## Prefill")[1].splitlines()
@@ -25,7 +21,7 @@ def test_prefill_section_times_both_prefills_and_checks_the_logits(capsys, monke
 
 
 def test_moe_dispatch_section(capsys, monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_benchmark("inference", monkeypatch)
     # A small layer (gathered for a few tokens) and a large one (sorted from one token).
     monkeypatch.setattr(bench, "MOE_SHAPES", ((64, 32, 4, 2), (1024, 512, 64, 4)))
     bench.main(["--only", "moe", "--quick", "--repeats", "2", "--threads", "1"])
@@ -53,7 +49,7 @@ def test_session_section_goes_eager_compiling_compiled(monkeypatch):
     import open_mythos.inference.autocompile as autocompile
     import open_mythos.inference.static as static
 
-    bench = load_bench(monkeypatch)
+    bench = load_benchmark("inference", monkeypatch)
     small = bench.small_config
     monkeypatch.setattr(bench, "small_config", lambda attn: small(
         attn, dim=32, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=96, expert_dim=16,
