@@ -1,5 +1,7 @@
 """``make demo`` runs end to end (quick mode: seconds, checks the pipeline, not the science)."""
 
+import math
+
 import pytest
 
 from open_mythos.cli import main
@@ -141,6 +143,21 @@ def test_demo_target_needs_ten_points_over_both(ood_at_5, baseline, met):
     assert lines[0].endswith("NOT MET" if not met else " MET")
     assert lines[1].startswith("also measured: in-distribution accuracy at T_train=3: 100.0%")
     assert lines[-1].endswith("50.0 points below T_train (target <= 1 point) NOT MET")
+
+
+def test_the_margin_over_the_baseline_carries_its_sampling_error():
+    """p = 0.9 and q = 0.8 on 100 examples each: standard error sqrt(0.0009 + 0.0016) = 0.05,
+    so the 95% half-width is 9.8 points; four times the examples halve it."""
+    from open_mythos.commands.demo import check_targets, margin_halfwidth
+
+    assert margin_halfwidth(0.9, 100, 0.8, 100) == pytest.approx(0.098)
+    assert margin_halfwidth(0.9, 400, 0.8, 400) == pytest.approx(0.049)
+    assert math.isnan(margin_halfwidth(0.9, 0, 0.8, 100))
+    looped = _rows("looped", {("id", 3): 1.0, ("ood_hops", 3): 0.30, ("ood_hops", 5): 0.60})
+    base = _rows("baseline", {("id", 3): 0.9, ("ood_hops", 3): 0.49})
+    # 256 examples each: 1.96 * sqrt(0.6 * 0.4 / 256 + 0.49 * 0.51 / 256) = 0.0859.
+    line = check_targets(looped, base, 3)[1][0]
+    assert "+11.0 (95% interval +-8.6) over the baseline" in line
 
 
 @pytest.mark.parametrize("ood_at_10, met", [(0.86, True), (0.83, False)])
