@@ -497,14 +497,36 @@ def exit_table(points: Sequence[ExitPoint], value_name: str) -> str:
          for p in points])
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of an accuracy measured on ``n`` examples:
+    unlike the normal interval it stays inside [0, 1] and is not empty at 0 or 1.
+
+    Raises:
+        ValueError: ``n < 1`` or an accuracy outside [0, 1].
+    """
+    if n < 1:
+        raise ValueError(f"an interval needs at least one example, got n={n}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+    z2 = z * z
+    centre = (accuracy + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def sweep_table(rows: Sequence[SweepRow]) -> str:
-    """Every row: split, loops, early exit, accuracy, loss and the loop statistics."""
-    headers = ["model", "split", "loops", "early exit", "accuracy", "answer loss",
-               "expected loops", "halt loop", "loops run", "loops computed", "n"]
-    return markdown_table(headers, [
-        [r.model, r.split, r.n_loops, "on" if r.early_exit else "off", r.accuracy, r.loss,
-         r.expected_loops, r.halt_loop, r.loops_run, r.loops_computed, r.n_examples]
-        for r in rows])
+    """Every row: split, loops, early exit, accuracy with its 95% Wilson interval over the
+    row's examples (two accuracies whose intervals overlap may not differ), loss and the
+    loop statistics."""
+    headers = ["model", "split", "loops", "early exit", "accuracy", "95% interval",
+               "answer loss", "expected loops", "halt loop", "loops run", "loops computed", "n"]
+    table = []
+    for r in rows:
+        lo, hi = wilson_interval(r.accuracy, r.n_examples)
+        table.append([r.model, r.split, r.n_loops, "on" if r.early_exit else "off", r.accuracy,
+                      f"{lo:.3f}-{hi:.3f}", r.loss, r.expected_loops, r.halt_loop, r.loops_run,
+                      r.loops_computed, r.n_examples])
+    return markdown_table(headers, table)
 
 
 def accuracy_pivot(rows: Sequence[SweepRow], baseline_rows: Sequence[SweepRow] = ()) -> str:

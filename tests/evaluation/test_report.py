@@ -198,3 +198,36 @@ def test_report_figures_name_the_run(tmp_path, monkeypatch):
     write_report(run, tmp_path / "out", rows, model=model, task=task, train_loops=2,
                  probe_examples=2)
     assert len(titles) == 5 and all(t.endswith(": parity-7") for t in titles), titles
+
+
+@pytest.mark.parametrize("accuracy, n, expected", [
+    (0.5, 100, (0.4038, 0.5962)),   # published Wilson 95% intervals
+    (0.5, 10, (0.2366, 0.7634)),
+    (0.0, 10, (0.0, 0.2775)),       # not empty at 0: z^2 / (n + z^2) above it
+    (1.0, 10, (0.7225, 1.0)),
+])
+def test_wilson_interval_matches_published_values(accuracy, n, expected):
+    from open_mythos.evaluation.report import wilson_interval
+
+    assert wilson_interval(accuracy, n) == pytest.approx(expected, abs=1e-4)
+
+
+def test_wilson_interval_refuses_what_has_no_interval():
+    from open_mythos.evaluation.report import wilson_interval
+
+    with pytest.raises(ValueError, match="at least one example"):
+        wilson_interval(0.5, 0)
+    with pytest.raises(ValueError, match=r"accuracy must be in \[0, 1\]"):
+        wilson_interval(1.5, 10)
+
+
+def test_sweep_table_prints_each_accuracy_with_its_interval():
+    from open_mythos.evaluation.report import sweep_table
+    from open_mythos.evaluation.sweep import SweepRow
+
+    row = SweepRow(model="looped", task="multihop", split="id", n_loops=3, early_exit=False,
+                   n_examples=100, accuracy=0.5, loss=0.1, expected_loops=3, halt_loop=3,
+                   loops_run=3, loops_computed=3, seconds=0.0)
+    header, _, line = sweep_table([row]).splitlines()
+    assert "| accuracy | 95% interval |" in header
+    assert "| 0.500 | 0.404-0.596 |" in line
