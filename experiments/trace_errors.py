@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from open_mythos.commands.argtypes import loop_count, output_file, positive_int
+from open_mythos.registry import is_looped
 from open_mythos.tasks import get_task
 from open_mythos.tasks.batching import encode_prompt
 
@@ -205,8 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trace_errors: task {task.name!r} defines no trace", file=sys.stderr)
         return 2
     model = load_checkpoint(args.checkpoint)[0].eval()
-    results = [level_errors(model, task, level, args.loops, args.n_examples, args.seed,
-                            args.lens) for level in args.levels]
+    if not is_looped(model):
+        print(f"trace_errors: {args.checkpoint} holds a fixed-depth model "
+              f"({type(model).__name__}): this reads the loops of a looped one", file=sys.stderr)
+        return 2
+    try:
+        results = [level_errors(model, task, level, args.loops, args.n_examples, args.seed,
+                                args.lens) for level in args.levels]
+    except ValueError as err:  # a level the task cannot generate, a prompt too long
+        print(f"trace_errors: {err}", file=sys.stderr)
+        return 2
     print(f"{args.checkpoint}: {task!r}, {args.n_examples} examples per level, "
           f"{args.lens} lens, {args.loops} loops\n")
     print(table(results, args.loops))

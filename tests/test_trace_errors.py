@@ -97,6 +97,22 @@ def test_every_example_is_counted_once_on_a_trained_run(tmp_path, trace_errors):
                               "--n-examples", "12", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert [r["level"] for r in results] == [2, 4]
+    # The same run's dense baseline has no loops to read: refused in one line.
+    base = tmp_path / "base"
+    done = subprocess.run(
+        [sys.executable, "-m", "open_mythos", "train", "--config",
+         str(REPO / "configs" / "multihop_chain.toml"), "--out", str(base),
+         "--set", "run.init_from=", "--set", "run.steps=1", "--set", "run.save_every=1",
+         "--set", "data.batch_size=8", "--set", "run.compile=off", "--set", "run.progress=false",
+         "--set", "model.core_layers=3"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--checkpoint", str(base)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "fixed-depth model (DenseBaseline)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # A level the task's prompts cannot hold: one line, no traceback.
+    assert trace_errors.main(["--checkpoint", str(run), "--levels", "9"]) == 2
     for r in results:
         assert r["exact"] + sum(r["first_wrong"].values()) == r["n"] == 12
         assert sum(r["kinds"].values()) == r["n"] - r["exact"]
