@@ -148,7 +148,8 @@ def test_demo_target_needs_ten_points_over_both(ood_at_5, baseline, met):
 def test_the_margin_over_the_baseline_carries_its_sampling_error():
     """p = 0.9 and q = 0.8 on 100 examples each: standard error sqrt(0.0009 + 0.0016) = 0.05,
     so the 95% half-width is 9.8 points; four times the examples halve it."""
-    from open_mythos.commands.demo import check_targets, margin_halfwidth
+    from open_mythos.commands.demo import check_targets
+    from open_mythos.evaluation.report import margin_halfwidth
 
     assert margin_halfwidth(0.9, 100, 0.8, 100) == pytest.approx(0.098)
     assert margin_halfwidth(0.9, 400, 0.8, 400) == pytest.approx(0.049)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -393,14 +392,6 @@ def _mark(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
 
-def margin_halfwidth(p: float, n: int, q: float, m: int) -> float:
-    """Half-width of the 95% normal interval of ``p - q``, two accuracies measured on ``n``
-    and ``m`` independent examples (nan without examples)."""
-    if n < 1 or m < 1:
-        return float("nan")
-    return 1.96 * math.sqrt(p * (1 - p) / n + q * (1 - q) / m)
-
-
 def check_targets(rows: Sequence[Any], base_rows: Sequence[Any], train_loops: int
                   ) -> tuple[bool, list[str]]:
     """``(met, lines)``: the demo's target and the other depth checks, one line each ending
@@ -410,6 +401,8 @@ def check_targets(rows: Sequence[Any], base_rows: Sequence[Any], train_loops: in
 
     The margin over the baseline carries its sampling error: the half-width of a 95% normal
     interval for the difference of two accuracies measured on independent examples."""
+    from ..evaluation.report import margin_halfwidth
+
     acc = {(r.split, r.n_loops): r.accuracy for r in rows if not r.early_exit}
     count = {(r.split, r.n_loops): r.n_examples for r in rows if not r.early_exit}
     base = {r.split: r.accuracy for r in base_rows}

@@ -514,6 +514,14 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def margin_halfwidth(p: float, n: int, q: float, m: int) -> float:
+    """Half-width of the 95% normal interval of ``p - q``, two accuracies measured on ``n``
+    and ``m`` independent examples (nan without examples)."""
+    if n < 1 or m < 1:
+        return float("nan")
+    return 1.96 * math.sqrt(p * (1 - p) / n + q * (1 - q) / m)
+
+
 def sweep_table(rows: Sequence[SweepRow]) -> str:
     """Every row: split, loops, early exit, accuracy with its 95% Wilson interval over the
     row's examples (two accuracies whose intervals overlap may not differ), loss and the
