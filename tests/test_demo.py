@@ -1,7 +1,5 @@
 """``make demo`` runs end to end (quick mode: seconds, checks the pipeline, not the science)."""
 
-import math
-
 import pytest
 
 from open_mythos.cli import main
@@ -146,19 +144,22 @@ def test_demo_target_needs_ten_points_over_both(ood_at_5, baseline, met):
 
 
 def test_the_margin_over_the_baseline_carries_its_sampling_error():
-    """p = 0.9 and q = 0.8 on 100 examples each: standard error sqrt(0.0009 + 0.0016) = 0.05,
-    so the 95% half-width is 9.8 points; four times the examples halve it."""
+    """Newcombe's (1998) example 56/70 - 48/80: his method 10 gives 0.0524 to 0.3339; at 0
+    against 0 the interval still has a width (the normal one collapses there)."""
     from open_mythos.commands.demo import check_targets
-    from open_mythos.evaluation.report import margin_halfwidth
+    from open_mythos.evaluation.report import difference_interval, wilson_interval
 
-    assert margin_halfwidth(0.9, 100, 0.8, 100) == pytest.approx(0.098)
-    assert margin_halfwidth(0.9, 400, 0.8, 400) == pytest.approx(0.049)
-    assert math.isnan(margin_halfwidth(0.9, 0, 0.8, 100))
+    assert difference_interval(56 / 70, 70, 48 / 80, 80) == pytest.approx((0.0524, 0.3339),
+                                                                            abs=1e-4)
+    lo, hi = difference_interval(0.0, 16, 0.0, 16)
+    assert lo == pytest.approx(-wilson_interval(0.0, 16)[1]) and hi == pytest.approx(-lo)
+    assert hi > 0.1
     looped = _rows("looped", {("id", 3): 1.0, ("ood_hops", 3): 0.30, ("ood_hops", 5): 0.60})
     base = _rows("baseline", {("id", 3): 0.9, ("ood_hops", 3): 0.49})
-    # 256 examples each: 1.96 * sqrt(0.6 * 0.4 / 256 + 0.49 * 0.51 / 256) = 0.0859.
+    lo, hi = difference_interval(0.60, 256, 0.49, 256)
     line = check_targets(looped, base, 3)[1][0]
-    assert "+11.0 (95% interval +-8.6) over the baseline" in line
+    assert f"+11.0 (95% interval {100 * lo:+.1f} to {100 * hi:+.1f}) over the baseline" in line
+    assert 0.0 < lo < 0.11 < hi < 0.22
 
 
 @pytest.mark.parametrize("ood_at_10, met", [(0.86, True), (0.83, False)])

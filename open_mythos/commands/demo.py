@@ -399,9 +399,10 @@ def check_targets(rows: Sequence[Any], base_rows: Sequence[Any], train_loops: in
     depth above ``T_train`` beats both ``T_train`` and the baseline by 10 points or more.
     Also measured: in-distribution accuracy at ``T_train`` and its drop at 2x and 4x.
 
-    The margin over the baseline carries its sampling error: the half-width of a 95% normal
-    interval for the difference of two accuracies measured on independent examples."""
-    from ..evaluation.report import margin_halfwidth
+    The margin over the baseline carries its sampling error: the 95% interval of the
+    difference of two accuracies measured on independent examples
+    (:func:`~open_mythos.evaluation.report.difference_interval`)."""
+    from ..evaluation.report import difference_interval
 
     acc = {(r.split, r.n_loops): r.accuracy for r in rows if not r.early_exit}
     count = {(r.split, r.n_loops): r.n_examples for r in rows if not r.early_exit}
@@ -419,12 +420,15 @@ def check_targets(rows: Sequence[Any], base_rows: Sequence[Any], train_loops: in
         gain_b = acc[(split, best)] - base.get(split, float("nan"))
         ok = gain_t >= 0.10 and gain_b >= 0.10
         met = met and ok
-        spread = margin_halfwidth(acc[(split, best)], count[(split, best)],
-                                  base.get(split, float("nan")), base_n.get(split, 0))
+        if split in base:
+            lo, hi = difference_interval(acc[(split, best)], count[(split, best)],
+                                         base[split], base_n[split])
+            interval = f" (95% interval {100 * lo:+.1f} to {100 * hi:+.1f})"
+        else:
+            interval = ""
         target.append(f"{split}: best depth above T_train is {best} loops, {acc[(split, best)]:.1%}: "
-                      f"{100 * gain_t:+.1f} points over T_train and {100 * gain_b:+.1f} "
-                      f"(95% interval +-{100 * spread:.1f}) over the baseline (target +10 over "
-                      f"both) {_mark(ok)}")
+                      f"{100 * gain_t:+.1f} points over T_train and {100 * gain_b:+.1f}"
+                      f"{interval} over the baseline (target +10 over both) {_mark(ok)}")
     at_t = acc.get(("id", T), float("nan"))
     also.append(f"in-distribution accuracy at T_train={T}: {at_t:.1%} (target >= 99%) "
                 f"{_mark(at_t >= 0.99)}")

@@ -514,12 +514,20 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def margin_halfwidth(p: float, n: int, q: float, m: int) -> float:
-    """Half-width of the 95% normal interval of ``p - q``, two accuracies measured on ``n``
-    and ``m`` independent examples (nan without examples)."""
-    if n < 1 or m < 1:
-        return float("nan")
-    return 1.96 * math.sqrt(p * (1 - p) / n + q * (1 - q) / m)
+def difference_interval(p: float, n: int, q: float, m: int) -> tuple[float, float]:
+    """The 95% interval of ``p - q``, two accuracies measured on ``n`` and ``m`` independent
+    examples: Newcombe's hybrid score interval (method 10 of Newcombe 1998), built from the
+    two :func:`wilson_interval` s, so that it does not collapse at 0 or 1 as the normal
+    interval does.
+
+    Raises:
+        ValueError: as :func:`wilson_interval`.
+    """
+    lo_p, hi_p = wilson_interval(p, n)
+    lo_q, hi_q = wilson_interval(q, m)
+    d = p - q
+    return (d - math.sqrt((p - lo_p) ** 2 + (hi_q - q) ** 2),
+            d + math.sqrt((hi_p - p) ** 2 + (q - lo_q) ** 2))
 
 
 def sweep_table(rows: Sequence[SweepRow]) -> str:
