@@ -116,7 +116,7 @@ def level_errors(model: torch.nn.Module, task: Any, level: int, n_loops: int, n_
     """Generate ``n_examples`` chains of ``level`` steps and count where each leaves its
     trace over ``max(level, n_loops)`` loops (see the module docstring)."""
     rng = random.Random(f"{seed}:{level}")
-    examples = [task._generate(rng, level) for _ in range(n_examples)]
+    examples = [task.generate_at(rng, level) for _ in range(n_examples)]
     loops = max(level, n_loops)
     named = named_per_loop(model, [ex.prompt for ex in examples], loops, lens, batch_size)
     result = LevelErrors(level, n_examples,
@@ -200,8 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if train_cfg is None or train_cfg.data.task is None:
         print(f"trace_errors: {args.checkpoint} records no task", file=sys.stderr)
         return 2
-    task = get_task(train_cfg.data.task,
-                    **{**dict(train_cfg.data.task_args), **parse_task_args(args.task_args)})
+    try:
+        knobs = {**dict(train_cfg.data.task_args), **parse_task_args(args.task_args)}
+        task = get_task(train_cfg.data.task, **knobs)
+    except (TypeError, ValueError) as err:  # bad JSON, a knob the task does not take
+        print(f"trace_errors: --task-args {args.task_args}: {err}", file=sys.stderr)
+        return 2
     if task.trace(task.generate(random.Random(0), "train").prompt) is None:
         print(f"trace_errors: task {task.name!r} defines no trace", file=sys.stderr)
         return 2
@@ -216,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # a level the task cannot generate, a prompt too long
         print(f"trace_errors: {err}", file=sys.stderr)
         return 2
-    print(f"{args.checkpoint}: {task!r}, {args.n_examples} examples per level, "
-          f"{args.lens} lens, {args.loops} loops\n")
+    print(f"{args.checkpoint}: {task.name} {json.dumps(knobs)}, {args.n_examples} examples "
+          f"per level, {args.lens} lens, {args.loops} loops\n")
     print(table(results, args.loops))
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint),

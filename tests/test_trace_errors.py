@@ -111,8 +111,9 @@ def test_every_example_is_counted_once_on_a_trained_run(tmp_path, trace_errors):
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "fixed-depth model (DenseBaseline)" in refused.stderr
     assert "Traceback" not in refused.stderr
-    # A level the task's prompts cannot hold: one line, no traceback.
+    # A level the task's prompts cannot hold, a knob it does not take: one line each.
     assert trace_errors.main(["--checkpoint", str(run), "--levels", "9"]) == 2
+    assert trace_errors.main(["--checkpoint", str(run), "--task-args", '{"colour": 1}']) == 2
     for r in results:
         assert r["exact"] + sum(r["first_wrong"].values()) == r["n"] == 12
         assert sum(r["kinds"].values()) == r["n"] - r["exact"]
