@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from open_mythos.commands.argtypes import loop_count, output_file, positive_int
+from open_mythos.commands.argtypes import loop_count, loop_counts, output_file, positive_int
 from open_mythos.registry import is_looped
 from open_mythos.tasks import get_task
 from open_mythos.tasks.batching import encode_prompt
@@ -152,22 +152,6 @@ def table(results: Sequence[LevelErrors], n_loops: int) -> str:
     return "\n".join(lines)
 
 
-def levels_arg(text: str) -> list[int]:
-    """``"3-6"`` or ``"3,4,6"`` -> levels (each >= 1)."""
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            levels = list(range(lo, hi + 1))
-        else:
-            levels = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"levels must look like 3-6 or 3,4,6, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"levels must be >= 1, got {text!r}")
-    return levels
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--task-args", default=None, metavar="JSON",
                    help="task knobs replacing the run's own (data.task_args), e.g. "
                         "'{\"statements\": 12}'")
-    p.add_argument("--levels", type=levels_arg, default=[3, 4, 5, 6],
+    p.add_argument("--levels", type=loop_counts, default=[3, 4, 5, 6],
                    help="levels (hops) to read, e.g. 3-6 (default 3,4,5,6)")
     p.add_argument("--loops", type=loop_count, default=8,
                    help="loops to run (at least each level; default 8)")

@@ -24,18 +24,25 @@ os.environ["OPENMYTHOS_AUTO_COMPILE"] = "0"
 auto_compile.enabled = False
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 
 
-def load_benchmark(name: str, monkeypatch) -> object:
-    """Import ``benchmarks/<name>.py`` as a module (with ``benchmarks/`` on the path for its
-    ``common`` import, and in ``sys.modules``, where its dataclasses look their module up)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
+def load_script(path: Path, name: str, monkeypatch) -> object:
+    """Import the script at ``path`` as module ``name``, registered in ``sys.modules`` (where
+    its dataclasses look their module up) for the test's duration."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str, monkeypatch) -> object:
+    """Import ``benchmarks/<name>.py`` (with ``benchmarks/`` on the path for its ``common``
+    import): :func:`load_script`."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return load_script(BENCHMARKS / f"{name}.py", f"{name}_bench", monkeypatch)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,5 @@
 """experiments/trace_errors.py: where a looped model's per-loop readouts leave the chain."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,19 +11,15 @@ import torch
 from open_mythos import MythosConfig, OpenMythos
 from open_mythos.tasks import VOCAB_SIZE
 from open_mythos.tasks.batching import encode_prompt
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "trace_errors.py"
 
 
-@pytest.fixture(scope="module")
-def trace_errors():
-    spec = importlib.util.spec_from_file_location("trace_errors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+@pytest.fixture
+def trace_errors(monkeypatch):
+    return load_script(SCRIPT, "trace_errors", monkeypatch)
 
 
 # Chain a -> b -> c -> 7 in the prompt "c=7;a=b;d=4;b=c?a".
@@ -47,14 +42,6 @@ def test_classify_names_the_first_wrong_loop_and_what_it_names(trace_errors, nam
 def test_classify_needs_a_readout_per_step(trace_errors):
     with pytest.raises(ValueError, match="2 readouts cannot check a trace of 3 steps"):
         trace_errors.classify(QUERY, TRACE, ["b", "c"], PROMPT)
-
-
-def test_levels_argument(trace_errors):
-    assert trace_errors.levels_arg("3-6") == [3, 4, 5, 6]
-    assert trace_errors.levels_arg("2,5") == [2, 5]
-    for bad in ("0-2", "x", "3-"):
-        with pytest.raises(Exception, match="levels must"):
-            trace_errors.levels_arg(bad)
 
 
 def test_named_per_loop_matches_a_separate_forward_per_depth(trace_errors):
