@@ -40,6 +40,14 @@ class MultiHop(Task):
     can be answered by elimination, without following it; with it, guessing a digit from
     the prompt is right ``1 / digits`` of the time at every chain length.
 
+    ``open_ends`` (default 0): the probability that the query chain ends, instead of at a
+    digit, at a variable that no assignment defines (``"a=b;b=x?a"``: the answer is
+    ``"x"``). A chain of ``level`` hops then still has ``level`` assignments, so the
+    prompt length does not change. With only digits at the ends, every trace names a digit
+    from its last hop on, so loop ``t`` of a model trained on chains of at most ``t`` hops
+    can learn to name a digit whatever the prompt says; with open ends it has to look the
+    current value up to know whether the chain goes on (``docs/depth_extrapolation.md``).
+
     ``separator`` (default ``";"``): the string between assignments. ``""`` writes them
     back to back (``"c=7a=bd=cb=c?a"``): every assignment is still exactly ``x=y``, so the
     ``=`` marks both sides, and a prompt of ``N`` assignments is ``N - 1`` tokens shorter.
@@ -56,6 +64,7 @@ class MultiHop(Task):
         statements: int | None = None,
         digits: int | None = None,
         separator: str = ";",
+        open_ends: float = 0.0,
     ) -> None:
         hops = check_range("hops", hops)
         ood = check_range("ood_hops", ood_hops)
@@ -77,6 +86,10 @@ class MultiHop(Task):
         if not isinstance(separator, str) or separator not in ("", ";"):
             raise ValueError(f"separator must be ';' or '' (no separator), got {separator!r}")
         self.separator = separator
+        if (isinstance(open_ends, bool) or not isinstance(open_ends, (int, float))
+                or not 0.0 <= open_ends <= 1.0):
+            raise ValueError(f"open_ends must be a probability in [0, 1], got {open_ends!r}")
+        self.open_ends = float(open_ends)
         self.digits = digits
         if digits is not None:
             if statements is None:
@@ -98,13 +111,20 @@ class MultiHop(Task):
         if self.digits is not None and n_extra < self.digits - 1:
             raise ValueError(f"level {level} leaves {n_extra} distractors for the "
                              f"{self.digits - 1} digit-valued ones of digits={self.digits}")
-        names = rng.sample(VARIABLES, level + n_extra)
-        chain, extra = names[:level], names[level:]
+        # Drawn only when asked for: the examples of open_ends=0 are those of before.
+        open_end = self.open_ends > 0 and rng.random() < self.open_ends
+        if level + n_extra + open_end > len(VARIABLES):
+            raise ValueError(f"level {level} with an open end needs more than "
+                             f"{len(VARIABLES)} variables")
+        names = rng.sample(VARIABLES, level + n_extra + open_end)
+        chain, extra = names[:level], names[level + open_end:]
         if self.digits is None:
             answer, others, digit_vars = rng.choice(VALUES), [], None
         else:
             answer, *others = rng.sample(VALUES, self.digits)
             digit_vars = set(rng.sample(extra, self.digits - 1))
+        if open_end:
+            answer = names[level]  # assigned nowhere
         statements = [f"{chain[-1]}={answer}"]
         statements += [f"{chain[i]}={chain[i + 1]}" for i in range(level - 1)]
         created = list(chain)
@@ -120,7 +140,9 @@ class MultiHop(Task):
 
     def trace(self, prompt: str) -> list[str]:
         """The values visited from the query to a digit, one per hop, e.g. ``["b", "c",
-        "7"]`` for ``a -> b -> c -> 7``: the last is the answer, the length is the level."""
+        "7"]`` for ``a -> b -> c -> 7``: the last is the answer, the length is the level.
+        With ``open_ends`` a chain may also end at a variable that is never assigned (not
+        the query itself); without, that is an error."""
         body, mark, query = prompt.partition("?")
         if not mark or len(query) != 1 or query not in VARIABLES:
             raise ValueError(f"multihop prompt must end with '?<variable>', got {prompt!r}")
@@ -148,6 +170,8 @@ class MultiHop(Task):
         path, current = [], query
         while current not in VALUES:
             if current not in table:
+                if path and self.open_ends > 0:
+                    break  # an open end: the chain stops at a variable nobody assigns
                 raise ValueError(f"variable {current!r} is never assigned in {prompt!r}")
             if len(path) > len(table):
                 raise ValueError(f"cyclic assignments in {prompt!r}")

@@ -51,6 +51,7 @@ VARIANTS: dict[str, Task] = {
     "multihop_fixed_length": MultiHop(ood_hops=(4, 6), statements=8),
     "multihop_fixed_digits": MultiHop(ood_hops=(4, 6), statements=10, digits=3),
     "multihop_no_separator": MultiHop(ood_hops=(4, 6), statements=8, separator=""),
+    "multihop_open_ends": MultiHop(ood_hops=(4, 6), statements=8, open_ends=0.5),
     "phop": PHop(),
     "phop_2": PHop(nodes=2),
 }
@@ -173,6 +174,9 @@ def test_generation_leaves_global_random_state_alone(task: Task) -> None:
         (MultiHop(), "x=1;a=x;y=a;z=3?y", "1", 3),
         (MultiHop(separator=""), "c=7a=bd=cb=c?a", "7", 3),
         (MultiHop(separator=""), "a=7?a", "7", 1),
+        (MultiHop(open_ends=0.5), "a=b;b=x?a", "x", 2),
+        (MultiHop(open_ends=0.5), "c=7;a=b;d=c;b=c?a", "7", 3),
+        (MultiHop(open_ends=1.0, separator=""), "a=b?a", "b", 1),
         (PHop(nodes=3), "a=c;b=a;c=b?a2", "b", 2),
         (PHop(nodes=3), "a=c;b=a;c=b?a3", "a", 3),
         (PHop(nodes=3), "c=b;a=c;b=a?b10", "a", 10),
@@ -206,6 +210,8 @@ def test_hand_written_examples(task: Task, prompt: str, answer: str, level: int)
         (MultiHop(separator=""), "c=7a=bd=c?"),
         (MultiHop(separator=""), "c=7a=bd=?a"),  # not 3 characters each
         (MultiHop(), "c=7a=b?a"),  # no separator where there is one
+        (MultiHop(open_ends=0.5), "a=1?b"),  # an open end needs at least one hop
+        (MultiHop(open_ends=0.5), "a=b;b=a?a"),
         (PHop(nodes=3), "a=c;b=a;c=b"),  # no query
         (PHop(nodes=3), "a=c;b=a;c=b?a"),  # no hop count
         (PHop(nodes=3), "a=c;b=a;c=b?2"),  # no start node
@@ -266,7 +272,8 @@ def test_dyck_balanced_is_a_fair_coin_that_counting_cannot_solve() -> None:
 
 
 @pytest.mark.parametrize("task", [MultiHop(), MultiHop(ood_hops=(4, 6), statements=8),
-                                  MultiHop(ood_hops=(4, 6), statements=8, digits=3)])
+                                  MultiHop(ood_hops=(4, 6), statements=8, digits=3),
+                                  MultiHop(ood_hops=(4, 6), statements=8, open_ends=0.5)])
 def test_multihop_assigns_each_variable_once_and_is_acyclic(task: MultiHop) -> None:
     for split in task.splits:
         for ex in _samples(task, split):
@@ -275,7 +282,38 @@ def test_multihop_assigns_each_variable_once_and_is_acyclic(task: MultiHop) -> N
             assert len(lhs) == len(set(lhs))
             assert query in lhs
             for var in lhs:  # every variable, not just the query, resolves to a digit
-                task.solve(f"{body}?{var}")
+                task.solve(f"{body}?{var}")  # (or, with open_ends, an unassigned variable)
+
+
+def test_multihop_open_ends() -> None:
+    """With ``open_ends=p`` a share ~p of the chains ends at a variable assigned nowhere
+    (the answer, a letter); the prompt keeps its length and its digit count rule; with
+    ``open_ends=0`` the examples are exactly those of a task without the knob."""
+    task = MultiHop(hops=(1, 3), ood_hops=(4, 6), statements=8, open_ends=0.3)
+    rng = random.Random(1)
+    examples = [task.generate_at(rng, level) for level in range(1, 7) for _ in range(200)]
+    opened = [ex for ex in examples if ex.answer.isalpha()]
+    assert 0.25 < len(opened) / len(examples) < 0.35
+    for ex in examples:
+        body, query = ex.prompt.split("?")
+        table = dict(stmt.split("=") for stmt in body.split(";"))
+        assert len(table) == 8 and len(ex.prompt) == 33
+        path, current = [], query  # an independent walk
+        while current in table:
+            current = table[current]
+            path.append(current)
+        assert path[-1] == ex.answer and task.trace(ex.prompt) == path
+        assert ex.answer.isdigit() or (ex.answer not in table and ex.answer != query)
+    digits = MultiHop(ood_hops=(4, 6), statements=8, digits=3, open_ends=1.0)
+    for ex in _samples(digits, "ood_hops"):
+        assert ex.answer.isalpha() and sum(c.isdigit() for c in ex.prompt) == 2
+    plain = MultiHop(ood_hops=(4, 6), statements=8)
+    closed = MultiHop(ood_hops=(4, 6), statements=8, open_ends=0.0)
+    for split in plain.splits:
+        assert _samples(plain, split) == _samples(closed, split)
+    for bad in (-0.1, 1.5, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="open_ends"):
+            MultiHop(open_ends=bad)
 
 
 def test_multihop_without_a_separator_writes_the_same_chains_shorter() -> None:
