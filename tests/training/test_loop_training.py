@@ -64,9 +64,14 @@ def test_loop_loss_last_k_and_weights():
     assert loop_weights([1, 2, 3], 3, gamma=0.5) == pytest.approx({1: 1 / 7, 2: 2 / 7, 3: 4 / 7})
 
 
-def test_per_loop_targets_follow_the_chain():
-    task = get_task("multihop", hops=(1, 4), ood_hops=(5, 6))
+@pytest.mark.parametrize("open_ends", [0.0, 0.5])
+def test_per_loop_targets_follow_the_chain(open_ends):
+    """Loop ``d``'s target is the chain's value after ``d`` hops, held at its end (a digit,
+    or with ``open_ends`` also a variable that nothing assigns)."""
+    task = get_task("multihop", hops=(1, 4), ood_hops=(5, 6), open_ends=open_ends)
     batch = make_batch(task, __import__("random").Random(0), "train", 16, with_trace=True)
+    ends = {chr(t) for t in batch["trace"][:, -1].tolist()}
+    assert any(c.isalpha() for c in ends) == (open_ends > 0)
     pos = batch["answer_start"] - 1
     for i in range(16):
         prompt = "".join(chr(t) for t in batch["input_ids"][i, 1:batch["answer_start"][i]].tolist())
