@@ -16,7 +16,8 @@ class MultiHop(Task):
 
     Prompt: assignments ``x=y`` (``x`` a lowercase letter, ``y`` a lowercase letter or a
     digit) joined by ``;``, then ``?`` and the queried variable, e.g. ``"c=7;a=b;d=c;b=c?a"``
-    (``a -> b -> c -> 7``). Answer: the digit reached, ``"7"``.
+    (``a -> b -> c -> 7``). Answer: the digit reached, ``"7"`` (with ``open_ends``, the
+    chain may end at a variable instead: see below).
 
     Every variable is assigned exactly once, and each assignment points only to a digit or
     to a variable created before it, so the assignments form an acyclic forest. The query
