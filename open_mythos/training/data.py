@@ -21,6 +21,7 @@ per-loop targets ``trace`` (B, K) (:func:`open_mythos.tasks.batching.trace_targe
 from __future__ import annotations
 
 import copy
+import json
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -124,6 +125,7 @@ class TaskSource(DataSource):
         self._last: tuple[tuple[str, int, int], dict[str, torch.Tensor]] | None = None
         self.with_trace = with_trace
         self.name, self.seed = name, seed
+        self.task_args = dict(task_args)
         self.vocab_size = VOCAB_SIZE
         self.seq_len = seq_len if seq_len is not None else longest
         self.batch_size = batch_size
@@ -139,7 +141,10 @@ class TaskSource(DataSource):
         return _rows(self._last[1], shard, self.batch_size)
 
     def describe(self) -> str:
-        return f"task {self.name!r} ({self.task!r}), seq_len {self.seq_len}"
+        """One line for the run's header: the task, the knobs it was given (a task's repr
+        shows its levels, not ``statements`` or ``open_ends``) and the context length."""
+        knobs = f" {json.dumps(self.task_args, default=str)}" if self.task_args else ""
+        return f"task {self.name!r}{knobs} ({self.task!r}), seq_len {self.seq_len}"
 
 
 class PackedTextSource(DataSource):

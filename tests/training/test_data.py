@@ -21,6 +21,17 @@ from open_mythos.training.data import (
 )
 
 
+def test_a_task_run_header_names_the_task_knobs():
+    """A task's repr shows its levels only: the header must also say which knobs the run
+    gave it (``open_ends`` or ``statements`` change the task without changing the levels)."""
+    knobs = {"hops": [1, 3], "ood_hops": [4, 6], "statements": 8, "open_ends": 0.5}
+    line = build_data_source(DataConfig(task="multihop", task_args=knobs, batch_size=2),
+                             seed=0).describe()
+    assert line.startswith("task 'multihop' {") and json.loads(line[line.index("{"):line.index("}") + 1]) == knobs
+    bare = build_data_source(DataConfig(task="parity", batch_size=2, seq_len=32), seed=0)
+    assert bare.describe().startswith("task 'parity' (")
+
+
 def test_task_batches_are_deterministic_and_shard_the_global_batch():
     src = build_data_source(DataConfig(task="parity", batch_size=2, seq_len=32), seed=3)
     a, b = src.batch(TRAIN, 5), src.batch(TRAIN, 5)
