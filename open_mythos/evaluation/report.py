@@ -517,7 +517,7 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
 def difference_interval(p: float, n: int, q: float, m: int) -> tuple[float, float]:
     """The 95% interval of ``p - q``, two accuracies measured on ``n`` and ``m`` independent
     examples: Newcombe's hybrid score interval (method 10 of Newcombe 1998), built from the
-    two :func:`wilson_interval` s, so that it does not collapse at 0 or 1 as the normal
+    two Wilson intervals (:func:`wilson_interval`), so that it does not collapse at 0 or 1 as the normal
     interval does.
 
     Raises:

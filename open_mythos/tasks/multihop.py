@@ -107,24 +107,22 @@ class MultiHop(Task):
             raise ValueError(f"level {level} needs more than statements={self.statements} assignments")
         n_extra = (rng.randint(*self.distractors) if self.statements is None
                    else self.statements - level)
-        if level + n_extra > len(VARIABLES):
-            raise ValueError(f"level {level} needs more than {len(VARIABLES)} variables")
+        # Drawn only when asked for: the examples of open_ends=0 are those of before.
+        n_open = int(self.open_ends > 0 and rng.random() < self.open_ends)  # 1: open end
+        if level + n_extra + n_open > len(VARIABLES):
+            raise ValueError(f"level {level} needs more than {len(VARIABLES)} variables"
+                             + (" (one is the open end)" if n_open else ""))
         if self.digits is not None and n_extra < self.digits - 1:
             raise ValueError(f"level {level} leaves {n_extra} distractors for the "
                              f"{self.digits - 1} digit-valued ones of digits={self.digits}")
-        # Drawn only when asked for: the examples of open_ends=0 are those of before.
-        open_end = self.open_ends > 0 and rng.random() < self.open_ends
-        if level + n_extra + open_end > len(VARIABLES):
-            raise ValueError(f"level {level} with an open end needs more than "
-                             f"{len(VARIABLES)} variables")
-        names = rng.sample(VARIABLES, level + n_extra + open_end)
-        chain, extra = names[:level], names[level + open_end:]
+        names = rng.sample(VARIABLES, level + n_extra + n_open)
+        chain, extra = names[:level], names[level + n_open:]
         if self.digits is None:
             answer, others, digit_vars = rng.choice(VALUES), [], None
         else:
             answer, *others = rng.sample(VALUES, self.digits)
             digit_vars = set(rng.sample(extra, self.digits - 1))
-        if open_end:
+        if n_open:
             answer = names[level]  # assigned nowhere
         statements = [f"{chain[-1]}={answer}"]
         statements += [f"{chain[i]}={chain[i + 1]}" for i in range(level - 1)]
