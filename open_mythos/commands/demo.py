@@ -390,10 +390,9 @@ def training_summary(out: Path, args: argparse.Namespace, last: int = 50) -> lis
                     f"({verdict}; the threshold is {LEARNED_CE})")
             if stage == "lookup" and ce >= LEARNED_CE and kind == "looped":
                 line += ("; the chain stage then has to learn the lookup too, which has cost "
-                         "depth extrapolation in earlier runs: try more --lookup-steps, "
-                         "another --seed, or --set model.token_conv=4 --set optim.lr=2e-3, "
-                         "with which both models learned it on seeds 0 and 1 in 600 lookup "
-                         "steps (docs/depth_extrapolation.md)")
+                         "depth extrapolation (--seed 2: NOT MET): try more --lookup-steps "
+                         "(seeds 1 and 2 learn it by about step 1100 and 1270) or another "
+                         "--seed (docs/depth_extrapolation.md)")
             lines.append(line)
     return lines
 
