@@ -114,6 +114,33 @@ def test_demo_stages_are_the_documented_configs(stage):
         assert documented.run.init_from == "runs/multihop_lookup"
 
 
+@pytest.mark.parametrize("loops", ["fixed", "uniform"])
+def test_lookup_stage_is_one_digit_ended_hop_at_shallow_depths(loops):
+    """The lookup stage trains one hop on chains that end at a digit, at 1 to T_train - 1
+    loops, whatever the chain stage's task knobs and loop schedule; the chain stage takes
+    both as given, and the baseline always runs its T_train blocks."""
+    from pathlib import Path
+
+    from open_mythos.cli import build_parser
+    from open_mythos.commands.demo import train_config
+    from open_mythos.tasks import get_task
+
+    task_args = '{"hops": [1, 2], "ood_hops": [3, 5], "statements": 7, "open_ends": 0.25}'
+    args = build_parser().parse_args(["demo", "--loops", loops, "--task-args", task_args,
+                                      "--train-loops", "4"])
+    lookup = train_config(args, Path("runs"), "looped", "lookup")
+    assert lookup.data.task_args == {"hops": [1, 1], "ood_hops": [2, 5], "statements": 7}
+    assert (lookup.schedule.loops.value, lookup.schedule.min_loops,
+            lookup.schedule.max_loops) == ("uniform", 1, 3)
+    assert lookup.schedule.lr_decay.value == "constant"
+    assert get_task("multihop", **lookup.data.task_args).open_ends == 0.0
+    chain = train_config(args, Path("runs"), "looped", "chain")
+    assert chain.data.task_args["open_ends"] == 0.25 and chain.data.task_args["hops"] == [1, 2]
+    assert chain.schedule.loops.value == loops and chain.schedule.n_loops == 4
+    for stage in ("lookup", "chain"):
+        assert train_config(args, Path("runs"), "baseline", stage).schedule.loops.value == "fixed"
+
+
 def _rows(model, split_acc):
     from open_mythos.evaluation.sweep import SweepRow
 
