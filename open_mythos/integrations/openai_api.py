@@ -8,9 +8,17 @@ checked by :mod:`open_mythos.integrations.server` against its :class:`ServeLimit
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from ..layers.recurrence import ExitRule
 from ..serving.jobs import TokenLogprob, token_bytes
@@ -19,13 +27,36 @@ from .textgen import chat_prompt
 
 MAX_STOP_STRINGS = 4
 
+#: More unknown fields than this in one object are refused as one error, not one each.
+MAX_UNKNOWN_FIELDS = 10
+
+# Lists and maps stop validating at their first bad item (``fail_fast``): a million nulls in
+# ``prompt`` made pydantic build three million errors, a minute of work that blocked every
+# client, before the server could answer 400.
+TokenIds = Annotated[list[int], Field(fail_fast=True)]
+Texts = Annotated[list[str], Field(fail_fast=True)]
+TokenIdLists = Annotated[list[TokenIds], Field(fail_fast=True)]
 
 
-class ExitRuleBody(BaseModel):
-    """The ``exit_rule`` extension: a training-free per-position exit test
-    (:class:`~open_mythos.layers.recurrence.ExitRule`; at least one criterion)."""
+class StrictBody(BaseModel):
+    """A request object: unknown fields are rejected, numbers are strict; a flood of
+    unknown fields is one error."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) > len(cls.model_fields) + MAX_UNKNOWN_FIELDS:
+            unknown = [k for k in data if k not in cls.model_fields]
+            raise ValueError(f"{len(unknown)} unrecognized fields, e.g. "
+                             + ", ".join(repr(k)[:40] for k in unknown[:3]))
+        return data
+
+
+class ExitRuleBody(StrictBody):
+    """The ``exit_rule`` extension: a training-free per-position exit test
+    (:class:`~open_mythos.layers.recurrence.ExitRule`; at least one criterion)."""
 
     kl: float | None = None
     entropy: float | None = None
@@ -38,18 +69,15 @@ class ExitRuleBody(BaseModel):
         return ExitRule(**self.model_dump())
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictBody):
     """``stream_options``: strict like every other field (``"include_usage": "false"`` was
     read as true)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool | None = None
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StrictBody):
     """Fields shared by both endpoints (unknown fields are rejected, numbers are strict)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     #: Fields OpenAI documents as nullable whose null means "the default" (clients and
     #: proxies send ``"temperature": null``).
@@ -58,12 +86,12 @@ class SamplingFields(BaseModel):
         "frequency_penalty"})
 
     model: str | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | Texts | None = None
     seed: int | None = None
     user: str | None = None
     # OpenMythos extensions.
@@ -71,9 +99,9 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     exit_rule: ExitRuleBody | None = None
     # Accepted only at their neutral values.
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = Field(default=None, fail_fast=True)
+    presence_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -83,9 +111,16 @@ class SamplingFields(BaseModel):
                     if not (v is None and k in cls.NULL_MEANS_DEFAULT)}
         return data
 
-    def _check_common(self) -> list[str]:
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop accepts at most {MAX_STOP_STRINGS} strings")
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        return stop
+
+    def unsupported(self) -> list[str]:
+        """The fields set to a value this server does not implement (only their neutral
+        values are accepted)."""
         return [k for k, bad in {"logit_bias": bool(self.logit_bias),
                                  "presence_penalty": self.presence_penalty != 0.0,
                                  "frequency_penalty": self.frequency_penalty != 0.0}.items() if bad]
@@ -102,7 +137,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """Body of ``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | Texts | TokenIds | TokenIdLists
     max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0)
@@ -110,16 +145,21 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and (
-                not self.prompt or any(isinstance(p, list) and not p for p in self.prompt)):
-            raise ValueError("prompt must not be an empty list")
-        bad = self._check_common() + [k for k, b in {
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            prompt = handler(prompt)
+        except ValidationError:  # one problem, not one per member of the union
+            raise ValueError(_prompt_problem(prompt)) from None
+        if isinstance(prompt, list) and (
+                not prompt or any(isinstance(p, list) and not p for p in prompt)):
+            raise ValueError("must not be an empty list")
+        return prompt
+
+    def unsupported(self) -> list[str]:
+        return super().unsupported() + [k for k, b in {
             "best_of": self.best_of not in (None, 1), "suffix": bool(self.suffix)}.items() if b]
-        if bad:
-            raise ValueError(f"not supported by this server: {', '.join(bad)}")
-        return self
 
     def prompt_list(self) -> list[str] | list[list[int]]:
         p = self.prompt
@@ -130,16 +170,46 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (list, "an array"),
+                       (dict, "an object"), (int, "an integer"),
+                       (float, "a number with a decimal point")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _prompt_problem(prompt: Any) -> str:
+    """What is wrong with a ``prompt`` that is none of its four forms."""
+    forms = "a string, a list of strings, a list of token ids or a list of token-id lists"
+    if not isinstance(prompt, list):
+        return f"must be {forms}, not {json_type(prompt)}"
+    token = lambda t: type(t) is int  # noqa: E731  (strict: not a bool, not 1.0)
+    first = prompt[0]
+    if isinstance(first, list):  # a list of token-id lists: name the first bad id
+        for i, p in enumerate(prompt):
+            if not isinstance(p, list):
+                return f"item {i} is {json_type(p)}, where every item must be a list of " \
+                       "token ids (as item 0)"
+            j = next((j for j, t in enumerate(p) if not token(t)), None)
+            if j is not None:
+                return f"item {i}[{j}] is {json_type(p[j])}, not a token id (an integer)"
+    want, ok = ("a string", lambda p: isinstance(p, str)) if isinstance(first, str) \
+        else ("a token id (an integer)", token)
+    i = next(i for i, p in enumerate(prompt) if not ok(p))
+    return f"item {i} is {json_type(prompt[i])}, where every item must be {want}, as item 0 is" \
+        if i else f"must be {forms}; item 0 is {json_type(first)}"
+
+
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ChatMessage(StrictBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | Annotated[list[TextPart], Field(fail_fast=True)]
     name: str | None = None
     #: The call a tool message answers (OpenAI's conversations carry it on every tool
     #: message); a chat template may show it, the plain template does not.
@@ -166,7 +236,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     """Body of ``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
@@ -174,15 +244,16 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        bad = self._check_common()
-        if bad:
-            raise ValueError(f"not supported by this server: {', '.join(bad)}")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
 
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def token_limit(self) -> tuple[int | None, str]:
+        """The reply's token limit and the field that set it (``max_completion_tokens``
+        over the older ``max_tokens``)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 class TokenizeRequest(BaseModel):
@@ -198,7 +269,7 @@ class DetokenizeRequest(BaseModel):
     """Body of ``POST /detokenize`` (vLLM's)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    tokens: list[int]
+    tokens: TokenIds
     model: str | None = None
 
 

@@ -29,7 +29,9 @@ sequences of concurrent requests step by step. Limits (:class:`ServeLimits`, the
 and each request's time.
 
 Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for an
-invalid request or one beyond a cap, 404 for an unknown model or route, 429 (with
+invalid request or one beyond a cap, 404 for an unknown model or route, 413 for a body over
+the size limit, 415 for a body not sent as JSON (``Content-Type: application/json``; none
+is read as JSON), 429 (with
 ``Retry-After``) when the queue is full, 503 while shutting down, 504 past the time limit,
 500 otherwise. Once a stream has started, an error arrives as an ``error`` event before
 ``[DONE]``. A client that disconnects, or closes a stream early, ends its sequences at the
@@ -48,13 +50,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -81,6 +84,7 @@ from .openai_api import (
     SamplingFields,
     TokenizeRequest,
     chat_logprobs,
+    json_type,
     render_chat,
     usage,
 )
@@ -184,6 +188,7 @@ class CompletionService:
     def prepare_completion(self, req: CompletionRequest) -> _Call:
         """Validate and tokenize; raises :class:`APIError` (400/404)."""
         self._check_model(req.model)
+        self._check_supported(req)
         given = req.prompt_list()
         # Cheap checks first: tokenizing a million prompts only to refuse them stalls
         # every client of the event loop.
@@ -206,7 +211,7 @@ class CompletionService:
         except ValueError as err:  # an empty prompt and no BOS/EOS to start from
             raise APIError(400, str(err), param="prompt") from None
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        options = self._options(req, prompts, max_tokens, req.stop_list())
+        options = self._options(req, prompts, max_tokens, req.stop_list(), "prompt", "max_tokens")
         self._check_logprobs(req.logprobs)
         echo = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
         return _Call(False, prompts, req.n, options, echo, req.logprobs,
@@ -215,13 +220,14 @@ class CompletionService:
 
     def prepare_chat(self, req: ChatCompletionRequest) -> _Call:
         self._check_model(req.model)
+        self._check_supported(req)
         self._check_batch(1, req.n)
         text, stops = render_chat(self.tokenizer, req.messages)
         try:
             prompts = encode_prompts(self.tokenizer, [text])
         except ValueError as err:  # e.g. a lone surrogate: not encodable text
             raise APIError(400, str(err), param="messages") from None
-        max_tokens = req.token_limit()
+        max_tokens, tokens_param = req.token_limit()
         if max_tokens is None:
             room = self.model.cfg.max_seq_len - len(prompts[0])
             if room <= 0:  # a 200 with an empty reply would not say why
@@ -229,7 +235,8 @@ class CompletionService:
                                f"the context of {self.model.cfg.max_seq_len}: no room for a "
                                "reply", param="messages")
             max_tokens = min(self.limits.max_tokens, room)
-        options = self._options(req, prompts, max_tokens, req.stop_list() + stops)
+        options = self._options(req, prompts, max_tokens, req.stop_list() + stops, "messages",
+                                tokens_param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         self._check_logprobs(logprobs, "top_logprobs")
         return _Call(True, prompts, req.n, options, [""], logprobs, False, req.include_usage(),
@@ -258,20 +265,38 @@ class CompletionService:
             raise APIError(400, f"{n_prompts} prompts x n={n} sequences is above this "
                            f"server's batch cap of {cap} (--max-batch)", param="n")
 
+    def _check_supported(self, req: SamplingFields) -> None:
+        bad = req.unsupported()
+        if bad:
+            raise APIError(400, f"not supported by this server: {', '.join(bad)} (only "
+                           "their neutral values are accepted)", param=bad[0])
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
                            f"`{self.model_name}`", param="model", code="model_not_found")
 
     def _options(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int,
-                 stop: tuple[str, ...]) -> GenerationOptions:
+                 stop: tuple[str, ...], prompt_param: str, tokens_param: str
+                 ) -> GenerationOptions:
+        """The generation options of a request; ``prompt_param`` and ``tokens_param`` name
+        the fields that gave the prompt and the token limit (for the error's ``param``)."""
         lim = self.limits
         caps = [("n_loops", req.n_loops or 0, self.max_n_loops, "--max-n-loops"),
-                ("max_tokens", max_tokens, lim.max_tokens, "--max-tokens")]
+                (tokens_param, max_tokens, lim.max_tokens, "--max-tokens")]
         for param, value, cap, flag in caps:
             if value > cap:
                 raise APIError(400, f"{param}={value} is above this server's cap of {cap} ({flag})",
                                param=param)
+        vocab, context = self.model.cfg.vocab_size, self.model.cfg.max_seq_len
+        for i, p in enumerate(prompts):
+            if p and (min(p) < 0 or max(p) >= vocab):
+                raise APIError(400, f"prompt {i} has token ids outside [0, {vocab})",
+                               param=prompt_param)
+        longest = max(len(p) for p in prompts)
+        if longest + max_tokens > context:
+            raise APIError(400, f"the prompt ({longest} tokens) + {tokens_param} ({max_tokens}) "
+                           f"exceeds the model's context of {context} tokens", param=tokens_param)
         exit_rule = None
         if req.exit_rule is not None:
             if not isinstance(self.model, OpenMythos):
@@ -476,11 +501,14 @@ def _add_error_handlers(app: FastAPI) -> None:
 MAX_PROBLEMS = 10
 
 
-def _validation_error(err: RequestValidationError) -> APIError:
+def _validation_error(err: RequestValidationError | ValidationError) -> APIError:
     """A 400 naming the invalid fields of a request pydantic refused (the first
     :data:`MAX_PROBLEMS`, then how many more)."""
     problems, param = [], None
-    errors = err.errors()
+    if isinstance(err, ValidationError):
+        errors = err.errors(include_url=False, include_context=False, include_input=False)
+    else:
+        errors = err.errors()
     for e in errors[:MAX_PROBLEMS]:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
         param = param or (loc[0] if loc else None)
@@ -497,31 +525,73 @@ def _validation_error(err: RequestValidationError) -> APIError:
     return APIError(400, "; ".join(problems) or "invalid request", param=param)
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(model: type[Body], body: bytes, content_type: str | None) -> Body:
+    """The request ``body`` parsed and validated as ``model``; raises :class:`APIError`
+    (415 for a body that is not sent as JSON, 400 for an invalid one)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    # No content type is read as JSON (as FastAPI does). Anything else is refused: a form
+    # post (curl -d without -H) would be "not a dictionary", and a browser may send
+    # text/plain to a local server from any web page without asking.
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise APIError(415, f"the request body must be JSON sent with Content-Type: "
+                            f"application/json, not {media[:80]}")
+    try:
+        # Python's parser, as FastAPI's: pydantic's own refuses an escaped lone surrogate
+        # as "invalid JSON", where the tokenizer names the problem.
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, deep nesting
+        what = "empty" if not body.strip() else "not valid JSON"
+        raise APIError(400, f"the request body is {what}: send a JSON object") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {json_type(data)}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise _validation_error(err) from None
+
+
+async def _in_worker(request: Request, model: type[Body], then: Callable[[Body], Any]) -> Any:
+    """Read the body on the event loop; parse, validate and ``then(request_body)`` on a
+    worker thread, so that a large or hostile body does not stall the other clients."""
+    body = await request.body()
+    content_type = request.headers.get("content-type")
+    return await run_in_threadpool(lambda: then(parse_body(model, body, content_type)))
+
+
+def _get_and_head(app: FastAPI, path: str, endpoint: Callable[..., Any]) -> None:
+    """``GET path`` and ``HEAD path`` (load balancers and uptime checks probe with HEAD);
+    only GET in the OpenAPI schema (one operation id per route)."""
+    app.add_api_route(path, endpoint, methods=["GET"])
+    app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
+
 def _add_model_routes(app: FastAPI, service: CompletionService) -> None:
     """``/health``, ``/v1/models`` and ``/v1/models/{id}``."""
 
-    # HEAD as well as GET: load balancers and uptime checks probe with HEAD.
-    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict[str, Any]:
         return {"status": "ok", **service.scheduler.stats()}
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [service.model_card()]}
 
-    # ":path": a served name may have a slash (--model-name org/model).
-    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     def get_model(model_id: str) -> dict[str, Any]:
         if model_id != service.model_name:
             raise APIError(404, f"The model `{model_id}` does not exist", param="model",
                            code="model_not_found")
         return service.model_card()
 
+    _get_and_head(app, "/health", health)
+    _get_and_head(app, "/v1/models", list_models)
+    # ":path": a served name may have a slash (--model-name org/model).
+    _get_and_head(app, "/v1/models/{model_id:path}", get_model)
+
 
 def _add_tokenizer_routes(app: FastAPI, service: CompletionService) -> None:
     """vLLM's tokenizer endpoints, which lm-eval's "remote" tokenizer backend uses."""
 
-    @app.get("/tokenizer_info")
     def tokenizer_info() -> dict[str, Any]:
         tok = service.tokenizer
         name = lambda i: None if i is None else tok.decode([i], skip_special_tokens=False)  # noqa: E731
@@ -529,17 +599,25 @@ def _add_tokenizer_routes(app: FastAPI, service: CompletionService) -> None:
                 "pad_token": name(tok.pad_token_id), "chat_template": None,
                 "model_max_length": service.model.cfg.max_seq_len}
 
-    @app.post("/tokenize")
-    def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+    _get_and_head(app, "/tokenizer_info", tokenizer_info)
+
+    def tokens_of(req: TokenizeRequest) -> dict[str, Any]:
         ids = service.encode_text(req.prompt, req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": service.model.cfg.max_seq_len}
 
-    @app.post("/detokenize")
-    def detokenize(req: DetokenizeRequest) -> dict[str, str]:
+    def text_of(req: DetokenizeRequest) -> dict[str, str]:
         try:
             return {"prompt": service.tokenizer.decode(req.tokens)}
         except ValueError as err:
             raise APIError(400, str(err), param="tokens") from None
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await _in_worker(request, TokenizeRequest, tokens_of)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, str]:
+        return await _in_worker(request, DetokenizeRequest, text_of)
 
 
 def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
@@ -554,19 +632,19 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
         return StreamingResponse(service.stream(call, job, queue), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    # Tokenizing (a prompt may be megabytes of text) runs on a worker thread, not on the
-    # event loop that every other client's stream goes through.
+    # Parsing, validating and tokenizing (a body may be megabytes) run on a worker thread,
+    # not on the event loop that every other client's stream goes through.
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest, request: Request
-                          ) -> dict[str, Any] | StreamingResponse:
-        return await run(await run_in_threadpool(service.prepare_completion, req), req.stream,
-                         request)
+    async def completions(request: Request) -> dict[str, Any] | StreamingResponse:
+        stream, call = await _in_worker(
+            request, CompletionRequest, lambda req: (req.stream, service.prepare_completion(req)))
+        return await run(call, stream, request)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(req: ChatCompletionRequest, request: Request
-                               ) -> dict[str, Any] | StreamingResponse:
-        return await run(await run_in_threadpool(service.prepare_chat, req), req.stream,
-                         request)
+    async def chat_completions(request: Request) -> dict[str, Any] | StreamingResponse:
+        stream, call = await _in_worker(
+            request, ChatCompletionRequest, lambda req: (req.stream, service.prepare_chat(req)))
+        return await run(call, stream, request)
 
 
 class BodyLimit:

@@ -144,13 +144,13 @@ def test_streaming_sends_deltas_then_done(server):
     ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
     ({"prompt": "a", "n_loops": 0}, 400, "n_loops"),
     ({"prompt": "a", "temperature": 3}, 400, "temperature"),
-    ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, None),
+    ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop"),
     ({"prompt": "a", "unknown_field": 1}, 400, "unknown_field"),
     ({"prompt": "a", "max_tokens": 10_000}, 400, "max_tokens"),
-    ({"prompt": "a", "max_tokens": 64}, 400, None),  # beyond the context of 64
+    ({"prompt": "a", "max_tokens": 64}, 400, "max_tokens"),  # beyond the context of 64
     ({"prompt": "a", "logprobs": 100}, 400, "logprobs"),
-    ({"prompt": "a", "best_of": 2}, 400, None),
-    ({"prompt": [], "max_tokens": 1}, 400, None),
+    ({"prompt": "a", "best_of": 2}, 400, "best_of"),
+    ({"prompt": [], "max_tokens": 1}, 400, "prompt"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
 ])
 def test_bad_requests_get_openai_error_bodies(server, body, status, param):
