@@ -57,6 +57,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    _get_fqns,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -145,9 +146,39 @@ def restore_model_state(model: nn.Module, state: dict[str, torch.Tensor], tied: 
 
 def restore_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                             state: dict[str, Any], from_rank0: bool = False) -> None:
-    """Load a full optimizer state (collective; see :func:`restore_model_state`)."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+    """Load a full optimizer state (collective; see :func:`restore_model_state`).
+
+    A parameter without state in ``state`` (one the saved run never updated because it
+    never had a gradient: ACT's halting head with ``use_act = false``) is left without
+    state, as it was in the run that saved it."""
+    stateless = [name for name in parameters_by_fqn(model) if name not in state.get("state", {})]
+    if from_rank0:  # only rank 0 holds the state
+        box = [stateless]
+        torch.distributed.broadcast_object_list(box, src=0)
+        stateless = box[0]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0,
+                               strict=not stateless)
     set_optimizer_state_dict(model, optimizer, state, options=options)
+    forget_optimizer_states(model, optimizer, stateless)
+
+
+def parameters_by_fqn(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of a plain, DDP or FSDP2 model (compiled parts included) under the
+    names that the state dicts of ``torch.distributed.checkpoint`` use."""
+    # NOTE: _get_fqns is DCP's own naming (no DDP "module.", no "_orig_mod."); there is no
+    # public equivalent.
+    return {fqn: p for name, p in model.named_parameters() for fqn in _get_fqns(model, name)}
+
+
+def forget_optimizer_states(model: nn.Module, optimizer: torch.optim.Optimizer,
+                            names: list[str]) -> None:
+    """Drop the optimizer state of the parameters ``names`` (:func:`parameters_by_fqn`'s):
+    loading a state dict gives every parameter a state (placeholders where it had none),
+    which a parameter that never had a gradient must not have for the run to continue as
+    it would have (its first update would otherwise count a step it never took)."""
+    params = parameters_by_fqn(model)
+    for name in names:
+        optimizer.state.pop(params[name], None)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

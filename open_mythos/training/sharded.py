@@ -48,6 +48,7 @@ from ..checkpoints import SHARDED_MODEL_DIR, file_sha256
 from ..config import MythosConfig
 from .checkpoint import (
     NonFiniteWeights,
+    forget_optimizer_states,
     non_finite_message,
     publish,
     removed_on_error,
@@ -150,6 +151,14 @@ def load_sharded_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
     if missing or unexpected:
         raise KeyError(f"weights in {str(ckpt_dir)!r} do not match the model: missing "
                        f"{missing}, unexpected {unexpected}")
+    # Parameters the saved run never updated (never a gradient: ACT's halting head with
+    # use_act = false) have no optimizer state in it, and get none here.
+    saved = dcp.FileSystemReader(str(ckpt_dir / SHARDED_OPTIMIZER_DIR)).read_metadata()
+    with_state = {key.removeprefix("state.").rsplit(".", 1)[0]
+                  for key in saved.state_dict_metadata if key.startswith("state.")}
+    stateless = [name for name in optim_state["state"] if name not in with_state]
+    for name in stateless:
+        del optim_state["state"][name]
     no_dist = not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():  # no_dist: "assuming the intent is to load in a single process"
         warnings.simplefilter("ignore", UserWarning)
@@ -157,6 +166,7 @@ def load_sharded_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
         dcp.load(optim_state, checkpoint_id=ckpt_dir / SHARDED_OPTIMIZER_DIR, no_dist=no_dist)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=_LOAD)
+    forget_optimizer_states(model, optimizer, stateless)
 
 
 # Helpers ------------------------------------------------------------------------------------

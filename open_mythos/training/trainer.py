@@ -537,17 +537,21 @@ class Trainer:
             bad_steps=int(trainer_state["bad_steps"]),
             consecutive_bad=int(trainer_state["consecutive_bad"]))
         rngs = trainer_state["rng"]
+        reseeded = ""
         if len(rngs) == ctx.world_size:
             set_rng_state(rngs[ctx.rank], ctx.device)
         else:  # resumed on another number of processes: reseed deterministically
             torch.manual_seed(self.cfg.run.seed * 1009 + self.state.step * 7919 + ctx.rank)
+            reseeded = (f"; written by {len(rngs)} process(es), resumed on {ctx.world_size}: "
+                        "the random streams are reseeded, so the run is no longer the "
+                        "uninterrupted one bit for bit")
         # A streamed source's own position (one per rank; on another number of processes,
         # or from an older checkpoint, it replays the stream up to the batch index instead).
         data = trainer_state.get("data") or []
         self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size else {})
         self.last_checkpoint = self._unproven = ckpt_dir
         changes = self._config_changes  # (found by rank 0, which logs)
-        self._log(f"resumed from {ckpt_dir} at step {self.state.step}"
+        self._log(f"resumed from {ckpt_dir} at step {self.state.step}" + reseeded
                   + (f"; configuration changed since it was saved: {'; '.join(changes)}"
                      if changes else ""))
         saved_batch = trainer_state.get("global_batch")  # (none before 2026-12-05)

@@ -156,11 +156,13 @@ def test_a_damaged_shard_is_named_and_the_previous_checkpoint_loads(two_ranks, t
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp", "none"])
-def test_resume_two_ranks_on_one(two_ranks, tmp_path, parallel):
+def test_resume_two_ranks_on_one(two_ranks, tmp_path, parallel, capsys):
     """2 -> 1: under FSDP2 and DDP on a one-process group, and in a plain process (no
-    group)."""
+    group); the log says the random streams were reseeded."""
     run = back_to_step_3(two_ranks, tmp_path / "run")
     Trainer(one_process_config(run, parallel), resume=True).train()
+    assert "written by 2 process(es), resumed on 1: the random streams are reseeded" \
+        in capsys.readouterr().err
     diff = max_loss_difference(run, two_ranks)
     print(f"2 -> 1 ({parallel}): max |loss difference| {diff:.3g}")
     assert diff <= TOL

@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from open_mythos.checkpoints import load_model
 from open_mythos.cli import main
 from open_mythos.training import ConfigError, LoopSchedule, Trainer, TrainingDiverged
 from open_mythos.training import trainer as trainer_mod
@@ -152,6 +153,30 @@ def test_resume_in_process_is_exact(tmp_path):
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
     for a, b in zip(full.core.state_dict().values(), resumed.core.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("parallel", ["none", "ddp", "fsdp"])
+def test_a_run_whose_halting_head_never_learns_resumes_exactly(tmp_path, parallel):
+    """With ACT off the halting head never has a gradient, so the saved optimizer holds no
+    state for it: resuming crashed ("Missing optimizer state for parameter
+    'recurrent.act.halt.weight'") for every such run, four shipped configs among them.
+    Both checkpoint layouts: gathered (one process; DDP, broadcast from rank 0) and sharded
+    (FSDP2), here on a one-process group."""
+    torch.set_num_threads(1)
+    common = dict(model__use_act=False, run__save_every=3, run__parallel=parallel,
+                  schedule__loops="sampled")
+    Trainer(tiny_config(tmp_path / "full", run__steps=6, **common)).train()
+    Trainer(tiny_config(tmp_path / "part", run__steps=3, **common)).train()
+    resumed = Trainer(tiny_config(tmp_path / "part", run__steps=6, **common), resume=True)
+    resumed.train()
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    a, b = load_model(tmp_path / "part").model, load_model(tmp_path / "full").model
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    # As in the uninterrupted run: still no state (a placeholder would count a step).
+    halt = resumed.core.recurrent.act.halt
+    assert halt.weight not in resumed.optimizer.state and halt.bias not in resumed.optimizer.state
+    assert resumed.core.recurrent.lora.B in resumed.optimizer.state
 
 
 def test_existing_run_needs_resume_and_same_model(tmp_path):
