@@ -331,6 +331,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
+        self._check_ranks_agree()
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
         self.data, self.model_cfg = open_data(cfg, ctx.world_size)
@@ -391,6 +392,28 @@ class Trainer:
         self._log(f"model: {n_params:,} parameters ({mc.attn_type}, dim {mc.dim}, {kind})  data: "
                   f"{self.data.describe()}  device: {ctx.device} x{ctx.world_size} "
                   f"({cfg.run.parallel.value}, {cfg.run.precision.value})  out: {self.out}")
+
+    def _check_ranks_agree(self) -> None:
+        """Raise ``ConfigError`` on every rank if the processes were given different
+        configurations (each rank parses its own command line and files): with another
+        learning rate the DDP replicas drift apart silently, with another step count or
+        evaluation interval the collectives mismatch and hang or abort."""
+        configs = gather_objects(self.cfg, self.ctx)
+        error = None
+        if configs is not None and len(configs) > 1:
+            differ = [(rank, changed_keys(configs[0], other, ignore=("run.progress",)))
+                      for rank, other in enumerate(configs) if rank]
+            differ = [(rank, keys) for rank, keys in differ if keys]
+            if differ:
+                error = ConfigError(
+                    "the processes were given different configurations (every rank must "
+                    "run the same command with the same files): "
+                    + "; ".join(f"rank {rank} (against rank 0): {', '.join(keys[:4])}"
+                                + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+                                for rank, keys in differ[:3]))
+        error = broadcast_object(error, self.ctx)
+        if error is not None:
+            raise error
 
     def _prepare_run_dir(self) -> Path | None:
         """Claim the run directory on rank 0 (:meth:`_claim_run_dir`); returns the checkpoint

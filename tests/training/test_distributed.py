@@ -215,3 +215,27 @@ def test_a_hung_rank_fails_the_run_after_dist_timeout(tmp_path):
         proc.kill()
         proc.communicate(timeout=60)
     assert waited < 60, "rank 0 still waits for the hung rank after 60 s"
+
+
+def test_ranks_given_different_configurations_stop_at_once_naming_the_keys(tmp_path):
+    """Each rank parses its own command line: rank 1 with another learning rate trained on
+    silently (the DDP replicas drifted apart), with another step count it hung until the
+    collective timeout. Now every rank stops before training, naming the keys."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import os, sys\n"
+        "from open_mythos.cli import main\n"
+        "extra = ['--set', 'optim.lr=0.03', '--steps', '8'] if os.environ['RANK'] == '1' "
+        "else []\n"
+        "raise SystemExit(main(sys.argv[1:] + extra))\n")
+    cmd = torchrun_command(2, "--task", "parity", "--steps", "4", "--batch-size", "2",
+                           "--parallel", "ddp", "--out", str(tmp_path / "run"))
+    at = cmd.index("-m", cmd.index("--master_port"))
+    cmd[at:at + 2] = [str(launcher)]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert ("the processes were given different configurations (every rank must run the same "
+            "command with the same files): rank 1 (against rank 0): optim.lr: ") in proc.stderr
+    assert "run.steps: 4 -> 8" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
