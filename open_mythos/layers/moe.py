@@ -89,8 +89,7 @@ def _segments(offs: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip([0] + ends[:-1], ends))
 
 
-@torch.library.custom_op("open_mythos::grouped_mm", mutates_args=())
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _grouped_mm_impl(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """(N, d_in) rows grouped by ``offs`` (E,) int32 group ends, times w (E, d_in, d_out)."""
     if grouped_mm_supported(x, w) and x.dtype == w.dtype:
         return torch._grouped_mm(x, w, offs=offs)
@@ -100,15 +99,8 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
     return out
 
 
-@_grouped_mm.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[-1])
-
-
-@torch.library.custom_op("open_mythos::grouped_mm_weight_grad", mutates_args=())
-def _grouped_mm_weight_grad(
-    x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor
-) -> torch.Tensor:
+def _grouped_mm_weight_grad_impl(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor
+                                 ) -> torch.Tensor:
     """Per-group ``x_e^T @ grad_e``: (N, d_in), (N, d_out) -> (E, d_in, d_out)."""
     if grouped_mm_supported(x, grad) and x.dtype == grad.dtype:
         return torch._grouped_mm(x.t(), grad, offs=offs)
@@ -116,11 +108,6 @@ def _grouped_mm_weight_grad(
     for e, (a, b) in enumerate(_segments(offs)):
         torch.mm(x[a:b].t(), grad[a:b], out=out[e])
     return out
-
-
-@_grouped_mm_weight_grad.register_fake
-def _(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
 
 
 def _grouped_mm_setup(ctx, inputs, output) -> None:
@@ -136,20 +123,43 @@ def _grouped_mm_backward(ctx, grad: torch.Tensor):
     return dx, dw, None
 
 
-_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
 # FLOP counting (torch.utils.flop_counter does not see inside custom ops): every row meets
 # exactly one expert matrix, so a grouped matmul costs what one dense (N, d_in, d_out) does.
-@register_flop_formula(torch.ops.open_mythos.grouped_mm)
 def _grouped_mm_flops(x_shape, w_shape, offs_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
 
 
-@register_flop_formula(torch.ops.open_mythos.grouped_mm_weight_grad)
 def _grouped_mm_weight_grad_flops(x_shape, grad_shape, offs_shape, *args, out_shape=None,
                                   **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * grad_shape[-1]
+
+
+def _define_ops() -> None:
+    """Register ``open_mythos::grouped_mm`` and ``open_mythos::grouped_mm_weight_grad``
+    (with their fake kernels, autograd and FLOP formulas) unless this process already has.
+
+    A directory written by ``openmythos export --format hf`` ships a copy of this module,
+    which ``trust_remote_code`` loads under another name: beside the package, or beside
+    another export, the ops would be defined twice, and a second definition breaks both
+    (intermittent "no schema registered" errors and crashes in training). The first copy's
+    definitions serve every copy (these ops' meaning never changes; a changed op gets a new
+    name)."""
+    if hasattr(torch.ops.open_mythos, "grouped_mm"):
+        return
+    mm = torch.library.custom_op("open_mythos::grouped_mm", _grouped_mm_impl, mutates_args=())
+    mm.register_fake(lambda x, w, offs: x.new_empty(x.shape[0], w.shape[-1]))
+    dw = torch.library.custom_op("open_mythos::grouped_mm_weight_grad",
+                                 _grouped_mm_weight_grad_impl, mutates_args=())
+    dw.register_fake(lambda x, grad, offs: x.new_empty(offs.shape[0], x.shape[1], grad.shape[1]))
+    mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+    register_flop_formula(torch.ops.open_mythos.grouped_mm)(_grouped_mm_flops)
+    register_flop_formula(torch.ops.open_mythos.grouped_mm_weight_grad)(
+        _grouped_mm_weight_grad_flops)
+
+
+_define_ops()
+_grouped_mm = torch.ops.open_mythos.grouped_mm.default
+_grouped_mm_weight_grad = torch.ops.open_mythos.grouped_mm_weight_grad.default
 
 
 def grouped_matmul(

@@ -326,3 +326,37 @@ def test_a_padded_batch_counts_only_its_real_tokens_in_every_loop():
     assert model.recurrent.last_work_fraction < 1.0
     loads = model.recurrent.last_expert_load.sum(dim=1)
     assert loads[0].item() == real * k and bool((loads <= real * k).all())
+
+
+def test_an_exported_copy_of_the_layer_reuses_the_custom_ops(tmp_path, monkeypatch):
+    """An exported Hugging Face directory ships a copy of this module; loaded beside the
+    package (or beside another export) it defined the ops a second time, which broke both
+    at random in training ("no schema registered for open_mythos::grouped_mm",
+    std::bad_alloc). The copy now uses the ops already defined, and trains the same."""
+    import importlib
+    import sys
+
+    from open_mythos.integrations.remote_code import write_modeling_code
+    from open_mythos.layers import moe
+
+    pkg = tmp_path / "an_export"
+    pkg.mkdir()
+    write_modeling_code(pkg)
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        copy = importlib.import_module("an_export.openmythos_layers_moe")
+        assert copy is not moe and copy.grouped_matmul is not moe.grouped_matmul
+        assert copy._grouped_mm is moe._grouped_mm
+        assert copy._grouped_mm_weight_grad is moe._grouped_mm_weight_grad
+        grads = []
+        for module in (moe, copy):
+            torch.manual_seed(0)
+            x = torch.randn(7, 16, requires_grad=True)
+            w = torch.randn(3, 16, 8, requires_grad=True)
+            module.grouped_matmul(x, w, torch.tensor([2, 0, 5])).square().sum().backward()
+            grads.append((x.grad, w.grad))
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    finally:
+        for name in [n for n in sys.modules if n == "an_export" or n.startswith("an_export.")]:
+            del sys.modules[name]
