@@ -10,11 +10,24 @@ import argparse
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 #: The most loops a command accepts per forward: far past any depth a model extrapolates
 #: to, and small enough that a typo (``1-100000``) fails at once instead of running out of
 #: memory.
 MAX_LOOPS = 1024
+
+
+class Once(argparse.Action):
+    """An option that may be given once: argparse keeps the last of repeated values, which
+    for ``--prompt`` silently dropped every prompt but the last."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} takes one value and was given twice "
+                         f"({getattr(namespace, self.dest)!r}, then {values!r})")
+        setattr(namespace, self.dest, values)
 
 
 def positive_int(text: str) -> int:

@@ -21,7 +21,7 @@ import time
 from typing import Any, TextIO
 
 from ..inference.speculative import DRAFT_LENSES
-from .argtypes import loop_count, non_negative_int, positive_int
+from .argtypes import Once, loop_count, non_negative_int, positive_int
 from .exit_options import add_exit_arguments, exit_rule_from_args
 
 
@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "generate", help="generate text from a checkpoint, streamed to the terminal",
         description="Complete a prompt with a trained model, printing tokens as they come.")
     add_model_arguments(p)
-    p.add_argument("--prompt", required=True, help="text to complete")
+    p.add_argument("--prompt", required=True, action=Once,
+                   help="text to complete (one: run the command again for another)")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=128, metavar="N",
                    help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")

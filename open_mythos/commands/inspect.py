@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .argtypes import check_output_dir
+from .argtypes import Once, check_output_dir
 from .exit_options import add_exit_arguments, exit_rule_from_args
 
 #: The figures ``inspect`` may write; those a run does not write are removed from ``--out``,
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "token per position and loop, KL between successive loops, and where "
                     "ACT or an exit rule stops each position. Figures and JSON go to --out.")
     add_model_arguments(p)
-    p.add_argument("--prompt", required=True, help="the text to read")
+    p.add_argument("--prompt", required=True, action=Once, help="the text to read")
     p.add_argument("--lens", choices=["coda", "head"], default="coda",
                    help="coda: the rest of the network (with ACT off, what an exit there outputs) "
                         "(default); head: final norm and head only (the exit rules' lens)")

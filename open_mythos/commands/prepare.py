@@ -100,20 +100,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 class _progress_bar:
-    """A tqdm bar of characters read, as a ``progress(chars)`` callback (or none)."""
+    """A tqdm bar of characters read, as a ``progress(chars)`` callback (or none). The bar
+    appears with the first characters read: inputs refused up front print no empty bar
+    before their error."""
 
     def __init__(self, enabled: bool):
+        self.enabled = enabled
         self._bar = None
-        if enabled:
+
+    def __enter__(self):
+        return self._update if self.enabled else None
+
+    def _update(self, chars: int) -> None:
+        if self._bar is None:
             from tqdm import tqdm
 
             self._bar = tqdm(unit="char", unit_scale=True, desc="prepare", file=sys.stderr,
                              dynamic_ncols=True, mininterval=0.5)
-
-    def __enter__(self):
-        return self._update if self._bar is not None else None
-
-    def _update(self, chars: int) -> None:
         self._bar.update(chars - self._bar.n)
 
     def __exit__(self, *exc) -> None:

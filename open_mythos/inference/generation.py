@@ -9,6 +9,8 @@ generation ends when every sequence is finished.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import operator
 import time
 from collections.abc import Iterable, Iterator
@@ -362,6 +364,22 @@ def _inference(model: OpenMythos) -> Iterator[None]:
             model.train()
 
 
+#: The keyword options of :func:`stream` (and so of :func:`generate`).
+_STREAM_KEYWORDS = frozenset(name for name, p in inspect.signature(stream).parameters.items()
+                             if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_keywords(function: str, given: dict, known: Iterable[str]) -> None:
+    """``TypeError`` naming ``function`` (not the one it passes its keywords on to) for a
+    keyword it does not take, with the nearest known name."""
+    known = sorted(known)
+    for name in given:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; it takes {', '.join(known)}"
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}{hint}")
+
+
 def generate(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int = 64,
              n_loops: int = 8, **kwargs) -> torch.Tensor:
     """Prompts followed by their generated tokens, (B, T + new) long.
@@ -369,6 +387,7 @@ def generate(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int = 6
     Stops early once every sequence has produced a stop token. Keyword arguments are those
     of :func:`stream`.
     """
+    check_keywords("generate", kwargs, _STREAM_KEYWORDS)
     new = list(stream(model, input_ids, max_new_tokens, n_loops, **kwargs))
     if not new:
         return input_ids.clone()

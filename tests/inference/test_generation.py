@@ -111,6 +111,11 @@ def test_bad_arguments(kwargs, match):
     (dict(generator=123), "generator must be a torch.Generator"),
     (dict(cache_dtype="float16"), "cache dtype must be a torch.dtype"),
     (dict(exit_rule=[0.1]), "exit_rule must be an ExitRule or a dict"),
+    # A misspelt keyword named stream(), which the caller never called.
+    (dict(do_smaple=False), r"generate\(\) got an unexpected keyword argument 'do_smaple'; "
+                            r"did you mean 'do_sample'\?"),
+    (dict(max_length=9), r"generate\(\) got an unexpected keyword argument 'max_length'; it "
+                         r"takes act_early_exit, attention_mask, .*, top_p$"),
 ])
 def test_arguments_of_the_wrong_type_are_named(kwargs, match):
     """A mistyped argument is a TypeError naming it, before any work (not an error from

@@ -120,6 +120,11 @@ def test_generate_reports_errors_with_status_2(tmp_path, capsys):
     status, out, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "dense"),
                                   "--prompt", "x", "--n-loops", "3")
     assert status == 2 and "fixed-depth" in err and out == ""
+    # A second --prompt was kept and the first dropped without a word.
+    with pytest.raises(SystemExit):
+        parse("generate", "--checkpoint", "x", "--prompt", "0110=", "--prompt", "1=")
+    assert "--prompt takes one value and was given twice ('0110=', then '1=')" \
+        in capsys.readouterr().err
 
 
 def test_info_names_an_unreadable_weights_file(tmp_path, capsys):

@@ -160,6 +160,11 @@ def test_text_that_is_not_utf8_is_an_error_naming_file_and_offset(tmp_path, monk
     err = capsys.readouterr().err
     assert "bad.txt: not UTF-8 at byte offset 21" in err and "Traceback" not in err
     assert not any((tmp_path / "prep").glob("tokens-*"))  # nothing half-written left behind
+    # With the progress bar on, an input refused up front prints its error alone (an empty
+    # bar was drawn first).
+    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "p2")]) == 2
+    err = capsys.readouterr().err
+    assert "is neither a file nor a directory" in err and "char" not in err, err
     # A sequence cut off by the end of the file: its first byte.
     (tmp_path / "cut.txt").write_bytes(b"abc\xc3")
     with pytest.raises(ConfigError, match="cut.txt: not UTF-8 at byte offset 3"):
