@@ -304,8 +304,10 @@ class CompletionLogprobs:
         for e in entries:
             self.tokens.append(e.token)
             self.token_logprobs.append(e.logprob)
+            # As OpenAI's: the top alternatives and always the chosen token (so up to
+            # logprobs + 1 entries; logprobs=0 gives the chosen token alone).
             self.top_logprobs.append(None if e.logprob is None else
-                                     {tok: lp for _, tok, lp in e.top})
+                                     {**{tok: lp for _, tok, lp in e.top}, e.token: e.logprob})
             self.text_offset.append(self.offset + e.offset)
         return self
 

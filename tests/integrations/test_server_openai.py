@@ -156,14 +156,25 @@ def test_echo_logprobs_match_a_full_forward(client, trained_model):
     expected = ref.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-4, rtol=0)
     for p, top in enumerate(lp.top_logprobs[1:]):
+        # The top 3, and the chosen token as OpenAI's (up to logprobs + 1 entries).
         values, best = ref[p].topk(3)
-        assert list(top) == [shown(i) for i in best.tolist()]
-        torch.testing.assert_close(torch.tensor(list(top.values())), values, atol=1e-4, rtol=0)
+        chosen = ids[p + 1]
+        want = best.tolist() + ([] if chosen in best.tolist() else [chosen])
+        assert list(top) == [shown(i) for i in want]
+        torch.testing.assert_close(torch.tensor(list(top.values())), ref[p][want], atol=1e-4,
+                                   rtol=0)
     # Greedy: every generated token is its position's most likely one.
     generated = lp.top_logprobs[len(PROMPT):]
     assert all(max(top.values()) == lp.token_logprobs[len(PROMPT) + k]
                for k, top in enumerate(generated))
     assert lp.text_offset == list(range(len(ids)))
+    # logprobs=0: each token's entry holds the chosen token alone (it was empty).
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
+                                  echo=True, logprobs=0)
+    zero = r.choices[0].logprobs
+    assert zero.top_logprobs[0] is None
+    assert [dict(t) for t in zero.top_logprobs[1:]] == [
+        {tok: lp} for tok, lp in zip(zero.tokens[1:], zero.token_logprobs[1:])]
     # max_tokens 0 with echo: the prompt's logprobs alone (the scoring request).
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
     assert r.choices[0].text == PROMPT and r.usage.completion_tokens == 0
