@@ -70,8 +70,10 @@ def loop_counts(text: str) -> list[int]:
     ``1..MAX_LOOPS`` (argparse type)."""
     loops: set[int] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
-        lo_text, _, hi_text = part.partition("-")
+        lo_text, dash, hi_text = part.partition("-")
         try:
+            if dash and not hi_text.strip():  # "2-" was read as 2
+                raise ValueError
             lo, hi = int(lo_text), int(hi_text or lo_text)
         except ValueError:
             raise argparse.ArgumentTypeError(

@@ -25,8 +25,8 @@ def add_exit_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit once the state changes by less than R relative to its norm")
     g.add_argument("--exit-argmax-streak", type=int, metavar="M",
                    help="exit once the most likely token has stayed the same for M loops")
-    g.add_argument("--exit-min-loops", type=int, default=1, metavar="N",
-                   help="never exit before N loops (default 1)")
+    g.add_argument("--exit-min-loops", type=int, metavar="N",
+                   help="never exit before N loops (default 1; needs a criterion above)")
 
 
 def exit_rule_from_args(args: argparse.Namespace) -> ExitRule | None:
@@ -38,5 +38,9 @@ def exit_rule_from_args(args: argparse.Namespace) -> ExitRule | None:
     criteria = dict(kl=args.exit_kl, entropy=args.exit_entropy,
                     rel_change=args.exit_rel_change, argmax_streak=args.exit_argmax_streak)
     if all(v is None for v in criteria.values()):
+        if args.exit_min_loops is not None:  # was ignored without a word
+            raise ValueError("--exit-min-loops needs a criterion: --exit-kl, --exit-entropy, "
+                             "--exit-rel-change or --exit-argmax-streak")
         return None
-    return ExitRule(**criteria, min_loops=args.exit_min_loops)
+    return ExitRule(**criteria, min_loops=1 if args.exit_min_loops is None
+                    else args.exit_min_loops)

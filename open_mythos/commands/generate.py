@@ -74,11 +74,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="decode self-speculatively: draft K tokens per cycle with "
                         "--draft-loops loops, verified at full depth (greedy output is "
                         "unchanged); 0: off (default)")
-    p.add_argument("--draft-loops", type=positive_int, default=1, metavar="N",
-                   help="loops of a draft forward (default 1)")
-    p.add_argument("--draft-lens", choices=DRAFT_LENSES, default="coda",
-                   help="how a draft reads its state out: coda (default: the rest of the "
-                        "network) or head (norm and head only: cheaper; for models trained "
+    p.add_argument("--draft-loops", type=positive_int, metavar="N",
+                   help="loops of a draft forward (default 1; with --draft-tokens)")
+    p.add_argument("--draft-lens", choices=DRAFT_LENSES,
+                   help="how a draft reads its state out (with --draft-tokens): coda "
+                        "(default: the rest of the network) or head (norm and head only: cheaper; for models trained "
                         "with optim.loop_readout = \"head\")")
     add_exit_arguments(p)
     p.set_defaults(func=run)
@@ -94,6 +94,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if args.temperature <= 0 and not args.greedy:
             raise ValueError(f"--temperature must be > 0 to sample, got {args.temperature}; "
                              "pass --greedy for greedy decoding")
+        if not args.draft_tokens and (args.draft_loops or args.draft_lens):
+            raise ValueError("--draft-loops and --draft-lens shape self-speculative "
+                             "decoding: give --draft-tokens K too")
         loaded, tokenizer = load_for_inference(args)
         options = GenerationOptions(
             max_new_tokens=args.max_new_tokens,
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             top_k=args.top_k or None, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
             compile=args.compile, exit_rule=exit_rule_from_args(args),
             depth_sharing=args.depth_sharing, draft_tokens=args.draft_tokens,
-            draft_loops=args.draft_loops, draft_lens=args.draft_lens)
+            draft_loops=args.draft_loops or 1, draft_lens=args.draft_lens or "coda")
         prompts = encode_prompts(tokenizer, [args.prompt])
         validate(loaded.model, prompts, options)  # before the prompt is echoed
         deltas = stream_text(loaded.model, tokenizer, prompts, options)
@@ -122,9 +125,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"openmythos generate: error: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
-    loops = options.n_loops or loaded.cfg.max_loop_iters
+    from ..registry import is_looped
+
+    depth = (f"{options.n_loops or loaded.cfg.max_loop_iters} loops" if is_looped(loaded.model)
+             else f"{loaded.cfg.core_layers} core blocks")  # a dense baseline has no loops
     print(f"[{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tok/s), "
-          f"{loops} loops, finish: {reason}]", file=sys.stderr)
+          f"{depth}, finish: {reason}]", file=sys.stderr)
     return 0
 
 

@@ -49,9 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "ACT or an exit rule stops each position. Figures and JSON go to --out.")
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, action=Once, help="the text to read")
-    p.add_argument("--lens", choices=["coda", "head"], default="coda",
-                   help="coda: the rest of the network (with ACT off, what an exit there outputs) "
-                        "(default); head: final norm and head only (the exit rules' lens)")
+    p.add_argument("--lens", choices=["coda", "head"],
+                   help="coda: the rest of the network (with ACT off, what an exit there "
+                        "outputs); head: final norm and head only, the lens the exit rules "
+                        "decide on. Default: head with an --exit-* rule (so the KL shown is "
+                        "the one the rule reads), else coda")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_exit_arguments(p)
     p.set_defaults(func=run)
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = check_output_dir(args.out)
         exit_rule = exit_rule_from_args(args)
+        # The KL figure next to the exit depths is the rule's own (head) unless asked.
+        lens = args.lens or ("head" if exit_rule is not None else "coda")
         loaded, tokenizer = load_for_inference(args)
         model = loaded.model.eval()
         if not is_looped(model):
@@ -109,14 +113,17 @@ def run(args: argparse.Namespace) -> int:
                              "vocabulary entries is too large a readout; use fewer loops or "
                              "a shorter prompt")
         device = next(model.parameters()).device
-        data = inspect_prompt(model, torch.tensor([ids], device=device), n_loops, args.lens,
+        data = inspect_prompt(model, torch.tensor([ids], device=device), n_loops, lens,
                               exit_rule)
         out.mkdir(parents=True, exist_ok=True)
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
         print(f"openmythos inspect: error: {err}", file=sys.stderr)
         return 2
     labels = [_show(tokenizer.decode([i], skip_special_tokens=False)) for i in ids]
-    data.update(tokens=labels, n_loops=n_loops, lens=args.lens, checkpoint=str(loaded.path),
+    if exit_rule is not None and lens != "head":
+        print("openmythos inspect: note: the exit rule decides on the head lens; the KL "
+              "shown is the coda lens's (--lens head shows the rule's)", file=sys.stderr)
+    data.update(tokens=labels, n_loops=n_loops, lens=lens, checkpoint=str(loaded.path),
                 exit_rule=None if exit_rule is None else dataclasses.asdict(exit_rule))
     top_text = [[_show(tokenizer.decode([t], skip_special_tokens=False)) for t in row]
                 for row in data["top"]]
@@ -199,7 +206,8 @@ def _plot_kl(out: Path, labels: list[str], data: dict[str, Any], title: str,
                    extent=(-0.5, T - 0.5, 1.5, loops + 0.5))
     _axes(ax, labels, loops, "loop d (against d - 1)", first=2)
     fig.colorbar(im, ax=ax, label="log10 KL(p_d || p_(d-1)) (nats)")
-    ax.set_title(f"how much each loop changes the prediction\n{title}", fontsize=9)
+    ax.set_title(f"how much each loop changes the prediction ({data['lens']} lens)\n{title}",
+                 fontsize=9)
     return _save(fig, out / "kl.png")
 
 

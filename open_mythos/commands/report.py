@@ -97,10 +97,12 @@ def _exit_loops(args: argparse.Namespace, train_loops: int) -> int:
     return 2 * train_loops if args.exit_loops is None else args.exit_loops
 
 
-def read_sweep(path: str, task: Any) -> tuple[list, list]:
+def read_sweep(path: str, task: Any, model: Any = None, baseline: Any = None
+               ) -> tuple[list, list]:
     """``(looped rows, baseline rows)`` of a file written by ``openmythos sweep``, checked to
-    be a sweep of ``task`` with looped rows."""
-    from ..evaluation.sweep import load_rows, task_fingerprint
+    be a sweep of ``task`` with looped rows (of ``model``, and baseline rows of
+    ``baseline``, where given and the file records which model it swept)."""
+    from ..evaluation.sweep import load_rows, model_fingerprint, task_fingerprint
 
     loaded = load_rows(path)
     rows = [r for r in loaded if r.model == "looped"]
@@ -119,6 +121,11 @@ def read_sweep(path: str, task: Any) -> tuple[list, list]:
         raise ValueError(f"--sweep {path} is a sweep of {task.name} with other knobs than "
                          "the run was trained with (or given by --task-args): sweep this "
                          "run, or pass the knobs of that sweep")
+    for kind, swept, given in (("looped", rows, model), ("baseline", base_rows, baseline)):
+        ids = {r.model_id for r in swept} - {""}
+        if given is not None and ids and ids != {model_fingerprint(given)}:
+            raise ValueError(f"--sweep {path}: its {kind} rows are of another model than "
+                             f"this report's {kind} checkpoint (sweep this checkpoint)")
     return rows, base_rows
 
 
@@ -153,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--sweep {args.sweep} gives the rows; {', '.join(unused)} "
                                  "would choose rows of a new sweep (run openmythos sweep with "
                                  "them, or leave --sweep out)")
-            rows, base_rows = read_sweep(args.sweep, task)
+            rows, base_rows = read_sweep(args.sweep, task, model, baseline)
             if baseline is not None and not base_rows:
                 raise ValueError(f"--sweep {args.sweep} holds no baseline rows for --baseline "
                                  f"{args.baseline} (sweep with --baseline, or leave it out)")

@@ -78,6 +78,8 @@ class SweepRow:
             ``ExitRule(...)`` text; empty for none.
         task_id: :func:`task_fingerprint` of the task evaluated (its knobs, not only its
             name); empty in files written before it was recorded.
+        model_id: :func:`model_fingerprint` of the model evaluated; empty in files written
+            before it was recorded.
     """
 
     model: str
@@ -95,6 +97,7 @@ class SweepRow:
     seconds: float
     exit_rule: str = ""
     task_id: str = ""
+    model_id: str = ""
 
 
 @dataclass
@@ -169,6 +172,26 @@ def split_level(task: Task, split: str) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"split {split!r}: the level must be an integer") from None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's configuration and weights (each tensor's name, shape, sum
+    and first values), so that a sweep file can be matched to the checkpoint it describes.
+    Not a checksum: it tells models apart, it does not prove a file intact."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(model.cfg.to_dict() if hasattr(model.cfg, "to_dict")
+                                       else dataclasses.asdict(model.cfg), sort_keys=True,
+                                       default=str).encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            flat = t.detach().reshape(-1)
+            head = flat[:8].double().cpu().tolist()
+            digest.update(f"{name}{tuple(t.shape)}{float(flat.double().sum()):.6e}"
+                          f"{[f'{v:.6e}' for v in head]}".encode())
+    return digest.hexdigest()[:16]
 
 
 def task_fingerprint(task: Task) -> str:
@@ -427,7 +450,15 @@ def sweep(
         raise ValueError("sweep needs at least one split")
     splits = list(dict.fromkeys(splits))  # a split named twice is evaluated once
     n_examples = whole_number(n_examples, "n_examples", minimum=1)  # batch_size: per call
+    # A string ("off", the command line's word) iterated into characters, each read as True.
+    if isinstance(early_exit, (str, bytes)) or not isinstance(early_exit, Sequence) \
+            or not all(isinstance(e, bool) for e in early_exit):
+        raise TypeError(f"early_exit must be a sequence of bools such as (False, True), "
+                        f"got {early_exit!r}")
     looped = is_looped(model)
+    if exit_rule is not None and not looped:
+        raise ValueError("exit_rule needs a looped model: a fixed-depth baseline runs every "
+                         "block")
     if looped:
         loops = default_loops(model) if loops is None else list(dict.fromkeys(loops))
         settings = list(dict.fromkeys(bool(e) for e in early_exit))
@@ -438,7 +469,7 @@ def sweep(
     # Early exit changes the result where something can stop a sequence: ACT or an exit
     # rule. Otherwise one evaluation serves every setting (its time copied with it).
     stops = looped and (model.cfg.use_act or exit_rule is not None)
-    task_id = task_fingerprint(task)
+    task_id, model_id = task_fingerprint(task), model_fingerprint(model)
     rows = []
     for split in splits:
         examples = sample_examples(task, split, n_examples, seed)
@@ -456,7 +487,7 @@ def sweep(
                     n_loops=n, early_exit=exit_early, n_examples=len(examples),
                     seconds=took, **computed,
                     exit_rule=repr(exit_rule) if looped and exit_rule is not None else "",
-                    task_id=task_id,
+                    task_id=task_id, model_id=model_id,
                 ))
     return rows
 

@@ -27,7 +27,8 @@ import torch
 
 from ..layers.kv import CacheStore, Entries, window_of
 
-__all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store"]
+__all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store",
+           "check_depth_sharing"]
 
 #: The cache keys of the recurrent block's loop depths: ``recurrent_loop_{t}``.
 RECURRENT_PREFIX = "recurrent_loop_"
@@ -51,6 +52,13 @@ def _parse_sharing(mode: str) -> int:
             return every
     raise ValueError(f"depth_sharing={mode!r} is invalid: use 'per_depth', 'last', 'first' "
                      "or 'every:M' with M >= 1")
+
+
+def check_depth_sharing(mode: str) -> str:
+    """``mode`` if it is a valid ``depth_sharing`` (see :class:`KVCache`), else
+    ``ValueError`` naming it."""
+    _parse_sharing(mode)
+    return mode
 
 
 def _check_start(key: str, start: int, cached: int) -> None:

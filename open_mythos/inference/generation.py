@@ -21,7 +21,7 @@ import torch
 from ..config import check_flag, check_loops, whole_number
 from ..layers.recurrence import ExitRule, as_exit_rule
 from .autocompile import ShapeKey, auto_compile
-from .cache import KVCache, check_cache_dtype
+from .cache import KVCache, check_cache_dtype, check_depth_sharing
 from .sampling import SamplingParams, select_next
 from .static import CompiledDecoder, cache_length
 
@@ -137,6 +137,7 @@ def stream(
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None (automatic), got {compile!r}")
     exit_rule = as_exit_rule(exit_rule)
+    check_depth_sharing(depth_sharing)  # before any work (with max_new_tokens=0 too)
     asked_exit = act_early_exit = check_flag(act_early_exit, "act_early_exit")
     act_early_exit = _check_stream_args(model, input_ids, max_new_tokens, attention_mask,
                                         act_early_exit, compile, exit_rule)

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import check_loops, whole_number
+from ..inference.cache import check_depth_sharing
 from ..inference.generation import stream
 from ..inference.sampling import SamplingParams
 from ..inference.speculative import check_draft_lens, speculative_stream
 from ..layers.recurrence import ExitRule
 from ..model import OpenMythos
+from ..registry import is_looped
 from ..tokenizers import Tokenizer, pad_rows
 
 #: The chat template of a tokenizer without one: one ``Role: content`` line per message,
@@ -243,6 +245,15 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
                          "tokenizer first: [tokenizer.encode(text)])")
     whole_number(options.max_new_tokens, "max_new_tokens")
     check_loops(options.n_loops, allow_none=True)
+    check_depth_sharing(options.depth_sharing)
+    if not is_looped(model):  # these were errors only once the prompt was echoed
+        extras = [name for name, on in (("an exit rule", options.exit_rule is not None),
+                                        ("draft tokens", bool(options.draft_tokens)),
+                                        ("depth sharing", options.depth_sharing != "per_depth"))
+                  if on]
+        if extras:
+            raise ValueError(f"only a looped model takes {' or '.join(extras)}: this one is "
+                             "a fixed-depth baseline")
     vocab, limit = model.cfg.vocab_size, model.cfg.max_seq_len
     for i, p in enumerate(prompts):
         if not p:

@@ -203,8 +203,9 @@ class ExitRule:
         for name in ("argmax_streak", "min_loops"):
             value = getattr(self, name)
             # The bound keeps the counts inside a tensor's int64 (2**80 overflowed there).
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                          and 1 <= value <= self.MAX_COUNT):
+            if (value is not None or name == "min_loops") and not (
+                    isinstance(value, int) and not isinstance(value, bool)
+                    and 1 <= value <= self.MAX_COUNT):
                 raise ValueError(f"ExitRule.{name} must be an integer in [1, {self.MAX_COUNT}], "
                                  f"got {value!r}")
         if self.kl is None and self.entropy is None and self.rel_change is None \

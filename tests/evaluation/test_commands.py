@@ -165,6 +165,7 @@ def test_loop_counts():
     assert loop_counts(f"1,{MAX_LOOPS}") == [1, MAX_LOOPS]
     for bad, says in (("", "no loop count"), (",", "no loop count"), ("a", "look like"),
                       ("0", "positive"), ("3-x", "look like"), ("3-1", "write 1-3"),
+                      ("2-", "look like"), ("2- ", "look like"),  # "2-" was read as 2
                       (f"1-{MAX_LOOPS + 1}", f"at most {MAX_LOOPS}")):
         with pytest.raises(argparse.ArgumentTypeError, match=says):
             loop_counts(bad)
@@ -304,6 +305,14 @@ def test_report_refuses_a_sweep_of_other_knobs_and_options_it_would_ignore(
         assert says in capsys.readouterr().err
     # The same knobs given to the report: the file is accepted.
     assert cli(*base, "--sweep", str(other), "--task-args", '{"ood_lengths": [6, 7]}') == 0
+    # A sweep of another checkpoint of the same task: its figures were reported under this
+    # run's header.
+    other_run = tmp_path / "other_run"
+    save_run(other_run, act_model(seed=1))
+    write_metrics(other_run)
+    assert cli("report", "--run", str(other_run), "--out", str(tmp_path / "r2"), "--exit-loops",
+               "0", "--sweep", str(sweep_file)) == 2
+    assert "its looped rows are of another model" in capsys.readouterr().err
 
 
 def test_numeric_argument_types():

@@ -21,8 +21,12 @@ def test_inspect_reads_out_every_loop(tmp_path, capsys):
     prompt = "0110"
     out = tmp_path / "inspect"
     assert main(["inspect", "--checkpoint", str(run), "--prompt", prompt, "--n-loops", "5",
-                 "--exit-kl", "0.001", "--exit-min-loops", "2", "--out", str(out)]) == 0
+                 "--exit-kl", "0.001", "--exit-min-loops", "2", "--lens", "coda",
+                 "--out", str(out)]) == 0
+    first = capsys.readouterr()
+    assert "the exit rule decides on the head lens" in first.err
     data = json.loads((out / "inspect.json").read_text())
+    assert data["lens"] == "coda"
     model = load_model(run).model.eval()
     ids = torch.tensor([ByteTokenizer().encode(prompt, add_bos=True)])
     assert len(data["top"]) == 5 and len(data["top"][0]) == ids.shape[1]
@@ -41,8 +45,14 @@ def test_inspect_reads_out_every_loop(tmp_path, capsys):
     assert all(2 <= k <= 5 for k in data["exit_loops"])
     for name in ("lens.png", "kl.png", "depth.png"):
         assert (out / name).stat().st_size > 5_000
-    printed = capsys.readouterr().out
+    printed = first.out
     assert printed.splitlines()[0].split()[:2] == ["loop", "<bos>"]
+    # With a rule and no --lens, the KL shown is the rule's own (the head lens): it showed
+    # the coda lens's KL beside exit depths the rule had read off the head lens.
+    assert main(["inspect", "--checkpoint", str(run), "--prompt", prompt, "--n-loops", "5",
+                 "--exit-kl", "0.001", "--out", str(out)]) == 0
+    assert json.loads((out / "inspect.json").read_text())["lens"] == "head"
+    assert "note" not in capsys.readouterr().err
     # Again without an exit rule, at one loop: no KL or depth figure, and none left over.
     assert main(["inspect", "--checkpoint", str(run), "--prompt", prompt, "--n-loops", "1",
                  "--out", str(out)]) == 0

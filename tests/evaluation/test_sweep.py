@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from open_mythos import OpenMythos
+from open_mythos import ExitRule, OpenMythos
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
 from open_mythos.evaluation import (
     SweepRow,
@@ -111,7 +111,6 @@ def test_act_off_model_runs_every_loop():
 def test_an_exit_rule_on_an_act_off_model_is_evaluated_per_setting():
     """With an exit rule the early-exit "on" row reused the "off" row's loop counts (all
     loops computed), hiding what the rule saves; it must equal a sweep of "on" alone."""
-    from open_mythos import ExitRule
 
     torch.manual_seed(0)
     model = OpenMythos(task_config(use_act=False)).eval()
@@ -132,6 +131,18 @@ def test_sweep_arguments_are_checked_and_repeats_collapse():
     for bad in (dict(batch_size=0), dict(batch_size=-1), dict(n_examples=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             sweep(model, small_parity(), splits=["id"], loops=[1], **bad)
+    # The command line's words iterated into characters, each read as True: "off" ran
+    # with early exit on.
+    for bad in ("off", "both", False, [0, 1]):
+        with pytest.raises(TypeError, match="early_exit must be a sequence of bools"):
+            sweep(model, small_parity(), splits=["id"], loops=[1], early_exit=bad)
+
+
+def test_an_exit_rule_for_a_baseline_is_refused():
+    """It was dropped without a word (a dense forward refuses one)."""
+    model = DenseBaseline(matched_baseline_config(task_config(), 3)).eval()
+    with pytest.raises(ValueError, match="exit_rule needs a looped model"):
+        sweep(model, small_parity(), n_examples=2, exit_rule=ExitRule(kl=0.1))
 
 
 def test_baseline_gets_one_row_per_split():

@@ -188,7 +188,8 @@ def test_exit_rule_arguments_are_checked():
         ExitRule()
     for bad in (dict(kl=-1.0), dict(entropy=float("nan")), dict(rel_change=True),
                 dict(argmax_streak=0), dict(kl=0.1, min_loops=0),
-                dict(argmax_streak=2**80), dict(kl=0.1, min_loops=2**31)):
+                dict(argmax_streak=2**80), dict(kl=0.1, min_loops=2**31),
+                dict(kl=0.1, min_loops=None)):  # (accepted, then a TypeError in the loop)
         with pytest.raises(ValueError, match="ExitRule"):
             ExitRule(**bad)
     model = looped_model("gqa")

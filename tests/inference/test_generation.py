@@ -94,6 +94,7 @@ def test_streaming_yields_tokens_as_produced():
     (dict(pad_token_id=-1, eos_token_id=2), r"pad_token_id=-1 is outside the vocabulary"),
     (dict(eos_token_id=[2, 97]), r"eos_token_id=97 is outside the vocabulary \[0, 97\)"),
     (dict(cache_dtype=torch.int8), "cache dtype must be a floating dtype"),
+    (dict(depth_sharing="bogus", max_new_tokens=0), "depth_sharing='bogus' is invalid"),
 ])
 def test_bad_arguments(kwargs, match):
     model = halting_model("gqa")

@@ -120,6 +120,20 @@ def test_generate_reports_errors_with_status_2(tmp_path, capsys):
     status, out, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "dense"),
                                   "--prompt", "x", "--n-loops", "3")
     assert status == 2 and "fixed-depth" in err and out == ""
+    # Refused before the prompt is echoed (these were errors only after it), or refused
+    # at all (options that were ignored without a word).
+    for checkpoint, extra, says in (
+            ("dense", ["--exit-kl", "0.1"], "only a looped model takes an exit rule"),
+            ("dense", ["--draft-tokens", "2"], "only a looped model takes draft tokens"),
+            ("dense", ["--depth-sharing", "last"], "only a looped model takes depth sharing"),
+            ("run", ["--depth-sharing", "bogus"], "depth_sharing='bogus' is invalid"),
+            ("run", ["--depth-sharing", "every:0"], "depth_sharing='every:0' is invalid"),
+            ("run", ["--draft-loops", "2"], "give --draft-tokens K too"),
+            ("run", ["--draft-lens", "head"], "give --draft-tokens K too"),
+            ("run", ["--exit-min-loops", "2"], "--exit-min-loops needs a criterion")):
+        status, out, err = openmythos(capsys, "generate", "--checkpoint",
+                                      str(tmp_path / checkpoint), "--prompt", "x", *extra)
+        assert status == 2 and says in err and out == "", (extra, out, err)
     # A second --prompt was kept and the first dropped without a word.
     with pytest.raises(SystemExit):
         parse("generate", "--checkpoint", "x", "--prompt", "0110=", "--prompt", "1=")
