@@ -174,12 +174,16 @@ def run(args: argparse.Namespace) -> int:
         exit_loops = _exit_loops(args, train_loops)
         if exit_loops and is_looped(model):
             print(f"exit rules from {exit_loops} loops ...", file=sys.stderr)
-            examples = sample_examples(task, "id", args.n_examples, args.seed)
+            n_examples = args.n_examples
+            swept = [r.n_examples for r in rows if r.split == "id"]
+            if args.sweep and swept and n_examples == EVAL_DEFAULTS["n_examples"]:
+                n_examples = max(swept)  # as many as the sweep's tables beside it
+            examples = sample_examples(task, "id", n_examples, args.seed)
             with eval_mode(model):
                 points = task_exit_points(model, examples, exit_loops)
         path = write_report(args.run, args.out, rows, base_rows, model=model, baseline=baseline,
                             task=task, train_loops=train_loops, seed=args.seed,
-                            exit_points=points)
+                            exit_points=points, exit_examples=len(examples) if points else None)
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"openmythos report: error: {err}", file=sys.stderr)
         return 2

@@ -603,6 +603,7 @@ def write_report(
     probe_examples: int = 16,
     seed: int = 0,
     exit_points: Sequence[ExitPoint] = (),
+    exit_examples: int | None = None,
 ) -> Path:
     """Write the figures and ``report.md`` into ``out_dir`` (created if needed).
 
@@ -622,6 +623,7 @@ def write_report(
         exit_points: in-distribution accuracy under exit rules and at fixed depths
             (:func:`~open_mythos.evaluation.exits.task_exit_points`): ``exit_pareto.png``
             and a table.
+        exit_examples: how many examples ``exit_points`` were measured on (stated).
 
     Returns:
         Path of ``report.md``.
@@ -653,8 +655,9 @@ def write_report(
         md += ["No sweep results were given.", ""]
 
     md += _exit_section(out, exit_points, "exact-match accuracy (id)", "accuracy",
-                        run_name(run_dir), "Greedy answers to in-distribution examples, ACT "
-                        "early exit on")
+                        run_name(run_dir), "Greedy answers to "
+                        + (f"{exit_examples} " if exit_examples else "")
+                        + "in-distribution examples, ACT early exit on")
     md += _probe_sections(run_dir, out, model, task, train_loops, probe_loops, sweep_rows,
                           probe_examples, seed)
     path = out / "report.md"

@@ -148,6 +148,7 @@ def test_report_command(runs, tmp_path):
             assert float(table[f"fixed {r.n_loops}"][-1]) == pytest.approx(r.accuracy, abs=1e-4)
     for cells in table.values():
         assert 1 <= float(cells[2]) <= int(cells[1])  # loops/position within the loops run
+    assert "Greedy answers to 3 in-distribution examples" in text
     # A rerun into the same directory without the exit-rule section and from a sweep
     # file: the old exit_pareto.png and sweep.json do not stay beside the new report.
     keep = tmp_path / "kept.json"
@@ -158,6 +159,12 @@ def test_report_command(runs, tmp_path):
     assert not (out / "exit_pareto.png").exists() and not (out / "sweep.json").exists()
     assert (out / "notes.txt").read_text() == "mine" and keep.is_file()
     assert_pngs(out, embedded_images((out / "report.md").read_text()))
+    # From a sweep file, the exit-rule table takes as many examples as the sweep's tables
+    # beside it (it drew --n-examples' default, 128, against the sweep's 3).
+    assert cli("report", "--run", str(root / "looped"), "--sweep", str(keep), "--exit-loops",
+               "2", "--out", str(tmp_path / "again")) == 0
+    assert "Greedy answers to 3 in-distribution examples" in (
+        tmp_path / "again" / "report.md").read_text()
 
 
 def test_loop_counts():
