@@ -174,6 +174,9 @@ def test_arguments_are_checked():
             list(speculative_stream(model, ids, 4, N_LOOPS, **bad))
     with pytest.raises(ValueError, match="max_seq_len"):
         list(speculative_stream(model, ids, 100, N_LOOPS))
+    # Drafts deeper than the verification were accepted (each cost more than it saved).
+    with pytest.raises(ValueError, match=f"draft_loops={N_LOOPS + 1} is above n_loops={N_LOOPS}"):
+        list(speculative_stream(model, ids, 4, N_LOOPS, draft_loops=N_LOOPS + 1))
     assert torch.equal(speculative_generate(model, ids, 0, N_LOOPS), ids)
     # generate's options that this decoder does not take are refused with the reason.
     for name, value, why in (("exit_rule", ExitRule(argmax_streak=2), "draft_exit_rule="),
