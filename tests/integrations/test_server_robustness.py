@@ -514,3 +514,13 @@ def test_a_client_too_slow_to_send_its_request_is_disconnected():
         # A request that arrives in time is served, also when it takes a while to answer.
         r = client.post("/v1/completions", json={"prompt": "the ", "max_tokens": 3})
         assert r.status_code == 200
+
+
+def test_an_empty_stop_string_stops_nothing(real):
+    """As documented: clients that send ``"stop": ""`` for "none" get the full reply."""
+    client, _ = real
+    body = {"prompt": "the ", "max_tokens": 6, "temperature": 0}
+    want = client.post("/v1/completions", json=body).json()["choices"][0]
+    for stop in ("", [""], ["", "\x00"]):
+        got = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]
+        assert (got["text"], got["finish_reason"]) == (want["text"], want["finish_reason"]), stop
