@@ -138,8 +138,13 @@ def _chunk_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(cos, sin)`` (T, rope_dim // 2) for positions ``start..start + T - 1``."""
     if not freqs_cis.is_complex():
+        # A real table is most often a complex buffer that Module.to(dtype) cast, dropping
+        # the sines: upstream then rotated by cos alone without a word.
         raise TypeError(
-            f"freqs_cis must be a complex table from precompute_rope_freqs, got {freqs_cis.dtype}")
+            f"freqs_cis must be a complex table from precompute_rope_freqs, got "
+            f"{freqs_cis.dtype}: a complex buffer cast by module.to(dtype) loses its sines "
+            "(rebuild the table after .to(), keep it out of the module's buffers, or pass it "
+            "per call)")
     if freqs_cis.dim() != 2 or freqs_cis.shape[1] != rope_dim // 2:
         raise ValueError(
             f"freqs_cis must have shape (positions, {rope_dim // 2}) for this layer's RoPE "

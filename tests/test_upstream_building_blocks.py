@@ -140,6 +140,20 @@ def test_gqa_upstream_call_matches_naive_attention(causal):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_table_cast_to_real_by_module_to_is_refused_saying_why():
+    """Upstream's own benchmark registers the table as a buffer and calls ``.to(dtype=
+    float32)``, which drops the imaginary part; upstream then rotated by cos alone. The
+    error says what happened and what to do."""
+    cfg = tiny_config("gqa")
+    attn = GQAttention(cfg)
+    holder = torch.nn.Module()
+    holder.register_buffer("freqs_cis", precompute_rope_freqs(cfg.dim // cfg.n_heads, 16))
+    with pytest.warns(UserWarning, match="discards the imaginary part"):
+        holder.to(dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"module.to\(dtype\) loses its sines"):
+        attn(torch.randn(1, 4, cfg.dim), holder.freqs_cis[:4])
+
+
 def test_decode_with_dict_cache_matches_full_sequence(attn_type):
     """Prefill then one-token steps through upstream's call with a plain dict cache: the
     full table is sliced at the cached length; an exactly sliced table gives the same."""
