@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tomli_w
 
@@ -38,6 +38,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
+
+
+E = TypeVar("E", bound=Enum)
 
 
 class ConfigError(ValueError):
@@ -367,6 +370,7 @@ class ScheduleConfig:
     backprop_loops: int | None = None
 
     def __post_init__(self) -> None:
+        _enum_fields(self, "schedule")
         if self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -459,6 +463,7 @@ class RunConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
+        _enum_fields(self, "run")
         if not isinstance(self.out, str) or not self.out.strip():
             raise ConfigError(f"run.out={self.out!r} is invalid: name the run directory")
         self.out = os.path.expanduser(self.out)  # "~/runs/x" as in a shell
@@ -704,6 +709,31 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}={value!r} must be a table")
         return dict(value)
     raise ConfigError(f"{key}: unsupported annotation {hint!r}")
+
+
+def as_member(enum: type[E], value: Any, key: str) -> E:
+    """``value`` as a member of ``enum``: a member, or its value (``"fixed"`` for
+    ``LoopMode.FIXED``, as TOML and the command line give it).
+
+    Raises:
+        ConfigError: anything else, naming ``key`` and the allowed values.
+    """
+    return value if isinstance(value, enum) else _coerce(key, value, enum)
+
+
+def _enum_fields(section: Any, name: str) -> None:
+    """Every enum field of a section's dataclass as a member, also when the section was
+    built in Python from a string (``ScheduleConfig(loops="fixed")``, as the TOML reads):
+    the code compares members with ``is``, so a string left in place would read as no
+    member at all."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        hint = hints[f.name]
+        options = typing.get_args(hint) or (hint,)
+        if not isinstance(value, Enum) and any(
+                isinstance(o, type) and issubclass(o, Enum) for o in options):
+            setattr(section, f.name, _coerce(f"{name}.{f.name}", value, hint))
 
 
 def _positive(key: str, value: int) -> None:

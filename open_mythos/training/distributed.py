@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import devices
-from .config import ConfigError, Parallel, Precision
+from .config import ConfigError, Parallel, Precision, as_member
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ def setup(parallel: Parallel, device_spec: str, timeout_s: float = 0.0) -> DistC
     Raises:
         ConfigError: ``torchrun`` started several processes but ``parallel`` is ``none``.
     """
+    parallel = as_member(Parallel, parallel, "parallel")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if parallel is Parallel.NONE:
@@ -139,6 +140,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, precision: Precision) -> nn.M
       (embedding, final norm and the tied head share the root's parameter group). With bf16,
       a ``MixedPrecisionPolicy`` gathers parameters in bf16 and reduces gradients in fp32.
     """
+    precision = as_member(Precision, precision, "precision")
     if ctx.parallel is Parallel.NONE:
         return model
     agree_across_ranks(model)

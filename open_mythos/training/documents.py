@@ -22,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, as_member
 
 PIECE_CHARS = 1 << 20
 """A piece ends at the first line end after this many characters (see :func:`split_pieces`)."""
@@ -57,6 +57,7 @@ def resolve_inputs(paths: Iterable[str], fmt: InputFormat = InputFormat.AUTO) ->
     Raises:
         ConfigError: a path that does not exist, or no input file at all.
     """
+    fmt = as_member(InputFormat, fmt, "format")
     out: list[Input] = []
     for path in map(Path, paths):
         if fmt in (InputFormat.AUTO, InputFormat.HF) and _is_saved_dataset(path):

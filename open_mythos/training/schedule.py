@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import LoopMode, LRDecay, ScheduleConfig
+from .config import ConfigError, LoopMode, LRDecay, ScheduleConfig, as_member
 
 # Mixed into the seed of the loop sampler so that its stream is independent of the data
 # order and model init drawn from the same run seed.
@@ -38,6 +38,15 @@ class LRSchedule:
     decay_steps: int
     min_lr_ratio: float = 0.1
     decay: LRDecay = LRDecay.COSINE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", as_member(LRDecay, self.decay, "LRSchedule.decay"))
+        if not (math.isfinite(self.base_lr) and self.base_lr >= 0):
+            raise ConfigError(f"LRSchedule.base_lr={self.base_lr!r} must be finite and >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"LRSchedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"LRSchedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, base_lr: float, total_steps: int) -> LRSchedule:
@@ -75,6 +84,22 @@ class LoopSchedule:
     sigma: float
     curriculum_steps: int
     seed: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", as_member(LoopMode, self.mode, "LoopSchedule.mode"))
+        for name in ("n_loops", "min_loops", "max_loops", "curriculum_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ConfigError(f"LoopSchedule.{name}={value!r} must be an integer >= 1")
+        if self.min_loops > self.max_loops:
+            raise ConfigError(f"LoopSchedule.min_loops={self.min_loops} must be <= "
+                              f"max_loops={self.max_loops}")
+        if self.mode is LoopMode.SAMPLED and not self.min_loops <= self.n_loops <= self.max_loops:
+            raise ConfigError(
+                f"LoopSchedule.n_loops={self.n_loops} (the mean of sampled loops) must lie in "
+                f"[min_loops, max_loops] = [{self.min_loops}, {self.max_loops}]")
+        if not (math.isfinite(self.sigma) and self.sigma >= 0):
+            raise ConfigError(f"LoopSchedule.sigma={self.sigma!r} must be finite and >= 0")
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, total_steps: int, seed: int) -> LoopSchedule:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from open_mythos.training import LoopMode, LoopSchedule, LRSchedule, load_config
-from open_mythos.training.config import LRDecay
+from open_mythos.training.config import ConfigError, LRDecay, RunConfig, ScheduleConfig
 
 
 def hand_lr(step, base, warmup, total, ratio):
@@ -74,3 +74,48 @@ def test_sampled_loops_are_deterministic_in_range_and_centered():
 def test_sampled_clip_range():
     sampler = make_loops(LoopMode.SAMPLED, n_loops=3, min_loops=3, max_loops=3)
     assert {sampler(s) for s in range(100)} == {3}
+
+
+@pytest.mark.parametrize("mode", list(LoopMode))
+def test_a_mode_given_by_name_is_that_mode(mode):
+    """LoopMode/LRDecay are str enums compared with ``is``: a name given in Python (as the
+    TOML spells it) must select the same schedule as the member, not fall through to
+    sampling."""
+    kw = dict(n_loops=3, min_loops=2, max_loops=6, sigma=0.5, curriculum_steps=10, seed=0)
+    by_name, by_member = LoopSchedule(mode.value, **kw), LoopSchedule(mode, **kw)
+    assert by_name.mode is mode
+    assert [by_name(s) for s in range(30)] == [by_member(s) for s in range(30)]
+    assert by_name.loop_counts() == by_member.loop_counts()
+    assert ScheduleConfig(loops=mode.value, n_loops=3, min_loops=2, max_loops=6).loops is mode
+
+
+def test_fixed_by_name_never_samples():
+    assert {LoopSchedule("fixed", 4, 1, 8, 0.5, 100, 0)(s) for s in range(50)} == {4}
+    assert LRSchedule(1e-3, 0, 100, 0.1, "constant")(50) == 1e-3
+    assert LRSchedule(1e-3, 0, 100, 0.1, "cosine")(50) == pytest.approx(hand_lr(50, 1e-3, 0, 100, 0.1))
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: LoopSchedule("bogus", 4, 1, 8, 0.5, 100, 0), "LoopSchedule.mode='bogus'"),
+    (lambda: LoopSchedule("uniform", 4, 6, 2, 0.5, 100, 0), "min_loops=6 must be <= max_loops=2"),
+    (lambda: LoopSchedule("sampled", 0, 1, 8, 0.5, 100, 0), "n_loops=0"),
+    (lambda: LoopSchedule("sampled", 9, 1, 8, 0.5, 100, 0), r"n_loops=9 .* \[1, 8\]"),
+    (lambda: LoopSchedule("sampled", 4, 1, 8, -1.0, 100, 0), "sigma"),
+    (lambda: LRSchedule(1e-3, 0, 100, 0.1, "linear"), "LRSchedule.decay='linear'"),
+    (lambda: LRSchedule(1e-3, -1, 100), "warmup_steps"),
+    (lambda: ScheduleConfig(loops="Fixed"), "schedule.loops='Fixed'"),
+    (lambda: ScheduleConfig(lr_decay="bogus"), "schedule.lr_decay"),
+    (lambda: RunConfig(precision="fp16"), "run.precision='fp16'"),
+    (lambda: RunConfig(parallel="zero3"), "run.parallel"),
+])
+def test_bad_schedules_are_refused_naming_the_field(build, match):
+    with pytest.raises(ConfigError, match=match):
+        build()
+
+
+def test_run_config_enums_by_name():
+    run = RunConfig(precision="bf16", compile="model", parallel="none")
+    from open_mythos.training.config import Compile, Parallel, Precision
+
+    assert (run.precision, run.compile, run.parallel) == (Precision.BF16, Compile.MODEL, Parallel.NONE)
+    assert run.precision is Precision.BF16 and run.compile is Compile.MODEL
