@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -45,6 +46,18 @@ class DepthReadout:
 
 
 READOUT_LENSES = ("coda", "head", "none")
+
+
+def _depth_index(d: object) -> object:
+    """A readout depth as a Python ``int`` when it is an integer of any kind (NumPy's, a
+    0-d integer tensor, as iterating ``np.arange``/``torch.arange`` gives); anything else
+    unchanged, for the caller to refuse."""
+    if isinstance(d, bool) or (isinstance(d, torch.Tensor) and d.dtype == torch.bool):
+        return d
+    try:
+        return operator.index(d)
+    except TypeError:
+        return d
 
 
 class CausalLM(nn.Module):
@@ -348,7 +361,9 @@ class CausalLM(nn.Module):
         if isinstance(depths, (int, str)) or not isinstance(depths, Collection):
             raise TypeError(f"readout depths must be a collection of loop counts (such as "
                             f"[2, 4]), got {depths!r}")
-        bad = [d for d in depths if not (isinstance(d, int) and 1 <= d <= deepest)]
+        depths = [_depth_index(d) for d in depths]
+        bad = [d for d in depths
+               if not (type(d) is int and 1 <= d <= deepest)]  # bool is no depth
         if bad:
             raise ValueError(f"readout depths must be integers in [1, {deepest}], got {bad}")
         if lens not in READOUT_LENSES:

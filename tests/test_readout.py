@@ -85,7 +85,7 @@ def test_readout_gradients_reach_the_embedding_through_an_early_depth():
 def test_readout_rejects_bad_depths_and_caches():
     model = OpenMythos(tiny_config(use_act=False)).eval()
     ids = _ids(model.cfg)
-    for bad in ([0], [4], [1.5]):
+    for bad in ([0], [4], [1.5], [True], torch.tensor([1.0, 2.0])):
         with pytest.raises(ValueError, match="readout depths"):
             model(ids, n_loops=3, readout_depths=bad)
     with pytest.raises(ValueError, match="without kv_cache"):
@@ -216,3 +216,19 @@ def test_logits_at_with_no_or_many_positions():
         torch.testing.assert_close(model(ids, n_loops=2, logits_at=many),
                                    full.flatten(0, 1)[many], rtol=1e-6, atol=1e-6)
     assert seen[-1] == (2, 16) and seen[-2] == (0, 1)
+
+
+def test_readout_depths_of_any_integer_kind():
+    """np.arange / torch.arange depths are loop counts like Python ints (as n_loops)."""
+    import numpy as np
+
+    model = OpenMythos(tiny_config(use_act=False)).eval()
+    ids = _ids(model.cfg)
+    with torch.no_grad():
+        want = model(ids, n_loops=3, readout_depths=[1, 2, 3])
+        for depths in (np.arange(1, 4), torch.arange(1, 4), [np.int64(1), 2, 3]):
+            got = model(ids, n_loops=3, readout_depths=depths)
+            assert sorted(got.depth_logits) == [1, 2, 3]
+            assert all(type(d) is int for d in got.depth_logits)
+            for d in (1, 2, 3):
+                assert torch.equal(got.depth_logits[d], want.depth_logits[d])
