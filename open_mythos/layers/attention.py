@@ -358,6 +358,15 @@ class MLAttention(nn.Module):
     def rope_dim(cfg: MythosConfig) -> int:
         return cfg.qk_rope_head_dim
 
+    def kv_up_is_plain(self) -> bool:
+        """Whether ``kv_up`` is the plain linear map the absorbed order folds in by reading
+        its ``weight``. A quantized or adapter-wrapped layer (``quantize_dynamic``, a LoRA
+        wrapper), a replaced ``forward`` or a forward hook has a computation of its own that
+        only calling the module honours, so such a layer keeps the plain order."""
+        kv_up = self.kv_up
+        return (type(kv_up) is nn.Linear and "forward" not in vars(kv_up)
+                and not kv_up._forward_hooks and not kv_up._forward_pre_hooks)
+
     def use_absorbed(self, n_queries: int, n_keys: int) -> bool:
         """True when attending over the latent costs fewer multiply-adds than expanding it.
 
@@ -368,6 +377,12 @@ class MLAttention(nn.Module):
         (``T S (n + rope + v)``). Decoding (few queries, many keys) takes the absorbed order;
         a training step or a prefill (``T == S``) the plain one.
         """
+        if not self.kv_up_is_plain():
+            if self.absorb:
+                raise ValueError(
+                    f"absorb=True needs kv_up to be a plain nn.Linear without hooks; it is "
+                    f"{type(self.kv_up).__name__}")
+            return False
         if self.absorb is not None:
             return self.absorb
         r, n, v, rope = self.kv_lora_rank, self.nope_dim, self.v_dim, self.rope_dim_
@@ -408,8 +423,8 @@ class MLAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin)  # (B, H, T, rope)
         dropout_p = self.dropout if self.training else 0.0
 
-        w_kv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r)
         if self.use_absorbed(T, S):
+            w_kv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r)
             w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # (H, n, r), (H, v, r)
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
             q_cat = torch.cat((q_lat, q_rope), dim=-1)  # (B, H, T, r+rope)

@@ -141,6 +141,62 @@ def test_mla_absorbed_equals_plain():
         assert not a.use_absorbed(14, 14)  # a training step or prefill the plain one
 
 
+class _LoRAWrapped(torch.nn.Module):
+    """A PEFT-style adapter around a Linear: exposes the base ``weight``, adds a low-rank
+    update in ``forward`` (what reading ``weight`` alone would miss)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.5)
+        self.b = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.5)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + x @ self.a.T @ self.b.T
+
+
+def test_mla_decode_honours_a_kv_up_that_is_not_a_plain_linear():
+    """The absorbed order reads ``kv_up.weight``: a wrapped, hooked or quantized ``kv_up``
+    must be called instead, so cached decoding equals the full forward."""
+    torch.manual_seed(0)
+    model = halting_model("mla", act_threshold=math.inf)
+    attn = [m for m in model.modules() if type(m).__name__ == "MLAttention"]
+    for a in attn:
+        a.kv_up = _LoRAWrapped(a.kv_up)
+    ids = torch.randint(0, 97, (2, 14))
+    with torch.no_grad():
+        full = model(ids, n_loops=3)
+        inc = run_chunks(model, ids, [6, 1, 1, 6], 3, {})
+    torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
+    assert not attn[0].use_absorbed(1, 64)
+    attn[0].absorb = True
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        attn[0].use_absorbed(1, 64)
+
+    plain = halting_model("mla", act_threshold=math.inf)
+    seen = []
+    hooked = [m for m in plain.modules() if type(m).__name__ == "MLAttention"][0]
+    hooked.kv_up.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    cache = {}
+    with torch.no_grad():
+        plain(ids[:, :6], n_loops=3, kv_cache=cache)
+        plain(ids[:, 6:7], n_loops=3, kv_cache=cache, start_pos=6)
+    assert seen == [6, 7]  # the decode step called kv_up on the whole latent cache
+
+    quantized = torch.ao.quantization.quantize_dynamic(
+        halting_model("mla", act_threshold=math.inf), {torch.nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        full = quantized(ids, n_loops=3)
+        inc = run_chunks(quantized, ids, [6, 1, 7], 3, {})
+    # Dynamic quantization scales activations per call, so chunks differ a little from the
+    # full pass; before the fix the first absorbed step raised (``weight`` is a method).
+    torch.testing.assert_close(inc, full, rtol=0, atol=0.05)
+
+
 @pytest.mark.parametrize("T,S", [(1, 2), (1, 40), (4, 40), (16, 16), (40, 40), (8, 48)])
 def test_mla_order_choice_is_the_cheaper_one(T, S):
     """``use_absorbed`` picks the order with fewer FLOPs, as PyTorch's FLOP counter counts
