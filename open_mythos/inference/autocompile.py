@@ -19,7 +19,9 @@ starts at :data:`DEFAULT_COST_S` and becomes the compilation time this process m
 
 Only calls that a compiled step can serve exactly are counted: no exit rule, no explicit
 ``act_early_exit=True``, the per-depth cache, a device whose compiler is present (a C++
-compiler for inductor on the CPU, Triton on CUDA). ``compile=False`` always decodes
+compiler for inductor on the CPU, Triton on CUDA). A model with forward hooks or a replaced
+``forward`` on any of its modules (:func:`instrumented`) stays eager, so hooks that count
+or record calls see every one. ``compile=False`` always decodes
 eagerly, ``compile=True`` always compiles; ``OPENMYTHOS_AUTO_COMPILE=0`` in the
 environment (or ``auto_compile.enabled = False``) turns the policy off. When the policy
 compiles, it logs one line (logger ``open_mythos.inference``) before the pause; should the
@@ -38,7 +40,7 @@ import torch
 
 from ..devices import compile_unavailable
 
-__all__ = ["AutoCompile", "DEFAULT_COST_S", "ShapeKey", "auto_compile"]
+__all__ = ["AutoCompile", "DEFAULT_COST_S", "ShapeKey", "auto_compile", "instrumented"]
 
 logger = logging.getLogger("open_mythos.inference")
 
@@ -100,6 +102,8 @@ class AutoCompile:
         """Whether a ``compile=None`` call of ``model`` at ``key`` decodes compiled."""
         if not self.enabled or compile_unavailable(key[0]) is not None:
             return False
+        if instrumented(model):
+            return False
         record = self._records.get(model) or _ModelRecord()
         if key in record.failed:
             return False
@@ -146,6 +150,20 @@ class AutoCompile:
         with self._lock:
             self._records = weakref.WeakKeyDictionary()
             self.cost_s = {}
+
+
+def instrumented(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is observed in a way a compiled step would not honour call by call:
+    a forward (pre-)hook on it or on any submodule, a global module hook, or a ``forward``
+    replaced on an instance. A compiled graph bakes a hook's Python side effects in at
+    trace time, so counters and recorders would stop seeing calls."""
+    from torch.nn.modules import module as nn_module
+
+    if any(getattr(nn_module, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m)
+               for m in model.modules())
 
 
 #: The policy ``generate`` and ``stream`` consult for ``compile=None``.

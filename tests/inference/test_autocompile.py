@@ -96,6 +96,49 @@ def test_disabled_or_without_a_compiler_the_policy_stays_eager(policy, monkeypat
     assert policy.graph_calls == 0 and not policy.should_compile(model, key)
 
 
+@pytest.mark.parametrize("how", ["hook", "pre_hook", "forward", "global"])
+def test_an_instrumented_model_stays_eager_so_hooks_see_every_call(policy, how):
+    """SPEC §2: hooks on ``recurrent.act`` / ``block.ffn`` and replaced ``forward``s see
+    every call. A compiled step would run them once at trace time, so the policy leaves an
+    instrumented model eager, even at a shape it has compiled already."""
+    model = halting_model("gqa", act_threshold=float("inf"))
+    ids = torch.randint(0, 97, (1, 5))
+    key = _key(model, ids, 4, 3)
+    generate(model, ids, 4, 3, do_sample=False)  # cost 0: compiled at once
+    assert policy.graph_calls == 3 and policy.has_compiled(model, key)
+
+    calls = []
+    act = model.recurrent.act
+    if how == "hook":
+        handle = act.register_forward_hook(lambda *a: calls.append(1))
+    elif how == "pre_hook":
+        handle = act.register_forward_pre_hook(lambda *a: calls.append(1))
+    elif how == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, *a: calls.append(1) if mod is act else None)
+    else:
+        original = act.forward
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        act.forward = counting
+    try:
+        assert autocompile.instrumented(model)
+        generate(model, ids, 4, 3, do_sample=False)
+    finally:
+        if how == "forward":
+            del act.forward
+        else:
+            handle.remove()
+    assert policy.graph_calls == 3  # no compiled step ran
+    assert len(calls) == 4 * 3  # prefill and 3 decode steps, 3 loops each
+    assert not autocompile.instrumented(model)
+    generate(model, ids, 4, 3, do_sample=False)
+    assert policy.graph_calls == 6  # the hook gone, the compiled step again
+
+
 def test_a_failed_compilation_warns_and_the_generation_continues_eagerly(policy, monkeypatch):
     """The policy's own compilation failing is not the caller's error: a warning, the same
     tokens from eager steps on the same cache (left padding included), and that shape
