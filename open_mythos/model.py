@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -46,6 +47,10 @@ class DepthReadout:
 
 
 READOUT_LENSES = ("coda", "head", "none")
+
+# Upstream's complex RoPE tables of each model (OpenMythos.freqs_cis), built on first access
+# and kept outside the module, so that pickling or deep-copying a model does not carry them.
+_UPSTREAM_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _depth_index(d: object) -> object:
@@ -454,7 +459,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         max_new_tokens: int = 64,
-        n_loops: int = 8,
+        n_loops: int | None = 8,
         temperature: float = 1.0,
         top_k: int | None = 50,
         **kwargs,
@@ -517,9 +522,17 @@ class OpenMythos(CausalLM):
     # Upstream's attributes, for code that runs the layers by hand ----------------------
     @property
     def freqs_cis(self) -> torch.Tensor:
-        """Upstream's complex RoPE table for GQA, (max_seq_len, dim // n_heads // 2),
-        computed on each access (not a buffer: ``model.to(dtype)`` cannot damage it)."""
+        """Upstream's complex RoPE table for GQA, (max_seq_len, dim // n_heads // 2).
+        Not a buffer (``model.to(dtype)`` cannot damage it) and not what ``forward`` uses:
+        built on first access per device and kept, as upstream's buffer was."""
         return self._upstream_freqs(self.cfg.dim // self.cfg.n_heads)
+
+    @freqs_cis.setter
+    def freqs_cis(self, value: torch.Tensor) -> None:
+        raise AttributeError(
+            "freqs_cis is derived from cfg.max_seq_len and cfg.rope_theta and forward does "
+            "not read it; for another context length or base, build the model from a config "
+            "with that max_seq_len / rope_theta (the weights load unchanged)")
 
     @property
     def freqs_cis_mla(self) -> torch.Tensor:
@@ -529,14 +542,29 @@ class OpenMythos(CausalLM):
     def _upstream_freqs(self, width: int) -> torch.Tensor:
         from .upstream import precompute_rope_freqs
 
-        table = precompute_rope_freqs(width, self.cfg.max_seq_len, self.cfg.rope_theta)
-        return table.to(self.embed.weight.device)
+        device = self.embed.weight.device
+        stamp = (self.cfg.max_seq_len, self.cfg.rope_theta, device)
+        held = _UPSTREAM_TABLES.get(self)
+        if held is None or held[0] != stamp:  # first access, or the model moved
+            held = _UPSTREAM_TABLES[self] = (stamp, {})
+        tables = held[1]
+        if width not in tables:
+            tables[width] = precompute_rope_freqs(
+                width, self.cfg.max_seq_len, self.cfg.rope_theta).to(device)
+        return tables[width]
 
     @staticmethod
-    def _causal_mask(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+    def _causal_mask(seq_len: int, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
         """Upstream's additive causal mask, (1, 1, seq_len, seq_len): 0 on and below the
-        diagonal, ``-inf`` above."""
-        return torch.full((1, 1, seq_len, seq_len), float("-inf"), device=device).triu(1)
+        diagonal, ``-inf`` above; in ``dtype`` (default float32) so that it can match the
+        activations it is added to."""
+        return torch.full((1, 1, seq_len, seq_len), float("-inf"), device=device,
+                          dtype=dtype).triu(1)
+
+    def _init_weights(self) -> None:
+        """Upstream's name for :meth:`reset_parameters` (called after ``to_empty``)."""
+        self.reset_parameters()
 
     # ------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoEFFN]:

@@ -201,6 +201,11 @@ class GQAttention(_UpstreamCall, _GQAttention):
     def rope_width(self) -> int:
         return self.head_dim
 
+    @property
+    def groups(self) -> int:
+        """Upstream's name: query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
 
 class MLAttention(_UpstreamCall, _MLAttention):
     """:class:`open_mythos.layers.MLAttention`; ``forward`` also takes upstream's
@@ -211,6 +216,19 @@ class MLAttention(_UpstreamCall, _MLAttention):
     @property
     def rope_width(self) -> int:
         return self.rope_dim_
+
+    # Upstream's names for the per-head widths.
+    @property
+    def qk_rope_dim(self) -> int:
+        return self.rope_dim_
+
+    @property
+    def qk_nope_dim(self) -> int:
+        return self.nope_dim
+
+    @property
+    def q_head_dim(self) -> int:
+        return self.nope_dim + self.rope_dim_
 
 
 class TransformerBlock(_UpstreamCall, _TransformerBlock):

@@ -169,3 +169,46 @@ def test_upstreams_forward_written_by_hand_through_the_model_equals_the_model(at
     assert model.freqs_cis.shape == (model.cfg.max_seq_len, model.cfg.dim // model.cfg.n_heads // 2)
     assert model.freqs_cis_mla.dtype == torch.complex64
     assert "freqs_cis" not in model.state_dict()
+
+
+def test_upstream_attribute_names_of_the_model_and_its_attention():
+    """Names upstream code and its tutorials use: ``_causal_mask(T, device, dtype)``,
+    ``_init_weights()`` after ``to_empty``, the attention widths, ``generate(n_loops=None)``,
+    and ``freqs_cis`` as a table that is built once, not on every access."""
+    import open_mythos.main as M
+    from open_mythos.upstream import precompute_rope_freqs
+    from tests.conftest import halting_model
+
+    mask = M.OpenMythos._causal_mask(4, "cpu", torch.bfloat16)
+    assert mask.dtype == torch.bfloat16 and mask.shape == (1, 1, 4, 4)
+    assert torch.equal(mask[0, 0].isinf(), torch.ones(4, 4, dtype=torch.bool).triu(1))
+    assert (mask[0, 0].tril() == 0).all()
+
+    mla = halting_model("mla")
+    attn = mla.recurrent.block.attn
+    cfg = mla.cfg
+    assert (attn.qk_rope_dim, attn.qk_nope_dim, attn.q_head_dim) == (
+        cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim + cfg.qk_nope_head_dim)
+    gqa = halting_model("gqa")
+    assert gqa.recurrent.block.attn.groups == cfg.n_heads // cfg.n_kv_heads
+
+    table = mla.freqs_cis
+    assert mla.freqs_cis is table  # kept, as upstream's buffer was
+    want = precompute_rope_freqs(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+    assert torch.equal(table, want)
+    with pytest.raises(AttributeError, match="max_seq_len"):
+        mla.freqs_cis = table
+    mla.cfg.max_seq_len //= 2  # a changed config builds a new table
+    assert mla.freqs_cis.shape[0] == cfg.max_seq_len
+
+    with torch.device("meta"):
+        lazy = M.OpenMythos(gqa.cfg)
+    lazy.to_empty(device="cpu")
+    lazy._init_weights()
+    assert all(torch.isfinite(p).all() for p in lazy.parameters())
+    assert lazy.head.weight is lazy.embed.weight
+
+    ids = torch.randint(0, cfg.vocab_size, (1, 4))
+    torch.testing.assert_close(
+        gqa.generate(ids, 3, None, do_sample=False),
+        gqa.generate(ids, 3, gqa.cfg.max_loop_iters, do_sample=False), rtol=0, atol=0)

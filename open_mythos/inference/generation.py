@@ -80,7 +80,7 @@ def stream(
     model: OpenMythos,
     input_ids: torch.Tensor,
     max_new_tokens: int = 64,
-    n_loops: int = 8,
+    n_loops: int | None = 8,
     *,
     do_sample: bool = True,
     temperature: float = 1.0,
@@ -103,7 +103,8 @@ def stream(
             tokens the model's mode and the caller's grad mode are as the caller left them.
         input_ids: (B, T) prompts, left-padded when their lengths differ.
         max_new_tokens: most tokens to generate (>= 0).
-        n_loops: recurrent loops per forward (>= 1).
+        n_loops: recurrent loops per forward (>= 1); None: the model's default
+            (``cfg.max_loop_iters``), as ``forward`` and upstream's ``generate`` take it.
         do_sample, temperature, top_k, top_p: see :class:`SamplingParams`.
         eos_token_id: stop token id(s); each sequence stops on its own.
         pad_token_id: emitted for finished sequences (default: the first stop id, else 0).
@@ -133,7 +134,7 @@ def stream(
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
-    n_loops = check_loops(n_loops)
+    n_loops = model.default_n_loops if n_loops is None else check_loops(n_loops)
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None (automatic), got {compile!r}")
     exit_rule = as_exit_rule(exit_rule)
@@ -382,7 +383,7 @@ def check_keywords(function: str, given: dict, known: Iterable[str]) -> None:
 
 
 def generate(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int = 64,
-             n_loops: int = 8, **kwargs) -> torch.Tensor:
+             n_loops: int | None = 8, **kwargs) -> torch.Tensor:
     """Prompts followed by their generated tokens, (B, T + new) long.
 
     Stops early once every sequence has produced a stop token. Keyword arguments are those
