@@ -47,11 +47,20 @@ class Tokenizer(ABC):
 
     Subclasses implement :meth:`encode`, :meth:`decode` and the special-token properties;
     batching and padding live here.
+
+    Attributes:
+        add_bos_token: whether ``encode`` starts a text with BOS when the caller does not
+            say (``add_bos=None``): what the model saw in training. False for text runs
+            (documents are separated by EOS alone); a task run's byte tokenizer sets it,
+            since every training example began with BOS.
     """
 
+    add_bos_token: bool = False
+
     @abstractmethod
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of ``text``, optionally framed by BOS / EOS."""
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text``, optionally framed by BOS / EOS (``add_bos=None``:
+        :attr:`add_bos_token`)."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
@@ -83,7 +92,7 @@ class Tokenizer(ABC):
     def batch_encode(
         self,
         texts: str | Iterable[str],
-        add_bos: bool = False,
+        add_bos: bool | None = None,
         add_eos: bool = False,
         padding_side: str = "left",
     ) -> dict[str, torch.Tensor]:
@@ -91,7 +100,8 @@ class Tokenizer(ABC):
 
         Args:
             texts: one text or several.
-            add_bos, add_eos: frame every text with BOS / EOS.
+            add_bos, add_eos: frame every text with BOS / EOS (``add_bos=None``:
+                :attr:`add_bos_token`).
             padding_side: ``"left"`` (default; what batched generation needs: the last column
                 holds every row's last real token) or ``"right"``.
 
@@ -130,11 +140,18 @@ class ByteTokenizer(Tokenizer):
     ``<eos>`` 258; ``vocab_size`` is 259.
 
     Needs no files and no download. Any text round-trips exactly. Special tokens are only
-    produced by ``add_bos``/``add_eos`` (the text ``"<eos>"`` encodes as its five bytes).
+    produced by ``add_bos``/``add_eos`` (the text ``"<eos>"`` encodes as its five bytes), and
+    BOS by default with ``add_bos_token=True`` (the tokenizer of a task run, whose examples
+    all start with BOS: :func:`task_tokenizer`).
     """
 
     SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")
     N_BYTES = 256
+
+    def __init__(self, add_bos_token: bool = False):
+        if not isinstance(add_bos_token, bool):
+            raise TypeError(f"add_bos_token must be True or False, got {add_bos_token!r}")
+        self.add_bos_token = add_bos_token
 
     @property
     def vocab_size(self) -> int:
@@ -152,10 +169,11 @@ class ByteTokenizer(Tokenizer):
     def eos_token_id(self) -> int:
         return self.N_BYTES + 2
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """UTF-8 bytes of ``text``; ``add_bos``/``add_eos`` frame them with 257 / 258."""
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
+        """UTF-8 bytes of ``text``; ``add_bos``/``add_eos`` frame them with 257 / 258
+        (``add_bos=None``: :attr:`add_bos_token`)."""
         ids = list(_text(text).encode("utf-8"))
-        if add_bos:
+        if self.add_bos_token if add_bos is None else add_bos:
             ids.insert(0, self.bos_token_id)
         if add_eos:
             ids.append(self.eos_token_id)
@@ -189,7 +207,8 @@ class ByteTokenizer(Tokenizer):
         special = {t: self.N_BYTES + i for i, t in enumerate(self.SPECIAL_TOKENS)}
         path.write_text(json.dumps({"tokenizer_class": type(self).__name__,
                                     "vocab_size": self.vocab_size,
-                                    "special_tokens": special}, indent=2) + "\n")
+                                    "special_tokens": special,
+                                    "add_bos_token": self.add_bos_token}, indent=2) + "\n")
         return path
 
     @classmethod
@@ -197,7 +216,10 @@ class ByteTokenizer(Tokenizer):
         """Load what :meth:`save_pretrained` wrote; a mismatching file raises ``ValueError``."""
         path = Path(directory) / BYTE_TOKENIZER_FILE
         data = json.loads(path.read_text())
-        tok = cls()
+        add_bos = data.get("add_bos_token", False)  # absent in files before 2026-12-06
+        if not isinstance(add_bos, bool):
+            raise ValueError(f"{path}: add_bos_token must be true or false, got {add_bos!r}")
+        tok = cls(add_bos_token=add_bos)
         expected = {t: tok.N_BYTES + i for i, t in enumerate(tok.SPECIAL_TOKENS)}
         if data.get("vocab_size") != tok.vocab_size or data.get("special_tokens") != expected:
             raise ValueError(f"{path} does not describe this ByteTokenizer "
@@ -205,7 +227,16 @@ class ByteTokenizer(Tokenizer):
         return tok
 
     def __repr__(self) -> str:
-        return f"ByteTokenizer(vocab_size={self.vocab_size})"
+        bos = ", add_bos_token=True" if self.add_bos_token else ""
+        return f"ByteTokenizer(vocab_size={self.vocab_size}{bos})"
+
+
+def task_tokenizer() -> ByteTokenizer:
+    """The tokenizer of a model trained on the task suite (:mod:`open_mythos.tasks`): bytes
+    with the tasks' special ids, every prompt starting with BOS as every training example
+    did (``BOS prompt answer EOS``). Without that BOS a trained task model answers
+    wrongly."""
+    return ByteTokenizer(add_bos_token=True)
 
 
 def _text(text: Any) -> str:
@@ -323,12 +354,12 @@ class MythosTokenizer(Tokenizer):
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
         """Ids of ``text`` without the tokenizer's automatic special tokens (as upstream);
         ``add_bos``/``add_eos`` add BOS / EOS explicitly and raise ``ValueError`` if the
-        tokenizer has none."""
+        tokenizer has none (``add_bos=None``: :attr:`add_bos_token`, False)."""
         ids = list(self.tokenizer.encode(_text(text), add_special_tokens=False))
-        if add_bos:
+        if self.add_bos_token if add_bos is None else add_bos:
             ids.insert(0, _require_special(self.bos_token_id, "BOS"))
         if add_eos:
             ids.append(_require_special(self.eos_token_id, "EOS"))

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     """Load, read out every loop, write the figures; exit status 0 or 2."""
     import torch
 
+    from ..integrations.textgen import encode_prompts
     from ..registry import is_looped
     from .generate import load_for_inference
 
@@ -102,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         if not is_looped(model):
             raise ValueError("inspect reads out loops: the checkpoint holds a dense baseline")
         n_loops = args.n_loops or loaded.n_loops or model.cfg.max_loop_iters
-        ids = tokenizer.encode(args.prompt, add_bos=tokenizer.bos_token_id is not None)
+        # Framed as in training: BOS first for a task run, nothing added for a text run
+        # (an empty prompt starts from BOS, as generate's does).
+        ids = encode_prompts(tokenizer, [args.prompt])[0]
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
         if len(ids) > model.cfg.max_seq_len:

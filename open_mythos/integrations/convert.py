@@ -34,7 +34,13 @@ from ..checkpoints import (
     read_config,
     tied_parameters,
 )
-from ..tokenizers import BYTE_TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
+from ..tokenizers import (
+    BYTE_TOKENIZER_FILE,
+    ByteTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    task_tokenizer,
+)
 from ..training.checkpoint import TRAIN_CONFIG_FILE
 from ..training.runfiles import RUN_TOKENIZER_DIR
 
@@ -68,22 +74,34 @@ def find_tokenizer_dir(ckpt_dir: str | Path) -> Path | None:
     return None
 
 
-def _train_config_tokenizer(ckpt_dir: Path) -> str | None:
-    """``[data] tokenizer`` of the run that wrote a checkpoint, for text runs only (a task
-    run's vocabulary is the task's, whatever that key says)."""
-    toml_path = ckpt_dir / TRAIN_CONFIG_FILE
+def _train_data_config(ckpt_dir: Path) -> dict[str, Any]:
+    """``[data]`` of the ``train_config.toml`` stored with a checkpoint ({} without one)."""
+    toml_path = Path(ckpt_dir) / TRAIN_CONFIG_FILE
     try:
         import tomllib  # Python 3.11+
     except ModuleNotFoundError:
-        return None
+        import tomli as tomllib
     if not toml_path.is_file():
-        return None
+        return {}
     try:
         data = tomllib.loads(toml_path.read_text(encoding="utf-8")).get("data", {})
-    except tomllib.TOMLDecodeError:
-        return None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _train_config_tokenizer(ckpt_dir: Path) -> str | None:
+    """``[data] tokenizer`` of the run that wrote a checkpoint, for text runs only (a task
+    run's vocabulary is the task's, whatever that key says)."""
+    data = _train_data_config(ckpt_dir)
     spec = data.get("tokenizer", "byte")
     return spec if isinstance(spec, str) and not data.get("task") else None
+
+
+def is_task_checkpoint(ckpt_dir: str | Path) -> bool:
+    """Whether a training checkpoint was trained on the task suite (its stored training
+    config names ``data.task``): its prompts start with BOS (:func:`task_tokenizer`)."""
+    return bool(_train_data_config(Path(ckpt_dir)).get("task"))
 
 
 def resolve_tokenizer(loaded: LoadedModel, spec: str | Tokenizer | None = None) -> Tokenizer:
@@ -92,11 +110,16 @@ def resolve_tokenizer(loaded: LoadedModel, spec: str | Tokenizer | None = None) 
     ``spec`` (a name for :func:`~open_mythos.tokenizers.load_tokenizer`) wins; otherwise the
     tokenizer stored with the checkpoint (:func:`find_tokenizer_dir`), the ``byte``
     tokenizer its training config names, or the byte tokenizer when the vocabulary has
-    exactly its size.
+    exactly its size. For a task run, ``None`` and ``"byte"`` give
+    :func:`~open_mythos.tokenizers.task_tokenizer`: its prompts start with BOS, as its
+    training examples did.
 
     Raises:
         ValueError: no tokenizer can be found, or it has more ids than the model.
     """
+    if (spec is None or (isinstance(spec, str) and spec.lower() == "byte")) \
+            and is_task_checkpoint(loaded.path):
+        spec = task_tokenizer()
     if spec is None:
         found = find_tokenizer_dir(loaded.path)
         if found is not None:
@@ -134,7 +157,7 @@ def save_tokenizer(tokenizer_source: str | Path | Tokenizer | None, out_dir: Pat
         if not copied:
             raise FileNotFoundError(f"no tokenizer files in {str(src)!r}")
         if hf_files and (src / BYTE_TOKENIZER_FILE).is_file() and not (src / "tokenizer.json").is_file():
-            _save_hf_byte_tokenizer(out_dir)
+            _save_hf_byte_tokenizer(out_dir, ByteTokenizer.from_pretrained(src).add_bos_token)
         return True
     tok = load_tokenizer(tokenizer_source) if not isinstance(tokenizer_source, Tokenizer) \
         else tokenizer_source
@@ -142,17 +165,19 @@ def save_tokenizer(tokenizer_source: str | Path | Tokenizer | None, out_dir: Pat
         raise TypeError(f"cannot save tokenizer {tok!r}")
     tok.save_pretrained(out_dir)
     if hf_files and isinstance(tok, ByteTokenizer):
-        _save_hf_byte_tokenizer(out_dir)
+        _save_hf_byte_tokenizer(out_dir, tok.add_bos_token)
     return True
 
 
-def _save_hf_byte_tokenizer(out_dir: Path) -> None:
+def _save_hf_byte_tokenizer(out_dir: Path, add_bos_token: bool = False) -> None:
     from .hf import byte_tokenizer_for_transformers
 
-    byte_tokenizer_for_transformers().save_pretrained(str(out_dir))
+    byte_tokenizer_for_transformers(add_bos_token=add_bos_token).save_pretrained(str(out_dir))
 
 
-def _default_tokenizer_source(loaded: LoadedModel) -> str | Path | None:
+def _default_tokenizer_source(loaded: LoadedModel) -> str | Path | Tokenizer | None:
+    if is_task_checkpoint(loaded.path):
+        return task_tokenizer()
     found = find_tokenizer_dir(loaded.path)
     if found is not None:
         return found
@@ -330,6 +355,6 @@ def _tokenizer_or_none(source: str | Path | Tokenizer | None) -> Tokenizer | Non
 
 __all__ = [
     "HF_MODEL_TYPE", "TOKENIZER_FILES", "CheckpointFormat", "LoadedModel", "detect_format",
-    "find_tokenizer_dir", "hf_to_training", "load_model", "read_config", "resolve_tokenizer",
+    "find_tokenizer_dir", "hf_to_training", "is_task_checkpoint", "load_model", "read_config", "resolve_tokenizer",
     "save_tokenizer", "set_tokenizer_defaults", "training_to_hf", "training_to_safetensors",
 ]

@@ -493,17 +493,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def byte_tokenizer_for_transformers(**kwargs: Any) -> Any:
+def byte_tokenizer_for_transformers(add_bos_token: bool = False, **kwargs: Any) -> Any:
     """A ``transformers`` fast tokenizer with exactly the ids of
     :class:`~open_mythos.tokenizers.ByteTokenizer` (bytes 0..255, ``<pad>`` 256,
     ``<bos>`` 257, ``<eos>`` 258), built locally, for ``AutoTokenizer`` users.
 
-    It adds no special tokens when encoding (like ``ByteTokenizer``) and pads on the left,
-    as batched generation with a decoder-only model needs (``ByteTokenizer`` and exported
-    tokenizers do too); ``kwargs`` are further tokenizer settings (``padding_side``,
-    ``model_max_length``).
+    It adds no special tokens when encoding (like ``ByteTokenizer``), or with
+    ``add_bos_token`` starts every text with ``<bos>`` (a task run's tokenizer,
+    :func:`~open_mythos.tokenizers.task_tokenizer`; ``add_special_tokens=False`` leaves it
+    out), and pads on the left, as batched generation with a decoder-only model needs
+    (``ByteTokenizer`` and exported tokenizers do too); ``kwargs`` are further tokenizer
+    settings (``padding_side``, ``model_max_length``).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     from ..tokenizers import ByteTokenizer
@@ -514,6 +516,10 @@ def byte_tokenizer_for_transformers(**kwargs: Any) -> Any:
     tok.decoder = decoders.ByteLevel()
     special = list(ByteTokenizer.SPECIAL_TOKENS)  # ids 256, 257, 258 in this order
     tok.add_special_tokens(special)
+    if add_bos_token:
+        bos = ("<bos>", ByteTokenizer().bos_token_id)
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[bos])
     # split_special_tokens: the text "<eos>" is five bytes, as with ByteTokenizer.
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", clean_up_tokenization_spaces=False,

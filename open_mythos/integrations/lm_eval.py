@@ -88,7 +88,9 @@ class OpenMythosLM(TemplateLM):
             command line passes ``cuda`` by default). A model object stays where it is, in
             its dtype (as the harness's ``hf`` model keeps one), with a warning when these
             ask for another place or dtype: move it with ``.to()`` first.
-        add_bos_token: prefix every encoded text with BOS.
+        add_bos_token: prefix every encoded text with BOS; None (default): as the
+            tokenizer does by default (``Tokenizer.add_bos_token``: yes for a task run,
+            whose training examples start with BOS; no for text runs).
     """
 
     def __init__(
@@ -103,7 +105,7 @@ class OpenMythosLM(TemplateLM):
         max_gen_toks: int = 256,
         device: str | None = "auto",
         dtype: str | torch.dtype | None = None,
-        add_bos_token: bool = False,
+        add_bos_token: bool | None = None,
     ):
         super().__init__()
         self.model, self.tokenizer, stored_loops = _load(pretrained, tokenizer,
@@ -125,7 +127,8 @@ class OpenMythosLM(TemplateLM):
                              f"(max_batch_size {max_batch_size!r})")
         self._max_length = max_length or self.model.cfg.max_seq_len
         self.max_gen_toks = max_gen_toks
-        self.add_bos_token = add_bos_token
+        self.add_bos_token = (self.tokenizer.add_bos_token if add_bos_token is None
+                              else add_bos_token)
         self._device = next(self.model.parameters()).device
 
     # Tokens ------------------------------------------------------------------------------------

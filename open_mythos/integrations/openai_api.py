@@ -261,7 +261,8 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
     prompt: str
-    add_special_tokens: bool = False
+    # None: as the model's tokenizer does by default (BOS first for a task run's).
+    add_special_tokens: bool | None = None
     model: str | None = None
 
 

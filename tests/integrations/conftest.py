@@ -151,8 +151,9 @@ def _perturbed(model: CausalLM) -> CausalLM:
 
 
 def write_training_checkpoint(run_dir: Path, model: CausalLM, tokenizer: str = "byte",
-                              step: int = 3) -> Path:
-    """A checkpoint in the trainer's own format (written by its own save function)."""
+                              step: int = 3, task: str | None = None) -> Path:
+    """A checkpoint in the trainer's own format (written by its own save function); with
+    ``task``, of a run trained on that task (``data.task`` in its training config)."""
     from open_mythos.training.checkpoint import (
         TrainingCheckpoint,
         gather_model_state,
@@ -163,7 +164,8 @@ def write_training_checkpoint(run_dir: Path, model: CausalLM, tokenizer: str = "
     tied = tied_parameters(model)
     ckpt = TrainingCheckpoint(
         step=step, model_state=gather_model_state(model, tied), model_config=model.cfg,
-        train_config_toml=f'[data]\ntokenizer = "{tokenizer}"\n', optimizer_state={},
+        train_config_toml=f'[data]\ntokenizer = "{tokenizer}"\n'
+        + (f'task = "{task}"\n' if task else ""), optimizer_state={},
         trainer_state={})
     return save_checkpoint(run_dir, ckpt, tied)
 

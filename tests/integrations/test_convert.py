@@ -124,15 +124,15 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="'llama' model, not OpenMythos"):
         load_model(tmp_path)
     model = byte_model("gqa", vocab_size=300)
-    write_training_checkpoint(tmp_path / "task_run", model)
-    (next((tmp_path / "task_run" / "checkpoints").iterdir()) / "train_config.toml").write_text(
-        '[data]\ntask = "parity"\n')
-    loaded = load_model(tmp_path / "task_run")
+    write_training_checkpoint(tmp_path / "text_run", model)
+    (next((tmp_path / "text_run" / "checkpoints").iterdir()) / "train_config.toml").write_text(
+        f'[data]\ntokenizer = "{tmp_path / "gone"}"\n')  # its tokenizer directory is gone
+    loaded = load_model(tmp_path / "text_run")
     with pytest.raises(ValueError, match="--tokenizer"):
         resolve_tokenizer(loaded)
     assert isinstance(resolve_tokenizer(loaded, "byte"), ByteTokenizer)
     with pytest.raises(ValueError, match="already a Hugging Face"):
-        training_to_hf(training_to_hf(tmp_path / "task_run", tmp_path / "hf", tokenizer="byte"),
+        training_to_hf(training_to_hf(tmp_path / "text_run", tmp_path / "hf", tokenizer="byte"),
                        tmp_path / "x")
 
 
