@@ -440,7 +440,10 @@ class MLAttention(nn.Module):
                 dropout_p=dropout_p, scale=self.scale)[..., :r].reshape(B, H, T, r)
             out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
         else:
-            kv = self.kv_up(latent[..., :r]).view(B, S, H, -1).transpose(1, 2)
+            # Widths spelt out: a batch of 0 rows (a rank whose sequences all halted, still
+            # stepping with its peers) cannot infer a -1.
+            kv = self.kv_up(latent[..., :r]).view(B, S, H, self.nope_dim + self.v_dim)
+            kv = kv.transpose(1, 2)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, n), (B, H, S, v)
             k_pos = latent[..., r:].unsqueeze(1).expand(B, H, S, self.rope_dim_)
             q = torch.cat((q_nope, q_rope), dim=-1)

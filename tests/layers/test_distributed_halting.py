@@ -19,12 +19,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, halt_at: list[int], results, agree: bool = True) -> None:
+def _worker(rank: int, port: int, halt_at: list[int], results, agree: bool = True,
+            attn_type: str = "gqa") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        model = halting_model("gqa", act_threshold=0.99)
+        model = halting_model(attn_type, act_threshold=0.99)
         k = halt_at[rank]
         force_halting(model, [k, k])
         if agree:
@@ -40,9 +41,11 @@ def _worker(rank: int, port: int, halt_at: list[int], results, agree: bool = Tru
 
 
 @pytest.mark.distributed
-def test_ranks_agree_on_the_number_of_loops():
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_ranks_agree_on_the_number_of_loops(attn_type):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), [2, 5], results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(_free_port(), [2, 5], results, True, attn_type), nprocs=2,
+             join=True)
     # Rank 0 halted after 2 loops but keeps stepping (on an empty sub-batch) until rank 1
     # has halted too, so collectives inside the loop (FSDP all-gathers) stay matched.
     assert results[0] == (5, 10.0, True) and results[1] == (5, 10.0, True)
@@ -54,3 +57,19 @@ def test_the_layer_itself_runs_no_collective():
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(_free_port(), [2, 5], results, False), nprocs=2, join=True)
     assert results[0] == (2, 7.0, True) and results[1] == (5, 7.0, True)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_a_rank_whose_rows_all_halted_steps_on_an_empty_batch(attn_type):
+    """What a rank does while a peer still loops: every block runs on 0 rows (its FSDP
+    all-gathers must match the peer's). MLA's plain order could not reshape 0 rows."""
+    model = halting_model(attn_type, act_threshold=0.99).eval()
+    force_halting(model, [2, 2])
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = model(ids, n_loops=6)
+        assert model.recurrent.last_loops_run == 2
+        model.recurrent.any_alive = lambda alive: True  # "another rank is still running"
+        stepped = model(ids, n_loops=6)
+    assert model.recurrent.last_loops_run == 6
+    torch.testing.assert_close(stepped, alone, rtol=0, atol=0)
