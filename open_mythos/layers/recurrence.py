@@ -162,6 +162,29 @@ def local_any(flag: torch.Tensor) -> bool:
     return bool(flag.any())
 
 
+def agreed_any(flag: torch.Tensor) -> bool:
+    """``flag.any()`` on any rank of the default process group (one all-reduce): the
+    early-exit test of a data-parallel run, so every rank runs the same number of loops
+    and the collectives inside them stay matched. This process's own answer when no
+    group is initialised."""
+    import torch.distributed as dist
+
+    out = flag.any().to(torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return bool(out.item())
+
+
+def _sharded_inside(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``module`` or a module inside it: each of
+    their forwards then all-gathers parameters, a collective every rank must call."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 @dataclass(frozen=True)
 class ExitRule:
     """Training-free exit test, applied per position after every loop at inference.
@@ -353,8 +376,10 @@ class RecurrentBlock(CopiesDetached, nn.Module):
     by ``any_alive`` (a callable: (B,) bool tensor -> bool; default :func:`local_any`). In
     a data-parallel run every rank must run the same number of loops (FSDP gathers each
     loop's weights collectively), so the distributed code sets ``any_alive`` to a test
-    agreed across ranks (:func:`open_mythos.training.distributed.agree_on_exit`); this
-    layer runs no collective itself.
+    agreed across ranks (:func:`agreed_any`, through
+    :func:`open_mythos.training.distributed.agree_across_ranks`). A block sharded by
+    ``fully_shard`` (a user's own FSDP2 wrapping) takes the agreed test by itself;
+    otherwise this layer runs no collective.
 
     Memory options for training with many loops:
         gradient_checkpointing: recompute each loop in the backward pass instead of
@@ -550,6 +575,9 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         sub_ctx = ctx
         work = 0
         t = 0
+        any_alive = self.any_alive
+        if early_exit and any_alive is local_any and _sharded_inside(self):
+            any_alive = agreed_any  # per-rank decisions would leave all-gathers unmatched
         for t in range(n_loops):
             if ctx.cache is not None and t > 0:
                 ctx.cache.fill_missing(self.cache_key(t), self.cache_key(t - 1), ctx.start_pos)
@@ -575,7 +603,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
                     self.last_states[t + 1] = h
             if early_exit and (halting is not None or exits is not None):
                 alive = running.any(dim=1)  # (B,)
-                if not self.any_alive(alive):
+                if not any_alive(alive):
                     break
                 # Sequences that have fully halted stop computing.
                 if not bool(alive.all()):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import devices
+from ..layers.recurrence import agreed_any
 from .config import ConfigError, Parallel, Precision, as_member
 
 
@@ -172,14 +173,10 @@ def wrap_model(model: nn.Module, ctx: DistContext, precision: Precision) -> nn.M
     return model
 
 
-def agree_on_exit(alive: torch.Tensor) -> bool:
-    """Whether any sequence on any rank is still running (``alive``: this rank's (B,) bool
-    tensor): the early-exit test of a data-parallel run, one all-reduce per loop, so every
-    rank runs the same number of loops and the collectives inside them stay matched."""
-    flag = alive.any().to(torch.int32)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+#: Whether any sequence on any rank is still running (``alive``: this rank's (B,) bool
+#: tensor): the early-exit test of a data-parallel run, one all-reduce per loop, so every
+#: rank runs the same number of loops and the collectives inside them stay matched.
+agree_on_exit = agreed_any
 
 
 def agree_across_ranks(model: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from open_mythos.training.distributed import agree_across_ranks
+from open_mythos.training.distributed import agree_across_ranks, transformer_blocks
 from tests.conftest import halting_model
 from tests.inference.test_early_exit import force_halting
 
@@ -19,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, halt_at: list[int], results, agree: bool = True,
+def _worker(rank: int, port: int, halt_at: list[int], results, agree: bool | str = True,
             attn_type: str = "gqa") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -28,7 +28,15 @@ def _worker(rank: int, port: int, halt_at: list[int], results, agree: bool = Tru
         model = halting_model(attn_type, act_threshold=0.99)
         k = halt_at[rank]
         force_halting(model, [k, k])
-        if agree:
+        if agree == "fsdp":  # a user's own FSDP2 wrapping, as torchtitan users write it
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (2,))
+            for block in transformer_blocks(model):
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        elif agree:
             agree_across_ranks(model)
         ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(rank))
         out = model(ids, n_loops=12)
@@ -48,6 +56,18 @@ def test_ranks_agree_on_the_number_of_loops(attn_type):
              join=True)
     # Rank 0 halted after 2 loops but keeps stepping (on an empty sub-batch) until rank 1
     # has halted too, so collectives inside the loop (FSDP all-gathers) stay matched.
+    assert results[0] == (5, 10.0, True) and results[1] == (5, 10.0, True)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_a_model_sharded_by_the_user_agrees_by_itself(attn_type):
+    """fully_shard on every block (no agree_across_ranks): each loop all-gathers, so a
+    rank that stopped at its own depth left its peer's all-gathers unmatched (gloo:
+    collective mismatch; NCCL: a hang). The sharded block takes the agreed test itself."""
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), [2, 5], results, "fsdp", attn_type), nprocs=2,
+             join=True)
     assert results[0] == (5, 10.0, True) and results[1] == (5, 10.0, True)
 
 
