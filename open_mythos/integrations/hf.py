@@ -144,6 +144,11 @@ class OpenMythosHFConfig(PretrainedConfig):
             value = check_flag(value, "act_early_exit")
         elif name == "exit_rule" and value is not None:
             value = dataclasses.asdict(as_exit_rule(value))
+        elif name == "tie_word_embeddings" and value is not True:
+            # from_pretrained(..., tie_word_embeddings=False) sets it after __init__: an
+            # untied head would be left uninitialised (every logit NaN).
+            raise ValueError("OpenMythos ties its LM head to the token embedding: "
+                             f"tie_word_embeddings={value!r} is not supported")
         super().__setattr__(name, value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,7 +174,10 @@ class OpenMythosHFConfig(PretrainedConfig):
 #: ``cache_position`` (positions come from the cache), ``token_type_ids`` (``model(**tok(...))``
 #: with a tokenizer that returns them), ``output_attentions`` (refused when true).
 _PASSED_BY_TRANSFORMERS = frozenset({"num_items_in_batch", "cache_position", "token_type_ids",
-                                     "output_attentions"})
+                                     "output_attentions",
+                                     # generate(stop_strings=..., tokenizer=tok) leaves the
+                                     # tokenizers among the model kwargs
+                                     "tokenizer", "assistant_tokenizer"})
 
 
 class MythosCache:

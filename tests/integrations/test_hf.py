@@ -229,9 +229,31 @@ def test_config_json_is_strict_json_with_an_unreachable_threshold(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path).to_dict() == hf.config.to_dict()
 
 
-def test_config_rejects_untied_embeddings():
+def test_config_rejects_untied_embeddings(saved):
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         OpenMythosHFConfig(tie_word_embeddings=False)
+    # from_pretrained sets it after __init__; an untied head was left uninitialised (NaN).
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        AutoModelForCausalLM.from_pretrained(saved[1], tie_word_embeddings=False)
+
+
+def test_stop_strings_stop_generation_and_the_pipeline(trained_model):
+    """generate(stop_strings=..., tokenizer=tok) leaves ``tokenizer`` among the model
+    kwargs; the strict forward refused it, so stop strings crashed."""
+    from transformers import pipeline
+
+    hf = OpenMythosForCausalLM.from_mythos(trained_model, n_loops=2).eval()
+    tok = byte_tokenizer_for_transformers()
+    ids = tok(["the c"], return_tensors="pt")
+    full = tok.decode(hf.generate(**ids, max_new_tokens=12, do_sample=False)[0, 5:])
+    assert " " in full[1:]  # greedy continuation of the trained model: "at og the..."
+    stop = full.index(" ", 1) + 1  # up to and including its first inner space
+    stopped = hf.generate(**ids, max_new_tokens=12, do_sample=False, stop_strings=[" "],
+                          tokenizer=tok)
+    assert tok.decode(stopped[0, 5:]) == full[:stop]
+    text = pipeline("text-generation", model=hf, tokenizer=tok)(
+        "the c", max_new_tokens=12, do_sample=False, stop_sequence=" ")[0]["generated_text"]
+    assert text == "the c" + full[:stop - 1] or text == "the c" + full[:stop]
 
 
 def test_byte_tokenizer_for_transformers_matches_byte_tokenizer(tmp_path):
