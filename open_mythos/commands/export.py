@@ -23,6 +23,7 @@ Exit status: 0 on success, 2 for a missing or unreadable checkpoint, no known to
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 
@@ -59,30 +60,35 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import is_looped
 
     out = Path(args.out)
-    created, empty = not out.exists(), False
     try:
         check_output_dir(out)
-        empty = created or not any(out.iterdir())
-        if not empty:
+        if out.exists() and any(out.iterdir()):
             raise ValueError(f"{out} already exists and is not an empty directory")
         if args.n_loops is not None and not is_looped(read_config(detect_format(args.run)[1])[0]):
             raise ValueError(f"{args.run} holds a fixed-depth model: --n-loops applies to "
                              "looped models only")
-        if args.format == "hf":
-            extra = {} if args.n_loops is None else {"n_loops": args.n_loops}
-            training_to_hf(args.run, out, tokenizer=args.tokenizer,
-                           dtype=floating_dtype(args.dtype), **extra)
-        else:
-            if args.n_loops is not None or args.dtype is not None:
-                raise ValueError("--n-loops and --dtype apply to --format hf only")
-            training_to_safetensors(args.run, out, tokenizer=args.tokenizer)
-    except (OSError, CheckpointCorrupt, ValueError, KeyError, TypeError) as err:
-        if empty and out.is_dir():  # no half-written export left behind
-            if created:
-                shutil.rmtree(out)
+        if args.format != "hf" and (args.n_loops is not None or args.dtype is not None):
+            raise ValueError("--n-loops and --dtype apply to --format hf only")
+        # Written beside --out and renamed into place when complete: an error, Ctrl-C or
+        # a killed process leaves no half-written export (a kill leaves the hidden
+        # .NAME.partial-PID folder, never a directory that looks finished).
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        try:
+            if args.format == "hf":
+                extra = {} if args.n_loops is None else {"n_loops": args.n_loops}
+                training_to_hf(args.run, partial, tokenizer=args.tokenizer,
+                               dtype=floating_dtype(args.dtype), **extra)
             else:
-                for child in out.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                training_to_safetensors(args.run, partial, tokenizer=args.tokenizer)
+            if out.exists():
+                out.rmdir()  # the empty directory the user made
+            partial.rename(out)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    except (OSError, CheckpointCorrupt, ValueError, KeyError, TypeError) as err:
         print(f"openmythos export: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format})")

@@ -186,6 +186,30 @@ def test_export_checks_what_it_writes_and_leaves_nothing_behind(exported, tmp_pa
     assert "is a file" in capsys.readouterr().err
 
 
+def test_an_interrupted_export_leaves_nothing_and_can_be_run_again(exported, tmp_path,
+                                                                   monkeypatch):
+    """Ctrl-C while the tokenizer is written (the last step) left a directory with weights
+    and no tokenizer, which a second export then refused as not empty."""
+    from open_mythos.integrations import convert
+
+    run, _, _ = exported
+    real = convert.save_tokenizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "save_tokenizer", interrupted)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 130
+    assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no partial folder
+    monkeypatch.setattr(convert, "save_tokenizer", real)
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
+        assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+
+
 CLEAN_SCRIPT = r"""
 import json, sys
 try:
