@@ -47,7 +47,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import MythosConfig
+from .config import MythosConfig, check_loops
 from .model import CausalLM
 from .registry import build_model, config_fields, config_from_dict, kind_of, materialize
 
@@ -339,7 +339,12 @@ def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
         return cfg, read_trained_depth(ckpt_dir, cfg)
     data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
     fields = config_fields()
-    return config_from_dict({k: v for k, v in data.items() if k in fields}), data.get("n_loops")
+    cfg = config_from_dict({k: v for k, v in data.items() if k in fields})
+    try:
+        n_loops = check_loops(data.get("n_loops"), allow_none=True)
+    except ValueError as err:
+        raise ValueError(f"{ckpt_dir / MODEL_CONFIG_FILE}: {err}") from None
+    return cfg, n_loops
 
 
 # Weights ------------------------------------------------------------------------------------
@@ -426,10 +431,12 @@ def read_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """
     hf_dir = Path(hf_dir)
     index = hf_dir / HF_WEIGHTS_INDEX
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (hf_dir / HF_WEIGHTS).is_file():
+    # One file first, as transformers reads them: a save over an earlier sharded one
+    # deletes the old shards but can leave their index behind.
+    if (hf_dir / HF_WEIGHTS).is_file():
         shards = [HF_WEIGHTS]
+    elif index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     else:
         raise FileNotFoundError(f"no {HF_WEIGHTS} (or {HF_WEIGHTS_INDEX}) in {str(hf_dir)!r}; "
                                 "only safetensors weights are supported")

@@ -115,6 +115,15 @@ def test_sharded_hf_directory_loads(kind, tmp_path):
     OpenMythosForCausalLM.from_mythos(model).save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert same_weights(load_model(tmp_path).model, model)
+    # Saved again unsharded over it: transformers removes the shards, may keep the index,
+    # and reads the one file; so must we.
+    other = byte_model_of(kind, "mla")
+    with torch.no_grad():
+        other.embed.weight.add_(1.0)
+    OpenMythosForCausalLM.from_mythos(other).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed.weight": "model-00001-of-00008.safetensors"}}))
+    assert same_weights(load_model(tmp_path).model, other)
 
 
 def test_errors_name_the_problem(tmp_path):
@@ -160,3 +169,15 @@ def test_export_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
     assert exported.pad_token_id == config["pad_token_id"] == tok.eos_token_id
     batch = exported(["the cat", "a dog sat on"], padding=True, return_tensors="pt")
     assert batch.input_ids[0, 0] == tok.eos_token_id and batch.attention_mask[0, 0] == 0
+
+
+def test_an_hf_config_with_a_bad_default_depth_is_refused_naming_the_file(tmp_path):
+    from open_mythos.integrations.hf import OpenMythosForCausalLM
+
+    OpenMythosForCausalLM.from_mythos(byte_model("gqa"), n_loops=2).save_pretrained(tmp_path)
+    assert load_model(tmp_path).n_loops == 2
+    config = json.loads((tmp_path / "config.json").read_text())
+    for bad in (0, "3", 2.5, -1):
+        (tmp_path / "config.json").write_text(json.dumps({**config, "n_loops": bad}))
+        with pytest.raises(ValueError, match="config.json: n_loops"):
+            load_model(tmp_path)
