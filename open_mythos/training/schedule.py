@@ -126,12 +126,13 @@ class LoopSchedule:
         return min(self.max_loops, max(self.min_loops, loops))
 
 
-def progressive_split(seed: int, step: int, micro: int, n_loops: int) -> tuple[int, int]:
-    """DeepThinking's progressive-loss split of ``n_loops`` for one micro-batch:
+def progressive_split(seed: int, step: int, n_loops: int) -> tuple[int, int]:
+    """DeepThinking's progressive-loss split of ``n_loops`` for one optimiser step:
     ``(n, k)`` with ``n`` uniform in ``[0, n_loops - 1]`` (loops run without gradient) and
-    ``k`` uniform in ``[1, n_loops - n]`` (loops trained). A function of
-    ``(seed, step, micro)``, so every rank draws the same split and a resumed run repeats it.
+    ``k`` uniform in ``[1, n_loops - n]`` (loops trained). A function of ``(seed, step)``:
+    every rank and every micro-batch of the step draws the same split (so accumulation and
+    data parallelism give one big batch's gradient), and a resumed run repeats it.
     """
-    rng = np.random.default_rng([seed, step, micro, _PROGRESSIVE_STREAM])
+    rng = np.random.default_rng([seed, step, _PROGRESSIVE_STREAM])
     n = int(rng.integers(0, n_loops))
     return n, int(rng.integers(1, n_loops - n + 1))

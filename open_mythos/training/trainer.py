@@ -942,8 +942,8 @@ class Trainer:
             objective.backward()
         total = objective.detach().double()
         if alpha:
-            total = total + self._progressive_backward(x, y_at, step, micro, n_loops,
-                                                       ce_scale, sync, rows)
+            total = total + self._progressive_backward(x, y_at, step, n_loops, ce_scale,
+                                                       sync, rows)
         return torch.stack([total, parts.ce_sum.double(), (parts.ponder * reg_scale).double(),
                             (parts.aux * reg_scale).double(), loop_ce]).to(ctx.device)
 
@@ -995,12 +995,12 @@ class Trainer:
         return objective, parts, loop_ce
 
     def _progressive_backward(self, x: torch.Tensor, y_at: torch.Tensor, step: int,
-                              micro: int, n_loops: int, ce_scale: float, sync: bool,
+                              n_loops: int, ce_scale: float, sync: bool,
                               rows: torch.Tensor | None) -> torch.Tensor:
         """The progressive term (``n`` loops without gradient, ``k`` with), weighted by
         ``optim.progressive_weight`` and backpropagated; returns its detached value.
         ``rows``, ``y_at`` as for :meth:`_objective`."""
-        n_free, k = progressive_split(self.cfg.run.seed, step, micro, n_loops)
+        n_free, k = progressive_split(self.cfg.run.seed, step, n_loops)
         with gradient_sync(self.model, self.ctx, enabled=sync), self._autocast():
             logits = self.model(x, n_loops=n_free + k, backprop_loops=k, logits_at=rows)
             progressive = (self.cfg.optim.progressive_weight * ce_scale

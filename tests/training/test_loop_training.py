@@ -132,13 +132,12 @@ def test_truncated_backprop_differentiates_exactly_the_last_loops():
 
 
 def test_progressive_split_is_deterministic_and_covers_its_range():
-    splits = [progressive_split(0, step, 0, 4) for step in range(400)]
-    assert splits == [progressive_split(0, step, 0, 4) for step in range(400)]
+    splits = [progressive_split(0, step, 4) for step in range(400)]
+    assert splits == [progressive_split(0, step, 4) for step in range(400)]
     assert all(0 <= n <= 3 and 1 <= k <= 4 - n for n, k in splits)
     assert {n for n, _ in splits} == {0, 1, 2, 3}
     assert {n + k for n, k in splits} == {1, 2, 3, 4}
-    assert progressive_split(0, 5, 0, 4) != progressive_split(0, 5, 1, 4) or \
-        progressive_split(0, 6, 0, 4) != progressive_split(0, 6, 1, 4)
+    assert [progressive_split(1, step, 4) for step in range(400)] != splits
 
 
 def test_progressive_loss_runs_the_drawn_split(tmp_path, monkeypatch):
@@ -158,11 +157,11 @@ def test_progressive_loss_runs_the_drawn_split(tmp_path, monkeypatch):
     # Each step: the usual forward at 4 loops, then n + k loops with the last k trained.
     expected = []
     for step in range(3):
-        n, k = progressive_split(0, step, 0, 4)
+        n, k = progressive_split(0, step, 4)
         expected += [(4, None), (n + k, k)]
     assert calls == expected
     row = read_metrics(tmp_path / "run")[0]
-    n, k = progressive_split(0, 0, 0, 4)
+    n, k = progressive_split(0, 0, 4)
     with torch.no_grad():
         progressive = _mean_ce(forward(model, batch["input_ids"], n + k), batch["targets"])
     assert row["loss"] == pytest.approx((1 - alpha) * row["ce"] + alpha * progressive, rel=1e-5)

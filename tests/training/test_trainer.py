@@ -191,11 +191,14 @@ def test_existing_run_needs_resume_and_same_model(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
-def test_gradient_accumulation_matches_a_big_batch(tmp_path):
-    # No balance loss: it is a product of batch means, computed per micro-batch.
-    big = tiny_config(tmp_path / "big", run__steps=4, data__batch_size=4, optim__aux_weight=0.0)
+@pytest.mark.parametrize("progressive", [0.0, 0.3])
+def test_gradient_accumulation_matches_a_big_batch(tmp_path, progressive):
+    # No balance loss: it is a product of batch means, computed per micro-batch. The
+    # progressive loss's split is drawn per step, so every micro-batch runs the same one.
+    opts = dict(optim__aux_weight=0.0, optim__progressive_weight=progressive)
+    big = tiny_config(tmp_path / "big", run__steps=4, data__batch_size=4, **opts)
     acc = tiny_config(tmp_path / "acc", run__steps=4, data__batch_size=2, optim__grad_accum=2,
-                      optim__aux_weight=0.0)
+                      **opts)
     Trainer(big).train()
     Trainer(acc).train()
     assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), abs=1e-5)
