@@ -29,10 +29,15 @@ class Dyck(Task):
 
     - ``target="depth"`` (default): the string is balanced; the answer is its maximum
       nesting depth in decimal (``"2"``).
-    - ``target="balanced"``: with probability 1/2 the bracket *type* of one character is
-      swapped (``(``<->``[``, ``)``<->``]``), which always unbalances the word while keeping
-      bracket counts per direction; the answer is ``"1"`` if balanced else ``"0"``. Counting
-      cannot solve it: the model has to match brackets with a stack.
+    - ``target="balanced"``: with probability 1/2 the word is unbalanced without changing
+      its directions; the answer is ``"1"`` if balanced else ``"0"``. From depth 2 on, two
+      nested pairs are crossed (``([])`` -> ``([)]``, the inner pair retyped first if it
+      has the outer's type), which keeps every type's count and non-negative prefix
+      depths: counting brackets, per type or per direction, cannot tell the two classes
+      apart, and matching each closer to the last open bracket (a stack) can. (A crossed
+      pair with nothing inside leaves a local tell, an opener followed by the other type's
+      closer, as at ``([)]``.) At depth 1 there is no nesting to cross and one bracket's
+      type is swapped, which per-type counts reveal.
 
     Level: maximum nesting depth. Splits: ``train``/``id`` from ``depths`` (default 1..4),
     ``ood_depth`` from ``ood_depths`` (default 5..8). The walk length ``pairs`` (default
@@ -79,21 +84,44 @@ class Dyck(Task):
         return word[:cut] + [True] * nest + [False] * nest + word[cut:]
 
     def _generate(self, rng: random.Random, level: int) -> Example:
-        chars, stack = [], []
+        chars: list[str] = []
+        stack: list[int] = []  # positions of the brackets still open
+        # (outer open, outer close, inner open, inner close) of every pair directly inside
+        # another, filled in as the outer pair closes.
+        nested: list[tuple[int, int, int, int]] = []
+        children: dict[int, list[tuple[int, int]]] = {}
         for up in self._directions(rng, level):
             if up:
-                opener = rng.choice("([")
-                stack.append(opener)
-                chars.append(opener)
+                stack.append(len(chars))
+                chars.append(rng.choice("(["))
             else:
-                chars.append(OPEN_TO_CLOSE[stack.pop()])
+                opened, closed = stack.pop(), len(chars)
+                chars.append(OPEN_TO_CLOSE[chars[opened]])
+                nested += [(opened, closed, *child) for child in children.pop(opened, [])]
+                if stack:
+                    children.setdefault(stack[-1], []).append((opened, closed))
         if self.target is DyckTarget.DEPTH:
             return Example("".join(chars) + "=", str(level))
         balanced = rng.random() < 0.5
         if not balanced:
+            self._corrupt(rng, chars, nested)
+        return Example("".join(chars) + "=", "1" if balanced else "0")
+
+    @staticmethod
+    def _corrupt(rng: random.Random, chars: list[str],
+                 nested: list[tuple[int, int, int, int]]) -> None:
+        """Unbalance a balanced word in place without changing its directions: cross a
+        pair nested in another (retyped first if it has the outer's type), or at depth 1
+        swap one bracket's type (see the class docstring)."""
+        if not nested:
             i = rng.randrange(len(chars))
             chars[i] = SWAP_TYPE[chars[i]]
-        return Example("".join(chars) + "=", "1" if balanced else "0")
+            return
+        outer_open, outer_close, inner_open, inner_close = rng.choice(nested)
+        if chars[inner_open] == chars[outer_open]:
+            chars[inner_open] = SWAP_TYPE[chars[inner_open]]
+            chars[inner_close] = SWAP_TYPE[chars[inner_close]]
+        chars[inner_close], chars[outer_close] = chars[outer_close], chars[inner_close]
 
     def _brackets(self, prompt: str) -> str:
         body, eq, rest = prompt.partition("=")

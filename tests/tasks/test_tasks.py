@@ -262,14 +262,34 @@ def test_only_step_tasks_have_a_trace() -> None:
     assert PHop(nodes=3).trace("a=c;b=a;c=b?a4") == ["c", "b", "a", "c"]
 
 
+def _counting_says_balanced(body: str) -> bool:
+    """The stack-free rule: each bracket type's count matches and its prefix depth never
+    goes negative."""
+    depth = {"(": 0, "[": 0}
+    for ch in body:
+        opener = ch if ch in "([" else {")": "(", "]": "["}[ch]
+        depth[opener] += 1 if ch in "([" else -1
+        if depth[opener] < 0:
+            return False
+    return depth == {"(": 0, "[": 0}
+
+
 def test_dyck_balanced_is_a_fair_coin_that_counting_cannot_solve() -> None:
+    """Per-type counting solved every example while one bracket's type was swapped; the
+    crossed pairs of depth >= 2 leave it at chance, and the labels stay the stack's."""
     task = Dyck(target="balanced")
-    examples = _samples(task, "id", n=400)
-    balanced = sum(ex.answer == "1" for ex in examples)
-    assert 150 < balanced < 250
-    for ex in examples:
-        body = ex.prompt[:-1]
-        assert body.count("(") + body.count("[") == body.count(")") + body.count("]")
+    for split in ("id", "ood_depth"):
+        examples = [ex for ex in _samples(task, split, n=1200) if task.level_of(ex.prompt) >= 2]
+        assert len(examples) > 600
+        balanced = sum(ex.answer == "1" for ex in examples) / len(examples)
+        assert 0.4 < balanced < 0.6
+        counted = sum((ex.answer == "1") == _counting_says_balanced(ex.prompt[:-1])
+                      for ex in examples) / len(examples)
+        assert 0.4 < counted < 0.6, counted  # chance: every example passes the count rule
+        for ex in examples:
+            body = ex.prompt[:-1]
+            assert _counting_says_balanced(body)
+            assert task.solve(ex.prompt) == ex.answer
 
 
 @pytest.mark.parametrize("task", [MultiHop(), MultiHop(ood_hops=(4, 6), statements=8),
