@@ -108,20 +108,28 @@ def ema(values: Sequence[float], span: int) -> list[float]:
     return out
 
 
+def metrics_source(run_dir: str | Path) -> tuple[Path, int | None]:
+    """``(metrics file, last step or None)`` that :func:`read_metrics` reads for a run
+    directory or one of its checkpoint directories (``RUN/checkpoints/step_N``: the run's
+    file, up to step ``N``)."""
+    path, last = Path(run_dir), None
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    if not (path / METRICS_FILE).is_file() and match and path.parent.name == "checkpoints":
+        path, last = path.parent.parent, int(match.group(1))
+    return path / METRICS_FILE, last
+
+
 def read_metrics(run_dir: str | Path | None) -> list[dict[str, Any]]:
     """Rows of ``run_dir/metrics.jsonl`` (empty if there is none); a torn last line is
     skipped. A checkpoint directory of a run (``RUN/checkpoints/step_N``) reads the run's
     rows up to step ``N``."""
     if run_dir is None:
         return []
-    path, last = Path(run_dir), None
-    match = re.fullmatch(r"step_(\d+)", path.name)
-    if not (path / METRICS_FILE).is_file() and match and path.parent.name == "checkpoints":
-        path, last = path.parent.parent, int(match.group(1))
-    if not (path / METRICS_FILE).is_file():
+    path, last = metrics_source(run_dir)
+    if not path.is_file():
         return []
     rows = []
-    for line in (path / METRICS_FILE).read_text().splitlines():
+    for line in path.read_text().splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -298,8 +306,10 @@ def _training_section(run_dir: str | Path | None, out: Path) -> list[str]:
               if records else None)
     if curves is None:
         return md + ["No training metrics (`metrics.jsonl`) were found for this run.", ""]
+    source, last = metrics_source(run_dir)
+    upto = "" if last is None else f", up to the checkpoint's step {last}"
     return md + [f"![training curves]({curves.name})", "",
-                 f"{len(records)} logged steps from `{Path(run_dir) / METRICS_FILE}`.", ""]
+                 f"{len(records)} logged steps from `{source}`{upto}.", ""]
 
 
 def write_text_report(

@@ -61,6 +61,14 @@ def test_full_report(tmp_path):
     assert "| loops | id | ood_length |" in text
     assert "| baseline (2 core blocks) |" in text
     assert "20 logged steps" in text and "FLOPs/token" in text
+    assert f"from `{run / 'metrics.jsonl'}`." in text
+    # Reported from a checkpoint of the run: the file read is the run's, named as such
+    # (it named RUN/checkpoints/step_N/metrics.jsonl, which does not exist).
+    ckpt = run / "checkpoints" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    text = write_report(ckpt, tmp_path / "out2", rows, base_rows, task=task,
+                        train_loops=2).read_text()
+    assert f"from `{run / 'metrics.jsonl'}`, up to the checkpoint's step 10." in text
 
 
 def test_probe_collects_halting_ponder_and_expert_load():
