@@ -342,7 +342,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--n-loops", type=int, metavar="N",
                    help="loops per token (default: the trained depth, else max_loop_iters)")
     p.add_argument("--context", type=int, metavar="S",
-                   help="attended positions for the attention FLOPs (default max_seq_len)")
+                   help="attended positions for the attention FLOPs, at most max_seq_len "
+                        "(the default)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
     p.set_defaults(func=run)
     return p
@@ -369,8 +370,9 @@ def run(args: argparse.Namespace) -> int:
         if args.n_loops is not None and not kind_of(cfg).looped:
             raise ValueError(f"--n-loops does not apply to {name}: a {kind_of(cfg).name} "
                              "model has a fixed depth")
-        if args.context is not None and args.context < 0:
-            raise ValueError(f"--context must be >= 0, got {args.context}")
+        if args.context is not None and not 0 <= args.context <= cfg.max_seq_len:
+            raise ValueError(f"--context must be in [0, max_seq_len = {cfg.max_seq_len}] (the "
+                             f"model attends to no more positions), got {args.context}")
         info = model_info(cfg, name, n_loops, args.context)
         if not args.variant:
             info = replace(info, run=run_info(name, cfg, stored_loops, info.total_params))

@@ -212,6 +212,10 @@ def test_info_reads_a_checkpoint(tmp_path, capsys):
 
     assert info["total_params"] == count_parameters(model).total
     assert info["n_loops"] == model.cfg.max_loop_iters and info["context"] == 10
+    # FLOPs at a context the model cannot attend to are refused, not printed.
+    beyond = str(model.cfg.max_seq_len + 1)
+    assert main(["info", "--checkpoint", str(tmp_path / "run"), "--context", beyond]) == 2
+    assert f"max_seq_len = {model.cfg.max_seq_len}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
