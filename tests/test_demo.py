@@ -368,3 +368,36 @@ def test_training_summary_says_which_stage_was_learned(tmp_path):
     assert "0.020" in base_lookup and "(learned" in base_lookup and "--seed" not in base_lookup
     assert "0.500" in base_chain and "not learned" in base_chain  # the last 50 steps only
     assert f"threshold is {LEARNED_CE}" in looped_chain
+
+
+def test_hold_checks_of_a_model_with_no_accuracy_are_not_met():
+    """A model at 0% everywhere 'kept' its accuracy at 2x and 4x T_train: MET, vacuously."""
+    from open_mythos.commands.demo import check_targets, exit_rule_checks
+
+    zero = {("id", 3): 0.0, ("id", 6): 0.0, ("id", 12): 0.0, ("ood_hops", 3): 0.0,
+            ("ood_hops", 5): 0.0, ("ood_hops", 10): 0.0}
+    looped = _rows("looped", zero)
+    base = _rows("baseline", {("id", 3): 0.0, ("ood_hops", 3): 0.0})
+    met, lines = check_targets(looped, base, 3)
+    assert not met
+    holds = [line for line in lines if "x T_train" in line]
+    assert len(holds) == 2 and all(line.endswith("n/a (no accuracy to hold)") for line in holds)
+    rule = exit_rule_checks(looped, looped, 3)
+    assert rule and all(line.endswith("n/a (no accuracy to hold)") for line in rule)
+
+
+def test_sample_answers_show_every_level():
+    """One prompt per difficulty level: it showed only each split's end levels."""
+    from open_mythos import OpenMythos
+    from open_mythos.baseline import DenseBaseline, matched_baseline_config
+    from open_mythos.commands.demo import sample_answers
+    from open_mythos.tasks import VOCAB_SIZE, MultiHop
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(vocab_size=VOCAB_SIZE, max_seq_len=128)
+    models = {"looped": OpenMythos(cfg).eval(),
+              "baseline": DenseBaseline(matched_baseline_config(cfg, 2)).eval()}
+    task = MultiHop(hops=(1, 3), ood_hops=(4, 6))
+    table = sample_answers(models, task, [1, 2], seed=0)
+    levels = [int(row.split("|")[2]) for row in table.splitlines()[2:]]
+    assert levels == [1, 2, 3, 4, 5, 6]
