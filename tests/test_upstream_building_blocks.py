@@ -304,3 +304,18 @@ def test_expert_views_share_storage_and_leave_the_module_unchanged():
     assert "routed_experts" not in dict(moe.named_modules())
     cfg0 = tiny_config(n_shared_experts=0)
     assert len(MoEFFN(cfg0).shared_experts) == 0
+    # What would silently do nothing to the layer: freezing a view is refused (its weights
+    # are the layer's fused tensors), a hook on one is warned about (the layer never calls
+    # it); a hook still fires when the view itself is called.
+    with pytest.raises(RuntimeError, match="cannot freeze"):
+        moe.routed_experts[2].requires_grad_(False)
+    with pytest.raises(RuntimeError, match="cannot freeze"):
+        moe.shared_experts[0].requires_grad_(False)
+    assert moe.w_gate_up.requires_grad
+    view, calls = moe.routed_experts[2], []
+    with pytest.warns(RuntimeWarning, match="without calling these views"):
+        view.register_forward_hook(lambda *a: calls.append(1))
+    moe(x)
+    assert calls == []
+    view(x)
+    assert calls == [1]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -521,6 +522,38 @@ class MoEFFN(CopiesDetached, nn.Module):
         return load
 
 
+class _ExpertView(Expert):
+    """An :class:`Expert` whose weights alias a fused MoE layer's (:func:`_expert_view`).
+
+    The layer's forward never calls it, and its parameters are not the layer's: the two
+    things upstream code does to an expert that would silently do nothing here are
+    refused (freezing) or warned about (hooks)."""
+
+    def requires_grad_(self, requires_grad: bool = True) -> _ExpertView:
+        raise RuntimeError(
+            "an expert view (routed_experts[e], shared_experts[i]) cannot freeze its expert: "
+            "its weights alias part of the MoE layer's fused tensors (w_gate_up / w_down, "
+            "shared), whose requires_grad is the layer's. To freeze routed expert e, zero its "
+            "gradient rows, e.g. moe.w_gate_up.register_hook(lambda g: g.index_fill(0, "
+            "torch.tensor([e]), 0)) (and the same for w_down)")
+
+    def _warn_hook(self) -> None:
+        import warnings
+
+        warnings.warn("the MoE layer computes its experts fused, without calling these "
+                      "views: a hook on a view fires only when you call the view itself "
+                      "(the layer's last_expert_load counts what each routed expert got)",
+                      RuntimeWarning, stacklevel=3)
+
+    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        self._warn_hook()
+        return super().register_forward_hook(*args, **kwargs)
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        self._warn_hook()
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+
 def _expert_view(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  requires_grad: bool) -> Expert:
     """An :class:`Expert` whose weights are the given tensors (aliases, not copies).
@@ -528,7 +561,7 @@ def _expert_view(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
     ``gate``, ``up``: (hidden, dim); ``down``: (dim, hidden), as ``nn.Linear`` stores them.
     """
     with torch.device("meta"):  # the Linear layers' own weights are replaced below
-        expert = Expert(gate.shape[1], gate.shape[0])
+        expert = _ExpertView(gate.shape[1], gate.shape[0])
     for linear, weight in ((expert.gate, gate), (expert.up, up), (expert.down, down)):
         linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
     return expert
