@@ -176,10 +176,38 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # RunDirError names the path; a bare OSError its filename
         _error(f"openmythos train: error: {err}")
         return 3
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        # Said by whichever rank survives (a dead or stopped peer says nothing), once.
+        last = trainer.last_checkpoint if trainer is not None else None
+        saved = (f"the newest checkpoint is {last}; continue from it with --resume" if last
+                 else "nothing was saved")
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        with contextlib.suppress(OSError):
+            print(f"openmythos train: error: rank {os.environ.get('RANK', '0')} lost its "
+                  f"peers in a collective ({detail}): another process died, hung or was "
+                  f"stopped; {saved}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {state.step} steps ({state.bad_steps} skipped), run directory "
               f"{cfg.run.out}", file=sys.stderr)
     return 0
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank went away: torch's
+    distributed errors, or the runtime errors gloo and NCCL raise for a closed connection
+    or a timed-out wait. Only under ``torchrun`` with several processes."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return any(mark in text for mark in ("gloo", "NCCL", "Connection closed by peer",
+                                          "Connection reset by peer", "Timed out waiting"))
 
 
 def _error(msg: str) -> None:

@@ -213,8 +213,11 @@ def test_a_hung_rank_fails_the_run_after_dist_timeout(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGKILL)
         proc.kill()
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     assert waited < 60, "rank 0 still waits for the hung rank after 60 s"
+    # One line from the surviving rank, not gloo's traceback.
+    assert "openmythos train: error: rank 0 lost its peers in a collective" in err, err[-3000:]
+    assert "[rank0]: Traceback" not in err and "[rank0]:" not in err, err[-3000:]
 
 
 def test_ranks_given_different_configurations_stop_at_once_naming_the_keys(tmp_path):
