@@ -41,8 +41,8 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay", as_member(LRDecay, self.decay, "LRSchedule.decay"))
-        if not (math.isfinite(self.base_lr) and self.base_lr >= 0):
-            raise ConfigError(f"LRSchedule.base_lr={self.base_lr!r} must be finite and >= 0")
+        if not self.base_lr >= 0:  # (OptimConfig checks that lr is finite)
+            raise ConfigError(f"LRSchedule.base_lr={self.base_lr!r} must be >= 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"LRSchedule.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
