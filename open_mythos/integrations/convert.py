@@ -175,6 +175,16 @@ def _save_hf_byte_tokenizer(out_dir: Path, add_bos_token: bool = False) -> None:
     byte_tokenizer_for_transformers(add_bos_token=add_bos_token).save_pretrained(str(out_dir))
 
 
+def _tokenizer_source(loaded: LoadedModel, given: str | Path | Tokenizer | None
+                      ) -> str | Path | Tokenizer | None:
+    """What an export stores as the tokenizer: ``given``, else the checkpoint's own
+    (:func:`_default_tokenizer_source`); for a task run, ``"byte"`` (given or implied) is
+    the task tokenizer, whose prompts start with BOS as its examples did."""
+    if isinstance(given, str) and given.lower() == "byte" and is_task_checkpoint(loaded.path):
+        return task_tokenizer()
+    return given if given is not None else _default_tokenizer_source(loaded)
+
+
 def _default_tokenizer_source(loaded: LoadedModel) -> str | Path | Tokenizer | None:
     if is_task_checkpoint(loaded.path):
         return task_tokenizer()
@@ -226,7 +236,7 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
     if fmt is not CheckpointFormat.TRAINING:
         raise ValueError(f"{str(checkpoint)!r} is already a Hugging Face directory")
     loaded = load_model(ckpt_dir, dtype=dtype)
-    source = tokenizer if tokenizer is not None else _default_tokenizer_source(loaded)
+    source = _tokenizer_source(loaded, tokenizer)
     if source is None:
         raise ValueError(f"no tokenizer is stored with {str(ckpt_dir)!r} and its vocabulary "
                          f"({loaded.cfg.vocab_size}) is not the byte tokenizer's; pass a "
@@ -287,7 +297,7 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
         raise ValueError(f"{str(checkpoint)!r} is a Hugging Face directory, not a training "
                          "checkpoint")
     loaded = load_model(ckpt_dir)  # the weights are checked before anything is written
-    source = tokenizer if tokenizer is not None else _default_tokenizer_source(loaded)
+    source = _tokenizer_source(loaded, tokenizer)
     if source is not None:
         _check_tokenizer_fits(_tokenizer_or_none(source), loaded.cfg.vocab_size)
     out_dir = Path(out_dir)

@@ -252,7 +252,10 @@ class OpenMythosLM(TemplateLM):
             windows = [
                 (None, *lm_utils.make_disjoint_window(w))
                 for w in lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    # The prefix token (BOS) starts the first window: the text itself
+                    # without one, or a BOS-adding tokenizer would score BOS after BOS.
+                    token_list=self.tok_encode(text, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length, context_len=1)
             ]
             total = sum(s for s, _ in self._loglikelihood_tokens(windows, disable_tqdm=True))

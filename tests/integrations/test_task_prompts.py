@@ -22,6 +22,7 @@ from open_mythos.integrations.convert import (
     load_model,
     resolve_tokenizer,
     training_to_hf,
+    training_to_safetensors,
 )
 from open_mythos.tasks import BOS_ID
 from open_mythos.tasks.batching import encode_prompt
@@ -109,19 +110,38 @@ def test_exported_task_tokenizer_adds_bos_for_transformers_users(runs, tmp_path)
     back = hf_to_training(hf_dir, tmp_path / "back")
     assert resolve_tokenizer(load_model(back)).add_bos_token
     assert resolve_tokenizer(load_model(hf_dir)).add_bos_token
+    # Naming the byte tokenizer, as the docs' Python example does, is the task's too.
+    named = training_to_hf(task_run, tmp_path / "named", tokenizer="byte", n_loops=2)
+    assert AutoTokenizer.from_pretrained(named)(PROMPT)["input_ids"] == \
+        encode_prompt(PROMPT).tolist()
+    weights = training_to_safetensors(task_run, tmp_path / "weights", tokenizer="byte")
+    assert resolve_tokenizer(load_model(weights)).add_bos_token
     text_hf = training_to_hf(text_run, tmp_path / "text_hf", n_loops=2)
     assert AutoTokenizer.from_pretrained(text_hf)(PROMPT)["input_ids"] == list(PROMPT.encode())
 
 
 def test_lm_eval_and_server_tokenize_a_task_prompt_with_bos(runs):
     pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
     from open_mythos.integrations.lm_eval import OpenMythosLM
 
     _, task_run, text_run = runs
-    assert OpenMythosLM(str(task_run), device="cpu").tok_encode(PROMPT)[0] == BOS_ID
+    task_lm = OpenMythosLM(str(task_run), device="cpu")
+    assert task_lm.tok_encode(PROMPT)[0] == BOS_ID
     assert OpenMythosLM(str(text_run), device="cpu").tok_encode(PROMPT)[0] != BOS_ID
-    assert OpenMythosLM(str(task_run), device="cpu", add_bos_token=False).tok_encode(
-        PROMPT)[0] != BOS_ID
+    plain_lm = OpenMythosLM(str(task_run), device="cpu", add_bos_token=False)
+    assert plain_lm.tok_encode(PROMPT)[0] != BOS_ID
+    # A rolling log-likelihood starts from the harness's prefix token (BOS): the text
+    # must not bring a BOS of its own, or the score includes log p(BOS | BOS).
+    request = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(PROMPT,),
+                        idx=0)]
+    rolled = task_lm.loglikelihood_rolling(request)[0]
+    assert rolled == pytest.approx(plain_lm.loglikelihood_rolling(request)[0], abs=1e-5)
+    ids = torch.tensor([[BOS_ID, *PROMPT.encode()]])
+    with torch.no_grad():
+        logp = task_lm.model(ids, task_lm.n_loops).log_softmax(-1)[0, :-1]
+    assert rolled == pytest.approx(float(logp.gather(1, ids[0, 1:, None]).sum()), abs=1e-4)
 
 
 def test_server_tokenizes_a_task_prompt_with_bos():
