@@ -208,6 +208,20 @@ def test_an_interrupted_export_leaves_nothing_and_can_be_run_again(exported, tmp
     for out in (tmp_path / "new", tmp_path / "empty"):
         assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
         assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # --out as the current directory, through a symlink, and over a killed export's folder.
+    here, target = tmp_path / "here", tmp_path / "target"
+    here.mkdir()
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    (target / ".openmythos-export.partial-99999").mkdir()  # a kill -9 leaves this
+    monkeypatch.chdir(here)
+    for out in (".", str(tmp_path / "link")):
+        assert main(["export", str(run), "--format", "safetensors", "--out", out]) == 0
+    for d in (here, target):
+        assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+        assert load_model(d).n_loops == TRAINED
+        assert not [p for p in d.iterdir() if p.name.startswith(".")]
 
 
 CLEAN_SCRIPT = r"""
