@@ -195,19 +195,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What the collective errors of a rank whose peer went away say (gloo: a closed or reset
+#: connection, a timed-out wait; NCCL: the watchdog's timeout, a remote process's exit).
+#: Anything else (this rank's own out-of-memory or a misuse, even inside a collective)
+#: keeps its traceback.
+_LOST_PEER_MARKS = ("Connection closed by peer", "Connection reset by peer",
+                    "Timed out waiting", "Watchdog caught collective operation timeout",
+                    "remote process exited", "Socket Timeout")
+
+
 def lost_peer(err: BaseException) -> bool:
-    """Whether ``err`` is a collective that failed because another rank went away: torch's
-    distributed errors, or the runtime errors gloo and NCCL raise for a closed connection
-    or a timed-out wait. Only under ``torchrun`` with several processes."""
+    """Whether ``err`` is a collective that failed because another rank went away (died,
+    hung past the timeout, or was stopped). Only under ``torchrun`` with several
+    processes."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False
-    if isinstance(err, getattr(dist, "DistError", ())):
+    if isinstance(err, tuple(getattr(dist, name) for name in ("DistNetworkError",
+                                                              "DistStoreError")
+                             if hasattr(dist, name))):
         return True
-    text = str(err)
-    return any(mark in text for mark in ("gloo", "NCCL", "Connection closed by peer",
-                                          "Connection reset by peer", "Timed out waiting"))
+    return any(mark in str(err) for mark in _LOST_PEER_MARKS)
 
 
 def _error(msg: str) -> None:

@@ -242,3 +242,23 @@ def test_ranks_given_different_configurations_stop_at_once_naming_the_keys(tmp_p
             "command with the same files): rank 1 (against rank 0): optim.lr: ") in proc.stderr
     assert "run.steps: 4 -> 8" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_only_a_lost_peer_is_reported_as_one(monkeypatch):
+    """A collective failing because a peer went away is one line; this rank's own failure
+    inside a collective (out of memory, a misuse) keeps its traceback."""
+    import torch.distributed as dist
+
+    from open_mythos.training.command import lost_peer
+
+    lost = [RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                         "[127.0.0.1]:46274"),
+            RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                         "10000ms for recv operation to complete"),
+            dist.DistNetworkError("connection reset")]
+    own = [dist.DistBackendError("NCCL error: unhandled cuda error: out of memory"),
+           RuntimeError("NCCL error: invalid usage"), RuntimeError("shape mismatch")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert [lost_peer(e) for e in lost + own] == [True] * 3 + [False] * 3
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not any(lost_peer(e) for e in lost)
