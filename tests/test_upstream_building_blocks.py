@@ -311,6 +311,10 @@ def test_expert_views_share_storage_and_leave_the_module_unchanged():
         moe.routed_experts[2].requires_grad_(False)
     with pytest.raises(RuntimeError, match="cannot freeze"):
         moe.shared_experts[0].requires_grad_(False)
+    with pytest.raises(RuntimeError, match="cannot freeze"):
+        moe.routed_experts.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="cannot freeze"):
+        moe.routed_experts[0].gate.requires_grad_(False)
     assert moe.w_gate_up.requires_grad
     view, calls = moe.routed_experts[2], []
     with pytest.warns(RuntimeWarning, match="without calling these views"):

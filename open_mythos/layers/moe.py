@@ -317,7 +317,7 @@ class MoEFFN(CopiesDetached, nn.Module):
         H = self.expert_dim
         gate_up, down = self.w_gate_up.detach(), self.w_down.detach()
         grad = self.w_gate_up.requires_grad
-        return nn.ModuleList(
+        return _ExpertViews(
             _expert_view(gate_up[e, :, :H].t(), gate_up[e, :, H:].t(), down[e].t(), grad)
             for e in range(self.n_experts))
 
@@ -332,12 +332,12 @@ class MoEFFN(CopiesDetached, nn.Module):
         outputs sum to ``self.shared(x)``. Empty when ``n_shared == 0``.
         """
         if self.shared is None:
-            return nn.ModuleList()
+            return _ExpertViews()
         W = self.expert_dim * self.topk
         gate, up = self.shared.gate.weight.detach(), self.shared.up.weight.detach()
         down = self.shared.down.weight.detach()
         grad = self.shared.gate.weight.requires_grad
-        return nn.ModuleList(
+        return _ExpertViews(
             _expert_view(gate[i * W:(i + 1) * W], up[i * W:(i + 1) * W],
                          down[:, i * W:(i + 1) * W], grad)
             for i in range(self.n_shared))
@@ -522,20 +522,38 @@ class MoEFFN(CopiesDetached, nn.Module):
         return load
 
 
-class _ExpertView(Expert):
+_FREEZE_VIEW = (
+    "an expert view (routed_experts[e], shared_experts[i], or their layers) cannot freeze its "
+    "expert: its weights alias part of the MoE layer's fused tensors (w_gate_up / w_down, "
+    "shared), whose requires_grad is the layer's. To freeze routed expert e, zero its "
+    "gradient rows, e.g. moe.w_gate_up.register_hook(lambda g: g.index_fill(0, "
+    "torch.tensor([e]), 0)) (and the same for w_down)")
+
+
+class _RefusesFreezing:
+    """``requires_grad_`` of an expert view, of its layers and of the list of views: what
+    upstream code calls to freeze an expert, which would silently leave the fused layer
+    trainable here. (A view's own tensors are plain parameters: their ``requires_grad_``
+    cannot be intercepted.)"""
+
+    def requires_grad_(self, requires_grad: bool = True) -> Any:
+        raise RuntimeError(_FREEZE_VIEW)
+
+
+class _ViewLinear(_RefusesFreezing, nn.Linear):
+    """One projection of an expert view."""
+
+
+class _ExpertViews(_RefusesFreezing, nn.ModuleList):
+    """:attr:`MoEFFN.routed_experts` / :attr:`MoEFFN.shared_experts`."""
+
+
+class _ExpertView(_RefusesFreezing, Expert):
     """An :class:`Expert` whose weights alias a fused MoE layer's (:func:`_expert_view`).
 
-    The layer's forward never calls it, and its parameters are not the layer's: the two
-    things upstream code does to an expert that would silently do nothing here are
-    refused (freezing) or warned about (hooks)."""
-
-    def requires_grad_(self, requires_grad: bool = True) -> _ExpertView:
-        raise RuntimeError(
-            "an expert view (routed_experts[e], shared_experts[i]) cannot freeze its expert: "
-            "its weights alias part of the MoE layer's fused tensors (w_gate_up / w_down, "
-            "shared), whose requires_grad is the layer's. To freeze routed expert e, zero its "
-            "gradient rows, e.g. moe.w_gate_up.register_hook(lambda g: g.index_fill(0, "
-            "torch.tensor([e]), 0)) (and the same for w_down)")
+    The layer's forward never calls it, and its parameters are not the layer's: freezing
+    it is refused, and a hook on it is warned about (it fires only when the view itself is
+    called)."""
 
     def _warn_hook(self) -> None:
         import warnings
@@ -560,10 +578,12 @@ def _expert_view(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
 
     ``gate``, ``up``: (hidden, dim); ``down``: (dim, hidden), as ``nn.Linear`` stores them.
     """
-    with torch.device("meta"):  # the Linear layers' own weights are replaced below
+    with torch.device("meta"):  # the layers' own weights are replaced below
         expert = _ExpertView(gate.shape[1], gate.shape[0])
-    for linear, weight in ((expert.gate, gate), (expert.up, up), (expert.down, down)):
-        linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+        for name, weight in (("gate", gate), ("up", up), ("down", down)):
+            linear = _ViewLinear(weight.shape[1], weight.shape[0], bias=False)
+            linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+            setattr(expert, name, linear)
     return expert
 
 

@@ -8,6 +8,7 @@ communication, and a resumed run continues them exactly.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,8 +90,10 @@ class LoopSchedule:
         object.__setattr__(self, "mode", as_member(LoopMode, self.mode, "LoopSchedule.mode"))
         for name in ("n_loops", "min_loops", "max_loops", "curriculum_steps"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                    and value >= 1):
                 raise ConfigError(f"LoopSchedule.{name}={value!r} must be an integer >= 1")
+            object.__setattr__(self, name, int(value))  # NumPy's integers as Python's
         if self.min_loops > self.max_loops:
             raise ConfigError(f"LoopSchedule.min_loops={self.min_loops} must be <= "
                               f"max_loops={self.max_loops}")

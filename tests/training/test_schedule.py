@@ -119,3 +119,8 @@ def test_run_config_enums_by_name():
 
     assert (run.precision, run.compile, run.parallel) == (Precision.BF16, Compile.MODEL, Parallel.NONE)
     assert run.precision is Precision.BF16 and run.compile is Compile.MODEL
+
+
+def test_numpy_integers_are_loop_counts():
+    sched = LoopSchedule("fixed", np.int64(4), np.int32(1), 8, 0.5, 100, 0)
+    assert sched(3) == 4 and type(sched.n_loops) is int and type(sched.min_loops) is int
