@@ -260,12 +260,16 @@ def _last_val_loss(metrics: Any, step: int | None) -> tuple[int | None, float | 
 
 def _tokenizer(loaded: Any) -> tuple[str | None, int | None]:
     """``(the tokenizer stored with a checkpoint, its vocabulary size)``, (None, None) if none."""
-    from ..integrations.convert import _default_tokenizer_source
-    from ..tokenizers import load_tokenizer
+    from ..integrations.convert import stored_tokenizer
+    from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
-    source = _default_tokenizer_source(loaded)
+    source = stored_tokenizer(loaded)
     if source is None:
         return None, None
+    if isinstance(source, Tokenizer):  # a task run's byte tokenizer: no file behind it
+        bos = ", BOS first (a task run)" if getattr(source, "add_bos_token", False) else ""
+        name = ("byte" if isinstance(source, ByteTokenizer) else repr(source)) + bos
+        return name, source.vocab_size
     return str(source), load_tokenizer(str(source)).vocab_size
 
 

@@ -178,14 +178,18 @@ def _save_hf_byte_tokenizer(out_dir: Path, add_bos_token: bool = False) -> None:
 def _tokenizer_source(loaded: LoadedModel, given: str | Path | Tokenizer | None
                       ) -> str | Path | Tokenizer | None:
     """What an export stores as the tokenizer: ``given``, else the checkpoint's own
-    (:func:`_default_tokenizer_source`); for a task run, ``"byte"`` (given or implied) is
+    (:func:`stored_tokenizer`); for a task run, ``"byte"`` (given or implied) is
     the task tokenizer, whose prompts start with BOS as its examples did."""
     if isinstance(given, str) and given.lower() == "byte" and is_task_checkpoint(loaded.path):
         return task_tokenizer()
-    return given if given is not None else _default_tokenizer_source(loaded)
+    return given if given is not None else stored_tokenizer(loaded)
 
 
-def _default_tokenizer_source(loaded: LoadedModel) -> str | Path | Tokenizer | None:
+def stored_tokenizer(loaded: LoadedModel) -> str | Path | Tokenizer | None:
+    """The tokenizer that belongs to a checkpoint: a task run's
+    (:func:`~open_mythos.tokenizers.task_tokenizer`), else the directory stored with it
+    (:func:`find_tokenizer_dir`), else ``"byte"`` when its training config names the byte
+    tokenizer or its vocabulary has exactly the byte tokenizer's size; None if unknown."""
     if is_task_checkpoint(loaded.path):
         return task_tokenizer()
     found = find_tokenizer_dir(loaded.path)
@@ -365,6 +369,7 @@ def _tokenizer_or_none(source: str | Path | Tokenizer | None) -> Tokenizer | Non
 
 __all__ = [
     "HF_MODEL_TYPE", "TOKENIZER_FILES", "CheckpointFormat", "LoadedModel", "detect_format",
-    "find_tokenizer_dir", "hf_to_training", "is_task_checkpoint", "load_model", "read_config", "resolve_tokenizer",
-    "save_tokenizer", "set_tokenizer_defaults", "training_to_hf", "training_to_safetensors",
+    "find_tokenizer_dir", "hf_to_training", "is_task_checkpoint", "load_model", "read_config",
+    "resolve_tokenizer", "save_tokenizer", "set_tokenizer_defaults", "stored_tokenizer",
+    "training_to_hf", "training_to_safetensors",
 ]

@@ -166,3 +166,16 @@ def test_inspect_frames_the_prompt_as_the_run_trained(runs, tmp_path, capsys):
         heads[name] = capsys.readouterr().out.splitlines()[0].split()
     assert heads["task"][:4] == ["loop", "<bos>", "a", "b"]
     assert heads["text"][:3] == ["loop", "a", "b"] and "<bos>" not in heads["text"]
+
+
+def test_info_names_a_task_runs_tokenizer(runs, tmp_path, capsys):
+    """info read the task tokenizer's repr as a Hub id and failed on every task run."""
+    _, task_run, text_run = runs
+    assert main(["info", str(task_run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["run"]["tokenizer"] == "byte, BOS first (a task run)"
+    weights = training_to_safetensors(task_run, tmp_path / "weights")
+    assert main(["info", str(weights), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["tokenizer"].startswith("byte, BOS")
+    assert main(["info", str(text_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["tokenizer"] == "byte"
