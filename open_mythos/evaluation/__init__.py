@@ -18,6 +18,7 @@ from .sweep import (
     evaluate_examples,
     greedy_answers,
     load_rows,
+    loss_vs_loops,
     model_fingerprint,
     perplexity,
     sample_examples,
@@ -28,6 +29,6 @@ from .sweep import (
 
 __all__ = [
     "Perplexity", "Probe", "SweepRow", "evaluate_examples", "greedy_answers", "load_rows",
-    "model_fingerprint", "perplexity", "probe_model", "sample_examples", "save_rows", "sweep", "task_fingerprint",
-    "write_report",
+    "loss_vs_loops", "model_fingerprint", "perplexity", "probe_model", "sample_examples",
+    "save_rows", "sweep", "task_fingerprint", "write_report",
 ]

@@ -243,10 +243,11 @@ class CompletionService:
                      f"chatcmpl-{uuid.uuid4().hex}")
 
     def encode_text(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
-        """Token ids of a text prompt (``/tokenize`` and ``/v1/completions``); the exact
-        name of a special token (``<eos>``) is that token, as Hugging Face tokenizers parse
-        special tokens inside text. ``add_special_tokens=None``: BOS first when the
-        tokenizer adds it by default (a task run's, trained on ``BOS prompt answer``)."""
+        """Token ids of a text prompt (``/tokenize`` and ``/v1/completions``). A prompt that
+        is exactly the name of a special token (``<eos>``) is that token; inside longer
+        text the name is its characters, as the byte tokenizer encodes it.
+        ``add_special_tokens=None``: BOS first when the tokenizer adds it by default (a
+        task run's, trained on ``BOS prompt answer``)."""
         tok = self.tokenizer
         for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
             if i is not None and text == tok.decode([i], skip_special_tokens=False):
