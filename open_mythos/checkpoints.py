@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -107,6 +108,36 @@ class LoadedModel:
 
 
 # Locating -----------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where the OS says it (Linux), so no
+    other thread creates a file under a cleared mask meanwhile."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with the file's permissions those of any file this
+    process creates: safetensors writes its files 0600, so weights in a shared run
+    directory or an export handed to someone were unreadable to everyone else."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata=metadata)
+    readable_as_umask_allows(path)
+
+
+def readable_as_umask_allows(path: str | Path) -> None:
+    """Give ``path`` the mode a newly created file gets (``0o666 & ~umask``)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def file_sha256(path: str | Path) -> str:

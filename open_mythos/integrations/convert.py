@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..checkpoints import (
     CHECKPOINT_DIR,
@@ -32,6 +31,8 @@ from ..checkpoints import (
     detect_format,
     load_model,
     read_config,
+    readable_as_umask_allows,
+    save_weights,
     tied_parameters,
 )
 from ..tokenizers import (
@@ -260,7 +261,16 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
     save_tokenizer(source, out_dir, hf_files=True)
     set_tokenizer_defaults(out_dir, model_max_length=loaded.cfg.max_seq_len,
                            pad_token=_eos_as_pad(tok))
+    _readable(out_dir)
     return out_dir
+
+
+def _readable(out_dir: Path) -> None:
+    """Every file of an export with the mode a new file of this process gets: safetensors
+    writes weights 0600 (``save_pretrained`` too), and copies keep their source's mode."""
+    for path in out_dir.rglob("*"):
+        if path.is_file():
+            readable_as_umask_allows(path)
 
 
 def _eos_as_pad(tok: Tokenizer | None) -> str | None:
@@ -311,10 +321,11 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
             shutil.copy2(ckpt_dir / name, out_dir / name)
     if not (ckpt_dir / MODEL_FILE).is_file():  # sharded weights (model.dcp/): gathered here
         tied = tied_parameters(loaded.model)
-        save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()
-                   if k not in tied},
-                  str(out_dir / MODEL_FILE), metadata={"format": "pt", "tied": json.dumps(tied)})
+        save_weights({k: v.contiguous() for k, v in loaded.model.state_dict().items()
+                      if k not in tied},
+                     out_dir / MODEL_FILE, metadata={"format": "pt", "tied": json.dumps(tied)})
     save_tokenizer(source, out_dir, hf_files=False)
+    _readable(out_dir)
     return out_dir
 
 
@@ -351,11 +362,12 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     metadata = {"format": "pt", "step": "0", "tied": json.dumps(tied)}
     if loaded.n_loops is not None:
         metadata[DEPTH_METADATA] = str(loaded.n_loops)
-    save_file(state, str(out_dir / MODEL_FILE), metadata=metadata)
+    save_weights(state, out_dir / MODEL_FILE, metadata=metadata)
     (out_dir / MODEL_CONFIG_FILE).write_text(
         json.dumps(loaded.cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     source = tokenizer if tokenizer is not None else find_tokenizer_dir(src)
     save_tokenizer(source, out_dir, hf_files=False)
+    _readable(out_dir)
     return out_dir
 
 

@@ -53,7 +53,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -82,6 +81,7 @@ from ..checkpoints import (  # the reading side, shared with every other loader
     read_model_config,
     read_model_state,
     resolve_checkpoint_dir,
+    save_weights,
     tied_parameters,
     verify_checkpoint,
 )
@@ -210,7 +210,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: TrainingCheckpoint, tied: dict[st
     metadata = {"format": "pt", "step": str(ckpt.step), "tied": json.dumps(tied)}
     with removed_on_error(tmp):
         with write_errors(tmp / MODEL_FILE):
-            save_file(ckpt.model_state, str(tmp / MODEL_FILE), metadata=metadata)
+            save_weights(ckpt.model_state, tmp / MODEL_FILE, metadata=metadata)
         with write_errors(tmp / OPTIMIZER_FILE):
             torch.save(ckpt.optimizer_state, tmp / OPTIMIZER_FILE)
         write_run_files(tmp, ckpt.step, ckpt.model_config, ckpt.train_config_toml,

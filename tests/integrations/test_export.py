@@ -323,3 +323,21 @@ def test_sharded_checkpoint_exports_whole_weights_and_info_reads_it(tmp_path, ca
     assert main(["info", str(run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)["run"]
     assert "stored" not in info["param_bytes"] and info["trained_depth"] == TRAINED
+
+
+def test_weights_are_as_readable_as_every_other_file(exported, tmp_path):
+    """safetensors writes its files 0600: a run's checkpoints and an export handed to
+    someone were unreadable to anyone else, unlike every other file written beside them."""
+    run, hf_dir, _ = exported
+    old = os.umask(0o022)
+    try:
+        from open_mythos.checkpoints import latest_checkpoint
+
+        ckpt = latest_checkpoint(run)
+        assert (ckpt / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        for out, fmt in ((tmp_path / "hf", "hf"), (tmp_path / "st", "safetensors")):
+            assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
+            modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+            assert modes and set(modes.values()) == {0o644}, modes
+    finally:
+        os.umask(old)
