@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import MythosConfig
 from .attention import AttnContext, DepthCarry
 from .block import TransformerBlock
-from .norm import RMSNorm
+from .norm import RMSNorm, at_least_fp32
 from .telemetry import CopiesDetached
 
 
@@ -55,8 +55,8 @@ def loop_index_embedding(
 
 def add_loop_signal(h: torch.Tensor, signal: torch.Tensor,
                     scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """``h + signal * scale`` taken in float32, cast back to ``h.dtype``."""
-    return (h.float() + signal * scale).to(h.dtype)
+    """``h + signal * scale`` taken in float32 at least, cast back to ``h.dtype``."""
+    return (at_least_fp32(h) + signal * scale).to(h.dtype)
 
 
 class LoRAAdapter(nn.Module):
@@ -118,8 +118,9 @@ class LTIInjection(nn.Module):
         nn.init.constant_(self.B, 0.1)
 
     def get_A(self) -> torch.Tensor:
-        """Diagonal of the state matrix, float32 (dim,), every entry in (0, 1)."""
-        s = (self.log_dt + self.log_A).float()
+        """Diagonal of the state matrix, float32 (float64 for float64 parameters) (dim,),
+        every entry in (0, 1)."""
+        s = at_least_fp32(self.log_dt + self.log_A)
         s = s + (s.clamp(self.LOG_MIN_RATE, self.LOG_MAX_RATE) - s).detach()
         return torch.exp(-torch.exp(s))
 
@@ -132,7 +133,8 @@ class LTIInjection(nn.Module):
 
 
 class ACTHalting(nn.Module):
-    """Per-position halting probability ``sigmoid(halt(h))``, (B, T, dim) -> (B, T) float32."""
+    """Per-position halting probability ``sigmoid(halt(h))``, (B, T, dim) -> (B, T) float32
+    (float64 for float64 states)."""
 
     def __init__(self, dim: int, bias_init: float = -3.0):
         super().__init__()
@@ -145,7 +147,7 @@ class ACTHalting(nn.Module):
         nn.init.constant_(self.halt.bias, self.bias_init)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.halt(h).float()).squeeze(-1)
+        return torch.sigmoid(at_least_fp32(self.halt(h))).squeeze(-1)
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -255,10 +257,6 @@ def as_exit_rule(rule: ExitRule | Mapping[str, Any] | None) -> ExitRule | None:
     return ExitRule(**rule)
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 class _Exits:
     """An :class:`ExitRule`'s memory over one forward: the previous loop's log-probabilities
     and argmax, and the argmax streak, each (B, T, ...) for the whole batch."""
@@ -280,10 +278,10 @@ class _Exits:
         rule = self.rule
         fire = torch.zeros(h_new.shape[:2], dtype=torch.bool, device=h_new.device)
         if rule.rel_change is not None and t > 0:
-            new, old = _at_least_fp32(h_new), _at_least_fp32(h_in)
+            new, old = at_least_fp32(h_new), at_least_fp32(h_in)
             fire |= (new - old).norm(dim=-1) < rule.rel_change * new.norm(dim=-1)
         if rule.needs_readout:
-            logp = torch.log_softmax(_at_least_fp32(self.lens(h_new)), dim=-1)
+            logp = torch.log_softmax(at_least_fp32(self.lens(h_new)), dim=-1)
             if rule.entropy is not None:
                 fire |= -(logp.exp() * logp).sum(-1) < rule.entropy
             if rule.kl is not None and t > 0:
@@ -313,10 +311,11 @@ class _Halting:
 
     def __init__(self, h: torch.Tensor):
         B, T, dim = h.shape
+        dtype = torch.promote_types(h.dtype, torch.float32)  # the sums' precision
         self.running = torch.ones(B, T, dtype=torch.bool, device=h.device)
-        self.mass = torch.zeros(B, T, dtype=torch.float32, device=h.device)
-        self.ponder = torch.zeros(B, T, dtype=torch.float32, device=h.device)
-        self.h_out = torch.zeros(B, T, dim, dtype=torch.float32, device=h.device)
+        self.mass = torch.zeros(B, T, dtype=dtype, device=h.device)
+        self.ponder = torch.zeros(B, T, dtype=dtype, device=h.device)
+        self.h_out = torch.zeros(B, T, dim, dtype=dtype, device=h.device)
         self.weights: list[torch.Tensor] = []
 
     def update(self, h: torch.Tensor, h_in: torch.Tensor, h_new: torch.Tensor,
@@ -331,7 +330,8 @@ class _Halting:
         if stop is not None:
             halt_now = halt_now | stop
         w = torch.where(halt_now, 1.0 - mass_in, step) * run_in
-        self.h_out = _put(self.h_out, rows, _take(self.h_out, rows) + w.unsqueeze(-1) * h_new.float())
+        self.h_out = _put(self.h_out, rows,
+                          _take(self.h_out, rows) + w.unsqueeze(-1) * at_least_fp32(h_new))
         self.mass = _put(self.mass, rows, mass_in + w)
         self.ponder = _put(self.ponder, rows, _take(self.ponder, rows) + (t + 1) * w)
         self.weights.append(_put(torch.zeros_like(self.mass), rows, w.detach()))
@@ -474,7 +474,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         # NOTE: an unscaled sinusoid (upstream) dwarfs a freshly initialised residual stream
         # (embeddings ~0.02), so after the norm every token looks alike and the router sends
         # all of them to the same experts. Scaling by the state's RMS keeps it proportionate.
-        hf = h.float()
+        hf = at_least_fp32(h)
         rms = hf.pow(2).mean(-1, keepdim=True).sqrt()
         x = self.norm(add_loop_signal(hf, signal, rms).to(h.dtype) + e)
         out = self.block(x, ctx, cache_key, carry)

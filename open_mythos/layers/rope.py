@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .norm import at_least_fp32
+
 
 def rope_cos_sin(
     positions: torch.Tensor, dim: int, theta: float
@@ -43,6 +45,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     if cos.dim() == 3:  # per-sequence positions: broadcast over heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)

@@ -67,3 +67,46 @@ def test_loop_index_embedding_matches_naive_and_low_precision():
     hb = torch.zeros(1, 1, 64, dtype=torch.bfloat16)
     a, b = loop_index_embedding(hb, 100, 8), loop_index_embedding(hb, 101, 8)
     assert a.dtype == torch.bfloat16 and not torch.equal(a, b)
+
+
+def test_float64_pieces_pass_gradcheck_and_stay_float64():
+    """Every "at least float32" computation keeps float64 inputs in float64: RMSNorm,
+    the rotation, the loop signal and the halting head downcast them to float32, so a
+    float64 gradient check of the model failed."""
+    from open_mythos.layers.recurrence import ACTHalting, LTIInjection
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    norm = RMSNorm(8).double()
+    halting = ACTHalting(8).double()
+    cos, sin = rope_cos_sin(torch.arange(3), 8, 10000.0)
+    for fn in (norm, halting, lambda t: loop_index_embedding(t, 2, 8),
+               lambda t: apply_rope(t, cos.double(), sin.double())):
+        assert fn(x).dtype == torch.float64
+        assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+    lti = LTIInjection(8).double()
+    assert lti.get_A().dtype == torch.float64
+
+
+def test_a_float64_model_matches_its_float32_self_closely_and_passes_gradcheck():
+    from tests.conftest import halting_model
+
+    model = halting_model("gqa", act_threshold=0.99)
+    ids = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f32 = model(ids, n_loops=3)
+    model = model.double()
+    f64 = model(ids, n_loops=3)
+    assert f64.dtype == torch.float64
+    torch.testing.assert_close(f64.float(), f32, rtol=1e-4, atol=1e-4)
+    # d logits / d (the injection's log_A and the halting head) through every loop, ACT
+    # weights included.
+    names = ("recurrent.injection.log_A", "recurrent.act.halt.weight")
+    params = tuple(dict(model.named_parameters())[n].detach().clone().requires_grad_()
+                   for n in names)
+
+    def out(*values):
+        return torch.func.functional_call(model, dict(zip(names, values)),
+                                          (ids,), {"n_loops": 2})[0, -1, :5]
+
+    assert torch.autograd.gradcheck(out, params, eps=1e-6, atol=1e-6, rtol=1e-4)
