@@ -421,7 +421,9 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
         tmp_path, capsys, monkeypatch, writer):
     run = tmp_path / "run"
     name, error = FULL_DISK[writer]
-    real = ckpt_mod.save_file if name == "save_file" else torch.save
+    import safetensors.torch
+
+    real = safetensors.torch.save_file if name == "save_file" else torch.save
 
     def full_disk(state, path, *args, **kwargs):
         if "step_00000004" in str(path):
@@ -429,8 +431,8 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
             raise error()
         return real(state, path, *args, **kwargs)
 
-    if name == "save_file":
-        monkeypatch.setattr(ckpt_mod, "save_file", full_disk)
+    if name == "save_file":  # the safetensors writer itself, under the checkpoint code
+        monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     else:
         monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
     assert train_cli(run, "--steps", "4", "--save-every", "2") == 3
