@@ -355,10 +355,12 @@ class MythosTokenizer(Tokenizer):
         return self.tokenizer.eos_token_id
 
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
-        """Ids of ``text`` without the tokenizer's automatic special tokens (as upstream);
+        """Ids of ``text`` without the tokenizer's automatic special tokens (as upstream),
+        a special token's name inside it encoded as its characters, as training data is
+        (:meth:`encode_literal`): a prompt reads as the model's training text did.
         ``add_bos``/``add_eos`` add BOS / EOS explicitly and raise ``ValueError`` if the
         tokenizer has none (``add_bos=None``: :attr:`add_bos_token`, False)."""
-        ids = list(self.tokenizer.encode(_text(text), add_special_tokens=False))
+        ids = self.encode_literal(_text(text))
         if self.add_bos_token if add_bos is None else add_bos:
             ids.insert(0, _require_special(self.bos_token_id, "BOS"))
         if add_eos:

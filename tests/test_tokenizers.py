@@ -98,6 +98,13 @@ def test_mythos_tokenizer_from_local_directory(tmp_path):
     assert batch["input_ids"].shape == batch["attention_mask"].shape
     assert batch["attention_mask"][0, 0] == 0 and batch["input_ids"][0, 0] == tok.pad_token_id
     assert isinstance(load_tokenizer(tmp_path), MythosTokenizer)
+    # A special token's name inside a prompt is its characters, as in the training data
+    # (prepare encodes documents literally): "<eos>" mid-prompt was an EOS at inference.
+    inside = tok.encode("the dog<eos>the <tool> fox")
+    assert tok.eos_token_id not in inside and inside == tok.encode_literal(
+        "the dog<eos>the <tool> fox")
+    assert tok.tokenizer.convert_tokens_to_ids("<tool>") not in inside
+    assert tok.decode(inside) == "the dog<eos>the <tool> fox"
 
 
 def test_mythos_tokenizer_pads_with_eos_when_no_pad():
