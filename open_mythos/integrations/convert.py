@@ -261,8 +261,41 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
     save_tokenizer(source, out_dir, hf_files=True)
     set_tokenizer_defaults(out_dir, model_max_length=loaded.cfg.max_seq_len,
                            pad_token=_eos_as_pad(tok))
+    if tok is not None and not isinstance(tok, ByteTokenizer):
+        encode_as_trained(out_dir)
     _readable(out_dir)
     return out_dir
+
+
+# Post-processors that add special tokens around every encoded text (Llama's BOS, BERT's
+# [CLS]/[SEP]); ByteLevel's only trims offsets and stays.
+_FRAMING_PROCESSORS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+
+
+def encode_as_trained(hf_dir: str | Path) -> None:
+    """Make the Hugging Face tokenizer in ``hf_dir`` encode text as a text run's training
+    did (:meth:`~open_mythos.tokenizers.MythosTokenizer.encode_literal`): no special tokens
+    added around a text (a Llama-style template's BOS: the packed documents never held
+    one) and a special token's name inside text read as characters. Edits
+    ``tokenizer.json``'s post-processor and ``tokenizer_config.json``."""
+    hf_dir = Path(hf_dir)
+    fast = hf_dir / "tokenizer.json"
+    if fast.is_file():
+        data = json.loads(fast.read_text(encoding="utf-8"))
+        post = data.get("post_processor")
+        if isinstance(post, dict) and post.get("type") in _FRAMING_PROCESSORS:
+            data["post_processor"] = None
+        elif isinstance(post, dict) and post.get("type") == "Sequence":
+            kept = [p for p in post.get("processors", [])
+                    if p.get("type") not in _FRAMING_PROCESSORS]
+            data["post_processor"] = dict(post, processors=kept) if kept else None
+        fast.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config = hf_dir / "tokenizer_config.json"
+    settings = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    # Llama's fast tokenizer rebuilds its template from these two on loading.
+    settings.update(add_bos_token=False, add_eos_token=False, split_special_tokens=True)
+    config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n",
+                      encoding="utf-8")
 
 
 def _readable(out_dir: Path) -> None:
@@ -381,7 +414,8 @@ def _tokenizer_or_none(source: str | Path | Tokenizer | None) -> Tokenizer | Non
 
 __all__ = [
     "HF_MODEL_TYPE", "TOKENIZER_FILES", "CheckpointFormat", "LoadedModel", "detect_format",
-    "find_tokenizer_dir", "hf_to_training", "is_task_checkpoint", "load_model", "read_config",
+    "encode_as_trained", "find_tokenizer_dir", "hf_to_training", "is_task_checkpoint",
+    "load_model", "read_config",
     "resolve_tokenizer", "save_tokenizer", "set_tokenizer_defaults", "stored_tokenizer",
     "training_to_hf", "training_to_safetensors",
 ]

@@ -179,3 +179,40 @@ def test_info_names_a_task_runs_tokenizer(runs, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["run"]["tokenizer"].startswith("byte, BOS")
     assert main(["info", str(text_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["run"]["tokenizer"] == "byte"
+
+
+def test_a_text_runs_bpe_export_encodes_as_training_did(tmp_path):
+    """A Llama-style tokenizer (a template adding <s>) exported with a text run: training
+    packed documents without BOS, so transformers users must get the same ids as the
+    training encoding (no <s>, special names as characters); they got a BOS the model
+    never saw and answers unlike the native model's."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    from open_mythos.tokenizers import MythosTokenizer
+
+    bpe = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.BpeTrainer(vocab_size=280,
+                                                special_tokens=["<unk>", "<s>", "</s>"],
+                                                show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    hf_tok.save_pretrained(tmp_path / "tok")
+    assert hf_tok("the fox")["input_ids"][0] == 1  # the template adds <s>
+
+    model = byte_model("gqa", vocab_size=len(hf_tok))
+    run = write_training_checkpoint(tmp_path / "run", model, tokenizer=str(tmp_path / "tok"))
+    out = training_to_hf(run, tmp_path / "hf", n_loops=2)
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    trained = MythosTokenizer(str(tmp_path / "tok"))
+    for text in ("the fox", "the lazy</s>dog"):
+        assert exported(text)["input_ids"] == trained.encode_literal(text), text
+    assert exported(["the fox", "dog"], padding=True)["input_ids"][1][-1] == \
+        trained.encode_literal("dog")[-1]
