@@ -89,6 +89,16 @@ class Tokenizer(ABC):
     def __len__(self) -> int:
         return self.vocab_size
 
+    @property
+    def start_token_id(self) -> int | None:
+        """The token a text starts after, as in training: BOS when this tokenizer adds it
+        (a task run's examples begin with it), else EOS (packed documents are separated by
+        EOS alone, so a document starts after one), else BOS; None without either. The
+        context of an empty prompt, and of a rolling log-likelihood's first window."""
+        if self.add_bos_token and self.bos_token_id is not None:
+            return self.bos_token_id
+        return self.eos_token_id if self.eos_token_id is not None else self.bos_token_id
+
     def batch_encode(
         self,
         texts: str | Iterable[str],

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("inspect reads out loops: the checkpoint holds a dense baseline")
         n_loops = args.n_loops or loaded.n_loops or model.cfg.max_loop_iters
         # Framed as in training: BOS first for a task run, nothing added for a text run
-        # (an empty prompt starts from BOS, as generate's does).
+        # (an empty prompt starts from the token training texts start after, as
+        # generate's does).
         ids = encode_prompts(tokenizer, [args.prompt])[0]
         if not ids:
             raise ValueError("the prompt encodes to no tokens")

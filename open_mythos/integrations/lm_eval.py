@@ -139,6 +139,8 @@ class OpenMythosLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
+        # BOS, as the harness's own hf model takes it, so that both score an export alike
+        # (a text run's documents started after EOS; the first token's score differs).
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.tokenizer.eos_token_id
 

@@ -219,12 +219,13 @@ class GenerationOptions:
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
     """Token ids of each prompt (strings are encoded; id lists pass through). An empty
-    prompt becomes BOS (or EOS), since the model needs at least one token."""
+    prompt becomes the token a training text starts after (``Tokenizer.start_token_id``:
+    EOS for a text run, BOS for a task run), since the model needs at least one token."""
     out = []
     for p in prompts:
         ids = tokenizer.encode(p) if isinstance(p, str) else [int(i) for i in p]
         if not ids:
-            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            start = tokenizer.start_token_id
             if start is None:
                 raise ValueError("empty prompt and the tokenizer has no BOS/EOS token to start from")
             ids = [start]

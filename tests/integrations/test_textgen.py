@@ -113,7 +113,12 @@ def test_stream_text_batches_left_padded_prompts_with_stop_strings():
     script = b"one two three four "
     model = ScriptedModel(script)
     prompts = encode_prompts(TOK, ["Q", "a longer prompt", ""])
-    assert prompts[2] == [TOK.bos_token_id]
+    # An empty prompt starts after EOS, as a training document does (a text run never saw
+    # BOS); a task run's tokenizer starts it from BOS.
+    assert prompts[2] == [TOK.eos_token_id]
+    from open_mythos.tokenizers import task_tokenizer
+
+    assert encode_prompts(task_tokenizer(), [""]) == [[TOK.bos_token_id]]
     width = max(map(len, prompts))  # left padding: every row continues at position 15
     options = GenerationOptions(max_new_tokens=30, n_loops=2, do_sample=False, stop=("thr",))
     got = complete(model, TOK, prompts, options)
