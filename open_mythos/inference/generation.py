@@ -95,6 +95,7 @@ def stream(
     compile: bool | None = None,
     exit_rule: ExitRule | None = None,
     depth_sharing: str = "per_depth",
+    vocab_limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
 
@@ -131,8 +132,9 @@ def stream(
         depth_sharing: which loop depths keep KV cache entries of their own (see
             :class:`~open_mythos.inference.cache.KVCache`); the shared modes save memory
             at some cost in quality (not with ``compile``).
+        vocab_limit: only ids below it are generated (see :class:`SamplingParams`).
     """
-    params = SamplingParams(do_sample, temperature, top_k, top_p)
+    params = SamplingParams(do_sample, temperature, top_k, top_p, vocab_limit)
     max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
     n_loops = model.default_n_loops if n_loops is None else check_loops(n_loops)
     if compile is not None and not isinstance(compile, bool):

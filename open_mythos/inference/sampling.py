@@ -20,12 +20,16 @@ class SamplingParams:
         top_k: keep the ``top_k`` most likely tokens (``None`` or 0: no limit; values above
             the vocabulary size keep everything).
         top_p: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1].
+        vocab_limit: only ids below it can be chosen (``None``: every id): a model whose
+            embedding has more rows than its tokenizer has ids (a vocabulary padded for
+            speed) must not emit an id the tokenizer cannot decode.
     """
 
     do_sample: bool = True
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    vocab_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.do_sample, bool):
@@ -44,6 +48,24 @@ class SamplingParams:
         object.__setattr__(self, "top_k", whole_number(self.top_k, "top_k", allow_none=True))
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "vocab_limit",
+                           whole_number(self.vocab_limit, "vocab_limit", 1, allow_none=True))
+
+
+def within_vocab(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(..., V) logits with the ids at or past ``params.vocab_limit`` set to -inf."""
+    limit = params.vocab_limit
+    if limit is None or limit >= logits.shape[-1]:
+        return logits
+    return logits.index_fill(-1, torch.arange(limit, logits.shape[-1], device=logits.device),
+                             float("-inf"))
+
+
+def greedy(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The most likely id of each row of (..., V) logits below ``params.vocab_limit``."""
+    if params.vocab_limit is not None and params.vocab_limit < logits.shape[-1]:
+        logits = logits[..., :params.vocab_limit]
+    return logits.argmax(dim=-1)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -54,7 +76,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     tiny temperature sends the others to -inf instead of overflowing float32 to inf and
     NaN probabilities (1e-37 did); one below float32's range counts as its smallest.
     """
-    logits = logits.float()
+    logits = within_vocab(logits.float(), params)
     # A temperature below float32's smallest normal number would round to 0 (0/0 = NaN).
     temperature = max(params.temperature, torch.finfo(logits.dtype).tiny)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -79,6 +101,6 @@ def select_next(
 ) -> torch.Tensor:
     """Pick one token per row of (B, V) logits -> (B,) long."""
     if not params.do_sample:
-        return logits.argmax(dim=-1)
+        return greedy(logits, params)
     probs = filter_logits(logits, params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

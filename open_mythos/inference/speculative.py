@@ -31,7 +31,7 @@ from ..config import check_loops, whole_number
 from ..layers.recurrence import ExitRule, as_exit_rule
 from .cache import KVCache
 from .generation import _check_decode_args, _check_stream_args, _inference, last_positions
-from .sampling import SamplingParams, filter_logits
+from .sampling import SamplingParams, filter_logits, greedy
 
 if TYPE_CHECKING:
     from ..model import OpenMythos
@@ -123,6 +123,7 @@ def speculative_stream(
     generator: torch.Generator | None = None,
     cache_dtype: torch.dtype | None = None,
     stats: SpeculativeStats | None = None,
+    vocab_limit: int | None = None,
     **stream_only: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) long, as :func:`~.generation.stream`.
@@ -151,7 +152,7 @@ def speculative_stream(
         TypeError: an option this decoder does not take.
     """
     refuse_stream_only(stream_only)
-    params = SamplingParams(do_sample, temperature, top_k, top_p)
+    params = SamplingParams(do_sample, temperature, top_k, top_p, vocab_limit)
     max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
     n_loops = check_loops(n_loops)
     _check_stream_args(model, input_ids, max_new_tokens, attention_mask, None, False)
@@ -237,7 +238,7 @@ class _Speculator:
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.params.do_sample:
-            return logits.argmax(-1)
+            return greedy(logits, self.params)
         probs = self._dist(logits)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
@@ -291,7 +292,7 @@ class _Speculator:
         """(B, n) bool: is draft ``d[:, i]`` accepted, given the full-depth logits before
         it (``target[:, i]``) and the draft's (``draft[:, i]``)?"""
         if not self.params.do_sample:
-            return target.argmax(-1) == d
+            return greedy(target, self.params) == d
         p = self._dist(target).gather(-1, d.unsqueeze(-1)).squeeze(-1)
         q = self._dist(draft).gather(-1, d.unsqueeze(-1)).squeeze(-1)
         u = torch.rand(d.shape, generator=self.generator, device=d.device)
@@ -302,7 +303,7 @@ class _Speculator:
         """The token that replaces a rejected draft: the verifier's argmax, or a sample
         of ``max(0, p - q)`` renormalised."""
         if not self.params.do_sample:
-            return target.argmax(-1)
+            return greedy(target, self.params)
         residual = (self._dist(target) - self._dist(draft)).clamp(min=0)
         empty = residual.sum(-1, keepdim=True) <= 0  # p == q: nothing to correct
         residual = torch.where(empty, self._dist(target), residual)

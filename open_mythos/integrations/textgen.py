@@ -217,6 +217,13 @@ class GenerationOptions:
     draft_lens: str = "coda"
 
 
+def decodable_ids(model: OpenMythos, tokenizer: Tokenizer) -> int | None:
+    """The id bound of text generation: the tokenizer's vocabulary when the model's
+    embedding has more rows (a vocabulary padded for speed), so that no id the tokenizer
+    cannot decode is ever sampled; None when every id of the model decodes."""
+    return tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
+
+
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
     """Token ids of each prompt (strings are encoded; id lists pass through). An empty
     prompt becomes the token a training text starts after (``Tokenizer.start_token_id``:
@@ -307,7 +314,8 @@ def stream_text(
 
     common = dict(do_sample=options.do_sample, temperature=options.temperature,
                   top_k=options.top_k, top_p=options.top_p, eos_token_id=eos, pad_token_id=pad,
-                  attention_mask=mask.to(device) if padded else None, generator=generator)
+                  attention_mask=mask.to(device) if padded else None, generator=generator,
+                  vocab_limit=decodable_ids(model, tokenizer))
     if options.draft_tokens:
         tokens = speculative_stream(model, input_ids.to(device), options.max_new_tokens,
                                     n_loops, draft_loops=options.draft_loops,

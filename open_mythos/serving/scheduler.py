@@ -62,7 +62,8 @@ class _Row:
         o = job.options
         self.job, self.index = job, index
         self.text = TextSequence(tokenizer, o.stop)
-        self.params = SamplingParams(o.do_sample, o.temperature, o.top_k, o.top_p)
+        self.params = SamplingParams(o.do_sample, o.temperature, o.top_k, o.top_p,
+                                     tokenizer.vocab_size)
         self.generator: torch.Generator | None = None
         if o.do_sample:
             self.generator = torch.Generator(device=device)

@@ -116,7 +116,7 @@ def test_bad_arguments(kwargs, match):
     (dict(do_smaple=False), r"generate\(\) got an unexpected keyword argument 'do_smaple'; "
                             r"did you mean 'do_sample'\?"),
     (dict(max_length=9), r"generate\(\) got an unexpected keyword argument 'max_length'; it "
-                         r"takes act_early_exit, attention_mask, .*, top_p$"),
+                         r"takes act_early_exit, attention_mask, .*, top_p, vocab_limit$"),
 ])
 def test_arguments_of_the_wrong_type_are_named(kwargs, match):
     """A mistyped argument is a TypeError naming it, before any work (not an error from
@@ -159,3 +159,19 @@ def test_suspended_streams_leave_grad_mode_and_model_mode_alone():
     first.close()
     second.close()
     assert torch.is_grad_enabled() and model.training
+
+
+def test_vocab_limit_bounds_greedy_and_sampled_choices():
+    from open_mythos.inference.sampling import SamplingParams, filter_logits, select_next
+
+    logits = torch.tensor([[0.0, 1.0, 5.0, 9.0], [3.0, 0.0, 0.0, 8.0]])
+    greedy = SamplingParams(do_sample=False, vocab_limit=3)
+    assert select_next(logits, greedy).tolist() == [2, 0]
+    sampled = SamplingParams(do_sample=True, temperature=10.0, vocab_limit=2)
+    probs = filter_logits(logits, sampled).softmax(-1)
+    assert (probs[:, 2:] == 0).all() and torch.allclose(probs.sum(-1), torch.ones(2))
+    g = torch.Generator().manual_seed(0)
+    assert all(select_next(logits, sampled, g).max() < 2 for _ in range(50))
+    assert select_next(logits, SamplingParams(do_sample=False, vocab_limit=9)).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="vocab_limit"):
+        SamplingParams(vocab_limit=0)

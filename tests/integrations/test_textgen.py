@@ -213,3 +213,25 @@ def test_top_k_and_top_p_sample_only_inside_their_support(trained_model, option,
     assert last.any()
     flags, _ = inside(sample(trained_model, n=8, seed=0, temperature=temperature))
     assert not flags.all()  # the check can tell: unrestricted sampling leaves the support
+
+
+def test_a_model_with_more_rows_than_its_tokenizer_never_emits_an_undecodable_id():
+    """A vocabulary padded past the tokenizer's ids (model.vocab_size=320 over the byte
+    tokenizer's 259): sampling an id the tokenizer cannot decode crashed generate and the
+    server mid-answer. Text generation is bounded by the tokenizer's ids."""
+    from tests.integrations.conftest import byte_model
+
+    model = byte_model("gqa", vocab_size=320)
+    with torch.no_grad():  # make the padding rows the most likely next tokens
+        model.embed.weight[TOK.vocab_size:] *= 50
+    prompts = encode_prompts(TOK, ["the cat", "a"])
+    sampled = GenerationOptions(max_new_tokens=20, n_loops=2, do_sample=True,
+                                temperature=5.0, seed=0)
+    greedy = GenerationOptions(max_new_tokens=20, n_loops=2, do_sample=False)
+    for options in (sampled, greedy):
+        for choice in complete(model, TOK, prompts, options):
+            assert choice.completion_tokens > 0
+    from open_mythos.inference import generate
+
+    raw = generate(model, torch.tensor([prompts[0]]), 20, 2, do_sample=False)
+    assert (raw >= TOK.vocab_size).any()  # without the bound the padded rows do win
