@@ -125,7 +125,15 @@ class OpenMythosLM(TemplateLM):
         if self.batch_size_per_call < 1:
             raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size!r} "
                              f"(max_batch_size {max_batch_size!r})")
-        self._max_length = max_length or self.model.cfg.max_seq_len
+        # The length the run trained on, where it records one: positions past it were never
+        # trained, and scoring windows that long reads them (max_length= to choose).
+        trained = None
+        if isinstance(pretrained, (str, Path)):
+            from ..checkpoints import detect_format
+
+            trained = _trained_length(detect_format(pretrained)[1])
+        self._max_length = max_length or min(trained or self.model.cfg.max_seq_len,
+                                             self.model.cfg.max_seq_len)
         self.max_gen_toks = max_gen_toks
         self.add_bos_token = (self.tokenizer.add_bos_token if add_bos_token is None
                               else add_bos_token)
@@ -339,6 +347,16 @@ def _pick_device(spec: str | torch.device | None) -> torch.device:
         log.warning("CUDA is not available: the openmythos model runs on the CPU")
         return torch.device("cpu")
     return resolve_device(spec)
+
+
+def _trained_length(path: Path) -> int | None:
+    """The sequence length a training checkpoint's run trained on (``data.seq_len``), or
+    None where it records none (a task run, an HF directory)."""
+    from .convert import _train_data_config
+
+    seq_len = _train_data_config(path).get("seq_len")
+    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) \
+        and seq_len > 0 else None
 
 
 def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.device,

@@ -224,3 +224,26 @@ def test_chat_templates_as_the_harness_applies_them():
     own = OpenMythosLM(pretrained=byte_model("gqa"), tokenizer=MythosTokenizer.from_tokenizer(hf))
     assert own.apply_chat_template(history) == "<system>be brief\n<user>2+2?\n<assistant>"
     assert own.chat_template(True) == hf.chat_template
+
+
+def test_max_length_defaults_to_the_length_the_run_trained_on(tmp_path):
+    """Scoring windows of max_seq_len read positions a run that trained on shorter
+    sequences never saw (bits per byte 1.40 against 0.90 at the trained 128 in an audit)."""
+    from open_mythos.training.checkpoint import (
+        TrainingCheckpoint,
+        gather_model_state,
+        save_checkpoint,
+        tied_parameters,
+    )
+    from tests.integrations.conftest import byte_model
+
+    model = byte_model("gqa")
+    for name, data in (("short", 'tokenizer = "byte"\nseq_len = 16\n'),
+                       ("unset", 'tokenizer = "byte"\n')):
+        tied = tied_parameters(model)
+        save_checkpoint(tmp_path / name, TrainingCheckpoint(
+            step=1, model_state=gather_model_state(model, tied), model_config=model.cfg,
+            train_config_toml=f"[data]\n{data}", optimizer_state={}, trainer_state={}), tied)
+    assert OpenMythosLM(str(tmp_path / "short"), device="cpu").max_length == 16
+    assert OpenMythosLM(str(tmp_path / "unset"), device="cpu").max_length == model.cfg.max_seq_len
+    assert OpenMythosLM(str(tmp_path / "short"), device="cpu", max_length=24).max_length == 24
