@@ -111,14 +111,12 @@ def run(args: argparse.Namespace) -> int:
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         _export_into(out, write)
-    except (OSError, CheckpointCorrupt, ValueError, KeyError, TypeError) as err:
+    except BaseException as err:  # an interrupt too: no --out this command made is left
         if created:
             shutil.rmtree(out, ignore_errors=True)
+        if not isinstance(err, (OSError, CheckpointCorrupt, ValueError, KeyError, TypeError)):
+            raise
         print(f"openmythos export: error: {err}", file=sys.stderr)
         return 2
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     print(f"wrote {out} ({args.format})")
     return 0

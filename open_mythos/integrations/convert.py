@@ -99,6 +99,14 @@ def _train_config_tokenizer(ckpt_dir: Path) -> str | None:
     return spec if isinstance(spec, str) and not data.get("task") else None
 
 
+def trained_seq_len(ckpt_dir: str | Path) -> int | None:
+    """The sequence length a training checkpoint's run trained on (``data.seq_len`` of its
+    stored training config), or None where none is recorded (a task run, an HF directory)."""
+    seq_len = _train_data_config(Path(ckpt_dir)).get("seq_len")
+    ok = isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0
+    return seq_len if ok else None
+
+
 def is_task_checkpoint(ckpt_dir: str | Path) -> bool:
     """Whether a training checkpoint was trained on the task suite (its stored training
     config names ``data.task``): its prompts start with BOS (:func:`task_tokenizer`)."""
@@ -417,5 +425,5 @@ __all__ = [
     "encode_as_trained", "find_tokenizer_dir", "hf_to_training", "is_task_checkpoint",
     "load_model", "read_config",
     "resolve_tokenizer", "save_tokenizer", "set_tokenizer_defaults", "stored_tokenizer",
-    "training_to_hf", "training_to_safetensors",
+    "trained_seq_len", "training_to_hf", "training_to_safetensors",
 ]

@@ -108,8 +108,8 @@ class OpenMythosLM(TemplateLM):
         add_bos_token: bool | None = None,
     ):
         super().__init__()
-        self.model, self.tokenizer, stored_loops = _load(pretrained, tokenizer,
-                                                         _pick_device(device), dtype)
+        self.model, self.tokenizer, stored_loops, trained_len = _load(
+            pretrained, tokenizer, _pick_device(device), dtype)
         if not isinstance(pretrained, (str, Path)):
             _warn_if_moved(self.model, device, dtype)
         self.model.eval()
@@ -127,12 +127,7 @@ class OpenMythosLM(TemplateLM):
                              f"(max_batch_size {max_batch_size!r})")
         # The length the run trained on, where it records one: positions past it were never
         # trained, and scoring windows that long reads them (max_length= to choose).
-        trained = None
-        if isinstance(pretrained, (str, Path)):
-            from ..checkpoints import detect_format
-
-            trained = _trained_length(detect_format(pretrained)[1])
-        self._max_length = max_length or min(trained or self.model.cfg.max_seq_len,
+        self._max_length = max_length or min(trained_len or self.model.cfg.max_seq_len,
                                              self.model.cfg.max_seq_len)
         self.max_gen_toks = max_gen_toks
         self.add_bos_token = (self.tokenizer.add_bos_token if add_bos_token is None
@@ -349,28 +344,21 @@ def _pick_device(spec: str | torch.device | None) -> torch.device:
     return resolve_device(spec)
 
 
-def _trained_length(path: Path) -> int | None:
-    """The sequence length a training checkpoint's run trained on (``data.seq_len``), or
-    None where it records none (a task run, an HF directory)."""
-    from .convert import _train_data_config
-
-    seq_len = _train_data_config(path).get("seq_len")
-    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) \
-        and seq_len > 0 else None
-
-
 def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.device,
-          dtype: str | torch.dtype | None) -> tuple[CausalLM, Tokenizer, int | None]:
-    """``(model, tokenizer, stored default n_loops)`` from any accepted ``pretrained``."""
+          dtype: str | torch.dtype | None
+          ) -> tuple[CausalLM, Tokenizer, int | None, int | None]:
+    """``(model, tokenizer, stored default n_loops, trained sequence length)`` from any
+    accepted ``pretrained`` (the last two None where nothing records them)."""
     from ..checkpoints import floating_dtype
 
     dtype = None if dtype == "auto" else floating_dtype(dtype)
     if isinstance(pretrained, (str, Path)):
         from ..checkpoints import load_model
-        from .convert import resolve_tokenizer
+        from .convert import resolve_tokenizer, trained_seq_len
 
         loaded = load_model(pretrained, device=device, dtype=dtype)
-        return loaded.model, resolve_tokenizer(loaded, tokenizer), loaded.n_loops
+        return (loaded.model, resolve_tokenizer(loaded, tokenizer), loaded.n_loops,
+                trained_seq_len(loaded.path))
     stored = None
     if not isinstance(pretrained, CausalLM):  # every model kind is a CausalLM
         hf_model = getattr(pretrained, "model", None)  # an OpenMythosForCausalLM
@@ -385,7 +373,7 @@ def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.devi
             raise ValueError("pass tokenizer= for a model whose vocabulary is not the byte tokenizer's")
         tokenizer = "byte"
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    return pretrained, tok, stored
+    return pretrained, tok, stored, None
 
 
 def _warn_if_moved(model: CausalLM, device: str | torch.device | None,
