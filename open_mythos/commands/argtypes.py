@@ -30,6 +30,14 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535 (argparse type; 0 lets the system pick a free one)."""
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An ``int >= 1`` (argparse type)."""
     value = _int(text)

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from ..serving.jobs import ServeLimits
+from .argtypes import port_number
 from .generate import add_model_arguments
 
 _LIMIT_HELP = {
@@ -50,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "/detokenize and /tokenizer_info.")
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000)")
     p.add_argument("--model-name", metavar="NAME",
                    help="model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--log-level", default="info",
@@ -88,8 +89,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"openmythos serve: error: {err}", file=sys.stderr)
         return 2
-    service = CompletionService(loaded.model, tokenizer, model_name=name,
-                                n_loops=args.n_loops or loaded.n_loops, limits=limits)
+    try:
+        service = CompletionService(loaded.model, tokenizer, model_name=name,
+                                    n_loops=args.n_loops or loaded.n_loops, limits=limits)
+    except ValueError as err:
+        print(f"openmythos serve: error: {err}", file=sys.stderr)
+        return 2
     print(f"serving {name!r} ({loaded.format.value} checkpoint {loaded.path}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(service, host=args.host, port=args.port, log_level=args.log_level)

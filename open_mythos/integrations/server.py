@@ -61,7 +61,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..model import CausalLM, OpenMythos
+from ..model import CausalLM
+from ..registry import is_looped
 from ..serving.jobs import (
     Event,
     Job,
@@ -88,7 +89,7 @@ from .openai_api import (
     render_chat,
     usage,
 )
-from .textgen import GenerationOptions, encode_prompts, validate
+from .textgen import GenerationOptions, encode_prompts, validate, vocab_bound
 
 #: How often a waiting non-streaming request checks that its client is still there (s).
 DISCONNECT_POLL = 0.25
@@ -166,7 +167,13 @@ class CompletionService:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.n_loops = n_loops
         self.limits = limits or ServeLimits()
+        self.looped = is_looped(model)
         self.max_n_loops = self.limits.n_loops_cap(model.cfg.max_loop_iters)
+        if n_loops is not None and self.looped and n_loops > self.max_n_loops:
+            raise ValueError(f"the default n_loops={n_loops} is above this server's cap of "
+                             f"{self.max_n_loops} loops per request (max_n_loops): raise the "
+                             "cap or lower the default")
+        self.vocab = vocab_bound(model, tokenizer)
         self.scheduler = Scheduler(model, tokenizer, self.limits)
         self.created = int(time.time())
 
@@ -179,10 +186,13 @@ class CompletionService:
 
     def model_card(self) -> dict[str, Any]:
         cfg = self.model.cfg
+        looped = self.looped  # a fixed-depth model takes no n_loops: its loop fields are null
         return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "openmythos", "max_seq_len": cfg.max_seq_len,
-                "max_loop_iters": cfg.max_loop_iters, "default_n_loops": self.n_loops,
-                "max_n_loops": self.max_n_loops, "max_tokens": self.limits.max_tokens}
+                "owned_by": "openmythos", "max_seq_len": cfg.max_seq_len, "looped": looped,
+                "max_loop_iters": cfg.max_loop_iters if looped else None,
+                "default_n_loops": self.n_loops if looped else None,
+                "max_n_loops": self.max_n_loops if looped else None,
+                "max_tokens": self.limits.max_tokens}
 
     # --- validation ----------------------------------------------------------------------
     def prepare_completion(self, req: CompletionRequest) -> _Call:
@@ -284,13 +294,16 @@ class CompletionService:
         """The generation options of a request; ``prompt_param`` and ``tokens_param`` name
         the fields that gave the prompt and the token limit (for the error's ``param``)."""
         lim = self.limits
+        if req.n_loops is not None and not self.looped:
+            raise APIError(400, "n_loops needs a looped model: this one is a fixed-depth "
+                           "baseline", param="n_loops")
         caps = [("n_loops", req.n_loops or 0, self.max_n_loops, "--max-n-loops"),
                 (tokens_param, max_tokens, lim.max_tokens, "--max-tokens")]
         for param, value, cap, flag in caps:
             if value > cap:
                 raise APIError(400, f"{param}={value} is above this server's cap of {cap} ({flag})",
                                param=param)
-        vocab, context = self.model.cfg.vocab_size, self.model.cfg.max_seq_len
+        vocab, context = self.vocab, self.model.cfg.max_seq_len
         for i, p in enumerate(prompts):
             if p and (min(p) < 0 or max(p) >= vocab):
                 raise APIError(400, f"prompt {i} has token ids outside [0, {vocab})",
@@ -301,7 +314,7 @@ class CompletionService:
                            f"exceeds the model's context of {context} tokens", param=tokens_param)
         exit_rule = None
         if req.exit_rule is not None:
-            if not isinstance(self.model, OpenMythos):
+            if not self.looped:
                 raise APIError(400, "exit_rule needs a looped model", param="exit_rule")
             try:
                 exit_rule = req.exit_rule.rule()
@@ -324,6 +337,9 @@ class CompletionService:
         if logprobs is not None and logprobs > self.limits.max_logprobs:
             raise APIError(400, f"{param}={logprobs} is above this server's cap of "
                            f"{self.limits.max_logprobs}", param=param)
+        if logprobs is not None and logprobs > self.vocab:
+            raise APIError(400, f"{param}={logprobs} is above the {self.vocab} tokens of "
+                           "this model's vocabulary", param=param)
 
     # --- running -------------------------------------------------------------------------
     def submit(self, call: _Call) -> tuple[Job, asyncio.Queue[Event]]:

@@ -24,7 +24,7 @@ from ..inference.generation import stream
 from ..inference.sampling import SamplingParams
 from ..inference.speculative import check_draft_lens, speculative_stream
 from ..layers.recurrence import ExitRule
-from ..model import OpenMythos
+from ..model import CausalLM, OpenMythos
 from ..registry import is_looped
 from ..tokenizers import Tokenizer, pad_rows
 
@@ -215,6 +215,12 @@ class GenerationOptions:
     draft_tokens: int = 0
     draft_loops: int = 1
     draft_lens: str = "coda"
+
+
+def vocab_bound(model: CausalLM, tokenizer: Tokenizer) -> int:
+    """The ids a served sequence may hold, ``[0, bound)``: the ids both the model's
+    embedding and the tokenizer have (a prompt, a generated token, a logprobs entry)."""
+    return min(model.cfg.vocab_size, tokenizer.vocab_size)
 
 
 def decodable_ids(model: OpenMythos, tokenizer: Tokenizer) -> int | None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..inference.sampling import SamplingParams, select_next
-from ..integrations.textgen import FinishReason, TextSequence
+from ..integrations.textgen import FinishReason, TextSequence, vocab_bound
 from ..layers.recurrence import ExitRule
 from ..model import CausalLM
 from ..tokenizers import ByteTokenizer, Tokenizer
@@ -110,6 +110,10 @@ class Scheduler:
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, limits: ServeLimits | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
+        #: Ids below this are the ones a sequence may take and logprobs may list: those
+        #: both the model and the tokenizer have (a padded embedding's extra rows decode
+        #: to nothing).
+        self.vocab_limit = vocab_bound(model, tokenizer)
         self.limits = limits or ServeLimits()
         self.device = next(model.parameters()).device
         self._cv = threading.Condition()
@@ -319,7 +323,8 @@ class Scheduler:
         logits = batch.step(tokens)  # (B, V)
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
-        greedy = logits.argmax(-1).tolist() if any(r.generator is None for r in rows) else None
+        greedy = (logits[:, :self.vocab_limit].argmax(-1).tolist()
+                  if any(r.generator is None for r in rows) else None)
         for i, row in enumerate(rows):
             try:
                 self._advance(row, logits, i, None if greedy is None else greedy[i])
@@ -336,7 +341,7 @@ class Scheduler:
     def _advance(self, row: _Row, logits: torch.Tensor, i: int, greedy: int | None = None) -> None:
         """Pick row ``row``'s next token from ``logits[i]`` and report its text."""
         if row.generator is None:
-            tok = greedy if greedy is not None else int(logits[i].argmax())
+            tok = greedy if greedy is not None else int(logits[i, :self.vocab_limit].argmax())
         else:
             tok = int(select_next(logits[i:i + 1], row.params, row.generator))
         row.token = tok
@@ -356,8 +361,13 @@ class Scheduler:
 
     def _finish(self, row: _Row, text: str) -> None:
         job = row.job
+        # The tokens of a stop string (cut from the text) are left out of the logprobs
+        # too, so that every entry's text_offset falls inside the text returned.
+        end = len(row.text.text)
+        cut = end < len(row.text.decoded)
+        logprobs = tuple(lp for lp in row.logprobs if not cut or lp.offset < end)
         job.emit(SeqDelta(row.index, text, row.text.finish_reason, row.text.n_tokens,
-                          tuple(row.logprobs)))
+                          logprobs))
         row.logprobs.clear()
         job.finished_rows += 1
         if job.finished_rows == job.n_rows:
@@ -377,7 +387,7 @@ class Scheduler:
         lp = logits.float().log_softmax(-1)
         alts: tuple[tuple[int, str, float], ...] = ()
         if top:
-            values, ids = lp.topk(top)
+            values, ids = lp[:self.vocab_limit].topk(min(top, self.vocab_limit))
             alts = tuple((int(t), self.token_text(int(t)), float(v))
                          for v, t in zip(values.tolist(), ids.tolist()))
         return TokenLogprob(tok, self.token_text(tok), float(lp[tok]), alts, offset)

@@ -254,6 +254,13 @@ def test_serve_parser_defaults():
     args = parse("serve", "--checkpoint", "runs/x/checkpoints/step_00000010")
     assert (args.host, args.port, args.func) == ("127.0.0.1", 8000, serve_cmd.run)
     assert serve_cmd._default_name(args.checkpoint) == "x"
+    # A port out of range is a usage error before the model loads (it was a uvicorn
+    # traceback once the model had loaded).
+    for bad in ("99999", "-1", "http"):
+        with pytest.raises(SystemExit) as exit_:
+            parse("serve", "--checkpoint", "x", "--port", bad)
+        assert exit_.value.code == 2
+    assert parse("serve", "--checkpoint", "x", "--port", "0").port == 0
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch: about 10 s on 2 busy cores

@@ -19,10 +19,13 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from open_mythos import ByteTokenizer  # noqa: E402
-from open_mythos.integrations.server import CompletionService, make_server  # noqa: E402
+from open_mythos.integrations.openai_api import CompletionRequest  # noqa: E402
+from open_mythos.integrations.server import APIError, CompletionService, make_server  # noqa: E402
+from open_mythos.serving import ServeLimits  # noqa: E402
 from tests.integrations.conftest import (  # noqa: E402
     TRAINED_LOOPS,
     ScriptedModel,
+    byte_baseline,
     in_support,
     scripted_text,
 )
@@ -305,3 +308,74 @@ def test_tokenizer_endpoints(server):
     assert client.post("/detokenize", json={"tokens": [104, 195, 169]}).json() == {"prompt": "hé"}
     r = client.post("/detokenize", json={"tokens": [5000]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+
+def test_a_padded_vocabulary_never_reaches_the_client():
+    """A model with more embedding rows than the tokenizer has ids (320 against 259), whose
+    script puts ids 300 and 310 on top: greedy decoding and logprobs stay within the
+    tokenizer's ids, as the text paths do (they were a 500: "token id 300 is outside
+    [0, 259)"); prompts and logprobs asking beyond them are a 400."""
+    tok = ByteTokenizer()
+    model = ScriptedModel([ord("a"), 300, ord("b"), 310], vocab_size=320)
+    service = CompletionService(model, tok, model_name="pad", n_loops=2,
+                                limits=ServeLimits(max_logprobs=1000))
+    with running_server(service) as client:
+        r = client.post("/v1/completions", json={"prompt": "Q", "max_tokens": 6,
+                                                 "temperature": 0, "logprobs": 3})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        # The reference: full forwards, the argmax over the tokenizer's ids.
+        ids = tok.encode("Q")
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(model(torch.tensor([ids]), 2)[0, -1, :tok.vocab_size].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                ids.append(nxt)
+        assert choice["text"] == tok.decode(ids[1:])
+        lp = choice["logprobs"]
+        assert "".join(lp["tokens"]) == choice["text"]
+        assert all(len(top) == 3 for top in lp["top_logprobs"])
+        for path, body in (("/v1/completions", {"prompt": [300], "echo": True}),
+                           ("/v1/completions", {"prompt": "Q", "logprobs": 260}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Q"}],
+                                                     "logprobs": True, "top_logprobs": 300})):
+            r = client.post(path, json={"max_tokens": 1, **body})
+            assert r.status_code == 400, (body, r.text)
+            assert "259" in r.json()["error"]["message"]
+
+
+def test_stop_string_tokens_are_left_out_of_the_logprobs(server):
+    """The text ends before the stop string: so do the logprobs, and every text_offset
+    falls inside the text (the stop string's tokens were listed past its end)."""
+    client, _ = server
+    r = client.post("/v1/completions", json={"prompt": "Q", "max_tokens": 20, "stop": [". g"],
+                                             "logprobs": 1, "temperature": 0})
+    choice = r.json()["choices"][0]
+    text = scripted_text(SCRIPT, 1, 20)
+    assert choice["text"] == text[: text.index(". g")] and choice["finish_reason"] == "stop"
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == list(range(len(choice["text"])))
+    # Ended by length, every token is listed (the last one's text included).
+    r = client.post("/v1/completions", json={"prompt": "Q", "max_tokens": 5, "logprobs": 0})
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 5
+
+
+def test_a_fixed_depth_model_refuses_n_loops_and_shows_no_loop_fields():
+    service = CompletionService(byte_baseline(), ByteTokenizer(), model_name="dense")
+    card = service.model_card()
+    assert card["looped"] is False
+    assert card["max_loop_iters"] is None and card["max_n_loops"] is None
+    with pytest.raises(APIError, match="fixed-depth") as err:
+        service.prepare_completion(CompletionRequest(prompt="Q", n_loops=2))
+    assert err.value.param == "n_loops"
+    service.prepare_completion(CompletionRequest(prompt="Q"))  # without it: fine
+    service.close()
+
+
+def test_a_default_depth_above_the_cap_is_refused_at_start():
+    model = ScriptedModel(SCRIPT)
+    with pytest.raises(ValueError, match="above this server's cap of 8"):
+        CompletionService(model, ByteTokenizer(), n_loops=50,
+                          limits=ServeLimits(max_n_loops=8))
