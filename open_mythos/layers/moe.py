@@ -66,6 +66,10 @@ class Expert(nn.Module):
 #: it is the faster path up to about 1M elements (``benchmarks/inference.py --only moe``).
 GATHER_MAX_ELEMENTS = 1 << 20
 
+#: The MoE layer's balancing state, float32 whatever dtype the weights are converted to
+#: (``MoEFFN._apply``).
+BALANCE_BUFFERS = ("router_bias", "load_since_update")
+
 
 # Grouped matmul ---------------------------------------------------------------------------
 
@@ -273,14 +277,15 @@ class MoEFFN(CopiesDetached, nn.Module):
             cfg.n_experts, cfg.n_experts_per_tok, cfg.n_shared_experts)
         self.bias_update_rate = cfg.router_bias_update_rate
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
-        self.register_buffer("router_bias", torch.zeros(cfg.n_experts))
+        self.register_buffer("router_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
         # Gate and up projections of every routed expert, fused: (E, dim, 2 * expert_dim).
         self.w_gate_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, 2 * cfg.expert_dim))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.expert_dim, cfg.dim))
         # n_shared experts of width expert_dim * topk are one SwiGLU of the summed width.
         shared_dim = cfg.n_shared_experts * cfg.expert_dim * cfg.n_experts_per_tok
         self.shared = Expert(cfg.dim, shared_dim) if shared_dim else None
-        self.register_buffer("load_since_update", torch.zeros(cfg.n_experts), persistent=False)
+        self.register_buffer("load_since_update", torch.zeros(cfg.n_experts, dtype=torch.float32),
+                             persistent=False)
         self.last_expert_load: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         # False while activation checkpointing recomputes a forward (load already counted).
@@ -288,6 +293,34 @@ class MoEFFN(CopiesDetached, nn.Module):
         # dtype -> (w_gate_up, w_down) cast once for several calls (see shared_casts).
         self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.reset_parameters()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``module.to(dtype)``, ``.half()``, ``.bfloat16()``: the weights take the new
+        dtype, the balancing state (:data:`BALANCE_BUFFERS`) stays float32. In bf16 a bias
+        step of 1e-3 is lost once the bias reaches 0.5, and the load counter rounds counts
+        above 256 (one expert's load of a batch), so balancing stopped without a word."""
+        kept = {name: self._buffers[name] for name in BALANCE_BUFFERS}
+        super()._apply(fn, recurse)
+        self._keep_balance_fp32(kept)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._keep_balance_fp32({})
+        # load_state_dict(assign=True) onto a model built on the meta device: the load
+        # counter is not in a state dict, so it stayed on the meta device (and balancing
+        # did nothing). It starts at zero wherever the bias landed.
+        if self.load_since_update.is_meta and not self.router_bias.is_meta:
+            self.load_since_update = torch.zeros_like(self.router_bias)
+
+    def _keep_balance_fp32(self, before: dict[str, torch.Tensor]) -> None:
+        """Buffers of :data:`BALANCE_BUFFERS` that a conversion made less precise than
+        float32 become float32 again, from their values ``before`` it where given."""
+        for name in BALANCE_BUFFERS:
+            buf = self._buffers[name]
+            if buf.is_floating_point() and torch.finfo(buf.dtype).bits < 32:
+                source = before.get(name, buf)
+                self._buffers[name] = source.to(device=buf.device, dtype=torch.float32)
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:

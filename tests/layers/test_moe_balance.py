@@ -74,3 +74,48 @@ def test_load_is_counted_once_per_loop_even_with_checkpointing():
     with torch.no_grad():
         model(ids, n_loops=2)
     assert moe.load_since_update.sum() == 0
+
+
+def test_a_model_cast_to_bf16_keeps_its_balancing_state_in_float32():
+    """model.to(bfloat16) (and load_model(..., dtype=bf16), HF from_pretrained(dtype=...))
+    cast the router bias and the load counter too: a bias step of 1e-3 was then lost once
+    the bias reached 0.5, and counts above 256 were rounded. They stay float32 now: the
+    same loads and bias steps as a float32 reference, to the last bit."""
+    cfg = tiny_config(dim=DIM, n_experts=4, n_experts_per_tok=2, expert_dim=16,
+                      router_bias_update_rate=1e-3)
+    moe = MoEFFN(cfg).train()
+    moe.router_bias.copy_(torch.tensor([-1.0, 0.75, 0.25, 0.0]))
+    moe.to(torch.bfloat16)
+    assert moe.w_gate_up.dtype == torch.bfloat16
+    assert (moe.router_bias.dtype, moe.load_since_update.dtype) == (torch.float32,) * 2
+    assert moe.router_bias.tolist() == [-1.0, 0.75, 0.25, 0.0]
+    bias = moe.router_bias.clone()
+    torch.manual_seed(0)
+    for _ in range(3):
+        expected = torch.zeros(4)
+        for _ in range(4):
+            x = torch.randn(300, DIM, dtype=torch.bfloat16)
+            moe(x)
+            expected += torch.bincount(moe.route(x)[0].reshape(-1), minlength=4).float()
+        assert torch.equal(moe.load_since_update, expected)  # 600 slots a call: exact
+        used = moe.update_router_bias()
+        step = 1e-3 * torch.sign(used.mean() - used)
+        bias = bias + step
+        bias = bias - bias.mean()
+        torch.testing.assert_close(moe.router_bias, bias, rtol=0, atol=1e-7)
+    assert not torch.equal(moe.router_bias, torch.tensor([-1.0, 0.75, 0.25, 0.0]) - 0.0)
+
+
+def test_a_meta_built_model_loaded_with_assign_counts_its_load():
+    """Built on the meta device and loaded with load_state_dict(assign=True): the load
+    counter (not in the state dict) stayed on the meta device and balancing did nothing."""
+    with torch.device("meta"):
+        model = OpenMythos(tiny_config(n_experts=4, router_bias_update_rate=1e-2))
+    model.load_state_dict(OpenMythos(tiny_config(n_experts=4)).state_dict(), assign=True)
+    moe = model.recurrent.block.ffn
+    assert moe.load_since_update.device.type == "cpu"
+    model.train()
+    model(torch.randint(0, model.cfg.vocab_size, (2, 8)), n_loops=2).sum().backward()
+    assert moe.load_since_update.sum().item() == 2 * 8 * 2 * moe.topk  # tokens x loops x k
+    model.update_router_bias()
+    assert moe.router_bias.abs().sum().item() > 0
