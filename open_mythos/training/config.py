@@ -16,9 +16,12 @@ The resolved configuration is written beside the run (``DIR/config.toml``) by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
+import numbers
+import operator
 import os
 import re
 import sys
@@ -191,6 +194,7 @@ class DataConfig:
     eval_batches: int = 4
 
     def __post_init__(self) -> None:
+        _typed_fields(self, "data")
         # An empty name clears a source (the way to leave a config's task from the command
         # line: --set data.task=): stored as None, which every reader of a run takes as "no
         # task" (an empty string trained on text and then named an unknown task '').
@@ -303,6 +307,7 @@ class OptimConfig:
     progressive_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _typed_fields(self, "optim")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
@@ -370,7 +375,7 @@ class ScheduleConfig:
     backprop_loops: int | None = None
 
     def __post_init__(self) -> None:
-        _enum_fields(self, "schedule")
+        _typed_fields(self, "schedule")
         if self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -463,7 +468,7 @@ class RunConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        _enum_fields(self, "run")
+        _typed_fields(self, "run")
         if not isinstance(self.out, str) or not self.out.strip():
             raise ConfigError(f"run.out={self.out!r} is invalid: name the run directory")
         self.out = os.path.expanduser(self.out)  # "~/runs/x" as in a shell
@@ -685,17 +690,18 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}={value!r} must be a boolean (true or false)")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if hint is int:  # NumPy's and torch's integers are integers (index, not int())
+        if not isinstance(value, bool):
+            with contextlib.suppress(TypeError):
+                return operator.index(value)
         raise ConfigError(f"{key}={value!r} must be an integer")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{key}={value!r} must be a number")
     if hint is str:
-        if isinstance(value, str):
-            return value
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
         raise ConfigError(f"{key}={value!r} must be a string")
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -721,19 +727,18 @@ def as_member(enum: type[E], value: Any, key: str) -> E:
     return value if isinstance(value, enum) else _coerce(key, value, enum)
 
 
-def _enum_fields(section: Any, name: str) -> None:
-    """Every enum field of a section's dataclass as a member, also when the section was
-    built in Python from a string (``ScheduleConfig(loops="fixed")``, as the TOML reads):
-    the code compares members with ``is``, so a string left in place would read as no
-    member at all."""
+def _typed_fields(section: Any, name: str) -> None:
+    """Every field of a section's dataclass checked against its annotation as the TOML's
+    values are (:func:`_coerce`), also when the section is built in Python: a string
+    becomes its enum member (``ScheduleConfig(loops="fixed")``; the code compares members
+    with ``is``), a NumPy integer an ``int`` and a ``Path`` a ``str`` (both were written
+    to the run's TOML, which could not serialise the first), and a wrong type is a
+    :class:`ConfigError` naming the key (``OptimConfig(lr="3e-3")`` was a bare TypeError,
+    ``RunConfig(steps=3.0)`` an error about another key at the first step)."""
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        hint = hints[f.name]
-        options = typing.get_args(hint) or (hint,)
-        if not isinstance(value, Enum) and any(
-                isinstance(o, type) and issubclass(o, Enum) for o in options):
-            setattr(section, f.name, _coerce(f"{name}.{f.name}", value, hint))
+        setattr(section, f.name, _coerce(f"{name}.{f.name}", getattr(section, f.name),
+                                         hints[f.name]))
 
 
 def _positive(key: str, value: int) -> None:

@@ -147,8 +147,13 @@ class TrainingInterrupted(KeyboardInterrupt):
     """
 
     def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT):
-        super().__init__(step, checkpoint, signum)
+        saved = f"saved in {checkpoint}" if checkpoint is not None else "not saved"
+        super().__init__(f"{signal.Signals(signum).name} stopped the run after step {step} "
+                         f"({saved})")
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+    def __reduce__(self):  # pickles (multiprocessing) with its three arguments
+        return type(self), (self.step, self.checkpoint, self.signum)
 
 
 #: The signals that ask a run to stop after the step in progress, saving it.
@@ -294,6 +299,13 @@ class Trainer:
         # last step's all-reduce (0: none; see _stop_on_signal).
         self._stop_signal = self._agreed_signal = 0
         self._config_changes: list[str] = []  # since the checkpoint resumed from
+
+    def _require_trained(self, method: str) -> None:
+        if getattr(self, "core", None) is None:
+            raise RuntimeError(
+                f"Trainer.{method}() works on the model that train() builds: call train() "
+                "first (a finished or interrupted run keeps its model). To evaluate a saved "
+                "checkpoint, load it with open_mythos.checkpoints.load_model or run `openmythos sweep`")
 
     # Setup ------------------------------------------------------------------------------------
 
@@ -462,7 +474,8 @@ class Trainer:
                                                      and metrics.stat().st_size > 0)
         if self.resume is Resume.NEVER and holds_run:
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it (or "
-                              "--resume auto) or choose another --out")
+                              "--resume auto; from Python resume=True or resume='auto') or "
+                              "choose another --out (run.out)")
         if problems and ckpt is None:
             raise ConfigError(f"cannot resume {out}: every checkpoint is damaged "
                               f"({'; '.join(problems)}); move {out / CHECKPOINT_DIR} away to "
@@ -1018,7 +1031,12 @@ class Trainer:
         ``schedule.eval_loops`` loops (all ranks take part; the result is global).
 
         Without autograd: with it, every batch's graph stayed alive until the pass ended
-        (validation memory grew by a forward's activations per batch)."""
+        (validation memory grew by a forward's activations per batch).
+
+        Raises:
+            RuntimeError: before :meth:`train` (the model and data are built there).
+        """
+        self._require_trained("evaluate")
         cfg, ctx = self.cfg, self.ctx
         # FSDP2 needs its hooks to gather parameters; DDP's wrapper adds nothing to a forward.
         model = self.model if cfg.run.parallel is Parallel.FSDP else self.core
@@ -1073,7 +1091,9 @@ class Trainer:
         Raises:
             TrainingDiverged: the weights are not finite (nothing is written).
             RunDirError: the checkpoint could not be written (a full disk...).
+            RuntimeError: before :meth:`train`.
         """
+        self._require_trained("save")
         ctx = self.ctx
         rngs = gather_objects(rng_state(ctx.device), ctx)
         data = gather_objects(self.data.state_dict(), ctx)

@@ -6,9 +6,17 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from open_mythos.training import LoopMode, LoopSchedule, LRSchedule, load_config
-from open_mythos.training.config import ConfigError, LRDecay, RunConfig, ScheduleConfig
+from open_mythos.training.config import (
+    ConfigError,
+    DataConfig,
+    LRDecay,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+)
 
 
 def hand_lr(step, base, warmup, total, ratio):
@@ -124,3 +132,33 @@ def test_run_config_enums_by_name():
 def test_numpy_integers_are_loop_counts():
     sched = LoopSchedule("fixed", np.int64(4), np.int32(1), 8, 0.5, 100, 0)
     assert sched(3) == 4 and type(sched.n_loops) is int and type(sched.min_loops) is int
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: RunConfig(steps=3.0), r"run.steps=3.0 must be an integer"),
+    (lambda: RunConfig(steps=torch.tensor(3.0)), r"run.steps=tensor\(3.\) must be an integer"),
+    (lambda: OptimConfig(lr="3e-3"), r"optim.lr='3e-3' must be a number"),
+    (lambda: RunConfig(device=torch.device("cpu")), r"run.device=device\(type='cpu'\) must be a string"),
+    (lambda: DataConfig(batch_size=True), r"data.batch_size=True must be an integer"),
+])
+def test_sections_built_in_python_check_their_types_as_the_toml_does(build, match):
+    """A wrong type was a bare TypeError (a str lr compared with 0), or was accepted and
+    failed at the first step naming another key (steps=3.0 -> curriculum_steps)."""
+    with pytest.raises(ConfigError, match=match):
+        build()
+
+
+def test_numpy_integers_and_paths_in_sections_become_plain_values(tmp_path):
+    """A NumPy integer and a Path are what the TOML would hold: the run's config.toml (which
+    could not serialise np.int64) round-trips."""
+    from pathlib import Path
+
+    from open_mythos.training import TrainConfig, load_config, to_toml
+
+    run = RunConfig(out=Path(tmp_path / "run"), steps=np.int64(3), seed=np.uint8(2))
+    assert (run.out, run.steps, run.seed) == (str(tmp_path / "run"), 3, 2)
+    assert type(run.steps) is int and type(OptimConfig(lr=np.float32(0.5)).lr) is float
+    cfg = TrainConfig(run=run, data=DataConfig(task="parity", batch_size=np.int32(2)))
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg

@@ -478,3 +478,27 @@ def test_text_run_resumed_with_another_global_batch_reads_on(tmp_path, monkeypat
     assert read == want[:16]
     Trainer(tiny_config(tmp_path / "run", run__steps=8, **common), resume=True).train()
     assert read == want
+
+
+def test_evaluate_and_save_before_train_say_to_train_first(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", run__steps=2))
+    for method in (trainer.evaluate, trainer.save):
+        with pytest.raises(RuntimeError, match=r"call train\(\) first"):
+            method()
+    assert not (tmp_path / "run").exists()
+    trainer.train()
+    assert set(trainer.evaluate()) >= {"val_loss"}
+
+
+def test_an_interruption_says_which_signal_stopped_which_step():
+    import pickle
+    import signal
+    from pathlib import Path
+
+    from open_mythos.training import TrainingInterrupted
+
+    stop = TrainingInterrupted(7, Path("runs/x/step_7"), signal.SIGTERM)
+    assert str(stop) == "SIGTERM stopped the run after step 7 (saved in runs/x/step_7)"
+    again = pickle.loads(pickle.dumps(stop))
+    assert (again.step, again.checkpoint, again.signum) == (7, Path("runs/x/step_7"), 15)
+    assert "not saved" in str(TrainingInterrupted(3, None))
