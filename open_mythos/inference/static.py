@@ -124,21 +124,27 @@ CPP_WRAPPER_ON_CPU = True
 #: :meth:`CompiledDecoder.step`; ``--ablate`` measures the step without it).
 SKIP_REPEATED_GUARDS = True
 
-_compiled_steps: dict[tuple, Callable[..., torch.Tensor]] = {}
+#: Per (device type, wrapper, shape): the compiled copies of :func:`decode_step`, in the
+#: order they were made (a copy is added when the earlier ones are full, see :func:`_compiled`).
+_compiled_steps: dict[tuple, list[Callable[..., torch.Tensor]]] = {}
 
 # torch >= 2.6 can skip the guards that do not tell cached graphs apart.
 _CAN_SKIP_GUARDS = "skip_guard_eval_unsafe" in inspect.signature(
     getattr(torch.compiler, "set_stance", lambda: None)).parameters
 
 
-def _compiled(device_type: str, shape: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+def _compiled(device_type: str, shape: tuple[int, ...], copy: int = 0
+              ) -> Callable[..., torch.Tensor]:
     """:func:`decode_step` compiled for one device type and one ``shape`` (batch size, cache
-    length, loops).
+    length, loops): its ``copy``-th compiled copy.
 
-    Each shape gets its own copy of the function's code object: Dynamo keeps at most
+    Each shape gets its own copies of the function's code object: Dynamo keeps at most
     ``torch._dynamo.config.recompile_limit`` (8) graphs per code object and, with
     ``fullgraph=True``, fails past that, while a long-running process (a server) meets many
-    batch sizes, cache buckets and loop counts. Models that share a shape share the copy.
+    batch sizes, cache buckets and loop counts. Models that share a shape share a copy
+    (one graph each for models that differ in structure, dtype or a constant the graph
+    holds, such as ``cfg.act_threshold``); when a copy is full, :class:`CompiledDecoder`
+    moves on to the next one (a sweep over ten model sizes or thresholds in one process).
 
     On the CPU the graph is called through a generated C++ wrapper (inductor's
     ``cpp_wrapper``, :data:`CPP_WRAPPER_ON_CPU`): a decode step runs a few hundred small
@@ -146,14 +152,14 @@ def _compiled(device_type: str, shape: tuple[int, ...]) -> Callable[..., torch.T
     it. The price is a longer first compilation (it also compiles the wrapper).
     """
     cpp_wrapper = device_type == "cpu" and CPP_WRAPPER_ON_CPU
-    key = (device_type, cpp_wrapper, *shape)
-    if key not in _compiled_steps:
+    copies = _compiled_steps.setdefault((device_type, cpp_wrapper, *shape), [])
+    while len(copies) <= copy:
         code = decode_step.__code__.replace()  # a distinct code object: its own graph cache
         fn = types.FunctionType(code, decode_step.__globals__, decode_step.__name__,
                                 decode_step.__defaults__, decode_step.__closure__)
         options = {"cpp_wrapper": True} if cpp_wrapper else None
-        _compiled_steps[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
-    return _compiled_steps[key]
+        copies.append(torch.compile(fn, fullgraph=True, dynamic=False, options=options))
+    return copies[copy]
 
 
 def _may_skip_guards() -> bool:
@@ -205,8 +211,8 @@ class CompiledDecoder:
         first = next(iter(next(iter(buffers.values())).values()))
         B, device = first.shape[0], first.device
         self._compile = compile
-        shape = (B, cache.max_len, n_loops)
-        self._step = _compiled(device.type, shape) if compile else decode_step
+        self._device_type, self._shape, self._copy = device.type, (B, cache.max_len, n_loops), 0
+        self._step = _compiled(device.type, self._shape) if compile else decode_step
         self._steps = 0
         self.key_mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)
         self.padded = attention_mask is not None
@@ -235,6 +241,19 @@ class CompiledDecoder:
         if missing:
             raise ValueError(f"cache entries {missing} do not hold the {self.pos} prompt positions")
 
+    def _first_step(self, args: tuple) -> torch.Tensor:
+        """The first compiled step: in the first copy of the shape's compiled step that has
+        (or has room for) a graph for this model. Dynamo refuses a graph past its limit
+        before running anything, so the step is simply retried in the next copy."""
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        while True:
+            try:
+                return self._step(*args)
+            except FailOnRecompileLimitHit:
+                self._copy += 1
+                self._step = _compiled(self._device_type, self._shape, self._copy)
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed (B,) tokens at the next position; return next-token logits (B, vocab)."""
         if self.pos >= self.cache.max_len:
@@ -252,6 +271,8 @@ class CompiledDecoder:
             # go unnoticed: see the ``stream`` docstring.
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 logits = self._step(*args)
+        elif self._compile and self._steps == 0:
+            logits = self._first_step(args)
         else:
             logits = self._step(*args)
         self._steps += 1

@@ -182,6 +182,24 @@ def test_more_decode_shapes_than_dynamo_keeps_per_function():
                                generate(model, ids, 3, n_loops, compile=False, **kw))
 
 
+@pytest.mark.slow
+def test_more_models_of_one_shape_than_dynamo_keeps_per_function():
+    """Models that differ in a constant the graph holds (here ACT's threshold; also the
+    structure or the dtype) add graphs to one shape's compiled function: past Dynamo's
+    limit (8, here 1) the ninth model of a sweep failed for good with
+    FailOnRecompileLimitHit. It now compiles in a further copy of the function."""
+    import torch._dynamo
+
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (1, 5))
+    kw = dict(do_sample=False, act_early_exit=False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for threshold in (0.9, 0.3, 0.9):  # the third reuses the first copy's graph
+            model.cfg.act_threshold = threshold
+            assert torch.equal(generate(model, ids, 3, 2, compile=True, **kw),
+                               generate(model, ids, 3, 2, compile=False, **kw))
+
+
 def test_user_compiler_stance_is_kept(monkeypatch):
     """Under a stance the user set (here force_eager) no step switches to another stance."""
     calls = []
