@@ -243,8 +243,11 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim); see :meth:`forward` for arguments.
 
-        ``lens="head"`` skips the Coda: the normalised state after the last loop, what the
-        head lens reads (``forward(..., readout_lens="head")``). ``logits_at``: the states
+        ``lens="head"`` skips the Coda: the recurrent block's output normalised, what the
+        head lens reads (``forward(..., readout_lens="head")``): with ACT the halting-weighted
+        mixture of the loops' states, which the Coda would read (not the last loop's own
+        state, which ``readout(..., lens="head")`` reads per depth), without ACT the last
+        loop's state. ``logits_at``: the states
         at those positions only, (N, dim); the last Coda block runs only there.
         """
         if lens not in ("coda", "head"):

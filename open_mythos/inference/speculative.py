@@ -107,7 +107,7 @@ def speculative_stream(
     model: OpenMythos,
     input_ids: torch.Tensor,
     max_new_tokens: int = 64,
-    n_loops: int = 8,
+    n_loops: int | None = 8,
     *,
     draft_loops: int | None = 1,
     draft_exit_rule: ExitRule | None = None,
@@ -115,7 +115,7 @@ def speculative_stream(
     draft_lens: str = "coda",
     do_sample: bool = False,
     temperature: float = 1.0,
-    top_k: int | None = None,
+    top_k: int | None = 50,
     top_p: float | None = None,
     eos_token_id: int | Iterable[int] | None = None,
     pad_token_id: int | None = None,
@@ -142,7 +142,8 @@ def speculative_stream(
             through the head, ``optim.loop_readout = "head"``). The output is the same
             either way; only the acceptance rate and the cost of a draft change.
         do_sample, temperature, top_k, top_p: see :class:`SamplingParams` (greedy by
-            default, the setting in which the output equals plain decoding token for token).
+            default, the setting in which the output equals plain decoding token for token;
+            ``top_k`` 50 when sampling, as for :func:`~.generation.stream`).
         stats: filled with the cycle, draft and acceptance counts.
         stream_only: refused with the reason: ``exit_rule``, ``act_early_exit``,
             ``compile`` and ``depth_sharing`` are :func:`~.generation.stream`'s only.
@@ -154,7 +155,7 @@ def speculative_stream(
     refuse_stream_only(stream_only)
     params = SamplingParams(do_sample, temperature, top_k, top_p, vocab_limit)
     max_new_tokens = whole_number(max_new_tokens, "max_new_tokens")
-    n_loops = check_loops(n_loops)
+    n_loops = model.default_n_loops if n_loops is None else check_loops(n_loops)
     _check_stream_args(model, input_ids, max_new_tokens, attention_mask, None, False)
     if not hasattr(model, "recurrent"):
         raise ValueError("self-speculative decoding drafts with fewer loops: it needs a "
@@ -312,7 +313,7 @@ class _Speculator:
 
 
 def speculative_generate(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int = 64,
-                         n_loops: int = 8, **kwargs: Any) -> torch.Tensor:
+                         n_loops: int | None = 8, **kwargs: Any) -> torch.Tensor:
     """Prompts followed by their generated tokens, (B, T + new) long; keyword arguments are
     those of :func:`speculative_stream`."""
     new = list(speculative_stream(model, input_ids, max_new_tokens, n_loops, **kwargs))

@@ -43,6 +43,21 @@ def test_greedy_equals_plain_greedy(attn_type, draft_loops, draft_tokens):
         assert 0.0 < stats.acceptance_rate < 1.0
 
 
+def test_default_depth_and_sampling_defaults_are_streams():
+    """n_loops=None is the model's default depth, as for generate (it was refused), and
+    sampling keeps generate's top_k=50 unless told otherwise."""
+    import inspect
+
+    from open_mythos.inference import speculative_stream, stream
+
+    model = deep_model("gqa")
+    ids = torch.randint(0, 97, (1, 5))
+    assert torch.equal(speculative_generate(model, ids, 6, None, draft_loops=1),
+                       generate(model, ids, 6, None, do_sample=False))
+    defaults = {name: p.default for name, p in inspect.signature(stream).parameters.items()}
+    assert inspect.signature(speculative_stream).parameters["top_k"].default == defaults["top_k"]
+
+
 def test_tokens_per_cycle_counts_only_the_cycles_tokens():
     """Drafts as deep as the verifier are all accepted: each cycle emits its 2 drafts and
     the verifier's token, after the one token the prompt's forward emits (1 + 6 x 3)."""
