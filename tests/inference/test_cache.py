@@ -73,6 +73,33 @@ def test_later_call_with_more_loops_reads_filled_depths(attn_type):
     assert all(e[next(iter(e))].shape[-2] == 12 for e in cache.values())
 
 
+@pytest.mark.parametrize("store", ["dict", "kvcache"])
+def test_a_prefill_where_every_position_halts_still_fills_every_depth(attn_type, store):
+    """ACT halts every position at loop 1 of 4: the forward stops early, and the cache
+    still holds every depth's entry for the prompt (the deeper ones copied from depth 0,
+    what a later forward reaching them would copy; they were missing, a KeyError for code
+    reading ``cache["recurrent_loop_3"]``). Decoding after it equals a full forward."""
+    model = halting_model(attn_type, act_threshold=0.9)
+    with torch.no_grad():
+        model.recurrent.act.halt.weight.zero_()
+        model.recurrent.act.halt.bias.fill_(6.0)  # p ~ 0.998 at the first loop
+    ids = torch.randint(0, 97, (2, 9))
+    cache = {} if store == "dict" else KVCache(9)
+    model(ids[:, :6], n_loops=4, kv_cache=cache)
+    assert model.recurrent.last_loops_run == 1
+    keys = model.cache_keys(4)
+    assert sorted(cache.keys()) == sorted(keys)
+    first = cache["recurrent_loop_0"]
+    for t in (1, 2, 3):
+        entry = cache[f"recurrent_loop_{t}"]
+        for name, tensor in first.items():
+            assert torch.equal(entry[name][..., :6, :], tensor[..., :6, :])
+    steps = [model(ids[:, p:p + 1], n_loops=4, kv_cache=cache, start_pos=p) for p in range(6, 9)]
+    full = model(ids, n_loops=4, act_early_exit=False)
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 6:],
+                               **equality_tolerance(full.dtype, full))
+
+
 def test_dict_cache_holds_exact_positions_and_mla_is_small():
     sizes = {}
     for attn in ("gqa", "mla"):
