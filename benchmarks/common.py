@@ -24,6 +24,11 @@ def sync(device: torch.device | str | None = None) -> None:
 def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
                 device: torch.device | str | None = None) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
+    return statistics.median(_times(fn, repeats, warmup, device))
+
+
+def _times(fn: Callable[[], object], repeats: int, warmup: int,
+           device: torch.device | str | None) -> list[float]:
     for _ in range(warmup):
         fn()
     sync(device)
@@ -33,7 +38,7 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int,
@@ -58,11 +63,13 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5,
                 device: torch.device | str = "cpu") -> float:
     """Achieved FLOP/s of one large square matmul in ``dtype``, computed the way ``nn.Linear``
     computes it (``F.linear``: on CPUs without native bf16 it takes a oneDNN path that is
-    several times faster than ``a @ b``)."""
+    several times faster than ``a @ b``). The fastest of ``repeats`` calls: a peak is what
+    the machine can do, and another process busy for part of the measurement only ever
+    slows a call down (a median taken while the machine was briefly shared put rows at
+    146% of it)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    seconds = median_time(lambda: torch.nn.functional.linear(a, b), repeats=repeats, warmup=1,
-                          device=device)
+    seconds = min(_times(lambda: torch.nn.functional.linear(a, b), repeats, 1, device))
     return 2 * n**3 / seconds
 
 

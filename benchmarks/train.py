@@ -372,6 +372,50 @@ def bench_moe(args, peaks: Peaks, rows: list[Row]) -> None:
                             flops, peak, "1.00x"))
             rows.append(Row(f"MoE {kind}: sorted grouped", dtype, t["ours"], flops, peak,
                             f"{t['naive'] / t['ours']:.2f}x"))
+    if device.type == "cpu" and "fp32" in dtypes:
+        bench_routed_matmuls(moe, x_in, repeats, peaks, rows)
+
+
+def bench_routed_matmuls(moe: MoEFFN, x: torch.Tensor, repeats: int, peaks: Peaks,
+                         rows: list[Row]) -> None:
+    """Where the MoE layer's time goes: the six grouped matmuls of its routed experts
+    (forward, input and weight gradients of both projections) at this batch's routing, run
+    by PyTorch's grouped kernel (what the layer runs: one product after another, each split
+    across the threads), against the same FLOPs as ``torch.bmm`` over equal groups (the
+    batch split across threads, each product on one thread: the ceiling for groups this
+    size, which uneven groups cannot reach without padding)."""
+    with torch.no_grad():
+        counts = torch.bincount(moe.route(x)[0].reshape(-1), minlength=moe.n_experts)
+    offs = counts.cumsum(0).to(torch.int32)
+    slots, E, D, H = int(counts.sum()), moe.n_experts, moe.dim, moe.expert_dim
+    w1, w2 = moe.w_gate_up.detach(), moe.w_down.detach()
+    xs, h = torch.randn(slots, D), torch.randn(slots, H)
+    g1, g2 = torch.randn(slots, 2 * H), torch.randn(slots, D)
+
+    def native():
+        torch._grouped_mm(xs, w1, offs=offs), torch._grouped_mm(h, w2, offs=offs)
+        torch._grouped_mm(g2, w2.transpose(1, 2), offs=offs)
+        torch._grouped_mm(g1, w1.transpose(1, 2), offs=offs)
+        torch._grouped_mm(xs.t(), g1, offs=offs), torch._grouped_mm(h.t(), g2, offs=offs)
+
+    per = slots // E
+    bx, bh = xs[:E * per].view(E, per, D), h[:E * per].view(E, per, H)
+    b1, b2 = g1[:E * per].view(E, per, 2 * H), g2[:E * per].view(E, per, D)
+
+    def batched():
+        torch.bmm(bx, w1), torch.bmm(bh, w2), torch.bmm(b2, w2.transpose(1, 2))
+        torch.bmm(b1, w1.transpose(1, 2))
+        torch.bmm(bx.transpose(1, 2), b1), torch.bmm(bh.transpose(1, 2), b2)
+
+    flops = 3 * 2 * slots * D * (2 * H + H)
+    t = alternating_medians({"native": native, "bmm": batched}, repeats=repeats, warmup=2)
+    label = f"{E} groups, {per} rows on average, {int(counts.max())} at most"
+    rows.append(Row(f"MoE routed matmuls (fwd+bwd): torch._grouped_mm ({label})", "fp32",
+                    t["native"], flops, peaks.fp32, "1.00x"))
+    bmm_s = t["bmm"] * slots / (E * per)  # scaled to the same FLOPs
+    rows.append(Row(f"MoE routed matmuls: bmm, {E} equal groups of {per} rows", "fp32", bmm_s,
+                    flops, peaks.fp32, f"{t['native'] / bmm_s:.2f}x",
+                    note="the ceiling for groups this size"))
 
 
 def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks: Peaks,
@@ -721,6 +765,11 @@ def run(args, device: torch.device) -> None:
     print_table(["workload", "dtype", "median s", "GFLOP", "GFLOP/s", "% peak",
                  "vs baseline", "cold s", "note"], table)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+    over = [r.workload for r in rows if r.seconds and r.flops and r.peak
+            and r.flops / r.seconds > r.peak]
+    if over:
+        print(f"WARNING: {len(over)} row(s) above 100% of the peak ({over[0]}, ...): the "
+              "machine was slower while the peak was measured; rerun it idle.")
     print("\nvs baseline: the baseline's median time / this row's, same dtype, same run (>1:"
           "\nfaster). % peak: against the matmul peak of that dtype measured at the start"
           "\n(on a GPU: the model FLOPs utilisation, MFU)."
