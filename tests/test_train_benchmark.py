@@ -69,6 +69,12 @@ def test_moe_section_prints_its_rows(monkeypatch, capsys):
         line = next(row for row in out.splitlines()
                     if row.startswith(f"MoE {kind}: sorted grouped"))
         assert line.split()[-1].endswith("x") and "%" in line
+    # The routed experts' matmuls alone: 1024 tokens x top-4, dim 512, expert width 128,
+    # forward and both gradients of the two projections (gate/up 2x128 wide, down 128).
+    routed = 3 * 2 * (1024 * 4) * 512 * (2 * 128 + 128) / 1e9
+    for label in ("MoE routed matmuls (fwd+bwd): torch._grouped_mm", "MoE routed matmuls: bmm"):
+        line = next(row for row in out.splitlines() if row.startswith(label))
+        assert f" {routed:.2f} " in line
 
 
 def test_task_section_counts_fewer_flops_at_the_supervised_positions_only(monkeypatch, capsys):
