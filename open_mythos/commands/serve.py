@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 import sys
 from pathlib import Path
 
@@ -70,11 +71,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve it until interrupted."""
     try:
-        from ..integrations.server import CompletionService, serve
+        from ..integrations.server import listening_socket
     except ImportError as err:
         print(f"openmythos serve: error: {err}; install the server extra: "
               "pip install 'open-mythos[serve]'", file=sys.stderr)
         return 2
+    try:
+        limits = ServeLimits(**{f.name: getattr(args, f.name)
+                                for f in dataclasses.fields(ServeLimits)})
+    except ValueError as err:
+        print(f"openmythos serve: error: {err}", file=sys.stderr)
+        return 2
+    try:  # before the model loads: a busy port is an error at once, not after the load
+        sock = listening_socket(args.host, args.port)
+    except OSError as err:
+        print(f"openmythos serve: error: cannot listen on {args.host}:{args.port}: "
+              f"{err.strerror or err}", file=sys.stderr)
+        return 2
+    with sock:
+        return _load_and_serve(args, limits, sock)
+
+
+def _load_and_serve(args: argparse.Namespace, limits: ServeLimits, sock: socket.socket) -> int:
+    from ..integrations.server import CompletionService, serve
     from .generate import load_for_inference
 
     try:
@@ -84,20 +103,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     name = args.model_name or _default_name(args.checkpoint)
     try:
-        limits = ServeLimits(**{f.name: getattr(args, f.name)
-                                for f in dataclasses.fields(ServeLimits)})
-    except ValueError as err:
-        print(f"openmythos serve: error: {err}", file=sys.stderr)
-        return 2
-    try:
         service = CompletionService(loaded.model, tokenizer, model_name=name,
                                     n_loops=args.n_loops or loaded.n_loops, limits=limits)
     except ValueError as err:
         print(f"openmythos serve: error: {err}", file=sys.stderr)
         return 2
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     print(f"serving {name!r} ({loaded.format.value} checkpoint {loaded.path}) on "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve(service, host=args.host, port=args.port, log_level=args.log_level)
+          f"http://{args.host}:{port}/v1", file=sys.stderr)
+    serve(service, host=args.host, port=port, log_level=args.log_level, sock=sock)
     return 0
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -766,8 +767,28 @@ def make_server(service: CompletionService, host: str = "127.0.0.1", port: int =
                                   timeout_graceful_shutdown=graceful_shutdown, **config))
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port), for :func:`serve`: binding
+    before the model loads makes a busy port an error at once, not after the load.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(service: CompletionService, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
-    """Run the server until interrupted."""
-    make_server(service, host, port, log_level).run()
+          log_level: str = "info", sock: socket.socket | None = None) -> None:
+    """Run the server until interrupted (on ``sock`` when given: see
+    :func:`listening_socket`)."""
+    server = make_server(service, host, port, log_level)
+    server.run(sockets=None if sock is None else [sock])
     service.close()

@@ -263,6 +263,22 @@ def test_serve_parser_defaults():
     assert parse("serve", "--checkpoint", "x", "--port", "0").port == 0
 
 
+def test_serve_on_a_busy_port_fails_before_loading_the_model(capsys, tmp_path):
+    """The port is taken before the checkpoint is read (this one does not exist): a busy
+    port is an error at once, not after a long load (it was a uvicorn traceback then)."""
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        status, _, err = openmythos(capsys, "serve", "--checkpoint", str(tmp_path / "none"),
+                                    "--port", port)
+    assert status == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+    assert "checkpoint" not in err
+
+
 @pytest.mark.slow  # two fresh interpreters importing torch: about 10 s on 2 busy cores
 def test_console_script_and_python_dash_m_run_info_and_generate(tmp_path):
     """The installed ``openmythos`` console script (``[project.scripts]``) and
