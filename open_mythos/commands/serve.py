@@ -11,7 +11,8 @@ Endpoints and request fields: :mod:`open_mythos.integrations.server`; the caps
 (``--max-*``, ``--request-timeout``) default to :class:`open_mythos.serving.ServeLimits`'s
 values. Needs the ``serve`` extra (``pip install 'open-mythos[serve]'``: FastAPI and uvicorn).
 
-Exit status: 2 for invalid arguments or an unreadable checkpoint; on SIGTERM or Ctrl-C the
+Exit status: 2 for invalid arguments, an address it cannot listen on (checked before the
+model loads) or an unreadable checkpoint; on SIGTERM or Ctrl-C the
 scheduler ends running requests (503) and uvicorn, once shut down, re-raises the signal.
 """
 
