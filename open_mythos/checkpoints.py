@@ -49,6 +49,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import MythosConfig, check_loops
+from .layers.moe import BALANCE_BUFFERS
 from .model import CausalLM
 from .registry import build_model, config_fields, config_from_dict, kind_of, materialize
 
@@ -565,8 +566,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
     """The floating dtype every floating tensor of ``state`` has; None when they differ
-    (or there are none)."""
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    (or there are none). The MoE layers' balancing state, float32 in a model of any dtype
+    (:data:`~open_mythos.layers.moe.BALANCE_BUFFERS`), is left out."""
+    dtypes = {t.dtype for key, t in state.items()
+              if t.is_floating_point() and key.rpartition(".")[2] not in BALANCE_BUFFERS}
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
