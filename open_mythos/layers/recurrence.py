@@ -604,7 +604,6 @@ class RecurrentBlock(CopiesDetached, nn.Module):
             if early_exit and (halting is not None or exits is not None):
                 alive = running.any(dim=1)  # (B,)
                 if not any_alive(alive):
-                    self._fill_skipped_depths(ctx, t + 1, n_loops, T)
                     break
                 # Sequences that have fully halted stop computing.
                 if not bool(alive.all()):
@@ -613,17 +612,6 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         self.last_position_loops = torch.where(running, t + 1, depth)
         return self._finish(h, halting, aux, loads, loops_run=t + 1, n_loops=n_loops,
                             work=work)
-
-    def _fill_skipped_depths(self, ctx: AttnContext, reached: int, n_loops: int,
-                             T: int) -> None:
-        """After every position exited at ``reached`` loops, the cache entries of the
-        deeper depths get this forward's positions from the deepest one computed (what a
-        later forward reaching them would copy): a cache holds every depth's entry, as
-        after a forward that ran all its loops, rather than lacking the deeper ones."""
-        if ctx.cache is None:
-            return
-        for t in range(reached, n_loops):
-            ctx.cache.fill_missing(self.cache_key(t), self.cache_key(t - 1), ctx.start_pos + T)
 
     def _advance(self, h: torch.Tensor, h_in: torch.Tensor, h_new: torch.Tensor,
                  rows: torch.Tensor | None, t: int, n_loops: int, halting: _Halting | None,
