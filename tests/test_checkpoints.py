@@ -115,6 +115,10 @@ def test_weights_load_in_the_dtype_they_are_stored_in(tmp_path):
     weights = tmp_path / "bf16" / "model.safetensors"
     state = load_file(str(weights))
     assert {v.dtype for k, v in state.items() if k.endswith("router_bias")} == {torch.float32}
+    from open_mythos.commands.info import run_info
+
+    info = run_info(str(tmp_path / "bf16"), got.cfg, None, sum(p.numel() for p in got.parameters()))
+    assert info.stored_dtype == "BF16"  # as `openmythos info` shows it (not "BF16/F32")
     first = next(k for k, v in state.items() if v.dtype == torch.bfloat16)
     state[first] = state[first].float()
     save_file(state, str(weights))

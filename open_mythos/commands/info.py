@@ -214,6 +214,7 @@ def _stored_bytes(files: list[Any]) -> tuple[int, set[str], int | None]:
     from safetensors import SafetensorError, safe_open
 
     from ..checkpoints import CheckpointCorrupt
+    from ..layers.moe import BALANCE_BUFFERS
 
     total, dtypes, step = 0, set(), None
     sizes = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "BOOL": 1,
@@ -232,7 +233,10 @@ def _stored_bytes(files: list[Any]) -> tuple[int, set[str], int | None]:
                 numel = 1
                 for d in sl.get_shape():
                     numel *= d
-                dtypes.add(sl.get_dtype())
+                # The MoE balancing state is float32 in a model of any dtype: the dtype a
+                # file is "stored in" is its weights' (as the loader reads it).
+                if key.rpartition(".")[2] not in BALANCE_BUFFERS:
+                    dtypes.add(sl.get_dtype())
                 total += numel * sizes.get(sl.get_dtype(), 4)
     return total, dtypes, step
 

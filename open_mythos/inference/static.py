@@ -245,12 +245,14 @@ class CompiledDecoder:
         """The first compiled step: in the first copy of the shape's compiled step that has
         (or has room for) a graph for this model. Dynamo refuses a graph past its limit
         before running anything, so the step is simply retried in the next copy."""
-        from torch._dynamo.exc import FailOnRecompileLimitHit
+        from torch._dynamo import exc
 
+        # torch < 2.7 names it FailOnCacheLimitHit.
+        limit_hit = getattr(exc, "FailOnRecompileLimitHit", None) or exc.FailOnCacheLimitHit
         while True:
             try:
                 return self._step(*args)
-            except FailOnRecompileLimitHit:
+            except limit_hit:
                 self._copy += 1
                 self._step = _compiled(self._device_type, self._shape, self._copy)
 

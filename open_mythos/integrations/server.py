@@ -779,6 +779,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         sock.bind((host, port))
+        # Listening now claims the port: two sockets bound with SO_REUSEADDR may share it
+        # until one listens, so a second server would otherwise find out after its load.
+        sock.listen(2048)
     except OSError:
         sock.close()
         raise

@@ -114,6 +114,12 @@ def teardown(ctx: DistContext, clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def group_alive(ctx: DistContext) -> bool:
+    """Whether collectives can still run in ``ctx``: False once :func:`teardown` destroyed
+    the process group that :func:`setup` created."""
+    return not ctx.owns_group or dist.is_initialized()
+
+
 def free_port() -> int:
     """A TCP port that is free on localhost right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -93,6 +93,7 @@ from .distributed import (
     broadcast_object,
     gather_objects,
     gradient_sync,
+    group_alive,
     reduced_expert_loads,
     setup,
     teardown,
@@ -301,11 +302,17 @@ class Trainer:
         self._config_changes: list[str] = []  # since the checkpoint resumed from
 
     def _require_trained(self, method: str) -> None:
+        later = ("To evaluate a saved checkpoint, load it with "
+                 "open_mythos.checkpoints.load_model or run `openmythos sweep`")
         if getattr(self, "core", None) is None:
             raise RuntimeError(
                 f"Trainer.{method}() works on the model that train() builds: call train() "
-                "first (a finished or interrupted run keeps its model). To evaluate a saved "
-                "checkpoint, load it with open_mythos.checkpoints.load_model or run `openmythos sweep`")
+                f"first (a finished or interrupted run keeps its model). {later}")
+        if not group_alive(self.ctx):
+            raise RuntimeError(
+                f"Trainer.{method}() is collective, and the process group of this "
+                f"run.parallel={self.cfg.run.parallel.value!r} run ended with train(): call "
+                f"it during the run (from on_step), not after. {later}")
 
     # Setup ------------------------------------------------------------------------------------
 

@@ -200,6 +200,39 @@ def test_more_models_of_one_shape_than_dynamo_keeps_per_function():
                                generate(model, ids, 3, 2, compile=False, **kw))
 
 
+@pytest.mark.parametrize("name", ["FailOnRecompileLimitHit", "FailOnCacheLimitHit"])
+def test_a_full_compiled_copy_moves_on_to_the_next(monkeypatch, name):
+    """The first step retries in the next compiled copy when Dynamo refuses another graph,
+    under the exception's name in torch >= 2.7 and the one before (torch >= 2.5 is
+    supported: importing the new name alone broke every compiled decode there)."""
+    from torch._dynamo import exc
+
+    import open_mythos.inference.static as static
+
+    class Full(Exception):
+        pass
+
+    for old in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):
+        monkeypatch.delattr(exc, old, raising=False)
+    monkeypatch.setattr(exc, name, Full, raising=False)
+    tried = []
+
+    def copy(device_type, shape, n):
+        def step(*args):
+            tried.append(n)
+            if n < 2:
+                raise Full()
+            return "logits"
+        return step
+
+    monkeypatch.setattr(static, "_compiled", copy)
+    decoder = static.CompiledDecoder.__new__(static.CompiledDecoder)
+    decoder._device_type, decoder._shape, decoder._copy = "cpu", (1, 64, 2), 0
+    decoder._step = copy("cpu", (1, 64, 2), 0)
+    assert decoder._first_step(()) == "logits"
+    assert tried == [0, 1, 2] and decoder._copy == 2
+
+
 def test_user_compiler_stance_is_kept(monkeypatch):
     """Under a stance the user set (here force_eager) no step switches to another stance."""
     calls = []

@@ -379,3 +379,15 @@ def test_a_default_depth_above_the_cap_is_refused_at_start():
     with pytest.raises(ValueError, match="above this server's cap of 8"):
         CompletionService(model, ByteTokenizer(), n_loops=50,
                           limits=ServeLimits(max_n_loops=8))
+
+
+def test_a_listening_socket_claims_its_port():
+    """Two servers on one port: the second fails when it binds (before its model loads).
+    Bound with SO_REUSEADDR but not listening, both binds succeeded and the second server
+    failed only once uvicorn listened, after the load."""
+    from open_mythos.integrations.server import listening_socket
+
+    with listening_socket("127.0.0.1", 0) as first:
+        port = first.getsockname()[1]
+        with pytest.raises(OSError):
+            listening_socket("127.0.0.1", port).close()

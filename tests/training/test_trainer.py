@@ -490,6 +490,16 @@ def test_evaluate_and_save_before_train_say_to_train_first(tmp_path):
     assert set(trainer.evaluate()) >= {"val_loss"}
 
 
+def test_evaluate_after_a_distributed_train_says_the_group_has_ended(tmp_path):
+    """train() ends the process group it started, so the collective evaluate()/save()
+    after it raised "Default process group has not been initialized"; they say why now."""
+    trainer = Trainer(tiny_config(tmp_path / "run", run__steps=2, run__parallel="ddp"))
+    trainer.train()
+    for method in (trainer.evaluate, trainer.save):
+        with pytest.raises(RuntimeError, match="ended with train"):
+            method()
+
+
 def test_an_interruption_says_which_signal_stopped_which_step():
     import pickle
     import signal
