@@ -705,7 +705,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise ConfigError(f"{key}={value!r} must be a string")
     if origin is list:
         (item,) = typing.get_args(hint)
-        if isinstance(value, str):  # a single path given where a list is expected
+        if isinstance(value, (str, os.PathLike)):  # one path given where a list is expected
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} must be a list")

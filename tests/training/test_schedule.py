@@ -155,6 +155,8 @@ def test_numpy_integers_and_paths_in_sections_become_plain_values(tmp_path):
 
     from open_mythos.training import TrainConfig, load_config, to_toml
 
+    assert DataConfig(text=Path("a.txt")).text == DataConfig(text=["a.txt"]).text == ["a.txt"]
+    assert DataConfig(text=[Path("a"), "b"]).text == ["a", "b"]
     run = RunConfig(out=Path(tmp_path / "run"), steps=np.int64(3), seed=np.uint8(2))
     assert (run.out, run.steps, run.seed) == (str(tmp_path / "run"), 3, 2)
     assert type(run.steps) is int and type(OptimConfig(lr=np.float32(0.5)).lr) is float
