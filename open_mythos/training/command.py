@@ -145,6 +145,7 @@ def config_from_args(args: argparse.Namespace, report: bool = False):
 
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError
+    from .distributed import lost_peer, report_lost_peer
     from .trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
     trainer = None
@@ -179,44 +180,16 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         if not lost_peer(err):
             raise
-        # Said by whichever rank survives (a dead or stopped peer says nothing), once.
-        last = trainer.last_checkpoint if trainer is not None else None
-        saved = (f"the newest checkpoint is {last}; continue from it with --resume" if last
-                 else "nothing was saved")
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        with contextlib.suppress(OSError):
-            print(f"openmythos train: error: rank {os.environ.get('RANK', '0')} lost its "
-                  f"peers in a collective ({detail}): another process died, hung or was "
-                  f"stopped; {saved}", file=sys.stderr)
+        # Said by whichever rank survives (a dead or stopped peer says nothing), once: by
+        # the trainer as soon as its loop failed, before its cleanup (torchrun's SIGTERM to
+        # the survivors often arrived during that cleanup, and the line was never printed).
+        if trainer is None or not trainer.failure_reported:
+            report_lost_peer(err, trainer.last_checkpoint if trainer is not None else None)
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {state.step} steps ({state.bad_steps} skipped), run directory "
               f"{cfg.run.out}", file=sys.stderr)
     return 0
-
-
-#: What the collective errors of a rank whose peer went away say (gloo: a closed or reset
-#: connection, a timed-out wait; NCCL: the watchdog's timeout, a remote process's exit).
-#: Anything else (this rank's own out-of-memory or a misuse, even inside a collective)
-#: keeps its traceback.
-_LOST_PEER_MARKS = ("Connection closed by peer", "Connection reset by peer",
-                    "Timed out waiting", "Watchdog caught collective operation timeout",
-                    "remote process exited", "Socket Timeout")
-
-
-def lost_peer(err: BaseException) -> bool:
-    """Whether ``err`` is a collective that failed because another rank went away (died,
-    hung past the timeout, or was stopped). Only under ``torchrun`` with several
-    processes."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return False
-    if isinstance(err, tuple(getattr(dist, name) for name in ("DistNetworkError",
-                                                              "DistStoreError")
-                             if hasattr(dist, name))):
-        return True
-    return any(mark in str(err) for mark in _LOST_PEER_MARKS)
 
 
 def _error(msg: str) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -118,6 +119,40 @@ def group_alive(ctx: DistContext) -> bool:
     """Whether collectives can still run in ``ctx``: False once :func:`teardown` destroyed
     the process group that :func:`setup` created."""
     return not ctx.owns_group or dist.is_initialized()
+
+
+#: What the collective errors of a rank whose peer went away say (gloo: a closed or reset
+#: connection, a timed-out wait; NCCL: the watchdog's timeout, a remote process's exit).
+#: Anything else (this rank's own out-of-memory or a misuse, even inside a collective)
+#: keeps its traceback.
+_LOST_PEER_MARKS = ("Connection closed by peer", "Connection reset by peer",
+                    "Timed out waiting", "Watchdog caught collective operation timeout",
+                    "remote process exited", "Socket Timeout")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank went away (died,
+    hung past the timeout, or was stopped). Only under ``torchrun`` with several
+    processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    if isinstance(err, tuple(getattr(dist, name) for name in ("DistNetworkError",
+                                                              "DistStoreError")
+                             if hasattr(dist, name))):
+        return True
+    return any(mark in str(err) for mark in _LOST_PEER_MARKS)
+
+
+def report_lost_peer(err: BaseException, newest_checkpoint: object | None) -> None:
+    """One line on stderr from a rank whose collective ``err`` failed because a peer went
+    away (:func:`lost_peer`): which rank, the error's first line, and where to resume."""
+    saved = (f"the newest checkpoint is {newest_checkpoint}; continue from it with --resume"
+             if newest_checkpoint else "nothing was saved")
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    with contextlib.suppress(OSError):  # stderr gone
+        print(f"openmythos train: error: rank {os.environ.get('RANK', '0')} lost its peers "
+              f"in a collective ({detail}): another process died, hung or was stopped; "
+              f"{saved}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:

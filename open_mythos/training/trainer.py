@@ -94,7 +94,9 @@ from .distributed import (
     gather_objects,
     gradient_sync,
     group_alive,
+    lost_peer,
     reduced_expert_loads,
+    report_lost_peer,
     setup,
     teardown,
     unwrap,
@@ -300,6 +302,8 @@ class Trainer:
         # last step's all-reduce (0: none; see _stop_on_signal).
         self._stop_signal = self._agreed_signal = 0
         self._config_changes: list[str] = []  # since the checkpoint resumed from
+        #: True once train() has told stderr why it failed (a lost peer, under torchrun).
+        self.failure_reported = False
 
     def _require_trained(self, method: str) -> None:
         later = ("To evaluate a saved checkpoint, load it with "
@@ -333,6 +337,13 @@ class Trainer:
                 self._loop()
             except TrainingInterrupted:
                 clean = True  # every rank stopped after the same step
+                raise
+            except RuntimeError as err:
+                # Said now, before the cleanup below: torchrun sends SIGTERM to the
+                # surviving ranks once one has died, and it often landed in that cleanup.
+                if lost_peer(err):
+                    report_lost_peer(err, self.last_checkpoint)
+                    self.failure_reported = True
                 raise
             finally:
                 self._close()

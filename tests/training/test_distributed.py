@@ -220,6 +220,31 @@ def test_a_hung_rank_fails_the_run_after_dist_timeout(tmp_path):
     assert "[rank0]: Traceback" not in err and "[rank0]:" not in err, err[-3000:]
 
 
+def test_a_killed_rank_leaves_one_line_from_the_survivor(tmp_path):
+    """Rank 1 killed (SIGKILL) under DDP: rank 0's collective fails and torchrun sends it
+    SIGTERM at once; the line naming the newest checkpoint was printed only after the
+    trainer's cleanup, which that SIGTERM usually cut short (0 of 6 runs printed it)."""
+    out = tmp_path / "run"
+    cmd = torchrun_command(2, "--task", "parity", "--steps", "100000", "--batch-size", "2",
+                           "--parallel", "ddp", "--save-every", "2", "--eval-every", "0",
+                           "--out", str(out))
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert "openmythos train: error: rank 0 lost its peers in a collective" in err, err[-3000:]
+    assert f"the newest checkpoint is {out / 'checkpoints'}" in err, err[-3000:]
+
+
 def test_ranks_given_different_configurations_stop_at_once_naming_the_keys(tmp_path):
     """Each rank parses its own command line: rank 1 with another learning rate trained on
     silently (the DDP replicas drifted apart), with another step count it hung until the
@@ -249,7 +274,7 @@ def test_only_a_lost_peer_is_reported_as_one(monkeypatch):
     inside a collective (out of memory, a misuse) keeps its traceback."""
     import torch.distributed as dist
 
-    from open_mythos.training.command import lost_peer
+    from open_mythos.training.distributed import lost_peer
 
     lost = [RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer "
                          "[127.0.0.1]:46274"),
