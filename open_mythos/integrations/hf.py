@@ -278,6 +278,19 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             # ACTHalting, so its halting-bias init is applied from its Linear.
             act.reset_parameters()
 
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained``; a config with an ``auto_map`` (an export for
+        ``trust_remote_code``) also gets the modeling code beside it when this class is the
+        installed package's, so the saved directory loads where the package is not installed
+        (a model loaded through remote code gets its files copied by ``transformers``)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self.config, "auto_map", None) and __name__ == "open_mythos.integrations.hf":
+            import importlib  # not a relative import: the exported copy must not bundle it
+
+            remote_code = importlib.import_module("open_mythos.integrations.remote_code")
+            if kwargs.get("is_main_process", True):
+                remote_code.write_modeling_code(save_directory)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed
 

@@ -285,6 +285,29 @@ def test_loads_with_trust_remote_code_where_open_mythos_is_not_installed(exporte
 
 
 @pytest.mark.slow
+def test_a_native_save_pretrained_still_loads_where_open_mythos_is_not_installed(exported,
+                                                                                  tmp_path):
+    """Loaded with the package installed (its own class) and saved again, as after a
+    fine-tune with transformers.Trainer: the config kept its auto_map but the directory had
+    no modeling code, so trust_remote_code failed ("does not appear to have a file named
+    modeling_openmythos.py")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, model = exported
+    native = AutoModelForCausalLM.from_pretrained(out)
+    assert type(native).__module__ == "open_mythos.integrations.hf"
+    saved = tmp_path / "saved"
+    native.save_pretrained(saved)
+    AutoTokenizer.from_pretrained(out).save_pretrained(saved)
+    assert (saved / "modeling_openmythos.py").is_file()
+    res = run_clean(saved, tmp_path)
+    ids = torch.tensor([ByteTokenizer().encode("the cat")])
+    with torch.no_grad():
+        ref = model(ids, n_loops=TRAINED)[0]
+    torch.testing.assert_close(torch.tensor(res["logits"]), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_a_dense_mla_baseline_loads_where_open_mythos_is_not_installed(tmp_path):
     from tests.integrations.conftest import byte_baseline
 
