@@ -80,7 +80,8 @@ class OpenMythosLM(TemplateLM):
         act_early_exit: ACT early exit (default: on, as in eval mode).
         batch_size: sequences per forward (``"auto"`` means :data:`DEFAULT_BATCH_SIZE`).
         max_batch_size: the cap on ``"auto"`` (the harness passes it with every model).
-        max_length: context length (default ``cfg.max_seq_len``).
+        max_length: context length, 1 to ``cfg.max_seq_len`` (default: the sequence length
+            the run trained on where its checkpoint records it, else ``cfg.max_seq_len``).
         max_gen_toks: default cap on generated tokens for ``generate_until``.
         device, dtype: where and in which dtype to load a checkpoint (``"bfloat16"``...);
             ``"auto"`` (default) is CUDA when available; CUDA asked for where there is none
@@ -127,8 +128,13 @@ class OpenMythosLM(TemplateLM):
                              f"(max_batch_size {max_batch_size!r})")
         # The length the run trained on, where it records one: positions past it were never
         # trained, and scoring windows that long reads them (max_length= to choose).
-        self._max_length = max_length or min(trained_len or self.model.cfg.max_seq_len,
-                                             self.model.cfg.max_seq_len)
+        limit = self.model.cfg.max_seq_len
+        valid = (isinstance(max_length, int) and not isinstance(max_length, bool)
+                 and 1 <= max_length <= limit)
+        if max_length is not None and not valid:
+            raise ValueError(f"max_length must be an integer from 1 to the model's "
+                             f"max_seq_len {limit}, got {max_length!r}")
+        self._max_length = max_length or min(trained_len or limit, limit)
         self.max_gen_toks = max_gen_toks
         self.add_bos_token = (self.tokenizer.add_bos_token if add_bos_token is None
                               else add_bos_token)
@@ -361,11 +367,13 @@ def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.devi
                 trained_seq_len(loaded.path))
     stored = None
     if not isinstance(pretrained, CausalLM):  # every model kind is a CausalLM
-        hf_model = getattr(pretrained, "model", None)  # an OpenMythosForCausalLM
-        if not isinstance(hf_model, CausalLM):
+        # An OpenMythosForCausalLM, this package's or the copy trust_remote_code loads
+        # (whose inner model is the copy's class): known by its wrapped model's interface.
+        hf_model = getattr(pretrained, "model", None)
+        if not (isinstance(hf_model, CausalLM) or _looks_like_mythos(hf_model)):
             raise TypeError(f"pretrained must be a path, an OpenMythos model (looped or dense "
                             f"baseline) or an OpenMythosForCausalLM, got "
-                            f"{type(pretrained).__name__}")
+                            f"{type(pretrained).__module__}.{type(pretrained).__name__}")
         stored = getattr(pretrained.config, "n_loops", None)
         pretrained = hf_model
     if tokenizer is None:
@@ -374,6 +382,14 @@ def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.devi
         tokenizer = "byte"
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     return pretrained, tok, stored, None
+
+
+def _looks_like_mythos(model: object) -> bool:
+    """Whether ``model`` is a CausalLM of an exported copy of this package (the class
+    differs, the interface does not)."""
+    return (isinstance(model, torch.nn.Module) and hasattr(model, "cfg")
+            and all(callable(getattr(model, name, None))
+                    for name in ("cache_keys", "core_states", "hidden_states")))
 
 
 def _warn_if_moved(model: CausalLM, device: str | torch.device | None,

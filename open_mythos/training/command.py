@@ -31,7 +31,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--variant", "model.variant", dict(help="model preset, e.g. mythos_1b")),
     ("--task", "data.task", dict(
         help="algorithmic task (parity, dyck, modsum, addition, multihop, phop)")),
-    ("--text", "data.text", dict(nargs="+", metavar="PATH", help="local text files or directories")),
+    ("--text", "data.text", dict(nargs="+", action="extend", metavar="PATH",
+                                 help="local text files or directories (repeatable)")),
     ("--prepared", "data.prepared", dict(
         metavar="DIR", help="token shards written by 'openmythos prepare'")),
     ("--hf-dataset", "data.hf_dataset", dict(metavar="NAME",

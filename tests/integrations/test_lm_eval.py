@@ -247,3 +247,40 @@ def test_max_length_defaults_to_the_length_the_run_trained_on(tmp_path):
     assert OpenMythosLM(str(tmp_path / "short"), device="cpu").max_length == 16
     assert OpenMythosLM(str(tmp_path / "unset"), device="cpu").max_length == model.cfg.max_seq_len
     assert OpenMythosLM(str(tmp_path / "short"), device="cpu", max_length=24).max_length == 24
+
+
+@pytest.mark.parametrize("bad", [0, -5, 65, True, 2.5])
+def test_a_max_length_outside_the_context_is_refused_at_once(bad):
+    """max_length=100 on a 64-position model was accepted and failed at the first long
+    request, possibly far into a run; -5 was a bare AssertionError, 0 the default."""
+    from tests.integrations.conftest import byte_model
+
+    model = byte_model("gqa")
+    assert model.cfg.max_seq_len == 64
+    with pytest.raises(ValueError, match="max_length must be an integer from 1 to the "
+                                         "model's max_seq_len 64"):
+        OpenMythosLM(model, tokenizer="byte", max_length=bad)
+    assert OpenMythosLM(model, tokenizer="byte", max_length=64).max_length == 64
+
+
+def test_the_remote_code_class_of_an_export_is_accepted(tmp_path):
+    """A model loaded with trust_remote_code before the package was imported is the
+    export's own copy of the classes: it was refused with "... or an OpenMythosForCausalLM,
+    got OpenMythosForCausalLM"."""
+    import types
+
+    from open_mythos.integrations.lm_eval import _load
+    from tests.integrations.conftest import byte_model
+
+    model = byte_model("gqa")
+    # Stand-in for the copy: other classes, the same interface.
+    copy_cls = type("OpenMythos", (torch.nn.Module,), {
+        name: getattr(type(model), name) for name in
+        ("cache_keys", "core_states", "hidden_states", "forward")})
+    inner = copy_cls.__new__(copy_cls)
+    inner.__dict__ = model.__dict__
+    wrapper = types.SimpleNamespace(model=inner, config=types.SimpleNamespace(n_loops=3))
+    got, tok, stored, _ = _load(wrapper, "byte", "cpu", None)
+    assert got is inner and stored == 3
+    with pytest.raises(TypeError, match="got types.SimpleNamespace"):
+        _load(types.SimpleNamespace(model=object()), "byte", "cpu", None)

@@ -139,6 +139,10 @@ def test_cli_precedence_file_then_flags_then_set(tmp_path):
     assert config_from_args(parse_train([])) == TrainConfig()
     # A source flag replaces the file's source (tiny.toml trains on a task).
     text = config_from_args(parse_train(["--config", str(TINY), "--text", "a.txt", "b.txt"]))
+    # Given twice, --text adds up (the last one alone was read).
+    twice = config_from_args(parse_train(["--config", str(TINY), "--text", "a.txt",
+                                          "--text", "b.txt"]))
+    assert twice.data.text == text.data.text
     assert text.data.task is None and text.data.text == ["a.txt", "b.txt"]
     prepared = config_from_args(parse_train(["--config", str(TINY), "--prepared", "shards"]))
     assert prepared.data.task is None and prepared.data.prepared == "shards"
