@@ -446,6 +446,8 @@ def sweep(
         if skipped:
             warnings.warn(f"sweep: split(s) {', '.join(skipped)} of {task.name!r} exceed "
                           f"max_seq_len={model.cfg.max_seq_len} and are left out", stacklevel=2)
+    elif isinstance(splits, str):  # one split by name ("id" was read letter by letter)
+        splits = [splits]
     elif not splits:
         raise ValueError("sweep needs at least one split")
     splits = list(dict.fromkeys(splits))  # a split named twice is evaluated once
@@ -460,6 +462,8 @@ def sweep(
         raise ValueError("exit_rule needs a looped model: a fixed-depth baseline runs every "
                          "block")
     if looped:
+        if isinstance(loops, int) and not isinstance(loops, bool):  # one loop count
+            loops = [loops]
         loops = default_loops(model) if loops is None else list(dict.fromkeys(loops))
         settings = list(dict.fromkeys(bool(e) for e in early_exit))
     else:

@@ -290,6 +290,19 @@ def test_task_args_override_the_runs_knobs_and_a_baseline_must_share_its_data(
         assert "a baseline compares only on its run's data" in err and "running" in err
 
 
+
+def test_a_baseline_of_the_same_task_spelt_otherwise_is_its_runs_data(monkeypatch):
+    """A knob written out at its default (parity's lengths = [4, 12]) describes the same
+    task as leaving it out: such a baseline was refused, with no way round the check."""
+    configs = {name: TrainConfig.from_dict({"data": {"task": "parity", "task_args": args}})
+               for name, args in (("run", {}), ("same", {"lengths": [4, 12]}),
+                                  ("other", {"lengths": [4, 13]}))}
+    monkeypatch.setattr("open_mythos.evaluation.runs.read_train_config", configs.get)
+    sweep_command.check_baseline_data("run", "same")
+    with pytest.raises(ValueError, match="a baseline compares only on its run's data"):
+        sweep_command.check_baseline_data("run", "other")
+
+
 def test_report_refuses_a_sweep_of_other_knobs_and_options_it_would_ignore(
         runs, tmp_path, capsys):
     root, _, _ = runs

@@ -128,6 +128,10 @@ def test_sweep_arguments_are_checked_and_repeats_collapse():
     rows = sweep(model, small_parity(), splits=["id", "id"], loops=[2, 2], n_examples=4,
                  early_exit=(False,))
     assert [(r.split, r.n_loops) for r in rows] == [("id", 2)]
+    # One split and one loop count as plain values ("id" was read letter by letter, 2 was
+    # "'int' object is not iterable").
+    rows = sweep(model, small_parity(), splits="id", loops=2, n_examples=4, early_exit=(False,))
+    assert [(r.split, r.n_loops) for r in rows] == [("id", 2)]
     for bad in (dict(batch_size=0), dict(batch_size=-1), dict(n_examples=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             sweep(model, small_parity(), splits=["id"], loops=[1], **bad)
