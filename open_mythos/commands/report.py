@@ -126,7 +126,29 @@ def read_sweep(path: str, task: Any, model: Any = None, baseline: Any = None
         if given is not None and ids and ids != {model_fingerprint(given)}:
             raise ValueError(f"--sweep {path}: its {kind} rows are of another model than "
                              f"this report's {kind} checkpoint (sweep this checkpoint)")
+    _refuse_merged_sweeps(path, loaded)
     return rows, base_rows
+
+
+def _refuse_merged_sweeps(path: str, rows: list) -> None:
+    """ValueError for a file that holds one cell (model, split, loops, early exit) twice:
+    sweeps merged into one file (another exit rule, seed or example count). The report
+    would keep one of the rows in its tables without a word and label them all with one
+    exit rule."""
+    seen: dict[tuple, Any] = {}
+    for r in rows:
+        cell = (r.model, r.split, r.n_loops, r.early_exit)
+        if cell in seen:
+            first = seen[cell]
+            differ = [f"{name} {getattr(first, name)!r} and {getattr(r, name)!r}"
+                      for name in ("exit_rule", "n_examples") if getattr(first, name) != getattr(r, name)]
+            raise ValueError(
+                f"--sweep {path} holds the {r.model} row for split {r.split!r} at {r.n_loops} "
+                f"loops (early exit {'on' if r.early_exit else 'off'}) twice"
+                + (f" ({'; '.join(differ)})" if differ else "")
+                + ": it merges several sweeps, and a report shows one; write each sweep "
+                "to its own file and report them one at a time")
+        seen[cell] = r
 
 
 def run(args: argparse.Namespace) -> int:

@@ -94,6 +94,20 @@ def test_sweep_command_with_an_exit_rule(runs, tmp_path, capsys):
     assert cli("report", "--run", str(root / "looped"), "--sweep", str(tmp_path / "rule.json"),
                "--exit-loops", "0", "--out", str(tmp_path / "r")) == 0
     assert f"ran with the exit rule {rule[0].exit_rule}" in (tmp_path / "r" / "report.md").read_text()
+    # Two sweeps merged into one file (with and without the rule, the natural way to compare
+    # them): the report kept one row per cell without a word and labelled every row with
+    # the rule. It is refused, naming the cell and what differs.
+    assert cli(*argv, "--loops", "4", "--out", str(tmp_path / "plain.json")) == 0
+    from open_mythos.evaluation.sweep import save_rows
+
+    save_rows(load_rows(tmp_path / "plain.json") + rule, tmp_path / "merged.json")
+    capsys.readouterr()
+    assert cli("report", "--run", str(root / "looped"), "--sweep",
+               str(tmp_path / "merged.json"), "--exit-loops", "0",
+               "--out", str(tmp_path / "r2")) == 2
+    err = capsys.readouterr().err
+    assert "at 4 loops (early exit off) twice (exit_rule '' and 'ExitRule(" in err
+    assert "merges several sweeps" in err
 
 
 def test_sweep_command_errors(runs, tmp_path, capsys, monkeypatch):
