@@ -163,21 +163,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(tmp_path
     all-reduce, every rank finishes the same step, the step is saved (a collective), and
     the run can resume from it. It used to kill the run unsaved."""
     out = tmp_path / "run"
-    cmd = torchrun_command(2, "--task", "parity", "--steps", "100000", "--batch-size", "2",
-                           "--parallel", "ddp", "--save-every", "0", "--eval-every", "0",
-                           "--out", str(out))
-    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out)) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.2)
-        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err = _signal_rank_after_three_steps(out, 1, signal.SIGTERM, save_every=0)
     steps = [r["step"] for r in read_metrics(out)]
     last = steps[-1]
     assert steps == list(range(1, last + 1)) and last < 100000
@@ -220,14 +206,12 @@ def test_a_hung_rank_fails_the_run_after_dist_timeout(tmp_path):
     assert "[rank0]: Traceback" not in err and "[rank0]:" not in err, err[-3000:]
 
 
-def test_a_killed_rank_leaves_one_line_from_the_survivor(tmp_path):
-    """Rank 1 killed (SIGKILL) under DDP: rank 0's collective fails and torchrun sends it
-    SIGTERM at once; the line naming the newest checkpoint was printed only after the
-    trainer's cleanup, which that SIGTERM usually cut short (0 of 6 runs printed it)."""
-    out = tmp_path / "run"
+def _signal_rank_after_three_steps(out, rank: int, signum: int, save_every: int) -> str:
+    """Start a 2-process DDP parity run into ``out``, send ``signum`` to rank ``rank`` once
+    three steps are logged, and return the launcher's stderr when it has exited."""
     cmd = torchrun_command(2, "--task", "parity", "--steps", "100000", "--batch-size", "2",
-                           "--parallel", "ddp", "--save-every", "2", "--eval-every", "0",
-                           "--out", str(out))
+                           "--parallel", "ddp", "--save-every", str(save_every),
+                           "--eval-every", "0", "--out", str(out))
     proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -235,12 +219,21 @@ def test_a_killed_rank_leaves_one_line_from_the_survivor(tmp_path):
         while not (out / "metrics.jsonl").is_file() or len(read_metrics(out)) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.2)
-        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
+        os.kill(_worker_of_rank(proc.pid, rank), signum)
+        return proc.communicate(timeout=120)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=60)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank through /proc")
+def test_a_killed_rank_leaves_one_line_from_the_survivor(tmp_path):
+    """Rank 1 killed (SIGKILL) under DDP: rank 0's collective fails and torchrun sends it
+    SIGTERM at once; the line naming the newest checkpoint was printed only after the
+    trainer's cleanup, which that SIGTERM usually cut short (0 of 6 runs printed it)."""
+    out = tmp_path / "run"
+    err = _signal_rank_after_three_steps(out, 1, signal.SIGKILL, save_every=2)
     assert "openmythos train: error: rank 0 lost its peers in a collective" in err, err[-3000:]
     assert f"the newest checkpoint is {out / 'checkpoints'}" in err, err[-3000:]
 
