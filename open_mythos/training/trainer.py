@@ -1099,8 +1099,9 @@ class Trainer:
                         self.tb.add_scalar(f"train/{key}" if not key.startswith("val_")
                                            else f"val/{key[4:]}", value, step)
         if "val_loss" in row:
+            depth = f"  ({row['val_loops']} loops)" if is_looped(self.core) else ""
             self._log(f"step {step}: val_loss {row['val_loss']:.4f}  val_acc "
-                      f"{row['val_acc']:.3f}  ({row['val_loops']} loops)")
+                      f"{row['val_acc']:.3f}{depth}")
 
     def save(self) -> None:
         """Write a checkpoint of the current state (collective: every rank calls it): sharded

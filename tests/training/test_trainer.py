@@ -438,13 +438,17 @@ def test_weight_decay_groups():
     assert len(decayed) + len(exempt) == len(list(model.parameters()))
 
 
-def test_dense_baseline_trains_from_the_same_config(tmp_path):
+def test_dense_baseline_trains_from_the_same_config(tmp_path, capsys):
     """``model.core_layers`` selects the FLOPs-matched non-looped baseline."""
     from open_mythos.baseline import DenseBaseline
     from open_mythos.training import load_checkpoint
 
-    cfg = tiny_config(tmp_path / "base", run__steps=6, model__core_layers=3)
+    cfg = tiny_config(tmp_path / "base", run__steps=6, run__eval_every=6,
+                      model__core_layers=3)
     Trainer(cfg).train()
+    # Its validation line names no loop count (it has none; it said "(2 loops)").
+    logged = [line for line in capsys.readouterr().err.splitlines() if "val_loss" in line]
+    assert logged and not any("loops" in line for line in logged)
     rows = read_metrics(tmp_path / "base")
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
     model, model_cfg = load_checkpoint(tmp_path / "base")
