@@ -466,6 +466,10 @@ def sweep(
             loops = [loops]
         loops = default_loops(model) if loops is None else list(dict.fromkeys(loops))
         settings = list(dict.fromkeys(bool(e) for e in early_exit))
+        if exit_rule is not None and loops and getattr(exit_rule, "min_loops", 1) > max(loops):
+            raise ValueError(f"the exit rule's min_loops={exit_rule.min_loops} is above the "
+                             f"deepest loop count swept ({max(loops)}): it would never fire, "
+                             "and every row would be labelled with it")
     else:
         loops, settings = [model.cfg.core_layers], [False]
     if not loops or not settings:

@@ -284,6 +284,9 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
                   if on]
         if extras:
             raise ValueError(f"self-speculative decoding does not take {', '.join(extras)}")
+    if options.compile and options.exit_rule is not None:  # stream's own check, up front
+        raise ValueError("compile=True runs every loop in one fixed graph; exit rules need "
+                         "compile=False")
     longest = max(len(p) for p in prompts)
     if longest + options.max_new_tokens > limit:
         raise ValueError(

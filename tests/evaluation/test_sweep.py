@@ -142,6 +142,19 @@ def test_sweep_arguments_are_checked_and_repeats_collapse():
             sweep(model, small_parity(), splits=["id"], loops=[1], early_exit=bad)
 
 
+def test_an_exit_rule_that_cannot_fire_at_the_swept_depths_is_refused():
+    """min_loops 9 with loops up to 4: the rule never fires, yet every row (and the report)
+    said it ran with it."""
+    model = OpenMythos(task_config(use_act=False)).eval()
+    with pytest.raises(ValueError, match=r"min_loops=9 is above the deepest loop count "
+                                         r"swept \(4\)"):
+        sweep(model, small_parity(), splits="id", loops=[1, 4], n_examples=2,
+              exit_rule=ExitRule(kl=0.1, min_loops=9))
+    rows = sweep(model, small_parity(), splits="id", loops=[4], n_examples=2,
+                 early_exit=(False,), exit_rule=ExitRule(kl=0.1, min_loops=4))
+    assert len(rows) == 1
+
+
 def test_an_exit_rule_for_a_baseline_is_refused():
     """It was dropped without a word (a dense forward refuses one)."""
     model = DenseBaseline(matched_baseline_config(task_config(), 3)).eval()

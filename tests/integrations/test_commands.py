@@ -112,7 +112,8 @@ def test_generate_reports_errors_with_status_2(tmp_path, capsys):
         parse("generate", "--checkpoint", "x", "--prompt", "y", "--n-loops", "0")
     # Refused requests print no prompt first, and name the command-line option.
     for extra, says in ((["--temperature", "0"], "pass --greedy"),
-                        (["--top-p", "2"], "top_p must be in (0, 1]")):
+                        (["--top-p", "2"], "top_p must be in (0, 1]"),
+                        (["--compile", "--exit-kl", "0.1"], "exit rules need compile=False")):
         status, out, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "run"),
                                       "--prompt", "an echo", *extra)
         assert status == 2 and says in err and out == "", (extra, out, err)
