@@ -218,16 +218,10 @@ class GenerationOptions:
 
 
 def vocab_bound(model: CausalLM, tokenizer: Tokenizer) -> int:
-    """The ids a served sequence may hold, ``[0, bound)``: the ids both the model's
-    embedding and the tokenizer have (a prompt, a generated token, a logprobs entry)."""
+    """The ids text generation may use, ``[0, bound)``: those both the model's embedding
+    and the tokenizer have, so that a model whose embedding has more rows (a vocabulary
+    padded for speed) never samples, lists or accepts an id the tokenizer cannot decode."""
     return min(model.cfg.vocab_size, tokenizer.vocab_size)
-
-
-def decodable_ids(model: OpenMythos, tokenizer: Tokenizer) -> int | None:
-    """The id bound of text generation: the tokenizer's vocabulary when the model's
-    embedding has more rows (a vocabulary padded for speed), so that no id the tokenizer
-    cannot decode is ever sampled; None when every id of the model decodes."""
-    return tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -324,7 +318,7 @@ def stream_text(
     common = dict(do_sample=options.do_sample, temperature=options.temperature,
                   top_k=options.top_k, top_p=options.top_p, eos_token_id=eos, pad_token_id=pad,
                   attention_mask=mask.to(device) if padded else None, generator=generator,
-                  vocab_limit=decodable_ids(model, tokenizer))
+                  vocab_limit=vocab_bound(model, tokenizer))
     if options.draft_tokens:
         tokens = speculative_stream(model, input_ids.to(device), options.max_new_tokens,
                                     n_loops, draft_loops=options.draft_loops,

@@ -58,12 +58,12 @@ __all__ = ["Scheduler", "derive_seed"]
 class _Row:
     """One generated sequence: its text, sampling, generator and next input token."""
 
-    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, device: torch.device):
+    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, device: torch.device,
+                 vocab_limit: int):
         o = job.options
         self.job, self.index = job, index
         self.text = TextSequence(tokenizer, o.stop)
-        self.params = SamplingParams(o.do_sample, o.temperature, o.top_k, o.top_p,
-                                     tokenizer.vocab_size)
+        self.params = SamplingParams(o.do_sample, o.temperature, o.top_k, o.top_p, vocab_limit)
         self.generator: torch.Generator | None = None
         if o.do_sample:
             self.generator = torch.Generator(device=device)
@@ -225,7 +225,8 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         o = job.options
         n_loops = o.n_loops if o.n_loops is not None else self.model.default_n_loops
-        rows = [_Row(job, i, self.tokenizer, self.device) for i in range(job.n_rows)]
+        rows = [_Row(job, i, self.tokenizer, self.device, self.vocab_limit)
+                for i in range(job.n_rows)]
         if o.max_new_tokens == 0 and not job.echo_logprobs:
             for row in rows:
                 self._finish(row, row.text.finish(FinishReason.LENGTH))
