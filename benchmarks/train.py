@@ -373,7 +373,11 @@ def bench_moe(args, peaks: Peaks, rows: list[Row]) -> None:
             rows.append(Row(f"MoE {kind}: sorted grouped", dtype, t["ours"], flops, peak,
                             f"{t['naive'] / t['ours']:.2f}x"))
     if device.type == "cpu" and "fp32" in dtypes:
-        bench_routed_matmuls(moe, x_in, repeats, peaks, rows)
+        if hasattr(torch, "_grouped_mm"):
+            bench_routed_matmuls(moe, x_in, repeats, peaks, rows)
+        else:
+            rows.append(Row("MoE routed matmuls", "fp32",
+                            note="skipped: this torch has no torch._grouped_mm"))
 
 
 def bench_routed_matmuls(moe: MoEFFN, x: torch.Tensor, repeats: int, peaks: Peaks,

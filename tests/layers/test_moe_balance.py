@@ -103,7 +103,6 @@ def test_a_model_cast_to_bf16_keeps_its_balancing_state_in_float32():
         bias = bias + step
         bias = bias - bias.mean()
         torch.testing.assert_close(moe.router_bias, bias, rtol=0, atol=1e-7)
-    assert not torch.equal(moe.router_bias, torch.tensor([-1.0, 0.75, 0.25, 0.0]) - 0.0)
 
 
 def test_a_meta_built_model_loaded_with_assign_counts_its_load():
