@@ -89,9 +89,11 @@ def task_table(run: str, n_loops: int, n_examples: int, split: str, seed: int) -
     configs += [(f"fixed {k} loops", None, k) for k in range(1, n_loops)]
     for name, rule, loops in configs:
         with torch.no_grad():
-            (answers, _, _), sec, per_pos, saved, computed = measured(
+            decoded, sec, _, _, computed = measured(
                 model, loops, _greedy_examples, model, examples, loops, True, rule)
-        acc = sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples)
+        # Loops per answer position: padding and finished sequences' steps left out.
+        per_pos = decoded.per_position
+        acc = sum(score(a, ex) for a, ex in zip(decoded.answers, examples)) / len(examples)
         # Fixed depths count against --loops, the depth the rules start from.
         rows.append(dict(rule=name, accuracy=acc, loops=per_pos, saved=1 - per_pos / n_loops,
                          computed=computed * loops / n_loops, seconds=sec))

@@ -13,10 +13,12 @@ drawn.
 
 from .report import Probe, probe_model, write_report
 from .sweep import (
+    Decoded,
     Perplexity,
     SweepRow,
     evaluate_examples,
     greedy_answers,
+    greedy_decode,
     load_rows,
     loss_vs_loops,
     model_fingerprint,
@@ -28,7 +30,8 @@ from .sweep import (
 )
 
 __all__ = [
-    "Perplexity", "Probe", "SweepRow", "evaluate_examples", "greedy_answers", "load_rows",
+    "Decoded", "Perplexity", "Probe", "SweepRow", "evaluate_examples", "greedy_answers",
+    "greedy_decode", "load_rows",
     "loss_vs_loops", "model_fingerprint", "perplexity", "probe_model", "sample_examples",
     "save_rows", "sweep", "task_fingerprint", "write_report",
 ]

@@ -62,10 +62,14 @@ class LoopCounter:
     computed: float = 0.0
     requested: float = 0.0
 
-    def add(self, recurrent: nn.Module, n_loops: int) -> None:
+    def add(self, recurrent: nn.Module, n_loops: int, real: torch.Tensor | None = None) -> None:
+        """Count one forward; ``real`` (B, T) bool marks the positions to count (None:
+        all; left padding is not)."""
         loops = recurrent.last_position_loops
-        self.position_loops += float(loops.sum())
-        self.positions += loops.numel()
+        if real is None:
+            real = torch.ones_like(loops, dtype=torch.bool)
+        self.position_loops += float(loops.masked_fill(~real, 0).sum())
+        self.positions += int(real.sum())
         self.computed += recurrent.last_work_fraction * loops.shape[0] * n_loops
         self.requested += loops.shape[0] * n_loops
 
@@ -82,9 +86,15 @@ class LoopCounter:
 
 @contextlib.contextmanager
 def count_loops(model: nn.Module, n_loops: int) -> Iterator[LoopCounter]:
-    """Count the loops of every forward of ``model.recurrent`` inside the ``with`` block."""
+    """Count the loops of every forward of ``model.recurrent`` inside the ``with`` block, at
+    the positions of real tokens (the attention context's ``token_mask``)."""
     counter = LoopCounter()
-    handle = model.recurrent.register_forward_hook(lambda rec, a, o: counter.add(rec, n_loops))
+
+    def hook(rec: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        ctx = args[2] if len(args) > 2 else kwargs.get("ctx")
+        counter.add(rec, n_loops, getattr(ctx, "token_mask", None))
+
+    handle = model.recurrent.register_forward_hook(hook, with_kwargs=True)
     try:
         yield counter
     finally:
@@ -101,15 +111,16 @@ def _depths_and_rules(n_loops: int, rules: Iterable[tuple[str, ExitRule]]
 def task_exit_points(model: nn.Module, examples: Sequence[Example], n_loops: int,
                      rules: Iterable[tuple[str, ExitRule]] = REPORT_RULES) -> list[ExitPoint]:
     """Greedy exact-match accuracy on ``examples`` at every fixed depth 1..``n_loops`` and
-    under each rule at ``n_loops`` (ACT early exit on, as generation runs)."""
+    under each rule at ``n_loops`` (ACT early exit on, as generation runs). Loops per
+    position count each prompt token and each answer token up to its EOS, not padding nor
+    the steps a finished sequence waits for the rest of its batch."""
     from .sweep import _greedy_examples
 
     points = []
     for name, loops, rule in _depths_and_rules(n_loops, rules):
-        with count_loops(model, loops) as counter:
-            answers, _, _ = _greedy_examples(model, examples, loops, True, rule)
-        accuracy = sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples)
-        points.append(ExitPoint(name, loops, counter.per_position, accuracy))
+        decoded = _greedy_examples(model, examples, loops, True, rule)
+        accuracy = sum(score(a, ex) for a, ex in zip(decoded.answers, examples)) / len(examples)
+        points.append(ExitPoint(name, loops, decoded.per_position, accuracy))
     return points
 
 

@@ -252,6 +252,39 @@ def left_pad(seqs: Sequence[torch.Tensor], pad_id: int = PAD_ID) -> tuple[torch.
     return pad_rows(seqs, pad_id, side="left")
 
 
+@dataclass
+class Decoded:
+    """What one batch of greedy decoding produced, beside the answers.
+
+    Attributes:
+        answers: the decoded text of each prompt (up to its first EOS).
+        loops_run: for a looped model, the loops executed by each forward (prefill first).
+        loops_computed: the mean loops each sequence computed in each forward.
+        position_loops: loops run, summed over the positions that carried an answer: the
+            prompt's real tokens, and each token a sequence decoded up to and including its
+            EOS (left padding, and the forwards a finished sequence keeps receiving while
+            the others decode, are not counted).
+        positions: how many positions ``position_loops`` sums over.
+    """
+
+    answers: list[str]
+    loops_run: list[int] = dataclasses.field(default_factory=list)
+    loops_computed: list[float] = dataclasses.field(default_factory=list)
+    position_loops: float = 0.0
+    positions: int = 0
+
+    @property
+    def per_position(self) -> float:
+        """Mean loops per counted position (``nan`` for a fixed-depth model)."""
+        return self.position_loops / self.positions if self.positions else math.nan
+
+    def __add__(self, other: Decoded) -> Decoded:
+        return Decoded(self.answers + other.answers, self.loops_run + other.loops_run,
+                       self.loops_computed + other.loops_computed,
+                       self.position_loops + other.position_loops,
+                       self.positions + other.positions)
+
+
 def greedy_answers(
     model: nn.Module,
     prompts: Sequence[str],
@@ -270,25 +303,53 @@ def greedy_answers(
         ``(answers, loops_run, loops_computed)``: the decoded text of each prompt (up to its
         first EOS); for a looped model, the loops executed by each forward (prefill first)
         and the mean loops each sequence computed in it. Both lists are empty for a
-        fixed-depth model.
+        fixed-depth model. :func:`greedy_decode` also gives the loops per position.
     """
+    out = greedy_decode(model, prompts, n_loops, max_new_tokens, early_exit, exit_rule)
+    return out.answers, out.loops_run, out.loops_computed
+
+
+def greedy_decode(
+    model: nn.Module,
+    prompts: Sequence[str],
+    n_loops: int,
+    max_new_tokens: int,
+    early_exit: bool = True,
+    exit_rule: ExitRule | None = None,
+) -> Decoded:
+    """:func:`greedy_answers` with the loops each answer position ran (:class:`Decoded`)."""
     ids, mask = left_pad([encode_prompt(p) for p in prompts])
     _check_fits(model, ids.shape[1] + max_new_tokens, "greedy decoding")
     device = _device(model)
     rec = model.recurrent if is_looped(model) else None
-    tokens, loops_run, loops_computed = [], [], []
+    tokens: list[torch.Tensor] = []
+    out = Decoded(answers=[])
+    # Positions whose loops count: the prompts' real tokens in the prefill, then every
+    # sequence not finished before the step (the step that emits EOS counts).
+    counted = mask.to(device=device, dtype=torch.bool)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loops, positions
     for tok in stream(model, ids.to(device), max_new_tokens, n_loops, do_sample=False,
                       eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                       attention_mask=mask.to(device), act_early_exit=early_exit,
                       **({} if exit_rule is None else {"exit_rule": exit_rule})):
         tokens.append(tok)
         if rec is not None:
-            loops_run.append(rec.last_loops_run)
-            loops_computed.append(rec.last_work_fraction * n_loops)
+            out.loops_run.append(rec.last_loops_run)
+            out.loops_computed.append(rec.last_work_fraction * n_loops)
+            loops = rec.last_position_loops.masked_fill(~counted, 0)
+            sums += torch.stack([loops.sum(), counted.sum()]).double()
+        finished = finished | (tok == EOS_ID)
+        counted = ~finished.unsqueeze(1)
+    if rec is not None:
+        out.position_loops, positions = sums.tolist()
+        out.positions = int(positions)
     if not tokens:
-        return [""] * len(prompts), loops_run, loops_computed
+        out.answers = [""] * len(prompts)
+        return out
     generated = torch.stack(tokens, dim=1).cpu()  # (B, steps)
-    return [decode_answer(row) for row in generated], loops_run, loops_computed
+    out.answers = [decode_answer(row) for row in generated]
+    return out
 
 
 @dataclass
@@ -337,18 +398,17 @@ def _teacher_forced(
 def _greedy_examples(
     model: nn.Module, examples: Sequence[Example], n_loops: int, early_exit: bool,
     exit_rule: ExitRule | None = None,
-) -> tuple[list[str], list[int], list[float]]:
-    """:func:`greedy_answers` with room for the longest answer and EOS; a batch whose
+) -> Decoded:
+    """:func:`greedy_decode` with room for the longest answer and EOS; a batch whose
     longest prompt plus longest answer would not fit ``max_seq_len`` is halved."""
     budget = max(len(ex.answer) for ex in examples) + 1
     prompt_len = 1 + max(len(ex.prompt) for ex in examples)
     if len(examples) > 1 and prompt_len + budget > model.cfg.max_seq_len:
         half = len(examples) // 2
-        first = _greedy_examples(model, examples[:half], n_loops, early_exit, exit_rule)
-        second = _greedy_examples(model, examples[half:], n_loops, early_exit, exit_rule)
-        return first[0] + second[0], first[1] + second[1], first[2] + second[2]
-    return greedy_answers(model, [ex.prompt for ex in examples], n_loops, budget, early_exit,
-                          exit_rule)
+        return (_greedy_examples(model, examples[:half], n_loops, early_exit, exit_rule)
+                + _greedy_examples(model, examples[half:], n_loops, early_exit, exit_rule))
+    return greedy_decode(model, [ex.prompt for ex in examples], n_loops, budget, early_exit,
+                         exit_rule)
 
 
 def evaluate_examples(
@@ -377,11 +437,10 @@ def evaluate_examples(
             batch = collate(chunk)
             _check_fits(model, batch["input_ids"].shape[1], "a teacher-forced batch")
             tf_sums.append(_teacher_forced(model, batch, n_loops, early_exit, exit_rule))
-            answers, runs, computed = _greedy_examples(model, chunk, n_loops, early_exit,
-                                                       exit_rule)
-            correct += sum(score(a, ex) for a, ex in zip(answers, chunk))
-            loops_run.extend(runs)
-            loops_computed.extend(computed)
+            decoded = _greedy_examples(model, chunk, n_loops, early_exit, exit_rule)
+            correct += sum(score(a, ex) for a, ex in zip(decoded.answers, chunk))
+            loops_run.extend(decoded.loops_run)
+            loops_computed.extend(decoded.loops_computed)
     real = sum(s.real_tokens for s in tf_sums)
     return {
         "accuracy": correct / len(examples),
