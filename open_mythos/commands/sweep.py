@@ -16,6 +16,9 @@ Exit status: 0 on success, 2 for invalid arguments or a missing checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -175,19 +178,100 @@ def _exit_rule_given(args: argparse.Namespace) -> bool:
     return hasattr(args, "exit_kl") and exit_rule_from_args(args) is not None
 
 
-def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any) -> tuple[list, list]:
-    """``(looped rows, baseline rows)`` for the options of :func:`add_eval_arguments`."""
+def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any,
+                 progress: SweepProgress | None = None) -> tuple[list, list]:
+    """``(looped rows, baseline rows)`` for the options of :func:`add_eval_arguments`;
+    with ``progress``, rows it holds are not evaluated again and each new row goes to it."""
     from ..evaluation.sweep import sweep
 
     settings = {"off": (False,), "on": (True,), "both": (False, True)}[args.early_exit]
-    common = dict(splits=args.splits, n_examples=args.n_examples, seed=args.seed,
-                  batch_size=args.batch_size)
+    common: dict[str, Any] = dict(splits=args.splits, n_examples=args.n_examples,
+                                  seed=args.seed, batch_size=args.batch_size)
+    if progress is not None:
+        common.update(resume=progress.previous, on_row=progress.add)
     # Only ``sweep`` has the --exit-* options (``report`` shares the rest).
     exit_rule = exit_rule_from_args(args) if hasattr(args, "exit_kl") else None
     rows = sweep(model, task, loops=args.loops, early_exit=settings, exit_rule=exit_rule,
                  **common)
     base_rows = sweep(baseline, task, **common) if baseline is not None else []
     return rows, base_rows
+
+
+class SweepProgress:
+    """The rows of a running sweep, kept in ``<out>.partial.json`` after each one.
+
+    A sweep that dies (a kill, Ctrl-C, a lost machine) keeps the rows it made; the same
+    command run again finds them and evaluates only the rest. The file records the
+    sweep's options (with fingerprints of the models and task): rows of a sweep with other
+    options are not reused. It is removed once ``--out`` is written.
+    """
+
+    def __init__(self, out: str | Path, options: dict[str, Any]):
+        from ..evaluation.sweep import rows_from_records
+
+        self.path = Path(out).with_name(Path(out).name + ".partial.json")
+        self.options = json.loads(json.dumps(options))  # as the file gives it back
+        self.rows: list[Any] = []
+        self.previous: list[Any] = []
+        self.reused = 0
+        if not self.path.exists():
+            return
+        try:
+            saved = json.loads(self.path.read_text())
+            same = isinstance(saved, dict) and saved.get("options") == options
+            previous = rows_from_records(saved["rows"], str(self.path)) if same else []
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            print(f"openmythos sweep: {self.path} is not a sweep's progress file ({err}); "
+                  "starting over", file=sys.stderr)
+            return
+        if not same:
+            print(f"openmythos sweep: {self.path} holds a sweep with other options or "
+                  "another checkpoint; starting over", file=sys.stderr)
+            return
+        self.previous = previous
+        print(f"openmythos sweep: resuming: {len(previous)} row(s) already evaluated in "
+              f"{self.path}", file=sys.stderr)
+
+    def add(self, row: Any) -> None:
+        """Keep ``row``, save every row so far, and say what it measured."""
+        self.rows.append(row)
+        reused = any(row is p for p in self.previous)
+        self.reused += reused
+        self._save()
+        where = "from the progress file" if reused else f"{row.seconds:.1f} s"
+        exit_setting = f", early exit {'on' if row.early_exit else 'off'}" \
+            if row.model == "looped" else ""
+        print(f"  {row.model} {row.split}, {row.n_loops} loops{exit_setting}: accuracy "
+              f"{row.accuracy:.3f}, loss {row.loss:.4f} ({where})", file=sys.stderr,
+              flush=True)
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"options": self.options, "rows": [
+                dataclasses.asdict(r) for r in self.rows]}, indent=1) + "\n")
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """The sweep is written to ``--out``: its progress file goes."""
+        self.path.unlink(missing_ok=True)
+
+
+def sweep_options(args: argparse.Namespace, model: Any, baseline: Any, task: Any
+                  ) -> dict[str, Any]:
+    """What decides a sweep's rows: the models and task (by fingerprint) and the options."""
+    from ..evaluation.sweep import model_fingerprint, task_fingerprint
+
+    rule = exit_rule_from_args(args)
+    return {"model": model_fingerprint(model),
+            "baseline": None if baseline is None else model_fingerprint(baseline),
+            "task": task_fingerprint(task), "splits": args.splits, "loops": args.loops,
+            "n_examples": args.n_examples, "early_exit": args.early_exit,
+            "batch_size": args.batch_size, "seed": args.seed,
+            "exit_rule": None if rule is None else repr(rule)}
 
 
 def run_text(args: argparse.Namespace) -> int:
@@ -234,8 +318,15 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         task = resolve_task(args, args.checkpoint)
         model, _, baseline = load_models(args, args.checkpoint, device)
-        rows, base_rows = sweep_models(args, model, baseline, task)
+        progress = SweepProgress(args.out, sweep_options(args, model, baseline, task))
+        try:
+            rows, base_rows = sweep_models(args, model, baseline, task, progress)
+        except KeyboardInterrupt:
+            print(f"\nopenmythos sweep: interrupted; {len(progress.rows)} row(s) kept in "
+                  f"{progress.path}: the same command continues from them", file=sys.stderr)
+            return 130
         path = save_rows([*rows, *base_rows], args.out)
+        progress.finish()
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"openmythos sweep: error: {err}", file=sys.stderr)
         return 2

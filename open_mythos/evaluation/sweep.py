@@ -23,12 +23,14 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -471,6 +473,9 @@ def sweep(
     seed: int = 0,
     batch_size: int = 64,
     exit_rule: ExitRule | None = None,
+    *,
+    resume: Sequence[SweepRow] = (),
+    on_row: Callable[[SweepRow], None] | None = None,
 ) -> list[SweepRow]:
     """Evaluate ``model`` on ``task`` at every loop count in ``loops``.
 
@@ -491,6 +496,12 @@ def sweep(
         exit_rule: a training-free exit rule for every forward of a looped model (each
             position stops once it fires, so loops past the point it fires cost nothing and
             change nothing); recorded in the rows.
+        resume: rows of an interrupted call with the same arguments (the ``seed`` and
+            ``batch_size`` too: rows do not record them). A row of the same model, task,
+            exit rule and number of examples stands in for its (split, loop count, early
+            exit) evaluation, which is not run again.
+        on_row: called with each row as soon as it is made (or taken from ``resume``), in
+            the order returned: to save progress or report it.
 
     Returns:
         Rows ordered by split, then loop count, then early exit; a fixed-depth model gives
@@ -537,25 +548,38 @@ def sweep(
     # rule. Otherwise one evaluation serves every setting (its time copied with it).
     stops = looped and (model.cfg.use_act or exit_rule is not None)
     task_id, model_id = task_fingerprint(task), model_fingerprint(model)
+    kind = "looped" if looped else "baseline"
+    rule_text = repr(exit_rule) if looped and exit_rule is not None else ""
+    done = {(r.split, r.n_loops, r.early_exit): r for r in resume
+            if (r.model, r.model_id, r.task_id, r.exit_rule, r.n_examples)
+            == (kind, model_id, task_id, rule_text, n_examples)}
     rows = []
     for split in splits:
-        examples = sample_examples(task, split, n_examples, seed)
+        examples: list[Example] | None = None  # drawn when a cell of the split is evaluated
         for n in loops:
             computed: dict[str, float] | None = None
             took = 0.0
             for exit_early in settings:
-                if computed is None or stops:
-                    start = time.perf_counter()
-                    computed = evaluate_examples(model, examples, n, exit_early, batch_size,
-                                                 exit_rule if looped else None)
-                    took = time.perf_counter() - start
-                rows.append(SweepRow(
-                    model="looped" if looped else "baseline", task=task.name, split=split,
-                    n_loops=n, early_exit=exit_early, n_examples=len(examples),
-                    seconds=took, **computed,
-                    exit_rule=repr(exit_rule) if looped and exit_rule is not None else "",
-                    task_id=task_id, model_id=model_id,
-                ))
+                row = done.get((split, n, exit_early))
+                if row is None:
+                    if computed is None or stops:
+                        if examples is None:
+                            examples = sample_examples(task, split, n_examples, seed)
+                        start = time.perf_counter()
+                        computed = evaluate_examples(model, examples, n, exit_early,
+                                                     batch_size, exit_rule if looped else None)
+                        took = time.perf_counter() - start
+                    row = SweepRow(
+                        model=kind, task=task.name, split=split, n_loops=n,
+                        early_exit=exit_early, n_examples=n_examples, seconds=took,
+                        **computed, exit_rule=rule_text, task_id=task_id, model_id=model_id,
+                    )
+                elif not stops:  # the other early-exit setting copies this evaluation
+                    computed = {k: getattr(row, k) for k in _METRICS}
+                    took = row.seconds
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
     return rows
 
 
@@ -604,21 +628,29 @@ def perplexity(
 
 
 _FIELDS = [f.name for f in dataclasses.fields(SweepRow)]
+#: The evaluated quantities of a row (what :func:`evaluate_examples` returns).
+_METRICS = ("accuracy", "loss", "expected_loops", "halt_loop", "loops_run", "loops_computed")
 
 
 def save_rows(rows: Sequence[SweepRow], path: str | Path) -> Path:
     """Write rows as JSON (a list of objects) or CSV, chosen by the ``.json``/``.csv`` suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
-    elif path.suffix == ".csv":
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=_FIELDS)
-            writer.writeheader()
-            writer.writerows(dataclasses.asdict(r) for r in rows)
-    else:
+    if path.suffix not in (".json", ".csv"):
         raise ValueError(f"sweep results go to a .json or .csv file, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside and renamed: a process killed while writing leaves the old file whole.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
+        else:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=_FIELDS)
+                writer.writeheader()
+                writer.writerows(dataclasses.asdict(r) for r in rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -644,18 +676,25 @@ def load_rows(path: str | Path) -> list[SweepRow]:
     else:
         with open(path, newline="") as fh:
             records = list(csv.DictReader(fh))
+    return rows_from_records(records, str(path), from_text=path.suffix == ".csv")
+
+
+def rows_from_records(records: Sequence[Any], source: str, from_text: bool = False
+                      ) -> list[SweepRow]:
+    """Sweep rows from their dictionaries (``from_text``: every value a string, as CSV
+    gives them); ValueError naming ``source`` and the first record that is not a row."""
     types = {f.name: f.type for f in dataclasses.fields(SweepRow)}
     parse = {"int": int, "float": float, "str": str, "bool": {"True": True, "False": False}.__getitem__}
     rows = []
     for i, record in enumerate(records):
         try:
-            if path.suffix == ".csv":
+            if from_text:
                 record = {k: parse[types[k]](v) for k, v in record.items()}
             row = SweepRow(**record)
             _check_row(row, types)
             rows.append(row)
         except (TypeError, KeyError, ValueError, AttributeError) as err:
-            raise ValueError(f"{path}: row {i} is not a sweep row ({type(err).__name__}: "
+            raise ValueError(f"{source}: row {i} is not a sweep row ({type(err).__name__}: "
                              f"{err})") from None
     return rows
 

@@ -4,6 +4,7 @@ writes them."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import pytest
@@ -281,7 +282,7 @@ def test_task_args_override_the_runs_knobs_and_a_baseline_must_share_its_data(
     looped = str(root / "looped")
     seen = []
     monkeypatch.setattr(sweep_command, "sweep_models",
-                        lambda args, model, base, task: seen.append(task) or ([], []))
+                        lambda args, model, base, task, *_: seen.append(task) or ([], []))
     assert cli("sweep", "--checkpoint", looped, "--task-args", '{"ood_lengths": [6, 7]}',
                "--out", str(tmp_path / "s.json")) == 0
     task = seen[-1]
@@ -368,3 +369,48 @@ def test_output_file_argument_type(tmp_path):
     for bad in (tmp_path, tmp_path / "afile" / "x.json"):  # a directory; under a file
         with pytest.raises(argparse.ArgumentTypeError):
             output_file(str(bad))
+
+
+def test_an_interrupted_sweep_keeps_its_rows_and_the_same_command_continues(
+        runs, tmp_path, capsys, monkeypatch):
+    root, _, _ = runs
+    sweep_module = importlib.import_module("open_mythos.evaluation.sweep")  # not the function
+    real = sweep_module.evaluate_examples
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2:4])  # (n_loops, early_exit)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "evaluate_examples", counted)
+    out = tmp_path / "sweep.json"
+    argv = ("sweep", "--checkpoint", str(root / "looped"), "--baseline", str(root / "dense"),
+            "--loops", "1,3", "--n-examples", "4", "--device", "cpu", "--out", str(out))
+    interrupt_at = 4  # the 4th of 10 evaluations: 3 rows done
+    assert cli(*argv) == 130
+    partial = tmp_path / "sweep.json.partial.json"
+    assert not out.exists() and partial.exists()
+    assert "3 row(s) kept" in capsys.readouterr().err
+    calls.clear()
+    interrupt_at = 0
+    assert cli(*argv) == 0
+    assert "resuming: 3 row(s)" in capsys.readouterr().err
+    assert len(calls) == 7 and not partial.exists()
+    resumed = load_rows(out)
+    # The same sweep in one go: the same rows, apart from their timings.
+    calls.clear()
+    assert cli(*argv[:-1], str(tmp_path / "whole.json")) == 0
+    assert len(calls) == 10
+    whole = load_rows(tmp_path / "whole.json")
+    strip = [dict(vars(r), seconds=0) for r in resumed]
+    assert strip == [dict(vars(r), seconds=0) for r in whole]
+    # Progress of a sweep with other options is not reused.
+    calls.clear()
+    interrupt_at = 2
+    assert cli(*argv) == 130
+    calls.clear()
+    interrupt_at = 0
+    assert cli(*argv[:-4], "--seed", "1", "--device", "cpu", "--out", str(out)) == 0
+    assert "other options" in capsys.readouterr().err and len(calls) == 10
