@@ -485,8 +485,11 @@ def plot_expert_load(probe: Probe, train_loops: int | None, path: Path,
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table; floats with 3 decimals."""
+    """A GitHub-flavoured markdown table; floats with 3 decimals, ``None`` (not measured)
+    as a dash."""
     def cell(v: Any) -> str:
+        if v is None:
+            return "-"
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.3f}"
         return str(v)
@@ -557,20 +560,20 @@ def sweep_table(rows: Sequence[SweepRow]) -> str:
 
 def accuracy_pivot(rows: Sequence[SweepRow], baseline_rows: Sequence[SweepRow] = ()) -> str:
     """Accuracy with loops down and splits across (early exit off, or on where only that
-    was swept), and the baseline as a last row."""
+    was swept), and the baseline as a last row; a cell not swept shows a dash."""
     exit_setting = False if any(not r.early_exit for r in rows) else True
     chosen = [r for r in rows if r.early_exit == exit_setting]
     splits = list(dict.fromkeys(r.split for r in chosen))
     acc = {(r.split, r.n_loops): r.accuracy for r in chosen}
     body: list[list[Any]] = [
-        [n, *(acc.get((s, n), float("nan")) for s in splits)]
+        [n, *(acc.get((s, n)) for s in splits)]  # None: that cell was not swept
         for n in sorted({r.n_loops for r in chosen})
     ]
     base = {r.split: r for r in baseline_rows}
     if base:
         depth = next(iter(base.values())).n_loops
         body.append([f"baseline ({depth} core blocks)",
-                     *(base[s].accuracy if s in base else float("nan") for s in splits)])
+                     *(base[s].accuracy if s in base else None for s in splits)])
     return markdown_table(["loops", *splits], body)
 
 

@@ -685,6 +685,12 @@ def rows_from_records(records: Sequence[Any], source: str, from_text: bool = Fal
     gives them); ValueError naming ``source`` and the first record that is not a row."""
     types = {f.name: f.type for f in dataclasses.fields(SweepRow)}
     parse = {"int": int, "float": float, "str": str, "bool": {"True": True, "False": False}.__getitem__}
+    text_fields = {"n_loops", "val_loss", "perplexity", "tokens"}
+    if records and isinstance(records[0], Mapping) and set(records[0]) == text_fields:
+        raise ValueError(f"{source} holds a text run's validation loss at each loop count "
+                         "(n_loops, val_loss, perplexity, tokens), not a task sweep's rows: "
+                         "a text run's report measures its loss itself (report --run RUN "
+                         "without --sweep)")
     rows = []
     for i, record in enumerate(records):
         try:

@@ -239,3 +239,23 @@ def test_sweep_table_prints_each_accuracy_with_its_interval():
     header, _, line = sweep_table([row]).splitlines()
     assert "| accuracy | 95% interval |" in header
     assert "| 0.500 | 0.404-0.596 |" in line
+
+
+def test_accuracy_pivot_marks_cells_not_swept():
+    """A grid with a hole (a split swept at fewer depths) shows a dash there, not "nan",
+    which read as a failed evaluation."""
+    import dataclasses
+
+    from open_mythos.evaluation.report import accuracy_pivot
+    from open_mythos.evaluation.sweep import SweepRow
+
+    row = SweepRow(model="looped", task="parity", split="id", n_loops=1, early_exit=False,
+                   n_examples=10, accuracy=0.5, loss=0.1, expected_loops=1, halt_loop=1,
+                   loops_run=1, loops_computed=1, seconds=0.0)
+    rows = [row, dataclasses.replace(row, n_loops=2, accuracy=0.75),
+            dataclasses.replace(row, split="ood_length", accuracy=0.25)]
+    base = [dataclasses.replace(row, model="baseline", accuracy=1.0)]
+    lines = accuracy_pivot(rows, base).splitlines()
+    assert lines[0] == "| loops | id | ood_length |"
+    assert lines[2:] == ["| 1 | 0.500 | 0.250 |", "| 2 | 0.750 | - |",
+                         "| baseline (1 core blocks) | 1.000 | - |"]

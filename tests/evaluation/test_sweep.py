@@ -237,6 +237,13 @@ def test_rows_round_trip(tmp_path, suffix):
     path.write_text(path.read_text().replace(",True,", ",yes,"))
     with pytest.raises(ValueError, match="row 0"):
         load_rows(path)
+    # A text run's sweep (loss against loops) is named for what it is, in both formats.
+    text = [{"n_loops": 1, "val_loss": 2.5, "perplexity": 12.2, "tokens": 100}]
+    (tmp_path / "text.json").write_text(json.dumps(text))
+    (tmp_path / "text.csv").write_text("n_loops,val_loss,perplexity,tokens\n1,2.5,12.2,100\n")
+    for name in ("text.json", "text.csv"):
+        with pytest.raises(ValueError, match="text run's validation loss at each loop count"):
+            load_rows(tmp_path / name)
 
 
 def test_a_split_may_be_one_level(parity_model):
