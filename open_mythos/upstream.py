@@ -194,8 +194,8 @@ class _UpstreamCall:
 class GQAttention(_UpstreamCall, _GQAttention):
     """:class:`open_mythos.layers.GQAttention`; ``forward`` also takes upstream's
     ``(x, freqs_cis, mask=None, kv_cache=None, cache_key="default")`` with a
-    (T, head_dim // 2) table. The cache entry holds ``k`` and ``v`` as
-    (B, n_kv_heads, S, head_dim)."""
+    (T, head_dim // 2) table. A plain dict cache's entry holds ``k`` and ``v`` as upstream:
+    (B, S, n_kv_heads, head_dim)."""
 
     @property
     def rope_width(self) -> int:
@@ -210,8 +210,9 @@ class GQAttention(_UpstreamCall, _GQAttention):
 class MLAttention(_UpstreamCall, _MLAttention):
     """:class:`open_mythos.layers.MLAttention`; ``forward`` also takes upstream's
     ``(x, freqs_cis, mask=None, kv_cache=None, cache_key="default")`` with a
-    (T, qk_rope_head_dim // 2) table. The cache entry holds one ``kv_latent``
-    (B, S, kv_lora_rank + qk_rope_head_dim)."""
+    (T, qk_rope_head_dim // 2) table. A plain dict cache's entry holds upstream's ``c_kv``
+    (B, S, kv_lora_rank), the latent before ``kv_norm``, and ``k_rope``
+    (B, S, qk_rope_head_dim), one rotated RoPE key per position (not one per head)."""
 
     @property
     def rope_width(self) -> int:

@@ -212,3 +212,70 @@ def test_upstream_attribute_names_of_the_model_and_its_attention():
     torch.testing.assert_close(
         gqa.generate(ids, 3, None, do_sample=False),
         gqa.generate(ids, 3, gqa.cfg.max_loop_iters, do_sample=False), rtol=0, atol=0)
+
+
+def test_a_plain_dict_cache_holds_upstreams_layout():
+    """Code written for upstream reads a GQA entry's cached length as ``k.shape[1]`` (upstream
+    stores (B, S, n_kv_heads, head_dim)); the keys are the rotated keys, the values the
+    values, of the positions cached, as a fresh forward of the attention computes them."""
+    from open_mythos.main import GQAttention, precompute_rope_freqs
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("gqa")
+    attn = GQAttention(cfg).eval()
+    freqs = precompute_rope_freqs(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+    x = torch.randn(2, 8, cfg.dim)
+    cache = {}
+    with torch.no_grad():
+        attn(x[:, :5], freqs[:5], None, cache, "layer0")
+        k_len = cache["layer0"]["k"].shape[1]
+        attn(x[:, 5:], freqs[5:8], None, cache, "layer0")
+    head_dim = cfg.dim // cfg.n_heads
+    assert k_len == 5
+    for name in ("k", "v"):
+        assert cache["layer0"][name].shape == (2, 8, cfg.n_kv_heads, head_dim)
+    # Two calls cache what one call over the 8 positions caches; the values are the value
+    # projection of each position, head by head.
+    with torch.no_grad():
+        whole = {}
+        attn(x, freqs[:8], None, whole, "layer0")
+    for name in ("k", "v"):
+        torch.testing.assert_close(cache["layer0"][name], whole["layer0"][name])
+    v = attn.wv(x).view(2, 8, cfg.n_kv_heads, head_dim)
+    torch.testing.assert_close(cache["layer0"]["v"], v.detach())
+
+
+def test_a_plain_dict_cache_holds_upstreams_mla_entries():
+    """MLA entries under upstream's names: ``c_kv`` (B, S, kv_lora_rank), the latent before
+    ``kv_norm`` (as upstream caches it), and ``k_rope``, one rotated RoPE key per position
+    (upstream's per-head copies are SPEC §3.5's defect); a decode over them equals the
+    full forward."""
+    from open_mythos import OpenMythos
+    from open_mythos.main import MLAttention, precompute_rope_freqs
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("mla")
+    attn = MLAttention(cfg).eval()
+    freqs = precompute_rope_freqs(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
+    x = torch.randn(2, 8, cfg.dim)
+    cache = {}
+    with torch.no_grad():
+        attn(x[:, :5], freqs[:5], None, cache, "mla0")
+        first_len = cache["mla0"]["c_kv"].shape[1]
+        attn(x[:, 5:], freqs[5:8], None, cache, "mla0")
+        c_kv = attn.kv_down(x)[..., :cfg.kv_lora_rank]
+    assert first_len == 5 and set(cache["mla0"]) == {"c_kv", "k_rope"}
+    torch.testing.assert_close(cache["mla0"]["c_kv"], c_kv)
+    assert cache["mla0"]["k_rope"].shape == (2, 8, cfg.qk_rope_head_dim)
+
+    torch.manual_seed(0)
+    model = OpenMythos(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(ids, n_loops=3)
+        cache = {}
+        model(ids[:, :6], n_loops=3, kv_cache=cache)
+        steps = [model(ids[:, t:t + 1], n_loops=3, kv_cache=cache, start_pos=t)
+                 for t in range(6, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 6:], rtol=1e-4, atol=1e-5)
+    assert all(set(e) == {"c_kv", "k_rope"} for k, e in cache.items() if "conv" not in k)

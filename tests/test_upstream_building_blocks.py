@@ -173,7 +173,7 @@ def test_decode_with_dict_cache_matches_full_sequence(attn_type):
             exact = attn(x[:, t:t + 1], freqs[t:t + 1], None, sliced, "k")
             torch.testing.assert_close(exact, steps[-1], rtol=0, atol=0)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    assert set(cache) == {"k"} and all(t.shape[-2] == 9 for t in cache["k"].values())
+    assert set(cache) == {"k"} and all(t.shape[1] == 9 for t in cache["k"].values())
     with pytest.raises(ValueError, match="rows"):
         attn(x[:, :1], freqs[:5], None, cache, "k")  # 5 rows: neither 1 nor >= 10
 

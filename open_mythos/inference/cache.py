@@ -9,9 +9,15 @@ Two stores with one interface (:class:`CacheStore`):
   maps to a dict of tensors holding exactly the cached positions, so summing
   ``numel() * element_size()`` over it gives the real cache size.
 
-Every cached tensor keeps the sequence on dimension -2: GQA stores ``k`` and ``v`` as
-(B, n_kv_heads, S, head_dim); MLA stores one ``kv_latent`` (B, S, kv_lora_rank +
-qk_rope_head_dim) holding the normalised latent and the single rotated RoPE key per token.
+The layers see every cached tensor with the sequence on dimension -2: GQA's ``k`` and ``v``
+as (B, n_kv_heads, S, head_dim), the layout attention reads; MLA's one ``kv_latent`` as
+(B, S, kv_lora_rank + qk_rope_head_dim), holding the normalised latent and the single
+rotated RoPE key per token. :class:`KVCache` stores them so. A user's plain dict holds
+upstream's layout and names, the sequence on dimension 1: GQA's ``k`` and ``v`` as (B, S,
+n_kv_heads, head_dim); MLA's ``c_kv`` (B, S, kv_lora_rank), the latent before ``kv_norm``,
+and ``k_rope`` (B, S, qk_rope_head_dim), the one rotated RoPE key of each position (upstream
+kept a copy per head). Code written for upstream reads ``entry["k"].shape[1]`` or
+``entry["c_kv"].shape[1]`` as the cached length.
 
 Keys are ``prelude_{i}``, ``recurrent_loop_{t}`` and ``coda_{i}``. A recurrent depth that a
 position never reached (it halted, or an earlier call ran fewer loops) is filled from the
@@ -84,6 +90,8 @@ def _check_entries(key: str, stored: Entries, new: Entries) -> None:
 class _FillMissing(ABC):
     """:meth:`CacheStore.fill_missing` for a store that can read an entry's tensors."""
 
+    upstream_entries = False
+
     @abstractmethod
     def length(self, key: str) -> int: ...
 
@@ -105,33 +113,46 @@ class _FillMissing(ABC):
             self.write(key, have, {n: t[..., have:upto, :] for n, t in src.items()})
 
 
+def _swap_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) <-> (B, S, H, D) for a per-head tensor; a (B, S, C) one as it is."""
+    return t.transpose(1, 2) if t.dim() == 4 else t
+
+
 class DictCache(_FillMissing):
-    """:class:`CacheStore` over a user's plain ``dict`` (grows by concatenation)."""
+    """:class:`CacheStore` over a user's plain ``dict`` (grows by concatenation).
+
+    The dict holds upstream's layout, the sequence on dimension 1 (GQA ``k``/``v`` as
+    (B, S, n_kv_heads, head_dim)), and upstream's names (MLA ``c_kv`` and ``k_rope``:
+    :attr:`upstream_entries`); the layers get and give the sequence on dimension -2.
+    """
+
+    upstream_entries = True
 
     def __init__(self, store: dict):
         self.store = store
 
     def length(self, key: str) -> int:
         entry = self.store.get(key)
-        return 0 if not entry else next(iter(entry.values())).shape[-2]
+        return 0 if not entry else next(iter(entry.values())).shape[1]
 
     def write(self, key: str, start: int, new: Entries) -> Entries:
         _check_start(key, start, self.length(key))
         old = self.store.get(key)
         if old and start > 0:
-            _check_entries(key, old, new)
-            new = {n: torch.cat((old[n][..., :start, :], t.detach()), dim=-2) for n, t in new.items()}
+            _check_entries(key, self._stored(key), new)
+            stored = {n: torch.cat((old[n][:, :start], _swap_heads(t.detach())), dim=1)
+                      for n, t in new.items()}
         else:
-            new = {n: t.detach() for n, t in new.items()}
-        self.store[key] = new
-        return new
+            stored = {n: _swap_heads(t.detach()) for n, t in new.items()}
+        self.store[key] = stored
+        return {n: _swap_heads(t) for n, t in stored.items()}
 
     def _stored(self, key: str) -> Entries:
-        return self.store[key]
+        return {n: _swap_heads(t) for n, t in self.store[key].items()}
 
     def truncate(self, length: int) -> None:
         for key, entry in self.store.items():
-            self.store[key] = {n: t[..., :length, :] for n, t in entry.items()}
+            self.store[key] = {n: t[:, :length] for n, t in entry.items()}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for e in self.store.values() for t in e.values())

@@ -237,6 +237,9 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["TransformerBlock", "RecurrentBlock"]
     _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
+    # Not written (the tied head is the embedding). transformers.Trainer, resuming, re-ties a
+    # checkpoint that lacks exactly these keys instead of warning that they are missing.
+    _keys_to_ignore_on_save = ["model.head.weight"]
     # gradient_checkpointing_enable() sets RecurrentBlock.gradient_checkpointing: each loop
     # is recomputed in the backward pass (the model's own checkpointing, not transformers').
     supports_gradient_checkpointing = True

@@ -406,8 +406,13 @@ class MLAttention(nn.Module):
         H, r = self.n_heads, self.kv_lora_rank
         c_kv, k_rope = self.kv_down(x).split([r, self.rope_dim_], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(1), ctx.cos, ctx.sin).squeeze(1)  # (B, T, rope)
-        new = {"kv_latent": torch.cat((self.kv_norm(c_kv), k_rope), dim=-1)}  # (B, T, r+rope)
-        latent = _remember(new, ctx, cache_key, carry)["kv_latent"].to(x.dtype)  # (B, S, r+rope)
+        if getattr(ctx.cache, "upstream_entries", False):  # a user's dict: upstream's names
+            kept = _remember({"c_kv": c_kv, "k_rope": k_rope}, ctx, cache_key, carry)
+            latent = torch.cat((self.kv_norm(kept["c_kv"]), kept["k_rope"]), dim=-1)
+        else:
+            new = {"kv_latent": torch.cat((self.kv_norm(c_kv), k_rope), dim=-1)}  # (B, T, r+rope)
+            latent = _remember(new, ctx, cache_key, carry)["kv_latent"]  # (B, S, r+rope)
+        latent = latent.to(x.dtype)
         S = latent.shape[1]
         mask, is_causal = ctx.mask, ctx.is_causal and ctx.mask is None and T > 1
         cos, sin = ctx.cos, ctx.sin

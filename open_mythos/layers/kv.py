@@ -15,7 +15,15 @@ Entries = dict[str, torch.Tensor]
 
 
 class CacheStore(Protocol):
-    """What attention layers need from a cache."""
+    """What attention layers need from a cache.
+
+    ``upstream_entries`` (a class attribute, False unless a store sets it): MLA caches
+    upstream's two entries, ``c_kv`` (the latent before ``kv_norm``) and ``k_rope``, rather
+    than one ``kv_latent`` (the normalised latent and the RoPE key side by side, which
+    attention reads as it is).
+    """
+
+    upstream_entries: bool
 
     def length(self, key: str) -> int:
         """Number of positions cached under ``key`` (0 if absent)."""

@@ -318,14 +318,16 @@ def test_loss_over_the_items_of_an_accumulated_batch():
 
 
 def _hf_trainer(hf, tmp_path, batch_size: int, accumulation: int, steps: int, data,
-                callbacks=()):
+                callbacks=(), save_steps: int | None = None):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    saving = dict(save_strategy="no") if save_steps is None else dict(
+        save_strategy="steps", save_steps=save_steps)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=0.1,
         optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **saving)
     dataset = [{"input_ids": row, "labels": row.clone()} for row in data]
     return transformers.Trainer(model=hf, args=args, train_dataset=dataset,
                                 callbacks=list(callbacks))
@@ -344,6 +346,37 @@ def test_trainer_with_gradient_accumulation_takes_the_same_step(tmp_path):
     for name, delta in deltas[0].items():
         torch.testing.assert_close(deltas[1][name], delta, rtol=1e-4, atol=1e-7, msg=name)
     assert any(d.abs().max() > 0 for d in deltas[0].values())
+
+
+def test_trainer_resumes_from_its_checkpoint_with_the_head_tied(tmp_path, caplog):
+    """Two steps, a checkpoint, two more steps in a fresh process's model: the weights of
+    four uninterrupted steps; the checkpoint (which stores the tied head once) loads
+    without a missing-key warning and the head stays the embedding."""
+    from transformers.utils import logging as hf_logging
+
+    data = torch.randint(0, BYTE_VOCAB, (8, 12))
+
+    def fresh():
+        return OpenMythosForCausalLM.from_mythos(byte_model("gqa", use_act=False).train(),
+                                                 n_loops=2)
+
+    straight = fresh()
+    _hf_trainer(straight, tmp_path / "straight", 2, 1, 4, data).train()
+    _hf_trainer(fresh(), tmp_path / "resumed", 2, 1, 2, data, save_steps=2).train()
+    resumed = fresh()
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            _hf_trainer(resumed, tmp_path / "resumed", 2, 1, 4, data,
+                        save_steps=2).train(resume_from_checkpoint=True)
+    finally:
+        hf_logging.disable_propagation()
+    assert "missing keys" not in caplog.text
+    model = resumed.model
+    assert model.head.weight is model.embed.weight
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+    assert not torch.equal(model.embed.weight, fresh().model.embed.weight)
 
 
 def test_router_bias_callback_balances_experts_under_the_trainer(tmp_path):
