@@ -172,6 +172,7 @@ class DenseBaseline(CausalLM):
                 "DenseBaseline needs a BaselineConfig (see matched_baseline_config), "
                 f"got {type(cfg).__name__}"
             )
+        cfg.validate()  # fields edited after the config was made are checked here too
         self.cfg = cfg
         core_cfg = cfg.replace(dense_ffn_dim=cfg.core_ffn_dim)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)

@@ -221,6 +221,15 @@ class MythosConfig:
             _require("dense_ffn_dim", self.dense_ffn_dim, _is_positive_int(self.dense_ffn_dim),
                      "a positive integer or None")
 
+    def validate(self) -> None:
+        """Check every field again, as construction does: a config edited in place
+        (``cfg.n_kv_heads = 3``) is checked when a model is built from it.
+
+        Raises:
+            ValueError: the first field out of range, named with what it must be.
+        """
+        self.__post_init__()
+
     # Derived sizes -------------------------------------------------------------------------
 
     @property

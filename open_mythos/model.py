@@ -496,6 +496,9 @@ class OpenMythos(CausalLM):
 
     def __init__(self, cfg: MythosConfig):
         super().__init__()
+        if not isinstance(cfg, MythosConfig):
+            raise TypeError(f"OpenMythos needs a MythosConfig, got {type(cfg).__name__}")
+        cfg.validate()  # fields edited after the config was made are checked here too
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.token_conv = TokenConv(cfg.dim, cfg.token_conv) if cfg.token_conv else None

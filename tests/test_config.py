@@ -87,3 +87,32 @@ def test_dict_round_trip():
     assert MythosConfig.from_dict(json.loads(text)) == inf
     with pytest.raises(ValueError, match="unknown MythosConfig field"):
         MythosConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
+
+
+@pytest.mark.parametrize("field, value", [("n_kv_heads", 3), ("n_experts_per_tok", 99),
+                                          ("dim", 30), ("attn_type", "bogus")])
+def test_a_config_edited_in_place_is_checked_when_a_model_is_built(field, value):
+    """Upstream's own scripts edit configs by assignment (``cfg.attn_type = "gqa"``): a bad
+    value is a ValueError naming the field at construction, not a shape error at the
+    first forward."""
+    from open_mythos import OpenMythos
+    from open_mythos.baseline import DenseBaseline, matched_baseline_config
+
+    cfg = tiny_config("gqa")
+    base_cfg = matched_baseline_config(cfg, 2)
+    for c in (cfg, base_cfg):
+        setattr(c, field, value)
+    with pytest.raises(ValueError, match=rf"\.{field}="):
+        OpenMythos(cfg)
+    with pytest.raises(ValueError, match=rf"\.{field}="):
+        DenseBaseline(base_cfg)
+    cfg = tiny_config("gqa")
+    cfg.attn_type = "MLA"  # a valid edit is normalised as at construction
+    assert OpenMythos(cfg).cfg.attn_type == "mla"
+
+
+def test_a_model_needs_a_config():
+    from open_mythos import OpenMythos
+
+    with pytest.raises(TypeError, match="needs a MythosConfig, got dict"):
+        OpenMythos(dataclasses.asdict(tiny_config()))
