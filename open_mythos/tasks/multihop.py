@@ -71,26 +71,29 @@ class MultiHop(Task):
         ood = check_range("ood_hops", ood_hops)
         super().__init__({"train": hops, "id": hops, "ood_hops": ood})
         self.distractors = check_range("distractors", distractors, minimum=0)
+        if (isinstance(open_ends, bool) or not isinstance(open_ends, (int, float))
+                or not 0.0 <= open_ends <= 1.0):
+            raise ValueError(f"open_ends must be a probability in [0, 1], got {open_ends!r}")
+        self.open_ends = float(open_ends)
+        # An open end takes a variable of its own, assigned nowhere.
+        room = len(VARIABLES) - (self.open_ends > 0)
+        why = " (one is kept for the open end of open_ends > 0)" if self.open_ends > 0 else ""
         self.statements = statements
         if statements is not None:
             if isinstance(statements, bool) or not isinstance(statements, int):
                 raise ValueError(f"statements must be an integer, got {statements!r}")
             deepest = max(hops[1], ood[1])
-            if not deepest <= statements <= len(VARIABLES):
-                raise ValueError(f"statements must be in [{deepest}, {len(VARIABLES)}] (the "
-                                 f"longest chain to the number of variables), got {statements}")
-        elif ood[1] + self.distractors[1] > len(VARIABLES):
+            if not deepest <= statements <= room:
+                raise ValueError(f"statements must be in [{deepest}, {room}] (the longest "
+                                 f"chain to the number of variables{why}), got {statements}")
+        elif ood[1] + self.distractors[1] > room:
             raise ValueError(
-                f"ood_hops[1] + distractors[1] must be <= {len(VARIABLES)} variables, "
+                f"ood_hops[1] + distractors[1] must be <= {room} variables{why}, "
                 f"got {ood[1]} + {self.distractors[1]}"
             )
         if not isinstance(separator, str) or separator not in ("", ";"):
             raise ValueError(f"separator must be ';' or '' (no separator), got {separator!r}")
         self.separator = separator
-        if (isinstance(open_ends, bool) or not isinstance(open_ends, (int, float))
-                or not 0.0 <= open_ends <= 1.0):
-            raise ValueError(f"open_ends must be a probability in [0, 1], got {open_ends!r}")
-        self.open_ends = float(open_ends)
         self.digits = digits
         if digits is not None:
             if statements is None:

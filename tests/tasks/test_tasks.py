@@ -590,3 +590,20 @@ def test_get_task_names_an_unknown_task_or_argument():
                                          "arguments: lengths, ood_lengths, running"):
         get_task("parity", hops=[1, 2], x=1, lengths=[2, 3])
     assert get_task("parity", lengths=[2, 3]).levels["id"] == (2, 3)
+
+
+def test_multihop_open_ends_keep_a_variable_for_the_open_end() -> None:
+    """An open end takes a 27th variable where all 26 are in use: such knobs are refused
+    when the task is made, not at the first batch that draws an open end; the largest
+    accepted knobs generate at their deepest level."""
+    for knobs in (dict(statements=26), dict(ood_hops=(4, 22))):
+        MultiHop(**knobs)  # fine without open ends
+        with pytest.raises(ValueError, match="kept for the open end"):
+            MultiHop(**knobs, open_ends=0.5)
+    rng = random.Random(0)
+    for task in (MultiHop(statements=25, open_ends=1.0),
+                 MultiHop(ood_hops=(4, 21), distractors=(4, 4), open_ends=1.0)):
+        deepest = task.level_range("ood_hops")[1]
+        for _ in range(50):
+            ex = task.generate_at(rng, deepest)
+            assert ex.answer.isalpha() and task.solve(ex.prompt) == ex.answer
