@@ -15,7 +15,8 @@ shard). ``manifest.json``::
      "dtype": "uint16",                      # uint16 when vocab_size <= 65536, else uint32
      "tokens": 123456, "documents": 42,
      "tokenizer": {"spec": "byte", "class": "ByteTokenizer", "vocab_size": 259,
-                   "eos_token_id": 258, "fingerprint": "<sha256>"},
+                   "eos_token_id": 258, "fingerprint": "<sha256>",
+                   "pipeline": "<sha256>"},     # Hugging Face tokenizers only
      "shards": [{"file": "tokens-00000.bin", "tokens": 123456,
                  "sha256": "<sha256 of the file>"}],
      "inputs": [...], "text_field": "text", "encoding_errors": "strict"}
@@ -23,7 +24,8 @@ shard). ``manifest.json``::
 Training (``data.prepared``) opens it with :func:`open_prepared`: the manifest is read and
 each shard memory-mapped, its size checked, never read whole (start-up costs milliseconds
 whatever the corpus size; :func:`verify_prepared` checks the checksums). A tokenizer whose
-fingerprint differs from the manifest's is refused.
+fingerprint (vocabulary and special ids) or pipeline (how text becomes ids: normaliser,
+pre-tokeniser, merges, added tokens) differs from the manifest's is refused.
 """
 
 from __future__ import annotations
@@ -109,8 +111,26 @@ def tokenizer_identity(tokenizer: Any, spec: str) -> dict[str, Any]:
         "vocab": sorted(vocab.items()) if vocab is not None else None,
     }
     digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
-    return {"spec": spec, "class": payload["class"], "vocab_size": tokenizer.vocab_size,
-            "eos_token_id": tokenizer.eos_token_id, "fingerprint": digest}
+    identity = {"spec": spec, "class": payload["class"], "vocab_size": tokenizer.vocab_size,
+                "eos_token_id": tokenizer.eos_token_id, "fingerprint": digest}
+    pipeline = _pipeline(tokenizer)
+    if pipeline is not None:
+        identity["pipeline"] = hashlib.sha256(pipeline.encode()).hexdigest()
+    return identity
+
+
+def _pipeline(tokenizer: Any) -> str | None:
+    """How a Hugging Face fast tokenizer turns text into ids, as text: its normaliser,
+    pre-tokeniser, model (merges) and added tokens (``tokenizer.json``), with the
+    truncation and padding settings left out (they are call options). None for the byte
+    tokenizer and tokenizers without a serialisable pipeline."""
+    backend = getattr(getattr(tokenizer, "tokenizer", None), "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return json.dumps(spec, sort_keys=True, ensure_ascii=False)
 
 
 @dataclass
@@ -306,10 +326,20 @@ class PreparedData:
         """Refuse a tokenizer other than the one the shards were written with.
 
         Raises:
-            ConfigError: the fingerprints (vocabulary and special ids) differ.
+            ConfigError: the fingerprints (vocabulary and special ids) differ, or, where
+                the manifest records it (prepared since 2026-12-06), the text-to-ids
+                pipeline (normaliser, pre-tokeniser, merges, added tokens).
         """
         want = self.manifest["tokenizer"]
         have = tokenizer_identity(tokenizer, spec)
+        if ("pipeline" in want and have["fingerprint"] == want["fingerprint"]
+                and have.get("pipeline") != want["pipeline"]):
+            raise ConfigError(
+                f"data.prepared={str(self.path)!r} was tokenised with {want['spec']!r}, and "
+                f"data.tokenizer={spec!r} has the same vocabulary but turns text into ids "
+                "another way (its normaliser, pre-tokeniser, merges or added tokens "
+                f"differ); set data.tokenizer={want['spec']!r} or prepare the data again "
+                "with this tokenizer")
         if have["fingerprint"] != want["fingerprint"]:
             raise ConfigError(
                 f"data.prepared={str(self.path)!r} was tokenised with {want['spec']!r} "

@@ -24,6 +24,7 @@ from open_mythos.training.distributed import free_port
 from open_mythos.training.documents import InputFormat, split_pieces
 from open_mythos.training.prepare import (
     ShardedTokens,
+    load_data_tokenizer,
     open_prepared,
     prepare,
     token_dtype,
@@ -285,6 +286,30 @@ def test_a_prepared_dir_of_another_tokenizer_is_refused(corpus, tmp_path):
     src = build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe"),
                                        tokenizer=str(bpe_dir), seq_len=8), seed=0)
     assert src.vocab_size == len(hf)
+    # The same vocabulary with another normaliser encodes text otherwise: refused; a copy
+    # saved again (as a run keeps its tokenizer) is the same tokenizer.
+    import json
+    import shutil
+
+    lower = tmp_path / "bpe-lower"
+    shutil.copytree(bpe_dir, lower)
+    spec = json.loads((lower / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (lower / "tokenizer.json").write_text(json.dumps(spec))
+    assert load_data_tokenizer(str(lower)).encode("Hello") != hf.encode("Hello")
+    with pytest.raises(ConfigError, match="turns text into ids another way"):
+        build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe"),
+                                     tokenizer=str(lower)), seed=0)
+    load_data_tokenizer(str(bpe_dir)).tokenizer.save_pretrained(tmp_path / "bpe-again")
+    build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe"),
+                                 tokenizer=str(tmp_path / "bpe-again"), seq_len=8), seed=0)
+    # A manifest written before the pipeline was recorded is checked by its vocabulary.
+    manifest = tmp_path / "prep-bpe" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["tokenizer"]["pipeline"]
+    manifest.write_text(json.dumps(old))
+    build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe"), tokenizer=str(lower),
+                                 seq_len=8), seed=0)
 
 
 def test_damaged_or_missing_prepared_data_is_refused(corpus, tmp_path):
