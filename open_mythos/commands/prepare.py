@@ -22,8 +22,12 @@ arguments or input (text that is not UTF-8 names the file and byte offset); 3 wh
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.inputs or not args.out:
             raise ConfigError("give the inputs and --out DIR (or --verify DIR)")
         t0 = time.perf_counter()
-        with _progress_bar(args.progress) as report:
+        with _terminate_as_interrupt(), _progress_bar(args.progress) as report:
             stats = prepare(args.inputs, args.out, args.tokenizer, fmt=InputFormat(args.format),
                             text_field=args.text_field, encoding_errors=args.encoding_errors,
                             hf_config=args.hf_config, hf_split=args.hf_split,
@@ -97,6 +101,24 @@ def run(args: argparse.Namespace) -> int:
           f"{seconds:.1f} s, {stats.chars / 1e6 / max(seconds, 1e-9):.1f}M characters/s)",
           file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what a scheduler or ``kill`` sends) stops a prepare as Ctrl-C does: the
+    shards written so far are removed and the command exits 130."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _progress_bar:

@@ -60,6 +60,12 @@ def resolve_inputs(paths: Iterable[str], fmt: InputFormat = InputFormat.AUTO) ->
     fmt = as_member(InputFormat, fmt, "format")
     out: list[Input] = []
     for path in map(Path, paths):
+        if not path.exists() and path.expanduser().exists():
+            path = path.expanduser()  # "~/corpus" quoted past the shell
+        if _is_prepared(path):
+            raise ConfigError(f"{str(path)!r} is a directory of prepared token shards "
+                              "(`openmythos prepare` output): train on it with --prepared "
+                              "(data.prepared), not as text")
         if fmt in (InputFormat.AUTO, InputFormat.HF) and _is_saved_dataset(path):
             out.append(Input(str(path), InputFormat.HF))
         elif fmt is InputFormat.HF:
@@ -303,12 +309,18 @@ def _open(path: str | Path):
 
 
 def _format_of(path: Path) -> InputFormat:
-    suffixes = path.suffixes
-    if suffixes[-1:] in ([".jsonl"], [".json"]):
+    suffix = path.suffix.lower()  # DATA.JSONL is JSON lines too
+    if suffix in (".jsonl", ".json"):
         return InputFormat.JSONL
-    if suffixes[-1:] == [".parquet"]:
+    if suffix == ".parquet":
         return InputFormat.PARQUET
     return InputFormat.TEXT
+
+
+def _is_prepared(path: Path) -> bool:
+    """Whether ``path`` is a directory ``openmythos prepare`` wrote (or began to)."""
+    return path.is_dir() and ((path / "manifest.json").is_file()
+                              or any(path.glob("tokens-*.bin")))
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -176,9 +176,14 @@ def prepare(inputs: Iterable[str], out: str | Path, tokenizer_spec: str = "byte"
                           f"{', '.join(map(repr, ENCODING_ERRORS))}")
     resolved = resolve_inputs(inputs, fmt)
     tokenizer = load_data_tokenizer(tokenizer_spec)
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {str(out)!r} already exists and is not an empty directory")
+        leftover = out.is_dir() and not (out / MANIFEST).exists() \
+            and any(out.glob("tokens-*.bin"))
+        raise ConfigError(
+            f"--out {str(out)!r} already exists and is not an empty directory"
+            + (" (it holds shards but no manifest: an interrupted prepare; delete it and "
+               "run again)" if leftover else ""))
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -397,6 +402,11 @@ def verify_prepared(path: str | Path) -> list[str]:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"data.prepared={str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"data.prepared={str(path)!r} is a file; it takes the directory "
+                          "`openmythos prepare` wrote")
     file = path / MANIFEST
     try:
         manifest = json.loads(file.read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -571,3 +572,56 @@ def test_a_tokenizer_with_an_id_past_its_length_sizes_the_vocabulary(tmp_path):
     assert len(hf) < 41
     tok = MythosTokenizer.from_tokenizer(hf)
     assert tok.vocab_size == 41 > max(tok.encode("a b <eos>", add_eos=True))
+
+
+def test_paths_as_users_write_them(corpus, tmp_path, monkeypatch, capsys):
+    """``~`` quoted past the shell, an upper-case suffix, a prepared directory given as text,
+    a --prepared path that is not there: each read as meant or refused by what it is."""
+    root, reference = corpus
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["prepare", "~/corpus", "--out", "~/prep", "--no-progress"]) == 0
+    np.testing.assert_array_equal(shards_of(tmp_path / "prep"), reference)
+    assert not (tmp_path / "~").exists() and not Path("~").exists()
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "upper" / "DATA.JSONL").write_text(json.dumps({"text": "hi there"}) + "\n")
+    prepare([str(tmp_path / "upper")], tmp_path / "prep-upper")
+    assert shards_of(tmp_path / "prep-upper").tolist() == list(b"hi there") + [EOS]
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "prep"), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 2
+    assert "prepared token shards" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="prepared token shards.*--prepared"):
+        build_data_source(DataConfig(text=[str(tmp_path / "prep")]), seed=0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_data_source(DataConfig(prepared=str(tmp_path / "no" / "such")), seed=0)
+    with pytest.raises(ConfigError, match="is a file"):
+        build_data_source(DataConfig(prepared=str(root / "a.txt")), seed=0)
+
+
+def test_sigterm_stops_a_prepare_as_ctrl_c_does(corpus, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM mid-way: the shards written so far go, the command exits 130,
+    and the output directory can be reused."""
+    import os
+    import signal
+
+    import open_mythos.training.prepare as prepare_module
+
+    root, _ = corpus
+    real, calls = prepare_module.encode_document, []
+
+    def terminated(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "encode_document", terminated)
+    out = tmp_path / "prep"
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["prepare", str(root), "--out", str(out), "--no-progress",
+                 "--shard-tokens", "64"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back
+    monkeypatch.setattr(prepare_module, "encode_document", real)
+    assert main(["prepare", str(root), "--out", str(out), "--no-progress"]) == 0
