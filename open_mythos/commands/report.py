@@ -23,11 +23,13 @@ from typing import Any
 from .argtypes import check_output_dir, non_negative_int, positive_int
 from .sweep import (
     EVAL_DEFAULTS,
+    SweepProgress,
     add_eval_arguments,
     load_models,
     resolve_device,
     resolve_task,
     sweep_models,
+    sweep_options,
     text_run_conflicts,
 )
 
@@ -187,10 +189,14 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--sweep {args.sweep} holds no baseline rows for --baseline "
                                  f"{args.baseline} (sweep with --baseline, or leave it out)")
         else:
-            rows, base_rows = sweep_models(args, model, baseline, task)
+            # Each row is kept as it is made: a report stopped mid-sweep resumes from them.
+            progress = SweepProgress(Path(args.out) / "sweep.json",
+                                     sweep_options(args, model, baseline, task))
+            rows, base_rows = sweep_models(args, model, baseline, task, progress)
         _clear_old_report(Path(args.out), args.sweep)
         if not args.sweep:
             save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")
+            progress.finish()
         train_loops = args.train_loops or run_train_loops(args.run) or cfg.max_loop_iters
         points = []
         exit_loops = _exit_loops(args, train_loops)

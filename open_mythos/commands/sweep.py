@@ -265,7 +265,7 @@ def sweep_options(args: argparse.Namespace, model: Any, baseline: Any, task: Any
     """What decides a sweep's rows: the models and task (by fingerprint) and the options."""
     from ..evaluation.sweep import model_fingerprint, task_fingerprint
 
-    rule = exit_rule_from_args(args)
+    rule = exit_rule_from_args(args) if hasattr(args, "exit_kl") else None  # report: none
     return {"model": model_fingerprint(model),
             "baseline": None if baseline is None else model_fingerprint(baseline),
             "task": task_fingerprint(task), "splits": args.splits, "loops": args.loops,

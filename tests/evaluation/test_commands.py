@@ -414,3 +414,30 @@ def test_an_interrupted_sweep_keeps_its_rows_and_the_same_command_continues(
     interrupt_at = 0
     assert cli(*argv[:-4], "--seed", "1", "--device", "cpu", "--out", str(out)) == 0
     assert "other options" in capsys.readouterr().err and len(calls) == 10
+
+
+def test_an_interrupted_report_resumes_its_sweep(runs, tmp_path, capsys, monkeypatch):
+    root, _, _ = runs
+    sweep_module = importlib.import_module("open_mythos.evaluation.sweep")
+    real, calls = sweep_module.evaluate_examples, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "evaluate_examples", counted)
+    out = tmp_path / "report"
+    argv = ("report", "--run", str(root / "looped"), "--loops", "1,2", "--n-examples", "4",
+            "--exit-loops", "0", "--device", "cpu", "--out", str(out))
+    stop_at = 3
+    assert cli(*argv) == 130
+    assert (out / "sweep.json.partial.json").exists()
+    calls.clear()
+    stop_at = 0
+    capsys.readouterr()
+    assert cli(*argv) == 0
+    assert "resuming: 2 row(s)" in capsys.readouterr().err
+    assert len(calls) == 6 and not (out / "sweep.json.partial.json").exists()
+    assert len(load_rows(out / "sweep.json")) == 8
