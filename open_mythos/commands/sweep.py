@@ -213,12 +213,11 @@ class SweepProgress:
         self.options = json.loads(json.dumps(options))  # as the file gives it back
         self.rows: list[Any] = []
         self.previous: list[Any] = []
-        self.reused = 0
         if not self.path.exists():
             return
         try:
             saved = json.loads(self.path.read_text())
-            same = isinstance(saved, dict) and saved.get("options") == options
+            same = isinstance(saved, dict) and saved.get("options") == self.options
             previous = rows_from_records(saved["rows"], str(self.path)) if same else []
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             print(f"openmythos sweep: {self.path} is not a sweep's progress file ({err}); "
@@ -236,7 +235,6 @@ class SweepProgress:
         """Keep ``row``, save every row so far, and say what it measured."""
         self.rows.append(row)
         reused = any(row is p for p in self.previous)
-        self.reused += reused
         self._save()
         where = "from the progress file" if reused else f"{row.seconds:.1f} s"
         exit_setting = f", early exit {'on' if row.early_exit else 'off'}" \
