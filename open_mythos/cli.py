@@ -10,6 +10,7 @@ breaks only the command that needs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status
-    (130 after Ctrl-C, with one line instead of a traceback)."""
+    (130 after Ctrl-C, with one line instead of a traceback; 141, quietly, when the reader
+    of the output went away, as ``openmythos info ... | head`` does)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -49,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
             print(f"openmythos {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output still buffered would fail again when Python flushes stdout at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a process killed by SIGPIPE
 
 
 if __name__ == "__main__":

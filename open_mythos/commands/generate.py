@@ -87,7 +87,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Load the model, stream the completion to ``out`` (default stdout)."""
-    from ..integrations.textgen import GenerationOptions, encode_prompts, stream_text, validate
+    from ..integrations.textgen import (
+        GenerationOptions,
+        encode_prompts,
+        lossy_readback,
+        stream_text,
+        validate,
+    )
 
     out = out or sys.stdout
     try:
@@ -108,6 +114,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             draft_loops=args.draft_loops or 1, draft_lens=args.draft_lens or "coda")
         prompts = encode_prompts(tokenizer, [args.prompt])
         validate(loaded.model, prompts, options)  # before the prompt is echoed
+        readback = lossy_readback(tokenizer, args.prompt, prompts[0])
+        if readback is not None:
+            print(f"openmythos generate: warning: the tokenizer reads the prompt as "
+                  f"{readback!r} (characters it has no token for are lost)", file=sys.stderr)
         deltas = stream_text(loaded.model, tokenizer, prompts, options)
         start = time.perf_counter()
         if not args.no_echo:
@@ -121,6 +131,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 n_tokens, reason = delta.n_tokens, delta.finish_reason
         out.write("\n")
         out.flush()
+    except BrokenPipeError:  # the reader went away (| head): the CLI ends quietly
+        raise
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
         print(f"openmythos generate: error: {err}", file=sys.stderr)
         return 2

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     """Load, read out every loop, write the figures; exit status 0 or 2."""
     import torch
 
-    from ..integrations.textgen import encode_prompts
+    from ..integrations.textgen import encode_prompts, lossy_readback
     from ..registry import is_looped
     from .generate import load_for_inference
 
@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
         # (an empty prompt starts from the token training texts start after, as
         # generate's does).
         ids = encode_prompts(tokenizer, [args.prompt])[0]
-        if not ids:
-            raise ValueError("the prompt encodes to no tokens")
+        readback = lossy_readback(tokenizer, args.prompt, ids)
+        if readback is not None:
+            print(f"openmythos inspect: warning: the tokenizer reads the prompt as "
+                  f"{readback!r} (characters it has no token for are lost)", file=sys.stderr)
         if len(ids) > model.cfg.max_seq_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model reads at most "
                              f"{model.cfg.max_seq_len}")
@@ -120,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         data = inspect_prompt(model, torch.tensor([ids], device=device), n_loops, lens,
                               exit_rule)
         out.mkdir(parents=True, exist_ok=True)
+    except BrokenPipeError:  # the reader went away (| head): the CLI ends quietly
+        raise
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
         print(f"openmythos inspect: error: {err}", file=sys.stderr)
         return 2

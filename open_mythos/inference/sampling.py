@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ class SamplingParams:
                 f"temperature must be > 0 when sampling, got {self.temperature}; "
                 "use do_sample=False for greedy decoding"
             )
+        if not math.isfinite(self.temperature):  # inf turned masked ids' -inf into NaN
+            raise ValueError(f"temperature must be a finite number, got {self.temperature}")
         # A NumPy integer is stored as a Python int (frozen: through object.__setattr__).
         object.__setattr__(self, "top_k", whole_number(self.top_k, "top_k", allow_none=True))
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -77,8 +80,10 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     NaN probabilities (1e-37 did); one below float32's range counts as its smallest.
     """
     logits = within_vocab(logits.float(), params)
-    # A temperature below float32's smallest normal number would round to 0 (0/0 = NaN).
-    temperature = max(params.temperature, torch.finfo(logits.dtype).tiny)
+    # A temperature below float32's smallest normal number would round to 0 (0/0 = NaN);
+    # one past its largest, to inf (-inf/inf = NaN at the ids filtered out).
+    finfo = torch.finfo(logits.dtype)
+    temperature = min(max(params.temperature, finfo.tiny), finfo.max)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     vocab = logits.shape[-1]
     if params.top_k and params.top_k < vocab:

@@ -216,7 +216,11 @@ class CompletionService:
                                f"context of {limit}", param="prompt")
         # Text as /tokenize encodes it, so that the ids a client counted there are the
         # ones this request uses.
-        given = [self.encode_text(p) if isinstance(p, str) else p for p in given]
+        texts, given = given, [self.encode_text(p) if isinstance(p, str) else p for p in given]
+        for i, (text, ids) in enumerate(zip(texts, given)):
+            if isinstance(text, str) and text.strip() and not ids:
+                raise APIError(400, f"prompt {i} encodes to no tokens: the tokenizer has no "
+                               "token for its characters", param="prompt")
         try:
             prompts = encode_prompts(self.tokenizer, given)
         except ValueError as err:  # an empty prompt and no BOS/EOS to start from

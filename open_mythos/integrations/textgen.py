@@ -227,10 +227,19 @@ def vocab_bound(model: CausalLM, tokenizer: Tokenizer) -> int:
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
     """Token ids of each prompt (strings are encoded; id lists pass through). An empty
     prompt becomes the token a training text starts after (``Tokenizer.start_token_id``:
-    EOS for a text run, BOS for a task run), since the model needs at least one token."""
+    EOS for a text run, BOS for a task run), since the model needs at least one token.
+
+    Raises:
+        ValueError: a prompt with text other than whitespace that encodes to no tokens (a
+            tokenizer without an unknown token drops characters it has no token for: the
+            model would see an empty prompt).
+    """
     out = []
     for p in prompts:
         ids = tokenizer.encode(p) if isinstance(p, str) else [int(i) for i in p]
+        if not ids and isinstance(p, str) and p.strip():
+            raise ValueError(f"the prompt {p[:40]!r} encodes to no tokens: the tokenizer has "
+                             "no token for its characters")
         if not ids:
             start = tokenizer.start_token_id
             if start is None:
@@ -238,6 +247,20 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]])
             ids = [start]
         out.append(ids)
     return out
+
+
+def lossy_readback(tokenizer: Tokenizer, prompt: str, ids: Sequence[int]) -> str | None:
+    """What the model reads of ``prompt`` (its ``ids`` decoded) when characters of the
+    prompt other than whitespace and letter case are not in it, else None: a tokenizer
+    without an unknown token drops characters it has no token for (whitespace and case,
+    which many tokenizers normalise or decode otherwise, are not compared)."""
+    def visible(text: str) -> str:
+        return "".join(text.split()).casefold()
+
+    if not prompt.strip():
+        return None
+    back = tokenizer.decode(ids, skip_special_tokens=True)
+    return None if visible(back) == visible(prompt) else back
 
 
 def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: GenerationOptions) -> None:

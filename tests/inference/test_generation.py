@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -50,6 +52,16 @@ def test_sampling_filters_against_a_float64_softmax_and_survive_extreme_values()
         assert not filtered.isnan().any()
         tokens = select_next(logits, params, torch.Generator().manual_seed(1))
         assert torch.equal(tokens, logits.argmax(-1))
+    # A huge temperature (float32 rounds it to inf) samples uniformly over the ids kept,
+    # never one filtered out (their -inf divided by inf was NaN); inf itself is refused.
+    huge = SamplingParams(temperature=1e39, vocab_limit=30)
+    filtered = filter_logits(logits, huge)
+    assert not filtered.isnan().any() and filtered[:, 30:].eq(float("-inf")).all()
+    torch.testing.assert_close(filtered[:, :30].softmax(-1), torch.full((4, 30), 1 / 30))
+    assert (select_next(logits, huge, torch.Generator().manual_seed(1)) < 30).all()
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be"):
+            SamplingParams(temperature=bad)
 
 
 def test_stop_tokens_end_each_sequence_alone():

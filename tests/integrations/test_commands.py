@@ -302,3 +302,17 @@ def test_console_script_and_python_dash_m_run_info_and_generate(tmp_path):
     assert done.returncode == 0, done.stderr
     expected = our_generate(model, torch.tensor([TOK.encode("Hi")]), 6, 2, do_sample=False)[0, 2:]
     assert done.stdout.decode() == TOK.decode(expected) + "\n"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """``openmythos info ... | head -1``: the pipe closes before the output is written; the
+    command exits 141 (as a process killed by SIGPIPE) with no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "open_mythos", "info", "--variant", "mythos_1b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has started: every write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Broken pipe" not in err

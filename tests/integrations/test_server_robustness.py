@@ -524,3 +524,18 @@ def test_an_empty_stop_string_stops_nothing(real):
     for stop in ("", [""], ["", "\x00"]):
         got = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]
         assert (got["text"], got["finish_reason"]) == (want["text"], want["finish_reason"]), stop
+
+
+def test_a_prompt_that_encodes_to_nothing_is_a_400(real, monkeypatch):
+    """Text a tokenizer has no token for (a BPE without an unknown token drops it) was
+    answered as an empty prompt; blank text still is one."""
+    client, service = real
+    real_encode = service.tokenizer.__class__.encode
+    monkeypatch.setattr(service.tokenizer.__class__, "encode",
+                        lambda self, text, *a, **k: [] if text == "中文" else
+                        real_encode(self, text, *a, **k))
+    r = client.post("/v1/completions", json={"prompt": ["ok", "中文"], "max_tokens": 1})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and "prompt 1 encodes to no tokens" in error["message"]
+    assert client.post("/v1/completions", json={"prompt": "", "max_tokens": 1}).status_code == 200

@@ -235,3 +235,31 @@ def test_a_model_with_more_rows_than_its_tokenizer_never_emits_an_undecodable_id
 
     raw = generate(model, torch.tensor([prompts[0]]), 20, 2, do_sample=False)
     assert (raw >= TOK.vocab_size).any()  # without the bound the padded rows do win
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_refused_and_a_lossy_one_named(tmp_path):
+    """A BPE without an unknown token drops characters it has no token for: "中文" encoded
+    to nothing and the model answered an empty prompt without a word."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from open_mythos.integrations.textgen import lossy_readback
+    from open_mythos.tokenizers import MythosTokenizer
+
+    bpe = tokenizers.Tokenizer(models.BPE())  # no unk_token
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.decoder = decoders.BPEDecoder()
+    bpe.train_from_iterator(["hello the world"] * 10, trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["</s>"], show_progress=False))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>").save_pretrained(
+        tmp_path / "tok")
+    tok = MythosTokenizer(str(tmp_path / "tok"))
+    assert tok.encode("中文") == []
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        encode_prompts(tok, ["中文"])
+    assert encode_prompts(tok, ["  "]) == [[tok.eos_token_id]]  # blank: an empty prompt
+    ids = encode_prompts(tok, ["hello 中文 world"])[0]
+    assert lossy_readback(tok, "hello 中文 world", ids) == tok.decode(ids) != "hello 中文 world"
+    assert lossy_readback(tok, "hello world", encode_prompts(tok, ["hello world"])[0]) is None
+    assert lossy_readback(TOK, "中文 ✓", encode_prompts(TOK, ["中文 ✓"])[0]) is None
