@@ -54,7 +54,9 @@ class RunInfo:
 
     ``step`` is None for a Hugging Face directory, ``val_loss`` (and ``val_step``, the step it
     was measured at) without a logged validation, ``tokenizer`` (``"byte"`` or a directory)
-    when none is stored, ``trained_depth`` when the run records none (or a fixed-depth kind);
+    when none is stored, ``trained_depth`` when the run records none (or a fixed-depth kind;
+    for a Hugging Face directory it is the ``n_loops`` the export was given, by default the
+    training depth);
     ``param_bytes`` maps ``"stored"`` (the safetensors files' tensors, tied ones once, in
     their ``stored_dtype``; absent for sharded ``model.dcp/`` weights), ``"fp32"`` and
     ``"bf16"`` to bytes.
@@ -313,8 +315,13 @@ def format_info(info: ModelInfo, cfg: Any) -> str:
         tok = (f"{r.tokenizer} ({r.tokenizer_vocab_size:,} ids; model vocabulary "
                f"{r.vocab_size:,})" if r.tokenizer else
                f"none stored (model vocabulary {r.vocab_size:,}; pass --tokenizer)")
-        depth = (f"trained at {r.trained_depth} loops (the default n_loops)"
-                 if r.trained_depth is not None else "no trained depth recorded")
+        if r.trained_depth is None:
+            depth = "no trained depth recorded"
+        elif r.format == "hf":  # an export's n_loops: what it was exported with
+            depth = (f"n_loops {r.trained_depth} by default (set at export, the training "
+                     "depth unless export was given --n-loops)")
+        else:
+            depth = f"trained at {r.trained_depth} loops (the default n_loops)"
         mem = r.param_bytes
         lines[1:1] = [
             f"  checkpoint        {r.path}: {where}, {loss}",

@@ -89,3 +89,14 @@ def test_info_without_tokenizer_or_metrics_says_so(run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "no validation loss logged" in text
     assert "byte (259 ids" in text  # a byte-vocabulary model without its files: the byte one
+
+
+def test_info_on_an_export_names_its_depth_as_the_exports(run, tmp_path, capsys):
+    """An export's n_loops is what export was given; info called it the trained depth."""
+    pytest.importorskip("transformers")
+    run_dir, _ = run
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "hf"), "--n-loops", "5"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    text = capsys.readouterr().out
+    assert "n_loops 5 by default (set at export" in text and "trained at" not in text
