@@ -270,11 +270,29 @@ def resolve_checkpoint_dir(path: str | Path, files: Iterable[str] = MODEL_FILES)
         return path
     found, problems = _newest_with_warnings(path, files)
     if found is None:
-        why = f": every checkpoint is damaged ({'; '.join(problems)})" if problems else (
-            f" (expected {MODEL_FILE}, {SHARDED_MODEL_DIR}/ or a run directory with "
-            f"{CHECKPOINT_DIR}/step_*)")
-        raise FileNotFoundError(f"no checkpoint in {str(path)!r}{why}")
+        raise FileNotFoundError(_no_checkpoint(path, problems))
     return found
+
+
+def _no_checkpoint(path: Path, problems: list[str]) -> str:
+    """Why ``path`` gives no checkpoint, in the terms of the mistake that is likely."""
+    where = repr(str(path))
+    if problems:
+        return f"no checkpoint in {where}: every checkpoint is damaged ({'; '.join(problems)})"
+    if not path.exists():
+        return f"no checkpoint at {where}: the path does not exist"
+    if path.is_file():
+        return (f"no checkpoint at {where}: it is a file; give the directory that holds it"
+                if path.name.endswith(".safetensors") else
+                f"no checkpoint at {where}: it is a file, not a checkpoint or run directory")
+    if path.name == CHECKPOINT_DIR and any(path.glob("step_*")):
+        return (f"no checkpoint at {where}: it is a run's {CHECKPOINT_DIR}/ folder; give the "
+                f"run directory ({str(path.parent)!r}) or one checkpoint in it")
+    if (path / "config.toml").is_file() or (path / "metrics.jsonl").is_file():  # a run
+        return (f"no checkpoint in the run {where} yet: the first is written at "
+                "run.save_every steps, or at the end")
+    return (f"no checkpoint in {where} (expected {MODEL_FILE}, {SHARDED_MODEL_DIR}/ or a run "
+            f"directory with {CHECKPOINT_DIR}/step_*)")
 
 
 def detect_format(path: str | Path, files: Iterable[str] = MODEL_FILES

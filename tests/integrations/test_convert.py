@@ -181,3 +181,26 @@ def test_an_hf_config_with_a_bad_default_depth_is_refused_naming_the_file(tmp_pa
         (tmp_path / "config.json").write_text(json.dumps({**config, "n_loops": bad}))
         with pytest.raises(ValueError, match="config.json: n_loops"):
             load_model(tmp_path)
+
+
+def test_a_path_that_holds_no_checkpoint_is_named_for_what_it_is(tmp_path):
+    """The plausible mistakes each get their own reason (all were "no checkpoint in X
+    (expected model.safetensors, ...)", contradictory for model.safetensors itself)."""
+    model = byte_model("gqa")
+    run = write_training_checkpoint(tmp_path / "run", model)
+    ckpt = load_model(run).path
+    cases = {
+        tmp_path / "missing": "the path does not exist",
+        ckpt / "model.safetensors": "it is a file; give the directory that holds it",
+        ckpt.parent: "a run's checkpoints/ folder; give the run directory",
+    }
+    fresh = tmp_path / "fresh"  # a run that has started and not saved yet
+    fresh.mkdir()
+    (fresh / "config.toml").write_text("")
+    (fresh / "metrics.jsonl").write_text("")
+    cases[fresh] = "no checkpoint in the run .* yet"
+    cases[tmp_path / "empty"] = r"no checkpoint in .*expected model.safetensors"
+    (tmp_path / "empty").mkdir()
+    for path, says in cases.items():
+        with pytest.raises(FileNotFoundError, match=says):
+            load_model(path)
