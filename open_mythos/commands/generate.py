@@ -40,6 +40,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="cast the weights (default: as stored)")
 
 
+#: Tokens ``generate`` produces when --max-new-tokens is not given (fewer where the
+#: model's context ends first).
+DEFAULT_NEW_TOKENS = 128
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``generate`` on the ``openmythos`` command."""
     p = subparsers.add_parser(
@@ -48,8 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, action=Once,
                    help="text to complete (one: run the command again for another)")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=128, metavar="N",
-                   help="most tokens to generate (default 128)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, metavar="N",
+                   help=f"most tokens to generate (default {DEFAULT_NEW_TOKENS}, or what "
+                        "the model's context holds after the prompt if that is less)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-k", type=non_negative_int, default=50, metavar="K",
                    help="sample among the K most likely tokens; 0: no limit (default 50)")
@@ -104,15 +110,20 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             raise ValueError("--draft-loops and --draft-lens shape self-speculative "
                              "decoding: give --draft-tokens K too")
         loaded, tokenizer = load_for_inference(args)
+        prompts = encode_prompts(tokenizer, [args.prompt])
+        max_new_tokens = args.max_new_tokens
+        if max_new_tokens is None:  # the default fits the context; a number given is checked
+            room = loaded.cfg.max_seq_len - len(prompts[0])
+            # Nothing fits: the default stays, and validate says the context is full.
+            max_new_tokens = min(DEFAULT_NEW_TOKENS, room) if room > 0 else DEFAULT_NEW_TOKENS
         options = GenerationOptions(
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             n_loops=args.n_loops or loaded.n_loops,
             do_sample=not args.greedy, temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
             compile=args.compile, exit_rule=exit_rule_from_args(args),
             depth_sharing=args.depth_sharing, draft_tokens=args.draft_tokens,
             draft_loops=args.draft_loops or 1, draft_lens=args.draft_lens or "coda")
-        prompts = encode_prompts(tokenizer, [args.prompt])
         validate(loaded.model, prompts, options)  # before the prompt is echoed
         readback = lossy_readback(tokenizer, args.prompt, prompts[0])
         if readback is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,17 @@ def test_generate_reports_errors_with_status_2(tmp_path, capsys):
     write_training_checkpoint(tmp_path / "run", byte_model("gqa"))
     status, _, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "run"),
                                 "--prompt", "x", "--max-new-tokens", "500")
+    assert status == 2 and "context" in err
+    # Without --max-new-tokens a model of a short context generates what fits after the
+    # prompt (the default of 128 was an error on every shipped config of max_seq_len 64).
+    limit = byte_model("gqa").cfg.max_seq_len
+    assert limit < 128
+    status, out, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "run"),
+                                  "--prompt", "xy", "--greedy")
+    assert status == 0, err
+    assert 0 < int(re.search(r"\[(\d+) tokens", err).group(1)) <= limit - 2
+    status, _, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "run"),
+                                "--prompt", "x" * limit)
     assert status == 2 and "context" in err
     with pytest.raises(SystemExit):
         parse("generate", "--checkpoint", "x", "--prompt", "y", "--n-loops", "0")
