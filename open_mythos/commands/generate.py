@@ -79,7 +79,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--draft-tokens", type=non_negative_int, default=0, metavar="K",
                    help="decode self-speculatively: draft K tokens per cycle with "
                         "--draft-loops loops, verified at full depth (greedy output is "
-                        "unchanged); 0: off (default)")
+                        "unchanged in float32; in bfloat16 near-ties can round the other "
+                        "way); 0: off (default)")
     p.add_argument("--draft-loops", type=positive_int, metavar="N",
                    help="loops of a draft forward (default 1; with --draft-tokens)")
     p.add_argument("--draft-lens", choices=DRAFT_LENSES,
