@@ -33,5 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/train.py
 
+# The environment and caches only: trained runs (runs/, demo_out/) are results, removed by
+# hand when no longer wanted.
 clean:
-	rm -rf $(VENV) demo_out runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache
