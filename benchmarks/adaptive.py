@@ -332,6 +332,38 @@ def plot(task_rows, text_rows, path: str, n_loops: int, names: tuple[str, str] =
     print(f"\nplot: {plot_exit_pareto(panels, path)}")
 
 
+def check_runs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any table is measured, runs the options do not fit: a text run whose
+    context cannot hold a prompt and the tokens decoded from it, a fixed-depth model where
+    loops or cache depths are measured."""
+    from open_mythos.checkpoints import read_config
+    from open_mythos.registry import kind_of
+
+    def config(run: str, option: str):
+        try:
+            cfg, _ = read_config(run)
+        except (FileNotFoundError, ValueError) as err:
+            p.error(f"{option} {run}: {err}")
+        if not kind_of(cfg).looped:
+            p.error(f"{option} {run} holds a fixed-depth model: it has no loops to exit "
+                    "early from or cache depths to share")
+        return cfg
+
+    if args.task_run:
+        config(args.task_run, "--task-run")
+    if args.text_run:
+        limit = config(args.text_run, "--text-run").max_seq_len
+        for what, tokens in ((f"--new-tokens {args.new_tokens}", args.new_tokens),
+                             (f"--speculative-tokens {args.speculative_tokens}",
+                              args.speculative_tokens),
+                             ("the 7 tokens of a verification", 7)):
+            if args.prompt_len + tokens > limit:
+                p.error(f"--prompt-len {args.prompt_len} + {what} exceeds the text run's "
+                        f"max_seq_len={limit}")
+    for run in args.cache_runs:
+        config(run, "--cache-runs")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task-run", metavar="DIR", help="a task run (the demo's looped model)")
@@ -340,12 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-examples", type=positive_int, default=256, help="task examples (default 256)")
     p.add_argument("--split", default="id", help="task split (default id)")
     p.add_argument("--prompts", type=positive_int, default=16, help="text decoding prompts")
-    p.add_argument("--prompt-len", type=positive_int, default=32, help="text prompt length")
-    p.add_argument("--new-tokens", type=positive_int, default=32, help="text tokens to decode")
+    p.add_argument("--prompt-len", type=positive_int, default=16,
+                   help="text prompt length (default 16)")
+    p.add_argument("--new-tokens", type=positive_int, default=32,
+                   help="text tokens to decode (default 32)")
     p.add_argument("--speculative-batch", type=positive_int, nargs="+", default=[1, 8],
                    help="batch sizes of the speculative decoding table (default 1 8)")
-    p.add_argument("--speculative-tokens", type=positive_int, default=64,
-                   help="tokens decoded in the speculative table (default 64)")
+    p.add_argument("--speculative-tokens", type=positive_int, default=48,
+                   help="tokens decoded in the speculative table (default 48)")
     p.add_argument("--speculative-prompts", type=positive_int, default=8,
                    help="prompts each speculative row decodes, in batches of its batch size "
                         "(default 8)")
@@ -358,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.task_run or args.text_run or args.cache_runs):
         p.error("give --task-run, --text-run or --cache-runs")
+    check_runs(p, args)
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"rules start from {args.loops} loops")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternating_medians, matmul_peak, print_table  # noqa: E402
 
+from open_mythos.commands.argtypes import positive_int  # noqa: E402
 from open_mythos.devices import keep_freed_memory  # noqa: E402
 from open_mythos.layers import attention  # noqa: E402
 
@@ -98,10 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as openmythos train does: no page faults on every step
     dtypes = [torch.float32]

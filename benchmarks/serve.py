@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         server_config(args.dim, args.loops)
     except ValueError as err:
         p.error(f"--dim {args.dim}: {err}")
+    # The longest prompt (bytes, with " <index>") and the tokens after it fit the context.
+    room = server_config(args.dim, args.loops).max_seq_len - max(map(len, PROMPTS)) - 8
+    if args.tokens > room:
+        p.error(f"--tokens {args.tokens}: the served model's context holds at most {room} "
+                "tokens after the benchmark's prompts")
     if args.loop_mix and max(args.loop_mix) > 2 * args.loops:
         p.error(f"--loop-mix {max(args.loop_mix)}: above the server's cap of 2 x --loops = "
                 f"{2 * args.loops} loops")

@@ -208,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"per level, {args.lens} lens, {args.loops} loops\n")
     print(table(results, args.loops))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint),
                                               "results": [asdict(r) for r in results]},
                                              indent=1))

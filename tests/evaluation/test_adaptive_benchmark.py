@@ -57,7 +57,17 @@ def test_adaptive_benchmark_tables_and_plot(tmp_path, capsys, monkeypatch):
     assert per_depth[7] == "1.0x" and float(per_depth[5]) == 4 / 3 * float(last[5])
     assert float(cache[("bfloat16", "per_depth")][5]) == float(per_depth[5]) / 2
     # Options the runs cannot serve are errors, not shorter prompts or a traceback.
-    with pytest.raises(SystemExit, match="--prompt-len 999: the run's validation sequences"):
-        bench.main(["--text-run", str(tmp_path / "text"), "--prompt-len", "999"])
+    # Checked before the first table: a prompt and its tokens the context cannot hold.
+    capsys.readouterr()
+    for extra, says in ((["--prompt-len", "999"], "--prompt-len 999 + --new-tokens 32"),
+                        (["--prompt-len", "48"], "--prompt-len 48 + --new-tokens 32"),
+                        (["--speculative-tokens", "60"], "--speculative-tokens 60 exceeds")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--text-run", str(tmp_path / "text"), *extra])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and says in err and "max_seq_len=64" in err
+    with pytest.raises(SystemExit, match="--prompt-len 40: the run's validation sequences"):
+        bench.main(["--text-run", str(tmp_path / "text"), "--prompt-len", "40",
+                    "--new-tokens", "8", "--speculative-tokens", "8"])
     with pytest.raises(SystemExit, match="--split: .*unknown split 'nope'"):
         bench.main(["--task-run", str(tmp_path / "task"), "--split", "nope"])
