@@ -262,6 +262,10 @@ def test_a_plain_dict_cache_holds_upstreams_mla_entries():
     with torch.no_grad():
         attn(x[:, :5], freqs[:5], None, cache, "mla0")
         first_len = cache["mla0"]["c_kv"].shape[1]
+        # Each tensor holds only itself (a slice of the wider projection kept all of it
+        # alive, and the byte count of SPEC §2 fell short of what the dict holds).
+        for t in cache["mla0"].values():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
         attn(x[:, 5:], freqs[5:8], None, cache, "mla0")
         c_kv = attn.kv_down(x)[..., :cfg.kv_lora_rank]
     assert first_len == 5 and set(cache["mla0"]) == {"c_kv", "k_rope"}

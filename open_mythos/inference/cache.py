@@ -119,40 +119,54 @@ def _swap_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 class DictCache(_FillMissing):
-    """:class:`CacheStore` over a user's plain ``dict`` (grows by concatenation).
+    """:class:`CacheStore` over a plain ``dict`` (grows by concatenation).
 
-    The dict holds upstream's layout, the sequence on dimension 1 (GQA ``k``/``v`` as
-    (B, S, n_kv_heads, head_dim)), and upstream's names (MLA ``c_kv`` and ``k_rope``:
-    :attr:`upstream_entries`); the layers get and give the sequence on dimension -2.
+    With ``upstream_layout`` (default: a user's dict, the upstream API) the dict holds
+    upstream's layout, the sequence on dimension 1 (GQA ``k``/``v`` as (B, S, n_kv_heads,
+    head_dim)), and upstream's names (MLA ``c_kv`` and ``k_rope``: :attr:`upstream_entries`).
+    Without it (a cache nobody reads but the model, as the Hugging Face wrapper's) it holds
+    what the layers attend over, as :class:`KVCache` does: no transposes, and MLA's latent
+    stored normalised rather than normalised again at every step.
     """
 
-    upstream_entries = True
-
-    def __init__(self, store: dict):
+    def __init__(self, store: dict, upstream_layout: bool = True):
         self.store = store
+        self.upstream_entries = upstream_layout
+        # The sequence's dimension in the stored tensors (the layers see it on -2).
+        self._seq = 1 if upstream_layout else -2
+
+    def _in(self, t: torch.Tensor) -> torch.Tensor:
+        """A layer's tensor as stored."""
+        return _swap_heads(t) if self.upstream_entries else t
+
+    _out = _in  # the swap is its own inverse
 
     def length(self, key: str) -> int:
         entry = self.store.get(key)
-        return 0 if not entry else next(iter(entry.values())).shape[1]
+        return 0 if not entry else next(iter(entry.values())).shape[self._seq]
 
     def write(self, key: str, start: int, new: Entries) -> Entries:
         _check_start(key, start, self.length(key))
         old = self.store.get(key)
         if old and start > 0:
             _check_entries(key, self._stored(key), new)
-            stored = {n: torch.cat((old[n][:, :start], _swap_heads(t.detach())), dim=1)
+            stored = {n: torch.cat((old[n].narrow(self._seq, 0, start),
+                                    self._in(t.detach())), dim=self._seq)
                       for n, t in new.items()}
         else:
-            stored = {n: _swap_heads(t.detach()) for n, t in new.items()}
+            # Contiguous: a slice of a wider projection (MLA's c_kv) would keep all of it
+            # alive, and nbytes() would not count what the dict holds.
+            stored = {n: self._in(t.detach()).contiguous() for n, t in new.items()}
         self.store[key] = stored
-        return {n: _swap_heads(t) for n, t in stored.items()}
+        return {n: self._out(t) for n, t in stored.items()}
 
     def _stored(self, key: str) -> Entries:
-        return {n: _swap_heads(t) for n, t in self.store[key].items()}
+        return {n: self._out(t) for n, t in self.store[key].items()}
 
     def truncate(self, length: int) -> None:
         for key, entry in self.store.items():
-            self.store[key] = {n: t[:, :length] for n, t in entry.items()}
+            self.store[key] = {n: t.narrow(self._seq, 0, min(length, t.shape[self._seq]))
+                               for n, t in entry.items()}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for e in self.store.values() for t in e.values())

@@ -193,7 +193,8 @@ class MythosCache:
     is_croppable = True
 
     def __init__(self) -> None:
-        self.store = DictCache({})
+        # The model's own layout: nobody reads this cache in upstream's.
+        self.store = DictCache({}, upstream_layout=False)
         self.seq_len = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -168,6 +168,10 @@ def test_a_cache_passed_in_is_returned_updated_without_use_cache():
         assert out.past_key_values is past and past.get_seq_length() == t + 1
         torch.testing.assert_close(out.logits[:, -1], hf(ids[:, :t + 1], n_loops=3).logits[:, -1])
     assert hf(ids, n_loops=3).past_key_values is None  # no cache asked for, none made
+    # The wrapper's cache is the model's own layout: MLA's latent stored normalised once,
+    # not upstream's raw c_kv normalised again at every step of every layer.
+    assert not past.store.upstream_entries
+    assert all(set(entry) == {"kv_latent"} for entry in past.store.store.values())
 
 
 def test_labels_give_the_shifted_cross_entropy():
