@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.sweep import eval_mode, sample_examples, save_rows
     from ..registry import is_looped
 
+    progress: SweepProgress | None = None
     try:
         check_output_dir(args.out)  # before any work: a sweep can take minutes
         if args.task is None and is_text_run(args.run):
@@ -189,14 +190,14 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--sweep {args.sweep} holds no baseline rows for --baseline "
                                  f"{args.baseline} (sweep with --baseline, or leave it out)")
         else:
-            # Each row is kept as it is made: a report stopped mid-sweep resumes from them.
+            # Each row is kept as it is made, until the report is written: a report stopped
+            # mid-way (in the sweep or after it) resumes from them.
             progress = SweepProgress(Path(args.out) / "sweep.json",
-                                     sweep_options(args, model, baseline, task))
+                                     sweep_options(args, model, baseline, task), "report")
             rows, base_rows = sweep_models(args, model, baseline, task, progress)
         _clear_old_report(Path(args.out), args.sweep)
         if not args.sweep:
             save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")
-            progress.finish()
         train_loops = args.train_loops or run_train_loops(args.run) or cfg.max_loop_iters
         points = []
         exit_loops = _exit_loops(args, train_loops)
@@ -212,8 +213,15 @@ def run(args: argparse.Namespace) -> int:
         path = write_report(args.run, args.out, rows, base_rows, model=model, baseline=baseline,
                             task=task, train_loops=train_loops, seed=args.seed,
                             exit_points=points, exit_examples=len(examples) if points else None)
+        if progress is not None:
+            progress.finish()
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"openmythos report: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if progress is None:
+            raise
+        progress.interrupted()
+        return 130
     print(f"wrote {path}")
     return 0

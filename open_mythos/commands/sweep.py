@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -198,44 +197,71 @@ def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any,
 
 
 class SweepProgress:
-    """The rows of a running sweep, kept in ``<out>.partial.json`` after each one.
+    """The rows of a running sweep, kept in ``<out>.partial.json`` as each one is made.
 
     A sweep that dies (a kill, Ctrl-C, a lost machine) keeps the rows it made; the same
-    command run again finds them and evaluates only the rest. The file records the
-    sweep's options (with fingerprints of the models and task): rows of a sweep with other
-    options are not reused. It is removed once ``--out`` is written.
+    command run again finds them and evaluates only the rest. The file is JSON lines: the
+    sweep's options (with fingerprints of the models and task) first, then one row per
+    line, appended (a line cut short by a kill is ignored); rows of a sweep with other
+    options are not reused. :meth:`finish` removes it once the command's results are
+    written.
     """
 
-    def __init__(self, out: str | Path, options: dict[str, Any]):
-        from ..evaluation.sweep import rows_from_records
-
+    def __init__(self, out: str | Path, options: dict[str, Any], command: str = "sweep"):
         self.path = Path(out).with_name(Path(out).name + ".partial.json")
         self.options = json.loads(json.dumps(options))  # as the file gives it back
+        self.command = command
         self.rows: list[Any] = []
-        self.previous: list[Any] = []
+        self.previous = self._read()
+        if self.previous:
+            self._say(f"resuming: {len(self.previous)} row(s) already evaluated in {self.path}")
+        # Written afresh (once): the options line, the rows kept, then rows as they come
+        # (a last line a kill cut short is not left for the next row to run into).
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in [
+            {"options": self.options}, *map(dataclasses.asdict, self.previous)]))
+
+    def _say(self, text: str) -> None:
+        print(f"openmythos {self.command}: {text}", file=sys.stderr, flush=True)
+
+    def _read(self) -> list[Any]:
+        """The rows of an earlier run of this sweep in the file ([] if none usable)."""
+        from ..evaluation.sweep import rows_from_records
+
         if not self.path.exists():
-            return
+            return []
         try:
-            saved = json.loads(self.path.read_text())
-            same = isinstance(saved, dict) and saved.get("options") == self.options
-            previous = rows_from_records(saved["rows"], str(self.path)) if same else []
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-            print(f"openmythos sweep: {self.path} is not a sweep's progress file ({err}); "
-                  "starting over", file=sys.stderr)
-            return
-        if not same:
-            print(f"openmythos sweep: {self.path} holds a sweep with other options or "
-                  "another checkpoint; starting over", file=sys.stderr)
-            return
-        self.previous = previous
-        print(f"openmythos sweep: resuming: {len(previous)} row(s) already evaluated in "
-              f"{self.path}", file=sys.stderr)
+            lines = self.path.read_text().splitlines()
+            head = json.loads(lines[0]) if lines else None
+            if not isinstance(head, dict) or "options" not in head:
+                raise ValueError("no options line")
+        except (ValueError, UnicodeDecodeError) as err:
+            self._say(f"{self.path} is not a sweep's progress file ({err}); starting over")
+            return []
+        if head["options"] != self.options:
+            self._say(f"{self.path} holds a sweep with other options or another checkpoint; "
+                      "starting over")
+            return []
+        records = []
+        for line in lines[1:]:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # the last line, cut short by a kill
+                break
+        try:
+            return rows_from_records(records, str(self.path))
+        except ValueError as err:
+            self._say(f"{err}; starting over")
+            return []
 
     def add(self, row: Any) -> None:
-        """Keep ``row``, save every row so far, and say what it measured."""
+        """Keep ``row`` (appended to the file unless it came from it) and say what it
+        measured."""
         self.rows.append(row)
         reused = any(row is p for p in self.previous)
-        self._save()
+        if not reused:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(dataclasses.asdict(row)) + "\n")
         where = "from the progress file" if reused else f"{row.seconds:.1f} s"
         exit_setting = f", early exit {'on' if row.early_exit else 'off'}" \
             if row.model == "looped" else ""
@@ -243,18 +269,13 @@ class SweepProgress:
               f"{row.accuracy:.3f}, loss {row.loss:.4f} ({where})", file=sys.stderr,
               flush=True)
 
-    def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"options": self.options, "rows": [
-                dataclasses.asdict(r) for r in self.rows]}, indent=1) + "\n")
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def interrupted(self) -> None:
+        """Say where the rows made so far are, after Ctrl-C."""
+        self._say(f"interrupted; {len(self.rows)} row(s) kept in {self.path}: the same "
+                  "command continues from them")
 
     def finish(self) -> None:
-        """The sweep is written to ``--out``: its progress file goes."""
+        """The command's results are written: the progress file goes."""
         self.path.unlink(missing_ok=True)
 
 
@@ -320,8 +341,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             rows, base_rows = sweep_models(args, model, baseline, task, progress)
         except KeyboardInterrupt:
-            print(f"\nopenmythos sweep: interrupted; {len(progress.rows)} row(s) kept in "
-                  f"{progress.path}: the same command continues from them", file=sys.stderr)
+            progress.interrupted()
             return 130
         path = save_rows([*rows, *base_rows], args.out)
         progress.finish()

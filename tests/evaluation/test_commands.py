@@ -4,6 +4,7 @@ writes them."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 
@@ -441,3 +442,45 @@ def test_an_interrupted_report_resumes_its_sweep(runs, tmp_path, capsys, monkeyp
     assert "resuming: 2 row(s)" in capsys.readouterr().err
     assert len(calls) == 6 and not (out / "sweep.json.partial.json").exists()
     assert len(load_rows(out / "sweep.json")) == 8
+    # Stopped after its sweep (in the exit rules' evaluation): the rows stay kept.
+    exits = importlib.import_module("open_mythos.evaluation.exits")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exits, "task_exit_points", stop)
+    with_exits = [a for a in argv if a not in ("--exit-loops", "0")]
+    calls.clear()
+    assert cli(*with_exits) == 130
+    assert "openmythos report: interrupted; 8 row(s) kept" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(sweep_module, "evaluate_examples", counted)
+    calls.clear()
+    assert cli(*argv) == 0
+    assert "resuming: 8 row(s)" in capsys.readouterr().err and calls == []
+
+
+def test_sweep_progress_appends_rows_and_survives_a_line_cut_short(tmp_path, capsys):
+    """One line per row, appended (rewriting every row after each one was quadratic); a
+    last line a kill cut short is dropped, and rows after it are not lost."""
+    from open_mythos.evaluation.sweep import SweepRow
+
+    row = SweepRow(model="looped", task="parity", split="id", n_loops=1, early_exit=False,
+                   n_examples=4, accuracy=0.5, loss=1.0, expected_loops=1, halt_loop=1,
+                   loops_run=1, loops_computed=1, seconds=0.1)
+    options = {"loops": [1, 2], "seed": 0}
+    first = sweep_command.SweepProgress(tmp_path / "s.json", options)
+    for n in (1, 2):
+        first.add(dataclasses.replace(row, n_loops=n))
+    lines = first.path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["n_loops"] == 2
+    with open(first.path, "a") as fh:
+        fh.write('{"model": "looped", "task": "par')  # killed mid-write
+    again = sweep_command.SweepProgress(tmp_path / "s.json", options)
+    assert [r.n_loops for r in again.previous] == [1, 2]
+    for r in again.previous:
+        again.add(r)
+    again.add(dataclasses.replace(row, n_loops=3))
+    third = sweep_command.SweepProgress(tmp_path / "s.json", options)
+    assert [r.n_loops for r in third.previous] == [1, 2, 3]
+    assert "resuming: 3 row(s)" in capsys.readouterr().err
