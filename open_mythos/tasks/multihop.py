@@ -75,20 +75,21 @@ class MultiHop(Task):
                 or not 0.0 <= open_ends <= 1.0):
             raise ValueError(f"open_ends must be a probability in [0, 1], got {open_ends!r}")
         self.open_ends = float(open_ends)
-        # An open end takes a variable of its own, assigned nowhere.
-        room = len(VARIABLES) - (self.open_ends > 0)
-        why = " (one is kept for the open end of open_ends > 0)" if self.open_ends > 0 else ""
         self.statements = statements
         if statements is not None:
             if isinstance(statements, bool) or not isinstance(statements, int):
                 raise ValueError(f"statements must be an integer, got {statements!r}")
             deepest = max(hops[1], ood[1])
+            # An open end takes a variable of its own besides the statements' (with random
+            # distractors instead, an example at the limit draws one distractor fewer).
+            room = len(VARIABLES) - (self.open_ends > 0)
+            why = " (one is kept for the open end of open_ends > 0)" if self.open_ends else ""
             if not deepest <= statements <= room:
                 raise ValueError(f"statements must be in [{deepest}, {room}] (the longest "
                                  f"chain to the number of variables{why}), got {statements}")
-        elif ood[1] + self.distractors[1] > room:
+        elif ood[1] + self.distractors[1] > len(VARIABLES):
             raise ValueError(
-                f"ood_hops[1] + distractors[1] must be <= {room} variables{why}, "
+                f"ood_hops[1] + distractors[1] must be <= {len(VARIABLES)} variables, "
                 f"got {ood[1]} + {self.distractors[1]}"
             )
         if not isinstance(separator, str) or separator not in ("", ";"):
@@ -112,6 +113,8 @@ class MultiHop(Task):
                    else self.statements - level)
         # Drawn only when asked for: the examples of open_ends=0 are those of before.
         n_open = int(self.open_ends > 0 and rng.random() < self.open_ends)  # 1: open end
+        if self.statements is None:  # at the limit, the open end's variable is a distractor's
+            n_extra = min(n_extra, len(VARIABLES) - level - n_open)
         if level + n_extra + n_open > len(VARIABLES):
             raise ValueError(f"level {level} needs more than {len(VARIABLES)} variables"
                              + (" (one is the open end)" if n_open else ""))

@@ -200,23 +200,27 @@ def prepare(inputs: Iterable[str], out: str | Path, tokenizer_spec: str = "byte"
                     writer.write(ids)
                 n_docs += 1
         shards = writer.close()
+        manifest = {
+            "format": FORMAT, "version": VERSION, "dtype": dtype.name,
+            "tokens": sum(s["tokens"] for s in shards), "documents": n_docs,
+            "tokenizer": tokenizer_identity(tokenizer, tokenizer_spec),
+            "shards": shards,
+            "inputs": [{"path": i.path, "format": i.format.value} for i in resolved],
+            "text_field": text_field, "encoding_errors": encoding_errors,
+        }
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, out / MANIFEST)  # the last step: from here the corpus is whole
     except BaseException:
-        writer.discard()  # no half-written corpus is left behind to be mistaken for one
+        # No half-written corpus is left behind to be mistaken for one, whenever it stops
+        # (an interrupt while the manifest was built left shards without one).
+        writer.discard()
+        with contextlib.suppress(OSError):
+            (out / (MANIFEST + ".tmp")).unlink()
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
-    manifest = {
-        "format": FORMAT, "version": VERSION, "dtype": dtype.name,
-        "tokens": sum(s["tokens"] for s in shards), "documents": n_docs,
-        "tokenizer": tokenizer_identity(tokenizer, tokenizer_spec),
-        "shards": shards,
-        "inputs": [{"path": i.path, "format": i.format.value} for i in resolved],
-        "text_field": text_field, "encoding_errors": encoding_errors,
-    }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
     return PrepareStats(manifest["tokens"], n_docs, len(shards), reader.chars)
 
 
@@ -261,8 +265,8 @@ class _ShardWriter:
         while len(data):
             if self._fh is None:
                 name = f"tokens-{len(self.shards):05d}.bin"
-                self._fh = open(self.out / name, "wb")
-                self.shards.append({"file": name, "tokens": 0, "sha256": ""})
+                self.shards.append({"file": name, "tokens": 0, "sha256": ""})  # then made:
+                self._fh = open(self.out / name, "wb")  # discard() always knows the file
             take = min(len(data), self.shard_tokens - self._in_shard)
             raw = data[:take].tobytes()
             self._fh.write(raw)

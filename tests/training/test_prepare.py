@@ -624,4 +624,10 @@ def test_sigterm_stops_a_prepare_as_ctrl_c_does(corpus, tmp_path, monkeypatch, c
     assert not out.exists()
     assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back
     monkeypatch.setattr(prepare_module, "encode_document", real)
+    # Stopped while the manifest is being made, after the last shard: still nothing left.
+    monkeypatch.setattr(prepare_module, "tokenizer_identity",
+                        lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["prepare", str(root), "--out", str(out), "--no-progress"]) == 130
+    assert not out.exists()
+    monkeypatch.undo()
     assert main(["prepare", str(root), "--out", str(out), "--no-progress"]) == 0
