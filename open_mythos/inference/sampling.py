@@ -45,7 +45,7 @@ class SamplingParams:
                 f"temperature must be > 0 when sampling, got {self.temperature}; "
                 "use do_sample=False for greedy decoding"
             )
-        if not math.isfinite(self.temperature):  # inf turned masked ids' -inf into NaN
+        if self.do_sample and not math.isfinite(self.temperature):  # inf: NaN probabilities
             raise ValueError(f"temperature must be a finite number, got {self.temperature}")
         # A NumPy integer is stored as a Python int (frozen: through object.__setattr__).
         object.__setattr__(self, "top_k", whole_number(self.top_k, "top_k", allow_none=True))

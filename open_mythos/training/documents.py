@@ -74,6 +74,13 @@ def resolve_inputs(paths: Iterable[str], fmt: InputFormat = InputFormat.AUTO) ->
             # Hidden files and directories (.git, .cache, ...) are not the corpus.
             files = sorted(f for f in path.rglob("*") if f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            nested = sorted({f.parent for f in files if f.name == "manifest.json"
+                             and _is_prepared(f.parent)})
+            if nested:
+                raise ConfigError(
+                    f"{str(nested[0])!r} inside the input {str(path)!r} is a directory of "
+                    "prepared token shards (`openmythos prepare` output), not text: move it "
+                    "out of the corpus or name the inputs one by one")
             out += [Input(str(f), _format_of(f) if fmt is InputFormat.AUTO else fmt) for f in files]
         elif path.is_file():
             out.append(Input(str(path), _format_of(path) if fmt is InputFormat.AUTO else fmt))

@@ -62,6 +62,7 @@ def test_sampling_filters_against_a_float64_softmax_and_survive_extreme_values()
     for bad in (math.inf, math.nan):
         with pytest.raises(ValueError, match="temperature must be"):
             SamplingParams(temperature=bad)
+        SamplingParams(do_sample=False, temperature=bad)  # greedy ignores it
 
 
 def test_stop_tokens_end_each_sequence_alone():

@@ -594,6 +594,11 @@ def test_paths_as_users_write_them(corpus, tmp_path, monkeypatch, capsys):
         build_data_source(DataConfig(text=[str(tmp_path / "prep")]), seed=0)
     with pytest.raises(ConfigError, match="does not exist"):
         build_data_source(DataConfig(prepared=str(tmp_path / "no" / "such")), seed=0)
+    # A prepare written into the corpus directory, then the corpus prepared again.
+    assert main(["prepare", str(root), "--out", str(root / "prep1"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["prepare", str(root), "--out", str(tmp_path / "prep2"), "--no-progress"]) == 2
+    assert "prep1' inside the input" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="is a file"):
         build_data_source(DataConfig(prepared=str(root / "a.txt")), seed=0)
 
