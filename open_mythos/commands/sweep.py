@@ -213,6 +213,7 @@ class SweepProgress:
         self.command = command
         self.rows: list[Any] = []
         self.previous = self._read()
+        self._previous_ids = {id(r) for r in self.previous}  # rows handed back as they are
         if self.previous:
             self._say(f"resuming: {len(self.previous)} row(s) already evaluated in {self.path}")
         # Written afresh (once): the options line, the rows kept, then rows as they come
@@ -258,7 +259,7 @@ class SweepProgress:
         """Keep ``row`` (appended to the file unless it came from it) and say what it
         measured."""
         self.rows.append(row)
-        reused = any(row is p for p in self.previous)
+        reused = id(row) in self._previous_ids
         if not reused:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(dataclasses.asdict(row)) + "\n")

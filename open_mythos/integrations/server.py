@@ -90,7 +90,7 @@ from .openai_api import (
     render_chat,
     usage,
 )
-from .textgen import GenerationOptions, encode_prompts, validate, vocab_bound
+from .textgen import GenerationOptions, check_encoded, encode_prompts, validate, vocab_bound
 
 #: How often a waiting non-streaming request checks that its client is still there (s).
 DISCONNECT_POLL = 0.25
@@ -217,13 +217,12 @@ class CompletionService:
         # Text as /tokenize encodes it, so that the ids a client counted there are the
         # ones this request uses.
         texts, given = given, [self.encode_text(p) if isinstance(p, str) else p for p in given]
-        for i, (text, ids) in enumerate(zip(texts, given)):
-            if isinstance(text, str) and text.strip() and not ids:
-                raise APIError(400, f"prompt {i} encodes to no tokens: the tokenizer has no "
-                               "token for its characters", param="prompt")
         try:
+            for i, (text, ids) in enumerate(zip(texts, given)):
+                if isinstance(text, str):
+                    check_encoded(text, ids, f"prompt {i}")
             prompts = encode_prompts(self.tokenizer, given)
-        except ValueError as err:  # an empty prompt and no BOS/EOS to start from
+        except ValueError as err:  # text with no tokens; empty and no BOS/EOS to start from
             raise APIError(400, str(err), param="prompt") from None
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         options = self._options(req, prompts, max_tokens, req.stop_list(), "prompt", "max_tokens")

@@ -237,9 +237,8 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]])
     out = []
     for p in prompts:
         ids = tokenizer.encode(p) if isinstance(p, str) else [int(i) for i in p]
-        if not ids and isinstance(p, str) and p.strip():
-            raise ValueError(f"the prompt {p[:40]!r} encodes to no tokens: the tokenizer has "
-                             "no token for its characters")
+        if isinstance(p, str):
+            check_encoded(p, ids, f"the prompt {p[:40]!r}")
         if not ids:
             start = tokenizer.start_token_id
             if start is None:
@@ -247,6 +246,14 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]])
             ids = [start]
         out.append(ids)
     return out
+
+
+def check_encoded(text: str, ids: Sequence[int], name: str) -> None:
+    """ValueError when ``text``, not blank, encoded to no ``ids`` (a tokenizer without an
+    unknown token drops characters it has no token for); ``name`` names it."""
+    if not ids and text.strip():
+        raise ValueError(f"{name} encodes to no tokens: the tokenizer has no token for its "
+                         "characters")
 
 
 def lossy_readback(tokenizer: Tokenizer, prompt: str, ids: Sequence[int]) -> str | None:
