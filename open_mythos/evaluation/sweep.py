@@ -5,12 +5,18 @@ loop count, drawn once per split from ``seed``) and returns one :class:`SweepRow
 ``(split, n_loops, early_exit)``:
 
 - ``loss``: cross-entropy of the answer and EOS tokens, teacher-forced, one forward per batch;
-- ``accuracy``: exact match of the greedy answer (the text before the first EOS), decoded in
-  batches over a preallocated KV cache with left-padded prompts, stopping at EOS;
+- ``accuracy``: exact match of the greedy answer (the text before the first EOS). Where
+  something can stop a position early (ACT early exit, an exit rule) it is decoded in
+  batches over a preallocated KV cache with left-padded prompts, stopping at EOS. Otherwise
+  it is read off the teacher-forced forward, which gives the same answers for a third of
+  the forwards: greedy decoding reproduces the target exactly when each target token is
+  the argmax given the targets before it, and a cached decoding step computes the logits
+  of the full forward (:func:`teacher_forced_matches`);
 - ``expected_loops``, ``halt_loop``: mean ACT ponder cost and mean halting loop per real
   token of the teacher-forced forward;
 - ``loops_run``, ``loops_computed``: loops the model actually executed per forward while
-  decoding, for the batch and per sequence (below ``n_loops`` only with ACT early exit).
+  decoding, for the batch and per sequence (below ``n_loops`` only with early exit; without
+  it, nothing is decoded and both are ``n_loops``).
 
 A fixed-depth model (:class:`~open_mythos.baseline.DenseBaseline`) gets one row per split,
 with its core depth in every loop column.
@@ -51,6 +57,7 @@ from ..tasks import (
     encode_prompt,
     score,
 )
+from ..tasks.batching import encode_text
 from ..tokenizers import pad_rows
 
 
@@ -354,21 +361,48 @@ def greedy_decode(
     return out
 
 
+def teacher_forced_matches(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Whether greedy decoding would reproduce each row's answer, from a teacher-forced
+    forward: ``predicted`` (B, L), the argmax token at every supervised position, and
+    ``targets`` (B, L), the answer's tokens and then EOS where supervised, ``IGNORE_INDEX``
+    elsewhere (:func:`~open_mythos.tasks.collate`). Returns (B,) bool; a row without an
+    EOS target does not match.
+
+    Greedy decoding from the prompt emits the answer's tokens exactly when each is the
+    argmax given the answer tokens before it, which is what the teacher-forced forward
+    computed at that position; the answer then ends where the next token is not a byte
+    (:func:`~open_mythos.tasks.decode_answer` stops at EOS, PAD or any other special id).
+    So a row matches when every answer token is its position's argmax and the position
+    after the answer (the EOS target) predicts a non-byte id. ``score`` on the decoded
+    text agrees for answers whose text survives the byte round trip (every task's
+    answers; :func:`evaluate_examples` checks it per example).
+    """
+    if predicted.shape != targets.shape or predicted.dim() != 2:
+        raise ValueError(f"predicted and targets must both be (B, L), got "
+                         f"{tuple(predicted.shape)} and {tuple(targets.shape)}")
+    supervised = targets != IGNORE_INDEX
+    ends = (predicted < 0) | (predicted >= 256)  # the EOS target: any non-byte id ends the text
+    ok = torch.where(targets == EOS_ID, ends, predicted == targets)
+    return (ok | ~supervised).all(1) & (targets == EOS_ID).any(1)
+
+
 @dataclass
 class _TeacherForced:
     """Sums over a batch: CE and count of answer tokens; ponder, halting loop and count of
-    real tokens."""
+    real tokens; per example, whether its greedy answer is the target (None when not read
+    off this forward: :func:`teacher_forced_matches`)."""
 
     ce: float
     answer_tokens: int
     expected_loops: float
     halt_loop: float
     real_tokens: int
+    matches: list[bool] | None = None
 
 
 def _teacher_forced(
     model: nn.Module, batch: Mapping[str, torch.Tensor], n_loops: int, early_exit: bool,
-    exit_rule: ExitRule | None = None,
+    exit_rule: ExitRule | None = None, with_matches: bool = False,
 ) -> _TeacherForced:
     from ..training.losses import supervised_rows  # the package imports training lazily
 
@@ -381,6 +415,14 @@ def _teacher_forced(
     scored = targets.flatten() if rows is None else targets.flatten()[rows.to(device)]
     ce = F.cross_entropy(_wide(logits).reshape(-1, logits.shape[-1]), scored,
                          ignore_index=IGNORE_INDEX, reduction="sum")
+    matches = None
+    if with_matches:
+        if rows is None:
+            predicted = logits.argmax(-1)
+        else:  # the argmax at the scored positions; the others are never read
+            predicted = torch.full(targets.shape, -1, dtype=torch.long, device=device)
+            predicted.view(-1)[rows.to(device)] = logits.argmax(-1)
+        matches = teacher_forced_matches(predicted, targets).tolist()
     real = ids != PAD_ID  # (B, L)
     ponder = halt = torch.full(ids.shape, float(n_loops), device=device)
     if is_looped(model):
@@ -394,6 +436,7 @@ def _teacher_forced(
         expected_loops=float(ponder[real].sum()),
         halt_loop=float(halt[real].sum()),
         real_tokens=int(real.sum()),
+        matches=matches,
     )
 
 
@@ -420,25 +463,44 @@ def evaluate_examples(
     early_exit: bool = True,
     batch_size: int = 64,
     exit_rule: ExitRule | None = None,
+    decode: bool | None = None,
 ) -> dict[str, float]:
     """Loss, accuracy and loop statistics of ``model`` on ``examples`` at ``n_loops`` (every
     forward with ``exit_rule``, if given).
 
+    Args:
+        decode: whether the greedy answers are decoded over a KV cache (True) or read off
+            the teacher-forced forward that gives the loss (False:
+            :func:`teacher_forced_matches`; the same answers, and no decoding forwards, so
+            about a third of the work). None (the default): decode only where something
+            can stop a position early (ACT early exit, an exit rule), whose decoding
+            forwards give ``loops_run`` and ``loops_computed``.
+
     Returns:
         ``accuracy``, ``loss``, ``expected_loops``, ``halt_loop``, ``loops_run`` and
-        ``loops_computed`` as described on :class:`SweepRow` (for a fixed-depth model the
-        loop entries equal ``n_loops``).
+        ``loops_computed`` as described on :class:`SweepRow` (for a fixed-depth model, and
+        when nothing is decoded, the loop entries equal ``n_loops``).
     """
     if not examples:
         raise ValueError("evaluate_examples needs at least one example")
     batch_size = whole_number(batch_size, "batch_size", minimum=1)
+    if decode is None:
+        decode = is_looped(model) and (exit_rule is not None
+                                       or bool(early_exit and model.cfg.use_act))
     correct, tf_sums, loops_run, loops_computed = 0, [], [], []
     with eval_mode(model):
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo:lo + batch_size]
             batch = collate(chunk)
             _check_fits(model, batch["input_ids"].shape[1], "a teacher-forced batch")
-            tf_sums.append(_teacher_forced(model, batch, n_loops, early_exit, exit_rule))
+            sums = _teacher_forced(model, batch, n_loops, early_exit, exit_rule,
+                                   with_matches=not decode)
+            tf_sums.append(sums)
+            if sums.matches is not None:
+                # The answer's text must also survive the byte round trip of decoding.
+                correct += sum(match and score(decode_answer(encode_text(ex.answer)), ex)
+                               for match, ex in zip(sums.matches, chunk))
+                continue
             decoded = _greedy_examples(model, chunk, n_loops, early_exit, exit_rule)
             correct += sum(score(a, ex) for a, ex in zip(decoded.answers, chunk))
             loops_run.extend(decoded.loops_run)

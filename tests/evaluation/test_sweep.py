@@ -14,6 +14,7 @@ from open_mythos import ExitRule, OpenMythos
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
 from open_mythos.evaluation import (
     SweepRow,
+    evaluate_examples,
     greedy_answers,
     load_rows,
     perplexity,
@@ -21,7 +22,8 @@ from open_mythos.evaluation import (
     save_rows,
     sweep,
 )
-from open_mythos.tasks import IGNORE_INDEX, PAD_ID, collate, get_task
+from open_mythos.evaluation.sweep import teacher_forced_matches
+from open_mythos.tasks import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, collate, get_task
 
 from .conftest import act_model, slow_greedy, small_parity, task_config
 
@@ -57,6 +59,67 @@ def test_sweep_rows_and_accuracy_match_an_independent_check(parity_model):
             assert r.loops_run == r.n_loops
     # 50 training steps learn the answer format: the check above is not comparing zeros.
     assert max(r.accuracy for r in rows) > 0.25
+
+
+@pytest.mark.parametrize("rule", [None, ExitRule(argmax_streak=2, min_loops=1)])
+def test_answers_read_off_the_teacher_forced_forward_are_the_greedy_ones(parity_model, rule):
+    """Per example, at several depths, with and without an exit rule: the teacher-forced
+    argmax says "exact" exactly where batched greedy decoding over the cache produced the
+    answer."""
+    task, kw = small_parity(), {} if rule is None else {"exit_rule": rule}
+    seen = set()
+    for split in ("id", "ood_length"):
+        examples = sample_examples(task, split, 40, seed=5)
+        batch = collate(examples)
+        budget = max(len(ex.answer) for ex in examples) + 1
+        for n in (1, 2, 4):
+            with torch.no_grad():
+                logits = parity_model(batch["input_ids"], n, **kw)
+            matches = teacher_forced_matches(logits.argmax(-1), batch["targets"]).tolist()
+            answers = greedy_answers(parity_model, [ex.prompt for ex in examples], n, budget,
+                                     early_exit=False, exit_rule=rule)[0]
+            assert matches == [a == ex.answer for a, ex in zip(answers, examples)]
+            seen |= set(matches)
+    assert seen == {True, False}  # both outcomes were compared
+
+
+def test_teacher_forced_matches_ends_an_answer_at_any_special_token():
+    # One row per case: "ab" then EOS as targets; the argmax at each supervised position.
+    a, b = ord("a"), ord("b")
+    targets = torch.tensor([[IGNORE_INDEX, a, b, EOS_ID, IGNORE_INDEX]] * 5
+                           + [[IGNORE_INDEX, a, b, IGNORE_INDEX, IGNORE_INDEX]])
+    predicted = torch.tensor([
+        [7, a, b, EOS_ID, 7],   # exact
+        [7, a, b, PAD_ID, 7],   # PAD also ends the decoded text: exact
+        [7, a, b, BOS_ID, 7],   # so does BOS
+        [7, a, b, ord("c"), 7],  # "abc": not exact
+        [7, a, a, EOS_ID, 7],   # "aa": not exact
+        [7, a, b, EOS_ID, 7],   # no EOS target: nothing says where the answer ends
+    ])
+    assert teacher_forced_matches(predicted, targets).tolist() == [
+        True, True, True, False, False, False]
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        teacher_forced_matches(predicted[0], targets[0])
+
+
+def test_decoding_is_skipped_only_where_nothing_stops_early(parity_model, monkeypatch):
+    """ACT early exit off and no exit rule: the same accuracy and loss as decoding, with no
+    decoding forward; with early exit on (parity_model has ACT) it still decodes, for the
+    loop counts."""
+    import sys
+
+    module = sys.modules[evaluate_examples.__module__]
+    examples = sample_examples(small_parity(), "ood_length", 24, seed=2)
+    decoded = evaluate_examples(parity_model, examples, 3, early_exit=False, decode=True)
+    calls = []
+    real = module._greedy_examples
+    monkeypatch.setattr(module, "_greedy_examples",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    read_off = evaluate_examples(parity_model, examples, 3, early_exit=False)
+    assert calls == [] and read_off == decoded
+    assert 0 < read_off["accuracy"] < 1
+    evaluate_examples(parity_model, examples, 3, early_exit=True)
+    assert calls
 
 
 def test_sweep_loss_reads_the_answer_positions_only():
