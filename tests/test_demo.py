@@ -33,14 +33,23 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     for kind in ("looped", "baseline"):
         for stage in ("lookup", "chain"):
             assert (tmp_path / "demo" / kind / stage / "metrics.jsonl").exists()
-    # The looped model's sweep ran in a worker process: the same rows as one run here.
+    # The looped model's sweeps ran in the workers, a job per split: the same rows, in the
+    # same order, as one sweep here.
+    from open_mythos import ExitRule
+    from open_mythos.commands.demo import DEFAULT_TASK_ARGS, DEMO_EXIT_RULE_ARGS
+
     model = load_checkpoint(tmp_path / "demo" / "looped" / "chain")[0].eval()
-    task = get_task("multihop", hops=[1, 3], ood_hops=[4, 6], statements=8)
-    here = sweep(model, task, loops=list(range(1, 13)), n_examples=16, early_exit=(False,))
-    saved = json.loads((tmp_path / "demo" / "sweep.json").read_text())
-    saved = saved["rows"] if isinstance(saved, dict) else saved
-    pooled = {(r["split"], r["n_loops"]): r["accuracy"] for r in saved if r["model"] == "looped"}
-    assert pooled == {(r.split, r.n_loops): r.accuracy for r in here}
+    task = get_task("multihop", **DEFAULT_TASK_ARGS)
+    for name, rule in (("sweep.json", None), ("sweep_exit_rule.json",
+                                             ExitRule(**DEMO_EXIT_RULE_ARGS))):
+        here = sweep(model, task, loops=list(range(1, 13)), n_examples=16, early_exit=(False,),
+                     exit_rule=rule)
+        saved = json.loads((tmp_path / "demo" / name).read_text())
+        saved = saved["rows"] if isinstance(saved, dict) else saved
+        pooled = [(r["split"], r["n_loops"], r["accuracy"], r["loss"], r["loops_computed"])
+                  for r in saved if r["model"] == "looped"]
+        assert pooled == [(r.split, r.n_loops, r.accuracy, r.loss, r.loops_computed)
+                          for r in here]
 
 
 @pytest.mark.parametrize("argv, message", [

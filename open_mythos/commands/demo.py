@@ -631,10 +631,11 @@ def _print_banner(args: argparse.Namespace, task: Any, jobs: int) -> None:
 
 
 def _sweep_worker(checkpoint: str, task_args: str, loops: list[int], n_examples: int,
-                  seed: int, exit_rule: dict[str, int] | None = None) -> list[Any]:
-    """The demo's depth sweep of the looped model at ``checkpoint``, in a worker of
-    :func:`worker_pool` (one thread), with the exit rule ``ExitRule(**exit_rule)`` if
-    given."""
+                  seed: int, exit_rule: dict[str, int] | None = None,
+                  splits: list[str] | None = None) -> list[Any]:
+    """The demo's depth sweep of the looped model at ``checkpoint`` (on ``splits``, default
+    all), in a worker of :func:`worker_pool` (one thread), with the exit rule
+    ``ExitRule(**exit_rule)`` if given."""
     import torch
 
     from ..evaluation import sweep
@@ -646,8 +647,8 @@ def _sweep_worker(checkpoint: str, task_args: str, loops: list[int], n_examples:
     model = load_checkpoint(checkpoint)[0].eval()
     task = get_task("multihop", **json.loads(task_args))
     rule = None if exit_rule is None else ExitRule(**exit_rule)
-    return sweep(model, task, loops=loops, n_examples=n_examples, early_exit=(False,),
-                 seed=seed, exit_rule=rule)
+    return sweep(model, task, splits=splits, loops=loops, n_examples=n_examples,
+                 early_exit=(False,), seed=seed, exit_rule=rule)
 
 
 def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: Path,
@@ -661,6 +662,7 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
 
     from ..evaluation import save_rows, sweep, write_report
     from ..evaluation.report import accuracy_pivot
+    from ..evaluation.sweep import eval_splits
     from ..layers.recurrence import ExitRule
 
     T = args.train_loops
@@ -671,19 +673,31 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
     threads = torch.get_num_threads()
     try:
         if pool is not None:  # the pool's sweeps read the trained looped model's checkpoint
-            plain = pool.submit(_sweep_worker, *looped_args)
-            with_rule = pool.submit(_sweep_worker, *looped_args, DEMO_EXIT_RULE_ARGS)
+            # One job per sweep and split, the slower exit-rule sweeps first (they decode;
+            # the plain ones read the answers off the teacher-forced forward), so that the
+            # two workers finish together.
+            splits = eval_splits(task, models["looped"].cfg.max_seq_len)
+            left_out = [s for s in eval_splits(task) if s not in splits]
+            if left_out:  # what sweep() says when it picks the splits itself
+                print(f"warning: split(s) {', '.join(left_out)} exceed max_seq_len="
+                      f"{models['looped'].cfg.max_seq_len} and are left out", file=sys.stderr)
+            jobs = {(with_rule, split): pool.submit(
+                        _sweep_worker, *looped_args, DEMO_EXIT_RULE_ARGS if with_rule else None,
+                        [split])
+                    for with_rule in (True, False) for split in splits}
             torch.set_num_threads(1)  # the workers have a core each, until their sweeps end
         base_rows = sweep(models["baseline"], task, n_examples=args.n_examples,
                           early_exit=(False,), seed=args.seed)
-        rows = (plain.result() if pool is not None
+        rows = ([r for split in splits for r in jobs[False, split].result()]
+                if pool is not None
                 else sweep(models["looped"], task, loops=loops, n_examples=args.n_examples,
                            early_exit=(False,), seed=args.seed))
         save_rows([*rows, *base_rows], out / "sweep.json")
         report = write_report(out / "looped" / final, out / "report", rows, base_rows,
                               model=models["looped"], baseline=models["baseline"], task=task,
                               train_loops=T, seed=args.seed)
-        exit_rows = (with_rule.result() if pool is not None
+        exit_rows = ([r for split in splits for r in jobs[True, split].result()]
+                     if pool is not None
                      else sweep(models["looped"], task, loops=loops, n_examples=args.n_examples,
                                 early_exit=(False,), seed=args.seed, exit_rule=rule))
     finally:
