@@ -673,9 +673,8 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
     threads = torch.get_num_threads()
     try:
         if pool is not None:  # the pool's sweeps read the trained looped model's checkpoint
-            # One job per sweep and split, the slower exit-rule sweeps first (they decode;
-            # the plain ones read the answers off the teacher-forced forward), so that the
-            # two workers finish together.
+            # One job per sweep and split, so that the two workers finish together; the
+            # plain ones first: the report, written here meanwhile, needs their rows.
             splits = eval_splits(task, models["looped"].cfg.max_seq_len)
             left_out = [s for s in eval_splits(task) if s not in splits]
             if left_out:  # what sweep() says when it picks the splits itself
@@ -684,7 +683,7 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
             jobs = {(with_rule, split): pool.submit(
                         _sweep_worker, *looped_args, DEMO_EXIT_RULE_ARGS if with_rule else None,
                         [split])
-                    for with_rule in (True, False) for split in splits}
+                    for with_rule in (False, True) for split in splits}
             torch.set_num_threads(1)  # the workers have a core each, until their sweeps end
         base_rows = sweep(models["baseline"], task, n_examples=args.n_examples,
                           early_exit=(False,), seed=args.seed)

@@ -5,18 +5,19 @@ loop count, drawn once per split from ``seed``) and returns one :class:`SweepRow
 ``(split, n_loops, early_exit)``:
 
 - ``loss``: cross-entropy of the answer and EOS tokens, teacher-forced, one forward per batch;
-- ``accuracy``: exact match of the greedy answer (the text before the first EOS). Where
-  something can stop a position early (ACT early exit, an exit rule) it is decoded in
-  batches over a preallocated KV cache with left-padded prompts, stopping at EOS. Otherwise
-  it is read off the teacher-forced forward, which gives the same answers for a third of
-  the forwards: greedy decoding reproduces the target exactly when each target token is
-  the argmax given the targets before it, and a cached decoding step computes the logits
-  of the full forward (:func:`teacher_forced_matches`);
+- ``accuracy``: exact match of the greedy answer (the text before the first EOS). With
+  early exit on a model that can stop computing (ACT, an exit rule), and for a bfloat16 or
+  float16 model, it is decoded in batches over a preallocated KV cache with left-padded
+  prompts, stopping at EOS. Otherwise it is read off the teacher-forced forward, which
+  gives the same answers for a third of the forwards: greedy decoding reproduces the target
+  exactly when each target token is the argmax given the targets before it, and a cached
+  decoding step computes the logits of the full forward (:func:`teacher_forced_matches`).
+  In half precision the two round differently, and a near-tie can go either way;
 - ``expected_loops``, ``halt_loop``: mean ACT ponder cost and mean halting loop per real
   token of the teacher-forced forward;
 - ``loops_run``, ``loops_computed``: loops the model actually executed per forward while
-  decoding, for the batch and per sequence (below ``n_loops`` only with early exit; without
-  it, nothing is decoded and both are ``n_loops``).
+  decoding, for the batch and per sequence (below ``n_loops`` only with early exit; where
+  nothing is decoded, both are ``n_loops``).
 
 A fixed-depth model (:class:`~open_mythos.baseline.DenseBaseline`) gets one row per split,
 with its core depth in every loop column.
@@ -471,10 +472,13 @@ def evaluate_examples(
     Args:
         decode: whether the greedy answers are decoded over a KV cache (True) or read off
             the teacher-forced forward that gives the loss (False:
-            :func:`teacher_forced_matches`; the same answers, and no decoding forwards, so
-            about a third of the work). None (the default): decode only where something
-            can stop a position early (ACT early exit, an exit rule), whose decoding
-            forwards give ``loops_run`` and ``loops_computed``.
+            :func:`teacher_forced_matches`; the same answers in float32 and float64, and
+            no decoding forwards, so about a third of the work). None (the default):
+            decode where ``early_exit`` can stop sequences (a looped model with ACT or
+            ``exit_rule``), whose decoding forwards give ``loops_run`` and
+            ``loops_computed``, and for a bfloat16 or float16 model, whose cached decoding
+            and full forward round differently (a near-tie can go either way: decoding
+            keeps every row of such a sweep on one path).
 
     Returns:
         ``accuracy``, ``loss``, ``expected_loops``, ``halt_loop``, ``loops_run`` and
@@ -485,8 +489,9 @@ def evaluate_examples(
         raise ValueError("evaluate_examples needs at least one example")
     batch_size = whole_number(batch_size, "batch_size", minimum=1)
     if decode is None:
-        decode = is_looped(model) and (exit_rule is not None
-                                       or bool(early_exit and model.cfg.use_act))
+        stops = is_looped(model) and bool(early_exit) and (exit_rule is not None
+                                                           or model.cfg.use_act)
+        decode = stops or any(p.dtype in _HALF for p in model.parameters())
     correct, tf_sums, loops_run, loops_computed = 0, [], [], []
     with eval_mode(model):
         for lo in range(0, len(examples), batch_size):
@@ -514,6 +519,10 @@ def evaluate_examples(
         "loops_run": _mean(loops_run, default=n_loops),
         "loops_computed": _mean(loops_computed, default=n_loops),
     }
+
+
+#: Parameter dtypes whose models :func:`evaluate_examples` decodes by default.
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _wide(logits: torch.Tensor) -> torch.Tensor:

@@ -103,23 +103,31 @@ def test_teacher_forced_matches_ends_an_answer_at_any_special_token():
 
 
 def test_decoding_is_skipped_only_where_nothing_stops_early(parity_model, monkeypatch):
-    """ACT early exit off and no exit rule: the same accuracy and loss as decoding, with no
-    decoding forward; with early exit on (parity_model has ACT) it still decodes, for the
-    loop counts."""
+    """Early exit off (with or without an exit rule): the same accuracy and loss as
+    decoding, with no decoding forward. Early exit on (parity_model has ACT) and a bfloat16
+    model still decode: the first for the loops computed, the second because its cached
+    decoding and full forward round differently."""
+    import copy
     import sys
 
     module = sys.modules[evaluate_examples.__module__]
     examples = sample_examples(small_parity(), "ood_length", 24, seed=2)
-    decoded = evaluate_examples(parity_model, examples, 3, early_exit=False, decode=True)
+    rule = ExitRule(argmax_streak=2, min_loops=1)
+    decoded = [evaluate_examples(parity_model, examples, 3, early_exit=False, exit_rule=r,
+                                 decode=True) for r in (None, rule)]
     calls = []
     real = module._greedy_examples
     monkeypatch.setattr(module, "_greedy_examples",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    read_off = evaluate_examples(parity_model, examples, 3, early_exit=False)
+    read_off = [evaluate_examples(parity_model, examples, 3, early_exit=False, exit_rule=r)
+                for r in (None, rule)]
     assert calls == [] and read_off == decoded
-    assert 0 < read_off["accuracy"] < 1
+    assert 0 < read_off[0]["accuracy"] < 1
     evaluate_examples(parity_model, examples, 3, early_exit=True)
-    assert calls
+    assert len(calls) == 1
+    evaluate_examples(copy.deepcopy(parity_model).to(torch.bfloat16), examples, 3,
+                      early_exit=False)
+    assert len(calls) == 2
 
 
 def test_sweep_loss_reads_the_answer_positions_only():
