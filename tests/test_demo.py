@@ -29,6 +29,7 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     assert (tmp_path / "demo" / "sweep.json").exists()
     assert "The same sweep with a training-free exit rule" in out
     assert "also measured: with the exit rule, in-distribution at 4x T_train" in out
+    assert "also measured: with the exit rule at 12 loops, ood_hops: positions ran" in out
     assert (tmp_path / "demo" / "sweep_exit_rule.json").exists()
     for kind in ("looped", "baseline"):
         for stage in ("lookup", "chain"):
@@ -410,3 +411,27 @@ def test_sample_answers_show_every_level():
     table = sample_answers(models, task, [1, 2], seed=0)
     levels = [int(row.split("|")[2]) for row in table.splitlines()[2:]]
     assert levels == [1, 2, 3, 4, 5, 6]
+
+
+def test_exit_rule_work_counts_the_loops_positions_ran():
+    """A rule that fires at the first loop: every position ran one loop and, with early
+    exit, every sequence stopped computing after it."""
+    import torch
+
+    from open_mythos import ExitRule, OpenMythos
+    from open_mythos.commands.demo import DEFAULT_TASK_ARGS, exit_rule_work
+    from open_mythos.tasks import VOCAB_SIZE, get_task
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(vocab_size=VOCAB_SIZE, max_seq_len=64, use_act=False)).eval()
+    task = get_task("multihop", **DEFAULT_TASK_ARGS)
+    lines = exit_rule_work(model, task, ExitRule(entropy=1e9, min_loops=1), 6, 8, 0)
+    assert [line.split(":")[0] for line in lines] == [
+        "with the exit rule at 6 loops, id", "with the exit rule at 6 loops, ood_hops"]
+    for line in lines:
+        assert "positions ran 1.0 loops on average (17% of 6" in line
+        assert "sequences computed 1.0 loops per forward (8 examples)" in line
+    never = exit_rule_work(model, task, ExitRule(entropy=1e-12, min_loops=1), 6, 8, 0)
+    assert all("positions ran 6.0 loops" in line and "computed 6.0 loops" in line
+               for line in never)

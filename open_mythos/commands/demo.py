@@ -490,6 +490,29 @@ def exit_rule_checks(exit_rows: Sequence[Any], rows: Sequence[Any], train_loops:
     return lines
 
 
+def exit_rule_work(model: Any, task: Any, rule: Any, n_loops: int, n_examples: int,
+                   seed: int) -> list[str]:
+    """What the exit rule saves at ``n_loops``: per split, the loops each position ran
+    (the prompt's tokens and the answer's: :attr:`~open_mythos.evaluation.Decoded.per_position`)
+    and the loops each sequence computed per forward, over ``n_examples`` greedy answers
+    decoded with early exit (a sequence stops computing once all its positions exited)."""
+    from ..evaluation import greedy_decode, sample_examples
+    from ..evaluation.sweep import eval_splits
+
+    lines = []
+    for split in eval_splits(task, model.cfg.max_seq_len):
+        examples = sample_examples(task, split, n_examples, seed)
+        budget = max(len(ex.answer) for ex in examples) + 1
+        out = greedy_decode(model, [ex.prompt for ex in examples], n_loops, budget,
+                            early_exit=True, exit_rule=rule)
+        computed = sum(out.loops_computed) / len(out.loops_computed)
+        lines.append(f"with the exit rule at {n_loops} loops, {split}: positions ran "
+                     f"{out.per_position:.1f} loops on average ({out.per_position / n_loops:.0%}"
+                     f" of {n_loops}; prompt and answer tokens), sequences computed "
+                     f"{computed:.1f} loops per forward ({n_examples} examples)")
+    return lines
+
+
 def sample_answers(models: dict[str, Any], task: Any, depths: Sequence[int], seed: int) -> str:
     """A Markdown table: one prompt per difficulty level, greedy answers at several depths."""
     from ..evaluation import greedy_answers
@@ -706,6 +729,8 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
     exit_table = accuracy_pivot(exit_rows)
     met, targets = check_targets(rows, base_rows, T)
     targets += [f"also measured: {line}" for line in exit_rule_checks(exit_rows, rows, T)]
+    targets += [f"also measured: {line}" for line in exit_rule_work(
+        models["looped"], task, rule, 4 * T, min(args.n_examples, 128), args.seed)]
     samples = sample_answers(models, task, sorted({1, T, 2 * T, 4 * T}), args.seed)
     (out / "demo.md").write_text(
         f"# openmythos demo\n\nExact-match accuracy ({args.n_examples} examples per split) "
