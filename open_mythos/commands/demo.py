@@ -2,7 +2,7 @@
 
 ::
 
-    python -m open_mythos demo                        # about 4.5-5 minutes on 2 CPU cores
+    python -m open_mythos demo                        # about 5-7 minutes on 2 CPU cores
     python -m open_mythos demo --quick --out /tmp/d   # checks the pipeline in seconds
 
 On the ``multihop`` task (follow variable assignments to their end, a digit or, in half the
@@ -35,8 +35,9 @@ sequential computation for that token) it
    answer has settled), the two sweeps side by side in the training processes; the
    baseline has one depth;
 3. writes ``report/`` (plots and ``report.md``), ``sweep.json``, ``demo.md`` and both runs;
-4. prints the accuracy table, the depth-extrapolation targets as measured, and a few
-   greedy answers at low and high depth.
+4. prints the accuracy table, the depth-extrapolation targets as measured, the loops the
+   exit rule lets positions and sequences skip at ``4 x T_train``, and a few greedy answers
+   at low and high depth.
 
 What is known about the recipe is in ``docs/depth_extrapolation.md``; every knob is a flag.
 """
