@@ -29,7 +29,7 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     assert (tmp_path / "demo" / "sweep.json").exists()
     assert "The same sweep with a training-free exit rule" in out
     assert "also measured: with the exit rule, in-distribution at 4x T_train" in out
-    assert "also measured: with the exit rule at 12 loops, ood_hops: positions ran" in out
+    assert "also measured: with the exit rule at 12 loops, ood_hops: positions settled" in out
     assert (tmp_path / "demo" / "sweep_exit_rule.json").exists()
     for kind in ("looped", "baseline"):
         for stage in ("lookup", "chain"):
@@ -413,25 +413,44 @@ def test_sample_answers_show_every_level():
     assert levels == [1, 2, 3, 4, 5, 6]
 
 
-def test_exit_rule_work_counts_the_loops_positions_ran():
-    """A rule that fires at the first loop: every position ran one loop and, with early
-    exit, every sequence stopped computing after it."""
+def test_exit_rule_work_counts_the_loops_positions_ran(monkeypatch):
+    """The share of the looped block's work, against the positions its loop steps actually
+    received (counted by wrapping the step), and the settling loop against
+    Decoded.per_position; with a rule that fires at once and one that never does."""
+    import re
+
     import torch
 
     from open_mythos import ExitRule, OpenMythos
     from open_mythos.commands.demo import DEFAULT_TASK_ARGS, exit_rule_work
+    from open_mythos.evaluation import greedy_decode, sample_examples
     from open_mythos.tasks import VOCAB_SIZE, get_task
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)
     model = OpenMythos(tiny_config(vocab_size=VOCAB_SIZE, max_seq_len=64, use_act=False)).eval()
     task = get_task("multihop", **DEFAULT_TASK_ARGS)
-    lines = exit_rule_work(model, task, ExitRule(entropy=1e9, min_loops=1), 6, 8, 0)
-    assert [line.split(":")[0] for line in lines] == [
-        "with the exit rule at 6 loops, id", "with the exit rule at 6 loops, ood_hops"]
-    for line in lines:
-        assert "positions ran 1.0 loops on average (17% of 6" in line
-        assert "sequences computed 1.0 loops per forward (8 examples)" in line
-    never = exit_rule_work(model, task, ExitRule(entropy=1e-12, min_loops=1), 6, 8, 0)
-    assert all("positions ran 6.0 loops" in line and "computed 6.0 loops" in line
-               for line in never)
+    rec, counts = model.recurrent, {"ran": 0, "full": 0}
+    step = rec._step
+
+    def counted(h, *args):
+        counts["ran"] += h.shape[0] * h.shape[1]
+        if args[1] == 0:  # the loop index: every row runs the first loop
+            counts["full"] += h.shape[0] * h.shape[1]
+        return step(h, *args)
+
+    monkeypatch.setattr(rec, "_step", counted)
+    rule = ExitRule(rel_change=0.3, min_loops=1)  # sequences stop after 2 or 3 loops
+    [line] = [ln for ln in exit_rule_work(model, task, rule, 6, 16, 0) if ", id:" in ln]
+    share = counts["ran"] / (6 * counts["full"])
+    assert 0.1 < share < 0.9, "the rule should stop sequences at different loops"
+    assert f"the looped block ran {share:.0%} of its 6-loop work" in line
+    examples = sample_examples(task, "id", 16, 0)
+    decoded = greedy_decode(model, [ex.prompt for ex in examples], 6, 2, early_exit=True,
+                            exit_rule=rule)
+    settled = float(re.search(r"settled after ([0-9.]+) loops", line).group(1))
+    assert settled == round(decoded.per_position, 1) and settled != round(6 * share, 1)
+    for rule, loops, work in ((ExitRule(entropy=1e9, min_loops=1), "1.0", "17%"),
+                              (ExitRule(entropy=1e-12, min_loops=1), "6.0", "100%")):
+        for line in exit_rule_work(model, task, rule, 6, 8, 0):
+            assert f"settled after {loops} loops" in line and f"ran {work} of" in line
