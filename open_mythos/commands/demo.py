@@ -695,7 +695,7 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
 
     from ..evaluation import save_rows, sweep, write_report
     from ..evaluation.report import accuracy_pivot
-    from ..evaluation.sweep import eval_splits
+    from ..evaluation.sweep import fitting_splits
     from ..layers.recurrence import ExitRule
 
     T = args.train_loops
@@ -708,11 +708,7 @@ def _evaluate(args: argparse.Namespace, task: Any, models: dict[str, Any], out: 
         if pool is not None:  # the pool's sweeps read the trained looped model's checkpoint
             # One job per sweep and split, so that the two workers finish together; the
             # plain ones first: the report, written here meanwhile, needs their rows.
-            splits = eval_splits(task, models["looped"].cfg.max_seq_len)
-            left_out = [s for s in eval_splits(task) if s not in splits]
-            if left_out:  # what sweep() says when it picks the splits itself
-                print(f"warning: split(s) {', '.join(left_out)} exceed max_seq_len="
-                      f"{models['looped'].cfg.max_seq_len} and are left out", file=sys.stderr)
+            splits = fitting_splits(task, models["looped"].cfg.max_seq_len)
             jobs = {(with_rule, split): pool.submit(
                         _sweep_worker, *looped_args, DEMO_EXIT_RULE_ARGS if with_rule else None,
                         [split])

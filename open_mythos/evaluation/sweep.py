@@ -58,7 +58,6 @@ from ..tasks import (
     encode_prompt,
     score,
 )
-from ..tasks.batching import encode_text
 from ..tokenizers import pad_rows
 
 
@@ -163,6 +162,24 @@ def eval_splits(task: Task, max_seq_len: int | None = None) -> list[str]:
     if max_seq_len is None:
         return splits
     return [s for s in splits if task.max_len(s) <= max_seq_len]
+
+
+def fitting_splits(task: Task, max_seq_len: int, stacklevel: int = 2) -> list[str]:
+    """The :func:`eval_splits` of ``task`` that fit ``max_seq_len``, what :func:`sweep`
+    evaluates by default; a warning names the splits left out.
+
+    Raises:
+        ValueError: no split fits.
+    """
+    splits = eval_splits(task, max_seq_len)
+    if not splits:
+        raise ValueError(f"no split of {task.name!r} fits max_seq_len={max_seq_len}: "
+                         "nothing to evaluate")
+    skipped = sorted(set(eval_splits(task)) - set(splits))
+    if skipped:
+        warnings.warn(f"sweep: split(s) {', '.join(skipped)} of {task.name!r} exceed "
+                      f"max_seq_len={max_seq_len} and are left out", stacklevel=stacklevel)
+    return splits
 
 
 def split_level(task: Task, split: str) -> int | None:
@@ -374,9 +391,8 @@ def teacher_forced_matches(predicted: torch.Tensor, targets: torch.Tensor) -> to
     computed at that position; the answer then ends where the next token is not a byte
     (:func:`~open_mythos.tasks.decode_answer` stops at EOS, PAD or any other special id).
     So a row matches when every answer token is its position's argmax and the position
-    after the answer (the EOS target) predicts a non-byte id. ``score`` on the decoded
-    text agrees for answers whose text survives the byte round trip (every task's
-    answers; :func:`evaluate_examples` checks it per example).
+    after the answer (the EOS target) predicts a non-byte id (task text is ASCII, one
+    byte per character, so the decoded text is then the answer).
     """
     if predicted.shape != targets.shape or predicted.dim() != 2:
         raise ValueError(f"predicted and targets must both be (B, L), got "
@@ -502,9 +518,7 @@ def evaluate_examples(
                                    with_matches=not decode)
             tf_sums.append(sums)
             if sums.matches is not None:
-                # The answer's text must also survive the byte round trip of decoding.
-                correct += sum(match and score(decode_answer(encode_text(ex.answer)), ex)
-                               for match, ex in zip(sums.matches, chunk))
+                correct += sum(sums.matches)
                 continue
             decoded = _greedy_examples(model, chunk, n_loops, early_exit, exit_rule)
             correct += sum(score(a, ex) for a, ex in zip(decoded.answers, chunk))
@@ -579,14 +593,7 @@ def sweep(
         one row per split (``n_loops`` = its core depth, ``early_exit`` False).
     """
     if splits is None:
-        splits = eval_splits(task, model.cfg.max_seq_len)
-        if not splits:
-            raise ValueError(f"no split of {task.name!r} fits max_seq_len="
-                             f"{model.cfg.max_seq_len}: nothing to evaluate")
-        skipped = sorted(set(eval_splits(task)) - set(splits))
-        if skipped:
-            warnings.warn(f"sweep: split(s) {', '.join(skipped)} of {task.name!r} exceed "
-                          f"max_seq_len={model.cfg.max_seq_len} and are left out", stacklevel=2)
+        splits = fitting_splits(task, model.cfg.max_seq_len, stacklevel=3)
     elif isinstance(splits, str):  # one split by name ("id" was read letter by letter)
         splits = [splits]
     elif not splits:
