@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..layers.kv import CacheStore, Entries, window_of
+from ..layers.kv import CacheStore, Entries, window_of, with_live
 
 __all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store",
            "check_depth_sharing"]
@@ -158,7 +158,7 @@ class DictCache(_FillMissing):
             # alive, and nbytes() would not count what the dict holds.
             stored = {n: self._in(t.detach()).contiguous() for n, t in new.items()}
         self.store[key] = stored
-        return {n: self._out(t) for n, t in stored.items()}
+        return with_live({n: self._out(t) for n, t in stored.items()}, new, start)
 
     def _stored(self, key: str) -> Entries:
         return {n: self._out(t) for n, t in self.store[key].items()}
@@ -262,9 +262,9 @@ class KVCache(_FillMissing):
             }
             self._buffers[key] = bufs
         for n, t in new.items():
-            bufs[n][..., start:end, :].copy_(t)
+            bufs[n][..., start:end, :].copy_(t.detach())
         self._lengths[key] = end
-        return {n: b[..., :end, :] for n, b in bufs.items()}
+        return with_live({n: b[..., :end, :] for n, b in bufs.items()}, new, start)
 
     def buffers(self) -> dict[str, Entries]:
         """The full preallocated buffers, ``max_len`` positions each (for compiled steps)."""

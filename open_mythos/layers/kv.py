@@ -33,6 +33,10 @@ class CacheStore(Protocol):
         """Store ``new`` (sequence on dim -2) at positions ``start...``; return all positions.
 
         ``start`` may be below the cached length (the tail is overwritten) but not above it.
+        The store holds constants, as upstream's dict held ``k.detach()``: a cached position
+        carries no gradient into a later call, and no autograd graph stays alive through
+        the cache. The returned positions ``start...`` are ``new`` itself where autograd
+        records it (:func:`with_live`), so a chunk's own keys and values keep their gradient.
         """
         ...
 
@@ -55,6 +59,19 @@ class CacheStore(Protocol):
         For layers that mix a few neighbouring positions (``TokenConv``) rather than attend.
         """
         ...
+
+
+def with_live(written: Entries, new: Entries, start: int) -> Entries:
+    """``written`` (every position up to the new ones, as a store holds them) with the new
+    positions ``start...`` taken from ``new`` itself where autograd records ``new``.
+
+    A store writes constants (``new`` detached); attending over them alone would drop the
+    gradient of the chunk's own keys and values, which a cache-free forward has.
+    """
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in new.values()):
+        return written
+    return {n: torch.cat((w[..., :start, :], new[n].to(w.dtype)), dim=-2)
+            for n, w in written.items()}
 
 
 def window_of(written: Entries, start: int, before: int, length: int) -> Entries:

@@ -37,6 +37,56 @@ def test_chunked_cached_forward_equals_full_forward(attn_type, n_loops, store, d
     assert (deeper.float() - full.float()).abs().max() > 2 * tol["atol"]
 
 
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("store", ["dict", "kvcache"])
+@pytest.mark.parametrize("token_conv", [0, 3])
+def test_a_cached_forward_keeps_the_gradient_of_its_own_keys_and_values(attn_type, store,
+                                                                         token_conv):
+    """Upstream attended with the live keys and stored ``k.detach()``: a forward into an empty
+    cache has the cache-free forward's gradient for every parameter. Attending over the
+    detached copy dropped the key/value projections' share of it (exactly zero through the
+    Prelude's ``wk``/``kv_down``)."""
+    model = halting_model(attn_type, token_conv=token_conv).double()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = _grads(model, model(ids, n_loops=3, act_early_exit=False).pow(2).mean())
+    cache = {} if store == "dict" else KVCache(max_len=16)
+    got = _grads(model, model(ids, n_loops=3, kv_cache=cache, act_early_exit=False)
+                 .pow(2).mean())
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("store", ["dict", "kvcache"])
+def test_cached_positions_are_constants_to_a_later_chunk(attn_type, store):
+    """A chunk's loss differentiates through its own keys only, never back into the call
+    that cached the prefix: the same gradient whether the prefix was cached with autograd
+    recording or not, and no graph kept alive by the cache (``KVCache`` copied live tensors
+    into its buffers: every decode step's graph stayed reachable, memory grew without
+    bound)."""
+    model = halting_model(attn_type).double()
+    ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(1))
+
+    def second_chunk_grads(record_prefix: bool):
+        cache = {} if store == "dict" else KVCache(max_len=16)
+        with torch.set_grad_enabled(record_prefix):
+            model(ids[:, :9], n_loops=3, kv_cache=cache, act_early_exit=False)
+        out = model(ids[:, 9:], n_loops=3, kv_cache=cache, start_pos=9, act_early_exit=False)
+        stored = cache.values() if store == "dict" else cache.buffers().values()
+        assert not any(t.requires_grad for entry in stored for t in entry.values())
+        return _grads(model, out.pow(2).mean())
+
+    ref, got = second_chunk_grads(False), second_chunk_grads(True)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_decoding_takes_attention_outputs_in_any_memory_order(attn_type, monkeypatch):
     """CUDA's attention kernels return their (B, H, T, d) output laid out as (B, T, H, d).
     Decoding must not assume a contiguous output: GQA's one-token path used ``view`` and
