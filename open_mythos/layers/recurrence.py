@@ -602,7 +602,10 @@ class RecurrentBlock(CopiesDetached, nn.Module):
                 if t + 1 in keep_states:
                     self.last_states[t + 1] = h
             if early_exit and (halting is not None or exits is not None):
-                alive = running.any(dim=1)  # (B,)
+                # A row stops once its real tokens have: padding never halts or exits on
+                # its own terms, and its state is never read.
+                real = running if ctx.token_mask is None else running & ctx.token_mask
+                alive = real.any(dim=1)  # (B,)
                 if not any_alive(alive):
                     break
                 # Sequences that have fully halted stop computing.
