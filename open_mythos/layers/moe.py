@@ -288,7 +288,8 @@ class MoEFFN(CopiesDetached, nn.Module):
                              persistent=False)
         self.last_expert_load: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
-        # False while activation checkpointing recomputes a forward (load already counted).
+        # False while activation checkpointing recomputes a forward: its load was counted and
+        # its last_* telemetry recorded by the forward itself.
         self.record_load = True
         # dtype -> (w_gate_up, w_down) cast once for several calls (see shared_casts).
         self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -420,10 +421,11 @@ class MoEFFN(CopiesDetached, nn.Module):
             n_real = real.sum().clamp(min=1)
             frac = load / (n_real * k)
             mean_probs = (probs * real.unsqueeze(-1)).sum(dim=0) / n_real
-        self.last_expert_load = load
-        self.last_aux_loss = self.n_experts * (frac * mean_probs).sum()
-        if self.training and self.record_load:
-            self.load_since_update.add_(load)
+        aux = self.n_experts * (frac * mean_probs).sum()
+        if self.record_load:  # not a checkpoint's recomputation: keep the forward's own
+            self.last_expert_load, self.last_aux_loss = load, aux
+            if self.training:
+                self.load_since_update.add_(load)
         return out.to(x.dtype).reshape(shape)
 
     def _dispatch_sorted(self, flat: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
@@ -545,7 +547,8 @@ class MoEFFN(CopiesDetached, nn.Module):
             The load (n_experts,) that the update used.
         """
         rate = self.bias_update_rate if rate is None else rate
-        load = self.load_since_update.clone() if load is None else load.to(self.router_bias.device)
+        load = (self.load_since_update.clone() if load is None  # counts: bincount gives int64
+                else load.to(self.router_bias.device, torch.float32))
         if load.shape != self.router_bias.shape:
             raise ValueError(f"load must have shape {tuple(self.router_bias.shape)}, got {tuple(load.shape)}")
         # sign(0) = 0: an empty accumulator (mean 0, all loads 0) moves nothing.

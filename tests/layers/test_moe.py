@@ -233,6 +233,11 @@ def test_router_bias_update_uses_the_load_it_is_given():
     assert moe.load_since_update.sum() == 0
     with pytest.raises(ValueError, match="shape"):
         moe.update_router_bias(load=torch.ones(3))
+    # Counts as torch.bincount returns them (int64) are loads too.
+    counts = torch.bincount(torch.tensor([1, 1, 2, 3]), minlength=4)
+    before = moe.router_bias.clone()
+    assert moe.update_router_bias(load=counts).tolist() == [0.0, 2.0, 1.0, 1.0]
+    assert moe.router_bias[0] > before[0] and moe.router_bias[1] < before[1]
 
 
 def test_looped_bf16_forward_casts_the_expert_weights_once(monkeypatch):

@@ -55,14 +55,21 @@ def test_routing_collapses_without_bias_updates_and_balances_with_them():
 
 
 def test_load_is_counted_once_per_loop_even_with_checkpointing():
+    """The recomputation in backward neither counts the load again nor overwrites the
+    layer's ``last_*`` telemetry with loop 0's."""
     torch.manual_seed(0)
     model = OpenMythos(tiny_config(use_act=False)).train()
     model.recurrent.gradient_checkpointing = True
     moe = model.recurrent.block.ffn
     ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
     logits = model(ids, n_loops=3)
+    last_load, last_aux = moe.last_expert_load.clone(), moe.last_aux_loss.detach().clone()
     F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()  # recomputes each loop
     per_depth = model.recurrent.last_expert_load  # (loops, n_experts)
+    # The layer's telemetry is the forward's last loop, not loop 0's recomputation.
+    torch.testing.assert_close(last_load, per_depth[-1])
+    assert torch.equal(moe.last_expert_load, last_load)
+    assert torch.equal(moe.last_aux_loss.detach(), last_aux)
     assert per_depth.shape == (3, moe.n_experts)
     assert torch.all(per_depth.sum(1) == 2 * 12 * moe.topk)
     torch.testing.assert_close(moe.load_since_update, per_depth.sum(0))
