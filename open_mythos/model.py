@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import MythosConfig, check_flag, check_loops
+from .config import MythosConfig, check_flag, check_loops, whole_number
 from .inference.cache import CacheStore, KVCache, as_cache_store
 from .layers.attention import AttnContext
 from .layers.conv import TokenConv
@@ -121,8 +121,11 @@ class CausalLM(nn.Module):
         all of it for None."""
         return x if at is None else x.flatten(0, 1).index_select(0, at)
 
-    def _validate(self, input_ids: torch.Tensor, start_pos: int) -> None:
-        """Check the input ids and positions (the loop count is checked by the caller)."""
+    def _validate(self, input_ids: torch.Tensor, start_pos: int) -> int:
+        """Check the input ids and positions (the loop count is checked by the caller);
+        return ``start_pos`` as a Python ``int``."""
+        if not torch.compiler.is_compiling():  # there it may be a symbolic int
+            start_pos = whole_number(start_pos, "start_pos (the number of cached positions)")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -135,16 +138,13 @@ class CausalLM(nn.Module):
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty along the sequence dimension")
         end = start_pos + input_ids.shape[1]
-        if start_pos < 0:
-            raise ValueError(f"start_pos must be >= 0 (the number of cached positions), got "
-                             f"{start_pos}")
         if end > self.cfg.max_seq_len:
             raise ValueError(
                 f"positions {start_pos}..{end - 1} exceed max_seq_len={self.cfg.max_seq_len} "
                 "(shorten the input or build the model with a larger max_seq_len)"
             )
         if torch.compiler.is_compiling():
-            return
+            return start_pos
         if input_ids.device.type != "cuda":
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
@@ -157,6 +157,7 @@ class CausalLM(nn.Module):
             # check runs on the device and fails the next synchronising call instead.
             torch._assert_async(((input_ids >= 0) & (input_ids < self.cfg.vocab_size)).all(),
                                 f"token ids must be in [0, {self.cfg.vocab_size})")
+        return start_pos
 
     def _context(
         self,
@@ -253,7 +254,7 @@ class CausalLM(nn.Module):
         if lens not in ("coda", "head"):
             raise ValueError(f"lens must be 'coda' or 'head', got {lens!r}")
         n_loops = self.default_n_loops if n_loops is None else check_loops(n_loops)
-        self._validate(input_ids, start_pos)
+        start_pos = self._validate(input_ids, start_pos)
         backprop_loops = check_loops(backprop_loops, name="backprop_loops", allow_none=True)
         act_early_exit = check_flag(act_early_exit, "act_early_exit")
         exit_rule = as_exit_rule(exit_rule)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,16 @@ def test_forward_options_of_the_wrong_kind_are_named():
 
     model = OpenMythos(tiny_config()).eval()
     ids = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="start_pos must be >= 0"):
-        model(ids, kv_cache={}, start_pos=-1)
+    # A float or bool start_pos failed deep inside (a view, a narrow), and without a cache
+    # 2.5 was taken as a RoPE offset.
+    for bad, cache in ((-1, {}), (4.0, {}), (True, {}), ("4", {}), (2.5, None)):
+        with pytest.raises(ValueError, match=r"start_pos \(the number of cached positions\) "
+                                             "must be a non-negative integer"):
+            model(ids, kv_cache=cache, start_pos=bad)
+    cache = {}
+    model(ids, kv_cache=cache)
+    step = model(ids[:, :1], kv_cache=cache, start_pos=np.int64(3))  # NumPy's ints are ints
+    assert step.shape == (1, 1, model.cfg.vocab_size)
     with pytest.raises(TypeError, match="act_early_exit must be True, False or None"):
         model(ids, act_early_exit="no")  # a truthy string is not read as True
     with pytest.raises(TypeError, match="readout depths must be a collection"):
