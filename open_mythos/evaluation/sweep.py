@@ -12,7 +12,8 @@ loop count, drawn once per split from ``seed``) and returns one :class:`SweepRow
   gives the same answers for a third of the forwards: greedy decoding reproduces the target
   exactly when each target token is the argmax given the targets before it, and a cached
   decoding step computes the logits of the full forward (:func:`teacher_forced_matches`).
-  In half precision the two round differently, and a near-tie can go either way;
+  The two round differently (float32: logits apart by ~1e-5; half precision: far more), so
+  an argmax tie within that band can go either way, as it can between batch sizes;
 - ``expected_loops``, ``halt_loop``: mean ACT ponder cost and mean halting loop per real
   token of the teacher-forced forward;
 - ``loops_run``, ``loops_computed``: loops the model actually executed per forward while
@@ -488,8 +489,9 @@ def evaluate_examples(
     Args:
         decode: whether the greedy answers are decoded over a KV cache (True) or read off
             the teacher-forced forward that gives the loss (False:
-            :func:`teacher_forced_matches`; the same answers in float32 and float64, and
-            no decoding forwards, so about a third of the work). None (the default):
+            :func:`teacher_forced_matches`; the same answers in float32 and float64 but
+            at argmax ties within rounding (~1e-5 in float32), and no decoding forwards,
+            so about a third of the work). None (the default):
             decode where ``early_exit`` can stop sequences (a looped model with ACT or
             ``exit_rule``), whose decoding forwards give ``loops_run`` and
             ``loops_computed``, and for a bfloat16 or float16 model, whose cached decoding
