@@ -82,7 +82,11 @@ class MythosConfig:
         dense_ffn_dim: hidden width of the Prelude/Coda SwiGLU; ``None`` means ``4 * dim // 3``
             as upstream.
         router_bias_update_rate: step of the aux-loss-free balancing update of the router
-            bias (``MoEFFN.update_router_bias``).
+            bias (``MoEFFN.update_router_bias``), in logits per optimiser step. The default
+            1e-3 undoes a one-logit preference in about 1,000 steps, on its own too slow
+            for runs of a few hundred steps (``openmythos train`` adds a balance loss,
+            ``aux_weight`` 0.01, which balances within those); 1e-2 balances a collapsed
+            router within 300 (``tests/layers/test_moe_balance.py``).
         norm_eps: epsilon of every RMSNorm.
         init_std: standard deviation of every weight matrix at initialisation (attention,
             router, experts, dense FFNs); ``None`` (the default) means ``dim ** -0.5``, which
