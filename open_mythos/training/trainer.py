@@ -569,6 +569,10 @@ class Trainer:
         the optimizer, the counters and this rank's RNG. (_claim_run_dir has just verified
         every file against the manifest.)"""
         ctx = self.ctx
+        # The checkpoint restores the optimizer's state (moments, step counts); its
+        # hyper-parameters are this run's configuration, which a resume may change
+        # (weight decay, betas, eps; the learning rate is set every step).
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if is_sharded(ckpt_dir):
             # Every rank reads the chunks of its own shards (DCP reshards to this world size).
             load_sharded_checkpoint(self.model, self.optimizer, ckpt_dir, self.tied)
@@ -583,6 +587,8 @@ class Trainer:
             restore_optimizer_state(self.model, self.optimizer,
                                     ckpt.optimizer_state if ctx.is_main else {}, from_rank0)
             trainer_state = broadcast_object(ckpt.trainer_state if ctx.is_main else None, ctx)
+        for group, configured in zip(self.optimizer.param_groups, hyper, strict=True):
+            group.update(configured)
         self.state = TrainState(
             step=int(trainer_state["step"]), position=int(trainer_state["position"]),
             # (checkpoints before 2026-12-04 hold no count: their global batch is assumed)

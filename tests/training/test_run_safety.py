@@ -721,3 +721,29 @@ def test_a_kill_between_the_swap_renames_keeps_the_checkpoint(tmp_path, capsys):
     assert "checkpoints/.tmp-old-step_00000002-abcd1234 (moved back to step_00000002)" in err
     assert "at step 2" in err
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_a_resume_applies_the_optimizer_settings_it_changes(tmp_path, monkeypatch):
+    """Loading the optimizer's state used to bring back the saved weight decay, betas and
+    eps: a resume that changed them (after a divergence, say) was listed as changed and
+    trained on with the old values. The state (moments, steps) comes from the checkpoint,
+    the hyper-parameters from this run's configuration."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "2", "--save-every", "2") == 0
+    groups = []
+    restore = trainer_mod.Trainer._restore
+
+    def spy(self, ckpt):
+        restore(self, ckpt)
+        groups.append([dict(g, params=None) for g in self.optimizer.param_groups])
+        groups.append(len(self.optimizer.state))
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_restore", spy)
+    assert train_cli(run, "--steps", "3", "--save-every", "3", "--resume",
+                     "--set", "optim.weight_decay=0.5", "--set", "optim.beta1=0.5",
+                     "--set", "optim.beta2=0.6", "--set", "optim.eps=1e-3") == 0
+    (decay, no_decay), n_states = groups
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    for group in (decay, no_decay):
+        assert group["betas"] == (0.5, 0.6) and group["eps"] == 1e-3
+    assert n_states > 0  # the moments were restored all the same
