@@ -213,8 +213,13 @@ def _candidates(run_dir: Path) -> list[Path]:
         return found
     text = pointer.read_text(encoding="utf-8", errors="replace").strip()
     target = run_dir / text
-    if target.resolve().parent != root.resolve() or not _STEP_DIR.fullmatch(target.name):
-        log.warning("%s points to %r, outside %s; ignoring it", pointer, text, root)
+    try:
+        inside = target.resolve().parent == root.resolve()
+    except (OSError, ValueError):  # not a path: a NUL byte (a zero-filled file), too long
+        inside = False
+    if not inside or not _STEP_DIR.fullmatch(target.name):
+        log.warning("%s points to %r, not a checkpoint inside %s; ignoring it", pointer,
+                    text, root)
         return found
     target = root / target.name
     return [target] + [p for p in found if p != target] if target.is_dir() else found
