@@ -445,12 +445,14 @@ def read_training_checkpoint(ckpt_dir: str | Path, verify: bool = True) -> Train
         verify_checkpoint(ckpt_dir)
     state, _ = read_model_state(ckpt_dir)
     trainer_state = read_trainer_state(ckpt_dir)
+    path = ckpt_dir / OPTIMIZER_FILE
     try:
-        optimizer_state = torch.load(ckpt_dir / OPTIMIZER_FILE, weights_only=True)
-        train_config_toml = (ckpt_dir / TRAIN_CONFIG_FILE).read_text(encoding="utf-8")
+        optimizer_state = torch.load(path, weights_only=True)
+        path = ckpt_dir / TRAIN_CONFIG_FILE
+        train_config_toml = path.read_text(encoding="utf-8")
     except (RuntimeError, EOFError, UnicodeDecodeError, ValueError,
             pickle.UnpicklingError) as err:
-        raise CheckpointCorrupt(f"{ckpt_dir}: {err}") from None
+        raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
     return TrainingCheckpoint(
         step=int(trainer_state["step"]),
         model_state=state,

@@ -145,6 +145,7 @@ def config_from_args(args: argparse.Namespace, report: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import CheckpointCorrupt
     from .config import ConfigError
     from .distributed import lost_peer, report_lost_peer
     from .trainer import Trainer, TrainingDiverged, TrainingInterrupted
@@ -155,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, resume=args.resume)
         state = trainer.train()
     except ConfigError as err:
+        _error(f"openmythos train: error: {err}")
+        return 2
+    except CheckpointCorrupt as err:  # one without a manifest is found damaged only here
         _error(f"openmythos train: error: {err}")
         return 2
     except TrainingDiverged as err:

@@ -266,6 +266,19 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(two_checkpoints, caps
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
 
 
+def test_a_damaged_checkpoint_without_a_manifest_is_a_one_line_error(two_checkpoints, capsys):
+    """Checkpoints written before manifests (2026-12-03) pass verification on their files'
+    presence; a truncated one was found only when read, and the resume ended in a
+    traceback naming the directory."""
+    run = two_checkpoints
+    for step in (2, 4):
+        (ckpt_dir(run, step) / "manifest.json").unlink()
+    optimizer = ckpt_dir(run, 4) / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    assert train_cli(run, "--steps", "6", "--resume") == 2
+    one_line_error(capsys, 2, f"{optimizer} is unreadable")
+
+
 def test_resume_when_every_checkpoint_is_damaged_is_an_error(two_checkpoints, capsys):
     run = two_checkpoints
     for step in (2, 4):
