@@ -570,9 +570,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             tensors; ValueError for a tensor of another shape).
     """
     dtype = floating_dtype(dtype)
-    fmt, ckpt_dir = detect_format(path)
-    cfg, n_loops = read_config(ckpt_dir)
-    state = read_weights(fmt, ckpt_dir)
+    fmt, ckpt_dir, cfg, n_loops, state = _read_newest(path)
     # NOTE: materialised on ``device`` and initialised before loading, so that tensors a
     # checkpoint does not hold (non-persistent buffers such as the MoE load accumulator)
     # start from their defined initial values, as in a freshly built model. The random
@@ -585,6 +583,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     load_state(model, state, tied_parameters(model), ckpt_dir)
     model.to(dtype=dtype if dtype is not None else stored_dtype(state))
     return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops)
+
+
+def _read_newest(path: str | Path, attempts: int = 3
+                 ) -> tuple[CheckpointFormat, Path, MythosConfig, int | None, dict[str, torch.Tensor]]:
+    """``(format, directory, config, trained loops, weights)`` of :func:`load_model`.
+
+    A run directory whose run is still training: the checkpoint found may be pruned before
+    it is read (``run.keep_checkpoints``); the newest one is then found and read again.
+    """
+    for attempt in range(attempts):
+        fmt, ckpt_dir = detect_format(path)
+        try:
+            cfg, n_loops = read_config(ckpt_dir)
+            return fmt, ckpt_dir, cfg, n_loops, read_weights(fmt, ckpt_dir)
+        except (OSError, RuntimeError, CheckpointCorrupt):
+            if attempt + 1 == attempts or detect_format(path)[1] == ckpt_dir:
+                raise  # not a newer checkpoint since: the error is this one's
 
 
 def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:

@@ -178,3 +178,30 @@ def test_loading_never_imports_transformers(tmp_path):
                           timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["DenseBaseline", "DenseBaseline"]
+
+
+def test_a_run_still_training_is_read_at_its_newest_checkpoint(tmp_path, monkeypatch):
+    """Reading a run directory while its run trains on: pruning may remove the checkpoint
+    that was found before its weights are read (a reader in a loop failed 12 times in 850
+    with a raw 'unable to open file'). The newest checkpoint is then found again."""
+    import shutil
+
+    from open_mythos import checkpoints as ckpt_mod
+
+    run = tmp_path / "run"
+    older = write_training_checkpoint(run, byte_model_of("looped", "gqa"), step=2)
+    newer = write_training_checkpoint(run, byte_model_of("looped", "gqa"), step=4)
+    read = ckpt_mod.read_weights
+
+    def pruned_while_reading(fmt, ckpt_dir):
+        if Path(ckpt_dir) == newer and newer.exists():  # the trainer moves on meanwhile
+            (run / "latest").write_text(f"checkpoints/{older.name}\n")
+            shutil.rmtree(newer)
+        return read(fmt, ckpt_dir)
+
+    monkeypatch.setattr(ckpt_mod, "read_weights", pruned_while_reading)
+    assert load_model(run).path == older
+    # A checkpoint named by its own directory is not swapped for another.
+    newer = write_training_checkpoint(run, byte_model_of("looped", "gqa"), step=4)
+    with pytest.raises((OSError, RuntimeError, ValueError)):
+        load_model(newer)
