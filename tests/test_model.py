@@ -59,6 +59,10 @@ def test_forward_options_of_the_wrong_kind_are_named():
     model(ids, kv_cache=cache)
     step = model(ids[:, :1], kv_cache=cache, start_pos=np.int64(3))  # NumPy's ints are ints
     assert step.shape == (1, 1, model.cfg.vocab_size)
+    step = model(ids[:, :1], kv_cache=cache, start_pos=torch.tensor(4))  # upstream took it
+    assert step.shape == (1, 1, model.cfg.vocab_size)
+    with pytest.raises(ValueError, match="start_pos"):
+        model(ids[:, :1], kv_cache=cache, start_pos=torch.tensor(5.0))
     with pytest.raises(TypeError, match="act_early_exit must be True, False or None"):
         model(ids, act_early_exit="no")  # a truthy string is not read as True
     with pytest.raises(TypeError, match="readout depths must be a collection"):

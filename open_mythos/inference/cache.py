@@ -106,6 +106,11 @@ class _FillMissing(ABC):
         written = self.write(key, start, new)  # positions [0, start + T)
         return window_of(written, start, before, next(iter(new.values())).shape[-2])
 
+    def replay(self, key: str, start: int, new: Entries) -> Entries:
+        stored = self._stored(key)
+        return {n: torch.cat((stored[n][..., :start, :], t.to(stored[n].dtype)), dim=-2)
+                for n, t in new.items()}
+
     def fill_missing(self, key: str, src_key: str, upto: int) -> None:
         have = self.length(key)
         if have < upto:
@@ -264,7 +269,8 @@ class KVCache(_FillMissing):
         for n, t in new.items():
             bufs[n][..., start:end, :].copy_(t.detach())
         self._lengths[key] = end
-        return with_live({n: b[..., :end, :] for n, b in bufs.items()}, new, start)
+        return with_live({n: b[..., :end, :] for n, b in bufs.items()}, new, start,
+                         in_place=True)
 
     def buffers(self) -> dict[str, Entries]:
         """The full preallocated buffers, ``max_len`` positions each (for compiled steps)."""

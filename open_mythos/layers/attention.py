@@ -38,6 +38,9 @@ class AttnContext:
         token_mask: (B, T) bool, False at the chunk's (left) padding tokens, or None when
             every token is real. Only token-mixing layers outside attention need it
             (:class:`~open_mythos.layers.conv.TokenConv`); attention reads ``mask``.
+        replay: a gradient-checkpointing recomputation: attention reads the cache as the
+            forward did and writes nothing (the forward wrote it, and a later chunk may
+            have written after it since).
     """
 
     cos: torch.Tensor
@@ -48,6 +51,7 @@ class AttnContext:
     cache: CacheStore | None = None
     rows: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
+    replay: bool = False
 
     def select_rows(self, rows: torch.Tensor | None) -> AttnContext:
         """The context for a sub-batch ``rows`` (a 1-D index into the full batch)."""
@@ -112,7 +116,8 @@ def _remember(
     elif ctx.rows is not None:
         raise ValueError("a row subset is only supported inside the recurrent block")
     if ctx.cache is not None:
-        new = ctx.cache.write(cache_key, ctx.start_pos, new)
+        store = ctx.cache.replay if ctx.replay else ctx.cache.write
+        new = store(cache_key, ctx.start_pos, new)
     if ctx.rows is not None:
         new = {n: t.index_select(0, ctx.rows) for n, t in new.items()}
     return new

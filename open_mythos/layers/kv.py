@@ -40,6 +40,12 @@ class CacheStore(Protocol):
         """
         ...
 
+    def replay(self, key: str, start: int, new: Entries) -> Entries:
+        """What :meth:`write` returned when it wrote ``new`` at ``start``, without writing:
+        the stored positions before ``start``, then ``new`` (a gradient-checkpointing
+        recomputation of a forward that wrote the cache)."""
+        ...
+
     def fill_missing(self, key: str, src_key: str, upto: int) -> None:
         """Copy positions ``[length(key), upto)`` from ``src_key`` into ``key``."""
         ...
@@ -61,14 +67,17 @@ class CacheStore(Protocol):
         ...
 
 
-def with_live(written: Entries, new: Entries, start: int) -> Entries:
+def with_live(written: Entries, new: Entries, start: int, in_place: bool = False) -> Entries:
     """``written`` (every position up to the new ones, as a store holds them) with the new
     positions ``start...`` taken from ``new`` itself where autograd records ``new``.
 
     A store writes constants (``new`` detached); attending over them alone would drop the
     gradient of the chunk's own keys and values, which a cache-free forward has.
+    ``in_place``: ``written`` views storage that later writes overwrite in place, so under
+    autograd (which may save it for the backward) it is copied whatever ``new`` is.
     """
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in new.values()):
+    recorded = any(t.requires_grad for t in new.values())
+    if not torch.is_grad_enabled() or not (recorded or in_place):
         return written
     return {n: torch.cat((w[..., :start, :], new[n].to(w.dtype)), dim=-2)
             for n, w in written.items()}

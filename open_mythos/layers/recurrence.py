@@ -5,6 +5,7 @@ the :class:`RecurrentBlock` that runs one shared block ``n_loops`` times.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -411,6 +412,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         self.last_states: dict[int, torch.Tensor] = {}
         self.last_position_loops: torch.Tensor | None = None
         self.gradient_checkpointing = False
+        self._replaying = False  # inside a checkpoint's recomputation
         self.any_alive: Callable[[torch.Tensor], bool] = local_any
         # (loop index, device, dim) -> the loop signal: a constant, made once.
         self._signals: dict[tuple[int, torch.device, int], torch.Tensor] = {}
@@ -491,9 +493,12 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         prev, fresh = carry.prev, carry.fresh
 
         def run(h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-            # The recomputation in backward must see the carry as the forward saw it.
+            # The recomputation in backward must see the carry and the cache as the forward
+            # saw them, and must not write the cache again (later chunks may have since).
             carry.prev, carry.fresh = prev, fresh
-            return self._block_step(h, e, t, ctx, carry, A)
+            replay = self._replaying and ctx.cache is not None
+            return self._block_step(h, e, t, dataclasses.replace(ctx, replay=True) if replay
+                                    else ctx, carry, A)
 
         return checkpoint(run, h, e, use_reentrant=False, context_fn=self._checkpoint_contexts)
 
@@ -502,13 +507,16 @@ class RecurrentBlock(CopiesDetached, nn.Module):
 
     @contextlib.contextmanager
     def _recomputing(self) -> Iterator[None]:
-        """During recomputation the MoE must not count its load a second time."""
+        """During recomputation the MoE must not count its load a second time, and the
+        attention reads the cache without writing it (:attr:`AttnContext.replay`)."""
         moe = self.block.ffn
         moe.record_load = False
+        self._replaying = True
         try:
             yield
         finally:
             moe.record_load = True
+            self._replaying = False
 
     def forward(
         self,

@@ -87,6 +87,47 @@ def test_cached_positions_are_constants_to_a_later_chunk(attn_type, store):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_chunks_under_autograd_with_frozen_inputs_backpropagate_together():
+    """Several chunks forwarded into one ``KVCache`` before one backward, the embedding
+    frozen: what a chunk attended over was a view of the cache's buffer (nothing new
+    required grad), which the next chunk's write overwrote in place, and the backward
+    failed ("modified by an inplace operation"). The dict cache never shared storage."""
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for cache in ({}, KVCache(max_len=16)):
+        model = halting_model("gqa", token_conv=3).double().train()
+        model.embed.weight.requires_grad_(False)
+        loss = sum(model(ids[:, a:a + 4], 2, cache, a).pow(2).mean() for a in (0, 4, 8))
+        grads.append(_grads(model, loss))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("store", ["dict", "kvcache", "kvcache-last"])
+def test_checkpointing_recomputes_without_writing_the_cache(store):
+    """Activation checkpointing recomputes each loop in the backward: that recomputation
+    wrote the cache again, rewinding the recurrent entries to the first chunk when two were
+    forwarded before one backward (the next forward failed), and leaving loop 0's keys in a
+    shared-depth entry. The cache after the backward is the forward's."""
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    nexts = []
+    for checkpointing in (False, True):
+        model = halting_model("gqa").double().train()
+        model.recurrent.gradient_checkpointing = checkpointing
+        cache = {"dict": {}, "kvcache": KVCache(max_len=16, dtype=torch.float64),
+                 "kvcache-last": KVCache(max_len=16, dtype=torch.float64,
+                                         depth_sharing="last")}[store]
+        loss = model(ids[:, :4], 3, cache, 0).pow(2).mean()
+        grads = _grads(model, loss + model(ids[:, 4:8], 3, cache, 4).pow(2).mean())
+        with torch.no_grad():
+            nexts.append((model(ids[:, 8:], 3, cache, 8), grads))
+    (plain, plain_grads), (ckpt, ckpt_grads) = nexts
+    torch.testing.assert_close(ckpt, plain, rtol=1e-12, atol=1e-12)
+    for name in plain_grads:
+        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-9,
+                                   atol=1e-12)
+
+
 def test_decoding_takes_attention_outputs_in_any_memory_order(attn_type, monkeypatch):
     """CUDA's attention kernels return their (B, H, T, d) output laid out as (B, T, H, d).
     Decoding must not assume a contiguous output: GQA's one-token path used ``view`` and
