@@ -170,14 +170,16 @@ def run(args: argparse.Namespace) -> int:
         by = "" if stop.signum == signal.SIGINT else f" by {signal.Signals(stop.signum).name}"
         _error(f"openmythos train: interrupted{by} after step {stop.step}, {saved}")
         return 128 + stop.signum  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
-    except KeyboardInterrupt:  # a second Ctrl-C: the step in progress stopped at once
+    except KeyboardInterrupt:  # a second Ctrl-C, or a first one outside the training loop
         if trainer is None or not trainer.state.step and trainer.last_checkpoint is None:
             raise  # before training started: the command's one "interrupted" line
         last = trainer.last_checkpoint
         saved = (f"the newest checkpoint is {last}; continue from it with --resume" if last
                  else "nothing was saved")
-        _error(f"openmythos train: stopped at once by a second Ctrl-C after step "
-               f"{trainer.state.step}; {saved}")
+        # (the trainer's handler turns a first Ctrl-C in its loop into a saved stop)
+        how = ("stopped at once by a second Ctrl-C" if trainer.stop_signal == signal.SIGINT
+               else "interrupted by Ctrl-C")
+        _error(f"openmythos train: {how} after step {trainer.state.step}; {saved}")
         return 130
     except OSError as err:  # RunDirError names the path; a bare OSError its filename
         _error(f"openmythos train: error: {err}")

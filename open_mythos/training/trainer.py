@@ -733,6 +733,12 @@ class Trainer:
         with self._stop_on_signal():
             self._steps()
 
+    @property
+    def stop_signal(self) -> int:
+        """The signal (SIGINT, SIGTERM) that asked this process to stop after a step; 0 when
+        none did."""
+        return self._stop_signal
+
     def _stop_agreed(self) -> int:
         """The signal that stops the run after this step (0: none). In a single process
         the handler's; under ``torchrun`` the one this step's all-reduce agreed on, so that

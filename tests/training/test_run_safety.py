@@ -573,6 +573,24 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path, monkeyp
     assert "Traceback" not in err and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_first_ctrl_c_outside_the_training_loop_is_not_called_a_second(tmp_path, capsys,
+                                                                         monkeypatch):
+    """A Ctrl-C while a resumed run set up (before the handler that turns it into a saved
+    stop) was reported as "stopped at once by a second Ctrl-C"."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "2", "--save-every", "2") == 0
+    capsys.readouterr()
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_loop", ctrl_c)
+    assert train_cli(run, "--steps", "4", "--resume") == 130
+    line = one_line_error(capsys, 130, "interrupted by Ctrl-C after step 2",
+                          "continue from it with --resume")
+    assert "second" not in line
+
+
 def test_resuming_with_fewer_total_steps_than_done_is_an_error(tmp_path, capsys):
     """It printed 'done' and rewrote config.toml with the smaller count."""
     assert train_cli(tmp_path / "r", "--steps", "4", "--save-every", "2") == 0
