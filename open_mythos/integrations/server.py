@@ -57,7 +57,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -289,8 +289,9 @@ class CompletionService:
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves "
-                           f"`{self.model_name}`", param="model", code="model_not_found")
+            # repr: a name may hold what UTF-8 cannot encode (a lone surrogate, "\ud800")
+            raise APIError(404, f"The model {name!r} does not exist; this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
 
     def _options(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int,
                  stop: tuple[str, ...], prompt_param: str, tokens_param: str
@@ -392,8 +393,10 @@ class CompletionService:
         finally:
             job.cancel()  # a no-op once the job is done
 
-    async def complete(self, call: _Call, request: Request | None = None) -> dict[str, Any]:
-        """The whole response body of a non-streaming request."""
+    async def complete(self, call: _Call, request: Request | None = None) -> Response:
+        """The whole response of a non-streaming request. Its body (megabytes with ``n``
+        choices of ``top_logprobs``) is built and encoded on a worker thread: on the event
+        loop it held every other client's stream (up to seconds)."""
         job, queue = self.submit(call)
         choices = [_Choice() for _ in range(len(call.prompts) * call.n)]
         async for event in self._events(job, queue, request):
@@ -407,12 +410,19 @@ class CompletionService:
                 c.logprobs.extend(event.logprobs)
                 if event.finish_reason is not None:
                     c.finish_reason, c.n_tokens = event.finish_reason, event.n_tokens
+        return Response(await run_in_threadpool(self._body, call, choices),
+                        media_type="application/json")
+
+    def _body(self, call: _Call, choices: list[_Choice]) -> bytes:
+        """The JSON of a non-streaming response, encoded as Starlette's ``JSONResponse``
+        would (UTF-8, no NaN)."""
         used = sum(c.n_tokens for c in choices)
         body = {"id": call.id, "object": call.object, "created": call.created,
                 "model": self.model_name, "choices": [self._choice_body(call, i, c)
                                                       for i, c in enumerate(choices)],
                 "usage": usage(call.prompt_tokens(), used)}
-        return body
+        return json.dumps(body, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
 
     def _choice_body(self, call: _Call, i: int, c: _Choice) -> dict[str, Any]:
         if call.chat:
@@ -646,8 +656,7 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
     """``/v1/completions`` and ``/v1/chat/completions``. Async: the work happens on the
     scheduler thread; the event loop only waits."""
 
-    async def run(call: _Call, stream: bool, request: Request
-                  ) -> dict[str, Any] | StreamingResponse:
+    async def run(call: _Call, stream: bool, request: Request) -> Response:
         if not stream:
             return await service.complete(call, request)
         job, queue = service.submit(call)
@@ -657,13 +666,13 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
     # Parsing, validating and tokenizing (a body may be megabytes) run on a worker thread,
     # not on the event loop that every other client's stream goes through.
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> dict[str, Any] | StreamingResponse:
+    async def completions(request: Request) -> Response:
         stream, call = await _in_worker(
             request, CompletionRequest, lambda req: (req.stream, service.prepare_completion(req)))
         return await run(call, stream, request)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> dict[str, Any] | StreamingResponse:
+    async def chat_completions(request: Request) -> Response:
         stream, call = await _in_worker(
             request, ChatCompletionRequest, lambda req: (req.stream, service.prepare_chat(req)))
         return await run(call, stream, request)

@@ -189,6 +189,54 @@ def test_a_body_is_parsed_and_validated_off_the_event_loop(real, monkeypatch):
     assert result["r"].status_code == 200, result["r"].text
 
 
+def test_a_response_body_is_built_off_the_event_loop(real, monkeypatch):
+    """A small request can ask for a response of megabytes (n choices with top_logprobs):
+    building and encoding it on the event loop froze every other client, /health for
+    6 s in a hostile client's run. Now a worker thread does it; while it is held, /health
+    answers, and the body is the JSON the client expects."""
+    client, service = real
+    entered, release = threading.Event(), threading.Event()
+    build = service._body
+
+    def held(*args):
+        entered.set()
+        assert release.wait(TIMEOUT)
+        return build(*args)
+
+    monkeypatch.setattr(service, "_body", held)
+    result = {}
+    body = {"prompt": "the ", "max_tokens": 3, "n": 2, "logprobs": 2, "temperature": 0}
+    worker = threading.Thread(target=lambda: result.setdefault("r", client.post(
+        "/v1/completions", json=body)))
+    worker.start()
+    try:
+        assert entered.wait(TIMEOUT)
+        with httpx.Client(base_url=client.base_url, timeout=5.0) as other:
+            assert other.get("/health").status_code == 200
+    finally:
+        release.set()
+        worker.join(TIMEOUT)
+    r = result["r"]
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 2 and all(len(c["logprobs"]["tokens"]) == 3 for c in choices)
+
+
+def test_a_model_name_utf8_cannot_encode_is_a_404(real):
+    """``"model": "\ud800"`` was echoed into the 404's message, which could not be encoded:
+    a 500."""
+    client, _ = real
+    for path, body in (("/v1/completions", {"prompt": "a", "max_tokens": 1}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                                 "max_tokens": 1})):
+        for stream in (False, True):
+            raw = json.dumps({**body, "model": "\ud800", "stream": stream})
+            r = client.post(path, content=raw.encode(),
+                            headers={"content-type": "application/json"})
+            assert r.status_code == 404, r.text
+            assert r.json()["error"]["code"] == "model_not_found"
+
+
 @pytest.mark.parametrize("content, headers, status, words", [
     (b'{"prompt": "a", "max_tokens": 1}', {"content-type": "text/plain"}, 415, "text/plain"),
     (b"prompt=a", {"content-type": "application/x-www-form-urlencoded"}, 415,
