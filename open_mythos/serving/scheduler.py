@@ -357,8 +357,12 @@ class Scheduler:
         if row.finished:
             self._finish(row, text)
         elif text:
-            row.job.emit(SeqDelta(row.index, text, logprobs=tuple(row.logprobs)))
-            row.logprobs.clear()
+            # The tokens whose text is shown; one whose text is held back (it may start a
+            # stop string) waits, to be shown with it or dropped with the stop string.
+            shown = row.text.emitted
+            ready = tuple(lp for lp in row.logprobs if lp.offset < shown)
+            row.logprobs = [lp for lp in row.logprobs if lp.offset >= shown]
+            row.job.emit(SeqDelta(row.index, text, logprobs=ready))
 
     def _finish(self, row: _Row, text: str) -> None:
         job = row.job

@@ -362,6 +362,33 @@ def test_stop_string_tokens_are_left_out_of_the_logprobs(server):
     assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 5
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_token_held_back_as_a_stop_prefix_is_not_listed_with_the_text_before_it(stream):
+    """Text "nt a t the": after "t " the text " t" is shown, while the last " " waits as
+    the start of the stop string " the". Its logprob went out with " t", so the choice
+    listed the stop string's first token (text_offset == len(text))."""
+    model = ScriptedModel(b"nt a t the end ", real_positions=True)
+    body = {"prompt": "Q", "max_tokens": 14, "stop": " the", "logprobs": 0,
+            "temperature": 0, "stream": stream}
+    with running_server(CompletionService(model, ByteTokenizer(), model_name="tiny",
+                                          n_loops=2)) as client:
+        if stream:
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: {")]
+            text = "".join(e["choices"][0]["text"] for e in events)
+            tokens = [t for e in events if e["choices"][0]["logprobs"]
+                      for t in e["choices"][0]["logprobs"]["tokens"]]
+            offsets = [o for e in events if e["choices"][0]["logprobs"]
+                       for o in e["choices"][0]["logprobs"]["text_offset"]]
+        else:
+            choice = client.post("/v1/completions", json=body).json()["choices"][0]
+            text, tokens = choice["text"], choice["logprobs"]["tokens"]
+            offsets = choice["logprobs"]["text_offset"]
+    assert text == "nt a t"
+    assert "".join(tokens) == text and offsets == list(range(len(text)))
+
+
 def test_a_fixed_depth_model_refuses_n_loops_and_shows_no_loop_fields():
     service = CompletionService(byte_baseline(), ByteTokenizer(), model_name="dense")
     card = service.model_card()
