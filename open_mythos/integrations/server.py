@@ -660,8 +660,9 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
         if not stream:
             return await service.complete(call, request)
         job, queue = service.submit(call)
-        return StreamingResponse(service.stream(call, job, queue), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StalledStreamLimit(service.stream(call, job, queue), service.limits.read_timeout,
+                                  media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache"})
 
     # Parsing, validating and tokenizing (a body may be megabytes) run on a worker thread,
     # not on the event loop that every other client's stream goes through.
@@ -676,6 +677,35 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
         stream, call = await _in_worker(
             request, ChatCompletionRequest, lambda req: (req.stream, service.prepare_chat(req)))
         return await run(call, stream, request)
+
+
+class _Stalled(Exception):
+    """A client read nothing of its stream for the server's limit."""
+
+
+class StalledStreamLimit(StreamingResponse):
+    """A stream whose client reads nothing for ``stall`` seconds is closed, and its request
+    cancelled: a client that never reads (its receive window full, every send blocked)
+    kept the connection, and all the output still queued for it, for as long as it stayed
+    connected, past the request's time limit."""
+
+    def __init__(self, content: AsyncIterator[str], stall: float, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.stall = stall
+
+    async def stream_response(self, send: Any) -> None:
+        async def bounded(message: dict) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.stall)
+            except asyncio.TimeoutError:
+                raise _Stalled from None
+
+        try:
+            await super().stream_response(bounded)
+        except _Stalled:
+            # Closing the generator cancels the request (CompletionService._events); the
+            # server closes a connection whose response the app left incomplete.
+            await self.body_iterator.aclose()
 
 
 class BodyLimit:

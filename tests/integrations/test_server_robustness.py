@@ -587,3 +587,43 @@ def test_a_prompt_that_encodes_to_nothing_is_a_400(real, monkeypatch):
     error = r.json()["error"]
     assert error["param"] == "prompt" and "prompt 1 encodes to no tokens" in error["message"]
     assert client.post("/v1/completions", json={"prompt": "", "max_tokens": 1}).status_code == 200
+
+
+def test_a_stream_whose_client_reads_nothing_is_closed_and_cancelled():
+    """A client that never reads blocks every send of its stream: the connection, and every
+    event queued for it, stayed for as long as the client stayed connected (4 such clients
+    held 230 MB), past the request's time limit. After ``read_timeout`` without a send
+    getting through, the stream stops and its generator is closed (which cancels the
+    request); a client that reads gets every event."""
+    import asyncio
+
+    from open_mythos.integrations.server import StalledStreamLimit
+
+    closed = []
+
+    async def events():
+        try:
+            for i in range(1000):
+                yield f"data: {i}\n\n"
+        finally:
+            closed.append(True)
+
+    async def run(read_after: int) -> list[bytes]:
+        got, stuck = [], asyncio.Event()
+
+        async def send(message):
+            if len(got) > read_after:
+                await stuck.wait()  # the client's window is full: never set
+            got.append(message.get("body", b""))
+
+        response = StalledStreamLimit(events(), stall=0.2, media_type="text/event-stream")
+        await asyncio.wait_for(response.stream_response(send), 10)
+        return got
+
+    start = time.monotonic()
+    got = asyncio.run(run(read_after=3))
+    assert time.monotonic() - start < 5 and closed == [True]
+    assert len(got) == 4  # the start message and three events; nothing after the stall
+    closed.clear()
+    got = asyncio.run(run(read_after=10**6))
+    assert len(got) == 1002 and got[-1] == b"" and closed == [True]
