@@ -243,6 +243,24 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
+def _quiet_writer_thread_errors() -> None:
+    """Keep an ``OSError`` of TensorBoard's writer thread (a full disk) from printing the
+    thread's traceback: the writer raises it again in the training loop at its next call,
+    where it ends the run with the command's one-line error. Other threads' errors, and
+    other errors, go to the hook in place before (process-wide, installed once)."""
+    previous = threading.excepthook
+    if getattr(previous, "_quiets_tensorboard", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread"
+                and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook._quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's Python and torch RNG states (CUDA included when in use)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -647,7 +665,9 @@ class Trainer:
             raise ConfigError("run.tensorboard needs the 'tensorboard' package "
                               "(pip install 'open-mythos[tensorboard]')") from None
         with os_errors("write", self.out / "tensorboard"):
-            return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.state.step + 1)
+            writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.state.step + 1)
+        _quiet_writer_thread_errors()
+        return writer
 
     def _close(self) -> None:
         for name in ("bar", "metrics", "tb"):

@@ -780,3 +780,40 @@ def test_a_resume_applies_the_optimizer_settings_it_changes(tmp_path, monkeypatc
     for group in (decay, no_decay):
         assert group["betas"] == (0.5, 0.6) and group["eps"] == 1e-3
     assert n_states > 0  # the moments were restored all the same
+
+
+def test_a_full_disk_under_tensorboard_is_one_line_without_the_writer_threads_traceback(
+        tmp_path, capsys, monkeypatch):
+    """TensorBoard writes from a thread of its own: a full disk printed that thread's
+    traceback before the command's one-line error. The writer raises the error again in
+    the training loop, which reports it; the thread's copy is not printed. Other threads'
+    errors still reach the hook in place before."""
+    import threading
+
+    from tensorboard.summary.writer import record_writer
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
+    real_write = record_writer.RecordWriter.write
+    calls = {"n": 0}
+
+    def full_disk(self, data):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_disk)
+    code = train_cli(tmp_path / "run", "--steps", "40", "--tensorboard", "--log-every", "1")
+    assert code == 3
+    one_line_error(capsys, 3, "No space left on device")
+    assert seen == []
+
+    class Worker(threading.Thread):
+        def run(self):
+            raise ValueError("not a writer's")
+
+    worker = Worker()
+    worker.start()
+    worker.join()
+    assert seen == [ValueError]
