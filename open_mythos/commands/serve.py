@@ -39,8 +39,8 @@ _LIMIT_HELP = {
     "request_timeout": "seconds before a request is ended with 504",
     "max_logprobs": "most logprobs alternatives per token",
     "max_request_bytes": "largest request body in bytes (larger: 413)",
-    "read_timeout": "seconds a client may take to send a whole request before it is "
-                    "disconnected",
+    "read_timeout": "seconds a client may take to send a whole request, or leave its "
+                    "response unread, before it is disconnected",
 }
 
 

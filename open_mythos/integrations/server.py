@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -660,9 +661,8 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
         if not stream:
             return await service.complete(call, request)
         job, queue = service.submit(call)
-        return StalledStreamLimit(service.stream(call, job, queue), service.limits.read_timeout,
-                                  media_type="text/event-stream",
-                                  headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(service.stream(call, job, queue), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     # Parsing, validating and tokenizing (a body may be megabytes) run on a worker thread,
     # not on the event loop that every other client's stream goes through.
@@ -677,35 +677,6 @@ def _add_completion_routes(app: FastAPI, service: CompletionService) -> None:
         stream, call = await _in_worker(
             request, ChatCompletionRequest, lambda req: (req.stream, service.prepare_chat(req)))
         return await run(call, stream, request)
-
-
-class _Stalled(Exception):
-    """A client read nothing of its stream for the server's limit."""
-
-
-class StalledStreamLimit(StreamingResponse):
-    """A stream whose client reads nothing for ``stall`` seconds is closed, and its request
-    cancelled: a client that never reads (its receive window full, every send blocked)
-    kept the connection, and all the output still queued for it, for as long as it stayed
-    connected, past the request's time limit."""
-
-    def __init__(self, content: AsyncIterator[str], stall: float, **kwargs: Any):
-        super().__init__(content, **kwargs)
-        self.stall = stall
-
-    async def stream_response(self, send: Any) -> None:
-        async def bounded(message: dict) -> None:
-            try:
-                await asyncio.wait_for(send(message), self.stall)
-            except asyncio.TimeoutError:
-                raise _Stalled from None
-
-        try:
-            await super().stream_response(bounded)
-        except _Stalled:
-            # Closing the generator cancels the request (CompletionService._events); the
-            # server closes a connection whose response the app left incomplete.
-            await self.body_iterator.aclose()
 
 
 class BodyLimit:
@@ -748,7 +719,13 @@ def read_timeout_protocol(timeout: float) -> type:
     from the first byte of the next request on a kept-alive connection. uvicorn itself
     bounds only the idle time between requests, so a client trickling a request a byte at
     a time holds a connection for ever, and a few hundred of them exhaust the process's
-    file descriptors (slowloris)."""
+    file descriptors (slowloris).
+
+    Likewise a client that reads nothing of its response for ``timeout`` seconds while
+    the server has more for it (the socket's buffers full, writing paused) is dropped:
+    a stream's client that never reads held its connection, and the output queued for it,
+    for as long as it stayed connected. The connection is aborted (a close would wait to
+    flush what the client does not read), which cancels the request."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -766,9 +743,33 @@ def read_timeout_protocol(timeout: float) -> type:
             if not self._receiving():
                 self._disarm()
 
+        _stalled: asyncio.TimerHandle | None = None
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._stalled is not None:
+                self._stalled.cancel()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stalled is None:
+                self._stalled = self.loop.call_later(timeout, self._drop)
+
+        def _drop(self) -> None:
+            """Reset the connection: the kernel's buffers too are dropped at once (a
+            plain close would leave them trying to reach a client that does not read)."""
+            self._stalled = None
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
+        def resume_writing(self) -> None:
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
+            super().resume_writing()
 
         def _receiving(self) -> bool:
             """Whether a request is still on its way in (or none has started)."""

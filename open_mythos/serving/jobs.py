@@ -31,9 +31,9 @@ class ServeLimits:
         read_timeout: seconds a client may take to send a whole request (headers and body)
             once it connects or starts the next one on a kept-alive connection; a slower
             one is disconnected (a client trickling bytes would otherwise hold its
-            connection, and file descriptor, for ever). Also the longest a stream waits
-            for its client to read: one that reads nothing for that long is closed and its
-            request cancelled.
+            connection, and file descriptor, for ever). Also the longest the server's
+            writes wait for a client that reads nothing of its response (its buffers
+            full): the connection is then reset and the request cancelled.
     """
 
     max_n_loops: int | None = None
