@@ -50,3 +50,29 @@ def test_plain_loop_benchmark_quick(tmp_path):
         for row in task["splits"].values():
             # One loop: the rule cannot fire before its min_loops, so nothing changes.
             assert row["ours_exit"]["1"] == row["ours"]["1"]
+
+
+def test_multihop_shortcut_rules_against_hand_solved_prompts():
+    """The rules of ``experiments/multihop_shortcuts.py`` on prompts solved by hand, and a
+    split's numbers as the script prints them."""
+    sys.path.insert(0, str(LAB.parent))
+    try:
+        import multihop_shortcuts as shortcuts
+    finally:
+        sys.path.remove(str(LAB.parent))
+    from open_mythos.tasks import get_task
+
+    task = get_task("multihop")
+    # a -> b -> c -> 7; d=3 is a distractor nobody points to; e points into the chain.
+    table, query = shortcuts.assignments(task, "c=7;a=b;d=3;b=c;e=a?a")
+    assert shortcuts.referenced(table, query) == {"7"}  # no hop followed, still right
+    assert shortcuts.guess(table, query) == {"7", "3"}
+    # A distractor pointed to by another: the rule cannot tell the two digits apart.
+    table, query = shortcuts.assignments(task, "c=7;a=b;d=3;b=c;e=d?a")
+    assert shortcuts.referenced(table, query) == {"7", "3"}
+    # An open end (x is assigned nowhere) is the answer.
+    table, query = shortcuts.assignments(task, "a=b;b=x;d=3?a")
+    assert shortcuts.referenced(table, query) == {"x"}
+    control = get_task("multihop", hops=(1, 3), ood_hops=(4, 6), statements=8, digits=3)
+    acc = shortcuts.rule_accuracy(control, "hops=3", 64, 0)
+    assert 0.0 <= acc["guess"] <= 1.0 and acc["guess"] == pytest.approx(1 / 3)
