@@ -119,7 +119,7 @@ def read_sweep(path: str, task: Any, model: Any = None, baseline: Any = None
     if others:
         raise ValueError(f"--sweep {path} has rows of unknown model kind(s) {others}")
     ids = {r.task_id for r in loaded} - {""}
-    if ids and ids != {task_fingerprint(task)}:
+    if ids and not ids <= {task_fingerprint(task), task_fingerprint(task, legacy=True)}:
         raise ValueError(f"--sweep {path} is a sweep of {task.name} with other knobs than "
                          "the run was trained with (or given by --task-args): sweep this "
                          "run, or pass the knobs of that sweep")

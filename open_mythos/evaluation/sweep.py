@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import enum
 import json
 import math
 import os
@@ -222,20 +223,39 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def task_fingerprint(task: Task) -> str:
-    """A short hash of what ``task`` asks: its name, its splits' level ranges and a few
-    examples of each split from a fixed seed. Two tasks of one name with other knobs
-    (``statements``, ``hops``...) differ, so a sweep file can be matched to the task of the
-    run it describes."""
+def task_fingerprint(task: Task, legacy: bool = False) -> str:
+    """A short hash of what ``task`` asks: its name, its knobs (the task object's
+    attributes, written alike however they were spelled: ``[1, 3]`` as ``(1, 3)``, ``1``
+    as ``1.0``), its splits' level ranges and a few examples of each split from a fixed
+    seed. Two tasks of one name with other knobs (``statements``, ``open_ends``...)
+    differ, so a sweep file can be matched to the task of the run it describes.
+
+    ``legacy``: the hash of files written before 2026-12-07, without the knobs (knobs that
+    rarely change an example, ``open_ends`` 0.5 and 0.6, shared one)."""
     import hashlib
 
     parts = [task.name]
+    if not legacy:
+        parts.append(repr(sorted((k, _knob(v)) for k, v in vars(task).items())))
     for split in task.splits:
         rng = random.Random(f"fingerprint/{split}")
         parts += [split, repr(task.level_range(split))]
         parts += [f"{ex.prompt}->{ex.answer}" for ex in (task.generate(rng, split)
                                                           for _ in range(4))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _knob(value: Any) -> Any:
+    """A task attribute written one way whatever its spelling."""
+    if isinstance(value, enum.Enum):
+        return _knob(value.value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_knob(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _knob(v)) for k, v in value.items()))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value if value is None or isinstance(value, (bool, str)) else repr(value)
 
 
 def sample_examples(task: Task, split: str, n_examples: int, seed: int = 0) -> list[Example]:

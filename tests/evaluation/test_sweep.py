@@ -348,3 +348,28 @@ def test_task_fingerprint_tells_knobs_apart():
               get_task("parity")]
     assert len({base, *map(task_fingerprint, others)}) == 4
     assert len(base) == 16 and int(base, 16) >= 0
+
+
+def test_task_fingerprint_tells_apart_knobs_that_rarely_change_an_example():
+    """The hash read a few examples per split: ``open_ends`` 0.4, 0.5, 0.6 and 0.65 of
+    the demo's task, or dyck's ``pairs`` (2, 11) and (2, 12), shared one, so ``report``
+    took a sweep of other knobs and a sweep resumed into a file of another task. The knobs
+    are hashed too, however they are spelled; files written before keep matching."""
+    from open_mythos.evaluation import task_fingerprint
+
+    demo = {"hops": [1, 3], "ood_hops": [4, 6], "statements": 8}
+    hashes = {task_fingerprint(get_task("multihop", **demo, open_ends=p))
+              for p in (0.4, 0.5, 0.6, 0.65)}
+    assert len(hashes) == 4
+    assert task_fingerprint(get_task("dyck", pairs=(2, 11))) != \
+        task_fingerprint(get_task("dyck", pairs=(2, 12)))
+    # Spellings of one task: a list or a tuple, an int or a float, a knob at its default.
+    assert task_fingerprint(get_task("multihop", **demo, open_ends=1)) == \
+        task_fingerprint(get_task("multihop", hops=(1, 3), ood_hops=(4, 6), statements=8,
+                                  open_ends=1.0))
+    assert task_fingerprint(get_task("parity")) == \
+        task_fingerprint(get_task("parity", lengths=[4, 12]))
+    # The hash of older files: the same without the knobs.
+    legacy = {task_fingerprint(get_task("multihop", **demo, open_ends=p), legacy=True)
+              for p in (0.5, 0.6)}
+    assert len(legacy) == 1
