@@ -28,7 +28,10 @@ class Dyck(Task):
     readable from the prompt as the maximum over prefixes of ``#open - #close``.
 
     - ``target="depth"`` (default): the string is balanced; the answer is its maximum
-      nesting depth in decimal (``"2"``).
+      nesting depth in decimal (``"2"``). The answers of ``ood_depth`` (5..8 by default)
+      are digits training never targets, so no model names them, at any loop count: the
+      split measures length-and-answer extrapolation, not depth alone; ``"balanced"``
+      keeps the same two answers at every depth.
     - ``target="balanced"``: with probability 1/2 the word is unbalanced without changing
       its directions; the answer is ``"1"`` if balanced else ``"0"``. From depth 2 on, two
       nested pairs are crossed (``([])`` -> ``([)]``, the inner pair retyped first if it

@@ -22,7 +22,13 @@ class PHop(Task):
     The nodes are the first ``nodes`` lowercase letters and ``f`` is a uniformly random
     permutation of them (it may have short cycles, fixed points included); the start node
     is uniform. Every prompt of a task has the same assignments, so its length depends on
-    ``k`` only through the digits of ``k``: depth, not length, is what gets harder.
+    ``k`` only through the digits of ``k``: depth, not length, is what gets harder. But
+    the hop counts of ``ood_hops`` (5..8 by default) are digits no training prompt holds:
+    their embeddings never train, so a model has to read a count it has never seen. And
+    chance is not ``1 / nodes``: ``f^k(s) = s`` whenever the cycle through ``s`` has a
+    length dividing ``k``, which a uniform permutation gives with probability
+    ``#{d <= nodes : d divides k} / nodes`` (0.125 at ``k`` = 1, 0.5 at ``k`` = 6 with 8
+    nodes), so "answer the start node" scores more on longer hops.
 
     Level: hops ``k``. Splits: ``train``/``id`` from ``hops`` (default 1..4), ``ood_hops``
     from ``ood_hops`` (default 5..8). ``nodes`` (default 8, 2..26) is the same for every
