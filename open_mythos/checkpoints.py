@@ -580,8 +580,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         model = materialize(build_model(cfg, device="meta"), device)
+    # In the stored dtype before loading: copied into float32 parameters, float64 weights
+    # would be rounded (bfloat16 and float16 ones pass through float32 exactly).
+    model.to(dtype=stored_dtype(state))
     load_state(model, state, tied_parameters(model), ckpt_dir)
-    model.to(dtype=dtype if dtype is not None else stored_dtype(state))
+    model.to(dtype=dtype)
     return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops)
 
 

@@ -125,6 +125,25 @@ def test_weights_load_in_the_dtype_they_are_stored_in(tmp_path):
     assert {p.dtype for p in load_model(tmp_path / "bf16").model.parameters()} == {torch.float32}
 
 
+def test_float64_weights_load_without_rounding(tmp_path):
+    """A float64 checkpoint was loaded into float32 parameters and cast back: every weight
+    rounded to float32 (logits off by ~4e-7), and the conversions through load_model,
+    documented as lossless, with it."""
+    from open_mythos.integrations.convert import training_to_hf
+
+    model = byte_model_of("looped", "gqa").double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-9)  # digits float32 does not hold
+    write_training_checkpoint(tmp_path / "run", model)
+    got = load_model(tmp_path / "run").model
+    assert {p.dtype for p in got.parameters()} == {torch.float64}
+    for (name, want), have in zip(model.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(have, want), name
+    training_to_hf(tmp_path / "run", tmp_path / "hf")
+    assert torch.equal(load_model(tmp_path / "hf").model.embed.weight, model.embed.weight)
+
+
 def test_the_old_entry_points_are_the_one_loader(tmp_path):
     import open_mythos.evaluation.runs as runs
     import open_mythos.integrations.convert as convert
