@@ -63,7 +63,10 @@ class MythosConfig:
 
     Other:
         rope_theta: RoPE base frequency.
-        max_output_tokens: default cap on generated tokens (kept for upstream compatibility).
+        max_output_tokens: upstream's field, kept so that its configs load and save; nothing
+            reads it (upstream's neither): ``generate``'s ``max_new_tokens``, the CLI's
+            ``--max-new-tokens`` and the server's ``--max-tokens`` set how many tokens are
+            generated.
         dropout: dropout on attention probabilities and residual branches.
 
     Added by this implementation:
@@ -152,12 +155,18 @@ class MythosConfig:
     token_conv: int = 0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # NumPy integers (a sweep over np.arange) -> int
+        for f in dataclasses.fields(self):  # NumPy numbers (a sweep over np.arange) -> Python's
             value = getattr(self, f.name)
             if f.type in ("int", "int | None") and _is_int(value) and type(value) is not int:
                 setattr(self, f.name, int(value))
             elif f.name in FLOAT_FIELDS:  # to_dict writes inf as "inf" (JSON has none)
-                setattr(self, f.name, parse_json_float(value))
+                value = parse_json_float(value)
+                if (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                        and type(value) is not float and _numpy_scalar(value)):
+                    value = float(value)
+                setattr(self, f.name, value)
+            elif f.type == "bool" and _numpy_scalar(value) and str(value.dtype) == "bool":
+                setattr(self, f.name, bool(value))
         try:
             # Stored as the plain string, as upstream's field: a config's asdict() then
             # saves with torch.save and loads with weights_only, dumps to YAML, and reprs
@@ -351,6 +360,13 @@ def check_flag(value: Any, name: str) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{name} must be True, False or None, got {value!r}")
     return value
+
+
+def _numpy_scalar(v: Any) -> bool:
+    """A NumPy scalar (``np.float32(0.1)``, ``np.bool_(True)``): what sweeps over NumPy
+    arrays pass, converted to Python's numbers so that the config pickles with
+    ``weights_only`` and passes the checks of Python's types."""
+    return type(v).__module__ == "numpy" and getattr(v, "shape", None) == ()
 
 
 def _is_int(v: Any) -> bool:

@@ -34,6 +34,21 @@ def test_numpy_integers_become_ints():
         tiny_config(dim=np.float64(64.0))
 
 
+def test_numpy_floats_and_bools_become_pythons(tmp_path):
+    """np.float32 fields were refused with a message the value met ("dropout=0.0 ... must
+    be a number in [0, 1)"), np.bool_ ones as not booleans, and np.float64 ones kept as
+    NumPy values, which a weights-only load of the config's dict refuses."""
+    np = pytest.importorskip("numpy")
+    cfg = tiny_config(dropout=np.float32(0.0), init_std=np.float64(0.02),
+                      act_threshold=np.float32(0.5), use_act=np.bool_(False),
+                      rope_theta=np.int64(10000))
+    assert cfg == tiny_config(dropout=0.0, init_std=0.02, act_threshold=0.5, use_act=False,
+                              rope_theta=10000.0)
+    assert type(cfg.dropout) is float and type(cfg.use_act) is bool
+    torch.save(dataclasses.asdict(cfg), tmp_path / "cfg.pt")
+    assert torch.load(tmp_path / "cfg.pt", weights_only=True)["init_std"] == 0.02
+
+
 def test_config_dict_saves_like_upstreams(tmp_path):
     """A plain-str attn_type: asdict() round-trips through torch.save and a weights-only
     load (the default of torch.load), as upstream's config did."""
