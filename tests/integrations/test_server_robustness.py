@@ -160,53 +160,20 @@ def test_a_flood_of_bad_items_is_one_problem(real, body, param, words):
     assert "more" not in error["message"] and len(r.content) < 1_000
 
 
-def test_a_body_is_parsed_and_validated_off_the_event_loop(real, monkeypatch):
-    """Parsing and validating a body (megabytes of JSON) ran on the event loop, before
-    the handler: every other client waited. Now a worker thread does it; while one
-    request's validation is held, /health answers."""
-    client, _ = real
-    from open_mythos.integrations import server as server_module
-
+def post_while_held(client, monkeypatch, owner, name: str, body: dict):
+    """POST ``body`` to /v1/completions while ``owner.name`` (work the server does on a
+    worker thread) is held inside the request; /health must answer meanwhile. Returns
+    the request's response, once released."""
     entered, release = threading.Event(), threading.Event()
-    parse = server_module.parse_body
+    real = getattr(owner, name)
 
     def held(*args):
         entered.set()
         assert release.wait(TIMEOUT)
-        return parse(*args)
+        return real(*args)
 
-    monkeypatch.setattr(server_module, "parse_body", held)
+    monkeypatch.setattr(owner, name, held)
     result = {}
-    worker = threading.Thread(target=lambda: result.setdefault("r", client.post(
-        "/v1/completions", json={"prompt": "the ", "max_tokens": 2})))
-    worker.start()
-    try:
-        assert entered.wait(TIMEOUT)
-        with httpx.Client(base_url=client.base_url, timeout=5.0) as other:
-            assert other.get("/health").status_code == 200
-    finally:
-        release.set()
-        worker.join(TIMEOUT)
-    assert result["r"].status_code == 200, result["r"].text
-
-
-def test_a_response_body_is_built_off_the_event_loop(real, monkeypatch):
-    """A small request can ask for a response of megabytes (n choices with top_logprobs):
-    building and encoding it on the event loop froze every other client, /health for
-    6 s in a hostile client's run. Now a worker thread does it; while it is held, /health
-    answers, and the body is the JSON the client expects."""
-    client, service = real
-    entered, release = threading.Event(), threading.Event()
-    build = service._body
-
-    def held(*args):
-        entered.set()
-        assert release.wait(TIMEOUT)
-        return build(*args)
-
-    monkeypatch.setattr(service, "_body", held)
-    result = {}
-    body = {"prompt": "the ", "max_tokens": 3, "n": 2, "logprobs": 2, "temperature": 0}
     worker = threading.Thread(target=lambda: result.setdefault("r", client.post(
         "/v1/completions", json=body)))
     worker.start()
@@ -217,7 +184,30 @@ def test_a_response_body_is_built_off_the_event_loop(real, monkeypatch):
     finally:
         release.set()
         worker.join(TIMEOUT)
-    r = result["r"]
+    return result["r"]
+
+
+def test_a_body_is_parsed_and_validated_off_the_event_loop(real, monkeypatch):
+    """Parsing and validating a body (megabytes of JSON) ran on the event loop, before
+    the handler: every other client waited. Now a worker thread does it; while one
+    request's validation is held, /health answers."""
+    client, _ = real
+    from open_mythos.integrations import server as server_module
+
+    r = post_while_held(client, monkeypatch, server_module, "parse_body",
+                        {"prompt": "the ", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_a_response_body_is_built_off_the_event_loop(real, monkeypatch):
+    """A small request can ask for a response of megabytes (n choices with top_logprobs):
+    building and encoding it on the event loop froze every other client, /health for
+    6 s in a hostile client's run. Now a worker thread does it; while it is held, /health
+    answers, and the body is the JSON the client expects."""
+    client, service = real
+    r = post_while_held(client, monkeypatch, service, "_body",
+                        {"prompt": "the ", "max_tokens": 3, "n": 2, "logprobs": 2,
+                         "temperature": 0})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
     choices = r.json()["choices"]
     assert len(choices) == 2 and all(len(c["logprobs"]["tokens"]) == 3 for c in choices)
