@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..layers.kv import CacheStore, Entries, window_of, with_live
+from ..layers.kv import CacheStore, Entries, spliced, window_of, with_live
 
 __all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store",
            "check_depth_sharing"]
@@ -107,9 +107,7 @@ class _FillMissing(ABC):
         return window_of(written, start, before, next(iter(new.values())).shape[-2])
 
     def replay(self, key: str, start: int, new: Entries) -> Entries:
-        stored = self._stored(key)
-        return {n: torch.cat((stored[n][..., :start, :], t.to(stored[n].dtype)), dim=-2)
-                for n, t in new.items()}
+        return spliced(self._stored(key), new, start)
 
     def fill_missing(self, key: str, src_key: str, upto: int) -> None:
         have = self.length(key)
@@ -256,9 +254,7 @@ class KVCache(_FillMissing):
         if key in self._buffers:  # copy_ would broadcast a batch of 1 over the stored rows
             _check_entries(key, self._buffers[key], new)
         if not kept:  # a depth that reads a kept depth's entry: attend, store nothing
-            bufs = self._buffers[key]
-            return {n: torch.cat((b[..., :start, :], new[n].to(b.dtype)), dim=-2)
-                    for n, b in bufs.items()}
+            return spliced(self._buffers[key], new, start)
         bufs = self._buffers.get(key)
         if bufs is None:
             bufs = {

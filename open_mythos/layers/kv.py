@@ -79,8 +79,14 @@ def with_live(written: Entries, new: Entries, start: int, in_place: bool = False
     recorded = any(t.requires_grad for t in new.values())
     if not torch.is_grad_enabled() or not (recorded or in_place):
         return written
-    return {n: torch.cat((w[..., :start, :], new[n].to(w.dtype)), dim=-2)
-            for n, w in written.items()}
+    return spliced(written, new, start)
+
+
+def spliced(stored: Entries, new: Entries, start: int) -> Entries:
+    """New tensors: ``stored``'s positions before ``start``, then ``new`` (in the stored
+    dtype); ``stored`` may hold more positions, which are left out."""
+    return {n: torch.cat((s[..., :start, :], new[n].to(s.dtype)), dim=-2)
+            for n, s in stored.items()}
 
 
 def window_of(written: Entries, start: int, before: int, length: int) -> Entries:
