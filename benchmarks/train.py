@@ -18,7 +18,8 @@ Sections:
     moe        the MoE layer alone (64 experts top-4, 1024 tokens, dim 512, expert dim 128,
                one shared expert of width 512), forward and forward+backward, against the
                reference's dispatch (a Python loop over top-k slots x experts with a boolean
-               mask per expert);
+               mask per expert); then its routed experts' six matmuls alone, against
+               the same FLOPs as a bmm over equal groups and as one dense matmul;
     small      the small GQA config (dim 256, 8 heads / 2 kv heads, 8 experts top-2, expert
                dim 64, 1 prelude + 1 coda, vocab 1000) at B=4, T=128, 4 loops;
     small-mla  the same with MLA attention (upstream's MLA widths);
@@ -61,8 +62,8 @@ pays.
 On CUDA (``--device cuda``) the same rows run on the GPU, timed with a device
 synchronisation around each step; "% peak" is then the model FLOPs utilisation (MFU) against
 a large bf16 (or fp32, TF32 off as PyTorch's default) matmul measured on that GPU in the same
-run, and the MoE section adds bf16 rows (the native grouped matmul on Hopper and newer; on
-a CPU the MoE section is fp32 only). The task section is eager fp32 only: ``--compile`` does
+run, and the MoE section's bf16 rows use the native grouped matmul on Hopper and newer (on
+a CPU they run where bf16 matmuls are native, like the other bf16 rows). The task section is eager fp32 only: ``--compile`` does
 not apply to it, and ``--dtype bf16`` alone skips it.
 ``--batch-scale N`` multiplies the model sections' batches (a GPU needs more work per step
 than these CPU-sized batches give it).
@@ -355,11 +356,12 @@ def bench_moe(args, peaks: Peaks, rows: list[Row]) -> None:
         for p in m.parameters():
             p.grad = None
 
-    # bf16 rows where they mean something: on a GPU (the native grouped kernel on Hopper).
+    # bf16 rows where they mean something: on a GPU (the native grouped kernel on Hopper)
+    # and on a CPU with native bf16 matmuls.
     dtypes = [d for d in ("fp32", "bf16") if d in args.dtype
-              and (d == "fp32" or device.type == "cuda")]
+              and (d == "fp32" or device.type == "cuda" or bf16_usable(args, peaks))]
     if "bf16" in args.dtype and "bf16" not in dtypes:
-        rows.append(Row("MoE: all rows", "bf16", note=MOE_BF16_SKIPPED))
+        rows.append(Row("MoE: all rows", "bf16", note=BF16_SKIPPED))
     for dtype in dtypes:
         bf16 = dtype == "bf16"
         peak = peaks.bf16 if bf16 else peaks.fp32
@@ -372,29 +374,33 @@ def bench_moe(args, peaks: Peaks, rows: list[Row]) -> None:
                             flops, peak, "1.00x"))
             rows.append(Row(f"MoE {kind}: sorted grouped", dtype, t["ours"], flops, peak,
                             f"{t['naive'] / t['ours']:.2f}x"))
-    if device.type == "cpu" and "fp32" in dtypes:
+    for dtype in dtypes if device.type == "cpu" else ():
         if hasattr(torch, "_grouped_mm"):
-            bench_routed_matmuls(moe, x_in, repeats, peaks, rows)
+            bench_routed_matmuls(moe, x_in, repeats, peaks, rows, dtype)
         else:
-            rows.append(Row("MoE routed matmuls", "fp32",
+            rows.append(Row("MoE routed matmuls", dtype,
                             note="skipped: this torch has no torch._grouped_mm"))
 
 
 def bench_routed_matmuls(moe: MoEFFN, x: torch.Tensor, repeats: int, peaks: Peaks,
-                         rows: list[Row]) -> None:
+                         rows: list[Row], dtype: str = "fp32") -> None:
     """Where the MoE layer's time goes: the six grouped matmuls of its routed experts
     (forward, input and weight gradients of both projections) at this batch's routing, run
     by PyTorch's grouped kernel (what the layer runs: one product after another, each split
     across the threads), against the same FLOPs as ``torch.bmm`` over equal groups (the
     batch split across threads, each product on one thread: the ceiling for groups this
-    size, which uneven groups cannot reach without padding)."""
+    size, which uneven groups cannot reach without padding), and one matmul of all the
+    rows against one expert's weights (the same FLOPs as a dense layer: the ceiling for
+    matmuls this wide). ``dtype``: "fp32" or "bf16", the operands' dtype."""
     with torch.no_grad():
         counts = torch.bincount(moe.route(x)[0].reshape(-1), minlength=moe.n_experts)
     offs = counts.cumsum(0).to(torch.int32)
     slots, E, D, H = int(counts.sum()), moe.n_experts, moe.dim, moe.expert_dim
-    w1, w2 = moe.w_gate_up.detach(), moe.w_down.detach()
-    xs, h = torch.randn(slots, D), torch.randn(slots, H)
-    g1, g2 = torch.randn(slots, 2 * H), torch.randn(slots, D)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    w1, w2 = (w.detach().to(torch_dtype) for w in (moe.w_gate_up, moe.w_down))
+    xs, h = torch.randn(slots, D, dtype=torch_dtype), torch.randn(slots, H, dtype=torch_dtype)
+    g1 = torch.randn(slots, 2 * H, dtype=torch_dtype)
+    g2 = torch.randn(slots, D, dtype=torch_dtype)
 
     def native():
         torch._grouped_mm(xs, w1, offs=offs), torch._grouped_mm(h, w2, offs=offs)
@@ -411,15 +417,25 @@ def bench_routed_matmuls(moe: MoEFFN, x: torch.Tensor, repeats: int, peaks: Peak
         torch.bmm(b1, w1.transpose(1, 2))
         torch.bmm(bx.transpose(1, 2), b1), torch.bmm(bh.transpose(1, 2), b2)
 
+    v1, v2 = w1[0], w2[0]
+
+    def dense():
+        xs @ v1, h @ v2, g2 @ v2.t(), g1 @ v1.t(), xs.t() @ g1, h.t() @ g2
+
     flops = 3 * 2 * slots * D * (2 * H + H)
-    t = alternating_medians({"native": native, "bmm": batched}, repeats=repeats, warmup=2)
+    peak = peaks.bf16 if dtype == "bf16" else peaks.fp32
+    t = alternating_medians({"native": native, "bmm": batched, "dense": dense},
+                            repeats=repeats, warmup=2)
     label = f"{E} groups, {per} rows on average, {int(counts.max())} at most"
-    rows.append(Row(f"MoE routed matmuls (fwd+bwd): torch._grouped_mm ({label})", "fp32",
-                    t["native"], flops, peaks.fp32, "1.00x"))
+    rows.append(Row(f"MoE routed matmuls (fwd+bwd): torch._grouped_mm ({label})", dtype,
+                    t["native"], flops, peak, "1.00x"))
     bmm_s = t["bmm"] * slots / (E * per)  # scaled to the same FLOPs
-    rows.append(Row(f"MoE routed matmuls: bmm, {E} equal groups of {per} rows", "fp32", bmm_s,
-                    flops, peaks.fp32, f"{t['native'] / bmm_s:.2f}x",
+    rows.append(Row(f"MoE routed matmuls: bmm, {E} equal groups of {per} rows", dtype, bmm_s,
+                    flops, peak, f"{t['native'] / bmm_s:.2f}x",
                     note="the ceiling for groups this size"))
+    rows.append(Row(f"MoE routed matmuls: one expert's weights for all {slots} rows", dtype,
+                    t["dense"], flops, peak, f"{t['native'] / t['dense']:.2f}x",
+                    note="a dense layer's matmuls of the same FLOPs"))
 
 
 def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks: Peaks,
@@ -502,7 +518,6 @@ def cudagraph_skips(mode: str | None) -> str:
 COMPILE_LABELS = {"blocks": "compiled", "model": "compiled whole step",
                   "cudagraphs": "compiled whole step + CUDA graphs"}
 BF16_SKIPPED = "skipped: no native bf16 matmul on this CPU (emulated kernels; --force-bf16)"
-MOE_BF16_SKIPPED = "skipped: the MoE section's bf16 rows run on CUDA only (--device cuda)"
 TASK_LABEL = "task (demo model, multihop"
 TASK_BF16_SKIPPED = "skipped: the task section is timed in eager fp32 only (add --dtype fp32)"
 TASK_EAGER_NOTE = "eager: --compile does not apply to the task section"

@@ -72,9 +72,16 @@ def test_moe_section_prints_its_rows(monkeypatch, capsys):
     # The routed experts' matmuls alone: 1024 tokens x top-4, dim 512, expert width 128,
     # forward and both gradients of the two projections (gate/up 2x128 wide, down 128).
     routed = 3 * 2 * (1024 * 4) * 512 * (2 * 128 + 128) / 1e9
-    for label in ("MoE routed matmuls (fwd+bwd): torch._grouped_mm", "MoE routed matmuls: bmm"):
-        line = next(row for row in out.splitlines() if row.startswith(label))
-        assert f" {routed:.2f} " in line
+    # bf16 rows where the CPU has native bf16 matmuls, else one row saying they are skipped.
+    native_bf16 = any(row.startswith("MoE fwd: sorted grouped") and " bf16 " in row
+                      for row in out.splitlines())
+    assert native_bf16 != ("skipped: no native bf16 matmul on this CPU" in out)
+    for dtype in ("fp32", "bf16") if native_bf16 else ("fp32",):
+        for label in ("MoE routed matmuls (fwd+bwd): torch._grouped_mm",
+                      "MoE routed matmuls: bmm", "MoE routed matmuls: one expert's weights"):
+            line = next(row for row in out.splitlines()
+                        if row.startswith(label) and f" {dtype} " in row)
+            assert f" {routed:.2f} " in line
 
 
 def test_task_section_counts_fewer_flops_at_the_supervised_positions_only(monkeypatch, capsys):
