@@ -292,7 +292,7 @@ class MoEFFN(CopiesDetached, nn.Module):
         # its last_* telemetry recorded by the forward itself.
         self.record_load = True
         # dtype -> (w_gate_up, w_down) cast once for several calls (see shared_casts).
-        self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._casts: dict[tuple[torch.dtype, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.reset_parameters()
 
     def _apply(self, fn, recurse: bool = True):
@@ -461,7 +461,10 @@ class MoEFFN(CopiesDetached, nn.Module):
         autocast) once and the cast is reused by every call: the looped block calls this
         layer once per loop, and casting (n_experts, dim, 2H) weights each time cost ~28 ms
         per forward of the 63M model. Gradients flow through the one cast to the fp32
-        weights. Gradient-checkpointing recomputation (outside the block) casts afresh."""
+        weights. A cast made with autograd off (the loops before ``backprop_loops``) is kept
+        apart from one made with it on, which the differentiated loops use: reusing the
+        first would cut the experts off from the gradient. Gradient-checkpointing
+        recomputation (outside the block) casts afresh."""
         self._casts = {}
         try:
             yield
@@ -474,9 +477,10 @@ class MoEFFN(CopiesDetached, nn.Module):
         cache = None if torch.compiler.is_compiling() else self._casts
         if cache is None:
             return self.w_gate_up.to(dtype), self.w_down.to(dtype)
-        if dtype not in cache:
-            cache[dtype] = (self.w_gate_up.to(dtype), self.w_down.to(dtype))
-        return cache[dtype]
+        key = (dtype, torch.is_grad_enabled())
+        if key not in cache:
+            cache[key] = (self.w_gate_up.to(dtype), self.w_down.to(dtype))
+        return cache[key]
 
     def gathers(self, slots: int, training: bool = False) -> bool:
         """Whether ``slots`` token-expert pairs take the gather dispatch; the sorted

@@ -282,6 +282,35 @@ def test_looped_bf16_forward_casts_the_expert_weights_once(monkeypatch):
         torch.testing.assert_close(shared[name], per_loop[name], rtol=2e-2, atol=1e-4, msg=name)
 
 
+def test_truncated_backprop_under_autocast_trains_the_experts(monkeypatch):
+    """The loops before ``backprop_loops`` run without autograd; their bf16 cast of the expert
+    weights must not serve the differentiated loops, or the experts get no gradient (they
+    got None, and a bf16 training run left them unchanged)."""
+    import contextlib
+
+    from open_mythos import OpenMythos
+    from open_mythos.layers import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "GATHER_MAX_ELEMENTS", 0)  # the sorted dispatch always
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(use_act=False)).train()
+    ids = torch.randint(0, 97, (2, 16))
+    ffn = model.recurrent.block.ffn
+
+    def grads() -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, n_loops=4, backprop_loops=2).float().square().mean().backward()
+        return {"w_gate_up": ffn.w_gate_up.grad, "w_down": ffn.w_down.grad}
+
+    shared = grads()
+    monkeypatch.setattr(MoEFFN, "shared_casts", lambda self: contextlib.nullcontext())
+    per_loop = grads()
+    for name, grad in shared.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, per_loop[name], rtol=2e-2, atol=1e-4, msg=name)
+
+
 def test_padding_is_left_out_of_the_load_and_the_balance_loss():
     """With a token mask the load and the aux loss are those of the real tokens alone (the
     same layer run on them only); the outputs do not change."""
