@@ -9,13 +9,27 @@ import torch
 
 
 def _detached(value: Any) -> Any:
-    """``value`` with every tensor that has a ``grad_fn`` detached (in dicts, lists, tuples)."""
+    """``value`` with every tensor that has a ``grad_fn`` detached (in dicts, lists, tuples).
+
+    A container holding no such tensor is returned as it is, and one that does is rebuilt
+    as its own type (PyTorch's hook tables are ``OrderedDict``s that hooks hold weak
+    references to; a plain ``dict`` in their place broke every later ``register_*_hook``)."""
     if isinstance(value, torch.Tensor):
         return value.detach() if value.grad_fn is not None else value
     if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
+        items = {k: _detached(v) for k, v in value.items()}
+        if all(items[k] is v for k, v in value.items()):
+            return value
+        new = copy.copy(value)  # keeps the mapping's type (OrderedDict, defaultdict...)
+        new.update(items)
+        return new
     if isinstance(value, (list, tuple)):
-        return type(value)(_detached(v) for v in value)
+        items = [_detached(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+            return type(value)(*items)
+        return type(value)(items)
     return value
 
 

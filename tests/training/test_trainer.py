@@ -95,6 +95,15 @@ def test_validation_runs_without_autograd_and_a_trained_model_deepcopies(tmp_pat
     assert core.recurrent.last_aux_loss.grad_fn is not None  # the original keeps its graph
     with torch.no_grad():
         torch.testing.assert_close(copied(ids, n_loops=2), core(ids, n_loops=2))
+    # The copy's hook tables are still PyTorch's (rebuilt as plain dicts, no hook could be
+    # registered on the looped block or its MoE layer, and fully_shard failed).
+    seen = []
+    for module in (copied.recurrent, copied.recurrent.block.ffn):
+        module.register_forward_pre_hook(lambda m, args: seen.append(type(m).__name__))
+        module.register_full_backward_hook(lambda *_: None)
+    with torch.no_grad():
+        copied(ids, n_loops=2)
+    assert seen == ["RecurrentBlock"] + ["MoEFFN"] * 2
     torch.optim.swa_utils.AveragedModel(core)
 
 
