@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -322,15 +323,21 @@ def json_floats(d: dict[str, Any]) -> dict[str, Any]:
 def whole_number(value: Any, name: str, minimum: int = 0, allow_none: bool = False
                  ) -> int | None:
     """``value`` as a Python ``int`` after checking that it is an integer ``>= minimum``:
-    Python's or NumPy's (``numbers.Integral``; ``bool`` is not one), or None when
-    ``allow_none``. A NumPy integer is converted: kept, it would turn the comparisons and
-    arithmetic it reaches into NumPy scalars.
+    Python's or NumPy's (``numbers.Integral``; ``bool`` is not one), a 0-d integer tensor
+    (what ``range`` and slicing take, so code written for upstream passes them), or None
+    when ``allow_none``. NumPy integers and tensors are converted: kept, they would turn the
+    comparisons and arithmetic they reach into NumPy scalars or tensors.
 
     Raises:
         ValueError: naming ``name`` and the value given.
     """
     if value is None and allow_none:
         return None
+    torch = sys.modules.get("torch")  # a tensor exists only where torch was imported
+    if (torch is not None and isinstance(value, torch.Tensor) and value.dim() == 0
+            and not value.is_floating_point() and not value.is_complex()
+            and value.dtype != torch.bool):
+        value = int(value)
     if not _is_int(value) or value < minimum:
         kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
             minimum, f"an integer >= {minimum}")

@@ -125,9 +125,6 @@ class CausalLM(nn.Module):
         """Check the input ids and positions (the loop count is checked by the caller);
         return ``start_pos`` as a Python ``int``."""
         if not torch.compiler.is_compiling():  # there it may be a symbolic int
-            if (isinstance(start_pos, torch.Tensor) and start_pos.dim() == 0
-                    and not start_pos.is_floating_point() and start_pos.dtype != torch.bool):
-                start_pos = int(start_pos)  # upstream's slicing took a 0-d integer tensor
             start_pos = whole_number(start_pos, "start_pos (the number of cached positions)")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, seq) tensor of token ids")

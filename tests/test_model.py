@@ -37,9 +37,14 @@ def test_input_validation(bad, match):
 def test_n_loops_validation():
     model = OpenMythos(tiny_config())
     ids = torch.zeros(1, 3, dtype=torch.long)
-    for bad in (0, -2, 1.5):
+    for bad in (0, -2, 1.5, torch.tensor(3.0), torch.tensor(True), torch.tensor([3])):
         with pytest.raises(ValueError, match="n_loops must be a positive integer"):
             model(ids, n_loops=bad)
+    # A 0-d integer tensor is a count, as in upstream's range(n_loops) (it was refused with
+    # "must be a positive integer, got tensor(3)").
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, n_loops=torch.tensor(3)), model(ids, n_loops=3),
+                                   rtol=0, atol=0)
     with pytest.raises(ValueError, match="exceed max_seq_len"):
         model(ids, kv_cache={}, start_pos=62)
 
