@@ -411,15 +411,16 @@ class MoEFFN(CopiesDetached, nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)
 
+        # The fractions in the probabilities' precision (float64 in a float64 layer).
         if token_mask is None:
-            frac = load / max(n_tokens * k, 1)
+            frac = load.to(probs.dtype) / max(n_tokens * k, 1)
             mean_probs = probs.mean(dim=0)
         else:
             real = token_mask.reshape(-1).to(torch.float32)  # (N,)
             load = torch.zeros_like(load).index_add(0, topk_idx.reshape(-1),
                                                     real.repeat_interleave(k))
             n_real = real.sum().clamp(min=1)
-            frac = load / (n_real * k)
+            frac = load.to(probs.dtype) / (n_real * k)
             mean_probs = (probs * real.unsqueeze(-1)).sum(dim=0) / n_real
         aux = self.n_experts * (frac * mean_probs).sum()
         if self.record_load:  # not a checkpoint's recomputation: keep the forward's own

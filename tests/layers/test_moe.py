@@ -150,6 +150,9 @@ def test_balance_loss_matches_the_switch_formula(n_tokens):
     (grad,) = torch.autograd.grad(moe.last_aux_loss, moe.router.weight)
     (ref_grad,) = torch.autograd.grad(ref, wr)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+    # A float64 layer computes it in float64 (the fractions were float32: off by ~1e-9).
+    moe.double()(x.double())
+    torch.testing.assert_close(moe.last_aux_loss, ref.detach(), rtol=1e-13, atol=0)
 
 
 def test_balance_loss_is_one_with_a_uniform_router():
