@@ -483,6 +483,7 @@ def read_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         FileNotFoundError: no safetensors weights there.
         KeyError: a tensor name without the prefix.
+        CheckpointCorrupt: a weights file or the shard index is truncated or unreadable.
     """
     hf_dir = Path(hf_dir)
     index = hf_dir / HF_WEIGHTS_INDEX
@@ -491,17 +492,24 @@ def read_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     if (hf_dir / HF_WEIGHTS).is_file():
         shards = [HF_WEIGHTS]
     elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointCorrupt(f"{index} is not a shard index ({err!r})") from None
     else:
         raise FileNotFoundError(f"no {HF_WEIGHTS} (or {HF_WEIGHTS_INDEX}) in {str(hf_dir)!r}; "
                                 "only safetensors weights are supported")
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        with safe_open(str(hf_dir / shard), framework="pt") as fh:
-            for key in fh.keys():
-                if not key.startswith(HF_PREFIX):
-                    raise KeyError(f"unexpected tensor {key!r} in {hf_dir / shard}")
-                state[key[len(HF_PREFIX):]] = fh.get_tensor(key)
+        try:
+            with safe_open(str(hf_dir / shard), framework="pt") as fh:
+                for key in fh.keys():
+                    if not key.startswith(HF_PREFIX):
+                        raise KeyError(f"unexpected tensor {key!r} in {hf_dir / shard}")
+                    state[key[len(HF_PREFIX):]] = fh.get_tensor(key)
+        except (SafetensorError, OSError) as err:  # truncated (an interrupted copy), damaged
+            raise CheckpointCorrupt(f"{hf_dir / shard} is unreadable: {err}") from None
     return state
 
 

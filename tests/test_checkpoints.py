@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from open_mythos.checkpoints import (
+    CheckpointCorrupt,
     CheckpointFormat,
     detect_format,
     load_checkpoint,
@@ -224,3 +225,26 @@ def test_a_run_still_training_is_read_at_its_newest_checkpoint(tmp_path, monkeyp
     newer = write_training_checkpoint(run, byte_model_of("looped", "gqa"), step=4)
     with pytest.raises((OSError, RuntimeError, ValueError)):
         load_model(newer)
+
+
+def test_a_damaged_hf_export_is_named_in_one_line(tmp_path, capsys):
+    """A truncated model.safetensors (an interrupted copy) or a damaged shard index gave
+    generate, sweep, inspect and report a raw SafetensorError/JSON traceback."""
+    from open_mythos.cli import main
+    from open_mythos.integrations.convert import training_to_hf
+
+    write_training_checkpoint(tmp_path / "run", byte_model_of("looped", "gqa"))
+    training_to_hf(tmp_path / "run", tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    capsys.readouterr()  # the export's progress bar
+    with pytest.raises(CheckpointCorrupt, match="model.safetensors is unreadable"):
+        load_model(tmp_path / "hf")
+    assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "ab",
+                 "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.safetensors is unreadable" in err
+    weights.unlink()
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointCorrupt, match="is not a shard index"):
+        load_model(tmp_path / "hf")
