@@ -623,7 +623,9 @@ def write_report(
     Args:
         run_dir: training run directory holding ``metrics.jsonl``, or None.
         out_dir: where the PNGs and ``report.md`` go.
-        sweep_rows: the looped model's :func:`~open_mythos.evaluation.sweep` rows.
+        sweep_rows: the looped model's :func:`~open_mythos.evaluation.sweep` rows. Baseline
+            rows among them (``model == "baseline"``, as a file of ``openmythos sweep
+            --baseline`` holds both) are taken as ``baseline_rows``.
         baseline_rows: the dense baseline's rows (one per split), drawn as horizontal lines.
         model: the looped model, probed for the ACT and expert-load figures (skipped if None).
         baseline: the baseline model, for the summary only.
@@ -641,6 +643,12 @@ def write_report(
     Returns:
         Path of ``report.md``.
     """
+    mixed = [r for r in sweep_rows if r.model == "baseline"]
+    if mixed:  # the baseline's accuracy was shown as the looped model's at its depth
+        if baseline_rows:
+            raise ValueError("baseline rows given both among sweep_rows and as baseline_rows")
+        sweep_rows = [r for r in sweep_rows if r.model != "baseline"]
+        baseline_rows = mixed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = ["# Depth-extrapolation report", ""]

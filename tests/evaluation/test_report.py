@@ -69,6 +69,13 @@ def test_full_report(tmp_path):
     text = write_report(ckpt, tmp_path / "out2", rows, base_rows, task=task,
                         train_loops=2).read_text()
     assert f"from `{run / 'metrics.jsonl'}`, up to the checkpoint's step 10." in text
+    # The rows of one file holding both models (`openmythos sweep --baseline`) give the
+    # same report (the baseline's accuracy was shown as the looped model's at 2 loops).
+    mixed = write_report(ckpt, tmp_path / "out3", [*rows, *base_rows], task=task,
+                         train_loops=2).read_text()
+    assert mixed == text.replace("out2", "out3")
+    with pytest.raises(ValueError, match="baseline rows given both"):
+        write_report(ckpt, tmp_path / "out4", [*rows, *base_rows], base_rows)
 
 
 def test_probe_collects_halting_ponder_and_expert_load():
