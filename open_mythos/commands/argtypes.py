@@ -73,6 +73,11 @@ def loop_count(text: str) -> int:
     return value
 
 
+def loop_count_or_zero(text: str) -> int:
+    """``0`` (off) or a loop count in ``1..MAX_LOOPS`` (argparse type)."""
+    return 0 if non_negative_int(text) == 0 else loop_count(text)
+
+
 def loop_counts(text: str) -> list[int]:
     """``"1,2,4,8"``, a range ``"1-16"`` or a mix -> sorted distinct counts in
     ``1..MAX_LOOPS`` (argparse type)."""

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .argtypes import check_output_dir, non_negative_int, positive_int
+from .argtypes import check_output_dir, loop_count_or_zero, positive_int
 from .sweep import (
     EVAL_DEFAULTS,
     SweepProgress,
@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="reuse results of `openmythos sweep` instead of sweeping again")
     p.add_argument("--train-loops", type=positive_int, metavar="N",
                    help="training depth to mark (default: from the run's schedule)")
-    p.add_argument("--exit-loops", type=non_negative_int, metavar="N",
+    p.add_argument("--exit-loops", type=loop_count_or_zero, metavar="N",
                    help="depth the exit rules' Pareto plot starts from (default: twice the "
                         "training depth; 0 skips it)")
     add_eval_arguments(p)
@@ -86,11 +86,17 @@ def run_text(args: argparse.Namespace) -> Path:
 
 
 def _clear_old_report(out: Path, sweep_file: str | None) -> None:
-    """Remove the files an earlier report wrote into ``out`` (not ``--sweep`` itself)."""
+    """Remove the files an earlier report wrote into ``out``, not ``--sweep`` itself. A
+    report from ``--sweep`` writes no ``sweep.json``: one there goes only beside an earlier
+    report's ``report.md`` (then it is that report's sweep, which would stay beside the new
+    one); alone it is a sweep written there (``openmythos sweep --out DIR/sweep.json``)."""
     from ..evaluation.report import REPORT_FILES
 
     keep = Path(sweep_file).resolve() if sweep_file else None
+    earlier_report = (out / "report.md").is_file()
     for name in REPORT_FILES:
+        if sweep_file and name == "sweep.json" and not earlier_report:
+            continue
         if (out / name).is_file() and (out / name).resolve() != keep:
             (out / name).unlink()
 

@@ -203,8 +203,11 @@ class SweepProgress:
     command run again finds them and evaluates only the rest. The file is JSON lines: the
     sweep's options (with fingerprints of the models and task) first, then one row per
     line, appended (a line cut short by a kill is ignored); rows of a sweep with other
-    options are not reused. :meth:`finish` removes it once the command's results are
-    written.
+    options are not reused. The splits, loop counts and early-exit settings are not among
+    those options: every row names its own, so a command that asks for fewer or more of
+    them reuses the rows it shares with the earlier one. The file is rewritten only when
+    this command makes its first row (a command that fails its checks leaves it as it
+    was); :meth:`finish` removes it once the command's results are written.
     """
 
     def __init__(self, out: str | Path, options: dict[str, Any], command: str = "sweep"):
@@ -216,11 +219,16 @@ class SweepProgress:
         self._previous_ids = {id(r) for r in self.previous}  # rows handed back as they are
         if self.previous:
             self._say(f"resuming: {len(self.previous)} row(s) already evaluated in {self.path}")
-        # Written afresh (once): the options line, the rows kept, then rows as they come
-        # (a last line a kill cut short is not left for the next row to run into).
+        self._started = False
+
+    def _start(self) -> None:
+        """Write the file afresh (once, before this command's first row): the options line
+        and the rows kept (a last line a kill cut short is not left for the next row to
+        run into)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in [
             {"options": self.options}, *map(dataclasses.asdict, self.previous)]))
+        self._started = True
 
     def _say(self, text: str) -> None:
         print(f"openmythos {self.command}: {text}", file=sys.stderr, flush=True)
@@ -261,6 +269,8 @@ class SweepProgress:
         self.rows.append(row)
         reused = id(row) in self._previous_ids
         if not reused:
+            if not self._started:
+                self._start()
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(dataclasses.asdict(row)) + "\n")
         where = "from the progress file" if reused else f"{row.seconds:.1f} s"
@@ -272,8 +282,12 @@ class SweepProgress:
 
     def interrupted(self) -> None:
         """Say where the rows made so far are, after Ctrl-C."""
-        self._say(f"interrupted; {len(self.rows)} row(s) kept in {self.path}: the same "
-                  "command continues from them")
+        kept = len(self.rows) if self._started else len(self.previous)
+        if kept:
+            self._say(f"interrupted; {kept} row(s) kept in {self.path}: the same command "
+                      "continues from them")
+        else:
+            self._say("interrupted before the first row")
 
     def finish(self) -> None:
         """The command's results are written: the progress file goes."""
@@ -282,14 +296,14 @@ class SweepProgress:
 
 def sweep_options(args: argparse.Namespace, model: Any, baseline: Any, task: Any
                   ) -> dict[str, Any]:
-    """What decides a sweep's rows: the models and task (by fingerprint) and the options."""
+    """What decides a sweep's rows, beside the (split, loop count, early exit) each row
+    names: the models and task (by fingerprint) and the options."""
     from ..evaluation.sweep import model_fingerprint, task_fingerprint
 
     rule = exit_rule_from_args(args) if hasattr(args, "exit_kl") else None  # report: none
     return {"model": model_fingerprint(model),
             "baseline": None if baseline is None else model_fingerprint(baseline),
-            "task": task_fingerprint(task), "splits": args.splits, "loops": args.loops,
-            "n_examples": args.n_examples, "early_exit": args.early_exit,
+            "task": task_fingerprint(task), "n_examples": args.n_examples,
             "batch_size": args.batch_size, "seed": args.seed,
             "exit_rule": None if rule is None else repr(rule)}
 

@@ -103,8 +103,10 @@ def count_loops(model: nn.Module, n_loops: int) -> Iterator[LoopCounter]:
 
 def _depths_and_rules(n_loops: int, rules: Iterable[tuple[str, ExitRule]]
                       ) -> list[tuple[str, int, ExitRule | None]]:
+    """Every fixed depth up to ``n_loops``, then each rule at ``n_loops`` that can fire
+    there (one whose ``min_loops`` is above it would be the fixed depth under its name)."""
     return ([(f"fixed {k}", k, None) for k in range(1, n_loops + 1)]
-            + [(name, n_loops, rule) for name, rule in rules])
+            + [(name, n_loops, rule) for name, rule in rules if rule.min_loops <= n_loops])
 
 
 @torch.no_grad()

@@ -50,9 +50,15 @@ def run_task(path: str | Path) -> Task | None:
 def run_train_loops(path: str | Path) -> int | None:
     """The depth a run trained at
     (:attr:`~open_mythos.training.config.ScheduleConfig.trained_depth`: ``max_loops`` for a
-    curriculum or uniform counts, else ``n_loops``); None without a stored configuration."""
+    curriculum or uniform counts, else ``n_loops``); without a stored training
+    configuration, the default depth the checkpoint records (a Hugging Face export's
+    ``n_loops``: :func:`~open_mythos.checkpoints.read_config`), else None."""
     cfg = read_train_config(path)
-    return None if cfg is None else cfg.schedule.trained_depth
+    if cfg is not None:
+        return cfg.schedule.trained_depth
+    from ..checkpoints import read_config
+
+    return read_config(path)[1]
 
 
 def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict[str, torch.Tensor]]:

@@ -632,9 +632,13 @@ def sweep(
         raise ValueError("exit_rule needs a looped model: a fixed-depth baseline runs every "
                          "block")
     if looped:
-        if isinstance(loops, int) and not isinstance(loops, bool):  # one loop count
-            loops = [loops]
-        loops = default_loops(model) if loops is None else list(dict.fromkeys(loops))
+        if loops is not None and (not isinstance(loops, Iterable) or (
+                isinstance(loops, torch.Tensor) and loops.dim() == 0)):
+            loops = [loops]  # one loop count (whole_number below refuses anything else)
+        if loops is None:
+            loops = default_loops(model)
+        else:  # Python ints in order (NumPy's and 0-d tensors' too: rows are saved as JSON)
+            loops = sorted({whole_number(n, "loop count", minimum=1) for n in loops})
         settings = list(dict.fromkeys(bool(e) for e in early_exit))
         if exit_rule is not None and loops and getattr(exit_rule, "min_loops", 1) > max(loops):
             raise ValueError(f"the exit rule's min_loops={exit_rule.min_loops} is above the "
@@ -653,9 +657,15 @@ def sweep(
     done = {(r.split, r.n_loops, r.early_exit): r for r in resume
             if (r.model, r.model_id, r.task_id, r.exit_rule, r.n_examples)
             == (kind, model_id, task_id, rule_text, n_examples)}
+    # Every split still to evaluate is drawn and checked against max_seq_len first: a
+    # split that cannot fit fails here, not after the splits before it ran.
+    drawn = {split: sample_examples(task, split, n_examples, seed) for split in splits
+             if any((split, n, e) not in done for n in loops for e in settings)}
+    for split, examples in drawn.items():
+        _check_fits(model, collate(examples)["input_ids"].shape[1], f"split {split!r}")
     rows = []
     for split in splits:
-        examples: list[Example] | None = None  # drawn when a cell of the split is evaluated
+        examples = drawn.get(split)
         for n in loops:
             computed: dict[str, float] | None = None
             took = 0.0
@@ -663,8 +673,6 @@ def sweep(
                 row = done.get((split, n, exit_early))
                 if row is None:
                     if computed is None or stops:
-                        if examples is None:
-                            examples = sample_examples(task, split, n_examples, seed)
                         start = time.perf_counter()
                         computed = evaluate_examples(model, examples, n, exit_early,
                                                      batch_size, exit_rule if looped else None)

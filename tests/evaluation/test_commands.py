@@ -64,6 +64,21 @@ def test_load_model_restores_both_kinds(runs):
     assert run_train_loops(root / "looped") == 2
 
 
+def test_an_hf_export_reports_the_depth_it_records(runs, tmp_path):
+    """A Hugging Face export keeps the training depth as its config's n_loops; report
+    marked max_loop_iters as the training depth instead (info said 2, report 4)."""
+    from open_mythos.integrations.convert import training_to_hf
+
+    root, model, _ = runs
+    assert model.cfg.max_loop_iters != 2
+    training_to_hf(root / "looped", tmp_path / "hf")
+    assert run_train_loops(tmp_path / "hf") == 2
+    assert cli("report", "--run", str(tmp_path / "hf"), "--task", "parity", "--task-args",
+               json.dumps(TASK_ARGS), "--loops", "1,2", "--n-examples", "2", "--exit-loops",
+               "0", "--device", "cpu", "--out", str(tmp_path / "report")) == 0
+    assert "training depth: 2 loops" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_sweep_command(runs, tmp_path, capsys):
     root, _, _ = runs
     out = tmp_path / "sweep.csv"
@@ -181,6 +196,25 @@ def test_report_command(runs, tmp_path):
                "2", "--out", str(tmp_path / "again")) == 0
     assert "Greedy answers to 3 in-distribution examples" in (
         tmp_path / "again" / "report.md").read_text()
+    # A sweep written into a directory where no report was (`openmythos sweep --out
+    # DIR/sweep.json`) is not an earlier report's: a report from another sweep file kept
+    # it (it was deleted).
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "sweep.json").write_text(keep.read_text())
+    assert cli("report", "--run", str(root / "looped"), "--sweep", str(keep), "--exit-loops",
+               "0", "--out", str(fresh)) == 0
+    assert (fresh / "sweep.json").read_text() == keep.read_text()
+    # The exit rules at 1 loop: the fixed depth and the rules that can fire there only
+    # (min_loops 2 rules were listed, each the fixed depth under its name); past the
+    # deepest loop count the command line takes, refused (100000 ran for hours).
+    assert cli("report", "--run", str(root / "looped"), "--sweep", str(keep), "--exit-loops",
+               "1", "--out", str(tmp_path / "one")) == 0
+    text = (tmp_path / "one" / "report.md").read_text().split("## Exit rules against fixed")[1]
+    assert "| fixed 1" in text and "| entropy<0.5" in text and "| kl<" not in text
+    with pytest.raises(SystemExit):
+        cli("report", "--run", str(root / "looped"), "--exit-loops", "100000",
+            "--out", str(tmp_path / "big"))
 
 
 def test_loop_counts():
@@ -415,6 +449,51 @@ def test_an_interrupted_sweep_keeps_its_rows_and_the_same_command_continues(
     interrupt_at = 0
     assert cli(*argv[:-4], "--seed", "1", "--device", "cpu", "--out", str(out)) == 0
     assert "other options" in capsys.readouterr().err and len(calls) == 10
+
+
+def test_progress_survives_a_failing_command_and_serves_fewer_or_more_loops(
+        runs, tmp_path, capsys, monkeypatch):
+    """A command that fails its checks rewrote the progress file of an interrupted sweep
+    with its own options (every row lost); and a command asking for fewer loops or splits
+    counted as other options and started over."""
+    root, _, _ = runs
+    sweep_module = importlib.import_module("open_mythos.evaluation.sweep")
+    real, calls = sweep_module.evaluate_examples, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "evaluate_examples", counted)
+    out, partial = tmp_path / "sweep.json", tmp_path / "sweep.json.partial.json"
+    argv = ("sweep", "--checkpoint", str(root / "looped"), "--n-examples", "4",
+            "--device", "cpu", "--out", str(out))
+    stop_at = 4
+    assert cli(*argv, "--loops", "1,3") == 130  # 3 rows kept
+    kept = partial.read_bytes()
+    stop_at = 0
+    calls.clear()
+    assert cli(*argv, "--loops", "1,3", "--splits", "idd") == 2  # a typo
+    assert "idd" in capsys.readouterr().err
+    assert partial.read_bytes() == kept and calls == []
+    # A split that cannot fit is refused before the splits named before it run.
+    assert cli(*argv, "--loops", "1,3", "--splits", "id,length=900") == 2
+    err = capsys.readouterr().err
+    assert "split 'length=900' needs" in err and calls == []
+    assert partial.read_bytes() == kept
+    # Fewer loop counts: the rows at 1 loop come from the file.
+    assert cli(*argv, "--loops", "1") == 0
+    assert "resuming: 3 row(s)" in capsys.readouterr().err
+    resumed = len(calls)
+    ones = load_rows(out)
+    assert {r.n_loops for r in ones} == {1}
+    calls.clear()
+    assert cli(*argv[:-1], str(tmp_path / "fresh.json"), "--loops", "1") == 0
+    assert resumed == len(calls) - 2  # the id split's two rows at 1 loop were kept
+    assert [dict(vars(r), seconds=0) for r in ones] == \
+        [dict(vars(r), seconds=0) for r in load_rows(tmp_path / "fresh.json")]
 
 
 def test_an_interrupted_report_resumes_its_sweep(runs, tmp_path, capsys, monkeypatch):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,6 +204,17 @@ def test_sweep_arguments_are_checked_and_repeats_collapse():
     # "'int' object is not iterable").
     rows = sweep(model, small_parity(), splits="id", loops=2, n_examples=4, early_exit=(False,))
     assert [(r.split, r.n_loops) for r in rows] == [("id", 2)]
+    # NumPy's and torch's integers are loop counts, saved as Python's (a NumPy count made
+    # save_rows(".json") fail after the whole sweep, a tensor wrote "tensor(1)" into the
+    # CSV); rows come in loop order whatever the order given.
+    for loops in (np.array([3, 1]), torch.tensor([3, 1]), [3, np.int64(1)], np.int64(3)):
+        rows = sweep(model, small_parity(), splits="id", loops=loops, n_examples=4,
+                     early_exit=(False,))
+        assert [r.n_loops for r in rows] == sorted({int(n) for n in np.atleast_1d(loops)})
+        assert all(type(r.n_loops) is int for r in rows)
+    for bad in ([0], [1.5], ["2"], [True]):
+        with pytest.raises(ValueError, match="loop count must be a positive integer"):
+            sweep(model, small_parity(), splits="id", loops=bad, n_examples=4)
     for bad in (dict(batch_size=0), dict(batch_size=-1), dict(n_examples=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             sweep(model, small_parity(), splits=["id"], loops=[1], **bad)
@@ -250,6 +262,12 @@ def test_splits_longer_than_max_seq_len():
     assert [r.split for r in rows] == ["id"]
     with pytest.raises(ValueError, match="max_seq_len"):
         sweep(model, task, splits=["ood_length"], loops=[1], n_examples=2)
+    # Named after the splits that fit, it is refused before they are evaluated.
+    seen = []
+    with pytest.raises(ValueError, match="split 'ood_length' needs"):
+        sweep(model, task, splits=["id", "ood_length"], loops=[1], n_examples=2,
+              on_row=seen.append)
+    assert seen == []
     # Nothing to evaluate is an error, not an empty result.
     too_long = get_task("parity", lengths=(20, 20), ood_lengths=(30, 30))
     with pytest.raises(ValueError, match="no split of 'parity' fits max_seq_len=12"):
