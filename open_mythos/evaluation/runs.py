@@ -9,6 +9,7 @@ laid out by :mod:`open_mythos.training.checkpoint`. :func:`load_model` is
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,30 @@ def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict
     Raises:
         ValueError: ``path`` holds no training configuration.
     """
-    from ..training.data import VAL, build_data_source
+    from ..training.data import VAL, build_data_source, val_fingerprint
 
     cfg = read_train_config(path)
     if cfg is None:
         raise ValueError(f"{path} holds no training configuration ({RUN_CONFIG_FILE})")
     data = build_data_source(cfg.data, cfg.run.seed)
+    recorded = _recorded_val_fingerprint(path)
+    if recorded is not None and recorded != val_fingerprint(data, cfg.data.eval_batches):
+        warnings.warn(f"the validation data of {path} is not what the trainer evaluated on "
+                      "(its files changed since the checkpoint was written?): these losses "
+                      "are not comparable with the run's logged val_loss", stacklevel=2)
     return [data.batch(VAL, i) for i in range(n_batches or cfg.data.eval_batches)]
+
+
+def _recorded_val_fingerprint(path: str | Path) -> str | None:
+    """The validation batches' fingerprint the newest checkpoint of ``path`` recorded
+    (checkpoints of 2026-12-07 on), or None."""
+    from ..training.checkpoint import TRAINER_STATE_FILE, latest_checkpoint, read_trainer_state
+
+    path = Path(path)
+    ckpt = path if (path / TRAINER_STATE_FILE).is_file() else latest_checkpoint(path)
+    if ckpt is None or not (ckpt / TRAINER_STATE_FILE).is_file():
+        return None
+    return read_trainer_state(ckpt).get("val_fingerprint")
 
 
 def is_text_run(path: str | Path) -> bool:

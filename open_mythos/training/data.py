@@ -21,6 +21,7 @@ per-loop targets ``trace`` (B, K) (:func:`open_mythos.tasks.batching.trace_targe
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 from abc import ABC, abstractmethod
@@ -357,6 +358,22 @@ def _text_of(row: dict[str, Any], field: str, name: str) -> str:
         raise ConfigError(f"data.hf_text_field={field!r}: dataset {name!r} holds "
                           f"{type(text).__name__} values there, not text")
     return text
+
+
+def val_fingerprint(data: DataSource, n_batches: int) -> str | None:
+    """A hash of the first ``n_batches`` validation batches of ``data`` (one process's view:
+    shard 0 of 1), what :func:`~open_mythos.evaluation.runs.run_val_batches` rebuilds from
+    a run's configuration: a checkpoint records it so that an evaluation on files changed
+    since training is told so. None for a streamed dataset, whose held-out rows depend on
+    the number of processes and are streamed again, not read from local files."""
+    if isinstance(data, StreamingTextSource) or n_batches < 1:
+        return None
+    digest = hashlib.sha256()
+    for i in range(n_batches):
+        batch = data.batch(VAL, i)
+        for key in ("input_ids", "targets"):
+            digest.update(batch[key].to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def build_data_source(cfg: DataConfig, seed: int, world_size: int = 1,

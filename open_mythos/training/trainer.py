@@ -87,7 +87,7 @@ from .config import (
     load_config,
     to_toml,
 )
-from .data import TRAIN, VAL, DataExhausted, DataSource, build_data_source
+from .data import TRAIN, VAL, DataExhausted, DataSource, build_data_source, val_fingerprint
 from .distributed import (
     all_reduce,
     broadcast_object,
@@ -316,6 +316,7 @@ class Trainer:
         self.good_checkpoint: Path | None = None
         self._unproven: Path | None = None
         self._bad_checkpoint: Path | None = None
+        self._val_fingerprint: str | None = None  # of the validation batches, at the first save
         # The signal that asked this rank to stop, and the one the ranks agreed on in the
         # last step's all-reduce (0: none; see _stop_on_signal).
         self._stop_signal = self._agreed_signal = 0
@@ -1150,8 +1151,11 @@ class Trainer:
         data = gather_objects(self.data.state_dict(), ctx)
         trainer_state = None
         if ctx.is_main:
+            if self._val_fingerprint is None:  # once: the validation batches do not change
+                self._val_fingerprint = val_fingerprint(self.data, self.cfg.data.eval_batches)
             trainer_state = {**dataclasses.asdict(self.state), "rng": rngs, "data": data,
-                             "world_size": ctx.world_size, "global_batch": self._global_batch}
+                             "world_size": ctx.world_size, "global_batch": self._global_batch,
+                             "val_fingerprint": self._val_fingerprint}
             trainer_state.pop("step")
         if ctx.parallel is Parallel.FSDP:
             self._save_sharded(trainer_state)

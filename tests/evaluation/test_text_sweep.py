@@ -111,3 +111,24 @@ def test_a_dense_text_run_has_no_loops_to_sweep(text_run, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "fixed-depth model" in err and "Traceback" not in err
+
+
+def test_a_corpus_changed_since_training_is_named(tmp_path):
+    """The sweep rebuilds the validation batches from the run's data paths; a corpus edited
+    after training gave other losses without a word."""
+    import warnings
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the loop reads its own state and writes the next one. " * 200)
+    cfg = load_config(TINY, [("data.task", UNSET), ("data.text", [str(corpus)]),
+                             ("data.seq_len", 24), ("run.out", str(tmp_path / "run")),
+                             ("run.steps", 2), ("run.progress", False), ("run.eval_every", 0),
+                             ("schedule.n_loops", 2), ("model.use_act", False)])
+    Trainer(cfg).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same data: nothing to say
+        run_val_batches(tmp_path / "run")
+    with open(corpus, "a") as fh:
+        fh.write("a new ending that moves the held-out tail. " * 40)
+    with pytest.warns(UserWarning, match="not what the trainer evaluated on"):
+        run_val_batches(tmp_path / "run")
