@@ -26,6 +26,7 @@ from .sweep import (
     SweepProgress,
     add_eval_arguments,
     load_models,
+    print_loss,
     resolve_device,
     resolve_task,
     sweep_models,
@@ -69,7 +70,8 @@ def run_text(args: argparse.Namespace) -> Path:
     from ..evaluation.sweep import loss_rows
     from ..registry import is_looped
 
-    model, losses = run_loss_vs_loops(args.run, resolve_device(args.device), args.loops)
+    model, losses = run_loss_vs_loops(args.run, resolve_device(args.device), args.loops,
+                                      print_loss)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _clear_old_report(out, None)

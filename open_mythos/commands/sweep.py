@@ -308,6 +308,12 @@ def sweep_options(args: argparse.Namespace, model: Any, baseline: Any, task: Any
             "exit_rule": None if rule is None else repr(rule)}
 
 
+def print_loss(n_loops: int, result: Any, seconds: float) -> None:
+    """A text sweep's progress: one line (stderr) per loop count as it is done."""
+    print(f"  {n_loops} loops: val loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
+          f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+
+
 def run_text(args: argparse.Namespace) -> int:
     """A text run: validation loss against loops, written to ``--out`` (.json or .csv)."""
     import csv
@@ -317,7 +323,8 @@ def run_text(args: argparse.Namespace) -> int:
     from ..evaluation.runs import run_loss_vs_loops, run_train_loops
     from ..evaluation.sweep import depth_checks, loss_rows
 
-    _, losses = run_loss_vs_loops(args.checkpoint, resolve_device(args.device), args.loops)
+    _, losses = run_loss_vs_loops(args.checkpoint, resolve_device(args.device), args.loops,
+                                  print_loss)
     rows = loss_rows(losses)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

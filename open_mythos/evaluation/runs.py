@@ -103,11 +103,13 @@ def is_text_run(path: str | Path) -> bool:
 
 
 def run_loss_vs_loops(
-    path: str | Path, device: str | torch.device = "cpu", loops: list[int] | None = None
+    path: str | Path, device: str | torch.device = "cpu", loops: list[int] | None = None,
+    on_loss: Any = None,
 ) -> tuple[nn.Module, dict[int, Any]]:
     """``(model, losses)``: the run's latest model on ``device`` and its validation
     :class:`~open_mythos.evaluation.Perplexity` at each of ``loops`` (default 1 to 4x
     ``max_loop_iters``) on the run's own validation batches (:func:`run_val_batches`).
+    ``on_loss``: called as each loop count is done (:func:`~.sweep.loss_vs_loops`).
 
     Raises:
         ValueError: the run holds a fixed-depth model (one depth: nothing to sweep).
@@ -121,7 +123,7 @@ def run_loss_vs_loops(
                          "blocks): its validation loss has one depth, with no loops to sweep "
                          "(the training log has it: val_loss in metrics.jsonl)")
     batches = [{k: v.to(device) for k, v in b.items()} for b in run_val_batches(path)]
-    return model, loss_vs_loops(model, batches, loops or default_loops(model))
+    return model, loss_vs_loops(model, batches, loops or default_loops(model), on_loss)
 
 
 def parse_task_args(text: str | None) -> dict[str, Any]:

@@ -122,11 +122,19 @@ class Perplexity:
 
 
 def loss_vs_loops(
-    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], loops: Sequence[int]
+    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], loops: Sequence[int],
+    on_loss: Callable[[int, Perplexity, float], None] | None = None,
 ) -> dict[int, Perplexity]:
     """Validation loss of a language model at each loop count, on the same ``batches``
-    (mappings with ``input_ids`` and shifted ``targets``) every time; no early exit."""
-    return {n: perplexity(model, batches, n) for n in loops}
+    (mappings with ``input_ids`` and shifted ``targets``) every time; no early exit.
+    ``on_loss(n_loops, result, seconds)`` is called as each loop count is done (progress)."""
+    losses = {}
+    for n in loops:
+        start = time.perf_counter()
+        losses[n] = perplexity(model, batches, n)
+        if on_loss is not None:
+            on_loss(n, losses[n], time.perf_counter() - start)
+    return losses
 
 
 def loss_rows(losses: Mapping[int, Perplexity]) -> list[dict[str, float]]:

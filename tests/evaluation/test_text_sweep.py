@@ -49,7 +49,11 @@ def test_text_sweep_equals_an_independent_recomputation(text_run, tmp_path, caps
                 count += int((b["targets"] != -100).sum())
         assert row["val_loss"] == pytest.approx(total / count, rel=1e-5)
         assert row["tokens"] == count
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # Progress as each loop count is done (nothing was printed until the end).
+    assert [line.split(":")[0].strip() for line in captured.err.splitlines()
+            if "val loss" in line] == ["1 loops", "2 loops", "3 loops"]
     assert "| loops | val loss | perplexity | above best |" in printed
     assert "non-increasing up to T_train=2" in printed
 
