@@ -103,6 +103,31 @@ def test_compiled_recurrent_block_matches_eager(backend, use_act, target):
                                    eager.recurrent.last_expert_load)
 
 
+@pytest.mark.parametrize("backprop_loops", [None, 1])
+def test_compiled_loop_body_with_gradient_checkpointing_matches_eager(backprop_loops):
+    """``openmythos train --compile --gradient-checkpointing`` failed at its first backward:
+    the recomputation set a flag the compiled body read, got another graph, and saved other
+    tensors than the forward ("a different number of tensors was saved")."""
+    torch.manual_seed(0)
+    eager = OpenMythos(tiny_config(act_threshold=0.7, act_halt_bias_init=0.0)).train()
+    eager.recurrent.gradient_checkpointing = True
+    compiled = copy.deepcopy(eager)
+    compiled.recurrent.compile_loop(fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, eager.cfg.vocab_size, (2, 16))
+    for model in (eager, compiled):
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, n_loops=3, backprop_loops=backprop_loops)
+        loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + 0.01 * model.aux_loss
+        loss.backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # The forward's own telemetry, not the recomputation's, and the load counted once.
+    for attr in ("last_expert_load", "load_since_update"):
+        torch.testing.assert_close(getattr(compiled.recurrent.block.ffn, attr),
+                                   getattr(eager.recurrent.block.ffn, attr))
+
+
 def test_compiled_loop_body_serves_every_loop_index_and_count():
     """Two graphs (first loop, later loops) whatever the loop index or the number of loops:
     the loop index reaches the compiled body only as tensors."""

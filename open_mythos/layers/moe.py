@@ -288,9 +288,6 @@ class MoEFFN(CopiesDetached, nn.Module):
                              persistent=False)
         self.last_expert_load: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
-        # False while activation checkpointing recomputes a forward: its load was counted and
-        # its last_* telemetry recorded by the forward itself.
-        self.record_load = True
         # dtype -> (w_gate_up, w_down) cast once for several calls (see shared_casts).
         self._casts: dict[tuple[torch.dtype, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.reset_parameters()
@@ -423,10 +420,12 @@ class MoEFFN(CopiesDetached, nn.Module):
             frac = load.to(probs.dtype) / (n_real * k)
             mean_probs = (probs * real.unsqueeze(-1)).sum(dim=0) / n_real
         aux = self.n_experts * (frac * mean_probs).sum()
-        if self.record_load:  # not a checkpoint's recomputation: keep the forward's own
-            self.last_expert_load, self.last_aux_loss = load, aux
-            if self.training:
-                self.load_since_update.add_(load)
+        # Recorded by every call: a checkpoint's recomputation records too (reading a flag
+        # here would give a compiled body another graph there, saving other tensors) and
+        # RecurrentBlock puts the forward's own values back after it.
+        self.last_expert_load, self.last_aux_loss = load, aux
+        if self.training:
+            self.load_since_update.add_(load)
         return out.to(x.dtype).reshape(shape)
 
     def _dispatch_sorted(self, flat: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,

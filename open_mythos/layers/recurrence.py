@@ -507,15 +507,21 @@ class RecurrentBlock(CopiesDetached, nn.Module):
 
     @contextlib.contextmanager
     def _recomputing(self) -> Iterator[None]:
-        """During recomputation the MoE must not count its load a second time, and the
-        attention reads the cache without writing it (:attr:`AttnContext.replay`)."""
+        """During recomputation the attention reads the cache without writing it
+        (:attr:`AttnContext.replay`), and what the MoE records (its load, counted a second
+        time, and its ``last_*`` telemetry) is put back as the forward left it afterwards.
+        The layer itself is not told: a flag read inside a compiled loop body gave the
+        recomputation another graph, which saved other tensors than the forward's, and
+        ``torch.utils.checkpoint`` refused it."""
         moe = self.block.ffn
-        moe.record_load = False
+        kept = moe.last_expert_load, moe.last_aux_loss
+        counted = moe.load_since_update.clone()
         self._replaying = True
         try:
             yield
         finally:
-            moe.record_load = True
+            moe.last_expert_load, moe.last_aux_loss = kept
+            moe.load_since_update.copy_(counted)
             self._replaying = False
 
     def forward(
