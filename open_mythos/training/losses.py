@@ -81,11 +81,13 @@ def compute_loss(
     aux_weight: float,
     ce_scale: float,
     reg_scale: float,
+    token_mask: torch.Tensor | None = None,
 ) -> LossParts:
     """Objective of one micro-batch.
 
     ``objective = ce_sum * ce_scale + reg_scale * (ponder_weight * mean(ponder_cost)
-    + aux_weight * aux_loss)``. With ``W`` data-parallel ranks (which average gradients) and
+    + aux_weight * aux_loss)``, the mean over the real tokens of ``token_mask`` ((B, T)
+    bool, False at padding; None: every position). With ``W`` data-parallel ranks (which average gradients) and
     ``A`` accumulation micro-steps, pass ``ce_scale = W / n_supervised_global`` and
     ``reg_scale = 1 / A``: the averaged gradient is then that of
     ``ce_mean_global + ponder_weight * ponder_mean + aux_weight * aux_mean``.
@@ -98,7 +100,13 @@ def compute_loss(
     """
     ce_sum = cross_entropy_sum(logits, targets)
     zero = ce_sum.new_zeros(())
-    ponder = ponder_cost.float().mean() if ponder_cost is not None else zero
+    if ponder_cost is None:
+        ponder = zero
+    elif token_mask is None:
+        ponder = ponder_cost.float().mean()
+    else:
+        real = token_mask.to(torch.float32)
+        ponder = (ponder_cost.float() * real).sum() / real.sum().clamp(min=1)
     aux = aux_loss.float() if aux_loss is not None else zero
     objective = ce_sum * ce_scale
     if ponder_weight:

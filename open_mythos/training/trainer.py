@@ -56,6 +56,7 @@ from ..config import MythosConfig
 from ..devices import keep_freed_memory
 from ..layers.norm import RMSNorm
 from ..registry import build_model, is_looped, kind_of
+from ..tasks import PAD_ID
 from .checkpoint import (
     CHECKPOINT_DIR,
     NonFiniteWeights,
@@ -996,10 +997,11 @@ class Trainer:
         x = batch["input_ids"].to(ctx.device, non_blocking=True)
         y = batch["targets"].to(ctx.device, non_blocking=True)
         rows, y_at = self._scored(batch, y)
+        mask = self._padding_mask(batch, ctx.device)
         with gradient_sync(self.model, ctx, enabled=sync and not alpha):
             with self._autocast():
                 objective, parts, loop_ce = self._objective(batch, x, y, n_loops, ce_scale,
-                                                            reg_scale, rows, y_at)
+                                                            reg_scale, rows, y_at, mask)
                 objective = (1.0 - alpha) * objective
             if self.loss_hook is not None:
                 objective = self.loss_hook(step, objective)
@@ -1007,7 +1009,7 @@ class Trainer:
         total = objective.detach().double()
         if alpha:
             total = total + self._progressive_backward(x, y_at, step, n_loops, ce_scale,
-                                                       sync, rows)
+                                                       sync, rows, mask)
         return torch.stack([total, parts.ce_sum.double(), (parts.ponder * reg_scale).double(),
                             (parts.aux * reg_scale).double(), loop_ce]).to(ctx.device)
 
@@ -1023,14 +1025,30 @@ class Trainer:
         rows = rows.to(y.device, non_blocking=True)
         return rows, y.flatten()[rows]
 
+    def _padding_mask(self, batch: dict[str, torch.Tensor], device: torch.device
+                      ) -> torch.Tensor | None:
+        """(B, T) bool, False at a task batch's padding, for the model's ``attention_mask``
+        (None when the batch holds none, and for text, which is packed). Padding then stays
+        out of the MoE load and balance loss and out of the ponder cost: counted, the
+        router learnt to send it to a few experts while the load looked even, and the real
+        tokens' load stayed uneven. Read from the host copy of the batch (no device sync)."""
+        if not self.cfg.data.task:
+            return None
+        real = batch["input_ids"] != PAD_ID
+        if bool(real.all()):
+            return None  # one attention kernel without a mask (equal-length prompts)
+        return real.to(device, non_blocking=True)
+
     def _objective(self, batch: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                    n_loops: int, ce_scale: float, reg_scale: float,
-                   rows: torch.Tensor | None, y_at: torch.Tensor
+                   rows: torch.Tensor | None, y_at: torch.Tensor,
+                   mask: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, LossParts, torch.Tensor]:
         """The forward of one micro-batch: (objective, its parts, the detached per-loop
         readout cross-entropy sum, zero without ``optim.loop_loss_weight``). ``rows`` and
         ``y_at``: the positions whose logits are computed and their targets
-        (:meth:`_scored`); ``y``: every position's targets, for the per-loop readouts."""
+        (:meth:`_scored`); ``y``: every position's targets, for the per-loop readouts;
+        ``mask``: :meth:`_padding_mask`."""
         opt, backprop = self.cfg.optim, self.cfg.schedule.backprop_loops
         loop_ce = torch.zeros((), dtype=torch.float64, device=x.device)
         if opt.loop_loss_weight:
@@ -1038,7 +1056,8 @@ class Trainer:
             # The head lens reads out the supervised positions only (cheap).
             head_lens = opt.loop_readout == "head"
             out = self.model(x, n_loops=n_loops, backprop_loops=backprop, readout_depths=depths,
-                             readout_lens="none" if head_lens else "coda", logits_at=rows)
+                             readout_lens="none" if head_lens else "coda", logits_at=rows,
+                             attention_mask=mask)
             logits = out.logits
             trace = batch["trace"].to(x.device) if opt.loop_targets else None
             start = batch["answer_start"].to(x.device) if opt.loop_targets else None
@@ -1049,10 +1068,11 @@ class Trainer:
                 rows=rows)
             loop_ce = loop_sum.detach().double()
         else:
-            logits = self.model(x, n_loops=n_loops, backprop_loops=backprop, logits_at=rows)
+            logits = self.model(x, n_loops=n_loops, backprop_loops=backprop, logits_at=rows,
+                                attention_mask=mask)
         parts = compute_loss(logits, y_at, self._ponder_cost(), self.core.aux_loss,
                              ponder_weight=opt.ponder_weight, aux_weight=opt.aux_weight,
-                             ce_scale=ce_scale, reg_scale=reg_scale)
+                             ce_scale=ce_scale, reg_scale=reg_scale, token_mask=mask)
         objective = parts.objective
         if opt.loop_loss_weight:
             objective = objective + opt.loop_loss_weight * ce_scale * loop_sum
@@ -1060,13 +1080,15 @@ class Trainer:
 
     def _progressive_backward(self, x: torch.Tensor, y_at: torch.Tensor, step: int,
                               n_loops: int, ce_scale: float, sync: bool,
-                              rows: torch.Tensor | None) -> torch.Tensor:
+                              rows: torch.Tensor | None,
+                              mask: torch.Tensor | None = None) -> torch.Tensor:
         """The progressive term (``n`` loops without gradient, ``k`` with), weighted by
         ``optim.progressive_weight`` and backpropagated; returns its detached value.
-        ``rows``, ``y_at`` as for :meth:`_objective`."""
+        ``rows``, ``y_at``, ``mask`` as for :meth:`_objective`."""
         n_free, k = progressive_split(self.cfg.run.seed, step, n_loops)
         with gradient_sync(self.model, self.ctx, enabled=sync), self._autocast():
-            logits = self.model(x, n_loops=n_free + k, backprop_loops=k, logits_at=rows)
+            logits = self.model(x, n_loops=n_free + k, backprop_loops=k, logits_at=rows,
+                                attention_mask=mask)
             progressive = (self.cfg.optim.progressive_weight * ce_scale
                            * cross_entropy_sum(logits, y_at))
             progressive.backward()

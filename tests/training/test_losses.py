@@ -41,6 +41,14 @@ def test_weighted_terms():
     parts.objective.backward()
     assert ponder.grad is not None and aux.grad.item() == pytest.approx(0.5 * 0.01)
     assert parts.ponder.item() == 3.0 and parts.aux.item() == 1.5
+    # The ponder cost is the mean over real tokens: padding (here 7.0) is left out.
+    padded = torch.full((4, 6), 3.0)
+    padded[:, 4:] = 7.0
+    real = torch.ones(4, 6, dtype=torch.bool)
+    real[:, 4:] = False
+    parts = compute_loss(logits, targets, padded, None, ponder_weight=0.1, aux_weight=0.0,
+                         ce_scale=1.0 / n, reg_scale=1.0, token_mask=real)
+    assert parts.ponder.item() == 3.0
 
 
 def test_split_batches_sum_to_the_global_mean():

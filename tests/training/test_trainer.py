@@ -11,6 +11,7 @@ import torch
 
 from open_mythos.checkpoints import load_model
 from open_mythos.cli import main
+from open_mythos.tasks import PAD_ID
 from open_mythos.training import ConfigError, LoopSchedule, Trainer, TrainingDiverged
 from open_mythos.training import trainer as trainer_mod
 from open_mythos.training.data import TRAIN, build_data_source
@@ -123,8 +124,11 @@ def test_throughput_and_expert_balance_metrics_are_the_measured_values(tmp_path,
     def count_routes(moe, args, out):
         if not moe.training or trainer.core.recurrent._replaying:  # not a recomputation
             return
-        # Top-k of the biased router logits, in float64, from the layer's input.
+        # Top-k of the biased router logits, in float64, from the layer's input, at the
+        # real tokens (parity pads its batches: padding is left out of the load).
         x = args[0].detach().reshape(-1, moe.dim).double()
+        if len(args) > 1 and args[1] is not None:
+            x = x[args[1].reshape(-1)]
         logits = x @ moe.router.weight.detach().double().T + moe.router_bias.double()
         chosen = logits.topk(moe.topk, dim=-1).indices.flatten()
         step = trainer.state.step
@@ -140,8 +144,10 @@ def test_throughput_and_expert_balance_metrics_are_the_measured_values(tmp_path,
         assert row["tokens"] == tokens == 2 * cfg.data.batch_size * data.seq_len
         assert row["tokens_per_s"] == pytest.approx(tokens / 0.25, rel=1e-12)
         load = loads[step].double()
-        # Every position of every micro-batch at every loop chose top-k experts.
-        assert load.sum() == tokens * row["loops"] * trainer.model_cfg.n_experts_per_tok
+        # Every real token of every micro-batch at every loop chose top-k experts.
+        real = sum(int((b["input_ids"] != PAD_ID).sum()) for b in micro)
+        assert 0 < real < tokens  # the batches hold padding
+        assert load.sum() == real * row["loops"] * trainer.model_cfg.n_experts_per_tok
         assert row["expert_load_max_over_mean"] == pytest.approx(
             (load.max() / load.mean()).item(), rel=1e-6)
     assert len({r["expert_load_max_over_mean"] for r in rows}) > 1  # not a constant
