@@ -442,6 +442,12 @@ class Trainer:
         self._log(f"model: {n_params:,} parameters ({mc.attn_type}, dim {mc.dim}, {kind})  data: "
                   f"{self.data.describe()}  device: {ctx.device} x{ctx.world_size} "
                   f"({cfg.run.parallel.value}, {cfg.run.precision.value})  out: {self.out}")
+        if is_looped(self.core) and mc.n_experts_per_tok == 1 and not cfg.optim.aux_weight:
+            self._log("warning: with top-1 routing the gate renormalised over the chosen "
+                      "expert is always 1, so the language-model loss gives the router no "
+                      "gradient, and with optim.aux_weight = 0 its weights never train "
+                      "(the router bias still balances the load); set optim.aux_weight > 0 "
+                      "or model.n_experts_per_tok >= 2")
 
     def _check_ranks_agree(self) -> None:
         """Raise ``ConfigError`` on every rank if the processes were given different

@@ -531,3 +531,19 @@ def test_an_interruption_says_which_signal_stopped_which_step():
     again = pickle.loads(pickle.dumps(stop))
     assert (again.step, again.checkpoint, again.signum) == (7, Path("runs/x/step_7"), 15)
     assert "not saved" in str(TrainingInterrupted(3, None))
+
+
+def test_top1_routing_without_a_balance_loss_is_warned_about(tmp_path, capsys):
+    """With one expert per token the renormalised gate is 1 whatever the router says: the
+    language-model loss gives the router no gradient, and without the balance loss its
+    weights stay as initialised, with no word said."""
+    trainer = Trainer(tiny_config(tmp_path / "run", run__steps=2, model__n_experts_per_tok=1,
+                                  optim__aux_weight=0.0, optim__weight_decay=0.0))
+    trainer.train()
+    assert "top-1 routing" in capsys.readouterr().err
+    router = trainer.core.recurrent.block.ffn.router.weight
+    torch.manual_seed(0)  # the claim the warning makes: the router has no gradient
+    trainer.core(torch.randint(0, trainer.model_cfg.vocab_size, (2, 8)), n_loops=2).sum().backward()
+    assert router.grad is None or not router.grad.any()
+    Trainer(tiny_config(tmp_path / "aux", run__steps=1, model__n_experts_per_tok=1)).train()
+    assert "top-1 routing" not in capsys.readouterr().err
