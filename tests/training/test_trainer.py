@@ -547,3 +547,23 @@ def test_top1_routing_without_a_balance_loss_is_warned_about(tmp_path, capsys):
     assert router.grad is None or not router.grad.any()
     Trainer(tiny_config(tmp_path / "aux", run__steps=1, model__n_experts_per_tok=1)).train()
     assert "top-1 routing" not in capsys.readouterr().err
+
+
+def test_act_with_one_differentiated_loop_is_warned_about(tmp_path, capsys):
+    """backprop_loops = 1 differentiates only the last loop, whose halting weight is the
+    remaining mass: the halting head got no gradient, the ponder penalty's neither."""
+    trainer = Trainer(tiny_config(tmp_path / "run", run__steps=1, model__use_act=True,
+                                  schedule__n_loops=3, schedule__backprop_loops=1,
+                                  optim__ponder_weight=0.05))
+    trainer.train()
+    assert "the head gets no gradient" in capsys.readouterr().err
+    core = trainer.core
+    core.zero_grad(set_to_none=True)
+    out = core(torch.randint(0, trainer.model_cfg.vocab_size, (2, 8)), n_loops=3,
+               backprop_loops=1)
+    (out.sum() + core.recurrent.last_ponder_cost.sum()).backward()
+    halt = core.recurrent.act.halt.weight
+    assert halt.grad is None or not halt.grad.any()
+    Trainer(tiny_config(tmp_path / "two", run__steps=1, model__use_act=True,
+                        schedule__n_loops=3, schedule__backprop_loops=2)).train()
+    assert "halting head" not in capsys.readouterr().err
