@@ -702,6 +702,8 @@ class Trainer:
         torch._dynamo.config.specialize_int = True
         counts = len(self.loops_at.loop_counts()) if is_looped(self.core) else 1
         graphs = counts * (2 if self.cfg.optim.progressive_weight else 1) + 1
+        if self.cfg.data.task:  # batches with and without padding (an attention_mask or None)
+            graphs *= 2
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         if graphs + 2 > getattr(config, name):  # + 2: shape changes (a last short batch)
