@@ -715,7 +715,10 @@ def _probe_sections(
     seed: int,
 ) -> list[str]:
     md = ["## ACT halting", ""]
-    if model is None or task is None or not is_looped(model):
+    if model is not None and not is_looped(model):
+        return md + ["The model is a fixed-depth transformer: it has no halting or experts "
+                     "to probe.", ""]
+    if model is None or task is None:
         return md + ["No looped model and task were given to probe: ACT and expert-load "
                      "figures are skipped.", ""]
     if probe_loops is None:

@@ -118,6 +118,12 @@ def test_report_without_a_model(tmp_path):
     path = write_report(None, tmp_path, [], [])
     assert "No sweep results" in path.read_text()
     assert embedded_images(path.read_text()) == []
+    # A fixed-depth model with its task: named as such ("no looped model and task were
+    # given" said the task was missing).
+    baseline = DenseBaseline(matched_baseline_config(act_model().cfg, 2)).eval()
+    text = write_report(None, tmp_path / "dense", [], model=baseline,
+                        task=small_parity()).read_text()
+    assert "fixed-depth transformer" in text and "No looped model" not in text
 
 
 # Figures a reader understands at a glance (#15 item 6) ------------------------------------
