@@ -89,15 +89,14 @@ def run_text(args: argparse.Namespace) -> Path:
 
 def _clear_old_report(out: Path, sweep_file: str | None) -> None:
     """Remove the files an earlier report wrote into ``out``, not ``--sweep`` itself. A
-    report from ``--sweep`` writes no ``sweep.json``: one there goes only beside an earlier
-    report's ``report.md`` (then it is that report's sweep, which would stay beside the new
-    one); alone it is a sweep written there (``openmythos sweep --out DIR/sweep.json``)."""
+    report from ``--sweep`` writes no ``sweep.json`` and leaves one there: it may be a sweep
+    written into the directory (``openmythos sweep --out DIR/sweep.json``), which nothing
+    tells apart from an earlier report's."""
     from ..evaluation.report import REPORT_FILES
 
     keep = Path(sweep_file).resolve() if sweep_file else None
-    earlier_report = (out / "report.md").is_file()
     for name in REPORT_FILES:
-        if sweep_file and name == "sweep.json" and not earlier_report:
+        if sweep_file and name == "sweep.json":
             continue
         if (out / name).is_file() and (out / name).resolve() != keep:
             (out / name).unlink()
@@ -201,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             # Each row is kept as it is made, until the report is written: a report stopped
             # mid-way (in the sweep or after it) resumes from them.
             progress = SweepProgress(Path(args.out) / "sweep.json",
-                                     sweep_options(args, model, baseline, task), "report")
+                                     sweep_options(args, model, task), "report")
             rows, base_rows = sweep_models(args, model, baseline, task, progress)
         _clear_old_report(Path(args.out), args.sweep)
         if not args.sweep:

@@ -181,7 +181,7 @@ def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any,
                  progress: SweepProgress | None = None) -> tuple[list, list]:
     """``(looped rows, baseline rows)`` for the options of :func:`add_eval_arguments`;
     with ``progress``, rows it holds are not evaluated again and each new row goes to it."""
-    from ..evaluation.sweep import sweep
+    from ..evaluation.sweep import check_splits_fit, sweep
 
     settings = {"off": (False,), "on": (True,), "both": (False, True)}[args.early_exit]
     common: dict[str, Any] = dict(splits=args.splits, n_examples=args.n_examples,
@@ -190,10 +190,25 @@ def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any,
         common.update(resume=progress.previous, on_row=progress.add)
     # Only ``sweep`` has the --exit-* options (``report`` shares the rest).
     exit_rule = exit_rule_from_args(args) if hasattr(args, "exit_kl") else None
+    if baseline is not None and args.splits:  # before the looped model's sweep, not after
+        check_splits_fit(baseline, task, args.splits, args.n_examples, args.seed)
     rows = sweep(model, task, loops=args.loops, early_exit=settings, exit_rule=exit_rule,
                  **common)
     base_rows = sweep(baseline, task, **common) if baseline is not None else []
     return rows, base_rows
+
+
+#: Options of progress files written before 2026-12-07 that every row now names itself
+#: (the baseline by its fingerprint): left out when such a file is compared.
+_ROW_KEYED_OPTIONS = frozenset({"splits", "loops", "early_exit", "baseline"})
+
+
+def _comparable(options: Any) -> Any:
+    """``options`` without :data:`_ROW_KEYED_OPTIONS` (files written before they stopped
+    being options still name them)."""
+    if not isinstance(options, dict):
+        return options
+    return {k: v for k, v in options.items() if k not in _ROW_KEYED_OPTIONS}
 
 
 class SweepProgress:
@@ -247,7 +262,7 @@ class SweepProgress:
         except (ValueError, UnicodeDecodeError) as err:
             self._say(f"{self.path} is not a sweep's progress file ({err}); starting over")
             return []
-        if head["options"] != self.options:
+        if _comparable(head["options"]) != _comparable(self.options):
             self._say(f"{self.path} holds a sweep with other options or another checkpoint; "
                       "starting over")
             return []
@@ -282,7 +297,7 @@ class SweepProgress:
 
     def interrupted(self) -> None:
         """Say where the rows made so far are, after Ctrl-C."""
-        kept = len(self.rows) if self._started else len(self.previous)
+        kept = len(self.previous) + sum(id(r) not in self._previous_ids for r in self.rows)
         if kept:
             self._say(f"interrupted; {kept} row(s) kept in {self.path}: the same command "
                       "continues from them")
@@ -290,19 +305,27 @@ class SweepProgress:
             self._say("interrupted before the first row")
 
     def finish(self) -> None:
-        """The command's results are written: the progress file goes."""
-        self.path.unlink(missing_ok=True)
+        """The command's results are written: the progress file goes, unless it holds
+        rows this command did not ask for (an interrupted wider sweep's), which stay for
+        that sweep to resume from."""
+        used = {id(r) for r in self.rows}
+        unused = [r for r in self.previous if id(r) not in used]
+        if not unused:
+            self.path.unlink(missing_ok=True)
+            return
+        self.previous, self.rows = unused, []
+        self._start()
 
 
-def sweep_options(args: argparse.Namespace, model: Any, baseline: Any, task: Any
+def sweep_options(args: argparse.Namespace, model: Any, task: Any
                   ) -> dict[str, Any]:
-    """What decides a sweep's rows, beside the (split, loop count, early exit) each row
-    names: the models and task (by fingerprint) and the options."""
+    """What decides a sweep's rows, beside the model (by fingerprint), split, loop count
+    and early exit each row names: the looped model and task (by fingerprint) and the
+    options."""
     from ..evaluation.sweep import model_fingerprint, task_fingerprint
 
     rule = exit_rule_from_args(args) if hasattr(args, "exit_kl") else None  # report: none
     return {"model": model_fingerprint(model),
-            "baseline": None if baseline is None else model_fingerprint(baseline),
             "task": task_fingerprint(task), "n_examples": args.n_examples,
             "batch_size": args.batch_size, "seed": args.seed,
             "exit_rule": None if rule is None else repr(rule)}
@@ -359,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         task = resolve_task(args, args.checkpoint)
         model, _, baseline = load_models(args, args.checkpoint, device)
-        progress = SweepProgress(args.out, sweep_options(args, model, baseline, task))
+        progress = SweepProgress(args.out, sweep_options(args, model, task))
         try:
             rows, base_rows = sweep_models(args, model, baseline, task, progress)
         except KeyboardInterrupt:

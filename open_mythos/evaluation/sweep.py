@@ -293,6 +293,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def check_splits_fit(model: nn.Module, task: Task, splits: Sequence[str], n_examples: int,
+                     seed: int = 0) -> dict[str, list[Example]]:
+    """The examples :func:`sweep` evaluates for each of ``splits``, once checked to fit
+    ``model``'s ``max_seq_len``.
+
+    Raises:
+        ValueError: naming the first split whose examples do not fit.
+    """
+    drawn = {split: sample_examples(task, split, n_examples, seed) for split in splits}
+    for split, examples in drawn.items():
+        _check_fits(model, collate(examples)["input_ids"].shape[1], f"split {split!r}")
+    return drawn
+
+
 def _check_fits(model: nn.Module, length: int, what: str) -> None:
     limit = model.cfg.max_seq_len
     if length > limit:
@@ -667,10 +681,9 @@ def sweep(
             == (kind, model_id, task_id, rule_text, n_examples)}
     # Every split still to evaluate is drawn and checked against max_seq_len first: a
     # split that cannot fit fails here, not after the splits before it ran.
-    drawn = {split: sample_examples(task, split, n_examples, seed) for split in splits
-             if any((split, n, e) not in done for n in loops for e in settings)}
-    for split, examples in drawn.items():
-        _check_fits(model, collate(examples)["input_ids"].shape[1], f"split {split!r}")
+    drawn = check_splits_fit(model, task, [
+        split for split in splits
+        if any((split, n, e) not in done for n in loops for e in settings)], n_examples, seed)
     rows = []
     for split in splits:
         examples = drawn.get(split)

@@ -181,13 +181,14 @@ def test_report_command(runs, tmp_path):
         assert 1 <= float(cells[2]) <= int(cells[1])  # loops/position within the loops run
     assert "Greedy answers to 3 in-distribution examples" in text
     # A rerun into the same directory without the exit-rule section and from a sweep
-    # file: the old exit_pareto.png and sweep.json do not stay beside the new report.
+    # file: the old exit_pareto.png does not stay beside the new report; a sweep.json
+    # stays (a report from --sweep writes none, and one there may be the user's sweep).
     keep = tmp_path / "kept.json"
     keep.write_text((out / "sweep.json").read_text())
     (out / "notes.txt").write_text("mine")
     assert cli("report", "--run", str(root / "looped"), "--sweep", str(keep), "--exit-loops",
                "0", "--n-examples", "3", "--out", str(out)) == 0
-    assert not (out / "exit_pareto.png").exists() and not (out / "sweep.json").exists()
+    assert not (out / "exit_pareto.png").exists() and (out / "sweep.json").exists()
     assert (out / "notes.txt").read_text() == "mine" and keep.is_file()
     assert_pngs(out, embedded_images((out / "report.md").read_text()))
     # From a sweep file, the exit-rule table takes as many examples as the sweep's tables
@@ -202,9 +203,10 @@ def test_report_command(runs, tmp_path):
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "sweep.json").write_text(keep.read_text())
-    assert cli("report", "--run", str(root / "looped"), "--sweep", str(keep), "--exit-loops",
-               "0", "--out", str(fresh)) == 0
-    assert (fresh / "sweep.json").read_text() == keep.read_text()
+    for _ in range(2):  # the second run finds the first one's report.md beside it
+        assert cli("report", "--run", str(root / "looped"), "--sweep", str(keep),
+                   "--exit-loops", "0", "--out", str(fresh)) == 0
+        assert (fresh / "sweep.json").read_text() == keep.read_text()
     # The exit rules at 1 loop: the fixed depth and the rules that can fire there only
     # (min_loops 2 rules were listed, each the fixed depth under its name); past the
     # deepest loop count the command line takes, refused (100000 ran for hours).
@@ -494,6 +496,37 @@ def test_progress_survives_a_failing_command_and_serves_fewer_or_more_loops(
     assert resumed == len(calls) - 2  # the id split's two rows at 1 loop were kept
     assert [dict(vars(r), seconds=0) for r in ones] == \
         [dict(vars(r), seconds=0) for r in load_rows(tmp_path / "fresh.json")]
+    # The narrower sweep's completion kept the row it did not use (3 loops) for the wider
+    # one, which resumes from it: a file of before 2026-12-07, whose options also named the
+    # splits, loops, early exit and baseline, resumes too. Adding --baseline keeps the
+    # looped rows (each row names its model).
+    head, *lines = partial.read_text().splitlines()
+    options = json.loads(head)["options"]
+    assert [json.loads(line)["n_loops"] for line in lines] == [3]
+    legacy = {**options, "splits": None, "loops": [1, 3], "early_exit": "both", "baseline": None}
+    partial.write_text("\n".join([json.dumps({"options": legacy}), *lines]) + "\n")
+    calls.clear()
+    assert cli(*argv, "--loops", "1,3", "--baseline", str(root / "dense")) == 0
+    assert "resuming: 1 row(s)" in capsys.readouterr().err
+    assert len(calls) == 2 * 4 - 1 + 2  # 2 splits x 2 loop counts x 2 settings, one kept;
+    assert not partial.exists()         # the baseline's 2 splits
+
+
+def test_a_baseline_split_that_cannot_fit_fails_before_the_looped_sweep(
+        runs, tmp_path, capsys, monkeypatch):
+    """The baseline's fit was found only after the looped model's whole sweep."""
+    root, model, _ = runs
+    short = dataclasses.replace(model.cfg, max_seq_len=12)  # ood_length (4-5 bits) fits,
+    torch.manual_seed(0)                                      # 16 bits do not
+    save_run(tmp_path / "short", DenseBaseline(matched_baseline_config(short, 2)))
+    sweep_module = importlib.import_module("open_mythos.evaluation.sweep")
+    calls = []
+    monkeypatch.setattr(sweep_module, "evaluate_examples",
+                        lambda *a, **k: calls.append(a) or {})
+    assert cli("sweep", "--checkpoint", str(root / "looped"), "--baseline",
+               str(tmp_path / "short"), "--splits", "id,length=16", "--loops", "1",
+               "--n-examples", "2", "--device", "cpu", "--out", str(tmp_path / "s.json")) == 2
+    assert "split 'length=16' needs" in capsys.readouterr().err and calls == []
 
 
 def test_an_interrupted_report_resumes_its_sweep(runs, tmp_path, capsys, monkeypatch):
