@@ -566,4 +566,8 @@ def test_act_with_one_differentiated_loop_is_warned_about(tmp_path, capsys):
     assert halt.grad is None or not halt.grad.any()
     Trainer(tiny_config(tmp_path / "two", run__steps=1, model__use_act=True,
                         schedule__n_loops=3, schedule__backprop_loops=2)).train()
+    # The progressive forward differentiates its own k loops: the head trains there.
+    Trainer(tiny_config(tmp_path / "prog", run__steps=1, model__use_act=True,
+                        schedule__n_loops=3, schedule__backprop_loops=1,
+                        optim__progressive_weight=0.5)).train()
     assert "halting head" not in capsys.readouterr().err
