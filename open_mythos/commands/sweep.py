@@ -218,11 +218,12 @@ class SweepProgress:
     command run again finds them and evaluates only the rest. The file is JSON lines: the
     sweep's options (with fingerprints of the models and task) first, then one row per
     line, appended (a line cut short by a kill is ignored); rows of a sweep with other
-    options are not reused. The splits, loop counts and early-exit settings are not among
-    those options: every row names its own, so a command that asks for fewer or more of
-    them reuses the rows it shares with the earlier one. The file is rewritten only when
-    this command makes its first row (a command that fails its checks leaves it as it
-    was); :meth:`finish` removes it once the command's results are written.
+    options are not reused. The splits, loop counts, early-exit settings and the baseline
+    are not among those options: every row names its own (its model by fingerprint), so a
+    command that asks for fewer or more of them reuses the rows it shares with the earlier
+    one. The file is rewritten only when this command makes its first row (a command that
+    fails its checks leaves it as it was); :meth:`finish` removes it once the command's
+    results are written, or keeps only the rows that command did not ask for.
     """
 
     def __init__(self, out: str | Path, options: dict[str, Any], command: str = "sweep"):
