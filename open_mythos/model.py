@@ -192,6 +192,17 @@ class CausalLM(nn.Module):
             raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding); "
                              "got other values (NaN, fractions or counts are not a mask)")
         valid = attention_mask.to(torch.bool)
+        if (cache is None and start_pos == 0 and valid.device.type == "cpu"
+                and not torch.compiler.is_compiling()
+                and bool((valid[:, 1:] <= valid[:, :-1]).all())):
+            # Right padding (a trainer's task batch), read on the host at no cost on the
+            # CPU: causal attention already keeps every real token from the padding after
+            # it, and the real tokens' positions are 0, 1, ...; the plain causal kernel
+            # then serves (an explicit mask cost ~5% of a training step), and the mask
+            # still keeps the padding out of the MoE load and ACT's early exit.
+            positions = torch.arange(T, device=device)
+            cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
+            return AttnContext(cos, sin, 0, None, True, None, token_mask=valid)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]  # (B, T)
         cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
         keys = valid[:, -S:]  # keys visible in this call: cached + new, or just new
