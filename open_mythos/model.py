@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -197,12 +197,12 @@ class CausalLM(nn.Module):
                 and bool((valid[:, 1:] <= valid[:, :-1]).all())):
             # Right padding (a trainer's task batch), read on the host at no cost on the
             # CPU: causal attention already keeps every real token from the padding after
-            # it, and the real tokens' positions are 0, 1, ...; the plain causal kernel
-            # then serves (an explicit mask cost ~5% of a training step), and the mask
-            # still keeps the padding out of the MoE load and ACT's early exit.
-            positions = torch.arange(T, device=device)
-            cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
-            return AttnContext(cos, sin, 0, None, True, None, token_mask=valid)
+            # it, and the real tokens' positions are 0, 1, ...; the context without a mask
+            # (the plain causal kernel: an explicit mask cost ~5% of a training step)
+            # serves, the mask kept to leave the padding out of the MoE load and ACT's
+            # early exit.
+            return replace(self._context(input_ids, 0, None, None),
+                           token_mask=valid)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]  # (B, T)
         cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
         keys = valid[:, -S:]  # keys visible in this call: cached + new, or just new
