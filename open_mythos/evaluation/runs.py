@@ -26,17 +26,24 @@ def read_train_config(path: str | Path) -> Any | None:
     """The :class:`~open_mythos.training.config.TrainConfig` of a checkpoint or run
     directory, or None when neither holds one; a tokenizer directory that has gone is
     replaced by the run's own copy (:func:`~open_mythos.training.runfiles.with_own_tokenizer`)."""
-    from ..training.checkpoint import CHECKPOINT_DIR, TRAIN_CONFIG_FILE, latest_checkpoint
+    from ..training.checkpoint import CHECKPOINT_DIR, TRAIN_CONFIG_FILE
     from ..training.config import load_config
     from ..training.runfiles import with_own_tokenizer
 
     path = Path(path)
-    ckpt = path if (path / TRAIN_CONFIG_FILE).is_file() else latest_checkpoint(path)
+    ckpt = _checkpoint_of(path)
     run_dir = ckpt.parent.parent if ckpt and ckpt.parent.name == CHECKPOINT_DIR else path
     for candidate in (ckpt / TRAIN_CONFIG_FILE if ckpt else None, path / RUN_CONFIG_FILE):
         if candidate is not None and candidate.is_file():
             return with_own_tokenizer(load_config(candidate), run_dir)
     return None
+
+
+def _checkpoint_of(path: Path) -> Path | None:
+    """``path`` itself if it is a checkpoint, else its run's newest verified one (or None)."""
+    from ..training.checkpoint import TRAIN_CONFIG_FILE, latest_checkpoint
+
+    return path if (path / TRAIN_CONFIG_FILE).is_file() else latest_checkpoint(path)
 
 
 def run_task(path: str | Path) -> Task | None:
@@ -70,30 +77,26 @@ def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict
     Raises:
         ValueError: ``path`` holds no training configuration.
     """
+    from ..training.checkpoint import TRAINER_STATE_FILE, read_trainer_state
     from ..training.data import VAL, build_data_source, val_fingerprint
 
-    cfg = read_train_config(path)
+    ckpt = _checkpoint_of(Path(path))  # resolved (and verified) once
+    cfg = read_train_config(path if ckpt is None else ckpt)
     if cfg is None:
         raise ValueError(f"{path} holds no training configuration ({RUN_CONFIG_FILE})")
     data = build_data_source(cfg.data, cfg.run.seed)
-    recorded = _recorded_val_fingerprint(path)
-    if recorded is not None and recorded != val_fingerprint(data, cfg.data.eval_batches):
+    evaluated = cfg.data.eval_batches
+    batches = [data.batch(VAL, i) for i in range(max(n_batches or 0, evaluated))]
+    # The fingerprint of the batches the trainer evaluated on, recorded by checkpoints of
+    # 2026-12-07 on.
+    state_file = None if ckpt is None else ckpt / TRAINER_STATE_FILE
+    recorded = (read_trainer_state(ckpt).get("val_fingerprint")
+                if state_file is not None and state_file.is_file() else None)
+    if recorded is not None and recorded != val_fingerprint(data, batches[:evaluated]):
         warnings.warn(f"the validation data of {path} is not what the trainer evaluated on "
                       "(its files changed since the checkpoint was written?): these losses "
                       "are not comparable with the run's logged val_loss", stacklevel=2)
-    return [data.batch(VAL, i) for i in range(n_batches or cfg.data.eval_batches)]
-
-
-def _recorded_val_fingerprint(path: str | Path) -> str | None:
-    """The validation batches' fingerprint the newest checkpoint of ``path`` recorded
-    (checkpoints of 2026-12-07 on), or None."""
-    from ..training.checkpoint import TRAINER_STATE_FILE, latest_checkpoint, read_trainer_state
-
-    path = Path(path)
-    ckpt = path if (path / TRAINER_STATE_FILE).is_file() else latest_checkpoint(path)
-    if ckpt is None or not (ckpt / TRAINER_STATE_FILE).is_file():
-        return None
-    return read_trainer_state(ckpt).get("val_fingerprint")
+    return batches[:n_batches or evaluated]
 
 
 def is_text_run(path: str | Path) -> bool:

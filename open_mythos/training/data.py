@@ -360,17 +360,17 @@ def _text_of(row: dict[str, Any], field: str, name: str) -> str:
     return text
 
 
-def val_fingerprint(data: DataSource, n_batches: int) -> str | None:
-    """A hash of the first ``n_batches`` validation batches of ``data`` (one process's view:
+def val_fingerprint(data: DataSource, batches: Iterable[dict[str, torch.Tensor]]
+                    ) -> str | None:
+    """A hash of ``batches``, the first validation batches of ``data`` (one process's view:
     shard 0 of 1), what :func:`~open_mythos.evaluation.runs.run_val_batches` rebuilds from
     a run's configuration: a checkpoint records it so that an evaluation on files changed
     since training is told so. None for a streamed dataset, whose held-out rows depend on
     the number of processes and are streamed again, not read from local files."""
-    if isinstance(data, StreamingTextSource) or n_batches < 1:
+    if isinstance(data, StreamingTextSource):
         return None
     digest = hashlib.sha256()
-    for i in range(n_batches):
-        batch = data.batch(VAL, i)
+    for batch in batches:
         for key in ("input_ids", "targets"):
             digest.update(batch[key].to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

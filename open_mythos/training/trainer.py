@@ -1188,7 +1188,8 @@ class Trainer:
         trainer_state = None
         if ctx.is_main:
             if self._val_fingerprint is None:  # once: the validation batches do not change
-                self._val_fingerprint = val_fingerprint(self.data, self.cfg.data.eval_batches)
+                self._val_fingerprint = val_fingerprint(self.data, (
+                    self.data.batch(VAL, i) for i in range(self.cfg.data.eval_batches)))
             trainer_state = {**dataclasses.asdict(self.state), "rng": rngs, "data": data,
                              "world_size": ctx.world_size, "global_batch": self._global_batch,
                              "val_fingerprint": self._val_fingerprint}
