@@ -368,7 +368,8 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         last_loops_run: loops actually executed (fewer than requested after an early exit).
         last_work_fraction: sequence-loops computed / sequence-loops requested; below 1 when
             ACT early exit stopped some sequences (or all) before ``n_loops``.
-        last_aux_loss: mean MoE balance loss over the loops.
+        last_aux_loss: mean MoE balance loss over the loops (with ``backprop_loops=k``,
+            its gradient is that of the mean over the last ``k``).
         last_expert_load: (loops_run, n_experts) expert load per loop depth.
         last_position_loops: (B, T) long, the loops each position ran before it halted or
             exited (the loops run for those that never did).
@@ -582,6 +583,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         running = torch.ones(B, T, dtype=torch.bool, device=h.device)
         depth = torch.full((B, T), n_loops, dtype=torch.long, device=h.device)
         aux, loads = [], []
+        tracked_aux = 0  # the last loops' balance losses that autograd records
         grad_enabled = torch.is_grad_enabled()
         first_tracked = 0 if backprop_loops is None else n_loops - backprop_loops
         A = self.injection.get_A()  # a constant of the forward: computed once, not per loop
@@ -606,6 +608,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
                 h_new = self._step(h_in, e_in, t, sub_ctx, carry, A)
                 work += h_new.shape[0]
                 aux.append(self.block.ffn.last_aux_loss)
+                tracked_aux += tracked
                 loads.append(self.block.ffn.last_expert_load)
                 stop = None if exits is None else exits.update(h_in, h_new, rows, t)
                 h, now_running = self._advance(h, h_in, h_new, rows, t, n_loops, halting,
@@ -628,7 +631,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
                     sub_ctx = ctx.select_rows(rows)
         self.last_position_loops = torch.where(running, t + 1, depth)
         return self._finish(h, halting, aux, loads, loops_run=t + 1, n_loops=n_loops,
-                            work=work)
+                            work=work, tracked_aux=tracked_aux)
 
     def _advance(self, h: torch.Tensor, h_in: torch.Tensor, h_new: torch.Tensor,
                  rows: torch.Tensor | None, t: int, n_loops: int, halting: _Halting | None,
@@ -648,12 +651,21 @@ class RecurrentBlock(CopiesDetached, nn.Module):
 
     def _finish(self, h: torch.Tensor, halting: _Halting | None, aux: list[torch.Tensor],
                 loads: list[torch.Tensor], loops_run: int, n_loops: int,
-                work: int) -> torch.Tensor:
-        """Record the forward's ``last_*`` attributes and return its output."""
+                work: int, tracked_aux: int | None = None) -> torch.Tensor:
+        """Record the forward's ``last_*`` attributes and return its output.
+
+        ``tracked_aux``: how many of the last losses in ``aux`` autograd records (all when
+        None). With fewer (``backprop_loops``), :attr:`last_aux_loss` keeps the mean over
+        every loop as its value and takes the gradient of the mean over the recorded loops:
+        the mean over all would scale the balance gradient by ``backprop_loops / n_loops``,
+        weakening a configured ``aux_weight`` as loops are added."""
         B, T, _ = h.shape
         self.last_work_fraction = work / (B * n_loops)
         self.last_loops_run = loops_run
         self.last_aux_loss = torch.stack(aux).mean()
+        if tracked_aux is not None and 0 < tracked_aux < len(aux):
+            recorded = torch.stack(aux[-tracked_aux:]).mean()
+            self.last_aux_loss = self.last_aux_loss.detach() + (recorded - recorded.detach())
         self.last_expert_load = torch.stack(loads)
         if halting is not None:
             self.last_ponder_cost = halting.ponder

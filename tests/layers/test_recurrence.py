@@ -139,6 +139,31 @@ def test_gradient_checkpointing_and_truncated_backprop(attn_type):
                               ref["recurrent.block.attn.wo.weight"])
 
 
+def test_truncated_backprop_keeps_the_balance_loss_strength():
+    """With ``backprop_loops=k`` the balance loss reads the mean over every loop but
+    differentiates as the mean over the ``k`` recorded loops: the mean over all would scale
+    the configured ``aux_weight`` by ``k / n_loops``."""
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(n_experts=4, n_experts_per_tok=2)).train()
+    ids = torch.randint(0, 97, (2, 9))
+    ffn = model.recurrent.block.ffn
+    per_loop = []
+    ffn.register_forward_hook(lambda m, a, o: per_loop.append(m.last_aux_loss))
+    router = ffn.router.weight
+    model(ids, n_loops=4)
+    full = model.aux_loss.detach()
+    per_loop.clear()
+    model(ids, n_loops=4, backprop_loops=2)
+    assert len(per_loop) == 4
+    assert not per_loop[0].requires_grad and per_loop[3].requires_grad
+    torch.testing.assert_close(model.aux_loss.detach(), full)  # the value: every loop
+    torch.testing.assert_close(model.aux_loss.detach(), torch.stack(per_loop).mean().detach())
+    (got,) = torch.autograd.grad(model.aux_loss, router, retain_graph=True)
+    (want,) = torch.autograd.grad(torch.stack(per_loop[2:]).mean(), router)
+    torch.testing.assert_close(got, want)
+    assert want.abs().sum() > 0
+
+
 def test_hooks_see_every_loop():
     """Upstream tutorials instrument act and the MoE FFN; keep those calls observable."""
     torch.manual_seed(0)
