@@ -336,7 +336,7 @@ def whole_number(value: Any, name: str, minimum: int = 0, allow_none: bool = Fal
     torch = sys.modules.get("torch")  # a tensor exists only where torch was imported
     if (torch is not None and isinstance(value, torch.Tensor) and value.dim() == 0
             and not value.is_floating_point() and not value.is_complex()
-            and value.dtype != torch.bool):
+            and value.dtype != torch.bool and value.device.type != "meta"):
         value = int(value)
     if not _is_int(value) or value < minimum:
         kind = {0: "a non-negative integer", 1: "a positive integer"}.get(

@@ -37,7 +37,9 @@ def test_input_validation(bad, match):
 def test_n_loops_validation():
     model = OpenMythos(tiny_config())
     ids = torch.zeros(1, 3, dtype=torch.long)
-    for bad in (0, -2, 1.5, torch.tensor(3.0), torch.tensor(True), torch.tensor([3])):
+    # A meta tensor has no value to read (it raised RuntimeError from .item()).
+    for bad in (0, -2, 1.5, torch.tensor(3.0), torch.tensor(True), torch.tensor([3]),
+                torch.tensor(3, device="meta")):
         with pytest.raises(ValueError, match="n_loops must be a positive integer"):
             model(ids, n_loops=bad)
     # A 0-d integer tensor is a count, as in upstream's range(n_loops) (it was refused with
