@@ -40,10 +40,14 @@ def read_train_config(path: str | Path) -> Any | None:
 
 
 def _checkpoint_of(path: Path) -> Path | None:
-    """``path`` itself if it is a checkpoint, else its run's newest verified one (or None)."""
+    """``path`` itself if it is a checkpoint, else its run's newest one whose model files are
+    intact (or None): the one the model is loaded from (``resolve_checkpoint_dir``), whatever
+    the state of its optimizer and trainer files, which evaluation does not read."""
+    from ..checkpoints import MODEL_FILES
     from ..training.checkpoint import TRAIN_CONFIG_FILE, latest_checkpoint
 
-    return path if (path / TRAIN_CONFIG_FILE).is_file() else latest_checkpoint(path)
+    return (path if (path / TRAIN_CONFIG_FILE).is_file()
+            else latest_checkpoint(path, MODEL_FILES))
 
 
 def run_task(path: str | Path) -> Task | None:
@@ -77,6 +81,7 @@ def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict
     Raises:
         ValueError: ``path`` holds no training configuration.
     """
+    from ..checkpoints import CheckpointCorrupt
     from ..training.checkpoint import TRAINER_STATE_FILE, read_trainer_state
     from ..training.data import VAL, build_data_source, val_fingerprint
 
@@ -90,8 +95,13 @@ def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict
     # The fingerprint of the batches the trainer evaluated on, recorded by checkpoints of
     # 2026-12-07 on.
     state_file = None if ckpt is None else ckpt / TRAINER_STATE_FILE
-    recorded = (read_trainer_state(ckpt).get("val_fingerprint")
-                if state_file is not None and state_file.is_file() else None)
+    recorded = None
+    if state_file is not None and state_file.is_file():
+        try:  # evaluation needs only the weights: a damaged trainer state skips the check
+            recorded = read_trainer_state(ckpt).get("val_fingerprint")
+        except CheckpointCorrupt as err:
+            warnings.warn(f"cannot check that the validation data of {path} is what the "
+                          f"trainer evaluated on: {err}", stacklevel=2)
     if recorded is not None and recorded != val_fingerprint(data, batches[:evaluated]):
         warnings.warn(f"the validation data of {path} is not what the trainer evaluated on "
                       "(its files changed since the checkpoint was written?): these losses "

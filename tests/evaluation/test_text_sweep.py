@@ -136,3 +136,13 @@ def test_a_corpus_changed_since_training_is_named(tmp_path):
         fh.write("a new ending that moves the held-out tail. " * 40)
     with pytest.warns(UserWarning, match="not what the trainer evaluated on"):
         run_val_batches(tmp_path / "run")
+    # Evaluation needs only the weights: a damaged trainer state skips the check with a
+    # warning (the sweep and report refused the checkpoint).
+    ckpt = next(p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
+    (ckpt / "trainer_state.pt").write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="cannot check that the validation data"):
+        assert len(run_val_batches(ckpt)) == cfg.data.eval_batches
+    # Given the run directory, the checkpoint the model loads from (its model files are
+    # intact) is the one checked (it was passed over as damaged, the check silently skipped).
+    with pytest.warns(UserWarning, match="cannot check that the validation data"):
+        run_val_batches(tmp_path / "run")
