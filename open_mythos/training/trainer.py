@@ -448,12 +448,18 @@ class Trainer:
                       "gradient, and with optim.aux_weight = 0 its weights never train "
                       "(the router bias still balances the load); set optim.aux_weight > 0 "
                       "or model.n_experts_per_tok >= 2")
-        if (is_looped(self.core) and mc.use_act and cfg.schedule.backprop_loops == 1
-                and not cfg.optim.progressive_weight):  # its forward differentiates k loops
-            self._log("warning: schedule.backprop_loops = 1 with ACT on differentiates only "
-                      "the last loop, which takes the remaining halting mass whatever the "
-                      "halting head says: the head gets no gradient (the ponder penalty "
-                      "included) and never trains; use backprop_loops >= 2")
+        if is_looped(self.core) and mc.use_act and cfg.schedule.backprop_loops == 1:
+            if not cfg.optim.progressive_weight:  # its forward differentiates k loops
+                self._log("warning: schedule.backprop_loops = 1 with ACT on differentiates "
+                          "only the last loop, which takes the remaining halting mass whatever "
+                          "the halting head says: the head gets no gradient (the ponder "
+                          "penalty included) and never trains; use backprop_loops >= 2")
+            elif cfg.optim.ponder_weight:
+                self._log("warning: schedule.backprop_loops = 1 with ACT on differentiates "
+                          "only the last loop of the main objective, which takes the remaining "
+                          "halting mass: optim.ponder_weight has no effect (the halting head "
+                          "trains through the progressive term's cross-entropy only); use "
+                          "backprop_loops >= 2")
 
     def _check_ranks_agree(self) -> None:
         """Raise ``ConfigError`` on every rank if the processes were given different

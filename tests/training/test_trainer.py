@@ -571,3 +571,8 @@ def test_act_with_one_differentiated_loop_is_warned_about(tmp_path, capsys):
                         schedule__n_loops=3, schedule__backprop_loops=1,
                         optim__progressive_weight=0.5)).train()
     assert "halting head" not in capsys.readouterr().err
+    # ... but the ponder penalty, a term of the main objective, still has no gradient.
+    Trainer(tiny_config(tmp_path / "prog_ponder", run__steps=1, model__use_act=True,
+                        schedule__n_loops=3, schedule__backprop_loops=1,
+                        optim__progressive_weight=0.5, optim__ponder_weight=0.05)).train()
+    assert "optim.ponder_weight has no effect" in capsys.readouterr().err
