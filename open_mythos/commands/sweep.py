@@ -316,6 +316,9 @@ class SweepProgress:
             return
         self.previous, self.rows = unused, []
         self._start()
+        self._say(f"kept {len(unused)} row(s) this command did not ask for in {self.path} "
+                  "(an earlier, wider sweep's: the command that made them resumes from them; "
+                  "delete the file if it will not run again)")
 
 
 def sweep_options(args: argparse.Namespace, model: Any, task: Any

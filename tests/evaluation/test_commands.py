@@ -487,7 +487,9 @@ def test_progress_survives_a_failing_command_and_serves_fewer_or_more_loops(
     assert partial.read_bytes() == kept
     # Fewer loop counts: the rows at 1 loop come from the file.
     assert cli(*argv, "--loops", "1") == 0
-    assert "resuming: 3 row(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming: 3 row(s)" in err
+    assert f"kept 1 row(s) this command did not ask for in {partial}" in err  # said, not silent
     resumed = len(calls)
     ones = load_rows(out)
     assert {r.n_loops for r in ones} == {1}
