@@ -402,6 +402,23 @@ def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
     return cfg, n_loops
 
 
+def read_training_depth(path: str | Path) -> int | None:
+    """The loop count the model at ``path`` (a checkpoint, run or HF directory) was trained
+    at: a training checkpoint's :func:`read_trained_depth`; an HF directory's
+    ``trained_depth`` (written by ``openmythos export`` since 2026-12-07), else its default
+    ``n_loops`` (which an export's ``--n-loops`` may have moved off the trained depth)."""
+    fmt, ckpt_dir = detect_format(path, files=(MODEL_CONFIG_FILE,))
+    cfg, n_loops = read_config(ckpt_dir)
+    if fmt is CheckpointFormat.TRAINING or not kind_of(cfg).looped:
+        return n_loops
+    data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    try:
+        trained = check_loops(data.get("trained_depth"), name="trained_depth", allow_none=True)
+    except ValueError as err:
+        raise ValueError(f"{ckpt_dir / MODEL_CONFIG_FILE}: {err}") from None
+    return n_loops if trained is None else trained
+
+
 # Weights ------------------------------------------------------------------------------------
 
 
@@ -646,5 +663,6 @@ __all__ = [
     "floating_dtype", "latest_checkpoint", "load_checkpoint", "load_model", "load_state",
     "newest_intact_checkpoint", "read_config", "read_hf_state", "read_model_config",
     "read_model_state", "read_sharded_model_state", "read_trained_depth",
+    "read_training_depth",
     "resolve_checkpoint_dir", "stored_dtype", "tied_parameters", "verify_checkpoint",
 ]

@@ -63,14 +63,15 @@ def run_train_loops(path: str | Path) -> int | None:
     """The depth a run trained at
     (:attr:`~open_mythos.training.config.ScheduleConfig.trained_depth`: ``max_loops`` for a
     curriculum or uniform counts, else ``n_loops``); without a stored training
-    configuration, the default depth the checkpoint records (a Hugging Face export's
-    ``n_loops``: :func:`~open_mythos.checkpoints.read_config`), else None."""
+    configuration, the depth the checkpoint records
+    (:func:`~open_mythos.checkpoints.read_training_depth`: a Hugging Face export's
+    ``trained_depth``, else its default ``n_loops``), else None."""
     cfg = read_train_config(path)
     if cfg is not None:
         return cfg.schedule.trained_depth
-    from ..checkpoints import read_config
+    from ..checkpoints import read_training_depth
 
-    return read_config(path)[1]
+    return read_training_depth(path)
 
 
 def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict[str, torch.Tensor]]:

@@ -261,6 +261,7 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config_kwargs.setdefault(key, getattr(tok, key))
     config_kwargs.setdefault("n_loops", loaded.n_loops)
+    config_kwargs.setdefault("trained_depth", loaded.n_loops)  # kept apart from n_loops
     hf = OpenMythosForCausalLM.from_mythos(loaded.model, **config_kwargs)
     if remote_code:
         hf.config.auto_map = dict(AUTO_MAP)

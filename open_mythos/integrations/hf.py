@@ -99,6 +99,9 @@ class OpenMythosHFConfig(PretrainedConfig):
         exit_rule: default training-free exit rule, the fields of an
             :class:`~open_mythos.layers.recurrence.ExitRule` as a dict (``{"kl": 0.01}``);
             ``None``: none.
+        trained_depth: the loop count the model was trained at, written by
+            ``openmythos export`` (whose ``--n-loops`` may set another default ``n_loops``);
+            informational: sweeps and reports mark it. ``None``: not recorded.
         tie_word_embeddings: must stay True: the LM head is the embedding matrix.
         **kwargs: configuration fields and the usual ``PretrainedConfig`` keys
             (``bos_token_id``, ``eos_token_id``, ``pad_token_id``...).
@@ -118,6 +121,7 @@ class OpenMythosHFConfig(PretrainedConfig):
         act_early_exit: bool | None = None,
         exit_rule: dict[str, Any] | ExitRule | None = None,
         tie_word_embeddings: bool = True,
+        trained_depth: int | None = None,
         **kwargs: Any,
     ):
         for name, default in _MYTHOS_FIELDS.items():
@@ -131,6 +135,7 @@ class OpenMythosHFConfig(PretrainedConfig):
         self.n_loops = n_loops
         self.act_early_exit = act_early_exit
         self.exit_rule = exit_rule
+        self.trained_depth = trained_depth
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -138,8 +143,8 @@ class OpenMythosHFConfig(PretrainedConfig):
         # n_loops=N)`` sets them after __init__. n_loops becomes a Python int (the config is
         # printed, which a NumPy integer would not serialise) and exit_rule the dict of a
         # valid ExitRule (JSON).
-        if name == "n_loops":
-            value = check_loops(value, allow_none=True)
+        if name in ("n_loops", "trained_depth"):
+            value = check_loops(value, allow_none=True, name=name)
         elif name == "act_early_exit":
             value = check_flag(value, "act_early_exit")
         elif name == "exit_rule" and value is not None:

@@ -77,6 +77,14 @@ def test_an_hf_export_reports_the_depth_it_records(runs, tmp_path):
                json.dumps(TASK_ARGS), "--loops", "1,2", "--n-examples", "2", "--exit-loops",
                "0", "--device", "cpu", "--out", str(tmp_path / "report")) == 0
     assert "training depth: 2 loops" in (tmp_path / "report" / "report.md").read_text()
+    # An export with another default depth (`openmythos export --n-loops 3`) records the
+    # trained one apart: report called its default the training depth.
+    assert cli("export", str(root / "looped"), "--out", str(tmp_path / "hf3"),
+               "--n-loops", "3") == 0
+    from open_mythos.checkpoints import read_config
+
+    assert read_config(tmp_path / "hf3")[1] == 3  # the default depth, as asked
+    assert run_train_loops(tmp_path / "hf3") == 2
 
 
 def test_sweep_command(runs, tmp_path, capsys):

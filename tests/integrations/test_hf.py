@@ -101,6 +101,12 @@ def test_n_loops_at_load_time_and_per_call(saved):
     # A NumPy count is stored as an int: the config still serialises.
     np_loops = AutoModelForCausalLM.from_pretrained(path, n_loops=np.int64(3))
     assert type(np_loops.config.n_loops) is int and '"n_loops": 3' in np_loops.config.to_json_string()
+    # The trained depth, kept apart from the default depth, round trips and is checked.
+    assert default.config.trained_depth is None
+    default.config.trained_depth = np.int64(2)
+    assert OpenMythosHFConfig.from_dict(default.config.to_dict()).trained_depth == 2
+    with pytest.raises(ValueError, match="trained_depth"):
+        OpenMythosHFConfig(trained_depth=0)
 
 
 def test_forward_refuses_a_misspelled_option():
