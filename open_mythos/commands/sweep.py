@@ -191,7 +191,10 @@ def sweep_models(args: argparse.Namespace, model: Any, baseline: Any, task: Any,
     # Only ``sweep`` has the --exit-* options (``report`` shares the rest).
     exit_rule = exit_rule_from_args(args) if hasattr(args, "exit_kl") else None
     if baseline is not None and args.splits:  # before the looped model's sweep, not after
-        check_splits_fit(baseline, task, args.splits, args.n_examples, args.seed)
+        try:
+            check_splits_fit(baseline, task, args.splits, args.n_examples, args.seed)
+        except ValueError as err:
+            raise ValueError(f"the baseline (--baseline {args.baseline}): {err}") from None
     rows = sweep(model, task, loops=args.loops, early_exit=settings, exit_rule=exit_rule,
                  **common)
     base_rows = sweep(baseline, task, **common) if baseline is not None else []

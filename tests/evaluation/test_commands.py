@@ -536,7 +536,9 @@ def test_a_baseline_split_that_cannot_fit_fails_before_the_looped_sweep(
     assert cli("sweep", "--checkpoint", str(root / "looped"), "--baseline",
                str(tmp_path / "short"), "--splits", "id,length=16", "--loops", "1",
                "--n-examples", "2", "--device", "cpu", "--out", str(tmp_path / "s.json")) == 2
-    assert "split 'length=16' needs" in capsys.readouterr().err and calls == []
+    err = capsys.readouterr().err
+    assert "split 'length=16' needs" in err and calls == []
+    assert f"the baseline (--baseline {tmp_path / 'short'})" in err  # which model's length
 
 
 def test_an_interrupted_report_resumes_its_sweep(runs, tmp_path, capsys, monkeypatch):
