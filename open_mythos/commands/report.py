@@ -70,8 +70,9 @@ def run_text(args: argparse.Namespace) -> Path:
     from ..evaluation.sweep import loss_rows
     from ..registry import is_looped
 
+    batches = run_val_batches(args.run)  # built (and their data checked) once
     model, losses = run_loss_vs_loops(args.run, resolve_device(args.device), args.loops,
-                                      print_loss)
+                                      print_loss, batches=batches)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _clear_old_report(out, None)
@@ -82,7 +83,7 @@ def run_text(args: argparse.Namespace) -> Path:
     if exit_loops and is_looped(model):
         print(f"exit rules from {exit_loops} loops ...", file=sys.stderr)
         model.eval()
-        points = text_exit_points(model, run_val_batches(args.run), exit_loops)
+        points = text_exit_points(model, batches, exit_loops)
     return write_text_report(args.run, out, losses, model=model, train_loops=train_loops,
                              exit_points=points)
 

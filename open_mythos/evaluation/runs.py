@@ -118,12 +118,13 @@ def is_text_run(path: str | Path) -> bool:
 
 def run_loss_vs_loops(
     path: str | Path, device: str | torch.device = "cpu", loops: list[int] | None = None,
-    on_loss: Any = None,
+    on_loss: Any = None, batches: list[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[nn.Module, dict[int, Any]]:
     """``(model, losses)``: the run's latest model on ``device`` and its validation
     :class:`~open_mythos.evaluation.Perplexity` at each of ``loops`` (default 1 to 4x
     ``max_loop_iters``) on the run's own validation batches (:func:`run_val_batches`).
     ``on_loss``: called as each loop count is done (:func:`~.sweep.loss_vs_loops`).
+    ``batches``: the run's validation batches when the caller has built them already.
 
     Raises:
         ValueError: the run holds a fixed-depth model (one depth: nothing to sweep).
@@ -136,7 +137,8 @@ def run_loss_vs_loops(
         raise ValueError(f"{path} holds a fixed-depth model ({model.cfg.core_layers} core "
                          "blocks): its validation loss has one depth, with no loops to sweep "
                          "(the training log has it: val_loss in metrics.jsonl)")
-    batches = [{k: v.to(device) for k, v in b.items()} for b in run_val_batches(path)]
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in (run_val_batches(path) if batches is None else batches)]
     return model, loss_vs_loops(model, batches, loops or default_loops(model), on_loss)
 
 

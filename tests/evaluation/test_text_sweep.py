@@ -58,11 +58,17 @@ def test_text_sweep_equals_an_independent_recomputation(text_run, tmp_path, caps
     assert "non-increasing up to T_train=2" in printed
 
 
-def test_text_report_plots_the_curve_of_the_sweep(text_run, tmp_path):
+def test_text_report_plots_the_curve_of_the_sweep(text_run, tmp_path, monkeypatch):
+    from open_mythos.evaluation import runs
+
     sweep_out = tmp_path / "depth.json"
     assert main(["sweep", "--checkpoint", str(text_run), "--loops", "1-4", "--out", str(sweep_out)]) == 0
     out = tmp_path / "report"
+    built = []
+    real = runs.run_val_batches
+    monkeypatch.setattr(runs, "run_val_batches", lambda *a, **k: built.append(a) or real(*a, **k))
     assert main(["report", "--run", str(text_run), "--loops", "1-4", "--out", str(out)]) == 0
+    assert len(built) == 1  # the sweep and the exit rules read the same batches
     assert json.loads((out / "loss_vs_loops.json").read_text()) == json.loads(sweep_out.read_text())
     assert (out / "loss_vs_loops.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "training_curves.png").is_file()
