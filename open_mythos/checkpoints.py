@@ -512,6 +512,10 @@ def read_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
+            bad = next((s for s in shards if not isinstance(s, str) or not s
+                        or Path(s).name != s), None)
+            if bad is not None:  # a shard is a file name beside the index
+                raise ValueError(f"shard {bad!r} is not a file name")
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointCorrupt(f"{index} is not a shard index ({err!r})") from None
     else:

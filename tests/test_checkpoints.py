@@ -248,3 +248,10 @@ def test_a_damaged_hf_export_is_named_in_one_line(tmp_path, capsys):
     (tmp_path / "hf" / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointCorrupt, match="is not a shard index"):
         load_model(tmp_path / "hf")
+    # Shard names that are not file names beside the index (a TypeError from the path
+    # arithmetic leaked out for a number).
+    for bad in (1, "../model.safetensors", ""):
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.embed.weight": bad}}))
+        with pytest.raises(CheckpointCorrupt, match="is not a shard index"):
+            load_model(tmp_path / "hf")
