@@ -15,7 +15,11 @@ workload, the total time is then at most about twice what the better of "never c
 and "compile at once" would have spent in hindsight; one-off calls never compile, and a
 long session compiles after ``cost_s`` seconds. A shape already compiled for the model
 (by an earlier call, with or without ``compile=True``) is used at once. The estimate
-starts at :data:`DEFAULT_COST_S` and becomes the compilation time this process measured.
+starts at :data:`DEFAULT_COST_S` and becomes the compilation time this process measured,
+from compilations built from scratch only: a graph inductor's on-disk cache serves (a
+script run again) or one traced already for another model of the same structure takes a
+fraction of a new shape's cost, and taken as the estimate it made the policy compile a
+new shape after a few seconds of eager decoding, to pause for ~4x longer.
 
 Only calls that a compiled step can serve exactly are counted: no exit rule, no explicit
 ``act_early_exit=True``, the per-depth cache, a device whose compiler is present (a C++
@@ -40,7 +44,8 @@ import torch
 
 from ..devices import compile_unavailable
 
-__all__ = ["AutoCompile", "DEFAULT_COST_S", "ShapeKey", "auto_compile", "instrumented"]
+__all__ = ["AutoCompile", "DEFAULT_COST_S", "ShapeKey", "auto_compile", "built_from_scratch",
+           "compile_counts", "instrumented"]
 
 logger = logging.getLogger("open_mythos.inference")
 
@@ -127,12 +132,15 @@ class AutoCompile:
                 "eagerly; see open_mythos.inference.autocompile)", batch, bucket, loops, device,
                 record.eager_s.get(key, 0.0), self.expected_cost(device))
 
-    def compiled(self, model: torch.nn.Module, key: ShapeKey, seconds: float | None) -> None:
+    def compiled(self, model: torch.nn.Module, key: ShapeKey, seconds: float | None,
+                 from_scratch: bool = True) -> None:
         """``model`` now has a compiled step at ``key``; ``seconds``: what compiling it took
-        (None when it was compiled already)."""
+        (None when it was compiled already); ``from_scratch``: whether that compilation
+        built its graph (:func:`built_from_scratch`): only such a time becomes the
+        estimate."""
         record = self._record(model)
         with self._lock:
-            if seconds is not None and key not in record.compiled:
+            if seconds is not None and from_scratch and key not in record.compiled:
                 self.cost_s[key[0]] = seconds
             record.compiled.add(key)
 
@@ -150,6 +158,25 @@ class AutoCompile:
         with self._lock:
             self._records = weakref.WeakKeyDictionary()
             self.cost_s = {}
+
+
+def compile_counts() -> tuple[int, int, int]:
+    """``(built, served, traced)``: graphs inductor compiled from scratch, graphs a compile
+    cache served (inductor's FX graph cache, AOTAutograd's), and graphs dynamo traced, so
+    far in this process (``torch._dynamo``'s counters)."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return (inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"],
+            inductor["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],
+            counters["stats"]["unique_graphs"])
+
+
+def built_from_scratch(before: tuple[int, int, int], after: tuple[int, int, int]) -> bool:
+    """Whether a compilation between two :func:`compile_counts` built a graph: a cache
+    miss, or a traced graph that no cache served (caches turned off)."""
+    built, served, traced = (a - b for a, b in zip(after, before))
+    return built > 0 or (traced > 0 and served == 0)
 
 
 def instrumented(model: torch.nn.Module) -> bool:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import check_flag, check_loops, whole_number
 from ..layers.recurrence import ExitRule, as_exit_rule
-from .autocompile import ShapeKey, auto_compile
+from .autocompile import ShapeKey, auto_compile, built_from_scratch, compile_counts
 from .cache import KVCache, check_cache_dtype, check_depth_sharing
 from .sampling import SamplingParams, select_next
 from .static import CompiledDecoder, cache_length
@@ -255,6 +255,7 @@ class _Tracked:
         new = not auto_compile.has_compiled(self.model, self.key)
         if new and self.auto:
             auto_compile.compiling(self.model, self.key)
+        counts = compile_counts()
         start = time.perf_counter()
         try:
             logits = self.decoder.step(tok)
@@ -264,7 +265,8 @@ class _Tracked:
             auto_compile.failed(self.model, self.key, err)
             self.decoder, self.compiled = _eager_continuation(self.decoder), False
             return self.decoder.step(tok)
-        auto_compile.compiled(self.model, self.key, time.perf_counter() - start if new else None)
+        auto_compile.compiled(self.model, self.key, time.perf_counter() - start if new else None,
+                              from_scratch=built_from_scratch(counts, compile_counts()))
         return logits
 
 

@@ -23,12 +23,22 @@ def policy(monkeypatch):
     policy = AutoCompile(enabled=True, cost_s=0.0)
     policy.graph_calls = 0
 
+    policy.counts = [0, 0, 0]  # (built, served, traced) as compile_counts gives them
+    policy.cache_hits = False  # whether a "compilation" is served by a cache
+
     def fake_compiled(device_type, shape):
         def step(*args):
+            if policy.graph_calls == 0 or policy.traced_for != shape:  # its first call
+                policy.counts[1 if policy.cache_hits else 0] += 1
+                policy.counts[2] += 1
+                policy.traced_for = shape
             policy.graph_calls += 1
             return static.decode_step(*args)
         return step
 
+    policy.traced_for = None
+    monkeypatch.setattr("open_mythos.inference.generation.compile_counts",
+                        lambda: tuple(policy.counts))
     monkeypatch.setattr(autocompile, "compile_unavailable", lambda device_type: None)
     monkeypatch.setattr("open_mythos.inference.generation.auto_compile", policy)
     monkeypatch.setattr(static, "_compiled", fake_compiled)
@@ -67,6 +77,27 @@ def test_eager_until_the_compile_cost_is_spent_then_compiled(policy):
     policy.default_cost_s = policy.cost_s["cpu"] = 3600.0
     assert torch.equal(generate(model, ids, 6, 4, **kw), want)  # compiled: reused at once
     assert policy.graph_calls == 10 and policy.eager_seconds(model, key) == spent
+
+
+def test_a_compilation_served_by_a_cache_leaves_the_estimate(policy):
+    """A graph from inductor's on-disk cache (a script run again) compiles in a fraction of
+    a new shape's time: taken as the estimate, the policy compiled the next new shape after
+    that fraction of eager decoding and paused ~4x longer than it had decoded."""
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (1, 6))
+    policy.cost_s["cpu"] = 3600.0
+    policy.cache_hits = True
+    generate(model, ids, 4, 2, do_sample=False, compile=True)
+    assert policy.has_compiled(model, _key(model, ids, 4, 2))
+    assert policy.cost_s["cpu"] == 3600.0
+    policy.cache_hits = False  # a new shape, built from scratch: measured
+    generate(model, ids, 4, 3, do_sample=False, compile=True)
+    assert policy.cost_s["cpu"] < 3600.0
+    # Independently of the fake: the real counters' rule.
+    assert autocompile.built_from_scratch((0, 0, 0), (1, 0, 1))
+    assert not autocompile.built_from_scratch((0, 0, 0), (0, 1, 1))  # a cache hit
+    assert not autocompile.built_from_scratch((0, 0, 0), (0, 0, 0))  # reused in memory
+    assert autocompile.built_from_scratch((2, 3, 4), (2, 3, 5))  # caches turned off
 
 
 @pytest.mark.parametrize("options", [
