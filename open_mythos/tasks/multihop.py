@@ -49,6 +49,15 @@ class MultiHop(Task):
     can learn to name a digit whatever the prompt says; with open ends it has to look the
     current value up to know whether the chain goes on (``docs/depth_extrapolation.md``).
 
+    ``decoys`` (with ``statements``; default False): the distractors form decoy chains
+    shaped like the query chain: as many chains of ``level`` assignments as fit, the
+    remainder one shorter chain, each ending (as the query chain does) at a digit, or with
+    probability ``open_ends`` at a variable assigned nowhere; digit ends are distinct while
+    there are enough digits. Otherwise distractors point at random, so the query chain's
+    end is the only open end and usually the only digit some assignment leads to: one
+    look-up names it without following the chain (``experiments/multihop_shortcuts.py``).
+    With decoys, a rule that looks at the chain ends alone picks among every chain's.
+
     ``separator`` (default ``";"``): the string between assignments. ``""`` writes them
     back to back (``"c=7a=bd=cb=c?a"``): every assignment is still exactly ``x=y``, so the
     ``=`` marks both sides, and a prompt of ``N`` assignments is ``N - 1`` tokens shorter.
@@ -56,6 +65,7 @@ class MultiHop(Task):
 
     name = "multihop"
     level_name = "hops"
+    decoys = False
 
     def __init__(
         self,
@@ -66,6 +76,7 @@ class MultiHop(Task):
         digits: int | None = None,
         separator: str = ";",
         open_ends: float = 0.0,
+        decoys: bool = False,
     ) -> None:
         hops = check_range("hops", hops)
         ood = check_range("ood_hops", ood_hops)
@@ -92,6 +103,17 @@ class MultiHop(Task):
                 f"ood_hops[1] + distractors[1] must be <= {len(VARIABLES)} variables, "
                 f"got {ood[1]} + {self.distractors[1]}"
             )
+        if not isinstance(decoys, bool):
+            raise ValueError(f"decoys must be true or false, got {decoys!r}")
+        if decoys:
+            if statements is None:
+                raise ValueError("decoys needs statements (a fixed number of assignments)")
+            if digits is not None:
+                raise ValueError("decoys and digits do not combine: the decoy chains' ends "
+                                 "decide the prompt's digits")
+            # Set only when on (a class default otherwise): a task's attributes are its
+            # fingerprint (sweep files), which existing tasks keep.
+            self.decoys = True
         if not isinstance(separator, str) or separator not in ("", ";"):
             raise ValueError(f"separator must be ';' or '' (no separator), got {separator!r}")
         self.separator = separator
@@ -109,6 +131,8 @@ class MultiHop(Task):
     def _generate(self, rng: random.Random, level: int) -> Example:
         if self.statements is not None and level > self.statements:
             raise ValueError(f"level {level} needs more than statements={self.statements} assignments")
+        if self.decoys:
+            return self._generate_decoys(rng, level)
         n_extra = (rng.randint(*self.distractors) if self.statements is None
                    else self.statements - level)
         # Drawn only when asked for: the examples of open_ends=0 are those of before.
@@ -142,6 +166,39 @@ class MultiHop(Task):
             created.append(var)
         rng.shuffle(statements)
         return Example(self.separator.join(statements) + "?" + chain[0], answer)
+
+    def _generate_decoys(self, rng: random.Random, level: int) -> Example:
+        """The query chain of ``level`` assignments and decoy chains like it (``decoys``)."""
+        lengths = [level]
+        left = self.statements - level
+        while left:
+            lengths.append(min(level, left))
+            left -= lengths[-1]
+        # Which chains end open: each with probability open_ends (the query chain first, as
+        # drawn without decoys), while a variable is left for the end.
+        room = len(VARIABLES) - self.statements
+        open_end = []
+        for _ in lengths:
+            is_open = self.open_ends > 0 and rng.random() < self.open_ends
+            open_end.append(is_open and room > 0)
+            room -= open_end[-1]
+        names = rng.sample(VARIABLES, self.statements + sum(open_end))
+        n_digit = len(lengths) - sum(open_end)
+        digits = rng.sample(VALUES, min(n_digit, len(VALUES)))
+        digits += [rng.choice(VALUES) for _ in range(n_digit - len(digits))]
+        statements, query, answer = [], "", ""
+        for i, (length, is_open) in enumerate(zip(lengths, open_end)):
+            chain, names = names[:length], names[length:]
+            if is_open:
+                end, names = names[0], names[1:]
+            else:
+                end = digits.pop()
+            statements.append(f"{chain[-1]}={end}")
+            statements += [f"{chain[j]}={chain[j + 1]}" for j in range(length - 1)]
+            if i == 0:
+                query, answer = chain[0], end
+        rng.shuffle(statements)
+        return Example(self.separator.join(statements) + "?" + query, answer)
 
     def trace(self, prompt: str) -> list[str]:
         """The values visited from the query to a digit, one per hop, e.g. ``["b", "c",

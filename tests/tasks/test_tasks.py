@@ -53,6 +53,7 @@ VARIANTS: dict[str, Task] = {
     "multihop_fixed_digits": MultiHop(ood_hops=(4, 6), statements=10, digits=3),
     "multihop_no_separator": MultiHop(ood_hops=(4, 6), statements=8, separator=""),
     "multihop_open_ends": MultiHop(ood_hops=(4, 6), statements=8, open_ends=0.5),
+    "multihop_decoys": MultiHop(ood_hops=(4, 6), statements=12, open_ends=0.5, decoys=True),
     "phop": PHop(),
     "phop_2": PHop(nodes=2),
 }
@@ -340,6 +341,53 @@ def test_multihop_open_ends() -> None:
     for bad in (-0.1, 1.5, True, "0.5", float("nan")):
         with pytest.raises(ValueError, match="open_ends"):
             MultiHop(open_ends=bad)
+
+
+@pytest.mark.parametrize("open_ends", [0.0, 0.5, 1.0])
+def test_multihop_decoys_are_chains_shaped_like_the_query_chain(open_ends: float) -> None:
+    """With ``decoys`` every prompt is chains of the query chain's length (the remainder
+    one shorter chain), read off the prompt independently: every chain ends at a distinct
+    digit or at a variable assigned nowhere, so the chain ends alone do not say which one
+    the query reaches."""
+    task = MultiHop(hops=(1, 3), ood_hops=(4, 6), statements=12, open_ends=open_ends,
+                    decoys=True)
+    rng = random.Random(3)
+    queried = 0
+    for level in range(1, 7):
+        for _ in range(50):
+            ex = task.generate_at(rng, level)
+            body, query = ex.prompt.split("?")
+            table = dict(stmt.split("=") for stmt in body.split(";"))
+            assert len(table) == 12 and len(body.split(";")) == 12
+            heads = set(table) - set(table.values())
+            lengths, ends = {}, []
+            for head in heads:  # walk each chain
+                n, current = 0, head
+                while current in table:
+                    current, n = table[current], n + 1
+                lengths[head] = n
+                ends.append(current)
+            assert sorted(lengths.values(), reverse=True) == \
+                [level] * (12 // level) + ([12 % level] if 12 % level else [])
+            assert query in heads and lengths[query] == level
+            digit_ends = [e for e in ends if e.isdigit()]  # distinct while digits last
+            assert len(set(digit_ends)) == min(len(digit_ends), 10) and ex.answer in ends
+            assert len(set(ends)) - len(set(digit_ends)) == len(ends) - len(digit_ends)
+            opened = [e for e in ends if e.isalpha()]
+            assert all(e not in table for e in opened)
+            if open_ends == 0.0:
+                assert not opened
+            elif open_ends == 1.0:
+                assert len(opened) == len(ends)
+            queried += 1
+    assert queried == 300
+    assert "decoys" not in vars(MultiHop(statements=8))  # older tasks keep their fingerprint
+    with pytest.raises(ValueError, match="needs statements"):
+        MultiHop(decoys=True)
+    with pytest.raises(ValueError, match="do not combine"):
+        MultiHop(ood_hops=(4, 6), statements=8, digits=3, decoys=True)
+    with pytest.raises(ValueError, match="true or false"):
+        MultiHop(ood_hops=(4, 6), statements=8, decoys="yes")
 
 
 def test_multihop_without_a_separator_writes_the_same_chains_shorter() -> None:
