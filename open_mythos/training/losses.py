@@ -26,14 +26,17 @@ class LossParts:
         objective: differentiable scalar to call ``backward`` on (already scaled so that the
             sum over micro-steps, averaged over data-parallel ranks, is the step's loss).
         ce_sum: detached float32 sum of the token cross-entropies.
-        ponder: detached mean ponder cost (expected loops per position).
+        ponder: detached mean ponder cost (expected loops per position) over this
+            micro-batch's real tokens.
         aux: detached MoE balance loss (0 when the model reports none).
+        ponder_sum: detached float32 sum of the ponder cost over the real tokens.
     """
 
     objective: torch.Tensor
     ce_sum: torch.Tensor
     ponder: torch.Tensor
     aux: torch.Tensor
+    ponder_sum: torch.Tensor | None = None
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,15 +85,20 @@ def compute_loss(
     ce_scale: float,
     reg_scale: float,
     token_mask: torch.Tensor | None = None,
+    ponder_scale: float | None = None,
 ) -> LossParts:
     """Objective of one micro-batch.
 
     ``objective = ce_sum * ce_scale + reg_scale * (ponder_weight * mean(ponder_cost)
     + aux_weight * aux_loss)``, the mean over the real tokens of ``token_mask`` ((B, T)
-    bool, False at padding; None: every position). With ``W`` data-parallel ranks (which average gradients) and
-    ``A`` accumulation micro-steps, pass ``ce_scale = W / n_supervised_global`` and
-    ``reg_scale = 1 / A``: the averaged gradient is then that of
-    ``ce_mean_global + ponder_weight * ponder_mean + aux_weight * aux_mean``.
+    bool, False at padding; None: every position). With ``W`` data-parallel ranks (which
+    average gradients) and ``A`` accumulation micro-steps, pass
+    ``ce_scale = W / n_supervised_global`` and ``reg_scale = 1 / A``: the averaged gradient
+    is then that of ``ce_mean_global + ponder_weight * ponder_mean + aux_weight * aux_mean``.
+    Micro-batches with different numbers of real tokens (padded task batches) make that
+    ponder mean a mean of means; ``ponder_scale = W / n_real_global`` replaces its term by
+    ``ponder_weight * ponder_sum * ponder_scale``, whose averaged gradient is that of the
+    mean over the real tokens of the whole batch.
 
     Args:
         logits: (B, T, V).
@@ -101,19 +109,23 @@ def compute_loss(
     ce_sum = cross_entropy_sum(logits, targets)
     zero = ce_sum.new_zeros(())
     if ponder_cost is None:
-        ponder = zero
+        ponder_sum, ponder = zero, zero
     elif token_mask is None:
-        ponder = ponder_cost.float().mean()
+        ponder_sum = ponder_cost.float().sum()
+        ponder = ponder_sum / max(ponder_cost.numel(), 1)
     else:
         real = token_mask.to(torch.float32)
-        ponder = (ponder_cost.float() * real).sum() / real.sum().clamp(min=1)
+        ponder_sum = (ponder_cost.float() * real).sum()
+        ponder = ponder_sum / real.sum().clamp(min=1)
     aux = aux_loss.float() if aux_loss is not None else zero
     objective = ce_sum * ce_scale
     if ponder_weight:
-        objective = objective + reg_scale * ponder_weight * ponder
+        objective = objective + ponder_weight * (
+            reg_scale * ponder if ponder_scale is None else ponder_scale * ponder_sum)
     if aux_weight:
         objective = objective + reg_scale * aux_weight * aux
-    return LossParts(objective, ce_sum.detach(), ponder.detach(), aux.detach())
+    return LossParts(objective, ce_sum.detach(), ponder.detach(), aux.detach(),
+                     ponder_sum.detach())
 
 
 def readout_depths(n_loops: int, last: int | None = None) -> list[int]:

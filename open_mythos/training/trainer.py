@@ -889,8 +889,8 @@ class Trainer:
         t0 = time.perf_counter()
         step = self.state.step
         n_loops = self.loops_at(step)
-        micro, n_sup = self._fetch_micro_batches()
-        sums = self._accumulate_gradients(micro, step, n_loops, n_sup)
+        micro, n_sup, n_real = self._fetch_micro_batches()
+        sums = self._accumulate_gradients(micro, step, n_loops, n_sup, n_real)
         grad_norm = self._clip_gradients()
         lr = self.lr_at(step)
         good = math.isfinite(sums.objective) and math.isfinite(grad_norm)
@@ -905,9 +905,10 @@ class Trainer:
         """Training sequences per optimizer step over all ranks and micro-steps."""
         return self.data.batch_size * self.ctx.world_size * self.cfg.optim.grad_accum
 
-    def _fetch_micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
+    def _fetch_micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float, float]:
         """This rank's micro-batches of the step (one shard of the global batch per
-        (micro-step, rank)) and the number of supervised targets over all ranks."""
+        (micro-step, rank)), and the numbers of supervised targets and of real (not
+        padding) positions over all ranks."""
         ctx, accum = self.ctx, self.cfg.optim.grad_accum
         shards = accum * ctx.world_size
         micro = [self.data.batch(TRAIN, self.state.position, i * ctx.world_size + ctx.rank, shards,
@@ -915,12 +916,19 @@ class Trainer:
                  for i in range(accum)]
         self.state.position += 1
         self.state.sequences += self._global_batch
-        n_sup = torch.tensor(float(sum(count_targets(b["targets"]) for b in micro)),
-                             device=ctx.device)
-        return micro, all_reduce(n_sup, ctx).item()
+        counts = torch.tensor([float(sum(count_targets(b["targets"]) for b in micro)),
+                               float(sum(self._real_positions(b) for b in micro))],
+                              dtype=torch.float64, device=ctx.device)
+        n_sup, n_real = all_reduce(counts, ctx).tolist()
+        return micro, n_sup, n_real
+
+    def _real_positions(self, batch: dict[str, torch.Tensor]) -> int:
+        """Positions of ``batch`` that are not padding (:meth:`_padding_mask`)."""
+        ids = batch["input_ids"]
+        return int((ids != PAD_ID).sum()) if self.cfg.data.task else ids.numel()
 
     def _accumulate_gradients(self, micro: list[dict[str, torch.Tensor]], step: int,
-                              n_loops: int, n_sup: float) -> StepSums:
+                              n_loops: int, n_sup: float, n_real: float) -> StepSums:
         """Forward and backward of every micro-batch; the loss sums reduced over ranks.
 
         Raises:
@@ -928,13 +936,16 @@ class Trainer:
         """
         ctx, accum = self.ctx, self.cfg.optim.grad_accum
         ce_scale, reg_scale = ctx.world_size / max(1.0, n_sup), 1.0 / accum
+        # The ponder cost's mean over the real positions of the whole batch (a mean of
+        # per-micro-batch means differs once their padding differs).
+        ponder_scale = ctx.world_size / max(1.0, n_real)
         self.model.train()
         # objective, ce_sum, ponder, aux, loop_ce_sum; then loops and loops^2 to check that
         # the ranks agree; then the ranks that were asked to stop by SIGINT, by SIGTERM.
         sums = torch.zeros(9, dtype=torch.float64, device=ctx.device)
         for i, batch in enumerate(micro):
             sums[:5] += self._micro_step(batch, step, i, n_loops, ce_scale, reg_scale,
-                                         sync=i == accum - 1)
+                                         sync=i == accum - 1, ponder_scale=ponder_scale)
         asked = self._stop_signal
         sums[5:] = torch.tensor([n_loops, n_loops**2, asked == signal.SIGINT,
                                  asked == signal.SIGTERM], dtype=torch.float64)
@@ -1002,7 +1013,8 @@ class Trainer:
         }
 
     def _micro_step(self, batch: dict[str, torch.Tensor], step: int, micro: int, n_loops: int,
-                    ce_scale: float, reg_scale: float, sync: bool) -> torch.Tensor:
+                    ce_scale: float, reg_scale: float, sync: bool,
+                    ponder_scale: float | None = None) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its float64 sums
         ``(objective, ce_sum, ponder, aux, loop_ce_sum)`` (``ponder`` and ``aux`` scaled).
 
@@ -1021,7 +1033,8 @@ class Trainer:
         with gradient_sync(self.model, ctx, enabled=sync and not alpha):
             with self._autocast():
                 objective, parts, loop_ce = self._objective(batch, x, y, n_loops, ce_scale,
-                                                            reg_scale, rows, y_at, mask)
+                                                            reg_scale, rows, y_at, mask,
+                                                            ponder_scale)
                 objective = (1.0 - alpha) * objective
             if self.loss_hook is not None:
                 objective = self.loss_hook(step, objective)
@@ -1030,7 +1043,9 @@ class Trainer:
         if alpha:
             total = total + self._progressive_backward(x, y_at, step, n_loops, ce_scale,
                                                        sync, rows, mask)
-        return torch.stack([total, parts.ce_sum.double(), (parts.ponder * reg_scale).double(),
+        ponder = (parts.ponder * reg_scale if ponder_scale is None
+                  else parts.ponder_sum * ponder_scale)
+        return torch.stack([total, parts.ce_sum.double(), ponder.double(),
                             (parts.aux * reg_scale).double(), loop_ce]).to(ctx.device)
 
     def _scored(self, batch: dict[str, torch.Tensor], y: torch.Tensor
@@ -1062,7 +1077,7 @@ class Trainer:
     def _objective(self, batch: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                    n_loops: int, ce_scale: float, reg_scale: float,
                    rows: torch.Tensor | None, y_at: torch.Tensor,
-                   mask: torch.Tensor | None = None
+                   mask: torch.Tensor | None = None, ponder_scale: float | None = None
                    ) -> tuple[torch.Tensor, LossParts, torch.Tensor]:
         """The forward of one micro-batch: (objective, its parts, the detached per-loop
         readout cross-entropy sum, zero without ``optim.loop_loss_weight``). ``rows`` and
@@ -1092,7 +1107,8 @@ class Trainer:
                                 attention_mask=mask)
         parts = compute_loss(logits, y_at, self._ponder_cost(), self.core.aux_loss,
                              ponder_weight=opt.ponder_weight, aux_weight=opt.aux_weight,
-                             ce_scale=ce_scale, reg_scale=reg_scale, token_mask=mask)
+                             ce_scale=ce_scale, reg_scale=reg_scale, token_mask=mask,
+                             ponder_scale=ponder_scale)
         objective = parts.objective
         if opt.loop_loss_weight:
             objective = objective + opt.loop_loss_weight * ce_scale * loop_sum

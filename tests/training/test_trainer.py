@@ -206,17 +206,24 @@ def test_existing_run_needs_resume_and_same_model(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("progressive", [0.0, 0.3])
-def test_gradient_accumulation_matches_a_big_batch(tmp_path, progressive):
+@pytest.mark.parametrize(("progressive", "ponder"), [(0.0, 0.0), (0.3, 0.0), (0.0, 1.0)])
+def test_gradient_accumulation_matches_a_big_batch(tmp_path, progressive, ponder):
     # No balance loss: it is a product of batch means, computed per micro-batch. The
     # progressive loss's split is drawn per step, so every micro-batch runs the same one.
-    opts = dict(optim__aux_weight=0.0, optim__progressive_weight=progressive)
+    # The ponder cost of padded batches (parity's prompts differ in length) is the mean over
+    # the real positions of the whole batch, not a mean of the micro-batches' means.
+    opts = dict(optim__aux_weight=0.0, optim__progressive_weight=progressive,
+                optim__ponder_weight=ponder, model__act_halt_bias_init=0.0,
+                schedule__n_loops=4)
     big = tiny_config(tmp_path / "big", run__steps=4, data__batch_size=4, **opts)
     acc = tiny_config(tmp_path / "acc", run__steps=4, data__batch_size=2, optim__grad_accum=2,
                       **opts)
     Trainer(big).train()
     Trainer(acc).train()
     assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), abs=1e-5)
+    for key in ("ponder", "grad_norm"):
+        assert [r[key] for r in read_metrics(tmp_path / "acc")] == pytest.approx(
+            [r[key] for r in read_metrics(tmp_path / "big")], rel=1e-5)
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
