@@ -77,32 +77,36 @@ def run_train_loops(path: str | Path) -> int | None:
 def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
     """The validation batches of a run: its data source rebuilt from its stored
     configuration (same data, tokenizer, ``seq_len`` and seed), ``n_batches`` batches
-    (default ``data.eval_batches``) of the validation split, as the trainer evaluates.
+    (default ``data.eval_batches``) of the validation split, as the trainer evaluated them
+    (with the rows of every process of a multi-process run, whose checkpoint records the
+    number of processes).
 
     Raises:
         ValueError: ``path`` holds no training configuration.
     """
     from ..checkpoints import CheckpointCorrupt
     from ..training.checkpoint import TRAINER_STATE_FILE, read_trainer_state
-    from ..training.data import VAL, build_data_source, val_fingerprint
+    from ..training.data import build_data_source, val_batches, val_fingerprint
 
     ckpt = _checkpoint_of(Path(path))  # resolved (and verified) once
     cfg = read_train_config(path if ckpt is None else ckpt)
     if cfg is None:
         raise ValueError(f"{path} holds no training configuration ({RUN_CONFIG_FILE})")
-    data = build_data_source(cfg.data, cfg.run.seed)
-    evaluated = cfg.data.eval_batches
-    batches = [data.batch(VAL, i) for i in range(max(n_batches or 0, evaluated))]
-    # The fingerprint of the batches the trainer evaluated on, recorded by checkpoints of
-    # 2026-12-07 on.
+    # The trainer state records the number of processes and (checkpoints of 2026-12-07 on)
+    # the fingerprint of the batches the trainer evaluated on.
     state_file = None if ckpt is None else ckpt / TRAINER_STATE_FILE
-    recorded = None
+    state: dict[str, Any] = {}
     if state_file is not None and state_file.is_file():
         try:  # evaluation needs only the weights: a damaged trainer state skips the check
-            recorded = read_trainer_state(ckpt).get("val_fingerprint")
+            state = read_trainer_state(ckpt)
         except CheckpointCorrupt as err:
             warnings.warn(f"cannot check that the validation data of {path} is what the "
                           f"trainer evaluated on: {err}", stacklevel=2)
+    world = int(state.get("world_size", 1))
+    data = build_data_source(cfg.data, cfg.run.seed, world)
+    evaluated = cfg.data.eval_batches
+    batches = val_batches(data, max(n_batches or 0, evaluated), world)
+    recorded = state.get("val_fingerprint")
     if recorded is not None and recorded != val_fingerprint(data, batches[:evaluated]):
         warnings.warn(f"the validation data of {path} is not what the trainer evaluated on "
                       "(its files changed since the checkpoint was written?): these losses "

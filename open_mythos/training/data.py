@@ -360,13 +360,26 @@ def _text_of(row: dict[str, Any], field: str, name: str) -> str:
     return text
 
 
+def val_batches(data: DataSource, n_batches: int, world_size: int = 1
+                ) -> list[dict[str, torch.Tensor]]:
+    """The first ``n_batches`` validation batches of ``data`` whole, as ``world_size``
+    processes evaluate them together (each global batch's shards, one per process,
+    concatenated): what the trainer's validation scored."""
+    batches = []
+    for i in range(n_batches):
+        shards = [data.batch(VAL, i, shard, world_size) for shard in range(world_size)]
+        batches.append({k: torch.cat([s[k] for s in shards]) for k in shards[0]})
+    return batches
+
+
 def val_fingerprint(data: DataSource, batches: Iterable[dict[str, torch.Tensor]]
                     ) -> str | None:
-    """A hash of ``batches``, the first validation batches of ``data`` (one process's view:
-    shard 0 of 1), what :func:`~open_mythos.evaluation.runs.run_val_batches` rebuilds from
-    a run's configuration: a checkpoint records it so that an evaluation on files changed
-    since training is told so. None for a streamed dataset, whose held-out rows depend on
-    the number of processes and are streamed again, not read from local files."""
+    """A hash of ``batches``, the first validation batches of ``data`` as the trainer
+    evaluated them (:func:`val_batches`), what
+    :func:`~open_mythos.evaluation.runs.run_val_batches` rebuilds from a run's
+    configuration: a checkpoint records it so that an evaluation on files changed since
+    training is told so. None for a streamed dataset, whose held-out rows depend on the
+    number of processes and are streamed again, not read from local files."""
     if isinstance(data, StreamingTextSource):
         return None
     digest = hashlib.sha256()

@@ -88,7 +88,15 @@ from .config import (
     load_config,
     to_toml,
 )
-from .data import TRAIN, VAL, DataExhausted, DataSource, build_data_source, val_fingerprint
+from .data import (
+    TRAIN,
+    VAL,
+    DataExhausted,
+    DataSource,
+    build_data_source,
+    val_batches,
+    val_fingerprint,
+)
 from .distributed import (
     all_reduce,
     broadcast_object,
@@ -1210,8 +1218,8 @@ class Trainer:
         trainer_state = None
         if ctx.is_main:
             if self._val_fingerprint is None:  # once: the validation batches do not change
-                self._val_fingerprint = val_fingerprint(self.data, (
-                    self.data.batch(VAL, i) for i in range(self.cfg.data.eval_batches)))
+                self._val_fingerprint = val_fingerprint(self.data, val_batches(
+                    self.data, self.cfg.data.eval_batches, ctx.world_size))
             trainer_state = {**dataclasses.asdict(self.state), "rng": rngs, "data": data,
                              "world_size": ctx.world_size, "global_batch": self._global_batch,
                              "val_fingerprint": self._val_fingerprint}

@@ -76,6 +76,18 @@ def test_ddp_matches_single_process(tmp_path, single):
     assert [r["loops"] for r in rows] == [sampler(s) for s in range(STEPS)]
     model, _ = load_checkpoint(tmp_path)
     assert_same_weights(model, trainer.core, 1e-4)
+    # A sweep of the run rebuilds the validation rows both ranks scored (it took rank 0's
+    # half, 2 of 4 rows a batch), and the checkpoint's fingerprint of them holds.
+    import warnings
+
+    from open_mythos.evaluation.runs import run_val_batches
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two, one = run_val_batches(tmp_path), run_val_batches(trainer.out)
+    assert [b["input_ids"].shape[0] for b in two] == [4] * trainer.cfg.data.eval_batches
+    for a, b in zip(two, one):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fsdp_trains_and_loads_in_one_process(tmp_path, single):
