@@ -38,6 +38,7 @@ import gc
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -131,7 +132,7 @@ from .rundir import (
     os_errors,
     replace_metrics_after,
 )
-from .runfiles import absolute_paths, changed_keys, copy_tokenizer
+from .runfiles import RUN_TOKENIZER_DIR, absolute_paths, changed_keys, copy_tokenizer
 from .schedule import LoopSchedule, LRSchedule, progressive_split
 from .sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
@@ -401,16 +402,20 @@ class Trainer:
             model=ModelConfig(cfg.model.variant, dataclasses.asdict(self.model_cfg)),
             data=dataclasses.replace(cfg.data, seq_len=self.data.seq_len),
         ))
+        if cfg.optim.progressive_weight and not kind_of(self.model_cfg).looped:
+            raise ConfigError("optim.progressive_weight needs a looped model: the dense "
+                              "baseline has no loops to split")
         ckpt_dir = self._prepare_run_dir()
 
         # Same seed on every rank: FSDP2 shards each rank's own copy of the initial weights.
         torch.manual_seed(cfg.run.seed)
         core = build_model(self.model_cfg)
-        if cfg.optim.progressive_weight and not is_looped(core):
-            raise ConfigError("optim.progressive_weight needs a looped model: the dense "
-                              "baseline has no loops to split")
         if cfg.run.init_from and ckpt_dir is None:
-            self._init_from(core, cfg.run.init_from)
+            try:
+                self._init_from(core, cfg.run.init_from)
+            except ConfigError:
+                self._unclaim_new_run_dir()
+                raise
         if is_looped(core):
             core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
         core.to(ctx.device)
@@ -564,12 +569,23 @@ class Trainer:
                               f"{self.cfg.run.steps}: pass a total of at least {step} steps")
         with os_errors("write to", out):
             write_text_atomic(out / CONFIG_FILE, config_text)
+            self._new_run_dir = not holds_run  # what _unclaim_new_run_dir may take back
             copy_tokenizer(self.resolved, out)
             moved = replace_metrics_after(out, step)
         if moved:
             self._log(f"moved {moved} rows of {METRICS_FILE} logged after step {step} "
                       f"(by a run that did not save them) to {REPLACED_METRICS_FILE}")
         return ckpt
+
+    def _unclaim_new_run_dir(self) -> None:
+        """A check after :meth:`_claim_run_dir` failed: remove the run files it wrote into a
+        directory that held no run (``config.toml``, the tokenizer copy), so that only the
+        directory and its lock file are left, as when a check of the claim fails."""
+        if not (self.ctx.is_main and getattr(self, "_new_run_dir", False)):
+            return
+        with contextlib.suppress(OSError):
+            (self.out / CONFIG_FILE).unlink(missing_ok=True)
+            shutil.rmtree(self.out / RUN_TOKENIZER_DIR, ignore_errors=True)
 
     def _init_from(self, core: nn.Module, path: str) -> None:
         """Load the model weights of another run or of a Hugging Face directory

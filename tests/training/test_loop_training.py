@@ -206,6 +206,16 @@ def test_init_from_starts_at_the_other_runs_weights(tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         Trainer(tiny_config(tmp_path / "none", run__steps=1,
                             run__init_from=str(tmp_path / "missing"))).train()
+    # A refused start leaves no config.toml behind (a later --resume took the directory
+    # for a run to continue, and said "nothing to resume"); nor does a progressive loss
+    # on the dense baseline, refused before the directory is claimed.
+    for name in ("wider", "none"):
+        assert not (tmp_path / name / "config.toml").exists()
+    with pytest.raises(ConfigError, match="progressive_weight needs a looped model"):
+        Trainer(tiny_config(tmp_path / "dense", run__steps=1, model__core_layers=2,
+                            optim__progressive_weight=0.3)).train()
+    assert not (tmp_path / "dense" / "config.toml").exists()
+    Trainer(tiny_config(tmp_path / "wider", run__steps=1, model__dim=48)).train()  # starts
 
 
 def test_init_from_a_hugging_face_directory(tmp_path):
