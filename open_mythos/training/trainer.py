@@ -567,9 +567,12 @@ class Trainer:
             # later plain --resume would stop there too.
             raise ConfigError(f"cannot resume {ckpt} at step {step} with run.steps="
                               f"{self.cfg.run.steps}: pass a total of at least {step} steps")
+        # What this claim creates in a directory that held no run, for _unclaim_new_run_dir
+        # to take back (never a file that was there: a user's config or tokenizer).
+        self._created = [] if holds_run else [
+            p for p in (out / CONFIG_FILE, out / RUN_TOKENIZER_DIR) if not p.exists()]
         with os_errors("write to", out):
             write_text_atomic(out / CONFIG_FILE, config_text)
-            self._new_run_dir = not holds_run  # what _unclaim_new_run_dir may take back
             copy_tokenizer(self.resolved, out)
             moved = replace_metrics_after(out, step)
         if moved:
@@ -578,14 +581,18 @@ class Trainer:
         return ckpt
 
     def _unclaim_new_run_dir(self) -> None:
-        """A check after :meth:`_claim_run_dir` failed: remove the run files it wrote into a
-        directory that held no run (``config.toml``, the tokenizer copy), so that only the
-        directory and its lock file are left, as when a check of the claim fails."""
-        if not (self.ctx.is_main and getattr(self, "_new_run_dir", False)):
+        """A check after :meth:`_claim_run_dir` failed: remove the run files it created in
+        a directory that held no run (``config.toml``, the tokenizer copy; not files that
+        were there before), so that the directory holds what it held, and its lock file,
+        as when a check of the claim fails."""
+        if not self.ctx.is_main:
             return
-        with contextlib.suppress(OSError):
-            (self.out / CONFIG_FILE).unlink(missing_ok=True)
-            shutil.rmtree(self.out / RUN_TOKENIZER_DIR, ignore_errors=True)
+        for path in getattr(self, "_created", []):
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
 
     def _init_from(self, core: nn.Module, path: str) -> None:
         """Load the model weights of another run or of a Hugging Face directory

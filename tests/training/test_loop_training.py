@@ -211,6 +211,14 @@ def test_init_from_starts_at_the_other_runs_weights(tmp_path):
     # on the dense baseline, refused before the directory is claimed.
     for name in ("wider", "none"):
         assert not (tmp_path / name / "config.toml").exists()
+    # ... but what was there before is kept (a user's own config and tokenizer there).
+    mine = tmp_path / "mine"
+    (mine / "tokenizer").mkdir(parents=True)
+    (mine / "tokenizer" / "vocab.json").write_text("{}")
+    (mine / "config.toml").write_text("# mine\n")
+    with pytest.raises(ConfigError, match="init_from"):
+        Trainer(tiny_config(mine, run__steps=1, run__init_from=str(tmp_path / "missing"))).train()
+    assert (mine / "config.toml").is_file() and (mine / "tokenizer" / "vocab.json").is_file()
     with pytest.raises(ConfigError, match="progressive_weight needs a looped model"):
         Trainer(tiny_config(tmp_path / "dense", run__steps=1, model__core_layers=2,
                             optim__progressive_weight=0.3)).train()
