@@ -174,18 +174,20 @@ class MultiHop(Task):
         while left:
             lengths.append(min(level, left))
             left -= lengths[-1]
-        # Which chains end open: each with probability open_ends (the query chain first, as
-        # drawn without decoys), while a variable is left for the end.
+        # Which chains end open: each with probability open_ends; where fewer variables are
+        # left than such ends, the ones kept are drawn uniformly (the query chain is not
+        # favoured).
         room = len(VARIABLES) - self.statements
-        open_end = []
-        for _ in lengths:
-            is_open = self.open_ends > 0 and rng.random() < self.open_ends
-            open_end.append(is_open and room > 0)
-            room -= open_end[-1]
+        open_end = [self.open_ends > 0 and rng.random() < self.open_ends for _ in lengths]
+        if sum(open_end) > room:
+            kept = set(rng.sample([i for i, o in enumerate(open_end) if o], room))
+            open_end = [i in kept for i in range(len(lengths))]
         names = rng.sample(VARIABLES, self.statements + sum(open_end))
         n_digit = len(lengths) - sum(open_end)
         digits = rng.sample(VALUES, min(n_digit, len(VALUES)))
-        digits += [rng.choice(VALUES) for _ in range(n_digit - len(digits))]
+        if n_digit > len(VALUES):  # repeats, placed at random (not on the first chains)
+            digits += [rng.choice(VALUES) for _ in range(n_digit - len(digits))]
+            rng.shuffle(digits)
         statements, query, answer = [], "", ""
         for i, (length, is_open) in enumerate(zip(lengths, open_end)):
             chain, names = names[:length], names[length:]

@@ -382,6 +382,26 @@ def test_multihop_decoys_are_chains_shaped_like_the_query_chain(open_ends: float
             queried += 1
     assert queried == 300
     assert "decoys" not in vars(MultiHop(statements=8))  # older tasks keep their fingerprint
+
+
+def test_multihop_decoys_give_the_query_chain_no_special_end() -> None:
+    """Where digits repeat (more digit-ended chains than digits) or variables run short for
+    open ends, the query chain's end is drawn like every other chain's: the repeated digit
+    went to the query chain first (a "most frequent digit" rule scored 1.000), and the open
+    ends to the first chains drawn (an "open end" rule scored 0.51 among 13 chains)."""
+    repeated = MultiHop(hops=(2, 2), ood_hops=(4, 6), statements=22, decoys=True)  # 11 chains
+    crowded = MultiHop(hops=(2, 2), ood_hops=(4, 6), statements=25, open_ends=0.5,
+                       decoys=True)  # 13 chains, 1 variable left for an open end
+    n = 1500
+    hits = {"repeated": 0, "open": 0}
+    for i in range(n):
+        ex = repeated.generate_at(random.Random(i), 2)
+        values = [stmt[2] for stmt in ex.prompt.split("?")[0].split(";") if stmt[2].isdigit()]
+        hits["repeated"] += values.count(ex.answer) > 1
+        hits["open"] += crowded.generate_at(random.Random(i), 2).answer.isalpha()
+    # 2 of the 11 chains hold the repeated digit; 1 of 13 chains (at most) ends open.
+    assert abs(hits["repeated"] / n - 2 / 11) < 0.04
+    assert hits["open"] / n < 1.5 / 13
     with pytest.raises(ValueError, match="needs statements"):
         MultiHop(decoys=True)
     with pytest.raises(ValueError, match="do not combine"):
