@@ -77,16 +77,16 @@ def run_train_loops(path: str | Path) -> int | None:
 def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
     """The validation batches of a run: its data source rebuilt from its stored
     configuration (same data, tokenizer, ``seq_len`` and seed), ``n_batches`` batches
-    (default ``data.eval_batches``) of the validation split, as the trainer evaluated them
-    (with the rows of every process of a multi-process run, whose checkpoint records the
-    number of processes).
+    (default ``data.eval_batches``) of the validation split, as the trainer evaluated them:
+    for a run of ``W`` processes (its checkpoint records ``W``), every process's rows, each
+    global batch as its ``W`` shards (:func:`~open_mythos.training.data.val_batches`).
 
     Raises:
         ValueError: ``path`` holds no training configuration.
     """
     from ..checkpoints import CheckpointCorrupt
     from ..training.checkpoint import TRAINER_STATE_FILE, read_trainer_state
-    from ..training.data import build_data_source, val_batches, val_fingerprint
+    from ..training.data import VAL, build_data_source, val_batches, val_fingerprint
 
     ckpt = _checkpoint_of(Path(path))  # resolved (and verified) once
     cfg = read_train_config(path if ckpt is None else ckpt)
@@ -107,11 +107,15 @@ def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict
     evaluated = cfg.data.eval_batches
     batches = val_batches(data, max(n_batches or 0, evaluated), world)
     recorded = state.get("val_fingerprint")
-    if recorded is not None and recorded != val_fingerprint(data, batches[:evaluated]):
+    if (recorded is not None and recorded != val_fingerprint(data, batches[:evaluated * world])
+            # Multi-process checkpoints of 2026-12-07 before 104fffb hashed one process's
+            # rows of each batch.
+            and (world == 1 or recorded != val_fingerprint(data, [
+                data.batch(VAL, i) for i in range(evaluated)]))):
         warnings.warn(f"the validation data of {path} is not what the trainer evaluated on "
                       "(its files changed since the checkpoint was written?): these losses "
                       "are not comparable with the run's logged val_loss", stacklevel=2)
-    return batches[:n_batches or evaluated]
+    return batches[:(n_batches or evaluated) * world]
 
 
 def is_text_run(path: str | Path) -> bool:

@@ -362,14 +362,13 @@ def _text_of(row: dict[str, Any], field: str, name: str) -> str:
 
 def val_batches(data: DataSource, n_batches: int, world_size: int = 1
                 ) -> list[dict[str, torch.Tensor]]:
-    """The first ``n_batches`` validation batches of ``data`` whole, as ``world_size``
-    processes evaluate them together (each global batch's shards, one per process,
-    concatenated): what the trainer's validation scored."""
-    batches = []
-    for i in range(n_batches):
-        shards = [data.batch(VAL, i, shard, world_size) for shard in range(world_size)]
-        batches.append({k: torch.cat([s[k] for s in shards]) for k in shards[0]})
-    return batches
+    """Every row of the first ``n_batches`` validation batches of ``data`` as
+    ``world_size`` processes evaluate them together: what the trainer's validation scored.
+    Each global batch's shards (one per process, ``batch_size`` rows each) come one after
+    the other, ``n_batches * world_size`` batches in all: one process evaluating them holds
+    no more rows at once than each of the trainer's did."""
+    return [data.batch(VAL, i, shard, world_size)
+            for i in range(n_batches) for shard in range(world_size)]
 
 
 def val_fingerprint(data: DataSource, batches: Iterable[dict[str, torch.Tensor]]

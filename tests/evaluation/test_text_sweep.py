@@ -152,3 +152,27 @@ def test_a_corpus_changed_since_training_is_named(tmp_path):
     # intact) is the one checked (it was passed over as damaged, the check silently skipped).
     with pytest.warns(UserWarning, match="cannot check that the validation data"):
         run_val_batches(tmp_path / "run")
+
+
+def test_a_multi_process_run_is_evaluated_on_every_process_rows(text_run, tmp_path):
+    """A run of 2 processes evaluated 2 shards of each validation batch; the sweep scored
+    rank 0's only. Its checkpoint's world size now says how many, and the fingerprint
+    written by the first version (one process's rows) is still accepted."""
+    import shutil
+    import warnings
+
+    from open_mythos.training.checkpoint import read_trainer_state
+
+    src = next(p for p in (text_run / "checkpoints").iterdir() if p.is_dir())
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    one = run_val_batches(ckpt)
+    state = read_trainer_state(ckpt)
+    torch.save({**state, "world_size": 2}, ckpt / "trainer_state.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fingerprint of one process's rows: accepted
+        two = run_val_batches(ckpt)
+    # Packed text: global batch i of 2 shards holds the windows of one process's batches
+    # 2i and 2i + 1, so the two processes' rows extend the one process's.
+    assert len(two) == 2 * len(one)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(one, two))

@@ -85,9 +85,11 @@ def test_ddp_matches_single_process(tmp_path, single):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         two, one = run_val_batches(tmp_path), run_val_batches(trainer.out)
-    assert [b["input_ids"].shape[0] for b in two] == [4] * trainer.cfg.data.eval_batches
-    for a, b in zip(two, one):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Each global batch as its two ranks' shards (no more rows per forward than a rank's).
+    assert [b["input_ids"].shape[0] for b in two] == [2] * 2 * trainer.cfg.data.eval_batches
+    for i, b in enumerate(one):
+        shards = two[2 * i:2 * i + 2]
+        assert all(torch.equal(torch.cat([s[k] for s in shards]), b[k]) for k in b)
 
 
 def test_fsdp_trains_and_loads_in_one_process(tmp_path, single):
