@@ -367,8 +367,14 @@ def val_batches(data: DataSource, n_batches: int, world_size: int = 1
     Each global batch's shards (one per process, ``batch_size`` rows each) come one after
     the other, ``n_batches * world_size`` batches in all: one process evaluating them holds
     no more rows at once than each of the trainer's did."""
-    return [data.batch(VAL, i, shard, world_size)
-            for i in range(n_batches) for shard in range(world_size)]
+    return list(iter_val_batches(data, n_batches, world_size))
+
+
+def iter_val_batches(data: DataSource, n_batches: int, world_size: int = 1
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`val_batches` one at a time (made only as they are read)."""
+    return (data.batch(VAL, i, shard, world_size)
+            for i in range(n_batches) for shard in range(world_size))
 
 
 def val_fingerprint(data: DataSource, batches: Iterable[dict[str, torch.Tensor]]

@@ -95,7 +95,7 @@ from .data import (
     DataExhausted,
     DataSource,
     build_data_source,
-    val_batches,
+    iter_val_batches,
     val_fingerprint,
 )
 from .distributed import (
@@ -1241,7 +1241,7 @@ class Trainer:
         trainer_state = None
         if ctx.is_main:
             if self._val_fingerprint is None:  # once: the validation batches do not change
-                self._val_fingerprint = val_fingerprint(self.data, val_batches(
+                self._val_fingerprint = val_fingerprint(self.data, iter_val_batches(
                     self.data, self.cfg.data.eval_batches, ctx.world_size))
             trainer_state = {**dataclasses.asdict(self.state), "rng": rngs, "data": data,
                              "world_size": ctx.world_size, "global_batch": self._global_batch,
