@@ -674,10 +674,14 @@ class Trainer:
             reseeded = (f"; written by {len(rngs)} process(es), resumed on {ctx.world_size}: "
                         "the random streams are reseeded, so the run is no longer the "
                         "uninterrupted one bit for bit")
-        # A streamed source's own position (one per rank; on another number of processes,
-        # or from an older checkpoint, it replays the stream up to the batch index instead).
+        # A streamed source's own position and validation split, one per rank. Every rank
+        # reads the whole stream (and keeps its shard of each batch), so on another number
+        # of processes rank 0's serves: dropped, the split was rebuilt at the new size and
+        # validated on windows already trained on. (From an older checkpoint: none; the
+        # stream is replayed up to the batch index.)
         data = trainer_state.get("data") or []
-        self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size else {})
+        self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size
+                                  else data[0] if data else {})
         self.last_checkpoint = self._unproven = ckpt_dir
         changes = self._config_changes  # (found by rank 0, which logs)
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}" + reseeded

@@ -132,3 +132,42 @@ def test_train_has_the_flags_its_data_errors_name(tmp_path, capsys):
     assert "--encoding-errors" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "d"), "--text", str(bad),
                  "--encoding-errors", "replace"]) == 0
+
+
+def test_a_streamed_run_resumed_on_another_number_of_processes_keeps_its_split(
+        tmp_path, offline_datasets):
+    """Every rank reads the whole stream, so their saved states are one: resumed on another
+    number of processes the stream's state was dropped, and the validation split rebuilt at
+    the new size (windows the run had trained on became validation)."""
+    import hashlib
+
+    import torch
+
+    from open_mythos.training import Trainer
+    from open_mythos.training.config import UNSET
+
+    from .conftest import tiny_config
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS * 4))
+    opts = dict(data__task=UNSET, data__hf_dataset=str(docs), data__hf_text_field="body",
+                data__seq_len=16, data__batch_size=2, schedule__n_loops=2,
+                model__use_act=False)
+    Trainer(tiny_config(tmp_path / "run", run__steps=2, run__save_every=2,
+                        data__eval_batches=1, **opts)).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    # As two processes with a split of 2 windows each would have written it.
+    (saved,) = state["data"]
+    state.update(world_size=2, data=[saved, saved])
+    torch.save(state, ckpt / "trainer_state.pt")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    body = (ckpt / "trainer_state.pt").read_bytes()
+    manifest["files"]["trainer_state.pt"] = {"size": len(body),
+                                             "sha256": hashlib.sha256(body).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    # (Asking for 2 validation batches: rebuilt, the split would hold 4 windows.)
+    resumed = Trainer(tiny_config(tmp_path / "run", run__steps=3, data__eval_batches=2,
+                                  **opts), resume=True)
+    resumed.train()
+    assert resumed.data.state_dict()["n_val"] == saved["n_val"] == 2  # not 2 x 2 rebuilt
