@@ -3,6 +3,8 @@
     python experiments/multihop_shortcuts.py
     python experiments/multihop_shortcuts.py --task-args '{"hops": [1, 3], "ood_hops": [4, 6],
         "statements": 8, "digits": 3}' --splits id,ood_hops,hops=6
+    python experiments/multihop_shortcuts.py --task-args '{"hops": [1, 3], "ood_hops": [4, 6],
+        "statements": 12, "open_ends": 0.5, "decoys": true}'     # decoy chains
 
 A split measures chain following only as far as no cheaper rule answers it. For the
 evaluation examples of each split (``sample_examples``, the sweep's and the demo's own draw)
@@ -13,7 +15,8 @@ this prints the expected accuracy of two rules, ties broken uniformly:
 - ``referenced``: an open end if the prompt has one; otherwise the digit whose variable is
   the query or is pointed to by some assignment. The chain's last variable always is
   (by the chain's previous step), a distractor holding a digit only when a later
-  distractor happens to point to it; one look-up, whatever the chain's length.
+  distractor happens to point to it; one look-up, whatever the chain's length. With
+  ``decoys`` every chain's end is referenced alike, and the rule picks among them.
 
 The defaults are the demo's task (``open_mythos.commands.demo.DEFAULT_TASK_ARGS``) and
 512 examples per split, as the demo evaluates.
