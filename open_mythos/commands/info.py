@@ -55,8 +55,10 @@ class RunInfo:
     ``step`` is None for a Hugging Face directory, ``val_loss`` (and ``val_step``, the step it
     was measured at) without a logged validation, ``tokenizer`` (``"byte"`` or a directory)
     when none is stored, ``trained_depth`` when the run records none (or a fixed-depth kind;
-    for a Hugging Face directory it is the ``n_loops`` the export was given, by default the
-    training depth);
+    for a Hugging Face directory, the export's ``trained_depth``, or for an export older
+    than that key the ``n_loops`` it was given, by default the training depth);
+    ``default_n_loops``: a Hugging Face directory's ``n_loops`` (None otherwise, where the
+    trained depth is the default);
     ``param_bytes`` maps ``"stored"`` (the safetensors files' tensors, tied ones once, in
     their ``stored_dtype``; absent for sharded ``model.dcp/`` weights), ``"fp32"`` and
     ``"bf16"`` to bytes.
@@ -73,6 +75,7 @@ class RunInfo:
     trained_depth: int | None
     stored_dtype: str | None
     param_bytes: dict[str, int]
+    default_n_loops: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,11 +188,20 @@ def model_info(cfg: Any, name: str, n_loops: int | None = None,
 def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) -> RunInfo:
     """The :class:`RunInfo` of a run, checkpoint or Hugging Face directory whose
     configuration ``cfg`` and default depth are already read."""
-    from ..checkpoints import CHECKPOINT_DIR, CheckpointFormat, LoadedModel, detect_format
+    from ..checkpoints import (
+        CHECKPOINT_DIR,
+        CheckpointFormat,
+        LoadedModel,
+        detect_format,
+        read_training_depth,
+    )
 
     # The files loading reads are verified, as by generate: a damaged newest checkpoint of
     # a run is skipped with a warning.
     fmt, ckpt_dir = detect_format(path)
+    default_n_loops = None
+    if fmt is CheckpointFormat.HF:  # the export's default depth, and its trained one
+        default_n_loops, trained_depth = trained_depth, read_training_depth(ckpt_dir)
     files = sorted(ckpt_dir.glob("*.safetensors"))
     stored, dtypes, meta_step = _stored_bytes(files)
     step = None
@@ -204,7 +216,8 @@ def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) 
         tokenizer=tokenizer, tokenizer_vocab_size=tok_vocab, vocab_size=cfg.vocab_size,
         trained_depth=trained_depth, stored_dtype="/".join(sorted(dtypes)) or None,
         param_bytes={**({"stored": stored} if files else {}),
-                     **{k: total_params * b for k, b in DTYPE_BYTES.items()}})
+                     **{k: total_params * b for k, b in DTYPE_BYTES.items()}},
+        default_n_loops=default_n_loops)
 
 
 def _stored_bytes(files: list[Any]) -> tuple[int, set[str], int | None]:
@@ -317,7 +330,10 @@ def format_info(info: ModelInfo, cfg: Any) -> str:
                f"none stored (model vocabulary {r.vocab_size:,}; pass --tokenizer)")
         if r.trained_depth is None:
             depth = "no trained depth recorded"
-        elif r.format == "hf":  # an export's n_loops: what it was exported with
+        elif r.format == "hf" and r.default_n_loops != r.trained_depth:
+            depth = (f"trained at {r.trained_depth} loops; n_loops {r.default_n_loops} by "
+                     "default (set at export)")
+        elif r.format == "hf":  # an export older than trained_depth records only n_loops
             depth = (f"n_loops {r.trained_depth} by default (set at export, the training "
                      "depth unless export was given --n-loops)")
         else:

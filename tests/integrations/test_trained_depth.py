@@ -92,11 +92,23 @@ def test_info_without_tokenizer_or_metrics_says_so(run, tmp_path, capsys):
 
 
 def test_info_on_an_export_names_its_depth_as_the_exports(run, tmp_path, capsys):
-    """An export's n_loops is what export was given; info called it the trained depth."""
+    """An export's n_loops is what export was given; info called it the trained depth. The
+    export records the trained depth apart (``trained_depth``), which info reads; an export
+    older than that key names only its default."""
     pytest.importorskip("transformers")
     run_dir, _ = run
     assert main(["export", str(run_dir), "--out", str(tmp_path / "hf"), "--n-loops", "5"]) == 0
     capsys.readouterr()
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    text = capsys.readouterr().out
+    assert f"trained at {TRAINED} loops; n_loops 5 by default (set at export)" in text
+    assert main(["info", str(tmp_path / "hf"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["run"]
+    assert (r["trained_depth"], r["default_n_loops"]) == (TRAINED, 5)
+    config = tmp_path / "hf" / "config.json"
+    data = json.loads(config.read_text())
+    del data["trained_depth"]
+    config.write_text(json.dumps(data))
     assert main(["info", str(tmp_path / "hf")]) == 0
     text = capsys.readouterr().out
     assert "n_loops 5 by default (set at export" in text and "trained at" not in text
