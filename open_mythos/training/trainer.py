@@ -271,6 +271,12 @@ def _quiet_writer_thread_errors() -> None:
     threading.excepthook = hook
 
 
+def _untied_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Shapes of ``model``'s state dict without the aliases of tied parameters."""
+    tied = tied_parameters(model)
+    return {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's Python and torch RNG states (CUDA included when in use)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -561,6 +567,8 @@ class Trainer:
             raise ConfigError(f"cannot resume {ckpt}: the model configuration changed ({diff})")
         if ckpt is not None:
             self._config_changes = self._changes_since(ckpt)
+        if ckpt is None and self.cfg.run.init_from:  # before anything is written
+            self._precheck_init_from(self.cfg.run.init_from)
         step = 0 if ckpt is None else int(read_trainer_state(ckpt)["step"])
         if step > self.cfg.run.steps:
             # Resuming would do nothing and rewrite config.toml with the smaller count, so a
@@ -594,10 +602,10 @@ class Trainer:
                 else:
                     path.unlink(missing_ok=True)
 
-    def _init_from(self, core: nn.Module, path: str) -> None:
-        """Load the model weights of another run or of a Hugging Face directory
-        (``run.init_from``) into ``core``."""
-        from ..checkpoints import detect_format, read_config, read_weights
+    def _init_from_source(self, path: str) -> tuple[Any, Path, Any]:
+        """``(format, directory, configuration)`` of ``run.init_from``, checked to hold a
+        model of this run's kind."""
+        from ..checkpoints import detect_format, read_config
 
         try:
             fmt, ckpt = detect_format(path)
@@ -609,14 +617,14 @@ class Trainer:
         if theirs is not ours:
             raise ConfigError(f"run.init_from={path!r} holds a {theirs.name} model, this run "
                               f"trains a {ours.name} one")
-        try:
-            state = read_weights(fmt, ckpt)
-        except (FileNotFoundError, ValueError) as err:  # e.g. an HF directory without weights
-            raise ConfigError(f"run.init_from: {err}") from None
-        own = {k: v for k, v in core.state_dict().items() if k not in tied_parameters(core)}
-        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-                 for k, v in own.items() if k in state and state[k].shape != v.shape]
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        return fmt, ckpt, their_cfg
+
+    def _check_init_from_fits(self, path: str, own: dict[str, torch.Size],
+                              theirs: dict[str, torch.Size], their_cfg: Any) -> None:
+        """Raise ``ConfigError`` unless tensors ``theirs`` (name -> shape) fill ``own``."""
+        wrong = [f"{k} {tuple(theirs[k])} != {tuple(v)}"
+                 for k, v in own.items() if k in theirs and theirs[k] != v]
+        missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
         if wrong or missing or unexpected:
             # The configuration fields that differ say why (a dim change alone mis-sizes
             # dozens of tensors); the first tensors are named as well.
@@ -630,6 +638,28 @@ class Trainer:
                               + f": {', '.join(tensors)}"
                               + (" ..." if len(wrong) + len(missing) + len(unexpected) > 9
                                  else ""))
+
+    def _precheck_init_from(self, path: str) -> None:
+        """What :meth:`_init_from` checks, from the configurations alone (models on the meta
+        device, no weights read): run by the claim before it writes anything, so that a
+        refused ``run.init_from`` leaves the run directory as it was."""
+        _, _, their_cfg = self._init_from_source(path)
+        with torch.device("meta"):
+            ours, theirs = build_model(self.model_cfg), build_model(their_cfg)
+        self._check_init_from_fits(path, _untied_shapes(ours), _untied_shapes(theirs), their_cfg)
+
+    def _init_from(self, core: nn.Module, path: str) -> None:
+        """Load the model weights of another run or of a Hugging Face directory
+        (``run.init_from``) into ``core``."""
+        from ..checkpoints import read_weights
+
+        fmt, ckpt, their_cfg = self._init_from_source(path)
+        try:
+            state = read_weights(fmt, ckpt)
+        except (FileNotFoundError, ValueError) as err:  # e.g. an HF directory without weights
+            raise ConfigError(f"run.init_from: {err}") from None
+        self._check_init_from_fits(path, _untied_shapes(core),
+                                   {k: v.shape for k, v in state.items()}, their_cfg)
         core.load_state_dict(state, strict=False)
         self._log(f"initialised the model from {ckpt}")
 

@@ -218,7 +218,12 @@ def test_init_from_starts_at_the_other_runs_weights(tmp_path):
     (mine / "config.toml").write_text("# mine\n")
     with pytest.raises(ConfigError, match="init_from"):
         Trainer(tiny_config(mine, run__steps=1, run__init_from=str(tmp_path / "missing"))).train()
-    assert (mine / "config.toml").is_file() and (mine / "tokenizer" / "vocab.json").is_file()
+    assert (mine / "config.toml").read_text() == "# mine\n"  # not even rewritten
+    assert (mine / "tokenizer" / "vocab.json").is_file()
+    with pytest.raises(ConfigError, match="does not fit"):  # checked before the claim writes
+        Trainer(tiny_config(mine, run__steps=1, model__dim=48,
+                            run__init_from=str(tmp_path / "stage1"))).train()
+    assert (mine / "config.toml").read_text() == "# mine\n"
     with pytest.raises(ConfigError, match="progressive_weight needs a looped model"):
         Trainer(tiny_config(tmp_path / "dense", run__steps=1, model__core_layers=2,
                             optim__progressive_weight=0.3)).train()
