@@ -104,6 +104,9 @@ def run_val_batches(path: str | Path, n_batches: int | None = None) -> list[dict
                           f"trainer evaluated on: {err}", stacklevel=2)
     world = int(state.get("world_size", 1))
     data = build_data_source(cfg.data, cfg.run.seed, world)
+    saved = state.get("data") or []
+    if saved:  # a streamed source's split as the run kept it (a resume may change the sizes)
+        data.load_state_dict(saved[0])
     evaluated = cfg.data.eval_batches
     batches = val_batches(data, max(n_batches or 0, evaluated), world)
     recorded = state.get("val_fingerprint")

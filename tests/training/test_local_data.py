@@ -171,3 +171,14 @@ def test_a_streamed_run_resumed_on_another_number_of_processes_keeps_its_split(
                                   **opts), resume=True)
     resumed.train()
     assert resumed.data.state_dict()["n_val"] == saved["n_val"] == 2  # not 2 x 2 rebuilt
+    # A sweep of the run scores the windows its trainer validates on (rebuilt from the
+    # configuration alone, the split held windows the run had trained on).
+    from open_mythos.evaluation.runs import run_val_batches
+    from open_mythos.training.data import VAL, val_batches
+
+    want = val_batches(resumed.data, 2)  # the resumed run's checkpoint: 1 process
+    got = run_val_batches(tmp_path / "run")
+    assert len(got) == len(want) == 2
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(got, want))
+    assert {tuple(r.tolist()) for b in got for r in b["input_ids"]} == {
+        tuple(r.tolist()) for r in resumed.data.batch(VAL, 0)["input_ids"]}
