@@ -58,7 +58,9 @@ class RunInfo:
     for a Hugging Face directory, the export's ``trained_depth``, or for an export older
     than that key the ``n_loops`` it was given, by default the training depth);
     ``default_n_loops``: a Hugging Face directory's ``n_loops`` (None otherwise, where the
-    trained depth is the default);
+    trained depth is the default); ``trained_depth_recorded``: False for an export older
+    than ``trained_depth``, whose trained depth is its ``n_loops`` unless export was given
+    ``--n-loops``;
     ``param_bytes`` maps ``"stored"`` (the safetensors files' tensors, tied ones once, in
     their ``stored_dtype``; absent for sharded ``model.dcp/`` weights), ``"fp32"`` and
     ``"bf16"`` to bytes.
@@ -76,6 +78,7 @@ class RunInfo:
     stored_dtype: str | None
     param_bytes: dict[str, int]
     default_n_loops: int | None = None
+    trained_depth_recorded: bool = True
 
 
 @dataclass(frozen=True)
@@ -199,9 +202,11 @@ def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) 
     # The files loading reads are verified, as by generate: a damaged newest checkpoint of
     # a run is skipped with a warning.
     fmt, ckpt_dir = detect_format(path)
-    default_n_loops = None
+    default_n_loops, recorded = None, True
     if fmt is CheckpointFormat.HF:  # the export's default depth, and its trained one
         default_n_loops, trained_depth = trained_depth, read_training_depth(ckpt_dir)
+        config = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
+        recorded = config.get("trained_depth") is not None
     files = sorted(ckpt_dir.glob("*.safetensors"))
     stored, dtypes, meta_step = _stored_bytes(files)
     step = None
@@ -217,7 +222,7 @@ def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) 
         trained_depth=trained_depth, stored_dtype="/".join(sorted(dtypes)) or None,
         param_bytes={**({"stored": stored} if files else {}),
                      **{k: total_params * b for k, b in DTYPE_BYTES.items()}},
-        default_n_loops=default_n_loops)
+        default_n_loops=default_n_loops, trained_depth_recorded=recorded)
 
 
 def _stored_bytes(files: list[Any]) -> tuple[int, set[str], int | None]:
@@ -333,6 +338,8 @@ def format_info(info: ModelInfo, cfg: Any) -> str:
         elif r.format == "hf" and r.default_n_loops != r.trained_depth:
             depth = (f"trained at {r.trained_depth} loops; n_loops {r.default_n_loops} by "
                      "default (set at export)")
+        elif r.format == "hf" and r.trained_depth_recorded:
+            depth = f"trained at {r.trained_depth} loops (the default n_loops)"
         elif r.format == "hf":  # an export older than trained_depth records only n_loops
             depth = (f"n_loops {r.trained_depth} by default (set at export, the training "
                      "depth unless export was given --n-loops)")

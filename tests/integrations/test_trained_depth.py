@@ -104,7 +104,13 @@ def test_info_on_an_export_names_its_depth_as_the_exports(run, tmp_path, capsys)
     assert f"trained at {TRAINED} loops; n_loops 5 by default (set at export)" in text
     assert main(["info", str(tmp_path / "hf"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)["run"]
-    assert (r["trained_depth"], r["default_n_loops"]) == (TRAINED, 5)
+    assert (r["trained_depth"], r["default_n_loops"], r["trained_depth_recorded"]) == (
+        TRAINED, 5, True)
+    # A plain export records its depth: said as known, not as "unless --n-loops".
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "plain")]) == 0
+    assert f"trained at {TRAINED} loops (the default n_loops)" in capsys.readouterr().out
     config = tmp_path / "hf" / "config.json"
     data = json.loads(config.read_text())
     del data["trained_depth"]
@@ -112,3 +118,5 @@ def test_info_on_an_export_names_its_depth_as_the_exports(run, tmp_path, capsys)
     assert main(["info", str(tmp_path / "hf")]) == 0
     text = capsys.readouterr().out
     assert "n_loops 5 by default (set at export" in text and "trained at" not in text
+    assert main(["info", str(tmp_path / "hf"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["trained_depth_recorded"] is False
