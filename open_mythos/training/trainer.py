@@ -38,7 +38,6 @@ import gc
 import json
 import math
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -132,7 +131,7 @@ from .rundir import (
     os_errors,
     replace_metrics_after,
 )
-from .runfiles import RUN_TOKENIZER_DIR, absolute_paths, changed_keys, copy_tokenizer
+from .runfiles import absolute_paths, changed_keys, copy_tokenizer
 from .schedule import LoopSchedule, LRSchedule, progressive_split
 from .sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
@@ -416,12 +415,8 @@ class Trainer:
         # Same seed on every rank: FSDP2 shards each rank's own copy of the initial weights.
         torch.manual_seed(cfg.run.seed)
         core = build_model(self.model_cfg)
-        if cfg.run.init_from and ckpt_dir is None:
-            try:
-                self._init_from(core, cfg.run.init_from)
-            except ConfigError:
-                self._unclaim_new_run_dir()
-                raise
+        if cfg.run.init_from and ckpt_dir is None:  # (checked by the claim already)
+            self._init_from(core, cfg.run.init_from)
         if is_looped(core):
             core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
         core.to(ctx.device)
@@ -575,10 +570,6 @@ class Trainer:
             # later plain --resume would stop there too.
             raise ConfigError(f"cannot resume {ckpt} at step {step} with run.steps="
                               f"{self.cfg.run.steps}: pass a total of at least {step} steps")
-        # What this claim creates in a directory that held no run, for _unclaim_new_run_dir
-        # to take back (never a file that was there: a user's config or tokenizer).
-        self._created = [] if holds_run else [
-            p for p in (out / CONFIG_FILE, out / RUN_TOKENIZER_DIR) if not p.exists()]
         with os_errors("write to", out):
             write_text_atomic(out / CONFIG_FILE, config_text)
             copy_tokenizer(self.resolved, out)
@@ -587,20 +578,6 @@ class Trainer:
             self._log(f"moved {moved} rows of {METRICS_FILE} logged after step {step} "
                       f"(by a run that did not save them) to {REPLACED_METRICS_FILE}")
         return ckpt
-
-    def _unclaim_new_run_dir(self) -> None:
-        """A check after :meth:`_claim_run_dir` failed: remove the run files it created in
-        a directory that held no run (``config.toml``, the tokenizer copy; not files that
-        were there before), so that the directory holds what it held, and its lock file,
-        as when a check of the claim fails."""
-        if not self.ctx.is_main:
-            return
-        for path in getattr(self, "_created", []):
-            with contextlib.suppress(OSError):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
 
     def _init_from_source(self, path: str) -> tuple[Any, Path, Any]:
         """``(format, directory, configuration)`` of ``run.init_from``, checked to hold a
