@@ -352,7 +352,6 @@ def test_multihop_decoys_are_chains_shaped_like_the_query_chain(open_ends: float
     task = MultiHop(hops=(1, 3), ood_hops=(4, 6), statements=12, open_ends=open_ends,
                     decoys=True)
     rng = random.Random(3)
-    queried = 0
     for level in range(1, 7):
         for _ in range(50):
             ex = task.generate_at(rng, level)
@@ -379,8 +378,6 @@ def test_multihop_decoys_are_chains_shaped_like_the_query_chain(open_ends: float
                 assert not opened
             elif open_ends == 1.0:
                 assert len(opened) == len(ends)
-            queried += 1
-    assert queried == 300
     assert "decoys" not in vars(MultiHop(statements=8))  # older tasks keep their fingerprint
 
 
