@@ -39,10 +39,11 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -502,7 +503,19 @@ def read_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
         KeyError: a tensor name without the prefix.
         CheckpointCorrupt: a weights file or the shard index is truncated or unreadable.
     """
-    hf_dir = Path(hf_dir)
+    return _read_hf_tensors(Path(hf_dir), lambda fh, key: fh.get_tensor(key))
+
+
+def read_hf_shapes(hf_dir: str | Path) -> dict[str, torch.Size]:
+    """The shapes of :func:`read_hf_state`'s tensors, from the files' headers alone (no
+    tensor is read); raises as it does. ``safetensors`` refuses a file its header does not
+    cover, so a truncated file is found here too."""
+    return _read_hf_tensors(Path(hf_dir), lambda fh, key: torch.Size(fh.get_slice(key).get_shape()))
+
+
+def _read_hf_tensors(hf_dir: Path, read: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """``read(file, name)`` of every tensor of a Hugging Face directory, by name without
+    the ``model.`` prefix (:func:`read_hf_state`)."""
     index = hf_dir / HF_WEIGHTS_INDEX
     # One file first, as transformers reads them: a save over an earlier sharded one
     # deletes the old shards but can leave their index behind.
@@ -521,17 +534,17 @@ def read_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise FileNotFoundError(f"no {HF_WEIGHTS} (or {HF_WEIGHTS_INDEX}) in {str(hf_dir)!r}; "
                                 "only safetensors weights are supported")
-    state: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for shard in shards:
         try:
             with safe_open(str(hf_dir / shard), framework="pt") as fh:
                 for key in fh.keys():
                     if not key.startswith(HF_PREFIX):
                         raise KeyError(f"unexpected tensor {key!r} in {hf_dir / shard}")
-                    state[key[len(HF_PREFIX):]] = fh.get_tensor(key)
+                    out[key[len(HF_PREFIX):]] = read(fh, key)
         except (SafetensorError, OSError) as err:  # truncated (an interrupted copy), damaged
             raise CheckpointCorrupt(f"{hf_dir / shard} is unreadable: {err}") from None
-    return state
+    return out
 
 
 def read_weights(fmt: CheckpointFormat, ckpt_dir: str | Path) -> dict[str, torch.Tensor]:

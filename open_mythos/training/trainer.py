@@ -276,6 +276,11 @@ def _untied_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items() if k not in tied}
 
 
+def _message(err: Exception) -> str:
+    """An exception's message (``str`` of a ``KeyError`` is its quoted repr)."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's Python and torch RNG states (CUDA included when in use)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -617,13 +622,25 @@ class Trainer:
                                  else ""))
 
     def _precheck_init_from(self, path: str) -> None:
-        """What :meth:`_init_from` checks, from the configurations alone (models on the meta
-        device, no weights read): run by the claim before it writes anything, so that a
-        refused ``run.init_from`` leaves the run directory as it was."""
-        _, _, their_cfg = self._init_from_source(path)
+        """What :meth:`_init_from` checks, without reading a tensor: run by the claim before
+        it writes anything, so that a refused ``run.init_from`` leaves the run directory as
+        it was. A training checkpoint's files were verified against its manifest, and its
+        configuration gives the shapes (models on the meta device); a Hugging Face
+        directory's shapes come from its weights files' headers (which also finds them
+        missing or truncated)."""
+        from ..checkpoints import CheckpointFormat, read_hf_shapes
+
+        fmt, ckpt, their_cfg = self._init_from_source(path)
         with torch.device("meta"):
-            ours, theirs = build_model(self.model_cfg), build_model(their_cfg)
-        self._check_init_from_fits(path, _untied_shapes(ours), _untied_shapes(theirs), their_cfg)
+            ours = build_model(self.model_cfg)
+            if fmt is CheckpointFormat.TRAINING:
+                theirs = _untied_shapes(build_model(their_cfg))
+            else:
+                try:
+                    theirs = read_hf_shapes(ckpt)
+                except (FileNotFoundError, ValueError, KeyError) as err:
+                    raise ConfigError(f"run.init_from: {_message(err)}") from None
+        self._check_init_from_fits(path, _untied_shapes(ours), theirs, their_cfg)
 
     def _init_from(self, core: nn.Module, path: str) -> None:
         """Load the model weights of another run or of a Hugging Face directory
@@ -633,8 +650,8 @@ class Trainer:
         fmt, ckpt, their_cfg = self._init_from_source(path)
         try:
             state = read_weights(fmt, ckpt)
-        except (FileNotFoundError, ValueError) as err:  # e.g. an HF directory without weights
-            raise ConfigError(f"run.init_from: {err}") from None
+        except (FileNotFoundError, ValueError, KeyError) as err:  # e.g. no weights there
+            raise ConfigError(f"run.init_from: {_message(err)}") from None
         self._check_init_from_fits(path, _untied_shapes(core),
                                    {k: v.shape for k, v in state.items()}, their_cfg)
         core.load_state_dict(state, strict=False)

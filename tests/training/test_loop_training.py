@@ -243,6 +243,28 @@ def test_init_from_a_hugging_face_directory(tmp_path):
     with pytest.raises(ConfigError, match=r"does not fit this model \(dim: 32 there, 48 here\)"):
         Trainer(tiny_config(tmp_path / "wider", run__steps=1, model__dim=48,
                             run__init_from=str(tmp_path / "hf"))).train()
+    # Its configuration fits but its weights cannot be used: refused before the claim
+    # writes (the pre-check reads the weights files' headers; it compared the
+    # configurations alone, so the user's config.toml was rewritten first).
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("# mine\n")
+    damages = {
+        "no model.safetensors": lambda: weights.unlink(),
+        "is unreadable": lambda: weights.write_bytes(weights.read_bytes()[:-100]),
+        r"does not fit this model: norm.weight \(16,\) != \(32,\)": lambda: save_file(
+            {**state, "model.norm.weight": state["model.norm.weight"][:16]}, weights),
+    }
+    for message, damage in damages.items():
+        save_file(state, weights)
+        damage()
+        with pytest.raises(ConfigError, match=message):
+            Trainer(tiny_config(mine, run__steps=1, run__init_from=str(tmp_path / "hf"))).train()
+        assert (mine / "config.toml").read_text() == "# mine\n"
 
 
 def test_head_lens_reads_the_state_at_the_supervised_positions(tmp_path):
