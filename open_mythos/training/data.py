@@ -74,6 +74,9 @@ class DataSource(ABC):
         """One line for the run log."""
         return type(self).__name__
 
+    #: Whether :meth:`state_dict` holds anything (a stream's position and validation split).
+    keeps_state = False
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold, besides the batch index, to resume this source
         without replaying it (empty: the batch index is enough)."""
@@ -273,6 +276,8 @@ class StreamingTextSource(DataSource):
         if split != VAL:
             self._last = ((first, per_batch), full)
         return _rows(full, shard, self.batch_size)
+
+    keeps_state = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"n_val": self._n_val, **self._iter.state_dict()}

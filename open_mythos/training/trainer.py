@@ -704,8 +704,13 @@ class Trainer:
         # validated on windows already trained on. (From an older checkpoint: none; the
         # stream is replayed up to the batch index.)
         data = trainer_state.get("data") or []
-        self.data.load_state_dict(data[ctx.rank] if len(data) == ctx.world_size
-                                  else data[0] if data else {})
+        saved = data[ctx.rank] if len(data) == ctx.world_size else data[0] if data else {}
+        if saved and not self.data.keeps_state:  # the run now reads another kind of source
+            self._log(f"warning: {ckpt_dir} holds the position of a streamed data source, "
+                      f"but this run reads other data ({self.data.describe()}): it "
+                      "continues from the batch index alone")
+        else:
+            self.data.load_state_dict(saved)
         self.last_checkpoint = self._unproven = ckpt_dir
         changes = self._config_changes  # (found by rank 0, which logs)
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}" + reseeded

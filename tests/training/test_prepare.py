@@ -493,7 +493,7 @@ def test_start_up_maps_the_shards_without_reading_them(corpus, tmp_path):
 
 
 def test_a_resumed_run_continues_the_stream_from_the_checkpoint(tmp_path, offline_datasets,
-                                                                monkeypatch):
+                                                                monkeypatch, capsys):
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 10))
@@ -511,6 +511,15 @@ def test_a_resumed_run_continues_the_stream_from_the_checkpoint(tmp_path, offlin
     assert loaded and loaded[0]["windows"] > 0  # the stream's own position, not a replay
     assert ([r["loss"] for r in read_metrics(tmp_path / "part")]
             == [r["loss"] for r in read_metrics(tmp_path / "full")])
+    # Resumed on another kind of source (local text): the stream's position is of no use
+    # to it; said, not a traceback ("PackedTextSource keeps no state").
+    (tmp_path / "doc.txt").write_text(" ".join(DOCS) * 20)
+    capsys.readouterr()
+    Trainer(_text_run(tmp_path, "part", {"text": [str(tmp_path / "doc.txt")]}, run__steps=10),
+            resume=True).train()
+    assert "holds the position of a streamed data source, but this run reads other data" \
+        in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path / "part")][-2:] == [9, 10]
 
 
 def test_hidden_files_are_not_the_corpus_and_shard_tokens_must_be_positive(corpus, tmp_path,
