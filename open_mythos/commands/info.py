@@ -335,6 +335,9 @@ def format_info(info: ModelInfo, cfg: Any) -> str:
                f"none stored (model vocabulary {r.vocab_size:,}; pass --tokenizer)")
         if r.trained_depth is None:
             depth = "no trained depth recorded"
+        elif r.format == "hf" and r.default_n_loops is None:  # e.g. from_mythos(model)
+            depth = (f"trained at {r.trained_depth} loops; no n_loops set, so "
+                     f"max_loop_iters ({cfg.max_loop_iters}) by default")
         elif r.format == "hf" and r.default_n_loops != r.trained_depth:
             depth = (f"trained at {r.trained_depth} loops; n_loops {r.default_n_loops} by "
                      "default (set at export)")

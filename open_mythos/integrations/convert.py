@@ -31,6 +31,7 @@ from ..checkpoints import (
     detect_format,
     load_model,
     read_config,
+    read_training_depth,
     readable_as_umask_allows,
     save_weights,
     tied_parameters,
@@ -383,9 +384,10 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     """Write a Hugging Face directory as a weights-only training checkpoint directory.
 
     ``out_dir`` receives ``model.safetensors`` (tied head stored once, with the ``tied``
-    metadata the trainer writes, and the HF config's default depth as ``n_loops``
+    metadata the trainer writes, and the depth the model was trained at as ``n_loops``
     metadata, which :func:`~open_mythos.checkpoints.read_trained_depth` reads where no
-    training configuration records one) and ``config.json``; ``load_checkpoint(out_dir)``
+    training configuration records one: the HF config's ``trained_depth``, else its
+    default ``n_loops``) and ``config.json``; ``load_checkpoint(out_dir)``
     and the ``generate``/``serve`` commands read it. It has no optimizer or trainer state,
     so it starts a run rather than resuming one. The tokenizer files of ``hf_dir`` (or
     ``tokenizer``) are copied.
@@ -402,8 +404,10 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     tied = tied_parameters(loaded.model)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items() if k not in tied}
     metadata = {"format": "pt", "step": "0", "tied": json.dumps(tied)}
-    if loaded.n_loops is not None:
-        metadata[DEPTH_METADATA] = str(loaded.n_loops)
+    # (An export's default n_loops may be another depth than it was trained at.)
+    trained = read_training_depth(src)
+    if trained is not None:
+        metadata[DEPTH_METADATA] = str(trained)
     save_weights(state, out_dir / MODEL_FILE, metadata=metadata)
     (out_dir / MODEL_CONFIG_FILE).write_text(
         json.dumps(loaded.cfg.to_dict(), indent=2) + "\n", encoding="utf-8")

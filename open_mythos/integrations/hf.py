@@ -101,7 +101,8 @@ class OpenMythosHFConfig(PretrainedConfig):
             ``None``: none.
         trained_depth: the loop count the model was trained at, written by
             ``openmythos export`` (whose ``--n-loops`` may set another default ``n_loops``);
-            informational: sweeps and reports mark it. ``None``: not recorded.
+            informational: ``openmythos info`` prints it, ``openmythos report`` marks it,
+            ``hf_to_training`` keeps it as the checkpoint's depth. ``None``: not recorded.
         tie_word_embeddings: must stay True: the LM head is the embedding matrix.
         **kwargs: configuration fields and the usual ``PretrainedConfig`` keys
             (``bos_token_id``, ``eos_token_id``, ``pad_token_id``...).

@@ -120,3 +120,26 @@ def test_info_on_an_export_names_its_depth_as_the_exports(run, tmp_path, capsys)
     assert "n_loops 5 by default (set at export" in text and "trained at" not in text
     assert main(["info", str(tmp_path / "hf"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["run"]["trained_depth_recorded"] is False
+
+
+def test_an_export_converted_back_records_the_trained_depth(run, tmp_path, capsys):
+    """hf_to_training of an export given another ``--n-loops`` recorded that default as
+    the depth trained at; so did every later export of the copy."""
+    pytest.importorskip("transformers")
+    from open_mythos.checkpoints import read_training_depth
+    from open_mythos.integrations.convert import hf_to_training
+    from open_mythos.integrations.hf import OpenMythosForCausalLM
+
+    run_dir, model = run
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "hf"), "--n-loops", "5"]) == 0
+    back = hf_to_training(tmp_path / "hf", tmp_path / "back")
+    assert read_training_depth(back) == load_model(back).n_loops == TRAINED
+    assert main(["export", str(back), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["trained_depth"] == TRAINED
+    # An HF directory that records its trained depth but no default n_loops (from_mythos
+    # without one) runs max_loop_iters by default; info said "n_loops None by default".
+    OpenMythosForCausalLM.from_mythos(model, trained_depth=TRAINED).save_pretrained(tmp_path / "td")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "td")]) == 0
+    assert (f"trained at {TRAINED} loops; no n_loops set, so max_loop_iters "
+            f"({model.cfg.max_loop_iters}) by default") in capsys.readouterr().out
