@@ -199,3 +199,29 @@ def test_compile_must_be_a_bool_or_none():
     model = halting_model("gqa")
     with pytest.raises(ValueError, match="compile must be True, False or None"):
         generate(model, torch.zeros(1, 3, dtype=torch.long), 2, 2, compile="yes")
+
+
+@pytest.mark.slow
+def test_compile_counts_reads_live_counters(tmp_path, monkeypatch):
+    """The counter names :func:`compile_counts` reads are the ones this torch increments: a
+    graph compiled into an empty inductor cache counts as built, the same graph compiled
+    again (dynamo reset) as served. A renamed counter would read 0 for ever, and every
+    compilation would look served from the cache (or built), without a failure elsewhere."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+
+    def f(x):
+        return torch.sin(x) * 3 + x.cumsum(0)
+
+    x = torch.randn(16)
+    before = autocompile.compile_counts()
+    torch.compile(f)(x)
+    built = autocompile.compile_counts()
+    assert built[0] > before[0] and built[1] == before[1] and built[2] > before[2]
+    assert autocompile.built_from_scratch(before, built)
+    torch._dynamo.reset()  # forget the in-memory graph; the on-disk cache stays
+    torch.compile(f)(x)
+    served = autocompile.compile_counts()
+    assert served[1] > built[1] and served[0] == built[0]
+    assert not autocompile.built_from_scratch(built, served)
+    torch._dynamo.reset()
