@@ -727,9 +727,17 @@ def perplexity(
         model: looped or fixed-depth model (``n_loops`` is ignored by the latter).
         token_batches: (B, L) id tensors, each predicting ``ids[:, 1:]`` from ``ids[:, :-1]``;
             or mappings with ``input_ids`` and already shifted ``targets`` (-100 ignored), as
-            made by the task batching and the training data sources.
+            made by the task batching and the training data sources, and optionally an
+            ``attention_mask`` (B, L) of the inputs (0 at padding), as a tokenizer's
+            ``batch_encode`` gives it.
         n_loops: loops per forward (default: the model's ``max_loop_iters``).
-        ignore_id: a token id (for example padding) never counted as a target.
+        ignore_id: a token id (for example padding) that is never a target; in id tensors,
+            also padding in the inputs: attended by no position, and a token after it (the
+            first of a left-padded row) is not scored, as it would not be in the row
+            alone.
+
+    Padded rows count as they would alone: a position attends to no padding and predicts
+    nothing from it (the first real token of a left-padded row is no target).
         early_exit: allow ACT early exit.
         exit_rule: a training-free exit rule applied in every forward.
     """
@@ -740,13 +748,20 @@ def perplexity(
         for batch in token_batches:
             if isinstance(batch, Mapping):
                 ids, targets = batch["input_ids"], batch["targets"]
+                mask = batch.get("attention_mask")
             else:
                 ids, targets = batch[:, :-1], batch[:, 1:]
+                mask = None if ignore_id is None else ids != ignore_id
             ids, targets = ids.to(device), targets.to(device)
             if ignore_id is not None:
                 targets = targets.masked_fill(targets == ignore_id, IGNORE_INDEX)
-            logits = model(ids, n_loops, act_early_exit=early_exit,
-                           **({} if exit_rule is None else {"exit_rule": exit_rule}))
+            kwargs: dict[str, Any] = {} if exit_rule is None else {"exit_rule": exit_rule}
+            if mask is not None:
+                mask = mask.to(device=device, dtype=torch.bool)
+                targets = targets.masked_fill(~mask, IGNORE_INDEX)  # predicted from padding
+                if not bool(mask.all()):
+                    kwargs["attention_mask"] = mask
+            logits = model(ids, n_loops, act_early_exit=early_exit, **kwargs)
             total += float(F.cross_entropy(_wide(logits).flatten(0, 1), targets.flatten(),
                                            ignore_index=IGNORE_INDEX, reduction="sum"))
             count += int((targets != IGNORE_INDEX).sum())

@@ -295,6 +295,33 @@ def test_perplexity_matches_manual_cross_entropy():
     assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["looped", "dense"])
+def test_perplexity_of_padded_rows_is_that_of_the_rows_alone(kind):
+    """Left padding (the tokenizers' default): pads were attended to, and each row's first
+    token was scored as predicted from a pad; an ``attention_mask`` in a mapping was
+    ignored."""
+    model = act_model()
+    if kind == "dense":
+        torch.manual_seed(0)
+        model = DenseBaseline(matched_baseline_config(model.cfg, 3)).eval()
+    torch.manual_seed(2)
+    rows = [torch.randint(0, 256, (n,)) for n in (9, 3, 6)]
+    alone = perplexity(model, [row[None] for row in rows], n_loops=3)
+    width = max(len(r) for r in rows)
+    left = torch.stack([F.pad(r, (width - len(r), 0), value=PAD_ID) for r in rows])
+    right = torch.stack([F.pad(r, (0, width - len(r)), value=PAD_ID) for r in rows])
+    for ids in (left, right):
+        padded = perplexity(model, [ids], n_loops=3, ignore_id=PAD_ID)
+        assert padded.tokens == alone.tokens == sum(len(r) - 1 for r in rows)
+        assert padded.loss == pytest.approx(alone.loss, rel=1e-5)
+    mask = left != PAD_ID
+    mapping = {"input_ids": left[:, :-1], "targets": left[:, 1:].masked_fill(~mask[:, 1:], -100),
+               "attention_mask": mask[:, :-1].long()}
+    from_mapping = perplexity(model, [mapping], n_loops=3)
+    assert from_mapping.tokens == alone.tokens
+    assert from_mapping.loss == pytest.approx(alone.loss, rel=1e-5)
+
+
 def test_perplexity_accepts_task_batches():
     model = act_model()
     batch = collate(sample_examples(small_parity(), "id", 4))
