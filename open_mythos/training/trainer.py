@@ -313,7 +313,10 @@ class Trainer:
             is an error; ``"auto"`` continues if there is a checkpoint, else starts the run
             from step 1.
         loss_hook: ``(step, objective) -> objective`` applied to every micro-batch's loss
-            before ``backward``; for fault-injection tests and debugging.
+            before ``backward`` (``optim.grad_accum`` calls a step; with
+            ``optim.progressive_weight``, to the main forward's part, not the progressive
+            term's); ``step`` is numbered as in ``metrics.jsonl`` and ``on_step``, from 1.
+            For fault-injection tests and debugging.
         on_step: ``(step, metrics) -> None`` called on every rank after every step
             (skipped ones included) once its row of ``metrics.jsonl`` is written, in the
             training thread: per-step work of the caller that must run there, such as
@@ -1101,7 +1104,7 @@ class Trainer:
                                                             ponder_scale)
                 objective = (1.0 - alpha) * objective
             if self.loss_hook is not None:
-                objective = self.loss_hook(step, objective)
+                objective = self.loss_hook(step + 1, objective)  # the step being made
             objective.backward()
         total = objective.detach().double()
         if alpha:

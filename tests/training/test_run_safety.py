@@ -620,7 +620,7 @@ def test_resuming_after_divergence_drops_the_abandoned_checkpoints(tmp_path):
     kw = dict(run__save_every=5, run__keep_checkpoints=2, run__max_bad_steps=3)
 
     def nan_from_16(step, loss):
-        return loss * float("nan") if step >= 15 else loss
+        return loss * float("nan") if step >= 16 else loss
 
     with pytest.raises(TrainingDiverged):
         Trainer(tiny_config(run, run__steps=40, **kw), loss_hook=nan_from_16).train()

@@ -227,8 +227,8 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, progressive, ponder
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
-    def hook(step, loss):
-        return loss * float("nan") if step == 2 else loss
+    def hook(step, loss):  # steps numbered as in metrics.jsonl (the hook's were from 0)
+        return loss * float("nan") if step == 3 else loss
 
     trainer = Trainer(tiny_config(tmp_path / "run", run__steps=5), loss_hook=hook)
     state = trainer.train()
@@ -271,7 +271,7 @@ def test_on_step_sees_every_step_in_the_training_thread(tmp_path):
 
 def test_too_many_bad_steps_stop_the_run(tmp_path):
     def hook(step, loss):
-        return loss + float("inf") if step >= 1 else loss
+        return loss + float("inf") if step >= 2 else loss
 
     with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
         Trainer(tiny_config(tmp_path / "run", run__steps=10, run__max_bad_steps=3),
