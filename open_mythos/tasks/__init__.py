@@ -46,6 +46,11 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+#: Said where a name is unknown that the user's own code may register.
+USER_CODE_HINT = ("; what your own code registers exists only in a process that imported it "
+                  "(openmythos --import MODULE COMMAND ..., or import it before calling the API)")
+
+
 def list_tasks() -> list[str]:
     """Names of the registered tasks, sorted."""
     return sorted(TASKS)
@@ -54,7 +59,8 @@ def list_tasks() -> list[str]:
 def get_task(name: str, **kwargs: Any) -> Task:
     """Construct the task registered as ``name`` with its difficulty knobs ``kwargs``."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(list_tasks())}")
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(list_tasks())}"
+                         f"{USER_CODE_HINT}")
     known = inspect.signature(TASKS[name]).parameters
     unknown = sorted(set(kwargs) - set(known))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in known.values()):

@@ -652,6 +652,10 @@ def _reject_unknown(kind: str, raw: Mapping[str, Any], known: Mapping[str, Any],
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             choices = ", ".join(sorted(known))
+            if prefix == "model.":  # perhaps a field of a kind that user code registers
+                from ..tasks import USER_CODE_HINT
+
+                choices += f"{USER_CODE_HINT}"
             raise ConfigError(f"unknown config {kind} '{prefix}{key}'{hint} (known: {choices})")
 
 

@@ -104,10 +104,11 @@ class TaskSource(DataSource):
 
     def __init__(self, name: str, task_args: dict[str, Any], val_split: str, batch_size: int,
                  seq_len: int | None, seed: int, with_trace: bool = False):
-        from ..tasks import VOCAB_SIZE, get_task, list_tasks, make_batch
+        from ..tasks import USER_CODE_HINT, VOCAB_SIZE, get_task, list_tasks, make_batch
 
         if name not in list_tasks():
-            raise ConfigError(f"data.task={name!r} is unknown; available: {', '.join(list_tasks())}")
+            raise ConfigError(f"data.task={name!r} is unknown; available: "
+                              f"{', '.join(list_tasks())}{USER_CODE_HINT}")
         try:
             self.task = get_task(name, **task_args)
         except (TypeError, ValueError) as err:

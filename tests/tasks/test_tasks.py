@@ -6,6 +6,8 @@ import hashlib
 import itertools
 import random
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -674,3 +676,30 @@ def test_multihop_open_ends_keep_a_variable_for_the_open_end() -> None:
             ex = task.generate_at(rng, deepest)
             assert task.solve(ex.prompt) == ex.answer
             assert len(ex.prompt.split("?")[0].split(";")) <= 26
+
+
+def test_commands_import_user_tasks(tmp_path, monkeypatch, capsys) -> None:
+    """A task registered by the user's module runs through the CLI with ``--import``; without
+    it the error says how (it said "unknown task" and nothing else)."""
+    from open_mythos.cli import main
+
+    (tmp_path / "my_tasks.py").write_text(
+        "from open_mythos.tasks import Parity, register_task\n"
+        "register_task(type('MyParity', (Parity,), {'name': 'my_parity'}))\n")
+    (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('oops')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr("open_mythos.tasks.TASKS", dict(TASKS))
+    monkeypatch.delitem(sys.modules, "my_tasks", raising=False)
+    args = ["train", "--config", str(Path(__file__).parents[2] / "configs" / "tiny.toml"),
+            "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress",
+            "--set", "data.task=my_parity"]
+    assert main(args) == 2
+    assert "openmythos --import MODULE" in capsys.readouterr().err
+    assert main(["--import", "my_tasks", *args]) == 0
+    assert "my_parity" in list_tasks() and (tmp_path / "run" / "latest").is_file()
+    for module, says in (("no_such_module", "No module named 'no_such_module'"),
+                         ("broken_tasks", "raised RuntimeError: oops")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--import", module, "info", str(tmp_path / "run")])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
