@@ -49,7 +49,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import MythosConfig, check_loops
+from .config import KIND_KEY, MythosConfig, check_loops
 from .layers.moe import BALANCE_BUFFERS
 from .model import CausalLM
 from .registry import build_model, config_fields, config_from_dict, kind_of, materialize
@@ -394,7 +394,7 @@ def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
         cfg = read_model_config(ckpt_dir)
         return cfg, read_trained_depth(ckpt_dir, cfg)
     data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
-    fields = config_fields()
+    fields = {*config_fields(), KIND_KEY}
     cfg = config_from_dict({k: v for k, v in data.items() if k in fields})
     try:
         n_loops = check_loops(data.get("n_loops"), allow_none=True)

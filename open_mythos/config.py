@@ -288,8 +288,12 @@ class MythosConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MythosConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them. The
+        kind a saved file names (:data:`KIND_KEY`) is read by
+        :func:`open_mythos.registry.config_from_dict`, which builds the right class; here
+        it is skipped."""
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k != KIND_KEY}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown MythosConfig field(s): {', '.join(unknown)}")
@@ -298,6 +302,15 @@ class MythosConfig:
     def replace(self, **changes: Any) -> MythosConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+#: The key under which a saved configuration dictionary names its model kind
+#: (:mod:`open_mythos.registry`; files written before 2026-12-07 have none).
+KIND_KEY = "model_kind"
+
+#: Said where a name is unknown that the user's own code may register (a task, a model kind).
+USER_CODE_HINT = ("; what your own code registers exists only in a process that imported it "
+                  "(openmythos --import MODULE COMMAND ..., or import it before calling the API)")
 
 
 # How to_dict writes the floats JSON has no literal for (str(float("inf")) and so on).

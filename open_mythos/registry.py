@@ -10,8 +10,11 @@ Everything that handles more than one kind (building, counting parameters, FLOPs
 :func:`kind_of` instead of testing classes itself, so a new kind is one :func:`register`
 call and no place can forget it.
 
-A configuration dictionary (``cfg.to_dict()``, a checkpoint's ``config.json``, a Hugging
-Face config) names its kind by its fields: a kind whose configuration class adds fields to
+A configuration dictionary saved in a file (a checkpoint's ``config.json``, a Hugging Face
+config) names its kind under :data:`~open_mythos.config.KIND_KEY` (:func:`config_dict`);
+reading one whose kind this process has not registered is an error, not another model. A
+dictionary without that key (``cfg.to_dict()``, files written before 2026-12-07) names its
+kind by its fields: a kind whose configuration class adds fields to
 :class:`~open_mythos.config.MythosConfig` (``core_layers``, ``core_ffn_dim``) is chosen when
 one of them has a value other than None; otherwise the kind is ``looped``.
 """
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from .baseline import BaselineConfig, DenseBaseline, dense_flops_per_token, looped_flops_per_token
-from .config import MythosConfig
+from .config import KIND_KEY, USER_CODE_HINT, MythosConfig
 from .model import CausalLM, OpenMythos
 
 #: ``(cfg, n_loops or None, context_len) -> forward matmul FLOPs per token``.
@@ -111,6 +114,13 @@ def kind_of(obj: MythosConfig | nn.Module | Mapping[str, Any]) -> ModelKind:
 
 
 def _kind_of_dict(data: Mapping[str, Any]) -> ModelKind:
+    named = data.get(KIND_KEY)
+    if named is not None:
+        if named not in KINDS:
+            raise ValueError(f"the configuration is of model kind {named!r}, which is not "
+                             f"registered in this process (registered: {', '.join(KINDS)})"
+                             f"{USER_CODE_HINT}")
+        return KINDS[named]
     found = [k for k in KINDS.values()
              if any(data.get(name) is not None for name in k.extra_fields)]
     if len(found) > 1:
@@ -118,23 +128,34 @@ def _kind_of_dict(data: Mapping[str, Any]) -> ModelKind:
     return found[0] if found else LOOPED
 
 
+def config_dict(cfg: MythosConfig) -> dict[str, Any]:
+    """``cfg.to_dict()`` with its kind's name under :data:`~open_mythos.config.KIND_KEY`:
+    what a file stores, so that it reloads as that kind, or not at all where that kind is
+    not registered (a kind whose fields are all MythosConfig's, or whose added fields are
+    None, is otherwise read back as ``looped``)."""
+    return {KIND_KEY: kind_of(cfg).name, **cfg.to_dict()}
+
+
 def config_from_dict(data: Mapping[str, Any]) -> MythosConfig:
-    """The configuration of the kind ``data`` describes (inverse of ``cfg.to_dict()`` for
-    every kind). Fields of other kinds may be present with the value None (a Hugging Face
-    config carries them all); any other unknown key raises ``ValueError``."""
+    """The configuration of the kind ``data`` describes (inverse of :func:`config_dict` and
+    of ``cfg.to_dict()`` for every kind). Fields of other kinds may be present with the
+    value None (a Hugging Face config carries them all); any other unknown key raises
+    ``ValueError``, as does a kind named but not registered."""
     kind = _kind_of_dict(data)
     others = set().union(*(k.extra_fields for k in KINDS.values())) - kind.extra_fields
-    fields = {k: v for k, v in data.items() if not (k in others and v is None)}
+    fields = {k: v for k, v in data.items()
+              if k != KIND_KEY and not (k in others and v is None)}
     return kind.config_class.from_dict(fields)
 
 
 def config_fields() -> dict[str, Any]:
-    """``{name: default}`` of every configuration field of every kind (the base fields
-    first). Defaults are plain values: None for the fields a kind adds."""
-    fields: dict[str, Any] = {}
+    """``{name: default}`` of every configuration field of every kind registered now (the
+    base fields first). Defaults are plain values: None for the fields a kind adds (its
+    own default would name that kind in a dictionary of another)."""
+    fields = {f.name: f.default for f in dataclasses.fields(MythosConfig)}
     for kind in KINDS.values():
         for f in dataclasses.fields(kind.config_class):
-            fields.setdefault(f.name, f.default)
+            fields.setdefault(f.name, None)
     return fields
 
 
@@ -186,6 +207,6 @@ def flops_per_token(cfg: MythosConfig, n_loops: int | None = None, context_len: 
 
 
 __all__ = [
-    "DENSE", "KINDS", "LOOPED", "ModelKind", "build_model", "config_fields", "config_from_dict",
-    "flops_per_token", "is_looped", "kind_of", "materialize", "register",
+    "DENSE", "KINDS", "LOOPED", "ModelKind", "build_model", "config_dict", "config_fields",
+    "config_from_dict", "flops_per_token", "is_looped", "kind_of", "materialize", "register",
 ]

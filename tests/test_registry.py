@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -126,3 +127,81 @@ def test_register_rejects_a_clash_and_old_import_paths_still_work():
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@dataclasses.dataclass
+class _SameFieldsConfig(MythosConfig):
+    """A user kind that adds no configuration field."""
+
+
+class _SameFieldsModel(OpenMythos):
+    pass
+
+
+@dataclasses.dataclass
+class _BiasConfig(MythosConfig):
+    """A user kind whose added field has a value by default."""
+
+    logit_bias: float = 0.5
+
+
+class _BiasModel(OpenMythos):
+    def __init__(self, cfg: _BiasConfig):
+        super().__init__(cfg)
+        self.extra = torch.nn.Parameter(torch.full((cfg.dim,), cfg.logit_bias))
+
+
+@pytest.fixture
+def user_kinds(monkeypatch):
+    """Two kinds registered for the test alone."""
+    import open_mythos.registry as registry
+
+    with contextlib.suppress(ImportError):  # before the kinds: it read the fields at import
+        import open_mythos.integrations.hf  # noqa: F401
+    monkeypatch.setattr(registry, "KINDS", dict(KINDS))
+    same = register(ModelKind("same_fields", _SameFieldsConfig, _SameFieldsModel, True,
+                              LOOPED.flops_per_token))
+    bias = register(ModelKind("bias", _BiasConfig, _BiasModel, True, LOOPED.flops_per_token))
+    return registry, same, bias
+
+
+def test_saved_files_name_their_kind(user_kinds, tmp_path, monkeypatch):
+    """A kind is recorded by name where a configuration is saved: a kind with no field of
+    its own reloaded as the plain model; one whose field has a default took over every
+    plain model loaded through transformers; in a process without the kind, its files
+    loaded as the base model, silently."""
+    pytest.importorskip("transformers")
+    from open_mythos.checkpoints import load_model
+    from open_mythos.config import KIND_KEY
+    from open_mythos.integrations.hf import OpenMythosForCausalLM, OpenMythosHFConfig
+    from open_mythos.registry import config_dict
+    from open_mythos.training import Trainer
+    from tests.training.conftest import tiny_config as tiny_train_config
+
+    registry, same, bias = user_kinds
+    cfg = _SameFieldsConfig(**tiny_config("gqa").to_dict())
+    assert config_dict(cfg)[KIND_KEY] == "same_fields"
+    assert type(config_from_dict(config_dict(cfg))) is _SameFieldsConfig
+    assert type(config_from_dict(cfg.to_dict())) is MythosConfig  # no name: by the fields
+    assert config_fields()["logit_bias"] is None  # a default would name the kind
+    # Hugging Face directories, written and read in a process that has the kinds.
+    for model in (_SameFieldsModel(cfg), _BiasModel(_BiasConfig(**tiny_config("gqa").to_dict())),
+                  OpenMythos(tiny_config("gqa"))):
+        out = tmp_path / type(model).__name__
+        OpenMythosForCausalLM.from_mythos(model).save_pretrained(out)
+        assert type(load_model(out).model) is type(model)
+        assert type(OpenMythosForCausalLM.from_pretrained(out).model) is type(model)
+    # The Trainer builds a kind by name (model.kind) and its checkpoint records it.
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_train_config(run, run__steps=1, model__kind="same_fields"))
+    trainer.train()
+    assert type(trainer.core) is _SameFieldsModel and type(load_model(run).model) is _SameFieldsModel
+    # Where the kind is not registered: an error that says how, not another model.
+    monkeypatch.setattr(registry, "KINDS", {"looped": LOOPED, "dense": DENSE})
+    for path in (tmp_path / "_SameFieldsModel", tmp_path / "_BiasModel", run):
+        with pytest.raises(ValueError, match=r"model kind '\w+', which is not registered.*--import"):
+            load_model(path)
+    with pytest.raises(ValueError, match="'bias', which is not registered"):
+        OpenMythosForCausalLM.from_pretrained(tmp_path / "_BiasModel")
+    assert type(load_model(tmp_path / "OpenMythos").model) is OpenMythos
+    assert OpenMythosHFConfig().to_mythos_config() == MythosConfig()  # no kind named: looped

@@ -36,6 +36,7 @@ from ..checkpoints import (
     save_weights,
     tied_parameters,
 )
+from ..registry import config_dict
 from ..tokenizers import (
     BYTE_TOKENIZER_FILE,
     ByteTokenizer,
@@ -410,7 +411,7 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
         metadata[DEPTH_METADATA] = str(trained)
     save_weights(state, out_dir / MODEL_FILE, metadata=metadata)
     (out_dir / MODEL_CONFIG_FILE).write_text(
-        json.dumps(loaded.cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        json.dumps(config_dict(loaded.cfg), indent=2) + "\n", encoding="utf-8")
     source = tokenizer if tokenizer is not None else find_tokenizer_dir(src)
     save_tokenizer(source, out_dir, hf_files=False)
     _readable(out_dir)

@@ -57,6 +57,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import (
     FLOAT_FIELDS,
+    KIND_KEY,
     MythosConfig,
     check_flag,
     check_loops,
@@ -68,7 +69,7 @@ from ..inference.generation import last_positions
 from ..layers.init import init_module
 from ..layers.recurrence import ExitRule, as_exit_rule
 from ..model import CausalLM
-from ..registry import build_model, config_fields, config_from_dict
+from ..registry import build_model, config_dict, config_fields, config_from_dict
 
 # The same as open_mythos.checkpoints.HF_MODEL_TYPE (tested); not imported from there, so that
 # the modeling code an export ships (:mod:`.remote_code`) stays free of the checkpoint reader.
@@ -80,16 +81,12 @@ MODEL_TYPE = "openmythos"
 CACHE_NAME = ("cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
               else "past_key_values")
 
-# Every configuration field of every model kind and its default (all plain values).
-_MYTHOS_FIELDS: dict[str, Any] = config_fields()
-
-
 class OpenMythosHFConfig(PretrainedConfig):
     """``transformers`` configuration of an OpenMythos model of any kind.
 
-    Keys: every configuration field of every model kind (same names and defaults: the
-    :class:`~open_mythos.config.MythosConfig` fields, and ``core_layers``/``core_ffn_dim``,
-    None unless the model is the dense baseline), plus:
+    Keys: every configuration field of every model kind registered (same names and
+    defaults: the :class:`~open_mythos.config.MythosConfig` fields, and
+    ``core_layers``/``core_ffn_dim``, None unless the model is the dense baseline), plus:
 
     Args:
         n_loops: default recurrent loops of ``forward``/``generate``; ``None`` means
@@ -99,6 +96,10 @@ class OpenMythosHFConfig(PretrainedConfig):
         exit_rule: default training-free exit rule, the fields of an
             :class:`~open_mythos.layers.recurrence.ExitRule` as a dict (``{"kl": 0.01}``);
             ``None``: none.
+        model_kind: the registered model kind's name (:func:`open_mythos.registry.kind_of`),
+            written by :meth:`from_mythos_config`; loading a kind this process has not
+            registered is an error. ``None`` (configs written before 2026-12-07): the kind
+            is told by the fields.
         trained_depth: the loop count the model was trained at, written by
             ``openmythos export`` (whose ``--n-loops`` may set another default ``n_loops``);
             informational: ``openmythos info`` prints it, ``openmythos report`` marks it,
@@ -123,9 +124,12 @@ class OpenMythosHFConfig(PretrainedConfig):
         exit_rule: dict[str, Any] | ExitRule | None = None,
         tie_word_embeddings: bool = True,
         trained_depth: int | None = None,
+        model_kind: str | None = None,
         **kwargs: Any,
     ):
-        for name, default in _MYTHOS_FIELDS.items():
+        # (Read at every construction: a kind registered after this module was imported
+        # has its fields here too.)
+        for name, default in config_fields().items():
             value = kwargs.pop(name, default)
             if name in FLOAT_FIELDS:  # to_dict writes a non-finite float as "inf"
                 value = parse_json_float(value)
@@ -137,6 +141,7 @@ class OpenMythosHFConfig(PretrainedConfig):
         self.act_early_exit = act_early_exit
         self.exit_rule = exit_rule
         self.trained_depth = trained_depth
+        self.model_kind = model_kind
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -163,16 +168,17 @@ class OpenMythosHFConfig(PretrainedConfig):
         return json_floats(super().to_dict())
 
     def to_mythos_config(self) -> MythosConfig:
-        """The configuration these keys describe, of its kind (a
-        :class:`~open_mythos.baseline.BaselineConfig` when ``core_layers`` or
+        """The configuration these keys describe, of its kind (``model_kind``; without one,
+        a :class:`~open_mythos.baseline.BaselineConfig` when ``core_layers`` or
         ``core_ffn_dim`` is set; validated)."""
-        return config_from_dict({name: getattr(self, name) for name in _MYTHOS_FIELDS})
+        fields = {name: getattr(self, name) for name in config_fields() if hasattr(self, name)}
+        return config_from_dict({KIND_KEY: self.model_kind, **fields})
 
     @classmethod
     def from_mythos_config(cls, cfg: MythosConfig, **kwargs: Any) -> OpenMythosHFConfig:
         """Config for ``cfg`` (any kind); ``kwargs`` adds ``n_loops``, token ids and other
         HF keys."""
-        return cls(**cfg.to_dict(), **kwargs)
+        return cls(**config_dict(cfg), **kwargs)
 
 
 #: Keyword arguments transformers' Trainer, pipelines and tokenizers pass to a model's

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ..config import USER_CODE_HINT
 from .arithmetic import Addition, ModSum
 from .base import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, VOCAB_SIZE, Example, Task
 from .batching import collate, decode_answer, encode_example, encode_prompt, make_batch, score
@@ -44,11 +45,6 @@ def register_task(cls: type[Task]) -> type[Task]:
         raise ValueError(f"task name {cls.name!r} is already registered to {existing.__name__}")
     TASKS[cls.name] = cls
     return cls
-
-
-#: Said where a name is unknown that the user's own code may register.
-USER_CODE_HINT = ("; what your own code registers exists only in a process that imported it "
-                  "(openmythos --import MODULE COMMAND ..., or import it before calling the API)")
 
 
 def list_tasks() -> list[str]:

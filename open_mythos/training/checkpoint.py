@@ -86,6 +86,7 @@ from ..checkpoints import (  # the reading side, shared with every other loader
     verify_checkpoint,
 )
 from ..config import MythosConfig
+from ..registry import config_dict
 
 OPTIMIZER_FILE = "optimizer.pt"
 _TMP_PREFIX = ".tmp-"
@@ -273,7 +274,7 @@ def staging_dir(run_dir: str | Path, step: int) -> Path:
 def write_run_files(tmp: Path, step: int, model_config: MythosConfig, train_config_toml: str,
                     trainer_state: dict[str, Any]) -> None:
     """The files of every checkpoint layout besides the weights and optimizer state."""
-    _write_text(tmp / MODEL_CONFIG_FILE, json.dumps(model_config.to_dict(), indent=2) + "\n")
+    _write_text(tmp / MODEL_CONFIG_FILE, json.dumps(config_dict(model_config), indent=2) + "\n")
     _write_text(tmp / TRAIN_CONFIG_FILE, train_config_toml)
     with write_errors(tmp / TRAINER_STATE_FILE):
         torch.save({"step": step, **trainer_state}, tmp / TRAINER_STATE_FILE)

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-from ..config import MythosConfig
+from ..config import KIND_KEY, USER_CODE_HINT, MythosConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,7 +114,9 @@ class ModelConfig:
         variant: name of a preset in ``open_mythos.variants.VARIANTS`` (``"mythos_1b"``),
             or None for :data:`DEFAULT_MODEL`.
         overrides: ``MythosConfig`` fields set in the file or on the command line; they
-            win over the preset. Written flat in TOML (``[model] dim = 64``).
+            win over the preset. Written flat in TOML (``[model] dim = 64``). ``kind``
+            names a registered model kind (:mod:`open_mythos.registry`); without it the
+            kind is told by the fields (``core_layers`` set: the dense baseline).
     """
 
     variant: str | None = None
@@ -131,6 +133,8 @@ class ModelConfig:
         else:
             base = {**DEFAULT_MODEL, "vocab_size": data_vocab_size}
         merged = {**base, **self.overrides}
+        if merged.get("kind") is not None:
+            merged[KIND_KEY] = merged.pop("kind")
         from ..registry import config_from_dict  # core_layers / core_ffn_dim: the dense baseline
 
         try:
@@ -623,8 +627,8 @@ def _build_model_section(raw: Mapping[str, Any]) -> ModelConfig:
     hints: dict[str, Any] = {}
     for kind in KINDS.values():
         hints.update(typing.get_type_hints(kind.config_class))
-    allowed = {"variant": None, **{f.name: None for k in KINDS.values()
-                                   for f in dataclasses.fields(k.config_class)}}
+    allowed = {"variant": None, "kind": None, **{f.name: None for k in KINDS.values()
+                                               for f in dataclasses.fields(k.config_class)}}
     _reject_unknown("key", raw, allowed, prefix="model.")
     overrides = {}
     variant = None
@@ -633,6 +637,8 @@ def _build_model_section(raw: Mapping[str, Any]) -> ModelConfig:
             # An empty name clears a config file's preset (--set model.variant=), as an empty
             # data.task clears its task.
             variant = _coerce("model.variant", value, str | None) or None
+        elif key == "kind":
+            overrides[key] = _coerce("model.kind", value, str | None) or None
         else:
             overrides[key] = _coerce(f"model.{key}", value, hints[key])
     return ModelConfig(variant=variant, overrides=overrides)
@@ -653,9 +659,7 @@ def _reject_unknown(kind: str, raw: Mapping[str, Any], known: Mapping[str, Any],
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             choices = ", ".join(sorted(known))
             if prefix == "model.":  # perhaps a field of a kind that user code registers
-                from ..tasks import USER_CODE_HINT
-
-                choices += f"{USER_CODE_HINT}"
+                choices += USER_CODE_HINT
             raise ConfigError(f"unknown config {kind} '{prefix}{key}'{hint} (known: {choices})")
 
 

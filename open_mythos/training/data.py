@@ -104,7 +104,8 @@ class TaskSource(DataSource):
 
     def __init__(self, name: str, task_args: dict[str, Any], val_split: str, batch_size: int,
                  seq_len: int | None, seed: int, with_trace: bool = False):
-        from ..tasks import USER_CODE_HINT, VOCAB_SIZE, get_task, list_tasks, make_batch
+        from ..config import USER_CODE_HINT
+        from ..tasks import VOCAB_SIZE, get_task, list_tasks, make_batch
 
         if name not in list_tasks():
             raise ConfigError(f"data.task={name!r} is unknown; available: "
