@@ -110,7 +110,8 @@ def stream(
         eos_token_id: stop token id(s); each sequence stops on its own.
         pad_token_id: emitted for finished sequences (default: the first stop id, else 0).
         attention_mask: (B, T) 1 for prompt tokens, 0 for padding.
-        generator: a ``torch.Generator`` for reproducible sampling.
+        generator: a ``torch.Generator`` for reproducible sampling (one stream for the
+            batch: a sampled row's tokens depend on the other rows).
         cache_dtype: storage dtype of the KV cache (for example ``torch.bfloat16``).
         act_early_exit: skip loops once every position has halted (default: on when the
             steps are eager, off when they are compiled).

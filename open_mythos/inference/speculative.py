@@ -75,7 +75,8 @@ def check_draft_lens(draft_lens: str) -> None:
 
 @dataclass
 class SpeculativeStats:
-    """Counters of one speculative generation.
+    """Counters of speculative generations: one, or several passed the same object (each
+    counter sums over them).
 
     Attributes:
         cycles: draft-and-verify cycles.
@@ -83,6 +84,7 @@ class SpeculativeStats:
         accepted: of those, the ones the full-depth model accepted.
         kept: draft tokens kept per sequence (the batch keeps the smallest accepted prefix).
         tokens: tokens emitted per sequence.
+        generations: the generations counted (calls that emitted a token).
     """
 
     cycles: int = 0
@@ -90,6 +92,7 @@ class SpeculativeStats:
     accepted: int = 0
     kept: int = 0
     tokens: int = 0
+    generations: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -98,9 +101,10 @@ class SpeculativeStats:
 
     @property
     def tokens_per_cycle(self) -> float:
-        """Tokens emitted per draft-and-verify cycle (per full-depth verification); the
-        first token, which the prompt's forward emits, is not a cycle's and not counted."""
-        return (self.tokens - 1) / self.cycles if self.cycles else 0.0
+        """Tokens emitted per draft-and-verify cycle (per full-depth verification); a
+        generation's first token, which the prompt's forward emits, is not a cycle's and
+        not counted."""
+        return (self.tokens - self.generations) / self.cycles if self.cycles else 0.0
 
 
 def speculative_stream(
@@ -189,7 +193,8 @@ def speculative_stream(
                 finished = finished | torch.isin(tok, stop)
             yield tok
             emitted += 1
-            stats.tokens = emitted
+            stats.tokens += 1
+            stats.generations += emitted == 1
             if emitted == max_new_tokens or (stop is not None and bool(finished.all())):
                 return
         with _inference(model):

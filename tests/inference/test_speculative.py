@@ -3,6 +3,8 @@ left-padded, with stop tokens); sampled tokens follow the full-depth model's dis
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -41,6 +43,15 @@ def test_greedy_equals_plain_greedy(attn_type, draft_loops, draft_tokens):
         assert stats.acceptance_rate == 1.0
     else:
         assert 0.0 < stats.acceptance_rate < 1.0
+    # One object passed to several generations sums them (tokens was overwritten, so
+    # tokens_per_cycle fell with every call).
+    once = dataclasses.replace(stats)
+    for _ in range(2):
+        speculative_generate(model, ids, 20, N_LOOPS, draft_loops=draft_loops,
+                             draft_tokens=draft_tokens, stats=stats)
+    assert (stats.tokens, stats.cycles, stats.generations) == (
+        3 * once.tokens, 3 * once.cycles, 3)
+    assert stats.tokens_per_cycle == pytest.approx(once.tokens_per_cycle)
 
 
 def test_default_depth_and_sampling_defaults_are_streams():
