@@ -313,6 +313,12 @@ USER_CODE_HINT = ("; what your own code registers exists only in a process that 
                   "(openmythos --import MODULE COMMAND ..., or import it before calling the API)")
 
 
+def redefines(new: type, old: type) -> bool:
+    """Whether class ``new`` is ``old`` defined again (same module and qualified name: a
+    notebook cell run twice, ``importlib.reload``), which a registry then replaces."""
+    return new.__module__ == old.__module__ and new.__qualname__ == old.__qualname__
+
+
 # How to_dict writes the floats JSON has no literal for (str(float("inf")) and so on).
 _NON_FINITE = ("inf", "-inf", "nan", "infinity", "-infinity")
 

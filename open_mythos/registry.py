@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .baseline import BaselineConfig, DenseBaseline, dense_flops_per_token, looped_flops_per_token
-from .config import KIND_KEY, USER_CODE_HINT, MythosConfig
+from .config import KIND_KEY, USER_CODE_HINT, MythosConfig, redefines
 from .model import CausalLM, OpenMythos
 
 #: ``(cfg, n_loops or None, context_len) -> forward matmul FLOPs per token``.
@@ -68,11 +68,17 @@ KINDS: dict[str, ModelKind] = {}
 
 
 def register(kind: ModelKind) -> ModelKind:
-    """Add ``kind`` to :data:`KINDS`.
+    """Add ``kind`` to :data:`KINDS`. A kind of the same name whose classes are defined
+    again (a notebook cell run twice, ``importlib.reload``: same modules and qualified
+    names) replaces the earlier one.
 
     Raises:
         ValueError: the name, configuration class or model class is taken already.
     """
+    earlier = KINDS.get(kind.name)
+    if (earlier is not None and redefines(kind.config_class, earlier.config_class)
+            and redefines(kind.model_class, earlier.model_class)):
+        del KINDS[kind.name]
     for other in KINDS.values():
         if kind.name == other.name or kind.config_class is other.config_class \
                 or kind.model_class is other.model_class:

@@ -165,6 +165,21 @@ def user_kinds(monkeypatch):
     return registry, same, bias
 
 
+def test_a_kind_defined_again_replaces_itself(user_kinds):
+    """A notebook cell that defines and registers a kind, run twice: the second definition
+    replaces the first (it was a clash); another kind of that name still clashes."""
+    registry, same, _ = user_kinds
+    config_class = dataclasses.make_dataclass(
+        "_SameFieldsConfig", [], bases=(MythosConfig,), namespace={"__module__": __name__})
+    model_class = type("_SameFieldsModel", (OpenMythos,), {"__module__": __name__})
+    again = register(ModelKind("same_fields", config_class, model_class, True,
+                               LOOPED.flops_per_token))
+    assert registry.KINDS["same_fields"] is again and again is not same
+    with pytest.raises(ValueError, match="clashes"):
+        register(ModelKind("same_fields", _BiasConfig, _SameFieldsModel, True,
+                           LOOPED.flops_per_token))
+
+
 def test_saved_files_name_their_kind(user_kinds, tmp_path, monkeypatch):
     """A kind is recorded by name where a configuration is saved: a kind with no field of
     its own reloaded as the plain model; one whose field has a default took over every

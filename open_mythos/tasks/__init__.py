@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ..config import USER_CODE_HINT
+from ..config import USER_CODE_HINT, redefines
 from .arithmetic import Addition, ModSum
 from .base import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, VOCAB_SIZE, Example, Task
 from .batching import collate, decode_answer, encode_example, encode_prompt, make_batch, score
@@ -39,10 +39,13 @@ TASKS: dict[str, type[Task]] = {
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Add a :class:`Task` subclass to :data:`TASKS` under ``cls.name`` (usable as a
-    decorator); ValueError if the name is taken by another class."""
+    decorator); ValueError if the name is taken by another class. A class defined again
+    (a notebook cell run twice, ``importlib.reload``: the same module and qualified name)
+    replaces its earlier definition."""
     existing = TASKS.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"task name {cls.name!r} is already registered to {existing.__name__}")
+    if existing is not None and existing is not cls and not redefines(cls, existing):
+        raise ValueError(f"task name {cls.name!r} is already registered to "
+                         f"{existing.__module__}.{existing.__qualname__}")
     TASKS[cls.name] = cls
     return cls
 

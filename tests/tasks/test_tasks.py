@@ -590,6 +590,11 @@ def test_register_task_adds_a_new_task() -> None:
     try:
         assert register_task(cls) is cls
         assert "parity2" in list_tasks() and isinstance(get_task("parity2"), cls)
+        # Defined again (a notebook cell run twice): replaces it; another class does not.
+        again = type("Parity2", (Parity,), {"name": "parity2"})
+        assert register_task(again) is again and TASKS["parity2"] is again
+        with pytest.raises(ValueError, match="already registered"):
+            register_task(type("Other", (Parity,), {"name": "parity2"}))
     finally:
         TASKS.pop("parity2", None)
 
