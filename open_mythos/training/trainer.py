@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoints import TRAIN_CONFIG_FILE
+from ..checkpoints import TRAIN_CONFIG_FILE, latest_checkpoint
 from ..config import MythosConfig
 from ..devices import keep_freed_memory
 from ..layers.norm import RMSNorm
@@ -330,7 +330,9 @@ class Trainer:
         self.resume = Resume.of(resume)
         self.loss_hook = loss_hook
         self.on_step = on_step
-        self.out = Path(cfg.run.out)
+        # Absolute: save() after train() writes where the run is, whatever the working
+        # directory has become since (a notebook's %cd).
+        self.out = Path(cfg.run.out).absolute()
         self.state = TrainState()
         self.lock: RunLock | None = None
         # The newest checkpoint written or restored; of those, the newest whose weights then
@@ -346,6 +348,8 @@ class Trainer:
         self._config_changes: list[str] = []  # since the checkpoint resumed from
         #: True once train() has told stderr why it failed (a lost peer, under torchrun).
         self.failure_reported = False
+        self._training = False  # inside train(), which holds the run directory's lock
+        self._mid_step = False  # a step has begun and not finished (its state is no step's end)
 
     def _require_trained(self, method: str) -> None:
         later = ("To evaluate a saved checkpoint, load it with "
@@ -373,10 +377,13 @@ class Trainer:
         """
         self.ctx = setup(self.cfg.run.parallel, self.cfg.run.device, self.cfg.run.dist_timeout)
         clean = False
+        self._training = True
         try:
-            self._setup()
+            with self._dynamo_settings():
+                self._setup()
             try:
-                self._loop()
+                with self._dynamo_settings():
+                    self._loop()
             except TrainingInterrupted:
                 clean = True  # every rank stopped after the same step
                 raise
@@ -391,6 +398,7 @@ class Trainer:
                 self._close()
             clean = True
         finally:
+            self._training = False
             if self.lock is not None:
                 self.lock.release()
             # A DDP wrapper (its reducer holds the process group) goes first, while the
@@ -441,8 +449,8 @@ class Trainer:
                                          (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
         self.lr_at = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, cfg.run.steps)
         self.loops_at = LoopSchedule.from_config(cfg.schedule, cfg.run.steps, cfg.run.seed)
-        if cfg.run.compile is Compile.MODEL:
-            self._configure_model_compile()
+        if cfg.run.compile is not Compile.OFF:
+            self._configure_compile()
         # Dropout and any other sampling differ per rank, reproducibly.
         torch.manual_seed(cfg.run.seed * 1009 + ctx.rank + 1)
         random.seed(cfg.run.seed * 1009 + ctx.rank + 1)
@@ -765,27 +773,41 @@ class Trainer:
                 with contextlib.suppress(OSError):
                     obj.close()
 
-    def _configure_model_compile(self) -> None:
-        """``run.compile = "model"`` compiles a graph per loop count (and per progressive
-        split; evaluation adds one). Loop counts are the graph's structure: integer inputs
-        are specialised (dynamo would otherwise make a count that changed between calls
-        symbolic, and guard on every comparison made with it). The recompilation
-        limit is raised to the number of graphs, so that no loop count silently falls back
-        to eager, and the cost is said when the schedule samples several counts. Both are
-        settings of the process's dynamo."""
-        torch._dynamo.config.specialize_int = True
+    def _configure_compile(self) -> None:
+        """Make room for this run's graphs in the process's recompilation limit, which
+        dynamo counts per code object over every model that runs that code: ``run.compile
+        = "model"`` compiles a graph per loop count (and per progressive split; evaluation
+        adds one), "blocks" a few per block. Each run adds its graphs to the limit (a
+        notebook that trains models of several shapes compiled them all; with the limit
+        set to one run's count, the fifth shape fell back to eager), so that none falls
+        back to eager; the cost is said when the schedule samples several counts."""
         counts = len(self.loops_at.loop_counts()) if is_looped(self.core) else 1
-        graphs = counts * (2 if self.cfg.optim.progressive_weight else 1) + 1
+        if self.cfg.run.compile is Compile.MODEL:
+            graphs = counts * (2 if self.cfg.optim.progressive_weight else 1) + 1
+        else:  # the loop body's two graphs, each in training and evaluation
+            graphs = 4
         if self.cfg.data.task:  # batches with and without padding (an attention_mask or None)
             graphs *= 2
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        if graphs + 2 > getattr(config, name):  # + 2: shape changes (a last short batch)
-            setattr(config, name, graphs + 2)
-        if counts > 2:
+        setattr(config, name, getattr(config, name) + graphs + 2)  # + 2: a last short batch
+        if counts > 2 and self.cfg.run.compile is Compile.MODEL:
             self._log(f"run.compile='model': this schedule trains at {counts} loop counts, "
                       f"each compiled as its own graph when first drawn (tens of seconds "
                       f"each); 'blocks' compiles one loop body for every count")
+
+    @contextlib.contextmanager
+    def _dynamo_settings(self) -> Iterator[None]:
+        """While this run trains or evaluates with ``run.compile = "model"``: loop counts
+        are the graph's structure, so integer inputs are specialised (dynamo would
+        otherwise make a count that changed between calls symbolic, and guard on every
+        comparison made with it). Restored afterwards: the process's other compiled code
+        (a user's own) is not affected."""
+        if self.cfg.run.compile is not Compile.MODEL:
+            yield
+            return
+        with torch._dynamo.config.patch(specialize_int=True):
+            yield
 
     def _log(self, msg: str) -> None:
         if self.ctx.is_main:
@@ -859,11 +881,14 @@ class Trainer:
     def _steps(self) -> None:
         cfg = self.cfg
         while self.state.step < cfg.run.steps:
+            self._mid_step = True
             try:
                 row = self._train_step()
             except DataExhausted as err:
+                self._mid_step = False  # its batch could not be read: nothing of it was done
                 raise DataExhausted(f"{err}, in step {self.state.step + 1} of {cfg.run.steps}; "
                                     f"{self._save_before_stopping()}") from None
+            self._mid_step = False
             step = self.state.step
             self._judge_checkpoint(row["skipped"])
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
@@ -1104,7 +1129,11 @@ class Trainer:
                                                             ponder_scale)
                 objective = (1.0 - alpha) * objective
             if self.loss_hook is not None:
-                objective = self.loss_hook(step + 1, objective)  # the step being made
+                hooked = self.loss_hook(step + 1, objective)  # the step being made
+                if not isinstance(hooked, torch.Tensor):
+                    raise TypeError(f"loss_hook must return the objective (a tensor), got "
+                                    f"{type(hooked).__name__}: does it end with 'return'?")
+                objective = hooked
             objective.backward()
         total = objective.detach().double()
         if alpha:
@@ -1223,7 +1252,7 @@ class Trainer:
                 batch = self.data.batch(VAL, i, ctx.rank, ctx.world_size)
                 x = batch["input_ids"].to(ctx.device)
                 rows, y = self._scored(batch, batch["targets"].to(ctx.device))
-                with self._autocast():
+                with self._autocast(), self._dynamo_settings():
                     logits = model(x, n_loops=cfg.schedule.resolved_eval_loops, logits_at=rows)
                 mask = y != IGNORE_INDEX
                 sums += torch.stack([cross_entropy_sum(logits, y).double(), mask.sum().double(),
@@ -1268,9 +1297,47 @@ class Trainer:
         Raises:
             TrainingDiverged: the weights are not finite (nothing is written).
             RunDirError: the checkpoint could not be written (a full disk...).
-            RuntimeError: before :meth:`train`.
+            RuntimeError: before :meth:`train`; after a run stopped in the middle of a step
+                (its data position is ahead of its weights); after :meth:`train`, when the
+                run directory holds a newer checkpoint (another trainer continued the run:
+                saving would prune its checkpoints and move ``latest`` back).
+            RunLocked: after :meth:`train`, another process writes the run directory.
         """
         self._require_trained("save")
+        if self._mid_step:
+            last = (f"its last checkpoint is {self.last_checkpoint}: resume from that "
+                    "(Trainer(cfg, resume=True))" if self.last_checkpoint is not None
+                    else "it wrote no checkpoint: start it again")
+            raise RuntimeError(
+                f"Trainer.save(): the run stopped in the middle of step {self.state.step + 1}, "
+                "so this state is no step's end (its data position is ahead of its "
+                f"weights); {last}")
+        if self._training:  # (from on_step, or the loop's own saves: the lock is held)
+            self._save()
+            return
+        with self._run_dir_reclaimed():
+            self._save()
+
+    @contextlib.contextmanager
+    def _run_dir_reclaimed(self) -> Iterator[None]:
+        """The run directory locked again for a save after :meth:`train` returned (one
+        process), and checked to hold no checkpoint newer than this trainer's state."""
+        with os_errors("lock the run directory", self.out):
+            lock = RunLock.acquire(self.out)
+        try:
+            newest = latest_checkpoint(self.out)
+            step = int(read_trainer_state(newest)["step"]) if newest is not None else 0
+            if step > self.state.step:
+                raise RuntimeError(
+                    f"Trainer.save(): {self.out} holds a checkpoint of step {step}, newer than "
+                    f"this trainer's step {self.state.step} (another trainer continued the "
+                    "run): saving would prune it and point latest back; load the newer one "
+                    "instead (Trainer(cfg, resume=True))")
+            yield
+        finally:
+            lock.release()
+
+    def _save(self) -> None:
         ctx = self.ctx
         rngs = gather_objects(rng_state(ctx.device), ctx)
         data = gather_objects(self.data.state_dict(), ctx)

@@ -226,6 +226,49 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, progressive, ponder
             [r[key] for r in read_metrics(tmp_path / "big")], rel=1e-5)
 
 
+def test_save_after_train_keeps_the_run_directory_consistent(tmp_path, monkeypatch):
+    """``save()`` once ``train()`` has returned (a notebook cell run again): it pruned the
+    checkpoints another trainer had since written and pointed ``latest`` back, ignored the
+    run lock, wrote relative to the working directory of the moment, and saved the state
+    of a step stopped half-way (its data position one batch ahead of its weights)."""
+    from open_mythos.training.rundir import RunLock, RunLocked
+
+    run = tmp_path / "run"
+    first = Trainer(tiny_config(run, run__steps=2))
+    first.train()
+    monkeypatch.chdir(tmp_path / "run")  # a %cd between cells
+    first.save()  # nothing newer: saved again where the run is
+    assert (run / "latest").read_text().strip().endswith("step_00000002")
+    assert not (run / "run").exists()
+    Trainer(tiny_config(run, run__steps=4), resume=True).train()
+    with pytest.raises(RuntimeError, match="holds a checkpoint of step 4, newer than this "
+                                           "trainer's step 2"):
+        first.save()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_00000004"
+    assert (run / "latest").read_text().strip().endswith("step_00000004")
+    holder = RunLock.acquire(run)  # another process's live run
+    try:
+        with pytest.raises(RunLocked):
+            first.save()
+    finally:
+        holder.release()
+
+    def stop_in_step_2(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt  # a notebook's stop button, inside the step
+        return loss
+
+    halted = Trainer(tiny_config(tmp_path / "halted", run__steps=3, run__save_every=1),
+                     loss_hook=stop_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        halted.train()
+    with pytest.raises(RuntimeError, match="in the middle of step 2.*step_00000001"):
+        halted.save()
+    with pytest.raises(TypeError, match="loss_hook must return the objective"):
+        Trainer(tiny_config(tmp_path / "none", run__steps=1),
+                loss_hook=lambda step, loss: None).train()
+
+
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
     def hook(step, loss):  # steps numbered as in metrics.jsonl (the hook's were from 0)
         return loss * float("nan") if step == 3 else loss
@@ -371,13 +414,21 @@ def test_whole_model_compile_allows_a_graph_per_loop_count(tmp_path, capsys,
                                                            aot_eager_compiles):
     """A schedule drawing 1..10 loops compiles up to 10 graphs plus evaluation's: the
     recompilation limit (8 here) is raised so that none falls back to eager, and the cost
-    is said."""
+    is said. Integers are specialised while the run trains, not after it (a user's own
+    compiled code then made a graph per integer value), and each run adds its graphs to
+    the limit (dynamo counts them per code object over every model of the process: the
+    fifth model shape trained in one process fell back to eager)."""
+    seen = []
     with torch._dynamo.config.patch(recompile_limit=8, specialize_int=False):
         Trainer(tiny_config(tmp_path / "a", run__compile="model", schedule__loops="uniform",
                             schedule__min_loops=1, schedule__max_loops=10,
-                            model__max_loop_iters=10, run__steps=1)).train()
-        assert torch._dynamo.config.recompile_limit >= 11
-        assert torch._dynamo.config.specialize_int
+                            model__max_loop_iters=10, run__steps=1),
+                on_step=lambda *_: seen.append(torch._dynamo.config.specialize_int)).train()
+        first = torch._dynamo.config.recompile_limit
+        assert first >= 8 + 11 and seen == [True]
+        assert not torch._dynamo.config.specialize_int
+        Trainer(tiny_config(tmp_path / "b", run__compile="blocks", run__steps=1)).train()
+        assert torch._dynamo.config.recompile_limit > first
     assert "trains at 10 loop counts" in capsys.readouterr().err
 
 
