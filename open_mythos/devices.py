@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
 import torch
 
 
@@ -62,22 +65,48 @@ def keep_freed_memory() -> bool:
     step, at ~0.6 ms per MB on the virtual machines measured. With ``mmap`` off and the trim
     threshold at its maximum, the process holds on to its peak memory and reuses it.
     Measured on the 63M step (``benchmarks/train.py``, 2 threads): 1.24 -> 1.09 s in fp32,
-    1.41 -> 1.01 s in bf16. Process-wide and not undoable; a no-op (False) off glibc.
+    1.41 -> 1.01 s in bf16. Process-wide until :func:`return_freed_memory`; a no-op (False)
+    off glibc.
     """
-    import ctypes
+    libc = _glibc()
+    if libc is None:
+        return False
+    no_mmap = libc.mallopt(_M_MMAP_MAX, 0)
+    no_trim = libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+    return bool(no_mmap) and bool(no_trim)
+
+
+def return_freed_memory() -> bool:
+    """Undo :func:`keep_freed_memory`: glibc's default limits again (large blocks mapped
+    apart and unmapped on ``free``, free memory above 128 KiB at the top of the heap
+    trimmed), and the free memory the process holds now returned to the OS
+    (``malloc_trim``). ``Trainer.train`` calls it when it returns, so a notebook's process
+    does not keep a run's peak memory for ever. True if it took effect; a no-op (False)
+    off glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    mmap_back = libc.mallopt(_M_MMAP_MAX, 65536)
+    trim_back = libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    libc.malloc_trim(0)
+    return bool(mmap_back) and bool(trim_back)
+
+
+# mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def _glibc() -> Any:
+    """glibc through ctypes, or None elsewhere."""
     import ctypes.util
     import platform
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    no_mmap = libc.mallopt(M_MMAP_MAX, 0)
-    no_trim = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
-    return bool(no_mmap) and bool(no_trim)
+        return None
 
 
 def cpp_compiler() -> str | None:

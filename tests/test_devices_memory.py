@@ -1,6 +1,6 @@
 """``keep_freed_memory``: after it, a freed large tensor's pages stay in the process (and are
-reused), where glibc's default returns them to the OS. Each case runs in a fresh interpreter:
-the setting is process-wide and cannot be undone."""
+reused), where glibc's default returns them to the OS; ``return_freed_memory`` undoes it.
+Each case runs in a fresh interpreter: the setting is process-wide."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ def rss_mb():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * 4096 / 2**20
 
-applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+applied = keep_freed_memory() if sys.argv[1] != "default" else None
 x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
 held = rss_mb()
 del x
+if sys.argv[1] == "undone":
+    from open_mythos.devices import return_freed_memory
+    applied = return_freed_memory()
 print(applied, held - rss_mb())
 """
 
@@ -30,14 +33,15 @@ print(applied, held - rss_mb())
                     reason="glibc's allocator")
 def test_freed_memory_stays_in_the_process_only_when_asked():
     released = {}
-    for mode in ("default", "keep"):
+    for mode in ("default", "keep", "undone"):
         out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True,
                              text=True, check=True).stdout.split()
         released[mode] = float(out[1])
-        if mode == "keep":
+        if mode != "default":
             assert out[0] == "True"
     assert released["default"] > 48  # the 64 MB went back to the OS
     assert released["keep"] < 8       # ... or stayed
+    assert released["undone"] > 48   # ... and went back once undone (Trainer.train's end)
 
 
 def test_trainer_keeps_freed_memory_on_the_cpu_unless_told_not_to(tmp_path, monkeypatch):
@@ -46,8 +50,10 @@ def test_trainer_keeps_freed_memory_on_the_cpu_unless_told_not_to(tmp_path, monk
     from tests.training.conftest import tiny_config
 
     calls = []
-    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(trainer_mod, "return_freed_memory",
+                        lambda: calls.append("return") or True)
     Trainer(tiny_config(tmp_path / "a", run__steps=1)).train()
-    assert calls == [1]
+    assert calls == ["keep", "return"]  # not for the rest of the process (a notebook's)
     Trainer(tiny_config(tmp_path / "b", run__steps=1, run__keep_freed_memory=False)).train()
-    assert calls == [1]
+    assert calls == ["keep", "return"]

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import TRAIN_CONFIG_FILE, latest_checkpoint
 from ..config import MythosConfig
-from ..devices import keep_freed_memory
+from ..devices import keep_freed_memory, return_freed_memory
 from ..layers.norm import RMSNorm
 from ..registry import build_model, is_looped, kind_of
 from ..tasks import PAD_ID
@@ -276,6 +276,24 @@ def _untied_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items() if k not in tied}
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # replaced or closed streams
+        return False
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` within the block, the previous one restored."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def _message(err: Exception) -> str:
     """An exception's message (``str`` of a ``KeyError`` is its quoted repr)."""
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
@@ -350,6 +368,7 @@ class Trainer:
         self.failure_reported = False
         self._training = False  # inside train(), which holds the run directory's lock
         self._mid_step = False  # a step has begun and not finished (its state is no step's end)
+        self._kept_freed_memory = False  # run.keep_freed_memory took effect (undone at the end)
 
     def _require_trained(self, method: str) -> None:
         later = ("To evaluate a saved checkpoint, load it with "
@@ -399,6 +418,8 @@ class Trainer:
             clean = True
         finally:
             self._training = False
+            if self._kept_freed_memory:
+                self._kept_freed_memory = not return_freed_memory()
             if self.lock is not None:
                 self.lock.release()
             # A DDP wrapper (its reducer holds the process group) goes first, while the
@@ -430,14 +451,17 @@ class Trainer:
 
         # Same seed on every rank: FSDP2 shards each rank's own copy of the initial weights.
         torch.manual_seed(cfg.run.seed)
-        core = build_model(self.model_cfg)
+        # float32 weights whatever the process's default dtype (a notebook's earlier
+        # set_default_dtype(float64) trained float64 under run.precision "fp32").
+        with default_dtype(torch.float32):
+            core = build_model(self.model_cfg)
         if cfg.run.init_from and ckpt_dir is None:  # (checked by the claim already)
             self._init_from(core, cfg.run.init_from)
         if is_looped(core):
             core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
         core.to(ctx.device)
         if cfg.run.keep_freed_memory and ctx.device.type == "cpu":
-            keep_freed_memory()
+            self._kept_freed_memory = keep_freed_memory()  # until train() returns
         self.tied = tied_parameters(core)
         if cfg.run.compile is Compile.BLOCKS:
             compile_blocks(core)
@@ -462,8 +486,11 @@ class Trainer:
             with os_errors("write", self.out / METRICS_FILE):
                 self.metrics = open(self.out / METRICS_FILE, "a", buffering=1)
         self.tb = self._tensorboard() if cfg.run.tensorboard and ctx.is_main else None
+        # Redrawn every 0.1 s on a terminal; written to a file or pipe (a batch job's log),
+        # every 30 s: each redraw is ~100 bytes, tens of MB over a day's run.
         self.bar = tqdm(total=cfg.run.steps, initial=self.state.step, unit="step", desc="train",
                         dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.1 if _isatty(sys.stderr) else 30.0,
                         disable=not (ctx.is_main and cfg.run.progress))
         n_params = sum(p.numel() for p in self.core.parameters())
         mc = self.model_cfg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import sys
 import types
 
 import pytest
@@ -267,6 +268,35 @@ def test_save_after_train_keeps_the_run_directory_consistent(tmp_path, monkeypat
     with pytest.raises(TypeError, match="loss_hook must return the objective"):
         Trainer(tiny_config(tmp_path / "none", run__steps=1),
                 loss_hook=lambda step, loss: None).train()
+
+
+def test_progress_written_to_a_file_is_redrawn_rarely(tmp_path, monkeypatch):
+    """Progress to a file or pipe (a batch job's log) was redrawn every 0.1 s, ~100 bytes a
+    time: tens of MB over a day's run, nearly all on one line."""
+    import io
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    trainer = Trainer(tiny_config(tmp_path / "run", run__steps=1, run__progress=True))
+    trainer.train()
+    assert trainer.bar.mininterval == 30.0
+    assert "train" in sys.stderr.getvalue()
+
+
+def test_a_process_default_dtype_does_not_change_the_run(tmp_path):
+    """An earlier ``torch.set_default_dtype(torch.float64)`` in the process (a notebook
+    cell) trained and saved float64 weights under ``run.precision = "fp32"``."""
+    Trainer(tiny_config(tmp_path / "ref", run__steps=2)).train()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer = Trainer(tiny_config(tmp_path / "f64", run__steps=2))
+        trainer.train()
+        assert torch.get_default_dtype() == torch.float64  # the process's own, restored
+    finally:
+        torch.set_default_dtype(before)
+    assert {p.dtype for p in trainer.core.parameters()} == {torch.float32}
+    assert load_model(tmp_path / "f64").model.embed.weight.dtype == torch.float32
+    assert losses(tmp_path / "f64") == losses(tmp_path / "ref")
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
