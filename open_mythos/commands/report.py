@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.exits import task_exit_points
     from ..evaluation.report import write_report
     from ..evaluation.runs import is_text_run, run_train_loops
-    from ..evaluation.sweep import eval_mode, sample_examples, save_rows
+    from ..evaluation.sweep import eval_mode, sample_examples, save_rows, task_fingerprint
     from ..registry import is_looped
 
     progress: SweepProgress | None = None
@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             # Each row is kept as it is made, until the report is written: a report stopped
             # mid-way (in the sweep or after it) resumes from them.
             progress = SweepProgress(Path(args.out) / "sweep.json",
-                                     sweep_options(args, model, task), "report")
+                                     sweep_options(args, model, task), "report",
+                                     legacy_task=task_fingerprint(task, legacy=True))
             rows, base_rows = sweep_models(args, model, baseline, task, progress)
         _clear_old_report(Path(args.out), args.sweep)
         if not args.sweep:

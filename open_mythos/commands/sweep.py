@@ -229,9 +229,14 @@ class SweepProgress:
     results are written, or keeps only the rows that command did not ask for.
     """
 
-    def __init__(self, out: str | Path, options: dict[str, Any], command: str = "sweep"):
+    def __init__(self, out: str | Path, options: dict[str, Any], command: str = "sweep",
+                 legacy_task: str | None = None):
+        """``legacy_task``: the task's fingerprint as files written before 2026-12-07 give
+        it (:func:`~open_mythos.evaluation.sweep.task_fingerprint` ``legacy=True``): their
+        rows are of this task too."""
         self.path = Path(out).with_name(Path(out).name + ".partial.json")
         self.options = json.loads(json.dumps(options))  # as the file gives it back
+        self.legacy_task = legacy_task
         self.command = command
         self.rows: list[Any] = []
         self.previous = self._read()
@@ -266,7 +271,11 @@ class SweepProgress:
         except (ValueError, UnicodeDecodeError) as err:
             self._say(f"{self.path} is not a sweep's progress file ({err}); starting over")
             return []
-        if _comparable(head["options"]) != _comparable(self.options):
+        written = head["options"]
+        if (isinstance(written, dict) and self.legacy_task is not None
+                and written.get("task") == self.legacy_task):
+            written = {**written, "task": self.options.get("task")}  # an older file's hash
+        if _comparable(written) != _comparable(self.options):
             self._say(f"{self.path} holds a sweep with other options or another checkpoint; "
                       "starting over")
             return []
@@ -277,10 +286,15 @@ class SweepProgress:
             except ValueError:  # the last line, cut short by a kill
                 break
         try:
-            return rows_from_records(records, str(self.path))
+            rows = rows_from_records(records, str(self.path))
         except ValueError as err:
             self._say(f"{err}; starting over")
             return []
+        # An older file's rows name the task by its older hash: the same task (the options
+        # said so), named as this command names it.
+        return [dataclasses.replace(r, task_id=self.options["task"])
+                if self.legacy_task is not None and r.task_id == self.legacy_task else r
+                for r in rows]
 
     def add(self, row: Any) -> None:
         """Keep ``row`` (appended to the file unless it came from it) and say what it
@@ -377,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the checkpoint(s), sweep, write ``--out`` and print the table."""
     from ..evaluation.report import sweep_table
     from ..evaluation.runs import is_text_run
-    from ..evaluation.sweep import save_rows
+    from ..evaluation.sweep import save_rows, task_fingerprint
 
     try:
         # Before any work: a sweep can take minutes.
@@ -389,7 +403,8 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         task = resolve_task(args, args.checkpoint)
         model, _, baseline = load_models(args, args.checkpoint, device)
-        progress = SweepProgress(args.out, sweep_options(args, model, task))
+        progress = SweepProgress(args.out, sweep_options(args, model, task),
+                                 legacy_task=task_fingerprint(task, legacy=True))
         try:
             rows, base_rows = sweep_models(args, model, baseline, task, progress)
         except KeyboardInterrupt:

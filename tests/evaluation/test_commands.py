@@ -513,7 +513,16 @@ def test_progress_survives_a_failing_command_and_serves_fewer_or_more_loops(
     head, *lines = partial.read_text().splitlines()
     options = json.loads(head)["options"]
     assert [json.loads(line)["n_loops"] for line in lines] == [3]
-    legacy = {**options, "splits": None, "loops": [1, 3], "early_exit": "both", "baseline": None}
+    # ... which also named the task by its older hash (without its knobs), as its rows
+    # did: discarded as "other options", or resumed and then left unused.
+    from open_mythos.evaluation.sweep import task_fingerprint
+    from open_mythos.tasks import get_task
+
+    old_id = task_fingerprint(get_task("parity", **TASK_ARGS), legacy=True)
+    assert old_id != options["task"]
+    legacy = {**options, "splits": None, "loops": [1, 3], "early_exit": "both", "baseline": None,
+              "task": old_id}
+    lines = [json.dumps({**json.loads(line), "task_id": old_id}) for line in lines]
     partial.write_text("\n".join([json.dumps({"options": legacy}), *lines]) + "\n")
     calls.clear()
     assert cli(*argv, "--loops", "1,3", "--baseline", str(root / "dense")) == 0
