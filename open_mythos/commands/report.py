@@ -136,6 +136,15 @@ def read_sweep(path: str, task: Any, model: Any = None, baseline: Any = None
         if given is not None and ids and ids != {model_fingerprint(given)}:
             raise ValueError(f"--sweep {path}: its {kind} rows are of another model than "
                              f"this report's {kind} checkpoint (sweep this checkpoint)")
+    # Files of before 2026-12-05 (task) and 2026-12-06 (models) name neither: taken as
+    # they are, which is said.
+    unchecked = [what for what, missing in (
+        ("the task's knobs", any(not r.task_id for r in loaded)),
+        ("the models swept", any(not r.model_id for r in loaded))) if missing]
+    if unchecked:
+        print(f"openmythos report: warning: --sweep {path} was written by an older version "
+              f"that does not record {' or '.join(unchecked)}: its rows are taken as this "
+              "run's without that check (sweep the run again to be sure)", file=sys.stderr)
     _refuse_merged_sweeps(path, loaded)
     return rows, base_rows
 

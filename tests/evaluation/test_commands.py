@@ -393,6 +393,17 @@ def test_report_refuses_a_sweep_of_other_knobs_and_options_it_would_ignore(
     assert cli("report", "--run", str(other_run), "--out", str(tmp_path / "r2"), "--exit-loops",
                "0", "--sweep", str(sweep_file)) == 2
     assert "its looped rows are of another model" in capsys.readouterr().err
+    # A file of a version that recorded neither hash cannot be checked: taken, with a word
+    # (it was taken silently, even for another model's sweep).
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([{**row, "task_id": "", "model_id": ""}
+                               for row in json.loads(sweep_file.read_text())]))
+    assert cli("report", "--run", str(other_run), "--out", str(tmp_path / "r3"), "--exit-loops",
+               "0", "--sweep", str(old)) == 0
+    assert ("does not record the task's knobs or the models swept"
+            in capsys.readouterr().err)
+    assert cli(*base, "--sweep", str(sweep_file)) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_numeric_argument_types():
