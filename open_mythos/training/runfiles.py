@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, load_config
+from .config import TrainConfig, _plain, load_config
 
 RUN_TOKENIZER_DIR = "tokenizer"
 RUN_CONFIG_FILE = "config.toml"
@@ -96,10 +96,17 @@ def with_own_tokenizer(cfg: TrainConfig, run_dir: str | Path) -> TrainConfig:
 
 def changed_keys(before: TrainConfig, after: TrainConfig,
                  ignore: Iterable[str] = ("run.out",)) -> list[str]:
-    """``["optim.lr: 0.001 -> 0.002", ...]``: the dotted keys whose values differ."""
+    """``["optim.lr: 0.001 -> 0.002", ...]``: the dotted keys whose values differ. A model
+    field that ``before`` does not name (a configuration written before the field existed)
+    is no change when ``after`` holds its default."""
+    from ..registry import config_fields
+
     old, new = _flat(before.to_dict()), _flat(after.to_dict())
+    defaults = {f"model.{k}": v for k, v in config_fields().items()}
+    defaults = {k: _plain(v) for k, v in defaults.items()}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in set(ignore)]
+            if old.get(k) != new.get(k) and k not in set(ignore)
+            and not (k not in old and k in defaults and new.get(k) == defaults[k])]
 
 
 def _flat(tree: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -754,7 +754,9 @@ class Trainer:
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}" + reseeded
                   + (f"; configuration changed since it was saved: {'; '.join(changes)}"
                      if changes else ""))
-        saved_batch = trainer_state.get("global_batch")  # (none before 2026-12-05)
+        saved_batch = trainer_state.get("global_batch")
+        if saved_batch is None:  # before 2026-12-05: from its configuration and rank count
+            saved_batch = self._saved_global_batch(ckpt_dir, len(rngs))
         if saved_batch is not None and int(saved_batch) != self._global_batch:
             self._log(self._global_batch_changed(int(saved_batch)))
 
@@ -767,6 +769,17 @@ class Trainer:
         except (ConfigError, OSError):
             return []
         return changed_keys(saved, self.resolved, ignore=("run.out", "run.progress"))
+
+    @staticmethod
+    def _saved_global_batch(ckpt: Path, world_size: int) -> int | None:
+        """The global batch a checkpoint that does not record it was trained with: its
+        configuration's batch size and accumulation times its number of processes (None
+        when its configuration cannot be read)."""
+        try:
+            saved = load_config(ckpt / TRAIN_CONFIG_FILE)
+        except (ConfigError, OSError):
+            return None
+        return saved.data.batch_size * saved.optim.grad_accum * world_size
 
     def _global_batch_changed(self, saved: int) -> str:
         """The warning for a run resumed with another global batch than it saved with."""

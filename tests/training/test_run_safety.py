@@ -661,6 +661,33 @@ def test_resuming_with_another_global_batch_says_so(tmp_path, capsys):
     assert "global batch" not in capsys.readouterr().err
 
 
+def test_resuming_a_checkpoint_of_an_older_version(tmp_path, capsys):
+    """A checkpoint of before 2026-12-05 (no manifest, no global batch recorded, model
+    fields added since missing from its configuration): the global batch it was trained
+    with comes from its configuration and process count, and the fields it does not name
+    are no configuration change when the run holds their defaults (every resume of such a
+    run listed them)."""
+    run = tmp_path / "run"
+    assert train_cli(run, "--steps", "2", "--save-every", "2", "--batch-size", "4") == 0
+    ckpt = run / "checkpoints" / "step_00000002"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    del state["global_batch"]
+    torch.save(state, ckpt / "trainer_state.pt")
+    config = (ckpt / "train_config.toml").read_text()
+    assert "token_conv = " in config
+    (ckpt / "train_config.toml").write_text(
+        "".join(line for line in config.splitlines(keepends=True)
+                if not line.startswith(("token_conv = ", "clamp_loop_index = "))))
+    (ckpt / "manifest.json").unlink()
+    capsys.readouterr()
+    assert train_cli(run, "--steps", "3", "--save-every", "3", "--batch-size", "2",
+                     "--resume") == 0
+    err = capsys.readouterr().err
+    assert "the global batch changes from 4 to 2" in err
+    line = next(x for x in err.splitlines() if "changed since" in x)
+    assert "model." not in line and "run.steps: 2 -> 3" in line
+
+
 def test_resuming_with_config_names_what_it_changes(tmp_path, capsys):
     """With --config, a resume that changed the data or the optimiser trained on silently
     (the keys were listed only without --config). Both configurations compared are
