@@ -403,6 +403,17 @@ def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
     return cfg, n_loops
 
 
+def training_depth_recorded(path: str | Path) -> bool:
+    """Whether the model at ``path`` records the depth it was trained at: a training
+    checkpoint does; a Hugging Face directory when it has ``trained_depth`` (exports since
+    2026-12-07), not when :func:`read_training_depth` falls back to its default ``n_loops``."""
+    fmt, ckpt_dir = detect_format(path, files=(MODEL_CONFIG_FILE,))
+    if fmt is CheckpointFormat.TRAINING:
+        return True
+    data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    return data.get("trained_depth") is not None
+
+
 def read_training_depth(path: str | Path) -> int | None:
     """The loop count the model at ``path`` (a checkpoint, run or HF directory) was trained
     at: a training checkpoint's :func:`read_trained_depth`; an HF directory's

@@ -197,6 +197,7 @@ def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) 
         LoadedModel,
         detect_format,
         read_training_depth,
+        training_depth_recorded,
     )
 
     # The files loading reads are verified, as by generate: a damaged newest checkpoint of
@@ -205,8 +206,7 @@ def run_info(path: str, cfg: Any, trained_depth: int | None, total_params: int) 
     default_n_loops, recorded = None, True
     if fmt is CheckpointFormat.HF:  # the export's default depth, and its trained one
         default_n_loops, trained_depth = trained_depth, read_training_depth(ckpt_dir)
-        config = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
-        recorded = config.get("trained_depth") is not None
+        recorded = training_depth_recorded(ckpt_dir)
     files = sorted(ckpt_dir.glob("*.safetensors"))
     stored, dtypes, meta_step = _stored_bytes(files)
     step = None

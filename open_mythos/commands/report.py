@@ -172,6 +172,7 @@ def _refuse_merged_sweeps(path: str, rows: list) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the run, sweep (or read the sweep), and write the report."""
+    from ..checkpoints import training_depth_recorded
     from ..evaluation.exits import task_exit_points
     from ..evaluation.report import write_report
     from ..evaluation.runs import is_text_run, run_train_loops
@@ -217,6 +218,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.sweep:
             save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")
         train_loops = args.train_loops or run_train_loops(args.run) or cfg.max_loop_iters
+        if args.train_loops is None and is_looped(model) and not training_depth_recorded(args.run):
+            print(f"openmythos report: warning: {args.run} does not record the depth it was "
+                  f"trained at (an export of before 2026-12-07): its default n_loops, "
+                  f"{train_loops}, is taken for it, which export --n-loops may have moved; "
+                  "pass --train-loops N if it did", file=sys.stderr)
         points = []
         exit_loops = _exit_loops(args, train_loops)
         if exit_loops and is_looped(model):

@@ -64,7 +64,7 @@ def test_load_model_restores_both_kinds(runs):
     assert run_train_loops(root / "looped") == 2
 
 
-def test_an_hf_export_reports_the_depth_it_records(runs, tmp_path):
+def test_an_hf_export_reports_the_depth_it_records(runs, tmp_path, capsys):
     """A Hugging Face export keeps the training depth as its config's n_loops; report
     marked max_loop_iters as the training depth instead (info said 2, report 4)."""
     from open_mythos.integrations.convert import training_to_hf
@@ -85,6 +85,19 @@ def test_an_hf_export_reports_the_depth_it_records(runs, tmp_path):
 
     assert read_config(tmp_path / "hf3")[1] == 3  # the default depth, as asked
     assert run_train_loops(tmp_path / "hf3") == 2
+    # An export that records no trained depth (before 2026-12-07): its default is taken
+    # for it, which is said (report marked it as the training depth without a word).
+    config = tmp_path / "hf3" / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                  if k != "trained_depth"}))
+    args = ["report", "--run", str(tmp_path / "hf3"), "--task", "parity", "--task-args",
+            json.dumps(TASK_ARGS), "--loops", "1", "--n-examples", "2", "--exit-loops", "0",
+            "--device", "cpu", "--out"]
+    assert cli(*args, str(tmp_path / "report3")) == 0
+    assert ("does not record the depth it was trained at (an export of before 2026-12-07): "
+            "its default n_loops, 3, is taken for it") in capsys.readouterr().err
+    assert cli(*args, str(tmp_path / "report4"), "--train-loops", "2") == 0
+    assert "does not record" not in capsys.readouterr().err
 
 
 def test_sweep_command(runs, tmp_path, capsys):
