@@ -77,23 +77,29 @@ def keep_freed_memory() -> bool:
 
 
 def return_freed_memory() -> bool:
-    """Undo :func:`keep_freed_memory`: glibc's default limits again (large blocks mapped
-    apart and unmapped on ``free``, free memory above 128 KiB at the top of the heap
-    trimmed), and the free memory the process holds now returned to the OS
-    (``malloc_trim``). ``Trainer.train`` calls it when it returns, so a notebook's process
-    does not keep a run's peak memory for ever. True if it took effect; a no-op (False)
-    off glibc."""
+    """Undo :func:`keep_freed_memory`: blocks of 32 MiB and more mapped apart and unmapped
+    on ``free``, free memory above 64 MiB at the top of the heap trimmed, and the free
+    memory the process holds now returned to the OS (``malloc_trim``). ``Trainer.train``
+    calls it when it returns, so a notebook's process does not keep a run's peak memory for
+    ever. True if it took effect; a no-op (False) off glibc.
+
+    These are the limits glibc's own adaptive thresholds reach once a process has freed
+    large blocks (its maximum mmap threshold on 64-bit, and twice that for trimming):
+    after any ``mallopt`` of them glibc adapts no more, and its initial 128 KiB limits
+    would map and unmap every tensor above 128 KiB (an 8 MB allocation loop ran ~40x
+    slower than in a fresh process)."""
     libc = _glibc()
     if libc is None:
         return False
-    mmap_back = libc.mallopt(_M_MMAP_MAX, 65536)
-    trim_back = libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    ok = [libc.mallopt(_M_MMAP_MAX, 65536),
+          libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(32 * 2**20)),
+          libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(64 * 2**20))]
     libc.malloc_trim(0)
-    return bool(mmap_back) and bool(trim_back)
+    return all(ok)
 
 
 # mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 def _glibc() -> Any:
