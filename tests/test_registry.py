@@ -211,6 +211,18 @@ def test_saved_files_name_their_kind(user_kinds, tmp_path, monkeypatch):
     trainer = Trainer(tiny_train_config(run, run__steps=1, model__kind="same_fields"))
     trainer.train()
     assert type(trainer.core) is _SameFieldsModel and type(load_model(run).model) is _SameFieldsModel
+    # The run's own config.toml names the kind (its fields do not), so a plain --resume
+    # builds it again (it built the plain model: "the model configuration changed ()").
+    from open_mythos.cli import main
+
+    assert 'kind = "same_fields"' in (run / "config.toml").read_text()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--no-progress"]) == 0
+    assert type(load_model(run).model) is _SameFieldsModel
+    # An empty kind clears it (--set model.kind=): the fields tell the kind.
+    cleared = Trainer(tiny_train_config(tmp_path / "cleared", run__steps=1, model__kind=""))
+    cleared.train()
+    assert type(cleared.core) is OpenMythos
+    assert "kind" not in (tmp_path / "cleared" / "config.toml").read_text()
     # Where the kind is not registered: an error that says how, not another model.
     monkeypatch.setattr(registry, "KINDS", {"looped": LOOPED, "dense": DENSE})
     for path in (tmp_path / "_SameFieldsModel", tmp_path / "_BiasModel", run):

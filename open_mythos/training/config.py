@@ -133,8 +133,9 @@ class ModelConfig:
         else:
             base = {**DEFAULT_MODEL, "vocab_size": data_vocab_size}
         merged = {**base, **self.overrides}
-        if merged.get("kind") is not None:
-            merged[KIND_KEY] = merged.pop("kind")
+        kind = merged.pop("kind", None)  # (None: --set model.kind= clears it)
+        if kind is not None:
+            merged[KIND_KEY] = kind
         from ..registry import config_from_dict  # core_layers / core_ffn_dim: the dense baseline
 
         try:

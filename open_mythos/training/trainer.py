@@ -55,7 +55,7 @@ from ..checkpoints import TRAIN_CONFIG_FILE, latest_checkpoint
 from ..config import MythosConfig
 from ..devices import keep_freed_memory, return_freed_memory
 from ..layers.norm import RMSNorm
-from ..registry import build_model, is_looped, kind_of
+from ..registry import build_model, config_dict, is_looped, kind_of
 from ..tasks import PAD_ID
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -294,6 +294,16 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def model_overrides(cfg: MythosConfig) -> dict[str, Any]:
+    """``[model]`` keys that rebuild ``cfg``: every field, and ``kind`` where the fields do
+    not tell the kind (a registered kind that adds no field of its own; without it a
+    resumed run's config.toml built the plain model)."""
+    fields = dataclasses.asdict(cfg)
+    if kind_of(cfg) is not kind_of(cfg.to_dict()):
+        fields["kind"] = kind_of(cfg).name
+    return fields
+
+
 def _message(err: Exception) -> str:
     """An exception's message (``str`` of a ``KeyError`` is its quoted repr)."""
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
@@ -441,7 +451,7 @@ class Trainer:
         self.resolved = absolute_paths(dataclasses.replace(
             cfg,
             # asdict, not to_dict: TOML has inf, which to_dict writes as "inf" for JSON.
-            model=ModelConfig(cfg.model.variant, dataclasses.asdict(self.model_cfg)),
+            model=ModelConfig(cfg.model.variant, model_overrides(self.model_cfg)),
             data=dataclasses.replace(cfg.data, seq_len=self.data.seq_len),
         ))
         if cfg.optim.progressive_weight and not kind_of(self.model_cfg).looped:
@@ -599,9 +609,10 @@ class Trainer:
                               f"{METRICS_FILE} move to {REPLACED_METRICS_FILE}) or choose "
                               "another --out")
         if ckpt is not None and read_model_config(ckpt) != self.model_cfg:
-            saved, now = read_model_config(ckpt).to_dict(), self.model_cfg.to_dict()
-            diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}"
-                             for k in saved if saved[k] != now[k])
+            saved_cfg = read_model_config(ckpt)
+            saved, now = config_dict(saved_cfg), config_dict(self.model_cfg)
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+                             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
             raise ConfigError(f"cannot resume {ckpt}: the model configuration changed ({diff})")
         if ckpt is not None:
             self._config_changes = self._changes_since(ckpt)
