@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import USER_CODE_HINT
 from .config import ConfigError, DataConfig
 from .documents import InputFormat, iter_documents, open_dataset, resolve_inputs
 from .prepare import (
@@ -104,7 +105,6 @@ class TaskSource(DataSource):
 
     def __init__(self, name: str, task_args: dict[str, Any], val_split: str, batch_size: int,
                  seq_len: int | None, seed: int, with_trace: bool = False):
-        from ..config import USER_CODE_HINT
         from ..tasks import VOCAB_SIZE, get_task, list_tasks, make_batch
 
         if name not in list_tasks():

@@ -102,11 +102,11 @@ def changed_keys(before: TrainConfig, after: TrainConfig,
     from ..registry import config_fields
 
     old, new = _flat(before.to_dict()), _flat(after.to_dict())
-    defaults = {f"model.{k}": v for k, v in config_fields().items()}
-    defaults = {k: _plain(v) for k, v in defaults.items()}
+    defaults = {f"model.{k}": _plain(v) for k, v in config_fields().items()}
+    ignore = set(ignore)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in set(ignore)
-            and not (k not in old and k in defaults and new.get(k) == defaults[k])]
+            if old.get(k) != new.get(k) and k not in ignore
+            and not (k not in old and k in defaults and new[k] == defaults[k])]
 
 
 def _flat(tree: dict[str, dict[str, Any]]) -> dict[str, Any]:

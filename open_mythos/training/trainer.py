@@ -408,8 +408,7 @@ class Trainer:
         clean = False
         self._training = True
         try:
-            with self._dynamo_settings():
-                self._setup()
+            self._setup()
             try:
                 with self._dynamo_settings():
                     self._loop()
