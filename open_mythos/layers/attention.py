@@ -72,15 +72,21 @@ class AttnContext:
 
 
 class DepthCarry:
-    """Keys/values of the current chunk at the previous loop depth.
+    """Keys/values of the current chunk at the previous loop depth, for one loop.
 
-    ``fresh`` is a (B, T) bool tensor of positions recomputed at this depth; the others reuse
-    the entries of the previous depth (depth-wise KV sharing for halted positions).
+    ``prev`` holds the previous depth's entries (None at the first loop) and ``fresh`` a
+    (B, T) bool tensor of positions recomputed at this depth (None: all of them); the others
+    reuse the previous depth's entries (depth-wise KV sharing for halted positions).
+    :meth:`merge` leaves both as they are and keeps its result in ``merged``, from which
+    :meth:`next` makes the following loop's carry: what a loop reads never changes after
+    it ran, so recomputing it (activation checkpointing, the built-in flag or a user's
+    ``torch.utils.checkpoint`` around the looped block) attends over what its forward did.
     """
 
-    def __init__(self) -> None:
-        self.fresh: torch.Tensor | None = None
-        self.prev: Entries | None = None
+    def __init__(self, prev: Entries | None = None, fresh: torch.Tensor | None = None) -> None:
+        self.prev = prev
+        self.fresh = fresh
+        self.merged: Entries | None = None
 
     def merge(self, new: Entries, rows: torch.Tensor | None = None) -> Entries:
         """Combine this depth's ``new`` entries with the previous depth's; full batch out.
@@ -90,15 +96,20 @@ class DepthCarry:
         if self.prev is None or self.fresh is None:
             if rows is not None:
                 raise ValueError("a row subset needs the previous depth's entries")
-            self.prev = new
+            self.merged = new
             return new
         fresh = self.fresh if rows is None else self.fresh.index_select(0, rows)
         prev = self.prev if rows is None else {n: t.index_select(0, rows) for n, t in self.prev.items()}
         new = {n: torch.where(_seq_mask(fresh, t), t, prev[n]) for n, t in new.items()}
         if rows is not None:
             new = {n: self.prev[n].index_copy(0, rows, t) for n, t in new.items()}
-        self.prev = new
+        self.merged = new
         return new
+
+    def next(self, fresh: torch.Tensor | None) -> DepthCarry:
+        """The following loop's carry: this loop's merged entries (its own ``prev`` when
+        no attention merged), ``fresh`` the positions that loop recomputes."""
+        return DepthCarry(self.prev if self.merged is None else self.merged, fresh)
 
 
 def _seq_mask(fresh: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

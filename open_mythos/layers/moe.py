@@ -203,6 +203,12 @@ def grouped_matmul(
     return _grouped_mm(x, w, offs)
 
 
+def _recomputing() -> bool:
+    """Whether this eager call runs inside a backward pass: an activation checkpoint
+    recomputing its forward (the autograd engine runs a graph task only in backward)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _tracks_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd records an operation on ``tensors``."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -420,9 +426,13 @@ class MoEFFN(CopiesDetached, nn.Module):
             frac = load.to(probs.dtype) / (n_real * k)
             mean_probs = (probs * real.unsqueeze(-1)).sum(dim=0) / n_real
         aux = self.n_experts * (frac * mean_probs).sum()
-        # Recorded by every call: a checkpoint's recomputation records too (reading a flag
-        # here would give a compiled body another graph there, saving other tensors) and
-        # RecurrentBlock puts the forward's own values back after it.
+        if _recomputing():
+            # An activation checkpoint's recomputation (a user's torch.utils.checkpoint
+            # around the looped block): its forward recorded and counted this already.
+            return out.to(x.dtype).reshape(shape)
+        # Compiled, recorded by every call: the built-in checkpointing's recomputation too
+        # (reading a flag here would give a compiled body another graph there, saving other
+        # tensors), and RecurrentBlock puts the forward's own values back after it.
         self.last_expert_load, self.last_aux_loss = load, aux
         if self.training:
             self.load_since_update.add_(load)

@@ -491,12 +491,11 @@ class RecurrentBlock(CopiesDetached, nn.Module):
     ) -> torch.Tensor:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return self._block_step(h, e, t, ctx, carry, A)
-        prev, fresh = carry.prev, carry.fresh
 
         def run(h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-            # The recomputation in backward must see the carry and the cache as the forward
-            # saw them, and must not write the cache again (later chunks may have since).
-            carry.prev, carry.fresh = prev, fresh
+            # The recomputation in backward must see the cache as the forward saw it, and
+            # must not write it again (later chunks may have since). The carry is this
+            # loop's own (DepthCarry.next), unchanged since.
             replay = self._replaying and ctx.cache is not None
             return self._block_step(h, e, t, dataclasses.replace(ctx, replay=True) if replay
                                     else ctx, carry, A)
@@ -578,6 +577,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         B, T, _ = h.shape
         self.last_states = {}
         carry = DepthCarry()
+        fresh: torch.Tensor | None = None  # positions still computing (None: all)
         halting = _Halting(h) if self.cfg.use_act else None
         exits = None if exit_rule is None else _Exits(exit_rule, lens, h)
         running = torch.ones(B, T, dtype=torch.bool, device=h.device)
@@ -615,7 +615,8 @@ class RecurrentBlock(CopiesDetached, nn.Module):
                                                running, stop)
                 if now_running is not running:
                     depth = torch.where(running & ~now_running, t + 1, depth)
-                    running = carry.fresh = now_running
+                    running = fresh = now_running
+                carry = carry.next(fresh)
                 if t + 1 in keep_states:
                     self.last_states[t + 1] = h
             if early_exit and (halting is not None or exits is not None):

@@ -1,9 +1,18 @@
+import copy
+import functools
 import math
 
+import pytest
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+from torch.utils.checkpoint import checkpoint
 
 from open_mythos import OpenMythos
-from open_mythos.layers import LoRAAdapter, LTIInjection
+from open_mythos.layers import LoRAAdapter, LTIInjection, TransformerBlock
 from tests.conftest import halting_model, tiny_config
 
 
@@ -137,6 +146,47 @@ def test_gradient_checkpointing_and_truncated_backprop(attn_type):
     assert "prelude.0.ffn.gate.weight" in trunc
     assert not torch.allclose(trunc["recurrent.block.attn.wo.weight"],
                               ref["recurrent.block.attn.wo.weight"])
+
+
+@pytest.mark.parametrize("wrap", ["checkpoint", "apply_activation_checkpointing"])
+@pytest.mark.parametrize("backprop_loops", [None, 2])
+def test_a_users_activation_checkpointing_of_the_looped_block(attn_type, wrap, backprop_loops):
+    """Checkpointing the looped block by PyTorch's own tools (not the built-in flag): each
+    recomputed loop attends over its own depth's keys and values, so the gradients and the
+    counted expert load equal those of the uncheckpointed model. Until 2026-12-07 every loop
+    read one carry that later loops overwrote: recomputation raised CheckpointError, or, with
+    truncated backprop, gave wrong gradients (``wv``'s zero) without a word."""
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+
+    def grads(model):
+        model.recurrent.block.ffn.load_since_update.zero_()
+        out = model(ids, n_loops=5, backprop_loops=backprop_loops)
+        (out.square().mean() + model.aux_loss).backward()
+        g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return g, model.recurrent.block.ffn.load_since_update.clone()
+
+    reference = halting_model(attn_type).train()
+    assert reference.cfg.use_act
+    wrapped = copy.deepcopy(reference)
+    if wrap == "checkpoint":
+        block = wrapped.recurrent.block
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    else:
+        apply_activation_checkpointing(
+            wrapped, check_fn=lambda m: isinstance(m, TransformerBlock),
+            checkpoint_wrapper_fn=functools.partial(
+                checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+        assert not isinstance(wrapped.recurrent.block, TransformerBlock)
+    ref, ref_load = grads(reference)
+    # The positions really halt at different loops: the carry mixes depths.
+    assert len(set(reference.recurrent.last_position_loops.flatten().tolist())) > 1
+    got, load = grads(wrapped)
+    names = {n.replace("._checkpoint_wrapped_module", "") for n in got}
+    assert names == set(ref)
+    for n, g in got.items():
+        torch.testing.assert_close(g, ref[n.replace("._checkpoint_wrapped_module", "")],
+                                   rtol=1e-5, atol=1e-7, msg=n)
+    assert torch.equal(load, ref_load)  # the recomputation counted nothing
 
 
 def test_truncated_backprop_keeps_the_balance_loss_strength():
