@@ -65,6 +65,14 @@ def _depth_index(d: object) -> object:
         return d
 
 
+def _tie_after_load(model: CausalLM, incompatible_keys: object) -> None:
+    """``load_state_dict(..., assign=True)`` (loading onto a model built on the meta
+    device) gives the embedding and the head a parameter each: tie them again, or they
+    would train apart and count twice."""
+    if model.head.weight is not model.embed.weight:
+        model.tie_weights()
+
+
 class CausalLM(nn.Module):
     """What every OpenMythos language model shares: input validation, the attention
     context (RoPE tables, causal and padding masks), cache bookkeeping, the logits head and
@@ -76,6 +84,10 @@ class CausalLM(nn.Module):
     rope_dim: int
     #: The causal convolution over the embeddings (``cfg.token_conv``), or None.
     token_conv: TokenConv | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_load_state_dict_post_hook(_tie_after_load)
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``to_empty`` unties them)."""

@@ -200,6 +200,36 @@ def test_meta_device_materialisation_equals_a_normal_build(kind):
     torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["looped", "baseline"])
+def test_loading_onto_a_meta_model_with_assign_keeps_the_head_tied(kind):
+    """PyTorch's way to load a large model: build it on the meta device, then
+    ``load_state_dict(state, assign=True)``. The assignment gave the head and the embedding
+    a parameter each (until 2026-12-07): counted twice, and trained apart by AdamW."""
+    from open_mythos.baseline import BaselineConfig, DenseBaseline
+
+    cfg, cls = tiny_config(), OpenMythos
+    if kind == "baseline":
+        cfg, cls = BaselineConfig(**{**cfg.to_dict(), "core_layers": 2}), DenseBaseline
+    torch.manual_seed(0)
+    ref = cls(cfg).train()
+    state = {k: v.clone() for k, v in ref.state_dict().items()}  # two distinct tensors
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.load_state_dict(state, assign=True)
+    model.train()
+    assert model.head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    ids = torch.randint(0, 97, (2, 12))
+    for m in (ref, model):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
+            opt.step()
+    torch.testing.assert_close(model.embed.weight, ref.embed.weight, rtol=0, atol=0)
+    assert model.head.weight is model.embed.weight
+
+
 def test_training_step_reduces_loss(attn_type):
     torch.manual_seed(0)
     model = OpenMythos(tiny_config(attn_type)).train()
@@ -389,3 +419,18 @@ def test_right_padding_on_the_cpu_takes_the_causal_kernel(attn_type):
     with torch.no_grad():
         model(ids, n_loops=3, attention_mask=mask.flip(-1))
     assert contexts[-1].mask is not None
+
+
+def test_torch_export_of_the_forward_with_a_dynamic_length(attn_type):
+    """``torch.export`` (PyTorch's graph export; TorchScript's ``jit.trace`` is not
+    supported) captures the eval forward at a fixed loop count, any sequence length."""
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(attn_type)).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    length = torch.export.Dim("T", min=2, max=model.cfg.max_seq_len)
+    program = torch.export.export(model, (ids,), kwargs={"n_loops": 3},
+                                  dynamic_shapes=({1: length}, None))
+    other = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(other, n_loops=3), model(other, n_loops=3),
+                                   rtol=1e-5, atol=1e-6)
