@@ -14,7 +14,11 @@ as compiling that shape costs (:attr:`AutoCompile.cost_s`), compile it. Whatever
 workload, the total time is then at most about twice what the better of "never compile"
 and "compile at once" would have spent in hindsight; one-off calls never compile, and a
 long session compiles after ``cost_s`` seconds. A shape already compiled for the model
-(by an earlier call, with or without ``compile=True``) is used at once. The estimate
+(by an earlier call, with or without ``compile=True``) is used at once, under dynamo's
+``"fail_on_recompile"`` stance: should the model have changed in a way that needs another
+graph (``cfg.act_threshold`` is part of the shape; a flag such as gradient checkpointing,
+frozen parameters or ``torch._dynamo.reset()`` are not), that call decodes eagerly and
+the shape starts counting again, rather than pausing to compile unannounced. The estimate
 starts at :data:`DEFAULT_COST_S` and becomes the compilation time this process measured,
 from compilations built from scratch only: a graph inductor's on-disk cache serves (a
 script run again) or one traced already for another model of the same structure takes a
@@ -45,7 +49,7 @@ import torch
 from ..devices import compile_unavailable
 
 __all__ = ["AutoCompile", "DEFAULT_COST_S", "ShapeKey", "auto_compile", "built_from_scratch",
-           "compile_counts", "instrumented"]
+           "compile_counts", "instrumented", "refused_recompile"]
 
 logger = logging.getLogger("open_mythos.inference")
 
@@ -55,8 +59,9 @@ DEFAULT_COST_S = 22.0
 
 #: What one compiled decode graph is specialised on besides the model: device type, batch
 #: size, cache bucket (:func:`~open_mythos.inference.static.cache_length`), loops, cache
-#: dtype and the model's parameter dtype.
-ShapeKey = tuple[str, int, int, int, torch.dtype, torch.dtype]
+#: dtype, the model's parameter dtype and its halting threshold (``cfg.act_threshold``, a
+#: constant of the graph that docs/inference.md tells users to change between calls).
+ShapeKey = tuple[str, int, int, int, torch.dtype, torch.dtype, "float | None"]
 
 
 @dataclass
@@ -144,6 +149,24 @@ class AutoCompile:
                 self.cost_s[key[0]] = seconds
             record.compiled.add(key)
 
+    def changed(self, model: torch.nn.Module, key: ShapeKey, error: BaseException) -> None:
+        """The graph compiled for ``model`` at ``key`` no longer fits it (the model changed
+        in a way the key does not hold: a flag, frozen parameters, the compiler's caches
+        reset): rather than recompile unannounced, that shape counts its eager steps
+        again from zero, as a new one."""
+        record = self._record(model)
+        with self._lock:
+            record.compiled.discard(key)
+            record.eager_s[key] = 0.0
+        device, batch, bucket, loops = key[:4]
+        reason = next((line.strip(" -") for line in str(error).splitlines()
+                       if line.strip().startswith("- ")), "")
+        logger.info(
+            "the compiled decode step (batch %d, cache %d, %d loops on %s) does not fit the "
+            "model any more%s; decoding eagerly, and compiling again once eager steps at "
+            "this shape have cost as much as compiling", batch, bucket, loops, device,
+            f" ({reason})" if reason else "")
+
     def failed(self, model: torch.nn.Module, key: ShapeKey, error: BaseException) -> None:
         """Compiling ``model`` at ``key`` failed: decode that shape eagerly from now on."""
         import warnings
@@ -158,6 +181,12 @@ class AutoCompile:
         with self._lock:
             self._records = weakref.WeakKeyDictionary()
             self.cost_s = {}
+
+
+def refused_recompile(error: BaseException) -> bool:
+    """Whether ``error`` is dynamo refusing to build a new graph under the
+    ``"fail_on_recompile"`` stance (a plain ``RuntimeError``; no type of its own)."""
+    return isinstance(error, RuntimeError) and "fail_on_recompile" in str(error)
 
 
 def compile_counts() -> tuple[int, int, int]:

@@ -20,7 +20,13 @@ import torch
 
 from ..config import check_flag, check_loops, whole_number
 from ..layers.recurrence import ExitRule, as_exit_rule
-from .autocompile import ShapeKey, auto_compile, built_from_scratch, compile_counts
+from .autocompile import (
+    ShapeKey,
+    auto_compile,
+    built_from_scratch,
+    compile_counts,
+    refused_recompile,
+)
 from .cache import KVCache, check_cache_dtype, check_depth_sharing
 from .sampling import SamplingParams, select_next
 from .static import CompiledDecoder, cache_length
@@ -229,8 +235,10 @@ def _shape_key(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int, 
     """What a compiled decode graph of ``model`` is specialised on for this call."""
     param = next(model.parameters())
     bucket = cache_length(input_ids.shape[1] + max_new_tokens, model.cfg.max_seq_len)
+    threshold = getattr(model.cfg, "act_threshold", None)
     return (param.device.type, input_ids.shape[0], bucket, n_loops,
-            cache_dtype or param.dtype, param.dtype)
+            cache_dtype or param.dtype, param.dtype,
+            None if threshold is None else float(threshold))
 
 
 class _Tracked:
@@ -258,14 +266,22 @@ class _Tracked:
             auto_compile.compiling(self.model, self.key)
         counts = compile_counts()
         start = time.perf_counter()
+        # A shape the policy believes compiled runs its graph or nothing: a model changed
+        # in a way the key does not hold would otherwise recompile unannounced.
+        reuse_only = self.auto and not new
         try:
-            logits = self.decoder.step(tok)
+            with (torch.compiler.set_stance("fail_on_recompile") if reuse_only
+                  else contextlib.nullcontext()):
+                logits = self.decoder.step(tok)
         except Exception as err:
             if not self.auto:
                 raise
-            auto_compile.failed(self.model, self.key, err)
+            if reuse_only and refused_recompile(err):
+                auto_compile.changed(self.model, self.key, err)
+            else:
+                auto_compile.failed(self.model, self.key, err)
             self.decoder, self.compiled = _eager_continuation(self.decoder), False
-            return self.decoder.step(tok)
+            return self.step(tok)
         auto_compile.compiled(self.model, self.key, time.perf_counter() - start if new else None,
                               from_scratch=built_from_scratch(counts, compile_counts()))
         return logits

@@ -162,6 +162,12 @@ def _compiled(device_type: str, shape: tuple[int, ...], copy: int = 0
     return copies[copy]
 
 
+def _compiled_copies(device_type: str, shape: tuple[int, ...]) -> int:
+    """How many copies of the compiled step :func:`_compiled` has made for this shape."""
+    cpp_wrapper = device_type == "cpu" and CPP_WRAPPER_ON_CPU
+    return len(_compiled_steps.get((device_type, cpp_wrapper, *shape), ()))
+
+
 def _may_skip_guards() -> bool:
     """Whether a repeated step may run with only the differentiating guards.
 
@@ -244,8 +250,13 @@ class CompiledDecoder:
     def _first_step(self, args: tuple) -> torch.Tensor:
         """The first compiled step: in the first copy of the shape's compiled step that has
         (or has room for) a graph for this model. Dynamo refuses a graph past its limit
-        before running anything, so the step is simply retried in the next copy."""
+        before running anything, so the step is simply retried in the next copy; under
+        the ``"fail_on_recompile"`` stance (a shape the automatic policy believes
+        compiled) a copy without this model's graph hands over to the next existing copy,
+        and the refusal reaches the caller when no copy has it."""
         from torch._dynamo import exc
+
+        from .autocompile import refused_recompile
 
         # torch < 2.7 names it FailOnCacheLimitHit.
         limit_hit = getattr(exc, "FailOnRecompileLimitHit", None) or exc.FailOnCacheLimitHit
@@ -253,8 +264,13 @@ class CompiledDecoder:
             try:
                 return self._step(*args)
             except limit_hit:
-                self._copy += 1
-                self._step = _compiled(self._device_type, self._shape, self._copy)
+                pass
+            except RuntimeError as err:
+                if not (refused_recompile(err) and _compiled_copies(
+                        self._device_type, self._shape) > self._copy + 1):
+                    raise
+            self._copy += 1
+            self._step = _compiled(self._device_type, self._shape, self._copy)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed (B,) tokens at the next position; return next-token logits (B, vocab)."""

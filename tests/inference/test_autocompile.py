@@ -47,7 +47,7 @@ def policy(monkeypatch):
 
 def _key(model, ids, new, n_loops):
     return ("cpu", ids.shape[0], static.cache_length(ids.shape[1] + new, model.cfg.max_seq_len),
-            n_loops, torch.float32, torch.float32)
+            n_loops, torch.float32, torch.float32, model.cfg.act_threshold)
 
 
 def test_eager_until_the_compile_cost_is_spent_then_compiled(policy):

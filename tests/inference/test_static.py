@@ -1,5 +1,7 @@
 """The fixed-shape (compilable) decode step against the eager model."""
 
+import logging
+
 import pytest
 import torch
 
@@ -115,7 +117,7 @@ def test_compile_refuses_act_early_exit():
 
 
 @pytest.mark.slow
-def test_compiled_generate_equals_eager(attn_type, monkeypatch):
+def test_compiled_generate_equals_eager(attn_type, monkeypatch, caplog):
     """torch.compile of the whole step (fullgraph): same greedy tokens as the eager path;
     the default (``compile=None``) then reuses the graph, with the same tokens."""
     from open_mythos.inference.autocompile import AutoCompile, built_from_scratch, compile_counts
@@ -130,7 +132,8 @@ def test_compiled_generate_equals_eager(attn_type, monkeypatch):
     counts = compile_counts()
     compiled = generate(model, ids, 8, 4, compile=True, **kw)
     assert torch.equal(eager, compiled)
-    key = ("cpu", 2, cache_length(15, model.cfg.max_seq_len), 4, torch.float32, torch.float32)
+    key = ("cpu", 2, cache_length(15, model.cfg.max_seq_len), 4, torch.float32, torch.float32,
+           model.cfg.act_threshold)
     assert policy.has_compiled(model, key)
     # The compilation time becomes the estimate only when the graph was built (not served
     # by inductor's on-disk cache from an earlier run, nor traced earlier in this process).
@@ -142,6 +145,22 @@ def test_compiled_generate_equals_eager(attn_type, monkeypatch):
     kw.pop("act_early_exit")  # the default's own choice: off, since it compiles
     assert torch.equal(generate(model, ids, 8, 4, **kw), eager)
     assert policy.eager_seconds(model, key) == 0.0
+    # A model changed in a way the graph holds: the default never recompiles unannounced.
+    # A new halting threshold is another shape (eager, counted); a flag the graph guards
+    # on (gradient checkpointing) makes the compiled shape count again from zero.
+    traced = compile_counts()[2]
+    model.cfg.act_threshold = 0.9
+    assert torch.equal(generate(model, ids, 8, 4, **kw), generate(model, ids, 8, 4, compile=False,
+                                                                   **kw))
+    assert policy.eager_seconds(model, (*key[:-1], 0.9)) > 0
+    model.cfg.act_threshold = key[-1]
+    model.recurrent.gradient_checkpointing = True
+    with caplog.at_level(logging.INFO, logger="open_mythos.inference"):
+        assert torch.equal(generate(model, ids, 8, 4, **kw), eager)
+    assert "does not fit the model any more" in caplog.text
+    assert not policy.has_compiled(model, key) and policy.eager_seconds(model, key) > 0
+    assert compile_counts()[2] == traced  # nothing was traced
+    model.recurrent.gradient_checkpointing = False
     # New weights, updated in place as training does, reach the compiled graph.
     model.load_state_dict(halting_model(attn_type, seed=1).state_dict())
     assert torch.equal(generate(model, ids, 8, 4, compile=True, **kw),
