@@ -151,6 +151,16 @@ class ModelConfig:
 
 
 ENCODING_ERRORS = ("strict", "replace", "ignore")
+
+#: ``run.seed`` is below this (the range of ``torch.manual_seed``); the seeds derived from
+#: it are reduced modulo it (:func:`derived_seed`).
+SEED_LIMIT = 1 << 64
+
+
+def derived_seed(*parts: int) -> int:
+    """``sum(parts)`` as a seed ``torch.manual_seed`` takes: the derived per-rank and
+    per-step seeds (``seed * 1009 + rank + 1``) of a 64-bit run seed overflowed it."""
+    return sum(parts) % SEED_LIMIT
 """Values of ``data.encoding_errors``: Python's codec error handlers that keep text text."""
 
 
@@ -351,7 +361,9 @@ class ScheduleConfig:
         warmup_steps: linear warmup from ``lr / warmup_steps`` to ``lr``.
         lr_decay: shape after warmup.
         min_lr_ratio: cosine floor as a fraction of ``lr``.
-        decay_steps: step at which the cosine reaches its floor; None means ``run.steps``.
+        decay_steps: 0-based step at which the cosine reaches its floor; None means
+            ``run.steps`` (the step after a run's last, as in Hugging Face's and
+            PyTorch's cosine schedules: the last update runs one step above the floor).
         loops: how each step's loop count is chosen (:class:`LoopMode`).
         n_loops: the fixed count, or the mean of the sampled counts.
         min_loops, max_loops: range of the curriculum and of uniform counts, clip range of
@@ -485,6 +497,8 @@ class RunConfig:
         for name in ("eval_every", "save_every", "keep_checkpoints", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)} must be >= 0")
+        if self.seed >= SEED_LIMIT:  # torch.manual_seed's range
+            raise ConfigError(f"run.seed={self.seed} must be below 2**64")
         if not (isinstance(self.dist_timeout, (int, float))
                 and not isinstance(self.dist_timeout, bool)
                 and 0 <= self.dist_timeout < math.inf):

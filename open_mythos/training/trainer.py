@@ -85,6 +85,7 @@ from .config import (
     Parallel,
     Precision,
     TrainConfig,
+    derived_seed,
     load_config,
     to_toml,
 )
@@ -485,8 +486,8 @@ class Trainer:
         if cfg.run.compile is not Compile.OFF:
             self._configure_compile()
         # Dropout and any other sampling differ per rank, reproducibly.
-        torch.manual_seed(cfg.run.seed * 1009 + ctx.rank + 1)
-        random.seed(cfg.run.seed * 1009 + ctx.rank + 1)
+        torch.manual_seed(derived_seed(cfg.run.seed * 1009, ctx.rank, 1))
+        random.seed(derived_seed(cfg.run.seed * 1009, ctx.rank, 1))
         if ckpt_dir is not None:
             self._restore(ckpt_dir)
 
@@ -742,7 +743,8 @@ class Trainer:
         if len(rngs) == ctx.world_size:
             set_rng_state(rngs[ctx.rank], ctx.device)
         else:  # resumed on another number of processes: reseed deterministically
-            torch.manual_seed(self.cfg.run.seed * 1009 + self.state.step * 7919 + ctx.rank)
+            torch.manual_seed(derived_seed(self.cfg.run.seed * 1009, self.state.step * 7919,
+                                           ctx.rank))
             reseeded = (f"; written by {len(rngs)} process(es), resumed on {ctx.world_size}: "
                         "the random streams are reseeded, so the run is no longer the "
                         "uninterrupted one bit for bit")

@@ -72,6 +72,7 @@ def test_bad_types_are_named(tmp_path, text, key, kind):
     ([("run.device", "tpu")], "run.device"),
     ([("run.dist_timeout", -1.0)], "run.dist_timeout"),
     ([("run.dist_timeout", float("inf"))], "run.dist_timeout"),
+    ([("run.seed", 2**64)], "run.seed"),
 ])
 def test_out_of_range_values_are_named(pairs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

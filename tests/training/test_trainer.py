@@ -171,6 +171,16 @@ def test_resume_in_process_is_exact(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_64_bit_seed_trains(tmp_path):
+    """Seeds up to 2**64 - 1 (torch.manual_seed's range; ``date +%s%N``, ``secrets.randbits(64)``):
+    the per-rank seed derived from it (seed * 1009 + rank + 1) overflowed it, a traceback
+    after the run directory was claimed."""
+    seed = 2**64 - 1
+    state = Trainer(tiny_config(tmp_path / "run", run__steps=2, run__seed=seed)).train()
+    assert state.step == 2
+    assert f"seed = {seed}" in (tmp_path / "run" / "config.toml").read_text()
+
+
 @pytest.mark.parametrize("parallel", ["none", "ddp", "fsdp"])
 def test_a_run_whose_halting_head_never_learns_resumes_exactly(tmp_path, parallel):
     """With ACT off the halting head never has a gradient, so the saved optimizer holds no
