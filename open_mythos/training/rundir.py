@@ -46,6 +46,7 @@ except ImportError:  # not a POSIX system: runs go unlocked (with a warning)
 LOCK_FILE = "run.lock"
 METRICS_FILE = "metrics.jsonl"
 REPLACED_METRICS_FILE = "metrics.replaced.jsonl"
+RESUMES_FILE = "resumes.jsonl"
 
 # flock errors that mean "this filesystem does not do locks", not "someone holds it".
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -207,3 +208,14 @@ def replace_metrics_after(run_dir: str | Path, step: int) -> int:
         fh.truncate(cut)
         os.fsync(fh.fileno())
     return len(tail.splitlines())
+
+
+def record_resume(run_dir: str | Path, record: dict) -> None:
+    """Append ``record`` (the step and checkpoint a run resumed from, what changed since)
+    as one JSON line to ``run_dir/resumes.jsonl``: ``config.toml`` holds only the newest
+    configuration and old checkpoints are pruned, so this is what keeps the history of a
+    run continued with other settings or other data."""
+    with open(Path(run_dir) / RESUMES_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())

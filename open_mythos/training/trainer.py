@@ -130,6 +130,7 @@ from .rundir import (
     RunDirError,
     RunLock,
     os_errors,
+    record_resume,
     replace_metrics_after,
 )
 from .runfiles import absolute_paths, changed_keys, copy_tokenizer
@@ -766,11 +767,38 @@ class Trainer:
         self._log(f"resumed from {ckpt_dir} at step {self.state.step}" + reseeded
                   + (f"; configuration changed since it was saved: {'; '.join(changes)}"
                      if changes else ""))
+        data_changed = self._data_changed(trainer_state)
+        if data_changed:
+            self._log(f"warning: the validation batches are not those the run evaluated on "
+                      f"up to step {self.state.step} (its data files changed since?): "
+                      "val_loss from here on is not comparable with the rows before, and "
+                      "the training batches may differ too")
+        if ctx.is_main:
+            with os_errors("write to", self.out):
+                record_resume(self.out, {
+                    "step": self.state.step, "checkpoint": ckpt_dir.name,
+                    "world_size": ctx.world_size, "changes": changes,
+                    "data_changed": data_changed})
         saved_batch = trainer_state.get("global_batch")
         if saved_batch is None:  # before 2026-12-05: from its configuration and rank count
             saved_batch = self._saved_global_batch(ckpt_dir, len(rngs))
         if saved_batch is not None and int(saved_batch) != self._global_batch:
             self._log(self._global_batch_changed(int(saved_batch)))
+
+    def _data_changed(self, trainer_state: dict) -> bool:
+        """Whether this run's validation batches differ from those the checkpoint's run
+        evaluated on (its fingerprint, recorded since 2026-12-07), on rank 0: the data
+        files changed between the two. Not checked where the data configuration or the
+        number of processes changed (the batches differ by design, and the change is
+        logged)."""
+        recorded = trainer_state.get("val_fingerprint")
+        if (not self.ctx.is_main or recorded is None
+                or int(trainer_state.get("world_size", 1)) != self.ctx.world_size
+                or any(change.startswith("data.") for change in self._config_changes)):
+            return False
+        self._val_fingerprint = val_fingerprint(self.data, iter_val_batches(
+            self.data, self.cfg.data.eval_batches, self.ctx.world_size))
+        return self._val_fingerprint is not None and self._val_fingerprint != recorded
 
     def _changes_since(self, ckpt: Path) -> list[str]:
         """The keys of this run's resolved configuration whose values differ from the one

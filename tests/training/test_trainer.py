@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import sys
 import types
@@ -674,3 +675,30 @@ def test_act_with_one_differentiated_loop_is_warned_about(tmp_path, capsys):
                         schedule__n_loops=3, schedule__backprop_loops=1,
                         optim__progressive_weight=0.5, optim__ponder_weight=0.05)).train()
     assert "optim.ponder_weight has no effect" in capsys.readouterr().err
+
+
+def test_a_resume_records_what_changed_and_notices_changed_data(tmp_path, capsys):
+    """``config.toml`` holds the newest settings and old checkpoints are pruned, so each
+    resume appends what it changed to ``resumes.jsonl``; data files changed between the
+    two runs (the validation batches' fingerprint differs from the checkpoint's) are
+    logged and recorded instead of resumed silently."""
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("the loops pay when they are trained well. " * 40)
+    common = dict(data__task="", data__text=[str(corpus)], data__seq_len=16,
+                  data__batch_size=2, run__save_every=2)
+    Trainer(tiny_config(tmp_path / "run", run__steps=2, **common)).train()
+    assert not (tmp_path / "run" / "resumes.jsonl").exists()
+    Trainer(tiny_config(tmp_path / "run", run__steps=4, optim__lr=1e-3, **common),
+            resume=True).train()
+    assert "validation batches are not those" not in capsys.readouterr().err
+    corpus.write_text(corpus.read_text() + "other text at the end. " * 30)
+    Trainer(tiny_config(tmp_path / "run", run__steps=6, optim__lr=1e-3, **common),
+            resume=True).train()
+    assert "validation batches are not those the run evaluated on up to step 4" in (
+        capsys.readouterr().err)
+    with open(tmp_path / "run" / "resumes.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    assert [(r["step"], r["checkpoint"], r["data_changed"]) for r in records] == [
+        (2, "step_00000002", False), (4, "step_00000004", True)]
+    assert "optim.lr: 0.003 -> 0.001" in records[0]["changes"]
+    assert not any(c.startswith("optim.lr") for c in records[1]["changes"])
