@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .config import MythosConfig, check_flag, check_loops, whole_number
 from .inference.cache import CacheStore, KVCache, as_cache_store
@@ -155,8 +156,8 @@ class CausalLM(nn.Module):
                 f"positions {start_pos}..{end - 1} exceed max_seq_len={self.cfg.max_seq_len} "
                 "(shorten the input or build the model with a larger max_seq_len)"
             )
-        if torch.compiler.is_compiling():
-            return start_pos
+        if torch.compiler.is_compiling() or input_ids.is_meta or is_fake(input_ids):
+            return start_pos  # (no values: shapes only, as in FLOP and memory estimates)
         if input_ids.device.type != "cuda":
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:

@@ -434,3 +434,27 @@ def test_torch_export_of_the_forward_with_a_dynamic_length(attn_type):
     with torch.no_grad():
         torch.testing.assert_close(program.module()(other, n_loops=3), model(other, n_loops=3),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_flops_and_shapes_on_the_meta_device_and_fake_tensors(attn_type):
+    """Shapes without values (the meta device, FakeTensorMode) as FLOP and memory estimates
+    of large configs use them: the forward skips the token-id range check (it read values
+    on the host) and ACT's early exit (no values to halt on), and counts the real FLOPs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model, ids):
+        with FlopCounterMode(display=False) as counter:
+            model(ids, n_loops=3).float().square().mean().backward()
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    real = flops(OpenMythos(tiny_config(attn_type)).train(), torch.randint(0, 97, (2, 12)))
+    with torch.device("meta"):
+        model, ids = OpenMythos(tiny_config(attn_type)).train(), torch.zeros(2, 12, dtype=torch.long)
+    assert flops(model, ids) == real
+    with torch.no_grad():  # eval: early exit on by default
+        assert model.eval()(ids, n_loops=3).shape == (2, 12, 97)
+    with FakeTensorMode():
+        model = OpenMythos(tiny_config(attn_type)).train()
+        assert flops(model, torch.zeros(2, 12, dtype=torch.long)) == real

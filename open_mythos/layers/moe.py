@@ -641,6 +641,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the experts' matmuls run in: the autocast dtype inside an autocast region
     (as ``nn.Linear`` would), else ``x``'s own."""
     device = x.device.type
+    if device == "meta":  # (autocast has no meta device: shapes only)
+        return x.dtype
     if x.is_floating_point() and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MythosConfig
@@ -563,7 +564,10 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         # the host after every loop, which splits the graph; and recompiling those pieces
         # for a second model crashed PyTorch 2.13 while it explained the recompilation (a
         # TypeError from its tensor-aliasing guard). The output is the same either way.
-        early_exit = early_exit and not torch.compiler.is_compiling()
+        # On the meta device and under FakeTensorMode (FLOP and memory estimates) there are
+        # no values to halt on: every loop runs.
+        early_exit = (early_exit and not torch.compiler.is_compiling()
+                      and not (h.is_meta or is_fake(h)))
         with self.block.ffn.shared_casts():  # expert weights cast once for all loops
             return self._loops(h, e, ctx, n_loops, early_exit, backprop_loops, keep_states,
                                exit_rule, lens)
