@@ -343,8 +343,7 @@ def session_rows(attn: str, prompt_len: int, new: int, n_loops: int, after_s: fl
     calls = []  # (phase, decode s, steps, call wall s, reference decode s)
     try:
         after = None
-        key = ("cpu", 1, static.cache_length(prompt_len + new, model.cfg.max_seq_len), n_loops,
-               torch.float32, torch.float32)
+        key = generation.shape_key(model, ids, new, n_loops, None)
         for _ in range(max_calls):
             was = policy.has_compiled(model, key)
             t0 = time.perf_counter()

@@ -160,12 +160,12 @@ def stream(
     auto = compile is None
     if auto:
         if exit_rule is None and asked_exit is not True and depth_sharing == "per_depth":
-            key = _shape_key(model, input_ids, max_new_tokens, n_loops, cache_dtype)
+            key = shape_key(model, input_ids, max_new_tokens, n_loops, cache_dtype)
         compile = key is not None and auto_compile.should_compile(model, key)
         if compile:
             act_early_exit = False
     elif compile:
-        key = _shape_key(model, input_ids, max_new_tokens, n_loops, cache_dtype)
+        key = shape_key(model, input_ids, max_new_tokens, n_loops, cache_dtype)
     with _inference(model):
         cache = KVCache(_cache_len(model, input_ids, max_new_tokens, compile), dtype=cache_dtype,
                         depth_sharing=depth_sharing)
@@ -230,7 +230,7 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
     return act_early_exit
 
 
-def _shape_key(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int, n_loops: int,
+def shape_key(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int, n_loops: int,
                cache_dtype: torch.dtype | None) -> ShapeKey:
     """What a compiled decode graph of ``model`` is specialised on for this call."""
     param = next(model.parameters())
