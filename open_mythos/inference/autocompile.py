@@ -18,7 +18,9 @@ long session compiles after ``cost_s`` seconds. A shape already compiled for the
 ``"fail_on_recompile"`` stance: should the model have changed in a way that needs another
 graph (``cfg.act_threshold`` is part of the shape; a flag such as gradient checkpointing,
 frozen parameters or ``torch._dynamo.reset()`` are not), that call decodes eagerly and
-the shape starts counting again, rather than pausing to compile unannounced. The estimate
+the shape starts counting again, rather than pausing to compile unannounced (on the main
+thread: the stance is process-wide, and set from a worker thread it would refuse the
+compilations of other threads). The estimate
 starts at :data:`DEFAULT_COST_S` and becomes the compilation time this process measured,
 from compilations built from scratch only: a graph inductor's on-disk cache serves (a
 script run again) or one traced already for another model of the same structure takes a

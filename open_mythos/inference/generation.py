@@ -29,7 +29,7 @@ from .autocompile import (
 )
 from .cache import KVCache, check_cache_dtype, check_depth_sharing
 from .sampling import SamplingParams, select_next
-from .static import CompiledDecoder, cache_length
+from .static import CompiledDecoder, cache_length, may_set_stance, stance
 
 if TYPE_CHECKING:
     from ..model import OpenMythos
@@ -267,11 +267,11 @@ class _Tracked:
         counts = compile_counts()
         start = time.perf_counter()
         # A shape the policy believes compiled runs its graph or nothing: a model changed
-        # in a way the key does not hold would otherwise recompile unannounced.
-        reuse_only = self.auto and not new
+        # in a way the key does not hold would otherwise recompile unannounced. (Not from
+        # a worker thread: the stance is process-wide, see static.may_set_stance.)
+        reuse_only = self.auto and not new and may_set_stance()
         try:
-            with (torch.compiler.set_stance("fail_on_recompile") if reuse_only
-                  else contextlib.nullcontext()):
+            with stance("fail_on_recompile") if reuse_only else contextlib.nullcontext():
                 logits = self.decoder.step(tok)
         except Exception as err:
             if not self.auto:

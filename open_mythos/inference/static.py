@@ -22,10 +22,11 @@ runs through inductor's C++ wrapper, and only a generation's first step evaluate
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -128,6 +129,23 @@ SKIP_REPEATED_GUARDS = True
 #: order they were made (a copy is added when the earlier ones are full, see :func:`_compiled`).
 _compiled_steps: dict[tuple, list[Callable[..., torch.Tensor]]] = {}
 
+#: Held by every change of the compiler's stance made while decoding, and by every first
+#: compiled step of a generation (it may compile): the stance is one process-wide value
+#: that each ``set_stance`` window restores on exit to what it found on entry, so the
+#: overlapping windows of two threads left it set for good (every later compilation in
+#: the process refused under "fail_on_recompile"), and another thread compiling inside
+#: such a window was refused. Compiled code a user runs in other threads at the same time
+#: is not covered.
+STANCE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def stance(name: str, **kwargs: object) -> Iterator[None]:
+    """``torch.compiler.set_stance(name, **kwargs)`` under :data:`STANCE_LOCK`."""
+    with STANCE_LOCK, torch.compiler.set_stance(name, **kwargs):
+        yield
+
+
 # torch >= 2.6 can skip the guards that do not tell cached graphs apart.
 _CAN_SKIP_GUARDS = "skip_guard_eval_unsafe" in inspect.signature(
     getattr(torch.compiler, "set_stance", lambda: None)).parameters
@@ -168,15 +186,15 @@ def _compiled_copies(device_type: str, shape: tuple[int, ...]) -> int:
     return len(_compiled_steps.get((device_type, cpp_wrapper, *shape), ()))
 
 
-def _may_skip_guards() -> bool:
-    """Whether a repeated step may run with only the differentiating guards.
-
-    Only under the default compiler stance (a stance the user set, such as ``force_eager``
-    or ``fail_on_recompile``, is kept), and only on the main thread: the stance is
-    process-wide, so setting it from a worker thread (a server) would also skip guards of
-    compiled code running in other threads.
-    """
-    if not (_CAN_SKIP_GUARDS and SKIP_REPEATED_GUARDS):
+def may_set_stance() -> bool:
+    """Whether decoding may change the compiler's stance for one call: torch has
+    ``set_stance`` (2.6 on), this is the main thread, and the stance is the default (one
+    the user set, such as ``force_eager`` or ``fail_on_recompile``, is kept). The stance is
+    process-wide: set from a worker thread (a server, a web app's thread pool) it would
+    also apply to compiled code the main thread runs meanwhile (its compilations refused
+    under "fail_on_recompile", its guards skipped); the library's own windows and first
+    steps are serialised by :data:`STANCE_LOCK`."""
+    if not hasattr(torch.compiler, "set_stance"):
         return False
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -184,6 +202,12 @@ def _may_skip_guards() -> bool:
 
     stance = getattr(eval_frame, "_stance", None)
     return stance is not None and stance.stance == "default" and stance.backend is None
+
+
+def _may_skip_guards() -> bool:
+    """Whether a repeated step may run with only the differentiating guards
+    (:data:`SKIP_REPEATED_GUARDS`, where torch can, and :func:`may_set_stance`)."""
+    return _CAN_SKIP_GUARDS and SKIP_REPEATED_GUARDS and may_set_stance()
 
 
 class CompiledDecoder:
@@ -287,10 +311,11 @@ class CompiledDecoder:
             # graphs apart (another model of the same shape) are evaluated. A model
             # changed between two steps of one generation (dtype, device, train mode) would
             # go unnoticed: see the ``stream`` docstring.
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            with stance("default", skip_guard_eval_unsafe=True):
                 logits = self._step(*args)
         elif self._compile and self._steps == 0:
-            logits = self._first_step(args)
+            with STANCE_LOCK:
+                logits = self._first_step(args)
         else:
             logits = self._step(*args)
         self._steps += 1

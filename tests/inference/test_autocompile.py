@@ -5,6 +5,8 @@ replaced by the uncompiled :func:`~open_mythos.inference.static.decode_step`), s
 tests do not pay a compilation; ``tests/inference/test_static.py`` compiles it for real.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -225,3 +227,44 @@ def test_compile_counts_reads_live_counters(tmp_path, monkeypatch):
     assert served[1] > built[1] and served[0] == built[0]
     assert not autocompile.built_from_scratch(built, served)
     torch._dynamo.reset()
+
+
+def test_threads_decoding_a_compiled_shape_leave_the_compiler_stance_as_it_was(policy):
+    """A generation's first step on a shape the policy has compiled runs under dynamo's
+    "fail_on_recompile" stance, one value for the whole process. Threads entering and
+    leaving that window concurrently each restored what they had found, and left the
+    process in "fail_on_recompile" for good: every later compilation refused. Worker
+    threads now set no stance (it would refuse other threads' compilations too)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch._dynamo import eval_frame
+
+    model = halting_model("gqa")
+    prompts = [torch.randint(0, 97, (1, 3 + i)) for i in range(4)]
+    want = [generate(model, p, 3, 2, do_sample=False, compile=False) for p in prompts]
+    generate(model, prompts[0], 3, 2, do_sample=False, compile=True)  # the shape: compiled
+
+    def work(k: int) -> bool:
+        return all(torch.equal(generate(model, prompts[(k + r) % 4], 3, 2, do_sample=False),
+                               want[(k + r) % 4]) for r in range(40))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+    assert eval_frame._stance.stance == "default"
+    assert policy.graph_calls > 4 * 40  # the threads' steps ran the compiled path
+
+
+def test_without_set_stance_a_compiled_shape_is_still_reused(policy, monkeypatch):
+    """torch 2.5 (pyproject allows it) has no ``torch.compiler.set_stance``: the check for
+    a changed model is skipped, not taken for a failed compilation (which turned the
+    shape eager for good)."""
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    model = halting_model("gqa")
+    ids = torch.randint(0, 97, (1, 5))
+    want = generate(model, ids, 4, 2, do_sample=False, compile=False)
+    assert torch.equal(generate(model, ids, 4, 2, do_sample=False, compile=True), want)
+    calls = policy.graph_calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(generate(model, ids, 4, 2, do_sample=False), want)
+    assert policy.graph_calls == calls + 3 and policy.has_compiled(model, _key(model, ids, 4, 2))
