@@ -426,15 +426,15 @@ class MoEFFN(CopiesDetached, nn.Module):
             frac = load.to(probs.dtype) / (n_real * k)
             mean_probs = (probs * real.unsqueeze(-1)).sum(dim=0) / n_real
         aux = self.n_experts * (frac * mean_probs).sum()
-        if _recomputing():
-            # An activation checkpoint's recomputation (a user's torch.utils.checkpoint
-            # around the looped block): its forward recorded and counted this already.
-            return out.to(x.dtype).reshape(shape)
-        # Compiled, recorded by every call: the built-in checkpointing's recomputation too
-        # (reading a flag here would give a compiled body another graph there, saving other
-        # tensors), and RecurrentBlock puts the forward's own values back after it.
+        # Recorded by every call, a checkpoint's recomputation too: the values are the
+        # forward's, and a recomputed RecurrentBlock (a checkpoint around it) reads them
+        # back. (The built-in checkpointing puts the forward's last loop back after it.)
         self.last_expert_load, self.last_aux_loss = load, aux
-        if self.training:
+        # Counted once: not by an eager recomputation inside the backward (a user's
+        # torch.utils.checkpoint around the looped block). Compiled, a flag read here would
+        # give the recomputation another graph, saving other tensors: the built-in
+        # checkpointing restores the count instead.
+        if self.training and not _recomputing():
             self.load_since_update.add_(load)
         return out.to(x.dtype).reshape(shape)
 

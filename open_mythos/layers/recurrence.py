@@ -341,6 +341,21 @@ class _Halting:
         return _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
 
 
+def _check_differentiated(carry: DepthCarry) -> None:
+    """Raise if a differentiated loop's block ran without autograd inside: the keys and
+    values it carries to the next depth would get no gradient. That is
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` (PyTorch's default when
+    ``use_reentrant`` is not given) around the looped block: its forward runs under
+    ``no_grad`` and only the block's output is differentiated."""
+    merged = carry.merged
+    if merged and not any(t.requires_grad for t in merged.values()):
+        raise RuntimeError(
+            "the looped block ran without autograd inside a differentiated loop "
+            "(torch.utils.checkpoint with use_reentrant=True around it?): the keys and values "
+            "it carries to the next loop would get no gradient. Use use_reentrant=False, or "
+            "model.recurrent.gradient_checkpointing = True")
+
+
 class RecurrentBlock(CopiesDetached, nn.Module):
     """One :class:`TransformerBlock` with MoE FFN, looped.
 
@@ -610,6 +625,8 @@ class RecurrentBlock(CopiesDetached, nn.Module):
             with torch.set_grad_enabled(tracked):
                 h_in, e_in = _take(h, rows), _take(e, rows)
                 h_new = self._step(h_in, e_in, t, sub_ctx, carry, A)
+                if tracked and h_in.requires_grad:
+                    _check_differentiated(carry)
                 work += h_new.shape[0]
                 aux.append(self.block.ffn.last_aux_loss)
                 tracked_aux += tracked

@@ -189,6 +189,20 @@ def test_a_users_activation_checkpointing_of_the_looped_block(attn_type, wrap, b
     assert torch.equal(load, ref_load)  # the recomputation counted nothing
 
 
+def test_a_reentrant_checkpoint_of_the_looped_block_is_refused():
+    """``use_reentrant=True`` (PyTorch's default when not given) runs the block under
+    ``no_grad``: the keys and values each loop carries to the next would get no gradient,
+    and the gradients came out silently wrong (relative error up to 1.6)."""
+    model = halting_model("gqa").train()
+    block = model.recurrent.block
+    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=True)
+    ids = torch.randint(0, 97, (2, 10))
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        model(ids, n_loops=3)
+    with torch.no_grad():  # without autograd nothing is lost: it runs
+        model(ids, n_loops=3)
+
+
 def test_truncated_backprop_keeps_the_balance_loss_strength():
     """With ``backprop_loops=k`` the balance loss reads the mean over every loop but
     differentiates as the mean over the ``k`` recorded loops: the mean over all would scale
