@@ -788,13 +788,15 @@ class Trainer:
     def _data_changed(self, trainer_state: dict) -> bool:
         """Whether this run's validation batches differ from those the checkpoint's run
         evaluated on (its fingerprint, recorded since 2026-12-07), on rank 0: the data
-        files changed between the two. Not checked where the data configuration or the
-        number of processes changed (the batches differ by design, and the change is
-        logged)."""
+        files changed between the two. Not checked where the data configuration, the seed
+        or the number of processes changed (the batches differ by design, and the change
+        is logged). A change that leaves the validation batches as they were (an edit
+        inside the training part of a corpus, of the same length) goes unnoticed."""
         recorded = trainer_state.get("val_fingerprint")
         if (not self.ctx.is_main or recorded is None
                 or int(trainer_state.get("world_size", 1)) != self.ctx.world_size
-                or any(change.startswith("data.") for change in self._config_changes)):
+                or any(change.startswith(("data.", "run.seed:"))
+                       for change in self._config_changes)):
             return False
         self._val_fingerprint = val_fingerprint(self.data, iter_val_batches(
             self.data, self.cfg.data.eval_batches, self.ctx.world_size))

@@ -702,3 +702,16 @@ def test_a_resume_records_what_changed_and_notices_changed_data(tmp_path, capsys
         (2, "step_00000002", False), (4, "step_00000004", True)]
     assert "optim.lr: 0.003 -> 0.001" in records[0]["changes"]
     assert not any(c.startswith("optim.lr") for c in records[1]["changes"])
+
+
+def test_a_resume_with_another_seed_is_not_taken_for_changed_data(tmp_path, capsys):
+    """A task's validation batches are drawn from the seed: changing it changes them by
+    design (the change is logged), not because data files changed."""
+    Trainer(tiny_config(tmp_path / "run", run__steps=2, run__save_every=2, run__seed=1)).train()
+    Trainer(tiny_config(tmp_path / "run", run__steps=4, run__save_every=2, run__seed=2),
+            resume=True).train()
+    assert "validation batches are not those" not in capsys.readouterr().err
+    with open(tmp_path / "run" / "resumes.jsonl") as fh:
+        (record,) = [json.loads(line) for line in fh]
+    assert record["changes"] == ["run.seed: 1 -> 2", "run.steps: 2 -> 4"]
+    assert record["data_changed"] is False
