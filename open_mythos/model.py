@@ -631,10 +631,11 @@ class OpenMythos(CausalLM):
         keep: Collection[int] = (),
         exit_rule: ExitRule | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        kept: dict[int, torch.Tensor] = {}  # this call's own (last_states is the module's)
         out = self.recurrent(x, x, ctx, n_loops, early_exit=early_exit,
                              backprop_loops=backprop_loops, keep_states=keep,
-                             exit_rule=exit_rule, lens=self.logit_lens)
-        return out, self.recurrent.last_states
+                             exit_rule=exit_rule, lens=self.logit_lens, states_out=kept)
+        return out, kept
 
     def cache_keys(self, n_loops: int) -> list[str]:
         return (self._input_cache_keys() + [f"prelude_{i}" for i in range(len(self.prelude))]

@@ -8,7 +8,7 @@ import torch
 from open_mythos import OpenMythos
 from open_mythos.baseline import DenseBaseline, matched_baseline_config
 
-from .conftest import equality_tolerance, tiny_config
+from .conftest import equality_tolerance, halting_model, tiny_config
 
 
 def _ids(cfg, B=2, T=10, seed=0):
@@ -232,3 +232,29 @@ def test_readout_depths_of_any_integer_kind():
             assert all(type(d) is int for d in got.depth_logits)
             for d in (1, 2, 3):
                 assert torch.equal(got.depth_logits[d], want.depth_logits[d])
+
+
+def test_a_readout_returns_its_own_states_when_another_call_runs_in_between():
+    """The kept loop states travel with the call, not through ``recurrent.last_states``
+    (the module's, which a call from another thread replaced between the loops and the
+    readout: depths went missing, or came from the other call's input)."""
+    torch.manual_seed(0)
+    model = halting_model("gqa").eval()
+    a, b = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (3, 5))
+    with torch.no_grad():
+        want = model(a, n_loops=4, readout_depths=[1, 2, 3, 4])
+    busy: list[int] = []
+
+    def another_call(module, args, out):  # what another thread's forward does meanwhile
+        if not busy:
+            busy.append(1)
+            model(b, n_loops=2)
+            busy.pop()
+
+    model.recurrent.register_forward_hook(another_call)
+    with torch.no_grad():
+        got = model(a, n_loops=4, readout_depths=[1, 2, 3, 4])
+    assert sorted(got.depth_logits) == [1, 2, 3, 4]
+    for d in (1, 2, 3, 4):
+        torch.testing.assert_close(got.states[d], want.states[d], rtol=0, atol=0)
+        torch.testing.assert_close(got.depth_logits[d], want.depth_logits[d], rtol=0, atol=0)

@@ -551,6 +551,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         keep_states: Collection[int] = (),
         exit_rule: ExitRule | None = None,
         lens: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        states_out: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run up to ``n_loops`` loops.
 
@@ -570,6 +571,8 @@ class RecurrentBlock(CopiesDetached, nn.Module):
             exit_rule: freeze each position once this :class:`ExitRule` fires (with
                 ``early_exit``, a sequence whose positions have all exited stops computing).
             lens: ``(b, T, dim) state -> (b, T, V) logits``, the readout of ``exit_rule``.
+            states_out: a dict that receives the ``keep_states`` states of this call
+                (:attr:`last_states` is the module's, which another thread's call replaces).
 
         Returns:
             (B, T, dim) in ``h``'s dtype: the ACT mixture of the loop states, or the last
@@ -585,16 +588,17 @@ class RecurrentBlock(CopiesDetached, nn.Module):
                       and not (h.is_meta or is_fake(h)))
         with self.block.ffn.shared_casts():  # expert weights cast once for all loops
             return self._loops(h, e, ctx, n_loops, early_exit, backprop_loops, keep_states,
-                               exit_rule, lens)
+                               exit_rule, lens, {} if states_out is None else states_out)
 
     def _loops(self, h: torch.Tensor, e: torch.Tensor, ctx: AttnContext, n_loops: int,
                early_exit: bool, backprop_loops: int | None, keep_states: Collection[int],
                exit_rule: ExitRule | None,
-               lens: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+               lens: Callable[[torch.Tensor], torch.Tensor] | None,
+               states: dict[int, torch.Tensor]) -> torch.Tensor:
         if keep_states and early_exit:
             raise ValueError("keep_states needs every loop of every row: not with early_exit")
         B, T, _ = h.shape
-        self.last_states = {}
+        self.last_states = states
         carry = DepthCarry()
         fresh: torch.Tensor | None = None  # positions still computing (None: all)
         halting = _Halting(h) if self.cfg.use_act else None
@@ -639,7 +643,7 @@ class RecurrentBlock(CopiesDetached, nn.Module):
                     running = fresh = now_running
                 carry = carry.next(fresh)
                 if t + 1 in keep_states:
-                    self.last_states[t + 1] = h
+                    states[t + 1] = h
             if early_exit and (halting is not None or exits is not None):
                 # A row stops once its real tokens have: padding never halts or exits on
                 # its own terms, and its state is never read.

@@ -188,3 +188,37 @@ def test_vocab_limit_bounds_greedy_and_sampled_choices():
     assert select_next(logits, SamplingParams(do_sample=False, vocab_limit=9)).tolist() == [3, 3]
     with pytest.raises(ValueError, match="vocab_limit"):
         SamplingParams(vocab_limit=0)
+
+
+def test_threads_sharing_one_model_get_what_they_would_alone():
+    """docs/inference.md, "One model, several threads": generation, streaming, readouts and
+    perplexity from four threads at once on one eval model equal single-threaded results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from open_mythos.evaluation.sweep import perplexity
+
+    model = halting_model("mla").eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (1 + i % 2, 3 + i), generator=gen) for i in range(4)]
+    padded = torch.randint(0, 97, (2, 5), generator=gen)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+
+    def work(i: int) -> tuple:
+        p = prompts[i]
+        with torch.no_grad():
+            readout = model(p, n_loops=3, readout_depths=[1, 2, 3])
+        return (generate(model, p, 5, 2 + i, do_sample=False, compile=False),
+                torch.cat(list(stream(model, padded, 4, 3, do_sample=False, compile=False,
+                                      attention_mask=mask))),
+                readout.depth_logits, perplexity(model, [p[:1].repeat(1, 3)], n_loops=2))
+
+    alone = [work(i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(work, [i for _ in range(5) for i in range(4)]))
+    for k, got in enumerate(together):
+        want = alone[k % 4]
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert sorted(got[2]) == [1, 2, 3]
+        for d in (1, 2, 3):
+            torch.testing.assert_close(got[2][d], want[2][d], rtol=0, atol=0)
+        assert got[3] == want[3]
