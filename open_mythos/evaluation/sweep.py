@@ -48,6 +48,7 @@ from torch import nn
 from ..config import whole_number
 from ..inference.generation import stream
 from ..layers.recurrence import ExitRule
+from ..modes import evaluating
 from ..registry import is_looped
 from ..tasks import (
     EOS_ID,
@@ -283,14 +284,10 @@ def _device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode without gradients; the previous mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    """Eval mode without gradients; the previous mode is restored (by the last of the
+    threads using ``model`` at once, :func:`open_mythos.modes.evaluating`)."""
+    with evaluating(model), torch.no_grad():
+        yield
 
 
 def check_splits_fit(model: nn.Module, task: Task, splits: Sequence[str], n_examples: int,

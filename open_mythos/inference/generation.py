@@ -20,6 +20,7 @@ import torch
 
 from ..config import check_flag, check_loops, whole_number
 from ..layers.recurrence import ExitRule, as_exit_rule
+from ..modes import evaluating
 from .autocompile import (
     ShapeKey,
     auto_compile,
@@ -376,15 +377,8 @@ def _inference(model: OpenMythos) -> Iterator[None]:
     not leave the caller's code (or another stream consumed in turn) without gradients or
     with the model in the wrong mode.
     """
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            model.train()
+    with evaluating(model), torch.no_grad():
+        yield
 
 
 #: The keyword options of :func:`stream` (and so of :func:`generate`).

@@ -222,3 +222,38 @@ def test_threads_sharing_one_model_get_what_they_would_alone():
         for d in (1, 2, 3):
             torch.testing.assert_close(got[2][d], want[2][d], rtol=0, atol=0)
         assert got[3] == want[3]
+
+
+def test_the_last_of_several_threads_restores_a_shared_models_mode():
+    """Thread A enters inference on a train-mode model, thread B enters, A leaves first:
+    B's forwards must still run in eval mode (each thread switching on its own put the
+    model back in train mode under B: dropout on, the expert load counted)."""
+    import threading
+
+    from open_mythos.inference.generation import _inference as evaluating
+
+    model = halting_model("gqa").train()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def a():
+        with evaluating(model):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with evaluating(model):
+            b_in.set()
+            a_out.wait(5)
+            seen.append(model.training)
+        seen.append(model.training)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [False, True]
+    assert all(m.training for m in model.modules())
