@@ -257,3 +257,8 @@ def test_the_last_of_several_threads_restores_a_shared_models_mode():
         t.join(10)
     assert seen == [False, True]
     assert all(m.training for m in model.modules())
+    # A submodule left in train mode under an eval model: eval inside, restored after.
+    model.eval().recurrent.train()
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+    assert model.recurrent.training and not model.training and not model.prelude.training
