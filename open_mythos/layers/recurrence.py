@@ -341,18 +341,23 @@ class _Halting:
         return _put(h, rows, torch.where(run_in.unsqueeze(-1), h_new, h_in))
 
 
-def _check_differentiated(carry: DepthCarry) -> None:
+def _check_differentiated(carry: DepthCarry, h: torch.Tensor, ffn: nn.Module) -> None:
     """Raise if a differentiated loop's block ran without autograd inside: the keys and
-    values it carries to the next depth would get no gradient. That is
-    ``torch.utils.checkpoint(..., use_reentrant=True)`` (PyTorch's default when
+    values it carries to the next depth, and its balance loss, would get no gradient. That
+    is ``torch.utils.checkpoint(..., use_reentrant=True)`` (PyTorch's default when
     ``use_reentrant`` is not given) around the looped block: its forward runs under
     ``no_grad`` and only the block's output is differentiated."""
     merged = carry.merged
-    if merged and not any(t.requires_grad for t in merged.values()):
+    lost_kv = h.requires_grad and merged and not any(t.requires_grad for t in merged.values())
+    aux, router = getattr(ffn, "last_aux_loss", None), getattr(ffn, "router", None)
+    lost_aux = (isinstance(aux, torch.Tensor) and not aux.requires_grad
+                and router is not None and router.weight.requires_grad)
+    if lost_kv or lost_aux:
         raise RuntimeError(
             "the looped block ran without autograd inside a differentiated loop "
             "(torch.utils.checkpoint with use_reentrant=True around it?): the keys and values "
-            "it carries to the next loop would get no gradient. Use use_reentrant=False, or "
+            "it carries to the next loop and its balance loss would get no gradient. Use "
+            "use_reentrant=False, or "
             "model.recurrent.gradient_checkpointing = True")
 
 
@@ -629,8 +634,8 @@ class RecurrentBlock(CopiesDetached, nn.Module):
             with torch.set_grad_enabled(tracked):
                 h_in, e_in = _take(h, rows), _take(e, rows)
                 h_new = self._step(h_in, e_in, t, sub_ctx, carry, A)
-                if tracked and h_in.requires_grad:
-                    _check_differentiated(carry)
+                if tracked:
+                    _check_differentiated(carry, h_in, self.block.ffn)
                 work += h_new.shape[0]
                 aux.append(self.block.ffn.last_aux_loss)
                 tracked_aux += tracked

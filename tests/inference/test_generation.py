@@ -257,8 +257,12 @@ def test_the_last_of_several_threads_restores_a_shared_models_mode():
         t.join(10)
     assert seen == [False, True]
     assert all(m.training for m in model.modules())
-    # A submodule left in train mode under an eval model: eval inside, restored after.
-    model.eval().recurrent.train()
+    # A model set to train mode inside an evaluation block: eval again for the next call,
+    # and put back in train mode when the block ends.
+    model.eval()
     with evaluating(model):
-        assert not any(m.training for m in model.modules())
-    assert model.recurrent.training and not model.training and not model.prelude.training
+        model.train()
+        with evaluating(model):
+            assert not any(m.training for m in model.modules())
+        assert not model.training
+    assert all(m.training for m in model.modules())

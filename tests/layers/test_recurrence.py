@@ -199,6 +199,10 @@ def test_a_reentrant_checkpoint_of_the_looped_block_is_refused():
     ids = torch.randint(0, 97, (2, 10))
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         model(ids, n_loops=3)
+    # One differentiated loop after loops without autograd: its input has no gradient to
+    # lose, but its balance loss (the router's gradient) would.
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        model(ids, n_loops=3, backprop_loops=1)
     with torch.no_grad():  # without autograd nothing is lost: it runs
         model(ids, n_loops=3)
 
