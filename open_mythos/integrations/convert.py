@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from ..checkpoints import (
     readable_as_umask_allows,
     save_weights,
     tied_parameters,
+    training_depth_recorded,
 )
 from ..registry import config_dict
 from ..tokenizers import (
@@ -409,6 +411,12 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     trained = read_training_depth(src)
     if trained is not None:
         metadata[DEPTH_METADATA] = str(trained)
+        if not training_depth_recorded(src):
+            warnings.warn(
+                f"{src} records no trained_depth (exported before 2026-12-07): its default "
+                f"n_loops ({trained}) is recorded as the depth it was trained at; if it was "
+                "exported with another --n-loops, evaluation and later exports of the copy "
+                "take the wrong depth", stacklevel=2)
     save_weights(state, out_dir / MODEL_FILE, metadata=metadata)
     (out_dir / MODEL_CONFIG_FILE).write_text(
         json.dumps(config_dict(loaded.cfg), indent=2) + "\n", encoding="utf-8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -132,8 +133,18 @@ def test_an_export_converted_back_records_the_trained_depth(run, tmp_path, capsy
 
     run_dir, model = run
     assert main(["export", str(run_dir), "--out", str(tmp_path / "hf"), "--n-loops", "5"]) == 0
-    back = hf_to_training(tmp_path / "hf", tmp_path / "back")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the export records its depth: nothing to say
+        back = hf_to_training(tmp_path / "hf", tmp_path / "back")
     assert read_training_depth(back) == load_model(back).n_loops == TRAINED
+    # An export older than trained_depth: its default n_loops is all there is, said so.
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "hf", old)
+    data = json.loads((old / "config.json").read_text())
+    del data["trained_depth"]
+    (old / "config.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="records no trained_depth.*n_loops \\(5\\)"):
+        hf_to_training(old, tmp_path / "old_back")
     assert main(["export", str(back), "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "config.json").read_text())["trained_depth"] == TRAINED
     # An HF directory that records its trained depth but no default n_loops (from_mythos
