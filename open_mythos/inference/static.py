@@ -170,7 +170,7 @@ def _compiled(device_type: str, shape: tuple[int, ...], copy: int = 0
     it. The price is a longer first compilation (it also compiles the wrapper).
     """
     cpp_wrapper = device_type == "cpu" and CPP_WRAPPER_ON_CPU
-    copies = _compiled_steps.setdefault((device_type, cpp_wrapper, *shape), [])
+    copies = _copies(device_type, shape)
     while len(copies) <= copy:
         code = decode_step.__code__.replace()  # a distinct code object: its own graph cache
         fn = types.FunctionType(code, decode_step.__globals__, decode_step.__name__,
@@ -180,10 +180,10 @@ def _compiled(device_type: str, shape: tuple[int, ...], copy: int = 0
     return copies[copy]
 
 
-def _compiled_copies(device_type: str, shape: tuple[int, ...]) -> int:
-    """How many copies of the compiled step :func:`_compiled` has made for this shape."""
+def _copies(device_type: str, shape: tuple[int, ...]) -> list[Callable[..., torch.Tensor]]:
+    """The compiled copies of :func:`decode_step` made so far for this device and shape."""
     cpp_wrapper = device_type == "cpu" and CPP_WRAPPER_ON_CPU
-    return len(_compiled_steps.get((device_type, cpp_wrapper, *shape), ()))
+    return _compiled_steps.setdefault((device_type, cpp_wrapper, *shape), [])
 
 
 def may_set_stance() -> bool:
@@ -290,8 +290,8 @@ class CompiledDecoder:
             except limit_hit:
                 pass
             except RuntimeError as err:
-                if not (refused_recompile(err) and _compiled_copies(
-                        self._device_type, self._shape) > self._copy + 1):
+                if not (refused_recompile(err)
+                        and len(_copies(self._device_type, self._shape)) > self._copy + 1):
                     raise
             self._copy += 1
             self._step = _compiled(self._device_type, self._shape, self._copy)

@@ -151,6 +151,7 @@ class ModelConfig:
 
 
 ENCODING_ERRORS = ("strict", "replace", "ignore")
+"""Values of ``data.encoding_errors``: Python's codec error handlers that keep text text."""
 
 #: ``run.seed`` is below this (the range of ``torch.manual_seed``); the seeds derived from
 #: it are reduced modulo it (:func:`derived_seed`).
@@ -161,7 +162,6 @@ def derived_seed(*parts: int) -> int:
     """``sum(parts)`` as a seed ``torch.manual_seed`` takes: the derived per-rank and
     per-step seeds (``seed * 1009 + rank + 1``) of a 64-bit run seed overflowed it."""
     return sum(parts) % SEED_LIMIT
-"""Values of ``data.encoding_errors``: Python's codec error handlers that keep text text."""
 
 
 @dataclass
