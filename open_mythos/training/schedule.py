@@ -28,10 +28,13 @@ class LRSchedule:
     ``lr(step)`` is the rate of the optimizer update of step ``step`` (0-based)::
 
         step < warmup:  base * (step + 1) / warmup
-        otherwise:      floor + (base - floor) * (1 + cos(pi * p)) / 2,
-                        p = min(1, (step - warmup) / max(1, decay_steps - warmup)),
-                        floor = base * min_lr_ratio          (cosine)
-                        base                                 (constant)
+        step < decay:   floor + (base - floor) * (1 + cos(pi * p)) / 2,
+                        p = (step - warmup) / (decay_steps - warmup)
+        otherwise:      floor = base * min_lr_ratio          (cosine)
+                        base                                 (constant, after warmup)
+
+    A ``decay_steps`` at or before the end of warmup means no cosine: the rate goes from
+    the end of warmup straight to the floor at step ``max(warmup, decay_steps)``.
     """
 
     base_lr: float
@@ -59,8 +62,10 @@ class LRSchedule:
             return self.base_lr * (step + 1) / self.warmup_steps
         if self.decay is LRDecay.CONSTANT:
             return self.base_lr
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps))
         floor = self.base_lr * self.min_lr_ratio
+        if step >= self.decay_steps:  # also where decay_steps <= warmup: no cosine at all
+            return floor
+        progress = (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps)
         return floor + (self.base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -1168,17 +1168,18 @@ class Trainer:
         """The metrics row of the step just taken."""
         opt = self.cfg.optim
         tokens = self._global_batch * self.data.seq_len
+        looped = is_looped(self.core)  # a dense baseline has no loops to log: null
         return {
             "step": self.state.step,
             "loss": _finite_or_none(sums.objective),
             "ce": _finite_or_none(sums.ce_sum / max(1.0, n_sup)),
-            "ponder": _finite_or_none(sums.ponder),
+            "ponder": _finite_or_none(sums.ponder) if looped else None,
             "aux": _finite_or_none(sums.aux),
             **({"loop_ce": _finite_or_none(sums.loop_ce_sum / max(1.0, n_sup))}
                if opt.loop_loss_weight else {}),
             "lr": lr,
             "grad_norm": _finite_or_none(grad_norm),
-            "loops": n_loops,
+            "loops": n_loops if looped else None,
             "tokens": tokens,
             "tokens_per_s": tokens / elapsed,
             "expert_load_max_over_mean": balance,
@@ -1344,7 +1345,7 @@ class Trainer:
             model.train()
         ce, n, correct = sums.tolist()
         return {"val_loss": ce / max(1.0, n), "val_acc": correct / max(1.0, n),
-                "val_loops": cfg.schedule.resolved_eval_loops}
+                "val_loops": cfg.schedule.resolved_eval_loops if is_looped(self.core) else None}
 
     def _record(self, row: dict[str, Any]) -> None:
         if not self.ctx.is_main:
@@ -1359,16 +1360,16 @@ class Trainer:
         if step % self.cfg.run.log_every == 0 or "val_loss" in row or row["skipped"]:
             loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
             with contextlib.suppress(OSError):
-                self.bar.set_postfix_str(f"loss {loss}  tok/s {row['tokens_per_s']:,.0f}  "
-                                         f"loops {row['loops']}  lr {row['lr']:.2e}",
-                                         refresh=False)
+                loops = "" if row["loops"] is None else f"  loops {row['loops']}"
+                self.bar.set_postfix_str(f"loss {loss}  tok/s {row['tokens_per_s']:,.0f}"
+                                         f"{loops}  lr {row['lr']:.2e}", refresh=False)
             if self.tb is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                         self.tb.add_scalar(f"train/{key}" if not key.startswith("val_")
                                            else f"val/{key[4:]}", value, step)
         if "val_loss" in row:
-            depth = f"  ({row['val_loops']} loops)" if is_looped(self.core) else ""
+            depth = "" if row["val_loops"] is None else f"  ({row['val_loops']} loops)"
             self._log(f"step {step}: val_loss {row['val_loss']:.4f}  val_acc "
                       f"{row['val_acc']:.3f}{depth}")
 

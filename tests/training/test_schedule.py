@@ -37,6 +37,16 @@ def test_warmup_cosine_matches_hand_formula():
     assert sched(110) == pytest.approx(3e-5) and sched(500) == pytest.approx(3e-5)
 
 
+@pytest.mark.parametrize("decay_steps", [0, 2, 4])
+def test_decay_at_or_before_warmup_end_reaches_the_floor_at_the_documented_step(decay_steps):
+    # "decay_steps: 0-based step at which the cosine reaches its floor" (docs/training.md);
+    # it used to run one step at the peak after warmup, then drop.
+    sched = LRSchedule(1e-3, 4, decay_steps, min_lr_ratio=0.1)
+    assert [sched(s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert [sched(s) for s in range(4, 8)] == pytest.approx([1e-4] * 4)
+    assert LRSchedule(1e-3, 0, 0)(0) == pytest.approx(1e-4)
+
+
 def test_constant_and_no_warmup():
     sched = LRSchedule(1e-3, 0, 100, decay=LRDecay.CONSTANT)
     assert {sched(s) for s in range(200)} == {1e-3}

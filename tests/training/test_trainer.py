@@ -565,6 +565,9 @@ def test_dense_baseline_trains_from_the_same_config(tmp_path, capsys):
     assert logged and not any("loops" in line for line in logged)
     rows = read_metrics(tmp_path / "base")
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
+    # Nor do its metrics (they logged the ignored schedule.n_loops as "loops" it never ran).
+    assert {(r["loops"], r["ponder"]) for r in rows} == {(None, None)}
+    assert rows[-1]["val_loops"] is None and rows[-1]["val_loss"] > 0
     model, model_cfg = load_checkpoint(tmp_path / "base")
     assert isinstance(model, DenseBaseline) and model_cfg.core_layers == 3
     assert model.head.weight is model.embed.weight
