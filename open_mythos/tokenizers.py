@@ -66,6 +66,12 @@ class Tokenizer(ABC):
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of a 1-D sequence of ids."""
 
+    def decode_piece(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` as a piece of a longer text (special tokens dropped), for
+        incremental decoding: without any clean-up that depends on the text around it.
+        The default is :meth:`decode`."""
+        return self.decode(ids)
+
     @property
     @abstractmethod
     def vocab_size(self) -> int:
@@ -388,6 +394,12 @@ class MythosTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (special tokens dropped by default, as upstream)."""
         return self.tokenizer.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_piece(self, ids: Sequence[int]) -> str:
+        """:meth:`decode` without ``clean_up_tokenization_spaces`` (which joins ``" n't"``
+        and the like, and so changes text already streamed when the next token comes)."""
+        return self.tokenizer.decode(_as_id_list(ids), skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the wrapped tokenizer's files so ``MythosTokenizer(directory)`` loads them."""

@@ -37,6 +37,8 @@ PLAIN_CHAT_STOP = "\nUser:"
 REPLACEMENT_CHAR = "\ufffd"
 # A UTF-8 character has at most 4 bytes, so at most 3 trailing tokens can be incomplete.
 MAX_PENDING_TOKENS = 3
+#: Prompt tokens decoded in front of the first generated token (see TextSequence).
+CONTEXT_TOKENS = 4
 
 
 class FinishReason:
@@ -90,9 +92,21 @@ class TextDelta:
 
 class TextSequence:
     """Decoding state of one generated sequence: its tokens, its text so far, how much of
-    that text was shown, and why it ended (``finish_reason``, None while it runs)."""
+    that text was shown, and why it ended (``finish_reason``, None while it runs).
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+    Text is decoded incrementally in a short window of tokens that starts a few tokens
+    before the first token whose text is not yet complete, with up to
+    :data:`CONTEXT_TOKENS` tokens of the prompt (``context``) in front of the first
+    generated one; a window's text is what its decode adds to the decode of its first
+    tokens. So a decoder that rewrites the start of a text (SentencePiece's dropped
+    leading space) sees the generated text as the continuation it is, a long generation
+    costs a constant amount of decoding per token, and what is shown never changes
+    afterwards: the pieces add up to the final text. Decoding uses
+    :meth:`~open_mythos.tokenizers.Tokenizer.decode_piece` (no clean-up of spaces around
+    punctuation, which would rewrite text already shown).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], context: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.ids: list[int] = []
@@ -104,6 +118,17 @@ class TextSequence:
         #: Characters of text before the last token added: where its text starts (a token
         #: ending inside a multi-byte character starts where that character does).
         self.last_offset = 0
+        # The window: prompt and generated tokens from ``_start``; the text of those before
+        # ``_read`` (``_done`` characters of it, every character whole) is in ``_head``.
+        context = [int(t) for t in context]
+        n = CONTEXT_TOKENS  # more where those spell no text (see _stable_text)
+        while not (prefix := tokenizer.decode_piece(context[-n:])) and n < len(context):
+            n *= 2
+        self._tokens = context[-n:]
+        if prefix.endswith(REPLACEMENT_CHAR):  # a prompt ending inside a character
+            self._tokens, prefix = [], ""
+        self._start, self._read, self._prefix = 0, len(self._tokens), prefix
+        self._head = ""
 
     def add(self, token: int, eos_token_id: int | None) -> str:
         """Add one generated token (the end-of-sequence token finishes the sequence);
@@ -118,7 +143,8 @@ class TextSequence:
         """Add one generated token; return the text that may be shown now."""
         self.ids.append(token)
         self.n_tokens += 1
-        full = self.tokenizer.decode(self.ids)
+        self._tokens.append(int(token))
+        full = self._head + self._window_text(len(self._tokens))
         # The text before this token is what the decodes with and without it share: a
         # trailing U+FFFD that the token completes is not counted, one it leaves (an
         # invalid byte) is; a token that adds nothing to a trailing U+FFFD is inside it.
@@ -131,24 +157,48 @@ class TextSequence:
             return self._take(len(self.text))
         return self._take(len(self.text) - _stop_prefix_len(self.text, self.stops))
 
-    def _stable_text(self, full: str) -> str:
-        """``full`` (the decode of ``ids``) without a trailing incomplete character.
+    def _window_text(self, end: int) -> str:
+        """The text of the window's tokens from ``_read`` to ``end``."""
+        return self.tokenizer.decode_piece(self._tokens[self._start:end])[len(self._prefix):]
 
-        A decode ending in U+FFFD may be a character whose remaining bytes are still to
-        come: drop up to :data:`MAX_PENDING_TOKENS` trailing tokens until it does not. If it
-        still does, the replacement character is final (invalid bytes), keep it.
+    def _stable_text(self, full: str) -> str:
+        """The part of ``full`` (the text of ``ids``) that no later token can change.
+
+        A text ending in U+FFFD may end with a character whose remaining bytes are still to
+        come: the text without the last 1, 2 or 3 tokens (a character has at most 4 bytes)
+        is tried until one does not end so. If each does, the shortest one's trailing
+        U+FFFD is an invalid byte (a character ending after it would span 5 tokens); it is
+        final. A window whose whole text is final moves on past it.
         """
-        text = full
-        for held in range(1, min(MAX_PENDING_TOKENS, len(self.ids)) + 1):
+        if not full.endswith(REPLACEMENT_CHAR):
+            self._head = full
+            # The window starts at the new tokens if they spell some text, else where it
+            # was: a decoder that treats a text's start apart (SentencePiece drops its
+            # leading space) must meet that start inside the window's first tokens.
+            prefix = self.tokenizer.decode_piece(self._tokens[self._read:])
+            if prefix:
+                self._start, self._prefix = self._read, prefix
+            else:
+                self._prefix = self.tokenizer.decode_piece(self._tokens[self._start:])
+            self._read = len(self._tokens)
+            del self._tokens[:self._start]
+            self._read -= self._start
+            self._start = 0
+            return full
+        end, text = len(self._tokens), full
+        for _ in range(MAX_PENDING_TOKENS):
+            if end <= self._read:
+                return self._head
+            end -= 1
+            text = self._head + self._window_text(end)
             if not text.endswith(REPLACEMENT_CHAR):
                 return text
-            text = self.tokenizer.decode(self.ids[:-held])
-        return full if text.endswith(REPLACEMENT_CHAR) else text
+        return text
 
     def finish(self, reason: str) -> str:
         """End the sequence (EOS or length); return everything not yet shown."""
         if self.finish_reason is None:
-            self._set_text(self.tokenizer.decode(self.ids))
+            self._set_text(self._head + self._window_text(len(self._tokens)))
             self.finish_reason = self.finish_reason or reason
         return self._take(len(self.text))
 
@@ -341,7 +391,7 @@ def stream_text(
     generator = None
     if options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
-    seqs = [TextSequence(tokenizer, options.stop) for _ in prompts]
+    seqs = [TextSequence(tokenizer, options.stop, context=p) for p in prompts]
     eos = tokenizer.eos_token_id
     n_loops = options.n_loops if options.n_loops is not None else model.cfg.max_loop_iters
 

@@ -62,7 +62,7 @@ class _Row:
                  vocab_limit: int):
         o = job.options
         self.job, self.index = job, index
-        self.text = TextSequence(tokenizer, o.stop)
+        self.text = TextSequence(tokenizer, o.stop, context=job.prompts[index // job.n])
         self.params = SamplingParams(o.do_sample, o.temperature, o.top_k, o.top_p, vocab_limit)
         self.generator: torch.Generator | None = None
         if o.do_sample:

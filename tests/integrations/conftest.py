@@ -211,3 +211,41 @@ def scripted_text(script: bytes, prompt_len: int, n_tokens: int) -> str:
     """What :class:`ScriptedModel` generates after a prompt of ``prompt_len`` tokens."""
     return bytes(script[(prompt_len - 1 + k) % len(script)] for k in range(n_tokens)).decode(
         "utf-8", errors="replace")
+
+
+def hf_tokenizers() -> dict:
+    """Three local Hugging Face tokenizers of the kinds generation meets: byte-level BPE
+    (GPT-2), SentencePiece-style BPE with byte fallback and a decoder that strips a text's
+    leading space (Llama, Mistral), and WordPiece with clean-up of spaces before
+    punctuation (BERT)."""
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    from open_mythos.tokenizers import MythosTokenizer
+
+    corpus = ["don't stop: the model is looped, isn't it? caf\u00e9 \u4e2d\u6587 \U0001F30D"] * 20
+    out = {}
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out["byte-level"] = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    sp = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=340, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    out["sentencepiece"] = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    wp = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.decoder = decoders.WordPiece()
+    wp.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[UNK]", "[SEP]"]))
+    out["wordpiece"] = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=wp, unk_token="[UNK]", eos_token="[SEP]", clean_up_tokenization_spaces=True)
+    return {name: MythosTokenizer.from_tokenizer(t) for name, t in out.items()}

@@ -304,3 +304,27 @@ def test_a_request_whose_sampling_raises_mid_decode_fails_alone(trained_model, m
         assert submit(s, "a dog", greedy)[1].texts(1)[0][1:] == ("length", 20)
     finally:
         s.stop()
+
+
+def test_served_text_continues_the_prompt_for_a_sentencepiece_tokenizer():
+    """A Llama-style decoder strips a text's first space: the server decoded the
+    completion's ids alone and so returned "is looped" after "the model" (the text ran on
+    as "the modelis looped"). Reference: the tokenizer's decode of prompt + completion, less
+    that of the prompt; two choices, each continuing its prompt."""
+    from tests.integrations.conftest import ScriptedModel, hf_tokenizers
+
+    tok = hf_tokenizers()["sentencepiece"]
+    prompt, completion = tok.encode("the model"), tok.encode(" is looped, isn't it?")
+    script = [0] * (len(prompt) - 1) + completion  # position p predicts script[p]
+    model = ScriptedModel(script, real_positions=True, vocab_size=tok.vocab_size)
+    s = Scheduler(model, tok).start()
+    try:
+        sink = Collector()
+        s.submit(Job([prompt], GenerationOptions(max_new_tokens=len(completion), do_sample=False),
+                     sink, n=2))
+        texts = sink.texts(2)
+    finally:
+        s.stop()
+    want = tok.decode(prompt + completion)[len(tok.decode(prompt)):]
+    assert want == " is looped, isn't it?"
+    assert texts == [(want, "length", len(completion))] * 2
