@@ -256,11 +256,19 @@ def task_tokenizer() -> ByteTokenizer:
 
 
 def _text(text: Any) -> str:
-    """``text`` when it is a ``str``; TypeError otherwise (bytes are decoded by the caller)."""
+    """``text`` when it is a ``str`` of valid Unicode; TypeError for another type (bytes are
+    decoded by the caller), ValueError for a lone UTF-16 surrogate (``"\\ud800"``, which
+    JSON can carry), which no UTF-8 tokenizer can encode."""
     if not isinstance(text, str):
         raise TypeError(f"encode takes a str, got {type(text).__name__}"
                         + (" (decode bytes first: data.decode('utf-8'))"
                            if isinstance(text, (bytes, bytearray)) else ""))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text holds a lone surrogate (\\u{ord(text[err.start]):04x}) at "
+                             f"character {err.start}: not valid Unicode, cannot be encoded") from None
     return text
 
 
@@ -392,14 +400,22 @@ class MythosTokenizer(Tokenizer):
                                           split_special_tokens=True))
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        """Text of ``ids`` (special tokens dropped by default, as upstream)."""
-        return self.tokenizer.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of ``ids`` (special tokens dropped by default, as upstream). Ids outside
+        ``[0, vocab_size)`` raise ``ValueError`` (a Hugging Face tokenizer drops them)."""
+        return self.tokenizer.decode(self._checked(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_piece(self, ids: Sequence[int]) -> str:
         """:meth:`decode` without ``clean_up_tokenization_spaces`` (which joins ``" n't"``
         and the like, and so changes text already streamed when the next token comes)."""
-        return self.tokenizer.decode(_as_id_list(ids), skip_special_tokens=True,
+        return self.tokenizer.decode(self._checked(ids), skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
+
+    def _checked(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        ids = _as_id_list(ids)
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"token id {bad} is outside [0, {self.vocab_size})")
+        return ids
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the wrapped tokenizer's files so ``MythosTokenizer(directory)`` loads them."""

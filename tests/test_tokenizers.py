@@ -107,6 +107,22 @@ def test_mythos_tokenizer_from_local_directory(tmp_path):
     assert tok.decode(inside) == "the dog<eos>the <tool> fox"
 
 
+def test_both_tokenizers_refuse_what_they_cannot_encode_or_decode():
+    """A lone surrogate (JSON's "\\ud800") and ids outside the vocabulary are ValueErrors
+    (a 400 from the server) for both tokenizers: the Hugging Face one raised a TypeError
+    naming TextEncodeInput (a 500) and dropped out-of-range ids from its text."""
+    hf = MythosTokenizer.from_tokenizer(_build_hf_tokenizer())
+    for tok in (ByteTokenizer(), hf):
+        with pytest.raises(ValueError, match=r"lone surrogate \(\\ud800\) at character 1"):
+            tok.encode("a\ud800b")
+        for bad in (tok.vocab_size, -1):
+            with pytest.raises(ValueError, match=f"token id {bad} is outside"):
+                tok.decode([5, bad])
+        assert tok.decode(tok.encode("caf\u00e9")) == "caf\u00e9"
+    with pytest.raises(ValueError, match="outside"):
+        hf.decode_piece([hf.vocab_size])
+
+
 def test_mythos_tokenizer_pads_with_eos_when_no_pad():
     hf = _build_hf_tokenizer()
     hf.pad_token = None

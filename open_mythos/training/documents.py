@@ -28,6 +28,8 @@ PIECE_CHARS = 1 << 20
 """A piece ends at the first line end after this many characters (see :func:`split_pieces`)."""
 READ_BYTES = 1 << 22
 """Bytes read from a text file at a time."""
+BOM = "\ufeff"
+"""A UTF-8 byte-order mark: dropped at the start of a text or JSON lines file."""
 
 
 class InputFormat(str, Enum):
@@ -112,9 +114,11 @@ def iter_documents(inp: Input, errors: str = "strict", text_field: str = "text",
 
 
 def read_text_file(path: str | Path, errors: str = "strict") -> Iterator[str]:
-    """The decoded text of a file, :data:`READ_BYTES` at a time (never the whole file)."""
+    """The decoded text of a file, :data:`READ_BYTES` at a time (never the whole file),
+    without a UTF-8 byte-order mark at its start (Windows tools write one; it is not text)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
     offset = 0  # bytes of the file handed to the decoder so far
+    start = True  # no text yielded yet
     with _open(path) as fh:
         while True:
             chunk = fh.read(READ_BYTES)
@@ -124,6 +128,8 @@ def read_text_file(path: str | Path, errors: str = "strict") -> Iterator[str]:
             except UnicodeDecodeError as err:
                 raise _not_utf8(path, offset - pending + err.start, err) from None
             offset += len(chunk)
+            if start and text:
+                text, start = text.removeprefix(BOM), False
             if text:
                 yield text
             if not chunk:
@@ -169,6 +175,8 @@ def _jsonl_texts(path: str, errors: str, field: str) -> Iterator[str]:
             except UnicodeDecodeError as err:
                 raise _not_utf8(path, offset + err.start, err, f"line {number}") from None
             offset += len(raw)
+            if number == 1:
+                line = line.removeprefix(BOM)
             if not line.strip():
                 continue
             try:

@@ -47,6 +47,16 @@ def test_text_reads_rows_of_local_datasets(tmp_path, offline_datasets, fmt):
         assert any(stream[i:i + 16] == row for i in range(len(stream) - 15))
 
 
+def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
+    """A UTF-8 file a Windows tool wrote starts with EF BB BF: a text file trained the mark
+    as document text, and a JSON lines file was refused ("Unexpected UTF-8 BOM") with no
+    setting to read it. A mark later in a text is text, and is kept."""
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfcaf\xc3\xa9\xef\xbb\xbf\n")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')
+    docs = _read_text_files([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
+    assert ["".join(doc) for doc in docs] == ["caf\u00e9\ufeff\n", "one", "two"]
+
+
 def test_text_mixes_plain_files_and_datasets(tmp_path, offline_datasets):
     paths = write_formats(tmp_path, offline_datasets)
     (tmp_path / "note.txt").write_text("plain text file")
