@@ -361,6 +361,13 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
     if options.compile and options.exit_rule is not None:  # stream's own check, up front
         raise ValueError("compile=True runs every loop in one fixed graph; exit rules need "
                          "compile=False")
+    if options.compile and options.depth_sharing != "per_depth":  # likewise
+        raise ValueError("the compiled decode step needs a per-depth cache "
+                         f"(depth_sharing={options.depth_sharing!r}): use compile=False")
+    n_loops = options.n_loops if options.n_loops is not None else model.default_n_loops
+    if options.draft_tokens and options.draft_loops > n_loops:  # speculative_stream's check
+        raise ValueError(f"draft_loops={options.draft_loops} is above n_loops={n_loops}: a "
+                         "draft runs at most the loops of the verification that checks it")
     longest = max(len(p) for p in prompts)
     if longest + options.max_new_tokens > limit:
         raise ValueError(
@@ -393,7 +400,7 @@ def stream_text(
         generator = torch.Generator(device=device).manual_seed(options.seed)
     seqs = [TextSequence(tokenizer, options.stop, context=p) for p in prompts]
     eos = tokenizer.eos_token_id
-    n_loops = options.n_loops if options.n_loops is not None else model.cfg.max_loop_iters
+    n_loops = options.n_loops if options.n_loops is not None else model.default_n_loops
 
     common = dict(do_sample=options.do_sample, temperature=options.temperature,
                   top_k=options.top_k, top_p=options.top_p, eos_token_id=eos, pad_token_id=pad,

@@ -91,3 +91,24 @@ def test_invalid_modes_and_compiled_decoding_are_refused():
         model(torch.randint(0, 97, (1, 3)), N_LOOPS, cache, 0)
     with pytest.raises(ValueError, match="per-depth"):
         CompiledDecoder(model, cache, N_LOOPS, 3, compile=False)
+
+
+def test_every_m_fills_a_kept_depth_from_the_kept_depth_a_stopped_position_read():
+    """A forward that stops at a depth in between (here 2 of 4 loops, depths 0 and 1, with
+    every:2) stores nothing for depth 1; a later, deeper forward fills depth 2 from the
+    depth 1 stands for, the kept depth 0 (docs/adaptive_inference.md). Reference: a
+    per-depth cache whose depth 1 is overwritten by depth 0 before the deeper forward."""
+    model = model_of("gqa")
+    ids = torch.randint(0, 97, (2, 7))
+    shared, ref = KVCache(7, depth_sharing="every:2"), KVCache(7)
+    with torch.no_grad():
+        model(ids[:, :5], 2, shared, 0)
+        model(ids[:, :5], 2, ref, 0)
+        bufs = ref.buffers()
+        for n, b in bufs["recurrent_loop_1"].items():
+            b[..., :5, :] = bufs["recurrent_loop_0"][n][..., :5, :]
+        got = model(ids[:, 5:], N_LOOPS, shared, 5)
+        want = model(ids[:, 5:], N_LOOPS, ref, 5)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(shared["recurrent_loop_2"]["k"][..., :5, :],
+                               shared["recurrent_loop_0"]["k"][..., :5, :])

@@ -206,6 +206,9 @@ def test_every_sequence_gets_exactly_one_final_delta():
     (GenerationOptions(), [[300]], "outside"),
     (GenerationOptions(), [], "no prompt"),
     (GenerationOptions(draft_tokens=2, draft_lens="none"), [[1]], "draft_lens"),
+    # These two were raised only once generation began, after the CLI echoed the prompt.
+    (GenerationOptions(draft_tokens=2, draft_loops=5, n_loops=4), [[1]], "draft_loops=5 is above"),
+    (GenerationOptions(compile=True, depth_sharing="last"), [[1]], "per-depth cache"),
 ])
 def test_validate_rejects_bad_requests_before_generating(options, prompts, match):
     with pytest.raises(ValueError, match=match):
