@@ -165,11 +165,15 @@ def loop_readout_ce_sum(
     answer_start: torch.Tensor | None = None,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rows: torch.Tensor | None = None,
+    output_depth: int | None = None,
 ) -> torch.Tensor:
     """``sum_d weights[d] * cross_entropy_sum(logits_d, targets_d)``, float32.
 
     ``targets_d`` is ``targets``, or with ``trace`` the per-step targets of
-    :func:`targets_at_depth`. ``readouts[d]`` are (B, T, V) logits, or with ``head`` (B, T,
+    :func:`targets_at_depth`, except at ``output_depth``: the depth whose readout is the
+    model's output (the Coda lens after a step's last loop), which keeps ``targets`` (the
+    answer, as the main cross-entropy asks of the same logits: a chain longer than the
+    step's loops would otherwise give them two targets). ``readouts[d]`` are (B, T, V) logits, or with ``head`` (B, T,
     dim) states that ``head`` maps to logits, applied to the supervised positions only.
     ``rows``: the readouts are logits (N, V) at these flat positions of ``targets``
     (``forward(..., logits_at=rows)``). Scale the sum like the main cross-entropy sum
@@ -178,7 +182,8 @@ def loop_readout_ce_sum(
     mask = targets != IGNORE_INDEX  # the same positions at every depth
     total = None
     for d, readout in readouts.items():
-        y = targets if trace is None else targets_at_depth(targets, answer_start, trace, d)
+        y = (targets if trace is None or d == output_depth
+             else targets_at_depth(targets, answer_start, trace, d))
         if head is None:
             term = cross_entropy_sum(readout, y if rows is None else y.flatten()[rows])
         else:

@@ -1279,7 +1279,7 @@ class Trainer:
                 out.states if head_lens else out.depth_logits, y,
                 loop_weights(depths, depths[-1], opt.loop_loss_gamma), trace, start,
                 head=(lambda h: self.core.head(self.core.norm(h))) if head_lens else None,
-                rows=rows)
+                rows=rows, output_depth=None if head_lens else n_loops)
             loop_ce = loop_sum.detach().double()
         else:
             logits = self.model(x, n_loops=n_loops, backprop_loops=backprop, logits_at=rows,
