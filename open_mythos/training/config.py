@@ -637,14 +637,12 @@ def to_toml(cfg: TrainConfig) -> str:
 
 
 def _build_model_section(raw: Mapping[str, Any]) -> ModelConfig:
-    from ..registry import KINDS  # a kind's extra keys (core_layers...) select that kind
+    from ..registry import KINDS
 
     hints: dict[str, Any] = {}
     for kind in KINDS.values():
         hints.update(typing.get_type_hints(kind.config_class))
-    allowed = {"variant": None, "kind": None, **{f.name: None for k in KINDS.values()
-                                               for f in dataclasses.fields(k.config_class)}}
-    _reject_unknown("key", raw, allowed, prefix="model.")
+    _reject_unknown("key", raw, dict.fromkeys(_model_keys()), prefix="model.")
     overrides = {}
     variant = None
     for key, value in raw.items():
@@ -667,11 +665,33 @@ def _build_section(cls: type, name: str, raw: Mapping[str, Any]) -> Any:
     return cls(**values)
 
 
+def _model_keys() -> set[str]:
+    from ..registry import KINDS  # a kind's extra keys (core_layers...) select that kind
+
+    return {"variant", "kind", *(f.name for k in KINDS.values()
+                                 for f in dataclasses.fields(k.config_class))}
+
+
+def _sections_holding(key: str) -> list[str]:
+    """The ``[section]`` names that have the key ``key``."""
+    out = []
+    for section in dataclasses.fields(TrainConfig):
+        keys = (_model_keys() if section.name == "model"
+                else {f.name for f in dataclasses.fields(section.default_factory)})
+        if key in keys:
+            out.append(section.name)
+    return out
+
+
 def _reject_unknown(kind: str, raw: Mapping[str, Any], known: Mapping[str, Any], prefix: str) -> None:
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            # A real key in another section is the likelier slip than a near-miss here.
+            home = _sections_holding(key) if kind == "key" else []
+            close = ([f"{home[0]}.{key}"] if home
+                     else [prefix + m for m in difflib.get_close_matches(key, list(known), n=1,
+                                                                          cutoff=0.5)])
+            hint = f"; did you mean '{close[0]}'?" if close else ""
             choices = ", ".join(sorted(known))
             if prefix == "model.":  # perhaps a field of a kind that user code registers
                 choices += USER_CODE_HINT

@@ -64,10 +64,12 @@ def resolve_inputs(paths: Iterable[str], fmt: InputFormat = InputFormat.AUTO) ->
     for path in map(Path, paths):
         if not path.exists() and path.expanduser().exists():
             path = path.expanduser()  # "~/corpus" quoted past the shell
-        if _is_prepared(path):
-            raise ConfigError(f"{str(path)!r} is a directory of prepared token shards "
-                              "(`openmythos prepare` output): train on it with --prepared "
+        what = _not_text_dir(path)
+        if what == PREPARED:
+            raise ConfigError(f"{str(path)!r} is {PREPARED}: train on it with --prepared "
                               "(data.prepared), not as text")
+        if what is not None:
+            raise ConfigError(f"{str(path)!r} is {what}, not text")
         if fmt in (InputFormat.AUTO, InputFormat.HF) and _is_saved_dataset(path):
             out.append(Input(str(path), InputFormat.HF))
         elif fmt is InputFormat.HF:
@@ -76,13 +78,12 @@ def resolve_inputs(paths: Iterable[str], fmt: InputFormat = InputFormat.AUTO) ->
             # Hidden files and directories (.git, .cache, ...) are not the corpus.
             files = sorted(f for f in path.rglob("*") if f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
-            nested = sorted({f.parent for f in files if f.name == "manifest.json"
-                             and _is_prepared(f.parent)})
+            nested = sorted((f.parent, what) for f in files if f.name == "manifest.json"
+                            and (what := _not_text_dir(f.parent)) is not None)
             if nested:
                 raise ConfigError(
-                    f"{str(nested[0])!r} inside the input {str(path)!r} is a directory of "
-                    "prepared token shards (`openmythos prepare` output), not text: move it "
-                    "out of the corpus or name the inputs one by one")
+                    f"{str(nested[0][0])!r} inside the input {str(path)!r} is {nested[0][1]}, "
+                    "not text: move it out of the corpus or name the inputs one by one")
             out += [Input(str(f), _format_of(f) if fmt is InputFormat.AUTO else fmt) for f in files]
         elif path.is_file():
             out.append(Input(str(path), _format_of(path) if fmt is InputFormat.AUTO else fmt))
@@ -332,10 +333,27 @@ def _format_of(path: Path) -> InputFormat:
     return InputFormat.TEXT
 
 
-def _is_prepared(path: Path) -> bool:
-    """Whether ``path`` is a directory ``openmythos prepare`` wrote (or began to)."""
-    return path.is_dir() and ((path / "manifest.json").is_file()
-                              or any(path.glob("tokens-*.bin")))
+PREPARED = "a directory of prepared token shards (`openmythos prepare` output)"
+
+
+def _not_text_dir(path: Path) -> str | None:
+    """What ``path`` is if it is a directory this library wrote that holds no text: the
+    output of ``openmythos prepare`` (or its start), or a training checkpoint."""
+    if not path.is_dir():
+        return None
+    if any(path.glob("tokens-*.bin")):
+        return PREPARED
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if str(manifest.get("format", "")).startswith("openmythos-tokens"):
+        return PREPARED
+    if "step" in manifest and "files" in manifest:
+        return "a training checkpoint (`openmythos train` output)"
+    return None
 
 
 def _is_saved_dataset(path: Path) -> bool:

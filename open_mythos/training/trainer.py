@@ -81,6 +81,7 @@ from .config import (
     Compile,
     ConfigError,
     DataConfig,
+    LoopMode,
     ModelConfig,
     Parallel,
     Precision,
@@ -193,13 +194,19 @@ def open_data(cfg: TrainConfig, world_size: int = 1) -> tuple[DataSource, Mythos
             f"data.{k}={getattr(cfg.data, k)!r} is not read by {where} (only by "
             f"{' and '.join(readers[k])} data): remove it, or set it to its default "
             f"{getattr(default, k)!r}" for k in unread))
+    # Every [model] check but the vocabulary's first: tokenising a corpus may take minutes.
+    _check_seq_len(cfg.data.seq_len, cfg.model.build(1))
     data = build_data_source(cfg.data, cfg.run.seed, world_size,
                              with_trace=cfg.optim.loop_targets)
     model_cfg = cfg.model.build(data.vocab_size)
-    if data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
-                          f"{model_cfg.max_seq_len}")
+    _check_seq_len(data.seq_len, model_cfg)
     return data, model_cfg
+
+
+def _check_seq_len(seq_len: int | None, model_cfg: MythosConfig) -> None:
+    if seq_len is not None and seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len="
+                          f"{model_cfg.max_seq_len}")
 
 
 @dataclass
@@ -330,6 +337,31 @@ def _as_random_state(s: Any) -> tuple:
     # A state that went through torch.save/load or broadcast_object may have lists for tuples.
     version, internal, gauss = s
     return (version, tuple(internal), gauss)
+
+
+def _schedule_warnings(cfg: TrainConfig, looped: bool, use_act: bool) -> list[str]:
+    """Settings that are valid but that this run cannot carry out as written (kept valid: a
+    run may be resumed with more steps, and its schedules are functions of the step)."""
+    sched, steps, out = cfg.schedule, cfg.run.steps, []
+    if sched.warmup_steps >= steps:
+        out.append(f"schedule.warmup_steps={sched.warmup_steps} is not below run.steps={steps}: "
+                   f"the learning rate never reaches optim.lr={cfg.optim.lr:g} (its last step "
+                   f"runs at {cfg.optim.lr * steps / max(1, sched.warmup_steps):.3g})")
+    if (looped and sched.loops is LoopMode.CURRICULUM and sched.curriculum_steps is not None
+            and sched.curriculum_steps > steps):
+        last = LoopSchedule.from_config(sched, steps, cfg.run.seed)(steps - 1)
+        if last < sched.max_loops:
+            out.append(f"schedule.curriculum_steps={sched.curriculum_steps} is past "
+                       f"run.steps={steps}: the curriculum ends at {last} loops, below "
+                       f"max_loops={sched.max_loops}, which the run records as its trained "
+                       "depth (the default depth of generate, sweep and export) and validates "
+                       "at unless schedule.eval_loops says otherwise; end the curriculum "
+                       "within the run")
+    if looped and cfg.optim.ponder_weight and not use_act:
+        out.append(f"optim.ponder_weight={cfg.optim.ponder_weight:g} with model.use_act = false: "
+                   "the ponder cost is the loop count, which no weight changes; the term adds "
+                   "a constant to the logged loss and trains nothing")
+    return out
 
 
 class Trainer:
@@ -516,6 +548,8 @@ class Trainer:
                       "gradient, and with optim.aux_weight = 0 its weights never train "
                       "(the router bias still balances the load); set optim.aux_weight > 0 "
                       "or model.n_experts_per_tok >= 2")
+        for line in _schedule_warnings(cfg, is_looped(self.core), mc.use_act):
+            self._log("warning: " + line)
         if is_looped(self.core) and mc.use_act and cfg.schedule.backprop_loops == 1:
             if not cfg.optim.progressive_weight:  # its forward differentiates k loops
                 self._log("warning: schedule.backprop_loops = 1 with ACT on differentiates "

@@ -40,6 +40,11 @@ def test_defaults_are_valid():
     ("[trainer]\nsteps = 3\n", ["section 'trainer'"]),
     ("[model]\ndimension = 64\n", ["'model.dimension'", "did you mean 'model.dim'"]),
     ("[run]\nstep = 3\n", ["'run.step'", "did you mean 'run.steps'"]),
+    # A real key in the wrong section: it got no hint, or the near-miss 'optim.eps'.
+    ("[optim]\nwarmup_steps = 3\n", ["did you mean 'schedule.warmup_steps'"]),
+    ("[optim]\nsteps = 3\n", ["did you mean 'run.steps'"]),
+    ("[model]\nlr = 0.1\n", ["did you mean 'optim.lr'"]),
+    ("[data]\nmax_seq_len = 64\n", ["did you mean 'model.max_seq_len'"]),
 ])
 def test_unknown_keys_are_named(tmp_path, text, names):
     with pytest.raises(ConfigError) as err:
@@ -250,3 +255,22 @@ def test_keys_their_source_does_not_read_are_refused(tmp_path, data, unread):
             open_data(cfg)
         assert all(f"data.{k}=" in str(err.value) for k in unread)
         assert "set it to its default" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ([("model.n_heads", 5)], "divisible by n_heads=5"),
+    ([("data.seq_len", 64), ("model.max_seq_len", 32)], "data.seq_len=64 exceeds"),
+])
+def test_model_errors_come_before_the_corpus_is_read(tmp_path, monkeypatch, overrides, match):
+    """A bad [model] key was reported only after the whole --text corpus was tokenised
+    (minutes for a large one, on every rank): the data must not be opened at all."""
+    from open_mythos.training import trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was opened before the model configuration was checked")
+
+    monkeypatch.setattr(trainer, "build_data_source", never)
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    cfg = load_config(None, [("data.text", [str(tmp_path / "a.txt")]), *overrides])
+    with pytest.raises(ConfigError, match=match):
+        trainer.open_data(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -610,6 +611,22 @@ def test_paths_as_users_write_them(corpus, tmp_path, monkeypatch, capsys):
     assert "prep1' inside the input" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="is a file"):
         build_data_source(DataConfig(prepared=str(root / "a.txt")), seed=0)
+    # A run trained into the corpus: its checkpoint is named as one (it was called
+    # prepared shards, having a manifest.json); a manifest of another kind is text.
+    shutil.rmtree(root / "prep1")
+    ckpt = root / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 1, "files": {}}))
+    with pytest.raises(ConfigError, match=r"step_00000001' inside the input .* is a training "
+                                          r"checkpoint \(`openmythos train` output\), not text"):
+        build_data_source(DataConfig(text=[str(root)]), seed=0)
+    with pytest.raises(ConfigError, match="step_00000001' is a training checkpoint"):
+        build_data_source(DataConfig(text=[str(ckpt)]), seed=0)
+    shutil.rmtree(root / "run")
+    (root / "site").mkdir()
+    (root / "site" / "manifest.json").write_text('{"text": "a web app"}')
+    source = build_data_source(DataConfig(text=[str(root)], seq_len=8, batch_size=1), seed=0)
+    assert source.vocab_size > 0
 
 
 def test_sigterm_stops_a_prepare_as_ctrl_c_does(corpus, tmp_path, monkeypatch, capsys):

@@ -651,6 +651,32 @@ def test_top1_routing_without_a_balance_loss_is_warned_about(tmp_path, capsys):
     assert "top-1 routing" not in capsys.readouterr().err
 
 
+def test_schedules_the_run_cannot_carry_out_are_warned_about(tmp_path, capsys):
+    """Warmup as long as the run (the rate never reaches optim.lr), a curriculum that ends
+    after the run (the run records max_loops as its trained depth, a depth it never
+    trained at), and a ponder weight with ACT off (a constant): accepted silently before.
+    Checked against the run's own metrics."""
+    from open_mythos.training.trainer import _schedule_warnings
+
+    cfg = tiny_config(tmp_path / "run", run__steps=4, schedule__warmup_steps=8,
+                      schedule__loops="curriculum", schedule__min_loops=1,
+                      schedule__max_loops=4, schedule__curriculum_steps=100,
+                      optim__ponder_weight=0.1, model__use_act=False)
+    Trainer(cfg).train()
+    err = capsys.readouterr().err
+    rows = read_metrics(tmp_path / "run")
+    assert max(r["lr"] for r in rows) < cfg.optim.lr and "never reaches optim.lr" in err
+    assert max(r["loops"] for r in rows) == 1
+    assert "the curriculum ends at 1 loops, below max_loops=4" in err
+    assert "with model.use_act = false" in err
+    fine = tiny_config(tmp_path / "fine", run__steps=20, schedule__warmup_steps=8,
+                       schedule__loops="curriculum", schedule__max_loops=4,
+                       schedule__curriculum_steps=20, optim__ponder_weight=0.1,
+                       model__use_act=True)
+    assert _schedule_warnings(fine, looped=True, use_act=True) == []
+    assert _schedule_warnings(cfg, looped=False, use_act=False)[1:] == []  # dense: no loops
+
+
 def test_act_with_one_differentiated_loop_is_warned_about(tmp_path, capsys):
     """backprop_loops = 1 differentiates only the last loop, whose halting weight is the
     remaining mass: the halting head got no gradient, the ponder penalty's neither."""
