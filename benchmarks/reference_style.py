@@ -21,7 +21,7 @@ every position has halted, which with its ACT initialisation happens after two l
 four (SPEC section 3.1); timing that would compare a different amount of work.
 
 Written for this benchmark from the specification; not the reference's code. Only its
-speed matters here; ``tests/test_benchmarks.py`` checks that it runs and learns.
+speed matters here; ``tests/test_train_benchmark.py`` checks that it runs and learns.
 """
 
 from __future__ import annotations
