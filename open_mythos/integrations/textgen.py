@@ -94,7 +94,7 @@ class TextSequence:
     """Decoding state of one generated sequence: its tokens, its text so far, how much of
     that text was shown, and why it ended (``finish_reason``, None while it runs).
 
-    Text is decoded incrementally in a short window of tokens that starts a few tokens
+    Text is decoded incrementally in a short window of tokens that starts a token or more
     before the first token whose text is not yet complete, with up to
     :data:`CONTEXT_TOKENS` tokens of the prompt (``context``) in front of the first
     generated one; a window's text is what its decode adds to the decode of its first
@@ -118,8 +118,9 @@ class TextSequence:
         #: Characters of text before the last token added: where its text starts (a token
         #: ending inside a multi-byte character starts where that character does).
         self.last_offset = 0
-        # The window: prompt and generated tokens from ``_start``; the text of those before
-        # ``_read`` (``_done`` characters of it, every character whole) is in ``_head``.
+        # The window ``_tokens``: the text of the generated tokens before it and of those
+        # in it before ``_read`` is ``_head`` (whole characters); ``_prefix``, the decode of
+        # ``_tokens[:_read]``, is what the decode of the whole window starts with.
         context = [int(t) for t in context]
         n = CONTEXT_TOKENS  # more where those spell no text (see _stable_text)
         while not (prefix := tokenizer.decode_piece(context[-n:])) and n < len(context):
@@ -127,7 +128,7 @@ class TextSequence:
         self._tokens = context[-n:]
         if prefix.endswith(REPLACEMENT_CHAR):  # a prompt ending inside a character
             self._tokens, prefix = [], ""
-        self._start, self._read, self._prefix = 0, len(self._tokens), prefix
+        self._read, self._prefix = len(self._tokens), prefix
         self._head = ""
 
     def add(self, token: int, eos_token_id: int | None) -> str:
@@ -159,7 +160,7 @@ class TextSequence:
 
     def _window_text(self, end: int) -> str:
         """The text of the window's tokens from ``_read`` to ``end``."""
-        return self.tokenizer.decode_piece(self._tokens[self._start:end])[len(self._prefix):]
+        return self.tokenizer.decode_piece(self._tokens[:end])[len(self._prefix):]
 
     def _stable_text(self, full: str) -> str:
         """The part of ``full`` (the text of ``ids``) that no later token can change.
@@ -177,13 +178,11 @@ class TextSequence:
             # leading space) must meet that start inside the window's first tokens.
             prefix = self.tokenizer.decode_piece(self._tokens[self._read:])
             if prefix:
-                self._start, self._prefix = self._read, prefix
+                del self._tokens[:self._read]
+                self._prefix = prefix
             else:
-                self._prefix = self.tokenizer.decode_piece(self._tokens[self._start:])
+                self._prefix = self.tokenizer.decode_piece(self._tokens)
             self._read = len(self._tokens)
-            del self._tokens[:self._start]
-            self._read -= self._start
-            self._start = 0
             return full
         end, text = len(self._tokens), full
         for _ in range(MAX_PENDING_TOKENS):
