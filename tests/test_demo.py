@@ -62,8 +62,16 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     (["--task-args", '{"ood_hops": 5}'], "ood_hops must be a (lo, hi) pair"),
     (["--task-args", '{"hops": [1, 3], "ood_hops": [4, 6], "statements": 20}'],
      "data.seq_len=84 exceeds model.max_seq_len=64"),
-    (["--set", "data.task=parity"], "task 'parity' takes no argument hops"),
-    (["--set", "run.out=elsewhere"], "the demo sets run.out, run.init_from itself"),
+    (["--set", "run.out=elsewhere"], "the demo sets run.out itself from its flags (and "
+                                     "reports it): use --out"),
+    # Keys its flags set: training took the --set value, the banner, sweep and demo.md the
+    # flag's (a sweep of a task the models never trained on).
+    (["--set", "data.task=parity"], "the demo sets data.task itself"),
+    (["--set", "data.task_args={hops = [1, 2]}"], "use --task-args"),
+    (["--set", "data.task_args.hops=[1, 2]"], "the demo sets data.task_args itself"),
+    (["--set", "run.steps=20"], "use --steps / --lookup-steps"),
+    (["--set", "data.batch_size=4"], "use --batch-size"),
+    (["--set", "model.max_loop_iters=5"], "use --train-loops"),
 ])
 def test_bad_arguments_fail_before_training(tmp_path, capsys, argv, message):
     assert main(["demo", "--out", str(tmp_path / "d"), *argv]) == 2

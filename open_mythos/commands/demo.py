@@ -82,7 +82,17 @@ DEMO_EXIT_RULE_ARGS: dict[str, int] = {"argmax_streak": 2, "min_loops": 2}
 DEFAULTS: dict[str, int] = {"steps": 1500, "lookup_steps": 600, "n_examples": 512,
                             "batch_size": 128}
 #: Training keys the demo sets itself per model and stage (``--set`` cannot move them).
-MANAGED_KEYS = ("run.out", "run.init_from")
+#: Keys the demo derives from its own flags (and states in its banner, sweeps and
+#: ``demo.md``): ``--set`` may not change them behind the flag's back.
+MANAGED_KEYS = {
+    "run.out": "--out", "run.init_from": "--out",
+    "data.task": "--task-args (the demo's task is multihop)", "data.task_args": "--task-args",
+    "data.batch_size": "--batch-size", "run.steps": "--steps / --lookup-steps",
+    "run.save_every": "--steps / --lookup-steps", "run.seed": "--seed",
+    "model.max_loop_iters": "--train-loops", "model.core_layers": "--train-loops",
+    "optim.loop_loss_weight": "--loop-loss", "optim.loop_targets": "--loop-loss",
+    "run.compile": "--compile",
+}
 #: The two stages: name -> settings besides the shared ones.
 STAGES: dict[str, dict[str, Any]] = {
     "lookup": {"optim.lr": 1e-3, "schedule.lr_decay": "constant"},
@@ -122,9 +132,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(1); default 2 when the machine has at least 2 cores")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE",
-                   help="override any training-config key of both models and stages, e.g. "
-                        "model.init_std=0.02 or optim.loop_loss_weight=0 (repeatable; see "
-                        "openmythos train --help)")
+                   help="override a training-config key of both models and stages, e.g. "
+                        "model.init_std=0.02 or model.token_conv=0 (repeatable; see "
+                        "openmythos train --help); not the keys the flags above set "
+                        "(--set data.batch_size: use --batch-size)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the training step's blocks and loop body; auto (the "
                         "default): on when a C++ compiler for inductor is found, off with "
@@ -575,9 +586,12 @@ def _check_args(args: argparse.Namespace) -> str | None:
         check_output_dir(args.out)
         get_task("multihop", **task_args)  # before the lookup stage's knobs are derived
         for text in args.overrides:
-            if parse_override(text)[0] in MANAGED_KEYS:
-                return (f"--set {text}: the demo sets {', '.join(MANAGED_KEYS)} itself "
-                        "(use --out)")
+            key = parse_override(text)[0]
+            managed = next((k for k in MANAGED_KEYS if key == k or key.startswith(k + ".")),
+                           None)
+            if managed is not None:
+                return (f"--set {text}: the demo sets {managed} itself from its flags (and "
+                        f"reports it): use {MANAGED_KEYS[managed]}")
         for kind in KINDS:  # every override must be valid for both models and stages
             for stage in stages(args):
                 cfg = train_config(args, Path(args.out) / kind, kind, stage)
