@@ -28,6 +28,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from open_mythos.commands.argtypes import positive_int
 from open_mythos.commands.demo import DEFAULT_TASK_ARGS
 from open_mythos.evaluation.sweep import sample_examples
 from open_mythos.tasks import get_task
@@ -77,10 +78,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="multihop's knobs as JSON (default: the demo's)")
     parser.add_argument("--splits", default="id,ood_hops",
                         help="comma-separated splits, e.g. id,ood_hops,hops=6")
-    parser.add_argument("--n-examples", type=int, default=512)
+    parser.add_argument("--n-examples", type=positive_int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    task = get_task("multihop", **args.task_args)
+    if not isinstance(args.task_args, dict):
+        parser.error("--task-args must be a JSON object")
+    try:  # every split drawn once before the table starts
+        task = get_task("multihop", **args.task_args)
+        for split in args.splits.split(","):
+            sample_examples(task, split, 1, seed=args.seed)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
     print(f"multihop {json.dumps(args.task_args)}, {args.n_examples} examples per split, "
           f"seed {args.seed}")
     print("| split | " + " | ".join(RULES) + " |")

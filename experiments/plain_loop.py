@@ -307,7 +307,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.fields = {k.split(".", 1)[1]: v for k, v in fields.items()}
         for name in args.tasks:  # ours of every task, built as run_recipe builds it
             _, _, vocab, max_len = task_sampler(RECIPES[name])
-            ours_config(RECIPES[name], vocab, max_len, args.fields)
+            cfg = ours_config(RECIPES[name], vocab, max_len, args.fields)
+            if cfg.max_seq_len < max_len or cfg.vocab_size < vocab:
+                raise ValueError(
+                    f"{name} needs max_seq_len >= {max_len} and vocab_size >= {vocab}, got "
+                    f"{cfg.max_seq_len} and {cfg.vocab_size}")
     except (TypeError, ValueError) as err:
         p.error(f"--model: {err}")
     if args.eval_examples is None:

@@ -76,3 +76,19 @@ def test_multihop_shortcut_rules_against_hand_solved_prompts():
     control = get_task("multihop", hops=(1, 3), ood_hops=(4, 6), statements=8, digits=3)
     acc = shortcuts.rule_accuracy(control, "hops=3", 64, 0)
     assert acc["guess"] == pytest.approx(1 / 3)  # three distinct digits in every prompt
+
+
+@pytest.mark.parametrize("script, args, message", [
+    # A bad split or count was a traceback (after the first rows of the table).
+    ("multihop_shortcuts.py", ["--splits", "id,ood_hop"], "unknown split 'ood_hop'"),
+    ("multihop_shortcuts.py", ["--n-examples", "0"], "must be a positive integer"),
+    ("multihop_shortcuts.py", ["--task-args", "[1]"], "--task-args must be a JSON object"),
+    # A model too short for the task failed only after the plain model had trained.
+    ("plain_loop.py", ["--tasks", "parity", "--model", "max_seq_len=8"],
+     "parity needs max_seq_len >= 24"),
+])
+def test_experiment_arguments_fail_before_any_work(script, args, message):
+    done = subprocess.run([sys.executable, str(LAB.parent / script), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not done.stdout
