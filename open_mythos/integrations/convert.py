@@ -355,7 +355,8 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
     fmt, ckpt_dir = detect_format(checkpoint)
     if fmt is not CheckpointFormat.TRAINING:
         raise ValueError(f"{str(checkpoint)!r} is a Hugging Face directory, not a training "
-                         "checkpoint")
+                         "checkpoint: it is already an export (open_mythos.integrations.convert."
+                         "hf_to_training turns it back into a training checkpoint)")
     loaded = load_model(ckpt_dir)  # the weights are checked before anything is written
     source = _tokenizer_source(loaded, tokenizer)
     if source is not None:
