@@ -61,7 +61,7 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     # What only training used to see (a traceback from a worker, exit 1):
     (["--task-args", '{"ood_hops": 5}'], "ood_hops must be a (lo, hi) pair"),
     (["--task-args", '{"hops": [1, 3], "ood_hops": [4, 6], "statements": 20}'],
-     "data.seq_len=84 exceeds model.max_seq_len=64"),
+     "task 'multihop''s longest sequence is 84 tokens, above model.max_seq_len=64"),
     (["--set", "run.out=elsewhere"], "the demo sets run.out itself from its flags (and "
                                      "reports it): use --out"),
     # Keys its flags set: training took the --set value, the banner, sweep and demo.md the

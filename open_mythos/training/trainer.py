@@ -199,6 +199,13 @@ def open_data(cfg: TrainConfig, world_size: int = 1) -> tuple[DataSource, Mythos
     data = build_data_source(cfg.data, cfg.run.seed, world_size,
                              with_trace=cfg.optim.loop_targets)
     model_cfg = cfg.model.build(data.vocab_size)
+    if cfg.data.seq_len is None and data.seq_len > model_cfg.max_seq_len:  # not the user's
+        what = (f"task {cfg.data.task!r}'s longest sequence" if cfg.data.source == "task"
+                else f"the default data.seq_len for {cfg.data.source} data")
+        raise ConfigError(f"{what} is {data.seq_len} tokens, above model.max_seq_len="
+                          f"{model_cfg.max_seq_len}: raise model.max_seq_len, or "
+                          + ("shorten the task (data.task_args)" if cfg.data.source == "task"
+                             else "set data.seq_len"))
     _check_seq_len(data.seq_len, model_cfg)
     return data, model_cfg
 

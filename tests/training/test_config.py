@@ -257,6 +257,22 @@ def test_keys_their_source_does_not_read_are_refused(tmp_path, data, unread):
         assert "set it to its default" in str(err.value)
 
 
+@pytest.mark.parametrize("pairs, match", [
+    ([("data.task", "parity"), ("model.max_seq_len", 8)],
+     r"task 'parity''s longest sequence is 27 tokens, above model.max_seq_len=8: raise "
+     r"model.max_seq_len, or shorten the task \(data.task_args\)"),
+    ([("data.task", "parity"), ("data.seq_len", 30), ("model.max_seq_len", 8)],
+     "data.seq_len=30 exceeds model.max_seq_len=8"),
+])
+def test_a_sequence_length_too_long_says_where_it_came_from(pairs, match):
+    """A task's own length was reported as "data.seq_len=27 exceeds ...", a key the user
+    never set."""
+    from open_mythos.training.trainer import open_data
+
+    with pytest.raises(ConfigError, match=match):
+        open_data(load_config(None, pairs))
+
+
 @pytest.mark.parametrize("overrides, match", [
     ([("model.n_heads", 5)], "divisible by n_heads=5"),
     ([("data.seq_len", 64), ("model.max_seq_len", 32)], "data.seq_len=64 exceeds"),
