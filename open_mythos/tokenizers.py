@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -71,6 +72,12 @@ class Tokenizer(ABC):
         incremental decoding: without any clean-up that depends on the text around it.
         The default is :meth:`decode`."""
         return self.decode(ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for inside a text (a special token: its name): what
+        logprobs show, so that tokens that are parts of one character differ. The default
+        is the UTF-8 of the token decoded alone with its special name."""
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     @property
     @abstractmethod
@@ -216,6 +223,12 @@ class ByteTokenizer(Tokenizer):
         parts.append(buf.decode("utf-8", errors="replace"))
         return "".join(parts)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The byte of a byte token; a special token's name."""
+        if 0 <= token_id < self.N_BYTES:
+            return bytes([token_id])
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``byte_tokenizer.json`` into ``directory`` (created if needed), return its path."""
         path = Path(directory) / BYTE_TOKENIZER_FILE
@@ -245,6 +258,25 @@ class ByteTokenizer(Tokenizer):
     def __repr__(self) -> str:
         bos = ", add_bos_token=True" if self.add_bos_token else ""
         return f"ByteTokenizer(vocab_size={self.vocab_size}{bos})"
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte in a byte-level
+    BPE vocabulary (printable Latin-1 bytes as themselves, the rest from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _gpt2_byte_chars()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def task_tokenizer() -> ByteTokenizer:
@@ -409,6 +441,47 @@ class MythosTokenizer(Tokenizer):
         and the like, and so changes text already streamed when the next token comes)."""
         return self.tokenizer.decode(self._checked(ids), skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token inside a text, from its vocabulary entry through the
+        decoder's own rules: a byte-level (GPT-2) token's bytes, a byte-fallback token
+        ``<0xNN>`` its byte, SentencePiece's ``▁`` a space, a WordPiece token without its
+        ``##`` or, starting a word, with the space before it. A special token is its name;
+        under a decoder of another kind, the token is decoded alone."""
+        (token_id,) = self._checked([token_id])
+        hf = self.tokenizer
+        piece = hf.convert_ids_to_tokens(token_id)
+        if token_id in hf.all_special_ids or not isinstance(piece, str):
+            return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        raw: bytes | None = None
+        for step in self._decoder_steps():
+            kind = step.get("type")
+            if kind == "ByteLevel" and all(c in _BYTE_OF_CHAR for c in piece):
+                raw = bytes(_BYTE_OF_CHAR[c] for c in piece)
+            elif kind == "ByteFallback" and (m := _BYTE_FALLBACK.fullmatch(piece)):
+                raw = bytes([int(m.group(1), 16)])
+            elif kind == "Replace" and "String" in step.get("pattern", {}):
+                piece = piece.replace(step["pattern"]["String"], step.get("content", ""))
+            elif kind == "Metaspace":
+                piece = piece.replace(step.get("replacement", "\u2581"), " ")
+            elif kind == "WordPiece":
+                prefix = step.get("prefix", "##")
+                piece = piece[len(prefix):] if piece.startswith(prefix) else " " + piece
+            elif kind not in ("Fuse", "Strip", "ByteLevel", "ByteFallback"):
+                return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        return raw if raw is not None else piece.encode("utf-8")
+
+    def _decoder_steps(self) -> list[dict[str, Any]]:
+        """The backend decoder's steps in order (a ``Sequence`` flattened); ``[{"type":
+        None}]`` (decode alone) without a ``tokenizers`` backend or decoder."""
+        steps = getattr(self, "_steps", None)
+        if steps is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+            steps = [{"type": None}] if decoder is None else (
+                decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder])
+            self._steps = steps
+        return steps
 
     def _checked(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
         ids = _as_id_list(ids)

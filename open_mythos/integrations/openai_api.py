@@ -8,6 +8,8 @@ checked by :mod:`open_mythos.integrations.server` against its :class:`ServeLimit
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -308,13 +310,23 @@ class CompletionLogprobs:
             # As OpenAI's: the top alternatives and always the chosen token (so up to
             # logprobs + 1 entries; logprobs=0 gives the chosen token alone).
             self.top_logprobs.append(None if e.logprob is None else
-                                     {**{tok: lp for _, tok, lp in e.top}, e.token: e.logprob})
+                                     _by_text([*((t, lp) for _, t, lp in e.top),
+                                               (e.token, e.logprob)]))
             self.text_offset.append(self.offset + e.offset)
         return self
 
     def body(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
                 "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+def _by_text(pairs: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """``{token text: logprob}``, the larger logprob where two tokens show the same text
+    (so a client's "is the chosen token the most likely" cannot be fooled by a collision)."""
+    out: dict[str, float] = {}
+    for text, lp in pairs:
+        out[text] = max(lp, out.get(text, -math.inf))
+    return out
 
 
 def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> list[dict[str, Any]]:

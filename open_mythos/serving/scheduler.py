@@ -37,7 +37,7 @@ from ..inference.sampling import SamplingParams, select_next
 from ..integrations.textgen import FinishReason, TextSequence, vocab_bound
 from ..layers.recurrence import ExitRule
 from ..model import CausalLM
-from ..tokenizers import ByteTokenizer, Tokenizer
+from ..tokenizers import Tokenizer
 from .batch import DecodeBatch, Prefill, prefill_together
 from .jobs import (
     Job,
@@ -49,7 +49,7 @@ from .jobs import (
     SeqDelta,
     ServeLimits,
     TokenLogprob,
-    byte_token_text,
+    shown_token,
 )
 
 __all__ = ["Scheduler", "derive_seed"]
@@ -380,12 +380,11 @@ class Scheduler:
 
     # --- logprobs ------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str:
-        """How a single token is shown in logprobs (a lone byte of a multi-byte character
-        of the byte tokenizer as ``bytes:\\xNN``)."""
-        if isinstance(self.tokenizer, ByteTokenizer) and token_id < ByteTokenizer.N_BYTES \
-                and token_id >= 0x80:
-            return byte_token_text(token_id)
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        """How a single token is shown in logprobs: its bytes in a text
+        (:meth:`~open_mythos.tokenizers.Tokenizer.token_bytes`) as text, or as
+        ``bytes:\\xNN...`` when they are part of a multi-byte character (a Hugging Face
+        tokenizer's decode showed every such token as the same U+FFFD)."""
+        return shown_token(self.tokenizer.token_bytes(token_id))
 
     def _token_logprob(self, logits: torch.Tensor, tok: int, top: int,
                        offset: int) -> TokenLogprob:

@@ -230,7 +230,7 @@ def hf_tokenizers() -> dict:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"],
+        vocab_size=300, special_tokens=["<eos>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     out["byte-level"] = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
     sp = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
@@ -238,14 +238,16 @@ def hf_tokenizers() -> dict:
     sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     sp.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=340, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+        vocab_size=340, show_progress=False,
+        special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
     out["sentencepiece"] = transformers.PreTrainedTokenizerFast(
         tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     wp = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
     wp.normalizer = normalizers.BertNormalizer(lowercase=True)
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     wp.decoder = decoders.WordPiece()
-    wp.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[UNK]", "[SEP]"]))
+    wp.train_from_iterator(corpus, trainers.WordPieceTrainer(
+        vocab_size=120, special_tokens=["[UNK]", "[SEP]"], show_progress=False))
     out["wordpiece"] = transformers.PreTrainedTokenizerFast(
         tokenizer_object=wp, unk_token="[UNK]", eos_token="[SEP]", clean_up_tokenization_spaces=True)
     return {name: MythosTokenizer.from_tokenizer(t) for name, t in out.items()}

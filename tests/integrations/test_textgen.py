@@ -319,3 +319,49 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_refused_and_a_lossy_one_named(t
     assert lossy_readback(tok, "hello 中文 world", ids) == tok.decode(ids) != "hello 中文 world"
     assert lossy_readback(tok, "hello world", encode_prompts(tok, ["hello world"])[0]) is None
     assert lossy_readback(TOK, "中文 ✓", encode_prompts(TOK, ["中文 ✓"])[0]) is None
+
+
+def test_token_bytes_spell_the_text_and_tell_byte_tokens_apart():
+    """Each token's bytes, joined, are the text's (less the leading space a SentencePiece or
+    WordPiece decoder drops at a text's start), and logprobs show each vocabulary entry as
+    its own string: with Hugging Face tokenizers every byte of a multi-byte character was
+    shown as the same U+FFFD, so top_logprobs entries overwrote each other. Reference: the
+    tokenizer's own decode; GPT-2's alphabet from the tokenizers library."""
+    from tokenizers import pre_tokenizers
+
+    from open_mythos.serving.jobs import shown_token, token_bytes
+    from open_mythos.tokenizers import _BYTE_OF_CHAR
+
+    assert set(_BYTE_OF_CHAR) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert sorted(_BYTE_OF_CHAR.values()) == list(range(256))
+    text = "the model is looped, isn't it? caf\u00e9 \u4e2d\u6587 \U0001F30D"
+    for name, tok in {**hf_tokenizers(), "bytes": TOK}.items():
+        ids = tok.encode(text)
+        joined = b"".join(tok.token_bytes(i) for i in ids).decode("utf-8")
+        want = tok.decode_piece(ids)
+        if name == "wordpiece":  # its decoder also joins " ," and the like
+            joined, want = "".join(joined.split()), "".join(want.split())
+        assert joined.removeprefix(" ") == want.removeprefix(" "), name
+        shown = {i: shown_token(tok.token_bytes(i)) for i in range(tok.vocab_size)}
+        for i, s in shown.items():  # the bytes come back from what is shown
+            assert bytes(token_bytes(s)) == tok.token_bytes(i), (name, i, s)
+        if name in ("byte-level", "bytes"):  # one string per id
+            assert len(set(shown.values())) == tok.vocab_size, name
+    sp = hf_tokenizers()["sentencepiece"]
+    # A character it never saw: byte-fallback tokens, each shown as its byte.
+    byte_ids = [i for i in sp.encode("\u2603")
+                if sp.tokenizer.convert_ids_to_tokens(i).startswith("<0x")]
+    assert [shown_token(sp.token_bytes(i)) for i in byte_ids] == [
+        f"bytes:\\x{b:02x}" for b in "\u2603".encode()]
+
+
+def test_top_logprobs_keep_the_larger_value_of_tokens_shown_alike():
+    """Two tokens shown as one string (a byte-fallback "<0x61>" and "a"): the entry keeps
+    the larger logprob, so "the chosen token is the most likely" (lm-eval's is_greedy)
+    cannot be made true by the chosen token overwriting a likelier one."""
+    from open_mythos.integrations.openai_api import CompletionLogprobs
+    from open_mythos.serving.jobs import TokenLogprob
+
+    chosen = TokenLogprob(97, "a", -2.0, ((300, "a", -0.5), (98, "b", -1.0)), 0)
+    top = CompletionLogprobs(0).add([chosen]).top_logprobs[0]
+    assert top == {"a": -0.5, "b": -1.0} and chosen.logprob < max(top.values())
