@@ -91,7 +91,15 @@ from .openai_api import (
     render_chat,
     usage,
 )
-from .textgen import GenerationOptions, check_encoded, encode_prompts, validate, vocab_bound
+from .textgen import (
+    PLAIN_CHAT_TEMPLATE,
+    GenerationOptions,
+    chat_template_of,
+    check_encoded,
+    encode_prompts,
+    validate,
+    vocab_bound,
+)
 
 #: How often a waiting non-streaming request checks that its client is still there (s).
 DISCONNECT_POLL = 0.25
@@ -629,7 +637,8 @@ def _add_tokenizer_routes(app: FastAPI, service: CompletionService) -> None:
         tok = service.tokenizer
         name = lambda i: None if i is None else tok.decode([i], skip_special_tokens=False)  # noqa: E731
         return {"eos_token": name(tok.eos_token_id), "bos_token": name(tok.bos_token_id),
-                "pad_token": name(tok.pad_token_id), "chat_template": None,
+                "pad_token": name(tok.pad_token_id),
+                "chat_template": chat_template_of(tok) or PLAIN_CHAT_TEMPLATE,
                 "model_max_length": service.model.cfg.max_seq_len}
 
     _get_and_head(app, "/tokenizer_info", tokenizer_info)

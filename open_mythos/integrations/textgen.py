@@ -33,6 +33,14 @@ from ..tokenizers import Tokenizer, pad_rows
 PLAIN_CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant",
                     "developer": "System", "tool": "Tool"}
 PLAIN_CHAT_STOP = "\nUser:"
+#: The plain template as a Jinja chat template (what ``/tokenizer_info`` gives a client that
+#: renders conversations itself, lm-eval's remote tokenizer): the text :func:`chat_prompt`
+#: writes, without its stop string.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- set roles = " + repr(PLAIN_CHAT_ROLES) + " -%}"
+    "{%- for m in messages -%}{%- if not loop.first %}\n{% endif -%}"
+    "{{ roles[m['role']] }}: {{ m['content'] }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{%- if messages %}\n{% endif -%}Assistant:{%- endif -%}")
 
 REPLACEMENT_CHAR = "\ufffd"
 # A UTF-8 character has at most 4 bytes, so at most 3 trailing tokens can be incomplete.

@@ -298,6 +298,21 @@ def test_tokenizer_endpoints(server):
     client, _ = server
     info = client.get("/tokenizer_info").json()
     assert (info["eos_token"], info["bos_token"], info["model_max_length"]) == ("<eos>", "<bos>", 64)
+    # The chat template a client renders itself (lm-eval's remote tokenizer): the server's
+    # own plain template (it was null, and lm-eval refused chat), rendered as Jinja, as
+    # transformers renders one, writes exactly the chat endpoint's prompt.
+    import jinja2
+
+    from open_mythos.integrations.textgen import chat_prompt
+
+    template = jinja2.Environment().from_string(info["chat_template"])
+    for messages in ([{"role": "user", "content": "hi"}],
+                     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+                     []):
+        for gen in (True, False):
+            assert template.render(messages=messages, add_generation_prompt=gen) == \
+                chat_prompt(ByteTokenizer(), messages, add_generation_prompt=gen)[0], (messages, gen)
     assert client.post("/tokenize", json={"prompt": "hé"}).json()["tokens"] == [104, 195, 169]
     assert client.post("/tokenize", json={"prompt": "<eos>"}).json()["tokens"] == [258]
     # A completion's text prompt is encoded as /tokenize encodes it.
