@@ -317,14 +317,21 @@ def lossy_readback(tokenizer: Tokenizer, prompt: str, ids: Sequence[int]) -> str
     """What the model reads of ``prompt`` (its ``ids`` decoded) when characters of the
     prompt other than whitespace and letter case are not in it, else None: a tokenizer
     without an unknown token drops characters it has no token for (whitespace and case,
-    which many tokenizers normalise or decode otherwise, are not compared)."""
+    which many tokenizers normalise or decode otherwise, are not compared; nor is what a
+    Hugging Face tokenizer's own normaliser changes by design, such as BERT's accents)."""
     def visible(text: str) -> str:
         return "".join(text.split()).casefold()
 
     if not prompt.strip():
         return None
     back = tokenizer.decode(ids, skip_special_tokens=True)
-    return None if visible(back) == visible(prompt) else back
+    if visible(back) == visible(prompt):
+        return None
+    backend = getattr(getattr(tokenizer, "tokenizer", None), "backend_tokenizer", None)
+    normalizer = getattr(backend, "normalizer", None)
+    if normalizer is not None and visible(back) == visible(normalizer.normalize_str(prompt)):
+        return None
+    return back
 
 
 def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: GenerationOptions) -> None:

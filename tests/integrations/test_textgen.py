@@ -319,6 +319,12 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_refused_and_a_lossy_one_named(t
     assert lossy_readback(tok, "hello 中文 world", ids) == tok.decode(ids) != "hello 中文 world"
     assert lossy_readback(tok, "hello world", encode_prompts(tok, ["hello world"])[0]) is None
     assert lossy_readback(TOK, "中文 ✓", encode_prompts(TOK, ["中文 ✓"])[0]) is None
+    # An uncased WordPiece strips accents by design: not a loss to warn about (it said
+    # "characters it has no token for are lost"); a character it cannot read still is.
+    wp = hf_tokenizers()["wordpiece"]
+    assert wp.decode(wp.encode("hello caf\u00e9")) == "hello cafe"
+    assert lossy_readback(wp, "hello caf\u00e9", wp.encode("hello caf\u00e9")) is None
+    assert lossy_readback(wp, "hello \u2603", wp.encode("hello \u2603")) == "hello"
 
 
 def test_token_bytes_spell_the_text_and_tell_byte_tokens_apart():
