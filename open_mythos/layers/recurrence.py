@@ -484,7 +484,8 @@ class RecurrentBlock(CopiesDetached, nn.Module):
     def compile_loop(self, **compile_kwargs) -> None:
         """``torch.compile`` :meth:`loop_body` in place: one graph for every loop index and
         loop count (two specialisations: the first loop, which has no depth carry yet, and
-        the rest). The halting bookkeeping and the loop itself stay in Python."""
+        the rest; at batch size 1 a third, for the batch stride of the carry the first
+        graph returns). The halting bookkeeping and the loop itself stay in Python."""
         self.loop_body = torch.compile(self.loop_body, **compile_kwargs)
 
     def loop_body(

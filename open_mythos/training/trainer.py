@@ -907,8 +907,8 @@ class Trainer:
         counts = len(self.loops_at.loop_counts()) if is_looped(self.core) else 1
         if self.cfg.run.compile is Compile.MODEL:
             graphs = counts * (2 if self.cfg.optim.progressive_weight else 1) + 1
-        else:  # the loop body's two graphs, each in training and evaluation
-            graphs = 4
+        else:  # the loop body's two graphs (three at batch 1), in training and evaluation
+            graphs = 6
         if self.cfg.data.task:  # batches with and without padding (an attention_mask or None)
             graphs *= 2
         config = torch._dynamo.config
