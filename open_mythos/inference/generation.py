@@ -30,7 +30,7 @@ from .autocompile import (
 )
 from .cache import KVCache, check_cache_dtype, check_depth_sharing
 from .sampling import SamplingParams, select_next
-from .static import CompiledDecoder, cache_length, may_set_stance, stance
+from .static import CompiledDecoder, cache_length, eager_modules, may_set_stance, stance
 
 if TYPE_CHECKING:
     from ..model import OpenMythos
@@ -321,8 +321,9 @@ def _prefill(model: OpenMythos, input_ids: torch.Tensor, cache: KVCache, n_loops
     T0 = input_ids.shape[1]
     mask = None if attention_mask is None else attention_mask.long()
     # The last position's logits only: the head and the last Coda block skip the rest.
-    logits = model(input_ids, n_loops, cache, 0, attention_mask=mask,
-                   logits_at=last_positions(input_ids), **options)
+    with eager_modules():
+        logits = model(input_ids, n_loops, cache, 0, attention_mask=mask,
+                       logits_at=last_positions(input_ids), **options)
     decoder: Decoder = (
         CompiledDecoder(model, cache, n_loops, T0, attention_mask) if compile
         else EagerDecoder(model, cache, n_loops, T0, cache.max_len, mask, **options))
@@ -363,8 +364,9 @@ class EagerDecoder:
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         pos = self.pos
         mask = None if self.mask is None else self.mask[:, : pos + 1]
-        logits = self.model(tok.unsqueeze(1), self.n_loops, self.cache, pos,
-                            attention_mask=mask, **self.options)[:, -1]
+        with eager_modules():
+            logits = self.model(tok.unsqueeze(1), self.n_loops, self.cache, pos,
+                                attention_mask=mask, **self.options)[:, -1]
         self.pos += 1
         return logits
 

@@ -32,6 +32,7 @@ from ..layers.recurrence import ExitRule, as_exit_rule
 from .cache import KVCache
 from .generation import _check_decode_args, _check_stream_args, _inference, last_positions
 from .sampling import SamplingParams, filter_logits, greedy
+from .static import eager_modules
 
 if TYPE_CHECKING:
     from ..model import OpenMythos
@@ -235,7 +236,8 @@ class _Speculator:
             # The Coda's cache entries of the drafts stay unwritten; the verification
             # (at ``start`` = the first draft's position - 1) writes them.
             options["readout_lens"] = lens
-        return self.model(ids, n_loops, self.cache, start, attention_mask=mask, **options)
+        with eager_modules():
+            return self.model(ids, n_loops, self.cache, start, attention_mask=mask, **options)
 
     def _dist(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., V) probabilities after temperature, top-k and top-p."""

@@ -146,6 +146,21 @@ def stance(name: str, **kwargs: object) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def eager_modules() -> Iterator[None]:
+    """Run modules compiled in place (``torch.compile`` of a block, ``openmythos train
+    --compile``'s) eagerly for one eager forward of decoding, where the stance may be set
+    (:func:`may_set_stance`): every prompt length, cache position and cache key would
+    compile them anew (tens of graphs for one short generation), and fill the recompile
+    limit a training run sized for its own graphs. The compiled decode step is the
+    compiled path."""
+    if may_set_stance():
+        with stance("force_eager"):
+            yield
+    else:
+        yield
+
+
 # torch >= 2.6 can skip the guards that do not tell cached graphs apart.
 _CAN_SKIP_GUARDS = "skip_guard_eval_unsafe" in inspect.signature(
     getattr(torch.compiler, "set_stance", lambda: None)).parameters
