@@ -12,6 +12,7 @@ safe to show as they arrive:
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -138,6 +139,8 @@ class TextSequence:
             self._tokens, prefix = [], ""
         self._read, self._prefix = len(self._tokens), prefix
         self._head = ""
+        # The generated tokens' bytes, decoded as they come: which character each is in.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def add(self, token: int, eos_token_id: int | None) -> str:
         """Add one generated token (the end-of-sequence token finishes the sequence);
@@ -154,13 +157,18 @@ class TextSequence:
         self.n_tokens += 1
         self._tokens.append(int(token))
         full = self._head + self._window_text(len(self._tokens))
-        # The text before this token is what the decodes with and without it share: a
-        # trailing U+FFFD that the token completes is not counted, one it leaves (an
-        # invalid byte) is; a token that adds nothing to a trailing U+FFFD is inside it.
+        # A token whose bytes all continue a character still unfinished is inside it: it
+        # starts where the previous token does (a byte-fallback decoder shows each such byte
+        # as a U+FFFD of its own until the character is whole).
+        unfinished = bool(self._utf8.getstate()[0])
+        inside = not self._utf8.decode(self.tokenizer.token_bytes(int(token))) and unfinished
+        # Otherwise the text before this token is what the decodes with and without it
+        # share: a trailing U+FFFD that the token completes is not counted, one it leaves
+        # (an invalid byte) is; a token that adds nothing to a trailing U+FFFD is inside it.
         shared = _common_prefix_len(self.decoded, full)
         if shared == len(full) and full.endswith(REPLACEMENT_CHAR):
             shared -= 1
-        self.last_offset = shared
+        self.last_offset = self.last_offset if inside else shared
         self.decoded = full
         if self._set_text(self._stable_text(full)):
             return self._take(len(self.text))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -233,13 +235,23 @@ def hf_tokenizers() -> dict:
         vocab_size=300, special_tokens=["<eos>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     out["byte-level"] = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
-    sp = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    # Llama's layout: specials, the 256 byte tokens <0xNN> as ordinary vocabulary, merges.
+    learnt = HFTokenizer(models.BPE(unk_token="<unk>"))
+    learnt.pre_tokenizer = pre_tokenizers.Metaspace()
+    learnt.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=120, show_progress=False, special_tokens=["<unk>", "<s>", "</s>"]))
+    learnt_model = json.loads(learnt.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece in sorted(learnt_model["vocab"], key=learnt_model["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in learnt_model["merges"]]
+    sp = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True,
+                                unk_token="<unk>"))
+    sp.add_special_tokens(["<unk>", "<s>", "</s>"])
     sp.pre_tokenizer = pre_tokenizers.Metaspace()
     sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    sp.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=340, show_progress=False,
-        special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
     out["sentencepiece"] = transformers.PreTrainedTokenizerFast(
         tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     wp = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
