@@ -403,6 +403,17 @@ def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
     return cfg, n_loops
 
 
+def read_inference_defaults(path: str | Path) -> tuple[bool | None, dict[str, Any] | None]:
+    """``(act_early_exit, exit_rule)``: the defaults a Hugging Face directory's config sets
+    for its forwards (``OpenMythosHFConfig``; the exit rule as the dict of its fields), None
+    where it sets none; a training checkpoint sets neither."""
+    fmt, ckpt_dir = detect_format(path, files=(MODEL_CONFIG_FILE,))
+    if fmt is CheckpointFormat.TRAINING:
+        return None, None
+    data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    return data.get("act_early_exit"), data.get("exit_rule")
+
+
 def training_depth_recorded(path: str | Path) -> bool:
     """Whether the model at ``path`` records the depth it was trained at: a training
     checkpoint does; a Hugging Face directory when it has ``trained_depth`` (exports since

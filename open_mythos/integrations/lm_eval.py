@@ -51,8 +51,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from ..config import check_loops
+from ..config import check_flag, check_loops
+from ..layers.recurrence import ExitRule, as_exit_rule
 from ..model import CausalLM
+from ..registry import is_looped
 from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, pad_rows
 from .textgen import PLAIN_CHAT_ROLES, GenerationOptions, chat_prompt, chat_template_of, complete
 
@@ -77,7 +79,13 @@ class OpenMythosLM(TemplateLM):
             vocabulary matches it.
         n_loops: recurrent loops of every forward (default: the checkpoint's ``n_loops``,
             else ``cfg.max_loop_iters``); validated and ignored by the dense baseline.
-        act_early_exit: ACT early exit (default: on, as in eval mode).
+        act_early_exit: ACT early exit (default: a Hugging Face export's configured
+            default, else on, as in eval mode).
+        exit_rule: a training-free exit rule for every forward: an ``ExitRule``, a dict of
+            its fields, or in ``model_args`` ``field:value`` pairs joined by ``;``
+            (``exit_rule=kl:0.1;min_loops:2``), ``"none"`` for none; default: a Hugging Face
+            export's configured ``exit_rule`` (what the harness's ``hf`` model applies), else
+            none.
         batch_size: sequences per forward (``"auto"`` means :data:`DEFAULT_BATCH_SIZE`).
         max_batch_size: the cap on ``"auto"`` (the harness passes it with every model).
         max_length: context length, 1 to ``cfg.max_seq_len`` (default: the sequence length
@@ -100,6 +108,7 @@ class OpenMythosLM(TemplateLM):
         tokenizer: str | Tokenizer | None = None,
         n_loops: int | None = None,
         act_early_exit: bool | None = None,
+        exit_rule: ExitRule | dict[str, Any] | str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         max_length: int | None = None,
@@ -111,12 +120,19 @@ class OpenMythosLM(TemplateLM):
         super().__init__()
         self.model, self.tokenizer, stored_loops, trained_len = _load(
             pretrained, tokenizer, _pick_device(device), dtype)
+        stored_exit, stored_rule = _inference_defaults(pretrained)
         if not isinstance(pretrained, (str, Path)):
             _warn_if_moved(self.model, device, dtype)
         self.model.eval()
         self.n_loops = n_loops if n_loops is not None else (stored_loops or self.model.cfg.max_loop_iters)
         self.n_loops = check_loops(self.n_loops)
-        self.act_early_exit = True if act_early_exit is None else bool(act_early_exit)
+        if act_early_exit is None:
+            act_early_exit = True if stored_exit is None else stored_exit
+        self.act_early_exit = check_flag(act_early_exit, "act_early_exit")
+        self.exit_rule = _exit_rule_arg(stored_rule if exit_rule is None else exit_rule)
+        if self.exit_rule is not None and not is_looped(self.model):
+            raise ValueError("exit_rule: the model is a fixed-depth baseline, which has no "
+                             "loops to exit")
         if str(batch_size).startswith("auto"):
             self.batch_size_per_call = DEFAULT_BATCH_SIZE
             if max_batch_size is not None:
@@ -204,8 +220,9 @@ class OpenMythosLM(TemplateLM):
         positions per row, the last Coda block) then skips the rest."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids, _ = pad_rows(rows, pad, side="right")
+        rule = {} if self.exit_rule is None else {"exit_rule": self.exit_rule}
         return self.model(ids.to(self.device), n_loops=self.n_loops,
-                          act_early_exit=self.act_early_exit, logits_at=at)
+                          act_early_exit=self.act_early_exit, logits_at=at, **rule)
 
     def _loglikelihood_tokens(
         self,
@@ -295,7 +312,7 @@ class OpenMythosLM(TemplateLM):
                 max_new_tokens=max_new, n_loops=self.n_loops, do_sample=do_sample,
                 temperature=temperature if do_sample else 1.0, top_k=kwargs["top_k"],
                 top_p=kwargs["top_p"], stop=tuple(kwargs["until"]), seed=kwargs["seed"],
-                act_early_exit=self.act_early_exit)
+                act_early_exit=self.act_early_exit, exit_rule=self.exit_rule)
             text = complete(self.model, self.tokenizer, [ids], options)[0].text
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
@@ -382,6 +399,43 @@ def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.devi
         tokenizer = "byte"
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     return pretrained, tok, stored, None
+
+
+def _inference_defaults(pretrained: Any) -> tuple[bool | None, Any]:
+    """``(act_early_exit, exit_rule)`` a Hugging Face export (a directory or an
+    ``OpenMythosForCausalLM``) sets by default; ``(None, None)`` for anything else."""
+    if isinstance(pretrained, (str, Path)):
+        from ..checkpoints import read_inference_defaults
+
+        return read_inference_defaults(pretrained)
+    config = getattr(pretrained, "config", None)
+    if config is None or isinstance(pretrained, CausalLM):
+        return None, None
+    return getattr(config, "act_early_exit", None), getattr(config, "exit_rule", None)
+
+
+def _exit_rule_arg(value: Any) -> ExitRule | None:
+    """An ``exit_rule`` argument as a rule: an ``ExitRule``, a dict of its fields, or the
+    ``model_args`` form ``"kl:0.1;min_loops:2"`` (``"none"``: no rule)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "none"):
+            return None
+        fields: dict[str, Any] = {}
+        for item in text.split(";"):
+            name, sep, number = item.partition(":")
+            if not sep:
+                raise ValueError(f"exit_rule={value!r}: write field:value pairs joined by ';' "
+                                 "(kl:0.1;min_loops:2)")
+            name = name.strip()
+            try:
+                fields[name] = (int(number) if name in ("argmax_streak", "min_loops")
+                                else float(number))
+            except ValueError:
+                raise ValueError(f"exit_rule={value!r}: {name} takes a number, got "
+                                 f"{number.strip()!r}") from None
+        value = fields
+    return as_exit_rule(value)
 
 
 def _looks_like_mythos(model: object) -> bool:

@@ -284,3 +284,43 @@ def test_the_remote_code_class_of_an_export_is_accepted(tmp_path):
     assert got is inner and stored == 3
     with pytest.raises(TypeError, match="got types.SimpleNamespace"):
         _load(types.SimpleNamespace(model=object()), "byte", "cpu", None)
+
+
+def test_an_exports_default_exit_rule_applies_and_model_args_set_one(tmp_path):
+    """An export whose config sets exit_rule (the harness's hf model applies it) was scored
+    without it; model_args had no way to give one. Reference: the model's own forward with
+    the rule (float64 log-softmax)."""
+    from open_mythos import ExitRule
+    from open_mythos.integrations.hf import OpenMythosForCausalLM
+
+    torch.manual_seed(0)
+    model = byte_model("gqa", use_act=False)
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.5)  # depths that differ
+    rule = ExitRule(kl=10.0, min_loops=1)  # fires at loop 2 everywhere
+    pairs = [("The cat sat on", " the mat"), ("2+2=", "4")]
+
+    def reference(exit_rule):
+        out = []
+        for ctx, cont in pairs:
+            ids = torch.tensor([TOK.encode(ctx) + TOK.encode(cont)])
+            with torch.no_grad():
+                logits = model(ids, n_loops=4, exit_rule=exit_rule).double()
+            rows = torch.log_softmax(logits, -1)[0, len(TOK.encode(ctx)) - 1:-1]
+            out.append(float(rows.gather(-1, torch.tensor(TOK.encode(cont))[:, None]).sum()))
+        return out
+
+    with_rule, without = reference(rule), reference(None)
+    assert not math.isclose(with_rule[0], without[0], rel_tol=1e-4)
+    wrapped = OpenMythosForCausalLM.from_mythos(model, n_loops=4, exit_rule={"kl": 10.0})
+    wrapped.save_pretrained(tmp_path / "export")
+    for pretrained, extra in ((wrapped, {}), (str(tmp_path / "export"), {}),
+                              (model, {"exit_rule": "kl:10;min_loops:1"}),
+                              (model, {"exit_rule": rule}), (wrapped, {"exit_rule": "none"})):
+        lm = OpenMythosLM(pretrained=pretrained, tokenizer=TOK, n_loops=4, **extra)
+        got = [s for s, _ in lm.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True)]
+        want = without if extra.get("exit_rule") == "none" else with_rule
+        assert got == pytest.approx(want, rel=1e-5), (type(pretrained).__name__, extra)
+    with pytest.raises(ValueError, match="field:value pairs"):
+        OpenMythosLM(pretrained=model, tokenizer=TOK, exit_rule="kl=0.1")
+    with pytest.raises(ValueError, match="fixed-depth baseline"):
+        OpenMythosLM(pretrained=byte_baseline("gqa"), tokenizer=TOK, exit_rule="kl:0.1")
