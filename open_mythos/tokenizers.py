@@ -275,7 +275,8 @@ def _gpt2_byte_chars() -> dict[str, int]:
     return chars
 
 
-_BYTE_OF_CHAR = _gpt2_byte_chars()
+#: GPT-2's byte-level alphabet, character -> byte (byte-level BPE vocabularies spell bytes so).
+BYTE_LEVEL_CHARS = _gpt2_byte_chars()
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -456,8 +457,8 @@ class MythosTokenizer(Tokenizer):
         raw: bytes | None = None
         for step in self._decoder_steps():
             kind = step.get("type")
-            if kind == "ByteLevel" and all(c in _BYTE_OF_CHAR for c in piece):
-                raw = bytes(_BYTE_OF_CHAR[c] for c in piece)
+            if kind == "ByteLevel" and all(c in BYTE_LEVEL_CHARS for c in piece):
+                raw = bytes(BYTE_LEVEL_CHARS[c] for c in piece)
             elif kind == "ByteFallback" and (m := _BYTE_FALLBACK.fullmatch(piece)):
                 raw = bytes([int(m.group(1), 16)])
             elif kind == "Replace" and "String" in step.get("pattern", {}):

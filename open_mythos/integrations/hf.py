@@ -516,20 +516,6 @@ def _as_mythos_cache(past_key_values: Any) -> MythosCache | None:
 # Byte-level tokenizer for transformers --------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 def byte_tokenizer_for_transformers(add_bos_token: bool = False, **kwargs: Any) -> Any:
     """A ``transformers`` fast tokenizer with exactly the ids of
     :class:`~open_mythos.tokenizers.ByteTokenizer` (bytes 0..255, ``<pad>`` 256,
@@ -545,9 +531,9 @@ def byte_tokenizer_for_transformers(add_bos_token: bool = False, **kwargs: Any) 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from ..tokenizers import ByteTokenizer
+    from ..tokenizers import BYTE_LEVEL_CHARS, ByteTokenizer
 
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab = dict(BYTE_LEVEL_CHARS)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()

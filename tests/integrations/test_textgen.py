@@ -339,10 +339,10 @@ def test_token_bytes_spell_the_text_and_tell_byte_tokens_apart():
     from tokenizers import pre_tokenizers
 
     from open_mythos.serving.jobs import shown_token, token_bytes
-    from open_mythos.tokenizers import _BYTE_OF_CHAR
+    from open_mythos.tokenizers import BYTE_LEVEL_CHARS
 
-    assert set(_BYTE_OF_CHAR) == set(pre_tokenizers.ByteLevel.alphabet())
-    assert sorted(_BYTE_OF_CHAR.values()) == list(range(256))
+    assert set(BYTE_LEVEL_CHARS) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert sorted(BYTE_LEVEL_CHARS.values()) == list(range(256))
     text = "the model is looped, isn't it? caf\u00e9 \u4e2d\u6587 \U0001F30D"
     for name, tok in {**hf_tokenizers(), "bytes": TOK}.items():
         ids = tok.encode(text)
