@@ -198,11 +198,14 @@ class MythosCache:
     Wraps a :class:`~open_mythos.inference.cache.DictCache` (entries per layer and loop
     depth, grown by concatenation) and the number of cached positions. Implements the
     small part of the ``transformers`` cache interface that generation strategies use:
-    ``get_seq_length``, ``crop`` and ``reorder_cache`` (beam search).
+    ``get_seq_length``, ``crop`` and ``reorder_cache`` (beam search), and the past-recording
+    calls of the deferred stop check (``generate`` on Apple MPS), which a cache of keys and
+    values, cropped by position, does not need.
     """
 
     is_compileable = False
     is_croppable = True
+    layers: tuple = ()  # no per-layer objects (the deferred stop check iterates them)
 
     def __init__(self) -> None:
         # The model's own layout: nobody reads this cache in upstream's.
@@ -212,12 +215,19 @@ class MythosCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_len
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` positions (negative: drop that many from the end)."""
-        if max_length < 0:
-            max_length = self.seq_len + max_length
-        self.seq_len = max(0, min(self.seq_len, max_length))
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions (transformers 5's convention: 0
+        removes nothing); a positive value keeps that many (the absolute length, as
+        transformers 4 meant it)."""
+        keep = self.seq_len + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        self.seq_len = max(0, min(self.seq_len, keep))
         self.store.truncate(self.seq_len)
+
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Nothing to record: keys and values are cropped by position."""
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        return 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows ``beam_idx`` (beam search)."""
@@ -463,6 +473,11 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         not after decoding up to the limit."""
         super()._validate_generated_length(generation_config, input_ids_length, *args, **kwargs)
         limit = self.model.cfg.max_seq_len
+        if input_ids_length >= limit and generation_config.max_length is not None \
+                and generation_config.max_length > input_ids_length:
+            raise ValueError(
+                f"the prompt ({input_ids_length} tokens) leaves no room for a new token in "
+                f"max_seq_len={limit}: shorten it to at most {limit - 1} tokens")
         if generation_config.max_length is not None and generation_config.max_length > limit:
             raise ValueError(
                 f"prompt ({input_ids_length} tokens) + new tokens = "
@@ -489,6 +504,14 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("OpenMythosForCausalLM.generate takes input_ids, not inputs_embeds")
         cache = _as_mythos_cache(cache if cache is not None else past_key_values)
         start = cache.seq_len if cache is not None else 0
+        if start > input_ids.shape[1]:
+            raise ValueError(
+                f"the cache holds {start} positions but input_ids only {input_ids.shape[1]}: "
+                "pass the cache of a prefix of input_ids (generate grows a cache in place; "
+                "copy.deepcopy a prompt's cache before reusing it)")
+        if start and start == input_ids.shape[1]:  # the whole prompt is cached: the next
+            cache.crop(-1)  # token's logits need its last position run again
+            start -= 1
         inputs: dict[str, Any] = {
             "input_ids": input_ids[:, start:].contiguous(),
             CACHE_NAME: cache,

@@ -457,6 +457,48 @@ def test_generate_longer_than_max_seq_len_is_refused_before_decoding():
         hf.generate(ids, max_length=limit + 1, do_sample=False)
     assert calls == []
     assert hf.generate(ids, max_new_tokens=limit - 10, do_sample=False).shape == (1, limit)
+    # A prompt that alone fills the context: it said "ask for at most -6 new tokens".
+    with pytest.raises(ValueError, match=f"the prompt \\({limit + 6} tokens\\) leaves no room"):
+        hf.generate(torch.randint(0, BYTE_VOCAB, (1, limit + 6)), max_new_tokens=1)
+
+
+def test_generate_reuses_a_cache_of_the_whole_prompt_and_refuses_a_longer_one():
+    """transformers' prompt-cache reuse with nothing after the cached prompt: the slice of
+    uncached input_ids was empty ("input_ids is empty along the sequence dimension"); a
+    cache longer than input_ids (grown in place by an earlier generate) said the same.
+    Reference: generate without a cache."""
+    import copy
+
+    hf = OpenMythosForCausalLM.from_mythos(byte_model("gqa"), n_loops=2)
+    ids = torch.randint(0, BYTE_VOCAB, (1, 7))
+    want = hf.generate(ids, max_new_tokens=5, do_sample=False)
+    prompt_cache = hf(ids, use_cache=True).past_key_values
+    got = hf.generate(ids, past_key_values=copy.deepcopy(prompt_cache), max_new_tokens=5,
+                      do_sample=False)
+    assert torch.equal(got, want)
+    grown = copy.deepcopy(prompt_cache)
+    hf.generate(ids, past_key_values=grown, max_new_tokens=5, do_sample=False)
+    with pytest.raises(ValueError, match="the cache holds 11 positions but input_ids only 7"):
+        hf.generate(ids, past_key_values=grown, max_new_tokens=5, do_sample=False)
+
+
+def test_the_deferred_stop_checks_calls_keep_the_cache():
+    """transformers defers its stop check by a step on Apple MPS (torch has no CPU events to
+    run it here): it calls activate_past_recording (which the cache lacked, an
+    AttributeError), crop(0) after every step ("remove nothing", which emptied our cache)
+    and crop(-1) to undo its extra step, then walks cache.layers. Those calls, as it makes
+    them; reference: the cache's length and a forward from it."""
+    hf = OpenMythosForCausalLM.from_mythos(byte_model("gqa"), n_loops=2)
+    ids = torch.randint(0, BYTE_VOCAB, (1, 9))
+    cache = hf(ids[:, :8], use_cache=True).past_key_values
+    cache.activate_past_recording(recurrent_states_to_keep=max(1, cache.get_recurrent_states_to_keep()))
+    cache.crop(0)
+    assert cache.get_seq_length() == 8
+    hf(ids[:, 8:], past_key_values=cache)  # the deferred check's extra step
+    cache.crop(-1)
+    assert cache.get_seq_length() == 8 and list(cache.layers) == []
+    torch.testing.assert_close(hf(ids[:, 8:], past_key_values=cache).logits[:, -1],
+                               hf(ids).logits[:, -1])
 
 
 def test_load_time_inference_options_are_checked(saved):
