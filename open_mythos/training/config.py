@@ -524,6 +524,23 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            kind = typing.get_type_hints(type(self))[f.name]
+            value = getattr(self, f.name)
+            if not isinstance(value, kind):
+                raise ConfigError(
+                    f"TrainConfig.{f.name} must be a {kind.__name__}, got "
+                    f"{type(value).__name__}" + (" (build from nested dicts with "
+                                                  "TrainConfig.from_dict)"
+                                                  if isinstance(value, Mapping) else ""))
+
+    def validated(self) -> TrainConfig:
+        """This configuration built again from its plain data: what assignments made since it
+        was built are checked as a file's values are (``cfg.run.compile = "blocks"``, a
+        string where a member is meant; an out-of-range count)."""
+        return type(self).from_dict(self.to_dict())
+
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
         """Build from nested plain data (a parsed TOML document).

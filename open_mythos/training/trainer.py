@@ -402,8 +402,16 @@ class Trainer:
         # Absolute: save() after train() writes where the run is, whatever the working
         # directory has become since (a notebook's %cd).
         self.out = Path(cfg.run.out).absolute()
-        self.state = TrainState()
         self.lock: RunLock | None = None
+        self._reset_run_state()
+        #: True once train() has told stderr why it failed (a lost peer, under torchrun).
+        self.failure_reported = False
+        self._training = False  # inside train(), which holds the run directory's lock
+        self._kept_freed_memory = False  # run.keep_freed_memory took effect (undone at the end)
+
+    def _reset_run_state(self) -> None:
+        """The counters and bookkeeping of one training attempt, as before any step."""
+        self.state = TrainState()
         # The newest checkpoint written or restored; of those, the newest whose weights then
         # gave a finite loss ("good"), and one whose weights gave a non-finite loss at once.
         self.last_checkpoint: Path | None = None
@@ -415,11 +423,7 @@ class Trainer:
         # last step's all-reduce (0: none; see _stop_on_signal).
         self._stop_signal = self._agreed_signal = 0
         self._config_changes: list[str] = []  # since the checkpoint resumed from
-        #: True once train() has told stderr why it failed (a lost peer, under torchrun).
-        self.failure_reported = False
-        self._training = False  # inside train(), which holds the run directory's lock
         self._mid_step = False  # a step has begun and not finished (its state is no step's end)
-        self._kept_freed_memory = False  # run.keep_freed_memory took effect (undone at the end)
 
     def _require_trained(self, method: str) -> None:
         later = ("To evaluate a saved checkpoint, load it with "
@@ -481,6 +485,12 @@ class Trainer:
         return self.state
 
     def _setup(self) -> None:
+        # Fields assigned since the configuration was built are checked too, and a run
+        # retried on this Trainer starts from a clean slate (not the failed attempt's step
+        # and data position), or from the checkpoint it resumes.
+        self.cfg = self.cfg.validated()
+        self.out = Path(self.cfg.run.out).absolute()
+        self._reset_run_state()
         cfg, ctx = self.cfg, self.ctx
         self._check_ranks_agree()
         random.seed(cfg.run.seed)

@@ -384,9 +384,9 @@ def test_a_run_that_ends_on_skipped_steps_exits_non_zero(tmp_path, monkeypatch, 
 
 def test_weights_that_are_no_longer_finite_fail_the_run(tmp_path):
     cfg = tiny_config(tmp_path / "run", run__steps=1)
-    cfg.optim.lr = float("inf")  # past validation: a finite loss, then NaN weights
-    with pytest.raises(TrainingDiverged, match="no longer finite"):
-        Trainer(cfg).train()
+    trainer = Trainer(cfg, on_step=lambda step, row: poison(trainer))  # a finite loss, then
+    with pytest.raises(TrainingDiverged, match="no longer finite"):  # NaN weights to save
+        trainer.train()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -844,3 +844,9 @@ def test_a_full_disk_under_tensorboard_is_one_line_without_the_writer_threads_tr
     worker.start()
     worker.join()
     assert seen == [ValueError]
+
+
+def poison(trainer) -> None:
+    """Make one weight NaN (what a diverged update leaves)."""
+    with torch.no_grad():
+        next(trainer.core.parameters()).fill_(float("nan"))

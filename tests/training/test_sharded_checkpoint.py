@@ -213,9 +213,9 @@ def test_a_gathered_checkpoint_resumes_under_fsdp_and_the_layouts_mix(tmp_path):
 
 def test_non_finite_weights_write_no_sharded_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path / "run", run__steps=1, run__parallel="fsdp")
-    cfg.optim.lr = float("inf")  # past validation: a finite loss, then NaN weights
-    with pytest.raises(TrainingDiverged, match="no longer finite.*hold NaN or inf"):
-        Trainer(cfg).train()
+    trainer = Trainer(cfg, on_step=lambda step, row: poison(trainer))  # a finite loss, then
+    with pytest.raises(TrainingDiverged, match="no longer finite.*hold NaN or inf"):  # NaN weights to save
+        trainer.train()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -233,3 +233,9 @@ def test_a_full_disk_while_writing_shards_is_one_line(tmp_path, capsys, monkeypa
     assert train_cli(run, "--steps", "4", "--save-every", "2", "--parallel", "fsdp") == 3
     one_line_error(capsys, 3, "No space left on device", str(run / "checkpoints"))
     assert load_model(run).path == ckpt_dir(run, 2) and not ckpt_dir(run, 4).exists()
+
+
+def poison(trainer) -> None:
+    """Make one weight NaN (what a diverged update leaves)."""
+    with torch.no_grad():
+        next(trainer.core.parameters()).fill_(float("nan"))

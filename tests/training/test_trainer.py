@@ -744,3 +744,47 @@ def test_a_resume_with_another_seed_is_not_taken_for_changed_data(tmp_path, caps
         (record,) = [json.loads(line) for line in fh]
     assert record["changes"] == ["run.seed: 1 -> 2", "run.steps: 2 -> 4"]
     assert record["data_changed"] is False
+
+
+def test_a_failed_train_retried_on_the_same_trainer_starts_clean(tmp_path):
+    """A hook that fails in step 1 (nothing saved), then train() again with resume="auto":
+    the retry kept the failed attempt's step and data position, so it reported 8 steps after
+    7 and never trained on the first batch. Reference: an uninterrupted run."""
+    Trainer(tiny_config(tmp_path / "ref", run__steps=4)).train()
+    calls = []
+
+    def fail_once(step, row):
+        calls.append(step)
+        if len(calls) == 1:
+            raise RuntimeError("a notebook hook's bug")
+
+    trainer = Trainer(tiny_config(tmp_path / "run", run__steps=4), resume="auto",
+                      on_step=fail_once)
+    with pytest.raises(RuntimeError, match="hook's bug"):
+        trainer.train()
+    assert trainer.train().step == 4
+    got = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run")]
+    assert got == [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref")]
+
+
+def test_settings_assigned_after_building_the_config_are_checked(tmp_path):
+    """cfg.run.compile = "blocks" (TOML's spelling, a str where the code compares members)
+    trained uncompiled while config.toml said compiled; "bf16" for run.precision failed
+    with an AttributeError after the run directory was made; a dict for a section passed
+    until train(); a run.out changed after building the Trainer was written into the old
+    directory's config.toml."""
+    from open_mythos.training import TrainConfig
+    from open_mythos.training.config import Precision
+
+    cfg = tiny_config(tmp_path / "a", run__steps=1)
+    cfg.run.precision = "bf16"
+    cfg.run.out = str(tmp_path / "b")
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert trainer.cfg.run.precision is Precision.BF16
+    assert not (tmp_path / "a").exists() and (tmp_path / "b" / "config.toml").is_file()
+    cfg.run.steps = 0
+    with pytest.raises(ConfigError, match="run.steps"):
+        Trainer(cfg).train()
+    with pytest.raises(ConfigError, match="TrainConfig.model must be a ModelConfig, got dict .*from_dict"):
+        TrainConfig(model={"dim": 64})
