@@ -169,7 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="how a loop's state is read (default head: the logit lens)")
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", type=output_file, default=None, help="write the counts as JSON")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first, for a task your own code registers (as "
+                        "openmythos --import); the loop-1 'stall' reads the query after '?'")
     args = p.parse_args(argv)
+    from open_mythos.cli import import_user_modules
+
+    import_user_modules(p, args.imports)
 
     from open_mythos.checkpoints import detect_format, load_checkpoint
     from open_mythos.evaluation.runs import parse_task_args, read_train_config

@@ -80,6 +80,7 @@ def resolve_task(args: argparse.Namespace, run_path: str) -> Any:
     from ..checkpoints import detect_format
     from ..evaluation.runs import parse_task_args, read_train_config
     from ..tasks import get_task
+    from ..tasks.batching import check_task
 
     if args.task is None:
         detect_format(run_path)  # "no checkpoint in ...", rather than "records no task"
@@ -92,11 +93,16 @@ def resolve_task(args: argparse.Namespace, run_path: str) -> Any:
     else:
         name, knobs = args.task, {}
     try:
-        return get_task(name, **{**knobs, **parse_task_args(args.task_args)})
+        task = get_task(name, **{**knobs, **parse_task_args(args.task_args)})
     except (TypeError, ValueError) as err:
         if not args.task_args:
             raise
         raise ValueError(f"--task-args {args.task_args}: {err}") from None
+    try:  # a user task's mistakes, named before any forward
+        check_task(task)
+    except (TypeError, AttributeError) as err:
+        raise ValueError(str(err)) from None
+    return task
 
 
 def load_models(args: argparse.Namespace, path: str, device: Any) -> tuple[Any, Any, Any]:

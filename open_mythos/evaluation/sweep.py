@@ -244,8 +244,9 @@ def task_fingerprint(task: Task, legacy: bool = False) -> str:
     import hashlib
 
     parts = [task.name]
-    if not legacy:
-        parts.append(repr(sorted((k, _knob(v)) for k, v in vars(task).items())))
+    if not legacy:  # public attributes: a task's state kept per draw is private (``_n``)
+        parts.append(repr(sorted((k, _knob(v)) for k, v in vars(task).items()
+                                 if not k.startswith("_"))))
     for split in task.splits:
         rng = random.Random(f"fingerprint/{split}")
         parts += [split, repr(task.level_range(split))]
@@ -255,16 +256,23 @@ def task_fingerprint(task: Task, legacy: bool = False) -> str:
 
 
 def _knob(value: Any) -> Any:
-    """A task attribute written one way whatever its spelling."""
+    """A task attribute written one way whatever its spelling, and alike in every process
+    (a set in sorted order, not its hash order; an object without a value of its own, whose
+    ``repr`` holds its address, by its type)."""
     if isinstance(value, enum.Enum):
         return _knob(value.value)
     if isinstance(value, (list, tuple)):
         return tuple(_knob(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return ("set", *sorted((_knob(v) for v in value), key=repr))
     if isinstance(value, dict):
         return tuple(sorted((str(k), _knob(v)) for k, v in value.items()))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    return value if value is None or isinstance(value, (bool, str)) else repr(value)
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    text = repr(value)
+    return f"<{type(value).__qualname__}>" if " at 0x" in text else text
 
 
 def sample_examples(task: Task, split: str, n_examples: int, seed: int = 0) -> list[Example]:

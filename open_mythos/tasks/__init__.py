@@ -42,6 +42,11 @@ def register_task(cls: type[Task]) -> type[Task]:
     decorator); ValueError if the name is taken by another class. A class defined again
     (a notebook cell run twice, ``importlib.reload``: the same module and qualified name)
     replaces its earlier definition."""
+    for attr in ("name", "level_name"):
+        if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
+            raise TypeError(f"{cls.__qualname__} needs the class attribute {attr!r} (a "
+                            "non-empty str): the task's name in the registry and on the command "
+                            "line, and what one level counts (\"hops\", \"length\")")
     existing = TASKS.get(cls.name)
     if existing is not None and existing is not cls and not redefines(cls, existing):
         raise ValueError(f"task name {cls.name!r} is already registered to "

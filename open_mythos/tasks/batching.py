@@ -95,16 +95,64 @@ def collate(examples: Sequence[Example], seq_len: int | None = None) -> dict[str
     }
 
 
+def check_task(task: Task, splits: Sequence[str] | None = None, with_trace: bool = False,
+               n_examples: int = 8) -> None:
+    """Draw ``n_examples`` examples of each split (all by default) from a fixed seed and
+    check what the library relies on, so that a user task's mistake is named before any
+    training: :meth:`Task.generate` returns :class:`Example`\\ s of ASCII strings with an
+    answer, each fits :meth:`Task.max_len` (its :meth:`Task.max_len_at`), and with
+    ``with_trace`` each has a :meth:`Task.trace` (see :func:`trace_targets`).
+
+    Raises:
+        ValueError: naming the task's class and the method at fault.
+    """
+    where = f"task {task.name!r} ({type(task).__module__}.{type(task).__qualname__})"
+    for split in task.splits if splits is None else splits:
+        rng = random.Random(f"check/{split}")
+        for _ in range(n_examples):
+            ex = task.generate(rng, split)
+            if not isinstance(ex, Example):
+                raise ValueError(f"{where}: _generate returned a {type(ex).__name__}, not an "
+                                 "Example(prompt, answer)")
+            for field in ("prompt", "answer"):
+                text = getattr(ex, field)
+                if not isinstance(text, str) or not text.isascii():
+                    raise ValueError(f"{where}: _generate gave {field}={text!r}; prompt and "
+                                     "answer are ASCII strings")
+            if not ex.answer:
+                raise ValueError(f"{where}: _generate gave an empty answer for "
+                                 f"{ex.prompt!r}: the model would be trained to stop at once")
+            length = len(_encode_lists(ex)[0])
+            if length > task.max_len(split):
+                raise ValueError(
+                    f"{where}: an example of split {split!r} has {length} tokens (BOS, prompt, "
+                    f"answer, EOS: {ex.prompt!r} -> {ex.answer!r}), more than max_len_at "
+                    f"allows ({task.max_len(split)})")
+            if with_trace:
+                trace_targets(task, [ex])
+
+
 def trace_targets(task: Task, examples: Sequence[Example]) -> torch.Tensor:
     """(B, K) long: token ``[i, t]`` is the first token of step ``t + 1`` of example ``i``'s
     :meth:`Task.trace` (K = the longest trace; a shorter trace repeats its last step, the
-    answer, so column ``min(t, K) - 1`` is what loop ``t`` should name).
+    answer, so column ``min(t, K) - 1`` is what loop ``t`` should name at the position
+    before the answer: one token per step, the step's first).
 
-    ValueError if the task defines no trace.
+    ValueError if the task defines no trace, or one that is empty, has an empty step, or
+    does not end at the example's answer (its first token).
     """
     traces = [task.trace(ex.prompt) for ex in examples]
     if any(t is None for t in traces):
         raise ValueError(f"task {task.name!r} defines no per-step trace (Task.trace)")
+    for ex, trace in zip(examples, traces):
+        # One target per loop, at the position before the answer: each step's first token.
+        if (not isinstance(trace, (list, tuple)) or not trace
+                or not all(isinstance(step, str) and step for step in trace)):
+            raise ValueError(f"task {task.name!r}: trace({ex.prompt!r}) gave {trace!r}; a "
+                             "trace is a non-empty list of non-empty strings")
+        if trace[-1][0] != ex.answer[0]:
+            raise ValueError(f"task {task.name!r}: trace({ex.prompt!r}) ends at {trace[-1]!r}, "
+                             f"not at the answer {ex.answer!r}")
     longest = max(len(t) for t in traces)
     rows = [[encode_text(step)[0] for step in t] for t in traces]
     return torch.tensor([r + r[-1:] * (longest - len(r)) for r in rows], dtype=torch.long)

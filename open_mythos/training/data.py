@@ -106,6 +106,7 @@ class TaskSource(DataSource):
     def __init__(self, name: str, task_args: dict[str, Any], val_split: str, batch_size: int,
                  seq_len: int | None, seed: int, with_trace: bool = False):
         from ..tasks import VOCAB_SIZE, get_task, list_tasks, make_batch
+        from ..tasks.batching import check_task
 
         if name not in list_tasks():
             raise ConfigError(f"data.task={name!r} is unknown; available: "
@@ -127,6 +128,10 @@ class TaskSource(DataSource):
         if with_trace and self.task.trace(self.task.generate(random.Random(0), "train").prompt) is None:
             raise ConfigError(f"optim.loop_targets: task {name!r} defines no per-step targets "
                               "(Task.trace); multihop and phop do")
+        try:  # a user task's mistakes, named before any training
+            check_task(self.task, list(dict.fromkeys(self._splits.values())), with_trace)
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"data.task: {err}") from None
         self._make_batch = make_batch
         self._last: tuple[tuple[str, int, int], dict[str, torch.Tensor]] | None = None
         self.with_trace = with_trace

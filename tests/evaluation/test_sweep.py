@@ -418,3 +418,57 @@ def test_task_fingerprint_tells_apart_knobs_that_rarely_change_an_example():
     legacy = {task_fingerprint(get_task("multihop", **demo, open_ends=p), legacy=True)
               for p in (0.5, 0.6)}
     assert len(legacy) == 1
+
+
+USER_TASK = '''
+import random
+from open_mythos.evaluation import task_fingerprint
+from open_mythos.tasks.base import Example, Task
+
+class Letters(Task):
+    name, level_name = "letters_user", "length"
+
+    def __init__(self):
+        super().__init__({"train": (1, 3), "id": (1, 3), "ood_length": (4, 5)})
+        self.alphabet = frozenset("abcdefgh")  # a set: its repr follows the hash seed
+        self.rng_source = random.Random(0)  # an object: its repr holds an address
+        self._drawn = 0  # state kept per draw: private
+
+    def _generate(self, rng, level):
+        self._drawn += 1
+        text = "".join(rng.choice(sorted(self.alphabet)) for _ in range(level))
+        return Example(text + "=", text[::-1])
+
+    def solve(self, prompt):
+        return prompt[:-1][::-1]
+
+    def level_of(self, prompt):
+        return len(prompt) - 1
+
+    def max_len_at(self, level):
+        return 2 * level + 3
+
+task = Letters()
+first = task_fingerprint(task)
+print(first, task_fingerprint(task))
+'''
+
+
+def test_task_fingerprint_of_a_user_task_is_the_same_in_every_process(tmp_path):
+    """A user task holding a set (ordered by the string hash seed), an object (its repr
+    holds an address) and a counter of draws hashed differently in every process, and
+    twice in one: report refused the task's own sweep, and a sweep did not resume."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "user_task.py").write_text(USER_TASK)
+    seen = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed,
+               "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
+        done = subprocess.run([sys.executable, str(tmp_path / "user_task.py")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        seen.update(done.stdout.split())
+    assert len(seen) == 1

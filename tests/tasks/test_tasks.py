@@ -708,3 +708,48 @@ def test_commands_import_user_tasks(tmp_path, monkeypatch, capsys) -> None:
         with pytest.raises(SystemExit) as exit_:
             main(["--import", module, "info", str(tmp_path / "run")])
         assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def _broken(name: str, **methods) -> type:
+    """A Parity whose methods are replaced: a user task with one mistake."""
+    return type(name, (Parity,), {"name": name, **methods})
+
+
+@pytest.mark.parametrize(("methods", "match"), [
+    ({"_generate": lambda self, rng, level: Example("01=", 1)},
+     r"_generate gave answer=1; prompt and answer are ASCII strings"),
+    ({"_generate": lambda self, rng, level: ("01=", "1")}, "returned a tuple, not an Example"),
+    ({"_generate": lambda self, rng, level: Example("01=", "8\u00b0")}, "answer='8\u00b0'"),
+    ({"_generate": lambda self, rng, level: Example("01=", "")}, "an empty answer"),
+    ({"max_len_at": lambda self, level: 3}, "more than max_len_at allows"),
+    ({"trace": lambda self, prompt: []}, r"trace\('.*'\) gave \[\]"),
+    ({"trace": lambda self, prompt: ["0", ""]}, "non-empty list of non-empty strings"),
+    ({"trace": lambda self, prompt: ["x"]}, "not at the answer"),
+])
+def test_a_user_tasks_mistake_is_named_before_training(tmp_path, methods, match):
+    """Each of these ran into a raw traceback deep in training or the sweep (an int answer:
+    "'int' object has no attribute 'encode'"; an empty trace: an IndexError in the loss) or
+    trained silently (an empty answer); now a one-line ConfigError names the task and the
+    method, for training (TaskSource) as for the sweep (check_task)."""
+    from open_mythos.tasks.batching import check_task
+    from open_mythos.training.config import ConfigError, DataConfig
+    from open_mythos.training.data import build_data_source
+
+    name = "broken_parity"
+    cls = register_task(_broken(name, **methods))
+    try:
+        with_trace = "trace" in methods
+        with pytest.raises(ValueError, match=match):
+            check_task(cls(), with_trace=with_trace)
+        with pytest.raises(ConfigError, match=f"data.task: task '{name}'.*{match}"):
+            build_data_source(DataConfig(task=name), seed=0, with_trace=with_trace)
+    finally:
+        TASKS.pop(name, None)
+
+
+def test_register_task_names_a_missing_class_attribute():
+    with pytest.raises(TypeError, match="NoName needs the class attribute 'name'"):
+        register_task(type("NoName", (Parity,), {"name": None}))
+    with pytest.raises(TypeError, match="needs the class attribute 'level_name'"):
+        register_task(type("NoLevel", (Parity,), {"name": "nolevel", "level_name": ""}))
+    assert "nolevel" not in TASKS
