@@ -72,6 +72,8 @@ def test_quick_demo_writes_report_and_prints_table(tmp_path, capsys):
     (["--set", "run.steps=20"], "use --steps / --lookup-steps"),
     (["--set", "data.batch_size=4"], "use --batch-size"),
     (["--set", "model.max_loop_iters=5"], "use --train-loops"),
+    # A dense "looped" model: both trained, then the report failed with a traceback.
+    (["--set", "model.kind=dense"], "the demo sets model.kind itself"),
 ])
 def test_bad_arguments_fail_before_training(tmp_path, capsys, argv, message):
     assert main(["demo", "--out", str(tmp_path / "d"), *argv]) == 2

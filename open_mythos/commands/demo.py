@@ -90,6 +90,8 @@ MANAGED_KEYS = {
     "data.batch_size": "--batch-size", "run.steps": "--steps / --lookup-steps",
     "run.save_every": "--steps / --lookup-steps", "run.seed": "--seed",
     "model.max_loop_iters": "--train-loops", "model.core_layers": "--train-loops",
+    "model.kind": "nothing (the demo trains one looped model and its dense baseline)",
+    "model.core_ffn_dim": "nothing (the demo matches the baseline to the looped model)",
     "optim.loop_loss_weight": "--loop-loss", "optim.loop_targets": "--loop-loss",
     "run.compile": "--compile",
 }

@@ -189,15 +189,17 @@ class TextSequence:
         """
         if not full.endswith(REPLACEMENT_CHAR):
             self._head = full
-            # The window starts at the new tokens if they spell some text, else where it
-            # was: a decoder that treats a text's start apart (SentencePiece drops its
-            # leading space) must meet that start inside the window's first tokens.
+            # The window starts at the new tokens if they spell some text alone, else where
+            # it was, without them (special tokens, a lone SentencePiece "▁": what they add
+            # is in the text already): a decoder that treats a text's start apart (drops its
+            # leading space) must meet that start inside the window's first tokens, and a
+            # run of such tokens must not grow the window.
             prefix = self.tokenizer.decode_piece(self._tokens[self._read:])
             if prefix:
                 del self._tokens[:self._read]
                 self._prefix = prefix
             else:
-                self._prefix = self.tokenizer.decode_piece(self._tokens)
+                del self._tokens[self._read:]
             self._read = len(self._tokens)
             return full
         end, text = len(self._tokens), full

@@ -536,10 +536,21 @@ class TrainConfig:
                                                   if isinstance(value, Mapping) else ""))
 
     def validated(self) -> TrainConfig:
-        """This configuration built again from its plain data: what assignments made since it
+        """This configuration built again from its own values: assignments made since it
         was built are checked as a file's values are (``cfg.run.compile = "blocks"``, a
-        string where a member is meant; an out-of-range count)."""
-        return type(self).from_dict(self.to_dict())
+        string where a member is meant; an out-of-range count). A valid configuration
+        comes back equal (values are taken as they are, None and tuples included)."""
+        sections: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if isinstance(section, ModelConfig):
+                sections[f.name] = _build_model_section(
+                    {"variant": section.variant, **section.overrides})
+            else:
+                values = {sf.name: getattr(section, sf.name)
+                          for sf in dataclasses.fields(section)}
+                sections[f.name] = _build_section(type(section), f.name, values)
+        return type(self)(**sections)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:

@@ -350,8 +350,8 @@ def _schedule_warnings(cfg: TrainConfig, looped: bool, use_act: bool) -> list[st
     """Settings that are valid but that this run cannot carry out as written (kept valid: a
     run may be resumed with more steps, and its schedules are functions of the step)."""
     sched, steps, out = cfg.schedule, cfg.run.steps, []
-    if sched.warmup_steps >= steps:
-        out.append(f"schedule.warmup_steps={sched.warmup_steps} is not below run.steps={steps}: "
+    if sched.warmup_steps > steps:
+        out.append(f"schedule.warmup_steps={sched.warmup_steps} is above run.steps={steps}: "
                    f"the learning rate never reaches optim.lr={cfg.optim.lr:g} (its last step "
                    f"runs at {cfg.optim.lr * steps / max(1, sched.warmup_steps):.3g})")
     if (looped and sched.loops is LoopMode.CURRICULUM and sched.curriculum_steps is not None

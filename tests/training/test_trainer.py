@@ -19,7 +19,7 @@ from open_mythos.training import trainer as trainer_mod
 from open_mythos.training.data import TRAIN, build_data_source
 from open_mythos.training.trainer import build_optimizer
 
-from .conftest import TINY, read_metrics, tiny_config
+from .conftest import REPO, TINY, read_metrics, tiny_config
 
 REQUIRED = {"step", "loss", "lr", "tokens_per_s", "ponder", "loops",
             "expert_load_max_over_mean", "grad_norm"}
@@ -674,6 +674,9 @@ def test_schedules_the_run_cannot_carry_out_are_warned_about(tmp_path, capsys):
                        schedule__curriculum_steps=20, optim__ponder_weight=0.1,
                        model__use_act=True)
     assert _schedule_warnings(fine, looped=True, use_act=True) == []
+    # Warmup exactly as long as the run reaches optim.lr at its last step: nothing to say.
+    even = tiny_config(tmp_path / "even", run__steps=8, schedule__warmup_steps=8)
+    assert _schedule_warnings(even, looped=True, use_act=True) == []
     assert _schedule_warnings(cfg, looped=False, use_act=False)[1:] == []  # dense: no loops
 
 
@@ -788,3 +791,12 @@ def test_settings_assigned_after_building_the_config_are_checked(tmp_path):
         Trainer(cfg).train()
     with pytest.raises(ConfigError, match="TrainConfig.model must be a ModelConfig, got dict .*from_dict"):
         TrainConfig(model={"dim": 64})
+    # Checking again changes no valid configuration: every preset, and a task knob whose
+    # None means something (a round trip through plain data dropped it).
+    from open_mythos.training import load_config
+
+    for preset in sorted((REPO / "configs").glob("*.toml")):
+        assert load_config(preset).validated() == load_config(preset), preset.name
+    knobs = load_config(None, [("data.task", "multihop"),
+                               ("data.task_args", {"hops": (1, 2), "cap": None})])
+    assert knobs.validated() == knobs and knobs.validated().data.task_args["cap"] is None
