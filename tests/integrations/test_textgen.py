@@ -10,6 +10,7 @@ import torch
 
 from open_mythos import ByteTokenizer
 from open_mythos.integrations.textgen import (
+    CONTEXT_TOKENS,
     GenerationOptions,
     TextSequence,
     complete,
@@ -398,3 +399,18 @@ def test_offsets_of_byte_fallback_tokens_are_where_their_character_starts():
         assert snowman_bytes == [0, 0, 0, 1, 1, 1], (name, offsets)
         after = max(k for k, b in enumerate(bytes_of) if b[0] >= 0x80) + 1
         assert offsets[after] == 2 and offsets == sorted(offsets), (name, offsets)
+
+
+def test_tokens_that_spell_nothing_do_not_grow_the_decode_window():
+    """Special tokens generated mid-text (pad, BOS) spell no text: they stayed in the
+    window, so every later token decoded all of them again (a long generation's cost grew
+    with its length). Reference: the text without them, and a bounded window."""
+    for name, tok in {**hf_tokenizers(), "bytes": TOK}.items():
+        special = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        words = tok.encode(" one two")
+        seq = TextSequence(tok, (), context=tok.encode("zero"))
+        shown = "".join(seq.push(t) for t in words[:1] + [special] * 300)
+        assert len(seq._tokens) <= 2 * CONTEXT_TOKENS, (name, len(seq._tokens))
+        shown += "".join(seq.push(t) for t in words[1:]) + seq.finish("length")
+        assert shown == tok.decode_piece(tok.encode("zero") + words)[
+            len(tok.decode_piece(tok.encode("zero"))):], name
