@@ -194,7 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         knobs = {**dict(train_cfg.data.task_args), **parse_task_args(args.task_args)}
         task = get_task(train_cfg.data.task, **knobs)
     except (TypeError, ValueError) as err:  # bad JSON, a knob the task does not take
-        print(f"trace_errors: --task-args {args.task_args}: {err}", file=sys.stderr)
+        where = f"--task-args {args.task_args}: " if args.task_args else ""
+        print(f"trace_errors: {where}{err} (a task of your own: --import MODULE)",
+              file=sys.stderr)
         return 2
     if task.trace(task.generate(random.Random(0), "train").prompt) is None:
         print(f"trace_errors: task {task.name!r} defines no trace", file=sys.stderr)

@@ -80,6 +80,13 @@ class Tokenizer(ABC):
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     @property
+    def replaces_each_byte(self) -> bool:
+        """Whether :meth:`decode` shows each byte of an unfinished (or invalid) character as a
+        U+FFFD of its own (a byte-fallback decoder), rather than one U+FFFD for the
+        unfinished tail (Python's and Rust's UTF-8 decoding)."""
+        return False
+
+    @property
     @abstractmethod
     def vocab_size(self) -> int:
         """Number of distinct ids, special tokens included."""
@@ -471,6 +478,10 @@ class MythosTokenizer(Tokenizer):
             elif kind not in ("Fuse", "Strip", "ByteLevel", "ByteFallback"):
                 return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
         return raw if raw is not None else piece.encode("utf-8")
+
+    @property
+    def replaces_each_byte(self) -> bool:
+        return any(step.get("type") == "ByteFallback" for step in self._decoder_steps())
 
     def _decoder_steps(self) -> list[dict[str, Any]]:
         """The backend decoder's steps in order (a ``Sequence`` flattened); ``[{"type":

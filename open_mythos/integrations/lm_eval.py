@@ -81,11 +81,6 @@ class OpenMythosLM(TemplateLM):
             else ``cfg.max_loop_iters``); validated and ignored by the dense baseline.
         act_early_exit: ACT early exit (default: a Hugging Face export's configured
             default, else on, as in eval mode).
-        exit_rule: a training-free exit rule for every forward: an ``ExitRule``, a dict of
-            its fields, or in ``model_args`` ``field:value`` pairs joined by ``;``
-            (``exit_rule=kl:0.1;min_loops:2``), ``"none"`` for none; default: a Hugging Face
-            export's configured ``exit_rule`` (what the harness's ``hf`` model applies), else
-            none.
         batch_size: sequences per forward (``"auto"`` means :data:`DEFAULT_BATCH_SIZE`).
         max_batch_size: the cap on ``"auto"`` (the harness passes it with every model).
         max_length: context length, 1 to ``cfg.max_seq_len`` (default: the sequence length
@@ -100,6 +95,11 @@ class OpenMythosLM(TemplateLM):
         add_bos_token: prefix every encoded text with BOS; None (default): as the
             tokenizer does by default (``Tokenizer.add_bos_token``: yes for a task run,
             whose training examples start with BOS; no for text runs).
+        exit_rule: a training-free exit rule for every forward: an ``ExitRule``, a dict of
+            its fields, or in ``model_args`` ``field:value`` pairs joined by ``;``
+            (``exit_rule=kl:0.1;min_loops:2``); None (``exit_rule=none`` in ``model_args``,
+            which lm-eval reads as None) for none; ``"default"``: a Hugging Face export's
+            configured ``exit_rule`` (what the harness's ``hf`` model applies), else none.
     """
 
     def __init__(
@@ -108,7 +108,6 @@ class OpenMythosLM(TemplateLM):
         tokenizer: str | Tokenizer | None = None,
         n_loops: int | None = None,
         act_early_exit: bool | None = None,
-        exit_rule: ExitRule | dict[str, Any] | str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         max_length: int | None = None,
@@ -116,6 +115,7 @@ class OpenMythosLM(TemplateLM):
         device: str | None = "auto",
         dtype: str | torch.dtype | None = None,
         add_bos_token: bool | None = None,
+        exit_rule: ExitRule | dict[str, Any] | str | None = "default",
     ):
         super().__init__()
         self.model, self.tokenizer, stored_loops, trained_len = _load(
@@ -129,7 +129,7 @@ class OpenMythosLM(TemplateLM):
         if act_early_exit is None:
             act_early_exit = True if stored_exit is None else stored_exit
         self.act_early_exit = check_flag(act_early_exit, "act_early_exit")
-        self.exit_rule = _exit_rule_arg(stored_rule if exit_rule is None else exit_rule)
+        self.exit_rule = _exit_rule_arg(stored_rule if exit_rule == "default" else exit_rule)
         if self.exit_rule is not None and not is_looped(self.model):
             raise ValueError("exit_rule: the model is a fixed-depth baseline, which has no "
                              "loops to exit")

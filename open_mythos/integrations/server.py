@@ -236,7 +236,8 @@ class CompletionService:
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         options = self._options(req, prompts, max_tokens, req.stop_list(), "prompt", "max_tokens")
         self._check_logprobs(req.logprobs)
-        echo = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
+        # Decoded as the prompt logprobs' offsets count it (no clean-up of spaces).
+        echo = [self.tokenizer.decode_piece(p) if req.echo else "" for p in prompts]
         return _Call(False, prompts, req.n, options, echo, req.logprobs,
                      req.echo and req.logprobs is not None, req.include_usage(),
                      f"cmpl-{uuid.uuid4().hex}")

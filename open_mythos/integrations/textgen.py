@@ -39,9 +39,10 @@ PLAIN_CHAT_STOP = "\nUser:"
 #: writes, without its stop string.
 PLAIN_CHAT_TEMPLATE = (
     "{%- set roles = " + repr(PLAIN_CHAT_ROLES) + " -%}"
-    "{%- for m in messages -%}{%- if not loop.first %}\n{% endif -%}"
+    "{%- for m in messages -%}{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
     "{{ roles[m['role']] }}: {{ m['content'] }}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{%- if messages %}\n{% endif -%}Assistant:{%- endif -%}")
+    "{%- if add_generation_prompt -%}{%- if messages -%}{{ '\\n' }}{%- endif -%}"
+    "Assistant:{%- endif -%}")
 
 REPLACEMENT_CHAR = "\ufffd"
 # A UTF-8 character has at most 4 bytes, so at most 3 trailing tokens can be incomplete.
@@ -131,10 +132,15 @@ class TextSequence:
         # in it before ``_read`` is ``_head`` (whole characters); ``_prefix``, the decode of
         # ``_tokens[:_read]``, is what the decode of the whole window starts with.
         context = [int(t) for t in context]
-        n = CONTEXT_TOKENS  # more where those spell no text (see _stable_text)
+        n = min(CONTEXT_TOKENS, len(context))
+        # Start at a token that starts a character (a byte-fallback decoder shows a run of
+        # byte tokens that starts inside one as U+FFFDs), and further back where the tokens
+        # spell no text (see _stable_text).
+        while n < len(context) and _continues_a_character(tokenizer.token_bytes(context[-n])):
+            n += 1
         while not (prefix := tokenizer.decode_piece(context[-n:])) and n < len(context):
-            n *= 2
-        self._tokens = context[-n:]
+            n = min(2 * n, len(context))
+        self._tokens = context[-n:] if n else []
         if prefix.endswith(REPLACEMENT_CHAR):  # a prompt ending inside a character
             self._tokens, prefix = [], ""
         self._read, self._prefix = len(self._tokens), prefix
@@ -168,7 +174,12 @@ class TextSequence:
         shared = _common_prefix_len(self.decoded, full)
         if shared == len(full) and full.endswith(REPLACEMENT_CHAR):
             shared -= 1
-        self.last_offset = self.last_offset if inside else shared
+        if inside:  # where the unfinished character starts: a byte-fallback token is one
+            # byte, so the previous token started it or is inside it; other decoders show
+            # the unfinished character as one U+FFFD, at the end
+            shared = (self.last_offset if self.tokenizer.replaces_each_byte
+                      else len(full) - self._unfinished_chars(full))
+        self.last_offset = shared
         self.decoded = full
         if self._set_text(self._stable_text(full)):
             return self._take(len(self.text))
@@ -210,7 +221,20 @@ class TextSequence:
             text = self._head + self._window_text(end)
             if not text.endswith(REPLACEMENT_CHAR):
                 return text
-        return text
+        # Each shorter text ends inside a character too (byte-level tokens that each carry
+        # the first bytes of the next character): hold back only the unfinished one, from
+        # the tokens' bytes; with no bytes pending the shortest text's U+FFFD is final.
+        held = self._unfinished_chars(full)
+        return full[:len(full) - held] if held else text
+
+    def _unfinished_chars(self, full: str) -> int:
+        """1 when ``full`` ends in the U+FFFD of a character whose bytes the generated
+        tokens' bytes leave pending, else 0; always 0 under a byte-fallback decoder, whose
+        U+FFFDs (one per byte of a whole run of byte tokens) do not tell it apart, and whose
+        one-byte tokens the shorter texts of :meth:`_stable_text` already hold back."""
+        pending = bool(self._utf8.getstate()[0])
+        return int(pending and full.endswith(REPLACEMENT_CHAR)
+                   and not self.tokenizer.replaces_each_byte)
 
     def finish(self, reason: str) -> str:
         """End the sequence (EOS or length); return everything not yet shown."""
@@ -233,6 +257,11 @@ class TextSequence:
         delta = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)
         return delta
+
+
+def _continues_a_character(piece: bytes) -> bool:
+    """Whether a token's bytes start inside a UTF-8 character (a continuation byte)."""
+    return bool(piece) and piece[0] & 0xC0 == 0x80
 
 
 def _common_prefix_len(a: str, b: str) -> int:

@@ -315,12 +315,19 @@ def test_an_exports_default_exit_rule_applies_and_model_args_set_one(tmp_path):
     wrapped.save_pretrained(tmp_path / "export")
     for pretrained, extra in ((wrapped, {}), (str(tmp_path / "export"), {}),
                               (model, {"exit_rule": "kl:10;min_loops:1"}),
-                              (model, {"exit_rule": rule}), (wrapped, {"exit_rule": "none"})):
+                              (model, {"exit_rule": rule}), (wrapped, {"exit_rule": "none"}),
+                              (str(tmp_path / "export"), {"exit_rule": None})):
         lm = OpenMythosLM(pretrained=pretrained, tokenizer=TOK, n_loops=4, **extra)
         got = [s for s, _ in lm.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True)]
-        want = without if extra.get("exit_rule") == "none" else with_rule
+        want = without if extra.get("exit_rule", "default") in ("none", None) else with_rule
         assert got == pytest.approx(want, rel=1e-5), (type(pretrained).__name__, extra)
     with pytest.raises(ValueError, match="field:value pairs"):
         OpenMythosLM(pretrained=model, tokenizer=TOK, exit_rule="kl=0.1")
+    # lm-eval reads "exit_rule=none" in model_args as None: no rule, not the export's.
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("openmythos").create_from_arg_string(
+        f"pretrained={tmp_path / 'export'},exit_rule=none", {"batch_size": 1})
+    assert lm.exit_rule is None
     with pytest.raises(ValueError, match="fixed-depth baseline"):
         OpenMythosLM(pretrained=byte_baseline("gqa"), tokenizer=TOK, exit_rule="kl:0.1")

@@ -301,15 +301,21 @@ def test_tokenizer_endpoints(server):
     # The chat template a client renders itself (lm-eval's remote tokenizer): the server's
     # own plain template (it was null, and lm-eval refused chat), rendered as Jinja, as
     # transformers renders one, writes exactly the chat endpoint's prompt.
+    import itertools
+
     import jinja2
 
     from open_mythos.integrations.textgen import chat_prompt
 
-    template = jinja2.Environment().from_string(info["chat_template"])
-    for messages in ([{"role": "user", "content": "hi"}],
+    # (lm-eval's plain Environment, and transformers' trim_blocks/lstrip_blocks, which
+    # deleted the newlines after block tags)
+    templates = [jinja2.Environment().from_string(info["chat_template"]),
+                 jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
+                     info["chat_template"])]
+    for template, messages in itertools.product(templates, ([{"role": "user", "content": "hi"}],
                      [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
                       {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-                     []):
+                     [])):
         for gen in (True, False):
             assert template.render(messages=messages, add_generation_prompt=gen) == \
                 chat_prompt(ByteTokenizer(), messages, add_generation_prompt=gen)[0], (messages, gen)

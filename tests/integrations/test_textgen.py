@@ -414,3 +414,38 @@ def test_tokens_that_spell_nothing_do_not_grow_the_decode_window():
         shown += "".join(seq.push(t) for t in words[1:]) + seq.finish("length")
         assert shown == tok.decode_piece(tok.encode("zero") + words)[
             len(tok.decode_piece(tok.encode("zero"))):], name
+
+
+def test_byte_level_tokens_that_each_end_inside_the_next_character():
+    """GPT-2-style tokens that carry the first bytes of the next character ("─" repeated
+    tokenises so): every shorter text ended in U+FFFD too, and the stream fixed a U+FFFD
+    for characters later tokens completed (' �─�───' for ' ────────'); the offset of a
+    continuation byte after a "space + first bytes" token pointed at the space. Reference:
+    the tokenizer's decode."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from open_mythos.tokenizers import BYTE_LEVEL_CHARS, MythosTokenizer
+
+    char = {b: c for c, b in BYTE_LEVEL_CHARS.items()}
+    spell = lambda raw: "".join(char[b] for b in raw)  # noqa: E731
+    pieces = [b" \xe2", b"\x94\x80\xe2\x94\x80\xe2", b"\x94\x80\xe2", b"\x94", b"\x80",
+              b" \xf0\x9f", b"\x98", b"\x80"]
+    vocab = {spell(bytes([b])): b for b in range(256)}
+    for piece in pieces:
+        vocab.setdefault(spell(piece), len(vocab))
+    bpe = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = MythosTokenizer.from_tokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe))
+    ids = [vocab[spell(p)] for p in pieces]
+    seq = TextSequence(tok, ())
+    shown, offsets = "", []
+    for i in ids:
+        shown += seq.push(i)
+        offsets.append(seq.last_offset)
+        assert "\ufffd" not in shown, shown
+    shown += seq.finish("length")
+    assert shown == tok.decode(ids) == " \u2500\u2500\u2500\u2500 \U0001F600"
+    assert offsets[-3:] == [5, 6, 6]  # " ", then the emoji's bytes at the emoji
