@@ -119,7 +119,8 @@ class OpenMythosLM(TemplateLM):
     ):
         super().__init__()
         self.model, self.tokenizer, stored_loops, trained_len = _load(
-            pretrained, tokenizer, _pick_device(device), dtype)
+            pretrained, tokenizer, _pick_device(device), dtype,
+            n_loops_given=n_loops is not None)
         stored_exit, stored_rule = _inference_defaults(pretrained)
         if not isinstance(pretrained, (str, Path)):
             _warn_if_moved(self.model, device, dtype)
@@ -368,7 +369,7 @@ def _pick_device(spec: str | torch.device | None) -> torch.device:
 
 
 def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.device,
-          dtype: str | torch.dtype | None
+          dtype: str | torch.dtype | None, n_loops_given: bool | None = None
           ) -> tuple[CausalLM, Tokenizer, int | None, int | None]:
     """``(model, tokenizer, stored default n_loops, trained sequence length)`` from any
     accepted ``pretrained`` (the last two None where nothing records them)."""
@@ -392,7 +393,28 @@ def _load(pretrained: Any, tokenizer: str | Tokenizer | None, device: torch.devi
                             f"baseline) or an OpenMythosForCausalLM, got "
                             f"{type(pretrained).__module__}.{type(pretrained).__name__}")
         stored = getattr(pretrained.config, "n_loops", None)
+        source = getattr(pretrained.config, "name_or_path", None)
         pretrained = hf_model
+        if tokenizer is None and source and Path(source).is_dir():
+            # The directory it was loaded from: its tokenizer, a task run's with BOS (the
+            # byte tokenizer's default leaves BOS out, and a task model then answers wrongly).
+            from ..checkpoints import CheckpointFormat, LoadedModel
+            from .convert import resolve_tokenizer
+
+            local = LoadedModel(pretrained, pretrained.cfg, Path(source), CheckpointFormat.HF)
+            try:
+                return pretrained, resolve_tokenizer(local, None), stored, None
+            except (OSError, ValueError):  # no readable tokenizer there: as for an object
+                pass
+    elif tokenizer is None or n_loops_given is False:
+        warnings.warn(
+            "pretrained is a model object, which records neither its tokenizer nor the depth "
+            "it was trained at: scoring with "
+            + ("the byte tokenizer (no BOS: pass tokenizer=task_tokenizer() for a task run's "
+               "model) " if tokenizer is None else "the tokenizer given ")
+            + ("and n_loops=cfg.max_loop_iters" if n_loops_given is False
+               else "at the n_loops given")
+            + "; pass the run or export directory to have both read from it", stacklevel=3)
     if tokenizer is None:
         if pretrained.cfg.vocab_size != ByteTokenizer().vocab_size:
             raise ValueError("pass tokenizer= for a model whose vocabulary is not the byte tokenizer's")

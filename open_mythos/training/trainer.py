@@ -441,7 +441,10 @@ class Trainer:
     # Setup ------------------------------------------------------------------------------------
 
     def train(self) -> TrainState:
-        """Train up to ``cfg.run.steps`` and return the final counters.
+        """Train up to ``cfg.run.steps`` and return the final counters. The run seeds the
+        process's random generators from ``run.seed``; torch's CPU generator and Python's
+        ``random`` are given back as they were afterwards (a notebook's later cells draw
+        from the user's seed, not the run's).
 
         Raises:
             ConfigError: an invalid configuration or run directory (:class:`~.rundir.RunLocked`:
@@ -449,6 +452,14 @@ class Trainer:
             RunDirError: an OS-level failure writing the run directory (names the path).
             TrainingDiverged: see the module docstring.
         """
+        python_rng = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return self._train()
+            finally:
+                random.setstate(python_rng)
+
+    def _train(self) -> TrainState:
         self.ctx = setup(self.cfg.run.parallel, self.cfg.run.device, self.cfg.run.dist_timeout)
         clean = False
         self._training = True

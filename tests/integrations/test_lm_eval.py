@@ -331,3 +331,30 @@ def test_an_exports_default_exit_rule_applies_and_model_args_set_one(tmp_path):
     assert lm.exit_rule is None
     with pytest.raises(ValueError, match="fixed-depth baseline"):
         OpenMythosLM(pretrained=byte_baseline("gqa"), tokenizer=TOK, exit_rule="kl:0.1")
+
+
+def test_a_model_object_is_scored_as_its_directory_or_says_what_it_lacks(tmp_path, recwarn):
+    """An OpenMythosForCausalLM loaded from a task run's export was scored with the byte
+    tokenizer's default, without the BOS its examples start with (about 20 nats worse, no
+    warning); a bare model object now says what it cannot know. Reference: the export's
+    directory given as a path."""
+    from open_mythos.integrations.convert import training_to_hf
+    from open_mythos.integrations.hf import OpenMythosForCausalLM
+    from open_mythos.tokenizers import task_tokenizer
+
+    model = byte_model("gqa")
+    run = tmp_path / "run"
+    write_training_checkpoint(run, model, task="parity")
+    export = training_to_hf(run, tmp_path / "export")
+    pairs = [("0110=", "0")]
+    by_path = OpenMythosLM(pretrained=str(export), n_loops=2)
+    wrapped = OpenMythosLM(pretrained=OpenMythosForCausalLM.from_pretrained(export), n_loops=2)
+    assert by_path.tokenizer.add_bos_token and wrapped.tokenizer.add_bos_token
+    assert by_path.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True) == \
+        wrapped.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True)
+    recwarn.clear()
+    OpenMythosLM(pretrained=model)
+    assert any("records neither its tokenizer nor the depth" in str(w.message) for w in recwarn)
+    recwarn.clear()
+    OpenMythosLM(pretrained=model, tokenizer=task_tokenizer(), n_loops=2)
+    assert not any("records neither" in str(w.message) for w in recwarn)

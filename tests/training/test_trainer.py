@@ -800,3 +800,20 @@ def test_settings_assigned_after_building_the_config_are_checked(tmp_path):
     knobs = load_config(None, [("data.task", "multihop"),
                                ("data.task_args", {"hops": (1, 2), "cap": None})])
     assert knobs.validated() == knobs and knobs.validated().data.task_args["cap"] is None
+
+
+def test_train_gives_the_global_random_generators_back(tmp_path):
+    """train() seeded torch's and Python's global generators from run.seed and left them so:
+    a notebook's later cells drew from the run's seed, not the user's. Reference: the
+    draws the user's seed gives without a run in between."""
+    import random
+
+    torch.manual_seed(1234)
+    random.seed(1234)
+    want = (torch.rand(3), random.random())
+    torch.manual_seed(1234)
+    random.seed(1234)
+    Trainer(tiny_config(tmp_path / "run", run__steps=2)).train()
+    got = (torch.rand(3), random.random())
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
