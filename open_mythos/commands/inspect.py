@@ -127,13 +127,13 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
         print(f"openmythos inspect: error: {err}", file=sys.stderr)
         return 2
-    labels = [_show(tokenizer.decode([i], skip_special_tokens=False)) for i in ids]
+    labels = [_show(_token_text(tokenizer, i)) for i in ids]
     if exit_rule is not None and lens != "head":
         print("openmythos inspect: note: the exit rule decides on the head lens; the KL "
               "shown is the coda lens's (--lens head shows the rule's)", file=sys.stderr)
     data.update(tokens=labels, n_loops=n_loops, lens=lens, checkpoint=str(loaded.path),
                 exit_rule=None if exit_rule is None else dataclasses.asdict(exit_rule))
-    top_text = [[_show(tokenizer.decode([t], skip_special_tokens=False)) for t in row]
+    top_text = [[_show(_token_text(tokenizer, t)) for t in row]
                 for row in data["top"]]
     (out / "inspect.json").write_text(json.dumps({**data, "top_text": top_text}, indent=1))
     _print_lens(labels, top_text, data)
@@ -144,6 +144,16 @@ def run(args: argparse.Namespace) -> int:
         (out / stale).unlink(missing_ok=True)
     print("\nwrote " + ", ".join(str(f) for f in [*figures, out / "inspect.json"]))
     return 0
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    """A token's text; its bytes as ``\\xNN`` when they are part of a multi-byte character
+    (each such byte decoded alone was the same U+FFFD)."""
+    raw = tokenizer.token_bytes(int(token_id))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _show(text: str) -> str:

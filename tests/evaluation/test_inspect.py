@@ -57,6 +57,11 @@ def test_inspect_reads_out_every_loop(tmp_path, capsys):
     assert main(["inspect", "--checkpoint", str(run), "--prompt", prompt, "--n-loops", "1",
                  "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["lens.png"]
+    # The bytes of a multi-byte character are told apart (each was labelled "\ufffd").
+    assert main(["inspect", "--checkpoint", str(run), "--prompt", "0\u00e9", "--n-loops", "1",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "inspect.json").read_text())["tokens"] == [
+        "<bos>", "0", "\\xc3", "\\xa9"]
 
 
 def test_inspect_errors_are_one_line(tmp_path, capsys, monkeypatch):
