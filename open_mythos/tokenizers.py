@@ -459,7 +459,7 @@ class MythosTokenizer(Tokenizer):
         (token_id,) = self._checked([token_id])
         hf = self.tokenizer
         piece = hf.convert_ids_to_tokens(token_id)
-        if token_id in hf.all_special_ids or not isinstance(piece, str):
+        if token_id in self._special_ids() or not isinstance(piece, str):
             return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
         raw: bytes | None = None
         for step in self._decoder_steps():
@@ -482,6 +482,15 @@ class MythosTokenizer(Tokenizer):
     @property
     def replaces_each_byte(self) -> bool:
         return any(step.get("type") == "ByteFallback" for step in self._decoder_steps())
+
+    def _special_ids(self) -> frozenset[int]:
+        """``all_special_ids`` (a list transformers builds at every call: this runs per
+        generated token), kept while the vocabulary keeps its size."""
+        n = len(self.tokenizer)
+        cached = getattr(self, "_specials", None)
+        if cached is None or cached[0] != n:
+            cached = self._specials = (n, frozenset(self.tokenizer.all_special_ids))
+        return cached[1]
 
     def _decoder_steps(self) -> list[dict[str, Any]]:
         """The backend decoder's steps in order (a ``Sequence`` flattened); ``[{"type":

@@ -140,7 +140,7 @@ class TextSequence:
             n += 1
         while not (prefix := tokenizer.decode_piece(context[-n:])) and n < len(context):
             n = min(2 * n, len(context))
-        self._tokens = context[-n:] if n else []
+        self._tokens = context[len(context) - n:]
         if prefix.endswith(REPLACEMENT_CHAR):  # a prompt ending inside a character
             self._tokens, prefix = [], ""
         self._read, self._prefix = len(self._tokens), prefix
@@ -163,22 +163,21 @@ class TextSequence:
         self.n_tokens += 1
         self._tokens.append(int(token))
         full = self._head + self._window_text(len(self._tokens))
-        # A token whose bytes all continue a character still unfinished is inside it: it
-        # starts where the previous token does (a byte-fallback decoder shows each such byte
-        # as a U+FFFD of its own until the character is whole).
+        # Where this token's text starts. One whose bytes all continue a character still
+        # unfinished (read from the tokens' bytes) is inside it: a byte-fallback token is one
+        # byte, so the previous token started that character or is inside it; other
+        # decoders show the unfinished character as one U+FFFD, at the end. Otherwise it is
+        # what the decodes with and without the token share: a trailing U+FFFD that the
+        # token completes is not counted, one it leaves (an invalid byte) is.
         unfinished = bool(self._utf8.getstate()[0])
         inside = not self._utf8.decode(self.tokenizer.token_bytes(int(token))) and unfinished
-        # Otherwise the text before this token is what the decodes with and without it
-        # share: a trailing U+FFFD that the token completes is not counted, one it leaves
-        # (an invalid byte) is; a token that adds nothing to a trailing U+FFFD is inside it.
-        shared = _common_prefix_len(self.decoded, full)
-        if shared == len(full) and full.endswith(REPLACEMENT_CHAR):
-            shared -= 1
-        if inside:  # where the unfinished character starts: a byte-fallback token is one
-            # byte, so the previous token started it or is inside it; other decoders show
-            # the unfinished character as one U+FFFD, at the end
+        if inside:
             shared = (self.last_offset if self.tokenizer.replaces_each_byte
                       else len(full) - self._unfinished_chars(full))
+        else:
+            shared = _common_prefix_len(self.decoded, full)
+            if shared == len(full) and full.endswith(REPLACEMENT_CHAR):
+                shared -= 1
         self.last_offset = shared
         self.decoded = full
         if self._set_text(self._stable_text(full)):
@@ -194,8 +193,9 @@ class TextSequence:
 
         A text ending in U+FFFD may end with a character whose remaining bytes are still to
         come: the text without the last 1, 2 or 3 tokens (a character has at most 4 bytes)
-        is tried until one does not end so. If each does, the shortest one's trailing
-        U+FFFD is an invalid byte (a character ending after it would span 5 tokens); it is
+        is tried until one does not end so. If each does, either the tokens' bytes leave a
+        character unfinished (tokens that each carry the next character's first bytes),
+        whose U+FFFD alone is held back, or the shortest text's U+FFFD is an invalid byte,
         final. A window whose whole text is final moves on past it.
         """
         if not full.endswith(REPLACEMENT_CHAR):

@@ -77,12 +77,6 @@ class SchedulerStopped(Exception):
 _BYTES_TOKEN = re.compile(r"bytes:((?:\\x[0-9a-f]{2})+)")
 
 
-def byte_token_text(byte: int) -> str:
-    """How logprobs show a token that is one byte of a multi-byte character (OpenAI's
-    form): ``bytes:\\xNN``."""
-    return shown_token(bytes([byte]))
-
-
 def shown_token(raw: bytes) -> str:
     """How logprobs show a token of bytes ``raw``: its text, or, when they are not whole
     UTF-8 characters (part of a multi-byte one), OpenAI's ``bytes:\\xNN\\xNN...``."""
