@@ -51,6 +51,7 @@ from torch import nn
 
 from .config import KIND_KEY, MythosConfig, check_loops
 from .layers.moe import BALANCE_BUFFERS
+from .layers.recurrence import ExitRule, as_exit_rule
 from .model import CausalLM
 from .registry import build_model, config_fields, config_from_dict, kind_of, materialize
 
@@ -100,6 +101,9 @@ class LoadedModel:
         n_loops: the depth to run by default: the depth a training checkpoint was trained
             at (:func:`read_trained_depth`), or ``n_loops`` of an HF config; None when
             neither records one, or for a fixed-depth kind (use ``model.default_n_loops``).
+        exit_rule: the training-free exit rule an HF config sets for its forwards
+            (:func:`read_inference_defaults`), or None; ``openmythos generate`` and
+            ``serve`` apply it by default, as the Hugging Face model does.
     """
 
     model: CausalLM
@@ -107,6 +111,7 @@ class LoadedModel:
     path: Path
     format: CheckpointFormat
     n_loops: int | None = None
+    exit_rule: ExitRule | None = None
 
 
 # Locating -----------------------------------------------------------------------------------
@@ -414,6 +419,15 @@ def read_inference_defaults(path: str | Path) -> tuple[bool | None, dict[str, An
     return data.get("act_early_exit"), data.get("exit_rule")
 
 
+def _configured_exit_rule(ckpt_dir: Path) -> ExitRule | None:
+    """The exit rule of :func:`read_inference_defaults`, validated: a bad one is a
+    ``ValueError`` that names the file (the Hugging Face model refuses it at load too)."""
+    try:
+        return as_exit_rule(read_inference_defaults(ckpt_dir)[1])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{ckpt_dir / MODEL_CONFIG_FILE}: {err}") from None
+
+
 def training_depth_recorded(path: str | Path) -> bool:
     """Whether the model at ``path`` records the depth it was trained at: a training
     checkpoint does; a Hugging Face directory when it has ``trained_depth`` (exports since
@@ -649,7 +663,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     model.to(dtype=stored_dtype(state))
     load_state(model, state, tied_parameters(model), ckpt_dir)
     model.to(dtype=dtype)
-    return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops)
+    exit_rule = _configured_exit_rule(ckpt_dir) if kind_of(cfg).looped else None
+    return LoadedModel(model.eval(), cfg, ckpt_dir, fmt, n_loops, exit_rule)
 
 
 def _read_newest(path: str | Path, attempts: int = 3

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..layers.recurrence import ExitRule
 
@@ -44,3 +45,29 @@ def exit_rule_from_args(args: argparse.Namespace) -> ExitRule | None:
         return None
     return ExitRule(**criteria, min_loops=1 if args.exit_min_loops is None
                     else args.exit_min_loops)
+
+
+def add_no_exit_rule_argument(p: argparse.ArgumentParser) -> None:
+    """``--no-exit-rule``, for the commands that run a Hugging Face export with the exit
+    rule its config sets (:func:`resolve_exit_rule`)."""
+    p.add_argument("--no-exit-rule", action="store_true",
+                   help="ignore the exit rule a Hugging Face export's config sets for its "
+                        "forwards (default: apply it, as the Hugging Face model does)")
+
+
+def resolve_exit_rule(args: argparse.Namespace, loaded: Any) -> tuple[ExitRule | None, bool]:
+    """``(rule, from_config)``: the rule of the ``--exit-*`` options if given, else the one
+    ``loaded`` (a :class:`~open_mythos.checkpoints.LoadedModel`) sets by default, unless
+    ``--no-exit-rule``; ``from_config`` says the rule is the model's default.
+
+    Raises:
+        ValueError: ``--no-exit-rule`` with an ``--exit-*`` criterion, or an invalid threshold.
+    """
+    given = exit_rule_from_args(args) if hasattr(args, "exit_kl") else None
+    if getattr(args, "no_exit_rule", False):
+        if given is not None:
+            raise ValueError("--no-exit-rule contradicts the --exit-* options given")
+        return None, False
+    if given is not None or loaded.exit_rule is None:
+        return given, False
+    return loaded.exit_rule, True

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from ..inference.speculative import DRAFT_LENSES
 from .argtypes import Once, loop_count, non_negative_int, positive_int
-from .exit_options import add_exit_arguments, exit_rule_from_args
+from .exit_options import add_exit_arguments, add_no_exit_rule_argument, resolve_exit_rule
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
+    add_no_exit_rule_argument(p)
 
 
 #: Tokens ``generate`` produces when --max-new-tokens is not given (fewer where the
@@ -111,6 +112,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             raise ValueError("--draft-loops and --draft-lens shape self-speculative "
                              "decoding: give --draft-tokens K too")
         loaded, tokenizer = load_for_inference(args)
+        exit_rule, configured = resolve_exit_rule(args, loaded)
+        if configured:
+            needs_all = [flag for flag, on in (("--compile", args.compile),
+                                               ("--draft-tokens", args.draft_tokens)) if on]
+            if needs_all:
+                raise ValueError(f"{loaded.path}'s config sets exit_rule={exit_rule}, and "
+                                 f"{needs_all[0]} runs every loop: pass --no-exit-rule")
         prompts = encode_prompts(tokenizer, [args.prompt])
         max_new_tokens = args.max_new_tokens
         if max_new_tokens is None:  # the default fits the context; a number given is checked
@@ -122,7 +130,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             n_loops=args.n_loops or loaded.n_loops,
             do_sample=not args.greedy, temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
-            compile=args.compile, exit_rule=exit_rule_from_args(args),
+            compile=args.compile, exit_rule=exit_rule,
             depth_sharing=args.depth_sharing, draft_tokens=args.draft_tokens,
             draft_loops=args.draft_loops or 1, draft_lens=args.draft_lens or "coda")
         validate(loaded.model, prompts, options)  # before the prompt is echoed
@@ -153,6 +161,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     depth = (f"{options.n_loops or loaded.cfg.max_loop_iters} loops" if is_looped(loaded.model)
              else f"{loaded.cfg.core_layers} core blocks")  # a dense baseline has no loops
+    if configured:
+        depth += f", the config's {exit_rule}"
     print(f"[{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tok/s), "
           f"{depth}, finish: {reason}]", file=sys.stderr)
     return 0

@@ -95,23 +95,29 @@ def run(args: argparse.Namespace) -> int:
 
 def _load_and_serve(args: argparse.Namespace, limits: ServeLimits, sock: socket.socket) -> int:
     from ..integrations.server import CompletionService, serve
+    from .exit_options import resolve_exit_rule
     from .generate import load_for_inference
 
     try:
         loaded, tokenizer = load_for_inference(args)
+        exit_rule, configured = resolve_exit_rule(args, loaded)
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
         print(f"openmythos serve: error: {err}", file=sys.stderr)
         return 2
     name = args.model_name or _default_name(args.checkpoint)
     try:
         service = CompletionService(loaded.model, tokenizer, model_name=name,
-                                    n_loops=args.n_loops or loaded.n_loops, limits=limits)
+                                    n_loops=args.n_loops or loaded.n_loops, limits=limits,
+                                    exit_rule=exit_rule)
     except ValueError as err:
         print(f"openmythos serve: error: {err}", file=sys.stderr)
         return 2
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     print(f"serving {name!r} ({loaded.format.value} checkpoint {loaded.path}) on "
           f"http://{args.host}:{port}/v1", file=sys.stderr)
+    if configured:
+        print(f"requests without an exit_rule run the config's {exit_rule} (--no-exit-rule: "
+              "none)", file=sys.stderr)
     serve(service, host=args.host, port=port, log_level=args.log_level, sock=sock)
     return 0
 

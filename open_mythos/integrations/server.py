@@ -16,7 +16,8 @@ Endpoints:
     Both take the extensions ``n_loops`` (recurrent depth of this request), ``top_k`` and
     ``exit_rule`` (``{"kl", "entropy", "rel_change", "argmax_streak", "min_loops"}``: each
     position stops looping once the rule fires, see
-    :class:`~open_mythos.layers.recurrence.ExitRule`);
+    :class:`~open_mythos.layers.recurrence.ExitRule`; a request without the field gets the
+    server's default rule, one with ``"exit_rule": null`` none);
     ``best_of``, ``suffix``, ``logit_bias`` and the penalties only at their neutral values.
     Every non-streaming response has ``usage``.
     ``GET /health``: ``{"status": "ok"}`` and the scheduler's counts.
@@ -53,7 +54,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request
@@ -63,6 +64,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..layers.recurrence import ExitRule, as_exit_rule
 from ..model import CausalLM
 from ..registry import is_looped
 from ..serving.jobs import (
@@ -170,14 +172,20 @@ class CompletionService:
         model_name: the id clients use (``model`` field); requests naming another model get 404.
         n_loops: default recurrent loops (None: the model's default).
         limits: caps on requests (default :class:`ServeLimits`).
+        exit_rule: the exit rule of requests that do not set ``exit_rule`` (``openmythos
+            serve``: the one a Hugging Face export's config sets); None: none.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, model_name: str = "openmythos",
-                 n_loops: int | None = None, limits: ServeLimits | None = None):
+                 n_loops: int | None = None, limits: ServeLimits | None = None,
+                 exit_rule: ExitRule | None = None):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.n_loops = n_loops
+        self.exit_rule = as_exit_rule(exit_rule)
         self.limits = limits or ServeLimits()
         self.looped = is_looped(model)
+        if self.exit_rule is not None and not self.looped:
+            raise ValueError("exit_rule needs a looped model: this one is a fixed-depth baseline")
         self.max_n_loops = self.limits.n_loops_cap(model.cfg.max_loop_iters)
         if n_loops is not None and self.looped and n_loops > self.max_n_loops:
             raise ValueError(f"the default n_loops={n_loops} is above this server's cap of "
@@ -202,6 +210,8 @@ class CompletionService:
                 "max_loop_iters": cfg.max_loop_iters if looped else None,
                 "default_n_loops": self.n_loops if looped else None,
                 "max_n_loops": self.max_n_loops if looped else None,
+                "default_exit_rule": (None if self.exit_rule is None
+                                      else asdict(self.exit_rule)),
                 "max_tokens": self.limits.max_tokens}
 
     # --- validation ----------------------------------------------------------------------
@@ -327,7 +337,7 @@ class CompletionService:
         if longest + max_tokens > context:
             raise APIError(400, f"the prompt ({longest} tokens) + {tokens_param} ({max_tokens}) "
                            f"exceeds the model's context of {context} tokens", param=tokens_param)
-        exit_rule = None
+        exit_rule = None if "exit_rule" in req.model_fields_set else self.exit_rule
         if req.exit_rule is not None:
             if not self.looped:
                 raise APIError(400, "exit_rule needs a looped model", param="exit_rule")

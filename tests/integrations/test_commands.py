@@ -101,6 +101,46 @@ def test_generate_adaptive_options(tmp_path, capsys):
         assert status == 2 and message in err
 
 
+def test_generate_applies_an_exports_configured_exit_rule(tmp_path, capsys):
+    """An export whose config sets exit_rule (the Hugging Face model applies it to every
+    forward) was decoded at full depth by ``generate``: the CLI and ``AutoModel`` gave two
+    answers for one directory. Reference: our generate with and without the rule."""
+    pytest.importorskip("transformers")
+    from open_mythos import ExitRule
+    from open_mythos.integrations.hf import OpenMythosForCausalLM
+
+    model = byte_model("gqa", use_act=False)
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.5)  # loops that change the output
+    torch.nn.init.normal_(model.embed.weight, std=0.02)  # not the input echoed at any depth
+    ids = torch.tensor([TOK.encode("Hello")])
+
+    def text(**kw):
+        return TOK.decode(our_generate(model, ids, 12, 4, do_sample=False, **kw)[0, 5:])
+
+    rule = ExitRule(entropy=1e9)  # every position stops after one loop
+    assert text(exit_rule=rule) != text()
+    OpenMythosForCausalLM.from_mythos(model, n_loops=4, exit_rule=rule).save_pretrained(
+        tmp_path / "hf")
+    argv = ("generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "Hello", "--greedy",
+            "--max-new-tokens", "12", "--no-echo")
+    status, early, err = openmythos(capsys, *argv)
+    assert status == 0 and early == text(exit_rule=rule) + "\n"
+    assert "the config's ExitRule(" in err
+    assert openmythos(capsys, *argv, "--no-exit-rule")[1] == text() + "\n"
+    assert openmythos(capsys, *argv, "--exit-kl", "1e-12")[1] == text(
+        exit_rule=ExitRule(kl=1e-12)) + "\n"
+    for bad, message in ((("--no-exit-rule", "--exit-kl", "0.1"), "contradicts"),
+                         (("--compile",), "pass --no-exit-rule"),
+                         (("--draft-tokens", "2"), "pass --no-exit-rule")):
+        status, _, err = openmythos(capsys, *argv, *bad)
+        assert status == 2 and message in err, (bad, err)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["exit_rule"] = {"kl": -1.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    status, _, err = openmythos(capsys, *argv)
+    assert status == 2 and "config.json" in err and "kl" in err
+
+
 def test_generate_reports_errors_with_status_2(tmp_path, capsys):
     status, _, err = openmythos(capsys, "generate", "--checkpoint", str(tmp_path / "missing"),
                                 "--prompt", "x")

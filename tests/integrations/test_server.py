@@ -422,6 +422,39 @@ def test_a_fixed_depth_model_refuses_n_loops_and_shows_no_loop_fields():
     service.close()
 
 
+def test_a_default_exit_rule_applies_to_requests_that_set_none():
+    """The server's default exit rule (``openmythos serve``: an export's configured one)
+    runs for requests without the field; ``"exit_rule": null`` runs none and a request's
+    own rule replaces it. Reference: our greedy generate with each rule."""
+    from open_mythos import ExitRule
+    from open_mythos.inference import generate
+    from tests.integrations.conftest import byte_model
+
+    model = byte_model("gqa", use_act=False)
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.5)  # loops that change the output
+    torch.nn.init.normal_(model.embed.weight, std=0.02)
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok.encode("Hello")])
+
+    def text(**kw):
+        return tok.decode(generate(model, ids, 8, 4, do_sample=False, **kw)[0, 5:])
+
+    rule, own = ExitRule(entropy=1e9), ExitRule(argmax_streak=2)
+    assert len({text(exit_rule=rule), text(), text(exit_rule=own)}) > 1
+    service = CompletionService(model, tok, model_name="m", n_loops=4, exit_rule=rule)
+    with running_server(service) as client:
+        card = client.get("/v1/models/m").json()
+        assert card["default_exit_rule"] == {"kl": None, "entropy": 1e9, "rel_change": None,
+                                             "argmax_streak": None, "min_loops": 1}
+        body = {"prompt": "Hello", "max_tokens": 8, "temperature": 0}
+        for extra, want in (({}, text(exit_rule=rule)), ({"exit_rule": None}, text()),
+                            ({"exit_rule": {"argmax_streak": 2}}, text(exit_rule=own))):
+            got = client.post("/v1/completions", json=body | extra).json()
+            assert got["choices"][0]["text"] == want, extra
+    with pytest.raises(ValueError, match="needs a looped model"):
+        CompletionService(byte_baseline(), tok, exit_rule=rule)
+
+
 def test_a_default_depth_above_the_cap_is_refused_at_start():
     model = ScriptedModel(SCRIPT)
     with pytest.raises(ValueError, match="above this server's cap of 8"):
