@@ -686,7 +686,7 @@ def _read_newest(path: str | Path, attempts: int = 3
 
 def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
     """The floating dtype every floating tensor of ``state`` has; None when they differ
-    (or there are none). The MoE layers' balancing state, float32 in a model of any dtype
+    (or there are none). The MoE layers' balancing state, float32 in a model of any narrower dtype
     (:data:`~open_mythos.layers.moe.BALANCE_BUFFERS`), is left out."""
     dtypes = {t.dtype for key, t in state.items()
               if t.is_floating_point() and key.rpartition(".")[2] not in BALANCE_BUFFERS}

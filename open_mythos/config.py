@@ -207,7 +207,8 @@ class MythosConfig:
             _require("qk_rope_head_dim", self.qk_rope_head_dim, self.qk_rope_head_dim % 2 == 0,
                      "even (RoPE rotates pairs of channels)")
         _require("act_threshold", self.act_threshold,
-                 isinstance(self.act_threshold, (int, float)) and self.act_threshold > 0
+                 isinstance(self.act_threshold, (int, float))
+                 and not isinstance(self.act_threshold, bool) and self.act_threshold > 0
                  and not math.isnan(self.act_threshold),
                  "a positive number (inf means: never halt early)")
         _require("rope_theta", self.rope_theta, _is_finite(self.rope_theta)

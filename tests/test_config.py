@@ -72,6 +72,7 @@ def test_config_dict_saves_like_upstreams(tmp_path):
         (dict(expert_dim=0), "expert_dim"),
         (dict(act_threshold=0.0), "act_threshold"),
         (dict(act_threshold=math.nan), "act_threshold"),
+        (dict(act_threshold=True), "act_threshold"),  # once read as 1
         (dict(dropout=1.0), "dropout"),
         (dict(prelude_layers=-1), "prelude_layers"),
         (dict(attn_type="mla", qk_rope_head_dim=7), "qk_rope_head_dim"),

@@ -315,6 +315,16 @@ def test_expert_views_share_storage_and_leave_the_module_unchanged():
         moe.routed_experts.requires_grad_(False)
     with pytest.raises(RuntimeError, match="cannot freeze"):
         moe.routed_experts[0].gate.requires_grad_(False)
+    # Upstream's per-tensor idiom changed only the view (the next access built a new one,
+    # trainable, and a step still moved the expert).
+    for view in (moe.routed_experts[0], moe.shared_experts[0]):
+        for p in view.parameters():
+            p.requires_grad = True  # its own value: allowed
+            with pytest.raises(RuntimeError, match="cannot freeze"):
+                p.requires_grad = False
+            with pytest.raises(RuntimeError, match="cannot freeze"):
+                p.requires_grad_(False)
+            assert p.requires_grad
     assert moe.w_gate_up.requires_grad
     view, calls = moe.routed_experts[2], []
     with pytest.warns(RuntimeWarning, match="without calling these views"):
@@ -323,3 +333,20 @@ def test_expert_views_share_storage_and_leave_the_module_unchanged():
     assert calls == []
     view(x)
     assert calls == [1]
+
+
+def test_an_upstream_state_dict_is_refused_naming_its_layout():
+    """Upstream saves one ``Expert`` module per expert. Loaded here it failed with a list of
+    keys, and ``strict=False`` "worked", leaving random experts behind."""
+    cfg = tiny_config(n_experts=4, n_shared_experts=1)
+    moe = MoEFFN(cfg)
+    upstream = {f"routed_experts.{e}.{name}.weight": torch.zeros(1)
+                for e in range(cfg.n_experts) for name in ("gate", "up", "down")}
+    upstream |= {"router.weight": moe.router.weight.detach().clone(),
+                 "router_bias": torch.zeros(cfg.n_experts)}
+    before = moe.w_gate_up.detach().clone()
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="upstream's layout"):
+            moe.load_state_dict(upstream, strict=strict)
+    assert torch.equal(moe.w_gate_up, before)
+    moe.load_state_dict(MoEFFN(cfg).state_dict())  # our own layout loads

@@ -66,8 +66,8 @@ class Expert(nn.Module):
 #: it is the faster path up to about 1M elements (``benchmarks/inference.py --only moe``).
 GATHER_MAX_ELEMENTS = 1 << 20
 
-#: The MoE layer's balancing state, float32 whatever dtype the weights are converted to
-#: (``MoEFFN._apply``).
+#: The MoE layer's balancing state, float32 whatever narrower dtype the weights are converted
+#: to (``MoEFFN._apply``; float64 in a float64 model).
 BALANCE_BUFFERS = ("router_bias", "load_since_update")
 
 
@@ -300,7 +300,7 @@ class MoEFFN(CopiesDetached, nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """``module.to(dtype)``, ``.half()``, ``.bfloat16()``: the weights take the new
-        dtype, the balancing state (:data:`BALANCE_BUFFERS`) stays float32. In bf16 a bias
+        dtype, the balancing state (:data:`BALANCE_BUFFERS`) stays at least float32. In bf16 a bias
         step of 1e-3 is lost once the bias reaches 0.5, and the load counter rounds counts
         above 256 (one expert's load of a batch), so balancing stopped without a word."""
         kept = {name: self._buffers[name] for name in BALANCE_BUFFERS}
@@ -308,8 +308,19 @@ class MoEFFN(CopiesDetached, nn.Module):
         self._keep_balance_fp32(kept)
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        upstream = sorted(k for k in state_dict
+                          if k.startswith((prefix + "routed_experts.", prefix + "shared_experts.")))
+        if upstream:  # an error even with strict=False, which would leave random experts
+            error_msgs.append(
+                f"{upstream[0]}...: a state dict of upstream's layout (one Expert module per "
+                "expert). This implementation stores the experts fused (w_gate_up, w_down, "
+                "shared) and differs from upstream in its RoPE channel pairing and loop-signal "
+                "scale, so upstream's weights do not load into it (docs/api.md, 'Drop-in for "
+                "upstream code')")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         self._keep_balance_fp32({})
         # load_state_dict(assign=True) onto a model built on the meta device: the load
         # counter is not in a state dict, so it stayed on the meta device (and balancing
@@ -583,11 +594,29 @@ _FREEZE_VIEW = (
 class _RefusesFreezing:
     """``requires_grad_`` of an expert view, of its layers and of the list of views: what
     upstream code calls to freeze an expert, which would silently leave the fused layer
-    trainable here. (A view's own tensors are plain parameters: their ``requires_grad_``
-    cannot be intercepted.)"""
+    trainable here."""
 
     def requires_grad_(self, requires_grad: bool = True) -> Any:
         raise RuntimeError(_FREEZE_VIEW)
+
+
+class _ViewWeight(nn.Parameter):
+    """A weight of an expert view: setting its ``requires_grad`` to another value raises
+    (``for p in moe.routed_experts[e].parameters(): p.requires_grad = False``, upstream's
+    way to freeze an expert, changed only the view, built afresh on the next access)."""
+
+    @property
+    def requires_grad(self) -> bool:  # type: ignore[override]
+        return torch._C.TensorBase.requires_grad.__get__(self)
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        if bool(value) != self.requires_grad:
+            raise RuntimeError(_FREEZE_VIEW)
+
+    def requires_grad_(self, requires_grad: bool = True) -> _ViewWeight:
+        self.requires_grad = requires_grad
+        return self
 
 
 class _ViewLinear(_RefusesFreezing, nn.Linear):
@@ -632,7 +661,7 @@ def _expert_view(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
         expert = _ExpertView(gate.shape[1], gate.shape[0])
         for name, weight in (("gate", gate), ("up", up), ("down", down)):
             linear = _ViewLinear(weight.shape[1], weight.shape[0], bias=False)
-            linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+            linear.weight = _ViewWeight(weight, requires_grad=requires_grad)
             setattr(expert, name, linear)
     return expert
 
