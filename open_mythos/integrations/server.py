@@ -539,9 +539,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        # Starlette's headers kept: a 405 names the allowed methods (Allow).
+        # Starlette's headers kept: a 405 names the allowed methods (Allow), where HEAD
+        # goes with GET (_get_and_head: separate routes, of which Starlette names one).
+        headers = dict(getattr(err, "headers", None) or {})
+        allow = headers.get("Allow", "").split(", ")
+        if "GET" in allow and "HEAD" not in allow:
+            headers["Allow"] = ", ".join([*allow, "HEAD"])
         return APIError(err.status_code, str(err.detail), type=kind,
-                        headers=getattr(err, "headers", None)).response()
+                        headers=headers or None).response()
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, err: Exception) -> JSONResponse:
@@ -745,18 +750,47 @@ def read_timeout_protocol(timeout: float) -> type:
     the server has more for it (the socket's buffers full, writing paused) is dropped:
     a stream's client that never reads held its connection, and the output queued for it,
     for as long as it stayed connected. The connection is aborted (a close would wait to
-    flush what the client does not read), which cancels the request."""
+    flush what the client does not read), which cancels the request.
+
+    A connection closed after a response that left part of the request unread (a 413 by
+    ``Content-Length`` to a ``Connection: close`` client) closes lingering: the server
+    sends its FIN, then reads and drops what the client still sends until the client closes
+    or ``timeout`` passes. Closed at once, the unread bytes made the kernel send a reset,
+    and a client still sending lost the 413 before it could read it."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class ReadTimeoutH11Protocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _lingering: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._raw = transport
+            # Every close uvicorn makes, the request cycle's included, goes through
+            # _close, which lingers where the request was not read to its end.
+            self.transport = _LingeringClose(transport, self._close)
             self._arm()
 
+        def _close(self) -> None:
+            raw = self._raw
+            if (raw.is_closing() or self._lingering is not None
+                    or self.conn.their_state is not h11.SEND_BODY or not raw.can_write_eof()):
+                if self._lingering is None:
+                    raw.close()
+                return
+            raw.write_eof()  # after what is buffered: the response, then the FIN
+            raw.resume_reading()
+            self._lingering = self.loop.call_later(timeout, raw.close)
+
+        def eof_received(self) -> bool | None:
+            if self._lingering is not None:  # the client is done too
+                self._raw.close()
+            return None
+
         def data_received(self, data: bytes) -> None:
+            if self._lingering is not None:
+                return  # the rest of a request already answered, dropped
             if self._deadline is None and self._receiving():
                 self._arm()
             super().data_received(data)
@@ -767,8 +801,9 @@ def read_timeout_protocol(timeout: float) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
-            if self._stalled is not None:
-                self._stalled.cancel()
+            for timer in (self._stalled, self._lingering):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
         def pause_writing(self) -> None:
@@ -780,10 +815,10 @@ def read_timeout_protocol(timeout: float) -> type:
             """Reset the connection: the kernel's buffers too are dropped at once (a
             plain close would leave them trying to reach a client that does not read)."""
             self._stalled = None
-            sock = self.transport.get_extra_info("socket")
+            sock = self._raw.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
+            self._raw.abort()
 
         def resume_writing(self) -> None:
             if self._stalled is not None:
@@ -805,10 +840,21 @@ def read_timeout_protocol(timeout: float) -> type:
 
         def _expire(self) -> None:
             self._deadline = None
-            if self._receiving() and not self.transport.is_closing():
-                self.transport.close()
+            if self._receiving() and not self._raw.is_closing():
+                self._raw.close()  # too slow: no lingering
 
     return ReadTimeoutH11Protocol
+
+
+class _LingeringClose:
+    """An asyncio transport whose ``close`` calls ``close`` (the protocol's lingering
+    close); everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None]):
+        self._transport, self.close = transport, close
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def make_server(service: CompletionService, host: str = "127.0.0.1", port: int = 8000,

@@ -338,10 +338,12 @@ def test_nulls_stream_options_and_http_methods_as_clients_send_them(real):
         r = client.post("/v1/completions", json={**body, "stream": True,
                                                   "stream_options": options})
         assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
-    for path in ("/health", "/v1/models", "/v1/models/tiny"):
+    for path in ("/health", "/v1/models", "/v1/models/tiny", "/tokenizer_info"):
         assert client.head(path).status_code == 200, path
+        r = client.delete(path)  # Allow lists HEAD too (it named GET alone)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", path
     r = client.get("/v1/completions")
-    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 def test_a_served_name_with_a_slash_is_found():
@@ -520,6 +522,19 @@ def test_a_body_over_the_limit_is_refused_before_it_is_parsed():
         assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
         ok = client.post("/v1/completions", json={"prompt": "the ", "max_tokens": 3})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        # A client that closes after its request (urllib does) still sending a large body
+        # got a reset: the server closed with the body unread, which threw the 413 away.
+        body = json.dumps({"prompt": "a" * 4_000_000}).encode()
+        for connection in (b"close", b"keep-alive"):
+            with socket.create_connection(("127.0.0.1", client.base_url.port), timeout=10) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: %s\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                          % (connection, len(body)) + body)
+                got = b""
+                while not got.endswith(b"}") and (chunk := s.recv(65536)):
+                    got += chunk
+            assert got.startswith(b"HTTP/1.1 413"), (connection, got[:80])
+            assert b"--max-request-bytes" in got
 
 
 def test_a_client_too_slow_to_send_its_request_is_disconnected():
