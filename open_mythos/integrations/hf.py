@@ -359,7 +359,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         cache: MythosCache | None = None,
         n_loops: int | None = None,
         act_early_exit: bool | None = None,
-        exit_rule: ExitRule | dict[str, Any] | None = None,
+        exit_rule: ExitRule | dict[str, Any] | bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -380,7 +380,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             n_loops: recurrent loops for this call (default ``config.n_loops``).
             act_early_exit: ACT early exit for this call (default ``config.act_early_exit``).
             exit_rule: training-free exit rule for this call (an ``ExitRule`` or a dict of
-                its fields; default ``config.exit_rule``).
+                its fields; default ``config.exit_rule``; False: none, whatever the config
+                sets).
             logits_to_keep: compute logits for the last ``k`` positions only (0: all), or
                 for the positions in an index tensor.
             output_hidden_states: also return the final normalised hidden states, as a
@@ -404,7 +405,9 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         n_loops = self.config.n_loops if n_loops is None else n_loops
         if act_early_exit is None:
             act_early_exit = self.config.act_early_exit
-        exit_rule = as_exit_rule(self.config.exit_rule if exit_rule is None else exit_rule)
+        # False: none for this call, whatever the config sets (None means the config's).
+        exit_rule = None if exit_rule is False else as_exit_rule(
+            self.config.exit_rule if exit_rule is None else exit_rule)
 
         passed = cache if cache is not None else past_key_values
         cache = _as_mythos_cache(passed)
@@ -484,6 +487,21 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                 f"{generation_config.max_length} exceeds max_seq_len={limit}; ask for at most "
                 f"{limit - input_ids_length} new tokens")
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None,
+                 **kwargs: Any) -> Any:
+        """``transformers``' ``generate``; the decoding modes it cannot run with this
+        model's cache (one entry per layer and loop depth) are refused by name, where
+        ``transformers`` reported a missing cache."""
+        config = generation_config if generation_config is not None else self.generation_config
+        for name, mode in _UNSUPPORTED_GENERATION.items():
+            value = kwargs.get(name, getattr(config, name, None))
+            if value is not None:
+                raise ValueError(
+                    f"OpenMythosForCausalLM.generate does not support {mode} (the {name} "
+                    "option); for speculative decoding of a looped model use "
+                    "open_mythos.inference.speculative_generate (it drafts with fewer loops)")
+        return super().generate(inputs, generation_config, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # NOTE: our cache has one entry per layer *and loop depth*; transformers must not
@@ -509,6 +527,12 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                 f"the cache holds {start} positions but input_ids only {input_ids.shape[1]}: "
                 "pass the cache of a prefix of input_ids (generate grows a cache in place; "
                 "copy.deepcopy a prompt's cache before reusing it)")
+        if not start and attention_mask is not None and bool((attention_mask == 0).all(-1).any()):
+            empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
+            # (A row of padding alone was decoded from no context at all; as one prompt,
+            # transformers refuses it.) The message is inference.generate's.
+            raise ValueError(f"prompt(s) {empty} are all padding: every prompt needs at least "
+                             "one token (encode with add_bos=True, or start from BOS)")
         if start and start == input_ids.shape[1]:  # the whole prompt is cached: the next
             cache.crop(-1)  # token's logits need its last position run again
             start -= 1
@@ -521,6 +545,15 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         skip = {"next_sequence_length", "is_first_iteration", "cache_position", "position_ids"}
         inputs.update({k: v for k, v in kwargs.items() if k not in skip})
         return inputs
+
+
+#: ``generate`` options of decoding modes that need a cache ``transformers`` manages itself.
+_UNSUPPORTED_GENERATION = {
+    "assistant_model": "assisted decoding",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding",
+    "assistant_early_exit": "early-exit assisted decoding",
+    "prefill_chunk_size": "chunked prefill",
+}
 
 
 def _as_mythos_cache(past_key_values: Any) -> MythosCache | None:

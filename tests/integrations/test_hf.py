@@ -309,6 +309,10 @@ def test_exit_rule_at_load_time_and_per_call(saved):
     assert torch.equal(out, generate(model, ids, 5, 6, do_sample=False, exit_rule=rule))
     with pytest.raises(TypeError, match="unexpected keyword"):
         plain(ids, exit_rule={"kl_div": 0.1})
+    # False: no rule for this call, the configured one included (None means the config's).
+    close(again(ids, exit_rule=False).logits, model(ids, n_loops=6))
+    out = again.generate(ids, max_new_tokens=5, do_sample=False, exit_rule=False)
+    assert torch.equal(out, generate(model, ids, 5, 6, do_sample=False))
 
 
 def test_loss_over_the_items_of_an_accumulated_batch():
@@ -511,3 +515,24 @@ def test_load_time_inference_options_are_checked(saved):
         AutoModelForCausalLM.from_pretrained(path, act_early_exit="no")
     hf = AutoModelForCausalLM.from_pretrained(path, act_early_exit=False, exit_rule={"kl": 0.1})
     assert hf.config.act_early_exit is False and hf.config.exit_rule["kl"] == 0.1
+
+
+def test_generate_refuses_padding_rows_and_modes_it_cannot_run():
+    """A row of padding alone was decoded from no context (one such prompt alone is an
+    error); assisted, prompt-lookup and chunked-prefill decoding failed saying the model
+    has no cache."""
+    hf = OpenMythosForCausalLM.from_mythos(byte_model("gqa")).eval()
+    ids = torch.tensor([[256, 256, 256], [97, 98, 99]])
+    mask = torch.tensor([[0, 0, 0], [1, 1, 1]])
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[0\] are all padding"):
+        hf.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    for option, mode in (({"prompt_lookup_num_tokens": 2}, "prompt-lookup"),
+                         ({"assistant_model": hf}, "assisted decoding"),
+                         ({"prefill_chunk_size": 2}, "chunked prefill")):
+        with pytest.raises(ValueError, match=f"does not support {mode}.*speculative_generate"):
+            hf.generate(ids[1:], max_new_tokens=2, do_sample=False, **option)
+    from transformers import GenerationConfig
+
+    with pytest.raises(ValueError, match="prompt-lookup"):
+        hf.generate(ids[1:], GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=2))
+    assert hf.generate(ids[1:], max_new_tokens=2, do_sample=False).shape == (1, 5)
