@@ -87,8 +87,13 @@ def os_errors(action: str, path: str | Path) -> Iterator[None]:
     except OSError as err:
         where = err.filename if err.filename is not None else path
         reason = err.strerror or str(err)
+        if err.filename2 is not None and err.errno in (errno.EISDIR, errno.ENOTEMPTY,
+                                                       errno.EEXIST):
+            where = err.filename2  # a rename onto something in the way: name that
         if isinstance(err, FileExistsError) or err.errno == errno.ENOTDIR:
             reason = f"{reason} (a file is in the way of a directory)"
+        elif err.errno == errno.EISDIR:
+            reason = f"{reason} (a directory is in the way of a file)"
         raise RunDirError(f"cannot {action} {where}: {reason}") from None
 
 
@@ -200,14 +205,33 @@ def replace_metrics_after(run_dir: str | Path, step: int) -> int:
     tail = data[cut:]
     if not tail:
         return 0
-    with open(Path(run_dir) / REPLACED_METRICS_FILE, "ab") as fh:
-        fh.write(tail if tail.endswith(b"\n") else tail + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    block = tail if tail.endswith(b"\n") else tail + b"\n"
+    replaced = Path(run_dir) / REPLACED_METRICS_FILE
+    # A process killed between the append and the cut leaves the rows in both files; the
+    # next start finds the block already at the end of metrics.replaced.jsonl and only
+    # cuts (rows carry their measured tokens_per_s: two runs' rows are never the same bytes).
+    if not _ends_with(replaced, block):
+        with open(replaced, "ab") as fh:
+            fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
     with open(path, "r+b") as fh:
         fh.truncate(cut)
         os.fsync(fh.fileno())
     return len(tail.splitlines())
+
+
+def _ends_with(path: Path, block: bytes) -> bool:
+    """Whether the file at ``path`` exists and its last bytes are ``block``."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size < len(block):
+                return False
+            fh.seek(size - len(block))
+            return fh.read() == block
+    except FileNotFoundError:
+        return False
 
 
 def record_resume(run_dir: str | Path, record: dict) -> None:

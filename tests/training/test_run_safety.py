@@ -216,6 +216,28 @@ def test_resume_appends_after_the_checkpoint_and_moves_only_later_rows(tmp_path)
     assert (run / "metrics.replaced.jsonl").read_bytes() == b"".join(lines[4:]) + b'{"step": 7, "lo\n'
 
 
+def test_a_move_of_rows_cut_short_by_a_kill_is_finished_once(tmp_path):
+    """Killed after appending the rows to metrics.replaced.jsonl but before cutting them
+    from metrics.jsonl, the next start appended them a second time: one run's rows read as
+    two killed runs'."""
+    from open_mythos.training.rundir import replace_metrics_after
+
+    rows = [json.dumps({"step": s, "tokens_per_s": 1000.0 + s}).encode() + b"\n"
+            for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_bytes(b"".join(rows))
+    (tmp_path / "metrics.replaced.jsonl").write_bytes(rows[2] + b"".join(rows[4:]))  # killed
+    assert replace_metrics_after(tmp_path, 4) == 3
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b"".join(rows[:4])
+    assert (tmp_path / "metrics.replaced.jsonl").read_bytes() == rows[2] + b"".join(rows[4:])
+    assert replace_metrics_after(tmp_path, 4) == 0
+    # Another run's rows after the same step are moved too.
+    again = json.dumps({"step": 5, "tokens_per_s": 2000.0}).encode() + b"\n"
+    (tmp_path / "metrics.jsonl").write_bytes(b"".join(rows[:4]) + again)
+    assert replace_metrics_after(tmp_path, 4) == 1
+    assert (tmp_path / "metrics.replaced.jsonl").read_bytes() == (
+        rows[2] + b"".join(rows[4:]) + again)
+
+
 # 2. Verified checkpoints ----------------------------------------------------------------------
 
 
@@ -418,6 +440,15 @@ def test_an_unusable_out_is_one_line_naming_it(tmp_path, capsys, monkeypatch, ca
         monkeypatch.setattr(os, "mkdir", _raise_on(str(tmp_path / "ro"), errno.EROFS, os.mkdir))
     assert train_cli(out, "--steps", "2") == 3
     one_line_error(capsys, 3, str(out.parent if case == "read_only" else out))
+
+
+def test_a_directory_in_the_way_of_latest_is_named(tmp_path, capsys):
+    """The error named the temporary file that ``latest`` is written through (deleted by
+    then, and another on every retry), not the directory in the way."""
+    run = tmp_path / "run"
+    (run / "latest").mkdir(parents=True)
+    assert train_cli(run, "--steps", "2", "--save-every", "2") == 3
+    one_line_error(capsys, 3, f"{run / 'latest'}: ", "a directory is in the way of a file")
 
 
 # What each writer raises on a full disk: ``write()``'s OSError (no file name), the
