@@ -103,6 +103,10 @@ class LTIInjection(nn.Module):
     value is clamped, so in float32 ``A`` can neither round to 1 nor underflow to 0, but the
     gradient passes as if unclamped, so no optimiser step can strand the parameters where
     the gradient is zero.
+
+    The state ``h`` is kept in its own dtype: in a model converted to bfloat16 (8
+    significant bits) a channel whose ``A`` is above about 0.996 does not decay from one
+    loop to the next, as ``A * h`` rounds back to ``h``. Autocast keeps the state float32.
     """
 
     LOG_MIN_RATE = math.log(1e-6)
