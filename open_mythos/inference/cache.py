@@ -31,6 +31,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..config import whole_number
 from ..layers.kv import CacheStore, Entries, spliced, window_of, with_live
 
 __all__ = ["CacheStore", "DictCache", "Entries", "KVCache", "as_cache_store",
@@ -210,9 +211,7 @@ class KVCache(_FillMissing):
 
     def __init__(self, max_len: int, dtype: torch.dtype | None = None,
                  depth_sharing: str = "per_depth"):
-        if max_len <= 0:
-            raise ValueError(f"KVCache max_len must be positive, got {max_len}")
-        self.max_len = max_len
+        self.max_len = whole_number(max_len, "KVCache max_len", 1)  # a float broke a forward
         self.dtype = check_cache_dtype(dtype)
         self.depth_sharing = depth_sharing
         self._every = _parse_sharing(depth_sharing)

@@ -192,6 +192,9 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
                        compile: bool, exit_rule: ExitRule | None = None) -> bool:
     """Validate :func:`stream`'s arguments (``max_new_tokens`` already checked by
     :func:`~open_mythos.config.whole_number`); returns the effective ``act_early_exit``."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a (batch, seq) tensor of token ids, got "
+                        f"{type(input_ids).__name__} (torch.tensor([ids]) makes one)")
     if input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq) tensor")
     T0 = input_ids.shape[1]
@@ -208,6 +211,11 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
             f"{tuple(input_ids.shape)}"
         )
+    if (attention_mask is not None and attention_mask.dtype != torch.bool
+            and bool(((attention_mask != 0) & (attention_mask != 1)).any())):
+        # (Checked before it is cast to integers, which made 0.5 padding without a word.)
+        raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding); "
+                         "got other values (NaN, fractions or counts are not a mask)")
     if attention_mask is not None and T0:
         empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
         if empty:

@@ -65,6 +65,23 @@ def test_sampling_filters_against_a_float64_softmax_and_survive_extreme_values()
         SamplingParams(do_sample=False, temperature=bad)  # greedy ignores it
 
 
+def test_top_k_keeps_exactly_k_tokens_when_the_kth_is_tied():
+    """A threshold at the k-th value kept every token tied with it: top_k=2 sampled among
+    four tokens, and top_k=1 was not greedy where the best logits tie (bfloat16 often)."""
+    from open_mythos.inference.sampling import SamplingParams, filter_logits, select_next
+
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0], [0.5, 3.0, 3.0, -1.0, 3.0]])
+    for k in (1, 2, 3):
+        kept = filter_logits(logits, SamplingParams(top_k=k)).isfinite()
+        assert kept.sum(-1).tolist() == [k, k]
+        # The kept ones are k of the most likely (a float64 sort, ties in any order).
+        for row, keep in zip(logits.double(), kept):
+            assert row[keep].min() >= row.sort(descending=True).values[k - 1]
+    draws = torch.stack([select_next(logits, SamplingParams(top_k=1), torch.Generator()
+                                     .manual_seed(s)) for s in range(20)])
+    assert (draws == draws[0]).all()  # one token per row: top_k=1 is deterministic
+
+
 def test_stop_tokens_end_each_sequence_alone():
     model = halting_model("mla")
     ids = torch.randint(0, 97, (2, 5))
@@ -104,6 +121,9 @@ def test_streaming_yields_tokens_as_produced():
     (dict(max_new_tokens=100), "exceeds max_seq_len=64"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), "pad prompts on the left"),
     (dict(attention_mask=torch.tensor([[0, 0, 0]])), r"prompt\(s\) \[0\] are all padding"),
+    # Cast to integers first, 0.5 became padding without a word (and 2 read as right padding).
+    (dict(attention_mask=torch.tensor([[1.0, 0.5, 1.0]])), "must hold only 1 .* and 0"),
+    (dict(attention_mask=torch.tensor([[2, 2, 2]])), "must hold only 1 .* and 0"),
     (dict(pad_token_id=-1, eos_token_id=2), r"pad_token_id=-1 is outside the vocabulary"),
     (dict(eos_token_id=[2, 97]), r"eos_token_id=97 is outside the vocabulary \[0, 97\)"),
     (dict(cache_dtype=torch.int8), "cache dtype must be a floating dtype"),
@@ -114,6 +134,16 @@ def test_bad_arguments(kwargs, match):
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         model.generate(torch.zeros(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_ids_that_are_not_a_tensor_and_a_cache_length_that_is_not_an_integer_are_named():
+    from open_mythos.inference import KVCache
+
+    with pytest.raises(TypeError, match="input_ids must be .* tensor .* got list"):
+        generate(halting_model("gqa"), [[1, 2, 3]], 2)
+    for bad in (8.0, "8", 0, True):  # 8.0 failed in the first forward's allocation
+        with pytest.raises(ValueError, match="KVCache max_len must be a positive integer"):
+            KVCache(bad)
 
 
 @pytest.mark.parametrize("kwargs, match", [
