@@ -380,7 +380,11 @@ class MythosTokenizer(Tokenizer):
             kwargs.setdefault("local_files_only", True)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(spec, **kwargs)
-        except (OSError, ValueError) as e:
+        except ImportError:
+            raise  # a library the tokenizer needs (sentencepiece...): its own message
+        except Exception as e:  # noqa: BLE001
+            # A tokenizer.json of another layout fails deep in the loaders, as a KeyError
+            # of transformers or a bare Exception of the tokenizers library.
             raise OSError(
                 f"could not load tokenizer {spec!r}: {e}\nFor offline use pass a local directory "
                 "holding tokenizer files (e.g. written by save_pretrained) or a repo already in "

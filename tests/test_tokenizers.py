@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -142,6 +144,14 @@ def test_mythos_tokenizer_missing_path_is_clear_and_offline(tmp_path, monkeypatc
         MythosTokenizer(str(tmp_path / "empty"))
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         MythosTokenizer("no-such-org/no-such-tokenizer")
+    # A tokenizer.json of another layout failed deep in the loaders (KeyError, or the
+    # tokenizers library's bare Exception): the training CLI printed a traceback, status 1.
+    for name, spec in (("other", {"not": "a tokenizer"}),
+                       ("newer", {"version": "1.0", "model": {"type": "Quantum"}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(spec))
+        with pytest.raises(OSError, match="could not load tokenizer"):
+            MythosTokenizer(str(tmp_path / name))
 
 
 def test_mythos_tokenizer_without_transformers_names_the_extra(monkeypatch):

@@ -98,6 +98,8 @@ def _one_line(err: Exception, limit: int = 300) -> str:
     does) on one line, cut at ``limit`` characters."""
     cause = err.__cause__ if isinstance(err.__cause__, Exception) else err
     text = " ".join(str(cause).split()) or type(cause).__name__
+    if isinstance(cause, KeyError):  # its text is the key alone ('added_tokens')
+        text = f"no {text} entry (KeyError)"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
