@@ -34,6 +34,7 @@ import torch
 from ..config import USER_CODE_HINT
 from .config import ConfigError, DataConfig
 from .documents import InputFormat, iter_documents, open_dataset, resolve_inputs
+from .losses import IGNORE_INDEX
 from .prepare import (
     ShardedTokens,
     encode_document,
@@ -211,11 +212,24 @@ class PackedTextSource(DataSource):
         start = self._spans[split][0]
         offsets = start + windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         chunk = torch.from_numpy(self._tokens.take(offsets).astype(np.int64))
-        return {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}
+        batch = {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}
+        if split == VAL:
+            _score_once(batch["targets"], first, self.n_windows(VAL))
+        return batch
 
     def describe(self) -> str:
         return (f"{self.label}: {self._spans[TRAIN][1]:,} train / {self._spans[VAL][1]:,} "
                 f"val tokens, seq_len {self.seq_len}")
+
+
+def _score_once(targets: torch.Tensor, first: int, n_windows: int) -> None:
+    """Validation asks for more rows than the held-out text has windows: the rows from
+    global row ``n_windows`` on go round the windows again and are not scored (targets
+    :data:`~.losses.IGNORE_INDEX`, in place), so ``val_loss`` is the mean over the
+    windows, each counted once (scored again, some counted more than others)."""
+    again = max(0, first + targets.shape[0] - max(first, n_windows))
+    if again:
+        targets[targets.shape[0] - again:] = IGNORE_INDEX
 
 
 class DataExhausted(ConfigError):
@@ -280,7 +294,9 @@ class StreamingTextSource(DataSource):
             rows = self._take(self._iter, per_batch)
         chunk = torch.from_numpy(np.stack(rows))
         full = {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}
-        if split != VAL:
+        if split == VAL:
+            _score_once(full["targets"], index * per_batch, self._n_val)
+        else:
             self._last = ((first, per_batch), full)
         return _rows(full, shard, self.batch_size)
 

@@ -81,6 +81,29 @@ def test_packed_windows_shift_targets_and_cover_an_epoch():
     assert torch.equal(torch.cat(pair), big)
 
 
+def test_validation_rows_past_the_held_out_windows_are_not_scored():
+    """Asked for more rows than the held-out text has windows, validation went round them
+    again and val_loss weighted some windows more than others (3 windows read as
+    0, 1, 2, 0, 1, 2, 0, 1). Rows past the last window now carry no targets."""
+    from open_mythos.training.losses import IGNORE_INDEX
+
+    tokens = np.arange(1001, dtype=np.int32) % 250  # 100 val tokens: 9 windows of 10 + 1
+    src = PackedTextSource(tokens, batch_size=4, seq_len=10, seed=0, val_fraction=0.1,
+                           vocab_size=259, label="t")
+    n = src.n_windows(VAL)
+    assert n == 9
+    scored = []
+    for i in range(3):  # 12 rows: windows 0-8, then 0-2 again
+        for shard in range(2):
+            batch = src.batch(VAL, i, shard, 2)
+            scored += [row[0].item() for row, t in zip(batch["input_ids"], batch["targets"])
+                       if not t.eq(IGNORE_INDEX).all()]
+            assert all(t.eq(IGNORE_INDEX).all() or not t.eq(IGNORE_INDEX).any()
+                       for t in batch["targets"])
+    assert sorted(scored) == sorted((901 + 10 * np.arange(n)) % 250)  # each window once
+    assert not src.batch(TRAIN, 5)["targets"].eq(IGNORE_INDEX).any()
+
+
 def test_builtin_corpus_and_text_files(tmp_path):
     docs = builtin_corpus()
     assert len(docs) > 50 and sum(map(len, docs)) > 100_000
