@@ -637,8 +637,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like SECTION.KEY=VALUE (e.g. optim.lr=1e-3)")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as err:
         parsed = value.strip()
+        if parsed.startswith(("[", "{", '"', "'")):  # meant as TOML, not a bare word
+            raise ConfigError(f"override {text!r}: {parsed!r} is not a valid TOML value "
+                              f"({err})") from None
     return key, parsed
 
 
@@ -713,6 +716,12 @@ def _sections_holding(key: str) -> list[str]:
 
 def _reject_unknown(kind: str, raw: Mapping[str, Any], known: Mapping[str, Any], prefix: str) -> None:
     for key in raw:
+        if key not in known and kind == "section" and not isinstance(raw[key], Mapping):
+            # A key written before any [section] header of the file.
+            home = _sections_holding(key)
+            hint = f"; did you mean '{home[0]}.{key}' (under [{home[0]}])?" if home else ""
+            raise ConfigError(f"config key '{key}' is outside any [section]{hint} "
+                              f"(sections: {', '.join(sorted(known))})")
         if key not in known:
             # A real key in another section is the likelier slip than a near-miss here.
             home = _sections_holding(key) if kind == "key" else []
@@ -773,7 +782,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
-        raise ConfigError(f"{key}={value!r} must be a string")
+        quoted = (f' (a number or a boolean is read as one: quote it, {key}="{value}")'
+                  if isinstance(value, (int, float)) else "")
+        raise ConfigError(f"{key}={value!r} must be a string{quoted}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, (str, os.PathLike)):  # one path given where a list is expected

@@ -45,6 +45,9 @@ def test_defaults_are_valid():
     ("[optim]\nsteps = 3\n", ["did you mean 'run.steps'"]),
     ("[model]\nlr = 0.1\n", ["did you mean 'optim.lr'"]),
     ("[data]\nmax_seq_len = 64\n", ["did you mean 'model.max_seq_len'"]),
+    # A key above every [section] header was called an unknown section, with no hint.
+    ("lr = 0.01\n[run]\nsteps = 1\n", ["key 'lr' is outside any [section]",
+                                         "did you mean 'optim.lr'"]),
 ])
 def test_unknown_keys_are_named(tmp_path, text, names):
     with pytest.raises(ConfigError) as err:
@@ -109,6 +112,13 @@ def test_overrides_parse_toml_values():
     assert parse_override("data.task_args.lengths=[2, 6]") == ("data.task_args.lengths", [2, 6])
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
         parse_override("lr=1e-3")
+    # Meant as TOML but not valid: once a bare string, then refused for its type.
+    for bad in ("data.task_args={lengths=[4,8], }", "data.text=[\"a\"", 'run.out="x'):
+        with pytest.raises(ConfigError, match="not a valid TOML value"):
+            parse_override(bad)
+    # A number where a string is expected says how to quote it.
+    with pytest.raises(ConfigError, match='quote it, run.out="2024"'):
+        load_config(None, [parse_override("run.out=2024")])
     cfg = load_config(None, [parse_override("data.task_args.lengths=[2, 6]"),
                              parse_override("schedule.decay_steps=none")])
     assert cfg.data.task_args == {"lengths": [2, 6]}
