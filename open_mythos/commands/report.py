@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .argtypes import check_output_dir, loop_count_or_zero, positive_int
+from .notes import warnings_as_notes
 from .sweep import (
     EVAL_DEFAULTS,
     SweepProgress,
@@ -170,6 +171,7 @@ def _refuse_merged_sweeps(path: str, rows: list) -> None:
         seen[cell] = r
 
 
+@warnings_as_notes("report")
 def run(args: argparse.Namespace) -> int:
     """Load the run, sweep (or read the sweep), and write the report."""
     from ..checkpoints import training_depth_recorded

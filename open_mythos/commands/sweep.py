@@ -25,6 +25,7 @@ from typing import Any
 from ..devices import resolve_device
 from .argtypes import check_output_file, loop_counts, name_list, positive_int
 from .exit_options import add_exit_arguments, exit_rule_from_args
+from .notes import warnings_as_notes
 
 #: Defaults of the evaluation options (a text run refuses any other value: they do not apply).
 EVAL_DEFAULTS: dict[str, Any] = dict(n_examples=128, early_exit="both", batch_size=64, seed=0)
@@ -393,6 +394,7 @@ def run_text(args: argparse.Namespace) -> int:
     return 0
 
 
+@warnings_as_notes("sweep")
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint(s), sweep, write ``--out`` and print the table."""
     from ..evaluation.report import sweep_table

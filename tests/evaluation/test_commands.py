@@ -116,6 +116,23 @@ def test_sweep_command(runs, tmp_path, capsys):
     assert "| looped | id | 1 | off |" in capsys.readouterr().out
 
 
+def test_a_split_left_out_is_one_line_in_the_commands_style(runs, tmp_path, capsys):
+    """The only sign that the out-of-distribution split was dropped came as a Python
+    warning with a source path and a line of code, which read as a crash."""
+    root, _, _ = runs
+    longer = json.dumps({**TASK_ARGS, "ood_lengths": [300, 310]})
+    for command in ("sweep", "report"):
+        out = tmp_path / (command + (".json" if command == "sweep" else ""))
+        where = ("--checkpoint" if command == "sweep" else "--run")
+        assert cli(command, where, str(root / "looped"), "--n-examples", "2", "--loops", "1",
+                   "--early-exit", "off", "--task-args", longer, "--out", str(out),
+                   *(["--exit-loops", "0"] if command == "report" else [])) == 0
+        err = capsys.readouterr().err
+        assert (f"openmythos {command}: warning: sweep: split(s) ood_length of 'parity' "
+                "exceed max_seq_len") in err
+        assert "UserWarning" not in err and "sweep.py" not in err
+
+
 def test_sweep_command_with_an_exit_rule(runs, tmp_path, capsys):
     """A rule that fires after two loops makes the 4-loop rows equal the 2-loop rows."""
     root, _, _ = runs
