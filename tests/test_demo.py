@@ -92,6 +92,10 @@ def test_out_that_is_a_file_and_quick_sizes_given_explicitly(tmp_path, capsys, m
     monkeypatch.setattr(demo, "_check_args", lambda args: seen.update(vars(args)) or "stop")
     main(["demo", "--quick", "--steps", "20", "--out", str(tmp_path / "d")])
     assert (seen["steps"], seen["lookup_steps"], seen["batch_size"]) == (20, 6, 16)
+    # Also a size equal to the default (it was taken as not given).
+    main(["demo", "--quick", "--steps", "1500", "--batch-size", "128", "--out", str(tmp_path / "d")])
+    assert (seen["steps"], seen["lookup_steps"], seen["batch_size"]) == (1500, 6, 128)
+    assert type(seen["steps"]) is int and type(seen["lookup_steps"]) is int
 
 
 def test_demo_compiles_when_a_compiler_is_there(monkeypatch):
@@ -338,9 +342,30 @@ def test_a_demo_removes_an_earlier_demos_results_before_training(tmp_path, monke
         raise ConfigError("the worker's data")
 
     monkeypatch.setattr(demo, "train_both", failing)
+    (tmp_path / demo.MARKER).write_text("")  # an earlier demo's directory
     assert main(["demo", "--quick", "--out", str(tmp_path), "--jobs", "1"]) == 2
     assert "the worker's data" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [demo.MARKER, "notes.txt"]
+
+
+def test_a_directory_a_demo_did_not_write_is_refused(tmp_path, monkeypatch, capsys):
+    """``--out`` of another project's: its report/ and looped/ were deleted without a
+    word. A demo's own directory, marked or (from before the marker) with its demo.md,
+    is reused."""
+    from open_mythos.commands import demo
+
+    project = tmp_path / "project"
+    (project / "report").mkdir(parents=True)
+    (project / "report" / "thesis.md").write_text("mine")
+    (project / "sweep.json").write_text("[]")
+    assert main(["demo", "--quick", "--out", str(project)]) == 2
+    assert "holds files a demo did not write (report, sweep.json)" in capsys.readouterr().err
+    assert (project / "report" / "thesis.md").read_text() == "mine"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "demo.md").write_text("# openmythos demo\n\nExact-match accuracy ...")
+    for out in (earlier, tmp_path / "new"):
+        demo.check_demo_out(out)  # accepted
 
 
 def test_progress_reads_the_last_row_of_a_long_metrics_file(tmp_path):

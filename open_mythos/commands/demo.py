@@ -107,7 +107,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "demo", help="train a looped model and its baseline, sweep depth, write a report",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default demo_out)")
+    p.add_argument("--out", default="demo_out", metavar="DIR",
+                   help="output directory (default demo_out); new, empty or an earlier "
+                        "demo's, whose runs and outputs this demo replaces")
     p.add_argument("--task-args", default=json.dumps(DEFAULT_TASK_ARGS), metavar="JSON",
                    help="multihop knobs of the chain stage and the sweep (default "
                         f"'{json.dumps(DEFAULT_TASK_ARGS)}'); the lookup stage trains 1 hop, on "
@@ -118,17 +120,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="the looped model's loop counts in the chain stage: always T_train, "
                         "or uniform in [T_train, 2 x T_train] (default fixed; the lookup "
                         "stage samples 1 to T_train - 1)")
-    p.add_argument("--lookup-steps", type=int, default=DEFAULTS["lookup_steps"],
-                   help="optimizer steps of the lookup stage (default %(default)s; 0 skips it)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
-                   help="optimizer steps of the chain stage (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="examples per step (default %(default)s)")
+    p.add_argument("--lookup-steps", type=int, default=_Default(DEFAULTS["lookup_steps"]),
+                   help=f"optimizer steps of the lookup stage (default {DEFAULTS['lookup_steps']}; "
+                        "0 skips it)")
+    p.add_argument("--steps", type=int, default=_Default(DEFAULTS["steps"]),
+                   help=f"optimizer steps of the chain stage (default {DEFAULTS['steps']})")
+    p.add_argument("--batch-size", type=int, default=_Default(DEFAULTS["batch_size"]),
+                   help=f"examples per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--loop-loss", type=float, default=3.0,
                    help="weight of the per-loop readout loss (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and loops (default 0)")
-    p.add_argument("--n-examples", type=int, default=DEFAULTS["n_examples"],
-                   help="examples per split in the sweep (default %(default)s)")
+    p.add_argument("--n-examples", type=int, default=_Default(DEFAULTS["n_examples"]),
+                   help=f"examples per split in the sweep (default {DEFAULTS['n_examples']})")
     p.add_argument("--jobs", type=int, choices=(1, 2),
                    help="train the two models in parallel processes (2) or one after the other "
                         "(1); default 2 when the machine has at least 2 cores")
@@ -377,6 +380,35 @@ def train_both(args: argparse.Namespace, out: Path, pool: Any = None) -> dict[st
 #: What a demo writes in ``--out`` besides the runs (removed when a demo starts).
 OUTPUTS = ("demo.md", "sweep.json", "sweep_exit_rule.json", "report")
 
+#: Written into ``--out`` by every demo: a directory holding it (or an earlier demo's
+#: ``demo.md``) is one the demo may clear; any other non-empty one is refused.
+MARKER = ".openmythos-demo"
+
+
+def check_demo_out(out: Path) -> None:
+    """Refuse an ``--out`` that holds files some demo did not write: the demo deletes its
+    runs and outputs there before it starts (``report/`` and ``looped/`` of another
+    project went without a word).
+
+    Raises:
+        ValueError: naming a few of the entries found.
+    """
+    from .argtypes import check_output_dir
+
+    check_output_dir(out)
+    if not out.is_dir() or (out / MARKER).is_file():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    summary = out / "demo.md"
+    earlier = summary.is_file() and summary.read_text(errors="replace").startswith(
+        "# openmythos demo\n")  # a demo's, written before the marker existed
+    if entries and not earlier:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ValueError(
+            f"--out {out} holds files a demo did not write ({shown}); the demo replaces "
+            f"{', '.join(KINDS)}, {', '.join(OUTPUTS)} in its directory: give a new or empty "
+            "one, or an earlier demo's")
+
 #: The demo's budget on 2 CPU cores (the depth issue's target), in seconds.
 TIME_BUDGET_S = 300
 
@@ -582,10 +614,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     from ..training import ConfigError
     from ..training.config import parse_override
     from ..training.trainer import open_data
-    from .argtypes import check_output_dir
-
     try:
-        check_output_dir(args.out)
+        check_demo_out(Path(args.out))
         get_task("multihop", **task_args)  # before the lookup stage's knobs are derived
         for text in args.overrides:
             key = parse_override(text)[0]
@@ -604,16 +634,21 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-#: The sizes of a ``--quick`` run; an option given with another value than its default wins.
+class _Default(int):
+    """A size option's default, told apart from the same number given on the command line
+    (which ``--quick`` must keep: a value equal to the default was taken as not given)."""
+
+
+#: The sizes of a ``--quick`` run; an option given explicitly wins (even at its default).
 QUICK: dict[str, int] = {"steps": 12, "lookup_steps": 6, "n_examples": 16, "batch_size": 16}
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, sweep, report, print. Exit status 0, or 2 for invalid arguments."""
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == DEFAULTS[name]:
-                setattr(args, name, value)
+    for name, value in QUICK.items():
+        given = getattr(args, name)
+        # Not given on the command line: --quick's size; then a plain int either way.
+        setattr(args, name, value if args.quick and isinstance(given, _Default) else int(given))
     problem = _check_args(args)
     if problem:
         print(f"openmythos demo: error: {problem}", file=sys.stderr)
@@ -642,6 +677,8 @@ def _run(args: argparse.Namespace, task: Any, start: float) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by openmythos demo: it may replace the runs and "
+                              "outputs in this directory\n")
     for name in OUTPUTS:  # an earlier demo's results must not pass for this one's
         path = out / name
         if path.is_dir():
