@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 COMMANDS: tuple[str, ...] = (
     "open_mythos.commands.demo",
@@ -48,22 +49,81 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status
-    (130 after Ctrl-C, with one line instead of a traceback; 141, quietly, when the reader
-    of the output went away, as ``openmythos info ... | head`` does)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    import_user_modules(parser, args.imports)
+    (130 after Ctrl-C, with one line instead of a traceback, also while the commands load;
+    141, quietly, when the reader of the output went away, as ``openmythos info ... |
+    head`` does; 2, with one line, when standard output cannot be written: a full disk,
+    ``>/dev/full``, or closed)."""
+    command = ""
+    stdout = sys.stdout
+    watched = sys.stdout = _Watched(stdout) if stdout is not None else None
     try:
-        return int(args.func(args) or 0)
+        parser = build_parser()  # imports every command: seconds, where Ctrl-C may come
+        args = parser.parse_args(argv)
+        command = f" {args.command}"
+        import_user_modules(parser, args.imports)
+        if watched is None and args.command in WRITES_RESULTS:
+            print(f"openmythos{command}: error: standard output is closed (>&-): its "
+                  "results would be lost", file=sys.stderr)
+            return 2
+        status = int(args.func(args) or 0)
+        if watched is not None:
+            watched.flush()  # here, where a failure is reported, not at exit
+        return status
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
-            print(f"openmythos {args.command}: interrupted", file=sys.stderr)
+            print(f"openmythos{command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # Output still buffered would fail again when Python flushes stdout at exit.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout(stdout)  # buffered output would fail again at exit
         return 128 + 13  # as a process killed by SIGPIPE
+    except OSError as err:
+        if watched is None or watched.error is not err:
+            raise  # not standard output's: the command's own error
+        print(f"openmythos{command}: error: cannot write to standard output: "
+              f"{err.strerror or err}", file=sys.stderr)
+        _discard_stdout(stdout)
+        return 2
+    finally:
+        if sys.stdout is watched:
+            sys.stdout = stdout
+
+
+#: The commands whose results go to standard output (the others log to stderr and write
+#: their results to files).
+WRITES_RESULTS = frozenset({"generate", "info", "inspect", "sweep", "report", "export"})
+
+
+class _Watched:
+    """Standard output, remembering the ``OSError`` a write or flush of it raised (which
+    :func:`main` reports as standard output's, and no other)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _discard_stdout(stdout: Any) -> None:
+    """Point file descriptor 1 at the null device: output still buffered would fail again
+    when Python flushes it at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
 
 
 def import_user_modules(parser: argparse.ArgumentParser, modules: Sequence[str]) -> None:

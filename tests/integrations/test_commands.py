@@ -368,3 +368,32 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "Broken pipe" not in err
+
+
+def test_standard_output_that_cannot_be_written_is_one_line(capsys, monkeypatch):
+    """A full disk (``>/dev/full``) raised a traceback from the command's print, status 1;
+    a closed standard output lost a command's results (generate: an AttributeError). A
+    Ctrl-C while the commands load (seconds) printed a traceback of the imports."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "open_mythos", "info", "--variant", "mythos_1b"]
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, timeout=120)
+        err = done.stderr.decode()
+        assert done.returncode == 2 and "Traceback" not in err, err
+        assert err.strip() == ("openmythos info: error: cannot write to standard output: "
+                               "No space left on device")
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+                          preexec_fn=lambda: os.close(1))  # started with fd 1 closed
+    assert done.returncode == 2
+    assert "standard output is closed" in done.stderr.decode()
+    from open_mythos import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["info", "--variant", "mythos_1b"]) == 130
+    assert capsys.readouterr().err == "openmythos: interrupted\n"
