@@ -88,9 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = stdout
 
 
-#: The commands whose results go to standard output (the others log to stderr and write
-#: their results to files).
-WRITES_RESULTS = frozenset({"generate", "info", "inspect", "sweep", "report", "export"})
+#: The commands whose results go to standard output only (the others log to stderr or
+#: write their results to files: export, sweep, report, train, prepare).
+WRITES_RESULTS = frozenset({"generate", "info"})
 
 
 class _Watched:

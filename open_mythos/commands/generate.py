@@ -38,7 +38,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
-    add_no_exit_rule_argument(p)
 
 
 #: Tokens ``generate`` produces when --max-new-tokens is not given (fewer where the
@@ -89,6 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(default: the rest of the network) or head (norm and head only: cheaper; for models trained "
                         "with optim.loop_readout = \"head\")")
     add_exit_arguments(p)
+    add_no_exit_rule_argument(p)
     p.set_defaults(func=run)
     return p
 
@@ -154,6 +154,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except BrokenPipeError:  # the reader went away (| head): the CLI ends quietly
         raise
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
+        if err is getattr(sys.stdout, "error", None):
+            raise  # standard output's: openmythos' main names it
         print(f"openmythos generate: error: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start

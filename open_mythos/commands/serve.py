@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..serving.jobs import ServeLimits
 from .argtypes import port_number
+from .exit_options import add_no_exit_rule_argument
 from .generate import add_model_arguments
 
 _LIMIT_HELP = {
@@ -52,6 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "included), /v1/models, /health, and the tokenizer endpoints /tokenize, "
                     "/detokenize and /tokenizer_info.")
     add_model_arguments(p)
+    add_no_exit_rule_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000)")
     p.add_argument("--model-name", metavar="NAME",

@@ -782,8 +782,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
-        quoted = (f' (a number or a boolean is read as one: quote it, {key}="{value}")'
-                  if isinstance(value, (int, float)) else "")
+        quoted = (" (a number or a boolean is read as one: quote it, as TOML writes a "
+                  f"string; on the command line keep the quotes from the shell: --set "
+                  f"'{key}=\"...\"')" if isinstance(value, (int, float)) else "")
         raise ConfigError(f"{key}={value!r} must be a string{quoted}")
     if origin is list:
         (item,) = typing.get_args(hint)

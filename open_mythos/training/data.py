@@ -416,9 +416,20 @@ def val_fingerprint(data: DataSource, batches: Iterable[dict[str, torch.Tensor]]
     if isinstance(data, StreamingTextSource):
         return None
     digest = hashlib.sha256()
+    seen: dict[bytes, torch.Tensor] = {}
     for batch in batches:
-        for key in ("input_ids", "targets"):
-            digest.update(batch[key].to(torch.int64).contiguous().numpy().tobytes())
+        ids, targets = batch["input_ids"].to(torch.int64), batch["targets"].to(torch.int64)
+        # A row left unscored as a window already scored (_score_once) is hashed with that
+        # window's targets: the files decide the hash, and runs saved before rows were
+        # left unscored keep theirs (a resume or sweep called their unchanged data changed).
+        targets = targets.clone()
+        for r in range(ids.shape[0]):
+            key = ids[r].numpy().tobytes()
+            if bool(targets[r].eq(IGNORE_INDEX).all()) and key in seen:
+                targets[r] = seen[key]
+            seen.setdefault(key, targets[r])
+        digest.update(ids.contiguous().numpy().tobytes())
+        digest.update(targets.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

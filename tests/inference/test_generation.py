@@ -79,7 +79,10 @@ def test_top_k_keeps_exactly_k_tokens_when_the_kth_is_tied():
             assert row[keep].min() >= row.sort(descending=True).values[k - 1]
     draws = torch.stack([select_next(logits, SamplingParams(top_k=1), torch.Generator()
                                      .manual_seed(s)) for s in range(20)])
-    assert (draws == draws[0]).all()  # one token per row: top_k=1 is deterministic
+    assert (draws == logits.argmax(-1)).all()  # top_k=1 is greedy, ties to the lowest id
+    ties = torch.randint(0, 3, (200, 50)).float()  # many rows with tied maxima
+    assert torch.equal(select_next(ties, SamplingParams(top_k=1), torch.Generator()),
+                       ties.argmax(-1))
 
 
 def test_stop_tokens_end_each_sequence_alone():

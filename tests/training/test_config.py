@@ -117,7 +117,7 @@ def test_overrides_parse_toml_values():
         with pytest.raises(ConfigError, match="not a valid TOML value"):
             parse_override(bad)
     # A number where a string is expected says how to quote it.
-    with pytest.raises(ConfigError, match='quote it, run.out="2024"'):
+    with pytest.raises(ConfigError, match="""quote it.*--set 'run.out=\\"...\\"'"""):
         load_config(None, [parse_override("run.out=2024")])
     cfg = load_config(None, [parse_override("data.task_args.lengths=[2, 6]"),
                              parse_override("schedule.decay_steps=none")])

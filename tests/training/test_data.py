@@ -102,6 +102,19 @@ def test_validation_rows_past_the_held_out_windows_are_not_scored():
                        for t in batch["targets"])
     assert sorted(scored) == sorted((901 + 10 * np.arange(n)) % 250)  # each window once
     assert not src.batch(TRAIN, 5)["targets"].eq(IGNORE_INDEX).any()
+    # The fingerprint a checkpoint records of its validation batches is the files', as
+    # before rows were left unscored (a resume called such a run's unchanged data changed).
+    import open_mythos.training.data as data_mod
+
+    masked = [src.batch(VAL, i) for i in range(3)]
+    real = data_mod._score_once
+    try:
+        data_mod._score_once = lambda *args: None
+        whole = [src.batch(VAL, i) for i in range(3)]
+    finally:
+        data_mod._score_once = real
+    assert data_mod.val_fingerprint(src, masked) == data_mod.val_fingerprint(src, whole)
+    assert not any(b["targets"].eq(IGNORE_INDEX).any() for b in whole)
 
 
 def test_builtin_corpus_and_text_files(tmp_path):
