@@ -32,7 +32,8 @@ model, since each loop depth of the recurrent block is a layer of its own in the
   ``A * S`` is attention over ``S`` context positions: per layer, ``QK^T`` and ``PV`` cost
   ``2 * n_heads * (d_qk + d_v)`` per position, with ``d_qk = d_v = head_dim`` for GQA and
   ``d_qk = qk_nope_head_dim + qk_rope_head_dim``, ``d_v = v_head_dim`` for MLA (expanded
-  form). Norms, RoPE, softmax, the embedding lookup and the LTI injection are not counted.
+  form). Norms, RoPE, softmax, the embedding lookup, the LTI injection and the token
+  convolution (``token_conv``: ``2 * dim * K`` a token) are not counted.
   With ACT early exit a token may run fewer loops, so this is the cost at ``n_loops``
   loops. A training step costs about 3x the forward.
 """
