@@ -237,6 +237,11 @@ class OpenMythosLM(TemplateLM):
                 raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={self.max_length}")
             if not ctx and not cont:
                 raise ValueError("a request has neither context nor continuation tokens")
+            if not cont:  # scored 0.0 and greedy, an option that always won
+                raise ValueError(
+                    "a request's continuation encodes to no tokens of its own (the "
+                    "tokenizer merges it into the context's last token); the harness's hf "
+                    f"model refuses it too (context tokens {ctx[-8:]})")
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         # Longest first, so padding is small and a too-long batch fails early.
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
@@ -257,9 +262,6 @@ class OpenMythosLM(TemplateLM):
             offset = 0
             for i in chunk:
                 key, _, cont = requests[i]
-                if not cont:
-                    results[i] = (0.0, True)
-                    continue
                 target = torch.tensor(cont, dtype=torch.long, device=logits.device)
                 # The continuation's rows, in float32: (len(cont), V).
                 lp = torch.log_softmax(logits[offset: offset + len(cont)].float(), -1)

@@ -281,11 +281,13 @@ class CompletionService:
         is exactly the name of a special token (``<eos>``) is that token; inside longer
         text the name is its characters, as the byte tokenizer encodes it.
         ``add_special_tokens=None``: BOS first when the tokenizer adds it by default (a
-        task run's, trained on ``BOS prompt answer``)."""
+        task run's, trained on ``BOS prompt answer``); True: BOS first if it has one."""
         tok = self.tokenizer
         for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
             if i is not None and text == tok.decode([i], skip_special_tokens=False):
                 return [i]
+        if add_special_tokens and tok.bos_token_id is None:
+            add_special_tokens = False  # as vLLM's default: nothing to add (it was a 400)
         try:
             return tok.encode(text, add_bos=add_special_tokens)
         except ValueError as err:  # e.g. a lone surrogate: not encodable text

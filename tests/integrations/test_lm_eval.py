@@ -66,6 +66,10 @@ def test_greedy_flag_is_true_exactly_for_the_models_own_greedy_continuation():
     assert got[0][1] and not got[1][1]
     assert got[0][0] > got[1][0]
     assert seen == [(4, 1), (4, 1)]  # one request per forward (batch_size 1)
+    # A continuation the tokenizer merged into the context (no tokens of its own) was
+    # scored 0.0 and greedy: a multiple-choice option that always won.
+    with pytest.raises(ValueError, match="encodes to no tokens of its own"):
+        lm._loglikelihood_tokens([(None, ctx, cont), (None, ctx, [])], disable_tqdm=True)
 
 
 def test_loglikelihood_rolling_sums_every_token_once_with_windows():

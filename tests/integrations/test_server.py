@@ -472,3 +472,17 @@ def test_a_listening_socket_claims_its_port():
         port = first.getsockname()[1]
         with pytest.raises(OSError):
             listening_socket("127.0.0.1", port).close()
+
+
+def test_tokenize_with_special_tokens_for_a_tokenizer_without_bos():
+    """vLLM's default ``add_special_tokens: true`` was a 400 ("no BOS token") for a
+    tokenizer without BOS (GPT-2's kind); it adds what the tokenizer has: nothing."""
+    import types
+
+    class NoBos(ByteTokenizer):
+        bos_token_id = None
+
+    service = types.SimpleNamespace(tokenizer=NoBos())
+    assert CompletionService.encode_text(service, "hé", add_special_tokens=True) == [104, 195, 169]
+    with_bos = types.SimpleNamespace(tokenizer=ByteTokenizer())
+    assert CompletionService.encode_text(with_bos, "h", add_special_tokens=True) == [257, 104]
