@@ -200,10 +200,8 @@ class CausalLM(nn.Module):
                 f"attention_mask must have shape (batch, start_pos + seq) = {(B, start_pos + T)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling() and \
-                bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding); "
-                             "got other values (NaN, fractions or counts are not a mask)")
+        if not torch.compiler.is_compiling():
+            check_mask_values(attention_mask)
         valid = attention_mask.to(torch.bool)
         if (cache is None and start_pos == 0 and valid.device.type == "cpu"
                 and not torch.compiler.is_compiling()
@@ -641,3 +639,16 @@ class OpenMythos(CausalLM):
         return (self._input_cache_keys() + [f"prelude_{i}" for i in range(len(self.prelude))]
                 + [self.recurrent.cache_key(t) for t in range(n_loops)]
                 + [f"coda_{i}" for i in range(len(self.coda))])
+
+
+def check_mask_values(attention_mask: torch.Tensor) -> None:
+    """Refuse an ``attention_mask`` holding anything but 1 (real token) and 0 (padding)
+    (reads the mask on the host).
+
+    Raises:
+        ValueError: fractions, counts or NaN.
+    """
+    if attention_mask.dtype != torch.bool and bool(
+            ((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding); "
+                         "got other values (NaN, fractions or counts are not a mask)")

@@ -187,6 +187,20 @@ def stream(
             logits = decoder.step(tok)
 
 
+def check_no_padding_rows(attention_mask: torch.Tensor) -> None:
+    """Refuse prompt rows that are padding alone (``attention_mask`` (B, T), 0 = padding):
+    nothing to condition their tokens on.
+
+    Raises:
+        ValueError: naming the rows.
+    """
+    empty = (attention_mask == 0).all(-1)
+    if bool(empty.any()):
+        raise ValueError(f"prompt(s) {empty.nonzero().flatten().tolist()} are all padding: "
+                         "every prompt needs at least one token (encode with add_bos=True, "
+                         "or start from BOS)")
+
+
 def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_tokens: int,
                        attention_mask: torch.Tensor | None, act_early_exit: bool | None,
                        compile: bool, exit_rule: ExitRule | None = None) -> bool:
@@ -211,16 +225,12 @@ def _check_stream_args(model: OpenMythos, input_ids: torch.Tensor, max_new_token
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
             f"{tuple(input_ids.shape)}"
         )
-    if (attention_mask is not None and attention_mask.dtype != torch.bool
-            and bool(((attention_mask != 0) & (attention_mask != 1)).any())):
-        # (Checked before it is cast to integers, which made 0.5 padding without a word.)
-        raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding); "
-                         "got other values (NaN, fractions or counts are not a mask)")
+    if attention_mask is not None:
+        from ..model import check_mask_values  # (the model module imports this package)
+
+        check_mask_values(attention_mask)  # before it is cast: 0.5 became padding silently
     if attention_mask is not None and T0:
-        empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"prompt(s) {empty} are all padding: every prompt needs at least "
-                             "one token (encode with add_bos=True, or start from BOS)")
+        check_no_padding_rows(attention_mask)
     if attention_mask is not None and T0 and not bool((attention_mask[:, -1] == 1).all()):
         raise ValueError(
             "attention_mask must be 1 at the last prompt position of every row: pad prompts "

@@ -90,8 +90,10 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         # Exactly k: of tokens tied at the k-th value (frequent in bfloat16), the lowest
         # ids, as argmax takes (a threshold at the k-th value kept every tie, more than k
         # tokens; topk's order among ties is unspecified, so top_k=1 was not greedy).
-        first = logits.sort(dim=-1, descending=True, stable=True).indices[:, :params.top_k]
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, first, True)
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        above, tied = logits > kth, logits == kth
+        room = params.top_k - above.sum(-1, keepdim=True)  # the ties that still fit
+        keep = above | (tied & (tied.cumsum(-1) <= room))
         logits = logits.masked_fill(~keep, float("-inf"))
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)

@@ -65,7 +65,7 @@ from ..config import (
     parse_json_float,
 )
 from ..inference.cache import DictCache
-from ..inference.generation import last_positions
+from ..inference.generation import check_no_padding_rows, last_positions
 from ..layers.init import init_module
 from ..layers.recurrence import ExitRule, as_exit_rule
 from ..model import CausalLM
@@ -527,12 +527,10 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                 f"the cache holds {start} positions but input_ids only {input_ids.shape[1]}: "
                 "pass the cache of a prefix of input_ids (generate grows a cache in place; "
                 "copy.deepcopy a prompt's cache before reusing it)")
-        if not start and attention_mask is not None and bool((attention_mask == 0).all(-1).any()):
-            empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
-            # (A row of padding alone was decoded from no context at all; as one prompt,
-            # transformers refuses it.) The message is inference.generate's.
-            raise ValueError(f"prompt(s) {empty} are all padding: every prompt needs at least "
-                             "one token (encode with add_bos=True, or start from BOS)")
+        if not start and attention_mask is not None:
+            # A row of padding alone was decoded from no context (as one prompt,
+            # transformers refuses it).
+            check_no_padding_rows(attention_mask)
         if start and start == input_ids.shape[1]:  # the whole prompt is cached: the next
             cache.crop(-1)  # token's logits need its last position run again
             start -= 1
