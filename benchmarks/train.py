@@ -212,6 +212,7 @@ class DenseLM(nn.Module):
     def __init__(self, vocab: int, dim: int, layers: int, heads: int, ffn: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)  # upstream's, as every model here
         layer = nn.TransformerEncoderLayer(dim, heads, ffn, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
