@@ -79,11 +79,34 @@ class Tokenizer(ABC):
         is the UTF-8 of the token decoded alone with its special name."""
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
+    def piece_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the text of :meth:`decode_piece`: its
+        :meth:`token_bytes`, and none for a special token, which ``decode_piece`` drops.
+        The default takes BOS, EOS and the pad token for the special ones."""
+        if token_id in (self.bos_token_id, self.eos_token_id, self.pad_token_id):
+            return b""
+        return self.token_bytes(token_id)
+
+    @property
+    def decodes_bytes(self) -> bool:
+        """Whether :meth:`decode_piece` is exactly the UTF-8 decoding of its tokens'
+        :meth:`piece_bytes` joined, each invalid or unfinished sequence one U+FFFD
+        (Python's ``errors="replace"``, Rust's ``from_utf8_lossy``): a byte tokenizer or a
+        byte-level (GPT-2) decoder. Streamed text then follows the bytes exactly."""
+        return False
+
     @property
     def replaces_each_byte(self) -> bool:
         """Whether :meth:`decode` shows each byte of an unfinished (or invalid) character as a
         U+FFFD of its own (a byte-fallback decoder), rather than one U+FFFD for the
         unfinished tail (Python's and Rust's UTF-8 decoding)."""
+        return False
+
+    def is_fallback_byte(self, token_id: int) -> bool:
+        """Whether a token is one byte of a byte-fallback decoder (SentencePiece's
+        ``<0xNN>``). Such a decoder decodes a run of them (special tokens between them
+        dropped first) as one piece, all U+FFFDs when the run is not valid UTF-8: no text of
+        a run is final before a token of another kind ends it."""
         return False
 
     @property
@@ -235,6 +258,17 @@ class ByteTokenizer(Tokenizer):
         if 0 <= token_id < self.N_BYTES:
             return bytes([token_id])
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def piece_bytes(self, token_id: int) -> bytes:
+        """The byte of a byte token; nothing for a special token."""
+        if 0 <= token_id < self.N_BYTES:
+            return bytes([token_id])
+        self.decode([token_id])  # the range check
+        return b""
+
+    @property
+    def decodes_bytes(self) -> bool:
+        return True
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``byte_tokenizer.json`` into ``directory`` (created if needed), return its path."""
@@ -483,9 +517,26 @@ class MythosTokenizer(Tokenizer):
                 return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
         return raw if raw is not None else piece.encode("utf-8")
 
+    def piece_bytes(self, token_id: int) -> bytes:
+        """:meth:`token_bytes`; nothing for a special token."""
+        (token_id,) = self._checked([token_id])
+        return b"" if token_id in self._special_ids() else self.token_bytes(token_id)
+
+    @property
+    def decodes_bytes(self) -> bool:
+        """True for a byte-level (GPT-2) decoder alone, whose decode joins the tokens'
+        bytes and decodes them with ``from_utf8_lossy``."""
+        return [step.get("type") for step in self._decoder_steps()] == ["ByteLevel"]
+
     @property
     def replaces_each_byte(self) -> bool:
         return any(step.get("type") == "ByteFallback" for step in self._decoder_steps())
+
+    def is_fallback_byte(self, token_id: int) -> bool:
+        if not self.replaces_each_byte or token_id in self._special_ids():
+            return False
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        return isinstance(piece, str) and _BYTE_FALLBACK.fullmatch(piece) is not None
 
     def _special_ids(self) -> frozenset[int]:
         """``all_special_ids`` (a list transformers builds at every call: this runs per

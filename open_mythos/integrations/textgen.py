@@ -104,16 +104,23 @@ class TextSequence:
     """Decoding state of one generated sequence: its tokens, its text so far, how much of
     that text was shown, and why it ended (``finish_reason``, None while it runs).
 
-    Text is decoded incrementally in a short window of tokens that starts a token or more
-    before the first token whose text is not yet complete, with up to
-    :data:`CONTEXT_TOKENS` tokens of the prompt (``context``) in front of the first
-    generated one; a window's text is what its decode adds to the decode of its first
-    tokens. So a decoder that rewrites the start of a text (SentencePiece's dropped
-    leading space) sees the generated text as the continuation it is, a long generation
-    costs a constant amount of decoding per token, and what is shown never changes
-    afterwards: the pieces add up to the final text. Decoding uses
-    :meth:`~open_mythos.tokenizers.Tokenizer.decode_piece` (no clean-up of spaces around
-    punctuation, which would rewrite text already shown).
+    The text is that of the generated tokens (special tokens spell none), as
+    :meth:`~open_mythos.tokenizers.Tokenizer.decode_piece` decodes them after the prompt
+    (no clean-up of spaces around punctuation, which would rewrite text already shown); what
+    is shown never changes afterwards: the pieces add up to the final text.
+
+    Under a decoder of bytes (:attr:`~open_mythos.tokenizers.Tokenizer.decodes_bytes`: the
+    byte tokenizer, GPT-2's byte level) the tokens' bytes are decoded as they come, and an
+    unfinished character is held back until its bytes are complete or shown invalid: the text
+    is that of the generated ids decoded alone. Other decoders decode a short window of
+    tokens that starts a token or more before the first token whose text is not yet
+    complete, with up to :data:`CONTEXT_TOKENS` tokens of the prompt (``context``) in front
+    of the first generated one; a window's text is what its decode adds to the decode of its
+    first tokens. So a decoder that rewrites the start of a text (SentencePiece's dropped
+    leading space) sees the generated text as the continuation it is, and a long generation
+    costs a constant amount of decoding per token. A byte-fallback decoder's run of byte
+    tokens is held back until a token of another kind ends it (one invalid byte turns the
+    whole run into U+FFFDs), and the prompt's context stops before any run it ends with.
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], context: Sequence[int] = ()):
@@ -131,8 +138,16 @@ class TextSequence:
         # The window ``_tokens``: the text of the generated tokens before it and of those
         # in it before ``_read`` is ``_head`` (whole characters); ``_prefix``, the decode of
         # ``_tokens[:_read]``, is what the decode of the whole window starts with.
-        context = [int(t) for t in context]
+        self._bytes = tokenizer.decodes_bytes
+        self._fallback = tokenizer.replaces_each_byte
+        # A decoder of bytes has no rule for a text's start: the generated ids alone.
+        context = [] if self._bytes else [int(t) for t in context]
         n = min(CONTEXT_TOKENS, len(context))
+        if self._fallback:  # back to a token before the run of byte tokens it ends with
+            run = len(context)
+            while run and self._in_run(context[run - 1]):
+                run -= 1
+            n = max(n, min(len(context), len(context) - run + 1))
         # Start at a token that starts a character (a byte-fallback decoder shows a run of
         # byte tokens that starts inside one as U+FFFDs), and further back where the tokens
         # spell no text (see _stable_text).
@@ -141,9 +156,13 @@ class TextSequence:
         while not (prefix := tokenizer.decode_piece(context[-n:])) and n < len(context):
             n = min(2 * n, len(context))
         self._tokens = context[len(context) - n:]
-        if prefix.endswith(REPLACEMENT_CHAR):  # a prompt ending inside a character
+        if prefix.endswith(REPLACEMENT_CHAR) and not self._fallback:
+            # A prompt ending inside a character (a byte-fallback decoder's runs are told
+            # apart in push and _window_text).
             self._tokens, prefix = [], ""
         self._read, self._prefix = len(self._tokens), prefix
+        # Whether the first generated token that is not a special one is still to come.
+        self._first = True
         self._head = ""
         # The generated tokens' bytes, decoded as they come: which character each is in.
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
@@ -159,36 +178,89 @@ class TextSequence:
 
     def push(self, token: int) -> str:
         """Add one generated token; return the text that may be shown now."""
+        token = int(token)
         self.ids.append(token)
         self.n_tokens += 1
-        self._tokens.append(int(token))
-        full = self._head + self._window_text(len(self._tokens))
-        # Where this token's text starts. One whose bytes all continue a character still
-        # unfinished (read from the tokens' bytes) is inside it: a byte-fallback token is one
-        # byte, so the previous token started that character or is inside it; other
-        # decoders show the unfinished character as one U+FFFD, at the end. Otherwise it is
-        # what the decodes with and without the token share: a trailing U+FFFD that the
-        # token completes is not counted, one it leaves (an invalid byte) is.
         unfinished = bool(self._utf8.getstate()[0])
-        inside = not self._utf8.decode(self.tokenizer.token_bytes(int(token))) and unfinished
-        if inside:
-            shared = (self.last_offset if self.tokenizer.replaces_each_byte
-                      else len(full) - self._unfinished_chars(full))
+        new = self._utf8.decode(self.tokenizer.piece_bytes(token))
+        if self._bytes:
+            self._head += new
+            full = self._head + (REPLACEMENT_CHAR if self._utf8.getstate()[0] else "")
+        else:
+            if self._fallback and self._first and not self._in_run(token):
+                self._first = False
+            elif self._fallback and self._first and self.tokenizer.is_fallback_byte(token):
+                # Byte tokens after a prompt ending in a run of byte tokens that is not
+                # valid text would join it and be all U+FFFDs too: they start their own.
+                self._first = False
+                if self._prefix.endswith(REPLACEMENT_CHAR):
+                    self._detach_run()
+            self._tokens.append(token)
+            full = self._head + self._window_text(len(self._tokens))
+        run = self._open_run()
+        if run is not None:
+            # A byte-fallback decoder shows a run not yet ended as a U+FFFD per byte until
+            # it is valid: offsets in it are read from its bytes, as a run that ends valid.
+            tail = b"".join(self.tokenizer.piece_bytes(t) for t in self._tokens[run:])
+            full = (self._head + self._window_text(run)
+                    + tail.decode("utf-8", errors="replace"))
+        # Where this token's text starts. One whose bytes all continue a character still
+        # unfinished (read from the tokens' bytes) is inside it, at that character's U+FFFD
+        # at the end. Otherwise it is what the decodes with and without the token share: a
+        # trailing U+FFFD that the token completes is not counted, one it leaves (an
+        # invalid byte) is.
+        if not new and unfinished:
+            shared = len(full) - self._unfinished_chars(full)
         else:
             shared = _common_prefix_len(self.decoded, full)
             if shared == len(full) and full.endswith(REPLACEMENT_CHAR):
                 shared -= 1
         self.last_offset = shared
         self.decoded = full
-        if self._set_text(self._stable_text(full)):
+        if self._set_text(self._stable_text(full, run)):
             return self._take(len(self.text))
         return self._take(len(self.text) - _stop_prefix_len(self.text, self.stops))
 
     def _window_text(self, end: int) -> str:
         """The text of the window's tokens from ``_read`` to ``end``."""
-        return self.tokenizer.decode_piece(self._tokens[:end])[len(self._prefix):]
+        text = self.tokenizer.decode_piece(self._tokens[:end])
+        if not text.startswith(self._prefix) and self._fallback:
+            # Generated byte tokens joined a run of byte tokens that the prompt's context
+            # ends with, and made it invalid (all U+FFFDs): they start a run of their own.
+            end -= self._detach_run()
+            text = self.tokenizer.decode_piece(self._tokens[:end])
+        return text[len(self._prefix):]
 
-    def _stable_text(self, full: str) -> str:
+    def _detach_run(self) -> int:
+        """Take the run of byte tokens that the window's read tokens end with out of the
+        window (a byte-fallback decoder would decode later byte tokens with it); return how
+        many tokens went."""
+        cut = self._read
+        while cut and self._in_run(self._tokens[cut - 1]):
+            cut -= 1
+        del self._tokens[cut:self._read]
+        gone, self._read = self._read - cut, cut
+        self._prefix = self.tokenizer.decode_piece(self._tokens[:cut])
+        return gone
+
+    def _open_run(self) -> int | None:
+        """Under a byte-fallback decoder, where in the window a run of byte tokens that no
+        token of another kind has ended yet starts; else None."""
+        if not self._fallback:
+            return None
+        run = len(self._tokens)
+        while run > self._read and self._in_run(self._tokens[run - 1]):
+            run -= 1
+        if any(self.tokenizer.is_fallback_byte(t) for t in self._tokens[run:]):
+            return run
+        return None
+
+    def _in_run(self, token: int) -> bool:
+        """Whether a byte-fallback decoder's run of byte tokens goes on through ``token``: a
+        byte token, or a special one (dropped before decoding)."""
+        return self.tokenizer.is_fallback_byte(token) or not self.tokenizer.piece_bytes(token)
+
+    def _stable_text(self, full: str, run: int | None) -> str:
         """The part of ``full`` (the text of ``ids``) that no later token can change.
 
         A text ending in U+FFFD may end with a character whose remaining bytes are still to
@@ -196,9 +268,16 @@ class TextSequence:
         is tried until one does not end so. If each does, either the tokens' bytes leave a
         character unfinished (tokens that each carry the next character's first bytes),
         whose U+FFFD alone is held back, or the shortest text's U+FFFD is an invalid byte,
-        final. A window whose whole text is final moves on past it.
+        final. A window whose whole text is final moves on past it. Under a decoder of bytes
+        the text without its unfinished character; under a byte-fallback decoder, the text
+        before a run of byte tokens not yet ended (``run``, :meth:`_open_run`), and all of it
+        when none is.
         """
-        if not full.endswith(REPLACEMENT_CHAR):
+        if self._bytes:
+            return self._head
+        if run is not None:
+            return self._head + self._window_text(run)
+        if self._fallback or not full.endswith(REPLACEMENT_CHAR):
             self._head = full
             # The window starts at the new tokens if they spell some text alone, else where
             # it was, without them (special tokens, a lone SentencePiece "▁": what they add
@@ -209,6 +288,11 @@ class TextSequence:
             if prefix:
                 del self._tokens[:self._read]
                 self._prefix = prefix
+            elif self._fallback and any(map(self.tokenizer.piece_bytes,
+                                            self._tokens[self._read:])):
+                # A token of another kind (a lone "▁") ends a run of byte tokens before
+                # it: it stays, so that byte tokens after it start a run of their own.
+                self._prefix = self.tokenizer.decode_piece(self._tokens)
             else:
                 del self._tokens[self._read:]
             self._read = len(self._tokens)
@@ -229,17 +313,16 @@ class TextSequence:
 
     def _unfinished_chars(self, full: str) -> int:
         """1 when ``full`` ends in the U+FFFD of a character whose bytes the generated
-        tokens' bytes leave pending, else 0; always 0 under a byte-fallback decoder, whose
-        U+FFFDs (one per byte of a whole run of byte tokens) do not tell it apart, and whose
-        one-byte tokens the shorter texts of :meth:`_stable_text` already hold back."""
-        pending = bool(self._utf8.getstate()[0])
-        return int(pending and full.endswith(REPLACEMENT_CHAR)
-                   and not self.tokenizer.replaces_each_byte)
+        tokens' bytes leave pending, else 0."""
+        return int(bool(self._utf8.getstate()[0]) and full.endswith(REPLACEMENT_CHAR))
 
     def finish(self, reason: str) -> str:
         """End the sequence (EOS or length); return everything not yet shown."""
         if self.finish_reason is None:
-            self._set_text(self._head + self._window_text(len(self._tokens)))
+            if self._bytes:
+                self._head += self._utf8.decode(b"", final=True)
+            self.decoded = self._head + self._window_text(len(self._tokens))
+            self._set_text(self.decoded)
             self.finish_reason = self.finish_reason or reason
         return self._take(len(self.text))
 
