@@ -267,6 +267,29 @@ class KVCache(_FillMissing):
         return with_live({n: b[..., :end, :] for n, b in bufs.items()}, new, start,
                          in_place=True)
 
+    def stopped_entries(self, key: str, start: int, new: Entries,
+                        fresh: torch.Tensor) -> Entries:
+        """``new``, the entries a depth is about to write at ``start``, with the positions
+        that no longer compute (``fresh`` False: a halted step, an exit rule) holding at a
+        kept depth of an ``every:M`` cache what the kept depth below stores for them: their
+        deepest loop in between was never stored, and a depth past it reads the kept one
+        below. A position that stopped in a forward where no other kept going never reaches
+        this depth and gets the same from :meth:`fill_missing`; this is the same when other
+        rows or positions of the batch kept going."""
+        if self._every < 2 or not key.startswith(RECURRENT_PREFIX):
+            return new
+        t = int(key[len(RECURRENT_PREFIX):])
+        below = self._buffers.get(RECURRENT_PREFIX + str(t - self._every))
+        if t % self._every or below is None:
+            return new
+        stopped = ~fresh
+        b, length = stopped.shape
+        out = {}
+        for n, v in new.items():
+            mask = stopped.view(b, *([1] * (v.dim() - 3)), length, 1)
+            out[n] = torch.where(mask, below[n][..., start:start + length, :].to(v.dtype), v)
+        return out
+
     def buffers(self) -> dict[str, Entries]:
         """The full preallocated buffers, ``max_len`` positions each (for compiled steps)."""
         return self._buffers

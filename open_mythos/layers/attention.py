@@ -127,6 +127,9 @@ def _remember(
     elif ctx.rows is not None:
         raise ValueError("a row subset is only supported inside the recurrent block")
     if ctx.cache is not None:
+        stopped = getattr(ctx.cache, "stopped_entries", None)  # a shared-depth KVCache's
+        if stopped is not None and carry is not None and carry.fresh is not None:
+            new = stopped(cache_key, ctx.start_pos, new, carry.fresh)
         store = ctx.cache.replay if ctx.replay else ctx.cache.write
         new = store(cache_key, ctx.start_pos, new)
     if ctx.rows is not None:
