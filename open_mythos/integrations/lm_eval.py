@@ -452,11 +452,14 @@ def _exit_rule_arg(value: Any) -> ExitRule | None:
                 raise ValueError(f"exit_rule={value!r}: write field:value pairs joined by ';' "
                                  "(kl:0.1;min_loops:2)")
             name = name.strip()
+            if name in fields:
+                raise ValueError(f"exit_rule={value!r}: {name} is given twice")
+            whole = name in ("argmax_streak", "min_loops")
             try:
-                fields[name] = (int(number) if name in ("argmax_streak", "min_loops")
-                                else float(number))
+                fields[name] = int(number) if whole else float(number)
             except ValueError:
-                raise ValueError(f"exit_rule={value!r}: {name} takes a number, got "
+                raise ValueError(f"exit_rule={value!r}: {name} takes "
+                                 f"{'an integer' if whole else 'a number'}, got "
                                  f"{number.strip()!r}") from None
         value = fields
     return as_exit_rule(value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -225,20 +226,27 @@ class ExitRule:
     MAX_COUNT: ClassVar[int] = 2**31 - 1
 
     def __post_init__(self) -> None:
+        # NumPy scalars are taken and stored as Python numbers (a rule goes into JSON: a
+        # checkpoint's config, a server's /v1/models).
         for name in ("kl", "entropy", "rel_change"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float))
-                                          and not isinstance(value, bool)
-                                          and math.isfinite(value) and value >= 0):
-                raise ValueError(f"ExitRule.{name} must be a finite number >= 0, got {value!r}")
+            if value is None:
+                continue
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                    and math.isfinite(value) and value >= 0):
+                raise ValueError(f"ExitRule.{name} must be a finite number >= 0, got "
+                                 f"{value!r}{_type_note(value)}")
+            object.__setattr__(self, name, float(value))
         for name in ("argmax_streak", "min_loops"):
             value = getattr(self, name)
+            if value is None and name == "argmax_streak":
+                continue
             # The bound keeps the counts inside a tensor's int64 (2**80 overflowed there).
-            if (value is not None or name == "min_loops") and not (
-                    isinstance(value, int) and not isinstance(value, bool)
+            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
                     and 1 <= value <= self.MAX_COUNT):
                 raise ValueError(f"ExitRule.{name} must be an integer in [1, {self.MAX_COUNT}], "
-                                 f"got {value!r}")
+                                 f"got {value!r}{_type_note(value)}")
+            object.__setattr__(self, name, int(value))
         if self.kl is None and self.entropy is None and self.rel_change is None \
                 and self.argmax_streak is None:
             raise ValueError("an ExitRule needs at least one of kl, entropy, rel_change, "
@@ -247,6 +255,14 @@ class ExitRule:
     @property
     def needs_readout(self) -> bool:
         return self.kl is not None or self.entropy is not None or self.argmax_streak is not None
+
+
+def _type_note(value: object) -> str:
+    """`` (a Tensor)`` after a value whose type its repr does not show, such as a tensor
+    (a Python or NumPy number is what a rule takes)."""
+    if isinstance(value, (int, float, str)) or value is None:
+        return ""
+    return f" (a {type(value).__name__}: pass a Python number)"
 
 
 def as_exit_rule(rule: ExitRule | Mapping[str, Any] | None) -> ExitRule | None:

@@ -4,6 +4,8 @@ under the same exits."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -193,6 +195,16 @@ def test_exit_rule_arguments_are_checked():
                 dict(kl=0.1, min_loops=None)):  # (accepted, then a TypeError in the loop)
         with pytest.raises(ValueError, match="ExitRule"):
             ExitRule(**bad)
+    # NumPy scalars are numbers (they were refused as "not a finite number >= 0"), kept as
+    # Python numbers, which a config's JSON can hold; a tensor's error says what to pass.
+    import json
+
+    import numpy as np
+    rule = ExitRule(kl=np.float32(0.5), argmax_streak=np.int64(2), min_loops=np.int32(3))
+    assert json.loads(json.dumps(dataclasses.asdict(rule))) == dict(
+        kl=0.5, entropy=None, rel_change=None, argmax_streak=2, min_loops=3)
+    with pytest.raises(ValueError, match="a Tensor: pass a Python number"):
+        ExitRule(kl=torch.tensor(0.1))
     model = looped_model("gqa")
     ids = torch.randint(0, 97, (1, 4))
     with pytest.raises(ValueError, match="compile"):

@@ -327,6 +327,10 @@ def test_an_exports_default_exit_rule_applies_and_model_args_set_one(tmp_path):
         assert got == pytest.approx(want, rel=1e-5), (type(pretrained).__name__, extra)
     with pytest.raises(ValueError, match="field:value pairs"):
         OpenMythosLM(pretrained=model, tokenizer=TOK, exit_rule="kl=0.1")
+    with pytest.raises(ValueError, match="argmax_streak takes an integer, got '1.5'"):
+        OpenMythosLM(pretrained=model, tokenizer=TOK, exit_rule="argmax_streak:1.5")
+    with pytest.raises(ValueError, match="kl is given twice"):  # the last one won silently
+        OpenMythosLM(pretrained=model, tokenizer=TOK, exit_rule="kl:0.1;kl:0.2")
     # lm-eval reads "exit_rule=none" in model_args as None: no rule, not the export's.
     from lm_eval.api.registry import get_model
 
