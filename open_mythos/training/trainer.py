@@ -39,6 +39,7 @@ import json
 import math
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -369,6 +370,58 @@ def _schedule_warnings(cfg: TrainConfig, looped: bool, use_act: bool) -> list[st
                    "the ponder cost is the loop count, which no weight changes; the term adds "
                    "a constant to the logged loss and trains nothing")
     return out
+
+
+class _SignalCounter:
+    """Counts the deliveries of a signal. Python runs a handler once for all the deliveries
+    that came during one call into C (a forward or backward pass can take seconds), so the
+    handler alone cannot tell one Ctrl-C from two; the C-level handler also writes one byte
+    per delivery to the wakeup file descriptor (:func:`signal.set_wakeup_fd`), which this
+    reads. Inside ``with``, on the main thread; where a wakeup descriptor is already set (an
+    asyncio event loop's), it is left alone and every call counts one delivery."""
+
+    def __init__(self) -> None:
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+
+    def __enter__(self) -> _SignalCounter:
+        try:
+            pair = socket.socketpair()
+        except OSError:
+            return self
+        for end in pair:
+            end.setblocking(False)
+        try:
+            theirs = signal.set_wakeup_fd(pair[1].fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main thread, or a platform without it
+            theirs = None
+        if theirs is None or theirs != -1:
+            if theirs is not None:
+                signal.set_wakeup_fd(theirs)
+            for end in pair:
+                end.close()
+            return self
+        self._pair = pair
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pair is None:
+            return
+        current = signal.set_wakeup_fd(-1)
+        if current != self._pair[1].fileno():  # someone set another since: theirs stays
+            signal.set_wakeup_fd(current)
+        for end in self._pair:
+            end.close()
+        self._pair = None
+
+    def take(self, signum: int) -> int:
+        """Deliveries of ``signum`` since the last call (at least 1: the one being handled)."""
+        if self._pair is None:
+            return 1
+        count = 0
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while data := self._pair[0].recv(4096):
+                count += data.count(signum)
+        return max(count, 1)
 
 
 class Trainer:
@@ -987,17 +1040,23 @@ class Trainer:
             return
         previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         handled = [sig for sig in STOP_SIGNALS if previous[sig] is not signal.SIG_IGN]
+        deliveries = _SignalCounter()
 
         def ask(signum: int, frame: Any) -> None:
-            if signum == signal.SIGINT:  # a second Ctrl-C: what it did before
-                signal.signal(signum, previous[signum] or signal.default_int_handler)
             if not self._stop_signal:
                 self._stop_signal = signum
+            if signum == signal.SIGINT:  # a second Ctrl-C: what it did before
+                signal.signal(signum, previous[signum] or signal.default_int_handler)
+                if deliveries.take(signum) > 1:
+                    # Both came during one long operation (a backward pass), which runs
+                    # the handler once: the second acts now.
+                    signal.raise_signal(signum)
 
         for sig in handled:
             signal.signal(sig, ask)
         try:
-            yield
+            with deliveries:
+                yield
         finally:
             for sig in handled:
                 if signal.getsignal(sig) is ask:

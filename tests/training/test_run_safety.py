@@ -881,3 +881,39 @@ def poison(trainer) -> None:
     """Make one weight NaN (what a diverged update leaves)."""
     with torch.no_grad():
         next(trainer.core.parameters()).fill_(float("nan"))
+
+
+def test_two_ctrl_c_during_one_long_operation_stop_at_once(tmp_path, monkeypatch, capsys):
+    """Two Ctrl-Cs that both arrive while the step is inside one call into C (a long
+    backward pass) run Python's handler once: the run took them for one, finished the step
+    and saved it. Now they stop at once, as two presses do. Reference: the same message as
+    two presses handled apart (the test above)."""
+    import threading
+    import time
+
+    real = trainer_mod.compute_loss
+    calls = {"n": 0}
+
+    def two_during_a_matmul(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            inside = threading.Event()
+
+            def press_twice():
+                inside.wait()
+                time.sleep(0.02)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.02)
+                os.kill(os.getpid(), signal.SIGINT)
+
+            threading.Thread(target=press_twice, daemon=True).start()
+            a = torch.randn(1500, 1500) / 40
+            inside.set()
+            torch.linalg.matrix_power(a, 64)  # one call into C, of a few tenths of a second
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "compute_loss", two_during_a_matmul)
+    assert train_cli(tmp_path / "r", "--steps", "8", "--save-every", "0") == 130
+    err = capsys.readouterr().err
+    assert re.search(r"stopped at once by a second Ctrl-C after step 4; nothing was saved",
+                     err), err
