@@ -139,7 +139,8 @@ def config_from_args(args: argparse.Namespace, report: bool = False):
             if report:
                 changed = changed_keys(own, cfg)
                 _error(f"openmythos train: resuming with {out}/config.toml"
-                       + (f", overridden: {'; '.join(changed)}" if changed else ""))
+                       + (f", overridden: {'; '.join(changed)}" if changed else ""),
+                       record=False)
             return cfg
     return load_config(args.config, pairs)
 
@@ -199,7 +200,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _error(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
-        with contextlib.suppress(OSError):  # stderr gone (| tee killed by the same Ctrl-C)
-            print(msg, file=sys.stderr)
+def _error(msg: str, record: bool = True) -> None:
+    """Print ``msg`` on rank 0 (once, not once per torchrun process). Under torchrun, every
+    rank also leaves it in its error file (``record``), which torchrun shows in its summary of
+    a failed job: an error that only another rank met (its config file or data missing on
+    its node) was otherwise said nowhere, and rank 0 said only that it lost its peers.
+    Another launcher's other ranks print theirs, after ``rank N:``."""
+    rank = os.environ.get("RANK", "0")
+    recorded = record and _record_for_torchrun(msg)
+    if rank != "0":
+        if recorded or not record:
+            return
+        msg = f"rank {rank}: {msg}"
+    with contextlib.suppress(OSError):  # stderr gone (| tee killed by the same Ctrl-C)
+        print(msg, file=sys.stderr)
+
+
+def _record_for_torchrun(msg: str) -> bool:
+    """Write ``msg`` where torchrun reads a failed rank's error (``TORCHELASTIC_ERROR_FILE``,
+    the format of its ``@record``: a message and a timestamp); True if it was written."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    import json
+    import time
+
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": msg, "timestamp": int(time.time())}, f)
+    except OSError:
+        return False
+    return True

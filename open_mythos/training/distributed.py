@@ -71,8 +71,8 @@ def setup(parallel: Parallel, device_spec: str, timeout_s: float = 0.0) -> DistC
         ConfigError: ``torchrun`` started several processes but ``parallel`` is ``none``.
     """
     parallel = as_member(Parallel, parallel, "parallel")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = _env_int("WORLD_SIZE", 1, low=1)
+    local_rank = _env_int("LOCAL_RANK", 0, low=0)
     if parallel is Parallel.NONE:
         if world > 1:
             raise ConfigError(
@@ -94,12 +94,37 @@ def setup(parallel: Parallel, device_spec: str, timeout_s: float = 0.0) -> DistC
         if missing:
             raise ConfigError(f"RANK is set but {', '.join(missing)} not: launch with torchrun, "
                               "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
-                                **timeout)
+        rank = _env_int("RANK", 0, low=0)
+        if rank >= world:  # it would wait for a rank 0 that never comes
+            raise ConfigError(f"RANK={rank} is not below WORLD_SIZE={world}: launch with "
+                              "torchrun, or give each process a rank in [0, WORLD_SIZE)")
+        try:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                    **timeout)
+        except dist.DistNetworkError as err:  # the rendezvous store was not reached
+            raise ConfigError(
+                f"rank {rank} could not reach the rendezvous at {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']} ({str(err).splitlines()[0]}): is rank 0 running, "
+                "and are MASTER_ADDR and MASTER_PORT its?") from err
     else:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1, **timeout)
     return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, True)
+
+
+def _env_int(name: str, default: int, low: int) -> int:
+    """The launcher's integer ``name`` from the environment, at least ``low``."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise ConfigError(f"{name}={text!r} in the environment is not an integer >= {low}: "
+                          "launch with torchrun, or set it to one")
+    return value
 
 
 def teardown(ctx: DistContext, clean: bool = True) -> None:

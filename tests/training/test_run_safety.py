@@ -675,6 +675,47 @@ def test_a_launcher_that_sets_rank_without_the_rendezvous_is_a_config_error(tmp_
     one_line_error(capsys, 2, "MASTER_ADDR, MASTER_PORT", "torchrun")
 
 
+@pytest.mark.parametrize("env,needle", [
+    (dict(RANK="1", WORLD_SIZE="1"), "RANK=1 is not below WORLD_SIZE=1"),
+    (dict(RANK="x", WORLD_SIZE="2"), "RANK='x' in the environment is not an integer"),
+    (dict(RANK="0", WORLD_SIZE="0"), "WORLD_SIZE='0' in the environment is not an integer >= 1"),
+])
+def test_a_launch_environment_out_of_range_is_a_config_error(tmp_path, capsys, monkeypatch,
+                                                             env, needle):
+    """RANK >= WORLD_SIZE waited for a rank 0 that never came (30 minutes by torch's
+    default), then ended in a traceback; a non-integer was a ValueError traceback. A rank
+    other than 0 says its error after ``rank N:`` when no torchrun collects it (it printed
+    nothing)."""
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing may be reached: the check comes first
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert train_cli(tmp_path / "run", "--steps", "2", "--parallel", "ddp",
+                     "--set", "run.dist_timeout=5") == 2
+    err = capsys.readouterr().err.strip()
+    prefix = "" if env["RANK"] == "0" else f"rank {env['RANK']}: "
+    assert err.splitlines() == [f"{prefix}openmythos train: error: " + err.split("error: ", 1)[1]]
+    assert needle in err and "Traceback" not in err
+
+
+def test_an_error_of_a_rank_other_than_0_reaches_torchruns_summary(tmp_path, capsys,
+                                                                   monkeypatch):
+    """An error only rank 1 met (its config file missing on its node) was printed by no
+    rank: rank 0 prints alone. Every rank now leaves its error where torchrun reads a failed
+    rank's error file. Reference: torchrun's own reader of that file."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "1")
+    assert train_cli(tmp_path / "run", "--config", str(tmp_path / "missing.toml")) == 2
+    assert capsys.readouterr().err == ""  # torchrun shows it, once
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message == (f"openmythos train: error: config file "
+                               f"'{tmp_path / 'missing.toml'}' does not exist")
+
+
 def test_resuming_with_another_global_batch_says_so(tmp_path, capsys):
     """A run resumed with another global batch (another --batch-size here; likewise another
     number of processes) trained on silently; now the change and the flag that keeps the
