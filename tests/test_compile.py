@@ -209,3 +209,35 @@ def test_whole_model_compiled_by_a_user_trains_with_changing_loop_counts():
                 # (a compiled backward gives zeros where eager leaves no gradient)
                 grads = [torch.zeros_like(p) if x.grad is None else x.grad for x in (p, q)]
                 torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_copy_of_a_model_with_a_compiled_loop_runs_its_own_weights():
+    """``compile_loop`` kept a compiled method bound to the model: a deepcopy (an EMA or
+    best-model snapshot in mid-training) ran the original's loop body and weights, and
+    pickle or ``torch.save`` of the model failed. A copy now runs its own loop body
+    (uncompiled, as copies of ``Module.compile``'d modules are). Reference: a fresh model
+    holding the copy's weights."""
+    import io
+    import pickle
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config()).train()
+    model.recurrent.compile_loop(backend="eager")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 8))
+    model(ids, n_loops=2).sum().backward()
+    snapshot = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in snapshot.recurrent.parameters():
+            p.add_(0.05)
+    reference = OpenMythos(tiny_config()).train()
+    reference.load_state_dict(snapshot.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(snapshot(ids, n_loops=2), reference(ids, n_loops=2))
+        want = model(ids, n_loops=2)
+        assert not torch.allclose(want, snapshot(ids, n_loops=2))
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        for restored in (pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False)):
+            torch.testing.assert_close(restored(ids, n_loops=2), want)

@@ -505,8 +505,17 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         """``torch.compile`` :meth:`loop_body` in place: one graph for every loop index and
         loop count (two specialisations: the first loop, which has no depth carry yet, and
         the rest; at batch size 1 a third, for the batch stride of the carry the first
-        graph returns). The halting bookkeeping and the loop itself stay in Python."""
+        graph returns). The halting bookkeeping and the loop itself stay in Python. A copy
+        (``copy.deepcopy``, pickling, ``torch.save`` of the model) runs its own loop body
+        uncompiled, as a copy of a module compiled with ``Module.compile`` does."""
         self.loop_body = torch.compile(self.loop_body, **compile_kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # compile_loop's compiled method is bound to this instance: a copy would run the
+        # original's weights (and pickle cannot write it).
+        state.pop("loop_body", None)
+        return state
 
     def loop_body(
         self, h: torch.Tensor, e: torch.Tensor, signal: torch.Tensor,

@@ -45,6 +45,6 @@ class CopiesDetached:
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = {k: _detached(v) for k, v in self.__dict__.items()}
+        state = {k: _detached(v) for k, v in self.__getstate__().items()}
         new.__setstate__(copy.deepcopy(state, memo))
         return new
