@@ -84,6 +84,44 @@ def test_instrumentation_by_replacing_forward():
     assert len(calls) == 9
 
 
+def test_lora_and_injection_are_instrumented_as_upstream_calls_them():
+    """Upstream's loop calls ``lora(out, t)`` and ``injection(h, e, out)``: a forward hook
+    on the LoRA never fired (the loop called its parts), a LoRA ablated by replacing its
+    forward changed nothing, and an injection replaced with upstream's three arguments
+    raised a TypeError. Reference: the model with the LoRA's B zeroed (a true ablation),
+    and the unmodified model (an injection replaced by upstream's own formula)."""
+    import copy
+
+    from open_mythos import OpenMythos
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config("gqa", max_loop_iters=3)).eval()
+    torch.nn.init.normal_(model.recurrent.lora.B, std=0.3)
+    ids = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        want = model(ids, n_loops=3)
+        ablated = copy.deepcopy(model)
+        ablated.recurrent.lora.B.zero_()
+        without_lora = ablated(ids, n_loops=3)
+    seen = []
+    handle = model.recurrent.lora.register_forward_hook(
+        lambda module, args, out: seen.append((args[0].shape, args[1])))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, n_loops=3), want)
+    handle.remove()
+    assert seen == [(torch.Size([2, 6, 64]), t) for t in range(3)]
+    lora = model.recurrent.lora
+    lora.forward = lambda x, loop_t: torch.zeros_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, n_loops=3), without_lora)
+    del lora.forward
+    inj = model.recurrent.injection
+    inj.forward = lambda h, e, out: inj.get_A() * h + inj.B * e + out  # upstream's
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, n_loops=3), want)
+
+
 def test_every_exported_name_exists():
     """SPEC §3.11: the reference's ``__all__`` named functions that did not exist."""
     import importlib

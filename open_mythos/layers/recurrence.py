@@ -265,6 +265,17 @@ def _type_note(value: object) -> str:
     return f" (a {type(value).__name__}: pass a Python number)"
 
 
+def _instrumented(module: nn.Module, cls: type) -> bool:
+    """Whether a user hooked ``module`` (forward or pre-forward hooks, its own or global)
+    or replaced its ``forward``: then it must be called as ``module(...)`` with upstream's
+    arguments, not through the methods the loop calls for speed."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(type(module).forward is not cls.forward or "forward" in module.__dict__
+                or module._forward_hooks or module._forward_pre_hooks
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
 def as_exit_rule(rule: ExitRule | Mapping[str, Any] | None) -> ExitRule | None:
     """An :class:`ExitRule` from itself or a mapping of its fields (validated), or None.
 
@@ -492,14 +503,21 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         ``A``: the injection's diagonal, computed once per forward.
         """
         signal = self._loop_signal(t, h)
-        lora_scale = None if self.lora is None else self.lora.loop_scale(t)
+        # A LoRA or injection that a user hooked or whose forward they replaced (upstream's
+        # instrumentation) is called as upstream called it: lora(out, t), injection(h, e,
+        # out). The LoRA then takes the loop index as an int, and a compiled body one graph
+        # per index.
+        own_lora = self.lora is None or not _instrumented(self.lora, LoRAAdapter)
+        lora_scale = self.lora.loop_scale(t) if self.lora is not None and own_lora else None
         key = self.cache_key(t) if ctx.cache is not None else None
         if h is e:
             # NOTE: at loop 0 the state is the encoded input itself. Passing one tensor as
             # two arguments makes a compiled loop_body guard on the aliasing, and PyTorch
             # 2.13 then fails (TypeError) explaining a recompilation for a second model.
             h = h.view_as(h)
-        return self.loop_body(h, e, signal, lora_scale, ctx, key, carry, A)
+        return self.loop_body(h, e, signal, lora_scale, ctx, key, carry, A,
+                              None if own_lora else t,
+                              _instrumented(self.injection, LTIInjection))
 
     def compile_loop(self, **compile_kwargs) -> None:
         """``torch.compile`` :meth:`loop_body` in place: one graph for every loop index and
@@ -520,11 +538,14 @@ class RecurrentBlock(CopiesDetached, nn.Module):
     def loop_body(
         self, h: torch.Tensor, e: torch.Tensor, signal: torch.Tensor,
         lora_scale: torch.Tensor | None, ctx: AttnContext, cache_key: str | None,
-        carry: DepthCarry, A: torch.Tensor | None = None,
+        carry: DepthCarry, A: torch.Tensor | None = None, lora_t: int | None = None,
+        upstream_injection: bool = False,
     ) -> torch.Tensor:
         """``h' = A * h + B * e + out`` with ``out = block(norm(h + rms(h) * signal + e))``
         plus its LoRA delta; ``signal`` (dim,) and ``lora_scale`` (rank,) are the loop's,
-        ``A`` (dim,) the injection's diagonal (computed here when None)."""
+        ``A`` (dim,) the injection's diagonal (computed here when None). ``lora_t``: call the
+        LoRA module itself with this loop index instead (a hooked or replaced LoRA);
+        ``upstream_injection``: call the injection with upstream's three arguments."""
         # NOTE: an unscaled sinusoid (upstream) dwarfs a freshly initialised residual stream
         # (embeddings ~0.02), so after the norm every token looks alike and the router sends
         # all of them to the same experts. Scaling by the state's RMS keeps it proportionate.
@@ -534,6 +555,10 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         out = self.block(x, ctx, cache_key, carry)
         if lora_scale is not None:
             out = out + self.lora.delta(out, lora_scale)
+        elif lora_t is not None:
+            out = out + self.lora(out, lora_t)
+        if upstream_injection:
+            return self.injection(h, e, out)
         return self.injection(h, e, out, A)
 
     def _step(
