@@ -16,7 +16,9 @@ Exit status: 0 on success, 2 for invalid arguments or a missing checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,6 @@ def run_text(args: argparse.Namespace) -> Path:
                                       print_loss, batches=batches)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_old_report(out, None)
-    (out / "loss_vs_loops.json").write_text(json.dumps(loss_rows(losses), indent=1))
     train_loops = args.train_loops or run_train_loops(args.run)
     points = []
     exit_loops = _exit_loops(args, train_loops or model.cfg.max_loop_iters)
@@ -85,22 +85,47 @@ def run_text(args: argparse.Namespace) -> Path:
         print(f"exit rules from {exit_loops} loops ...", file=sys.stderr)
         model.eval()
         points = text_exit_points(model, batches, exit_loops)
-    return write_text_report(args.run, out, losses, model=model, train_loops=train_loops,
-                             exit_points=points)
+    with _staged_report(out, keep_sweep=False) as stage:
+        (stage / "loss_vs_loops.json").write_text(json.dumps(loss_rows(losses), indent=1))
+        path = write_text_report(args.run, stage, losses, model=model,
+                                 train_loops=train_loops, exit_points=points)
+    return out / path.name
 
 
-def _clear_old_report(out: Path, sweep_file: str | None) -> None:
-    """Remove the files an earlier report wrote into ``out``, not ``--sweep`` itself. A
-    report from ``--sweep`` writes no ``sweep.json`` and leaves one there: it may be a sweep
-    written into the directory (``openmythos sweep --out DIR/sweep.json``), which nothing
-    tells apart from an earlier report's."""
+@contextlib.contextmanager
+def _staged_report(out: Path, keep_sweep: bool) -> Iterator[Path]:
+    """A directory beside the report's files to write the new report into; once it is
+    whole, the files of the earlier report (:func:`_clear_old_report`) give way to it. A
+    report stopped before then (Ctrl-C, a kill) leaves the earlier one as it was."""
+    import os
+    import shutil
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    for left in out.glob(".report-*"):  # what a killed report left
+        shutil.rmtree(left, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        yield stage
+        _clear_old_report(out, keep_sweep)
+        for path in stage.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _clear_old_report(out: Path, keep_sweep: bool) -> None:
+    """Remove the files an earlier report wrote into ``out`` (so that none of its figures is
+    left beside the new ``report.md``), ``sweep.json`` only when not ``keep_sweep``: the
+    new report's own sweep, or one given with ``--sweep`` (it may be a sweep written into
+    the directory, ``openmythos sweep --out DIR/sweep.json``, which nothing tells apart
+    from an earlier report's)."""
     from ..evaluation.report import REPORT_FILES
 
-    keep = Path(sweep_file).resolve() if sweep_file else None
     for name in REPORT_FILES:
-        if sweep_file and name == "sweep.json":
+        if keep_sweep and name == "sweep.json":
             continue
-        if (out / name).is_file() and (out / name).resolve() != keep:
+        if (out / name).is_file():
             (out / name).unlink()
 
 
@@ -216,7 +241,6 @@ def run(args: argparse.Namespace) -> int:
                                      sweep_options(args, model, task), "report",
                                      legacy_task=task_fingerprint(task, legacy=True))
             rows, base_rows = sweep_models(args, model, baseline, task, progress)
-        _clear_old_report(Path(args.out), args.sweep)
         if not args.sweep:
             save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")
         train_loops = args.train_loops or run_train_loops(args.run) or cfg.max_loop_iters
@@ -236,9 +260,12 @@ def run(args: argparse.Namespace) -> int:
             examples = sample_examples(task, "id", n_examples, args.seed)
             with eval_mode(model):
                 points = task_exit_points(model, examples, exit_loops)
-        path = write_report(args.run, args.out, rows, base_rows, model=model, baseline=baseline,
-                            task=task, train_loops=train_loops, seed=args.seed,
-                            exit_points=points, exit_examples=len(examples) if points else None)
+        with _staged_report(Path(args.out), keep_sweep=True) as stage:
+            path = write_report(args.run, stage, rows, base_rows, model=model,
+                                baseline=baseline, task=task, train_loops=train_loops,
+                                seed=args.seed, exit_points=points,
+                                exit_examples=len(examples) if points else None)
+        path = Path(args.out) / path.name
         if progress is not None:
             progress.finish()
     except (FileNotFoundError, ValueError, KeyError) as err:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -658,3 +659,34 @@ def test_sweep_progress_appends_rows_and_survives_a_line_cut_short(tmp_path, cap
     third = sweep_command.SweepProgress(tmp_path / "s.json", options)
     assert [r.n_loops for r in third.previous] == [1, 2, 3]
     assert "resuming: 3 row(s)" in capsys.readouterr().err
+
+
+def test_a_report_stopped_midway_leaves_the_earlier_report_whole(runs, tmp_path, monkeypatch):
+    """A rerun into the directory of a finished report removed that report's files before
+    its own long work (the exit rules, then the figures); stopped there (Ctrl-C, a kill),
+    it left neither report. The new report is now written beside the old one and takes
+    its place once whole. Reference: the earlier report's files, byte for byte."""
+    import open_mythos.evaluation.report as report_mod
+
+    root, _, _ = runs
+    out, keep = tmp_path / "report", tmp_path / "sweep.json"
+    assert cli("sweep", "--checkpoint", str(root / "looped"), "--loops", "1-2", "--n-examples", "3",
+               "--out", str(keep)) == 0
+    args = ("report", "--run", str(root / "looped"), "--sweep", str(keep), "--n-examples", "3",
+            "--out", str(out))
+    assert cli(*args, "--exit-loops", "2") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "exit_pareto.png" in before and "report.md" in before
+    real = report_mod.write_report
+
+    def killed_while_writing(run, out_dir, *a, **kw):
+        (Path(out_dir) / "training_curves.png").write_bytes(b"half a figure")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_mod, "write_report", killed_while_writing)
+    assert cli(*args, "--exit-loops", "0") == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(report_mod, "write_report", real)
+    assert cli(*args, "--exit-loops", "0") == 0  # then it replaces the old one
+    assert not (out / "exit_pareto.png").exists() and (out / "report.md").is_file()
+    assert not list(out.glob(".report-*"))
