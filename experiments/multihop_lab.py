@@ -31,6 +31,7 @@ from open_mythos.commands.argtypes import (  # noqa: E402
     loop_counts,
     non_negative_int,
     output_file,
+    positive_float,
     positive_int,
 )
 from open_mythos.tasks import get_task, make_batch
@@ -40,6 +41,17 @@ from open_mythos.training.schedule import LRSchedule
 
 #: ``--dim`` and ``--heads`` of a fresh model.
 DIM, HEADS = 64, 4
+
+
+def non_negative_float(text: str) -> float:
+    """A finite ``float >= 0`` (argparse type): a loss weight."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,10 +69,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lmax", type=positive_int, help="most loops sampled in training (default T)")
     p.add_argument("--steps", type=positive_int, default=2000)
     p.add_argument("--bs", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--prompt-loss", type=float, default=0.0,
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--prompt-loss", type=non_negative_float, default=0.0,
                    help="weight of next-token loss on the prompt tokens")
-    p.add_argument("--deep", type=float, default=0.0,
+    p.add_argument("--deep", type=non_negative_float, default=0.0,
                    help="weight of the per-loop (per-core-block) intermediate-hop loss")
     p.add_argument("--curriculum", type=non_negative_int, default=0,
                    help="steps over which the largest training hop count rises to --hops[1]")

@@ -140,7 +140,8 @@ def level_errors(model: torch.nn.Module, task: Any, level: int, n_loops: int, n_
 def table(results: Sequence[LevelErrors], n_loops: int) -> str:
     """The printed table: one row per level."""
     first_loops = range(1, max([n_loops, *(r.level for r in results)]) + 1)
-    head = (["level", "answer at level", f"answer at {n_loops}", "exact"]
+    # A level above --loops runs as many loops as its hops: its row reads the answer there.
+    head = (["level", "answer at level", f"answer at max(level, {n_loops})", "exact"]
             + [f"first wrong at {t}" for t in first_loops] + list(KINDS))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -162,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--levels", type=loop_counts, default=[3, 4, 5, 6],
                    help="levels (hops) to read, e.g. 3-6 (default 3,4,5,6)")
     p.add_argument("--loops", type=loop_count, default=8,
-                   help="loops to run (at least each level; default 8)")
+                   help="loops to run (a level above it runs as many as its hops; "
+                        "default 8)")
     p.add_argument("--n-examples", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lens", choices=("head", "coda"), default="head",

@@ -27,6 +27,21 @@ def test_multihop_lab_runs_and_writes_its_results(tmp_path, extra):
     assert "hops=6" in done.stdout
 
 
+@pytest.mark.parametrize("bad,message", [
+    (["--lr", "nan"], "argument --lr: must be a positive finite number, got nan"),
+    (["--deep", "-1"], "argument --deep: must be a finite number >= 0, got -1"),
+    (["--prompt-loss", "inf"], "argument --prompt-loss: must be a finite number >= 0, got inf"),
+])
+def test_multihop_lab_checks_its_rates_before_training(bad, message):
+    """A NaN or negative learning rate ended in the optimiser's traceback after the model
+    was built, and negative loss weights were taken; the script says it checks every
+    argument before training."""
+    done = subprocess.run([sys.executable, str(LAB), "--steps", "1", *bad],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 PLAIN = Path(__file__).resolve().parents[1] / "experiments" / "plain_loop.py"
 
 

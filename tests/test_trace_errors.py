@@ -106,6 +106,13 @@ def test_every_example_is_counted_once_on_a_trained_run(tmp_path, trace_errors):
         assert sum(r["kinds"].values()) == r["n"] - r["exact"]
         loops = max(r["level"], 3)
         assert sorted(int(d) for d in r["accuracy"]) == list(range(r["level"], loops + 1))
+    # Level 4 above --loops 3 is read at 4 loops: the column says so (it said "at 3").
+    from types import SimpleNamespace
+    rows = [SimpleNamespace(**{**r, "accuracy": {int(k): v for k, v in r["accuracy"].items()},
+                               "first_wrong": {int(k): v for k, v in r["first_wrong"].items()}})
+            for r in results]
+    header = trace_errors.table(rows, 3).splitlines()[0]
+    assert "| answer at max(level, 3) |" in header
 
 
 def test_a_path_without_a_checkpoint_is_refused(tmp_path, trace_errors, capsys):
