@@ -246,11 +246,21 @@ class CompletionService:
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         options = self._options(req, prompts, max_tokens, req.stop_list(), "prompt", "max_tokens")
         self._check_logprobs(req.logprobs)
-        # Decoded as the prompt logprobs' offsets count it (no clean-up of spaces).
-        echo = [self.tokenizer.decode_piece(p) if req.echo else "" for p in prompts]
+        echo = [self._echo(text, ids, req.logprobs) if req.echo else ""
+                for text, ids in zip(texts, prompts)]
         return _Call(False, prompts, req.n, options, echo, req.logprobs,
                      req.echo and req.logprobs is not None, req.include_usage(),
                      f"cmpl-{uuid.uuid4().hex}")
+
+    def _echo(self, text: str | list[int], ids: list[int], logprobs: int | None) -> str:
+        """The prompt as ``echo`` returns it: the text sent (OpenAI's and vLLM's echo),
+        token ids as they decode. With logprobs, the prompt tokens' text offsets count the
+        decoded text (no clean-up of spaces): where a tokenizer that normalises text (BERT's
+        lower case and spaced punctuation) decodes the text sent otherwise, that text."""
+        decoded = self.tokenizer.decode_piece(ids)
+        if isinstance(text, str) and (logprobs is None or decoded == text):
+            return text
+        return decoded
 
     def prepare_chat(self, req: ChatCompletionRequest) -> _Call:
         self._check_model(req.model)

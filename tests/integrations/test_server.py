@@ -486,3 +486,29 @@ def test_tokenize_with_special_tokens_for_a_tokenizer_without_bos():
     assert CompletionService.encode_text(service, "hé", add_special_tokens=True) == [104, 195, 169]
     with_bos = types.SimpleNamespace(tokenizer=ByteTokenizer())
     assert CompletionService.encode_text(with_bos, "h", add_special_tokens=True) == [257, 104]
+
+
+def test_echo_returns_the_prompt_as_sent():
+    """``echo`` returned the prompt decoded: a tokenizer that normalises text (BERT's lower
+    case and spaced punctuation) echoed ``don ' t stop`` for ``Don't stop``, and a client
+    that cuts ``len(prompt)`` characters off the echo got a wrong completion. Now the text
+    sent, as OpenAI and vLLM echo it; token ids, and text whose logprobs' offsets count
+    the decoded text, as they decode."""
+    from open_mythos import OpenMythos
+    from tests.conftest import tiny_config
+    from tests.integrations.conftest import hf_tokenizers
+
+    wp = hf_tokenizers()["wordpiece"]
+    model = OpenMythos(tiny_config(vocab_size=wp.vocab_size)).eval()
+    service = CompletionService(model, wp, model_name="tiny", n_loops=1)
+    text = "Don't stop"
+    ids = wp.encode(text)
+    decoded = wp.decode_piece(ids)
+    assert decoded != text  # the tokenizer does normalise it
+    for prompt, logprobs, want in ((text, None, text), ([text, text], None, text),
+                                   (ids, None, decoded), (text, 1, decoded)):
+        call = service.prepare_completion(CompletionRequest(
+            prompt=prompt, echo=True, max_tokens=1, logprobs=logprobs))
+        assert set(call.echo_texts) == {want}, (prompt, logprobs)
+    call = service.prepare_completion(CompletionRequest(prompt=text, max_tokens=1))
+    assert call.echo_texts == [""]
