@@ -7,6 +7,8 @@ and ratios against baselines measured in the same run.
     python benchmarks/train.py --device cuda --dtype bf16   # on a GPU: MFU against its bf16 peak
     python benchmarks/train.py --only 63m --only dense --compile blocks --compile model
                                                # compile modes (+ cudagraphs on CUDA)
+    python benchmarks/train.py --only 63m --only dense --dtype bf16 --profile 12
+                                               # + where each eager step's time goes
 
 A train step is forward + cross-entropy + backward + fused AdamW step (+ the router-bias
 update for OpenMythos). FLOPs are counted once per configuration by
@@ -465,10 +467,13 @@ def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks
         if bf16 and args.quick and name == "63m":
             continue
         # The baseline and our eager step, alternating.
-        t = alternating_medians({
-            "ref": make_step(copy.deepcopy(ref), ids, bf16=bf16, n_loops=4),
-            "ours": make_step(copy.deepcopy(ours), ids, bf16=bf16, n_loops=4),
-        }, repeats=repeats)
+        steps = {"ref": make_step(copy.deepcopy(ref), ids, bf16=bf16, n_loops=4),
+                 "ours": make_step(copy.deepcopy(ours), ids, bf16=bf16, n_loops=4)}
+        t = alternating_medians(steps, repeats=repeats)
+        if args.profile:
+            print_profile(f"{name} reference-style, {dtype}", steps["ref"], args.profile, device)
+            print_profile(f"{name} eager, {dtype}", steps["ours"], args.profile, device)
+        del steps
         ref_s[dtype] = t["ref"]
         rows.append(Row(f"{label}: reference-style (baseline)", dtype, t["ref"], ref_flops, peak,
                         "1.00x"))
@@ -497,6 +502,34 @@ def bench_mythos(name: str, cfg: MythosConfig, batch: int, seq: int, args, peaks
                             note=cudagraph_skips(mode)))
             totals[f"{name} {how} {dtype}"] = warm
             del step
+
+
+def print_profile(title: str, step: Callable[[], object], top: int,
+                  device: torch.device) -> None:
+    """Where a step's time goes: ``torch.profiler`` over two steps (after one warm-up), the
+    ``top`` aten operators by self time (CPU; GPU kernel time on CUDA), per step, with
+    their share of all aten self time. Operators only: the custom grouped matmul shows as
+    the ``aten::mm``/``aten::_grouped_mm`` calls inside it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
+                    key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events) or 1
+    print(f"\nprofile: {title}: aten ops by self {'GPU' if cuda else 'CPU'} time, per step "
+          f"(all aten: {total / 2e3:.1f} ms)")
+    print("| op | calls | ms | share |\n|---|---|---|---|")
+    for e in events[:top]:
+        spent = getattr(e, attr)
+        print(f"| {e.key} | {e.count // 2} | {spent / 2e3:.1f} | {100 * spent / total:.0f}% |")
 
 
 def failure(err: Exception) -> str:
@@ -627,6 +660,8 @@ def bench_dense(args, peaks: Peaks, rows: list[Row], totals: dict) -> None:
             except Exception as err:
                 rows.append(Row(f"{label}: {how}", kind, note=failure(err)))
                 continue
+            if args.profile and mode is None:
+                print_profile(f"dense encoder eager, {kind}", step, args.profile, device)
             ours = [f"{h} {t / totals[f'63m {h} {kind}']:.2f}x"
                     for h in ("eager", *COMPILE_LABELS.values()) if f"63m {h} {kind}" in totals]
             rows.append(Row(f"{label}: {how} (63m's FLOPs)", kind, t, flops,
@@ -720,6 +755,9 @@ def main(argv: list[str] | None = None) -> None:
                              "'cudagraphs' (that graph as CUDA graphs; CUDA only); repeatable")
     parser.add_argument("--batch-scale", type=positive_int, default=1,
                         help="multiply the model sections' batch sizes (for a GPU)")
+    parser.add_argument("--profile", type=positive_int, default=0, metavar="N",
+                        help="also print the N operators that take the most time in each "
+                             "eager step (reference-style, ours, the dense encoder)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ["fp32", "bf16"]
     args.compile_given = args.compile is not None  # the task section notes that it ignores it

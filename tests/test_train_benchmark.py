@@ -106,3 +106,23 @@ def test_reference_style_cached_decoding_equals_full_forwards(attn_type, monkeyp
         for _ in range(5):
             seq = torch.cat([seq, model(seq, 3)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(cached, seq[:, 8:])
+
+
+def test_profile_lists_the_operators_that_take_a_steps_time(monkeypatch, capsys):
+    """``--profile N``: where a step's time goes, per step. Reference: the step's own
+    matmul count (two per linear layer in the backward, one in the forward), and shares
+    that add up to at most 100%."""
+    bench = load_benchmark("train", monkeypatch)
+    torch.manual_seed(0)
+    model = OpenMythos(config("gqa")).train()
+    ids = torch.randint(0, 101, (2, 16))
+    bench.print_profile("tiny", bench.make_step(model, ids, bf16=False, n_loops=2), 40,
+                        torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].startswith("profile: tiny: aten ops by self CPU time, per step")
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines() if line.startswith("| aten::"))}
+    assert 0 < len(rows) <= 40 and "aten::mm" in rows
+    assert sum(float(r[2].rstrip("%")) for r in rows.values()) <= 100 + len(rows)  # rounding
+    assert int(rows["aten::mm"][0]) >= 3 * 2  # a forward and two gradients, some layers
