@@ -37,6 +37,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import random
 import signal
 import socket
@@ -46,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -378,7 +379,12 @@ class _SignalCounter:
     handler alone cannot tell one Ctrl-C from two; the C-level handler also writes one byte
     per delivery to the wakeup file descriptor (:func:`signal.set_wakeup_fd`), which this
     reads. Inside ``with``, on the main thread; where a wakeup descriptor is already set (an
-    asyncio event loop's), it is left alone and every call counts one delivery."""
+    asyncio event loop's), it is left alone and every call counts one delivery. A process
+    forked meanwhile (a data loader's worker) drops it: a Ctrl-C reaches the whole process
+    group, and the child's handler would write its delivery into the same socket."""
+
+    #: The counter that holds the wakeup descriptor now, for the fork hook.
+    active: ClassVar[_SignalCounter | None] = None
 
     def __init__(self) -> None:
         self._pair: tuple[socket.socket, socket.socket] | None = None
@@ -401,17 +407,30 @@ class _SignalCounter:
                 end.close()
             return self
         self._pair = pair
+        _SignalCounter.active = self
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pair is None:
             return
+        _SignalCounter.active = None
         current = signal.set_wakeup_fd(-1)
         if current != self._pair[1].fileno():  # someone set another since: theirs stays
             signal.set_wakeup_fd(current)
         for end in self._pair:
             end.close()
         self._pair = None
+
+    @staticmethod
+    def _after_fork_in_child() -> None:
+        counter = _SignalCounter.active
+        if counter is None or counter._pair is None:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+        for end in counter._pair:
+            end.close()
+        counter._pair, _SignalCounter.active = None, None
 
     def take(self, signum: int) -> int:
         """Deliveries of ``signum`` since the last call (at least 1: the one being handled)."""
@@ -422,6 +441,10 @@ class _SignalCounter:
             while data := self._pair[0].recv(4096):
                 count += data.count(signum)
         return max(count, 1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_SignalCounter._after_fork_in_child)
 
 
 class Trainer:

@@ -958,3 +958,26 @@ def test_two_ctrl_c_during_one_long_operation_stop_at_once(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert re.search(r"stopped at once by a second Ctrl-C after step 4; nothing was saved",
                      err), err
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_process_forked_during_training_does_not_count_ctrl_c_for_the_run():
+    """The counter of Ctrl-Cs reads the signal wakeup socket. A child forked during
+    training (a data loader's worker) kept it: one Ctrl-C at the terminal reaches the whole
+    process group, the child wrote its delivery too, and the run counted two and stopped
+    unsaved. Reference: the child's own wakeup descriptor (none) and the parent's (kept)."""
+    import signal as signal_mod
+
+    with trainer_mod._SignalCounter() as counter:
+        assert counter._pair is not None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its wakeup descriptor is gone
+            os.write(write, b"1" if signal_mod.set_wakeup_fd(-1) == -1 else b"0")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 1) == b"1"
+        os.close(read)
+        os.close(write)
+        assert counter._pair is not None
+        assert signal_mod.set_wakeup_fd(counter._pair[1].fileno()) == counter._pair[1].fileno()
