@@ -19,7 +19,7 @@ from .layers.init import init_tree
 from .layers.moe import MoEFFN
 from .layers.norm import RMSNorm
 from .layers.recurrence import ExitRule, as_exit_rule
-from .layers.rope import rope_cos_sin
+from .layers.rope import rope_cos_sin, table_dtype
 from .upstream import RecurrentBlock as UpstreamRecurrentBlock
 from .upstream import TransformerBlock as UpstreamBlock
 
@@ -184,7 +184,8 @@ class CausalLM(nn.Module):
         S = start_pos + T if cache is not None else T
         if attention_mask is None:
             positions = torch.arange(start_pos, start_pos + T, device=device)
-            cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
+            cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta,
+                                    table_dtype(self.embed.weight.dtype))
             if cache is None or start_pos == 0 or T == 1:
                 return AttnContext(cos, sin, start_pos, None, cache is None or start_pos == 0, cache)
             q_pos = positions.view(T, 1)
@@ -215,7 +216,8 @@ class CausalLM(nn.Module):
             return replace(self._context(input_ids, 0, None, None),
                            token_mask=valid)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]  # (B, T)
-        cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_theta,
+                                    table_dtype(self.embed.weight.dtype))
         keys = valid[:, -S:]  # keys visible in this call: cached + new, or just new
         key_idx = torch.arange(S, device=device).view(1, 1, S)
         q_idx = torch.arange(S - T, S, device=device).view(1, T, 1)

@@ -467,3 +467,27 @@ def test_flops_and_shapes_on_the_meta_device_and_fake_tensors(attn_type):
     with FakeTensorMode():
         model = OpenMythos(tiny_config(attn_type)).train()
         assert flops(model, torch.zeros(2, 12, dtype=torch.long)) == real
+
+
+def test_a_float64_model_computes_its_position_and_loop_tables_in_float64():
+    """A float64 model (a reference for measuring bf16 error) rounded its RoPE tables and
+    loop signal to float32: ~1e-7 off a float64 computation everywhere. Reference: the
+    angles' cos and sin in Python floats; a float32 model keeps float32 tables."""
+    import math
+
+    for dtype, tol in ((torch.float64, 1e-15), (torch.float32, 1e-7)):
+        model = OpenMythos(tiny_config("gqa")).to(dtype)
+        ctx = model._context(torch.zeros(1, 6, dtype=torch.long), 3, None, None)
+        dim, theta = model.rope_dim, model.cfg.rope_theta
+        want = torch.tensor([[math.cos(p * theta ** (-2 * i / dim)) for i in range(dim // 2)]
+                             for p in range(3, 9)], dtype=torch.float64)
+        assert ctx.cos.dtype == dtype
+        torch.testing.assert_close(ctx.cos.double(), want, rtol=0, atol=tol)
+        rec = model.recurrent
+        signal = rec._loop_signal(5, torch.zeros(1, 1, model.cfg.dim, dtype=dtype))
+        half = (rec.loop_dim + 1) // 2
+        freqs = [10000.0 ** (-2 * i / rec.loop_dim) for i in range(half)]
+        want = torch.tensor(([math.sin(5 * f) for f in freqs] + [math.cos(5 * f) for f in freqs])
+                            [:rec.loop_dim], dtype=torch.float64)
+        assert signal.dtype == dtype
+        torch.testing.assert_close(signal[:rec.loop_dim].double(), want, rtol=0, atol=tol)

@@ -111,6 +111,12 @@ def test_lora_and_injection_are_instrumented_as_upstream_calls_them():
         torch.testing.assert_close(model(ids, n_loops=3), want)
     handle.remove()
     assert seen == [(torch.Size([2, 6, 64]), t) for t in range(3)]
+    grads = []
+    handle = model.recurrent.lora.register_full_backward_hook(
+        lambda module, grad_in, grad_out: grads.append(grad_out[0].shape))
+    model(ids, n_loops=3).sum().backward()
+    handle.remove()
+    assert grads == [torch.Size([2, 6, 64])] * 3  # a backward hook, once per loop
     lora = model.recurrent.lora
     lora.forward = lambda x, loop_t: torch.zeros_like(x)
     with torch.no_grad():

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..layers.attention import AttnContext
-from ..layers.rope import rope_cos_sin
+from ..layers.rope import rope_cos_sin, table_dtype
 from .cache import Entries, KVCache
 
 if TYPE_CHECKING:
@@ -113,7 +113,8 @@ def decode_step(
         n_loops: loops of the recurrent block (all run).
     """
     B = input_ids.shape[0]
-    cos, sin = rope_cos_sin(positions.view(B, 1), model.rope_dim, model.cfg.rope_theta)
+    cos, sin = rope_cos_sin(positions.view(B, 1), model.rope_dim, model.cfg.rope_theta,
+                            table_dtype(model.embed.weight.dtype))
     ctx = AttnContext(cos, sin, 0, key_mask.view(B, 1, 1, -1), False, SlotCache(buffers, slot))
     return model.head(model.trunk(input_ids, ctx, n_loops)[:, -1])
 

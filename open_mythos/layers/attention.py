@@ -28,7 +28,8 @@ class AttnContext:
     """Per-forward attention inputs shared by every layer.
 
     Attributes:
-        cos, sin: float32 RoPE tables for the chunk's positions, (T, r/2) or (B, T, r/2).
+        cos, sin: RoPE tables for the chunk's positions, (T, r/2) or (B, T, r/2), float32
+            (float64 in a float64 model).
         start_pos: position of the chunk's first token in the sequence.
         mask: boolean (B or 1, 1, T, S) mask, True where a query may attend, or None.
         is_causal: with ``mask`` None, whether to apply SDPA's causal mask (T == S).

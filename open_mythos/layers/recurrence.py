@@ -22,17 +22,19 @@ from ..config import MythosConfig
 from .attention import AttnContext, DepthCarry
 from .block import TransformerBlock
 from .norm import RMSNorm, at_least_fp32
+from .rope import table_dtype
 from .telemetry import CopiesDetached
 
 
 def loop_signal(
     loop_t: int, loop_dim: int, dim: int, theta: float = 10000.0,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The loop index's sinusoid on the first ``loop_dim`` of ``dim`` channels, zeros on the
-    rest: a float32 (dim,) vector (angles in float32, exact for any loop count)."""
+    rest: a (dim,) vector in ``dtype``, float32 (angles in float32, exact for any loop
+    count) or float64 (for a float64 model)."""
     half = (loop_dim + 1) // 2
-    freqs = theta ** (-torch.arange(half, device=device, dtype=torch.float32) * 2 / loop_dim)
+    freqs = theta ** (-torch.arange(half, device=device, dtype=dtype) * 2 / loop_dim)
     angles = loop_t * freqs
     emb = torch.cat((angles.sin(), angles.cos()))[:loop_dim]  # (loop_dim,)
     return F.pad(emb, (0, dim - loop_dim))
@@ -266,14 +268,16 @@ def _type_note(value: object) -> str:
 
 
 def _instrumented(module: nn.Module, cls: type) -> bool:
-    """Whether a user hooked ``module`` (forward or pre-forward hooks, its own or global)
+    """Whether a user hooked ``module`` (forward or backward hooks, its own or global)
     or replaced its ``forward``: then it must be called as ``module(...)`` with upstream's
     arguments, not through the methods the loop calls for speed."""
     from torch.nn.modules import module as nn_module
 
     return bool(type(module).forward is not cls.forward or "forward" in module.__dict__
                 or module._forward_hooks or module._forward_pre_hooks
-                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+                or module._backward_hooks or module._backward_pre_hooks
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
 def as_exit_rule(rule: ExitRule | Mapping[str, Any] | None) -> ExitRule | None:
@@ -467,8 +471,8 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         self.gradient_checkpointing = False
         self._replaying = False  # inside a checkpoint's recomputation
         self.any_alive: Callable[[torch.Tensor], bool] = local_any
-        # (loop index, device, dim) -> the loop signal: a constant, made once.
-        self._signals: dict[tuple[int, torch.device, int], torch.Tensor] = {}
+        # (loop index, device, dim, dtype) -> the loop signal: a constant, made once.
+        self._signals: dict[tuple[int, torch.device, int, torch.dtype], torch.Tensor] = {}
 
     @staticmethod
     def cache_key(t: int) -> str:
@@ -480,15 +484,16 @@ class RecurrentBlock(CopiesDetached, nn.Module):
             # A compiled graph folds the signal into a constant; kept here, a tensor made
             # inside the graph would be one of its outputs, which CUDA graphs overwrite on
             # the next replay.
-            return loop_signal(t, self.loop_dim, h.shape[-1], device=h.device)
-        key = (t, h.device, h.shape[-1])
+            return loop_signal(t, self.loop_dim, h.shape[-1], device=h.device,
+                               dtype=table_dtype(h.dtype))
+        key = (t, h.device, h.shape[-1], table_dtype(h.dtype))
         signal = self._signals.get(key)
         if signal is None:
             # A normal tensor even when first made under inference_mode (the server's), so
             # that a later training forward can save it for backward.
             with torch.inference_mode(False):
                 signal = self._signals[key] = loop_signal(t, self.loop_dim, h.shape[-1],
-                                                          device=h.device)
+                                                          device=h.device, dtype=key[3])
         return signal
 
     def _block_step(

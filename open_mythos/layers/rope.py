@@ -1,6 +1,6 @@
 """Rotary position embedding with real-valued cos/sin tables.
 
-No complex tensors: the tables are recomputed in float32 for the positions of each forward
+No complex tensors: the tables are recomputed in float32 (float64 for a float64 model) for the positions of each forward
 (cheap next to the matmuls), so nothing is stored in buffers that ``model.to(dtype)`` could
 quantise, models build on the meta device, and ``torch.compile`` traces the code.
 Channel pairs are the two halves of the head (GPT-NeoX "rotate half" layout).
@@ -14,7 +14,7 @@ from .norm import at_least_fp32
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, dim: int, theta: float
+    positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation tables for ``positions``.
 
@@ -22,15 +22,23 @@ def rope_cos_sin(
         positions: integer positions, shape (T,) or (B, T).
         dim: rotated channels per head (even).
         theta: RoPE base frequency.
+        dtype: float32, or float64 for a float64 model (a reference computation, whose
+            tables rounded to float32 put a floor of ~1e-7 under its error).
 
     Returns:
-        ``(cos, sin)``, float32, shape ``positions.shape + (dim // 2,)``.
+        ``(cos, sin)`` in ``dtype``, shape ``positions.shape + (dim // 2,)``.
     """
     inv_freq = theta ** (
         -torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim
     )
     angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq  # (..., dim/2)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def table_dtype(activations: torch.dtype) -> torch.dtype:
+    """The dtype of the position and loop tables for a model computing in ``activations``:
+    float64 for float64, float32 otherwise."""
+    return torch.float64 if activations == torch.float64 else torch.float32
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
