@@ -163,6 +163,9 @@ class TextSequence:
         self._read, self._prefix = len(self._tokens), prefix
         # Whether the first generated token that is not a special one is still to come.
         self._first = True
+        # Whether ``decoded`` read a run of byte tokens not yet ended as Python's UTF-8
+        # decoding does (one U+FFFD per unfinished character), not as its decoder will.
+        self._provisional = False
         self._head = ""
         # The generated tokens' bytes, decoded as they come: which character each is in.
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
@@ -172,8 +175,9 @@ class TextSequence:
         return the text that may be shown now."""
         if eos_token_id is not None and token == eos_token_id:
             self.n_tokens += 1
-            self.last_offset = len(self.decoded)
-            return self.finish(FinishReason.STOP)
+            delta = self.finish(FinishReason.STOP)
+            self.last_offset = len(self.decoded)  # after all the text, as finally decoded
+            return delta
         return self.push(token)
 
     def push(self, token: int) -> str:
@@ -197,7 +201,12 @@ class TextSequence:
                     self._detach_run()
             self._tokens.append(token)
             full = self._head + self._window_text(len(self._tokens))
+        before = self.decoded
         run = self._open_run()
+        if run is None and self._provisional:
+            # This token ended a run read provisionally: the text before it as decoded.
+            before = self._head + self._window_text(len(self._tokens) - 1)
+        self._provisional = run is not None
         if run is not None:
             # A byte-fallback decoder shows a run not yet ended as a U+FFFD per byte until
             # it is valid: offsets in it are read from its bytes, as a run that ends valid.
@@ -212,7 +221,7 @@ class TextSequence:
         if not new and unfinished:
             shared = len(full) - self._unfinished_chars(full)
         else:
-            shared = _common_prefix_len(self.decoded, full)
+            shared = _common_prefix_len(before, full)
             if shared == len(full) and full.endswith(REPLACEMENT_CHAR):
                 shared -= 1
         self.last_offset = shared

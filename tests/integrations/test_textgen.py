@@ -502,8 +502,18 @@ def test_streamed_text_is_the_decode_of_the_ids_whatever_bytes_they_carry():
             prompt = [next(pick) for _ in range(rng.randint(0, 6))]
             ids = [next(pick) for _ in range(rng.randint(1, 10))]
             seq = TextSequence(tok, (), context=prompt)
-            shown = "".join(seq.push(t) for t in ids) + seq.finish("length")
+            shown, offsets = "", []
+            for t in ids:
+                shown += seq.push(t)
+                offsets.append(seq.last_offset)
+            shown += seq.finish("length")
             assert shown == continuation(tok, prompt, ids), (name, prompt, ids)
+            if name == "sentencepiece":  # a token of another kind after a run of bytes
+                # starts after the run as decoded (its offset pointed inside the run)
+                for i, t in enumerate(ids):
+                    if tok.piece_bytes(t) and not tok.is_fallback_byte(t):
+                        want = len(continuation(tok, prompt, ids[:i]))
+                        assert offsets[i] == want, (prompt, ids, i, offsets)
 
 
 def test_invalid_bytes_after_a_prompt_and_inside_characters():
@@ -519,6 +529,12 @@ def test_invalid_bytes_after_a_prompt_and_inside_characters():
     seq = TextSequence(sp, (), context=prompt)
     shown = "".join(seq.push(byte[0x80]) for _ in range(4)) + seq.finish("length")
     assert shown == sp.decode([byte[0x80]] * 4) == "\ufffd" * 4
+    # EOS after a run of byte tokens left unfinished: its offset is after the text as
+    # decoded (one U+FFFD per byte), not as Python decodes the run (one for the character).
+    ids = sp.encode("a") + [i for i in sp.encode("\u2603") if sp.is_fallback_byte(i)][:2]
+    seq = TextSequence(sp, ())
+    shown = "".join(seq.push(t) for t in ids) + seq.add(sp.eos_token_id, sp.eos_token_id)
+    assert seq.last_offset == len(shown) == len(sp.decode(ids)) == 3
 
     for data in ([b"\xe6\x97", b"\x9c\xac\xe8", b"\xe6", b"\xf5"],
                  [b"\xe8", b"\xd8", b"\x86\xe3\x82", b"\x98\x80", b"\xbf", b"\x8c"],
