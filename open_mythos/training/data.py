@@ -33,7 +33,7 @@ import torch
 
 from ..config import USER_CODE_HINT
 from .config import ConfigError, DataConfig
-from .documents import InputFormat, iter_documents, open_dataset, resolve_inputs
+from .documents import InputFormat, iter_documents, open_dataset, reading_error, resolve_inputs
 from .losses import IGNORE_INDEX
 from .prepare import (
     ShardedTokens,
@@ -212,6 +212,12 @@ class PackedTextSource(DataSource):
         start = self._spans[split][0]
         offsets = start + windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         chunk = torch.from_numpy(self._tokens.take(offsets).astype(np.int64))
+        if chunk.numel() and int(chunk.max()) >= self.vocab_size:  # damaged shards
+            bad = int(offsets.reshape(-1)[int(chunk.reshape(-1).argmax())])
+            raise DataUnreadable(
+                f"{self.label}: token {bad:,} of the stream is id {int(chunk.max())}, outside "
+                f"the tokenizer's [0, {self.vocab_size}): a damaged shard (openmythos prepare "
+                "--verify DIR checks them)")
         batch = {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}
         if split == VAL:
             _score_once(batch["targets"], first, self.n_windows(VAL))
@@ -234,6 +240,11 @@ def _score_once(targets: torch.Tensor, first: int, n_windows: int) -> None:
 
 class DataExhausted(ConfigError):
     """A streamed dataset (read once, in order) has no more sequences."""
+
+
+class DataUnreadable(ConfigError):
+    """A streamed dataset's next rows could not be read (a malformed line in a local file,
+    a value that is not text): the run stops there, as when the data runs out."""
 
 
 class StreamingTextSource(DataSource):
@@ -361,9 +372,18 @@ class _PackedWindows:
         if self._rows is None:
             self._rows = iter(self._ds)
         while len(self._buf) < self._len:
-            row = next(self._rows)  # StopIteration: the dataset ran out
+            try:
+                row = next(self._rows)  # StopIteration: the dataset ran out
+                text = _text_of(row, self._field, self._name)
+            except StopIteration:
+                raise
+            except Exception as err:  # noqa: BLE001 - the datasets library's readers raise anything
+                cause = (str(err) if isinstance(err, ConfigError) else
+                         f"data.hf_dataset={self._name!r} could not be read: {reading_error(err)}")
+                raise DataUnreadable(f"{cause} (reading sequence {self.count + 1} of the "
+                                     "stream)") from err
             self._dataset_state = None
-            self._buf.extend(self._tok.encode(_text_of(row, self._field, self._name)))
+            self._buf.extend(self._tok.encode(text))
             if self._tok.eos_token_id is not None:
                 self._buf.append(self._tok.eos_token_id)
         window = np.asarray(self._buf[: self._len], dtype=np.int64)
@@ -383,8 +403,9 @@ def _text_of(row: dict[str, Any], field: str, name: str) -> str:
                           f"(columns: {', '.join(map(str, row))})")
     text = row[field]
     if not isinstance(text, str):
-        raise ConfigError(f"data.hf_text_field={field!r}: dataset {name!r} holds "
-                          f"{type(text).__name__} values there, not text")
+        raise ConfigError(f"data.hf_text_field={field!r}: dataset {name!r} holds a "
+                          f"{type(text).__name__} value there, not text (an empty CSV cell "
+                          "reads as None)")
     return text
 
 

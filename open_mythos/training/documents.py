@@ -273,8 +273,24 @@ def _dataset_texts(name: str, field: str, config: str | None, split: str) -> Ite
     if columns is not None and field not in columns:
         raise ConfigError(f"dataset {name!r} has no column {field!r} (columns: "
                           f"{', '.join(columns)}); choose the text column with --text-field")
-    for row, example in enumerate(ds, 1):
+    rows = iter(ds)
+    row = 0
+    while True:
+        try:
+            example = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # noqa: BLE001 - the datasets library's readers raise anything
+            raise ConfigError(f"dataset {name!r} could not be read after {row} rows: "
+                              f"{reading_error(err)}") from err
+        row += 1
         yield _field(example, field, name, f"row {row}")
+
+
+def reading_error(err: BaseException) -> str:
+    """A file reader's exception (pyarrow's, pandas', a UnicodeDecodeError) as one line."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -97,6 +97,7 @@ from .data import (
     VAL,
     DataExhausted,
     DataSource,
+    DataUnreadable,
     build_data_source,
     iter_val_batches,
     val_fingerprint,
@@ -1110,10 +1111,10 @@ class Trainer:
             self._mid_step = True
             try:
                 row = self._train_step()
-            except DataExhausted as err:
+            except (DataExhausted, DataUnreadable) as err:
                 self._mid_step = False  # its batch could not be read: nothing of it was done
-                raise DataExhausted(f"{err}, in step {self.state.step + 1} of {cfg.run.steps}; "
-                                    f"{self._save_before_stopping()}") from None
+                raise type(err)(f"{err}, in step {self.state.step + 1} of {cfg.run.steps}; "
+                                f"{self._save_before_stopping()}") from None
             self._mid_step = False
             step = self.state.step
             self._judge_checkpoint(row["skipped"])

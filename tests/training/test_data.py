@@ -229,3 +229,39 @@ def test_a_streamed_dataset_that_runs_out_saves_the_steps_done(tmp_path, offline
     assert read_metrics(tmp_path / "run")[-1]["step"] == failed_step - 1
     assert load_checkpoint(tmp_path / "run")[1] is not None
     assert (tmp_path / "run" / "checkpoints" / f"step_{failed_step - 1:08d}").is_dir()
+
+
+def test_a_streamed_row_that_cannot_be_read_stops_after_saving_the_steps_done(
+        tmp_path, offline_datasets):
+    """A null text mid-stream (an empty CSV cell reads as one) stopped the run without
+    saving the steps since the last checkpoint or naming the step; a malformed line in a
+    local file ended in the reader's traceback (pyarrow's, pandas'). Both now stop as a
+    stream that runs out does. Reference: the metrics and checkpoints on disk."""
+    from open_mythos.training import Trainer
+    from open_mythos.training.config import UNSET
+    from open_mythos.training.data import DataUnreadable
+
+    from .conftest import read_metrics, tiny_config
+
+    def run_on(name: str, body: str, steps: int = 100):
+        path = tmp_path / name
+        path.write_text(body)
+        cfg = tiny_config(tmp_path / ("run-" + name), data__task=UNSET, data__task_args=UNSET,
+                          data__hf_dataset=str(path), data__seq_len=16, data__batch_size=4,
+                          data__eval_batches=1, run__steps=steps, run__save_every=50)
+        return Trainer(cfg), tmp_path / ("run-" + name)
+
+    rows = [json.dumps({"text": f"document {i} of a short corpus"}) for i in range(60)]
+    trainer, run = run_on("null.jsonl", "\n".join(rows + ['{"text": null}'] + rows) + "\n")
+    with pytest.raises(DataUnreadable, match=r"holds a NoneType value there, not text .* in "
+                                             r"step (\d+) of 100; the \d+ steps done are "
+                                             r"saved in .*step_000000") as caught:
+        trainer.train()
+    failed_step = int(caught.value.args[0].split("in step ")[1].split()[0])
+    assert read_metrics(run)[-1]["step"] == failed_step - 1 > 0
+    assert (run / "checkpoints" / f"step_{failed_step - 1:08d}").is_dir()
+    # A line that is not JSON, read before the first step: one error naming the file.
+    trainer, _ = run_on("bad.jsonl", "\n".join(rows[:3] + ["{not json"]) + "\n")
+    with pytest.raises(DataUnreadable, match=r"data.hf_dataset='.*bad.jsonl' could not be "
+                                             r"read: ArrowInvalid: JSON parse error"):
+        trainer.train()

@@ -252,6 +252,13 @@ def test_wrong_text_field_is_a_clear_error(tmp_path, offline_datasets):
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl: not UTF-8 at line 2, byte 25"):
         prepare([str(tmp_path / "bad.jsonl")], tmp_path / "prep-bad")
+    # Read through the datasets library (--format hf), a malformed line was its reader's
+    # traceback (pyarrow's ArrowInvalid); now one error naming the file.
+    from open_mythos.training.documents import InputFormat
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(ConfigError, match=r"dataset '.*broken.jsonl' could not be read after "
+                                          r"0 rows: ArrowInvalid"):
+        prepare([str(tmp_path / "broken.jsonl")], tmp_path / "prep-broken", fmt=InputFormat.HF)
 
 
 def _bpe_tokenizer_dir(tmp_path):
@@ -326,6 +333,17 @@ def test_damaged_or_missing_prepared_data_is_refused(corpus, tmp_path):
     assert verify_prepared(tmp_path / "prep") == ["tokens-00000.bin: sha256 differs from the "
                                                   "manifest's"]
     assert main(["prepare", "--verify", str(tmp_path / "prep")]) == 1
+    # Training does not hash the shards, but an id past the vocabulary (0xFFFF at token 5)
+    # is a named error when its window is read; it was the model's traceback.
+    from open_mythos.training.data import DataUnreadable
+    damaged = bytearray(raw)
+    damaged[10:12] = b"\xff\xff"
+    shard.write_bytes(bytes(damaged))
+    source = build_data_source(DataConfig(prepared=str(tmp_path / "prep"), seq_len=8,
+                                          batch_size=250), seed=0)
+    with pytest.raises(DataUnreadable, match=r"token 5 of the stream is id 65535, outside the "
+                                             r"tokenizer's \[0, 259\): a damaged shard"):
+        source.batch("train", 0)
     shard.write_bytes(bytes(raw[:-2]))
     with pytest.raises(ConfigError, match="tokens-00000.bin' has 1998 bytes, the manifest says 2000"):
         build_data_source(DataConfig(prepared=str(tmp_path / "prep")), seed=0)
