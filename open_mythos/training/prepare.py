@@ -145,6 +145,25 @@ class PrepareStats:
     chars: int  # characters of text read
 
 
+def _check_options_read(resolved: list[Any], text_field: str, hf_config: str | None,
+                        hf_split: str) -> None:
+    """ConfigError for an option set away from its default that no input reads (a
+    misspelt ``--text-field`` went unnoticed until a JSON file came along), as ``openmythos
+    train`` refuses ``[data]`` keys its source does not read."""
+    kinds = {inp.format for inp in resolved}
+    unread = []
+    if text_field != "text" and not kinds & {InputFormat.JSONL, InputFormat.PARQUET,
+                                             InputFormat.HF}:
+        unread.append(f"--text-field {text_field!r} (read from JSONL, Parquet and datasets)")
+    for flag, value, default in (("--hf-config", hf_config, None), ("--hf-split", hf_split,
+                                                                    "train")):
+        if value != default and InputFormat.HF not in kinds:
+            unread.append(f"{flag} {value!r} (read from datasets only)")
+    if unread:
+        raise ConfigError(f"no input reads {' or '.join(unread)}: these inputs are "
+                          f"{', '.join(sorted(k.value for k in kinds))}; remove the option")
+
+
 def prepare(inputs: Iterable[str], out: str | Path, tokenizer_spec: str = "byte", *,
             fmt: InputFormat = InputFormat.AUTO, text_field: str = "text",
             encoding_errors: str = "strict", hf_config: str | None = None,
@@ -177,6 +196,7 @@ def prepare(inputs: Iterable[str], out: str | Path, tokenizer_spec: str = "byte"
         raise ConfigError(f"encoding_errors={encoding_errors!r} is invalid: use "
                           f"{', '.join(map(repr, ENCODING_ERRORS))}")
     resolved = resolve_inputs(inputs, fmt)
+    _check_options_read(resolved, text_field, hf_config, hf_split)
     tokenizer = load_data_tokenizer(tokenizer_spec)
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -252,6 +252,14 @@ def test_wrong_text_field_is_a_clear_error(tmp_path, offline_datasets):
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl: not UTF-8 at line 2, byte 25"):
         prepare([str(tmp_path / "bad.jsonl")], tmp_path / "prep-bad")
+    # Options that no input reads (a misspelt --text-field, a split of text files) were
+    # ignored without a word; `openmythos train` refuses [data] keys its source does not read.
+    (tmp_path / "plain.txt").write_text("a plain text document")
+    for options, flag in ((dict(text_field="body"), "--text-field 'body'"),
+                          (dict(hf_split="test"), "--hf-split 'test'"),
+                          (dict(hf_config="x"), "--hf-config 'x'")):
+        with pytest.raises(ConfigError, match=f"no input reads {flag}"):
+            prepare([str(tmp_path / "plain.txt")], tmp_path / "prep-plain", **options)
     # Read through the datasets library (--format hf), a malformed line was its reader's
     # traceback (pyarrow's ArrowInvalid); now one error naming the file.
     from open_mythos.training.documents import InputFormat
