@@ -248,7 +248,9 @@ def open_dataset(name: str, config: str | None = None, split: str = "train") -> 
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise KeyError(f"no split {split!r} (splits: {', '.join(ds)})")
+                    raise KeyError(f"no split {split!r} (splits: {', '.join(ds)}; choose "
+                                   "one with openmythos prepare --hf-split, or stream it with "
+                                   "--hf-dataset and data.hf_split)")
                 ds = ds[split]
             return ds
         if builder is not None:

@@ -265,3 +265,17 @@ def test_a_streamed_row_that_cannot_be_read_stops_after_saving_the_steps_done(
     with pytest.raises(DataUnreadable, match=r"data.hf_dataset='.*bad.jsonl' could not be "
                                              r"read: ArrowInvalid: JSON parse error"):
         trainer.train()
+
+
+def test_a_saved_dataset_without_the_split_says_how_to_read_another(tmp_path, offline_datasets):
+    """data.text reads a saved DatasetDict's 'train' split; one without it said only that
+    the split was missing, and the key that chooses a split is refused for data.text."""
+    import datasets
+
+    path = tmp_path / "dict"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a document"] * 4})}
+                         ).save_to_disk(str(path))
+    with pytest.raises(ConfigError, match=r"no split 'train' \(splits: test; choose one with "
+                                          r"openmythos prepare --hf-split, or stream it with "
+                                          r"--hf-dataset and data.hf_split\)"):
+        build_data_source(DataConfig(text=[str(path)], seq_len=8), seed=0)
