@@ -432,10 +432,9 @@ def val_fingerprint(data: DataSource, batches: Iterable[dict[str, torch.Tensor]]
     evaluated them (:func:`val_batches`), what
     :func:`~open_mythos.evaluation.runs.run_val_batches` rebuilds from a run's
     configuration: a checkpoint records it so that an evaluation on files changed since
-    training is told so. None for a streamed dataset, whose held-out rows depend on the
-    number of processes and are streamed again, not read from local files."""
-    if isinstance(data, StreamingTextSource):
-        return None
+    training is told so. A streamed dataset's held-out rows (the first windows of the
+    stream: a local file's, or a hub dataset's revision) are hashed too; they depend on the
+    number of processes, which callers compare first."""
     digest = hashlib.sha256()
     seen: dict[bytes, torch.Tensor] = {}
     for batch in batches:

@@ -817,3 +817,27 @@ def test_train_gives_the_global_random_generators_back(tmp_path):
     got = (torch.rand(3), random.random())
     assert torch.equal(got[0], want[0]) and got[1] == want[1]
 
+
+
+def test_a_streamed_local_file_changed_before_a_resume_is_noticed(tmp_path, capsys,
+                                                                  offline_datasets):
+    """A file streamed with data.hf_dataset was not fingerprinted: edited between a run and
+    its resume, its validation rows changed and data_changed said false, where the same edit
+    to a data.text corpus is logged and recorded."""
+    from open_mythos.training.config import UNSET
+
+    data = tmp_path / "docs.jsonl"
+    rows = [json.dumps({"text": f"document {i}: the loops pay when trained"}) for i in range(80)]
+    data.write_text("\n".join(rows) + "\n")
+    common = dict(data__task=UNSET, data__task_args=UNSET, data__hf_dataset=str(data),
+                  data__seq_len=16, data__batch_size=2, data__eval_batches=1,
+                  run__save_every=2)
+    Trainer(tiny_config(tmp_path / "run", run__steps=2, **common)).train()
+    Trainer(tiny_config(tmp_path / "run", run__steps=4, **common), resume=True).train()
+    assert "validation batches are not those" not in capsys.readouterr().err
+    data.write_text("\n".join([json.dumps({"text": "COMPLETELY DIFFERENT"})] + rows) + "\n")
+    Trainer(tiny_config(tmp_path / "run", run__steps=6, **common), resume=True).train()
+    assert "validation batches are not those the run evaluated on up to step 4" in (
+        capsys.readouterr().err)
+    with open(tmp_path / "run" / "resumes.jsonl") as fh:
+        assert [json.loads(line)["data_changed"] for line in fh] == [False, True]
