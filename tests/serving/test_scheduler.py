@@ -90,7 +90,10 @@ def test_batched_greedy_output_equals_unbatched(trained_model, prefill_chunk):
             shapes.append(tuple(args[0].shape))
 
     hook = trained_model.register_forward_pre_hook(record, with_kwargs=True)
-    scheduler = Scheduler(trained_model, TOK, ServeLimits(prefill_chunk=prefill_chunk)).start()
+    # Started once every job is queued (_check_greedy_cases): started first, a loaded
+    # machine let it prefill the first job before the others arrived, and no prefill ever
+    # held two prompts.
+    scheduler = Scheduler(trained_model, TOK, ServeLimits(prefill_chunk=prefill_chunk))
     try:
         _check_greedy_cases(scheduler, trained_model)
     finally:
@@ -112,6 +115,7 @@ def _check_greedy_cases(scheduler, trained_model):
     sinks = []
     for (prompt, *_), o in zip(GREEDY_CASES, options):
         sinks.append(submit(scheduler, prompt, o)[1])
+    scheduler.start()
     got = [s.texts(1)[0] for s in sinks]
     assert got == [(e.text, e.finish_reason, e.completion_tokens) for e in expected]
     assert len({e.text for e in expected}) == len(expected)  # the cases really differ
