@@ -133,7 +133,8 @@ def stream(
             process has spent about as long in eager steps of this model at this shape as
             compiling costs, then compiled (:mod:`open_mythos.inference.autocompile`; not
             with an exit rule, ``act_early_exit=True`` or a shared-depth cache). The tokens
-            are the same either way.
+            are the same either way in float32; in a bfloat16 model the compiled step rounds
+            differently, and near-ties can go the other way.
         exit_rule: a training-free :class:`~open_mythos.layers.recurrence.ExitRule`: each
             position (each sequence, in decoding) stops looping once it fires; a sequence
             that has exited skips the remaining loops of its step (not with ``compile``).

@@ -173,7 +173,7 @@ def speculative_stream(
     if draft_loops is not None and draft_loops > n_loops:
         raise ValueError(f"draft_loops={draft_loops} is above n_loops={n_loops}: a draft "
                          "runs at most the loops of the verification that checks it")
-    draft_exit_rule = as_exit_rule(draft_exit_rule)
+    draft_exit_rule = as_exit_rule(draft_exit_rule, "draft_exit_rule")
     stop, pad_token_id = _check_decode_args(model, input_ids, eos_token_id, pad_token_id,
                                             generator, cache_dtype)
     stats = SpeculativeStats() if stats is None else stats

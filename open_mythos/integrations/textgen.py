@@ -499,10 +499,12 @@ def validate(model: OpenMythos, prompts: Sequence[Sequence[int]], options: Gener
         check_draft_lens(options.draft_lens)
         extras = [name for name, on in (("compile", options.compile),
                                         ("exit_rule", options.exit_rule is not None),
-                                        ("depth_sharing", options.depth_sharing != "per_depth"))
+                                        ("depth_sharing", options.depth_sharing != "per_depth"),
+                                        ("act_early_exit", options.act_early_exit))
                   if on]
         if extras:
-            raise ValueError(f"self-speculative decoding does not take {', '.join(extras)}")
+            raise ValueError(f"self-speculative decoding does not take {', '.join(extras)} "
+                             "(the verification runs all n_loops loops)")
     if options.compile and options.exit_rule is not None:  # stream's own check, up front
         raise ValueError("compile=True runs every loop in one fixed graph; exit rules need "
                          "compile=False")

@@ -280,8 +280,10 @@ def _instrumented(module: nn.Module, cls: type) -> bool:
                 or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
-def as_exit_rule(rule: ExitRule | Mapping[str, Any] | None) -> ExitRule | None:
-    """An :class:`ExitRule` from itself or a mapping of its fields (validated), or None.
+def as_exit_rule(rule: ExitRule | Mapping[str, Any] | None,
+                 name: str = "exit_rule") -> ExitRule | None:
+    """An :class:`ExitRule` from itself or a mapping of its fields (validated), or None;
+    ``name`` is the argument's, for the error.
 
     Raises:
         TypeError: anything else, or a mapping with fields an ExitRule does not have.
@@ -290,7 +292,7 @@ def as_exit_rule(rule: ExitRule | Mapping[str, Any] | None) -> ExitRule | None:
     if rule is None or isinstance(rule, ExitRule):
         return rule
     if not isinstance(rule, Mapping):
-        raise TypeError(f"exit_rule must be an ExitRule or a dict of its fields, got {rule!r}")
+        raise TypeError(f"{name} must be an ExitRule or a dict of its fields, got {rule!r}")
     return ExitRule(**rule)
 
 

@@ -213,6 +213,10 @@ def test_arguments_are_checked():
             speculative_generate(model, ids, 4, N_LOOPS, **{name: value})
     with pytest.raises(TypeError, match="'draft_loop'"):
         speculative_generate(model, ids, 4, N_LOOPS, draft_loop=1)
+    # A bad draft rule is named as the caller passed it (the error named exit_rule, which
+    # this function refuses).
+    with pytest.raises(TypeError, match="^draft_exit_rule must be an ExitRule"):
+        speculative_generate(model, ids, 4, N_LOOPS, draft_exit_rule=0.1)
 
 
 def test_greedy_equals_plain_greedy_with_act_halting(attn_type):

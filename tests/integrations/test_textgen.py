@@ -209,6 +209,9 @@ def test_every_sequence_gets_exactly_one_final_delta():
     (GenerationOptions(draft_tokens=2, draft_lens="none"), [[1]], "draft_lens"),
     # These two were raised only once generation began, after the CLI echoed the prompt.
     (GenerationOptions(draft_tokens=2, draft_loops=5, n_loops=4), [[1]], "draft_loops=5 is above"),
+    # Taken without a word (speculative_stream refuses it): the verification runs every loop.
+    (GenerationOptions(draft_tokens=2, act_early_exit=True), [[1]],
+     "does not take act_early_exit"),
     (GenerationOptions(compile=True, depth_sharing="last"), [[1]], "per-depth cache"),
 ])
 def test_validate_rejects_bad_requests_before_generating(options, prompts, match):
