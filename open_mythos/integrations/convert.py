@@ -32,6 +32,7 @@ from ..checkpoints import (
     detect_format,
     load_model,
     read_config,
+    read_inference_defaults,
     read_training_depth,
     readable_as_umask_allows,
     save_weights,
@@ -225,7 +226,8 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
 
     Args:
         checkpoint: checkpoint or run directory.
-        out_dir: created if needed; receives ``config.json``, ``generation_config.json``,
+        out_dir: new or empty (a conversion never writes over files), created if needed;
+            receives ``config.json``, ``generation_config.json``,
             ``model.safetensors``, the tokenizer and (with ``remote_code``) the modeling code.
         tokenizer: tokenizer to store (default: the one found with the checkpoint, see
             :func:`find_tokenizer_dir`, or ``byte`` if the training config names it). Its
@@ -260,8 +262,7 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
                          "tokenizer directory")
     tok = _tokenizer_or_none(source)
     _check_tokenizer_fits(tok, loaded.cfg.vocab_size)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _fresh_out_dir(out_dir, checkpoint, ckpt_dir)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config_kwargs.setdefault(key, getattr(tok, key))
     config_kwargs.setdefault("n_loops", loaded.n_loops)
@@ -361,8 +362,7 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
     source = _tokenizer_source(loaded, tokenizer)
     if source is not None:
         _check_tokenizer_fits(_tokenizer_or_none(source), loaded.cfg.vocab_size)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _fresh_out_dir(out_dir, checkpoint, ckpt_dir)
     for name in (MODEL_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE):
         if (ckpt_dir / name).is_file():
             shutil.copy2(ckpt_dir / name, out_dir / name)
@@ -373,6 +373,31 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
                      out_dir / MODEL_FILE, metadata={"format": "pt", "tied": json.dumps(tied)})
     save_tokenizer(source, out_dir, hf_files=False)
     _readable(out_dir)
+    return out_dir
+
+
+def _fresh_out_dir(out_dir: str | Path, *sources: str | Path) -> Path:
+    """``out_dir``, created if needed, where a conversion may write: new or empty, and
+    neither a source nor a directory above one (a run's top level: ``load_model`` of the run
+    would then read the export, not its checkpoints). The conversions never write over files
+    (``openmythos export`` refuses a non-empty ``--out`` too).
+
+    Raises:
+        ValueError: ``out_dir`` is a source, holds one, or is a file or a non-empty
+            directory.
+    """
+    out_dir = Path(out_dir).expanduser()
+    target = out_dir.resolve()
+    for source in sources:
+        path = Path(source).expanduser().resolve()
+        if target == path or target in path.parents:
+            what = "the source" if target == path else "a directory holding the source"
+            raise ValueError(f"out_dir {str(out_dir)!r} is {what} {str(source)!r}: write "
+                             "the conversion to a directory of its own")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"out_dir {str(out_dir)!r} already exists and is not an empty "
+                         "directory (a conversion does not write over files)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 
@@ -403,8 +428,7 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     if fmt is not CheckpointFormat.HF:
         raise ValueError(f"{str(hf_dir)!r} is not a Hugging Face OpenMythos directory")
     loaded = load_model(src)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _fresh_out_dir(out_dir, hf_dir, src)
     tied = tied_parameters(loaded.model)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items() if k not in tied}
     metadata = {"format": "pt", "step": "0", "tied": json.dumps(tied)}
@@ -418,6 +442,15 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
                 f"n_loops ({trained}) is recorded as the depth it was trained at; if it was "
                 "exported with another --n-loops, evaluation and later exports of the copy "
                 "take the wrong depth", stacklevel=2)
+    act_early_exit, exit_rule = read_inference_defaults(src)
+    dropped = [f"{name}={value!r}" for name, value in (("exit_rule", exit_rule),
+                                                        ("act_early_exit", act_early_exit))
+               if value is not None]
+    if dropped:  # a training checkpoint records no inference defaults
+        warnings.warn(f"{src} configures {' and '.join(dropped)} for its forwards, which a "
+                      "training checkpoint does not record: give them again where the copy "
+                      "is used or exported (training_to_hf(..., exit_rule=...), the "
+                      "commands' --exit-* options)", stacklevel=2)
     save_weights(state, out_dir / MODEL_FILE, metadata=metadata)
     (out_dir / MODEL_CONFIG_FILE).write_text(
         json.dumps(config_dict(loaded.cfg), indent=2) + "\n", encoding="utf-8")

@@ -208,3 +208,46 @@ def test_a_path_that_holds_no_checkpoint_is_named_for_what_it_is(tmp_path):
     for path, says in cases.items():
         with pytest.raises(FileNotFoundError, match=says):
             load_model(path)
+
+
+def test_conversions_never_write_over_files_or_into_their_source(tmp_path):
+    """The Python conversions wrote into any directory: hf_to_training(d, d) overwrote the
+    export's config and weights before failing; training_to_hf(run, run) put an export at
+    the run's top level, which load_model(run) then read instead of the checkpoints; an
+    existing export became a mix of two layouts. Reference: the files, unchanged."""
+    from open_mythos.integrations.convert import training_to_safetensors
+
+    run = tmp_path / "run"
+    write_training_checkpoint(run, byte_model("gqa"))
+    hf = training_to_hf(run, tmp_path / "hf")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for convert, source, out, match in (
+            (hf_to_training, hf, hf, "is the source"),
+            (training_to_hf, run, run, "is the source"),
+            (training_to_hf, next((run / "checkpoints").iterdir()), run,
+             "a directory holding the source"),
+            (training_to_safetensors, run, hf, "already exists and is not an empty directory"),
+            (hf_to_training, hf, run, "already exists and is not an empty directory")):
+        with pytest.raises(ValueError, match=match):
+            convert(source, out)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    assert detect_format(run)[0] is CheckpointFormat.TRAINING
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
+    assert detect_format(hf_to_training(hf, tmp_path / "empty"))[0] is CheckpointFormat.TRAINING
+
+
+def test_hf_to_training_says_it_drops_the_exports_inference_defaults(tmp_path, recwarn):
+    """An export's configured exit rule (and act_early_exit) has no place in a training
+    checkpoint: it went without a word, and a re-export of the copy ran every loop."""
+    import warnings
+
+    run = tmp_path / "run"
+    write_training_checkpoint(run, byte_model("gqa"))
+    plain = training_to_hf(run, tmp_path / "plain")
+    ruled = training_to_hf(run, tmp_path / "ruled", exit_rule={"kl": 0.5}, act_early_exit=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say for an export without defaults
+        hf_to_training(plain, tmp_path / "back-plain")
+    with pytest.warns(UserWarning, match=r"configures exit_rule=.*'kl': 0.5.* and "
+                                         r"act_early_exit=False .* does not record"):
+        hf_to_training(ruled, tmp_path / "back-ruled")
