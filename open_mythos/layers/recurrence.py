@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.nn.modules import module as nn_module
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MythosConfig
@@ -271,8 +272,6 @@ def _instrumented(module: nn.Module, cls: type) -> bool:
     """Whether a user hooked ``module`` (forward or backward hooks, its own or global)
     or replaced its ``forward``: then it must be called as ``module(...)`` with upstream's
     arguments, not through the methods the loop calls for speed."""
-    from torch.nn.modules import module as nn_module
-
     return bool(type(module).forward is not cls.forward or "forward" in module.__dict__
                 or module._forward_hooks or module._forward_pre_hooks
                 or module._backward_hooks or module._backward_pre_hooks

@@ -50,6 +50,13 @@ class ConfigError(ValueError):
     """A configuration key is unknown, ill-typed or out of range; the message names it."""
 
 
+def error_line(err: BaseException) -> str:
+    """An exception from a library underneath (a file reader's, a rendezvous') as one line:
+    its type and the first line of its message."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 _FLOAT32_MAX = 3.4028234663852886e38
 
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from ..config import USER_CODE_HINT
-from .config import ConfigError, DataConfig
-from .documents import InputFormat, iter_documents, open_dataset, reading_error, resolve_inputs
+from .config import ConfigError, DataConfig, error_line
+from .documents import InputFormat, iter_documents, open_dataset, resolve_inputs
 from .losses import IGNORE_INDEX
 from .prepare import (
     ShardedTokens,
@@ -379,7 +379,7 @@ class _PackedWindows:
                 raise
             except Exception as err:  # noqa: BLE001 - the datasets library's readers raise anything
                 cause = (str(err) if isinstance(err, ConfigError) else
-                         f"data.hf_dataset={self._name!r} could not be read: {reading_error(err)}")
+                         f"data.hf_dataset={self._name!r} could not be read: {error_line(err)}")
                 raise DataUnreadable(f"{cause} (reading sequence {self.count + 1} of the "
                                      "stream)") from err
             self._dataset_state = None

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import devices
 from ..layers.recurrence import agreed_any
-from .config import ConfigError, Parallel, Precision, as_member
+from .config import ConfigError, Parallel, Precision, as_member, error_line
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def setup(parallel: Parallel, device_spec: str, timeout_s: float = 0.0) -> DistC
         except dist.DistNetworkError as err:  # the rendezvous store was not reached
             raise ConfigError(
                 f"rank {rank} could not reach the rendezvous at {os.environ['MASTER_ADDR']}:"
-                f"{os.environ['MASTER_PORT']} ({str(err).splitlines()[0]}): is rank 0 running, "
+                f"{os.environ['MASTER_PORT']} ({error_line(err)}): is rank 0 running, "
                 "and are MASTER_ADDR and MASTER_PORT its?") from err
     else:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",

@@ -22,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, as_member
+from .config import ConfigError, as_member, error_line
 
 PIECE_CHARS = 1 << 20
 """A piece ends at the first line end after this many characters (see :func:`split_pieces`)."""
@@ -284,15 +284,9 @@ def _dataset_texts(name: str, field: str, config: str | None, split: str) -> Ite
             return
         except Exception as err:  # noqa: BLE001 - the datasets library's readers raise anything
             raise ConfigError(f"dataset {name!r} could not be read after {row} rows: "
-                              f"{reading_error(err)}") from err
+                              f"{error_line(err)}") from err
         row += 1
         yield _field(example, field, name, f"row {row}")
-
-
-def reading_error(err: BaseException) -> str:
-    """A file reader's exception (pyarrow's, pandas', a UnicodeDecodeError) as one line."""
-    first = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
