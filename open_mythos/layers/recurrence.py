@@ -556,7 +556,10 @@ class RecurrentBlock(CopiesDetached, nn.Module):
         # (embeddings ~0.02), so after the norm every token looks alike and the router sends
         # all of them to the same experts. Scaling by the state's RMS keeps it proportionate.
         hf = at_least_fp32(h)
-        rms = hf.pow(2).mean(-1, keepdim=True).sqrt()
+        # The clamp keeps sqrt's derivative finite at a state of zeros (an all-zero embedding
+        # row with no Prelude): 0 * inf would make every recurrent gradient NaN. It changes
+        # no other value.
+        rms = hf.pow(2).mean(-1, keepdim=True).clamp_min(torch.finfo(hf.dtype).tiny).sqrt()
         x = self.norm(add_loop_signal(hf, signal, rms).to(h.dtype) + e)
         out = self.block(x, ctx, cache_key, carry)
         if lora_scale is not None:

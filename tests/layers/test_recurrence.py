@@ -288,3 +288,20 @@ def test_training_after_an_inference_mode_forward():
     model.train()
     model(ids, n_loops=3).sum().backward()
     assert model.recurrent.injection.log_A.grad is not None
+
+
+def test_a_state_of_zeros_has_finite_gradients():
+    """With no Prelude the first loop's state is the embedding: a zeroed row (a pad token's,
+    as ``nn.Embedding(padding_idx=...)`` leaves it) must not make the loop signal's RMS
+    scale's gradient 0 * inf = NaN in every recurrent parameter."""
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config(prelude_layers=0))
+    with torch.no_grad():
+        model.embed.weight[0].zero_()
+    ids = torch.randint(1, 97, (2, 8))
+    ids[:, :3] = 0
+    model(ids, n_loops=3).logsumexp(-1).mean().backward()
+    bad = [n for n, p in model.named_parameters()
+           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert bad == []
+    assert model.recurrent.injection.log_A.grad.abs().sum() > 0
