@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AttnType, MythosConfig
+from .config import AttnType, MythosConfig, check_loops, whole_number
 from .layers.attention import AttnContext
 from .layers.block import TransformerBlock
 from .layers.conv import TokenConv
@@ -53,6 +53,7 @@ def attention_flops(cfg: MythosConfig, context_len: int = 0) -> int:
     context-dependent part out, which is what ``torch.utils.flop_counter`` measures on CPU).
     MLA is counted in its plain order (latent expanded through ``kv_up`` once per token).
     """
+    context_len = whole_number(context_len, "context_len")
     d, h = cfg.dim, cfg.n_heads
     if AttnType(cfg.attn_type) is AttnType.GQA:
         hd, hkv = cfg.head_dim, cfg.n_kv_heads
@@ -124,8 +125,7 @@ class BaselineConfig(MythosConfig):
 def matched_baseline_config(cfg: MythosConfig, train_loops: int) -> BaselineConfig:
     """The baseline of ``cfg`` trained at ``train_loops`` loops: same fields, ``train_loops``
     core blocks of width :func:`matched_ffn_dim`."""
-    if not isinstance(train_loops, int) or isinstance(train_loops, bool) or train_loops < 1:
-        raise ValueError(f"train_loops must be a positive integer, got {train_loops!r}")
+    train_loops = check_loops(train_loops, "train_loops")
     fields = {k: v for k, v in cfg.to_dict().items() if k not in ("core_layers", "core_ffn_dim")}
     return BaselineConfig.from_dict(
         {**fields, "core_layers": train_loops, "core_ffn_dim": matched_ffn_dim(cfg)})
@@ -141,6 +141,7 @@ def looped_flops_per_token(cfg: MythosConfig, n_loops: int | None = None,
                            context_len: int = 0) -> int:
     """Forward matmul FLOPs per token of :class:`~open_mythos.OpenMythos` at ``n_loops``
     loops (default ``max_loop_iters``); see :func:`open_mythos.registry.flops_per_token`."""
+    n_loops = check_loops(n_loops, allow_none=True)
     attn = attention_flops(cfg, context_len)
     loops = cfg.max_loop_iters if n_loops is None else n_loops
     return _trunk_flops(cfg, attn) + loops * (attn + loop_extra_flops(cfg))
@@ -149,7 +150,9 @@ def looped_flops_per_token(cfg: MythosConfig, n_loops: int | None = None,
 def dense_flops_per_token(cfg: BaselineConfig, n_loops: int | None = None,
                           context_len: int = 0) -> int:
     """Forward matmul FLOPs per token of :class:`DenseBaseline` (``n_loops`` is ignored:
-    the depth is fixed); see :func:`open_mythos.registry.flops_per_token`."""
+    the depth is fixed, but must be a loop count); see
+    :func:`open_mythos.registry.flops_per_token`."""
+    check_loops(n_loops, allow_none=True)
     attn = attention_flops(cfg, context_len)
     return _trunk_flops(cfg, attn) + cfg.core_layers * (attn + swiglu_flops(cfg.dim, cfg.core_ffn_dim))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,16 @@ def test_flops_dispatch_by_kind():
         attn + swiglu_flops(cfg.dim, base.core_ffn_dim))
     assert flops_per_token(base, n_loops=7) == flops_per_token(base)  # fixed depth
     assert flops_per_token(cfg, n_loops=7) > flops_per_token(cfg, n_loops=3)
+    # NumPy's integers are counts; anything that is no count is refused, for either kind
+    # (0 loops used to count the trunk alone, -3 a negative number).
+    assert flops_per_token(cfg, np.int64(3), np.int64(5)) == flops_per_token(cfg, 3, 5)
+    assert matched_baseline_config(cfg, np.int64(3)) == base
+    for model_cfg in (cfg, base):
+        for bad in (0, -3, 2.5, True, "2"):
+            with pytest.raises(ValueError, match="n_loops must be a positive integer"):
+                flops_per_token(model_cfg, n_loops=bad)
+        with pytest.raises(ValueError, match="context_len must be a non-negative integer"):
+            flops_per_token(model_cfg, context_len=-100)
 
 
 def test_register_rejects_a_clash_and_old_import_paths_still_work():
