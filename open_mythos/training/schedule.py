@@ -21,6 +21,17 @@ _LOOP_STREAM = 0x100B5
 _PROGRESSIVE_STREAM = 0xD71
 
 
+def _set_count(schedule: object, name: str, minimum: int) -> None:
+    """Check the frozen dataclass field ``name`` is an integer ``>= minimum`` (NumPy's
+    integers are; ``bool`` is not) and store it as a Python ``int``."""
+    value = getattr(schedule, name)
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and value >= minimum):
+        raise ConfigError(
+            f"{type(schedule).__name__}.{name}={value!r} must be an integer >= {minimum}")
+    object.__setattr__(schedule, name, int(value))
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     """Linear warmup then cosine (or constant) decay.
@@ -45,10 +56,10 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay", as_member(LRDecay, self.decay, "LRSchedule.decay"))
-        if not self.base_lr >= 0:  # (OptimConfig checks that lr is finite)
-            raise ConfigError(f"LRSchedule.base_lr={self.base_lr!r} must be >= 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"LRSchedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not (isinstance(self.base_lr, numbers.Real) and 0 <= self.base_lr < math.inf):
+            raise ConfigError(f"LRSchedule.base_lr={self.base_lr!r} must be finite and >= 0")
+        _set_count(self, "warmup_steps", 0)  # 2.5 would lift step 2 above the peak
+        _set_count(self, "decay_steps", 0)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"LRSchedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
@@ -94,11 +105,7 @@ class LoopSchedule:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", as_member(LoopMode, self.mode, "LoopSchedule.mode"))
         for name in ("n_loops", "min_loops", "max_loops", "curriculum_steps"):
-            value = getattr(self, name)
-            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-                    and value >= 1):
-                raise ConfigError(f"LoopSchedule.{name}={value!r} must be an integer >= 1")
-            object.__setattr__(self, name, int(value))  # NumPy's integers as Python's
+            _set_count(self, name, 1)
         if self.min_loops > self.max_loops:
             raise ConfigError(f"LoopSchedule.min_loops={self.min_loops} must be <= "
                               f"max_loops={self.max_loops}")
@@ -124,7 +131,8 @@ class LoopSchedule:
         if self.mode is LoopMode.FIXED:
             return self.n_loops
         if self.mode is LoopMode.CURRICULUM:
-            frac = min(1.0, step / max(1, self.curriculum_steps - 1))
+            # A ramp of one step is at max_loops from step 0 (its step curriculum_steps - 1).
+            frac = min(1.0, step / (self.curriculum_steps - 1)) if self.curriculum_steps > 1 else 1.0
             return int(round(self.min_loops + (self.max_loops - self.min_loops) * frac))
         rng = np.random.default_rng([self.seed, step, _LOOP_STREAM])
         if self.mode is LoopMode.UNIFORM:

@@ -72,6 +72,9 @@ def test_fixed_and_curriculum():
     assert values[0] == 2 and values[10:] == [7] * 10
     assert values == sorted(values)
     assert values[5] == round(2 + 5 * 0.5)
+    # A one-step ramp ends at its step 0 (``curriculum_steps - 1``): max_loops throughout.
+    assert {make_loops(LoopMode.CURRICULUM, curriculum_steps=1)(s) for s in range(5)} == {8}
+    assert [make_loops(LoopMode.CURRICULUM, curriculum_steps=2)(s) for s in range(3)] == [1, 8, 8]
 
 
 def test_sampled_loops_are_deterministic_in_range_and_centered():
@@ -121,6 +124,12 @@ def test_fixed_by_name_never_samples():
     (lambda: LoopSchedule("sampled", 4, 1, 8, -1.0, 100, 0), "sigma"),
     (lambda: LRSchedule(1e-3, 0, 100, 0.1, "linear"), "LRSchedule.decay='linear'"),
     (lambda: LRSchedule(1e-3, -1, 100), "warmup_steps"),
+    # A fractional warmup lifted step 2 to 1.2x the peak; the others were taken as given.
+    (lambda: LRSchedule(1e-3, 2.5, 100), r"warmup_steps=2.5 must be an integer >= 0"),
+    (lambda: LRSchedule(1e-3, True, 100), r"warmup_steps=True must be an integer"),
+    (lambda: LRSchedule(1e-3, 0, -5), r"decay_steps=-5 must be an integer >= 0"),
+    (lambda: LRSchedule(float("inf"), 0, 100), r"base_lr=inf must be finite"),
+    (lambda: LRSchedule("1e-3", 0, 100), r"base_lr='1e-3' must be finite"),
     (lambda: ScheduleConfig(loops="Fixed"), "schedule.loops='Fixed'"),
     (lambda: ScheduleConfig(lr_decay="bogus"), "schedule.lr_decay"),
     (lambda: RunConfig(precision="fp16"), "run.precision='fp16'"),
@@ -142,6 +151,8 @@ def test_run_config_enums_by_name():
 def test_numpy_integers_are_loop_counts():
     sched = LoopSchedule("fixed", np.int64(4), np.int32(1), 8, 0.5, 100, 0)
     assert sched(3) == 4 and type(sched.n_loops) is int and type(sched.min_loops) is int
+    lr = LRSchedule(1e-3, np.int64(4), np.int32(100))
+    assert type(lr.warmup_steps) is int and lr(0) == pytest.approx(2.5e-4)
 
 
 @pytest.mark.parametrize("build, match", [
