@@ -530,6 +530,7 @@ def create_app(service: CompletionService) -> FastAPI:
     app = FastAPI(title="OpenMythos completions", version="2")
     app.state.service = service
     app.add_middleware(BodyLimit, limit=service.limits.max_request_bytes)
+    app.add_middleware(StoppingAnswer, stopping=lambda: service.scheduler.stopping)
     _add_error_handlers(app)
     _add_model_routes(app, service)
     _add_tokenizer_routes(app, service)
@@ -748,6 +749,35 @@ class BodyLimit:
         return APIError(413, f"the request body is larger than this server's limit of "
                              f"{self.limit} bytes (openmythos serve --max-request-bytes)",
                         type="invalid_request_error")
+
+
+class StoppingAnswer:
+    """ASGI middleware: a request uvicorn cancels at shutdown, once its graceful wait is
+    over (a body still arriving), is answered 503 with OpenAI's body where nothing of a
+    response was sent yet. uvicorn answered it with a plain-text 500 and logged the
+    cancellation as an exception in the application."""
+
+    def __init__(self, app: Any, stopping: Callable[[], bool]):
+        self.app, self.stopping = app, stopping
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if started or not self.stopping():
+                raise
+            # The request ends here, answered: the cancellation was meant for it alone.
+            answer = APIError(503, "the server is shutting down", "service_unavailable")
+            await answer.response()(scope, receive, send)
 
 
 def read_timeout_protocol(timeout: float) -> type:

@@ -136,6 +136,11 @@ class Scheduler:
             self._thread.start()
         return self
 
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (no job is taken any more)."""
+        return self._stopping
+
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`QueueFull` or :class:`SchedulerStopped`, and
         ``ValueError`` for a job that could never start (more rows than ``max_batch``)."""

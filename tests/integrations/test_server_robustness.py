@@ -437,6 +437,38 @@ def test_sigterm_ends_running_requests_instead_of_waiting_for_them():
     sock.close()
 
 
+def test_a_body_still_arriving_at_shutdown_is_answered_503():
+    """A request whose body is still being sent when the exit signal comes is cancelled by
+    uvicorn after the graceful wait: it is answered 503 with OpenAI's body (uvicorn's own
+    answer was a plain-text 500 and a logged traceback)."""
+    model = SlowModel(delay=0.0)
+    service = CompletionService(model, ByteTokenizer(), model_name="tiny", n_loops=1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    srv = make_server(service, log_level="critical", lifespan="off", graceful_shutdown=0.3)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.started, "uvicorn to start")
+    body = b'{"prompt": "Q", "max_tokens": 1}'
+    with socket.create_connection(sock.getsockname(), timeout=TIMEOUT) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+        time.sleep(0.2)  # the handler is waiting for the rest of the body
+        srv.handle_exit(signal.SIGTERM, None)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    thread.join(timeout=TIMEOUT)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert json.loads(payload)["error"] == {
+        "message": "the server is shutting down", "type": "service_unavailable",
+        "param": None, "code": None}
+    assert not thread.is_alive()
+    sock.close()
+
+
 @pytest.mark.slow
 def test_sigterm_to_openmythos_serve_does_not_wait_for_a_long_request(tmp_path, trained_model):
     """The real command and a real signal: a request of 60 tokens at 200 loops each (many
