@@ -188,7 +188,11 @@ def verify_checkpoint(ckpt_dir: str | Path, files: Iterable[str] | None = None) 
         return
     try:
         listed = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, TypeError) as err:
+        if not (isinstance(listed, dict) and all(
+                isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str) for entry in listed.values())):
+            raise TypeError("'files' is not a mapping of names to their size and sha256")
+    except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError is a ValueError
         raise CheckpointCorrupt(f"{manifest_path} is unreadable: {err}") from None
     if files is not None:  # a folder stands for the listed files under it
         files = [n for name in files
@@ -313,16 +317,19 @@ def detect_format(path: str | Path, files: Iterable[str] = MODEL_FILES
 
     Raises:
         FileNotFoundError: nothing loadable there.
-        ValueError: ``config.json`` is not JSON, or describes another model type;
-            :class:`CheckpointCorrupt`: a damaged checkpoint directory.
+        ValueError: ``config.json`` describes another model type; :class:`CheckpointCorrupt`
+            (a ``ValueError``): a damaged checkpoint directory, or a ``config.json`` that is
+            no JSON object.
     """
     path = Path(path).expanduser()
     config = path / MODEL_CONFIG_FILE
     if config.is_file():
         try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config} is not valid JSON: {err}") from None
+            data = read_json_object(config)
+        except CheckpointCorrupt:
+            if (path / MANIFEST_FILE).is_file():  # a training checkpoint: name the damage
+                verify_checkpoint(path, (MODEL_CONFIG_FILE,))
+            raise
         if data.get("model_type") == HF_MODEL_TYPE:
             return CheckpointFormat.HF, path
         if "model_type" in data:
@@ -333,6 +340,25 @@ def detect_format(path: str | Path, files: Iterable[str] = MODEL_FILES
 # Configuration ------------------------------------------------------------------------------
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object (a dict) in the file ``path``.
+
+    Raises:
+        CheckpointCorrupt: naming the file, when it is not UTF-8, not JSON, or JSON of
+            another kind (``null``, a list, a string).
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointCorrupt(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(data), "a number")
+        raise CheckpointCorrupt(f"{path} holds {kind}, not a JSON object "
+                                "(the file was altered or damaged)")
+    return data
+
+
 def read_model_config(ckpt_dir: str | Path) -> MythosConfig:
     """The configuration (of its kind) stored in a training checkpoint directory.
 
@@ -340,10 +366,13 @@ def read_model_config(ckpt_dir: str | Path) -> MythosConfig:
         CheckpointCorrupt: ``config.json`` is not JSON or not a configuration.
     """
     path = Path(ckpt_dir) / MODEL_CONFIG_FILE
+    data = read_json_object(path)
     try:
-        return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        return config_from_dict(data)
+    except TypeError as err:
         raise CheckpointCorrupt(f"{path} is unreadable: {err}") from None
+    except ValueError as err:  # a field's value: say which file holds it
+        raise ValueError(f"{path}: {err}") from None
 
 
 #: ``model.safetensors`` metadata key of the default depth, for checkpoints written without
@@ -398,10 +427,10 @@ def read_config(path: str | Path) -> tuple[MythosConfig, int | None]:
     if fmt is CheckpointFormat.TRAINING:
         cfg = read_model_config(ckpt_dir)
         return cfg, read_trained_depth(ckpt_dir, cfg)
-    data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    data = read_json_object(ckpt_dir / MODEL_CONFIG_FILE)
     fields = {*config_fields(), KIND_KEY}
-    cfg = config_from_dict({k: v for k, v in data.items() if k in fields})
     try:
+        cfg = config_from_dict({k: v for k, v in data.items() if k in fields})
         n_loops = check_loops(data.get("n_loops"), allow_none=True)
     except ValueError as err:
         raise ValueError(f"{ckpt_dir / MODEL_CONFIG_FILE}: {err}") from None
@@ -415,7 +444,7 @@ def read_inference_defaults(path: str | Path) -> tuple[bool | None, dict[str, An
     fmt, ckpt_dir = detect_format(path, files=(MODEL_CONFIG_FILE,))
     if fmt is CheckpointFormat.TRAINING:
         return None, None
-    data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    data = read_json_object(ckpt_dir / MODEL_CONFIG_FILE)
     return data.get("act_early_exit"), data.get("exit_rule")
 
 
@@ -435,7 +464,7 @@ def training_depth_recorded(path: str | Path) -> bool:
     fmt, ckpt_dir = detect_format(path, files=(MODEL_CONFIG_FILE,))
     if fmt is CheckpointFormat.TRAINING:
         return True
-    data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    data = read_json_object(ckpt_dir / MODEL_CONFIG_FILE)
     return data.get("trained_depth") is not None
 
 
@@ -448,7 +477,7 @@ def read_training_depth(path: str | Path) -> int | None:
     cfg, n_loops = read_config(ckpt_dir)
     if fmt is CheckpointFormat.TRAINING or not kind_of(cfg).looped:
         return n_loops
-    data = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    data = read_json_object(ckpt_dir / MODEL_CONFIG_FILE)
     try:
         trained = check_loops(data.get("trained_depth"), name="trained_depth", allow_none=True)
     except ValueError as err:

@@ -255,3 +255,56 @@ def test_a_damaged_hf_export_is_named_in_one_line(tmp_path, capsys):
             json.dumps({"weight_map": {"model.embed.weight": bad}}))
         with pytest.raises(CheckpointCorrupt, match="is not a shard index"):
             load_model(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("content", [b"null", b"[1, 2]", b'"text"', b"{\"dim\": \xe1}"],
+                         ids=["null", "array", "string", "latin1"])
+def test_a_config_json_that_is_no_json_object_is_named_in_one_line(tmp_path, content, capsys):
+    """JSON of another kind, or bytes that are not UTF-8, in config.json gave an
+    AttributeError or UnicodeDecodeError traceback that named no file; a training
+    checkpoint's manifest names the damage, one without a manifest the file."""
+    from open_mythos.cli import main
+    from open_mythos.integrations.convert import training_to_hf
+
+    ckpt = write_training_checkpoint(tmp_path / "run", byte_model_of("looped", "gqa"))
+    training_to_hf(tmp_path / "run", tmp_path / "hf")
+    hf = tmp_path / "hf"
+    (hf / "config.json").write_bytes(content)
+    (ckpt / "config.json").write_bytes(content)
+    with pytest.raises(CheckpointCorrupt, match="config.json (has .* bytes|does not match)"):
+        load_model(ckpt)
+    (ckpt / "manifest.json").unlink()  # as a checkpoint older than manifests
+    for where in (ckpt, hf):
+        for read in (load_model, read_config):
+            with pytest.raises(CheckpointCorrupt, match=f"{where / 'config.json'} (holds|is not)"):
+                read(where)
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(hf)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err
+
+
+def test_a_manifest_of_the_wrong_shape_falls_back_to_the_older_checkpoint(tmp_path):
+    """A manifest whose ``files`` is a list, or lists a number, raised a TypeError that
+    escaped the fallback to the next older checkpoint."""
+    run = tmp_path / "run"
+    older = write_training_checkpoint(run, byte_model_of("looped", "gqa"), step=2)
+    newer = write_training_checkpoint(run, byte_model_of("looped", "gqa"), step=4)
+    manifest = newer / "manifest.json"
+    good = json.loads(manifest.read_text())
+    for files in (list(good["files"]), {name: 1 for name in good["files"]}):
+        manifest.write_text(json.dumps({**good, "files": files}))
+        assert load_model(run).path == older
+        with pytest.raises(CheckpointCorrupt, match="manifest.json is unreadable"):
+            load_model(newer)
+
+
+def test_a_bad_field_in_an_hf_config_names_the_file(tmp_path):
+    from open_mythos.integrations.convert import training_to_hf
+
+    write_training_checkpoint(tmp_path / "run", byte_model_of("looped", "gqa"))
+    training_to_hf(tmp_path / "run", tmp_path / "hf")
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dim": "32"}))
+    with pytest.raises(ValueError, match=r"hf/config.json: MythosConfig.dim='32'"):
+        read_config(tmp_path / "hf")
