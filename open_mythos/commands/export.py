@@ -23,10 +23,7 @@ Exit status: 0 on success, 2 for a missing or unreadable checkpoint, no known to
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from .argtypes import check_output_dir, loop_count
@@ -53,69 +50,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-#: The hidden folder inside ``--out`` that an export is written to before its files move
-#: into ``--out`` (a name of this form found there is a killed export's, removed).
-PARTIAL_PREFIX = ".openmythos-export.partial-"
-
-
-def _export_into(out: Path, write: Callable[[Path], object]) -> None:
-    """``write`` the export into a hidden folder inside the empty directory ``out``, then
-    move its files up (renames within one directory: ``--out`` may be ``.``, a symlink or a
-    mount point). On any error or interrupt, ``out`` is left empty again: no half-written
-    export that loads as a model and fails as a tokenizer."""
-    partial = out / f"{PARTIAL_PREFIX}{os.getpid()}"
-    partial.mkdir()
-    moved: list[Path] = []
-    try:
-        write(partial)
-        for child in sorted(partial.iterdir()):
-            child.rename(out / child.name)
-            moved.append(out / child.name)
-        partial.rmdir()
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        for path in moved:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     """Export ``args.run`` to ``args.out``."""
     from ..checkpoints import CheckpointCorrupt, detect_format, floating_dtype, read_config
-    from ..integrations.convert import training_to_hf, training_to_safetensors
+    from ..integrations.convert import check_out_dir, training_to_hf, training_to_safetensors
     from ..registry import is_looped
 
     out = Path(args.out)
-    created = False
     try:
         check_output_dir(out)
-        if out.is_dir():
-            for stale in out.glob(f"{PARTIAL_PREFIX}*"):  # left by a killed export
-                shutil.rmtree(stale, ignore_errors=True)
-            if any(out.iterdir()):
-                raise ValueError(f"{out} already exists and is not an empty directory")
+        check_out_dir(out, args.run)  # before the model is read: a clear refusal at once
         if args.n_loops is not None and not is_looped(read_config(detect_format(args.run)[1])[0]):
             raise ValueError(f"{args.run} holds a fixed-depth model: --n-loops applies to "
                              "looped models only")
         if args.format != "hf" and (args.n_loops is not None or args.dtype is not None):
             raise ValueError("--n-loops and --dtype apply to --format hf only")
-
-        def write(where: Path) -> None:
-            if args.format == "hf":
-                extra = {} if args.n_loops is None else {"n_loops": args.n_loops}
-                training_to_hf(args.run, where, tokenizer=args.tokenizer,
-                               dtype=floating_dtype(args.dtype), **extra)
-            else:
-                training_to_safetensors(args.run, where, tokenizer=args.tokenizer)
-
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        _export_into(out, write)
-    except BaseException as err:  # an interrupt too: no --out this command made is left
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        if not isinstance(err, (OSError, CheckpointCorrupt, ValueError, KeyError, TypeError)):
-            raise
+        # The conversion writes into a hidden folder and moves its files up at the end; on
+        # an error or interrupt it leaves --out as it was (removed if it made it).
+        if args.format == "hf":
+            extra = {} if args.n_loops is None else {"n_loops": args.n_loops}
+            training_to_hf(args.run, out, tokenizer=args.tokenizer,
+                           dtype=floating_dtype(args.dtype), **extra)
+        else:
+            training_to_safetensors(args.run, out, tokenizer=args.tokenizer)
+    except (OSError, CheckpointCorrupt, ValueError, KeyError, TypeError) as err:
         print(f"openmythos export: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format})")

@@ -14,8 +14,10 @@ are copied when found (see :func:`find_tokenizer_dir`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +264,6 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
                          "tokenizer directory")
     tok = _tokenizer_or_none(source)
     _check_tokenizer_fits(tok, loaded.cfg.vocab_size)
-    out_dir = _fresh_out_dir(out_dir, checkpoint, ckpt_dir)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config_kwargs.setdefault(key, getattr(tok, key))
     config_kwargs.setdefault("n_loops", loaded.n_loops)
@@ -270,15 +271,18 @@ def training_to_hf(checkpoint: str | Path, out_dir: str | Path, *,
     hf = OpenMythosForCausalLM.from_mythos(loaded.model, **config_kwargs)
     if remote_code:
         hf.config.auto_map = dict(AUTO_MAP)
-        write_modeling_code(out_dir)
-    hf.save_pretrained(str(out_dir), safe_serialization=True)
-    save_tokenizer(source, out_dir, hf_files=True)
-    set_tokenizer_defaults(out_dir, model_max_length=loaded.cfg.max_seq_len,
-                           pad_token=_eos_as_pad(tok))
-    if tok is not None and not isinstance(tok, ByteTokenizer):
-        encode_as_trained(out_dir)
-    _readable(out_dir)
-    return out_dir
+
+    def write(dest: Path) -> None:
+        if remote_code:
+            write_modeling_code(dest)
+        hf.save_pretrained(str(dest), safe_serialization=True)
+        save_tokenizer(source, dest, hf_files=True)
+        set_tokenizer_defaults(dest, model_max_length=loaded.cfg.max_seq_len,
+                               pad_token=_eos_as_pad(tok))
+        if tok is not None and not isinstance(tok, ByteTokenizer):
+            encode_as_trained(dest)
+
+    return _convert_into(out_dir, (checkpoint, ckpt_dir), write)
 
 
 # Post-processors that add special tokens around every encoded text (Llama's BOS, BERT's
@@ -362,25 +366,31 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
     source = _tokenizer_source(loaded, tokenizer)
     if source is not None:
         _check_tokenizer_fits(_tokenizer_or_none(source), loaded.cfg.vocab_size)
-    out_dir = _fresh_out_dir(out_dir, checkpoint, ckpt_dir)
-    for name in (MODEL_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE):
-        if (ckpt_dir / name).is_file():
-            shutil.copy2(ckpt_dir / name, out_dir / name)
-    if not (ckpt_dir / MODEL_FILE).is_file():  # sharded weights (model.dcp/): gathered here
-        tied = tied_parameters(loaded.model)
-        save_weights({k: v.contiguous() for k, v in loaded.model.state_dict().items()
-                      if k not in tied},
-                     out_dir / MODEL_FILE, metadata={"format": "pt", "tied": json.dumps(tied)})
-    save_tokenizer(source, out_dir, hf_files=False)
-    _readable(out_dir)
-    return out_dir
+
+    def write(dest: Path) -> None:
+        for name in (MODEL_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE):
+            if (ckpt_dir / name).is_file():
+                shutil.copy2(ckpt_dir / name, dest / name)
+        if not (ckpt_dir / MODEL_FILE).is_file():  # sharded weights (model.dcp/): gathered
+            tied = tied_parameters(loaded.model)
+            save_weights({k: v.contiguous() for k, v in loaded.model.state_dict().items()
+                          if k not in tied},
+                         dest / MODEL_FILE, metadata={"format": "pt", "tied": json.dumps(tied)})
+        save_tokenizer(source, dest, hf_files=False)
+
+    return _convert_into(out_dir, (checkpoint, ckpt_dir), write)
 
 
-def _fresh_out_dir(out_dir: str | Path, *sources: str | Path) -> Path:
-    """``out_dir``, created if needed, where a conversion may write: new or empty, and
-    neither a source nor a directory above one (a run's top level: ``load_model`` of the run
-    would then read the export, not its checkpoints). The conversions never write over files
-    (``openmythos export`` refuses a non-empty ``--out`` too).
+#: The hidden folder inside ``out_dir`` that a conversion writes to before its files move
+#: into ``out_dir``; one whose process is gone is a killed conversion's, removed by the next.
+PARTIAL_PREFIX = ".openmythos-export.partial-"
+
+
+def check_out_dir(out_dir: str | Path, *sources: str | Path) -> Path:
+    """``out_dir`` (``~`` expanded) after checking that a conversion may write there: new
+    or empty (a killed conversion's hidden folder aside, which is removed), and neither a
+    source nor a directory above one (a run's top level: ``load_model`` of the run would
+    then read the export, not its checkpoints). The conversions never write over files.
 
     Raises:
         ValueError: ``out_dir`` is a source, holds one, or is a file or a non-empty
@@ -394,10 +404,59 @@ def _fresh_out_dir(out_dir: str | Path, *sources: str | Path) -> Path:
             what = "the source" if target == path else "a directory holding the source"
             raise ValueError(f"out_dir {str(out_dir)!r} is {what} {str(source)!r}: write "
                              "the conversion to a directory of its own")
+    if out_dir.is_dir():
+        for partial in out_dir.glob(f"{PARTIAL_PREFIX}*"):
+            if not _process_alive(partial.name[len(PARTIAL_PREFIX):]):
+                shutil.rmtree(partial, ignore_errors=True)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"out_dir {str(out_dir)!r} already exists and is not an empty "
                          "directory (a conversion does not write over files)")
+    return out_dir
+
+
+def _process_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return int(pid) < 2**31  # another user's process, or no pid at all
+    return True
+
+
+def _convert_into(out_dir: str | Path, sources: tuple[str | Path, ...],
+                  write: Callable[[Path], None]) -> Path:
+    """Run ``write`` into a hidden folder inside ``out_dir`` (:func:`check_out_dir`;
+    created if needed), then move its files up: renames within one directory, so
+    ``out_dir`` may be ``.``, a symlink or a mount point. On any error or interrupt
+    ``out_dir`` is left as it was (removed if this call made it): no half-written
+    conversion that loads as a model and fails as a tokenizer, or blocks a retry.
+
+    Returns:
+        ``out_dir``.
+    """
+    out_dir = check_out_dir(out_dir, *sources)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f"{PARTIAL_PREFIX}{os.getpid()}"
+    moved: list[Path] = []
+    try:
+        partial.mkdir()
+        write(partial)
+        _readable(partial)
+        for child in sorted(partial.iterdir()):
+            child.rename(out_dir / child.name)
+            moved.append(out_dir / child.name)
+        partial.rmdir()
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        for path in moved:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return out_dir
 
 
@@ -428,7 +487,9 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
     if fmt is not CheckpointFormat.HF:
         raise ValueError(f"{str(hf_dir)!r} is not a Hugging Face OpenMythos directory")
     loaded = load_model(src)
-    out_dir = _fresh_out_dir(out_dir, hf_dir, src)
+    # The tokenizer is read and checked before anything is written.
+    source = tokenizer if tokenizer is not None else find_tokenizer_dir(src)
+    _check_tokenizer_fits(_tokenizer_or_none(source), loaded.cfg.vocab_size)
     tied = tied_parameters(loaded.model)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items() if k not in tied}
     metadata = {"format": "pt", "step": "0", "tied": json.dumps(tied)}
@@ -451,13 +512,14 @@ def hf_to_training(hf_dir: str | Path, out_dir: str | Path, *,
                       "training checkpoint does not record: give them again where the copy "
                       "is used or exported (training_to_hf(..., exit_rule=...), the "
                       "commands' --exit-* options)", stacklevel=2)
-    save_weights(state, out_dir / MODEL_FILE, metadata=metadata)
-    (out_dir / MODEL_CONFIG_FILE).write_text(
-        json.dumps(config_dict(loaded.cfg), indent=2) + "\n", encoding="utf-8")
-    source = tokenizer if tokenizer is not None else find_tokenizer_dir(src)
-    save_tokenizer(source, out_dir, hf_files=False)
-    _readable(out_dir)
-    return out_dir
+
+    def write(dest: Path) -> None:
+        save_weights(state, dest / MODEL_FILE, metadata=metadata)
+        (dest / MODEL_CONFIG_FILE).write_text(
+            json.dumps(config_dict(loaded.cfg), indent=2) + "\n", encoding="utf-8")
+        save_tokenizer(source, dest, hf_files=False)
+
+    return _convert_into(out_dir, (hf_dir, src), write)
 
 
 def _tokenizer_or_none(source: str | Path | Tokenizer | None) -> Tokenizer | None:

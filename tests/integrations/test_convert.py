@@ -251,3 +251,63 @@ def test_hf_to_training_says_it_drops_the_exports_inference_defaults(tmp_path, r
     with pytest.warns(UserWarning, match=r"configures exit_rule=.*'kl': 0.5.* and "
                                          r"act_early_exit=False .* does not record"):
         hf_to_training(ruled, tmp_path / "back-ruled")
+
+
+def test_a_failed_conversion_leaves_its_out_dir_as_it_was(tmp_path, monkeypatch):
+    """hf_to_training wrote the weights, then failed on its tokenizer: the half-written
+    directory loaded as a model (with the byte tokenizer a command falls back to) and
+    refused the retry as not empty; a tokenizer with more ids than the model's rows was
+    not checked at all. Every conversion now checks first and writes atomically."""
+    import subprocess
+    import sys
+
+    from open_mythos.integrations import convert
+    from open_mythos.integrations.convert import (
+        PARTIAL_PREFIX,
+        find_tokenizer_dir,
+        training_to_safetensors,
+    )
+
+    class Wide(ByteTokenizer):  # more ids than the model's 259 embedding rows
+        vocab_size = 300
+
+    run = tmp_path / "run"
+    write_training_checkpoint(run, byte_model("gqa"))
+    hf = training_to_hf(run, tmp_path / "hf")
+    (tmp_path / "empty").mkdir()
+    outs = (tmp_path / "new", tmp_path / "empty")
+    left = lambda: ([p.name for p in tmp_path.iterdir() if p.name not in ("run", "hf")],  # noqa: E731
+                    [p.name for p in (tmp_path / "empty").iterdir()])
+    for out in outs:
+        with pytest.raises(FileNotFoundError, match="no_such_tokenizer_dir' does not exist"):
+            hf_to_training(hf, out, tokenizer=tmp_path / "no_such_tokenizer_dir")
+        with pytest.raises(ValueError, match="the tokenizer has 300 ids but the model only"):
+            hf_to_training(hf, out, tokenizer=Wide())
+    assert left() == (["empty"], [])
+    real = convert.save_tokenizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "save_tokenizer", interrupted)
+    for conversion, source in ((hf_to_training, hf), (training_to_hf, run),
+                               (training_to_safetensors, run)):
+        for out in outs:
+            with pytest.raises(KeyboardInterrupt):
+                conversion(source, out)
+    assert left() == (["empty"], [])
+    monkeypatch.setattr(convert, "save_tokenizer", real)
+    # A conversion still running into a directory (its process alive) keeps it busy; a
+    # killed one's folder is removed by the next.
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive:
+        try:
+            (tmp_path / "empty" / f"{PARTIAL_PREFIX}{alive.pid}").mkdir()
+            with pytest.raises(ValueError, match="not an empty directory"):
+                hf_to_training(hf, tmp_path / "empty")
+        finally:
+            alive.kill()
+    alive.wait()  # gone now: its folder is a killed conversion's
+    for out in outs:
+        assert same_weights(load_model(hf_to_training(hf, out)).model, load_model(hf).model)
+        assert find_tokenizer_dir(out) == out
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
