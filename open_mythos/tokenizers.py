@@ -285,7 +285,12 @@ class ByteTokenizer(Tokenizer):
     def from_pretrained(cls, directory: str | os.PathLike) -> ByteTokenizer:
         """Load what :meth:`save_pretrained` wrote; a mismatching file raises ``ValueError``."""
         path = Path(directory) / BYTE_TOKENIZER_FILE
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds no JSON object (the file was altered or damaged)")
         add_bos = data.get("add_bos_token", False)  # absent in files before 2026-12-06
         if not isinstance(add_bos, bool):
             raise ValueError(f"{path}: add_bos_token must be true or false, got {add_bos!r}")

@@ -59,6 +59,14 @@ def test_byte_save_load(tmp_path):
     assert isinstance(load_tokenizer(str(tmp_path)), ByteTokenizer)
     assert isinstance(load_tokenizer(None), ByteTokenizer)
     assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    # A damaged file is a ValueError naming it (a bare JSON message, or an AttributeError
+    # traceback for `null`, reached generate, export and serve).
+    saved = tmp_path / "byte_tokenizer.json"
+    for damaged, why in ((saved.read_bytes()[:20], "is not valid JSON"), (b"null", "holds no JSON"),
+                         (b"\xe1", "is not valid JSON")):
+        saved.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"byte_tokenizer.json {why}"):
+            ByteTokenizer.from_pretrained(tmp_path)
 
 
 def _build_hf_tokenizer():
