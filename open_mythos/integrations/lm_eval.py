@@ -56,7 +56,14 @@ from ..layers.recurrence import ExitRule, as_exit_rule
 from ..model import CausalLM
 from ..registry import is_looped
 from ..tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, pad_rows
-from .textgen import PLAIN_CHAT_ROLES, GenerationOptions, chat_prompt, chat_template_of, complete
+from .textgen import (
+    PLAIN_CHAT_ROLES,
+    GenerationOptions,
+    chat_prompt,
+    chat_template_of,
+    complete,
+    vocab_bound,
+)
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -258,7 +265,10 @@ class OpenMythosLM(TemplateLM):
                     raise ValueError("a continuation needs at least one context token before it "
                                      "(the harness gives an empty context the prefix token)")
                 index.extend(range(row * width + first, row * width + len(inp)))
-            logits = self._logits(inputs, torch.tensor(index, dtype=torch.long))
+            # Over the ids generate_until may produce (a padded embedding's extra rows are
+            # no token), so that its greedy text scores as greedy here.
+            logits = self._logits(inputs, torch.tensor(index, dtype=torch.long))[
+                :, :vocab_bound(self.model, self.tokenizer)]
             offset = 0
             for i in chunk:
                 key, _, cont = requests[i]

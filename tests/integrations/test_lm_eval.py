@@ -72,6 +72,30 @@ def test_greedy_flag_is_true_exactly_for_the_models_own_greedy_continuation():
         lm._loglikelihood_tokens([(None, ctx, cont), (None, ctx, [])], disable_tqdm=True)
 
 
+def test_a_padded_embeddings_extra_ids_are_not_scored():
+    """An embedding with more rows than the tokenizer has ids: generate_until never
+    produces the extra ids, and loglikelihood normalised over them and took its argmax
+    among them, so the adapter's own greedy continuation scored as not greedy."""
+    model = byte_model("gqa", vocab_size=300)
+    with torch.no_grad():
+        model.head.weight[TOK.vocab_size:] *= 40  # the extra ids win every argmax
+    lm = OpenMythosLM(pretrained=model, tokenizer=TOK, n_loops=2)
+    for text in ("ab", "Once upon"):
+        ctx = TOK.encode(text)
+        (cont,) = lm.generate_until(instances("generate_until", [
+            (text, {"until": ["\x00\x01"], "max_gen_toks": 1, "do_sample": False})]),
+            disable_tqdm=True)
+        target = TOK.encode(cont)
+        with torch.no_grad():
+            full = model(torch.tensor([ctx]), n_loops=2)[0, -1].double()
+        assert int(full.argmax()) >= TOK.vocab_size  # so the case is what it says
+        bounded = torch.log_softmax(full[:TOK.vocab_size], -1)
+        assert target == [int(bounded.argmax())]
+        ((score, greedy),) = lm._loglikelihood_tokens([(None, ctx, target)], disable_tqdm=True)
+        assert greedy
+        assert math.isclose(score, float(bounded[target[0]]), rel_tol=1e-5, abs_tol=1e-4)
+
+
 def test_loglikelihood_rolling_sums_every_token_once_with_windows():
     model = byte_model("gqa")
     text = "The quick brown fox jumps over the lazy dog. " * 2  # 90 bytes > max_length
