@@ -91,7 +91,7 @@ def loop_counts(text: str) -> list[int]:
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"loops must look like 1,2,4,8 or 1-16, got {text!r}") from None
-        if lo < 1:
+        if min(lo, hi) < 1:
             raise argparse.ArgumentTypeError(f"loops must be positive integers, got {text!r}")
         if hi < lo:
             raise argparse.ArgumentTypeError(f"the range {part!r} is empty; write {hi}-{lo}")

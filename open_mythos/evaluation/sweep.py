@@ -147,16 +147,26 @@ def loss_rows(losses: Mapping[int, Perplexity]) -> list[dict[str, float]]:
 
 def depth_checks(losses: Mapping[int, float], train_loops: int) -> list[str]:
     """The language-depth checks, one line each: loss non-increasing up to ``train_loops``,
-    and the loss at ``4 x train_loops`` against the best."""
+    and the loss at ``4 x train_loops`` against the best of the other depths. A check
+    without the loop counts it needs (fewer than two measured at or below ``train_loops``;
+    ``4 x train_loops`` measured alone) says ``n/a`` rather than passing."""
     upto = [losses[n] for n in sorted(losses) if n <= train_loops]
-    monotone = all(b <= a for a, b in zip(upto, upto[1:]))
-    lines = [f"non-increasing up to T_train={train_loops}: {'yes' if monotone else 'no'}"]
+    head = f"non-increasing up to T_train={train_loops}: "
+    if len(upto) < 2:
+        lines = [head + f"n/a ({len(upto)} loop count{'' if len(upto) == 1 else 's'} "
+                 f"measured at or below {train_loops})"]
+    else:
+        lines = [head + ("yes" if all(b <= a for a, b in zip(upto, upto[1:])) else "no")]
     deep = 4 * train_loops
     if deep in losses:
-        best = min(losses.values())
-        gap = 100 * (losses[deep] - best) / best
-        lines.append(f"at 4x T_train ({deep} loops): {gap:.2f}% above the best loss "
-                     f"(target within 1%: {'yes' if gap <= 1.0 else 'no'})")
+        head = f"at 4x T_train ({deep} loops): "
+        if len(losses) < 2:
+            lines.append(head + "n/a (no other depth measured to compare with)")
+        else:
+            best = min(losses.values())
+            gap = 100 * (losses[deep] - best) / best
+            lines.append(head + f"{gap:.2f}% above the best loss "
+                         f"(target within 1%: {'yes' if gap <= 1.0 else 'no'})")
     return lines
 
 

@@ -263,6 +263,7 @@ def test_loop_counts():
     assert loop_counts(f"1,{MAX_LOOPS}") == [1, MAX_LOOPS]
     for bad, says in (("", "no loop count"), (",", "no loop count"), ("a", "look like"),
                       ("0", "positive"), ("3-x", "look like"), ("3-1", "write 1-3"),
+                      ("1--3", "positive"),  # it said "write -3-1", itself refused
                       ("2-", "look like"), ("2- ", "look like"),  # "2-" was read as 2
                       (f"1-{MAX_LOOPS + 1}", f"at most {MAX_LOOPS}")):
         with pytest.raises(argparse.ArgumentTypeError, match=says):

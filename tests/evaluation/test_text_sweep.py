@@ -88,6 +88,13 @@ def test_depth_checks():
         "at 4x T_train (8 loops): 0.42% above the best loss (target within 1%: yes)"]
     assert depth_checks({1: 2.0, 2: 2.5}, 2)[0].endswith("no")
     assert depth_checks({1: 3.0, 2: 2.0, 8: 2.5}, 2)[1].endswith("no)")
+    # Nothing to check is no pass: a single depth at or below T_train (a loss that rose
+    # from 1 to 3 loops, 2 never measured), or the 4x depth compared with itself.
+    assert depth_checks({1: 3.0, 3: 3.5}, 2) == [
+        "non-increasing up to T_train=2: n/a (1 loop count measured at or below 2)"]
+    assert depth_checks({8: 2.5}, 2) == [
+        "non-increasing up to T_train=2: n/a (0 loop counts measured at or below 2)",
+        "at 4x T_train (8 loops): n/a (no other depth measured to compare with)"]
 
 
 def test_text_runs_refuse_the_options_of_task_sweeps(text_run, tmp_path, capsys):
