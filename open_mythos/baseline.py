@@ -24,12 +24,15 @@ update, the loop-index signal) is not counted.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+import dataclasses
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import AttnType, MythosConfig, check_loops, whole_number
 from .layers.attention import AttnContext
@@ -166,6 +169,10 @@ class DenseBaseline(CausalLM):
     recurrence options ``n_loops``, ``act_early_exit`` and ``backprop_loops`` validated and
     ignored: the depth is always ``cfg.n_layers``. The KV cache holds one entry per block,
     under ``prelude_{i}``, ``core_{i}`` and ``coda_{i}``.
+
+    ``gradient_checkpointing`` (off by default; ``run.gradient_checkpointing`` and the
+    Hugging Face wrapper's ``gradient_checkpointing_enable()`` set it) recomputes each core
+    block in the backward pass, as the looped model recomputes each loop.
     """
 
     def __init__(self, cfg: BaselineConfig):
@@ -186,6 +193,7 @@ class DenseBaseline(CausalLM):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_dim = type(self.core[0].attn).rope_dim(cfg)
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -239,14 +247,40 @@ class DenseBaseline(CausalLM):
         if exit_rule is not None:
             raise ValueError("exit rules stop loops; the dense baseline has none")
         states = {}
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.core):
-            x = layer(x, ctx, f"core_{i}")
+            x = (_checkpointed(layer, x, ctx, f"core_{i}") if recompute
+                 else layer(x, ctx, f"core_{i}"))
             if i + 1 in keep:
                 states[i + 1] = x
         return x, states
 
     def max_readout_depth(self, n_loops: int) -> int:
         return self.cfg.core_layers
+
+
+def _checkpointed(layer: TransformerBlock, x: torch.Tensor, ctx: AttnContext, key: str
+                  ) -> torch.Tensor:
+    """``layer(x, ctx, key)`` recomputed in the backward pass (non-reentrant activation
+    checkpointing). The recomputation reads a KV cache as the forward left it without
+    writing it again (:attr:`AttnContext.replay`): later chunks may have written since."""
+    recomputing = False
+
+    @contextlib.contextmanager
+    def replaying() -> Iterator[None]:
+        nonlocal recomputing
+        recomputing = True
+        try:
+            yield
+        finally:
+            recomputing = False
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        replay = recomputing and ctx.cache is not None
+        return layer(x, dataclasses.replace(ctx, replay=True) if replay else ctx, key)
+
+    return checkpoint(run, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), replaying()))
 
 
 # NOTE: these lived here before the registry of model kinds; the registry imports this

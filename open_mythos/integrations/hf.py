@@ -263,8 +263,9 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
     # Not written (the tied head is the embedding). transformers.Trainer, resuming, re-ties a
     # checkpoint that lacks exactly these keys instead of warning that they are missing.
     _keys_to_ignore_on_save = ["model.head.weight"]
-    # gradient_checkpointing_enable() sets RecurrentBlock.gradient_checkpointing: each loop
-    # is recomputed in the backward pass (the model's own checkpointing, not transformers').
+    # gradient_checkpointing_enable() sets RecurrentBlock.gradient_checkpointing (each loop
+    # is recomputed in the backward pass) or DenseBaseline.gradient_checkpointing (each core
+    # block): the models' own checkpointing, not transformers'.
     supports_gradient_checkpointing = True
 
     def __init__(self, config: OpenMythosHFConfig):

@@ -458,7 +458,8 @@ class RunConfig:
             10 on NCCL). Leave room for the longest thing one rank does while the others
             wait: a checkpoint save, verifying the checkpoint's hashes on resume, the
             first compilation.
-        gradient_checkpointing: recompute each loop in the backward pass (less memory).
+        gradient_checkpointing: recompute each loop in the backward pass (less memory; a
+            dense baseline recomputes each core block).
         log_every: steps between progress-bar and TensorBoard updates (metrics.jsonl gets
             every step).
         eval_every: steps between validation passes; 0 disables them.

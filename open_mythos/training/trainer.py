@@ -367,6 +367,10 @@ def _schedule_warnings(cfg: TrainConfig, looped: bool, use_act: bool) -> list[st
                        "depth (the default depth of generate, sweep and export) and validates "
                        "at unless schedule.eval_loops says otherwise; end the curriculum "
                        "within the run")
+    if not looped and sched.backprop_loops is not None:
+        out.append(f"schedule.backprop_loops={sched.backprop_loops} truncates the looped "
+                   "block's backward; the dense baseline has no loops and backpropagates "
+                   "through every block (run.gradient_checkpointing saves its memory)")
     if looped and cfg.optim.ponder_weight and not use_act:
         out.append(f"optim.ponder_weight={cfg.optim.ponder_weight:g} with model.use_act = false: "
                    "the ponder cost is the loop count, which no weight changes; the term adds "
@@ -607,6 +611,8 @@ class Trainer:
             self._init_from(core, cfg.run.init_from)
         if is_looped(core):
             core.recurrent.gradient_checkpointing = cfg.run.gradient_checkpointing
+        else:  # the dense baseline recomputes each core block
+            core.gradient_checkpointing = cfg.run.gradient_checkpointing
         core.to(ctx.device)
         if cfg.run.keep_freed_memory and ctx.device.type == "cpu":
             self._kept_freed_memory = keep_freed_memory()  # until train() returns

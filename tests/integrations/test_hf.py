@@ -20,7 +20,7 @@ from open_mythos.integrations.hf import (  # noqa: E402
     OpenMythosHFConfig,
     byte_tokenizer_for_transformers,
 )
-from tests.integrations.conftest import BYTE_VOCAB, byte_model  # noqa: E402
+from tests.integrations.conftest import BYTE_VOCAB, byte_baseline, byte_model  # noqa: E402
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -426,18 +426,21 @@ def test_router_bias_callback_balances_experts_under_the_trainer(tmp_path):
         assert bool(moe.router_bias.abs().sum() > 0) == with_callback
 
 
-def test_gradient_checkpointing_enable_recomputes_loops_with_equal_gradients():
+@pytest.mark.parametrize("kind", ["looped", "dense"])
+def test_gradient_checkpointing_enable_recomputes_loops_with_equal_gradients(kind):
     """transformers' switch (``activation_checkpointing_enable`` since 5.x, formerly
-    ``gradient_checkpointing_enable``) turns on the model's own per-loop checkpointing."""
-    model = byte_model("gqa").train()
-    hf = OpenMythosForCausalLM.from_mythos(model, n_loops=3)
+    ``gradient_checkpointing_enable``) turns on the model's own per-loop checkpointing (the
+    dense baseline's per-block one: transformers said it was not compatible)."""
+    model = (byte_model("gqa") if kind == "looped" else byte_baseline("gqa")).train()
+    hf = OpenMythosForCausalLM.from_mythos(model, **({"n_loops": 3} if kind == "looped" else {}))
+    switch = model.recurrent if kind == "looped" else model
     ids = torch.randint(0, BYTE_VOCAB, (2, 10))
     grads = []
     for enabled in (False, True):
         if enabled:
             (getattr(hf, "activation_checkpointing_enable", None)
              or hf.gradient_checkpointing_enable)()
-        assert model.recurrent.gradient_checkpointing is enabled
+        assert switch.gradient_checkpointing is enabled
         hf.zero_grad(set_to_none=True)
         hf(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None})
@@ -445,7 +448,7 @@ def test_gradient_checkpointing_enable_recomputes_loops_with_equal_gradients():
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
     (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
-    assert not model.recurrent.gradient_checkpointing
+    assert not switch.gradient_checkpointing
 
 
 def test_generate_longer_than_max_seq_len_is_refused_before_decoding():

@@ -379,11 +379,16 @@ def test_cli_exit_status_when_diverging(tmp_path, monkeypatch, capsys):
     assert "diverged" in capsys.readouterr().err
 
 
-def test_gradient_checkpointing_matches_plain_training(tmp_path):
-    plain = tiny_config(tmp_path / "a", run__steps=3)
-    ckpt = tiny_config(tmp_path / "b", run__steps=3, run__gradient_checkpointing=True)
+@pytest.mark.parametrize("core_layers", [None, 2], ids=["looped", "dense"])
+def test_gradient_checkpointing_matches_plain_training(tmp_path, core_layers):
+    """Equal losses, and the switch reaches the model (the dense baseline's was ignored)."""
+    dense = {} if core_layers is None else {"model__core_layers": core_layers}
+    plain = tiny_config(tmp_path / "a", run__steps=3, **dense)
+    ckpt = tiny_config(tmp_path / "b", run__steps=3, run__gradient_checkpointing=True, **dense)
     Trainer(plain).train()
-    Trainer(ckpt).train()
+    trainer = Trainer(ckpt)
+    trainer.train()
+    assert (trainer.core if core_layers else trainer.core.recurrent).gradient_checkpointing
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-6)
 
 
@@ -678,6 +683,12 @@ def test_schedules_the_run_cannot_carry_out_are_warned_about(tmp_path, capsys):
     even = tiny_config(tmp_path / "even", run__steps=8, schedule__warmup_steps=8)
     assert _schedule_warnings(even, looped=True, use_act=True) == []
     assert _schedule_warnings(cfg, looped=False, use_act=False)[1:] == []  # dense: no loops
+    # backprop_loops truncates loops: a dense baseline has none to truncate (ignored silently).
+    truncated = tiny_config(tmp_path / "dense", run__steps=8, schedule__warmup_steps=0,
+                            schedule__backprop_loops=1)
+    assert _schedule_warnings(truncated, looped=True, use_act=True) == []
+    (line,) = _schedule_warnings(truncated, looped=False, use_act=True)
+    assert line.startswith("schedule.backprop_loops=1 truncates the looped block's backward")
 
 
 def test_act_with_one_differentiated_loop_is_warned_about(tmp_path, capsys):
