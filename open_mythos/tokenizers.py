@@ -544,12 +544,16 @@ class MythosTokenizer(Tokenizer):
         return isinstance(piece, str) and _BYTE_FALLBACK.fullmatch(piece) is not None
 
     def _special_ids(self) -> frozenset[int]:
-        """``all_special_ids`` (a list transformers builds at every call: this runs per
-        generated token), kept while the vocabulary keeps its size."""
+        """The ids ``decode(skip_special_tokens=True)`` drops: ``all_special_ids`` and every
+        added token marked special (Llama 3's ``<|eot_id|>`` and reserved tokens are only
+        that), kept while the vocabulary keeps its size (transformers builds these at every
+        call, and this runs per generated token)."""
         n = len(self.tokenizer)
         cached = getattr(self, "_specials", None)
         if cached is None or cached[0] != n:
-            cached = self._specials = (n, frozenset(self.tokenizer.all_special_ids))
+            added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+            marked = {i for i, token in added.items() if getattr(token, "special", False)}
+            cached = self._specials = (n, frozenset(self.tokenizer.all_special_ids) | marked)
         return cached[1]
 
     def _decoder_steps(self) -> list[dict[str, Any]]:

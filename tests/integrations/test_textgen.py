@@ -459,6 +459,35 @@ def test_byte_level_tokens_that_each_end_inside_the_next_character():
     assert offsets[-3:] == [5, 6, 6]  # " ", then the emoji's bytes at the emoji
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_added_tokens_marked_special_only_in_the_tokenizer_file(kind):
+    """Llama 3 registers <|eot_id|> and its reserved tokens as added tokens marked special,
+    outside the special-tokens map: the tokenizer's decode drops them, but the streamed text
+    showed their names (a byte-level decoder), or ended a run of byte tokens there and lost
+    the character the run spelled (byte fallback). Reference: the tokenizer's decode."""
+    from tokenizers import AddedToken
+
+    from open_mythos.tokenizers import MythosTokenizer
+
+    hf = hf_tokenizers()[kind].tokenizer
+    hf.add_tokens([AddedToken("<|reserved|>", special=True)])
+    tok = MythosTokenizer.from_tokenizer(hf)
+    marked = hf.convert_tokens_to_ids("<|reserved|>")
+    assert marked not in hf.all_special_ids  # so the case is what it says
+    if kind == "byte-level":
+        word = hf.encode("ab", add_special_tokens=False)
+        runs = [word + [marked] + hf.encode(" 中文", add_special_tokens=False)]
+    else:
+        word = [hf.convert_tokens_to_ids("\u2581the")]
+        char = [hf.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "中".encode()]
+        runs = [word + char[:2] + [marked] + char[2:] + word,
+                word + char[:1] + [marked] + char[1:] + word]
+    for ids in runs:
+        seq = TextSequence(tok, ())
+        shown = "".join(seq.push(i) for i in ids) + seq.finish("length")
+        assert shown == tok.decode_piece(ids) and "<|reserved|>" not in shown
+
+
 def continuation(tok, prompt: list[int], ids: list[int]) -> str:
     """What generated ``ids`` spell after ``prompt``, from whole decodes: the text that
     ``decode_piece(prompt + ids)`` adds to ``decode_piece(prompt)``. Where the two cannot
