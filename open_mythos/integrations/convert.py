@@ -13,6 +13,7 @@ are copied when found (see :func:`find_tokenizer_dir`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -51,6 +52,11 @@ from ..tokenizers import (
 )
 from ..training.checkpoint import TRAIN_CONFIG_FILE
 from ..training.runfiles import RUN_TOKENIZER_DIR
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: a conversion's folder cannot be locked
+    fcntl = None
 
 # Files that make up a tokenizer (ours or a Hugging Face one); copied as a group.
 TOKENIZER_FILES = (
@@ -382,7 +388,9 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
 
 
 #: The hidden folder inside ``out_dir`` that a conversion writes to before its files move
-#: into ``out_dir``; one whose process is gone is a killed conversion's, removed by the next.
+#: into ``out_dir``. The conversion holds an exclusive ``flock`` on it while it writes: one
+#: nobody holds is a killed conversion's, removed by the next (a PID alone cannot tell: a
+#: container's processes all get the same few PIDs).
 PARTIAL_PREFIX = ".openmythos-export.partial-"
 
 
@@ -406,24 +414,36 @@ def check_out_dir(out_dir: str | Path, *sources: str | Path) -> Path:
                              "the conversion to a directory of its own")
     if out_dir.is_dir():
         for partial in out_dir.glob(f"{PARTIAL_PREFIX}*"):
-            if not _process_alive(partial.name[len(PARTIAL_PREFIX):]):
-                shutil.rmtree(partial, ignore_errors=True)
+            fd = _lock_folder(partial)
+            if fd is None:
+                raise ValueError(f"out_dir {str(out_dir)!r} is being written by another "
+                                 f"conversion (its folder {partial.name} is locked)")
+            try:
+                shutil.rmtree(partial, ignore_errors=True)  # a killed conversion's
+            finally:
+                if fd >= 0:
+                    os.close(fd)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"out_dir {str(out_dir)!r} already exists and is not an empty "
                          "directory (a conversion does not write over files)")
     return out_dir
 
 
-def _process_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
+def _lock_folder(folder: Path) -> int | None:
+    """An exclusive ``flock`` on ``folder``, taken without waiting: its descriptor (close it
+    to release), -1 where the system or filesystem has no locks (nothing to tell a live
+    writer by), None when another process holds it."""
+    if fcntl is None:
+        return -1
+    fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return int(pid) < 2**31  # another user's process, or no pid at all
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        return -1
+    return fd
 
 
 def _convert_into(out_dir: str | Path, sources: tuple[str | Path, ...],
@@ -442,8 +462,10 @@ def _convert_into(out_dir: str | Path, sources: tuple[str | Path, ...],
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f"{PARTIAL_PREFIX}{os.getpid()}"
     moved: list[Path] = []
+    lock = None
     try:
         partial.mkdir()
+        lock = _lock_folder(partial)  # held until the end: a live conversion's folder
         write(partial)
         _readable(partial)
         for child in sorted(partial.iterdir()):
@@ -457,6 +479,9 @@ def _convert_into(out_dir: str | Path, sources: tuple[str | Path, ...],
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    finally:
+        if lock is not None and lock >= 0:
+            os.close(lock)
     return out_dir
 
 

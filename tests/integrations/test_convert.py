@@ -258,6 +258,7 @@ def test_a_failed_conversion_leaves_its_out_dir_as_it_was(tmp_path, monkeypatch)
     directory loaded as a model (with the byte tokenizer a command falls back to) and
     refused the retry as not empty; a tokenizer with more ids than the model's rows was
     not checked at all. Every conversion now checks first and writes atomically."""
+    import os
     import subprocess
     import sys
 
@@ -297,16 +298,24 @@ def test_a_failed_conversion_leaves_its_out_dir_as_it_was(tmp_path, monkeypatch)
                 conversion(source, out)
     assert left() == (["empty"], [])
     monkeypatch.setattr(convert, "save_tokenizer", real)
-    # A conversion still running into a directory (its process alive) keeps it busy; a
-    # killed one's folder is removed by the next.
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive:
+    # A conversion still writing into a directory (it holds its folder's lock) keeps it
+    # busy; a killed one's folder is removed by the next, whatever PID it names (in a
+    # container the retry may have the killed process's PID: it was kept as "alive").
+    busy = tmp_path / "empty" / f"{PARTIAL_PREFIX}1"
+    busy.mkdir()
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", holder, str(busy)], stdout=subprocess.PIPE,
+                          text=True) as writer:
         try:
-            (tmp_path / "empty" / f"{PARTIAL_PREFIX}{alive.pid}").mkdir()
-            with pytest.raises(ValueError, match="not an empty directory"):
+            assert writer.stdout.readline().strip() == "locked"
+            with pytest.raises(ValueError, match=f"being written by another conversion .*"
+                                                 f"{busy.name} is locked"):
                 hf_to_training(hf, tmp_path / "empty")
         finally:
-            alive.kill()
-    alive.wait()  # gone now: its folder is a killed conversion's
+            writer.kill()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / f"{PARTIAL_PREFIX}{os.getpid()}").mkdir()  # killed, same PID
     for out in outs:
         assert same_weights(load_model(hf_to_training(hf, out)).model, load_model(hf).model)
         assert find_tokenizer_dir(out) == out
