@@ -98,20 +98,23 @@ def _staged_report(out: Path, keep_sweep: bool) -> Iterator[Path]:
     whole, the files of the earlier report (:func:`_clear_old_report`) give way to it. A
     report stopped before then (Ctrl-C, a kill) leaves the earlier one as it was."""
     import os
-    import shutil
-    import tempfile
+
+    from ..staging import remove_killed, staging_folder
 
     out.mkdir(parents=True, exist_ok=True)
-    for left in out.glob(".report-*"):  # what a killed report left
-        shutil.rmtree(left, ignore_errors=True)
-    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
-    try:
+    live = remove_killed(out, STAGING_PREFIX)  # a killed report's folder goes
+    if live:
+        raise ValueError(f"another report is being written into {out} (its folder "
+                         f"{live[0].name} is locked); wait for it or choose another --out")
+    with staging_folder(out, STAGING_PREFIX) as stage:
         yield stage
         _clear_old_report(out, keep_sweep)
         for path in stage.iterdir():
             os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+
+#: The hidden folder inside ``--out`` that a report is written to (:mod:`open_mythos.staging`).
+STAGING_PREFIX = ".openmythos-report.partial-"
 
 
 def _clear_old_report(out: Path, keep_sweep: bool) -> None:
@@ -241,8 +244,6 @@ def run(args: argparse.Namespace) -> int:
                                      sweep_options(args, model, task), "report",
                                      legacy_task=task_fingerprint(task, legacy=True))
             rows, base_rows = sweep_models(args, model, baseline, task, progress)
-        if not args.sweep:
-            save_rows([*rows, *base_rows], Path(args.out) / "sweep.json")
         train_loops = args.train_loops or run_train_loops(args.run) or cfg.max_loop_iters
         if args.train_loops is None and is_looped(model) and not training_depth_recorded(args.run):
             print(f"openmythos report: warning: {args.run} does not record the depth it was "
@@ -261,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
             with eval_mode(model):
                 points = task_exit_points(model, examples, exit_loops)
         with _staged_report(Path(args.out), keep_sweep=True) as stage:
+            if not args.sweep:  # the report's own sweep, in place with the rest of it
+                save_rows([*rows, *base_rows], stage / "sweep.json")
             path = write_report(args.run, stage, rows, base_rows, model=model,
                                 baseline=baseline, task=task, train_loops=train_loops,
                                 seed=args.seed, exit_points=points,

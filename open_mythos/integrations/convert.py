@@ -13,9 +13,7 @@ are copied when found (see :func:`find_tokenizer_dir`).
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from ..checkpoints import (
     training_depth_recorded,
 )
 from ..registry import config_dict
+from ..staging import remove_killed, staging_folder
 from ..tokenizers import (
     BYTE_TOKENIZER_FILE,
     ByteTokenizer,
@@ -52,11 +51,6 @@ from ..tokenizers import (
 )
 from ..training.checkpoint import TRAIN_CONFIG_FILE
 from ..training.runfiles import RUN_TOKENIZER_DIR
-
-try:
-    import fcntl
-except ImportError:  # not a POSIX system: a conversion's folder cannot be locked
-    fcntl = None
 
 # Files that make up a tokenizer (ours or a Hugging Face one); copied as a group.
 TOKENIZER_FILES = (
@@ -388,9 +382,8 @@ def training_to_safetensors(checkpoint: str | Path, out_dir: str | Path, *,
 
 
 #: The hidden folder inside ``out_dir`` that a conversion writes to before its files move
-#: into ``out_dir``. The conversion holds an exclusive ``flock`` on it while it writes: one
-#: nobody holds is a killed conversion's, removed by the next (a PID alone cannot tell: a
-#: container's processes all get the same few PIDs).
+#: into ``out_dir`` (:mod:`open_mythos.staging`: locked while written, a killed
+#: conversion's removed by the next).
 PARTIAL_PREFIX = ".openmythos-export.partial-"
 
 
@@ -412,38 +405,14 @@ def check_out_dir(out_dir: str | Path, *sources: str | Path) -> Path:
             what = "the source" if target == path else "a directory holding the source"
             raise ValueError(f"out_dir {str(out_dir)!r} is {what} {str(source)!r}: write "
                              "the conversion to a directory of its own")
-    if out_dir.is_dir():
-        for partial in out_dir.glob(f"{PARTIAL_PREFIX}*"):
-            fd = _lock_folder(partial)
-            if fd is None:
-                raise ValueError(f"out_dir {str(out_dir)!r} is being written by another "
-                                 f"conversion (its folder {partial.name} is locked)")
-            try:
-                shutil.rmtree(partial, ignore_errors=True)  # a killed conversion's
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+    live = remove_killed(out_dir, PARTIAL_PREFIX) if out_dir.is_dir() else []
+    if live:
+        raise ValueError(f"out_dir {str(out_dir)!r} is being written by another conversion "
+                         f"(its folder {live[0].name} is locked)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"out_dir {str(out_dir)!r} already exists and is not an empty "
                          "directory (a conversion does not write over files)")
     return out_dir
-
-
-def _lock_folder(folder: Path) -> int | None:
-    """An exclusive ``flock`` on ``folder``, taken without waiting: its descriptor (close it
-    to release), -1 where the system or filesystem has no locks (nothing to tell a live
-    writer by), None when another process holds it."""
-    if fcntl is None:
-        return -1
-    fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        return -1
-    return fd
 
 
 def _convert_into(out_dir: str | Path, sources: tuple[str | Path, ...],
@@ -460,28 +429,20 @@ def _convert_into(out_dir: str | Path, sources: tuple[str | Path, ...],
     out_dir = check_out_dir(out_dir, *sources)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f"{PARTIAL_PREFIX}{os.getpid()}"
     moved: list[Path] = []
-    lock = None
     try:
-        partial.mkdir()
-        lock = _lock_folder(partial)  # held until the end: a live conversion's folder
-        write(partial)
-        _readable(partial)
-        for child in sorted(partial.iterdir()):
-            child.rename(out_dir / child.name)
-            moved.append(out_dir / child.name)
-        partial.rmdir()
+        with staging_folder(out_dir, PARTIAL_PREFIX) as partial:
+            write(partial)
+            _readable(partial)
+            for child in sorted(partial.iterdir()):
+                child.rename(out_dir / child.name)
+                moved.append(out_dir / child.name)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
         for path in moved:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    finally:
-        if lock is not None and lock >= 0:
-            os.close(lock)
     return out_dir
 
 

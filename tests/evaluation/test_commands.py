@@ -272,9 +272,15 @@ def test_loop_counts():
 
 @pytest.fixture
 def no_sweep(monkeypatch):
-    """Records calls of the sweep instead of running it: the checks must come first."""
+    """Records calls of the sweep instead of running it: the checks must come first. The
+    report command's own name for it is patched too (imported first, so that it is not
+    bound to the recorder for the rest of the session when this is its first import)."""
+    import open_mythos.commands.report as report_command
+
     calls = []
-    monkeypatch.setattr(sweep_command, "sweep_models", lambda *a: calls.append(a) or ([], []))
+    record = lambda *a: calls.append(a) or ([], [])  # noqa: E731
+    monkeypatch.setattr(sweep_command, "sweep_models", record)
+    monkeypatch.setattr(report_command, "sweep_models", record)
     return calls
 
 
@@ -690,4 +696,60 @@ def test_a_report_stopped_midway_leaves_the_earlier_report_whole(runs, tmp_path,
     monkeypatch.setattr(report_mod, "write_report", real)
     assert cli(*args, "--exit-loops", "0") == 0  # then it replaces the old one
     assert not (out / "exit_pareto.png").exists() and (out / "report.md").is_file()
-    assert not list(out.glob(".report-*"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_report_stopped_after_its_sweep_keeps_the_earlier_sweep_json(runs, tmp_path,
+                                                                       monkeypatch):
+    """The report's own sweep.json was written into --out before the report: stopped after
+    the sweep, the directory held the new sweep beside the earlier report's tables."""
+    import open_mythos.evaluation.report as report_mod
+
+    root, _, _ = runs
+    out = tmp_path / "report"
+    args = ("report", "--run", str(root / "looped"), "--n-examples", "3", "--exit-loops", "0",
+            "--out", str(out))
+    assert cli(*args, "--loops", "1-2") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_mod, "write_report", killed)
+    assert cli(*args, "--loops", "1-3") == 130
+    after = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".partial.json")}
+    assert after == before
+
+
+def test_reports_into_one_directory_keep_out_of_each_others_way(runs, tmp_path):
+    """Every `.report-*` entry was removed as a killed report's leftovers: a user's own
+    folder of that name, and the live staging folder of a report running into the same
+    --out (which then failed on a file of its own). Now a locked folder is a live report's:
+    the second is refused; a killed one's is removed; other names are left alone."""
+    import subprocess
+    import sys
+
+    from open_mythos.commands.report import STAGING_PREFIX
+
+    root, _, _ = runs
+    out = tmp_path / "report"
+    (out / ".report-drafts").mkdir(parents=True)
+    (out / ".report-drafts" / "notes.md").write_text("mine")
+    (out / f"{STAGING_PREFIX}1").mkdir()  # a killed report's
+    args = ("report", "--run", str(root / "looped"), "--n-examples", "3", "--exit-loops", "0",
+            "--loops", "1", "--out", str(out))
+    assert cli(*args) == 0
+    assert (out / ".report-drafts" / "notes.md").read_text() == "mine"
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))
+    live = out / f"{STAGING_PREFIX}2"
+    live.mkdir()
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", holder, str(live)], stdout=subprocess.PIPE,
+                          text=True) as writer:
+        try:
+            assert writer.stdout.readline().strip() == "locked"
+            assert cli(*args) == 2
+        finally:
+            writer.kill()
+    assert live.is_dir()
