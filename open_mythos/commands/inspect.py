@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -135,15 +136,43 @@ def run(args: argparse.Namespace) -> int:
                 exit_rule=None if exit_rule is None else dataclasses.asdict(exit_rule))
     top_text = [[_show(_token_text(tokenizer, t)) for t in row]
                 for row in data["top"]]
-    (out / "inspect.json").write_text(json.dumps({**data, "top_text": top_text}, indent=1))
     _print_lens(labels, top_text, data)
     name = (f"{loaded.path.parent.parent.name}/{loaded.path.name}"
             if loaded.path.parent.name == "checkpoints" else loaded.path.name)
-    figures = _plot(out, labels, top_text, data, title=f"{name}: {args.prompt!r}")
-    for stale in set(FIGURES) - {f.name for f in figures}:
-        (out / stale).unlink(missing_ok=True)
-    print("\nwrote " + ", ".join(str(f) for f in [*figures, out / "inspect.json"]))
+    try:
+        written = _write_staged(out, {**data, "top_text": top_text}, labels, top_text, data,
+                                title=f"{name}: {args.prompt!r}")
+    except (OSError, ValueError) as err:  # a full disk, a directory in a file's way
+        print(f"openmythos inspect: error: {err}", file=sys.stderr)
+        return 2
+    print("\nwrote " + ", ".join(str(f) for f in written))
     return 0
+
+
+#: The hidden folder inside ``--out`` that inspect writes to (:mod:`open_mythos.staging`).
+STAGING_PREFIX = ".openmythos-inspect.partial-"
+
+
+def _write_staged(out: Path, record: dict[str, Any], labels: list[str],
+                  top_text: list[list[str]], data: dict[str, Any], title: str) -> list[Path]:
+    """``inspect.json`` and the figures, written into a staging folder and moved into
+    ``out`` once all are written, with an earlier prompt's figures that this one does not
+    draw removed: stopped or failed midway, ``out`` keeps the earlier prompt's files, never
+    a mix of two prompts'."""
+    from ..staging import remove_killed, staging_folder
+
+    if remove_killed(out, STAGING_PREFIX):
+        raise ValueError(f"another inspect is writing into {out}; wait for it or choose "
+                         "another --out")
+    with staging_folder(out, STAGING_PREFIX) as stage:
+        (stage / "inspect.json").write_text(json.dumps(record, indent=1))
+        figures = _plot(stage, labels, top_text, data, title=title)
+        for stale in set(FIGURES) - {f.name for f in figures}:
+            (out / stale).unlink(missing_ok=True)
+        written = [*figures, stage / "inspect.json"]
+        for path in written:
+            os.replace(path, out / path.name)
+    return [out / path.name for path in written]
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:

@@ -83,3 +83,33 @@ def test_inspect_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["inspect", "--checkpoint", str(run), "--prompt", "01", "--n-loops", "9",
                  "--out", str(tmp_path / "x")]) == 2
     assert "too large a readout" in capsys.readouterr().err
+
+
+def test_inspect_stopped_or_failing_midway_leaves_the_earlier_prompts_files(
+        tmp_path, capsys, monkeypatch):
+    """inspect.json was written into --out first, the figures after it and the earlier
+    prompt's stale figures last: Ctrl-C or a full disk in between left the new prompt's JSON
+    beside the old prompt's figures (and a traceback). Reference: the earlier files."""
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, run__steps=1, model__use_act=False)).train()
+    out = tmp_path / "inspect"
+    args = ["inspect", "--checkpoint", str(run), "--out", str(out)]
+    assert main([*args, "--prompt", "0110", "--n-loops", "3", "--exit-kl", "0.01"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"inspect.json", "lens.png", "kl.png", "depth.png"} <= set(before)
+    real = inspect_command._plot_kl
+
+    def fails(error):
+        def plot(*a, **kw):
+            raise error
+        return plot
+
+    for error, code in ((KeyboardInterrupt(), 130), (OSError(28, "No space left on device"), 2)):
+        monkeypatch.setattr(inspect_command, "_plot_kl", fails(error))
+        assert main([*args, "--prompt", "11111111", "--n-loops", "2"]) == code
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert "No space left on device" in capsys.readouterr().err.splitlines()[-1]
+    monkeypatch.setattr(inspect_command, "_plot_kl", real)
+    assert main([*args, "--prompt", "11111111", "--n-loops", "2"]) == 0
+    assert json.loads((out / "inspect.json").read_text())["n_loops"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["inspect.json", "kl.png", "lens.png"]
