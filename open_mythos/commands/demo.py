@@ -667,6 +667,11 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     try:
         return _run(args, task, start)
+    except BrokenPipeError:  # the reader went away (| head): the CLI ends quietly
+        raise
+    except OSError as err:  # a full disk, a directory in a file's way
+        print(f"openmythos demo: error: {err}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads)  # as the caller had it (run in-process by tests)
 

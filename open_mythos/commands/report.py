@@ -271,7 +271,9 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.out) / path.name
         if progress is not None:
             progress.finish()
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except BrokenPipeError:  # the reader went away (| head): the CLI ends quietly
+        raise
+    except (OSError, ValueError, KeyError) as err:  # OSError: a full disk, a directory in the way
         print(f"openmythos report: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

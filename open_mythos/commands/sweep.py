@@ -420,7 +420,9 @@ def run(args: argparse.Namespace) -> int:
             return 130
         path = save_rows([*rows, *base_rows], args.out)
         progress.finish()
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except BrokenPipeError:  # the reader went away (| head): the CLI ends quietly
+        raise
+    except (OSError, ValueError, KeyError) as err:  # OSError: a full disk, a directory in the way
         print(f"openmythos sweep: error: {err}", file=sys.stderr)
         return 2
     rules = sorted({r.exit_rule for r in rows} - {""})

@@ -753,3 +753,20 @@ def test_reports_into_one_directory_keep_out_of_each_others_way(runs, tmp_path):
         finally:
             writer.kill()
     assert live.is_dir()
+
+
+def test_a_file_that_cannot_be_written_is_one_line(runs, tmp_path, capsys):
+    """A full disk or a directory where a file goes ended sweep and report in a traceback
+    (exit 1): only FileNotFoundError was caught of the OSErrors."""
+    root, _, _ = runs
+    (tmp_path / "s.json.partial.json").mkdir()  # where the sweep keeps its rows
+    assert cli("sweep", "--checkpoint", str(root / "looped"), "--loops", "1", "--n-examples",
+               "2", "--out", str(tmp_path / "s.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "s.json.partial.json" in err, err
+    (tmp_path / "report" / "sweep.json").mkdir(parents=True)
+    assert cli("report", "--run", str(root / "looped"), "--loops", "1", "--n-examples", "2",
+               "--exit-loops", "0", "--out", str(tmp_path / "report")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("openmythos report: error:") and "sweep.json" in err[-1], err
+    assert "Traceback" not in "\n".join(err)
