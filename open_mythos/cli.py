@@ -47,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The options (argparse destinations) of every command whose value is a path.
+PATH_OPTIONS = ("out", "checkpoint", "run", "baseline", "sweep", "config", "verify",
+                "tokenizer", "text", "prepared")
+
+
+def expand_home(args: argparse.Namespace) -> None:
+    """``~`` at the start of a path option's value is the home directory, for every command
+    alike: a quoted path (``--out "~/runs/x"``) or ``--out=~/x`` reaches the program with the
+    ``~`` the shell did not expand; some commands expanded it and others created a folder
+    named ``~`` in the working directory, or read nothing and said so in a report."""
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v
+                                 for v in value])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status
     (130 after Ctrl-C, with one line instead of a traceback, also while the commands load;
@@ -59,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports every command: seconds, where Ctrl-C may come
         args = parser.parse_args(argv)
+        expand_home(args)
         command = f" {args.command}"
         import_user_modules(parser, args.imports)
         if watched is None and args.command in WRITES_RESULTS:

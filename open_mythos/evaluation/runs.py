@@ -30,7 +30,7 @@ def read_train_config(path: str | Path) -> Any | None:
     from ..training.config import load_config
     from ..training.runfiles import with_own_tokenizer
 
-    path = Path(path)
+    path = Path(path).expanduser()
     ckpt = _checkpoint_of(path)
     run_dir = ckpt.parent.parent if ckpt and ckpt.parent.name == CHECKPOINT_DIR else path
     for candidate in (ckpt / TRAIN_CONFIG_FILE if ckpt else None, path / RUN_CONFIG_FILE):

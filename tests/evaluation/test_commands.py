@@ -770,3 +770,25 @@ def test_a_file_that_cannot_be_written_is_one_line(runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("openmythos report: error:") and "sweep.json" in err[-1], err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_a_quoted_home_directory_is_the_home_directory_in_every_command(runs, tmp_path,
+                                                                         monkeypatch):
+    """``--out "~/x"`` reaches the program unexpanded: sweep and report made a folder named
+    ``~`` in the working directory, report --run "~/run" found no training config (a task
+    run said it recorded no task) and --sweep "~/s.json" no file."""
+    import shutil
+
+    root, _, _ = runs
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    shutil.copytree(root / "looped", home / "looped")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert cli("sweep", "--checkpoint", "~/looped", "--loops", "1", "--n-examples", "2",
+               "--out", "~/s.json") == 0
+    assert cli("report", "--run", "~/looped", "--sweep", "~/s.json", "--exit-loops", "0",
+               "--out", "~/rep") == 0
+    assert (home / "s.json").is_file() and (home / "rep" / "report.md").is_file()
+    assert "training_curves.png" in {p.name for p in (home / "rep").iterdir()}
+    assert not list(cwd.iterdir())
