@@ -263,7 +263,7 @@ class ExitRule:
 def _type_note(value: object) -> str:
     """`` (a Tensor)`` after a value whose type its repr does not show, such as a tensor
     (a Python or NumPy number is what a rule takes)."""
-    if isinstance(value, (int, float, str)) or value is None:
+    if isinstance(value, (numbers.Real, str)) or value is None:  # NumPy's numbers too
         return ""
     return f" (a {type(value).__name__}: pass a Python number)"
 

@@ -205,6 +205,11 @@ def test_exit_rule_arguments_are_checked():
         kl=0.5, entropy=None, rel_change=None, argmax_streak=2, min_loops=3)
     with pytest.raises(ValueError, match="a Tensor: pass a Python number"):
         ExitRule(kl=torch.tensor(0.1))
+    # A NumPy number out of range is refused for its range, not its type.
+    for bad in (dict(kl=np.float32(-0.5)), dict(kl=0.1, min_loops=np.int64(0))):
+        with pytest.raises(ValueError) as err:
+            ExitRule(**bad)
+        assert "pass a Python number" not in str(err.value)
     model = looped_model("gqa")
     ids = torch.randint(0, 97, (1, 4))
     with pytest.raises(ValueError, match="compile"):
