@@ -115,24 +115,40 @@ def tokenizer_identity(tokenizer: Any, spec: str) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
     identity = {"spec": spec, "class": payload["class"], "vocab_size": tokenizer.vocab_size,
                 "eos_token_id": tokenizer.eos_token_id, "fingerprint": digest}
-    pipeline = _pipeline(tokenizer)
+    pipeline = _pipeline_digest(tokenizer)
     if pipeline is not None:
-        identity["pipeline"] = hashlib.sha256(pipeline.encode()).hexdigest()
+        identity["pipeline"] = pipeline
     return identity
 
 
-def _pipeline(tokenizer: Any) -> str | None:
+#: The parts of ``tokenizer.json`` that turn a text into ids as training encodes it (no
+#: special tokens added around a text, so the post-processor's template does not count,
+#: nor the decoder, which turns ids back into text).
+_PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "model", "added_tokens")
+
+
+def _pipeline(tokenizer: Any, legacy: bool = False) -> str | None:
     """How a Hugging Face fast tokenizer turns text into ids, as text: its normaliser,
-    pre-tokeniser, model (merges) and added tokens (``tokenizer.json``), with the
-    truncation and padding settings left out (they are call options). None for the byte
+    pre-tokeniser, model (merges) and added tokens (``tokenizer.json``). ``legacy``: the
+    whole ``tokenizer.json`` less its truncation and padding, as manifests written before
+    2026-12-08 hash it (an export's tokenizer, whose BOS template ``openmythos export``
+    removes, was refused for data prepared with the run's own). None for the byte
     tokenizer and tokenizers without a serialisable pipeline."""
     backend = getattr(getattr(tokenizer, "tokenizer", None), "backend_tokenizer", None)
     if backend is None:
         return None
     spec = json.loads(backend.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
+    if legacy:
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = {key: spec.get(key) for key in _PIPELINE_PARTS}
     return json.dumps(spec, sort_keys=True, ensure_ascii=False)
+
+
+def _pipeline_digest(tokenizer: Any, legacy: bool = False) -> str | None:
+    pipeline = _pipeline(tokenizer, legacy)
+    return None if pipeline is None else hashlib.sha256(pipeline.encode()).hexdigest()
 
 
 @dataclass
@@ -364,7 +380,8 @@ class PreparedData:
         want = self.manifest["tokenizer"]
         have = tokenizer_identity(tokenizer, spec)
         if ("pipeline" in want and have["fingerprint"] == want["fingerprint"]
-                and have.get("pipeline") != want["pipeline"]):
+                and want["pipeline"] not in (have.get("pipeline"),
+                                             _pipeline_digest(tokenizer, legacy=True))):
             raise ConfigError(
                 f"data.prepared={str(self.path)!r} was tokenised with {want['spec']!r}, and "
                 f"data.tokenizer={spec!r} has the same vocabulary but turns text into ids "

@@ -320,6 +320,41 @@ def test_a_prepared_dir_of_another_tokenizer_is_refused(corpus, tmp_path):
     load_data_tokenizer(str(bpe_dir)).tokenizer.save_pretrained(tmp_path / "bpe-again")
     build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe"),
                                  tokenizer=str(tmp_path / "bpe-again"), seq_len=8), seed=0)
+    # A BOS template and another decoder change no id training encodes (it adds no special
+    # tokens around a text): the same tokenizer. An export removes its run's template, and
+    # the export's tokenizer was refused for the data prepared with the run's.
+    templated = tmp_path / "bpe-templated"
+    shutil.copytree(bpe_dir, templated)
+    spec = json.loads((templated / "tokenizer.json").read_text())
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<eos>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<eos>": {"id": "<eos>",
+                                                           "ids": [hf.eos_token_id],
+                                                           "tokens": ["<eos>"]}}}
+    spec["decoder"] = {"type": "Fuse"}
+    (templated / "tokenizer.json").write_text(json.dumps(spec))
+    hf_templated = load_data_tokenizer(str(templated)).tokenizer
+    assert hf_templated.encode("Hello")[0] == hf.eos_token_id  # the template is there
+    prepare([str(root)], tmp_path / "prep-templated", str(templated))
+    for data, tok in (("prep-bpe", templated), ("prep-templated", bpe_dir)):
+        build_data_source(DataConfig(prepared=str(tmp_path / data), tokenizer=str(tok),
+                                     seq_len=8), seed=0)
+    # A manifest that hashed the whole tokenizer.json (before 2026-12-08) still matches it.
+    from open_mythos.training.prepare import _pipeline_digest
+
+    manifest = tmp_path / "prep-bpe" / "manifest.json"
+    legacy = json.loads(manifest.read_text())
+    legacy["tokenizer"]["pipeline"] = _pipeline_digest(load_data_tokenizer(str(bpe_dir)),
+                                                       legacy=True)
+    manifest.write_text(json.dumps(legacy))
+    build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe"), tokenizer=str(bpe_dir),
+                                 seq_len=8), seed=0)
+    with pytest.raises(ConfigError, match="turns text into ids another way"):
+        build_data_source(DataConfig(prepared=str(tmp_path / "prep-bpe"),
+                                     tokenizer=str(lower)), seed=0)
     # A manifest written before the pipeline was recorded is checked by its vocabulary.
     manifest = tmp_path / "prep-bpe" / "manifest.json"
     old = json.loads(manifest.read_text())
