@@ -87,6 +87,14 @@ class Tokenizer(ABC):
             return b""
         return self.token_bytes(token_id)
 
+    def special_token_id(self, name: str) -> int | None:
+        """The id of the special token spelt ``name`` exactly (``"<eos>"``), or None. The
+        default knows BOS, EOS and the pad token."""
+        for i in (self.bos_token_id, self.eos_token_id, self.pad_token_id):
+            if i is not None and name == self.decode([i], skip_special_tokens=False):
+                return i
+        return None
+
     @property
     def decodes_bytes(self) -> bool:
         """Whether :meth:`decode_piece` is exactly the UTF-8 decoding of its tokens'
@@ -542,6 +550,16 @@ class MythosTokenizer(Tokenizer):
             return False
         piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
         return isinstance(piece, str) and _BYTE_FALLBACK.fullmatch(piece) is not None
+
+    def special_token_id(self, name: str) -> int | None:
+        """The id of the special token spelt ``name`` exactly: any that the tokenizer's
+        decode drops (the special-tokens map and added tokens marked special, such as
+        ``<|endoftext|>``, ``<unk>`` or Llama 3's ``<|eot_id|>``)."""
+        i = self.tokenizer.convert_tokens_to_ids(name)  # <unk>'s id for any unknown name
+        if (isinstance(i, int) and i in self._special_ids()
+                and self.tokenizer.convert_ids_to_tokens(i) == name):
+            return i
+        return super().special_token_id(name)
 
     def _special_ids(self) -> frozenset[int]:
         """The ids ``decode(skip_special_tokens=True)`` drops: ``all_special_ids`` and every

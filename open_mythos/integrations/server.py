@@ -288,14 +288,15 @@ class CompletionService:
 
     def encode_text(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         """Token ids of a text prompt (``/tokenize`` and ``/v1/completions``). A prompt that
-        is exactly the name of a special token (``<eos>``) is that token; inside longer
+        is exactly the name of a special token (``<eos>``; any of the tokenizer's:
+        :meth:`Tokenizer.special_token_id`) is that token; inside longer
         text the name is its characters, as the byte tokenizer encodes it.
         ``add_special_tokens=None``: BOS first when the tokenizer adds it by default (a
         task run's, trained on ``BOS prompt answer``); True: BOS first if it has one."""
         tok = self.tokenizer
-        for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
-            if i is not None and text == tok.decode([i], skip_special_tokens=False):
-                return [i]
+        special = tok.special_token_id(text)  # any special token's name, <|endoftext|> too
+        if special is not None:
+            return [special]
         if add_special_tokens and tok.bos_token_id is None:
             add_special_tokens = False  # as vLLM's default: nothing to add (it was a 400)
         try:

@@ -512,3 +512,30 @@ def test_echo_returns_the_prompt_as_sent():
         assert set(call.echo_texts) == {want}, (prompt, logprobs)
     call = service.prepare_completion(CompletionRequest(prompt=text, max_tokens=1))
     assert call.echo_texts == [""]
+
+
+def test_a_prompt_that_is_any_special_tokens_name_is_that_token():
+    """Only BOS, EOS and the pad token were taken for their names: ``<|endoftext|>`` or an
+    added token marked special (Llama 3's kind) was encoded as its characters, and the
+    server's greedy continuation differed from the one documented. An unknown name is text
+    (a tokenizer gives <unk>'s id for a name it lacks)."""
+    import types
+
+    from tokenizers import AddedToken
+
+    from open_mythos.tokenizers import MythosTokenizer
+    from tests.integrations.conftest import hf_tokenizers
+
+    for kind in ("byte-level", "sentencepiece", "wordpiece"):
+        hf = hf_tokenizers()[kind].tokenizer
+        hf.add_tokens([AddedToken("<|endoftext|>", special=True)])
+        tok = MythosTokenizer.from_tokenizer(hf)
+        service = types.SimpleNamespace(tokenizer=tok)
+        marked = hf.convert_tokens_to_ids("<|endoftext|>")
+        assert CompletionService.encode_text(service, "<|endoftext|>") == [marked]
+        for name in hf.all_special_tokens:
+            assert CompletionService.encode_text(service, name) == [
+                hf.convert_tokens_to_ids(name)], (kind, name)
+        for text in ("zzqx", "a<|endoftext|>", "<|endoftext|> "):
+            assert CompletionService.encode_text(service, text) == tok.encode(text), (kind, text)
+            assert marked not in CompletionService.encode_text(service, text)
