@@ -263,6 +263,9 @@ class StreamingTextSource(DataSource):
         self.vocab_size, self.seq_len, self.batch_size = tokenizer.vocab_size, seq_len, cfg.batch_size
         self._n_val = n_val_windows
         self._last: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
+        # Where the stream stood before a batch that could not be read whole: the state to
+        # save, so that a resume continues from there rather than replaying the stream.
+        self._before_failed: dict[str, Any] | None = None
         self._val = self._take(self._windows(), n_val_windows)
         self._iter = self._windows()
         self._take(self._iter, n_val_windows)
@@ -301,8 +304,14 @@ class StreamingTextSource(DataSource):
             if first < self._next:  # an earlier position: restart the stream
                 self._iter = self._windows()
                 self._take(self._iter, self._n_val)
-            self._take(self._iter, first - self._next)
-            rows = self._take(self._iter, per_batch)
+            before = self._iter.state_dict()
+            try:
+                self._take(self._iter, first - self._next)
+                rows = self._take(self._iter, per_batch)
+            except (DataUnreadable, DataExhausted):
+                self._before_failed = before  # the batch's windows read so far are lost
+                raise
+            self._before_failed = None
         chunk = torch.from_numpy(np.stack(rows))
         full = {"input_ids": chunk[:, :-1].contiguous(), "targets": chunk[:, 1:].contiguous()}
         if split == VAL:
@@ -314,7 +323,11 @@ class StreamingTextSource(DataSource):
     keeps_state = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_val": self._n_val, **self._iter.state_dict()}
+        """Where the training stream stands: after the last batch read whole (a batch that
+        failed midway is read again from its first window)."""
+        stream = (self._before_failed if self._before_failed is not None
+                  else self._iter.state_dict())
+        return {"n_val": self._n_val, **stream}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the training stream from ``state``.
@@ -333,7 +346,7 @@ class StreamingTextSource(DataSource):
             self._n_val = n_val
             self._val = self._take(self._windows(), n_val)
         self._iter = self._windows(state)
-        self._last = None
+        self._last = self._before_failed = None
 
     def describe(self) -> str:
         return f"hf dataset {self._cfg.hf_dataset!r} (streamed), seq_len {self.seq_len}"

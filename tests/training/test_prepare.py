@@ -468,6 +468,45 @@ def test_streamed_dataset_resumes_from_its_saved_state(tmp_path, offline_dataset
     assert torch.equal(val, windows(0, 4)[[0, 1, 2, 3, 0, 1], :-1])
 
 
+def test_a_stream_stopped_by_an_unreadable_row_resumes_from_its_last_whole_batch(
+        tmp_path, offline_datasets):
+    """A row that is not text stops the run (DataUnreadable) with its steps saved, but the
+    state saved was where the failed batch had read to: the resume, asked for that batch,
+    found the stream past it and replayed it from its first row. Reference: the batch a
+    clean stream gives, and the documents tokenised on resuming."""
+    from open_mythos.training.data import DataUnreadable
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    docs = [d for d in DOCS for _ in range(3)]
+    bad = 9
+    rows = [json.dumps({"text": None if i == bad else d}) + "\n" for i, d in enumerate(docs)]
+    (hub / "train.jsonl").write_text("".join(rows))
+    cfg = DataConfig(hf_dataset=str(hub), seq_len=16, batch_size=2)
+    n_val = 2
+    first = StreamingTextSource(cfg, ByteTokenizer(), 16, n_val)
+    index = 0
+    with pytest.raises(DataUnreadable):
+        while True:
+            first.batch(TRAIN, index)
+            index += 1
+    assert index > 1  # it failed inside a later batch, not in the first
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    clean = StreamingTextSource(cfg, ByteTokenizer(), 16, n_val)
+    tok = CountingTokenizer()
+    resumed = StreamingTextSource(cfg, tok, 16, n_val)
+    calls_at_start = tok.calls
+    resumed.load_state_dict(state)
+    batch = resumed.batch(TRAIN, index)
+    assert torch.equal(batch["input_ids"], clean.batch(TRAIN, index)["input_ids"])
+    # Continued from before the failed batch: about its own documents tokenised, not the
+    # stream's from its first row.
+    assert tok.calls - calls_at_start <= 3, tok.calls - calls_at_start
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_on_prepared_data_match_one_process(corpus, tmp_path):
