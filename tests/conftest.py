@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,21 @@ def load_script(path: Path, name: str, monkeypatch) -> object:
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def folder_locked_by_another_process(folder: Path) -> Iterator[None]:
+    """``folder`` held with ``flock`` by a live process of its own, as a command still
+    writing into it holds it (:mod:`open_mythos.staging`), while the block runs."""
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", holder, str(folder)], stdout=subprocess.PIPE,
+                          text=True) as writer:
+        try:
+            assert writer.stdout.readline().strip() == "locked"
+            yield
+        finally:
+            writer.kill()
 
 
 def load_benchmark(name: str, monkeypatch) -> object:

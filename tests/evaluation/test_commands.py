@@ -726,10 +726,8 @@ def test_reports_into_one_directory_keep_out_of_each_others_way(runs, tmp_path):
     folder of that name, and the live staging folder of a report running into the same
     --out (which then failed on a file of its own). Now a locked folder is a live report's:
     the second is refused; a killed one's is removed; other names are left alone."""
-    import subprocess
-    import sys
-
     from open_mythos.commands.report import STAGING_PREFIX
+    from tests.conftest import folder_locked_by_another_process
 
     root, _, _ = runs
     out = tmp_path / "report"
@@ -743,15 +741,8 @@ def test_reports_into_one_directory_keep_out_of_each_others_way(runs, tmp_path):
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
     live = out / f"{STAGING_PREFIX}2"
     live.mkdir()
-    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
-    with subprocess.Popen([sys.executable, "-c", holder, str(live)], stdout=subprocess.PIPE,
-                          text=True) as writer:
-        try:
-            assert writer.stdout.readline().strip() == "locked"
-            assert cli(*args) == 2
-        finally:
-            writer.kill()
+    with folder_locked_by_another_process(live):
+        assert cli(*args) == 2
     assert live.is_dir()
 
 

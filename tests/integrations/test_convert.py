@@ -259,8 +259,6 @@ def test_a_failed_conversion_leaves_its_out_dir_as_it_was(tmp_path, monkeypatch)
     refused the retry as not empty; a tokenizer with more ids than the model's rows was
     not checked at all. Every conversion now checks first and writes atomically."""
     import os
-    import subprocess
-    import sys
 
     from open_mythos.integrations import convert
     from open_mythos.integrations.convert import (
@@ -268,6 +266,7 @@ def test_a_failed_conversion_leaves_its_out_dir_as_it_was(tmp_path, monkeypatch)
         find_tokenizer_dir,
         training_to_safetensors,
     )
+    from tests.conftest import folder_locked_by_another_process
 
     class Wide(ByteTokenizer):  # more ids than the model's 259 embedding rows
         vocab_size = 300
@@ -303,17 +302,10 @@ def test_a_failed_conversion_leaves_its_out_dir_as_it_was(tmp_path, monkeypatch)
     # container the retry may have the killed process's PID: it was kept as "alive").
     busy = tmp_path / "empty" / f"{PARTIAL_PREFIX}1"
     busy.mkdir()
-    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
-    with subprocess.Popen([sys.executable, "-c", holder, str(busy)], stdout=subprocess.PIPE,
-                          text=True) as writer:
-        try:
-            assert writer.stdout.readline().strip() == "locked"
-            with pytest.raises(ValueError, match=f"being written by another conversion .*"
-                                                 f"{busy.name} is locked"):
-                hf_to_training(hf, tmp_path / "empty")
-        finally:
-            writer.kill()
+    with folder_locked_by_another_process(busy):
+        with pytest.raises(ValueError, match=f"being written by another conversion .*"
+                                             f"{busy.name} is locked"):
+            hf_to_training(hf, tmp_path / "empty")
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / f"{PARTIAL_PREFIX}{os.getpid()}").mkdir()  # killed, same PID
     for out in outs:
