@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -194,6 +195,7 @@ class DenseBaseline(CausalLM):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_dim = type(self.core[0].attn).rope_dim(cfg)
         self.gradient_checkpointing = False
+        self._replaying = False  # inside a checkpoint's recomputation
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -249,7 +251,7 @@ class DenseBaseline(CausalLM):
         states = {}
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.core):
-            x = (_checkpointed(layer, x, ctx, f"core_{i}") if recompute
+            x = (self._checkpointed(layer, x, ctx, f"core_{i}") if recompute
                  else layer(x, ctx, f"core_{i}"))
             if i + 1 in keep:
                 states[i + 1] = x
@@ -258,29 +260,37 @@ class DenseBaseline(CausalLM):
     def max_readout_depth(self, n_loops: int) -> int:
         return self.cfg.core_layers
 
+    def _checkpointed(self, layer: TransformerBlock, x: torch.Tensor, ctx: AttnContext,
+                      key: str) -> torch.Tensor:
+        """``layer(x, ctx, key)`` recomputed in the backward pass (non-reentrant activation
+        checkpointing). The recomputation reads a KV cache as the forward left it without
+        writing it again (:attr:`AttnContext.replay`): later chunks may have written since.
+        (The flag is set by the recomputation's context, a function of the module: dynamo
+        refuses a closure there.)"""
 
-def _checkpointed(layer: TransformerBlock, x: torch.Tensor, ctx: AttnContext, key: str
-                  ) -> torch.Tensor:
-    """``layer(x, ctx, key)`` recomputed in the backward pass (non-reentrant activation
-    checkpointing). The recomputation reads a KV cache as the forward left it without
-    writing it again (:attr:`AttnContext.replay`): later chunks may have written since."""
-    recomputing = False
+        def run(x: torch.Tensor) -> torch.Tensor:
+            replay = self._replaying and ctx.cache is not None
+            return layer(x, dataclasses.replace(ctx, replay=True) if replay else ctx, key)
+
+        if torch.compiler.is_compiling():
+            # Traced into the graph (``--compile model``): the backward's recomputation is
+            # the graph's own, which replays no cache write, and a context_fn there must
+            # make TorchDispatchModes.
+            return checkpoint(run, x, use_reentrant=False)
+        return checkpoint(run, x, use_reentrant=False,
+                          context_fn=functools.partial(_checkpoint_contexts, self))
 
     @contextlib.contextmanager
-    def replaying() -> Iterator[None]:
-        nonlocal recomputing
-        recomputing = True
+    def _recomputing(self) -> Iterator[None]:
+        self._replaying = True
         try:
             yield
         finally:
-            recomputing = False
+            self._replaying = False
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        replay = recomputing and ctx.cache is not None
-        return layer(x, dataclasses.replace(ctx, replay=True) if replay else ctx, key)
 
-    return checkpoint(run, x, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), replaying()))
+def _checkpoint_contexts(model: DenseBaseline) -> tuple[contextlib.AbstractContextManager, ...]:
+    return contextlib.nullcontext(), model._recomputing()
 
 
 # NOTE: these lived here before the registry of model kinds; the registry imports this

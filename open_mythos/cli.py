@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The options (argparse destinations) of every command whose value is a path.
+#: The options (argparse destinations) of the commands whose value is a path. (``train``'s
+#: flags set configuration keys, whose paths the training configuration expands itself.)
 PATH_OPTIONS = ("out", "checkpoint", "run", "baseline", "sweep", "config", "verify",
-                "tokenizer", "text", "prepared")
+                "tokenizer")
 
 
 def expand_home(args: argparse.Namespace) -> None:
@@ -61,9 +62,6 @@ def expand_home(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if isinstance(value, str) and value.startswith("~"):
             setattr(args, name, os.path.expanduser(value))
-        elif isinstance(value, list):
-            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v
-                                 for v in value])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

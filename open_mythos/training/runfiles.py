@@ -78,7 +78,8 @@ def resume_config(run_dir: str | Path, overrides: Iterable[tuple[str, Any]] = ()
     A tokenizer directory that no longer exists is replaced by the run's own copy
     (``run_dir/tokenizer``) when there is one.
     """
-    path = Path(run_dir) / RUN_CONFIG_FILE
+    run_dir = Path(run_dir).expanduser()  # "~/run" as run.out reads it
+    path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
         return None
     return with_own_tokenizer(load_config(path, overrides), run_dir)

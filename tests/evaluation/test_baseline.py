@@ -174,3 +174,21 @@ def test_gradient_checkpointing_recomputes_each_core_block_with_equal_gradients(
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-10, atol=1e-12, msg=name)
     assert ckpt_saved < 0.6 * plain_saved
     torch.testing.assert_close(ckpt_after, plain_after, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_checkpointing_compiles_as_one_graph_with_equal_gradients():
+    """``--compile model`` with checkpointing: a closure as checkpoint's context_fn made
+    dynamo fail ("checkpoint not implemented for NestedUserFunctionVariable")."""
+    torch.manual_seed(0)
+    model = DenseBaseline(matched_baseline_config(tiny_config("gqa"), 2)).train()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for compiled in (False, True):
+        model.gradient_checkpointing = compiled
+        model.zero_grad(set_to_none=True)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        run(ids).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7,
+                                   msg=name)

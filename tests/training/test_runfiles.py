@@ -164,3 +164,16 @@ def test_copy_tokenizer_skips_task_runs_and_non_local_tokenizers(tmp_path):
     hub = load_config(None, [("data.tokenizer", "gpt2")])
     assert copy_tokenizer(task, tmp_path) is None and copy_tokenizer(hub, tmp_path) is None
     assert not (tmp_path / "tokenizer").exists()
+
+
+def test_resume_of_a_run_named_with_a_quoted_home_directory(tmp_path, monkeypatch, capsys):
+    """``--out "~/run"`` (the shell leaves a quoted ~): the run was written under the home
+    directory, but ``--resume`` without ``--config`` looked for its config.toml under a
+    folder named ``~`` and refused the checkpoint as a changed model."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(TINY), "--no-progress", "--steps", "2",
+                 "--out", "~/run"]) == 0
+    assert main(["train", "--no-progress", "--steps", "3", "--out", "~/run", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "home" / "run")] == [1, 2, 3]
+    assert not (tmp_path / "~").exists()
