@@ -39,7 +39,10 @@ class MultiHop(Task):
     distractors point to earlier variables). Without it, a fixed-length prompt holds fewer
     digits the longer its chain (about ``1 + (statements - hops) / 2``), so a long chain
     can be answered by elimination, without following it; with it, guessing a digit from
-    the prompt is right ``1 / digits`` of the time at every chain length.
+    the prompt is right ``1 / digits`` of the time at every chain length. A chain that ends
+    open (``open_ends``) has a letter for its answer and ``digits - 1`` digits in its
+    prompt, so the count of digits tells an open end from a closed one (the deepest chain
+    leaves no room for another digit-valued distractor); ``decoys`` hides it instead.
 
     ``open_ends`` (default 0): the probability that the query chain ends, instead of at a
     digit, at a variable that no assignment defines (``"a=b;b=x?a"``: the answer is
@@ -98,11 +101,13 @@ class MultiHop(Task):
             if not deepest <= statements <= room:
                 raise ValueError(f"statements must be in [{deepest}, {room}] (the longest "
                                  f"chain to the number of variables{why}), got {statements}")
-        elif ood[1] + self.distractors[1] > len(VARIABLES):
+        elif ood[1] + max(self.distractors[1], self.open_ends > 0) > len(VARIABLES):
+            # (At the limit an open end takes a distractor's variable: with none, its own.)
             raise ValueError(
                 f"ood_hops[1] + distractors[1] must be <= {len(VARIABLES)} variables, "
                 f"got {ood[1]} + {self.distractors[1]}"
-            )
+                + (" (an open end of open_ends > 0 needs one: distractors[1] counts as 1)"
+                   if self.open_ends > 0 and not self.distractors[1] else ""))
         if not isinstance(decoys, bool):
             raise ValueError(f"decoys must be true or false, got {decoys!r}")
         if decoys:
@@ -138,7 +143,7 @@ class MultiHop(Task):
         # Drawn only when asked for: the examples of open_ends=0 are those of before.
         n_open = int(self.open_ends > 0 and rng.random() < self.open_ends)  # 1: open end
         if self.statements is None:  # at the limit, the open end's variable is a distractor's
-            n_extra = min(n_extra, len(VARIABLES) - level - n_open)
+            n_extra = max(0, min(n_extra, len(VARIABLES) - level - n_open))
         if level + n_extra + n_open > len(VARIABLES):
             raise ValueError(f"level {level} needs more than {len(VARIABLES)} variables"
                              + (" (one is the open end)" if n_open else ""))

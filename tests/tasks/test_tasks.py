@@ -753,3 +753,24 @@ def test_register_task_names_a_missing_class_attribute():
     with pytest.raises(TypeError, match="needs the class attribute 'level_name'"):
         register_task(type("NoLevel", (Parity,), {"name": "nolevel", "level_name": ""}))
     assert "nolevel" not in TASKS
+
+
+def test_multihop_past_its_variables_is_a_clear_error():
+    """A chain needing more than 26 variables (a sweep's hops=27; 26 hops with an open end)
+    raised a bare IndexError, and a task whose ood split reached 26 hops with open ends and
+    no distractors was accepted, then failed at random inside its own split."""
+    task = MultiHop()
+    rng = random.Random(0)
+    assert task.level_of(task.generate_at(rng, 26).prompt) == 26
+    for level in (27, 30):
+        with pytest.raises(ValueError, match=f"level {level} needs more than 26 variables"):
+            task.generate_at(rng, level)
+    opened = MultiHop(open_ends=1.0)
+    assert opened.level_of(opened.generate_at(rng, 25).prompt) == 25
+    with pytest.raises(ValueError, match=r"26 variables \(one is the open end\)"):
+        opened.generate_at(rng, 26)
+    with pytest.raises(ValueError, match="an open end of open_ends > 0 needs one"):
+        MultiHop(ood_hops=(4, 26), distractors=(0, 0), open_ends=0.5)
+    fits = MultiHop(ood_hops=(4, 25), distractors=(0, 0), open_ends=0.5)
+    for _ in range(200):
+        fits.generate(rng, "ood_hops")
