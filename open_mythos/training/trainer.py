@@ -1619,10 +1619,15 @@ class Trainer:
                 error = TrainingDiverged(self._diverged(f"the weights are no longer finite: {err}"))
             except Exception as err:  # noqa: BLE001 - any failure: the other ranks must hear of it
                 error = err
-        # Rank 0's outcome on every rank (the others must not wait for a save that failed).
-        error = broadcast_object(error, ctx)
+        # Rank 0's outcome on every rank: the others must not wait for a save that failed,
+        # and must know the checkpoint it wrote (a stop after a saved step is decided on
+        # every rank from it: a rank that thought the step unsaved began another save while
+        # the others were past it, and the job hung until dist_timeout).
+        error, written = broadcast_object(
+            (error, self.last_checkpoint if ctx.is_main else None), ctx)
         if error is not None:
             raise error
+        self.last_checkpoint = written
 
 
 def train(cfg: TrainConfig, resume: bool | str | Resume = False) -> TrainState:

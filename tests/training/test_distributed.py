@@ -172,17 +172,21 @@ def _worker_of_rank(agent: int, rank: int) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank through /proc")
-def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(tmp_path):
+@pytest.mark.parametrize("save_every", [0, 1], ids=["unsaved-step", "saved-step"])
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(tmp_path, save_every):
     """SIGTERM (a scheduler's stop) to rank 1 only: the ranks agree in the step's
     all-reduce, every rank finishes the same step, the step is saved (a collective), and
-    the run can resume from it. It used to kill the run unsaved."""
+    the run can resume from it. It used to kill the run unsaved. On a step just saved
+    (save_every=1), only rank 0 knew it was saved: rank 1 began another save and the job
+    hung until dist_timeout, then said nothing was saved."""
     out = tmp_path / "run"
-    err = _signal_rank_after_three_steps(out, 1, signal.SIGTERM, save_every=0)
+    err = _signal_rank_after_three_steps(out, 1, signal.SIGTERM, save_every=save_every)
     steps = [r["step"] for r in read_metrics(out)]
     last = steps[-1]
     assert steps == list(range(1, last + 1)) and last < 100000
     assert latest_checkpoint(out) == out / "checkpoints" / f"step_{last:08d}"
     assert f"interrupted by SIGTERM after step {last}, saved in" in err, err[-3000:]
+    assert "not saved" not in err and "lost its peers" not in err, err[-3000:]
     # (A saved DDP step resumes exactly: test_resume_sigkill.py, test_sharded_checkpoint.py.)
 
 
